@@ -1,0 +1,435 @@
+//! permute / unpermute: moving tokens into expert-major order and merging them back.
+//!
+//! A [`DispatchPlan`] says, for every slot of the permuted layout, which token fills it and
+//! which expert it belongs to. [`permute`] gathers rows along the plan (a pure copy, so it is
+//! bit-exact in every dtype); [`unpermute`] scatters them back, weighting each slot by its
+//! prob and summing in f32 in slot order, then rounding once to the token dtype.
+
+use std::borrow::Cow;
+
+use half::{bf16, f16};
+
+use crate::error::{size_arg, Error, Result};
+use crate::par::for_each_row;
+use crate::tensor::{DType, Float, Tensor, TensorRef};
+
+/// Where every slot of the permuted layout comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DispatchPlan {
+    pub num_tokens: usize,
+    pub num_experts: usize,
+    /// Token id of each slot; experts in turn, tokens ascending within an expert.
+    pub sorted_indices: Vec<i32>,
+    /// Number of slots of each expert (with drop-and-pad: the capacity, for every expert).
+    pub tokens_per_expert: Vec<usize>,
+}
+
+impl DispatchPlan {
+    /// Plain mode: every true entry of the routing map gets one slot.
+    pub fn from_routing_map(map: &[u8], num_tokens: usize, num_experts: usize) -> DispatchPlan {
+        let mut tokens_per_expert = vec![0usize; num_experts];
+        for row in map.chunks_exact(num_experts.max(1)) {
+            for (count, &b) in tokens_per_expert.iter_mut().zip(row) {
+                *count += (b != 0) as usize;
+            }
+        }
+        let mut cursor = exclusive_cumsum(&tokens_per_expert);
+        let mut sorted_indices = vec![0i32; tokens_per_expert.iter().sum()];
+        for (t, row) in map.chunks_exact(num_experts.max(1)).enumerate() {
+            for (e, &b) in row.iter().enumerate() {
+                if b != 0 {
+                    sorted_indices[cursor[e]] = t as i32;
+                    cursor[e] += 1;
+                }
+            }
+        }
+        DispatchPlan { num_tokens, num_experts, sorted_indices, tokens_per_expert }
+    }
+
+    /// Drop-and-pad mode: every expert gets exactly `capacity` slots, filled with the tokens
+    /// it selected (ascending id) and then, if it is under-full, with the lowest ids it did
+    /// not select. Selected tokens beyond the capacity are dropped.
+    pub fn with_capacity(map: &[u8], num_tokens: usize, num_experts: usize, capacity: usize) -> DispatchPlan {
+        let mut sorted_indices = vec![0i32; num_experts * capacity];
+        let mut filled = vec![0usize; num_experts];
+        for (t, row) in map.chunks_exact(num_experts.max(1)).enumerate() {
+            for (e, &b) in row.iter().enumerate() {
+                if b != 0 && filled[e] < capacity {
+                    sorted_indices[e * capacity + filled[e]] = t as i32;
+                    filled[e] += 1;
+                }
+            }
+        }
+        for e in 0..num_experts {
+            let mut t = 0;
+            while filled[e] < capacity {
+                if map[t * num_experts + e] == 0 {
+                    sorted_indices[e * capacity + filled[e]] = t as i32;
+                    filled[e] += 1;
+                }
+                t += 1;
+            }
+        }
+        DispatchPlan { num_tokens, num_experts, sorted_indices, tokens_per_expert: vec![capacity; num_experts] }
+    }
+
+    pub fn num_slots(&self) -> usize {
+        self.sorted_indices.len()
+    }
+
+    /// The expert that slot `i` belongs to, for every slot.
+    pub fn slot_experts(&self) -> Vec<usize> {
+        let mut experts = Vec::with_capacity(self.num_slots());
+        for (e, &n) in self.tokens_per_expert.iter().enumerate() {
+            experts.extend(std::iter::repeat_n(e, n));
+        }
+        experts
+    }
+}
+
+fn exclusive_cumsum(counts: &[usize]) -> Vec<usize> {
+    let mut acc = 0;
+    counts
+        .iter()
+        .map(|&c| {
+            let start = acc;
+            acc += c;
+            start
+        })
+        .collect()
+}
+
+/// Options of [`permute`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PermuteOptions {
+    /// Number of output rows. With `drop_and_pad` it sets the capacity (`num_out_tokens /
+    /// num_experts`, which must divide evenly); without, it must equal the routing map's count.
+    pub num_out_tokens: Option<usize>,
+    pub drop_and_pad: bool,
+}
+
+/// Output of [`permute`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Permuted {
+    /// `[N, H]`, same dtype as the tokens.
+    pub permuted_tokens: Tensor,
+    /// `[N]` f32, present when probs were given: `probs[token of slot, expert of slot]`.
+    pub permuted_probs: Option<Tensor>,
+    /// `[N]` int32: the token id of each slot.
+    pub sorted_indices: Tensor,
+    /// `[E]` int32: slots per expert.
+    pub tokens_per_expert: Tensor,
+}
+
+fn check_num_tokens(num_tokens: usize) -> Result<()> {
+    if i32::try_from(num_tokens).is_err() {
+        return Err(Error::range("tokens.shape[0]", format!("{num_tokens} tokens do not fit in int32 indices")));
+    }
+    Ok(())
+}
+
+/// Builds the plan for a routing map and options, validating both.
+pub fn plan(routing_map: &TensorRef, num_tokens: usize, options: PermuteOptions) -> Result<DispatchPlan> {
+    let dims = routing_map.expect_rank(2, "[numTokens, numExperts]")?;
+    let num_experts = dims[1];
+    routing_map.expect_shape(&[num_tokens, num_experts], "([numTokens of tokens, numExperts])")?;
+    let map = routing_map.mask()?;
+    check_num_tokens(num_tokens)?;
+    if options.drop_and_pad {
+        let Some(n_out) = options.num_out_tokens else {
+            return Err(Error::type_error("numOutTokens", "a number (it sets the capacity) when dropAndPad is true", "undefined"));
+        };
+        if num_experts == 0 {
+            return Err(Error::range("routingMap.shape[1]", "dropAndPad needs at least one expert"));
+        }
+        if n_out % num_experts != 0 {
+            return Err(Error::range(
+                "numOutTokens",
+                format!("{n_out} is not a multiple of numExperts = {num_experts}, so it does not give a whole capacity"),
+            ));
+        }
+        let capacity = n_out / num_experts;
+        if capacity > num_tokens {
+            return Err(Error::range(
+                "numOutTokens",
+                format!("capacity {n_out} / {num_experts} = {capacity} exceeds numTokens = {num_tokens}"),
+            ));
+        }
+        Ok(DispatchPlan::with_capacity(map, num_tokens, num_experts, capacity))
+    } else {
+        let plan = DispatchPlan::from_routing_map(map, num_tokens, num_experts);
+        if let Some(n_out) = options.num_out_tokens {
+            if n_out != plan.num_slots() {
+                return Err(Error::range(
+                    "numOutTokens",
+                    format!("{n_out} differs from the {} entries the routing map selects (set dropAndPad to use a capacity)", plan.num_slots()),
+                ));
+            }
+        }
+        Ok(plan)
+    }
+}
+
+/// Gathers `tokens [T, H]` into expert-major order along the routing map.
+pub fn permute(tokens: &TensorRef, routing_map: &TensorRef, probs: Option<&TensorRef>, options: PermuteOptions) -> Result<Permuted> {
+    let dims = tokens.expect_rank(2, "[numTokens, hidden]")?;
+    let (num_tokens, hidden) = (dims[0], dims[1]);
+    tokens.expect_dtype(DType::TOKENS)?;
+    let plan = plan(routing_map, num_tokens, options)?;
+    let dense = match probs {
+        Some(p) => {
+            p.expect_dtype(&[DType::F32])?;
+            p.expect_shape(&[num_tokens, plan.num_experts], "([numTokens, numExperts], the shape of routingMap)")?;
+            Some(p.typed::<f32>()?)
+        }
+        None => None,
+    };
+    Ok(apply_plan(tokens, hidden, &plan, dense.as_deref()))
+}
+
+/// Gathers rows along an existing plan (the plan's token count must match `tokens`).
+pub fn apply_plan(tokens: &TensorRef, hidden: usize, plan: &DispatchPlan, dense_probs: Option<&[f32]>) -> Permuted {
+    let n = plan.num_slots();
+    let row_bytes = hidden * tokens.dtype.size();
+    let src = tokens.bytes();
+    let mut out = vec![0u8; n * row_bytes];
+    for_each_row(&mut out, row_bytes, 2 * n * row_bytes, || (), |_, i, row| {
+        let t = plan.sorted_indices[i] as usize;
+        row.copy_from_slice(&src[t * row_bytes..(t + 1) * row_bytes]);
+    });
+    let permuted_tokens = bytes_to_tensor(tokens.dtype, vec![n, hidden], &out);
+    let permuted_probs = dense_probs.map(|dense| {
+        let e_of = plan.slot_experts();
+        let p = (0..n).map(|i| dense[plan.sorted_indices[i] as usize * plan.num_experts + e_of[i]]).collect();
+        Tensor::f32(vec![n], p)
+    });
+    Permuted {
+        permuted_tokens,
+        permuted_probs,
+        sorted_indices: Tensor::i32(vec![n], plan.sorted_indices.clone()),
+        tokens_per_expert: Tensor::i32(vec![plan.num_experts], plan.tokens_per_expert.iter().map(|&c| c as i32).collect()),
+    }
+}
+
+fn bytes_to_tensor(dtype: DType, shape: Vec<usize>, bytes: &[u8]) -> Tensor {
+    match dtype {
+        DType::F32 => Tensor::f32(shape, bytemuck::pod_collect_to_vec(bytes)),
+        DType::BF16 => Tensor::from_elements::<bf16>(shape, bytemuck::pod_collect_to_vec(bytes)),
+        DType::F16 => Tensor::from_elements::<f16>(shape, bytemuck::pod_collect_to_vec(bytes)),
+        other => unreachable!("permute only moves token dtypes, not {}", other.name()),
+    }
+}
+
+/// Reads unpermute's `restoreShape` argument: `[numTokens, hidden]`.
+pub fn restore_shape_arg(shape: &[f64]) -> Result<[usize; 2]> {
+    match shape {
+        [t, h] => Ok([size_arg("restoreShape[0]", *t)?, size_arg("restoreShape[1]", *h)?]),
+        _ => Err(Error::type_error("restoreShape", "[numTokens, hidden]", format!("{} numbers", shape.len()))),
+    }
+}
+
+/// Options of [`unpermute`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UnpermuteOptions {
+    /// The permuted layout has `numExperts` blocks of equal capacity (see [`PermuteOptions`]).
+    pub drop_and_pad: bool,
+}
+
+/// Merges `permuted [N, H]` back into `[numTokens, H]`:
+/// `out[t] = sum over slots i with sortedIndices[i] == t of permuted[i] * p_i`.
+///
+/// `p_i` comes from `probs`, which is either per slot (`[N]`, as permute's `permutedProbs`) or
+/// dense (`[numTokens, numExperts]`, then `routingMap` is required and `p_i =
+/// probs[sortedIndices[i], expert of slot i]`, exactly as permute picks them). Without probs
+/// every `p_i` is 1.
+pub fn unpermute(
+    permuted: &TensorRef,
+    sorted_indices: &TensorRef,
+    restore_shape: [usize; 2],
+    probs: Option<&TensorRef>,
+    routing_map: Option<&TensorRef>,
+    options: UnpermuteOptions,
+) -> Result<Tensor> {
+    let dims = permuted.expect_rank(2, "[numSlots, hidden]")?;
+    let (n, hidden) = (dims[0], dims[1]);
+    let [num_tokens, out_hidden] = restore_shape;
+    permuted.expect_dtype(DType::TOKENS)?;
+    if out_hidden != hidden {
+        return Err(Error::range("restoreShape", format!("hidden size {out_hidden} differs from permutedTokens' {hidden}")));
+    }
+    check_num_tokens(num_tokens)?;
+    sorted_indices.expect_rank(1, "[numSlots]")?;
+    sorted_indices.expect_shape(&[n], "([numSlots], one token id per row of permutedTokens)")?;
+    let idx = sorted_indices.indices()?;
+    if let Some(i) = idx.iter().position(|&t| t < 0 || t as u64 >= num_tokens as u64) {
+        return Err(Error::range("sortedIndices", format!("sortedIndices[{i}] = {} is outside [0, numTokens = {num_tokens})", idx[i])));
+    }
+    let weights = slot_weights(&idx, num_tokens, probs, routing_map, options)?;
+    let weights = weights.as_deref();
+    Ok(match permuted.dtype {
+        DType::F32 => merge::<f32>(permuted, &idx, num_tokens, hidden, weights)?,
+        DType::BF16 => merge::<bf16>(permuted, &idx, num_tokens, hidden, weights)?,
+        DType::F16 => merge::<f16>(permuted, &idx, num_tokens, hidden, weights)?,
+        _ => unreachable!("dtype checked above"),
+    })
+}
+
+fn slot_weights<'a>(
+    idx: &[i64],
+    num_tokens: usize,
+    probs: Option<&TensorRef<'a>>,
+    routing_map: Option<&TensorRef<'a>>,
+    options: UnpermuteOptions,
+) -> Result<Option<Cow<'a, [f32]>>> {
+    let n = idx.len();
+    let Some(probs) = probs else { return Ok(None) };
+    probs.expect_dtype(&[DType::F32])?;
+    if probs.shape.len() == 1 {
+        probs.expect_shape(&[n], "([numSlots]: one prob per row of permutedTokens)")?;
+        return Ok(Some(probs.typed::<f32>()?));
+    }
+    let dims = probs.expect_rank(2, "[numSlots] or [numTokens, numExperts]")?;
+    let num_experts = dims[1];
+    probs.expect_shape(&[num_tokens, num_experts], "([numTokens of restoreShape, numExperts])")?;
+    let Some(routing_map) = routing_map else {
+        return Err(Error::type_error("routingMap", "the routing map that made the permutation, when probs is [numTokens, numExperts]", "undefined"));
+    };
+    routing_map.expect_shape(&[num_tokens, num_experts], "(the shape of probs)")?;
+    let map = routing_map.mask()?;
+    let dense = probs.typed::<f32>()?;
+    let slot_expert: Vec<usize> = if options.drop_and_pad {
+        if num_experts == 0 || n % num_experts != 0 {
+            return Err(Error::range("permutedTokens.shape[0]", format!("{n} rows are not numExperts = {num_experts} blocks of equal capacity")));
+        }
+        let capacity = n / num_experts;
+        (0..n).map(|i| i / capacity).collect()
+    } else {
+        let plan = DispatchPlan::from_routing_map(map, num_tokens, num_experts);
+        if plan.num_slots() != n {
+            return Err(Error::range(
+                "routingMap",
+                format!("selects {} entries but permutedTokens has {n} rows (was dropAndPad used to permute?)", plan.num_slots()),
+            ));
+        }
+        let experts = plan.slot_experts();
+        if let Some(i) = (0..n).find(|&i| map[idx[i] as usize * num_experts + experts[i]] == 0) {
+            return Err(Error::range("sortedIndices", format!("slot {i} holds token {} which routingMap does not route to expert {}", idx[i], experts[i])));
+        }
+        experts
+    };
+    Ok(Some(Cow::Owned((0..n).map(|i| dense[idx[i] as usize * num_experts + slot_expert[i]]).collect())))
+}
+
+fn merge<T: Float>(permuted: &TensorRef, idx: &[i64], num_tokens: usize, hidden: usize, weights: Option<&[f32]>) -> Result<Tensor> {
+    let src = permuted.typed::<T>()?;
+    // Slots of each token in ascending slot order (a stable counting sort), so the f32 sums
+    // run in the same order as the reference's scatter_add.
+    let mut start = vec![0usize; num_tokens + 1];
+    for &t in idx {
+        start[t as usize + 1] += 1;
+    }
+    for t in 0..num_tokens {
+        start[t + 1] += start[t];
+    }
+    let mut cursor = start.clone();
+    let mut slots = vec![0usize; idx.len()];
+    for (i, &t) in idx.iter().enumerate() {
+        slots[cursor[t as usize]] = i;
+        cursor[t as usize] += 1;
+    }
+    let zero = T::from_f32(0.0);
+    let mut out = vec![zero; num_tokens * hidden];
+    let work = (idx.len() + num_tokens) * hidden * std::mem::size_of::<T>();
+    for_each_row(&mut out, hidden, work, || vec![0f32; hidden], |acc, t, row| {
+        let mine = &slots[start[t]..start[t + 1]];
+        if mine.is_empty() {
+            return;
+        }
+        acc.fill(0.0);
+        for &i in mine {
+            let x = &src[i * hidden..(i + 1) * hidden];
+            match weights {
+                Some(w) => {
+                    let p = w[i];
+                    for (a, &v) in acc.iter_mut().zip(x) {
+                        *a += v.to_f32() * p;
+                    }
+                }
+                None => {
+                    for (a, &v) in acc.iter_mut().zip(x) {
+                        *a += v.to_f32();
+                    }
+                }
+            }
+        }
+        for (o, &a) in row.iter_mut().zip(acc.iter()) {
+            *o = T::from_f32(a);
+        }
+    });
+    Ok(Tensor::from_elements(vec![num_tokens, hidden], out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::Data;
+
+    fn map_ref(map: &[u8], t: usize, e: usize) -> TensorRef<'_> {
+        TensorRef::new("routingMap", DType::Bool, vec![t, e], map).unwrap()
+    }
+
+    #[test]
+    fn plain_plan_is_expert_major_and_ascending() {
+        // 3 tokens, 3 experts; expert 1 gets nothing.
+        let map = [1, 0, 1, 0, 0, 1, 1, 0, 0];
+        let plan = DispatchPlan::from_routing_map(&map, 3, 3);
+        assert_eq!(plan.sorted_indices, vec![0, 2, 0, 1]);
+        assert_eq!(plan.tokens_per_expert, vec![2, 0, 2]);
+        assert_eq!(plan.slot_experts(), vec![0, 0, 2, 2]);
+    }
+
+    #[test]
+    fn capacity_plan_drops_and_pads_with_lowest_unselected() {
+        // expert 0 selected by tokens 0,1,2 (capacity 2 drops token 2); expert 1 by token 2 only.
+        let map = [1, 0, 1, 0, 1, 1];
+        let plan = DispatchPlan::with_capacity(&map, 3, 2, 2);
+        assert_eq!(plan.sorted_indices, vec![0, 1, 2, 0]);
+    }
+
+    #[test]
+    fn permute_then_unpermute_weights_each_slot() {
+        let tokens: Vec<f32> = vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let map = [1u8, 1, 0, 1, 1, 0];
+        let probs: Vec<f32> = vec![0.5, 0.25, 0.0, 1.0, 2.0, 0.0];
+        let tok = TensorRef::of("tokens", vec![3, 2], &tokens).unwrap();
+        let pr = TensorRef::of("probs", vec![3, 2], &probs).unwrap();
+        let out = permute(&tok, &map_ref(&map, 3, 2), Some(&pr), PermuteOptions::default()).unwrap();
+        assert_eq!(out.sorted_indices.data, Data::I32(vec![0, 2, 0, 1]));
+        assert_eq!(out.permuted_probs.as_ref().unwrap().data, Data::F32(vec![0.5, 2.0, 0.25, 1.0]));
+        let Data::F32(rows) = &out.permuted_tokens.data else { unreachable!() };
+        assert_eq!(rows, &vec![1.0, 2.0, 5.0, 6.0, 1.0, 2.0, 3.0, 4.0]);
+
+        let Data::I32(sorted) = &out.sorted_indices.data else { unreachable!() };
+        let perm = TensorRef::of("permutedTokens", vec![4, 2], rows).unwrap();
+        let si = TensorRef::of("sortedIndices", vec![4], sorted).unwrap();
+        let merged = unpermute(&perm, &si, [3, 2], Some(&pr), Some(&map_ref(&map, 3, 2)), UnpermuteOptions::default()).unwrap();
+        // token 0: 0.5*[1,2] + 0.25*[1,2]; token 1: 1.0*[3,4]; token 2: 2.0*[5,6]
+        assert_eq!(merged.data, Data::F32(vec![0.75, 1.5, 3.0, 4.0, 10.0, 12.0]));
+    }
+
+    #[test]
+    fn errors_name_the_argument() {
+        let tokens = vec![0f32; 6];
+        let tok = TensorRef::of("tokens", vec![3, 2], &tokens).unwrap();
+        let map = [1u8, 0, 0, 1, 1, 0];
+        let err = permute(&tok, &map_ref(&map, 3, 2), None, PermuteOptions { num_out_tokens: Some(3), drop_and_pad: true }).unwrap_err();
+        assert!(err.to_string().starts_with("numOutTokens: 3 is not a multiple of numExperts = 2"), "{err}");
+        let err = permute(&tok, &map_ref(&map, 3, 2), None, PermuteOptions { num_out_tokens: Some(8), drop_and_pad: true }).unwrap_err();
+        assert!(err.to_string().contains("exceeds numTokens = 3"), "{err}");
+        let idx = [0i32, 3];
+        let perm = TensorRef::of("permutedTokens", vec![2, 2], &tokens[..4]).unwrap();
+        let si = TensorRef::of("sortedIndices", vec![2], &idx[..]).unwrap();
+        let err = unpermute(&perm, &si, [3, 2], None, None, UnpermuteOptions::default()).unwrap_err();
+        assert!(err.to_string().starts_with("sortedIndices: sortedIndices[1] = 3 is outside"), "{err}");
+    }
+}

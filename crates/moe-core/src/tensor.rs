@@ -1,0 +1,324 @@
+//! Tensors at the boundary: borrowed views of caller memory in, owned buffers out.
+//!
+//! Inputs arrive as bytes plus a dtype name and a shape (a binding never has to know which
+//! element type an op wants); [`TensorRef`] checks that the three agree and hands out typed
+//! slices. Outputs are [`Tensor`]s whose [`Data`] is already typed, so a binding can give the
+//! buffer to JavaScript as the matching TypedArray without copying or re-casting.
+
+use std::borrow::Cow;
+
+use bytemuck::Pod;
+use half::{bf16, f16};
+
+use crate::error::{size_arg, Error, Result};
+
+/// Element types understood by moe-dispatch. Names follow the JavaScript facade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    BF16,
+    F16,
+    I32,
+    I64,
+    Bool,
+}
+
+impl DType {
+    pub const ALL: [DType; 6] = [DType::F32, DType::BF16, DType::F16, DType::I32, DType::I64, DType::Bool];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+            DType::I32 => "int32",
+            DType::I64 => "int64",
+            DType::Bool => "bool",
+        }
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 | DType::I32 => 4,
+            DType::BF16 | DType::F16 => 2,
+            DType::I64 => 8,
+            DType::Bool => 1,
+        }
+    }
+
+    pub fn parse(arg: &str, name: &str) -> Result<DType> {
+        DType::ALL
+            .into_iter()
+            .find(|d| d.name() == name)
+            .ok_or_else(|| Error::type_error(format!("{arg}.dtype"), "one of float32, bfloat16, float16, int32, int64, bool", format!("'{name}'")))
+    }
+
+    /// Floating-point types that tokens may have.
+    pub const TOKENS: &'static [DType] = &[DType::F32, DType::BF16, DType::F16];
+    /// Integer types accepted for indices.
+    pub const INDICES: &'static [DType] = &[DType::I32, DType::I64];
+}
+
+fn dtype_list(dtypes: &[DType]) -> String {
+    let names: Vec<&str> = dtypes.iter().map(|d| d.name()).collect();
+    match names.len() {
+        1 => names[0].to_string(),
+        _ => format!("{} or {}", names[..names.len() - 1].join(", "), names[names.len() - 1]),
+    }
+}
+
+fn shape_string(shape: &[usize]) -> String {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    format!("[{}]", dims.join(", "))
+}
+
+/// A borrowed, validated view of an input tensor. `name` is the argument name used in errors.
+#[derive(Debug, Clone)]
+pub struct TensorRef<'a> {
+    pub name: &'static str,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    bytes: &'a [u8],
+}
+
+impl<'a> TensorRef<'a> {
+    /// Builds a view from what a binding received; checks that the shape holds integers and
+    /// that the byte length matches `product(shape) * dtype.size()`.
+    pub fn from_parts(name: &'static str, dtype: &str, shape: &[f64], bytes: &'a [u8]) -> Result<Self> {
+        let dtype = DType::parse(name, dtype)?;
+        let mut dims = Vec::with_capacity(shape.len());
+        for (i, &d) in shape.iter().enumerate() {
+            dims.push(size_arg(&format!("{name}.shape[{i}]"), d)?);
+        }
+        Self::new(name, dtype, dims, bytes)
+    }
+
+    pub fn new(name: &'static str, dtype: DType, shape: Vec<usize>, bytes: &'a [u8]) -> Result<Self> {
+        let numel = shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .and_then(|n| n.checked_mul(dtype.size()))
+            .ok_or_else(|| Error::range(format!("{name}.shape"), format!("{} overflows the address space", shape_string(&shape))))?;
+        if numel != bytes.len() {
+            return Err(Error::range(
+                format!("{name}.data"),
+                format!("shape {} of {} needs {} bytes, got {}", shape_string(&shape), dtype.name(), numel, bytes.len()),
+            ));
+        }
+        Ok(TensorRef { name, dtype, shape, bytes })
+    }
+
+    /// A view of a typed slice (for Rust callers and tests).
+    pub fn of<T: Element>(name: &'static str, shape: Vec<usize>, data: &'a [T]) -> Result<Self> {
+        Self::new(name, T::DTYPE, shape, bytemuck::cast_slice(data))
+    }
+
+    pub fn numel(&self) -> usize {
+        self.bytes.len() / self.dtype.size()
+    }
+
+    pub fn bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+
+    pub fn expect_dtype(&self, allowed: &[DType]) -> Result<DType> {
+        if allowed.contains(&self.dtype) {
+            Ok(self.dtype)
+        } else {
+            Err(Error::type_error(format!("{}.dtype", self.name), dtype_list(allowed), self.dtype.name()))
+        }
+    }
+
+    /// Checks the rank and returns the dims; `what` describes the dims, e.g. "[numTokens, hidden]".
+    pub fn expect_rank(&self, rank: usize, what: &str) -> Result<&[usize]> {
+        if self.shape.len() == rank {
+            Ok(&self.shape)
+        } else {
+            Err(Error::type_error(
+                format!("{}.shape", self.name),
+                format!("a {rank}-d shape {what}"),
+                shape_string(&self.shape),
+            ))
+        }
+    }
+
+    /// Checks the shape exactly; `what` describes it, e.g. "[numTokens, numExperts]".
+    pub fn expect_shape(&self, shape: &[usize], what: &str) -> Result<()> {
+        if self.shape == shape {
+            Ok(())
+        } else {
+            Err(Error::range(
+                format!("{}.shape", self.name),
+                format!("expected {} {}, got {}", shape_string(shape), what, shape_string(&self.shape)),
+            ))
+        }
+    }
+
+    /// The elements as `T`, borrowed when the bytes are aligned, copied when they are not.
+    pub fn typed<T: Element>(&self) -> Result<Cow<'a, [T]>> {
+        self.expect_dtype(&[T::DTYPE])?;
+        Ok(match bytemuck::try_cast_slice(self.bytes) {
+            Ok(slice) => Cow::Borrowed(slice),
+            Err(_) => Cow::Owned(bytemuck::pod_collect_to_vec(self.bytes)),
+        })
+    }
+
+    /// A bool tensor as one byte per element, nonzero meaning true.
+    pub fn mask(&self) -> Result<&'a [u8]> {
+        self.expect_dtype(&[DType::Bool])?;
+        Ok(self.bytes)
+    }
+
+    /// An int32 or int64 tensor widened to i64.
+    pub fn indices(&self) -> Result<Cow<'a, [i64]>> {
+        match self.expect_dtype(DType::INDICES)? {
+            DType::I64 => self.typed::<i64>(),
+            _ => Ok(Cow::Owned(self.typed::<i32>()?.iter().map(|&v| v as i64).collect())),
+        }
+    }
+}
+
+/// Rust element types that correspond to a [`DType`].
+pub trait Element: Pod + Send + Sync {
+    const DTYPE: DType;
+}
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+}
+impl Element for bf16 {
+    const DTYPE: DType = DType::BF16;
+}
+impl Element for f16 {
+    const DTYPE: DType = DType::F16;
+}
+impl Element for i32 {
+    const DTYPE: DType = DType::I32;
+}
+impl Element for i64 {
+    const DTYPE: DType = DType::I64;
+}
+
+/// Floating-point token elements: converted to f32 for arithmetic, rounded once on the way back.
+pub trait Float: Element {
+    fn to_f32(self) -> f32;
+    fn from_f32(v: f32) -> Self;
+}
+impl Float for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+impl Float for bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+impl Float for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+}
+
+/// Owned, typed storage of an output tensor. 16-bit floats are kept as their bits.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Data {
+    F32(Vec<f32>),
+    U16(Vec<u16>),
+    I32(Vec<i32>),
+    Bool(Vec<u8>),
+}
+
+impl Data {
+    pub fn len(&self) -> usize {
+        match self {
+            Data::F32(v) => v.len(),
+            Data::U16(v) => v.len(),
+            Data::I32(v) => v.len(),
+            Data::Bool(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// An owned output tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub data: Data,
+}
+
+impl Tensor {
+    pub fn f32(shape: Vec<usize>, data: Vec<f32>) -> Tensor {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        Tensor { dtype: DType::F32, shape, data: Data::F32(data) }
+    }
+
+    pub fn i32(shape: Vec<usize>, data: Vec<i32>) -> Tensor {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        Tensor { dtype: DType::I32, shape, data: Data::I32(data) }
+    }
+
+    pub fn bool(shape: Vec<usize>, data: Vec<u8>) -> Tensor {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        Tensor { dtype: DType::Bool, shape, data: Data::Bool(data) }
+    }
+
+    /// Wraps a buffer of token elements (f32, bf16 or f16) with its dtype.
+    pub fn from_elements<T: Float>(shape: Vec<usize>, data: Vec<T>) -> Tensor {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        let data = match T::DTYPE {
+            DType::F32 => Data::F32(bytemuck::allocation::cast_vec(data)),
+            // bf16 and f16 have the size and alignment of u16, so the Vec is reinterpreted in place.
+            _ => Data::U16(bytemuck::allocation::cast_vec(data)),
+        };
+        Tensor { dtype: T::DTYPE, shape, data }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn from_parts_checks_dtype_shape_and_length() {
+        let bytes = [0u8; 24];
+        let t = TensorRef::from_parts("tokens", "float32", &[2.0, 3.0], &bytes).unwrap();
+        assert_eq!(t.shape, vec![2, 3]);
+        assert_eq!(t.numel(), 6);
+
+        let err = TensorRef::from_parts("tokens", "float64", &[2.0, 3.0], &bytes).unwrap_err();
+        assert_eq!(err.to_string(), "tokens.dtype: expected one of float32, bfloat16, float16, int32, int64, bool, got 'float64'");
+        let err = TensorRef::from_parts("tokens", "float32", &[2.0, 4.0], &bytes).unwrap_err();
+        assert_eq!(err.to_string(), "tokens.data: shape [2, 4] of float32 needs 32 bytes, got 24");
+        let err = TensorRef::from_parts("tokens", "float32", &[2.5, 4.0], &bytes).unwrap_err();
+        assert!(err.to_string().starts_with("tokens.shape[0]:"), "{err}");
+    }
+
+    #[test]
+    fn typed_copies_unaligned_bytes() {
+        let src: Vec<u8> = (0u8..9).collect();
+        let view = TensorRef::new("x", DType::F32, vec![2], &src[1..9]).unwrap();
+        let typed = view.typed::<f32>().unwrap();
+        assert_eq!(typed.len(), 2);
+        assert_eq!(typed[0].to_bits().to_le_bytes(), [1, 2, 3, 4]);
+    }
+}
