@@ -11,6 +11,7 @@ pub mod error;
 pub mod tensor;
 pub mod routing_map;
 pub mod permute;
+mod alloc;
 mod par;
 
 pub use error::{Error, ErrorKind, Result};

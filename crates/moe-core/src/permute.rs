@@ -9,6 +9,7 @@ use std::borrow::Cow;
 
 use half::{bf16, f16};
 
+use crate::alloc::{filled_vec, write_slice};
 use crate::error::{size_arg, Error, Result};
 use crate::par::for_each_row;
 use crate::tensor::{DType, Float, Tensor, TensorRef};
@@ -190,14 +191,13 @@ pub fn permute(tokens: &TensorRef, routing_map: &TensorRef, probs: Option<&Tenso
 /// Gathers rows along an existing plan (the plan's token count must match `tokens`).
 pub fn apply_plan(tokens: &TensorRef, hidden: usize, plan: &DispatchPlan, dense_probs: Option<&[f32]>) -> Permuted {
     let n = plan.num_slots();
-    let row_bytes = hidden * tokens.dtype.size();
-    let src = tokens.bytes();
-    let mut out = vec![0u8; n * row_bytes];
-    for_each_row(&mut out, row_bytes, 2 * n * row_bytes, || (), |_, i, row| {
-        let t = plan.sorted_indices[i] as usize;
-        row.copy_from_slice(&src[t * row_bytes..(t + 1) * row_bytes]);
-    });
-    let permuted_tokens = bytes_to_tensor(tokens.dtype, vec![n, hidden], &out);
+    let shape = vec![n, hidden];
+    // A permutation is a copy: rows move as raw bits, so every dtype is exact.
+    let permuted_tokens = match tokens.dtype.size() {
+        4 => Tensor::f32(shape, gather_rows(&tokens.raw::<f32>(), hidden, &plan.sorted_indices)),
+        2 => Tensor::u16(tokens.dtype, shape, gather_rows(&tokens.raw::<u16>(), hidden, &plan.sorted_indices)),
+        _ => unreachable!("token dtypes are 2 or 4 bytes wide"),
+    };
     let permuted_probs = dense_probs.map(|dense| {
         let e_of = plan.slot_experts();
         let p = (0..n).map(|i| dense[plan.sorted_indices[i] as usize * plan.num_experts + e_of[i]]).collect();
@@ -211,13 +211,15 @@ pub fn apply_plan(tokens: &TensorRef, hidden: usize, plan: &DispatchPlan, dense_
     }
 }
 
-fn bytes_to_tensor(dtype: DType, shape: Vec<usize>, bytes: &[u8]) -> Tensor {
-    match dtype {
-        DType::F32 => Tensor::f32(shape, bytemuck::pod_collect_to_vec(bytes)),
-        DType::BF16 => Tensor::from_elements::<bf16>(shape, bytemuck::pod_collect_to_vec(bytes)),
-        DType::F16 => Tensor::from_elements::<f16>(shape, bytemuck::pod_collect_to_vec(bytes)),
-        other => unreachable!("permute only moves token dtypes, not {}", other.name()),
-    }
+fn gather_rows<T: Copy + Send + Sync>(src: &[T], hidden: usize, sorted: &[i32]) -> Vec<T> {
+    let n = sorted.len();
+    let work = 2 * n * hidden * std::mem::size_of::<T>();
+    filled_vec(n * hidden, |out| {
+        for_each_row(out, hidden, work, || (), |_, i, row| {
+            let t = sorted[i] as usize;
+            write_slice(row, &src[t * hidden..(t + 1) * hidden]);
+        })
+    })
 }
 
 /// Reads unpermute's `restoreShape` argument: `[numTokens, hidden]`.
@@ -337,34 +339,30 @@ fn merge<T: Float>(permuted: &TensorRef, idx: &[i64], num_tokens: usize, hidden:
         slots[cursor[t as usize]] = i;
         cursor[t as usize] += 1;
     }
-    let zero = T::from_f32(0.0);
-    let mut out = vec![zero; num_tokens * hidden];
     let work = (idx.len() + num_tokens) * hidden * std::mem::size_of::<T>();
-    for_each_row(&mut out, hidden, work, || vec![0f32; hidden], |acc, t, row| {
-        let mine = &slots[start[t]..start[t + 1]];
-        if mine.is_empty() {
-            return;
-        }
-        acc.fill(0.0);
-        for &i in mine {
-            let x = &src[i * hidden..(i + 1) * hidden];
-            match weights {
-                Some(w) => {
-                    let p = w[i];
-                    for (a, &v) in acc.iter_mut().zip(x) {
-                        *a += v.to_f32() * p;
+    let out = filled_vec(num_tokens * hidden, |out| {
+        for_each_row(out, hidden, work, || vec![0f32; hidden], |acc, t, row| {
+            acc.fill(0.0);
+            for &i in &slots[start[t]..start[t + 1]] {
+                let x = &src[i * hidden..(i + 1) * hidden];
+                match weights {
+                    Some(w) => {
+                        let p = w[i];
+                        for (a, &v) in acc.iter_mut().zip(x) {
+                            *a += v.to_f32() * p;
+                        }
                     }
-                }
-                None => {
-                    for (a, &v) in acc.iter_mut().zip(x) {
-                        *a += v.to_f32();
+                    None => {
+                        for (a, &v) in acc.iter_mut().zip(x) {
+                            *a += v.to_f32();
+                        }
                     }
                 }
             }
-        }
-        for (o, &a) in row.iter_mut().zip(acc.iter()) {
-            *o = T::from_f32(a);
-        }
+            for (o, &a) in row.iter_mut().zip(acc.iter()) {
+                o.write(T::from_f32(a));
+            }
+        })
     });
     Ok(Tensor::from_elements(vec![num_tokens, hidden], out))
 }

@@ -157,10 +157,17 @@ impl<'a> TensorRef<'a> {
     /// The elements as `T`, borrowed when the bytes are aligned, copied when they are not.
     pub fn typed<T: Element>(&self) -> Result<Cow<'a, [T]>> {
         self.expect_dtype(&[T::DTYPE])?;
-        Ok(match bytemuck::try_cast_slice(self.bytes) {
+        Ok(self.raw())
+    }
+
+    /// The elements reinterpreted as `T` of the same width, whatever the dtype (for copies
+    /// that move bits without looking at them). Borrowed when aligned, copied when not.
+    pub fn raw<T: Pod>(&self) -> Cow<'a, [T]> {
+        debug_assert_eq!(std::mem::size_of::<T>(), self.dtype.size());
+        match bytemuck::try_cast_slice(self.bytes) {
             Ok(slice) => Cow::Borrowed(slice),
             Err(_) => Cow::Owned(bytemuck::pod_collect_to_vec(self.bytes)),
-        })
+        }
     }
 
     /// A bool tensor as one byte per element, nonzero meaning true.
@@ -216,11 +223,16 @@ impl Float for f32 {
 impl Float for bf16 {
     #[inline(always)]
     fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
+        f32::from_bits((self.to_bits() as u32) << 16)
     }
+    /// Round to nearest, ties to even; NaN stays a (quiet) NaN. Written without branches
+    /// on the value so that the merge loops vectorise.
     #[inline(always)]
     fn from_f32(v: f32) -> Self {
-        bf16::from_f32(v)
+        let b = v.to_bits();
+        let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+        let quiet_nan = ((b >> 16) | 0x40) as u16;
+        bf16::from_bits(if v.is_nan() { quiet_nan } else { rounded })
     }
 }
 impl Float for f16 {
@@ -282,6 +294,13 @@ impl Tensor {
         Tensor { dtype: DType::Bool, shape, data: Data::Bool(data) }
     }
 
+    /// A 16-bit float tensor (bfloat16 or float16) from its bits.
+    pub fn u16(dtype: DType, shape: Vec<usize>, bits: Vec<u16>) -> Tensor {
+        debug_assert!(matches!(dtype, DType::BF16 | DType::F16));
+        debug_assert_eq!(shape.iter().product::<usize>(), bits.len());
+        Tensor { dtype, shape, data: Data::U16(bits) }
+    }
+
     /// Wraps a buffer of token elements (f32, bf16 or f16) with its dtype.
     pub fn from_elements<T: Float>(shape: Vec<usize>, data: Vec<T>) -> Tensor {
         debug_assert_eq!(shape.iter().product::<usize>(), data.len());
@@ -320,5 +339,21 @@ mod tests {
         let typed = view.typed::<f32>().unwrap();
         assert_eq!(typed.len(), 2);
         assert_eq!(typed[0].to_bits().to_le_bytes(), [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn bf16_conversion_matches_the_half_crate() {
+        // Every 4099th bit pattern over the whole f32 range, NaNs and infinities included.
+        for bits in (0..=u32::MAX).step_by(4099).chain([0x7f80_0000, 0xff80_0000, 0x7fc0_0000, 0x3f80_8000, 0x3f81_8000]) {
+            let v = f32::from_bits(bits);
+            let ours = <bf16 as Float>::from_f32(v);
+            let theirs = bf16::from_f32(v);
+            if v.is_nan() {
+                assert!(ours.is_nan(), "{bits:#x}");
+            } else {
+                assert_eq!(ours.to_bits(), theirs.to_bits(), "{bits:#x}");
+            }
+            assert_eq!(<bf16 as Float>::to_f32(theirs).to_bits(), theirs.to_f32().to_bits());
+        }
     }
 }

@@ -1,0 +1,49 @@
+//! Output buffers. Large outputs are written exactly once, so they are allocated without
+//! zeroing, and on Linux the kernel is asked to back them with 2 MiB pages: filling a fresh
+//! 64 MiB buffer otherwise spends more time in 16k page faults than in copying.
+
+use std::mem::{size_of, MaybeUninit};
+
+/// Outputs at least this large get the huge-page advice.
+const HUGE_PAGE_MIN_BYTES: usize = 4 << 20;
+
+/// A vector of `len` elements that `fill` must initialise completely: `fill` receives the
+/// uninitialised storage and writes every element.
+pub(crate) fn filled_vec<T: Copy>(len: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
+    let mut v: Vec<T> = Vec::with_capacity(len);
+    advise_huge_pages(v.as_mut_ptr() as *mut u8, len * size_of::<T>());
+    fill(&mut v.spare_capacity_mut()[..len]);
+    // SAFETY: `fill` initialised all `len` elements (each caller writes every row), and
+    // `T: Copy` has no drop glue, so even a partially written vector could not double-free.
+    unsafe { v.set_len(len) };
+    v
+}
+
+#[cfg(target_os = "linux")]
+fn advise_huge_pages(ptr: *mut u8, bytes: usize) {
+    const HUGE: usize = 2 << 20;
+    if bytes < HUGE_PAGE_MIN_BYTES {
+        return;
+    }
+    let start = (ptr as usize).div_ceil(HUGE) * HUGE;
+    let end = (ptr as usize + bytes) / HUGE * HUGE;
+    if end > start {
+        // SAFETY: [start, end) lies inside the allocation just made; the advice changes no
+        // contents and failure (e.g. THP disabled) is harmless, so the result is ignored.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn advise_huge_pages(_ptr: *mut u8, _bytes: usize) {
+    let _ = HUGE_PAGE_MIN_BYTES;
+}
+
+/// Copies `src` into uninitialised storage of the same length.
+#[inline(always)]
+pub(crate) fn write_slice<T: Copy>(dst: &mut [MaybeUninit<T>], src: &[T]) {
+    assert_eq!(dst.len(), src.len());
+    // SAFETY: lengths are equal, the regions cannot overlap (one is borrowed mutably), and
+    // MaybeUninit<T> has the layout of T.
+    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_mut_ptr() as *mut T, src.len()) };
+}

@@ -1,0 +1,56 @@
+/**
+ * Checking JavaScript values on their way into a binding: tensors become wire tensors (the
+ * bytes of their data), option objects are checked for unknown keys and option types.
+ * Semantic checks (shapes that must agree, ranges) are the core's, not these.
+ */
+import { checkTensor, type DType, type IndexDType, type TokenDType } from './tensor.js';
+
+/** A tensor as the bindings take it: the bytes of its data. */
+export interface WireTensor {
+  dtype: DType;
+  shape: number[];
+  data: Uint8Array;
+}
+
+/** Runs `f` on the binding, turning any error into a typed error that names `op`. */
+export type Call<B> = <T>(op: string, f: (binding: B) => T) => T;
+
+export const TOKENS: readonly TokenDType[] = ['float32', 'bfloat16', 'float16'];
+export const INDICES: readonly IndexDType[] = ['int32', 'int64'];
+
+export function wire(value: unknown, arg: string, dtypes?: readonly DType[]): WireTensor {
+  const t = checkTensor(value, arg, dtypes);
+  const d = t.data;
+  return { dtype: t.dtype, shape: [...t.shape], data: new Uint8Array(d.buffer, d.byteOffset, d.byteLength) };
+}
+
+export function optWire(value: unknown, arg: string, dtypes?: readonly DType[]): WireTensor | undefined {
+  return value === undefined || value === null ? undefined : wire(value, arg, dtypes);
+}
+
+/** Rejects option objects that are not objects or carry keys this op does not know (typos). */
+export function checkOptions<T extends object>(options: unknown, op: string, known: readonly (keyof T & string)[]): Partial<T> {
+  if (options === undefined || options === null) return {};
+  if (typeof options !== 'object' || Array.isArray(options)) {
+    throw new TypeError(`options: expected an object, got ${typeof options}`);
+  }
+  for (const key of Object.keys(options)) {
+    if (!known.includes(key as keyof T & string)) {
+      throw new TypeError(`options.${key}: not an option of ${op} (known: ${known.join(', ')})`);
+    }
+  }
+  return options as Partial<T>;
+}
+
+export function checkBool(value: unknown, arg: string): boolean | undefined {
+  if (value === undefined) return undefined;
+  if (typeof value !== 'boolean') throw new TypeError(`${arg}: expected a boolean, got ${typeof value}`);
+  return value;
+}
+
+export function checkNumber(value: unknown, arg: string): number | undefined {
+  if (value === undefined) return undefined;
+  if (typeof value !== 'number') throw new TypeError(`${arg}: expected a number, got ${typeof value}`);
+  return value;
+}
+
