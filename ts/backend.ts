@@ -9,7 +9,7 @@
 import { dispatchOps, type DispatchBinding, type DispatchOps } from './ops/dispatch.js';
 import type { Call } from './wire.js';
 
-export type { MultihotToIndicesOptions, PermuteOptions, PermuteResult, UnpermuteOptions } from './ops/dispatch.js';
+export type { MultihotToIndicesOptions, PermuteBackwardOptions, PermuteOptions, PermuteResult, UnpermuteOptions } from './ops/dispatch.js';
 
 export type BackendName = 'cpu' | 'wasm' | 'cuda';
 

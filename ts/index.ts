@@ -9,7 +9,7 @@ import { loadNative, type Loaded } from './backends/native.js';
 import { loadWasm } from './backends/wasm.js';
 
 export * from './tensor.js';
-export type { Backend, BackendInfo, BackendName, MultihotToIndicesOptions, PermuteOptions, PermuteResult, UnpermuteOptions } from './backend.js';
+export type { Backend, BackendInfo, BackendName, MultihotToIndicesOptions, PermuteBackwardOptions, PermuteOptions, PermuteResult, UnpermuteOptions } from './backend.js';
 
 export type Prefer = 'auto' | BackendName;
 

@@ -38,6 +38,15 @@ export interface MultihotToIndicesOptions {
   topk?: number;
 }
 
+export interface PermuteBackwardOptions {
+  /** Gradient of `permutedProbs` `[numSlots]`; its dense `[numTokens, numExperts]` form is returned as `gradProbs`. */
+  gradPermutedProbs?: Tensor<'float32'>;
+  /** The routing map of the permutation (needed with `gradPermutedProbs`). */
+  routingMap?: Tensor<'bool'>;
+  /** The permutation was made with `dropAndPad`. */
+  dropAndPad?: boolean;
+}
+
 export interface DispatchOps {
   /** `indices [T, k]` (-1 = masked) and `probs [T, k]` to `routingMap [T, E]` and dense `probs [T, E]`. */
   indicesToMultihot(indices: Tensor<IndexDType>, probs: Tensor<'float32'>, numExperts: number): { routingMap: Tensor<'bool'>; probs: Tensor<'float32'> };
@@ -47,6 +56,16 @@ export interface DispatchOps {
   permute<D extends TokenDType>(tokens: Tensor<D>, routingMap: Tensor<'bool'>, options?: PermuteOptions): PermuteResult<D>;
   /** Merges `permutedTokens` back to `restoreShape = [numTokens, hidden]`, weighted by probs. */
   unpermute<D extends TokenDType>(permutedTokens: Tensor<D>, sortedIndices: Tensor<IndexDType>, restoreShape: readonly [number, number], options?: UnpermuteOptions): Tensor<D>;
+  /**
+   * Backward of permute: `gradTokens [T, H]` sums each token's slot gradients; with
+   * `gradPermutedProbs`, `gradProbs [T, E]` puts each slot's prob gradient at (token, expert).
+   */
+  permuteBackward<D extends TokenDType>(gradPermuted: Tensor<D>, sortedIndices: Tensor<IndexDType>, numTokens: number, options?: PermuteBackwardOptions): { gradTokens: Tensor<D>; gradProbs?: Tensor<'float32'> };
+  /**
+   * Backward of unpermute: `gradPermuted[i] = gradOutput[sortedIndices[i]] * p_i`; with probs,
+   * `gradProbs` (shaped like the probs given) holds `dot(gradOutput[token], permutedTokens[i])`.
+   */
+  unpermuteBackward<D extends TokenDType>(gradOutput: Tensor<D>, permutedTokens: Tensor<D>, sortedIndices: Tensor<IndexDType>, options?: UnpermuteOptions): { gradPermuted: Tensor<D>; gradProbs?: Tensor<'float32'> };
 }
 
 /** The positional functions both bindings export for this family. */
@@ -55,6 +74,14 @@ export interface DispatchBinding {
   multihotToIndices(routingMap: WireTensor, probs: WireTensor | undefined, topk: number | undefined): { indices: Tensor; probs: Tensor };
   permute(tokens: WireTensor, routingMap: WireTensor, probs: WireTensor | undefined, numOutTokens: number | undefined, dropAndPad: boolean | undefined): PermuteResult;
   unpermute(permuted: WireTensor, sortedIndices: WireTensor, restoreShape: number[], probs: WireTensor | undefined, routingMap: WireTensor | undefined, dropAndPad: boolean | undefined): Tensor;
+  permuteBackward(gradPermuted: WireTensor, sortedIndices: WireTensor, numTokens: number, gradPermutedProbs: WireTensor | undefined, routingMap: WireTensor | undefined, dropAndPad: boolean | undefined): { gradTokens: Tensor; gradProbs?: Tensor };
+  unpermuteBackward(gradOutput: WireTensor, permuted: WireTensor, sortedIndices: WireTensor, probs: WireTensor | undefined, routingMap: WireTensor | undefined, dropAndPad: boolean | undefined): { gradPermuted: Tensor; gradProbs?: Tensor };
+}
+
+/** napi-rs gives `null` for an absent optional field, wasm `undefined`: both become a missing key. */
+function dropAbsent<T extends object>(out: T, key: keyof T): T {
+  if (out[key] === undefined || out[key] === null) delete out[key];
+  return out;
 }
 
 export function dispatchOps(call: Call<DispatchBinding>): DispatchOps {
@@ -80,8 +107,7 @@ export function dispatchOps(call: Call<DispatchBinding>): DispatchOps {
           checkNumber(o.numOutTokens, 'options.numOutTokens'),
           checkBool(o.dropAndPad, 'options.dropAndPad'),
         );
-        if (out.permutedProbs === undefined || out.permutedProbs === null) delete out.permutedProbs;
-        return out;
+        return dropAbsent(out, 'permutedProbs');
       }) as PermuteResult<never>;
     },
     unpermute(permutedTokens, sortedIndices, restoreShape, options) {
@@ -99,6 +125,34 @@ export function dispatchOps(call: Call<DispatchBinding>): DispatchOps {
           checkBool(o.dropAndPad, 'options.dropAndPad'),
         );
       }) as Tensor<never>;
+    },
+    permuteBackward(gradPermuted, sortedIndices, numTokens, options) {
+      return call('permuteBackward', (b) => {
+        const o = checkOptions<PermuteBackwardOptions>(options, 'permuteBackward', ['gradPermutedProbs', 'routingMap', 'dropAndPad']);
+        const out = b.permuteBackward(
+          wire(gradPermuted, 'gradPermuted', TOKENS),
+          wire(sortedIndices, 'sortedIndices', INDICES),
+          checkNumber(numTokens, 'numTokens') ?? NaN,
+          optWire(o.gradPermutedProbs, 'gradPermutedProbs', ['float32']),
+          optWire(o.routingMap, 'routingMap', ['bool']),
+          checkBool(o.dropAndPad, 'options.dropAndPad'),
+        );
+        return dropAbsent(out, 'gradProbs');
+      }) as { gradTokens: Tensor<never>; gradProbs?: Tensor<'float32'> };
+    },
+    unpermuteBackward(gradOutput, permutedTokens, sortedIndices, options) {
+      return call('unpermuteBackward', (b) => {
+        const o = checkOptions<UnpermuteOptions>(options, 'unpermuteBackward', ['probs', 'routingMap', 'dropAndPad']);
+        const out = b.unpermuteBackward(
+          wire(gradOutput, 'gradOutput', TOKENS),
+          wire(permutedTokens, 'permutedTokens', TOKENS),
+          wire(sortedIndices, 'sortedIndices', INDICES),
+          optWire(o.probs, 'probs', ['float32']),
+          optWire(o.routingMap, 'routingMap', ['bool']),
+          checkBool(o.dropAndPad, 'options.dropAndPad'),
+        );
+        return dropAbsent(out, 'gradProbs');
+      }) as { gradPermuted: Tensor<never>; gradProbs?: Tensor<'float32'> };
     },
   };
 }

@@ -260,20 +260,18 @@ pub fn unpermute(
         return Err(Error::range("restoreShape", format!("hidden size {out_hidden} differs from permutedTokens' {hidden}")));
     }
     check_num_tokens(num_tokens)?;
-    sorted_indices.expect_rank(1, "[numSlots]")?;
-    sorted_indices.expect_shape(&[n], "([numSlots], one token id per row of permutedTokens)")?;
-    let idx = sorted_indices.indices()?;
-    if let Some(i) = idx.iter().position(|&t| t < 0 || t as u64 >= num_tokens as u64) {
-        return Err(Error::range("sortedIndices", format!("sortedIndices[{i}] = {} is outside [0, numTokens = {num_tokens})", idx[i])));
-    }
+    let idx = checked_indices(sorted_indices, n, num_tokens)?;
     let weights = slot_weights(&idx, num_tokens, probs, routing_map, options)?;
-    let weights = weights.as_deref();
-    Ok(match permuted.dtype {
-        DType::F32 => merge::<f32>(permuted, &idx, num_tokens, hidden, weights)?,
-        DType::BF16 => merge::<bf16>(permuted, &idx, num_tokens, hidden, weights)?,
-        DType::F16 => merge::<f16>(permuted, &idx, num_tokens, hidden, weights)?,
-        _ => unreachable!("dtype checked above"),
-    })
+    merge_dtype(permuted, &idx, num_tokens, hidden, weights.as_deref())
+}
+
+fn merge_dtype(permuted: &TensorRef, idx: &[i64], num_tokens: usize, hidden: usize, weights: Option<&[f32]>) -> Result<Tensor> {
+    match permuted.dtype {
+        DType::F32 => merge::<f32>(permuted, idx, num_tokens, hidden, weights),
+        DType::BF16 => merge::<bf16>(permuted, idx, num_tokens, hidden, weights),
+        DType::F16 => merge::<f16>(permuted, idx, num_tokens, hidden, weights),
+        other => Err(Error::type_error(format!("{}.dtype", permuted.name), "float32, bfloat16 or float16", other.name())),
+    }
 }
 
 fn slot_weights<'a>(
@@ -297,28 +295,8 @@ fn slot_weights<'a>(
         return Err(Error::type_error("routingMap", "the routing map that made the permutation, when probs is [numTokens, numExperts]", "undefined"));
     };
     routing_map.expect_shape(&[num_tokens, num_experts], "(the shape of probs)")?;
-    let map = routing_map.mask()?;
+    let (_, slot_expert) = slot_experts_of(idx, routing_map, num_tokens, options.drop_and_pad, true)?;
     let dense = probs.typed::<f32>()?;
-    let slot_expert: Vec<usize> = if options.drop_and_pad {
-        if num_experts == 0 || n % num_experts != 0 {
-            return Err(Error::range("permutedTokens.shape[0]", format!("{n} rows are not numExperts = {num_experts} blocks of equal capacity")));
-        }
-        let capacity = n / num_experts;
-        (0..n).map(|i| i / capacity).collect()
-    } else {
-        let plan = DispatchPlan::from_routing_map(map, num_tokens, num_experts);
-        if plan.num_slots() != n {
-            return Err(Error::range(
-                "routingMap",
-                format!("selects {} entries but permutedTokens has {n} rows (was dropAndPad used to permute?)", plan.num_slots()),
-            ));
-        }
-        let experts = plan.slot_experts();
-        if let Some(i) = (0..n).find(|&i| map[idx[i] as usize * num_experts + experts[i]] == 0) {
-            return Err(Error::range("sortedIndices", format!("slot {i} holds token {} which routingMap does not route to expert {}", idx[i], experts[i])));
-        }
-        experts
-    };
     Ok(Some(Cow::Owned((0..n).map(|i| dense[idx[i] as usize * num_experts + slot_expert[i]]).collect())))
 }
 
@@ -365,6 +343,186 @@ fn merge<T: Float>(permuted: &TensorRef, idx: &[i64], num_tokens: usize, hidden:
         })
     });
     Ok(Tensor::from_elements(vec![num_tokens, hidden], out))
+}
+
+/// Output of [`permute_backward`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct PermuteGrads {
+    /// `[T, H]`: each token's gradient is the sum of its slots' gradients (f32 sum, rounded once).
+    pub grad_tokens: Tensor,
+    /// `[T, E]` f32, when a gradient of `permutedProbs` was given: slot `i`'s gradient lands at
+    /// `(sortedIndices[i], expert of slot i)`; entries no slot read are 0.
+    pub grad_probs: Option<Tensor>,
+}
+
+/// The expert of every slot: `floor(i / C)` in drop-and-pad mode, from the routing map's
+/// column counts in plain mode (checked against `sorted` when `check_routed`).
+fn slot_experts_of(idx: &[i64], routing_map: &TensorRef, num_tokens: usize, drop_and_pad: bool, check_routed: bool) -> Result<(usize, Vec<usize>)> {
+    let n = idx.len();
+    let dims = routing_map.expect_rank(2, "[numTokens, numExperts]")?;
+    let num_experts = dims[1];
+    routing_map.expect_shape(&[num_tokens, num_experts], "([numTokens, numExperts])")?;
+    let map = routing_map.mask()?;
+    if drop_and_pad {
+        if num_experts == 0 || n % num_experts != 0 {
+            return Err(Error::range("sortedIndices.shape[0]", format!("{n} slots are not numExperts = {num_experts} blocks of equal capacity")));
+        }
+        let capacity = n / num_experts;
+        return Ok((num_experts, (0..n).map(|i| i / capacity).collect()));
+    }
+    let plan = DispatchPlan::from_routing_map(map, num_tokens, num_experts);
+    if plan.num_slots() != n {
+        return Err(Error::range("routingMap", format!("selects {} entries but there are {n} slots (was dropAndPad used to permute?)", plan.num_slots())));
+    }
+    let experts = plan.slot_experts();
+    if check_routed {
+        if let Some(i) = (0..n).find(|&i| map[idx[i] as usize * num_experts + experts[i]] == 0) {
+            return Err(Error::range("sortedIndices", format!("slot {i} holds token {} which routingMap does not route to expert {}", idx[i], experts[i])));
+        }
+    }
+    Ok((num_experts, experts))
+}
+
+fn checked_indices<'a>(sorted_indices: &TensorRef<'a>, n: usize, num_tokens: usize) -> Result<Cow<'a, [i64]>> {
+    sorted_indices.expect_rank(1, "[numSlots]")?;
+    sorted_indices.expect_shape(&[n], "([numSlots], one token id per slot)")?;
+    let idx = sorted_indices.indices()?;
+    if let Some(i) = idx.iter().position(|&t| t < 0 || t as u64 >= num_tokens as u64) {
+        return Err(Error::range("sortedIndices", format!("sortedIndices[{i}] = {} is outside [0, numTokens = {num_tokens})", idx[i])));
+    }
+    Ok(idx)
+}
+
+/// Backward of [`permute`]: `gradPermuted [N, H]` (and optionally the gradient of
+/// `permutedProbs`, `[N]`) to the gradients of `tokens` and of the dense `probs`.
+/// The probs gradient needs the routing map (to know each slot's expert).
+pub fn permute_backward(
+    grad_permuted: &TensorRef,
+    sorted_indices: &TensorRef,
+    num_tokens: usize,
+    grad_permuted_probs: Option<&TensorRef>,
+    routing_map: Option<&TensorRef>,
+    options: UnpermuteOptions,
+) -> Result<PermuteGrads> {
+    let dims = grad_permuted.expect_rank(2, "[numSlots, hidden]")?;
+    let (n, hidden) = (dims[0], dims[1]);
+    grad_permuted.expect_dtype(DType::TOKENS)?;
+    check_num_tokens(num_tokens)?;
+    let idx = checked_indices(sorted_indices, n, num_tokens)?;
+    let grad_tokens = merge_dtype(grad_permuted, &idx, num_tokens, hidden, None)?;
+    let grad_probs = match grad_permuted_probs {
+        None => None,
+        Some(gp) => {
+            gp.expect_dtype(&[DType::F32])?;
+            gp.expect_shape(&[n], "([numSlots], the gradient of permutedProbs)")?;
+            let Some(routing_map) = routing_map else {
+                return Err(Error::type_error("routingMap", "the routing map of the permutation, to place the probs gradient", "undefined"));
+            };
+            let (num_experts, experts) = slot_experts_of(&idx, routing_map, num_tokens, options.drop_and_pad, true)?;
+            let g = gp.typed::<f32>()?;
+            let mut dense = vec![0f32; num_tokens * num_experts];
+            for i in 0..n {
+                dense[idx[i] as usize * num_experts + experts[i]] += g[i];
+            }
+            Some(Tensor::f32(vec![num_tokens, num_experts], dense))
+        }
+    };
+    Ok(PermuteGrads { grad_tokens, grad_probs })
+}
+
+/// Output of [`unpermute_backward`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnpermuteGrads {
+    /// `[N, H]`: `gradOutput[sortedIndices[i]] * p_i`, rounded to the token dtype.
+    pub grad_permuted: Tensor,
+    /// Present when probs were given, shaped like them (`[N]` or `[T, E]`):
+    /// `dp_i = sum_h gradOutput[sortedIndices[i], h] * permuted[i, h]` (accumulated in f64).
+    pub grad_probs: Option<Tensor>,
+}
+
+/// Backward of [`unpermute`]: the gradient of its output `[T, H]` to the gradients of
+/// `permutedTokens` and of the probs (in the layout they were given in).
+pub fn unpermute_backward(
+    grad_output: &TensorRef,
+    permuted: &TensorRef,
+    sorted_indices: &TensorRef,
+    probs: Option<&TensorRef>,
+    routing_map: Option<&TensorRef>,
+    options: UnpermuteOptions,
+) -> Result<UnpermuteGrads> {
+    let dims = grad_output.expect_rank(2, "[numTokens, hidden]")?;
+    let (num_tokens, hidden) = (dims[0], dims[1]);
+    let dtype = grad_output.expect_dtype(DType::TOKENS)?;
+    permuted.expect_rank(2, "[numSlots, hidden]")?;
+    let n = permuted.shape[0];
+    permuted.expect_shape(&[n, hidden], "([numSlots, hidden of gradOutput])")?;
+    if permuted.dtype != dtype {
+        return Err(Error::type_error("permutedTokens.dtype", format!("{} (the dtype of gradOutput)", dtype.name()), permuted.dtype.name()));
+    }
+    check_num_tokens(num_tokens)?;
+    let idx = checked_indices(sorted_indices, n, num_tokens)?;
+    let weights = slot_weights(&idx, num_tokens, probs, routing_map, options)?;
+    Ok(match dtype {
+        DType::F32 => unmerge::<f32>(grad_output, permuted, &idx, hidden, weights.as_deref(), probs, routing_map, options)?,
+        DType::BF16 => unmerge::<bf16>(grad_output, permuted, &idx, hidden, weights.as_deref(), probs, routing_map, options)?,
+        DType::F16 => unmerge::<f16>(grad_output, permuted, &idx, hidden, weights.as_deref(), probs, routing_map, options)?,
+        _ => unreachable!("dtype checked above"),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn unmerge<T: Float>(
+    grad_output: &TensorRef,
+    permuted: &TensorRef,
+    idx: &[i64],
+    hidden: usize,
+    weights: Option<&[f32]>,
+    probs: Option<&TensorRef>,
+    routing_map: Option<&TensorRef>,
+    options: UnpermuteOptions,
+) -> Result<UnpermuteGrads> {
+    let g = grad_output.typed::<T>()?;
+    let n = idx.len();
+    let work = 2 * n * hidden * std::mem::size_of::<T>();
+    let grad_permuted = filled_vec(n * hidden, |out| {
+        for_each_row(out, hidden, work, || (), |_, i, row| {
+            let t = idx[i] as usize;
+            let src = &g[t * hidden..(t + 1) * hidden];
+            match weights {
+                Some(w) => {
+                    for (o, &v) in row.iter_mut().zip(src) {
+                        o.write(T::from_f32(v.to_f32() * w[i]));
+                    }
+                }
+                None => write_slice(row, src),
+            }
+        })
+    });
+    let grad_probs = match (weights, probs) {
+        (Some(_), Some(p)) => {
+            let x = permuted.typed::<T>()?;
+            let dot = |i: usize| -> f32 {
+                let t = idx[i] as usize;
+                let gr = &g[t * hidden..(t + 1) * hidden];
+                let xr = &x[i * hidden..(i + 1) * hidden];
+                gr.iter().zip(xr).map(|(&a, &b)| a.to_f32() as f64 * b.to_f32() as f64).sum::<f64>() as f32
+            };
+            if p.shape.len() == 1 {
+                Some(Tensor::f32(vec![n], (0..n).map(dot).collect()))
+            } else {
+                let num_tokens = grad_output.shape[0];
+                let routing_map = routing_map.ok_or_else(|| Error::Internal("dense probs without routing map passed slot_weights".into()))?;
+                let (num_experts, experts) = slot_experts_of(idx, routing_map, num_tokens, options.drop_and_pad, false)?;
+                let mut dense = vec![0f32; num_tokens * num_experts];
+                for i in 0..n {
+                    dense[idx[i] as usize * num_experts + experts[i]] += dot(i);
+                }
+                Some(Tensor::f32(vec![num_tokens, num_experts], dense))
+            }
+        }
+        _ => None,
+    };
+    Ok(UnpermuteGrads { grad_permuted: Tensor::from_elements(vec![n, hidden], grad_permuted), grad_probs })
 }
 
 #[cfg(test)]

@@ -94,3 +94,59 @@ pub fn unpermute(
         Ok(to_wire(out))
     })
 }
+
+#[napi(object)]
+pub struct PermuteGradsOut {
+    pub grad_tokens: WireTensorOut,
+    pub grad_probs: Option<WireTensorOut>,
+}
+
+#[napi]
+pub fn permute_backward(
+    grad_permuted: WireTensor,
+    sorted_indices: WireTensor,
+    num_tokens: f64,
+    grad_permuted_probs: Option<WireTensor>,
+    routing_map: Option<WireTensor>,
+    drop_and_pad: Option<bool>,
+) -> napi::Result<PermuteGradsOut, String> {
+    guard(|| {
+        let out = moe_core::permute::permute_backward(
+            &view("gradPermuted", &grad_permuted)?,
+            &view("sortedIndices", &sorted_indices)?,
+            size_arg("numTokens", num_tokens)?,
+            opt_view("gradPermutedProbs", &grad_permuted_probs)?.as_ref(),
+            opt_view("routingMap", &routing_map)?.as_ref(),
+            UnpermuteOptions { drop_and_pad: drop_and_pad.unwrap_or(false) },
+        )?;
+        Ok(PermuteGradsOut { grad_tokens: to_wire(out.grad_tokens), grad_probs: out.grad_probs.map(to_wire) })
+    })
+}
+
+#[napi(object)]
+pub struct UnpermuteGradsOut {
+    pub grad_permuted: WireTensorOut,
+    pub grad_probs: Option<WireTensorOut>,
+}
+
+#[napi]
+pub fn unpermute_backward(
+    grad_output: WireTensor,
+    permuted_tokens: WireTensor,
+    sorted_indices: WireTensor,
+    probs: Option<WireTensor>,
+    routing_map: Option<WireTensor>,
+    drop_and_pad: Option<bool>,
+) -> napi::Result<UnpermuteGradsOut, String> {
+    guard(|| {
+        let out = moe_core::permute::unpermute_backward(
+            &view("gradOutput", &grad_output)?,
+            &view("permutedTokens", &permuted_tokens)?,
+            &view("sortedIndices", &sorted_indices)?,
+            opt_view("probs", &probs)?.as_ref(),
+            opt_view("routingMap", &routing_map)?.as_ref(),
+            UnpermuteOptions { drop_and_pad: drop_and_pad.unwrap_or(false) },
+        )?;
+        Ok(UnpermuteGradsOut { grad_permuted: to_wire(out.grad_permuted), grad_probs: out.grad_probs.map(to_wire) })
+    })
+}

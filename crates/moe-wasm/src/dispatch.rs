@@ -80,3 +80,64 @@ pub fn unpermute(
     };
     run().map(tensor_to_js).map_err(to_js_error)
 }
+
+#[wasm_bindgen(js_name = permuteBackward)]
+pub fn permute_backward(
+    grad_permuted: JsValue,
+    sorted_indices: JsValue,
+    num_tokens: f64,
+    grad_permuted_probs: JsValue,
+    routing_map: JsValue,
+    drop_and_pad: Option<bool>,
+) -> Result<JsValue, JsValue> {
+    let grad_permuted = Wire::read("gradPermuted", &grad_permuted)?;
+    let sorted_indices = Wire::read("sortedIndices", &sorted_indices)?;
+    let grad_permuted_probs = Wire::read_opt("gradPermutedProbs", &grad_permuted_probs)?;
+    let routing_map = Wire::read_opt("routingMap", &routing_map)?;
+    let run = || {
+        moe_core::permute::permute_backward(
+            &grad_permuted.view()?,
+            &sorted_indices.view()?,
+            size_arg("numTokens", num_tokens)?,
+            opt_view(&grad_permuted_probs)?.as_ref(),
+            opt_view(&routing_map)?.as_ref(),
+            UnpermuteOptions { drop_and_pad: drop_and_pad.unwrap_or(false) },
+        )
+    };
+    let out = run().map_err(to_js_error)?;
+    Ok(object(vec![
+        ("gradTokens", tensor_to_js(out.grad_tokens)),
+        ("gradProbs", out.grad_probs.map_or(JsValue::UNDEFINED, tensor_to_js)),
+    ]))
+}
+
+#[wasm_bindgen(js_name = unpermuteBackward)]
+pub fn unpermute_backward(
+    grad_output: JsValue,
+    permuted_tokens: JsValue,
+    sorted_indices: JsValue,
+    probs: JsValue,
+    routing_map: JsValue,
+    drop_and_pad: Option<bool>,
+) -> Result<JsValue, JsValue> {
+    let grad_output = Wire::read("gradOutput", &grad_output)?;
+    let permuted_tokens = Wire::read("permutedTokens", &permuted_tokens)?;
+    let sorted_indices = Wire::read("sortedIndices", &sorted_indices)?;
+    let probs = Wire::read_opt("probs", &probs)?;
+    let routing_map = Wire::read_opt("routingMap", &routing_map)?;
+    let run = || {
+        moe_core::permute::unpermute_backward(
+            &grad_output.view()?,
+            &permuted_tokens.view()?,
+            &sorted_indices.view()?,
+            opt_view(&probs)?.as_ref(),
+            opt_view(&routing_map)?.as_ref(),
+            UnpermuteOptions { drop_and_pad: drop_and_pad.unwrap_or(false) },
+        )
+    };
+    let out = run().map_err(to_js_error)?;
+    Ok(object(vec![
+        ("gradPermuted", tensor_to_js(out.grad_permuted)),
+        ("gradProbs", out.grad_probs.map_or(JsValue::UNDEFINED, tensor_to_js)),
+    ]))
+}
