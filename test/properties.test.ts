@@ -177,7 +177,13 @@ function refPlan(map: number[], T: number, E: number, capacity?: number): Plan {
   return plan;
 }
 
-const gatherRows = (rows: number[], H: number, sorted: number[]) => sorted.flatMap((t) => rows.slice(t * H, (t + 1) * H));
+function gatherRows(rows: number[], H: number, sorted: number[]): number[] {
+  const out = new Array<number>(sorted.length * H);
+  sorted.forEach((t, i) => {
+    for (let h = 0; h < H; h++) out[i * H + h] = rows[t * H + h];
+  });
+  return out;
+}
 
 /** Stored output elements of unpermute: f32 sums in ascending slot order, one rounding at the end. */
 function refUnpermute(dtype: FloatDType, slots: number[], sorted: number[], T: number, H: number, weights: number[] | null): number[] {

@@ -21,15 +21,19 @@ export function bitsOf(t: Tensor): number[] {
   }
 }
 
+const scratchF32 = new Float32Array(1);
+const scratchU32 = new Uint32Array(scratchF32.buffer);
+
 /** The uint32 bits of a number rounded to float32. */
 export function f32BitsOf(value: number): number {
-  const f = new Float32Array([value]);
-  return new Uint32Array(f.buffer)[0];
+  scratchF32[0] = value;
+  return scratchU32[0];
 }
 
 /** The float32 value of uint32 bits. */
 export function f32FromBits(bits: number): number {
-  return new Float32Array(new Uint32Array([bits]).buffer)[0];
+  scratchU32[0] = bits;
+  return scratchF32[0];
 }
 
 /**

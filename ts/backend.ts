@@ -42,7 +42,7 @@ const ERROR_CLASSES: Record<string, ErrorConstructor> = { TypeError, RangeError,
 function rethrow(op: string, e: unknown, onTrap: () => void): never {
   if (typeof WebAssembly !== 'undefined' && e instanceof WebAssembly.RuntimeError) {
     onTrap();
-    throw new Error(`${op}: the wasm module trapped (${e.message}); this is a bug in moe-dispatch, the module was reloaded`);
+    throw new Error(`${op}: the wasm module trapped (${e.message}); this is a bug in moe-dispatch. This backend instance is retired: create a new one with createBackend()`);
   }
   if (e instanceof Error) {
     const code = (e as { code?: unknown }).code;

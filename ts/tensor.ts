@@ -58,10 +58,13 @@ export function checkShape(shape: unknown, arg: string): number {
 
 /** Validates that `value` is a well-formed Tensor (of one of `dtypes`, if given). */
 export function checkTensor<D extends DType>(value: unknown, arg: string, dtypes?: readonly D[]): Tensor<D> {
-  if (typeof value !== 'object' || value === null || ArrayBuffer.isView(value)) {
+  if (typeof value !== 'object' || value === null || ArrayBuffer.isView(value) || Array.isArray(value)) {
     throw new TypeError(`${arg}: expected a Tensor { dtype, shape, data }, got ${describe(value)}`);
   }
   const t = value as Tensor;
+  if (!('dtype' in t) || !('shape' in t) || !('data' in t)) {
+    throw new TypeError(`${arg}: expected a Tensor { dtype, shape, data }, got an object with keys ${JSON.stringify(Object.keys(t))}`);
+  }
   if (!DTYPES.includes(t.dtype)) {
     throw new TypeError(`${arg}.dtype: expected one of ${DTYPES.join(', ')}, got ${describe(t.dtype)}`);
   }
@@ -97,7 +100,12 @@ export function tensor<D extends DType>(dtype: D, shape: readonly number[], data
   } else {
     throw new TypeError(`data: expected a TypedArray or an array of numbers, got ${describe(data)}`);
   }
-  return checkTensor({ dtype, shape: [...shape], data: typed }, 'data');
+  const want = ARRAY_OF[dtype];
+  if (!(typed instanceof want.ctor)) {
+    throw new TypeError(`data: a ${dtype} tensor needs a ${want.name} (or an array of numbers), got ${describe(typed)}`);
+  }
+  if (typed.length !== n) throw new RangeError(`data: shape [${shape.join(', ')}] needs ${n} elements, got ${typed.length}`);
+  return { dtype, shape: [...shape], data: typed };
 }
 
 function fromNumbers(dtype: DType, values: readonly (number | bigint)[]): DataOf[DType] {

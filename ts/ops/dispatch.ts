@@ -94,7 +94,7 @@ export function dispatchOps(call: Call<DispatchBinding>): DispatchOps {
     multihotToIndices(routingMap, options) {
       return call('multihotToIndices', (b) => {
         const o = checkOptions<MultihotToIndicesOptions>(options, 'multihotToIndices', ['probs', 'topk']);
-        return b.multihotToIndices(wire(routingMap, 'routingMap', ['bool']), optWire(o.probs, 'probs', ['float32']), checkNumber(o.topk, 'options.topk'));
+        return b.multihotToIndices(wire(routingMap, 'routingMap', ['bool']), optWire(o.probs, 'probs', ['float32']), checkNumber(o.topk, 'topk'));
       }) as ReturnType<DispatchOps['multihotToIndices']>;
     },
     permute(tokens, routingMap, options) {
@@ -104,8 +104,8 @@ export function dispatchOps(call: Call<DispatchBinding>): DispatchOps {
           wire(tokens, 'tokens', TOKENS),
           wire(routingMap, 'routingMap', ['bool']),
           optWire(o.probs, 'probs', ['float32']),
-          checkNumber(o.numOutTokens, 'options.numOutTokens'),
-          checkBool(o.dropAndPad, 'options.dropAndPad'),
+          checkNumber(o.numOutTokens, 'numOutTokens'),
+          checkBool(o.dropAndPad, 'dropAndPad'),
         );
         return dropAbsent(out, 'permutedProbs');
       }) as PermuteResult<never>;
@@ -122,7 +122,7 @@ export function dispatchOps(call: Call<DispatchBinding>): DispatchOps {
           [...restoreShape],
           optWire(o.probs, 'probs', ['float32']),
           optWire(o.routingMap, 'routingMap', ['bool']),
-          checkBool(o.dropAndPad, 'options.dropAndPad'),
+          checkBool(o.dropAndPad, 'dropAndPad'),
         );
       }) as Tensor<never>;
     },
@@ -135,7 +135,7 @@ export function dispatchOps(call: Call<DispatchBinding>): DispatchOps {
           checkNumber(numTokens, 'numTokens') ?? NaN,
           optWire(o.gradPermutedProbs, 'gradPermutedProbs', ['float32']),
           optWire(o.routingMap, 'routingMap', ['bool']),
-          checkBool(o.dropAndPad, 'options.dropAndPad'),
+          checkBool(o.dropAndPad, 'dropAndPad'),
         );
         return dropAbsent(out, 'gradProbs');
       }) as { gradTokens: Tensor<never>; gradProbs?: Tensor<'float32'> };
@@ -149,7 +149,7 @@ export function dispatchOps(call: Call<DispatchBinding>): DispatchOps {
           wire(sortedIndices, 'sortedIndices', INDICES),
           optWire(o.probs, 'probs', ['float32']),
           optWire(o.routingMap, 'routingMap', ['bool']),
-          checkBool(o.dropAndPad, 'options.dropAndPad'),
+          checkBool(o.dropAndPad, 'dropAndPad'),
         );
         return dropAbsent(out, 'gradProbs');
       }) as { gradPermuted: Tensor<never>; gradProbs?: Tensor<'float32'> };

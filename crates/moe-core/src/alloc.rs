@@ -4,13 +4,48 @@
 
 use std::mem::{size_of, MaybeUninit};
 
+use crate::error::{Error, Result};
+
 /// Outputs at least this large get the huge-page advice.
 const HUGE_PAGE_MIN_BYTES: usize = 4 << 20;
 
+/// An empty vector with room for `len` elements, or a RangeError naming `arg` when the
+/// memory cannot be had. Allocation failure would otherwise abort the whole process (Node
+/// included) or trap the wasm instance, so every size that comes from the caller goes through here.
+pub(crate) fn try_with_capacity<T>(len: usize, arg: &str) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    let bytes = len.checked_mul(size_of::<T>());
+    match bytes {
+        Some(b) if b <= isize::MAX as usize && v.try_reserve_exact(len).is_ok() => Ok(v),
+        _ => Err(Error::range(
+            arg,
+            format!("an output of {len} elements ({} bytes) cannot be allocated", bytes.map_or("too many".to_string(), |b| b.to_string())),
+        )),
+    }
+}
+
+/// `vec![value; len]`, failing with a RangeError naming `arg` instead of aborting.
+pub(crate) fn try_vec<T: Clone>(value: T, len: usize, arg: &str) -> Result<Vec<T>> {
+    let mut v = try_with_capacity(len, arg)?;
+    v.resize(len, value);
+    Ok(v)
+}
+
+/// [`filled_vec`], failing with a RangeError naming `arg` when the memory cannot be had.
+pub(crate) fn try_filled_vec<T: Copy>(len: usize, arg: &str, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Result<Vec<T>> {
+    let v = try_with_capacity(len, arg)?;
+    Ok(fill_reserved(v, len, fill))
+}
+
 /// A vector of `len` elements that `fill` must initialise completely: `fill` receives the
-/// uninitialised storage and writes every element.
+/// uninitialised storage and writes every element. Aborts if the memory cannot be had: use
+/// [`try_filled_vec`] for sizes a caller controls.
+#[allow(dead_code)]
 pub(crate) fn filled_vec<T: Copy>(len: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
-    let mut v: Vec<T> = Vec::with_capacity(len);
+    fill_reserved(Vec::with_capacity(len), len, fill)
+}
+
+fn fill_reserved<T: Copy>(mut v: Vec<T>, len: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
     advise_huge_pages(v.as_mut_ptr() as *mut u8, len * size_of::<T>());
     fill(&mut v.spare_capacity_mut()[..len]);
     // SAFETY: `fill` initialised all `len` elements (each caller writes every row), and

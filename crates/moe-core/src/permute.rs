@@ -9,7 +9,7 @@ use std::borrow::Cow;
 
 use half::{bf16, f16};
 
-use crate::alloc::{filled_vec, write_slice};
+use crate::alloc::{try_filled_vec, try_vec, write_slice};
 use crate::error::{size_arg, Error, Result};
 use crate::par::for_each_row;
 use crate::tensor::{DType, Float, Tensor, TensorRef};
@@ -185,17 +185,17 @@ pub fn permute(tokens: &TensorRef, routing_map: &TensorRef, probs: Option<&Tenso
         }
         None => None,
     };
-    Ok(apply_plan(tokens, hidden, &plan, dense.as_deref()))
+    apply_plan(tokens, hidden, &plan, dense.as_deref())
 }
 
 /// Gathers rows along an existing plan (the plan's token count must match `tokens`).
-pub fn apply_plan(tokens: &TensorRef, hidden: usize, plan: &DispatchPlan, dense_probs: Option<&[f32]>) -> Permuted {
+pub fn apply_plan(tokens: &TensorRef, hidden: usize, plan: &DispatchPlan, dense_probs: Option<&[f32]>) -> Result<Permuted> {
     let n = plan.num_slots();
     let shape = vec![n, hidden];
     // A permutation is a copy: rows move as raw bits, so every dtype is exact.
     let permuted_tokens = match tokens.dtype.size() {
-        4 => Tensor::f32(shape, gather_rows(&tokens.raw::<f32>(), hidden, &plan.sorted_indices)),
-        2 => Tensor::u16(tokens.dtype, shape, gather_rows(&tokens.raw::<u16>(), hidden, &plan.sorted_indices)),
+        4 => Tensor::f32(shape, gather_rows(&tokens.raw::<f32>(), hidden, &plan.sorted_indices)?),
+        2 => Tensor::u16(tokens.dtype, shape, gather_rows(&tokens.raw::<u16>(), hidden, &plan.sorted_indices)?),
         _ => unreachable!("token dtypes are 2 or 4 bytes wide"),
     };
     let permuted_probs = dense_probs.map(|dense| {
@@ -203,18 +203,18 @@ pub fn apply_plan(tokens: &TensorRef, hidden: usize, plan: &DispatchPlan, dense_
         let p = (0..n).map(|i| dense[plan.sorted_indices[i] as usize * plan.num_experts + e_of[i]]).collect();
         Tensor::f32(vec![n], p)
     });
-    Permuted {
+    Ok(Permuted {
         permuted_tokens,
         permuted_probs,
         sorted_indices: Tensor::i32(vec![n], plan.sorted_indices.clone()),
         tokens_per_expert: Tensor::i32(vec![plan.num_experts], plan.tokens_per_expert.iter().map(|&c| c as i32).collect()),
-    }
+    })
 }
 
-fn gather_rows<T: Copy + Send + Sync>(src: &[T], hidden: usize, sorted: &[i32]) -> Vec<T> {
+fn gather_rows<T: Copy + Send + Sync>(src: &[T], hidden: usize, sorted: &[i32]) -> Result<Vec<T>> {
     let n = sorted.len();
     let work = 2 * n * hidden * std::mem::size_of::<T>();
-    filled_vec(n * hidden, |out| {
+    try_filled_vec(n * hidden, "permutedTokens", |out| {
         for_each_row(out, hidden, work, || (), |_, i, row| {
             let t = sorted[i] as usize;
             write_slice(row, &src[t * hidden..(t + 1) * hidden]);
@@ -304,7 +304,7 @@ fn merge<T: Float>(permuted: &TensorRef, idx: &[i64], num_tokens: usize, hidden:
     let src = permuted.typed::<T>()?;
     // Slots of each token in ascending slot order (a stable counting sort), so the f32 sums
     // run in the same order as the reference's scatter_add.
-    let mut start = vec![0usize; num_tokens + 1];
+    let mut start = try_vec(0usize, num_tokens + 1, "restoreShape[0]")?;
     for &t in idx {
         start[t as usize + 1] += 1;
     }
@@ -318,7 +318,7 @@ fn merge<T: Float>(permuted: &TensorRef, idx: &[i64], num_tokens: usize, hidden:
         cursor[t as usize] += 1;
     }
     let work = (idx.len() + num_tokens) * hidden * std::mem::size_of::<T>();
-    let out = filled_vec(num_tokens * hidden, |out| {
+    let out = try_filled_vec(num_tokens * hidden, "restoreShape", |out| {
         for_each_row(out, hidden, work, || vec![0f32; hidden], |acc, t, row| {
             acc.fill(0.0);
             for &i in &slots[start[t]..start[t + 1]] {
@@ -341,7 +341,7 @@ fn merge<T: Float>(permuted: &TensorRef, idx: &[i64], num_tokens: usize, hidden:
                 o.write(T::from_f32(a));
             }
         })
-    });
+    })?;
     Ok(Tensor::from_elements(vec![num_tokens, hidden], out))
 }
 
@@ -420,7 +420,7 @@ pub fn permute_backward(
             };
             let (num_experts, experts) = slot_experts_of(&idx, routing_map, num_tokens, options.drop_and_pad, true)?;
             let g = gp.typed::<f32>()?;
-            let mut dense = vec![0f32; num_tokens * num_experts];
+            let mut dense = try_vec(0f32, num_tokens * num_experts, "routingMap")?;
             for i in 0..n {
                 dense[idx[i] as usize * num_experts + experts[i]] += g[i];
             }
@@ -484,7 +484,7 @@ fn unmerge<T: Float>(
     let g = grad_output.typed::<T>()?;
     let n = idx.len();
     let work = 2 * n * hidden * std::mem::size_of::<T>();
-    let grad_permuted = filled_vec(n * hidden, |out| {
+    let grad_permuted = try_filled_vec(n * hidden, "gradPermuted", |out| {
         for_each_row(out, hidden, work, || (), |_, i, row| {
             let t = idx[i] as usize;
             let src = &g[t * hidden..(t + 1) * hidden];
@@ -497,7 +497,7 @@ fn unmerge<T: Float>(
                 None => write_slice(row, src),
             }
         })
-    });
+    })?;
     let grad_probs = match (weights, probs) {
         (Some(_), Some(p)) => {
             let x = permuted.typed::<T>()?;

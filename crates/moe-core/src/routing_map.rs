@@ -1,6 +1,7 @@
 //! Conversions between top-k routing (`indices [T, k]`, `probs [T, k]`) and the dense
 //! multihot routing map (`routingMap [T, E]` bool, `probs [T, E]` f32).
 
+use crate::alloc::try_vec;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor, TensorRef};
 
@@ -23,8 +24,9 @@ pub fn indices_to_multihot(indices: &TensorRef, probs: &TensorRef, num_experts: 
     let idx = indices.indices()?;
     let p = probs.typed::<f32>()?;
 
-    let mut map = vec![0u8; num_tokens * num_experts];
-    let mut dense = vec![0f32; num_tokens * num_experts];
+    let cells = num_tokens.checked_mul(num_experts).ok_or_else(|| Error::range("numExperts", format!("{num_tokens} x {num_experts} overflows")))?;
+    let mut map = try_vec(0u8, cells, "numExperts")?;
+    let mut dense = try_vec(0f32, cells, "numExperts")?;
     for t in 0..num_tokens {
         for j in 0..topk {
             let e = idx[t * topk + j];
@@ -84,8 +86,9 @@ pub fn multihot_to_indices(routing_map: &TensorRef, probs: Option<&TensorRef>, t
     if i32::try_from(num_experts).is_err() {
         return Err(Error::range("routingMap.shape", format!("numExperts = {num_experts} does not fit in int32")));
     }
-    let mut indices = vec![-1i32; num_tokens * k];
-    let mut out_probs = vec![0f32; num_tokens * k];
+    let cells = num_tokens.checked_mul(k).ok_or_else(|| Error::range("topk", format!("{num_tokens} x {k} overflows")))?;
+    let mut indices = try_vec(-1i32, cells, "topk")?;
+    let mut out_probs = try_vec(0f32, cells, "topk")?;
     for t in 0..num_tokens {
         let mut j = 0;
         for e in 0..num_experts {

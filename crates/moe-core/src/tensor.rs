@@ -170,9 +170,12 @@ impl<'a> TensorRef<'a> {
         }
     }
 
-    /// A bool tensor as one byte per element, nonzero meaning true.
+    /// A bool tensor as one byte per element; every byte must be 0 or 1.
     pub fn mask(&self) -> Result<&'a [u8]> {
         self.expect_dtype(&[DType::Bool])?;
+        if let Some(i) = self.bytes.iter().position(|&b| b > 1) {
+            return Err(Error::range(format!("{}.data", self.name), format!("a bool tensor holds {} at element {i}; expected 0 or 1", self.bytes[i])));
+        }
         Ok(self.bytes)
     }
 

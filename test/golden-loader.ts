@@ -1,0 +1,96 @@
+/**
+ * Loading the golden files (`shared/golden/<op>.json`, produced by PyTorch running the
+ * reference code) and comparing results with them. Shared by every golden suite.
+ */
+import { existsSync, readFileSync } from 'node:fs';
+import { resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+import { toBFloat16Bits, type DType, type Tensor } from '../ts/index.js';
+import { bitsOf, expectF32Close, expectHalfWithinUlps, expectSameBits, expectValues, f16Bits } from './util.js';
+
+export const GOLDEN_DIR = process.env.MOE_GOLDEN_DIR ? resolve(process.env.MOE_GOLDEN_DIR) : fileURLToPath(new URL('../../shared/golden/', import.meta.url));
+
+
+export interface GoldenTensor {
+  dtype: 'f32' | 'bf16' | 'f16' | 'i64' | 'i32' | 'bool';
+  shape: number[];
+  data: number[];
+}
+export interface GoldenCase {
+  name: string;
+  params: Record<string, unknown>;
+  inputs: Record<string, GoldenTensor | null>;
+  outputs: Record<string, GoldenTensor | null>;
+  note?: string | null;
+}
+export interface GoldenFile {
+  op: string;
+  meta: Record<string, unknown>;
+  cases: GoldenCase[];
+}
+
+export function loadGolden(op: string): { file?: GoldenFile; error?: string } {
+  const path = resolve(GOLDEN_DIR, `${op}.json`);
+  if (!existsSync(path)) return { error: `${path} is missing (set MOE_GOLDEN_DIR to the golden directory)` };
+  try {
+    return { file: JSON.parse(readFileSync(path, 'utf8')) as GoldenFile };
+  } catch (e) {
+    return { error: `${path} does not parse: ${(e as Error).message}` };
+  }
+}
+
+
+// ---------------------------------------------------------------------------------------
+// Golden tensors to library tensors.
+
+export const DTYPE_OF: Record<GoldenTensor['dtype'], DType> = { f32: 'float32', bf16: 'bfloat16', f16: 'float16', i64: 'int64', i32: 'int32', bool: 'bool' };
+
+/** The library tensor for a golden tensor; `as` overrides the dtype (int64 indices as int32). */
+export function toTensor(g: GoldenTensor, as: DType = DTYPE_OF[g.dtype]): Tensor {
+  const shape = [...g.shape];
+  switch (as) {
+    case 'float32':
+      return { dtype: as, shape, data: Float32Array.from(g.data) };
+    case 'bfloat16':
+      return { dtype: as, shape, data: Uint16Array.from(g.data, toBFloat16Bits) };
+    case 'float16':
+      return { dtype: as, shape, data: Uint16Array.from(g.data, f16Bits) };
+    case 'int32':
+      return { dtype: as, shape, data: Int32Array.from(g.data) };
+    case 'int64':
+      return { dtype: as, shape, data: BigInt64Array.from(g.data, (v) => BigInt(v)) };
+    case 'bool':
+      return { dtype: as, shape, data: Uint8Array.from(g.data, (v) => (v ? 1 : 0)) };
+  }
+}
+
+export function input(c: GoldenCase, key: string): GoldenTensor {
+  const t = c.inputs[key];
+  if (!t) throw new Error(`golden case ${c.name}: input ${key} is absent`);
+  return t;
+}
+
+export function output(c: GoldenCase, key: string): GoldenTensor {
+  const t = c.outputs[key];
+  if (!t) throw new Error(`golden case ${c.name}: output ${key} is absent`);
+  return t;
+}
+
+/** Asserts that a result equals a golden tensor exactly (bits for floats, values otherwise). */
+export function expectExact(got: Tensor, want: GoldenTensor, what: string, as: DType = DTYPE_OF[want.dtype]): void {
+  if (as === 'float32' || as === 'bfloat16' || as === 'float16') {
+    expectSameBits(got, toTensor(want, as), what);
+  } else {
+    expectValues(got, as, want.shape, want.data, what);
+  }
+}
+
+/** Asserts an unpermute result against the golden one: f32 1e-6 relative, 16-bit floats 1 ulp. */
+export function expectMerged(got: Tensor, want: GoldenTensor, what: string): void {
+  const dtype = DTYPE_OF[want.dtype];
+  if (dtype === 'float32') expectF32Close(got, want.shape, want.data, 1e-6, what);
+  else if (dtype === 'bfloat16' || dtype === 'float16') expectHalfWithinUlps(got, dtype, want.shape, bitsOf(toTensor(want)), 1, what);
+  else throw new Error(`${what}: unexpected golden dtype ${want.dtype}`);
+}
+
