@@ -6,14 +6,17 @@
  * everything about the semantics is checked once, in the Rust core, and reported through
  * the binding as a typed error.
  */
+import { activationsOps, type ActivationsBinding, type ActivationsOps } from './ops/activations.js';
 import { dispatchOps, type DispatchBinding, type DispatchOps } from './ops/dispatch.js';
+import { layoutOps, type LayoutBinding, type LayoutOps } from './ops/layout.js';
+import { routingOps, type RoutingBinding, type RoutingOps } from './ops/routing.js';
 import type { Call } from './wire.js';
 
 export type { MultihotToIndicesOptions, PermuteBackwardOptions, PermuteOptions, PermuteResult, UnpermuteOptions } from './ops/dispatch.js';
 
 export type BackendName = 'cpu' | 'wasm' | 'cuda';
 
-export interface Backend extends DispatchOps {
+export interface Backend extends DispatchOps, ActivationsOps, LayoutOps, RoutingOps {
   readonly name: BackendName;
   /** Worker threads used for large inputs. */
   readonly threads: number;
@@ -26,10 +29,16 @@ export interface BackendInfo {
   /** Why it is unavailable (absent when available). */
   reason?: string;
   threads?: number;
+  /** cuda: the GPU, its compute capability and the driver's CUDA version. */
+  device?: string;
+  /** cuda: the ops that run on the GPU; every other op of the backend runs on the CPU core. */
+  gpuOps?: string[];
+  /** cuda: where this process got its kernels ("disk cache", or "compiled by NVRTC in ... s"). */
+  kernels?: string;
 }
 
 /** Everything a compiled binding exports. */
-export interface Binding extends DispatchBinding {
+export interface Binding extends DispatchBinding, ActivationsBinding, LayoutBinding, RoutingBinding {
   numThreads(): number;
 }
 
@@ -73,5 +82,8 @@ export function bindingBackend(name: BackendName, getBinding: () => Binding, onT
       return getBinding().numThreads();
     },
     ...dispatchOps(call),
+    ...layoutOps(call),
+    ...activationsOps(call),
+    ...routingOps(call),
   };
 }

@@ -70,7 +70,8 @@ async function info(args: Args): Promise<number> {
     return 0;
   }
   for (const b of infos) {
-    const state = b.available ? `available (${b.threads} thread${b.threads === 1 ? '' : 's'})` : `unavailable: ${b.reason}`;
+    const gpu = b.device ? `; ${b.device}; on the GPU: ${b.gpuOps?.join(', ')}, the other ops on the CPU core` : '';
+    const state = b.available ? `available (${b.threads} thread${b.threads === 1 ? '' : 's'}${gpu})` : `unavailable: ${b.reason}`;
     console.log(`${b.name.padEnd(5)} ${state}`);
   }
   return 0;

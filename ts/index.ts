@@ -5,11 +5,15 @@
  *   const { permutedTokens, sortedIndices } = moe.permute(tokens, routingMap, { probs });
  */
 import { bindingBackend, type Backend, type BackendInfo, type BackendName, type Binding } from './backend.js';
-import { loadNative, type Loaded } from './backends/native.js';
+import { loadCuda, type CudaLoaded } from './backends/cuda.js';
+import { loadNative } from './backends/native.js';
 import { loadWasm } from './backends/wasm.js';
 
 export * from './tensor.js';
 export type { Backend, BackendInfo, BackendName, MultihotToIndicesOptions, PermuteBackwardOptions, PermuteOptions, PermuteResult, UnpermuteOptions } from './backend.js';
+export type { ActivationGrads, ActivationKind, ActivationOptions } from './ops/activations.js';
+export type { RouteOptions, RouteResult, ScoreFunction, SwitchLoadBalancingLossOptions, ZLossOptions } from './ops/routing.js';
+export type { DropPolicy, DropTokensOptions, DropTokensResult, ExpertRange, ExpertTensor, GroupedMmSortOptions, GroupedMmSortResult, MeshAxis, PlacedMesh, Placement, SortChunksGrads, SortChunksResult } from './ops/layout.js';
 
 export type Prefer = 'auto' | BackendName;
 
@@ -20,14 +24,14 @@ export interface CreateBackendOptions {
 
 const ORDER: readonly BackendName[] = ['cuda', 'cpu', 'wasm'];
 
-async function load(name: BackendName): Promise<Loaded> {
+async function load(name: BackendName): Promise<CudaLoaded> {
   switch (name) {
     case 'cpu':
       return loadNative();
     case 'wasm':
       return loadWasm();
     case 'cuda':
-      return { reason: 'the CUDA backend is not part of this build yet' };
+      return loadCuda();
   }
 }
 
@@ -52,7 +56,7 @@ export async function backendInfo(): Promise<BackendInfo[]> {
   const infos: BackendInfo[] = [];
   for (const name of ORDER) {
     const loaded = await load(name);
-    infos.push(loaded.binding ? { name, available: true, threads: loaded.binding.numThreads() } : { name, available: false, reason: loaded.reason });
+    infos.push(loaded.binding ? { name, available: true, threads: loaded.binding.numThreads(), ...loaded.info } : { name, available: false, reason: loaded.reason });
   }
   return infos;
 }
@@ -72,3 +76,4 @@ export async function createBackend(options: CreateBackendOptions = {}): Promise
   }
   throw new Error(`no moe-dispatch backend is available (${reasons.join('; ')})`);
 }
+export { TokenDispatcher, type TokenDispatcherOptions, type TokenPermutation, type TopKRouting } from './dispatcher.js';

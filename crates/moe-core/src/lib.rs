@@ -11,7 +11,15 @@ pub mod error;
 pub mod tensor;
 pub mod routing_map;
 pub mod permute;
+pub mod activations;
+pub mod capacity;
+pub mod chunks;
+pub mod grouped;
+pub mod sharding;
+pub mod routing;
+pub mod aux_loss;
 mod alloc;
+mod detmath;
 mod par;
 
 pub use error::{Error, ErrorKind, Result};

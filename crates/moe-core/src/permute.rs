@@ -173,18 +173,7 @@ pub fn plan(routing_map: &TensorRef, num_tokens: usize, options: PermuteOptions)
 
 /// Gathers `tokens [T, H]` into expert-major order along the routing map.
 pub fn permute(tokens: &TensorRef, routing_map: &TensorRef, probs: Option<&TensorRef>, options: PermuteOptions) -> Result<Permuted> {
-    let dims = tokens.expect_rank(2, "[numTokens, hidden]")?;
-    let (num_tokens, hidden) = (dims[0], dims[1]);
-    tokens.expect_dtype(DType::TOKENS)?;
-    let plan = plan(routing_map, num_tokens, options)?;
-    let dense = match probs {
-        Some(p) => {
-            p.expect_dtype(&[DType::F32])?;
-            p.expect_shape(&[num_tokens, plan.num_experts], "([numTokens, numExperts], the shape of routingMap)")?;
-            Some(p.typed::<f32>()?)
-        }
-        None => None,
-    };
+    let (plan, hidden, dense) = permute_inputs(tokens, routing_map, probs, options)?;
     apply_plan(tokens, hidden, &plan, dense.as_deref())
 }
 
@@ -252,17 +241,8 @@ pub fn unpermute(
     routing_map: Option<&TensorRef>,
     options: UnpermuteOptions,
 ) -> Result<Tensor> {
-    let dims = permuted.expect_rank(2, "[numSlots, hidden]")?;
-    let (n, hidden) = (dims[0], dims[1]);
-    let [num_tokens, out_hidden] = restore_shape;
-    permuted.expect_dtype(DType::TOKENS)?;
-    if out_hidden != hidden {
-        return Err(Error::range("restoreShape", format!("hidden size {out_hidden} differs from permutedTokens' {hidden}")));
-    }
-    check_num_tokens(num_tokens)?;
-    let idx = checked_indices(sorted_indices, n, num_tokens)?;
-    let weights = slot_weights(&idx, num_tokens, probs, routing_map, options)?;
-    merge_dtype(permuted, &idx, num_tokens, hidden, weights.as_deref())
+    let (idx, weights) = unpermute_inputs(permuted, sorted_indices, restore_shape, probs, routing_map, options)?;
+    merge_dtype(permuted, &idx, restore_shape[0], restore_shape[1], weights.as_deref())
 }
 
 fn merge_dtype(permuted: &TensorRef, idx: &[i64], num_tokens: usize, hidden: usize, weights: Option<&[f32]>) -> Result<Tensor> {
@@ -523,6 +503,54 @@ fn unmerge<T: Float>(
         _ => None,
     };
     Ok(UnpermuteGrads { grad_permuted: Tensor::from_elements(vec![n, hidden], grad_permuted), grad_probs })
+}
+
+/// Everything [`permute`] checks, without the gather: the plan, the hidden size and the dense
+/// probs. Backends that move the rows elsewhere (the CUDA crate) call it, so their errors are
+/// the core's.
+pub fn permute_inputs<'a>(
+    tokens: &TensorRef,
+    routing_map: &TensorRef,
+    probs: Option<&TensorRef<'a>>,
+    options: PermuteOptions,
+) -> Result<(DispatchPlan, usize, Option<Cow<'a, [f32]>>)> {
+    let dims = tokens.expect_rank(2, "[numTokens, hidden]")?;
+    let (num_tokens, hidden) = (dims[0], dims[1]);
+    tokens.expect_dtype(DType::TOKENS)?;
+    let plan = plan(routing_map, num_tokens, options)?;
+    let dense = match probs {
+        Some(p) => {
+            p.expect_dtype(&[DType::F32])?;
+            p.expect_shape(&[num_tokens, plan.num_experts], "([numTokens, numExperts], the shape of routingMap)")?;
+            Some(p.typed::<f32>()?)
+        }
+        None => None,
+    };
+    Ok((plan, hidden, dense))
+}
+
+/// Everything [`unpermute`] checks, without the merge: the token id of every slot (checked to
+/// be in range) and each slot's weight (`None`: weight 1). Backends that merge elsewhere (the
+/// CUDA crate) call it, so their errors are the core's.
+pub fn unpermute_inputs<'a>(
+    permuted: &TensorRef,
+    sorted_indices: &TensorRef<'a>,
+    restore_shape: [usize; 2],
+    probs: Option<&TensorRef<'a>>,
+    routing_map: Option<&TensorRef<'a>>,
+    options: UnpermuteOptions,
+) -> Result<(Cow<'a, [i64]>, Option<Cow<'a, [f32]>>)> {
+    let dims = permuted.expect_rank(2, "[numSlots, hidden]")?;
+    let (n, hidden) = (dims[0], dims[1]);
+    let [num_tokens, out_hidden] = restore_shape;
+    permuted.expect_dtype(DType::TOKENS)?;
+    if out_hidden != hidden {
+        return Err(Error::range("restoreShape", format!("hidden size {out_hidden} differs from permutedTokens' {hidden}")));
+    }
+    check_num_tokens(num_tokens)?;
+    let idx = checked_indices(sorted_indices, n, num_tokens)?;
+    let weights = slot_weights(&idx, num_tokens, probs, routing_map, options)?;
+    Ok((idx, weights))
 }
 
 #[cfg(test)]

@@ -4,7 +4,11 @@
 //! JavaScript class they should become ("TypeError", "RangeError" or "Error"); the
 //! TypeScript facade rethrows them as such.
 
+mod activations;
+mod cuda;
 mod dispatch;
+mod layout;
+mod routing;
 mod wire;
 
 use napi_derive::napi;

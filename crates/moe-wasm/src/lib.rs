@@ -3,7 +3,10 @@
 //! (`{ dtype, shape, data }` with a matching TypedArray); one file per op family,
 //! mirroring the core's modules. Core errors are thrown as real `TypeError` / `RangeError`.
 
+mod activations;
 mod dispatch;
+mod layout;
+mod routing;
 mod wire;
 
 use wasm_bindgen::prelude::*;

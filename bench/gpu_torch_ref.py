@@ -1,0 +1,94 @@
+"""The reference's unfused PyTorch path (Megatron-Core moe_utils permute / unpermute without the
+fused kernels: masked_select + index_select, then multiply + scatter_add) timed on the GPU
+machine at the shapes of moe-cuda-bench, next to a device-to-device copy moving the same bytes.
+
+    python3 bench/gpu_torch_ref.py [--out FILE] [--iters N]
+
+Bytes as in moe-cuda-bench: permute reads T*H and writes N*H token elements, unpermute the
+reverse; a copy of (those bytes / 2) moves the same number of bytes.
+"""
+import argparse
+import json
+
+import torch
+
+SHAPES = [("deepseek", 16384, 7168, 256, 8), ("mixtral", 16384, 4096, 8, 2)]
+
+
+def permute(tokens, routing_map, probs):
+    num_tokens, _ = tokens.shape
+    num_experts = routing_map.shape[1]
+    routing_map = routing_map.bool().T.contiguous()
+    token_indices = torch.arange(num_tokens, device=routing_map.device).unsqueeze(0).expand(num_experts, -1)
+    sorted_indices = token_indices.masked_select(routing_map)
+    permuted_probs = probs.T.contiguous().masked_select(routing_map)
+    permuted_input = tokens.index_select(0, sorted_indices)
+    return permuted_input, permuted_probs, sorted_indices
+
+
+def unpermute(permuted_tokens, sorted_indices, restore_shape, probs, routing_map):
+    _, hidden = restore_shape
+    input_dtype = permuted_tokens.dtype
+    permuted_probs = probs.T.contiguous().masked_select(routing_map.T.contiguous())
+    permuted_tokens = permuted_tokens * permuted_probs.unsqueeze(-1)
+    output = torch.zeros(restore_shape, dtype=permuted_tokens.dtype, device=permuted_tokens.device)
+    output.scatter_add_(0, sorted_indices.unsqueeze(1).expand(-1, hidden), permuted_tokens)
+    return output.to(dtype=input_dtype)
+
+
+def time_ms(f, iters):
+    for _ in range(3):
+        f()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        f()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2], times[0]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out")
+    ap.add_argument("--iters", type=int, default=20)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    rows = []
+    for name, T, H, E, k in SHAPES:
+        g = torch.Generator(device=dev).manual_seed(1)
+        scores = torch.rand(T, E, device=dev, generator=g)
+        idx = scores.topk(k, dim=1).indices
+        routing_map = torch.zeros(T, E, dtype=torch.bool, device=dev).scatter_(1, idx, True)
+        probs = torch.rand(T, E, device=dev, generator=g) * routing_map
+        tokens = (torch.rand(T, H, device=dev, generator=g) * 4 - 2).to(torch.bfloat16)
+        N = T * k
+        nbytes = (T * H + N * H) * 2
+        src = torch.empty(nbytes // 2, dtype=torch.uint8, device=dev)
+        dst = torch.empty_like(src)
+        copy = time_ms(lambda: dst.copy_(src), args.iters)
+        perm, _, sorted_indices = permute(tokens, routing_map, probs)
+        results = {
+            "copy (same bytes)": copy,
+            "reference permute+probs": time_ms(lambda: permute(tokens, routing_map, probs), args.iters),
+            "reference unpermute+probs": time_ms(lambda: unpermute(perm, sorted_indices, (T, H), probs, routing_map), args.iters),
+        }
+        for op, (ms, ms_min) in results.items():
+            rows.append({"shape": name, "dims": f"T={T} H={H} E={E} k={k} bf16, N={N}", "op": op, "msMedian": ms, "msMin": ms_min,
+                         "bytes": nbytes, "gbPerSecond": nbytes / ms / 1e6, "fractionOfCopy": copy[0] / ms})
+        del perm, sorted_indices, src, dst, tokens
+        torch.cuda.empty_cache()
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
+    for r in rows:
+        print(f"{r['shape']:<9} {r['op']:<26} {r['msMedian']:9.3f} {r['msMin']:9.3f} {r['gbPerSecond']:8.0f} {100 * r['fractionOfCopy']:7.0f}%")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,372 @@
+//! moe-cuda-bench: checks and times the CUDA kernels on the GPU machine.
+//!
+//!   moe-cuda-bench info                 is CUDA available here (and why not)
+//!   moe-cuda-bench compile [ARCH]       compile kernels/*.cu with NVRTC only (no GPU needed), default sm_90
+//!   moe-cuda-bench run [--iters N] [--out FILE] [--shapes deepseek,mixtral]
+//!
+//! `run`, for each shape: builds a random top-k routing, runs permute (with probs) and
+//! unpermute (with probs, and without) on the GPU, checks them bit for bit against moe-core on
+//! the CPU (and unpermute against itself, run twice), then times with CUDA events: permute
+//! (token-major scatter, and slot-major gather), unpermute with and without probs, and a
+//! device-to-device copy moving the same number of bytes. Bytes count what must be read plus
+//! written: permute reads T*H and writes N*H token elements, unpermute the reverse. Prints a
+//! table and writes JSON.
+
+use std::time::Instant;
+
+use half::bf16;
+use moe_core::permute::{apply_plan, plan, unpermute, PermuteOptions, UnpermuteOptions};
+use moe_core::tensor::{DType, Data, Float, TensorRef};
+use moe_cuda::ops::{launch_permute, launch_unpermute, DevicePlan, PermuteKernel};
+use moe_cuda::{compile, Device};
+
+struct Shape {
+    name: &'static str,
+    tokens: usize,
+    hidden: usize,
+    experts: usize,
+    topk: usize,
+}
+
+const SHAPES: &[Shape] = &[
+    Shape { name: "deepseek", tokens: 16384, hidden: 7168, experts: 256, topk: 8 },
+    Shape { name: "mixtral", tokens: 16384, hidden: 4096, experts: 8, topk: 2 },
+];
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // splitmix64
+        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let code = match args.first().map(|s| s.as_str()) {
+        Some("info") => info(),
+        Some("compile") => compile_only(args.get(1).map(|s| s.as_str()).unwrap_or("sm_90")),
+        Some("run") => run(&args[1..]),
+        _ => {
+            eprintln!("usage: moe-cuda-bench info | compile [ARCH] | run [--iters N] [--out FILE] [--shapes deepseek,mixtral]");
+            2
+        }
+    };
+    std::process::exit(code);
+}
+
+fn info() -> i32 {
+    match moe_cuda::availability() {
+        Ok(i) => {
+            println!("CUDA available: {} (cc {}, {}), driver CUDA {}, {:.1} GiB, kernels: {}", i.name, i.compute_capability, i.arch, i.driver_version, i.total_memory as f64 / (1u64 << 30) as f64, i.kernels);
+            0
+        }
+        Err(reason) => {
+            println!("CUDA unavailable: {reason}");
+            0
+        }
+    }
+}
+
+fn compile_only(arch: &str) -> i32 {
+    let t0 = Instant::now();
+    match compile::compile_cubin(&compile::PERMUTE, arch) {
+        Ok(cubin) => {
+            println!("kernels/permute.cu -> {} bytes of CUBIN for {arch} in {:.2} s", cubin.len(), t0.elapsed().as_secs_f64());
+            0
+        }
+        Err(e) => {
+            println!("{e}");
+            1
+        }
+    }
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    xs[xs.len() / 2]
+}
+
+/// Median and minimum of `iters` timed runs of `f` (CUDA events around each), after 3 warm-ups.
+fn time_ms(dev: &Device, iters: usize, mut f: impl FnMut() -> moe_cuda::Result<()>) -> moe_cuda::Result<(f64, f64)> {
+    for _ in 0..3 {
+        f()?;
+    }
+    dev.synchronize("warm-up")?;
+    let ctx = dev.context();
+    let stream = dev.stream();
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let start = ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| moe_cuda::Error::driver("event", e))?;
+        let end = ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| moe_cuda::Error::driver("event", e))?;
+        start.record(stream).map_err(|e| moe_cuda::Error::driver("event", e))?;
+        f()?;
+        end.record(stream).map_err(|e| moe_cuda::Error::driver("event", e))?;
+        end.synchronize().map_err(|e| moe_cuda::Error::driver("event", e))?;
+        times.push(start.elapsed_ms(&end).map_err(|e| moe_cuda::Error::driver("event", e))? as f64);
+    }
+    let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
+    Ok((median(times), min))
+}
+
+fn run(args: &[String]) -> i32 {
+    let mut iters = 20usize;
+    let mut out: Option<String> = None;
+    let mut shapes: Vec<&Shape> = SHAPES.iter().collect();
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--iters" => {
+                iters = args[i + 1].parse().expect("--iters N");
+                i += 1;
+            }
+            "--out" => {
+                out = Some(args[i + 1].clone());
+                i += 1;
+            }
+            "--shapes" => {
+                let names: Vec<&str> = args[i + 1].split(',').collect();
+                shapes = SHAPES.iter().filter(|s| names.contains(&s.name)).collect();
+                i += 1;
+            }
+            other => {
+                eprintln!("unknown argument {other}");
+                return 2;
+            }
+        }
+        i += 1;
+    }
+    let t_open = Instant::now();
+    let dev = match Device::global() {
+        Ok(d) => d,
+        Err(e) => {
+            println!("{e}");
+            return 1;
+        }
+    };
+    let info = dev.info();
+    println!("device: {} (cc {}, {}), driver CUDA {}, kernels {} (open took {:.2} s)", info.name, info.compute_capability, info.arch, info.driver_version, info.kernels, t_open.elapsed().as_secs_f64());
+    let mut rows = Vec::new();
+    let mut checks = Vec::new();
+    let mut ok = true;
+    for shape in shapes {
+        match bench_shape(dev, shape, iters) {
+            Ok((r, c)) => {
+                ok &= c.iter().all(|(_, pass)| *pass);
+                rows.extend(r);
+                checks.extend(c);
+            }
+            Err(e) => {
+                println!("{}: {e}", shape.name);
+                ok = false;
+            }
+        }
+    }
+    println!();
+    println!("{:<9} {:<26} {:>9} {:>9} {:>8} {:>8}", "shape", "op", "ms(med)", "ms(min)", "GB/s", "vs copy");
+    for r in &rows {
+        println!("{:<9} {:<26} {:>9.3} {:>9.3} {:>8.0} {:>7.0}%", r.shape, r.op, r.ms, r.ms_min, r.gbps, r.ratio * 100.0);
+    }
+    let passed = checks.iter().filter(|(_, p)| *p).count();
+    println!("checks: {passed} passed, {} failed", checks.len() - passed);
+    for (name, pass) in &checks {
+        if !pass {
+            println!("  FAILED {name}");
+        }
+    }
+    let json = format!(
+        "{{\"device\":{{\"name\":{:?},\"computeCapability\":{:?},\"arch\":{:?},\"driverCuda\":{:?},\"totalMemory\":{}}},\"kernels\":{:?},\"iters\":{iters},\"rows\":[{}],\"checks\":{{\"passed\":{passed},\"failed\":{},\"names\":[{}]}}}}",
+        info.name,
+        info.compute_capability,
+        info.arch,
+        info.driver_version,
+        info.total_memory,
+        info.kernels,
+        rows.iter().map(|r| r.json()).collect::<Vec<_>>().join(","),
+        checks.len() - passed,
+        checks.iter().map(|(n, p)| format!("{{\"name\":{n:?},\"pass\":{p}}}")).collect::<Vec<_>>().join(","),
+    );
+    if let Some(path) = out {
+        std::fs::write(&path, &json).expect("writing --out");
+        println!("wrote {path}");
+    } else {
+        println!("{json}");
+    }
+    if ok {
+        0
+    } else {
+        1
+    }
+}
+
+struct Row {
+    shape: &'static str,
+    op: String,
+    ms: f64,
+    ms_min: f64,
+    bytes: usize,
+    gbps: f64,
+    ratio: f64,
+    dims: String,
+}
+
+impl Row {
+    fn json(&self) -> String {
+        format!(
+            "{{\"shape\":{:?},\"dims\":{:?},\"op\":{:?},\"msMedian\":{:.4},\"msMin\":{:.4},\"bytes\":{},\"gbPerSecond\":{:.1},\"fractionOfCopy\":{:.3}}}",
+            self.shape, self.dims, self.op, self.ms, self.ms_min, self.bytes, self.gbps, self.ratio
+        )
+    }
+}
+
+type Checks = Vec<(String, bool)>;
+
+fn bench_shape(dev: &Device, s: &Shape, iters: usize) -> moe_cuda::Result<(Vec<Row>, Checks)> {
+    let (t, h, e, k) = (s.tokens, s.hidden, s.experts, s.topk);
+    let t0 = Instant::now();
+    let mut rng = Rng(0x5eed ^ (t * 31 + h * 7 + e) as u64);
+    let mut map = vec![0u8; t * e];
+    let mut dense = vec![0f32; t * e];
+    let mut experts: Vec<usize> = (0..e).collect();
+    for tok in 0..t {
+        for j in 0..k {
+            let r = j + rng.below(e - j);
+            experts.swap(j, r);
+            map[tok * e + experts[j]] = 1;
+            dense[tok * e + experts[j]] = rng.uniform();
+        }
+    }
+    let tokens: Vec<u16> = (0..t * h).map(|_| <bf16 as Float>::from_f32(rng.uniform() * 4.0 - 2.0).to_bits()).collect();
+    let map_ref = TensorRef::new("routingMap", DType::Bool, vec![t, e], &map)?;
+    let plan = plan(&map_ref, t, PermuteOptions::default())?;
+    let n = plan.num_slots();
+    let experts_of = plan.slot_experts();
+    let slot_probs: Vec<f32> = (0..n).map(|i| dense[plan.sorted_indices[i] as usize * e + experts_of[i]]).collect();
+    println!("{}: T={t} H={h} E={e} k={k} -> N={n} slots (inputs made in {:.1} s)", s.name, t0.elapsed().as_secs_f64());
+
+    let d_plan = DevicePlan::upload(dev, &plan)?;
+    let d_sorted = dev.upload("sortedIndices", &plan.sorted_indices)?;
+    let d_tokens = dev.upload("tokens", &tokens)?;
+    let d_dense = dev.upload("probs", &dense)?;
+    let d_slot_probs = dev.upload("slot probs", &slot_probs)?;
+    let d_perm = dev.alloc("permutedTokens", n * h * 2)?;
+    let d_perm_probs = dev.alloc("permutedProbs", n * 4)?;
+    let d_out = dev.alloc("unpermuted", t * h * 2)?;
+    let csr = moe_cuda::ops::token_csr(&plan.sorted_indices, t)?;
+    let _ = csr;
+
+    // --- correctness at this shape, against the CPU core
+    let mut checks: Checks = Vec::new();
+    let tc = Instant::now();
+    let tok_ref = TensorRef::of("tokens", vec![t, h], bytemuck::cast_slice::<u16, bf16>(&tokens))?;
+    let cpu = apply_plan(&tok_ref, h, &plan, Some(&dense))?;
+    for kernel in [PermuteKernel::Scatter, PermuteKernel::Gather] {
+        launch_permute(dev, kernel, &d_tokens, h * 2, &d_plan, Some(&d_sorted), Some(&d_dense), &d_perm, Some(&d_perm_probs))?;
+        let mut got = vec![0u16; n * h];
+        dev.download("permutedTokens", &d_perm, &mut got)?;
+        let mut got_probs = vec![0f32; n];
+        dev.download("permutedProbs", &d_perm_probs, &mut got_probs)?;
+        let same_tokens = matches!(&cpu.permuted_tokens.data, Data::U16(v) if *v == got);
+        let same_probs = matches!(&cpu.permuted_probs.as_ref().map(|p| &p.data), Some(Data::F32(v)) if v.iter().zip(&got_probs).all(|(a, b)| a.to_bits() == b.to_bits()));
+        checks.push((format!("{} permute {kernel:?} tokens bit-exact vs CPU", s.name), same_tokens));
+        checks.push((format!("{} permute {kernel:?} probs bit-exact vs CPU", s.name), same_probs));
+    }
+    // unpermute the permuted rows back, with per-slot probs and without
+    let Data::U16(perm_host) = &cpu.permuted_tokens.data else { unreachable!() };
+    let perm_ref = TensorRef::of("permutedTokens", vec![n, h], bytemuck::cast_slice::<u16, bf16>(perm_host))?;
+    let sorted_ref = TensorRef::of("sortedIndices", vec![n], &plan.sorted_indices[..])?;
+    let probs_ref = TensorRef::of("probs", vec![n], &slot_probs[..])?;
+    for with_probs in [true, false] {
+        let want = unpermute(&perm_ref, &sorted_ref, [t, h], with_probs.then_some(&probs_ref), None, UnpermuteOptions::default())?;
+        let mut runs = Vec::new();
+        for _ in 0..2 {
+            launch_unpermute(dev, DType::BF16, &d_perm, h, t, &d_plan.row_ptr, &d_plan.slots, with_probs.then_some(&d_slot_probs), &d_out)?;
+            let mut got = vec![0u16; t * h];
+            dev.download("unpermuted", &d_out, &mut got)?;
+            runs.push(got);
+        }
+        let label = if with_probs { "with probs" } else { "without probs" };
+        checks.push((format!("{} unpermute {label} bit-exact vs CPU", s.name), matches!(&want.data, Data::U16(v) if *v == runs[0])));
+        checks.push((format!("{} unpermute {label} identical on a second run", s.name), runs[0] == runs[1]));
+    }
+    println!("{}: checks done in {:.1} s: {}", s.name, tc.elapsed().as_secs_f64(), checks.iter().map(|(n, p)| format!("{}={}", n.rsplit(' ').next().unwrap_or(n), if *p { "ok" } else { "FAIL" })).collect::<Vec<_>>().join(" "));
+
+    // --- timings
+    let bytes = (t * h + n * h) * 2;
+    let copy_bytes = bytes / 2;
+    let d_copy_src = dev.alloc("copy source", copy_bytes)?;
+    let d_copy_dst = dev.alloc("copy destination", copy_bytes)?;
+    dev.copy(&d_copy_src, &d_perm, copy_bytes.min(n * h * 2))?;
+    let (copy_ms, copy_min) = time_ms(dev, iters, || dev.copy(&d_copy_dst, &d_copy_src, copy_bytes))?;
+    let dims = format!("T={t} H={h} E={e} k={k} bf16, N={n}");
+    let mut rows = vec![];
+    let mut row = |op: &str, (ms, ms_min): (f64, f64)| {
+        rows.push(Row { shape: s.name, op: op.into(), ms, ms_min, bytes, gbps: bytes as f64 / ms / 1e6, ratio: copy_ms / ms, dims: dims.clone() });
+    };
+    row("copy (same bytes)", (copy_ms, copy_min));
+    row("permute+probs scatter", time_ms(dev, iters, || launch_permute(dev, PermuteKernel::Scatter, &d_tokens, h * 2, &d_plan, None, Some(&d_dense), &d_perm, Some(&d_perm_probs)))?);
+    row("permute+probs gather", time_ms(dev, iters, || launch_permute(dev, PermuteKernel::Gather, &d_tokens, h * 2, &d_plan, Some(&d_sorted), Some(&d_dense), &d_perm, Some(&d_perm_probs)))?);
+    row("permute (no probs)", time_ms(dev, iters, || launch_permute(dev, PermuteKernel::Scatter, &d_tokens, h * 2, &d_plan, None, None, &d_perm, None))?);
+    row("unpermute+probs", time_ms(dev, iters, || launch_unpermute(dev, DType::BF16, &d_perm, h, t, &d_plan.row_ptr, &d_plan.slots, Some(&d_slot_probs), &d_out))?);
+    row("unpermute (no probs)", time_ms(dev, iters, || launch_unpermute(dev, DType::BF16, &d_perm, h, t, &d_plan.row_ptr, &d_plan.slots, None, &d_out))?);
+    // --- the host-tensor path (what the Node binding does today), wall clock, and its parts
+    let dense_ref = TensorRef::of("probs", vec![t, e], &dense[..])?;
+    let wall = |f: &mut dyn FnMut() -> moe_cuda::Result<()>| -> moe_cuda::Result<(f64, f64)> {
+        f()?;
+        let mut ts = Vec::new();
+        for _ in 0..3 {
+            let t0 = Instant::now();
+            f()?;
+            ts.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        let min = ts.iter().cloned().fold(f64::INFINITY, f64::min);
+        Ok((median(ts), min))
+    };
+    let mut host_row = |op: &str, bytes: usize, (ms, ms_min): (f64, f64)| {
+        rows.push(Row { shape: s.name, op: op.into(), ms, ms_min, bytes, gbps: bytes as f64 / ms / 1e6, ratio: 0.0, dims: dims.clone() });
+    };
+    host_row("host: permute (all)", bytes, wall(&mut || moe_cuda::ops::permute(dev, &tok_ref, &map_ref, Some(&dense_ref), PermuteOptions::default()).map(|_| ()))?);
+    host_row("host: unpermute (all)", bytes, wall(&mut || moe_cuda::ops::unpermute(dev, &perm_ref, &sorted_ref, [t, h], Some(&probs_ref), None, UnpermuteOptions::default()).map(|_| ()))?);
+    host_row("host: upload tokens", t * h * 2, wall(&mut || dev.upload("tokens", &tokens).map(|_| ()))?);
+    host_row("host: download new vec", n * h * 2, wall(&mut || dev.download_new::<u16>("permutedTokens", &d_perm, n * h).map(|_| ()))?);
+    host_row("host: download registered", n * h * 2, wall(&mut || download_registered(dev, &d_perm, n * h).map(|_| ()))?);
+    let mut reused = vec![0u16; n * h];
+    host_row("host: download reused vec", n * h * 2, wall(&mut || dev.download("permutedTokens", &d_perm, &mut reused))?);
+    host_row("host: cpu permute (core)", bytes, wall(&mut || apply_plan(&tok_ref, h, &plan, Some(&dense)).map(|_| ()).map_err(Into::into))?);
+    Ok((rows, checks))
+}
+
+/// A download variant to compare with `Device::download_new`: pre-fault the fresh vector,
+/// page-lock it (cuMemHostRegister), copy by DMA, unlock.
+fn download_registered(dev: &Device, buf: &moe_cuda::Buffer, len: usize) -> moe_cuda::Result<Vec<u16>> {
+    use cudarc::driver::sys;
+    let mut v: Vec<u16> = Vec::with_capacity(len);
+    moe_cuda::device::prefault(v.spare_capacity_mut());
+    let bytes = len * 2;
+    let err = |what: &str, r: sys::CUresult| moe_cuda::Error::driver(what, cudarc::driver::DriverError(r));
+    unsafe {
+        let p = v.as_mut_ptr() as *mut std::ffi::c_void;
+        let r = sys::cuMemHostRegister_v2(p, bytes, 0);
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(err("cuMemHostRegister", r));
+        }
+        let r = sys::cuMemcpyDtoHAsync_v2(p, buf.device_ptr(dev), bytes, dev.stream().cu_stream());
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(err("cuMemcpyDtoHAsync", r));
+        }
+        dev.synchronize("download")?;
+        sys::cuMemHostUnregister(p);
+        v.set_len(len);
+    }
+    Ok(v)
+}

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# The GPU suite and benchmark, for a machine with an NVIDIA GPU and no Node.js.
+#
+#   bash scripts/gpu-run.sh pack     here: build, then pack into .gpu-bundle/ (git-ignored) what
+#                                    the GPU machine needs: node (xz), dist/, native/*.node,
+#                                    pkg/, test/gpu/, the golden files, moe-cuda-bench, bench/*.py
+#   bash scripts/gpu-run.sh remote   there, from the repo root (with .gpu-bundle/ beside it):
+#                                    unpack node, run the GPU suite, `check`, the benchmarks;
+#                                    logs and JSON go to $OUT (default .gpu-bundle/out)
+#
+# With the workplace's device tool: `run` with carry [".gpu-bundle"] and the command
+# `bash scripts/gpu-run.sh remote`. Where CUDA is missing, the suite skips with the reason.
+# Options of pack: --no-build (pack what is built). Of remote: SKIP_TORCH=1, SKIP_BENCH=1.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BUNDLE=.gpu-bundle
+say() { printf '\033[1m[gpu-run]\033[0m %s\n' "$*"; }
+
+pack() {
+  set -e
+  export PATH="$HOME/.cargo/bin:$PATH"
+  if [[ "${1:-}" != "--no-build" ]]; then
+    say "building: native addon, TypeScript, moe-cuda-bench"
+    npm run --silent build:native
+    npx tsc -p tsconfig.json
+    cargo build --release -p moe-cuda --bin moe-cuda-bench
+  fi
+  mkdir -p "$BUNDLE"
+  # node: xz-compressed, rebuilt only when /usr/bin/node changes
+  local node_bin
+  node_bin="$(command -v node)"
+  if [[ ! -f "$BUNDLE/node.xz" || "$node_bin" -nt "$BUNDLE/node.xz" ]]; then
+    say "compressing $node_bin ($(du -h "$node_bin" | cut -f1)) with xz"
+    xz -T0 -6 -c "$node_bin" > "$BUNDLE/node.xz.tmp" && mv "$BUNDLE/node.xz.tmp" "$BUNDLE/node.xz"
+  fi
+  rm -rf "$BUNDLE/dist" "$BUNDLE/native" "$BUNDLE/pkg" "$BUNDLE/test" "$BUNDLE/golden" "$BUNDLE/bin" "$BUNDLE/bench" "$BUNDLE/out"
+  mkdir -p "$BUNDLE/native" "$BUNDLE/test" "$BUNDLE/golden" "$BUNDLE/bin" "$BUNDLE/bench"
+  cp -r dist "$BUNDLE/dist"
+  cp native/*.node "$BUNDLE/native/"
+  [[ -d pkg ]] && cp -r pkg "$BUNDLE/pkg"
+  cp -r test/gpu "$BUNDLE/test/gpu"
+  local golden="${MOE_GOLDEN_DIR:-../shared/golden}"
+  cp "$golden"/permute.json "$golden"/unpermute.json "$BUNDLE/golden/"
+  cp target/release/moe-cuda-bench "$BUNDLE/bin/"
+  cp bench/gpu_torch_ref.py "$BUNDLE/bench/"
+  # the same module resolution as in the repo: dist/ imports are relative, so the bundle is a
+  # small copy of the repo's layout
+  printf '{"type":"module"}\n' > "$BUNDLE/package.json"
+  say "bundle: $(du -sh "$BUNDLE" | cut -f1) in $BUNDLE (the device tool carries at most 64 MiB with the working tree)"
+  say "run there: bash scripts/gpu-run.sh remote   (carry: $BUNDLE)"
+}
+
+remote() {
+  OUT="${OUT:-$BUNDLE/out}"
+  mkdir -p "$OUT"
+  local log="$OUT/log.txt"
+  exec > >(tee "$log") 2>&1
+  say "machine: $(uname -m), $(nproc) cores; $(date -u +%FT%TZ)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader 2>&1 | sed 's/^/  /'
+  # NVRTC: the loader's search first, else the usual places; its builtins library sits beside it
+  if ! ldconfig -p | grep -q 'libnvrtc.so.13'; then
+    local nvrtc
+    nvrtc="$(find /usr/local/cuda*/ /usr/lib /opt -name 'libnvrtc.so.13' 2>/dev/null | head -1)"
+    [[ -z "$nvrtc" ]] && nvrtc="$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib", "libnvrtc.so.13"))' 2>/dev/null)"
+    if [[ -n "$nvrtc" && -e "$nvrtc" ]]; then
+      export LD_LIBRARY_PATH="$(dirname "$nvrtc")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    fi
+  fi
+  say "libraries: $(ldconfig -p | grep -oE 'libcuda\.so\.1|libnvrtc\.so\.13' | sort -u | tr '\n' ' ') LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+  # a cache folder of our own, empty at the start: the first process compiles, later ones must hit the disk cache
+  export MOE_DISPATCH_CACHE_DIR="${MOE_DISPATCH_CACHE_DIR:-/tmp/moe-dispatch-cache}"
+  local node=/tmp/moe-node/node
+  if [[ ! -x "$node" ]]; then
+    mkdir -p /tmp/moe-node
+    if command -v xz >/dev/null; then xz -dc "$BUNDLE/node.xz" > "$node"; else python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$BUNDLE/node.xz" "$node"; fi
+    chmod +x "$node"
+  fi
+  say "node $("$node" --version)"
+  export MOE_GOLDEN_DIR="$BUNDLE/golden"
+
+  say "backends (first process: compiles the kernels)"
+  "$node" "$BUNDLE/dist/cli.js" info
+  ls -la "$MOE_DISPATCH_CACHE_DIR" 2>&1 | sed 's/^/  /'
+
+  say "GPU suite (node --test)"
+  "$node" --test --test-reporter=tap --test-reporter-destination="$OUT/gpu-suite.tap" --test-reporter=spec --test-reporter-destination=/dev/null "$BUNDLE/test/gpu/" ; echo "  exit code $?"
+  grep -E '^# (cuda|CUDA)' "$OUT/gpu-suite.tap" | head -3
+  grep -E '^# (tests|suites|pass|fail|cancelled|skipped|todo|duration_ms)' "$OUT/gpu-suite.tap"
+  grep -E '^\s*not ok' "$OUT/gpu-suite.tap" | head -20
+
+  say "moe-dispatch check (random problems through cuda, cpu and wasm)"
+  "$node" "$BUNDLE/dist/cli.js" check --cases 300 | tee "$OUT/check.txt" | tail -8
+
+  if [[ -z "${SKIP_BENCH:-}" ]]; then
+    say "JS per-call overhead"
+    "$node" "$BUNDLE/test/gpu/overhead.mjs" --out "$OUT/overhead.json"
+    say "moe-cuda-bench (checks at full size, then CUDA-event timings)"
+    timeout 300 "$BUNDLE/bin/moe-cuda-bench" run --iters 20 --out "$OUT/bench.json"; echo "  exit code $?"
+  fi
+  if [[ -z "${SKIP_TORCH:-}" ]]; then
+    say "PyTorch reference path"
+    PYTHONUNBUFFERED=1 timeout 240 python3 "$BUNDLE/bench/gpu_torch_ref.py" --out "$OUT/torch.json"; echo "  exit code $?"
+  fi
+  say "done; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+}
+
+case "${1:-}" in
+  pack) shift; pack "$@" ;;
+  remote) remote ;;
+  *) echo "usage: bash scripts/gpu-run.sh pack [--no-build] | remote" >&2; exit 2 ;;
+esac

@@ -1,0 +1,266 @@
+// The GPU suite: the 'cuda' backend against the 'cpu' backend (the CPU core, the reference),
+// bit for bit, on the golden cases and on random problems; plus errors and determinism.
+//
+// Plain JavaScript on node:test, no node_modules: it runs on the GPU machine, which has no
+// Node.js of its own (scripts/gpu-run.sh brings one). It imports the built facade, dist/,
+// from next to this folder's parent (MOE_DISPATCH_DIST overrides), and reads the golden files
+// from MOE_GOLDEN_DIR (default: ../../../shared/golden). Where CUDA is unavailable every test
+// is skipped, and the skip names the reason.
+//
+//   node --test test/gpu/            (or: bash scripts/gpu-run.sh pack, then the printed command on the GPU machine)
+import assert from 'node:assert/strict';
+import { existsSync, readFileSync } from 'node:fs';
+import { resolve } from 'node:path';
+import { describe, test } from 'node:test';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+
+const distDir = process.env.MOE_DISPATCH_DIST ? resolve(process.env.MOE_DISPATCH_DIST) : fileURLToPath(new URL('../../dist/', import.meta.url));
+const goldenDir = process.env.MOE_GOLDEN_DIR ? resolve(process.env.MOE_GOLDEN_DIR) : fileURLToPath(new URL('../../../shared/golden/', import.meta.url));
+const lib = await import(pathToFileURL(resolve(distDir, 'index.js')).href);
+const { randomRouting, rng } = await import(pathToFileURL(resolve(distDir, 'random.js')).href);
+const { tensor, toBFloat16Bits, toFloat16Bits } = lib;
+
+const infos = await lib.backendInfo();
+const cudaInfo = infos.find((i) => i.name === 'cuda');
+// MOE_GPU_SUITE_STANDIN=wasm runs the suite with another backend in cuda's place (to check the
+// suite itself on a machine with no GPU); the cuda-specific tests still skip.
+const standIn = process.env.MOE_GPU_SUITE_STANDIN;
+const skip = cudaInfo?.available || standIn ? false : `CUDA unavailable: ${cudaInfo?.reason ?? 'backendInfo() does not list cuda'}`;
+const cuda = skip ? undefined : await lib.createBackend({ prefer: standIn ?? 'cuda' });
+const cudaOnly = standIn ? `stand-in run (${standIn} in cuda's place)` : skip;
+const cpu = await lib.createBackend({ prefer: 'cpu' });
+if (cudaInfo?.available) console.log(`# cuda: ${cudaInfo.device}; kernels: ${cudaInfo.kernels}; GPU ops: ${cudaInfo.gpuOps?.join(', ')}`);
+else console.log(`# ${skip}`);
+
+// ---------------------------------------------------------------------------------------
+// Comparisons
+
+function bytesOf(t) {
+  return new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength);
+}
+
+/** Same dtype, shape and bytes; on a difference, says where. */
+function assertSameBits(got, want, what) {
+  if (want === undefined || want === null) {
+    assert.ok(got === undefined || got === null, `${what}: expected absent, got a tensor`);
+    return;
+  }
+  assert.ok(got, `${what}: missing`);
+  assert.equal(got.dtype, want.dtype, `${what}: dtype`);
+  assert.deepEqual([...got.shape], [...want.shape], `${what}: shape`);
+  const a = bytesOf(got);
+  const b = bytesOf(want);
+  assert.equal(a.length, b.length, `${what}: byte length`);
+  for (let i = 0; i < a.length; i++) {
+    if (a[i] !== b[i]) {
+      const w = got.data.BYTES_PER_ELEMENT;
+      const e = Math.floor(i / w);
+      assert.fail(`${what}: element ${e} differs: cuda ${got.data[e]} vs cpu ${want.data[e]} (${a.length / w} elements)`);
+    }
+  }
+}
+
+function assertSameResult(got, want, what) {
+  for (const key of new Set([...Object.keys(want), ...Object.keys(got)])) assertSameBits(got[key], want[key], `${what}.${key}`);
+}
+
+/** Both throw, with the same class and message; or both return. */
+function outcome(f) {
+  try {
+    return { value: f() };
+  } catch (e) {
+    return { error: e };
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Golden cases
+
+function loadGolden(op) {
+  const path = resolve(goldenDir, `${op}.json`);
+  if (!existsSync(path)) return { error: `${path} is missing (set MOE_GOLDEN_DIR)` };
+  return { file: JSON.parse(readFileSync(path, 'utf8')) };
+}
+
+const DTYPE_OF = { f32: 'float32', bf16: 'bfloat16', f16: 'float16', i64: 'int64', i32: 'int32', bool: 'bool' };
+function toTensor(g, as = DTYPE_OF[g.dtype]) {
+  switch (as) {
+    case 'float32':
+      return tensor(as, g.shape, Float32Array.from(g.data));
+    case 'bfloat16':
+      return tensor(as, g.shape, Uint16Array.from(g.data, toBFloat16Bits));
+    case 'float16':
+      return tensor(as, g.shape, Uint16Array.from(g.data, toFloat16Bits));
+    case 'int32':
+      return tensor(as, g.shape, Int32Array.from(g.data));
+    case 'int64':
+      return tensor(as, g.shape, BigInt64Array.from(g.data, (v) => BigInt(v)));
+    case 'bool':
+      return tensor(as, g.shape, Uint8Array.from(g.data, (v) => (v ? 1 : 0)));
+  }
+}
+
+const goldenPermute = loadGolden('permute');
+const goldenUnpermute = loadGolden('unpermute');
+
+describe('golden permute: cuda == cpu == reference', () => {
+  test('golden file loads', { skip }, () => assert.ok(goldenPermute.file, goldenPermute.error));
+  for (const c of goldenPermute.file?.cases ?? []) {
+    test(c.name, { skip }, () => {
+      const tokens = toTensor(c.inputs.tokens);
+      const routingMap = toTensor(c.inputs.routing_map);
+      const options = { probs: toTensor(c.inputs.probs) };
+      if (c.params.drop_and_pad) Object.assign(options, { dropAndPad: true, numOutTokens: c.params.num_out_tokens });
+      const got = cuda.permute(tokens, routingMap, options);
+      assertSameResult(got, cpu.permute(tokens, routingMap, options), c.name);
+      assertSameBits(got.permutedTokens, toTensor(c.outputs.permuted_tokens), `${c.name} vs reference: permutedTokens`);
+      assertSameBits(got.permutedProbs, toTensor(c.outputs.permuted_probs), `${c.name} vs reference: permutedProbs`);
+      assertSameBits(got.sortedIndices, toTensor(c.outputs.sorted_indices, 'int32'), `${c.name} vs reference: sortedIndices`);
+    });
+  }
+});
+
+describe('golden unpermute: cuda == cpu', () => {
+  test('golden file loads', { skip }, () => assert.ok(goldenUnpermute.file, goldenUnpermute.error));
+  for (const c of goldenUnpermute.file?.cases ?? []) {
+    for (const variant of ['dense probs', 'no probs', 'int32 indices']) {
+      test(`${c.name} (${variant})`, { skip }, () => {
+        const permuted = toTensor(c.inputs.permuted_tokens);
+        const sorted = toTensor(c.inputs.sorted_indices, variant === 'int32 indices' ? 'int32' : 'int64');
+        const shape = [c.inputs.probs.shape[0], permuted.shape[1]];
+        const options = variant === 'no probs' ? {} : { probs: toTensor(c.inputs.probs), routingMap: toTensor(c.inputs.routing_map) };
+        assertSameBits(cuda.unpermute(permuted, sorted, shape, options), cpu.unpermute(permuted, sorted, shape, options), c.name);
+      });
+    }
+  }
+});
+
+// ---------------------------------------------------------------------------------------
+// Random problems
+
+const SHAPES = [];
+{
+  const random = rng(20251123);
+  const pick = (xs) => xs[Math.floor(random() * xs.length)];
+  for (let i = 0; i < 240; i++) {
+    const numExperts = pick([1, 2, 3, 8, 16, 64]);
+    SHAPES.push({
+      numTokens: pick([0, 1, 2, 7, 64, 200, 1000]),
+      numExperts,
+      topk: 1 + Math.floor(random() * Math.min(numExperts, 8)),
+      hidden: pick([0, 1, 2, 3, 4, 5, 8, 12, 16, 24, 64, 100, 256, 1000, 1024, 4097]),
+      dtype: pick(['float32', 'bfloat16', 'float16']),
+      maskRate: pick([0, 0, 0.2, 1]),
+      seed: i + 1,
+      dropAndPad: random() < 0.3,
+      withProbs: random() < 0.8,
+      int64: random() < 0.3,
+    });
+  }
+}
+
+function label(p) {
+  return `T=${p.numTokens} E=${p.numExperts} k=${p.topk} H=${p.hidden} ${p.dtype} mask=${p.maskRate}${p.dropAndPad ? ' dropAndPad' : ''}${p.withProbs ? ' probs' : ''}${p.int64 ? ' int64' : ''} #${p.seed}`;
+}
+
+/** Token values: random, with some NaNs (various payloads), infinities, -0 and subnormals. */
+function specialTokens(tokens, random) {
+  const d = tokens.data;
+  const specials = d instanceof Float32Array ? [NaN, -0, Infinity, -Infinity, 1e-42, -3e-40] : [0x7fc1, 0xffa0, 0x8000, 0x7c00, 0x0001, 0x7f81];
+  const u32 = d instanceof Float32Array ? new Uint32Array(d.buffer, d.byteOffset, d.length) : undefined;
+  for (let i = 0; i < d.length; i++) {
+    if (random() < 0.02) {
+      if (u32 && random() < 0.5) u32[i] = 0x7f800001 + Math.floor(random() * 0x3fffff); // NaN payloads
+      else d[i] = specials[Math.floor(random() * specials.length)];
+    }
+  }
+  return tokens;
+}
+
+describe('random problems: cuda == cpu, bit for bit', () => {
+  for (const p of SHAPES) {
+    test(label(p), { skip }, () => {
+      const random = rng(p.seed * 7919);
+      const r = randomRouting(p, random, p.maskRate);
+      const multihot = cpu.indicesToMultihot(r.indices, r.weights, p.numExperts);
+      const capacity = p.dropAndPad && p.numTokens > 0 ? 1 + Math.floor(random() * p.numTokens) : undefined;
+      const options = {};
+      if (p.withProbs) options.probs = multihot.probs;
+      if (capacity !== undefined) Object.assign(options, { dropAndPad: true, numOutTokens: capacity * p.numExperts });
+      const tokens = specialTokens(r.tokens, random);
+      const perm = cuda.permute(tokens, multihot.routingMap, options);
+      const want = cpu.permute(tokens, multihot.routingMap, options);
+      assertSameResult(perm, want, 'permute');
+      // unpermute the CPU's permuted rows (finite values only: NaN payloads after arithmetic
+      // are not part of the contract), with per-slot probs, dense probs, and none
+      const finite = randomRouting({ ...p, numTokens: want.sortedIndices.shape[0] }, rng(p.seed * 31), 0).tokens;
+      const sorted = p.int64 ? tensor('int64', want.sortedIndices.shape, BigInt64Array.from(want.sortedIndices.data, (v) => BigInt(v))) : want.sortedIndices;
+      const shape = [p.numTokens, p.hidden];
+      const dropAndPad = capacity !== undefined;
+      const variants = [{ dropAndPad }, { probs: multihot.probs, routingMap: multihot.routingMap, dropAndPad }];
+      if (want.permutedProbs) variants.push({ probs: want.permutedProbs });
+      for (const o of variants) {
+        assertSameBits(cuda.unpermute(finite, sorted, shape, o), cpu.unpermute(finite, sorted, shape, o), `unpermute ${o.probs ? (o.routingMap ? 'dense probs' : 'slot probs') : 'no probs'}`);
+      }
+    });
+  }
+});
+
+// ---------------------------------------------------------------------------------------
+// Larger problems, determinism
+
+describe('larger problems', () => {
+  for (const p of [
+    { numTokens: 4096, numExperts: 64, topk: 8, hidden: 2048, dtype: 'bfloat16' },
+    { numTokens: 2048, numExperts: 8, topk: 2, hidden: 4096, dtype: 'float32' },
+    { numTokens: 3000, numExperts: 16, topk: 4, hidden: 1000, dtype: 'float16' },
+  ]) {
+    test(`${p.numTokens}x${p.hidden} ${p.dtype} E=${p.numExperts} k=${p.topk}: cuda == cpu, and unpermute is identical run after run`, { skip }, () => {
+      const r = randomRouting(p, rng(p.numTokens + p.hidden), 0.05);
+      const multihot = cpu.indicesToMultihot(r.indices, r.weights, p.numExperts);
+      const perm = cuda.permute(r.tokens, multihot.routingMap, { probs: multihot.probs });
+      assertSameResult(perm, cpu.permute(r.tokens, multihot.routingMap, { probs: multihot.probs }), 'permute');
+      const o = { probs: perm.permutedProbs };
+      const first = cuda.unpermute(perm.permutedTokens, perm.sortedIndices, [p.numTokens, p.hidden], o);
+      assertSameBits(first, cpu.unpermute(perm.permutedTokens, perm.sortedIndices, [p.numTokens, p.hidden], o), 'unpermute vs cpu');
+      for (let i = 0; i < 3; i++) assertSameBits(cuda.unpermute(perm.permutedTokens, perm.sortedIndices, [p.numTokens, p.hidden], o), first, `unpermute run ${i + 2}`);
+    });
+  }
+});
+
+// ---------------------------------------------------------------------------------------
+// Errors: the same class and message as the CPU backend
+
+describe('errors: cuda == cpu', () => {
+  const t = tensor('float32', [3, 2], new Float32Array(6));
+  const map = tensor('bool', [3, 2], Uint8Array.from([1, 0, 0, 1, 1, 0]));
+  const cases = {
+    'numOutTokens differs from the routed count': (b) => b.permute(t, map, { numOutTokens: 5 }),
+    'capacity not whole': (b) => b.permute(t, map, { numOutTokens: 3, dropAndPad: true }),
+    'capacity above numTokens': (b) => b.permute(t, map, { numOutTokens: 8, dropAndPad: true }),
+    'routing map of the wrong shape': (b) => b.permute(t, tensor('bool', [2, 2], new Uint8Array(4))),
+    'probs of the wrong shape': (b) => b.permute(t, map, { probs: tensor('float32', [3, 3], new Float32Array(9)) }),
+    'int tokens': (b) => b.permute(tensor('int32', [3, 2], new Int32Array(6)), map),
+    'sortedIndices out of range': (b) => b.unpermute(tensor('float32', [2, 2], new Float32Array(4)), tensor('int32', [2], Int32Array.from([0, 3])), [3, 2]),
+    'restoreShape hidden differs': (b) => b.unpermute(tensor('float32', [2, 2], new Float32Array(4)), tensor('int32', [2], Int32Array.from([0, 1])), [3, 5]),
+    'dense probs without routingMap': (b) => b.unpermute(tensor('float32', [2, 2], new Float32Array(4)), tensor('int32', [2], Int32Array.from([0, 1])), [3, 2], { probs: tensor('float32', [3, 2], new Float32Array(6)) }),
+    'sortedIndices not routed there': (b) =>
+      b.unpermute(tensor('float32', [3, 2], new Float32Array(6)), tensor('int32', [3], Int32Array.from([1, 0, 2])), [3, 2], { probs: tensor('float32', [3, 2], new Float32Array(6)), routingMap: map }),
+  };
+  for (const [name, f] of Object.entries(cases)) {
+    test(name, { skip }, () => {
+      const a = outcome(() => f(cuda));
+      const b = outcome(() => f(cpu));
+      assert.ok(a.error && b.error, `both throw (cuda: ${a.error?.message ?? 'returned'}; cpu: ${b.error?.message ?? 'returned'})`);
+      assert.equal(a.error.constructor.name, b.error.constructor.name, 'error class');
+      assert.equal(a.error.message, b.error.message, 'message');
+    });
+  }
+  test('createBackend auto picks cuda', { skip: cudaOnly }, async () => {
+    assert.equal((await lib.createBackend()).name, 'cuda');
+  });
+  test('backendInfo lists the GPU ops', { skip: cudaOnly }, () => {
+    assert.deepEqual(cudaInfo.gpuOps, ['permute', 'unpermute']);
+    assert.match(cudaInfo.device, /\w/);
+  });
+});

@@ -1,0 +1,78 @@
+/** Expert activations, forward and backward: the interface, and its adapter over a binding. */
+import type { Tensor, TokenDType } from '../tensor.js';
+import { checkNumber, checkOptions, optWire, TOKENS, wire, type Call, type WireTensor } from '../wire.js';
+
+/**
+ * - `'swiglu'`: `x = [gate | up]` halves, `silu(gate) * up` (Megatron-Core).
+ * - `'quick_geglu'`: interleaved `gate = x[:, 0::2]`, `up = x[:, 1::2]`;
+ *   `g * sigmoid(alpha * g) * (u + linearOffset)` with `g = min(gate, limit)`, `u = clamp(up, -limit, limit)`.
+ * - `'swiglu_oai'`: the quick_geglu formula on `[gate | up]` halves.
+ * - `'swiglu_clamped'`: halves, `silu(min(gate, limit)) * clamp(up, -limit, limit)`.
+ * - `'relu2'`: `relu(x)^2`, not gated (`x` is `[N, I]`).
+ */
+export type ActivationKind = 'swiglu' | 'quick_geglu' | 'swiglu_oai' | 'swiglu_clamped' | 'relu2';
+
+export interface ActivationOptions {
+  /** Which activation (required). */
+  kind: ActivationKind;
+  /** Per-row routing probs `[N]` or `[N, 1]` float32: each output row is multiplied by its prob. */
+  probs?: Tensor<'float32'>;
+  /** quick_geglu / swiglu_oai: slope inside the sigmoid. Default 1.702. */
+  alpha?: number;
+  /** quick_geglu / swiglu_oai / swiglu_clamped: clamp bound, > 0. Default 7. */
+  limit?: number;
+  /** quick_geglu / swiglu_oai: added to the clamped up value. Default 1. */
+  linearOffset?: number;
+}
+
+export interface ActivationGrads<D extends TokenDType = TokenDType> {
+  /** Shaped and typed like `x`. */
+  gradInput: Tensor<D>;
+  /** Shaped like `probs` (float32), when probs were given: per row, `sum_j activation(x)[j] * grad[j]` (unweighted activation). */
+  gradProbs?: Tensor<'float32'>;
+}
+
+export interface ActivationsOps {
+  /**
+   * Applies an expert activation: `x [N, 2 * I]` (`[N, I]` for relu2) to `[N, I]` in the dtype of
+   * `x`, computed in float32 and rounded once; times `probs` per row when given.
+   */
+  activation<D extends TokenDType>(x: Tensor<D>, options: ActivationOptions): Tensor<D>;
+  /**
+   * Backward of `activation`: `grad [N, I]` (the dtype of `x`) to `gradInput` (like `x`, through
+   * the activation of `grad * prob`) and, with probs, `gradProbs`. A clamp passes the gradient on
+   * its closed range (`gate <= limit`, `-limit <= up <= limit`) and stops it outside.
+   */
+  activationBackward<D extends TokenDType>(grad: Tensor<D>, x: Tensor<D>, options: ActivationOptions): ActivationGrads<D>;
+}
+
+/** The positional functions both bindings export for this family. */
+export interface ActivationsBinding {
+  activation(x: WireTensor, kind: string | undefined, probs: WireTensor | undefined, alpha: number | undefined, limit: number | undefined, linearOffset: number | undefined): Tensor;
+  activationBackward(grad: WireTensor, x: WireTensor, kind: string | undefined, probs: WireTensor | undefined, alpha: number | undefined, limit: number | undefined, linearOffset: number | undefined): { gradInput: Tensor; gradProbs?: Tensor };
+}
+
+const KNOWN: readonly (keyof ActivationOptions)[] = ['kind', 'probs', 'alpha', 'limit', 'linearOffset'];
+
+/** The options as positional arguments; the kind's name and the values are checked by the core. */
+function positional(options: unknown, op: string): [string | undefined, WireTensor | undefined, number | undefined, number | undefined, number | undefined] {
+  const o = checkOptions<ActivationOptions>(options, op, KNOWN);
+  if (o.kind !== undefined && typeof o.kind !== 'string') throw new TypeError(`options.kind: expected a string, got ${typeof o.kind}`);
+  return [o.kind, optWire(o.probs, 'probs', ['float32']), checkNumber(o.alpha, 'options.alpha'), checkNumber(o.limit, 'options.limit'), checkNumber(o.linearOffset, 'options.linearOffset')];
+}
+
+export function activationsOps(call: Call<ActivationsBinding>): ActivationsOps {
+  return {
+    activation(x, options) {
+      return call('activation', (b) => b.activation(wire(x, 'x', TOKENS), ...positional(options, 'activation'))) as Tensor<never>;
+    },
+    activationBackward(grad, x, options) {
+      return call('activationBackward', (b) => {
+        const out = b.activationBackward(wire(grad, 'grad', TOKENS), wire(x, 'x', TOKENS), ...positional(options, 'activationBackward'));
+        // napi-rs gives `null` for an absent optional field, wasm `undefined`: both become a missing key.
+        if (out.gradProbs === undefined || out.gradProbs === null) delete out.gradProbs;
+        return out;
+      }) as ActivationGrads<never>;
+    },
+  };
+}

@@ -1,0 +1,170 @@
+/** Routing (router logits to top-k experts) and the auxiliary router losses: the interface, and its adapter over a binding. */
+import type { IndexDType, Tensor } from '../tensor.js';
+import { checkBool, checkNumber, checkOptions, INDICES, optWire, wire, type Call, type WireTensor } from '../wire.js';
+
+/**
+ * How router logits become scores (NeMo Automodel `Gate.score_func`):
+ * - `'softmax'`: softmax; top-k on the logits (weights: a softmax over the k picked logits), or
+ *   with `softmaxBeforeTopk` on the softmax (weights: the softmax at the picks). No bias, no groups.
+ * - `'sigmoid'`: sigmoid; selection on `sigmoid + expertBias`; groups scored by their max
+ *   (no bias) or the sum of their two best (bias); dropped groups' experts score 0.
+ * - `'softmax_with_bias'`: softmax; selection on `softmax + expertBias`; groups by top-2 sum, dropped groups score 0.
+ * - `'sigmoid_with_bias'`: sigmoid; selection on `sigmoid + expertBias`; groups by top-2 sum, dropped groups score -inf.
+ * - `'sqrtsoftplus'`: `sqrt(softplus(x))`; selection on `score + expertBias`. No groups.
+ */
+export type ScoreFunction = 'softmax' | 'sigmoid' | 'softmax_with_bias' | 'sigmoid_with_bias' | 'sqrtsoftplus';
+
+export interface RouteOptions {
+  /** Experts per token, 1 to numExperts (required). */
+  topk: number;
+  /** Default `'softmax'`. */
+  scoreFunction?: ScoreFunction;
+  /** `'softmax'` only: select on the softmax instead of the logits (weights are then the softmax values). */
+  softmaxBeforeTopk?: boolean;
+  /** Score-correction bias `[numExperts]` float32, added to the scores for selection only (not with `'softmax'`). */
+  expertBias?: Tensor<'float32'>;
+  /** Expert groups for group-limited routing (default 1 = none); must divide numExperts. Not with `'softmax'`/`'sqrtsoftplus'`. */
+  numGroups?: number;
+  /** Groups each token keeps, 1 to numGroups (default numGroups). */
+  topkGroups?: number;
+  /** With topk > 1: weights /= (their sum + 1e-20), and each `scores` row /= (its sum + 1e-20). */
+  normTopkProb?: boolean;
+  /** Factor on the final weights (default 1); finite. */
+  routeScale?: number;
+  /** `[numTokens]` bool, true = a real token: masked tokens get indices -1 and weights 0 (their scores are still computed). */
+  tokenMask?: Tensor<'bool'>;
+}
+
+export interface RouteResult {
+  /** `[numTokens, topk]` float32: each pick's weight (0 for masked tokens). */
+  weights: Tensor<'float32'>;
+  /** `[numTokens, topk]` int32: the picked experts by descending selection score, ties to the lower id; -1 for masked tokens. */
+  indices: Tensor<'int32'>;
+  /** `[numTokens, numExperts]` float32: the unbiased scores (softmax, sigmoid or sqrt-softplus), normalised with `normTopkProb` and topk > 1. */
+  scores: Tensor<'float32'>;
+  /** `[numExperts]` int32: how many unmasked tokens picked each expert. */
+  tokensPerExpert: Tensor<'int32'>;
+}
+
+export interface SwitchLoadBalancingLossOptions {
+  /** The k of the routing that produced `tokensPerExpert` (required, >= 1). */
+  topk: number;
+  /** Loss coefficient (Megatron `moe_aux_loss_coeff`), finite and >= 0. Default 1. */
+  coeff?: number;
+  /** Token count N of the normalisation (Megatron `total_num_tokens`); default: the unmasked rows (at least 1). */
+  numTokens?: number;
+  /** `[numTokens]` bool, true = a real token: masked rows add nothing and get a zero gradient. */
+  tokenMask?: Tensor<'bool'>;
+}
+
+export interface ZLossOptions {
+  /** Loss coefficient (Megatron `moe_z_loss_coeff`), finite and >= 0. Default 1. */
+  coeff?: number;
+  /** `[numTokens]` bool, true = a real token: the mean runs over real tokens only. */
+  tokenMask?: Tensor<'bool'>;
+}
+
+export interface RoutingOps {
+  /**
+   * Routes every token (NeMo Automodel `Gate._route_scores`): scores from `logits [numTokens, numExperts]`
+   * float32, top-k selection (optionally biased and group-limited), weights normalised and scaled.
+   */
+  route(logits: Tensor<'float32'>, options: RouteOptions): RouteResult;
+  /**
+   * The `k` largest entries of each row of `values [T, E]` (e.g. router probs), largest first,
+   * ties to the lower column: `values [T, k]` f32 and `indices [T, k]` int32.
+   */
+  topk(values: Tensor<'float32'>, k: number): { values: Tensor<'float32'>; indices: Tensor<'int32'> };
+  /**
+   * Switch load-balancing loss (Megatron-Core): `loss = E * coeff / (topk * N^2) * sum_e P_e * tokensPerExpert[e]`
+   * with `P_e` the column sum of `probs [numTokens, numExperts]`; `gradProbs = d loss / d probs`
+   * (`E * coeff / (topk * N^2) * tokensPerExpert[e]` in every unmasked row). The loss is a double.
+   */
+  switchLoadBalancingLoss(probs: Tensor<'float32'>, tokensPerExpert: Tensor<IndexDType>, options: SwitchLoadBalancingLossOptions): { loss: number; gradProbs: Tensor<'float32'> };
+  /**
+   * The Switch loss of `probs = softmax(logits)` (computed in double precision) and its gradient
+   * with respect to the logits, chained through the softmax.
+   */
+  switchLoadBalancingLossFromLogits(logits: Tensor<'float32'>, tokensPerExpert: Tensor<IndexDType>, options: SwitchLoadBalancingLossOptions): { loss: number; gradLogits: Tensor<'float32'> };
+  /**
+   * ST-MoE z-loss: `coeff * mean_t logsumexp(logits_t)^2` and
+   * `gradLogits = 2 * coeff / N * logsumexp(logits_t) * softmax(logits_t)`. The loss is a double.
+   */
+  zLoss(logits: Tensor<'float32'>, options?: ZLossOptions): { loss: number; gradLogits: Tensor<'float32'> };
+}
+
+/** The positional functions both bindings export for this family. */
+export interface RoutingBinding {
+  route(
+    logits: WireTensor,
+    topk: number,
+    scoreFunction: string | undefined,
+    softmaxBeforeTopk: boolean | undefined,
+    expertBias: WireTensor | undefined,
+    numGroups: number | undefined,
+    topkGroups: number | undefined,
+    normTopkProb: boolean | undefined,
+    routeScale: number | undefined,
+    tokenMask: WireTensor | undefined,
+  ): RouteResult;
+  topk(values: WireTensor, k: number): { values: Tensor; indices: Tensor };
+  switchLoadBalancingLoss(probs: WireTensor, tokensPerExpert: WireTensor, topk: number, coeff: number | undefined, numTokens: number | undefined, tokenMask: WireTensor | undefined): { loss: number; gradProbs: Tensor };
+  switchLoadBalancingLossFromLogits(logits: WireTensor, tokensPerExpert: WireTensor, topk: number, coeff: number | undefined, numTokens: number | undefined, tokenMask: WireTensor | undefined): { loss: number; gradLogits: Tensor };
+  zLoss(logits: WireTensor, coeff: number | undefined, tokenMask: WireTensor | undefined): { loss: number; gradLogits: Tensor };
+}
+
+/** A required number option: absent is a TypeError (its value is checked by the core). */
+function requiredNumber(value: unknown, arg: string): number {
+  const n = checkNumber(value, arg);
+  if (n === undefined) throw new TypeError(`${arg}: expected a number (required), got undefined`);
+  return n;
+}
+
+function switchArgs(options: unknown, op: string): [number, number | undefined, number | undefined, WireTensor | undefined] {
+  const o = checkOptions<SwitchLoadBalancingLossOptions>(options, op, ['topk', 'coeff', 'numTokens', 'tokenMask']);
+  return [requiredNumber(o.topk, 'options.topk'), checkNumber(o.coeff, 'options.coeff'), checkNumber(o.numTokens, 'options.numTokens'), optWire(o.tokenMask, 'tokenMask', ['bool'])];
+}
+
+export function routingOps(call: Call<RoutingBinding>): RoutingOps {
+  return {
+    topk(values, k) {
+      return call('topk', (b) => b.topk(wire(values, 'values', ['float32']), checkNumber(k, 'k') ?? NaN)) as ReturnType<RoutingOps['topk']>;
+    },
+    route(logits, options) {
+      return call('route', (b) => {
+        const o = checkOptions<RouteOptions>(options, 'route', ['topk', 'scoreFunction', 'softmaxBeforeTopk', 'expertBias', 'numGroups', 'topkGroups', 'normTopkProb', 'routeScale', 'tokenMask']);
+        if (o.scoreFunction !== undefined && typeof o.scoreFunction !== 'string') {
+          throw new TypeError(`options.scoreFunction: expected a string, got ${typeof o.scoreFunction}`);
+        }
+        return b.route(
+          wire(logits, 'logits', ['float32']),
+          requiredNumber(o.topk, 'options.topk'),
+          o.scoreFunction,
+          checkBool(o.softmaxBeforeTopk, 'options.softmaxBeforeTopk'),
+          optWire(o.expertBias, 'expertBias', ['float32']),
+          checkNumber(o.numGroups, 'options.numGroups'),
+          checkNumber(o.topkGroups, 'options.topkGroups'),
+          checkBool(o.normTopkProb, 'options.normTopkProb'),
+          checkNumber(o.routeScale, 'options.routeScale'),
+          optWire(o.tokenMask, 'tokenMask', ['bool']),
+        );
+      }) as RouteResult;
+    },
+    switchLoadBalancingLoss(probs, tokensPerExpert, options) {
+      return call('switchLoadBalancingLoss', (b) =>
+        b.switchLoadBalancingLoss(wire(probs, 'probs', ['float32']), wire(tokensPerExpert, 'tokensPerExpert', INDICES), ...switchArgs(options, 'switchLoadBalancingLoss')),
+      ) as { loss: number; gradProbs: Tensor<'float32'> };
+    },
+    switchLoadBalancingLossFromLogits(logits, tokensPerExpert, options) {
+      return call('switchLoadBalancingLossFromLogits', (b) =>
+        b.switchLoadBalancingLossFromLogits(wire(logits, 'logits', ['float32']), wire(tokensPerExpert, 'tokensPerExpert', INDICES), ...switchArgs(options, 'switchLoadBalancingLossFromLogits')),
+      ) as { loss: number; gradLogits: Tensor<'float32'> };
+    },
+    zLoss(logits, options) {
+      return call('zLoss', (b) => {
+        const o = checkOptions<ZLossOptions>(options, 'zLoss', ['coeff', 'tokenMask']);
+        return b.zLoss(wire(logits, 'logits', ['float32']), checkNumber(o.coeff, 'options.coeff'), optWire(o.tokenMask, 'tokenMask', ['bool']));
+      }) as { loss: number; gradLogits: Tensor<'float32'> };
+    },
+  };
+}
