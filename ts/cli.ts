@@ -70,7 +70,7 @@ async function info(args: Args): Promise<number> {
     return 0;
   }
   for (const b of infos) {
-    const gpu = b.device ? `; ${b.device}; on the GPU: ${b.gpuOps?.join(', ')}, the other ops on the CPU core` : '';
+    const gpu = b.device ? `; ${b.device}; on the GPU: ${b.gpuOps?.join(', ')}, the other ops on the CPU core; kernels: ${b.kernels}` : '';
     const state = b.available ? `available (${b.threads} thread${b.threads === 1 ? '' : 's'}${gpu})` : `unavailable: ${b.reason}`;
     console.log(`${b.name.padEnd(5)} ${state}`);
   }

@@ -378,6 +378,20 @@ pub fn human_bytes(bytes: usize) -> String {
 mod tests {
     use super::*;
 
+    /// Without a driver (CI, the build machines) opening is an error that says why, not a crash.
+    #[test]
+    fn open_without_a_driver_says_why() {
+        if driver_present().is_ok() {
+            return;
+        }
+        match Device::open(0) {
+            Err(Error::Unavailable(reason)) => assert!(reason.contains("libcuda.so.1 not found"), "{reason}"),
+            Err(other) => panic!("expected Unavailable, got {other}"),
+            Ok(_) => panic!("opened a device without a driver"),
+        }
+        assert!(crate::availability().unwrap_err().contains("libcuda.so.1"));
+    }
+
     #[test]
     fn kernel_names_cover_every_variant() {
         let names = kernel_names(compile::PERMUTE.source);

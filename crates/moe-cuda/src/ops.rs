@@ -292,6 +292,40 @@ mod tests {
         assert_eq!(csr.slots, vec![0, 2, 3, 1, 4]);
     }
 
+    /// moe-core's `permute_inputs` / `unpermute_inputs` copy the checks of `permute` /
+    /// `unpermute`: the CUDA backend's errors must stay the CPU's, word for word.
+    #[test]
+    fn validation_matches_the_core_ops() {
+        use moe_core::permute::{permute as cpu_permute, unpermute as cpu_unpermute};
+        let tokens = vec![0f32; 6];
+        let tok = TensorRef::of("tokens", vec![3, 2], &tokens).unwrap();
+        let map = [1u8, 0, 0, 1, 1, 0];
+        let map_ref = TensorRef::new("routingMap", DType::Bool, vec![3, 2], &map).unwrap();
+        let bad_map = TensorRef::new("routingMap", DType::Bool, vec![2, 2], &map[..4]).unwrap();
+        let probs9 = vec![0f32; 9];
+        let p9 = TensorRef::of("probs", vec![3, 3], &probs9).unwrap();
+        let opts = |n: Option<usize>, d: bool| PermuteOptions { num_out_tokens: n, drop_and_pad: d };
+        for (m, p, o) in [(&map_ref, None, opts(Some(5), false)), (&map_ref, None, opts(Some(3), true)), (&map_ref, None, opts(Some(8), true)), (&bad_map, None, opts(None, false)), (&map_ref, Some(&p9), opts(None, false))] {
+            let want = cpu_permute(&tok, m, p, o).unwrap_err();
+            assert_eq!(permute_inputs(&tok, m, p, o).unwrap_err(), want);
+        }
+        let idx_bad = [0i32, 3];
+        let idx = [1i32, 0, 2];
+        let perm = TensorRef::of("permutedTokens", vec![2, 2], &tokens[..4]).unwrap();
+        let perm3 = TensorRef::of("permutedTokens", vec![3, 2], &tokens).unwrap();
+        let si_bad = TensorRef::of("sortedIndices", vec![2], &idx_bad[..]).unwrap();
+        let si = TensorRef::of("sortedIndices", vec![3], &idx[..]).unwrap();
+        let dense = vec![0f32; 6];
+        let d = TensorRef::of("probs", vec![3, 2], &dense).unwrap();
+        let u = UnpermuteOptions::default();
+        let cases: Vec<(&TensorRef, &TensorRef, [usize; 2], Option<&TensorRef>, Option<&TensorRef>)> =
+            vec![(&perm, &si_bad, [3, 2], None, None), (&perm, &si_bad, [3, 5], None, None), (&perm3, &si, [3, 2], Some(&d), None), (&perm3, &si, [3, 2], Some(&d), Some(&map_ref))];
+        for (x, s, r, p, m) in cases {
+            let want = cpu_unpermute(x, s, r, p, m, u).unwrap_err();
+            assert_eq!(unpermute_inputs(x, s, r, p, m, u).unwrap_err(), want);
+        }
+    }
+
     #[test]
     fn launch_shapes() {
         assert_eq!(row_launch(1).unwrap(), (32, 1));
