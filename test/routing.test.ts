@@ -440,6 +440,30 @@ describe.each(backendRows)('route semantics on %s', (_name, backend) => {
     }
   });
 
+  it('group-limited routing with every group count that divides E (E = 24), every topkGroups', () => {
+    const r = rng(24);
+    const E = 24;
+    const T = 5;
+    // Continuous logits: no ties, so the reference's order is the only valid answer.
+    const logits = range(T * E).map(() => f(r() * 6 - 3));
+    const bias = f32([E], range(E).map(() => f(r() * 0.5 - 0.25)));
+    let checked = 0;
+    for (const numGroups of range(E + 1).filter((g) => g > 0 && E % g === 0)) {
+      const size = E / numGroups;
+      for (let topkGroups = 1; topkGroups <= numGroups; topkGroups++) {
+        for (const scoreFunction of ['sigmoid', 'sigmoid_with_bias', 'softmax_with_bias'] as const) {
+          // The top-2 group score needs groups of two or more experts.
+          if (numGroups > 1 && size < 2 && (scoreFunction !== 'sigmoid')) continue;
+          const topk = Math.min(4, topkGroups * size);
+          const options: RouteOptions = { topk, scoreFunction, numGroups, topkGroups, ...(scoreFunction === 'sigmoid' ? {} : { expertBias: bias }) };
+          expectMatchesReference(backend.route(f32([T, E], logits), options), logits, T, E, options);
+          checked++;
+        }
+      }
+    }
+    expect(checked).toBeGreaterThan(100);
+  });
+
   it('random problems match the float64 reference (fast-check)', () => {
     fc.assert(
       fc.property(routeProblem(), (p) => {

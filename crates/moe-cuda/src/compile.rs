@@ -15,7 +15,7 @@ use std::time::Instant;
 use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys};
 
 use crate::error::{Error, Result};
-use crate::sha256::sha256_hex;
+use sha2::{Digest, Sha256};
 
 /// One `.cu` file of `kernels/`.
 #[derive(Debug, Clone, Copy)]
@@ -49,7 +49,7 @@ pub fn cache_key(src: &KernelSource, arch: &str) -> String {
     text.push_str(&options(arch).join(" "));
     text.push('\0');
     text.push_str(arch);
-    sha256_hex(text.as_bytes())
+    Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub fn cache_dir() -> Option<PathBuf> {

@@ -10,7 +10,6 @@ pub mod compile;
 pub mod device;
 pub mod error;
 pub mod ops;
-pub mod sha256;
 
 pub use device::{Buffer, Device, DeviceInfo};
 pub use error::{Error, Result};
