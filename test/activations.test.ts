@@ -16,7 +16,7 @@ import { describe, expect, it } from 'vitest';
 import { tensor, type ActivationKind, type ActivationOptions, type Backend, type Tensor, type TokenDType } from '../ts/index.js';
 import { backendNamed, backendRows, registerBackendReport } from './backends.js';
 import { input, loadGolden, output, toTensor, type GoldenCase, type GoldenTensor } from './golden-loader.js';
-import { bf16Bits, bf16Value, decode, encode, expectF32Close, expectHalfWithinUlps, expectMeta, expectSameBits, f16Bits, mismatches, type FloatDType } from './util.js';
+import { bf16Bits, bf16Value, decode, encode, expectF32Close, expectHalfWithinUlps, expectMeta, expectSameBits, f16Bits, mismatches, type FloatDType, escapeRegExp as escape, expectThrows, rng } from './util.js';
 
 const SEED = Number(process.env.MOE_FC_SEED ?? 0xac71_2025);
 const RUNS = Number(process.env.MOE_FC_RUNS ?? 60);
@@ -27,17 +27,6 @@ const DTYPES: readonly FloatDType[] = ['float32', 'bfloat16', 'float16'];
 
 const f32 = (shape: number[], values: ArrayLike<number>) => tensor('float32', shape, Float32Array.from(values));
 
-/** A small deterministic generator (mulberry32), so every test sees the same data. */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 registerBackendReport();
 
@@ -432,23 +421,6 @@ describe('cpu and wasm agree bit for bit', () => {
 // ---------------------------------------------------------------------------------------
 // Errors.
 
-type ErrorClass = typeof TypeError | typeof RangeError;
-
-function expectThrows(fn: () => unknown, cls: ErrorClass, message: RegExp): Error {
-  let thrown: unknown;
-  try {
-    fn();
-  } catch (e) {
-    thrown = e;
-  }
-  expect(thrown, 'it throws').toBeInstanceOf(Error);
-  const err = thrown as Error;
-  expect(err.constructor, `class of: ${err.message}`).toBe(cls);
-  expect(err.message).toMatch(message);
-  return err;
-}
-
-const escape = (s: string) => s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 
 const X = f32([2, 4], [1, -2, 3, 0.5, -1, 2, 8, -9]);
 const G = f32([2, 2], [1, -1, 0.5, 2]);

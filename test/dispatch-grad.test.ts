@@ -15,7 +15,7 @@ import { describe, expect, it } from 'vitest';
 
 import { tensor, type Backend, type Tensor } from '../ts/index.js';
 import { backendNamed, backendRows, registerBackendReport } from './backends.js';
-import { bf16Bits, expectMeta, expectSameBits, expectValues, mismatches } from './util.js';
+import { bf16Bits, expectMeta, expectSameBits, expectValues, mismatches, rng } from './util.js';
 
 const SEED = Number(process.env.MOE_FC_SEED ?? 0xd15_9a7c);
 const RUNS = Number(process.env.MOE_FC_RUNS ?? 80);
@@ -24,17 +24,6 @@ const range = (n: number) => Array.from({ length: n }, (_, i) => i);
 const f32 = (shape: number[], values: ArrayLike<number>) => tensor('float32', shape, Float32Array.from(values));
 const boolMap = (T: number, E: number, map: number[]) => tensor('bool', [T, E], Uint8Array.from(map));
 
-/** mulberry32: a small seeded generator. */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 registerBackendReport();
 

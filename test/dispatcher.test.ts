@@ -9,19 +9,10 @@ import { describe, expect, it } from 'vitest';
 
 import { TokenDispatcher, tensor, type Backend, type Tensor } from '../ts/index.js';
 import { backendRows, cpuBackends, registerBackendReport } from './backends.js';
-import { bitsOf } from './util.js';
+import { bitsOf, rng } from './util.js';
 
 registerBackendReport();
 
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = Math.imul(a ^ (a >>> 15), a | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 interface Ref {
   sorted: number[];

@@ -12,25 +12,8 @@ import { describe, expect, it } from 'vitest';
 
 import { backendInfo, createBackend, tensor, type Backend, type Tensor } from '../ts/index.js';
 import { backendRows, registerBackendReport } from './backends.js';
+import { escapeRegExp as escape, expectThrows } from './util.js';
 
-type ErrorClass = typeof TypeError | typeof RangeError | typeof Error;
-
-/** Runs `fn`, which must throw exactly `cls` (not a subclass, not a plain Error) with a message matching `message`. */
-function expectThrows(fn: () => unknown, cls: ErrorClass, message: RegExp): Error {
-  let thrown: unknown;
-  try {
-    fn();
-  } catch (e) {
-    thrown = e;
-  }
-  expect(thrown, 'it throws').toBeInstanceOf(Error);
-  const err = thrown as Error;
-  expect(err.constructor, `class of: ${err.message}`).toBe(cls);
-  expect(err.message).toMatch(message);
-  return err;
-}
-
-const escape = (s: string) => s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 
 // A small, valid problem: 3 tokens, hidden 2, 2 experts.
 // Expert 0 gets tokens 0 and 2, expert 1 gets tokens 1 and 2.

@@ -18,7 +18,7 @@ import { describe, expect, it } from 'vitest';
 import { tensor, type Backend, type DType, type Tensor, type TokenDType } from '../ts/index.js';
 import { backendNamed, backendRows, registerBackendReport } from './backends.js';
 import { expectExact, input, loadGolden, output, toTensor, type GoldenCase, type GoldenFile } from './golden-loader.js';
-import { bitsOf, decode, expectSameBits, expectValues, f32FromBits } from './util.js';
+import { bitsOf, decode, expectSameBits, expectValues, f32FromBits, escapeRegExp as escape, expectThrows } from './util.js';
 
 const SEED = Number(process.env.MOE_FC_SEED ?? 0x1a_7007);
 const RUNS = Number(process.env.MOE_FC_RUNS ?? 60);
@@ -556,23 +556,6 @@ describe.each(backendRows)('sharding descriptors on %s', (_name, backend) => {
 // ---------------------------------------------------------------------------------------
 // Errors.
 
-type ErrorClass = typeof TypeError | typeof RangeError;
-
-function expectThrows(fn: () => unknown, cls: ErrorClass, message: RegExp): Error {
-  let thrown: unknown;
-  try {
-    fn();
-  } catch (e) {
-    thrown = e;
-  }
-  expect(thrown, 'it throws').toBeInstanceOf(Error);
-  const err = thrown as Error;
-  expect(err.constructor, `class of: ${err.message}`).toBe(cls);
-  expect(err.message).toMatch(message);
-  return err;
-}
-
-const escape = (s: string) => s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 
 const map = boolT([3, 2], [1, 0, 0, 1, 1, 1]);
 const probs = f32T([3, 2], [0.5, 0, 0, 0.25, 2, 4]);

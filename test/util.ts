@@ -177,3 +177,34 @@ export function encode(dtype: FloatDType, x: number): number {
 export function decode(dtype: FloatDType, stored: number): number {
   return dtype === 'float32' ? stored : dtype === 'bfloat16' ? bf16Value(stored) : f16Value(stored);
 }
+
+export type ErrorClass = typeof TypeError | typeof RangeError | typeof Error;
+
+/** Runs `fn`, which must throw exactly `cls` (not a subclass, not a plain Error) with a message matching `message`. */
+export function expectThrows(fn: () => unknown, cls: ErrorClass, message: RegExp): Error {
+  let thrown: unknown;
+  try {
+    fn();
+  } catch (e) {
+    thrown = e;
+  }
+  expect(thrown, 'it throws').toBeInstanceOf(Error);
+  const err = thrown as Error;
+  expect(err.constructor, `class of: ${err.message}`).toBe(cls);
+  expect(err.message).toMatch(message);
+  return err;
+}
+
+/** A string as a literal inside a RegExp. */
+export const escapeRegExp = (s: string) => s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+
+/** mulberry32: a small seeded generator, so every test sees the same data on every run. */
+export function rng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = Math.imul(a ^ (a >>> 15), a | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
