@@ -449,10 +449,7 @@ mod tests {
     use crate::tensor::Data;
 
     fn f32s(t: &Tensor) -> &[f32] {
-        match &t.data {
-            Data::F32(v) => v,
-            other => panic!("expected f32 data, got {other:?}"),
-        }
+        t.data.as_f32().expect("f32 data")
     }
 
     fn close(got: f32, want: f64, rel: f64) -> bool {

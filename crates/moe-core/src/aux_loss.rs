@@ -216,14 +216,10 @@ pub fn z_loss(logits: &TensorRef, token_mask: Option<&TensorRef>, coeff: f64) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tensor::Data;
     use crate::ErrorKind;
 
     fn f32s(t: &Tensor) -> &[f32] {
-        match &t.data {
-            Data::F32(v) => v,
-            _ => panic!("not f32"),
-        }
+        t.data.as_f32().expect("f32 data")
     }
 
     const LOGITS: [f32; 8] = [0.5, -1.0, 2.0, 0.25, -0.5, 1.5, 0.0, -2.0];

@@ -530,20 +530,13 @@ fn softplus(x: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tensor::Data;
     use crate::ErrorKind;
 
     fn f32s(t: &Tensor) -> &[f32] {
-        match &t.data {
-            Data::F32(v) => v,
-            _ => panic!("not f32"),
-        }
+        t.data.as_f32().expect("f32 data")
     }
     fn i32s(t: &Tensor) -> &[i32] {
-        match &t.data {
-            Data::I32(v) => v,
-            _ => panic!("not i32"),
-        }
+        t.data.as_i32().expect("int32 data")
     }
 
     fn run(logits: &[f32], shape: [usize; 2], bias: Option<&[f32]>, mask: Option<&[u8]>, o: RouteOptions) -> Result<Routed> {

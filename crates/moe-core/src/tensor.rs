@@ -271,6 +271,26 @@ impl Data {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The elements, when they are f32.
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        if let Data::F32(v) = self { Some(v) } else { None }
+    }
+
+    /// The elements, when they are int32.
+    pub fn as_i32(&self) -> Option<&[i32]> {
+        if let Data::I32(v) = self { Some(v) } else { None }
+    }
+
+    /// The bits, when they are 16-bit floats.
+    pub fn as_u16(&self) -> Option<&[u16]> {
+        if let Data::U16(v) = self { Some(v) } else { None }
+    }
+
+    /// The bytes, when the tensor is bool.
+    pub fn as_bool(&self) -> Option<&[u8]> {
+        if let Data::Bool(v) = self { Some(v) } else { None }
+    }
 }
 
 /// An owned output tensor.
