@@ -40,7 +40,7 @@ pack() {
   [[ -d pkg ]] && cp -r pkg "$BUNDLE/pkg"
   cp -r test/gpu "$BUNDLE/test/gpu"
   local golden="${MOE_GOLDEN_DIR:-../shared/golden}"
-  cp "$golden"/permute.json "$golden"/unpermute.json "$BUNDLE/golden/"
+  cp "$golden"/permute.json "$golden"/unpermute.json "$golden"/route.json "$BUNDLE/golden/"
   cp target/release/moe-cuda-bench "$BUNDLE/bin/"
   cp bench/gpu_torch_ref.py "$BUNDLE/bench/"
   # the same module resolution as in the repo: dist/ imports are relative, so the bundle is a
@@ -95,7 +95,7 @@ remote() {
     say "JS per-call overhead"
     "$node" "$BUNDLE/test/gpu/overhead.mjs" --out "$OUT/overhead.json"
     say "moe-cuda-bench (checks at full size, then CUDA-event timings)"
-    timeout 300 "$BUNDLE/bin/moe-cuda-bench" run --iters 20 --out "$OUT/bench.json"; echo "  exit code $?"
+    timeout 300 "$BUNDLE/bin/moe-cuda-bench" run --iters 20 ${BENCH_ARGS:-} --out "$OUT/bench.json"; echo "  exit code $?"
   fi
   if [[ -z "${SKIP_TORCH:-}" ]]; then
     say "PyTorch reference path"

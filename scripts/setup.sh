@@ -3,6 +3,7 @@
 #  - Debian's wasm32 standard library route (rustc-web, cargo-web, rust-web-src, lld-19);
 #    the rustup toolchain here has no wasm32 std and `rustup target add` cannot download one.
 #  - wasm-bindgen-cli at exactly the version crates/moe-wasm pins, and wasm-pack (crates.io).
+#  - Debian's chromium, for the browser test project and the demo test (test tools never download a browser).
 #  - the npm dev dependencies (npm ci).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +11,7 @@ cd "$(dirname "$0")/.."
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-apt_pkgs=(rustc-web cargo-web rust-web-src lld-19)
+apt_pkgs=(rustc-web cargo-web rust-web-src lld-19 chromium)
 missing=()
 for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -18,7 +19,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 else
-  say "Debian wasm toolchain present"
+  say "Debian wasm toolchain and chromium present"
 fi
 
 export PATH="$HOME/.cargo/bin:$PATH"

@@ -2,14 +2,54 @@
  * Loading the golden files (`shared/golden/<op>.json`, produced by PyTorch running the
  * reference code) and comparing results with them. Shared by every golden suite.
  */
-import { existsSync, readFileSync } from 'node:fs';
-import { resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
 
 import { toBFloat16Bits, type DType, type Tensor } from '../ts/index.js';
 import { bitsOf, expectF32Close, expectHalfWithinUlps, expectSameBits, expectValues, f16Bits } from './util.js';
 
-export const GOLDEN_DIR = process.env.MOE_GOLDEN_DIR ? resolve(process.env.MOE_GOLDEN_DIR) : fileURLToPath(new URL('../../shared/golden/', import.meta.url));
+/**
+ * Where the golden files are read from, and the reader. In Node: the file system
+ * (`MOE_GOLDEN_DIR`, else `../shared/golden/` beside the repo). In the browser (the vitest
+ * browser project) there is no file system: the `goldenFiles` command of vitest.config.ts
+ * reads the same directory on the Node side and hands the texts over, all at once, here.
+ */
+const IN_NODE = typeof process !== 'undefined' && !!process.versions?.node;
+
+interface GoldenSource {
+  dir: string;
+  /** The file's text, or why it cannot be had. */
+  read(op: string): { text?: string; path: string; error?: string };
+}
+
+async function nodeSource(): Promise<GoldenSource> {
+  const { existsSync, readFileSync } = await import('node:fs');
+  const { resolve } = await import('node:path');
+  const { fileURLToPath } = await import('node:url');
+  const dir = process.env.MOE_GOLDEN_DIR ? resolve(process.env.MOE_GOLDEN_DIR) : fileURLToPath(new URL('../../shared/golden/', import.meta.url));
+  return {
+    dir,
+    read(op) {
+      const path = resolve(dir, `${op}.json`);
+      if (!existsSync(path)) return { path, error: `${path} is missing (set MOE_GOLDEN_DIR to the golden directory)` };
+      return { path, text: readFileSync(path, 'utf8') };
+    },
+  };
+}
+
+async function browserSource(): Promise<GoldenSource> {
+  const { commands } = await import('vitest/browser');
+  const { dir, files } = await (commands as unknown as { goldenFiles(): Promise<{ dir: string; files: Record<string, string> }> }).goldenFiles();
+  return {
+    dir,
+    read(op) {
+      const path = `${dir}/${op}.json`;
+      const text = files[op];
+      return text === undefined ? { path, error: `${path} is missing (set MOE_GOLDEN_DIR to the golden directory)` } : { path, text };
+    },
+  };
+}
+
+const source = IN_NODE ? await nodeSource() : await browserSource();
+export const GOLDEN_DIR = source.dir;
 
 
 export interface GoldenTensor {
@@ -31,10 +71,10 @@ export interface GoldenFile {
 }
 
 export function loadGolden(op: string): { file?: GoldenFile; error?: string } {
-  const path = resolve(GOLDEN_DIR, `${op}.json`);
-  if (!existsSync(path)) return { error: `${path} is missing (set MOE_GOLDEN_DIR to the golden directory)` };
+  const { path, text, error } = source.read(op);
+  if (error !== undefined) return { error };
   try {
-    return { file: JSON.parse(readFileSync(path, 'utf8')) as GoldenFile };
+    return { file: JSON.parse(text!) as GoldenFile };
   } catch (e) {
     return { error: `${path} does not parse: ${(e as Error).message}` };
   }

@@ -8,6 +8,7 @@
  */
 import { activationsOps, type ActivationsBinding, type ActivationsOps } from './ops/activations.js';
 import { dispatchOps, type DispatchBinding, type DispatchOps } from './ops/dispatch.js';
+import { expertsOps, type ExpertsBinding, type ExpertsOps } from './ops/experts.js';
 import { layoutOps, type LayoutBinding, type LayoutOps } from './ops/layout.js';
 import { routingOps, type RoutingBinding, type RoutingOps } from './ops/routing.js';
 import type { Call } from './wire.js';
@@ -16,7 +17,7 @@ export type { MultihotToIndicesOptions, PermuteBackwardOptions, PermuteOptions, 
 
 export type BackendName = 'cpu' | 'wasm' | 'cuda';
 
-export interface Backend extends DispatchOps, ActivationsOps, LayoutOps, RoutingOps {
+export interface Backend extends DispatchOps, ActivationsOps, LayoutOps, RoutingOps, ExpertsOps {
   readonly name: BackendName;
   /** Worker threads used for large inputs. */
   readonly threads: number;
@@ -38,7 +39,7 @@ export interface BackendInfo {
 }
 
 /** Everything a compiled binding exports. */
-export interface Binding extends DispatchBinding, ActivationsBinding, LayoutBinding, RoutingBinding {
+export interface Binding extends DispatchBinding, ActivationsBinding, LayoutBinding, RoutingBinding, ExpertsBinding {
   numThreads(): number;
 }
 
@@ -85,5 +86,6 @@ export function bindingBackend(name: BackendName, getBinding: () => Binding, onT
     ...layoutOps(call),
     ...activationsOps(call),
     ...routingOps(call),
+    ...expertsOps(call),
   };
 }

@@ -47,7 +47,43 @@ for (const p of [
     rows.push({ shape: p.name, dims: `T=${p.numTokens} H=${p.hidden} E=${p.numExperts} k=${p.topk} ${p.dtype}`, backend: name, permute, unpermute });
   }
 }
-const out = { device: info.device, node: process.version, rows };
+// Device tensors: the same tiny problem with inputs and outputs on the GPU. Launches are
+// asynchronous, so a call's time is its host-side cost (argument checks, N-API, launch); ops
+// that must read a value back (permute without dropAndPad: the slot count; route: its error
+// word) synchronise once. 'synchronize' alone is the floor of a round trip.
+const deviceRows = [];
+{
+  const cudaB = backends.cuda;
+  const p = { numTokens: 4, numExperts: 4, topk: 2, hidden: 8, dtype: 'float32' };
+  const r = randomRouting(p, rng(7), 0);
+  const m = backends.cpu.indicesToMultihot(r.indices, r.weights, p.numExperts);
+  const tokens = cudaB.upload(r.tokens);
+  const map = cudaB.upload(m.routingMap);
+  const probs = cudaB.upload(m.probs);
+  const logits = cudaB.upload(lib.tensor('float32', [4, 4], Float32Array.from([0.1, 0.4, -1, 2, 0.3, 0.2, 0.1, 0, 1, 2, 3, 4, -4, -3, -2, -1])));
+  const perm = cudaB.permute(tokens, map, { probs });
+  const iters = 5000;
+  const disposeOut = (o) => {
+    if (lib.isDeviceTensor(o)) o.dispose();
+    else for (const v of Object.values(o)) if (lib.isDeviceTensor(v)) v.dispose();
+  };
+  const cases = {
+    'synchronize (round trip floor)': () => cudaB.synchronize(),
+    'unpermute+probs (plan carried, async)': () => disposeOut(cudaB.unpermute(perm.permutedTokens, perm.sortedIndices, [4, 8], { probs: perm.permutedProbs })),
+    'unpermute+probs + synchronize': () => {
+      disposeOut(cudaB.unpermute(perm.permutedTokens, perm.sortedIndices, [4, 8], { probs: perm.permutedProbs }));
+      cudaB.synchronize();
+    },
+    'permute+probs dropAndPad (plan on GPU, async)': () => disposeOut(cudaB.permute(tokens, map, { probs, dropAndPad: true, numOutTokens: 8 })),
+    'permute+probs (plan on GPU, 1 sync)': () => disposeOut(cudaB.permute(tokens, map, { probs })),
+    'route sigmoid k=2 (1 sync)': () => disposeOut(cudaB.route(logits, { topk: 2, scoreFunction: 'sigmoid' })),
+    'topk k=2 (1 sync)': () => disposeOut(cudaB.topk(logits, 2)),
+  };
+  for (const [name, f] of Object.entries(cases)) deviceRows.push({ op: name, ...time(iters, f) });
+  cudaB.synchronize();
+}
+const out = { device: info.device, node: process.version, rows, deviceRows };
 const i = process.argv.indexOf('--out');
 if (i > 0) writeFileSync(process.argv[i + 1], JSON.stringify(out, null, 1));
+for (const r of deviceRows) console.log(`tiny  device ${r.op.padEnd(48)} ${r.medianUs.toFixed(1).padStart(8)} us (min ${r.minUs.toFixed(1)})`);
 for (const r of rows) console.log(`${r.shape.padEnd(5)} ${r.backend.padEnd(5)} permute ${r.permute.medianUs.toFixed(1).padStart(9)} us  unpermute ${r.unpermute.medianUs.toFixed(1).padStart(9)} us  (${r.dims})`);

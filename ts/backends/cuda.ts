@@ -5,18 +5,26 @@
  * It is the native binding with the ops listed in `CUDA_GPU_OPS` replaced by their GPU
  * versions; every other op of this backend runs on the CPU core through the same addon (same
  * results: the CPU core is the reference the kernels are checked against), and `backendInfo()`
- * says which ops run where. Tensors are host tensors: each GPU op uploads its inputs, runs one
- * kernel and downloads the outputs.
+ * says which ops run where. The GPU ops take host tensors (uploaded, then the results are
+ * downloaded) or device tensors (`upload()`; results stay on the GPU): see `cudaBackend`.
  *
  * Available only where the addon's `cudaInfo()` opens a GPU and loads the kernels; otherwise
  * the reason it gives ("libcuda.so.1 not found ...", "the NVIDIA driver sees no CUDA device",
  * an NVRTC error). `MOE_DISPATCH_CUDA=0` turns the backend off.
  */
-import type { BackendInfo, Binding } from '../backend.js';
+import type { Backend, BackendInfo, Binding, PermuteBackwardOptions, PermuteOptions, UnpermuteOptions } from '../backend.js';
+import { isDeviceTensor, nativeHandle, rethrowNative, wrapDevice, type DeviceTensor, type NativeCudaTensor } from '../device.js';
+import type { RouteOptions } from '../ops/routing.js';
+import type { DType, IndexDType, Tensor, TokenDType } from '../tensor.js';
+import { checkBool, checkNumber, checkOptions, TOKENS, wire } from '../wire.js';
 import { loadNative, type Loaded } from './native.js';
 
-/** Ops the cuda backend runs on the GPU. The others run on the CPU core (the native addon). */
-export const CUDA_GPU_OPS = ['permute', 'unpermute'] as const;
+/**
+ * Ops the cuda backend runs on the GPU. The others run on the CPU core (the native addon).
+ * permuteBackward and unpermuteBackward run on the GPU for device tensors (their probs
+ * gradients, and host tensors, on the CPU core).
+ */
+export const CUDA_GPU_OPS = ['permute', 'unpermute', 'route', 'topk', 'permuteBackward', 'unpermuteBackward'] as const;
 
 /** What the addon's `cudaInfo()` returns (napi-rs gives `null` for absent fields). */
 export interface CudaInfo {
@@ -34,10 +42,58 @@ export interface CudaExports {
   cudaInfo(): CudaInfo;
   cudaPermute: Binding['permute'];
   cudaUnpermute: Binding['unpermute'];
+  cudaRoute: Binding['route'];
+  cudaTopk: Binding['topk'];
+  cudaUpload(tensor: ReturnType<typeof wire>): NativeCudaTensor;
+  cudaSynchronize(): void;
+  cudaPermuteDevice(
+    tokens: NativeCudaTensor,
+    routingMap: NativeCudaTensor,
+    probs: NativeCudaTensor | undefined,
+    numOutTokens: number | undefined,
+    dropAndPad: boolean | undefined,
+  ): { permutedTokens: NativeCudaTensor; permutedProbs?: NativeCudaTensor | null; sortedIndices: NativeCudaTensor; tokensPerExpert: NativeCudaTensor };
+  cudaUnpermuteDevice(
+    permuted: NativeCudaTensor,
+    sortedIndices: NativeCudaTensor,
+    restoreShape: number[],
+    probs: NativeCudaTensor | undefined,
+    routingMap: NativeCudaTensor | undefined,
+    dropAndPad: boolean | undefined,
+  ): NativeCudaTensor;
+  cudaRouteDevice(
+    logits: NativeCudaTensor,
+    topk: number,
+    scoreFunction: string | undefined,
+    softmaxBeforeTopk: boolean | undefined,
+    expertBias: NativeCudaTensor | undefined,
+    numGroups: number | undefined,
+    topkGroups: number | undefined,
+    normTopkProb: boolean | undefined,
+    routeScale: number | undefined,
+    tokenMask: NativeCudaTensor | undefined,
+  ): { weights: NativeCudaTensor; indices: NativeCudaTensor; scores: NativeCudaTensor; tokensPerExpert: NativeCudaTensor };
+  cudaTopkDevice(values: NativeCudaTensor, k: number): { values: NativeCudaTensor; indices: NativeCudaTensor };
+  cudaPermuteBackwardDevice(
+    gradPermuted: NativeCudaTensor,
+    sortedIndices: NativeCudaTensor,
+    numTokens: number,
+    gradPermutedProbs: NativeCudaTensor | undefined,
+    routingMap: NativeCudaTensor | undefined,
+    dropAndPad: boolean | undefined,
+  ): { gradTokens: NativeCudaTensor; gradProbs?: NativeCudaTensor | null };
+  cudaUnpermuteBackwardDevice(
+    gradOutput: NativeCudaTensor,
+    permuted: NativeCudaTensor,
+    sortedIndices: NativeCudaTensor,
+    probs: NativeCudaTensor | undefined,
+    routingMap: NativeCudaTensor | undefined,
+    dropAndPad: boolean | undefined,
+  ): { gradPermuted: NativeCudaTensor; gradProbs?: NativeCudaTensor | null };
 }
 
 /** A loaded backend plus what `backendInfo()` adds for it. */
-export type CudaLoaded = Loaded & { info?: Partial<BackendInfo> };
+export type CudaLoaded = Loaded & { info?: Partial<BackendInfo>; extend?: (backend: Backend) => Backend };
 
 let cached: CudaLoaded | undefined;
 
@@ -48,7 +104,7 @@ export function loadCuda(): CudaLoaded {
   const native = loadNative();
   if (!native.binding) return (cached = { reason: `the CUDA backend is part of the native addon, which does not load: ${native.reason}` });
   const addon = native.binding as Binding & Partial<CudaExports>;
-  if (typeof addon.cudaInfo !== 'function' || typeof addon.cudaPermute !== 'function' || typeof addon.cudaUnpermute !== 'function') {
+  if (typeof addon.cudaInfo !== 'function' || typeof addon.cudaPermute !== 'function' || typeof addon.cudaPermuteDevice !== 'function' || typeof addon.cudaRoute !== 'function') {
     return (cached = { reason: 'the native addon was built without the CUDA backend (rebuild it: npm run build:native)' });
   }
   let info: CudaInfo;
@@ -58,9 +114,273 @@ export function loadCuda(): CudaLoaded {
     return (cached = { reason: `cudaInfo() failed: ${(e as Error).message}` });
   }
   if (!info.available) return (cached = { reason: info.reason || 'cudaInfo() reports CUDA unavailable and gives no reason' });
-  const binding: Binding = { ...addon, permute: addon.cudaPermute, unpermute: addon.cudaUnpermute };
+  const gpu = addon as Binding & CudaExports;
+  const binding: Binding = { ...addon, permute: gpu.cudaPermute, unpermute: gpu.cudaUnpermute, route: gpu.cudaRoute, topk: gpu.cudaTopk };
   const device = [info.device, info.computeCapability && `compute capability ${info.computeCapability}`, info.driverVersion && `driver CUDA ${info.driverVersion}`]
     .filter(Boolean)
     .join(', ');
-  return (cached = { binding, info: { device, gpuOps: [...CUDA_GPU_OPS], kernels: info.kernels ?? undefined } });
+  const extend = (backend: Backend) => cudaBackend(backend, gpu) as unknown as Backend;
+  return (cached = { binding, extend, info: { device, gpuOps: [...CUDA_GPU_OPS], kernels: info.kernels ?? undefined } });
+}
+
+// ---------------------------------------------------------------------------------------
+// Device tensors
+
+/** A host or a device tensor of dtype D. */
+export type AnyTensor<D extends DType = DType> = Tensor<D> | DeviceTensor<D>;
+
+/** permute's options with device tensors allowed. */
+export interface DevicePermuteOptions extends Omit<PermuteOptions, 'probs'> {
+  probs?: AnyTensor<'float32'>;
+}
+
+/** permute's result on the GPU. `sortedIndices` carries the plan that unpermute reuses. */
+export interface DevicePermuteResult<D extends TokenDType = TokenDType> {
+  permutedTokens: DeviceTensor<D>;
+  permutedProbs?: DeviceTensor<'float32'>;
+  sortedIndices: DeviceTensor<'int32'>;
+  tokensPerExpert: DeviceTensor<'int32'>;
+}
+
+/** unpermute's options with device tensors allowed. */
+export interface DeviceUnpermuteOptions extends Omit<UnpermuteOptions, 'probs' | 'routingMap'> {
+  probs?: AnyTensor<'float32'>;
+  routingMap?: AnyTensor<'bool'>;
+}
+
+/** route's options with device tensors allowed. */
+export interface DeviceRouteOptions extends Omit<RouteOptions, 'expertBias' | 'tokenMask'> {
+  expertBias?: AnyTensor<'float32'>;
+  tokenMask?: AnyTensor<'bool'>;
+}
+
+export interface DeviceRouteResult {
+  weights: DeviceTensor<'float32'>;
+  indices: DeviceTensor<'int32'>;
+  scores: DeviceTensor<'float32'>;
+  tokensPerExpert: DeviceTensor<'int32'>;
+}
+
+/**
+ * The cuda backend: a Backend whose GPU ops (`CUDA_GPU_OPS`) also take device tensors. With
+ * host tensors only, an op uploads them and downloads its results (host in, host out); with at
+ * least one device tensor among its tensor arguments, the host ones are uploaded (and freed
+ * after the call) and every result is a device tensor.
+ */
+/** permuteBackward's options with device tensors allowed. */
+export interface DevicePermuteBackwardOptions extends Omit<PermuteBackwardOptions, 'gradPermutedProbs' | 'routingMap'> {
+  gradPermutedProbs?: AnyTensor<'float32'>;
+  routingMap?: AnyTensor<'bool'>;
+}
+
+export interface CudaBackend extends Omit<Backend, 'name' | 'permute' | 'unpermute' | 'route' | 'topk' | 'permuteBackward' | 'unpermuteBackward'> {
+  readonly name: 'cuda';
+  /** Copies a host tensor to the GPU (int64 is not kept on the GPU: use int32). */
+  upload<D extends DType>(tensor: Tensor<D>): DeviceTensor<D>;
+  /** Waits until every queued kernel has finished. */
+  synchronize(): void;
+  permute<D extends TokenDType>(tokens: Tensor<D>, routingMap: Tensor<'bool'>, options?: PermuteOptions): ReturnType<Backend['permute']> & { permutedTokens: Tensor<D> };
+  permute<D extends TokenDType>(tokens: AnyTensor<D>, routingMap: AnyTensor<'bool'>, options?: DevicePermuteOptions): DevicePermuteResult<D>;
+  unpermute<D extends TokenDType>(permutedTokens: Tensor<D>, sortedIndices: Tensor<IndexDType>, restoreShape: readonly [number, number], options?: UnpermuteOptions): Tensor<D>;
+  unpermute<D extends TokenDType>(permutedTokens: AnyTensor<D>, sortedIndices: AnyTensor<'int32'>, restoreShape: readonly [number, number], options?: DeviceUnpermuteOptions): DeviceTensor<D>;
+  route(logits: Tensor<'float32'>, options: RouteOptions): ReturnType<Backend['route']>;
+  route(logits: AnyTensor<'float32'>, options: DeviceRouteOptions): DeviceRouteResult;
+  topk(values: Tensor<'float32'>, k: number): ReturnType<Backend['topk']>;
+  topk(values: AnyTensor<'float32'>, k: number): { values: DeviceTensor<'float32'>; indices: DeviceTensor<'int32'> };
+  permuteBackward<D extends TokenDType>(gradPermuted: Tensor<D>, sortedIndices: Tensor<IndexDType>, numTokens: number, options?: PermuteBackwardOptions): ReturnType<Backend['permuteBackward']> & { gradTokens: Tensor<D> };
+  permuteBackward<D extends TokenDType>(
+    gradPermuted: AnyTensor<D>,
+    sortedIndices: AnyTensor<'int32'>,
+    numTokens: number,
+    options?: DevicePermuteBackwardOptions,
+  ): { gradTokens: DeviceTensor<D>; gradProbs?: DeviceTensor<'float32'> };
+  unpermuteBackward<D extends TokenDType>(gradOutput: Tensor<D>, permutedTokens: Tensor<D>, sortedIndices: Tensor<IndexDType>, options?: UnpermuteOptions): ReturnType<Backend['unpermuteBackward']> & { gradPermuted: Tensor<D> };
+  unpermuteBackward<D extends TokenDType>(
+    gradOutput: AnyTensor<D>,
+    permutedTokens: AnyTensor<D>,
+    sortedIndices: AnyTensor<'int32'>,
+    options?: DeviceUnpermuteOptions,
+  ): { gradPermuted: DeviceTensor<D>; gradProbs?: DeviceTensor<'float32'> };
+}
+
+
+/** Device handles for one call: device tensors as they are, host tensors uploaded (and freed after the call). */
+class Handles {
+  private temps: NativeCudaTensor[] = [];
+  constructor(private readonly addon: CudaExports) {}
+
+  of(value: unknown, arg: string, dtypes: readonly DType[]): NativeCudaTensor {
+    if (isDeviceTensor(value)) {
+      if (!dtypes.includes(value.dtype)) throw new TypeError(`${arg}.dtype: expected ${dtypes.join(' or ')}, got ${value.dtype}`);
+      return nativeHandle(value);
+    }
+    const h = this.addon.cudaUpload(wire(value, arg, dtypes));
+    this.temps.push(h);
+    return h;
+  }
+
+  opt(value: unknown, arg: string, dtypes: readonly DType[]): NativeCudaTensor | undefined {
+    return value === undefined || value === null ? undefined : this.of(value, arg, dtypes);
+  }
+
+  dispose(): void {
+    for (const h of this.temps) h.dispose();
+    this.temps = [];
+  }
+}
+
+function anyDevice(...values: unknown[]): boolean {
+  return values.some(isDeviceTensor);
+}
+
+function optionValue(options: unknown, key: string): unknown {
+  return typeof options === 'object' && options !== null ? (options as Record<string, unknown>)[key] : undefined;
+}
+
+/** Wraps the cuda backend's host-tensor ops (`base`) with the device-tensor paths of `addon`. */
+export function cudaBackend(base: Backend, addon: CudaExports): CudaBackend {
+  function call<T>(op: string, f: (h: Handles) => T): T {
+    const h = new Handles(addon);
+    try {
+      return f(h);
+    } catch (e) {
+      rethrowNative(op, e);
+    } finally {
+      h.dispose();
+    }
+  }
+  const backend = {
+    ...base,
+    name: 'cuda' as const,
+    upload<D extends DType>(tensor: Tensor<D>): DeviceTensor<D> {
+      try {
+        return wrapDevice<D>(addon.cudaUpload(wire(tensor, 'tensor')));
+      } catch (e) {
+        rethrowNative('upload', e);
+      }
+    },
+    synchronize(): void {
+      try {
+        addon.cudaSynchronize();
+      } catch (e) {
+        rethrowNative('synchronize', e);
+      }
+    },
+    permute(tokens: unknown, routingMap: unknown, options?: unknown) {
+      if (!anyDevice(tokens, routingMap, optionValue(options, 'probs'))) return base.permute(tokens as Tensor<TokenDType>, routingMap as Tensor<'bool'>, options as PermuteOptions);
+      return call('permute', (h) => {
+        const o = checkOptions<DevicePermuteOptions>(options, 'permute', ['probs', 'numOutTokens', 'dropAndPad']);
+        const out = addon.cudaPermuteDevice(
+          h.of(tokens, 'tokens', TOKENS),
+          h.of(routingMap, 'routingMap', ['bool']),
+          h.opt(o.probs, 'probs', ['float32']),
+          checkNumber(o.numOutTokens, 'numOutTokens'),
+          checkBool(o.dropAndPad, 'dropAndPad'),
+        );
+        const result: DevicePermuteResult = {
+          permutedTokens: wrapDevice(out.permutedTokens),
+          sortedIndices: wrapDevice(out.sortedIndices),
+          tokensPerExpert: wrapDevice(out.tokensPerExpert),
+        };
+        if (out.permutedProbs) result.permutedProbs = wrapDevice(out.permutedProbs);
+        return result;
+      });
+    },
+    unpermute(permutedTokens: unknown, sortedIndices: unknown, restoreShape: readonly [number, number], options?: unknown) {
+      if (!anyDevice(permutedTokens, sortedIndices, optionValue(options, 'probs'), optionValue(options, 'routingMap'))) {
+        return base.unpermute(permutedTokens as Tensor<TokenDType>, sortedIndices as Tensor<IndexDType>, restoreShape, options as UnpermuteOptions);
+      }
+      return call('unpermute', (h) => {
+        const o = checkOptions<DeviceUnpermuteOptions>(options, 'unpermute', ['probs', 'routingMap', 'dropAndPad']);
+        if (!Array.isArray(restoreShape) || restoreShape.some((d) => typeof d !== 'number')) {
+          throw new TypeError(`restoreShape: expected [numTokens, hidden], got ${JSON.stringify(restoreShape)}`);
+        }
+        return wrapDevice(
+          addon.cudaUnpermuteDevice(
+            h.of(permutedTokens, 'permutedTokens', TOKENS),
+            h.of(sortedIndices, 'sortedIndices', ['int32']),
+            [...restoreShape],
+            h.opt(o.probs, 'probs', ['float32']),
+            h.opt(o.routingMap, 'routingMap', ['bool']),
+            checkBool(o.dropAndPad, 'dropAndPad'),
+          ),
+        );
+      });
+    },
+    route(logits: unknown, options: unknown) {
+      if (!anyDevice(logits, optionValue(options, 'expertBias'), optionValue(options, 'tokenMask'))) return base.route(logits as Tensor<'float32'>, options as RouteOptions);
+      return call('route', (h) => {
+        const o = checkOptions<DeviceRouteOptions>(options, 'route', ['topk', 'scoreFunction', 'softmaxBeforeTopk', 'expertBias', 'numGroups', 'topkGroups', 'normTopkProb', 'routeScale', 'tokenMask']);
+        if (o.scoreFunction !== undefined && typeof o.scoreFunction !== 'string') {
+          throw new TypeError(`options.scoreFunction: expected a string, got ${typeof o.scoreFunction}`);
+        }
+        const topk = checkNumber(o.topk, 'options.topk');
+        if (topk === undefined) throw new TypeError('options.topk: expected a number (required), got undefined');
+        const out = addon.cudaRouteDevice(
+          h.of(logits, 'logits', ['float32']),
+          topk,
+          o.scoreFunction,
+          checkBool(o.softmaxBeforeTopk, 'options.softmaxBeforeTopk'),
+          h.opt(o.expertBias, 'expertBias', ['float32']),
+          checkNumber(o.numGroups, 'options.numGroups'),
+          checkNumber(o.topkGroups, 'options.topkGroups'),
+          checkBool(o.normTopkProb, 'options.normTopkProb'),
+          checkNumber(o.routeScale, 'options.routeScale'),
+          h.opt(o.tokenMask, 'tokenMask', ['bool']),
+        );
+        return { weights: wrapDevice(out.weights), indices: wrapDevice(out.indices), scores: wrapDevice(out.scores), tokensPerExpert: wrapDevice(out.tokensPerExpert) };
+      });
+    },
+    permuteBackward(gradPermuted: unknown, sortedIndices: unknown, numTokens: number, options?: unknown) {
+      if (!anyDevice(gradPermuted, sortedIndices, optionValue(options, 'gradPermutedProbs'), optionValue(options, 'routingMap'))) {
+        return base.permuteBackward(gradPermuted as Tensor<TokenDType>, sortedIndices as Tensor<IndexDType>, numTokens, options as PermuteBackwardOptions);
+      }
+      return call('permuteBackward', (h) => {
+        const o = checkOptions<DevicePermuteBackwardOptions>(options, 'permuteBackward', ['gradPermutedProbs', 'routingMap', 'dropAndPad']);
+        const out = addon.cudaPermuteBackwardDevice(
+          h.of(gradPermuted, 'gradPermuted', TOKENS),
+          h.of(sortedIndices, 'sortedIndices', ['int32']),
+          checkNumber(numTokens, 'numTokens') ?? NaN,
+          h.opt(o.gradPermutedProbs, 'gradPermutedProbs', ['float32']),
+          h.opt(o.routingMap, 'routingMap', ['bool']),
+          checkBool(o.dropAndPad, 'dropAndPad'),
+        );
+        const result: { gradTokens: DeviceTensor; gradProbs?: DeviceTensor } = { gradTokens: wrapDevice(out.gradTokens) };
+        if (out.gradProbs) result.gradProbs = wrapDevice(out.gradProbs);
+        return result;
+      });
+    },
+    unpermuteBackward(gradOutput: unknown, permutedTokens: unknown, sortedIndices: unknown, options?: unknown) {
+      if (!anyDevice(gradOutput, permutedTokens, sortedIndices, optionValue(options, 'probs'), optionValue(options, 'routingMap'))) {
+        return base.unpermuteBackward(gradOutput as Tensor<TokenDType>, permutedTokens as Tensor<TokenDType>, sortedIndices as Tensor<IndexDType>, options as UnpermuteOptions);
+      }
+      return call('unpermuteBackward', (h) => {
+        const o = checkOptions<DeviceUnpermuteOptions>(options, 'unpermuteBackward', ['probs', 'routingMap', 'dropAndPad']);
+        const out = addon.cudaUnpermuteBackwardDevice(
+          h.of(gradOutput, 'gradOutput', TOKENS),
+          h.of(permutedTokens, 'permutedTokens', TOKENS),
+          h.of(sortedIndices, 'sortedIndices', ['int32']),
+          h.opt(o.probs, 'probs', ['float32']),
+          h.opt(o.routingMap, 'routingMap', ['bool']),
+          checkBool(o.dropAndPad, 'dropAndPad'),
+        );
+        const result: { gradPermuted: DeviceTensor; gradProbs?: DeviceTensor } = { gradPermuted: wrapDevice(out.gradPermuted) };
+        if (out.gradProbs) result.gradProbs = wrapDevice(out.gradProbs);
+        return result;
+      });
+    },
+    topk(values: unknown, k: number) {
+      if (!anyDevice(values)) return base.topk(values as Tensor<'float32'>, k);
+      return call('topk', (h) => {
+        const out = addon.cudaTopkDevice(h.of(values, 'values', ['float32']), checkNumber(k, 'k') ?? NaN);
+        return { values: wrapDevice(out.values), indices: wrapDevice(out.indices) };
+      });
+    },
+  };
+  return backend as unknown as CudaBackend;
+}
+
+/** Whether a backend is the cuda backend (and so takes device tensors). */
+export function isCudaBackend(backend: Backend | CudaBackend): backend is CudaBackend {
+  return backend.name === 'cuda' && typeof (backend as Partial<CudaBackend>).upload === 'function';
 }

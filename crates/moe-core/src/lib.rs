@@ -18,6 +18,8 @@ pub mod grouped;
 pub mod sharding;
 pub mod routing;
 pub mod aux_loss;
+pub mod experts;
+pub mod checkpoint;
 mod alloc;
 mod detmath;
 mod par;

@@ -32,3 +32,20 @@ where
         f(&mut scratch, i, row);
     }
 }
+
+/// Runs `f` on every task (each owns its outputs), on all cores when the `parallel` feature
+/// is on and `work` (multiply-adds, roughly) is large enough, in order otherwise. The first
+/// error wins; results never depend on which thread ran a task.
+pub(crate) fn run_tasks<T, F>(tasks: Vec<T>, work: usize, f: F) -> crate::error::Result<()>
+where
+    T: Send,
+    F: Fn(T) -> crate::error::Result<()> + Sync + Send,
+{
+    #[cfg(feature = "parallel")]
+    if tasks.len() > 1 && work >= PARALLEL_MIN_BYTES && rayon::current_num_threads() > 1 {
+        use rayon::prelude::*;
+        return tasks.into_par_iter().with_max_len(1).map(f).collect();
+    }
+    let _ = work;
+    tasks.into_iter().try_for_each(f)
+}

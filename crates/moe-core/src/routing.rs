@@ -196,6 +196,22 @@ fn check_options(options: &RouteOptions, num_experts: usize, has_bias: bool) -> 
     Ok(Plan { num_experts, topk: k, groups: g, topk_groups: kg, top2_group_score: top2 })
 }
 
+/// What a backend that routes elsewhere (the CUDA crate) needs once the core has checked
+/// `route`'s options for `num_experts` experts (`has_bias`: an expertBias is given): the group
+/// count, the groups each token keeps, and whether a group scores by its two best experts.
+/// The errors are `route`'s own.
+pub fn route_config(options: &RouteOptions, num_experts: usize, has_bias: bool) -> Result<(usize, usize, bool)> {
+    if has_bias && options.score_function == ScoreFunction::Softmax {
+        return Err(Error::type_error(
+            "expertBias",
+            "no expertBias with scoreFunction 'softmax' (it selects on logits or softmax only; use 'softmax_with_bias')",
+            "a tensor",
+        ));
+    }
+    let plan = check_options(options, num_experts, has_bias)?;
+    Ok((plan.groups, plan.topk_groups, plan.top2_group_score))
+}
+
 /// The index of the first non-finite value, if any.
 fn first_non_finite(values: &[f32]) -> Option<usize> {
     values.iter().position(|v| !v.is_finite())

@@ -25,6 +25,12 @@ pub struct KernelSource {
 }
 
 pub const PERMUTE: KernelSource = KernelSource { file: "permute.cu", source: include_str!("../../../kernels/permute.cu") };
+/// The dispatch plan (routing map -> sortedIndices, token CSR) on the GPU.
+pub const PLAN: KernelSource = KernelSource { file: "plan.cu", source: include_str!("../../../kernels/plan.cu") };
+/// route and topk.
+pub const ROUTING: KernelSource = KernelSource { file: "routing.cu", source: include_str!("../../../kernels/routing.cu") };
+/// Every kernel file, in load order.
+pub const ALL: &[KernelSource] = &[PERMUTE, PLAN, ROUTING];
 
 /// NVRTC options for `arch` (e.g. "sm_90"). `--fmad=false`: no multiply-add contraction
 /// anywhere, so f32 arithmetic rounds as the CPU core's does.

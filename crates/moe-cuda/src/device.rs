@@ -43,7 +43,7 @@ pub struct DeviceInfo {
 }
 
 /// The kernel files every device loads at open.
-const SOURCES: &[KernelSource] = &[compile::PERMUTE];
+const SOURCES: &[KernelSource] = compile::ALL;
 
 /// Checks that the driver library can be opened, without opening anything else.
 pub fn driver_present() -> Result<()> {
@@ -209,6 +209,35 @@ impl Device {
         self.stream.synchronize().map_err(|e| Error::driver(format!("running the kernels for {what}"), e))
     }
 
+    /// Fills `words` 32-bit words of `buf` with `value` (queued on the stream).
+    pub fn memset_u32(&self, what: &str, buf: &Buffer, value: u32, words: usize) -> Result<()> {
+        if words * 4 > buf.bytes {
+            return Err(Error::Cuda(format!("memset of {words} words exceeds {what} (a bug in moe-dispatch)")));
+        }
+        if words == 0 {
+            return Ok(());
+        }
+        let r = unsafe { sys::cuMemsetD32Async(buf.ptr(&self.stream), value, words, self.stream.cu_stream()) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(Error::driver(format!("clearing {what}"), drv::DriverError(r)));
+        }
+        Ok(())
+    }
+
+    /// Reads the first `N` elements of a buffer (waits for the stream: a synchronisation).
+    pub fn read_head<T: bytemuck::Pod + Default + Copy, const N: usize>(&self, what: &str, buf: &Buffer, first: usize) -> Result<[T; N]> {
+        let mut out = [T::default(); N];
+        let size = std::mem::size_of::<T>();
+        if (first + N) * size > buf.bytes {
+            return Err(Error::Cuda(format!("reading {what}: past the end (a bug in moe-dispatch)")));
+        }
+        let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
+        unsafe { drv::memcpy_dtoh_async(dst, buf.ptr(&self.stream) + (first * size) as u64, self.stream.cu_stream()) }
+            .map_err(|e| Error::driver(format!("reading {what}"), e))?;
+        self.synchronize(what)?;
+        Ok(out)
+    }
+
     /// Device-to-device copy of `bytes` bytes (for the benchmark's baseline).
     pub fn copy(&self, dst: &Buffer, src: &Buffer, bytes: usize) -> Result<()> {
         if bytes > dst.bytes || bytes > src.bytes {
@@ -220,6 +249,14 @@ impl Device {
 
     /// Launches kernel `name` with raw 8-byte or 4-byte arguments.
     pub(crate) fn launch(&self, name: &str, grid: (u32, u32), block: u32, args: &[Arg]) -> Result<()> {
+        self.launch_shared(name, grid, block, 0, args)
+    }
+
+    /// Launches kernel `name` with `shared` bytes of dynamic shared memory (at most 48 kB).
+    pub(crate) fn launch_shared(&self, name: &str, grid: (u32, u32), block: u32, shared: u32, args: &[Arg]) -> Result<()> {
+        if grid.0 == 0 || grid.1 == 0 {
+            return Ok(());
+        }
         let f = self.function(name)?;
         let mut builder = self.stream.launch_builder(f);
         for a in args {
@@ -227,9 +264,10 @@ impl Device {
                 Arg::U64(v) => builder.arg(v),
                 Arg::I64(v) => builder.arg(v),
                 Arg::I32(v) => builder.arg(v),
+                Arg::F64(v) => builder.arg(v),
             };
         }
-        let cfg = LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes: shared };
         unsafe { builder.launch(cfg) }.map_err(|e| Error::driver(format!("launching {name} on grid {grid:?} x {block}"), e))?;
         Ok(())
     }
@@ -241,6 +279,7 @@ pub(crate) enum Arg {
     U64(u64),
     I64(i64),
     I32(i32),
+    F64(f64),
 }
 
 /// Untyped device memory of a known byte size.
@@ -347,6 +386,19 @@ pub fn kernel_names(source: &str) -> Vec<String> {
     let mut names = Vec::new();
     for line in source.lines() {
         let line = line.trim();
+        // plain declarations: extern "C" __global__ void [__launch_bounds__(..)] NAME(
+        if let Some(rest) = line.strip_prefix("extern \"C\" __global__ void ") {
+            let rest = rest.trim_start();
+            let rest = match rest.strip_prefix("__launch_bounds__(") {
+                Some(r) => r.split_once(')').map_or("", |(_, after)| after.trim_start()),
+                None => rest,
+            };
+            let name: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            if !name.is_empty() && rest[name.len()..].starts_with('(') {
+                names.push(name);
+            }
+            continue;
+        }
         if let Some(rest) = line.strip_prefix("PERMUTE_KERNELS(") {
             let bytes = rest.trim_end_matches(')');
             names.push(format!("permute_scatter_w{bytes}"));
@@ -390,6 +442,17 @@ mod tests {
             Ok(_) => panic!("opened a device without a driver"),
         }
         assert!(crate::availability().unwrap_err().contains("libcuda.so.1"));
+    }
+
+    #[test]
+    fn kernel_names_of_plain_declarations() {
+        let plan = kernel_names(compile::PLAN.source);
+        for n in ["plan_chunk_count", "plan_expert_scan", "plan_fill", "scan_exclusive", "plan_row_fill", "gather_slot_probs"] {
+            assert!(plan.contains(&n.to_string()), "{plan:?}");
+        }
+        let routing = kernel_names(compile::ROUTING.source);
+        assert_eq!(routing, vec!["route_kernel".to_string(), "topk_kernel".to_string()]);
+        assert!(!kernel_names(compile::PERMUTE.source).iter().any(|n| n.contains('#')));
     }
 
     #[test]

@@ -8,11 +8,14 @@
 
 pub mod compile;
 pub mod device;
+pub mod device_ops;
 pub mod error;
 pub mod ops;
+pub mod tensor;
 
 pub use device::{Buffer, Device, DeviceInfo};
 pub use error::{Error, Result};
+pub use tensor::DeviceTensor;
 
 /// Whether CUDA runs here (the process-wide device opens), and if not, why.
 pub fn availability() -> std::result::Result<DeviceInfo, String> {

@@ -78,12 +78,12 @@ impl DevicePlan {
 }
 
 /// Words that `permute_*` kernels move per thread (PERMUTE_UNROLL in kernels/permute.cu).
-const PERMUTE_UNROLL: usize = 4;
+pub(crate) const PERMUTE_UNROLL: usize = 4;
 const MAX_THREADS: usize = 256;
 
 /// Threads per block and column blocks for `items` work items per row, at most 256 threads
 /// a block, a multiple of 32, and blocks as even as possible.
-fn row_launch(items: usize) -> Result<(u32, u32)> {
+pub(crate) fn row_launch(items: usize) -> Result<(u32, u32)> {
     let col_blocks = items.div_ceil(MAX_THREADS).max(1);
     let threads = items.div_ceil(col_blocks).div_ceil(32).max(1) * 32;
     if col_blocks > 65_535 {

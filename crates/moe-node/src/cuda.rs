@@ -105,3 +105,282 @@ pub fn cuda_unpermute(
         Ok(to_wire(out))
     })
 }
+
+// ---------------------------------------------------------------------------------------
+// Device tensors
+
+use moe_core::routing::RouteOptions;
+use moe_cuda::device_ops::{self, DevicePermuted};
+use moe_cuda::DeviceTensor;
+
+use crate::routing::{RouteOut, TopKValuesOut};
+
+/// A tensor in GPU memory (the facade wraps it as `DeviceTensor`). Its memory is freed by
+/// `dispose()`, or when the object is garbage-collected; after `dispose()` every use is an
+/// error that says so.
+#[napi]
+pub struct CudaTensor {
+    inner: Option<DeviceTensor>,
+    dtype: String,
+    shape: Vec<f64>,
+}
+
+impl CudaTensor {
+    fn wrap(t: DeviceTensor) -> CudaTensor {
+        CudaTensor { dtype: t.dtype.name().to_string(), shape: t.shape.iter().map(|&d| d as f64).collect(), inner: Some(t) }
+    }
+
+    /// The tensor, or an error naming the argument when it was disposed.
+    fn get(&self, arg: &str) -> moe_cuda::Result<&DeviceTensor> {
+        self.inner.as_ref().ok_or_else(|| moe_cuda::Error::Core(moe_core::Error::type_error(arg, "a device tensor that is not disposed", "one whose dispose() was called")))
+    }
+}
+
+fn opt_get<'a>(t: &'a Option<&CudaTensor>, arg: &str) -> moe_cuda::Result<Option<&'a DeviceTensor>> {
+    t.map(|t| t.get(arg)).transpose()
+}
+
+#[napi]
+impl CudaTensor {
+    #[napi(getter)]
+    pub fn dtype(&self) -> String {
+        self.dtype.clone()
+    }
+
+    #[napi(getter)]
+    pub fn shape(&self) -> Vec<f64> {
+        self.shape.clone()
+    }
+
+    #[napi(getter)]
+    pub fn disposed(&self) -> bool {
+        self.inner.is_none()
+    }
+
+    /// Bytes of GPU memory held (0 once disposed).
+    #[napi(getter)]
+    pub fn byte_length(&self) -> f64 {
+        self.inner.as_ref().map_or(0.0, |t| t.bytes() as f64)
+    }
+
+    /// Copies the tensor to the host (waits for the kernels that write it).
+    #[napi]
+    pub fn download(&self) -> napi::Result<WireTensorOut, String> {
+        run(|dev| Ok(to_wire(self.get("tensor")?.download(dev, "the device tensor")?)))
+    }
+
+    /// Frees the GPU memory now (idempotent).
+    #[napi]
+    pub fn dispose(&mut self) {
+        self.inner = None;
+    }
+}
+
+/// Copies a host tensor to the GPU. `name` names it in errors.
+#[napi]
+pub fn cuda_upload(tensor: WireTensor) -> napi::Result<CudaTensor, String> {
+    run(|dev| Ok(CudaTensor::wrap(DeviceTensor::upload(dev, &view("tensor", &tensor)?)?)))
+}
+
+/// Waits for every queued kernel.
+#[napi]
+pub fn cuda_synchronize() -> napi::Result<(), String> {
+    run(|dev| dev.synchronize("cudaSynchronize"))
+}
+
+#[napi(object, object_from_js = false)]
+pub struct DevicePermuteOut {
+    pub permuted_tokens: CudaTensor,
+    pub permuted_probs: Option<CudaTensor>,
+    pub sorted_indices: CudaTensor,
+    pub tokens_per_expert: CudaTensor,
+}
+
+/// `permute` on device tensors (the plan is built on the GPU).
+#[napi]
+pub fn cuda_permute_device(
+    tokens: &CudaTensor,
+    routing_map: &CudaTensor,
+    probs: Option<&CudaTensor>,
+    num_out_tokens: Option<f64>,
+    drop_and_pad: Option<bool>,
+) -> napi::Result<DevicePermuteOut, String> {
+    run(|dev| {
+        let options = PermuteOptions { num_out_tokens: opt_size_arg("numOutTokens", num_out_tokens)?, drop_and_pad: drop_and_pad.unwrap_or(false) };
+        let DevicePermuted { permuted_tokens, permuted_probs, sorted_indices, tokens_per_expert } =
+            device_ops::permute_device(dev, tokens.get("tokens")?, routing_map.get("routingMap")?, opt_get(&probs, "probs")?, options)?;
+        Ok(DevicePermuteOut {
+            permuted_tokens: CudaTensor::wrap(permuted_tokens),
+            permuted_probs: permuted_probs.map(CudaTensor::wrap),
+            sorted_indices: CudaTensor::wrap(sorted_indices),
+            tokens_per_expert: CudaTensor::wrap(tokens_per_expert),
+        })
+    })
+}
+
+/// `unpermute` on device tensors.
+#[napi]
+pub fn cuda_unpermute_device(
+    permuted_tokens: &CudaTensor,
+    sorted_indices: &CudaTensor,
+    restore_shape: Vec<f64>,
+    probs: Option<&CudaTensor>,
+    routing_map: Option<&CudaTensor>,
+    drop_and_pad: Option<bool>,
+) -> napi::Result<CudaTensor, String> {
+    run(|dev| {
+        let restore = moe_core::permute::restore_shape_arg(&restore_shape)?;
+        let out = device_ops::unpermute_device(
+            dev,
+            permuted_tokens.get("permutedTokens")?,
+            sorted_indices.get("sortedIndices")?,
+            restore,
+            opt_get(&probs, "probs")?,
+            opt_get(&routing_map, "routingMap")?,
+            UnpermuteOptions { drop_and_pad: drop_and_pad.unwrap_or(false) },
+        )?;
+        Ok(CudaTensor::wrap(out))
+    })
+}
+
+/// `route` on the GPU for host tensors (same positional arguments as `route`).
+#[napi]
+#[allow(clippy::too_many_arguments)]
+pub fn cuda_route(
+    logits: WireTensor,
+    topk: f64,
+    score_function: Option<String>,
+    softmax_before_topk: Option<bool>,
+    expert_bias: Option<WireTensor>,
+    num_groups: Option<f64>,
+    topk_groups: Option<f64>,
+    norm_topk_prob: Option<bool>,
+    route_scale: Option<f64>,
+    token_mask: Option<WireTensor>,
+) -> napi::Result<RouteOut, String> {
+    run(|dev| {
+        let options = RouteOptions::from_args(topk, score_function.as_deref(), softmax_before_topk, num_groups, topk_groups, norm_topk_prob, route_scale)?;
+        let out = device_ops::route(dev, &view("logits", &logits)?, opt_view("expertBias", &expert_bias)?.as_ref(), opt_view("tokenMask", &token_mask)?.as_ref(), options)?;
+        Ok(RouteOut { weights: to_wire(out.weights), indices: to_wire(out.indices), scores: to_wire(out.scores), tokens_per_expert: to_wire(out.tokens_per_expert) })
+    })
+}
+
+#[napi(object, object_from_js = false)]
+pub struct DeviceRouteOut {
+    pub weights: CudaTensor,
+    pub indices: CudaTensor,
+    pub scores: CudaTensor,
+    pub tokens_per_expert: CudaTensor,
+}
+
+/// `route` on device tensors (one fused kernel).
+#[napi]
+#[allow(clippy::too_many_arguments)]
+pub fn cuda_route_device(
+    logits: &CudaTensor,
+    topk: f64,
+    score_function: Option<String>,
+    softmax_before_topk: Option<bool>,
+    expert_bias: Option<&CudaTensor>,
+    num_groups: Option<f64>,
+    topk_groups: Option<f64>,
+    norm_topk_prob: Option<bool>,
+    route_scale: Option<f64>,
+    token_mask: Option<&CudaTensor>,
+) -> napi::Result<DeviceRouteOut, String> {
+    run(|dev| {
+        let options = RouteOptions::from_args(topk, score_function.as_deref(), softmax_before_topk, num_groups, topk_groups, norm_topk_prob, route_scale)?;
+        let out = device_ops::route_device(dev, logits.get("logits")?, opt_get(&expert_bias, "expertBias")?, opt_get(&token_mask, "tokenMask")?, options)?;
+        Ok(DeviceRouteOut {
+            weights: CudaTensor::wrap(out.weights),
+            indices: CudaTensor::wrap(out.indices),
+            scores: CudaTensor::wrap(out.scores),
+            tokens_per_expert: CudaTensor::wrap(out.tokens_per_expert),
+        })
+    })
+}
+
+/// `topk` on the GPU for host tensors.
+#[napi]
+pub fn cuda_topk(values: WireTensor, k: f64) -> napi::Result<TopKValuesOut, String> {
+    run(|dev| {
+        let out = device_ops::topk(dev, &view("values", &values)?, moe_core::error::size_arg("k", k)?)?;
+        Ok(TopKValuesOut { values: to_wire(out.values), indices: to_wire(out.indices) })
+    })
+}
+
+#[napi(object, object_from_js = false)]
+pub struct DeviceTopKOut {
+    pub values: CudaTensor,
+    pub indices: CudaTensor,
+}
+
+/// `topk` on device tensors.
+#[napi]
+pub fn cuda_topk_device(values: &CudaTensor, k: f64) -> napi::Result<DeviceTopKOut, String> {
+    run(|dev| {
+        let (v, i) = device_ops::topk_device(dev, values.get("values")?, moe_core::error::size_arg("k", k)?)?;
+        Ok(DeviceTopKOut { values: CudaTensor::wrap(v), indices: CudaTensor::wrap(i) })
+    })
+}
+
+#[napi(object, object_from_js = false)]
+pub struct DevicePermuteGradsOut {
+    pub grad_tokens: CudaTensor,
+    pub grad_probs: Option<CudaTensor>,
+}
+
+/// `permuteBackward` on device tensors (gradTokens on the GPU; the probs gradient on the CPU core).
+#[napi]
+pub fn cuda_permute_backward_device(
+    grad_permuted: &CudaTensor,
+    sorted_indices: &CudaTensor,
+    num_tokens: f64,
+    grad_permuted_probs: Option<&CudaTensor>,
+    routing_map: Option<&CudaTensor>,
+    drop_and_pad: Option<bool>,
+) -> napi::Result<DevicePermuteGradsOut, String> {
+    run(|dev| {
+        let num_tokens = moe_core::error::size_arg("numTokens", num_tokens)?;
+        let (g, p) = device_ops::permute_backward_device(
+            dev,
+            grad_permuted.get("gradPermuted")?,
+            sorted_indices.get("sortedIndices")?,
+            num_tokens,
+            opt_get(&grad_permuted_probs, "gradPermutedProbs")?,
+            opt_get(&routing_map, "routingMap")?,
+            UnpermuteOptions { drop_and_pad: drop_and_pad.unwrap_or(false) },
+        )?;
+        Ok(DevicePermuteGradsOut { grad_tokens: CudaTensor::wrap(g), grad_probs: p.map(CudaTensor::wrap) })
+    })
+}
+
+#[napi(object, object_from_js = false)]
+pub struct DeviceUnpermuteGradsOut {
+    pub grad_permuted: CudaTensor,
+    pub grad_probs: Option<CudaTensor>,
+}
+
+/// `unpermuteBackward` on device tensors (without probs on the GPU; with probs on the CPU core).
+#[napi]
+pub fn cuda_unpermute_backward_device(
+    grad_output: &CudaTensor,
+    permuted_tokens: &CudaTensor,
+    sorted_indices: &CudaTensor,
+    probs: Option<&CudaTensor>,
+    routing_map: Option<&CudaTensor>,
+    drop_and_pad: Option<bool>,
+) -> napi::Result<DeviceUnpermuteGradsOut, String> {
+    run(|dev| {
+        let (g, p) = device_ops::unpermute_backward_device(
+            dev,
+            grad_output.get("gradOutput")?,
+            permuted_tokens.get("permutedTokens")?,
+            sorted_indices.get("sortedIndices")?,
+            opt_get(&probs, "probs")?,
+            opt_get(&routing_map, "routingMap")?,
+            UnpermuteOptions { drop_and_pad: drop_and_pad.unwrap_or(false) },
+        )?;
+        Ok(DeviceUnpermuteGradsOut { grad_permuted: CudaTensor::wrap(g), grad_probs: p.map(CudaTensor::wrap) })
+    })
+}

@@ -5,8 +5,10 @@
 //! TypeScript facade rethrows them as such.
 
 mod activations;
+mod checkpoint;
 mod cuda;
 mod dispatch;
+mod experts;
 mod layout;
 mod routing;
 mod wire;

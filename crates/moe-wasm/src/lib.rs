@@ -4,7 +4,9 @@
 //! mirroring the core's modules. Core errors are thrown as real `TypeError` / `RangeError`.
 
 mod activations;
+mod checkpoint;
 mod dispatch;
+mod experts;
 mod layout;
 mod routing;
 mod wire;

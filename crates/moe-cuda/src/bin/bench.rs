@@ -15,7 +15,10 @@
 use std::time::Instant;
 
 use half::bf16;
-use moe_core::permute::{apply_plan, plan, unpermute, PermuteOptions, UnpermuteOptions};
+use moe_core::permute::{apply_plan, plan, plan as plan_fn, unpermute, PermuteOptions, UnpermuteOptions};
+use moe_core::routing::{route, topk, RouteOptions, ScoreFunction};
+use moe_cuda::device_ops::{build_plan, launch_route, permute_device, route_device, route_stride, topk_device, unpermute_device, warps_for};
+use moe_cuda::DeviceTensor;
 use moe_core::tensor::{DType, Data, Float, TensorRef};
 use moe_cuda::ops::{launch_permute, launch_unpermute, DevicePlan, PermuteKernel};
 use moe_cuda::{compile, Device};
@@ -79,17 +82,18 @@ fn info() -> i32 {
 }
 
 fn compile_only(arch: &str) -> i32 {
-    let t0 = Instant::now();
-    match compile::compile_cubin(&compile::PERMUTE, arch) {
-        Ok(cubin) => {
-            println!("kernels/permute.cu -> {} bytes of CUBIN for {arch} in {:.2} s", cubin.len(), t0.elapsed().as_secs_f64());
-            0
-        }
-        Err(e) => {
-            println!("{e}");
-            1
+    let mut rc = 0;
+    for src in compile::ALL {
+        let t0 = Instant::now();
+        match compile::compile_cubin(src, arch) {
+            Ok(cubin) => println!("kernels/{} -> {} bytes of CUBIN for {arch} in {:.2} s", src.file, cubin.len(), t0.elapsed().as_secs_f64()),
+            Err(e) => {
+                println!("kernels/{}: {e}", src.file);
+                rc = 1;
+            }
         }
     }
+    rc
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -123,6 +127,7 @@ fn run(args: &[String]) -> i32 {
     let mut iters = 20usize;
     let mut out: Option<String> = None;
     let mut shapes: Vec<&Shape> = SHAPES.iter().collect();
+    let mut host_rows = true;
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
@@ -134,6 +139,7 @@ fn run(args: &[String]) -> i32 {
                 out = Some(args[i + 1].clone());
                 i += 1;
             }
+            "--skip-host" => host_rows = false,
             "--shapes" => {
                 let names: Vec<&str> = args[i + 1].split(',').collect();
                 shapes = SHAPES.iter().filter(|s| names.contains(&s.name)).collect();
@@ -160,7 +166,7 @@ fn run(args: &[String]) -> i32 {
     let mut checks = Vec::new();
     let mut ok = true;
     for shape in shapes {
-        match bench_shape(dev, shape, iters) {
+        match bench_shape(dev, shape, iters, host_rows) {
             Ok((r, c)) => {
                 ok &= c.iter().all(|(_, pass)| *pass);
                 rows.extend(r);
@@ -170,6 +176,17 @@ fn run(args: &[String]) -> i32 {
                 println!("{}: {e}", shape.name);
                 ok = false;
             }
+        }
+    }
+    match bench_route(dev, iters) {
+        Ok((r, c)) => {
+            ok &= c.iter().all(|(_, pass)| *pass);
+            rows.extend(r);
+            checks.extend(c);
+        }
+        Err(e) => {
+            println!("route: {e}");
+            ok = false;
         }
     }
     println!();
@@ -231,7 +248,7 @@ impl Row {
 
 type Checks = Vec<(String, bool)>;
 
-fn bench_shape(dev: &Device, s: &Shape, iters: usize) -> moe_cuda::Result<(Vec<Row>, Checks)> {
+fn bench_shape(dev: &Device, s: &Shape, iters: usize, host_rows: bool) -> moe_cuda::Result<(Vec<Row>, Checks)> {
     let (t, h, e, k) = (s.tokens, s.hidden, s.experts, s.topk);
     let t0 = Instant::now();
     let mut rng = Rng(0x5eed ^ (t * 31 + h * 7 + e) as u64);
@@ -263,7 +280,6 @@ fn bench_shape(dev: &Device, s: &Shape, iters: usize) -> moe_cuda::Result<(Vec<R
     let d_perm_probs = dev.alloc("permutedProbs", n * 4)?;
     let d_out = dev.alloc("unpermuted", t * h * 2)?;
     let csr = moe_cuda::ops::token_csr(&plan.sorted_indices, t)?;
-    let _ = csr;
 
     // --- correctness at this shape, against the CPU core
     let mut checks: Checks = Vec::new();
@@ -319,8 +335,41 @@ fn bench_shape(dev: &Device, s: &Shape, iters: usize) -> moe_cuda::Result<(Vec<R
     row("permute (no probs)", time_ms(dev, iters, || launch_permute(dev, PermuteKernel::Scatter, &d_tokens, h * 2, &d_plan, None, None, &d_perm, None))?);
     row("unpermute+probs", time_ms(dev, iters, || launch_unpermute(dev, DType::BF16, &d_perm, h, t, &d_plan.row_ptr, &d_plan.slots, Some(&d_slot_probs), &d_out))?);
     row("unpermute (no probs)", time_ms(dev, iters, || launch_unpermute(dev, DType::BF16, &d_perm, h, t, &d_plan.row_ptr, &d_plan.slots, None, &d_out))?);
-    // --- the host-tensor path (what the Node binding does today), wall clock, and its parts
+    // --- device tensors: the plan built on the GPU, permute and unpermute end to end
+    let gp = build_plan(dev, &d_map_of(dev, &map)?, t, e, None)?;
+    let gpu_sorted: Vec<i32> = dev.download_new("sortedIndices", &gp.sorted_indices, n)?;
+    let gpu_tpe: Vec<i32> = dev.download_new("tokensPerExpert", &gp.tokens_per_expert, e)?;
+    let gpu_row_ptr: Vec<i32> = dev.download_new("row_ptr", &gp.plan.row_ptr, t + 1)?;
+    let gpu_slots: Vec<i32> = dev.download_new("slots", &gp.plan.slots, n)?;
+    checks.push((format!("{} GPU plan sortedIndices == CPU", s.name), gpu_sorted == plan.sorted_indices));
+    checks.push((format!("{} GPU plan tokensPerExpert == CPU", s.name), gpu_tpe.iter().zip(&plan.tokens_per_expert).all(|(a, b)| *a as usize == *b)));
+    checks.push((format!("{} GPU plan token CSR == CPU", s.name), gpu_row_ptr == csr.row_ptr && gpu_slots == csr.slots));
+    let cap = n / e;
+    let gp_cap = build_plan(dev, &d_map_of(dev, &map)?, t, e, Some(cap))?;
+    let cpu_cap = plan_fn(&map_ref, t, PermuteOptions { num_out_tokens: Some(cap * e), drop_and_pad: true })?;
+    let gpu_cap_sorted: Vec<i32> = dev.download_new("sortedIndices", &gp_cap.sorted_indices, cap * e)?;
+    checks.push((format!("{} GPU drop-and-pad plan (capacity {cap}) == CPU", s.name), gpu_cap_sorted == cpu_cap.sorted_indices));
+    drop((gp, gp_cap));
+    let dt_tokens = DeviceTensor::upload(dev, &tok_ref)?;
+    let dt_map = DeviceTensor::upload(dev, &map_ref)?;
     let dense_ref = TensorRef::of("probs", vec![t, e], &dense[..])?;
+    let dt_dense = DeviceTensor::upload(dev, &dense_ref)?;
+    let dmap = d_map_of(dev, &map)?;
+    row("plan on the GPU (map -> CSR)", time_ms(dev, iters, || build_plan(dev, &dmap, t, e, None).map(|_| ()))?);
+    let dperm = permute_device(dev, &dt_tokens, &dt_map, Some(&dt_dense), PermuteOptions::default())?;
+    let dperm_host = dperm.permuted_tokens.download(dev, "permutedTokens")?;
+    checks.push((format!("{} device permute (GPU plan) tokens bit-exact vs CPU", s.name), dperm_host == cpu.permuted_tokens));
+    row("device permute+probs (plan+kernel)", time_ms(dev, iters, || permute_device(dev, &dt_tokens, &dt_map, Some(&dt_dense), PermuteOptions::default()).map(|_| ()))?);
+    let dunperm = unpermute_device(dev, &dperm.permuted_tokens, &dperm.sorted_indices, [t, h], dperm.permuted_probs.as_ref(), None, UnpermuteOptions::default())?;
+    let want_unperm = unpermute(&perm_ref, &sorted_ref, [t, h], Some(&probs_ref), None, UnpermuteOptions::default())?;
+    checks.push((format!("{} device unpermute (carried plan) bit-exact vs CPU", s.name), dunperm.download(dev, "out")? == want_unperm));
+    drop(dunperm);
+    row("device unpermute+probs (carried plan)", time_ms(dev, iters, || unpermute_device(dev, &dperm.permuted_tokens, &dperm.sorted_indices, [t, h], dperm.permuted_probs.as_ref(), None, UnpermuteOptions::default()).map(|_| ()))?);
+    drop((dperm, dt_tokens, dt_map, dt_dense, dmap));
+    if !host_rows {
+        return Ok((rows, checks));
+    }
+    // --- the host-tensor path (what the Node binding does today), wall clock, and its parts
     let wall = |f: &mut dyn FnMut() -> moe_cuda::Result<()>| -> moe_cuda::Result<(f64, f64)> {
         f()?;
         let mut ts = Vec::new();
@@ -369,4 +418,65 @@ fn download_registered(dev: &Device, buf: &moe_cuda::Buffer, len: usize) -> moe_
         v.set_len(len);
     }
     Ok(v)
+}
+
+/// The routing map's bytes on the GPU.
+fn d_map_of(dev: &Device, map: &[u8]) -> moe_cuda::Result<moe_cuda::Buffer> {
+    dev.upload("routingMap", map)
+}
+
+/// Routing at the DeepSeek-V3 shape (T=16384, E=256, k=8, sigmoid with expert bias, 8 groups of
+/// which 4 kept, normTopkProb, routeScale 2.5): the fused kernel against the CPU core, and timed.
+fn bench_route(dev: &Device, iters: usize) -> moe_cuda::Result<(Vec<Row>, Checks)> {
+    let (t, e, k) = (16384usize, 256usize, 8usize);
+    let mut rng = Rng(0xdeed);
+    let logits: Vec<f32> = (0..t * e).map(|_| rng.uniform() * 8.0 - 4.0).collect();
+    let bias: Vec<f32> = (0..e).map(|_| rng.uniform() * 0.1).collect();
+    let l_ref = TensorRef::of("logits", vec![t, e], &logits[..])?;
+    let b_ref = TensorRef::of("expertBias", vec![e], &bias[..])?;
+    let mut o = RouteOptions::new(k);
+    o.score_function = ScoreFunction::Sigmoid;
+    o.num_groups = 8;
+    o.topk_groups = Some(4);
+    o.norm_topk_prob = true;
+    o.route_scale = 2.5;
+    let cpu = route(&l_ref, Some(&b_ref), None, o)?;
+    let d_l = DeviceTensor::upload(dev, &l_ref)?;
+    let d_b = DeviceTensor::upload(dev, &b_ref)?;
+    let got = route_device(dev, &d_l, Some(&d_b), None, o)?;
+    let mut checks: Checks = Vec::new();
+    checks.push(("route DeepSeek-V3 indices == CPU".into(), got.indices.download(dev, "indices")? == cpu.indices));
+    checks.push(("route DeepSeek-V3 weights bit-exact vs CPU".into(), got.weights.download(dev, "weights")? == cpu.weights));
+    checks.push(("route DeepSeek-V3 scores bit-exact vs CPU".into(), got.scores.download(dev, "scores")? == cpu.scores));
+    checks.push(("route DeepSeek-V3 tokensPerExpert == CPU".into(), got.tokens_per_expert.download(dev, "tpe")? == cpu.tokens_per_expert));
+    let scores_ref = TensorRef::of("values", vec![t, e], cpu.scores.data.as_f32().unwrap_or(&[]))?;
+    let tk = topk(&scores_ref, k)?;
+    let (tv, ti) = topk_device(dev, &got.scores, k)?;
+    checks.push(("topk [16384, 256] k=8 == CPU".into(), ti.download(dev, "i")? == tk.indices && tv.download(dev, "v")? == tk.values));
+    println!("route: checks {}", checks.iter().map(|(n, p)| format!("{n}={}", if *p { "ok" } else { "FAIL" })).collect::<Vec<_>>().join("; "));
+    let bytes = t * e * 4 * 2 + t * k * 8;
+    let dims = format!("T={t} E={e} k={k} sigmoid+bias, groups 4/8, norm, scale 2.5");
+    let mut rows = Vec::new();
+    let mut row = |op: &str, (ms, ms_min): (f64, f64)| rows.push(Row { shape: "deepseek", op: op.into(), ms, ms_min, bytes, gbps: bytes as f64 / ms / 1e6, ratio: 0.0, dims: dims.clone() });
+    row("route (fused kernel + check readback)", time_ms(dev, iters, || route_device(dev, &d_l, Some(&d_b), None, o).map(|_| ()))?);
+    let stride = route_stride(e, 8, k);
+    let warps = warps_for(stride);
+    row("route kernels only (no readback)", time_ms(dev, iters, || launch_route(dev, &d_l, Some(&d_b), None, o, (8, 4, true), warps, stride).map(|_| ()))?);
+    let mut o_plain = o;
+    o_plain.norm_topk_prob = false;
+    row("route kernels only, no normTopkProb", time_ms(dev, iters, || launch_route(dev, &d_l, Some(&d_b), None, o_plain, (8, 4, true), warps, stride).map(|_| ()))?);
+    let mut o_soft = RouteOptions::new(k);
+    o_soft.score_function = ScoreFunction::Softmax;
+    row("route softmax k=8 (op)", time_ms(dev, iters, || route_device(dev, &d_l, None, None, o_soft).map(|_| ()))?);
+    row("topk [16384, 256] k=8", time_ms(dev, iters, || topk_device(dev, &got.scores, k).map(|_| ()))?);
+    row("synchronize + 16-byte readback", time_ms(dev, iters, || dev.read_head::<u64, 2>("x", &got.scores.buf, 0).map(|_| ()))?);
+    let wall = Instant::now();
+    let mut n = 0;
+    while n < 200 {
+        route_device(dev, &d_l, Some(&d_b), None, o)?;
+        n += 1;
+    }
+    let per = wall.elapsed().as_secs_f64() * 1e3 / n as f64;
+    row("route wall clock per call (Rust)", (per, per));
+    Ok((rows, checks))
 }

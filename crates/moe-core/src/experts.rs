@@ -1,0 +1,614 @@
+//! Grouped experts, forward and backward (NeMo Automodel's `GroupedExperts` /
+//! `GroupedExpertsDeepEP` on permuted tokens), and the plain `matmul` the router needs.
+//!
+//! The permuted tokens `x [N, dim]` hold each local expert's tokens as one contiguous block
+//! (`tokensPerExpert [E]` rows each, in expert order, as `permute` leaves them). Expert `e`
+//! computes, on its block `x_e`:
+//!
+//! ```text
+//! h   = x_e @ W1[e] + b1[e]            W1: gateAndUpProjs [E, dim, 2*inter] (upProjs [E, dim, inter] for relu2)
+//! a   = activation(h) * p              the activations module, weighted by the slot's prob p
+//! y_e = a @ W2[e] + b2[e] * p          W2: downProjs [E, inter, dim]
+//! ```
+//!
+//! which is the reference's DeepEP path (weighted activation, down bias scaled by the prob);
+//! it equals `p * expert(x)` of the all-gather path. Without probs, `p = 1`.
+//!
+//! Arithmetic: every input (f32, bf16 or f16) is widened to f32, the GEMMs run in f32
+//! (matrixmultiply's sgemm, accumulating in f32), and each output is rounded once to its
+//! dtype. The GEMM kernels multiply and add separately on every target (no FMA: see
+//! `.cargo/config.toml`), and a result element's sum runs over `k` in the same blocked order
+//! whatever the thread count, so the native and WebAssembly backends return the same bits.
+//! Experts run in parallel on the native backend (each expert's outputs belong to one thread).
+
+use std::borrow::Cow;
+
+use half::{bf16, f16};
+
+use crate::activations::{activation, activation_backward, ActivationOptions};
+use crate::alloc::try_vec;
+use crate::error::{Error, Result};
+use crate::par::run_tasks;
+use crate::tensor::{DType, Data, Float, Tensor, TensorRef};
+
+// ---------------------------------------------------------------------------------------
+// GEMM.
+
+/// A read-only f32 matrix view with strides (a transpose is a view with swapped strides).
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: isize,
+    cs: isize,
+}
+
+impl<'a> Mat<'a> {
+    /// A row-major `[rows, cols]` matrix.
+    fn new(data: &'a [f32], rows: usize, cols: usize) -> Mat<'a> {
+        Mat { data, rows, cols, rs: cols as isize, cs: 1 }
+    }
+
+    fn t(self) -> Mat<'a> {
+        Mat { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
+    }
+
+    /// Whether every element the strides reach lies inside `data`.
+    fn fits(&self) -> bool {
+        if self.rows == 0 || self.cols == 0 {
+            return true;
+        }
+        let last = (self.rows - 1) as isize * self.rs + (self.cols - 1) as isize * self.cs;
+        last >= 0 && (last as usize) < self.data.len()
+    }
+}
+
+/// `c [a.rows, b.cols] (row-major) = a @ b + beta * c`, through matrixmultiply's sgemm.
+fn gemm(a: Mat, b: Mat, beta: f32, c: &mut [f32]) -> Result<()> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    if b.rows != k || c.len() != m * n || !a.fits() || !b.fits() {
+        return Err(Error::Internal(format!("gemm: [{m}, {k}] @ [{}, {n}] into {} elements", b.rows, c.len())));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        // The empty sum; matrixmultiply would do the same, but say it here.
+        c.iter_mut().for_each(|v| *v *= beta);
+        if beta == 0.0 {
+            c.fill(0.0);
+        }
+        return Ok(());
+    }
+    // SAFETY: the views were checked to stay inside their slices (`fits`), `c` holds exactly
+    // m * n row-major elements, and `c` cannot alias `a` or `b` (it is borrowed mutably).
+    unsafe {
+        matrixmultiply::sgemm(m, k, n, 1.0, a.data.as_ptr(), a.rs, a.cs, b.data.as_ptr(), b.rs, b.cs, beta, c.as_mut_ptr(), n as isize, 1);
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Conversions.
+
+/// The elements of a float tensor as f32: borrowed for float32, widened (exactly) otherwise.
+fn widen<'a>(t: &TensorRef<'a>) -> Result<Cow<'a, [f32]>> {
+    Ok(match t.expect_dtype(DType::TOKENS)? {
+        DType::F32 => t.typed::<f32>()?,
+        DType::BF16 => Cow::Owned(collect_f32(&t.typed::<bf16>()?, t.name)?),
+        DType::F16 => Cow::Owned(collect_f32(&t.typed::<f16>()?, t.name)?),
+        _ => return Err(Error::Internal("widen: dtype checked above".into())),
+    })
+}
+
+fn collect_f32<T: Float>(src: &[T], arg: &str) -> Result<Vec<f32>> {
+    let mut v = crate::alloc::try_with_capacity(src.len(), arg)?;
+    v.extend(src.iter().map(|x| x.to_f32()));
+    Ok(v)
+}
+
+/// An f32 result rounded once to `dtype` (moved, not copied, for float32).
+fn narrow(dtype: DType, shape: Vec<usize>, v: Vec<f32>, arg: &str) -> Result<Tensor> {
+    fn bits<T: Float>(v: &[f32], arg: &str) -> Result<Vec<T>> {
+        let mut out = crate::alloc::try_with_capacity(v.len(), arg)?;
+        out.extend(v.iter().map(|&x| T::from_f32(x)));
+        Ok(out)
+    }
+    Ok(match dtype {
+        DType::F32 => Tensor::f32(shape, v),
+        DType::BF16 => Tensor::from_elements(shape, bits::<bf16>(&v, arg)?),
+        DType::F16 => Tensor::from_elements(shape, bits::<f16>(&v, arg)?),
+        _ => return Err(Error::Internal(format!("narrow: {} is not a float dtype", dtype.name()))),
+    })
+}
+
+fn f32_data(t: Tensor) -> Result<Vec<f32>> {
+    match t.data {
+        Data::F32(v) => Ok(v),
+        _ => Err(Error::Internal("expected an f32 intermediate".into())),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// matmul.
+
+/// `a @ b` with optional transposes: `a` is `[M, K]` (`[K, M]` with `transA`), `b` is
+/// `[K, N]` (`[N, K]` with `transB`); the result is `[M, N]` in the dtype of `a`. Inputs
+/// may be float32, bfloat16 or float16 (widened exactly); the sum runs in float32 and is
+/// rounded once. Rows are split over threads on the native backend, which does not change a
+/// single bit (each output row's sums are the same wherever they run).
+pub fn matmul(a: &TensorRef, b: &TensorRef, trans_a: bool, trans_b: bool) -> Result<Tensor> {
+    let da = a.expect_rank(2, if trans_a { "[K, M] (transA)" } else { "[M, K]" })?.to_vec();
+    let db = b.expect_rank(2, if trans_b { "[N, K] (transB)" } else { "[K, N]" })?.to_vec();
+    a.expect_dtype(DType::TOKENS)?;
+    b.expect_dtype(DType::TOKENS)?;
+    let (m, k) = if trans_a { (da[1], da[0]) } else { (da[0], da[1]) };
+    let (kb, n) = if trans_b { (db[1], db[0]) } else { (db[0], db[1]) };
+    if kb != k {
+        return Err(Error::range(
+            format!("{}.shape", b.name),
+            format!("the inner dimensions differ: {} has K = {k}, {} has {kb} (shapes [{}, {}] and [{}, {}], transA {trans_a}, transB {trans_b})", a.name, b.name, da[0], da[1], db[0], db[1]),
+        ));
+    }
+    let av = widen(a)?;
+    let bv = widen(b)?;
+    let am = Mat::new(&av, da[0], da[1]);
+    let am = if trans_a { am.t() } else { am };
+    let bm = Mat::new(&bv, db[0], db[1]);
+    let bm = if trans_b { bm.t() } else { bm };
+    let mut out = try_vec(0f32, m * n, "output")?;
+    // One row block per thread (each packs all of b once), at least 64 rows (the GEMM's own
+    // row block) and only when the product is large enough for threads to pay.
+    let threads = if m * n * k >= 1 << 22 { crate::num_threads() } else { 1 };
+    let rows_per_task = m.div_ceil(threads).max(64);
+    let tasks: Vec<(usize, &mut [f32])> = out.chunks_mut(rows_per_task * n.max(1)).enumerate().collect();
+    let work = m * n * k;
+    run_tasks(tasks, work, |(i, c)| {
+        let r0 = i * rows_per_task;
+        let rows = c.len() / n.max(1);
+        let sub = Mat { data: &am.data[offset(am, r0)..], rows, cols: k, rs: am.rs, cs: am.cs };
+        gemm(sub, bm, 0.0, c)
+    })?;
+    narrow(a.dtype, vec![m, n], out, "output")
+}
+
+/// The index of row `r`'s first element in a view.
+fn offset(m: Mat, r: usize) -> usize {
+    if m.rows == 0 || m.cols == 0 {
+        0
+    } else {
+        (r as isize * m.rs) as usize
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Grouped experts.
+
+/// The tensors of a grouped-experts call. Names in errors are the `TensorRef` names the
+/// bindings give: `permutedTokens`, `tokensPerExpert`, `gateAndUpProjs` (or `upProjs`),
+/// `downProjs`, `permutedProbs`, `gateUpProjBias`, `downProjBias`.
+pub struct ExpertsInputs<'a, 'b> {
+    /// `[N, dim]`, expert-major.
+    pub tokens: &'b TensorRef<'a>,
+    /// `[E]` int32 or int64, summing to `N`.
+    pub tokens_per_expert: &'b TensorRef<'a>,
+    /// `[E, dim, 2 * inter]` (gate | up halves, interleaved pairs for quick_geglu), or
+    /// `[E, dim, inter]` for relu2.
+    pub gate_and_up: &'b TensorRef<'a>,
+    /// `[E, inter, dim]`.
+    pub down: &'b TensorRef<'a>,
+    /// `[N]` or `[N, 1]` float32: each slot's routing prob.
+    pub probs: Option<&'b TensorRef<'a>>,
+    /// `[E, 2 * inter]` (`[E, inter]` for relu2).
+    pub gate_up_bias: Option<&'b TensorRef<'a>>,
+    /// `[E, dim]`.
+    pub down_bias: Option<&'b TensorRef<'a>>,
+}
+
+/// Checked sizes of a grouped-experts problem.
+struct Dims {
+    n: usize,
+    dim: usize,
+    experts: usize,
+    /// Width of the up-projection output: `2 * inter` (gated) or `inter`.
+    width: usize,
+    inter: usize,
+    /// Row offset of each expert's block, `experts + 1` entries.
+    offsets: Vec<usize>,
+}
+
+fn check(inp: &ExpertsInputs, act: &ActivationOptions) -> Result<Dims> {
+    let t = inp.tokens.expect_rank(2, "[numSlots, dim]")?;
+    inp.tokens.expect_dtype(DType::TOKENS)?;
+    let (n, dim) = (t[0], t[1]);
+    let gated = act.kind.is_gated();
+    let w1 = inp.gate_and_up.expect_rank(3, if gated { "[numLocalExperts, dim, 2 * inter]" } else { "[numLocalExperts, dim, inter]" })?;
+    inp.gate_and_up.expect_dtype(DType::TOKENS)?;
+    let (experts, width) = (w1[0], w1[2]);
+    if w1[1] != dim {
+        return Err(Error::range(
+            format!("{}.shape[1]", inp.gate_and_up.name),
+            format!("expected {dim} (dim, the width of {}), got {}", inp.tokens.name, w1[1]),
+        ));
+    }
+    if gated && width % 2 != 0 {
+        return Err(Error::range(
+            format!("{}.shape[2]", inp.gate_and_up.name),
+            format!("{} needs an even width (2 * inter: gate and up), got {width}", act.kind.name()),
+        ));
+    }
+    let inter = if gated { width / 2 } else { width };
+    inp.down.expect_rank(3, "[numLocalExperts, inter, dim]")?;
+    inp.down.expect_dtype(DType::TOKENS)?;
+    inp.down.expect_shape(&[experts, inter, dim], "([numLocalExperts, inter, dim])")?;
+    inp.tokens_per_expert.expect_dtype(DType::INDICES)?;
+    inp.tokens_per_expert.expect_shape(&[experts], "([numLocalExperts]: one count per expert of the weights)")?;
+    let counts = inp.tokens_per_expert.indices()?;
+    let mut offsets = Vec::with_capacity(experts + 1);
+    offsets.push(0usize);
+    for (e, &c) in counts.iter().enumerate() {
+        if c < 0 {
+            return Err(Error::range(inp.tokens_per_expert.name, format!("{}[{e}] = {c} is negative", inp.tokens_per_expert.name)));
+        }
+        let next = offsets[e].checked_add(c as usize).filter(|&s| s <= n);
+        match next {
+            Some(s) => offsets.push(s),
+            None => {
+                return Err(Error::range(
+                    inp.tokens_per_expert.name,
+                    format!("the counts add up to more than {n}, the rows of {} (through expert {e})", inp.tokens.name),
+                ))
+            }
+        }
+    }
+    if offsets[experts] != n {
+        return Err(Error::range(
+            inp.tokens_per_expert.name,
+            format!("the counts add up to {}, but {} has {n} rows", offsets[experts], inp.tokens.name),
+        ));
+    }
+    if let Some(p) = inp.probs {
+        p.expect_dtype(&[DType::F32])?;
+        if p.shape.len() == 1 {
+            p.expect_shape(&[n], "([numSlots]: one prob per row of the tokens)")?;
+        } else {
+            p.expect_rank(2, "[numSlots] or [numSlots, 1]")?;
+            p.expect_shape(&[n, 1], "([numSlots, 1]: one prob per row of the tokens)")?;
+        }
+    }
+    if let Some(b) = inp.gate_up_bias {
+        b.expect_dtype(DType::TOKENS)?;
+        b.expect_rank(2, "[numLocalExperts, width of the up-projection]")?;
+        b.expect_shape(&[experts, width], "([numLocalExperts, width of gateAndUpProjs])")?;
+    }
+    if let Some(b) = inp.down_bias {
+        b.expect_dtype(DType::TOKENS)?;
+        b.expect_rank(2, "[numLocalExperts, dim]")?;
+        b.expect_shape(&[experts, dim], "([numLocalExperts, dim])")?;
+    }
+    Ok(Dims { n, dim, experts, width, inter, offsets })
+}
+
+/// The inputs widened to f32 once.
+struct Wide<'a> {
+    x: Cow<'a, [f32]>,
+    w1: Cow<'a, [f32]>,
+    w2: Cow<'a, [f32]>,
+    p: Option<Cow<'a, [f32]>>,
+    b1: Option<Cow<'a, [f32]>>,
+    b2: Option<Cow<'a, [f32]>>,
+}
+
+fn wide<'a>(inp: &ExpertsInputs<'a, '_>) -> Result<Wide<'a>> {
+    Ok(Wide {
+        x: widen(inp.tokens)?,
+        w1: widen(inp.gate_and_up)?,
+        w2: widen(inp.down)?,
+        p: inp.probs.map(|p| p.typed::<f32>()).transpose()?,
+        b1: inp.gate_up_bias.map(widen).transpose()?,
+        b2: inp.down_bias.map(widen).transpose()?,
+    })
+}
+
+/// `h = x_e @ W1[e] + b1[e]` for the rows of one expert (f32, `[rows, width]`).
+fn up_projection(w: &Wide, d: &Dims, e: usize, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
+    let count = rows.len();
+    let x = Mat::new(&w.x[rows.start * d.dim..rows.end * d.dim], count, d.dim);
+    let w1 = Mat::new(&w.w1[e * d.dim * d.width..(e + 1) * d.dim * d.width], d.dim, d.width);
+    let mut h = try_vec(0f32, count * d.width, "intermediate")?;
+    gemm(x, w1, 0.0, &mut h)?;
+    if let Some(b1) = &w.b1 {
+        let b = &b1[e * d.width..(e + 1) * d.width];
+        for row in h.chunks_mut(d.width.max(1)) {
+            row.iter_mut().zip(b).for_each(|(v, &bv)| *v += bv);
+        }
+    }
+    Ok(h)
+}
+
+/// The weighted activation of `h` (through the activations module).
+fn activate(h: &[f32], probs: Option<&[f32]>, d: &Dims, count: usize, act: &ActivationOptions) -> Result<Vec<f32>> {
+    let hr = TensorRef::of("x", vec![count, d.width], h)?;
+    let pr = probs.map(|p| TensorRef::of("probs", vec![count], p)).transpose()?;
+    f32_data(activation(&hr, pr.as_ref(), act)?)
+}
+
+/// Splits `buf` into consecutive pieces of the given lengths.
+fn split_mut<T>(mut buf: &mut [T], lens: impl Iterator<Item = usize>) -> Vec<&mut [T]> {
+    let mut out = Vec::new();
+    for len in lens {
+        let (head, tail) = std::mem::take(&mut buf).split_at_mut(len);
+        out.push(head);
+        buf = tail;
+    }
+    out
+}
+
+/// Grouped experts forward: `[N, dim]` in the dtype of the tokens.
+pub fn experts_forward(inp: &ExpertsInputs, act: &ActivationOptions) -> Result<Tensor> {
+    let d = check(inp, act)?;
+    let w = wide(inp)?;
+    let mut y = try_vec(0f32, d.n * d.dim, "output")?;
+    let blocks = split_mut(&mut y, d.offsets.windows(2).map(|o| (o[1] - o[0]) * d.dim));
+    let work = d.n * d.dim * d.width * 2;
+    run_tasks(blocks.into_iter().enumerate().collect(), work, |(e, out)| {
+        let rows = d.offsets[e]..d.offsets[e + 1];
+        let count = rows.len();
+        if count == 0 {
+            return Ok(());
+        }
+        let p = w.p.as_ref().map(|p| &p[rows.clone()]);
+        let h = up_projection(&w, &d, e, rows)?;
+        let a = activate(&h, p, &d, count, act)?;
+        let w2 = Mat::new(&w.w2[e * d.inter * d.dim..(e + 1) * d.inter * d.dim], d.inter, d.dim);
+        gemm(Mat::new(&a, count, d.inter), w2, 0.0, out)?;
+        if let Some(b2) = &w.b2 {
+            let b = &b2[e * d.dim..(e + 1) * d.dim];
+            for (r, row) in out.chunks_mut(d.dim.max(1)).enumerate() {
+                match p {
+                    Some(p) => row.iter_mut().zip(b).for_each(|(v, &bv)| *v += bv * p[r]),
+                    None => row.iter_mut().zip(b).for_each(|(v, &bv)| *v += bv),
+                }
+            }
+        }
+        Ok(())
+    })?;
+    narrow(inp.tokens.dtype, vec![d.n, d.dim], y, "output")
+}
+
+/// Output of [`experts_backward`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExpertsGrads {
+    /// `[N, dim]`, the dtype of the tokens.
+    pub grad_tokens: Tensor,
+    /// Shaped and typed like `gateAndUpProjs` (or `upProjs`).
+    pub grad_gate_and_up: Tensor,
+    /// Shaped and typed like `downProjs`.
+    pub grad_down: Tensor,
+    /// Like `gateUpProjBias`, when given.
+    pub grad_gate_up_bias: Option<Tensor>,
+    /// Like `downProjBias`, when given.
+    pub grad_down_bias: Option<Tensor>,
+    /// Like `permutedProbs` (float32), when given.
+    pub grad_probs: Option<Tensor>,
+}
+
+/// Backward of [`experts_forward`]: `gradOutput [N, dim]` (the dtype of the tokens) to the
+/// gradients of every input. The up-projection and activation are recomputed per expert
+/// (nothing is kept from the forward), in exactly the forward's arithmetic.
+pub fn experts_backward(grad_output: &TensorRef, inp: &ExpertsInputs, act: &ActivationOptions) -> Result<ExpertsGrads> {
+    let d = check(inp, act)?;
+    grad_output.expect_rank(2, "[numSlots, dim]")?;
+    grad_output.expect_shape(&[d.n, d.dim], "([numSlots, dim]: the shape of the forward output)")?;
+    if grad_output.dtype != inp.tokens.dtype {
+        return Err(Error::type_error(
+            format!("{}.dtype", grad_output.name),
+            format!("{} (the dtype of {})", inp.tokens.dtype.name(), inp.tokens.name),
+            grad_output.dtype.name(),
+        ));
+    }
+    let w = wide(inp)?;
+    let g = widen(grad_output)?;
+    let (e_count, dim, width, inter) = (d.experts, d.dim, d.width, d.inter);
+    let mut dx = try_vec(0f32, d.n * dim, "gradTokens")?;
+    let mut dw1 = try_vec(0f32, e_count * dim * width, "gradGateAndUpProjs")?;
+    let mut dw2 = try_vec(0f32, e_count * inter * dim, "gradDownProjs")?;
+    let mut db1 = try_vec(0f32, if w.b1.is_some() { e_count * width } else { 0 }, "gradGateUpProjBias")?;
+    let mut db2 = try_vec(0f32, if w.b2.is_some() { e_count * dim } else { 0 }, "gradDownProjBias")?;
+    let mut dp = try_vec(0f32, if w.p.is_some() { d.n } else { 0 }, "gradProbs")?;
+    let counts: Vec<usize> = d.offsets.windows(2).map(|o| o[1] - o[0]).collect();
+    let tasks: Vec<_> = split_mut(&mut dx, counts.iter().map(|c| c * dim))
+        .into_iter()
+        .zip(split_mut(&mut dw1, (0..e_count).map(|_| dim * width)))
+        .zip(split_mut(&mut dw2, (0..e_count).map(|_| inter * dim)))
+        .zip(split_mut(&mut db1, (0..e_count).map(|_| if w.b1.is_some() { width } else { 0 })))
+        .zip(split_mut(&mut db2, (0..e_count).map(|_| if w.b2.is_some() { dim } else { 0 })))
+        .zip(split_mut(&mut dp, counts.iter().map(|&c| if w.p.is_some() { c } else { 0 })))
+        .enumerate()
+        .collect();
+    let work = d.n * dim * width * 6;
+    run_tasks(tasks, work, |(e, (((((dx_e, dw1_e), dw2_e), db1_e), db2_e), dp_e))| {
+        let rows = d.offsets[e]..d.offsets[e + 1];
+        let count = rows.len();
+        if count == 0 {
+            return Ok(()); // every gradient of an expert without tokens is 0
+        }
+        let p = w.p.as_ref().map(|p| &p[rows.clone()]);
+        let g_e = &g[rows.start * dim..rows.end * dim];
+        let h = up_projection(&w, &d, e, rows.clone())?;
+        let a = activate(&h, p, &d, count, act)?;
+        // Down-projection: dW2 = a^T g, da = g W2^T.
+        gemm(Mat::new(&a, count, inter).t(), Mat::new(g_e, count, dim), 0.0, dw2_e)?;
+        let w2 = Mat::new(&w.w2[e * inter * dim..(e + 1) * inter * dim], inter, dim);
+        let mut da = try_vec(0f32, count * inter, "intermediate")?;
+        gemm(Mat::new(g_e, count, dim), w2.t(), 0.0, &mut da)?;
+        // Down bias: db2 = sum_rows g * p; its share of d p is g . b2.
+        if let Some(b2) = &w.b2 {
+            let b = &b2[e * dim..(e + 1) * dim];
+            for (r, gr) in g_e.chunks(dim.max(1)).enumerate() {
+                let pr = p.map_or(1.0, |p| p[r]);
+                db2_e.iter_mut().zip(gr).for_each(|(acc, &gv)| *acc += gv * pr);
+                if p.is_some() {
+                    dp_e[r] = gr.iter().zip(b).map(|(&gv, &bv)| (gv * bv) as f64).sum::<f64>() as f32;
+                }
+            }
+        }
+        // Through the (weighted) activation.
+        let dar = TensorRef::of("grad", vec![count, inter], &da)?;
+        let hr = TensorRef::of("x", vec![count, width], &h)?;
+        let pr = p.map(|p| TensorRef::of("probs", vec![count], p)).transpose()?;
+        let ag = activation_backward(&dar, &hr, pr.as_ref(), act)?;
+        let dh = f32_data(ag.grad_input)?;
+        if let Some(gp) = ag.grad_probs {
+            for (acc, v) in dp_e.iter_mut().zip(f32_data(gp)?) {
+                *acc = (*acc as f64 + v as f64) as f32;
+            }
+        }
+        // Up-projection: dW1 = x^T dh, db1 = colsum dh, dx = dh W1^T.
+        let x = Mat::new(&w.x[rows.start * dim..rows.end * dim], count, dim);
+        gemm(x.t(), Mat::new(&dh, count, width), 0.0, dw1_e)?;
+        if w.b1.is_some() {
+            for row in dh.chunks(width.max(1)) {
+                db1_e.iter_mut().zip(row).for_each(|(acc, &v)| *acc += v);
+            }
+        }
+        let w1 = Mat::new(&w.w1[e * dim * width..(e + 1) * dim * width], dim, width);
+        gemm(Mat::new(&dh, count, width), w1.t(), 0.0, dx_e)
+    })?;
+    Ok(ExpertsGrads {
+        grad_tokens: narrow(inp.tokens.dtype, vec![d.n, dim], dx, "gradTokens")?,
+        grad_gate_and_up: narrow(inp.gate_and_up.dtype, inp.gate_and_up.shape.clone(), dw1, "gradGateAndUpProjs")?,
+        grad_down: narrow(inp.down.dtype, inp.down.shape.clone(), dw2, "gradDownProjs")?,
+        grad_gate_up_bias: inp.gate_up_bias.map(|b| narrow(b.dtype, b.shape.clone(), db1, "gradGateUpProjBias")).transpose()?,
+        grad_down_bias: inp.down_bias.map(|b| narrow(b.dtype, b.shape.clone(), db2, "gradDownProjBias")).transpose()?,
+        grad_probs: inp.probs.map(|p| Tensor::f32(p.shape.clone(), dp)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::activations::ActivationKind;
+    use crate::error::ErrorKind;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    fn rand(n: usize, seed: &mut u64, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| lcg(seed) * scale).collect()
+    }
+
+    fn f32s(t: &Tensor) -> &[f32] {
+        match &t.data {
+            Data::F32(v) => v,
+            other => panic!("expected f32, got {other:?}"),
+        }
+    }
+
+    /// Plain float64 reference of one expert row.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(x: &[f32], counts: &[i32], w1: &[f32], w2: &[f32], p: &[f32], b1: &[f32], b2: &[f32], dim: usize, inter: usize) -> Vec<f64> {
+        let width = 2 * inter;
+        let mut out = vec![0f64; x.len()];
+        let mut row = 0;
+        for (e, &c) in counts.iter().enumerate() {
+            for _ in 0..c {
+                let xr = &x[row * dim..(row + 1) * dim];
+                let h: Vec<f64> = (0..width)
+                    .map(|j| (0..dim).map(|k| xr[k] as f64 * w1[e * dim * width + k * width + j] as f64).sum::<f64>() + b1[e * width + j] as f64)
+                    .collect();
+                let a: Vec<f64> = (0..inter).map(|j| h[j] / (1.0 + (-h[j]).exp()) * h[inter + j] * p[row] as f64).collect();
+                for k in 0..dim {
+                    out[row * dim + k] = (0..inter).map(|j| a[j] * w2[e * inter * dim + j * dim + k] as f64).sum::<f64>() + b2[e * dim + k] as f64 * p[row] as f64;
+                }
+                row += 1;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matmul_matches_a_plain_product_with_transposes() {
+        let mut s = 7;
+        let (m, k, n) = (37, 300, 19); // k beyond one 256 block, ragged tiles
+        let a = rand(m * k, &mut s, 1.0);
+        let b = rand(k * n, &mut s, 1.0);
+        let want: Vec<f64> = (0..m * n).map(|i| (0..k).map(|j| a[i / n * k + j] as f64 * b[j * n + i % n] as f64).sum()).collect();
+        let out = matmul(&TensorRef::of("a", vec![m, k], &a).unwrap(), &TensorRef::of("b", vec![k, n], &b).unwrap(), false, false).unwrap();
+        assert_eq!(out.shape, vec![m, n]);
+        for (g, w) in f32s(&out).iter().zip(&want) {
+            assert!((*g as f64 - w).abs() < 1e-4 * (1.0 + w.abs()), "{g} vs {w}");
+        }
+        // a^T stored as [k, m], b^T stored as [n, k].
+        let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
+        let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+        let out2 = matmul(&TensorRef::of("a", vec![k, m], &at).unwrap(), &TensorRef::of("b", vec![n, k], &bt).unwrap(), true, true).unwrap();
+        assert_eq!(f32s(&out2), f32s(&out), "transposed views give the same bits");
+        let err = matmul(&TensorRef::of("a", vec![m, k], &a).unwrap(), &TensorRef::of("b", vec![n, k], &bt).unwrap(), false, false).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::RangeError);
+        assert!(err.to_string().starts_with("b.shape: the inner dimensions differ"), "{err}");
+    }
+
+    #[test]
+    fn forward_matches_the_f64_reference_with_empty_experts() {
+        let mut s = 11;
+        let (dim, inter) = (12, 5);
+        let counts = [3i32, 0, 4, 1];
+        let n = 8;
+        let e = counts.len();
+        let x = rand(n * dim, &mut s, 1.0);
+        let w1 = rand(e * dim * 2 * inter, &mut s, 0.5);
+        let w2 = rand(e * inter * dim, &mut s, 0.5);
+        let p = rand(n, &mut s, 1.0);
+        let b1 = rand(e * 2 * inter, &mut s, 0.3);
+        let b2 = rand(e * dim, &mut s, 0.3);
+        let (xr, cr) = (TensorRef::of("permutedTokens", vec![n, dim], &x).unwrap(), TensorRef::of("tokensPerExpert", vec![e], &counts).unwrap());
+        let (w1r, w2r) = (TensorRef::of("gateAndUpProjs", vec![e, dim, 2 * inter], &w1).unwrap(), TensorRef::of("downProjs", vec![e, inter, dim], &w2).unwrap());
+        let pr = TensorRef::of("permutedProbs", vec![n], &p).unwrap();
+        let (b1r, b2r) = (TensorRef::of("gateUpProjBias", vec![e, 2 * inter], &b1).unwrap(), TensorRef::of("downProjBias", vec![e, dim], &b2).unwrap());
+        let inp = ExpertsInputs { tokens: &xr, tokens_per_expert: &cr, gate_and_up: &w1r, down: &w2r, probs: Some(&pr), gate_up_bias: Some(&b1r), down_bias: Some(&b2r) };
+        let act = ActivationOptions::new(ActivationKind::Swiglu);
+        let out = experts_forward(&inp, &act).unwrap();
+        let want = reference(&x, &counts, &w1, &w2, &p, &b1, &b2, dim, inter);
+        for (g, w) in f32s(&out).iter().zip(&want) {
+            assert!((*g as f64 - w).abs() < 1e-5 * (1.0 + w.abs()), "{g} vs {w}");
+        }
+        // Backward runs and the expert without tokens gets zero weight gradients.
+        let grads = experts_backward(&xr, &inp, &act).unwrap();
+        let dw1 = f32s(&grads.grad_gate_and_up);
+        assert!(dw1[dim * 2 * inter..2 * dim * 2 * inter].iter().all(|&v| v == 0.0));
+        assert!(dw1[..dim * 2 * inter].iter().any(|&v| v != 0.0));
+        assert_eq!(grads.grad_probs.unwrap().shape, vec![n]);
+    }
+
+    #[test]
+    fn errors_name_the_argument() {
+        let x = [0f32; 8];
+        let w1 = [0f32; 2 * 4 * 6];
+        let w2 = [0f32; 2 * 3 * 4];
+        let (xr, w1r, w2r) = (
+            TensorRef::of("permutedTokens", vec![2, 4], &x).unwrap(),
+            TensorRef::of("gateAndUpProjs", vec![2, 4, 6], &w1).unwrap(),
+            TensorRef::of("downProjs", vec![2, 3, 4], &w2).unwrap(),
+        );
+        let act = ActivationOptions::new(ActivationKind::Swiglu);
+        let bad = [1i32, 2];
+        let cr = TensorRef::of("tokensPerExpert", vec![2], &bad).unwrap();
+        let inp = ExpertsInputs { tokens: &xr, tokens_per_expert: &cr, gate_and_up: &w1r, down: &w2r, probs: None, gate_up_bias: None, down_bias: None };
+        let err = experts_forward(&inp, &act).unwrap_err();
+        assert!(err.to_string().starts_with("tokensPerExpert: the counts add up to more than 2"), "{err}");
+        let good = [1i32, 1];
+        let cr = TensorRef::of("tokensPerExpert", vec![2], &good).unwrap();
+        let w2bad = TensorRef::of("downProjs", vec![2, 4, 3], &w2).unwrap();
+        let inp = ExpertsInputs { tokens: &xr, tokens_per_expert: &cr, gate_and_up: &w1r, down: &w2bad, probs: None, gate_up_bias: None, down_bias: None };
+        let err = experts_forward(&inp, &act).unwrap_err();
+        assert!(err.to_string().starts_with("downProjs.shape: expected [2, 3, 4]"), "{err}");
+        let relu = ActivationOptions::new(ActivationKind::Relu2);
+        let inp = ExpertsInputs { tokens: &xr, tokens_per_expert: &cr, gate_and_up: &w1r, down: &w2r, probs: None, gate_up_bias: None, down_bias: None };
+        let err = experts_forward(&inp, &relu).unwrap_err();
+        assert!(err.to_string().starts_with("downProjs.shape: expected [2, 6, 4]"), "{err}");
+    }
+}

@@ -1,0 +1,561 @@
+//! Ops on device tensors: inputs and outputs stay on the GPU.
+//!
+//! * `permute_device` builds the plan on the GPU (kernels/plan.cu) and permutes with it; its
+//!   sortedIndices carry the plan, so `unpermute_device` on them needs no host round trip.
+//! * `route_device` and `topk_device` run kernels/routing.cu.
+//!
+//! Arguments are checked on their dtypes and shapes, with the core's rules. When a check
+//! fails, or a kernel reports an invalid value (a non-finite logit, a NaN), the op runs its
+//! host path instead: it downloads the inputs and lets the core validate them, so the error
+//! has the CPU backends' class and message. Known limits of the device path (documented in
+//! docs/gpu-report.md): bool tensors on the GPU are not rechecked for 0/1 (nonzero is true);
+//! permute (without dropAndPad) synchronises once to read the number of slots (4 bytes), route
+//! and topk once to read their error word (16 bytes).
+
+use std::sync::Arc;
+
+use moe_core::permute::{PermuteOptions, UnpermuteOptions};
+use moe_core::routing::{RouteOptions, ScoreFunction};
+use moe_core::tensor::{DType, Tensor};
+
+use crate::device::{Arg, Buffer, Device};
+use crate::error::{Error, Result};
+use crate::ops::{self, DevicePlan, PermuteKernel};
+use crate::tensor::{tensor_ref, DeviceTensor};
+
+/// Tokens a chunk of the plan kernels (PLAN_CHUNK in kernels/plan.cu).
+const PLAN_CHUNK: usize = 64;
+
+/// The plan built on the GPU, with permute's sortedIndices and tokensPerExpert.
+pub struct GpuPlan {
+    pub plan: DevicePlan,
+    pub sorted_indices: Buffer,
+    pub tokens_per_expert: Buffer,
+}
+
+fn i32_arg(what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::Cuda(format!("{what} = {v} exceeds the int32 indices of the CUDA kernels")))
+}
+
+/// Builds the dispatch plan of `map` (`[T, E]` bool bytes on the GPU): plain (`capacity` None)
+/// or drop-and-pad. Same plan as moe-core's, bit for bit (kernels/plan.cu).
+pub fn build_plan(dev: &Device, map: &Buffer, num_tokens: usize, num_experts: usize, capacity: Option<usize>) -> Result<GpuPlan> {
+    let (t, e) = (i32_arg("numTokens", num_tokens)?, i32_arg("numExperts", num_experts)?);
+    i32_arg("numTokens * numExperts", num_tokens.saturating_mul(num_experts))?;
+    let chunks = num_tokens.div_ceil(PLAN_CHUNK);
+    let col_threads = (num_experts.min(256).div_ceil(32).max(1) * 32) as u32;
+    let col_blocks = num_experts.div_ceil(col_threads as usize) as u32;
+    let s = dev.stream();
+    let chunk_counts = dev.alloc("the plan (chunk counts)", chunks * num_experts * 4)?;
+    dev.launch("plan_chunk_count", (chunks as u32, col_blocks), col_threads, &[Arg::U64(map.ptr(s)), Arg::I32(t), Arg::I32(e), Arg::U64(chunk_counts.ptr(s))])?;
+    let counts = dev.alloc("the plan (counts)", num_experts * 4)?;
+    let tokens_per_expert = dev.alloc("tokensPerExpert", num_experts * 4)?;
+    let expert_offsets = dev.alloc("the plan (expert offsets)", (num_experts + 1) * 4)?;
+    let (cap, drop) = (i32_arg("capacity", capacity.unwrap_or(0))?, capacity.is_some() as i32);
+    dev.launch(
+        "plan_expert_scan",
+        (1, 1),
+        1024,
+        &[
+            Arg::U64(chunk_counts.ptr(s)),
+            Arg::I32(chunks as i32),
+            Arg::I32(e),
+            Arg::I32(cap),
+            Arg::I32(drop),
+            Arg::U64(counts.ptr(s)),
+            Arg::U64(tokens_per_expert.ptr(s)),
+            Arg::U64(expert_offsets.ptr(s)),
+        ],
+    )?;
+    let num_slots = match capacity {
+        Some(c) => num_experts * c,
+        None => dev.read_head::<i32, 1>("the number of slots", &expert_offsets, num_experts)?[0] as usize,
+    };
+    i32_arg("numSlots", num_slots)?;
+    let sorted_indices = dev.alloc("sortedIndices", num_slots * 4)?;
+    // every (t, e) is written by plan_fill (-1: no slot)
+    let slot_of = dev.alloc("the plan (slot of each token and expert)", num_tokens * num_experts * 4)?;
+    let row_counts = dev.alloc("the plan (slots per token)", num_tokens * 4)?;
+    dev.memset_u32("the plan (slots per token)", &row_counts, 0, num_tokens)?;
+    dev.launch(
+        "plan_fill",
+        (chunks as u32, col_blocks),
+        col_threads,
+        &[
+            Arg::U64(map.ptr(s)),
+            Arg::I32(t),
+            Arg::I32(e),
+            Arg::U64(chunk_counts.ptr(s)),
+            Arg::U64(counts.ptr(s)),
+            Arg::U64(expert_offsets.ptr(s)),
+            Arg::I32(cap),
+            Arg::I32(drop),
+            Arg::U64(sorted_indices.ptr(s)),
+            Arg::U64(slot_of.ptr(s)),
+            Arg::U64(row_counts.ptr(s)),
+        ],
+    )?;
+    let row_ptr = dev.alloc("the plan (row offsets)", (num_tokens + 1) * 4)?;
+    dev.launch("scan_exclusive", (1, 1), 1024, &[Arg::U64(row_counts.ptr(s)), Arg::I32(t), Arg::U64(row_ptr.ptr(s))])?;
+    let slots = dev.alloc("the plan (slots)", num_slots * 4)?;
+    dev.launch(
+        "plan_row_fill",
+        (num_tokens.div_ceil(4) as u32, 1),
+        128,
+        &[Arg::U64(slot_of.ptr(s)), Arg::I32(t), Arg::I32(e), Arg::U64(row_ptr.ptr(s)), Arg::U64(slots.ptr(s))],
+    )?;
+    Ok(GpuPlan { plan: DevicePlan { num_tokens, num_slots, num_experts, row_ptr, slots, expert_offsets }, sorted_indices, tokens_per_expert })
+}
+
+/// What [`permute_device`] returns: device tensors.
+pub struct DevicePermuted {
+    pub permuted_tokens: DeviceTensor,
+    pub permuted_probs: Option<DeviceTensor>,
+    /// Carries the plan (for unpermute on the GPU).
+    pub sorted_indices: DeviceTensor,
+    pub tokens_per_expert: DeviceTensor,
+}
+
+fn download_opt(dev: &Device, what: &str, t: Option<&DeviceTensor>) -> Result<Option<Tensor>> {
+    t.map(|t| t.download(dev, what)).transpose()
+}
+
+/// permute on device tensors; the plan is built on the GPU.
+pub fn permute_device(dev: &Device, tokens: &DeviceTensor, routing_map: &DeviceTensor, probs: Option<&DeviceTensor>, options: PermuteOptions) -> Result<DevicePermuted> {
+    let fast = tokens.shape.len() == 2
+        && DType::TOKENS.contains(&tokens.dtype)
+        && routing_map.dtype == DType::Bool
+        && routing_map.shape.len() == 2
+        && routing_map.shape[0] == tokens.shape[0]
+        && i32::try_from(tokens.shape[0]).is_ok()
+        && probs.is_none_or(|p| p.dtype == DType::F32 && p.shape == routing_map.shape);
+    let (num_tokens, num_experts) = if fast { (tokens.shape[0], routing_map.shape[1]) } else { (0, 0) };
+    let capacity = match (options.drop_and_pad, options.num_out_tokens) {
+        (false, _) => Some(None),
+        (true, Some(n)) if num_experts > 0 && n % num_experts == 0 && n / num_experts <= num_tokens => Some(Some(n / num_experts)),
+        _ => None,
+    };
+    let (true, Some(capacity)) = (fast, capacity) else { return permute_host_fallback(dev, tokens, routing_map, probs, options) };
+    let gp = build_plan(dev, &routing_map.buf, num_tokens, num_experts, capacity)?;
+    let n = gp.plan.num_slots;
+    if capacity.is_none() && options.num_out_tokens.is_some_and(|m| m != n) {
+        return permute_host_fallback(dev, tokens, routing_map, probs, options);
+    }
+    let hidden = tokens.shape[1];
+    let row_bytes = hidden * tokens.dtype.size();
+    let out = DeviceTensor::alloc(dev, "permutedTokens", tokens.dtype, vec![n, hidden])?;
+    let out_probs = probs.map(|_| DeviceTensor::alloc(dev, "permutedProbs", DType::F32, vec![n])).transpose()?;
+    ops::launch_permute(dev, PermuteKernel::Scatter, &tokens.buf, row_bytes, &gp.plan, None, probs.map(|p| &p.buf), &out.buf, out_probs.as_ref().map(|p| &p.buf))?;
+    let mut sorted = DeviceTensor::from_buffer(DType::I32, vec![n], gp.sorted_indices);
+    sorted.plan = Some(Arc::new(gp.plan));
+    Ok(DevicePermuted {
+        permuted_tokens: out,
+        permuted_probs: out_probs,
+        sorted_indices: sorted,
+        tokens_per_expert: DeviceTensor::from_buffer(DType::I32, vec![num_experts], gp.tokens_per_expert),
+    })
+}
+
+/// The host path of permute for device inputs: download, the core's checks (its errors), the
+/// GPU kernels, upload of the results.
+fn permute_host_fallback(dev: &Device, tokens: &DeviceTensor, routing_map: &DeviceTensor, probs: Option<&DeviceTensor>, options: PermuteOptions) -> Result<DevicePermuted> {
+    let tok = tokens.download(dev, "tokens")?;
+    let map = routing_map.download(dev, "routingMap")?;
+    let pr = download_opt(dev, "probs", probs)?;
+    let pr_ref = pr.as_ref().map(|p| tensor_ref("probs", p)).transpose()?;
+    let out = ops::permute(dev, &tensor_ref("tokens", &tok)?, &tensor_ref("routingMap", &map)?, pr_ref.as_ref(), options)?;
+    Ok(DevicePermuted {
+        permuted_tokens: DeviceTensor::upload_owned(dev, "permutedTokens", &out.permuted_tokens)?,
+        permuted_probs: out.permuted_probs.as_ref().map(|p| DeviceTensor::upload_owned(dev, "permutedProbs", p)).transpose()?,
+        sorted_indices: DeviceTensor::upload_owned(dev, "sortedIndices", &out.sorted_indices)?,
+        tokens_per_expert: DeviceTensor::upload_owned(dev, "tokensPerExpert", &out.tokens_per_expert)?,
+    })
+}
+
+/// unpermute on device tensors. With sortedIndices made by [`permute_device`] (and per-slot or
+/// no probs) nothing leaves the GPU; with other device sortedIndices, they (4 bytes a slot) are
+/// read back to build the token CSR; dense probs run the host path.
+pub fn unpermute_device(
+    dev: &Device,
+    permuted: &DeviceTensor,
+    sorted_indices: &DeviceTensor,
+    restore_shape: [usize; 2],
+    probs: Option<&DeviceTensor>,
+    routing_map: Option<&DeviceTensor>,
+    options: UnpermuteOptions,
+) -> Result<DeviceTensor> {
+    let [num_tokens, hidden] = restore_shape;
+    let ok = permuted.shape.len() == 2
+        && DType::TOKENS.contains(&permuted.dtype)
+        && permuted.shape[1] == hidden
+        && i32::try_from(num_tokens).is_ok()
+        && sorted_indices.dtype == DType::I32
+        && sorted_indices.shape == [permuted.shape[0]]
+        && probs.is_none_or(|p| p.dtype == DType::F32 && p.shape == [permuted.shape[0]])
+        && routing_map.is_none();
+    if !ok {
+        return unpermute_host_fallback(dev, permuted, sorted_indices, restore_shape, probs, routing_map, options);
+    }
+    let out = DeviceTensor::alloc(dev, "the output", permuted.dtype, vec![num_tokens, hidden])?;
+    let weights = probs.map(|p| &p.buf);
+    match &sorted_indices.plan {
+        Some(plan) if plan.num_tokens == num_tokens && plan.num_slots == permuted.shape[0] => {
+            ops::launch_unpermute(dev, permuted.dtype, &permuted.buf, hidden, num_tokens, &plan.row_ptr, &plan.slots, weights, &out.buf)?;
+        }
+        _ => {
+            let n = permuted.shape[0];
+            let idx: Vec<i32> = dev.download_new("sortedIndices", &sorted_indices.buf, n)?;
+            if idx.iter().any(|&t| t < 0 || t as usize >= num_tokens) {
+                return unpermute_host_fallback(dev, permuted, sorted_indices, restore_shape, probs, routing_map, options);
+            }
+            let csr = ops::token_csr(&idx, num_tokens)?;
+            let row_ptr = dev.upload("the plan (row offsets)", &csr.row_ptr)?;
+            let slots = dev.upload("the plan (slots)", &csr.slots)?;
+            ops::launch_unpermute(dev, permuted.dtype, &permuted.buf, hidden, num_tokens, &row_ptr, &slots, weights, &out.buf)?;
+        }
+    }
+    Ok(out)
+}
+
+fn unpermute_host_fallback(
+    dev: &Device,
+    permuted: &DeviceTensor,
+    sorted_indices: &DeviceTensor,
+    restore_shape: [usize; 2],
+    probs: Option<&DeviceTensor>,
+    routing_map: Option<&DeviceTensor>,
+    options: UnpermuteOptions,
+) -> Result<DeviceTensor> {
+    let x = permuted.download(dev, "permutedTokens")?;
+    let si = sorted_indices.download(dev, "sortedIndices")?;
+    let pr = download_opt(dev, "probs", probs)?;
+    let map = download_opt(dev, "routingMap", routing_map)?;
+    let pr_ref = pr.as_ref().map(|p| tensor_ref("probs", p)).transpose()?;
+    let map_ref = map.as_ref().map(|m| tensor_ref("routingMap", m)).transpose()?;
+    let out = ops::unpermute(dev, &tensor_ref("permutedTokens", &x)?, &tensor_ref("sortedIndices", &si)?, restore_shape, pr_ref.as_ref(), map_ref.as_ref(), options)?;
+    DeviceTensor::upload_owned(dev, "the output", &out)
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward passes of permute and unpermute
+
+/// The token CSR of device sortedIndices for `num_tokens` tokens: the plan they carry, or one
+/// built from them (read back: 4 bytes a slot). None when an index is out of range (the core
+/// reports it).
+fn csr_of(dev: &Device, sorted: &DeviceTensor, num_tokens: usize) -> Result<Option<(Option<Arc<DevicePlan>>, Option<(Buffer, Buffer)>)>> {
+    let n = sorted.numel();
+    if let Some(plan) = &sorted.plan {
+        if plan.num_tokens == num_tokens && plan.num_slots == n {
+            return Ok(Some((Some(plan.clone()), None)));
+        }
+    }
+    let idx: Vec<i32> = dev.download_new("sortedIndices", &sorted.buf, n)?;
+    if idx.iter().any(|&t| t < 0 || t as usize >= num_tokens) {
+        return Ok(None);
+    }
+    let csr = ops::token_csr(&idx, num_tokens)?;
+    Ok(Some((None, Some((dev.upload("the plan (row offsets)", &csr.row_ptr)?, dev.upload("the plan (slots)", &csr.slots)?)))))
+}
+
+/// permuteBackward on device tensors: `gradTokens [T, H]` sums each token's slot gradients in
+/// ascending slot order (the unpermute kernel without weights: the core's bits). With
+/// `gradPermutedProbs` the CPU core computes it (explicit fallback: download, core, upload).
+pub fn permute_backward_device(
+    dev: &Device,
+    grad_permuted: &DeviceTensor,
+    sorted_indices: &DeviceTensor,
+    num_tokens: usize,
+    grad_permuted_probs: Option<&DeviceTensor>,
+    routing_map: Option<&DeviceTensor>,
+    options: UnpermuteOptions,
+) -> Result<(DeviceTensor, Option<DeviceTensor>)> {
+    let ok = grad_permuted.shape.len() == 2
+        && DType::TOKENS.contains(&grad_permuted.dtype)
+        && sorted_indices.dtype == DType::I32
+        && sorted_indices.shape == [grad_permuted.shape[0]]
+        && i32::try_from(num_tokens).is_ok()
+        && grad_permuted_probs.is_none();
+    let csr = if ok { csr_of(dev, sorted_indices, num_tokens)? } else { None };
+    let Some((plan, own)) = csr else {
+        let g = grad_permuted.download(dev, "gradPermuted")?;
+        let si = sorted_indices.download(dev, "sortedIndices")?;
+        let gp = download_opt(dev, "gradPermutedProbs", grad_permuted_probs)?;
+        let map = download_opt(dev, "routingMap", routing_map)?;
+        let gp_ref = gp.as_ref().map(|p| tensor_ref("gradPermutedProbs", p)).transpose()?;
+        let map_ref = map.as_ref().map(|m| tensor_ref("routingMap", m)).transpose()?;
+        let out = moe_core::permute::permute_backward(&tensor_ref("gradPermuted", &g)?, &tensor_ref("sortedIndices", &si)?, num_tokens, gp_ref.as_ref(), map_ref.as_ref(), options)?;
+        return Ok((
+            DeviceTensor::upload_owned(dev, "gradTokens", &out.grad_tokens)?,
+            out.grad_probs.as_ref().map(|p| DeviceTensor::upload_owned(dev, "gradProbs", p)).transpose()?,
+        ));
+    };
+    let hidden = grad_permuted.shape[1];
+    let out = DeviceTensor::alloc(dev, "gradTokens", grad_permuted.dtype, vec![num_tokens, hidden])?;
+    let (row_ptr, slots) = match (&plan, &own) {
+        (Some(p), _) => (&p.row_ptr, &p.slots),
+        (None, Some((r, s))) => (r, s),
+        _ => return Err(Error::Cuda("permuteBackward: no plan (a bug in moe-dispatch)".into())),
+    };
+    ops::launch_unpermute(dev, grad_permuted.dtype, &grad_permuted.buf, hidden, num_tokens, row_ptr, slots, None, &out.buf)?;
+    Ok((out, None))
+}
+
+/// unpermuteBackward on device tensors without probs: `gradPermuted[i] = gradOutput[sortedIndices[i]]`
+/// (a row gather, bit-exact). With probs the CPU core computes it (explicit fallback).
+pub fn unpermute_backward_device(
+    dev: &Device,
+    grad_output: &DeviceTensor,
+    permuted: &DeviceTensor,
+    sorted_indices: &DeviceTensor,
+    probs: Option<&DeviceTensor>,
+    routing_map: Option<&DeviceTensor>,
+    options: UnpermuteOptions,
+) -> Result<(DeviceTensor, Option<DeviceTensor>)> {
+    let ok = grad_output.shape.len() == 2
+        && DType::TOKENS.contains(&grad_output.dtype)
+        && permuted.dtype == grad_output.dtype
+        && permuted.shape.len() == 2
+        && permuted.shape[1] == grad_output.shape[1]
+        && sorted_indices.dtype == DType::I32
+        && sorted_indices.shape == [permuted.shape[0]]
+        && i32::try_from(grad_output.shape[0]).is_ok()
+        && probs.is_none()
+        && routing_map.is_none();
+    let valid = ok
+        && match &sorted_indices.plan {
+            Some(p) if p.num_tokens == grad_output.shape[0] && p.num_slots == permuted.shape[0] => true,
+            _ => {
+                let idx: Vec<i32> = dev.download_new("sortedIndices", &sorted_indices.buf, sorted_indices.numel())?;
+                idx.iter().all(|&t| t >= 0 && (t as usize) < grad_output.shape[0])
+            }
+        };
+    if !valid {
+        let g = grad_output.download(dev, "gradOutput")?;
+        let x = permuted.download(dev, "permutedTokens")?;
+        let si = sorted_indices.download(dev, "sortedIndices")?;
+        let pr = download_opt(dev, "probs", probs)?;
+        let map = download_opt(dev, "routingMap", routing_map)?;
+        let pr_ref = pr.as_ref().map(|p| tensor_ref("probs", p)).transpose()?;
+        let map_ref = map.as_ref().map(|m| tensor_ref("routingMap", m)).transpose()?;
+        let out = moe_core::permute::unpermute_backward(&tensor_ref("gradOutput", &g)?, &tensor_ref("permutedTokens", &x)?, &tensor_ref("sortedIndices", &si)?, pr_ref.as_ref(), map_ref.as_ref(), options)?;
+        return Ok((
+            DeviceTensor::upload_owned(dev, "gradPermuted", &out.grad_permuted)?,
+            out.grad_probs.as_ref().map(|p| DeviceTensor::upload_owned(dev, "gradProbs", p)).transpose()?,
+        ));
+    }
+    let (n, hidden) = (permuted.shape[0], permuted.shape[1]);
+    let out = DeviceTensor::alloc(dev, "gradPermuted", grad_output.dtype, vec![n, hidden])?;
+    let row_bytes = hidden * grad_output.dtype.size();
+    if n > 0 && row_bytes > 0 {
+        let w = ops::word_bytes(row_bytes);
+        let words = (row_bytes / w) as i64;
+        let (threads, col_blocks) = ops::row_launch((words as usize).div_ceil(ops::PERMUTE_UNROLL))?;
+        let s = dev.stream();
+        dev.launch(
+            &format!("permute_gather_w{w}"),
+            (n as u32, col_blocks),
+            threads,
+            &[Arg::U64(grad_output.buf.ptr(s)), Arg::U64(out.buf.ptr(s)), Arg::I64(words), Arg::U64(sorted_indices.buf.ptr(s)), Arg::U64(0), Arg::U64(0), Arg::U64(0), Arg::I32(0)],
+        )?;
+    }
+    Ok((out, None))
+}
+
+// ---------------------------------------------------------------------------------------
+// Routing
+
+/// What [`route_device`] returns (the core's `Routed`, on the GPU).
+pub struct DeviceRouted {
+    pub weights: DeviceTensor,
+    pub indices: DeviceTensor,
+    pub scores: DeviceTensor,
+    pub tokens_per_expert: DeviceTensor,
+}
+
+/// Shared memory of one warp of route_kernel (route_stride in kernels/routing.cu).
+pub fn route_stride(e: usize, g: usize, k: usize) -> usize {
+    (16 * e + 8 * g + 4 * k).div_ceil(16) * 16
+}
+
+/// Shared memory a block may use without opting in.
+const SHARED_LIMIT: usize = 48 * 1024;
+
+/// Warps per block for a per-warp shared need (at most 4; 0: does not fit).
+pub fn warps_for(stride: usize) -> usize {
+    (SHARED_LIMIT / stride.max(1)).min(4)
+}
+
+fn score_code(sf: ScoreFunction) -> i32 {
+    ScoreFunction::ALL.iter().position(|&f| f == sf).unwrap_or(0) as i32
+}
+
+/// route on device tensors: one fused kernel (kernels/routing.cu). Results match the core's
+/// bit for bit (same exp/ln, same summation order).
+pub fn route_device(dev: &Device, logits: &DeviceTensor, expert_bias: Option<&DeviceTensor>, token_mask: Option<&DeviceTensor>, options: RouteOptions) -> Result<DeviceRouted> {
+    let shape_ok = logits.dtype == DType::F32 && logits.shape.len() == 2 && i32::try_from(logits.shape[1]).is_ok() && i32::try_from(logits.shape[0]).is_ok();
+    let (t, e) = if shape_ok { (logits.shape[0], logits.shape[1]) } else { (0, 0) };
+    let config = if shape_ok { moe_core::routing::route_config(&options, e, expert_bias.is_some()).ok() } else { None };
+    let ok = expert_bias.is_none_or(|b| b.dtype == DType::F32 && b.shape == [e]) && token_mask.is_none_or(|m| m.dtype == DType::Bool && m.shape == [t]);
+    // (no tokens: the host path, which still checks the bias as the core does)
+    let Some((groups, topk_groups, top2)) = config.filter(|_| ok && t > 0) else {
+        return route_host_fallback(dev, logits, expert_bias, token_mask, options);
+    };
+    let k = options.topk;
+    let stride = route_stride(e, groups, k);
+    let warps = if 4 * e <= SHARED_LIMIT { warps_for(stride) } else { 0 };
+    if warps == 0 {
+        // Too many experts for one warp's shared memory: the CPU core routes (explicitly).
+        return route_host_fallback(dev, logits, expert_bias, token_mask, options);
+    }
+    let (out, err) = launch_route(dev, logits, expert_bias, token_mask, options, (groups, topk_groups, top2), warps, stride)?;
+    let [bad_logit, bad_bias] = dev.read_head::<u64, 2>("route's checks", &err, 0)?;
+    if bad_logit != u64::MAX || bad_bias != u64::MAX {
+        return route_host_fallback(dev, logits, expert_bias, token_mask, options);
+    }
+    Ok(out)
+}
+
+/// The route kernels alone (no readback of the error word, which is returned): for the
+/// benchmark, and for [`route_device`].
+#[allow(clippy::too_many_arguments)]
+pub fn launch_route(
+    dev: &Device,
+    logits: &DeviceTensor,
+    expert_bias: Option<&DeviceTensor>,
+    token_mask: Option<&DeviceTensor>,
+    options: RouteOptions,
+    (groups, topk_groups, top2): (usize, usize, bool),
+    warps: usize,
+    stride: usize,
+) -> Result<(DeviceRouted, Buffer)> {
+    let (t, e, k) = (logits.shape[0], logits.shape[1], options.topk);
+    let weights = DeviceTensor::alloc(dev, "weights", DType::F32, vec![t, k])?;
+    let indices = DeviceTensor::alloc(dev, "indices", DType::I32, vec![t, k])?;
+    let scores = DeviceTensor::alloc(dev, "scores", DType::F32, vec![t, e])?;
+    let tpe = DeviceTensor::alloc(dev, "tokensPerExpert", DType::I32, vec![e])?;
+    dev.memset_u32("tokensPerExpert", &tpe.buf, 0, e)?;
+    let err = dev.alloc("the error word", 16)?;
+    dev.memset_u32("the error word", &err, u32::MAX, 4)?;
+    let s = dev.stream();
+    let normalise = options.norm_topk_prob && k > 1;
+    dev.launch_shared(
+        "route_kernel",
+        (t.div_ceil(warps) as u32, 1),
+        (warps * 32) as u32,
+        (warps * stride) as u32,
+        &[
+            Arg::U64(logits.buf.ptr(s)),
+            Arg::U64(expert_bias.map_or(0, |b| b.buf.ptr(s))),
+            Arg::U64(token_mask.map_or(0, |m| m.buf.ptr(s))),
+            Arg::I32(t as i32),
+            Arg::I32(e as i32),
+            Arg::I32(k as i32),
+            Arg::I32(score_code(options.score_function)),
+            Arg::I32(options.softmax_before_topk as i32),
+            Arg::I32(groups as i32),
+            Arg::I32(topk_groups as i32),
+            Arg::I32(top2 as i32),
+            Arg::I32(normalise as i32),
+            Arg::F64(options.route_scale),
+            Arg::U64(weights.buf.ptr(s)),
+            Arg::U64(indices.buf.ptr(s)),
+            Arg::U64(scores.buf.ptr(s)),
+            Arg::U64(err.ptr(s)),
+        ],
+    )?;
+    count_experts(dev, &indices.buf, t * k, e, &tpe.buf)?;
+    Ok((DeviceRouted { weights, indices, scores, tokens_per_expert: tpe }, err))
+}
+
+/// Adds the histogram of `idx` (`n` int32 expert ids, -1 = none) to `out` (`[E]` int32).
+fn count_experts(dev: &Device, idx: &Buffer, n: usize, e: usize, out: &Buffer) -> Result<()> {
+    let blocks = n.div_ceil(1024).clamp(1, 132) as u32;
+    let s = dev.stream();
+    dev.launch_shared("count_experts", (if n == 0 { 0 } else { blocks }, 1), 1024, (4 * e) as u32, &[Arg::U64(idx.ptr(s)), Arg::I64(n as i64), Arg::I32(e as i32), Arg::U64(out.ptr(s))])
+}
+
+fn route_host_fallback(dev: &Device, logits: &DeviceTensor, expert_bias: Option<&DeviceTensor>, token_mask: Option<&DeviceTensor>, options: RouteOptions) -> Result<DeviceRouted> {
+    let l = logits.download(dev, "logits")?;
+    let b = download_opt(dev, "expertBias", expert_bias)?;
+    let m = download_opt(dev, "tokenMask", token_mask)?;
+    let b_ref = b.as_ref().map(|b| tensor_ref("expertBias", b)).transpose()?;
+    let m_ref = m.as_ref().map(|m| tensor_ref("tokenMask", m)).transpose()?;
+    let out = moe_core::routing::route(&tensor_ref("logits", &l)?, b_ref.as_ref(), m_ref.as_ref(), options)?;
+    Ok(DeviceRouted {
+        weights: DeviceTensor::upload_owned(dev, "weights", &out.weights)?,
+        indices: DeviceTensor::upload_owned(dev, "indices", &out.indices)?,
+        scores: DeviceTensor::upload_owned(dev, "scores", &out.scores)?,
+        tokens_per_expert: DeviceTensor::upload_owned(dev, "tokensPerExpert", &out.tokens_per_expert)?,
+    })
+}
+
+/// topk on device tensors: `values [T, E]` f32 -> `(values, indices) [T, k]`.
+pub fn topk_device(dev: &Device, values: &DeviceTensor, k: usize) -> Result<(DeviceTensor, DeviceTensor)> {
+    let ok = values.dtype == DType::F32 && values.shape.len() == 2 && k >= 1 && k <= values.shape[1] && i32::try_from(values.shape[1]).is_ok() && i32::try_from(values.shape[0]).is_ok();
+    let stride = if ok { (4 * values.shape[1] + 4 * k).div_ceil(16) * 16 } else { 0 };
+    let warps = warps_for(stride);
+    if !ok || warps == 0 {
+        return topk_host_fallback(dev, values, k);
+    }
+    let (t, e) = (values.shape[0], values.shape[1]);
+    let out_v = DeviceTensor::alloc(dev, "values", DType::F32, vec![t, k])?;
+    let out_i = DeviceTensor::alloc(dev, "indices", DType::I32, vec![t, k])?;
+    let err = dev.alloc("the error word", 8)?;
+    dev.memset_u32("the error word", &err, u32::MAX, 2)?;
+    let s = dev.stream();
+    dev.launch_shared(
+        "topk_kernel",
+        (t.div_ceil(warps) as u32, 1),
+        (warps * 32) as u32,
+        (warps * stride) as u32,
+        &[Arg::U64(values.buf.ptr(s)), Arg::I32(t as i32), Arg::I32(e as i32), Arg::I32(k as i32), Arg::U64(out_v.buf.ptr(s)), Arg::U64(out_i.buf.ptr(s)), Arg::U64(err.ptr(s))],
+    )?;
+    if dev.read_head::<u64, 1>("topk's checks", &err, 0)?[0] != u64::MAX {
+        return topk_host_fallback(dev, values, k);
+    }
+    Ok((out_v, out_i))
+}
+
+fn topk_host_fallback(dev: &Device, values: &DeviceTensor, k: usize) -> Result<(DeviceTensor, DeviceTensor)> {
+    let v = values.download(dev, "values")?;
+    let out = moe_core::routing::topk(&tensor_ref("values", &v)?, k)?;
+    Ok((DeviceTensor::upload_owned(dev, "values", &out.values)?, DeviceTensor::upload_owned(dev, "indices", &out.indices)?))
+}
+
+// ---------------------------------------------------------------------------------------
+// Host tensors in and out (the cuda backend's path for plain Tensors)
+
+fn any_int64(ts: &[Option<&moe_core::TensorRef>]) -> bool {
+    ts.iter().flatten().any(|t| t.dtype == DType::I64)
+}
+
+fn upload_opt(dev: &Device, t: Option<&moe_core::TensorRef>) -> Result<Option<DeviceTensor>> {
+    t.map(|t| DeviceTensor::upload(dev, t)).transpose()
+}
+
+/// [`moe_core::routing::route`] on the GPU for host tensors: upload, the fused kernel, download.
+pub fn route(dev: &Device, logits: &moe_core::TensorRef, expert_bias: Option<&moe_core::TensorRef>, token_mask: Option<&moe_core::TensorRef>, options: RouteOptions) -> Result<moe_core::routing::Routed> {
+    if any_int64(&[Some(logits), expert_bias, token_mask]) {
+        return Ok(moe_core::routing::route(logits, expert_bias, token_mask, options)?);
+    }
+    let l = DeviceTensor::upload(dev, logits)?;
+    let b = upload_opt(dev, expert_bias)?;
+    let m = upload_opt(dev, token_mask)?;
+    let out = route_device(dev, &l, b.as_ref(), m.as_ref(), options)?;
+    Ok(moe_core::routing::Routed {
+        weights: out.weights.download(dev, "weights")?,
+        indices: out.indices.download(dev, "indices")?,
+        scores: out.scores.download(dev, "scores")?,
+        tokens_per_expert: out.tokens_per_expert.download(dev, "tokensPerExpert")?,
+    })
+}
+
+/// [`moe_core::routing::topk`] on the GPU for host tensors.
+pub fn topk(dev: &Device, values: &moe_core::TensorRef, k: usize) -> Result<moe_core::routing::TopK> {
+    if any_int64(&[Some(values)]) {
+        return Ok(moe_core::routing::topk(values, k)?);
+    }
+    let v = DeviceTensor::upload(dev, values)?;
+    let (ov, oi) = topk_device(dev, &v, k)?;
+    Ok(moe_core::routing::TopK { values: ov.download(dev, "values")?, indices: oi.download(dev, "indices")? })
+}

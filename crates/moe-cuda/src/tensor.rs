@@ -1,0 +1,90 @@
+//! Device tensors: a buffer on the GPU with its dtype and shape. Upload from a host tensor,
+//! download to one; the buffer is freed when the tensor is dropped (stream-ordered, so queued
+//! kernels that read it finish first).
+//!
+//! int64 is not kept on the GPU (the kernels index with int32): uploading an int64 tensor is
+//! a TypeError that says so.
+
+use std::sync::Arc;
+
+use moe_core::tensor::{DType, Data, Tensor, TensorRef};
+
+use crate::device::{Buffer, Device};
+use crate::error::{Error, Result};
+use crate::ops::DevicePlan;
+
+/// A tensor in GPU memory.
+pub struct DeviceTensor {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub buf: Buffer,
+    /// For the sortedIndices that permute made on the GPU: its plan (the token CSR), which
+    /// unpermute reuses instead of rebuilding it.
+    pub plan: Option<Arc<DevicePlan>>,
+}
+
+impl DeviceTensor {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.numel() * self.dtype.size()
+    }
+
+    /// A new, uninitialised tensor. `what` names it in an out-of-memory error.
+    pub fn alloc(dev: &Device, what: &str, dtype: DType, shape: Vec<usize>) -> Result<DeviceTensor> {
+        let bytes = shape.iter().try_fold(dtype.size(), |acc, &d| acc.checked_mul(d)).ok_or_else(|| Error::Cuda(format!("{what}: shape {shape:?} overflows")))?;
+        Ok(DeviceTensor { dtype, shape, buf: dev.alloc(what, bytes)?, plan: None })
+    }
+
+    /// Wraps a buffer that holds `shape` elements of `dtype`.
+    pub fn from_buffer(dtype: DType, shape: Vec<usize>, buf: Buffer) -> DeviceTensor {
+        DeviceTensor { dtype, shape, buf, plan: None }
+    }
+
+    /// Copies a host tensor to the GPU.
+    pub fn upload(dev: &Device, t: &TensorRef) -> Result<DeviceTensor> {
+        if t.dtype == DType::I64 {
+            return Err(Error::Core(moe_core::Error::type_error(
+                format!("{}.dtype", t.name),
+                "float32, bfloat16, float16, int32 or bool (the GPU keeps no int64 tensors: convert indices to int32)",
+                "int64",
+            )));
+        }
+        Ok(DeviceTensor { dtype: t.dtype, shape: t.shape.clone(), buf: dev.upload(t.name, t.bytes())?, plan: None })
+    }
+
+    /// Copies an owned host tensor to the GPU.
+    pub fn upload_owned(dev: &Device, what: &str, t: &Tensor) -> Result<DeviceTensor> {
+        Ok(DeviceTensor { dtype: t.dtype, shape: t.shape.clone(), buf: dev.upload(what, tensor_bytes(t))?, plan: None })
+    }
+
+    /// Copies the tensor to the host (waits for the kernels that write it).
+    pub fn download(&self, dev: &Device, what: &str) -> Result<Tensor> {
+        let n = self.numel();
+        let shape = self.shape.clone();
+        Ok(match self.dtype {
+            DType::F32 => Tensor::f32(shape, dev.download_new(what, &self.buf, n)?),
+            DType::BF16 | DType::F16 => Tensor::u16(self.dtype, shape, dev.download_new(what, &self.buf, n)?),
+            DType::I32 => Tensor::i32(shape, dev.download_new(what, &self.buf, n)?),
+            DType::Bool => Tensor::bool(shape, dev.download_new(what, &self.buf, n)?),
+            DType::I64 => return Err(Error::Cuda(format!("{what}: int64 on the GPU (a bug in moe-dispatch)"))),
+        })
+    }
+}
+
+/// The bytes of an owned tensor.
+pub fn tensor_bytes(t: &Tensor) -> &[u8] {
+    match &t.data {
+        Data::F32(v) => bytemuck::cast_slice(v),
+        Data::U16(v) => bytemuck::cast_slice(v),
+        Data::I32(v) => bytemuck::cast_slice(v),
+        Data::Bool(v) => v,
+    }
+}
+
+/// A view of an owned tensor under an argument name (for the core's checks).
+pub fn tensor_ref<'a>(name: &'static str, t: &'a Tensor) -> Result<TensorRef<'a>> {
+    Ok(TensorRef::new(name, t.dtype, t.shape.clone(), tensor_bytes(t))?)
+}

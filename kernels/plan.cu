@@ -1,0 +1,180 @@
+// The dispatch plan on the GPU: routing map [T, E] (bool bytes) -> tokensPerExpert, expert
+// offsets, sortedIndices (experts in turn, tokens ascending within an expert) and the token CSR
+// (each token's slots in ascending slot order) that the permute/unpermute kernels walk.
+//
+// Same plan as moe_core::permute::DispatchPlan::{from_routing_map, with_capacity}, bit for bit,
+// and deterministic: integer counts and prefix sums only, each output written by one thread.
+//
+// The map is read in chunks of PLAN_CHUNK tokens; thread (chunk, e) owns column e of its chunk,
+// so consecutive threads read consecutive bytes of a row.
+//   1. plan_chunk_count: selected tokens of column e in each chunk.
+//   2. plan_expert_scan (one block): per expert, exclusive prefix over chunks (chunk bases),
+//      the slots of each expert (its count, or the capacity with drop-and-pad), and the
+//      exclusive prefix over experts (expert offsets, offsets[E] = number of slots).
+//   3. plan_fill: walks its chunk's tokens in order; selected token t of expert e gets slot
+//      offsets[e] + rank (ranks past the capacity are dropped); with drop-and-pad the unselected
+//      tokens with the lowest ids fill what is left of the capacity. Writes sortedIndices, the
+//      slot of every (t, e) in slot_of [T, E] (-1: none) and counts each token's slots.
+//   4. scan_exclusive (one block): row_ptr from the per-token counts.
+//   5. plan_row_fill: one warp per token lists its slots in ascending expert (= slot) order.
+
+typedef unsigned char u8;
+typedef long long i64;
+
+#define PLAN_CHUNK 64
+
+extern "C" __global__ void plan_chunk_count(const u8* __restrict__ map, int T, int E, int* __restrict__ chunk_counts) {
+    const int chunk = blockIdx.x;
+    const int e = blockIdx.y * blockDim.x + threadIdx.x;
+    if (e >= E) return;
+    const int t0 = chunk * PLAN_CHUNK;
+    const int t1 = min(T, t0 + PLAN_CHUNK);
+    int c = 0;
+    for (int t = t0; t < t1; t++) c += __ldg(map + (i64)t * E + e) != 0;
+    chunk_counts[(i64)chunk * E + e] = c;
+}
+
+// One block of 1024 threads. counts_out[e]: selected tokens of expert e (all chunks).
+extern "C" __global__ void __launch_bounds__(1024) plan_expert_scan(
+    int* __restrict__ chunk_counts, int num_chunks, int E, int capacity, int drop_and_pad,
+    int* __restrict__ counts_out, int* __restrict__ tokens_per_expert, int* __restrict__ expert_offsets) {
+    __shared__ int warp_sums[32];
+    __shared__ int carry_s;
+    if (threadIdx.x == 0) carry_s = 0;
+    __syncthreads();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int base = 0; base < E; base += blockDim.x) {
+        const int e = base + threadIdx.x;
+        int slots = 0;
+        if (e < E) {
+            int acc = 0;
+            for (int c = 0; c < num_chunks; c++) {
+                int v = chunk_counts[(i64)c * E + e];
+                chunk_counts[(i64)c * E + e] = acc;  // now the chunk's base rank
+                acc += v;
+            }
+            counts_out[e] = acc;
+            slots = drop_and_pad ? capacity : acc;
+            tokens_per_expert[e] = slots;
+        }
+        // block exclusive scan of `slots`
+        int x = slots;
+        for (int o = 1; o < 32; o <<= 1) {
+            int y = __shfl_up_sync(0xffffffffu, x, o);
+            if (lane >= o) x += y;
+        }
+        if (lane == 31) warp_sums[warp] = x;
+        __syncthreads();
+        if (warp == 0) {
+            int w = lane < (int)(blockDim.x >> 5) ? warp_sums[lane] : 0;
+            for (int o = 1; o < 32; o <<= 1) {
+                int y = __shfl_up_sync(0xffffffffu, w, o);
+                if (lane >= o) w += y;
+            }
+            warp_sums[lane] = w;  // inclusive
+        }
+        __syncthreads();
+        const int carry = carry_s;
+        const int incl = x + (warp > 0 ? warp_sums[warp - 1] : 0);
+        if (e < E) expert_offsets[e] = carry + incl - slots;
+        __syncthreads();
+        if (threadIdx.x == blockDim.x - 1) carry_s = carry + incl;
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) expert_offsets[E] = carry_s;
+}
+
+extern "C" __global__ void plan_fill(
+    const u8* __restrict__ map, int T, int E, const int* __restrict__ chunk_base, const int* __restrict__ counts,
+    const int* __restrict__ expert_offsets, int capacity, int drop_and_pad,
+    int* __restrict__ sorted_indices, int* __restrict__ slot_of, int* __restrict__ row_counts) {
+    const int chunk = blockIdx.x;
+    const int e = blockIdx.y * blockDim.x + threadIdx.x;
+    if (e >= E) return;
+    const int t0 = chunk * PLAN_CHUNK;
+    const int t1 = min(T, t0 + PLAN_CHUNK);
+    int r = chunk_base[(i64)chunk * E + e];  // selected tokens of e before t0
+    int u = t0 - r;                           // unselected tokens of e before t0
+    const int off = expert_offsets[e];
+    const int filled = drop_and_pad ? min(counts[e], capacity) : 0;
+    const int pad = drop_and_pad ? capacity - filled : 0;
+    for (int t = t0; t < t1; t++) {
+        int s = -1;
+        if (__ldg(map + (i64)t * E + e) != 0) {
+            if (!drop_and_pad || r < capacity) s = off + r;
+            r++;
+        } else {
+            if (u < pad) s = off + filled + u;
+            u++;
+        }
+        if (s >= 0) {
+            sorted_indices[s] = t;
+            atomicAdd(row_counts + t, 1);  // integer: the same count whatever the order
+        }
+        slot_of[(i64)t * E + e] = s;
+    }
+}
+
+// One block of 1024 threads: out[i] = sum of in[0..i) for i in 0..=n.
+extern "C" __global__ void __launch_bounds__(1024) scan_exclusive(const int* __restrict__ in, int n, int* __restrict__ out) {
+    __shared__ int warp_sums[32];
+    __shared__ int carry_s;
+    if (threadIdx.x == 0) carry_s = 0;
+    __syncthreads();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int base = 0; base < n; base += blockDim.x) {
+        const int i = base + threadIdx.x;
+        const int v = i < n ? in[i] : 0;
+        int x = v;
+        for (int o = 1; o < 32; o <<= 1) {
+            int y = __shfl_up_sync(0xffffffffu, x, o);
+            if (lane >= o) x += y;
+        }
+        if (lane == 31) warp_sums[warp] = x;
+        __syncthreads();
+        if (warp == 0) {
+            int w = lane < (int)(blockDim.x >> 5) ? warp_sums[lane] : 0;
+            for (int o = 1; o < 32; o <<= 1) {
+                int y = __shfl_up_sync(0xffffffffu, w, o);
+                if (lane >= o) w += y;
+            }
+            warp_sums[lane] = w;
+        }
+        __syncthreads();
+        const int carry = carry_s;
+        const int incl = x + (warp > 0 ? warp_sums[warp - 1] : 0);
+        if (i < n) out[i] = carry + incl - v;
+        __syncthreads();
+        if (threadIdx.x == blockDim.x - 1) carry_s = carry + incl;
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[n] = carry_s;
+}
+
+// One warp per token (blockDim 128 = 4 tokens a block).
+extern "C" __global__ void plan_row_fill(const int* __restrict__ slot_of, int T, int E, const int* __restrict__ row_ptr, int* __restrict__ slots) {
+    const int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (t >= T) return;
+    int pos = row_ptr[t];
+    for (int e0 = 0; e0 < E; e0 += 32) {
+        const int e = e0 + lane;
+        const int s = e < E ? slot_of[(i64)t * E + e] : -1;
+        const unsigned m = __ballot_sync(0xffffffffu, s >= 0);
+        if (s >= 0) slots[pos + __popc(m & ((1u << lane) - 1u))] = s;
+        pos += __popc(m);
+    }
+}
+
+// weights[s] = dense[sorted[s], expert of s] (the expert from the offsets), one thread a slot.
+extern "C" __global__ void gather_slot_probs(const float* __restrict__ dense, const int* __restrict__ sorted_indices,
+                                             const int* __restrict__ expert_offsets, int E, int N, float* __restrict__ out) {
+    const int s = blockIdx.x * blockDim.x + threadIdx.x;
+    if (s >= N) return;
+    int lo = 0, hi = E - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) >> 1;
+        if (__ldg(expert_offsets + mid) <= s) lo = mid; else hi = mid - 1;
+    }
+    out[s] = __ldg(dense + (i64)__ldg(sorted_indices + s) * E + lo);
+}

@@ -1,0 +1,346 @@
+// Routing on the GPU: the fused `route` kernel (scores, expert bias, group-limited top-k,
+// weights, normTopkProb, routeScale, token mask) and `topk`.
+//
+// Same semantics as moe_core::routing (docs/semantics.md), and the same bits: scores are
+// computed in f64 with the core's own exp and ln (crates/moe-core/src/detmath.rs, ported below:
+// + - * / floor and bit operations only; compiled with --fmad=false, so no contraction), rounded
+// once to f32; every f64 sum runs in the core's order (one lane, ascending); selection keys are
+// f32 as in the core. The top-k order is the core's: descending key, ties to the lower id,
+// -0 equal to +0.
+//
+// One warp per token; the token's row lives in shared memory (dynamic, per warp:
+// 8E bytes of f64 scratch, 4E keys, 4E scores, 4G group keys, 4k + 4G picks).
+
+typedef unsigned char u8;
+typedef long long i64;
+typedef unsigned long long u64;
+
+#define FULL 0xffffffffu
+
+// ---------------------------------------------------------------------------------------
+// moe_core::detmath, line for line.
+
+#define LN2_HI __longlong_as_double(0x3fe62e42fee00000LL)
+#define LN2_LO __longlong_as_double(0x3dea39ef35793c76LL)
+#define LOG2_E __longlong_as_double(0x3ff71547652b82feLL)
+#define SQRT_2 __longlong_as_double(0x3ff6a09e667f3bcdLL)
+
+static __device__ __forceinline__ double pow2(i64 e) { return __longlong_as_double((e + 1023) << 52); }
+
+static __device__ double det_scale(double x, i64 k) {
+    if (k > 1023) return x * pow2(1023) * pow2(min(k - 1023, (i64)1023));
+    if (k < -1022) return x * pow2(-1022) * pow2(max(k + 1022, (i64)-1022));
+    return x * pow2(k);
+}
+
+static __device__ double det_exp(double x) {
+    if (x != x) return x;
+    if (x > 709.782712893384) return __longlong_as_double(0x7ff0000000000000LL);
+    if (x < -745.2) return 0.0;
+    const double k = floor(x * LOG2_E + 0.5);
+    const double r = (x - k * LN2_HI) - k * LN2_LO;
+    const double c[15] = {1.0, 1.0, 1.0 / 2.0, 1.0 / 6.0, 1.0 / 24.0, 1.0 / 120.0, 1.0 / 720.0, 1.0 / 5040.0, 1.0 / 40320.0,
+                          1.0 / 362880.0, 1.0 / 3628800.0, 1.0 / 39916800.0, 1.0 / 479001600.0, 1.0 / 6227020800.0,
+                          1.0 / 87178291200.0};
+    double p = c[14];
+#pragma unroll
+    for (int i = 13; i >= 0; i--) p = p * r + c[i];
+    return det_scale(p, (i64)k);
+}
+
+static __device__ double det_ln(double x) {
+    if (x != x || x < 0.0) return __longlong_as_double(0x7ff8000000000000LL);
+    if (x == 0.0) return __longlong_as_double(0xfff0000000000000LL);
+    if (x == __longlong_as_double(0x7ff0000000000000LL)) return x;
+    i64 e = 0;
+    if (x < 2.2250738585072014e-308) {
+        x *= 18014398509481984.0;
+        e -= 54;
+    }
+    const u64 bits = (u64)__double_as_longlong(x);
+    e += (i64)((bits >> 52) & 0x7ff) - 1023;
+    double m = __longlong_as_double((i64)((bits & 0x000fffffffffffffULL) | 0x3ff0000000000000ULL));
+    if (m > SQRT_2) {
+        m *= 0.5;
+        e += 1;
+    }
+    const double f = m - 1.0;
+    const double s = f / (2.0 + f);
+    const double z = s * s;
+    double poly = 1.0 / 23.0;
+    for (int d = 10; d >= 1; d--) poly = poly * z + 1.0 / (double)(2 * d + 1);
+    const double ln_m = 2.0 * s + 2.0 * s * z * poly;
+    const double ef = (double)e;
+    return ef * LN2_HI + (ef * LN2_LO + ln_m);
+}
+
+static __device__ double det_ln_1p(double y) {
+    const double u = 1.0 + y;
+    return u == 1.0 ? y : det_ln(u) * (y / (u - 1.0));
+}
+
+static __device__ double sigmoid64(double x) { return 1.0 / (1.0 + det_exp(-x)); }
+
+static __device__ double softplus64(double x) {
+    if (x > 20.0) return x;
+    return fmax(x, 0.0) + det_ln_1p(det_exp(-fabs(x)));
+}
+
+// ---------------------------------------------------------------------------------------
+// Selection
+
+// Keys as the core's top_k compares them: NaN ranks below everything, -0 equals +0.
+static __device__ __forceinline__ float canon(float v) {
+    if (v != v) return -__int_as_float(0x7f800000);
+    return v == 0.0f ? 0.0f : v;
+}
+
+// The k largest of keys[0..n) (canonical, never NaN), best first, ties to the lower index, into
+// out[0..k). Picked keys become NaN. Every lane of the warp calls it.
+static __device__ void warp_topk(float* keys, int n, int k, int* out, int lane) {
+    for (int j = 0; j < k; j++) {
+        float bv = -__int_as_float(0x7f800000);
+        int be = 0x7fffffff;
+        for (int e = lane; e < n; e += 32) {
+            const float v = keys[e];
+            if (v != v) continue;
+            if (v > bv || (v == bv && e < be)) {
+                bv = v;
+                be = e;
+            }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(FULL, bv, o);
+            const int oe = __shfl_xor_sync(FULL, be, o);
+            if (ov > bv || (ov == bv && oe < be)) {
+                bv = ov;
+                be = oe;
+            }
+        }
+        if (lane == 0) {
+            out[j] = be;
+            keys[be] = __int_as_float(0x7fc00000);
+        }
+        __syncwarp();
+    }
+}
+
+// The f64 sum of f32 values v[0..n), equal to the core's sequential sum (ascending, from 0).
+// When the values' exponents show that every partial sum is exact in f64 (all are multiples of
+// the smallest ulp and below 2^(top + 1) * n, which fits in 53 bits), the order cannot matter,
+// and the warp sums in parallel; otherwise lane 0 sums in order. Every lane gets the result.
+static __device__ double sum_f32_in_f64(const float* v, int n, int lane) {
+    int top = -1000, low = 1000;
+    for (int e = lane; e < n; e += 32) {
+        const unsigned b = __float_as_uint(v[e]) & 0x7fffffffu;
+        if (b == 0u) continue;
+        const int be = (int)(b >> 23);
+        top = max(top, be == 0 ? -127 : be - 127);
+        low = min(low, be == 0 ? -149 : be - 150);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        top = max(top, __shfl_xor_sync(FULL, top, o));
+        low = min(low, __shfl_xor_sync(FULL, low, o));
+    }
+    const int log2n = 32 - __clz(max(n, 1));
+    double s = 0.0;
+    if (top == -1000 || top + 1 + log2n - low <= 53) {
+        for (int e = lane; e < n; e += 32) s += (double)v[e];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(FULL, s, o);
+        return s;
+    }
+    if (lane == 0) {
+#pragma unroll 8
+        for (int e = 0; e < n; e++) s += (double)v[e];
+    }
+    return __shfl_sync(FULL, s, 0);
+}
+
+// Score functions, as moe_core::routing::ScoreFunction (the order of ScoreFunction::ALL).
+#define SF_SOFTMAX 0
+#define SF_SIGMOID 1
+#define SF_SOFTMAX_WITH_BIAS 2
+#define SF_SIGMOID_WITH_BIAS 3
+#define SF_SQRT_SOFTPLUS 4
+
+// Bytes of shared memory one warp of route_kernel needs (the host computes the same).
+static __device__ __forceinline__ int route_stride(int E, int G, int k) { return ((8 * E + 4 * E + 4 * E + 4 * G + 4 * k + 4 * G) + 15) & ~15; }
+
+// err[0]: smallest flat index of a non-finite logit; err[1]: of a non-finite bias (u64 max: none).
+extern "C" __global__ void route_kernel(
+    const float* __restrict__ logits, const float* __restrict__ bias, const u8* __restrict__ mask,
+    int T, int E, int k, int sf, int softmax_before_topk, int groups, int topk_groups, int top2, int normalise,
+    double route_scale, float* __restrict__ weights, int* __restrict__ indices, float* __restrict__ scores,
+    u64* __restrict__ err) {
+    extern __shared__ double smem[];
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int t = blockIdx.x * (blockDim.x >> 5) + w;
+    if (t >= T) return;
+    const int G = groups;
+    char* base = reinterpret_cast<char*>(smem) + (i64)w * route_stride(E, G, k);
+    double* tmp = reinterpret_cast<double*>(base);
+    float* keys = reinterpret_cast<float*>(tmp + E);
+    float* sc = keys + E;
+    float* gk = sc + E;
+    int* picked = reinterpret_cast<int*>(gk + G);
+    int* gpicked = picked + k;
+    const float* row = logits + (i64)t * E;
+
+    for (int e = lane; e < E; e += 32) {
+        const float x = row[e];
+        if (!isfinite(x)) atomicMin(err, (u64)t * (u64)E + (u64)e);
+    }
+    if (t == 0 && bias != 0) {
+        for (int e = lane; e < E; e += 32)
+            if (!isfinite(bias[e])) atomicMin(err + 1, (u64)e);
+    }
+
+    // 1. Unbiased scores.
+    if (sf == SF_SOFTMAX || sf == SF_SOFTMAX_WITH_BIAS) {
+        float m = -__int_as_float(0x7f800000);
+        for (int e = lane; e < E; e += 32) m = fmaxf(m, row[e]);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(FULL, m, o));
+        for (int e = lane; e < E; e += 32) tmp[e] = det_exp((double)row[e] - (double)m);
+        __syncwarp();
+        double sum = 0.0;
+        if (lane == 0) {
+#pragma unroll 8
+            for (int e = 0; e < E; e++) sum += tmp[e];
+        }
+        sum = __shfl_sync(FULL, sum, 0);
+        for (int e = lane; e < E; e += 32) sc[e] = (float)(tmp[e] / sum);
+    } else if (sf == SF_SIGMOID || sf == SF_SIGMOID_WITH_BIAS) {
+        for (int e = lane; e < E; e += 32) sc[e] = (float)sigmoid64((double)row[e]);
+    } else {
+        for (int e = lane; e < E; e += 32) sc[e] = (float)sqrt(softplus64((double)row[e]));
+    }
+    __syncwarp();
+
+    // 2. Selection and weights.
+    const bool masked = mask != 0 && mask[t] == 0;
+    if (masked) {
+        for (int j = lane; j < k; j += 32) {
+            indices[(i64)t * k + j] = -1;
+            weights[(i64)t * k + j] = 0.0f;
+        }
+    } else {
+        for (int e = lane; e < E; e += 32) {
+            float key;
+            if (sf == SF_SOFTMAX && !softmax_before_topk) key = row[e];
+            else if (bias != 0) key = __fadd_rn(sc[e], bias[e]);
+            else key = sc[e];
+            keys[e] = canon(key);
+        }
+        __syncwarp();
+        if (G > 1) {
+            const int size = E / G;
+            for (int g = lane; g < G; g += 32) {
+                const float* grp = keys + g * size;
+                float first = -__int_as_float(0x7f800000), second = first;
+                if (top2) {
+                    for (int i = 0; i < size; i++) {
+                        const float v = grp[i];
+                        if (v > first) {
+                            second = first;
+                            first = v;
+                        } else if (v > second) {
+                            second = v;
+                        }
+                    }
+                    gk[g] = canon(__fadd_rn(first, second));
+                } else {
+                    for (int i = 0; i < size; i++) first = fmaxf(first, grp[i]);
+                    gk[g] = canon(first);
+                }
+            }
+            __syncwarp();
+            warp_topk(gk, G, topk_groups, gpicked, lane);
+            const float dropped = sf == SF_SIGMOID_WITH_BIAS ? -__int_as_float(0x7f800000) : 0.0f;
+            for (int e = lane; e < E; e += 32) {
+                const float g = gk[e / size];
+                if (g == g) keys[e] = dropped;  // a group that was not picked
+            }
+            __syncwarp();
+        }
+        warp_topk(keys, E, k, picked, lane);
+        if (lane == 0) {
+            if (sf == SF_SOFTMAX && !softmax_before_topk) {
+                const double m = (double)row[picked[0]];
+                double sum = 0.0;
+                for (int j = 0; j < k; j++) {
+                    tmp[j] = det_exp((double)row[picked[j]] - m);
+                    sum += tmp[j];
+                }
+                for (int j = 0; j < k; j++) tmp[j] = (double)(float)(tmp[j] / sum);
+            } else {
+                for (int j = 0; j < k; j++) tmp[j] = (double)sc[picked[j]];
+            }
+            const bool norm = normalise != 0;
+            double denom = 1.0;
+            if (norm) {
+                double s = 0.0;
+                for (int j = 0; j < k; j++) s += tmp[j];
+                denom = s + 1e-20;
+            }
+            for (int j = 0; j < k; j++) {
+                const double wv = norm ? tmp[j] / denom : tmp[j];
+                weights[(i64)t * k + j] = (float)(wv * route_scale);
+                indices[(i64)t * k + j] = picked[j];
+            }
+        }
+        __syncwarp();
+    }
+
+    // 3. Scores, normalised per row when the weights are.
+    float* out = scores + (i64)t * E;
+    if (normalise) {
+        const double denom = sum_f32_in_f64(sc, E, lane) + 1e-20;
+        for (int e = lane; e < E; e += 32) out[e] = (float)((double)sc[e] / denom);
+    } else {
+        for (int e = lane; e < E; e += 32) out[e] = sc[e];
+    }
+}
+
+// topk: the k largest of each row of values [T, E], one warp per row (shared: 4E + 4k bytes a
+// warp). err[0]: smallest flat index of a NaN.
+extern "C" __global__ void topk_kernel(const float* __restrict__ values, int T, int E, int k, float* __restrict__ out_values,
+                                       int* __restrict__ out_indices, u64* __restrict__ err) {
+    extern __shared__ double smem[];
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int t = blockIdx.x * (blockDim.x >> 5) + w;
+    if (t >= T) return;
+    float* keys = reinterpret_cast<float*>(reinterpret_cast<char*>(smem) + (i64)w * (((4 * E + 4 * k) + 15) & ~15));
+    int* picked = reinterpret_cast<int*>(keys + E);
+    const float* row = values + (i64)t * E;
+    for (int e = lane; e < E; e += 32) {
+        const float v = row[e];
+        if (v != v) atomicMin(err, (u64)t * (u64)E + (u64)e);
+        keys[e] = canon(v);
+    }
+    __syncwarp();
+    warp_topk(keys, E, k, picked, lane);
+    for (int j = lane; j < k; j += 32) {
+        out_values[(i64)t * k + j] = row[picked[j]];
+        out_indices[(i64)t * k + j] = picked[j];
+    }
+}
+
+// tokensPerExpert from indices [n] (-1: none): a shared-memory histogram per block (4E bytes of
+// dynamic shared memory), added to out (zeroed by the host). Integer sums: deterministic.
+extern "C" __global__ void count_experts(const int* __restrict__ idx, long long n, int E, int* __restrict__ out) {
+    extern __shared__ double smem[];
+    int* hist = reinterpret_cast<int*>(smem);
+    for (int e = threadIdx.x; e < E; e += blockDim.x) hist[e] = 0;
+    __syncthreads();
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const int e = idx[i];
+        if (e >= 0) atomicAdd(hist + e, 1);
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += blockDim.x)
+        if (hist[e] != 0) atomicAdd(out + e, hist[e]);
+}

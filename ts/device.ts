@@ -1,0 +1,107 @@
+/**
+ * Device tensors: tensors that live in GPU memory (the cuda backend's). They carry their dtype
+ * and shape; `download()` copies one to a host `Tensor`; `dispose()` frees its GPU memory at
+ * once (a tensor that is garbage-collected is freed too, later). Any use after `dispose()` is a
+ * TypeError naming the op and the argument.
+ *
+ *   const moe = await createBackend({ prefer: 'cuda' });
+ *   const x = moe.upload(tokens);                         // DeviceTensor<'bfloat16'>
+ *   const { permutedTokens, sortedIndices } = moe.permute(x, moe.upload(routingMap));
+ *   const y = moe.unpermute(permutedTokens, sortedIndices, [T, H]);   // never leaves the GPU
+ *   const host = y.download();                            // Tensor<'bfloat16'>
+ *   x.dispose(); y.dispose();
+ */
+import type { DType, Tensor } from './tensor.js';
+
+export interface DeviceTensor<D extends DType = DType> {
+  /** Where the data lives. */
+  readonly device: 'cuda';
+  readonly dtype: D;
+  readonly shape: readonly number[];
+  /** Whether `dispose()` was called. */
+  readonly disposed: boolean;
+  /** GPU memory held, in bytes (0 once disposed). */
+  readonly byteLength: number;
+  /** Copies the tensor to a new host Tensor (waits for the kernels that write it). */
+  download(): Tensor<D>;
+  /** Frees the GPU memory now. Idempotent; later uses are errors. */
+  dispose(): void;
+}
+
+/** What the native addon's `CudaTensor` class exposes. */
+export interface NativeCudaTensor {
+  readonly dtype: string;
+  readonly shape: number[];
+  readonly disposed: boolean;
+  readonly byteLength: number;
+  download(): Tensor;
+  dispose(): void;
+}
+
+const handles = new WeakMap<object, NativeCudaTensor>();
+
+const ERROR_CLASSES: Record<string, ErrorConstructor> = { TypeError, RangeError, Error };
+
+/** Rethrows an addon error as the JS class its `code` names, prefixed with the op. */
+export function rethrowNative(op: string, e: unknown): never {
+  if (e instanceof Error) {
+    const code = (e as { code?: unknown }).code;
+    const cls = typeof code === 'string' && code in ERROR_CLASSES ? ERROR_CLASSES[code] : e instanceof TypeError ? TypeError : e instanceof RangeError ? RangeError : undefined;
+    if (cls) throw new cls(`${op}: ${e.message}`);
+  }
+  throw e;
+}
+
+class CudaDeviceTensor<D extends DType> implements DeviceTensor<D> {
+  readonly device = 'cuda' as const;
+  readonly dtype: D;
+  readonly shape: readonly number[];
+
+  constructor(handle: NativeCudaTensor) {
+    handles.set(this, handle);
+    this.dtype = handle.dtype as D;
+    this.shape = Object.freeze([...handle.shape]);
+  }
+
+  get disposed(): boolean {
+    return handles.get(this)!.disposed;
+  }
+
+  get byteLength(): number {
+    return handles.get(this)!.byteLength;
+  }
+
+  download(): Tensor<D> {
+    try {
+      const w = handles.get(this)!.download();
+      return { dtype: w.dtype, shape: [...w.shape], data: w.data } as unknown as Tensor<D>;
+    } catch (e) {
+      rethrowNative('download', e);
+    }
+  }
+
+  dispose(): void {
+    handles.get(this)!.dispose();
+  }
+
+  get [Symbol.toStringTag](): string {
+    return `DeviceTensor(${this.dtype} [${this.shape.join(', ')}]${this.disposed ? ', disposed' : ''})`;
+  }
+}
+
+/** Wraps an addon `CudaTensor`. */
+export function wrapDevice<D extends DType = DType>(handle: NativeCudaTensor): DeviceTensor<D> {
+  return new CudaDeviceTensor<D>(handle);
+}
+
+/** Whether `value` is a device tensor (made by a cuda backend). */
+export function isDeviceTensor(value: unknown): value is DeviceTensor {
+  return typeof value === 'object' && value !== null && handles.has(value);
+}
+
+/** The addon handle of a device tensor. */
+export function nativeHandle(t: DeviceTensor): NativeCudaTensor {
+  const h = handles.get(t);
+  if (!h) throw new TypeError('not a device tensor of this library');
+  return h;
+}

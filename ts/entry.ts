@@ -1,0 +1,75 @@
+/**
+ * `createBackend` and `backendInfo`, built over a loader per backend. The Node entry
+ * (`index.ts`) passes loaders for cuda, cpu (N-API) and wasm; the browser entry
+ * (`browser.ts`) passes the wasm loader and reports the others unavailable, so the two
+ * entries have the same API and the browser one never imports a `node:` module.
+ */
+import { bindingBackend, type Backend, type BackendInfo, type BackendName, type Binding } from './backend.js';
+
+export type Prefer = 'auto' | BackendName;
+
+export interface CreateBackendOptions {
+  /** 'auto' (default) takes the fastest available: cuda, then cpu (native), then wasm. */
+  prefer?: Prefer;
+}
+
+/** What a loader gives: a binding (plus info for backendInfo) or why there is none. */
+export type LoadResult =
+  | { binding: Binding; reason?: undefined; info?: Partial<BackendInfo>; /** Adds backend-specific ops (cuda: device tensors) to the adapter. */ extend?: (backend: Backend) => Backend }
+  | { binding?: undefined; reason: string };
+
+export const ORDER: readonly BackendName[] = ['cuda', 'cpu', 'wasm'];
+
+function wrap(name: BackendName, binding: Binding): Backend {
+  if (name !== 'wasm') return bindingBackend(name, () => binding);
+  // A wasm instance that trapped is not trusted again: later calls report it.
+  let current: Binding | undefined = binding;
+  return bindingBackend(
+    name,
+    () => {
+      if (!current) throw new Error('this wasm backend hit an internal error earlier; create a new backend');
+      return current;
+    },
+    () => {
+      current = undefined;
+    },
+  );
+}
+
+export interface Entry {
+  backendInfo(): Promise<BackendInfo[]>;
+  createBackend(options?: CreateBackendOptions): Promise<Backend>;
+}
+
+export function makeEntry(load: (name: BackendName) => LoadResult | Promise<LoadResult>): Entry {
+  /** Which backends can run here and, for the others, why not. */
+  async function backendInfo(): Promise<BackendInfo[]> {
+    const infos: BackendInfo[] = [];
+    for (const name of ORDER) {
+      const loaded = await load(name);
+      infos.push(loaded.binding ? { name, available: true, threads: loaded.binding.numThreads(), ...loaded.info } : { name, available: false, reason: loaded.reason });
+    }
+    return infos;
+  }
+
+  /** Creates a backend. An explicitly preferred backend that cannot run here is an error that says why. */
+  async function createBackend(options: CreateBackendOptions = {}): Promise<Backend> {
+    if (typeof options !== 'object' || options === null) throw new TypeError(`options: expected an object, got ${typeof options}`);
+    const prefer = options.prefer ?? 'auto';
+    if (prefer !== 'auto' && !ORDER.includes(prefer)) {
+      throw new TypeError(`options.prefer: expected 'auto', 'cuda', 'cpu' or 'wasm', got ${JSON.stringify(prefer)}`);
+    }
+    const reasons: string[] = [];
+    for (const name of prefer === 'auto' ? ORDER : [prefer]) {
+      const loaded = await load(name);
+      if (loaded.binding) {
+        const backend = wrap(name, loaded.binding);
+        return loaded.extend ? loaded.extend(backend) : backend;
+      }
+      reasons.push(`${name}: ${loaded.reason}`);
+    }
+    throw new Error(`no moe-dispatch backend is available (${reasons.join('; ')})`);
+  }
+
+  return { backendInfo, createBackend };
+}
