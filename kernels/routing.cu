@@ -126,6 +126,48 @@ static __device__ void warp_topk(float* keys, int n, int k, int* out, int lane) 
     }
 }
 
+// Register top-k (E <= 32 * PER): lane l holds the keys of experts l, l + 32, ... A key and its
+// id pack into one u64 that orders as the core's top_k does (greater key first, then lower id),
+// so each round is one warp max of u64s.
+static __device__ __forceinline__ unsigned long long pack_key(float v, int e) {
+    const unsigned b = __float_as_uint(v);  // canonical: no NaN, no -0
+    const unsigned k = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+    return ((unsigned long long)k << 32) | (unsigned long long)(0xffffffffu - (unsigned)e);
+}
+
+static __device__ __forceinline__ unsigned long long warp_max_u64(unsigned long long x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const unsigned long long y = __shfl_xor_sync(FULL, x, o);
+        x = y > x ? y : x;
+    }
+    return x;
+}
+
+static __device__ __forceinline__ int unpack_id(unsigned long long c) { return (int)(0xffffffffu - (unsigned)(c & 0xffffffffu)); }
+
+// The k best of the keys (lane-strided registers), into out[0..k) (lane 0 writes).
+template <int PER>
+static __device__ __forceinline__ void reg_topk(const float (&key)[PER], int E, int k, int lane, int* out) {
+    unsigned taken = 0u;
+    for (int j = 0; j < k; j++) {
+        unsigned long long best = 0ull;
+#pragma unroll
+        for (int i = 0; i < PER; i++) {
+            const int e = lane + 32 * i;
+            if (e < E && !((taken >> i) & 1u)) {
+                const unsigned long long c = pack_key(key[i], e);
+                best = c > best ? c : best;
+            }
+        }
+        best = warp_max_u64(best);
+        const int e = unpack_id(best);
+        if ((e & 31) == lane) taken |= 1u << (e >> 5);
+        if (lane == 0) out[j] = e;
+    }
+    __syncwarp();
+}
+
 // The f64 sum of f32 values v[0..n), equal to the core's sequential sum (ascending, from 0).
 // When the values' exponents show that every partial sum is exact in f64 (all are multiples of
 // the smallest ulp and below 2^(top + 1) * n, which fits in 53 bits), the order cannot matter,
@@ -344,3 +386,221 @@ extern "C" __global__ void count_experts(const int* __restrict__ idx, long long 
     for (int e = threadIdx.x; e < E; e += blockDim.x)
         if (hist[e] != 0) atomicAdd(out + e, hist[e]);
 }
+
+// ---------------------------------------------------------------------------------------
+// Register variants for E <= 32 * PER (PER = 1, 2, 4, 8, 16) and G <= 32: the same results as
+// route_kernel / topk_kernel; keys and group scores stay in registers (the selection is the
+// costly part of routing: one warp max of packed u64s per pick).
+
+template <int PER>
+__device__ __forceinline__ void route_reg_impl(
+    const float* __restrict__ logits, const float* __restrict__ bias, const u8* __restrict__ mask,
+    int T, int E, int k, int sf, int softmax_before_topk, int groups, int topk_groups, int top2, int normalise,
+    double route_scale, float* __restrict__ weights, int* __restrict__ indices, float* __restrict__ scores,
+    u64* __restrict__ err) {
+    extern __shared__ double smem[];
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int t = blockIdx.x * (blockDim.x >> 5) + w;
+    if (t >= T) return;
+    const int G = groups;
+    char* base = reinterpret_cast<char*>(smem) + (i64)w * route_stride(E, G, k);
+    double* tmp = reinterpret_cast<double*>(base);
+    float* keys_unused = reinterpret_cast<float*>(tmp + E);
+    float* sc = keys_unused + E;
+    float* gk_unused = sc + E;
+    int* picked = reinterpret_cast<int*>(gk_unused + G);
+    const float* row = logits + (i64)t * E;
+
+    float x[PER];
+#pragma unroll
+    for (int i = 0; i < PER; i++) {
+        const int e = lane + 32 * i;
+        x[i] = e < E ? row[e] : 0.0f;
+        if (e < E && !isfinite(x[i])) atomicMin(err, (u64)t * (u64)E + (u64)e);
+    }
+    if (t == 0 && bias != 0) {
+        for (int e = lane; e < E; e += 32)
+            if (!isfinite(bias[e])) atomicMin(err + 1, (u64)e);
+    }
+
+    // 1. Unbiased scores (into sc, shared).
+    if (sf == SF_SOFTMAX || sf == SF_SOFTMAX_WITH_BIAS) {
+        float m = -__int_as_float(0x7f800000);
+#pragma unroll
+        for (int i = 0; i < PER; i++)
+            if (lane + 32 * i < E) m = fmaxf(m, x[i]);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(FULL, m, o));
+#pragma unroll
+        for (int i = 0; i < PER; i++)
+            if (lane + 32 * i < E) tmp[lane + 32 * i] = det_exp((double)x[i] - (double)m);
+        __syncwarp();
+        double sum = 0.0;
+        if (lane == 0) {
+#pragma unroll 8
+            for (int e = 0; e < E; e++) sum += tmp[e];
+        }
+        sum = __shfl_sync(FULL, sum, 0);
+#pragma unroll
+        for (int i = 0; i < PER; i++)
+            if (lane + 32 * i < E) sc[lane + 32 * i] = (float)(tmp[lane + 32 * i] / sum);
+    } else if (sf == SF_SIGMOID || sf == SF_SIGMOID_WITH_BIAS) {
+#pragma unroll
+        for (int i = 0; i < PER; i++)
+            if (lane + 32 * i < E) sc[lane + 32 * i] = (float)sigmoid64((double)x[i]);
+    } else {
+#pragma unroll
+        for (int i = 0; i < PER; i++)
+            if (lane + 32 * i < E) sc[lane + 32 * i] = (float)sqrt(softplus64((double)x[i]));
+    }
+    __syncwarp();
+
+    // 2. Selection and weights.
+    const bool masked = mask != 0 && mask[t] == 0;
+    if (masked) {
+        for (int j = lane; j < k; j += 32) {
+            indices[(i64)t * k + j] = -1;
+            weights[(i64)t * k + j] = 0.0f;
+        }
+    } else {
+        float key[PER];
+#pragma unroll
+        for (int i = 0; i < PER; i++) {
+            const int e = lane + 32 * i;
+            float v = 0.0f;
+            if (e < E) {
+                if (sf == SF_SOFTMAX && !softmax_before_topk) v = x[i];
+                else if (bias != 0) v = __fadd_rn(sc[e], bias[e]);
+                else v = sc[e];
+            }
+            key[i] = canon(v);
+        }
+        if (G > 1) {
+            const int size = E / G;
+            float mine = 0.0f;
+            for (int g = 0; g < G; g++) {
+                float f = -__int_as_float(0x7f800000), s2 = f;
+#pragma unroll
+                for (int i = 0; i < PER; i++) {
+                    const int e = lane + 32 * i;
+                    if (e < E && e / size == g) {
+                        const float v = key[i];
+                        if (v > f) {
+                            s2 = f;
+                            f = v;
+                        } else if (v > s2) {
+                            s2 = v;
+                        }
+                    }
+                }
+#pragma unroll
+                for (int o = 16; o > 0; o >>= 1) {
+                    const float of = __shfl_xor_sync(FULL, f, o);
+                    const float os = __shfl_xor_sync(FULL, s2, o);
+                    const float nf = fmaxf(f, of);
+                    s2 = fmaxf(fminf(f, of), fmaxf(s2, os));
+                    f = nf;
+                }
+                const float gv = canon(top2 ? __fadd_rn(f, s2) : f);
+                if (lane == g) mine = gv;
+            }
+            unsigned kept = 0u;
+            unsigned long long gkey = lane < G ? pack_key(mine, lane) : 0ull;
+            for (int j = 0; j < topk_groups; j++) {
+                const unsigned long long best = warp_max_u64(gkey);
+                const int g = unpack_id(best);
+                kept |= 1u << g;
+                if (lane == g) gkey = 0ull;
+            }
+            const float dropped = sf == SF_SIGMOID_WITH_BIAS ? -__int_as_float(0x7f800000) : 0.0f;
+#pragma unroll
+            for (int i = 0; i < PER; i++) {
+                const int e = lane + 32 * i;
+                if (e < E && !((kept >> (e / size)) & 1u)) key[i] = dropped;
+            }
+        }
+        reg_topk<PER>(key, E, k, lane, picked);
+        if (lane == 0) {
+            if (sf == SF_SOFTMAX && !softmax_before_topk) {
+                const double m = (double)row[picked[0]];
+                double sum = 0.0;
+                for (int j = 0; j < k; j++) {
+                    tmp[j] = det_exp((double)row[picked[j]] - m);
+                    sum += tmp[j];
+                }
+                for (int j = 0; j < k; j++) tmp[j] = (double)(float)(tmp[j] / sum);
+            } else {
+                for (int j = 0; j < k; j++) tmp[j] = (double)sc[picked[j]];
+            }
+            const bool norm = normalise != 0;
+            double denom = 1.0;
+            if (norm) {
+                double s = 0.0;
+                for (int j = 0; j < k; j++) s += tmp[j];
+                denom = s + 1e-20;
+            }
+            for (int j = 0; j < k; j++) {
+                const double wv = norm ? tmp[j] / denom : tmp[j];
+                weights[(i64)t * k + j] = (float)(wv * route_scale);
+                indices[(i64)t * k + j] = picked[j];
+            }
+        }
+        __syncwarp();
+    }
+
+    // 3. Scores, normalised per row when the weights are.
+    float* out = scores + (i64)t * E;
+    if (normalise) {
+        const double denom = sum_f32_in_f64(sc, E, lane) + 1e-20;
+#pragma unroll
+        for (int i = 0; i < PER; i++)
+            if (lane + 32 * i < E) out[lane + 32 * i] = (float)((double)sc[lane + 32 * i] / denom);
+    } else {
+#pragma unroll
+        for (int i = 0; i < PER; i++)
+            if (lane + 32 * i < E) out[lane + 32 * i] = sc[lane + 32 * i];
+    }
+}
+
+template <int PER>
+__device__ __forceinline__ void topk_reg_impl(const float* __restrict__ values, int T, int E, int k, float* __restrict__ out_values,
+                                              int* __restrict__ out_indices, u64* __restrict__ err) {
+    extern __shared__ double smem[];
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int t = blockIdx.x * (blockDim.x >> 5) + w;
+    if (t >= T) return;
+    int* picked = reinterpret_cast<int*>(reinterpret_cast<char*>(smem) + (i64)w * (((4 * E + 4 * k) + 15) & ~15));
+    const float* row = values + (i64)t * E;
+    float key[PER];
+#pragma unroll
+    for (int i = 0; i < PER; i++) {
+        const int e = lane + 32 * i;
+        const float v = e < E ? row[e] : 0.0f;
+        if (e < E && v != v) atomicMin(err, (u64)t * (u64)E + (u64)e);
+        key[i] = canon(v);
+    }
+    reg_topk<PER>(key, E, k, lane, picked);
+    for (int j = lane; j < k; j += 32) {
+        out_values[(i64)t * k + j] = row[picked[j]];
+        out_indices[(i64)t * k + j] = picked[j];
+    }
+}
+
+#define ROUTE_REG_KERNELS(PER)                                                                               \
+    extern "C" __global__ void route_kernel_r##PER(                                                          \
+        const float* logits, const float* bias, const u8* mask, int T, int E, int k, int sf,                 \
+        int softmax_before_topk, int groups, int topk_groups, int top2, int normalise, double route_scale,   \
+        float* weights, int* indices, float* scores, u64* err) {                                             \
+        route_reg_impl<PER>(logits, bias, mask, T, E, k, sf, softmax_before_topk, groups, topk_groups, top2,  \
+                            normalise, route_scale, weights, indices, scores, err);                          \
+    }                                                                                                        \
+    extern "C" __global__ void topk_kernel_r##PER(const float* values, int T, int E, int k, float* out_values, \
+                                                   int* out_indices, u64* err) {                             \
+        topk_reg_impl<PER>(values, T, E, k, out_values, out_indices, err);                                   \
+    }
+
+ROUTE_REG_KERNELS(1)
+ROUTE_REG_KERNELS(2)
+ROUTE_REG_KERNELS(4)
+ROUTE_REG_KERNELS(8)
+ROUTE_REG_KERNELS(16)

@@ -424,9 +424,9 @@ const ROUTES = [];
   const fns = ['softmax', 'sigmoid', 'softmax_with_bias', 'sigmoid_with_bias', 'sqrtsoftplus'];
   for (let i = 0; i < 150; i++) {
     const sf = fns[i % fns.length];
-    const E = pick([1, 2, 4, 8, 16, 64, 256, 512]);
+    const E = pick([1, 2, 4, 8, 16, 64, 256, 512, 1024]);
     const grouped = sf !== 'softmax' && sf !== 'sqrtsoftplus' && random() < 0.7;
-    const divisors = [1, 2, 4, 8, 16, 32].filter((g) => E % g === 0 && E / g >= 2);
+    const divisors = [1, 2, 4, 8, 16, 32, 64].filter((g) => E % g === 0 && E / g >= 2);
     const G = grouped && divisors.length ? pick(divisors) : 1;
     const kg = G > 1 ? 1 + Math.floor(random() * G) : undefined;
     const maxK = G > 1 ? kg * (E / G) : E;

@@ -191,7 +191,7 @@ pub fn read_header<S: ByteSource + ?Sized>(src: &mut S) -> Result<Header> {
     if n > MAX_HEADER || n > total - 8 {
         return Err(Error::range("checkpoint", format!("not a safetensors file: a header of {n} bytes does not fit in {total} bytes")));
     }
-    let mut json = vec![0u8; n as usize];
+    let mut json = crate::alloc::try_vec(0u8, n as usize, "checkpoint")?;
     src.read_at(8, &mut json)?;
     let meta: Metadata = serde_json::from_slice(&json).map_err(|e| Error::range("checkpoint", format!("not a safetensors header: {e}")))?;
     let data_start = 8 + n;
@@ -594,8 +594,8 @@ fn load_from_store(store: &mut dyn Store, prefix: &str, num_experts: usize, rang
     let mut w1 = crate::alloc::try_vec(0u8, local * dim * width * size, "gateAndUpProjs")?;
     let mut w2 = crate::alloc::try_vec(0u8, local * inter * dim * size, "downProjs")?;
     let bsize = bias_dtype.map_or(0, |d| d.size());
-    let mut b1 = vec![0u8; if has_bias { local * width * bsize } else { 0 }];
-    let mut b2 = vec![0u8; if has_bias { local * dim * bsize } else { 0 }];
+    let mut b1 = crate::alloc::try_vec(0u8, if has_bias { local * width * bsize } else { 0 }, "gateUpProjBias")?;
+    let mut b2 = crate::alloc::try_vec(0u8, if has_bias { local * dim * bsize } else { 0 }, "downProjBias")?;
     for (l, i) in (range.start..range.end).enumerate() {
         let p = |rest: &str| key(prefix, &format!("{i}.{rest}"));
         let blk = &mut w1[l * dim * width * size..(l + 1) * dim * width * size];

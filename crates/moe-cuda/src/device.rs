@@ -399,6 +399,12 @@ pub fn kernel_names(source: &str) -> Vec<String> {
             }
             continue;
         }
+        if let Some(rest) = line.strip_prefix("ROUTE_REG_KERNELS(") {
+            let per = rest.trim_end_matches(')');
+            names.push(format!("route_kernel_r{per}"));
+            names.push(format!("topk_kernel_r{per}"));
+            continue;
+        }
         if let Some(rest) = line.strip_prefix("PERMUTE_KERNELS(") {
             let bytes = rest.trim_end_matches(')');
             names.push(format!("permute_scatter_w{bytes}"));
@@ -451,7 +457,9 @@ mod tests {
             assert!(plan.contains(&n.to_string()), "{plan:?}");
         }
         let routing = kernel_names(compile::ROUTING.source);
-        assert_eq!(routing, vec!["route_kernel".to_string(), "topk_kernel".to_string()]);
+        for n in ["route_kernel", "topk_kernel", "count_experts", "route_kernel_r1", "route_kernel_r16", "topk_kernel_r8"] {
+            assert!(routing.contains(&n.to_string()), "{routing:?}");
+        }
         assert!(!kernel_names(compile::PERMUTE.source).iter().any(|n| n.contains('#')));
     }
 

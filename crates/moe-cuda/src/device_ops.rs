@@ -385,6 +385,11 @@ pub fn warps_for(stride: usize) -> usize {
     (SHARED_LIMIT / stride.max(1)).min(4)
 }
 
+/// Registers a lane holds in the register kernels (E <= 32 * PER), if E is small enough.
+fn reg_per(e: usize) -> Option<usize> {
+    [1usize, 2, 4, 8, 16].into_iter().find(|&p| e <= 32 * p)
+}
+
 fn score_code(sf: ScoreFunction) -> i32 {
     ScoreFunction::ALL.iter().position(|&f| f == sf).unwrap_or(0) as i32
 }
@@ -438,8 +443,12 @@ pub fn launch_route(
     dev.memset_u32("the error word", &err, u32::MAX, 4)?;
     let s = dev.stream();
     let normalise = options.norm_topk_prob && k > 1;
+    let name = match reg_per(e) {
+        Some(per) if groups <= 32 => format!("route_kernel_r{per}"),
+        _ => "route_kernel".to_string(),
+    };
     dev.launch_shared(
-        "route_kernel",
+        &name,
         (t.div_ceil(warps) as u32, 1),
         (warps * 32) as u32,
         (warps * stride) as u32,
@@ -503,8 +512,9 @@ pub fn topk_device(dev: &Device, values: &DeviceTensor, k: usize) -> Result<(Dev
     let err = dev.alloc("the error word", 8)?;
     dev.memset_u32("the error word", &err, u32::MAX, 2)?;
     let s = dev.stream();
+    let name = reg_per(e).map_or_else(|| "topk_kernel".to_string(), |per| format!("topk_kernel_r{per}"));
     dev.launch_shared(
-        "topk_kernel",
+        &name,
         (t.div_ceil(warps) as u32, 1),
         (warps * 32) as u32,
         (warps * stride) as u32,
