@@ -54,13 +54,20 @@ export function rethrowNative(op: string, e: unknown): never {
 
 class CudaDeviceTensor<D extends DType> implements DeviceTensor<D> {
   readonly device = 'cuda' as const;
-  readonly dtype: D;
-  readonly shape: readonly number[];
+  // dtype and shape are read from the addon at first use (fewer N-API calls per op)
+  #dtype?: D;
+  #shape?: readonly number[];
 
   constructor(handle: NativeCudaTensor) {
     handles.set(this, handle);
-    this.dtype = handle.dtype as D;
-    this.shape = Object.freeze([...handle.shape]);
+  }
+
+  get dtype(): D {
+    return (this.#dtype ??= handles.get(this)!.dtype as D);
+  }
+
+  get shape(): readonly number[] {
+    return (this.#shape ??= Object.freeze([...handles.get(this)!.shape]));
   }
 
   get disposed(): boolean {

@@ -277,8 +277,10 @@ function prefixOf(value: unknown): string {
 export function expertsOps(call: Call<ExpertsBinding>): ExpertsOps {
   return {
     matmul(a, b, options) {
-      const o = checkOptions<MatmulOptions>(options, 'matmul', ['transA', 'transB']);
-      return call('matmul', (bd) => bd.matmul(wire(a, 'a', TOKENS), wire(b, 'b', TOKENS), checkBool(o.transA, 'options.transA'), checkBool(o.transB, 'options.transB'))) as Tensor<never>;
+      return call('matmul', (bd) => {
+        const o = checkOptions<MatmulOptions>(options, 'matmul', ['transA', 'transB']);
+        return bd.matmul(wire(a, 'a', TOKENS), wire(b, 'b', TOKENS), checkBool(o.transA, 'options.transA'), checkBool(o.transB, 'options.transB'));
+      }) as Tensor<never>;
     },
     expertsForward(permutedTokens, tokensPerExpert, weights, options) {
       return call('expertsForward', (b) => b.expertsForward(...expertArgs(permutedTokens, tokensPerExpert, weights, options, 'expertsForward'))) as Tensor<never>;

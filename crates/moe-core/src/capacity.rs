@@ -7,6 +7,7 @@
 
 use std::cmp::Ordering;
 
+use crate::alloc::{try_vec, try_with_capacity};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor, TensorRef};
 
@@ -130,7 +131,7 @@ pub fn drop_tokens(probs: &TensorRef, routing_map: &TensorRef, options: DropOpti
     if capacity >= num_tokens {
         mask.fill(1);
     } else if capacity > 0 {
-        let mut order: Vec<usize> = Vec::with_capacity(num_tokens);
+        let mut order: Vec<usize> = try_with_capacity(num_tokens, "probs.shape[0]")?;
         for e in 0..num_experts {
             order.clear();
             match options.drop_policy {
@@ -189,7 +190,7 @@ pub fn pad_routing_map(routing_map: &TensorRef, pad_multiple: usize) -> Result<T
         return Err(Error::range("padMultiple", "expected at least 1, got 0"));
     }
     let mut out: Vec<u8> = map.iter().map(|&b| (b != 0) as u8).collect();
-    let counts = column_counts(map, num_tokens, num_experts);
+    let counts = column_counts(map, num_tokens, num_experts)?;
     for (e, &c) in counts.iter().enumerate() {
         let mut need = (pad_multiple - c % pad_multiple) % pad_multiple;
         let mut t = 0;
@@ -205,8 +206,10 @@ pub fn pad_routing_map(routing_map: &TensorRef, pad_multiple: usize) -> Result<T
     Ok(Tensor::bool(vec![num_tokens, num_experts], out))
 }
 
-fn column_counts(map: &[u8], num_tokens: usize, num_experts: usize) -> Vec<usize> {
-    let mut counts = vec![0usize; num_experts];
+/// A RangeError when the counts cannot be allocated (a `[0, numExperts]` map holds no
+/// elements whatever numExperts is).
+fn column_counts(map: &[u8], num_tokens: usize, num_experts: usize) -> Result<Vec<usize>> {
+    let mut counts = try_vec(0usize, num_experts, "routingMap.shape[1]")?;
     if num_experts > 0 {
         for row in map.chunks_exact(num_experts).take(num_tokens) {
             for (c, &b) in counts.iter_mut().zip(row) {
@@ -214,7 +217,7 @@ fn column_counts(map: &[u8], num_tokens: usize, num_experts: usize) -> Vec<usize
             }
         }
     }
-    counts
+    Ok(counts)
 }
 
 /// Column sums of a routing map `[T, E]`: `[E]` int32.
@@ -225,8 +228,10 @@ pub fn tokens_per_expert(routing_map: &TensorRef) -> Result<Tensor> {
     if i32::try_from(num_tokens).is_err() {
         return Err(Error::range("routingMap.shape[0]", format!("{num_tokens} tokens do not fit in int32 counts")));
     }
-    let counts = column_counts(map, num_tokens, num_experts);
-    Ok(Tensor::i32(vec![num_experts], counts.into_iter().map(|c| c as i32).collect()))
+    let counts = column_counts(map, num_tokens, num_experts)?;
+    let mut out = try_with_capacity(num_experts, "routingMap.shape[1]")?;
+    out.extend(counts.into_iter().map(|c| c as i32));
+    Ok(Tensor::i32(vec![num_experts], out))
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use std::borrow::Cow;
 
 use half::{bf16, f16};
 
+use crate::alloc::{try_vec, try_with_capacity};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Float, Tensor, TensorRef};
 
@@ -74,7 +75,7 @@ pub fn grouped_mm_sort(
 
     // Local expert of every slot (None: not computed here), counted per expert.
     let mut local = vec![None; num_slots];
-    let mut counts = vec![0usize; num_local_experts];
+    let mut counts = try_vec(0usize, num_local_experts, "numLocalExperts")?;
     for t in 0..num_tokens {
         let live = mask.is_none_or(|m| m[t] != 0);
         for j in 0..topk {
@@ -91,8 +92,10 @@ pub fn grouped_mm_sort(
         }
     }
     // Stable counting sort by local expert.
-    let mut cursor = Vec::with_capacity(num_local_experts);
-    let mut offsets = Vec::with_capacity(num_local_experts);
+    let mut cursor = try_with_capacity(num_local_experts, "numLocalExperts")?;
+    let mut offsets = try_with_capacity(num_local_experts, "numLocalExperts")?;
+    let mut per_expert = try_with_capacity(num_local_experts, "numLocalExperts")?;
+    per_expert.extend(counts.iter().map(|&c| c as i32));
     let mut acc = 0usize;
     for &c in &counts {
         cursor.push(acc);
@@ -116,7 +119,7 @@ pub fn grouped_mm_sort(
         sorted_token_ids: Tensor::i32(vec![total], token_ids),
         sorted_slot_ids: Tensor::i32(vec![total], slot_ids),
         sorted_weights: Tensor::f32(vec![total], sorted_w),
-        tokens_per_expert: Tensor::i32(vec![num_local_experts], counts.iter().map(|&c| c as i32).collect()),
+        tokens_per_expert: Tensor::i32(vec![num_local_experts], per_expert),
         offsets: Tensor::i32(vec![num_local_experts], offsets),
     })
 }

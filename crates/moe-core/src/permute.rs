@@ -27,8 +27,10 @@ pub struct DispatchPlan {
 
 impl DispatchPlan {
     /// Plain mode: every true entry of the routing map gets one slot.
-    pub fn from_routing_map(map: &[u8], num_tokens: usize, num_experts: usize) -> DispatchPlan {
-        let mut tokens_per_expert = vec![0usize; num_experts];
+    /// A RangeError when the per-expert counts cannot be allocated (a `[0, numExperts]` map
+    /// with a huge numExperts holds no elements but asks for that many counts).
+    pub fn from_routing_map(map: &[u8], num_tokens: usize, num_experts: usize) -> Result<DispatchPlan> {
+        let mut tokens_per_expert = try_vec(0usize, num_experts, "routingMap.shape[1]")?;
         for row in map.chunks_exact(num_experts.max(1)) {
             for (count, &b) in tokens_per_expert.iter_mut().zip(row) {
                 *count += (b != 0) as usize;
@@ -44,15 +46,16 @@ impl DispatchPlan {
                 }
             }
         }
-        DispatchPlan { num_tokens, num_experts, sorted_indices, tokens_per_expert }
+        Ok(DispatchPlan { num_tokens, num_experts, sorted_indices, tokens_per_expert })
     }
 
     /// Drop-and-pad mode: every expert gets exactly `capacity` slots, filled with the tokens
     /// it selected (ascending id) and then, if it is under-full, with the lowest ids it did
     /// not select. Selected tokens beyond the capacity are dropped.
-    pub fn with_capacity(map: &[u8], num_tokens: usize, num_experts: usize, capacity: usize) -> DispatchPlan {
-        let mut sorted_indices = vec![0i32; num_experts * capacity];
-        let mut filled = vec![0usize; num_experts];
+    pub fn with_capacity(map: &[u8], num_tokens: usize, num_experts: usize, capacity: usize) -> Result<DispatchPlan> {
+        let mut sorted_indices = try_vec(0i32, num_experts * capacity, "numOutTokens")?;
+        let mut filled = try_vec(0usize, num_experts, "routingMap.shape[1]")?;
+        let tokens_per_expert = try_vec(capacity, num_experts, "routingMap.shape[1]")?;
         for (t, row) in map.chunks_exact(num_experts.max(1)).enumerate() {
             for (e, &b) in row.iter().enumerate() {
                 if b != 0 && filled[e] < capacity {
@@ -71,7 +74,7 @@ impl DispatchPlan {
                 t += 1;
             }
         }
-        DispatchPlan { num_tokens, num_experts, sorted_indices, tokens_per_expert: vec![capacity; num_experts] }
+        Ok(DispatchPlan { num_tokens, num_experts, sorted_indices, tokens_per_expert })
     }
 
     pub fn num_slots(&self) -> usize {
@@ -156,9 +159,9 @@ pub fn plan(routing_map: &TensorRef, num_tokens: usize, options: PermuteOptions)
                 format!("capacity {n_out} / {num_experts} = {capacity} exceeds numTokens = {num_tokens}"),
             ));
         }
-        Ok(DispatchPlan::with_capacity(map, num_tokens, num_experts, capacity))
+        DispatchPlan::with_capacity(map, num_tokens, num_experts, capacity)
     } else {
-        let plan = DispatchPlan::from_routing_map(map, num_tokens, num_experts);
+        let plan = DispatchPlan::from_routing_map(map, num_tokens, num_experts)?;
         if let Some(n_out) = options.num_out_tokens {
             if n_out != plan.num_slots() {
                 return Err(Error::range(
@@ -350,7 +353,7 @@ fn slot_experts_of(idx: &[i64], routing_map: &TensorRef, num_tokens: usize, drop
         let capacity = n / num_experts;
         return Ok((num_experts, (0..n).map(|i| i / capacity).collect()));
     }
-    let plan = DispatchPlan::from_routing_map(map, num_tokens, num_experts);
+    let plan = DispatchPlan::from_routing_map(map, num_tokens, num_experts)?;
     if plan.num_slots() != n {
         return Err(Error::range("routingMap", format!("selects {} entries but there are {n} slots (was dropAndPad used to permute?)", plan.num_slots())));
     }
@@ -566,7 +569,7 @@ mod tests {
     fn plain_plan_is_expert_major_and_ascending() {
         // 3 tokens, 3 experts; expert 1 gets nothing.
         let map = [1, 0, 1, 0, 0, 1, 1, 0, 0];
-        let plan = DispatchPlan::from_routing_map(&map, 3, 3);
+        let plan = DispatchPlan::from_routing_map(&map, 3, 3).unwrap();
         assert_eq!(plan.sorted_indices, vec![0, 2, 0, 1]);
         assert_eq!(plan.tokens_per_expert, vec![2, 0, 2]);
         assert_eq!(plan.slot_experts(), vec![0, 0, 2, 2]);
@@ -576,7 +579,7 @@ mod tests {
     fn capacity_plan_drops_and_pads_with_lowest_unselected() {
         // expert 0 selected by tokens 0,1,2 (capacity 2 drops token 2); expert 1 by token 2 only.
         let map = [1, 0, 1, 0, 1, 1];
-        let plan = DispatchPlan::with_capacity(&map, 3, 2, 2);
+        let plan = DispatchPlan::with_capacity(&map, 3, 2, 2).unwrap();
         assert_eq!(plan.sorted_indices, vec![0, 1, 2, 0]);
     }
 

@@ -260,10 +260,10 @@ pub fn route(logits: &TensorRef, expert_bias: Option<&TensorRef>, token_mask: Op
             format!("logits[{}][{}] = {} is not finite (router logits must be finite numbers)", i / num_experts, i % num_experts, x[i]),
         ));
     }
-    Ok(route_checked(&x, num_tokens, &plan, &options, bias.as_deref(), mask))
+    route_checked(&x, num_tokens, &plan, &options, bias.as_deref(), mask)
 }
 
-fn route_checked(x: &[f32], num_tokens: usize, plan: &Plan, options: &RouteOptions, bias: Option<&[f32]>, mask: Option<&[u8]>) -> Routed {
+fn route_checked(x: &[f32], num_tokens: usize, plan: &Plan, options: &RouteOptions, bias: Option<&[f32]>, mask: Option<&[u8]>) -> Result<Routed> {
     let (e_count, k) = (plan.num_experts, plan.topk);
     let sf = options.score_function;
     let work = num_tokens.saturating_mul(e_count).saturating_mul(12);
@@ -345,19 +345,19 @@ fn route_checked(x: &[f32], num_tokens: usize, plan: &Plan, options: &RouteOptio
         });
     }
 
-    let mut tokens_per_expert = vec![0i32; e_count];
+    let mut tokens_per_expert = try_vec(0i32, e_count, "logits.shape[1]")?;
     for &(e, _) in &picks {
         if e >= 0 {
             tokens_per_expert[e as usize] += 1;
         }
     }
     let (indices, weights): (Vec<i32>, Vec<f32>) = picks.into_iter().unzip();
-    Routed {
+    Ok(Routed {
         weights: Tensor::f32(vec![num_tokens, k], weights),
         indices: Tensor::i32(vec![num_tokens, k], indices),
         scores: Tensor::f32(vec![num_tokens, e_count], scores),
         tokens_per_expert: Tensor::i32(vec![e_count], tokens_per_expert),
-    }
+    })
 }
 
 /// Per-worker buffers of the selection pass.
@@ -507,7 +507,7 @@ pub fn topk(values: &TensorRef, k: usize) -> Result<TopK> {
     }
     let mut out_values = try_vec(0f32, num_tokens * k, "k")?;
     let mut out_indices = try_vec(0i32, num_tokens * k, "k")?;
-    let (mut picked, mut vals, mut order) = (vec![0usize; k], Vec::new(), Vec::new());
+    let (mut picked, mut vals, mut order) = (try_vec(0usize, k, "k")?, Vec::new(), Vec::new());
     for t in 0..num_tokens {
         let row = &v[t * num_experts..(t + 1) * num_experts];
         top_k(row, &mut picked, &mut vals, &mut order);

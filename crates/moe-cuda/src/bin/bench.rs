@@ -444,11 +444,12 @@ fn bench_route(dev: &Device, iters: usize) -> moe_cuda::Result<(Vec<Row>, Checks
     let d_l = DeviceTensor::upload(dev, &l_ref)?;
     let d_b = DeviceTensor::upload(dev, &b_ref)?;
     let got = route_device(dev, &d_l, Some(&d_b), None, o)?;
-    let mut checks: Checks = Vec::new();
-    checks.push(("route DeepSeek-V3 indices == CPU".into(), got.indices.download(dev, "indices")? == cpu.indices));
-    checks.push(("route DeepSeek-V3 weights bit-exact vs CPU".into(), got.weights.download(dev, "weights")? == cpu.weights));
-    checks.push(("route DeepSeek-V3 scores bit-exact vs CPU".into(), got.scores.download(dev, "scores")? == cpu.scores));
-    checks.push(("route DeepSeek-V3 tokensPerExpert == CPU".into(), got.tokens_per_expert.download(dev, "tpe")? == cpu.tokens_per_expert));
+    let mut checks: Checks = vec![
+        ("route DeepSeek-V3 indices == CPU".into(), got.indices.download(dev, "indices")? == cpu.indices),
+        ("route DeepSeek-V3 weights bit-exact vs CPU".into(), got.weights.download(dev, "weights")? == cpu.weights),
+        ("route DeepSeek-V3 scores bit-exact vs CPU".into(), got.scores.download(dev, "scores")? == cpu.scores),
+        ("route DeepSeek-V3 tokensPerExpert == CPU".into(), got.tokens_per_expert.download(dev, "tpe")? == cpu.tokens_per_expert),
+    ];
     let scores_ref = TensorRef::of("values", vec![t, e], cpu.scores.data.as_f32().unwrap_or(&[]))?;
     let tk = topk(&scores_ref, k)?;
     let (tv, ti) = topk_device(dev, &got.scores, k)?;
@@ -478,5 +479,29 @@ fn bench_route(dev: &Device, iters: usize) -> moe_cuda::Result<(Vec<Row>, Checks
     }
     let per = wall.elapsed().as_secs_f64() * 1e3 / n as f64;
     row("route wall clock per call (Rust)", (per, per));
+    // the tiny op of test/gpu/overhead.mjs from Rust (T=4 H=8 E=4 k=2 f32): what a call costs
+    // below the JS binding (allocation, launch; asynchronous), and the kernel itself (events)
+    let tiny_tokens: Vec<f32> = (0..32).map(|i| i as f32 * 0.25).collect();
+    let tiny_map: Vec<u8> = vec![1, 1, 0, 0, 0, 1, 1, 0, 0, 0, 1, 1, 1, 0, 0, 1];
+    let tiny_probs: Vec<f32> = (0..16).map(|i| i as f32 / 16.0).collect();
+    let tt = DeviceTensor::upload(dev, &TensorRef::of("tokens", vec![4, 8], &tiny_tokens[..])?)?;
+    let tm = DeviceTensor::upload(dev, &TensorRef::new("routingMap", DType::Bool, vec![4, 4], &tiny_map)?)?;
+    let tp = DeviceTensor::upload(dev, &TensorRef::of("probs", vec![4, 4], &tiny_probs[..])?)?;
+    let tperm = permute_device(dev, &tt, &tm, Some(&tp), PermuteOptions::default())?;
+    let tiny = || unpermute_device(dev, &tperm.permuted_tokens, &tperm.sorted_indices, [4, 8], tperm.permuted_probs.as_ref(), None, UnpermuteOptions::default()).map(|_| ());
+    let kernel = time_ms(dev, 200, tiny)?;
+    for _ in 0..100 {
+        tiny()?;
+    }
+    dev.synchronize("tiny")?;
+    let wall = Instant::now();
+    for _ in 0..5000 {
+        tiny()?;
+    }
+    let per = wall.elapsed().as_secs_f64() * 1e3 / 5000.0;
+    dev.synchronize("tiny")?;
+    let mut tiny_row = |op: &str, (ms, ms_min): (f64, f64)| rows.push(Row { shape: "tiny", op: op.into(), ms, ms_min, bytes: 0, gbps: 0.0, ratio: 0.0, dims: "T=4 H=8 E=4 k=2 f32".into() });
+    tiny_row("tiny unpermute+probs, events (GPU)", kernel);
+    tiny_row("tiny unpermute+probs, Rust call (async)", (per, per));
     Ok((rows, checks))
 }
