@@ -283,28 +283,52 @@ fn slot_weights<'a>(
     Ok(Some(Cow::Owned((0..n).map(|i| dense[idx[i] as usize * num_experts + slot_expert[i]]).collect())))
 }
 
-fn merge<T: Float>(permuted: &TensorRef, idx: &[i64], num_tokens: usize, hidden: usize, weights: Option<&[f32]>) -> Result<Tensor> {
-    let src = permuted.typed::<T>()?;
-    // Slots of each token in ascending slot order (a stable counting sort), so the f32 sums
-    // run in the same order as the reference's scatter_add.
-    let mut start = try_vec(0usize, num_tokens + 1, "restoreShape[0]")?;
-    for &t in idx {
-        start[t as usize + 1] += 1;
+/// Each token's slots, in ascending slot order: token `t`'s slots are
+/// `slots[start[t]..start[t + 1]]`. int32 throughout, the layout the CUDA kernels read too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenSlots {
+    /// `[numTokens + 1]` offsets into `slots`.
+    pub start: Vec<i32>,
+    /// `[numSlots]` slot ids grouped by token.
+    pub slots: Vec<i32>,
+}
+
+/// Groups the slots by the token they hold (a stable counting sort of `token_of_slot`), for
+/// merges that sum each token's slots in slot order. Tokens must be in `0..num_tokens`.
+pub fn token_slots<I: Copy + Into<i64>>(token_of_slot: &[I], num_tokens: usize) -> Result<TokenSlots> {
+    let n = token_of_slot.len();
+    if i32::try_from(n).is_err() || i32::try_from(num_tokens).is_err() {
+        return Err(Error::range("sortedIndices", format!("{n} slots of {num_tokens} tokens do not fit in int32 offsets")));
+    }
+    let mut start = try_vec(0i32, num_tokens + 1, "restoreShape[0]")?;
+    for &t in token_of_slot {
+        start[t.into() as usize + 1] += 1;
     }
     for t in 0..num_tokens {
         start[t + 1] += start[t];
     }
-    let mut cursor = start.clone();
-    let mut slots = vec![0usize; idx.len()];
-    for (i, &t) in idx.iter().enumerate() {
-        slots[cursor[t as usize]] = i;
-        cursor[t as usize] += 1;
+    let mut cursor = start[..num_tokens].to_vec();
+    let mut slots = try_vec(0i32, n, "sortedIndices")?;
+    for (i, &t) in token_of_slot.iter().enumerate() {
+        let c = &mut cursor[t.into() as usize];
+        slots[*c as usize] = i as i32;
+        *c += 1;
     }
+    Ok(TokenSlots { start, slots })
+}
+
+fn merge<T: Float>(permuted: &TensorRef, idx: &[i64], num_tokens: usize, hidden: usize, weights: Option<&[f32]>) -> Result<Tensor> {
+    let src = permuted.typed::<T>()?;
+    // Slots of each token in ascending slot order, so the f32 sums run in the same order as
+    // the reference's scatter_add.
+    let csr = token_slots(idx, num_tokens)?;
+    let (start, slots) = (&csr.start, &csr.slots);
     let work = (idx.len() + num_tokens) * hidden * std::mem::size_of::<T>();
     let out = try_filled_vec(num_tokens * hidden, "restoreShape", |out| {
         for_each_row(out, hidden, work, || vec![0f32; hidden], |acc, t, row| {
             acc.fill(0.0);
-            for &i in &slots[start[t]..start[t + 1]] {
+            for &i in &slots[start[t] as usize..start[t + 1] as usize] {
+                let i = i as usize;
                 let x = &src[i * hidden..(i + 1) * hidden];
                 match weights {
                     Some(w) => {

@@ -209,7 +209,7 @@ pub fn unpermute_device(
                 return unpermute_host_fallback(dev, permuted, sorted_indices, restore_shape, probs, routing_map, options);
             }
             let csr = ops::token_csr(&idx, num_tokens)?;
-            let row_ptr = dev.upload("the plan (row offsets)", &csr.row_ptr)?;
+            let row_ptr = dev.upload("the plan (row offsets)", &csr.start)?;
             let slots = dev.upload("the plan (slots)", &csr.slots)?;
             ops::launch_unpermute(dev, permuted.dtype, &permuted.buf, hidden, num_tokens, &row_ptr, &slots, weights, &out.buf)?;
         }
@@ -257,7 +257,7 @@ fn csr_of(dev: &Device, sorted: &DeviceTensor, num_tokens: usize) -> Result<Opti
         return Ok(None);
     }
     let csr = ops::token_csr(&idx, num_tokens)?;
-    Ok(Some((None, Some((dev.upload("the plan (row offsets)", &csr.row_ptr)?, dev.upload("the plan (slots)", &csr.slots)?)))))
+    Ok(Some((None, Some((dev.upload("the plan (row offsets)", &csr.start)?, dev.upload("the plan (slots)", &csr.slots)?)))))
 }
 
 /// permuteBackward on device tensors: `gradTokens [T, H]` sums each token's slot gradients in

@@ -10,36 +10,8 @@ use moe_core::tensor::{DType, Tensor, TensorRef};
 use crate::device::{Arg, Buffer, Device};
 use crate::error::{Error, Result};
 
-/// The plan token by token: the slots of token `t` are `slots[row_ptr[t]..row_ptr[t + 1]]`,
-/// in ascending slot order (a stable counting sort of the slots by token).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TokenCsr {
-    pub row_ptr: Vec<i32>,
-    pub slots: Vec<i32>,
-}
-
-/// Builds the CSR of `token_of_slot` (every id must be below `num_tokens`: the core checked).
-pub fn token_csr<I: Copy + Into<i64>>(token_of_slot: &[I], num_tokens: usize) -> Result<TokenCsr> {
-    let n = token_of_slot.len();
-    if n > i32::MAX as usize {
-        return Err(Error::Cuda(format!("{n} slots: the CUDA kernels index slots with int32 (at most {})", i32::MAX)));
-    }
-    let mut row_ptr = vec![0i32; num_tokens + 1];
-    for &t in token_of_slot {
-        row_ptr[t.into() as usize + 1] += 1;
-    }
-    for t in 0..num_tokens {
-        row_ptr[t + 1] += row_ptr[t];
-    }
-    let mut cursor: Vec<i32> = row_ptr[..num_tokens].to_vec();
-    let mut slots = vec![0i32; n];
-    for (i, &t) in token_of_slot.iter().enumerate() {
-        let c = &mut cursor[t.into() as usize];
-        slots[*c as usize] = i as i32;
-        *c += 1;
-    }
-    Ok(TokenCsr { row_ptr, slots })
-}
+/// The per-token slot lists the unpermute kernels read: the core's own [`token_slots`].
+pub use moe_core::permute::{token_slots as token_csr, TokenSlots as TokenCsr};
 
 /// `[E + 1]` slot offsets of the experts (`offsets[e]..offsets[e + 1]` are expert e's slots).
 pub fn expert_offsets(plan: &DispatchPlan) -> Vec<i32> {
@@ -70,7 +42,7 @@ impl DevicePlan {
             num_tokens: plan.num_tokens,
             num_slots: plan.num_slots(),
             num_experts: plan.num_experts,
-            row_ptr: dev.upload("the plan (row offsets)", &csr.row_ptr)?,
+            row_ptr: dev.upload("the plan (row offsets)", &csr.start)?,
             slots: dev.upload("the plan (slots)", &csr.slots)?,
             expert_offsets: dev.upload("the plan (expert offsets)", &expert_offsets(plan))?,
         })
@@ -272,7 +244,7 @@ pub fn unpermute(
     let (idx, weights) = unpermute_inputs(permuted, sorted_indices, restore_shape, probs, routing_map, options)?;
     let [num_tokens, hidden] = restore_shape;
     let csr = token_csr(&idx, num_tokens)?;
-    let d_row_ptr = dev.upload("the plan (row offsets)", &csr.row_ptr)?;
+    let d_row_ptr = dev.upload("the plan (row offsets)", &csr.start)?;
     let d_slots = dev.upload("the plan (slots)", &csr.slots)?;
     let d_weights = weights.as_deref().map(|w| dev.upload("probs", w)).transpose()?;
     let d_permuted = dev.upload("permutedTokens", permuted.bytes())?;
@@ -288,7 +260,7 @@ mod tests {
     #[test]
     fn csr_lists_each_tokens_slots_in_ascending_order() {
         let csr = token_csr(&[0i32, 2, 0, 1, 2], 4).unwrap();
-        assert_eq!(csr.row_ptr, vec![0, 2, 3, 5, 5]);
+        assert_eq!(csr.start, vec![0, 2, 3, 5, 5]);
         assert_eq!(csr.slots, vec![0, 2, 3, 1, 4]);
     }
 

@@ -343,7 +343,7 @@ fn bench_shape(dev: &Device, s: &Shape, iters: usize, host_rows: bool) -> moe_cu
     let gpu_slots: Vec<i32> = dev.download_new("slots", &gp.plan.slots, n)?;
     checks.push((format!("{} GPU plan sortedIndices == CPU", s.name), gpu_sorted == plan.sorted_indices));
     checks.push((format!("{} GPU plan tokensPerExpert == CPU", s.name), gpu_tpe.iter().zip(&plan.tokens_per_expert).all(|(a, b)| *a as usize == *b)));
-    checks.push((format!("{} GPU plan token CSR == CPU", s.name), gpu_row_ptr == csr.row_ptr && gpu_slots == csr.slots));
+    checks.push((format!("{} GPU plan token CSR == CPU", s.name), gpu_row_ptr == csr.start && gpu_slots == csr.slots));
     let cap = n / e;
     let gp_cap = build_plan(dev, &d_map_of(dev, &map)?, t, e, Some(cap))?;
     let cpu_cap = plan_fn(&map_ref, t, PermuteOptions { num_out_tokens: Some(cap * e), drop_and_pad: true })?;
