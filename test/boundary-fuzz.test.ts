@@ -46,14 +46,17 @@ function expectStillWorks(b: Backend): void {
 
 registerBackendReport();
 
+// The CPU backends: a cuda backend adds device-tensor methods (upload, ...) that its own suite covers.
+const cpuRows = cpuBackends.map((b) => [b.name, b] as const);
+
 describe('boundary fuzz: every method has a generator', () => {
-  it.each(backendRows)('%s: every method of the backend has a template (a new op needs one in test/boundary-cases.mjs)', (_name, backend) => {
+  it.each(cpuRows)('%s: every method of the backend has a template (a new op needs one in test/boundary-cases.mjs)', (_name, backend) => {
     const methods = methodsOf(backend);
     expect(methods.length, 'methods found on the backend').toBeGreaterThanOrEqual(34);
     expect(methods.filter((m) => !(m in TEMPLATES)), 'methods without a template').toEqual([]);
   });
 
-  it.each(backendRows)('%s: every template is a valid call (so mutations start from something that works)', (_name, backend) => {
+  it.each(cpuRows)('%s: every template is a valid call (so mutations start from something that works)', (_name, backend) => {
     for (const m of methodsOf(backend)) {
       const args = (TEMPLATES as Record<string, () => unknown[]>)[m]();
       let result: unknown;
@@ -63,7 +66,7 @@ describe('boundary fuzz: every method has a generator', () => {
   });
 });
 
-describe.each(cpuBackends.map((b) => [b.name, b] as const))('boundary fuzz on %s', (name, backend) => {
+describe.each(cpuRows)('boundary fuzz on %s', (name, backend) => {
   it(`every method, ${RUNS} malformed calls each (seed ${SEED}): a typed error or a well-formed result, never a crash, a trap or a hang`, () => {
     const stats = { tried: 0, succeeded: 0, typeError: 0, rangeError: 0, error: 0 };
     const problems: string[] = [];

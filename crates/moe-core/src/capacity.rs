@@ -244,6 +244,30 @@ mod tests {
         TensorRef::new("routingMap", DType::Bool, vec![t, e], map).unwrap()
     }
 
+    /// Found by the boundary fuzz (test/boundary-fuzz.test.ts): a `[0, 2^32 + 1]` map holds no
+    /// elements, yet asked for 2^32 + 1 counts with an aborting allocation. Every per-expert or
+    /// per-token buffer sized by an empty tensor's other dimension must be a RangeError.
+    #[test]
+    fn empty_maps_with_huge_dimensions_are_range_errors_not_aborts() {
+        let huge = 1usize << 60;
+        let empty: [u8; 0] = [];
+        let wide = map_ref(&empty, 0, huge);
+        let err = tokens_per_expert(&wide).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::RangeError);
+        assert!(err.to_string().starts_with("routingMap.shape[1]:"), "{err}");
+        assert_eq!(pad_routing_map(&wide, 2).unwrap_err().kind(), ErrorKind::RangeError);
+        let tokens = TensorRef::new("tokens", DType::F32, vec![0, 4], &empty).unwrap();
+        let err = crate::permute::permute(&tokens, &wide, None, Default::default()).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::RangeError, "{err}");
+        let indices = TensorRef::new("indices", DType::I32, vec![0, 2], &empty).unwrap();
+        let weights = TensorRef::new("weights", DType::F32, vec![0, 2], &empty).unwrap();
+        let err = crate::grouped::grouped_mm_sort(&indices, &weights, None, huge, 0).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::RangeError);
+        assert!(err.to_string().starts_with("numLocalExperts:"), "{err}");
+        let logits = TensorRef::new("logits", DType::F32, vec![0, huge], &empty).unwrap();
+        assert_eq!(crate::routing::topk(&logits, huge).unwrap_err().kind(), ErrorKind::RangeError);
+    }
+
     #[test]
     fn capacity_matches_the_reference_table() {
         // Rows of shared/golden/capacity.json, plus rounding-sensitive ones.
