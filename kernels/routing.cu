@@ -209,6 +209,36 @@ static __device__ double sum_f32_in_f64(const float* v, int n, int lane) {
 #define SF_SQRT_SOFTPLUS 4
 
 // Bytes of shared memory one warp of route_kernel needs (the host computes the same).
+// One token's weights from its k picks (lane 0 only): a softmax over the picked logits when
+// the softmax comes after the top-k, else the unbiased scores; then the optional top-k
+// normalisation and routeScale, all in f64 and in the CPU core's order, so the bits match it.
+static __device__ void write_weights(const float* row, const float* sc, const int* picked, int k, int sf, int softmax_before_topk,
+                                     int normalise, double route_scale, double* tmp, float* weights, int* indices) {
+    if (sf == SF_SOFTMAX && !softmax_before_topk) {
+        const double m = (double)row[picked[0]];
+        double sum = 0.0;
+        for (int j = 0; j < k; j++) {
+            tmp[j] = det_exp((double)row[picked[j]] - m);
+            sum += tmp[j];
+        }
+        for (int j = 0; j < k; j++) tmp[j] = (double)(float)(tmp[j] / sum);
+    } else {
+        for (int j = 0; j < k; j++) tmp[j] = (double)sc[picked[j]];
+    }
+    const bool norm = normalise != 0;
+    double denom = 1.0;
+    if (norm) {
+        double s = 0.0;
+        for (int j = 0; j < k; j++) s += tmp[j];
+        denom = s + 1e-20;
+    }
+    for (int j = 0; j < k; j++) {
+        const double wv = norm ? tmp[j] / denom : tmp[j];
+        weights[j] = (float)(wv * route_scale);
+        indices[j] = picked[j];
+    }
+}
+
 static __device__ __forceinline__ int route_stride(int E, int G, int k) { return ((8 * E + 4 * E + 4 * E + 4 * G + 4 * k + 4 * G) + 15) & ~15; }
 
 // err[0]: smallest flat index of a non-finite logit; err[1]: of a non-finite bias (u64 max: none).
@@ -309,31 +339,7 @@ extern "C" __global__ void route_kernel(
             __syncwarp();
         }
         warp_topk(keys, E, k, picked, lane);
-        if (lane == 0) {
-            if (sf == SF_SOFTMAX && !softmax_before_topk) {
-                const double m = (double)row[picked[0]];
-                double sum = 0.0;
-                for (int j = 0; j < k; j++) {
-                    tmp[j] = det_exp((double)row[picked[j]] - m);
-                    sum += tmp[j];
-                }
-                for (int j = 0; j < k; j++) tmp[j] = (double)(float)(tmp[j] / sum);
-            } else {
-                for (int j = 0; j < k; j++) tmp[j] = (double)sc[picked[j]];
-            }
-            const bool norm = normalise != 0;
-            double denom = 1.0;
-            if (norm) {
-                double s = 0.0;
-                for (int j = 0; j < k; j++) s += tmp[j];
-                denom = s + 1e-20;
-            }
-            for (int j = 0; j < k; j++) {
-                const double wv = norm ? tmp[j] / denom : tmp[j];
-                weights[(i64)t * k + j] = (float)(wv * route_scale);
-                indices[(i64)t * k + j] = picked[j];
-            }
-        }
+        if (lane == 0) write_weights(row, sc, picked, k, sf, softmax_before_topk, normalise, route_scale, tmp, weights + (i64)t * k, indices + (i64)t * k);
         __syncwarp();
     }
 
@@ -520,31 +526,7 @@ __device__ __forceinline__ void route_reg_impl(
             }
         }
         reg_topk<PER>(key, E, k, lane, picked);
-        if (lane == 0) {
-            if (sf == SF_SOFTMAX && !softmax_before_topk) {
-                const double m = (double)row[picked[0]];
-                double sum = 0.0;
-                for (int j = 0; j < k; j++) {
-                    tmp[j] = det_exp((double)row[picked[j]] - m);
-                    sum += tmp[j];
-                }
-                for (int j = 0; j < k; j++) tmp[j] = (double)(float)(tmp[j] / sum);
-            } else {
-                for (int j = 0; j < k; j++) tmp[j] = (double)sc[picked[j]];
-            }
-            const bool norm = normalise != 0;
-            double denom = 1.0;
-            if (norm) {
-                double s = 0.0;
-                for (int j = 0; j < k; j++) s += tmp[j];
-                denom = s + 1e-20;
-            }
-            for (int j = 0; j < k; j++) {
-                const double wv = norm ? tmp[j] / denom : tmp[j];
-                weights[(i64)t * k + j] = (float)(wv * route_scale);
-                indices[(i64)t * k + j] = picked[j];
-            }
-        }
+        if (lane == 0) write_weights(row, sc, picked, k, sf, softmax_before_topk, normalise, route_scale, tmp, weights + (i64)t * k, indices + (i64)t * k);
         __syncwarp();
     }
 
