@@ -7,59 +7,16 @@
 // Plain JavaScript on node:test, like cuda.test.mjs; skips with the reason where CUDA is
 // unavailable.
 import assert from 'node:assert/strict';
-import { existsSync, readFileSync } from 'node:fs';
-import { resolve } from 'node:path';
 import { after, describe, test } from 'node:test';
-import { fileURLToPath, pathToFileURL } from 'node:url';
 
-const distDir = process.env.MOE_DISPATCH_DIST ? resolve(process.env.MOE_DISPATCH_DIST) : fileURLToPath(new URL('../../dist/', import.meta.url));
-const goldenDir = process.env.MOE_GOLDEN_DIR ? resolve(process.env.MOE_GOLDEN_DIR) : fileURLToPath(new URL('../../../shared/golden/', import.meta.url));
-const lib = await import(pathToFileURL(resolve(distDir, 'index.js')).href);
-const { randomRouting, rng } = await import(pathToFileURL(resolve(distDir, 'random.js')).href);
-const { tensor, toBFloat16Bits, toFloat16Bits } = lib;
+import { assertSameBits, assertSameResult, cpu, cudaInfo, host, lib, loadGolden, outcome, randomRouting, rng, tensor, toTensor } from './common.mjs';
 
-const infos = await lib.backendInfo();
-const cudaInfo = infos.find((i) => i.name === 'cuda');
 const skip = cudaInfo?.available ? false : `CUDA unavailable: ${cudaInfo?.reason ?? 'backendInfo() does not list cuda'}`;
 const cuda = skip ? undefined : await lib.createBackend({ prefer: 'cuda' });
-const cpu = await lib.createBackend({ prefer: 'cpu' });
 if (skip) console.log(`# ${skip}`);
 
 // ---------------------------------------------------------------------------------------
 // Comparisons
-
-function bytesOf(t) {
-  return new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength);
-}
-
-function host(t) {
-  return t && lib.isDeviceTensor(t) ? t.download() : t;
-}
-
-function assertSameBits(got, want, what) {
-  if (want === undefined || want === null) {
-    assert.ok(got === undefined || got === null, `${what}: expected absent, got a tensor`);
-    return;
-  }
-  got = host(got);
-  assert.ok(got, `${what}: missing`);
-  assert.equal(got.dtype, want.dtype, `${what}: dtype`);
-  assert.deepEqual([...got.shape], [...want.shape], `${what}: shape`);
-  const a = bytesOf(got);
-  const b = bytesOf(want);
-  assert.equal(a.length, b.length, `${what}: byte length`);
-  for (let i = 0; i < a.length; i++) {
-    if (a[i] !== b[i]) {
-      const w = got.data.BYTES_PER_ELEMENT;
-      const e = Math.floor(i / w);
-      assert.fail(`${what}: element ${e} differs: cuda ${got.data[e]} vs cpu ${want.data[e]} (${a.length / w} elements)`);
-    }
-  }
-}
-
-function assertSameResult(got, want, what) {
-  for (const key of new Set([...Object.keys(want), ...Object.keys(got)])) assertSameBits(got[key], want[key], `${what}.${key}`);
-}
 
 const routeStats = { tensors: 0, bitExact: 0 };
 after(() => {
@@ -90,13 +47,6 @@ function assertSameRoute(got, want, what) {
   assertClose(got.scores, want.scores, `${what}.scores`);
 }
 
-function outcome(f) {
-  try {
-    return { value: f() };
-  } catch (e) {
-    return { error: e };
-  }
-}
 
 function assertSameError(fa, fb) {
   const a = outcome(fa);
@@ -188,30 +138,6 @@ describe('device tensors', () => {
 
 // ---------------------------------------------------------------------------------------
 // permute / unpermute on device tensors
-
-function loadGolden(op) {
-  const path = resolve(goldenDir, `${op}.json`);
-  if (!existsSync(path)) return { error: `${path} is missing (set MOE_GOLDEN_DIR)` };
-  return { file: JSON.parse(readFileSync(path, 'utf8')) };
-}
-
-const DTYPE_OF = { f32: 'float32', bf16: 'bfloat16', f16: 'float16', i64: 'int64', i32: 'int32', bool: 'bool' };
-function toTensor(g, as = DTYPE_OF[g.dtype]) {
-  switch (as) {
-    case 'float32':
-      return tensor(as, g.shape, Float32Array.from(g.data));
-    case 'bfloat16':
-      return tensor(as, g.shape, Uint16Array.from(g.data, toBFloat16Bits));
-    case 'float16':
-      return tensor(as, g.shape, Uint16Array.from(g.data, toFloat16Bits));
-    case 'int32':
-      return tensor(as, g.shape, Int32Array.from(g.data));
-    case 'int64':
-      return tensor(as, g.shape, BigInt64Array.from(g.data, (v) => BigInt(v)));
-    case 'bool':
-      return tensor(as, g.shape, Uint8Array.from(g.data, (v) => (v ? 1 : 0)));
-  }
-}
 
 const goldenPermute = loadGolden('permute');
 describe('golden permute on device tensors (plan on the GPU) == cpu', () => {

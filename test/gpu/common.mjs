@@ -1,0 +1,88 @@
+// What both GPU suite files share: loading the built facade and the golden files, and the
+// bit-for-bit comparisons. Plain JavaScript, no node_modules (see cuda.test.mjs). It holds no
+// tests itself.
+import assert from 'node:assert/strict';
+import { existsSync, readFileSync } from 'node:fs';
+import { resolve } from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+
+const distDir = process.env.MOE_DISPATCH_DIST ? resolve(process.env.MOE_DISPATCH_DIST) : fileURLToPath(new URL('../../dist/', import.meta.url));
+export const goldenDir = process.env.MOE_GOLDEN_DIR ? resolve(process.env.MOE_GOLDEN_DIR) : fileURLToPath(new URL('../../../shared/golden/', import.meta.url));
+export const lib = await import(pathToFileURL(resolve(distDir, 'index.js')).href);
+export const { randomRouting, rng } = await import(pathToFileURL(resolve(distDir, 'random.js')).href);
+export const { tensor, toBFloat16Bits, toFloat16Bits } = lib;
+export const infos = await lib.backendInfo();
+export const cudaInfo = infos.find((i) => i.name === 'cuda');
+export const cpu = await lib.createBackend({ prefer: 'cpu' });
+
+// ---------------------------------------------------------------------------------------
+// Comparisons
+
+export function bytesOf(t) {
+  return new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength);
+}
+
+export function host(t) {
+  return t && lib.isDeviceTensor(t) ? t.download() : t;
+}
+
+export function assertSameBits(got, want, what) {
+  if (want === undefined || want === null) {
+    assert.ok(got === undefined || got === null, `${what}: expected absent, got a tensor`);
+    return;
+  }
+  got = host(got);
+  assert.ok(got, `${what}: missing`);
+  assert.equal(got.dtype, want.dtype, `${what}: dtype`);
+  assert.deepEqual([...got.shape], [...want.shape], `${what}: shape`);
+  const a = bytesOf(got);
+  const b = bytesOf(want);
+  assert.equal(a.length, b.length, `${what}: byte length`);
+  for (let i = 0; i < a.length; i++) {
+    if (a[i] !== b[i]) {
+      const w = got.data.BYTES_PER_ELEMENT;
+      const e = Math.floor(i / w);
+      assert.fail(`${what}: element ${e} differs: cuda ${got.data[e]} vs cpu ${want.data[e]} (${a.length / w} elements)`);
+    }
+  }
+}
+
+export function assertSameResult(got, want, what) {
+  for (const key of new Set([...Object.keys(want), ...Object.keys(got)])) assertSameBits(got[key], want[key], `${what}.${key}`);
+}
+
+/** Both throw, with the same class and message; or both return. */
+export function outcome(f) {
+  try {
+    return { value: f() };
+  } catch (e) {
+    return { error: e };
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Golden cases
+
+export function loadGolden(op) {
+  const path = resolve(goldenDir, `${op}.json`);
+  if (!existsSync(path)) return { error: `${path} is missing (set MOE_GOLDEN_DIR)` };
+  return { file: JSON.parse(readFileSync(path, 'utf8')) };
+}
+
+export const DTYPE_OF = { f32: 'float32', bf16: 'bfloat16', f16: 'float16', i64: 'int64', i32: 'int32', bool: 'bool' };
+export function toTensor(g, as = DTYPE_OF[g.dtype]) {
+  switch (as) {
+    case 'float32':
+      return tensor(as, g.shape, Float32Array.from(g.data));
+    case 'bfloat16':
+      return tensor(as, g.shape, Uint16Array.from(g.data, toBFloat16Bits));
+    case 'float16':
+      return tensor(as, g.shape, Uint16Array.from(g.data, toFloat16Bits));
+    case 'int32':
+      return tensor(as, g.shape, Int32Array.from(g.data));
+    case 'int64':
+      return tensor(as, g.shape, BigInt64Array.from(g.data, (v) => BigInt(v)));
+    case 'bool':
+      return tensor(as, g.shape, Uint8Array.from(g.data, (v) => (v ? 1 : 0)));
+  }
+}
