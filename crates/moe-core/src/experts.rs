@@ -188,22 +188,22 @@ fn offset(m: Mat, r: usize) -> usize {
 /// The tensors of a grouped-experts call. Names in errors are the `TensorRef` names the
 /// bindings give: `permutedTokens`, `tokensPerExpert`, `gateAndUpProjs` (or `upProjs`),
 /// `downProjs`, `permutedProbs`, `gateUpProjBias`, `downProjBias`.
-pub struct ExpertsInputs<'a, 'b> {
+pub struct ExpertsInputs<'a> {
     /// `[N, dim]`, expert-major.
-    pub tokens: &'b TensorRef<'a>,
+    pub tokens: TensorRef<'a>,
     /// `[E]` int32 or int64, summing to `N`.
-    pub tokens_per_expert: &'b TensorRef<'a>,
+    pub tokens_per_expert: TensorRef<'a>,
     /// `[E, dim, 2 * inter]` (gate | up halves, interleaved pairs for quick_geglu), or
     /// `[E, dim, inter]` for relu2.
-    pub gate_and_up: &'b TensorRef<'a>,
+    pub gate_and_up: TensorRef<'a>,
     /// `[E, inter, dim]`.
-    pub down: &'b TensorRef<'a>,
+    pub down: TensorRef<'a>,
     /// `[N]` or `[N, 1]` float32: each slot's routing prob.
-    pub probs: Option<&'b TensorRef<'a>>,
+    pub probs: Option<TensorRef<'a>>,
     /// `[E, 2 * inter]` (`[E, inter]` for relu2).
-    pub gate_up_bias: Option<&'b TensorRef<'a>>,
+    pub gate_up_bias: Option<TensorRef<'a>>,
     /// `[E, dim]`.
-    pub down_bias: Option<&'b TensorRef<'a>>,
+    pub down_bias: Option<TensorRef<'a>>,
 }
 
 /// Checked sizes of a grouped-experts problem.
@@ -268,7 +268,7 @@ fn check(inp: &ExpertsInputs, act: &ActivationOptions) -> Result<Dims> {
             format!("the counts add up to {}, but {} has {n} rows", offsets[experts], inp.tokens.name),
         ));
     }
-    if let Some(p) = inp.probs {
+    if let Some(p) = &inp.probs {
         p.expect_dtype(&[DType::F32])?;
         if p.shape.len() == 1 {
             p.expect_shape(&[n], "([numSlots]: one prob per row of the tokens)")?;
@@ -277,12 +277,12 @@ fn check(inp: &ExpertsInputs, act: &ActivationOptions) -> Result<Dims> {
             p.expect_shape(&[n, 1], "([numSlots, 1]: one prob per row of the tokens)")?;
         }
     }
-    if let Some(b) = inp.gate_up_bias {
+    if let Some(b) = &inp.gate_up_bias {
         b.expect_dtype(DType::TOKENS)?;
         b.expect_rank(2, "[numLocalExperts, width of the up-projection]")?;
         b.expect_shape(&[experts, width], "([numLocalExperts, width of gateAndUpProjs])")?;
     }
-    if let Some(b) = inp.down_bias {
+    if let Some(b) = &inp.down_bias {
         b.expect_dtype(DType::TOKENS)?;
         b.expect_rank(2, "[numLocalExperts, dim]")?;
         b.expect_shape(&[experts, dim], "([numLocalExperts, dim])")?;
@@ -300,14 +300,14 @@ struct Wide<'a> {
     b2: Option<Cow<'a, [f32]>>,
 }
 
-fn wide<'a>(inp: &ExpertsInputs<'a, '_>) -> Result<Wide<'a>> {
+fn wide<'a>(inp: &ExpertsInputs<'a>) -> Result<Wide<'a>> {
     Ok(Wide {
-        x: widen(inp.tokens)?,
-        w1: widen(inp.gate_and_up)?,
-        w2: widen(inp.down)?,
-        p: inp.probs.map(|p| p.typed::<f32>()).transpose()?,
-        b1: inp.gate_up_bias.map(widen).transpose()?,
-        b2: inp.down_bias.map(widen).transpose()?,
+        x: widen(&inp.tokens)?,
+        w1: widen(&inp.gate_and_up)?,
+        w2: widen(&inp.down)?,
+        p: inp.probs.as_ref().map(|p| p.typed::<f32>()).transpose()?,
+        b1: inp.gate_up_bias.as_ref().map(widen).transpose()?,
+        b2: inp.down_bias.as_ref().map(widen).transpose()?,
     })
 }
 
@@ -480,9 +480,9 @@ pub fn experts_backward(grad_output: &TensorRef, inp: &ExpertsInputs, act: &Acti
         grad_tokens: narrow(inp.tokens.dtype, vec![d.n, dim], dx, "gradTokens")?,
         grad_gate_and_up: narrow(inp.gate_and_up.dtype, inp.gate_and_up.shape.clone(), dw1, "gradGateAndUpProjs")?,
         grad_down: narrow(inp.down.dtype, inp.down.shape.clone(), dw2, "gradDownProjs")?,
-        grad_gate_up_bias: inp.gate_up_bias.map(|b| narrow(b.dtype, b.shape.clone(), db1, "gradGateUpProjBias")).transpose()?,
-        grad_down_bias: inp.down_bias.map(|b| narrow(b.dtype, b.shape.clone(), db2, "gradDownProjBias")).transpose()?,
-        grad_probs: inp.probs.map(|p| Tensor::f32(p.shape.clone(), dp)),
+        grad_gate_up_bias: inp.gate_up_bias.as_ref().map(|b| narrow(b.dtype, b.shape.clone(), db1, "gradGateUpProjBias")).transpose()?,
+        grad_down_bias: inp.down_bias.as_ref().map(|b| narrow(b.dtype, b.shape.clone(), db2, "gradDownProjBias")).transpose()?,
+        grad_probs: inp.probs.as_ref().map(|p| Tensor::f32(p.shape.clone(), dp)),
     })
 }
 
@@ -569,7 +569,7 @@ mod tests {
         let (w1r, w2r) = (TensorRef::of("gateAndUpProjs", vec![e, dim, 2 * inter], &w1).unwrap(), TensorRef::of("downProjs", vec![e, inter, dim], &w2).unwrap());
         let pr = TensorRef::of("permutedProbs", vec![n], &p).unwrap();
         let (b1r, b2r) = (TensorRef::of("gateUpProjBias", vec![e, 2 * inter], &b1).unwrap(), TensorRef::of("downProjBias", vec![e, dim], &b2).unwrap());
-        let inp = ExpertsInputs { tokens: &xr, tokens_per_expert: &cr, gate_and_up: &w1r, down: &w2r, probs: Some(&pr), gate_up_bias: Some(&b1r), down_bias: Some(&b2r) };
+        let inp = ExpertsInputs { tokens: xr.clone(), tokens_per_expert: cr.clone(), gate_and_up: w1r.clone(), down: w2r.clone(), probs: Some(pr.clone()), gate_up_bias: Some(b1r.clone()), down_bias: Some(b2r.clone()) };
         let act = ActivationOptions::new(ActivationKind::Swiglu);
         let out = experts_forward(&inp, &act).unwrap();
         let want = reference(&x, &counts, &w1, &w2, &p, &b1, &b2, dim, inter);
@@ -597,17 +597,17 @@ mod tests {
         let act = ActivationOptions::new(ActivationKind::Swiglu);
         let bad = [1i32, 2];
         let cr = TensorRef::of("tokensPerExpert", vec![2], &bad).unwrap();
-        let inp = ExpertsInputs { tokens: &xr, tokens_per_expert: &cr, gate_and_up: &w1r, down: &w2r, probs: None, gate_up_bias: None, down_bias: None };
+        let inp = ExpertsInputs { tokens: xr.clone(), tokens_per_expert: cr.clone(), gate_and_up: w1r.clone(), down: w2r.clone(), probs: None, gate_up_bias: None, down_bias: None };
         let err = experts_forward(&inp, &act).unwrap_err();
         assert!(err.to_string().starts_with("tokensPerExpert: the counts add up to more than 2"), "{err}");
         let good = [1i32, 1];
         let cr = TensorRef::of("tokensPerExpert", vec![2], &good).unwrap();
         let w2bad = TensorRef::of("downProjs", vec![2, 4, 3], &w2).unwrap();
-        let inp = ExpertsInputs { tokens: &xr, tokens_per_expert: &cr, gate_and_up: &w1r, down: &w2bad, probs: None, gate_up_bias: None, down_bias: None };
+        let inp = ExpertsInputs { tokens: xr.clone(), tokens_per_expert: cr.clone(), gate_and_up: w1r.clone(), down: w2bad.clone(), probs: None, gate_up_bias: None, down_bias: None };
         let err = experts_forward(&inp, &act).unwrap_err();
         assert!(err.to_string().starts_with("downProjs.shape: expected [2, 3, 4]"), "{err}");
         let relu = ActivationOptions::new(ActivationKind::Relu2);
-        let inp = ExpertsInputs { tokens: &xr, tokens_per_expert: &cr, gate_and_up: &w1r, down: &w2r, probs: None, gate_up_bias: None, down_bias: None };
+        let inp = ExpertsInputs { tokens: xr.clone(), tokens_per_expert: cr.clone(), gate_and_up: w1r.clone(), down: w2r.clone(), probs: None, gate_up_bias: None, down_bias: None };
         let err = experts_forward(&inp, &relu).unwrap_err();
         assert!(err.to_string().starts_with("downProjs.shape: expected [2, 6, 4]"), "{err}");
     }

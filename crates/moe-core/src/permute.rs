@@ -532,6 +532,9 @@ fn unmerge<T: Float>(
     Ok(UnpermuteGrads { grad_permuted: Tensor::from_elements(vec![n, hidden], grad_permuted), grad_probs })
 }
 
+/// Probs as checked input: borrowed when the caller's buffer could be used as is; `None`: no probs.
+pub type SlotProbs<'a> = Option<Cow<'a, [f32]>>;
+
 /// Everything [`permute`] checks, without the gather: the plan, the hidden size and the dense
 /// probs. Backends that move the rows elsewhere (the CUDA crate) call it, so their errors are
 /// the core's.
@@ -540,7 +543,7 @@ pub fn permute_inputs<'a>(
     routing_map: &TensorRef,
     probs: Option<&TensorRef<'a>>,
     options: PermuteOptions,
-) -> Result<(DispatchPlan, usize, Option<Cow<'a, [f32]>>)> {
+) -> Result<(DispatchPlan, usize, SlotProbs<'a>)> {
     let dims = tokens.expect_rank(2, "[numTokens, hidden]")?;
     let (num_tokens, hidden) = (dims[0], dims[1]);
     tokens.expect_dtype(DType::TOKENS)?;
@@ -566,7 +569,7 @@ pub fn unpermute_inputs<'a>(
     probs: Option<&TensorRef<'a>>,
     routing_map: Option<&TensorRef<'a>>,
     options: UnpermuteOptions,
-) -> Result<(Cow<'a, [i64]>, Option<Cow<'a, [f32]>>)> {
+) -> Result<(Cow<'a, [i64]>, SlotProbs<'a>)> {
     let dims = permuted.expect_rank(2, "[numSlots, hidden]")?;
     let (n, hidden) = (dims[0], dims[1]);
     let [num_tokens, out_hidden] = restore_shape;

@@ -11,6 +11,29 @@ pub fn matmul(a: WireTensor, b: WireTensor, trans_a: Option<bool>, trans_b: Opti
     guard(|| Ok(to_wire(moe_core::experts::matmul(&view("a", &a)?, &view("b", &b)?, trans_a.unwrap_or(false), trans_b.unwrap_or(false))?)))
 }
 
+/// The views of a grouped-experts call: the same names in errors as every other backend.
+#[allow(clippy::too_many_arguments)]
+fn inputs<'a>(
+    x: &'a WireTensor,
+    c: &'a WireTensor,
+    w1: &'a WireTensor,
+    w1_name: &str,
+    w2: &'a WireTensor,
+    p: &'a Option<WireTensor>,
+    b1: &'a Option<WireTensor>,
+    b2: &'a Option<WireTensor>,
+) -> moe_core::Result<ExpertsInputs<'a>> {
+    Ok(ExpertsInputs {
+        tokens: view("permutedTokens", x)?,
+        tokens_per_expert: view("tokensPerExpert", c)?,
+        gate_and_up: view(if w1_name == "upProjs" { "upProjs" } else { "gateAndUpProjs" }, w1)?,
+        down: view("downProjs", w2)?,
+        probs: opt_view("permutedProbs", p)?,
+        gate_up_bias: opt_view("gateUpProjBias", b1)?,
+        down_bias: opt_view("downProjBias", b2)?,
+    })
+}
+
 #[napi]
 #[allow(clippy::too_many_arguments)]
 pub fn experts_forward(
@@ -29,14 +52,7 @@ pub fn experts_forward(
 ) -> napi::Result<WireTensorOut, String> {
     guard(|| {
         let options = ActivationOptions::from_args(kind.as_deref(), alpha, limit, linear_offset)?;
-        let (x, c, w1, w2) = (
-            view("permutedTokens", &permuted_tokens)?,
-            view("tokensPerExpert", &tokens_per_expert)?,
-            view(if gate_and_up_name == "upProjs" { "upProjs" } else { "gateAndUpProjs" }, &gate_and_up_projs)?,
-            view("downProjs", &down_projs)?,
-        );
-        let (p, b1, b2) = (opt_view("permutedProbs", &permuted_probs)?, opt_view("gateUpProjBias", &gate_up_proj_bias)?, opt_view("downProjBias", &down_proj_bias)?);
-        let inputs = ExpertsInputs { tokens: &x, tokens_per_expert: &c, gate_and_up: &w1, down: &w2, probs: p.as_ref(), gate_up_bias: b1.as_ref(), down_bias: b2.as_ref() };
+        let inputs = inputs(&permuted_tokens, &tokens_per_expert, &gate_and_up_projs, &gate_and_up_name, &down_projs, &permuted_probs, &gate_up_proj_bias, &down_proj_bias)?;
         Ok(to_wire(moe_core::experts::experts_forward(&inputs, &options)?))
     })
 }
@@ -70,15 +86,8 @@ pub fn experts_backward(
 ) -> napi::Result<ExpertsGradsOut, String> {
     guard(|| {
         let options = ActivationOptions::from_args(kind.as_deref(), alpha, limit, linear_offset)?;
-        let (g, x, c, w1, w2) = (
-            view("gradOutput", &grad_output)?,
-            view("permutedTokens", &permuted_tokens)?,
-            view("tokensPerExpert", &tokens_per_expert)?,
-            view(if gate_and_up_name == "upProjs" { "upProjs" } else { "gateAndUpProjs" }, &gate_and_up_projs)?,
-            view("downProjs", &down_projs)?,
-        );
-        let (p, b1, b2) = (opt_view("permutedProbs", &permuted_probs)?, opt_view("gateUpProjBias", &gate_up_proj_bias)?, opt_view("downProjBias", &down_proj_bias)?);
-        let inputs = ExpertsInputs { tokens: &x, tokens_per_expert: &c, gate_and_up: &w1, down: &w2, probs: p.as_ref(), gate_up_bias: b1.as_ref(), down_bias: b2.as_ref() };
+        let g = view("gradOutput", &grad_output)?;
+        let inputs = inputs(&permuted_tokens, &tokens_per_expert, &gate_and_up_projs, &gate_and_up_name, &down_projs, &permuted_probs, &gate_up_proj_bias, &down_proj_bias)?;
         let out = moe_core::experts::experts_backward(&g, &inputs, &options)?;
         Ok(ExpertsGradsOut {
             grad_tokens: to_wire(out.grad_tokens),

@@ -38,6 +38,20 @@ fn args(x: &JsValue, c: &JsValue, w1: &JsValue, w1_name: &str, w2: &JsValue, p: 
     })
 }
 
+impl Args {
+    fn inputs(&self) -> moe_core::Result<ExpertsInputs<'_>> {
+        Ok(ExpertsInputs {
+            tokens: self.x.view()?,
+            tokens_per_expert: self.c.view()?,
+            gate_and_up: self.w1.view()?,
+            down: self.w2.view()?,
+            probs: opt_view(&self.p)?,
+            gate_up_bias: opt_view(&self.b1)?,
+            down_bias: opt_view(&self.b2)?,
+        })
+    }
+}
+
 #[wasm_bindgen(js_name = expertsForward)]
 #[allow(clippy::too_many_arguments)]
 pub fn experts_forward(
@@ -57,9 +71,7 @@ pub fn experts_forward(
     let a = args(&permuted_tokens, &tokens_per_expert, &gate_and_up_projs, &gate_and_up_name, &down_projs, &permuted_probs, &gate_up_proj_bias, &down_proj_bias)?;
     let run = || {
         let options = ActivationOptions::from_args(kind.as_deref(), alpha, limit, linear_offset)?;
-        let (x, c, w1, w2) = (a.x.view()?, a.c.view()?, a.w1.view()?, a.w2.view()?);
-        let (p, b1, b2) = (opt_view(&a.p)?, opt_view(&a.b1)?, opt_view(&a.b2)?);
-        let inputs = ExpertsInputs { tokens: &x, tokens_per_expert: &c, gate_and_up: &w1, down: &w2, probs: p.as_ref(), gate_up_bias: b1.as_ref(), down_bias: b2.as_ref() };
+        let inputs = a.inputs()?;
         moe_core::experts::experts_forward(&inputs, &options)
     };
     run().map(tensor_to_js).map_err(to_js_error)
@@ -86,9 +98,7 @@ pub fn experts_backward(
     let a = args(&permuted_tokens, &tokens_per_expert, &gate_and_up_projs, &gate_and_up_name, &down_projs, &permuted_probs, &gate_up_proj_bias, &down_proj_bias)?;
     let run = || {
         let options = ActivationOptions::from_args(kind.as_deref(), alpha, limit, linear_offset)?;
-        let (x, c, w1, w2) = (a.x.view()?, a.c.view()?, a.w1.view()?, a.w2.view()?);
-        let (p, b1, b2) = (opt_view(&a.p)?, opt_view(&a.b1)?, opt_view(&a.b2)?);
-        let inputs = ExpertsInputs { tokens: &x, tokens_per_expert: &c, gate_and_up: &w1, down: &w2, probs: p.as_ref(), gate_up_bias: b1.as_ref(), down_bias: b2.as_ref() };
+        let inputs = a.inputs()?;
         moe_core::experts::experts_backward(&g.view()?, &inputs, &options)
     };
     let out = run().map_err(to_js_error)?;
