@@ -1,6 +1,6 @@
 // permute / unpermute on the GPU: the kernels behind moe-cuda's permute and unpermute.
 //
-// Compiled at run time by NVRTC (no headers: only built-in types and intrinsics), for the
+// Compiled at run time by NVRTC (no headers but kernels/common.cuh: only built-in types and intrinsics), for the
 // device's own architecture, with --fmad=false. Semantics: docs/semantics.md; the CPU core
 // (crates/moe-core/src/permute.rs) is the reference, and these kernels match it bit for bit:
 //
@@ -19,50 +19,8 @@
 // Launch shape (host side, crates/moe-cuda/src/ops.rs): grid.x = tokens, grid.y = column
 // blocks, blockDim.x = threads covering one column block of a row.
 
-typedef unsigned short u16;
-typedef unsigned int u32;
-
-// ---------------------------------------------------------------------------------------
-// Element conversions, written out so that they agree with the core bit for bit.
-
-struct F32 {
-    typedef float S;
-    static __device__ __forceinline__ float to_f32(float v) { return v; }
-    static __device__ __forceinline__ float from_f32(float v) { return v; }
-};
-
-struct BF16 {
-    typedef u16 S;
-    static __device__ __forceinline__ float to_f32(u16 v) { return __uint_as_float(((u32)v) << 16); }
-    // Round to nearest, ties to even; a NaN stays a quiet NaN with the top payload bits
-    // (moe_core::tensor::Float for bf16).
-    static __device__ __forceinline__ u16 from_f32(float v) {
-        u32 b = __float_as_uint(v);
-        u32 rounded = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
-        u32 quiet_nan = (b >> 16) | 0x40u;
-        return (u16)(v != v ? quiet_nan : rounded);
-    }
-};
-
-struct F16 {
-    typedef u16 S;
-    static __device__ __forceinline__ float to_f32(u16 v) {
-        float f;
-        asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
-        return f;
-    }
-    // Round to nearest even (cvt.rn); NaN as the half crate makes it (sign, quiet bit, the
-    // top 10 payload bits), so that even NaN outputs match the CPU core.
-    static __device__ __forceinline__ u16 from_f32(float v) {
-        u32 x = __float_as_uint(v);
-        if ((x & 0x7f800000u) == 0x7f800000u && (x & 0x007fffffu) != 0u) {
-            return (u16)(((x & 0x80000000u) >> 16) | 0x7c00u | 0x0200u | ((x & 0x007fffffu) >> 13));
-        }
-        u16 h;
-        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
-        return h;
-    }
-};
+// Element types (F32, BF16, F16) and u16/u32 come from kernels/common.cuh, prepended by
+// compile.rs.
 
 // Raw words of 2, 4, 8 or 16 bytes: the unit of every load and store.
 template <int BYTES> struct Word;

@@ -18,8 +18,6 @@
 //   4. scan_exclusive (one block): row_ptr from the per-token counts.
 //   5. plan_row_fill: one warp per token lists its slots in ascending expert (= slot) order.
 
-typedef unsigned char u8;
-typedef long long i64;
 
 #define PLAN_CHUNK 64
 
@@ -86,7 +84,7 @@ extern "C" __global__ void __launch_bounds__(1024) plan_expert_scan(
 
 extern "C" __global__ void plan_fill(
     const u8* __restrict__ map, int T, int E, const int* __restrict__ chunk_base, const int* __restrict__ counts,
-    const int* __restrict__ expert_offsets, int capacity, int drop_and_pad,
+    const int* __restrict__ expert_offsets, int capacity, int drop_and_pad, int N,
     int* __restrict__ sorted_indices, int* __restrict__ slot_of, int* __restrict__ row_counts) {
     const int chunk = blockIdx.x;
     const int e = blockIdx.y * blockDim.x + threadIdx.x;
@@ -107,6 +105,9 @@ extern "C" __global__ void plan_fill(
             if (u < pad) s = off + filled + u;
             u++;
         }
+        // slots past the N allocated ones exist only when the caller's expected count was
+        // wrong (the host then reports the mismatch): drop them, so nothing is written out of bounds
+        if (s >= N) s = -1;
         if (s >= 0) {
             sorted_indices[s] = t;
             atomicAdd(row_counts + t, 1);  // integer: the same count whatever the order

@@ -11,73 +11,12 @@
 // One warp per token; the token's row lives in shared memory (dynamic, per warp:
 // 8E bytes of f64 scratch, 4E keys, 4E scores, 4G group keys, 4k + 4G picks).
 
-typedef unsigned char u8;
-typedef long long i64;
-typedef unsigned long long u64;
+// u8, i64, u64 and detmath (det_exp, det_ln, det_ln_1p) come from kernels/common.cuh.
 
 #define FULL 0xffffffffu
 
 // ---------------------------------------------------------------------------------------
-// moe_core::detmath, line for line.
-
-#define LN2_HI __longlong_as_double(0x3fe62e42fee00000LL)
-#define LN2_LO __longlong_as_double(0x3dea39ef35793c76LL)
-#define LOG2_E __longlong_as_double(0x3ff71547652b82feLL)
-#define SQRT_2 __longlong_as_double(0x3ff6a09e667f3bcdLL)
-
-static __device__ __forceinline__ double pow2(i64 e) { return __longlong_as_double((e + 1023) << 52); }
-
-static __device__ double det_scale(double x, i64 k) {
-    if (k > 1023) return x * pow2(1023) * pow2(min(k - 1023, (i64)1023));
-    if (k < -1022) return x * pow2(-1022) * pow2(max(k + 1022, (i64)-1022));
-    return x * pow2(k);
-}
-
-static __device__ double det_exp(double x) {
-    if (x != x) return x;
-    if (x > 709.782712893384) return __longlong_as_double(0x7ff0000000000000LL);
-    if (x < -745.2) return 0.0;
-    const double k = floor(x * LOG2_E + 0.5);
-    const double r = (x - k * LN2_HI) - k * LN2_LO;
-    const double c[15] = {1.0, 1.0, 1.0 / 2.0, 1.0 / 6.0, 1.0 / 24.0, 1.0 / 120.0, 1.0 / 720.0, 1.0 / 5040.0, 1.0 / 40320.0,
-                          1.0 / 362880.0, 1.0 / 3628800.0, 1.0 / 39916800.0, 1.0 / 479001600.0, 1.0 / 6227020800.0,
-                          1.0 / 87178291200.0};
-    double p = c[14];
-#pragma unroll
-    for (int i = 13; i >= 0; i--) p = p * r + c[i];
-    return det_scale(p, (i64)k);
-}
-
-static __device__ double det_ln(double x) {
-    if (x != x || x < 0.0) return __longlong_as_double(0x7ff8000000000000LL);
-    if (x == 0.0) return __longlong_as_double(0xfff0000000000000LL);
-    if (x == __longlong_as_double(0x7ff0000000000000LL)) return x;
-    i64 e = 0;
-    if (x < 2.2250738585072014e-308) {
-        x *= 18014398509481984.0;
-        e -= 54;
-    }
-    const u64 bits = (u64)__double_as_longlong(x);
-    e += (i64)((bits >> 52) & 0x7ff) - 1023;
-    double m = __longlong_as_double((i64)((bits & 0x000fffffffffffffULL) | 0x3ff0000000000000ULL));
-    if (m > SQRT_2) {
-        m *= 0.5;
-        e += 1;
-    }
-    const double f = m - 1.0;
-    const double s = f / (2.0 + f);
-    const double z = s * s;
-    double poly = 1.0 / 23.0;
-    for (int d = 10; d >= 1; d--) poly = poly * z + 1.0 / (double)(2 * d + 1);
-    const double ln_m = 2.0 * s + 2.0 * s * z * poly;
-    const double ef = (double)e;
-    return ef * LN2_HI + (ef * LN2_LO + ln_m);
-}
-
-static __device__ double det_ln_1p(double y) {
-    const double u = 1.0 + y;
-    return u == 1.0 ? y : det_ln(u) * (y / (u - 1.0));
-}
+// Score functions in f64 on the core's exp and ln.
 
 static __device__ double sigmoid64(double x) { return 1.0 / (1.0 + det_exp(-x)); }
 

@@ -10,7 +10,9 @@
 #
 # With the workplace's device tool: `run` with carry [".gpu-bundle"] and the command
 # `bash scripts/gpu-run.sh remote`. Where CUDA is missing, the suite skips with the reason.
-# Options of pack: --no-build (pack what is built). Of remote: SKIP_TORCH=1, SKIP_BENCH=1.
+# Options of pack: --no-build (pack what is built). Of remote: SKIP_SUITE=1 (the GPU suite and
+# `check`), SKIP_SOAK=1, SKIP_BENCH=1, SKIP_TORCH=1
+# (SOAK_SMALL / SOAK_LARGE set the soak's counts).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUNDLE=.gpu-bundle
@@ -42,7 +44,7 @@ pack() {
   local golden="${MOE_GOLDEN_DIR:-../shared/golden}"
   cp "$golden"/permute.json "$golden"/unpermute.json "$golden"/route.json "$BUNDLE/golden/"
   cp target/release/moe-cuda-bench "$BUNDLE/bin/"
-  cp bench/gpu_torch_ref.py "$BUNDLE/bench/"
+  cp bench/gpu_torch_ref.py bench/gpu_torch_experts.py "$BUNDLE/bench/"
   # the same module resolution as in the repo: dist/ imports are relative, so the bundle is a
   # small copy of the repo's layout
   printf '{"type":"module"}\n' > "$BUNDLE/package.json"
@@ -66,7 +68,16 @@ remote() {
       export LD_LIBRARY_PATH="$(dirname "$nvrtc")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     fi
   fi
-  say "libraries: $(ldconfig -p | grep -oE 'libcuda\.so\.1|libnvrtc\.so\.13' | sort -u | tr '\n' ' ') LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+  # cuBLAS (the expert GEMMs): the same way
+  if ! ldconfig -p | grep -q 'libcublas.so.13'; then
+    local cublas
+    cublas="$(find /usr/local/cuda*/ /usr/lib /opt -name 'libcublas.so.13' 2>/dev/null | head -1)"
+    [[ -z "$cublas" ]] && cublas="$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib", "libcublas.so.13"))' 2>/dev/null)"
+    if [[ -n "$cublas" && -e "$cublas" ]]; then
+      export LD_LIBRARY_PATH="$(dirname "$cublas")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    fi
+  fi
+  say "libraries: $(ldconfig -p | grep -oE 'libcuda\.so\.1|libnvrtc\.so\.13|libcublas\.so\.13' | sort -u | tr '\n' ' ') LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
   # a cache folder of our own, empty at the start: the first process compiles, later ones must hit the disk cache
   export MOE_DISPATCH_CACHE_DIR="${MOE_DISPATCH_CACHE_DIR:-/tmp/moe-dispatch-cache}"
   local node=/tmp/moe-node/node
@@ -82,24 +93,33 @@ remote() {
   "$node" "$BUNDLE/dist/cli.js" info
   ls -la "$MOE_DISPATCH_CACHE_DIR" 2>&1 | sed 's/^/  /'
 
-  say "GPU suite (node --test)"
-  "$node" --test --test-reporter=tap --test-reporter-destination="$OUT/gpu-suite.tap" --test-reporter=spec --test-reporter-destination=/dev/null "$BUNDLE/test/gpu/" ; echo "  exit code $?"
-  grep -E '^# (cuda|CUDA)' "$OUT/gpu-suite.tap" | head -3
-  grep -E '^# (tests|suites|pass|fail|cancelled|skipped|todo|duration_ms)' "$OUT/gpu-suite.tap"
-  grep -E '^\s*not ok' "$OUT/gpu-suite.tap" | head -20
+  if [[ -z "${SKIP_SUITE:-}" ]]; then
+    say "GPU suite (node --test)"
+    "$node" --test --test-reporter=tap --test-reporter-destination="$OUT/gpu-suite.tap" --test-reporter=spec --test-reporter-destination=/dev/null "$BUNDLE/test/gpu/" ; echo "  exit code $?"
+    grep -E '^# (cuda|CUDA)' "$OUT/gpu-suite.tap" | head -3
+    grep -E '^# (tests|suites|pass|fail|cancelled|skipped|todo|duration_ms)' "$OUT/gpu-suite.tap"
+    grep -E '^\s*not ok' "$OUT/gpu-suite.tap" | head -20
 
-  say "moe-dispatch check (random problems through cuda, cpu and wasm)"
-  "$node" "$BUNDLE/dist/cli.js" check --cases 300 | tee "$OUT/check.txt" | tail -8
-
+    say "moe-dispatch check (random problems through cuda, cpu and wasm)"
+    "$node" "$BUNDLE/dist/cli.js" check --cases 300 | tee "$OUT/check.txt" | tail -8
+  fi
+  if [[ -z "${SKIP_SOAK:-}" ]]; then
+    say "soak: device memory, 100k small + 1k large ops on device tensors"
+    timeout 300 "$node" --expose-gc "$BUNDLE/test/gpu/soak.mjs" --small "${SOAK_SMALL:-100000}" --large "${SOAK_LARGE:-1000}" --out "$OUT/soak.json"; echo "  exit code $?"
+  fi
   if [[ -z "${SKIP_BENCH:-}" ]]; then
     say "JS per-call overhead"
     "$node" "$BUNDLE/test/gpu/overhead.mjs" --out "$OUT/overhead.json"
     say "moe-cuda-bench (checks at full size, then CUDA-event timings)"
     timeout 300 "$BUNDLE/bin/moe-cuda-bench" run --iters 20 ${BENCH_ARGS:-} --out "$OUT/bench.json"; echo "  exit code $?"
+    say "moe-cuda-bench experts (cuBLAS expert GEMMs, experts, dispatch + experts layer)"
+    timeout 240 "$BUNDLE/bin/moe-cuda-bench" experts --iters 10 --out "$OUT/experts.json"; echo "  exit code $?"
   fi
   if [[ -z "${SKIP_TORCH:-}" ]]; then
     say "PyTorch reference path"
     PYTHONUNBUFFERED=1 timeout 240 python3 "$BUNDLE/bench/gpu_torch_ref.py" --out "$OUT/torch.json"; echo "  exit code $?"
+    say "PyTorch experts and layer"
+    PYTHONUNBUFFERED=1 timeout 240 python3 "$BUNDLE/bench/gpu_torch_experts.py" --out "$OUT/torch-experts.json"; echo "  exit code $?"
   fi
   say "done; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 }

@@ -19,7 +19,7 @@ export type { DropPolicy, DropTokensOptions, DropTokensResult, ExpertRange, Expe
 
 export type { CreateBackendOptions, Prefer } from './entry.js';
 export { isDeviceTensor, type DeviceTensor } from './device.js';
-export { isCudaBackend, type AnyTensor, type CudaBackend, type DevicePermuteBackwardOptions, type DevicePermuteOptions, type DevicePermuteResult, type DeviceRouteOptions, type DeviceRouteResult, type DeviceUnpermuteOptions } from './backends/cuda.js';
+export { isCudaBackend, type AnyTensor, type CudaBackend, type CudaMemory, type DevicePermuteBackwardOptions, type DevicePermuteOptions, type DevicePermuteResult, type DeviceRouteOptions, type DeviceRouteResult, type DeviceUnpermuteOptions } from './backends/cuda.js';
 
 async function load(name: BackendName): Promise<CudaLoaded> {
   switch (name) {
@@ -36,4 +36,5 @@ async function load(name: BackendName): Promise<CudaLoaded> {
 export const { backendInfo, createBackend } = makeEntry(load);
 export { MoELayer, normalRng, type MoEForward, type MoEGrads, type MoELayerOptions, type MoEWeights } from './layer.js';
 export { progressLine, trainMoE, type TrainOptions, type TrainResult, type TrainStep } from './train.js';
+export { createAsyncBackend, type AsyncBackend, type AsyncOps, type CreateAsyncBackendOptions } from './async.js';
 export { TokenDispatcher, type TokenDispatcherOptions, type TokenPermutation, type TopKRouting } from './dispatcher.js';

@@ -56,6 +56,13 @@ export function checkShape(shape: unknown, arg: string): number {
   return n;
 }
 
+/** Whether `value` looks like a host Tensor: a known dtype, a shape array and a TypedArray. */
+export function isTensor(value: unknown): value is Tensor {
+  if (typeof value !== 'object' || value === null) return false;
+  const t = value as Partial<Tensor>;
+  return typeof t.dtype === 'string' && DTYPES.includes(t.dtype) && Array.isArray(t.shape) && ArrayBuffer.isView(t.data);
+}
+
 /** Validates that `value` is a well-formed Tensor (of one of `dtypes`, if given). */
 export function checkTensor<D extends DType>(value: unknown, arg: string, dtypes?: readonly D[]): Tensor<D> {
   if (typeof value !== 'object' || value === null || ArrayBuffer.isView(value) || Array.isArray(value)) {

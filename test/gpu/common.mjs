@@ -86,3 +86,16 @@ export function toTensor(g, as = DTYPE_OF[g.dtype]) {
       return tensor(as, g.shape, Uint8Array.from(g.data, (v) => (v ? 1 : 0)));
   }
 }
+
+// ---------------------------------------------------------------------------------------
+// The backend under test
+
+// MOE_GPU_SUITE_STANDIN=wasm runs a suite with another backend in cuda's place (to check the
+// suite itself on a machine with no GPU); the tests that need device tensors still skip.
+export const standIn = process.env.MOE_GPU_SUITE_STANDIN;
+/** false, or why the suite cannot run. */
+export const skip = cudaInfo?.available || standIn ? false : `CUDA unavailable: ${cudaInfo?.reason ?? 'backendInfo() does not list cuda'}`;
+/** false, or why the device-tensor tests cannot run. */
+export const cudaOnly = standIn ? `stand-in run (${standIn} in cuda's place)` : skip;
+/** The backend under test (cuda, or the stand-in); undefined when skipped. */
+export const cuda = skip ? undefined : await lib.createBackend({ prefer: standIn ?? 'cuda' });

@@ -1,30 +1,43 @@
 /**
- * The CUDA backend: the native addon's GPU functions (`cudaInfo`, `cudaPermute`,
- * `cudaUnpermute`, from crates/moe-node/src/cuda.rs over crates/moe-cuda).
+ * The CUDA backend: the native addon's GPU functions (`cudaInfo`, `cuda*Device`, from
+ * crates/moe-node/src/cuda*.rs over crates/moe-cuda).
  *
- * It is the native binding with the ops listed in `CUDA_GPU_OPS` replaced by their GPU
- * versions; every other op of this backend runs on the CPU core through the same addon (same
- * results: the CPU core is the reference the kernels are checked against), and `backendInfo()`
- * says which ops run where. The GPU ops take host tensors (uploaded, then the results are
- * downloaded) or device tensors (`upload()`; results stay on the GPU): see `cudaBackend`.
+ * Every op takes host tensors or device tensors (`upload()`). With host tensors only, an op
+ * returns host results: the GPU ops of `CUDA_GPU_OPS` upload, run and download; the others run on
+ * the CPU core of the same addon. With any device tensor, the result is device tensors: the ops
+ * of `CUDA_GPU_OPS` and of the families in `GPU_FAMILIES` (cuda-activations.ts, cuda-layout.ts,
+ * cuda-experts.ts) run on the GPU; any other op downloads its inputs, runs on the CPU core and
+ * uploads its results. `backendInfo().gpuOps` lists the ops that run on the GPU.
  *
  * Available only where the addon's `cudaInfo()` opens a GPU and loads the kernels; otherwise
  * the reason it gives ("libcuda.so.1 not found ...", "the NVIDIA driver sees no CUDA device",
  * an NVRTC error). `MOE_DISPATCH_CUDA=0` turns the backend off.
  */
 import type { Backend, BackendInfo, Binding, PermuteBackwardOptions, PermuteOptions, UnpermuteOptions } from '../backend.js';
-import { isDeviceTensor, nativeHandle, rethrowNative, wrapDevice, type DeviceTensor, type NativeCudaTensor } from '../device.js';
+import { isDeviceTensor, rethrowNative, wrapDevice, type DeviceTensor, type NativeCudaTensor } from '../device.js';
+import { isTensor } from '../tensor.js';
+import { activationsGpu, type CudaActivationsOps } from './cuda-activations.js';
+import { anyDevice, callWith, optionValue, type Addon, type GpuContext, type GpuFamily, type Handles } from './cuda-common.js';
+import { expertsGpu, type CudaExpertsOps } from './cuda-experts.js';
+import { layoutGpu, type CudaLayoutOps } from './cuda-layout.js';
 import type { RouteOptions } from '../ops/routing.js';
 import type { DType, IndexDType, Tensor, TokenDType } from '../tensor.js';
 import { checkBool, checkNumber, checkOptions, TOKENS, wire } from '../wire.js';
 import { loadNative, type Loaded } from './native.js';
 
 /**
- * Ops the cuda backend runs on the GPU. The others run on the CPU core (the native addon).
- * permuteBackward and unpermuteBackward run on the GPU for device tensors (their probs
- * gradients, and host tensors, on the CPU core).
+ * The GPU ops of this file (the other families add theirs). permuteBackward and
+ * unpermuteBackward run on the GPU for device tensors (host tensors: on the CPU core).
  */
 export const CUDA_GPU_OPS = ['permute', 'unpermute', 'route', 'topk', 'permuteBackward', 'unpermuteBackward'] as const;
+
+/** The other families of GPU ops (each in its own file), merged over the CPU ops. */
+export const GPU_FAMILIES: readonly GpuFamily[] = [activationsGpu, layoutGpu, expertsGpu];
+
+/** Every op that runs on the GPU with this addon. */
+export function gpuOps(addon: object): string[] {
+  return [...CUDA_GPU_OPS, ...GPU_FAMILIES.filter((f) => f.present(addon as Addon)).flatMap((f) => f.ops)];
+}
 
 /** What the addon's `cudaInfo()` returns (napi-rs gives `null` for absent fields). */
 export interface CudaInfo {
@@ -46,6 +59,7 @@ export interface CudaExports {
   cudaTopk: Binding['topk'];
   cudaUpload(tensor: ReturnType<typeof wire>): NativeCudaTensor;
   cudaSynchronize(): void;
+  cudaMemory(): CudaMemory;
   cudaPermuteDevice(
     tokens: NativeCudaTensor,
     routingMap: NativeCudaTensor,
@@ -92,6 +106,14 @@ export interface CudaExports {
   ): { gradPermuted: NativeCudaTensor; gradProbs?: NativeCudaTensor | null };
 }
 
+/** Device memory: bytes and buffers this process holds now (device tensors and scratch), and the driver's free and total bytes. */
+export interface CudaMemory {
+  liveBytes: number;
+  liveBuffers: number;
+  freeBytes: number;
+  totalBytes: number;
+}
+
 /** A loaded backend plus what `backendInfo()` adds for it. */
 export type CudaLoaded = Loaded & { info?: Partial<BackendInfo>; extend?: (backend: Backend) => Backend };
 
@@ -120,7 +142,7 @@ export function loadCuda(): CudaLoaded {
     .filter(Boolean)
     .join(', ');
   const extend = (backend: Backend) => cudaBackend(backend, gpu) as unknown as Backend;
-  return (cached = { binding, extend, info: { device, gpuOps: [...CUDA_GPU_OPS], kernels: info.kernels ?? undefined } });
+  return (cached = { binding, extend, info: { device, gpuOps: gpuOps(addon), kernels: info.kernels ?? undefined } });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -173,12 +195,18 @@ export interface DevicePermuteBackwardOptions extends Omit<PermuteBackwardOption
   routingMap?: AnyTensor<'bool'>;
 }
 
-export interface CudaBackend extends Omit<Backend, 'name' | 'permute' | 'unpermute' | 'route' | 'topk' | 'permuteBackward' | 'unpermuteBackward'> {
+export interface CudaBackend
+  extends Omit<Backend, 'name' | 'permute' | 'unpermute' | 'route' | 'topk' | 'permuteBackward' | 'unpermuteBackward' | keyof CudaActivationsOps | keyof CudaLayoutOps | keyof CudaExpertsOps>,
+    CudaActivationsOps,
+    CudaLayoutOps,
+    CudaExpertsOps {
   readonly name: 'cuda';
   /** Copies a host tensor to the GPU (int64 is not kept on the GPU: use int32). */
   upload<D extends DType>(tensor: Tensor<D>): DeviceTensor<D>;
   /** Waits until every queued kernel has finished. */
   synchronize(): void;
+  /** Device memory held by this process's tensors, and the GPU's free and total memory. */
+  memory(): CudaMemory;
   permute<D extends TokenDType>(tokens: Tensor<D>, routingMap: Tensor<'bool'>, options?: PermuteOptions): ReturnType<Backend['permute']> & { permutedTokens: Tensor<D> };
   permute<D extends TokenDType>(tokens: AnyTensor<D>, routingMap: AnyTensor<'bool'>, options?: DevicePermuteOptions): DevicePermuteResult<D>;
   unpermute<D extends TokenDType>(permutedTokens: Tensor<D>, sortedIndices: Tensor<IndexDType>, restoreShape: readonly [number, number], options?: UnpermuteOptions): Tensor<D>;
@@ -204,51 +232,9 @@ export interface CudaBackend extends Omit<Backend, 'name' | 'permute' | 'unpermu
 }
 
 
-/** Device handles for one call: device tensors as they are, host tensors uploaded (and freed after the call). */
-class Handles {
-  private temps: NativeCudaTensor[] = [];
-  constructor(private readonly addon: CudaExports) {}
-
-  of(value: unknown, arg: string, dtypes: readonly DType[]): NativeCudaTensor {
-    if (isDeviceTensor(value)) {
-      if (!dtypes.includes(value.dtype)) throw new TypeError(`${arg}.dtype: expected ${dtypes.join(' or ')}, got ${value.dtype}`);
-      return nativeHandle(value);
-    }
-    const h = this.addon.cudaUpload(wire(value, arg, dtypes));
-    this.temps.push(h);
-    return h;
-  }
-
-  opt(value: unknown, arg: string, dtypes: readonly DType[]): NativeCudaTensor | undefined {
-    return value === undefined || value === null ? undefined : this.of(value, arg, dtypes);
-  }
-
-  dispose(): void {
-    for (const h of this.temps) h.dispose();
-    this.temps = [];
-  }
-}
-
-function anyDevice(...values: unknown[]): boolean {
-  return values.some(isDeviceTensor);
-}
-
-function optionValue(options: unknown, key: string): unknown {
-  return typeof options === 'object' && options !== null ? (options as Record<string, unknown>)[key] : undefined;
-}
-
 /** Wraps the cuda backend's host-tensor ops (`base`) with the device-tensor paths of `addon`. */
 export function cudaBackend(base: Backend, addon: CudaExports): CudaBackend {
-  function call<T>(op: string, f: (h: Handles) => T): T {
-    const h = new Handles(addon);
-    try {
-      return f(h);
-    } catch (e) {
-      rethrowNative(op, e);
-    } finally {
-      h.dispose();
-    }
-  }
+  const call = <T>(op: string, f: (h: Handles) => T): T => callWith(addon as unknown as Addon, op, f);
   const backend = {
     ...base,
     name: 'cuda' as const,
@@ -264,6 +250,13 @@ export function cudaBackend(base: Backend, addon: CudaExports): CudaBackend {
         addon.cudaSynchronize();
       } catch (e) {
         rethrowNative('synchronize', e);
+      }
+    },
+    memory(): CudaMemory {
+      try {
+        return addon.cudaMemory();
+      } catch (e) {
+        rethrowNative('memory', e);
       }
     },
     permute(tokens: unknown, routingMap: unknown, options?: unknown) {
@@ -377,7 +370,62 @@ export function cudaBackend(base: Backend, addon: CudaExports): CudaBackend {
       });
     },
   };
+  const gpu = new Set<string>(CUDA_GPU_OPS);
+  const ctx: GpuContext = { base, addon: addon as unknown as Addon, call };
+  for (const family of GPU_FAMILIES) {
+    if (!family.present(ctx.addon)) continue;
+    Object.assign(backend, family.methods(ctx));
+    for (const op of family.ops) gpu.add(op);
+  }
+  // Every other op takes device tensors too: they are downloaded, the op runs on the CPU core,
+  // and its tensor results are uploaded (backendInfo().gpuOps lists the ops that run on the GPU).
+  const b = backend as unknown as Record<string, unknown>;
+  for (const [name, f] of Object.entries(base)) {
+    if (typeof f !== 'function' || gpu.has(name)) continue;
+    b[name] = (...args: unknown[]) => (args.some(hasDevice) ? viaHost(name, f as (...a: unknown[]) => unknown, args, addon) : (f as (...a: unknown[]) => unknown)(...args));
+  }
   return backend as unknown as CudaBackend;
+}
+
+/** Whether a device tensor sits in `value` (an argument, or an options object or array of them). */
+function hasDevice(value: unknown, depth = 0): boolean {
+  if (isDeviceTensor(value)) return true;
+  if (depth > 2 || typeof value !== 'object' || value === null || ArrayBuffer.isView(value)) return false;
+  return Object.values(value).some((v) => hasDevice(v, depth + 1));
+}
+
+/** `value` with its device tensors replaced by host copies. */
+function toHost(value: unknown, depth = 0): unknown {
+  if (isDeviceTensor(value)) return value.download();
+  if (depth > 2 || typeof value !== 'object' || value === null || ArrayBuffer.isView(value) || isTensor(value)) return value;
+  if (Array.isArray(value)) return value.map((v) => toHost(v, depth + 1));
+  if (Object.getPrototypeOf(value) !== Object.prototype) return value;
+  return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, toHost(v, depth + 1)]));
+}
+
+/** `value` with its host tensors uploaded (int64 ones stay on the host: the GPU keeps no int64). */
+function toDevice(value: unknown, addon: CudaExports, depth = 0): unknown {
+  if (isTensor(value)) return value.dtype === 'int64' ? value : wrapDevice(addon.cudaUpload(wire(value, 'result')));
+  if (depth > 2 || typeof value !== 'object' || value === null || ArrayBuffer.isView(value)) return value;
+  if (Array.isArray(value)) return value.map((v) => toDevice(v, addon, depth + 1));
+  if (Object.getPrototypeOf(value) !== Object.prototype) return value;
+  return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, toDevice(v, addon, depth + 1)]));
+}
+
+/** An op without GPU kernels, called with device tensors: on the CPU core, results uploaded. */
+function viaHost(op: string, f: (...args: unknown[]) => unknown, args: unknown[], addon: CudaExports): unknown {
+  let hostArgs: unknown[];
+  try {
+    hostArgs = args.map((a) => toHost(a));
+  } catch (e) {
+    rethrowNative(op, e);
+  }
+  const out = f(...hostArgs);
+  try {
+    return toDevice(out, addon);
+  } catch (e) {
+    rethrowNative(op, e);
+  }
 }
 
 /** Whether a backend is the cuda backend (and so takes device tensors). */

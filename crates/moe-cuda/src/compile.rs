@@ -24,13 +24,29 @@ pub struct KernelSource {
     pub source: &'static str,
 }
 
+/// Prepended to every file before it is compiled (types, element conversions, detmath).
+pub const COMMON: &str = include_str!("../../../kernels/common.cuh");
+
+/// What NVRTC compiles for `src`: kernels/common.cuh, then the file (with `#line` so that
+/// compile errors name the file's own lines).
+pub fn full_source(src: &KernelSource) -> String {
+    format!("{COMMON}\n#line 1 \"{}\"\n{}", src.file, src.source)
+}
+
 pub const PERMUTE: KernelSource = KernelSource { file: "permute.cu", source: include_str!("../../../kernels/permute.cu") };
 /// The dispatch plan (routing map -> sortedIndices, token CSR) on the GPU.
 pub const PLAN: KernelSource = KernelSource { file: "plan.cu", source: include_str!("../../../kernels/plan.cu") };
 /// route and topk.
 pub const ROUTING: KernelSource = KernelSource { file: "routing.cu", source: include_str!("../../../kernels/routing.cu") };
+/// Expert activations forward and backward, and the aux losses.
+pub const ACTIVATIONS: KernelSource = KernelSource { file: "activations.cu", source: include_str!("../../../kernels/activations.cu") };
+/// Layout ops: indices <-> multihot, capacity (drop, pad, counts), chunk sort, grouped-mm sort,
+/// and the probs gradients of permute/unpermute backward.
+pub const LAYOUT: KernelSource = KernelSource { file: "layout.cu", source: include_str!("../../../kernels/layout.cu") };
+/// The element kernels around the expert GEMMs (bias, epilogue, column sums, conversions).
+pub const EXPERTS: KernelSource = KernelSource { file: "experts.cu", source: include_str!("../../../kernels/experts.cu") };
 /// Every kernel file, in load order.
-pub const ALL: &[KernelSource] = &[PERMUTE, PLAN, ROUTING];
+pub const ALL: &[KernelSource] = &[PERMUTE, PLAN, ROUTING, ACTIVATIONS, LAYOUT, EXPERTS];
 
 /// NVRTC options for `arch` (e.g. "sm_90"). `--fmad=false`: no multiply-add contraction
 /// anywhere, so f32 arithmetic rounds as the CPU core's does.
@@ -47,10 +63,10 @@ pub fn options(arch: &str) -> Vec<String> {
 
 /// The disk cache key: SHA-256 of the source, the options and the architecture.
 pub fn cache_key(src: &KernelSource, arch: &str) -> String {
-    let mut text = String::with_capacity(src.source.len() + 256);
+    let mut text = String::with_capacity(src.source.len() + COMMON.len() + 256);
     text.push_str(src.file);
     text.push('\0');
-    text.push_str(src.source);
+    text.push_str(&full_source(src));
     text.push('\0');
     text.push_str(&options(arch).join(" "));
     text.push('\0');
@@ -160,7 +176,7 @@ pub fn compile_cubin(src: &KernelSource, arch: &str) -> Result<Vec<u8>> {
 }
 
 fn compile_inner(src: &KernelSource, arch: &str, what: &str) -> Result<Vec<u8>> {
-    let source = CString::new(src.source).map_err(|_| Error::Cuda(format!("{what}: the source holds a NUL byte")))?;
+    let source = CString::new(full_source(src)).map_err(|_| Error::Cuda(format!("{what}: the source holds a NUL byte")))?;
     let name = CString::new(src.file).map_err(|_| Error::Cuda(format!("{what}: bad file name")))?;
     let prog = nvrtc::create_program(&source, Some(&name)).map_err(|e| Error::nvrtc(what, e))?;
     let opts = options(arch);

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{result as drv, sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
@@ -16,6 +17,9 @@ use crate::error::{Error, Result};
 pub struct Device {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    /// A second stream for small reads that must not wait for the whole main stream
+    /// ([`Device::read_later`]).
+    aux: Arc<CudaStream>,
     ordinal: usize,
     name: String,
     compute_capability: (i32, i32),
@@ -24,6 +28,8 @@ pub struct Device {
     functions: HashMap<String, CudaFunction>,
     kernels_origin: Origin,
     _modules: Vec<Arc<CudaModule>>,
+    /// cuBLAS on this device's stream, opened at the first GEMM (see [`crate::blas`]).
+    blas: OnceLock<Result<cudarc::cublas::CudaBlas>>,
 }
 
 /// What [`Device::info`] reports.
@@ -78,6 +84,7 @@ impl Device {
         // One stream orders everything: no per-buffer events needed.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(|e| Error::driver("creating a stream", e))?;
+        let aux = ctx.new_stream().map_err(|e| Error::driver("creating a stream", e))?;
         let compute_capability = ctx.compute_capability().map_err(|e| Error::driver("reading the compute capability", e))?;
         let name = ctx.name().map_err(|e| Error::driver("reading the device name", e))?;
         let total_memory = ctx.total_mem().unwrap_or(0);
@@ -99,7 +106,7 @@ impl Device {
             }
             modules.push(module);
         }
-        Ok(Device { ctx, stream, ordinal, name, compute_capability, driver_version, total_memory, functions, kernels_origin, _modules: modules })
+        Ok(Device { ctx, stream, aux, ordinal, name, compute_capability, driver_version, total_memory, functions, kernels_origin, _modules: modules, blas: OnceLock::new() })
     }
 
     /// The process-wide device (`$MOE_DISPATCH_CUDA_DEVICE`, default 0), opened at first use.
@@ -138,6 +145,11 @@ impl Device {
         &self.stream
     }
 
+    /// The device's cuBLAS handle, opened at first use; a failure to open is remembered.
+    pub(crate) fn blas(&self) -> Result<&cudarc::cublas::CudaBlas> {
+        self.blas.get_or_init(|| crate::blas::open(self)).as_ref().map_err(|e| e.clone())
+    }
+
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
     }
@@ -150,7 +162,15 @@ impl Device {
     /// names the tensor in an out-of-memory error.
     pub fn alloc(&self, what: &str, bytes: usize) -> Result<Buffer> {
         let slice = unsafe { self.stream.alloc::<u8>(bytes.max(1)) }.map_err(|e| Error::driver(format!("allocating {} for {what}", human_bytes(bytes)), e))?;
+        LIVE_BYTES.fetch_add(bytes.max(1), Ordering::Relaxed);
+        LIVE_BUFFERS.fetch_add(1, Ordering::Relaxed);
         Ok(Buffer { slice, bytes })
+    }
+
+    /// Free and total device memory, as the driver reports them (`cuMemGetInfo`).
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        self.ctx.bind_to_thread().map_err(|e| Error::driver("binding the context", e))?;
+        drv::mem_get_info().map_err(|e| Error::driver("reading the memory info", e))
     }
 
     /// A new buffer holding `data`.
@@ -224,6 +244,36 @@ impl Device {
         Ok(())
     }
 
+    /// Marks the point of the stream after which element `index` (an i32) of `buf` may be read,
+    /// without waiting: the caller queues more work, then [`PendingRead::finish`] waits only
+    /// for the work queued before this call, and reads the value on the second stream (so the
+    /// GPU keeps running what was queued after it).
+    pub fn read_later(&self, what: &str, buf: &Buffer, index: usize) -> Result<PendingRead> {
+        if (index + 1) * 4 > buf.bytes {
+            return Err(Error::Cuda(format!("reading {what}: past the end (a bug in moe-dispatch)")));
+        }
+        let event = self
+            .stream
+            .record_event(Some(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING))
+            .map_err(|e| Error::driver(format!("marking {what}"), e))?;
+        Ok(PendingRead { event, ptr: buf.ptr(&self.stream) + (index * 4) as u64, what: what.to_string() })
+    }
+
+    /// Sets the first `bytes` bytes of a buffer to 0 (stream-ordered).
+    pub fn memset_zero(&self, what: &str, buf: &Buffer, bytes: usize) -> Result<()> {
+        if bytes > buf.bytes {
+            return Err(Error::Cuda(format!("clearing {bytes} bytes exceeds {what} (a bug in moe-dispatch)")));
+        }
+        if bytes == 0 {
+            return Ok(());
+        }
+        let r = unsafe { sys::cuMemsetD8Async(buf.ptr(&self.stream), 0, bytes, self.stream.cu_stream()) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(Error::driver(format!("clearing {what}"), drv::DriverError(r)));
+        }
+        Ok(())
+    }
+
     /// Reads the first `N` elements of a buffer (waits for the stream: a synchronisation).
     pub fn read_head<T: bytemuck::Pod + Default + Copy, const N: usize>(&self, what: &str, buf: &Buffer, first: usize) -> Result<[T; N]> {
         let mut out = [T::default(); N];
@@ -273,6 +323,26 @@ impl Device {
     }
 }
 
+/// A value of a buffer to read once the work before [`Device::read_later`] has run. The buffer
+/// must outlive it (the callers keep both in one function).
+pub struct PendingRead {
+    event: cudarc::driver::CudaEvent,
+    ptr: u64,
+    what: String,
+}
+
+impl PendingRead {
+    /// Waits for the marked point of the stream, then reads the value (on the second stream).
+    pub fn finish(self, dev: &Device) -> Result<i32> {
+        self.event.synchronize().map_err(|e| Error::driver(format!("waiting for {}", self.what), e))?;
+        let mut out = [0i32; 1];
+        let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
+        unsafe { drv::memcpy_dtoh_async(dst, self.ptr, dev.aux.cu_stream()) }.map_err(|e| Error::driver(format!("reading {}", self.what), e))?;
+        dev.aux.synchronize().map_err(|e| Error::driver(format!("reading {}", self.what), e))?;
+        Ok(out[0])
+    }
+}
+
 /// A kernel argument (pointers travel as U64).
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Arg {
@@ -282,10 +352,26 @@ pub(crate) enum Arg {
     F64(f64),
 }
 
+static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
+static LIVE_BUFFERS: AtomicUsize = AtomicUsize::new(0);
+
+/// Bytes and buffers of device memory that this process's [`Buffer`]s hold now (what a leak
+/// would grow; the memory pool may keep more from the driver).
+pub fn live_memory() -> (usize, usize) {
+    (LIVE_BYTES.load(Ordering::Relaxed), LIVE_BUFFERS.load(Ordering::Relaxed))
+}
+
 /// Untyped device memory of a known byte size.
 pub struct Buffer {
     slice: CudaSlice<u8>,
     bytes: usize,
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        LIVE_BYTES.fetch_sub(self.bytes.max(1), Ordering::Relaxed);
+        LIVE_BUFFERS.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Buffer {
@@ -383,40 +469,59 @@ fn load_module(ctx: &Arc<CudaContext>, src: &KernelSource, arch: &str) -> Result
 /// hand: every kernel here is declared as `... __global__ void __launch_bounds__(..) NAME(`
 /// or via the PERMUTE_KERNELS / UNPERMUTE_KERNEL macros; we list what the module must hold.
 pub fn kernel_names(source: &str) -> Vec<String> {
+    // Macros whose bodies declare kernels: name -> (parameters, name patterns like `a_##P##_b`).
+    let mut macros: HashMap<String, (Vec<String>, Vec<String>)> = HashMap::new();
     let mut names = Vec::new();
-    for line in source.lines() {
-        let line = line.trim();
-        // plain declarations: extern "C" __global__ void [__launch_bounds__(..)] NAME(
-        if let Some(rest) = line.strip_prefix("extern \"C\" __global__ void ") {
-            let rest = rest.trim_start();
-            let rest = match rest.strip_prefix("__launch_bounds__(") {
-                Some(r) => r.split_once(')').map_or("", |(_, after)| after.trim_start()),
-                None => rest,
-            };
-            let name: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
-            if !name.is_empty() && rest[name.len()..].starts_with('(') {
-                names.push(name);
+    let mut current: Option<String> = None;
+    for raw in source.lines() {
+        let line = raw.trim();
+        if let Some(def) = line.strip_prefix("#define ") {
+            if let Some((name, rest)) = def.split_once('(') {
+                if name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    let params = rest.split_once(')').map_or("", |(p, _)| p).split(',').map(|p| p.trim().to_string()).collect();
+                    macros.insert(name.to_string(), (params, Vec::new()));
+                    current = Some(name.to_string());
+                }
             }
-            continue;
         }
-        if let Some(rest) = line.strip_prefix("ROUTE_REG_KERNELS(") {
-            let per = rest.trim_end_matches(')');
-            names.push(format!("route_kernel_r{per}"));
-            names.push(format!("topk_kernel_r{per}"));
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("PERMUTE_KERNELS(") {
-            let bytes = rest.trim_end_matches(')');
-            names.push(format!("permute_scatter_w{bytes}"));
-            names.push(format!("permute_gather_w{bytes}"));
-        } else if let Some(rest) = line.strip_prefix("UNPERMUTE_KERNEL(") {
-            let parts: Vec<&str> = rest.trim_end_matches(')').split(',').map(|s| s.trim()).collect();
-            if parts.len() == 3 {
-                names.push(format!("unpermute_{}_v{}", parts[0], parts[2]));
+        let declared = kernel_declared(line);
+        match (&current, declared) {
+            (Some(m), Some(pattern)) => macros.get_mut(m).map_or((), |(_, pats)| pats.push(pattern)),
+            (None, Some(pattern)) if !pattern.contains("##") => names.push(pattern),
+            (None, None) => {
+                // an invocation: MACRO(args)
+                if let Some((name, rest)) = line.split_once('(') {
+                    if let Some((params, patterns)) = macros.get(name.trim()) {
+                        let args: Vec<&str> = rest.rsplit_once(')').map_or("", |(a, _)| a).split(',').map(|a| a.trim()).collect();
+                        for pattern in patterns {
+                            let expanded: String = pattern
+                                .split("##")
+                                .map(|piece| params.iter().position(|p| p == piece).and_then(|i| args.get(i).copied()).unwrap_or(piece))
+                                .collect();
+                            names.push(expanded);
+                        }
+                    }
+                }
             }
+            _ => {}
+        }
+        if current.is_some() && !raw.trim_end().ends_with('\\') {
+            current = None;
         }
     }
     names
+}
+
+/// The kernel name (a pattern with `##` inside macros) of a line `extern "C" __global__ void
+/// [__launch_bounds__(..)] NAME(`.
+fn kernel_declared(line: &str) -> Option<String> {
+    let rest = line.strip_prefix("extern \"C\" __global__ void ")?.trim_start();
+    let rest = match rest.strip_prefix("__launch_bounds__(") {
+        Some(r) => r.split_once(')').map_or("", |(_, after)| after.trim_start()),
+        None => rest,
+    };
+    let name: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '#').collect();
+    (!name.is_empty() && rest[name.len()..].trim_start().starts_with('(')).then_some(name)
 }
 
 pub fn human_bytes(bytes: usize) -> String {
@@ -461,6 +566,19 @@ mod tests {
             assert!(routing.contains(&n.to_string()), "{routing:?}");
         }
         assert!(!kernel_names(compile::PERMUTE.source).iter().any(|n| n.contains('#')));
+    }
+
+    #[test]
+    fn kernel_names_expand_macros() {
+        let names = kernel_names(compile::EXPERTS.source);
+        for dt in ["f32", "bf16", "f16"] {
+            for k in ["experts_add_bias_", "experts_epilogue_", "experts_colsum_", "experts_row_dot_", "convert_f32_to_"] {
+                assert!(names.contains(&format!("{k}{dt}")), "{names:?}");
+            }
+        }
+        assert!(names.contains(&"experts_add_probs_grad".to_string()), "{names:?}");
+        assert!(!names.iter().any(|n| n.contains('#')), "{names:?}");
+        assert_eq!(names.len(), 16, "{names:?}");
     }
 
     #[test]

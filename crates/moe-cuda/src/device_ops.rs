@@ -18,7 +18,7 @@ use moe_core::permute::{PermuteOptions, UnpermuteOptions};
 use moe_core::routing::{RouteOptions, ScoreFunction};
 use moe_core::tensor::{DType, Tensor};
 
-use crate::device::{Arg, Buffer, Device};
+use crate::device::{Arg, Buffer, Device, PendingRead};
 use crate::error::{Error, Result};
 use crate::ops::{self, DevicePlan, PermuteKernel};
 use crate::tensor::{tensor_ref, DeviceTensor};
@@ -31,6 +31,8 @@ pub struct GpuPlan {
     pub plan: DevicePlan,
     pub sorted_indices: Buffer,
     pub tokens_per_expert: Buffer,
+    /// With an expected size: the true number of slots, to check once the kernels are queued.
+    pub pending: Option<PendingRead>,
 }
 
 fn i32_arg(what: &str, v: usize) -> Result<i32> {
@@ -39,7 +41,17 @@ fn i32_arg(what: &str, v: usize) -> Result<i32> {
 
 /// Builds the dispatch plan of `map` (`[T, E]` bool bytes on the GPU): plain (`capacity` None)
 /// or drop-and-pad. Same plan as moe-core's, bit for bit (kernels/plan.cu).
+///
+/// A plain plan's size (the number of selected entries) is known on the GPU only: it is read
+/// back, which waits for the first two plan kernels. With `expected` (the caller's numOutTokens)
+/// nothing waits: the plan is built for `expected` slots, and `GpuPlan::pending` reads the true
+/// count later (the caller queues its kernels first and then checks it: a mismatch is an error).
 pub fn build_plan(dev: &Device, map: &Buffer, num_tokens: usize, num_experts: usize, capacity: Option<usize>) -> Result<GpuPlan> {
+    build_plan_expecting(dev, map, num_tokens, num_experts, capacity, None)
+}
+
+/// [`build_plan`] with the plain plan's expected number of slots (see there).
+pub fn build_plan_expecting(dev: &Device, map: &Buffer, num_tokens: usize, num_experts: usize, capacity: Option<usize>, expected: Option<usize>) -> Result<GpuPlan> {
     let (t, e) = (i32_arg("numTokens", num_tokens)?, i32_arg("numExperts", num_experts)?);
     i32_arg("numTokens * numExperts", num_tokens.saturating_mul(num_experts))?;
     let chunks = num_tokens.div_ceil(PLAN_CHUNK);
@@ -67,9 +79,14 @@ pub fn build_plan(dev: &Device, map: &Buffer, num_tokens: usize, num_experts: us
             Arg::U64(expert_offsets.ptr(s)),
         ],
     )?;
-    let num_slots = match capacity {
-        Some(c) => num_experts * c,
-        None => dev.read_head::<i32, 1>("the number of slots", &expert_offsets, num_experts)?[0] as usize,
+    let mut pending = None;
+    let num_slots = match (capacity, expected) {
+        (Some(c), _) => num_experts * c,
+        (None, Some(n)) => {
+            pending = Some(dev.read_later("the number of slots", &expert_offsets, num_experts)?);
+            n
+        }
+        (None, None) => dev.read_head::<i32, 1>("the number of slots", &expert_offsets, num_experts)?[0] as usize,
     };
     i32_arg("numSlots", num_slots)?;
     let sorted_indices = dev.alloc("sortedIndices", num_slots * 4)?;
@@ -90,6 +107,7 @@ pub fn build_plan(dev: &Device, map: &Buffer, num_tokens: usize, num_experts: us
             Arg::U64(expert_offsets.ptr(s)),
             Arg::I32(cap),
             Arg::I32(drop),
+            Arg::I32(num_slots as i32),
             Arg::U64(sorted_indices.ptr(s)),
             Arg::U64(slot_of.ptr(s)),
             Arg::U64(row_counts.ptr(s)),
@@ -104,7 +122,7 @@ pub fn build_plan(dev: &Device, map: &Buffer, num_tokens: usize, num_experts: us
         128,
         &[Arg::U64(slot_of.ptr(s)), Arg::I32(t), Arg::I32(e), Arg::U64(row_ptr.ptr(s)), Arg::U64(slots.ptr(s))],
     )?;
-    Ok(GpuPlan { plan: DevicePlan { num_tokens, num_slots, num_experts, row_ptr, slots, expert_offsets }, sorted_indices, tokens_per_expert })
+    Ok(GpuPlan { plan: DevicePlan { num_tokens, num_slots, num_experts, row_ptr, slots, expert_offsets }, sorted_indices, tokens_per_expert, pending })
 }
 
 /// What [`permute_device`] returns: device tensors.
@@ -136,16 +154,20 @@ pub fn permute_device(dev: &Device, tokens: &DeviceTensor, routing_map: &DeviceT
         _ => None,
     };
     let (true, Some(capacity)) = (fast, capacity) else { return permute_host_fallback(dev, tokens, routing_map, probs, options) };
-    let gp = build_plan(dev, &routing_map.buf, num_tokens, num_experts, capacity)?;
+    let expected = if capacity.is_none() { options.num_out_tokens.filter(|&m| m <= num_tokens.saturating_mul(num_experts) && i32::try_from(m).is_ok()) } else { None };
+    let mut gp = build_plan_expecting(dev, &routing_map.buf, num_tokens, num_experts, capacity, expected)?;
     let n = gp.plan.num_slots;
-    if capacity.is_none() && options.num_out_tokens.is_some_and(|m| m != n) {
-        return permute_host_fallback(dev, tokens, routing_map, probs, options);
-    }
     let hidden = tokens.shape[1];
     let row_bytes = hidden * tokens.dtype.size();
     let out = DeviceTensor::alloc(dev, "permutedTokens", tokens.dtype, vec![n, hidden])?;
     let out_probs = probs.map(|_| DeviceTensor::alloc(dev, "permutedProbs", DType::F32, vec![n])).transpose()?;
     ops::launch_permute(dev, PermuteKernel::Scatter, &tokens.buf, row_bytes, &gp.plan, None, probs.map(|p| &p.buf), &out.buf, out_probs.as_ref().map(|p| &p.buf))?;
+    if let Some(pending) = gp.pending.take() {
+        // numOutTokens was taken on trust to queue the kernels; the core's error if it is wrong
+        if pending.finish(dev)? as usize != n {
+            return permute_host_fallback(dev, tokens, routing_map, probs, options);
+        }
+    }
     let mut sorted = DeviceTensor::from_buffer(DType::I32, vec![n], gp.sorted_indices);
     sorted.plan = Some(Arc::new(gp.plan));
     Ok(DevicePermuted {
@@ -260,9 +282,136 @@ fn csr_of(dev: &Device, sorted: &DeviceTensor, num_tokens: usize) -> Result<Opti
     Ok(Some((None, Some((dev.upload("the plan (row offsets)", &csr.start)?, dev.upload("the plan (slots)", &csr.slots)?)))))
 }
 
+/// (row_ptr, slots) of a token CSR.
+fn csr_parts(csr: &TokenCsrOnGpu) -> Result<(&Buffer, &Buffer)> {
+    match csr {
+        (Some(p), _) => Ok((&p.row_ptr, &p.slots)),
+        (None, Some((r, s))) => Ok((r, s)),
+        _ => Err(Error::Cuda("no token CSR (a bug in moe-dispatch)".into())),
+    }
+}
+
+/// How the expert of each slot is known: `i / capacity` (drop-and-pad), or the expert offsets
+/// (`[E + 1]`) of the routing map's column counts (plain mode).
+struct SlotExperts {
+    num_experts: usize,
+    capacity: usize,
+    drop_and_pad: bool,
+    offsets: Option<Buffer>,
+}
+
+/// Whether a device routing map can place `n` slots of `num_tokens` tokens on the GPU (the
+/// core's shape rules of `slot_experts_of`; values are checked by [`slot_experts`]).
+fn slot_map_ok(map: &DeviceTensor, n: usize, num_tokens: usize, drop_and_pad: bool) -> bool {
+    map.dtype == DType::Bool
+        && map.shape.len() == 2
+        && map.shape[0] == num_tokens
+        && crate::layout::columns_fit(map.shape[1])
+        && num_tokens.checked_mul(map.shape[1]).and_then(|c| c.checked_mul(4)).is_some()
+        && (!drop_and_pad || (map.shape[1] > 0 && n % map.shape[1] == 0))
+}
+
+/// The expert of every slot, checked as the core's `slot_experts_of(.., check_routed = true)`
+/// checks it: in plain mode the map must select exactly `n` entries and route each slot's token
+/// to its expert. With `dense` (`[T, E]` f32) also fills `weights [n]` with each slot's prob.
+/// None when a check fails (the core reports it). Reads 4 bytes, plus the error word in plain mode.
+fn slot_experts(dev: &Device, map: &DeviceTensor, sorted: &DeviceTensor, n: usize, num_tokens: usize, drop_and_pad: bool, dense: Option<(&Buffer, &Buffer)>) -> Result<Option<SlotExperts>> {
+    let e = map.shape[1];
+    let s = dev.stream();
+    let (capacity, offsets) = if drop_and_pad {
+        (n / e, None)
+    } else {
+        let (_, counts) = crate::layout::column_counts(dev, &map.buf, num_tokens, e)?;
+        let offsets = crate::layout::exclusive_offsets(dev, &counts, e)?;
+        if dev.read_head::<i32, 1>("the routed entries", &offsets, e)?[0] as usize != n {
+            return Ok(None);
+        }
+        (0, Some(offsets))
+    };
+    let need_check = !drop_and_pad || dense.is_some();
+    if n > 0 && need_check {
+        let err = crate::layout::error_word(dev)?;
+        dev.launch(
+            "slot_expert_check",
+            (n.div_ceil(256) as u32, 1),
+            256,
+            &[
+                Arg::U64(sorted.buf.ptr(s)),
+                Arg::I32(n as i32),
+                Arg::U64(offsets.as_ref().map_or(0, |o| o.ptr(s))),
+                Arg::I32(e as i32),
+                Arg::I32(capacity as i32),
+                Arg::I32(drop_and_pad as i32),
+                Arg::U64(map.buf.ptr(s)),
+                Arg::U64(dense.map_or(0, |(d, _)| d.ptr(s))),
+                Arg::U64(dense.map_or(0, |(_, w)| w.ptr(s))),
+                Arg::U64(err.ptr(s)),
+            ],
+        )?;
+        if !drop_and_pad && crate::layout::error_set(dev, &err)? {
+            return Ok(None);
+        }
+    }
+    Ok(Some(SlotExperts { num_experts: e, capacity, drop_and_pad, offsets }))
+}
+
+/// `[T, E]` f32: each slot's `g[i]` added at (its token, its expert), each cell summing its
+/// slots in ascending slot order from +0 (one thread per token row: no float atomics).
+fn scatter_slot_grads(dev: &Device, csr: &TokenCsrOnGpu, num_tokens: usize, g: &Buffer, ex: &SlotExperts) -> Result<DeviceTensor> {
+    let e = ex.num_experts;
+    let dense = DeviceTensor::alloc(dev, "gradProbs", DType::F32, vec![num_tokens, e])?;
+    dev.memset_u32("gradProbs", &dense.buf, 0, num_tokens * e)?;
+    let (row_ptr, slots) = csr_parts(csr)?;
+    let s = dev.stream();
+    if e > 0 {
+        dev.launch(
+            "probs_grad_scatter",
+            (num_tokens.div_ceil(128) as u32, 1),
+            128,
+            &[
+                Arg::U64(row_ptr.ptr(s)),
+                Arg::U64(slots.ptr(s)),
+                Arg::I32(num_tokens as i32),
+                Arg::U64(g.ptr(s)),
+                Arg::I32(e as i32),
+                Arg::I32(ex.capacity as i32),
+                Arg::I32(ex.drop_and_pad as i32),
+                Arg::U64(ex.offsets.as_ref().map_or(0, |o| o.ptr(s))),
+                Arg::U64(dense.buf.ptr(s)),
+            ],
+        )?;
+    }
+    Ok(dense)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn permute_backward_host(
+    dev: &Device,
+    grad_permuted: &DeviceTensor,
+    sorted_indices: &DeviceTensor,
+    num_tokens: usize,
+    grad_permuted_probs: Option<&DeviceTensor>,
+    routing_map: Option<&DeviceTensor>,
+    options: UnpermuteOptions,
+) -> Result<(DeviceTensor, Option<DeviceTensor>)> {
+    let g = grad_permuted.download(dev, "gradPermuted")?;
+    let si = sorted_indices.download(dev, "sortedIndices")?;
+    let gp = download_opt(dev, "gradPermutedProbs", grad_permuted_probs)?;
+    let map = download_opt(dev, "routingMap", routing_map)?;
+    let gp_ref = gp.as_ref().map(|p| tensor_ref("gradPermutedProbs", p)).transpose()?;
+    let map_ref = map.as_ref().map(|m| tensor_ref("routingMap", m)).transpose()?;
+    let out = moe_core::permute::permute_backward(&tensor_ref("gradPermuted", &g)?, &tensor_ref("sortedIndices", &si)?, num_tokens, gp_ref.as_ref(), map_ref.as_ref(), options)?;
+    Ok((
+        DeviceTensor::upload_owned(dev, "gradTokens", &out.grad_tokens)?,
+        out.grad_probs.as_ref().map(|p| DeviceTensor::upload_owned(dev, "gradProbs", p)).transpose()?,
+    ))
+}
+
 /// permuteBackward on device tensors: `gradTokens [T, H]` sums each token's slot gradients in
 /// ascending slot order (the unpermute kernel without weights: the core's bits). With
-/// `gradPermutedProbs` the CPU core computes it (explicit fallback: download, core, upload).
+/// `gradPermutedProbs`, `gradProbs [T, E]` is built on the GPU too (kernels/layout.cu): each
+/// slot's gradient lands at (its token, its expert), summed in slot order. Errors (and shapes
+/// the GPU path does not take) run the core on the host.
 pub fn permute_backward_device(
     dev: &Device,
     grad_permuted: &DeviceTensor,
@@ -272,39 +421,65 @@ pub fn permute_backward_device(
     routing_map: Option<&DeviceTensor>,
     options: UnpermuteOptions,
 ) -> Result<(DeviceTensor, Option<DeviceTensor>)> {
+    let host = || permute_backward_host(dev, grad_permuted, sorted_indices, num_tokens, grad_permuted_probs, routing_map, options);
     let ok = grad_permuted.shape.len() == 2
         && DType::TOKENS.contains(&grad_permuted.dtype)
         && sorted_indices.dtype == DType::I32
         && sorted_indices.shape == [grad_permuted.shape[0]]
         && i32::try_from(num_tokens).is_ok()
-        && grad_permuted_probs.is_none();
-    let csr = if ok { csr_of(dev, sorted_indices, num_tokens)? } else { None };
-    let Some((plan, own)) = csr else {
-        let g = grad_permuted.download(dev, "gradPermuted")?;
-        let si = sorted_indices.download(dev, "sortedIndices")?;
-        let gp = download_opt(dev, "gradPermutedProbs", grad_permuted_probs)?;
-        let map = download_opt(dev, "routingMap", routing_map)?;
-        let gp_ref = gp.as_ref().map(|p| tensor_ref("gradPermutedProbs", p)).transpose()?;
-        let map_ref = map.as_ref().map(|m| tensor_ref("routingMap", m)).transpose()?;
-        let out = moe_core::permute::permute_backward(&tensor_ref("gradPermuted", &g)?, &tensor_ref("sortedIndices", &si)?, num_tokens, gp_ref.as_ref(), map_ref.as_ref(), options)?;
-        return Ok((
-            DeviceTensor::upload_owned(dev, "gradTokens", &out.grad_tokens)?,
-            out.grad_probs.as_ref().map(|p| DeviceTensor::upload_owned(dev, "gradProbs", p)).transpose()?,
-        ));
+        && i32::try_from(grad_permuted.shape[0]).is_ok();
+    let n = if ok { grad_permuted.shape[0] } else { 0 };
+    let probs_ok = match grad_permuted_probs {
+        None => true,
+        Some(gp) => gp.dtype == DType::F32 && gp.shape == [n] && routing_map.is_some_and(|m| slot_map_ok(m, n, num_tokens, options.drop_and_pad)),
+    };
+    let csr = if ok && probs_ok { csr_of(dev, sorted_indices, num_tokens)? } else { None };
+    let Some(csr) = csr else { return host() };
+    // the probs gradient first: its checks may send the op to the host path
+    let grad_probs = match (grad_permuted_probs, routing_map) {
+        (Some(gp), Some(map)) => {
+            let Some(ex) = slot_experts(dev, map, sorted_indices, n, num_tokens, options.drop_and_pad, None)? else { return host() };
+            Some(scatter_slot_grads(dev, &csr, num_tokens, &gp.buf, &ex)?)
+        }
+        _ => None,
     };
     let hidden = grad_permuted.shape[1];
     let out = DeviceTensor::alloc(dev, "gradTokens", grad_permuted.dtype, vec![num_tokens, hidden])?;
-    let (row_ptr, slots) = match (&plan, &own) {
-        (Some(p), _) => (&p.row_ptr, &p.slots),
-        (None, Some((r, s))) => (r, s),
-        _ => return Err(Error::Cuda("permuteBackward: no plan (a bug in moe-dispatch)".into())),
-    };
+    let (row_ptr, slots) = csr_parts(&csr)?;
     ops::launch_unpermute(dev, grad_permuted.dtype, &grad_permuted.buf, hidden, num_tokens, row_ptr, slots, None, &out.buf)?;
-    Ok((out, None))
+    Ok((out, grad_probs))
 }
 
-/// unpermuteBackward on device tensors without probs: `gradPermuted[i] = gradOutput[sortedIndices[i]]`
-/// (a row gather, bit-exact). With probs the CPU core computes it (explicit fallback).
+#[allow(clippy::too_many_arguments)]
+fn unpermute_backward_host(
+    dev: &Device,
+    grad_output: &DeviceTensor,
+    permuted: &DeviceTensor,
+    sorted_indices: &DeviceTensor,
+    probs: Option<&DeviceTensor>,
+    routing_map: Option<&DeviceTensor>,
+    options: UnpermuteOptions,
+) -> Result<(DeviceTensor, Option<DeviceTensor>)> {
+    let g = grad_output.download(dev, "gradOutput")?;
+    let x = permuted.download(dev, "permutedTokens")?;
+    let si = sorted_indices.download(dev, "sortedIndices")?;
+    let pr = download_opt(dev, "probs", probs)?;
+    let map = download_opt(dev, "routingMap", routing_map)?;
+    let pr_ref = pr.as_ref().map(|p| tensor_ref("probs", p)).transpose()?;
+    let map_ref = map.as_ref().map(|m| tensor_ref("routingMap", m)).transpose()?;
+    let out = moe_core::permute::unpermute_backward(&tensor_ref("gradOutput", &g)?, &tensor_ref("permutedTokens", &x)?, &tensor_ref("sortedIndices", &si)?, pr_ref.as_ref(), map_ref.as_ref(), options)?;
+    Ok((
+        DeviceTensor::upload_owned(dev, "gradPermuted", &out.grad_permuted)?,
+        out.grad_probs.as_ref().map(|p| DeviceTensor::upload_owned(dev, "gradProbs", p)).transpose()?,
+    ))
+}
+
+/// unpermuteBackward on device tensors. Without probs: `gradPermuted[i] = gradOutput[sortedIndices[i]]`
+/// (a row gather, bit-exact). With probs (per slot `[N]`, or dense `[T, E]` with the routing
+/// map), on the GPU too (kernels/layout.cu): `gradPermuted[i] = gradOutput[token] * p_i` rounded
+/// once, and `gradProbs` the per-slot dot products (exact f64 products summed in hidden order
+/// from -0.0, rounded to f32: the core's), scattered to `[T, E]` for dense probs. Errors (and
+/// shapes the GPU path does not take) run the core on the host.
 pub fn unpermute_backward_device(
     dev: &Device,
     grad_output: &DeviceTensor,
@@ -314,6 +489,7 @@ pub fn unpermute_backward_device(
     routing_map: Option<&DeviceTensor>,
     options: UnpermuteOptions,
 ) -> Result<(DeviceTensor, Option<DeviceTensor>)> {
+    let host = || unpermute_backward_host(dev, grad_output, permuted, sorted_indices, probs, routing_map, options);
     let ok = grad_output.shape.len() == 2
         && DType::TOKENS.contains(&grad_output.dtype)
         && permuted.dtype == grad_output.dtype
@@ -322,46 +498,105 @@ pub fn unpermute_backward_device(
         && sorted_indices.dtype == DType::I32
         && sorted_indices.shape == [permuted.shape[0]]
         && i32::try_from(grad_output.shape[0]).is_ok()
-        && probs.is_none()
-        && routing_map.is_none();
-    let valid = ok
-        && match &sorted_indices.plan {
-            Some(p) if p.num_tokens == grad_output.shape[0] && p.num_slots == permuted.shape[0] => true,
+        && i32::try_from(permuted.shape[0]).is_ok();
+    if !ok {
+        return host();
+    }
+    let (num_tokens, n, hidden) = (grad_output.shape[0], permuted.shape[0], permuted.shape[1]);
+    // Without probs the core ignores routingMap; per-slot probs ignore it too.
+    let dense = match probs {
+        None => false,
+        Some(p) if p.dtype == DType::F32 && p.shape == [n] => false,
+        Some(p) if p.dtype == DType::F32 && p.shape.len() == 2 && p.shape[0] == num_tokens => {
+            match routing_map {
+                Some(m) if m.shape == p.shape && slot_map_ok(m, n, num_tokens, options.drop_and_pad) => true,
+                _ => return host(),
+            }
+        }
+        Some(_) => return host(),
+    };
+    // sortedIndices in range (and the token CSR, for dense probs)
+    let csr = if dense {
+        match csr_of(dev, sorted_indices, num_tokens)? {
+            Some(c) => Some(c),
+            None => return host(),
+        }
+    } else {
+        let valid = match &sorted_indices.plan {
+            Some(p) if p.num_tokens == num_tokens && p.num_slots == n => true,
             _ => {
-                let idx: Vec<i32> = dev.download_new("sortedIndices", &sorted_indices.buf, sorted_indices.numel())?;
-                idx.iter().all(|&t| t >= 0 && (t as usize) < grad_output.shape[0])
+                let idx: Vec<i32> = dev.download_new("sortedIndices", &sorted_indices.buf, n)?;
+                idx.iter().all(|&t| t >= 0 && (t as usize) < num_tokens)
             }
         };
-    if !valid {
-        let g = grad_output.download(dev, "gradOutput")?;
-        let x = permuted.download(dev, "permutedTokens")?;
-        let si = sorted_indices.download(dev, "sortedIndices")?;
-        let pr = download_opt(dev, "probs", probs)?;
-        let map = download_opt(dev, "routingMap", routing_map)?;
-        let pr_ref = pr.as_ref().map(|p| tensor_ref("probs", p)).transpose()?;
-        let map_ref = map.as_ref().map(|m| tensor_ref("routingMap", m)).transpose()?;
-        let out = moe_core::permute::unpermute_backward(&tensor_ref("gradOutput", &g)?, &tensor_ref("permutedTokens", &x)?, &tensor_ref("sortedIndices", &si)?, pr_ref.as_ref(), map_ref.as_ref(), options)?;
-        return Ok((
-            DeviceTensor::upload_owned(dev, "gradPermuted", &out.grad_permuted)?,
-            out.grad_probs.as_ref().map(|p| DeviceTensor::upload_owned(dev, "gradProbs", p)).transpose()?,
-        ));
-    }
-    let (n, hidden) = (permuted.shape[0], permuted.shape[1]);
+        if !valid {
+            return host();
+        }
+        None
+    };
+    let s = dev.stream();
+    // the weight of every slot, and the expert of every slot (dense probs)
+    let (slot_probs, experts): (Option<Buffer>, Option<SlotExperts>) = match (probs, dense) {
+        (Some(p), true) => {
+            let map = routing_map.ok_or_else(|| Error::Cuda("unpermuteBackward: dense probs without a routing map (a bug in moe-dispatch)".into()))?;
+            let w = dev.alloc("the slot probs", n * 4)?;
+            let Some(ex) = slot_experts(dev, map, sorted_indices, n, num_tokens, options.drop_and_pad, Some((&p.buf, &w)))? else { return host() };
+            (Some(w), Some(ex))
+        }
+        _ => (None, None),
+    };
+    let weights: Option<&Buffer> = match (&slot_probs, probs) {
+        (Some(w), _) => Some(w),
+        (None, Some(p)) => Some(&p.buf),
+        (None, None) => None,
+    };
     let out = DeviceTensor::alloc(dev, "gradPermuted", grad_output.dtype, vec![n, hidden])?;
     let row_bytes = hidden * grad_output.dtype.size();
-    if n > 0 && row_bytes > 0 {
-        let w = ops::word_bytes(row_bytes);
-        let words = (row_bytes / w) as i64;
-        let (threads, col_blocks) = ops::row_launch((words as usize).div_ceil(ops::PERMUTE_UNROLL))?;
-        let s = dev.stream();
-        dev.launch(
-            &format!("permute_gather_w{w}"),
-            (n as u32, col_blocks),
-            threads,
-            &[Arg::U64(grad_output.buf.ptr(s)), Arg::U64(out.buf.ptr(s)), Arg::I64(words), Arg::U64(sorted_indices.buf.ptr(s)), Arg::U64(0), Arg::U64(0), Arg::U64(0), Arg::I32(0)],
-        )?;
+    let tag = match grad_output.dtype {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "f32",
+    };
+    match weights {
+        None => {
+            if n > 0 && row_bytes > 0 {
+                let w = ops::word_bytes(row_bytes);
+                let words = (row_bytes / w) as i64;
+                let (threads, col_blocks) = ops::row_launch((words as usize).div_ceil(ops::PERMUTE_UNROLL))?;
+                dev.launch(
+                    &format!("permute_gather_w{w}"),
+                    (n as u32, col_blocks),
+                    threads,
+                    &[Arg::U64(grad_output.buf.ptr(s)), Arg::U64(out.buf.ptr(s)), Arg::I64(words), Arg::U64(sorted_indices.buf.ptr(s)), Arg::U64(0), Arg::U64(0), Arg::U64(0), Arg::I32(0)],
+                )?;
+            }
+            return Ok((out, None));
+        }
+        Some(w) => {
+            if n > 0 && hidden > 0 {
+                let (threads, col_blocks) = ops::row_launch(hidden)?;
+                dev.launch(
+                    &format!("unpermute_bwd_scale_{tag}"),
+                    (n as u32, col_blocks),
+                    threads,
+                    &[Arg::U64(grad_output.buf.ptr(s)), Arg::U64(sorted_indices.buf.ptr(s)), Arg::U64(w.ptr(s)), Arg::U64(out.buf.ptr(s)), Arg::I64(hidden as i64)],
+                )?;
+            }
+        }
     }
-    Ok((out, None))
+    // per-slot dot products
+    let dots = dev.alloc("gradProbs", n * 4)?;
+    dev.launch(
+        &format!("slot_dot_{tag}"),
+        (n.div_ceil(4) as u32, 1),
+        128,
+        &[Arg::U64(grad_output.buf.ptr(s)), Arg::U64(permuted.buf.ptr(s)), Arg::U64(sorted_indices.buf.ptr(s)), Arg::I32(n as i32), Arg::I64(hidden as i64), Arg::U64(dots.ptr(s))],
+    )?;
+    let grad_probs = match (experts, &csr) {
+        (Some(ex), Some(csr)) => scatter_slot_grads(dev, csr, num_tokens, &dots, &ex)?,
+        _ => DeviceTensor::from_buffer(DType::F32, vec![n], dots),
+    };
+    Ok((out, Some(grad_probs)))
 }
 
 // ---------------------------------------------------------------------------------------

@@ -6,10 +6,14 @@
 //! `kernels/*.cu` (see [`compile`]). Arguments are validated, and plans built, by moe-core, so
 //! errors read exactly as on the CPU backends and results match the core bit for bit.
 
+pub mod activations;
+pub mod blas;
 pub mod compile;
 pub mod device;
 pub mod device_ops;
 pub mod error;
+pub mod experts;
+pub mod layout;
 pub mod ops;
 pub mod tensor;
 

@@ -55,7 +55,7 @@ fn unavailable(reason: String) -> CudaInfo {
 
 /// Runs a CUDA op: core errors keep their class, CUDA errors become `Error`s, panics are
 /// caught by `guard`.
-fn run<T>(f: impl FnOnce(&Device) -> moe_cuda::Result<T>) -> napi::Result<T, String> {
+pub(crate) fn run<T>(f: impl FnOnce(&Device) -> moe_cuda::Result<T>) -> napi::Result<T, String> {
     let out = guard(|| Ok(Device::global().and_then(f)))?;
     out.map_err(|e| napi::Error::new(e.kind().js_name().to_string(), e.to_string()))
 }
@@ -126,17 +126,17 @@ pub struct CudaTensor {
 }
 
 impl CudaTensor {
-    fn wrap(t: DeviceTensor) -> CudaTensor {
+    pub(crate) fn wrap(t: DeviceTensor) -> CudaTensor {
         CudaTensor { dtype: t.dtype.name().to_string(), shape: t.shape.iter().map(|&d| d as f64).collect(), inner: Some(t) }
     }
 
     /// The tensor, or an error naming the argument when it was disposed.
-    fn get(&self, arg: &str) -> moe_cuda::Result<&DeviceTensor> {
+    pub(crate) fn get(&self, arg: &str) -> moe_cuda::Result<&DeviceTensor> {
         self.inner.as_ref().ok_or_else(|| moe_cuda::Error::Core(moe_core::Error::type_error(arg, "a device tensor that is not disposed", "one whose dispose() was called")))
     }
 }
 
-fn opt_get<'a>(t: &'a Option<&CudaTensor>, arg: &str) -> moe_cuda::Result<Option<&'a DeviceTensor>> {
+pub(crate) fn opt_get<'a>(t: &'a Option<&CudaTensor>, arg: &str) -> moe_cuda::Result<Option<&'a DeviceTensor>> {
     t.map(|t| t.get(arg)).transpose()
 }
 
@@ -330,7 +330,7 @@ pub struct DevicePermuteGradsOut {
     pub grad_probs: Option<CudaTensor>,
 }
 
-/// `permuteBackward` on device tensors (gradTokens on the GPU; the probs gradient on the CPU core).
+/// `permuteBackward` on device tensors (gradTokens and the probs gradient on the GPU).
 #[napi]
 pub fn cuda_permute_backward_device(
     grad_permuted: &CudaTensor,
@@ -361,7 +361,7 @@ pub struct DeviceUnpermuteGradsOut {
     pub grad_probs: Option<CudaTensor>,
 }
 
-/// `unpermuteBackward` on device tensors (without probs on the GPU; with probs on the CPU core).
+/// `unpermuteBackward` on device tensors (with or without probs, on the GPU).
 #[napi]
 pub fn cuda_unpermute_backward_device(
     grad_output: &CudaTensor,
@@ -382,5 +382,25 @@ pub fn cuda_unpermute_backward_device(
             UnpermuteOptions { drop_and_pad: drop_and_pad.unwrap_or(false) },
         )?;
         Ok(DeviceUnpermuteGradsOut { grad_permuted: CudaTensor::wrap(g), grad_probs: p.map(CudaTensor::wrap) })
+    })
+}
+
+/// Device memory: what this process's device tensors and scratch buffers hold now, and the
+/// driver's free and total bytes.
+#[napi(object)]
+pub struct CudaMemory {
+    pub live_bytes: f64,
+    pub live_buffers: f64,
+    pub free_bytes: f64,
+    pub total_bytes: f64,
+}
+
+/// `cudaMemory()`: for leak checks (the soak) and for users watching memory.
+#[napi]
+pub fn cuda_memory() -> napi::Result<CudaMemory, String> {
+    run(|dev| {
+        let (free, total) = dev.memory_info()?;
+        let (live_bytes, live_buffers) = moe_cuda::device::live_memory();
+        Ok(CudaMemory { live_bytes: live_bytes as f64, live_buffers: live_buffers as f64, free_bytes: free as f64, total_bytes: total as f64 })
     })
 }

@@ -7,6 +7,9 @@
 mod activations;
 mod checkpoint;
 mod cuda;
+mod cuda_activations;
+mod cuda_experts;
+mod cuda_layout;
 mod dispatch;
 mod experts;
 mod layout;

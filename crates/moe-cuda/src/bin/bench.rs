@@ -3,6 +3,10 @@
 //!   moe-cuda-bench info                 is CUDA available here (and why not)
 //!   moe-cuda-bench compile [ARCH]       compile kernels/*.cu with NVRTC only (no GPU needed), default sm_90
 //!   moe-cuda-bench run [--iters N] [--out FILE] [--shapes deepseek,mixtral]
+//!   moe-cuda-bench experts [--iters N] [--out FILE] [--shapes mixtral,fine-grained]
+//!
+//! `experts`: see crates/moe-cuda/src/bench_experts.rs (expert GEMMs vs the measured bf16
+//! rate, experts forward/backward, the dispatch + experts layer).
 //!
 //! `run`, for each shape: builds a random top-k routing, runs permute (with probs) and
 //! unpermute (with probs, and without) on the GPU, checks them bit for bit against moe-core on
@@ -22,6 +26,9 @@ use moe_cuda::DeviceTensor;
 use moe_core::tensor::{DType, Data, Float, TensorRef};
 use moe_cuda::ops::{launch_permute, launch_unpermute, DevicePlan, PermuteKernel};
 use moe_cuda::{compile, Device};
+
+#[path = "../bench_experts.rs"]
+mod bench_experts;
 
 struct Shape {
     name: &'static str,
@@ -60,8 +67,9 @@ fn main() {
         Some("info") => info(),
         Some("compile") => compile_only(args.get(1).map(|s| s.as_str()).unwrap_or("sm_90")),
         Some("run") => run(&args[1..]),
+        Some("experts") => experts(&args[1..]),
         _ => {
-            eprintln!("usage: moe-cuda-bench info | compile [ARCH] | run [--iters N] [--out FILE] [--shapes deepseek,mixtral]");
+            eprintln!("usage: moe-cuda-bench info | compile [ARCH] | run [--iters N] [--out FILE] [--shapes deepseek,mixtral] | experts [--iters N] [--out FILE] [--shapes mixtral,fine-grained]");
             2
         }
     };
@@ -94,6 +102,52 @@ fn compile_only(arch: &str) -> i32 {
         }
     }
     rc
+}
+
+fn experts(args: &[String]) -> i32 {
+    let (mut iters, mut out, mut names) = (10usize, None::<String>, None::<Vec<String>>);
+    let mut i = 0;
+    while i < args.len() {
+        match (args[i].as_str(), args.get(i + 1)) {
+            ("--iters", Some(v)) => iters = v.parse().expect("--iters N"),
+            ("--out", Some(v)) => out = Some(v.clone()),
+            ("--shapes", Some(v)) => names = Some(v.split(',').map(String::from).collect()),
+            (other, _) => {
+                eprintln!("unknown or incomplete argument {other}");
+                return 2;
+            }
+        }
+        i += 2;
+    }
+    let dev = match Device::global() {
+        Ok(d) => d,
+        Err(e) => {
+            println!("{e}");
+            return 1;
+        }
+    };
+    let result = (|| -> moe_cuda::Result<String> {
+        let peak = bench_experts::bf16_peak(dev, iters)?;
+        println!("bf16 GEMM rate (8192^3, cuBLAS): {peak:.0} TFLOP/s");
+        let mut rows = Vec::new();
+        for s in bench_experts::EXPERT_SHAPES.iter().filter(|s| names.as_ref().is_none_or(|n| n.iter().any(|x| x == s.name))) {
+            rows.push(bench_experts::bench(dev, s, iters, peak)?.to_json());
+        }
+        Ok(format!("{{\"device\": {:?}, \"bf16PeakTflops\": {peak}, \"iters\": {iters}, \"rows\": [{}]}}", dev.info().name, rows.join(", ")))
+    })();
+    match result {
+        Ok(json) => {
+            match out {
+                Some(path) => std::fs::write(&path, &json).expect("writing --out"),
+                None => println!("{json}"),
+            }
+            0
+        }
+        Err(e) => {
+            println!("experts bench failed: {e}");
+            1
+        }
+    }
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -360,6 +414,14 @@ fn bench_shape(dev: &Device, s: &Shape, iters: usize, host_rows: bool) -> moe_cu
     let dperm_host = dperm.permuted_tokens.download(dev, "permutedTokens")?;
     checks.push((format!("{} device permute (GPU plan) tokens bit-exact vs CPU", s.name), dperm_host == cpu.permuted_tokens));
     row("device permute+probs (plan+kernel)", time_ms(dev, iters, || permute_device(dev, &dt_tokens, &dt_map, Some(&dt_dense), PermuteOptions::default()).map(|_| ()))?);
+    // with numOutTokens (= T * k, as a top-k router knows it): the plan's size is not waited for
+    let known = PermuteOptions { num_out_tokens: Some(t * s.topk), drop_and_pad: false };
+    let dknown = permute_device(dev, &dt_tokens, &dt_map, Some(&dt_dense), known)?;
+    checks.push((format!("{} device permute with numOutTokens bit-exact vs CPU", s.name), dknown.permuted_tokens.download(dev, "permutedTokens")? == cpu.permuted_tokens));
+    drop(dknown);
+    let wrong = PermuteOptions { num_out_tokens: Some(t * s.topk - 1), drop_and_pad: false };
+    checks.push((format!("{} device permute with a wrong numOutTokens is an error", s.name), permute_device(dev, &dt_tokens, &dt_map, Some(&dt_dense), wrong).is_err()));
+    row("device permute+probs (plan+kernel, numOutTokens given)", time_ms(dev, iters, || permute_device(dev, &dt_tokens, &dt_map, Some(&dt_dense), known).map(|_| ()))?);
     let dunperm = unpermute_device(dev, &dperm.permuted_tokens, &dperm.sorted_indices, [t, h], dperm.permuted_probs.as_ref(), None, UnpermuteOptions::default())?;
     let want_unperm = unpermute(&perm_ref, &sorted_ref, [t, h], Some(&probs_ref), None, UnpermuteOptions::default())?;
     checks.push((format!("{} device unpermute (carried plan) bit-exact vs CPU", s.name), dunperm.download(dev, "out")? == want_unperm));

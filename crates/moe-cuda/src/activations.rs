@@ -1,0 +1,608 @@
+//! Expert activations (forward, backward) and the aux router losses on the GPU
+//! (kernels/activations.cu), bit for bit the CPU core's (`moe_core::activations`,
+//! `moe_core::aux_loss`).
+//!
+//! * [`launch_activation`] / [`launch_activation_backward`]: the kernels over raw buffers, for
+//!   the expert MLPs too (input and output dtypes may differ: an f32 input may give a bf16 or
+//!   f16 output, each value computed in f32 and rounded once).
+//! * [`activation_device`], [`activation_backward_device`], [`switch_load_balancing_loss_device`],
+//!   [`switch_load_balancing_loss_from_logits_device`], [`z_loss_device`]: the core's ops on
+//!   device tensors. Dtypes and shapes are checked on the host with the core's rules; when a check
+//!   fails the op runs its host path (download, the core, upload), so the error is the core's,
+//!   class and message. The losses synchronise once to read the loss (8 bytes) with a flag word
+//!   that the kernels set for the values the core rejects (a non-finite input, a mask byte above 1,
+//!   a negative count): then the host path runs and the core reports the error. The activations
+//!   reject no values (NaN and infinities go through, as in the core), so they never synchronise.
+
+use moe_core::activations::{ActivationKind, ActivationOptions};
+use moe_core::aux_loss::SwitchLossOptions;
+use moe_core::tensor::{DType, Tensor};
+
+use crate::device::{Arg, Buffer, Device};
+use crate::error::{Error, Result};
+use crate::tensor::{tensor_ref, DeviceTensor};
+
+/// Threads per block of the element-wise and per-row kernels.
+const THREADS: u32 = 256;
+/// At most this many blocks; the kernels loop (grid stride) beyond.
+const MAX_BLOCKS: usize = 1 << 20;
+
+/// Blocks for `items` work items (0 when there are none: the launch is skipped).
+fn blocks(items: usize) -> u32 {
+    items.div_ceil(THREADS as usize).min(MAX_BLOCKS) as u32
+}
+
+/// The kind's code in kernels/activations.cu (the order of `ActivationKind::ALL`).
+pub fn kind_code(kind: ActivationKind) -> i32 {
+    match kind {
+        ActivationKind::Swiglu => 0,
+        ActivationKind::QuickGeglu => 1,
+        ActivationKind::SwigluOai => 2,
+        ActivationKind::SwigluClamped => 3,
+        ActivationKind::Relu2 => 4,
+    }
+}
+
+fn tag(d: DType) -> Option<&'static str> {
+    match d {
+        DType::F32 => Some("f32"),
+        DType::BF16 => Some("bf16"),
+        DType::F16 => Some("f16"),
+        _ => None,
+    }
+}
+
+/// The kernel suffix for an input and an output dtype: the same float dtype, or f32 to bf16/f16.
+fn pair_suffix(input: DType, output: DType) -> Option<String> {
+    let (i, o) = (tag(input)?, tag(output)?);
+    (input == output || input == DType::F32).then(|| format!("{i}_{o}"))
+}
+
+/// The forward kernel for these dtypes, None for an unsupported pair.
+pub fn forward_kernel(x_dtype: DType, out_dtype: DType) -> Option<String> {
+    pair_suffix(x_dtype, out_dtype).map(|s| format!("act_fwd_{s}"))
+}
+
+/// The backward kernel for these dtypes, None for an unsupported pair.
+pub fn backward_kernel(dtype: DType, grad_in_dtype: DType) -> Option<String> {
+    pair_suffix(dtype, grad_in_dtype).map(|s| format!("act_bwd_{s}"))
+}
+
+/// The probs-gradient kernel for this dtype.
+pub fn grad_probs_kernel(dtype: DType) -> Option<String> {
+    tag(dtype).map(|t| format!("act_grad_probs_{t}"))
+}
+
+/// The output width of an input row of `width` (`width / 2` for gated kinds); None when a gated
+/// kind gets an odd width.
+pub fn inter_of(kind: ActivationKind, width: usize) -> Option<usize> {
+    if !kind.is_gated() {
+        Some(width)
+    } else if width % 2 == 0 {
+        Some(width / 2)
+    } else {
+        None
+    }
+}
+
+fn i64_arg(v: usize) -> Arg {
+    Arg::I64(v as i64)
+}
+
+fn option_args(options: &ActivationOptions) -> [Arg; 4] {
+    [Arg::I32(kind_code(options.kind)), Arg::F64(options.alpha as f64), Arg::F64(options.limit as f64), Arg::F64(options.linear_offset as f64)]
+}
+
+/// Checks that `buf` holds at least `elems` elements of `dtype` (a caller's bug otherwise).
+fn check_buffer(what: &str, buf: &Buffer, elems: usize, size: usize) -> Result<()> {
+    match elems.checked_mul(size) {
+        Some(b) if b <= buf.bytes() => Ok(()),
+        _ => Err(Error::Cuda(format!("{what}: the buffer holds {} bytes, fewer than {elems} elements of {size} bytes (a bug in moe-dispatch)", buf.bytes()))),
+    }
+}
+
+/// `activation` over raw buffers: `x` (`[rows, width]` of `x_dtype`) to `out` (`[rows, inter]`
+/// of `out_dtype`), times `probs` (`[rows]` f32) per row when given. `out_dtype` is `x_dtype`,
+/// or bf16/f16 when `x_dtype` is f32. Queued on the stream; nothing is synchronised.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_activation(
+    dev: &Device,
+    options: &ActivationOptions,
+    x_dtype: DType,
+    x: &Buffer,
+    rows: usize,
+    width: usize,
+    probs: Option<&Buffer>,
+    out_dtype: DType,
+    out: &Buffer,
+) -> Result<()> {
+    let name = forward_kernel(x_dtype, out_dtype)
+        .ok_or_else(|| Error::Cuda(format!("activation: no kernel from {} to {} (a bug in moe-dispatch)", x_dtype.name(), out_dtype.name())))?;
+    let inter = inter_of(options.kind, width).ok_or_else(|| Error::Cuda(format!("activation: {} needs an even width, got {width} (a bug in moe-dispatch)", options.kind.name())))?;
+    check_buffer("activation's input", x, rows.saturating_mul(width), x_dtype.size())?;
+    check_buffer("activation's output", out, rows.saturating_mul(inter), out_dtype.size())?;
+    if let Some(p) = probs {
+        check_buffer("activation's probs", p, rows, 4)?;
+    }
+    let s = dev.stream();
+    let [kind, alpha, limit, offset] = option_args(options);
+    dev.launch(
+        &name,
+        (blocks(rows.saturating_mul(inter)), 1),
+        THREADS,
+        &[Arg::U64(x.ptr(s)), i64_arg(rows), i64_arg(width), i64_arg(inter), Arg::U64(probs.map_or(0, |p| p.ptr(s))), kind, alpha, limit, offset, Arg::U64(out.ptr(s))],
+    )
+}
+
+/// `activationBackward` over raw buffers: `grad` (`[rows, inter]`) and `x` (`[rows, width]`),
+/// both of `dtype`, to `grad_in` (`[rows, width]` of `grad_in_dtype`: `dtype`, or bf16/f16 when
+/// `dtype` is f32) and, when `probs` (`[rows]` f32) is given, `grad_probs` (`[rows]` f32: the
+/// unweighted activation times `grad`, summed per row in f64). Queued; nothing is synchronised.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_activation_backward(
+    dev: &Device,
+    options: &ActivationOptions,
+    dtype: DType,
+    grad: &Buffer,
+    x: &Buffer,
+    rows: usize,
+    width: usize,
+    probs: Option<&Buffer>,
+    grad_in_dtype: DType,
+    grad_in: &Buffer,
+    grad_probs: Option<&Buffer>,
+) -> Result<()> {
+    let name = backward_kernel(dtype, grad_in_dtype)
+        .ok_or_else(|| Error::Cuda(format!("activationBackward: no kernel from {} to {} (a bug in moe-dispatch)", dtype.name(), grad_in_dtype.name())))?;
+    let inter = inter_of(options.kind, width)
+        .ok_or_else(|| Error::Cuda(format!("activationBackward: {} needs an even width, got {width} (a bug in moe-dispatch)", options.kind.name())))?;
+    check_buffer("activationBackward's grad", grad, rows.saturating_mul(inter), dtype.size())?;
+    check_buffer("activationBackward's input", x, rows.saturating_mul(width), dtype.size())?;
+    check_buffer("activationBackward's gradInput", grad_in, rows.saturating_mul(width), grad_in_dtype.size())?;
+    if let Some(p) = probs {
+        check_buffer("activationBackward's probs", p, rows, 4)?;
+    }
+    let s = dev.stream();
+    let [kind, alpha, limit, offset] = option_args(options);
+    dev.launch(
+        &name,
+        (blocks(rows.saturating_mul(inter)), 1),
+        THREADS,
+        &[
+            Arg::U64(grad.ptr(s)),
+            Arg::U64(x.ptr(s)),
+            i64_arg(rows),
+            i64_arg(width),
+            i64_arg(inter),
+            Arg::U64(probs.map_or(0, |p| p.ptr(s))),
+            kind,
+            alpha,
+            limit,
+            offset,
+            Arg::U64(grad_in.ptr(s)),
+        ],
+    )?;
+    if let (Some(_), Some(gp)) = (probs, grad_probs) {
+        check_buffer("activationBackward's gradProbs", gp, rows, 4)?;
+        let name = grad_probs_kernel(dtype).ok_or_else(|| Error::Cuda(format!("activationBackward: no kernel for {} (a bug in moe-dispatch)", dtype.name())))?;
+        dev.launch(&name, (blocks(rows), 1), THREADS, &[Arg::U64(grad.ptr(s)), Arg::U64(x.ptr(s)), i64_arg(rows), i64_arg(width), i64_arg(inter), kind, alpha, limit, offset, Arg::U64(gp.ptr(s))])?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Activations on device tensors
+
+/// `(rows, width, inter)` when `x` passes the core's checks for `kind`.
+fn input_dims(x: &DeviceTensor, kind: ActivationKind) -> Option<(usize, usize, usize)> {
+    if x.shape.len() != 2 || !DType::TOKENS.contains(&x.dtype) {
+        return None;
+    }
+    let (rows, width) = (x.shape[0], x.shape[1]);
+    inter_of(kind, width).map(|inter| (rows, width, inter))
+}
+
+/// Whether `probs` passes the core's checks: f32, `[rows]` or `[rows, 1]`.
+fn probs_ok(probs: Option<&DeviceTensor>, rows: usize) -> bool {
+    probs.is_none_or(|p| p.dtype == DType::F32 && (p.shape == [rows] || p.shape == [rows, 1]))
+}
+
+fn download_opt(dev: &Device, what: &str, t: Option<&DeviceTensor>) -> Result<Option<Tensor>> {
+    t.map(|t| t.download(dev, what)).transpose()
+}
+
+/// [`moe_core::activations::activation`] on device tensors: `x [N, 2I]` (`[N, I]` for relu2) to
+/// `[N, I]` in the dtype of `x`.
+pub fn activation_device(dev: &Device, x: &DeviceTensor, probs: Option<&DeviceTensor>, options: &ActivationOptions) -> Result<DeviceTensor> {
+    let Some((rows, width, inter)) = input_dims(x, options.kind).filter(|&(rows, ..)| probs_ok(probs, rows)) else {
+        return activation_host(dev, x, probs, options);
+    };
+    let out = DeviceTensor::alloc(dev, "the output", x.dtype, vec![rows, inter])?;
+    launch_activation(dev, options, x.dtype, &x.buf, rows, width, probs.map(|p| &p.buf), x.dtype, &out.buf)?;
+    Ok(out)
+}
+
+fn activation_host(dev: &Device, x: &DeviceTensor, probs: Option<&DeviceTensor>, options: &ActivationOptions) -> Result<DeviceTensor> {
+    let xh = x.download(dev, "x")?;
+    let ph = download_opt(dev, "probs", probs)?;
+    let p_ref = ph.as_ref().map(|p| tensor_ref("probs", p)).transpose()?;
+    let out = moe_core::activations::activation(&tensor_ref("x", &xh)?, p_ref.as_ref(), options)?;
+    DeviceTensor::upload_owned(dev, "the output", &out)
+}
+
+/// [`moe_core::activations::activation_backward`] on device tensors: `(gradInput, gradProbs)`,
+/// gradProbs (shaped like `probs`, f32) when probs are given.
+pub fn activation_backward_device(
+    dev: &Device,
+    grad: &DeviceTensor,
+    x: &DeviceTensor,
+    probs: Option<&DeviceTensor>,
+    options: &ActivationOptions,
+) -> Result<(DeviceTensor, Option<DeviceTensor>)> {
+    let dims = input_dims(x, options.kind).filter(|&(rows, _, inter)| grad.shape == [rows, inter] && grad.dtype == x.dtype && probs_ok(probs, rows));
+    let Some((rows, width, _)) = dims else {
+        return activation_backward_host(dev, grad, x, probs, options);
+    };
+    let grad_in = DeviceTensor::alloc(dev, "gradInput", x.dtype, vec![rows, width])?;
+    let grad_probs = probs.map(|p| DeviceTensor::alloc(dev, "gradProbs", DType::F32, p.shape.clone())).transpose()?;
+    launch_activation_backward(dev, options, x.dtype, &grad.buf, &x.buf, rows, width, probs.map(|p| &p.buf), x.dtype, &grad_in.buf, grad_probs.as_ref().map(|p| &p.buf))?;
+    Ok((grad_in, grad_probs))
+}
+
+fn activation_backward_host(
+    dev: &Device,
+    grad: &DeviceTensor,
+    x: &DeviceTensor,
+    probs: Option<&DeviceTensor>,
+    options: &ActivationOptions,
+) -> Result<(DeviceTensor, Option<DeviceTensor>)> {
+    let gh = grad.download(dev, "grad")?;
+    let xh = x.download(dev, "x")?;
+    let ph = download_opt(dev, "probs", probs)?;
+    let p_ref = ph.as_ref().map(|p| tensor_ref("probs", p)).transpose()?;
+    let out = moe_core::activations::activation_backward(&tensor_ref("grad", &gh)?, &tensor_ref("x", &xh)?, p_ref.as_ref(), options)?;
+    Ok((
+        DeviceTensor::upload_owned(dev, "gradInput", &out.grad_input)?,
+        out.grad_probs.as_ref().map(|p| DeviceTensor::upload_owned(dev, "gradProbs", p)).transpose()?,
+    ))
+}
+
+// ---------------------------------------------------------------------------------------
+// Aux losses on device tensors
+
+/// LOSS_SWITCH / LOSS_Z in kernels/activations.cu.
+const MODE_SWITCH: i32 = 0;
+const MODE_Z: i32 = 1;
+
+/// `(rows, cols)` when the `[T, E]` f32 input and the mask pass the core's dtype and shape checks.
+fn loss_dims(x: &DeviceTensor, token_mask: Option<&DeviceTensor>) -> Option<(usize, usize)> {
+    if x.dtype != DType::F32 || x.shape.len() != 2 || x.shape[1] == 0 {
+        return None;
+    }
+    let (rows, cols) = (x.shape[0], x.shape[1]);
+    token_mask.is_none_or(|m| m.dtype == DType::Bool && m.shape == [rows]).then_some((rows, cols))
+}
+
+fn coeff_ok(coeff: f64) -> bool {
+    coeff.is_finite() && coeff >= 0.0
+}
+
+/// The Switch loss's options and counts pass the core's checks (values aside: the kernels check those).
+fn switch_ok(tokens_per_expert: &DeviceTensor, cols: usize, options: &SwitchLossOptions) -> bool {
+    tokens_per_expert.dtype == DType::I32 && tokens_per_expert.shape == [cols] && options.topk >= 1 && coeff_ok(options.coeff) && options.num_tokens != Some(0)
+}
+
+/// The result words: loss, scalar, flags (zeroed).
+fn result_buffer(dev: &Device) -> Result<Buffer> {
+    let r = dev.alloc("the loss", 32)?;
+    dev.memset_u32("the loss", &r, 0, 8)?;
+    Ok(r)
+}
+
+/// Reads the loss and the flag word (a synchronisation); None when a kernel flagged a value.
+fn read_loss(dev: &Device, result: &Buffer) -> Result<Option<f64>> {
+    let [loss, _, flags] = dev.read_head::<u64, 3>("the loss", result, 0)?;
+    Ok((flags == 0).then_some(f64::from_bits(loss)))
+}
+
+fn num_tokens_arg(options: &SwitchLossOptions) -> Arg {
+    Arg::F64(options.num_tokens.map_or(-1.0, |n| n as f64))
+}
+
+/// [`moe_core::aux_loss::switch_load_balancing_loss`] on device tensors: the loss (read back)
+/// and `gradProbs` (`[T, E]` f32, on the GPU).
+pub fn switch_load_balancing_loss_device(
+    dev: &Device,
+    probs: &DeviceTensor,
+    tokens_per_expert: &DeviceTensor,
+    token_mask: Option<&DeviceTensor>,
+    options: SwitchLossOptions,
+) -> Result<(f64, DeviceTensor)> {
+    let dims = loss_dims(probs, token_mask).filter(|&(_, cols)| switch_ok(tokens_per_expert, cols, &options));
+    let Some((rows, cols)) = dims else {
+        return loss_host(dev, LossOp::Switch(options), probs, Some(tokens_per_expert), token_mask);
+    };
+    let s = dev.stream();
+    let result = result_buffer(dev)?;
+    let partial = dev.alloc("the loss (row sums)", rows * 8)?;
+    let grad = DeviceTensor::alloc(dev, "gradProbs", DType::F32, vec![rows, cols])?;
+    let (x, c, m) = (probs.buf.ptr(s), tokens_per_expert.buf.ptr(s), token_mask.map_or(0, |m| m.buf.ptr(s)));
+    dev.launch("loss_switch_rows", (blocks(rows), 1), THREADS, &[Arg::U64(x), Arg::U64(c), Arg::U64(m), i64_arg(rows), i64_arg(cols), Arg::U64(partial.ptr(s)), Arg::U64(result.ptr(s))])?;
+    dev.launch(
+        "loss_switch_total",
+        (1, 1),
+        1,
+        &[
+            Arg::U64(partial.ptr(s)),
+            Arg::U64(c),
+            Arg::U64(m),
+            i64_arg(rows),
+            i64_arg(cols),
+            Arg::F64(options.topk as f64),
+            Arg::F64(options.coeff),
+            num_tokens_arg(&options),
+            Arg::U64(result.ptr(s)),
+        ],
+    )?;
+    dev.launch("loss_switch_grad", (blocks(rows.saturating_mul(cols)), 1), THREADS, &[Arg::U64(c), Arg::U64(m), i64_arg(rows), i64_arg(cols), Arg::U64(result.ptr(s)), Arg::U64(grad.buf.ptr(s))])?;
+    match read_loss(dev, &result)? {
+        Some(loss) => Ok((loss, grad)),
+        None => loss_host(dev, LossOp::Switch(options), probs, Some(tokens_per_expert), token_mask),
+    }
+}
+
+/// [`moe_core::aux_loss::switch_load_balancing_loss_from_logits`] on device tensors: the loss
+/// (read back) and `gradLogits` (`[T, E]` f32, on the GPU).
+pub fn switch_load_balancing_loss_from_logits_device(
+    dev: &Device,
+    logits: &DeviceTensor,
+    tokens_per_expert: &DeviceTensor,
+    token_mask: Option<&DeviceTensor>,
+    options: SwitchLossOptions,
+) -> Result<(f64, DeviceTensor)> {
+    let dims = loss_dims(logits, token_mask).filter(|&(_, cols)| switch_ok(tokens_per_expert, cols, &options));
+    let Some(dims) = dims else {
+        return loss_host(dev, LossOp::SwitchFromLogits(options), logits, Some(tokens_per_expert), token_mask);
+    };
+    let args = LogitsArgs { mode: MODE_SWITCH, topk: options.topk as f64, coeff: options.coeff, num_tokens: num_tokens_arg(&options) };
+    match logits_loss(dev, logits, Some(tokens_per_expert), token_mask, dims, args)? {
+        Some(out) => Ok(out),
+        None => loss_host(dev, LossOp::SwitchFromLogits(options), logits, Some(tokens_per_expert), token_mask),
+    }
+}
+
+/// [`moe_core::aux_loss::z_loss`] on device tensors: the loss (read back) and `gradLogits`
+/// (`[T, E]` f32, on the GPU).
+pub fn z_loss_device(dev: &Device, logits: &DeviceTensor, token_mask: Option<&DeviceTensor>, coeff: f64) -> Result<(f64, DeviceTensor)> {
+    let Some(dims) = loss_dims(logits, token_mask).filter(|_| coeff_ok(coeff)) else {
+        return loss_host(dev, LossOp::Z(coeff), logits, None, token_mask);
+    };
+    let args = LogitsArgs { mode: MODE_Z, topk: 1.0, coeff, num_tokens: Arg::F64(-1.0) };
+    match logits_loss(dev, logits, None, token_mask, dims, args)? {
+        Some(out) => Ok(out),
+        None => loss_host(dev, LossOp::Z(coeff), logits, None, token_mask),
+    }
+}
+
+struct LogitsArgs {
+    mode: i32,
+    topk: f64,
+    coeff: f64,
+    num_tokens: Arg,
+}
+
+/// The losses on logits (kernels loss_logits_*): None when a kernel flagged a value.
+fn logits_loss(
+    dev: &Device,
+    logits: &DeviceTensor,
+    counts: Option<&DeviceTensor>,
+    token_mask: Option<&DeviceTensor>,
+    (rows, cols): (usize, usize),
+    a: LogitsArgs,
+) -> Result<Option<(f64, DeviceTensor)>> {
+    let s = dev.stream();
+    let result = result_buffer(dev)?;
+    let stats = dev.alloc("the loss (row statistics)", rows.saturating_mul(24))?;
+    let grad = DeviceTensor::alloc(dev, "gradLogits", DType::F32, vec![rows, cols])?;
+    let (x, c, m) = (logits.buf.ptr(s), counts.map_or(0, |c| c.buf.ptr(s)), token_mask.map_or(0, |m| m.buf.ptr(s)));
+    dev.launch(
+        "loss_logits_rows",
+        (blocks(rows), 1),
+        THREADS,
+        &[Arg::U64(x), Arg::U64(c), Arg::U64(m), i64_arg(rows), i64_arg(cols), Arg::I32(a.mode), Arg::U64(stats.ptr(s)), Arg::U64(result.ptr(s))],
+    )?;
+    dev.launch(
+        "loss_logits_total",
+        (1, 1),
+        1,
+        &[
+            Arg::U64(stats.ptr(s)),
+            Arg::U64(c),
+            Arg::U64(m),
+            i64_arg(rows),
+            i64_arg(cols),
+            Arg::I32(a.mode),
+            Arg::F64(a.topk),
+            Arg::F64(a.coeff),
+            a.num_tokens,
+            Arg::U64(result.ptr(s)),
+        ],
+    )?;
+    dev.launch(
+        "loss_logits_grad",
+        (blocks(rows.saturating_mul(cols)), 1),
+        THREADS,
+        &[
+            Arg::U64(x),
+            Arg::U64(c),
+            Arg::U64(m),
+            i64_arg(rows),
+            i64_arg(cols),
+            Arg::I32(a.mode),
+            Arg::F64(a.coeff),
+            Arg::U64(stats.ptr(s)),
+            Arg::U64(result.ptr(s)),
+            Arg::U64(grad.buf.ptr(s)),
+        ],
+    )?;
+    Ok(read_loss(dev, &result)?.map(|loss| (loss, grad)))
+}
+
+/// Which loss the host path computes.
+enum LossOp {
+    Switch(SwitchLossOptions),
+    SwitchFromLogits(SwitchLossOptions),
+    Z(f64),
+}
+
+/// The host path of the losses: download, the core (its checks, its errors), upload of the gradient.
+fn loss_host(dev: &Device, op: LossOp, x: &DeviceTensor, counts: Option<&DeviceTensor>, token_mask: Option<&DeviceTensor>) -> Result<(f64, DeviceTensor)> {
+    let first = if matches!(op, LossOp::Switch(_)) { "probs" } else { "logits" };
+    let xh = x.download(dev, first)?;
+    let ch = download_opt(dev, "tokensPerExpert", counts)?;
+    let mh = download_opt(dev, "tokenMask", token_mask)?;
+    let x_ref = tensor_ref(first, &xh)?;
+    let m_ref = mh.as_ref().map(|m| tensor_ref("tokenMask", m)).transpose()?;
+    let counts_ref = || -> Result<moe_core::TensorRef<'_>> {
+        let c = ch.as_ref().ok_or_else(|| Error::Cuda("the Switch loss without tokensPerExpert (a bug in moe-dispatch)".into()))?;
+        tensor_ref("tokensPerExpert", c)
+    };
+    let out = match op {
+        LossOp::Switch(o) => moe_core::aux_loss::switch_load_balancing_loss(&x_ref, &counts_ref()?, m_ref.as_ref(), o)?,
+        LossOp::SwitchFromLogits(o) => moe_core::aux_loss::switch_load_balancing_loss_from_logits(&x_ref, &counts_ref()?, m_ref.as_ref(), o)?,
+        LossOp::Z(coeff) => moe_core::aux_loss::z_loss(&x_ref, m_ref.as_ref(), coeff)?,
+    };
+    let what = if matches!(op, LossOp::Switch(_)) { "gradProbs" } else { "gradLogits" };
+    Ok((out.loss, DeviceTensor::upload_owned(dev, what, &out.grad)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compile;
+    use crate::device::kernel_names;
+
+    fn all_kernels() -> Vec<String> {
+        let mut names = Vec::new();
+        for (i, o) in [(DType::F32, DType::F32), (DType::BF16, DType::BF16), (DType::F16, DType::F16), (DType::F32, DType::BF16), (DType::F32, DType::F16)] {
+            names.push(forward_kernel(i, o).unwrap());
+            names.push(backward_kernel(i, o).unwrap());
+        }
+        for d in DType::TOKENS {
+            names.push(grad_probs_kernel(*d).unwrap());
+        }
+        for n in ["loss_switch_rows", "loss_switch_total", "loss_switch_grad", "loss_logits_rows", "loss_logits_total", "loss_logits_grad"] {
+            names.push(n.to_string());
+        }
+        names
+    }
+
+    #[test]
+    fn kernel_names_lists_every_kernel() {
+        let listed = kernel_names(compile::ACTIVATIONS.source);
+        for n in all_kernels() {
+            assert!(listed.contains(&n), "{n} not found by kernel_names: {listed:?}");
+        }
+        assert_eq!(listed.len(), all_kernels().len(), "{listed:?}");
+        assert!(compile::ALL.iter().any(|s| s.file == "activations.cu"));
+    }
+
+    #[test]
+    fn dtype_pairs() {
+        assert_eq!(forward_kernel(DType::F32, DType::BF16).as_deref(), Some("act_fwd_f32_bf16"));
+        assert_eq!(forward_kernel(DType::BF16, DType::BF16).as_deref(), Some("act_fwd_bf16_bf16"));
+        assert_eq!(forward_kernel(DType::BF16, DType::F32), None);
+        assert_eq!(forward_kernel(DType::BF16, DType::F16), None);
+        assert_eq!(backward_kernel(DType::F16, DType::F16).as_deref(), Some("act_bwd_f16_f16"));
+        assert_eq!(backward_kernel(DType::F32, DType::F16).as_deref(), Some("act_bwd_f32_f16"));
+        assert_eq!(backward_kernel(DType::I32, DType::I32), None);
+        assert_eq!(grad_probs_kernel(DType::Bool), None);
+    }
+
+    #[test]
+    fn kind_codes_follow_the_core_order() {
+        for (i, k) in ActivationKind::ALL.into_iter().enumerate() {
+            assert_eq!(kind_code(k), i as i32, "{}", k.name());
+        }
+        // The kernels' codes (ACT_* defines) agree.
+        let src = compile::ACTIVATIONS.source;
+        for (code, name) in [(0, "ACT_SWIGLU"), (1, "ACT_QUICK_GEGLU"), (2, "ACT_SWIGLU_OAI"), (3, "ACT_SWIGLU_CLAMPED"), (4, "ACT_RELU2")] {
+            assert!(src.contains(&format!("#define {name} {code}\n")), "{name}");
+        }
+        assert!(src.contains(&format!("#define LOSS_SWITCH {MODE_SWITCH}\n")) && src.contains(&format!("#define LOSS_Z {MODE_Z}\n")));
+        assert_eq!(inter_of(ActivationKind::Relu2, 5), Some(5));
+        assert_eq!(inter_of(ActivationKind::Swiglu, 5), None);
+        assert_eq!(inter_of(ActivationKind::QuickGeglu, 6), Some(3));
+        assert_eq!(blocks(0), 0);
+        assert_eq!(blocks(1), 1);
+        assert_eq!(blocks(257), 2);
+    }
+
+    /// The bits of a float tensor, every NaN as one value (NaN payloads after arithmetic are not
+    /// part of the contract).
+    fn bits(t: &Tensor) -> (Vec<usize>, Vec<u32>) {
+        use moe_core::tensor::Data;
+        let v = match &t.data {
+            Data::F32(v) => v.iter().map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() }).collect(),
+            Data::U16(v) => v
+                .iter()
+                .map(|&b| {
+                    let nan = if t.dtype == DType::BF16 { b & 0x7f80 == 0x7f80 && b & 0x7f != 0 } else { b & 0x7c00 == 0x7c00 && b & 0x3ff != 0 };
+                    if nan { u32::MAX } else { b as u32 }
+                })
+                .collect(),
+            _ => panic!("not a float tensor"),
+        };
+        (t.shape.clone(), v)
+    }
+
+    /// Against the core, bit for bit, where a GPU is present (skipped otherwise).
+    #[test]
+    fn gpu_matches_the_core() {
+        use moe_core::tensor::TensorRef;
+        let Ok(dev) = Device::global() else { return };
+        let mut seed = 12345u64;
+        let mut next = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 33) as f64 / (1u64 << 31) as f64) as f32 * 20.0 - 10.0
+        };
+        let (rows, width) = (7usize, 10usize);
+        let mut xs: Vec<f32> = (0..rows * width).map(|_| next()).collect();
+        xs[3] = f32::INFINITY;
+        xs[4] = -0.0;
+        let gs: Vec<f32> = (0..rows * width).map(|_| next()).collect();
+        let ps: Vec<f32> = (0..rows).map(|_| next() / 10.0).collect();
+        for kind in ActivationKind::ALL {
+            let o = ActivationOptions { limit: 3.0, ..ActivationOptions::new(kind) };
+            let inter = inter_of(kind, width).unwrap();
+            let x = TensorRef::of("x", vec![rows, width], &xs).unwrap();
+            let g = TensorRef::of("grad", vec![rows, inter], &gs[..rows * inter]).unwrap();
+            let p = TensorRef::of("probs", vec![rows], &ps).unwrap();
+            let (xd, gd, pd) = (DeviceTensor::upload(dev, &x).unwrap(), DeviceTensor::upload(dev, &g).unwrap(), DeviceTensor::upload(dev, &p).unwrap());
+            let want = moe_core::activations::activation(&x, Some(&p), &o).unwrap();
+            let got = activation_device(dev, &xd, Some(&pd), &o).unwrap().download(dev, "out").unwrap();
+            assert_eq!(bits(&got), bits(&want), "{}", kind.name());
+            let want = moe_core::activations::activation_backward(&g, &x, Some(&p), &o).unwrap();
+            let (gi, gp) = activation_backward_device(dev, &gd, &xd, Some(&pd), &o).unwrap();
+            assert_eq!(bits(&gi.download(dev, "gi").unwrap()), bits(&want.grad_input), "{}", kind.name());
+            assert_eq!(bits(&gp.unwrap().download(dev, "gp").unwrap()), bits(&want.grad_probs.unwrap()), "{}", kind.name());
+        }
+        let logits: Vec<f32> = (0..rows * 4).map(|_| next()).collect();
+        let counts = [3i32, 0, 5, 6];
+        let mask = [1u8, 0, 1, 1, 0, 1, 1];
+        let l = TensorRef::of("logits", vec![rows, 4], &logits).unwrap();
+        let c = TensorRef::of("tokensPerExpert", vec![4], &counts).unwrap();
+        let m = TensorRef::new("tokenMask", DType::Bool, vec![rows], &mask).unwrap();
+        let (ld, cd, md) = (DeviceTensor::upload(dev, &l).unwrap(), DeviceTensor::upload(dev, &c).unwrap(), DeviceTensor::upload(dev, &m).unwrap());
+        let o = SwitchLossOptions { topk: 2, coeff: 0.01, num_tokens: None };
+        let want = moe_core::aux_loss::switch_load_balancing_loss_from_logits(&l, &c, Some(&m), o).unwrap();
+        let (loss, grad) = switch_load_balancing_loss_from_logits_device(dev, &ld, &cd, Some(&md), o).unwrap();
+        assert_eq!((loss.to_bits(), grad.download(dev, "g").unwrap()), (want.loss.to_bits(), want.grad));
+        let want = moe_core::aux_loss::switch_load_balancing_loss(&l, &c, Some(&m), o).unwrap();
+        let (loss, grad) = switch_load_balancing_loss_device(dev, &ld, &cd, Some(&md), o).unwrap();
+        assert_eq!((loss.to_bits(), grad.download(dev, "g").unwrap()), (want.loss.to_bits(), want.grad));
+        let want = moe_core::aux_loss::z_loss(&l, None, 0.5).unwrap();
+        let (loss, grad) = z_loss_device(dev, &ld, None, 0.5).unwrap();
+        assert_eq!((loss.to_bits(), grad.download(dev, "g").unwrap()), (want.loss.to_bits(), want.grad));
+    }
+}

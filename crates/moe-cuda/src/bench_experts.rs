@@ -1,0 +1,204 @@
+//! `moe-cuda-bench experts`: the grouped experts and the dispatch + experts layer on the GPU
+//! (compiled into the moe-cuda-bench binary only, through `#[path]`).
+//!
+//! For each shape (bf16, swiglu, routing probs): the GPU's bf16 GEMM rate (one large square
+//! cuBLAS GEMM), the expert GEMMs alone (the per-expert cuBLAS calls of forward + backward),
+//! experts forward, experts backward, and the layer (permute with probs -> experts ->
+//! unpermute, then unpermute backward -> experts backward -> permute backward) with a fixed
+//! top-k routing. Times are medians of CUDA-event timings; GEMM efficiency = GEMM FLOPs /
+//! GEMM time / the measured bf16 rate.
+
+use half::bf16;
+use moe_core::activations::{ActivationKind, ActivationOptions};
+use moe_core::permute::{PermuteOptions, UnpermuteOptions};
+use moe_core::tensor::{DType, Tensor};
+use moe_cuda::blas::{gemm, Operand, Output};
+use moe_cuda::device_ops::{permute_backward_device, permute_device, unpermute_backward_device, unpermute_device};
+use moe_cuda::experts::{experts_backward_device, experts_forward_device, DeviceExpertsInputs};
+use moe_cuda::{Device, DeviceTensor};
+
+use crate::{time_ms, Rng};
+
+pub struct ExpertShape {
+    pub name: &'static str,
+    pub tokens: usize,
+    pub dim: usize,
+    pub inter: usize,
+    pub experts: usize,
+    pub topk: usize,
+}
+
+pub const EXPERT_SHAPES: &[ExpertShape] = &[
+    ExpertShape { name: "mixtral", tokens: 8192, dim: 4096, inter: 14336, experts: 8, topk: 2 },
+    ExpertShape { name: "fine-grained", tokens: 8192, dim: 2048, inter: 1408, experts: 64, topk: 6 },
+];
+
+fn bf16_tensor(dev: &Device, rng: &mut Rng, shape: Vec<usize>, scale: f32) -> moe_cuda::Result<DeviceTensor> {
+    let n: usize = shape.iter().product();
+    let v: Vec<u16> = (0..n).map(|_| bf16::from_f32((rng.uniform() * 2.0 - 1.0) * scale).to_bits()).collect();
+    DeviceTensor::upload_owned(dev, "input", &Tensor::u16(DType::BF16, shape, v))
+}
+
+/// The measured bf16 rate (TFLOP/s) of one `size`^3 GEMM with bf16 output.
+pub fn bf16_peak(dev: &Device, iters: usize) -> moe_cuda::Result<f64> {
+    let size = 8192;
+    let mut rng = Rng(7);
+    let a = bf16_tensor(dev, &mut rng, vec![size, size], 1.0)?;
+    let b = bf16_tensor(dev, &mut rng, vec![size, size], 1.0)?;
+    let c = DeviceTensor::alloc(dev, "c", DType::BF16, vec![size, size])?;
+    let (ms, _) = time_ms(dev, iters, || {
+        gemm(dev, size, size, size, Operand { ptr: a.buf.device_ptr(dev), dtype: DType::BF16, trans: false }, Operand { ptr: b.buf.device_ptr(dev), dtype: DType::BF16, trans: false }, Output { ptr: c.buf.device_ptr(dev), dtype: DType::BF16 }, 0.0)
+    })?;
+    Ok(2.0 * (size as f64).powi(3) / (ms * 1e-3) / 1e12)
+}
+
+/// One row of results as JSON.
+pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda::Result<serde_json_lite::Obj> {
+    let mut rng = Rng(0x5eed ^ s.experts as u64);
+    let (t, e, k, dim, inter) = (s.tokens, s.experts, s.topk, s.dim, s.inter);
+    let width = 2 * inter;
+    // a random top-k routing: k distinct experts per token, probs summing to 1
+    let mut map = vec![0u8; t * e];
+    let mut dense = vec![0f32; t * e];
+    for tok in 0..t {
+        let mut picked = Vec::with_capacity(k);
+        while picked.len() < k {
+            let x = rng.below(e);
+            if !picked.contains(&x) {
+                picked.push(x);
+            }
+        }
+        let w: Vec<f32> = picked.iter().map(|_| 0.5 + rng.uniform()).collect();
+        let sum: f32 = w.iter().sum();
+        for (x, wv) in picked.iter().zip(w) {
+            map[tok * e + x] = 1;
+            dense[tok * e + x] = wv / sum;
+        }
+    }
+    let d_map = DeviceTensor::upload_owned(dev, "routingMap", &Tensor::bool(vec![t, e], map))?;
+    let d_dense = DeviceTensor::upload_owned(dev, "probs", &Tensor::f32(vec![t, e], dense))?;
+    let hidden = bf16_tensor(dev, &mut rng, vec![t, dim], 1.0)?;
+    let w1 = bf16_tensor(dev, &mut rng, vec![e, dim, width], 1.0 / (dim as f32).sqrt())?;
+    let w2 = bf16_tensor(dev, &mut rng, vec![e, inter, dim], 1.0 / (inter as f32).sqrt())?;
+    let act = ActivationOptions::new(ActivationKind::Swiglu);
+    let popts = PermuteOptions { num_out_tokens: Some(t * k), drop_and_pad: false };
+    let perm = permute_device(dev, &hidden, &d_map, Some(&d_dense), popts)?;
+    let n = t * k;
+    let counts: Vec<i32> = dev.download_new("tokensPerExpert", &perm.tokens_per_expert.buf, e)?;
+    let probs = perm.permuted_probs.as_ref().expect("permute with probs");
+    let inp = DeviceExpertsInputs {
+        tokens: &perm.permuted_tokens,
+        tokens_per_expert: &perm.tokens_per_expert,
+        gate_and_up: &w1,
+        gate_and_up_name: "gateAndUpProjs",
+        down: &w2,
+        probs: Some(probs),
+        gate_up_bias: None,
+        down_bias: None,
+    };
+    let grad_out = bf16_tensor(dev, &mut rng, vec![n, dim], 1.0)?;
+    let grad_hidden = bf16_tensor(dev, &mut rng, vec![t, dim], 1.0)?;
+
+    // the expert GEMMs alone, into scratch buffers of the shapes the experts use
+    let sc_h = dev.alloc("scratch", n * width * 4)?;
+    let sc_a = dev.alloc("scratch", n * width * 2)?;
+    let sc_o = dev.alloc("scratch", n * dim.max(width) * 4)?;
+    let sc_w = dev.alloc("scratch", e * dim * width * 2)?;
+
+    let x_ptr = perm.permuted_tokens.buf.device_ptr(dev);
+    let gemms = |backward: bool| -> moe_cuda::Result<()> {
+        let mut r0 = 0usize;
+        for (ex, &c) in counts.iter().enumerate() {
+            let c = c as usize;
+            if c == 0 {
+                continue;
+            }
+            let xe = x_ptr + (r0 * dim * 2) as u64;
+            let w1e = w1.buf.device_ptr(dev) + (ex * dim * width * 2) as u64;
+            let w2e = w2.buf.device_ptr(dev) + (ex * inter * dim * 2) as u64;
+            let b = |ptr: u64, trans: bool| Operand { ptr, dtype: DType::BF16, trans };
+            // forward (and the backward's recompute): h = x W1 (f32), y = a W2
+            gemm(dev, c, width, dim, b(xe, false), b(w1e, false), Output { ptr: sc_h.device_ptr(dev), dtype: DType::F32 }, 0.0)?;
+            if !backward {
+                gemm(dev, c, dim, inter, b(sc_a.device_ptr(dev), false), b(w2e, false), Output { ptr: sc_o.device_ptr(dev), dtype: DType::BF16 }, 0.0)?;
+            } else {
+                gemm(dev, inter, dim, c, b(sc_a.device_ptr(dev), true), b(xe, false), Output { ptr: sc_w.device_ptr(dev), dtype: DType::BF16 }, 0.0)?;
+                gemm(dev, c, inter, dim, b(xe, false), b(w2e, true), Output { ptr: sc_o.device_ptr(dev), dtype: DType::F32 }, 0.0)?;
+                gemm(dev, dim, width, c, b(xe, true), b(sc_a.device_ptr(dev), false), Output { ptr: sc_w.device_ptr(dev), dtype: DType::BF16 }, 0.0)?;
+                gemm(dev, c, dim, width, b(sc_a.device_ptr(dev), false), b(w1e, true), Output { ptr: sc_o.device_ptr(dev), dtype: DType::BF16 }, 0.0)?;
+            }
+            r0 += c;
+        }
+        Ok(())
+    };
+    let (gemm_fwd, _) = time_ms(dev, iters, || gemms(false))?;
+    let (gemm_bwd, _) = time_ms(dev, iters, || gemms(true))?;
+    let (fwd, _) = time_ms(dev, iters, || experts_forward_device(dev, &inp, &act).map(drop))?;
+    let (bwd, _) = time_ms(dev, iters, || experts_backward_device(dev, &grad_out, &inp, &act).map(drop))?;
+    let layer = || -> moe_cuda::Result<()> {
+        let p = permute_device(dev, &hidden, &d_map, Some(&d_dense), popts)?;
+        let pp = p.permuted_probs.as_ref().expect("probs");
+        let li = DeviceExpertsInputs { tokens: &p.permuted_tokens, tokens_per_expert: &p.tokens_per_expert, probs: Some(pp), ..inp_like(&inp) };
+        let y = experts_forward_device(dev, &li, &act)?;
+        let _out = unpermute_device(dev, &y, &p.sorted_indices, [t, dim], None, None, UnpermuteOptions::default())?;
+        let (g_perm, _) = unpermute_backward_device(dev, &grad_hidden, &y, &p.sorted_indices, None, None, UnpermuteOptions::default())?;
+        let grads = experts_backward_device(dev, &g_perm, &li, &act)?;
+        let _ = permute_backward_device(dev, &grads.grad_tokens, &p.sorted_indices, t, None, None, UnpermuteOptions::default())?;
+        Ok(())
+    };
+    let (layer_ms, _) = time_ms(dev, iters, layer)?;
+    let fl_fwd = 2.0 * n as f64 * dim as f64 * width as f64 + 2.0 * n as f64 * inter as f64 * dim as f64;
+    let fl_bwd = 2.0 * n as f64 * dim as f64 * width as f64 * 3.0 + 2.0 * n as f64 * inter as f64 * dim as f64 * 2.0;
+    let tf = |fl: f64, ms: f64| fl / (ms * 1e-3) / 1e12;
+    println!(
+        "{:>13} T={t} dim={dim} inter={inter} E={e} k={k}: GEMMs fwd {gemm_fwd:.3} ms ({:.0} TFLOP/s, {:.0}% of {peak:.0}), bwd {gemm_bwd:.3} ms ({:.0} TFLOP/s, {:.0}%); experts fwd {fwd:.3} ms, bwd {bwd:.3} ms; layer fwd+bwd {layer_ms:.3} ms",
+        s.name,
+        tf(fl_fwd, gemm_fwd),
+        100.0 * tf(fl_fwd, gemm_fwd) / peak,
+        tf(fl_bwd, gemm_bwd),
+        100.0 * tf(fl_bwd, gemm_bwd) / peak,
+    );
+    let mut o = serde_json_lite::Obj::default();
+    o.str("shape", s.name);
+    for (key, v) in [("tokens", t), ("dim", dim), ("inter", inter), ("experts", e), ("topk", k)] {
+        o.num(key, v as f64);
+    }
+    for (key, v) in [
+        ("gemmForwardMs", gemm_fwd),
+        ("gemmBackwardMs", gemm_bwd),
+        ("gemmForwardTflops", tf(fl_fwd, gemm_fwd)),
+        ("gemmBackwardTflops", tf(fl_bwd, gemm_bwd)),
+        ("gemmForwardOfPeak", tf(fl_fwd, gemm_fwd) / peak),
+        ("gemmBackwardOfPeak", tf(fl_bwd, gemm_bwd) / peak),
+        ("expertsForwardMs", fwd),
+        ("expertsBackwardMs", bwd),
+        ("expertsForwardTflops", tf(fl_fwd, fwd)),
+        ("expertsBackwardTflops", tf(fl_bwd, bwd)),
+        ("layerForwardBackwardMs", layer_ms),
+    ] {
+        o.num(key, v);
+    }
+    Ok(o)
+}
+
+fn inp_like<'a>(i: &DeviceExpertsInputs<'a>) -> DeviceExpertsInputs<'a> {
+    DeviceExpertsInputs { tokens: i.tokens, tokens_per_expert: i.tokens_per_expert, gate_and_up: i.gate_and_up, gate_and_up_name: i.gate_and_up_name, down: i.down, probs: i.probs, gate_up_bias: i.gate_up_bias, down_bias: i.down_bias }
+}
+
+/// A very small JSON object writer (the bench writes flat objects).
+pub mod serde_json_lite {
+    #[derive(Default)]
+    pub struct Obj(Vec<(String, String)>);
+    impl Obj {
+        pub fn str(&mut self, k: &str, v: &str) {
+            self.0.push((k.into(), format!("{v:?}")));
+        }
+        pub fn num(&mut self, k: &str, v: f64) {
+            self.0.push((k.into(), if v.is_finite() { format!("{v}") } else { "null".into() }));
+        }
+        pub fn to_json(&self) -> String {
+            let body: Vec<String> = self.0.iter().map(|(k, v)| format!("{k:?}: {v}")).collect();
+            format!("{{{}}}", body.join(", "))
+        }
+    }
+}

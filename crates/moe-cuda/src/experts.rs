@@ -1,0 +1,457 @@
+//! Grouped experts on the GPU: moe-core's `experts_forward` / `experts_backward` (the same
+//! formulas, see crates/moe-core/src/experts.rs) with one cuBLAS GEMM per expert and GEMM
+//! operand, on the device's stream, and the element work in kernels/activations.cu and
+//! kernels/experts.cu.
+//!
+//! Precision: the GEMMs take the tokens' dtype (bf16, f16 or f32) and accumulate in f32. The
+//! up-projection `h` is kept in f32; the weighted activation `a` and the activation gradient
+//! `dh` are rounded to the tokens' dtype, because they are the next GEMM's operands (the CPU
+//! core keeps them in f32, so bf16 results agree with it to bf16 tolerance, not bit for bit).
+//! Each result is rounded once to its dtype. Deterministic: cuBLAS's default algorithms with
+//! a fixed problem and stream give the same bits run after run, and the element kernels use no
+//! atomics.
+//!
+//! The GPU path needs the tokens, the weights and the biases in one dtype (cuBLAS multiplies
+//! operands of one type); other inputs, and inputs that the core rejects, take the host path
+//! (download, the core, upload), which also gives the core's errors word for word.
+//! `tokensPerExpert` is read back to the host (4 bytes an expert): the GEMM sizes live there.
+
+use moe_core::activations::ActivationOptions;
+use moe_core::experts::{experts_backward, experts_forward, ExpertsGrads, ExpertsInputs};
+use moe_core::tensor::{DType, TensorRef};
+
+use crate::activations::{launch_activation, launch_activation_backward};
+use crate::blas::{gemm, Operand, Output};
+use crate::device::{Arg, Buffer, Device};
+use crate::error::{Error, Result};
+use crate::ops::row_launch;
+use crate::tensor::{tensor_ref, DeviceTensor};
+
+/// The device tensors of a grouped-experts call (the core's [`ExpertsInputs`] on the GPU).
+pub struct DeviceExpertsInputs<'a> {
+    /// `[N, dim]`, expert-major.
+    pub tokens: &'a DeviceTensor,
+    /// `[E]` int32.
+    pub tokens_per_expert: &'a DeviceTensor,
+    /// `[E, dim, width]`; `gate_and_up_name` is its argument name ("gateAndUpProjs" or "upProjs").
+    pub gate_and_up: &'a DeviceTensor,
+    pub gate_and_up_name: &'static str,
+    /// `[E, inter, dim]`.
+    pub down: &'a DeviceTensor,
+    pub probs: Option<&'a DeviceTensor>,
+    pub gate_up_bias: Option<&'a DeviceTensor>,
+    pub down_bias: Option<&'a DeviceTensor>,
+}
+
+/// What [`experts_backward_device`] returns (device tensors shaped as the core's).
+pub struct DeviceExpertsGrads {
+    pub grad_tokens: DeviceTensor,
+    pub grad_gate_and_up: DeviceTensor,
+    pub grad_down: DeviceTensor,
+    pub grad_gate_up_bias: Option<DeviceTensor>,
+    pub grad_down_bias: Option<DeviceTensor>,
+    pub grad_probs: Option<DeviceTensor>,
+}
+
+/// Sizes of a problem that takes the GPU path.
+struct Plan {
+    dtype: DType,
+    n: usize,
+    dim: usize,
+    width: usize,
+    inter: usize,
+    /// Row offsets of the experts, `E + 1` entries (host), and the same on the GPU.
+    offsets: Vec<usize>,
+    d_offsets: Buffer,
+}
+
+impl Plan {
+    fn experts(&self) -> usize {
+        self.offsets.len() - 1
+    }
+}
+
+/// The GPU plan, or None when the host path must run (the core then errors, or computes).
+fn plan(dev: &Device, inp: &DeviceExpertsInputs, act: &ActivationOptions) -> Result<Option<Plan>> {
+    let (x, w1, w2) = (inp.tokens, inp.gate_and_up, inp.down);
+    let dtype = x.dtype;
+    if x.shape.len() != 2 || !DType::TOKENS.contains(&dtype) || w1.shape.len() != 3 || w2.shape.len() != 3 {
+        return Ok(None);
+    }
+    let (n, dim) = (x.shape[0], x.shape[1]);
+    let (experts, width) = (w1.shape[0], w1.shape[2]);
+    let gated = act.kind.is_gated();
+    if w1.shape[1] != dim || (gated && width % 2 != 0) {
+        return Ok(None);
+    }
+    let inter = if gated { width / 2 } else { width };
+    let same = |t: Option<&DeviceTensor>, shape: &[usize]| t.is_none_or(|t| t.dtype == dtype && t.shape == shape);
+    let ok = w1.dtype == dtype
+        && w2.dtype == dtype
+        && w2.shape == [experts, inter, dim]
+        && inp.tokens_per_expert.dtype == DType::I32
+        && inp.tokens_per_expert.shape == [experts]
+        && inp.probs.is_none_or(|p| p.dtype == DType::F32 && (p.shape == [n] || p.shape == [n, 1]))
+        && same(inp.gate_up_bias, &[experts, width])
+        && same(inp.down_bias, &[experts, dim])
+        && i32::try_from(n.max(dim).max(width)).is_ok();
+    if !ok {
+        return Ok(None);
+    }
+    let counts: Vec<i32> = dev.download_new("tokensPerExpert", &inp.tokens_per_expert.buf, experts)?;
+    let mut offsets = Vec::with_capacity(experts + 1);
+    offsets.push(0usize);
+    for &c in &counts {
+        if c < 0 {
+            return Ok(None);
+        }
+        offsets.push(offsets.last().copied().unwrap_or(0) + c as usize);
+    }
+    if offsets[experts] != n {
+        return Ok(None);
+    }
+    let offs32: Vec<i32> = offsets.iter().map(|&o| o as i32).collect();
+    let d_offsets = dev.upload("the expert offsets", &offs32)?;
+    Ok(Some(Plan { dtype, n, dim, width, inter, offsets, d_offsets }))
+}
+
+fn tag(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        _ => "f16",
+    }
+}
+
+/// The address of row `row` of a row-major buffer of `width` elements of `dtype`.
+fn at(dev: &Device, buf: &Buffer, dtype: DType, row: usize, width: usize) -> u64 {
+    buf.ptr(dev.stream()) + (row * width * dtype.size()) as u64
+}
+
+/// `h [N, width] (f32) = x_e @ W1[e] (+ b1[e])` for every expert.
+fn up_projection(dev: &Device, p: &Plan, inp: &DeviceExpertsInputs) -> Result<Buffer> {
+    let h = dev.alloc("the up-projection", p.n * p.width * 4)?;
+    for e in 0..p.experts() {
+        let (r0, c) = (p.offsets[e], p.offsets[e + 1] - p.offsets[e]);
+        if c == 0 {
+            continue;
+        }
+        gemm(
+            dev,
+            c,
+            p.width,
+            p.dim,
+            Operand { ptr: at(dev, &inp.tokens.buf, p.dtype, r0, p.dim), dtype: p.dtype, trans: false },
+            Operand { ptr: at(dev, &inp.gate_and_up.buf, p.dtype, e * p.dim, p.width), dtype: p.dtype, trans: false },
+            Output { ptr: at(dev, &h, DType::F32, r0, p.width), dtype: DType::F32 },
+            0.0,
+        )?;
+    }
+    if let Some(b1) = inp.gate_up_bias {
+        launch_rows(dev, &format!("experts_add_bias_{}", tag(p.dtype)), p.n, p.width, &[Arg::U64(h.ptr(dev.stream())), Arg::I64(p.width as i64), Arg::U64(b1.buf.ptr(dev.stream())), Arg::U64(p.d_offsets.ptr(dev.stream())), Arg::I32(p.experts() as i32)])?;
+    }
+    Ok(h)
+}
+
+/// A (rows, column blocks) launch of a row kernel over `width` columns.
+fn launch_rows(dev: &Device, name: &str, rows: usize, width: usize, args: &[Arg]) -> Result<()> {
+    if rows == 0 || width == 0 {
+        return Ok(());
+    }
+    let (threads, blocks) = row_launch(width)?;
+    let rows = u32::try_from(rows).map_err(|_| Error::Cuda(format!("{name}: {rows} rows exceed one launch")))?;
+    dev.launch(name, (rows, blocks), threads, args)
+}
+
+/// A 1-D launch over `n` items, 256 threads a block.
+fn launch_flat(dev: &Device, name: &str, n: usize, args: &[Arg]) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let blocks = u32::try_from(n.div_ceil(256).min(1 << 20)).unwrap_or(1 << 20);
+    dev.launch(name, (blocks, 1), 256, args)
+}
+
+/// Per-expert sums over rows of `x [N, width]` (dtype `dtype`), times the probs when given, into
+/// a new `[E, width]` f32 buffer.
+fn column_sums(dev: &Device, p: &Plan, x: &Buffer, dtype: DType, width: usize, probs: Option<&Buffer>) -> Result<Buffer> {
+    let out = dev.alloc("a bias gradient", p.experts() * width * 4)?;
+    if p.experts() == 0 || width == 0 {
+        return Ok(out);
+    }
+    let blocks = u32::try_from(width.div_ceil(256)).map_err(|_| Error::Cuda("bias too wide".into()))?;
+    let s = dev.stream();
+    dev.launch(
+        &format!("experts_colsum_{}", tag(dtype)),
+        (p.experts() as u32, blocks),
+        256,
+        &[Arg::U64(x.ptr(s)), Arg::I64(width as i64), Arg::U64(probs.map_or(0, |b| b.ptr(s))), Arg::U64(p.d_offsets.ptr(s)), Arg::U64(out.ptr(s))],
+    )?;
+    Ok(out)
+}
+
+/// An f32 buffer of `numel` values rounded to `dtype` (the buffer itself for f32).
+fn narrow(dev: &Device, what: &str, f: Buffer, numel: usize, dtype: DType, shape: Vec<usize>) -> Result<DeviceTensor> {
+    if dtype == DType::F32 {
+        return Ok(DeviceTensor::from_buffer(dtype, shape, f));
+    }
+    let out = DeviceTensor::alloc(dev, what, dtype, shape)?;
+    let s = dev.stream();
+    launch_flat(dev, &format!("convert_f32_to_{}", tag(dtype)), numel, &[Arg::U64(f.ptr(s)), Arg::U64(out.buf.ptr(s)), Arg::I64(numel as i64)])?;
+    Ok(out)
+}
+
+/// The host path: the core on downloaded inputs (its errors, or its results uploaded).
+fn host_inputs<'a>(dev: &Device, inp: &DeviceExpertsInputs, keep: &'a mut Vec<moe_core::Tensor>) -> Result<()> {
+    keep.push(inp.tokens.download(dev, "permutedTokens")?);
+    keep.push(inp.tokens_per_expert.download(dev, "tokensPerExpert")?);
+    keep.push(inp.gate_and_up.download(dev, inp.gate_and_up_name)?);
+    keep.push(inp.down.download(dev, "downProjs")?);
+    for t in [inp.probs, inp.gate_up_bias, inp.down_bias].into_iter().flatten() {
+        keep.push(t.download(dev, "an expert input")?);
+    }
+    Ok(())
+}
+
+fn refs<'a>(inp: &DeviceExpertsInputs, keep: &'a [moe_core::Tensor]) -> Result<ExpertsInputs<'a>> {
+    let name: &'static str = if inp.gate_and_up_name == "upProjs" { "upProjs" } else { "gateAndUpProjs" };
+    let mut rest = keep[4..].iter();
+    let mut next = |present: bool, arg: &'static str| -> Result<Option<TensorRef<'a>>> { if present { rest.next().map(|t| tensor_ref(arg, t)).transpose() } else { Ok(None) } };
+    Ok(ExpertsInputs {
+        tokens: tensor_ref("permutedTokens", &keep[0])?,
+        tokens_per_expert: tensor_ref("tokensPerExpert", &keep[1])?,
+        gate_and_up: tensor_ref(name, &keep[2])?,
+        down: tensor_ref("downProjs", &keep[3])?,
+        probs: next(inp.probs.is_some(), "permutedProbs")?,
+        gate_up_bias: next(inp.gate_up_bias.is_some(), "gateUpProjBias")?,
+        down_bias: next(inp.down_bias.is_some(), "downProjBias")?,
+    })
+}
+
+/// Grouped experts forward on device tensors: `[N, dim]` in the tokens' dtype.
+pub fn experts_forward_device(dev: &Device, inp: &DeviceExpertsInputs, act: &ActivationOptions) -> Result<DeviceTensor> {
+    let Some(p) = plan(dev, inp, act)? else {
+        let mut keep = Vec::new();
+        host_inputs(dev, inp, &mut keep)?;
+        let out = experts_forward(&refs(inp, &keep)?, act)?;
+        return DeviceTensor::upload_owned(dev, "the output", &out);
+    };
+    let s = dev.stream();
+    let out = DeviceTensor::alloc(dev, "the output", p.dtype, vec![p.n, p.dim])?;
+    if p.n == 0 || p.dim == 0 {
+        return Ok(out);
+    }
+    let h = up_projection(dev, &p, inp)?;
+    let a = dev.alloc("the activation", p.n * p.inter * p.dtype.size())?;
+    let probs = inp.probs.map(|t| &t.buf);
+    launch_activation(dev, act, DType::F32, &h, p.n, p.width, probs, p.dtype, &a)?;
+    drop(h);
+    let yf = inp.down_bias.map(|_| dev.alloc("the down-projection", p.n * p.dim * 4)).transpose()?;
+    for e in 0..p.experts() {
+        let (r0, c) = (p.offsets[e], p.offsets[e + 1] - p.offsets[e]);
+        if c == 0 {
+            continue;
+        }
+        let target = match &yf {
+            Some(f) => Output { ptr: at(dev, f, DType::F32, r0, p.dim), dtype: DType::F32 },
+            None => Output { ptr: at(dev, &out.buf, p.dtype, r0, p.dim), dtype: p.dtype },
+        };
+        gemm(
+            dev,
+            c,
+            p.dim,
+            p.inter,
+            Operand { ptr: at(dev, &a, p.dtype, r0, p.inter), dtype: p.dtype, trans: false },
+            Operand { ptr: at(dev, &inp.down.buf, p.dtype, e * p.inter, p.dim), dtype: p.dtype, trans: false },
+            target,
+            0.0,
+        )?;
+    }
+    if let (Some(f), Some(b2)) = (&yf, inp.down_bias) {
+        launch_rows(
+            dev,
+            &format!("experts_epilogue_{}", tag(p.dtype)),
+            p.n,
+            p.dim,
+            &[Arg::U64(f.ptr(s)), Arg::U64(out.buf.ptr(s)), Arg::I64(p.dim as i64), Arg::U64(b2.buf.ptr(s)), Arg::U64(probs.map_or(0, |b| b.ptr(s))), Arg::U64(p.d_offsets.ptr(s)), Arg::I32(p.experts() as i32)],
+        )?;
+    }
+    Ok(out)
+}
+
+/// Backward of [`experts_forward_device`]: the up-projection and activation are recomputed (as
+/// the core does), then per expert `dW2 = a^T g`, `da = g W2^T`, `dh` through the activation,
+/// `dW1 = x^T dh`, `dx = dh W1^T`; bias gradients are per-expert column sums.
+pub fn experts_backward_device(dev: &Device, grad_output: &DeviceTensor, inp: &DeviceExpertsInputs, act: &ActivationOptions) -> Result<DeviceExpertsGrads> {
+    let plan = plan(dev, inp, act)?.filter(|p| grad_output.dtype == p.dtype && grad_output.shape == [p.n, p.dim]);
+    let Some(p) = plan else {
+        let mut keep = Vec::new();
+        host_inputs(dev, inp, &mut keep)?;
+        let g = grad_output.download(dev, "gradOutput")?;
+        let out: ExpertsGrads = experts_backward(&tensor_ref("gradOutput", &g)?, &refs(inp, &keep)?, act)?;
+        let up = |t: &moe_core::Tensor, what: &str| DeviceTensor::upload_owned(dev, what, t);
+        return Ok(DeviceExpertsGrads {
+            grad_tokens: up(&out.grad_tokens, "gradTokens")?,
+            grad_gate_and_up: up(&out.grad_gate_and_up, "gradGateAndUpProjs")?,
+            grad_down: up(&out.grad_down, "gradDownProjs")?,
+            grad_gate_up_bias: out.grad_gate_up_bias.as_ref().map(|t| up(t, "gradGateUpProjBias")).transpose()?,
+            grad_down_bias: out.grad_down_bias.as_ref().map(|t| up(t, "gradDownProjBias")).transpose()?,
+            grad_probs: out.grad_probs.as_ref().map(|t| up(t, "gradProbs")).transpose()?,
+        });
+    };
+    let s = dev.stream();
+    let dt = p.dtype;
+    let (e_count, n, dim, width, inter) = (p.experts(), p.n, p.dim, p.width, p.inter);
+    let grad_tokens = DeviceTensor::alloc(dev, "gradTokens", dt, vec![n, dim])?;
+    let grad_w1 = DeviceTensor::alloc(dev, "gradGateAndUpProjs", dt, inp.gate_and_up.shape.clone())?;
+    let grad_w2 = DeviceTensor::alloc(dev, "gradDownProjs", dt, inp.down.shape.clone())?;
+    // experts without tokens get zero weight gradients
+    dev.memset_zero("gradGateAndUpProjs", &grad_w1.buf, grad_w1.bytes())?;
+    dev.memset_zero("gradDownProjs", &grad_w2.buf, grad_w2.bytes())?;
+    let probs = inp.probs.map(|t| &t.buf);
+    let mut grad_probs = inp.probs.map(|t| DeviceTensor::alloc(dev, "gradProbs", DType::F32, t.shape.clone())).transpose()?;
+    let mut grad_b1 = None;
+    let mut grad_b2 = None;
+    if n > 0 {
+        let g = &grad_output.buf;
+        let h = up_projection(dev, &p, inp)?;
+        let a = dev.alloc("the activation", n * inter * dt.size())?;
+        launch_activation(dev, act, DType::F32, &h, n, width, probs, dt, &a)?;
+        let da = dev.alloc("the activation gradient", n * inter * 4)?;
+        for e in 0..e_count {
+            let (r0, c) = (p.offsets[e], p.offsets[e + 1] - p.offsets[e]);
+            if c == 0 {
+                continue;
+            }
+            // dW2[e] [inter, dim] = a_e^T g_e
+            gemm(
+                dev,
+                inter,
+                dim,
+                c,
+                Operand { ptr: at(dev, &a, dt, r0, inter), dtype: dt, trans: true },
+                Operand { ptr: at(dev, g, dt, r0, dim), dtype: dt, trans: false },
+                Output { ptr: at(dev, &grad_w2.buf, dt, e * inter, dim), dtype: dt },
+                0.0,
+            )?;
+            // da_e [c, inter] = g_e W2[e]^T
+            gemm(
+                dev,
+                c,
+                inter,
+                dim,
+                Operand { ptr: at(dev, g, dt, r0, dim), dtype: dt, trans: false },
+                Operand { ptr: at(dev, &inp.down.buf, dt, e * inter, dim), dtype: dt, trans: true },
+                Output { ptr: at(dev, &da, DType::F32, r0, inter), dtype: DType::F32 },
+                0.0,
+            )?;
+        }
+        drop(a);
+        // the down bias: db2 = per-expert sums of g * p; its share of dp is g . b2
+        let bias_dp = match (inp.down_bias, &grad_probs) {
+            (Some(b2), Some(_)) => {
+                let buf = dev.alloc("gradProbs (bias part)", n * 4)?;
+                launch_flat(
+                    dev,
+                    &format!("experts_row_dot_{}", tag(dt)),
+                    n,
+                    &[Arg::U64(g.ptr(s)), Arg::I64(n as i64), Arg::I64(dim as i64), Arg::U64(b2.buf.ptr(s)), Arg::U64(p.d_offsets.ptr(s)), Arg::I32(e_count as i32), Arg::U64(buf.ptr(s))],
+                )?;
+                Some(buf)
+            }
+            _ => None,
+        };
+        if let Some(b2) = inp.down_bias {
+            let sums = column_sums(dev, &p, g, dt, dim, probs)?;
+            grad_b2 = Some(narrow(dev, "gradDownProjBias", sums, e_count * dim, b2.dtype, b2.shape.clone())?);
+        }
+        // through the weighted activation: dh (f32 when the up bias needs its column sums)
+        let dh_dtype = if inp.gate_up_bias.is_some() { DType::F32 } else { dt };
+        let dh = dev.alloc("the up-projection gradient", n * width * dh_dtype.size())?;
+        let act_dp = grad_probs.as_ref().map(|_| dev.alloc("gradProbs (activation part)", n * 4)).transpose()?;
+        launch_activation_backward(dev, act, DType::F32, &da, &h, n, width, probs, dh_dtype, &dh, act_dp.as_ref())?;
+        drop((da, h));
+        if let (Some(gp), Some(act_dp)) = (&mut grad_probs, act_dp) {
+            match bias_dp {
+                Some(bdp) => {
+                    launch_flat(dev, "experts_add_probs_grad", n, &[Arg::U64(bdp.ptr(s)), Arg::U64(act_dp.ptr(s)), Arg::I64(n as i64)])?;
+                    gp.buf = bdp;
+                }
+                None => gp.buf = act_dp,
+            }
+        }
+        let dh = match inp.gate_up_bias {
+            Some(b1) => {
+                let sums = column_sums(dev, &p, &dh, DType::F32, width, None)?;
+                grad_b1 = Some(narrow(dev, "gradGateUpProjBias", sums, e_count * width, b1.dtype, b1.shape.clone())?);
+                if dt == DType::F32 {
+                    dh
+                } else {
+                    narrow(dev, "the up-projection gradient", dh, n * width, dt, vec![n, width])?.buf
+                }
+            }
+            None => dh,
+        };
+        for e in 0..e_count {
+            let (r0, c) = (p.offsets[e], p.offsets[e + 1] - p.offsets[e]);
+            if c == 0 {
+                continue;
+            }
+            // dW1[e] [dim, width] = x_e^T dh_e
+            gemm(
+                dev,
+                dim,
+                width,
+                c,
+                Operand { ptr: at(dev, &inp.tokens.buf, dt, r0, dim), dtype: dt, trans: true },
+                Operand { ptr: at(dev, &dh, dt, r0, width), dtype: dt, trans: false },
+                Output { ptr: at(dev, &grad_w1.buf, dt, e * dim, width), dtype: dt },
+                0.0,
+            )?;
+            // dx_e [c, dim] = dh_e W1[e]^T
+            gemm(
+                dev,
+                c,
+                dim,
+                width,
+                Operand { ptr: at(dev, &dh, dt, r0, width), dtype: dt, trans: false },
+                Operand { ptr: at(dev, &inp.gate_and_up.buf, dt, e * dim, width), dtype: dt, trans: true },
+                Output { ptr: at(dev, &grad_tokens.buf, dt, r0, dim), dtype: dt },
+                0.0,
+            )?;
+        }
+    } else {
+        if let Some(gp) = &grad_probs {
+            dev.memset_zero("gradProbs", &gp.buf, gp.bytes())?;
+        }
+        for (bias, slot, what) in [(inp.gate_up_bias, &mut grad_b1, "gradGateUpProjBias"), (inp.down_bias, &mut grad_b2, "gradDownProjBias")] {
+            if let Some(b) = bias {
+                let t = DeviceTensor::alloc(dev, what, b.dtype, b.shape.clone())?;
+                dev.memset_zero(what, &t.buf, t.bytes())?;
+                *slot = Some(t);
+            }
+        }
+    }
+    Ok(DeviceExpertsGrads { grad_tokens, grad_gate_and_up: grad_w1, grad_down: grad_w2, grad_gate_up_bias: grad_b1, grad_down_bias: grad_b2, grad_probs })
+}
+
+/// `matmul` on device tensors (one cuBLAS GEMM, f32 accumulation, the result in `a`'s dtype).
+/// Operands of two dtypes, and shapes the core rejects, take the host path.
+pub fn matmul_device(dev: &Device, a: &DeviceTensor, b: &DeviceTensor, trans_a: bool, trans_b: bool) -> Result<DeviceTensor> {
+    let ok = a.shape.len() == 2 && b.shape.len() == 2 && a.dtype == b.dtype && DType::TOKENS.contains(&a.dtype);
+    let (m, k) = if !ok { (0, 0) } else if trans_a { (a.shape[1], a.shape[0]) } else { (a.shape[0], a.shape[1]) };
+    let (kb, n) = if !ok { (0, 0) } else if trans_b { (b.shape[1], b.shape[0]) } else { (b.shape[0], b.shape[1]) };
+    if !ok || kb != k || i32::try_from(m.max(n).max(k)).is_err() {
+        let (ha, hb) = (a.download(dev, "a")?, b.download(dev, "b")?);
+        let out = moe_core::experts::matmul(&tensor_ref("a", &ha)?, &tensor_ref("b", &hb)?, trans_a, trans_b)?;
+        return DeviceTensor::upload_owned(dev, "output", &out);
+    }
+    let out = DeviceTensor::alloc(dev, "output", a.dtype, vec![m, n])?;
+    if k == 0 {
+        dev.memset_zero("output", &out.buf, out.bytes())?;
+        return Ok(out);
+    }
+    let s = dev.stream();
+    gemm(dev, m, n, k, Operand { ptr: a.buf.ptr(s), dtype: a.dtype, trans: trans_a }, Operand { ptr: b.buf.ptr(s), dtype: b.dtype, trans: trans_b }, Output { ptr: out.buf.ptr(s), dtype: a.dtype }, 0.0)?;
+    Ok(out)
+}

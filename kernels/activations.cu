@@ -1,0 +1,407 @@
+// Expert activations (forward, backward, the probs gradient) and the aux router losses
+// (Switch load-balancing loss on probs or on logits, z-loss) on the GPU.
+//
+// Same semantics and the same bits as moe_core::activations and moe_core::aux_loss:
+//
+// * activations: float32 arithmetic written operation by operation in the core's order (no
+//   contraction: NVRTC runs with --fmad=false, IEEE division with --prec-div=true), `expf(x)`
+//   as the core's `detmath::exp(x as f64) as f32` (det_exp from common.cuh), each result rounded
+//   once to the output dtype with the core's conversions. Every float literal is an f32 one
+//   (`1.0f`): a double literal would promote the arithmetic to f64. The probs gradient of a row is
+//   summed by one thread, in column order, in f64 from 0.0, as the core does.
+// * losses: per-row work (the finiteness check, max, sum of exp, the row's value) by one thread per
+//   row in column order; the total by one thread in token order (f64, from the start value the core
+//   uses: 0.0 for the Switch loss on probs, -0.0 for Rust's `Iterator::sum` of the others), then the
+//   gradient per element in f64, rounded once to f32. Invalid values (a non-finite input, a mask
+//   byte above 1, a negative count) set a flag word that the host reads back with the loss; the
+//   host then runs the core, which reports the error.
+//
+// Kernel names are plain `extern "C" __global__ void NAME(` lines, so that kernel_names()
+// (crates/moe-cuda/src/device.rs) lists every one.
+
+// Activation kinds: the order of moe_core::activations::ActivationKind::ALL.
+#define ACT_SWIGLU 0
+#define ACT_QUICK_GEGLU 1
+#define ACT_SWIGLU_OAI 2
+#define ACT_SWIGLU_CLAMPED 3
+#define ACT_RELU2 4
+
+struct ActOpts {
+    int kind;
+    float alpha;
+    float limit;
+    float linear_offset;
+};
+
+static __device__ __forceinline__ float act_expf(float x) { return (float)det_exp((double)x); }
+
+static __device__ __forceinline__ float act_sigmoid(float v) { return 1.0f / (1.0f + act_expf(-v)); }
+
+static __device__ __forceinline__ float act_silu(float v) { return v / (1.0f + act_expf(-v)); }
+
+// min(v, limit), NaN stays NaN.
+static __device__ __forceinline__ float clamp_max(float v, float limit) { return v > limit ? limit : v; }
+
+// clamp(v, -limit, limit), NaN stays NaN.
+static __device__ __forceinline__ float clamp_sym(float v, float limit) {
+    if (v > limit) return limit;
+    if (v < -limit) return -limit;
+    return v;
+}
+
+// The unweighted activation of one output column (moe_core's `unit`).
+static __device__ __forceinline__ float act_unit(const ActOpts& o, float gate, float up) {
+    switch (o.kind) {
+        case ACT_SWIGLU:
+            return act_silu(gate) * up;
+        case ACT_QUICK_GEGLU:
+        case ACT_SWIGLU_OAI: {
+            const float g = clamp_max(gate, o.limit);
+            const float u = clamp_sym(up, o.limit);
+            return g * act_sigmoid(o.alpha * g) * (u + o.linear_offset);
+        }
+        case ACT_SWIGLU_CLAMPED:
+            return act_silu(clamp_max(gate, o.limit)) * clamp_sym(up, o.limit);
+        default: {
+            const float r = gate <= 0.0f ? 0.0f : gate;
+            return r * r;
+        }
+    }
+}
+
+// Gradients of gw * unit(gate, up) (moe_core's `unit_grad`).
+static __device__ __forceinline__ void act_unit_grad(const ActOpts& o, float gate, float up, float gw, float& d_gate, float& d_up) {
+    switch (o.kind) {
+        case ACT_SWIGLU: {
+            const float d = 1.0f + act_expf(-gate);
+            const float s = 1.0f / d;
+            d_gate = gw * s * (1.0f + gate * (1.0f - s)) * up;
+            d_up = gw * (gate / d);
+            return;
+        }
+        case ACT_QUICK_GEGLU:
+        case ACT_SWIGLU_OAI: {
+            const float g = clamp_max(gate, o.limit);
+            const float u = clamp_sym(up, o.limit);
+            const float z = o.alpha * g;
+            const float s = act_sigmoid(z);
+            d_gate = gate <= o.limit ? gw * s * (1.0f + z * (1.0f - s)) * (u + o.linear_offset) : 0.0f;
+            d_up = (up >= -o.limit && up <= o.limit) ? gw * (g * s) : 0.0f;
+            return;
+        }
+        case ACT_SWIGLU_CLAMPED: {
+            const float g = clamp_max(gate, o.limit);
+            const float u = clamp_sym(up, o.limit);
+            const float d = 1.0f + act_expf(-g);
+            const float s = 1.0f / d;
+            d_gate = gate <= o.limit ? gw * s * (1.0f + g * (1.0f - s)) * u : 0.0f;
+            d_up = (up >= -o.limit && up <= o.limit) ? gw * (g / d) : 0.0f;
+            return;
+        }
+        default:
+            d_gate = gate > 0.0f ? gw * 2.0f * gate : 0.0f;
+            d_up = 0.0f;
+            return;
+    }
+}
+
+// Where the gate and up values of output column j sit in an input row: halves (gate at j, up at
+// inter + j), interleaved pairs (2j, 2j + 1), or single (relu2: j; up unused, 0).
+template <typename T>
+static __device__ __forceinline__ void act_pair(int kind, const typename T::S* row, i64 inter, i64 j, float& gate, float& up) {
+    if (kind == ACT_QUICK_GEGLU) {
+        gate = T::to_f32(row[2 * j]);
+        up = T::to_f32(row[2 * j + 1]);
+    } else if (kind == ACT_RELU2) {
+        gate = T::to_f32(row[j]);
+        up = 0.0f;
+    } else {
+        gate = T::to_f32(row[j]);
+        up = T::to_f32(row[inter + j]);
+    }
+}
+
+static __device__ __forceinline__ ActOpts act_opts(int kind, double alpha, double limit, double linear_offset) {
+    // The options are float32 values passed as doubles: the conversions back are exact.
+    ActOpts o;
+    o.kind = kind;
+    o.alpha = (float)alpha;
+    o.limit = (float)limit;
+    o.linear_offset = (float)linear_offset;
+    return o;
+}
+
+// Forward: one thread per output element (grid-stride), out[r, j] = TO(unit * prob[r]).
+template <typename TI, typename TO>
+static __device__ void act_fwd(const typename TI::S* x, i64 rows, i64 width, i64 inter, const float* probs, const ActOpts o, typename TO::S* out) {
+    const i64 total = rows * inter;
+    const i64 step = (i64)gridDim.x * (i64)blockDim.x;
+    for (i64 i = (i64)blockIdx.x * (i64)blockDim.x + (i64)threadIdx.x; i < total; i += step) {
+        const i64 r = i / inter;
+        const i64 j = i - r * inter;
+        float gate, up;
+        act_pair<TI>(o.kind, x + r * width, inter, j, gate, up);
+        const float a = act_unit(o, gate, up);
+        out[i] = TO::from_f32(probs ? a * probs[r] : a);
+    }
+}
+
+// Backward: one thread per output column (r, j), writing the gate and up gradients of that column.
+template <typename TI, typename TO>
+static __device__ void act_bwd(const typename TI::S* grad, const typename TI::S* x, i64 rows, i64 width, i64 inter, const float* probs, const ActOpts o,
+                               typename TO::S* grad_in) {
+    const i64 total = rows * inter;
+    const i64 step = (i64)gridDim.x * (i64)blockDim.x;
+    for (i64 i = (i64)blockIdx.x * (i64)blockDim.x + (i64)threadIdx.x; i < total; i += step) {
+        const i64 r = i / inter;
+        const i64 j = i - r * inter;
+        float gate, up;
+        act_pair<TI>(o.kind, x + r * width, inter, j, gate, up);
+        const float gj = TI::to_f32(grad[i]);
+        const float gw = probs ? gj * probs[r] : gj;
+        float d_gate, d_up;
+        act_unit_grad(o, gate, up, gw, d_gate, d_up);
+        typename TO::S* row = grad_in + r * width;
+        if (o.kind == ACT_QUICK_GEGLU) {
+            row[2 * j] = TO::from_f32(d_gate);
+            row[2 * j + 1] = TO::from_f32(d_up);
+        } else if (o.kind == ACT_RELU2) {
+            row[j] = TO::from_f32(d_gate);
+        } else {
+            row[j] = TO::from_f32(d_gate);
+            row[inter + j] = TO::from_f32(d_up);
+        }
+    }
+}
+
+// The probs gradient: one thread per row, sum_j (unit * grad[j]) as f64 in column order from 0.0.
+template <typename T>
+static __device__ void act_grad_probs(const typename T::S* grad, const typename T::S* x, i64 rows, i64 width, i64 inter, const ActOpts o, float* grad_probs) {
+    const i64 step = (i64)gridDim.x * (i64)blockDim.x;
+    for (i64 r = (i64)blockIdx.x * (i64)blockDim.x + (i64)threadIdx.x; r < rows; r += step) {
+        const typename T::S* xr = x + r * width;
+        const typename T::S* gr = grad + r * inter;
+        double sum = 0.0;
+        for (i64 j = 0; j < inter; j++) {
+            float gate, up;
+            act_pair<T>(o.kind, xr, inter, j, gate, up);
+            sum += (double)(act_unit(o, gate, up) * T::to_f32(gr[j]));
+        }
+        grad_probs[r] = (float)sum;
+    }
+}
+
+#define ACT_FWD_PARAMS \
+    const void *x, i64 rows, i64 width, i64 inter, const float *probs, int kind, double alpha, double limit, double linear_offset, void *out
+#define ACT_FWD_BODY(TI, TO) \
+    act_fwd<TI, TO>((const TI::S*)x, rows, width, inter, probs, act_opts(kind, alpha, limit, linear_offset), (TO::S*)out)
+
+extern "C" __global__ void act_fwd_f32_f32(ACT_FWD_PARAMS) { ACT_FWD_BODY(F32, F32); }
+extern "C" __global__ void act_fwd_bf16_bf16(ACT_FWD_PARAMS) { ACT_FWD_BODY(BF16, BF16); }
+extern "C" __global__ void act_fwd_f16_f16(ACT_FWD_PARAMS) { ACT_FWD_BODY(F16, F16); }
+extern "C" __global__ void act_fwd_f32_bf16(ACT_FWD_PARAMS) { ACT_FWD_BODY(F32, BF16); }
+extern "C" __global__ void act_fwd_f32_f16(ACT_FWD_PARAMS) { ACT_FWD_BODY(F32, F16); }
+
+#define ACT_BWD_PARAMS \
+    const void *grad, const void *x, i64 rows, i64 width, i64 inter, const float *probs, int kind, double alpha, double limit, double linear_offset, void *grad_in
+#define ACT_BWD_BODY(TI, TO) \
+    act_bwd<TI, TO>((const TI::S*)grad, (const TI::S*)x, rows, width, inter, probs, act_opts(kind, alpha, limit, linear_offset), (TO::S*)grad_in)
+
+extern "C" __global__ void act_bwd_f32_f32(ACT_BWD_PARAMS) { ACT_BWD_BODY(F32, F32); }
+extern "C" __global__ void act_bwd_bf16_bf16(ACT_BWD_PARAMS) { ACT_BWD_BODY(BF16, BF16); }
+extern "C" __global__ void act_bwd_f16_f16(ACT_BWD_PARAMS) { ACT_BWD_BODY(F16, F16); }
+extern "C" __global__ void act_bwd_f32_bf16(ACT_BWD_PARAMS) { ACT_BWD_BODY(F32, BF16); }
+extern "C" __global__ void act_bwd_f32_f16(ACT_BWD_PARAMS) { ACT_BWD_BODY(F32, F16); }
+
+#define ACT_GPROBS_PARAMS \
+    const void *grad, const void *x, i64 rows, i64 width, i64 inter, int kind, double alpha, double limit, double linear_offset, float *grad_probs
+#define ACT_GPROBS_BODY(T) \
+    act_grad_probs<T>((const T::S*)grad, (const T::S*)x, rows, width, inter, act_opts(kind, alpha, limit, linear_offset), grad_probs)
+
+extern "C" __global__ void act_grad_probs_f32(ACT_GPROBS_PARAMS) { ACT_GPROBS_BODY(F32); }
+extern "C" __global__ void act_grad_probs_bf16(ACT_GPROBS_PARAMS) { ACT_GPROBS_BODY(BF16); }
+extern "C" __global__ void act_grad_probs_f16(ACT_GPROBS_PARAMS) { ACT_GPROBS_BODY(F16); }
+
+// ---------------------------------------------------------------------------------------
+// Aux losses (moe_core::aux_loss).
+//
+// `result` (4 u64 words, set by the host to 0 before the first kernel): [0] the loss (f64 bits),
+// [1] the scalar the gradient needs (the Switch factor, or z-loss's N, as f64 bits), [2] flags:
+// bit 0 a non-finite input value, bit 1 a mask byte above 1, bit 2 a negative count.
+
+#define LOSS_BAD_VALUE 1ull
+#define LOSS_BAD_MASK 2ull
+#define LOSS_BAD_COUNT 4ull
+
+#define LOSS_SWITCH 0
+#define LOSS_Z 1
+
+static __device__ __forceinline__ bool loss_valid(const u8* mask, i64 t) { return mask == 0 || mask[t] != 0; }
+
+static __device__ __forceinline__ bool finite_f32(float v) { return (__float_as_uint(v) & 0x7f800000u) != 0x7f800000u; }
+
+// Counts the valid rows and checks the mask bytes (the core's `row_mask`).
+static __device__ u64 loss_valid_rows(const u8* mask, i64 rows, unsigned long long* flags) {
+    if (mask == 0) return (u64)rows;
+    u64 n = 0;
+    bool bad = false;
+    for (i64 t = 0; t < rows; t++) {
+        n += mask[t] != 0;
+        bad |= mask[t] > 1;
+    }
+    if (bad) *flags |= LOSS_BAD_MASK;
+    return n;
+}
+
+// Checks the counts (the core's `counts`: none negative).
+static __device__ void loss_check_counts(const int* counts, i64 cols, unsigned long long* flags) {
+    if (counts == 0) return;
+    for (i64 e = 0; e < cols; e++) {
+        if (counts[e] < 0) *flags |= LOSS_BAD_COUNT;
+    }
+}
+
+// The Switch factor `E * coeff / (k * N * N)` (the core's `switch_factor`); num_tokens < 0: none.
+static __device__ double loss_switch_factor(i64 cols, double coeff, double topk, double num_tokens, u64 valid_rows) {
+    const double n = num_tokens >= 0.0 ? num_tokens : (double)(valid_rows > 0 ? valid_rows : 1);
+    return (double)cols * coeff / (topk * n * n);
+}
+
+// Switch loss on probs, per row: the finiteness check of the whole row, and for valid rows
+// sum_e probs[t, e] * counts[e] in column order (Rust's sum: from -0.0).
+extern "C" __global__ void loss_switch_rows(const float* probs, const int* counts, const u8* mask, i64 rows, i64 cols, double* partial, unsigned long long* result) {
+    const i64 step = (i64)gridDim.x * (i64)blockDim.x;
+    for (i64 t = (i64)blockIdx.x * (i64)blockDim.x + (i64)threadIdx.x; t < rows; t += step) {
+        const float* row = probs + t * cols;
+        bool bad = false;
+        double s = -0.0;
+        for (i64 e = 0; e < cols; e++) {
+            const float v = row[e];
+            bad |= !finite_f32(v);
+            s += (double)v * (double)counts[e];
+        }
+        if (bad) atomicOr(&result[2], LOSS_BAD_VALUE);
+        partial[t] = s;
+    }
+}
+
+// Switch loss on probs, the total (one thread): total over valid rows in token order from 0.0,
+// the factor, the loss.
+extern "C" __global__ void loss_switch_total(const double* partial, const int* counts, const u8* mask, i64 rows, i64 cols, double topk, double coeff, double num_tokens, unsigned long long* result) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    unsigned long long flags = 0;
+    loss_check_counts(counts, cols, &flags);
+    const u64 valid_rows = loss_valid_rows(mask, rows, &flags);
+    const double factor = loss_switch_factor(cols, coeff, topk, num_tokens, valid_rows);
+    double total = 0.0;
+    for (i64 t = 0; t < rows; t++) {
+        if (loss_valid(mask, t)) total += partial[t];
+    }
+    result[0] = (unsigned long long)__double_as_longlong(total * factor);
+    result[1] = (unsigned long long)__double_as_longlong(factor);
+    if (flags) atomicOr(&result[2], flags);
+}
+
+// Switch loss on probs, the gradient: counts[e] * factor rounded to f32 in valid rows, 0 elsewhere.
+extern "C" __global__ void loss_switch_grad(const int* counts, const u8* mask, i64 rows, i64 cols, const unsigned long long* result, float* grad) {
+    const double factor = __longlong_as_double((long long)result[1]);
+    const i64 total = rows * cols;
+    const i64 step = (i64)gridDim.x * (i64)blockDim.x;
+    for (i64 i = (i64)blockIdx.x * (i64)blockDim.x + (i64)threadIdx.x; i < total; i += step) {
+        const i64 t = i / cols;
+        const i64 e = i - t * cols;
+        grad[i] = loss_valid(mask, t) ? (float)((double)counts[e] * factor) : 0.0f;
+    }
+}
+
+// Losses on logits, per row: the finiteness check of the whole row, and for valid rows the
+// softmax statistics (the core's `row_stats`): stats[3t] = max, [3t + 1] = sum of exp(x - max)
+// (from 0.0), [3t + 2] = the row's value: weighted / sum for the Switch loss (weighted = sum of
+// exp(x - max) * counts[e], from 0.0), max + ln(sum) (the logsumexp) for the z-loss.
+extern "C" __global__ void loss_logits_rows(const float* logits, const int* counts, const u8* mask, i64 rows, i64 cols, int mode, double* stats, unsigned long long* result) {
+    const i64 step = (i64)gridDim.x * (i64)blockDim.x;
+    for (i64 t = (i64)blockIdx.x * (i64)blockDim.x + (i64)threadIdx.x; t < rows; t += step) {
+        const float* row = logits + t * cols;
+        bool bad = false;
+        float m = -__int_as_float(0x7f800000);
+        for (i64 e = 0; e < cols; e++) {
+            const float v = row[e];
+            bad |= !finite_f32(v);
+            m = fmaxf(m, v);
+        }
+        if (bad) atomicOr(&result[2], LOSS_BAD_VALUE);
+        if (bad || !loss_valid(mask, t)) continue;
+        const double max = (double)m;
+        double sum = 0.0, weighted = 0.0;
+        for (i64 e = 0; e < cols; e++) {
+            const double p = det_exp((double)row[e] - max);
+            sum += p;
+            if (mode == LOSS_SWITCH) weighted += p * (double)counts[e];
+        }
+        stats[3 * t] = max;
+        stats[3 * t + 1] = sum;
+        stats[3 * t + 2] = mode == LOSS_SWITCH ? weighted / sum : max + det_ln(sum);
+    }
+}
+
+// Losses on logits, the total (one thread), in token order from -0.0 (Rust's sum):
+// Switch: total = sum of weighted / sum, loss = total * factor, result[1] = factor;
+// z: total = sum of lse^2, loss = coeff * total / N, result[1] = N.
+extern "C" __global__ void loss_logits_total(const double* stats, const int* counts, const u8* mask, i64 rows, i64 cols, int mode, double topk, double coeff, double num_tokens, unsigned long long* result) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    unsigned long long flags = 0;
+    if (mode == LOSS_SWITCH) loss_check_counts(counts, cols, &flags);
+    const u64 valid_rows = loss_valid_rows(mask, rows, &flags);
+    // A row with a non-finite value has no stats: the host runs the core, which reports it.
+    const bool bad_values = (result[2] & LOSS_BAD_VALUE) != 0;
+    double total = -0.0;
+    if (!bad_values) {
+        for (i64 t = 0; t < rows; t++) {
+            if (!loss_valid(mask, t)) continue;
+            const double v = stats[3 * t + 2];
+            total += mode == LOSS_SWITCH ? v : v * v;
+        }
+    }
+    double loss, scalar;
+    if (mode == LOSS_SWITCH) {
+        scalar = loss_switch_factor(cols, coeff, topk, num_tokens, valid_rows);
+        loss = total * scalar;
+    } else {
+        scalar = (double)(valid_rows > 0 ? valid_rows : 1);
+        loss = coeff * total / scalar;
+    }
+    result[0] = (unsigned long long)__double_as_longlong(loss);
+    result[1] = (unsigned long long)__double_as_longlong(scalar);
+    if (flags) atomicOr(&result[2], flags);
+}
+
+// Losses on logits, the gradient per element (0 in masked rows):
+// Switch: p * (counts[e] * factor - value * factor) with p = exp(x - max) / sum;
+// z: (2 * coeff / N * lse / sum) * exp(x - max).
+extern "C" __global__ void loss_logits_grad(const float* logits, const int* counts, const u8* mask, i64 rows, i64 cols, int mode, double coeff, const double* stats,
+                                            const unsigned long long* result, float* grad) {
+    const double scalar = __longlong_as_double((long long)result[1]);
+    const bool bad_values = (result[2] & LOSS_BAD_VALUE) != 0;
+    const i64 total = rows * cols;
+    const i64 step = (i64)gridDim.x * (i64)blockDim.x;
+    for (i64 i = (i64)blockIdx.x * (i64)blockDim.x + (i64)threadIdx.x; i < total; i += step) {
+        const i64 t = i / cols;
+        const i64 e = i - t * cols;
+        if (bad_values || !loss_valid(mask, t)) {
+            grad[i] = 0.0f;
+            continue;
+        }
+        const double max = stats[3 * t];
+        const double sum = stats[3 * t + 1];
+        const double value = stats[3 * t + 2];
+        const double ex = det_exp((double)logits[i] - max);
+        if (mode == LOSS_SWITCH) {
+            const double mean_g = value * scalar;
+            const double p = ex / sum;
+            grad[i] = (float)(p * ((double)counts[e] * scalar - mean_g));
+        } else {
+            const double scale = 2.0 * coeff / scalar * value / sum;
+            grad[i] = (float)(scale * ex);
+        }
+    }
+}

@@ -1,0 +1,120 @@
+// kernels/common.cuh: what every kernel file shares. compile.rs prepends it to each file of
+// kernels/ before NVRTC compiles it (NVRTC gets no include path: built-in types and intrinsics
+// only), and it is part of every disk-cache key.
+//
+// * the integer typedefs;
+// * the element types F32, BF16 and F16 (`S` the storage type, `to_f32` / `from_f32` rounding
+//   exactly as moe_core::tensor::Float does);
+// * moe_core::detmath (det_exp, det_ln, det_ln_1p) line for line: + - * / floor and bit
+//   operations only, so with --fmad=false the GPU gets the core's bits.
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+typedef unsigned long long u64;
+
+// ---------------------------------------------------------------------------------------
+// Element conversions, written out so that they agree with the core bit for bit.
+
+struct F32 {
+    typedef float S;
+    static __device__ __forceinline__ float to_f32(float v) { return v; }
+    static __device__ __forceinline__ float from_f32(float v) { return v; }
+};
+
+struct BF16 {
+    typedef u16 S;
+    static __device__ __forceinline__ float to_f32(u16 v) { return __uint_as_float(((u32)v) << 16); }
+    // Round to nearest, ties to even; a NaN stays a quiet NaN with the top payload bits
+    // (moe_core::tensor::Float for bf16).
+    static __device__ __forceinline__ u16 from_f32(float v) {
+        u32 b = __float_as_uint(v);
+        u32 rounded = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+        u32 quiet_nan = (b >> 16) | 0x40u;
+        return (u16)(v != v ? quiet_nan : rounded);
+    }
+};
+
+struct F16 {
+    typedef u16 S;
+    static __device__ __forceinline__ float to_f32(u16 v) {
+        float f;
+        asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+        return f;
+    }
+    // Round to nearest even (cvt.rn); NaN as the half crate makes it (sign, quiet bit, the
+    // top 10 payload bits), so that even NaN outputs match the CPU core.
+    static __device__ __forceinline__ u16 from_f32(float v) {
+        u32 x = __float_as_uint(v);
+        if ((x & 0x7f800000u) == 0x7f800000u && (x & 0x007fffffu) != 0u) {
+            return (u16)(((x & 0x80000000u) >> 16) | 0x7c00u | 0x0200u | ((x & 0x007fffffu) >> 13));
+        }
+        u16 h;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+        return h;
+    }
+};
+
+// ---------------------------------------------------------------------------------------
+// moe_core::detmath, line for line.
+
+#define LN2_HI __longlong_as_double(0x3fe62e42fee00000LL)
+#define LN2_LO __longlong_as_double(0x3dea39ef35793c76LL)
+#define LOG2_E __longlong_as_double(0x3ff71547652b82feLL)
+#define SQRT_2 __longlong_as_double(0x3ff6a09e667f3bcdLL)
+
+static __device__ __forceinline__ double pow2(i64 e) { return __longlong_as_double((e + 1023) << 52); }
+
+static __device__ double det_scale(double x, i64 k) {
+    if (k > 1023) return x * pow2(1023) * pow2(min(k - 1023, (i64)1023));
+    if (k < -1022) return x * pow2(-1022) * pow2(max(k + 1022, (i64)-1022));
+    return x * pow2(k);
+}
+
+static __device__ double det_exp(double x) {
+    if (x != x) return x;
+    if (x > 709.782712893384) return __longlong_as_double(0x7ff0000000000000LL);
+    if (x < -745.2) return 0.0;
+    const double k = floor(x * LOG2_E + 0.5);
+    const double r = (x - k * LN2_HI) - k * LN2_LO;
+    const double c[15] = {1.0, 1.0, 1.0 / 2.0, 1.0 / 6.0, 1.0 / 24.0, 1.0 / 120.0, 1.0 / 720.0, 1.0 / 5040.0, 1.0 / 40320.0,
+                          1.0 / 362880.0, 1.0 / 3628800.0, 1.0 / 39916800.0, 1.0 / 479001600.0, 1.0 / 6227020800.0,
+                          1.0 / 87178291200.0};
+    double p = c[14];
+#pragma unroll
+    for (int i = 13; i >= 0; i--) p = p * r + c[i];
+    return det_scale(p, (i64)k);
+}
+
+static __device__ double det_ln(double x) {
+    if (x != x || x < 0.0) return __longlong_as_double(0x7ff8000000000000LL);
+    if (x == 0.0) return __longlong_as_double(0xfff0000000000000LL);
+    if (x == __longlong_as_double(0x7ff0000000000000LL)) return x;
+    i64 e = 0;
+    if (x < 2.2250738585072014e-308) {
+        x *= 18014398509481984.0;
+        e -= 54;
+    }
+    const u64 bits = (u64)__double_as_longlong(x);
+    e += (i64)((bits >> 52) & 0x7ff) - 1023;
+    double m = __longlong_as_double((i64)((bits & 0x000fffffffffffffULL) | 0x3ff0000000000000ULL));
+    if (m > SQRT_2) {
+        m *= 0.5;
+        e += 1;
+    }
+    const double f = m - 1.0;
+    const double s = f / (2.0 + f);
+    const double z = s * s;
+    double poly = 1.0 / 23.0;
+    for (int d = 10; d >= 1; d--) poly = poly * z + 1.0 / (double)(2 * d + 1);
+    const double ln_m = 2.0 * s + 2.0 * s * z * poly;
+    const double ef = (double)e;
+    return ef * LN2_HI + (ef * LN2_LO + ln_m);
+}
+
+static __device__ double det_ln_1p(double y) {
+    const double u = 1.0 + y;
+    return u == 1.0 ? y : det_ln(u) * (y / (u - 1.0));
+}
+

@@ -1,0 +1,204 @@
+/**
+ * The cuda backend's expert activations (forward, backward) and aux router losses on the GPU
+ * (kernels/activations.cu through crates/moe-node/src/cuda_activations.rs), bit for bit the CPU
+ * core's. Host tensors only: the host op (`ctx.base`). Any device tensor among the tensor
+ * arguments: host ones are uploaded for the call, and every tensor result is a device tensor (the
+ * losses' `loss` is a number, read back from the GPU).
+ *
+ * Arguments are checked in the host ops' order and with their messages (ts/ops/activations.ts,
+ * ts/ops/routing.ts); the core's checks run in the addon, which falls back to the core on the host
+ * for arguments it rejects, so errors are the CPU backend's.
+ */
+import { isDeviceTensor, wrapDevice, type DeviceTensor, type NativeCudaTensor } from '../device.js';
+import type { ActivationGrads, ActivationOptions } from '../ops/activations.js';
+import type { SwitchLoadBalancingLossOptions, ZLossOptions } from '../ops/routing.js';
+import { tensor, type DType, type IndexDType, type Tensor, type TokenDType } from '../tensor.js';
+import { checkNumber, checkOptions, INDICES, TOKENS, wire } from '../wire.js';
+import { anyDevice, optionValue, type Addon, type GpuContext, type GpuFamily, type Handles } from './cuda-common.js';
+
+/** A host or a device tensor of dtype D. */
+type AnyTensor<D extends DType> = Tensor<D> | DeviceTensor<D>;
+
+/** activation's options with a device tensor allowed for `probs`. */
+export interface DeviceActivationOptions extends Omit<ActivationOptions, 'probs'> {
+  probs?: AnyTensor<'float32'>;
+}
+
+/** The Switch losses' options with a device tensor allowed for `tokenMask`. */
+export interface DeviceSwitchLoadBalancingLossOptions extends Omit<SwitchLoadBalancingLossOptions, 'tokenMask'> {
+  tokenMask?: AnyTensor<'bool'>;
+}
+
+/** zLoss's options with a device tensor allowed for `tokenMask`. */
+export interface DeviceZLossOptions extends Omit<ZLossOptions, 'tokenMask'> {
+  tokenMask?: AnyTensor<'bool'>;
+}
+
+/** The activations methods of the cuda backend that take device tensors. */
+export interface CudaActivationsOps {
+  activation<D extends TokenDType>(x: Tensor<D>, options: ActivationOptions): Tensor<D>;
+  activation<D extends TokenDType>(x: AnyTensor<D>, options: DeviceActivationOptions): DeviceTensor<D>;
+  activationBackward<D extends TokenDType>(grad: Tensor<D>, x: Tensor<D>, options: ActivationOptions): ActivationGrads<D>;
+  activationBackward<D extends TokenDType>(grad: AnyTensor<D>, x: AnyTensor<D>, options: DeviceActivationOptions): { gradInput: DeviceTensor<D>; gradProbs?: DeviceTensor<'float32'> };
+  switchLoadBalancingLoss(probs: Tensor<'float32'>, tokensPerExpert: Tensor<IndexDType>, options: SwitchLoadBalancingLossOptions): { loss: number; gradProbs: Tensor<'float32'> };
+  switchLoadBalancingLoss(
+    probs: AnyTensor<'float32'>,
+    tokensPerExpert: AnyTensor<IndexDType>,
+    options: DeviceSwitchLoadBalancingLossOptions,
+  ): { loss: number; gradProbs: DeviceTensor<'float32'> };
+  switchLoadBalancingLossFromLogits(logits: Tensor<'float32'>, tokensPerExpert: Tensor<IndexDType>, options: SwitchLoadBalancingLossOptions): { loss: number; gradLogits: Tensor<'float32'> };
+  switchLoadBalancingLossFromLogits(
+    logits: AnyTensor<'float32'>,
+    tokensPerExpert: AnyTensor<IndexDType>,
+    options: DeviceSwitchLoadBalancingLossOptions,
+  ): { loss: number; gradLogits: DeviceTensor<'float32'> };
+  zLoss(logits: Tensor<'float32'>, options?: ZLossOptions): { loss: number; gradLogits: Tensor<'float32'> };
+  zLoss(logits: AnyTensor<'float32'>, options?: DeviceZLossOptions): { loss: number; gradLogits: DeviceTensor<'float32'> };
+}
+
+type H = NativeCudaTensor;
+type Num = number | undefined;
+
+/** The addon functions this family calls (crates/moe-node/src/cuda_activations.rs). */
+interface ActivationsAddon {
+  cudaActivationDevice(x: H, kind: string | undefined, probs: H | undefined, alpha: Num, limit: Num, linearOffset: Num): H;
+  cudaActivationBackwardDevice(grad: H, x: H, kind: string | undefined, probs: H | undefined, alpha: Num, limit: Num, linearOffset: Num): { gradInput: H; gradProbs?: H | null };
+  cudaSwitchLoadBalancingLossDevice(probs: H, tokensPerExpert: H, topk: number, coeff: Num, numTokens: Num, tokenMask: H | undefined): { loss: number; gradProbs: H };
+  cudaSwitchLoadBalancingLossFromLogitsDevice(logits: H, tokensPerExpert: H, topk: number, coeff: Num, numTokens: Num, tokenMask: H | undefined): { loss: number; gradLogits: H };
+  cudaZLossDevice(logits: H, coeff: Num, tokenMask: H | undefined): { loss: number; gradLogits: H };
+}
+
+const FUNCTIONS: readonly (keyof ActivationsAddon)[] = [
+  'cudaActivationDevice',
+  'cudaActivationBackwardDevice',
+  'cudaSwitchLoadBalancingLossDevice',
+  'cudaSwitchLoadBalancingLossFromLogitsDevice',
+  'cudaZLossDevice',
+];
+
+const ACTIVATION_OPTIONS: readonly (keyof ActivationOptions)[] = ['kind', 'probs', 'alpha', 'limit', 'linearOffset'];
+
+/** activation's options as positional arguments, checked as ts/ops/activations.ts does. */
+function activationArgs(h: Handles, options: unknown, op: string): [string | undefined, H | undefined, Num, Num, Num] {
+  const o = checkOptions<DeviceActivationOptions>(options, op, ACTIVATION_OPTIONS);
+  if (o.kind !== undefined && typeof o.kind !== 'string') throw new TypeError(`options.kind: expected a string, got ${typeof o.kind}`);
+  return [o.kind, h.opt(o.probs, 'probs', ['float32']), checkNumber(o.alpha, 'options.alpha'), checkNumber(o.limit, 'options.limit'), checkNumber(o.linearOffset, 'options.linearOffset')];
+}
+
+/** A required number option: absent is a TypeError (its value is checked by the core). */
+function requiredNumber(value: unknown, arg: string): number {
+  const n = checkNumber(value, arg);
+  if (n === undefined) throw new TypeError(`${arg}: expected a number (required), got undefined`);
+  return n;
+}
+
+/** The Switch losses' options as positional arguments, checked as ts/ops/routing.ts does. */
+function switchArgs(h: Handles, options: unknown, op: string): [number, Num, Num, H | undefined] {
+  const o = checkOptions<DeviceSwitchLoadBalancingLossOptions>(options, op, ['topk', 'coeff', 'numTokens', 'tokenMask']);
+  return [requiredNumber(o.topk, 'options.topk'), checkNumber(o.coeff, 'options.coeff'), checkNumber(o.numTokens, 'options.numTokens'), h.opt(o.tokenMask, 'tokenMask', ['bool'])];
+}
+
+/**
+ * tokensPerExpert as a device handle. The GPU keeps no int64: a host int64 tensor whose values
+ * all fit in int32 is converted (same values, so the same results and errors); undefined when one
+ * does not (the caller then runs the host op).
+ */
+function countsHandle(h: Handles, value: unknown): H | undefined {
+  if (isDeviceTensor(value)) return h.of(value, 'tokensPerExpert', INDICES);
+  wire(value, 'tokensPerExpert', INDICES); // the host op's checks, in its order
+  const t = value as Tensor<IndexDType>;
+  if (t.dtype !== 'int64') return h.of(t, 'tokensPerExpert', INDICES);
+  const data = t.data as BigInt64Array;
+  const out = new Int32Array(data.length);
+  for (let i = 0; i < data.length; i++) {
+    const v = data[i];
+    if (v < -2147483648n || v > 2147483647n) return undefined;
+    out[i] = Number(v);
+  }
+  return h.of(tensor('int32', t.shape, out), 'tokensPerExpert', INDICES);
+}
+
+/** Device tensors downloaded (for the host op). */
+function hostOf<T>(value: T): T {
+  return (isDeviceTensor(value) ? value.download() : value) as T;
+}
+
+function hostOptions(options: unknown, key: string): unknown {
+  if (typeof options !== 'object' || options === null || !isDeviceTensor(optionValue(options, key))) return options;
+  return { ...(options as Record<string, unknown>), [key]: hostOf(optionValue(options, key)) };
+}
+
+export const activationsGpu: GpuFamily = {
+  ops: ['activation', 'activationBackward', 'switchLoadBalancingLoss', 'switchLoadBalancingLossFromLogits', 'zLoss'],
+  present(addon: Addon): boolean {
+    const a = addon as unknown as Record<string, unknown>;
+    return FUNCTIONS.every((f) => typeof a[f] === 'function');
+  },
+  methods(ctx: GpuContext) {
+    const a = ctx.addon as unknown as ActivationsAddon;
+    const base = ctx.base;
+    /** A Switch loss whose int64 counts do not fit in int32: the host op, its gradient uploaded. */
+    const switchOnHost = <K extends 'gradProbs' | 'gradLogits'>(op: 'switchLoadBalancingLoss' | 'switchLoadBalancingLossFromLogits', key: K, x: unknown, counts: unknown, options: unknown) => {
+      const f = base[op] as (x: Tensor<'float32'>, c: Tensor<IndexDType>, o: SwitchLoadBalancingLossOptions) => Record<K, Tensor> & { loss: number };
+      const out = f(hostOf(x) as Tensor<'float32'>, counts as Tensor<IndexDType>, hostOptions(options, 'tokenMask') as SwitchLoadBalancingLossOptions);
+      return ctx.call(op, () => ({ loss: out.loss, [key]: wrapDevice(ctx.addon.cudaUpload(wire(out[key], key))) }));
+    };
+    return {
+      activation(x: unknown, options: unknown) {
+        if (!anyDevice(x, optionValue(options, 'probs'))) return base.activation(x as Tensor<TokenDType>, options as ActivationOptions);
+        return ctx.call('activation', (h) => {
+          const xh = h.of(x, 'x', TOKENS);
+          return wrapDevice(a.cudaActivationDevice(xh, ...activationArgs(h, options, 'activation')));
+        });
+      },
+      activationBackward(grad: unknown, x: unknown, options: unknown) {
+        if (!anyDevice(grad, x, optionValue(options, 'probs'))) return base.activationBackward(grad as Tensor<TokenDType>, x as Tensor<TokenDType>, options as ActivationOptions);
+        return ctx.call('activationBackward', (h) => {
+          const gh = h.of(grad, 'grad', TOKENS);
+          const xh = h.of(x, 'x', TOKENS);
+          const out = a.cudaActivationBackwardDevice(gh, xh, ...activationArgs(h, options, 'activationBackward'));
+          const result: { gradInput: DeviceTensor; gradProbs?: DeviceTensor } = { gradInput: wrapDevice(out.gradInput) };
+          if (out.gradProbs) result.gradProbs = wrapDevice(out.gradProbs);
+          return result;
+        });
+      },
+      switchLoadBalancingLoss(probs: unknown, tokensPerExpert: unknown, options: unknown) {
+        if (!anyDevice(probs, tokensPerExpert, optionValue(options, 'tokenMask'))) {
+          return base.switchLoadBalancingLoss(probs as Tensor<'float32'>, tokensPerExpert as Tensor<IndexDType>, options as SwitchLoadBalancingLossOptions);
+        }
+        let onHost = false;
+        const result = ctx.call('switchLoadBalancingLoss', (h) => {
+          const ph = h.of(probs, 'probs', ['float32']);
+          const ch = countsHandle(h, tokensPerExpert);
+          if (ch === undefined) return void (onHost = true);
+          const out = a.cudaSwitchLoadBalancingLossDevice(ph, ch, ...switchArgs(h, options, 'switchLoadBalancingLoss'));
+          return { loss: out.loss, gradProbs: wrapDevice(out.gradProbs) };
+        });
+        return onHost ? switchOnHost('switchLoadBalancingLoss', 'gradProbs', probs, tokensPerExpert, options) : result;
+      },
+      switchLoadBalancingLossFromLogits(logits: unknown, tokensPerExpert: unknown, options: unknown) {
+        if (!anyDevice(logits, tokensPerExpert, optionValue(options, 'tokenMask'))) {
+          return base.switchLoadBalancingLossFromLogits(logits as Tensor<'float32'>, tokensPerExpert as Tensor<IndexDType>, options as SwitchLoadBalancingLossOptions);
+        }
+        let onHost = false;
+        const result = ctx.call('switchLoadBalancingLossFromLogits', (h) => {
+          const lh = h.of(logits, 'logits', ['float32']);
+          const ch = countsHandle(h, tokensPerExpert);
+          if (ch === undefined) return void (onHost = true);
+          const out = a.cudaSwitchLoadBalancingLossFromLogitsDevice(lh, ch, ...switchArgs(h, options, 'switchLoadBalancingLossFromLogits'));
+          return { loss: out.loss, gradLogits: wrapDevice(out.gradLogits) };
+        });
+        return onHost ? switchOnHost('switchLoadBalancingLossFromLogits', 'gradLogits', logits, tokensPerExpert, options) : result;
+      },
+      zLoss(logits: unknown, options?: unknown) {
+        if (!anyDevice(logits, optionValue(options, 'tokenMask'))) return base.zLoss(logits as Tensor<'float32'>, options as ZLossOptions);
+        return ctx.call('zLoss', (h) => {
+          const lh = h.of(logits, 'logits', ['float32']);
+          const o = checkOptions<DeviceZLossOptions>(options, 'zLoss', ['coeff', 'tokenMask']);
+          const out = a.cudaZLossDevice(lh, checkNumber(o.coeff, 'options.coeff'), h.opt(o.tokenMask, 'tokenMask', ['bool']));
+          return { loss: out.loss, gradLogits: wrapDevice(out.gradLogits) };
+        });
+      },
+    };
+  },
+};

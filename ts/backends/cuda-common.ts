@@ -1,0 +1,82 @@
+/**
+ * What the cuda backend's op families share: device handles for one call (host tensors uploaded
+ * and freed afterwards), the test for "any device tensor among the arguments", and the shape of a
+ * family of GPU ops (`GpuFamily`), which `cudaBackend` (cuda.ts) merges over the CPU ops.
+ */
+import type { Backend } from '../backend.js';
+import { isDeviceTensor, nativeHandle, rethrowNative, type NativeCudaTensor } from '../device.js';
+import type { DType } from '../tensor.js';
+import { wire } from '../wire.js';
+
+/** The addon's functions, by name (each family declares the ones it calls). */
+export type Addon = Record<string, (...args: never[]) => unknown> & {
+  cudaUpload(tensor: ReturnType<typeof wire>): NativeCudaTensor;
+};
+
+/** Device handles for one call: device tensors as they are, host tensors uploaded (and freed after the call). */
+export class Handles {
+  private temps: NativeCudaTensor[] = [];
+  constructor(private readonly addon: Pick<Addon, 'cudaUpload'>) {}
+
+  of(value: unknown, arg: string, dtypes: readonly DType[]): NativeCudaTensor {
+    if (isDeviceTensor(value)) {
+      if (!dtypes.includes(value.dtype)) throw new TypeError(`${arg}.dtype: expected ${dtypes.join(' or ')}, got ${value.dtype}`);
+      return nativeHandle(value);
+    }
+    const h = this.addon.cudaUpload(wire(value, arg, dtypes));
+    this.temps.push(h);
+    return h;
+  }
+
+  opt(value: unknown, arg: string, dtypes: readonly DType[]): NativeCudaTensor | undefined {
+    return value === undefined || value === null ? undefined : this.of(value, arg, dtypes);
+  }
+
+  dispose(): void {
+    for (const h of this.temps) h.dispose();
+    this.temps = [];
+  }
+}
+
+export function anyDevice(...values: unknown[]): boolean {
+  return values.some(isDeviceTensor);
+}
+
+export function optionValue(options: unknown, key: string): unknown {
+  return typeof options === 'object' && options !== null ? (options as Record<string, unknown>)[key] : undefined;
+}
+
+/** Runs `f` with fresh handles; addon errors become typed JS errors prefixed with `op`. */
+export function callWith<T>(addon: Pick<Addon, 'cudaUpload'>, op: string, f: (h: Handles) => T): T {
+  const h = new Handles(addon);
+  try {
+    return f(h);
+  } catch (e) {
+    rethrowNative(op, e);
+  } finally {
+    h.dispose();
+  }
+}
+
+/** What a family of GPU ops gets to build its methods with. */
+export interface GpuContext {
+  /** The cuda backend's host ops (the CPU core through the native addon). */
+  base: Backend;
+  /** The native addon (its `cuda*Device` functions). */
+  addon: Addon;
+  /** `callWith(addon, op, f)`. */
+  call<T>(op: string, f: (h: Handles) => T): T;
+}
+
+/**
+ * A family of ops that run on the GPU. Each method takes host or device tensors: with host
+ * tensors only it may run the host op (`ctx.base`); with any device tensor it runs on the GPU
+ * and returns device tensors.
+ */
+export interface GpuFamily {
+  /** The Backend methods this family runs on the GPU. */
+  ops: readonly string[];
+  /** Whether the addon has this family's functions (older builds do not). */
+  present(addon: Addon): boolean;
+  methods(ctx: GpuContext): Record<string, (...args: never[]) => unknown>;
+}

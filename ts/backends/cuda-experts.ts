@@ -1,0 +1,156 @@
+/**
+ * The cuda backend's grouped experts and matmul on the GPU (cuBLAS GEMMs, one per expert and
+ * operand; crates/moe-cuda/src/experts.rs). Host tensors only: the CPU core's result (as every
+ * backend). Any device tensor among the arguments: the GPU path, device tensors out.
+ */
+import type { DeviceTensor, NativeCudaTensor } from '../device.js';
+import { wrapDevice } from '../device.js';
+import type { ExpertBiases, ExpertsOptions, ExpertWeights, MatmulOptions } from '../ops/experts.js';
+import type { Tensor, TokenDType } from '../tensor.js';
+import { checkBool, checkNumber, checkOptions, TOKENS } from '../wire.js';
+import { anyDevice, type Addon, type GpuFamily, type Handles } from './cuda-common.js';
+
+type Any<D extends import('../tensor.js').DType> = Tensor<D> | DeviceTensor<D>;
+
+/** Expert weights with device tensors allowed. */
+export interface DeviceExpertWeights<D extends TokenDType = TokenDType> {
+  gateAndUpProjs?: Any<D>;
+  upProjs?: Any<D>;
+  downProjs: Any<D>;
+}
+
+export interface DeviceExpertsOptions extends Omit<ExpertsOptions, 'permutedProbs' | 'biases'> {
+  permutedProbs?: Any<'float32'>;
+  biases?: { gateUpProjBias?: Any<TokenDType>; downProjBias?: Any<TokenDType> };
+}
+
+export interface DeviceExpertsGrads<D extends TokenDType = TokenDType> {
+  gradTokens: DeviceTensor<D>;
+  gradGateAndUpProjs?: DeviceTensor<TokenDType>;
+  gradUpProjs?: DeviceTensor<TokenDType>;
+  gradDownProjs: DeviceTensor<TokenDType>;
+  gradBiases?: { gateUpProjBias?: DeviceTensor<TokenDType>; downProjBias?: DeviceTensor<TokenDType> };
+  gradProbs?: DeviceTensor<'float32'>;
+}
+
+/** The experts methods of the cuda backend that take device tensors. */
+export interface CudaExpertsOps {
+  expertsForward<D extends TokenDType>(permutedTokens: Tensor<D>, tokensPerExpert: Tensor<'int32' | 'int64'>, weights: ExpertWeights, options: ExpertsOptions): Tensor<D>;
+  expertsForward<D extends TokenDType>(permutedTokens: Any<D>, tokensPerExpert: Any<'int32'>, weights: DeviceExpertWeights, options: DeviceExpertsOptions): DeviceTensor<D>;
+  expertsBackward<D extends TokenDType>(
+    gradOutput: Tensor<D>,
+    permutedTokens: Tensor<D>,
+    tokensPerExpert: Tensor<'int32' | 'int64'>,
+    weights: ExpertWeights,
+    options: ExpertsOptions,
+  ): import('../ops/experts.js').ExpertsGrads<D>;
+  expertsBackward<D extends TokenDType>(gradOutput: Any<D>, permutedTokens: Any<D>, tokensPerExpert: Any<'int32'>, weights: DeviceExpertWeights, options: DeviceExpertsOptions): DeviceExpertsGrads<D>;
+  matmul<D extends TokenDType>(a: Tensor<D>, b: Tensor<TokenDType>, options?: MatmulOptions): Tensor<D>;
+  matmul<D extends TokenDType>(a: Any<D>, b: Any<TokenDType>, options?: MatmulOptions): DeviceTensor<D>;
+}
+
+type H = NativeCudaTensor;
+type Opt = number | undefined;
+
+interface ExpertsAddon {
+  cudaExpertsForwardDevice(x: H, c: H, w1: H, w1Name: string, w2: H, kind: string | undefined, p: H | undefined, b1: H | undefined, b2: H | undefined, alpha: Opt, limit: Opt, linearOffset: Opt): H;
+  cudaExpertsBackwardDevice(
+    g: H,
+    x: H,
+    c: H,
+    w1: H,
+    w1Name: string,
+    w2: H,
+    kind: string | undefined,
+    p: H | undefined,
+    b1: H | undefined,
+    b2: H | undefined,
+    alpha: Opt,
+    limit: Opt,
+    linearOffset: Opt,
+  ): { gradTokens: H; gradGateAndUpProjs: H; gradDownProjs: H; gradGateUpProjBias?: H | null; gradDownProjBias?: H | null; gradProbs?: H | null };
+  cudaMatmulDevice(a: H, b: H, transA: boolean | undefined, transB: boolean | undefined): H;
+}
+
+const KNOWN: readonly (keyof ExpertsOptions)[] = ['activation', 'permutedProbs', 'biases', 'alpha', 'limit', 'linearOffset'];
+
+/** The positional arguments of the device functions (same checks and names as ops/experts.ts). */
+function deviceArgs(h: Handles, permutedTokens: unknown, tokensPerExpert: unknown, weights: unknown, options: unknown, op: string) {
+  const o = checkOptions<DeviceExpertsOptions>(options, op, KNOWN);
+  if (o.activation !== undefined && typeof o.activation !== 'string') throw new TypeError(`options.activation: expected a string, got ${typeof o.activation}`);
+  const kind = o.activation;
+  if (typeof weights !== 'object' || weights === null) throw new TypeError(`weights: expected { gateAndUpProjs | upProjs, downProjs }, got ${weights === null ? 'null' : typeof weights}`);
+  const w = weights as DeviceExpertWeights;
+  const name = kind === 'relu2' ? 'upProjs' : 'gateAndUpProjs';
+  const other = kind === 'relu2' ? 'gateAndUpProjs' : 'upProjs';
+  if (w[other] !== undefined) throw new TypeError(`weights.${other}: not used by activation '${kind}' (it takes weights.${name})`);
+  if (w[name] === undefined) throw new TypeError(`weights.${name}: expected a Tensor (activation '${kind}'), got undefined`);
+  const b = o.biases === undefined ? {} : checkOptions<ExpertBiases>(o.biases, 'biases', ['gateUpProjBias', 'downProjBias']);
+  return [
+    h.of(permutedTokens, 'permutedTokens', TOKENS),
+    h.of(tokensPerExpert, 'tokensPerExpert', ['int32']),
+    h.of(w[name], `weights.${name}`, TOKENS),
+    name,
+    h.of(w.downProjs, 'weights.downProjs', TOKENS),
+    kind,
+    h.opt(o.permutedProbs, 'permutedProbs', ['float32']),
+    h.opt(b.gateUpProjBias, 'biases.gateUpProjBias', TOKENS),
+    h.opt(b.downProjBias, 'biases.downProjBias', TOKENS),
+    checkNumber(o.alpha, 'options.alpha'),
+    checkNumber(o.limit, 'options.limit'),
+    checkNumber(o.linearOffset, 'options.linearOffset'),
+  ] as const;
+}
+
+function deviceOptions(options: unknown): unknown[] {
+  if (typeof options !== 'object' || options === null) return [];
+  const o = options as DeviceExpertsOptions;
+  return [o.permutedProbs, o.biases?.gateUpProjBias, o.biases?.downProjBias];
+}
+
+function weightValues(weights: unknown): unknown[] {
+  if (typeof weights !== 'object' || weights === null) return [];
+  const w = weights as DeviceExpertWeights;
+  return [w.gateAndUpProjs, w.upProjs, w.downProjs];
+}
+
+export const expertsGpu: GpuFamily = {
+  ops: ['expertsForward', 'expertsBackward', 'matmul'],
+  present: (addon: Addon) => typeof addon.cudaExpertsForwardDevice === 'function' && typeof addon.cudaMatmulDevice === 'function',
+  methods({ base, addon, call }) {
+    const gpu = addon as unknown as ExpertsAddon;
+    return {
+      expertsForward(permutedTokens: unknown, tokensPerExpert: unknown, weights: unknown, options: unknown) {
+        if (!anyDevice(permutedTokens, tokensPerExpert, ...weightValues(weights), ...deviceOptions(options))) {
+          return base.expertsForward(permutedTokens as Tensor<TokenDType>, tokensPerExpert as Tensor<'int32'>, weights as ExpertWeights, options as ExpertsOptions);
+        }
+        return call('expertsForward', (h) => wrapDevice(gpu.cudaExpertsForwardDevice(...deviceArgs(h, permutedTokens, tokensPerExpert, weights, options, 'expertsForward'))));
+      },
+      expertsBackward(gradOutput: unknown, permutedTokens: unknown, tokensPerExpert: unknown, weights: unknown, options: unknown) {
+        if (!anyDevice(gradOutput, permutedTokens, tokensPerExpert, ...weightValues(weights), ...deviceOptions(options))) {
+          return base.expertsBackward(gradOutput as Tensor<TokenDType>, permutedTokens as Tensor<TokenDType>, tokensPerExpert as Tensor<'int32'>, weights as ExpertWeights, options as ExpertsOptions);
+        }
+        return call('expertsBackward', (h) => {
+          const args = deviceArgs(h, permutedTokens, tokensPerExpert, weights, options, 'expertsBackward');
+          const out = gpu.cudaExpertsBackwardDevice(h.of(gradOutput, 'gradOutput', TOKENS), ...args);
+          const grads: DeviceExpertsGrads = { gradTokens: wrapDevice(out.gradTokens), gradDownProjs: wrapDevice(out.gradDownProjs) };
+          if (args[3] === 'upProjs') grads.gradUpProjs = wrapDevice(out.gradGateAndUpProjs);
+          else grads.gradGateAndUpProjs = wrapDevice(out.gradGateAndUpProjs);
+          const gb: NonNullable<DeviceExpertsGrads['gradBiases']> = {};
+          if (out.gradGateUpProjBias) gb.gateUpProjBias = wrapDevice(out.gradGateUpProjBias);
+          if (out.gradDownProjBias) gb.downProjBias = wrapDevice(out.gradDownProjBias);
+          if (Object.keys(gb).length) grads.gradBiases = gb;
+          if (out.gradProbs) grads.gradProbs = wrapDevice(out.gradProbs);
+          return grads;
+        });
+      },
+      matmul(a: unknown, b: unknown, options?: unknown) {
+        if (!anyDevice(a, b)) return base.matmul(a as Tensor<TokenDType>, b as Tensor<TokenDType>, options as MatmulOptions);
+        return call('matmul', (h) => {
+          const o = checkOptions<MatmulOptions>(options, 'matmul', ['transA', 'transB']);
+          return wrapDevice(gpu.cudaMatmulDevice(h.of(a, 'a', TOKENS), h.of(b, 'b', TOKENS), checkBool(o.transA, 'options.transA'), checkBool(o.transB, 'options.transB')));
+        });
+      },
+    };
+  },
+};

@@ -1,0 +1,292 @@
+/**
+ * The cuda backend's layout ops on the GPU (kernels/layout.cu through
+ * crates/moe-node/src/cuda_layout.rs), bit for bit the CPU core's: indicesToMultihot,
+ * multihotToIndices, tokensPerExpert, padRoutingMap, dropTokens, sortChunksByIndex (and its
+ * backward) and groupedMmSort. Host tensors only: the host op (`ctx.base`). Any device tensor
+ * among the tensor arguments: host ones are uploaded for the call, and every tensor result is a
+ * device tensor.
+ *
+ * Arguments are checked in the host ops' order and with their messages (ts/ops/dispatch.ts,
+ * ts/ops/layout.ts); the core's checks run in the addon, which falls back to the core on the host
+ * for arguments it rejects, so errors are the CPU backend's. The GPU keeps no int64: a host int64
+ * index tensor whose values all fit in int32 is converted (same values, so the same results and
+ * errors); when one does not, the op runs on the host (device tensors downloaded, results uploaded).
+ */
+import { isDeviceTensor, wrapDevice, type DeviceTensor, type NativeCudaTensor } from '../device.js';
+import type { MultihotToIndicesOptions } from '../ops/dispatch.js';
+import type { DropTokensOptions, DropTokensResult, GroupedMmSortOptions, GroupedMmSortResult, SortChunksGrads, SortChunksResult } from '../ops/layout.js';
+import { isTensor, tensor, type DType, type IndexDType, type Tensor, type TokenDType } from '../tensor.js';
+import { checkBool, checkNumber, checkOptions, INDICES, TOKENS, wire } from '../wire.js';
+import { anyDevice, optionValue, type Addon, type GpuContext, type GpuFamily, type Handles } from './cuda-common.js';
+
+/** A host or a device tensor of dtype D. */
+type AnyTensor<D extends DType> = Tensor<D> | DeviceTensor<D>;
+
+/** multihotToIndices' options with a device tensor allowed for `probs`. */
+export interface DeviceMultihotToIndicesOptions extends Omit<MultihotToIndicesOptions, 'probs'> {
+  probs?: AnyTensor<'float32'>;
+}
+
+/** groupedMmSort's options with a device tensor allowed for `tokenMask`. */
+export interface DeviceGroupedMmSortOptions extends Omit<GroupedMmSortOptions, 'tokenMask'> {
+  tokenMask?: AnyTensor<'bool'>;
+}
+
+/** dropTokens' result on the GPU. */
+export interface DeviceDropTokensResult {
+  routingMap: DeviceTensor<'bool'>;
+  probs: DeviceTensor<'float32'>;
+  capacity: number;
+}
+
+/** groupedMmSort's result on the GPU. */
+export interface DeviceGroupedMmSortResult {
+  sortedTokenIds: DeviceTensor<'int32'>;
+  sortedSlotIds: DeviceTensor<'int32'>;
+  sortedWeights: DeviceTensor<'float32'>;
+  tokensPerExpert: DeviceTensor<'int32'>;
+  offsets: DeviceTensor<'int32'>;
+}
+
+/** The layout methods of the cuda backend that take device tensors. */
+export interface CudaLayoutOps {
+  indicesToMultihot(indices: Tensor<IndexDType>, probs: Tensor<'float32'>, numExperts: number): { routingMap: Tensor<'bool'>; probs: Tensor<'float32'> };
+  indicesToMultihot(indices: AnyTensor<IndexDType>, probs: AnyTensor<'float32'>, numExperts: number): { routingMap: DeviceTensor<'bool'>; probs: DeviceTensor<'float32'> };
+  multihotToIndices(routingMap: Tensor<'bool'>, options?: MultihotToIndicesOptions): { indices: Tensor<'int32'>; probs: Tensor<'float32'> };
+  multihotToIndices(routingMap: AnyTensor<'bool'>, options?: DeviceMultihotToIndicesOptions): { indices: DeviceTensor<'int32'>; probs: DeviceTensor<'float32'> };
+  tokensPerExpert(routingMap: Tensor<'bool'>): Tensor<'int32'>;
+  tokensPerExpert(routingMap: AnyTensor<'bool'>): DeviceTensor<'int32'>;
+  padRoutingMap(routingMap: Tensor<'bool'>, padMultiple: number): Tensor<'bool'>;
+  padRoutingMap(routingMap: AnyTensor<'bool'>, padMultiple: number): DeviceTensor<'bool'>;
+  dropTokens(probs: Tensor<'float32'>, routingMap: Tensor<'bool'>, options: DropTokensOptions): DropTokensResult;
+  dropTokens(probs: AnyTensor<'float32'>, routingMap: AnyTensor<'bool'>, options: DropTokensOptions): DeviceDropTokensResult;
+  sortChunksByIndex<D extends TokenDType>(input: Tensor<D>, splitSizes: Tensor<IndexDType>, sortedIdxs: Tensor<IndexDType>, probs?: Tensor<'float32'>): SortChunksResult<D>;
+  sortChunksByIndex<D extends TokenDType>(
+    input: AnyTensor<D>,
+    splitSizes: AnyTensor<IndexDType>,
+    sortedIdxs: AnyTensor<IndexDType>,
+    probs?: AnyTensor<'float32'>,
+  ): { output: DeviceTensor<D>; probs?: DeviceTensor<'float32'> };
+  sortChunksByIndexBackward<D extends TokenDType>(gradOutput: Tensor<D>, splitSizes: Tensor<IndexDType>, sortedIdxs: Tensor<IndexDType>, gradProbs?: Tensor<'float32'>): SortChunksGrads<D>;
+  sortChunksByIndexBackward<D extends TokenDType>(
+    gradOutput: AnyTensor<D>,
+    splitSizes: AnyTensor<IndexDType>,
+    sortedIdxs: AnyTensor<IndexDType>,
+    gradProbs?: AnyTensor<'float32'>,
+  ): { gradInput: DeviceTensor<D>; gradProbs?: DeviceTensor<'float32'> };
+  groupedMmSort(indices: Tensor<IndexDType>, weights: Tensor<TokenDType>, options: GroupedMmSortOptions): GroupedMmSortResult;
+  groupedMmSort(indices: AnyTensor<IndexDType>, weights: AnyTensor<TokenDType>, options: DeviceGroupedMmSortOptions): DeviceGroupedMmSortResult;
+}
+
+type H = NativeCudaTensor;
+type Num = number | undefined;
+
+/** The addon functions this family calls (crates/moe-node/src/cuda_layout.rs). */
+interface LayoutAddon {
+  cudaIndicesToMultihotDevice(indices: H, probs: H, numExperts: number): { routingMap: H; probs: H };
+  cudaMultihotToIndicesDevice(routingMap: H, probs: H | undefined, topk: Num): { indices: H; probs: H };
+  cudaTokensPerExpertDevice(routingMap: H): H;
+  cudaPadRoutingMapDevice(routingMap: H, padMultiple: number): H;
+  cudaDropTokensDevice(probs: H, routingMap: H, topk: number, capacityFactor: number, dropPolicy: string | undefined, padToCapacity: boolean | undefined): { routingMap: H; probs: H; capacity: number };
+  cudaSortChunksByIndexDevice(input: H, splitSizes: H, sortedIdxs: H, probs: H | undefined): { output: H; probs?: H | null };
+  cudaSortChunksByIndexBackwardDevice(gradOutput: H, splitSizes: H, sortedIdxs: H, gradProbs: H | undefined): { gradInput: H; gradProbs?: H | null };
+  cudaGroupedMmSortDevice(indices: H, weights: H, tokenMask: H | undefined, numLocalExperts: number, expertsStartIdx: Num): { sortedTokenIds: H; sortedSlotIds: H; sortedWeights: H; tokensPerExpert: H; offsets: H };
+}
+
+const FUNCTIONS: readonly (keyof LayoutAddon)[] = [
+  'cudaIndicesToMultihotDevice',
+  'cudaMultihotToIndicesDevice',
+  'cudaTokensPerExpertDevice',
+  'cudaPadRoutingMapDevice',
+  'cudaDropTokensDevice',
+  'cudaSortChunksByIndexDevice',
+  'cudaSortChunksByIndexBackwardDevice',
+  'cudaGroupedMmSortDevice',
+];
+
+/** A number the op cannot do without (ts/ops/layout.ts's check and message). */
+function requiredNumber(value: unknown, arg: string): number {
+  if (typeof value !== 'number') throw new TypeError(`${arg}: expected a number, got ${value === undefined ? 'undefined' : typeof value}`);
+  return value;
+}
+
+function optString(value: unknown, arg: string): string | undefined {
+  if (value === undefined) return undefined;
+  if (typeof value !== 'string') throw new TypeError(`${arg}: expected a string, got ${typeof value}`);
+  return value;
+}
+
+/** Thrown inside a call to run the op on the host instead (an int64 index beyond int32). */
+const ON_HOST = Symbol('on host');
+
+/**
+ * An index tensor as a device handle: device tensors as they are; host ones checked as the host
+ * op checks them, int64 converted to int32 when every value fits (else ON_HOST is thrown).
+ */
+function indexHandle(h: Handles, value: unknown, arg: string): H {
+  if (isDeviceTensor(value)) return h.of(value, arg, INDICES);
+  wire(value, arg, INDICES); // the host op's checks, in its order
+  const t = value as Tensor<IndexDType>;
+  if (t.dtype !== 'int64') return h.of(t, arg, INDICES);
+  const data = t.data as BigInt64Array;
+  const out = new Int32Array(data.length);
+  for (let i = 0; i < data.length; i++) {
+    const v = data[i];
+    if (v < -2147483648n || v > 2147483647n) throw ON_HOST;
+    out[i] = Number(v);
+  }
+  return h.of(tensor('int32', t.shape, out), arg, INDICES);
+}
+
+function hostOf<T>(value: T): T {
+  return (isDeviceTensor(value) ? value.download() : value) as T;
+}
+
+function hostOptions(options: unknown, key: string): unknown {
+  if (typeof options !== 'object' || options === null || !isDeviceTensor(optionValue(options, key))) return options;
+  return { ...(options as Record<string, unknown>), [key]: hostOf(optionValue(options, key)) };
+}
+
+export const layoutGpu: GpuFamily = {
+  ops: ['indicesToMultihot', 'multihotToIndices', 'tokensPerExpert', 'padRoutingMap', 'dropTokens', 'sortChunksByIndex', 'sortChunksByIndexBackward', 'groupedMmSort'],
+  present(addon: Addon): boolean {
+    const a = addon as unknown as Record<string, unknown>;
+    return FUNCTIONS.every((f) => typeof a[f] === 'function');
+  },
+  methods(ctx: GpuContext) {
+    const a = ctx.addon as unknown as LayoutAddon;
+    const base = ctx.base;
+    /** The GPU call, or (ON_HOST) the host op with its tensor results uploaded. */
+    const run = <T>(op: string, gpu: (h: Handles) => T, host: () => object): T => {
+      try {
+        return ctx.call(op, gpu); // ON_HOST is not an Error: callWith rethrows it as it is
+      } catch (e) {
+        if (e !== ON_HOST) throw e;
+      }
+      const out = host() as Record<string, unknown>;
+      return ctx.call(op, () => {
+        const result: Record<string, unknown> = {};
+        for (const [k, v] of Object.entries(out)) result[k] = isTensor(v) ? wrapDevice(ctx.addon.cudaUpload(wire(v, k))) : v;
+        return result as T;
+      });
+    };
+    /** Optional device results: present only when the addon gave one. */
+    const withOpt = <R extends object>(result: R, key: string, handle: H | null | undefined): R => {
+      if (handle) (result as Record<string, unknown>)[key] = wrapDevice(handle);
+      return result;
+    };
+    return {
+      indicesToMultihot(indices: unknown, probs: unknown, numExperts: number) {
+        if (!anyDevice(indices, probs)) return base.indicesToMultihot(indices as Tensor<IndexDType>, probs as Tensor<'float32'>, numExperts);
+        return run(
+          'indicesToMultihot',
+          (h) => {
+            const ih = indexHandle(h, indices, 'indices');
+            const out = a.cudaIndicesToMultihotDevice(ih, h.of(probs, 'probs', ['float32']), checkNumber(numExperts, 'numExperts') ?? NaN);
+            return { routingMap: wrapDevice(out.routingMap), probs: wrapDevice(out.probs) };
+          },
+          () => base.indicesToMultihot(hostOf(indices) as Tensor<IndexDType>, hostOf(probs) as Tensor<'float32'>, numExperts),
+        );
+      },
+      multihotToIndices(routingMap: unknown, options?: unknown) {
+        if (!anyDevice(routingMap, optionValue(options, 'probs'))) return base.multihotToIndices(routingMap as Tensor<'bool'>, options as MultihotToIndicesOptions);
+        return ctx.call('multihotToIndices', (h) => {
+          const o = checkOptions<DeviceMultihotToIndicesOptions>(options, 'multihotToIndices', ['probs', 'topk']);
+          const out = a.cudaMultihotToIndicesDevice(h.of(routingMap, 'routingMap', ['bool']), h.opt(o.probs, 'probs', ['float32']), checkNumber(o.topk, 'topk'));
+          return { indices: wrapDevice(out.indices), probs: wrapDevice(out.probs) };
+        });
+      },
+      tokensPerExpert(routingMap: unknown) {
+        if (!anyDevice(routingMap)) return base.tokensPerExpert(routingMap as Tensor<'bool'>);
+        return ctx.call('tokensPerExpert', (h) => wrapDevice(a.cudaTokensPerExpertDevice(h.of(routingMap, 'routingMap', ['bool']))));
+      },
+      padRoutingMap(routingMap: unknown, padMultiple: number) {
+        if (!anyDevice(routingMap)) return base.padRoutingMap(routingMap as Tensor<'bool'>, padMultiple);
+        return ctx.call('padRoutingMap', (h) => wrapDevice(a.cudaPadRoutingMapDevice(h.of(routingMap, 'routingMap', ['bool']), requiredNumber(padMultiple, 'padMultiple'))));
+      },
+      dropTokens(probs: unknown, routingMap: unknown, options: unknown) {
+        if (!anyDevice(probs, routingMap)) return base.dropTokens(probs as Tensor<'float32'>, routingMap as Tensor<'bool'>, options as DropTokensOptions);
+        return ctx.call('dropTokens', (h) => {
+          const o = checkOptions<DropTokensOptions>(options, 'dropTokens', ['topk', 'capacityFactor', 'dropPolicy', 'padToCapacity']);
+          const out = a.cudaDropTokensDevice(
+            h.of(probs, 'probs', ['float32']),
+            h.of(routingMap, 'routingMap', ['bool']),
+            requiredNumber(o.topk, 'options.topk'),
+            requiredNumber(o.capacityFactor, 'options.capacityFactor'),
+            optString(o.dropPolicy, 'options.dropPolicy'),
+            checkBool(o.padToCapacity, 'options.padToCapacity'),
+          );
+          return { routingMap: wrapDevice(out.routingMap), probs: wrapDevice(out.probs), capacity: out.capacity };
+        });
+      },
+      sortChunksByIndex(input: unknown, splitSizes: unknown, sortedIdxs: unknown, probs?: unknown) {
+        if (!anyDevice(input, splitSizes, sortedIdxs, probs)) {
+          return base.sortChunksByIndex(input as Tensor<TokenDType>, splitSizes as Tensor<IndexDType>, sortedIdxs as Tensor<IndexDType>, probs as Tensor<'float32'> | undefined);
+        }
+        return run(
+          'sortChunksByIndex',
+          (h) => {
+            const xh = h.of(input, 'input', TOKENS);
+            const sh = indexHandle(h, splitSizes, 'splitSizes');
+            const oh = indexHandle(h, sortedIdxs, 'sortedIdxs');
+            const out = a.cudaSortChunksByIndexDevice(xh, sh, oh, h.opt(probs, 'probs', ['float32']));
+            return withOpt({ output: wrapDevice(out.output) }, 'probs', out.probs);
+          },
+          () =>
+            base.sortChunksByIndex(
+              hostOf(input) as Tensor<TokenDType>,
+              hostOf(splitSizes) as Tensor<IndexDType>,
+              hostOf(sortedIdxs) as Tensor<IndexDType>,
+              hostOf(probs) as Tensor<'float32'> | undefined,
+            ),
+        );
+      },
+      sortChunksByIndexBackward(gradOutput: unknown, splitSizes: unknown, sortedIdxs: unknown, gradProbs?: unknown) {
+        if (!anyDevice(gradOutput, splitSizes, sortedIdxs, gradProbs)) {
+          return base.sortChunksByIndexBackward(gradOutput as Tensor<TokenDType>, splitSizes as Tensor<IndexDType>, sortedIdxs as Tensor<IndexDType>, gradProbs as Tensor<'float32'> | undefined);
+        }
+        return run(
+          'sortChunksByIndexBackward',
+          (h) => {
+            const gh = h.of(gradOutput, 'gradOutput', TOKENS);
+            const sh = indexHandle(h, splitSizes, 'splitSizes');
+            const oh = indexHandle(h, sortedIdxs, 'sortedIdxs');
+            const out = a.cudaSortChunksByIndexBackwardDevice(gh, sh, oh, h.opt(gradProbs, 'gradProbs', ['float32']));
+            return withOpt({ gradInput: wrapDevice(out.gradInput) }, 'gradProbs', out.gradProbs);
+          },
+          () =>
+            base.sortChunksByIndexBackward(
+              hostOf(gradOutput) as Tensor<TokenDType>,
+              hostOf(splitSizes) as Tensor<IndexDType>,
+              hostOf(sortedIdxs) as Tensor<IndexDType>,
+              hostOf(gradProbs) as Tensor<'float32'> | undefined,
+            ),
+        );
+      },
+      groupedMmSort(indices: unknown, weights: unknown, options: unknown) {
+        if (!anyDevice(indices, weights, optionValue(options, 'tokenMask'))) return base.groupedMmSort(indices as Tensor<IndexDType>, weights as Tensor<TokenDType>, options as GroupedMmSortOptions);
+        return run(
+          'groupedMmSort',
+          (h) => {
+            const o = checkOptions<DeviceGroupedMmSortOptions>(options, 'groupedMmSort', ['tokenMask', 'numLocalExperts', 'expertsStartIdx']);
+            const out = a.cudaGroupedMmSortDevice(
+              indexHandle(h, indices, 'indices'),
+              h.of(weights, 'weights', TOKENS),
+              h.opt(o.tokenMask, 'tokenMask', ['bool']),
+              requiredNumber(o.numLocalExperts, 'options.numLocalExperts'),
+              checkNumber(o.expertsStartIdx, 'options.expertsStartIdx'),
+            );
+            return {
+              sortedTokenIds: wrapDevice(out.sortedTokenIds),
+              sortedSlotIds: wrapDevice(out.sortedSlotIds),
+              sortedWeights: wrapDevice(out.sortedWeights),
+              tokensPerExpert: wrapDevice(out.tokensPerExpert),
+              offsets: wrapDevice(out.offsets),
+            };
+          },
+          () => base.groupedMmSort(hostOf(indices) as Tensor<IndexDType>, hostOf(weights) as Tensor<TokenDType>, hostOptions(options, 'tokenMask') as GroupedMmSortOptions),
+        );
+      },
+    };
+  },
+};
