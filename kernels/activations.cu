@@ -26,18 +26,24 @@
 #define ACT_SWIGLU_CLAMPED 3
 #define ACT_RELU2 4
 
+// The act_*_fast_* kernels compute exp in float32 (CUDA's expf, within 2 ulp) instead of the
+// core's f64 exp. The grouped experts use them: their results agree with the CPU to a tolerance
+// anyway (cuBLAS sums in another order), and they carry no f64 code (fewer registers, more
+// warps: these passes are memory-bound). The activation ops never use them.
+
 struct ActOpts {
     int kind;
+    bool fast;
     float alpha;
     float limit;
     float linear_offset;
 };
 
-static __device__ __forceinline__ float act_expf(float x) { return (float)det_exp((double)x); }
+static __device__ __forceinline__ float act_expf(float x, bool fast) { return fast ? expf(x) : (float)det_exp((double)x); }
 
-static __device__ __forceinline__ float act_sigmoid(float v) { return 1.0f / (1.0f + act_expf(-v)); }
+static __device__ __forceinline__ float act_sigmoid(float v, bool fast) { return 1.0f / (1.0f + act_expf(-v, fast)); }
 
-static __device__ __forceinline__ float act_silu(float v) { return v / (1.0f + act_expf(-v)); }
+static __device__ __forceinline__ float act_silu(float v, bool fast) { return v / (1.0f + act_expf(-v, fast)); }
 
 // min(v, limit), NaN stays NaN.
 static __device__ __forceinline__ float clamp_max(float v, float limit) { return v > limit ? limit : v; }
@@ -53,15 +59,15 @@ static __device__ __forceinline__ float clamp_sym(float v, float limit) {
 static __device__ __forceinline__ float act_unit(const ActOpts& o, float gate, float up) {
     switch (o.kind) {
         case ACT_SWIGLU:
-            return act_silu(gate) * up;
+            return act_silu(gate, o.fast) * up;
         case ACT_QUICK_GEGLU:
         case ACT_SWIGLU_OAI: {
             const float g = clamp_max(gate, o.limit);
             const float u = clamp_sym(up, o.limit);
-            return g * act_sigmoid(o.alpha * g) * (u + o.linear_offset);
+            return g * act_sigmoid(o.alpha * g, o.fast) * (u + o.linear_offset);
         }
         case ACT_SWIGLU_CLAMPED:
-            return act_silu(clamp_max(gate, o.limit)) * clamp_sym(up, o.limit);
+            return act_silu(clamp_max(gate, o.limit), o.fast) * clamp_sym(up, o.limit);
         default: {
             const float r = gate <= 0.0f ? 0.0f : gate;
             return r * r;
@@ -73,7 +79,7 @@ static __device__ __forceinline__ float act_unit(const ActOpts& o, float gate, f
 static __device__ __forceinline__ void act_unit_grad(const ActOpts& o, float gate, float up, float gw, float& d_gate, float& d_up) {
     switch (o.kind) {
         case ACT_SWIGLU: {
-            const float d = 1.0f + act_expf(-gate);
+            const float d = 1.0f + act_expf(-gate, o.fast);
             const float s = 1.0f / d;
             d_gate = gw * s * (1.0f + gate * (1.0f - s)) * up;
             d_up = gw * (gate / d);
@@ -84,7 +90,7 @@ static __device__ __forceinline__ void act_unit_grad(const ActOpts& o, float gat
             const float g = clamp_max(gate, o.limit);
             const float u = clamp_sym(up, o.limit);
             const float z = o.alpha * g;
-            const float s = act_sigmoid(z);
+            const float s = act_sigmoid(z, o.fast);
             d_gate = gate <= o.limit ? gw * s * (1.0f + z * (1.0f - s)) * (u + o.linear_offset) : 0.0f;
             d_up = (up >= -o.limit && up <= o.limit) ? gw * (g * s) : 0.0f;
             return;
@@ -92,7 +98,7 @@ static __device__ __forceinline__ void act_unit_grad(const ActOpts& o, float gat
         case ACT_SWIGLU_CLAMPED: {
             const float g = clamp_max(gate, o.limit);
             const float u = clamp_sym(up, o.limit);
-            const float d = 1.0f + act_expf(-g);
+            const float d = 1.0f + act_expf(-g, o.fast);
             const float s = 1.0f / d;
             d_gate = gate <= o.limit ? gw * s * (1.0f + g * (1.0f - s)) * u : 0.0f;
             d_up = (up >= -o.limit && up <= o.limit) ? gw * (g / d) : 0.0f;
@@ -121,43 +127,46 @@ static __device__ __forceinline__ void act_pair(int kind, const typename T::S* r
     }
 }
 
-static __device__ __forceinline__ ActOpts act_opts(int kind, double alpha, double limit, double linear_offset) {
+// `fast` is a constant in each kernel, so the branch on it folds away after inlining.
+static __device__ __forceinline__ ActOpts act_opts(int kind, double alpha, double limit, double linear_offset, bool fast) {
     // The options are float32 values passed as doubles: the conversions back are exact.
     ActOpts o;
     o.kind = kind;
+    o.fast = fast;
     o.alpha = (float)alpha;
     o.limit = (float)limit;
     o.linear_offset = (float)linear_offset;
     return o;
 }
 
-// Forward: one thread per output element (grid-stride), out[r, j] = TO(unit * prob[r]).
+// Forward and backward: blockIdx.y (grid-stride) walks the rows, blockIdx.x and the threads the
+// output columns of a row, so that no 64-bit division is needed per element.
+#define ACT_ROWS_COLS(...)                                                                                      \
+    for (i64 r = blockIdx.y; r < rows; r += gridDim.y) {                                                       \
+        for (i64 j = (i64)blockIdx.x * blockDim.x + threadIdx.x; j < inter; j += (i64)gridDim.x * blockDim.x) { \
+            __VA_ARGS__                                                                                         \
+        }                                                                                                       \
+    }
+
+// out[r, j] = TO(unit * prob[r]).
 template <typename TI, typename TO>
-static __device__ void act_fwd(const typename TI::S* x, i64 rows, i64 width, i64 inter, const float* probs, const ActOpts o, typename TO::S* out) {
-    const i64 total = rows * inter;
-    const i64 step = (i64)gridDim.x * (i64)blockDim.x;
-    for (i64 i = (i64)blockIdx.x * (i64)blockDim.x + (i64)threadIdx.x; i < total; i += step) {
-        const i64 r = i / inter;
-        const i64 j = i - r * inter;
+static __device__ __forceinline__ void act_fwd(const typename TI::S* x, i64 rows, i64 width, i64 inter, const float* probs, const ActOpts o, typename TO::S* out) {
+    ACT_ROWS_COLS({
         float gate, up;
         act_pair<TI>(o.kind, x + r * width, inter, j, gate, up);
         const float a = act_unit(o, gate, up);
-        out[i] = TO::from_f32(probs ? a * probs[r] : a);
-    }
+        out[r * inter + j] = TO::from_f32(probs ? a * probs[r] : a);
+    })
 }
 
-// Backward: one thread per output column (r, j), writing the gate and up gradients of that column.
+// The gate and up gradients of output column (r, j).
 template <typename TI, typename TO>
-static __device__ void act_bwd(const typename TI::S* grad, const typename TI::S* x, i64 rows, i64 width, i64 inter, const float* probs, const ActOpts o,
+static __device__ __forceinline__ void act_bwd(const typename TI::S* grad, const typename TI::S* x, i64 rows, i64 width, i64 inter, const float* probs, const ActOpts o,
                                typename TO::S* grad_in) {
-    const i64 total = rows * inter;
-    const i64 step = (i64)gridDim.x * (i64)blockDim.x;
-    for (i64 i = (i64)blockIdx.x * (i64)blockDim.x + (i64)threadIdx.x; i < total; i += step) {
-        const i64 r = i / inter;
-        const i64 j = i - r * inter;
+    ACT_ROWS_COLS({
         float gate, up;
         act_pair<TI>(o.kind, x + r * width, inter, j, gate, up);
-        const float gj = TI::to_f32(grad[i]);
+        const float gj = TI::to_f32(grad[r * inter + j]);
         const float gw = probs ? gj * probs[r] : gj;
         float d_gate, d_up;
         act_unit_grad(o, gate, up, gw, d_gate, d_up);
@@ -171,56 +180,85 @@ static __device__ void act_bwd(const typename TI::S* grad, const typename TI::S*
             row[j] = TO::from_f32(d_gate);
             row[inter + j] = TO::from_f32(d_up);
         }
-    }
+    })
 }
 
-// The probs gradient: one thread per row, sum_j (unit * grad[j]) as f64 in column order from 0.0.
+// The probs gradient: per row, sum_j f64(unit * grad[j]) in column order from 0.0. A block of
+// 32 x 8 threads owns 32 rows: for each tile of 32 columns its 256 threads compute the 32 x 32
+// products with coalesced loads into shared memory, then lane r of warp 0 adds row r's 32
+// products in column order to its f64 sum: the core's order, at memory speed.
+#define GP_ROWS 32
 template <typename T>
-static __device__ void act_grad_probs(const typename T::S* grad, const typename T::S* x, i64 rows, i64 width, i64 inter, const ActOpts o, float* grad_probs) {
-    const i64 step = (i64)gridDim.x * (i64)blockDim.x;
-    for (i64 r = (i64)blockIdx.x * (i64)blockDim.x + (i64)threadIdx.x; r < rows; r += step) {
-        const typename T::S* xr = x + r * width;
-        const typename T::S* gr = grad + r * inter;
+static __device__ __forceinline__ void act_grad_probs(const typename T::S* grad, const typename T::S* x, i64 rows, i64 width, i64 inter, const ActOpts o, float* grad_probs) {
+    __shared__ float tile[GP_ROWS][GP_ROWS + 1];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    for (i64 r0 = (i64)blockIdx.x * GP_ROWS; r0 < rows; r0 += (i64)gridDim.x * GP_ROWS) {
         double sum = 0.0;
-        for (i64 j = 0; j < inter; j++) {
-            float gate, up;
-            act_pair<T>(o.kind, xr, inter, j, gate, up);
-            sum += (double)(act_unit(o, gate, up) * T::to_f32(gr[j]));
+        for (i64 c0 = 0; c0 < inter; c0 += GP_ROWS) {
+            for (int i = ty; i < GP_ROWS; i += blockDim.y) {
+                const i64 r = r0 + i, j = c0 + tx;
+                float v = 0.0f;
+                if (r < rows && j < inter) {
+                    float gate, up;
+                    act_pair<T>(o.kind, x + r * width, inter, j, gate, up);
+                    v = act_unit(o, gate, up) * T::to_f32(grad[r * inter + j]);
+                }
+                tile[i][tx] = v;
+            }
+            __syncthreads();
+            if (ty == 0) {
+                const int n = (int)min((i64)GP_ROWS, inter - c0);
+                for (int c = 0; c < n; c++) sum += (double)tile[tx][c];
+            }
+            __syncthreads();
         }
-        grad_probs[r] = (float)sum;
+        if (ty == 0 && r0 + tx < rows) grad_probs[r0 + tx] = (float)sum;
     }
 }
 
 #define ACT_FWD_PARAMS \
     const void *x, i64 rows, i64 width, i64 inter, const float *probs, int kind, double alpha, double limit, double linear_offset, void *out
-#define ACT_FWD_BODY(TI, TO) \
-    act_fwd<TI, TO>((const TI::S*)x, rows, width, inter, probs, act_opts(kind, alpha, limit, linear_offset), (TO::S*)out)
+#define ACT_FWD_BODY(TI, TO, FAST) \
+    act_fwd<TI, TO>((const TI::S*)x, rows, width, inter, probs, act_opts(kind, alpha, limit, linear_offset, FAST), (TO::S*)out)
 
-extern "C" __global__ void act_fwd_f32_f32(ACT_FWD_PARAMS) { ACT_FWD_BODY(F32, F32); }
-extern "C" __global__ void act_fwd_bf16_bf16(ACT_FWD_PARAMS) { ACT_FWD_BODY(BF16, BF16); }
-extern "C" __global__ void act_fwd_f16_f16(ACT_FWD_PARAMS) { ACT_FWD_BODY(F16, F16); }
-extern "C" __global__ void act_fwd_f32_bf16(ACT_FWD_PARAMS) { ACT_FWD_BODY(F32, BF16); }
-extern "C" __global__ void act_fwd_f32_f16(ACT_FWD_PARAMS) { ACT_FWD_BODY(F32, F16); }
+extern "C" __global__ void act_fwd_f32_f32(ACT_FWD_PARAMS) { ACT_FWD_BODY(F32, F32, false); }
+extern "C" __global__ void act_fwd_bf16_bf16(ACT_FWD_PARAMS) { ACT_FWD_BODY(BF16, BF16, false); }
+extern "C" __global__ void act_fwd_f16_f16(ACT_FWD_PARAMS) { ACT_FWD_BODY(F16, F16, false); }
+extern "C" __global__ void act_fwd_f32_bf16(ACT_FWD_PARAMS) { ACT_FWD_BODY(F32, BF16, false); }
+extern "C" __global__ void act_fwd_f32_f16(ACT_FWD_PARAMS) { ACT_FWD_BODY(F32, F16, false); }
+extern "C" __global__ void act_fwd_fast_f32_f32(ACT_FWD_PARAMS) { ACT_FWD_BODY(F32, F32, true); }
+extern "C" __global__ void act_fwd_fast_bf16_bf16(ACT_FWD_PARAMS) { ACT_FWD_BODY(BF16, BF16, true); }
+extern "C" __global__ void act_fwd_fast_f16_f16(ACT_FWD_PARAMS) { ACT_FWD_BODY(F16, F16, true); }
+extern "C" __global__ void act_fwd_fast_f32_bf16(ACT_FWD_PARAMS) { ACT_FWD_BODY(F32, BF16, true); }
+extern "C" __global__ void act_fwd_fast_f32_f16(ACT_FWD_PARAMS) { ACT_FWD_BODY(F32, F16, true); }
 
 #define ACT_BWD_PARAMS \
     const void *grad, const void *x, i64 rows, i64 width, i64 inter, const float *probs, int kind, double alpha, double limit, double linear_offset, void *grad_in
-#define ACT_BWD_BODY(TI, TO) \
-    act_bwd<TI, TO>((const TI::S*)grad, (const TI::S*)x, rows, width, inter, probs, act_opts(kind, alpha, limit, linear_offset), (TO::S*)grad_in)
+#define ACT_BWD_BODY(TI, TO, FAST) \
+    act_bwd<TI, TO>((const TI::S*)grad, (const TI::S*)x, rows, width, inter, probs, act_opts(kind, alpha, limit, linear_offset, FAST), (TO::S*)grad_in)
 
-extern "C" __global__ void act_bwd_f32_f32(ACT_BWD_PARAMS) { ACT_BWD_BODY(F32, F32); }
-extern "C" __global__ void act_bwd_bf16_bf16(ACT_BWD_PARAMS) { ACT_BWD_BODY(BF16, BF16); }
-extern "C" __global__ void act_bwd_f16_f16(ACT_BWD_PARAMS) { ACT_BWD_BODY(F16, F16); }
-extern "C" __global__ void act_bwd_f32_bf16(ACT_BWD_PARAMS) { ACT_BWD_BODY(F32, BF16); }
-extern "C" __global__ void act_bwd_f32_f16(ACT_BWD_PARAMS) { ACT_BWD_BODY(F32, F16); }
+extern "C" __global__ void act_bwd_f32_f32(ACT_BWD_PARAMS) { ACT_BWD_BODY(F32, F32, false); }
+extern "C" __global__ void act_bwd_bf16_bf16(ACT_BWD_PARAMS) { ACT_BWD_BODY(BF16, BF16, false); }
+extern "C" __global__ void act_bwd_f16_f16(ACT_BWD_PARAMS) { ACT_BWD_BODY(F16, F16, false); }
+extern "C" __global__ void act_bwd_f32_bf16(ACT_BWD_PARAMS) { ACT_BWD_BODY(F32, BF16, false); }
+extern "C" __global__ void act_bwd_f32_f16(ACT_BWD_PARAMS) { ACT_BWD_BODY(F32, F16, false); }
+extern "C" __global__ void act_bwd_fast_f32_f32(ACT_BWD_PARAMS) { ACT_BWD_BODY(F32, F32, true); }
+extern "C" __global__ void act_bwd_fast_bf16_bf16(ACT_BWD_PARAMS) { ACT_BWD_BODY(BF16, BF16, true); }
+extern "C" __global__ void act_bwd_fast_f16_f16(ACT_BWD_PARAMS) { ACT_BWD_BODY(F16, F16, true); }
+extern "C" __global__ void act_bwd_fast_f32_bf16(ACT_BWD_PARAMS) { ACT_BWD_BODY(F32, BF16, true); }
+extern "C" __global__ void act_bwd_fast_f32_f16(ACT_BWD_PARAMS) { ACT_BWD_BODY(F32, F16, true); }
 
 #define ACT_GPROBS_PARAMS \
     const void *grad, const void *x, i64 rows, i64 width, i64 inter, int kind, double alpha, double limit, double linear_offset, float *grad_probs
-#define ACT_GPROBS_BODY(T) \
-    act_grad_probs<T>((const T::S*)grad, (const T::S*)x, rows, width, inter, act_opts(kind, alpha, limit, linear_offset), grad_probs)
+#define ACT_GPROBS_BODY(T, FAST) \
+    act_grad_probs<T>((const T::S*)grad, (const T::S*)x, rows, width, inter, act_opts(kind, alpha, limit, linear_offset, FAST), grad_probs)
 
-extern "C" __global__ void act_grad_probs_f32(ACT_GPROBS_PARAMS) { ACT_GPROBS_BODY(F32); }
-extern "C" __global__ void act_grad_probs_bf16(ACT_GPROBS_PARAMS) { ACT_GPROBS_BODY(BF16); }
-extern "C" __global__ void act_grad_probs_f16(ACT_GPROBS_PARAMS) { ACT_GPROBS_BODY(F16); }
+extern "C" __global__ void act_grad_probs_f32(ACT_GPROBS_PARAMS) { ACT_GPROBS_BODY(F32, false); }
+extern "C" __global__ void act_grad_probs_bf16(ACT_GPROBS_PARAMS) { ACT_GPROBS_BODY(BF16, false); }
+extern "C" __global__ void act_grad_probs_f16(ACT_GPROBS_PARAMS) { ACT_GPROBS_BODY(F16, false); }
+extern "C" __global__ void act_grad_probs_fast_f32(ACT_GPROBS_PARAMS) { ACT_GPROBS_BODY(F32, true); }
+extern "C" __global__ void act_grad_probs_fast_bf16(ACT_GPROBS_PARAMS) { ACT_GPROBS_BODY(BF16, true); }
+extern "C" __global__ void act_grad_probs_fast_f16(ACT_GPROBS_PARAMS) { ACT_GPROBS_BODY(F16, true); }
 
 // ---------------------------------------------------------------------------------------
 // Aux losses (moe_core::aux_loss).

@@ -32,6 +32,17 @@ fn blocks(items: usize) -> u32 {
     items.div_ceil(THREADS as usize).min(MAX_BLOCKS) as u32
 }
 
+/// The (columns, rows) grid of the forward and backward kernels: blocks of 256 threads across a
+/// row's `inter` output columns, and about 4096 blocks in all, each walking many rows (grid
+/// stride): blocks that each did one row's 256 elements cost more to schedule than to run.
+fn row_grid(rows: usize, inter: usize) -> (u32, u32) {
+    if rows == 0 || inter == 0 {
+        return (0, 0);
+    }
+    let x = inter.div_ceil(THREADS as usize).min(MAX_BLOCKS);
+    (x as u32, rows.min((4096 / x).max(1)).min(65_535) as u32)
+}
+
 /// The kind's code in kernels/activations.cu (the order of `ActivationKind::ALL`).
 pub fn kind_code(kind: ActivationKind) -> i32 {
     match kind {
@@ -89,6 +100,28 @@ fn i64_arg(v: usize) -> Arg {
     Arg::I64(v as i64)
 }
 
+/// How the element kernels compute `exp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpMath {
+    /// The core's f64 `exp`, rounded once: the CPU backends' bits (the activation ops).
+    Exact,
+    /// CUDA's f32 `expf` (within 2 ulp): for callers that compare to a tolerance anyway (the
+    /// grouped experts, whose GEMMs sum in cuBLAS's order), at memory speed.
+    Fast,
+}
+
+/// The kernel of `name` (an exact one, `act_fwd_*`, `act_bwd_*`, `act_grad_probs_*`) for `math`:
+/// the fast ones are `act_fwd_fast_*` etc.
+pub fn with_math(name: String, math: ExpMath) -> String {
+    match math {
+        ExpMath::Exact => name,
+        ExpMath::Fast => ["act_fwd_", "act_bwd_", "act_grad_probs_"]
+            .iter()
+            .find_map(|p| name.strip_prefix(p).map(|rest| format!("{p}fast_{rest}")))
+            .unwrap_or(name),
+    }
+}
+
 fn option_args(options: &ActivationOptions) -> [Arg; 4] {
     [Arg::I32(kind_code(options.kind)), Arg::F64(options.alpha as f64), Arg::F64(options.limit as f64), Arg::F64(options.linear_offset as f64)]
 }
@@ -108,6 +141,7 @@ fn check_buffer(what: &str, buf: &Buffer, elems: usize, size: usize) -> Result<(
 pub fn launch_activation(
     dev: &Device,
     options: &ActivationOptions,
+    math: ExpMath,
     x_dtype: DType,
     x: &Buffer,
     rows: usize,
@@ -117,6 +151,7 @@ pub fn launch_activation(
     out: &Buffer,
 ) -> Result<()> {
     let name = forward_kernel(x_dtype, out_dtype)
+        .map(|n| with_math(n, math))
         .ok_or_else(|| Error::Cuda(format!("activation: no kernel from {} to {} (a bug in moe-dispatch)", x_dtype.name(), out_dtype.name())))?;
     let inter = inter_of(options.kind, width).ok_or_else(|| Error::Cuda(format!("activation: {} needs an even width, got {width} (a bug in moe-dispatch)", options.kind.name())))?;
     check_buffer("activation's input", x, rows.saturating_mul(width), x_dtype.size())?;
@@ -128,7 +163,7 @@ pub fn launch_activation(
     let [kind, alpha, limit, offset] = option_args(options);
     dev.launch(
         &name,
-        (blocks(rows.saturating_mul(inter)), 1),
+        row_grid(rows, inter),
         THREADS,
         &[Arg::U64(x.ptr(s)), i64_arg(rows), i64_arg(width), i64_arg(inter), Arg::U64(probs.map_or(0, |p| p.ptr(s))), kind, alpha, limit, offset, Arg::U64(out.ptr(s))],
     )
@@ -142,6 +177,7 @@ pub fn launch_activation(
 pub fn launch_activation_backward(
     dev: &Device,
     options: &ActivationOptions,
+    math: ExpMath,
     dtype: DType,
     grad: &Buffer,
     x: &Buffer,
@@ -153,6 +189,7 @@ pub fn launch_activation_backward(
     grad_probs: Option<&Buffer>,
 ) -> Result<()> {
     let name = backward_kernel(dtype, grad_in_dtype)
+        .map(|n| with_math(n, math))
         .ok_or_else(|| Error::Cuda(format!("activationBackward: no kernel from {} to {} (a bug in moe-dispatch)", dtype.name(), grad_in_dtype.name())))?;
     let inter = inter_of(options.kind, width)
         .ok_or_else(|| Error::Cuda(format!("activationBackward: {} needs an even width, got {width} (a bug in moe-dispatch)", options.kind.name())))?;
@@ -166,7 +203,7 @@ pub fn launch_activation_backward(
     let [kind, alpha, limit, offset] = option_args(options);
     dev.launch(
         &name,
-        (blocks(rows.saturating_mul(inter)), 1),
+        row_grid(rows, inter),
         THREADS,
         &[
             Arg::U64(grad.ptr(s)),
@@ -184,8 +221,8 @@ pub fn launch_activation_backward(
     )?;
     if let (Some(_), Some(gp)) = (probs, grad_probs) {
         check_buffer("activationBackward's gradProbs", gp, rows, 4)?;
-        let name = grad_probs_kernel(dtype).ok_or_else(|| Error::Cuda(format!("activationBackward: no kernel for {} (a bug in moe-dispatch)", dtype.name())))?;
-        dev.launch(&name, (blocks(rows), 1), THREADS, &[Arg::U64(grad.ptr(s)), Arg::U64(x.ptr(s)), i64_arg(rows), i64_arg(width), i64_arg(inter), kind, alpha, limit, offset, Arg::U64(gp.ptr(s))])?;
+        let name = grad_probs_kernel(dtype).map(|n| with_math(n, math)).ok_or_else(|| Error::Cuda(format!("activationBackward: no kernel for {} (a bug in moe-dispatch)", dtype.name())))?;
+        dev.launch_block(&name, (rows.div_ceil(32).min(MAX_BLOCKS) as u32, 1), (32, 8), &[Arg::U64(grad.ptr(s)), Arg::U64(x.ptr(s)), i64_arg(rows), i64_arg(width), i64_arg(inter), kind, alpha, limit, offset, Arg::U64(gp.ptr(s))])?;
     }
     Ok(())
 }
@@ -218,7 +255,7 @@ pub fn activation_device(dev: &Device, x: &DeviceTensor, probs: Option<&DeviceTe
         return activation_host(dev, x, probs, options);
     };
     let out = DeviceTensor::alloc(dev, "the output", x.dtype, vec![rows, inter])?;
-    launch_activation(dev, options, x.dtype, &x.buf, rows, width, probs.map(|p| &p.buf), x.dtype, &out.buf)?;
+    launch_activation(dev, options, ExpMath::Exact, x.dtype, &x.buf, rows, width, probs.map(|p| &p.buf), x.dtype, &out.buf)?;
     Ok(out)
 }
 
@@ -245,7 +282,7 @@ pub fn activation_backward_device(
     };
     let grad_in = DeviceTensor::alloc(dev, "gradInput", x.dtype, vec![rows, width])?;
     let grad_probs = probs.map(|p| DeviceTensor::alloc(dev, "gradProbs", DType::F32, p.shape.clone())).transpose()?;
-    launch_activation_backward(dev, options, x.dtype, &grad.buf, &x.buf, rows, width, probs.map(|p| &p.buf), x.dtype, &grad_in.buf, grad_probs.as_ref().map(|p| &p.buf))?;
+    launch_activation_backward(dev, options, ExpMath::Exact, x.dtype, &grad.buf, &x.buf, rows, width, probs.map(|p| &p.buf), x.dtype, &grad_in.buf, grad_probs.as_ref().map(|p| &p.buf))?;
     Ok((grad_in, grad_probs))
 }
 
@@ -487,9 +524,12 @@ mod tests {
         for (i, o) in [(DType::F32, DType::F32), (DType::BF16, DType::BF16), (DType::F16, DType::F16), (DType::F32, DType::BF16), (DType::F32, DType::F16)] {
             names.push(forward_kernel(i, o).unwrap());
             names.push(backward_kernel(i, o).unwrap());
+            names.push(with_math(forward_kernel(i, o).unwrap(), ExpMath::Fast));
+            names.push(with_math(backward_kernel(i, o).unwrap(), ExpMath::Fast));
         }
         for d in DType::TOKENS {
             names.push(grad_probs_kernel(*d).unwrap());
+            names.push(with_math(grad_probs_kernel(*d).unwrap(), ExpMath::Fast));
         }
         for n in ["loss_switch_rows", "loss_switch_total", "loss_switch_grad", "loss_logits_rows", "loss_logits_total", "loss_logits_grad"] {
             names.push(n.to_string());

@@ -12,6 +12,7 @@ use half::bf16;
 use moe_core::activations::{ActivationKind, ActivationOptions};
 use moe_core::permute::{PermuteOptions, UnpermuteOptions};
 use moe_core::tensor::{DType, Tensor};
+use moe_cuda::activations::{launch_activation, launch_activation_backward, ExpMath};
 use moe_cuda::blas::{gemm, Operand, Output};
 use moe_cuda::device_ops::{permute_backward_device, permute_device, unpermute_backward_device, unpermute_device};
 use moe_cuda::experts::{experts_backward_device, experts_forward_device, DeviceExpertsInputs};
@@ -117,13 +118,13 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
             let w1e = w1.buf.device_ptr(dev) + (ex * dim * width * 2) as u64;
             let w2e = w2.buf.device_ptr(dev) + (ex * inter * dim * 2) as u64;
             let b = |ptr: u64, trans: bool| Operand { ptr, dtype: DType::BF16, trans };
-            // forward (and the backward's recompute): h = x W1 (f32), y = a W2
-            gemm(dev, c, width, dim, b(xe, false), b(w1e, false), Output { ptr: sc_h.device_ptr(dev), dtype: DType::F32 }, 0.0)?;
+            // forward (and the backward's recompute): h = x W1, y = a W2 (bf16 out, as the experts without an up bias)
+            gemm(dev, c, width, dim, b(xe, false), b(w1e, false), Output { ptr: sc_h.device_ptr(dev), dtype: DType::BF16 }, 0.0)?;
             if !backward {
                 gemm(dev, c, dim, inter, b(sc_a.device_ptr(dev), false), b(w2e, false), Output { ptr: sc_o.device_ptr(dev), dtype: DType::BF16 }, 0.0)?;
             } else {
                 gemm(dev, inter, dim, c, b(sc_a.device_ptr(dev), true), b(xe, false), Output { ptr: sc_w.device_ptr(dev), dtype: DType::BF16 }, 0.0)?;
-                gemm(dev, c, inter, dim, b(xe, false), b(w2e, true), Output { ptr: sc_o.device_ptr(dev), dtype: DType::F32 }, 0.0)?;
+                gemm(dev, c, inter, dim, b(xe, false), b(w2e, true), Output { ptr: sc_o.device_ptr(dev), dtype: DType::BF16 }, 0.0)?;
                 gemm(dev, dim, width, c, b(xe, true), b(sc_a.device_ptr(dev), false), Output { ptr: sc_w.device_ptr(dev), dtype: DType::BF16 }, 0.0)?;
                 gemm(dev, c, dim, width, b(sc_a.device_ptr(dev), false), b(w1e, true), Output { ptr: sc_o.device_ptr(dev), dtype: DType::BF16 }, 0.0)?;
             }
@@ -133,6 +134,14 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
     };
     let (gemm_fwd, _) = time_ms(dev, iters, || gemms(false))?;
     let (gemm_bwd, _) = time_ms(dev, iters, || gemms(true))?;
+    // the element passes around the GEMMs, alone
+    let sc_da = dev.alloc("scratch", n * inter * 4)?;
+    let sc_gp = dev.alloc("scratch", n * 4)?;
+    let pb = &probs.buf;
+    let (act_fwd_ms, _) = time_ms(dev, iters, || launch_activation(dev, &act, ExpMath::Fast, DType::BF16, &sc_h, n, width, Some(pb), DType::BF16, &sc_a))?;
+    let (act_bwd_ms, _) = time_ms(dev, iters, || launch_activation_backward(dev, &act, ExpMath::Fast, DType::BF16, &sc_da, &sc_h, n, width, Some(pb), DType::BF16, &sc_a, None))?;
+    let (act_bwd_gp_ms, _) = time_ms(dev, iters, || launch_activation_backward(dev, &act, ExpMath::Fast, DType::BF16, &sc_da, &sc_h, n, width, Some(pb), DType::BF16, &sc_a, Some(&sc_gp)))?;
+    println!("{:>13} element passes: activation fwd {act_fwd_ms:.3} ms, bwd {act_bwd_ms:.3} ms, bwd + probs gradient {act_bwd_gp_ms:.3} ms", s.name);
     let (fwd, _) = time_ms(dev, iters, || experts_forward_device(dev, &inp, &act).map(drop))?;
     let (bwd, _) = time_ms(dev, iters, || experts_backward_device(dev, &grad_out, &inp, &act).map(drop))?;
     let layer = || -> moe_cuda::Result<()> {
@@ -170,6 +179,9 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
         ("gemmBackwardTflops", tf(fl_bwd, gemm_bwd)),
         ("gemmForwardOfPeak", tf(fl_fwd, gemm_fwd) / peak),
         ("gemmBackwardOfPeak", tf(fl_bwd, gemm_bwd) / peak),
+        ("activationForwardMs", act_fwd_ms),
+        ("activationBackwardMs", act_bwd_ms),
+        ("activationBackwardWithProbsGradMs", act_bwd_gp_ms),
         ("expertsForwardMs", fwd),
         ("expertsBackwardMs", bwd),
         ("expertsForwardTflops", tf(fl_fwd, fwd)),

@@ -261,13 +261,18 @@ impl Device {
 
     /// Sets the first `bytes` bytes of a buffer to 0 (stream-ordered).
     pub fn memset_zero(&self, what: &str, buf: &Buffer, bytes: usize) -> Result<()> {
-        if bytes > buf.bytes {
-            return Err(Error::Cuda(format!("clearing {bytes} bytes exceeds {what} (a bug in moe-dispatch)")));
+        self.memset_zero_at(what, buf, 0, bytes)
+    }
+
+    /// Sets `bytes` bytes of a buffer from byte `offset` on to 0 (stream-ordered).
+    pub fn memset_zero_at(&self, what: &str, buf: &Buffer, offset: usize, bytes: usize) -> Result<()> {
+        if offset.checked_add(bytes).is_none_or(|end| end > buf.bytes) {
+            return Err(Error::Cuda(format!("clearing {bytes} bytes at {offset} exceeds {what} (a bug in moe-dispatch)")));
         }
         if bytes == 0 {
             return Ok(());
         }
-        let r = unsafe { sys::cuMemsetD8Async(buf.ptr(&self.stream), 0, bytes, self.stream.cu_stream()) };
+        let r = unsafe { sys::cuMemsetD8Async(buf.ptr(&self.stream) + offset as u64, 0, bytes, self.stream.cu_stream()) };
         if r != sys::CUresult::CUDA_SUCCESS {
             return Err(Error::driver(format!("clearing {what}"), drv::DriverError(r)));
         }
@@ -304,6 +309,15 @@ impl Device {
 
     /// Launches kernel `name` with `shared` bytes of dynamic shared memory (at most 48 kB).
     pub(crate) fn launch_shared(&self, name: &str, grid: (u32, u32), block: u32, shared: u32, args: &[Arg]) -> Result<()> {
+        self.launch_full(name, grid, (block, 1), shared, args)
+    }
+
+    /// A launch with a two-dimensional block.
+    pub(crate) fn launch_block(&self, name: &str, grid: (u32, u32), block: (u32, u32), args: &[Arg]) -> Result<()> {
+        self.launch_full(name, grid, block, 0, args)
+    }
+
+    fn launch_full(&self, name: &str, grid: (u32, u32), block: (u32, u32), shared: u32, args: &[Arg]) -> Result<()> {
         if grid.0 == 0 || grid.1 == 0 {
             return Ok(());
         }
@@ -317,8 +331,8 @@ impl Device {
                 Arg::F64(v) => builder.arg(v),
             };
         }
-        let cfg = LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes: shared };
-        unsafe { builder.launch(cfg) }.map_err(|e| Error::driver(format!("launching {name} on grid {grid:?} x {block}"), e))?;
+        let cfg = LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block.0, block.1, 1), shared_mem_bytes: shared };
+        unsafe { builder.launch(cfg) }.map_err(|e| Error::driver(format!("launching {name} on grid {grid:?} x {block:?}"), e))?;
         Ok(())
     }
 }

@@ -4,9 +4,11 @@
 //! kernels/experts.cu.
 //!
 //! Precision: the GEMMs take the tokens' dtype (bf16, f16 or f32) and accumulate in f32. The
-//! up-projection `h` is kept in f32; the weighted activation `a` and the activation gradient
-//! `dh` are rounded to the tokens' dtype, because they are the next GEMM's operands (the CPU
-//! core keeps them in f32, so bf16 results agree with it to bf16 tolerance, not bit for bit).
+//! up-projection `h`, the weighted activation `a`, and the gradients `da` and `dh` are rounded
+//! to the tokens' dtype, as the GEMMs that write or read them work in it (`h` and `dh` stay f32
+//! when an up bias is given: it is added in f32); the activation's `exp` is CUDA's f32 `expf`.
+//! The CPU core keeps every intermediate in f32 with its exact `exp`, so bf16 results agree with
+//! it to bf16 tolerance, not bit for bit (f32 ones to ~1e-5).
 //! Each result is rounded once to its dtype. Deterministic: cuBLAS's default algorithms with
 //! a fixed problem and stream give the same bits run after run, and the element kernels use no
 //! atomics.
@@ -20,7 +22,7 @@ use moe_core::activations::ActivationOptions;
 use moe_core::experts::{experts_backward, experts_forward, ExpertsGrads, ExpertsInputs};
 use moe_core::tensor::{DType, TensorRef};
 
-use crate::activations::{launch_activation, launch_activation_backward};
+use crate::activations::{launch_activation, launch_activation_backward, ExpMath};
 use crate::blas::{gemm, Operand, Output};
 use crate::device::{Arg, Buffer, Device};
 use crate::error::{Error, Result};
@@ -128,9 +130,21 @@ fn at(dev: &Device, buf: &Buffer, dtype: DType, row: usize, width: usize) -> u64
     buf.ptr(dev.stream()) + (row * width * dtype.size()) as u64
 }
 
-/// `h [N, width] (f32) = x_e @ W1[e] (+ b1[e])` for every expert.
+/// The dtype of the up-projection `h` and of the activation gradient `da`: the tokens' dtype
+/// (what cuBLAS writes fastest, and what the next passes read at half the bytes of f32), except
+/// that an up bias is added in f32.
+fn h_dtype(p: &Plan, inp: &DeviceExpertsInputs) -> DType {
+    if inp.gate_up_bias.is_some() {
+        DType::F32
+    } else {
+        p.dtype
+    }
+}
+
+/// `h [N, width] (see [`h_dtype`]) = x_e @ W1[e] (+ b1[e])` for every expert.
 fn up_projection(dev: &Device, p: &Plan, inp: &DeviceExpertsInputs) -> Result<Buffer> {
-    let h = dev.alloc("the up-projection", p.n * p.width * 4)?;
+    let hd = h_dtype(p, inp);
+    let h = dev.alloc("the up-projection", p.n * p.width * hd.size())?;
     for e in 0..p.experts() {
         let (r0, c) = (p.offsets[e], p.offsets[e + 1] - p.offsets[e]);
         if c == 0 {
@@ -143,7 +157,7 @@ fn up_projection(dev: &Device, p: &Plan, inp: &DeviceExpertsInputs) -> Result<Bu
             p.dim,
             Operand { ptr: at(dev, &inp.tokens.buf, p.dtype, r0, p.dim), dtype: p.dtype, trans: false },
             Operand { ptr: at(dev, &inp.gate_and_up.buf, p.dtype, e * p.dim, p.width), dtype: p.dtype, trans: false },
-            Output { ptr: at(dev, &h, DType::F32, r0, p.width), dtype: DType::F32 },
+            Output { ptr: at(dev, &h, hd, r0, p.width), dtype: hd },
             0.0,
         )?;
     }
@@ -202,7 +216,7 @@ fn narrow(dev: &Device, what: &str, f: Buffer, numel: usize, dtype: DType, shape
 }
 
 /// The host path: the core on downloaded inputs (its errors, or its results uploaded).
-fn host_inputs<'a>(dev: &Device, inp: &DeviceExpertsInputs, keep: &'a mut Vec<moe_core::Tensor>) -> Result<()> {
+fn host_inputs(dev: &Device, inp: &DeviceExpertsInputs, keep: &mut Vec<moe_core::Tensor>) -> Result<()> {
     keep.push(inp.tokens.download(dev, "permutedTokens")?);
     keep.push(inp.tokens_per_expert.download(dev, "tokensPerExpert")?);
     keep.push(inp.gate_and_up.download(dev, inp.gate_and_up_name)?);
@@ -244,7 +258,7 @@ pub fn experts_forward_device(dev: &Device, inp: &DeviceExpertsInputs, act: &Act
     let h = up_projection(dev, &p, inp)?;
     let a = dev.alloc("the activation", p.n * p.inter * p.dtype.size())?;
     let probs = inp.probs.map(|t| &t.buf);
-    launch_activation(dev, act, DType::F32, &h, p.n, p.width, probs, p.dtype, &a)?;
+    launch_activation(dev, act, ExpMath::Fast, h_dtype(&p, inp), &h, p.n, p.width, probs, p.dtype, &a)?;
     drop(h);
     let yf = inp.down_bias.map(|_| dev.alloc("the down-projection", p.n * p.dim * 4)).transpose()?;
     for e in 0..p.experts() {
@@ -305,9 +319,11 @@ pub fn experts_backward_device(dev: &Device, grad_output: &DeviceTensor, inp: &D
     let grad_tokens = DeviceTensor::alloc(dev, "gradTokens", dt, vec![n, dim])?;
     let grad_w1 = DeviceTensor::alloc(dev, "gradGateAndUpProjs", dt, inp.gate_and_up.shape.clone())?;
     let grad_w2 = DeviceTensor::alloc(dev, "gradDownProjs", dt, inp.down.shape.clone())?;
-    // experts without tokens get zero weight gradients
-    dev.memset_zero("gradGateAndUpProjs", &grad_w1.buf, grad_w1.bytes())?;
-    dev.memset_zero("gradDownProjs", &grad_w2.buf, grad_w2.bytes())?;
+    // experts without tokens get zero weight gradients (the others are written by their GEMMs)
+    for e in (0..e_count).filter(|&e| p.offsets[e + 1] == p.offsets[e]) {
+        dev.memset_zero_at("gradGateAndUpProjs", &grad_w1.buf, e * dim * width * dt.size(), dim * width * dt.size())?;
+        dev.memset_zero_at("gradDownProjs", &grad_w2.buf, e * inter * dim * dt.size(), inter * dim * dt.size())?;
+    }
     let probs = inp.probs.map(|t| &t.buf);
     let mut grad_probs = inp.probs.map(|t| DeviceTensor::alloc(dev, "gradProbs", DType::F32, t.shape.clone())).transpose()?;
     let mut grad_b1 = None;
@@ -316,8 +332,9 @@ pub fn experts_backward_device(dev: &Device, grad_output: &DeviceTensor, inp: &D
         let g = &grad_output.buf;
         let h = up_projection(dev, &p, inp)?;
         let a = dev.alloc("the activation", n * inter * dt.size())?;
-        launch_activation(dev, act, DType::F32, &h, n, width, probs, dt, &a)?;
-        let da = dev.alloc("the activation gradient", n * inter * 4)?;
+        let hd = h_dtype(&p, inp);
+        launch_activation(dev, act, ExpMath::Fast, hd, &h, n, width, probs, dt, &a)?;
+        let da = dev.alloc("the activation gradient", n * inter * hd.size())?;
         for e in 0..e_count {
             let (r0, c) = (p.offsets[e], p.offsets[e + 1] - p.offsets[e]);
             if c == 0 {
@@ -342,7 +359,7 @@ pub fn experts_backward_device(dev: &Device, grad_output: &DeviceTensor, inp: &D
                 dim,
                 Operand { ptr: at(dev, g, dt, r0, dim), dtype: dt, trans: false },
                 Operand { ptr: at(dev, &inp.down.buf, dt, e * inter, dim), dtype: dt, trans: true },
-                Output { ptr: at(dev, &da, DType::F32, r0, inter), dtype: DType::F32 },
+                Output { ptr: at(dev, &da, hd, r0, inter), dtype: hd },
                 0.0,
             )?;
         }
@@ -369,7 +386,7 @@ pub fn experts_backward_device(dev: &Device, grad_output: &DeviceTensor, inp: &D
         let dh_dtype = if inp.gate_up_bias.is_some() { DType::F32 } else { dt };
         let dh = dev.alloc("the up-projection gradient", n * width * dh_dtype.size())?;
         let act_dp = grad_probs.as_ref().map(|_| dev.alloc("gradProbs (activation part)", n * 4)).transpose()?;
-        launch_activation_backward(dev, act, DType::F32, &da, &h, n, width, probs, dh_dtype, &dh, act_dp.as_ref())?;
+        launch_activation_backward(dev, act, ExpMath::Fast, hd, &da, &h, n, width, probs, dh_dtype, &dh, act_dp.as_ref())?;
         drop((da, h));
         if let (Some(gp), Some(act_dp)) = (&mut grad_probs, act_dp) {
             match bias_dp {
