@@ -69,7 +69,9 @@ __device__ __forceinline__ void permute_scatter_impl(
         if (c < words_per_row) v[u] = load_ro(src + c);
     }
     for (int j = beg; j < end; j++) {
-        W* dst = out + (long long)__ldg(slots + j) * words_per_row;
+        const int slot = __ldg(slots + j);
+        if (slot < 0) continue;  // only in a plan built for a wrong expected count (reported)
+        W* dst = out + (long long)slot * words_per_row;
 #pragma unroll
         for (int u = 0; u < UNROLL; u++) {
             long long c = col0 + (long long)u * blockDim.x;
@@ -79,6 +81,7 @@ __device__ __forceinline__ void permute_scatter_impl(
     if (dense_probs != 0 && blockIdx.y == 0) {
         for (int j = beg + threadIdx.x; j < end; j += blockDim.x) {
             int s = __ldg(slots + j);
+            if (s < 0) continue;
             out_probs[s] = __ldg(dense_probs + (long long)t * num_experts + expert_of_slot(expert_offsets, num_experts, s));
         }
     }

@@ -8,9 +8,16 @@
 // The map is read in chunks of PLAN_CHUNK tokens; thread (chunk, e) owns column e of its chunk,
 // so consecutive threads read consecutive bytes of a row.
 //   1. plan_chunk_count: selected tokens of column e in each chunk.
-//   2. plan_expert_scan (one block): per expert, exclusive prefix over chunks (chunk bases),
-//      the slots of each expert (its count, or the capacity with drop-and-pad), and the
-//      exclusive prefix over experts (expert offsets, offsets[E] = number of slots).
+//   2. plan_chunk_scan (one warp per expert): exclusive prefix over chunks (chunk bases, in
+//      place), the selected tokens of each expert and its slots (its count, or the capacity
+//      with drop-and-pad); plan_expert_offsets (one block): the exclusive prefix over experts
+//      (expert offsets, offsets[E] = number of slots).
+//   Plain plans (no capacity), one kernel:
+//   3. plan_rows (one block per chunk): the chunk's routing bits in shared memory; each token's
+//      row_ptr (the chunk's base is the sum of its chunk bases over the experts, then a prefix
+//      over the chunk's tokens); then per expert, its selected tokens in order: slot offsets[e] +
+//      rank, written to sortedIndices and to the token's CSR row at the expert's position in it.
+//   Drop-and-pad plans:
 //   3. plan_fill: walks its chunk's tokens in order; selected token t of expert e gets slot
 //      offsets[e] + rank (ranks past the capacity are dropped); with drop-and-pad the unselected
 //      tokens with the lowest ids fill what is left of the capacity. Writes sortedIndices, the
@@ -32,10 +39,33 @@ extern "C" __global__ void plan_chunk_count(const u8* __restrict__ map, int T, i
     chunk_counts[(i64)chunk * E + e] = c;
 }
 
-// One block of 1024 threads. counts_out[e]: selected tokens of expert e (all chunks).
-extern "C" __global__ void __launch_bounds__(1024) plan_expert_scan(
-    int* __restrict__ chunk_counts, int num_chunks, int E, int capacity, int drop_and_pad,
-    int* __restrict__ counts_out, int* __restrict__ tokens_per_expert, int* __restrict__ expert_offsets) {
+// One warp per expert: chunk_counts[c, e] becomes the tokens of e in chunks before c;
+// counts_out[e] the selected tokens of e, tokens_per_expert[e] its slots.
+extern "C" __global__ void plan_chunk_scan(int* __restrict__ chunk_counts, int num_chunks, int E, int capacity, int drop_and_pad,
+                                           int* __restrict__ counts_out, int* __restrict__ tokens_per_expert) {
+    const int lane = threadIdx.x & 31;
+    const int e = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (e >= E) return;
+    int carry = 0;
+    for (int c0 = 0; c0 < num_chunks; c0 += 32) {
+        const int c = c0 + lane;
+        const int v = c < num_chunks ? chunk_counts[(i64)c * E + e] : 0;
+        int x = v;
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(0xffffffffu, x, o);
+            if (lane >= o) x += y;
+        }
+        if (c < num_chunks) chunk_counts[(i64)c * E + e] = carry + x - v;
+        carry += __shfl_sync(0xffffffffu, x, 31);
+    }
+    if (lane == 0) {
+        counts_out[e] = carry;
+        tokens_per_expert[e] = drop_and_pad ? capacity : carry;
+    }
+}
+
+// One block of 1024 threads: expert_offsets = the exclusive prefix of tokens_per_expert.
+extern "C" __global__ void __launch_bounds__(1024) plan_expert_offsets(const int* __restrict__ tokens_per_expert, int E, int* __restrict__ expert_offsets) {
     __shared__ int warp_sums[32];
     __shared__ int carry_s;
     if (threadIdx.x == 0) carry_s = 0;
@@ -43,19 +73,7 @@ extern "C" __global__ void __launch_bounds__(1024) plan_expert_scan(
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     for (int base = 0; base < E; base += blockDim.x) {
         const int e = base + threadIdx.x;
-        int slots = 0;
-        if (e < E) {
-            int acc = 0;
-            for (int c = 0; c < num_chunks; c++) {
-                int v = chunk_counts[(i64)c * E + e];
-                chunk_counts[(i64)c * E + e] = acc;  // now the chunk's base rank
-                acc += v;
-            }
-            counts_out[e] = acc;
-            slots = drop_and_pad ? capacity : acc;
-            tokens_per_expert[e] = slots;
-        }
-        // block exclusive scan of `slots`
+        const int slots = e < E ? tokens_per_expert[e] : 0;
         int x = slots;
         for (int o = 1; o < 32; o <<= 1) {
             int y = __shfl_up_sync(0xffffffffu, x, o);
@@ -80,6 +98,68 @@ extern "C" __global__ void __launch_bounds__(1024) plan_expert_scan(
         __syncthreads();
     }
     if (threadIdx.x == 0) expert_offsets[E] = carry_s;
+}
+
+// A plain plan's sortedIndices and token CSR, one block (256 threads) per chunk of PLAN_CHUNK
+// tokens; dynamic shared memory: PLAN_CHUNK * W words of routing bits (W = ceil(E / 32)).
+// With a wrong expected count N (the host then reports the mismatch) nothing is written out of
+// bounds: row_ptr is clamped to N, and a slot at or past N is listed as -1 (permute skips it).
+extern "C" __global__ void __launch_bounds__(256) plan_rows(
+    const u8* __restrict__ map, int T, int E, const int* __restrict__ chunk_base, const int* __restrict__ expert_offsets, int N,
+    int* __restrict__ sorted_indices, int* __restrict__ row_ptr, int* __restrict__ slots) {
+    extern __shared__ u32 bits[];
+    __shared__ int row_start[PLAN_CHUNK];
+    __shared__ int part[8];
+    const int chunk = blockIdx.x;
+    const int t0 = chunk * PLAN_CHUNK;
+    const int n = min(T - t0, PLAN_CHUNK);
+    const int W = (E + 31) >> 5;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    // the chunk's routing bits: one warp per token, 32 experts a ballot
+    for (int i = warp; i < n; i += 8) {
+        const u8* row = map + (i64)(t0 + i) * E;
+        for (int w = 0; w < W; w++) {
+            const int e = (w << 5) + lane;
+            const unsigned b = __ballot_sync(0xffffffffu, e < E && __ldg(row + e) != 0);
+            if (lane == 0) bits[i * W + w] = b;
+        }
+    }
+    // the chunk's first CSR position: its tokens' slots before it, over every expert
+    int base = 0;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) base += chunk_base[(i64)chunk * E + e];
+    for (int o = 16; o > 0; o >>= 1) base += __shfl_xor_sync(0xffffffffu, base, o);
+    if (lane == 0) part[warp] = base;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int pos = 0;
+        for (int w = 0; w < 8; w++) pos += part[w];
+        for (int i = 0; i < n; i++) {
+            row_start[i] = pos;
+            int c = 0;
+            for (int w = 0; w < W; w++) c += __popc(bits[i * W + w]);
+            pos += c;
+        }
+        for (int i = 0; i < n; i++) row_ptr[t0 + i] = min(row_start[i], N);
+        if (t0 + n == T) row_ptr[T] = min(pos, N);
+    }
+    __syncthreads();
+    // each expert's selected tokens of the chunk, in token order
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        const int w = e >> 5;
+        const u32 below = (1u << (e & 31)) - 1u;
+        int s = expert_offsets[e] + chunk_base[(i64)chunk * E + e];
+        for (int i = 0; i < n; i++) {
+            const u32 word = bits[i * W + w];
+            if ((word >> (e & 31)) & 1u) {
+                int rank = __popc(word & below);
+                for (int v = 0; v < w; v++) rank += __popc(bits[i * W + v]);
+                const int pos = row_start[i] + rank;
+                if (s < N) sorted_indices[s] = t0 + i;
+                if (pos < N) slots[pos] = s < N ? s : -1;
+                s++;
+            }
+        }
+    }
 }
 
 extern "C" __global__ void plan_fill(

@@ -85,6 +85,8 @@ for (const dtype of ['float32', 'bfloat16', 'float16']) {
   }
   CASES.push({ dtype, kind: 'swiglu', counts: [64, 31, 0, 97, 1, 12, 0, 40], dim: 64, inter: 96, probs: false, biases: false });
   CASES.push({ dtype, kind: 'swiglu_clamped', counts: [0, 0, 0], dim: 16, inter: 8, probs: true, biases: true });
+  // 20 experts, 17 with tokens
+  CASES.push({ dtype, kind: 'swiglu', counts: [3, 0, 9, 1, 14, 2, 0, 5, 8, 8, 1, 30, 0, 4, 6, 2, 7, 11, 3, 1], dim: 32, inter: 48, probs: true, biases: dtype !== 'float16' });
 }
 
 describe('grouped experts on the GPU: cuda == cpu within tolerance, the same bits run after run', () => {

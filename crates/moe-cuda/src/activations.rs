@@ -39,6 +39,7 @@ fn row_grid(rows: usize, inter: usize) -> (u32, u32) {
     if rows == 0 || inter == 0 {
         return (0, 0);
     }
+    // ACT_ILP (kernels/activations.cu) = 1 column a thread
     let x = inter.div_ceil(THREADS as usize).min(MAX_BLOCKS);
     (x as u32, rows.min((4096 / x).max(1)).min(65_535) as u32)
 }

@@ -15,7 +15,7 @@ use moe_core::tensor::{DType, Tensor};
 use moe_cuda::activations::{launch_activation, launch_activation_backward, ExpMath};
 use moe_cuda::blas::{gemm, Operand, Output};
 use moe_cuda::device_ops::{permute_backward_device, permute_device, unpermute_backward_device, unpermute_device};
-use moe_cuda::experts::{experts_backward_device, experts_forward_device, DeviceExpertsInputs};
+use moe_cuda::experts::{experts_backward_device, experts_forward_device, set_grouped_gemm, use_grouped, DeviceExpertsInputs};
 use moe_cuda::{Device, DeviceTensor};
 
 use crate::{time_ms, Rng};
@@ -142,8 +142,17 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
     let (act_bwd_ms, _) = time_ms(dev, iters, || launch_activation_backward(dev, &act, ExpMath::Fast, DType::BF16, &sc_da, &sc_h, n, width, Some(pb), DType::BF16, &sc_a, None))?;
     let (act_bwd_gp_ms, _) = time_ms(dev, iters, || launch_activation_backward(dev, &act, ExpMath::Fast, DType::BF16, &sc_da, &sc_h, n, width, Some(pb), DType::BF16, &sc_a, Some(&sc_gp)))?;
     println!("{:>13} element passes: activation fwd {act_fwd_ms:.3} ms, bwd {act_bwd_ms:.3} ms, bwd + probs gradient {act_bwd_gp_ms:.3} ms", s.name);
+    // experts forward and backward, the per-expert GEMMs one call each and as one grouped call
+    set_grouped_gemm(Some(false));
+    let (fwd_loop, _) = time_ms(dev, iters, || experts_forward_device(dev, &inp, &act).map(drop))?;
+    let (bwd_loop, _) = time_ms(dev, iters, || experts_backward_device(dev, &grad_out, &inp, &act).map(drop))?;
+    set_grouped_gemm(Some(true));
+    let (fwd_grouped, _) = time_ms(dev, iters, || experts_forward_device(dev, &inp, &act).map(drop))?;
+    let (bwd_grouped, _) = time_ms(dev, iters, || experts_backward_device(dev, &grad_out, &inp, &act).map(drop))?;
+    set_grouped_gemm(None);
     let (fwd, _) = time_ms(dev, iters, || experts_forward_device(dev, &inp, &act).map(drop))?;
     let (bwd, _) = time_ms(dev, iters, || experts_backward_device(dev, &grad_out, &inp, &act).map(drop))?;
+    println!("{:>13} experts fwd {fwd_loop:.3} ms per-expert GEMMs, {fwd_grouped:.3} ms grouped; bwd {bwd_loop:.3} / {bwd_grouped:.3} ms; default (auto: grouped {}): fwd {fwd:.3}, bwd {bwd:.3}", s.name, use_grouped(counts.iter().filter(|&&c| c > 0).count()));
     let layer = || -> moe_cuda::Result<()> {
         let p = permute_device(dev, &hidden, &d_map, Some(&d_dense), popts)?;
         let pp = p.permuted_probs.as_ref().expect("probs");
@@ -182,6 +191,10 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
         ("activationForwardMs", act_fwd_ms),
         ("activationBackwardMs", act_bwd_ms),
         ("activationBackwardWithProbsGradMs", act_bwd_gp_ms),
+        ("expertsForwardPerExpertGemmsMs", fwd_loop),
+        ("expertsBackwardPerExpertGemmsMs", bwd_loop),
+        ("expertsForwardGroupedGemmMs", fwd_grouped),
+        ("expertsBackwardGroupedGemmMs", bwd_grouped),
         ("expertsForwardMs", fwd),
         ("expertsBackwardMs", bwd),
         ("expertsForwardTflops", tf(fl_fwd, fwd)),

@@ -108,3 +108,90 @@ pub fn gemm(dev: &Device, m: usize, n: usize, k: usize, a: Operand, b: Operand, 
     }
     .map_err(|e| Error::Cuda(format!("cublasGemmEx ([{m}, {k}] @ [{k}, {n}], {} -> {}) failed: {e}", a.dtype.name(), c.dtype.name())))
 }
+
+/// One product of a grouped GEMM: `C [m, n] = op(A) [m, k] @ op(B) [k, n]` at these addresses.
+#[derive(Debug, Clone, Copy)]
+pub struct Problem {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: u64,
+    pub b: u64,
+    pub c: u64,
+}
+
+/// Many GEMMs of one dtype and transpose pattern (the experts' per-expert products) in one
+/// cuBLAS call (`cublasGemmGroupedBatchedEx`, one group per problem), else — where this cuBLAS
+/// does not offer it for these types — one `gemm` each. Problems with `m` or `n` = 0 are
+/// skipped; `k` = 0 ones write zeros.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_grouped(dev: &Device, problems: &[Problem], a_dtype: DType, trans_a: bool, b_dtype: DType, trans_b: bool, c_dtype: DType) -> Result<()> {
+    let live: Vec<Problem> = problems.iter().copied().filter(|p| p.m > 0 && p.n > 0).collect();
+    if live.is_empty() {
+        return Ok(());
+    }
+    let one = |p: &Problem| gemm(dev, p.m, p.n, p.k, Operand { ptr: p.a, dtype: a_dtype, trans: trans_a }, Operand { ptr: p.b, dtype: b_dtype, trans: trans_b }, Output { ptr: p.c, dtype: c_dtype }, 0.0);
+    if live.len() == 1 || live.iter().any(|p| p.k == 0) || a_dtype != b_dtype {
+        return live.iter().try_for_each(one);
+    }
+    let handle = *dev.blas()?.handle();
+    let op = |t: bool| if t { blas_sys::cublasOperation_t::CUBLAS_OP_T } else { blas_sys::cublasOperation_t::CUBLAS_OP_N };
+    let g = live.len();
+    // column-major view, as in `gemm`: C^T = op(B)^T op(A)^T
+    let mut ms = Vec::with_capacity(g);
+    let mut ns = Vec::with_capacity(g);
+    let mut ks = Vec::with_capacity(g);
+    let mut ldas = Vec::with_capacity(g);
+    let mut ldbs = Vec::with_capacity(g);
+    let mut ldcs = Vec::with_capacity(g);
+    for p in &live {
+        let (mi, ni, ki) = (int("m", p.m)?, int("n", p.n)?, int("k", p.k)?);
+        ms.push(ni);
+        ns.push(mi);
+        ks.push(ki);
+        ldbs.push(if trans_a { mi } else { ki }); // A is cuBLAS's second operand
+        ldas.push(if trans_b { ki } else { ni }); // B is its first
+        ldcs.push(ni);
+    }
+    let ta = vec![op(trans_b); g];
+    let tb = vec![op(trans_a); g];
+    let alpha = vec![1.0f32; g];
+    let beta = vec![0.0f32; g];
+    let sizes = vec![1i32; g];
+    let mut ptrs: Vec<u64> = Vec::with_capacity(3 * g);
+    ptrs.extend(live.iter().map(|p| p.b));
+    ptrs.extend(live.iter().map(|p| p.a));
+    ptrs.extend(live.iter().map(|p| p.c));
+    let d_ptrs = dev.upload("the grouped GEMM's pointers", &ptrs)?;
+    let base = d_ptrs.device_ptr(dev);
+    let status = unsafe {
+        blas_sys::cublasGemmGroupedBatchedEx(
+            handle,
+            ta.as_ptr(),
+            tb.as_ptr(),
+            ms.as_ptr(),
+            ns.as_ptr(),
+            ks.as_ptr(),
+            alpha.as_ptr() as *const _,
+            base as *const *const _,
+            data_type(b_dtype)?,
+            ldas.as_ptr(),
+            (base + 8 * g as u64) as *const *const _,
+            data_type(a_dtype)?,
+            ldbs.as_ptr(),
+            beta.as_ptr() as *const _,
+            (base + 16 * g as u64) as *const *mut _,
+            data_type(c_dtype)?,
+            ldcs.as_ptr(),
+            g as i32,
+            sizes.as_ptr(),
+            blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        )
+    };
+    match status {
+        // (the pointer array is freed stream-ordered, after the GEMMs that read it)
+        blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS => Ok(()),
+        blas_sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED => live.iter().try_for_each(one),
+        other => Err(Error::Cuda(format!("cublasGemmGroupedBatchedEx ({g} problems, {} -> {}) failed: {other:?}", a_dtype.name(), c_dtype.name()))),
+    }
+}

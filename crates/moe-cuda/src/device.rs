@@ -572,7 +572,7 @@ mod tests {
     #[test]
     fn kernel_names_of_plain_declarations() {
         let plan = kernel_names(compile::PLAN.source);
-        for n in ["plan_chunk_count", "plan_expert_scan", "plan_fill", "scan_exclusive", "plan_row_fill", "gather_slot_probs"] {
+        for n in ["plan_chunk_count", "plan_chunk_scan", "plan_expert_offsets", "plan_rows", "plan_fill", "scan_exclusive", "plan_row_fill", "gather_slot_probs"] {
             assert!(plan.contains(&n.to_string()), "{plan:?}");
         }
         let routing = kernel_names(compile::ROUTING.source);

@@ -65,20 +65,12 @@ pub fn build_plan_expecting(dev: &Device, map: &Buffer, num_tokens: usize, num_e
     let expert_offsets = dev.alloc("the plan (expert offsets)", (num_experts + 1) * 4)?;
     let (cap, drop) = (i32_arg("capacity", capacity.unwrap_or(0))?, capacity.is_some() as i32);
     dev.launch(
-        "plan_expert_scan",
-        (1, 1),
-        1024,
-        &[
-            Arg::U64(chunk_counts.ptr(s)),
-            Arg::I32(chunks as i32),
-            Arg::I32(e),
-            Arg::I32(cap),
-            Arg::I32(drop),
-            Arg::U64(counts.ptr(s)),
-            Arg::U64(tokens_per_expert.ptr(s)),
-            Arg::U64(expert_offsets.ptr(s)),
-        ],
+        "plan_chunk_scan",
+        (num_experts.div_ceil(8) as u32, 1),
+        256,
+        &[Arg::U64(chunk_counts.ptr(s)), Arg::I32(chunks as i32), Arg::I32(e), Arg::I32(cap), Arg::I32(drop), Arg::U64(counts.ptr(s)), Arg::U64(tokens_per_expert.ptr(s))],
     )?;
+    dev.launch("plan_expert_offsets", (1, 1), 1024, &[Arg::U64(tokens_per_expert.ptr(s)), Arg::I32(e), Arg::U64(expert_offsets.ptr(s))])?;
     let mut pending = None;
     let num_slots = match (capacity, expected) {
         (Some(c), _) => num_experts * c,
@@ -90,6 +82,33 @@ pub fn build_plan_expecting(dev: &Device, map: &Buffer, num_tokens: usize, num_e
     };
     i32_arg("numSlots", num_slots)?;
     let sorted_indices = dev.alloc("sortedIndices", num_slots * 4)?;
+    let words = num_experts.div_ceil(32);
+    if capacity.is_none() && words * PLAN_CHUNK * 4 <= 48 * 1024 {
+        // a plain plan: one kernel for sortedIndices and the token CSR
+        let row_ptr = dev.alloc("the plan (row offsets)", (num_tokens + 1) * 4)?;
+        let slots = dev.alloc("the plan (slots)", num_slots * 4)?;
+        if num_tokens == 0 {
+            dev.memset_zero("the plan (row offsets)", &row_ptr, 4)?;
+        }
+        dev.launch_shared(
+            "plan_rows",
+            (chunks as u32, 1),
+            256,
+            (words * PLAN_CHUNK * 4) as u32,
+            &[
+                Arg::U64(map.ptr(s)),
+                Arg::I32(t),
+                Arg::I32(e),
+                Arg::U64(chunk_counts.ptr(s)),
+                Arg::U64(expert_offsets.ptr(s)),
+                Arg::I32(num_slots as i32),
+                Arg::U64(sorted_indices.ptr(s)),
+                Arg::U64(row_ptr.ptr(s)),
+                Arg::U64(slots.ptr(s)),
+            ],
+        )?;
+        return Ok(GpuPlan { plan: DevicePlan { num_tokens, num_slots, num_experts, row_ptr, slots, expert_offsets }, sorted_indices, tokens_per_expert, pending });
+    }
     // every (t, e) is written by plan_fill (-1: no slot)
     let slot_of = dev.alloc("the plan (slot of each token and expert)", num_tokens * num_experts * 4)?;
     let row_counts = dev.alloc("the plan (slots per token)", num_tokens * 4)?;

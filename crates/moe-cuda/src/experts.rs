@@ -23,7 +23,7 @@ use moe_core::experts::{experts_backward, experts_forward, ExpertsGrads, Experts
 use moe_core::tensor::{DType, TensorRef};
 
 use crate::activations::{launch_activation, launch_activation_backward, ExpMath};
-use crate::blas::{gemm, Operand, Output};
+use crate::blas::{gemm, gemm_grouped, Operand, Output, Problem};
 use crate::device::{Arg, Buffer, Device};
 use crate::error::{Error, Result};
 use crate::ops::row_launch;
@@ -145,26 +145,73 @@ fn h_dtype(p: &Plan, inp: &DeviceExpertsInputs) -> DType {
 fn up_projection(dev: &Device, p: &Plan, inp: &DeviceExpertsInputs) -> Result<Buffer> {
     let hd = h_dtype(p, inp);
     let h = dev.alloc("the up-projection", p.n * p.width * hd.size())?;
-    for e in 0..p.experts() {
-        let (r0, c) = (p.offsets[e], p.offsets[e + 1] - p.offsets[e]);
-        if c == 0 {
-            continue;
-        }
-        gemm(
-            dev,
-            c,
-            p.width,
-            p.dim,
-            Operand { ptr: at(dev, &inp.tokens.buf, p.dtype, r0, p.dim), dtype: p.dtype, trans: false },
-            Operand { ptr: at(dev, &inp.gate_and_up.buf, p.dtype, e * p.dim, p.width), dtype: p.dtype, trans: false },
-            Output { ptr: at(dev, &h, hd, r0, p.width), dtype: hd },
-            0.0,
-        )?;
-    }
+    let dt = p.dtype;
+    per_expert(dev, p, (dt, false), (dt, false), hd, |e, r0, c| Problem {
+        m: c,
+        n: p.width,
+        k: p.dim,
+        a: at(dev, &inp.tokens.buf, dt, r0, p.dim),
+        b: at(dev, &inp.gate_and_up.buf, dt, e * p.dim, p.width),
+        c: at(dev, &h, hd, r0, p.width),
+    })?;
     if let Some(b1) = inp.gate_up_bias {
         launch_rows(dev, &format!("experts_add_bias_{}", tag(p.dtype)), p.n, p.width, &[Arg::U64(h.ptr(dev.stream())), Arg::I64(p.width as i64), Arg::U64(b1.buf.ptr(dev.stream())), Arg::U64(p.d_offsets.ptr(dev.stream())), Arg::I32(p.experts() as i32)])?;
     }
     Ok(h)
+}
+
+/// Whether the per-expert GEMMs of one step go to cuBLAS as one grouped call
+/// (`cublasGemmGroupedBatchedEx`) instead of one call each: as set by
+/// `MOE_DISPATCH_GROUPED_GEMM` (`on` / `off`) or [`set_grouped_gemm`]; by default (`auto`) not,
+/// since on an H100 with CUDA 13.0 the grouped call was slower at both benchmark shapes
+/// (mixtral experts forward 22.9 ms vs 9.6, fine-grained 3.5 ms vs 2.3:
+/// bench/results/2026-11-23-gpu.json).
+pub fn use_grouped(active_experts: usize) -> bool {
+    let mode = match GROUPED.load(std::sync::atomic::Ordering::Relaxed) {
+        UNSET => {
+            let m = match std::env::var("MOE_DISPATCH_GROUPED_GEMM").as_deref() {
+                Ok("on") | Ok("1") => ON,
+                Ok("off") | Ok("0") => OFF,
+                _ => AUTO,
+            };
+            GROUPED.store(m, std::sync::atomic::Ordering::Relaxed);
+            m
+        }
+        m => m,
+    };
+    let _ = active_experts; // the auto rule may use it once a grouped call pays
+    mode == ON
+}
+
+const UNSET: u8 = 0;
+const AUTO: u8 = 1;
+const ON: u8 = 2;
+const OFF: u8 = 3;
+static GROUPED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(UNSET);
+
+/// Overrides the grouped-GEMM choice: `Some(true)` always, `Some(false)` never, `None` auto.
+pub fn set_grouped_gemm(mode: Option<bool>) {
+    GROUPED.store(
+        match mode {
+            Some(true) => ON,
+            Some(false) => OFF,
+            None => AUTO,
+        },
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// One step's GEMM for every expert with tokens: `f(e, r0, count)` gives expert e's problem.
+#[allow(clippy::too_many_arguments)]
+fn per_expert(dev: &Device, p: &Plan, a: (DType, bool), b: (DType, bool), c: DType, f: impl Fn(usize, usize, usize) -> Problem) -> Result<()> {
+    let problems: Vec<Problem> = (0..p.experts()).filter(|&e| p.offsets[e + 1] > p.offsets[e]).map(|e| f(e, p.offsets[e], p.offsets[e + 1] - p.offsets[e])).collect();
+    if use_grouped(problems.len()) {
+        return gemm_grouped(dev, &problems, a.0, a.1, b.0, b.1, c);
+    }
+    for q in &problems {
+        gemm(dev, q.m, q.n, q.k, Operand { ptr: q.a, dtype: a.0, trans: a.1 }, Operand { ptr: q.b, dtype: b.0, trans: b.1 }, Output { ptr: q.c, dtype: c }, 0.0)?;
+    }
+    Ok(())
 }
 
 /// A (rows, column blocks) launch of a row kernel over `width` columns.
@@ -261,26 +308,18 @@ pub fn experts_forward_device(dev: &Device, inp: &DeviceExpertsInputs, act: &Act
     launch_activation(dev, act, ExpMath::Fast, h_dtype(&p, inp), &h, p.n, p.width, probs, p.dtype, &a)?;
     drop(h);
     let yf = inp.down_bias.map(|_| dev.alloc("the down-projection", p.n * p.dim * 4)).transpose()?;
-    for e in 0..p.experts() {
-        let (r0, c) = (p.offsets[e], p.offsets[e + 1] - p.offsets[e]);
-        if c == 0 {
-            continue;
-        }
-        let target = match &yf {
-            Some(f) => Output { ptr: at(dev, f, DType::F32, r0, p.dim), dtype: DType::F32 },
-            None => Output { ptr: at(dev, &out.buf, p.dtype, r0, p.dim), dtype: p.dtype },
-        };
-        gemm(
-            dev,
-            c,
-            p.dim,
-            p.inter,
-            Operand { ptr: at(dev, &a, p.dtype, r0, p.inter), dtype: p.dtype, trans: false },
-            Operand { ptr: at(dev, &inp.down.buf, p.dtype, e * p.inter, p.dim), dtype: p.dtype, trans: false },
-            target,
-            0.0,
-        )?;
-    }
+    let (target, target_dtype) = match &yf {
+        Some(f) => (f, DType::F32),
+        None => (&out.buf, p.dtype),
+    };
+    per_expert(dev, &p, (p.dtype, false), (p.dtype, false), target_dtype, |e, r0, c| Problem {
+        m: c,
+        n: p.dim,
+        k: p.inter,
+        a: at(dev, &a, p.dtype, r0, p.inter),
+        b: at(dev, &inp.down.buf, p.dtype, e * p.inter, p.dim),
+        c: at(dev, target, target_dtype, r0, p.dim),
+    })?;
     if let (Some(f), Some(b2)) = (&yf, inp.down_bias) {
         launch_rows(
             dev,
@@ -335,34 +374,24 @@ pub fn experts_backward_device(dev: &Device, grad_output: &DeviceTensor, inp: &D
         let hd = h_dtype(&p, inp);
         launch_activation(dev, act, ExpMath::Fast, hd, &h, n, width, probs, dt, &a)?;
         let da = dev.alloc("the activation gradient", n * inter * hd.size())?;
-        for e in 0..e_count {
-            let (r0, c) = (p.offsets[e], p.offsets[e + 1] - p.offsets[e]);
-            if c == 0 {
-                continue;
-            }
-            // dW2[e] [inter, dim] = a_e^T g_e
-            gemm(
-                dev,
-                inter,
-                dim,
-                c,
-                Operand { ptr: at(dev, &a, dt, r0, inter), dtype: dt, trans: true },
-                Operand { ptr: at(dev, g, dt, r0, dim), dtype: dt, trans: false },
-                Output { ptr: at(dev, &grad_w2.buf, dt, e * inter, dim), dtype: dt },
-                0.0,
-            )?;
-            // da_e [c, inter] = g_e W2[e]^T
-            gemm(
-                dev,
-                c,
-                inter,
-                dim,
-                Operand { ptr: at(dev, g, dt, r0, dim), dtype: dt, trans: false },
-                Operand { ptr: at(dev, &inp.down.buf, dt, e * inter, dim), dtype: dt, trans: true },
-                Output { ptr: at(dev, &da, hd, r0, inter), dtype: hd },
-                0.0,
-            )?;
-        }
+        // dW2[e] [inter, dim] = a_e^T g_e
+        per_expert(dev, &p, (dt, true), (dt, false), dt, |e, r0, c| Problem {
+            m: inter,
+            n: dim,
+            k: c,
+            a: at(dev, &a, dt, r0, inter),
+            b: at(dev, g, dt, r0, dim),
+            c: at(dev, &grad_w2.buf, dt, e * inter, dim),
+        })?;
+        // da_e [c, inter] = g_e W2[e]^T
+        per_expert(dev, &p, (dt, false), (dt, true), hd, |e, r0, c| Problem {
+            m: c,
+            n: inter,
+            k: dim,
+            a: at(dev, g, dt, r0, dim),
+            b: at(dev, &inp.down.buf, dt, e * inter, dim),
+            c: at(dev, &da, hd, r0, inter),
+        })?;
         drop(a);
         // the down bias: db2 = per-expert sums of g * p; its share of dp is g . b2
         let bias_dp = match (inp.down_bias, &grad_probs) {
@@ -409,34 +438,24 @@ pub fn experts_backward_device(dev: &Device, grad_output: &DeviceTensor, inp: &D
             }
             None => dh,
         };
-        for e in 0..e_count {
-            let (r0, c) = (p.offsets[e], p.offsets[e + 1] - p.offsets[e]);
-            if c == 0 {
-                continue;
-            }
-            // dW1[e] [dim, width] = x_e^T dh_e
-            gemm(
-                dev,
-                dim,
-                width,
-                c,
-                Operand { ptr: at(dev, &inp.tokens.buf, dt, r0, dim), dtype: dt, trans: true },
-                Operand { ptr: at(dev, &dh, dt, r0, width), dtype: dt, trans: false },
-                Output { ptr: at(dev, &grad_w1.buf, dt, e * dim, width), dtype: dt },
-                0.0,
-            )?;
-            // dx_e [c, dim] = dh_e W1[e]^T
-            gemm(
-                dev,
-                c,
-                dim,
-                width,
-                Operand { ptr: at(dev, &dh, dt, r0, width), dtype: dt, trans: false },
-                Operand { ptr: at(dev, &inp.gate_and_up.buf, dt, e * dim, width), dtype: dt, trans: true },
-                Output { ptr: at(dev, &grad_tokens.buf, dt, r0, dim), dtype: dt },
-                0.0,
-            )?;
-        }
+        // dW1[e] [dim, width] = x_e^T dh_e
+        per_expert(dev, &p, (dt, true), (dt, false), dt, |e, r0, c| Problem {
+            m: dim,
+            n: width,
+            k: c,
+            a: at(dev, &inp.tokens.buf, dt, r0, dim),
+            b: at(dev, &dh, dt, r0, width),
+            c: at(dev, &grad_w1.buf, dt, e * dim, width),
+        })?;
+        // dx_e [c, dim] = dh_e W1[e]^T
+        per_expert(dev, &p, (dt, false), (dt, true), dt, |e, r0, c| Problem {
+            m: c,
+            n: dim,
+            k: width,
+            a: at(dev, &dh, dt, r0, width),
+            b: at(dev, &inp.gate_and_up.buf, dt, e * dim, width),
+            c: at(dev, &grad_tokens.buf, dt, r0, dim),
+        })?;
     } else {
         if let Some(gp) = &grad_probs {
             dev.memset_zero("gradProbs", &gp.buf, gp.bytes())?;
