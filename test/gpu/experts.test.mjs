@@ -161,3 +161,31 @@ describe('grouped experts on the GPU: errors are the core\'s', () => {
     });
   }
 });
+
+describe('saveForBackward: the backward pass takes h and a from the forward pass', () => {
+  for (const dtype of ['float32', 'bfloat16']) {
+    for (const biases of [false, true]) {
+      test(`${dtype}${biases ? ' with biases' : ''}: the same bits as recomputing them`, { skip: cudaOnly }, () => {
+        const p = problem({ dtype, kind: 'swiglu', counts: [7, 0, 12, 3], dim: 24, inter: 40, probs: true, biases, seed: 5 });
+        const d = onDevice(p);
+        const plain = cuda.expertsForward(d.x, d.counts, d.weights, d.options);
+        const { output, saved } = cuda.expertsForward(d.x, d.counts, d.weights, { ...d.options, saveForBackward: true });
+        assertSameBits(output, host(plain), 'output with saveForBackward');
+        assert.ok(lib.isDeviceTensor(saved.upProjection) && lib.isDeviceTensor(saved.activation));
+        assert.deepEqual([...saved.activation.shape], [22, 40]);
+        const want = cuda.expertsBackward(d.grad, d.x, d.counts, d.weights, d.options);
+        const got = cuda.expertsBackward(d.grad, d.x, d.counts, d.weights, { ...d.options, saved });
+        for (const k of Object.keys(want).filter((k) => k !== 'gradBiases')) assertSameBits(got[k], host(want[k]), `expertsBackward.${k} with saved`);
+        for (const k of Object.keys(want.gradBiases ?? {})) assertSameBits(got.gradBiases[k], host(want.gradBiases[k]), `gradBiases.${k} with saved`);
+      });
+    }
+  }
+  test('saved tensors of the wrong shape are a TypeError naming them', { skip: cudaOnly }, () => {
+    const p = problem({ dtype: 'float32', kind: 'swiglu', counts: [2, 3], dim: 8, inter: 4 });
+    const d = onDevice(p);
+    const { saved } = cuda.expertsForward(d.x, d.counts, d.weights, { ...d.options, saveForBackward: true });
+    const wrong = { upProjection: saved.activation, activation: saved.activation };
+    assert.throws(() => cuda.expertsBackward(d.grad, d.x, d.counts, d.weights, { ...d.options, saved: wrong }), (e) => e instanceof TypeError && /saved\.upProjection/.test(e.message));
+    assert.throws(() => cuda.expertsBackward(d.grad, d.x, d.counts, d.weights, { ...d.options, saved: { upProjection: saved.upProjection } }), (e) => e instanceof TypeError && /saved\.activation/.test(e.message));
+  });
+});

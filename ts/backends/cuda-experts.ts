@@ -24,6 +24,32 @@ export interface DeviceExpertsOptions extends Omit<ExpertsOptions, 'permutedProb
   biases?: { gateUpProjBias?: Any<TokenDType>; downProjBias?: Any<TokenDType> };
 }
 
+/**
+ * What `expertsForward(..., { saveForBackward: true })` keeps for `expertsBackward(..., { saved })`:
+ * the up-projection `h` (`[N, width]`) and the weighted activation `a` (`[N, inter]`), on the GPU.
+ * With them the backward pass does not recompute `h = x W1` (a third of its GEMM work). Dispose
+ * them after the backward pass (or leave them to the garbage collector).
+ */
+export interface ExpertsSaved {
+  upProjection: DeviceTensor;
+  activation: DeviceTensor;
+}
+
+/** expertsForward's options on the cuda backend. */
+export interface DeviceExpertsForwardOptions extends DeviceExpertsOptions {
+  /**
+   * Keep `h` and `a` for the backward pass (device tensors; the result is `{ output, saved }`).
+   * `saved` is absent where the call runs on the CPU core (tokens and weights of two dtypes).
+   */
+  saveForBackward?: boolean;
+}
+
+/** expertsBackward's options on the cuda backend. */
+export interface DeviceExpertsBackwardOptions extends DeviceExpertsOptions {
+  /** What the forward pass kept (`saveForBackward`): the backward pass takes h and a from it. */
+  saved?: ExpertsSaved;
+}
+
 export interface DeviceExpertsGrads<D extends TokenDType = TokenDType> {
   gradTokens: DeviceTensor<D>;
   gradGateAndUpProjs?: DeviceTensor<TokenDType>;
@@ -36,6 +62,12 @@ export interface DeviceExpertsGrads<D extends TokenDType = TokenDType> {
 /** The experts methods of the cuda backend that take device tensors. */
 export interface CudaExpertsOps {
   expertsForward<D extends TokenDType>(permutedTokens: Tensor<D>, tokensPerExpert: Tensor<'int32' | 'int64'>, weights: ExpertWeights, options: ExpertsOptions): Tensor<D>;
+  expertsForward<D extends TokenDType>(
+    permutedTokens: Any<D>,
+    tokensPerExpert: Any<'int32'>,
+    weights: DeviceExpertWeights,
+    options: DeviceExpertsForwardOptions & { saveForBackward: true },
+  ): { output: DeviceTensor<D>; saved?: ExpertsSaved };
   expertsForward<D extends TokenDType>(permutedTokens: Any<D>, tokensPerExpert: Any<'int32'>, weights: DeviceExpertWeights, options: DeviceExpertsOptions): DeviceTensor<D>;
   expertsBackward<D extends TokenDType>(
     gradOutput: Tensor<D>,
@@ -44,7 +76,7 @@ export interface CudaExpertsOps {
     weights: ExpertWeights,
     options: ExpertsOptions,
   ): import('../ops/experts.js').ExpertsGrads<D>;
-  expertsBackward<D extends TokenDType>(gradOutput: Any<D>, permutedTokens: Any<D>, tokensPerExpert: Any<'int32'>, weights: DeviceExpertWeights, options: DeviceExpertsOptions): DeviceExpertsGrads<D>;
+  expertsBackward<D extends TokenDType>(gradOutput: Any<D>, permutedTokens: Any<D>, tokensPerExpert: Any<'int32'>, weights: DeviceExpertWeights, options: DeviceExpertsBackwardOptions): DeviceExpertsGrads<D>;
   matmul<D extends TokenDType>(a: Tensor<D>, b: Tensor<TokenDType>, options?: MatmulOptions): Tensor<D>;
   matmul<D extends TokenDType>(a: Any<D>, b: Any<TokenDType>, options?: MatmulOptions): DeviceTensor<D>;
 }
@@ -53,7 +85,21 @@ type H = NativeCudaTensor;
 type Opt = number | undefined;
 
 interface ExpertsAddon {
-  cudaExpertsForwardDevice(x: H, c: H, w1: H, w1Name: string, w2: H, kind: string | undefined, p: H | undefined, b1: H | undefined, b2: H | undefined, alpha: Opt, limit: Opt, linearOffset: Opt): H;
+  cudaExpertsForwardDevice(
+    x: H,
+    c: H,
+    w1: H,
+    w1Name: string,
+    w2: H,
+    kind: string | undefined,
+    p: H | undefined,
+    b1: H | undefined,
+    b2: H | undefined,
+    alpha: Opt,
+    limit: Opt,
+    linearOffset: Opt,
+    saveForBackward: boolean | undefined,
+  ): { output: H; upProjection?: H | null; activation?: H | null };
   cudaExpertsBackwardDevice(
     g: H,
     x: H,
@@ -68,15 +114,19 @@ interface ExpertsAddon {
     alpha: Opt,
     limit: Opt,
     linearOffset: Opt,
+    savedUpProjection: H | undefined,
+    savedActivation: H | undefined,
   ): { gradTokens: H; gradGateAndUpProjs: H; gradDownProjs: H; gradGateUpProjBias?: H | null; gradDownProjBias?: H | null; gradProbs?: H | null };
   cudaMatmulDevice(a: H, b: H, transA: boolean | undefined, transB: boolean | undefined): H;
 }
 
 const KNOWN: readonly (keyof ExpertsOptions)[] = ['activation', 'permutedProbs', 'biases', 'alpha', 'limit', 'linearOffset'];
+const FORWARD_KNOWN = [...KNOWN, 'saveForBackward'] as const;
+const BACKWARD_KNOWN = [...KNOWN, 'saved'] as const;
 
 /** The positional arguments of the device functions (same checks and names as ops/experts.ts). */
 function deviceArgs(h: Handles, permutedTokens: unknown, tokensPerExpert: unknown, weights: unknown, options: unknown, op: string) {
-  const o = checkOptions<DeviceExpertsOptions>(options, op, KNOWN);
+  const o = checkOptions<DeviceExpertsForwardOptions & DeviceExpertsBackwardOptions>(options, op, op === 'expertsForward' ? FORWARD_KNOWN : BACKWARD_KNOWN);
   if (o.activation !== undefined && typeof o.activation !== 'string') throw new TypeError(`options.activation: expected a string, got ${typeof o.activation}`);
   const kind = o.activation;
   if (typeof weights !== 'object' || weights === null) throw new TypeError(`weights: expected { gateAndUpProjs | upProjs, downProjs }, got ${weights === null ? 'null' : typeof weights}`);
@@ -104,8 +154,23 @@ function deviceArgs(h: Handles, permutedTokens: unknown, tokensPerExpert: unknow
 
 function deviceOptions(options: unknown): unknown[] {
   if (typeof options !== 'object' || options === null) return [];
-  const o = options as DeviceExpertsOptions;
-  return [o.permutedProbs, o.biases?.gateUpProjBias, o.biases?.downProjBias];
+  const o = options as DeviceExpertsForwardOptions & DeviceExpertsBackwardOptions;
+  // saveForBackward and saved exist on the GPU only: they take the device path
+  return [o.permutedProbs, o.biases?.gateUpProjBias, o.biases?.downProjBias, o.saved?.upProjection, o.saved?.activation, o.saveForBackward ? o.saved ?? DEVICE_PATH : undefined];
+}
+
+/** A marker that sends a call down the device path (see deviceOptions). */
+const DEVICE_PATH = Symbol('device path');
+
+function anyDeviceOr(...values: unknown[]): boolean {
+  return values.includes(DEVICE_PATH) || anyDevice(...values);
+}
+
+function savedArg(h: Handles, options: unknown): [NativeCudaTensor | undefined, NativeCudaTensor | undefined] {
+  const saved = typeof options === 'object' && options !== null ? (options as DeviceExpertsBackwardOptions).saved : undefined;
+  if (saved === undefined || saved === null) return [undefined, undefined];
+  if (typeof saved !== 'object') throw new TypeError(`options.saved: expected { upProjection, activation } (from expertsForward with saveForBackward), got ${typeof saved}`);
+  return [h.of(saved.upProjection, 'saved.upProjection', TOKENS), h.of(saved.activation, 'saved.activation', TOKENS)];
 }
 
 function weightValues(weights: unknown): unknown[] {
@@ -121,18 +186,26 @@ export const expertsGpu: GpuFamily = {
     const gpu = addon as unknown as ExpertsAddon;
     return {
       expertsForward(permutedTokens: unknown, tokensPerExpert: unknown, weights: unknown, options: unknown) {
-        if (!anyDevice(permutedTokens, tokensPerExpert, ...weightValues(weights), ...deviceOptions(options))) {
+        if (!anyDeviceOr(permutedTokens, tokensPerExpert, ...weightValues(weights), ...deviceOptions(options))) {
           return base.expertsForward(permutedTokens as Tensor<TokenDType>, tokensPerExpert as Tensor<'int32'>, weights as ExpertWeights, options as ExpertsOptions);
         }
-        return call('expertsForward', (h) => wrapDevice(gpu.cudaExpertsForwardDevice(...deviceArgs(h, permutedTokens, tokensPerExpert, weights, options, 'expertsForward'))));
+        return call('expertsForward', (h) => {
+          const save = checkBool((options as DeviceExpertsForwardOptions | undefined)?.saveForBackward, 'options.saveForBackward');
+          const out = gpu.cudaExpertsForwardDevice(...deviceArgs(h, permutedTokens, tokensPerExpert, weights, options, 'expertsForward'), save);
+          const output = wrapDevice(out.output);
+          if (!save) return output;
+          // inputs that run on the CPU core instead (mixed dtypes) keep nothing: the backward recomputes
+          if (!out.upProjection || !out.activation) return { output };
+          return { output, saved: { upProjection: wrapDevice(out.upProjection), activation: wrapDevice(out.activation) } };
+        });
       },
       expertsBackward(gradOutput: unknown, permutedTokens: unknown, tokensPerExpert: unknown, weights: unknown, options: unknown) {
-        if (!anyDevice(gradOutput, permutedTokens, tokensPerExpert, ...weightValues(weights), ...deviceOptions(options))) {
+        if (!anyDeviceOr(gradOutput, permutedTokens, tokensPerExpert, ...weightValues(weights), ...deviceOptions(options))) {
           return base.expertsBackward(gradOutput as Tensor<TokenDType>, permutedTokens as Tensor<TokenDType>, tokensPerExpert as Tensor<'int32'>, weights as ExpertWeights, options as ExpertsOptions);
         }
         return call('expertsBackward', (h) => {
           const args = deviceArgs(h, permutedTokens, tokensPerExpert, weights, options, 'expertsBackward');
-          const out = gpu.cudaExpertsBackwardDevice(h.of(gradOutput, 'gradOutput', TOKENS), ...args);
+          const out = gpu.cudaExpertsBackwardDevice(h.of(gradOutput, 'gradOutput', TOKENS), ...args, ...savedArg(h, options));
           const grads: DeviceExpertsGrads = { gradTokens: wrapDevice(out.gradTokens), gradDownProjs: wrapDevice(out.gradDownProjs) };
           if (args[3] === 'upProjs') grads.gradUpProjs = wrapDevice(out.gradGateAndUpProjs);
           else grads.gradGateAndUpProjs = wrapDevice(out.gradGateAndUpProjs);

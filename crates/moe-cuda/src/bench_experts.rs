@@ -5,7 +5,7 @@
 //! cuBLAS GEMM), the expert GEMMs alone (the per-expert cuBLAS calls of forward + backward),
 //! experts forward, experts backward, and the layer (permute with probs -> experts ->
 //! unpermute, then unpermute backward -> experts backward -> permute backward) with a fixed
-//! top-k routing. Times are medians of CUDA-event timings; GEMM efficiency = GEMM FLOPs /
+//! top-k routing (the layer's forward keeps h and a for its backward: saveForBackward). Times are medians of CUDA-event timings; GEMM efficiency = GEMM FLOPs /
 //! GEMM time / the measured bf16 rate.
 
 use half::bf16;
@@ -15,7 +15,7 @@ use moe_core::tensor::{DType, Tensor};
 use moe_cuda::activations::{launch_activation, launch_activation_backward, ExpMath};
 use moe_cuda::blas::{gemm, Operand, Output};
 use moe_cuda::device_ops::{permute_backward_device, permute_device, unpermute_backward_device, unpermute_device};
-use moe_cuda::experts::{experts_backward_device, experts_forward_device, set_grouped_gemm, use_grouped, DeviceExpertsInputs};
+use moe_cuda::experts::{experts_backward_device, experts_backward_device_saved, experts_forward_device, experts_forward_device_saving, set_grouped_gemm, use_grouped, DeviceExpertsInputs};
 use moe_cuda::{Device, DeviceTensor};
 
 use crate::{time_ms, Rng};
@@ -152,15 +152,23 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
     set_grouped_gemm(None);
     let (fwd, _) = time_ms(dev, iters, || experts_forward_device(dev, &inp, &act).map(drop))?;
     let (bwd, _) = time_ms(dev, iters, || experts_backward_device(dev, &grad_out, &inp, &act).map(drop))?;
+    let (fwd_saving, saved) = {
+        let (ms, _) = time_ms(dev, iters, || experts_forward_device_saving(dev, &inp, &act, true).map(drop))?;
+        (ms, experts_forward_device_saving(dev, &inp, &act, true)?.1)
+    };
+    let saved_ref = saved.as_ref().map(|s| s.as_ref());
+    let (bwd_saved, _) = time_ms(dev, iters, || experts_backward_device_saved(dev, &grad_out, &inp, &act, saved_ref).map(drop))?;
+    println!("{:>13} with saveForBackward: experts fwd {fwd_saving:.3} ms, bwd {bwd_saved:.3} ms (no recompute of h)", s.name);
     println!("{:>13} experts fwd {fwd_loop:.3} ms per-expert GEMMs, {fwd_grouped:.3} ms grouped; bwd {bwd_loop:.3} / {bwd_grouped:.3} ms; default (auto: grouped {}): fwd {fwd:.3}, bwd {bwd:.3}", s.name, use_grouped(counts.iter().filter(|&&c| c > 0).count()));
     let layer = || -> moe_cuda::Result<()> {
         let p = permute_device(dev, &hidden, &d_map, Some(&d_dense), popts)?;
         let pp = p.permuted_probs.as_ref().expect("probs");
         let li = DeviceExpertsInputs { tokens: &p.permuted_tokens, tokens_per_expert: &p.tokens_per_expert, probs: Some(pp), ..inp_like(&inp) };
-        let y = experts_forward_device(dev, &li, &act)?;
+        // the forward keeps h and a for the backward (saveForBackward), as an autograd layer does
+        let (y, saved) = experts_forward_device_saving(dev, &li, &act, true)?;
         let _out = unpermute_device(dev, &y, &p.sorted_indices, [t, dim], None, None, UnpermuteOptions::default())?;
         let (g_perm, _) = unpermute_backward_device(dev, &grad_hidden, &y, &p.sorted_indices, None, None, UnpermuteOptions::default())?;
-        let grads = experts_backward_device(dev, &g_perm, &li, &act)?;
+        let grads = experts_backward_device_saved(dev, &g_perm, &li, &act, saved.as_ref().map(|s| s.as_ref()))?;
         let _ = permute_backward_device(dev, &grads.grad_tokens, &p.sorted_indices, t, None, None, UnpermuteOptions::default())?;
         Ok(())
     };
@@ -195,6 +203,8 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
         ("expertsBackwardPerExpertGemmsMs", bwd_loop),
         ("expertsForwardGroupedGemmMs", fwd_grouped),
         ("expertsBackwardGroupedGemmMs", bwd_grouped),
+        ("expertsForwardSavingMs", fwd_saving),
+        ("expertsBackwardWithSavedMs", bwd_saved),
         ("expertsForwardMs", fwd),
         ("expertsBackwardMs", bwd),
         ("expertsForwardTflops", tf(fl_fwd, fwd)),

@@ -289,24 +289,59 @@ fn refs<'a>(inp: &DeviceExpertsInputs, keep: &'a [moe_core::Tensor]) -> Result<E
     })
 }
 
+/// What a forward pass can keep for its backward pass: the up-projection `h` (`[N, width]`, the
+/// tokens' dtype, f32 with an up bias) and the weighted activation `a` (`[N, inter]`, the tokens'
+/// dtype). With them the backward pass skips recomputing `h = x W1` (a third of its GEMM work).
+pub struct ExpertsSaved {
+    pub up_projection: DeviceTensor,
+    pub activation: DeviceTensor,
+}
+
+/// An [`ExpertsSaved`] passed back to the backward pass (borrowed: the caller keeps it).
+#[derive(Clone, Copy)]
+pub struct SavedRef<'a> {
+    pub up_projection: &'a DeviceTensor,
+    pub activation: &'a DeviceTensor,
+}
+
+impl ExpertsSaved {
+    pub fn as_ref(&self) -> SavedRef<'_> {
+        SavedRef { up_projection: &self.up_projection, activation: &self.activation }
+    }
+}
+
 /// Grouped experts forward on device tensors: `[N, dim]` in the tokens' dtype.
 pub fn experts_forward_device(dev: &Device, inp: &DeviceExpertsInputs, act: &ActivationOptions) -> Result<DeviceTensor> {
+    Ok(experts_forward_device_saving(dev, inp, act, false)?.0)
+}
+
+/// [`experts_forward_device`], keeping `h` and `a` for the backward pass when `save` (None when
+/// the GPU path does not run: the host path keeps nothing, and the backward recomputes).
+pub fn experts_forward_device_saving(dev: &Device, inp: &DeviceExpertsInputs, act: &ActivationOptions, save: bool) -> Result<(DeviceTensor, Option<ExpertsSaved>)> {
     let Some(p) = plan(dev, inp, act)? else {
         let mut keep = Vec::new();
         host_inputs(dev, inp, &mut keep)?;
         let out = experts_forward(&refs(inp, &keep)?, act)?;
-        return DeviceTensor::upload_owned(dev, "the output", &out);
+        return Ok((DeviceTensor::upload_owned(dev, "the output", &out)?, None));
     };
     let s = dev.stream();
     let out = DeviceTensor::alloc(dev, "the output", p.dtype, vec![p.n, p.dim])?;
+    let hd = h_dtype(&p, inp);
     if p.n == 0 || p.dim == 0 {
-        return Ok(out);
+        let saved = save
+            .then(|| -> Result<ExpertsSaved> {
+                Ok(ExpertsSaved {
+                    up_projection: DeviceTensor::alloc(dev, "the up-projection", hd, vec![p.n, p.width])?,
+                    activation: DeviceTensor::alloc(dev, "the activation", p.dtype, vec![p.n, p.inter])?,
+                })
+            })
+            .transpose()?;
+        return Ok((out, saved));
     }
     let h = up_projection(dev, &p, inp)?;
     let a = dev.alloc("the activation", p.n * p.inter * p.dtype.size())?;
     let probs = inp.probs.map(|t| &t.buf);
-    launch_activation(dev, act, ExpMath::Fast, h_dtype(&p, inp), &h, p.n, p.width, probs, p.dtype, &a)?;
-    drop(h);
+    launch_activation(dev, act, ExpMath::Fast, hd, &h, p.n, p.width, probs, p.dtype, &a)?;
     let yf = inp.down_bias.map(|_| dev.alloc("the down-projection", p.n * p.dim * 4)).transpose()?;
     let (target, target_dtype) = match &yf {
         Some(f) => (f, DType::F32),
@@ -329,13 +364,25 @@ pub fn experts_forward_device(dev: &Device, inp: &DeviceExpertsInputs, act: &Act
             &[Arg::U64(f.ptr(s)), Arg::U64(out.buf.ptr(s)), Arg::I64(p.dim as i64), Arg::U64(b2.buf.ptr(s)), Arg::U64(probs.map_or(0, |b| b.ptr(s))), Arg::U64(p.d_offsets.ptr(s)), Arg::I32(p.experts() as i32)],
         )?;
     }
-    Ok(out)
+    let saved = save.then(|| ExpertsSaved {
+        up_projection: DeviceTensor::from_buffer(hd, vec![p.n, p.width], h),
+        activation: DeviceTensor::from_buffer(p.dtype, vec![p.n, p.inter], a),
+    });
+    Ok((out, saved))
 }
 
 /// Backward of [`experts_forward_device`]: the up-projection and activation are recomputed (as
 /// the core does), then per expert `dW2 = a^T g`, `da = g W2^T`, `dh` through the activation,
 /// `dW1 = x^T dh`, `dx = dh W1^T`; bias gradients are per-expert column sums.
 pub fn experts_backward_device(dev: &Device, grad_output: &DeviceTensor, inp: &DeviceExpertsInputs, act: &ActivationOptions) -> Result<DeviceExpertsGrads> {
+    experts_backward_device_saved(dev, grad_output, inp, act, None)
+}
+
+/// [`experts_backward_device`] with what the forward pass kept ([`ExpertsSaved`]): `h` and `a`
+/// are taken from there instead of recomputed. They must be the forward's own (same inputs); a
+/// shape or dtype that does not fit is a TypeError naming `saved.upProjection` /
+/// `saved.activation`.
+pub fn experts_backward_device_saved(dev: &Device, grad_output: &DeviceTensor, inp: &DeviceExpertsInputs, act: &ActivationOptions, saved: Option<SavedRef>) -> Result<DeviceExpertsGrads> {
     let plan = plan(dev, inp, act)?.filter(|p| grad_output.dtype == p.dtype && grad_output.shape == [p.n, p.dim]);
     let Some(p) = plan else {
         let mut keep = Vec::new();
@@ -367,19 +414,37 @@ pub fn experts_backward_device(dev: &Device, grad_output: &DeviceTensor, inp: &D
     let mut grad_probs = inp.probs.map(|t| DeviceTensor::alloc(dev, "gradProbs", DType::F32, t.shape.clone())).transpose()?;
     let mut grad_b1 = None;
     let mut grad_b2 = None;
+    let hd = h_dtype(&p, inp);
+    if let Some(sv) = saved {
+        for (t, name, dtype, shape) in [(sv.up_projection, "saved.upProjection", hd, [n, width]), (sv.activation, "saved.activation", dt, [n, inter])] {
+            if t.dtype != dtype || t.shape != shape {
+                return Err(Error::Core(moe_core::Error::type_error(
+                    name,
+                    format!("{} {:?} (what expertsForward with saveForBackward returned for these inputs)", dtype.name(), shape),
+                    format!("{} {:?}", t.dtype.name(), t.shape),
+                )));
+            }
+        }
+    }
     if n > 0 {
         let g = &grad_output.buf;
-        let h = up_projection(dev, &p, inp)?;
-        let a = dev.alloc("the activation", n * inter * dt.size())?;
-        let hd = h_dtype(&p, inp);
-        launch_activation(dev, act, ExpMath::Fast, hd, &h, n, width, probs, dt, &a)?;
+        let (h_own, a_own);
+        let (h, a) = match saved {
+            Some(sv) => (&sv.up_projection.buf, &sv.activation.buf),
+            None => {
+                h_own = up_projection(dev, &p, inp)?;
+                a_own = dev.alloc("the activation", n * inter * dt.size())?;
+                launch_activation(dev, act, ExpMath::Fast, hd, &h_own, n, width, probs, dt, &a_own)?;
+                (&h_own, &a_own)
+            }
+        };
         let da = dev.alloc("the activation gradient", n * inter * hd.size())?;
         // dW2[e] [inter, dim] = a_e^T g_e
         per_expert(dev, &p, (dt, true), (dt, false), dt, |e, r0, c| Problem {
             m: inter,
             n: dim,
             k: c,
-            a: at(dev, &a, dt, r0, inter),
+            a: at(dev, a, dt, r0, inter),
             b: at(dev, g, dt, r0, dim),
             c: at(dev, &grad_w2.buf, dt, e * inter, dim),
         })?;
@@ -392,7 +457,6 @@ pub fn experts_backward_device(dev: &Device, grad_output: &DeviceTensor, inp: &D
             b: at(dev, &inp.down.buf, dt, e * inter, dim),
             c: at(dev, &da, hd, r0, inter),
         })?;
-        drop(a);
         // the down bias: db2 = per-expert sums of g * p; its share of dp is g . b2
         let bias_dp = match (inp.down_bias, &grad_probs) {
             (Some(b2), Some(_)) => {
@@ -415,8 +479,8 @@ pub fn experts_backward_device(dev: &Device, grad_output: &DeviceTensor, inp: &D
         let dh_dtype = if inp.gate_up_bias.is_some() { DType::F32 } else { dt };
         let dh = dev.alloc("the up-projection gradient", n * width * dh_dtype.size())?;
         let act_dp = grad_probs.as_ref().map(|_| dev.alloc("gradProbs (activation part)", n * 4)).transpose()?;
-        launch_activation_backward(dev, act, ExpMath::Fast, hd, &da, &h, n, width, probs, dh_dtype, &dh, act_dp.as_ref())?;
-        drop((da, h));
+        launch_activation_backward(dev, act, ExpMath::Fast, hd, &da, h, n, width, probs, dh_dtype, &dh, act_dp.as_ref())?;
+        drop(da);
         if let (Some(gp), Some(act_dp)) = (&mut grad_probs, act_dp) {
             match bias_dp {
                 Some(bdp) => {

@@ -3,7 +3,7 @@
 //! `CudaTensor` handles for the tensors.
 
 use moe_core::activations::ActivationOptions;
-use moe_cuda::experts::{self, DeviceExpertsInputs};
+use moe_cuda::experts::{self, DeviceExpertsInputs, SavedRef};
 use napi_derive::napi;
 
 use crate::cuda::{opt_get, run, CudaTensor};
@@ -32,6 +32,14 @@ fn inputs<'a>(
     })
 }
 
+#[napi(object, object_from_js = false)]
+pub struct DeviceExpertsForwardOut {
+    pub output: CudaTensor,
+    /// With saveForBackward: the up-projection and the weighted activation.
+    pub up_projection: Option<CudaTensor>,
+    pub activation: Option<CudaTensor>,
+}
+
 /// `expertsForward` on device tensors (cuBLAS GEMMs per expert).
 #[napi]
 #[allow(clippy::too_many_arguments)]
@@ -48,11 +56,17 @@ pub fn cuda_experts_forward_device(
     alpha: Option<f64>,
     limit: Option<f64>,
     linear_offset: Option<f64>,
-) -> napi::Result<CudaTensor, String> {
+    save_for_backward: Option<bool>,
+) -> napi::Result<DeviceExpertsForwardOut, String> {
     run(|dev| {
         let options = ActivationOptions::from_args(kind.as_deref(), alpha, limit, linear_offset)?;
         let inp = inputs(permuted_tokens, tokens_per_expert, gate_and_up_projs, &gate_and_up_name, down_projs, &permuted_probs, &gate_up_proj_bias, &down_proj_bias)?;
-        Ok(CudaTensor::wrap(experts::experts_forward_device(dev, &inp, &options)?))
+        let (out, saved) = experts::experts_forward_device_saving(dev, &inp, &options, save_for_backward.unwrap_or(false))?;
+        let (up, act) = match saved {
+            Some(s) => (Some(CudaTensor::wrap(s.up_projection)), Some(CudaTensor::wrap(s.activation))),
+            None => (None, None),
+        };
+        Ok(DeviceExpertsForwardOut { output: CudaTensor::wrap(out), up_projection: up, activation: act })
     })
 }
 
@@ -83,11 +97,19 @@ pub fn cuda_experts_backward_device(
     alpha: Option<f64>,
     limit: Option<f64>,
     linear_offset: Option<f64>,
+    saved_up_projection: Option<&CudaTensor>,
+    saved_activation: Option<&CudaTensor>,
 ) -> napi::Result<DeviceExpertsGradsOut, String> {
     run(|dev| {
         let options = ActivationOptions::from_args(kind.as_deref(), alpha, limit, linear_offset)?;
         let inp = inputs(permuted_tokens, tokens_per_expert, gate_and_up_projs, &gate_and_up_name, down_projs, &permuted_probs, &gate_up_proj_bias, &down_proj_bias)?;
-        let out = experts::experts_backward_device(dev, grad_output.get("gradOutput")?, &inp, &options)?;
+        let saved = match (opt_get(&saved_up_projection, "saved.upProjection")?, opt_get(&saved_activation, "saved.activation")?) {
+            (Some(up_projection), Some(activation)) => Some(SavedRef { up_projection, activation }),
+            (None, None) => None,
+            (Some(_), None) => return Err(moe_cuda::Error::Core(moe_core::Error::type_error("saved.activation", "a device tensor (saved with saved.upProjection)", "undefined"))),
+            (None, Some(_)) => return Err(moe_cuda::Error::Core(moe_core::Error::type_error("saved.upProjection", "a device tensor (saved with saved.activation)", "undefined"))),
+        };
+        let out = experts::experts_backward_device_saved(dev, grad_output.get("gradOutput")?, &inp, &options, saved)?;
         Ok(DeviceExpertsGradsOut {
             grad_tokens: CudaTensor::wrap(out.grad_tokens),
             grad_gate_and_up_projs: CudaTensor::wrap(out.grad_gate_and_up),
