@@ -1,0 +1,78 @@
+#!/usr/bin/env node
+/**
+ * Draws the README's GPU pictures from a committed GPU run (bench/results/<date>-gpu.json,
+ * key `session2`): docs/images/gpu-dispatch.svg (permute / unpermute bandwidth against a device
+ * copy and the reference's PyTorch path) and docs/images/gpu-layer.svg (the dispatch + experts
+ * layer, forward + backward, against PyTorch). Plain SVG, no dependencies.
+ *
+ *   node scripts/gpu-chart.mjs [bench/results/2026-11-23-gpu.json]
+ */
+import { readFileSync, writeFileSync } from 'node:fs';
+
+const file = process.argv[2] ?? 'bench/results/2026-11-23-gpu.json';
+const run = JSON.parse(readFileSync(file, 'utf8')).session2;
+if (!run) throw new Error(`${file} has no session2 run`);
+
+const esc = (s) => String(s).replace(/&/g, '&amp;').replace(/</g, '&lt;');
+
+/** Horizontal bars, grouped: groups = [{ title, bars: [{ label, value, text, color }] }]. */
+function bars(title, unit, groups, max) {
+  const rowH = 22;
+  const left = 300;
+  const width = 820;
+  const scale = (v) => ((width - left - 190) * v) / max;
+  let y = 40;
+  const parts = [`<text x="12" y="24" font-size="15" font-weight="bold">${esc(title)}</text>`];
+  for (const g of groups) {
+    parts.push(`<text x="12" y="${y + 14}" font-size="13" font-weight="bold">${esc(g.title)}</text>`);
+    y += 22;
+    for (const b of g.bars) {
+      parts.push(`<text x="${left - 8}" y="${y + 15}" font-size="12" text-anchor="end">${esc(b.label)}</text>`);
+      parts.push(`<rect x="${left}" y="${y + 3}" width="${Math.max(1, scale(b.value)).toFixed(1)}" height="${rowH - 6}" fill="${b.color}"/>`);
+      parts.push(`<text x="${left + scale(b.value) + 6}" y="${y + 15}" font-size="12">${esc(b.text)}</text>`);
+      y += rowH;
+    }
+    y += 8;
+  }
+  parts.push(`<text x="12" y="${y + 14}" font-size="11" fill="#555">${esc(unit)}</text>`);
+  return `<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${y + 24}" font-family="sans-serif"><rect width="100%" height="100%" fill="white"/>${parts.join('')}</svg>\n`;
+}
+
+const OURS = '#2a7ab0';
+const COPY = '#9aa5b1';
+const REF = '#d98b3a';
+const rows = run.kernels.rows;
+const ref = run.reference.rows;
+const ms = (shape, op) => rows.find((r) => r.shape === shape && r.op === op);
+const refMs = (shape, op) => ref.find((r) => r.shape === shape && r.op === op);
+const groups = [];
+let max = 0;
+for (const [shape, dims] of [['deepseek', 'DeepSeek-V3: T=16384, H=7168, E=256, k=8, bf16'], ['mixtral', 'Mixtral-like: T=16384, H=4096, E=8, k=2, bf16']]) {
+  const copy = ms(shape, 'copy (same bytes)');
+  const list = [
+    ['device copy of the same bytes', copy, COPY],
+    ['permute + probs (GPU plan, numOutTokens)', ms(shape, 'device permute+probs (plan+kernel, numOutTokens given)'), OURS],
+    ['unpermute + probs merge', ms(shape, 'device unpermute+probs (carried plan)'), OURS],
+    ['PyTorch reference permute + probs', refMs(shape, 'reference permute+probs'), REF],
+    ['PyTorch reference unpermute + probs', refMs(shape, 'reference unpermute+probs'), REF],
+  ];
+  groups.push({
+    title: dims,
+    bars: list.map(([label, r, color]) => {
+      max = Math.max(max, r.gbPerSecond);
+      return { label, value: r.gbPerSecond, color, text: `${Math.round(r.gbPerSecond)} GB/s  (${r.msMedian.toFixed(3)} ms)` };
+    }),
+  });
+}
+writeFileSync('docs/images/gpu-dispatch.svg', bars('Dispatch on an H100: effective bandwidth (bytes read + written)', `higher is better; ${run.machine}`, groups, max));
+
+const layer = run.experts.map((e) => ({
+  title: `${e.shape}: ${e.dims}`,
+  bars: [
+    { label: 'moe-dispatch (cuBLAS, saveForBackward)', value: e.layerForwardBackwardMs, color: OURS, text: `${e.layerForwardBackwardMs.toFixed(1)} ms` },
+    { label: 'PyTorch (reference permute, _grouped_mm)', value: e.torchLayerForwardBackwardMs, color: REF, text: `${e.torchLayerForwardBackwardMs.toFixed(1)} ms` },
+  ],
+}));
+const lmax = Math.max(...run.experts.flatMap((e) => [e.layerForwardBackwardMs, e.torchLayerForwardBackwardMs]));
+writeFileSync('docs/images/gpu-layer.svg', bars('MoE layer (permute, experts, unpermute), forward + backward, on an H100', 'lower is better', layer, lmax));
+console.log('wrote docs/images/gpu-dispatch.svg and docs/images/gpu-layer.svg');
