@@ -20,7 +20,11 @@ export class Handles {
 
   of(value: unknown, arg: string, dtypes: readonly DType[]): NativeCudaTensor {
     if (isDeviceTensor(value)) {
-      if (!dtypes.includes(value.dtype)) throw new TypeError(`${arg}.dtype: expected ${dtypes.join(' or ')}, got ${value.dtype}`);
+      if (!dtypes.includes(value.dtype)) {
+        // a disposed tensor is the first thing to say (checked only here: no cost when the dtype fits)
+        if (value.disposed) throw new TypeError(`${arg}: expected a device tensor that is not disposed, got one whose dispose() was called`);
+        throw new TypeError(`${arg}.dtype: expected ${dtypes.join(' or ')}, got ${value.dtype}`);
+      }
       return nativeHandle(value);
     }
     const h = this.addon.cudaUpload(wire(value, arg, dtypes));

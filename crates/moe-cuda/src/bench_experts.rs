@@ -13,9 +13,9 @@ use moe_core::activations::{ActivationKind, ActivationOptions};
 use moe_core::permute::{PermuteOptions, UnpermuteOptions};
 use moe_core::tensor::{DType, Tensor};
 use moe_cuda::activations::{launch_activation, launch_activation_backward, ExpMath};
-use moe_cuda::blas::{gemm, Operand, Output};
+use moe_cuda::blas::{gemm, Operand, Output, Problem};
 use moe_cuda::device_ops::{permute_backward_device, permute_device, unpermute_backward_device, unpermute_device};
-use moe_cuda::experts::{experts_backward_device, experts_backward_device_saved, experts_forward_device, experts_forward_device_saving, set_grouped_gemm, use_grouped, DeviceExpertsInputs};
+use moe_cuda::experts::{experts_backward_device, experts_backward_device_saved, experts_forward_device, experts_forward_device_saving, run_gemms, set_grouped_gemm, use_grouped, DeviceExpertsInputs};
 use moe_cuda::{Device, DeviceTensor};
 
 use crate::{time_ms, Rng};
@@ -107,7 +107,10 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
     let sc_w = dev.alloc("scratch", e * dim * width * 2)?;
 
     let x_ptr = perm.permuted_tokens.buf.device_ptr(dev);
+    // the expert GEMMs of one pass, as the experts issue them (run_gemms)
+    let b16 = |trans: bool| (DType::BF16, trans);
     let gemms = |backward: bool| -> moe_cuda::Result<()> {
+        let mut steps: Vec<(Vec<Problem>, (DType, bool), (DType, bool))> = vec![(vec![], b16(false), b16(false)); if backward { 5 } else { 2 }];
         let mut r0 = 0usize;
         for (ex, &c) in counts.iter().enumerate() {
             let c = c as usize;
@@ -117,18 +120,29 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
             let xe = x_ptr + (r0 * dim * 2) as u64;
             let w1e = w1.buf.device_ptr(dev) + (ex * dim * width * 2) as u64;
             let w2e = w2.buf.device_ptr(dev) + (ex * inter * dim * 2) as u64;
-            let b = |ptr: u64, trans: bool| Operand { ptr, dtype: DType::BF16, trans };
-            // forward (and the backward's recompute): h = x W1, y = a W2 (bf16 out, as the experts without an up bias)
-            gemm(dev, c, width, dim, b(xe, false), b(w1e, false), Output { ptr: sc_h.device_ptr(dev), dtype: DType::BF16 }, 0.0)?;
+            // each expert's rows (and weight gradients) at their own place, as in the experts
+            let a_s = sc_a.device_ptr(dev) + (r0 * width * 2) as u64;
+            let h_s = sc_h.device_ptr(dev) + (r0 * width * 2) as u64;
+            let o_s = sc_o.device_ptr(dev) + (r0 * dim.max(inter) * 2) as u64;
+            let w_s = sc_w.device_ptr(dev) + (ex * dim * width * 2) as u64;
+            // forward (and the backward's recompute): h = x W1, y = a W2
+            steps[0].0.push(Problem { m: c, n: width, k: dim, a: xe, b: w1e, c: h_s });
             if !backward {
-                gemm(dev, c, dim, inter, b(sc_a.device_ptr(dev), false), b(w2e, false), Output { ptr: sc_o.device_ptr(dev), dtype: DType::BF16 }, 0.0)?;
+                steps[1].0.push(Problem { m: c, n: dim, k: inter, a: a_s, b: w2e, c: o_s });
             } else {
-                gemm(dev, inter, dim, c, b(sc_a.device_ptr(dev), true), b(xe, false), Output { ptr: sc_w.device_ptr(dev), dtype: DType::BF16 }, 0.0)?;
-                gemm(dev, c, inter, dim, b(xe, false), b(w2e, true), Output { ptr: sc_o.device_ptr(dev), dtype: DType::BF16 }, 0.0)?;
-                gemm(dev, dim, width, c, b(xe, true), b(sc_a.device_ptr(dev), false), Output { ptr: sc_w.device_ptr(dev), dtype: DType::BF16 }, 0.0)?;
-                gemm(dev, c, dim, width, b(sc_a.device_ptr(dev), false), b(w1e, true), Output { ptr: sc_o.device_ptr(dev), dtype: DType::BF16 }, 0.0)?;
+                steps[1] = (steps[1].0.clone(), b16(true), b16(false));
+                steps[1].0.push(Problem { m: inter, n: dim, k: c, a: a_s, b: xe, c: w_s });
+                steps[2] = (steps[2].0.clone(), b16(false), b16(true));
+                steps[2].0.push(Problem { m: c, n: inter, k: dim, a: xe, b: w2e, c: o_s });
+                steps[3] = (steps[3].0.clone(), b16(true), b16(false));
+                steps[3].0.push(Problem { m: dim, n: width, k: c, a: xe, b: a_s, c: w_s });
+                steps[4] = (steps[4].0.clone(), b16(false), b16(true));
+                steps[4].0.push(Problem { m: c, n: dim, k: width, a: a_s, b: w1e, c: o_s });
             }
             r0 += c;
+        }
+        for (problems, a, b) in &steps {
+            run_gemms(dev, problems, *a, *b, DType::BF16)?;
         }
         Ok(())
     };

@@ -17,12 +17,13 @@ use crate::error::{Error, Result};
 
 /// Opens cuBLAS on `dev`'s stream. Errors say why (library missing, handle creation failed).
 pub(crate) fn open(dev: &Device) -> Result<CudaBlas> {
+    let stream = dev.stream();
     if !unsafe { blas_sys::is_culib_present() } {
         return Err(Error::Unavailable(
             "libcublas.so.13 not found (the expert GEMMs need cuBLAS: install the CUDA 13 cuBLAS library or add its folder to LD_LIBRARY_PATH)".into(),
         ));
     }
-    match catch_unwind(AssertUnwindSafe(|| CudaBlas::new(dev.stream().clone()))) {
+    match catch_unwind(AssertUnwindSafe(|| CudaBlas::new(stream.clone()))) {
         Ok(Ok(b)) => {
             // Pedantic: f32 GEMMs stay f32 (no TF32), and no reduced-precision split-K reductions.
             unsafe { blas_sys::cublasSetMathMode(*b.handle(), blas_sys::cublasMath_t::CUBLAS_PEDANTIC_MATH) }
@@ -72,10 +73,19 @@ pub fn gemm(dev: &Device, m: usize, n: usize, k: usize, a: Operand, b: Operand, 
     if m == 0 || n == 0 {
         return Ok(());
     }
+    gemm_with(dev.blas()?, m, n, k, a, b, c, beta)
+}
+
+/// [`gemm`] on a given handle (and so on its stream).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_with(blas: &CudaBlas, m: usize, n: usize, k: usize, a: Operand, b: Operand, c: Output, beta: f32) -> Result<()> {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
     if a.dtype != b.dtype {
         return Err(Error::Cuda(format!("GEMM operands of two dtypes ({} and {}): a bug in moe-dispatch", a.dtype.name(), b.dtype.name())));
     }
-    let handle = *dev.blas()?.handle();
+    let handle = *blas.handle();
     // Row-major C = A B is column-major C^T = B^T A^T: swap the operands. A row-major [r, c]
     // matrix is a column-major [c, r] one with leading dimension c.
     let (mi, ni, ki) = (int("m", m)?, int("n", n)?, int("k", k)?);

@@ -32,6 +32,7 @@ pub struct Device {
     blas: OnceLock<Result<cudarc::cublas::CudaBlas>>,
 }
 
+
 /// What [`Device::info`] reports.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeviceInfo {
