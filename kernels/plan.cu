@@ -110,6 +110,7 @@ extern "C" __global__ void __launch_bounds__(256) plan_rows(
     extern __shared__ u32 bits[];
     __shared__ int row_start[PLAN_CHUNK];
     __shared__ int part[8];
+    __shared__ int counts_s[2];
     const int chunk = blockIdx.x;
     const int t0 = chunk * PLAN_CHUNK;
     const int n = min(T - t0, PLAN_CHUNK);
@@ -130,17 +131,33 @@ extern "C" __global__ void __launch_bounds__(256) plan_rows(
     for (int o = 16; o > 0; o >>= 1) base += __shfl_xor_sync(0xffffffffu, base, o);
     if (lane == 0) part[warp] = base;
     __syncthreads();
-    if (threadIdx.x == 0) {
+    // each token's slot count, and their exclusive prefix over the chunk (warps 0 and 1: 64 tokens)
+    if (threadIdx.x < PLAN_CHUNK) {
+        const int i = threadIdx.x;
+        int c = 0;
+        if (i < n)
+            for (int w = 0; w < W; w++) c += __popc(bits[i * W + w]);
+        int x = c;
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(0xffffffffu, x, o);
+            if (lane >= o) x += y;
+        }
+        if (lane == 31) counts_s[warp] = x;
+        row_start[i] = x - c;  // within the warp, for now
+    }
+    __syncthreads();
+    if (threadIdx.x < PLAN_CHUNK) {
+        const int i = threadIdx.x;
         int pos = 0;
-        for (int w = 0; w < 8; w++) pos += part[w];
-        for (int i = 0; i < n; i++) {
-            row_start[i] = pos;
+        for (int v = 0; v < 8; v++) pos += part[v];
+        pos += row_start[i] + (warp == 1 ? counts_s[0] : 0);
+        row_start[i] = pos;
+        if (i < n) row_ptr[t0 + i] = min(pos, N);
+        if (t0 + n == T && i == n - 1) {
             int c = 0;
             for (int w = 0; w < W; w++) c += __popc(bits[i * W + w]);
-            pos += c;
+            row_ptr[T] = min(pos + c, N);
         }
-        for (int i = 0; i < n; i++) row_ptr[t0 + i] = min(row_start[i], N);
-        if (t0 + n == T) row_ptr[T] = min(pos, N);
     }
     __syncthreads();
     // each expert's selected tokens of the chunk, in token order
