@@ -16,31 +16,19 @@ import json
 import torch
 import torch.nn.functional as F
 
+from gpu_torch_ref import time_ms as _time_ms
+
 SHAPES = [("mixtral", 8192, 4096, 14336, 8, 2), ("fine-grained", 8192, 2048, 1408, 64, 6)]
 
 
 def time_ms(f, iters):
+    """gpu_torch_ref's timing (CUDA events, median), NaN where the call fails (e.g. no backward
+    for torch._grouped_mm in this build)."""
     try:
-        return _time_ms(f, iters)
-    except Exception as e:  # e.g. no backward for torch._grouped_mm in this build
+        return _time_ms(f, iters)[0]
+    except Exception as e:
         print(f"  failed: {type(e).__name__}: {str(e)[:200]}")
         return float("nan")
-
-
-def _time_ms(f, iters):
-    for _ in range(3):
-        f()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        f()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2]
 
 
 def swiglu(h, p):

@@ -5,6 +5,8 @@
 // * the integer typedefs;
 // * the element types F32, BF16 and F16 (`S` the storage type, `to_f32` / `from_f32` rounding
 //   exactly as moe_core::tensor::Float does);
+// * raw words of 2, 4, 8 or 16 bytes (`Word<BYTES>::T`: rows move as raw bits);
+// * `expert_of`: the expert that owns slot (or row) s, from the expert offsets;
 // * moe_core::detmath (det_exp, det_ln, det_ln_1p) line for line: + - * / floor and bit
 //   operations only, so with --fmad=false the GPU gets the core's bits.
 
@@ -55,6 +57,25 @@ struct F16 {
         return h;
     }
 };
+
+// ---------------------------------------------------------------------------------------
+// Raw words of 2, 4, 8 or 16 bytes: the unit of every row copy.
+template <int BYTES> struct Word;
+template <> struct Word<2> { typedef u16 T; };
+template <> struct Word<4> { typedef u32 T; };
+template <> struct Word<8> { typedef uint2 T; };
+template <> struct Word<16> { typedef uint4 T; };
+
+// The expert of slot (or expert-major row) s: the last e with offsets[e] <= s (offsets[0] = 0;
+// experts with no slots have equal neighbouring offsets and are skipped by the search).
+static __device__ __forceinline__ int expert_of(const int* __restrict__ offsets, int num_experts, long long s) {
+    int lo = 0, hi = num_experts - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) >> 1;
+        if ((long long)__ldg(offsets + mid) <= s) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
 
 // ---------------------------------------------------------------------------------------
 // moe_core::detmath, line for line.

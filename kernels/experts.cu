@@ -14,21 +14,12 @@
 // Launch shapes: (rows, column blocks) grids with 256 threads for the row kernels; colsum uses
 // (experts, column blocks).
 
-// The expert of row r: the last e with offsets[e] <= r.
-static __device__ __forceinline__ int expert_of_row(const int* __restrict__ offsets, int num_experts, long long r) {
-    int lo = 0, hi = num_experts - 1;
-    while (lo < hi) {
-        int mid = (lo + hi + 1) >> 1;
-        if ((long long)__ldg(offsets + mid) <= r) lo = mid; else hi = mid - 1;
-    }
-    return lo;
-}
 
 template <typename T>
 __device__ __forceinline__ void add_bias_impl(float* __restrict__ h, long long width, const typename T::S* __restrict__ bias,
                                               const int* __restrict__ offsets, int num_experts) {
     const long long r = blockIdx.x;
-    const int e = expert_of_row(offsets, num_experts, r);
+    const int e = expert_of(offsets, num_experts, r);
     for (long long j = (long long)blockIdx.y * blockDim.x + threadIdx.x; j < width; j += (long long)gridDim.y * blockDim.x) {
         h[r * width + j] = __fadd_rn(h[r * width + j], T::to_f32(bias[(long long)e * width + j]));
     }
@@ -39,7 +30,7 @@ __device__ __forceinline__ void epilogue_impl(const float* __restrict__ yf, type
                                               const typename T::S* __restrict__ bias, const float* __restrict__ probs,
                                               const int* __restrict__ offsets, int num_experts) {
     const long long r = blockIdx.x;
-    const int e = bias ? expert_of_row(offsets, num_experts, r) : 0;
+    const int e = bias ? expert_of(offsets, num_experts, r) : 0;
     const float p = probs ? probs[r] : 1.0f;
     for (long long j = (long long)blockIdx.y * blockDim.x + threadIdx.x; j < width; j += (long long)gridDim.y * blockDim.x) {
         float v = yf[r * width + j];
@@ -71,7 +62,7 @@ __device__ __forceinline__ void row_dot_impl(const typename T::S* __restrict__ g
                                              float* __restrict__ out) {
     const long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= rows) return;
-    const int e = expert_of_row(offsets, num_experts, r);
+    const int e = expert_of(offsets, num_experts, r);
     double acc = 0.0;
     for (long long j = 0; j < width; j++) {
         acc += (double)__fmul_rn(T::to_f32(g[r * width + j]), T::to_f32(bias[(long long)e * width + j]));

@@ -18,12 +18,7 @@
 #define LAYOUT_CHUNK 64
 #define LAYOUT_UNROLL 4
 
-// Raw words of 2, 4, 8 or 16 bytes.
-template <int BYTES> struct LWord;
-template <> struct LWord<2> { typedef u16 T; };
-template <> struct LWord<4> { typedef u32 T; };
-template <> struct LWord<8> { typedef uint2 T; };
-template <> struct LWord<16> { typedef uint4 T; };
+// Raw words (Word<BYTES>) and expert_of come from kernels/common.cuh.
 
 // Exclusive scan of `v` over the block (blockDim.x a multiple of 32, at most 1024); `*total`
 // gets the block's sum. Every thread of the block must call it.
@@ -52,15 +47,6 @@ static __device__ __forceinline__ int block_exclusive_scan(int v, int* total) {
     return incl - v;
 }
 
-// The last e with offsets[e] <= s (offsets[0] = 0): the expert of slot s in plain mode.
-static __device__ __forceinline__ int layout_expert_of_slot(const int* __restrict__ offsets, int num_experts, int s) {
-    int lo = 0, hi = num_experts - 1;
-    while (lo < hi) {
-        int mid = (lo + hi + 1) >> 1;
-        if (__ldg(offsets + mid) <= s) lo = mid; else hi = mid - 1;
-    }
-    return lo;
-}
 
 // ---------------------------------------------------------------------------------------
 // indicesToMultihot / multihotToIndices (moe_core::routing_map)
@@ -431,7 +417,7 @@ extern "C" __global__ void grouped_offsets(const int* __restrict__ offs, int L, 
 extern "C" __global__ void slot_expert_check(const int* __restrict__ sorted, int n, const int* __restrict__ offsets, int E, int capacity, int drop_and_pad, const u8* __restrict__ map, const u32* __restrict__ dense, u32* __restrict__ weights, u32* __restrict__ err) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    const int e = drop_and_pad ? i / capacity : layout_expert_of_slot(offsets, E, i);
+    const int e = drop_and_pad ? i / capacity : expert_of(offsets, E, i);
     const i64 cell = (i64)__ldg(sorted + i) * E + e;
     if (!drop_and_pad && __ldg(map + cell) == 0) err[0] = 1u;
     if (dense != 0) weights[i] = __ldg(dense + cell);
@@ -446,7 +432,7 @@ extern "C" __global__ void probs_grad_scatter(const int* __restrict__ row_ptr, c
     float* row = dense + (i64)t * E;
     for (int j = beg; j < end; j++) {
         const int i = __ldg(slots + j);
-        const int e = drop_and_pad ? i / capacity : layout_expert_of_slot(offsets, E, i);
+        const int e = drop_and_pad ? i / capacity : expert_of(offsets, E, i);
         row[e] = __fadd_rn(row[e], __ldg(g + i));
     }
 }

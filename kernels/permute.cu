@@ -22,12 +22,7 @@
 // Element types (F32, BF16, F16) and u16/u32 come from kernels/common.cuh, prepended by
 // compile.rs.
 
-// Raw words of 2, 4, 8 or 16 bytes: the unit of every load and store.
-template <int BYTES> struct Word;
-template <> struct Word<2> { typedef u16 T; };
-template <> struct Word<4> { typedef u32 T; };
-template <> struct Word<8> { typedef uint2 T; };
-template <> struct Word<16> { typedef uint4 T; };
+// Raw words (Word<BYTES>) and expert_of come from kernels/common.cuh.
 
 // Read-only, non-coherent loads (the inputs are never written by the same kernel).
 static __device__ __forceinline__ u16 load_ro(const u16* p) { return __ldg(p); }
@@ -38,16 +33,6 @@ static __device__ __forceinline__ uint4 load_ro(const uint4* p) { return __ldg(p
 // ---------------------------------------------------------------------------------------
 // permute
 
-// The expert of slot s: the last e with expertOffsets[e] <= s (offsets[0] = 0, offsets[E] = N;
-// experts with no slots have equal neighbouring offsets and are skipped by the search).
-static __device__ __forceinline__ int expert_of_slot(const int* __restrict__ offsets, int num_experts, int s) {
-    int lo = 0, hi = num_experts - 1;
-    while (lo < hi) {
-        int mid = (lo + hi + 1) >> 1;
-        if (__ldg(offsets + mid) <= s) lo = mid; else hi = mid - 1;
-    }
-    return lo;
-}
 
 // Each thread moves UNROLL words of one token row (strided by blockDim.x) to all of its slots.
 // permutedProbs[s] = denseProbs[t, expert of s], written by the column block 0 of token t.
@@ -82,7 +67,7 @@ __device__ __forceinline__ void permute_scatter_impl(
         for (int j = beg + threadIdx.x; j < end; j += blockDim.x) {
             int s = __ldg(slots + j);
             if (s < 0) continue;
-            out_probs[s] = __ldg(dense_probs + (long long)t * num_experts + expert_of_slot(expert_offsets, num_experts, s));
+            out_probs[s] = __ldg(dense_probs + (long long)t * num_experts + expert_of(expert_offsets, num_experts, s));
         }
     }
 }
@@ -111,7 +96,7 @@ __device__ __forceinline__ void permute_gather_impl(
         if (c < words_per_row) dst[c] = v[u];
     }
     if (dense_probs != 0 && blockIdx.y == 0 && threadIdx.x == 0) {
-        out_probs[s] = __ldg(dense_probs + (long long)t * num_experts + expert_of_slot(expert_offsets, num_experts, s));
+        out_probs[s] = __ldg(dense_probs + (long long)t * num_experts + expert_of(expert_offsets, num_experts, s));
     }
 }
 

@@ -269,10 +269,5 @@ extern "C" __global__ void gather_slot_probs(const float* __restrict__ dense, co
                                              const int* __restrict__ expert_offsets, int E, int N, float* __restrict__ out) {
     const int s = blockIdx.x * blockDim.x + threadIdx.x;
     if (s >= N) return;
-    int lo = 0, hi = E - 1;
-    while (lo < hi) {
-        int mid = (lo + hi + 1) >> 1;
-        if (__ldg(expert_offsets + mid) <= s) lo = mid; else hi = mid - 1;
-    }
-    out[s] = __ldg(dense + (i64)__ldg(sorted_indices + s) * E + lo);
+    out[s] = __ldg(dense + (i64)__ldg(sorted_indices + s) * E + expert_of(expert_offsets, E, s));
 }

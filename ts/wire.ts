@@ -54,3 +54,16 @@ export function checkNumber(value: unknown, arg: string): number | undefined {
   return value;
 }
 
+/** A number the op cannot do without: absent is a TypeError too (its value is checked by the core). */
+export function requiredNumber(value: unknown, arg: string): number {
+  const n = checkNumber(value, arg);
+  if (n === undefined) throw new TypeError(`${arg}: expected a number (required), got undefined`);
+  return n;
+}
+
+export function optString(value: unknown, arg: string): string | undefined {
+  if (value === undefined) return undefined;
+  if (typeof value !== 'string') throw new TypeError(`${arg}: expected a string, got ${typeof value}`);
+  return value;
+}
+

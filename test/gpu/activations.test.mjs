@@ -11,7 +11,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 
-import { cpu, cuda, cudaInfo, cudaOnly, host, lib, outcome, rng, skip, standIn, tensor } from './common.mjs';
+import { cpu, cuda, cudaInfo, cudaOnly, host, lib, outcome, rng, sameLayout, skip, standIn, tensor } from './common.mjs';
 if (cudaInfo?.available) console.log(`# cuda: ${cudaInfo.device}; kernels: ${cudaInfo.kernels}; GPU ops: ${cudaInfo.gpuOps?.join(', ')}`);
 else if (skip) console.log(`# ${skip}`);
 
@@ -35,14 +35,8 @@ function isNaNBits(dtype, data, i) {
 
 /** Bit for bit, except that any NaN equals any NaN (NaN payloads after arithmetic are not part of the contract). */
 function assertSameFloats(got, want, what) {
-  if (want === undefined || want === null) {
-    assert.ok(got === undefined || got === null, `${what}: expected absent, got a tensor`);
-    return;
-  }
-  got = host(got);
-  assert.ok(got, `${what}: missing`);
-  assert.equal(got.dtype, want.dtype, `${what}: dtype`);
-  assert.deepEqual([...got.shape], [...want.shape], `${what}: shape`);
+  got = sameLayout(got, want, what);
+  if (!got) return;
   assert.equal(got.data.length, want.data.length, `${what}: length`);
   const bits = (d) => (d instanceof Float32Array ? new Uint32Array(d.buffer, d.byteOffset, d.length) : d);
   const a = bits(got.data);

@@ -26,15 +26,25 @@ export function host(t) {
   return t && lib.isDeviceTensor(t) ? t.download() : t;
 }
 
-export function assertSameBits(got, want, what) {
+/**
+ * `got` as a host tensor, after checking that it is present exactly when `want` is, with `want`'s
+ * dtype and shape; undefined when both are absent.
+ */
+export function sameLayout(got, want, what) {
   if (want === undefined || want === null) {
     assert.ok(got === undefined || got === null, `${what}: expected absent, got a tensor`);
-    return;
+    return undefined;
   }
   got = host(got);
   assert.ok(got, `${what}: missing`);
   assert.equal(got.dtype, want.dtype, `${what}: dtype`);
   assert.deepEqual([...got.shape], [...want.shape], `${what}: shape`);
+  return got;
+}
+
+export function assertSameBits(got, want, what) {
+  got = sameLayout(got, want, what);
+  if (!got) return;
   const a = bytesOf(got);
   const b = bytesOf(want);
   assert.equal(a.length, b.length, `${what}: byte length`);

@@ -11,7 +11,7 @@
 import { writeFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 
-import { cuda, cudaInfo, lib, skip, tensor } from './common.mjs';
+import { cuda, cudaInfo, lib, rng, skip, tensor } from './common.mjs';
 
 const { values: opts } = parseArgs({ options: { small: { type: 'string' }, large: { type: 'string' }, out: { type: 'string' } } });
 if (skip || !cudaInfo?.available) {
@@ -21,15 +21,7 @@ if (skip || !cudaInfo?.available) {
 const SMALL = Number(opts.small ?? 100_000);
 const LARGE = Number(opts.large ?? 1_000);
 const gc = globalThis.gc ?? (() => {});
-const rand = (() => {
-  let a = 99;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = Math.imul(a ^ (a >>> 15), a | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-})();
+const rand = rng(99);
 const f32 = (shape) => tensor('float32', shape, Float32Array.from({ length: shape.reduce((a, b) => a * b, 1) }, () => rand() * 2 - 1));
 const up = (t) => cuda.upload(t);
 

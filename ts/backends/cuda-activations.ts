@@ -13,7 +13,7 @@ import { isDeviceTensor, wrapDevice, type DeviceTensor, type NativeCudaTensor } 
 import type { ActivationGrads, ActivationOptions } from '../ops/activations.js';
 import type { SwitchLoadBalancingLossOptions, ZLossOptions } from '../ops/routing.js';
 import { tensor, type DType, type IndexDType, type Tensor, type TokenDType } from '../tensor.js';
-import { checkNumber, checkOptions, INDICES, TOKENS, wire } from '../wire.js';
+import { checkNumber, checkOptions, INDICES, requiredNumber, TOKENS, wire } from '../wire.js';
 import { anyDevice, optionValue, type Addon, type GpuContext, type GpuFamily, type Handles } from './cuda-common.js';
 
 /** A host or a device tensor of dtype D. */
@@ -83,13 +83,6 @@ function activationArgs(h: Handles, options: unknown, op: string): [string | und
   const o = checkOptions<DeviceActivationOptions>(options, op, ACTIVATION_OPTIONS);
   if (o.kind !== undefined && typeof o.kind !== 'string') throw new TypeError(`options.kind: expected a string, got ${typeof o.kind}`);
   return [o.kind, h.opt(o.probs, 'probs', ['float32']), checkNumber(o.alpha, 'options.alpha'), checkNumber(o.limit, 'options.limit'), checkNumber(o.linearOffset, 'options.linearOffset')];
-}
-
-/** A required number option: absent is a TypeError (its value is checked by the core). */
-function requiredNumber(value: unknown, arg: string): number {
-  const n = checkNumber(value, arg);
-  if (n === undefined) throw new TypeError(`${arg}: expected a number (required), got undefined`);
-  return n;
 }
 
 /** The Switch losses' options as positional arguments, checked as ts/ops/routing.ts does. */

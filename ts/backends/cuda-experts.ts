@@ -84,38 +84,26 @@ export interface CudaExpertsOps {
 type H = NativeCudaTensor;
 type Opt = number | undefined;
 
+/** The positional arguments every grouped-experts function of the addon starts with. */
+type ExpertsArgs = [
+  x: H,
+  c: H,
+  w1: H,
+  w1Name: string,
+  w2: H,
+  kind: string | undefined,
+  p: H | undefined,
+  b1: H | undefined,
+  b2: H | undefined,
+  alpha: Opt,
+  limit: Opt,
+  linearOffset: Opt,
+];
+
 interface ExpertsAddon {
-  cudaExpertsForwardDevice(
-    x: H,
-    c: H,
-    w1: H,
-    w1Name: string,
-    w2: H,
-    kind: string | undefined,
-    p: H | undefined,
-    b1: H | undefined,
-    b2: H | undefined,
-    alpha: Opt,
-    limit: Opt,
-    linearOffset: Opt,
-    saveForBackward: boolean | undefined,
-  ): { output: H; upProjection?: H | null; activation?: H | null };
+  cudaExpertsForwardDevice(...args: [...ExpertsArgs, saveForBackward: boolean | undefined]): { output: H; upProjection?: H | null; activation?: H | null };
   cudaExpertsBackwardDevice(
-    g: H,
-    x: H,
-    c: H,
-    w1: H,
-    w1Name: string,
-    w2: H,
-    kind: string | undefined,
-    p: H | undefined,
-    b1: H | undefined,
-    b2: H | undefined,
-    alpha: Opt,
-    limit: Opt,
-    linearOffset: Opt,
-    savedUpProjection: H | undefined,
-    savedActivation: H | undefined,
+    ...args: [g: H, ...ExpertsArgs, savedUpProjection: H | undefined, savedActivation: H | undefined]
   ): { gradTokens: H; gradGateAndUpProjs: H; gradDownProjs: H; gradGateUpProjBias?: H | null; gradDownProjBias?: H | null; gradProbs?: H | null };
   cudaMatmulDevice(a: H, b: H, transA: boolean | undefined, transB: boolean | undefined): H;
 }

@@ -16,7 +16,7 @@ import { isDeviceTensor, wrapDevice, type DeviceTensor, type NativeCudaTensor } 
 import type { MultihotToIndicesOptions } from '../ops/dispatch.js';
 import type { DropTokensOptions, DropTokensResult, GroupedMmSortOptions, GroupedMmSortResult, SortChunksGrads, SortChunksResult } from '../ops/layout.js';
 import { isTensor, tensor, type DType, type IndexDType, type Tensor, type TokenDType } from '../tensor.js';
-import { checkBool, checkNumber, checkOptions, INDICES, TOKENS, wire } from '../wire.js';
+import { checkBool, checkNumber, checkOptions, INDICES, optString, requiredNumber, TOKENS, wire } from '../wire.js';
 import { anyDevice, optionValue, type Addon, type GpuContext, type GpuFamily, type Handles } from './cuda-common.js';
 
 /** A host or a device tensor of dtype D. */
@@ -103,18 +103,6 @@ const FUNCTIONS: readonly (keyof LayoutAddon)[] = [
   'cudaSortChunksByIndexBackwardDevice',
   'cudaGroupedMmSortDevice',
 ];
-
-/** A number the op cannot do without (ts/ops/layout.ts's check and message). */
-function requiredNumber(value: unknown, arg: string): number {
-  if (typeof value !== 'number') throw new TypeError(`${arg}: expected a number, got ${value === undefined ? 'undefined' : typeof value}`);
-  return value;
-}
-
-function optString(value: unknown, arg: string): string | undefined {
-  if (value === undefined) return undefined;
-  if (typeof value !== 'string') throw new TypeError(`${arg}: expected a string, got ${typeof value}`);
-  return value;
-}
 
 /** Thrown inside a call to run the op on the host instead (an int64 index beyond int32). */
 const ON_HOST = Symbol('on host');

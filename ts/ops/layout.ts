@@ -3,7 +3,7 @@
  * interface, and its adapter over a binding. All the arithmetic is the Rust core's.
  */
 import { checkTensor, type DType, type IndexDType, type Tensor, type TokenDType } from '../tensor.js';
-import { checkBool, checkNumber, checkOptions, INDICES, optWire, TOKENS, wire, type Call, type WireTensor } from '../wire.js';
+import { checkBool, checkNumber, checkOptions, INDICES, optString, optWire, requiredNumber, TOKENS, wire, type Call, type WireTensor } from '../wire.js';
 
 /** How `dropTokens` chooses the tokens an over-full expert keeps. */
 export type DropPolicy = 'probs' | 'position';
@@ -163,18 +163,6 @@ export interface LayoutBinding {
 function dropAbsent<T extends object>(out: T, key: keyof T): T {
   if (out[key] === undefined || out[key] === null) delete out[key];
   return out;
-}
-
-/** A number the op cannot do without: absent is a TypeError, like any non-number. */
-function requiredNumber(value: unknown, arg: string): number {
-  if (typeof value !== 'number') throw new TypeError(`${arg}: expected a number, got ${value === undefined ? 'undefined' : typeof value}`);
-  return value;
-}
-
-function optString(value: unknown, arg: string): string | undefined {
-  if (value === undefined) return undefined;
-  if (typeof value !== 'string') throw new TypeError(`${arg}: expected a string, got ${typeof value}`);
-  return value;
 }
 
 function meshWire(mesh: unknown): [string[], number[]] {

@@ -1,6 +1,6 @@
 /** Routing (router logits to top-k experts) and the auxiliary router losses: the interface, and its adapter over a binding. */
 import type { IndexDType, Tensor } from '../tensor.js';
-import { checkBool, checkNumber, checkOptions, INDICES, optWire, wire, type Call, type WireTensor } from '../wire.js';
+import { checkBool, checkNumber, checkOptions, INDICES, optWire, requiredNumber, wire, type Call, type WireTensor } from '../wire.js';
 
 /**
  * How router logits become scores (NeMo Automodel `Gate.score_func`):
@@ -111,13 +111,6 @@ export interface RoutingBinding {
   switchLoadBalancingLoss(probs: WireTensor, tokensPerExpert: WireTensor, topk: number, coeff: number | undefined, numTokens: number | undefined, tokenMask: WireTensor | undefined): { loss: number; gradProbs: Tensor };
   switchLoadBalancingLossFromLogits(logits: WireTensor, tokensPerExpert: WireTensor, topk: number, coeff: number | undefined, numTokens: number | undefined, tokenMask: WireTensor | undefined): { loss: number; gradLogits: Tensor };
   zLoss(logits: WireTensor, coeff: number | undefined, tokenMask: WireTensor | undefined): { loss: number; gradLogits: Tensor };
-}
-
-/** A required number option: absent is a TypeError (its value is checked by the core). */
-function requiredNumber(value: unknown, arg: string): number {
-  const n = checkNumber(value, arg);
-  if (n === undefined) throw new TypeError(`${arg}: expected a number (required), got undefined`);
-  return n;
 }
 
 function switchArgs(options: unknown, op: string): [number, number | undefined, number | undefined, WireTensor | undefined] {
