@@ -20,6 +20,9 @@ use moe_cuda::{Device, DeviceTensor};
 
 use crate::{time_ms, Rng};
 
+/// One GEMM step of the experts: its problems and the (dtype, transposed) of A and B.
+type Step = (Vec<Problem>, (DType, bool), (DType, bool));
+
 pub struct ExpertShape {
     pub name: &'static str,
     pub tokens: usize,
@@ -110,7 +113,7 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
     // the expert GEMMs of one pass, as the experts issue them (run_gemms)
     let b16 = |trans: bool| (DType::BF16, trans);
     let gemms = |backward: bool| -> moe_cuda::Result<()> {
-        let mut steps: Vec<(Vec<Problem>, (DType, bool), (DType, bool))> = vec![(vec![], b16(false), b16(false)); if backward { 5 } else { 2 }];
+        let mut steps: Vec<Step> = vec![(vec![], b16(false), b16(false)); if backward { 5 } else { 2 }];
         let mut r0 = 0usize;
         for (ex, &c) in counts.iter().enumerate() {
             let c = c as usize;
