@@ -574,6 +574,18 @@ mod tests {
         assert_eq!(inter_of(ActivationKind::Relu2, 5), Some(5));
         assert_eq!(inter_of(ActivationKind::Swiglu, 5), None);
         assert_eq!(inter_of(ActivationKind::QuickGeglu, 6), Some(3));
+        // the 2-D grid: every column covered by x, at most 65535 block rows (grid stride beyond),
+        // about 4096 blocks in all, nothing launched for empty inputs
+        assert_eq!(row_grid(0, 100), (0, 0));
+        assert_eq!(row_grid(100, 0), (0, 0));
+        assert_eq!(row_grid(3, 10), (1, 3));
+        let (x, y) = row_grid(16384, 14336);
+        assert!(x as usize * THREADS as usize >= 14336);
+        assert!(x as usize * y as usize <= 4096 + x as usize && y >= 1, "{x} x {y}");
+        let (x, y) = row_grid(1 << 20, 1);
+        assert_eq!((x, y), (1, 4096));
+        let (x, y) = row_grid(10, 1 << 30);
+        assert_eq!((x as usize, y), ((1usize << 30).div_ceil(THREADS as usize).min(MAX_BLOCKS), 1));
         assert_eq!(blocks(0), 0);
         assert_eq!(blocks(1), 1);
         assert_eq!(blocks(257), 2);
