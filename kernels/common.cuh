@@ -7,6 +7,7 @@
 //   exactly as moe_core::tensor::Float does);
 // * raw words of 2, 4, 8 or 16 bytes (`Word<BYTES>::T`: rows move as raw bits);
 // * `expert_of`: the expert that owns slot (or row) s, from the expert offsets;
+// * `block_exclusive_scan`: an integer prefix sum over a block's threads;
 // * moe_core::detmath (det_exp, det_ln, det_ln_1p) line for line: + - * / floor and bit
 //   operations only, so with --fmad=false the GPU gets the core's bits.
 
@@ -75,6 +76,34 @@ static __device__ __forceinline__ int expert_of(const int* __restrict__ offsets,
         if ((long long)__ldg(offsets + mid) <= s) lo = mid; else hi = mid - 1;
     }
     return lo;
+}
+
+// ---------------------------------------------------------------------------------------
+// Exclusive scan of `v` over the block (blockDim.x a multiple of 32, at most 1024); `*total`
+// gets the block's sum. Every thread of the block must call it.
+static __device__ __forceinline__ int block_exclusive_scan(int v, int* total) {
+    __shared__ int warp_sums[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int x = v;
+    for (int o = 1; o < 32; o <<= 1) {
+        int y = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= o) x += y;
+    }
+    if (lane == 31) warp_sums[warp] = x;
+    __syncthreads();
+    if (warp == 0) {
+        int w = lane < (int)(blockDim.x >> 5) ? warp_sums[lane] : 0;
+        for (int o = 1; o < 32; o <<= 1) {
+            int y = __shfl_up_sync(0xffffffffu, w, o);
+            if (lane >= o) w += y;
+        }
+        warp_sums[lane] = w;  // inclusive
+    }
+    __syncthreads();
+    const int incl = x + (warp > 0 ? warp_sums[warp - 1] : 0);
+    *total = warp_sums[(blockDim.x >> 5) - 1];
+    __syncthreads();  // warp_sums is reused by the next call
+    return incl - v;
 }
 
 // ---------------------------------------------------------------------------------------

@@ -20,32 +20,7 @@
 
 // Raw words (Word<BYTES>) and expert_of come from kernels/common.cuh.
 
-// Exclusive scan of `v` over the block (blockDim.x a multiple of 32, at most 1024); `*total`
-// gets the block's sum. Every thread of the block must call it.
-static __device__ __forceinline__ int block_exclusive_scan(int v, int* total) {
-    __shared__ int warp_sums[32];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int x = v;
-    for (int o = 1; o < 32; o <<= 1) {
-        int y = __shfl_up_sync(0xffffffffu, x, o);
-        if (lane >= o) x += y;
-    }
-    if (lane == 31) warp_sums[warp] = x;
-    __syncthreads();
-    if (warp == 0) {
-        int w = lane < (int)(blockDim.x >> 5) ? warp_sums[lane] : 0;
-        for (int o = 1; o < 32; o <<= 1) {
-            int y = __shfl_up_sync(0xffffffffu, w, o);
-            if (lane >= o) w += y;
-        }
-        warp_sums[lane] = w;  // inclusive
-    }
-    __syncthreads();
-    const int incl = x + (warp > 0 ? warp_sums[warp - 1] : 0);
-    *total = warp_sums[(blockDim.x >> 5) - 1];
-    __syncthreads();  // warp_sums is reused by the next call
-    return incl - v;
-}
+// block_exclusive_scan comes from kernels/common.cuh.
 
 
 // ---------------------------------------------------------------------------------------

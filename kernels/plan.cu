@@ -66,38 +66,15 @@ extern "C" __global__ void plan_chunk_scan(int* __restrict__ chunk_counts, int n
 
 // One block of 1024 threads: expert_offsets = the exclusive prefix of tokens_per_expert.
 extern "C" __global__ void __launch_bounds__(1024) plan_expert_offsets(const int* __restrict__ tokens_per_expert, int E, int* __restrict__ expert_offsets) {
-    __shared__ int warp_sums[32];
-    __shared__ int carry_s;
-    if (threadIdx.x == 0) carry_s = 0;
-    __syncthreads();
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int carry = 0;
     for (int base = 0; base < E; base += blockDim.x) {
         const int e = base + threadIdx.x;
-        const int slots = e < E ? tokens_per_expert[e] : 0;
-        int x = slots;
-        for (int o = 1; o < 32; o <<= 1) {
-            int y = __shfl_up_sync(0xffffffffu, x, o);
-            if (lane >= o) x += y;
-        }
-        if (lane == 31) warp_sums[warp] = x;
-        __syncthreads();
-        if (warp == 0) {
-            int w = lane < (int)(blockDim.x >> 5) ? warp_sums[lane] : 0;
-            for (int o = 1; o < 32; o <<= 1) {
-                int y = __shfl_up_sync(0xffffffffu, w, o);
-                if (lane >= o) w += y;
-            }
-            warp_sums[lane] = w;  // inclusive
-        }
-        __syncthreads();
-        const int carry = carry_s;
-        const int incl = x + (warp > 0 ? warp_sums[warp - 1] : 0);
-        if (e < E) expert_offsets[e] = carry + incl - slots;
-        __syncthreads();
-        if (threadIdx.x == blockDim.x - 1) carry_s = carry + incl;
-        __syncthreads();
+        int total;
+        const int excl = block_exclusive_scan(e < E ? tokens_per_expert[e] : 0, &total);
+        if (e < E) expert_offsets[e] = carry + excl;
+        carry += total;
     }
-    if (threadIdx.x == 0) expert_offsets[E] = carry_s;
+    if (threadIdx.x == 0) expert_offsets[E] = carry;
 }
 
 // A plain plan's sortedIndices and token CSR, one block (256 threads) per chunk of PLAN_CHUNK
@@ -110,7 +87,6 @@ extern "C" __global__ void __launch_bounds__(256) plan_rows(
     extern __shared__ u32 bits[];
     __shared__ int row_start[PLAN_CHUNK];
     __shared__ int part[8];
-    __shared__ int counts_s[2];
     const int chunk = blockIdx.x;
     const int t0 = chunk * PLAN_CHUNK;
     const int n = min(T - t0, PLAN_CHUNK);
@@ -131,34 +107,19 @@ extern "C" __global__ void __launch_bounds__(256) plan_rows(
     for (int o = 16; o > 0; o >>= 1) base += __shfl_xor_sync(0xffffffffu, base, o);
     if (lane == 0) part[warp] = base;
     __syncthreads();
-    // each token's slot count, and their exclusive prefix over the chunk (warps 0 and 1: 64 tokens)
-    if (threadIdx.x < PLAN_CHUNK) {
-        const int i = threadIdx.x;
-        int c = 0;
-        if (i < n)
-            for (int w = 0; w < W; w++) c += __popc(bits[i * W + w]);
-        int x = c;
-        for (int o = 1; o < 32; o <<= 1) {
-            const int y = __shfl_up_sync(0xffffffffu, x, o);
-            if (lane >= o) x += y;
-        }
-        if (lane == 31) counts_s[warp] = x;
-        row_start[i] = x - c;  // within the warp, for now
+    // each token's slot count, and their exclusive prefix over the chunk
+    int pos = 0;
+    for (int v = 0; v < 8; v++) pos += part[v];
+    int c = 0;
+    if ((int)threadIdx.x < n)
+        for (int w = 0; w < W; w++) c += __popc(bits[threadIdx.x * W + w]);
+    int total;
+    const int excl = block_exclusive_scan(c, &total);
+    if ((int)threadIdx.x < n) {
+        row_start[threadIdx.x] = pos + excl;
+        row_ptr[t0 + threadIdx.x] = min(pos + excl, N);
     }
-    __syncthreads();
-    if (threadIdx.x < PLAN_CHUNK) {
-        const int i = threadIdx.x;
-        int pos = 0;
-        for (int v = 0; v < 8; v++) pos += part[v];
-        pos += row_start[i] + (warp == 1 ? counts_s[0] : 0);
-        row_start[i] = pos;
-        if (i < n) row_ptr[t0 + i] = min(pos, N);
-        if (t0 + n == T && i == n - 1) {
-            int c = 0;
-            for (int w = 0; w < W; w++) c += __popc(bits[i * W + w]);
-            row_ptr[T] = min(pos + c, N);
-        }
-    }
+    if (t0 + n == T && threadIdx.x == 0) row_ptr[T] = min(pos + total, N);
     __syncthreads();
     // each expert's selected tokens of the chunk, in token order
     for (int e = threadIdx.x; e < E; e += blockDim.x) {
@@ -215,38 +176,15 @@ extern "C" __global__ void plan_fill(
 
 // One block of 1024 threads: out[i] = sum of in[0..i) for i in 0..=n.
 extern "C" __global__ void __launch_bounds__(1024) scan_exclusive(const int* __restrict__ in, int n, int* __restrict__ out) {
-    __shared__ int warp_sums[32];
-    __shared__ int carry_s;
-    if (threadIdx.x == 0) carry_s = 0;
-    __syncthreads();
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int carry = 0;
     for (int base = 0; base < n; base += blockDim.x) {
         const int i = base + threadIdx.x;
-        const int v = i < n ? in[i] : 0;
-        int x = v;
-        for (int o = 1; o < 32; o <<= 1) {
-            int y = __shfl_up_sync(0xffffffffu, x, o);
-            if (lane >= o) x += y;
-        }
-        if (lane == 31) warp_sums[warp] = x;
-        __syncthreads();
-        if (warp == 0) {
-            int w = lane < (int)(blockDim.x >> 5) ? warp_sums[lane] : 0;
-            for (int o = 1; o < 32; o <<= 1) {
-                int y = __shfl_up_sync(0xffffffffu, w, o);
-                if (lane >= o) w += y;
-            }
-            warp_sums[lane] = w;
-        }
-        __syncthreads();
-        const int carry = carry_s;
-        const int incl = x + (warp > 0 ? warp_sums[warp - 1] : 0);
-        if (i < n) out[i] = carry + incl - v;
-        __syncthreads();
-        if (threadIdx.x == blockDim.x - 1) carry_s = carry + incl;
-        __syncthreads();
+        int total;
+        const int excl = block_exclusive_scan(i < n ? in[i] : 0, &total);
+        if (i < n) out[i] = carry + excl;
+        carry += total;
     }
-    if (threadIdx.x == 0) out[n] = carry_s;
+    if (threadIdx.x == 0) out[n] = carry;
 }
 
 // One warp per token (blockDim 128 = 4 tokens a block).
