@@ -16,11 +16,11 @@
 
 use moe_core::activations::{ActivationKind, ActivationOptions};
 use moe_core::aux_loss::SwitchLossOptions;
-use moe_core::tensor::{DType, Tensor};
+use moe_core::tensor::DType;
 
 use crate::device::{Arg, Buffer, Device};
 use crate::error::{Error, Result};
-use crate::tensor::{tensor_ref, DeviceTensor};
+use crate::tensor::{download_opt, opt_ref, tensor_ref, upload_owned_opt, DeviceTensor};
 
 /// Threads per block of the element-wise and per-row kernels.
 const THREADS: u32 = 256;
@@ -245,9 +245,6 @@ fn probs_ok(probs: Option<&DeviceTensor>, rows: usize) -> bool {
     probs.is_none_or(|p| p.dtype == DType::F32 && (p.shape == [rows] || p.shape == [rows, 1]))
 }
 
-fn download_opt(dev: &Device, what: &str, t: Option<&DeviceTensor>) -> Result<Option<Tensor>> {
-    t.map(|t| t.download(dev, what)).transpose()
-}
 
 /// [`moe_core::activations::activation`] on device tensors: `x [N, 2I]` (`[N, I]` for relu2) to
 /// `[N, I]` in the dtype of `x`.
@@ -263,7 +260,7 @@ pub fn activation_device(dev: &Device, x: &DeviceTensor, probs: Option<&DeviceTe
 fn activation_host(dev: &Device, x: &DeviceTensor, probs: Option<&DeviceTensor>, options: &ActivationOptions) -> Result<DeviceTensor> {
     let xh = x.download(dev, "x")?;
     let ph = download_opt(dev, "probs", probs)?;
-    let p_ref = ph.as_ref().map(|p| tensor_ref("probs", p)).transpose()?;
+    let p_ref = opt_ref("probs", &ph)?;
     let out = moe_core::activations::activation(&tensor_ref("x", &xh)?, p_ref.as_ref(), options)?;
     DeviceTensor::upload_owned(dev, "the output", &out)
 }
@@ -297,11 +294,11 @@ fn activation_backward_host(
     let gh = grad.download(dev, "grad")?;
     let xh = x.download(dev, "x")?;
     let ph = download_opt(dev, "probs", probs)?;
-    let p_ref = ph.as_ref().map(|p| tensor_ref("probs", p)).transpose()?;
+    let p_ref = opt_ref("probs", &ph)?;
     let out = moe_core::activations::activation_backward(&tensor_ref("grad", &gh)?, &tensor_ref("x", &xh)?, p_ref.as_ref(), options)?;
     Ok((
         DeviceTensor::upload_owned(dev, "gradInput", &out.grad_input)?,
-        out.grad_probs.as_ref().map(|p| DeviceTensor::upload_owned(dev, "gradProbs", p)).transpose()?,
+        upload_owned_opt(dev, "gradProbs", out.grad_probs.as_ref())?,
     ))
 }
 
@@ -500,7 +497,7 @@ fn loss_host(dev: &Device, op: LossOp, x: &DeviceTensor, counts: Option<&DeviceT
     let ch = download_opt(dev, "tokensPerExpert", counts)?;
     let mh = download_opt(dev, "tokenMask", token_mask)?;
     let x_ref = tensor_ref(first, &xh)?;
-    let m_ref = mh.as_ref().map(|m| tensor_ref("tokenMask", m)).transpose()?;
+    let m_ref = opt_ref("tokenMask", &mh)?;
     let counts_ref = || -> Result<moe_core::TensorRef<'_>> {
         let c = ch.as_ref().ok_or_else(|| Error::Cuda("the Switch loss without tokensPerExpert (a bug in moe-dispatch)".into()))?;
         tensor_ref("tokensPerExpert", c)
@@ -593,7 +590,7 @@ mod tests {
 
     /// The bits of a float tensor, every NaN as one value (NaN payloads after arithmetic are not
     /// part of the contract).
-    fn bits(t: &Tensor) -> (Vec<usize>, Vec<u32>) {
+    fn bits(t: &moe_core::Tensor) -> (Vec<usize>, Vec<u32>) {
         use moe_core::tensor::Data;
         let v = match &t.data {
             Data::F32(v) => v.iter().map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() }).collect(),

@@ -16,12 +16,12 @@ use std::sync::Arc;
 
 use moe_core::permute::{PermuteOptions, UnpermuteOptions};
 use moe_core::routing::{RouteOptions, ScoreFunction};
-use moe_core::tensor::{DType, Tensor};
+use moe_core::tensor::DType;
 
 use crate::device::{Arg, Buffer, Device, PendingRead};
 use crate::error::{Error, Result};
 use crate::ops::{self, DevicePlan, PermuteKernel};
-use crate::tensor::{tensor_ref, DeviceTensor};
+use crate::tensor::{download_opt, opt_ref, tensor_ref, upload_owned_opt, DeviceTensor};
 
 /// Tokens a chunk of the plan kernels (PLAN_CHUNK in kernels/plan.cu).
 const PLAN_CHUNK: usize = 64;
@@ -153,9 +153,6 @@ pub struct DevicePermuted {
     pub tokens_per_expert: DeviceTensor,
 }
 
-fn download_opt(dev: &Device, what: &str, t: Option<&DeviceTensor>) -> Result<Option<Tensor>> {
-    t.map(|t| t.download(dev, what)).transpose()
-}
 
 /// permute on device tensors; the plan is built on the GPU.
 pub fn permute_device(dev: &Device, tokens: &DeviceTensor, routing_map: &DeviceTensor, probs: Option<&DeviceTensor>, options: PermuteOptions) -> Result<DevicePermuted> {
@@ -203,11 +200,11 @@ fn permute_host_fallback(dev: &Device, tokens: &DeviceTensor, routing_map: &Devi
     let tok = tokens.download(dev, "tokens")?;
     let map = routing_map.download(dev, "routingMap")?;
     let pr = download_opt(dev, "probs", probs)?;
-    let pr_ref = pr.as_ref().map(|p| tensor_ref("probs", p)).transpose()?;
+    let pr_ref = opt_ref("probs", &pr)?;
     let out = ops::permute(dev, &tensor_ref("tokens", &tok)?, &tensor_ref("routingMap", &map)?, pr_ref.as_ref(), options)?;
     Ok(DevicePermuted {
         permuted_tokens: DeviceTensor::upload_owned(dev, "permutedTokens", &out.permuted_tokens)?,
-        permuted_probs: out.permuted_probs.as_ref().map(|p| DeviceTensor::upload_owned(dev, "permutedProbs", p)).transpose()?,
+        permuted_probs: upload_owned_opt(dev, "permutedProbs", out.permuted_probs.as_ref())?,
         sorted_indices: DeviceTensor::upload_owned(dev, "sortedIndices", &out.sorted_indices)?,
         tokens_per_expert: DeviceTensor::upload_owned(dev, "tokensPerExpert", &out.tokens_per_expert)?,
     })
@@ -271,8 +268,8 @@ fn unpermute_host_fallback(
     let si = sorted_indices.download(dev, "sortedIndices")?;
     let pr = download_opt(dev, "probs", probs)?;
     let map = download_opt(dev, "routingMap", routing_map)?;
-    let pr_ref = pr.as_ref().map(|p| tensor_ref("probs", p)).transpose()?;
-    let map_ref = map.as_ref().map(|m| tensor_ref("routingMap", m)).transpose()?;
+    let pr_ref = opt_ref("probs", &pr)?;
+    let map_ref = opt_ref("routingMap", &map)?;
     let out = ops::unpermute(dev, &tensor_ref("permutedTokens", &x)?, &tensor_ref("sortedIndices", &si)?, restore_shape, pr_ref.as_ref(), map_ref.as_ref(), options)?;
     DeviceTensor::upload_owned(dev, "the output", &out)
 }
@@ -417,12 +414,12 @@ fn permute_backward_host(
     let si = sorted_indices.download(dev, "sortedIndices")?;
     let gp = download_opt(dev, "gradPermutedProbs", grad_permuted_probs)?;
     let map = download_opt(dev, "routingMap", routing_map)?;
-    let gp_ref = gp.as_ref().map(|p| tensor_ref("gradPermutedProbs", p)).transpose()?;
-    let map_ref = map.as_ref().map(|m| tensor_ref("routingMap", m)).transpose()?;
+    let gp_ref = opt_ref("gradPermutedProbs", &gp)?;
+    let map_ref = opt_ref("routingMap", &map)?;
     let out = moe_core::permute::permute_backward(&tensor_ref("gradPermuted", &g)?, &tensor_ref("sortedIndices", &si)?, num_tokens, gp_ref.as_ref(), map_ref.as_ref(), options)?;
     Ok((
         DeviceTensor::upload_owned(dev, "gradTokens", &out.grad_tokens)?,
-        out.grad_probs.as_ref().map(|p| DeviceTensor::upload_owned(dev, "gradProbs", p)).transpose()?,
+        upload_owned_opt(dev, "gradProbs", out.grad_probs.as_ref())?,
     ))
 }
 
@@ -484,12 +481,12 @@ fn unpermute_backward_host(
     let si = sorted_indices.download(dev, "sortedIndices")?;
     let pr = download_opt(dev, "probs", probs)?;
     let map = download_opt(dev, "routingMap", routing_map)?;
-    let pr_ref = pr.as_ref().map(|p| tensor_ref("probs", p)).transpose()?;
-    let map_ref = map.as_ref().map(|m| tensor_ref("routingMap", m)).transpose()?;
+    let pr_ref = opt_ref("probs", &pr)?;
+    let map_ref = opt_ref("routingMap", &map)?;
     let out = moe_core::permute::unpermute_backward(&tensor_ref("gradOutput", &g)?, &tensor_ref("permutedTokens", &x)?, &tensor_ref("sortedIndices", &si)?, pr_ref.as_ref(), map_ref.as_ref(), options)?;
     Ok((
         DeviceTensor::upload_owned(dev, "gradPermuted", &out.grad_permuted)?,
-        out.grad_probs.as_ref().map(|p| DeviceTensor::upload_owned(dev, "gradProbs", p)).transpose()?,
+        upload_owned_opt(dev, "gradProbs", out.grad_probs.as_ref())?,
     ))
 }
 
@@ -747,8 +744,8 @@ fn route_host_fallback(dev: &Device, logits: &DeviceTensor, expert_bias: Option<
     let l = logits.download(dev, "logits")?;
     let b = download_opt(dev, "expertBias", expert_bias)?;
     let m = download_opt(dev, "tokenMask", token_mask)?;
-    let b_ref = b.as_ref().map(|b| tensor_ref("expertBias", b)).transpose()?;
-    let m_ref = m.as_ref().map(|m| tensor_ref("tokenMask", m)).transpose()?;
+    let b_ref = opt_ref("expertBias", &b)?;
+    let m_ref = opt_ref("tokenMask", &m)?;
     let out = moe_core::routing::route(&tensor_ref("logits", &l)?, b_ref.as_ref(), m_ref.as_ref(), options)?;
     Ok(DeviceRouted {
         weights: DeviceTensor::upload_owned(dev, "weights", &out.weights)?,

@@ -27,7 +27,7 @@ use crate::blas::{gemm, gemm_grouped, gemm_with, Operand, Output, Problem};
 use crate::device::{Arg, Buffer, Device};
 use crate::error::{Error, Result};
 use crate::ops::row_launch;
-use crate::tensor::{tensor_ref, DeviceTensor};
+use crate::tensor::{tensor_ref, upload_owned_opt, DeviceTensor};
 
 /// The device tensors of a grouped-experts call (the core's [`ExpertsInputs`] on the GPU).
 pub struct DeviceExpertsInputs<'a> {
@@ -401,9 +401,9 @@ pub fn experts_backward_device_saved(dev: &Device, grad_output: &DeviceTensor, i
             grad_tokens: up(&out.grad_tokens, "gradTokens")?,
             grad_gate_and_up: up(&out.grad_gate_and_up, "gradGateAndUpProjs")?,
             grad_down: up(&out.grad_down, "gradDownProjs")?,
-            grad_gate_up_bias: out.grad_gate_up_bias.as_ref().map(|t| up(t, "gradGateUpProjBias")).transpose()?,
-            grad_down_bias: out.grad_down_bias.as_ref().map(|t| up(t, "gradDownProjBias")).transpose()?,
-            grad_probs: out.grad_probs.as_ref().map(|t| up(t, "gradProbs")).transpose()?,
+            grad_gate_up_bias: upload_owned_opt(dev, "gradGateUpProjBias", out.grad_gate_up_bias.as_ref())?,
+            grad_down_bias: upload_owned_opt(dev, "gradDownProjBias", out.grad_down_bias.as_ref())?,
+            grad_probs: upload_owned_opt(dev, "gradProbs", out.grad_probs.as_ref())?,
         });
     };
     let s = dev.stream();

@@ -21,7 +21,7 @@ use moe_core::tensor::{DType, Tensor};
 use crate::device::{Arg, Buffer, Device};
 use crate::error::Result;
 use crate::ops;
-use crate::tensor::{tensor_ref, DeviceTensor};
+use crate::tensor::{download_opt, opt_ref, tensor_ref, upload_owned_opt, DeviceTensor};
 
 /// Tokens a chunk of the column-count kernels (LAYOUT_CHUNK in kernels/layout.cu).
 pub const LAYOUT_CHUNK: usize = 64;
@@ -65,17 +65,11 @@ fn down(dev: &Device, t: &DeviceTensor, what: &str) -> Result<Tensor> {
     t.download(dev, what)
 }
 
-fn down_opt(dev: &Device, t: Option<&DeviceTensor>, what: &str) -> Result<Option<Tensor>> {
-    t.map(|t| t.download(dev, what)).transpose()
-}
 
 fn up(dev: &Device, what: &str, t: &Tensor) -> Result<DeviceTensor> {
     DeviceTensor::upload_owned(dev, what, t)
 }
 
-fn up_opt(dev: &Device, what: &str, t: Option<&Tensor>) -> Result<Option<DeviceTensor>> {
-    t.map(|t| up(dev, what, t)).transpose()
-}
 
 /// Column counts of a `[rows, cols]` bool map on the GPU: `(chunk_base, counts)`, where
 /// `chunk_base [ceil(rows / 64), cols]` holds, for each chunk of 64 rows, the selected rows of
@@ -182,8 +176,8 @@ pub fn multihot_to_indices_device(dev: &Device, routing_map: &DeviceTensor, prob
         }
     }
     let m = down(dev, routing_map, "routingMap")?;
-    let pr = down_opt(dev, probs, "probs")?;
-    let pr_ref = pr.as_ref().map(|p| tensor_ref("probs", p)).transpose()?;
+    let pr = download_opt(dev, "probs", probs)?;
+    let pr_ref = opt_ref("probs", &pr)?;
     let out = moe_core::routing_map::multihot_to_indices(&tensor_ref("routingMap", &m)?, pr_ref.as_ref(), topk)?;
     Ok(DeviceTopK { indices: up(dev, "indices", &out.indices)?, probs: up(dev, "probs", &out.probs)? })
 }
@@ -404,15 +398,15 @@ fn chunk_sort(dev: &Device, x: &DeviceTensor, split_sizes: &DeviceTensor, sorted
     let xh = down(dev, x, x_name)?;
     let sh = down(dev, split_sizes, "splitSizes")?;
     let oh = down(dev, sorted_idxs, "sortedIdxs")?;
-    let ph = down_opt(dev, probs, p_name)?;
-    let ph_ref = ph.as_ref().map(|t| tensor_ref(p_name, t)).transpose()?;
+    let ph = download_opt(dev, p_name, probs)?;
+    let ph_ref = opt_ref(p_name, &ph)?;
     let (xr, sr, or) = (tensor_ref(x_name, &xh)?, tensor_ref("splitSizes", &sh)?, tensor_ref("sortedIdxs", &oh)?);
     let out = if backward {
         moe_core::chunks::sort_chunks_by_index_backward(&xr, &sr, &or, ph_ref.as_ref())?
     } else {
         moe_core::chunks::sort_chunks_by_index(&xr, &sr, &or, ph_ref.as_ref())?
     };
-    Ok(DeviceSortedChunks { output: up(dev, out_name, &out.output)?, probs: up_opt(dev, probs_name, out.probs.as_ref())? })
+    Ok(DeviceSortedChunks { output: up(dev, out_name, &out.output)?, probs: upload_owned_opt(dev, probs_name, out.probs.as_ref())? })
 }
 
 /// [`moe_core::chunks::sort_chunks_by_index`] on device tensors (reads splitSizes and
@@ -518,8 +512,8 @@ pub fn grouped_mm_sort_device(
     }
     let ih = down(dev, indices, "indices")?;
     let wh = down(dev, weights, "weights")?;
-    let mh = down_opt(dev, token_mask, "tokenMask")?;
-    let mh_ref = mh.as_ref().map(|m| tensor_ref("tokenMask", m)).transpose()?;
+    let mh = download_opt(dev, "tokenMask", token_mask)?;
+    let mh_ref = opt_ref("tokenMask", &mh)?;
     let out = moe_core::grouped::grouped_mm_sort(&tensor_ref("indices", &ih)?, &tensor_ref("weights", &wh)?, mh_ref.as_ref(), num_local_experts, experts_start_idx)?;
     Ok(DeviceGroupedSort {
         sorted_token_ids: up(dev, "sortedTokenIds", &out.sorted_token_ids)?,

@@ -88,3 +88,21 @@ pub fn tensor_bytes(t: &Tensor) -> &[u8] {
 pub fn tensor_ref<'a>(name: &'static str, t: &'a Tensor) -> Result<TensorRef<'a>> {
     Ok(TensorRef::new(name, t.dtype, t.shape.clone(), tensor_bytes(t))?)
 }
+
+// ---------------------------------------------------------------------------------------
+// The host paths of the device ops (download, the core, upload) share these.
+
+/// Downloads an optional device tensor.
+pub fn download_opt(dev: &Device, what: &str, t: Option<&DeviceTensor>) -> Result<Option<Tensor>> {
+    t.map(|t| t.download(dev, what)).transpose()
+}
+
+/// A view of an optional owned tensor under an argument name.
+pub fn opt_ref<'a>(name: &'static str, t: &'a Option<Tensor>) -> Result<Option<TensorRef<'a>>> {
+    t.as_ref().map(|t| tensor_ref(name, t)).transpose()
+}
+
+/// Uploads an optional owned tensor.
+pub fn upload_owned_opt(dev: &Device, what: &str, t: Option<&Tensor>) -> Result<Option<DeviceTensor>> {
+    t.map(|t| DeviceTensor::upload_owned(dev, what, t)).transpose()
+}
