@@ -16,7 +16,7 @@ import { describe, expect, it } from 'vitest';
 import { tensor, type ActivationKind, type ActivationOptions, type Backend, type Tensor, type TokenDType } from '../ts/index.js';
 import { backendNamed, backendRows, registerBackendReport } from './backends.js';
 import { input, loadGolden, output, toTensor, type GoldenCase, type GoldenTensor } from './golden-loader.js';
-import { bf16Bits, bf16Value, decode, encode, expectF32Close, expectHalfWithinUlps, expectMeta, expectSameBits, f16Bits, mismatches, type FloatDType, escapeRegExp as escape, expectThrows, rng } from './util.js';
+import { bf16Bits, bf16Value, decode, encode, expectF32Close, expectHalfWithinUlps, expectMeta, expectSameBits, f16Bits, mismatches, type FloatDType, escapeRegExp as escape, expectThrows, rng, activationUnit64, ACTIVATION_DEFAULTS, sigmoid64, type ActivationOpts } from './util.js';
 
 const SEED = Number(process.env.MOE_FC_SEED ?? 0xac71_2025);
 const RUNS = Number(process.env.MOE_FC_RUNS ?? 60);
@@ -33,36 +33,6 @@ registerBackendReport();
 // ---------------------------------------------------------------------------------------
 // The float64 reference, written from the formulas (not from the library).
 
-interface Opts {
-  alpha: number;
-  limit: number;
-  linearOffset: number;
-}
-const DEFAULTS: Opts = { alpha: 1.702, limit: 7, linearOffset: 1 };
-
-const sigmoid = (v: number) => 1 / (1 + Math.exp(-v));
-
-/** The unweighted activation of one column from its gate and up values (up unused by relu2). */
-function unit64(kind: ActivationKind, gate: number, up: number, o: Opts): number {
-  // The library computes in float32, so its options are float32 values.
-  const alpha = Math.fround(o.alpha);
-  const limit = Math.fround(o.limit);
-  const offset = Math.fround(o.linearOffset);
-  const g = Math.min(gate, limit);
-  const u = Math.max(-limit, Math.min(limit, up));
-  switch (kind) {
-    case 'swiglu':
-      return gate * sigmoid(gate) * up;
-    case 'quick_geglu':
-    case 'swiglu_oai':
-      return g * sigmoid(alpha * g) * (u + offset);
-    case 'swiglu_clamped':
-      return g * sigmoid(g) * u;
-    case 'relu2':
-      return Math.max(gate, 0) ** 2;
-  }
-}
-
 /** Indices of the gate and up values of output column j in a row of width `width`. */
 function columns(kind: ActivationKind, width: number, j: number): [number, number] {
   if (kind === 'quick_geglu') return [2 * j, 2 * j + 1];
@@ -71,13 +41,13 @@ function columns(kind: ActivationKind, width: number, j: number): [number, numbe
 }
 
 /** forward(x [N, W], probs [N] | null) -> [N, I], all in float64. */
-function forward64(kind: ActivationKind, x: ArrayLike<number>, N: number, W: number, probs: ArrayLike<number> | null, o: Opts): number[] {
+function forward64(kind: ActivationKind, x: ArrayLike<number>, N: number, W: number, probs: ArrayLike<number> | null, o: ActivationOpts): number[] {
   const I = GATED[kind] ? W / 2 : W;
   const out: number[] = [];
   for (let r = 0; r < N; r++) {
     for (let j = 0; j < I; j++) {
       const [gi, ui] = columns(kind, W, j);
-      const a = unit64(kind, x[r * W + gi], ui < 0 ? 0 : x[r * W + ui], o);
+      const a = activationUnit64(kind, x[r * W + gi], ui < 0 ? 0 : x[r * W + ui], o);
       out.push(probs ? a * probs[r] : a);
     }
   }
@@ -183,7 +153,7 @@ describe.each(backendRows)('golden expert_activation on %s', (_name, b) => {
 interface GradCase {
   title: string;
   kind: ActivationKind;
-  opts: Partial<Opts>;
+  opts: Partial<ActivationOpts>;
   /** Inputs are drawn from [-spread, spread]. */
   spread: number;
 }
@@ -205,7 +175,7 @@ const PROBS_MODES: readonly ProbsMode[] = ['none', '[N]', '[N, 1]'];
 /** Random float32 inputs that keep a finite-difference step away from the kinks (clamp bounds, 0 for relu2). */
 function gradInputs(gc: GradCase, seed: number) {
   const rand = rng(seed);
-  const o: Opts = { ...DEFAULTS, ...gc.opts };
+  const o: ActivationOpts = { ...ACTIVATION_DEFAULTS, ...gc.opts };
   const N = 3;
   const I = 4;
   const W = GATED[gc.kind] ? 2 * I : I;
@@ -280,7 +250,7 @@ describe.each(backendRows)('gradients vs finite differences on %s', (_name, b) =
     // One row, inter 3: (gate, up) = (limit, limit), (limit, -limit), (beyond, -beyond).
     const gates = [limit, limit, beyond];
     const ups = [limit, -limit, -beyond];
-    const o: Opts = { ...DEFAULTS, limit };
+    const o: ActivationOpts = { ...ACTIVATION_DEFAULTS, limit };
     for (const kind of ['quick_geglu', 'swiglu_oai', 'swiglu_clamped'] as const) {
       const x = kind === 'quick_geglu' ? gates.flatMap((g, j) => [g, ups[j]]) : [...gates, ...ups];
       const out = b.activationBackward(f32([1, 3], [1, 1, 1]), f32([1, 6], x), { kind, limit }).gradInput.data as Float32Array;
@@ -290,8 +260,8 @@ describe.each(backendRows)('gradients vs finite differences on %s', (_name, b) =
       };
       // The one-sided derivative from inside the range (a left difference at +limit, right at -limit).
       const h = 1e-7;
-      const dGate = (g: number, u: number) => (unit64(kind, g, u, o) - unit64(kind, g - h, u, o)) / h;
-      const dUp = (g: number, u: number, dir: number) => (unit64(kind, g, u, o) - unit64(kind, g, u - dir * h, o)) / (dir * h);
+      const dGate = (g: number, u: number) => (activationUnit64(kind, g, u, o) - activationUnit64(kind, g - h, u, o)) / h;
+      const dUp = (g: number, u: number, dir: number) => (activationUnit64(kind, g, u, o) - activationUnit64(kind, g, u - dir * h, o)) / (dir * h);
       for (const j of [0, 1]) {
         const [dg, du] = at(j);
         expect(Math.abs(dg - dGate(gates[j], ups[j])), `${kind} d gate at gate = limit (column ${j})`).toBeLessThan(1e-4);
@@ -333,7 +303,7 @@ describe.each(backendRows)('16-bit inputs on %s', (_name, b) => {
         expectMeta(fwd16, dtype, [N, I], 'forward');
         expect(mismatches(fwd16.data as Uint16Array, Array.from(fwd32.data as Float32Array, (v) => roundTo(dtype, v)), (g, w) => g === w), 'forward bits').toEqual([]);
         // And the float32 path is right (against float64, within 1 ulp of the 16-bit format).
-        const ref = forward64(kind, xv, N, W, Array.from(probs.data), DEFAULTS);
+        const ref = forward64(kind, xv, N, W, Array.from(probs.data), ACTIVATION_DEFAULTS);
         expectHalfWithinUlps(fwd16, dtype, [N, I], ref.map((v) => roundTo(dtype, v)), 1, 'forward vs float64');
 
         const back16 = b.activationBackward(g16, x16, { kind, probs });
@@ -497,11 +467,11 @@ describe.each(backendRows)('errors on %s', (_name, b) => {
 // Keep the float64 helpers honest: the reference's sigmoid and bf16 rounding on known values.
 describe('test helpers', () => {
   it('unit64 on hand-computed values', () => {
-    expect(unit64('swiglu', 0, 5, DEFAULTS)).toBe(0);
-    expect(unit64('relu2', -3, 0, DEFAULTS)).toBe(0);
-    expect(unit64('relu2', 3, 0, DEFAULTS)).toBe(9);
-    expect(unit64('swiglu_clamped', 100, 100, DEFAULTS)).toBeCloseTo(7 * sigmoid(7) * 7, 12);
-    expect(unit64('quick_geglu', 100, -100, DEFAULTS)).toBeCloseTo(7 * sigmoid(Math.fround(1.702) * 7) * (-7 + 1), 12);
+    expect(activationUnit64('swiglu', 0, 5, ACTIVATION_DEFAULTS)).toBe(0);
+    expect(activationUnit64('relu2', -3, 0, ACTIVATION_DEFAULTS)).toBe(0);
+    expect(activationUnit64('relu2', 3, 0, ACTIVATION_DEFAULTS)).toBe(9);
+    expect(activationUnit64('swiglu_clamped', 100, 100, ACTIVATION_DEFAULTS)).toBeCloseTo(7 * sigmoid64(7) * 7, 12);
+    expect(activationUnit64('quick_geglu', 100, -100, ACTIVATION_DEFAULTS)).toBeCloseTo(7 * sigmoid64(Math.fround(1.702) * 7) * (-7 + 1), 12);
     expect(bf16Value(bf16Bits(1 + 2 ** -9))).toBe(1);
   });
 });

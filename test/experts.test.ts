@@ -13,7 +13,7 @@ import { describe, expect, it } from 'vitest';
 
 import { tensor, type ActivationKind, type Backend, type ExpertWeights, type Tensor } from '../ts/index.js';
 import { backendNamed, backendRows, registerBackendReport } from './backends.js';
-import { bf16Bits, bitsOf, expectThrows, mismatches, rng } from './util.js';
+import { activationUnit64, bf16Bits, bitsOf, expectThrows, mismatches, rng } from './util.js';
 
 registerBackendReport();
 
@@ -24,26 +24,6 @@ const i32 = (values: number[]) => tensor('int32', [values.length], Int32Array.fr
 
 // ---------------------------------------------------------------------------------------
 // The float64 reference, from the formulas.
-
-const sigmoid = (v: number) => 1 / (1 + Math.exp(-v));
-
-function unit(kind: ActivationKind, gate: number, up: number): number {
-  const limit = 7;
-  const alpha = Math.fround(1.702);
-  const g = Math.min(gate, limit);
-  const u = Math.max(-limit, Math.min(limit, up));
-  switch (kind) {
-    case 'swiglu':
-      return gate * sigmoid(gate) * up;
-    case 'quick_geglu':
-    case 'swiglu_oai':
-      return g * sigmoid(alpha * g) * (u + 1);
-    case 'swiglu_clamped':
-      return g * sigmoid(g) * u;
-    case 'relu2':
-      return gate > 0 ? gate * gate : 0;
-  }
-}
 
 interface Problem {
   kind: ActivationKind;
@@ -79,7 +59,7 @@ function reference(pr: Problem): Float64Array {
       const a = new Float64Array(inter);
       for (let j = 0; j < inter; j++) {
         const [gate, up] = kind === 'relu2' ? [h[j], 0] : kind === 'quick_geglu' ? [h[2 * j], h[2 * j + 1]] : [h[j], h[inter + j]];
-        a[j] = unit(kind, gate, up) * pw;
+        a[j] = activationUnit64(kind, gate, up) * pw;
       }
       for (let k = 0; k < dim; k++) {
         let s = b2 ? b2[e * dim + k] * pw : 0;

@@ -5,7 +5,7 @@
  */
 import { expect } from 'vitest';
 
-import type { DType, Tensor } from '../ts/index.js';
+import type { ActivationKind, DType, Tensor } from '../ts/index.js';
 
 /** The raw bits of every element: uint32 for float32, uint16 for bfloat16/float16, values otherwise. */
 export function bitsOf(t: Tensor): number[] {
@@ -207,4 +207,37 @@ export function rng(seed: number): () => number {
     t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
     return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
   };
+}
+
+// ---------------------------------------------------------------------------------------
+// The float64 reference of the expert activations, written from the formulas (not from the library).
+
+export interface ActivationOpts {
+  alpha: number;
+  limit: number;
+  linearOffset: number;
+}
+export const ACTIVATION_DEFAULTS: ActivationOpts = { alpha: 1.702, limit: 7, linearOffset: 1 };
+
+export const sigmoid64 = (v: number): number => 1 / (1 + Math.exp(-v));
+
+/** The unweighted activation of one column from its gate and up values (up unused by relu2). */
+export function activationUnit64(kind: ActivationKind, gate: number, up: number, o: ActivationOpts = ACTIVATION_DEFAULTS): number {
+  // The library computes in float32, so its options are float32 values.
+  const alpha = Math.fround(o.alpha);
+  const limit = Math.fround(o.limit);
+  const offset = Math.fround(o.linearOffset);
+  const g = Math.min(gate, limit);
+  const u = Math.max(-limit, Math.min(limit, up));
+  switch (kind) {
+    case 'swiglu':
+      return gate * sigmoid64(gate) * up;
+    case 'quick_geglu':
+    case 'swiglu_oai':
+      return g * sigmoid64(alpha * g) * (u + offset);
+    case 'swiglu_clamped':
+      return g * sigmoid64(g) * u;
+    case 'relu2':
+      return Math.max(gate, 0) ** 2;
+  }
 }

@@ -5,7 +5,7 @@
  */
 import type { DeviceTensor, NativeCudaTensor } from '../device.js';
 import { wrapDevice } from '../device.js';
-import type { ExpertBiases, ExpertsOptions, ExpertWeights, MatmulOptions } from '../ops/experts.js';
+import type { ExpertBiases, ExpertsOptions, ExpertsPositional, ExpertWeights, MatmulOptions } from '../ops/experts.js';
 import type { Tensor, TokenDType } from '../tensor.js';
 import { checkBool, checkNumber, checkOptions, TOKENS } from '../wire.js';
 import { anyDevice, type Addon, type GpuFamily, type Handles } from './cuda-common.js';
@@ -82,23 +82,8 @@ export interface CudaExpertsOps {
 }
 
 type H = NativeCudaTensor;
-type Opt = number | undefined;
 
-/** The positional arguments every grouped-experts function of the addon starts with. */
-type ExpertsArgs = [
-  x: H,
-  c: H,
-  w1: H,
-  w1Name: string,
-  w2: H,
-  kind: string | undefined,
-  p: H | undefined,
-  b1: H | undefined,
-  b2: H | undefined,
-  alpha: Opt,
-  limit: Opt,
-  linearOffset: Opt,
-];
+type ExpertsArgs = ExpertsPositional<H>;
 
 interface ExpertsAddon {
   cudaExpertsForwardDevice(...args: [...ExpertsArgs, saveForBackward: boolean | undefined]): { output: H; upProjection?: H | null; activation?: H | null };

@@ -146,37 +146,28 @@ interface NamedWire {
   metadataValues: string[];
 }
 
+/** The positional arguments the grouped-experts functions of a binding take (`T`: its tensor handle). */
+export type ExpertsPositional<T> = [
+  permutedTokens: T,
+  tokensPerExpert: T,
+  gateAndUpProjs: T,
+  gateAndUpName: string,
+  downProjs: T,
+  kind: string | undefined,
+  permutedProbs: T | undefined,
+  gateUpProjBias: T | undefined,
+  downProjBias: T | undefined,
+  alpha: number | undefined,
+  limit: number | undefined,
+  linearOffset: number | undefined,
+];
+
 /** The positional functions both bindings export for this family. */
 export interface ExpertsBinding {
   matmul(a: WireTensor, b: WireTensor, transA: boolean | undefined, transB: boolean | undefined): Tensor;
-  expertsForward(
-    permutedTokens: WireTensor,
-    tokensPerExpert: WireTensor,
-    gateAndUpProjs: WireTensor,
-    gateAndUpName: string,
-    downProjs: WireTensor,
-    kind: string | undefined,
-    permutedProbs: WireTensor | undefined,
-    gateUpProjBias: WireTensor | undefined,
-    downProjBias: WireTensor | undefined,
-    alpha: number | undefined,
-    limit: number | undefined,
-    linearOffset: number | undefined,
-  ): Tensor;
+  expertsForward(...args: ExpertsPositional<WireTensor>): Tensor;
   expertsBackward(
-    gradOutput: WireTensor,
-    permutedTokens: WireTensor,
-    tokensPerExpert: WireTensor,
-    gateAndUpProjs: WireTensor,
-    gateAndUpName: string,
-    downProjs: WireTensor,
-    kind: string | undefined,
-    permutedProbs: WireTensor | undefined,
-    gateUpProjBias: WireTensor | undefined,
-    downProjBias: WireTensor | undefined,
-    alpha: number | undefined,
-    limit: number | undefined,
-    linearOffset: number | undefined,
+    ...args: [gradOutput: WireTensor, ...ExpertsPositional<WireTensor>]
   ): { gradTokens: Tensor; gradGateAndUpProjs: Tensor; gradDownProjs: Tensor; gradGateUpProjBias?: Tensor | null; gradDownProjBias?: Tensor | null; gradProbs?: Tensor | null };
   safetensorsSave(names: string[], tensors: WireTensor[], metadataKeys: string[] | undefined, metadataValues: string[] | undefined): Uint8Array;
   safetensorsLoad(path: string | undefined, bytes: Uint8Array | undefined, names: string[] | undefined): NamedWire;

@@ -135,6 +135,14 @@ fn check_buffer(what: &str, buf: &Buffer, elems: usize, size: usize) -> Result<(
     }
 }
 
+/// The kernel `name` (None: no kernel for these dtypes) in `math`, and the output width for an
+/// input of `width`: what both launchers need first (an error here is a caller's bug).
+fn kernel_and_inter(op: &str, name: Option<String>, math: ExpMath, from: DType, to: DType, options: &ActivationOptions, width: usize) -> Result<(String, usize)> {
+    let name = name.map(|n| with_math(n, math)).ok_or_else(|| Error::Cuda(format!("{op}: no kernel from {} to {} (a bug in moe-dispatch)", from.name(), to.name())))?;
+    let inter = inter_of(options.kind, width).ok_or_else(|| Error::Cuda(format!("{op}: {} needs an even width, got {width} (a bug in moe-dispatch)", options.kind.name())))?;
+    Ok((name, inter))
+}
+
 /// `activation` over raw buffers: `x` (`[rows, width]` of `x_dtype`) to `out` (`[rows, inter]`
 /// of `out_dtype`), times `probs` (`[rows]` f32) per row when given. `out_dtype` is `x_dtype`,
 /// or bf16/f16 when `x_dtype` is f32. Queued on the stream; nothing is synchronised.
@@ -151,10 +159,7 @@ pub fn launch_activation(
     out_dtype: DType,
     out: &Buffer,
 ) -> Result<()> {
-    let name = forward_kernel(x_dtype, out_dtype)
-        .map(|n| with_math(n, math))
-        .ok_or_else(|| Error::Cuda(format!("activation: no kernel from {} to {} (a bug in moe-dispatch)", x_dtype.name(), out_dtype.name())))?;
-    let inter = inter_of(options.kind, width).ok_or_else(|| Error::Cuda(format!("activation: {} needs an even width, got {width} (a bug in moe-dispatch)", options.kind.name())))?;
+    let (name, inter) = kernel_and_inter("activation", forward_kernel(x_dtype, out_dtype), math, x_dtype, out_dtype, options, width)?;
     check_buffer("activation's input", x, rows.saturating_mul(width), x_dtype.size())?;
     check_buffer("activation's output", out, rows.saturating_mul(inter), out_dtype.size())?;
     if let Some(p) = probs {
@@ -189,11 +194,7 @@ pub fn launch_activation_backward(
     grad_in: &Buffer,
     grad_probs: Option<&Buffer>,
 ) -> Result<()> {
-    let name = backward_kernel(dtype, grad_in_dtype)
-        .map(|n| with_math(n, math))
-        .ok_or_else(|| Error::Cuda(format!("activationBackward: no kernel from {} to {} (a bug in moe-dispatch)", dtype.name(), grad_in_dtype.name())))?;
-    let inter = inter_of(options.kind, width)
-        .ok_or_else(|| Error::Cuda(format!("activationBackward: {} needs an even width, got {width} (a bug in moe-dispatch)", options.kind.name())))?;
+    let (name, inter) = kernel_and_inter("activationBackward", backward_kernel(dtype, grad_in_dtype), math, dtype, grad_in_dtype, options, width)?;
     check_buffer("activationBackward's grad", grad, rows.saturating_mul(inter), dtype.size())?;
     check_buffer("activationBackward's input", x, rows.saturating_mul(width), dtype.size())?;
     check_buffer("activationBackward's gradInput", grad_in, rows.saturating_mul(width), grad_in_dtype.size())?;
