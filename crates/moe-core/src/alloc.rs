@@ -54,8 +54,11 @@ fn fill_reserved<T: Copy>(mut v: Vec<T>, len: usize, fill: impl FnOnce(&mut [May
     v
 }
 
+/// Asks Linux for 2 MiB pages under a fresh allocation of `bytes` at `ptr` (4 MiB or more; a
+/// no-op elsewhere): fewer page faults when it is first written. Also used by the CUDA crate for
+/// its download buffers.
 #[cfg(target_os = "linux")]
-fn advise_huge_pages(ptr: *mut u8, bytes: usize) {
+pub fn advise_huge_pages(ptr: *mut u8, bytes: usize) {
     const HUGE: usize = 2 << 20;
     if bytes < HUGE_PAGE_MIN_BYTES {
         return;
@@ -70,7 +73,7 @@ fn advise_huge_pages(ptr: *mut u8, bytes: usize) {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn advise_huge_pages(_ptr: *mut u8, _bytes: usize) {
+pub fn advise_huge_pages(_ptr: *mut u8, _bytes: usize) {
     let _ = HUGE_PAGE_MIN_BYTES;
 }
 

@@ -20,7 +20,7 @@ pub mod routing;
 pub mod aux_loss;
 pub mod experts;
 pub mod checkpoint;
-mod alloc;
+pub mod alloc;
 mod detmath;
 mod par;
 

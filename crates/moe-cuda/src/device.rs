@@ -210,7 +210,7 @@ impl Device {
         let mut v: Vec<T> = Vec::new();
         v.try_reserve_exact(len)
             .map_err(|_| Error::Core(moe_core::Error::range(what.to_string(), format!("an output of {len} elements ({bytes} bytes) cannot be allocated"))))?;
-        advise_huge_pages(v.as_mut_ptr() as *mut u8, bytes);
+        moe_core::alloc::advise_huge_pages(v.as_mut_ptr() as *mut u8, bytes);
         prefault(v.spare_capacity_mut());
         if bytes > 0 {
             // SAFETY: the copy writes exactly `bytes` bytes into the reserved storage.
@@ -437,22 +437,6 @@ pub fn prefault<T: Copy>(storage: &mut [std::mem::MaybeUninit<T>]) {
     });
 }
 
-#[cfg(target_os = "linux")]
-fn advise_huge_pages(ptr: *mut u8, bytes: usize) {
-    const HUGE: usize = 2 << 20;
-    if bytes < 2 * HUGE {
-        return;
-    }
-    let start = (ptr as usize).div_ceil(HUGE) * HUGE;
-    let end = (ptr as usize + bytes) / HUGE * HUGE;
-    if end > start {
-        // SAFETY: [start, end) lies inside the allocation; advice changes no contents.
-        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn advise_huge_pages(_ptr: *mut u8, _bytes: usize) {}
 
 /// "sm_XY" for compute capability X.Y.
 pub fn arch_of((major, minor): (i32, i32)) -> String {
