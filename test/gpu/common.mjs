@@ -71,6 +71,38 @@ export function outcome(f) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Random permute/unpermute problems
+
+/**
+ * `count` random problems from `seed`: sizes picked from `experts`, `tokens` and `hidden`, a
+ * dtype, a mask rate, dropAndPad with probability `dropAndPadRate`, probs with 0.8, and one more
+ * boolean field `flag.name` with probability `flag.rate`. Each gets a `label`.
+ */
+export function randomProblems({ count, seed, experts, tokens, hidden, dropAndPadRate, flag }) {
+  const random = rng(seed);
+  const pick = (xs) => xs[Math.floor(random() * xs.length)];
+  const problems = [];
+  for (let i = 0; i < count; i++) {
+    const numExperts = pick(experts);
+    const p = {
+      numTokens: pick(tokens),
+      numExperts,
+      topk: 1 + Math.floor(random() * Math.min(numExperts, 8)),
+      hidden: pick(hidden),
+      dtype: pick(['float32', 'bfloat16', 'float16']),
+      maskRate: pick([0, 0, 0.2, 1]),
+      seed: i + 1,
+      dropAndPad: random() < dropAndPadRate,
+      withProbs: random() < 0.8,
+      [flag.name]: random() < flag.rate,
+    };
+    p.label = `T=${p.numTokens} E=${p.numExperts} k=${p.topk} H=${p.hidden} ${p.dtype} mask=${p.maskRate}${p.dropAndPad ? ' dropAndPad' : ''}${p.withProbs ? ' probs' : ''}${p[flag.name] ? ` ${flag.text}` : ''} #${p.seed}`;
+    problems.push(p);
+  }
+  return problems;
+}
+
+// ---------------------------------------------------------------------------------------
 // Golden cases
 
 export function loadGolden(op) {

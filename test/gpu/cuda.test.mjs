@@ -11,7 +11,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 
-import { assertSameBits, assertSameResult, cpu, cuda, cudaInfo, cudaOnly, lib, loadGolden, outcome, randomRouting, rng, skip, standIn, tensor, toTensor } from './common.mjs';
+import { assertSameBits, assertSameResult, cpu, cuda, cudaInfo, cudaOnly, lib, loadGolden, outcome, randomRouting, rng, skip, standIn, tensor, toTensor, randomProblems } from './common.mjs';
 
 if (cudaInfo?.available) console.log(`# cuda: ${cudaInfo.device}; kernels: ${cudaInfo.kernels}; GPU ops: ${cudaInfo.gpuOps?.join(', ')}`);
 else if (skip) console.log(`# ${skip}`);
@@ -57,30 +57,7 @@ describe('golden unpermute: cuda == cpu', () => {
 // ---------------------------------------------------------------------------------------
 // Random problems
 
-const SHAPES = [];
-{
-  const random = rng(20251123);
-  const pick = (xs) => xs[Math.floor(random() * xs.length)];
-  for (let i = 0; i < 240; i++) {
-    const numExperts = pick([1, 2, 3, 8, 16, 64]);
-    SHAPES.push({
-      numTokens: pick([0, 1, 2, 7, 64, 200, 1000]),
-      numExperts,
-      topk: 1 + Math.floor(random() * Math.min(numExperts, 8)),
-      hidden: pick([0, 1, 2, 3, 4, 5, 8, 12, 16, 24, 64, 100, 256, 1000, 1024, 4097]),
-      dtype: pick(['float32', 'bfloat16', 'float16']),
-      maskRate: pick([0, 0, 0.2, 1]),
-      seed: i + 1,
-      dropAndPad: random() < 0.3,
-      withProbs: random() < 0.8,
-      int64: random() < 0.3,
-    });
-  }
-}
-
-function label(p) {
-  return `T=${p.numTokens} E=${p.numExperts} k=${p.topk} H=${p.hidden} ${p.dtype} mask=${p.maskRate}${p.dropAndPad ? ' dropAndPad' : ''}${p.withProbs ? ' probs' : ''}${p.int64 ? ' int64' : ''} #${p.seed}`;
-}
+const SHAPES = randomProblems({ count: 240, seed: 20251123, experts: [1, 2, 3, 8, 16, 64], tokens: [0, 1, 2, 7, 64, 200, 1000], hidden: [0, 1, 2, 3, 4, 5, 8, 12, 16, 24, 64, 100, 256, 1000, 1024, 4097], dropAndPadRate: 0.3, flag: { name: 'int64', rate: 0.3, text: 'int64' } });
 
 /** Token values: random, with some NaNs (various payloads), infinities, -0 and subnormals. */
 function specialTokens(tokens, random) {
@@ -98,7 +75,7 @@ function specialTokens(tokens, random) {
 
 describe('random problems: cuda == cpu, bit for bit', () => {
   for (const p of SHAPES) {
-    test(label(p), { skip }, () => {
+    test(p.label, { skip }, () => {
       const random = rng(p.seed * 7919);
       const r = randomRouting(p, random, p.maskRate);
       const multihot = cpu.indicesToMultihot(r.indices, r.weights, p.numExperts);

@@ -9,7 +9,7 @@
 import assert from 'node:assert/strict';
 import { after, describe, test } from 'node:test';
 
-import { assertSameBits, assertSameResult, cpu, cudaInfo, host, lib, loadGolden, outcome, randomRouting, rng, tensor, toTensor } from './common.mjs';
+import { assertSameBits, assertSameResult, cpu, cudaInfo, host, lib, loadGolden, outcome, randomRouting, rng, tensor, toTensor, randomProblems } from './common.mjs';
 
 const skip = cudaInfo?.available ? false : `CUDA unavailable: ${cudaInfo?.reason ?? 'backendInfo() does not list cuda'}`;
 const cuda = skip ? undefined : await lib.createBackend({ prefer: 'cuda' });
@@ -159,34 +159,11 @@ describe('golden permute on device tensors (plan on the GPU) == cpu', () => {
   }
 });
 
-const SHAPES = [];
-{
-  const random = rng(20261123);
-  const pick = (xs) => xs[Math.floor(random() * xs.length)];
-  for (let i = 0; i < 160; i++) {
-    const numExperts = pick([1, 2, 3, 8, 16, 64, 300]);
-    SHAPES.push({
-      numTokens: pick([0, 1, 2, 7, 63, 64, 65, 200, 1000]),
-      numExperts,
-      topk: 1 + Math.floor(random() * Math.min(numExperts, 8)),
-      hidden: pick([0, 1, 3, 8, 24, 100, 256, 1024, 4097]),
-      dtype: pick(['float32', 'bfloat16', 'float16']),
-      maskRate: pick([0, 0, 0.2, 1]),
-      seed: i + 1,
-      dropAndPad: random() < 0.35,
-      withProbs: random() < 0.8,
-      mixed: random() < 0.25,
-    });
-  }
-}
-
-function label(p) {
-  return `T=${p.numTokens} E=${p.numExperts} k=${p.topk} H=${p.hidden} ${p.dtype} mask=${p.maskRate}${p.dropAndPad ? ' dropAndPad' : ''}${p.withProbs ? ' probs' : ''}${p.mixed ? ' mixed host/device' : ''} #${p.seed}`;
-}
+const SHAPES = randomProblems({ count: 160, seed: 20261123, experts: [1, 2, 3, 8, 16, 64, 300], tokens: [0, 1, 2, 7, 63, 64, 65, 200, 1000], hidden: [0, 1, 3, 8, 24, 100, 256, 1024, 4097], dropAndPadRate: 0.35, flag: { name: 'mixed', rate: 0.25, text: 'mixed host/device' } });
 
 describe('random problems on device tensors == cpu, bit for bit', () => {
   for (const p of SHAPES) {
-    test(label(p), { skip }, () => {
+    test(p.label, { skip }, () => {
       const random = rng(p.seed * 7919);
       const r = randomRouting(p, random, p.maskRate);
       const multihot = cpu.indicesToMultihot(r.indices, r.weights, p.numExperts);
