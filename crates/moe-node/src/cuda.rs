@@ -72,12 +72,7 @@ pub fn cuda_permute(
     run(|dev| {
         let options = PermuteOptions { num_out_tokens: opt_size_arg("numOutTokens", num_out_tokens)?, drop_and_pad: drop_and_pad.unwrap_or(false) };
         let out = moe_cuda::ops::permute(dev, &view("tokens", &tokens)?, &view("routingMap", &routing_map)?, opt_view("probs", &probs)?.as_ref(), options)?;
-        Ok(PermuteOut {
-            permuted_tokens: to_wire(out.permuted_tokens),
-            permuted_probs: out.permuted_probs.map(to_wire),
-            sorted_indices: to_wire(out.sorted_indices),
-            tokens_per_expert: to_wire(out.tokens_per_expert),
-        })
+        Ok(out.into())
     })
 }
 
@@ -261,7 +256,7 @@ pub fn cuda_route(
     run(|dev| {
         let options = RouteOptions::from_args(topk, score_function.as_deref(), softmax_before_topk, num_groups, topk_groups, norm_topk_prob, route_scale)?;
         let out = device_ops::route(dev, &view("logits", &logits)?, opt_view("expertBias", &expert_bias)?.as_ref(), opt_view("tokenMask", &token_mask)?.as_ref(), options)?;
-        Ok(RouteOut { weights: to_wire(out.weights), indices: to_wire(out.indices), scores: to_wire(out.scores), tokens_per_expert: to_wire(out.tokens_per_expert) })
+        Ok(out.into())
     })
 }
 
@@ -305,7 +300,7 @@ pub fn cuda_route_device(
 pub fn cuda_topk(values: WireTensor, k: f64) -> napi::Result<TopKValuesOut, String> {
     run(|dev| {
         let out = device_ops::topk(dev, &view("values", &values)?, moe_core::error::size_arg("k", k)?)?;
-        Ok(TopKValuesOut { values: to_wire(out.values), indices: to_wire(out.indices) })
+        Ok(out.into())
     })
 }
 

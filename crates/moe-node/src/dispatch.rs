@@ -44,6 +44,17 @@ pub struct PermuteOut {
     pub tokens_per_expert: WireTensorOut,
 }
 
+impl From<moe_core::permute::Permuted> for PermuteOut {
+    fn from(out: moe_core::permute::Permuted) -> PermuteOut {
+        PermuteOut {
+            permuted_tokens: to_wire(out.permuted_tokens),
+            permuted_probs: out.permuted_probs.map(to_wire),
+            sorted_indices: to_wire(out.sorted_indices),
+            tokens_per_expert: to_wire(out.tokens_per_expert),
+        }
+    }
+}
+
 #[napi]
 pub fn permute(
     tokens: WireTensor,
@@ -63,12 +74,7 @@ pub fn permute(
             opt_view("probs", &probs)?.as_ref(),
             options,
         )?;
-        Ok(PermuteOut {
-            permuted_tokens: to_wire(out.permuted_tokens),
-            permuted_probs: out.permuted_probs.map(to_wire),
-            sorted_indices: to_wire(out.sorted_indices),
-            tokens_per_expert: to_wire(out.tokens_per_expert),
-        })
+        Ok(out.into())
     })
 }
 

@@ -14,6 +14,12 @@ pub struct RouteOut {
     pub tokens_per_expert: WireTensorOut,
 }
 
+impl From<moe_core::routing::Routed> for RouteOut {
+    fn from(out: moe_core::routing::Routed) -> RouteOut {
+        RouteOut { weights: to_wire(out.weights), indices: to_wire(out.indices), scores: to_wire(out.scores), tokens_per_expert: to_wire(out.tokens_per_expert) }
+    }
+}
+
 #[napi]
 #[allow(clippy::too_many_arguments)]
 pub fn route(
@@ -36,12 +42,7 @@ pub fn route(
             opt_view("tokenMask", &token_mask)?.as_ref(),
             options,
         )?;
-        Ok(RouteOut {
-            weights: to_wire(out.weights),
-            indices: to_wire(out.indices),
-            scores: to_wire(out.scores),
-            tokens_per_expert: to_wire(out.tokens_per_expert),
-        })
+        Ok(out.into())
     })
 }
 
@@ -113,10 +114,16 @@ pub struct TopKValuesOut {
     pub indices: WireTensorOut,
 }
 
+impl From<moe_core::routing::TopK> for TopKValuesOut {
+    fn from(out: moe_core::routing::TopK) -> TopKValuesOut {
+        TopKValuesOut { values: to_wire(out.values), indices: to_wire(out.indices) }
+    }
+}
+
 #[napi]
 pub fn topk(values: WireTensor, k: f64) -> napi::Result<TopKValuesOut, String> {
     guard(|| {
         let out = moe_core::routing::topk(&view("values", &values)?, moe_core::error::size_arg("k", k)?)?;
-        Ok(TopKValuesOut { values: to_wire(out.values), indices: to_wire(out.indices) })
+        Ok(out.into())
     })
 }
