@@ -8,6 +8,7 @@
  * data-dropped, data-capacity, data-slot/data-token), which test/demo.test.ts reads.
  */
 import { createBackend, tensor } from '../dist/browser.js';
+import { rng } from '../dist/random.js';
 
 const $ = (id) => document.getElementById(id);
 const SVG = 'http://www.w3.org/2000/svg';
@@ -22,24 +23,13 @@ function el(name, attrs = {}, parent) {
 // ---------------------------------------------------------------------------------------
 // Logits: generated (seeded) or pasted.
 
-function mulberry32(seed) {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 function gaussian(rand) {
   return Math.sqrt(-2 * Math.log(1 - rand())) * Math.cos(2 * Math.PI * rand());
 }
 
 /** T lines of E logits (3 decimals): noise plus a per-expert popularity scaled by `skew`. */
 export function generateLogits(T, E, seed, skew) {
-  const rand = mulberry32(seed);
+  const rand = rng(seed);
   const popularity = Array.from({ length: E }, () => gaussian(rand));
   const lines = [];
   for (let t = 0; t < T; t++) lines.push(Array.from({ length: E }, (_, e) => (gaussian(rand) + skew * popularity[e]).toFixed(3)).join(' '));

@@ -198,16 +198,8 @@ export function expectThrows(fn: () => unknown, cls: ErrorClass, message: RegExp
 /** A string as a literal inside a RegExp. */
 export const escapeRegExp = (s: string) => s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 
-/** mulberry32: a small seeded generator, so every test sees the same data on every run. */
-export function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = Math.imul(a ^ (a >>> 15), a | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** The seeded generator of the library's own tests and CLI (mulberry32). */
+export { rng } from '../ts/random.js';
 
 // ---------------------------------------------------------------------------------------
 // The float64 reference of the expert activations, written from the formulas (not from the library).
