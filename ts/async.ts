@@ -19,7 +19,7 @@ import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
 
 import type { Backend, BackendName } from './backend.js';
-import { isDeviceTensor } from './device.js';
+import { containsDeviceTensor } from './device.js';
 import type { Prefer } from './entry.js';
 
 /** Each op of `Backend`, returning a Promise of its result. */
@@ -57,12 +57,6 @@ function workerUrl(): URL {
   if (existsSync(fileURLToPath(here))) return here;
   // running from the TypeScript sources (tests): the built worker in dist/
   return new URL('../dist/async-worker.js', import.meta.url);
-}
-
-function hasDevice(value: unknown, depth = 0): boolean {
-  if (isDeviceTensor(value)) return true;
-  if (depth > 3 || typeof value !== 'object' || value === null || ArrayBuffer.isView(value)) return false;
-  return Object.values(value).some((v) => hasDevice(v, depth + 1));
 }
 
 /** Creates an asynchronous backend (see the module comment). */
@@ -113,7 +107,7 @@ export async function createAsyncBackend(options: CreateAsyncBackendOptions = {}
   });
   function call(op: string, args: unknown[]): Promise<unknown> {
     if (closed) return Promise.reject(new Error(`${op}: this async backend was closed`));
-    if (args.some((a) => hasDevice(a))) {
+    if (args.some((a) => containsDeviceTensor(a))) {
       return Promise.reject(new TypeError(`${op}: device tensors cannot go to the async backend's workers (use the cuda backend's own ops: they return before their kernels finish)`));
     }
     let worker = 0;

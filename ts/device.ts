@@ -106,6 +106,16 @@ export function isDeviceTensor(value: unknown): value is DeviceTensor {
   return typeof value === 'object' && value !== null && handles.has(value);
 }
 
+/** How deep into arguments (options objects, arrays, records) device tensors are looked for. */
+export const ARGUMENT_DEPTH = 3;
+
+/** Whether a device tensor sits in `value`: an argument, or an options object, array or record of them. */
+export function containsDeviceTensor(value: unknown, depth = 0): boolean {
+  if (isDeviceTensor(value)) return true;
+  if (depth >= ARGUMENT_DEPTH || typeof value !== 'object' || value === null || ArrayBuffer.isView(value)) return false;
+  return Object.values(value).some((v) => containsDeviceTensor(v, depth + 1));
+}
+
 /** The addon handle of a device tensor. */
 export function nativeHandle(t: DeviceTensor): NativeCudaTensor {
   const h = handles.get(t);

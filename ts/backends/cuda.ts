@@ -14,7 +14,7 @@
  * an NVRTC error). `MOE_DISPATCH_CUDA=0` turns the backend off.
  */
 import type { Backend, BackendInfo, Binding, PermuteBackwardOptions, PermuteOptions, UnpermuteOptions } from '../backend.js';
-import { isDeviceTensor, rethrowNative, wrapDevice, type DeviceTensor, type NativeCudaTensor } from '../device.js';
+import { ARGUMENT_DEPTH, containsDeviceTensor, isDeviceTensor, rethrowNative, wrapDevice, type DeviceTensor, type NativeCudaTensor } from '../device.js';
 import { isTensor } from '../tensor.js';
 import { activationsGpu, type CudaActivationsOps } from './cuda-activations.js';
 import { anyDevice, callWith, optionValue, type Addon, type GpuContext, type GpuFamily, type Handles } from './cuda-common.js';
@@ -382,22 +382,15 @@ export function cudaBackend(base: Backend, addon: CudaExports): CudaBackend {
   const b = backend as unknown as Record<string, unknown>;
   for (const [name, f] of Object.entries(base)) {
     if (typeof f !== 'function' || gpu.has(name)) continue;
-    b[name] = (...args: unknown[]) => (args.some(hasDevice) ? viaHost(name, f as (...a: unknown[]) => unknown, args, addon) : (f as (...a: unknown[]) => unknown)(...args));
+    b[name] = (...args: unknown[]) => (args.some((a) => containsDeviceTensor(a)) ? viaHost(name, f as (...a: unknown[]) => unknown, args, addon) : (f as (...a: unknown[]) => unknown)(...args));
   }
   return backend as unknown as CudaBackend;
-}
-
-/** Whether a device tensor sits in `value` (an argument, or an options object or array of them). */
-function hasDevice(value: unknown, depth = 0): boolean {
-  if (isDeviceTensor(value)) return true;
-  if (depth > 2 || typeof value !== 'object' || value === null || ArrayBuffer.isView(value)) return false;
-  return Object.values(value).some((v) => hasDevice(v, depth + 1));
 }
 
 /** `value` with its device tensors replaced by host copies. */
 function toHost(value: unknown, depth = 0): unknown {
   if (isDeviceTensor(value)) return value.download();
-  if (depth > 2 || typeof value !== 'object' || value === null || ArrayBuffer.isView(value) || isTensor(value)) return value;
+  if (depth >= ARGUMENT_DEPTH || typeof value !== 'object' || value === null || ArrayBuffer.isView(value) || isTensor(value)) return value;
   if (Array.isArray(value)) return value.map((v) => toHost(v, depth + 1));
   if (Object.getPrototypeOf(value) !== Object.prototype) return value;
   return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, toHost(v, depth + 1)]));
@@ -406,7 +399,7 @@ function toHost(value: unknown, depth = 0): unknown {
 /** `value` with its host tensors uploaded (int64 ones stay on the host: the GPU keeps no int64). */
 function toDevice(value: unknown, addon: CudaExports, depth = 0): unknown {
   if (isTensor(value)) return value.dtype === 'int64' ? value : wrapDevice(addon.cudaUpload(wire(value, 'result')));
-  if (depth > 2 || typeof value !== 'object' || value === null || ArrayBuffer.isView(value)) return value;
+  if (depth >= ARGUMENT_DEPTH || typeof value !== 'object' || value === null || ArrayBuffer.isView(value)) return value;
   if (Array.isArray(value)) return value.map((v) => toDevice(v, addon, depth + 1));
   if (Object.getPrototypeOf(value) !== Object.prototype) return value;
   return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, toDevice(v, addon, depth + 1)]));
