@@ -57,7 +57,7 @@ pub fn bf16_peak(dev: &Device, iters: usize) -> moe_cuda::Result<f64> {
 }
 
 /// One row of results as JSON.
-pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda::Result<serde_json_lite::Obj> {
+pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda::Result<flat_json::Obj> {
     let mut rng = Rng(0x5eed ^ s.experts as u64);
     let (t, e, k, dim, inter) = (s.tokens, s.experts, s.topk, s.dim, s.inter);
     let width = 2 * inter;
@@ -201,7 +201,7 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
         tf(fl_bwd, gemm_bwd),
         100.0 * tf(fl_bwd, gemm_bwd) / peak,
     );
-    let mut o = serde_json_lite::Obj::default();
+    let mut o = flat_json::Obj::default();
     o.str("shape", s.name);
     for (key, v) in [("tokens", t), ("dim", dim), ("inter", inter), ("experts", e), ("topk", k)] {
         o.num(key, v as f64);
@@ -237,8 +237,8 @@ fn inp_like<'a>(i: &DeviceExpertsInputs<'a>) -> DeviceExpertsInputs<'a> {
     DeviceExpertsInputs { tokens: i.tokens, tokens_per_expert: i.tokens_per_expert, gate_and_up: i.gate_and_up, gate_and_up_name: i.gate_and_up_name, down: i.down, probs: i.probs, gate_up_bias: i.gate_up_bias, down_bias: i.down_bias }
 }
 
-/// A very small JSON object writer (the bench writes flat objects).
-pub mod serde_json_lite {
+/// A flat JSON object (string and number fields), as the experts rows need.
+pub mod flat_json {
     #[derive(Default)]
     pub struct Obj(Vec<(String, String)>);
     impl Obj {
