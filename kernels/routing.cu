@@ -8,8 +8,11 @@
 // f32 as in the core. The top-k order is the core's: descending key, ties to the lower id,
 // -0 equal to +0.
 //
-// One warp per token; the token's row lives in shared memory (dynamic, per warp:
-// 8E bytes of f64 scratch, 4E keys, 4E scores, 4G group keys, 4k + 4G picks).
+// One warp per token. Up to 512 experts, k <= 32 and 32 groups (the models' shapes), the
+// register kernels (route_kernel_r*, topk_kernel_r*) keep the token's logits, scores and keys in
+// registers and select with warp reductions; beyond that, route_kernel / topk_kernel keep the
+// row in shared memory (dynamic, per warp: 8E bytes of f64 scratch, 4E keys, 4E scores, 4G group
+// keys, 4k + 4G picks).
 
 // u8, i64, u64 and detmath (det_exp, det_ln, det_ln_1p) come from kernels/common.cuh.
 
@@ -23,6 +26,61 @@ static __device__ double sigmoid64(double x) { return 1.0 / (1.0 + det_exp(-x));
 static __device__ double softplus64(double x) {
     if (x > 20.0) return x;
     return fmax(x, 0.0) + det_ln_1p(det_exp(-fabs(x)));
+}
+
+// Rounding to f32 without the core's slower f64 path when it cannot matter. An f64 value within
+// 2^-49 (relative) of the core's rounds to the same f32 unless it lies within that distance of a
+// rounding boundary of f32; `settled` says it does not (both ends of a 2^-40 bracket round alike,
+// and rounding is monotonic), so the f32 is the core's. Otherwise the caller runs the core's path.
+#define BRACKET 9.094947017729282e-13  // 2^-40
+static __device__ __forceinline__ bool settled(double y, float* out) {
+    const float lo = (float)(y * (1.0 - BRACKET)), hi = (float)(y * (1.0 + BRACKET));
+    *out = lo;
+    return lo == hi;
+}
+
+// exp(x) for |x| <= 700 within about 2^-46 (relative): x = k ln2 + r, |r| <= ln2 / 2, a degree-11
+// Taylor polynomial of e^r (fma), times 2^k by the exponent bits. Accurate enough for `settled`.
+static __device__ __forceinline__ double exp_near(double x) {
+    const double k = rint(x * LOG2_E);
+    const double r = fma(-k, LN2_LO, fma(-k, LN2_HI, x));
+    double p = 1.0 / 39916800.0;
+    p = fma(p, r, 1.0 / 3628800.0);
+    p = fma(p, r, 1.0 / 362880.0);
+    p = fma(p, r, 1.0 / 40320.0);
+    p = fma(p, r, 1.0 / 5040.0);
+    p = fma(p, r, 1.0 / 720.0);
+    p = fma(p, r, 1.0 / 120.0);
+    p = fma(p, r, 1.0 / 24.0);
+    p = fma(p, r, 1.0 / 6.0);
+    p = fma(p, r, 0.5);
+    p = fma(p, r, 1.0);
+    p = fma(p, r, 1.0);
+    return __hiloint2double(__double2hiint(p) + ((int)k << 20), __double2loint(p));
+}
+
+// 1 / d for d >= 1 (finite): the hardware's approximation and two Newton steps (about 2^-50).
+static __device__ __forceinline__ double rcp_near(double d) {
+    double r;
+    asm("rcp.approx.ftz.f64 %0, %1;" : "=d"(r) : "d"(d));
+    r = fma(r, fma(-d, r, 1.0), r);
+    return fma(r, fma(-d, r, 1.0), r);
+}
+
+// (float)sigmoid64(x): the sigmoid from exp_near and rcp_near is within about 2^-45 of the
+// core's f64 value (det_exp: a few ulps), inside the bracket; about one value in 2^15, and
+// |x| > 700, take the core's path.
+static __device__ __forceinline__ float sigmoid_f32(double x) {
+    float f;
+    if (fabs(x) <= 700.0 && settled(rcp_near(1.0 + exp_near(-x)), &f)) return f;
+    return (float)sigmoid64(x);
+}
+
+// (float)(v / d) with rinv = 1 / d: v * rinv is within 1.5 ulp of the quotient.
+static __device__ __forceinline__ float div_f32(double v, double d, double rinv) {
+    float f;
+    if (settled(v * rinv, &f)) return f;
+    return (float)(v / d);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -65,46 +123,81 @@ static __device__ void warp_topk(float* keys, int n, int k, int* out, int lane) 
     }
 }
 
-// Register top-k (E <= 32 * PER): lane l holds the keys of experts l, l + 32, ... A key and its
-// id pack into one u64 that orders as the core's top_k does (greater key first, then lower id),
-// so each round is one warp max of u64s.
-static __device__ __forceinline__ unsigned long long pack_key(float v, int e) {
+// Register selection (E <= 32 * PER): lane l holds experts l, l + 32, ... A canonical key maps
+// to a u32 that orders as the key does (`ord_key`); 0 is below every key and marks a taken or
+// absent expert. One pick is a warp max of the lanes' best keys and a warp min of the expert
+// ids that hold it (greater key first, then the lower id: the core's order): two redux.sync
+// instructions on sm_80 and newer.
+static __device__ __forceinline__ unsigned ord_key(float v) {
     const unsigned b = __float_as_uint(v);  // canonical: no NaN, no -0
-    const unsigned k = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-    return ((unsigned long long)k << 32) | (unsigned long long)(0xffffffffu - (unsigned)e);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
-static __device__ __forceinline__ unsigned long long warp_max_u64(unsigned long long x) {
+static __device__ __forceinline__ float key_value(unsigned k) { return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k); }
+
+static __device__ __forceinline__ unsigned warp_max_u32(unsigned x) {
+#if __CUDA_ARCH__ >= 800
+    return __reduce_max_sync(FULL, x);
+#else
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const unsigned long long y = __shfl_xor_sync(FULL, x, o);
-        x = y > x ? y : x;
-    }
+    for (int o = 16; o > 0; o >>= 1) x = max(x, __shfl_xor_sync(FULL, x, o));
     return x;
+#endif
 }
 
-static __device__ __forceinline__ int unpack_id(unsigned long long c) { return (int)(0xffffffffu - (unsigned)(c & 0xffffffffu)); }
-
-// The k best of the keys (lane-strided registers), into out[0..k) (lane 0 writes).
-template <int PER>
-static __device__ __forceinline__ void reg_topk(const float (&key)[PER], int E, int k, int lane, int* out) {
-    unsigned taken = 0u;
-    for (int j = 0; j < k; j++) {
-        unsigned long long best = 0ull;
+static __device__ __forceinline__ unsigned warp_min_u32(unsigned x) {
+#if __CUDA_ARCH__ >= 800
+    return __reduce_min_sync(FULL, x);
+#else
 #pragma unroll
-        for (int i = 0; i < PER; i++) {
-            const int e = lane + 32 * i;
-            if (e < E && !((taken >> i) & 1u)) {
-                const unsigned long long c = pack_key(key[i], e);
-                best = c > best ? c : best;
-            }
-        }
-        best = warp_max_u64(best);
-        const int e = unpack_id(best);
-        if ((e & 31) == lane) taken |= 1u << (e >> 5);
-        if (lane == 0) out[j] = e;
+    for (int o = 16; o > 0; o >>= 1) x = min(x, __shfl_xor_sync(FULL, x, o));
+    return x;
+#endif
+}
+
+// Picks the best key not yet taken (bit i of a lane's `taken`: its register i) and returns its
+// expert id to every lane, with its key (`m`) and its value of `v` (`val`, from the lane that
+// holds it); that lane marks it taken. Within a lane, ascending i is ascending id, so a strict >
+// keeps the lower id. No register array is indexed at run time (it would go to local memory).
+template <int PER>
+static __device__ __forceinline__ int pick_best(const unsigned (&key)[PER], unsigned& taken, const float (&v)[PER], float& val, unsigned& m, int lane) {
+    unsigned best = 0u;
+    int bi = 0;
+    float bv = 0.0f;
+#pragma unroll
+    for (int i = 0; i < PER; i++) {
+        const bool better = !((taken >> i) & 1u) && key[i] > best;
+        best = better ? key[i] : best;
+        bi = better ? i : bi;
+        bv = better ? v[i] : bv;
     }
-    __syncwarp();
+    m = warp_max_u32(best);
+    const int id = (int)warp_min_u32(best == m ? (unsigned)(lane + 32 * bi) : 0xffffffffu);
+    const int owner = id & 31;
+    if (lane == owner) taken |= 1u << (id >> 5);
+    val = __shfl_sync(FULL, bv, owner);
+    return id;
+}
+
+// The kept groups (bit g) of a group top-k: lane g < G holds group g's key (`mine`); ties to the
+// lower group, as the core's top_k.
+static __device__ __forceinline__ unsigned pick_groups(unsigned mine, int G, int topk_groups, int lane) {
+    unsigned kept = 0u;
+    unsigned gkey = lane < G ? mine : 0u;
+    for (int j = 0; j < topk_groups; j++) {
+        const unsigned best = warp_max_u32(gkey);
+        const int g = __ffs(__ballot_sync(FULL, gkey == best)) - 1;
+        kept |= 1u << g;
+        if (lane == g) gkey = 0u;
+    }
+    return kept;
+}
+
+// A group's selection key (ord_key) from its largest key f and second largest s (ord_keys; 0:
+// none): f, or canon(f + s) with top2, as the core's group scores.
+static __device__ __forceinline__ unsigned group_key(unsigned f, unsigned s, int top2) {
+    if (!top2) return f;
+    return ord_key(canon(__fadd_rn(key_value(f), s == 0u ? -__int_as_float(0x7f800000) : key_value(s))));
 }
 
 // The f64 sum of f32 values v[0..n), equal to the core's sequential sum (ascending, from 0).
@@ -180,7 +273,8 @@ static __device__ void write_weights(const float* row, const float* sc, const in
 
 static __device__ __forceinline__ int route_stride(int E, int G, int k) { return ((8 * E + 4 * E + 4 * E + 4 * G + 4 * k + 4 * G) + 15) & ~15; }
 
-// err[0]: smallest flat index of a non-finite logit; err[1]: of a non-finite bias (u64 max: none).
+// err (set to u64 max by the host; may be mapped host memory): err[0] becomes 0 when a logit is
+// not finite, err[1] when a bias is not (the host then runs the core, which names the value).
 extern "C" __global__ void route_kernel(
     const float* __restrict__ logits, const float* __restrict__ bias, const u8* __restrict__ mask,
     int T, int E, int k, int sf, int softmax_before_topk, int groups, int topk_groups, int top2, int normalise,
@@ -202,11 +296,11 @@ extern "C" __global__ void route_kernel(
 
     for (int e = lane; e < E; e += 32) {
         const float x = row[e];
-        if (!isfinite(x)) atomicMin(err, (u64)t * (u64)E + (u64)e);
+        if (!isfinite(x)) err[0] = 0ull;
     }
     if (t == 0 && bias != 0) {
         for (int e = lane; e < E; e += 32)
-            if (!isfinite(bias[e])) atomicMin(err + 1, (u64)e);
+            if (!isfinite(bias[e])) err[1] = 0ull;
     }
 
     // 1. Unbiased scores.
@@ -293,7 +387,7 @@ extern "C" __global__ void route_kernel(
 }
 
 // topk: the k largest of each row of values [T, E], one warp per row (shared: 4E + 4k bytes a
-// warp). err[0]: smallest flat index of a NaN.
+// warp). err[0] becomes 0 when a value is NaN (as route's).
 extern "C" __global__ void topk_kernel(const float* __restrict__ values, int T, int E, int k, float* __restrict__ out_values,
                                        int* __restrict__ out_indices, u64* __restrict__ err) {
     extern __shared__ double smem[];
@@ -305,7 +399,7 @@ extern "C" __global__ void topk_kernel(const float* __restrict__ values, int T, 
     const float* row = values + (i64)t * E;
     for (int e = lane; e < E; e += 32) {
         const float v = row[e];
-        if (v != v) atomicMin(err, (u64)t * (u64)E + (u64)e);
+        if (v != v) err[0] = 0ull;
         keys[e] = canon(v);
     }
     __syncwarp();
@@ -333,10 +427,49 @@ extern "C" __global__ void count_experts(const int* __restrict__ idx, long long 
 }
 
 // ---------------------------------------------------------------------------------------
-// Register variants for E <= 32 * PER (PER = 1, 2, 4, 8, 16) and G <= 32: the same results as
-// route_kernel / topk_kernel; keys and group scores stay in registers (the selection is the
-// costly part of routing: one warp max of packed u64s per pick).
+// Register variants for E <= 32 * PER (PER = 1, 2, 4, 8, 16), k <= 32 (route) and G <= 32: the
+// same results as route_kernel / topk_kernel, with everything a token needs in registers.
 
+// The f64 sum of the lanes' f32 registers (E values, expert order), equal to the core's
+// sequential sum: in parallel when every partial sum is exact (see sum_f32_in_f64), else in
+// expert order through shuffles (every lane gets the result).
+template <int PER>
+static __device__ double reg_sum_f32_in_f64(const float (&v)[PER], int E, int lane) {
+    int top = -1000, low = 1000;
+#pragma unroll
+    for (int i = 0; i < PER; i++) {
+        const unsigned b = __float_as_uint(v[i]) & 0x7fffffffu;
+        if (lane + 32 * i >= E || b == 0u) continue;
+        const int be = (int)(b >> 23);
+        top = max(top, be == 0 ? -127 : be - 127);
+        low = min(low, be == 0 ? -149 : be - 150);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        top = max(top, __shfl_xor_sync(FULL, top, o));
+        low = min(low, __shfl_xor_sync(FULL, low, o));
+    }
+    const int log2n = 32 - __clz(max(E, 1));
+    double s = 0.0;
+    if (top == -1000 || top + 1 + log2n - low <= 53) {
+#pragma unroll
+        for (int i = 0; i < PER; i++)
+            if (lane + 32 * i < E) s += (double)v[i];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(FULL, s, o);
+        return s;
+    }
+#pragma unroll
+    for (int i = 0; i < PER; i++)
+        for (int l = 0; l < 32 && 32 * i + l < E; l++) s += (double)__shfl_sync(FULL, v[i], l);
+    return s;
+}
+
+// route for E <= 32 * PER, k <= 32 and at most 32 groups: logits, scores and keys in registers,
+// selection by warp reductions (pick_best), the k picks held by lanes 0..k so that the weights
+// are computed side by side (sums still in pick order, as the core's). Dynamic shared memory:
+// E doubles a warp for the softmax score functions (their sum runs in the core's order on one
+// lane), none otherwise.
 template <int PER>
 __device__ __forceinline__ void route_reg_impl(
     const float* __restrict__ logits, const float* __restrict__ bias, const u8* __restrict__ mask,
@@ -348,12 +481,6 @@ __device__ __forceinline__ void route_reg_impl(
     const int t = blockIdx.x * (blockDim.x >> 5) + w;
     if (t >= T) return;
     const int G = groups;
-    char* base = reinterpret_cast<char*>(smem) + (i64)w * route_stride(E, G, k);
-    double* tmp = reinterpret_cast<double*>(base);
-    float* keys_unused = reinterpret_cast<float*>(tmp + E);
-    float* sc = keys_unused + E;
-    float* gk_unused = sc + E;
-    int* picked = reinterpret_cast<int*>(gk_unused + G);
     const float* row = logits + (i64)t * E;
 
     float x[PER];
@@ -361,15 +488,17 @@ __device__ __forceinline__ void route_reg_impl(
     for (int i = 0; i < PER; i++) {
         const int e = lane + 32 * i;
         x[i] = e < E ? row[e] : 0.0f;
-        if (e < E && !isfinite(x[i])) atomicMin(err, (u64)t * (u64)E + (u64)e);
+        if (e < E && !isfinite(x[i])) err[0] = 0ull;
     }
     if (t == 0 && bias != 0) {
         for (int e = lane; e < E; e += 32)
-            if (!isfinite(bias[e])) atomicMin(err + 1, (u64)e);
+            if (!isfinite(bias[e])) err[1] = 0ull;
     }
 
-    // 1. Unbiased scores (into sc, shared).
+    // 1. Unbiased scores.
+    float sc[PER];
     if (sf == SF_SOFTMAX || sf == SF_SOFTMAX_WITH_BIAS) {
+        double* tmp = smem + (i64)w * E;
         float m = -__int_as_float(0x7f800000);
 #pragma unroll
         for (int i = 0; i < PER; i++)
@@ -387,49 +516,91 @@ __device__ __forceinline__ void route_reg_impl(
         }
         sum = __shfl_sync(FULL, sum, 0);
 #pragma unroll
-        for (int i = 0; i < PER; i++)
-            if (lane + 32 * i < E) sc[lane + 32 * i] = (float)(tmp[lane + 32 * i] / sum);
+        for (int i = 0; i < PER; i++) sc[i] = lane + 32 * i < E ? (float)(tmp[lane + 32 * i] / sum) : 0.0f;
     } else if (sf == SF_SIGMOID || sf == SF_SIGMOID_WITH_BIAS) {
 #pragma unroll
-        for (int i = 0; i < PER; i++)
-            if (lane + 32 * i < E) sc[lane + 32 * i] = (float)sigmoid64((double)x[i]);
+        for (int i = 0; i < PER; i++) sc[i] = lane + 32 * i < E ? sigmoid_f32((double)x[i]) : 0.0f;
     } else {
 #pragma unroll
-        for (int i = 0; i < PER; i++)
-            if (lane + 32 * i < E) sc[lane + 32 * i] = (float)sqrt(softplus64((double)x[i]));
+        for (int i = 0; i < PER; i++) sc[i] = lane + 32 * i < E ? (float)sqrt(softplus64((double)x[i])) : 0.0f;
     }
-    __syncwarp();
 
     // 2. Selection and weights.
     const bool masked = mask != 0 && mask[t] == 0;
     if (masked) {
-        for (int j = lane; j < k; j += 32) {
-            indices[(i64)t * k + j] = -1;
-            weights[(i64)t * k + j] = 0.0f;
+        if (lane < k) {
+            indices[(i64)t * k + lane] = -1;
+            weights[(i64)t * k + lane] = 0.0f;
         }
     } else {
-        float key[PER];
+        unsigned key[PER];
 #pragma unroll
         for (int i = 0; i < PER; i++) {
             const int e = lane + 32 * i;
             float v = 0.0f;
             if (e < E) {
                 if (sf == SF_SOFTMAX && !softmax_before_topk) v = x[i];
-                else if (bias != 0) v = __fadd_rn(sc[e], bias[e]);
-                else v = sc[e];
+                else if (bias != 0) v = __fadd_rn(sc[i], bias[e]);
+                else v = sc[i];
             }
-            key[i] = canon(v);
+            key[i] = e < E ? ord_key(canon(v)) : 0u;
         }
         if (G > 1) {
+            // group scores (the max, or the sum of the two largest), one per lane g < G
             const int size = E / G;
-            float mine = 0.0f;
-            for (int g = 0; g < G; g++) {
-                float f = -__int_as_float(0x7f800000), s2 = f;
+            const unsigned dropped = ord_key(sf == SF_SIGMOID_WITH_BIAS ? -__int_as_float(0x7f800000) : 0.0f);
+            unsigned mine = 0u;
+            if (size % 32 == 0) {
+                // each register holds experts of one group on every lane (r registers a group): the
+                // warp's top two of each register, merged over the group's registers (a
+                // multiset's top two); groups advance with the registers, so no divisions
+                const int r = size / 32;
+                unsigned f = 0u, s2 = 0u;
+                int g = 0, c = 0;
 #pragma unroll
                 for (int i = 0; i < PER; i++) {
-                    const int e = lane + 32 * i;
-                    if (e < E && e / size == g) {
-                        const float v = key[i];
+                    if (32 * i >= E) break;
+                    const unsigned F = warp_max_u32(key[i]);
+                    unsigned S = 0u;
+                    if (top2) {
+                        const int holder = __ffs(__ballot_sync(FULL, key[i] == F)) - 1;
+                        S = warp_max_u32(lane == holder ? 0u : key[i]);
+                    }
+                    if (c == 0) {
+                        f = F;
+                        s2 = S;
+                    } else {
+                        s2 = max(min(f, F), max(s2, S));
+                        f = max(f, F);
+                    }
+                    if (++c == r) {
+                        if (lane == g) mine = group_key(f, s2, top2);
+                        g++;
+                        c = 0;
+                    }
+                }
+                const unsigned kept = pick_groups(mine, G, topk_groups, lane);
+                g = 0;
+                c = 0;
+#pragma unroll
+                for (int i = 0; i < PER; i++) {
+                    if (32 * i >= E) break;
+                    if (!((kept >> g) & 1u)) key[i] = dropped;
+                    if (++c == r) {
+                        g++;
+                        c = 0;
+                    }
+                }
+            } else {
+                int gi[PER];
+#pragma unroll
+                for (int i = 0; i < PER; i++) gi[i] = (lane + 32 * i) / size;  // >= G past E
+                for (int g = 0; g < G; g++) {
+                    unsigned f = 0u, s2 = 0u;
+#pragma unroll
+                    for (int i = 0; i < PER; i++) {
+                        if (gi[i] != g) continue;
+                        const unsigned v = key[i];
                         if (v > f) {
                             s2 = f;
                             f = v;
@@ -437,73 +608,103 @@ __device__ __forceinline__ void route_reg_impl(
                             s2 = v;
                         }
                     }
+                    const unsigned F = warp_max_u32(f);
+                    unsigned S = 0u;
+                    if (top2) {
+                        // the second largest of the group's multiset: the largest once one copy of F is set aside
+                        const int holder = __ffs(__ballot_sync(FULL, f == F)) - 1;
+                        S = warp_max_u32(lane == holder ? s2 : f);
+                    }
+                    if (lane == g) mine = group_key(F, S, top2);
                 }
+                const unsigned kept = pick_groups(mine, G, topk_groups, lane);
 #pragma unroll
-                for (int o = 16; o > 0; o >>= 1) {
-                    const float of = __shfl_xor_sync(FULL, f, o);
-                    const float os = __shfl_xor_sync(FULL, s2, o);
-                    const float nf = fmaxf(f, of);
-                    s2 = fmaxf(fminf(f, of), fmaxf(s2, os));
-                    f = nf;
-                }
-                const float gv = canon(top2 ? __fadd_rn(f, s2) : f);
-                if (lane == g) mine = gv;
-            }
-            unsigned kept = 0u;
-            unsigned long long gkey = lane < G ? pack_key(mine, lane) : 0ull;
-            for (int j = 0; j < topk_groups; j++) {
-                const unsigned long long best = warp_max_u64(gkey);
-                const int g = unpack_id(best);
-                kept |= 1u << g;
-                if (lane == g) gkey = 0ull;
-            }
-            const float dropped = sf == SF_SIGMOID_WITH_BIAS ? -__int_as_float(0x7f800000) : 0.0f;
-#pragma unroll
-            for (int i = 0; i < PER; i++) {
-                const int e = lane + 32 * i;
-                if (e < E && !((kept >> (e / size)) & 1u)) key[i] = dropped;
+                for (int i = 0; i < PER; i++)
+                    if (lane + 32 * i < E && !((kept >> gi[i]) & 1u)) key[i] = dropped;
             }
         }
-        reg_topk<PER>(key, E, k, lane, picked);
-        if (lane == 0) write_weights(row, sc, picked, k, sf, softmax_before_topk, normalise, route_scale, tmp, weights + (i64)t * k, indices + (i64)t * k);
-        __syncwarp();
+        // the k picks: lane j keeps pick j (its expert, score and, for weights from logits, its
+        // logit: the key itself, canonical, which changes nothing below)
+        const bool logit_weights = sf == SF_SOFTMAX && !softmax_before_topk;
+        int pid = -1;
+        float psc = 0.0f, px = 0.0f;
+        unsigned taken = 0u;
+        for (int j = 0; j < k; j++) {
+            unsigned m;
+            float s;
+            const int id = pick_best<PER>(key, taken, sc, s, m, lane);
+            if (lane == j) {
+                pid = id;
+                psc = s;
+                px = key_value(m);
+            }
+        }
+        // weights: the softmax over the picked logits when it comes after the top-k, else the
+        // unbiased scores; then normTopkProb and routeScale (sums in pick order, as the core)
+        double v;
+        if (logit_weights) {
+            const double m0 = (double)__shfl_sync(FULL, px, 0);
+            const double ex = lane < k ? det_exp((double)px - m0) : 0.0;
+            double sum = 0.0;
+            for (int j = 0; j < k; j++) sum += __shfl_sync(FULL, ex, j);
+            v = (double)(float)(ex / sum);
+        } else {
+            v = (double)psc;
+        }
+        double denom = 1.0;
+        if (normalise) {
+            double s = 0.0;
+            for (int j = 0; j < k; j++) s += __shfl_sync(FULL, v, j);
+            denom = s + 1e-20;
+        }
+        if (lane < k) {
+            const double wv = normalise ? v / denom : v;
+            weights[(i64)t * k + lane] = (float)(wv * route_scale);
+            indices[(i64)t * k + lane] = pid;
+        }
     }
 
     // 3. Scores, normalised per row when the weights are.
     float* out = scores + (i64)t * E;
     if (normalise) {
-        const double denom = sum_f32_in_f64(sc, E, lane) + 1e-20;
+        const double denom = reg_sum_f32_in_f64<PER>(sc, E, lane) + 1e-20;
+        const double rinv = 1.0 / denom;
 #pragma unroll
         for (int i = 0; i < PER; i++)
-            if (lane + 32 * i < E) out[lane + 32 * i] = (float)((double)sc[lane + 32 * i] / denom);
+            if (lane + 32 * i < E) out[lane + 32 * i] = div_f32((double)sc[i], denom, rinv);
     } else {
 #pragma unroll
         for (int i = 0; i < PER; i++)
-            if (lane + 32 * i < E) out[lane + 32 * i] = sc[lane + 32 * i];
+            if (lane + 32 * i < E) out[lane + 32 * i] = sc[i];
     }
 }
 
+// topk for E <= 32 * PER (any k <= E): pick j is written by lane j % 32. No shared memory.
 template <int PER>
 __device__ __forceinline__ void topk_reg_impl(const float* __restrict__ values, int T, int E, int k, float* __restrict__ out_values,
                                               int* __restrict__ out_indices, u64* __restrict__ err) {
-    extern __shared__ double smem[];
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     const int t = blockIdx.x * (blockDim.x >> 5) + w;
     if (t >= T) return;
-    int* picked = reinterpret_cast<int*>(reinterpret_cast<char*>(smem) + (i64)w * (((4 * E + 4 * k) + 15) & ~15));
     const float* row = values + (i64)t * E;
-    float key[PER];
+    float x[PER];
+    unsigned key[PER];
 #pragma unroll
     for (int i = 0; i < PER; i++) {
         const int e = lane + 32 * i;
-        const float v = e < E ? row[e] : 0.0f;
-        if (e < E && v != v) atomicMin(err, (u64)t * (u64)E + (u64)e);
-        key[i] = canon(v);
+        x[i] = e < E ? row[e] : 0.0f;
+        if (e < E && x[i] != x[i]) err[0] = 0ull;
+        key[i] = e < E ? ord_key(canon(x[i])) : 0u;
     }
-    reg_topk<PER>(key, E, k, lane, picked);
-    for (int j = lane; j < k; j += 32) {
-        out_values[(i64)t * k + j] = row[picked[j]];
-        out_indices[(i64)t * k + j] = picked[j];
+    unsigned taken = 0u;
+    for (int j = 0; j < k; j++) {
+        unsigned m;
+        float v;
+        const int id = pick_best<PER>(key, taken, x, v, m, lane);
+        if (lane == (j & 31)) {
+            out_values[(i64)t * k + j] = v;
+            out_indices[(i64)t * k + j] = id;
+        }
     }
 }
 

@@ -333,7 +333,8 @@ const ROUTES = [];
       T: pick([0, 1, 7, 64, 300]),
       E,
       sf,
-      k: 1 + Math.floor(random() * Math.min(maxK, 12)),
+      // k past 32 now and then: route's shared-memory kernel, and topk's picks past lane 31
+      k: 1 + Math.floor(random() * Math.min(maxK, random() < 0.15 ? 40 : 12)),
       G,
       kg,
       bias: sf !== 'softmax' && random() < 0.6,

@@ -80,10 +80,43 @@ const deviceRows = [];
     'topk k=2 (1 sync)': () => disposeOut(cudaB.topk(logits, 2)),
   };
   for (const [name, f] of Object.entries(cases)) deviceRows.push({ op: name, ...time(iters, f) });
+  // The JS call against the same op called from Rust in this process (the addon's
+  // cudaTimeRustUnpermute: no N-API, no facade), interleaved in blocks of calls, each block
+  // starting on an idle GPU: what a JS call costs above the bare Rust call, without and with a
+  // synchronize after each call.
+  const { loadNative } = await import(pathToFileURL(resolve(distDir, 'backends/native.js')).href);
+  const { nativeHandle } = await import(pathToFileURL(resolve(distDir, 'device.js')).href);
+  const addon = loadNative().binding;
+  if (typeof addon.cudaTimeRustUnpermute === 'function') {
+    const [hTok, hIdx, hProbs] = [perm.permutedTokens, perm.sortedIndices, perm.permutedProbs].map(nativeHandle);
+    const samples = { js: { false: [], true: [] }, rust: { false: [], true: [] } };
+    for (let round = 0; round < 24; round++) {
+      for (const sync of [false, true]) {
+        cudaB.synchronize();
+        for (let i = 0; i < 200; i++) {
+          const t0 = process.hrtime.bigint();
+          disposeOut(cudaB.unpermute(perm.permutedTokens, perm.sortedIndices, [4, 8], { probs: perm.permutedProbs }));
+          if (sync) cudaB.synchronize();
+          samples.js[sync].push(Number(process.hrtime.bigint() - t0) / 1e3);
+        }
+        cudaB.synchronize();
+        samples.rust[sync].push(...addon.cudaTimeRustUnpermute(hTok, hIdx, [4, 8], hProbs, 200, sync));
+      }
+    }
+    for (const sync of [false, true]) {
+      const js = { medianUs: median(samples.js[sync]), minUs: Math.min(...samples.js[sync]) };
+      const rust = { medianUs: median(samples.rust[sync]), minUs: Math.min(...samples.rust[sync]) };
+      const how = sync ? '+ synchronize' : 'async';
+      deviceRows.push({ op: `unpermute+probs ${how}: JS call (interleaved)`, ...js });
+      deviceRows.push({ op: `unpermute+probs ${how}: the same op from Rust, in process`, ...rust });
+      deviceRows.push({ op: `unpermute+probs ${how}: JS above Rust (difference of medians)`, medianUs: js.medianUs - rust.medianUs, minUs: js.minUs - rust.minUs });
+    }
+  }
   cudaB.synchronize();
+  for (const r of deviceRows) console.log(`tiny  device ${r.op.padEnd(60)} ${r.medianUs.toFixed(1).padStart(8)} us (min ${r.minUs.toFixed(1)})`);
 }
+
 const out = { device: info.device, node: process.version, rows, deviceRows };
 const i = process.argv.indexOf('--out');
 if (i > 0) writeFileSync(process.argv[i + 1], JSON.stringify(out, null, 1));
-for (const r of deviceRows) console.log(`tiny  device ${r.op.padEnd(48)} ${r.medianUs.toFixed(1).padStart(8)} us (min ${r.minUs.toFixed(1)})`);
 for (const r of rows) console.log(`${r.shape.padEnd(5)} ${r.backend.padEnd(5)} permute ${r.permute.medianUs.toFixed(1).padStart(9)} us  unpermute ${r.unpermute.medianUs.toFixed(1).padStart(9)} us  (${r.dims})`);

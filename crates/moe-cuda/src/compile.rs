@@ -49,7 +49,8 @@ pub const EXPERTS: KernelSource = KernelSource { file: "experts.cu", source: inc
 pub const ALL: &[KernelSource] = &[PERMUTE, PLAN, ROUTING, ACTIVATIONS, LAYOUT, EXPERTS];
 
 /// NVRTC options for `arch` (e.g. "sm_90"). `--fmad=false`: no multiply-add contraction
-/// anywhere, so f32 arithmetic rounds as the CPU core's does.
+/// anywhere, so f32 arithmetic rounds as the CPU core's does. `-lineinfo`: source lines for
+/// profilers (Nsight Compute), no change to the code.
 pub fn options(arch: &str) -> Vec<String> {
     vec![
         format!("--gpu-architecture={arch}"),
@@ -58,6 +59,7 @@ pub fn options(arch: &str) -> Vec<String> {
         "--ftz=false".into(),
         "--prec-div=true".into(),
         "--prec-sqrt=true".into(),
+        "-lineinfo".into(),
     ]
 }
 

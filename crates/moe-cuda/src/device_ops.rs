@@ -18,7 +18,7 @@ use moe_core::permute::{PermuteOptions, UnpermuteOptions};
 use moe_core::routing::{RouteOptions, ScoreFunction};
 use moe_core::tensor::DType;
 
-use crate::device::{Arg, Buffer, Device, PendingRead};
+use crate::device::{Arg, Buffer, Device, HostWords, PendingRead};
 use crate::error::{Error, Result};
 use crate::ops::{self, DevicePlan, PermuteKernel};
 use crate::tensor::{download_opt, opt_ref, tensor_ref, upload_owned_opt, DeviceTensor};
@@ -626,6 +626,44 @@ pub struct DeviceRouted {
     pub tokens_per_expert: DeviceTensor,
 }
 
+/// The two error words the route and topk kernels set to 0 on a non-finite input: mapped host
+/// memory when the driver gives it (read after a synchronize, with no copy: about 9 us less a
+/// call on an H100), else a device buffer that is read back.
+pub enum ErrWords<'a> {
+    Host(HostWords<'a>),
+    Device(Buffer),
+}
+
+impl<'a> ErrWords<'a> {
+    fn new(dev: &'a Device) -> Result<ErrWords<'a>> {
+        if let Some(h) = dev.host_words::<2>(u64::MAX) {
+            return Ok(ErrWords::Host(h));
+        }
+        let b = dev.alloc("the error words", 16)?;
+        dev.memset_u32("the error words", &b, u32::MAX, 4)?;
+        Ok(ErrWords::Device(b))
+    }
+
+    fn ptr(&self, s: &cudarc::driver::CudaStream) -> u64 {
+        match self {
+            ErrWords::Host(h) => h.device_ptr(),
+            ErrWords::Device(b) => b.ptr(s),
+        }
+    }
+
+    /// Waits for the kernels; whether a word was set.
+    pub fn any_set(&self, dev: &Device, what: &str) -> Result<bool> {
+        let [a, b] = match self {
+            ErrWords::Host(h) => {
+                dev.synchronize(what)?;
+                [h.read(0), h.read(1)]
+            }
+            ErrWords::Device(buf) => dev.read_head::<u64, 2>(what, buf, 0)?,
+        };
+        Ok(a != u64::MAX || b != u64::MAX)
+    }
+}
+
 /// Shared memory of one warp of route_kernel (route_stride in kernels/routing.cu).
 pub fn route_stride(e: usize, g: usize, k: usize) -> usize {
     (16 * e + 8 * g + 4 * k).div_ceil(16) * 16
@@ -637,6 +675,22 @@ const SHARED_LIMIT: usize = 48 * 1024;
 /// Warps per block for a per-warp shared need (at most 4; 0: does not fit).
 pub fn warps_for(stride: usize) -> usize {
     (SHARED_LIMIT / stride.max(1)).min(4)
+}
+
+/// Whether route runs the register kernel (kernels/routing.cu: E <= 512, k <= 32, G <= 32).
+fn register_route(e: usize, groups: usize, k: usize) -> bool {
+    reg_per(e).is_some() && k <= 32 && groups <= 32
+}
+
+/// route's launch: (warps a block, shared bytes a warp); 0 warps when no kernel fits. The
+/// register kernel needs shared memory only for the softmax sum (E doubles a warp).
+pub fn route_launch(e: usize, groups: usize, k: usize, sf: ScoreFunction) -> (usize, usize) {
+    if register_route(e, groups, k) {
+        let stride = if matches!(sf, ScoreFunction::Softmax | ScoreFunction::SoftmaxWithBias) { 8 * e } else { 0 };
+        return (4, stride);
+    }
+    let stride = route_stride(e, groups, k);
+    (if 4 * e <= SHARED_LIMIT { warps_for(stride) } else { 0 }, stride)
 }
 
 /// Registers a lane holds in the register kernels (E <= 32 * PER), if E is small enough.
@@ -660,15 +714,13 @@ pub fn route_device(dev: &Device, logits: &DeviceTensor, expert_bias: Option<&De
         return route_host_fallback(dev, logits, expert_bias, token_mask, options);
     };
     let k = options.topk;
-    let stride = route_stride(e, groups, k);
-    let warps = if 4 * e <= SHARED_LIMIT { warps_for(stride) } else { 0 };
+    let (warps, stride) = route_launch(e, groups, k, options.score_function);
     if warps == 0 {
         // Too many experts for one warp's shared memory: the CPU core routes (explicitly).
         return route_host_fallback(dev, logits, expert_bias, token_mask, options);
     }
     let (out, err) = launch_route(dev, logits, expert_bias, token_mask, options, (groups, topk_groups, top2), warps, stride)?;
-    let [bad_logit, bad_bias] = dev.read_head::<u64, 2>("route's checks", &err, 0)?;
-    if bad_logit != u64::MAX || bad_bias != u64::MAX {
+    if err.any_set(dev, "route's checks")? {
         return route_host_fallback(dev, logits, expert_bias, token_mask, options);
     }
     Ok(out)
@@ -677,8 +729,8 @@ pub fn route_device(dev: &Device, logits: &DeviceTensor, expert_bias: Option<&De
 /// The route kernels alone (no readback of the error word, which is returned): for the
 /// benchmark, and for [`route_device`].
 #[allow(clippy::too_many_arguments)]
-pub fn launch_route(
-    dev: &Device,
+pub fn launch_route<'d>(
+    dev: &'d Device,
     logits: &DeviceTensor,
     expert_bias: Option<&DeviceTensor>,
     token_mask: Option<&DeviceTensor>,
@@ -686,22 +738,18 @@ pub fn launch_route(
     (groups, topk_groups, top2): (usize, usize, bool),
     warps: usize,
     stride: usize,
-) -> Result<(DeviceRouted, Buffer)> {
+) -> Result<(DeviceRouted, ErrWords<'d>)> {
     let (t, e, k) = (logits.shape[0], logits.shape[1], options.topk);
     let weights = DeviceTensor::alloc(dev, "weights", DType::F32, vec![t, k])?;
     let indices = DeviceTensor::alloc(dev, "indices", DType::I32, vec![t, k])?;
     let scores = DeviceTensor::alloc(dev, "scores", DType::F32, vec![t, e])?;
     let tpe = DeviceTensor::alloc(dev, "tokensPerExpert", DType::I32, vec![e])?;
     dev.memset_u32("tokensPerExpert", &tpe.buf, 0, e)?;
-    let err = dev.alloc("the error word", 16)?;
-    dev.memset_u32("the error word", &err, u32::MAX, 4)?;
+    let err = ErrWords::new(dev)?;
     let s = dev.stream();
     let normalise = options.norm_topk_prob && k > 1;
-    // Without groups the register kernel is faster (its selection needs no shared memory); with
-    // groups the shared-memory kernel is (measured on an H100: 0.116 against 0.159 ms at the
-    // DeepSeek-V3 shape; the register kernel's per-group warp reductions cost more than they save).
     let name = match reg_per(e) {
-        Some(per) if groups == 1 => format!("route_kernel_r{per}"),
+        Some(per) if register_route(e, groups, k) => format!("route_kernel_r{per}"),
         _ => "route_kernel".to_string(),
     };
     dev.launch_shared(
@@ -758,16 +806,26 @@ fn route_host_fallback(dev: &Device, logits: &DeviceTensor, expert_bias: Option<
 /// topk on device tensors: `values [T, E]` f32 -> `(values, indices) [T, k]`.
 pub fn topk_device(dev: &Device, values: &DeviceTensor, k: usize) -> Result<(DeviceTensor, DeviceTensor)> {
     let ok = values.dtype == DType::F32 && values.shape.len() == 2 && k >= 1 && k <= values.shape[1] && i32::try_from(values.shape[1]).is_ok() && i32::try_from(values.shape[0]).is_ok();
-    let stride = if ok { (4 * values.shape[1] + 4 * k).div_ceil(16) * 16 } else { 0 };
+    // the register kernels (E <= 512) need no shared memory; topk_kernel 4E + 4k bytes a warp
+    let stride = if !ok || reg_per(values.shape[1]).is_some() { 0 } else { (4 * values.shape[1] + 4 * k).div_ceil(16) * 16 };
     let warps = warps_for(stride);
     if !ok || warps == 0 {
         return topk_host_fallback(dev, values, k);
     }
+    let (out_v, out_i, err) = launch_topk(dev, values, k, warps, stride)?;
+    if err.any_set(dev, "topk's checks")? {
+        return topk_host_fallback(dev, values, k);
+    }
+    Ok((out_v, out_i))
+}
+
+/// The topk kernel alone (no readback of the error word, which is returned): for the benchmark,
+/// and for [`topk_device`].
+pub fn launch_topk<'d>(dev: &'d Device, values: &DeviceTensor, k: usize, warps: usize, stride: usize) -> Result<(DeviceTensor, DeviceTensor, ErrWords<'d>)> {
     let (t, e) = (values.shape[0], values.shape[1]);
     let out_v = DeviceTensor::alloc(dev, "values", DType::F32, vec![t, k])?;
     let out_i = DeviceTensor::alloc(dev, "indices", DType::I32, vec![t, k])?;
-    let err = dev.alloc("the error word", 8)?;
-    dev.memset_u32("the error word", &err, u32::MAX, 2)?;
+    let err = ErrWords::new(dev)?;
     let s = dev.stream();
     let name = reg_per(e).map_or_else(|| "topk_kernel".to_string(), |per| format!("topk_kernel_r{per}"));
     dev.launch_shared(
@@ -777,10 +835,7 @@ pub fn topk_device(dev: &Device, values: &DeviceTensor, k: usize) -> Result<(Dev
         (warps * stride) as u32,
         &[Arg::U64(values.buf.ptr(s)), Arg::I32(t as i32), Arg::I32(e as i32), Arg::I32(k as i32), Arg::U64(out_v.buf.ptr(s)), Arg::U64(out_i.buf.ptr(s)), Arg::U64(err.ptr(s))],
     )?;
-    if dev.read_head::<u64, 1>("topk's checks", &err, 0)?[0] != u64::MAX {
-        return topk_host_fallback(dev, values, k);
-    }
-    Ok((out_v, out_i))
+    Ok((out_v, out_i, err))
 }
 
 fn topk_host_fallback(dev: &Device, values: &DeviceTensor, k: usize) -> Result<(DeviceTensor, DeviceTensor)> {

@@ -399,3 +399,25 @@ pub fn cuda_memory() -> napi::Result<CudaMemory, String> {
         Ok(CudaMemory { live_bytes: live_bytes as f64, live_buffers: live_buffers as f64, free_bytes: free as f64, total_bytes: total as f64 })
     })
 }
+
+/// For the overhead benchmark (test/gpu/overhead.mjs): `iters` calls of `unpermute` on device
+/// tensors made from Rust in this process (no N-API, no facade), each result freed, each call
+/// followed by a synchronize when `sync`; returns each call's wall time in microseconds, so that
+/// the JS call's cost above the bare Rust call is measured in one process.
+#[napi]
+pub fn cuda_time_rust_unpermute(permuted_tokens: &CudaTensor, sorted_indices: &CudaTensor, restore_shape: Vec<f64>, probs: Option<&CudaTensor>, iters: u32, sync: bool) -> napi::Result<Vec<f64>, String> {
+    run(|dev| {
+        let restore = moe_core::permute::restore_shape_arg(&restore_shape)?;
+        let (tokens, sorted, probs) = (permuted_tokens.get("permutedTokens")?, sorted_indices.get("sortedIndices")?, opt_get(&probs, "probs")?);
+        let mut times = Vec::with_capacity(iters as usize);
+        for _ in 0..iters {
+            let t0 = std::time::Instant::now();
+            drop(device_ops::unpermute_device(dev, tokens, sorted, restore, probs, None, UnpermuteOptions::default())?);
+            if sync {
+                dev.synchronize("cudaTimeRustUnpermute")?;
+            }
+            times.push(t0.elapsed().as_secs_f64() * 1e6);
+        }
+        Ok(times)
+    })
+}

@@ -21,7 +21,7 @@ use std::time::Instant;
 use half::bf16;
 use moe_core::permute::{apply_plan, plan, plan as plan_fn, unpermute, PermuteOptions, UnpermuteOptions};
 use moe_core::routing::{route, topk, RouteOptions, ScoreFunction};
-use moe_cuda::device_ops::{build_plan, launch_route, permute_device, route_device, route_stride, topk_device, unpermute_device, warps_for};
+use moe_cuda::device_ops::{build_plan, launch_route, launch_topk, permute_device, route_device, route_launch, topk_device, unpermute_device};
 use moe_cuda::DeviceTensor;
 use moe_core::tensor::{DType, Data, Float, TensorRef};
 use moe_cuda::ops::{launch_permute, launch_unpermute, DevicePlan, PermuteKernel};
@@ -522,8 +522,7 @@ fn bench_route(dev: &Device, iters: usize) -> moe_cuda::Result<(Vec<Row>, Checks
     let mut rows = Vec::new();
     let mut row = |op: &str, (ms, ms_min): (f64, f64)| rows.push(Row { shape: "deepseek", op: op.into(), ms, ms_min, bytes, gbps: bytes as f64 / ms / 1e6, ratio: 0.0, dims: dims.clone() });
     row("route (fused kernel + check readback)", time_ms(dev, iters, || route_device(dev, &d_l, Some(&d_b), None, o).map(|_| ()))?);
-    let stride = route_stride(e, 8, k);
-    let warps = warps_for(stride);
+    let (warps, stride) = route_launch(e, 8, k, o.score_function);
     row("route kernels only (no readback)", time_ms(dev, iters, || launch_route(dev, &d_l, Some(&d_b), None, o, (8, 4, true), warps, stride).map(|_| ()))?);
     let mut o_plain = o;
     o_plain.norm_topk_prob = false;
@@ -532,6 +531,15 @@ fn bench_route(dev: &Device, iters: usize) -> moe_cuda::Result<(Vec<Row>, Checks
     o_soft.score_function = ScoreFunction::Softmax;
     row("route softmax k=8 (op)", time_ms(dev, iters, || route_device(dev, &d_l, None, None, o_soft).map(|_| ()))?);
     row("topk [16384, 256] k=8", time_ms(dev, iters, || topk_device(dev, &got.scores, k).map(|_| ()))?);
+    // where the route kernel's time goes: the selection alone (topk), scores without groups
+    row("topk kernels only (no readback)", time_ms(dev, iters, || launch_topk(dev, &got.scores, k, 4, 0).map(|_| ()))?);
+    let mut o_flat = o;
+    (o_flat.num_groups, o_flat.topk_groups) = (1, None);
+    let (w1, s1) = route_launch(e, 1, k, o.score_function);
+    row("route kernels only, no groups", time_ms(dev, iters, || launch_route(dev, &d_l, Some(&d_b), None, o_flat, (1, 1, false), w1, s1).map(|_| ()))?);
+    let mut o_sp = o_flat;
+    o_sp.score_function = ScoreFunction::SqrtSoftplus;
+    row("route kernels only, sqrtsoftplus, no groups, no bias", time_ms(dev, iters, || launch_route(dev, &d_l, None, None, o_sp, (1, 1, false), w1, s1).map(|_| ()))?);
     row("synchronize + 16-byte readback", time_ms(dev, iters, || dev.read_head::<u64, 2>("x", &got.scores.buf, 0).map(|_| ()))?);
     let wall = Instant::now();
     let mut n = 0;
