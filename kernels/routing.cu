@@ -41,21 +41,19 @@ static __device__ __forceinline__ bool settled(double y, float* out) {
 
 // exp(x) for |x| <= 700 within about 2^-46 (relative): x = k ln2 + r, |r| <= ln2 / 2, a degree-11
 // Taylor polynomial of e^r (fma), times 2^k by the exponent bits. Accurate enough for `settled`.
+// (The coefficients live in constant memory: as immediates they would be loaded into uniform
+// registers before every use, two instructions each.)
+static __constant__ double EXP_NEAR_C[12] = {1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0,
+                                             1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0};
+static __constant__ double EXP_NEAR_K[3] = {1.4426950408889634 /* log2(e) */, 6.93147180369123816490e-01 /* ln2, high part */,
+                                            1.90821492927058770002e-10 /* ln2, low part */};
+
 static __device__ __forceinline__ double exp_near(double x) {
-    const double k = rint(x * LOG2_E);
-    const double r = fma(-k, LN2_LO, fma(-k, LN2_HI, x));
-    double p = 1.0 / 39916800.0;
-    p = fma(p, r, 1.0 / 3628800.0);
-    p = fma(p, r, 1.0 / 362880.0);
-    p = fma(p, r, 1.0 / 40320.0);
-    p = fma(p, r, 1.0 / 5040.0);
-    p = fma(p, r, 1.0 / 720.0);
-    p = fma(p, r, 1.0 / 120.0);
-    p = fma(p, r, 1.0 / 24.0);
-    p = fma(p, r, 1.0 / 6.0);
-    p = fma(p, r, 0.5);
-    p = fma(p, r, 1.0);
-    p = fma(p, r, 1.0);
+    const double k = rint(x * EXP_NEAR_K[0]);
+    const double r = fma(-k, EXP_NEAR_K[2], fma(-k, EXP_NEAR_K[1], x));
+    double p = EXP_NEAR_C[0];
+#pragma unroll
+    for (int i = 1; i < 12; i++) p = fma(p, r, EXP_NEAR_C[i]);
     return __hiloint2double(__double2hiint(p) + ((int)k << 20), __double2loint(p));
 }
 
@@ -155,32 +153,63 @@ static __device__ __forceinline__ unsigned warp_min_u32(unsigned x) {
 #endif
 }
 
-// Picks the best key not yet taken (bit i of a lane's `taken`: its register i) and returns its
-// expert id to every lane, with its key (`m`) and its value of `v` (`val`, from the lane that
-// holds it); that lane marks it taken. Within a lane, ascending i is ascending id, so a strict >
-// keeps the lower id. No register array is indexed at run time (it would go to local memory).
-template <int PER>
-static __device__ __forceinline__ int pick_best(const unsigned (&key)[PER], unsigned& taken, const float (&v)[PER], float& val, unsigned& m, int lane) {
-    unsigned best = 0u;
-    int bi = 0;
-    float bv = 0.0f;
-#pragma unroll
-    for (int i = 0; i < PER; i++) {
-        const bool better = !((taken >> i) & 1u) && key[i] > best;
-        best = better ? key[i] : best;
-        bi = better ? i : bi;
-        bv = better ? v[i] : bv;
-    }
-    m = warp_max_u32(best);
-    const int id = (int)warp_min_u32(best == m ? (unsigned)(lane + 32 * bi) : 0xffffffffu);
-    const int owner = id & 31;
-    if (lane == owner) taken |= 1u << (id >> 5);
-    val = __shfl_sync(FULL, bv, owner);
-    return id;
-}
+// Picks keys one by one, best first (greater key, then lower expert id: the core's order). Each
+// lane keeps its best and second best registers not yet taken (bit i of `taken`); a pick is a
+// warp max of the lanes' best keys and a warp min of the ids that hold it; the winning lane
+// promotes its second best, and only when it wins again rescans its registers (a divergent
+// branch, one lane). Within a lane ascending i is ascending id, so strict > keeps the lower id.
+// No register array is indexed at run time (that would put it in local memory).
+template <int PER, bool VALUE>
+struct Picker {
+    unsigned b1, b2, taken;
+    int i1, i2;
+    float v1, v2;
+    bool have2;
 
-// The kept groups (bit g) of a group top-k: lane g < G holds group g's key (`mine`); ties to the
-// lower group, as the core's top_k.
+    __device__ __forceinline__ void scan(const unsigned (&key)[PER], const float (&v)[PER]) {
+        b1 = b2 = 0u;
+        i1 = i2 = 0;
+        v1 = v2 = 0.0f;
+#pragma unroll
+        for (int i = 0; i < PER; i++) {
+            if ((taken >> i) & 1u) continue;
+            if (key[i] > b1) {
+                b2 = b1, i2 = i1, b1 = key[i], i1 = i;
+                if (VALUE) v2 = v1, v1 = v[i];
+            } else if (key[i] > b2) {
+                b2 = key[i], i2 = i;
+                if (VALUE) v2 = v[i];
+            }
+        }
+        have2 = true;
+    }
+
+    __device__ __forceinline__ void start(const unsigned (&key)[PER], const float (&v)[PER]) {
+        taken = 0u;
+        scan(key, v);
+    }
+
+    // The next pick's expert id (every lane), its key `m` and, with VALUE, its value `val`.
+    __device__ __forceinline__ int pick(const unsigned (&key)[PER], const float (&v)[PER], unsigned& m, float& val, int lane) {
+        m = warp_max_u32(b1);
+        const int id = (int)warp_min_u32(b1 == m ? (unsigned)(lane + 32 * i1) : 0xffffffffu);
+        const int owner = id & 31;
+        if (VALUE) val = __shfl_sync(FULL, v1, owner);
+        if (lane == owner) {
+            taken |= 1u << i1;
+            if (have2) {
+                b1 = b2, i1 = i2, v1 = v2;
+                have2 = false;
+            } else {
+                scan(key, v);
+            }
+        }
+        return id;
+    }
+};
+
+// The kept groups (bit g) of a group top-k: lane g < G holds group g's key (`mine`; other lanes'
+// values are ignored); ties to the lower group, as the core's top_k.
 static __device__ __forceinline__ unsigned pick_groups(unsigned mine, int G, int topk_groups, int lane) {
     unsigned kept = 0u;
     unsigned gkey = lane < G ? mine : 0u;
@@ -271,6 +300,10 @@ static __device__ void write_weights(const float* row, const float* sc, const in
     }
 }
 
+// Bytes of shared memory one warp of the register kernels needs (the host computes the same):
+// the scores (4E) and, for the softmax score functions, the f64 exponentials (8E, first).
+static __device__ __forceinline__ int route_reg_stride(int E, bool softmax) { return ((softmax ? 8 * E : 0) + 4 * E + 15) & ~15; }
+
 static __device__ __forceinline__ int route_stride(int E, int G, int k) { return ((8 * E + 4 * E + 4 * E + 4 * G + 4 * k + 4 * G) + 15) & ~15; }
 
 // err (set to u64 max by the host; may be mapped host memory): err[0] becomes 0 when a logit is
@@ -279,7 +312,7 @@ extern "C" __global__ void route_kernel(
     const float* __restrict__ logits, const float* __restrict__ bias, const u8* __restrict__ mask,
     int T, int E, int k, int sf, int softmax_before_topk, int groups, int topk_groups, int top2, int normalise,
     double route_scale, float* __restrict__ weights, int* __restrict__ indices, float* __restrict__ scores,
-    u64* __restrict__ err) {
+    u64* __restrict__ err, int* __restrict__ tpe) {
     extern __shared__ double smem[];
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     const int t = blockIdx.x * (blockDim.x >> 5) + w;
@@ -374,6 +407,8 @@ extern "C" __global__ void route_kernel(
         warp_topk(keys, E, k, picked, lane);
         if (lane == 0) write_weights(row, sc, picked, k, sf, softmax_before_topk, normalise, route_scale, tmp, weights + (i64)t * k, indices + (i64)t * k);
         __syncwarp();
+        if (tpe != 0)
+            for (int j = lane; j < k; j += 32) atomicAdd(tpe + picked[j], 1);  // integer counts: order-free
     }
 
     // 3. Scores, normalised per row when the weights are.
@@ -410,22 +445,6 @@ extern "C" __global__ void topk_kernel(const float* __restrict__ values, int T, 
     }
 }
 
-// tokensPerExpert from indices [n] (-1: none): a shared-memory histogram per block (4E bytes of
-// dynamic shared memory), added to out (zeroed by the host). Integer sums: deterministic.
-extern "C" __global__ void count_experts(const int* __restrict__ idx, long long n, int E, int* __restrict__ out) {
-    extern __shared__ double smem[];
-    int* hist = reinterpret_cast<int*>(smem);
-    for (int e = threadIdx.x; e < E; e += blockDim.x) hist[e] = 0;
-    __syncthreads();
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        const int e = idx[i];
-        if (e >= 0) atomicAdd(hist + e, 1);
-    }
-    __syncthreads();
-    for (int e = threadIdx.x; e < E; e += blockDim.x)
-        if (hist[e] != 0) atomicAdd(out + e, hist[e]);
-}
-
 // ---------------------------------------------------------------------------------------
 // Register variants for E <= 32 * PER (PER = 1, 2, 4, 8, 16), k <= 32 (route) and G <= 32: the
 // same results as route_kernel / topk_kernel, with everything a token needs in registers.
@@ -435,19 +454,22 @@ extern "C" __global__ void count_experts(const int* __restrict__ idx, long long 
 // expert order through shuffles (every lane gets the result).
 template <int PER>
 static __device__ double reg_sum_f32_in_f64(const float (&v)[PER], int E, int lane) {
-    int top = -1000, low = 1000;
+    // the largest and the smallest non-zero magnitude's bits (they order as the magnitudes do)
+    unsigned hi = 0u, lo = 0xffffffffu;
 #pragma unroll
     for (int i = 0; i < PER; i++) {
         const unsigned b = __float_as_uint(v[i]) & 0x7fffffffu;
         if (lane + 32 * i >= E || b == 0u) continue;
-        const int be = (int)(b >> 23);
-        top = max(top, be == 0 ? -127 : be - 127);
-        low = min(low, be == 0 ? -149 : be - 150);
+        hi = max(hi, b);
+        lo = min(lo, b);
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        top = max(top, __shfl_xor_sync(FULL, top, o));
-        low = min(low, __shfl_xor_sync(FULL, low, o));
+    hi = warp_max_u32(hi);
+    lo = warp_min_u32(lo);
+    int top = -1000, low = 1000;
+    if (hi != 0u) {
+        const int bh = (int)(hi >> 23), bl = (int)(lo >> 23);
+        top = bh == 0 ? -127 : bh - 127;
+        low = bl == 0 ? -149 : bl - 150;
     }
     const int log2n = 32 - __clz(max(E, 1));
     double s = 0.0;
@@ -475,7 +497,7 @@ __device__ __forceinline__ void route_reg_impl(
     const float* __restrict__ logits, const float* __restrict__ bias, const u8* __restrict__ mask,
     int T, int E, int k, int sf, int softmax_before_topk, int groups, int topk_groups, int top2, int normalise,
     double route_scale, float* __restrict__ weights, int* __restrict__ indices, float* __restrict__ scores,
-    u64* __restrict__ err) {
+    u64* __restrict__ err, int* __restrict__ tpe) {
     extern __shared__ double smem[];
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     const int t = blockIdx.x * (blockDim.x >> 5) + w;
@@ -497,8 +519,11 @@ __device__ __forceinline__ void route_reg_impl(
 
     // 1. Unbiased scores.
     float sc[PER];
-    if (sf == SF_SOFTMAX || sf == SF_SOFTMAX_WITH_BIAS) {
-        double* tmp = smem + (i64)w * E;
+    const bool softmax = sf == SF_SOFTMAX || sf == SF_SOFTMAX_WITH_BIAS;
+    char* base = reinterpret_cast<char*>(smem) + (i64)w * route_reg_stride(E, softmax);
+    float* scs = reinterpret_cast<float*>(base + (softmax ? 8 * E : 0));
+    if (softmax) {
+        double* tmp = reinterpret_cast<double*>(base);
         float m = -__int_as_float(0x7f800000);
 #pragma unroll
         for (int i = 0; i < PER; i++)
@@ -525,6 +550,11 @@ __device__ __forceinline__ void route_reg_impl(
         for (int i = 0; i < PER; i++) sc[i] = lane + 32 * i < E ? (float)sqrt(softplus64((double)x[i])) : 0.0f;
     }
 
+#pragma unroll
+    for (int i = 0; i < PER; i++)
+        if (lane + 32 * i < E) scs[lane + 32 * i] = sc[i];  // for the picks' weights
+    __syncwarp();
+
     // 2. Selection and weights.
     const bool masked = mask != 0 && mask[t] == 0;
     if (masked) {
@@ -549,7 +579,7 @@ __device__ __forceinline__ void route_reg_impl(
             // group scores (the max, or the sum of the two largest), one per lane g < G
             const int size = E / G;
             const unsigned dropped = ord_key(sf == SF_SIGMOID_WITH_BIAS ? -__int_as_float(0x7f800000) : 0.0f);
-            unsigned mine = 0u;
+            unsigned gf = 0u, gs = 0u;  // lane g < G: group g's largest and second largest keys
             if (size % 32 == 0) {
                 // each register holds experts of one group on every lane (r registers a group): the
                 // warp's top two of each register, merged over the group's registers (a
@@ -574,12 +604,12 @@ __device__ __forceinline__ void route_reg_impl(
                         f = max(f, F);
                     }
                     if (++c == r) {
-                        if (lane == g) mine = group_key(f, s2, top2);
+                        if (lane == g) gf = f, gs = s2;
                         g++;
                         c = 0;
                     }
                 }
-                const unsigned kept = pick_groups(mine, G, topk_groups, lane);
+                const unsigned kept = pick_groups(group_key(gf, gs, top2), G, topk_groups, lane);
                 g = 0;
                 c = 0;
 #pragma unroll
@@ -615,9 +645,9 @@ __device__ __forceinline__ void route_reg_impl(
                         const int holder = __ffs(__ballot_sync(FULL, f == F)) - 1;
                         S = warp_max_u32(lane == holder ? s2 : f);
                     }
-                    if (lane == g) mine = group_key(F, S, top2);
+                    if (lane == g) gf = F, gs = S;
                 }
-                const unsigned kept = pick_groups(mine, G, topk_groups, lane);
+                const unsigned kept = pick_groups(group_key(gf, gs, top2), G, topk_groups, lane);
 #pragma unroll
                 for (int i = 0; i < PER; i++)
                     if (lane + 32 * i < E && !((kept >> gi[i]) & 1u)) key[i] = dropped;
@@ -628,16 +658,20 @@ __device__ __forceinline__ void route_reg_impl(
         const bool logit_weights = sf == SF_SOFTMAX && !softmax_before_topk;
         int pid = -1;
         float psc = 0.0f, px = 0.0f;
-        unsigned taken = 0u;
+        Picker<PER, false> picker;
+        picker.start(key, sc);
         for (int j = 0; j < k; j++) {
             unsigned m;
-            float s;
-            const int id = pick_best<PER>(key, taken, sc, s, m, lane);
+            float unused;
+            const int id = picker.pick(key, sc, m, unused, lane);
             if (lane == j) {
                 pid = id;
-                psc = s;
                 px = key_value(m);
             }
+        }
+        if (lane < k) {
+            psc = scs[pid];
+            if (tpe != 0) atomicAdd(tpe + pid, 1);  // integer counts: the same whatever the order
         }
         // weights: the softmax over the picked logits when it comes after the top-k, else the
         // unbiased scores; then normTopkProb and routeScale (sums in pick order, as the core)
@@ -696,11 +730,12 @@ __device__ __forceinline__ void topk_reg_impl(const float* __restrict__ values, 
         if (e < E && x[i] != x[i]) err[0] = 0ull;
         key[i] = e < E ? ord_key(canon(x[i])) : 0u;
     }
-    unsigned taken = 0u;
+    Picker<PER, true> picker;
+    picker.start(key, x);
     for (int j = 0; j < k; j++) {
         unsigned m;
         float v;
-        const int id = pick_best<PER>(key, taken, x, v, m, lane);
+        const int id = picker.pick(key, x, m, v, lane);
         if (lane == (j & 31)) {
             out_values[(i64)t * k + j] = v;
             out_indices[(i64)t * k + j] = id;
@@ -709,12 +744,13 @@ __device__ __forceinline__ void topk_reg_impl(const float* __restrict__ values, 
 }
 
 #define ROUTE_REG_KERNELS(PER)                                                                               \
-    extern "C" __global__ void route_kernel_r##PER(                                                          \
+    /* 8 blocks of 128 an SM (64 registers): measured best on an H100 (12 or 16 blocks spill: slower) */   \
+    extern "C" __global__ void __launch_bounds__(128, 8) route_kernel_r##PER(                                \
         const float* logits, const float* bias, const u8* mask, int T, int E, int k, int sf,                 \
         int softmax_before_topk, int groups, int topk_groups, int top2, int normalise, double route_scale,   \
-        float* weights, int* indices, float* scores, u64* err) {                                             \
+        float* weights, int* indices, float* scores, u64* err, int* tpe) {                                   \
         route_reg_impl<PER>(logits, bias, mask, T, E, k, sf, softmax_before_topk, groups, topk_groups, top2,  \
-                            normalise, route_scale, weights, indices, scores, err);                          \
+                            normalise, route_scale, weights, indices, scores, err, tpe);                     \
     }                                                                                                        \
     extern "C" __global__ void topk_kernel_r##PER(const float* values, int T, int E, int k, float* out_values, \
                                                    int* out_indices, u64* err) {                             \
@@ -726,3 +762,4 @@ ROUTE_REG_KERNELS(2)
 ROUTE_REG_KERNELS(4)
 ROUTE_REG_KERNELS(8)
 ROUTE_REG_KERNELS(16)
+

@@ -622,7 +622,7 @@ mod tests {
             assert!(plan.contains(&n.to_string()), "{plan:?}");
         }
         let routing = kernel_names(compile::ROUTING.source);
-        for n in ["route_kernel", "topk_kernel", "count_experts", "route_kernel_r1", "route_kernel_r16", "topk_kernel_r8"] {
+        for n in ["route_kernel", "topk_kernel", "route_kernel_r1", "route_kernel_r16", "topk_kernel_r8"] {
             assert!(routing.contains(&n.to_string()), "{routing:?}");
         }
         assert!(!kernel_names(compile::PERMUTE.source).iter().any(|n| n.contains('#')));

@@ -682,12 +682,12 @@ fn register_route(e: usize, groups: usize, k: usize) -> bool {
     reg_per(e).is_some() && k <= 32 && groups <= 32
 }
 
-/// route's launch: (warps a block, shared bytes a warp); 0 warps when no kernel fits. The
-/// register kernel needs shared memory only for the softmax sum (E doubles a warp).
+/// route's launch: (warps a block, shared bytes a warp); 0 warps when no kernel fits.
 pub fn route_launch(e: usize, groups: usize, k: usize, sf: ScoreFunction) -> (usize, usize) {
     if register_route(e, groups, k) {
-        let stride = if matches!(sf, ScoreFunction::Softmax | ScoreFunction::SoftmaxWithBias) { 8 * e } else { 0 };
-        return (4, stride);
+        // route_reg_stride in kernels/routing.cu: the scores, and the softmax's f64 exponentials
+        let softmax = matches!(sf, ScoreFunction::Softmax | ScoreFunction::SoftmaxWithBias);
+        return (4, ((if softmax { 8 * e } else { 0 }) + 4 * e).div_ceil(16) * 16);
     }
     let stride = route_stride(e, groups, k);
     (if 4 * e <= SHARED_LIMIT { warps_for(stride) } else { 0 }, stride)
@@ -775,17 +775,10 @@ pub fn launch_route<'d>(
             Arg::U64(indices.buf.ptr(s)),
             Arg::U64(scores.buf.ptr(s)),
             Arg::U64(err.ptr(s)),
+            Arg::U64(tpe.buf.ptr(s)),
         ],
     )?;
-    count_experts(dev, &indices.buf, t * k, e, &tpe.buf)?;
     Ok((DeviceRouted { weights, indices, scores, tokens_per_expert: tpe }, err))
-}
-
-/// Adds the histogram of `idx` (`n` int32 expert ids, -1 = none) to `out` (`[E]` int32).
-fn count_experts(dev: &Device, idx: &Buffer, n: usize, e: usize, out: &Buffer) -> Result<()> {
-    let blocks = n.div_ceil(1024).clamp(1, 132) as u32;
-    let s = dev.stream();
-    dev.launch_shared("count_experts", (if n == 0 { 0 } else { blocks }, 1), 1024, (4 * e) as u32, &[Arg::U64(idx.ptr(s)), Arg::I64(n as i64), Arg::I32(e as i32), Arg::U64(out.ptr(s))])
 }
 
 fn route_host_fallback(dev: &Device, logits: &DeviceTensor, expert_bias: Option<&DeviceTensor>, token_mask: Option<&DeviceTensor>, options: RouteOptions) -> Result<DeviceRouted> {
