@@ -12,7 +12,7 @@
 # `bash scripts/gpu-run.sh remote`. Where CUDA is missing, the suite skips with the reason.
 # Options of pack: --no-build (pack what is built). Of remote: SKIP_SUITE=1 (the GPU suite and
 # `check`), SKIP_SOAK=1, SKIP_BENCH=1, SKIP_EXPERTS=1 (the experts part of the benchmark),
-# RUN_GEMM=1 (the expert GEMM variants, `moe-cuda-bench gemm`), SKIP_TORCH=1
+# SKIP_TORCH=1
 # (SOAK_SMALL / SOAK_LARGE set the soak's counts).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -116,10 +116,6 @@ remote() {
     if [[ -z "${SKIP_EXPERTS:-}" ]]; then
       say "moe-cuda-bench experts (cuBLAS expert GEMMs, experts, dispatch + experts layer)"
       timeout 240 "$BUNDLE/bin/moe-cuda-bench" experts --iters 10 --out "$OUT/experts.json"; echo "  exit code $?"
-    fi
-    if [[ -n "${RUN_GEMM:-}" ]]; then
-      say "moe-cuda-bench gemm (the expert GEMMs' variants: cuBLAS, cuBLASLt heuristics, autotuned, side by side)"
-      timeout 240 "$BUNDLE/bin/moe-cuda-bench" gemm --iters 10 --out "$OUT/gemm.json"; echo "  exit code $?"
     fi
   fi
   if [[ -z "${SKIP_TORCH:-}" ]]; then

@@ -15,7 +15,7 @@ use moe_core::tensor::{DType, Tensor};
 use moe_cuda::activations::{launch_activation, launch_activation_backward, ExpMath};
 use moe_cuda::blas::{gemm, Operand, Output, Problem};
 use moe_cuda::device_ops::{permute_backward_device, permute_device, unpermute_backward_device, unpermute_device};
-use moe_cuda::experts::{experts_backward_device, experts_backward_device_saved, experts_forward_device, experts_forward_device_saving, run_gemms, set_grouped_gemm, use_grouped, DeviceExpertsInputs};
+use moe_cuda::experts::{experts_backward_device, experts_backward_device_saved, experts_forward_device, experts_forward_device_saving, run_gemms, set_grouped_gemm, set_side_by_side, use_grouped, DeviceExpertsInputs};
 use moe_cuda::{Device, DeviceTensor};
 
 use crate::{time_ms, Rng};
@@ -151,6 +151,11 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
     };
     let (gemm_fwd, _) = time_ms(dev, iters, || gemms(false))?;
     let (gemm_bwd, _) = time_ms(dev, iters, || gemms(true))?;
+    // the same GEMMs side by side on four streams sized for a quarter of the SMs each (opt-in)
+    set_side_by_side(Some(true));
+    let (gemm_fwd_side, _) = time_ms(dev, iters, || gemms(false))?;
+    let (gemm_bwd_side, _) = time_ms(dev, iters, || gemms(true))?;
+    set_side_by_side(None);
     // the element passes around the GEMMs, alone
     let sc_da = dev.alloc("scratch", n * inter * 4)?;
     let sc_gp = dev.alloc("scratch", n * 4)?;
@@ -201,6 +206,12 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
         tf(fl_bwd, gemm_bwd),
         100.0 * tf(fl_bwd, gemm_bwd) / peak,
     );
+    println!(
+        "{:>13} the same GEMMs side by side (MOE_DISPATCH_GEMM_STREAMS=on; 16+ experts): fwd {gemm_fwd_side:.3} ms ({:.0}%), bwd {gemm_bwd_side:.3} ms ({:.0}%)",
+        s.name,
+        100.0 * tf(fl_fwd, gemm_fwd_side) / peak,
+        100.0 * tf(fl_bwd, gemm_bwd_side) / peak,
+    );
     let mut o = flat_json::Obj::default();
     o.str("shape", s.name);
     for (key, v) in [("tokens", t), ("dim", dim), ("inter", inter), ("experts", e), ("topk", k)] {
@@ -211,6 +222,10 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
         ("gemmBackwardMs", gemm_bwd),
         ("gemmForwardTflops", tf(fl_fwd, gemm_fwd)),
         ("gemmBackwardTflops", tf(fl_bwd, gemm_bwd)),
+        ("gemmForwardMsSideBySide", gemm_fwd_side),
+        ("gemmBackwardMsSideBySide", gemm_bwd_side),
+        ("gemmForwardTflopsSideBySide", tf(fl_fwd, gemm_fwd_side)),
+        ("gemmBackwardTflopsSideBySide", tf(fl_bwd, gemm_bwd_side)),
         ("gemmForwardOfPeak", tf(fl_fwd, gemm_fwd) / peak),
         ("gemmBackwardOfPeak", tf(fl_bwd, gemm_bwd) / peak),
         ("activationForwardMs", act_fwd_ms),
@@ -254,3 +269,4 @@ pub mod flat_json {
         }
     }
 }
+

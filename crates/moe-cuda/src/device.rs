@@ -30,6 +30,9 @@ pub struct Device {
     _modules: Vec<Arc<CudaModule>>,
     /// cuBLAS on this device's stream, opened at the first GEMM (see [`crate::blas`]).
     blas: OnceLock<Result<cudarc::cublas::CudaBlas>>,
+    /// Streams with a cuBLAS handle each, sized for a share of the SMs, for many small GEMMs side
+    /// by side (see [`crate::blas::SideBySide`]); opened at first use.
+    side_blas: OnceLock<Result<crate::blas::SideBySide>>,
     /// Free slots of mapped page-locked host memory for [`Device::host_words`]: (host address,
     /// device address) of [`HOST_SLOT`] bytes each, carved from 4 KiB allocations never freed.
     host_slots: std::sync::Mutex<Vec<(usize, u64)>>,
@@ -142,7 +145,7 @@ impl Device {
             }
             modules.push(module);
         }
-        Ok(Device { ctx, stream, aux, ordinal, name, compute_capability, driver_version, total_memory, functions, kernels_origin, _modules: modules, blas: OnceLock::new(), host_slots: std::sync::Mutex::new(Vec::new()) })
+        Ok(Device { ctx, stream, aux, ordinal, name, compute_capability, driver_version, total_memory, functions, kernels_origin, _modules: modules, blas: OnceLock::new(), side_blas: OnceLock::new(), host_slots: std::sync::Mutex::new(Vec::new()) })
     }
 
     /// The process-wide device (`$MOE_DISPATCH_CUDA_DEVICE`, default 0), opened at first use.
@@ -184,6 +187,11 @@ impl Device {
     /// The device's cuBLAS handle, opened at first use; a failure to open is remembered.
     pub(crate) fn blas(&self) -> Result<&cudarc::cublas::CudaBlas> {
         self.blas.get_or_init(|| crate::blas::open(self)).as_ref().map_err(|e| e.clone())
+    }
+
+    /// The side-by-side GEMM streams, opened at first use; a failure to open is remembered.
+    pub(crate) fn side_blas(&self) -> Result<&crate::blas::SideBySide> {
+        self.side_blas.get_or_init(|| crate::blas::SideBySide::open(self)).as_ref().map_err(|e| e.clone())
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {

@@ -23,7 +23,7 @@ use moe_core::experts::{experts_backward, experts_forward, ExpertsGrads, Experts
 use moe_core::tensor::{DType, TensorRef};
 
 use crate::activations::{launch_activation, launch_activation_backward, ExpMath};
-use crate::blas::{gemm, gemm_grouped, gemm_with, Operand, Output, Problem};
+use crate::blas::{gemm, gemm_grouped, gemm_with, Operand, Output, Problem, SideBySide};
 use crate::device::{Arg, Buffer, Device};
 use crate::error::{Error, Result};
 use crate::ops::row_launch;
@@ -208,14 +208,43 @@ fn per_expert(dev: &Device, p: &Plan, a: (DType, bool), b: (DType, bool), c: DTy
     run_gemms(dev, &problems, a, b, c)
 }
 
+/// Whether many small GEMMs run side by side ([`SideBySide`]): only with
+/// `MOE_DISPATCH_GEMM_STREAMS=on` or [`set_side_by_side`]`(Some(true))`. Off by default: on an
+/// H100 it gave 74% / 72% of the bf16 rate (forward / backward GEMMs, fine-grained experts) in one
+/// run and 49-66% / 58-63% in the next three, against 62-65% / 57-60% on one stream
+/// (docs/gpu-report.md): not a dependable gain.
+fn side_by_side() -> bool {
+    let mode = match SIDE.load(std::sync::atomic::Ordering::Relaxed) {
+        UNSET => {
+            let m = if matches!(std::env::var("MOE_DISPATCH_GEMM_STREAMS").as_deref(), Ok("on" | "1")) { ON } else { OFF };
+            SIDE.store(m, std::sync::atomic::Ordering::Relaxed);
+            m
+        }
+        m => m,
+    };
+    mode == ON
+}
+
+static SIDE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(UNSET);
+
+/// Overrides the side-by-side choice: `Some(true)` for many GEMMs, otherwise never (the default).
+pub fn set_side_by_side(mode: Option<bool>) {
+    SIDE.store(if mode == Some(true) { ON } else { OFF }, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Independent GEMMs of one dtype and transpose pattern (`a` and `b`: dtype, transposed), the
 /// way the experts run them: one cuBLAS call each on the device's stream, or one grouped call
-/// ([`use_grouped`]). (Measured and not kept: the per-expert GEMMs side by side on four streams
-/// with a cuBLAS handle each gave no gain on an H100: fine-grained forward GEMMs 1.720 ms vs
-/// 1.717 on one stream.)
+/// ([`use_grouped`]), or, opted in, side by side on four streams whose cuBLAS handles are sized
+/// for a quarter of the SMs each ([`SideBySide`]; four plain handles without the SM target gave
+/// nothing).
 pub fn run_gemms(dev: &Device, problems: &[Problem], a: (DType, bool), b: (DType, bool), c: DType) -> Result<()> {
     if use_grouped(problems.len()) {
         return gemm_grouped(dev, problems, a.0, a.1, b.0, b.1, c);
+    }
+    if problems.len() >= SideBySide::MIN_PROBLEMS && side_by_side() {
+        if let Ok(side) = dev.side_blas() {
+            return side.run(dev, problems, a, b, c);
+        }
     }
     let blas = dev.blas()?;
     problems.iter().try_for_each(|q| gemm_with(blas, q.m, q.n, q.k, Operand { ptr: q.a, dtype: a.0, trans: a.1 }, Operand { ptr: q.b, dtype: b.0, trans: b.1 }, Output { ptr: q.c, dtype: c }, 0.0))
