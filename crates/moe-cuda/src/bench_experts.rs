@@ -15,7 +15,7 @@ use moe_core::tensor::{DType, Tensor};
 use moe_cuda::activations::{launch_activation, launch_activation_backward, ExpMath};
 use moe_cuda::blas::{gemm, Operand, Output, Problem};
 use moe_cuda::device_ops::{permute_backward_device, permute_device, unpermute_backward_device, unpermute_device};
-use moe_cuda::experts::{experts_backward_device, experts_backward_device_saved, experts_forward_device, experts_forward_device_saving, run_gemms, set_grouped_gemm, set_side_by_side, use_grouped, DeviceExpertsInputs};
+use moe_cuda::experts::{experts_backward_device, experts_backward_device_saved, experts_forward_device, experts_forward_device_saving, run_gemms, set_grouped_gemm, set_row_blocks, set_side_by_side, use_grouped, DeviceExpertsInputs};
 use moe_cuda::{Device, DeviceTensor};
 
 use crate::{time_ms, Rng};
@@ -112,7 +112,7 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
     let x_ptr = perm.permuted_tokens.buf.device_ptr(dev);
     // the expert GEMMs of one pass, as the experts issue them (run_gemms)
     let b16 = |trans: bool| (DType::BF16, trans);
-    let gemms = |backward: bool| -> moe_cuda::Result<()> {
+    let build = |backward: bool| -> Vec<Step> {
         let mut steps: Vec<Step> = vec![(vec![], b16(false), b16(false)); if backward { 5 } else { 2 }];
         let mut r0 = 0usize;
         for (ex, &c) in counts.iter().enumerate() {
@@ -144,11 +144,16 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
             }
             r0 += c;
         }
-        for (problems, a, b) in &steps {
+        steps
+    };
+    let (steps_fwd, steps_bwd) = (build(false), build(true));
+    let run_steps = |steps: &[Step]| -> moe_cuda::Result<()> {
+        for (problems, a, b) in steps {
             run_gemms(dev, problems, *a, *b, DType::BF16)?;
         }
         Ok(())
     };
+    let gemms = |backward: bool| run_steps(if backward { &steps_bwd } else { &steps_fwd });
     let (gemm_fwd, _) = time_ms(dev, iters, || gemms(false))?;
     let (gemm_bwd, _) = time_ms(dev, iters, || gemms(true))?;
     // the same GEMMs side by side on four streams sized for a quarter of the SMs each (opt-in)
@@ -156,6 +161,71 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
     let (gemm_fwd_side, _) = time_ms(dev, iters, || gemms(false))?;
     let (gemm_bwd_side, _) = time_ms(dev, iters, || gemms(true))?;
     set_side_by_side(None);
+    // each way of running the GEMMs, and each step alone under it (where the time goes): one
+    // cuBLAS call a GEMM, the token-side GEMMs cut into row blocks and batched (gemm_row_blocks),
+    // side by side on four streams, cuBLAS's grouped GEMM
+    let step_flops = |st: &Step| st.0.iter().map(|q| 2.0 * (q.m * q.n * q.k) as f64).sum::<f64>();
+    let mut block_rows: Vec<(String, f64, f64)> = Vec::new();
+    for (mode, blk, side, grouped) in [("one call each", 0usize, false, false), ("row blocks 128", 128, false, false), ("row blocks 256", 256, false, false), ("side by side", 0, true, false), ("grouped", 0, false, true)] {
+        set_row_blocks(Some(blk));
+        set_side_by_side(Some(side));
+        set_grouped_gemm(Some(grouped));
+        let (f, _) = time_ms(dev, iters, || gemms(false))?;
+        let (b, _) = time_ms(dev, iters, || gemms(true))?;
+        let mut parts = Vec::new();
+        for (pass, steps) in [("fwd", &steps_fwd), ("bwd", &steps_bwd)] {
+            for st in steps.iter() {
+                let (ms, _) = time_ms(dev, iters, || run_steps(std::slice::from_ref(st)))?;
+                parts.push(format!("{pass} {}{} m~{} {ms:.3} ms {:.0}%", if st.1 .1 { "T" } else { "N" }, if st.2 .1 { "T" } else { "N" }, st.0.first().map_or(0, |q| q.m), 100.0 * step_flops(st) / (ms * 1e-3) / 1e12 / peak));
+            }
+        }
+        println!("{:>13} {mode}: GEMMs fwd {f:.3} ms, bwd {b:.3} ms; steps (A, B transposed): {}", s.name, parts.join(", "));
+        block_rows.push((mode.replace(' ', ""), f, b));
+    }
+    set_side_by_side(None);
+    set_grouped_gemm(None);
+    // cuBLASLt's candidate algorithms for each step (chosen for its first problem's shape, run
+    // for all of its problems): cuBLAS's pick is the heuristic's first; is another faster?
+    match moe_cuda::blaslt::Lt::open(dev) {
+        Err(e) => println!("{:>13} cuBLASLt: {e}", s.name),
+        Ok(lt) => {
+            for (pass, steps) in [("fwd", &steps_fwd), ("bwd", &steps_bwd)] {
+                for st in steps.iter() {
+                    let Some(q) = st.0.first() else { continue };
+                    let cands = match lt.candidates(q.m, q.n, q.k, st.1, st.2, DType::BF16, 16) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            println!("{:>13} cuBLASLt {pass}: {e}", s.name);
+                            continue;
+                        }
+                    };
+                    let mut timed: Vec<(usize, f64)> = Vec::new();
+                    for (i, cand) in cands.iter().enumerate() {
+                        if let Ok((ms, _)) = time_ms(dev, iters, || lt.run(dev, &st.0, st.1, st.2, DType::BF16, cand)) {
+                            timed.push((i, ms));
+                        }
+                    }
+                    let pct = |ms: f64| 100.0 * step_flops(st) / (ms * 1e-3) / 1e12 / peak;
+                    let first = timed.iter().find(|t| t.0 == 0).map_or("failed".to_string(), |t| format!("{:.3} ms {:.0}%", t.1, pct(t.1)));
+                    let best = timed.iter().cloned().fold(None::<(usize, f64)>, |b, t| if b.is_none_or(|b| t.1 < b.1) { Some(t) } else { b });
+                    let best = best.map_or("none ran".to_string(), |(i, ms)| format!("#{i} {ms:.3} ms {:.0}% ({})", pct(ms), cands[i].describe()));
+                    println!(
+                        "{:>13} cuBLASLt {pass} {}{} [{}x{}x{}]: {} candidates, {} ran; heuristic's first {first} ({}); best {best}",
+                        s.name,
+                        if st.1 .1 { "T" } else { "N" },
+                        if st.2 .1 { "T" } else { "N" },
+                        q.m,
+                        q.n,
+                        q.k,
+                        cands.len(),
+                        timed.len(),
+                        cands.first().map_or(String::new(), |c| c.describe()),
+                    );
+                }
+            }
+        }
+    }
+    set_row_blocks(None);
     // the element passes around the GEMMs, alone
     let sc_da = dev.alloc("scratch", n * inter * 4)?;
     let sc_gp = dev.alloc("scratch", n * 4)?;
@@ -212,7 +282,14 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
         100.0 * tf(fl_fwd, gemm_fwd_side) / peak,
         100.0 * tf(fl_bwd, gemm_bwd_side) / peak,
     );
+    for (mode, f, b) in &block_rows {
+        println!("{:>13} {mode}: fwd {:.0}%, bwd {:.0}% of the bf16 rate", s.name, 100.0 * tf(fl_fwd, *f) / peak, 100.0 * tf(fl_bwd, *b) / peak);
+    }
     let mut o = flat_json::Obj::default();
+    for (mode, f, b) in &block_rows {
+        o.num(&format!("gemmForwardMs_{mode}"), *f);
+        o.num(&format!("gemmBackwardMs_{mode}"), *b);
+    }
     o.str("shape", s.name);
     for (key, v) in [("tokens", t), ("dim", dim), ("inter", inter), ("experts", e), ("topk", k)] {
         o.num(key, v as f64);

@@ -209,10 +209,9 @@ pub fn gemm_grouped(dev: &Device, problems: &[Problem], a_dtype: DType, trans_a:
 /// Streams for many small GEMMs at once: [`SideBySide::STREAMS`] streams, each with a cuBLAS
 /// handle (pedantic math, as [`open`]) told by `cublasSetSmCountTarget` to size its kernels for
 /// the SM count / STREAMS, so that GEMMs on different streams run together instead of each
-/// taking the whole GPU for a fraction of a wave. Opt-in (`MOE_DISPATCH_GEMM_STREAMS=on`): on an
-/// H100 (fine-grained experts, 64 GEMMs of ~768 rows a step) one run gave 74% / 72% of the bf16
-/// rate (forward / backward GEMMs, against 64% / 60% on one stream), the next three 49-66% /
-/// 58-63%; with 8 experts of ~2048 rows it was slower (67-70% against 94-98%), hence
+/// taking the whole GPU for a fraction of a wave. The experts' default for many GEMMs
+/// (`MOE_DISPATCH_GEMM_STREAMS=off` turns it off; see `experts::side_by_side` for the numbers);
+/// with 8 experts of ~2048 rows it was slower (67-70% of the bf16 rate against 94-98%), hence
 /// [`SideBySide::MIN_PROBLEMS`].
 pub struct SideBySide {
     lanes: Vec<(std::sync::Arc<cudarc::driver::CudaStream>, CudaBlas)>,
@@ -266,5 +265,104 @@ impl SideBySide {
             main.join(stream).map_err(|e| Error::driver("joining the GEMM streams", e))?;
         }
         queued
+    }
+}
+/// Many GEMMs `C_i [m_i, n] = A_i [m_i, k] @ op(B_i) [k, n]` (A not transposed, one `n` and `k`
+/// for all: the experts' token-side products) cut into row blocks of `block` rows so that they
+/// run as two batched cuBLAS calls (`cublasGemmBatchedEx`, every problem `[block, k] @ [k, n]`)
+/// instead of one call each: with 64 experts of ~768 rows, one expert's product fills only half
+/// of an H100's SMs for its short life, while the blocks of all of them fill it many times over.
+///
+/// An expert of `m >= block` rows gives its `m / block` whole blocks to the first call and, when
+/// `block` does not divide `m`, its last `block` rows (rows `m - block .. m`, overlapping its last
+/// whole block) to the second, which runs after the first and rewrites the overlap with the
+/// same rows of the same product: every row is a dot product over the same `k` values whichever
+/// block computes it, nothing is read or written outside the expert's rows, and the result is the
+/// same call after call. Problems with fewer rows than `block` run one cuBLAS call each.
+///
+/// Returns false (nothing queued) where the problems do not fit this shape (A transposed, or
+/// several `n` or `k`); the caller then runs them another way.
+pub fn gemm_row_blocks(dev: &Device, problems: &[Problem], a: (DType, bool), b: (DType, bool), c: DType, block: usize) -> Result<bool> {
+    let live: Vec<Problem> = problems.iter().copied().filter(|p| p.m > 0 && p.n > 0).collect();
+    let Some(first) = live.first() else { return Ok(true) };
+    let (n, k) = (first.n, first.k);
+    if a.1 || a.0 != b.0 || block == 0 || k == 0 || live.iter().any(|p| p.n != n || p.k != k) {
+        return Ok(false);
+    }
+    let (ea, ec) = (a.0.size() as u64, c.size() as u64);
+    let row_a = k as u64 * ea;
+    let row_c = n as u64 * ec;
+    // (a, b, c) addresses of each block: the whole blocks, then the tails
+    let mut whole: Vec<[u64; 3]> = Vec::new();
+    let mut tails: Vec<[u64; 3]> = Vec::new();
+    let mut small: Vec<Problem> = Vec::new();
+    for p in &live {
+        if p.m < block {
+            small.push(*p);
+            continue;
+        }
+        for j in 0..p.m / block {
+            let r = (j * block) as u64;
+            whole.push([p.a + r * row_a, p.b, p.c + r * row_c]);
+        }
+        if p.m % block != 0 {
+            let r = (p.m - block) as u64;
+            tails.push([p.a + r * row_a, p.b, p.c + r * row_c]);
+        }
+    }
+    let blas = dev.blas()?;
+    gemm_batched(dev, blas, &whole, block, n, k, a.0, b, c)?;
+    gemm_batched(dev, blas, &tails, block, n, k, a.0, b, c)?;
+    small.iter().try_for_each(|q| gemm_with(blas, q.m, q.n, q.k, Operand { ptr: q.a, dtype: a.0, trans: false }, Operand { ptr: q.b, dtype: b.0, trans: b.1 }, Output { ptr: q.c, dtype: c }, 0.0))?;
+    Ok(true)
+}
+
+/// One `cublasGemmBatchedEx` call: for each `[a, b, c]`, row-major `C [m, n] = A [m, k] @
+/// op(B) [k, n]` (A not transposed).
+#[allow(clippy::too_many_arguments)]
+fn gemm_batched(dev: &Device, blas: &CudaBlas, items: &[[u64; 3]], m: usize, n: usize, k: usize, a_dtype: DType, b: (DType, bool), c_dtype: DType) -> Result<()> {
+    if items.is_empty() {
+        return Ok(());
+    }
+    let g = items.len();
+    let (mi, ni, ki, count) = (int("m", m)?, int("n", n)?, int("k", k)?, int("batch count", g)?);
+    // column-major view, as in `gemm`: C^T = op(B)^T A^T; the pointer arrays B, A, C
+    let mut ptrs: Vec<u64> = Vec::with_capacity(3 * g);
+    ptrs.extend(items.iter().map(|x| x[1]));
+    ptrs.extend(items.iter().map(|x| x[0]));
+    ptrs.extend(items.iter().map(|x| x[2]));
+    let d_ptrs = dev.upload("the batched GEMM's pointers", &ptrs)?;
+    let base = d_ptrs.device_ptr(dev);
+    let op = |t: bool| if t { blas_sys::cublasOperation_t::CUBLAS_OP_T } else { blas_sys::cublasOperation_t::CUBLAS_OP_N };
+    let ldb = if b.1 { ki } else { ni };
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    let status = unsafe {
+        blas_sys::cublasGemmBatchedEx(
+            *blas.handle(),
+            op(b.1),
+            blas_sys::cublasOperation_t::CUBLAS_OP_N,
+            ni,
+            mi,
+            ki,
+            &alpha as *const f32 as *const _,
+            base as *const *const _,
+            data_type(b.0)?,
+            ldb,
+            (base + 8 * g as u64) as *const *const _,
+            data_type(a_dtype)?,
+            ki,
+            &beta as *const f32 as *const _,
+            (base + 16 * g as u64) as *mut *mut _,
+            data_type(c_dtype)?,
+            ni,
+            count,
+            blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    };
+    // (the pointer array is freed in stream order, after the GEMMs that read it)
+    match status {
+        blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS => Ok(()),
+        other => Err(Error::Cuda(format!("cublasGemmBatchedEx ({g} x [{m}, {k}] @ [{k}, {n}], {} -> {}) failed: {other:?}", a_dtype.name(), c_dtype.name()))),
     }
 }

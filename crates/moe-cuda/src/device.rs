@@ -36,6 +36,8 @@ pub struct Device {
     /// Free slots of mapped page-locked host memory for [`Device::host_words`]: (host address,
     /// device address) of [`HOST_SLOT`] bytes each, carved from 4 KiB allocations never freed.
     host_slots: std::sync::Mutex<Vec<(usize, u64)>>,
+    /// Zeroed device words for counters between a kernel's blocks ([`Device::zeroed_counters`]).
+    counters: std::sync::Mutex<Option<Buffer>>,
 }
 
 /// Bytes of one [`HostWords`] slot.
@@ -86,6 +88,9 @@ pub struct DeviceInfo {
     /// Where the kernels came from in this process (disk cache, or compiled, with the time).
     pub kernels: String,
 }
+
+/// Word of [`Device::zeroed_counters`]: the plan kernels' ticket.
+pub const COUNTER_PLAN_TICKET: usize = 0;
 
 /// The kernel files every device loads at open.
 const SOURCES: &[KernelSource] = compile::ALL;
@@ -145,7 +150,7 @@ impl Device {
             }
             modules.push(module);
         }
-        Ok(Device { ctx, stream, aux, ordinal, name, compute_capability, driver_version, total_memory, functions, kernels_origin, _modules: modules, blas: OnceLock::new(), side_blas: OnceLock::new(), host_slots: std::sync::Mutex::new(Vec::new()) })
+        Ok(Device { ctx, stream, aux, ordinal, name, compute_capability, driver_version, total_memory, functions, kernels_origin, _modules: modules, blas: OnceLock::new(), side_blas: OnceLock::new(), host_slots: std::sync::Mutex::new(Vec::new()), counters: std::sync::Mutex::new(None) })
     }
 
     /// The process-wide device (`$MOE_DISPATCH_CUDA_DEVICE`, default 0), opened at first use.
@@ -300,6 +305,24 @@ impl Device {
     }
 
     /// Fills `words` 32-bit words of `buf` with `value` (queued on the stream).
+    /// The device address of at least `words` u32 words that are zero between calls, for kernels
+    /// whose blocks count together (a ticket that finds the last block, per-expert sums): every
+    /// kernel that uses them sets them back to 0 before it ends. Grown (new zeroed memory, the old
+    /// freed in stream order) when a call needs more. Only for kernels on this device's stream,
+    /// which run one after another. Word [`COUNTER_PLAN_TICKET`] is the plan's ticket.
+    pub fn zeroed_counters(&self, words: usize) -> Result<u64> {
+        let mut slot = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = slot.as_ref().filter(|b| b.bytes >= words * 4) {
+            return Ok(b.ptr(&self.stream));
+        }
+        let words = words.max(1024);
+        let b = self.alloc("the counters", words * 4)?;
+        self.memset_u32("the counters", &b, 0, words)?;
+        let ptr = b.ptr(&self.stream);
+        *slot = Some(b);
+        Ok(ptr)
+    }
+
     pub fn memset_u32(&self, what: &str, buf: &Buffer, value: u32, words: usize) -> Result<()> {
         if words * 4 > buf.bytes {
             return Err(Error::Cuda(format!("memset of {words} words exceeds {what} (a bug in moe-dispatch)")));
@@ -626,7 +649,7 @@ mod tests {
     #[test]
     fn kernel_names_of_plain_declarations() {
         let plan = kernel_names(compile::PLAN.source);
-        for n in ["plan_chunk_count", "plan_chunk_scan", "plan_expert_offsets", "plan_rows", "plan_fill", "scan_exclusive", "plan_row_fill", "gather_slot_probs"] {
+        for n in ["plan_chunk_count", "plan_chunk_scan", "plan_expert_offsets", "plan_rows", "plan_small_count_w1", "plan_small_rows_w1", "plan_fill", "scan_exclusive", "plan_row_fill", "gather_slot_probs"] {
             assert!(plan.contains(&n.to_string()), "{plan:?}");
         }
         let routing = kernel_names(compile::ROUTING.source);

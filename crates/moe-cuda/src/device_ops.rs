@@ -18,13 +18,19 @@ use moe_core::permute::{PermuteOptions, UnpermuteOptions};
 use moe_core::routing::{RouteOptions, ScoreFunction};
 use moe_core::tensor::DType;
 
-use crate::device::{Arg, Buffer, Device, HostWords, PendingRead};
+use crate::device::{Arg, Buffer, Device, HostWords, PendingRead, COUNTER_PLAN_TICKET};
 use crate::error::{Error, Result};
 use crate::ops::{self, DevicePlan, PermuteKernel};
 use crate::tensor::{download_opt, opt_ref, tensor_ref, upload_owned_opt, DeviceTensor};
 
 /// Tokens a chunk of the plan kernels (PLAN_CHUNK in kernels/plan.cu).
 const PLAN_CHUNK: usize = 64;
+/// Tokens a block of the small-E plan kernels (SMALL_CHUNK in kernels/plan.cu).
+const SMALL_CHUNK: usize = 256;
+/// The most experts of the small-E plan kernels: one 32-bit word a token (plan_small_*_w1 in
+/// kernels/plan.cu; the template takes more words, but with E = 256 its two kernels took 0.103
+/// ms against the four kernels' 0.073 on an H100, so wider maps keep those).
+const SMALL_PLAN_MAX_E: usize = 32;
 
 /// The plan built on the GPU, with permute's sortedIndices and tokensPerExpert.
 pub struct GpuPlan {
@@ -54,12 +60,21 @@ pub fn build_plan(dev: &Device, map: &Buffer, num_tokens: usize, num_experts: us
 pub fn build_plan_expecting(dev: &Device, map: &Buffer, num_tokens: usize, num_experts: usize, capacity: Option<usize>, expected: Option<usize>) -> Result<GpuPlan> {
     let (t, e) = (i32_arg("numTokens", num_tokens)?, i32_arg("numExperts", num_experts)?);
     i32_arg("numTokens * numExperts", num_tokens.saturating_mul(num_experts))?;
+    if capacity.is_none() && (1..=SMALL_PLAN_MAX_E).contains(&num_experts) && num_tokens > 0 {
+        return build_small_plan(dev, map, num_tokens, num_experts, expected);
+    }
     let chunks = num_tokens.div_ceil(PLAN_CHUNK);
     let col_threads = (num_experts.min(256).div_ceil(32).max(1) * 32) as u32;
     let col_blocks = num_experts.div_ceil(col_threads as usize) as u32;
     let s = dev.stream();
     let chunk_counts = dev.alloc("the plan (chunk counts)", chunks * num_experts * 4)?;
-    dev.launch("plan_chunk_count", (chunks as u32, col_blocks), col_threads, &[Arg::U64(map.ptr(s)), Arg::I32(t), Arg::I32(e), Arg::U64(chunk_counts.ptr(s))])?;
+    // 16 routing bytes a load where the rows are whole aligned 16-byte vectors
+    let aligned = map.ptr(s) % 16 == 0 && num_experts % 16 == 0;
+    if aligned && 256 % (num_experts / 16) == 0 {
+        dev.launch_shared("plan_chunk_count_v", (chunks as u32, 1), 256, 16 * 1024, &[Arg::U64(map.ptr(s)), Arg::I32(t), Arg::I32(e), Arg::U64(chunk_counts.ptr(s))])?;
+    } else {
+        dev.launch("plan_chunk_count", (chunks as u32, col_blocks), col_threads, &[Arg::U64(map.ptr(s)), Arg::I32(t), Arg::I32(e), Arg::U64(chunk_counts.ptr(s))])?;
+    }
     let counts = dev.alloc("the plan (counts)", num_experts * 4)?;
     let tokens_per_expert = dev.alloc("tokensPerExpert", num_experts * 4)?;
     let expert_offsets = dev.alloc("the plan (expert offsets)", (num_experts + 1) * 4)?;
@@ -105,6 +120,7 @@ pub fn build_plan_expecting(dev: &Device, map: &Buffer, num_tokens: usize, num_e
                 Arg::U64(sorted_indices.ptr(s)),
                 Arg::U64(row_ptr.ptr(s)),
                 Arg::U64(slots.ptr(s)),
+                Arg::I32((aligned && 32 % (num_experts / 16) == 0) as i32),
             ],
         )?;
         return Ok(GpuPlan { plan: DevicePlan { num_tokens, num_slots, num_experts, row_ptr, slots, expert_offsets }, sorted_indices, tokens_per_expert, pending });
@@ -140,6 +156,63 @@ pub fn build_plan_expecting(dev: &Device, map: &Buffer, num_tokens: usize, num_e
         (num_tokens.div_ceil(4) as u32, 1),
         128,
         &[Arg::U64(slot_of.ptr(s)), Arg::I32(t), Arg::I32(e), Arg::U64(row_ptr.ptr(s)), Arg::U64(slots.ptr(s))],
+    )?;
+    Ok(GpuPlan { plan: DevicePlan { num_tokens, num_slots, num_experts, row_ptr, slots, expert_offsets }, sorted_indices, tokens_per_expert, pending })
+}
+
+/// A plain plan with 1..=32 experts and some tokens: two kernels (plan_small_count_w1, whose
+/// last block also scans, then plan_small_rows_w1), the same outputs as the general path.
+fn build_small_plan(dev: &Device, map: &Buffer, num_tokens: usize, num_experts: usize, expected: Option<usize>) -> Result<GpuPlan> {
+    let (t, e) = (num_tokens as i32, num_experts as i32);
+    let chunks = num_tokens.div_ceil(SMALL_CHUNK);
+    let grid = u32::try_from(chunks).map_err(|_| Error::Cuda(format!("the plan: {num_tokens} tokens exceed one launch")))?;
+    let w = num_experts.div_ceil(32);
+    let s = dev.stream();
+    let ticket = dev.zeroed_counters(COUNTER_PLAN_TICKET + 1)? + 4 * COUNTER_PLAN_TICKET as u64;
+    let chunk_counts = dev.alloc("the plan (chunk counts)", chunks * num_experts * 4)?;
+    let tokens_per_expert = dev.alloc("tokensPerExpert", num_experts * 4)?;
+    let expert_offsets = dev.alloc("the plan (expert offsets)", (num_experts + 1) * 4)?;
+    dev.launch(
+        &format!("plan_small_count_w{w}"),
+        (grid, 1),
+        SMALL_CHUNK as u32,
+        &[
+            Arg::U64(map.ptr(s)),
+            Arg::I32(t),
+            Arg::I32(e),
+            Arg::U64(chunk_counts.ptr(s)),
+            Arg::U64(ticket),
+            Arg::U64(tokens_per_expert.ptr(s)),
+            Arg::U64(expert_offsets.ptr(s)),
+        ],
+    )?;
+    let mut pending = None;
+    let num_slots = match expected {
+        Some(n) => {
+            pending = Some(dev.read_later("the number of slots", &expert_offsets, num_experts)?);
+            n
+        }
+        None => dev.read_head::<i32, 1>("the number of slots", &expert_offsets, num_experts)?[0] as usize,
+    };
+    i32_arg("numSlots", num_slots)?;
+    let sorted_indices = dev.alloc("sortedIndices", num_slots * 4)?;
+    let row_ptr = dev.alloc("the plan (row offsets)", (num_tokens + 1) * 4)?;
+    let slots = dev.alloc("the plan (slots)", num_slots * 4)?;
+    dev.launch(
+        &format!("plan_small_rows_w{w}"),
+        (grid, 1),
+        SMALL_CHUNK as u32,
+        &[
+            Arg::U64(map.ptr(s)),
+            Arg::I32(t),
+            Arg::I32(e),
+            Arg::U64(chunk_counts.ptr(s)),
+            Arg::U64(expert_offsets.ptr(s)),
+            Arg::I32(num_slots as i32),
+            Arg::U64(sorted_indices.ptr(s)),
+            Arg::U64(row_ptr.ptr(s)),
+            Arg::U64(slots.ptr(s)),
+        ],
     )?;
     Ok(GpuPlan { plan: DevicePlan { num_tokens, num_slots, num_experts, row_ptr, slots, expert_offsets }, sorted_indices, tokens_per_expert, pending })
 }

@@ -23,7 +23,7 @@ use moe_core::experts::{experts_backward, experts_forward, ExpertsGrads, Experts
 use moe_core::tensor::{DType, TensorRef};
 
 use crate::activations::{launch_activation, launch_activation_backward, ExpMath};
-use crate::blas::{gemm, gemm_grouped, gemm_with, Operand, Output, Problem, SideBySide};
+use crate::blas::{gemm, gemm_grouped, gemm_row_blocks, gemm_with, Operand, Output, Problem, SideBySide};
 use crate::device::{Arg, Buffer, Device};
 use crate::error::{Error, Result};
 use crate::ops::row_launch;
@@ -208,15 +208,18 @@ fn per_expert(dev: &Device, p: &Plan, a: (DType, bool), b: (DType, bool), c: DTy
     run_gemms(dev, &problems, a, b, c)
 }
 
-/// Whether many small GEMMs run side by side ([`SideBySide`]): only with
-/// `MOE_DISPATCH_GEMM_STREAMS=on` or [`set_side_by_side`]`(Some(true))`. Off by default: on an
-/// H100 it gave 74% / 72% of the bf16 rate (forward / backward GEMMs, fine-grained experts) in one
-/// run and 49-66% / 58-63% in the next three, against 62-65% / 57-60% on one stream
-/// (docs/gpu-report.md): not a dependable gain.
+/// Whether many small GEMMs ([`SideBySide::MIN_PROBLEMS`] or more) run side by side
+/// ([`SideBySide`]): by default yes; `MOE_DISPATCH_GEMM_STREAMS=off` or
+/// [`set_side_by_side`]`(Some(false))` turns it off. On an H100 (fine-grained experts, 64 GEMMs
+/// of ~780 rows a step) it gave 71-72% / 70% of the bf16 rate (forward / backward GEMMs) in the
+/// fourth session's runs against 60-62% / 57-59% one call after another, and better than
+/// cutting the token-side GEMMs into batched row blocks (69-70% / 59%) or cuBLAS's grouped GEMM
+/// (34-37% / 42-43%); in the third session's runs it had ranged from 49% to 74%
+/// (docs/gpu-report.md).
 fn side_by_side() -> bool {
     let mode = match SIDE.load(std::sync::atomic::Ordering::Relaxed) {
         UNSET => {
-            let m = if matches!(std::env::var("MOE_DISPATCH_GEMM_STREAMS").as_deref(), Ok("on" | "1")) { ON } else { OFF };
+            let m = if matches!(std::env::var("MOE_DISPATCH_GEMM_STREAMS").as_deref(), Ok("off" | "0")) { OFF } else { ON };
             SIDE.store(m, std::sync::atomic::Ordering::Relaxed);
             m
         }
@@ -225,21 +228,56 @@ fn side_by_side() -> bool {
     mode == ON
 }
 
+/// The row block of [`gemm_row_blocks`] for these problems, if they run that way: only with
+/// `MOE_DISPATCH_GEMM_BLOCKS` = a block size (rows) or [`set_row_blocks`]`(Some(rows))`. Off by
+/// default: on an H100 the fine-grained experts' token-side GEMMs gained (forward 60-62% -> 69-70%
+/// of the bf16 rate with 128 or 256 rows) but the backward's weight-gradient GEMMs, which reduce
+/// over the tokens, cannot be cut this way, and side by side ([`side_by_side`]) did better overall;
+/// Mixtral-like experts (8 of ~2016 rows) lost (93% -> 51% / 81%).
+pub fn row_blocks(problems: &[Problem]) -> Option<usize> {
+    let mode = match ROW_BLOCK.load(std::sync::atomic::Ordering::Relaxed) {
+        ROW_BLOCK_UNSET => {
+            let m = match std::env::var("MOE_DISPATCH_GEMM_BLOCKS").as_deref() {
+                Ok(v) => v.parse::<usize>().ok().filter(|&b| b < ROW_BLOCK_UNSET).unwrap_or(0),
+                Err(_) => 0,
+            };
+            ROW_BLOCK.store(m, std::sync::atomic::Ordering::Relaxed);
+            m
+        }
+        m => m,
+    };
+    (mode > 0 && !problems.is_empty()).then_some(mode)
+}
+
+const ROW_BLOCK_UNSET: usize = usize::MAX;
+static ROW_BLOCK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(ROW_BLOCK_UNSET);
+
+/// Overrides the row-block choice: `Some(rows)` always (0: never), `None` the default (never).
+pub fn set_row_blocks(mode: Option<usize>) {
+    ROW_BLOCK.store(mode.unwrap_or(0).min(ROW_BLOCK_UNSET - 1), std::sync::atomic::Ordering::Relaxed);
+}
+
 static SIDE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(UNSET);
 
-/// Overrides the side-by-side choice: `Some(true)` for many GEMMs, otherwise never (the default).
+/// Overrides the side-by-side choice: `Some(true)` or `None` (the default) for many GEMMs,
+/// `Some(false)` never.
 pub fn set_side_by_side(mode: Option<bool>) {
-    SIDE.store(if mode == Some(true) { ON } else { OFF }, std::sync::atomic::Ordering::Relaxed);
+    SIDE.store(if mode == Some(false) { OFF } else { ON }, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Independent GEMMs of one dtype and transpose pattern (`a` and `b`: dtype, transposed), the
-/// way the experts run them: one cuBLAS call each on the device's stream, or one grouped call
-/// ([`use_grouped`]), or, opted in, side by side on four streams whose cuBLAS handles are sized
-/// for a quarter of the SMs each ([`SideBySide`]; four plain handles without the SM target gave
-/// nothing).
+/// way the experts run them: opted in, one grouped call ([`use_grouped`]) or batched row blocks
+/// ([`row_blocks`]); else, for many GEMMs, side by side on four streams whose cuBLAS handles are
+/// sized for a quarter of the SMs each ([`side_by_side`], [`SideBySide`]; four plain handles
+/// without the SM target gave nothing); else one cuBLAS call each on the device's stream.
 pub fn run_gemms(dev: &Device, problems: &[Problem], a: (DType, bool), b: (DType, bool), c: DType) -> Result<()> {
     if use_grouped(problems.len()) {
         return gemm_grouped(dev, problems, a.0, a.1, b.0, b.1, c);
+    }
+    if let Some(block) = row_blocks(problems) {
+        if gemm_row_blocks(dev, problems, a, b, c, block)? {
+            return Ok(());
+        }
     }
     if problems.len() >= SideBySide::MIN_PROBLEMS && side_by_side() {
         if let Ok(side) = dev.side_blas() {

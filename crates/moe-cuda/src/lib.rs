@@ -8,6 +8,7 @@
 
 pub mod activations;
 pub mod blas;
+pub mod blaslt;
 pub mod compile;
 pub mod device;
 pub mod device_ops;
