@@ -217,8 +217,6 @@ extern "C" __global__ void __launch_bounds__(256) plan_rows(
 //      order.
 // Same outputs as the four-kernel path, bit for bit (integer counts and prefix sums only).
 
-#define SMALL_CHUNK 256
-#define SMALL_WARPS (SMALL_CHUNK / 32)
 #define SMALL_MAX_E 256
 
 // Token t's routing row as bits (bit e of word e / 32: expert e selected), E <= 32 W; zero for
@@ -273,11 +271,12 @@ static __device__ __forceinline__ void small_warp_counts(const u32 (&bits)[W], i
 }
 
 // One block of SMALL_CHUNK threads per chunk. ticket: a zeroed word the last block resets.
-template <int W>
+template <int W, int SMALL_CHUNK>
 static __device__ __forceinline__ void plan_small_count_impl(const u8* __restrict__ map, int T, int E, int* __restrict__ chunk_counts,
                                                              unsigned* __restrict__ ticket, int* __restrict__ tokens_per_expert,
                                                              int* __restrict__ expert_offsets) {
-    __shared__ int warp_counts[SMALL_WARPS][SMALL_MAX_E];
+    static_assert(32 * W <= SMALL_CHUNK, "a thread per expert in the last block's scan");
+    __shared__ int warp_counts[SMALL_CHUNK / 32][SMALL_MAX_E];
     __shared__ int totals[SMALL_MAX_E];
     __shared__ bool last;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -288,7 +287,7 @@ static __device__ __forceinline__ void plan_small_count_impl(const u8* __restric
     for (int e = threadIdx.x; e < E; e += SMALL_CHUNK) {
         int c = 0;
 #pragma unroll
-        for (int w = 0; w < SMALL_WARPS; w++) c += warp_counts[w][e];
+        for (int w = 0; w < SMALL_CHUNK / 32; w++) c += warp_counts[w][e];
         chunk_counts[(i64)blockIdx.x * E + e] = c;
     }
     // the last block to get here sees every block's counts (this block's writes are ordered
@@ -303,7 +302,7 @@ static __device__ __forceinline__ void plan_small_count_impl(const u8* __restric
     __threadfence();
     const int chunks = gridDim.x;
     // a warp per expert: exclusive prefix over chunks (L2 reads: other blocks wrote them)
-    for (int e = warp; e < E; e += SMALL_WARPS) {
+    for (int e = warp; e < E; e += SMALL_CHUNK / 32) {
         int carry = 0;
         for (int c0 = 0; c0 < chunks; c0 += 32) {
             const int c = c0 + lane;
@@ -334,11 +333,11 @@ static __device__ __forceinline__ void plan_small_count_impl(const u8* __restric
 
 // One block of SMALL_CHUNK threads per chunk, a thread per token. chunk_base: plan_small_count's
 // chunk bases. With a wrong expected count N nothing is written out of bounds (as plan_rows).
-template <int W>
+template <int W, int SMALL_CHUNK>
 static __device__ __forceinline__ void plan_small_rows_impl(const u8* __restrict__ map, int T, int E, const int* __restrict__ chunk_base,
                                                             const int* __restrict__ expert_offsets, int N, int* __restrict__ sorted_indices,
                                                             int* __restrict__ row_ptr, int* __restrict__ slots) {
-    __shared__ int warp_counts[SMALL_WARPS][SMALL_MAX_E];
+    __shared__ int warp_counts[SMALL_CHUNK / 32][SMALL_MAX_E];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int chunk = blockIdx.x;
     const int t = chunk * SMALL_CHUNK + threadIdx.x;
@@ -355,7 +354,7 @@ static __device__ __forceinline__ void plan_small_rows_impl(const u8* __restrict
         base += before;
         int s = expert_offsets[e] + before;
 #pragma unroll
-        for (int w = 0; w < SMALL_WARPS; w++) {
+        for (int w = 0; w < SMALL_CHUNK / 32; w++) {
             const int c = warp_counts[w][e];
             warp_counts[w][e] = s;
             s += c;
@@ -387,20 +386,22 @@ static __device__ __forceinline__ void plan_small_rows_impl(const u8* __restrict
     }
 }
 
-#define PLAN_SMALL_KERNELS(W)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(SMALL_CHUNK) plan_small_count_w##W(                          \
+#define PLAN_SMALL_KERNELS(W, C)                                                                               \
+    extern "C" __global__ void __launch_bounds__(C) plan_small_count_w##W##_c##C(                             \
         const u8* map, int T, int E, int* chunk_counts, unsigned* ticket, int* tokens_per_expert, int* expert_offsets) { \
-        plan_small_count_impl<W>(map, T, E, chunk_counts, ticket, tokens_per_expert, expert_offsets);         \
+        plan_small_count_impl<W, C>(map, T, E, chunk_counts, ticket, tokens_per_expert, expert_offsets);      \
     }                                                                                                          \
-    extern "C" __global__ void __launch_bounds__(SMALL_CHUNK) plan_small_rows_w##W(                           \
+    extern "C" __global__ void __launch_bounds__(C) plan_small_rows_w##W##_c##C(                              \
         const u8* map, int T, int E, const int* chunk_base, const int* expert_offsets, int N, int* sorted_indices, \
         int* row_ptr, int* slots) {                                                                            \
-        plan_small_rows_impl<W>(map, T, E, chunk_base, expert_offsets, N, sorted_indices, row_ptr, slots);    \
+        plan_small_rows_impl<W, C>(map, T, E, chunk_base, expert_offsets, N, sorted_indices, row_ptr, slots); \
     }
 
 // E <= 32 only: with E = 256 (W = 8) the two kernels took 0.103 ms against the four-kernel
-// path's 0.073 on an H100 (the per-thread row loads and 256 ballots a warp).
-PLAN_SMALL_KERNELS(1)
+// path's 0.073 on an H100 (the per-thread row loads and 256 ballots a warp). C: tokens (threads)
+// a block (128 measured the same as 256 at the Mixtral-like shape: 0.160-0.171 against
+// 0.160-0.166 ms end to end).
+PLAN_SMALL_KERNELS(1, 256)
 
 extern "C" __global__ void plan_fill(
     const u8* __restrict__ map, int T, int E, const int* __restrict__ chunk_base, const int* __restrict__ counts,

@@ -13,7 +13,7 @@ use moe_core::activations::{ActivationKind, ActivationOptions};
 use moe_core::permute::{PermuteOptions, UnpermuteOptions};
 use moe_core::tensor::{DType, Tensor};
 use moe_cuda::activations::{launch_activation, launch_activation_backward, ExpMath};
-use moe_cuda::blas::{gemm, Operand, Output, Problem};
+use moe_cuda::blas::{gemm, set_side_streams, Operand, Output, Problem};
 use moe_cuda::device_ops::{permute_backward_device, permute_device, unpermute_backward_device, unpermute_device};
 use moe_cuda::experts::{experts_backward_device, experts_backward_device_saved, experts_forward_device, experts_forward_device_saving, run_gemms, set_grouped_gemm, set_row_blocks, set_side_by_side, use_grouped, DeviceExpertsInputs};
 use moe_cuda::{Device, DeviceTensor};
@@ -184,6 +184,25 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
     }
     set_side_by_side(None);
     set_grouped_gemm(None);
+    // side by side: how many streams, SM target or not; three measurements each (the spread)
+    if e >= 16 {
+        for streams in [2usize, 3, 4, 6, 8] {
+            for target in [true, false] {
+                set_side_streams(streams, target);
+                let mut f = Vec::new();
+                let mut b = Vec::new();
+                for _ in 0..3 {
+                    f.push(time_ms(dev, iters, || gemms(false))?.0);
+                    b.push(time_ms(dev, iters, || gemms(true))?.0);
+                }
+                let pcts = |v: &[f64], fl: f64| v.iter().map(|ms| format!("{:.0}", 100.0 * fl / (ms * 1e-3) / 1e12 / peak)).collect::<Vec<_>>().join("/");
+                let fl_f: f64 = steps_fwd.iter().map(step_flops).sum();
+                let fl_b: f64 = steps_bwd.iter().map(step_flops).sum();
+                println!("{:>13} side by side, {streams} streams, SM target {}: fwd {}%, bwd {}% of the bf16 rate", s.name, if target { "SMs/streams" } else { "none" }, pcts(&f, fl_f), pcts(&b, fl_b));
+            }
+        }
+        set_side_streams(0, true);
+    }
     // cuBLASLt's candidate algorithms for each step (chosen for its first problem's shape, run
     // for all of its problems): cuBLAS's pick is the heuristic's first; is another faster?
     match moe_cuda::blaslt::Lt::open(dev) {

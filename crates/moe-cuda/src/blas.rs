@@ -215,10 +215,39 @@ pub fn gemm_grouped(dev: &Device, problems: &[Problem], a_dtype: DType, trans_a:
 /// [`SideBySide::MIN_PROBLEMS`].
 pub struct SideBySide {
     lanes: Vec<(std::sync::Arc<cudarc::driver::CudaStream>, CudaBlas)>,
+    sms: i32,
+    /// (streams in use, SM target of their handles) as last set
+    shape: std::sync::Mutex<(usize, i32)>,
+}
+
+/// How many streams [`SideBySide::run`] uses (`MOE_DISPATCH_GEMM_STREAMS` = a number, or
+/// [`set_side_streams`]); [`SideBySide::STREAMS`] by default.
+static SIDE_STREAMS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Whether the handles are told the SM count / streams (1, the default) or not (2).
+static SIDE_TARGET: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Overrides the side-by-side shape (for measurements): `streams` (1..=[`SideBySide::MAX_STREAMS`];
+/// 0: the default) and whether each handle is told the SM count / streams.
+pub fn set_side_streams(streams: usize, sm_target: bool) {
+    SIDE_STREAMS.store(streams.min(SideBySide::MAX_STREAMS), std::sync::atomic::Ordering::Relaxed);
+    SIDE_TARGET.store(if sm_target { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn side_streams() -> usize {
+    match SIDE_STREAMS.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => {
+            let n = std::env::var("MOE_DISPATCH_GEMM_STREAMS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&n| n >= 1).map_or(SideBySide::STREAMS, |n| n.min(SideBySide::MAX_STREAMS));
+            SIDE_STREAMS.store(n, std::sync::atomic::Ordering::Relaxed);
+            n
+        }
+        n => n,
+    }
 }
 
 impl SideBySide {
     pub const STREAMS: usize = 4;
+    /// Streams opened (the most [`set_side_streams`] may ask for).
+    pub const MAX_STREAMS: usize = 8;
     /// Fewer independent GEMMs than this run one after another on the device's stream.
     pub const MIN_PROBLEMS: usize = 16;
 
@@ -228,8 +257,7 @@ impl SideBySide {
             .context()
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| Error::driver("reading the SM count", e))?;
-        let target = (sms / Self::STREAMS as i32).max(1);
-        let lanes = (0..Self::STREAMS)
+        let lanes = (0..Self::MAX_STREAMS)
             .map(|_| {
                 let stream = dev.context().new_stream().map_err(|e| Error::driver("creating a GEMM stream", e))?;
                 let blas = CudaBlas::new(stream.clone()).map_err(|e| Error::Cuda(format!("creating a cuBLAS handle failed: {e}")))?;
@@ -237,36 +265,50 @@ impl SideBySide {
                     blas_sys::cublasSetMathMode(*blas.handle(), blas_sys::cublasMath_t::CUBLAS_PEDANTIC_MATH)
                         .result()
                         .map_err(|e| Error::Cuda(format!("cublasSetMathMode failed: {e}")))?;
-                    blas_sys::cublasSetSmCountTarget(*blas.handle(), target)
-                        .result()
-                        .map_err(|e| Error::Cuda(format!("cublasSetSmCountTarget failed: {e}")))?;
                 }
                 Ok((stream, blas))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(SideBySide { lanes })
+        Ok(SideBySide { lanes, sms, shape: std::sync::Mutex::new((0, -1)) })
     }
 
-    /// Runs `problems` (independent GEMMs) round-robin over the streams, after the work queued on
-    /// the device's stream, which then waits for all of them. Problem i always runs on stream
-    /// i % STREAMS with the same handle: the same kernels, so the same bits, call after call.
+    /// The lanes in use, their handles told the SM target the settings ask for.
+    fn lanes_in_use(&self) -> Result<&[(std::sync::Arc<cudarc::driver::CudaStream>, CudaBlas)]> {
+        let n = side_streams().clamp(1, self.lanes.len());
+        let target = if SIDE_TARGET.load(std::sync::atomic::Ordering::Relaxed) == 2 { 0 } else { (self.sms / n as i32).max(1) };
+        let mut shape = self.shape.lock().unwrap_or_else(|p| p.into_inner());
+        if *shape != (n, target) {
+            for (_, blas) in &self.lanes[..n] {
+                unsafe { blas_sys::cublasSetSmCountTarget(*blas.handle(), target) }.result().map_err(|e| Error::Cuda(format!("cublasSetSmCountTarget failed: {e}")))?;
+            }
+            *shape = (n, target);
+        }
+        Ok(&self.lanes[..n])
+    }
+
+    /// Runs `problems` (independent GEMMs) round-robin over the streams in use, after the work
+    /// queued on the device's stream, which then waits for all of them. Problem i always runs on
+    /// stream i % streams with the same handle: the same kernels, so the same bits, call after
+    /// call (for one stream count).
     pub fn run(&self, dev: &Device, problems: &[Problem], a: (DType, bool), b: (DType, bool), c: DType) -> Result<()> {
+        let lanes = self.lanes_in_use()?;
         let main = dev.stream();
         let start = main.record_event(None).map_err(|e| Error::driver("recording an event", e))?;
-        for (stream, _) in &self.lanes {
+        for (stream, _) in lanes {
             stream.wait(&start).map_err(|e| Error::driver("ordering the GEMM streams", e))?;
         }
         let queued = problems.iter().enumerate().try_for_each(|(i, q)| {
-            let (_, blas) = &self.lanes[i % self.lanes.len()];
+            let (_, blas) = &lanes[i % lanes.len()];
             gemm_with(blas, q.m, q.n, q.k, Operand { ptr: q.a, dtype: a.0, trans: a.1 }, Operand { ptr: q.b, dtype: b.0, trans: b.1 }, Output { ptr: q.c, dtype: c }, 0.0)
         });
         // joined even after an error, so that nothing later on the device's stream overtakes them
-        for (stream, _) in &self.lanes {
+        for (stream, _) in lanes {
             main.join(stream).map_err(|e| Error::driver("joining the GEMM streams", e))?;
         }
         queued
     }
 }
+
 /// Many GEMMs `C_i [m_i, n] = A_i [m_i, k] @ op(B_i) [k, n]` (A not transposed, one `n` and `k`
 /// for all: the experts' token-side products) cut into row blocks of `block` rows so that they
 /// run as two batched cuBLAS calls (`cublasGemmBatchedEx`, every problem `[block, k] @ [k, n]`)

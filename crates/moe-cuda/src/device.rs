@@ -649,7 +649,7 @@ mod tests {
     #[test]
     fn kernel_names_of_plain_declarations() {
         let plan = kernel_names(compile::PLAN.source);
-        for n in ["plan_chunk_count", "plan_chunk_scan", "plan_expert_offsets", "plan_rows", "plan_small_count_w1", "plan_small_rows_w1", "plan_fill", "scan_exclusive", "plan_row_fill", "gather_slot_probs"] {
+        for n in ["plan_chunk_count", "plan_chunk_scan", "plan_expert_offsets", "plan_rows", "plan_small_count_w1_c256", "plan_small_rows_w1_c256", "plan_fill", "scan_exclusive", "plan_row_fill", "gather_slot_probs"] {
             assert!(plan.contains(&n.to_string()), "{plan:?}");
         }
         let routing = kernel_names(compile::ROUTING.source);

@@ -25,7 +25,7 @@ use crate::tensor::{download_opt, opt_ref, tensor_ref, upload_owned_opt, DeviceT
 
 /// Tokens a chunk of the plan kernels (PLAN_CHUNK in kernels/plan.cu).
 const PLAN_CHUNK: usize = 64;
-/// Tokens a block of the small-E plan kernels (SMALL_CHUNK in kernels/plan.cu).
+/// Tokens a block of the small-E plan kernels (`_c256` in kernels/plan.cu).
 const SMALL_CHUNK: usize = 256;
 /// The most experts of the small-E plan kernels: one 32-bit word a token (plan_small_*_w1 in
 /// kernels/plan.cu; the template takes more words, but with E = 256 its two kernels took 0.103
@@ -164,7 +164,8 @@ pub fn build_plan_expecting(dev: &Device, map: &Buffer, num_tokens: usize, num_e
 /// last block also scans, then plan_small_rows_w1), the same outputs as the general path.
 fn build_small_plan(dev: &Device, map: &Buffer, num_tokens: usize, num_experts: usize, expected: Option<usize>) -> Result<GpuPlan> {
     let (t, e) = (num_tokens as i32, num_experts as i32);
-    let chunks = num_tokens.div_ceil(SMALL_CHUNK);
+    let chunk = SMALL_CHUNK;
+    let chunks = num_tokens.div_ceil(chunk);
     let grid = u32::try_from(chunks).map_err(|_| Error::Cuda(format!("the plan: {num_tokens} tokens exceed one launch")))?;
     let w = num_experts.div_ceil(32);
     let s = dev.stream();
@@ -173,9 +174,9 @@ fn build_small_plan(dev: &Device, map: &Buffer, num_tokens: usize, num_experts: 
     let tokens_per_expert = dev.alloc("tokensPerExpert", num_experts * 4)?;
     let expert_offsets = dev.alloc("the plan (expert offsets)", (num_experts + 1) * 4)?;
     dev.launch(
-        &format!("plan_small_count_w{w}"),
+        &format!("plan_small_count_w{w}_c{chunk}"),
         (grid, 1),
-        SMALL_CHUNK as u32,
+        chunk as u32,
         &[
             Arg::U64(map.ptr(s)),
             Arg::I32(t),
@@ -199,9 +200,9 @@ fn build_small_plan(dev: &Device, map: &Buffer, num_tokens: usize, num_experts: 
     let row_ptr = dev.alloc("the plan (row offsets)", (num_tokens + 1) * 4)?;
     let slots = dev.alloc("the plan (slots)", num_slots * 4)?;
     dev.launch(
-        &format!("plan_small_rows_w{w}"),
+        &format!("plan_small_rows_w{w}_c{chunk}"),
         (grid, 1),
-        SMALL_CHUNK as u32,
+        chunk as u32,
         &[
             Arg::U64(map.ptr(s)),
             Arg::I32(t),

@@ -219,6 +219,7 @@ fn per_expert(dev: &Device, p: &Plan, a: (DType, bool), b: (DType, bool), c: DTy
 fn side_by_side() -> bool {
     let mode = match SIDE.load(std::sync::atomic::Ordering::Relaxed) {
         UNSET => {
+            // off, or on (a number: how many streams, crate::blas::SideBySide::STREAMS by default)
             let m = if matches!(std::env::var("MOE_DISPATCH_GEMM_STREAMS").as_deref(), Ok("off" | "0")) { OFF } else { ON };
             SIDE.store(m, std::sync::atomic::Ordering::Relaxed);
             m
