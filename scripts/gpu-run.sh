@@ -59,7 +59,8 @@ remote() {
   local log="$OUT/log.txt"
   exec > >(tee "$log") 2>&1
   say "machine: $(uname -m), $(nproc) cores; $(date -u +%FT%TZ)"
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader 2>&1 | sed 's/^/  /'
+  # (the max SM clock and power limit: compute-bound timings differ between machines with them)
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,clocks.max.sm,power.limit --format=csv,noheader 2>&1 | sed "s/^/  /"
   # NVRTC: the loader's search first, else the usual places; its builtins library sits beside it
   if ! ldconfig -p | grep -q 'libnvrtc.so.13'; then
     local nvrtc
@@ -102,7 +103,8 @@ remote() {
     grep -E '^\s*not ok' "$OUT/gpu-suite.tap" | head -20
 
     say "moe-dispatch check (random problems through cuda, cpu and wasm)"
-    "$node" "$BUNDLE/dist/cli.js" check --cases 300 | tee "$OUT/check.txt" | tail -8
+    # (into log.txt only: the device tool brings back at most 8 files)
+    "$node" "$BUNDLE/dist/cli.js" check --cases 300 | tail -8
   fi
   if [[ -z "${SKIP_SOAK:-}" ]]; then
     say "soak: device memory, 100k small + 1k large ops on device tensors"
