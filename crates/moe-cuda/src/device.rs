@@ -38,6 +38,8 @@ pub struct Device {
     host_slots: std::sync::Mutex<Vec<(usize, u64)>>,
     /// Zeroed device words for counters between a kernel's blocks ([`Device::zeroed_counters`]).
     counters: std::sync::Mutex<Option<Buffer>>,
+    /// Streaming multiprocessors of the device.
+    sms: usize,
 }
 
 /// Bytes of one [`HostWords`] slot.
@@ -129,6 +131,10 @@ impl Device {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(|e| Error::driver("creating a stream", e))?;
         let aux = ctx.new_stream().map_err(|e| Error::driver("creating a stream", e))?;
+        let sms = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| unavailable("reading the SM count", e))?
+            .max(1) as usize;
         let compute_capability = ctx.compute_capability().map_err(|e| Error::driver("reading the compute capability", e))?;
         let name = ctx.name().map_err(|e| Error::driver("reading the device name", e))?;
         let total_memory = ctx.total_mem().unwrap_or(0);
@@ -150,7 +156,7 @@ impl Device {
             }
             modules.push(module);
         }
-        Ok(Device { ctx, stream, aux, ordinal, name, compute_capability, driver_version, total_memory, functions, kernels_origin, _modules: modules, blas: OnceLock::new(), side_blas: OnceLock::new(), host_slots: std::sync::Mutex::new(Vec::new()), counters: std::sync::Mutex::new(None) })
+        Ok(Device { ctx, stream, aux, ordinal, name, compute_capability, driver_version, total_memory, functions, kernels_origin, _modules: modules, blas: OnceLock::new(), side_blas: OnceLock::new(), host_slots: std::sync::Mutex::new(Vec::new()), counters: std::sync::Mutex::new(None), sms })
     }
 
     /// The process-wide device (`$MOE_DISPATCH_CUDA_DEVICE`, default 0), opened at first use.
@@ -305,6 +311,11 @@ impl Device {
     }
 
     /// Fills `words` 32-bit words of `buf` with `value` (queued on the stream).
+    /// The device's streaming multiprocessors.
+    pub fn sm_count(&self) -> usize {
+        self.sms
+    }
+
     /// The device address of at least `words` u32 words that are zero between calls, for kernels
     /// whose blocks count together (a ticket that finds the last block, per-expert sums): every
     /// kernel that uses them sets them back to 0 before it ends. Grown (new zeroed memory, the old
