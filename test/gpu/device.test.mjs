@@ -401,3 +401,35 @@ describe('DeepSeek-V3 routing shape on device tensors', () => {
     disposeAll(d, got);
   });
 });
+
+// More tokens than the persistent route kernels' warps (at most 8 blocks of 4 warps an SM): each
+// warp routes several tokens, prefetching the next one's logits while it routes the current one.
+describe('route on more tokens than the grid has warps: cuda == cpu', () => {
+  const cases = [
+    { sf: 'softmax', E: 64, k: 6, sbt: false },
+    { sf: 'softmax', E: 128, k: 8, sbt: true, mask: true },
+    { sf: 'sigmoid_with_bias', E: 256, k: 8, G: 8, kg: 4, bias: true, norm: true, mask: true },
+    { sf: 'sqrtsoftplus', E: 96, k: 4, norm: true },
+    { sf: 'softmax_with_bias', E: 512, k: 8, bias: true },
+  ];
+  for (const [i, c] of cases.entries()) {
+    test(`T=9001 E=${c.E} ${c.sf} k=${c.k}${c.G ? ` groups ${c.kg}/${c.G}` : ''}${c.mask ? ' mask' : ''}`, { skip }, () => {
+      const random = rng(900 + i);
+      const T = 9001;
+      const logits = tensor('float32', [T, c.E], Float32Array.from({ length: T * c.E }, () => random() * 8 - 4));
+      const options = { topk: c.k, scoreFunction: c.sf, normTopkProb: !!c.norm, routeScale: 1.5 };
+      if (c.sbt) options.softmaxBeforeTopk = true;
+      if (c.G) Object.assign(options, { numGroups: c.G, topkGroups: c.kg });
+      if (c.bias) options.expertBias = tensor('float32', [c.E], Float32Array.from({ length: c.E }, () => random() * 0.2 - 0.1));
+      if (c.mask) options.tokenMask = tensor('bool', [T], Uint8Array.from({ length: T }, () => (random() < 0.8 ? 1 : 0)));
+      const want = cpu.route(logits, options);
+      const d = up({ logits, expertBias: options.expertBias, tokenMask: options.tokenMask });
+      const dOptions = { ...options };
+      if (d.expertBias) dOptions.expertBias = d.expertBias;
+      if (d.tokenMask) dOptions.tokenMask = d.tokenMask;
+      const got = cuda.route(d.logits, dOptions);
+      assertSameRoute(got, want, 'device');
+      disposeAll(d, got);
+    });
+  }
+});
