@@ -76,6 +76,28 @@ extern "C" __global__ void __launch_bounds__(256) plan_chunk_count_v(const u8* _
     }
 }
 
+// One warp: column e of chunk_counts [chunks, E] becomes its exclusive prefix over the chunks, in
+// place; returns the column's total. L2: load through L2 (__ldcg), for counts written by other
+// blocks of the same kernel (plan_small_count's last block); else cached loads (plan_chunk_scan:
+// the warps of a block share sectors).
+template <bool L2>
+static __device__ __forceinline__ int warp_chunk_prefix(int* __restrict__ chunk_counts, int chunks, int E, int e, int lane) {
+    int carry = 0;
+#pragma unroll 4
+    for (int c0 = 0; c0 < chunks; c0 += 32) {
+        const int c = c0 + lane;
+        const int v = c < chunks ? (L2 ? __ldcg(chunk_counts + (i64)c * E + e) : chunk_counts[(i64)c * E + e]) : 0;
+        int x = v;
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(0xffffffffu, x, o);
+            if (lane >= o) x += y;
+        }
+        if (c < chunks) chunk_counts[(i64)c * E + e] = carry + x - v;
+        carry += __shfl_sync(0xffffffffu, x, 31);
+    }
+    return carry;
+}
+
 // One warp per expert: chunk_counts[c, e] becomes the tokens of e in chunks before c;
 // counts_out[e] the selected tokens of e, tokens_per_expert[e] its slots.
 extern "C" __global__ void plan_chunk_scan(int* __restrict__ chunk_counts, int num_chunks, int E, int capacity, int drop_and_pad,
@@ -83,19 +105,7 @@ extern "C" __global__ void plan_chunk_scan(int* __restrict__ chunk_counts, int n
     const int lane = threadIdx.x & 31;
     const int e = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (e >= E) return;
-    int carry = 0;
-#pragma unroll 4
-    for (int c0 = 0; c0 < num_chunks; c0 += 32) {
-        const int c = c0 + lane;
-        const int v = c < num_chunks ? chunk_counts[(i64)c * E + e] : 0;
-        int x = v;
-        for (int o = 1; o < 32; o <<= 1) {
-            const int y = __shfl_up_sync(0xffffffffu, x, o);
-            if (lane >= o) x += y;
-        }
-        if (c < num_chunks) chunk_counts[(i64)c * E + e] = carry + x - v;
-        carry += __shfl_sync(0xffffffffu, x, 31);
-    }
+    const int carry = warp_chunk_prefix<false>(chunk_counts, num_chunks, E, e, lane);
     if (lane == 0) {
         counts_out[e] = carry;
         tokens_per_expert[e] = drop_and_pad ? capacity : carry;
@@ -301,20 +311,9 @@ static __device__ __forceinline__ void plan_small_count_impl(const u8* __restric
     if (!last) return;
     __threadfence();
     const int chunks = gridDim.x;
-    // a warp per expert: exclusive prefix over chunks (L2 reads: other blocks wrote them)
+    // a warp per expert: exclusive prefix over chunks
     for (int e = warp; e < E; e += SMALL_CHUNK / 32) {
-        int carry = 0;
-        for (int c0 = 0; c0 < chunks; c0 += 32) {
-            const int c = c0 + lane;
-            const int v = c < chunks ? __ldcg(chunk_counts + (i64)c * E + e) : 0;
-            int x = v;
-            for (int o = 1; o < 32; o <<= 1) {
-                const int y = __shfl_up_sync(0xffffffffu, x, o);
-                if (lane >= o) x += y;
-            }
-            if (c < chunks) chunk_counts[(i64)c * E + e] = carry + x - v;
-            carry += __shfl_sync(0xffffffffu, x, 31);
-        }
+        const int carry = warp_chunk_prefix<true>(chunk_counts, chunks, E, e, lane);
         if (lane == 0) totals[e] = carry;
     }
     __syncthreads();

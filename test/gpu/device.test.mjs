@@ -316,6 +316,15 @@ describe('golden route: cuda (host and device tensors) == cpu', () => {
   }
 });
 
+/** route on device tensors: the logits, bias and mask uploaded (d), the options naming them (dOptions), the result (got). */
+function routeOnDevice(logits, options) {
+  const d = up({ logits, expertBias: options.expertBias, tokenMask: options.tokenMask });
+  const dOptions = { ...options };
+  if (d.expertBias) dOptions.expertBias = d.expertBias;
+  if (d.tokenMask) dOptions.tokenMask = d.tokenMask;
+  return { d, dOptions, got: cuda.route(d.logits, dOptions) };
+}
+
 const ROUTES = [];
 {
   const random = rng(777);
@@ -363,11 +372,7 @@ describe('random route problems: cuda == cpu (host and device tensors)', () => {
       if (r.mask) options.tokenMask = tensor('bool', [r.T], Uint8Array.from({ length: r.T }, () => (random() < 0.7 ? 1 : 0)));
       const want = cpu.route(logits, options);
       assertSameRoute(cuda.route(logits, options), want, 'host');
-      const d = up({ logits, expertBias: options.expertBias, tokenMask: options.tokenMask });
-      const dOptions = { ...options };
-      if (d.expertBias) dOptions.expertBias = d.expertBias;
-      if (d.tokenMask) dOptions.tokenMask = d.tokenMask;
-      const got = cuda.route(d.logits, dOptions);
+      const { d, dOptions, got } = routeOnDevice(logits, options);
       assertSameRoute(got, want, 'device');
       const again = cuda.route(d.logits, dOptions);
       assertSameResult({ w: again.weights, i: again.indices, s: again.scores }, { w: got.weights.download(), i: got.indices.download(), s: got.scores.download() }, 'second run');
@@ -423,11 +428,7 @@ describe('route on more tokens than the grid has warps: cuda == cpu', () => {
       if (c.bias) options.expertBias = tensor('float32', [c.E], Float32Array.from({ length: c.E }, () => random() * 0.2 - 0.1));
       if (c.mask) options.tokenMask = tensor('bool', [T], Uint8Array.from({ length: T }, () => (random() < 0.8 ? 1 : 0)));
       const want = cpu.route(logits, options);
-      const d = up({ logits, expertBias: options.expertBias, tokenMask: options.tokenMask });
-      const dOptions = { ...options };
-      if (d.expertBias) dOptions.expertBias = d.expertBias;
-      if (d.tokenMask) dOptions.tokenMask = d.tokenMask;
-      const got = cuda.route(d.logits, dOptions);
+      const { d, got } = routeOnDevice(logits, options);
       assertSameRoute(got, want, 'device');
       disposeAll(d, got);
     });

@@ -86,14 +86,9 @@ pub fn build_plan_expecting(dev: &Device, map: &Buffer, num_tokens: usize, num_e
         &[Arg::U64(chunk_counts.ptr(s)), Arg::I32(chunks as i32), Arg::I32(e), Arg::I32(cap), Arg::I32(drop), Arg::U64(counts.ptr(s)), Arg::U64(tokens_per_expert.ptr(s))],
     )?;
     dev.launch("plan_expert_offsets", (1, 1), 1024, &[Arg::U64(tokens_per_expert.ptr(s)), Arg::I32(e), Arg::U64(expert_offsets.ptr(s))])?;
-    let mut pending = None;
-    let num_slots = match (capacity, expected) {
-        (Some(c), _) => num_experts * c,
-        (None, Some(n)) => {
-            pending = Some(dev.read_later("the number of slots", &expert_offsets, num_experts)?);
-            n
-        }
-        (None, None) => dev.read_head::<i32, 1>("the number of slots", &expert_offsets, num_experts)?[0] as usize,
+    let (num_slots, pending) = match capacity {
+        Some(c) => (num_experts * c, None),
+        None => slot_count(dev, &expert_offsets, num_experts, expected)?,
     };
     i32_arg("numSlots", num_slots)?;
     let sorted_indices = dev.alloc("sortedIndices", num_slots * 4)?;
@@ -160,6 +155,15 @@ pub fn build_plan_expecting(dev: &Device, map: &Buffer, num_tokens: usize, num_e
     Ok(GpuPlan { plan: DevicePlan { num_tokens, num_slots, num_experts, row_ptr, slots, expert_offsets }, sorted_indices, tokens_per_expert, pending })
 }
 
+/// A plain plan's number of slots (expert_offsets[E]): the caller's expected count, taken on
+/// trust with its check queued (the pending read), or read back now.
+fn slot_count(dev: &Device, expert_offsets: &Buffer, num_experts: usize, expected: Option<usize>) -> Result<(usize, Option<PendingRead>)> {
+    Ok(match expected {
+        Some(n) => (n, Some(dev.read_later("the number of slots", expert_offsets, num_experts)?)),
+        None => (dev.read_head::<i32, 1>("the number of slots", expert_offsets, num_experts)?[0] as usize, None),
+    })
+}
+
 /// A plain plan with 1..=32 experts and some tokens: two kernels (plan_small_count_w1, whose
 /// last block also scans, then plan_small_rows_w1), the same outputs as the general path.
 fn build_small_plan(dev: &Device, map: &Buffer, num_tokens: usize, num_experts: usize, expected: Option<usize>) -> Result<GpuPlan> {
@@ -187,14 +191,7 @@ fn build_small_plan(dev: &Device, map: &Buffer, num_tokens: usize, num_experts: 
             Arg::U64(expert_offsets.ptr(s)),
         ],
     )?;
-    let mut pending = None;
-    let num_slots = match expected {
-        Some(n) => {
-            pending = Some(dev.read_later("the number of slots", &expert_offsets, num_experts)?);
-            n
-        }
-        None => dev.read_head::<i32, 1>("the number of slots", &expert_offsets, num_experts)?[0] as usize,
-    };
+    let (num_slots, pending) = slot_count(dev, &expert_offsets, num_experts, expected)?;
     i32_arg("numSlots", num_slots)?;
     let sorted_indices = dev.alloc("sortedIndices", num_slots * 4)?;
     let row_ptr = dev.alloc("the plan (row offsets)", (num_tokens + 1) * 4)?;
