@@ -154,6 +154,72 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
         Ok(())
     };
     let gemms = |backward: bool| run_steps(if backward { &steps_bwd } else { &steps_fwd });
+    // host time to queue a pass's GEMMs (no synchronize inside) against their GPU time: a pass
+    // whose queueing takes about as long as its GPU time leaves the GPU waiting for the host
+    for backward in [false, true] {
+        let mut host = Vec::new();
+        for _ in 0..iters {
+            dev.synchronize("queue timing")?;
+            let t0 = std::time::Instant::now();
+            gemms(backward)?;
+            host.push(t0.elapsed().as_secs_f64() * 1e3);
+            dev.synchronize("queue timing")?;
+        }
+        host.sort_by(|a, b| a.total_cmp(b));
+        println!("{:>13} queueing the {} GEMMs (side by side: {}): host {:.3} ms (median of {iters})", s.name, if backward { "backward" } else { "forward" }, e >= 16, host[host.len() / 2]);
+    }
+    // where the queueing time goes: one cuBLAS call per GEMM on the device's stream, the real
+    // (varying) shapes against the first expert's shape repeated
+    {
+        let blas = dev.blas()?;
+        let st = &steps_fwd[0];
+        let same: Vec<Problem> = st.0.iter().map(|q| Problem { m: st.0[0].m, ..*q }).collect();
+        for (what, probs) in [("varying m", &st.0), ("one m", &same)] {
+            let mut host = Vec::new();
+            for _ in 0..iters {
+                dev.synchronize("queue timing")?;
+                let t0 = std::time::Instant::now();
+                for q in probs.iter() {
+                    moe_cuda::blas::gemm_with(blas, q.m, q.n, q.k, Operand { ptr: q.a, dtype: DType::BF16, trans: false }, Operand { ptr: q.b, dtype: DType::BF16, trans: false }, Output { ptr: q.c, dtype: DType::BF16 }, 0.0)?;
+                }
+                host.push(t0.elapsed().as_secs_f64() * 1e6 / probs.len() as f64);
+                dev.synchronize("queue timing")?;
+            }
+            host.sort_by(|a, b| a.total_cmp(b));
+            println!("{:>13} cublasGemmEx host time per call, {what}: {:.1} us (median of {iters} passes of {})", s.name, host[host.len() / 2], probs.len());
+        }
+        // a handle in cuBLAS's default math mode (ours is pedantic)
+        let plain = cudarc::cublas::CudaBlas::new(dev.stream().clone()).map_err(|e| moe_cuda::Error::Cuda(format!("{e}")))?;
+        let mut host = Vec::new();
+        for _ in 0..iters {
+            dev.synchronize("queue timing")?;
+            let t0 = std::time::Instant::now();
+            for q in st.0.iter() {
+                moe_cuda::blas::gemm_with(&plain, q.m, q.n, q.k, Operand { ptr: q.a, dtype: DType::BF16, trans: false }, Operand { ptr: q.b, dtype: DType::BF16, trans: false }, Output { ptr: q.c, dtype: DType::BF16 }, 0.0)?;
+            }
+            host.push(t0.elapsed().as_secs_f64() * 1e6 / st.0.len() as f64);
+            dev.synchronize("queue timing")?;
+        }
+        host.sort_by(|a, b| a.total_cmp(b));
+        println!("{:>13} cublasGemmEx host time per call, default math mode: {:.1} us", s.name, host[host.len() / 2]);
+        // cuBLASLt with its descriptors and algorithm chosen once
+        if let Ok(lt) = moe_cuda::blaslt::Lt::open(dev) {
+            let q = st.0[0];
+            if let Some(c0) = lt.candidates(q.m, q.n, q.k, st.1, st.2, DType::BF16, 1)?.first().copied() {
+                let mut host = Vec::new();
+                for _ in 0..iters {
+                    dev.synchronize("queue timing")?;
+                    let t0 = std::time::Instant::now();
+                    lt.run_repeated(dev, &q, st.1, st.2, DType::BF16, &c0, st.0.len())?;
+                    host.push(t0.elapsed().as_secs_f64() * 1e6 / st.0.len() as f64);
+                    dev.synchronize("queue timing")?;
+                }
+                host.sort_by(|a, b| a.total_cmp(b));
+                let (ms, _) = time_ms(dev, iters, || lt.run_repeated(dev, &q, st.1, st.2, DType::BF16, &c0, st.0.len()))?;
+                println!("{:>13} cublasLtMatmul host time per call, descriptors and algorithm made once: {:.1} us; GPU {ms:.3} ms for {} calls", s.name, host[host.len() / 2], st.0.len());
+            }
+        }
+    }
     let (gemm_fwd, _) = time_ms(dev, iters, || gemms(false))?;
     let (gemm_bwd, _) = time_ms(dev, iters, || gemms(true))?;
     // the same GEMMs side by side on four streams sized for a quarter of the SMs each (opt-in)

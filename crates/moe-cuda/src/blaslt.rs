@@ -191,6 +191,38 @@ impl Lt {
             .collect())
     }
 
+    /// Host cost measurement: `count` calls of one product (the descriptors made once) with `algo`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_repeated(&self, dev: &Device, q: &Problem, a: (DType, bool), b: (DType, bool), c: DType, algo: &Candidate, count: usize) -> Result<()> {
+        let stream = dev.stream().cu_stream() as lt::cudaStream_t;
+        let ws = self.workspace.device_ptr(dev);
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let d = descs(q.m, q.n, q.k, a, b, c)?;
+        for _ in 0..count {
+            check("cublasLtMatmul", unsafe {
+                lt::cublasLtMatmul(
+                    self.handle,
+                    d.op,
+                    &alpha as *const f32 as *const _,
+                    q.b as *const _,
+                    d.a,
+                    q.a as *const _,
+                    d.b,
+                    &beta as *const f32 as *const _,
+                    q.c as *const _,
+                    d.c,
+                    q.c as *mut _,
+                    d.c,
+                    &algo.algo,
+                    ws as *mut _,
+                    WORKSPACE,
+                    stream,
+                )
+            })?;
+        }
+        Ok(())
+    }
+
     /// Runs each problem with `algo` on the device's stream.
     pub fn run(&self, dev: &Device, problems: &[Problem], a: (DType, bool), b: (DType, bool), c: DType, algo: &Candidate) -> Result<()> {
         let stream = dev.stream().cu_stream() as lt::cudaStream_t;

@@ -196,7 +196,7 @@ impl Device {
     }
 
     /// The device's cuBLAS handle, opened at first use; a failure to open is remembered.
-    pub(crate) fn blas(&self) -> Result<&cudarc::cublas::CudaBlas> {
+    pub fn blas(&self) -> Result<&cudarc::cublas::CudaBlas> {
         self.blas.get_or_init(|| crate::blas::open(self)).as_ref().map_err(|e| e.clone())
     }
 
