@@ -362,7 +362,7 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
         100.0 * tf(fl_bwd, gemm_bwd) / peak,
     );
     println!(
-        "{:>13} the same GEMMs side by side (MOE_DISPATCH_GEMM_STREAMS=on; 16+ experts): fwd {gemm_fwd_side:.3} ms ({:.0}%), bwd {gemm_bwd_side:.3} ms ({:.0}%)",
+        "{:>13} the same GEMMs, side by side forced on (16+ experts; row blocks as by default): fwd {gemm_fwd_side:.3} ms ({:.0}%), bwd {gemm_bwd_side:.3} ms ({:.0}%)",
         s.name,
         100.0 * tf(fl_fwd, gemm_fwd_side) / peak,
         100.0 * tf(fl_bwd, gemm_bwd_side) / peak,

@@ -229,33 +229,48 @@ fn side_by_side() -> bool {
     mode == ON
 }
 
-/// The row block of [`gemm_row_blocks`] for these problems, if they run that way: only with
-/// `MOE_DISPATCH_GEMM_BLOCKS` = a block size (rows) or [`set_row_blocks`]`(Some(rows))`. Off by
-/// default: on an H100 the fine-grained experts' token-side GEMMs gained (forward 60-62% -> 69-70%
-/// of the bf16 rate with 128 or 256 rows) but the backward's weight-gradient GEMMs, which reduce
-/// over the tokens, cannot be cut this way, and side by side ([`side_by_side`]) did better overall;
-/// Mixtral-like experts (8 of ~2016 rows) lost (93% -> 51% / 81%).
+/// The row block of [`gemm_row_blocks`] for these problems, if they run that way:
+/// `MOE_DISPATCH_GEMM_BLOCKS` = a block size in rows, or `off` / `0`, or [`set_row_blocks`]; by
+/// default [`DEFAULT_ROW_BLOCK`] rows when a step has at least [`SideBySide::MIN_PROBLEMS`] GEMMs
+/// and at least half of them have that many rows (the weight-gradient steps, which reduce over
+/// the tokens, are not cut and run side by side). On an H100 a cuBLAS call costs about 10 us of
+/// host time, and the fine-grained experts' 64 GEMMs a step queued about as long as they ran;
+/// the token-side steps as two batched calls each queue in a tenth of the time. Fine-grained, the
+/// same machine, two processes each: forward / backward GEMMs at 72-73% / 69-70% of the bf16
+/// rate with 256-row blocks, 66-70% / 65-68% with 128, 63-72% / 60-65% with side by side alone;
+/// Mixtral-like experts (8 of ~2016 rows a step) do not qualify (they lost: 93% -> 51% / 81%).
 pub fn row_blocks(problems: &[Problem]) -> Option<usize> {
     let mode = match ROW_BLOCK.load(std::sync::atomic::Ordering::Relaxed) {
         ROW_BLOCK_UNSET => {
             let m = match std::env::var("MOE_DISPATCH_GEMM_BLOCKS").as_deref() {
-                Ok(v) => v.parse::<usize>().ok().filter(|&b| b < ROW_BLOCK_UNSET).unwrap_or(0),
-                Err(_) => 0,
+                Ok("off") => 0,
+                Ok(v) => v.parse::<usize>().ok().filter(|&b| b < ROW_BLOCK_AUTO).unwrap_or(ROW_BLOCK_AUTO),
+                Err(_) => ROW_BLOCK_AUTO,
             };
             ROW_BLOCK.store(m, std::sync::atomic::Ordering::Relaxed);
             m
         }
         m => m,
     };
-    (mode > 0 && !problems.is_empty()).then_some(mode)
+    match mode {
+        0 => None,
+        ROW_BLOCK_AUTO => {
+            let big = problems.iter().filter(|p| p.m >= DEFAULT_ROW_BLOCK).count();
+            (problems.len() >= SideBySide::MIN_PROBLEMS && 2 * big >= problems.len()).then_some(DEFAULT_ROW_BLOCK)
+        }
+        b => (!problems.is_empty()).then_some(b),
+    }
 }
 
+/// The default row block of [`row_blocks`].
+pub const DEFAULT_ROW_BLOCK: usize = 256;
+const ROW_BLOCK_AUTO: usize = usize::MAX - 1;
 const ROW_BLOCK_UNSET: usize = usize::MAX;
 static ROW_BLOCK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(ROW_BLOCK_UNSET);
 
-/// Overrides the row-block choice: `Some(rows)` always (0: never), `None` the default (never).
+/// Overrides the row-block choice: `Some(rows)` always (0: never), `None` the default.
 pub fn set_row_blocks(mode: Option<usize>) {
-    ROW_BLOCK.store(mode.unwrap_or(0).min(ROW_BLOCK_UNSET - 1), std::sync::atomic::Ordering::Relaxed);
+    ROW_BLOCK.store(mode.map_or(ROW_BLOCK_AUTO, |b| b.min(ROW_BLOCK_AUTO - 1)), std::sync::atomic::Ordering::Relaxed);
 }
 
 static SIDE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(UNSET);
@@ -267,10 +282,11 @@ pub fn set_side_by_side(mode: Option<bool>) {
 }
 
 /// Independent GEMMs of one dtype and transpose pattern (`a` and `b`: dtype, transposed), the
-/// way the experts run them: opted in, one grouped call ([`use_grouped`]) or batched row blocks
-/// ([`row_blocks`]); else, for many GEMMs, side by side on four streams whose cuBLAS handles are
-/// sized for a quarter of the SMs each ([`side_by_side`], [`SideBySide`]; four plain handles
-/// without the SM target gave nothing); else one cuBLAS call each on the device's stream.
+/// way the experts run them: opted in, one grouped call ([`use_grouped`]); for many token-side
+/// GEMMs, batched row blocks ([`row_blocks`]); else, for many GEMMs, side by side on four streams
+/// whose cuBLAS handles are sized for a quarter of the SMs each ([`side_by_side`], [`SideBySide`];
+/// four plain handles without the SM target gave nothing); else one cuBLAS call each on the
+/// device's stream.
 pub fn run_gemms(dev: &Device, problems: &[Problem], a: (DType, bool), b: (DType, bool), c: DType) -> Result<()> {
     if use_grouped(problems.len()) {
         return gemm_grouped(dev, problems, a.0, a.1, b.0, b.1, c);
