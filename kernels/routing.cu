@@ -487,17 +487,18 @@ static __device__ double reg_sum_f32_in_f64(const float (&v)[PER], int E, int la
     return s;
 }
 
-// route for E <= 32 * PER, k <= 32 and at most 32 groups: logits, scores and keys in registers,
+// route of token t (one warp) for E <= 32 * PER, k <= 32 and at most 32 groups, its logits xs in
+// shared memory (route_reg_loop copies them there): logits, scores and keys in registers,
 // selection by warp reductions (pick_best), the k picks held by lanes 0..k so that the weights
-// are computed side by side (sums still in pick order, as the core's). Dynamic shared memory:
-// E doubles a warp for the softmax score functions (their sum runs in the core's order on one
-// lane), none otherwise.
+// are computed side by side (sums still in pick order, as the core's). Dynamic shared memory a
+// warp: the scores (E floats) and, for the softmax score functions, E doubles (their sum runs in
+// the core's order on one lane); then route_reg_loop's two logit buffers.
 template <int PER>
 __device__ __forceinline__ void route_reg_impl(
-    const float* __restrict__ logits, const float* __restrict__ bias, const u8* __restrict__ mask,
-    int T, int E, int k, int sf, int softmax_before_topk, int groups, int topk_groups, int top2, int normalise,
+    const float* __restrict__ xs, int t, const float* __restrict__ bias, const u8* __restrict__ mask,
+    int E, int k, int sf, int softmax_before_topk, int groups, int topk_groups, int top2, int normalise,
     double route_scale, float* __restrict__ weights, int* __restrict__ indices, float* __restrict__ scores,
-    u64* __restrict__ err, int* __restrict__ tpe, int t, const float* __restrict__ xs) {
+    u64* __restrict__ err, int* __restrict__ tpe) {
     extern __shared__ double smem[];
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     const int G = groups;
@@ -776,8 +777,8 @@ __device__ __forceinline__ void route_reg_loop(
         if (t + step < T) fetch(t + step, buf + (cur ^ 1) * E);
         cp_async_commit();
         cp_async_wait_one();  // token t's copies are done
-        route_reg_impl<PER>(logits, bias, mask, T, E, k, sf, softmax_before_topk, groups, topk_groups, top2, normalise,
-                            route_scale, weights, indices, scores, err, tpe, t, buf + cur * E);
+        route_reg_impl<PER>(buf + cur * E, t, bias, mask, E, k, sf, softmax_before_topk, groups, topk_groups, top2, normalise,
+                            route_scale, weights, indices, scores, err, tpe);
         __syncwarp();  // every lane is done with buffer cur before it is refilled
         cur ^= 1;
     }

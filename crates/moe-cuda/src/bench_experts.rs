@@ -180,7 +180,7 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
                 dev.synchronize("queue timing")?;
                 let t0 = std::time::Instant::now();
                 for q in probs.iter() {
-                    moe_cuda::blas::gemm_with(blas, q.m, q.n, q.k, Operand { ptr: q.a, dtype: DType::BF16, trans: false }, Operand { ptr: q.b, dtype: DType::BF16, trans: false }, Output { ptr: q.c, dtype: DType::BF16 }, 0.0)?;
+                    moe_cuda::blas::gemm_problem(blas, q, st.1, st.2, DType::BF16)?;
                 }
                 host.push(t0.elapsed().as_secs_f64() * 1e6 / probs.len() as f64);
                 dev.synchronize("queue timing")?;
@@ -195,7 +195,7 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
             dev.synchronize("queue timing")?;
             let t0 = std::time::Instant::now();
             for q in st.0.iter() {
-                moe_cuda::blas::gemm_with(&plain, q.m, q.n, q.k, Operand { ptr: q.a, dtype: DType::BF16, trans: false }, Operand { ptr: q.b, dtype: DType::BF16, trans: false }, Output { ptr: q.c, dtype: DType::BF16 }, 0.0)?;
+                moe_cuda::blas::gemm_problem(&plain, q, st.1, st.2, DType::BF16)?;
             }
             host.push(t0.elapsed().as_secs_f64() * 1e6 / st.0.len() as f64);
             dev.synchronize("queue timing")?;

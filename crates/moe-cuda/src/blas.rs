@@ -130,6 +130,11 @@ pub struct Problem {
     pub c: u64,
 }
 
+/// [`gemm_with`] for one [`Problem`] (`a`, `b`: dtype and transposed; C overwritten).
+pub fn gemm_problem(blas: &CudaBlas, q: &Problem, a: (DType, bool), b: (DType, bool), c: DType) -> Result<()> {
+    gemm_with(blas, q.m, q.n, q.k, Operand { ptr: q.a, dtype: a.0, trans: a.1 }, Operand { ptr: q.b, dtype: b.0, trans: b.1 }, Output { ptr: q.c, dtype: c }, 0.0)
+}
+
 /// Many GEMMs of one dtype and transpose pattern (the experts' per-expert products) in one
 /// cuBLAS call (`cublasGemmGroupedBatchedEx`, one group per problem), else — where this cuBLAS
 /// does not offer it for these types — one `gemm` each. Problems with `m` or `n` = 0 are
@@ -253,10 +258,7 @@ impl SideBySide {
 
     pub(crate) fn open(dev: &Device) -> Result<SideBySide> {
         dev.blas()?; // the library loads (or says why not) as for one handle
-        let sms = dev
-            .context()
-            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(|e| Error::driver("reading the SM count", e))?;
+        let sms = dev.sm_count() as i32;
         let lanes = (0..Self::MAX_STREAMS)
             .map(|_| {
                 let stream = dev.context().new_stream().map_err(|e| Error::driver("creating a GEMM stream", e))?;
@@ -297,10 +299,7 @@ impl SideBySide {
         for (stream, _) in lanes {
             stream.wait(&start).map_err(|e| Error::driver("ordering the GEMM streams", e))?;
         }
-        let queued = problems.iter().enumerate().try_for_each(|(i, q)| {
-            let (_, blas) = &lanes[i % lanes.len()];
-            gemm_with(blas, q.m, q.n, q.k, Operand { ptr: q.a, dtype: a.0, trans: a.1 }, Operand { ptr: q.b, dtype: b.0, trans: b.1 }, Output { ptr: q.c, dtype: c }, 0.0)
-        });
+        let queued = problems.iter().enumerate().try_for_each(|(i, q)| gemm_problem(&lanes[i % lanes.len()].1, q, a, b, c));
         // joined even after an error, so that nothing later on the device's stream overtakes them
         for (stream, _) in lanes {
             main.join(stream).map_err(|e| Error::driver("joining the GEMM streams", e))?;
@@ -355,7 +354,7 @@ pub fn gemm_row_blocks(dev: &Device, problems: &[Problem], a: (DType, bool), b: 
     let blas = dev.blas()?;
     gemm_batched(dev, blas, &whole, block, n, k, a.0, b, c)?;
     gemm_batched(dev, blas, &tails, block, n, k, a.0, b, c)?;
-    small.iter().try_for_each(|q| gemm_with(blas, q.m, q.n, q.k, Operand { ptr: q.a, dtype: a.0, trans: false }, Operand { ptr: q.b, dtype: b.0, trans: b.1 }, Output { ptr: q.c, dtype: c }, 0.0))?;
+    small.iter().try_for_each(|q| gemm_problem(blas, q, a, b, c))?;
     Ok(true)
 }
 

@@ -194,63 +194,37 @@ impl Lt {
     /// Host cost measurement: `count` calls of one product (the descriptors made once) with `algo`.
     #[allow(clippy::too_many_arguments)]
     pub fn run_repeated(&self, dev: &Device, q: &Problem, a: (DType, bool), b: (DType, bool), c: DType, algo: &Candidate, count: usize) -> Result<()> {
-        let stream = dev.stream().cu_stream() as lt::cudaStream_t;
-        let ws = self.workspace.device_ptr(dev);
-        let (alpha, beta) = (1.0f32, 0.0f32);
         let d = descs(q.m, q.n, q.k, a, b, c)?;
-        for _ in 0..count {
-            check("cublasLtMatmul", unsafe {
-                lt::cublasLtMatmul(
-                    self.handle,
-                    d.op,
-                    &alpha as *const f32 as *const _,
-                    q.b as *const _,
-                    d.a,
-                    q.a as *const _,
-                    d.b,
-                    &beta as *const f32 as *const _,
-                    q.c as *const _,
-                    d.c,
-                    q.c as *mut _,
-                    d.c,
-                    &algo.algo,
-                    ws as *mut _,
-                    WORKSPACE,
-                    stream,
-                )
-            })?;
-        }
-        Ok(())
+        (0..count).try_for_each(|_| self.matmul(dev, &d, q, algo))
     }
 
     /// Runs each problem with `algo` on the device's stream.
     pub fn run(&self, dev: &Device, problems: &[Problem], a: (DType, bool), b: (DType, bool), c: DType, algo: &Candidate) -> Result<()> {
-        let stream = dev.stream().cu_stream() as lt::cudaStream_t;
-        let ws = self.workspace.device_ptr(dev);
+        problems.iter().filter(|q| q.m > 0 && q.n > 0).try_for_each(|q| self.matmul(dev, &descs(q.m, q.n, q.k, a, b, c)?, q, algo))
+    }
+
+    /// One `cublasLtMatmul` of `q` (C overwritten) described by `d`, on the device's stream.
+    fn matmul(&self, dev: &Device, d: &Descs, q: &Problem, algo: &Candidate) -> Result<()> {
         let (alpha, beta) = (1.0f32, 0.0f32);
-        for q in problems.iter().filter(|q| q.m > 0 && q.n > 0) {
-            let d = descs(q.m, q.n, q.k, a, b, c)?;
-            check("cublasLtMatmul", unsafe {
-                lt::cublasLtMatmul(
-                    self.handle,
-                    d.op,
-                    &alpha as *const f32 as *const _,
-                    q.b as *const _,
-                    d.a,
-                    q.a as *const _,
-                    d.b,
-                    &beta as *const f32 as *const _,
-                    q.c as *const _,
-                    d.c,
-                    q.c as *mut _,
-                    d.c,
-                    &algo.algo,
-                    ws as *mut _,
-                    WORKSPACE,
-                    stream,
-                )
-            })?;
-        }
-        Ok(())
+        check("cublasLtMatmul", unsafe {
+            lt::cublasLtMatmul(
+                self.handle,
+                d.op,
+                &alpha as *const f32 as *const _,
+                q.b as *const _,
+                d.a,
+                q.a as *const _,
+                d.b,
+                &beta as *const f32 as *const _,
+                q.c as *const _,
+                d.c,
+                q.c as *mut _,
+                d.c,
+                &algo.algo,
+                self.workspace.device_ptr(dev) as *mut _,
+                WORKSPACE,
+                dev.stream().cu_stream() as lt::cudaStream_t,
+            )
+        })
     }
 }

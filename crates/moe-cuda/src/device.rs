@@ -310,7 +310,6 @@ impl Device {
         Some(HostWords { dev: self, host, device })
     }
 
-    /// Fills `words` 32-bit words of `buf` with `value` (queued on the stream).
     /// The device's streaming multiprocessors.
     pub fn sm_count(&self) -> usize {
         self.sms
@@ -334,6 +333,7 @@ impl Device {
         Ok(ptr)
     }
 
+    /// Fills `words` 32-bit words of `buf` with `value` (queued on the stream).
     pub fn memset_u32(&self, what: &str, buf: &Buffer, value: u32, words: usize) -> Result<()> {
         if words * 4 > buf.bytes {
             return Err(Error::Cuda(format!("memset of {words} words exceeds {what} (a bug in moe-dispatch)")));

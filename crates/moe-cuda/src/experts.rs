@@ -23,7 +23,7 @@ use moe_core::experts::{experts_backward, experts_forward, ExpertsGrads, Experts
 use moe_core::tensor::{DType, TensorRef};
 
 use crate::activations::{launch_activation, launch_activation_backward, ExpMath};
-use crate::blas::{gemm, gemm_grouped, gemm_row_blocks, gemm_with, Operand, Output, Problem, SideBySide};
+use crate::blas::{gemm, gemm_grouped, gemm_problem, gemm_row_blocks, Operand, Output, Problem, SideBySide};
 use crate::device::{Arg, Buffer, Device};
 use crate::error::{Error, Result};
 use crate::ops::row_launch;
@@ -208,14 +208,13 @@ fn per_expert(dev: &Device, p: &Plan, a: (DType, bool), b: (DType, bool), c: DTy
     run_gemms(dev, &problems, a, b, c)
 }
 
-/// Whether many small GEMMs ([`SideBySide::MIN_PROBLEMS`] or more) run side by side
+/// Whether many small GEMMs ([`SideBySide::MIN_PROBLEMS`] or more) that are not cut into row
+/// blocks ([`row_blocks`]: with the defaults, the weight gradients) run side by side
 /// ([`SideBySide`]): by default yes; `MOE_DISPATCH_GEMM_STREAMS=off` or
-/// [`set_side_by_side`]`(Some(false))` turns it off. On an H100 (fine-grained experts, 64 GEMMs
-/// of ~780 rows a step) it gave 71-72% / 70% of the bf16 rate (forward / backward GEMMs) in the
-/// fourth session's runs against 60-62% / 57-59% one call after another, and better than
-/// cutting the token-side GEMMs into batched row blocks (69-70% / 59%) or cuBLAS's grouped GEMM
-/// (34-37% / 42-43%); in the third session's runs it had ranged from 49% to 74%
-/// (docs/gpu-report.md).
+/// [`set_side_by_side`]`(Some(false))` turns it off. On an H100 (fine-grained experts, 64 GEMMs of
+/// ~780 rows a step) it raised the GEMMs from 57-65% of the bf16 rate one call after another to
+/// 61-73%, with a wide spread: the host queues a cuBLAS call in about 10 us, about as long as a
+/// quarter of the GPU runs one (docs/gpu-report.md).
 fn side_by_side() -> bool {
     let mode = match SIDE.load(std::sync::atomic::Ordering::Relaxed) {
         UNSET => {
@@ -302,7 +301,7 @@ pub fn run_gemms(dev: &Device, problems: &[Problem], a: (DType, bool), b: (DType
         }
     }
     let blas = dev.blas()?;
-    problems.iter().try_for_each(|q| gemm_with(blas, q.m, q.n, q.k, Operand { ptr: q.a, dtype: a.0, trans: a.1 }, Operand { ptr: q.b, dtype: b.0, trans: b.1 }, Output { ptr: q.c, dtype: c }, 0.0))
+    problems.iter().try_for_each(|q| gemm_problem(blas, q, a, b, c))
 }
 
 /// A (rows, column blocks) launch of a row kernel over `width` columns.
