@@ -192,36 +192,48 @@ static __device__ __forceinline__ void act_bwd(const typename TI::S* grad, const
     })
 }
 
-// The probs gradient: per row, sum_j f64(unit * grad[j]) in column order from 0.0. A block of
-// 32 x 8 threads owns 32 rows: for each tile of 32 columns its 256 threads compute the 32 x 32
-// products with coalesced loads into shared memory, then lane r of warp 0 adds row r's 32
-// products in column order to its f64 sum: the core's order, at memory speed.
+// The probs gradient: per row, sum_j f64(unit * grad[j]) in column order from 0.0. Each warp owns
+// 32 rows: for each tile of GP_COLS columns its lanes compute the 32 x GP_COLS products, row by
+// row with coalesced loads (lane l: columns l, l + 32, ...), into the warp's own shared tile;
+// then lane r adds row r's products in column order to its f64 sum: the core's order, at memory
+// speed. No block-wide barriers (warps never wait for each other) and GP_COLS / 32 x 3 loads in
+// flight per lane and row: the 32 x 32 tiles with two barriers each that it replaces spent most
+// of their time waiting (H200: 0.54 ms for 49152 x 1408).
 #define GP_ROWS 32
+#define GP_COLS 64
+#define GP_WARPS 4
 template <typename T>
 static __device__ __forceinline__ void act_grad_probs(const typename T::S* grad, const typename T::S* x, i64 rows, i64 width, i64 inter, const ActOpts o, float* grad_probs) {
-    __shared__ float tile[GP_ROWS][GP_ROWS + 1];
-    const int tx = threadIdx.x, ty = threadIdx.y;
-    for (i64 r0 = (i64)blockIdx.x * GP_ROWS; r0 < rows; r0 += (i64)gridDim.x * GP_ROWS) {
+    __shared__ float tiles[GP_WARPS][GP_ROWS][GP_COLS + 1];
+    float (*tile)[GP_COLS + 1] = tiles[threadIdx.y];
+    const int lane = threadIdx.x;
+    for (i64 r0 = ((i64)blockIdx.x * GP_WARPS + threadIdx.y) * GP_ROWS; r0 < rows; r0 += (i64)gridDim.x * GP_WARPS * GP_ROWS) {
+        const int nr = (int)min((i64)GP_ROWS, rows - r0);
         double sum = 0.0;
-        for (i64 c0 = 0; c0 < inter; c0 += GP_ROWS) {
-            for (int i = ty; i < GP_ROWS; i += blockDim.y) {
-                const i64 r = r0 + i, j = c0 + tx;
-                float v = 0.0f;
-                if (r < rows && j < inter) {
-                    float gate, up;
-                    act_pair<T>(o.kind, x + r * width, inter, j, gate, up);
-                    v = act_unit(o, gate, up) * T::to_f32(grad[r * inter + j]);
+        for (i64 c0 = 0; c0 < inter; c0 += GP_COLS) {
+#pragma unroll 4
+            for (int i = 0; i < nr; i++) {
+                const i64 r = r0 + i;
+#pragma unroll
+                for (int h = 0; h < GP_COLS / 32; h++) {
+                    const i64 j = c0 + h * 32 + lane;
+                    float v = 0.0f;
+                    if (j < inter) {
+                        float gate, up;
+                        act_pair<T>(o.kind, x + r * width, inter, j, gate, up);
+                        v = act_unit(o, gate, up) * T::to_f32(grad[r * inter + j]);
+                    }
+                    tile[i][h * 32 + lane] = v;
                 }
-                tile[i][tx] = v;
             }
-            __syncthreads();
-            if (ty == 0) {
-                const int n = (int)min((i64)GP_ROWS, inter - c0);
-                for (int c = 0; c < n; c++) sum += (double)tile[tx][c];
+            __syncwarp();
+            if (lane < nr) {
+                const int n = (int)min((i64)GP_COLS, inter - c0);
+                for (int c = 0; c < n; c++) sum += (double)tile[lane][c];
             }
-            __syncthreads();
+            __syncwarp();
         }
-        if (ty == 0 && r0 + tx < rows) grad_probs[r0 + tx] = (float)sum;
+        if (lane < nr) grad_probs[r0 + lane] = (float)sum;
     }
 }
 

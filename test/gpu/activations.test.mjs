@@ -78,6 +78,9 @@ const SHAPES = [
   { rows: 5, inter: 7 },
   { rows: 33, inter: 64 },
   { rows: 130, inter: 45 },
+  // more rows than one block of the probs-gradient kernel (4 warps of 32 rows), a partial last
+  // warp, and a partial last tile of 64 columns
+  { rows: 300, inter: 130 },
 ];
 
 /** Option sets per kind: the defaults, and custom values for the options the kind takes. */

@@ -224,7 +224,8 @@ pub fn launch_activation_backward(
     if let (Some(_), Some(gp)) = (probs, grad_probs) {
         check_buffer("activationBackward's gradProbs", gp, rows, 4)?;
         let name = grad_probs_kernel(dtype).map(|n| with_math(n, math)).ok_or_else(|| Error::Cuda(format!("activationBackward: no kernel for {} (a bug in moe-dispatch)", dtype.name())))?;
-        dev.launch_block(&name, (rows.div_ceil(32).min(MAX_BLOCKS) as u32, 1), (32, 8), &[Arg::U64(grad.ptr(s)), Arg::U64(x.ptr(s)), i64_arg(rows), i64_arg(width), i64_arg(inter), kind, alpha, limit, offset, Arg::U64(gp.ptr(s))])?;
+        // (kernels/activations.cu: 4 warps of 32 rows a block)
+        dev.launch_block(&name, (rows.div_ceil(128).min(MAX_BLOCKS) as u32, 1), (32, 4), &[Arg::U64(grad.ptr(s)), Arg::U64(x.ptr(s)), i64_arg(rows), i64_arg(width), i64_arg(inter), kind, alpha, limit, offset, Arg::U64(gp.ptr(s))])?;
     }
     Ok(())
 }

@@ -6,16 +6,18 @@
 //! experts forward, experts backward, and the layer (permute with probs -> experts ->
 //! unpermute, then unpermute backward -> experts backward -> permute backward) with a fixed
 //! top-k routing (the layer's forward keeps h and a for its backward: saveForBackward). Times are medians of CUDA-event timings; GEMM efficiency = GEMM FLOPs /
-//! GEMM time / the measured bf16 rate.
+//! GEMM time / the measured bf16 rate. `MOE_BENCH_AB_ONLY=1`: only the first A/B (the backward
+//! GEMMs with the weight gradients beside the token-side ones, or a step at a time), for a quick
+//! look.
 
 use half::bf16;
 use moe_core::activations::{ActivationKind, ActivationOptions};
 use moe_core::permute::{PermuteOptions, UnpermuteOptions};
 use moe_core::tensor::{DType, Tensor};
 use moe_cuda::activations::{launch_activation, launch_activation_backward, ExpMath};
-use moe_cuda::blas::{gemm, set_side_streams, Operand, Output, Problem};
+use moe_cuda::blas::{gemm, mark, set_side_streams, Operand, Output, Problem};
 use moe_cuda::device_ops::{permute_backward_device, permute_device, unpermute_backward_device, unpermute_device};
-use moe_cuda::experts::{experts_backward_device, experts_backward_device_saved, experts_forward_device, experts_forward_device_saving, run_gemms, set_grouped_gemm, set_row_blocks, set_side_by_side, use_grouped, DeviceExpertsInputs};
+use moe_cuda::experts::{experts_backward_device, experts_backward_device_saved, experts_forward_device, experts_forward_device_saving, run_gemms, set_grouped_gemm, set_row_blocks, set_side_by_side, set_weight_gradients_beside, use_grouped, weight_gradients_beside, DeviceExpertsInputs};
 use moe_cuda::{Device, DeviceTensor};
 
 use crate::{time_ms, Rng};
@@ -153,7 +155,50 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
         }
         Ok(())
     };
-    let gemms = |backward: bool| run_steps(if backward { &steps_bwd } else { &steps_fwd });
+    // the backward's GEMMs as the experts queue them: where the weight gradients go beside
+    // (weight_gradients_beside), the token-side steps on the device's stream first, then the
+    // weight gradients on the side streams, each after what it reads
+    let backward_gemms = || -> moe_cuda::Result<()> {
+        let st = &steps_bwd;
+        let Some(side) = weight_gradients_beside(dev, st[1].0.len()) else { return run_steps(st) };
+        run_steps(&st[0..1])?;
+        let after_h = mark(dev)?;
+        run_steps(&st[2..3])?;
+        let after_da = mark(dev)?;
+        run_steps(&st[4..5])?;
+        let mut queue = side.queue(dev)?;
+        queue.push(&after_h, &st[1].0, st[1].1, st[1].2, DType::BF16)?;
+        queue.push(&after_da, &st[3].0, st[3].1, st[3].2, DType::BF16)?;
+        queue.join()
+    };
+    let gemms = |backward: bool| if backward { backward_gemms() } else { run_steps(&steps_fwd) };
+    // A/B, interleaved: the backward GEMMs with the weight gradients beside the token-side
+    // ones (the default) against a step at a time; the experts' backward both ways
+    let mut ab: Vec<(String, f64)> = Vec::new();
+    {
+        let mut rows: Vec<String> = Vec::new();
+        let fl: f64 = steps_bwd.iter().flat_map(|st| st.0.iter()).map(|q| 2.0 * (q.m * q.n * q.k) as f64).sum();
+        let pct = |ms: f64| 100.0 * fl / (ms * 1e-3) / 1e12 / peak;
+        for round in 0..3 {
+            for beside in [true, false] {
+                set_weight_gradients_beside(Some(beside));
+                let (g, _) = time_ms(dev, iters, || gemms(true))?;
+                let (x, _) = time_ms(dev, iters, || experts_backward_device(dev, &grad_out, &inp, &act).map(drop))?;
+                let what = if beside { "beside" } else { "steps" };
+                rows.push(format!("r{round} {what}: GEMMs {g:.3} ms {:.1}%, experts bwd {x:.3} ms", pct(g)));
+                ab.push((format!("gemmBackwardMs_{what}_r{round}"), g));
+                ab.push((format!("expertsBackwardMs_{what}_r{round}"), x));
+            }
+        }
+        set_weight_gradients_beside(None);
+        println!("{:>13} backward, weight gradients beside the token-side GEMMs (side streams at high priority) / a step at a time: {}", s.name, rows.join("; "));
+    }
+    if std::env::var_os("MOE_BENCH_AB_ONLY").is_some() {
+        // (a quick look: the A/B above only)
+        let mut o = flat_json::Obj::default();
+        o.str("shape", s.name);
+        return Ok(o);
+    }
     // host time to queue a pass's GEMMs (no synchronize inside) against their GPU time: a pass
     // whose queueing takes about as long as its GPU time leaves the GPU waiting for the host
     for backward in [false, true] {
@@ -374,6 +419,9 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
     for (mode, f, b) in &block_rows {
         o.num(&format!("gemmForwardMs_{mode}"), *f);
         o.num(&format!("gemmBackwardMs_{mode}"), *b);
+    }
+    for (key, v) in &ab {
+        o.num(key, *v);
     }
     o.str("shape", s.name);
     for (key, v) in [("tokens", t), ("dim", dim), ("inter", inter), ("experts", e), ("topk", k)] {

@@ -23,7 +23,7 @@ use moe_core::experts::{experts_backward, experts_forward, ExpertsGrads, Experts
 use moe_core::tensor::{DType, TensorRef};
 
 use crate::activations::{launch_activation, launch_activation_backward, ExpMath};
-use crate::blas::{gemm, gemm_grouped, gemm_problem, gemm_row_blocks, Operand, Output, Problem, SideBySide};
+use crate::blas::{gemm, gemm_grouped, gemm_problem, gemm_row_blocks, mark, Operand, Output, Problem, SideBySide};
 use crate::device::{Arg, Buffer, Device};
 use crate::error::{Error, Result};
 use crate::ops::row_launch;
@@ -204,8 +204,37 @@ pub fn set_grouped_gemm(mode: Option<bool>) {
 /// One step's GEMM for every expert with tokens: `f(e, r0, count)` gives expert e's problem.
 #[allow(clippy::too_many_arguments)]
 fn per_expert(dev: &Device, p: &Plan, a: (DType, bool), b: (DType, bool), c: DType, f: impl Fn(usize, usize, usize) -> Problem) -> Result<()> {
-    let problems: Vec<Problem> = (0..p.experts()).filter(|&e| p.offsets[e + 1] > p.offsets[e]).map(|e| f(e, p.offsets[e], p.offsets[e + 1] - p.offsets[e])).collect();
-    run_gemms(dev, &problems, a, b, c)
+    run_gemms(dev, &expert_problems(p, f), a, b, c)
+}
+
+/// One step's problems, one for every expert with tokens: `f(e, r0, count)` gives expert e's.
+fn expert_problems(p: &Plan, f: impl Fn(usize, usize, usize) -> Problem) -> Vec<Problem> {
+    (0..p.experts()).filter(|&e| p.offsets[e + 1] > p.offsets[e]).map(|e| f(e, p.offsets[e], p.offsets[e + 1] - p.offsets[e])).collect()
+}
+
+/// The side-by-side streams where [`run_gemms`] would run `count` weight-gradient GEMMs (A
+/// transposed, so never in row blocks) side by side; the backward then queues them there
+/// beside its token-side GEMMs instead of a step at a time ([`crate::blas::SideQueue`]).
+/// `MOE_DISPATCH_GEMM_BESIDE=off` (or [`set_weight_gradients_beside`]`(Some(false))`) queues
+/// them a step at a time instead, as before (for measurements).
+pub fn weight_gradients_beside(dev: &Device, count: usize) -> Option<&SideBySide> {
+    let on = match BESIDE.load(std::sync::atomic::Ordering::Relaxed) {
+        UNSET => {
+            let m = if matches!(std::env::var("MOE_DISPATCH_GEMM_BESIDE").as_deref(), Ok("off" | "0")) { OFF } else { ON };
+            BESIDE.store(m, std::sync::atomic::Ordering::Relaxed);
+            m == ON
+        }
+        m => m == ON,
+    };
+    (on && count >= SideBySide::MIN_PROBLEMS && !use_grouped(count) && side_by_side()).then(|| dev.side_blas().ok()).flatten()
+}
+
+static BESIDE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(UNSET);
+
+/// Overrides [`weight_gradients_beside`]: `Some(false)` never, `Some(true)` or `None` (the
+/// default) where side by side applies.
+pub fn set_weight_gradients_beside(mode: Option<bool>) {
+    BESIDE.store(if mode == Some(false) { OFF } else { ON }, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Whether many small GEMMs ([`SideBySide::MIN_PROBLEMS`] or more) that are not cut into row
@@ -530,14 +559,22 @@ pub fn experts_backward_device_saved(dev: &Device, grad_output: &DeviceTensor, i
         };
         let da = dev.alloc("the activation gradient", n * inter * hd.size())?;
         // dW2[e] [inter, dim] = a_e^T g_e
-        per_expert(dev, &p, (dt, true), (dt, false), dt, |e, r0, c| Problem {
+        let dw2 = expert_problems(&p, |e, r0, c| Problem {
             m: inter,
             n: dim,
             k: c,
             a: at(dev, a, dt, r0, inter),
             b: at(dev, g, dt, r0, dim),
             c: at(dev, &grad_w2.buf, dt, e * inter, dim),
-        })?;
+        });
+        // many experts: the weight gradients (2 x 64 small cuBLAS calls for 64 experts, each
+        // ~10 us of host time) are queued last, beside the token-side GEMMs (a few batched calls)
+        // that the GPU runs meanwhile, each after what it reads: a and g (now), dh (below)
+        let beside = weight_gradients_beside(dev, dw2.len());
+        let after_a = beside.map(|_| mark(dev)).transpose()?;
+        if beside.is_none() {
+            run_gemms(dev, &dw2, (dt, true), (dt, false), dt)?;
+        }
         // da_e [c, inter] = g_e W2[e]^T
         per_expert(dev, &p, (dt, false), (dt, true), hd, |e, r0, c| Problem {
             m: c,
@@ -593,14 +630,15 @@ pub fn experts_backward_device_saved(dev: &Device, grad_output: &DeviceTensor, i
             None => dh,
         };
         // dW1[e] [dim, width] = x_e^T dh_e
-        per_expert(dev, &p, (dt, true), (dt, false), dt, |e, r0, c| Problem {
+        let dw1 = expert_problems(&p, |e, r0, c| Problem {
             m: dim,
             n: width,
             k: c,
             a: at(dev, &inp.tokens.buf, dt, r0, dim),
             b: at(dev, &dh, dt, r0, width),
             c: at(dev, &grad_w1.buf, dt, e * dim, width),
-        })?;
+        });
+        let after_dh = beside.map(|_| mark(dev)).transpose()?;
         // dx_e [c, dim] = dh_e W1[e]^T
         per_expert(dev, &p, (dt, false), (dt, true), dt, |e, r0, c| Problem {
             m: c,
@@ -610,6 +648,17 @@ pub fn experts_backward_device_saved(dev: &Device, grad_output: &DeviceTensor, i
             b: at(dev, &inp.gate_and_up.buf, dt, e * dim, width),
             c: at(dev, &grad_tokens.buf, dt, r0, dim),
         })?;
+        match (beside, after_a, after_dh) {
+            (Some(side), Some(after_a), Some(after_dh)) => {
+                // (made after every buffer the GEMMs read: on an early return it is dropped,
+                // and so joined, before they are freed)
+                let mut queue = side.queue(dev)?;
+                queue.push(&after_a, &dw2, (dt, true), (dt, false), dt)?;
+                queue.push(&after_dh, &dw1, (dt, true), (dt, false), dt)?;
+                queue.join()?;
+            }
+            _ => run_gemms(dev, &dw1, (dt, true), (dt, false), dt)?,
+        }
     } else {
         if let Some(gp) = &grad_probs {
             dev.memset_zero("gradProbs", &gp.buf, gp.bytes())?;
