@@ -139,32 +139,44 @@ static __device__ __forceinline__ ActOpts act_opts(int kind, double alpha, doubl
     return o;
 }
 
-// Forward and backward: blockIdx.y (grid-stride) walks the rows; blockIdx.x and the threads the
-// output columns of a row (ACT_ILP columns a thread, strided by the block: coalesced), with no
-// 64-bit division per element. Measured on an H100 (mixtral experts shape): 4 columns a thread
-// made the backward pass twice as slow (registers), so one it is.
-#define ACT_ILP 1
-#define ACT_ROWS_COLS(...)                                                                                      \
-    for (i64 r = blockIdx.y; r < rows; r += gridDim.y) {                                                       \
-        for (i64 j0 = (i64)blockIdx.x * blockDim.x * ACT_ILP + threadIdx.x; j0 < inter;                        \
-             j0 += (i64)gridDim.x * blockDim.x * ACT_ILP) {                                                    \
-            _Pragma("unroll") for (int u = 0; u < ACT_ILP; u++) {                                              \
-                const i64 j = j0 + (i64)u * blockDim.x;                                                        \
-                if (j < inter) {                                                                               \
-                    __VA_ARGS__                                                                                \
-                }                                                                                              \
-            }                                                                                                  \
-        }                                                                                                      \
+// Forward and backward: blockIdx.y (grid-stride) walks groups of ACT_ROWS rows; blockIdx.x and
+// the threads the output columns of a row (one column a thread: coalesced), with no 64-bit
+// division per element. Each thread first loads its column of all ACT_ROWS rows, then computes
+// and stores them: the loads of the group are in flight together. One row at a time (a load,
+// its math, a store, the next row) kept too few bytes in flight to use the memory: ncu on an
+// H200 (fine-grained experts, 49152 x 1408) showed the forward at 14% of DRAM throughput and
+// 19 cycles between a warp's instructions. (4 columns a thread, strided, had made the backward
+// twice as slow on an H100: registers.)
+#define ACT_ROWS 4
+#define ACT_GROUPS(...)                                                                                         \
+    for (i64 r0 = (i64)blockIdx.y * ACT_ROWS; r0 < rows; r0 += (i64)gridDim.y * ACT_ROWS) {                   \
+        for (i64 j = (i64)blockIdx.x * blockDim.x + threadIdx.x; j < inter; j += (i64)gridDim.x * blockDim.x) { \
+            __VA_ARGS__                                                                                          \
+        }                                                                                                       \
     }
 
 // out[r, j] = TO(unit * prob[r]).
 template <typename TI, typename TO>
 static __device__ __forceinline__ void act_fwd(const typename TI::S* x, i64 rows, i64 width, i64 inter, const float* probs, const ActOpts o, typename TO::S* out) {
-    ACT_ROWS_COLS({
-        float gate, up;
-        act_pair<TI>(o.kind, x + r * width, inter, j, gate, up);
-        const float a = act_unit(o, gate, up);
-        out[r * inter + j] = TO::from_f32(probs ? a * probs[r] : a);
+    ACT_GROUPS({
+        float gate[ACT_ROWS], up[ACT_ROWS], p[ACT_ROWS];
+#pragma unroll
+        for (int u = 0; u < ACT_ROWS; u++) {
+            gate[u] = 0.0f;
+            up[u] = 0.0f;
+            p[u] = 1.0f;
+            if (r0 + u < rows) {
+                act_pair<TI>(o.kind, x + (r0 + u) * width, inter, j, gate[u], up[u]);
+                if (probs) p[u] = probs[r0 + u];
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < ACT_ROWS; u++) {
+            if (r0 + u < rows) {
+                const float a = act_unit(o, gate[u], up[u]);
+                out[(r0 + u) * inter + j] = TO::from_f32(probs ? a * p[u] : a);
+            }
+        }
     })
 }
 
@@ -172,68 +184,101 @@ static __device__ __forceinline__ void act_fwd(const typename TI::S* x, i64 rows
 template <typename TI, typename TO>
 static __device__ __forceinline__ void act_bwd(const typename TI::S* grad, const typename TI::S* x, i64 rows, i64 width, i64 inter, const float* probs, const ActOpts o,
                                typename TO::S* grad_in) {
-    ACT_ROWS_COLS({
-        float gate, up;
-        act_pair<TI>(o.kind, x + r * width, inter, j, gate, up);
-        const float gj = TI::to_f32(grad[r * inter + j]);
-        const float gw = probs ? gj * probs[r] : gj;
-        float d_gate, d_up;
-        act_unit_grad(o, gate, up, gw, d_gate, d_up);
-        typename TO::S* row = grad_in + r * width;
-        if (o.kind == ACT_QUICK_GEGLU) {
-            row[2 * j] = TO::from_f32(d_gate);
-            row[2 * j + 1] = TO::from_f32(d_up);
-        } else if (o.kind == ACT_RELU2) {
-            row[j] = TO::from_f32(d_gate);
-        } else {
-            row[j] = TO::from_f32(d_gate);
-            row[inter + j] = TO::from_f32(d_up);
+    ACT_GROUPS({
+        float gate[ACT_ROWS], up[ACT_ROWS], gj[ACT_ROWS], p[ACT_ROWS];
+#pragma unroll
+        for (int u = 0; u < ACT_ROWS; u++) {
+            gate[u] = 0.0f;
+            up[u] = 0.0f;
+            gj[u] = 0.0f;
+            p[u] = 1.0f;
+            if (r0 + u < rows) {
+                act_pair<TI>(o.kind, x + (r0 + u) * width, inter, j, gate[u], up[u]);
+                gj[u] = TI::to_f32(grad[(r0 + u) * inter + j]);
+                if (probs) p[u] = probs[r0 + u];
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < ACT_ROWS; u++) {
+            if (r0 + u < rows) {
+                const float gw = probs ? gj[u] * p[u] : gj[u];
+                float d_gate, d_up;
+                act_unit_grad(o, gate[u], up[u], gw, d_gate, d_up);
+                typename TO::S* row = grad_in + (r0 + u) * width;
+                if (o.kind == ACT_QUICK_GEGLU) {
+                    row[2 * j] = TO::from_f32(d_gate);
+                    row[2 * j + 1] = TO::from_f32(d_up);
+                } else if (o.kind == ACT_RELU2) {
+                    row[j] = TO::from_f32(d_gate);
+                } else {
+                    row[j] = TO::from_f32(d_gate);
+                    row[inter + j] = TO::from_f32(d_up);
+                }
+            }
         }
     })
 }
 
-// The probs gradient: per row, sum_j f64(unit * grad[j]) in column order from 0.0. Each warp owns
-// 32 rows: for each tile of GP_COLS columns its lanes compute the 32 x GP_COLS products, row by
-// row with coalesced loads (lane l: columns l, l + 32, ...), into the warp's own shared tile;
-// then lane r adds row r's products in column order to its f64 sum: the core's order, at memory
-// speed. No block-wide barriers (warps never wait for each other) and GP_COLS / 32 x 3 loads in
-// flight per lane and row: the 32 x 32 tiles with two barriers each that it replaces spent most
-// of their time waiting (H200: 0.54 ms for 49152 x 1408).
+// The probs gradient: per row, sum_j f64(unit * grad[j]) in column order from 0.0. A block owns
+// 32 rows and walks them in tiles of GP_COLS columns, double-buffered in shared memory: while its
+// GP_PRODUCERS producer warps compute tile t's 32 x GP_COLS products (coalesced loads, lane l on
+// columns l, l + 32, ...: 48 loads in flight per lane, then 16 products), warp 0 adds tile t - 1's,
+// lane r row r's in column order to its f64 sum (the core's order); one barrier per tile. The
+// 32 x 32 tiles it replaces, loaded by 8 warps and summed by one while the others waited at two
+// barriers a tile, ran at a third of memory speed (H200: 0.54 ms for 49152 x 1408); warps that
+// each owned 32 rows were slower still (too few warps to keep memory busy).
 #define GP_ROWS 32
-#define GP_COLS 64
-#define GP_WARPS 4
+#define GP_COLS 128
+#define GP_PRODUCERS 8
 template <typename T>
 static __device__ __forceinline__ void act_grad_probs(const typename T::S* grad, const typename T::S* x, i64 rows, i64 width, i64 inter, const ActOpts o, float* grad_probs) {
-    __shared__ float tiles[GP_WARPS][GP_ROWS][GP_COLS + 1];
-    float (*tile)[GP_COLS + 1] = tiles[threadIdx.y];
-    const int lane = threadIdx.x;
-    for (i64 r0 = ((i64)blockIdx.x * GP_WARPS + threadIdx.y) * GP_ROWS; r0 < rows; r0 += (i64)gridDim.x * GP_WARPS * GP_ROWS) {
+    __shared__ float tiles[2][GP_ROWS][GP_COLS + 1];
+    const int lane = threadIdx.x, w = threadIdx.y;
+    const i64 ntiles = (inter + GP_COLS - 1) / GP_COLS;
+    for (i64 r0 = (i64)blockIdx.x * GP_ROWS; r0 < rows; r0 += (i64)gridDim.x * GP_ROWS) {
         const int nr = (int)min((i64)GP_ROWS, rows - r0);
         double sum = 0.0;
-        for (i64 c0 = 0; c0 < inter; c0 += GP_COLS) {
-#pragma unroll 4
-            for (int i = 0; i < nr; i++) {
-                const i64 r = r0 + i;
+        for (i64 t = 0; t <= ntiles; t++) {
+            if (w > 0 && t < ntiles) {
+                float (*buf)[GP_COLS + 1] = tiles[t & 1];
+                const i64 c0 = t * GP_COLS;
+                // the loads of all 16 products first (a global load may not move past a
+                // shared store the compiler cannot tell apart from it), then the math and stores
+                float gate[GP_ROWS / GP_PRODUCERS][GP_COLS / 32], up[GP_ROWS / GP_PRODUCERS][GP_COLS / 32], g[GP_ROWS / GP_PRODUCERS][GP_COLS / 32];
 #pragma unroll
-                for (int h = 0; h < GP_COLS / 32; h++) {
-                    const i64 j = c0 + h * 32 + lane;
-                    float v = 0.0f;
-                    if (j < inter) {
-                        float gate, up;
-                        act_pair<T>(o.kind, x + r * width, inter, j, gate, up);
-                        v = act_unit(o, gate, up) * T::to_f32(grad[r * inter + j]);
+                for (int q = 0; q < GP_ROWS / GP_PRODUCERS; q++) {
+                    const int i = w - 1 + q * GP_PRODUCERS;
+                    const i64 r = r0 + i;
+#pragma unroll
+                    for (int h = 0; h < GP_COLS / 32; h++) {
+                        const i64 j = c0 + h * 32 + lane;
+                        gate[q][h] = 0.0f;
+                        up[q][h] = 0.0f;
+                        g[q][h] = 0.0f;
+                        if (i < nr && j < inter) {
+                            act_pair<T>(o.kind, x + r * width, inter, j, gate[q][h], up[q][h]);
+                            g[q][h] = T::to_f32(grad[r * inter + j]);
+                        }
                     }
-                    tile[i][h * 32 + lane] = v;
+                }
+#pragma unroll
+                for (int q = 0; q < GP_ROWS / GP_PRODUCERS; q++) {
+                    const int i = w - 1 + q * GP_PRODUCERS;
+#pragma unroll
+                    for (int h = 0; h < GP_COLS / 32; h++) {
+                        const i64 j = c0 + h * 32 + lane;
+                        buf[i][h * 32 + lane] = (i < nr && j < inter) ? act_unit(o, gate[q][h], up[q][h]) * g[q][h] : 0.0f;
+                    }
                 }
             }
-            __syncwarp();
-            if (lane < nr) {
-                const int n = (int)min((i64)GP_COLS, inter - c0);
-                for (int c = 0; c < n; c++) sum += (double)tile[lane][c];
+            if (w == 0 && t > 0 && lane < nr) {
+                const float (*buf)[GP_COLS + 1] = tiles[(t - 1) & 1];
+                const int n = (int)min((i64)GP_COLS, inter - (t - 1) * GP_COLS);
+                for (int c = 0; c < n; c++) sum += (double)buf[lane][c];
             }
-            __syncwarp();
+            __syncthreads();
         }
-        if (lane < nr) grad_probs[r0 + lane] = (float)sum;
+        if (w == 0 && lane < nr) grad_probs[r0 + lane] = (float)sum;
     }
 }
 

@@ -32,6 +32,10 @@ fn blocks(items: usize) -> u32 {
     items.div_ceil(THREADS as usize).min(MAX_BLOCKS) as u32
 }
 
+/// Rows a thread of the forward and backward kernels loads together (ACT_ROWS in
+/// kernels/activations.cu): their grids cover `rows / ACT_ROWS` row groups.
+const ACT_ROWS: usize = 4;
+
 /// The (columns, rows) grid of the forward and backward kernels: blocks of 256 threads across a
 /// row's `inter` output columns, and about 4096 blocks in all, each walking many rows (grid
 /// stride): blocks that each did one row's 256 elements cost more to schedule than to run.
@@ -39,7 +43,7 @@ fn row_grid(rows: usize, inter: usize) -> (u32, u32) {
     if rows == 0 || inter == 0 {
         return (0, 0);
     }
-    // ACT_ILP (kernels/activations.cu) = 1 column a thread
+    // one column a thread (kernels/activations.cu)
     let x = inter.div_ceil(THREADS as usize).min(MAX_BLOCKS);
     (x as u32, rows.min((4096 / x).max(1)).min(65_535) as u32)
 }
@@ -169,7 +173,7 @@ pub fn launch_activation(
     let [kind, alpha, limit, offset] = option_args(options);
     dev.launch(
         &name,
-        row_grid(rows, inter),
+        row_grid(rows.div_ceil(ACT_ROWS), inter),
         THREADS,
         &[Arg::U64(x.ptr(s)), i64_arg(rows), i64_arg(width), i64_arg(inter), Arg::U64(probs.map_or(0, |p| p.ptr(s))), kind, alpha, limit, offset, Arg::U64(out.ptr(s))],
     )
@@ -205,7 +209,7 @@ pub fn launch_activation_backward(
     let [kind, alpha, limit, offset] = option_args(options);
     dev.launch(
         &name,
-        row_grid(rows, inter),
+        row_grid(rows.div_ceil(ACT_ROWS), inter),
         THREADS,
         &[
             Arg::U64(grad.ptr(s)),
@@ -224,8 +228,8 @@ pub fn launch_activation_backward(
     if let (Some(_), Some(gp)) = (probs, grad_probs) {
         check_buffer("activationBackward's gradProbs", gp, rows, 4)?;
         let name = grad_probs_kernel(dtype).map(|n| with_math(n, math)).ok_or_else(|| Error::Cuda(format!("activationBackward: no kernel for {} (a bug in moe-dispatch)", dtype.name())))?;
-        // (kernels/activations.cu: 4 warps of 32 rows a block)
-        dev.launch_block(&name, (rows.div_ceil(128).min(MAX_BLOCKS) as u32, 1), (32, 4), &[Arg::U64(grad.ptr(s)), Arg::U64(x.ptr(s)), i64_arg(rows), i64_arg(width), i64_arg(inter), kind, alpha, limit, offset, Arg::U64(gp.ptr(s))])?;
+        // (kernels/activations.cu: 32 rows a block, a summing warp and 8 producer warps)
+        dev.launch_block(&name, (rows.div_ceil(32).min(MAX_BLOCKS) as u32, 1), (32, 9), &[Arg::U64(grad.ptr(s)), Arg::U64(x.ptr(s)), i64_arg(rows), i64_arg(width), i64_arg(inter), kind, alpha, limit, offset, Arg::U64(gp.ptr(s))])?;
     }
     Ok(())
 }
