@@ -32,8 +32,8 @@ fn blocks(items: usize) -> u32 {
     items.div_ceil(THREADS as usize).min(MAX_BLOCKS) as u32
 }
 
-/// Rows a thread of the forward and backward kernels loads together (ACT_ROWS in
-/// kernels/activations.cu): their grids cover `rows / ACT_ROWS` row groups.
+/// Rows a thread of the forward kernels loads together (ACT_ROWS in kernels/activations.cu):
+/// their grids cover `rows / ACT_ROWS` row groups (the backward kernels take one row at a time).
 const ACT_ROWS: usize = 4;
 
 /// The (columns, rows) grid of the forward and backward kernels: blocks of 256 threads across a
@@ -209,7 +209,7 @@ pub fn launch_activation_backward(
     let [kind, alpha, limit, offset] = option_args(options);
     dev.launch(
         &name,
-        row_grid(rows.div_ceil(ACT_ROWS), inter),
+        row_grid(rows, inter),
         THREADS,
         &[
             Arg::U64(grad.ptr(s)),
