@@ -214,7 +214,10 @@ fn expert_problems(p: &Plan, f: impl Fn(usize, usize, usize) -> Problem) -> Vec<
 
 /// The side-by-side streams where [`run_gemms`] would run `count` weight-gradient GEMMs (A
 /// transposed, so never in row blocks) side by side; the backward then queues them there
-/// beside its token-side GEMMs instead of a step at a time ([`crate::blas::SideQueue`]).
+/// beside its token-side GEMMs instead of a step at a time ([`crate::blas::SideQueue`]). On an
+/// H200 (fine-grained experts, 15 interleaved rounds in 5 processes) the backward GEMMs ran at
+/// 68-84% of the bf16 rate, median 78%, against 66-74%, median 71%, a step at a time
+/// (docs/gpu-report.md, fifth session).
 /// `MOE_DISPATCH_GEMM_BESIDE=off` (or [`set_weight_gradients_beside`]`(Some(false))`) queues
 /// them a step at a time instead, as before (for measurements).
 pub fn weight_gradients_beside(dev: &Device, count: usize) -> Option<&SideBySide> {
