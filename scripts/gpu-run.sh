@@ -117,7 +117,21 @@ remote() {
     timeout 300 "$BUNDLE/bin/moe-cuda-bench" run --iters 20 ${BENCH_ARGS:-} --out "$OUT/bench.json"; echo "  exit code $?"
     if [[ -z "${SKIP_EXPERTS:-}" ]]; then
       say "moe-cuda-bench experts (cuBLAS expert GEMMs, experts, dispatch + experts layer)"
+      # the SM clock, power and temperature every 250 ms meanwhile (compute-bound timings move
+      # with them), summarised into the log
+      local clocks=/tmp/moe-clocks.csv
+      nvidia-smi --query-gpu=clocks.sm,power.draw,temperature.gpu --format=csv,noheader,nounits -lms 250 > "$clocks" 2>/dev/null &
+      local smi=$!
       timeout 240 "$BUNDLE/bin/moe-cuda-bench" experts --iters 10 --out "$OUT/experts.json"; echo "  exit code $?"
+      kill "$smi" 2>/dev/null; wait "$smi" 2>/dev/null
+      python3 - "$clocks" <<'PY' || true
+import sys, statistics
+rows = [l.split(',') for l in open(sys.argv[1]) if l.count(',') == 2]
+cols = list(zip(*[[float(x) for x in r] for r in rows if all(x.strip().replace('.', '', 1).isdigit() for x in r)]))
+for name, v in zip(['SM clock MHz', 'power W', 'temperature C'], cols):
+    q = statistics.quantiles(v, n=10, method='inclusive') if len(v) > 1 else [v[0]] * 9
+    print(f"  during the experts bench: {name} min {min(v):.0f}, p10 {q[0]:.0f}, median {statistics.median(v):.0f}, max {max(v):.0f} ({len(v)} samples)")
+PY
     fi
   fi
   if [[ -z "${SKIP_TORCH:-}" ]]; then

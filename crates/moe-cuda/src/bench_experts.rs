@@ -267,6 +267,23 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
     }
     let (gemm_fwd, _) = time_ms(dev, iters, || gemms(false))?;
     let (gemm_bwd, _) = time_ms(dev, iters, || gemms(true))?;
+    // the same A/B again here, after the host-time measurements: on an H200 this headline
+    // measurement of the default backward gave 63-75% where the interleaved rounds above gave
+    // 68-84% (fifth session, not explained); both, side by side, at this position too
+    {
+        let mut rows: Vec<String> = Vec::new();
+        for round in 0..3 {
+            for beside in [true, false] {
+                set_weight_gradients_beside(Some(beside));
+                let (g, _) = time_ms(dev, iters, || gemms(true))?;
+                let what = if beside { "beside" } else { "steps" };
+                rows.push(format!("r{round} {what} {g:.3} ms"));
+                ab.push((format!("gemmBackwardMsLater_{what}_r{round}"), g));
+            }
+        }
+        set_weight_gradients_beside(None);
+        println!("{:>13} backward GEMMs after the host-time measurements, beside / a step at a time: {} (headline, default: {gemm_bwd:.3} ms)", s.name, rows.join("; "));
+    }
     // the same GEMMs side by side on four streams sized for a quarter of the SMs each (opt-in)
     set_side_by_side(Some(true));
     let (gemm_fwd_side, _) = time_ms(dev, iters, || gemms(false))?;
