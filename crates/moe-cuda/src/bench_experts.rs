@@ -175,24 +175,30 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
     // A/B, interleaved: the backward GEMMs with the weight gradients beside the token-side
     // ones (the default) against a step at a time; the experts' backward both ways
     let mut ab: Vec<(String, f64)> = Vec::new();
-    {
+    let fl_bwd_steps: f64 = steps_bwd.iter().flat_map(|st| st.0.iter()).map(|q| 2.0 * (q.m * q.n * q.k) as f64).sum();
+    // three rounds of both ways, interleaved; `later`: the second time (no experts backward)
+    let ab_rounds = |ab: &mut Vec<(String, f64)>, later: bool| -> moe_cuda::Result<String> {
         let mut rows: Vec<String> = Vec::new();
-        let fl: f64 = steps_bwd.iter().flat_map(|st| st.0.iter()).map(|q| 2.0 * (q.m * q.n * q.k) as f64).sum();
-        let pct = |ms: f64| 100.0 * fl / (ms * 1e-3) / 1e12 / peak;
         for round in 0..3 {
             for beside in [true, false] {
                 set_weight_gradients_beside(Some(beside));
                 let (g, _) = time_ms(dev, iters, || gemms(true))?;
-                let (x, _) = time_ms(dev, iters, || experts_backward_device(dev, &grad_out, &inp, &act).map(drop))?;
                 let what = if beside { "beside" } else { "steps" };
-                rows.push(format!("r{round} {what}: GEMMs {g:.3} ms {:.1}%, experts bwd {x:.3} ms", pct(g)));
-                ab.push((format!("gemmBackwardMs_{what}_r{round}"), g));
-                ab.push((format!("expertsBackwardMs_{what}_r{round}"), x));
+                let pct = 100.0 * fl_bwd_steps / (g * 1e-3) / 1e12 / peak;
+                ab.push((format!("gemmBackwardMs{}_{what}_r{round}", if later { "Later" } else { "" }), g));
+                if later {
+                    rows.push(format!("r{round} {what}: GEMMs {g:.3} ms {pct:.1}%"));
+                } else {
+                    let (x, _) = time_ms(dev, iters, || experts_backward_device(dev, &grad_out, &inp, &act).map(drop))?;
+                    rows.push(format!("r{round} {what}: GEMMs {g:.3} ms {pct:.1}%, experts bwd {x:.3} ms"));
+                    ab.push((format!("expertsBackwardMs_{what}_r{round}"), x));
+                }
             }
         }
         set_weight_gradients_beside(None);
-        println!("{:>13} backward, weight gradients beside the token-side GEMMs (side streams at high priority) / a step at a time: {}", s.name, rows.join("; "));
-    }
+        Ok(rows.join("; "))
+    };
+    println!("{:>13} backward, weight gradients beside the token-side GEMMs (side streams at high priority) / a step at a time: {}", s.name, ab_rounds(&mut ab, false)?);
     if std::env::var_os("MOE_BENCH_AB_ONLY").is_some() {
         // (a quick look: the A/B above only)
         let mut o = flat_json::Obj::default();
@@ -270,20 +276,7 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
     // the same A/B again here, after the host-time measurements: on an H200 this headline
     // measurement of the default backward gave 63-75% where the interleaved rounds above gave
     // 68-84% (fifth session, not explained); both, side by side, at this position too
-    {
-        let mut rows: Vec<String> = Vec::new();
-        for round in 0..3 {
-            for beside in [true, false] {
-                set_weight_gradients_beside(Some(beside));
-                let (g, _) = time_ms(dev, iters, || gemms(true))?;
-                let what = if beside { "beside" } else { "steps" };
-                rows.push(format!("r{round} {what} {g:.3} ms"));
-                ab.push((format!("gemmBackwardMsLater_{what}_r{round}"), g));
-            }
-        }
-        set_weight_gradients_beside(None);
-        println!("{:>13} backward GEMMs after the host-time measurements, beside / a step at a time: {} (headline, default: {gemm_bwd:.3} ms)", s.name, rows.join("; "));
-    }
+    println!("{:>13} backward GEMMs after the host-time measurements, beside / a step at a time: {} (headline, default: {gemm_bwd:.3} ms)", s.name, ab_rounds(&mut ab, true)?);
     // the same GEMMs side by side on four streams sized for a quarter of the SMs each (opt-in)
     set_side_by_side(Some(true));
     let (gemm_fwd_side, _) = time_ms(dev, iters, || gemms(false))?;

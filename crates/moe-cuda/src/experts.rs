@@ -221,15 +221,7 @@ fn expert_problems(p: &Plan, f: impl Fn(usize, usize, usize) -> Problem) -> Vec<
 /// `MOE_DISPATCH_GEMM_BESIDE=off` (or [`set_weight_gradients_beside`]`(Some(false))`) queues
 /// them a step at a time instead, as before (for measurements).
 pub fn weight_gradients_beside(dev: &Device, count: usize) -> Option<&SideBySide> {
-    let on = match BESIDE.load(std::sync::atomic::Ordering::Relaxed) {
-        UNSET => {
-            let m = if matches!(std::env::var("MOE_DISPATCH_GEMM_BESIDE").as_deref(), Ok("off" | "0")) { OFF } else { ON };
-            BESIDE.store(m, std::sync::atomic::Ordering::Relaxed);
-            m == ON
-        }
-        m => m == ON,
-    };
-    (on && count >= SideBySide::MIN_PROBLEMS && !use_grouped(count) && side_by_side()).then(|| dev.side_blas().ok()).flatten()
+    (switched_on(&BESIDE, "MOE_DISPATCH_GEMM_BESIDE") && count >= SideBySide::MIN_PROBLEMS && !use_grouped(count) && side_by_side()).then(|| dev.side_blas().ok()).flatten()
 }
 
 static BESIDE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(UNSET);
@@ -237,7 +229,26 @@ static BESIDE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(UN
 /// Overrides [`weight_gradients_beside`]: `Some(false)` never, `Some(true)` or `None` (the
 /// default) where side by side applies.
 pub fn set_weight_gradients_beside(mode: Option<bool>) {
-    BESIDE.store(if mode == Some(false) { OFF } else { ON }, std::sync::atomic::Ordering::Relaxed);
+    set_switch(&BESIDE, mode);
+}
+
+/// A setting that is on unless its environment variable says `off` or `0` (read once) or a
+/// setter turned it off.
+fn switched_on(cell: &std::sync::atomic::AtomicU8, var: &str) -> bool {
+    let mode = match cell.load(std::sync::atomic::Ordering::Relaxed) {
+        UNSET => {
+            let m = if matches!(std::env::var(var).as_deref(), Ok("off" | "0")) { OFF } else { ON };
+            cell.store(m, std::sync::atomic::Ordering::Relaxed);
+            m
+        }
+        m => m,
+    };
+    mode == ON
+}
+
+/// Sets a [`switched_on`] setting: `Some(false)` off, `Some(true)` or `None` (the default) on.
+fn set_switch(cell: &std::sync::atomic::AtomicU8, mode: Option<bool>) {
+    cell.store(if mode == Some(false) { OFF } else { ON }, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Whether many small GEMMs ([`SideBySide::MIN_PROBLEMS`] or more) that are not cut into row
@@ -248,16 +259,8 @@ pub fn set_weight_gradients_beside(mode: Option<bool>) {
 /// 61-73%, with a wide spread: the host queues a cuBLAS call in about 10 us, about as long as a
 /// quarter of the GPU runs one (docs/gpu-report.md).
 fn side_by_side() -> bool {
-    let mode = match SIDE.load(std::sync::atomic::Ordering::Relaxed) {
-        UNSET => {
-            // off, or on (a number: how many streams, crate::blas::SideBySide::STREAMS by default)
-            let m = if matches!(std::env::var("MOE_DISPATCH_GEMM_STREAMS").as_deref(), Ok("off" | "0")) { OFF } else { ON };
-            SIDE.store(m, std::sync::atomic::Ordering::Relaxed);
-            m
-        }
-        m => m,
-    };
-    mode == ON
+    // off, or on (a number: how many streams, crate::blas::SideBySide::STREAMS by default)
+    switched_on(&SIDE, "MOE_DISPATCH_GEMM_STREAMS")
 }
 
 /// The row block of [`gemm_row_blocks`] for these problems, if they run that way:
@@ -309,7 +312,7 @@ static SIDE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(UNSE
 /// Overrides the side-by-side choice: `Some(true)` or `None` (the default) for many GEMMs,
 /// `Some(false)` never.
 pub fn set_side_by_side(mode: Option<bool>) {
-    SIDE.store(if mode == Some(false) { OFF } else { ON }, std::sync::atomic::Ordering::Relaxed);
+    set_switch(&SIDE, mode);
 }
 
 /// Independent GEMMs of one dtype and transpose pattern (`a` and `b`: dtype, transposed), the
