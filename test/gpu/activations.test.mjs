@@ -81,6 +81,10 @@ const SHAPES = [
   // more rows than one block of the probs-gradient kernel (4 warps of 32 rows), a partial last
   // warp, and a partial last tile of 64 columns
   { rows: 300, inter: 130 },
+  // the vectorised kernels (8 columns a thread for bf16/f16, 4 for f32): several column groups
+  // a row, rows across blocks; and a width they take for f32 only (12 = 3 x 4, not a multiple of 8)
+  { rows: 37, inter: 136 },
+  { rows: 200, inter: 12 },
 ];
 
 /** Option sets per kind: the defaults, and custom values for the options the kind takes. */

@@ -36,6 +36,37 @@ fn blocks(items: usize) -> u32 {
 /// their grids cover `rows / ACT_ROWS` row groups (the backward kernels take one row at a time).
 const ACT_ROWS: usize = 4;
 
+/// The vectorised kernels (`act_fwdv_*`, `act_bwdv_*` in kernels/activations.cu) take
+/// 16 / (input element size) consecutive columns a thread with 16-byte loads; by default they run
+/// wherever they apply ([`vector_grid`]); `MOE_DISPATCH_ACT_VECTOR=off` or
+/// [`set_vectorised`]`(Some(false))` keeps the one-column kernels (for comparisons).
+static VECTOR: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(crate::experts::UNSET);
+
+/// Overrides whether the vectorised activation kernels run where they apply: `Some(false)`
+/// never, `Some(true)` or `None` (the default) yes.
+pub fn set_vectorised(mode: Option<bool>) {
+    crate::experts::set_switch(&VECTOR, mode);
+}
+
+/// The grid of a vectorised kernel over `rows` x `inter` output columns of an input of
+/// `in_dtype`, or None where it does not apply: `inter` not a multiple of the columns a thread
+/// takes, a buffer not 16-byte aligned, or more (row, column group) items than its u32 index
+/// allows (it counts to 2^31), or switched off.
+fn vector_grid(in_dtype: DType, rows: usize, inter: usize, ptrs: &[u64]) -> Option<u32> {
+    let v = 16 / in_dtype.size();
+    let items = rows.checked_mul(inter / v)?;
+    let applies = inter % v == 0 && items > 0 && items <= i32::MAX as usize && ptrs.iter().all(|p| p % 16 == 0);
+    (applies && crate::experts::switched_on(&VECTOR, "MOE_DISPATCH_ACT_VECTOR")).then(|| blocks(items).min(VECTOR_BLOCKS))
+}
+
+/// At most this many blocks for the vectorised kernels (a few items a thread beyond).
+const VECTOR_BLOCKS: u32 = 8192;
+
+/// `act_fwd_*` -> `act_fwdv_*`, `act_bwd_*` -> `act_bwdv_*` (the vectorised kernels).
+fn vectorised_name(name: &str) -> String {
+    name.replacen("act_fwd_", "act_fwdv_", 1).replacen("act_bwd_", "act_bwdv_", 1)
+}
+
 /// The (columns, rows) grid of the forward and backward kernels: blocks of 256 threads across a
 /// row's `inter` output columns, and about 4096 blocks in all, each walking many rows (grid
 /// stride): blocks that each did one row's 256 elements cost more to schedule than to run.
@@ -171,12 +202,12 @@ pub fn launch_activation(
     }
     let s = dev.stream();
     let [kind, alpha, limit, offset] = option_args(options);
-    dev.launch(
-        &name,
-        row_grid(rows.div_ceil(ACT_ROWS), inter),
-        THREADS,
-        &[Arg::U64(x.ptr(s)), i64_arg(rows), i64_arg(width), i64_arg(inter), Arg::U64(probs.map_or(0, |p| p.ptr(s))), kind, alpha, limit, offset, Arg::U64(out.ptr(s))],
-    )
+    let (xp, outp) = (x.ptr(s), out.ptr(s));
+    let (name, grid) = match vector_grid(x_dtype, rows, inter, &[xp, outp]) {
+        Some(g) => (vectorised_name(&name), (g, 1)),
+        None => (name, row_grid(rows.div_ceil(ACT_ROWS), inter)),
+    };
+    dev.launch(&name, grid, THREADS, &[Arg::U64(xp), i64_arg(rows), i64_arg(width), i64_arg(inter), Arg::U64(probs.map_or(0, |p| p.ptr(s))), kind, alpha, limit, offset, Arg::U64(outp)])
 }
 
 /// `activationBackward` over raw buffers: `grad` (`[rows, inter]`) and `x` (`[rows, width]`),
@@ -207,23 +238,16 @@ pub fn launch_activation_backward(
     }
     let s = dev.stream();
     let [kind, alpha, limit, offset] = option_args(options);
+    let (gradp, xp, gip) = (grad.ptr(s), x.ptr(s), grad_in.ptr(s));
+    let (vname, grid) = match vector_grid(dtype, rows, inter, &[gradp, xp, gip]) {
+        Some(g) => (vectorised_name(&name), (g, 1)),
+        None => (name, row_grid(rows, inter)),
+    };
     dev.launch(
-        &name,
-        row_grid(rows, inter),
+        &vname,
+        grid,
         THREADS,
-        &[
-            Arg::U64(grad.ptr(s)),
-            Arg::U64(x.ptr(s)),
-            i64_arg(rows),
-            i64_arg(width),
-            i64_arg(inter),
-            Arg::U64(probs.map_or(0, |p| p.ptr(s))),
-            kind,
-            alpha,
-            limit,
-            offset,
-            Arg::U64(grad_in.ptr(s)),
-        ],
+        &[Arg::U64(gradp), Arg::U64(xp), i64_arg(rows), i64_arg(width), i64_arg(inter), Arg::U64(probs.map_or(0, |p| p.ptr(s))), kind, alpha, limit, offset, Arg::U64(gip)],
     )?;
     if let (Some(_), Some(gp)) = (probs, grad_probs) {
         check_buffer("activationBackward's gradProbs", gp, rows, 4)?;
@@ -530,6 +554,10 @@ mod tests {
             names.push(backward_kernel(i, o).unwrap());
             names.push(with_math(forward_kernel(i, o).unwrap(), ExpMath::Fast));
             names.push(with_math(backward_kernel(i, o).unwrap(), ExpMath::Fast));
+            for n in [forward_kernel(i, o).unwrap(), backward_kernel(i, o).unwrap()] {
+                names.push(vectorised_name(&n));
+                names.push(vectorised_name(&with_math(n, ExpMath::Fast)));
+            }
         }
         for d in DType::TOKENS {
             names.push(grad_probs_kernel(*d).unwrap());
@@ -592,6 +620,18 @@ mod tests {
         assert_eq!(blocks(0), 0);
         assert_eq!(blocks(1), 1);
         assert_eq!(blocks(257), 2);
+        // the vectorised kernels: their names, and where they apply (8 bf16 / 4 f32 columns a
+        // thread, 16-byte aligned buffers, a u32 index)
+        assert_eq!(vectorised_name("act_fwd_fast_bf16_bf16"), "act_fwdv_fast_bf16_bf16");
+        assert_eq!(vectorised_name("act_bwd_f32_f16"), "act_bwdv_f32_f16");
+        assert_eq!(vector_grid(DType::BF16, 49152, 1408, &[0, 256]), Some(8192));
+        assert_eq!(vector_grid(DType::BF16, 3, 16, &[0, 256]), Some(1));
+        assert_eq!(vector_grid(DType::BF16, 3, 12, &[0, 256]), None);
+        assert_eq!(vector_grid(DType::F32, 3, 12, &[0, 256]), Some(1));
+        assert_eq!(vector_grid(DType::F32, 3, 12, &[0, 8]), None);
+        assert_eq!(vector_grid(DType::F32, 0, 12, &[0, 256]), None);
+        assert_eq!(vector_grid(DType::BF16, 1 << 28, 64, &[0, 256]), None);
+        assert_eq!(vector_grid(DType::BF16, (1 << 28) - 1, 64, &[0, 256]), Some(VECTOR_BLOCKS));
     }
 
     /// The bits of a float tensor, every NaN as one value (NaN payloads after arithmetic are not

@@ -276,7 +276,19 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
     // the same A/B again here, after the host-time measurements: on an H200 this headline
     // measurement of the default backward gave 63-75% where the interleaved rounds above gave
     // 68-84% (fifth session, not explained); both, side by side, at this position too
-    println!("{:>13} backward GEMMs after the host-time measurements, beside / a step at a time: {} (headline, default: {gemm_bwd:.3} ms)", s.name, ab_rounds(&mut ab, true)?);
+    // (sixth session: both ways ran 61-68% here, 67-77% in the first rounds, with the SM clock
+    // between 1170 and 1980 MHz during the bench: the bf16 rate measured again beside them says
+    // whether the GPU itself is slower at this point)
+    let rows = ab_rounds(&mut ab, true)?;
+    let peak_now = bf16_peak(dev, iters)?;
+    ab.push(("bf16TflopsLater".to_string(), peak_now));
+    let later_pcts: Vec<f64> = ab.iter().filter(|(k, _)| k.starts_with("gemmBackwardMsLater")).map(|(_, g)| 100.0 * fl_bwd_steps / (g * 1e-3) / 1e12 / peak_now).collect();
+    println!(
+        "{:>13} backward GEMMs after the host-time measurements, beside / a step at a time: {rows} (headline, default: {gemm_bwd:.3} ms); bf16 rate now {peak_now:.0} TFLOP/s (at the start {peak:.0}): the later rounds at {:.0}-{:.0}% of it",
+        s.name,
+        later_pcts.iter().copied().fold(f64::INFINITY, f64::min),
+        later_pcts.iter().copied().fold(0.0, f64::max),
+    );
     // the same GEMMs side by side on four streams sized for a quarter of the SMs each (opt-in)
     set_side_by_side(Some(true));
     let (gemm_fwd_side, _) = time_ms(dev, iters, || gemms(false))?;
@@ -374,6 +386,24 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
     let (act_bwd_ms, _) = time_ms(dev, iters, || launch_activation_backward(dev, &act, ExpMath::Fast, DType::BF16, &sc_da, &sc_h, n, width, Some(pb), DType::BF16, &sc_a, None))?;
     let (act_bwd_gp_ms, _) = time_ms(dev, iters, || launch_activation_backward(dev, &act, ExpMath::Fast, DType::BF16, &sc_da, &sc_h, n, width, Some(pb), DType::BF16, &sc_a, Some(&sc_gp)))?;
     println!("{:>13} element passes: activation fwd {act_fwd_ms:.3} ms, bwd {act_bwd_ms:.3} ms, bwd + probs gradient {act_bwd_gp_ms:.3} ms", s.name);
+    // the vectorised activation kernels (the default where they apply) against one column a
+    // thread, interleaved, with the bytes each pass moves (bf16: the forward reads h and writes
+    // a; the backward reads h and the gradient and writes h's gradient)
+    let (fwd_gb, bwd_gb) = (((n * width + n * inter) * 2) as f64 / 1e9, ((2 * n * width + n * inter) * 2) as f64 / 1e9);
+    let mut act_rows: Vec<String> = Vec::new();
+    for round in 0..3 {
+        for vector in [true, false] {
+            moe_cuda::activations::set_vectorised(Some(vector));
+            let (f, _) = time_ms(dev, iters, || launch_activation(dev, &act, ExpMath::Fast, DType::BF16, &sc_h, n, width, Some(pb), DType::BF16, &sc_a))?;
+            let (b, _) = time_ms(dev, iters, || launch_activation_backward(dev, &act, ExpMath::Fast, DType::BF16, &sc_da, &sc_h, n, width, Some(pb), DType::BF16, &sc_a, None))?;
+            let what = if vector { "vector" } else { "column" };
+            act_rows.push(format!("r{round} {what}: fwd {f:.3} ms ({:.0} GB/s), bwd {b:.3} ms ({:.0} GB/s)", fwd_gb / (f * 1e-3), bwd_gb / (b * 1e-3)));
+            ab.push((format!("activationForwardMs_{what}_r{round}"), f));
+            ab.push((format!("activationBackwardMs_{what}_r{round}"), b));
+        }
+    }
+    moe_cuda::activations::set_vectorised(None);
+    println!("{:>13} activation kernels, vectorised / one column a thread: {}", s.name, act_rows.join("; "));
     // experts forward and backward, the per-expert GEMMs one call each and as one grouped call
     set_grouped_gemm(Some(false));
     let (fwd_loop, _) = time_ms(dev, iters, || experts_forward_device(dev, &inp, &act).map(drop))?;

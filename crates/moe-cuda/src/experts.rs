@@ -183,7 +183,7 @@ pub fn use_grouped(active_experts: usize) -> bool {
     mode == ON
 }
 
-const UNSET: u8 = 0;
+pub(crate) const UNSET: u8 = 0;
 const AUTO: u8 = 1;
 const ON: u8 = 2;
 const OFF: u8 = 3;
@@ -234,7 +234,7 @@ pub fn set_weight_gradients_beside(mode: Option<bool>) {
 
 /// A setting that is on unless its environment variable says `off` or `0` (read once) or a
 /// setter turned it off.
-fn switched_on(cell: &std::sync::atomic::AtomicU8, var: &str) -> bool {
+pub(crate) fn switched_on(cell: &std::sync::atomic::AtomicU8, var: &str) -> bool {
     let mode = match cell.load(std::sync::atomic::Ordering::Relaxed) {
         UNSET => {
             let m = if matches!(std::env::var(var).as_deref(), Ok("off" | "0")) { OFF } else { ON };
@@ -247,7 +247,7 @@ fn switched_on(cell: &std::sync::atomic::AtomicU8, var: &str) -> bool {
 }
 
 /// Sets a [`switched_on`] setting: `Some(false)` off, `Some(true)` or `None` (the default) on.
-fn set_switch(cell: &std::sync::atomic::AtomicU8, mode: Option<bool>) {
+pub(crate) fn set_switch(cell: &std::sync::atomic::AtomicU8, mode: Option<bool>) {
     cell.store(if mode == Some(false) { OFF } else { ON }, std::sync::atomic::Ordering::Relaxed);
 }
 
