@@ -336,6 +336,63 @@ _Pragma("unroll")
     })
 }
 
+// The vectorised backward with the probs gradient in the same pass (act_bwdgv_fast_*: the grouped
+// experts only, which compare to a tolerance): a block per row (grid stride), V columns a thread
+// as in act_bwd_vec, and the row's sum of f64(unit * grad) (the products of act_grad_probs) added
+// up in a fixed tree: each thread its columns in order, then the warps (shuffles), then thread 0
+// the warps' sums in order. Deterministic, but not the core's column order: the f64 sums may
+// differ in their last bits, the f32 results almost never. It reads h and the gradient once
+// where the separate kernels read them twice.
+template <typename TI, typename TO>
+static __device__ __forceinline__ void act_bwd_gp_vec(const typename TI::S* grad, const typename TI::S* x, i64 rows, i64 width, i64 inter, const float* probs, const ActOpts o,
+                                                      typename TO::S* grad_in, float* grad_probs) {
+    constexpr int V = 16 / sizeof(typename TI::S);
+    __shared__ double warp_sums[32];
+    const int groups = (int)(inter / V);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
+        const float p = probs[r];
+        double sum = 0.0;
+        for (int gi = threadIdx.x; gi < groups; gi += blockDim.x) {
+            const i64 j = (i64)gi * V;
+            float gate[V], up[V], g[V], d_gate[V], d_up[V];
+            act_pairs<TI, V>(o.kind, x + r * width, inter, j, gate, up);
+            load_f32<TI, V>(grad + r * inter + j, g);
+#pragma unroll
+            for (int u = 0; u < V; u++) {
+                act_unit_grad(o, gate[u], up[u], g[u] * p, d_gate[u], d_up[u]);
+                sum += (double)(act_unit(o, gate[u], up[u]) * g[u]);
+            }
+            typename TO::S* row = grad_in + r * width;
+            if (o.kind == ACT_QUICK_GEGLU) {
+                float both[2 * V];
+#pragma unroll
+                for (int u = 0; u < V; u++) {
+                    both[2 * u] = d_gate[u];
+                    both[2 * u + 1] = d_up[u];
+                }
+                store_f32<TO, V>(row + 2 * j, both);
+                store_f32<TO, V>(row + 2 * j + V, both + V);
+            } else if (o.kind == ACT_RELU2) {
+                store_f32<TO, V>(row + j, d_gate);
+            } else {
+                store_f32<TO, V>(row + j, d_gate);
+                store_f32<TO, V>(row + inter + j, d_up);
+            }
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) sum += __shfl_down_sync(0xffffffffu, sum, off);
+        if (lane == 0) warp_sums[warp] = sum;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            double total = 0.0;
+            for (int w = 0; w < warps; w++) total += warp_sums[w];
+            grad_probs[r] = (float)total;
+        }
+        __syncthreads();
+    }
+}
+
 // The probs gradient: per row, sum_j f64(unit * grad[j]) in column order from 0.0. A block owns
 // 32 rows and walks them in tiles of GP_COLS columns, double-buffered in shared memory: while its
 // GP_PRODUCERS producer warps compute tile t's 32 x GP_COLS products (coalesced loads, lane l on
@@ -458,6 +515,15 @@ extern "C" __global__ void act_bwdv_fast_bf16_bf16(ACT_BWD_PARAMS) { ACT_BWDV_BO
 extern "C" __global__ void act_bwdv_fast_f16_f16(ACT_BWD_PARAMS) { ACT_BWDV_BODY(F16, F16, true); }
 extern "C" __global__ void act_bwdv_fast_f32_bf16(ACT_BWD_PARAMS) { ACT_BWDV_BODY(F32, BF16, true); }
 extern "C" __global__ void act_bwdv_fast_f32_f16(ACT_BWD_PARAMS) { ACT_BWDV_BODY(F32, F16, true); }
+
+#define ACT_BWDGV_BODY(TI, TO) \
+    act_bwd_gp_vec<TI, TO>((const TI::S*)grad, (const TI::S*)x, rows, width, inter, probs, act_opts(kind, alpha, limit, linear_offset, true), (TO::S*)grad_in, grad_probs)
+
+extern "C" __global__ void act_bwdgv_fast_f32_f32(ACT_BWD_PARAMS, float *grad_probs) { ACT_BWDGV_BODY(F32, F32); }
+extern "C" __global__ void act_bwdgv_fast_bf16_bf16(ACT_BWD_PARAMS, float *grad_probs) { ACT_BWDGV_BODY(BF16, BF16); }
+extern "C" __global__ void act_bwdgv_fast_f16_f16(ACT_BWD_PARAMS, float *grad_probs) { ACT_BWDGV_BODY(F16, F16); }
+extern "C" __global__ void act_bwdgv_fast_f32_bf16(ACT_BWD_PARAMS, float *grad_probs) { ACT_BWDGV_BODY(F32, BF16); }
+extern "C" __global__ void act_bwdgv_fast_f32_f16(ACT_BWD_PARAMS, float *grad_probs) { ACT_BWDGV_BODY(F32, F16); }
 
 #define ACT_GPROBS_PARAMS \
     const void *grad, const void *x, i64 rows, i64 width, i64 inter, int kind, double alpha, double limit, double linear_offset, float *grad_probs

@@ -82,6 +82,10 @@ const CASES = [];
 for (const dtype of ['float32', 'bfloat16', 'float16']) {
   for (const kind of ['swiglu', 'quick_geglu', 'relu2']) {
     CASES.push({ dtype, kind, counts: [5, 0, 17, 3], dim: 24, inter: 40, probs: true, biases: kind !== 'relu2' });
+    // inter 36: 16-bit dtypes take the one-column activation kernels (36 is not a multiple of
+    // 8), float32 the vectorised ones (4 columns a thread); the others above take the vectorised
+    // kernels and, with probs, the backward that adds up the probs gradient in the same pass
+    CASES.push({ dtype, kind, counts: [6, 0, 11, 2], dim: 16, inter: 36, probs: true, biases: false });
   }
   CASES.push({ dtype, kind: 'swiglu', counts: [64, 31, 0, 97, 1, 12, 0, 40], dim: 64, inter: 96, probs: false, biases: false });
   CASES.push({ dtype, kind: 'swiglu_clamped', counts: [0, 0, 0], dim: 16, inter: 8, probs: true, biases: true });

@@ -62,6 +62,21 @@ fn vector_grid(in_dtype: DType, rows: usize, inter: usize, ptrs: &[u64]) -> Opti
 /// At most this many blocks for the vectorised kernels (a few items a thread beyond).
 const VECTOR_BLOCKS: u32 = 8192;
 
+/// Whether the fast backward with probs (the grouped experts) computes the probs gradient in the
+/// vectorised backward's pass (`act_bwdgv_fast_*`) where that kernel applies: by default yes;
+/// `MOE_DISPATCH_ACT_FUSED=off` or [`set_fused_probs_gradient`]`(Some(false))`: two passes.
+static FUSED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(crate::experts::UNSET);
+
+fn fused_probs_gradient() -> bool {
+    crate::experts::switched_on(&FUSED, "MOE_DISPATCH_ACT_FUSED")
+}
+
+/// Overrides [`fused_probs_gradient`]: `Some(false)` two passes, `Some(true)` or `None` (the
+/// default) one where it applies.
+pub fn set_fused_probs_gradient(mode: Option<bool>) {
+    crate::experts::set_switch(&FUSED, mode);
+}
+
 /// `act_fwd_*` -> `act_fwdv_*`, `act_bwd_*` -> `act_bwdv_*` (the vectorised kernels).
 fn vectorised_name(name: &str) -> String {
     name.replacen("act_fwd_", "act_fwdv_", 1).replacen("act_bwd_", "act_bwdv_", 1)
@@ -239,21 +254,27 @@ pub fn launch_activation_backward(
     let s = dev.stream();
     let [kind, alpha, limit, offset] = option_args(options);
     let (gradp, xp, gip) = (grad.ptr(s), x.ptr(s), grad_in.ptr(s));
-    let (vname, grid) = match vector_grid(dtype, rows, inter, &[gradp, xp, gip]) {
+    let vector = vector_grid(dtype, rows, inter, &[gradp, xp, gip]);
+    let args = |probs_ptr: u64| vec![Arg::U64(gradp), Arg::U64(xp), i64_arg(rows), i64_arg(width), i64_arg(inter), Arg::U64(probs_ptr), kind, alpha, limit, offset, Arg::U64(gip)];
+    if let (Some(_), Some(p), Some(gp), ExpMath::Fast, true) = (vector, probs, grad_probs, math, fused_probs_gradient()) {
+        // one pass: the gradients and the probs gradient (a block a row, its column groups)
+        check_buffer("activationBackward's gradProbs", gp, rows, 4)?;
+        let groups = inter / (16 / dtype.size());
+        let threads = groups.next_multiple_of(32).min(THREADS as usize) as u32;
+        let mut a = args(p.ptr(s));
+        a.push(Arg::U64(gp.ptr(s)));
+        return dev.launch(&name.replacen("act_bwd_fast_", "act_bwdgv_fast_", 1), (rows.min(MAX_BLOCKS) as u32, 1), threads, &a);
+    }
+    let (vname, grid) = match vector {
         Some(g) => (vectorised_name(&name), (g, 1)),
         None => (name, row_grid(rows, inter)),
     };
-    dev.launch(
-        &vname,
-        grid,
-        THREADS,
-        &[Arg::U64(gradp), Arg::U64(xp), i64_arg(rows), i64_arg(width), i64_arg(inter), Arg::U64(probs.map_or(0, |p| p.ptr(s))), kind, alpha, limit, offset, Arg::U64(gip)],
-    )?;
+    dev.launch(&vname, grid, THREADS, &args(probs.map_or(0, |p| p.ptr(s))))?;
     if let (Some(_), Some(gp)) = (probs, grad_probs) {
         check_buffer("activationBackward's gradProbs", gp, rows, 4)?;
         let name = grad_probs_kernel(dtype).map(|n| with_math(n, math)).ok_or_else(|| Error::Cuda(format!("activationBackward: no kernel for {} (a bug in moe-dispatch)", dtype.name())))?;
         // (kernels/activations.cu: 32 rows a block, a summing warp and 8 producer warps)
-        dev.launch_block(&name, (rows.div_ceil(32).min(MAX_BLOCKS) as u32, 1), (32, 9), &[Arg::U64(grad.ptr(s)), Arg::U64(x.ptr(s)), i64_arg(rows), i64_arg(width), i64_arg(inter), kind, alpha, limit, offset, Arg::U64(gp.ptr(s))])?;
+        dev.launch_block(&name, (rows.div_ceil(32).min(MAX_BLOCKS) as u32, 1), (32, 9), &[Arg::U64(gradp), Arg::U64(xp), i64_arg(rows), i64_arg(width), i64_arg(inter), kind, alpha, limit, offset, Arg::U64(gp.ptr(s))])?;
     }
     Ok(())
 }
@@ -554,6 +575,7 @@ mod tests {
             names.push(backward_kernel(i, o).unwrap());
             names.push(with_math(forward_kernel(i, o).unwrap(), ExpMath::Fast));
             names.push(with_math(backward_kernel(i, o).unwrap(), ExpMath::Fast));
+            names.push(with_math(backward_kernel(i, o).unwrap(), ExpMath::Fast).replacen("act_bwd_fast_", "act_bwdgv_fast_", 1));
             for n in [forward_kernel(i, o).unwrap(), backward_kernel(i, o).unwrap()] {
                 names.push(vectorised_name(&n));
                 names.push(vectorised_name(&with_math(n, ExpMath::Fast)));

@@ -392,18 +392,23 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
     let (fwd_gb, bwd_gb) = (((n * width + n * inter) * 2) as f64 / 1e9, ((2 * n * width + n * inter) * 2) as f64 / 1e9);
     let mut act_rows: Vec<String> = Vec::new();
     for round in 0..3 {
-        for vector in [true, false] {
+        // vectorised with the probs gradient in the backward's pass, vectorised in two passes,
+        // one column a thread (two passes)
+        for (what, vector, fused) in [("vector", true, true), ("vector2pass", true, false), ("column", false, false)] {
             moe_cuda::activations::set_vectorised(Some(vector));
+            moe_cuda::activations::set_fused_probs_gradient(Some(fused));
             let (f, _) = time_ms(dev, iters, || launch_activation(dev, &act, ExpMath::Fast, DType::BF16, &sc_h, n, width, Some(pb), DType::BF16, &sc_a))?;
             let (b, _) = time_ms(dev, iters, || launch_activation_backward(dev, &act, ExpMath::Fast, DType::BF16, &sc_da, &sc_h, n, width, Some(pb), DType::BF16, &sc_a, None))?;
-            let what = if vector { "vector" } else { "column" };
-            act_rows.push(format!("r{round} {what}: fwd {f:.3} ms ({:.0} GB/s), bwd {b:.3} ms ({:.0} GB/s)", fwd_gb / (f * 1e-3), bwd_gb / (b * 1e-3)));
+            let (bg, _) = time_ms(dev, iters, || launch_activation_backward(dev, &act, ExpMath::Fast, DType::BF16, &sc_da, &sc_h, n, width, Some(pb), DType::BF16, &sc_a, Some(&sc_gp)))?;
+            act_rows.push(format!("r{round} {what}: fwd {f:.3} ms ({:.0} GB/s), bwd {b:.3} ms ({:.0} GB/s), bwd + probs gradient {bg:.3} ms", fwd_gb / (f * 1e-3), bwd_gb / (b * 1e-3)));
             ab.push((format!("activationForwardMs_{what}_r{round}"), f));
             ab.push((format!("activationBackwardMs_{what}_r{round}"), b));
+            ab.push((format!("activationBackwardWithProbsGradMs_{what}_r{round}"), bg));
         }
     }
     moe_cuda::activations::set_vectorised(None);
-    println!("{:>13} activation kernels, vectorised / one column a thread: {}", s.name, act_rows.join("; "));
+    moe_cuda::activations::set_fused_probs_gradient(None);
+    println!("{:>13} activation kernels, vectorised (probs gradient in one pass) / vectorised in two passes / one column a thread: {}", s.name, act_rows.join("; "));
     // experts forward and backward, the per-expert GEMMs one call each and as one grouped call
     set_grouped_gemm(Some(false));
     let (fwd_loop, _) = time_ms(dev, iters, || experts_forward_device(dev, &inp, &act).map(drop))?;
