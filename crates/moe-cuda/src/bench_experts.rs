@@ -20,7 +20,7 @@ use moe_cuda::device_ops::{permute_backward_device, permute_device, unpermute_ba
 use moe_cuda::experts::{experts_backward_device, experts_backward_device_saved, experts_forward_device, experts_forward_device_saving, run_gemms, set_grouped_gemm, set_row_blocks, set_side_by_side, set_weight_gradients_beside, use_grouped, weight_gradients_beside, DeviceExpertsInputs};
 use moe_cuda::{Device, DeviceTensor};
 
-use crate::{time_ms, Rng};
+use crate::{back_to_back_ms, time_ms, Rng};
 
 /// One GEMM step of the experts: its problems and the (dtype, transposed) of A and B.
 type Step = (Vec<Problem>, (DType, bool), (DType, bool));
@@ -273,6 +273,27 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
     }
     let (gemm_fwd, _) = time_ms(dev, iters, || gemms(false))?;
     let (gemm_bwd, _) = time_ms(dev, iters, || gemms(true))?;
+    let fl_fwd = 2.0 * n as f64 * dim as f64 * width as f64 + 2.0 * n as f64 * inter as f64 * dim as f64;
+    let fl_bwd = 2.0 * n as f64 * dim as f64 * width as f64 * 3.0 + 2.0 * n as f64 * inter as f64 * dim as f64 * 2.0;
+    // the same passes queued back to back (the host ahead of the GPU, as in a training step),
+    // three times each, alternating
+    let mut b2b: Vec<(f64, f64)> = Vec::new();
+    for _ in 0..3 {
+        b2b.push((back_to_back_ms(dev, iters, || gemms(false))?, back_to_back_ms(dev, iters, || gemms(true))?));
+    }
+    let pct = |fl: f64, ms: f64| 100.0 * fl / (ms * 1e-3) / 1e12 / peak;
+    println!(
+        "{:>13} GEMMs queued back to back ({iters} passes, 3 times): fwd {} ms ({}% of the bf16 rate), bwd {} ms ({}%)",
+        s.name,
+        b2b.iter().map(|b| format!("{:.3}", b.0)).collect::<Vec<_>>().join("/"),
+        b2b.iter().map(|b| format!("{:.0}", pct(fl_fwd, b.0))).collect::<Vec<_>>().join("/"),
+        b2b.iter().map(|b| format!("{:.3}", b.1)).collect::<Vec<_>>().join("/"),
+        b2b.iter().map(|b| format!("{:.0}", pct(fl_bwd, b.1))).collect::<Vec<_>>().join("/"),
+    );
+    for (i, b) in b2b.iter().enumerate() {
+        ab.push((format!("gemmForwardMsBackToBack_r{i}"), b.0));
+        ab.push((format!("gemmBackwardMsBackToBack_r{i}"), b.1));
+    }
     // the same A/B again here, after the host-time measurements: on an H200 this headline
     // measurement of the default backward gave 63-75% where the interleaved rounds above gave
     // 68-84% (fifth session, not explained); both, side by side, at this position too
@@ -440,8 +461,6 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
         Ok(())
     };
     let (layer_ms, _) = time_ms(dev, iters, layer)?;
-    let fl_fwd = 2.0 * n as f64 * dim as f64 * width as f64 + 2.0 * n as f64 * inter as f64 * dim as f64;
-    let fl_bwd = 2.0 * n as f64 * dim as f64 * width as f64 * 3.0 + 2.0 * n as f64 * inter as f64 * dim as f64 * 2.0;
     let tf = |fl: f64, ms: f64| fl / (ms * 1e-3) / 1e12;
     println!(
         "{:>13} T={t} dim={dim} inter={inter} E={e} k={k}: GEMMs fwd {gemm_fwd:.3} ms ({:.0} TFLOP/s, {:.0}% of {peak:.0}), bwd {gemm_bwd:.3} ms ({:.0} TFLOP/s, {:.0}%); experts fwd {fwd:.3} ms, bwd {bwd:.3} ms; layer fwd+bwd {layer_ms:.3} ms",

@@ -284,6 +284,26 @@ impl Device {
         self.stream.synchronize().map_err(|e| Error::driver(format!("running the kernels for {what}"), e))
     }
 
+    /// Returns the memory that the device's pool keeps from freed buffers to the driver (after
+    /// waiting for the stream), like PyTorch's `empty_cache`: the pool keeps freed memory for the
+    /// next ops' buffers (`keep_pool_memory`).
+    pub fn release_cached_memory(&self) -> Result<()> {
+        self.synchronize("releasing cached memory")?;
+        // SAFETY: the default pool of this context's device; trimming frees only unused memory.
+        unsafe {
+            let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+            let r = sys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device());
+            if r != sys::CUresult::CUDA_SUCCESS || pool.is_null() {
+                return Err(Error::Cuda(format!("releasing cached memory: no default memory pool ({r:?})")));
+            }
+            let r = sys::cuMemPoolTrimTo(pool, 0);
+            if r != sys::CUresult::CUDA_SUCCESS {
+                return Err(Error::Cuda(format!("releasing cached memory: cuMemPoolTrimTo failed ({r:?})")));
+            }
+        }
+        Ok(())
+    }
+
     /// `N` host words (N <= 8) set to `value`, for kernels to write and the host to read after a
     /// synchronize ([`HostWords`]); None where the driver gives no mapped memory (the caller then
     /// uses a device buffer and [`Device::read_head`]). Only for results read after a synchronize

@@ -131,6 +131,10 @@ fn experts(args: &[String]) -> i32 {
         println!("bf16 GEMM rate (8192^3, cuBLAS): {peak:.0} TFLOP/s");
         let mut rows = Vec::new();
         for s in bench_experts::EXPERT_SHAPES.iter().filter(|s| names.as_ref().is_none_or(|n| n.iter().any(|x| x == s.name))) {
+            // MOE_BENCH_RELEASE=1: each shape starts with the pool's cached memory released
+            if std::env::var_os("MOE_BENCH_RELEASE").is_some() {
+                dev.release_cached_memory()?;
+            }
             rows.push(bench_experts::bench(dev, s, iters, peak)?.to_json());
         }
         Ok(format!("{{\"device\": {:?}, \"bf16PeakTflops\": {peak}, \"iters\": {iters}, \"rows\": [{}]}}", dev.info().name, rows.join(", ")))
@@ -175,6 +179,29 @@ fn time_ms(dev: &Device, iters: usize, mut f: impl FnMut() -> moe_cuda::Result<(
     }
     let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
     Ok((median(times), min))
+}
+
+/// The GPU time of one call of `f` with `iters` calls queued back to back (events around all of
+/// them, one synchronisation): the host queues ahead of the GPU, as in a training step, so the
+/// GPU does not wait for each call's first kernels to be queued (`time_ms` synchronises after
+/// every call, and a pass that takes the host about as long to queue as the GPU to run measures
+/// the host too).
+fn back_to_back_ms(dev: &Device, iters: usize, mut f: impl FnMut() -> moe_cuda::Result<()>) -> moe_cuda::Result<f64> {
+    for _ in 0..3 {
+        f()?;
+    }
+    dev.synchronize("warm-up")?;
+    let ctx = dev.context();
+    let stream = dev.stream();
+    let event = || ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| moe_cuda::Error::driver("event", e));
+    let (start, end) = (event()?, event()?);
+    start.record(stream).map_err(|e| moe_cuda::Error::driver("event", e))?;
+    for _ in 0..iters {
+        f()?;
+    }
+    end.record(stream).map_err(|e| moe_cuda::Error::driver("event", e))?;
+    end.synchronize().map_err(|e| moe_cuda::Error::driver("event", e))?;
+    Ok(start.elapsed_ms(&end).map_err(|e| moe_cuda::Error::driver("event", e))? as f64 / iters as f64)
 }
 
 fn run(args: &[String]) -> i32 {
