@@ -123,6 +123,22 @@ describe('device tensors', () => {
     disposeAll(d);
   });
 
+  test('releaseCachedMemory returns the pool\'s memory of disposed tensors to the driver; tensors work after it', { skip }, () => {
+    const bytes = 256 << 20;
+    const big = cuda.upload(tensor('float32', [bytes / 4], new Float32Array(bytes / 4)));
+    big.dispose();
+    cuda.synchronize();
+    const before = cuda.memory();
+    assert.ok(before.cachedBytes >= bytes, `cachedBytes ${before.cachedBytes} after disposing ${bytes} bytes`);
+    cuda.releaseCachedMemory();
+    const after = cuda.memory();
+    assert.ok(after.cachedBytes <= before.cachedBytes - bytes, `cachedBytes ${before.cachedBytes} -> ${after.cachedBytes}`);
+    assert.ok(after.freeBytes >= before.freeBytes + bytes, `freeBytes ${before.freeBytes} -> ${after.freeBytes}`);
+    const t = cuda.upload(tensor('float32', [3], Float32Array.from([1, 2, 3])));
+    assert.deepEqual([...t.download().data], [1, 2, 3]);
+    t.dispose();
+  });
+
   test('many tensors are released by the garbage collector without dispose()', { skip }, async () => {
     for (let i = 0; i < 200; i++) cuda.upload(tensor('float32', [1024, 1024])); // 4 MB each, 800 MB in all
     if (globalThis.gc) globalThis.gc();

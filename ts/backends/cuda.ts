@@ -60,6 +60,7 @@ export interface CudaExports {
   cudaUpload(tensor: ReturnType<typeof wire>): NativeCudaTensor;
   cudaSynchronize(): void;
   cudaMemory(): CudaMemory;
+  cudaReleaseCachedMemory(): void;
   cudaPermuteDevice(
     tokens: NativeCudaTensor,
     routingMap: NativeCudaTensor,
@@ -110,6 +111,8 @@ export interface CudaExports {
 export interface CudaMemory {
   liveBytes: number;
   liveBuffers: number;
+  /** Memory of freed tensors that the GPU's memory pool keeps for the next ones (`releaseCachedMemory()` returns it). */
+  cachedBytes: number;
   freeBytes: number;
   totalBytes: number;
 }
@@ -205,8 +208,16 @@ export interface CudaBackend
   upload<D extends DType>(tensor: Tensor<D>): DeviceTensor<D>;
   /** Waits until every queued kernel has finished. */
   synchronize(): void;
-  /** Device memory held by this process's tensors, and the GPU's free and total memory. */
+  /** Device memory held by this process's tensors, the pool's cached memory, and the GPU's free and total memory. */
   memory(): CudaMemory;
+  /**
+   * Waits for the GPU, then returns the memory that freed tensors left in the memory pool to the
+   * driver (as PyTorch's `torch.cuda.empty_cache()`). The pool keeps it so that the next ops'
+   * tensors reuse it; on an H200 the fine-grained experts' GEMMs ran at 62-67% of the bf16 rate
+   * in a process whose pool still held a Mixtral-sized layer's memory, 72-82% once it was
+   * released (docs/gpu-report.md): call it when the shapes a process runs change.
+   */
+  releaseCachedMemory(): void;
   permute<D extends TokenDType>(tokens: Tensor<D>, routingMap: Tensor<'bool'>, options?: PermuteOptions): ReturnType<Backend['permute']> & { permutedTokens: Tensor<D> };
   permute<D extends TokenDType>(tokens: AnyTensor<D>, routingMap: AnyTensor<'bool'>, options?: DevicePermuteOptions): DevicePermuteResult<D>;
   unpermute<D extends TokenDType>(permutedTokens: Tensor<D>, sortedIndices: Tensor<IndexDType>, restoreShape: readonly [number, number], options?: UnpermuteOptions): Tensor<D>;
@@ -257,6 +268,13 @@ export function cudaBackend(base: Backend, addon: CudaExports): CudaBackend {
         return addon.cudaMemory();
       } catch (e) {
         rethrowNative('memory', e);
+      }
+    },
+    releaseCachedMemory(): void {
+      try {
+        addon.cudaReleaseCachedMemory();
+      } catch (e) {
+        rethrowNative('releaseCachedMemory', e);
       }
     },
     permute(tokens: unknown, routingMap: unknown, options?: unknown) {

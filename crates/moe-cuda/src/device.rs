@@ -284,22 +284,44 @@ impl Device {
         self.stream.synchronize().map_err(|e| Error::driver(format!("running the kernels for {what}"), e))
     }
 
+    /// The device's memory pool: (bytes it holds from the driver, bytes of them in live
+    /// buffers); the difference is memory freed by buffers and kept for the next ones.
+    pub fn pool_memory(&self) -> Result<(u64, u64)> {
+        let pool = self.default_pool("reading the pool's memory")?;
+        let attr = |a: sys::CUmemPool_attribute, what: &str| -> Result<u64> {
+            let mut v: u64 = 0;
+            // SAFETY: both attributes are cuuint64_t values.
+            let r = unsafe { sys::cuMemPoolGetAttribute(pool, a, &mut v as *mut u64 as *mut _) };
+            if r == sys::CUresult::CUDA_SUCCESS {
+                Ok(v)
+            } else {
+                Err(Error::Cuda(format!("reading the pool's {what}: {r:?}")))
+            }
+        };
+        Ok((attr(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT, "reserved memory")?, attr(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT, "used memory")?))
+    }
+
+    fn default_pool(&self, what: &str) -> Result<sys::CUmemoryPool> {
+        self.ctx.bind_to_thread().map_err(|e| Error::driver("binding the context", e))?;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: writes the handle of this device's default pool.
+        let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device()) };
+        if r != sys::CUresult::CUDA_SUCCESS || pool.is_null() {
+            return Err(Error::Cuda(format!("{what}: no default memory pool ({r:?})")));
+        }
+        Ok(pool)
+    }
+
     /// Returns the memory that the device's pool keeps from freed buffers to the driver (after
     /// waiting for the stream), like PyTorch's `empty_cache`: the pool keeps freed memory for the
     /// next ops' buffers (`keep_pool_memory`).
     pub fn release_cached_memory(&self) -> Result<()> {
         self.synchronize("releasing cached memory")?;
-        // SAFETY: the default pool of this context's device; trimming frees only unused memory.
-        unsafe {
-            let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-            let r = sys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device());
-            if r != sys::CUresult::CUDA_SUCCESS || pool.is_null() {
-                return Err(Error::Cuda(format!("releasing cached memory: no default memory pool ({r:?})")));
-            }
-            let r = sys::cuMemPoolTrimTo(pool, 0);
-            if r != sys::CUresult::CUDA_SUCCESS {
-                return Err(Error::Cuda(format!("releasing cached memory: cuMemPoolTrimTo failed ({r:?})")));
-            }
+        let pool = self.default_pool("releasing cached memory")?;
+        // SAFETY: trimming frees only memory that no buffer uses.
+        let r = unsafe { sys::cuMemPoolTrimTo(pool, 0) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(Error::Cuda(format!("releasing cached memory: cuMemPoolTrimTo failed ({r:?})")));
         }
         Ok(())
     }

@@ -386,6 +386,8 @@ pub fn cuda_unpermute_backward_device(
 pub struct CudaMemory {
     pub live_bytes: f64,
     pub live_buffers: f64,
+    /// Memory the pool keeps from freed buffers for the next ones (`cudaReleaseCachedMemory`).
+    pub cached_bytes: f64,
     pub free_bytes: f64,
     pub total_bytes: f64,
 }
@@ -396,8 +398,15 @@ pub fn cuda_memory() -> napi::Result<CudaMemory, String> {
     run(|dev| {
         let (free, total) = dev.memory_info()?;
         let (live_bytes, live_buffers) = moe_cuda::device::live_memory();
-        Ok(CudaMemory { live_bytes: live_bytes as f64, live_buffers: live_buffers as f64, free_bytes: free as f64, total_bytes: total as f64 })
+        let (reserved, used) = dev.pool_memory()?;
+        Ok(CudaMemory { live_bytes: live_bytes as f64, live_buffers: live_buffers as f64, cached_bytes: reserved.saturating_sub(used) as f64, free_bytes: free as f64, total_bytes: total as f64 })
     })
+}
+
+/// Returns the memory pool's cached memory (freed buffers kept for the next ones) to the driver.
+#[napi]
+pub fn cuda_release_cached_memory() -> napi::Result<(), String> {
+    run(|dev| dev.release_cached_memory())
 }
 
 /// For the overhead benchmark (test/gpu/overhead.mjs): `iters` calls of `unpermute` on device
