@@ -6,7 +6,8 @@
 //! experts forward, experts backward, and the layer (permute with probs -> experts ->
 //! unpermute, then unpermute backward -> experts backward -> permute backward) with a fixed
 //! top-k routing (the layer's forward keeps h and a for its backward: saveForBackward). Times are medians of CUDA-event timings; GEMM efficiency = GEMM FLOPs /
-//! GEMM time / the measured bf16 rate. `MOE_BENCH_AB_ONLY=1`: only the first A/B (the backward
+//! GEMM time / the measured bf16 rate. Each shape starts with the memory pool's cached memory
+//! released (`MOE_BENCH_KEEP_POOL=1`: kept). `MOE_BENCH_AB_ONLY=1`: only the first A/B (the backward
 //! GEMMs with the weight gradients beside the token-side ones, or a step at a time), for a quick
 //! look.
 
