@@ -277,6 +277,27 @@ static __device__ __forceinline__ void act_pairs(int kind, const typename T::S* 
     }
 }
 
+// The gate and up gradients of output columns j .. j + V into a gradient row (act_pairs' layouts;
+// relu2 has no up half).
+template <typename T, int V>
+static __device__ __forceinline__ void store_pairs(int kind, typename T::S* row, i64 inter, i64 j, const float* d_gate, const float* d_up) {
+    if (kind == ACT_QUICK_GEGLU) {
+        float both[2 * V];
+#pragma unroll
+        for (int u = 0; u < V; u++) {
+            both[2 * u] = d_gate[u];
+            both[2 * u + 1] = d_up[u];
+        }
+        store_f32<T, V>(row + 2 * j, both);
+        store_f32<T, V>(row + 2 * j + V, both + V);
+    } else if (kind == ACT_RELU2) {
+        store_f32<T, V>(row + j, d_gate);
+    } else {
+        store_f32<T, V>(row + j, d_gate);
+        store_f32<T, V>(row + inter + j, d_up);
+    }
+}
+
 // The flat (row, column group) loop of the vectorised kernels: r and j (the first of V columns).
 #define ACT_VEC_ITEMS(V, ...)                                                                        \
     {                                                                                                \
@@ -317,22 +338,7 @@ static __device__ __forceinline__ void act_bwd_vec(const typename TI::S* grad, c
         const float p = probs ? probs[r] : 1.0f;
 _Pragma("unroll")
         for (int u = 0; u < V; u++) act_unit_grad(o, gate[u], up[u], probs ? g[u] * p : g[u], d_gate[u], d_up[u]);
-        typename TO::S* row = grad_in + r * width;
-        if (o.kind == ACT_QUICK_GEGLU) {
-            float both[2 * V];
-_Pragma("unroll")
-            for (int u = 0; u < V; u++) {
-                both[2 * u] = d_gate[u];
-                both[2 * u + 1] = d_up[u];
-            }
-            store_f32<TO, V>(row + 2 * j, both);
-            store_f32<TO, V>(row + 2 * j + V, both + V);
-        } else if (o.kind == ACT_RELU2) {
-            store_f32<TO, V>(row + j, d_gate);
-        } else {
-            store_f32<TO, V>(row + j, d_gate);
-            store_f32<TO, V>(row + inter + j, d_up);
-        }
+        store_pairs<TO, V>(o.kind, grad_in + r * width, inter, j, d_gate, d_up);
     })
 }
 
@@ -363,22 +369,7 @@ static __device__ __forceinline__ void act_bwd_gp_vec(const typename TI::S* grad
                 act_unit_grad(o, gate[u], up[u], g[u] * p, d_gate[u], d_up[u]);
                 sum += (double)(act_unit(o, gate[u], up[u]) * g[u]);
             }
-            typename TO::S* row = grad_in + r * width;
-            if (o.kind == ACT_QUICK_GEGLU) {
-                float both[2 * V];
-#pragma unroll
-                for (int u = 0; u < V; u++) {
-                    both[2 * u] = d_gate[u];
-                    both[2 * u + 1] = d_up[u];
-                }
-                store_f32<TO, V>(row + 2 * j, both);
-                store_f32<TO, V>(row + 2 * j + V, both + V);
-            } else if (o.kind == ACT_RELU2) {
-                store_f32<TO, V>(row + j, d_gate);
-            } else {
-                store_f32<TO, V>(row + j, d_gate);
-                store_f32<TO, V>(row + inter + j, d_up);
-            }
+            store_pairs<TO, V>(o.kind, grad_in + r * width, inter, j, d_gate, d_up);
         }
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) sum += __shfl_down_sync(0xffffffffu, sum, off);
