@@ -20,6 +20,7 @@ use moe_core::tensor::DType;
 
 use crate::device::{Arg, Buffer, Device};
 use crate::error::{Error, Result};
+use crate::switch::Switch;
 use crate::tensor::{download_opt, opt_ref, tensor_ref, upload_owned_opt, DeviceTensor};
 
 /// Threads per block of the element-wise and per-row kernels.
@@ -40,12 +41,12 @@ const ACT_ROWS: usize = 4;
 /// 16 / (input element size) consecutive columns a thread with 16-byte loads; by default they run
 /// wherever they apply ([`vector_grid`]); `MOE_DISPATCH_ACT_VECTOR=off` or
 /// [`set_vectorised`]`(Some(false))` keeps the one-column kernels (for comparisons).
-static VECTOR: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(crate::experts::UNSET);
+static VECTOR: Switch = Switch::new("MOE_DISPATCH_ACT_VECTOR");
 
 /// Overrides whether the vectorised activation kernels run where they apply: `Some(false)`
 /// never, `Some(true)` or `None` (the default) yes.
 pub fn set_vectorised(mode: Option<bool>) {
-    crate::experts::set_switch(&VECTOR, mode);
+    VECTOR.set(mode);
 }
 
 /// The grid of a vectorised kernel over `rows` x `inter` output columns of an input of
@@ -56,7 +57,7 @@ fn vector_grid(in_dtype: DType, rows: usize, inter: usize, ptrs: &[u64]) -> Opti
     let v = 16 / in_dtype.size();
     let items = rows.checked_mul(inter / v)?;
     let applies = inter % v == 0 && items > 0 && items <= i32::MAX as usize && ptrs.iter().all(|p| p % 16 == 0);
-    (applies && crate::experts::switched_on(&VECTOR, "MOE_DISPATCH_ACT_VECTOR")).then(|| blocks(items).min(VECTOR_BLOCKS))
+    (applies && VECTOR.on()).then(|| blocks(items).min(VECTOR_BLOCKS))
 }
 
 /// At most this many blocks for the vectorised kernels (a few items a thread beyond).
@@ -65,16 +66,16 @@ const VECTOR_BLOCKS: u32 = 8192;
 /// Whether the fast backward with probs (the grouped experts) computes the probs gradient in the
 /// vectorised backward's pass (`act_bwdgv_fast_*`) where that kernel applies: by default yes;
 /// `MOE_DISPATCH_ACT_FUSED=off` or [`set_fused_probs_gradient`]`(Some(false))`: two passes.
-static FUSED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(crate::experts::UNSET);
+static FUSED: Switch = Switch::new("MOE_DISPATCH_ACT_FUSED");
 
 fn fused_probs_gradient() -> bool {
-    crate::experts::switched_on(&FUSED, "MOE_DISPATCH_ACT_FUSED")
+    FUSED.on()
 }
 
 /// Overrides [`fused_probs_gradient`]: `Some(false)` two passes, `Some(true)` or `None` (the
 /// default) one where it applies.
 pub fn set_fused_probs_gradient(mode: Option<bool>) {
-    crate::experts::set_switch(&FUSED, mode);
+    FUSED.set(mode);
 }
 
 /// `act_fwd_*` -> `act_fwdv_*`, `act_bwd_*` -> `act_bwdv_*` (the vectorised kernels).

@@ -26,6 +26,7 @@ use crate::activations::{launch_activation, launch_activation_backward, ExpMath}
 use crate::blas::{gemm, gemm_grouped, gemm_problem, gemm_row_blocks, mark, Operand, Output, Problem, SideBySide};
 use crate::device::{Arg, Buffer, Device};
 use crate::error::{Error, Result};
+use crate::switch::Switch;
 use crate::ops::row_launch;
 use crate::tensor::{tensor_ref, upload_owned_opt, DeviceTensor};
 
@@ -183,7 +184,7 @@ pub fn use_grouped(active_experts: usize) -> bool {
     mode == ON
 }
 
-pub(crate) const UNSET: u8 = 0;
+const UNSET: u8 = 0;
 const AUTO: u8 = 1;
 const ON: u8 = 2;
 const OFF: u8 = 3;
@@ -221,34 +222,15 @@ fn expert_problems(p: &Plan, f: impl Fn(usize, usize, usize) -> Problem) -> Vec<
 /// `MOE_DISPATCH_GEMM_BESIDE=off` (or [`set_weight_gradients_beside`]`(Some(false))`) queues
 /// them a step at a time instead, as before (for measurements).
 pub fn weight_gradients_beside(dev: &Device, count: usize) -> Option<&SideBySide> {
-    (switched_on(&BESIDE, "MOE_DISPATCH_GEMM_BESIDE") && count >= SideBySide::MIN_PROBLEMS && !use_grouped(count) && side_by_side()).then(|| dev.side_blas().ok()).flatten()
+    (BESIDE.on() && count >= SideBySide::MIN_PROBLEMS && !use_grouped(count) && side_by_side()).then(|| dev.side_blas().ok()).flatten()
 }
 
-static BESIDE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(UNSET);
+static BESIDE: Switch = Switch::new("MOE_DISPATCH_GEMM_BESIDE");
 
 /// Overrides [`weight_gradients_beside`]: `Some(false)` never, `Some(true)` or `None` (the
 /// default) where side by side applies.
 pub fn set_weight_gradients_beside(mode: Option<bool>) {
-    set_switch(&BESIDE, mode);
-}
-
-/// A setting that is on unless its environment variable says `off` or `0` (read once) or a
-/// setter turned it off.
-pub(crate) fn switched_on(cell: &std::sync::atomic::AtomicU8, var: &str) -> bool {
-    let mode = match cell.load(std::sync::atomic::Ordering::Relaxed) {
-        UNSET => {
-            let m = if matches!(std::env::var(var).as_deref(), Ok("off" | "0")) { OFF } else { ON };
-            cell.store(m, std::sync::atomic::Ordering::Relaxed);
-            m
-        }
-        m => m,
-    };
-    mode == ON
-}
-
-/// Sets a [`switched_on`] setting: `Some(false)` off, `Some(true)` or `None` (the default) on.
-pub(crate) fn set_switch(cell: &std::sync::atomic::AtomicU8, mode: Option<bool>) {
-    cell.store(if mode == Some(false) { OFF } else { ON }, std::sync::atomic::Ordering::Relaxed);
+    BESIDE.set(mode);
 }
 
 /// Whether many small GEMMs ([`SideBySide::MIN_PROBLEMS`] or more) that are not cut into row
@@ -260,7 +242,7 @@ pub(crate) fn set_switch(cell: &std::sync::atomic::AtomicU8, mode: Option<bool>)
 /// quarter of the GPU runs one (docs/gpu-report.md).
 fn side_by_side() -> bool {
     // off, or on (a number: how many streams, crate::blas::SideBySide::STREAMS by default)
-    switched_on(&SIDE, "MOE_DISPATCH_GEMM_STREAMS")
+    SIDE.on()
 }
 
 /// The row block of [`gemm_row_blocks`] for these problems, if they run that way:
@@ -307,12 +289,12 @@ pub fn set_row_blocks(mode: Option<usize>) {
     ROW_BLOCK.store(mode.map_or(ROW_BLOCK_AUTO, |b| b.min(ROW_BLOCK_AUTO - 1)), std::sync::atomic::Ordering::Relaxed);
 }
 
-static SIDE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(UNSET);
+static SIDE: Switch = Switch::new("MOE_DISPATCH_GEMM_STREAMS");
 
 /// Overrides the side-by-side choice: `Some(true)` or `None` (the default) for many GEMMs,
 /// `Some(false)` never.
 pub fn set_side_by_side(mode: Option<bool>) {
-    set_switch(&SIDE, mode);
+    SIDE.set(mode);
 }
 
 /// Independent GEMMs of one dtype and transpose pattern (`a` and `b`: dtype, transposed), the

@@ -16,6 +16,7 @@ pub mod error;
 pub mod experts;
 pub mod layout;
 pub mod ops;
+mod switch;
 pub mod tensor;
 
 pub use device::{Buffer, Device, DeviceInfo};

@@ -1,0 +1,72 @@
+//! On-by-default settings of the CUDA backend: each read once from its environment variable
+//! (`off` or `0` turns it off), and overridable from code (the benchmark's A/B comparisons).
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+const UNSET: u8 = 0;
+const ON: u8 = 1;
+const OFF: u8 = 2;
+
+/// A setting that is on unless its environment variable says `off` or `0`, or [`Switch::set`]
+/// turned it off.
+pub(crate) struct Switch {
+    cell: AtomicU8,
+    var: &'static str,
+}
+
+impl Switch {
+    pub(crate) const fn new(var: &'static str) -> Self {
+        Switch { cell: AtomicU8::new(UNSET), var }
+    }
+
+    /// Whether the setting is on (the environment is read the first time).
+    pub(crate) fn on(&self) -> bool {
+        let mode = match self.cell.load(Ordering::Relaxed) {
+            UNSET => {
+                let m = if matches!(std::env::var(self.var).as_deref(), Ok("off" | "0")) { OFF } else { ON };
+                self.cell.store(m, Ordering::Relaxed);
+                m
+            }
+            m => m,
+        };
+        mode == ON
+    }
+
+    /// `Some(false)` off; `Some(true)` or `None` (the default) on.
+    pub(crate) fn set(&self, mode: Option<bool>) {
+        self.cell.store(if mode == Some(false) { OFF } else { ON }, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn on_by_default_and_set_overrides() {
+        // a variable no one sets
+        let s = Switch::new("MOE_DISPATCH_TEST_SWITCH_NEVER_SET");
+        assert!(s.on());
+        s.set(Some(false));
+        assert!(!s.on());
+        s.set(None);
+        assert!(s.on());
+        s.set(Some(false));
+        s.set(Some(true));
+        assert!(s.on());
+    }
+
+    #[test]
+    fn the_environment_turns_it_off() {
+        // SAFETY (edition 2024 wording): this test alone touches this variable.
+        std::env::set_var("MOE_DISPATCH_TEST_SWITCH_OFF", "off");
+        std::env::set_var("MOE_DISPATCH_TEST_SWITCH_ZERO", "0");
+        std::env::set_var("MOE_DISPATCH_TEST_SWITCH_OTHER", "4");
+        assert!(!Switch::new("MOE_DISPATCH_TEST_SWITCH_OFF").on());
+        assert!(!Switch::new("MOE_DISPATCH_TEST_SWITCH_ZERO").on());
+        assert!(Switch::new("MOE_DISPATCH_TEST_SWITCH_OTHER").on());
+        let s = Switch::new("MOE_DISPATCH_TEST_SWITCH_OFF");
+        s.set(Some(true));
+        assert!(s.on());
+    }
+}
