@@ -78,6 +78,11 @@ pub fn set_fused_probs_gradient(mode: Option<bool>) {
     FUSED.set(mode);
 }
 
+/// `act_bwd_fast_*` -> `act_bwdgv_fast_*` (the vectorised backward with the probs gradient).
+fn fused_name(name: &str) -> String {
+    name.replacen("act_bwd_fast_", "act_bwdgv_fast_", 1)
+}
+
 /// `act_fwd_*` -> `act_fwdv_*`, `act_bwd_*` -> `act_bwdv_*` (the vectorised kernels).
 fn vectorised_name(name: &str) -> String {
     name.replacen("act_fwd_", "act_fwdv_", 1).replacen("act_bwd_", "act_bwdv_", 1)
@@ -264,7 +269,7 @@ pub fn launch_activation_backward(
         let threads = groups.next_multiple_of(32).min(THREADS as usize) as u32;
         let mut a = args(p.ptr(s));
         a.push(Arg::U64(gp.ptr(s)));
-        return dev.launch(&name.replacen("act_bwd_fast_", "act_bwdgv_fast_", 1), (rows.min(MAX_BLOCKS) as u32, 1), threads, &a);
+        return dev.launch(&fused_name(&name), (rows.min(MAX_BLOCKS) as u32, 1), threads, &a);
     }
     let (vname, grid) = match vector {
         Some(g) => (vectorised_name(&name), (g, 1)),
@@ -576,7 +581,7 @@ mod tests {
             names.push(backward_kernel(i, o).unwrap());
             names.push(with_math(forward_kernel(i, o).unwrap(), ExpMath::Fast));
             names.push(with_math(backward_kernel(i, o).unwrap(), ExpMath::Fast));
-            names.push(with_math(backward_kernel(i, o).unwrap(), ExpMath::Fast).replacen("act_bwd_fast_", "act_bwdgv_fast_", 1));
+            names.push(fused_name(&with_math(backward_kernel(i, o).unwrap(), ExpMath::Fast)));
             for n in [forward_kernel(i, o).unwrap(), backward_kernel(i, o).unwrap()] {
                 names.push(vectorised_name(&n));
                 names.push(vectorised_name(&with_math(n, ExpMath::Fast)));
@@ -647,6 +652,7 @@ mod tests {
         // thread, 16-byte aligned buffers, a u32 index)
         assert_eq!(vectorised_name("act_fwd_fast_bf16_bf16"), "act_fwdv_fast_bf16_bf16");
         assert_eq!(vectorised_name("act_bwd_f32_f16"), "act_bwdv_f32_f16");
+        assert_eq!(fused_name("act_bwd_fast_bf16_bf16"), "act_bwdgv_fast_bf16_bf16");
         assert_eq!(vector_grid(DType::BF16, 49152, 1408, &[0, 256]), Some(8192));
         assert_eq!(vector_grid(DType::BF16, 3, 16, &[0, 256]), Some(1));
         assert_eq!(vector_grid(DType::BF16, 3, 12, &[0, 256]), None);

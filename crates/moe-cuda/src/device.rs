@@ -303,13 +303,7 @@ impl Device {
 
     fn default_pool(&self, what: &str) -> Result<sys::CUmemoryPool> {
         self.ctx.bind_to_thread().map_err(|e| Error::driver("binding the context", e))?;
-        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-        // SAFETY: writes the handle of this device's default pool.
-        let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device()) };
-        if r != sys::CUresult::CUDA_SUCCESS || pool.is_null() {
-            return Err(Error::Cuda(format!("{what}: no default memory pool ({r:?})")));
-        }
-        Ok(pool)
+        default_pool(&self.ctx).map_err(|r| Error::Cuda(format!("{what}: no default memory pool ({r:?})")))
     }
 
     /// Returns the memory that the device's pool keeps from freed buffers to the driver (after
@@ -554,12 +548,22 @@ impl Buffer {
 /// driver at every synchronisation, so that an op's buffers are reused by the next op
 /// (best effort: an error leaves the default behaviour).
 fn keep_pool_memory(ctx: &Arc<CudaContext>) {
-    unsafe {
-        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-        if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) == sys::CUresult::CUDA_SUCCESS && !pool.is_null() {
-            let mut threshold: u64 = u64::MAX;
-            sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut threshold as *mut u64 as *mut _);
-        }
+    if let Ok(pool) = default_pool(ctx) {
+        let mut threshold: u64 = u64::MAX;
+        // SAFETY: the release threshold is a cuuint64_t value.
+        unsafe { sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut threshold as *mut u64 as *mut _) };
+    }
+}
+
+/// The default memory pool of `ctx`'s device (the context bound to this thread).
+fn default_pool(ctx: &Arc<CudaContext>) -> std::result::Result<sys::CUmemoryPool, sys::CUresult> {
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: writes the handle of the device's default pool.
+    let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };
+    if r == sys::CUresult::CUDA_SUCCESS && !pool.is_null() {
+        Ok(pool)
+    } else {
+        Err(r)
     }
 }
 
