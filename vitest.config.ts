@@ -13,12 +13,12 @@ const ROOT = fileURLToPath(new URL('.', import.meta.url));
 const BROWSER_SUITES = ['test/browser-entry.test.ts', 'test/golden.test.ts', 'test/properties.test.ts', 'test/routing.test.ts', 'test/layout.test.ts', 'test/activations.test.ts', 'test/dispatch-grad.test.ts', 'test/dispatcher.test.ts'];
 
 /**
- * The golden files live outside the repo (`../shared/golden/`, or `MOE_GOLDEN_DIR`). The browser
+ * The golden files are vendored in `test/fixtures/golden/` (or `MOE_GOLDEN_DIR`). The browser
  * has no file system, so test/golden-loader.ts asks for them through this command, which runs
  * in Node: every `<op>.json` of the directory as text.
  */
 function goldenFiles(): { dir: string; files: Record<string, string> } {
-  const dir = process.env.MOE_GOLDEN_DIR ? resolve(process.env.MOE_GOLDEN_DIR) : resolve(ROOT, '../shared/golden');
+  const dir = process.env.MOE_GOLDEN_DIR ? resolve(process.env.MOE_GOLDEN_DIR) : resolve(ROOT, 'test/fixtures/golden');
   const files: Record<string, string> = {};
   if (existsSync(dir)) for (const f of readdirSync(dir)) if (f.endsWith('.json')) files[f.slice(0, -5)] = readFileSync(resolve(dir, f), 'utf8');
   return { dir, files };

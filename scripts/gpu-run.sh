@@ -42,7 +42,7 @@ pack() {
   cp native/*.node "$BUNDLE/native/"
   [[ -d pkg ]] && cp -r pkg "$BUNDLE/pkg"
   cp -r test/gpu "$BUNDLE/test/gpu"
-  local golden="${MOE_GOLDEN_DIR:-../shared/golden}"
+  local golden="${MOE_GOLDEN_DIR:-test/fixtures/golden}"
   cp "$golden"/permute.json "$golden"/unpermute.json "$golden"/route.json "$BUNDLE/golden/"
   cp target/release/moe-cuda-bench "$BUNDLE/bin/"
   cp bench/gpu_torch_ref.py bench/gpu_torch_experts.py "$BUNDLE/bench/"

@@ -1,5 +1,5 @@
 /**
- * Loading the golden files (`shared/golden/<op>.json`, produced by PyTorch running the
+ * Loading the golden files (`test/fixtures/golden/<op>.json`, produced by PyTorch running the
  * reference code) and comparing results with them. Shared by every golden suite.
  */
 
@@ -8,7 +8,7 @@ import { bitsOf, expectF32Close, expectHalfWithinUlps, expectSameBits, expectVal
 
 /**
  * Where the golden files are read from, and the reader. In Node: the file system
- * (`MOE_GOLDEN_DIR`, else `../shared/golden/` beside the repo). In the browser (the vitest
+ * (`MOE_GOLDEN_DIR`, else the vendored copy in `test/fixtures/golden/`). In the browser (the vitest
  * browser project) there is no file system: the `goldenFiles` command of vitest.config.ts
  * reads the same directory on the Node side and hands the texts over, all at once, here.
  */
@@ -24,7 +24,7 @@ async function nodeSource(): Promise<GoldenSource> {
   const { existsSync, readFileSync } = await import('node:fs');
   const { resolve } = await import('node:path');
   const { fileURLToPath } = await import('node:url');
-  const dir = process.env.MOE_GOLDEN_DIR ? resolve(process.env.MOE_GOLDEN_DIR) : fileURLToPath(new URL('../../shared/golden/', import.meta.url));
+  const dir = process.env.MOE_GOLDEN_DIR ? resolve(process.env.MOE_GOLDEN_DIR) : fileURLToPath(new URL('./fixtures/golden/', import.meta.url));
   return {
     dir,
     read(op) {

@@ -1,6 +1,6 @@
 /**
  * Equivalence with the reference implementation: every case of the golden files
- * (`shared/golden/<op>.json`, produced by PyTorch running the reference code) on every
+ * (`test/fixtures/golden/<op>.json`, produced by PyTorch running the reference code) on every
  * available backend. The table below has one entry per op and variant; the backends come
  * from ./backends.ts, so a new backend or a new golden case adds tests without new code.
  *

@@ -7,7 +7,7 @@ import { resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 
 const distDir = process.env.MOE_DISPATCH_DIST ? resolve(process.env.MOE_DISPATCH_DIST) : fileURLToPath(new URL('../../dist/', import.meta.url));
-export const goldenDir = process.env.MOE_GOLDEN_DIR ? resolve(process.env.MOE_GOLDEN_DIR) : fileURLToPath(new URL('../../../shared/golden/', import.meta.url));
+export const goldenDir = process.env.MOE_GOLDEN_DIR ? resolve(process.env.MOE_GOLDEN_DIR) : fileURLToPath(new URL('../fixtures/golden/', import.meta.url));
 export const lib = await import(pathToFileURL(resolve(distDir, 'index.js')).href);
 export const { randomRouting, rng } = await import(pathToFileURL(resolve(distDir, 'random.js')).href);
 export const { tensor, toBFloat16Bits, toFloat16Bits } = lib;

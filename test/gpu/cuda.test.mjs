@@ -4,7 +4,7 @@
 // Plain JavaScript on node:test, no node_modules: it runs on the GPU machine, which has no
 // Node.js of its own (scripts/gpu-run.sh brings one). It imports the built facade, dist/,
 // from next to this folder's parent (MOE_DISPATCH_DIST overrides), and reads the golden files
-// from MOE_GOLDEN_DIR (default: ../../../shared/golden). Where CUDA is unavailable every test
+// from MOE_GOLDEN_DIR (default: ../fixtures/golden, the vendored copy). Where CUDA is unavailable every test
 // is skipped, and the skip names the reason.
 //
 //   node --test test/gpu/            (or: bash scripts/gpu-run.sh pack, then the printed command on the GPU machine)
