@@ -1,92 +1,180 @@
 /**
- * MoELayer: a complete Mixture-of-Experts layer of one rank, forward and backward, composed
- * from Backend ops only (so it runs on every backend):
+ * MoELayer: a complete Mixture-of-Experts block of one rank, forward and backward, composed
+ * from Backend ops only (so it runs on every backend), able to express the MoE blocks of the
+ * Hugging Face families (Mixtral, Qwen2/Qwen3-MoE, OLMoE, DeepSeek-V3, GPT-OSS; see hf.ts):
  *
- *   logits = x @ routerWeight                      matmul
- *   { weights, indices, scores } = route(logits)   route (softmax or sigmoid scores, top-k)
- *   permuted = dispatcher.tokenPermutation(x)      TokenDispatcher (indicesToMultihot + permute)
- *   y_slots = expertsForward(permuted, ...)        grouped experts, weighted by the slot probs
- *   output = dispatcher.tokenUnpermutation(y)      unpermute
- *   auxLoss = switch load balancing (coeff) ; zLoss (coeff)
+ *   logits = x @ routerWeight (+ routerBias)        matmul (float32, or rounded to the dtype)
+ *   { weights, indices, scores } = route(logits)    route (any score function, expert bias, groups)
+ *   permuted = dispatcher.tokenPermutation(x)       indicesToMultihot + permute
+ *   y_slots = expertsForward(permuted, ...)         grouped experts, weighted by the slot probs
+ *   output = unpermute(y) (+ shared expert(x) * sigmoid(x @ sharedExpertGate))
+ *   auxLoss (Megatron's Switch loss or transformers' convention), zLoss
  *
- * `backward(gradOutput)` runs the chain back and returns the gradient of the input and of
- * every parameter, router weight included: the routing weights' gradient is chained through
- * top-k normalisation and the score function here (in double precision, per token), and the
- * aux losses' gradients (when their coefficients are set) are added to the logits' gradient.
+ * `backward(gradOutput)` runs the chain back: the experts, the dispatch, `routeBackward` for
+ * the router (every score function), the aux losses' gradients, the shared expert and its gate.
+ * Weights and activations are float32, bfloat16 or float16 (`dtype`); every matmul and
+ * activation accumulates in float32 and rounds once, as the reference kernels do.
  */
 import type { Backend } from './backend.js';
 import { TokenDispatcher } from './dispatcher.js';
+import { castTo, columnSums, fromValues, placeRows, reshape, rows, toF32, valuesF32 } from './numeric.js';
 import type { ActivationKind } from './ops/activations.js';
 import type { ExpertBiases, ExpertWeights } from './ops/experts.js';
-import { checkTensor, type Tensor } from './tensor.js';
+import type { RouteOptions, ScoreFunction } from './ops/routing.js';
+import { checkTensor, type Tensor, type TokenDType } from './tensor.js';
 import { checkOptions } from './wire.js';
+import { fromPretrained, genericKeys, LayerClass, loadWithKeys, savePretrained, type ExpertKeyFormat, type FromPretrainedOptions, type PretrainedSource, type SavePretrainedOptions } from './hf.js';
 
-/** The parameters of a layer, all float32. */
-export interface MoEWeights {
-  /** `[dim, numExperts]`: logits = x @ routerWeight. */
-  routerWeight: Tensor<'float32'>;
+/**
+ * The parameters of a layer, in the stacked layout of the grouped experts, all in the layer's
+ * dtype except `expertBias` (float32).
+ */
+export interface MoEWeights<D extends TokenDType = TokenDType> {
+  /** `[dim, numExperts]`: logits = x @ routerWeight (transformers' router Linear transposed). */
+  routerWeight: Tensor<D>;
+  /** `[numExperts]`, added to the logits (GPT-OSS's router bias). */
+  routerBias?: Tensor<D>;
+  /** `[numExperts]` float32: the score-correction bias, used for selection only and not trained (DeepSeek-V3's `e_score_correction_bias`). */
+  expertBias?: Tensor<'float32'>;
   /** `[E, dim, 2 * inter]` (gated activations). */
-  gateAndUpProjs?: Tensor<'float32'>;
+  gateAndUpProjs?: Tensor<D>;
   /** `[E, dim, inter]` (relu2). */
-  upProjs?: Tensor<'float32'>;
+  upProjs?: Tensor<D>;
   /** `[E, inter, dim]`. */
-  downProjs: Tensor<'float32'>;
-  /** `[E, width]`, when the layer has biases. */
-  gateUpProjBias?: Tensor<'float32'>;
-  /** `[E, dim]`, when the layer has biases. */
-  downProjBias?: Tensor<'float32'>;
+  downProjs: Tensor<D>;
+  /** `[E, width]`, when the layer has expert biases. */
+  gateUpProjBias?: Tensor<D>;
+  /** `[E, dim]`, when the layer has expert biases. */
+  downProjBias?: Tensor<D>;
+  /** `[1, dim, 2 * sharedInter]`: the shared expert's gate | up halves (swiglu). */
+  sharedGateAndUpProjs?: Tensor<D>;
+  /** `[1, sharedInter, dim]`. */
+  sharedDownProjs?: Tensor<D>;
+  /** `[dim, 1]`: the shared expert's sigmoid gate (Qwen2-MoE's `shared_expert_gate`). */
+  sharedExpertGate?: Tensor<D>;
+}
+
+export interface SharedExpertOptions {
+  /** Intermediate size of the shared MLP (DeepSeek-V3: `n_shared_experts * moe_intermediate_size`). */
+  inter: number;
+  /** Scale the shared output by `sigmoid(x @ sharedExpertGate)` (Qwen2-MoE). Default false. */
+  gate?: boolean;
 }
 
 export interface MoELayerOptions {
   dim: number;
+  /** The routed experts' intermediate size. */
   inter: number;
+  /** Experts in the whole model (the router's width). */
   numExperts: number;
   topk: number;
   activation: ActivationKind;
-  /** `'softmax'` (default) or `'sigmoid'`. */
-  scoreFunction?: 'softmax' | 'sigmoid';
+  /** quick_geglu / swiglu_oai: slope inside the sigmoid (default 1.702). */
+  alpha?: number;
+  /** quick_geglu / swiglu_oai / swiglu_clamped: the clamp bound (default 7). */
+  limit?: number;
+  /** quick_geglu / swiglu_oai: added to the clamped up value (default 1). */
+  linearOffset?: number;
+  /** Weights and activations: float32 (default), bfloat16 or float16. */
+  dtype?: TokenDType;
+  /**
+   * Where the router logits are computed: `'dtype'` (default) rounds them to the layer's dtype,
+   * as a transformers router Linear in that dtype does; `'float32'` keeps them in float32 from the
+   * widened input and weight (DeepSeek-V3's router). The same for a float32 layer.
+   */
+  routerPrecision?: 'dtype' | 'float32';
+  /** Default `'softmax'`; every score function of `route`. */
+  scoreFunction?: ScoreFunction;
   /** softmax: take the top-k of the softmax over all experts (default: softmax over the k picked logits). */
   softmaxBeforeTopk?: boolean;
   normTopkProb?: boolean;
+  /** Factor on the routing weights (DeepSeek-V3's `routed_scaling_factor`). Default 1. */
   routeScale?: number;
-  /** Switch load-balancing loss coefficient (default 0: not computed). */
+  /** Expert groups for group-limited routing (DeepSeek-V3's `n_group`). Default 1. */
+  numGroups?: number;
+  /** Groups each token keeps (`topk_group`). */
+  topkGroups?: number;
+  /** A score-correction bias `expertBias [E]` for selection (initialised to 0). Default false. */
+  expertBias?: boolean;
+  /** A trained router bias `routerBias [E]` added to the logits. Default false. */
+  routerBias?: boolean;
+  /** Expert biases `gateUpProjBias`, `downProjBias` (default false). */
+  bias?: boolean;
+  /** A shared expert that every token goes through (Qwen2-MoE, DeepSeek-V3). */
+  sharedExpert?: SharedExpertOptions;
+  /** Load-balancing loss coefficient (default 0: not computed). */
   auxLossCoeff?: number;
+  /**
+   * `'megatron'` (default): Megatron-Core's Switch loss `E * coeff / (k * T^2) * sum_e P_e * c_e`
+   * with `P` the route's scores. `'hf'`: transformers' `load_balancing_loss_func` times
+   * `router_aux_loss_coef` = `coeff * E / T^2 * sum_e c_e * P_e` with `P` the softmax of the
+   * logits over all experts, i.e. the Megatron loss with coefficient `k * coeff` on softmax probs.
+   */
+  auxLossConvention?: 'megatron' | 'hf';
   /** Router z-loss coefficient (default 0: not computed). */
   zLossCoeff?: number;
-  /** Expert biases (default false). */
-  bias?: boolean;
-  /** Initial parameters; random (normal, std `initStd`, seeded by `seed`) when absent. */
+  /**
+   * Expert parallelism: this rank holds experts `expertRangeForRank(numExperts, epSize, epRank)`
+   * (the weights' first dimension is that range). Its forward returns its experts' part of the
+   * output (and the shared expert's on rank 0): the sum over ranks is the whole layer's output,
+   * and the same holds for every gradient. Default 1 / 0.
+   */
+  epSize?: number;
+  epRank?: number;
+  /** Initial parameters; random (normal, std `initStd`, seeded by `seed`; biases 0) when absent. */
   weights?: MoEWeights;
   initStd?: number;
   seed?: number;
 }
 
-export interface MoEForward {
-  /** `[T, dim]`. */
-  output: Tensor<'float32'>;
-  /** The Switch load-balancing loss times its coefficient (0 without one). */
+export interface MoEForward<D extends TokenDType = TokenDType> {
+  /** Shaped like the input (`[T, dim]` or `[B, T, dim]`), in the layer's dtype. */
+  output: Tensor<D>;
+  /** `[N, topk]` int32 (N = all tokens, batch flattened): the experts each token picked, best first. */
+  indices: Tensor<'int32'>;
+  /** `[N, topk]` float32: their routing weights. */
+  weights: Tensor<'float32'>;
+  /** `[N, numExperts]` float32: the router logits (router bias included). */
+  logits: Tensor<'float32'>;
+  /** `[N, numExperts]` float32: the route's scores. */
+  scores: Tensor<'float32'>;
+  /** The load-balancing loss times its coefficient (0 without one). */
   auxLoss: number;
   /** The z-loss times its coefficient (0 without one). */
   zLoss: number;
-  /** `[numExperts]`: tokens each expert received. */
+  /** `[numExperts]`: tokens each expert received (all experts, on every rank). */
   tokensPerExpert: Int32Array;
 }
 
 export interface MoEGrads {
-  /** `[T, dim]`: through the experts and through the router. */
-  gradInput: Tensor<'float32'>;
-  /** Shaped like the weights (only the ones the layer has). */
+  /** Shaped like the input: through the experts, the router and the shared expert. */
+  gradInput: Tensor;
+  /** Shaped and typed like the weights the layer trains (`expertBias` is not trained). */
   grads: MoEWeights;
 }
 
+/** How a layer was made by `fromPretrained`: enough to write it back in its family's keys. */
+export interface PretrainedInfo {
+  /** The config's `model_type`. */
+  modelType: string;
+  /** The decoder layer index. */
+  layer: number;
+  /** Bytes read from the checkpoint to build the layer (headers included). */
+  bytesRead?: number;
+}
+
 interface Saved {
-  x: Tensor<'float32'>;
+  shape: readonly number[];
+  x: Tensor<TokenDType>;
   logits: Tensor<'float32'>;
-  indices: Int32Array;
-  permutedTokens: Tensor<'float32'>;
+  indices: Tensor<'int32'>;
+  scores: Tensor<'float32'>;
+  permutedTokens: Tensor<TokenDType>;
   tokensPerExpert: Tensor<'int32'>;
   permutedProbs: Tensor<'float32'>;
-  scores: Tensor<'float32'>;
+  /** Rows of this rank's experts in the permuted order. */
+  localRows: [number, number];
+  shared?: { out: Float32Array; gate?: Float64Array };
 }
 
 /** A seeded normal generator (mulberry32 + Box-Muller), so layers are reproducible. */
@@ -101,13 +189,40 @@ export function normalRng(seed: number): () => number {
   return () => Math.sqrt(-2 * Math.log(uniform() + 1e-300)) * Math.cos(2 * Math.PI * uniform());
 }
 
-function positiveInt(value: unknown, arg: string): number {
+function positiveInt(value: unknown, arg: string, min = 1): number {
   if (typeof value !== 'number') throw new TypeError(`${arg}: expected a number, got ${typeof value}`);
-  if (!Number.isSafeInteger(value) || value < 1) throw new RangeError(`${arg}: expected an integer >= 1, got ${value}`);
+  if (!Number.isSafeInteger(value) || value < min) throw new RangeError(`${arg}: expected an integer >= ${min}, got ${value}`);
   return value;
 }
 
-const f32 = (shape: number[], data: Float32Array): Tensor<'float32'> => ({ dtype: 'float32', shape, data });
+function finiteNumber(value: unknown, arg: string, fallback: number): number {
+  if (value === undefined) return fallback;
+  if (typeof value !== 'number') throw new TypeError(`${arg}: expected a number, got ${typeof value}`);
+  if (!Number.isFinite(value)) throw new RangeError(`${arg}: expected a finite number, got ${value}`);
+  return value;
+}
+
+function oneOf<T extends string>(value: unknown, arg: string, allowed: readonly T[], fallback: T): T {
+  if (value === undefined) return fallback;
+  if (typeof value !== 'string' || !allowed.includes(value as T)) throw new TypeError(`${arg}: expected ${allowed.map((a) => `'${a}'`).join(', ')}, got ${JSON.stringify(value)}`);
+  return value as T;
+}
+
+function boolOption(value: unknown, arg: string): boolean {
+  if (value === undefined) return false;
+  if (typeof value !== 'boolean') throw new TypeError(`${arg}: expected a boolean, got ${typeof value}`);
+  return value;
+}
+
+const SCORE_FUNCTIONS: readonly ScoreFunction[] = ['softmax', 'sigmoid', 'softmax_with_bias', 'sigmoid_with_bias', 'sqrtsoftplus'];
+const ACTIVATIONS: readonly ActivationKind[] = ['swiglu', 'quick_geglu', 'swiglu_oai', 'swiglu_clamped', 'relu2'];
+const DTYPES: readonly TokenDType[] = ['float32', 'bfloat16', 'float16'];
+const OPTION_KEYS: readonly (keyof MoELayerOptions)[] = [
+  'dim', 'inter', 'numExperts', 'topk', 'activation', 'alpha', 'limit', 'linearOffset', 'dtype', 'routerPrecision', 'scoreFunction', 'softmaxBeforeTopk', 'normTopkProb', 'routeScale',
+  'numGroups', 'topkGroups', 'expertBias', 'routerBias', 'bias', 'sharedExpert', 'auxLossCoeff', 'auxLossConvention', 'zLossCoeff', 'epSize', 'epRank', 'weights', 'initStd', 'seed',
+];
+
+const sigmoid = (v: number) => 1 / (1 + Math.exp(-v));
 
 export class MoELayer {
   readonly dim: number;
@@ -115,247 +230,426 @@ export class MoELayer {
   readonly numExperts: number;
   readonly topk: number;
   readonly activation: ActivationKind;
-  readonly scoreFunction: 'softmax' | 'sigmoid';
+  readonly alpha?: number;
+  readonly limit?: number;
+  readonly linearOffset?: number;
+  readonly dtype: TokenDType;
+  readonly routerPrecision: 'dtype' | 'float32';
+  readonly scoreFunction: ScoreFunction;
   readonly softmaxBeforeTopk: boolean;
   readonly normTopkProb: boolean;
   readonly routeScale: number;
+  readonly numGroups: number;
+  readonly topkGroups?: number;
+  readonly sharedExpert?: Readonly<SharedExpertOptions>;
   readonly auxLossCoeff: number;
+  readonly auxLossConvention: 'megatron' | 'hf';
   readonly zLossCoeff: number;
+  readonly epSize: number;
+  readonly epRank: number;
+  /** The global experts `[start, end)` this rank holds. */
+  readonly expertRange: { start: number; end: number };
   /** The parameters; an optimizer updates their data in place. */
   readonly weights: MoEWeights;
   readonly dispatcher: TokenDispatcher;
+  /** Set by `fromPretrained`: the family and layer the weights came from (`savePretrained` writes them back there). */
+  pretrained?: PretrainedInfo;
   #saved?: Saved;
 
   constructor(
     readonly backend: Backend,
     options: MoELayerOptions,
   ) {
-    const o = checkOptions<MoELayerOptions>(options, 'MoELayer', [
-      'dim', 'inter', 'numExperts', 'topk', 'activation', 'scoreFunction', 'softmaxBeforeTopk', 'normTopkProb', 'routeScale', 'auxLossCoeff', 'zLossCoeff', 'bias', 'weights', 'initStd', 'seed',
-    ]);
+    const o = checkOptions<MoELayerOptions>(options, 'MoELayer', OPTION_KEYS);
     this.dim = positiveInt(o.dim, 'dim');
     this.inter = positiveInt(o.inter, 'inter');
     this.numExperts = positiveInt(o.numExperts, 'numExperts');
     this.topk = positiveInt(o.topk, 'topk');
-    if (typeof o.activation !== 'string') throw new TypeError(`activation: expected a string, got ${typeof o.activation}`);
-    this.activation = o.activation;
-    this.scoreFunction = o.scoreFunction ?? 'softmax';
-    if (this.scoreFunction !== 'softmax' && this.scoreFunction !== 'sigmoid') throw new TypeError(`scoreFunction: expected 'softmax' or 'sigmoid' (the ones MoELayer differentiates), got ${JSON.stringify(this.scoreFunction)}`);
-    this.softmaxBeforeTopk = o.softmaxBeforeTopk ?? false;
-    this.normTopkProb = o.normTopkProb ?? false;
-    this.routeScale = o.routeScale ?? 1;
-    this.auxLossCoeff = o.auxLossCoeff ?? 0;
-    this.zLossCoeff = o.zLossCoeff ?? 0;
-    this.dispatcher = new TokenDispatcher(backend, { numExperts: this.numExperts, topk: this.topk });
-    const width = this.activation === 'relu2' ? this.inter : 2 * this.inter;
-    const [D, E, I] = [this.dim, this.numExperts, this.inter];
-    const shapes: Record<string, number[]> = {
-      routerWeight: [D, E],
-      [this.activation === 'relu2' ? 'upProjs' : 'gateAndUpProjs']: [E, D, width],
-      downProjs: [E, I, D],
-    };
-    const withBias = o.bias ?? (o.weights?.gateUpProjBias !== undefined);
-    if (withBias) {
-      shapes.gateUpProjBias = [E, width];
-      shapes.downProjBias = [E, D];
+    if (this.topk > this.numExperts) throw new RangeError(`topk: ${this.topk} exceeds numExperts = ${this.numExperts}`);
+    if (o.activation === undefined) throw new TypeError(`activation: expected one of ${ACTIVATIONS.join(', ')} (required), got undefined`);
+    this.activation = oneOf(o.activation, 'activation', ACTIVATIONS, 'swiglu');
+    if (o.alpha !== undefined) this.alpha = finiteNumber(o.alpha, 'alpha', 0);
+    if (o.limit !== undefined) this.limit = finiteNumber(o.limit, 'limit', 0);
+    if (o.linearOffset !== undefined) this.linearOffset = finiteNumber(o.linearOffset, 'linearOffset', 0);
+    this.dtype = oneOf(o.dtype, 'dtype', DTYPES, 'float32');
+    this.routerPrecision = oneOf(o.routerPrecision, 'routerPrecision', ['dtype', 'float32'] as const, 'dtype');
+    this.scoreFunction = oneOf(o.scoreFunction, 'scoreFunction', SCORE_FUNCTIONS, 'softmax');
+    this.softmaxBeforeTopk = boolOption(o.softmaxBeforeTopk, 'softmaxBeforeTopk');
+    this.normTopkProb = boolOption(o.normTopkProb, 'normTopkProb');
+    this.routeScale = finiteNumber(o.routeScale, 'routeScale', 1);
+    this.numGroups = o.numGroups === undefined ? 1 : positiveInt(o.numGroups, 'numGroups');
+    if (o.topkGroups !== undefined) this.topkGroups = positiveInt(o.topkGroups, 'topkGroups');
+    if (o.sharedExpert !== undefined) {
+      const s = checkOptions<SharedExpertOptions>(o.sharedExpert, 'sharedExpert', ['inter', 'gate']);
+      this.sharedExpert = Object.freeze({ inter: positiveInt(s.inter, 'sharedExpert.inter'), gate: boolOption(s.gate, 'sharedExpert.gate') });
     }
+    this.auxLossCoeff = finiteNumber(o.auxLossCoeff, 'auxLossCoeff', 0);
+    if (this.auxLossCoeff < 0) throw new RangeError(`auxLossCoeff: expected a number >= 0, got ${this.auxLossCoeff}`);
+    this.auxLossConvention = oneOf(o.auxLossConvention, 'auxLossConvention', ['megatron', 'hf'] as const, 'megatron');
+    this.zLossCoeff = finiteNumber(o.zLossCoeff, 'zLossCoeff', 0);
+    if (this.zLossCoeff < 0) throw new RangeError(`zLossCoeff: expected a number >= 0, got ${this.zLossCoeff}`);
+    this.epSize = o.epSize === undefined ? 1 : positiveInt(o.epSize, 'epSize');
+    this.epRank = o.epRank === undefined ? 0 : positiveInt(o.epRank, 'epRank', 0);
+    this.expertRange = this.epSize === 1 ? { start: 0, end: this.numExperts } : backend.expertRangeForRank(this.numExperts, this.epSize, this.epRank);
+    this.dispatcher = new TokenDispatcher(backend, { numExperts: this.numExperts, topk: this.topk });
+
+    const shapes = this.#shapes(o);
     if (o.weights) {
-      const w = o.weights as unknown as Record<string, unknown>;
+      const w = checkOptions<MoEWeights>(o.weights, 'weights', Object.keys(shapes) as (keyof MoEWeights)[]) as Record<string, unknown>;
+      const out: Record<string, Tensor> = {};
       for (const [k, shape] of Object.entries(shapes)) {
-        const t = checkTensor(w[k], `weights.${k}`, ['float32'] as const);
+        const want = k === 'expertBias' ? 'float32' : this.dtype;
+        if (w[k] === undefined) throw new TypeError(`weights.${k}: expected a ${want} Tensor [${shape.join(', ')}] (the layer's options call for it), got undefined`);
+        const t = checkTensor(w[k], `weights.${k}`);
+        if (t.dtype !== want) throw new TypeError(`weights.${k}.dtype: expected ${want}${k === 'expertBias' ? '' : " (the layer's dtype)"}, got ${t.dtype}`);
         if (t.shape.length !== shape.length || t.shape.some((d, i) => d !== shape[i])) {
           throw new RangeError(`weights.${k}.shape: expected [${shape.join(', ')}], got [${t.shape.join(', ')}]`);
         }
+        out[k] = t;
       }
-      this.weights = Object.fromEntries(Object.keys(shapes).map((k) => [k, w[k]])) as unknown as MoEWeights;
+      this.weights = out as unknown as MoEWeights;
     } else {
       const normal = normalRng(o.seed ?? 1);
-      const std = o.initStd ?? 0.02;
-      const make = (shape: number[], scale: number) => f32(shape, Float32Array.from({ length: shape.reduce((a, b) => a * b, 1) }, () => normal() * scale));
-      const w: Record<string, Tensor<'float32'>> = {};
-      for (const [k, shape] of Object.entries(shapes)) w[k] = make(shape, k.endsWith('Bias') ? 0 : std);
+      const std = finiteNumber(o.initStd, 'initStd', 0.02);
+      const w: Record<string, Tensor> = {};
+      for (const [k, shape] of Object.entries(shapes)) {
+        const n = shape.reduce((a, b) => a * b, 1);
+        const zero = k.endsWith('Bias');
+        w[k] = fromValues(k === 'expertBias' ? 'float32' : this.dtype, shape, Float64Array.from({ length: n }, () => (zero ? 0 : normal() * std)));
+      }
       this.weights = w as unknown as MoEWeights;
     }
   }
 
-  /** The expert weights in the form `expertsForward` takes. */
-  get expertWeights(): ExpertWeights<'float32'> {
+  /** The parameter shapes these options call for. */
+  #shapes(o: Partial<MoELayerOptions>): Record<string, number[]> {
+    const [D, E, I] = [this.dim, this.numExperts, this.inter];
+    const L = this.expertRange.end - this.expertRange.start;
+    const width = this.activation === 'relu2' ? I : 2 * I;
+    const shapes: Record<string, number[]> = { routerWeight: [D, E] };
+    if (boolOption(o.routerBias, 'routerBias')) shapes.routerBias = [E];
+    if (boolOption(o.expertBias, 'expertBias')) shapes.expertBias = [E];
+    shapes[this.activation === 'relu2' ? 'upProjs' : 'gateAndUpProjs'] = [L, D, width];
+    shapes.downProjs = [L, I, D];
+    if (boolOption(o.bias, 'bias')) {
+      shapes.gateUpProjBias = [L, width];
+      shapes.downProjBias = [L, D];
+    }
+    if (this.sharedExpert) {
+      const S = this.sharedExpert.inter;
+      shapes.sharedGateAndUpProjs = [1, D, 2 * S];
+      shapes.sharedDownProjs = [1, S, D];
+      if (this.sharedExpert.gate) shapes.sharedExpertGate = [D, 1];
+    }
+    return shapes;
+  }
+
+  /** The options that rebuild this layer (weights aside). */
+  get options(): Omit<MoELayerOptions, 'weights' | 'initStd' | 'seed'> {
+    const w = this.weights;
+    const o: Omit<MoELayerOptions, 'weights' | 'initStd' | 'seed'> = {
+      dim: this.dim,
+      inter: this.inter,
+      numExperts: this.numExperts,
+      topk: this.topk,
+      activation: this.activation,
+      dtype: this.dtype,
+      routerPrecision: this.routerPrecision,
+      scoreFunction: this.scoreFunction,
+      softmaxBeforeTopk: this.softmaxBeforeTopk,
+      normTopkProb: this.normTopkProb,
+      routeScale: this.routeScale,
+      numGroups: this.numGroups,
+      expertBias: w.expertBias !== undefined,
+      routerBias: w.routerBias !== undefined,
+      bias: w.gateUpProjBias !== undefined,
+      auxLossCoeff: this.auxLossCoeff,
+      auxLossConvention: this.auxLossConvention,
+      zLossCoeff: this.zLossCoeff,
+      epSize: this.epSize,
+      epRank: this.epRank,
+    };
+    if (this.alpha !== undefined) o.alpha = this.alpha;
+    if (this.limit !== undefined) o.limit = this.limit;
+    if (this.linearOffset !== undefined) o.linearOffset = this.linearOffset;
+    if (this.topkGroups !== undefined) o.topkGroups = this.topkGroups;
+    if (this.sharedExpert) o.sharedExpert = { ...this.sharedExpert };
+    return o;
+  }
+
+  /** The routed experts' weights in the form `expertsForward` takes. */
+  get expertWeights(): ExpertWeights {
     const w = this.weights;
     return w.upProjs ? { upProjs: w.upProjs, downProjs: w.downProjs } : { gateAndUpProjs: w.gateAndUpProjs, downProjs: w.downProjs };
   }
 
-  get #biases(): ExpertBiases | undefined {
+  /** The routed experts' biases, when the layer has them. */
+  get expertBiases(): ExpertBiases | undefined {
     const w = this.weights;
     return w.gateUpProjBias ? { gateUpProjBias: w.gateUpProjBias, downProjBias: w.downProjBias } : undefined;
   }
 
-  forward(x: Tensor<'float32'>): MoEForward {
-    const input = checkTensor(x, 'x', ['float32'] as const);
-    if (input.shape.length !== 2 || input.shape[1] !== this.dim) throw new RangeError(`x.shape: expected [numTokens, ${this.dim}], got [${input.shape.join(', ')}]`);
+  #activationOptions() {
+    const o: { activation: ActivationKind; alpha?: number; limit?: number; linearOffset?: number } = { activation: this.activation };
+    if (this.alpha !== undefined) o.alpha = this.alpha;
+    if (this.limit !== undefined) o.limit = this.limit;
+    if (this.linearOffset !== undefined) o.linearOffset = this.linearOffset;
+    return o;
+  }
+
+  /** The options `route` and `routeBackward` take. */
+  get routeOptions(): RouteOptions {
+    const o: RouteOptions = { topk: this.topk, scoreFunction: this.scoreFunction, normTopkProb: this.normTopkProb, routeScale: this.routeScale };
+    if (this.softmaxBeforeTopk) o.softmaxBeforeTopk = true;
+    if (this.weights.expertBias) o.expertBias = this.weights.expertBias;
+    if (this.numGroups > 1) {
+      o.numGroups = this.numGroups;
+      if (this.topkGroups !== undefined) o.topkGroups = this.topkGroups;
+    }
+    return o;
+  }
+
+  /** The input as `[N, dim]` rows of the layer's dtype. */
+  #rows(x: unknown, arg: string): Tensor<TokenDType> {
+    const t = checkTensor(x, arg);
+    if (t.dtype !== this.dtype) throw new TypeError(`${arg}.dtype: expected ${this.dtype} (the layer's dtype), got ${t.dtype}`);
+    const s = t.shape;
+    if ((s.length !== 2 && s.length !== 3) || s[s.length - 1] !== this.dim) {
+      throw new RangeError(`${arg}.shape: expected [numTokens, ${this.dim}] or [batch, seqLen, ${this.dim}], got [${s.join(', ')}]`);
+    }
+    return reshape(t as Tensor<TokenDType>, [s.length === 3 ? s[0] * s[1] : s[0], this.dim]);
+  }
+
+  /** Router logits, float32: in float32 from the widened operands, rounded to the dtype unless `routerPrecision` is 'float32'. */
+  #logits(x: Tensor<TokenDType>): Tensor<'float32'> {
+    const w = this.weights;
+    const raw = this.backend.matmul(toF32(x), toF32(w.routerWeight));
+    let values: Float32Array = raw.data;
+    if (w.routerBias) {
+      const [N, E] = raw.shape;
+      const b = valuesF32(w.routerBias);
+      values = Float32Array.from(values, (v, i) => v + b[i % E]);
+      void N;
+    }
+    if (this.routerPrecision === 'dtype' && this.dtype !== 'float32') values = valuesF32(fromValues(this.dtype, raw.shape, values));
+    return { dtype: 'float32', shape: [...raw.shape], data: values };
+  }
+
+  /** Rows of this rank's experts in the expert-major permuted order. */
+  #localRows(tokensPerExpert: Tensor<'int32'>): [number, number] {
+    const c = tokensPerExpert.data;
+    let start = 0;
+    for (let e = 0; e < this.expertRange.start; e++) start += c[e];
+    let end = start;
+    for (let e = this.expertRange.start; e < this.expertRange.end; e++) end += c[e];
+    return [start, end];
+  }
+
+  #localCounts(tokensPerExpert: Tensor<'int32'>): Tensor<'int32'> {
+    const { start, end } = this.expertRange;
+    return { dtype: 'int32', shape: [end - start], data: tokensPerExpert.data.slice(start, end) };
+  }
+
+  forward(x: Tensor): MoEForward {
+    const input = this.#rows(x, 'x');
     const moe = this.backend;
-    const logits = moe.matmul(input, this.weights.routerWeight);
-    const routed = moe.route(logits, {
-      topk: this.topk,
-      scoreFunction: this.scoreFunction,
-      ...(this.scoreFunction === 'softmax' && this.softmaxBeforeTopk ? { softmaxBeforeTopk: true } : {}),
-      normTopkProb: this.normTopkProb,
-      routeScale: this.routeScale,
-    });
+    const N = input.shape[0];
+    const logits = this.#logits(input);
+    const routed = moe.route(logits, this.routeOptions);
     const perm = this.dispatcher.tokenPermutation(input, { indices: routed.indices, weights: routed.weights });
-    const y = moe.expertsForward(perm.permutedTokens, perm.tokensPerExpert, this.expertWeights, { activation: this.activation, permutedProbs: perm.permutedProbs, biases: this.#biases });
-    const output = this.dispatcher.tokenUnpermutation(y);
+    const [r0, r1] = this.#localRows(perm.tokensPerExpert);
+    const local = this.epSize === 1;
+    const yLocal = moe.expertsForward(local ? perm.permutedTokens : rows(perm.permutedTokens, r0, r1), local ? perm.tokensPerExpert : this.#localCounts(perm.tokensPerExpert), this.expertWeights, {
+      ...this.#activationOptions(),
+      permutedProbs: local ? perm.permutedProbs : rows(perm.permutedProbs, r0, r1),
+      biases: this.expertBiases,
+    });
+    const y = local ? yLocal : placeRows(yLocal, r0, perm.permutedTokens.shape[0]);
+    let output: Tensor<TokenDType> = this.dispatcher.tokenUnpermutation(y);
+    let shared: Saved['shared'];
+    if (this.sharedExpert && this.epRank === 0) {
+      const s = this.#sharedForward(input);
+      shared = { out: s.out, gate: s.gate };
+      const routedOut = valuesF32(output);
+      output = fromValues(this.dtype, [N, this.dim], Float32Array.from(routedOut, (v, i) => v + s.contribution[i]));
+    }
     let auxLoss = 0;
     let zLoss = 0;
     if (this.auxLossCoeff > 0) auxLoss = this.#auxLoss(logits, routed.scores, perm.tokensPerExpert).loss;
     if (this.zLossCoeff > 0) zLoss = moe.zLoss(logits, { coeff: this.zLossCoeff }).loss;
     this.#saved = {
+      shape: [...x.shape],
       x: input,
       logits,
-      indices: routed.indices.data,
+      indices: routed.indices,
+      scores: routed.scores,
       permutedTokens: perm.permutedTokens,
       tokensPerExpert: perm.tokensPerExpert,
       permutedProbs: perm.permutedProbs,
-      scores: routed.scores,
+      localRows: [r0, r1],
+      shared,
     };
-    return { output, auxLoss, zLoss, tokensPerExpert: Int32Array.from(perm.tokensPerExpert.data) };
-  }
-
-  /** The aux loss and its gradient with respect to the logits. */
-  #auxLoss(logits: Tensor<'float32'>, scores: Tensor<'float32'>, tpe: Tensor<'int32'>): { loss: number; gradLogits: Float64Array } {
-    const moe = this.backend;
-    const o = { topk: this.topk, coeff: this.auxLossCoeff };
-    if (this.scoreFunction === 'softmax') {
-      const r = moe.switchLoadBalancingLossFromLogits(logits, tpe, o);
-      return { loss: r.loss, gradLogits: Float64Array.from(r.gradLogits.data) };
-    }
-    // sigmoid scores (row-normalised with normTopkProb and k > 1): chain d loss / d scores back.
-    const r = moe.switchLoadBalancingLoss(scores, tpe, o);
-    const [T, E] = [logits.shape[0], this.numExperts];
-    const g = new Float64Array(T * E);
-    for (let t = 0; t < T; t++) {
-      const s = Array.from({ length: E }, (_, e) => 1 / (1 + Math.exp(-logits.data[t * E + e])));
-      const gs = Array.from({ length: E }, (_, e) => r.gradProbs.data[t * E + e]);
-      let ds = gs;
-      if (this.normTopkProb && this.topk > 1) {
-        const z = s.reduce((a, b) => a + b, 0) + 1e-20;
-        const dot = gs.reduce((a, v, e) => a + v * s[e], 0);
-        ds = gs.map((v) => v / z - dot / (z * z));
-      }
-      for (let e = 0; e < E; e++) g[t * E + e] = ds[e] * s[e] * (1 - s[e]);
-    }
-    return { loss: r.loss, gradLogits: g };
-  }
-
-  /** d weights[t, j] / d logits, applied to `gradWeights [T, k]`, in double precision. */
-  #routerGrad(logits: Float32Array, indices: Int32Array, gradWeights: Float32Array, out: Float64Array): void {
-    const [E, k] = [this.numExperts, this.topk];
-    const T = indices.length / k;
-    for (let t = 0; t < T; t++) {
-      const l = logits.subarray(t * E, (t + 1) * E);
-      const picks = Array.from(indices.subarray(t * k, (t + 1) * k));
-      // Unnormalised weights u_j of the picks.
-      let u: number[];
-      let full: number[] | undefined;
-      if (this.scoreFunction === 'sigmoid') u = picks.map((e) => 1 / (1 + Math.exp(-l[e])));
-      else if (this.softmaxBeforeTopk) {
-        const m = Math.max(...l);
-        const ex = Array.from(l, (v) => Math.exp(v - m));
-        const z = ex.reduce((a, b) => a + b, 0);
-        full = ex.map((v) => v / z);
-        u = picks.map((e) => full![e]);
-      } else {
-        const m = Math.max(...picks.map((e) => l[e]));
-        const ex = picks.map((e) => Math.exp(l[e] - m));
-        const z = ex.reduce((a, b) => a + b, 0);
-        u = ex.map((v) => v / z);
-      }
-      // weights = routeScale * normalise(u).
-      let du = picks.map((_, j) => gradWeights[t * k + j] * this.routeScale);
-      if (this.normTopkProb && k > 1) {
-        const z = u.reduce((a, b) => a + b, 0) + 1e-20;
-        const dot = du.reduce((a, v, j) => a + v * u[j], 0);
-        du = du.map((v) => v / z - dot / (z * z));
-      }
-      const row = out.subarray(t * E, (t + 1) * E);
-      if (this.scoreFunction === 'sigmoid') picks.forEach((e, j) => (row[e] += du[j] * u[j] * (1 - u[j])));
-      else if (full) {
-        // softmax over all experts: g scattered to the picks, then through the softmax.
-        const g = new Float64Array(E);
-        picks.forEach((e, j) => (g[e] += du[j]));
-        const dot = g.reduce((a, v, e) => a + v * full![e], 0);
-        for (let e = 0; e < E; e++) row[e] += full[e] * (g[e] - dot);
-      } else {
-        const dot = du.reduce((a, v, j) => a + v * u[j], 0);
-        picks.forEach((e, j) => (row[e] += u[j] * (du[j] - dot)));
-      }
-    }
-  }
-
-  backward(gradOutput: Tensor<'float32'>): MoEGrads {
-    const s = this.#saved;
-    if (!s) throw new Error('backward: call forward first');
-    const g = checkTensor(gradOutput, 'gradOutput', ['float32'] as const);
-    const moe = this.backend;
-    const gradY = this.dispatcher.tokenUnpermutationBackward(g);
-    const eg = moe.expertsBackward(gradY, s.permutedTokens, s.tokensPerExpert, this.expertWeights, { activation: this.activation, permutedProbs: s.permutedProbs, biases: this.#biases });
-    const back = this.dispatcher.tokenPermutationBackward(eg.gradTokens, eg.gradProbs);
-    const [T, E] = [s.x.shape[0], this.numExperts];
-    const dlogits = new Float64Array(T * E);
-    this.#routerGrad(s.logits.data, s.indices, back.gradWeights!.data, dlogits);
-    if (this.auxLossCoeff > 0) this.#auxLoss(s.logits, s.scores, s.tokensPerExpert).gradLogits.forEach((v, i) => (dlogits[i] += v));
-    if (this.zLossCoeff > 0) moe.zLoss(s.logits, { coeff: this.zLossCoeff }).gradLogits.data.forEach((v, i) => (dlogits[i] += v));
-    const gl = f32([T, E], Float32Array.from(dlogits));
-    const gradRouter = moe.matmul(s.x, gl, { transA: true });
-    const viaRouter = moe.matmul(gl, this.weights.routerWeight, { transB: true });
-    const gradInput = f32([T, this.dim], Float32Array.from(back.gradHidden.data, (v, i) => v + viaRouter.data[i]));
-    const grads: MoEWeights = { routerWeight: gradRouter, downProjs: eg.gradDownProjs as Tensor<'float32'> };
-    if (eg.gradUpProjs) grads.upProjs = eg.gradUpProjs as Tensor<'float32'>;
-    if (eg.gradGateAndUpProjs) grads.gateAndUpProjs = eg.gradGateAndUpProjs as Tensor<'float32'>;
-    if (eg.gradBiases?.gateUpProjBias) grads.gateUpProjBias = eg.gradBiases.gateUpProjBias as Tensor<'float32'>;
-    if (eg.gradBiases?.downProjBias) grads.downProjBias = eg.gradBiases.downProjBias as Tensor<'float32'>;
-    return { gradInput, grads };
+    return {
+      output: reshape(output, x.shape),
+      indices: routed.indices,
+      weights: routed.weights,
+      logits,
+      scores: routed.scores,
+      auxLoss,
+      zLoss,
+      tokensPerExpert: Int32Array.from(perm.tokensPerExpert.data),
+    };
   }
 
   /**
-   * The layer as a safetensors checkpoint: the router weight (`{prefix}.gate.weight`,
-   * `[numExperts, dim]` as Hugging Face's router Linear) and the experts in Hugging Face
-   * per-expert keys (`{prefix}.experts.{i}.gate_proj.weight` ...) or stacked keys.
+   * The shared expert: `out = MLP(x)` in the dtype; with a gate, `contribution = sigmoid(x @ g) * out`
+   * (the gate rounded to the dtype, the product rounded once), else `out`.
    */
-  save(prefix = 'mlp', options: { format?: 'hf' | 'stacked' } = {}): Uint8Array {
+  #sharedForward(x: Tensor<TokenDType>): { out: Float32Array; gate?: Float64Array; contribution: Float32Array } {
+    const w = this.weights;
+    const N = x.shape[0];
+    const counts: Tensor<'int32'> = { dtype: 'int32', shape: [1], data: Int32Array.of(N) };
+    const y = this.backend.expertsForward(x, counts, { gateAndUpProjs: w.sharedGateAndUpProjs!, downProjs: w.sharedDownProjs! }, { activation: 'swiglu' });
+    const out = valuesF32(y);
+    if (!w.sharedExpertGate) return { out, contribution: out };
+    const gl = valuesF32(fromValues(this.dtype, [N, 1], this.backend.matmul(toF32(x), toF32(w.sharedExpertGate)).data));
+    const gate = Float64Array.from(gl, sigmoid);
+    const gateD = valuesF32(fromValues(this.dtype, [N], gate));
+    const D = this.dim;
+    const contribution = valuesF32(fromValues(this.dtype, [N, D], Float32Array.from(out, (v, i) => v * gateD[Math.floor(i / D)])));
+    return { out, gate, contribution };
+  }
+
+  /** The load-balancing loss; `gradScores` (Megatron) or `gradLogits` (transformers' convention) for the backward. */
+  #auxLoss(logits: Tensor<'float32'>, scores: Tensor<'float32'>, tpe: Tensor<'int32'>): { loss: number; gradScores?: Tensor<'float32'>; gradLogits?: Tensor<'float32'> } {
+    const moe = this.backend;
+    if (this.auxLossConvention === 'hf') {
+      const r = moe.switchLoadBalancingLossFromLogits(logits, tpe, { topk: this.topk, coeff: this.topk * this.auxLossCoeff });
+      return { loss: r.loss, gradLogits: r.gradLogits };
+    }
+    const r = moe.switchLoadBalancingLoss(scores, tpe, { topk: this.topk, coeff: this.auxLossCoeff });
+    return { loss: r.loss, gradScores: r.gradProbs };
+  }
+
+  backward(gradOutput: Tensor): MoEGrads {
+    const s = this.#saved;
+    if (!s) throw new Error('backward: call forward first');
+    const g = checkTensor(gradOutput, 'gradOutput');
+    if (g.dtype !== this.dtype) throw new TypeError(`gradOutput.dtype: expected ${this.dtype} (the layer's dtype), got ${g.dtype}`);
+    if (g.shape.length !== s.shape.length || g.shape.some((d, i) => d !== s.shape[i])) {
+      throw new RangeError(`gradOutput.shape: expected [${s.shape.join(', ')}] (the forward's output), got [${g.shape.join(', ')}]`);
+    }
+    const moe = this.backend;
+    const [N, D, E] = [s.x.shape[0], this.dim, this.numExperts];
+    const g2 = reshape(g as Tensor<TokenDType>, [N, D]);
+    const local = this.epSize === 1;
+    const [r0, r1] = s.localRows;
+    const slots = s.permutedTokens.shape[0];
+
+    // The routed experts and the dispatch.
+    const gradY = this.dispatcher.tokenUnpermutationBackward(g2);
+    const eg = moe.expertsBackward(local ? gradY : rows(gradY, r0, r1), local ? s.permutedTokens : rows(s.permutedTokens, r0, r1), local ? s.tokensPerExpert : this.#localCounts(s.tokensPerExpert), this.expertWeights, {
+      ...this.#activationOptions(),
+      permutedProbs: local ? s.permutedProbs : rows(s.permutedProbs, r0, r1),
+      biases: this.expertBiases,
+    });
+    const gradTokens = local ? eg.gradTokens : placeRows(eg.gradTokens, r0, slots);
+    const gradProbs = local ? eg.gradProbs! : placeRows(eg.gradProbs!, r0, slots);
+    const back = this.dispatcher.tokenPermutationBackward(gradTokens, gradProbs);
+
+    // The router: the routing weights' gradient, and the aux losses'.
+    const aux = this.auxLossCoeff > 0 ? this.#auxLoss(s.logits, s.scores, s.tokensPerExpert) : undefined;
+    const rb = moe.routeBackward(back.gradWeights!, s.logits, s.indices, { ...this.routeOptions, ...(aux?.gradScores ? { gradScores: aux.gradScores } : {}) });
+    let gl: Float32Array = rb.gradLogits.data;
+    const extra: Float32Array[] = [];
+    if (aux?.gradLogits) extra.push(aux.gradLogits.data);
+    if (this.zLossCoeff > 0) extra.push(moe.zLoss(s.logits, { coeff: this.zLossCoeff }).gradLogits.data);
+    if (extra.length) gl = Float32Array.from(gl, (v, i) => extra.reduce((a, t) => a + t[i], v));
+    const gradLogits: Tensor<'float32'> = { dtype: 'float32', shape: [N, E], data: gl };
+    const xf = toF32(s.x);
+    const w = this.weights;
+    const grads: Partial<MoEWeights> = { routerWeight: castTo(moe.matmul(xf, gradLogits, { transA: true }), this.dtype) };
+    if (w.routerBias) grads.routerBias = fromValues(this.dtype, [E], columnSums(gradLogits));
+    const viaRouter = moe.matmul(gradLogits, toF32(w.routerWeight), { transB: true }).data;
+    const gradX = Float64Array.from(valuesF32(back.gradHidden), (v, i) => v + viaRouter[i]);
+
+    // The shared expert and its gate.
+    if (s.shared) {
+      const sg = this.#sharedBackward(s.x, xf, g2, s.shared);
+      sg.gradX.forEach((v, i) => (gradX[i] += v));
+      Object.assign(grads, sg.grads);
+    }
+
+    grads.downProjs = eg.gradDownProjs;
+    if (eg.gradUpProjs) grads.upProjs = eg.gradUpProjs;
+    if (eg.gradGateAndUpProjs) grads.gateAndUpProjs = eg.gradGateAndUpProjs;
+    if (eg.gradBiases?.gateUpProjBias) grads.gateUpProjBias = eg.gradBiases.gateUpProjBias;
+    if (eg.gradBiases?.downProjBias) grads.downProjBias = eg.gradBiases.downProjBias;
+    return { gradInput: reshape(fromValues(this.dtype, [N, D], gradX), s.shape), grads: grads as MoEWeights };
+  }
+
+  #sharedBackward(x: Tensor<TokenDType>, xf: Tensor<'float32'>, g: Tensor<TokenDType>, saved: NonNullable<Saved['shared']>): { gradX: Float32Array; grads: Partial<MoEWeights> } {
     const moe = this.backend;
     const w = this.weights;
-    const router = transpose(w.routerWeight); // [E, dim], as Hugging Face's router Linear
-    const experts = `${prefix}.experts`;
-    let tensors: Record<string, Tensor>;
-    if ((options.format ?? 'hf') === 'hf') {
-      tensors = moe.unstackExperts(this.expertWeights, { prefix: experts, activation: this.activation, biases: this.#biases });
-    } else {
-      tensors = { [`${experts}.gate_and_up_projs`]: (w.gateAndUpProjs ?? w.upProjs)!, [`${experts}.down_projs`]: w.downProjs };
-      if (w.gateUpProjBias) tensors[`${experts}.gate_up_proj_bias`] = w.gateUpProjBias;
-      if (w.downProjBias) tensors[`${experts}.down_proj_bias`] = w.downProjBias;
+    const [N, D] = [x.shape[0], this.dim];
+    const gv = valuesF32(g);
+    const grads: Partial<MoEWeights> = {};
+    let gradOut: Tensor<TokenDType> = g;
+    let viaGate: Float32Array | undefined;
+    if (saved.gate && w.sharedExpertGate) {
+      const gate = saved.gate;
+      // d out = g * gate; d gateLogit = sum_d g * out * gate * (1 - gate)
+      gradOut = fromValues(this.dtype, [N, D], Float64Array.from(gv, (v, i) => v * gate[Math.floor(i / D)]));
+      const dgl = new Float64Array(N);
+      for (let t = 0; t < N; t++) {
+        let acc = 0;
+        for (let d = 0; d < D; d++) acc += gv[t * D + d] * saved.out[t * D + d];
+        dgl[t] = acc * gate[t] * (1 - gate[t]);
+      }
+      const dglT: Tensor<'float32'> = { dtype: 'float32', shape: [N, 1], data: Float32Array.from(dgl) };
+      grads.sharedExpertGate = castTo(moe.matmul(xf, dglT, { transA: true }), this.dtype);
+      viaGate = moe.matmul(dglT, toF32(w.sharedExpertGate), { transB: true }).data;
     }
-    tensors[`${prefix}.gate.weight`] = router;
-    return moe.saveSafetensors(tensors, { metadata: { format: 'pt', activation: this.activation } });
+    const counts: Tensor<'int32'> = { dtype: 'int32', shape: [1], data: Int32Array.of(N) };
+    const eg = moe.expertsBackward(gradOut, x, counts, { gateAndUpProjs: w.sharedGateAndUpProjs!, downProjs: w.sharedDownProjs! }, { activation: 'swiglu' });
+    grads.sharedGateAndUpProjs = eg.gradGateAndUpProjs;
+    grads.sharedDownProjs = eg.gradDownProjs;
+    const gx = valuesF32(eg.gradTokens);
+    return { gradX: viaGate ? Float32Array.from(gx, (v, i) => v + viaGate![i]) : gx, grads };
   }
 
-  /** A layer with the weights of a checkpoint written by `save` (same options otherwise). */
-  static load(backend: Backend, source: string | Uint8Array, options: Omit<MoELayerOptions, 'weights'>, prefix = 'mlp'): MoELayer {
-    const experts = backend.loadExperts(source, { prefix: `${prefix}.experts`, numExperts: options.numExperts, activation: options.activation });
-    const router = backend.loadSafetensors(source, { names: [`${prefix}.gate.weight`] }).tensors[`${prefix}.gate.weight`] as Tensor<'float32'>;
-    const routerWeight = transpose(checkTensor(router, `${prefix}.gate.weight`, ['float32'] as const)); // back to [dim, E]
-    const weights: MoEWeights = { routerWeight, downProjs: experts.downProjs as Tensor<'float32'> };
-    if (experts.upProjs) weights.upProjs = experts.upProjs as Tensor<'float32'>;
-    if (experts.gateAndUpProjs) weights.gateAndUpProjs = experts.gateAndUpProjs as Tensor<'float32'>;
-    if (experts.biases?.gateUpProjBias) weights.gateUpProjBias = experts.biases.gateUpProjBias as Tensor<'float32'>;
-    if (experts.biases?.downProjBias) weights.downProjBias = experts.biases.downProjBias as Tensor<'float32'>;
-    return new MoELayer(backend, { ...options, weights, bias: weights.gateUpProjBias !== undefined });
+  /**
+   * The layer as a safetensors checkpoint under `prefix`: the router (`{prefix}.gate.weight`,
+   * `[numExperts, dim]` as a transformers Linear; `.gate.bias`, `.gate.e_score_correction_bias`),
+   * the routed experts (`{prefix}.experts...` in `format`: per-expert `'hf'` keys (default),
+   * `'mixtral'` w1/w3/w2, `'gpt_oss'` fused, or our `'stacked'` tensors), and the shared expert
+   * (`{prefix}.shared_expert.{gate,up,down}_proj.weight`, `{prefix}.shared_expert_gate.weight`).
+   * `savePretrained` writes a family's own keys instead.
+   */
+  save(prefix = 'mlp', options: { format?: ExpertKeyFormat } = {}): Uint8Array {
+    const o = checkOptions<{ format?: string }>(options, 'save', ['format']);
+    const format = oneOf(o.format, 'options.format', ['hf', 'mixtral', 'gpt_oss', 'stacked'] as const, 'hf');
+    return savePretrained(this, { keys: genericKeys(prefix, format) });
+  }
+
+  /** Writes the layer in its Hugging Face family's own keys (see hf.ts), so transformers reloads it. */
+  savePretrained(options: SavePretrainedOptions = {}): Uint8Array {
+    return savePretrained(this, options);
+  }
+
+  /** A layer with the weights of a checkpoint written by `save` (the same options otherwise). */
+  static load(backend: Backend, source: PretrainedSource, options: Omit<MoELayerOptions, 'weights'>, prefix = 'mlp', format: ExpertKeyFormat = 'hf'): MoELayer {
+    return loadWithKeys(backend, source, options, genericKeys(prefix, format));
+  }
+
+  /**
+   * One decoder layer's MoE block of a Hugging Face model: its `config.json` (object or path) and
+   * checkpoint (a path in Node, or bytes: a `.safetensors` file, or `{ index, shards }`). Only that
+   * layer's tensors (and, with `epSize`, this rank's experts) are read. See hf.ts for the families.
+   */
+  static fromPretrained(backend: Backend, options: FromPretrainedOptions): Promise<MoELayer> {
+    return fromPretrained(backend, options);
   }
 }
 
-/** A bit-exact transpose of a 2-d float32 tensor. */
-function transpose(t: Tensor<'float32'>): Tensor<'float32'> {
-  const [r, c] = t.shape;
-  const out = new Float32Array(r * c);
-  for (let i = 0; i < r; i++) for (let j = 0; j < c; j++) out[j * r + i] = t.data[i * c + j];
-  return f32([c, r], out);
-}
+LayerClass.ctor = MoELayer;

@@ -116,26 +116,28 @@ export function trainMoE(backend: Backend, options: TrainOptions = {}): TrainRes
   const normal = normalRng(seed);
   const n = 4 * batch;
   const x = f32([n, dim], Float32Array.from({ length: n * dim }, () => normal()));
-  const y = teacher.forward(x).output.data;
+  const y = teacher.forward(x).output.data as Float32Array;
   const slice = (t: Float32Array, i: number) => t.subarray(i * batch * dim, (i + 1) * batch * dim);
 
   const student = new MoELayer(backend, { ...layerOptions, seed, initStd: 0.1 });
   const adam = new Adam(options.lr ?? 0.02);
-  const initialLoss = mse(student.forward(x).output.data, y);
+  const initialLoss = mse(student.forward(x).output.data as Float32Array, y);
   for (let step = 0; step < steps; step++) {
     const i = step % 4;
     const xb = f32([batch, dim], slice(x.data, i));
     const yb = slice(y, i);
     const out = student.forward(xb);
-    const loss = mse(out.output.data, yb);
+    const o = out.output.data as Float32Array;
+    const loss = mse(o, yb);
     // d mse / d output.
-    const g = Float32Array.from(out.output.data, (v, j) => (2 * (v - yb[j])) / yb.length);
+    const g = Float32Array.from(o, (v, j) => (2 * (v - yb[j])) / yb.length);
     const { grads } = student.backward(f32([batch, dim], g));
     adam.step(student.weights, grads);
     options.onStep?.({ step: step + 1, steps, loss, auxLoss: out.auxLoss, load: Array.from(out.tokensPerExpert) });
   }
   const trained = student.forward(x);
-  const finalLoss = mse(trained.output.data, y);
+  const trainedOut = trained.output.data as Float32Array;
+  const finalLoss = mse(trainedOut, y);
   const seconds = (performance.now() - started) / 1000;
 
   // Checkpoint: save, reload, compare.
