@@ -72,6 +72,9 @@ export interface SavePretrainedOptions {
 type Config = Record<string, unknown>;
 type LayerOptions = Omit<MoELayerOptions, 'weights' | 'initStd' | 'seed' | 'epSize' | 'epRank' | 'dtype'>;
 
+/** The router's dtype of a layer loaded in `dtype`. */
+const routerDtypeOf = (o: LayerOptions, dtype: TokenDType): TokenDType => o.routerDtype ?? dtype;
+
 interface Family {
   /** Whether decoder layer `l` has an MoE block; else why not. */
   moeLayer(c: Config, l: number): true | string;
@@ -236,14 +239,16 @@ const FAMILIES: Record<string, Family> = {
         numExperts: int(c, 'n_routed_experts'),
         topk: int(c, 'num_experts_per_tok'),
         ...siluExperts(c),
-        // transformers masks the experts of dropped groups with 0 before the top-k (masked_fill(..., 0.0)).
-        scoreFunction: 'sigmoid',
+        // transformers (5.x DeepseekV3TopkRouter) masks the experts of dropped groups with -inf
+        // before the top-k: our 'sigmoid_with_bias' (NeMo's 'sigmoid' multiplies them by 0).
+        scoreFunction: 'sigmoid_with_bias',
         expertBias: true,
         numGroups: int(c, 'n_group', 1),
         topkGroups: int(c, 'topk_group', int(c, 'n_group', 1)),
         normTopkProb: bool(c, 'norm_topk_prob', true),
         routeScale: num(c, 'routed_scaling_factor', 1),
-        routerPrecision: 'float32',
+        // the router Linear and the bias stay float32 in a bf16 model (_keep_in_fp32_modules_strict)
+        routerDtype: 'float32',
         ...(shared > 0 ? { sharedExpert: { inter: inter * shared } } : {}),
       };
     },
@@ -378,11 +383,12 @@ function readWeights(backend: Backend, source: PretrainedSource, w: Wanted): { w
 
   const router = t(k.router);
   expectShape(router, k.router, [E, D], 'the router Linear: [numExperts, dim]');
-  const weights: Record<string, Tensor> = { routerWeight: castTo(transpose2d(router), dtype) };
+  const rd = routerDtypeOf(o, dtype);
+  const weights: Record<string, Tensor> = { routerWeight: castTo(transpose2d(router), rd) };
   if (o.routerBias) {
     const b = t(k.routerBias);
     expectShape(b, k.routerBias, [E], 'the router bias: [numExperts]');
-    weights.routerBias = castTo(b, dtype);
+    weights.routerBias = castTo(b, rd);
   }
   if (o.expertBias) {
     const b = t(k.expertBias);

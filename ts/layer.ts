@@ -30,10 +30,10 @@ import { fromPretrained, genericKeys, LayerClass, loadWithKeys, savePretrained, 
  * dtype except `expertBias` (float32).
  */
 export interface MoEWeights<D extends TokenDType = TokenDType> {
-  /** `[dim, numExperts]`: logits = x @ routerWeight (transformers' router Linear transposed). */
-  routerWeight: Tensor<D>;
-  /** `[numExperts]`, added to the logits (GPT-OSS's router bias). */
-  routerBias?: Tensor<D>;
+  /** `[dim, numExperts]` in the router's dtype: logits = x @ routerWeight (transformers' router Linear transposed). */
+  routerWeight: Tensor<TokenDType>;
+  /** `[numExperts]` in the router's dtype, added to the logits (GPT-OSS's router bias). */
+  routerBias?: Tensor<TokenDType>;
   /** `[numExperts]` float32: the score-correction bias, used for selection only and not trained (DeepSeek-V3's `e_score_correction_bias`). */
   expertBias?: Tensor<'float32'>;
   /** `[E, dim, 2 * inter]` (gated activations). */
@@ -78,11 +78,11 @@ export interface MoELayerOptions {
   /** Weights and activations: float32 (default), bfloat16 or float16. */
   dtype?: TokenDType;
   /**
-   * Where the router logits are computed: `'dtype'` (default) rounds them to the layer's dtype,
-   * as a transformers router Linear in that dtype does; `'float32'` keeps them in float32 from the
-   * widened input and weight (DeepSeek-V3's router). The same for a float32 layer.
+   * The router's dtype (default: `dtype`): its weight and bias are stored in it, and the logits
+   * (computed in float32 from the widened input and weight) are rounded to it, as a transformers
+   * router Linear of that dtype does. DeepSeek-V3 keeps its router in float32 in a bf16 model.
    */
-  routerPrecision?: 'dtype' | 'float32';
+  routerDtype?: TokenDType;
   /** Default `'softmax'`; every score function of `route`. */
   scoreFunction?: ScoreFunction;
   /** softmax: take the top-k of the softmax over all experts (default: softmax over the k picked logits). */
@@ -218,7 +218,7 @@ const SCORE_FUNCTIONS: readonly ScoreFunction[] = ['softmax', 'sigmoid', 'softma
 const ACTIVATIONS: readonly ActivationKind[] = ['swiglu', 'quick_geglu', 'swiglu_oai', 'swiglu_clamped', 'relu2'];
 const DTYPES: readonly TokenDType[] = ['float32', 'bfloat16', 'float16'];
 const OPTION_KEYS: readonly (keyof MoELayerOptions)[] = [
-  'dim', 'inter', 'numExperts', 'topk', 'activation', 'alpha', 'limit', 'linearOffset', 'dtype', 'routerPrecision', 'scoreFunction', 'softmaxBeforeTopk', 'normTopkProb', 'routeScale',
+  'dim', 'inter', 'numExperts', 'topk', 'activation', 'alpha', 'limit', 'linearOffset', 'dtype', 'routerDtype', 'scoreFunction', 'softmaxBeforeTopk', 'normTopkProb', 'routeScale',
   'numGroups', 'topkGroups', 'expertBias', 'routerBias', 'bias', 'sharedExpert', 'auxLossCoeff', 'auxLossConvention', 'zLossCoeff', 'epSize', 'epRank', 'weights', 'initStd', 'seed',
 ];
 
@@ -234,7 +234,7 @@ export class MoELayer {
   readonly limit?: number;
   readonly linearOffset?: number;
   readonly dtype: TokenDType;
-  readonly routerPrecision: 'dtype' | 'float32';
+  readonly routerDtype: TokenDType;
   readonly scoreFunction: ScoreFunction;
   readonly softmaxBeforeTopk: boolean;
   readonly normTopkProb: boolean;
@@ -272,7 +272,7 @@ export class MoELayer {
     if (o.limit !== undefined) this.limit = finiteNumber(o.limit, 'limit', 0);
     if (o.linearOffset !== undefined) this.linearOffset = finiteNumber(o.linearOffset, 'linearOffset', 0);
     this.dtype = oneOf(o.dtype, 'dtype', DTYPES, 'float32');
-    this.routerPrecision = oneOf(o.routerPrecision, 'routerPrecision', ['dtype', 'float32'] as const, 'dtype');
+    this.routerDtype = oneOf(o.routerDtype, 'routerDtype', DTYPES, this.dtype);
     this.scoreFunction = oneOf(o.scoreFunction, 'scoreFunction', SCORE_FUNCTIONS, 'softmax');
     this.softmaxBeforeTopk = boolOption(o.softmaxBeforeTopk, 'softmaxBeforeTopk');
     this.normTopkProb = boolOption(o.normTopkProb, 'normTopkProb');
@@ -298,10 +298,10 @@ export class MoELayer {
       const w = checkOptions<MoEWeights>(o.weights, 'weights', Object.keys(shapes) as (keyof MoEWeights)[]) as Record<string, unknown>;
       const out: Record<string, Tensor> = {};
       for (const [k, shape] of Object.entries(shapes)) {
-        const want = k === 'expertBias' ? 'float32' : this.dtype;
+        const want = this.#dtypeOf(k);
         if (w[k] === undefined) throw new TypeError(`weights.${k}: expected a ${want} Tensor [${shape.join(', ')}] (the layer's options call for it), got undefined`);
         const t = checkTensor(w[k], `weights.${k}`);
-        if (t.dtype !== want) throw new TypeError(`weights.${k}.dtype: expected ${want}${k === 'expertBias' ? '' : " (the layer's dtype)"}, got ${t.dtype}`);
+        if (t.dtype !== want) throw new TypeError(`weights.${k}.dtype: expected ${want}${k === 'expertBias' ? '' : k.startsWith('router') ? " (the router's dtype)" : " (the layer's dtype)"}, got ${t.dtype}`);
         if (t.shape.length !== shape.length || t.shape.some((d, i) => d !== shape[i])) {
           throw new RangeError(`weights.${k}.shape: expected [${shape.join(', ')}], got [${t.shape.join(', ')}]`);
         }
@@ -315,10 +315,15 @@ export class MoELayer {
       for (const [k, shape] of Object.entries(shapes)) {
         const n = shape.reduce((a, b) => a * b, 1);
         const zero = k.endsWith('Bias');
-        w[k] = fromValues(k === 'expertBias' ? 'float32' : this.dtype, shape, Float64Array.from({ length: n }, () => (zero ? 0 : normal() * std)));
+        w[k] = fromValues(this.#dtypeOf(k), shape, Float64Array.from({ length: n }, () => (zero ? 0 : normal() * std)));
       }
       this.weights = w as unknown as MoEWeights;
     }
+  }
+
+  /** The dtype of parameter `k`. */
+  #dtypeOf(k: string): TokenDType {
+    return k === 'expertBias' ? 'float32' : k.startsWith('router') ? this.routerDtype : this.dtype;
   }
 
   /** The parameter shapes these options call for. */
@@ -354,7 +359,7 @@ export class MoELayer {
       topk: this.topk,
       activation: this.activation,
       dtype: this.dtype,
-      routerPrecision: this.routerPrecision,
+      routerDtype: this.routerDtype,
       scoreFunction: this.scoreFunction,
       softmaxBeforeTopk: this.softmaxBeforeTopk,
       normTopkProb: this.normTopkProb,
@@ -420,7 +425,7 @@ export class MoELayer {
     return reshape(t as Tensor<TokenDType>, [s.length === 3 ? s[0] * s[1] : s[0], this.dim]);
   }
 
-  /** Router logits, float32: in float32 from the widened operands, rounded to the dtype unless `routerPrecision` is 'float32'. */
+  /** Router logits, float32: computed in float32 from the widened operands, rounded to the router's dtype. */
   #logits(x: Tensor<TokenDType>): Tensor<'float32'> {
     const w = this.weights;
     const raw = this.backend.matmul(toF32(x), toF32(w.routerWeight));
@@ -431,7 +436,7 @@ export class MoELayer {
       values = Float32Array.from(values, (v, i) => v + b[i % E]);
       void N;
     }
-    if (this.routerPrecision === 'dtype' && this.dtype !== 'float32') values = valuesF32(fromValues(this.dtype, raw.shape, values));
+    if (this.routerDtype !== 'float32') values = valuesF32(fromValues(this.routerDtype, raw.shape, values));
     return { dtype: 'float32', shape: [...raw.shape], data: values };
   }
 
@@ -568,8 +573,8 @@ export class MoELayer {
     const gradLogits: Tensor<'float32'> = { dtype: 'float32', shape: [N, E], data: gl };
     const xf = toF32(s.x);
     const w = this.weights;
-    const grads: Partial<MoEWeights> = { routerWeight: castTo(moe.matmul(xf, gradLogits, { transA: true }), this.dtype) };
-    if (w.routerBias) grads.routerBias = fromValues(this.dtype, [E], columnSums(gradLogits));
+    const grads: Partial<MoEWeights> = { routerWeight: castTo(moe.matmul(xf, gradLogits, { transA: true }), this.routerDtype) };
+    if (w.routerBias) grads.routerBias = fromValues(this.routerDtype, [E], columnSums(gradLogits));
     const viaRouter = moe.matmul(gradLogits, toF32(w.routerWeight), { transB: true }).data;
     const gradX = Float64Array.from(valuesF32(back.gradHidden), (v, i) => v + viaRouter[i]);
 
