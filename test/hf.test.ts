@@ -253,7 +253,7 @@ for (const moe of backends) {
       await expect(MoELayer.fromPretrained(moe, { config: ds.config, checkpoint: ds.model, layer: 0 })).rejects.toThrow(/first_k_dense_replace/);
       // a checkpoint without the layer's router: the error names the key and lists what is there
       const other = moe.loadSafetensors(fx.model).tensors;
-      const router = fx.meta.moeKeys.find((k) => k.endsWith('mlp.gate.weight'))!;
+      const router = fx.meta.moeKeys.find((k) => /\.(gate|router)\.weight$/.test(k))!;
       delete other[router];
       const broken = moe.saveSafetensors(other);
       await expect(MoELayer.fromPretrained(moe, { config: fx.config, checkpoint: broken, layer: 1 })).rejects.toThrow(new RegExp(router.replace(/\./g, '\\.')));
@@ -261,3 +261,27 @@ for (const moe of backends) {
     });
   });
 }
+
+describe('Hugging Face families: cpu and wasm agree bit for bit', () => {
+  const cpu = backends.find((b) => b.name === 'cpu');
+  const wasm = backends.find((b) => b.name === 'wasm');
+  for (const fx of fixtures) {
+    it.skipIf(!cpu || !wasm)(`${fx.name}: forward and backward`, async () => {
+      const run = async (moe: Backend) => {
+        const layer = await MoELayer.fromPretrained(moe, { config: fx.config, checkpoint: fx.model, layer: fx.meta.layer });
+        const io = ioTensors(moe, fx.io);
+        const f = layer.forward(io.x);
+        const b = layer.backward(io.gradOutput);
+        const bits = (t: Tensor) => Array.from(new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength));
+        return { out: bits(f.output), w: bits(f.weights), gi: bits(b.gradInput), grads: Object.fromEntries(Object.entries(b.grads).map(([k, v]) => [k, bits(v as Tensor)])) };
+      };
+      const a = await run(cpu!);
+      const b = await run(wasm!);
+      expect(a.out).toEqual(b.out);
+      expect(a.w).toEqual(b.w);
+      expect(a.gi).toEqual(b.gi);
+      expect(Object.keys(a.grads).sort()).toEqual(Object.keys(b.grads).sort());
+      for (const k of Object.keys(a.grads)) expect(a.grads[k], k).toEqual(b.grads[k]);
+    });
+  }
+});

@@ -54,7 +54,7 @@ export interface FromPretrainedOptions {
   epRank?: number;
   /** Weights and activations in this dtype (default: the checkpoint's). */
   dtype?: TokenDType;
-  /** Load-balancing loss coefficient; default the config's `router_aux_loss_coef` (transformers' convention) or 0. */
+  /** Load-balancing loss coefficient; default the config's `router_aux_loss_coef` when its `output_router_logits` is true, else 0 (transformers adds the loss only then). The convention defaults to `'hf'`. */
   auxLossCoeff?: number;
   auxLossConvention?: 'megatron' | 'hf';
   zLossCoeff?: number;
@@ -103,6 +103,12 @@ function num(c: Config, key: string, fallback?: number): number {
   return v;
 }
 
+/** The routed expert count, whichever spelling the config uses (transformers 5 writes `num_local_experts` where the Hub's files say `num_experts`). */
+function expertCount(c: Config): number {
+  for (const key of ['num_experts', 'num_local_experts', 'n_routed_experts']) if (field(c, key) !== undefined && field(c, key) !== null) return int(c, key);
+  throw new RangeError('config.num_experts: missing (expected the routed expert count as num_experts, num_local_experts or n_routed_experts)');
+}
+
 function bool(c: Config, key: string, fallback: boolean): boolean {
   const v = field(c, key) ?? fallback;
   if (typeof v !== 'boolean') throw new RangeError(`config.${key}: expected true or false, got ${JSON.stringify(v)}`);
@@ -129,9 +135,14 @@ function softmaxRouting(norm: boolean): Pick<LayerOptions, 'scoreFunction' | 'so
   return norm ? { scoreFunction: 'softmax' } : { scoreFunction: 'softmax', softmaxBeforeTopk: true };
 }
 
+/**
+ * transformers adds the load-balancing loss only with `output_router_logits` (training); then it
+ * is `router_aux_loss_coef` times its own function, our `'hf'` convention.
+ */
 function auxFromConfig(c: Config): Pick<LayerOptions, 'auxLossCoeff' | 'auxLossConvention'> {
   const coef = field(c, 'router_aux_loss_coef');
-  return typeof coef === 'number' && Number.isFinite(coef) && coef >= 0 ? { auxLossCoeff: coef, auxLossConvention: 'hf' } : {};
+  const on = field(c, 'output_router_logits') === true && typeof coef === 'number' && Number.isFinite(coef) && coef >= 0;
+  return on ? { auxLossCoeff: coef as number, auxLossConvention: 'hf' } : { auxLossConvention: 'hf' };
 }
 
 function standardKeys(block: string, format: ExpertKeyFormat, shared: string, router = 'gate'): KeyScheme {
@@ -157,7 +168,7 @@ function qwenSparse(c: Config, l: number): true | string {
   const only = field(c, 'mlp_only_layers') ?? [];
   if (Array.isArray(only) && only.includes(l)) return `layer ${l} is listed in config.mlp_only_layers (a dense MLP)`;
   const step = int(c, 'decoder_sparse_step', 1);
-  if (int(c, 'num_experts') === 0) return 'config.num_experts is 0 (no MoE layers)';
+  if (expertCount(c) === 0) return 'config.num_experts is 0 (no MoE layers)';
   if (step < 1 || (l + 1) % step !== 0) return `layer ${l} is dense: config.decoder_sparse_step = ${step} makes layers l with (l + 1) % ${step} == 0 sparse`;
   return true;
 }
@@ -169,7 +180,7 @@ const FAMILIES: Record<string, Family> = {
     options: (c) => ({
       dim: int(c, 'hidden_size'),
       inter: int(c, 'intermediate_size'),
-      numExperts: int(c, 'num_local_experts'),
+      numExperts: expertCount(c),
       topk: int(c, 'num_experts_per_tok'),
       ...siluExperts(c),
       ...softmaxRouting(true),
@@ -184,7 +195,7 @@ const FAMILIES: Record<string, Family> = {
       return {
         dim: int(c, 'hidden_size'),
         inter: int(c, 'moe_intermediate_size'),
-        numExperts: int(c, 'num_experts'),
+        numExperts: expertCount(c),
         topk: int(c, 'num_experts_per_tok'),
         ...siluExperts(c),
         ...softmaxRouting(bool(c, 'norm_topk_prob', false)),
@@ -199,7 +210,7 @@ const FAMILIES: Record<string, Family> = {
     options: (c) => ({
       dim: int(c, 'hidden_size'),
       inter: int(c, 'moe_intermediate_size'),
-      numExperts: int(c, 'num_experts'),
+      numExperts: expertCount(c),
       topk: int(c, 'num_experts_per_tok'),
       ...siluExperts(c),
       ...softmaxRouting(bool(c, 'norm_topk_prob', false)),
@@ -212,7 +223,7 @@ const FAMILIES: Record<string, Family> = {
     options: (c) => ({
       dim: int(c, 'hidden_size'),
       inter: int(c, 'intermediate_size'),
-      numExperts: int(c, 'num_experts'),
+      numExperts: expertCount(c),
       topk: int(c, 'num_experts_per_tok'),
       ...siluExperts(c),
       ...softmaxRouting(bool(c, 'norm_topk_prob', false)),
@@ -236,7 +247,7 @@ const FAMILIES: Record<string, Family> = {
       return {
         dim: int(c, 'hidden_size'),
         inter,
-        numExperts: int(c, 'n_routed_experts'),
+        numExperts: expertCount(c),
         topk: int(c, 'num_experts_per_tok'),
         ...siluExperts(c),
         // transformers (5.x DeepseekV3TopkRouter) masks the experts of dropped groups with -inf
@@ -259,7 +270,7 @@ const FAMILIES: Record<string, Family> = {
     options: (c) => ({
       dim: int(c, 'hidden_size'),
       inter: int(c, 'intermediate_size'),
-      numExperts: int(c, 'num_local_experts'),
+      numExperts: expertCount(c),
       topk: int(c, 'num_experts_per_tok', field(c, 'experts_per_token') as number | undefined),
       // (up + 1) * gate * sigmoid(1.702 * gate), gate <= limit, |up| <= limit, interleaved pairs
       activation: 'quick_geglu',
