@@ -110,6 +110,12 @@ export const TEMPLATES = {
   activationBackward: () => [f32([4, 3]), f32([4, 6]), { kind: 'quick_geglu', probs: f32([4]), alpha: 1.702, limit: 7, linearOffset: 1 }],
   topk: () => [f32([4, 4]), 2],
   route: () => [f32([4, 4]), { topk: 2, scoreFunction: 'sigmoid', expertBias: f32([4]), numGroups: 2, topkGroups: 1, normTopkProb: true, routeScale: 2, tokenMask: T('bool', [4], [1, 1, 0, 1]) }],
+  routeBackward: () => [
+    f32([4, 2]),
+    f32([4, 4]),
+    T('int32', [4, 2], [3, 2, 3, 2, -1, -1, 3, 2]), // route's picks for its template
+    { topk: 2, scoreFunction: 'sigmoid', expertBias: f32([4]), numGroups: 2, topkGroups: 1, normTopkProb: true, routeScale: 2, tokenMask: T('bool', [4], [1, 1, 0, 1]), gradScores: f32([4, 4]) },
+  ],
   switchLoadBalancingLoss: () => [f32([4, 4]), T('int32', [4], [2, 2, 2, 2]), { topk: 2, coeff: 0.01, numTokens: 4, tokenMask: T('bool', [4], [1, 1, 1, 0]) }],
   switchLoadBalancingLossFromLogits: () => [f32([4, 4]), T('int64', [4], [2, 2, 2, 2]), { topk: 2, coeff: 0.01 }],
   zLoss: () => [f32([4, 4]), { coeff: 1e-3, tokenMask: T('bool', [4], [1, 0, 1, 1]) }],

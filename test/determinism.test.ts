@@ -57,6 +57,9 @@ const f32 = (shape: number[], scale = 1) => tensor('float32', shape, Float32Arra
 const logits = f32([T, E], 3);
 const tokens = f32([T, H]);
 const bf16Tokens = tensor('bfloat16', [T, H], Uint16Array.from(tokens.data, (x) => (new Uint32Array(Float32Array.of(x).buffer)[0] >>> 16) & 0xffff));
+// routeBackward above the parallel threshold (its loop touches about 16 bytes a logit)
+const bigLogits = f32([16 * T, E], 3);
+const bigGradWeights = f32([16 * T, K]);
 
 interface LargeCase {
   op: string;
@@ -76,10 +79,14 @@ function largeCases(b: Backend): LargeCase[] {
   const gradH = f32([N, 64]);
   const b2 = f32([H, 128]);
   const splitSizes = tensor('int32', [E], perm.tokensPerExpert.data);
+  const gradWeights = f32([T, K]);
+  const bigIndices = b.route(bigLogits, { topk: K }).indices;
   const order = tensor('int32', [E], Int32Array.from({ length: E }, (_, i) => (i * 5) % E));
   return [
     { op: 'route (sigmoid, groups, normTopkProb)', run: (b) => b.route(logits, { topk: K, scoreFunction: 'sigmoid', numGroups: 4, topkGroups: 2, normTopkProb: true }) },
     { op: 'route (softmax)', run: (b) => b.route(logits, { topk: K }) },
+    { op: 'routeBackward (sigmoid, groups, normTopkProb, gradScores)', run: (b) => b.routeBackward(gradWeights, logits, routed.indices, { topk: K, scoreFunction: 'sigmoid', numGroups: 4, topkGroups: 2, normTopkProb: true, gradScores: logits }) },
+    { op: 'routeBackward (softmax, 16k tokens)', run: (b) => b.routeBackward(bigGradWeights, bigLogits, bigIndices, { topk: K }) },
     { op: 'topk', run: (b) => b.topk(probs, K) },
     { op: 'indicesToMultihot', run: (b) => b.indicesToMultihot(routed.indices, routed.weights, E) },
     { op: 'permute float32', run: (b) => b.permute(tokens, routingMap, { probs }) },

@@ -22,7 +22,7 @@ export type { ExpertBiases, ExpertCheckpointOptions, ExpertsGrads, ExpertsOption
 export type { DropPolicy, DropTokensOptions, DropTokensResult, ExpertRange, ExpertTensor, GroupedMmSortOptions, GroupedMmSortResult, MeshAxis, PlacedMesh, Placement, SortChunksGrads, SortChunksResult } from './ops/layout.js';
 export type { CreateBackendOptions, Prefer } from './entry.js';
 export { isDeviceTensor, type DeviceTensor } from './device.js';
-export type { AnyTensor, CudaBackend, DevicePermuteOptions, DevicePermuteResult, DeviceRouteOptions, DeviceRouteResult, DeviceUnpermuteOptions } from './backends/cuda.js';
+export type { AnyTensor, CudaBackend, DevicePermuteOptions, DevicePermuteResult, DeviceRouteBackwardOptions, DeviceRouteOptions, DeviceRouteResult, DeviceUnpermuteOptions } from './backends/cuda.js';
 
 /** Why the Node-only backends cannot run in this entry. */
 export const BROWSER_UNAVAILABLE: Readonly<Record<Exclude<BackendName, 'wasm'>, string>> = {

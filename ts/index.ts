@@ -19,7 +19,7 @@ export type { DropPolicy, DropTokensOptions, DropTokensResult, ExpertRange, Expe
 
 export type { CreateBackendOptions, Prefer } from './entry.js';
 export { isDeviceTensor, type DeviceTensor } from './device.js';
-export { isCudaBackend, type AnyTensor, type CudaBackend, type CudaMemory, type DevicePermuteBackwardOptions, type DevicePermuteOptions, type DevicePermuteResult, type DeviceRouteOptions, type DeviceRouteResult, type DeviceUnpermuteOptions } from './backends/cuda.js';
+export { isCudaBackend, type AnyTensor, type CudaBackend, type CudaMemory, type DevicePermuteBackwardOptions, type DevicePermuteOptions, type DevicePermuteResult, type DeviceRouteBackwardOptions, type DeviceRouteOptions, type DeviceRouteResult, type DeviceUnpermuteOptions } from './backends/cuda.js';
 
 async function load(name: BackendName): Promise<CudaLoaded> {
   switch (name) {

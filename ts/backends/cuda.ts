@@ -179,6 +179,11 @@ export interface DeviceRouteOptions extends Omit<RouteOptions, 'expertBias' | 't
   tokenMask?: AnyTensor<'bool'>;
 }
 
+/** routeBackward's options with device tensors allowed. */
+export interface DeviceRouteBackwardOptions extends DeviceRouteOptions {
+  gradScores?: AnyTensor<'float32'>;
+}
+
 export interface DeviceRouteResult {
   weights: DeviceTensor<'float32'>;
   indices: DeviceTensor<'int32'>;
@@ -199,7 +204,7 @@ export interface DevicePermuteBackwardOptions extends Omit<PermuteBackwardOption
 }
 
 export interface CudaBackend
-  extends Omit<Backend, 'name' | 'permute' | 'unpermute' | 'route' | 'topk' | 'permuteBackward' | 'unpermuteBackward' | keyof CudaActivationsOps | keyof CudaLayoutOps | keyof CudaExpertsOps>,
+  extends Omit<Backend, 'name' | 'permute' | 'unpermute' | 'route' | 'routeBackward' | 'topk' | 'permuteBackward' | 'unpermuteBackward' | keyof CudaActivationsOps | keyof CudaLayoutOps | keyof CudaExpertsOps>,
     CudaActivationsOps,
     CudaLayoutOps,
     CudaExpertsOps {
@@ -222,8 +227,11 @@ export interface CudaBackend
   permute<D extends TokenDType>(tokens: AnyTensor<D>, routingMap: AnyTensor<'bool'>, options?: DevicePermuteOptions): DevicePermuteResult<D>;
   unpermute<D extends TokenDType>(permutedTokens: Tensor<D>, sortedIndices: Tensor<IndexDType>, restoreShape: readonly [number, number], options?: UnpermuteOptions): Tensor<D>;
   unpermute<D extends TokenDType>(permutedTokens: AnyTensor<D>, sortedIndices: AnyTensor<'int32'>, restoreShape: readonly [number, number], options?: DeviceUnpermuteOptions): DeviceTensor<D>;
-  route(logits: Tensor<'float32'>, options: RouteOptions): ReturnType<Backend['route']>;
-  route(logits: AnyTensor<'float32'>, options: DeviceRouteOptions): DeviceRouteResult;
+  route(logits: Tensor<TokenDType>, options: RouteOptions): ReturnType<Backend['route']>;
+  route(logits: AnyTensor<TokenDType>, options: DeviceRouteOptions): DeviceRouteResult;
+  /** Runs on the CPU core (no kernel yet): device tensors in are downloaded, the result uploaded. */
+  routeBackward(gradWeights: Tensor<'float32'>, logits: Tensor<TokenDType>, indices: Tensor<IndexDType>, options: RouteOptions & { gradScores?: Tensor<'float32'> }): ReturnType<Backend['routeBackward']>;
+  routeBackward(gradWeights: AnyTensor<'float32'>, logits: AnyTensor<TokenDType>, indices: AnyTensor<'int32'>, options: DeviceRouteBackwardOptions): { gradLogits: DeviceTensor<'float32'> };
   topk(values: Tensor<'float32'>, k: number): ReturnType<Backend['topk']>;
   topk(values: AnyTensor<'float32'>, k: number): { values: DeviceTensor<'float32'>; indices: DeviceTensor<'int32'> };
   permuteBackward<D extends TokenDType>(gradPermuted: Tensor<D>, sortedIndices: Tensor<IndexDType>, numTokens: number, options?: PermuteBackwardOptions): ReturnType<Backend['permuteBackward']> & { gradTokens: Tensor<D> };
@@ -319,7 +327,7 @@ export function cudaBackend(base: Backend, addon: CudaExports): CudaBackend {
       });
     },
     route(logits: unknown, options: unknown) {
-      if (!anyDevice(logits, optionValue(options, 'expertBias'), optionValue(options, 'tokenMask'))) return base.route(logits as Tensor<'float32'>, options as RouteOptions);
+      if (!anyDevice(logits, optionValue(options, 'expertBias'), optionValue(options, 'tokenMask'))) return base.route(logits as Tensor<TokenDType>, options as RouteOptions);
       return call('route', (h) => {
         const o = checkOptions<DeviceRouteOptions>(options, 'route', ['topk', 'scoreFunction', 'softmaxBeforeTopk', 'expertBias', 'numGroups', 'topkGroups', 'normTopkProb', 'routeScale', 'tokenMask']);
         if (o.scoreFunction !== undefined && typeof o.scoreFunction !== 'string') {
@@ -328,7 +336,7 @@ export function cudaBackend(base: Backend, addon: CudaExports): CudaBackend {
         const topk = checkNumber(o.topk, 'options.topk');
         if (topk === undefined) throw new TypeError('options.topk: expected a number (required), got undefined');
         const out = addon.cudaRouteDevice(
-          h.of(logits, 'logits', ['float32']),
+          h.of(logits, 'logits', TOKENS),
           topk,
           o.scoreFunction,
           checkBool(o.softmaxBeforeTopk, 'options.softmaxBeforeTopk'),

@@ -1,6 +1,6 @@
 /** Routing (router logits to top-k experts) and the auxiliary router losses: the interface, and its adapter over a binding. */
-import type { IndexDType, Tensor } from '../tensor.js';
-import { checkBool, checkNumber, checkOptions, INDICES, optWire, requiredNumber, wire, type Call, type WireTensor } from '../wire.js';
+import type { IndexDType, Tensor, TokenDType } from '../tensor.js';
+import { checkBool, checkNumber, checkOptions, INDICES, optWire, requiredNumber, TOKENS, wire, type Call, type WireTensor } from '../wire.js';
 
 /**
  * How router logits become scores (NeMo Automodel `Gate.score_func`):
@@ -68,8 +68,23 @@ export interface RoutingOps {
   /**
    * Routes every token (NeMo Automodel `Gate._route_scores`): scores from `logits [numTokens, numExperts]`
    * float32, top-k selection (optionally biased and group-limited), weights normalised and scaled.
+   * bfloat16 and float16 logits (a 16-bit model's router output) are converted exactly to float32
+   * first: the result is that of their float32 conversion.
    */
-  route(logits: Tensor<'float32'>, options: RouteOptions): RouteResult;
+  route(logits: Tensor<TokenDType>, options: RouteOptions): RouteResult;
+  /**
+   * The backward of `route`: `gradLogits [numTokens, numExperts]` float32, the gradient with respect
+   * to `logits` of a loss whose gradient with respect to route's `weights` is `gradWeights
+   * [numTokens, topk]` float32 (and, with `options.gradScores [numTokens, numExperts]` float32,
+   * with respect to its `scores`). `indices` are route's picks for these logits and options
+   * (int32 or int64; a row of -1 is a masked token); given them the selection is fixed, so the
+   * gradient flows through the weights' values: the softmax over the picked logits or the score
+   * function at the picks, `normTopkProb` and `routeScale`. Pass route's own options (the same
+   * object): they are checked as route checks them. Masked tokens (`tokenMask` false, or indices
+   * -1) get zero rows. Computed in float64 per token from the logits, rounded once to float32;
+   * `logits` may be bfloat16/float16 as in route.
+   */
+  routeBackward(gradWeights: Tensor<'float32'>, logits: Tensor<TokenDType>, indices: Tensor<IndexDType>, options: RouteOptions & { gradScores?: Tensor<'float32'> }): { gradLogits: Tensor<'float32'> };
   /**
    * The `k` largest entries of each row of `values [T, E]` (e.g. router probs), largest first,
    * ties to the lower column: `values [T, k]` f32 and `indices [T, k]` int32.
@@ -107,10 +122,45 @@ export interface RoutingBinding {
     routeScale: number | undefined,
     tokenMask: WireTensor | undefined,
   ): RouteResult;
+  routeBackward(
+    gradWeights: WireTensor,
+    logits: WireTensor,
+    indices: WireTensor,
+    topk: number,
+    scoreFunction: string | undefined,
+    softmaxBeforeTopk: boolean | undefined,
+    expertBias: WireTensor | undefined,
+    numGroups: number | undefined,
+    topkGroups: number | undefined,
+    normTopkProb: boolean | undefined,
+    routeScale: number | undefined,
+    tokenMask: WireTensor | undefined,
+    gradScores: WireTensor | undefined,
+  ): { gradLogits: Tensor };
   topk(values: WireTensor, k: number): { values: Tensor; indices: Tensor };
   switchLoadBalancingLoss(probs: WireTensor, tokensPerExpert: WireTensor, topk: number, coeff: number | undefined, numTokens: number | undefined, tokenMask: WireTensor | undefined): { loss: number; gradProbs: Tensor };
   switchLoadBalancingLossFromLogits(logits: WireTensor, tokensPerExpert: WireTensor, topk: number, coeff: number | undefined, numTokens: number | undefined, tokenMask: WireTensor | undefined): { loss: number; gradLogits: Tensor };
   zLoss(logits: WireTensor, coeff: number | undefined, tokenMask: WireTensor | undefined): { loss: number; gradLogits: Tensor };
+}
+
+const ROUTE_KEYS = ['topk', 'scoreFunction', 'softmaxBeforeTopk', 'expertBias', 'numGroups', 'topkGroups', 'normTopkProb', 'routeScale', 'tokenMask'] as const;
+
+/** route's options as the bindings take them, after `logits` (positional, in route's order). */
+function routeArgs(o: Partial<RouteOptions>): [number, string | undefined, boolean | undefined, WireTensor | undefined, number | undefined, number | undefined, boolean | undefined, number | undefined, WireTensor | undefined] {
+  if (o.scoreFunction !== undefined && typeof o.scoreFunction !== 'string') {
+    throw new TypeError(`options.scoreFunction: expected a string, got ${typeof o.scoreFunction}`);
+  }
+  return [
+    requiredNumber(o.topk, 'options.topk'),
+    o.scoreFunction,
+    checkBool(o.softmaxBeforeTopk, 'options.softmaxBeforeTopk'),
+    optWire(o.expertBias, 'expertBias', ['float32']),
+    checkNumber(o.numGroups, 'options.numGroups'),
+    checkNumber(o.topkGroups, 'options.topkGroups'),
+    checkBool(o.normTopkProb, 'options.normTopkProb'),
+    checkNumber(o.routeScale, 'options.routeScale'),
+    optWire(o.tokenMask, 'tokenMask', ['bool']),
+  ];
 }
 
 function switchArgs(options: unknown, op: string): [number, number | undefined, number | undefined, WireTensor | undefined] {
@@ -125,23 +175,18 @@ export function routingOps(call: Call<RoutingBinding>): RoutingOps {
     },
     route(logits, options) {
       return call('route', (b) => {
-        const o = checkOptions<RouteOptions>(options, 'route', ['topk', 'scoreFunction', 'softmaxBeforeTopk', 'expertBias', 'numGroups', 'topkGroups', 'normTopkProb', 'routeScale', 'tokenMask']);
-        if (o.scoreFunction !== undefined && typeof o.scoreFunction !== 'string') {
-          throw new TypeError(`options.scoreFunction: expected a string, got ${typeof o.scoreFunction}`);
-        }
-        return b.route(
-          wire(logits, 'logits', ['float32']),
-          requiredNumber(o.topk, 'options.topk'),
-          o.scoreFunction,
-          checkBool(o.softmaxBeforeTopk, 'options.softmaxBeforeTopk'),
-          optWire(o.expertBias, 'expertBias', ['float32']),
-          checkNumber(o.numGroups, 'options.numGroups'),
-          checkNumber(o.topkGroups, 'options.topkGroups'),
-          checkBool(o.normTopkProb, 'options.normTopkProb'),
-          checkNumber(o.routeScale, 'options.routeScale'),
-          optWire(o.tokenMask, 'tokenMask', ['bool']),
-        );
+        const o = checkOptions<RouteOptions>(options, 'route', ROUTE_KEYS);
+        return b.route(wire(logits, 'logits', TOKENS), ...routeArgs(o));
       }) as RouteResult;
+    },
+    routeBackward(gradWeights, logits, indices, options) {
+      return call('routeBackward', (b) => {
+        const o = checkOptions<RouteOptions & { gradScores?: Tensor<'float32'> }>(options, 'routeBackward', [...ROUTE_KEYS, 'gradScores']);
+        const g = wire(gradWeights, 'gradWeights', ['float32']);
+        const l = wire(logits, 'logits', TOKENS);
+        const i = wire(indices, 'indices', INDICES);
+        return b.routeBackward(g, l, i, ...routeArgs(o), optWire(o.gradScores, 'gradScores', ['float32']));
+      }) as { gradLogits: Tensor<'float32'> };
     },
     switchLoadBalancingLoss(probs, tokensPerExpert, options) {
       return call('switchLoadBalancingLoss', (b) =>

@@ -7,8 +7,12 @@
 //! them). Our top-k order is part of our contract: descending selection score, ties to the lower
 //! expert id.
 
+use std::borrow::Cow;
+
+use half::{bf16, f16};
+
 use crate::detmath::{exp, ln_1p};
-use crate::alloc::try_vec;
+use crate::alloc::{try_vec, try_with_capacity};
 use crate::error::{opt_size_arg, size_arg, Error, Result};
 use crate::par::for_each_row;
 use crate::tensor::{DType, Tensor, TensorRef};
@@ -217,11 +221,49 @@ fn first_non_finite(values: &[f32]) -> Option<usize> {
     values.iter().position(|v| !v.is_finite())
 }
 
-/// Routes every token: scores, top-k selection, weights. See `docs/semantics.md`.
+/// Routes every token: scores, top-k selection, weights. See `docs/semantics.md`. `logits` may be
+/// float32, bfloat16 or float16 (16-bit logits are converted exactly to float32 first, so the
+/// result is that of their float32 conversion).
 pub fn route(logits: &TensorRef, expert_bias: Option<&TensorRef>, token_mask: Option<&TensorRef>, options: RouteOptions) -> Result<Routed> {
+    let checked = check_route_inputs(logits, expert_bias, token_mask, &options)?;
+    route_checked(&checked.logits, checked.num_tokens, &checked.plan, &options, checked.bias.as_deref(), checked.mask)
+}
+
+/// The dtypes `route` and `route_backward` take for `logits`: float32, and bfloat16 / float16
+/// (a bf16 model's router logits), converted exactly to float32 first.
+pub const LOGITS_DTYPES: &[DType] = DType::TOKENS;
+
+/// `logits` (float32, bfloat16 or float16) as float32 values: borrowed for float32, converted
+/// exactly (every bf16/f16 value is an f32 value) for the 16-bit dtypes.
+pub fn logits_f32<'a>(logits: &TensorRef<'a>) -> Result<Cow<'a, [f32]>> {
+    match logits.expect_dtype(LOGITS_DTYPES)? {
+        DType::BF16 => {
+            let mut v = try_with_capacity(logits.numel(), "logits")?;
+            v.extend(logits.raw::<u16>().iter().map(|&b| bf16::from_bits(b).to_f32()));
+            Ok(Cow::Owned(v))
+        }
+        DType::F16 => {
+            let mut v = try_with_capacity(logits.numel(), "logits")?;
+            v.extend(logits.raw::<u16>().iter().map(|&b| f16::from_bits(b).to_f32()));
+            Ok(Cow::Owned(v))
+        }
+        _ => logits.typed::<f32>(),
+    }
+}
+
+/// route's inputs once checked (shared with [`route_backward`], so that both report the same errors).
+struct CheckedRoute<'a> {
+    num_tokens: usize,
+    plan: Plan,
+    logits: Cow<'a, [f32]>,
+    bias: Option<Cow<'a, [f32]>>,
+    mask: Option<&'a [u8]>,
+}
+
+fn check_route_inputs<'a>(logits: &TensorRef<'a>, expert_bias: Option<&TensorRef<'a>>, token_mask: Option<&TensorRef<'a>>, options: &RouteOptions) -> Result<CheckedRoute<'a>> {
     let dims = logits.expect_rank(2, "[numTokens, numExperts]")?;
     let (num_tokens, num_experts) = (dims[0], dims[1]);
-    logits.expect_dtype(&[DType::F32])?;
+    logits.expect_dtype(LOGITS_DTYPES)?;
     if i32::try_from(num_experts).is_err() {
         return Err(Error::range("logits.shape[1]", format!("numExperts = {num_experts} does not fit in int32 indices")));
     }
@@ -232,7 +274,7 @@ pub fn route(logits: &TensorRef, expert_bias: Option<&TensorRef>, token_mask: Op
             "a tensor",
         ));
     }
-    let plan = check_options(&options, num_experts, expert_bias.is_some())?;
+    let plan = check_options(options, num_experts, expert_bias.is_some())?;
     let bias = match expert_bias {
         Some(b) => {
             b.expect_dtype(&[DType::F32])?;
@@ -253,14 +295,14 @@ pub fn route(logits: &TensorRef, expert_bias: Option<&TensorRef>, token_mask: Op
         }
         None => None,
     };
-    let x = logits.typed::<f32>()?;
+    let x = logits_f32(logits)?;
     if let Some(i) = first_non_finite(&x) {
         return Err(Error::range(
             "logits",
             format!("logits[{}][{}] = {} is not finite (router logits must be finite numbers)", i / num_experts, i % num_experts, x[i]),
         ));
     }
-    route_checked(&x, num_tokens, &plan, &options, bias.as_deref(), mask)
+    Ok(CheckedRoute { num_tokens, plan, logits: x, bias, mask })
 }
 
 fn route_checked(x: &[f32], num_tokens: usize, plan: &Plan, options: &RouteOptions, bias: Option<&[f32]>, mask: Option<&[u8]>) -> Result<Routed> {
@@ -358,6 +400,248 @@ fn route_checked(x: &[f32], num_tokens: usize, plan: &Plan, options: &RouteOptio
         scores: Tensor::f32(vec![num_tokens, e_count], scores),
         tokens_per_expert: Tensor::i32(vec![e_count], tokens_per_expert),
     })
+}
+
+/// The gradient of [`route`] with respect to its logits, given route's picks.
+///
+/// `grad_weights [T, k]` f32 is the gradient of a loss with respect to route's `weights`,
+/// `grad_scores [T, E]` f32 (optional) the one with respect to its `scores`; `indices [T, k]`
+/// (int32 or int64) are route's picks for these logits and options. Returns `grad_logits [T, E]`
+/// f32. Given the picks, the selection (keys, bias, groups) is piecewise constant in the
+/// logits, so the gradient flows through the values of the weights (and scores) only: through
+/// the softmax over the picked logits, or the score function at the picks, the normalisation
+/// (`norm_topk_prob`, k > 1) and `route_scale`. Masked tokens (`token_mask` false, or an
+/// indices row of -1s as route gives them) get a zero row, also from `grad_scores`.
+///
+/// The options, `expert_bias` and `token_mask` are route's, checked by route's own checks (so a
+/// caller passes the same options); `logits` may be 16-bit as in route. Each token's gradient
+/// is computed in f64 from the logits (not from route's rounded outputs) and rounded once to
+/// f32; the result does not depend on the thread count. Non-finite gradients propagate.
+pub fn route_backward(
+    grad_weights: &TensorRef,
+    logits: &TensorRef,
+    indices: &TensorRef,
+    grad_scores: Option<&TensorRef>,
+    expert_bias: Option<&TensorRef>,
+    token_mask: Option<&TensorRef>,
+    options: RouteOptions,
+) -> Result<Tensor> {
+    let checked = check_route_inputs(logits, expert_bias, token_mask, &options)?;
+    let (num_tokens, e_count, k) = (checked.num_tokens, checked.plan.num_experts, checked.plan.topk);
+
+    indices.expect_rank(2, "[numTokens, topk]")?;
+    indices.expect_dtype(DType::INDICES)?;
+    indices.expect_shape(&[num_tokens, k], "([numTokens, topk]: route's indices for these logits and topk)")?;
+    grad_weights.expect_rank(2, "[numTokens, topk]")?;
+    grad_weights.expect_dtype(&[DType::F32])?;
+    grad_weights.expect_shape(&[num_tokens, k], "([numTokens, topk]: the shape of route's weights)")?;
+    let gw = grad_weights.typed::<f32>()?;
+    let gsc = match grad_scores {
+        Some(g) => {
+            g.expect_rank(2, "[numTokens, numExperts]")?;
+            g.expect_dtype(&[DType::F32])?;
+            g.expect_shape(&[num_tokens, e_count], "([numTokens, numExperts]: the shape of route's scores)")?;
+            Some(g.typed::<f32>()?)
+        }
+        None => None,
+    };
+
+    // The picks, checked: -1 or an expert id; a row that is used holds k distinct experts.
+    let idx = indices.indices()?;
+    let mask = checked.mask;
+    let mut picks = try_vec(0usize, num_tokens * k, "indices")?;
+    // `live[t]`: token t gets a gradient (not masked, picks given).
+    let mut live = try_vec(false, num_tokens, "indices")?;
+    // Per expert: 1 + the last row that picked it, and where in that row (duplicate check, O(T k)).
+    let mut seen = try_vec((0usize, 0usize), e_count, "indices")?;
+    for t in 0..num_tokens {
+        let row = &idx[t * k..(t + 1) * k];
+        for (j, &v) in row.iter().enumerate() {
+            if v < -1 || v >= e_count as i64 {
+                return Err(Error::range(
+                    "indices",
+                    format!("indices[{t}][{j}] = {v} is out of range: expected an expert id 0 to {} (numExperts = {e_count}), or -1 for a masked token", e_count - 1),
+                ));
+            }
+        }
+        if mask.is_some_and(|m| m[t] == 0) || row.iter().all(|&v| v == -1) {
+            continue;
+        }
+        for (j, &v) in row.iter().enumerate() {
+            if v == -1 {
+                return Err(Error::range(
+                    "indices",
+                    format!("indices[{t}][{j}] = -1 in a row of picks: -1 marks a masked token, whose whole row is -1 (as route gives it)"),
+                ));
+            }
+            let e = v as usize;
+            if seen[e].0 == t + 1 {
+                return Err(Error::range(
+                    "indices",
+                    format!("indices[{t}][{j}] = {v} repeats indices[{t}][{}]: a token's picks are distinct experts", seen[e].1),
+                ));
+            }
+            seen[e] = (t + 1, j);
+            picks[t * k + j] = e;
+        }
+        live[t] = true;
+    }
+
+    let x = &checked.logits;
+    let c = BackwardRow {
+        sf: options.score_function,
+        on_logits: options.score_function == ScoreFunction::Softmax && !options.softmax_before_topk,
+        normalise: options.norm_topk_prob && k > 1,
+        scale: options.route_scale,
+    };
+    let mut grad = try_vec(0f32, num_tokens * e_count, "logits")?;
+    let work = num_tokens.saturating_mul(e_count).saturating_mul(16);
+    let (picks, live, gw, gsc) = (&picks, &live, &gw, gsc.as_deref());
+    for_each_row(&mut grad, e_count, work, BackwardScratch::default, |s, t, out| {
+        if !live[t] {
+            out.fill(0.0);
+            return;
+        }
+        let rows = e_count * t..e_count * (t + 1);
+        c.row(&x[rows.clone()], &picks[t * k..(t + 1) * k], &gw[t * k..(t + 1) * k], gsc.map(|g| &g[rows]), s, out);
+    });
+    Ok(Tensor::f32(vec![num_tokens, e_count], grad))
+}
+
+/// What every row of [`route_backward`] shares.
+struct BackwardRow {
+    sf: ScoreFunction,
+    /// 'softmax' selecting on the logits: the weights are a softmax over the picked logits.
+    on_logits: bool,
+    normalise: bool,
+    scale: f64,
+}
+
+/// Per-worker buffers of [`route_backward`] (grown to the row's size on first use).
+#[derive(Default)]
+struct BackwardScratch {
+    /// The scores, f64 (not rounded).
+    s: Vec<f64>,
+    /// d loss / d scores.
+    gs: Vec<f64>,
+    /// d loss / d logits.
+    gx: Vec<f64>,
+    /// The picks' weights before normalisation and scale.
+    u: Vec<f64>,
+    /// d loss / d u.
+    gu: Vec<f64>,
+}
+
+impl BackwardRow {
+    /// One token's gradient: `x` its logits, `picks` its k experts, `gw` d loss / d weights,
+    /// `gsc` d loss / d scores; written to `out`, each element rounded once.
+    fn row(&self, x: &[f32], picks: &[usize], gw: &[f32], gsc: Option<&[f32]>, s: &mut BackwardScratch, out: &mut [f32]) {
+        let e_count = x.len();
+        let need_scores = gsc.is_some() || !self.on_logits;
+        s.gx.clear();
+        s.gx.resize(e_count, 0.0);
+        if need_scores {
+            scores_f64(self.sf, x, &mut s.s);
+            s.gs.clear();
+            s.gs.resize(e_count, 0.0);
+        }
+        // The weights before normalisation: u_j.
+        s.u.clear();
+        if self.on_logits {
+            let m = picks.iter().map(|&e| x[e]).fold(f32::NEG_INFINITY, f32::max) as f64;
+            s.u.extend(picks.iter().map(|&e| exp(x[e] as f64 - m)));
+            let sum: f64 = s.u.iter().sum();
+            s.u.iter_mut().for_each(|u| *u /= sum);
+        } else {
+            s.u.extend(picks.iter().map(|&e| s.s[e]));
+        }
+        // d/du of (routeScale * u / (sum u + 1e-20)) or (routeScale * u).
+        s.gu.clear();
+        s.gu.extend(gw.iter().map(|&g| g as f64 * self.scale));
+        if self.normalise {
+            let denom = s.u.iter().sum::<f64>() + 1e-20;
+            let dot: f64 = s.gu.iter().zip(&s.u).map(|(g, u)| g * (u / denom)).sum();
+            s.gu.iter_mut().for_each(|g| *g = (*g - dot) / denom);
+        }
+        if self.on_logits {
+            // through the softmax over the picked logits
+            let dot: f64 = s.gu.iter().zip(&s.u).map(|(g, u)| g * u).sum();
+            for ((&e, &u), &g) in picks.iter().zip(&s.u).zip(&s.gu) {
+                s.gx[e] += u * (g - dot);
+            }
+        } else {
+            for (&e, &g) in picks.iter().zip(&s.gu) {
+                s.gs[e] += g;
+            }
+        }
+        if let Some(g) = gsc {
+            if self.normalise {
+                let denom = s.s.iter().sum::<f64>() + 1e-20;
+                let dot: f64 = g.iter().zip(&s.s).map(|(&g, v)| g as f64 * (v / denom)).sum();
+                for (gs, &g) in s.gs.iter_mut().zip(g) {
+                    *gs += (g as f64 - dot) / denom;
+                }
+            } else {
+                for (gs, &g) in s.gs.iter_mut().zip(g) {
+                    *gs += g as f64;
+                }
+            }
+        }
+        if need_scores {
+            // through the score function
+            match self.sf {
+                ScoreFunction::Softmax | ScoreFunction::SoftmaxWithBias => {
+                    let dot: f64 = s.gs.iter().zip(&s.s).map(|(g, v)| g * v).sum();
+                    for ((gx, &g), &v) in s.gx.iter_mut().zip(&s.gs).zip(&s.s) {
+                        *gx += v * (g - dot);
+                    }
+                }
+                ScoreFunction::Sigmoid | ScoreFunction::SigmoidWithBias => {
+                    // sigmoid'(x) = sigmoid(x) sigmoid(-x): accurate in both tails
+                    for (((gx, &g), &v), &xe) in s.gx.iter_mut().zip(&s.gs).zip(&s.s).zip(x) {
+                        *gx += g * (v * sigmoid(-(xe as f64)));
+                    }
+                }
+                ScoreFunction::SqrtSoftplus => {
+                    for (((gx, &g), &v), &xe) in s.gx.iter_mut().zip(&s.gs).zip(&s.s).zip(x) {
+                        *gx += g * sqrt_softplus_derivative(xe as f64, v);
+                    }
+                }
+            }
+        }
+        for (o, &g) in out.iter_mut().zip(&s.gx) {
+            *o = g as f32;
+        }
+    }
+}
+
+/// The unbiased scores of one row in f64 (route's step 1 before its rounding to f32).
+fn scores_f64(sf: ScoreFunction, x: &[f32], out: &mut Vec<f64>) {
+    out.clear();
+    match sf {
+        ScoreFunction::Softmax | ScoreFunction::SoftmaxWithBias => {
+            let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            out.extend(x.iter().map(|&v| exp(v as f64 - m)));
+            let sum: f64 = out.iter().sum();
+            out.iter_mut().for_each(|v| *v /= sum);
+        }
+        ScoreFunction::Sigmoid | ScoreFunction::SigmoidWithBias => out.extend(x.iter().map(|&v| sigmoid(v as f64))),
+        ScoreFunction::SqrtSoftplus => out.extend(x.iter().map(|&v| softplus(v as f64).sqrt())),
+    }
+}
+
+/// d sqrt(softplus(x)) / dx, given `s = sqrt(softplus(x))`: sigmoid(x) / (2 s), and 1 / (2 s)
+/// above 20 where softplus is exactly x (torch's threshold, whose backward passes the gradient
+/// through there). 0 where softplus underflows to 0 (x below about -745; the true value,
+/// about e^(x/2) / 2, is far below the smallest f32 there).
+fn sqrt_softplus_derivative(x: f64, s: f64) -> f64 {
+    if s == 0.0 {
+        0.0
+    } else if x > 20.0 {
+        0.5 / s
+    } else {
+        sigmoid(x) / (2.0 * s)
+    }
 }
 
 /// Per-worker buffers of the selection pass.
@@ -752,5 +1036,296 @@ mod tests {
         let nan = vec![0.0, f32::NAN, 1.0];
         let err = topk(&TensorRef::of("values", vec![1, 3], &nan).unwrap(), 1).unwrap_err();
         assert_eq!(err.to_string(), "values: element [0][1] is NaN");
+    }
+}
+
+#[cfg(test)]
+mod backward_tests {
+    use super::*;
+    use crate::ErrorKind;
+
+    /// xorshift64*, uniform in [0, 1).
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> f64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
+        }
+        fn vec(&mut self, n: usize, lo: f64, hi: f64) -> Vec<f32> {
+            (0..n).map(|_| (lo + (hi - lo) * self.next()) as f32).collect()
+        }
+    }
+
+    struct Problem {
+        t: usize,
+        e: usize,
+        logits: Vec<f32>,
+        bias: Option<Vec<f32>>,
+        mask: Option<Vec<u8>>,
+        options: RouteOptions,
+    }
+
+    impl Problem {
+        fn route(&self) -> Routed {
+            let l = TensorRef::of("logits", vec![self.t, self.e], &self.logits).unwrap();
+            let b = self.bias.as_ref().map(|b| TensorRef::of("expertBias", vec![self.e], b).unwrap());
+            let m = self.mask.as_ref().map(|m| TensorRef::new("tokenMask", DType::Bool, vec![self.t], m).unwrap());
+            route(&l, b.as_ref(), m.as_ref(), self.options).unwrap()
+        }
+
+        fn backward(&self, gw: &[f32], indices: &[i32], gsc: Option<&[f32]>) -> Result<Vec<f32>> {
+            let k = self.options.topk;
+            let l = TensorRef::of("logits", vec![self.t, self.e], &self.logits).unwrap();
+            let g = TensorRef::of("gradWeights", vec![self.t, k], gw).unwrap();
+            let i = TensorRef::of("indices", vec![self.t, k], indices).unwrap();
+            let gs = gsc.map(|g| TensorRef::of("gradScores", vec![self.t, self.e], g).unwrap());
+            let b = self.bias.as_ref().map(|b| TensorRef::of("expertBias", vec![self.e], b).unwrap());
+            let m = self.mask.as_ref().map(|m| TensorRef::new("tokenMask", DType::Bool, vec![self.t], m).unwrap());
+            let out = route_backward(&g, &l, &i, gs.as_ref(), b.as_ref(), m.as_ref(), self.options)?;
+            assert_eq!(out.shape, vec![self.t, self.e]);
+            Ok(out.data.as_f32().unwrap().to_vec())
+        }
+    }
+
+    /// route's weights (at fixed picks) and scores of one token, in f64 with std's exp: the
+    /// function the gradient is checked against. Returns sum_j gw_j w_j + sum_e gsc_e s_e.
+    fn loss64(x: &[f64], picks: &[usize], gw: &[f64], gsc: Option<&[f64]>, o: &RouteOptions) -> f64 {
+        let sigmoid = |v: f64| 1.0 / (1.0 + (-v).exp());
+        let softmax = |row: &[f64]| {
+            let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = row.iter().map(|v| (v - m).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            e.into_iter().map(|v| v / sum).collect::<Vec<f64>>()
+        };
+        let s: Vec<f64> = match o.score_function {
+            ScoreFunction::Softmax | ScoreFunction::SoftmaxWithBias => softmax(x),
+            ScoreFunction::Sigmoid | ScoreFunction::SigmoidWithBias => x.iter().map(|&v| sigmoid(v)).collect(),
+            ScoreFunction::SqrtSoftplus => x.iter().map(|&v| if v > 20.0 { v.sqrt() } else { v.exp().ln_1p().sqrt() }).collect(),
+        };
+        let mut w: Vec<f64> = if o.score_function == ScoreFunction::Softmax && !o.softmax_before_topk {
+            softmax(&picks.iter().map(|&e| x[e]).collect::<Vec<_>>())
+        } else {
+            picks.iter().map(|&e| s[e]).collect()
+        };
+        let normalise = o.norm_topk_prob && picks.len() > 1;
+        let mut sc = s.clone();
+        if normalise {
+            let d = w.iter().sum::<f64>() + 1e-20;
+            w.iter_mut().for_each(|v| *v /= d);
+            let d = s.iter().sum::<f64>() + 1e-20;
+            sc.iter_mut().for_each(|v| *v /= d);
+        }
+        let mut loss: f64 = w.iter().zip(gw).map(|(w, g)| w * o.route_scale * g).sum();
+        if let Some(g) = gsc {
+            loss += sc.iter().zip(g).map(|(s, g)| s * g).sum::<f64>();
+        }
+        loss
+    }
+
+    /// Checks route_backward on `p` (picks from route) against central differences of [`loss64`].
+    fn check(p: &Problem, rng: &mut Rng, with_scores: bool, what: &str) {
+        let (t, e, k) = (p.t, p.e, p.options.topk);
+        let routed = p.route();
+        let idx = routed.indices.data.as_i32().unwrap().to_vec();
+        let gw = rng.vec(t * k, -1.0, 1.0);
+        let gsc = with_scores.then(|| rng.vec(t * e, -1.0, 1.0));
+        let got = p.backward(&gw, &idx, gsc.as_deref()).unwrap();
+        for tok in 0..t {
+            let row = &got[tok * e..(tok + 1) * e];
+            if idx[tok * k] < 0 {
+                assert!(row.iter().all(|&v| v.to_bits() == 0), "{what}: masked token {tok} has a gradient {row:?}");
+                continue;
+            }
+            let picks: Vec<usize> = idx[tok * k..(tok + 1) * k].iter().map(|&v| v as usize).collect();
+            let gw64: Vec<f64> = gw[tok * k..(tok + 1) * k].iter().map(|&v| v as f64).collect();
+            let gsc64: Option<Vec<f64>> = gsc.as_ref().map(|g| g[tok * e..(tok + 1) * e].iter().map(|&v| v as f64).collect());
+            let mut x: Vec<f64> = p.logits[tok * e..(tok + 1) * e].iter().map(|&v| v as f64).collect();
+            let mut want = vec![0.0; e];
+            for i in 0..e {
+                let x0 = x[i];
+                let h = 1e-5 * x0.abs().max(1.0);
+                x[i] = x0 + h;
+                let up = loss64(&x, &picks, &gw64, gsc64.as_deref(), &p.options);
+                x[i] = x0 - h;
+                let down = loss64(&x, &picks, &gw64, gsc64.as_deref(), &p.options);
+                x[i] = x0;
+                want[i] = (up - down) / (2.0 * h);
+            }
+            let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            for i in 0..e {
+                let err = (row[i] as f64 - want[i]).abs();
+                assert!(err <= 1e-6 * want[i].abs() + 1e-7 * scale + 1e-12, "{what}: token {tok} expert {i}: {} vs finite differences {} (picks {picks:?})", row[i], want[i]);
+            }
+        }
+    }
+
+    #[test]
+    fn matches_finite_differences_for_every_score_function_and_option() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut cases = 0;
+        for sf in ScoreFunction::ALL {
+            for sbt in [false, true] {
+                if sbt && sf != ScoreFunction::Softmax {
+                    continue;
+                }
+                for norm in [false, true] {
+                    for scale in [1.0, 2.5, -0.75] {
+                        for with_scores in [false, true] {
+                            for k in [1, 3, 8] {
+                                let (t, e) = (6, 8);
+                                let options = RouteOptions { score_function: sf, softmax_before_topk: sbt, norm_topk_prob: norm, route_scale: scale, ..RouteOptions::new(k) };
+                                let mask = (k == 3).then(|| vec![1, 0, 1, 1, 0, 1]);
+                                let p = Problem { t, e, logits: rng.vec(t * e, -4.0, 4.0), bias: None, mask, options };
+                                check(&p, &mut rng, with_scores, &format!("{} sbt={sbt} norm={norm} scale={scale} scores={with_scores} k={k}", sf.name()));
+                                cases += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(cases, 6 * 2 * 3 * 2 * 3);
+    }
+
+    #[test]
+    fn matches_finite_differences_with_groups_and_bias() {
+        let mut rng = Rng(0x1234_5678_9abc_def1);
+        for sf in [ScoreFunction::Sigmoid, ScoreFunction::SoftmaxWithBias, ScoreFunction::SigmoidWithBias, ScoreFunction::SqrtSoftplus] {
+            for norm in [false, true] {
+                for with_scores in [false, true] {
+                    let (t, e) = (8, 16);
+                    let grouped = sf != ScoreFunction::SqrtSoftplus;
+                    let options = RouteOptions {
+                        score_function: sf,
+                        num_groups: if grouped { 4 } else { 1 },
+                        topk_groups: grouped.then_some(2),
+                        norm_topk_prob: norm,
+                        route_scale: 2.5,
+                        ..RouteOptions::new(4)
+                    };
+                    let p = Problem { t, e, logits: rng.vec(t * e, -3.0, 3.0), bias: Some(rng.vec(e, -0.5, 0.5)), mask: Some(vec![1, 1, 0, 1, 1, 1, 0, 1]), options };
+                    check(&p, &mut rng, with_scores, &format!("{} groups bias norm={norm} scores={with_scores}", sf.name()));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sixteen_bit_logits_give_the_results_of_their_f32_conversion() {
+        let mut rng = Rng(77);
+        let (t, e, k) = (5, 8, 3);
+        let wide = rng.vec(t * e, -6.0, 6.0);
+        for dtype in [DType::BF16, DType::F16] {
+            let bits: Vec<u16> = wide.iter().map(|&v| if dtype == DType::BF16 { bf16::from_f32(v).to_bits() } else { f16::from_f32(v).to_bits() }).collect();
+            let as_f32: Vec<f32> = bits.iter().map(|&b| if dtype == DType::BF16 { bf16::from_bits(b).to_f32() } else { f16::from_bits(b).to_f32() }).collect();
+            let half = TensorRef::new("logits", dtype, vec![t, e], bytemuck::cast_slice(&bits)).unwrap();
+            let full = TensorRef::of("logits", vec![t, e], &as_f32).unwrap();
+            for sf in ScoreFunction::ALL {
+                let o = RouteOptions { score_function: sf, norm_topk_prob: true, ..RouteOptions::new(k) };
+                let a = route(&half, None, None, o).unwrap();
+                let b = route(&full, None, None, o).unwrap();
+                assert_eq!(a, b, "{dtype:?} {}", sf.name());
+                let gw = rng.vec(t * k, -1.0, 1.0);
+                let gs = rng.vec(t * e, -1.0, 1.0);
+                let g = TensorRef::of("gradWeights", vec![t, k], &gw).unwrap();
+                let gsr = TensorRef::of("gradScores", vec![t, e], &gs).unwrap();
+                let idx = TensorRef::of("indices", vec![t, k], b.indices.data.as_i32().unwrap()).unwrap();
+                let ga = route_backward(&g, &half, &idx, Some(&gsr), None, None, o).unwrap();
+                let gb = route_backward(&g, &full, &idx, Some(&gsr), None, None, o).unwrap();
+                assert_eq!(ga, gb, "{dtype:?} {}", sf.name());
+            }
+        }
+        // a 16-bit infinity is reported like an f32 one
+        let bits = [0u16, 0x7f80, 0, 0];
+        let l = TensorRef::new("logits", DType::BF16, vec![1, 4], bytemuck::cast_slice(&bits)).unwrap();
+        let err = route(&l, None, None, RouteOptions::new(1)).unwrap_err();
+        assert!(err.to_string().starts_with("logits: logits[0][1] = inf"), "{err}");
+        let l = TensorRef::of("logits", vec![1, 2], &[1i32, 2]).unwrap();
+        let err = route(&l, None, None, RouteOptions::new(1)).unwrap_err();
+        assert_eq!(err.to_string(), "logits.dtype: expected float32, bfloat16 or float16, got int32");
+    }
+
+    #[test]
+    fn masked_rows_and_rows_of_minus_one_get_zero() {
+        let p = Problem { t: 3, e: 4, logits: vec![1.0, 2.0, 3.0, 4.0, 0.5, -0.5, 1.5, 2.0, 0.0, 0.1, 0.2, 0.3], bias: None, mask: Some(vec![1, 0, 1]), options: RouteOptions { score_function: ScoreFunction::Sigmoid, ..RouteOptions::new(2) } };
+        let gsc = [1.0f32; 12];
+        // the mask wins over whatever the indices say there; a row of -1s without a mask is masked too
+        let got = p.backward(&[1.0; 6], &[3, 2, 0, 1, -1, -1], Some(&gsc)).unwrap();
+        assert!(got[4..].iter().all(|&v| v == 0.0), "{got:?}");
+        assert!(got[..4].iter().all(|&v| v > 0.0), "{got:?}");
+        let unmasked = Problem { mask: None, ..p };
+        let got = unmasked.backward(&[1.0; 6], &[3, 2, 0, 1, -1, -1], None).unwrap();
+        assert!(got[8..].iter().all(|&v| v == 0.0) && got[4] > 0.0, "{got:?}");
+    }
+
+    #[test]
+    fn extreme_logits_give_finite_gradients() {
+        for sf in ScoreFunction::ALL {
+            let logits = vec![-800.0f32, -100.0, -30.0, 0.0, 19.5, 20.5, 100.0, 800.0];
+            let o = RouteOptions { score_function: sf, norm_topk_prob: true, ..RouteOptions::new(4) };
+            let p = Problem { t: 1, e: 8, logits, bias: None, mask: None, options: o };
+            let idx = p.route().indices.data.as_i32().unwrap().to_vec();
+            let got = p.backward(&[1.0, -1.0, 0.5, 2.0], &idx, Some(&[0.25; 8])).unwrap();
+            assert!(got.iter().all(|v| v.is_finite()), "{}: {got:?}", sf.name());
+        }
+        // sigmoid'(x) in the tails, not 0 from 1 - sigmoid(x)
+        let o = RouteOptions { score_function: ScoreFunction::Sigmoid, ..RouteOptions::new(1) };
+        let p = Problem { t: 1, e: 2, logits: vec![40.0, -40.0], bias: None, mask: None, options: o };
+        let got = p.backward(&[1.0], &[0], Some(&[0.0, 1.0])).unwrap();
+        let want = (-40.0f64).exp() as f32;
+        assert!((got[0] / want - 1.0).abs() < 1e-6 && (got[1] / want - 1.0).abs() < 1e-6, "{got:?} vs {want}");
+    }
+
+    #[test]
+    fn errors_name_the_argument() {
+        let p = Problem { t: 2, e: 4, logits: vec![0.0, 1.0, 2.0, 3.0, 3.0, 2.0, 1.0, 0.0], bias: None, mask: None, options: RouteOptions::new(2) };
+        let cases: Vec<(&[i32], &str, ErrorKind)> = vec![
+            (&[3, 2, 0, 0], "indices: indices[1][1] = 0 repeats indices[1][0]", ErrorKind::RangeError),
+            (&[3, 4, 0, 1], "indices: indices[0][1] = 4 is out of range", ErrorKind::RangeError),
+            (&[3, 2, -2, 1], "indices: indices[1][0] = -2 is out of range", ErrorKind::RangeError),
+            (&[3, -1, 0, 1], "indices: indices[0][1] = -1 in a row of picks", ErrorKind::RangeError),
+        ];
+        for (idx, prefix, kind) in cases {
+            let err = p.backward(&[1.0; 4], idx, None).unwrap_err();
+            assert!(err.to_string().starts_with(prefix), "{err}");
+            assert_eq!(err.kind(), kind);
+        }
+        // route's own option checks, with route's messages
+        let bad = Problem { options: RouteOptions { num_groups: 2, ..RouteOptions::new(2) }, ..p };
+        let err = bad.backward(&[1.0; 4], &[3, 2, 0, 1], None).unwrap_err();
+        let l = TensorRef::of("logits", vec![2, 4], &bad.logits).unwrap();
+        assert_eq!(err, route(&l, None, None, bad.options).unwrap_err());
+        let p = Problem { options: RouteOptions::new(2), ..bad };
+        // shapes and dtypes
+        let l = TensorRef::of("logits", vec![2, 4], &p.logits).unwrap();
+        let gw = [1.0f32; 4];
+        let g = TensorRef::of("gradWeights", vec![2, 2], &gw).unwrap();
+        let i = TensorRef::of("indices", vec![2, 2], &[3i32, 2, 0, 1]).unwrap();
+        let short = TensorRef::of("indices", vec![2, 1], &[3i32, 0]).unwrap();
+        let err = route_backward(&g, &l, &short, None, None, None, p.options).unwrap_err();
+        assert!(err.to_string().starts_with("indices.shape: expected [2, 2]"), "{err}");
+        let as_f32 = TensorRef::of("indices", vec![2, 2], &[3.0f32, 2.0, 0.0, 1.0]).unwrap();
+        let err = route_backward(&g, &l, &as_f32, None, None, None, p.options).unwrap_err();
+        assert_eq!(err.to_string(), "indices.dtype: expected int32 or int64, got float32");
+        let i64s = TensorRef::of("indices", vec![2, 2], &[3i64, 2, 0, 1]).unwrap();
+        assert_eq!(route_backward(&g, &l, &i64s, None, None, None, p.options).unwrap(), route_backward(&g, &l, &i, None, None, None, p.options).unwrap());
+        let g3 = TensorRef::of("gradWeights", vec![2, 2, 1], &gw).unwrap();
+        let err = route_backward(&g3, &l, &i, None, None, None, p.options).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::TypeError);
+        assert!(err.to_string().starts_with("gradWeights.shape:"), "{err}");
+        let gs = TensorRef::of("gradScores", vec![2, 3], &[0.0f32; 6]).unwrap();
+        let err = route_backward(&g, &l, &i, Some(&gs), None, None, p.options).unwrap_err();
+        assert!(err.to_string().starts_with("gradScores.shape: expected [2, 4]"), "{err}");
+        let gwh = [0u16; 4];
+        let g16 = TensorRef::new("gradWeights", DType::BF16, vec![2, 2], bytemuck::cast_slice(&gwh)).unwrap();
+        let err = route_backward(&g16, &l, &i, None, None, None, p.options).unwrap_err();
+        assert_eq!(err.to_string(), "gradWeights.dtype: expected float32, got bfloat16");
+        // no tokens
+        let l0 = TensorRef::of("logits", vec![0, 4], &[] as &[f32]).unwrap();
+        let g0 = TensorRef::of("gradWeights", vec![0, 2], &[] as &[f32]).unwrap();
+        let i0 = TensorRef::of("indices", vec![0, 2], &[] as &[i32]).unwrap();
+        assert_eq!(route_backward(&g0, &l0, &i0, None, None, None, p.options).unwrap().shape, vec![0, 4]);
     }
 }

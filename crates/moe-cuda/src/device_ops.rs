@@ -929,7 +929,14 @@ pub fn route(dev: &Device, logits: &moe_core::TensorRef, expert_bias: Option<&mo
     if any_int64(&[Some(logits), expert_bias, token_mask]) {
         return Ok(moe_core::routing::route(logits, expert_bias, token_mask, options)?);
     }
-    let l = DeviceTensor::upload(dev, logits)?;
+    // 16-bit logits: converted exactly to f32 here, so that the kernel (f32 only) routes them
+    // (a 16-bit device tensor goes to route_device's host path).
+    let wide = match logits.dtype {
+        DType::BF16 | DType::F16 => Some(moe_core::routing::logits_f32(logits)?),
+        _ => None,
+    };
+    let wide_ref = wide.as_deref().map(|w| moe_core::TensorRef::of("logits", logits.shape.clone(), w)).transpose()?;
+    let l = DeviceTensor::upload(dev, wide_ref.as_ref().unwrap_or(logits))?;
     let b = upload_opt(dev, expert_bias)?;
     let m = upload_opt(dev, token_mask)?;
     let out = route_device(dev, &l, b.as_ref(), m.as_ref(), options)?;

@@ -47,6 +47,45 @@ pub fn route(
 }
 
 #[napi(object)]
+pub struct RouteBackwardOut {
+    pub grad_logits: WireTensorOut,
+}
+
+/// The gradient of `route`'s weights (and scores) with respect to its logits, given its picks:
+/// route's options, in route's order, after the three tensors; `gradScores` last.
+#[napi]
+#[allow(clippy::too_many_arguments)]
+pub fn route_backward(
+    grad_weights: WireTensor,
+    logits: WireTensor,
+    indices: WireTensor,
+    topk: f64,
+    score_function: Option<String>,
+    softmax_before_topk: Option<bool>,
+    expert_bias: Option<WireTensor>,
+    num_groups: Option<f64>,
+    topk_groups: Option<f64>,
+    norm_topk_prob: Option<bool>,
+    route_scale: Option<f64>,
+    token_mask: Option<WireTensor>,
+    grad_scores: Option<WireTensor>,
+) -> napi::Result<RouteBackwardOut, String> {
+    guard(|| {
+        let options = RouteOptions::from_args(topk, score_function.as_deref(), softmax_before_topk, num_groups, topk_groups, norm_topk_prob, route_scale)?;
+        let grad = moe_core::routing::route_backward(
+            &view("gradWeights", &grad_weights)?,
+            &view("logits", &logits)?,
+            &view("indices", &indices)?,
+            opt_view("gradScores", &grad_scores)?.as_ref(),
+            opt_view("expertBias", &expert_bias)?.as_ref(),
+            opt_view("tokenMask", &token_mask)?.as_ref(),
+            options,
+        )?;
+        Ok(RouteBackwardOut { grad_logits: to_wire(grad) })
+    })
+}
+
+#[napi(object)]
 pub struct ProbsLossOut {
     pub loss: f64,
     pub grad_probs: WireTensorOut,

@@ -36,6 +36,47 @@ pub fn route(
     ]))
 }
 
+/// The gradient of `route`'s weights (and scores) with respect to its logits, given its picks:
+/// route's options, in route's order, after the three tensors; `gradScores` last.
+#[wasm_bindgen(js_name = routeBackward)]
+#[allow(clippy::too_many_arguments)]
+pub fn route_backward(
+    grad_weights: JsValue,
+    logits: JsValue,
+    indices: JsValue,
+    topk: f64,
+    score_function: Option<String>,
+    softmax_before_topk: Option<bool>,
+    expert_bias: JsValue,
+    num_groups: Option<f64>,
+    topk_groups: Option<f64>,
+    norm_topk_prob: Option<bool>,
+    route_scale: Option<f64>,
+    token_mask: JsValue,
+    grad_scores: JsValue,
+) -> Result<JsValue, JsValue> {
+    let grad_weights = Wire::read("gradWeights", &grad_weights)?;
+    let logits = Wire::read("logits", &logits)?;
+    let indices = Wire::read("indices", &indices)?;
+    let expert_bias = Wire::read_opt("expertBias", &expert_bias)?;
+    let token_mask = Wire::read_opt("tokenMask", &token_mask)?;
+    let grad_scores = Wire::read_opt("gradScores", &grad_scores)?;
+    let run = || {
+        let options = RouteOptions::from_args(topk, score_function.as_deref(), softmax_before_topk, num_groups, topk_groups, norm_topk_prob, route_scale)?;
+        moe_core::routing::route_backward(
+            &grad_weights.view()?,
+            &logits.view()?,
+            &indices.view()?,
+            opt_view(&grad_scores)?.as_ref(),
+            opt_view(&expert_bias)?.as_ref(),
+            opt_view(&token_mask)?.as_ref(),
+            options,
+        )
+    };
+    let grad = run().map_err(to_js_error)?;
+    Ok(object(vec![("gradLogits", tensor_to_js(grad))]))
+}
+
 #[wasm_bindgen(js_name = switchLoadBalancingLoss)]
 pub fn switch_load_balancing_loss(
     probs: JsValue,

@@ -1,0 +1,216 @@
+// The GPU suite, routeBackward and route on 16-bit logits: the 'cuda' backend against the 'cpu'
+// backend, bit for bit. routeBackward has no kernel yet: the cuda backend runs it on the CPU core
+// (device tensors in are downloaded, the result uploaded), so the bits must be the CPU's with host
+// tensors, device tensors and a mix of both; indices may come from route on the GPU (device
+// int32). route takes bfloat16 / float16 logits (host: converted to float32 before the kernel;
+// device: the host path) and must give the CPU's results for their float32 conversion. Errors:
+// same class and message as the CPU backend.
+//
+// Plain JavaScript on node:test, like cuda.test.mjs; skips with the reason where CUDA is
+// unavailable. MOE_GPU_SUITE_STANDIN=wasm runs it with wasm in cuda's place and host tensors in
+// place of device tensors (to check the suite itself on a machine with no GPU); the tests that
+// need device tensors skip then.
+import assert from 'node:assert/strict';
+import { describe, test } from 'node:test';
+
+import { assertSameBits, cpu, cuda, cudaInfo, cudaOnly, lib, outcome, rng, skip, standIn, tensor } from './common.mjs';
+
+if (skip) console.log(`# ${skip}`);
+else if (standIn) console.log(`# stand-in run: ${standIn} in cuda's place, host tensors in place of device tensors`);
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+
+/** A device copy (the stand-in keeps host tensors). */
+function up(x) {
+  if (x === undefined || standIn) return x;
+  return cuda.upload(x);
+}
+
+/** Device copies of the tensors of an options object. */
+function upAll(obj) {
+  const out = {};
+  for (const [k, v] of Object.entries(obj)) out[k] = v && typeof v === 'object' && 'data' in v && 'dtype' in v ? up(v) : v;
+  return out;
+}
+
+function free(...xs) {
+  for (const x of xs) {
+    if (!x || typeof x !== 'object') continue;
+    if (lib.isDeviceTensor(x)) x.dispose();
+    else if (!('data' in x)) for (const v of Object.values(x)) if (lib.isDeviceTensor(v)) v.dispose();
+  }
+}
+
+function assertDevice(t, what) {
+  if (!standIn) assert.ok(lib.isDeviceTensor(t), `${what}: not a device tensor`);
+}
+
+function assertSameError(fa, fb, what = '') {
+  const a = outcome(fa);
+  const b = outcome(fb);
+  assert.ok(a.error && b.error, `${what} both throw (cuda: ${a.error?.message ?? 'returned'}; cpu: ${b.error?.message ?? 'returned'})`);
+  assert.equal(a.error.constructor.name, b.error.constructor.name, `${what} error class (cuda: ${a.error.message})`);
+  assert.equal(a.error.message, b.error.message, `${what} message`);
+}
+
+const f32 = (shape, values) => tensor('float32', shape, Float32Array.from(values));
+const uniform = (random, n, lo, hi) => Array.from({ length: n }, () => Math.fround(lo + (hi - lo) * random()));
+
+// ---------------------------------------------------------------------------------------
+// Random problems
+
+const FNS = ['softmax', 'sigmoid', 'softmax_with_bias', 'sigmoid_with_bias', 'sqrtsoftplus'];
+const PROBLEMS = [];
+{
+  const random = rng(2718);
+  const pick = (xs) => xs[Math.floor(random() * xs.length)];
+  for (let i = 0; i < 60; i++) {
+    const sf = FNS[i % FNS.length];
+    const E = pick([2, 4, 8, 16, 64, 256]);
+    const T = pick([0, 1, 7, 64, 300, 2048]);
+    const groupable = sf !== 'softmax' && sf !== 'sqrtsoftplus';
+    const divisors = [2, 4, 8].filter((g) => E % g === 0 && E / g >= 2);
+    const G = groupable && divisors.length && random() < 0.6 ? pick(divisors) : 1;
+    const kg = G > 1 ? 1 + Math.floor(random() * G) : undefined;
+    const maxK = G > 1 ? kg * (E / G) : E;
+    const options = { topk: 1 + Math.floor(random() * Math.min(maxK, 8)), scoreFunction: sf, normTopkProb: random() < 0.5, routeScale: pick([1, 2.5, -0.5]) };
+    if (sf === 'softmax' && random() < 0.5) options.softmaxBeforeTopk = true;
+    if (G > 1) Object.assign(options, { numGroups: G, topkGroups: kg });
+    if (sf !== 'softmax' && random() < 0.5) options.expertBias = f32([E], uniform(random, E, -0.1, 0.1));
+    if (random() < 0.3) options.tokenMask = tensor('bool', [T], Uint8Array.from({ length: T }, () => (random() < 0.7 ? 1 : 0)));
+    const spread = pick([1, 8, 40]);
+    PROBLEMS.push({
+      T,
+      E,
+      options,
+      logits: f32([T, E], uniform(random, T * E, -spread, spread)),
+      gradWeights: f32([T, options.topk], uniform(random, T * options.topk, -1, 1)),
+      gradScores: random() < 0.5 ? f32([T, E], uniform(random, T * E, -1, 1)) : undefined,
+      dtype: pick(['float32', 'float32', 'bfloat16', 'float16']),
+      seed: i + 1,
+    });
+  }
+}
+
+function label(p) {
+  const o = p.options;
+  return `T=${p.T} E=${p.E} k=${o.topk} ${o.scoreFunction}${o.numGroups ? ` groups ${o.topkGroups}/${o.numGroups}` : ''}${o.expertBias ? ' bias' : ''}${o.tokenMask ? ' mask' : ''}${o.normTopkProb ? ' norm' : ''} scale=${o.routeScale}${o.softmaxBeforeTopk ? ' softmaxBeforeTopk' : ''}${p.gradScores ? ' gradScores' : ''} ${p.dtype} #${p.seed}`;
+}
+
+/** The logits in `dtype`, and their float32 conversion (what the CPU reference routes). */
+function logitsIn(p) {
+  if (p.dtype === 'float32') return { logits: p.logits, wide: p.logits };
+  const bits = p.dtype === 'bfloat16' ? lib.toBFloat16Bits : lib.toFloat16Bits;
+  const value = p.dtype === 'bfloat16' ? lib.fromBFloat16Bits : lib.fromFloat16Bits;
+  const stored = Uint16Array.from(p.logits.data, bits);
+  return { logits: tensor(p.dtype, [p.T, p.E], stored), wide: f32([p.T, p.E], Array.from(stored, value)) };
+}
+
+describe('routeBackward: cuda == cpu (host tensors, device tensors, a mix)', () => {
+  for (const p of PROBLEMS) {
+    test(label(p), { skip }, () => {
+      const { logits, wide } = logitsIn(p);
+      const options = { ...p.options, ...(p.gradScores ? { gradScores: p.gradScores } : {}) };
+      const routed = cpu.route(wide, p.options);
+      const want = cpu.routeBackward(p.gradWeights, wide, routed.indices, options).gradLogits;
+
+      // host tensors in, host tensors out
+      const host = cuda.routeBackward(p.gradWeights, logits, routed.indices, options).gradLogits;
+      assert.ok(!lib.isDeviceTensor(host), 'host in: a host tensor out');
+      assertSameBits(host, want, 'host');
+
+      // device tensors: the indices of route on the GPU (from the 16-bit logits), every tensor uploaded
+      const dLogits = up(logits);
+      const dRouteOptions = upAll(p.options);
+      const dRouted = cuda.route(dLogits, dRouteOptions);
+      assertSameBits(dRouted.indices, routed.indices, 'route on the GPU: indices');
+      assertSameBits(dRouted.weights, routed.weights, 'route on the GPU: weights');
+      const dOptions = upAll(options);
+      const dGrad = up(p.gradWeights);
+      const dev = cuda.routeBackward(dGrad, dLogits, dRouted.indices, dOptions).gradLogits;
+      assertDevice(dev, 'device');
+      assertSameBits(dev, want, 'device');
+
+      // a mix: device logits only
+      const mixed = cuda.routeBackward(p.gradWeights, dLogits, routed.indices, options).gradLogits;
+      assertDevice(mixed, 'mixed');
+      assertSameBits(mixed, want, 'mixed (device logits)');
+      free(dLogits, dRouteOptions, dRouted, dOptions, dGrad, dev, mixed);
+    });
+  }
+});
+
+describe('route on 16-bit logits: cuda == cpu on their float32 conversion', () => {
+  for (const p of PROBLEMS.filter((q) => q.dtype !== 'float32').slice(0, 20)) {
+    test(label(p), { skip }, () => {
+      const { logits, wide } = logitsIn(p);
+      const want = cpu.route(wide, p.options);
+      const host = cuda.route(logits, p.options);
+      for (const key of ['weights', 'indices', 'scores', 'tokensPerExpert']) assertSameBits(host[key], want[key], `host ${key}`);
+      const d = up(logits);
+      const dOptions = upAll(p.options);
+      const dev = cuda.route(d, dOptions);
+      for (const key of ['weights', 'indices', 'scores', 'tokensPerExpert']) {
+        assertDevice(dev[key], `device ${key}`);
+        assertSameBits(dev[key], want[key], `device ${key}`);
+      }
+      free(d, dOptions, dev);
+    });
+  }
+});
+
+// ---------------------------------------------------------------------------------------
+// Errors, and where the op runs
+
+describe('routeBackward errors: same class and message as cpu (host and device tensors)', () => {
+  const L = f32([2, 4], [0.1, 0.2, 0.3, 0.4, 0.8, 0.7, 0.6, 0.5]);
+  const GW = f32([2, 2], [1, 0.5, -1, 2]);
+  const IDX = tensor('int32', [2, 2], Int32Array.from([3, 2, 0, 1]));
+  const cases = {
+    'a repeated pick': (b, u) => b.routeBackward(u(GW), u(L), u(tensor('int32', [2, 2], Int32Array.from([3, 2, 0, 0]))), { topk: 2 }),
+    'an index past numExperts': (b, u) => b.routeBackward(u(GW), u(L), u(tensor('int32', [2, 2], Int32Array.from([3, 2, 4, 1]))), { topk: 2 }),
+    '-1 among picks': (b, u) => b.routeBackward(u(GW), u(L), u(tensor('int32', [2, 2], Int32Array.from([3, -1, 0, 1]))), { topk: 2 }),
+    'indices of the wrong shape': (b, u) => b.routeBackward(u(GW), u(L), u(tensor('int32', [2, 1], Int32Array.from([3, 0]))), { topk: 2 }),
+    'gradWeights of the wrong shape': (b, u) => b.routeBackward(u(f32([2, 1], [1, 1])), u(L), u(IDX), { topk: 2 }),
+    'gradScores of the wrong shape': (b, u) => b.routeBackward(u(GW), u(L), u(IDX), { topk: 2, gradScores: u(f32([2, 2], [0, 0, 0, 0])) }),
+    'gradWeights as bfloat16': (b, u) => b.routeBackward(u(tensor('bfloat16', [2, 2])), u(L), u(IDX), { topk: 2 }),
+    'non-finite logits': (b, u) => b.routeBackward(u(GW), u(f32([2, 4], [0, 0, 0, 0, 0, NaN, 0, 0])), u(IDX), { topk: 2 }),
+    "route's option check: numGroups with softmax": (b, u) => b.routeBackward(u(GW), u(L), u(IDX), { topk: 2, numGroups: 2 }),
+    "route's option check: expertBias of the wrong length": (b, u) => b.routeBackward(u(GW), u(L), u(IDX), { topk: 2, scoreFunction: 'sigmoid', expertBias: u(f32([3], [0, 0, 0])) }),
+    'tokenMask of the wrong length': (b, u) => b.routeBackward(u(GW), u(L), u(IDX), { topk: 2, tokenMask: u(tensor('bool', [3], Uint8Array.from([1, 1, 1]))) }),
+    'an unknown option': (b, u) => b.routeBackward(u(GW), u(L), u(IDX), { topk: 2, gradWeight: 1 }),
+  };
+  for (const [name, f] of Object.entries(cases)) {
+    test(name, { skip }, () => {
+      const made = [];
+      const u = (x) => {
+        const d = up(x);
+        if (lib.isDeviceTensor(d)) made.push(d);
+        return d;
+      };
+      assertSameError(() => f(cuda, u), () => f(cpu, (x) => x), 'device:');
+      assertSameError(() => f(cuda, (x) => x), () => f(cpu, (x) => x), 'host:');
+      free(...made);
+    });
+  }
+});
+
+describe('where routeBackward runs', () => {
+  test('a method of the cuda backend, not among backendInfo().gpuOps (it runs on the CPU core)', { skip: cudaOnly }, () => {
+    assert.equal(typeof cuda.routeBackward, 'function');
+    assert.ok(!cudaInfo.gpuOps.includes('routeBackward'), `gpuOps: ${cudaInfo.gpuOps.join(', ')}`);
+    assert.ok(cudaInfo.gpuOps.includes('route'));
+  });
+
+  test('device memory: the call leaves no device tensor behind but its result', { skip: cudaOnly }, () => {
+    const L = up(f32([64, 16], uniform(rng(5), 64 * 16, -3, 3)));
+    const routed = cuda.route(L, { topk: 4, scoreFunction: 'sigmoid', normTopkProb: true });
+    const gw = up(f32([64, 4], uniform(rng(6), 256, -1, 1)));
+    cuda.synchronize();
+    const before = cuda.memory().liveBuffers;
+    const { gradLogits } = cuda.routeBackward(gw, L, routed.indices, { topk: 4, scoreFunction: 'sigmoid', normTopkProb: true });
+    assert.equal(cuda.memory().liveBuffers, before + 1, 'one new buffer: gradLogits');
+    free(L, routed, gw, gradLogits);
+  });
+});
