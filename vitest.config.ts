@@ -10,7 +10,7 @@ import { CHROMIUM, CHROMIUM_ARGS } from './scripts/chromium.mjs';
 const ROOT = fileURLToPath(new URL('.', import.meta.url));
 
 /** The suites that also run in the browser, on the wasm backend through the browser entry (ts/browser.ts). */
-const BROWSER_SUITES = ['test/browser-entry.test.ts', 'test/golden.test.ts', 'test/properties.test.ts', 'test/routing.test.ts', 'test/layout.test.ts', 'test/activations.test.ts', 'test/dispatch-grad.test.ts', 'test/dispatcher.test.ts', 'test/route-backward.test.ts'];
+const BROWSER_SUITES = ['test/browser-entry.test.ts', 'test/golden.test.ts', 'test/properties.test.ts', 'test/routing.test.ts', 'test/layout.test.ts', 'test/activations.test.ts', 'test/dispatch-grad.test.ts', 'test/dispatcher.test.ts', 'test/route-backward.test.ts', 'test/hf.test.ts'];
 
 /**
  * The golden files are vendored in `test/fixtures/golden/` (or `MOE_GOLDEN_DIR`). The browser
@@ -22,6 +22,13 @@ function goldenFiles(): { dir: string; files: Record<string, string> } {
   const files: Record<string, string> = {};
   if (existsSync(dir)) for (const f of readdirSync(dir)) if (f.endsWith('.json')) files[f.slice(0, -5)] = readFileSync(resolve(dir, f), 'utf8');
   return { dir, files };
+}
+
+/** A file under test/fixtures/ as base64 (null when absent), for the suites that run in the browser (test/fixture-loader.ts). */
+function readFixture(_ctx: unknown, path: string): string | null {
+  const file = resolve(ROOT, 'test/fixtures', path);
+  if (!file.startsWith(resolve(ROOT, 'test/fixtures')) || !existsSync(file)) return null;
+  return readFileSync(file).toString('base64');
 }
 
 const shared = { testTimeout: 60_000, hookTimeout: 60_000 };
@@ -50,7 +57,7 @@ export default defineConfig({
             screenshotFailures: false,
             provider: playwright({ launchOptions: { executablePath: CHROMIUM, args: CHROMIUM_ARGS } }),
             instances: [{ browser: 'chromium' }],
-            commands: { goldenFiles },
+            commands: { goldenFiles, readFixture },
           },
         },
       },
