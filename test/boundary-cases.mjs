@@ -85,6 +85,27 @@ function hfExperts() {
   return r;
 }
 
+/** The template experts as a sharded checkpoint in memory: experts 0-1 in one shard, 2-3 and a router in the other. */
+function shardedExperts() {
+  const files = ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors'];
+  const parts = [{}, { 'router.weight': f32([4, 3]) }];
+  for (const [n, t] of Object.entries(hfExperts())) parts[Number(n.split('.')[1]) < 2 ? 0 : 1][n] = t;
+  const weight_map = {};
+  parts.forEach((p, i) => Object.keys(p).forEach((n) => (weight_map[n] = files[i])));
+  return { index: { metadata: { total_size: 0 }, weight_map }, shards: { [files[0]]: safetensorsBytes(parts[0]), [files[1]]: safetensorsBytes(parts[1], { format: 'pt' }) } };
+}
+
+/** The template experts under Mixtral's per-expert keys (w1 gate, w3 up, w2 down). */
+function mixtralExperts() {
+  const r = {};
+  for (let e = 0; e < 4; e++) {
+    r[`experts.${e}.w1.weight`] = f32([2, 3]);
+    r[`experts.${e}.w3.weight`] = f32([2, 3]);
+    r[`experts.${e}.w2.weight`] = f32([3, 2]);
+  }
+  return r;
+}
+
 /** One valid call per Backend method: `() => args`. A new method needs a line here (the suite fails until it has one). */
 export const TEMPLATES = {
   indicesToMultihot: () => [T('int32', [4, 2], IDX), f32([4, 2]), 4],
@@ -124,9 +145,10 @@ export const TEMPLATES = {
   expertsBackward: () => [f32([8, 3]), f32([8, 3]), T('int32', [4], [2, 2, 2, 2]), experts(), expertOptions()],
   saveSafetensors: () => [{ a: f32([2, 2]), b: T('bfloat16', [3], [0x3f80, 0x4000, 0x7fc0]) }, { metadata: { format: 'pt' } }],
   loadSafetensors: () => [safetensorsBytes({ a: f32([2, 2]), b: T('int64', [3], [1, 2, 3]) }, { format: 'pt' }), { names: ['a'] }],
-  loadExperts: () => [safetensorsBytes(hfExperts()), { prefix: 'experts', numExperts: 4, activation: 'swiglu', epSize: 2, epRank: 1 }],
-  stackExperts: () => [hfExperts(), { prefix: 'experts', numExperts: 4, activation: 'swiglu' }],
-  unstackExperts: () => [experts(), { prefix: 'experts', activation: 'swiglu', biases: { gateUpProjBias: f32([4, 4]), downProjBias: f32([4, 3]) }, firstExpert: 4 }],
+  checkpointInfo: () => [shardedExperts()],
+  loadExperts: () => [shardedExperts(), { prefix: 'experts', numExperts: 4, activation: 'swiglu', epSize: 2, epRank: 1, format: 'hf' }],
+  stackExperts: () => [mixtralExperts(), { prefix: 'experts', numExperts: 4, activation: 'swiglu' }],
+  unstackExperts: () => [experts(), { prefix: 'experts', activation: 'swiglu', biases: { gateUpProjBias: f32([4, 4]), downProjBias: f32([4, 3]) }, firstExpert: 4, format: 'gpt_oss' }],
 };
 
 // ------------------------------------------------------------------------------------------

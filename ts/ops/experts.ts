@@ -63,10 +63,69 @@ export interface SaveSafetensorsOptions {
   metadata?: Record<string, string>;
 }
 
+/** `model.safetensors.index.json`: which shard file holds each tensor. */
+export interface SafetensorsIndex {
+  metadata?: Record<string, unknown>;
+  weight_map: Record<string, string>;
+}
+
+/** A sharded checkpoint in memory. */
+export interface ShardedCheckpoint {
+  /** The index: the parsed `model.safetensors.index.json`, its text, or its bytes. */
+  index: SafetensorsIndex | string | Uint8Array;
+  /**
+   * Shard files' bytes by the file name the index gives them. Only the shards a call reads must be
+   * there: a needed shard that is absent is a RangeError naming it and the tensor that needs it.
+   */
+  shards: Record<string, Uint8Array>;
+}
+
+/**
+ * Where a checkpoint is read from: one `.safetensors` file's bytes; a sharded checkpoint in memory;
+ * or (native and cuda backends) a path to a `.safetensors` file, to a `model.safetensors.index.json`,
+ * or to a directory holding `model.safetensors.index.json` or `model.safetensors`. Files and shards
+ * are read lazily: a shard is opened only when a wanted tensor lives there.
+ */
+export type CheckpointSource = string | Uint8Array | ShardedCheckpoint;
+
+/**
+ * The key schemes of expert weights (docs/semantics.md): `stacked` (ours), `hf` (per-expert
+ * `gate_proj` / `up_proj` / `down_proj`), `mixtral` (per-expert `w1` / `w3` / `w2`), `gpt_oss`
+ * (fused `gate_up_proj [E, dim, 2 * inter]` interleaved, with biases), `llama4` (the same keys,
+ * gate | up halves), `hf_fused` (transformers 5: `gate_up_proj [E, 2 * inter, dim]`,
+ * `down_proj [E, dim, inter]`), `granite` (`input_linear` / `output_linear`).
+ */
+export type ExpertsFormat = 'stacked' | 'hf' | 'mixtral' | 'gpt_oss' | 'llama4' | 'hf_fused' | 'granite';
+
+export interface LoadSafetensorsOptions {
+  /** The tensors to read (default: all). A name the checkpoint lacks is a RangeError listing the nearest names it has. */
+  names?: string[];
+}
+
 export interface LoadedSafetensors {
-  /** By name, in file order. */
+  /** By name: the requested order, or file by file in offset order. int64 tensors hold a BigInt64Array. */
   tensors: Record<string, Tensor>;
+  /** The `__metadata__` of the files read (and a sharded index's `metadata`, as strings). */
   metadata: Record<string, string>;
+  /** Bytes read: each opened file's 8-byte length and header, and the tensors' bytes. */
+  bytesRead: number;
+}
+
+export interface CheckpointTensorInfo {
+  name: string;
+  /** A Tensor dtype, or the safetensors name of one moe-dispatch does not load (`'F8_E4M3'`, `'U8'`, ...). */
+  dtype: string;
+  shape: number[];
+  /** The file that holds it (a shard's name; `''` for a single file given as bytes). */
+  file: string;
+}
+
+export interface CheckpointInfo {
+  /** Every tensor, file by file in offset order. */
+  tensors: CheckpointTensorInfo[];
+  metadata: Record<string, string>;
+  /** The headers' bytes (every file is opened; no tensor data is read). */
+  bytesRead: number;
 }
 
 export interface ExpertCheckpointOptions {
@@ -76,6 +135,8 @@ export interface ExpertCheckpointOptions {
   numExperts: number;
   /** The activation decides the layout: relu2 has no gate, quick_geglu interleaves. */
   activation: ActivationKind;
+  /** The key scheme to read (default: detected from the keys and shapes). */
+  format?: ExpertsFormat;
 }
 
 export interface LoadExpertsOptions extends ExpertCheckpointOptions {
@@ -89,9 +150,9 @@ export interface LoadedExperts extends ExpertWeights {
   /** The global experts `[start, end)` loaded. */
   start: number;
   end: number;
-  /** The checkpoint's layout: stacked tensors or Hugging Face per-expert keys. */
-  format: 'stacked' | 'hf';
-  /** Bytes read from the source, header included (0 for `stackExperts`). */
+  /** The key scheme found (or asked for). */
+  format: ExpertsFormat;
+  /** Bytes read from the source: the opened files' headers and the rank's bytes (0 for `stackExperts`). */
   bytesRead: number;
 }
 
@@ -99,8 +160,10 @@ export interface UnstackExpertsOptions {
   prefix: string;
   activation: ActivationKind;
   biases?: ExpertBiases;
-  /** Global id of the first stacked expert (a rank's `start`). Default 0. */
+  /** Global id of the first stacked expert (a rank's `start`), for per-expert keys. Default 0. */
   firstExpert?: number;
+  /** The key scheme to write (default `'hf'`). Fused schemes hold the given experts as one tensor each. */
+  format?: ExpertsFormat;
 }
 
 export interface ExpertsOps {
@@ -115,16 +178,18 @@ export interface ExpertsOps {
   expertsBackward<D extends TokenDType>(gradOutput: Tensor<D>, permutedTokens: Tensor<D>, tokensPerExpert: Tensor<'int32' | 'int64'>, weights: ExpertWeights, options: ExpertsOptions): ExpertsGrads<D>;
   /** A safetensors file's bytes (the safetensors crate's writer). */
   saveSafetensors(tensors: Record<string, Tensor>, options?: SaveSafetensorsOptions): Uint8Array;
-  /** Reads a safetensors file (a path: native backend only) or buffer, all tensors or the named ones. */
-  loadSafetensors(source: string | Uint8Array, options?: { names?: string[] }): LoadedSafetensors;
+  /** All tensors of a checkpoint, or the named ones (a path: native and cuda backends only); only their bytes are read. */
+  loadSafetensors(source: CheckpointSource, options?: LoadSafetensorsOptions): LoadedSafetensors;
+  /** Every tensor's name, dtype, shape and file, from the headers alone. */
+  checkpointInfo(source: CheckpointSource): CheckpointInfo;
   /**
-   * One expert-parallel rank's experts, stacked, from a checkpoint with stacked keys or Hugging Face
-   * per-expert keys: the header is checked for every expert, and only the rank's bytes are read.
+   * One expert-parallel rank's experts, stacked, from a checkpoint in any key scheme (`format`):
+   * every expert's keys and the opened files' entries are checked first, then only the rank's bytes are read.
    */
-  loadExperts(source: string | Uint8Array, options: LoadExpertsOptions): LoadedExperts;
-  /** Hugging Face per-expert tensors (`{prefix}.{i}.gate_proj.weight` ...) to stacked weights. */
+  loadExperts(source: CheckpointSource, options: LoadExpertsOptions): LoadedExperts;
+  /** Expert tensors in memory, in any key scheme (`format`, or detected), to stacked weights. */
   stackExperts(tensors: Record<string, Tensor>, options: ExpertCheckpointOptions): LoadedExperts;
-  /** Stacked weights to Hugging Face per-expert tensors (Linear weights `[out, in]`). */
+  /** Stacked weights to the tensors of a key scheme (default `'hf'`: per-expert Linear weights `[out, in]`). */
   unstackExperts(weights: ExpertWeights, options: UnstackExpertsOptions): Record<string, Tensor>;
 }
 
@@ -144,7 +209,21 @@ interface NamedWire {
   tensors: Tensor[];
   metadataKeys: string[];
   metadataValues: string[];
+  bytesRead?: number;
 }
+
+interface InfoWire {
+  names: string[];
+  dtypes: string[];
+  shapes: number[][];
+  files: string[];
+  metadataKeys: string[];
+  metadataValues: string[];
+  bytesRead: number;
+}
+
+/** A checkpoint source as the bindings take it: exactly one of a path, one file's bytes, or an index's json bytes with the shards. */
+export type SourceArgs = [path: string | undefined, bytes: Uint8Array | undefined, index: Uint8Array | undefined, shardNames: string[] | undefined, shardBytes: Uint8Array[] | undefined];
 
 /** The positional arguments the grouped-experts functions of a binding take (`T`: its tensor handle). */
 export type ExpertsPositional<T> = [
@@ -170,10 +249,20 @@ export interface ExpertsBinding {
     ...args: [gradOutput: WireTensor, ...ExpertsPositional<WireTensor>]
   ): { gradTokens: Tensor; gradGateAndUpProjs: Tensor; gradDownProjs: Tensor; gradGateUpProjBias?: Tensor | null; gradDownProjBias?: Tensor | null; gradProbs?: Tensor | null };
   safetensorsSave(names: string[], tensors: WireTensor[], metadataKeys: string[] | undefined, metadataValues: string[] | undefined): Uint8Array;
-  safetensorsLoad(path: string | undefined, bytes: Uint8Array | undefined, names: string[] | undefined): NamedWire;
-  loadExperts(path: string | undefined, bytes: Uint8Array | undefined, prefix: string, numExperts: number, epSize: number, epRank: number, kind: string | undefined): LoadedWire;
-  stackExperts(names: string[], tensors: WireTensor[], prefix: string, numExperts: number, kind: string | undefined): LoadedWire;
-  unstackExperts(prefix: string, gateAndUpProjs: WireTensor, downProjs: WireTensor, gateUpProjBias: WireTensor | undefined, downProjBias: WireTensor | undefined, kind: string | undefined, firstExpert: number | undefined): NamedWire;
+  safetensorsLoad(...args: [...SourceArgs, names: string[] | undefined]): NamedWire;
+  checkpointInfo(...args: SourceArgs): InfoWire;
+  loadExperts(...args: [...SourceArgs, prefix: string, numExperts: number, epSize: number, epRank: number, kind: string | undefined, format: string | undefined]): LoadedWire;
+  stackExperts(names: string[], tensors: WireTensor[], prefix: string, numExperts: number, kind: string | undefined, format: string | undefined): LoadedWire;
+  unstackExperts(
+    prefix: string,
+    gateAndUpProjs: WireTensor,
+    downProjs: WireTensor,
+    gateUpProjBias: WireTensor | undefined,
+    downProjBias: WireTensor | undefined,
+    kind: string | undefined,
+    firstExpert: number | undefined,
+    format: string | undefined,
+  ): NamedWire;
 }
 
 const EXPERTS_KNOWN: readonly (keyof ExpertsOptions)[] = ['activation', 'permutedProbs', 'biases', 'alpha', 'limit', 'linearOffset'];
@@ -224,10 +313,55 @@ function named(tensors: unknown, arg: string): [string[], WireTensor[]] {
   return [names, names.map((n) => wire((tensors as Record<string, unknown>)[n], n))];
 }
 
-function source(value: unknown): [string | undefined, Uint8Array | undefined] {
-  if (typeof value === 'string') return [value, undefined];
-  if (value instanceof Uint8Array) return [undefined, value];
-  throw new TypeError(`source: expected a file path or a Uint8Array, got ${value === null ? 'null' : typeof value}`);
+const describeValue = (v: unknown): string => (v === null ? 'null' : Array.isArray(v) ? 'an Array' : ArrayBuffer.isView(v) ? v.constructor.name : typeof v);
+const isPlainObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v) && !ArrayBuffer.isView(v);
+
+/** The index as json bytes: the parsed object, its text, or its bytes (the core parses and checks it). */
+function indexBytes(value: unknown): Uint8Array {
+  if (value instanceof Uint8Array) return value;
+  if (typeof value === 'string') return new TextEncoder().encode(value);
+  if (isPlainObject(value)) return new TextEncoder().encode(JSON.stringify(value));
+  throw new TypeError(`source.index: expected the parsed model.safetensors.index.json, its text or its bytes, got ${describeValue(value)}`);
+}
+
+/** A checkpoint source as the binding's positional arguments. */
+function source(value: unknown): SourceArgs {
+  if (typeof value === 'string') return [value, undefined, undefined, undefined, undefined];
+  if (value instanceof Uint8Array) return [undefined, value, undefined, undefined, undefined];
+  if (isPlainObject(value)) {
+    const extra = Object.keys(value).find((k) => k !== 'index' && k !== 'shards');
+    if (extra !== undefined) throw new TypeError(`source.${extra}: not a key of a sharded checkpoint source { index, shards }`);
+    const index = indexBytes(value.index);
+    const shards = value.shards;
+    if (!isPlainObject(shards)) throw new TypeError(`source.shards: expected an object of shard files' bytes by file name, got ${describeValue(shards)}`);
+    const names = Object.keys(shards);
+    const bytes = names.map((n) => {
+      const b = shards[n];
+      if (!(b instanceof Uint8Array)) throw new TypeError(`source.shards['${n}']: expected a Uint8Array (the shard file's bytes), got ${describeValue(b)}`);
+      return b;
+    });
+    return [undefined, undefined, index, names, bytes];
+  }
+  throw new TypeError(`source: expected a path, a Uint8Array (one .safetensors file) or { index, shards } (a sharded checkpoint), got ${describeValue(value)}`);
+}
+
+/** int64 tensors come from the bindings as little-endian bytes. */
+function fromWire(t: Tensor): Tensor {
+  if (t.dtype !== 'int64' || !(t.data instanceof Uint8Array)) return t;
+  const bytes = new Uint8Array(t.data.byteLength);
+  bytes.set(t.data as Uint8Array);
+  return { dtype: 'int64', shape: t.shape, data: new BigInt64Array(bytes.buffer) };
+}
+
+function metadataOf(keys: string[], values: string[]): Record<string, string> {
+  const metadata: Record<string, string> = {};
+  keys.forEach((k, i) => (metadata[k] = values[i]));
+  return metadata;
+}
+
+function formatOf(value: unknown): string | undefined {
+  if (value !== undefined && typeof value !== 'string') throw new TypeError(`options.format: expected a string (one of 'stacked', 'hf', 'mixtral', 'gpt_oss', 'llama4', 'hf_fused', 'granite'), got ${typeof value}`);
+  return value;
 }
 
 function size(value: unknown, arg: string, fallback?: number): number {
@@ -247,18 +381,18 @@ function loaded(out: LoadedWire, kind: string | undefined): LoadedExperts {
     ...(Object.keys(biases).length ? { biases } : {}),
     start: out.start,
     end: out.end,
-    format: out.format as 'stacked' | 'hf',
+    format: out.format as ExpertsFormat,
     bytesRead: out.bytesRead,
   } as LoadedExperts;
 }
 
 function record(out: NamedWire): Record<string, Tensor> {
   const r: Record<string, Tensor> = {};
-  out.names.forEach((n, i) => (r[n] = out.tensors[i]));
+  out.names.forEach((n, i) => (r[n] = fromWire(out.tensors[i])));
   return r;
 }
 
-const CKPT_KNOWN: readonly (keyof LoadExpertsOptions)[] = ['prefix', 'numExperts', 'activation', 'epSize', 'epRank'];
+const CKPT_KNOWN: readonly (keyof LoadExpertsOptions)[] = ['prefix', 'numExperts', 'activation', 'format', 'epSize', 'epRank'];
 
 function prefixOf(value: unknown): string {
   if (typeof value !== 'string') throw new TypeError(`options.prefix: expected a string, got ${typeof value}`);
@@ -304,33 +438,40 @@ export function expertsOps(call: Call<ExpertsBinding>): ExpertsOps {
     },
     loadSafetensors(src, options) {
       return call('loadSafetensors', (b) => {
-        const o = checkOptions<{ names?: string[] }>(options, 'loadSafetensors', ['names']);
+        const o = checkOptions<LoadSafetensorsOptions>(options, 'loadSafetensors', ['names']);
         if (o.names !== undefined && (!Array.isArray(o.names) || o.names.some((n) => typeof n !== 'string'))) throw new TypeError('options.names: expected an array of strings');
         const out = b.safetensorsLoad(...source(src), o.names);
-        const metadata: Record<string, string> = {};
-        out.metadataKeys.forEach((k, i) => (metadata[k] = out.metadataValues[i]));
-        return { tensors: record(out), metadata };
+        return { tensors: record(out), metadata: metadataOf(out.metadataKeys, out.metadataValues), bytesRead: out.bytesRead ?? 0 };
+      });
+    },
+    checkpointInfo(src) {
+      return call('checkpointInfo', (b) => {
+        const out = b.checkpointInfo(...source(src));
+        const tensors = out.names.map((name, i) => ({ name, dtype: out.dtypes[i], shape: out.shapes[i], file: out.files[i] }));
+        return { tensors, metadata: metadataOf(out.metadataKeys, out.metadataValues), bytesRead: out.bytesRead };
       });
     },
     loadExperts(src, options) {
       return call('loadExperts', (b) => {
         const o = checkOptions<LoadExpertsOptions>(options, 'loadExperts', CKPT_KNOWN);
         const kind = kindOf(o.activation, 'options.activation');
-        const out = b.loadExperts(...source(src), prefixOf(o.prefix), size(o.numExperts, 'options.numExperts'), size(o.epSize, 'options.epSize', 1), size(o.epRank, 'options.epRank', 0), kind);
+        const format = formatOf(o.format);
+        const out = b.loadExperts(...source(src), prefixOf(o.prefix), size(o.numExperts, 'options.numExperts'), size(o.epSize, 'options.epSize', 1), size(o.epRank, 'options.epRank', 0), kind, format);
         return loaded(out, kind);
       });
     },
     stackExperts(tensors, options) {
       return call('stackExperts', (b) => {
-        const o = checkOptions<ExpertCheckpointOptions>(options, 'stackExperts', ['prefix', 'numExperts', 'activation']);
+        const o = checkOptions<ExpertCheckpointOptions>(options, 'stackExperts', ['prefix', 'numExperts', 'activation', 'format']);
         const kind = kindOf(o.activation, 'options.activation');
+        const format = formatOf(o.format);
         const [names, wires] = named(tensors, 'tensors');
-        return loaded(b.stackExperts(names, wires, prefixOf(o.prefix), size(o.numExperts, 'options.numExperts'), kind), kind);
+        return loaded(b.stackExperts(names, wires, prefixOf(o.prefix), size(o.numExperts, 'options.numExperts'), kind, format), kind);
       });
     },
     unstackExperts(weights, options) {
       return call('unstackExperts', (b) => {
-        const o = checkOptions<UnstackExpertsOptions>(options, 'unstackExperts', ['prefix', 'activation', 'biases', 'firstExpert']);
+        const o = checkOptions<UnstackExpertsOptions>(options, 'unstackExperts', ['prefix', 'activation', 'biases', 'firstExpert', 'format']);
         const kind = kindOf(o.activation, 'options.activation');
         const [w1] = upWeight(weights, kind);
         const bias = o.biases === undefined ? {} : checkOptions<ExpertBiases>(o.biases, 'biases', ['gateUpProjBias', 'downProjBias']);
@@ -342,6 +483,7 @@ export function expertsOps(call: Call<ExpertsBinding>): ExpertsOps {
           optWire(bias.downProjBias, 'biases.downProjBias', TOKENS),
           kind,
           o.firstExpert === undefined ? undefined : size(o.firstExpert, 'options.firstExpert'),
+          formatOf(o.format),
         );
         return record(out);
       });
