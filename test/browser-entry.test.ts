@@ -4,7 +4,7 @@
  */
 import { describe, expect, it } from 'vitest';
 
-import { backendInfo, createBackend, tensor } from '../ts/index.js';
+import { backendInfo, createBackend, MoELayer, tensor } from '../ts/index.js';
 import { backends, unavailable } from './backends.js';
 
 describe('the browser entry in Chromium', () => {
@@ -49,5 +49,12 @@ describe('the browser entry in Chromium', () => {
     expect(Array.from(out.sortedIndices.data)).toEqual([0, 1, 1, 2]);
     expect(Array.from(out.permutedTokens.data as Float32Array)).toEqual([10, 20, 20, 30]);
     expect(Array.from(out.tokensPerExpert.data)).toEqual([2, 2]);
+  });
+
+  it('MoELayer.fromPretrained with a config path says that a path needs Node.js (no file system here)', async () => {
+    const moe = await createBackend({ prefer: 'wasm' });
+    await expect(MoELayer.fromPretrained(moe, { config: 'model/config.json', layer: 0 })).rejects.toThrow(
+      new TypeError('config: a path needs Node.js (in a browser, pass the parsed config.json object)'),
+    );
   });
 });

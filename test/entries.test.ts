@@ -1,10 +1,11 @@
 /**
  * The two package entries: the browser one (ts/browser.ts -> dist/browser.js) has the Node
  * entry's API, minus a short list of Node-only exports, and its module graph imports no
- * `node:` module (a page would fail to load it; checked statically on the built dist/ files).
+ * `node:` module, statically or dynamically (a page would fail to load it, and esbuild refuses
+ * to bundle it for a browser; checked on the built dist/ files).
  */
 import { existsSync, readFileSync } from 'node:fs';
-import { dirname, resolve } from 'node:path';
+import { dirname, relative, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 import { describe, expect, it } from 'vitest';
@@ -22,22 +23,29 @@ const NODE_ONLY: Record<string, string> = {
 
 const DIST = fileURLToPath(new URL('../dist/', import.meta.url));
 
-/** Every module the file imports, statically (import ... from / export ... from / bare import), followed through relative paths. */
-function staticGraph(entry: string): { files: string[]; bare: string[] } {
+/**
+ * Every module the file imports (import ... from / export ... from / bare import / import('literal')),
+ * followed through relative paths; `computed`: the `import(...)` calls whose argument is not a
+ * string literal (a bundler cannot follow them).
+ */
+function staticGraph(entry: string): { files: string[]; bare: string[]; computed: string[] } {
   const seen = new Set<string>();
   const bare = new Set<string>();
+  const computed: string[] = [];
   const visit = (file: string) => {
     if (seen.has(file)) return;
     seen.add(file);
     const text = readFileSync(file, 'utf8');
-    for (const m of text.matchAll(/^\s*(?:import|export)\s[^;]*?from\s*['"]([^'"]+)['"]|^\s*import\s*['"]([^'"]+)['"]/gm)) {
-      const spec = m[1] ?? m[2];
+    const code = text.replace(/\/\*[\s\S]*?\*\/|^\s*\/\/.*$/gm, ''); // comments mention imports
+    for (const m of code.matchAll(/^\s*(?:import|export)\s[^;]*?from\s*['"]([^'"]+)['"]|^\s*import\s*['"]([^'"]+)['"]|\bimport\(\s*['"]([^'"]+)['"]\s*\)/gm)) {
+      const spec = m[1] ?? m[2] ?? m[3];
       if (spec.startsWith('.')) visit(resolve(dirname(file), spec));
       else bare.add(spec);
     }
+    for (const m of code.matchAll(/\bimport\((?!\s*['"][^'"]+['"]\s*\))[^)]*\)/g)) computed.push(`${relative(DIST, file)}: ${m[0]}`);
   };
   visit(entry);
-  return { files: [...seen].map((f) => f.slice(DIST.length)), bare: [...bare] };
+  return { files: [...seen].map((f) => relative(DIST, f)), bare: [...bare], computed };
 }
 
 describe('package entries', () => {
@@ -56,12 +64,19 @@ describe('package entries', () => {
     expect((await browserEntry.createBackend()).name).toBe('wasm');
   });
 
-  it.skipIf(!existsSync(`${DIST}browser.js`))('dist/browser.js imports no node: module and no package, statically', () => {
-    const { files, bare } = staticGraph(`${DIST}browser.js`);
+  it.skipIf(!existsSync(`${DIST}browser.js`))('dist/browser.js imports no node: module and no package, statically or dynamically, and no computed path', () => {
+    const { files, bare, computed } = staticGraph(`${DIST}browser.js`);
     expect(files).toContain('backends/wasm.js');
+    expect(files).toContain('../pkg/wasm/moe_wasm_factory.js'); // the glue, reached by a static import
+    expect(files).toContain('platform.js');
     expect(files).not.toContain('backends/native.js');
+    expect(files).not.toContain('node-files.js');
     expect(bare).toEqual([]);
-    // The graph check itself catches a node: import: the Node entry has them.
-    expect(staticGraph(`${DIST}index.js`).bare).toContain('node:fs');
+    expect(computed).toEqual([]);
+    // The graph check itself catches a node: import: the Node entry has them (node-files.js registers fs for platform.js).
+    const node = staticGraph(`${DIST}index.js`);
+    expect(node.bare).toContain('node:fs');
+    expect(node.bare).toContain('node:fs/promises');
+    expect(node.files).toContain('node-files.js');
   });
 });

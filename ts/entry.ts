@@ -5,12 +5,20 @@
  * entries have the same API and the browser one never imports a `node:` module.
  */
 import { bindingBackend, type Backend, type BackendInfo, type BackendName, type Binding } from './backend.js';
+import type { WasmSource } from './backends/wasm.js';
 
 export type Prefer = 'auto' | BackendName;
 
 export interface CreateBackendOptions {
   /** 'auto' (default) takes the fastest available: cuda, then cpu (native), then wasm. */
   prefer?: Prefer;
+  /**
+   * Where the wasm backend gets `moe_wasm_bg.wasm`: a URL (or, in Node, a path), its bytes, or a
+   * compiled `WebAssembly.Module`. Default: the file beside the package's glue, which Vite and
+   * webpack emit by themselves; with esbuild, import `moe-dispatch/moe_wasm_bg.wasm` with the
+   * file loader and pass `new URL(thatPath, import.meta.url)` (README, "In the browser").
+   */
+  wasm?: WasmSource;
 }
 
 /** What a loader gives: a binding (plus info for backendInfo) or why there is none. */
@@ -36,17 +44,28 @@ function wrap(name: BackendName, binding: Binding): Backend {
   );
 }
 
+/** The options of `backendInfo`. */
+export type BackendInfoOptions = Pick<CreateBackendOptions, 'wasm'>;
+
+function checkWasm(wasm: unknown): void {
+  const isModule = typeof WebAssembly !== 'undefined' && wasm instanceof WebAssembly.Module;
+  if (wasm === undefined || typeof wasm === 'string' || wasm instanceof URL || wasm instanceof ArrayBuffer || ArrayBuffer.isView(wasm) || isModule) return;
+  throw new TypeError(`options.wasm: expected a URL, a path, the bytes of moe_wasm_bg.wasm or a WebAssembly.Module, got ${wasm === null ? 'null' : typeof wasm}`);
+}
+
 export interface Entry {
-  backendInfo(): Promise<BackendInfo[]>;
+  backendInfo(options?: BackendInfoOptions): Promise<BackendInfo[]>;
   createBackend(options?: CreateBackendOptions): Promise<Backend>;
 }
 
-export function makeEntry(load: (name: BackendName) => LoadResult | Promise<LoadResult>): Entry {
-  /** Which backends can run here and, for the others, why not. */
-  async function backendInfo(): Promise<BackendInfo[]> {
+export function makeEntry(load: (name: BackendName, options: CreateBackendOptions) => LoadResult | Promise<LoadResult>): Entry {
+  /** Which backends can run here and, for the others, why not (`options.wasm`: as for createBackend). */
+  async function backendInfo(options: BackendInfoOptions = {}): Promise<BackendInfo[]> {
+    if (typeof options !== 'object' || options === null) throw new TypeError(`options: expected an object, got ${typeof options}`);
+    checkWasm(options.wasm);
     const infos: BackendInfo[] = [];
     for (const name of ORDER) {
-      const loaded = await load(name);
+      const loaded = await load(name, { wasm: options.wasm });
       infos.push(loaded.binding ? { name, available: true, threads: loaded.binding.numThreads(), ...loaded.info } : { name, available: false, reason: loaded.reason });
     }
     return infos;
@@ -59,9 +78,10 @@ export function makeEntry(load: (name: BackendName) => LoadResult | Promise<Load
     if (prefer !== 'auto' && !ORDER.includes(prefer)) {
       throw new TypeError(`options.prefer: expected 'auto', 'cuda', 'cpu' or 'wasm', got ${JSON.stringify(prefer)}`);
     }
+    checkWasm(options.wasm);
     const reasons: string[] = [];
     for (const name of prefer === 'auto' ? ORDER : [prefer]) {
-      const loaded = await load(name);
+      const loaded = await load(name, options);
       if (loaded.binding) {
         const backend = wrap(name, loaded.binding);
         return loaded.extend ? loaded.extend(backend) : backend;

@@ -16,6 +16,7 @@
 import type { Backend } from './backend.js';
 import type { MoELayer, MoELayerOptions, MoEWeights } from './layer.js';
 import { castTo, toF32, transpose2d } from './numeric.js';
+import { nodeFiles } from './platform.js';
 import type { Tensor, TokenDType } from './tensor.js';
 import { checkOptions } from './wire.js';
 
@@ -298,28 +299,26 @@ function familyOf(modelType: unknown): Family {
 // ---------------------------------------------------------------------------------------
 // Reading and writing the tensors.
 
-const IN_NODE = typeof process !== 'undefined' && !!process.versions?.node;
-
 async function readConfig(config: unknown): Promise<{ config: Config; dir?: string }> {
   if (typeof config === 'object' && config !== null && !Array.isArray(config) && !ArrayBuffer.isView(config)) return { config: config as Config };
   if (typeof config !== 'string') throw new TypeError(`config: expected the parsed config.json object or a path to it, got ${config === null ? 'null' : typeof config}`);
-  if (!IN_NODE) throw new TypeError('config: a path needs Node.js (in a browser, pass the parsed config.json object)');
-  const fs = await import('node:fs/promises');
-  const path = await import('node:path');
+  // Node's fs comes from the Node entry (platform.ts): no node: import the browser entry could reach.
+  const files = nodeFiles();
+  if (!files) throw new TypeError('config: a path needs Node.js (in a browser, pass the parsed config.json object)');
   let file = config;
   try {
-    if ((await fs.stat(config)).isDirectory()) file = path.join(config, 'config.json');
+    if (await files.isDirectory(config)) file = files.join(config, 'config.json');
   } catch (e) {
     throw new RangeError(`config: cannot read '${config}': ${(e as Error).message}`);
   }
   let text: string;
   try {
-    text = await fs.readFile(file, 'utf8');
+    text = await files.readText(file);
   } catch (e) {
     throw new RangeError(`config: cannot read '${file}': ${(e as Error).message}`);
   }
   try {
-    return { config: JSON.parse(text) as Config, dir: path.dirname(file) };
+    return { config: JSON.parse(text) as Config, dir: files.dirname(file) };
   } catch (e) {
     throw new RangeError(`config: '${file}' is not JSON: ${(e as Error).message}`);
   }

@@ -8,7 +8,8 @@ import type { BackendName } from './backend.js';
 import { loadCuda, type CudaLoaded } from './backends/cuda.js';
 import { loadNative } from './backends/native.js';
 import { loadWasm } from './backends/wasm.js';
-import { makeEntry } from './entry.js';
+import { makeEntry, type CreateBackendOptions } from './entry.js';
+import './node-files.js'; // Node's fs for the wasm loader and fromPretrained (platform.ts)
 
 export * from './tensor.js';
 export type { Backend, BackendInfo, BackendName, MultihotToIndicesOptions, PermuteBackwardOptions, PermuteOptions, PermuteResult, UnpermuteOptions } from './backend.js';
@@ -17,16 +18,17 @@ export type { RouteOptions, RouteResult, ScoreFunction, SwitchLoadBalancingLossO
 export type { CheckpointInfo, CheckpointSource, CheckpointTensorInfo, ExpertBiases, ExpertCheckpointOptions, ExpertsFormat, ExpertsGrads, ExpertsOptions, ExpertWeights, LoadedExperts, LoadedSafetensors, LoadExpertsOptions, LoadSafetensorsOptions, MatmulOptions, SafetensorsIndex, SaveSafetensorsOptions, ShardedCheckpoint, UnstackExpertsOptions } from './ops/experts.js';
 export type { DropPolicy, DropTokensOptions, DropTokensResult, ExpertRange, ExpertTensor, GroupedMmSortOptions, GroupedMmSortResult, MeshAxis, PlacedMesh, Placement, SortChunksGrads, SortChunksResult } from './ops/layout.js';
 
-export type { CreateBackendOptions, Prefer } from './entry.js';
+export type { BackendInfoOptions, CreateBackendOptions, Prefer } from './entry.js';
+export type { WasmSource } from './backends/wasm.js';
 export { isDeviceTensor, type DeviceTensor } from './device.js';
 export { isCudaBackend, type AnyTensor, type CudaBackend, type CudaMemory, type DevicePermuteBackwardOptions, type DevicePermuteOptions, type DevicePermuteResult, type DeviceRouteBackwardOptions, type DeviceRouteOptions, type DeviceRouteResult, type DeviceUnpermuteOptions } from './backends/cuda.js';
 
-async function load(name: BackendName): Promise<CudaLoaded> {
+async function load(name: BackendName, options: CreateBackendOptions): Promise<CudaLoaded> {
   switch (name) {
     case 'cpu':
       return loadNative();
     case 'wasm':
-      return loadWasm();
+      return loadWasm(options.wasm);
     case 'cuda':
       return loadCuda();
   }
