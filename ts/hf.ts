@@ -14,6 +14,7 @@
  * The routing of each family in our terms is in `FAMILIES` below and in docs/semantics.md.
  */
 import type { Backend } from './backend.js';
+import type { CheckpointSource, ExpertsFormat } from './ops/experts.js';
 import type { MoELayer, MoELayerOptions, MoEWeights } from './layer.js';
 import { castTo, toF32, transpose2d } from './numeric.js';
 import { nodeFiles } from './platform.js';
@@ -21,10 +22,10 @@ import type { Tensor, TokenDType } from './tensor.js';
 import { checkOptions } from './wire.js';
 
 /** A checkpoint: a path (Node: a `.safetensors` file, an index json, or a directory), one file's bytes, or a sharded checkpoint's index and shards in memory. */
-export type PretrainedSource = string | Uint8Array | { index: unknown; shards: Record<string, Uint8Array> };
+export type PretrainedSource = CheckpointSource;
 
-/** The layout the routed experts are stored in (see `loadExperts`). */
-export type ExpertKeyFormat = 'hf' | 'mixtral' | 'gpt_oss' | 'stacked';
+/** The layout the routed experts are stored in (`loadExperts`' `format`). */
+export type ExpertKeyFormat = ExpertsFormat;
 
 /** Where a layer's tensors live in a checkpoint. */
 export interface KeyScheme {
@@ -357,14 +358,14 @@ function readWeights(backend: Backend, source: PretrainedSource, w: Wanted): { w
   const o = w.options;
   const { dim: D, numExperts: E } = o;
   const k = w.keys;
-  const experts = backend.loadExperts(source as never, {
+  const experts = backend.loadExperts(source, {
     prefix: k.experts,
     numExperts: E,
     activation: o.activation,
     epSize: w.epSize,
     epRank: w.epRank,
-    ...(k.expertsFormat === 'hf' ? {} : { format: k.expertsFormat }),
-  } as never) as unknown as {
+    format: k.expertsFormat,
+  }) as unknown as {
     gateAndUpProjs?: Tensor;
     upProjs?: Tensor;
     downProjs: Tensor;
@@ -388,7 +389,7 @@ function readWeights(backend: Backend, source: PretrainedSource, w: Wanted): { w
   const sharedNames = shared ? ['gate_proj', 'up_proj', 'down_proj'].map((p) => `${k.shared}.${p}.weight`) : [];
   names.push(...sharedNames);
   if (shared?.gate) names.push(k.sharedGate);
-  const loaded = backend.loadSafetensors(source as never, { names }) as unknown as { tensors: Record<string, Tensor>; bytesRead?: number };
+  const loaded = backend.loadSafetensors(source, { names });
   const t = (name: string) => asToken(loaded.tensors[name], name);
 
   const router = t(k.router);
@@ -485,7 +486,7 @@ export function savePretrained(layer: MoELayer, options: SavePretrainedOptions =
   } else {
     Object.assign(
       tensors,
-      moe.unstackExperts(layer.expertWeights, { prefix: keys.experts, activation: layer.activation, biases, firstExpert: layer.expertRange.start, ...(keys.expertsFormat === 'hf' ? {} : { format: keys.expertsFormat }) } as never),
+      moe.unstackExperts(layer.expertWeights, { prefix: keys.experts, activation: layer.activation, biases, firstExpert: layer.expertRange.start, format: keys.expertsFormat }),
     );
   }
   if (w.sharedGateAndUpProjs && w.sharedDownProjs) {

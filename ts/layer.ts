@@ -633,7 +633,7 @@ export class MoELayer {
    */
   save(prefix = 'mlp', options: { format?: ExpertKeyFormat } = {}): Uint8Array {
     const o = checkOptions<{ format?: string }>(options, 'save', ['format']);
-    const format = oneOf(o.format, 'options.format', ['hf', 'mixtral', 'gpt_oss', 'stacked'] as const, 'hf');
+    const format = oneOf(o.format, 'options.format', ['hf', 'mixtral', 'gpt_oss', 'llama4', 'hf_fused', 'granite', 'stacked'] as const, 'hf');
     return savePretrained(this, { keys: genericKeys(prefix, format) });
   }
 
