@@ -35,9 +35,9 @@ export interface KeyScheme {
   routerBias: string;
   /** `[numExperts]`: the score-correction bias. */
   expertBias: string;
-  /** The routed experts' prefix, and their layout. */
+  /** The routed experts' prefix, and their layout (absent: detected when reading, `'hf'` when writing). */
   experts: string;
-  expertsFormat: ExpertKeyFormat;
+  expertsFormat?: ExpertKeyFormat;
   /** The shared expert's prefix (`{shared}.gate_proj.weight` ...). */
   shared: string;
   /** `[1, dim]`: the shared expert's gate Linear. */
@@ -147,7 +147,7 @@ function auxFromConfig(c: Config): Pick<LayerOptions, 'auxLossCoeff' | 'auxLossC
   return on ? { auxLossCoeff: coef as number, auxLossConvention: 'hf' } : { auxLossConvention: 'hf' };
 }
 
-function standardKeys(block: string, format: ExpertKeyFormat, shared: string, router = 'gate'): KeyScheme {
+function standardKeys(block: string, format: ExpertKeyFormat | undefined, shared: string, router = 'gate'): KeyScheme {
   return {
     router: `${block}.${router}.weight`,
     routerBias: `${block}.${router}.bias`,
@@ -160,7 +160,7 @@ function standardKeys(block: string, format: ExpertKeyFormat, shared: string, ro
 }
 
 /** Keys under one prefix, for `MoELayer.save` / `MoELayer.load`. */
-export function genericKeys(prefix: string, format: ExpertKeyFormat): KeyScheme {
+export function genericKeys(prefix: string, format?: ExpertKeyFormat): KeyScheme {
   if (typeof prefix !== 'string') throw new TypeError(`prefix: expected a string, got ${typeof prefix}`);
   return standardKeys(prefix, format, 'shared_expert', format === 'gpt_oss' ? 'router' : 'gate');
 }
@@ -364,7 +364,7 @@ function readWeights(backend: Backend, source: PretrainedSource, w: Wanted): { w
     activation: o.activation,
     epSize: w.epSize,
     epRank: w.epRank,
-    format: k.expertsFormat,
+    ...(k.expertsFormat ? { format: k.expertsFormat } : {}),
   }) as unknown as {
     gateAndUpProjs?: Tensor;
     upProjs?: Tensor;
@@ -486,7 +486,7 @@ export function savePretrained(layer: MoELayer, options: SavePretrainedOptions =
   } else {
     Object.assign(
       tensors,
-      moe.unstackExperts(layer.expertWeights, { prefix: keys.experts, activation: layer.activation, biases, firstExpert: layer.expertRange.start, format: keys.expertsFormat }),
+      moe.unstackExperts(layer.expertWeights, { prefix: keys.experts, activation: layer.activation, biases, firstExpert: layer.expertRange.start, format: keys.expertsFormat ?? 'hf' }),
     );
   }
   if (w.sharedGateAndUpProjs && w.sharedDownProjs) {

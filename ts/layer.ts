@@ -642,8 +642,8 @@ export class MoELayer {
     return savePretrained(this, options);
   }
 
-  /** A layer with the weights of a checkpoint written by `save` (the same options otherwise). */
-  static load(backend: Backend, source: PretrainedSource, options: Omit<MoELayerOptions, 'weights'>, prefix = 'mlp', format: ExpertKeyFormat = 'hf'): MoELayer {
+  /** A layer with the weights of a checkpoint written by `save` (the same options otherwise); the experts' layout is detected unless `format` is given. */
+  static load(backend: Backend, source: PretrainedSource, options: Omit<MoELayerOptions, 'weights'>, prefix = 'mlp', format?: ExpertKeyFormat): MoELayer {
     return loadWithKeys(backend, source, options, genericKeys(prefix, format));
   }
 
