@@ -210,6 +210,32 @@ try {
     { what: `loadSafetensors: layer ${cfg.layer}'s router (gate.weight, e_score_correction_bias)`, names: routerNames, run: (moe, src) => moe.loadSafetensors(src, { names: routerNames }) },
     { what: 'checkpointInfo: every header', names: [], all: true, run: (moe, src) => moe.checkpointInfo(src) },
   ];
+  // The whole layer through MoELayer.fromPretrained (config.json written beside the shards): the
+  // experts plus the router and shared expert, each of its two reads counting the headers it opens.
+  const sharedNames = ['gate_proj', 'up_proj', 'down_proj'].map((w) => `model.layers.${cfg.layer}.mlp.shared_experts.${w}.weight`);
+  const config = {
+    model_type: 'deepseek_v3', hidden_size: cfg.dim, moe_intermediate_size: cfg.inter, n_routed_experts: cfg.experts, n_shared_experts: cfg.sharedInter / cfg.inter,
+    num_hidden_layers: cfg.layers, first_k_dense_replace: 0, n_group: 8, topk_group: 4, num_experts_per_tok: 6, norm_topk_prob: true, routed_scaling_factor: 2.5, hidden_act: 'silu',
+  };
+  writeFileSync(join(base, 'config.json'), JSON.stringify(config, null, 2));
+  const layerRead = async (moe, src, ep) => {
+    const layer = await api.MoELayer.fromPretrained(moe, { config, checkpoint: src, layer: cfg.layer, ...ep });
+    return { bytesRead: layer.pretrained.bytesRead };
+  };
+  cases.push(
+    {
+      what: `MoELayer.fromPretrained: layer ${cfg.layer} (router, shared expert, all experts)`,
+      names: [...expertNames(0, cfg.experts), ...routerNames, ...sharedNames],
+      expect: () => expected(expertNames(0, cfg.experts)) + expected([...routerNames, ...sharedNames]),
+      run: (moe, src) => layerRead(moe, src, {}),
+    },
+    {
+      what: `MoELayer.fromPretrained: layer ${cfg.layer}, epSize ${cfg.epSize}, rank ${cfg.epRank}`,
+      names: [...expertNames(range.start, range.end), ...routerNames, ...sharedNames],
+      expect: () => expected(expertNames(range.start, range.end)) + expected([...routerNames, ...sharedNames]),
+      run: (moe, src) => layerRead(moe, src, { epSize: cfg.epSize, epRank: cfg.epRank }),
+    },
+  );
 
   /** Spot checks: stacked[e, d, j] = gate_proj_e[j, d], stacked[e, d, inter + j] = up_proj_e[j, d], down[e, j, d] = down_proj_e[d, j]. */
   const check = (out, c) => {
@@ -235,10 +261,10 @@ try {
   const cpu = await api.createBackend({ prefer: 'cpu' });
   const files = [...shardsOf.map((s) => join(base, s.name)), join(base, 'model.safetensors.index.json')];
   for (const c of cases) {
-    const want = c.all ? shardsOf.reduce((a, s) => a + headerLen[s.name], 0) : expected(c.names);
+    const want = c.all ? shardsOf.reduce((a, s) => a + headerLen[s.name], 0) : c.expect ? c.expect() : expected(c.names);
     const dropped = files.every(dropCache);
     let t = performance.now();
-    let out = c.run(cpu, base);
+    let out = await c.run(cpu, base);
     const coldMs = performance.now() - t;
     check(out, c);
     if (out.bytesRead !== want) throw new Error(`${c.what}: bytesRead ${out.bytesRead}, expected ${want}`);
@@ -246,7 +272,7 @@ try {
     for (let i = 0; i < 3; i++) {
       out = null;
       t = performance.now();
-      out = c.run(cpu, base);
+      out = await c.run(cpu, base);
       warm.push(performance.now() - t);
     }
     rows.push({ backend: 'cpu (path)', what: c.what, bytesRead: out.bytesRead, expectedBytes: want, fractionOfCheckpoint: out.bytesRead / fileBytes, coldMs: dropped ? coldMs : null, warmMs: Math.min(...warm) });
@@ -260,15 +286,15 @@ try {
       const needed = [...new Set(c.names.map((nm) => byName.get(nm).file))];
       const shards = Object.fromEntries(needed.map((f) => [f, readFileSync(join(base, f))]));
       const src = { index, shards };
-      const want = expected(c.names);
-      let out = c.run(wasm, src);
+      const want = c.expect ? c.expect() : expected(c.names);
+      let out = await c.run(wasm, src);
       check(out, c);
       if (out.bytesRead !== want) throw new Error(`wasm ${c.what}: bytesRead ${out.bytesRead}, expected ${want}`);
       const warm = [];
       for (let i = 0; i < 3; i++) {
         out = null;
         const t = performance.now();
-        out = c.run(wasm, src);
+        out = await c.run(wasm, src);
         warm.push(performance.now() - t);
       }
       rows.push({ backend: `wasm ({ index, shards }: ${needed.length} of ${n} shards in memory)`, what: c.what, bytesRead: out.bytesRead, expectedBytes: want, fractionOfCheckpoint: out.bytesRead / fileBytes, coldMs: null, warmMs: Math.min(...warm) });
