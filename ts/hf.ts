@@ -175,62 +175,48 @@ function qwenSparse(c: Config, l: number): true | string {
   return true;
 }
 
+/**
+ * The softmax families (Mixtral, Qwen2/Qwen3-MoE, OLMoE): SiLU-gated experts of `interKey`,
+ * softmax routing renormalised when `norm` says so, the aux loss from the config.
+ */
+function softmaxFamily(c: Config, interKey: string, norm: boolean): LayerOptions {
+  return {
+    dim: int(c, 'hidden_size'),
+    inter: int(c, interKey),
+    numExperts: expertCount(c),
+    topk: int(c, 'num_experts_per_tok'),
+    ...siluExperts(c),
+    ...softmaxRouting(norm),
+    ...auxFromConfig(c),
+  };
+}
+
+const mlpKeys = (l: number) => standardKeys(`model.layers.${l}.mlp`, 'hf', 'shared_expert');
+
 const FAMILIES: Record<string, Family> = {
   mixtral: {
     moeLayer: () => true,
     keys: (l) => standardKeys(`model.layers.${l}.block_sparse_moe`, 'mixtral', 'shared_expert'),
-    options: (c) => ({
-      dim: int(c, 'hidden_size'),
-      inter: int(c, 'intermediate_size'),
-      numExperts: expertCount(c),
-      topk: int(c, 'num_experts_per_tok'),
-      ...siluExperts(c),
-      ...softmaxRouting(true),
-      ...auxFromConfig(c),
-    }),
+    options: (c) => softmaxFamily(c, 'intermediate_size', true),
   },
   qwen2_moe: {
     moeLayer: qwenSparse,
-    keys: (l) => standardKeys(`model.layers.${l}.mlp`, 'hf', 'shared_expert'),
+    keys: mlpKeys,
     options: (c) => {
       const shared = int(c, 'shared_expert_intermediate_size', 0);
-      return {
-        dim: int(c, 'hidden_size'),
-        inter: int(c, 'moe_intermediate_size'),
-        numExperts: expertCount(c),
-        topk: int(c, 'num_experts_per_tok'),
-        ...siluExperts(c),
-        ...softmaxRouting(bool(c, 'norm_topk_prob', false)),
-        ...(shared > 0 ? { sharedExpert: { inter: shared, gate: true } } : {}),
-        ...auxFromConfig(c),
-      };
+      const o = softmaxFamily(c, 'moe_intermediate_size', bool(c, 'norm_topk_prob', false));
+      return shared > 0 ? { ...o, sharedExpert: { inter: shared, gate: true } } : o;
     },
   },
   qwen3_moe: {
     moeLayer: qwenSparse,
-    keys: (l) => standardKeys(`model.layers.${l}.mlp`, 'hf', 'shared_expert'),
-    options: (c) => ({
-      dim: int(c, 'hidden_size'),
-      inter: int(c, 'moe_intermediate_size'),
-      numExperts: expertCount(c),
-      topk: int(c, 'num_experts_per_tok'),
-      ...siluExperts(c),
-      ...softmaxRouting(bool(c, 'norm_topk_prob', false)),
-      ...auxFromConfig(c),
-    }),
+    keys: mlpKeys,
+    options: (c) => softmaxFamily(c, 'moe_intermediate_size', bool(c, 'norm_topk_prob', false)),
   },
   olmoe: {
     moeLayer: () => true,
-    keys: (l) => standardKeys(`model.layers.${l}.mlp`, 'hf', 'shared_expert'),
-    options: (c) => ({
-      dim: int(c, 'hidden_size'),
-      inter: int(c, 'intermediate_size'),
-      numExperts: expertCount(c),
-      topk: int(c, 'num_experts_per_tok'),
-      ...siluExperts(c),
-      ...softmaxRouting(bool(c, 'norm_topk_prob', false)),
-      ...auxFromConfig(c),
-    }),
+    keys: mlpKeys,
+    options: (c) => softmaxFamily(c, 'intermediate_size', bool(c, 'norm_topk_prob', false)),
   },
   deepseek_v3: {
     moeLayer: (c, l) => {
