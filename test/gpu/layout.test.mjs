@@ -1,4 +1,4 @@
-// The GPU suite, part 3: the layout ops on device tensors (kernels/layout.cu) and the probs
+// The GPU suite, part 3: the layout ops on device tensors (crates/moe-cuda/kernels/layout.cu) and the probs
 // gradients of permuteBackward / unpermuteBackward, each checked against the 'cpu' backend bit
 // for bit: indicesToMultihot, multihotToIndices, tokensPerExpert, padRoutingMap, dropTokens
 // (every policy, ties, NaN, padToCapacity), sortChunksByIndex and its backward, groupedMmSort;

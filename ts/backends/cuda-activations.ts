@@ -1,6 +1,6 @@
 /**
  * The cuda backend's expert activations (forward, backward) and aux router losses on the GPU
- * (kernels/activations.cu through crates/moe-node/src/cuda_activations.rs), bit for bit the CPU
+ * (crates/moe-cuda/kernels/activations.cu through crates/moe-node/src/cuda_activations.rs), bit for bit the CPU
  * core's. Host tensors only: the host op (`ctx.base`). Any device tensor among the tensor
  * arguments: host ones are uploaded for the call, and every tensor result is a device tensor (the
  * losses' `loss` is a number, read back from the GPU).

@@ -1,5 +1,5 @@
 /**
- * The cuda backend's layout ops on the GPU (kernels/layout.cu through
+ * The cuda backend's layout ops on the GPU (crates/moe-cuda/kernels/layout.cu through
  * crates/moe-node/src/cuda_layout.rs), bit for bit the CPU core's: indicesToMultihot,
  * multihotToIndices, tokensPerExpert, padRoutingMap, dropTokens, sortChunksByIndex (and its
  * backward) and groupedMmSort. Host tensors only: the host op (`ctx.base`). Any device tensor

@@ -25,7 +25,7 @@ pub struct KernelSource {
 }
 
 /// Prepended to every file before it is compiled (types, element conversions, detmath).
-pub const COMMON: &str = include_str!("../../../kernels/common.cuh");
+pub const COMMON: &str = include_str!("../kernels/common.cuh");
 
 /// What NVRTC compiles for `src`: kernels/common.cuh, then the file (with `#line` so that
 /// compile errors name the file's own lines).
@@ -33,18 +33,18 @@ pub fn full_source(src: &KernelSource) -> String {
     format!("{COMMON}\n#line 1 \"{}\"\n{}", src.file, src.source)
 }
 
-pub const PERMUTE: KernelSource = KernelSource { file: "permute.cu", source: include_str!("../../../kernels/permute.cu") };
+pub const PERMUTE: KernelSource = KernelSource { file: "permute.cu", source: include_str!("../kernels/permute.cu") };
 /// The dispatch plan (routing map -> sortedIndices, token CSR) on the GPU.
-pub const PLAN: KernelSource = KernelSource { file: "plan.cu", source: include_str!("../../../kernels/plan.cu") };
+pub const PLAN: KernelSource = KernelSource { file: "plan.cu", source: include_str!("../kernels/plan.cu") };
 /// route and topk.
-pub const ROUTING: KernelSource = KernelSource { file: "routing.cu", source: include_str!("../../../kernels/routing.cu") };
+pub const ROUTING: KernelSource = KernelSource { file: "routing.cu", source: include_str!("../kernels/routing.cu") };
 /// Expert activations forward and backward, and the aux losses.
-pub const ACTIVATIONS: KernelSource = KernelSource { file: "activations.cu", source: include_str!("../../../kernels/activations.cu") };
+pub const ACTIVATIONS: KernelSource = KernelSource { file: "activations.cu", source: include_str!("../kernels/activations.cu") };
 /// Layout ops: indices <-> multihot, capacity (drop, pad, counts), chunk sort, grouped-mm sort,
 /// and the probs gradients of permute/unpermute backward.
-pub const LAYOUT: KernelSource = KernelSource { file: "layout.cu", source: include_str!("../../../kernels/layout.cu") };
+pub const LAYOUT: KernelSource = KernelSource { file: "layout.cu", source: include_str!("../kernels/layout.cu") };
 /// The element kernels around the expert GEMMs (bias, epilogue, column sums, conversions).
-pub const EXPERTS: KernelSource = KernelSource { file: "experts.cu", source: include_str!("../../../kernels/experts.cu") };
+pub const EXPERTS: KernelSource = KernelSource { file: "experts.cu", source: include_str!("../kernels/experts.cu") };
 /// Every kernel file, in load order.
 pub const ALL: &[KernelSource] = &[PERMUTE, PLAN, ROUTING, ACTIVATIONS, LAYOUT, EXPERTS];
 

@@ -1,5 +1,5 @@
 //! `moe-cuda-bench experts`: the grouped experts and the dispatch + experts layer on the GPU
-//! (compiled into the moe-cuda-bench binary only, through `#[path]`).
+//! (a module of the moe-cuda-bench binary).
 //!
 //! For each shape (bf16, swiglu, routing probs): the GPU's bf16 GEMM rate (one large square
 //! cuBLAS GEMM), the expert GEMMs alone (the per-expert cuBLAS calls of forward + backward),

@@ -5,7 +5,7 @@
 //!   moe-cuda-bench run [--iters N] [--out FILE] [--shapes deepseek,mixtral]
 //!   moe-cuda-bench experts [--iters N] [--out FILE] [--shapes mixtral,fine-grained]
 //!
-//! `experts`: see crates/moe-cuda/src/bench_experts.rs (expert GEMMs vs the measured bf16
+//! `experts`: see experts.rs beside this file (expert GEMMs vs the measured bf16
 //! rate, experts forward/backward, the dispatch + experts layer).
 //!
 //! `run`, for each shape: builds a random top-k routing, runs permute (with probs) and
@@ -27,8 +27,7 @@ use moe_core::tensor::{DType, Data, Float, TensorRef};
 use moe_cuda::ops::{launch_permute, launch_unpermute, DevicePlan, PermuteKernel};
 use moe_cuda::{compile, Device};
 
-#[path = "../bench_experts.rs"]
-mod bench_experts;
+mod experts;
 
 struct Shape {
     name: &'static str,
@@ -127,10 +126,10 @@ fn experts(args: &[String]) -> i32 {
         }
     };
     let result = (|| -> moe_cuda::Result<String> {
-        let peak = bench_experts::bf16_peak(dev, iters)?;
+        let peak = experts::bf16_peak(dev, iters)?;
         println!("bf16 GEMM rate (8192^3, cuBLAS): {peak:.0} TFLOP/s");
         let mut rows = Vec::new();
-        for s in bench_experts::EXPERT_SHAPES.iter().filter(|s| names.as_ref().is_none_or(|n| n.iter().any(|x| x == s.name))) {
+        for s in experts::EXPERT_SHAPES.iter().filter(|s| names.as_ref().is_none_or(|n| n.iter().any(|x| x == s.name))) {
             // each shape starts with the memory pool's cached memory released (as a user switching
             // shapes should: on an H200 the fine-grained GEMMs ran at 62-67% of the bf16 rate
             // after the Mixtral-like shape with its memory still in the pool, 72-82% with it
@@ -138,7 +137,7 @@ fn experts(args: &[String]) -> i32 {
             if std::env::var_os("MOE_BENCH_KEEP_POOL").is_none() {
                 dev.release_cached_memory()?;
             }
-            rows.push(bench_experts::bench(dev, s, iters, peak)?.to_json());
+            rows.push(experts::bench(dev, s, iters, peak)?.to_json());
         }
         Ok(format!("{{\"device\": {:?}, \"bf16PeakTflops\": {peak}, \"iters\": {iters}, \"rows\": [{}]}}", dev.info().name, rows.join(", ")))
     })();
