@@ -12,7 +12,7 @@ use half::{bf16, f16};
 use crate::alloc::{try_filled_vec, try_vec, write_slice};
 use crate::error::{size_arg, Error, Result};
 use crate::par::for_each_row;
-use crate::tensor::{DType, Float, Tensor, TensorRef};
+use crate::tensor::{DType, Float, Meta, Tensor, TensorRef};
 
 /// Where every slot of the permuted layout comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,46 +132,102 @@ fn check_num_tokens(num_tokens: usize) -> Result<()> {
     Ok(())
 }
 
-/// Builds the plan for a routing map and options, validating both.
-pub fn plan(routing_map: &TensorRef, num_tokens: usize, options: PermuteOptions) -> Result<DispatchPlan> {
+/// The routing map's and the options' checks of [`plan`] (the map's values too, on the host):
+/// the number of experts and, with dropAndPad, the capacity.
+fn check_plan(routing_map: Meta, num_tokens: usize, options: PermuteOptions) -> Result<(usize, Option<usize>)> {
     let dims = routing_map.expect_rank(2, "[numTokens, numExperts]")?;
     let num_experts = dims[1];
     routing_map.expect_shape(&[num_tokens, num_experts], "([numTokens of tokens, numExperts])")?;
-    let map = routing_map.mask()?;
+    routing_map.check_mask()?;
     check_num_tokens(num_tokens)?;
-    if options.drop_and_pad {
-        let Some(n_out) = options.num_out_tokens else {
-            return Err(Error::type_error("numOutTokens", "a number (it sets the capacity) when dropAndPad is true", "undefined"));
-        };
-        if num_experts == 0 {
-            return Err(Error::range("routingMap.shape[1]", "dropAndPad needs at least one expert"));
-        }
-        if n_out % num_experts != 0 {
-            return Err(Error::range(
-                "numOutTokens",
-                format!("{n_out} is not a multiple of numExperts = {num_experts}, so it does not give a whole capacity"),
-            ));
-        }
-        let capacity = n_out / num_experts;
-        if capacity > num_tokens {
-            return Err(Error::range(
-                "numOutTokens",
-                format!("capacity {n_out} / {num_experts} = {capacity} exceeds numTokens = {num_tokens}"),
-            ));
-        }
-        DispatchPlan::with_capacity(map, num_tokens, num_experts, capacity)
-    } else {
-        let plan = DispatchPlan::from_routing_map(map, num_tokens, num_experts)?;
-        if let Some(n_out) = options.num_out_tokens {
-            if n_out != plan.num_slots() {
-                return Err(Error::range(
-                    "numOutTokens",
-                    format!("{n_out} differs from the {} entries the routing map selects (set dropAndPad to use a capacity)", plan.num_slots()),
-                ));
-            }
-        }
-        Ok(plan)
+    if !options.drop_and_pad {
+        return Ok((num_experts, None));
     }
+    let Some(n_out) = options.num_out_tokens else {
+        return Err(Error::type_error("numOutTokens", "a number (it sets the capacity) when dropAndPad is true", "undefined"));
+    };
+    if num_experts == 0 {
+        return Err(Error::range("routingMap.shape[1]", "dropAndPad needs at least one expert"));
+    }
+    if n_out % num_experts != 0 {
+        return Err(Error::range(
+            "numOutTokens",
+            format!("{n_out} is not a multiple of numExperts = {num_experts}, so it does not give a whole capacity"),
+        ));
+    }
+    let capacity = n_out / num_experts;
+    if capacity > num_tokens {
+        return Err(Error::range("numOutTokens", format!("capacity {n_out} / {num_experts} = {capacity} exceeds numTokens = {num_tokens}")));
+    }
+    Ok((num_experts, Some(capacity)))
+}
+
+/// permute's check of a plain plan's size: numOutTokens, when given, must be the number of
+/// entries the routing map selects (`num_slots`). A backend that builds the plan elsewhere calls
+/// it once it knows the count.
+pub fn check_num_out_tokens(options: PermuteOptions, num_slots: usize) -> Result<()> {
+    match options.num_out_tokens {
+        Some(n_out) if !options.drop_and_pad && n_out != num_slots => Err(Error::range(
+            "numOutTokens",
+            format!("{n_out} differs from the {num_slots} entries the routing map selects (set dropAndPad to use a capacity)"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Builds the plan for a routing map and options, validating both.
+pub fn plan(routing_map: &TensorRef, num_tokens: usize, options: PermuteOptions) -> Result<DispatchPlan> {
+    let (num_experts, capacity) = check_plan(routing_map.meta(), num_tokens, options)?;
+    build_plan(routing_map.bytes(), num_tokens, num_experts, capacity, options)
+}
+
+fn build_plan(map: &[u8], num_tokens: usize, num_experts: usize, capacity: Option<usize>, options: PermuteOptions) -> Result<DispatchPlan> {
+    match capacity {
+        Some(capacity) => DispatchPlan::with_capacity(map, num_tokens, num_experts, capacity),
+        None => {
+            let plan = DispatchPlan::from_routing_map(map, num_tokens, num_experts)?;
+            check_num_out_tokens(options, plan.num_slots())?;
+            Ok(plan)
+        }
+    }
+}
+
+/// permute's arguments once checked: what a kernel needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PermuteCheck {
+    pub num_tokens: usize,
+    pub hidden: usize,
+    pub num_experts: usize,
+    /// dropAndPad: every expert's slots. None: one slot per selected entry (a count only the
+    /// plan knows, checked by [`check_num_out_tokens`]).
+    pub capacity: Option<usize>,
+}
+
+/// permute's checks of tokens, the routing map and the options (the CPU op then builds the plan,
+/// checks its size, and checks probs: [`check_permute_probs`]).
+pub fn check_permute_plan(tokens: Meta, routing_map: Meta, options: PermuteOptions) -> Result<PermuteCheck> {
+    let dims = tokens.expect_rank(2, "[numTokens, hidden]")?;
+    let (num_tokens, hidden) = (dims[0], dims[1]);
+    tokens.expect_dtype(DType::TOKENS)?;
+    let (num_experts, capacity) = check_plan(routing_map, num_tokens, options)?;
+    Ok(PermuteCheck { num_tokens, hidden, num_experts, capacity })
+}
+
+/// permute's checks of probs (`[numTokens, numExperts]` float32).
+pub fn check_permute_probs(probs: Meta, c: &PermuteCheck) -> Result<()> {
+    probs.expect_dtype(&[DType::F32])?;
+    probs.expect_shape(&[c.num_tokens, c.num_experts], "([numTokens, numExperts], the shape of routingMap)")
+}
+
+/// Every check of [`permute`] but a plain plan's size ([`check_num_out_tokens`], once the count
+/// is known). For an input that fails more than one check the CPU op may report a later one
+/// first (it checks probs after the plan's size): a backend that wants its exact error runs the op.
+pub fn check_permute(tokens: Meta, routing_map: Meta, probs: Option<Meta>, options: PermuteOptions) -> Result<PermuteCheck> {
+    let c = check_permute_plan(tokens, routing_map, options)?;
+    if let Some(p) = probs {
+        check_permute_probs(p, &c)?;
+    }
+    Ok(c)
 }
 
 /// Gathers `tokens [T, H]` into expert-major order along the routing map.
@@ -257,19 +313,26 @@ fn merge_dtype(permuted: &TensorRef, idx: &[i64], num_tokens: usize, hidden: usi
     }
 }
 
-fn slot_weights<'a>(
-    idx: &[i64],
-    num_tokens: usize,
-    probs: Option<&TensorRef<'a>>,
-    routing_map: Option<&TensorRef<'a>>,
-    options: UnpermuteOptions,
-) -> Result<Option<Cow<'a, [f32]>>> {
-    let n = idx.len();
-    let Some(probs) = probs else { return Ok(None) };
+/// How unpermute and unpermuteBackward weight the slots, once checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotProbsLayout {
+    /// No probs: every weight is 1.
+    None,
+    /// `[numSlots]`: one prob per slot.
+    PerSlot,
+    /// `[numTokens, numExperts]` with the routing map: each slot's prob at (its token, its expert).
+    Dense { num_experts: usize },
+}
+
+/// The probs' and the routing map's checks of unpermute and unpermuteBackward (the map's
+/// values on the host; a plain map's routes, which need the slots' tokens, are checked when
+/// the weights are gathered).
+fn check_slot_probs(probs: Option<Meta>, routing_map: Option<Meta>, n: usize, num_tokens: usize, options: UnpermuteOptions) -> Result<SlotProbsLayout> {
+    let Some(probs) = probs else { return Ok(SlotProbsLayout::None) };
     probs.expect_dtype(&[DType::F32])?;
     if probs.shape.len() == 1 {
         probs.expect_shape(&[n], "([numSlots]: one prob per row of permutedTokens)")?;
-        return Ok(Some(probs.typed::<f32>()?));
+        return Ok(SlotProbsLayout::PerSlot);
     }
     let dims = probs.expect_rank(2, "[numSlots] or [numTokens, numExperts]")?;
     let num_experts = dims[1];
@@ -278,9 +341,23 @@ fn slot_weights<'a>(
         return Err(Error::type_error("routingMap", "the routing map that made the permutation, when probs is [numTokens, numExperts]", "undefined"));
     };
     routing_map.expect_shape(&[num_tokens, num_experts], "(the shape of probs)")?;
-    let (_, slot_expert) = slot_experts_of(idx, routing_map, num_tokens, options.drop_and_pad, true)?;
-    let dense = probs.typed::<f32>()?;
-    Ok(Some(Cow::Owned((0..n).map(|i| dense[idx[i] as usize * num_experts + slot_expert[i]]).collect())))
+    check_slot_map(routing_map, n, num_tokens, options.drop_and_pad)?;
+    Ok(SlotProbsLayout::Dense { num_experts })
+}
+
+/// Each slot's weight, for probs that passed [`check_slot_probs`].
+fn slot_weights<'a>(idx: &[i64], num_tokens: usize, probs: Option<&TensorRef<'a>>, routing_map: Option<&TensorRef<'a>>, layout: SlotProbsLayout, options: UnpermuteOptions) -> Result<Option<Cow<'a, [f32]>>> {
+    let n = idx.len();
+    match (layout, probs, routing_map) {
+        (SlotProbsLayout::None, ..) => Ok(None),
+        (SlotProbsLayout::PerSlot, Some(probs), _) => Ok(Some(probs.typed::<f32>()?)),
+        (SlotProbsLayout::Dense { num_experts }, Some(probs), Some(routing_map)) => {
+            let (_, slot_expert) = slot_experts_of(idx, routing_map, num_tokens, options.drop_and_pad, true)?;
+            let dense = probs.typed::<f32>()?;
+            Ok(Some(Cow::Owned((0..n).map(|i| dense[idx[i] as usize * num_experts + slot_expert[i]]).collect())))
+        }
+        _ => Err(Error::Internal("slot weights without the probs that were checked".into())),
+    }
 }
 
 /// Each token's slots, in ascending slot order: token `t`'s slots are
@@ -362,18 +439,26 @@ pub struct PermuteGrads {
     pub grad_probs: Option<Tensor>,
 }
 
+/// The routing map's checks of [`slot_experts_of`] that need no slot's token (the map's values
+/// on the host): the number of experts.
+fn check_slot_map(routing_map: Meta, n: usize, num_tokens: usize, drop_and_pad: bool) -> Result<usize> {
+    let dims = routing_map.expect_rank(2, "[numTokens, numExperts]")?;
+    let num_experts = dims[1];
+    routing_map.expect_shape(&[num_tokens, num_experts], "([numTokens, numExperts])")?;
+    routing_map.check_mask()?;
+    if drop_and_pad && (num_experts == 0 || n % num_experts != 0) {
+        return Err(Error::range("sortedIndices.shape[0]", format!("{n} slots are not numExperts = {num_experts} blocks of equal capacity")));
+    }
+    Ok(num_experts)
+}
+
 /// The expert of every slot: `floor(i / C)` in drop-and-pad mode, from the routing map's
 /// column counts in plain mode (checked against `sorted` when `check_routed`).
 fn slot_experts_of(idx: &[i64], routing_map: &TensorRef, num_tokens: usize, drop_and_pad: bool, check_routed: bool) -> Result<(usize, Vec<usize>)> {
     let n = idx.len();
-    let dims = routing_map.expect_rank(2, "[numTokens, numExperts]")?;
-    let num_experts = dims[1];
-    routing_map.expect_shape(&[num_tokens, num_experts], "([numTokens, numExperts])")?;
-    let map = routing_map.mask()?;
+    let num_experts = check_slot_map(routing_map.meta(), n, num_tokens, drop_and_pad)?;
+    let map = routing_map.bytes();
     if drop_and_pad {
-        if num_experts == 0 || n % num_experts != 0 {
-            return Err(Error::range("sortedIndices.shape[0]", format!("{n} slots are not numExperts = {num_experts} blocks of equal capacity")));
-        }
         let capacity = n / num_experts;
         return Ok((num_experts, (0..n).map(|i| i / capacity).collect()));
     }
@@ -390,14 +475,53 @@ fn slot_experts_of(idx: &[i64], routing_map: &TensorRef, num_tokens: usize, drop
     Ok((num_experts, experts))
 }
 
-fn checked_indices<'a>(sorted_indices: &TensorRef<'a>, n: usize, num_tokens: usize) -> Result<Cow<'a, [i64]>> {
+/// sortedIndices: `[numSlots]` int32 or int64, and (on the host) every token id in range.
+fn check_indices(sorted_indices: Meta, n: usize, num_tokens: usize) -> Result<()> {
     sorted_indices.expect_rank(1, "[numSlots]")?;
     sorted_indices.expect_shape(&[n], "([numSlots], one token id per slot)")?;
-    let idx = sorted_indices.indices()?;
-    if let Some(i) = idx.iter().position(|&t| t < 0 || t as u64 >= num_tokens as u64) {
-        return Err(Error::range("sortedIndices", format!("sortedIndices[{i}] = {} is outside [0, numTokens = {num_tokens})", idx[i])));
+    if let Some((i, t)) = sorted_indices.first_outside(num_tokens)? {
+        return Err(Error::range("sortedIndices", format!("sortedIndices[{i}] = {t} is outside [0, numTokens = {num_tokens})")));
     }
-    Ok(idx)
+    Ok(())
+}
+
+/// permuteBackward's arguments once checked: what a kernel needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PermuteBackwardCheck {
+    pub num_slots: usize,
+    pub hidden: usize,
+    pub num_tokens: usize,
+    /// With gradPermutedProbs: the routing map's number of experts (the width of gradProbs).
+    pub num_experts: Option<usize>,
+}
+
+/// Every check of [`permute_backward`] but a plain routing map's routes (which need the slots'
+/// tokens). The CPU op runs them all before its merge.
+pub fn check_permute_backward(
+    grad_permuted: Meta,
+    sorted_indices: Meta,
+    num_tokens: usize,
+    grad_permuted_probs: Option<Meta>,
+    routing_map: Option<Meta>,
+    options: UnpermuteOptions,
+) -> Result<PermuteBackwardCheck> {
+    let dims = grad_permuted.expect_rank(2, "[numSlots, hidden]")?;
+    let (n, hidden) = (dims[0], dims[1]);
+    grad_permuted.expect_dtype(DType::TOKENS)?;
+    check_num_tokens(num_tokens)?;
+    check_indices(sorted_indices, n, num_tokens)?;
+    let num_experts = match grad_permuted_probs {
+        None => None,
+        Some(gp) => {
+            gp.expect_dtype(&[DType::F32])?;
+            gp.expect_shape(&[n], "([numSlots], the gradient of permutedProbs)")?;
+            let Some(routing_map) = routing_map else {
+                return Err(Error::type_error("routingMap", "the routing map of the permutation, to place the probs gradient", "undefined"));
+            };
+            Some(check_slot_map(routing_map, n, num_tokens, options.drop_and_pad)?)
+        }
+    };
+    Ok(PermuteBackwardCheck { num_slots: n, hidden, num_tokens, num_experts })
 }
 
 /// Backward of [`permute`]: `gradPermuted [N, H]` (and optionally the gradient of
@@ -411,20 +535,12 @@ pub fn permute_backward(
     routing_map: Option<&TensorRef>,
     options: UnpermuteOptions,
 ) -> Result<PermuteGrads> {
-    let dims = grad_permuted.expect_rank(2, "[numSlots, hidden]")?;
-    let (n, hidden) = (dims[0], dims[1]);
-    grad_permuted.expect_dtype(DType::TOKENS)?;
-    check_num_tokens(num_tokens)?;
-    let idx = checked_indices(sorted_indices, n, num_tokens)?;
+    let c = check_permute_backward(grad_permuted.meta(), sorted_indices.meta(), num_tokens, grad_permuted_probs.map(|g| g.meta()), routing_map.map(|m| m.meta()), options)?;
+    let (n, hidden) = (c.num_slots, c.hidden);
+    let idx = sorted_indices.indices()?;
     let grad_tokens = merge_dtype(grad_permuted, &idx, num_tokens, hidden, None)?;
-    let grad_probs = match grad_permuted_probs {
-        None => None,
-        Some(gp) => {
-            gp.expect_dtype(&[DType::F32])?;
-            gp.expect_shape(&[n], "([numSlots], the gradient of permutedProbs)")?;
-            let Some(routing_map) = routing_map else {
-                return Err(Error::type_error("routingMap", "the routing map of the permutation, to place the probs gradient", "undefined"));
-            };
+    let grad_probs = match (grad_permuted_probs, routing_map) {
+        (Some(gp), Some(routing_map)) => {
             let (num_experts, experts) = slot_experts_of(&idx, routing_map, num_tokens, options.drop_and_pad, true)?;
             let g = gp.typed::<f32>()?;
             let mut dense = try_vec(0f32, num_tokens * num_experts, "routingMap")?;
@@ -433,6 +549,7 @@ pub fn permute_backward(
             }
             Some(Tensor::f32(vec![num_tokens, num_experts], dense))
         }
+        _ => None,
     };
     Ok(PermuteGrads { grad_tokens, grad_probs })
 }
@@ -447,16 +564,26 @@ pub struct UnpermuteGrads {
     pub grad_probs: Option<Tensor>,
 }
 
-/// Backward of [`unpermute`]: the gradient of its output `[T, H]` to the gradients of
-/// `permutedTokens` and of the probs (in the layout they were given in).
-pub fn unpermute_backward(
-    grad_output: &TensorRef,
-    permuted: &TensorRef,
-    sorted_indices: &TensorRef,
-    probs: Option<&TensorRef>,
-    routing_map: Option<&TensorRef>,
+/// unpermuteBackward's arguments once checked: what a kernel needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnpermuteBackwardCheck {
+    pub num_tokens: usize,
+    pub num_slots: usize,
+    pub hidden: usize,
+    pub dtype: DType,
+    pub probs: SlotProbsLayout,
+}
+
+/// Every check of [`unpermute_backward`] but a plain routing map's routes (which need the slots'
+/// tokens), in the op's order.
+pub fn check_unpermute_backward(
+    grad_output: Meta,
+    permuted: Meta,
+    sorted_indices: Meta,
+    probs: Option<Meta>,
+    routing_map: Option<Meta>,
     options: UnpermuteOptions,
-) -> Result<UnpermuteGrads> {
+) -> Result<UnpermuteBackwardCheck> {
     let dims = grad_output.expect_rank(2, "[numTokens, hidden]")?;
     let (num_tokens, hidden) = (dims[0], dims[1]);
     let dtype = grad_output.expect_dtype(DType::TOKENS)?;
@@ -467,8 +594,25 @@ pub fn unpermute_backward(
         return Err(Error::type_error("permutedTokens.dtype", format!("{} (the dtype of gradOutput)", dtype.name()), permuted.dtype.name()));
     }
     check_num_tokens(num_tokens)?;
-    let idx = checked_indices(sorted_indices, n, num_tokens)?;
-    let weights = slot_weights(&idx, num_tokens, probs, routing_map, options)?;
+    check_indices(sorted_indices, n, num_tokens)?;
+    let probs = check_slot_probs(probs, routing_map, n, num_tokens, options)?;
+    Ok(UnpermuteBackwardCheck { num_tokens, num_slots: n, hidden, dtype, probs })
+}
+
+/// Backward of [`unpermute`]: the gradient of its output `[T, H]` to the gradients of
+/// `permutedTokens` and of the probs (in the layout they were given in).
+pub fn unpermute_backward(
+    grad_output: &TensorRef,
+    permuted: &TensorRef,
+    sorted_indices: &TensorRef,
+    probs: Option<&TensorRef>,
+    routing_map: Option<&TensorRef>,
+    options: UnpermuteOptions,
+) -> Result<UnpermuteGrads> {
+    let c = check_unpermute_backward(grad_output.meta(), permuted.meta(), sorted_indices.meta(), probs.map(|p| p.meta()), routing_map.map(|m| m.meta()), options)?;
+    let (num_tokens, hidden, dtype) = (c.num_tokens, c.hidden, c.dtype);
+    let idx = sorted_indices.indices()?;
+    let weights = slot_weights(&idx, num_tokens, probs, routing_map, c.probs, options)?;
     Ok(match dtype {
         DType::F32 => unmerge::<f32>(grad_output, permuted, &idx, hidden, weights.as_deref(), probs, routing_map, options)?,
         DType::BF16 => unmerge::<bf16>(grad_output, permuted, &idx, hidden, weights.as_deref(), probs, routing_map, options)?,
@@ -536,40 +680,44 @@ fn unmerge<T: Float>(
 pub type SlotProbs<'a> = Option<Cow<'a, [f32]>>;
 
 /// Everything [`permute`] checks, without the gather: the plan, the hidden size and the dense
-/// probs. Backends that move the rows elsewhere (the CUDA crate) call it, so their errors are
-/// the core's.
+/// probs.
 pub fn permute_inputs<'a>(
     tokens: &TensorRef,
     routing_map: &TensorRef,
     probs: Option<&TensorRef<'a>>,
     options: PermuteOptions,
 ) -> Result<(DispatchPlan, usize, SlotProbs<'a>)> {
-    let dims = tokens.expect_rank(2, "[numTokens, hidden]")?;
-    let (num_tokens, hidden) = (dims[0], dims[1]);
-    tokens.expect_dtype(DType::TOKENS)?;
-    let plan = plan(routing_map, num_tokens, options)?;
+    let c = check_permute_plan(tokens.meta(), routing_map.meta(), options)?;
+    let plan = build_plan(routing_map.bytes(), c.num_tokens, c.num_experts, c.capacity, options)?;
     let dense = match probs {
         Some(p) => {
-            p.expect_dtype(&[DType::F32])?;
-            p.expect_shape(&[num_tokens, plan.num_experts], "([numTokens, numExperts], the shape of routingMap)")?;
+            check_permute_probs(p.meta(), &c)?;
             Some(p.typed::<f32>()?)
         }
         None => None,
     };
-    Ok((plan, hidden, dense))
+    Ok((plan, c.hidden, dense))
 }
 
-/// Everything [`unpermute`] checks, without the merge: the token id of every slot (checked to
-/// be in range) and each slot's weight (`None`: weight 1). Backends that merge elsewhere (the
-/// CUDA crate) call it, so their errors are the core's.
-pub fn unpermute_inputs<'a>(
-    permuted: &TensorRef,
-    sorted_indices: &TensorRef<'a>,
+/// unpermute's arguments once checked: what a kernel needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnpermuteCheck {
+    pub num_tokens: usize,
+    pub hidden: usize,
+    pub num_slots: usize,
+    pub probs: SlotProbsLayout,
+}
+
+/// Every check of [`unpermute`] but a plain routing map's routes (which need the slots' tokens),
+/// in the op's order.
+pub fn check_unpermute(
+    permuted: Meta,
+    sorted_indices: Meta,
     restore_shape: [usize; 2],
-    probs: Option<&TensorRef<'a>>,
-    routing_map: Option<&TensorRef<'a>>,
+    probs: Option<Meta>,
+    routing_map: Option<Meta>,
     options: UnpermuteOptions,
-) -> Result<(Cow<'a, [i64]>, SlotProbs<'a>)> {
+) -> Result<UnpermuteCheck> {
     let dims = permuted.expect_rank(2, "[numSlots, hidden]")?;
     let (n, hidden) = (dims[0], dims[1]);
     let [num_tokens, out_hidden] = restore_shape;
@@ -578,8 +726,24 @@ pub fn unpermute_inputs<'a>(
         return Err(Error::range("restoreShape", format!("hidden size {out_hidden} differs from permutedTokens' {hidden}")));
     }
     check_num_tokens(num_tokens)?;
-    let idx = checked_indices(sorted_indices, n, num_tokens)?;
-    let weights = slot_weights(&idx, num_tokens, probs, routing_map, options)?;
+    check_indices(sorted_indices, n, num_tokens)?;
+    let probs = check_slot_probs(probs, routing_map, n, num_tokens, options)?;
+    Ok(UnpermuteCheck { num_tokens, hidden, num_slots: n, probs })
+}
+
+/// Everything [`unpermute`] checks, without the merge: the token id of every slot (checked to
+/// be in range) and each slot's weight (`None`: weight 1).
+pub fn unpermute_inputs<'a>(
+    permuted: &TensorRef,
+    sorted_indices: &TensorRef<'a>,
+    restore_shape: [usize; 2],
+    probs: Option<&TensorRef<'a>>,
+    routing_map: Option<&TensorRef<'a>>,
+    options: UnpermuteOptions,
+) -> Result<(Cow<'a, [i64]>, SlotProbs<'a>)> {
+    let c = check_unpermute(permuted.meta(), sorted_indices.meta(), restore_shape, probs.map(|p| p.meta()), routing_map.map(|m| m.meta()), options)?;
+    let idx = sorted_indices.indices()?;
+    let weights = slot_weights(&idx, c.num_tokens, probs, routing_map, c.probs, options)?;
     Ok((idx, weights))
 }
 

@@ -15,7 +15,7 @@ use crate::detmath::{exp, ln_1p};
 use crate::alloc::{try_vec, try_with_capacity};
 use crate::error::{opt_size_arg, size_arg, Error, Result};
 use crate::par::for_each_row;
-use crate::tensor::{DType, Tensor, TensorRef};
+use crate::tensor::{DType, Meta, Tensor, TensorRef};
 
 /// How router logits become scores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,41 +260,48 @@ struct CheckedRoute<'a> {
     mask: Option<&'a [u8]>,
 }
 
-fn check_route_inputs<'a>(logits: &TensorRef<'a>, expert_bias: Option<&TensorRef<'a>>, token_mask: Option<&TensorRef<'a>>, options: &RouteOptions) -> Result<CheckedRoute<'a>> {
+/// route's (and routeBackward's) arguments once checked: what a kernel needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteCheck {
+    pub num_tokens: usize,
+    pub num_experts: usize,
+    /// Expert groups, and the groups each token keeps.
+    pub groups: usize,
+    pub topk_groups: usize,
+    /// Whether a group scores by the sum of its two best experts.
+    pub top2_group_score: bool,
+}
+
+/// Every check of [`route`] but the logits' finiteness (their values, checked last), in the op's
+/// order; on the host also expertBias's finiteness and tokenMask's 0/1 values.
+pub fn check_route(logits: Meta, expert_bias: Option<Meta>, token_mask: Option<Meta>, options: &RouteOptions) -> Result<RouteCheck> {
     let dims = logits.expect_rank(2, "[numTokens, numExperts]")?;
     let (num_tokens, num_experts) = (dims[0], dims[1]);
     logits.expect_dtype(LOGITS_DTYPES)?;
     if i32::try_from(num_experts).is_err() {
         return Err(Error::range("logits.shape[1]", format!("numExperts = {num_experts} does not fit in int32 indices")));
     }
-    if expert_bias.is_some() && options.score_function == ScoreFunction::Softmax {
-        return Err(Error::type_error(
-            "expertBias",
-            "no expertBias with scoreFunction 'softmax' (it selects on logits or softmax only; use 'softmax_with_bias')",
-            "a tensor",
-        ));
+    let (groups, topk_groups, top2_group_score) = route_config(options, num_experts, expert_bias.is_some())?;
+    if let Some(b) = expert_bias {
+        b.expect_dtype(&[DType::F32])?;
+        b.expect_shape(&[num_experts], "([numExperts])")?;
+        if let Some((e, v)) = b.first_non_finite()? {
+            return Err(Error::range("expertBias", format!("expertBias[{e}] = {v} is not finite")));
+        }
     }
-    let plan = check_options(options, num_experts, expert_bias.is_some())?;
-    let bias = match expert_bias {
-        Some(b) => {
-            b.expect_dtype(&[DType::F32])?;
-            b.expect_shape(&[num_experts], "([numExperts])")?;
-            let v = b.typed::<f32>()?;
-            if let Some(e) = first_non_finite(&v) {
-                return Err(Error::range("expertBias", format!("expertBias[{e}] = {} is not finite", v[e])));
-            }
-            Some(v)
-        }
-        None => None,
-    };
-    let mask = match token_mask {
-        Some(m) => {
-            let bytes = m.mask()?;
-            m.expect_shape(&[num_tokens], "([numTokens])")?;
-            Some(bytes)
-        }
-        None => None,
-    };
+    if let Some(m) = token_mask {
+        m.check_mask()?;
+        m.expect_shape(&[num_tokens], "([numTokens])")?;
+    }
+    Ok(RouteCheck { num_tokens, num_experts, groups, topk_groups, top2_group_score })
+}
+
+fn check_route_inputs<'a>(logits: &TensorRef<'a>, expert_bias: Option<&TensorRef<'a>>, token_mask: Option<&TensorRef<'a>>, options: &RouteOptions) -> Result<CheckedRoute<'a>> {
+    let c = check_route(logits.meta(), expert_bias.map(|b| b.meta()), token_mask.map(|m| m.meta()), options)?;
+    let (num_tokens, num_experts) = (c.num_tokens, c.num_experts);
+    let plan = Plan { num_experts, topk: options.topk, groups: c.groups, topk_groups: c.topk_groups, top2_group_score: c.top2_group_score };
+    let bias = expert_bias.map(|b| b.typed::<f32>()).transpose()?;
+    let mask = token_mask.map(|m| m.mask()).transpose()?;
     let x = logits_f32(logits)?;
     if let Some(i) = first_non_finite(&x) {
         return Err(Error::range(
@@ -776,16 +783,23 @@ pub struct TopK {
     pub indices: Tensor,
 }
 
+/// topk's checks but its values' (no NaN, checked last): `(numTokens, numExperts)`.
+pub fn check_topk(values: Meta, k: usize) -> Result<(usize, usize)> {
+    let dims = values.expect_rank(2, "[numTokens, numExperts]")?;
+    let (num_tokens, num_experts) = (dims[0], dims[1]);
+    values.expect_dtype(&[DType::F32])?;
+    if k == 0 || k > num_experts {
+        return Err(Error::range("k", format!("expected 1 <= k <= numExperts = {num_experts}, got {k}")));
+    }
+    Ok((num_tokens, num_experts))
+}
+
 /// The `k` largest entries of every row of `values [T, E]` (e.g. router probs), in the same
 /// order as [`route`]'s selection: descending, ties to the lower column, -0 equal to +0.
 /// NaN is refused (a RangeError naming the position) since its rank would be arbitrary.
 pub fn topk(values: &TensorRef, k: usize) -> Result<TopK> {
-    let dims = values.expect_rank(2, "[numTokens, numExperts]")?;
-    let (num_tokens, num_experts) = (dims[0], dims[1]);
+    let (num_tokens, num_experts) = check_topk(values.meta(), k)?;
     let v = values.typed::<f32>()?;
-    if k == 0 || k > num_experts {
-        return Err(Error::range("k", format!("expected 1 <= k <= numExperts = {num_experts}, got {k}")));
-    }
     if let Some(i) = v.iter().position(|x| x.is_nan()) {
         return Err(Error::range("values", format!("element [{}][{}] is NaN", i / num_experts, i % num_experts)));
     }

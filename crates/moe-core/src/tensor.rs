@@ -121,37 +121,24 @@ impl<'a> TensorRef<'a> {
         self.bytes
     }
 
+    /// What the per-op checks look at: name, dtype, shape and (here, on the host) the elements.
+    pub fn meta(&self) -> Meta<'_> {
+        Meta { name: self.name, dtype: self.dtype, shape: &self.shape, host: Some(self.bytes) }
+    }
+
     pub fn expect_dtype(&self, allowed: &[DType]) -> Result<DType> {
-        if allowed.contains(&self.dtype) {
-            Ok(self.dtype)
-        } else {
-            Err(Error::type_error(format!("{}.dtype", self.name), dtype_list(allowed), self.dtype.name()))
-        }
+        self.meta().expect_dtype(allowed)
     }
 
     /// Checks the rank and returns the dims; `what` describes the dims, e.g. "[numTokens, hidden]".
     pub fn expect_rank(&self, rank: usize, what: &str) -> Result<&[usize]> {
-        if self.shape.len() == rank {
-            Ok(&self.shape)
-        } else {
-            Err(Error::type_error(
-                format!("{}.shape", self.name),
-                format!("a {rank}-d shape {what}"),
-                shape_string(&self.shape),
-            ))
-        }
+        self.meta().expect_rank(rank, what)?;
+        Ok(&self.shape)
     }
 
     /// Checks the shape exactly; `what` describes it, e.g. "[numTokens, numExperts]".
     pub fn expect_shape(&self, shape: &[usize], what: &str) -> Result<()> {
-        if self.shape == shape {
-            Ok(())
-        } else {
-            Err(Error::range(
-                format!("{}.shape", self.name),
-                format!("expected {} {}, got {}", shape_string(shape), what, shape_string(&self.shape)),
-            ))
-        }
+        self.meta().expect_shape(shape, what)
     }
 
     /// The elements as `T`, borrowed when the bytes are aligned, copied when they are not.
@@ -172,10 +159,7 @@ impl<'a> TensorRef<'a> {
 
     /// A bool tensor as one byte per element; every byte must be 0 or 1.
     pub fn mask(&self) -> Result<&'a [u8]> {
-        self.expect_dtype(&[DType::Bool])?;
-        if let Some(i) = self.bytes.iter().position(|&b| b > 1) {
-            return Err(Error::range(format!("{}.data", self.name), format!("a bool tensor holds {} at element {i}; expected 0 or 1", self.bytes[i])));
-        }
+        self.meta().check_mask()?;
         Ok(self.bytes)
     }
 
@@ -185,6 +169,90 @@ impl<'a> TensorRef<'a> {
             DType::I64 => self.typed::<i64>(),
             _ => Ok(Cow::Owned(self.typed::<i32>()?.iter().map(|&v| v as i64).collect())),
         }
+    }
+}
+
+/// A tensor argument as the per-op checks see it: its name, dtype and shape, and its elements
+/// when they are on the host.
+///
+/// Every op's checks (`check_*` in its module) take `Meta`s and return what a kernel needs (the
+/// sizes, the mode), with the op's own errors: the CPU op calls them on its [`TensorRef`]s
+/// ([`TensorRef::meta`], elements included, so bool values, index ranges and finite biases are
+/// checked where the op always checked them), and a backend whose tensors live elsewhere (the
+/// CUDA crate) on [`Meta::shape_only`], which skips the element checks (its kernels flag those,
+/// and the core reports them on the host).
+#[derive(Debug, Clone, Copy)]
+pub struct Meta<'a> {
+    pub name: &'static str,
+    pub dtype: DType,
+    pub shape: &'a [usize],
+    host: Option<&'a [u8]>,
+}
+
+impl<'a> Meta<'a> {
+    /// An argument whose elements are not on the host: only its dtype and shape are checked.
+    pub fn shape_only(name: &'static str, dtype: DType, shape: &'a [usize]) -> Meta<'a> {
+        Meta { name, dtype, shape, host: None }
+    }
+
+    /// The elements' bytes, when they are on the host.
+    pub fn host_bytes(&self) -> Option<&'a [u8]> {
+        self.host
+    }
+
+    pub fn expect_dtype(&self, allowed: &[DType]) -> Result<DType> {
+        if allowed.contains(&self.dtype) {
+            Ok(self.dtype)
+        } else {
+            Err(Error::type_error(format!("{}.dtype", self.name), dtype_list(allowed), self.dtype.name()))
+        }
+    }
+
+    /// Checks the rank and returns the dims; `what` describes the dims, e.g. "[numTokens, hidden]".
+    pub fn expect_rank(&self, rank: usize, what: &str) -> Result<&'a [usize]> {
+        if self.shape.len() == rank {
+            Ok(self.shape)
+        } else {
+            Err(Error::type_error(format!("{}.shape", self.name), format!("a {rank}-d shape {what}"), shape_string(self.shape)))
+        }
+    }
+
+    /// Checks the shape exactly; `what` describes it, e.g. "[numTokens, numExperts]".
+    pub fn expect_shape(&self, shape: &[usize], what: &str) -> Result<()> {
+        if self.shape == shape {
+            Ok(())
+        } else {
+            Err(Error::range(format!("{}.shape", self.name), format!("expected {} {}, got {}", shape_string(shape), what, shape_string(self.shape))))
+        }
+    }
+
+    /// A bool tensor; on the host every byte must be 0 or 1.
+    pub fn check_mask(&self) -> Result<()> {
+        self.expect_dtype(&[DType::Bool])?;
+        if let Some(bytes) = self.host {
+            if let Some(i) = bytes.iter().position(|&b| b > 1) {
+                return Err(Error::range(format!("{}.data", self.name), format!("a bool tensor holds {} at element {i}; expected 0 or 1", bytes[i])));
+            }
+        }
+        Ok(())
+    }
+
+    /// An int32 or int64 tensor; on the host the index of the first element outside `0..bound`.
+    pub fn first_outside(&self, bound: usize) -> Result<Option<(usize, i64)>> {
+        self.expect_dtype(DType::INDICES)?;
+        let Some(bytes) = self.host else { return Ok(None) };
+        let outside = |v: i64| v < 0 || v as u64 >= bound as u64;
+        Ok(match self.dtype {
+            DType::I64 => bytes.chunks_exact(8).map(|b| i64::from_ne_bytes(b.try_into().unwrap())).enumerate().find(|&(_, v)| outside(v)),
+            _ => bytes.chunks_exact(4).map(|b| i32::from_ne_bytes(b.try_into().unwrap()) as i64).enumerate().find(|&(_, v)| outside(v)),
+        })
+    }
+
+    /// A float32 tensor; on the host the index and value of the first non-finite element.
+    pub fn first_non_finite(&self) -> Result<Option<(usize, f32)>> {
+        self.expect_dtype(&[DType::F32])?;
+        let Some(bytes) = self.host else { return Ok(None) };
+        Ok(bytes.chunks_exact(4).map(|b| f32::from_ne_bytes(b.try_into().unwrap())).enumerate().find(|(_, v)| !v.is_finite()))
     }
 }
 

@@ -1,27 +1,32 @@
-//! Ops on device tensors: inputs and outputs stay on the GPU.
+//! The GPU entry of each op of this file: device tensors in, device tensors out (host tensors
+//! go through [`crate::host`]: upload, this entry, download).
 //!
 //! * `permute_device` builds the plan on the GPU (kernels/plan.cu) and permutes with it; its
 //!   sortedIndices carry the plan, so `unpermute_device` on them needs no host round trip.
+//! * `unpermute_device`, `permute_backward_device`, `unpermute_backward_device` (kernels/permute.cu,
+//!   kernels/layout.cu for the probs).
 //! * `route_device` and `topk_device` run kernels/routing.cu.
 //!
-//! Arguments are checked on their dtypes and shapes, with the core's rules. When a check
-//! fails, or a kernel reports an invalid value (a non-finite logit, a NaN), the op runs its
-//! host path instead: it downloads the inputs and lets the core validate them, so the error
-//! has the CPU backends' class and message. Known limits of the device path (documented in
-//! docs/gpu-report.md): bool tensors on the GPU are not rechecked for 0/1 (nonzero is true);
-//! permute (without dropAndPad) synchronises once to read the number of slots (4 bytes), route
-//! and topk once to read their error word (16 bytes).
+//! Arguments are checked by the core's check function of the op (`moe_core::permute::check_permute`
+//! ...) on their dtypes and shapes ([`DeviceTensor::meta`]), which returns the sizes the kernels
+//! take. When it fails, or a kernel reports an invalid value (a non-finite logit, a NaN, an index
+//! out of range), the op runs the core on the host instead (`*_host`: download, the CPU op,
+//! upload), so the error has the CPU backends' class and message, also where an input fails
+//! several checks. Known limits of the device path (documented in docs/gpu-report.md): bool
+//! tensors on the GPU are not rechecked for 0/1 (nonzero is true); permute (without dropAndPad)
+//! synchronises once to read the number of slots (4 bytes), route and topk once to read their
+//! error word (16 bytes).
 
 use std::sync::Arc;
 
-use moe_core::permute::{PermuteOptions, UnpermuteOptions};
-use moe_core::routing::{RouteOptions, ScoreFunction};
+use moe_core::permute::{check_permute, check_permute_backward, check_unpermute, check_unpermute_backward, PermuteOptions, SlotProbsLayout, UnpermuteOptions};
+use moe_core::routing::{check_route, check_topk, RouteOptions, ScoreFunction};
 use moe_core::tensor::DType;
 
 use crate::device::{Arg, Buffer, Device, HostWords, PendingRead, COUNTER_PLAN_TICKET};
 use crate::error::{Error, Result};
-use crate::ops::{self, DevicePlan, PermuteKernel};
-use crate::tensor::{download_opt, opt_ref, tensor_ref, upload_owned_opt, DeviceTensor};
+use crate::permute::{self as ops, DevicePlan, PermuteKernel};
+use crate::tensor::{download_opt, opt_meta, opt_ref, tensor_ref, upload_owned_opt, DeviceTensor};
 
 /// Tokens a chunk of the plan kernels (PLAN_CHUNK in kernels/plan.cu).
 const PLAN_CHUNK: usize = 64;
@@ -227,33 +232,24 @@ pub struct DevicePermuted {
 
 /// permute on device tensors; the plan is built on the GPU.
 pub fn permute_device(dev: &Device, tokens: &DeviceTensor, routing_map: &DeviceTensor, probs: Option<&DeviceTensor>, options: PermuteOptions) -> Result<DevicePermuted> {
-    let fast = tokens.shape.len() == 2
-        && DType::TOKENS.contains(&tokens.dtype)
-        && routing_map.dtype == DType::Bool
-        && routing_map.shape.len() == 2
-        && routing_map.shape[0] == tokens.shape[0]
-        && i32::try_from(tokens.shape[0]).is_ok()
-        && probs.is_none_or(|p| p.dtype == DType::F32 && p.shape == routing_map.shape);
-    let (num_tokens, num_experts) = if fast { (tokens.shape[0], routing_map.shape[1]) } else { (0, 0) };
-    let capacity = match (options.drop_and_pad, options.num_out_tokens) {
-        (false, _) => Some(None),
-        (true, Some(n)) if num_experts > 0 && n % num_experts == 0 && n / num_experts <= num_tokens => Some(Some(n / num_experts)),
-        _ => None,
-    };
-    let (true, Some(capacity)) = (fast, capacity) else { return permute_host_fallback(dev, tokens, routing_map, probs, options) };
-    let expected = if capacity.is_none() { options.num_out_tokens.filter(|&m| m <= num_tokens.saturating_mul(num_experts) && i32::try_from(m).is_ok()) } else { None };
-    let mut gp = build_plan_expecting(dev, &routing_map.buf, num_tokens, num_experts, capacity, expected)?;
+    let host = || permute_host(dev, tokens, routing_map, probs, options);
+    let Ok(c) = check_permute(tokens.meta("tokens"), routing_map.meta("routingMap"), opt_meta(probs, "probs"), options) else { return host() };
+    let (num_tokens, num_experts) = (c.num_tokens, c.num_experts);
+    let expected = if c.capacity.is_none() { options.num_out_tokens.filter(|&m| m <= num_tokens.saturating_mul(num_experts) && i32::try_from(m).is_ok()) } else { None };
+    let mut gp = build_plan_expecting(dev, &routing_map.buf, num_tokens, num_experts, c.capacity, expected)?;
     let n = gp.plan.num_slots;
-    let hidden = tokens.shape[1];
+    let hidden = c.hidden;
     let row_bytes = hidden * tokens.dtype.size();
     let out = DeviceTensor::alloc(dev, "permutedTokens", tokens.dtype, vec![n, hidden])?;
     let out_probs = probs.map(|_| DeviceTensor::alloc(dev, "permutedProbs", DType::F32, vec![n])).transpose()?;
     ops::launch_permute(dev, PermuteKernel::Scatter, &tokens.buf, row_bytes, &gp.plan, None, probs.map(|p| &p.buf), &out.buf, out_probs.as_ref().map(|p| &p.buf))?;
-    if let Some(pending) = gp.pending.take() {
-        // numOutTokens was taken on trust to queue the kernels; the core's error if it is wrong
-        if pending.finish(dev)? as usize != n {
-            return permute_host_fallback(dev, tokens, routing_map, probs, options);
-        }
+    let count = match gp.pending.take() {
+        // numOutTokens was taken on trust to queue the kernels
+        Some(pending) => pending.finish(dev)? as usize,
+        None => n,
+    };
+    if c.capacity.is_none() && moe_core::permute::check_num_out_tokens(options, count).is_err() {
+        return host();
     }
     let mut sorted = DeviceTensor::from_buffer(DType::I32, vec![n], gp.sorted_indices);
     sorted.plan = Some(Arc::new(gp.plan));
@@ -265,14 +261,13 @@ pub fn permute_device(dev: &Device, tokens: &DeviceTensor, routing_map: &DeviceT
     })
 }
 
-/// The host path of permute for device inputs: download, the core's checks (its errors), the
-/// GPU kernels, upload of the results.
-fn permute_host_fallback(dev: &Device, tokens: &DeviceTensor, routing_map: &DeviceTensor, probs: Option<&DeviceTensor>, options: PermuteOptions) -> Result<DevicePermuted> {
+/// permute on the host for device inputs: download, the core (its checks, its error), upload.
+fn permute_host(dev: &Device, tokens: &DeviceTensor, routing_map: &DeviceTensor, probs: Option<&DeviceTensor>, options: PermuteOptions) -> Result<DevicePermuted> {
     let tok = tokens.download(dev, "tokens")?;
     let map = routing_map.download(dev, "routingMap")?;
     let pr = download_opt(dev, "probs", probs)?;
     let pr_ref = opt_ref("probs", &pr)?;
-    let out = ops::permute(dev, &tensor_ref("tokens", &tok)?, &tensor_ref("routingMap", &map)?, pr_ref.as_ref(), options)?;
+    let out = moe_core::permute::permute(&tensor_ref("tokens", &tok)?, &tensor_ref("routingMap", &map)?, pr_ref.as_ref(), options)?;
     Ok(DevicePermuted {
         permuted_tokens: DeviceTensor::upload_owned(dev, "permutedTokens", &out.permuted_tokens)?,
         permuted_probs: upload_owned_opt(dev, "permutedProbs", out.permuted_probs.as_ref())?,
@@ -281,9 +276,10 @@ fn permute_host_fallback(dev: &Device, tokens: &DeviceTensor, routing_map: &Devi
     })
 }
 
-/// unpermute on device tensors. With sortedIndices made by [`permute_device`] (and per-slot or
-/// no probs) nothing leaves the GPU; with other device sortedIndices, they (4 bytes a slot) are
-/// read back to build the token CSR; dense probs run the host path.
+/// unpermute on device tensors. With sortedIndices made by [`permute_device`] nothing leaves
+/// the GPU; with other device sortedIndices, they (4 bytes a slot) are read back to build the
+/// token CSR. Dense probs (`[T, E]` with the routing map) are picked per slot on the GPU
+/// (kernels/layout.cu), the map's routes checked there.
 pub fn unpermute_device(
     dev: &Device,
     permuted: &DeviceTensor,
@@ -293,40 +289,35 @@ pub fn unpermute_device(
     routing_map: Option<&DeviceTensor>,
     options: UnpermuteOptions,
 ) -> Result<DeviceTensor> {
-    let [num_tokens, hidden] = restore_shape;
-    let ok = permuted.shape.len() == 2
-        && DType::TOKENS.contains(&permuted.dtype)
-        && permuted.shape[1] == hidden
-        && i32::try_from(num_tokens).is_ok()
-        && sorted_indices.dtype == DType::I32
-        && sorted_indices.shape == [permuted.shape[0]]
-        && probs.is_none_or(|p| p.dtype == DType::F32 && p.shape == [permuted.shape[0]])
-        && routing_map.is_none();
-    if !ok {
-        return unpermute_host_fallback(dev, permuted, sorted_indices, restore_shape, probs, routing_map, options);
-    }
-    let out = DeviceTensor::alloc(dev, "the output", permuted.dtype, vec![num_tokens, hidden])?;
-    let weights = probs.map(|p| &p.buf);
-    match &sorted_indices.plan {
-        Some(plan) if plan.num_tokens == num_tokens && plan.num_slots == permuted.shape[0] => {
-            ops::launch_unpermute(dev, permuted.dtype, &permuted.buf, hidden, num_tokens, &plan.row_ptr, &plan.slots, weights, &out.buf)?;
-        }
-        _ => {
-            let n = permuted.shape[0];
-            let idx: Vec<i32> = dev.download_new("sortedIndices", &sorted_indices.buf, n)?;
-            if idx.iter().any(|&t| t < 0 || t as usize >= num_tokens) {
-                return unpermute_host_fallback(dev, permuted, sorted_indices, restore_shape, probs, routing_map, options);
+    let host = || unpermute_host(dev, permuted, sorted_indices, restore_shape, probs, routing_map, options);
+    let checked = check_unpermute(permuted.meta("permutedTokens"), sorted_indices.meta("sortedIndices"), restore_shape, opt_meta(probs, "probs"), opt_meta(routing_map, "routingMap"), options);
+    let Ok(c) = checked else { return host() };
+    let (num_tokens, hidden, n) = (c.num_tokens, c.hidden, c.num_slots);
+    let dense_map = match (c.probs, routing_map) {
+        (SlotProbsLayout::Dense { .. }, Some(m)) if gpu_map_fits(m) => Some(m),
+        (SlotProbsLayout::Dense { .. }, _) => return host(),
+        _ => None,
+    };
+    let Some(csr) = csr_of(dev, sorted_indices, num_tokens)? else { return host() };
+    // the weight of every slot: per-slot probs as they are, dense ones picked on the GPU
+    let slot_probs = match (dense_map, probs) {
+        (Some(map), Some(p)) => {
+            let w = dev.alloc("the slot probs", n * 4)?;
+            if slot_experts(dev, map, sorted_indices, n, num_tokens, options.drop_and_pad, Some((&p.buf, &w)))?.is_none() {
+                return host();
             }
-            let csr = ops::token_csr(&idx, num_tokens)?;
-            let row_ptr = dev.upload("the plan (row offsets)", &csr.start)?;
-            let slots = dev.upload("the plan (slots)", &csr.slots)?;
-            ops::launch_unpermute(dev, permuted.dtype, &permuted.buf, hidden, num_tokens, &row_ptr, &slots, weights, &out.buf)?;
+            Some(w)
         }
-    }
+        _ => None,
+    };
+    let weights = slot_probs.as_ref().or(probs.map(|p| &p.buf));
+    let out = DeviceTensor::alloc(dev, "the output", permuted.dtype, vec![num_tokens, hidden])?;
+    let (row_ptr, slots) = csr_parts(&csr)?;
+    ops::launch_unpermute(dev, permuted.dtype, &permuted.buf, hidden, num_tokens, row_ptr, slots, weights, &out.buf)?;
     Ok(out)
 }
 
-fn unpermute_host_fallback(
+fn unpermute_host(
     dev: &Device,
     permuted: &DeviceTensor,
     sorted_indices: &DeviceTensor,
@@ -341,7 +332,7 @@ fn unpermute_host_fallback(
     let map = download_opt(dev, "routingMap", routing_map)?;
     let pr_ref = opt_ref("probs", &pr)?;
     let map_ref = opt_ref("routingMap", &map)?;
-    let out = ops::unpermute(dev, &tensor_ref("permutedTokens", &x)?, &tensor_ref("sortedIndices", &si)?, restore_shape, pr_ref.as_ref(), map_ref.as_ref(), options)?;
+    let out = moe_core::permute::unpermute(&tensor_ref("permutedTokens", &x)?, &tensor_ref("sortedIndices", &si)?, restore_shape, pr_ref.as_ref(), map_ref.as_ref(), options)?;
     DeviceTensor::upload_owned(dev, "the output", &out)
 }
 
@@ -387,15 +378,10 @@ struct SlotExperts {
     offsets: Option<Buffer>,
 }
 
-/// Whether a device routing map can place `n` slots of `num_tokens` tokens on the GPU (the
-/// core's shape rules of `slot_experts_of`; values are checked by [`slot_experts`]).
-fn slot_map_ok(map: &DeviceTensor, n: usize, num_tokens: usize, drop_and_pad: bool) -> bool {
-    map.dtype == DType::Bool
-        && map.shape.len() == 2
-        && map.shape[0] == num_tokens
-        && crate::layout::columns_fit(map.shape[1])
-        && num_tokens.checked_mul(map.shape[1]).and_then(|c| c.checked_mul(4)).is_some()
-        && (!drop_and_pad || (map.shape[1] > 0 && n % map.shape[1] == 0))
+/// Whether the GPU kernels take a routing map that passed the core's checks (its columns fit
+/// one launch, its cells int32 offsets).
+fn gpu_map_fits(map: &DeviceTensor) -> bool {
+    crate::layout::columns_fit(map.shape[1]) && map.numel().checked_mul(4).is_some()
 }
 
 /// The expert of every slot, checked as the core's `slot_experts_of(.., check_routed = true)`
@@ -509,19 +495,20 @@ pub fn permute_backward_device(
     options: UnpermuteOptions,
 ) -> Result<(DeviceTensor, Option<DeviceTensor>)> {
     let host = || permute_backward_host(dev, grad_permuted, sorted_indices, num_tokens, grad_permuted_probs, routing_map, options);
-    let ok = grad_permuted.shape.len() == 2
-        && DType::TOKENS.contains(&grad_permuted.dtype)
-        && sorted_indices.dtype == DType::I32
-        && sorted_indices.shape == [grad_permuted.shape[0]]
-        && i32::try_from(num_tokens).is_ok()
-        && i32::try_from(grad_permuted.shape[0]).is_ok();
-    let n = if ok { grad_permuted.shape[0] } else { 0 };
-    let probs_ok = match grad_permuted_probs {
-        None => true,
-        Some(gp) => gp.dtype == DType::F32 && gp.shape == [n] && routing_map.is_some_and(|m| slot_map_ok(m, n, num_tokens, options.drop_and_pad)),
-    };
-    let csr = if ok && probs_ok { csr_of(dev, sorted_indices, num_tokens)? } else { None };
-    let Some(csr) = csr else { return host() };
+    let checked = check_permute_backward(
+        grad_permuted.meta("gradPermuted"),
+        sorted_indices.meta("sortedIndices"),
+        num_tokens,
+        opt_meta(grad_permuted_probs, "gradPermutedProbs"),
+        opt_meta(routing_map, "routingMap"),
+        options,
+    );
+    let Ok(c) = checked else { return host() };
+    let n = c.num_slots;
+    if i32::try_from(n).is_err() || (c.num_experts.is_some() && !routing_map.is_some_and(gpu_map_fits)) {
+        return host();
+    }
+    let Some(csr) = csr_of(dev, sorted_indices, num_tokens)? else { return host() };
     // the probs gradient first: its checks may send the op to the host path
     let grad_probs = match (grad_permuted_probs, routing_map) {
         (Some(gp), Some(map)) => {
@@ -530,7 +517,7 @@ pub fn permute_backward_device(
         }
         _ => None,
     };
-    let hidden = grad_permuted.shape[1];
+    let hidden = c.hidden;
     let out = DeviceTensor::alloc(dev, "gradTokens", grad_permuted.dtype, vec![num_tokens, hidden])?;
     let (row_ptr, slots) = csr_parts(&csr)?;
     ops::launch_unpermute(dev, grad_permuted.dtype, &grad_permuted.buf, hidden, num_tokens, row_ptr, slots, None, &out.buf)?;
@@ -577,31 +564,21 @@ pub fn unpermute_backward_device(
     options: UnpermuteOptions,
 ) -> Result<(DeviceTensor, Option<DeviceTensor>)> {
     let host = || unpermute_backward_host(dev, grad_output, permuted, sorted_indices, probs, routing_map, options);
-    let ok = grad_output.shape.len() == 2
-        && DType::TOKENS.contains(&grad_output.dtype)
-        && permuted.dtype == grad_output.dtype
-        && permuted.shape.len() == 2
-        && permuted.shape[1] == grad_output.shape[1]
-        && sorted_indices.dtype == DType::I32
-        && sorted_indices.shape == [permuted.shape[0]]
-        && i32::try_from(grad_output.shape[0]).is_ok()
-        && i32::try_from(permuted.shape[0]).is_ok();
-    if !ok {
+    let checked = check_unpermute_backward(
+        grad_output.meta("gradOutput"),
+        permuted.meta("permutedTokens"),
+        sorted_indices.meta("sortedIndices"),
+        opt_meta(probs, "probs"),
+        opt_meta(routing_map, "routingMap"),
+        options,
+    );
+    let Ok(c) = checked else { return host() };
+    let (num_tokens, n, hidden) = (c.num_tokens, c.num_slots, c.hidden);
+    // Without probs the core ignores routingMap; per-slot probs ignore it too.
+    let dense = matches!(c.probs, SlotProbsLayout::Dense { .. });
+    if i32::try_from(n).is_err() || (dense && !routing_map.is_some_and(gpu_map_fits)) {
         return host();
     }
-    let (num_tokens, n, hidden) = (grad_output.shape[0], permuted.shape[0], permuted.shape[1]);
-    // Without probs the core ignores routingMap; per-slot probs ignore it too.
-    let dense = match probs {
-        None => false,
-        Some(p) if p.dtype == DType::F32 && p.shape == [n] => false,
-        Some(p) if p.dtype == DType::F32 && p.shape.len() == 2 && p.shape[0] == num_tokens => {
-            match routing_map {
-                Some(m) if m.shape == p.shape && slot_map_ok(m, n, num_tokens, options.drop_and_pad) => true,
-                _ => return host(),
-            }
-        }
-        Some(_) => return host(),
-    };
     // sortedIndices in range (and the token CSR, for dense probs)
     let csr = if dense {
         match csr_of(dev, sorted_indices, num_tokens)? {
@@ -777,14 +754,13 @@ fn score_code(sf: ScoreFunction) -> i32 {
 /// route on device tensors: one fused kernel (kernels/routing.cu). Results match the core's
 /// bit for bit (same exp/ln, same summation order).
 pub fn route_device(dev: &Device, logits: &DeviceTensor, expert_bias: Option<&DeviceTensor>, token_mask: Option<&DeviceTensor>, options: RouteOptions) -> Result<DeviceRouted> {
-    let shape_ok = logits.dtype == DType::F32 && logits.shape.len() == 2 && i32::try_from(logits.shape[1]).is_ok() && i32::try_from(logits.shape[0]).is_ok();
-    let (t, e) = if shape_ok { (logits.shape[0], logits.shape[1]) } else { (0, 0) };
-    let config = if shape_ok { moe_core::routing::route_config(&options, e, expert_bias.is_some()).ok() } else { None };
-    let ok = expert_bias.is_none_or(|b| b.dtype == DType::F32 && b.shape == [e]) && token_mask.is_none_or(|m| m.dtype == DType::Bool && m.shape == [t]);
-    // (no tokens: the host path, which still checks the bias as the core does)
-    let Some((groups, topk_groups, top2)) = config.filter(|_| ok && t > 0) else {
+    let checked = check_route(logits.meta("logits"), opt_meta(expert_bias, "expertBias"), opt_meta(token_mask, "tokenMask"), &options);
+    // the kernels take float32 logits (16-bit device logits: the host path) and int32 sizes;
+    // no tokens: the host path, which still checks the bias's values as the core does
+    let Some(c) = checked.ok().filter(|c| logits.dtype == DType::F32 && c.num_tokens > 0 && i32::try_from(c.num_tokens).is_ok()) else {
         return route_host_fallback(dev, logits, expert_bias, token_mask, options);
     };
+    let (e, groups, topk_groups, top2) = (c.num_experts, c.groups, c.topk_groups, c.top2_group_score);
     let k = options.topk;
     let (warps, stride) = route_launch(e, groups, k, options.score_function);
     if warps == 0 {
@@ -874,7 +850,7 @@ fn route_host_fallback(dev: &Device, logits: &DeviceTensor, expert_bias: Option<
 
 /// topk on device tensors: `values [T, E]` f32 -> `(values, indices) [T, k]`.
 pub fn topk_device(dev: &Device, values: &DeviceTensor, k: usize) -> Result<(DeviceTensor, DeviceTensor)> {
-    let ok = values.dtype == DType::F32 && values.shape.len() == 2 && k >= 1 && k <= values.shape[1] && i32::try_from(values.shape[1]).is_ok() && i32::try_from(values.shape[0]).is_ok();
+    let ok = check_topk(values.meta("values"), k).is_ok_and(|(t, e)| i32::try_from(e).is_ok() && i32::try_from(t).is_ok());
     // the register kernels (E <= 512) need no shared memory; topk_kernel 4E + 4k bytes a warp
     let stride = if !ok || reg_per(values.shape[1]).is_some() { 0 } else { (4 * values.shape[1] + 4 * k).div_ceil(16) * 16 };
     let warps = warps_for(stride);
@@ -913,47 +889,85 @@ fn topk_host_fallback(dev: &Device, values: &DeviceTensor, k: usize) -> Result<(
     Ok((DeviceTensor::upload_owned(dev, "values", &out.values)?, DeviceTensor::upload_owned(dev, "indices", &out.indices)?))
 }
 
-// ---------------------------------------------------------------------------------------
-// Host tensors in and out (the cuda backend's path for plain Tensors)
+#[cfg(test)]
+mod tests {
+    use moe_core::permute::{check_permute, check_permute_backward, check_unpermute, check_unpermute_backward, PermuteOptions, UnpermuteOptions};
+    use moe_core::routing::{check_route, check_topk, RouteOptions};
+    use moe_core::tensor::{DType, Meta, TensorRef};
 
-fn any_int64(ts: &[Option<&moe_core::TensorRef>]) -> bool {
-    ts.iter().flatten().any(|t| t.dtype == DType::I64)
-}
-
-fn upload_opt(dev: &Device, t: Option<&moe_core::TensorRef>) -> Result<Option<DeviceTensor>> {
-    t.map(|t| DeviceTensor::upload(dev, t)).transpose()
-}
-
-/// [`moe_core::routing::route`] on the GPU for host tensors: upload, the fused kernel, download.
-pub fn route(dev: &Device, logits: &moe_core::TensorRef, expert_bias: Option<&moe_core::TensorRef>, token_mask: Option<&moe_core::TensorRef>, options: RouteOptions) -> Result<moe_core::routing::Routed> {
-    if any_int64(&[Some(logits), expert_bias, token_mask]) {
-        return Ok(moe_core::routing::route(logits, expert_bias, token_mask, options)?);
+    /// A host tensor as a device entry sees it: dtype and shape only.
+    fn m<'a>(t: &'a TensorRef) -> Meta<'a> {
+        Meta::shape_only(t.name, t.dtype, &t.shape)
     }
-    // 16-bit logits: converted exactly to f32 here, so that the kernel (f32 only) routes them
-    // (a 16-bit device tensor goes to route_device's host path).
-    let wide = match logits.dtype {
-        DType::BF16 | DType::F16 => Some(moe_core::routing::logits_f32(logits)?),
-        _ => None,
-    };
-    let wide_ref = wide.as_deref().map(|w| moe_core::TensorRef::of("logits", logits.shape.clone(), w)).transpose()?;
-    let l = DeviceTensor::upload(dev, wide_ref.as_ref().unwrap_or(logits))?;
-    let b = upload_opt(dev, expert_bias)?;
-    let m = upload_opt(dev, token_mask)?;
-    let out = route_device(dev, &l, b.as_ref(), m.as_ref(), options)?;
-    Ok(moe_core::routing::Routed {
-        weights: out.weights.download(dev, "weights")?,
-        indices: out.indices.download(dev, "indices")?,
-        scores: out.scores.download(dev, "scores")?,
-        tokens_per_expert: out.tokens_per_expert.download(dev, "tokensPerExpert")?,
-    })
-}
 
-/// [`moe_core::routing::topk`] on the GPU for host tensors.
-pub fn topk(dev: &Device, values: &moe_core::TensorRef, k: usize) -> Result<moe_core::routing::TopK> {
-    if any_int64(&[Some(values)]) {
-        return Ok(moe_core::routing::topk(values, k)?);
+    /// The device entries take their errors from the core's check functions on dtypes and
+    /// shapes: for an input with one such fault they are the CPU op's, word for word.
+    #[test]
+    fn shape_checks_report_the_cpu_ops_errors() {
+        let f = vec![0f32; 24];
+        let tok = TensorRef::of("tokens", vec![3, 2], &f[..6]).unwrap();
+        let tok1 = TensorRef::of("tokens", vec![6], &f[..6]).unwrap();
+        let ints = [0i32; 6];
+        let tok_i = TensorRef::of("tokens", vec![3, 2], &ints[..]).unwrap();
+        let map = [1u8, 0, 0, 1, 1, 0];
+        let map_ref = TensorRef::new("routingMap", DType::Bool, vec![3, 2], &map).unwrap();
+        let bad_map = TensorRef::new("routingMap", DType::Bool, vec![2, 2], &map[..4]).unwrap();
+        let p9 = TensorRef::of("probs", vec![3, 3], &f[..9]).unwrap();
+        let opts = |n: Option<usize>, d: bool| PermuteOptions { num_out_tokens: n, drop_and_pad: d };
+        let permute_cases = [
+            (&tok1, &map_ref, None, opts(None, false)),
+            (&tok_i, &map_ref, None, opts(None, false)),
+            (&tok, &bad_map, None, opts(None, false)),
+            (&tok, &map_ref, None, opts(None, true)),
+            (&tok, &map_ref, None, opts(Some(3), true)),
+            (&tok, &map_ref, None, opts(Some(8), true)),
+            (&tok, &map_ref, Some(&p9), opts(None, false)),
+        ];
+        for (t, map, p, o) in permute_cases {
+            let want = moe_core::permute::permute(t, map, p, o).unwrap_err();
+            assert_eq!(check_permute(m(t), m(map), p.map(m), o).unwrap_err(), want);
+        }
+        let idx = [1i32, 0, 2];
+        let perm2 = TensorRef::of("permutedTokens", vec![2, 2], &f[..4]).unwrap();
+        let perm3 = TensorRef::of("permutedTokens", vec![3, 2], &f[..6]).unwrap();
+        let si2 = TensorRef::of("sortedIndices", vec![2], &idx[..2]).unwrap();
+        let si3 = TensorRef::of("sortedIndices", vec![3], &idx[..]).unwrap();
+        let dense = TensorRef::of("probs", vec![3, 2], &f[..6]).unwrap();
+        let slot_p = TensorRef::of("probs", vec![2], &f[..2]).unwrap();
+        let u = UnpermuteOptions::default();
+        let unpermute_cases: [(&TensorRef, &TensorRef, [usize; 2], Option<&TensorRef>, Option<&TensorRef>); 5] = [
+            (&perm2, &si3, [3, 2], None, None),
+            (&perm3, &si3, [3, 5], None, None),
+            (&perm3, &si3, [3, 2], Some(&dense), None),
+            (&perm3, &si3, [3, 2], Some(&slot_p), None),
+            (&perm3, &si3, [3, 2], Some(&dense), Some(&bad_map)),
+        ];
+        for (x, s, r, p, map) in unpermute_cases {
+            let want = moe_core::permute::unpermute(x, s, r, p, map, u).unwrap_err();
+            assert_eq!(check_unpermute(m(x), m(s), r, p.map(m), map.map(m), u).unwrap_err(), want);
+        }
+        let gp2 = TensorRef::of("gradPermutedProbs", vec![2], &f[..2]).unwrap();
+        for (g, s, n, gp, map) in [(&perm3, &si2, 3, None, None), (&perm3, &si3, 3, Some(&gp2), Some(&map_ref)), (&perm2, &si2, 3, Some(&gp2), None)] {
+            let want = moe_core::permute::permute_backward(g, s, n, gp, map, u).unwrap_err();
+            assert_eq!(check_permute_backward(m(g), m(s), n, gp.map(m), map.map(m), u).unwrap_err(), want);
+        }
+        let go = TensorRef::of("gradOutput", vec![3, 2], &f[..6]).unwrap();
+        let go_i = TensorRef::of("gradOutput", vec![3, 2], &ints[..]).unwrap();
+        for (g, x, s, p) in [(&go_i, &perm3, &si3, None), (&go, &perm2, &si3, None), (&go, &perm3, &si3, Some(&slot_p))] {
+            let want = moe_core::permute::unpermute_backward(g, x, s, p, None, u).unwrap_err();
+            assert_eq!(check_unpermute_backward(m(g), m(x), m(s), p.map(m), None, u).unwrap_err(), want);
+        }
+        let logits = TensorRef::of("logits", vec![3, 4], &f[..12]).unwrap();
+        let bias3 = TensorRef::of("expertBias", vec![3], &f[..3]).unwrap();
+        let mask2 = TensorRef::new("tokenMask", DType::Bool, vec![2], &map[..2]).unwrap();
+        let sig = RouteOptions { score_function: moe_core::routing::ScoreFunction::Sigmoid, ..RouteOptions::new(2) };
+        for (b, mk, o) in [(None, None, RouteOptions::new(5)), (Some(&bias3), None, sig), (Some(&bias3), None, RouteOptions::new(2)), (None, Some(&mask2), RouteOptions::new(2))] {
+            let want = moe_core::routing::route(&logits, b, mk, o).unwrap_err();
+            assert_eq!(check_route(m(&logits), b.map(m), mk.map(m), &o).unwrap_err(), want);
+        }
+        for (v, k) in [(&logits, 0), (&logits, 5), (&tok_i, 1)] {
+            let want = moe_core::routing::topk(v, k).unwrap_err();
+            assert_eq!(check_topk(m(v), k).unwrap_err(), want);
+        }
     }
-    let v = DeviceTensor::upload(dev, values)?;
-    let (ov, oi) = topk_device(dev, &v, k)?;
-    Ok(moe_core::routing::TopK { values: ov.download(dev, "values")?, indices: oi.download(dev, "indices")? })
 }

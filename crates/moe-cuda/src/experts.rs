@@ -27,7 +27,7 @@ use crate::blas::{gemm, gemm_grouped, gemm_problem, gemm_row_blocks, mark, Opera
 use crate::device::{Arg, Buffer, Device};
 use crate::error::{Error, Result};
 use crate::switch::Switch;
-use crate::ops::row_launch;
+use crate::permute::row_launch;
 use crate::tensor::{tensor_ref, upload_owned_opt, DeviceTensor};
 
 /// The device tensors of a grouped-experts call (the core's [`ExpertsInputs`] on the GPU).

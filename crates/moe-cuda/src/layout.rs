@@ -20,7 +20,7 @@ use moe_core::tensor::{DType, Tensor};
 
 use crate::device::{Arg, Buffer, Device};
 use crate::error::Result;
-use crate::ops;
+use crate::permute as ops;
 use crate::tensor::{download_opt, opt_ref, tensor_ref, upload_owned_opt, DeviceTensor};
 
 /// Tokens a chunk of the column-count kernels (LAYOUT_CHUNK in kernels/layout.cu).

@@ -2,9 +2,14 @@
 //!
 //! cudarc opens libcuda.so.1 and libnvrtc.so.13 at run time (`dynamic-loading`), so this
 //! crate builds with no CUDA installed; where there is no driver, [`Device::open`] returns
-//! [`Error::Unavailable`] with the reason instead of crashing. Kernels are CUDA C in
-//! `kernels/*.cu` (see [`compile`]). Arguments are validated, and plans built, by moe-core, so
-//! errors read exactly as on the CPU backends and results match the core bit for bit.
+//! [`Error::Unavailable`] with the reason instead of crashing. Kernels are CUDA C in this
+//! crate's `kernels/*.cu` (see [`compile`]).
+//!
+//! One GPU entry per op, on device tensors ([`device_ops`], and the families [`activations`],
+//! [`layout`], [`experts`]); host tensors are upload -> that entry -> download ([`host`]).
+//! Arguments are checked by moe-core's check function of the op, which returns the sizes the
+//! kernels take; where a check fails or a kernel flags an invalid value, the entry runs the core
+//! on the host, so errors read exactly as on the CPU backends. Results match the core bit for bit.
 
 pub mod activations;
 pub mod blas;
@@ -14,8 +19,9 @@ pub mod device;
 pub mod device_ops;
 pub mod error;
 pub mod experts;
+pub mod host;
 pub mod layout;
-pub mod ops;
+pub mod permute;
 mod switch;
 pub mod tensor;
 

@@ -7,11 +7,11 @@
 
 use std::sync::Arc;
 
-use moe_core::tensor::{DType, Data, Tensor, TensorRef};
+use moe_core::tensor::{DType, Data, Meta, Tensor, TensorRef};
 
 use crate::device::{Buffer, Device};
 use crate::error::{Error, Result};
-use crate::ops::DevicePlan;
+use crate::permute::DevicePlan;
 
 /// A tensor in GPU memory.
 pub struct DeviceTensor {
@@ -30,6 +30,11 @@ impl DeviceTensor {
 
     pub fn bytes(&self) -> usize {
         self.numel() * self.dtype.size()
+    }
+
+    /// What the core's per-op checks look at: dtype and shape (the elements stay on the GPU).
+    pub fn meta(&self, name: &'static str) -> Meta<'_> {
+        Meta::shape_only(name, self.dtype, &self.shape)
     }
 
     /// A new, uninitialised tensor. `what` names it in an out-of-memory error.
@@ -105,4 +110,9 @@ pub fn opt_ref<'a>(name: &'static str, t: &'a Option<Tensor>) -> Result<Option<T
 /// Uploads an optional owned tensor.
 pub fn upload_owned_opt(dev: &Device, what: &str, t: Option<&Tensor>) -> Result<Option<DeviceTensor>> {
     t.map(|t| DeviceTensor::upload_owned(dev, what, t)).transpose()
+}
+
+/// [`DeviceTensor::meta`] of an optional argument.
+pub fn opt_meta<'a>(t: Option<&'a DeviceTensor>, name: &'static str) -> Option<Meta<'a>> {
+    t.map(|t| t.meta(name))
 }

@@ -1,8 +1,9 @@
-//! The CUDA backend's functions: `cudaInfo()`, and `cudaPermute` / `cudaUnpermute` with the
-//! positional arguments of `permute` / `unpermute` (dispatch.rs). Tensors are host tensors for
-//! now: uploaded, one kernel, downloaded. Argument errors are the core's (same class, same
-//! message as the CPU backend); CUDA failures (out of memory, launch failures, NVRTC errors)
-//! are `Error`s, which the facade prefixes with the op's name.
+//! The CUDA backend's functions: `cudaInfo()`, the device tensor class, and one function per
+//! GPU op and tensor kind with the op's positional arguments: `cudaPermute` (host tensors:
+//! `moe_cuda::host`, an upload around the device entry) and `cudaPermuteDevice` (device tensors:
+//! `moe_cuda::device_ops`). Only conversions here. Argument errors are the core's (same class,
+//! same message as the CPU backend); CUDA failures (out of memory, launch failures, NVRTC
+//! errors) are `Error`s, which the facade prefixes with the op's name.
 
 use moe_core::error::opt_size_arg;
 use moe_core::permute::{PermuteOptions, UnpermuteOptions};
@@ -71,7 +72,7 @@ pub fn cuda_permute(
 ) -> napi::Result<PermuteOut, String> {
     run(|dev| {
         let options = PermuteOptions { num_out_tokens: opt_size_arg("numOutTokens", num_out_tokens)?, drop_and_pad: drop_and_pad.unwrap_or(false) };
-        let out = moe_cuda::ops::permute(dev, &view("tokens", &tokens)?, &view("routingMap", &routing_map)?, opt_view("probs", &probs)?.as_ref(), options)?;
+        let out = moe_cuda::host::permute(dev, &view("tokens", &tokens)?, &view("routingMap", &routing_map)?, opt_view("probs", &probs)?.as_ref(), options)?;
         Ok(out.into())
     })
 }
@@ -88,7 +89,7 @@ pub fn cuda_unpermute(
 ) -> napi::Result<WireTensorOut, String> {
     run(|dev| {
         let restore = moe_core::permute::restore_shape_arg(&restore_shape)?;
-        let out = moe_cuda::ops::unpermute(
+        let out = moe_cuda::host::unpermute(
             dev,
             &view("permutedTokens", &permuted_tokens)?,
             &view("sortedIndices", &sorted_indices)?,
@@ -255,7 +256,7 @@ pub fn cuda_route(
 ) -> napi::Result<RouteOut, String> {
     run(|dev| {
         let options = RouteOptions::from_args(topk, score_function.as_deref(), softmax_before_topk, num_groups, topk_groups, norm_topk_prob, route_scale)?;
-        let out = device_ops::route(dev, &view("logits", &logits)?, opt_view("expertBias", &expert_bias)?.as_ref(), opt_view("tokenMask", &token_mask)?.as_ref(), options)?;
+        let out = moe_cuda::host::route(dev, &view("logits", &logits)?, opt_view("expertBias", &expert_bias)?.as_ref(), opt_view("tokenMask", &token_mask)?.as_ref(), options)?;
         Ok(out.into())
     })
 }
@@ -299,7 +300,7 @@ pub fn cuda_route_device(
 #[napi]
 pub fn cuda_topk(values: WireTensor, k: f64) -> napi::Result<TopKValuesOut, String> {
     run(|dev| {
-        let out = device_ops::topk(dev, &view("values", &values)?, moe_core::error::size_arg("k", k)?)?;
+        let out = moe_cuda::host::topk(dev, &view("values", &values)?, moe_core::error::size_arg("k", k)?)?;
         Ok(out.into())
     })
 }

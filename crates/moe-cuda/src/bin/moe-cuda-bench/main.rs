@@ -24,7 +24,7 @@ use moe_core::routing::{route, topk, RouteOptions, ScoreFunction};
 use moe_cuda::device_ops::{build_plan, launch_route, launch_topk, permute_device, route_device, route_launch, topk_device, unpermute_device};
 use moe_cuda::DeviceTensor;
 use moe_core::tensor::{DType, Data, Float, TensorRef};
-use moe_cuda::ops::{launch_permute, launch_unpermute, DevicePlan, PermuteKernel};
+use moe_cuda::permute::{launch_permute, launch_unpermute, DevicePlan, PermuteKernel};
 use moe_cuda::{compile, Device};
 
 mod experts;
@@ -362,7 +362,7 @@ fn bench_shape(dev: &Device, s: &Shape, iters: usize, host_rows: bool) -> moe_cu
     let d_perm = dev.alloc("permutedTokens", n * h * 2)?;
     let d_perm_probs = dev.alloc("permutedProbs", n * 4)?;
     let d_out = dev.alloc("unpermuted", t * h * 2)?;
-    let csr = moe_cuda::ops::token_csr(&plan.sorted_indices, t)?;
+    let csr = moe_cuda::permute::token_csr(&plan.sorted_indices, t)?;
 
     // --- correctness at this shape, against the CPU core
     let mut checks: Checks = Vec::new();
@@ -460,7 +460,7 @@ fn bench_shape(dev: &Device, s: &Shape, iters: usize, host_rows: bool) -> moe_cu
     if !host_rows {
         return Ok((rows, checks));
     }
-    // --- the host-tensor path (what the Node binding does today), wall clock, and its parts
+    // --- the host-tensor path (moe_cuda::host: upload, the device entry, download), wall clock, and its parts
     let wall = |f: &mut dyn FnMut() -> moe_cuda::Result<()>| -> moe_cuda::Result<(f64, f64)> {
         f()?;
         let mut ts = Vec::new();
@@ -475,8 +475,8 @@ fn bench_shape(dev: &Device, s: &Shape, iters: usize, host_rows: bool) -> moe_cu
     let mut host_row = |op: &str, bytes: usize, (ms, ms_min): (f64, f64)| {
         rows.push(Row { shape: s.name, op: op.into(), ms, ms_min, bytes, gbps: bytes as f64 / ms / 1e6, ratio: 0.0, dims: dims.clone() });
     };
-    host_row("host: permute (all)", bytes, wall(&mut || moe_cuda::ops::permute(dev, &tok_ref, &map_ref, Some(&dense_ref), PermuteOptions::default()).map(|_| ()))?);
-    host_row("host: unpermute (all)", bytes, wall(&mut || moe_cuda::ops::unpermute(dev, &perm_ref, &sorted_ref, [t, h], Some(&probs_ref), None, UnpermuteOptions::default()).map(|_| ()))?);
+    host_row("host: permute (all)", bytes, wall(&mut || moe_cuda::host::permute(dev, &tok_ref, &map_ref, Some(&dense_ref), PermuteOptions::default()).map(|_| ()))?);
+    host_row("host: unpermute (all)", bytes, wall(&mut || moe_cuda::host::unpermute(dev, &perm_ref, &sorted_ref, [t, h], Some(&probs_ref), None, UnpermuteOptions::default()).map(|_| ()))?);
     host_row("host: upload tokens", t * h * 2, wall(&mut || dev.upload("tokens", &tokens).map(|_| ()))?);
     host_row("host: download new vec", n * h * 2, wall(&mut || dev.download_new::<u16>("permutedTokens", &d_perm, n * h).map(|_| ()))?);
     host_row("host: download registered", n * h * 2, wall(&mut || download_registered(dev, &d_perm, n * h).map(|_| ()))?);

@@ -1,11 +1,8 @@
-//! permute and unpermute on the GPU. The core validates the arguments and builds the plan (so
-//! errors are the CPU backends' errors, word for word); the rows move on the GPU.
-//!
-//! For now tensors come from and go back to the host: upload, one kernel, download. The
-//! launchers (`launch_*`) work on device buffers, so device-resident tensors can use them as is.
+//! The permute kernels' launchers (kernels/permute.cu) and the plan they read on the GPU
+//! ([`DevicePlan`]). The ops that use them are in [`crate::device_ops`].
 
-use moe_core::permute::{permute_inputs, unpermute_inputs, DispatchPlan, PermuteOptions, Permuted, UnpermuteOptions};
-use moe_core::tensor::{DType, Tensor, TensorRef};
+use moe_core::permute::DispatchPlan;
+use moe_core::tensor::DType;
 
 use crate::device::{Arg, Buffer, Device};
 use crate::error::{Error, Result};
@@ -197,62 +194,6 @@ pub fn launch_unpermute(
     )
 }
 
-/// A token tensor's output from its bytes on the GPU.
-fn download_tokens(dev: &Device, what: &str, dtype: DType, shape: Vec<usize>, buf: &Buffer) -> Result<Tensor> {
-    let numel: usize = shape.iter().product();
-    Ok(match dtype {
-        DType::F32 => Tensor::f32(shape, dev.download_new(what, buf, numel)?),
-        DType::BF16 | DType::F16 => Tensor::u16(dtype, shape, dev.download_new(what, buf, numel)?),
-        other => return Err(Error::Cuda(format!("{what}: unexpected dtype {} (a bug in moe-dispatch)", other.name()))),
-    })
-}
-
-/// [`moe_core::permute::permute`] on the GPU: same arguments, same errors, same bits.
-pub fn permute(dev: &Device, tokens: &TensorRef, routing_map: &TensorRef, probs: Option<&TensorRef>, options: PermuteOptions) -> Result<Permuted> {
-    let (plan, hidden, dense) = permute_inputs(tokens, routing_map, probs, options)?;
-    let n = plan.num_slots();
-    let row_bytes = hidden * tokens.dtype.size();
-    let d_plan = DevicePlan::upload(dev, &plan)?;
-    let d_tokens = dev.upload("tokens", tokens.bytes())?;
-    let d_dense = dense.as_deref().map(|d| dev.upload("probs", d)).transpose()?;
-    let d_out = dev.alloc("permutedTokens", n * row_bytes)?;
-    let d_out_probs = d_dense.as_ref().map(|_| dev.alloc("permutedProbs", n * 4)).transpose()?;
-    launch_permute(dev, PermuteKernel::Scatter, &d_tokens, row_bytes, &d_plan, None, d_dense.as_ref(), &d_out, d_out_probs.as_ref())?;
-    let permuted_tokens = download_tokens(dev, "permutedTokens", tokens.dtype, vec![n, hidden], &d_out)?;
-    let permuted_probs = match &d_out_probs {
-        Some(b) => Some(Tensor::f32(vec![n], dev.download_new("permutedProbs", b, n)?)),
-        None => None,
-    };
-    Ok(Permuted {
-        permuted_tokens,
-        permuted_probs,
-        sorted_indices: Tensor::i32(vec![n], plan.sorted_indices.clone()),
-        tokens_per_expert: Tensor::i32(vec![plan.num_experts], plan.tokens_per_expert.iter().map(|&c| c as i32).collect()),
-    })
-}
-
-/// [`moe_core::permute::unpermute`] on the GPU: same arguments, same errors, same bits.
-pub fn unpermute(
-    dev: &Device,
-    permuted: &TensorRef,
-    sorted_indices: &TensorRef,
-    restore_shape: [usize; 2],
-    probs: Option<&TensorRef>,
-    routing_map: Option<&TensorRef>,
-    options: UnpermuteOptions,
-) -> Result<Tensor> {
-    let (idx, weights) = unpermute_inputs(permuted, sorted_indices, restore_shape, probs, routing_map, options)?;
-    let [num_tokens, hidden] = restore_shape;
-    let csr = token_csr(&idx, num_tokens)?;
-    let d_row_ptr = dev.upload("the plan (row offsets)", &csr.start)?;
-    let d_slots = dev.upload("the plan (slots)", &csr.slots)?;
-    let d_weights = weights.as_deref().map(|w| dev.upload("probs", w)).transpose()?;
-    let d_permuted = dev.upload("permutedTokens", permuted.bytes())?;
-    let d_out = dev.alloc("the output", num_tokens * hidden * permuted.dtype.size())?;
-    launch_unpermute(dev, permuted.dtype, &d_permuted, hidden, num_tokens, &d_row_ptr, &d_slots, d_weights.as_ref(), &d_out)?;
-    download_tokens(dev, "the output", permuted.dtype, vec![num_tokens, hidden], &d_out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,40 +203,6 @@ mod tests {
         let csr = token_csr(&[0i32, 2, 0, 1, 2], 4).unwrap();
         assert_eq!(csr.start, vec![0, 2, 3, 5, 5]);
         assert_eq!(csr.slots, vec![0, 2, 3, 1, 4]);
-    }
-
-    /// moe-core's `permute_inputs` / `unpermute_inputs` copy the checks of `permute` /
-    /// `unpermute`: the CUDA backend's errors must stay the CPU's, word for word.
-    #[test]
-    fn validation_matches_the_core_ops() {
-        use moe_core::permute::{permute as cpu_permute, unpermute as cpu_unpermute};
-        let tokens = vec![0f32; 6];
-        let tok = TensorRef::of("tokens", vec![3, 2], &tokens).unwrap();
-        let map = [1u8, 0, 0, 1, 1, 0];
-        let map_ref = TensorRef::new("routingMap", DType::Bool, vec![3, 2], &map).unwrap();
-        let bad_map = TensorRef::new("routingMap", DType::Bool, vec![2, 2], &map[..4]).unwrap();
-        let probs9 = vec![0f32; 9];
-        let p9 = TensorRef::of("probs", vec![3, 3], &probs9).unwrap();
-        let opts = |n: Option<usize>, d: bool| PermuteOptions { num_out_tokens: n, drop_and_pad: d };
-        for (m, p, o) in [(&map_ref, None, opts(Some(5), false)), (&map_ref, None, opts(Some(3), true)), (&map_ref, None, opts(Some(8), true)), (&bad_map, None, opts(None, false)), (&map_ref, Some(&p9), opts(None, false))] {
-            let want = cpu_permute(&tok, m, p, o).unwrap_err();
-            assert_eq!(permute_inputs(&tok, m, p, o).unwrap_err(), want);
-        }
-        let idx_bad = [0i32, 3];
-        let idx = [1i32, 0, 2];
-        let perm = TensorRef::of("permutedTokens", vec![2, 2], &tokens[..4]).unwrap();
-        let perm3 = TensorRef::of("permutedTokens", vec![3, 2], &tokens).unwrap();
-        let si_bad = TensorRef::of("sortedIndices", vec![2], &idx_bad[..]).unwrap();
-        let si = TensorRef::of("sortedIndices", vec![3], &idx[..]).unwrap();
-        let dense = vec![0f32; 6];
-        let d = TensorRef::of("probs", vec![3, 2], &dense).unwrap();
-        let u = UnpermuteOptions::default();
-        let cases: Vec<(&TensorRef, &TensorRef, [usize; 2], Option<&TensorRef>, Option<&TensorRef>)> =
-            vec![(&perm, &si_bad, [3, 2], None, None), (&perm, &si_bad, [3, 5], None, None), (&perm3, &si, [3, 2], Some(&d), None), (&perm3, &si, [3, 2], Some(&d), Some(&map_ref))];
-        for (x, s, r, p, m) in cases {
-            let want = cpu_unpermute(x, s, r, p, m, u).unwrap_err();
-            assert_eq!(unpermute_inputs(x, s, r, p, m, u).unwrap_err(), want);
-        }
     }
 
     #[test]
