@@ -74,7 +74,7 @@ pub fn build_plan_expecting(dev: &Device, map: &Buffer, num_tokens: usize, num_e
     let s = dev.stream();
     let chunk_counts = dev.alloc("the plan (chunk counts)", chunks * num_experts * 4)?;
     // 16 routing bytes a load where the rows are whole aligned 16-byte vectors
-    let aligned = map.ptr(s) % 16 == 0 && num_experts % 16 == 0;
+    let aligned = map.ptr(s) % 16 == 0 && num_experts % 16 == 0 && num_experts > 0;
     if aligned && 256 % (num_experts / 16) == 0 {
         dev.launch_shared("plan_chunk_count_v", (chunks as u32, 1), 256, 16 * 1024, &[Arg::U64(map.ptr(s)), Arg::I32(t), Arg::I32(e), Arg::U64(chunk_counts.ptr(s))])?;
     } else {
@@ -235,6 +235,10 @@ pub fn permute_device(dev: &Device, tokens: &DeviceTensor, routing_map: &DeviceT
     let host = || permute_host(dev, tokens, routing_map, probs, options);
     let Ok(c) = check_permute(tokens.meta("tokens"), routing_map.meta("routingMap"), opt_meta(probs, "probs"), options) else { return host() };
     let (num_tokens, num_experts) = (c.num_tokens, c.num_experts);
+    if num_experts == 0 {
+        // no experts, no slots: the core's (empty) answer, with no plan kernels to launch
+        return host();
+    }
     let expected = if c.capacity.is_none() { options.num_out_tokens.filter(|&m| m <= num_tokens.saturating_mul(num_experts) && i32::try_from(m).is_ok()) } else { None };
     let mut gp = build_plan_expecting(dev, &routing_map.buf, num_tokens, num_experts, c.capacity, expected)?;
     let n = gp.plan.num_slots;
@@ -294,7 +298,7 @@ pub fn unpermute_device(
     let Ok(c) = checked else { return host() };
     let (num_tokens, hidden, n) = (c.num_tokens, c.hidden, c.num_slots);
     let dense_map = match (c.probs, routing_map) {
-        (SlotProbsLayout::Dense { .. }, Some(m)) if gpu_map_fits(m) => Some(m),
+        (SlotProbsLayout::Dense { num_experts }, Some(m)) if num_experts > 0 && gpu_map_fits(m) => Some(m),
         (SlotProbsLayout::Dense { .. }, _) => return host(),
         _ => None,
     };
@@ -904,7 +908,7 @@ mod tests {
     /// shapes: for an input with one such fault they are the CPU op's, word for word.
     #[test]
     fn shape_checks_report_the_cpu_ops_errors() {
-        let f = vec![0f32; 24];
+        let f = [0f32; 24];
         let tok = TensorRef::of("tokens", vec![3, 2], &f[..6]).unwrap();
         let tok1 = TensorRef::of("tokens", vec![6], &f[..6]).unwrap();
         let ints = [0i32; 6];
@@ -935,7 +939,8 @@ mod tests {
         let dense = TensorRef::of("probs", vec![3, 2], &f[..6]).unwrap();
         let slot_p = TensorRef::of("probs", vec![2], &f[..2]).unwrap();
         let u = UnpermuteOptions::default();
-        let unpermute_cases: [(&TensorRef, &TensorRef, [usize; 2], Option<&TensorRef>, Option<&TensorRef>); 5] = [
+        type Case<'a> = (&'a TensorRef<'a>, &'a TensorRef<'a>, [usize; 2], Option<&'a TensorRef<'a>>, Option<&'a TensorRef<'a>>);
+        let unpermute_cases: [Case; 5] = [
             (&perm2, &si3, [3, 2], None, None),
             (&perm3, &si3, [3, 5], None, None),
             (&perm3, &si3, [3, 2], Some(&dense), None),
