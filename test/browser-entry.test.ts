@@ -16,25 +16,26 @@ describe('the browser entry in Chromium', () => {
     expect((globalThis as { process?: { versions?: { node?: string } } }).process?.versions?.node).toBeUndefined();
   });
 
-  it('backendInfo() lists wasm as available and cpu, cuda as unavailable with the reason', async () => {
+  it('backendInfo() lists wasm and webgpu (SwiftShader, --enable-unsafe-webgpu) as available and cpu, cuda as unavailable with the reason', async () => {
     const infos = await backendInfo();
-    expect(infos.map((i) => i.name)).toEqual(['cuda', 'cpu', 'wasm']);
+    expect(infos.map((i) => i.name)).toEqual(['cuda', 'cpu', 'webgpu', 'wasm']);
     const by = Object.fromEntries(infos.map((i) => [i.name, i]));
     expect(by.wasm).toMatchObject({ available: true, threads: 1 });
+    expect(by.webgpu).toMatchObject({ available: true, threads: 1 });
     expect(by.cpu.available).toBe(false);
     expect(by.cpu.reason).toMatch(/N-API addon; this is the browser entry/);
     expect(by.cuda.available).toBe(false);
     expect(by.cuda.reason).toMatch(/browser entry/);
   });
 
-  it('the backends helper reports native as unavailable (a skipped test with the reason), and runs wasm', () => {
-    expect(backends.map((b) => b.name)).toEqual(['wasm']);
+  it('the backends helper reports native as unavailable (a skipped test with the reason), and runs webgpu and wasm', () => {
+    expect(backends.map((b) => b.name)).toEqual(['webgpu', 'wasm']);
     expect(unavailable.map((u) => u.name).sort()).toEqual(['cpu', 'cuda']);
     expect(unavailable.find((u) => u.name === 'cpu')!.reason).toMatch(/Node\.js N-API addon/);
   });
 
-  it("createBackend() picks wasm; { prefer: 'cpu' } is an error that says why", async () => {
-    expect((await createBackend()).name).toBe('wasm');
+  it("createBackend() picks webgpu (an adapter is there), else wasm; { prefer: 'cpu' } is an error that says why", async () => {
+    expect((await createBackend()).name).toBe('webgpu');
     expect((await createBackend({ prefer: 'wasm' })).name).toBe('wasm');
     await expect(createBackend({ prefer: 'cpu' })).rejects.toThrow(/no moe-dispatch backend is available \(cpu: the native backend is a Node\.js N-API addon/);
   });

@@ -15,7 +15,7 @@ import type { Call } from './wire.js';
 
 export type { MultihotToIndicesOptions, PermuteBackwardOptions, PermuteOptions, PermuteResult, UnpermuteOptions } from './ops/dispatch.js';
 
-export type BackendName = 'cpu' | 'wasm' | 'cuda';
+export type BackendName = 'cpu' | 'wasm' | 'cuda' | 'webgpu';
 
 export interface Backend extends DispatchOps, ActivationsOps, LayoutOps, RoutingOps, ExpertsOps {
   readonly name: BackendName;
@@ -30,9 +30,9 @@ export interface BackendInfo {
   /** Why it is unavailable (absent when available). */
   reason?: string;
   threads?: number;
-  /** cuda: the GPU, its compute capability and the driver's CUDA version. */
+  /** cuda: the GPU, its compute capability and the driver's CUDA version; webgpu: the adapter. */
   device?: string;
-  /** cuda: the ops that run on the GPU; every other op of the backend runs on the CPU core. */
+  /** cuda, webgpu: the ops that run on the GPU; every other op of the backend runs on the CPU core (webgpu: on wasm). */
   gpuOps?: string[];
   /** cuda: where this process got its kernels ("disk cache", or "compiled by NVRTC in ... s"). */
   kernels?: string;

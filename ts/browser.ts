@@ -16,6 +16,7 @@
  */
 import type { BackendName } from './backend.js';
 import { loadWasm } from './backends/wasm.js';
+import { loadWebGpu } from './backends/webgpu.js';
 import { makeEntry, type CreateBackendOptions, type LoadResult } from './entry.js';
 
 export * from './tensor.js';
@@ -27,15 +28,17 @@ export type { DropPolicy, DropTokensOptions, DropTokensResult, ExpertRange, Expe
 export type { BackendInfoOptions, CreateBackendOptions, Prefer } from './entry.js';
 export type { WasmSource } from './backends/wasm.js';
 export { isDeviceTensor, type DeviceTensor } from './device.js';
+export { isWebGpuBackend, isWebGpuTensor, WEBGPU_OPS, type OnGpu, type OnHost, type WebGpuBackend, type WebGpuOps, type WebGpuTensor } from './backends/webgpu.js';
 export type { AnyTensor, CudaBackend, DevicePermuteOptions, DevicePermuteResult, DeviceRouteBackwardOptions, DeviceRouteOptions, DeviceRouteResult, DeviceUnpermuteOptions } from './backends/cuda.js';
 
 /** Why the Node-only backends cannot run in this entry. */
-export const BROWSER_UNAVAILABLE: Readonly<Record<Exclude<BackendName, 'wasm'>, string>> = {
+export const BROWSER_UNAVAILABLE: Readonly<Record<Exclude<BackendName, 'wasm' | 'webgpu'>, string>> = {
   cpu: 'the native backend is a Node.js N-API addon; this is the browser entry of moe-dispatch (wasm only)',
   cuda: 'the cuda backend runs through the Node.js N-API addon; this is the browser entry of moe-dispatch (wasm only)',
 };
 
 function load(name: BackendName, options: CreateBackendOptions): LoadResult | Promise<LoadResult> {
+  if (name === 'webgpu') return loadWebGpu(options.wasm);
   return name === 'wasm' ? loadWasm(options.wasm) : { reason: BROWSER_UNAVAILABLE[name] };
 }
 

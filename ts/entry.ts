@@ -10,7 +10,7 @@ import type { WasmSource } from './backends/wasm.js';
 export type Prefer = 'auto' | BackendName;
 
 export interface CreateBackendOptions {
-  /** 'auto' (default) takes the fastest available: cuda, then cpu (native), then wasm. */
+  /** 'auto' (default) takes the fastest available: cuda, then cpu (native), then webgpu (a browser with a WebGPU adapter), then wasm. */
   prefer?: Prefer;
   /**
    * Where the wasm backend gets `moe_wasm_bg.wasm`: a URL (or, in Node, a path), its bytes, or a
@@ -26,10 +26,10 @@ export type LoadResult =
   | { binding: Binding; reason?: undefined; info?: Partial<BackendInfo>; /** Adds backend-specific ops (cuda: device tensors) to the adapter. */ extend?: (backend: Backend) => Backend }
   | { binding?: undefined; reason: string };
 
-export const ORDER: readonly BackendName[] = ['cuda', 'cpu', 'wasm'];
+export const ORDER: readonly BackendName[] = ['cuda', 'cpu', 'webgpu', 'wasm'];
 
 function wrap(name: BackendName, binding: Binding): Backend {
-  if (name !== 'wasm') return bindingBackend(name, () => binding);
+  if (name !== 'wasm' && name !== 'webgpu') return bindingBackend(name, () => binding);
   // A wasm instance that trapped is not trusted again: later calls report it.
   let current: Binding | undefined = binding;
   return bindingBackend(
@@ -76,7 +76,7 @@ export function makeEntry(load: (name: BackendName, options: CreateBackendOption
     if (typeof options !== 'object' || options === null) throw new TypeError(`options: expected an object, got ${typeof options}`);
     const prefer = options.prefer ?? 'auto';
     if (prefer !== 'auto' && !ORDER.includes(prefer)) {
-      throw new TypeError(`options.prefer: expected 'auto', 'cuda', 'cpu' or 'wasm', got ${JSON.stringify(prefer)}`);
+      throw new TypeError(`options.prefer: expected 'auto', 'cuda', 'cpu', 'webgpu' or 'wasm', got ${JSON.stringify(prefer)}`);
     }
     checkWasm(options.wasm);
     const reasons: string[] = [];

@@ -8,6 +8,7 @@ import type { BackendName } from './backend.js';
 import { loadCuda, type CudaLoaded } from './backends/cuda.js';
 import { loadNative } from './backends/native.js';
 import { loadWasm } from './backends/wasm.js';
+import { loadWebGpu } from './backends/webgpu.js';
 import { makeEntry, type CreateBackendOptions } from './entry.js';
 import './node-files.js'; // Node's fs for the wasm loader and fromPretrained (platform.ts)
 
@@ -21,6 +22,7 @@ export type { DropPolicy, DropTokensOptions, DropTokensResult, ExpertRange, Expe
 export type { BackendInfoOptions, CreateBackendOptions, Prefer } from './entry.js';
 export type { WasmSource } from './backends/wasm.js';
 export { isDeviceTensor, type DeviceTensor } from './device.js';
+export { isWebGpuBackend, isWebGpuTensor, WEBGPU_OPS, type OnGpu, type OnHost, type WebGpuBackend, type WebGpuOps, type WebGpuTensor } from './backends/webgpu.js';
 export { isCudaBackend, type AnyTensor, type CudaBackend, type CudaMemory, type DevicePermuteBackwardOptions, type DevicePermuteOptions, type DevicePermuteResult, type DeviceRouteBackwardOptions, type DeviceRouteOptions, type DeviceRouteResult, type DeviceUnpermuteOptions } from './backends/cuda.js';
 
 async function load(name: BackendName, options: CreateBackendOptions): Promise<CudaLoaded> {
@@ -31,6 +33,8 @@ async function load(name: BackendName, options: CreateBackendOptions): Promise<C
       return loadWasm(options.wasm);
     case 'cuda':
       return loadCuda();
+    case 'webgpu':
+      return loadWebGpu(options.wasm);
   }
 }
 

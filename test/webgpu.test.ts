@@ -1,0 +1,267 @@
+/**
+ * The webgpu backend against wasm, in the same page: every op of `WEBGPU_OPS` (and a few that
+ * run on wasm inside) on seeded random problems in each token dtype, with host and with
+ * webgpu tensors as inputs; results are compared bit for bit. Errors: the same class and
+ * message as wasm; device errors (a disposed tensor, a buffer over the adapter's limit, a lost
+ * device) name the op; the backend can be recreated.
+ *
+ * Runs in the chromium project (headless Chromium with --enable-unsafe-webgpu: a SwiftShader
+ * adapter, scripts/chromium.mjs). In Node there is no WebGPU: one skipped test with the reason.
+ */
+import { describe, expect, it } from 'vitest';
+
+import { backendInfo, createBackend, isWebGpuBackend, tensor, WEBGPU_OPS, type Backend, type Tensor, type TokenDType, type WebGpuBackend } from '../ts/index.js';
+import { randomRouting, rng } from '../ts/random.js';
+import { toBFloat16Bits, toFloat16Bits } from '../ts/tensor.js';
+import { bitsOf } from './util.js';
+
+const inBrowser = typeof (globalThis as { window?: unknown }).window !== 'undefined';
+const info = (await backendInfo()).find((i) => i.name === 'webgpu');
+let moe: WebGpuBackend | undefined;
+let why = info ? (info.reason ?? 'backendInfo() gives no reason') : 'backendInfo() does not list webgpu';
+if (info?.available) {
+  try {
+    const b = await createBackend({ prefer: 'webgpu' });
+    if (isWebGpuBackend(b)) moe = b;
+    else why = `createBackend({ prefer: 'webgpu' }) returned '${(b as Backend).name}'`;
+  } catch (e) {
+    why = `createBackend failed: ${(e as Error).message}`;
+  }
+}
+const wasm = await createBackend({ prefer: 'wasm' });
+
+/** Tensors compared bit for bit, per op (printed at the end). */
+const compared: Record<string, number> = {};
+
+type AnyResult = unknown;
+
+/** Every tensor of `got` (device, downloaded) equals `want`'s bit for bit, with the same keys. */
+async function same(op: string, got: AnyResult, want: AnyResult, what: string): Promise<void> {
+  const host = await moe!.toHost(got);
+  const check = (g: unknown, w: unknown, path: string) => {
+    if (w && typeof w === 'object' && 'dtype' in (w as object)) {
+      const gt = g as Tensor;
+      const wt = w as Tensor;
+      expect(gt, `${path}: missing`).toBeDefined();
+      expect(gt.dtype, `${path}.dtype`).toBe(wt.dtype);
+      expect([...gt.shape], `${path}.shape`).toEqual([...wt.shape]);
+      const gb = bitsOf(gt);
+      const wb = bitsOf(wt);
+      const bad = gb.findIndex((b, i) => b !== wb[i]);
+      expect(bad, `${path}: first differing element ${bad} (got ${gb[bad]}, want ${wb[bad]})`).toBe(-1);
+      compared[op] = (compared[op] ?? 0) + 1;
+      return;
+    }
+    expect(Object.keys(g as object).sort(), `${path}: keys`).toEqual(Object.keys(w as object).sort());
+    for (const k of Object.keys(w as object)) check((g as Record<string, unknown>)[k], (w as Record<string, unknown>)[k], `${path}.${k}`);
+  };
+  check(host, want, `${op} ${what}`);
+}
+
+/** The error a call throws (or rejects with). */
+async function errorOf(f: () => unknown): Promise<Error> {
+  try {
+    await f();
+  } catch (e) {
+    return e as Error;
+  }
+  throw new Error('expected an error');
+}
+
+function randomTokens(dtype: TokenDType, rows: number, h: number, random: () => number): Tensor<TokenDType> {
+  const v = Float32Array.from({ length: rows * h }, () => random() * 8 - 4);
+  if (dtype === 'float32') return tensor('float32', [rows, h], v);
+  return tensor(dtype, [rows, h], Uint16Array.from(v, dtype === 'bfloat16' ? toBFloat16Bits : toFloat16Bits));
+}
+
+const PROBLEMS = [
+  { numTokens: 1, numExperts: 1, topk: 1, hidden: 1 },
+  { numTokens: 7, numExperts: 4, topk: 2, hidden: 3 },
+  { numTokens: 33, numExperts: 8, topk: 2, hidden: 5 },
+  { numTokens: 64, numExperts: 16, topk: 4, hidden: 16 },
+  { numTokens: 129, numExperts: 6, topk: 3, hidden: 7 },
+  { numTokens: 300, numExperts: 64, topk: 8, hidden: 33 },
+  { numTokens: 5, numExperts: 3, topk: 2, hidden: 0 },
+];
+const DTYPES: TokenDType[] = ['float32', 'bfloat16', 'float16'];
+
+if (moe === undefined) describe('webgpu backend (unavailable here)', () => {
+  it.skip(`backend 'webgpu' is unavailable: ${why}`, () => {});
+  if (inBrowser) it("CI's Chromium has a WebGPU adapter (--enable-unsafe-webgpu in scripts/chromium.mjs)", () => {
+    expect.fail(`no webgpu backend in this browser: ${why}`);
+  });
+});
+
+if (moe !== undefined) describe('webgpu backend against wasm, bit for bit', () => {
+  it('backendInfo() lists webgpu with its adapter and GPU ops; auto picks webgpu here', async () => {
+    expect(info).toMatchObject({ available: true, gpuOps: [...WEBGPU_OPS] });
+    expect(info!.device).toMatch(/WebGPU adapter/);
+    expect((await createBackend()).name).toBe('webgpu');
+  });
+
+  for (const dtype of DTYPES) {
+    for (const [pi, p] of PROBLEMS.entries()) {
+      it(`${dtype} T=${p.numTokens} E=${p.numExperts} k=${p.topk} H=${p.hidden}: every layout op`, async () => {
+        const m = moe!;
+        const random = rng(1000 * pi + DTYPES.indexOf(dtype) + 1);
+        const { numTokens: T, numExperts: E, topk: k, hidden: H } = p;
+        const r = randomRouting({ ...p, dtype }, random, 0.15);
+        const tokens = randomTokens(dtype, T, H, random);
+        // half the cases with device inputs, half with host inputs
+        const dev = pi % 2 === 0;
+        const up = <X extends Tensor>(t: X) => (dev ? m.upload(t) : t);
+
+        // indicesToMultihot / multihotToIndices / tokensPerExpert
+        const i2m = wasm.indicesToMultihot(r.indices, r.weights, E);
+        await same('indicesToMultihot', await m.gpu.indicesToMultihot(up(r.indices), up(r.weights), E), i2m, 'int32');
+        const idx64 = tensor('int64', [T, k], BigInt64Array.from(r.indices.data as Int32Array, (v) => BigInt(v)));
+        await same('indicesToMultihot', await m.gpu.indicesToMultihot(idx64, r.weights, E), wasm.indicesToMultihot(idx64, r.weights, E), 'int64');
+        const { routingMap, probs } = i2m;
+        await same('multihotToIndices', await m.gpu.multihotToIndices(up(routingMap), { probs: up(probs) }), wasm.multihotToIndices(routingMap, { probs }), 'probs');
+        await same('multihotToIndices', await m.gpu.multihotToIndices(up(routingMap), { topk: k + 1 }), wasm.multihotToIndices(routingMap, { topk: k + 1 }), 'topk');
+        await same('tokensPerExpert', await m.gpu.tokensPerExpert(up(routingMap)), wasm.tokensPerExpert(routingMap), '');
+
+        // permute / unpermute, plain
+        const want = wasm.permute(tokens, routingMap, { probs });
+        const got = (await m.gpu.permute(up(tokens), up(routingMap), { probs: up(probs) })) as unknown as Record<string, Tensor>;
+        await same('permute', got, want, 'plain');
+        const n = want.sortedIndices.shape[0];
+        await same('permute', await m.gpu.permute(up(tokens), routingMap, { numOutTokens: n }), wasm.permute(tokens, routingMap, { numOutTokens: n }), 'numOutTokens');
+        const permuted = randomTokens(dtype, n, H, random);
+        await same('unpermute', await m.gpu.unpermute(up(permuted), got.sortedIndices, [T, H]), wasm.unpermute(permuted, want.sortedIndices, [T, H]), 'no probs');
+        await same('unpermute', await m.gpu.unpermute(up(permuted), got.sortedIndices, [T, H], { probs: got.permutedProbs }), wasm.unpermute(permuted, want.sortedIndices, [T, H], { probs: want.permutedProbs }), 'slot probs');
+        await same('unpermute', await m.gpu.unpermute(permuted, up(want.sortedIndices), [T, H], { probs: up(probs), routingMap: up(routingMap) }), wasm.unpermute(permuted, want.sortedIndices, [T, H], { probs, routingMap }), 'dense probs');
+        const gpp = tensor('float32', [n], Float32Array.from({ length: n }, () => random() - 0.5));
+        await same(
+          'permuteBackward',
+          await m.gpu.permuteBackward(up(permuted), got.sortedIndices, T, { gradPermutedProbs: up(gpp), routingMap: up(routingMap) }),
+          wasm.permuteBackward(permuted, want.sortedIndices, T, { gradPermutedProbs: gpp, routingMap }),
+          'plain',
+        );
+        const gradOut = randomTokens(dtype, T, H, random);
+        await same('unpermuteBackward', await m.gpu.unpermuteBackward(up(gradOut), up(permuted), got.sortedIndices), wasm.unpermuteBackward(gradOut, permuted, want.sortedIndices), 'no probs');
+        await same(
+          'unpermuteBackward',
+          await m.gpu.unpermuteBackward(up(gradOut), up(permuted), got.sortedIndices, { probs: got.permutedProbs }),
+          wasm.unpermuteBackward(gradOut, permuted, want.sortedIndices, { probs: want.permutedProbs }),
+          'slot probs (host path)',
+        );
+
+        // drop-and-pad: capacity below, at and above the mean load
+        for (const cap of [Math.max(1, Math.floor((T * k) / E / 2)), Math.min(T, Math.ceil((T * k) / E)), T]) {
+          const o = { probs, numOutTokens: cap * E, dropAndPad: true };
+          const w = wasm.permute(tokens, routingMap, o);
+          const g = (await m.gpu.permute(up(tokens), up(routingMap), { ...o, probs: up(probs) })) as unknown as Record<string, Tensor>;
+          await same('permute', g, w, `dropAndPad C=${cap}`);
+          const pt = randomTokens(dtype, cap * E, H, random);
+          const uo = { probs, routingMap, dropAndPad: true };
+          await same('unpermute', await m.gpu.unpermute(up(pt), g.sortedIndices, [T, H], uo), wasm.unpermute(pt, w.sortedIndices, [T, H], uo), `dropAndPad C=${cap}`);
+          await same('unpermute', await m.gpu.unpermute(up(pt), g.sortedIndices, [T, H], { probs: g.permutedProbs, dropAndPad: true }), wasm.unpermute(pt, w.sortedIndices, [T, H], { probs: w.permutedProbs, dropAndPad: true }), `dropAndPad slot probs C=${cap}`);
+          const gp = tensor('float32', [cap * E], Float32Array.from({ length: cap * E }, () => random() - 0.5));
+          const bo = { gradPermutedProbs: gp, routingMap, dropAndPad: true };
+          await same('permuteBackward', await m.gpu.permuteBackward(up(pt), g.sortedIndices, T, bo), wasm.permuteBackward(pt, w.sortedIndices, T, bo), `dropAndPad C=${cap}`);
+        }
+
+        // sortChunksByIndex and its backward: random splits of the rows, random order
+        const chunks = 1 + Math.floor(random() * 6);
+        const sizes = new Int32Array(chunks);
+        for (let i = 0; i < T; i++) sizes[Math.floor(random() * chunks)]++;
+        const order = Int32Array.from({ length: chunks }, (_, i) => i);
+        for (let i = chunks - 1; i > 0; i--) {
+          const j = Math.floor(random() * (i + 1));
+          [order[i], order[j]] = [order[j], order[i]];
+        }
+        const split = tensor('int32', [chunks], sizes);
+        const idxs = tensor('int32', [chunks], order);
+        const rowProbs = tensor('float32', [T], Float32Array.from({ length: T }, () => random()));
+        await same('sortChunksByIndex', await m.gpu.sortChunksByIndex(up(tokens), up(split), idxs, up(rowProbs)), wasm.sortChunksByIndex(tokens, split, idxs, rowProbs), '');
+        await same('sortChunksByIndexBackward', await m.gpu.sortChunksByIndexBackward(up(gradOut), split, up(idxs), rowProbs), wasm.sortChunksByIndexBackward(gradOut, split, idxs, rowProbs), '');
+      });
+    }
+  }
+
+  it('ops without a shader run on wasm inside: route, topk, activation, dropTokens with device tensors', async () => {
+    const m = moe!;
+    const random = rng(77);
+    const logits = tensor('float32', [40, 16], Float32Array.from({ length: 640 }, () => random() * 6 - 3));
+    const o = { topk: 4, scoreFunction: 'sigmoid' as const, numGroups: 4, topkGroups: 2, expertBias: tensor('float32', [16], Float32Array.from({ length: 16 }, () => random() - 0.5)) };
+    await same('route', await m.gpu.route(m.upload(logits), o), wasm.route(logits, o), '');
+    await same('topk', await m.gpu.topk(m.upload(logits), 3), wasm.topk(logits, 3), '');
+    const x = randomTokens('bfloat16', 12, 10, random);
+    await same('activation', await m.gpu.activation(m.upload(x), { kind: 'swiglu' }), wasm.activation(x, { kind: 'swiglu' }), '');
+  });
+
+  it('errors: the same class and message as wasm (the core validates)', async () => {
+    const m = moe!;
+    const t = tensor('float32', [3, 2], new Float32Array(6));
+    const rm = tensor('bool', [3, 2], new Uint8Array([1, 0, 1, 1, 0, 1]));
+    const cases: [string, () => unknown, () => unknown][] = [
+      ['permute: rows differ', () => m.gpu.permute(m.upload(tensor('float32', [4, 2], new Float32Array(8))), rm), () => wasm.permute(tensor('float32', [4, 2], new Float32Array(8)), rm)],
+      ['permute: bool 2', () => m.gpu.permute(t, m.upload(tensor('bool', [3, 2], new Uint8Array([2, 0, 1, 1, 0, 1])))), () => wasm.permute(t, tensor('bool', [3, 2], new Uint8Array([2, 0, 1, 1, 0, 1])))],
+      ['permute: numOutTokens', () => m.gpu.permute(m.upload(t), rm, { numOutTokens: 3 }), () => wasm.permute(t, rm, { numOutTokens: 3 })],
+      ['permute: capacity', () => m.gpu.permute(m.upload(t), rm, { numOutTokens: 3, dropAndPad: true }), () => wasm.permute(t, rm, { numOutTokens: 3, dropAndPad: true })],
+      ['permute: dtype', () => m.gpu.permute(m.upload(tensor('int32', [3, 2], new Int32Array(6))), rm), () => wasm.permute(tensor('int32', [3, 2], new Int32Array(6)) as never, rm)],
+      ['permute: unknown option', () => m.gpu.permute(t, rm, { prob: 1 }), () => wasm.permute(t, rm, { prob: 1 } as never)],
+      ['unpermute: index out of range', () => m.gpu.unpermute(m.upload(t), tensor('int32', [3], new Int32Array([0, 5, 1])), [3, 2]), () => wasm.unpermute(t, tensor('int32', [3], new Int32Array([0, 5, 1])), [3, 2])],
+      ['unpermute: hidden differs', () => m.gpu.unpermute(m.upload(t), tensor('int32', [3], new Int32Array([0, 1, 1])), [3, 4]), () => wasm.unpermute(t, tensor('int32', [3], new Int32Array([0, 1, 1])), [3, 4])],
+      ['unpermute: dense probs without map', () => m.gpu.unpermute(t, tensor('int32', [3], new Int32Array([0, 1, 1])), [3, 2], { probs: m.upload(tensor('float32', [3, 2], new Float32Array(6))) }), () => wasm.unpermute(t, tensor('int32', [3], new Int32Array([0, 1, 1])), [3, 2], { probs: tensor('float32', [3, 2], new Float32Array(6)) })],
+      ['indicesToMultihot: duplicate', () => m.gpu.indicesToMultihot(m.upload(tensor('int32', [1, 2], new Int32Array([1, 1]))), tensor('float32', [1, 2], new Float32Array(2)), 3), () => wasm.indicesToMultihot(tensor('int32', [1, 2], new Int32Array([1, 1])), tensor('float32', [1, 2], new Float32Array(2)), 3)],
+      ['sortChunksByIndex: not a permutation', () => m.gpu.sortChunksByIndex(m.upload(t), tensor('int32', [2], new Int32Array([1, 2])), tensor('int32', [2], new Int32Array([0, 0]))), () => wasm.sortChunksByIndex(t, tensor('int32', [2], new Int32Array([1, 2])), tensor('int32', [2], new Int32Array([0, 0])))],
+      ['route: topk', () => m.gpu.route(m.upload(t), { topk: 5 }), () => wasm.route(t, { topk: 5 })],
+    ];
+    for (const [what, g, w] of cases) {
+      const ge = await errorOf(g);
+      const we = await errorOf(w);
+      expect(ge.constructor, what).toBe(we.constructor);
+      expect([TypeError, RangeError], what).toContain(we.constructor);
+      expect(ge.message, what).toBe(we.message);
+    }
+  });
+
+  it('device errors name the op: a disposed tensor, a sync op given a webgpu tensor, a buffer over the limit', async () => {
+    const m = moe!;
+    const x = m.upload(tensor('float32', [2, 2], new Float32Array(4)));
+    x.dispose();
+    expect(x.disposed).toBe(true);
+    const rm = tensor('bool', [2, 1], new Uint8Array([1, 1]));
+    const e1 = await errorOf(() => m.gpu.permute(x, rm));
+    expect(e1).toBeInstanceOf(TypeError);
+    expect(e1.message).toMatch(/^permute: tokens: expected a device tensor that is not disposed/);
+    const y = m.upload(tensor('float32', [2, 2], new Float32Array(4)));
+    const e2 = await errorOf(() => m.permute(y as never, rm));
+    expect(e2).toBeInstanceOf(TypeError);
+    expect(e2.message).toMatch(/^permute: got a webgpu tensor; .*await moe\.gpu\.permute/);
+    // 4 tokens of 2^20 float32 each, 64 experts, capacity 4: permutedTokens would be 1 GiB
+    const big = m.upload(tensor('float32', [4, 1 << 20], new Float32Array(4 << 20)));
+    const all = tensor('bool', [4, 64], new Uint8Array(256).fill(1));
+    const e3 = await errorOf(() => m.gpu.permute(big, all, { numOutTokens: 256, dropAndPad: true }));
+    expect(e3).toBeInstanceOf(Error);
+    expect(e3).not.toBeInstanceOf(TypeError);
+    expect(e3).not.toBeInstanceOf(RangeError);
+    expect(e3.message).toMatch(/^permute: permutedTokens needs a 1073741824-byte buffer, over this WebGPU adapter's limit/);
+    big.dispose();
+    y.dispose();
+  });
+
+  it('a lost device: every op says so, naming it; a new backend works', async () => {
+    const b = (await createBackend({ prefer: 'webgpu' })) as WebGpuBackend;
+    const t = tensor('float32', [2, 2], new Float32Array([1, 2, 3, 4]));
+    const rm = tensor('bool', [2, 1], new Uint8Array([1, 1]));
+    const x = b.upload(t);
+    b.destroy();
+    for (let i = 0; i < 50 && !/lost/.test((await errorOf(() => b.gpu.tokensPerExpert(rm)).catch((e) => e as Error)).message); i++) await new Promise((r) => setTimeout(r, 20));
+    const e = await errorOf(() => b.gpu.permute(x, rm));
+    expect(e.message).toMatch(/^permute: the WebGPU device was lost \(destroyed/);
+    expect((await errorOf(() => x.download())).message).toMatch(/^download: the WebGPU device was lost/);
+    // the host ops still run (on wasm), and a new backend has a new device
+    expect(b.permute(t, rm).sortedIndices.data).toEqual(new Int32Array([0, 1]));
+    const c = (await createBackend({ prefer: 'webgpu' })) as WebGpuBackend;
+    await same('permute', await c.gpu.permute(c.upload(t), rm), wasm.permute(t, rm), 'after a lost device');
+  });
+
+  it('prints the comparison counts', () => {
+    const total = Object.values(compared).reduce((a, b) => a + b, 0);
+    console.log(`webgpu vs wasm: ${total} tensors bit for bit: ${JSON.stringify(compared)}`);
+    for (const op of WEBGPU_OPS) expect(compared[op], op).toBeGreaterThan(0);
+  });
+});

@@ -1,0 +1,104 @@
+/**
+ * The webgpu backend's device tensors: a GPUBuffer with a dtype and a shape. WebGPU reads a
+ * buffer back only asynchronously, so `download()` returns a Promise (the cuda backend's is
+ * synchronous). int64 is not kept on the GPU: upload int32 indices.
+ */
+import type { DType, Tensor } from '../tensor.js';
+import { checkTensor } from '../tensor.js';
+import type { Gpu, GPUBuffer } from '../webgpu/gpu.js';
+
+export interface WebGpuTensor<D extends DType = DType> {
+  /** Where the data lives. */
+  readonly device: 'webgpu';
+  readonly dtype: D;
+  readonly shape: readonly number[];
+  /** Whether `dispose()` was called. */
+  readonly disposed: boolean;
+  /** GPU memory held, in bytes (0 once disposed). */
+  readonly byteLength: number;
+  /** Copies the tensor to a new host Tensor, once the queued work that writes it is done. */
+  download(): Promise<Tensor<D>>;
+  /** Frees the GPU buffer now. Idempotent; later uses are errors. */
+  dispose(): void;
+}
+
+/** Bytes per element as the GPU holds them. */
+export const BYTES: Record<DType, number> = { float32: 4, int32: 4, bfloat16: 2, float16: 2, bool: 1, int64: 8 };
+
+const ARRAYS: Record<DType, (b: ArrayBuffer, n: number) => Tensor['data']> = {
+  float32: (b, n) => new Float32Array(b, 0, n),
+  int32: (b, n) => new Int32Array(b, 0, n),
+  bfloat16: (b, n) => new Uint16Array(b, 0, n),
+  float16: (b, n) => new Uint16Array(b, 0, n),
+  bool: (b, n) => new Uint8Array(b, 0, n),
+  int64: (b, n) => new BigInt64Array(b, 0, n),
+};
+
+const owners = new WeakMap<object, { gpu: Gpu; buffer: GPUBuffer | undefined }>();
+
+export class GpuTensor<D extends DType = DType> implements WebGpuTensor<D> {
+  readonly device = 'webgpu' as const;
+  readonly shape: readonly number[];
+  readonly elements: number;
+
+  constructor(
+    gpu: Gpu,
+    buffer: GPUBuffer,
+    readonly dtype: D,
+    shape: readonly number[],
+  ) {
+    this.shape = Object.freeze([...shape]);
+    this.elements = shape.reduce((a, b) => a * b, 1);
+    owners.set(this, { gpu, buffer });
+    gpu.liveBytes += this.byteLength;
+  }
+
+  get disposed(): boolean {
+    return owners.get(this)!.buffer === undefined;
+  }
+
+  get byteLength(): number {
+    return this.disposed ? 0 : this.elements * BYTES[this.dtype];
+  }
+
+  /** The buffer, for an op; a disposed tensor or one of another backend is a TypeError naming the argument. */
+  bufferFor(gpu: Gpu, arg: string): GPUBuffer {
+    const o = owners.get(this)!;
+    if (!o.buffer) throw new TypeError(`${arg}: expected a device tensor that is not disposed, got one whose dispose() was called`);
+    if (o.gpu !== gpu) throw new TypeError(`${arg}: a webgpu tensor of another backend (each backend has its own WebGPU device): download() it and pass the host tensor`);
+    return o.buffer;
+  }
+
+  async download(): Promise<Tensor<D>> {
+    const o = owners.get(this)!;
+    if (!o.buffer) throw new TypeError('download: this webgpu tensor was disposed');
+    const bytes = await o.gpu.read('download', o.buffer, this.byteLength);
+    return { dtype: this.dtype, shape: [...this.shape], data: ARRAYS[this.dtype](bytes.buffer as ArrayBuffer, this.elements) } as unknown as Tensor<D>;
+  }
+
+  dispose(): void {
+    const o = owners.get(this)!;
+    if (!o.buffer) return;
+    o.gpu.liveBytes -= this.byteLength;
+    if (o.gpu.lost === undefined) o.buffer.destroy();
+    o.buffer = undefined;
+  }
+
+  get [Symbol.toStringTag](): string {
+    return `WebGpuTensor(${this.dtype} [${this.shape.join(', ')}]${this.disposed ? ', disposed' : ''})`;
+  }
+}
+
+/** Whether `value` is a webgpu device tensor. */
+export function isWebGpuTensor(value: unknown): value is GpuTensor {
+  return value instanceof GpuTensor;
+}
+
+/** Uploads a host tensor (int64 is refused: the GPU keeps no int64). */
+export function uploadTensor<D extends DType>(gpu: Gpu, op: string, value: unknown, arg: string, dtypes?: readonly D[]): GpuTensor<D> {
+  const t = checkTensor(value, arg, dtypes);
+  if (t.dtype === 'int64') throw new TypeError(`${arg}: int64 is not kept on the GPU; upload int32 indices`);
+  const d = t.data;
+  const buf = gpu.upload(op, new Uint8Array(d.buffer, d.byteOffset, d.byteLength), arg);
+  return new GpuTensor(gpu, buf, t.dtype, t.shape);
+}

@@ -1,0 +1,542 @@
+/**
+ * The WebGPU backend (browsers): WGSL compute shaders (ts/webgpu/shaders.ts) over GPU-resident
+ * tensors (`upload()`, webgpu-tensor.ts).
+ *
+ * WebGPU reads a buffer back only asynchronously, so the backend has two faces:
+ * - the `Backend` methods (synchronous, host tensors in and out, as on every backend) run on
+ *   the backend's own wasm instance: the same bits as the wasm backend by construction;
+ * - `moe.gpu.<op>(...)` (every op of `Backend`, async) takes host or webgpu tensors and returns
+ *   webgpu tensors. The ops of `WEBGPU_OPS` run their arithmetic in shaders; any other op
+ *   downloads its device inputs, runs on the wasm instance and uploads its results.
+ *
+ * Validation is the core's: a GPU op first calls the wasm op on the inputs' host data, with each
+ * `[rows, hidden]` token tensor replaced by an empty `[rows, 0]` stand-in (no hidden-sized data
+ * is read back or copied). If that throws, or the shapes are not the ones the shaders take, the
+ * whole op runs on the wasm instance with every input downloaded, so an error is the core's
+ * own TypeError/RangeError, message included. Errors of the device itself (lost, a buffer over
+ * the adapter's limits, out of memory) are Errors naming the op.
+ */
+import type { Backend, BackendInfo, Binding } from '../backend.js';
+import { checkTensor, isTensor, type DType, type Tensor, type TokenDType } from '../tensor.js';
+import { Gpu, describeAdapter, navigatorGpu, type GPUBuffer } from '../webgpu/gpu.js';
+import * as S from '../webgpu/shaders.js';
+import { checkBool, checkNumber, checkOptions, INDICES, TOKENS } from '../wire.js';
+import { loadWasm, type WasmSource } from './wasm.js';
+import { BYTES, GpuTensor, isWebGpuTensor, uploadTensor, type WebGpuTensor } from './webgpu-tensor.js';
+
+export { isWebGpuTensor, type WebGpuTensor } from './webgpu-tensor.js';
+
+/** The ops whose arithmetic runs in WGSL shaders (`moe.gpu.<op>`); the others run on wasm. */
+export const WEBGPU_OPS = ['indicesToMultihot', 'multihotToIndices', 'tokensPerExpert', 'permute', 'unpermute', 'permuteBackward', 'unpermuteBackward', 'sortChunksByIndex', 'sortChunksByIndexBackward'] as const;
+
+/** A host tensor's type with its tensors on the GPU. */
+export type OnGpu<R> = R extends Tensor<infer D> ? WebGpuTensor<D> : R extends readonly (infer U)[] ? OnGpu<U>[] : R extends object ? { [K in keyof R]: OnGpu<R[K]> } : R;
+/** The other way: what `toHost()` gives. */
+export type OnHost<R> = R extends WebGpuTensor<infer D> ? Tensor<D> : R extends readonly (infer U)[] ? OnHost<U>[] : R extends object ? { [K in keyof R]: OnHost<R[K]> } : R;
+
+type OpName = { [K in keyof Backend]: Backend[K] extends (...a: never[]) => unknown ? K : never }[keyof Backend];
+
+/** `moe.gpu`: every op of Backend, async, on host or webgpu tensors, returning webgpu tensors. */
+export type WebGpuOps = { [K in OpName]: (...args: unknown[]) => Promise<OnGpu<ReturnType<Backend[K]>>> };
+
+export interface WebGpuBackend extends Omit<Backend, 'name'> {
+  readonly name: 'webgpu';
+  /** The adapter, as backendInfo() describes it. */
+  readonly adapter: string;
+  /** The async ops on the GPU. */
+  readonly gpu: WebGpuOps;
+  /** Copies a host tensor into a GPU buffer (int64 is refused: use int32). */
+  upload<D extends DType>(tensor: Tensor<D>): WebGpuTensor<D>;
+  /** Downloads every webgpu tensor in `value` (a tensor, or an op's result object / array). */
+  toHost<R>(value: R): Promise<OnHost<R>>;
+  /** Bytes held by this backend's live webgpu tensors. */
+  memory(): { liveBytes: number };
+  /** Destroys the WebGPU device: its tensors are gone and every later GPU op says so. */
+  destroy(): void;
+}
+
+/** Whether a backend is the webgpu backend (and so has `gpu` and `upload`). */
+export function isWebGpuBackend(backend: unknown): backend is WebGpuBackend {
+  return typeof backend === 'object' && backend !== null && (backend as { name?: unknown }).name === 'webgpu' && typeof (backend as Partial<WebGpuBackend>).upload === 'function';
+}
+
+// ---------------------------------------------------------------------------------------
+// Loading
+
+let adapterProbe: Promise<{ adapter?: unknown; reason?: string }> | undefined;
+
+/** Whether this page has a WebGPU adapter (asked once). */
+function probeAdapter(): Promise<{ adapter?: unknown; reason?: string }> {
+  return (adapterProbe ??= (async () => {
+    const gpu = navigatorGpu();
+    if (!gpu) {
+      const inNode = typeof process !== 'undefined' && typeof process.versions?.node === 'string' && typeof (globalThis as { window?: unknown }).window === 'undefined';
+      return { reason: inNode ? 'WebGPU is a browser API: Node.js has no navigator.gpu (the webgpu backend runs in browsers)' : 'this page has no navigator.gpu (no WebGPU in this browser, or not a secure context)' };
+    }
+    try {
+      const adapter = await gpu.requestAdapter();
+      return adapter ? { adapter } : { reason: 'navigator.gpu.requestAdapter() found no adapter (Chromium without a GPU needs --enable-unsafe-webgpu for its SwiftShader adapter)' };
+    } catch (e) {
+      return { reason: `navigator.gpu.requestAdapter() failed: ${(e as Error).message}` };
+    }
+  })());
+}
+
+export type WebGpuLoaded = { binding: Binding; info: Partial<BackendInfo>; extend: (backend: Backend) => Backend; reason?: undefined } | { binding?: undefined; reason: string };
+
+/**
+ * The loader of `createBackend({ prefer: 'webgpu' })`: a fresh wasm instance (the host ops and
+ * the validation) plus a fresh WebGPU device, so that a backend whose device was lost is
+ * replaced by creating another.
+ */
+export async function loadWebGpu(wasm?: WasmSource): Promise<WebGpuLoaded> {
+  const probe = await probeAdapter();
+  if (!probe.adapter) return { reason: probe.reason! };
+  const loaded = await loadWasm(wasm);
+  if (!loaded.binding) return { reason: `the webgpu backend validates and runs its other ops on wasm, which does not load: ${loaded.reason}` };
+  const adapterName = describeAdapter(probe.adapter);
+  const info: Partial<BackendInfo> = { device: adapterName, gpuOps: [...WEBGPU_OPS] };
+  let device: unknown;
+  try {
+    // a new adapter per device: an adapter gives one device
+    const adapter = (await navigatorGpu().requestAdapter()) ?? probe.adapter;
+    device = await (adapter as { requestDevice(d?: unknown): Promise<unknown> }).requestDevice();
+  } catch (e) {
+    return { reason: `requestDevice() failed: ${(e as Error).message}` };
+  }
+  const gpu = new Gpu(device, adapterName);
+  return { binding: loaded.binding, info, extend: (base) => webgpuBackend(base, gpu) as unknown as Backend };
+}
+
+// ---------------------------------------------------------------------------------------
+// One GPU op call
+
+const HOST = Symbol('host path');
+type Host = typeof HOST;
+
+const DEPTH = 3;
+
+function containsGpu(value: unknown, depth = 0): boolean {
+  if (isWebGpuTensor(value)) return true;
+  if (depth >= DEPTH || typeof value !== 'object' || value === null || ArrayBuffer.isView(value) || isTensor(value)) return false;
+  return Object.values(value).some((v) => containsGpu(v, depth + 1));
+}
+
+async function toHostDeep(value: unknown, depth = 0): Promise<unknown> {
+  if (isWebGpuTensor(value)) return value.download();
+  if (depth >= DEPTH || typeof value !== 'object' || value === null || ArrayBuffer.isView(value) || isTensor(value)) return value;
+  if (Array.isArray(value)) return Promise.all(value.map((v) => toHostDeep(v, depth + 1)));
+  if (Object.getPrototypeOf(value) !== Object.prototype) return value;
+  const entries = await Promise.all(Object.entries(value).map(async ([k, v]) => [k, await toHostDeep(v, depth + 1)] as const));
+  return Object.fromEntries(entries);
+}
+
+function toGpuDeep(gpu: Gpu, op: string, value: unknown, depth = 0): unknown {
+  if (isTensor(value)) return value.dtype === 'int64' ? value : uploadTensor(gpu, op, value, 'result');
+  if (depth >= DEPTH || typeof value !== 'object' || value === null || ArrayBuffer.isView(value)) return value;
+  if (Array.isArray(value)) return value.map((v) => toGpuDeep(gpu, op, v, depth + 1));
+  if (Object.getPrototypeOf(value) !== Object.prototype) return value;
+  return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, toGpuDeep(gpu, op, v, depth + 1)]));
+}
+
+interface Meta {
+  dtype: DType;
+  shape: readonly number[];
+}
+
+/** What one GPU op works with: inputs as buffers or host copies, outputs, scratch. */
+class OpCall {
+  readonly outputs: GpuTensor[] = [];
+  constructor(
+    readonly gpu: Gpu,
+    readonly op: string,
+    readonly scratch: GPUBuffer[],
+  ) {}
+
+  meta(value: unknown, arg: string, dtypes: readonly DType[]): Meta {
+    if (isWebGpuTensor(value)) {
+      value.bufferFor(this.gpu, arg);
+      if (!dtypes.includes(value.dtype)) throw new TypeError(`${arg}.dtype: expected ${dtypes.join(' or ')}, got ${value.dtype}`);
+      return value;
+    }
+    return checkTensor(value, arg, dtypes);
+  }
+
+  async host<D extends DType>(value: unknown, arg: string, dtypes: readonly D[]): Promise<Tensor<D>> {
+    if (isWebGpuTensor(value)) {
+      this.meta(value, arg, dtypes);
+      return (await value.download()) as Tensor<D>;
+    }
+    return checkTensor(value, arg, dtypes);
+  }
+
+  async optHost<D extends DType>(value: unknown, arg: string, dtypes: readonly D[]): Promise<Tensor<D> | undefined> {
+    return value === undefined || value === null ? undefined : this.host(value, arg, dtypes);
+  }
+
+  /** The GPU buffer of an input (host tensors are uploaded for the call; int64 as int32). */
+  buf(value: unknown, arg: string): GPUBuffer {
+    if (isWebGpuTensor(value)) return value.bufferFor(this.gpu, arg);
+    let t = value as Tensor;
+    if (t.dtype === 'int64') t = { dtype: 'int32', shape: t.shape, data: Int32Array.from(t.data as BigInt64Array, (v) => Number(v)) };
+    const d = t.data;
+    const b = this.gpu.upload(this.op, new Uint8Array(d.buffer, d.byteOffset, d.byteLength), arg);
+    this.scratch.push(b);
+    return b;
+  }
+
+  out<D extends DType>(dtype: D, shape: readonly number[], what: string): GpuTensor<D> {
+    const n = shape.reduce((a, b) => a * b, 1);
+    const t = new GpuTensor(this.gpu, this.gpu.buffer(this.op, n * BYTES[dtype], what), dtype, shape);
+    this.outputs.push(t);
+    return t;
+  }
+
+  tmp(bytes: number, what: string): GPUBuffer {
+    const b = this.gpu.buffer(this.op, bytes, what);
+    this.scratch.push(b);
+    return b;
+  }
+
+  words(values: ArrayLike<number>, what: string): GPUBuffer {
+    const b = this.gpu.words(this.op, values, what);
+    this.scratch.push(b);
+    return b;
+  }
+
+  run(key: string, code: string, params: number[], buffers: GPUBuffer[], threads: number): void {
+    this.gpu.dispatch(this.op, key, code, params, buffers, threads, this.scratch);
+  }
+
+  /** `[rows, 0]`: a token tensor's stand-in for validation (same dtype and rank-2 rows). */
+  standIn(m: Meta): Tensor<TokenDType> {
+    const data = m.dtype === 'float32' ? new Float32Array(0) : new Uint16Array(0);
+    return { dtype: m.dtype, shape: [m.shape[0], 0], data } as Tensor<TokenDType>;
+  }
+
+  /** Runs the core's validation; a failure sends the op down the host path (the core's own error, on the real data). */
+  validate<T>(f: () => T): T | Host {
+    try {
+      return f();
+    } catch {
+      return HOST;
+    }
+  }
+
+  /** The inverse of a slot -> token map: `start [T + 1]` and `list [N]` (each token's slots, ascending). */
+  inverse(sorted: GPUBuffer, n: number, t: number): { start: GPUBuffer; list: GPUBuffer } {
+    const cnt = this.tmp(4 * t, 'the inverse map');
+    const start = this.tmp(4 * (t + 1), 'the inverse map');
+    const cursor = this.tmp(4 * t, 'the inverse map');
+    const list = this.tmp(4 * n, 'the inverse map');
+    this.run('inv_count', S.INVERSE_COUNT, [n], [sorted, cnt], n);
+    this.run('inv_scan', S.INVERSE_SCAN, [t], [cnt, start], 1);
+    this.run('inv_fill', S.INVERSE_FILL, [n], [sorted, start, cursor, list], n);
+    this.run('inv_sort', S.INVERSE_SORT, [t], [start, list], t);
+    return { start, list };
+  }
+
+  /** Row gather of a tensor of `dtype`: `rows [R]` of `x [*, h]` into a new `[R, h]` tensor. */
+  gather<D extends DType>(x: GPUBuffer, dtype: D, rows: GPUBuffer, r: number, h: number, what: string): GpuTensor<D> {
+    const out = this.out(dtype, [r, h], what);
+    const width = BYTES[dtype] as S.Width;
+    const words = Math.ceil((r * h * width) / 4);
+    this.run(`gather${width}`, S.gatherRows(width), [r * h, h, words], [x, rows, out.bufferFor(this.gpu, what)], words);
+    return out;
+  }
+}
+
+function tokenWords(kind: TokenDType, elements: number): number {
+  return kind === 'float32' ? elements : Math.ceil(elements / 2);
+}
+
+// ---------------------------------------------------------------------------------------
+// The backend
+
+/** Wraps the wasm-instance backend `base` with the WebGPU device `gpu`. */
+export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
+  /** An op with no shader, or a GPU op sent down the host path: inputs downloaded, wasm, results uploaded. */
+  async function viaHost(op: string, args: unknown[]): Promise<unknown> {
+    gpu.alive(op);
+    const hostArgs = (await toHostDeep(args)) as unknown[];
+    const f = (base as unknown as Record<string, (...a: unknown[]) => unknown>)[op];
+    const out = f(...hostArgs);
+    return toGpuDeep(gpu, op, out);
+  }
+
+  /** Runs a GPU op: `f` returns its result, or HOST for the host path. */
+  async function gpuOp(op: string, args: unknown[], f: (c: OpCall) => Promise<unknown | Host>): Promise<unknown> {
+    let c: OpCall | undefined;
+    const r = await gpu.scoped(op, async (scratch) => {
+      c = new OpCall(gpu, op, scratch);
+      try {
+        return await f(c);
+      } catch (e) {
+        for (const t of c.outputs) t.dispose();
+        // this file's own argument checks, named after the op as the adapters name theirs
+        if ((e instanceof TypeError || e instanceof RangeError) && !e.message.startsWith(`${op}: `)) throw new (e.constructor as ErrorConstructor)(`${op}: ${e.message}`);
+        throw e;
+      }
+    }).catch((e) => {
+      if (c) for (const t of c.outputs) t.dispose();
+      throw e;
+    });
+    return r === HOST ? viaHost(op, args) : r;
+  }
+
+  const kernels: Record<string, (...args: unknown[]) => Promise<unknown>> = {
+    tokensPerExpert: (routingMap) =>
+      gpuOp('tokensPerExpert', [routingMap], async (c) => {
+        const rm = await c.host(routingMap, 'routingMap', ['bool']);
+        if (c.validate(() => base.tokensPerExpert(rm)) === HOST || rm.shape.length !== 2) return HOST;
+        const [t, e] = rm.shape;
+        const out = c.out('int32', [e], 'tokensPerExpert');
+        c.run('count_columns', S.COUNT_COLUMNS, [t, e], [c.buf(routingMap, 'routingMap'), out.bufferFor(gpu, 'out')], e);
+        return out;
+      }),
+
+    indicesToMultihot: (indices, probs, numExperts) =>
+      gpuOp('indicesToMultihot', [indices, probs, numExperts], async (c) => {
+        const idx = await c.host(indices, 'indices', INDICES);
+        const p = await c.host(probs, 'probs', ['float32']);
+        if (c.validate(() => base.indicesToMultihot(idx, p, numExperts as number)) === HOST || idx.shape.length !== 2) return HOST;
+        const [t, k] = idx.shape;
+        const e = numExperts as number;
+        const rm = c.out('bool', [t, e], 'routingMap');
+        const dense = c.out('float32', [t, e], 'probs');
+        const words = Math.ceil((t * e) / 4);
+        c.run('i2m', S.INDICES_TO_MULTIHOT, [t, e, k, words], [c.buf(indices, 'indices'), c.buf(probs, 'probs'), rm.bufferFor(gpu, 'rm'), dense.bufferFor(gpu, 'probs')], words);
+        return { routingMap: rm, probs: dense };
+      }),
+
+    multihotToIndices: (routingMap, options) =>
+      gpuOp('multihotToIndices', [routingMap, options], async (c) => {
+        const o = checkOptions<{ probs?: unknown; topk?: number }>(options, 'multihotToIndices', ['probs', 'topk']);
+        const rm = await c.host(routingMap, 'routingMap', ['bool']);
+        const p = await c.optHost(o.probs, 'probs', ['float32']);
+        const v = c.validate(() => base.multihotToIndices(rm, { probs: p, topk: o.topk }));
+        if (v === HOST || rm.shape.length !== 2) return HOST;
+        const [t, e] = rm.shape;
+        const k = v.indices.shape[1];
+        const indices = c.out('int32', [t, k], 'indices');
+        const probs = c.out('float32', [t, k], 'probs');
+        const pin = o.probs === undefined ? c.tmp(4, 'probs') : c.buf(o.probs, 'probs');
+        c.run('m2i', S.MULTIHOT_TO_INDICES, [t, e, k, o.probs === undefined ? 0 : 1], [c.buf(routingMap, 'routingMap'), pin, indices.bufferFor(gpu, 'i'), probs.bufferFor(gpu, 'p')], t);
+        return { indices, probs };
+      }),
+
+    permute: (tokens, routingMap, options) =>
+      gpuOp('permute', [tokens, routingMap, options], async (c) => {
+        const o = checkOptions<{ probs?: unknown; numOutTokens?: number; dropAndPad?: boolean }>(options, 'permute', ['probs', 'numOutTokens', 'dropAndPad']);
+        const tm = c.meta(tokens, 'tokens', TOKENS);
+        const rm = await c.host(routingMap, 'routingMap', ['bool']);
+        const probs = await c.optHost(o.probs, 'probs', ['float32']);
+        if (tm.shape.length !== 2 || rm.shape.length !== 2) return HOST;
+        const v = c.validate(() => base.permute(c.standIn(tm), rm, { probs, numOutTokens: checkNumber(o.numOutTokens, 'numOutTokens'), dropAndPad: checkBool(o.dropAndPad, 'dropAndPad') }));
+        if (v === HOST) return HOST;
+        const [t, h] = tm.shape;
+        const e = rm.shape[1];
+        const n = v.sortedIndices.shape[0];
+        const dnp = o.dropAndPad === true;
+        const cap = dnp && e > 0 ? n / e : 0;
+        const rmBuf = c.buf(routingMap, 'routingMap');
+        let tpe: GpuTensor<'int32'>;
+        if (dnp) {
+          tpe = c.out('int32', [e], 'tokensPerExpert');
+          gpu.device.queue.writeBuffer(tpe.bufferFor(gpu, 'tpe'), 0, new Int32Array(Math.max(1, e)).fill(cap));
+        } else {
+          tpe = c.out('int32', [e], 'tokensPerExpert');
+          c.run('count_columns', S.COUNT_COLUMNS, [t, e], [rmBuf, tpe.bufferFor(gpu, 'tpe')], e);
+        }
+        const sorted = c.out('int32', [n], 'sortedIndices');
+        const pprobs = probs ? c.out('float32', [n], 'permutedProbs') : undefined;
+        const probsBuf = o.probs === undefined ? c.tmp(4, 'probs') : c.buf(o.probs, 'probs');
+        const pprobsBuf = pprobs ? pprobs.bufferFor(gpu, 'pp') : c.tmp(4, 'permutedProbs');
+        c.run('plan_fill', S.PLAN_FILL, [t, e, dnp ? 1 : 0, cap, probs ? 1 : 0], [rmBuf, tpe.bufferFor(gpu, 'tpe'), probsBuf, sorted.bufferFor(gpu, 's'), pprobsBuf], e);
+        const permutedTokens = c.gather(c.buf(tokens, 'tokens'), tm.dtype, sorted.bufferFor(gpu, 's'), n, h, 'permutedTokens');
+        const result: Record<string, GpuTensor> = { permutedTokens };
+        if (pprobs) result.permutedProbs = pprobs;
+        result.sortedIndices = sorted;
+        result.tokensPerExpert = tpe;
+        return result;
+      }),
+
+    unpermute: (permutedTokens, sortedIndices, restoreShape, options) =>
+      gpuOp('unpermute', [permutedTokens, sortedIndices, restoreShape, options], async (c) => {
+        const o = checkOptions<{ probs?: unknown; routingMap?: unknown; dropAndPad?: boolean }>(options, 'unpermute', ['probs', 'routingMap', 'dropAndPad']);
+        const pm = c.meta(permutedTokens, 'permutedTokens', TOKENS);
+        const si = await c.host(sortedIndices, 'sortedIndices', INDICES);
+        const probs = await c.optHost(o.probs, 'probs', ['float32']);
+        const rm = await c.optHost(o.routingMap, 'routingMap', ['bool']);
+        const rs = restoreShape as number[];
+        if (!Array.isArray(rs) || rs.length !== 2 || pm.shape.length !== 2 || rs[1] !== pm.shape[1]) return HOST;
+        if (c.validate(() => base.unpermute(c.standIn(pm), si, [rs[0], 0], { probs, routingMap: rm, dropAndPad: checkBool(o.dropAndPad, 'dropAndPad') })) === HOST) return HOST;
+        const [n, h] = pm.shape;
+        const t = rs[0];
+        const sorted = c.buf(sortedIndices, 'sortedIndices');
+        const { start, list } = c.inverse(sorted, n, t);
+        const p = slotProbs(c, sorted, n, o.probs, probs, o.routingMap, rm, o.dropAndPad === true);
+        const kind = pm.dtype as TokenDType;
+        const out = c.out(kind, [t, h], 'output');
+        const words = tokenWords(kind, t * h);
+        c.run(`merge_${kind}`, S.merge(kind), [t * h, h, words, p ? 1 : 0], [c.buf(permutedTokens, 'permutedTokens'), start, list, p ?? c.tmp(4, 'probs'), out.bufferFor(gpu, 'o')], words);
+        return out;
+      }),
+
+    permuteBackward: (gradPermuted, sortedIndices, numTokens, options) =>
+      gpuOp('permuteBackward', [gradPermuted, sortedIndices, numTokens, options], async (c) => {
+        const o = checkOptions<{ gradPermutedProbs?: unknown; routingMap?: unknown; dropAndPad?: boolean }>(options, 'permuteBackward', ['gradPermutedProbs', 'routingMap', 'dropAndPad']);
+        const gm = c.meta(gradPermuted, 'gradPermuted', TOKENS);
+        const si = await c.host(sortedIndices, 'sortedIndices', INDICES);
+        const gpp = await c.optHost(o.gradPermutedProbs, 'gradPermutedProbs', ['float32']);
+        const rm = await c.optHost(o.routingMap, 'routingMap', ['bool']);
+        if (gm.shape.length !== 2) return HOST;
+        const v = c.validate(() => base.permuteBackward(c.standIn(gm), si, numTokens as number, { gradPermutedProbs: gpp, routingMap: rm, dropAndPad: checkBool(o.dropAndPad, 'dropAndPad') }));
+        if (v === HOST) return HOST;
+        const [n, h] = gm.shape;
+        const t = numTokens as number;
+        const sorted = c.buf(sortedIndices, 'sortedIndices');
+        const { start, list } = c.inverse(sorted, n, t);
+        const kind = gm.dtype as TokenDType;
+        const gradTokens = c.out(kind, [t, h], 'gradTokens');
+        const words = tokenWords(kind, t * h);
+        c.run(`merge_${kind}`, S.merge(kind), [t * h, h, words, 0], [c.buf(gradPermuted, 'gradPermuted'), start, list, c.tmp(4, 'probs'), gradTokens.bufferFor(gpu, 'g')], words);
+        const result: Record<string, GpuTensor> = { gradTokens };
+        if (v.gradProbs && gpp && rm) {
+          const e = rm.shape[1];
+          const dnp = o.dropAndPad === true;
+          const rmBuf = c.buf(o.routingMap, 'routingMap');
+          const counts = c.tmp(4 * e, 'counts');
+          if (!dnp) c.run('count_columns', S.COUNT_COLUMNS, [rm.shape[0], e], [rmBuf, counts], e);
+          const gradProbs = c.out('float32', [t, e], 'gradProbs');
+          c.run('scatter_slots', S.SCATTER_SLOT_VALUES, [t, e, dnp ? 1 : 0, dnp && e > 0 ? n / e : 0], [start, list, counts, c.buf(o.gradPermutedProbs, 'gradPermutedProbs'), gradProbs.bufferFor(gpu, 'gp')], t);
+          result.gradProbs = gradProbs;
+        }
+        return result;
+      }),
+
+    unpermuteBackward: (gradOutput, permutedTokens, sortedIndices, options) =>
+      gpuOp('unpermuteBackward', [gradOutput, permutedTokens, sortedIndices, options], async (c) => {
+        const o = checkOptions<{ probs?: unknown; routingMap?: unknown; dropAndPad?: boolean }>(options, 'unpermuteBackward', ['probs', 'routingMap', 'dropAndPad']);
+        // gradProbs is a dot product accumulated in float64, which WGSL does not have: with probs, the host path
+        if (o.probs !== undefined && o.probs !== null) return HOST;
+        const gm = c.meta(gradOutput, 'gradOutput', TOKENS);
+        const pm = c.meta(permutedTokens, 'permutedTokens', TOKENS);
+        const si = await c.host(sortedIndices, 'sortedIndices', INDICES);
+        const rm = await c.optHost(o.routingMap, 'routingMap', ['bool']);
+        if (gm.shape.length !== 2 || pm.shape.length !== 2 || gm.shape[1] !== pm.shape[1] || gm.dtype !== pm.dtype) return HOST;
+        if (c.validate(() => base.unpermuteBackward(c.standIn(gm), c.standIn(pm), si, { routingMap: rm, dropAndPad: checkBool(o.dropAndPad, 'dropAndPad') })) === HOST) return HOST;
+        const [n, h] = pm.shape;
+        const gradPermuted = c.gather(c.buf(gradOutput, 'gradOutput'), gm.dtype, c.buf(sortedIndices, 'sortedIndices'), n, h, 'gradPermuted');
+        return { gradPermuted };
+      }),
+
+    sortChunksByIndex: (input, splitSizes, sortedIdxs, probs) =>
+      gpuOp('sortChunksByIndex', [input, splitSizes, sortedIdxs, probs], async (c) => {
+        const im = c.meta(input, 'input', TOKENS);
+        const sizes = await c.host(splitSizes, 'splitSizes', INDICES);
+        const order = await c.host(sortedIdxs, 'sortedIdxs', INDICES);
+        const p = await c.optHost(probs, 'probs', ['float32']);
+        if (im.shape.length !== 2) return HOST;
+        if (c.validate(() => base.sortChunksByIndex(c.standIn(im), sizes, order, p)) === HOST) return HOST;
+        const rows = chunkRows(sizes, order);
+        const rowBuf = c.words(rows, 'the row map');
+        const [n, h] = im.shape;
+        const output = c.gather(c.buf(input, 'input'), im.dtype, rowBuf, n, h, 'output');
+        const result: Record<string, GpuTensor> = { output };
+        if (p) result.probs = reshape(c.gather(c.buf(probs, 'probs'), 'float32', rowBuf, n, 1, 'probs'), [n]);
+        return result;
+      }),
+
+    sortChunksByIndexBackward: (gradOutput, splitSizes, sortedIdxs, gradProbs) =>
+      gpuOp('sortChunksByIndexBackward', [gradOutput, splitSizes, sortedIdxs, gradProbs], async (c) => {
+        const gm = c.meta(gradOutput, 'gradOutput', TOKENS);
+        const sizes = await c.host(splitSizes, 'splitSizes', INDICES);
+        const order = await c.host(sortedIdxs, 'sortedIdxs', INDICES);
+        const gp = await c.optHost(gradProbs, 'gradProbs', ['float32']);
+        if (gm.shape.length !== 2) return HOST;
+        if (c.validate(() => base.sortChunksByIndexBackward(c.standIn(gm), sizes, order, gp)) === HOST) return HOST;
+        const fwd = chunkRows(sizes, order);
+        const inv = new Int32Array(fwd.length);
+        fwd.forEach((src, j) => (inv[src] = j));
+        const rowBuf = c.words(inv, 'the row map');
+        const [n, h] = gm.shape;
+        const gradInput = c.gather(c.buf(gradOutput, 'gradOutput'), gm.dtype, rowBuf, n, h, 'gradInput');
+        const result: Record<string, GpuTensor> = { gradInput };
+        if (gp) result.gradProbs = reshape(c.gather(c.buf(gradProbs, 'gradProbs'), 'float32', rowBuf, n, 1, 'gradProbs'), [n]);
+        return result;
+      }),
+  };
+
+  const ops: Record<string, (...args: unknown[]) => Promise<unknown>> = {};
+  const b = base as unknown as Record<string, unknown>;
+  const wrapped: Record<string, unknown> = {};
+  for (const [name, f] of Object.entries(b)) {
+    if (typeof f !== 'function') continue;
+    ops[name] = kernels[name] ?? ((...args: unknown[]) => viaHost(name, args));
+    // the synchronous ops take host tensors only (WebGPU has no synchronous read-back)
+    wrapped[name] = (...args: unknown[]) => {
+      if (args.some((a) => containsGpu(a))) {
+        throw new TypeError(`${name}: got a webgpu tensor; the synchronous ops take host tensors (WebGPU reads back only asynchronously): call await moe.gpu.${name}(...)`);
+      }
+      return (f as (...a: unknown[]) => unknown)(...args);
+    };
+  }
+  const backend = {
+    ...base,
+    ...wrapped,
+    name: 'webgpu' as const,
+    get threads() {
+      return base.threads;
+    },
+    adapter: gpu.adapterName,
+    gpu: ops as unknown as WebGpuOps,
+    upload<D extends DType>(tensor: Tensor<D>): WebGpuTensor<D> {
+      return uploadTensor(gpu, 'upload', tensor, 'tensor');
+    },
+    toHost<R>(value: R): Promise<OnHost<R>> {
+      return toHostDeep(value) as Promise<OnHost<R>>;
+    },
+    memory() {
+      return { liveBytes: gpu.liveBytes };
+    },
+    destroy() {
+      gpu.device.destroy();
+    },
+  };
+  return backend as unknown as WebGpuBackend;
+}
+
+/** Per-slot probabilities of unpermute as a buffer (undefined without probs). */
+function slotProbs(c: OpCall, sorted: GPUBuffer, n: number, probsArg: unknown, probs: Tensor | undefined, rmArg: unknown, rm: Tensor | undefined, dnp: boolean): GPUBuffer | undefined {
+  if (!probs) return undefined;
+  if (probs.shape.length !== 2) return c.buf(probsArg, 'probs');
+  const e = rm!.shape[1];
+  const counts = c.tmp(4 * e, 'counts');
+  const rmBuf = c.buf(rmArg, 'routingMap');
+  if (!dnp) c.run('count_columns', S.COUNT_COLUMNS, [rm!.shape[0], e], [rmBuf, counts], e);
+  const p = c.tmp(4 * n, 'slot probs');
+  c.run('slot_probs', S.SLOT_PROBS, [n, e, dnp ? 1 : 0, dnp && e > 0 ? n / e : 0], [sorted, counts, c.buf(probsArg, 'probs'), p], n);
+  return p;
+}
+
+/** For sortChunksByIndex: the input row of each output row. */
+function chunkRows(sizes: Tensor, order: Tensor): Int32Array {
+  const sz = Array.from(sizes.data as ArrayLike<number | bigint>, Number);
+  const starts: number[] = [];
+  let s = 0;
+  for (const v of sz) {
+    starts.push(s);
+    s += v;
+  }
+  const rows = new Int32Array(s);
+  let j = 0;
+  for (const c of Array.from(order.data as ArrayLike<number | bigint>, Number)) for (let r = 0; r < sz[c]; r++) rows[j++] = starts[c] + r;
+  return rows;
+}
+
+/** The same buffer with another shape of the same size (the tensor object is re-made). */
+function reshape<D extends DType>(t: GpuTensor<D>, shape: number[]): GpuTensor<D> {
+  Object.defineProperty(t, 'shape', { value: Object.freeze([...shape]) });
+  return t;
+}

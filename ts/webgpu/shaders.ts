@@ -1,0 +1,387 @@
+/**
+ * WGSL compute shaders of the webgpu backend (ts/backends/webgpu.ts), as strings.
+ *
+ * Every buffer is an `array<u32>` holding the tensor's bytes as the host has them: float32 and
+ * int32 one element a word, bfloat16/float16 two elements a word (raw bits, low half first, so no
+ * `shader-f16` is needed), bool four elements a word. A thread writes whole output words, so no
+ * two threads ever write the same word. Parameters come in a read-only `array<u32>` (binding 0).
+ * No float atomics: the only atomics are integer counters, and every list they fill is sorted
+ * before it is used, so each output is a function of the inputs alone (docs/semantics.md).
+ */
+
+/** Dtypes as the shaders see them: 4-byte, 2-byte (bf16 / f16 bits) or 1-byte (bool) elements. */
+export type Width = 4 | 2 | 1;
+
+const HEADER = /* wgsl */ `
+@group(0) @binding(0) var<storage, read> P: array<u32>;
+fn flat(gid: vec3<u32>, nwg: vec3<u32>) -> u32 { return gid.x + gid.y * nwg.x * 64u; }
+`;
+
+/** Thread index `i` (one per unit of work, `n` of them); returns early past the end. */
+const MAIN = (n: string) => /* wgsl */ `
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = flat(gid, nwg);
+  if (i >= ${n}) { return; }
+  body(i);
+}
+`;
+
+/** Float conversions ported from the `half` crate (what the core's wasm build uses), on bits. */
+export const CONVERT = /* wgsl */ `
+fn bf16_to_f32(h: u32) -> f32 { return bitcast<f32>(h << 16u); }
+fn f16_to_f32(h: u32) -> f32 {
+  let s = (h & 0x8000u) << 16u;
+  let e = (h >> 10u) & 0x1fu;
+  let m = h & 0x3ffu;
+  if (e == 0x1fu) { return bitcast<f32>(s | 0x7f800000u | (m << 13u)); }
+  if (e == 0u) {
+    if (m == 0u) { return bitcast<f32>(s); }
+    var mm = m;
+    var ee = 113u;
+    loop { if ((mm & 0x400u) != 0u) { break; } mm = mm << 1u; ee = ee - 1u; }
+    return bitcast<f32>(s | (ee << 23u) | ((mm & 0x3ffu) << 13u));
+  }
+  return bitcast<f32>(s | ((e + 112u) << 23u) | (m << 13u));
+}
+fn f32_to_bf16(v: f32) -> u32 {
+  let x = bitcast<u32>(v);
+  if ((x & 0x7fffffffu) > 0x7f800000u) { return ((x >> 16u) | 0x40u) & 0xffffu; }
+  let r = 0x8000u;
+  if ((x & r) != 0u && (x & (3u * r - 1u)) != 0u) { return ((x >> 16u) + 1u) & 0xffffu; }
+  return x >> 16u;
+}
+fn f32_to_f16(v: f32) -> u32 {
+  let x = bitcast<u32>(v);
+  let sign = x & 0x80000000u;
+  let ex = x & 0x7f800000u;
+  let man = x & 0x007fffffu;
+  if (ex == 0x7f800000u) {
+    var nan_bit = 0u;
+    if (man != 0u) { nan_bit = 0x200u; }
+    return (sign >> 16u) | 0x7c00u | nan_bit | (man >> 13u);
+  }
+  let hs = sign >> 16u;
+  let he = i32(ex >> 23u) - 127 + 15;
+  if (he >= 0x1f) { return hs | 0x7c00u; }
+  if (he <= 0) {
+    if (14 - he > 24) { return hs; }
+    let m = man | 0x00800000u;
+    var hm = m >> u32(14 - he);
+    let rb = 1u << u32(13 - he);
+    if ((m & rb) != 0u && (m & (3u * rb - 1u)) != 0u) { hm = hm + 1u; }
+    return hs | hm;
+  }
+  let hm = man >> 13u;
+  let rb = 0x1000u;
+  var out = hs | (u32(he) << 10u) | hm;
+  if ((man & rb) != 0u && (man & (3u * rb - 1u)) != 0u) { out = out + 1u; }
+  return out;
+}
+`;
+
+/** Token dtype as the arithmetic shaders see it. */
+export type Kind = 'float32' | 'bfloat16' | 'float16';
+
+/** `ld_<name>(i) -> f32` and `bits_<name>(i) -> u32` for a token buffer of `kind`. */
+function loader(name: string, kind: Kind): string {
+  if (kind === 'float32') return `fn bits_${name}(i: u32) -> u32 { return ${name}[i]; }\nfn ld_${name}(i: u32) -> f32 { return bitcast<f32>(${name}[i]); }\n`;
+  const conv = kind === 'bfloat16' ? 'bf16_to_f32' : 'f16_to_f32';
+  return `fn bits_${name}(i: u32) -> u32 { return (${name}[i >> 1u] >> ((i & 1u) * 16u)) & 0xffffu; }\nfn ld_${name}(i: u32) -> f32 { return ${conv}(bits_${name}(i)); }\n`;
+}
+
+/** `round_out(v) -> u32`: an f32 rounded to the output dtype's bits. */
+function rounder(kind: Kind): string {
+  const body = kind === 'float32' ? 'return bitcast<u32>(v);' : kind === 'bfloat16' ? 'return f32_to_bf16(v);' : 'return f32_to_f16(v);';
+  return `fn round_out(v: f32) -> u32 { ${body} }\n`;
+}
+
+/** Elements a u32 word holds. */
+export function perWord(width: Width): number {
+  return 4 / width;
+}
+
+/**
+ * Row gather: `out[r, :] = x[rows[r], :]`, bit for bit (permute, sortChunksByIndex and its
+ * backward, unpermuteBackward without probs). P = [outElements, hidden, outWords]. A thread
+ * writes one output word.
+ */
+export function gatherRows(width: Width): string {
+  const per = perWord(width);
+  const bits = width === 4 ? 'x[j]' : width === 2 ? '(x[j >> 1u] >> ((j & 1u) * 16u)) & 0xffffu' : '(x[j >> 2u] >> ((j & 3u) * 8u)) & 0xffu';
+  return `${HEADER}
+@group(0) @binding(1) var<storage, read> x: array<u32>;
+@group(0) @binding(2) var<storage, read> rows: array<i32>;
+@group(0) @binding(3) var<storage, read_write> out: array<u32>;
+fn body(w: u32) {
+  let n = P[0]; let h = P[1];
+  var word = 0u;
+  for (var k = 0u; k < ${per}u; k = k + 1u) {
+    let e = w * ${per}u + k;
+    if (e >= n) { break; }
+    let r = e / h;
+    let j = u32(rows[r]) * h + (e - r * h);
+    let b = ${bits};
+    word = word | (b << (k * ${32 / per}u));
+  }
+  out[w] = word;
+}
+${MAIN('P[2]')}`;
+}
+
+/** The column counts of a routing map `[T, E]` (tokensPerExpert, the plan's first step). P = [T, E]. */
+export const COUNT_COLUMNS = `${HEADER}
+@group(0) @binding(1) var<storage, read> rm: array<u32>;
+@group(0) @binding(2) var<storage, read_write> counts: array<i32>;
+fn routed(t: u32, e: u32, E: u32) -> bool { let j = t * E + e; return ((rm[j >> 2u] >> ((j & 3u) * 8u)) & 0xffu) != 0u; }
+fn body(e: u32) {
+  let T = P[0]; let E = P[1];
+  var c = 0;
+  for (var t = 0u; t < T; t = t + 1u) { if (routed(t, e, E)) { c = c + 1; } }
+  counts[e] = c;
+}
+${MAIN('P[1]')}`;
+
+/**
+ * The dispatch plan (permute): one thread per expert lists its tokens in ascending order from
+ * its offset (an exclusive scan of the counts, done by the thread itself: E is small). Plain
+ * mode: the routed tokens. Drop-and-pad (P[2] = 1, capacity P[3]): the first C of "routed,
+ * then unrouted" tokens. permutedProbs: the dense probs at (token, expert) when P[4] = 1.
+ * P = [T, E, dropAndPad, C, withProbs].
+ */
+export const PLAN_FILL = `${HEADER}
+@group(0) @binding(1) var<storage, read> rm: array<u32>;
+@group(0) @binding(2) var<storage, read> counts: array<i32>;
+@group(0) @binding(3) var<storage, read> probs: array<f32>;
+@group(0) @binding(4) var<storage, read_write> sorted: array<i32>;
+@group(0) @binding(5) var<storage, read_write> pprobs: array<u32>;
+fn routed(t: u32, e: u32, E: u32) -> bool { let j = t * E + e; return ((rm[j >> 2u] >> ((j & 3u) * 8u)) & 0xffu) != 0u; }
+fn put(pos: u32, t: u32, e: u32, E: u32) {
+  sorted[pos] = i32(t);
+  if (P[4] == 1u) { pprobs[pos] = bitcast<u32>(probs[t * E + e]); }
+}
+fn body(e: u32) {
+  let T = P[0]; let E = P[1];
+  if (P[2] == 1u) {
+    let C = P[3];
+    var pos = e * C;
+    let end = pos + C;
+    for (var t = 0u; t < T && pos < end; t = t + 1u) { if (routed(t, e, E)) { put(pos, t, e, E); pos = pos + 1u; } }
+    for (var t = 0u; t < T && pos < end; t = t + 1u) { if (!routed(t, e, E)) { put(pos, t, e, E); pos = pos + 1u; } }
+    return;
+  }
+  var pos = 0u;
+  for (var f = 0u; f < e; f = f + 1u) { pos = pos + u32(counts[f]); }
+  for (var t = 0u; t < T; t = t + 1u) { if (routed(t, e, E)) { put(pos, t, e, E); pos = pos + 1u; } }
+}
+${MAIN('P[1]')}`;
+
+/**
+ * The inverse of a slot -> token map, step 1: how many slots point at each token (integer
+ * atomics; the count does not depend on their order). P = [N].
+ */
+export const INVERSE_COUNT = `${HEADER}
+@group(0) @binding(1) var<storage, read> sorted: array<i32>;
+@group(0) @binding(2) var<storage, read_write> cnt: array<atomic<u32>>;
+fn body(i: u32) { atomicAdd(&cnt[u32(sorted[i])], 1u); }
+${MAIN('P[0]')}`;
+
+/** Step 2: exclusive scan of the counts into `start [T + 1]`, one thread (in order). P = [T]. */
+export const INVERSE_SCAN = `${HEADER}
+@group(0) @binding(1) var<storage, read> cnt: array<u32>;
+@group(0) @binding(2) var<storage, read_write> start: array<u32>;
+fn body(i: u32) {
+  var s = 0u;
+  for (var t = 0u; t < P[0]; t = t + 1u) { start[t] = s; s = s + cnt[t]; }
+  start[P[0]] = s;
+}
+${MAIN('1u')}`;
+
+/** Step 3: each slot takes a place in its token's list (in any order; step 4 sorts). P = [N]. */
+export const INVERSE_FILL = `${HEADER}
+@group(0) @binding(1) var<storage, read> sorted: array<i32>;
+@group(0) @binding(2) var<storage, read> start: array<u32>;
+@group(0) @binding(3) var<storage, read_write> cursor: array<atomic<u32>>;
+@group(0) @binding(4) var<storage, read_write> list: array<u32>;
+fn body(i: u32) {
+  let t = u32(sorted[i]);
+  list[start[t] + atomicAdd(&cursor[t], 1u)] = i;
+}
+${MAIN('P[0]')}`;
+
+/** Step 4: each token's slots in ascending order (insertion sort: a token has few slots). P = [T]. */
+export const INVERSE_SORT = `${HEADER}
+@group(0) @binding(1) var<storage, read> start: array<u32>;
+@group(0) @binding(2) var<storage, read_write> list: array<u32>;
+fn body(t: u32) {
+  let a = start[t]; let b = start[t + 1u];
+  for (var i = a + 1u; i < b; i = i + 1u) {
+    let v = list[i];
+    var j = i;
+    loop { if (j <= a || list[j - 1u] <= v) { break; } list[j] = list[j - 1u]; j = j - 1u; }
+    list[j] = v;
+  }
+}
+${MAIN('P[0]')}`;
+
+/**
+ * The probability of each slot: per-slot probs as they are; dense `[T, E]` probs at (token,
+ * expert of the slot), the expert from the routing map's column counts (plain) or `i / C`
+ * (drop-and-pad). P = [N, E, dropAndPad, C].
+ */
+export const SLOT_PROBS = `${HEADER}
+@group(0) @binding(1) var<storage, read> sorted: array<i32>;
+@group(0) @binding(2) var<storage, read> counts: array<i32>;
+@group(0) @binding(3) var<storage, read> dense: array<u32>;
+@group(0) @binding(4) var<storage, read_write> p: array<u32>;
+fn body(i: u32) {
+  let E = P[1];
+  var e = 0u;
+  if (P[2] == 1u) { e = i / P[3]; } else {
+    var end = 0u;
+    loop { end = end + u32(counts[e]); if (i < end || e + 1u >= E) { break; } e = e + 1u; }
+  }
+  p[i] = dense[u32(sorted[i]) * E + e];
+}
+${MAIN('P[0]')}`;
+
+/**
+ * The merge of unpermute and permuteBackward: `out[t, h] = sum over t's slots s, ascending, of
+ * x[s, h] * p[s]` in float32 from +0, rounded once to the token dtype (P[3] = 0: no probs, the
+ * products are the values). P = [outElements, hidden, outWords, withProbs]. One thread per word.
+ */
+export function merge(kind: Kind): string {
+  const per = kind === 'float32' ? 1 : 2;
+  return `${HEADER}${CONVERT}${loader('x', kind)}${rounder(kind)}
+@group(0) @binding(1) var<storage, read> x: array<u32>;
+@group(0) @binding(2) var<storage, read> start: array<u32>;
+@group(0) @binding(3) var<storage, read> list: array<u32>;
+@group(0) @binding(4) var<storage, read> p: array<f32>;
+@group(0) @binding(5) var<storage, read_write> out: array<u32>;
+fn body(w: u32) {
+  let n = P[0]; let h = P[1];
+  var word = 0u;
+  for (var k = 0u; k < ${per}u; k = k + 1u) {
+    let e = w * ${per}u + k;
+    if (e >= n) { break; }
+    let t = e / h;
+    let c = e - t * h;
+    var acc = 0.0;
+    for (var q = start[t]; q < start[t + 1u]; q = q + 1u) {
+      let s = list[q];
+      var v = ld_x(s * h + c);
+      if (P[3] == 1u) { v = v * p[s]; }
+      acc = acc + v;
+    }
+    word = word | (round_out(acc) << (k * ${32 / per}u));
+  }
+  out[w] = word;
+}
+${MAIN('P[2]')}`;
+}
+
+/**
+ * unpermuteBackward without probs is a gather; with per-slot probs: `out[i, h] = g[sorted[i], h]
+ * * p[i]`, rounded to the token dtype. P = [outElements, hidden, outWords].
+ */
+export function scaleRows(kind: Kind): string {
+  const per = kind === 'float32' ? 1 : 2;
+  return `${HEADER}${CONVERT}${loader('g', kind)}${rounder(kind)}
+@group(0) @binding(1) var<storage, read> g: array<u32>;
+@group(0) @binding(2) var<storage, read> sorted: array<i32>;
+@group(0) @binding(3) var<storage, read> p: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<u32>;
+fn body(w: u32) {
+  let n = P[0]; let h = P[1];
+  var word = 0u;
+  for (var k = 0u; k < ${per}u; k = k + 1u) {
+    let e = w * ${per}u + k;
+    if (e >= n) { break; }
+    let i = e / h;
+    let v = ld_g(u32(sorted[i]) * h + (e - i * h)) * p[i];
+    word = word | (round_out(v) << (k * ${32 / per}u));
+  }
+  out[w] = word;
+}
+${MAIN('P[2]')}`;
+}
+
+/**
+ * permuteBackward's `gradProbs [T, E]`: one thread per token walks its slots in ascending order
+ * and adds each slot's value at (token, expert of the slot), from +0 (the core's loop, per
+ * token). P = [T, E, dropAndPad, C].
+ */
+export const SCATTER_SLOT_VALUES = `${HEADER}
+@group(0) @binding(1) var<storage, read> start: array<u32>;
+@group(0) @binding(2) var<storage, read> list: array<u32>;
+@group(0) @binding(3) var<storage, read> counts: array<i32>;
+@group(0) @binding(4) var<storage, read> g: array<f32>;
+@group(0) @binding(5) var<storage, read_write> dense: array<f32>;
+fn expert_of(i: u32) -> u32 {
+  if (P[2] == 1u) { return i / P[3]; }
+  var e = 0u;
+  var end = 0u;
+  loop { end = end + u32(counts[e]); if (i < end || e + 1u >= P[1]) { break; } e = e + 1u; }
+  return e;
+}
+fn body(t: u32) {
+  let E = P[1];
+  for (var e = 0u; e < E; e = e + 1u) { dense[t * E + e] = 0.0; }
+  for (var q = start[t]; q < start[t + 1u]; q = q + 1u) {
+    let s = list[q];
+    let j = t * E + expert_of(s);
+    dense[j] = dense[j] + g[s];
+  }
+}
+${MAIN('P[0]')}`;
+
+/**
+ * indicesToMultihot: one thread per word of the bool map (4 cells); each cell looks for its
+ * expert among the token's k indices (the core rejects duplicates, so at most one matches).
+ * P = [T, E, k, mapWords].
+ */
+export const INDICES_TO_MULTIHOT = `${HEADER}
+@group(0) @binding(1) var<storage, read> idx: array<i32>;
+@group(0) @binding(2) var<storage, read> pin: array<u32>;
+@group(0) @binding(3) var<storage, read_write> rm: array<u32>;
+@group(0) @binding(4) var<storage, read_write> pout: array<u32>;
+fn body(w: u32) {
+  let T = P[0]; let E = P[1]; let k = P[2];
+  var word = 0u;
+  for (var b = 0u; b < 4u; b = b + 1u) {
+    let c = w * 4u + b;
+    if (c >= T * E) { break; }
+    let t = c / E; let e = c - t * E;
+    var pv = 0u;
+    for (var j = 0u; j < k; j = j + 1u) {
+      if (idx[t * k + j] == i32(e)) { word = word | (1u << (b * 8u)); pv = pin[t * k + j]; }
+    }
+    pout[c] = pv;
+  }
+  rm[w] = word;
+}
+${MAIN('P[3]')}`;
+
+/**
+ * multihotToIndices: one thread per token lists its experts in ascending id, then -1 / prob 0.
+ * P = [T, E, k, withProbs].
+ */
+export const MULTIHOT_TO_INDICES = `${HEADER}
+@group(0) @binding(1) var<storage, read> rm: array<u32>;
+@group(0) @binding(2) var<storage, read> pin: array<u32>;
+@group(0) @binding(3) var<storage, read_write> idx: array<i32>;
+@group(0) @binding(4) var<storage, read_write> pout: array<u32>;
+fn body(t: u32) {
+  let E = P[1]; let k = P[2];
+  var j = 0u;
+  for (var e = 0u; e < E && j < k; e = e + 1u) {
+    let c = t * E + e;
+    if (((rm[c >> 2u] >> ((c & 3u) * 8u)) & 0xffu) != 0u) {
+      idx[t * k + j] = i32(e);
+      if (P[3] == 1u) { pout[t * k + j] = pin[c]; } else { pout[t * k + j] = 0x3f800000u; }
+      j = j + 1u;
+    }
+  }
+  for (; j < k; j = j + 1u) { idx[t * k + j] = -1; pout[t * k + j] = 0u; }
+}
+${MAIN('P[0]')}`;
