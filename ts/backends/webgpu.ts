@@ -27,7 +27,7 @@ import { BYTES, GpuTensor, isWebGpuTensor, uploadTensor, type WebGpuTensor } fro
 export { isWebGpuTensor, type WebGpuTensor } from './webgpu-tensor.js';
 
 /** The ops whose arithmetic runs in WGSL shaders (`moe.gpu.<op>`); the others run on wasm. */
-export const WEBGPU_OPS = ['indicesToMultihot', 'multihotToIndices', 'tokensPerExpert', 'permute', 'unpermute', 'permuteBackward', 'unpermuteBackward', 'sortChunksByIndex', 'sortChunksByIndexBackward'] as const;
+export const WEBGPU_OPS = ['indicesToMultihot', 'multihotToIndices', 'tokensPerExpert', 'permute', 'unpermute', 'permuteBackward', 'unpermuteBackward', 'sortChunksByIndex', 'sortChunksByIndexBackward', 'topk'] as const;
 
 /** A host tensor's type with its tensors on the GPU. */
 export type OnGpu<R> = R extends Tensor<infer D> ? WebGpuTensor<D> : R extends readonly (infer U)[] ? OnGpu<U>[] : R extends object ? { [K in keyof R]: OnGpu<R[K]> } : R;
@@ -49,6 +49,8 @@ export interface WebGpuBackend extends Omit<Backend, 'name'> {
   upload<D extends DType>(tensor: Tensor<D>): WebGpuTensor<D>;
   /** Downloads every webgpu tensor in `value` (a tensor, or an op's result object / array). */
   toHost<R>(value: R): Promise<OnHost<R>>;
+  /** Waits until the GPU has done all the work queued so far. */
+  synchronize(): Promise<void>;
   /** Bytes held by this backend's live webgpu tensors. */
   memory(): { liveBytes: number };
   /** Destroys the WebGPU device: its tensors are gone and every later GPU op says so. */
@@ -448,6 +450,27 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
         return result;
       }),
 
+    topk: (values, k) =>
+      gpuOp('topk', [values, k], async (c) => {
+        const vm = c.meta(values, 'values', ['float32']);
+        if (vm.shape.length !== 2) return HOST;
+        const [t, e] = vm.shape;
+        // the core checks k and the shape on a one-row stand-in; NaN is flagged by the shader
+        const probe = { dtype: 'float32', shape: [Math.min(t, 1), e], data: new Float32Array(Math.min(t, 1) * e) } as Tensor<'float32'>;
+        if (c.validate(() => base.topk(probe, k as number)) === HOST) return HOST;
+        const kk = k as number;
+        const ov = c.out('float32', [t, kk], 'values');
+        const oi = c.out('int32', [t, kk], 'indices');
+        const flag = c.tmp(4, 'the NaN flag');
+        c.run('topk', S.TOPK, [t, e, kk], [c.buf(values, 'values'), ov.bufferFor(gpu, 'v'), oi.bufferFor(gpu, 'i'), flag], t);
+        if (t > 0 && new Uint32Array((await gpu.read('topk', flag, 4)).buffer)[0] !== 0) {
+          ov.dispose();
+          oi.dispose();
+          return HOST;
+        }
+        return { values: ov, indices: oi };
+      }),
+
     sortChunksByIndexBackward: (gradOutput, splitSizes, sortedIdxs, gradProbs) =>
       gpuOp('sortChunksByIndexBackward', [gradOutput, splitSizes, sortedIdxs, gradProbs], async (c) => {
         const gm = c.meta(gradOutput, 'gradOutput', TOKENS);
@@ -499,6 +522,11 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
     },
     memory() {
       return { liveBytes: gpu.liveBytes };
+    },
+    async synchronize() {
+      gpu.alive('synchronize');
+      await gpu.device.queue.onSubmittedWorkDone();
+      gpu.alive('synchronize');
     },
     destroy() {
       gpu.device.destroy();

@@ -385,3 +385,43 @@ fn body(t: u32) {
   for (; j < k; j = j + 1u) { idx[t * k + j] = -1; pout[t * k + j] = 0u; }
 }
 ${MAIN('P[0]')}`;
+
+/**
+ * topk: one thread per row keeps its k best columns, in order, in its output rows (insertion:
+ * a new column goes before every kept one with a smaller key, so ties keep the lower column).
+ * Keys are the float32 bits mapped to an unsigned order with -0 = +0 (integer compares: no
+ * flushing of subnormals). A NaN sets `flag` (the core's RangeError, by the host path).
+ * P = [T, E, k].
+ */
+export const TOPK = `${HEADER}
+@group(0) @binding(1) var<storage, read> v: array<u32>;
+@group(0) @binding(2) var<storage, read_write> ov: array<u32>;
+@group(0) @binding(3) var<storage, read_write> oi: array<i32>;
+@group(0) @binding(4) var<storage, read_write> flag: array<atomic<u32>>;
+fn key(b: u32) -> u32 {
+  if ((b & 0x7fffffffu) == 0u) { return 0x80000000u; }
+  if ((b & 0x80000000u) != 0u) { return ~b; }
+  return b | 0x80000000u;
+}
+fn body(t: u32) {
+  let E = P[1]; let k = P[2];
+  let o = t * k;
+  var n = 0u;
+  for (var e = 0u; e < E; e = e + 1u) {
+    let b = v[t * E + e];
+    if ((b & 0x7fffffffu) > 0x7f800000u) { atomicStore(&flag[0], 1u); }
+    let kb = key(b);
+    if (n == k && kb <= key(ov[o + k - 1u])) { continue; }
+    var j = n;
+    if (n == k) { j = k - 1u; } else { n = n + 1u; }
+    loop {
+      if (j == 0u || key(ov[o + j - 1u]) >= kb) { break; }
+      ov[o + j] = ov[o + j - 1u];
+      oi[o + j] = oi[o + j - 1u];
+      j = j - 1u;
+    }
+    ov[o + j] = b;
+    oi[o + j] = i32(e);
+  }
+}
+${MAIN('P[0]')}`;
