@@ -1,0 +1,54 @@
+#!/usr/bin/env node
+/**
+ * `node bench/webgpu.mjs`: permute / unpermute / route on the webgpu backend next to wasm, in
+ * the same headless Chromium page (bench/webgpu.html, bench/webgpu-bench.mjs). On these machines
+ * Chromium's WebGPU adapter is SwiftShader, a software (CPU) implementation of the GPU: the
+ * numbers say what the shaders cost on 2 CPU cores, not what a real GPU does. Writes
+ * bench/results/<date>-webgpu.json and prints a markdown table. Needs a build (npm run build).
+ *
+ *   node bench/webgpu.mjs [--iters N] [--out FILE] [--tokens T --hidden H --experts E --topk K]
+ */
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { cpus } from 'node:os';
+import { dirname } from 'node:path';
+import { parseArgs } from 'node:util';
+
+import { chromium } from 'playwright-core';
+
+import { CHROMIUM, launchOptions } from '../scripts/chromium.mjs';
+import { serve } from '../scripts/static-server.mjs';
+
+const { values: args } = parseArgs({ options: { iters: { type: 'string' }, out: { type: 'string' }, tokens: { type: 'string' }, hidden: { type: 'string' }, experts: { type: 'string' }, topk: { type: 'string' } } });
+const shape = { T: Number(args.tokens ?? 4096), H: Number(args.hidden ?? 1024), E: Number(args.experts ?? 64), k: Number(args.topk ?? 4), iters: Number(args.iters ?? 10) };
+
+const server = await serve();
+const browser = await chromium.launch(launchOptions);
+let res;
+try {
+  const page = await browser.newPage();
+  const q = new URLSearchParams(Object.entries(shape).map(([k, v]) => [k, String(v)]));
+  await page.goto(`${server.url}bench/webgpu.html?${q}`);
+  await page.waitForFunction(() => window.benchResult !== undefined, null, { timeout: 600_000 });
+  res = await page.evaluate(() => window.benchResult);
+  if (res.error) throw new Error(`in Chromium: ${res.error}`);
+} finally {
+  await browser.close();
+  await server.close();
+}
+
+const date = new Date().toISOString().slice(0, 10);
+const out = args.out ?? `bench/results/${date}-webgpu.json`;
+const result = {
+  date,
+  shape,
+  machine: { cpu: cpus()[0]?.model, cores: cpus().length },
+  chromium: { binary: CHROMIUM, flags: launchOptions.args, userAgent: res.userAgent },
+  adapter: res.adapter,
+  note: 'SwiftShader is a software WebGPU adapter (the GPU emulated on the CPU): these times are not a real GPU\'s. WebGPU rows: tokens on the GPU, routing inputs on the host, each call timed until its results are written.',
+  rows: res.rows,
+};
+mkdirSync(dirname(out), { recursive: true });
+writeFileSync(out, `${JSON.stringify(result, null, 2)}\n`);
+console.log(`| op | dtype | backend | ms | GB/s | same bits as wasm |\n|---|---|---|---|---|---|`);
+for (const r of res.rows) console.log(`| ${r.op} | ${r.dtype} | ${r.backend}${r.onGpu === false ? ' (on wasm inside)' : ''} | ${(r.seconds * 1e3).toFixed(2)} | ${r.gbPerSecond.toFixed(2)} | ${r.sameBitsAsWasm ?? ''} |`);
+console.log(`\n${res.adapter}; written to ${out}`);
