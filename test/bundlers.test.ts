@@ -92,7 +92,9 @@ async function expected() {
   const p = moe.permute(tokens, map, { probs });
   const restored = moe.unpermute(p.permutedTokens, p.sortedIndices, [4, 3], { probs: p.permutedProbs });
   return {
-    names: ['wasm', 'wasm'],
+    // the pages run in Chromium with --enable-unsafe-webgpu (scripts/chromium.mjs): auto picks webgpu,
+    // whose synchronous ops run on its wasm instance
+    names: ['webgpu', 'webgpu'],
     wasmAvailable: true,
     permutedTokens: Array.from(p.permutedTokens.data as Float32Array),
     permutedProbs: Array.from(p.permutedProbs!.data),
