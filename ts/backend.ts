@@ -1,16 +1,18 @@
 /**
  * The Backend interface every implementation provides, and the adapter that turns a
- * compiled binding (N-API or wasm: both export the same positional functions) into one.
+ * compiled binding (N-API or wasm: both export the same functions, each taking one argument
+ * object; their types are generated from the Rust op table) into one.
  * Each op family lives in `ops/<family>.ts` with its interface and adapter; a Backend is
  * their union. Argument checking that is about JavaScript values happens in the adapters;
  * everything about the semantics is checked once, in the Rust core, and reported through
  * the binding as a typed error.
  */
-import { activationsOps, type ActivationsBinding, type ActivationsOps } from './ops/activations.js';
-import { dispatchOps, type DispatchBinding, type DispatchOps } from './ops/dispatch.js';
-import { expertsOps, type ExpertsBinding, type ExpertsOps } from './ops/experts.js';
-import { layoutOps, type LayoutBinding, type LayoutOps } from './ops/layout.js';
-import { routingOps, type RoutingBinding, type RoutingOps } from './ops/routing.js';
+import type { Binding } from './generated/binding.js';
+import { activationsOps, type ActivationsOps } from './ops/activations.js';
+import { dispatchOps, type DispatchOps } from './ops/dispatch.js';
+import { expertsOps, type ExpertsOps } from './ops/experts.js';
+import { layoutOps, type LayoutOps } from './ops/layout.js';
+import { routingOps, type RoutingOps } from './ops/routing.js';
 import type { Call } from './wire.js';
 
 export type { MultihotToIndicesOptions, PermuteBackwardOptions, PermuteOptions, PermuteResult, UnpermuteOptions } from './ops/dispatch.js';
@@ -38,10 +40,8 @@ export interface BackendInfo {
   kernels?: string;
 }
 
-/** Everything a compiled binding exports. */
-export interface Binding extends DispatchBinding, ActivationsBinding, LayoutBinding, RoutingBinding, ExpertsBinding {
-  numThreads(): number;
-}
+/** Everything a compiled binding exports (ts/generated/binding.ts). */
+export type { Binding };
 
 const ERROR_CLASSES: Record<string, ErrorConstructor> = { TypeError, RangeError, Error };
 

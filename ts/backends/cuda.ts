@@ -14,6 +14,7 @@
  * an NVRTC error). `MOE_DISPATCH_CUDA=0` turns the backend off.
  */
 import type { Backend, BackendInfo, Binding, PermuteBackwardOptions, PermuteOptions, UnpermuteOptions } from '../backend.js';
+import type { PermuteArgs, RouteArgs, TopkArgs, UnpermuteArgs } from '../generated/binding.js';
 import { ARGUMENT_DEPTH, containsDeviceTensor, isDeviceTensor, rethrowNative, wrapDevice, type DeviceTensor, type NativeCudaTensor } from '../device.js';
 import { isTensor } from '../tensor.js';
 import { activationsGpu, type CudaActivationsOps } from './cuda-activations.js';
@@ -50,13 +51,20 @@ export interface CudaInfo {
   kernels?: string | null;
 }
 
+/** The order of cudaRoute's positional arguments. */
+const ROUTE_POSITIONAL = ['logits', 'topk', 'scoreFunction', 'softmaxBeforeTopk', 'expertBias', 'numGroups', 'topkGroups', 'normTopkProb', 'routeScale', 'tokenMask'] as const;
+
+/** The fields `K` of an argument object `A`, as positional arguments. */
+type Positional<A, K extends readonly (keyof A)[]> = { -readonly [I in keyof K]: A[K[I]] };
+
 /** The addon's GPU exports. */
 export interface CudaExports {
   cudaInfo(): CudaInfo;
-  cudaPermute: Binding['permute'];
-  cudaUnpermute: Binding['unpermute'];
-  cudaRoute: Binding['route'];
-  cudaTopk: Binding['topk'];
+  // Positional arguments, as the CPU bindings took them before their argument objects (loadCuda adapts them).
+  cudaPermute(...args: Positional<PermuteArgs, ['tokens', 'routingMap', 'probs', 'numOutTokens', 'dropAndPad']>): ReturnType<Binding['permute']>;
+  cudaUnpermute(...args: Positional<UnpermuteArgs, ['permutedTokens', 'sortedIndices', 'restoreShape', 'probs', 'routingMap', 'dropAndPad']>): ReturnType<Binding['unpermute']>;
+  cudaRoute(...args: Positional<RouteArgs, typeof ROUTE_POSITIONAL>): ReturnType<Binding['route']>;
+  cudaTopk(values: TopkArgs['values'], k: number): ReturnType<Binding['topk']>;
   cudaUpload(tensor: ReturnType<typeof wire>): NativeCudaTensor;
   cudaSynchronize(): void;
   cudaMemory(): CudaMemory;
@@ -140,7 +148,13 @@ export function loadCuda(): CudaLoaded {
   }
   if (!info.available) return (cached = { reason: info.reason || 'cudaInfo() reports CUDA unavailable and gives no reason' });
   const gpu = addon as Binding & CudaExports;
-  const binding: Binding = { ...addon, permute: gpu.cudaPermute, unpermute: gpu.cudaUnpermute, route: gpu.cudaRoute, topk: gpu.cudaTopk };
+  const binding: Binding = {
+    ...addon,
+    permute: (a) => gpu.cudaPermute(a.tokens, a.routingMap, a.probs, a.numOutTokens, a.dropAndPad),
+    unpermute: (a) => gpu.cudaUnpermute(a.permutedTokens, a.sortedIndices, a.restoreShape, a.probs, a.routingMap, a.dropAndPad),
+    route: (a) => gpu.cudaRoute(...(ROUTE_POSITIONAL.map((k) => a[k]) as Positional<RouteArgs, typeof ROUTE_POSITIONAL>)),
+    topk: (a) => gpu.cudaTopk(a.values, a.k),
+  };
   const device = [info.device, info.computeCapability && `compute capability ${info.computeCapability}`, info.driverVersion && `driver CUDA ${info.driverVersion}`]
     .filter(Boolean)
     .join(', ');

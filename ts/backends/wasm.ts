@@ -69,7 +69,8 @@ function compile(source: WasmSource): Promise<WebAssembly.Module> {
  */
 export async function loadWasm(source: WasmSource = WASM_URL): Promise<Loaded> {
   try {
-    const binding: Binding = instantiate(await compile(source));
+    // wasm-bindgen types each export's argument object as `any`; ts/generated/binding.ts has their types.
+    const binding = instantiate(await compile(source)) as unknown as Binding;
     return { binding };
   } catch (e) {
     const from = source === WASM_URL ? WASM_URL.href : 'options.wasm';

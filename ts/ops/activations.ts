@@ -1,6 +1,7 @@
 /** Expert activations, forward and backward: the interface, and its adapter over a binding. */
 import type { Tensor, TokenDType } from '../tensor.js';
-import { checkNumber, checkOptions, optWire, TOKENS, wire, type Call, type WireTensor } from '../wire.js';
+import type { Binding } from '../generated/binding.js';
+import { checkNumber, checkOptions, optWire, TOKENS, wire, type Call } from '../wire.js';
 
 /**
  * - `'swiglu'`: `x = [gate | up]` halves, `silu(gate) * up` (Megatron-Core).
@@ -46,29 +47,26 @@ export interface ActivationsOps {
   activationBackward<D extends TokenDType>(grad: Tensor<D>, x: Tensor<D>, options: ActivationOptions): ActivationGrads<D>;
 }
 
-/** The positional functions both bindings export for this family. */
-export interface ActivationsBinding {
-  activation(x: WireTensor, kind: string | undefined, probs: WireTensor | undefined, alpha: number | undefined, limit: number | undefined, linearOffset: number | undefined): Tensor;
-  activationBackward(grad: WireTensor, x: WireTensor, kind: string | undefined, probs: WireTensor | undefined, alpha: number | undefined, limit: number | undefined, linearOffset: number | undefined): { gradInput: Tensor; gradProbs?: Tensor };
-}
+/** This family's functions of the bindings (generated from the Rust op table). */
+export type ActivationsBinding = Pick<Binding, 'activation' | 'activationBackward'>;
 
 const KNOWN: readonly (keyof ActivationOptions)[] = ['kind', 'probs', 'alpha', 'limit', 'linearOffset'];
 
-/** The options as positional arguments; the kind's name and the values are checked by the core. */
-function positional(options: unknown, op: string): [string | undefined, WireTensor | undefined, number | undefined, number | undefined, number | undefined] {
+/** The options as the bindings take them; the kind's name and the values are checked by the core. */
+function args(options: unknown, op: string) {
   const o = checkOptions<ActivationOptions>(options, op, KNOWN);
   if (o.kind !== undefined && typeof o.kind !== 'string') throw new TypeError(`options.kind: expected a string, got ${typeof o.kind}`);
-  return [o.kind, optWire(o.probs, 'probs', ['float32']), checkNumber(o.alpha, 'options.alpha'), checkNumber(o.limit, 'options.limit'), checkNumber(o.linearOffset, 'options.linearOffset')];
+  return { kind: o.kind, probs: optWire(o.probs, 'probs', ['float32']), alpha: checkNumber(o.alpha, 'options.alpha'), limit: checkNumber(o.limit, 'options.limit'), linearOffset: checkNumber(o.linearOffset, 'options.linearOffset') };
 }
 
 export function activationsOps(call: Call<ActivationsBinding>): ActivationsOps {
   return {
     activation(x, options) {
-      return call('activation', (b) => b.activation(wire(x, 'x', TOKENS), ...positional(options, 'activation'))) as Tensor<never>;
+      return call('activation', (b) => b.activation({ x: wire(x, 'x', TOKENS), ...args(options, 'activation') })) as Tensor<never>;
     },
     activationBackward(grad, x, options) {
       return call('activationBackward', (b) => {
-        const out = b.activationBackward(wire(grad, 'grad', TOKENS), wire(x, 'x', TOKENS), ...positional(options, 'activationBackward'));
+        const out = b.activationBackward({ grad: wire(grad, 'grad', TOKENS), x: wire(x, 'x', TOKENS), ...args(options, 'activationBackward') });
         // napi-rs gives `null` for an absent optional field, wasm `undefined`: both become a missing key.
         if (out.gradProbs === undefined || out.gradProbs === null) delete out.gradProbs;
         return out;

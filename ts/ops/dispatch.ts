@@ -1,6 +1,7 @@
 /** Routing maps, permute and unpermute: the interface, and its adapter over a binding. */
 import type { IndexDType, Tensor, TokenDType } from '../tensor.js';
-import { checkBool, checkNumber, checkOptions, INDICES, optWire, TOKENS, wire, type Call, type WireTensor } from '../wire.js';
+import type { Binding } from '../generated/binding.js';
+import { checkBool, checkNumber, checkOptions, INDICES, optWire, TOKENS, wire, type Call } from '../wire.js';
 
 export interface PermuteOptions {
   /** Dense probs `[numTokens, numExperts]` float32; each slot's prob is returned as `permutedProbs`. */
@@ -68,15 +69,8 @@ export interface DispatchOps {
   unpermuteBackward<D extends TokenDType>(gradOutput: Tensor<D>, permutedTokens: Tensor<D>, sortedIndices: Tensor<IndexDType>, options?: UnpermuteOptions): { gradPermuted: Tensor<D>; gradProbs?: Tensor<'float32'> };
 }
 
-/** The positional functions both bindings export for this family. */
-export interface DispatchBinding {
-  indicesToMultihot(indices: WireTensor, probs: WireTensor, numExperts: number): { routingMap: Tensor; probs: Tensor };
-  multihotToIndices(routingMap: WireTensor, probs: WireTensor | undefined, topk: number | undefined): { indices: Tensor; probs: Tensor };
-  permute(tokens: WireTensor, routingMap: WireTensor, probs: WireTensor | undefined, numOutTokens: number | undefined, dropAndPad: boolean | undefined): PermuteResult;
-  unpermute(permuted: WireTensor, sortedIndices: WireTensor, restoreShape: number[], probs: WireTensor | undefined, routingMap: WireTensor | undefined, dropAndPad: boolean | undefined): Tensor;
-  permuteBackward(gradPermuted: WireTensor, sortedIndices: WireTensor, numTokens: number, gradPermutedProbs: WireTensor | undefined, routingMap: WireTensor | undefined, dropAndPad: boolean | undefined): { gradTokens: Tensor; gradProbs?: Tensor };
-  unpermuteBackward(gradOutput: WireTensor, permuted: WireTensor, sortedIndices: WireTensor, probs: WireTensor | undefined, routingMap: WireTensor | undefined, dropAndPad: boolean | undefined): { gradPermuted: Tensor; gradProbs?: Tensor };
-}
+/** This family's functions of the bindings (generated from the Rust op table). */
+export type DispatchBinding = Pick<Binding, 'indicesToMultihot' | 'multihotToIndices' | 'permute' | 'unpermute' | 'permuteBackward' | 'unpermuteBackward'>;
 
 /** napi-rs gives `null` for an absent optional field, wasm `undefined`: both become a missing key. */
 function dropAbsent<T extends object>(out: T, key: keyof T): T {
@@ -88,25 +82,25 @@ export function dispatchOps(call: Call<DispatchBinding>): DispatchOps {
   return {
     indicesToMultihot(indices, probs, numExperts) {
       return call('indicesToMultihot', (b) =>
-        b.indicesToMultihot(wire(indices, 'indices', INDICES), wire(probs, 'probs', ['float32']), checkNumber(numExperts, 'numExperts') ?? NaN),
+        b.indicesToMultihot({ indices: wire(indices, 'indices', INDICES), probs: wire(probs, 'probs', ['float32']), numExperts: checkNumber(numExperts, 'numExperts') ?? NaN }),
       ) as ReturnType<DispatchOps['indicesToMultihot']>;
     },
     multihotToIndices(routingMap, options) {
       return call('multihotToIndices', (b) => {
         const o = checkOptions<MultihotToIndicesOptions>(options, 'multihotToIndices', ['probs', 'topk']);
-        return b.multihotToIndices(wire(routingMap, 'routingMap', ['bool']), optWire(o.probs, 'probs', ['float32']), checkNumber(o.topk, 'topk'));
+        return b.multihotToIndices({ routingMap: wire(routingMap, 'routingMap', ['bool']), probs: optWire(o.probs, 'probs', ['float32']), topk: checkNumber(o.topk, 'topk') });
       }) as ReturnType<DispatchOps['multihotToIndices']>;
     },
     permute(tokens, routingMap, options) {
       return call('permute', (b) => {
         const o = checkOptions<PermuteOptions>(options, 'permute', ['probs', 'numOutTokens', 'dropAndPad']);
-        const out = b.permute(
-          wire(tokens, 'tokens', TOKENS),
-          wire(routingMap, 'routingMap', ['bool']),
-          optWire(o.probs, 'probs', ['float32']),
-          checkNumber(o.numOutTokens, 'numOutTokens'),
-          checkBool(o.dropAndPad, 'dropAndPad'),
-        );
+        const out = b.permute({
+          tokens: wire(tokens, 'tokens', TOKENS),
+          routingMap: wire(routingMap, 'routingMap', ['bool']),
+          probs: optWire(o.probs, 'probs', ['float32']),
+          numOutTokens: checkNumber(o.numOutTokens, 'numOutTokens'),
+          dropAndPad: checkBool(o.dropAndPad, 'dropAndPad'),
+        });
         return dropAbsent(out, 'permutedProbs');
       }) as PermuteResult<never>;
     },
@@ -116,41 +110,41 @@ export function dispatchOps(call: Call<DispatchBinding>): DispatchOps {
         if (!Array.isArray(restoreShape) || restoreShape.some((d) => typeof d !== 'number')) {
           throw new TypeError(`restoreShape: expected [numTokens, hidden], got ${JSON.stringify(restoreShape)}`);
         }
-        return b.unpermute(
-          wire(permutedTokens, 'permutedTokens', TOKENS),
-          wire(sortedIndices, 'sortedIndices', INDICES),
-          [...restoreShape],
-          optWire(o.probs, 'probs', ['float32']),
-          optWire(o.routingMap, 'routingMap', ['bool']),
-          checkBool(o.dropAndPad, 'dropAndPad'),
-        );
+        return b.unpermute({
+          permutedTokens: wire(permutedTokens, 'permutedTokens', TOKENS),
+          sortedIndices: wire(sortedIndices, 'sortedIndices', INDICES),
+          restoreShape: [...restoreShape],
+          probs: optWire(o.probs, 'probs', ['float32']),
+          routingMap: optWire(o.routingMap, 'routingMap', ['bool']),
+          dropAndPad: checkBool(o.dropAndPad, 'dropAndPad'),
+        });
       }) as Tensor<never>;
     },
     permuteBackward(gradPermuted, sortedIndices, numTokens, options) {
       return call('permuteBackward', (b) => {
         const o = checkOptions<PermuteBackwardOptions>(options, 'permuteBackward', ['gradPermutedProbs', 'routingMap', 'dropAndPad']);
-        const out = b.permuteBackward(
-          wire(gradPermuted, 'gradPermuted', TOKENS),
-          wire(sortedIndices, 'sortedIndices', INDICES),
-          checkNumber(numTokens, 'numTokens') ?? NaN,
-          optWire(o.gradPermutedProbs, 'gradPermutedProbs', ['float32']),
-          optWire(o.routingMap, 'routingMap', ['bool']),
-          checkBool(o.dropAndPad, 'dropAndPad'),
-        );
+        const out = b.permuteBackward({
+          gradPermuted: wire(gradPermuted, 'gradPermuted', TOKENS),
+          sortedIndices: wire(sortedIndices, 'sortedIndices', INDICES),
+          numTokens: checkNumber(numTokens, 'numTokens') ?? NaN,
+          gradPermutedProbs: optWire(o.gradPermutedProbs, 'gradPermutedProbs', ['float32']),
+          routingMap: optWire(o.routingMap, 'routingMap', ['bool']),
+          dropAndPad: checkBool(o.dropAndPad, 'dropAndPad'),
+        });
         return dropAbsent(out, 'gradProbs');
       }) as { gradTokens: Tensor<never>; gradProbs?: Tensor<'float32'> };
     },
     unpermuteBackward(gradOutput, permutedTokens, sortedIndices, options) {
       return call('unpermuteBackward', (b) => {
         const o = checkOptions<UnpermuteOptions>(options, 'unpermuteBackward', ['probs', 'routingMap', 'dropAndPad']);
-        const out = b.unpermuteBackward(
-          wire(gradOutput, 'gradOutput', TOKENS),
-          wire(permutedTokens, 'permutedTokens', TOKENS),
-          wire(sortedIndices, 'sortedIndices', INDICES),
-          optWire(o.probs, 'probs', ['float32']),
-          optWire(o.routingMap, 'routingMap', ['bool']),
-          checkBool(o.dropAndPad, 'dropAndPad'),
-        );
+        const out = b.unpermuteBackward({
+          gradOutput: wire(gradOutput, 'gradOutput', TOKENS),
+          permutedTokens: wire(permutedTokens, 'permutedTokens', TOKENS),
+          sortedIndices: wire(sortedIndices, 'sortedIndices', INDICES),
+          probs: optWire(o.probs, 'probs', ['float32']),
+          routingMap: optWire(o.routingMap, 'routingMap', ['bool']),
+          dropAndPad: checkBool(o.dropAndPad, 'dropAndPad'),
+        });
         return dropAbsent(out, 'gradProbs');
       }) as { gradPermuted: Tensor<never>; gradProbs?: Tensor<'float32'> };
     },

@@ -4,6 +4,7 @@
  * is the Rust core's.
  */
 import type { Tensor, TokenDType } from '../tensor.js';
+import type { Binding, CheckpointInfoArgs, LoadedExperts as LoadedWire } from '../generated/binding.js';
 import { checkBool, checkNumber, checkOptions, INDICES, optWire, TOKENS, wire, type Call, type WireTensor } from '../wire.js';
 import type { ActivationKind } from './activations.js';
 
@@ -193,39 +194,7 @@ export interface ExpertsOps {
   unstackExperts(weights: ExpertWeights, options: UnstackExpertsOptions): Record<string, Tensor>;
 }
 
-interface LoadedWire {
-  gateAndUpProjs: Tensor;
-  downProjs: Tensor;
-  gateUpProjBias?: Tensor | null;
-  downProjBias?: Tensor | null;
-  start: number;
-  end: number;
-  format: string;
-  bytesRead: number;
-}
-
-interface NamedWire {
-  names: string[];
-  tensors: Tensor[];
-  metadataKeys: string[];
-  metadataValues: string[];
-  bytesRead?: number;
-}
-
-interface InfoWire {
-  names: string[];
-  dtypes: string[];
-  shapes: number[][];
-  files: string[];
-  metadataKeys: string[];
-  metadataValues: string[];
-  bytesRead: number;
-}
-
-/** A checkpoint source as the bindings take it: exactly one of a path, one file's bytes, or an index's json bytes with the shards. */
-export type SourceArgs = [path: string | undefined, bytes: Uint8Array | undefined, index: Uint8Array | undefined, shardNames: string[] | undefined, shardBytes: Uint8Array[] | undefined];
-
-/** The positional arguments the grouped-experts functions of a binding take (`T`: its tensor handle). */
+/** The positional arguments of the CUDA backend's grouped-experts functions (`T`: its tensor handle). */
 export type ExpertsPositional<T> = [
   permutedTokens: T,
   tokensPerExpert: T,
@@ -241,29 +210,8 @@ export type ExpertsPositional<T> = [
   linearOffset: number | undefined,
 ];
 
-/** The positional functions both bindings export for this family. */
-export interface ExpertsBinding {
-  matmul(a: WireTensor, b: WireTensor, transA: boolean | undefined, transB: boolean | undefined): Tensor;
-  expertsForward(...args: ExpertsPositional<WireTensor>): Tensor;
-  expertsBackward(
-    ...args: [gradOutput: WireTensor, ...ExpertsPositional<WireTensor>]
-  ): { gradTokens: Tensor; gradGateAndUpProjs: Tensor; gradDownProjs: Tensor; gradGateUpProjBias?: Tensor | null; gradDownProjBias?: Tensor | null; gradProbs?: Tensor | null };
-  safetensorsSave(names: string[], tensors: WireTensor[], metadataKeys: string[] | undefined, metadataValues: string[] | undefined): Uint8Array;
-  safetensorsLoad(...args: [...SourceArgs, names: string[] | undefined]): NamedWire;
-  checkpointInfo(...args: SourceArgs): InfoWire;
-  loadExperts(...args: [...SourceArgs, prefix: string, numExperts: number, epSize: number, epRank: number, kind: string | undefined, format: string | undefined]): LoadedWire;
-  stackExperts(names: string[], tensors: WireTensor[], prefix: string, numExperts: number, kind: string | undefined, format: string | undefined): LoadedWire;
-  unstackExperts(
-    prefix: string,
-    gateAndUpProjs: WireTensor,
-    downProjs: WireTensor,
-    gateUpProjBias: WireTensor | undefined,
-    downProjBias: WireTensor | undefined,
-    kind: string | undefined,
-    firstExpert: number | undefined,
-    format: string | undefined,
-  ): NamedWire;
-}
+/** This family's functions of the bindings (generated from the Rust op table). */
+export type ExpertsBinding = Pick<Binding, 'matmul' | 'expertsForward' | 'expertsBackward' | 'safetensorsSave' | 'safetensorsLoad' | 'checkpointInfo' | 'loadExperts' | 'stackExperts' | 'unstackExperts'>;
 
 const EXPERTS_KNOWN: readonly (keyof ExpertsOptions)[] = ['activation', 'permutedProbs', 'biases', 'alpha', 'limit', 'linearOffset'];
 
@@ -284,33 +232,32 @@ function upWeight(weights: unknown, kind: string | undefined): [WireTensor, stri
   return [wire(w[name], `weights.${name}`, TOKENS), name];
 }
 
+/** A grouped-experts call's arguments as the bindings take them (the up projection under its own name). */
 function expertArgs(permutedTokens: unknown, tokensPerExpert: unknown, weights: unknown, options: unknown, op: string) {
   const o = checkOptions<ExpertsOptions>(options, op, EXPERTS_KNOWN);
   const kind = kindOf(o.activation, 'options.activation');
   const [w1, w1Name] = upWeight(weights, kind);
   const b = o.biases === undefined ? {} : checkOptions<ExpertBiases>(o.biases, 'biases', ['gateUpProjBias', 'downProjBias']);
-  return [
-    wire(permutedTokens, 'permutedTokens', TOKENS),
-    wire(tokensPerExpert, 'tokensPerExpert', INDICES),
-    w1,
-    w1Name,
-    wire((weights as ExpertWeights).downProjs, 'weights.downProjs', TOKENS),
+  return {
+    permutedTokens: wire(permutedTokens, 'permutedTokens', TOKENS),
+    tokensPerExpert: wire(tokensPerExpert, 'tokensPerExpert', INDICES),
+    [w1Name]: w1,
+    downProjs: wire((weights as ExpertWeights).downProjs, 'weights.downProjs', TOKENS),
     kind,
-    optWire(o.permutedProbs, 'permutedProbs', ['float32']),
-    optWire(b.gateUpProjBias, 'biases.gateUpProjBias', TOKENS),
-    optWire(b.downProjBias, 'biases.downProjBias', TOKENS),
-    checkNumber(o.alpha, 'options.alpha'),
-    checkNumber(o.limit, 'options.limit'),
-    checkNumber(o.linearOffset, 'options.linearOffset'),
-  ] as const;
+    permutedProbs: optWire(o.permutedProbs, 'permutedProbs', ['float32']),
+    gateUpProjBias: optWire(b.gateUpProjBias, 'biases.gateUpProjBias', TOKENS),
+    downProjBias: optWire(b.downProjBias, 'biases.downProjBias', TOKENS),
+    alpha: checkNumber(o.alpha, 'options.alpha'),
+    limit: checkNumber(o.limit, 'options.limit'),
+    linearOffset: checkNumber(o.linearOffset, 'options.linearOffset'),
+  } as { permutedTokens: WireTensor; tokensPerExpert: WireTensor; gateAndUpProjs?: WireTensor; upProjs?: WireTensor; downProjs: WireTensor };
 }
 
 const present = <T>(v: T | null | undefined): T | undefined => (v === null ? undefined : v);
 
-function named(tensors: unknown, arg: string): [string[], WireTensor[]] {
+function named(tensors: unknown, arg: string): Record<string, WireTensor> {
   if (typeof tensors !== 'object' || tensors === null || Array.isArray(tensors)) throw new TypeError(`${arg}: expected an object of named tensors, got ${Array.isArray(tensors) ? 'an Array' : typeof tensors}`);
-  const names = Object.keys(tensors);
-  return [names, names.map((n) => wire((tensors as Record<string, unknown>)[n], n))];
+  return Object.fromEntries(Object.keys(tensors).map((n) => [n, wire((tensors as Record<string, unknown>)[n], n)]));
 }
 
 const describeValue = (v: unknown): string => (v === null ? 'null' : Array.isArray(v) ? 'an Array' : ArrayBuffer.isView(v) ? v.constructor.name : typeof v);
@@ -324,23 +271,20 @@ function indexBytes(value: unknown): Uint8Array {
   throw new TypeError(`source.index: expected the parsed model.safetensors.index.json, its text or its bytes, got ${describeValue(value)}`);
 }
 
-/** A checkpoint source as the binding's positional arguments. */
-function source(value: unknown): SourceArgs {
-  if (typeof value === 'string') return [value, undefined, undefined, undefined, undefined];
-  if (value instanceof Uint8Array) return [undefined, value, undefined, undefined, undefined];
+/** A checkpoint source as the bindings take it. */
+function source(value: unknown): CheckpointInfoArgs['source'] {
+  if (typeof value === 'string') return { path: value };
+  if (value instanceof Uint8Array) return { bytes: value };
   if (isPlainObject(value)) {
     const extra = Object.keys(value).find((k) => k !== 'index' && k !== 'shards');
     if (extra !== undefined) throw new TypeError(`source.${extra}: not a key of a sharded checkpoint source { index, shards }`);
     const index = indexBytes(value.index);
     const shards = value.shards;
     if (!isPlainObject(shards)) throw new TypeError(`source.shards: expected an object of shard files' bytes by file name, got ${describeValue(shards)}`);
-    const names = Object.keys(shards);
-    const bytes = names.map((n) => {
-      const b = shards[n];
+    for (const [n, b] of Object.entries(shards)) {
       if (!(b instanceof Uint8Array)) throw new TypeError(`source.shards['${n}']: expected a Uint8Array (the shard file's bytes), got ${describeValue(b)}`);
-      return b;
-    });
-    return [undefined, undefined, index, names, bytes];
+    }
+    return { index, shards: shards as Record<string, Uint8Array> };
   }
   throw new TypeError(`source: expected a path, a Uint8Array (one .safetensors file) or { index, shards } (a sharded checkpoint), got ${describeValue(value)}`);
 }
@@ -351,12 +295,6 @@ function fromWire(t: Tensor): Tensor {
   const bytes = new Uint8Array(t.data.byteLength);
   bytes.set(t.data as Uint8Array);
   return { dtype: 'int64', shape: t.shape, data: new BigInt64Array(bytes.buffer) };
-}
-
-function metadataOf(keys: string[], values: string[]): Record<string, string> {
-  const metadata: Record<string, string> = {};
-  keys.forEach((k, i) => (metadata[k] = values[i]));
-  return metadata;
 }
 
 function formatOf(value: unknown): string | undefined {
@@ -386,9 +324,9 @@ function loaded(out: LoadedWire, kind: string | undefined): LoadedExperts {
   } as LoadedExperts;
 }
 
-function record(out: NamedWire): Record<string, Tensor> {
+function record(tensors: Record<string, Tensor>): Record<string, Tensor> {
   const r: Record<string, Tensor> = {};
-  out.names.forEach((n, i) => (r[n] = fromWire(out.tensors[i])));
+  for (const n of Object.keys(tensors)) r[n] = fromWire(tensors[n]);
   return r;
 }
 
@@ -404,18 +342,18 @@ export function expertsOps(call: Call<ExpertsBinding>): ExpertsOps {
     matmul(a, b, options) {
       return call('matmul', (bd) => {
         const o = checkOptions<MatmulOptions>(options, 'matmul', ['transA', 'transB']);
-        return bd.matmul(wire(a, 'a', TOKENS), wire(b, 'b', TOKENS), checkBool(o.transA, 'options.transA'), checkBool(o.transB, 'options.transB'));
+        return bd.matmul({ a: wire(a, 'a', TOKENS), b: wire(b, 'b', TOKENS), transA: checkBool(o.transA, 'options.transA'), transB: checkBool(o.transB, 'options.transB') });
       }) as Tensor<never>;
     },
     expertsForward(permutedTokens, tokensPerExpert, weights, options) {
-      return call('expertsForward', (b) => b.expertsForward(...expertArgs(permutedTokens, tokensPerExpert, weights, options, 'expertsForward'))) as Tensor<never>;
+      return call('expertsForward', (b) => b.expertsForward(expertArgs(permutedTokens, tokensPerExpert, weights, options, 'expertsForward'))) as Tensor<never>;
     },
     expertsBackward(gradOutput, permutedTokens, tokensPerExpert, weights, options) {
       return call('expertsBackward', (b) => {
         const args = expertArgs(permutedTokens, tokensPerExpert, weights, options, 'expertsBackward');
-        const out = b.expertsBackward(wire(gradOutput, 'gradOutput', TOKENS), ...args);
+        const out = b.expertsBackward({ gradOutput: wire(gradOutput, 'gradOutput', TOKENS), ...args });
         const grads: ExpertsGrads = { gradTokens: out.gradTokens as Tensor<TokenDType>, gradDownProjs: out.gradDownProjs as Tensor<TokenDType> };
-        if (args[3] === 'upProjs') grads.gradUpProjs = out.gradGateAndUpProjs as Tensor<TokenDType>;
+        if (args.upProjs !== undefined) grads.gradUpProjs = out.gradGateAndUpProjs as Tensor<TokenDType>;
         else grads.gradGateAndUpProjs = out.gradGateAndUpProjs as Tensor<TokenDType>;
         const gb: ExpertBiases = {};
         if (present(out.gradGateUpProjBias)) gb.gateUpProjBias = out.gradGateUpProjBias as Tensor<TokenDType>;
@@ -428,27 +366,25 @@ export function expertsOps(call: Call<ExpertsBinding>): ExpertsOps {
     saveSafetensors(tensors, options) {
       return call('saveSafetensors', (b) => {
         const o = checkOptions<SaveSafetensorsOptions>(options, 'saveSafetensors', ['metadata']);
-        const [names, wires] = named(tensors, 'tensors');
+        const wires = named(tensors, 'tensors');
         const meta = o.metadata ?? {};
         if (typeof meta !== 'object' || meta === null) throw new TypeError(`options.metadata: expected an object of strings, got ${typeof meta}`);
-        const keys = Object.keys(meta);
-        for (const k of keys) if (typeof meta[k] !== 'string') throw new TypeError(`options.metadata.${k}: expected a string, got ${typeof meta[k]}`);
-        return b.safetensorsSave(names, wires, keys, keys.map((k) => meta[k]));
+        for (const k of Object.keys(meta)) if (typeof meta[k] !== 'string') throw new TypeError(`options.metadata.${k}: expected a string, got ${typeof meta[k]}`);
+        return b.safetensorsSave({ tensors: wires, metadata: meta });
       });
     },
     loadSafetensors(src, options) {
       return call('loadSafetensors', (b) => {
         const o = checkOptions<LoadSafetensorsOptions>(options, 'loadSafetensors', ['names']);
         if (o.names !== undefined && (!Array.isArray(o.names) || o.names.some((n) => typeof n !== 'string'))) throw new TypeError('options.names: expected an array of strings');
-        const out = b.safetensorsLoad(...source(src), o.names);
-        return { tensors: record(out), metadata: metadataOf(out.metadataKeys, out.metadataValues), bytesRead: out.bytesRead ?? 0 };
+        const out = b.safetensorsLoad({ source: source(src), names: o.names });
+        return { tensors: record(out.tensors), metadata: out.metadata, bytesRead: out.bytesRead };
       });
     },
     checkpointInfo(src) {
       return call('checkpointInfo', (b) => {
-        const out = b.checkpointInfo(...source(src));
-        const tensors = out.names.map((name, i) => ({ name, dtype: out.dtypes[i], shape: out.shapes[i], file: out.files[i] }));
-        return { tensors, metadata: metadataOf(out.metadataKeys, out.metadataValues), bytesRead: out.bytesRead };
+        const out = b.checkpointInfo({ source: source(src) });
+        return { tensors: out.tensors.map(({ name, dtype, shape, file }) => ({ name, dtype, shape, file })), metadata: out.metadata, bytesRead: out.bytesRead };
       });
     },
     loadExperts(src, options) {
@@ -456,7 +392,15 @@ export function expertsOps(call: Call<ExpertsBinding>): ExpertsOps {
         const o = checkOptions<LoadExpertsOptions>(options, 'loadExperts', CKPT_KNOWN);
         const kind = kindOf(o.activation, 'options.activation');
         const format = formatOf(o.format);
-        const out = b.loadExperts(...source(src), prefixOf(o.prefix), size(o.numExperts, 'options.numExperts'), size(o.epSize, 'options.epSize', 1), size(o.epRank, 'options.epRank', 0), kind, format);
+        const out = b.loadExperts({
+          source: source(src),
+          prefix: prefixOf(o.prefix),
+          numExperts: size(o.numExperts, 'options.numExperts'),
+          epSize: size(o.epSize, 'options.epSize', 1),
+          epRank: size(o.epRank, 'options.epRank', 0),
+          kind,
+          format,
+        });
         return loaded(out, kind);
       });
     },
@@ -465,8 +409,8 @@ export function expertsOps(call: Call<ExpertsBinding>): ExpertsOps {
         const o = checkOptions<ExpertCheckpointOptions>(options, 'stackExperts', ['prefix', 'numExperts', 'activation', 'format']);
         const kind = kindOf(o.activation, 'options.activation');
         const format = formatOf(o.format);
-        const [names, wires] = named(tensors, 'tensors');
-        return loaded(b.stackExperts(names, wires, prefixOf(o.prefix), size(o.numExperts, 'options.numExperts'), kind, format), kind);
+        const wires = named(tensors, 'tensors');
+        return loaded(b.stackExperts({ tensors: wires, prefix: prefixOf(o.prefix), numExperts: size(o.numExperts, 'options.numExperts'), kind, format }), kind);
       });
     },
     unstackExperts(weights, options) {
@@ -475,16 +419,16 @@ export function expertsOps(call: Call<ExpertsBinding>): ExpertsOps {
         const kind = kindOf(o.activation, 'options.activation');
         const [w1] = upWeight(weights, kind);
         const bias = o.biases === undefined ? {} : checkOptions<ExpertBiases>(o.biases, 'biases', ['gateUpProjBias', 'downProjBias']);
-        const out = b.unstackExperts(
-          prefixOf(o.prefix),
-          w1,
-          wire((weights as ExpertWeights).downProjs, 'weights.downProjs', TOKENS),
-          optWire(bias.gateUpProjBias, 'biases.gateUpProjBias', TOKENS),
-          optWire(bias.downProjBias, 'biases.downProjBias', TOKENS),
+        const out = b.unstackExperts({
+          prefix: prefixOf(o.prefix),
+          gateAndUpProjs: w1,
+          downProjs: wire((weights as ExpertWeights).downProjs, 'weights.downProjs', TOKENS),
+          gateUpProjBias: optWire(bias.gateUpProjBias, 'biases.gateUpProjBias', TOKENS),
+          downProjBias: optWire(bias.downProjBias, 'biases.downProjBias', TOKENS),
           kind,
-          o.firstExpert === undefined ? undefined : size(o.firstExpert, 'options.firstExpert'),
-          formatOf(o.format),
-        );
+          firstExpert: o.firstExpert === undefined ? undefined : size(o.firstExpert, 'options.firstExpert'),
+          format: formatOf(o.format),
+        });
         return record(out);
       });
     },

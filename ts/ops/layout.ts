@@ -3,7 +3,8 @@
  * interface, and its adapter over a binding. All the arithmetic is the Rust core's.
  */
 import { checkTensor, type DType, type IndexDType, type Tensor, type TokenDType } from '../tensor.js';
-import { checkBool, checkNumber, checkOptions, INDICES, optString, optWire, requiredNumber, TOKENS, wire, type Call, type WireTensor } from '../wire.js';
+import type { Binding, Placed } from '../generated/binding.js';
+import { checkBool, checkNumber, checkOptions, INDICES, optString, optWire, requiredNumber, TOKENS, wire, type Call } from '../wire.js';
 
 /** How `dropTokens` chooses the tokens an over-full expert keeps. */
 export type DropPolicy = 'probs' | 'position';
@@ -136,28 +137,23 @@ export interface LayoutOps {
   splitPlacements(mesh: readonly MeshAxis[], placements: readonly Placement[]): PlacedMesh | null;
 }
 
-interface PlacedWire {
-  axisNames: string[];
-  axisSizes: number[];
-  placements: string[];
-}
-
-/** The positional functions both bindings export for this family. */
-export interface LayoutBinding {
-  getCapacity(numTokens: number, numExperts: number, capacityFactor: number, minCapacity: number | undefined): number;
-  dropTokens(probs: WireTensor, routingMap: WireTensor, topk: number, capacityFactor: number, dropPolicy: string | undefined, padToCapacity: boolean | undefined): DropTokensResult;
-  padRoutingMap(routingMap: WireTensor, padMultiple: number): Tensor;
-  tokensPerExpert(routingMap: WireTensor): Tensor;
-  sortChunksByIndex(input: WireTensor, splitSizes: WireTensor, sortedIdxs: WireTensor, probs: WireTensor | undefined): { output: Tensor; probs?: Tensor };
-  sortChunksByIndexBackward(gradOutput: WireTensor, splitSizes: WireTensor, sortedIdxs: WireTensor, gradProbs: WireTensor | undefined): { gradInput: Tensor; gradProbs?: Tensor };
-  groupedMmSort(indices: WireTensor, weights: WireTensor, tokenMask: WireTensor | undefined, numLocalExperts: number, expertsStartIdx: number | undefined): GroupedMmSortResult;
-  expertRangeForRank(numExperts: number, epSize: number, epRank: number): ExpertRange;
-  shouldLoadExpert(expertId: number, numExperts: number, epSize: number, epRank: number): boolean;
-  splitExpertWeights(stacked: WireTensor, numExperts: number, epSize: number, epRank: number): ExpertTensor[];
-  validateExpertSharding(shape: number[], numExperts: number, epSize: number, epRank: number, name: string | undefined, placement: string | undefined): ExpertRange;
-  expertPlacements(axisNames: string[], axisSizes: number[]): PlacedWire;
-  splitPlacements(axisNames: string[], axisSizes: number[], placements: string[]): PlacedWire | null | undefined;
-}
+/** This family's functions of the bindings (generated from the Rust op table). */
+export type LayoutBinding = Pick<
+  Binding,
+  | 'getCapacity'
+  | 'dropTokens'
+  | 'padRoutingMap'
+  | 'tokensPerExpert'
+  | 'sortChunksByIndex'
+  | 'sortChunksByIndexBackward'
+  | 'groupedMmSort'
+  | 'expertRangeForRank'
+  | 'shouldLoadExpert'
+  | 'splitExpertWeights'
+  | 'validateExpertSharding'
+  | 'expertPlacements'
+  | 'splitPlacements'
+>;
 
 /** napi-rs gives `null` for an absent optional field, wasm `undefined`: both become a missing key. */
 function dropAbsent<T extends object>(out: T, key: keyof T): T {
@@ -165,7 +161,7 @@ function dropAbsent<T extends object>(out: T, key: keyof T): T {
   return out;
 }
 
-function meshWire(mesh: unknown): [string[], number[]] {
+function meshWire(mesh: unknown): { axisNames: string[]; axisSizes: number[] } {
   if (!Array.isArray(mesh)) throw new TypeError(`mesh: expected an array of { name, size }, got ${typeof mesh}`);
   const names: string[] = [];
   const sizes: number[] = [];
@@ -176,7 +172,7 @@ function meshWire(mesh: unknown): [string[], number[]] {
     names.push(name);
     sizes.push(requiredNumber(size, `mesh[${i}].size`));
   });
-  return [names, sizes];
+  return { axisNames: names, axisSizes: sizes };
 }
 
 function placementsWire(placements: unknown): string[] {
@@ -187,7 +183,7 @@ function placementsWire(placements: unknown): string[] {
   });
 }
 
-function placed(p: PlacedWire): PlacedMesh {
+function placed(p: Placed): PlacedMesh {
   return { mesh: p.axisNames.map((name, i) => ({ name, size: p.axisSizes[i] })), placements: [...p.placements] as Placement[] };
 }
 
@@ -202,37 +198,37 @@ export function layoutOps(call: Call<LayoutBinding>): LayoutOps {
   return {
     getCapacity(numTokens, numExperts, capacityFactor, minCapacity) {
       return call('getCapacity', (b) =>
-        b.getCapacity(
-          requiredNumber(numTokens, 'numTokens'),
-          requiredNumber(numExperts, 'numExperts'),
-          requiredNumber(capacityFactor, 'capacityFactor'),
-          checkNumber(minCapacity, 'minCapacity'),
-        ),
+        b.getCapacity({
+          numTokens: requiredNumber(numTokens, 'numTokens'),
+          numExperts: requiredNumber(numExperts, 'numExperts'),
+          capacityFactor: requiredNumber(capacityFactor, 'capacityFactor'),
+          minCapacity: checkNumber(minCapacity, 'minCapacity'),
+        }),
       );
     },
     dropTokens(probs, routingMap, options) {
       return call('dropTokens', (b) => {
         const o = checkOptions<DropTokensOptions>(options, 'dropTokens', ['topk', 'capacityFactor', 'dropPolicy', 'padToCapacity']);
-        return b.dropTokens(
-          wire(probs, 'probs', ['float32']),
-          wire(routingMap, 'routingMap', ['bool']),
-          requiredNumber(o.topk, 'options.topk'),
-          requiredNumber(o.capacityFactor, 'options.capacityFactor'),
-          optString(o.dropPolicy, 'options.dropPolicy'),
-          checkBool(o.padToCapacity, 'options.padToCapacity'),
-        );
+        return b.dropTokens({
+          probs: wire(probs, 'probs', ['float32']),
+          routingMap: wire(routingMap, 'routingMap', ['bool']),
+          topk: requiredNumber(o.topk, 'options.topk'),
+          capacityFactor: requiredNumber(o.capacityFactor, 'options.capacityFactor'),
+          dropPolicy: optString(o.dropPolicy, 'options.dropPolicy'),
+          padToCapacity: checkBool(o.padToCapacity, 'options.padToCapacity'),
+        });
       }) as DropTokensResult;
     },
     padRoutingMap(routingMap, padMultiple) {
-      return call('padRoutingMap', (b) => b.padRoutingMap(wire(routingMap, 'routingMap', ['bool']), requiredNumber(padMultiple, 'padMultiple'))) as Tensor<'bool'>;
+      return call('padRoutingMap', (b) => b.padRoutingMap({ routingMap: wire(routingMap, 'routingMap', ['bool']), padMultiple: requiredNumber(padMultiple, 'padMultiple') })) as Tensor<'bool'>;
     },
     tokensPerExpert(routingMap) {
-      return call('tokensPerExpert', (b) => b.tokensPerExpert(wire(routingMap, 'routingMap', ['bool']))) as Tensor<'int32'>;
+      return call('tokensPerExpert', (b) => b.tokensPerExpert({ routingMap: wire(routingMap, 'routingMap', ['bool']) })) as Tensor<'int32'>;
     },
     sortChunksByIndex(input, splitSizes, sortedIdxs, probs) {
       return call('sortChunksByIndex', (b) =>
         dropAbsent(
-          b.sortChunksByIndex(wire(input, 'input', TOKENS), wire(splitSizes, 'splitSizes', INDICES), wire(sortedIdxs, 'sortedIdxs', INDICES), optWire(probs, 'probs', ['float32'])),
+          b.sortChunksByIndex({ input: wire(input, 'input', TOKENS), splitSizes: wire(splitSizes, 'splitSizes', INDICES), sortedIdxs: wire(sortedIdxs, 'sortedIdxs', INDICES), probs: optWire(probs, 'probs', ['float32']) }),
           'probs',
         ),
       ) as SortChunksResult<never>;
@@ -240,12 +236,12 @@ export function layoutOps(call: Call<LayoutBinding>): LayoutOps {
     sortChunksByIndexBackward(gradOutput, splitSizes, sortedIdxs, gradProbs) {
       return call('sortChunksByIndexBackward', (b) =>
         dropAbsent(
-          b.sortChunksByIndexBackward(
-            wire(gradOutput, 'gradOutput', TOKENS),
-            wire(splitSizes, 'splitSizes', INDICES),
-            wire(sortedIdxs, 'sortedIdxs', INDICES),
-            optWire(gradProbs, 'gradProbs', ['float32']),
-          ),
+          b.sortChunksByIndexBackward({
+            gradOutput: wire(gradOutput, 'gradOutput', TOKENS),
+            splitSizes: wire(splitSizes, 'splitSizes', INDICES),
+            sortedIdxs: wire(sortedIdxs, 'sortedIdxs', INDICES),
+            gradProbs: optWire(gradProbs, 'gradProbs', ['float32']),
+          }),
           'gradProbs',
         ),
       ) as SortChunksGrads<never>;
@@ -253,53 +249,53 @@ export function layoutOps(call: Call<LayoutBinding>): LayoutOps {
     groupedMmSort(indices, weights, options) {
       return call('groupedMmSort', (b) => {
         const o = checkOptions<GroupedMmSortOptions>(options, 'groupedMmSort', ['tokenMask', 'numLocalExperts', 'expertsStartIdx']);
-        return b.groupedMmSort(
-          wire(indices, 'indices', INDICES),
-          wire(weights, 'weights', TOKENS),
-          optWire(o.tokenMask, 'tokenMask', ['bool']),
-          requiredNumber(o.numLocalExperts, 'options.numLocalExperts'),
-          checkNumber(o.expertsStartIdx, 'options.expertsStartIdx'),
-        );
-      });
+        return b.groupedMmSort({
+          indices: wire(indices, 'indices', INDICES),
+          weights: wire(weights, 'weights', TOKENS),
+          tokenMask: optWire(o.tokenMask, 'tokenMask', ['bool']),
+          numLocalExperts: requiredNumber(o.numLocalExperts, 'options.numLocalExperts'),
+          expertsStartIdx: checkNumber(o.expertsStartIdx, 'options.expertsStartIdx'),
+        });
+      }) as GroupedMmSortResult;
     },
     expertRangeForRank(numExperts, epSize, epRank) {
       return call('expertRangeForRank', (b) => {
-        const { start, end } = b.expertRangeForRank(requiredNumber(numExperts, 'numExperts'), requiredNumber(epSize, 'epSize'), requiredNumber(epRank, 'epRank'));
+        const { start, end } = b.expertRangeForRank({ numExperts: requiredNumber(numExperts, 'numExperts'), epSize: requiredNumber(epSize, 'epSize'), epRank: requiredNumber(epRank, 'epRank') });
         return { start, end };
       });
     },
     shouldLoadExpert(expertId, numExperts, epSize, epRank) {
       return call('shouldLoadExpert', (b) =>
-        b.shouldLoadExpert(requiredNumber(expertId, 'expertId'), requiredNumber(numExperts, 'numExperts'), requiredNumber(epSize, 'epSize'), requiredNumber(epRank, 'epRank')),
+        b.shouldLoadExpert({ expertId: requiredNumber(expertId, 'expertId'), numExperts: requiredNumber(numExperts, 'numExperts'), epSize: requiredNumber(epSize, 'epSize'), epRank: requiredNumber(epRank, 'epRank') }),
       );
     },
     splitExpertWeights(stacked, numExperts, epSize, epRank) {
       return call('splitExpertWeights', (b) =>
         b
-          .splitExpertWeights(wire(stacked, 'stacked'), requiredNumber(numExperts, 'numExperts'), requiredNumber(epSize, 'epSize'), requiredNumber(epRank, 'epRank'))
+          .splitExpertWeights({ stacked: wire(stacked, 'stacked'), numExperts: requiredNumber(numExperts, 'numExperts'), epSize: requiredNumber(epSize, 'epSize'), epRank: requiredNumber(epRank, 'epRank') })
           .map(({ expertId, tensor }) => ({ expertId, tensor })),
       ) as ExpertTensor<never>[];
     },
     validateExpertSharding(tensorOrShape, numExperts, epSize, epRank, name, placement) {
       return call('validateExpertSharding', (b) => {
         const n = optString(name, 'name');
-        const { start, end } = b.validateExpertSharding(
-          shapeOf(tensorOrShape, n),
-          requiredNumber(numExperts, 'numExperts'),
-          requiredNumber(epSize, 'epSize'),
-          requiredNumber(epRank, 'epRank'),
-          n,
-          optString(placement, 'placement'),
-        );
+        const { start, end } = b.validateExpertSharding({
+          shape: shapeOf(tensorOrShape, n),
+          numExperts: requiredNumber(numExperts, 'numExperts'),
+          epSize: requiredNumber(epSize, 'epSize'),
+          epRank: requiredNumber(epRank, 'epRank'),
+          name: n,
+          placement: optString(placement, 'placement'),
+        });
         return { start, end };
       });
     },
     expertPlacements(mesh) {
-      return call('expertPlacements', (b) => placed(b.expertPlacements(...meshWire(mesh))));
+      return call('expertPlacements', (b) => placed(b.expertPlacements(meshWire(mesh))));
     },
     splitPlacements(mesh, placements) {
       return call('splitPlacements', (b) => {
-        const out = b.splitPlacements(...meshWire(mesh), placementsWire(placements));
+        const out = b.splitPlacements({ ...meshWire(mesh), placements: placementsWire(placements) });
         return out === null || out === undefined ? null : placed(out);
       });
     },

@@ -1,6 +1,7 @@
 /** Routing (router logits to top-k experts) and the auxiliary router losses: the interface, and its adapter over a binding. */
 import type { IndexDType, Tensor, TokenDType } from '../tensor.js';
-import { checkBool, checkNumber, checkOptions, INDICES, optWire, requiredNumber, TOKENS, wire, type Call, type WireTensor } from '../wire.js';
+import type { Binding } from '../generated/binding.js';
+import { checkBool, checkNumber, checkOptions, INDICES, optWire, requiredNumber, TOKENS, wire, type Call } from '../wire.js';
 
 /**
  * How router logits become scores (NeMo Automodel `Gate.score_func`):
@@ -108,75 +109,43 @@ export interface RoutingOps {
   zLoss(logits: Tensor<'float32'>, options?: ZLossOptions): { loss: number; gradLogits: Tensor<'float32'> };
 }
 
-/** The positional functions both bindings export for this family. */
-export interface RoutingBinding {
-  route(
-    logits: WireTensor,
-    topk: number,
-    scoreFunction: string | undefined,
-    softmaxBeforeTopk: boolean | undefined,
-    expertBias: WireTensor | undefined,
-    numGroups: number | undefined,
-    topkGroups: number | undefined,
-    normTopkProb: boolean | undefined,
-    routeScale: number | undefined,
-    tokenMask: WireTensor | undefined,
-  ): RouteResult;
-  routeBackward(
-    gradWeights: WireTensor,
-    logits: WireTensor,
-    indices: WireTensor,
-    topk: number,
-    scoreFunction: string | undefined,
-    softmaxBeforeTopk: boolean | undefined,
-    expertBias: WireTensor | undefined,
-    numGroups: number | undefined,
-    topkGroups: number | undefined,
-    normTopkProb: boolean | undefined,
-    routeScale: number | undefined,
-    tokenMask: WireTensor | undefined,
-    gradScores: WireTensor | undefined,
-  ): { gradLogits: Tensor };
-  topk(values: WireTensor, k: number): { values: Tensor; indices: Tensor };
-  switchLoadBalancingLoss(probs: WireTensor, tokensPerExpert: WireTensor, topk: number, coeff: number | undefined, numTokens: number | undefined, tokenMask: WireTensor | undefined): { loss: number; gradProbs: Tensor };
-  switchLoadBalancingLossFromLogits(logits: WireTensor, tokensPerExpert: WireTensor, topk: number, coeff: number | undefined, numTokens: number | undefined, tokenMask: WireTensor | undefined): { loss: number; gradLogits: Tensor };
-  zLoss(logits: WireTensor, coeff: number | undefined, tokenMask: WireTensor | undefined): { loss: number; gradLogits: Tensor };
-}
+/** This family's functions of the bindings (generated from the Rust op table). */
+export type RoutingBinding = Pick<Binding, 'route' | 'routeBackward' | 'topk' | 'switchLoadBalancingLoss' | 'switchLoadBalancingLossFromLogits' | 'zLoss'>;
 
 const ROUTE_KEYS = ['topk', 'scoreFunction', 'softmaxBeforeTopk', 'expertBias', 'numGroups', 'topkGroups', 'normTopkProb', 'routeScale', 'tokenMask'] as const;
 
-/** route's options as the bindings take them, after `logits` (positional, in route's order). */
-function routeArgs(o: Partial<RouteOptions>): [number, string | undefined, boolean | undefined, WireTensor | undefined, number | undefined, number | undefined, boolean | undefined, number | undefined, WireTensor | undefined] {
+/** route's options as the bindings take them (routeBackward takes the same). */
+function routeArgs(o: Partial<RouteOptions>) {
   if (o.scoreFunction !== undefined && typeof o.scoreFunction !== 'string') {
     throw new TypeError(`options.scoreFunction: expected a string, got ${typeof o.scoreFunction}`);
   }
-  return [
-    requiredNumber(o.topk, 'options.topk'),
-    o.scoreFunction,
-    checkBool(o.softmaxBeforeTopk, 'options.softmaxBeforeTopk'),
-    optWire(o.expertBias, 'expertBias', ['float32']),
-    checkNumber(o.numGroups, 'options.numGroups'),
-    checkNumber(o.topkGroups, 'options.topkGroups'),
-    checkBool(o.normTopkProb, 'options.normTopkProb'),
-    checkNumber(o.routeScale, 'options.routeScale'),
-    optWire(o.tokenMask, 'tokenMask', ['bool']),
-  ];
+  return {
+    topk: requiredNumber(o.topk, 'options.topk'),
+    scoreFunction: o.scoreFunction,
+    softmaxBeforeTopk: checkBool(o.softmaxBeforeTopk, 'options.softmaxBeforeTopk'),
+    expertBias: optWire(o.expertBias, 'expertBias', ['float32']),
+    numGroups: checkNumber(o.numGroups, 'options.numGroups'),
+    topkGroups: checkNumber(o.topkGroups, 'options.topkGroups'),
+    normTopkProb: checkBool(o.normTopkProb, 'options.normTopkProb'),
+    routeScale: checkNumber(o.routeScale, 'options.routeScale'),
+    tokenMask: optWire(o.tokenMask, 'tokenMask', ['bool']),
+  };
 }
 
-function switchArgs(options: unknown, op: string): [number, number | undefined, number | undefined, WireTensor | undefined] {
+function switchArgs(options: unknown, op: string) {
   const o = checkOptions<SwitchLoadBalancingLossOptions>(options, op, ['topk', 'coeff', 'numTokens', 'tokenMask']);
-  return [requiredNumber(o.topk, 'options.topk'), checkNumber(o.coeff, 'options.coeff'), checkNumber(o.numTokens, 'options.numTokens'), optWire(o.tokenMask, 'tokenMask', ['bool'])];
+  return { topk: requiredNumber(o.topk, 'options.topk'), coeff: checkNumber(o.coeff, 'options.coeff'), numTokens: checkNumber(o.numTokens, 'options.numTokens'), tokenMask: optWire(o.tokenMask, 'tokenMask', ['bool']) };
 }
 
 export function routingOps(call: Call<RoutingBinding>): RoutingOps {
   return {
     topk(values, k) {
-      return call('topk', (b) => b.topk(wire(values, 'values', ['float32']), checkNumber(k, 'k') ?? NaN)) as ReturnType<RoutingOps['topk']>;
+      return call('topk', (b) => b.topk({ values: wire(values, 'values', ['float32']), k: checkNumber(k, 'k') ?? NaN })) as ReturnType<RoutingOps['topk']>;
     },
     route(logits, options) {
       return call('route', (b) => {
         const o = checkOptions<RouteOptions>(options, 'route', ROUTE_KEYS);
-        return b.route(wire(logits, 'logits', TOKENS), ...routeArgs(o));
+        return b.route({ logits: wire(logits, 'logits', TOKENS), ...routeArgs(o) });
       }) as RouteResult;
     },
     routeBackward(gradWeights, logits, indices, options) {
@@ -185,23 +154,23 @@ export function routingOps(call: Call<RoutingBinding>): RoutingOps {
         const g = wire(gradWeights, 'gradWeights', ['float32']);
         const l = wire(logits, 'logits', TOKENS);
         const i = wire(indices, 'indices', INDICES);
-        return b.routeBackward(g, l, i, ...routeArgs(o), optWire(o.gradScores, 'gradScores', ['float32']));
+        return b.routeBackward({ gradWeights: g, logits: l, indices: i, ...routeArgs(o), gradScores: optWire(o.gradScores, 'gradScores', ['float32']) });
       }) as { gradLogits: Tensor<'float32'> };
     },
     switchLoadBalancingLoss(probs, tokensPerExpert, options) {
       return call('switchLoadBalancingLoss', (b) =>
-        b.switchLoadBalancingLoss(wire(probs, 'probs', ['float32']), wire(tokensPerExpert, 'tokensPerExpert', INDICES), ...switchArgs(options, 'switchLoadBalancingLoss')),
+        b.switchLoadBalancingLoss({ probs: wire(probs, 'probs', ['float32']), tokensPerExpert: wire(tokensPerExpert, 'tokensPerExpert', INDICES), ...switchArgs(options, 'switchLoadBalancingLoss') }),
       ) as { loss: number; gradProbs: Tensor<'float32'> };
     },
     switchLoadBalancingLossFromLogits(logits, tokensPerExpert, options) {
       return call('switchLoadBalancingLossFromLogits', (b) =>
-        b.switchLoadBalancingLossFromLogits(wire(logits, 'logits', ['float32']), wire(tokensPerExpert, 'tokensPerExpert', INDICES), ...switchArgs(options, 'switchLoadBalancingLossFromLogits')),
+        b.switchLoadBalancingLossFromLogits({ logits: wire(logits, 'logits', ['float32']), tokensPerExpert: wire(tokensPerExpert, 'tokensPerExpert', INDICES), ...switchArgs(options, 'switchLoadBalancingLossFromLogits') }),
       ) as { loss: number; gradLogits: Tensor<'float32'> };
     },
     zLoss(logits, options) {
       return call('zLoss', (b) => {
         const o = checkOptions<ZLossOptions>(options, 'zLoss', ['coeff', 'tokenMask']);
-        return b.zLoss(wire(logits, 'logits', ['float32']), checkNumber(o.coeff, 'options.coeff'), optWire(o.tokenMask, 'tokenMask', ['bool']));
+        return b.zLoss({ logits: wire(logits, 'logits', ['float32']), coeff: checkNumber(o.coeff, 'options.coeff'), tokenMask: optWire(o.tokenMask, 'tokenMask', ['bool']) });
       }) as { loss: number; gradLogits: Tensor<'float32'> };
     },
   };

@@ -1,11 +1,107 @@
-//! Conversions at the N-API boundary: wire tensors in, typed arrays out, core errors and
-//! panics to JS errors whose `code` names the class they should become.
+//! The N-API side of the boundary: reading an op's argument object (`Args`, moe-bind's `Obj`),
+//! writing its result (`Js`), core errors and panics as JS errors whose `code` names their class;
+//! and the napi-derive objects the CUDA functions take and return.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use moe_core::{Data, Tensor, TensorRef};
-use napi::bindgen_prelude::{Either4, Float32Array, Int32Array, Uint16Array, Uint8Array};
+use moe_bind::{Obj, Value};
+use moe_core::checkpoint::{ByteSource, Checkpoint, SliceSource};
+use moe_core::{Data, Error, Tensor, TensorRef};
+use napi::bindgen_prelude::{Either4, Env, Float32Array, FromNapiValue, Int32Array, Null, Object, ToNapiValue, Uint16Array, Uint8Array};
+use napi::sys;
 use napi_derive::napi;
+
+/// An op's argument object (absent when the op was called without one).
+pub struct Args<'e>(pub Option<Object<'e>>);
+
+impl Args<'_> {
+    fn get<V: FromNapiValue>(&self, key: &str, expected: &str) -> moe_core::Result<Option<V>> {
+        let Some(o) = &self.0 else { return Ok(None) };
+        o.get::<Option<V>>(key).map(Option::flatten).map_err(|_| Error::type_error(key, expected, "another kind of value"))
+    }
+}
+
+impl<'e> Obj for Args<'e> {
+    type Bytes = Uint8Array;
+    type Blob = Uint8Array;
+    fn keys(&self) -> moe_core::Result<Vec<String>> {
+        self.0.as_ref().map_or(Ok(Vec::new()), |o| Object::keys(o).map_err(|e| Error::Internal(e.reason.clone())))
+    }
+    fn object(&self, key: &str) -> moe_core::Result<Option<Self>> {
+        Ok(self.get::<Object<'e>>(key, "an object")?.map(|o| Args(Some(o))))
+    }
+    fn number(&self, key: &str) -> moe_core::Result<Option<f64>> {
+        self.get(key, "a number")
+    }
+    fn boolean(&self, key: &str) -> moe_core::Result<Option<bool>> {
+        self.get(key, "a boolean")
+    }
+    fn string(&self, key: &str) -> moe_core::Result<Option<String>> {
+        self.get(key, "a string")
+    }
+    fn numbers(&self, key: &str) -> moe_core::Result<Option<Vec<f64>>> {
+        self.get(key, "an array of numbers")
+    }
+    fn strings(&self, key: &str) -> moe_core::Result<Option<Vec<String>>> {
+        self.get(key, "an array of strings")
+    }
+    fn bytes(&self, key: &str) -> moe_core::Result<Option<Uint8Array>> {
+        self.get(key, "a Uint8Array")
+    }
+    fn blob(&self, key: &str) -> moe_core::Result<Option<Uint8Array>> {
+        self.get(key, "a Uint8Array")
+    }
+    fn source(blob: &Uint8Array) -> moe_core::Result<Box<dyn ByteSource + '_>> {
+        Ok(Box::new(SliceSource::new(blob)))
+    }
+    fn open_path<'a>(path: &str) -> moe_core::Result<Checkpoint<'a>> {
+        Checkpoint::open_path(path)
+    }
+}
+
+/// A result as a JS value.
+pub struct Js(pub Value);
+
+impl ToNapiValue for Js {
+    unsafe fn to_napi_value(env: sys::napi_env, val: Js) -> napi::Result<sys::napi_value> {
+        match val.0 {
+            Value::Undefined => <()>::to_napi_value(env, ()),
+            Value::Null => Null::to_napi_value(env, Null),
+            Value::Bool(b) => bool::to_napi_value(env, b),
+            Value::Num(n) => f64::to_napi_value(env, n),
+            Value::Str(s) => String::to_napi_value(env, s),
+            Value::Bytes(b) => Uint8Array::to_napi_value(env, Uint8Array::new(b)),
+            Value::List(l) => Vec::<Js>::to_napi_value(env, l.into_iter().map(Js).collect()),
+            Value::Obj(fields) => {
+                let mut o = Object::new(&Env::from(env))?;
+                for (k, v) in fields.into_iter().filter(|(_, v)| !matches!(v, Value::Undefined)) {
+                    o.set(k, Js(v))?;
+                }
+                <&Object>::to_napi_value(env, &o)
+            }
+            Value::Tensor(t) => WireTensorOut::to_napi_value(env, to_wire(t)),
+        }
+    }
+}
+
+/// Runs a core call; a core error or a panic becomes a JS error whose `code` names its class.
+pub fn guard<T>(f: impl FnOnce() -> moe_core::Result<T>) -> napi::Result<T, String> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(napi::Error::new(e.kind().js_name().to_string(), e.to_string())),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(napi::Error::new("Error".to_string(), format!("internal error (a bug in moe-dispatch): {msg}")))
+        }
+    }
+}
+
+// The CUDA functions' objects (cuda*.rs).
+
 /// A tensor as the facade sends it: the bytes of its TypedArray, with dtype and shape.
 #[napi(object)]
 pub struct WireTensor {
@@ -14,8 +110,7 @@ pub struct WireTensor {
     pub data: Uint8Array,
 }
 
-/// A tensor as the facade receives it: a TypedArray that matches the dtype
-/// (bfloat16 and float16 as Uint16Array bits, bool as Uint8Array).
+/// A tensor as the facade receives it: a TypedArray that matches the dtype.
 #[napi(object)]
 pub struct WireTensorOut {
     pub dtype: String,
@@ -41,19 +136,42 @@ pub fn opt_view<'a>(name: &'static str, w: &'a Option<WireTensor>) -> moe_core::
     w.as_ref().map(|w| view(name, w)).transpose()
 }
 
-/// Runs a core call; a core error or a panic becomes a JS error whose `code` names its class.
-pub fn guard<T>(f: impl FnOnce() -> moe_core::Result<T>) -> napi::Result<T, String> {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(napi::Error::new(e.kind().js_name().to_string(), e.to_string())),
-        Err(panic) => {
-            let msg = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            Err(napi::Error::new("Error".to_string(), format!("internal error (a bug in moe-dispatch): {msg}")))
-        }
+#[napi(object)]
+pub struct PermuteOut {
+    pub permuted_tokens: WireTensorOut,
+    pub permuted_probs: Option<WireTensorOut>,
+    pub sorted_indices: WireTensorOut,
+    pub tokens_per_expert: WireTensorOut,
+}
+
+impl From<moe_core::permute::Permuted> for PermuteOut {
+    fn from(o: moe_core::permute::Permuted) -> PermuteOut {
+        PermuteOut { permuted_tokens: to_wire(o.permuted_tokens), permuted_probs: o.permuted_probs.map(to_wire), sorted_indices: to_wire(o.sorted_indices), tokens_per_expert: to_wire(o.tokens_per_expert) }
     }
 }
 
+#[napi(object)]
+pub struct RouteOut {
+    pub weights: WireTensorOut,
+    pub indices: WireTensorOut,
+    pub scores: WireTensorOut,
+    pub tokens_per_expert: WireTensorOut,
+}
+
+impl From<moe_core::routing::Routed> for RouteOut {
+    fn from(o: moe_core::routing::Routed) -> RouteOut {
+        RouteOut { weights: to_wire(o.weights), indices: to_wire(o.indices), scores: to_wire(o.scores), tokens_per_expert: to_wire(o.tokens_per_expert) }
+    }
+}
+
+#[napi(object)]
+pub struct TopKValuesOut {
+    pub values: WireTensorOut,
+    pub indices: WireTensorOut,
+}
+
+impl From<moe_core::routing::TopK> for TopKValuesOut {
+    fn from(o: moe_core::routing::TopK) -> TopKValuesOut {
+        TopKValuesOut { values: to_wire(o.values), indices: to_wire(o.indices) }
+    }
+}

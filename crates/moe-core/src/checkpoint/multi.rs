@@ -81,7 +81,7 @@ impl<'a> Checkpoint<'a> {
     /// A checkpoint on disk: a `.safetensors` file, an index `.json` (its shards next to it), or
     /// a directory holding `model.safetensors.index.json` or `model.safetensors`.
     #[cfg(not(target_arch = "wasm32"))]
-    pub fn open_path(path: &str) -> Result<Checkpoint<'static>> {
+    pub fn open_path<'p>(path: &str) -> Result<Checkpoint<'p>> {
         use std::path::{Path, PathBuf};
 
         use super::FileSource;
@@ -121,7 +121,7 @@ impl<'a> Checkpoint<'a> {
         let shown = index.to_string_lossy().into_owned();
         let bytes = read_small_file(&index, &shown)?;
         let base = index.parent().map(Path::to_path_buf).unwrap_or_default();
-        let opener: Opener<'static> = Box::new(move |file: &str| {
+        let opener: Opener<'p> = Box::new(move |file: &str| {
             let full = base.join(file);
             Ok(Some(Box::new(FileSource::open(&full.to_string_lossy())?) as Box<dyn ByteSource>))
         });

@@ -1,0 +1,167 @@
+// Generated from crates/moe-bind/src/ops.rs by `bash scripts/check-generated.sh --write`; do not edit.
+// scripts/check-generated.sh (run by npm test) fails when this file is stale.
+import type { Tensor } from '../tensor.js';
+import type { WireTensor } from '../wire.js';
+
+export interface Multihot { routingMap: Tensor; probs: Tensor }
+
+export interface Indices { indices: Tensor; probs: Tensor }
+
+export interface Permuted { permutedTokens: Tensor; permutedProbs?: Tensor; sortedIndices: Tensor; tokensPerExpert: Tensor }
+
+export interface PermuteGrads { gradTokens: Tensor; gradProbs?: Tensor }
+
+export interface UnpermuteGrads { gradPermuted: Tensor; gradProbs?: Tensor }
+
+export interface Routed { weights: Tensor; indices: Tensor; scores: Tensor; tokensPerExpert: Tensor }
+
+export interface RouteGrads { gradLogits: Tensor }
+
+export interface TopK { values: Tensor; indices: Tensor }
+
+export interface ProbsLoss { loss: number; gradProbs: Tensor }
+
+export interface LogitsLoss { loss: number; gradLogits: Tensor }
+
+export interface InputGrads { gradInput: Tensor; gradProbs?: Tensor }
+
+export interface ExpertsGrads { gradTokens: Tensor; gradGateAndUpProjs: Tensor; gradDownProjs: Tensor; gradGateUpProjBias?: Tensor; gradDownProjBias?: Tensor; gradProbs?: Tensor }
+
+export interface Dropped { routingMap: Tensor; probs: Tensor; capacity: number }
+
+export interface SortedChunks { output: Tensor; probs?: Tensor }
+
+export interface GroupedSort { sortedTokenIds: Tensor; sortedSlotIds: Tensor; sortedWeights: Tensor; tokensPerExpert: Tensor; offsets: Tensor }
+
+export interface ExpertRange { start: number; end: number }
+
+export interface ExpertTensor { expertId: number; tensor: Tensor }
+
+export interface Placed { axisNames: string[]; axisSizes: number[]; placements: string[] }
+
+/** int64 tensors as their little-endian bytes (the facade makes a BigInt64Array). */
+export interface NamedTensors { tensors: Record<string, Tensor>; metadata: Record<string, string>; bytesRead: number }
+
+export interface TensorInfo { name: string; dtype: string; shape: number[]; file: string }
+
+export interface CheckpointInfo { tensors: TensorInfo[]; metadata: Record<string, string>; bytesRead: number }
+
+export interface LoadedExperts { gateAndUpProjs: Tensor; downProjs: Tensor; gateUpProjBias?: Tensor; downProjBias?: Tensor; start: number; end: number; format: string; bytesRead: number }
+
+export interface IndicesToMultihotArgs { indices: WireTensor; probs: WireTensor; numExperts: number }
+
+export interface MultihotToIndicesArgs { routingMap: WireTensor; probs?: WireTensor; topk?: number }
+
+export interface PermuteArgs { tokens: WireTensor; routingMap: WireTensor; probs?: WireTensor; numOutTokens?: number; dropAndPad?: boolean }
+
+export interface UnpermuteArgs { restoreShape: number[]; permutedTokens: WireTensor; sortedIndices: WireTensor; probs?: WireTensor; routingMap?: WireTensor; dropAndPad?: boolean }
+
+export interface PermuteBackwardArgs { gradPermuted: WireTensor; sortedIndices: WireTensor; numTokens: number; gradPermutedProbs?: WireTensor; routingMap?: WireTensor; dropAndPad?: boolean }
+
+export interface UnpermuteBackwardArgs { gradOutput: WireTensor; permutedTokens: WireTensor; sortedIndices: WireTensor; probs?: WireTensor; routingMap?: WireTensor; dropAndPad?: boolean }
+
+export interface RouteArgs { topk: number; scoreFunction?: string; softmaxBeforeTopk?: boolean; numGroups?: number; topkGroups?: number; normTopkProb?: boolean; routeScale?: number; logits: WireTensor; expertBias?: WireTensor; tokenMask?: WireTensor }
+
+export interface RouteBackwardArgs { topk: number; scoreFunction?: string; softmaxBeforeTopk?: boolean; numGroups?: number; topkGroups?: number; normTopkProb?: boolean; routeScale?: number; gradWeights: WireTensor; logits: WireTensor; indices: WireTensor; gradScores?: WireTensor; expertBias?: WireTensor; tokenMask?: WireTensor }
+
+export interface TopkArgs { values: WireTensor; k: number }
+
+export interface SwitchLoadBalancingLossArgs { topk: number; coeff?: number; numTokens?: number; probs: WireTensor; tokensPerExpert: WireTensor; tokenMask?: WireTensor }
+
+export interface SwitchLoadBalancingLossFromLogitsArgs { topk: number; coeff?: number; numTokens?: number; logits: WireTensor; tokensPerExpert: WireTensor; tokenMask?: WireTensor }
+
+export interface ZLossArgs { logits: WireTensor; coeff?: number; tokenMask?: WireTensor }
+
+export interface ActivationArgs { kind?: string; alpha?: number; limit?: number; linearOffset?: number; x: WireTensor; probs?: WireTensor }
+
+export interface ActivationBackwardArgs { kind?: string; alpha?: number; limit?: number; linearOffset?: number; grad: WireTensor; x: WireTensor; probs?: WireTensor }
+
+export interface MatmulArgs { a: WireTensor; b: WireTensor; transA?: boolean; transB?: boolean }
+
+export interface ExpertsForwardArgs { kind?: string; alpha?: number; limit?: number; linearOffset?: number; permutedTokens: WireTensor; tokensPerExpert: WireTensor; gateAndUpProjs?: WireTensor; upProjs?: WireTensor; downProjs: WireTensor; permutedProbs?: WireTensor; gateUpProjBias?: WireTensor; downProjBias?: WireTensor }
+
+export interface ExpertsBackwardArgs { kind?: string; alpha?: number; limit?: number; linearOffset?: number; gradOutput: WireTensor; permutedTokens: WireTensor; tokensPerExpert: WireTensor; gateAndUpProjs?: WireTensor; upProjs?: WireTensor; downProjs: WireTensor; permutedProbs?: WireTensor; gateUpProjBias?: WireTensor; downProjBias?: WireTensor }
+
+export interface GetCapacityArgs { numTokens: number; numExperts: number; capacityFactor: number; minCapacity?: number }
+
+export interface DropTokensArgs { topk: number; capacityFactor: number; dropPolicy?: string; padToCapacity?: boolean; probs: WireTensor; routingMap: WireTensor }
+
+export interface PadRoutingMapArgs { padMultiple: number; routingMap: WireTensor }
+
+export interface TokensPerExpertArgs { routingMap: WireTensor }
+
+export interface SortChunksByIndexArgs { input: WireTensor; splitSizes: WireTensor; sortedIdxs: WireTensor; probs?: WireTensor }
+
+export interface SortChunksByIndexBackwardArgs { gradOutput: WireTensor; splitSizes: WireTensor; sortedIdxs: WireTensor; gradProbs?: WireTensor }
+
+export interface GroupedMmSortArgs { indices: WireTensor; weights: WireTensor; tokenMask?: WireTensor; numLocalExperts: number; expertsStartIdx?: number }
+
+export interface ExpertRangeForRankArgs { numExperts: number; epSize: number; epRank: number }
+
+export interface ShouldLoadExpertArgs { expertId: number; numExperts: number; epSize: number; epRank: number }
+
+export interface SplitExpertWeightsArgs { numExperts: number; epSize: number; epRank: number; stacked: WireTensor }
+
+export interface ValidateExpertShardingArgs { shape: number[]; numExperts: number; epSize: number; epRank: number; name?: string; placement?: string }
+
+export interface ExpertPlacementsArgs { axisNames: string[]; axisSizes: number[] }
+
+export interface SplitPlacementsArgs { axisNames: string[]; axisSizes: number[]; placements: string[] }
+
+export interface SafetensorsSaveArgs { tensors: Record<string, WireTensor>; metadata?: Record<string, string> }
+
+export interface SafetensorsLoadArgs { names?: string[]; source: { path?: string; bytes?: Uint8Array; index?: Uint8Array; shards?: Record<string, Uint8Array> } }
+
+export interface CheckpointInfoArgs { source: { path?: string; bytes?: Uint8Array; index?: Uint8Array; shards?: Record<string, Uint8Array> } }
+
+export interface LoadExpertsArgs { prefix: string; kind?: string; format?: string; numExperts: number; epSize: number; epRank: number; source: { path?: string; bytes?: Uint8Array; index?: Uint8Array; shards?: Record<string, Uint8Array> } }
+
+export interface StackExpertsArgs { tensors: Record<string, WireTensor>; prefix: string; numExperts: number; kind?: string; format?: string }
+
+export interface UnstackExpertsArgs { prefix: string; gateAndUpProjs: WireTensor; downProjs: WireTensor; gateUpProjBias?: WireTensor; downProjBias?: WireTensor; kind?: string; format?: string; firstExpert?: number }
+
+/** The functions both CPU bindings (moe-node, moe-wasm) export. */
+export interface Binding {
+  /** Worker threads the backend uses for large inputs (wasm: 1). */
+  numThreads(): number;
+  indicesToMultihot(args: IndicesToMultihotArgs): Multihot;
+  multihotToIndices(args: MultihotToIndicesArgs): Indices;
+  permute(args: PermuteArgs): Permuted;
+  unpermute(args: UnpermuteArgs): Tensor;
+  permuteBackward(args: PermuteBackwardArgs): PermuteGrads;
+  unpermuteBackward(args: UnpermuteBackwardArgs): UnpermuteGrads;
+  route(args: RouteArgs): Routed;
+  /** The gradient of route's weights (and, with gradScores, its scores) with respect to its logits, at route's picks `indices`. */
+  routeBackward(args: RouteBackwardArgs): RouteGrads;
+  topk(args: TopkArgs): TopK;
+  switchLoadBalancingLoss(args: SwitchLoadBalancingLossArgs): ProbsLoss;
+  switchLoadBalancingLossFromLogits(args: SwitchLoadBalancingLossFromLogitsArgs): LogitsLoss;
+  zLoss(args: ZLossArgs): LogitsLoss;
+  activation(args: ActivationArgs): Tensor;
+  activationBackward(args: ActivationBackwardArgs): InputGrads;
+  matmul(args: MatmulArgs): Tensor;
+  expertsForward(args: ExpertsForwardArgs): Tensor;
+  expertsBackward(args: ExpertsBackwardArgs): ExpertsGrads;
+  getCapacity(args: GetCapacityArgs): number;
+  dropTokens(args: DropTokensArgs): Dropped;
+  padRoutingMap(args: PadRoutingMapArgs): Tensor;
+  tokensPerExpert(args: TokensPerExpertArgs): Tensor;
+  sortChunksByIndex(args: SortChunksByIndexArgs): SortedChunks;
+  sortChunksByIndexBackward(args: SortChunksByIndexBackwardArgs): InputGrads;
+  groupedMmSort(args: GroupedMmSortArgs): GroupedSort;
+  expertRangeForRank(args: ExpertRangeForRankArgs): ExpertRange;
+  shouldLoadExpert(args: ShouldLoadExpertArgs): boolean;
+  splitExpertWeights(args: SplitExpertWeightsArgs): ExpertTensor[];
+  /** The experts a tensor of `shape` held by rank `epRank` covers; errors name it by `name` (default 'tensor'). */
+  validateExpertSharding(args: ValidateExpertShardingArgs): ExpertRange;
+  expertPlacements(args: ExpertPlacementsArgs): Placed;
+  splitPlacements(args: SplitPlacementsArgs): Placed | null;
+  safetensorsSave(args: SafetensorsSaveArgs): Uint8Array;
+  /** All tensors of a checkpoint, or the named ones; a path only in the native binding. */
+  safetensorsLoad(args: SafetensorsLoadArgs): NamedTensors;
+  checkpointInfo(args: CheckpointInfoArgs): CheckpointInfo;
+  /** One expert-parallel rank's experts, stacked, from a checkpoint in any key scheme. */
+  loadExperts(args: LoadExpertsArgs): LoadedExperts;
+  stackExperts(args: StackExpertsArgs): LoadedExperts;
+  unstackExperts(args: UnstackExpertsArgs): Record<string, Tensor>;
+}
