@@ -182,6 +182,77 @@ if (moe !== undefined) describe('webgpu backend against wasm, bit for bit', () =
     }
   }
 
+  it("software float64 (route's arithmetic on the GPU) equals JavaScript's numbers bit for bit: add, sub, mul, div, floor, float32 conversions", async () => {
+    const { Gpu } = await import('../ts/webgpu/gpu.js');
+    const { F64_CHECK } = await import('../ts/webgpu/f64.js');
+    const nav = (globalThis as unknown as { navigator: { gpu: { requestAdapter(): Promise<{ requestDevice(): Promise<unknown> }> } } }).navigator;
+    const gpu = new Gpu(await (await nav.gpu.requestAdapter()).requestDevice(), 'test');
+    const random = rng(5);
+    const n = 8192;
+    const a = new Float64Array(n);
+    const b = new Float64Array(n);
+    const bits = new Uint32Array(2);
+    const asF64 = new Float64Array(bits.buffer);
+    const draw = (): number => {
+      const kind = Math.floor(random() * 8);
+      if (kind === 0) {
+        bits[0] = Math.floor(random() * 2 ** 32);
+        bits[1] = Math.floor(random() * 2 ** 32);
+        return asF64[0];
+      }
+      if (kind === 1) {
+        bits[0] = Math.floor(random() * 2 ** 32);
+        bits[1] = Math.floor(random() * 2 ** 20) | (random() < 0.5 ? 0x80000000 : 0);
+        return asF64[0]; // subnormal
+      }
+      if (kind === 2) return [0, -0, Infinity, -Infinity, 1, -1, 0.5, 2 ** -1022, 2 ** 1023, Number.MAX_VALUE, 5e-324][Math.floor(random() * 11)];
+      if (kind === 3) return (random() - 0.5) * 2 ** Math.floor(random() * 80 - 40);
+      if (kind === 4) return Math.floor(random() * 200 - 100) + (random() < 0.5 ? 0 : 0.5);
+      if (kind === 5) return Math.fround((random() - 0.5) * 2 ** Math.floor(random() * 300 - 150));
+      return (random() * 2 - 1) * 2 ** Math.floor(random() * 2100 - 1075);
+    };
+    for (let i = 0; i < n; i++) {
+      a[i] = draw();
+      b[i] = random() < 0.3 ? a[i] * (1 + (random() - 0.5) * 2 ** -40) : draw();
+    }
+    const f32 = new Float32Array(1);
+    const f32u = new Uint32Array(f32.buffer);
+    const refs: [string, (x: number, y: number) => number][] = [
+      ['add', (x, y) => x + y],
+      ['sub', (x, y) => x - y],
+      ['mul', (x, y) => x * y],
+      ['div', (x, y) => x / y],
+      ['floor', (x) => Math.floor(x)],
+      ['to f32', (x) => ((f32[0] = x), f32u[0])],
+      ['from f32', (x) => ((bits[0] = new Uint32Array(new Float64Array([x]).buffer)[0]), (f32u[0] = bits[0]), f32[0])],
+    ];
+    const aBuf = gpu.upload('test', new Uint8Array(a.buffer), 'a');
+    const bBuf = gpu.upload('test', new Uint8Array(b.buffer), 'b');
+    for (const [op, [name, ref]] of refs.entries()) {
+      const out = gpu.buffer('test', n * 8, 'out');
+      const scratch: unknown[] = [];
+      gpu.dispatch('test', 'f64check', F64_CHECK, [n, op], [aBuf, bBuf, out], n, scratch);
+      const got = new Uint32Array((await gpu.read('test', out, n * 8)).buffer);
+      const bad: string[] = [];
+      for (let i = 0; i < n && bad.length < 5; i++) {
+        const want = ref(a[i], b[i]);
+        if (name === 'to f32') {
+          const ok = Number.isNaN(f32[0]) ? (got[2 * i] & 0x7fffffff) > 0x7f800000 : got[2 * i] === want;
+          if (!ok) bad.push(`${name}(${a[i]}): got 0x${got[2 * i].toString(16)}, want 0x${want.toString(16)}`);
+          continue;
+        }
+        bits[0] = got[2 * i];
+        bits[1] = got[2 * i + 1];
+        const g = asF64[0];
+        const ok = Number.isNaN(want) ? Number.isNaN(g) : Object.is(g, want);
+        if (!ok) bad.push(`${name}(${a[i]}, ${b[i]}): got ${g}, want ${want}`);
+      }
+      expect(bad, name).toEqual([]);
+      compared['float64 ' + name] = n;
+    }
+    gpu.device.destroy();
+  });
+
   it('ops without a shader run on wasm inside: route, activation with device tensors', async () => {
     const m = moe!;
     const random = rng(77);

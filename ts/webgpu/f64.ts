@@ -1,0 +1,291 @@
+/**
+ * Software float64 for WGSL (which has no f64 type): IEEE binary64 add, subtract, multiply,
+ * divide (round to nearest even, subnormals, signed zeros, infinities; NaN inputs give a quiet
+ * NaN), floor, comparisons, and exact conversions from / correctly rounded conversions to
+ * float32, on `vec2<u32>(low word, high word)` of the bits. On top of them the core's own
+ * `exp` (crates/moe-core/src/detmath.rs), operation for operation, so that route's float64 steps
+ * give the core's bits. `test/webgpu.test.ts` checks every operation against JavaScript's
+ * numbers (IEEE float64) on random and edge-case bits.
+ */
+
+/** The bits of a float64 as a WGSL `vec2<u32>(lo, hi)` literal. */
+export function f64Literal(x: number): string {
+  const u = new Uint32Array(new Float64Array([x]).buffer);
+  return `vec2<u32>(0x${u[0].toString(16)}u, 0x${u[1].toString(16)}u)`;
+}
+
+let fact = 1;
+const INV_FACTORIAL = Array.from({ length: 15 }, (_, n) => {
+  if (n > 0) fact *= n;
+  return 1 / fact; // each n! < 2^53 is exact: one rounding, as the core's constants
+});
+
+export const F64 = /* wgsl */ `
+fn u_add(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> { let lo = a.x + b.x; return vec2<u32>(lo, a.y + b.y + select(0u, 1u, lo < a.x)); }
+fn u_sub(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> { return vec2<u32>(a.x - b.x, a.y - b.y - select(0u, 1u, a.x < b.x)); }
+fn u_lt(a: vec2<u32>, b: vec2<u32>) -> bool { return a.y < b.y || (a.y == b.y && a.x < b.x); }
+fn u_zero(a: vec2<u32>) -> bool { return a.x == 0u && a.y == 0u; }
+fn u_shl(a: vec2<u32>, n: u32) -> vec2<u32> {
+  if (n == 0u) { return a; }
+  if (n >= 64u) { return vec2<u32>(0u, 0u); }
+  if (n >= 32u) { return vec2<u32>(0u, a.x << (n - 32u)); }
+  return vec2<u32>(a.x << n, (a.y << n) | (a.x >> (32u - n)));
+}
+fn u_shr(a: vec2<u32>, n: u32) -> vec2<u32> {
+  if (n == 0u) { return a; }
+  if (n >= 64u) { return vec2<u32>(0u, 0u); }
+  if (n >= 32u) { return vec2<u32>(a.y >> (n - 32u), 0u); }
+  return vec2<u32>((a.x >> n) | (a.y << (32u - n)), a.y >> n);
+}
+/** Shift right, OR-ing whatever is shifted out into bit 0 (the sticky bit). */
+fn u_shr_jam(a: vec2<u32>, n: u32) -> vec2<u32> {
+  if (n == 0u) { return a; }
+  if (n >= 64u) { return vec2<u32>(select(0u, 1u, !u_zero(a)), 0u); }
+  let r = u_shr(a, n);
+  let back = u_shl(r, n);
+  return vec2<u32>(r.x | select(0u, 1u, back.x != a.x || back.y != a.y), r.y);
+}
+fn u_clz(a: vec2<u32>) -> u32 { if (a.y != 0u) { return countLeadingZeros(a.y); } return 32u + countLeadingZeros(a.x); }
+/** The 64-bit product of two u32. */
+fn mul_wide(a: u32, b: u32) -> vec2<u32> {
+  let al = a & 0xffffu; let ah = a >> 16u; let bl = b & 0xffffu; let bh = b >> 16u;
+  let ll = al * bl; let lh = al * bh; let hl = ah * bl; let hh = ah * bh;
+  let lo1 = ll + (lh << 16u); let c1 = select(0u, 1u, lo1 < ll);
+  let lo2 = lo1 + (hl << 16u); let c2 = select(0u, 1u, lo2 < lo1);
+  return vec2<u32>(lo2, hh + (lh >> 16u) + (hl >> 16u) + c1 + c2);
+}
+
+const F64_QNAN = vec2<u32>(0u, 0x7ff80000u);
+const F64_ONE = vec2<u32>(0u, 0x3ff00000u);
+fn f_bexp(a: vec2<u32>) -> u32 { return (a.y >> 20u) & 0x7ffu; }
+fn f_sig(a: vec2<u32>) -> vec2<u32> { var hi = a.y & 0xfffffu; if (f_bexp(a) != 0u) { hi = hi | 0x100000u; } return vec2<u32>(a.x, hi); }
+fn f_isnan(a: vec2<u32>) -> bool { return f_bexp(a) == 0x7ffu && ((a.y & 0xfffffu) != 0u || a.x != 0u); }
+fn f_isinf(a: vec2<u32>) -> bool { return f_bexp(a) == 0x7ffu && (a.y & 0xfffffu) == 0u && a.x == 0u; }
+fn f_iszero(a: vec2<u32>) -> bool { return (a.y & 0x7fffffffu) == 0u && a.x == 0u; }
+fn f_neg(a: vec2<u32>) -> vec2<u32> { return vec2<u32>(a.x, a.y ^ 0x80000000u); }
+
+/**
+ * Rounds and packs sign | value m * 2^(be - 1085) (be: the biased exponent the value has when
+ * m's leading one is at bit 62; bit 0 may carry a sticky bit) to the nearest float64, ties to
+ * even, with overflow to infinity and gradual underflow.
+ */
+fn f_round_pack(sign: u32, be_in: i32, m_in: vec2<u32>) -> vec2<u32> {
+  var m = m_in;
+  var be = be_in;
+  if (u_zero(m)) { return vec2<u32>(0u, sign); }
+  let lz = u_clz(m);
+  if (lz == 0u) { m = u_shr_jam(m, 1u); be = be + 1; } else if (lz > 1u) { m = u_shl(m, lz - 1u); be = be - i32(lz - 1u); }
+  if (be >= 0x7ff) { return vec2<u32>(0u, sign | 0x7ff00000u); }
+  if (be <= 0) { m = u_shr_jam(m, u32(min(1 - be, 64))); be = 1; }
+  let r = m.x & 0x3ffu;
+  var q = u_shr(m, 10u);
+  if (r > 0x200u || (r == 0x200u && (q.x & 1u) == 1u)) { q = u_add(q, vec2<u32>(1u, 0u)); }
+  let res = u_add(q, vec2<u32>(0u, u32(be - 1) << 20u));
+  return vec2<u32>(res.x, res.y | sign);
+}
+
+fn f_add(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> {
+  if (f_isnan(a) || f_isnan(b)) { return F64_QNAN; }
+  let sa = a.y & 0x80000000u;
+  let sb = b.y & 0x80000000u;
+  if (f_isinf(a)) { if (f_isinf(b) && sa != sb) { return F64_QNAN; } return a; }
+  if (f_isinf(b)) { return b; }
+  if (f_iszero(a)) { if (f_iszero(b)) { return vec2<u32>(0u, sa & sb); } return b; }
+  if (f_iszero(b)) { return a; }
+  var ea = i32(max(f_bexp(a), 1u));
+  var eb = i32(max(f_bexp(b), 1u));
+  var ma = u_shl(f_sig(a), 9u);
+  var mb = u_shl(f_sig(b), 9u);
+  var s = sa;
+  var t = sb;
+  if (eb > ea || (eb == ea && u_lt(ma, mb))) {
+    let e0 = ea; ea = eb; eb = e0;
+    let m0 = ma; ma = mb; mb = m0;
+    s = sb; t = sa;
+  }
+  mb = u_shr_jam(mb, u32(ea - eb));
+  if (s == t) { return f_round_pack(s, ea + 1, u_add(ma, mb)); }
+  let m = u_sub(ma, mb);
+  if (u_zero(m)) { return vec2<u32>(0u, 0u); }
+  return f_round_pack(s, ea + 1, m);
+}
+fn f_sub(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> { return f_add(a, f_neg(b)); }
+
+fn f_mul(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> {
+  if (f_isnan(a) || f_isnan(b)) { return F64_QNAN; }
+  let s = (a.y ^ b.y) & 0x80000000u;
+  if (f_isinf(a) || f_isinf(b)) { if (f_iszero(a) || f_iszero(b)) { return F64_QNAN; } return vec2<u32>(0u, s | 0x7ff00000u); }
+  if (f_iszero(a) || f_iszero(b)) { return vec2<u32>(0u, s); }
+  let ea = i32(max(f_bexp(a), 1u));
+  let eb = i32(max(f_bexp(b), 1u));
+  let A = f_sig(a);
+  let B = f_sig(b);
+  let ll = mul_wide(A.x, B.x); let lh = mul_wide(A.x, B.y); let hl = mul_wide(A.y, B.x); let hh = mul_wide(A.y, B.y);
+  var p = array<u32, 4>(ll.x, 0u, 0u, 0u);
+  let t1 = ll.y + lh.x; var c1 = select(0u, 1u, t1 < ll.y);
+  let t2 = t1 + hl.x; c1 = c1 + select(0u, 1u, t2 < t1);
+  p[1] = t2;
+  let u1 = hh.x + lh.y; var c2 = select(0u, 1u, u1 < hh.x);
+  let u2 = u1 + hl.y; c2 = c2 + select(0u, 1u, u2 < u1);
+  let u3 = u2 + c1; c2 = c2 + select(0u, 1u, u3 < u2);
+  p[2] = u3;
+  p[3] = hh.y + c2;
+  var lz = 0u;
+  if (p[3] != 0u) { lz = countLeadingZeros(p[3]); } else if (p[2] != 0u) { lz = 32u + countLeadingZeros(p[2]); } else if (p[1] != 0u) { lz = 64u + countLeadingZeros(p[1]); } else { lz = 96u + countLeadingZeros(p[0]); }
+  let sft = lz - 1u;
+  let w = i32(sft / 32u);
+  let r = sft % 32u;
+  var q = array<u32, 4>(0u, 0u, 0u, 0u);
+  for (var i = 3; i >= 0; i = i - 1) {
+    let src = i - w;
+    if (src >= 0) {
+      var v = p[src] << r;
+      if (r > 0u && src >= 1) { v = v | (p[src - 1] >> (32u - r)); }
+      q[i] = v;
+    }
+  }
+  var m = vec2<u32>(q[2], q[3]);
+  if (q[1] != 0u || q[0] != 0u) { m.x = m.x | 1u; }
+  return f_round_pack(s, ea + eb - 1001 - i32(sft), m);
+}
+
+fn f_div(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> {
+  if (f_isnan(a) || f_isnan(b)) { return F64_QNAN; }
+  let s = (a.y ^ b.y) & 0x80000000u;
+  if (f_isinf(a)) { if (f_isinf(b)) { return F64_QNAN; } return vec2<u32>(0u, s | 0x7ff00000u); }
+  if (f_isinf(b)) { return vec2<u32>(0u, s); }
+  if (f_iszero(b)) { if (f_iszero(a)) { return F64_QNAN; } return vec2<u32>(0u, s | 0x7ff00000u); }
+  if (f_iszero(a)) { return vec2<u32>(0u, s); }
+  var ea = i32(max(f_bexp(a), 1u));
+  var eb = i32(max(f_bexp(b), 1u));
+  var A = f_sig(a);
+  var B = f_sig(b);
+  let la = u_clz(A) - 11u; A = u_shl(A, la); ea = ea - i32(la);
+  let lb = u_clz(B) - 11u; B = u_shl(B, lb); eb = eb - i32(lb);
+  var rem = A;
+  var q = vec2<u32>(0u, 0u);
+  for (var i = 0u; i < 64u; i = i + 1u) {
+    q = u_shl(q, 1u);
+    if (!u_lt(rem, B)) { rem = u_sub(rem, B); q.x = q.x | 1u; }
+    rem = u_shl(rem, 1u);
+  }
+  if (!u_zero(rem)) { q.x = q.x | 1u; }
+  return f_round_pack(s, ea - eb + 1022, q);
+}
+
+fn f_floor(a: vec2<u32>) -> vec2<u32> {
+  let e = i32(f_bexp(a));
+  if (e >= 1075) { return a; }
+  let neg = (a.y & 0x80000000u) != 0u;
+  if (e < 1023) {
+    if (f_iszero(a)) { return a; }
+    if (neg) { return vec2<u32>(0u, 0xbff00000u); }
+    return vec2<u32>(0u, 0u);
+  }
+  let mask = u_sub(u_shl(vec2<u32>(1u, 0u), u32(1075 - e)), vec2<u32>(1u, 0u));
+  if ((a.x & mask.x) == 0u && (a.y & mask.y) == 0u) { return a; }
+  let t = vec2<u32>(a.x & ~mask.x, a.y & ~mask.y);
+  if (neg) { return f_sub(t, F64_ONE); }
+  return t;
+}
+
+/** An integer-valued float64 of magnitude below 2^31 as an i32. */
+fn f_to_i32(a: vec2<u32>) -> i32 {
+  if (f_iszero(a)) { return 0; }
+  let v = i32(u_shr(f_sig(a), u32(1075 - i32(f_bexp(a)))).x);
+  return select(v, -v, (a.y & 0x80000000u) != 0u);
+}
+
+/** Total order of non-NaN float64s (-0 before +0). */
+fn f_key(a: vec2<u32>) -> vec2<u32> { if ((a.y & 0x80000000u) != 0u) { return ~a; } return vec2<u32>(a.x, a.y | 0x80000000u); }
+fn f_lt(a: vec2<u32>, b: vec2<u32>) -> bool { return u_lt(f_key(a), f_key(b)); }
+
+/** float32 bits to float64, exactly. */
+fn f_from_f32(b: u32) -> vec2<u32> {
+  let s = b & 0x80000000u;
+  let e = (b >> 23u) & 0xffu;
+  var m = b & 0x7fffffu;
+  if (e == 0xffu) { return vec2<u32>(m << 29u, s | 0x7ff00000u | (m >> 3u)); }
+  var e64 = e + 896u;
+  if (e == 0u) {
+    if (m == 0u) { return vec2<u32>(0u, s); }
+    let lz = countLeadingZeros(m) - 8u;
+    m = (m << lz) & 0x7fffffu;
+    e64 = 897u - lz;
+  }
+  return vec2<u32>(m << 29u, s | (e64 << 20u) | (m >> 3u));
+}
+
+/** float64 to the nearest float32's bits (ties to even; overflow to infinity; float32 subnormals). */
+fn f_to_f32(a: vec2<u32>) -> u32 {
+  let s = a.y & 0x80000000u;
+  let e = i32(f_bexp(a));
+  if (e == 0x7ff) { if (f_isnan(a)) { return s | 0x7fc00000u | ((a.y & 0xfffffu) << 3u) | (a.x >> 29u); } return s | 0x7f800000u; }
+  if (f_iszero(a)) { return s; }
+  var m = u_shl(f_sig(a), 10u);
+  var e32 = max(e, 1) - 1023 + 127;
+  if (e32 >= 0xff) { return s | 0x7f800000u; }
+  if (e32 <= 0) { m = u_shr_jam(m, u32(min(1 - e32, 64))); e32 = 1; }
+  let q = u_shr(m, 39u).x;
+  let rlo = m.x;
+  let rhi = m.y & 0x7fu;
+  var qq = q;
+  let above = rhi > 0x40u || (rhi == 0x40u && rlo != 0u);
+  let tie = rhi == 0x40u && rlo == 0u;
+  if (above || (tie && (q & 1u) == 1u)) { qq = q + 1u; }
+  return s | ((u32(e32 - 1) << 23u) + qq);
+}
+
+fn f_pow2(e: i32) -> vec2<u32> { return vec2<u32>(0u, u32(e + 1023) << 20u); }
+fn f_scale(x: vec2<u32>, k: i32) -> vec2<u32> {
+  if (k > 1023) { return f_mul(f_mul(x, f_pow2(1023)), f_pow2(min(k - 1023, 1023))); }
+  if (k < -1022) { return f_mul(f_mul(x, f_pow2(-1022)), f_pow2(max(k + 1022, -1022))); }
+  return f_mul(x, f_pow2(k));
+}
+
+const LN2_HI = vec2<u32>(0xfee00000u, 0x3fe62e42u);
+const LN2_LO = vec2<u32>(0x35793c76u, 0x3dea39efu);
+const LOG2_E = ${f64Literal(Math.LOG2E)};
+const EXP_OVER = ${f64Literal(709.782712893384)};
+const EXP_UNDER = ${f64Literal(-745.2)};
+const F64_HALF = ${f64Literal(0.5)};
+/** The core's exp (detmath.rs), operation for operation. */
+fn f_exp(x: vec2<u32>) -> vec2<u32> {
+  if (f_isnan(x)) { return x; }
+  if (f_lt(EXP_OVER, x)) { return vec2<u32>(0u, 0x7ff00000u); }
+  if (f_lt(x, EXP_UNDER)) { return vec2<u32>(0u, 0u); }
+  let k = f_floor(f_add(f_mul(x, LOG2_E), F64_HALF));
+  let r = f_sub(f_sub(x, f_mul(k, LN2_HI)), f_mul(k, LN2_LO));
+  var inv = array<vec2<u32>, 15>(${INV_FACTORIAL.map(f64Literal).join(', ')});
+  var p = inv[14];
+  for (var i = 13; i >= 0; i = i - 1) { p = f_add(f_mul(p, r), inv[i]); }
+  return f_scale(p, f_to_i32(k));
+}
+`;
+
+/** A test harness: `out[i] = op(a[i], b[i])` for op P[1] (0 add, 1 sub, 2 mul, 3 div, 4 floor, 5 to f32, 6 from f32, 7 exp). P = [n, op]. */
+export const F64_CHECK = `
+@group(0) @binding(0) var<storage, read> P: array<u32>;
+@group(0) @binding(1) var<storage, read> a: array<vec2<u32>>;
+@group(0) @binding(2) var<storage, read> b: array<vec2<u32>>;
+@group(0) @binding(3) var<storage, read_write> out: array<vec2<u32>>;
+${F64}
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+  let i = gid.x;
+  if (i >= P[0]) { return; }
+  let x = a[i]; let y = b[i];
+  var r = vec2<u32>(0u, 0u);
+  switch (P[1]) {
+    case 0u: { r = f_add(x, y); }
+    case 1u: { r = f_sub(x, y); }
+    case 2u: { r = f_mul(x, y); }
+    case 3u: { r = f_div(x, y); }
+    case 4u: { r = f_floor(x); }
+    case 5u: { r = vec2<u32>(f_to_f32(x), 0u); }
+    case 6u: { r = f_from_f32(x.x); }
+    default: { r = f_exp(x); }
+  }
+  out[i] = r;
+}
+`;
