@@ -111,6 +111,7 @@ export const TEMPLATES = {
   indicesToMultihot: () => [T('int32', [4, 2], IDX), f32([4, 2]), 4],
   multihotToIndices: () => [T('bool', [4, 4], MAP), { probs: f32([4, 4]), topk: 2 }],
   permute: () => [f32([4, 3]), T('bool', [4, 4], MAP), { probs: f32([4, 4]), numOutTokens: 8, dropAndPad: true }],
+  permutePlan: () => [T('bool', [4, 4], MAP), { numOutTokens: 8, dropAndPad: true }],
   unpermute: () => [f32([8, 3]), T('int32', [8], SORTED), [4, 3], { probs: f32([4, 4]), routingMap: T('bool', [4, 4], MAP) }],
   permuteBackward: () => [f32([8, 3]), T('int32', [8], SORTED), 4, { gradPermutedProbs: f32([8]), routingMap: T('bool', [4, 4], MAP) }],
   unpermuteBackward: () => [f32([4, 3]), f32([8, 3]), T('int32', [8], SORTED), { probs: f32([8]) }],

@@ -299,6 +299,36 @@ describe.each(backendRows)('properties on %s', (_name, b) => {
     );
   });
 
+  it("(d') permutePlan: permute's sortedIndices and tokensPerExpert (and with dropAndPad), without the tokens; permute's errors", () => {
+    /** The result, or the error's class and message without the op's name. */
+    const outcome = <T>(f: () => T): T | string => {
+      try {
+        return f();
+      } catch (e) {
+        return `${(e as Error).name}: ${(e as Error).message.replace(/^permute(Plan)?: /, '')}`;
+      }
+    };
+    fc.assert(
+      fc.property(problemArb(['ints']), fc.integer({ min: 0, max: 4 }), (p, capacity) => {
+        const map = bool([p.T, p.E], refMultihot(p).map);
+        const tokens = tokensTensor(p.dtype, [p.T, p.H], p.tokens);
+        for (const options of [{}, { numOutTokens: capacity * p.E, dropAndPad: true }, { numOutTokens: capacity * p.E + 1, dropAndPad: true }]) {
+          const plan = outcome(() => b.permutePlan(map, options));
+          const out = outcome(() => b.permute(tokens, map, options));
+          if (typeof out === 'string' || typeof plan === 'string') {
+            expect(plan, JSON.stringify(options)).toBe(out);
+          } else {
+            expectSameBits(plan.sortedIndices, out.sortedIndices, 'sortedIndices');
+            expectSameBits(plan.tokensPerExpert, out.tokensPerExpert, 'tokensPerExpert');
+          }
+        }
+      }),
+      params(EDGES.map((p) => [p, 1] as [Problem, number])),
+    );
+    expect(() => b.permutePlan(bool([2, 2], [1, 0, 0, 1]), { numOutTokens: 2.5, dropAndPad: true })).toThrow(new RangeError('permutePlan: numOutTokens: expected a non-negative integer, got 2.5'));
+    expect(() => b.permutePlan(bool([2, 2], [1, 0, 0, 1]), { probs: undefined } as never)).toThrow(TypeError);
+  });
+
   it('(e) permute with dropAndPad: exactly capacity slots per expert, selected tokens first (ascending), then unselected (ascending)', () => {
     fc.assert(
       fc.property(problemArb(['ints', 'floats', 'bits']), fc.nat(), (p, c) => {

@@ -9,6 +9,8 @@ export interface Indices { indices: Tensor; probs: Tensor }
 
 export interface Permuted { permutedTokens: Tensor; permutedProbs?: Tensor; sortedIndices: Tensor; tokensPerExpert: Tensor }
 
+export interface Plan { sortedIndices: Tensor; tokensPerExpert: Tensor }
+
 export interface PermuteGrads { gradTokens: Tensor; gradProbs?: Tensor }
 
 export interface UnpermuteGrads { gradPermuted: Tensor; gradProbs?: Tensor }
@@ -53,6 +55,8 @@ export interface IndicesToMultihotArgs { indices: WireTensor; probs: WireTensor;
 export interface MultihotToIndicesArgs { routingMap: WireTensor; probs?: WireTensor; topk?: number }
 
 export interface PermuteArgs { tokens: WireTensor; routingMap: WireTensor; probs?: WireTensor; numOutTokens?: number; dropAndPad?: boolean }
+
+export interface PermutePlanArgs { routingMap: WireTensor; numOutTokens?: number; dropAndPad?: boolean }
 
 export interface UnpermuteArgs { restoreShape: number[]; permutedTokens: WireTensor; sortedIndices: WireTensor; probs?: WireTensor; routingMap?: WireTensor; dropAndPad?: boolean }
 
@@ -127,6 +131,8 @@ export interface Binding {
   indicesToMultihot(args: IndicesToMultihotArgs): Multihot;
   multihotToIndices(args: MultihotToIndicesArgs): Indices;
   permute(args: PermuteArgs): Permuted;
+  /** permute's plan alone (its sortedIndices and tokensPerExpert), without moving a token. */
+  permutePlan(args: PermutePlanArgs): Plan;
   unpermute(args: UnpermuteArgs): Tensor;
   permuteBackward(args: PermuteBackwardArgs): PermuteGrads;
   unpermuteBackward(args: UnpermuteBackwardArgs): UnpermuteGrads;

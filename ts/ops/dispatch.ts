@@ -55,6 +55,12 @@ export interface DispatchOps {
   multihotToIndices(routingMap: Tensor<'bool'>, options?: MultihotToIndicesOptions): { indices: Tensor<'int32'>; probs: Tensor<'float32'> };
   /** Gathers `tokens [T, H]` into expert-major order. */
   permute<D extends TokenDType>(tokens: Tensor<D>, routingMap: Tensor<'bool'>, options?: PermuteOptions): PermuteResult<D>;
+  /**
+   * permute's plan alone: the `sortedIndices` and `tokensPerExpert` permute would return for this
+   * routing map and options (the same checks and errors), without moving a token; e.g. the
+   * counts an expert-parallel exchange needs before the tokens are there.
+   */
+  permutePlan(routingMap: Tensor<'bool'>, options?: Omit<PermuteOptions, 'probs'>): { sortedIndices: Tensor<'int32'>; tokensPerExpert: Tensor<'int32'> };
   /** Merges `permutedTokens` back to `restoreShape = [numTokens, hidden]`, weighted by probs. */
   unpermute<D extends TokenDType>(permutedTokens: Tensor<D>, sortedIndices: Tensor<IndexDType>, restoreShape: readonly [number, number], options?: UnpermuteOptions): Tensor<D>;
   /**
@@ -70,7 +76,7 @@ export interface DispatchOps {
 }
 
 /** This family's functions of the bindings (generated from the Rust op table). */
-export type DispatchBinding = Pick<Binding, 'indicesToMultihot' | 'multihotToIndices' | 'permute' | 'unpermute' | 'permuteBackward' | 'unpermuteBackward'>;
+export type DispatchBinding = Pick<Binding, 'indicesToMultihot' | 'multihotToIndices' | 'permute' | 'permutePlan' | 'unpermute' | 'permuteBackward' | 'unpermuteBackward'>;
 
 /** napi-rs gives `null` for an absent optional field, wasm `undefined`: both become a missing key. */
 function dropAbsent<T extends object>(out: T, key: keyof T): T {
@@ -103,6 +109,12 @@ export function dispatchOps(call: Call<DispatchBinding>): DispatchOps {
         });
         return dropAbsent(out, 'permutedProbs');
       }) as PermuteResult<never>;
+    },
+    permutePlan(routingMap, options) {
+      return call('permutePlan', (b) => {
+        const o = checkOptions<PermuteOptions>(options, 'permutePlan', ['numOutTokens', 'dropAndPad']);
+        return b.permutePlan({ routingMap: wire(routingMap, 'routingMap', ['bool']), numOutTokens: checkNumber(o.numOutTokens, 'numOutTokens'), dropAndPad: checkBool(o.dropAndPad, 'dropAndPad') });
+      }) as { sortedIndices: Tensor<'int32'>; tokensPerExpert: Tensor<'int32'> };
     },
     unpermute(permutedTokens, sortedIndices, restoreShape, options) {
       return call('unpermute', (b) => {

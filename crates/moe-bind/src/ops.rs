@@ -68,6 +68,7 @@ results! {
     Multihot { routingMap: Tensor, probs: Tensor }
     Indices { indices: Tensor, probs: Tensor }
     Permuted { permutedTokens: Tensor, permutedProbs: Option<Tensor>, sortedIndices: Tensor, tokensPerExpert: Tensor }
+    Plan { sortedIndices: Tensor, tokensPerExpert: Tensor }
     PermuteGrads { gradTokens: Tensor, gradProbs: Option<Tensor> }
     UnpermuteGrads { gradPermuted: Tensor, gradProbs: Option<Tensor> }
     Routed { weights: Tensor, indices: Tensor, scores: Tensor, tokensPerExpert: Tensor }
@@ -140,6 +141,14 @@ macro_rules! op_table {
                     sortedIndices: o.sorted_indices,
                     tokensPerExpert: o.tokens_per_expert,
                 })
+            }
+            /// permute's plan alone (its sortedIndices and tokensPerExpert), without moving a token.
+            permutePlan(routingMap: Tensor, numOutTokens: Option<Size>, dropAndPad: Flag) -> Plan {
+                let options = PermuteOptions { num_out_tokens: numOutTokens, drop_and_pad: dropAndPad };
+                let plan = permute::plan(&routingMap, routingMap.shape.first().copied().unwrap_or(0), options)?;
+                let counts = plan.tokens_per_expert.iter().map(|&n| n as i32).collect::<Vec<_>>();
+                let sorted = moe_core::Tensor::i32(vec![plan.num_slots()], plan.sorted_indices);
+                Ok::<_, Error>(Plan { sortedIndices: sorted, tokensPerExpert: moe_core::Tensor::i32(vec![counts.len()], counts) })
             }
             unpermute(restoreShape: Nums, permutedTokens: Tensor, sortedIndices: Tensor, probs: Option<Tensor>, routingMap: Option<Tensor>, dropAndPad: Flag) -> Tensor {
                 let restore = permute::restore_shape_arg(restoreShape)?;
