@@ -3,6 +3,9 @@
 import type { Tensor } from '../tensor.js';
 import type { WireTensor } from '../wire.js';
 
+/** A checkpoint: exactly one of a path (native binding only), one file's bytes, or an index's json bytes with its shard files' bytes. */
+export interface CheckpointSource { path?: string; bytes?: Uint8Array; index?: Uint8Array; shards?: Record<string, Uint8Array> }
+
 export interface Multihot { routingMap: Tensor; probs: Tensor }
 
 export interface Indices { indices: Tensor; probs: Tensor }
@@ -114,11 +117,11 @@ export interface SplitPlacementsArgs { axisNames: string[]; axisSizes: number[];
 
 export interface SafetensorsSaveArgs { tensors: Record<string, WireTensor>; metadata?: Record<string, string> }
 
-export interface SafetensorsLoadArgs { names?: string[]; source: { path?: string; bytes?: Uint8Array; index?: Uint8Array; shards?: Record<string, Uint8Array> } }
+export interface SafetensorsLoadArgs { names?: string[]; source: CheckpointSource }
 
-export interface CheckpointInfoArgs { source: { path?: string; bytes?: Uint8Array; index?: Uint8Array; shards?: Record<string, Uint8Array> } }
+export interface CheckpointInfoArgs { source: CheckpointSource }
 
-export interface LoadExpertsArgs { prefix: string; kind?: string; format?: string; numExperts: number; epSize: number; epRank: number; source: { path?: string; bytes?: Uint8Array; index?: Uint8Array; shards?: Record<string, Uint8Array> } }
+export interface LoadExpertsArgs { prefix: string; kind?: string; format?: string; numExperts: number; epSize: number; epRank: number; source: CheckpointSource }
 
 export interface StackExpertsArgs { tensors: Record<string, WireTensor>; prefix: string; numExperts: number; kind?: string; format?: string }
 

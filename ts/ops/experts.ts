@@ -4,7 +4,7 @@
  * is the Rust core's.
  */
 import type { Tensor, TokenDType } from '../tensor.js';
-import type { Binding, CheckpointInfoArgs, LoadedExperts as LoadedWire } from '../generated/binding.js';
+import type { Binding, CheckpointSource as SourceWire, LoadedExperts as LoadedWire } from '../generated/binding.js';
 import { checkBool, checkNumber, checkOptions, INDICES, optWire, TOKENS, wire, type Call, type WireTensor } from '../wire.js';
 import type { ActivationKind } from './activations.js';
 
@@ -272,7 +272,7 @@ function indexBytes(value: unknown): Uint8Array {
 }
 
 /** A checkpoint source as the bindings take it. */
-function source(value: unknown): CheckpointInfoArgs['source'] {
+function source(value: unknown): SourceWire {
   if (typeof value === 'string') return { path: value };
   if (value instanceof Uint8Array) return { bytes: value };
   if (isPlainObject(value)) {

@@ -259,7 +259,7 @@ impl<O: Obj, K: Kind<O>> Kind<O> for Record<K> {
 
 impl ArgTs for Source {
     fn ts() -> String {
-        "{ path?: string; bytes?: Uint8Array; index?: Uint8Array; shards?: Record<string, Uint8Array> }".into()
+        "CheckpointSource".into()
     }
 }
 
@@ -398,7 +398,9 @@ pub fn dts() -> String {
     let mut out = String::from(
         "// Generated from crates/moe-bind/src/ops.rs by `bash scripts/check-generated.sh --write`; do not edit.\n\
          // scripts/check-generated.sh (run by npm test) fails when this file is stale.\n\
-         import type { Tensor } from '../tensor.js';\nimport type { WireTensor } from '../wire.js';\n",
+         import type { Tensor } from '../tensor.js';\nimport type { WireTensor } from '../wire.js';\n\n\
+         /** A checkpoint: exactly one of a path (native binding only), one file's bytes, or an index's json bytes with its shard files' bytes. */\n\
+         export interface CheckpointSource { path?: string; bytes?: Uint8Array; index?: Uint8Array; shards?: Record<string, Uint8Array> }\n",
     );
     let pascal = |n: &str| n[..1].to_uppercase() + &n[1..];
     for d in ops::results() {
