@@ -177,6 +177,27 @@ if (moe !== undefined) describe('webgpu backend against wasm, bit for bit', () =
         await same('sortChunksByIndex', await m.gpu.sortChunksByIndex(up(tokens), up(split), idxs, up(rowProbs)), wasm.sortChunksByIndex(tokens, split, idxs, rowProbs), '');
         const vals = tensor('float32', [T, E], Float32Array.from({ length: T * E }, () => (random() < 0.2 ? [0, -0, 0.5, -0.5][Math.floor(random() * 4)] : random() * 4 - 2)));
         for (const kk of [1, Math.min(k, E), E]) await same('topk', await m.gpu.topk(up(vals), kk), wasm.topk(vals, kk), `k=${kk}`);
+        // route: every score function on the GPU but sqrtsoftplus (host path), groups, bias, mask
+        if (E >= 1) {
+          const logits = randomTokens(dtype, T, E, random);
+          const bias = tensor('float32', [E], Float32Array.from({ length: E }, () => (random() - 0.5) * 0.2));
+          const mask = tensor('bool', [T], Uint8Array.from({ length: T }, () => (random() < 0.8 ? 1 : 0)));
+          const G = [4, 2].find((g) => E % g === 0 && E / g >= 2);
+          const groups = G ? { numGroups: G, topkGroups: Math.min(G, Math.ceil(k / (E / G)) + 1) } : {};
+          const cases: [string, Record<string, unknown>][] = [
+            ['softmax', { topk: k }],
+            ['softmax before topk, normalised', { topk: k, softmaxBeforeTopk: true, normTopkProb: true }],
+            ['sigmoid, normalised, scaled', { topk: k, scoreFunction: 'sigmoid', normTopkProb: true, routeScale: 2.5 }],
+            ['sigmoid groups', { topk: k, scoreFunction: 'sigmoid', ...groups }],
+            ['sigmoid_with_bias groups', { topk: k, scoreFunction: 'sigmoid_with_bias', expertBias: bias, ...groups, normTopkProb: true }],
+            ['softmax_with_bias groups, mask', { topk: k, scoreFunction: 'softmax_with_bias', expertBias: bias, ...groups, tokenMask: mask }],
+            ['sqrtsoftplus (host path)', { topk: k, scoreFunction: 'sqrtsoftplus', tokenMask: mask }],
+          ];
+          for (const [what, o] of cases) {
+            const dev = Object.fromEntries(Object.entries(o).map(([key, v]) => [key, v && typeof v === 'object' ? up(v as Tensor) : v]));
+            await same('route', await m.gpu.route(up(logits), dev), wasm.route(logits, o as never), what);
+          }
+        }
         await same('sortChunksByIndexBackward', await m.gpu.sortChunksByIndexBackward(up(gradOut), split, up(idxs), rowProbs), wasm.sortChunksByIndexBackward(gradOut, split, idxs, rowProbs), '');
       });
     }
@@ -253,7 +274,7 @@ if (moe !== undefined) describe('webgpu backend against wasm, bit for bit', () =
     gpu.device.destroy();
   });
 
-  it('ops without a shader run on wasm inside: route, activation with device tensors', async () => {
+  it('ops without a shader run on wasm inside (activation); route with large logits', async () => {
     const m = moe!;
     const random = rng(77);
     const logits = tensor('float32', [40, 16], Float32Array.from({ length: 640 }, () => random() * 6 - 3));
@@ -280,6 +301,11 @@ if (moe !== undefined) describe('webgpu backend against wasm, bit for bit', () =
       ['indicesToMultihot: duplicate', () => m.gpu.indicesToMultihot(m.upload(tensor('int32', [1, 2], new Int32Array([1, 1]))), tensor('float32', [1, 2], new Float32Array(2)), 3), () => wasm.indicesToMultihot(tensor('int32', [1, 2], new Int32Array([1, 1])), tensor('float32', [1, 2], new Float32Array(2)), 3)],
       ['sortChunksByIndex: not a permutation', () => m.gpu.sortChunksByIndex(m.upload(t), tensor('int32', [2], new Int32Array([1, 2])), tensor('int32', [2], new Int32Array([0, 0]))), () => wasm.sortChunksByIndex(t, tensor('int32', [2], new Int32Array([1, 2])), tensor('int32', [2], new Int32Array([0, 0])))],
       ['route: topk', () => m.gpu.route(m.upload(t), { topk: 5 }), () => wasm.route(t, { topk: 5 })],
+      ['route: non-finite logits', () => m.gpu.route(m.upload(tensor('float32', [2, 2], new Float32Array([1, Infinity, 0, 0]))), { topk: 1 }), () => wasm.route(tensor('float32', [2, 2], new Float32Array([1, Infinity, 0, 0])), { topk: 1 })],
+      ['route: groups', () => m.gpu.route(m.upload(t), { topk: 1, scoreFunction: 'sigmoid', numGroups: 3 }), () => wasm.route(t, { topk: 1, scoreFunction: 'sigmoid', numGroups: 3 })],
+      ['route: bias with softmax', () => m.gpu.route(t, { topk: 1, expertBias: m.upload(tensor('float32', [2], new Float32Array(2))) }), () => wasm.route(t, { topk: 1, expertBias: tensor('float32', [2], new Float32Array(2)) })],
+      ['route: mask value', () => m.gpu.route(t, { topk: 1, tokenMask: tensor('bool', [3], new Uint8Array([1, 3, 0])) }), () => wasm.route(t, { topk: 1, tokenMask: tensor('bool', [3], new Uint8Array([1, 3, 0])) })],
+      ['route: score function', () => m.gpu.route(t, { topk: 1, scoreFunction: 'toString' }), () => wasm.route(t, { topk: 1, scoreFunction: 'toString' as never })],
       ['topk: k', () => m.gpu.topk(m.upload(t), 3), () => wasm.topk(t, 3)],
       ['topk: NaN', () => m.gpu.topk(m.upload(tensor('float32', [2, 2], new Float32Array([1, 2, NaN, 0]))), 1), () => wasm.topk(tensor('float32', [2, 2], new Float32Array([1, 2, NaN, 0])), 1)],
       ['topk: rank', () => m.gpu.topk(m.upload(tensor('float32', [4], new Float32Array(4))), 1), () => wasm.topk(tensor('float32', [4], new Float32Array(4)), 1)],

@@ -19,6 +19,7 @@
 import type { Backend, BackendInfo, Binding } from '../backend.js';
 import { checkTensor, isTensor, type DType, type Tensor, type TokenDType } from '../tensor.js';
 import { Gpu, describeAdapter, navigatorGpu, type GPUBuffer } from '../webgpu/gpu.js';
+import { COUNT_PICKS, ROUTE } from '../webgpu/route.js';
 import * as S from '../webgpu/shaders.js';
 import { checkBool, checkNumber, checkOptions, INDICES, TOKENS } from '../wire.js';
 import { loadWasm, type WasmSource } from './wasm.js';
@@ -27,7 +28,7 @@ import { BYTES, GpuTensor, isWebGpuTensor, uploadTensor, type WebGpuTensor } fro
 export { isWebGpuTensor, type WebGpuTensor } from './webgpu-tensor.js';
 
 /** The ops whose arithmetic runs in WGSL shaders (`moe.gpu.<op>`); the others run on wasm. */
-export const WEBGPU_OPS = ['indicesToMultihot', 'multihotToIndices', 'tokensPerExpert', 'permute', 'unpermute', 'permuteBackward', 'unpermuteBackward', 'sortChunksByIndex', 'sortChunksByIndexBackward', 'topk'] as const;
+export const WEBGPU_OPS = ['indicesToMultihot', 'multihotToIndices', 'tokensPerExpert', 'permute', 'unpermute', 'permuteBackward', 'unpermuteBackward', 'sortChunksByIndex', 'sortChunksByIndexBackward', 'topk', 'route'] as const;
 
 /** A host tensor's type with its tensors on the GPU. */
 export type OnGpu<R> = R extends Tensor<infer D> ? WebGpuTensor<D> : R extends readonly (infer U)[] ? OnGpu<U>[] : R extends object ? { [K in keyof R]: OnGpu<R[K]> } : R;
@@ -471,6 +472,48 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
         return { values: ov, indices: oi };
       }),
 
+    route: (logits, options) =>
+      gpuOp('route', [logits, options], async (c) => {
+        const o = checkOptions<Record<string, unknown>>(options, 'route', ['topk', 'scoreFunction', 'softmaxBeforeTopk', 'expertBias', 'numGroups', 'topkGroups', 'normTopkProb', 'routeScale', 'tokenMask']);
+        const lm = c.meta(logits, 'logits', TOKENS);
+        const sf = o.scoreFunction ?? 'softmax';
+        const code = typeof sf === 'string' && Object.hasOwn(SCORE_FUNCTIONS, sf) ? SCORE_FUNCTIONS[sf] : undefined;
+        // sqrtsoftplus (its sqrt and ln_1p are not ported) and anything the core will reject: the host path
+        if (lm.shape.length !== 2 || code === undefined) return HOST;
+        const bias = await c.optHost(o.expertBias, 'expertBias', ['float32']);
+        const mask = await c.optHost(o.tokenMask, 'tokenMask', ['bool']);
+        const [t, e] = lm.shape;
+        if (mask && (mask.shape.length !== 1 || mask.shape[0] !== t || (mask.data as Uint8Array).some((v) => v > 1))) return HOST;
+        // the core checks the options on a one-row stand-in (its finiteness check is the shader's flag)
+        const rows = Math.min(t, 1);
+        const probe = { dtype: lm.dtype, shape: [rows, e], data: lm.dtype === 'float32' ? new Float32Array(rows * e) : new Uint16Array(rows * e) } as Tensor<TokenDType>;
+        const maskProbe = mask ? ({ dtype: 'bool', shape: [rows], data: (mask.data as Uint8Array).slice(0, rows) } as Tensor<'bool'>) : undefined;
+        if (c.validate(() => base.route(probe, { ...(o as object), expertBias: bias, tokenMask: maskProbe } as Parameters<Backend['route']>[1])) === HOST) return HOST;
+        const k = o.topk as number;
+        const groups = (o.numGroups as number | undefined) ?? 1;
+        const keptGroups = (o.topkGroups as number | undefined) ?? groups;
+        const top2 = sf !== 'sigmoid' || bias !== undefined;
+        const normalise = o.normTopkProb === true && k > 1;
+        const rs = new Uint32Array(new Float64Array([(o.routeScale as number | undefined) ?? 1]).buffer);
+        const stride = 4 * e + 2 * k;
+        const biasBits = bias ? Array.from(new Uint32Array((bias.data as Float32Array).slice().buffer)) : [];
+        const params = [t, e, k, code, o.softmaxBeforeTopk === true ? 1 : 0, bias ? 1 : 0, groups, keptGroups, top2 ? 1 : 0, normalise ? 1 : 0, mask ? 1 : 0, rs[0], rs[1], DTYPE_CODES[lm.dtype], stride, 0, ...biasBits];
+        const scores = c.out('float32', [t, e], 'scores');
+        const indices = c.out('int32', [t, k], 'indices');
+        const weights = c.out('float32', [t, k], 'weights');
+        const tpe = c.out('int32', [e], 'tokensPerExpert');
+        const scratch = c.tmp(4 * stride * t, 'route scratch');
+        const flag = c.tmp(4, 'the non-finite flag');
+        const maskBuf = o.tokenMask === undefined || o.tokenMask === null ? c.tmp(4, 'tokenMask') : c.buf(o.tokenMask, 'tokenMask');
+        c.run('route', ROUTE, params, [c.buf(logits, 'logits'), maskBuf, scores.bufferFor(gpu, 's'), indices.bufferFor(gpu, 'i'), weights.bufferFor(gpu, 'w'), scratch, flag], t);
+        c.run('count_picks', COUNT_PICKS, [t * k, e], [indices.bufferFor(gpu, 'i'), tpe.bufferFor(gpu, 'c')], e);
+        if (t > 0 && new Uint32Array((await gpu.read('route', flag, 4)).buffer)[0] !== 0) {
+          for (const x of [scores, indices, weights, tpe]) x.dispose();
+          return HOST;
+        }
+        return { weights, indices, scores, tokensPerExpert: tpe };
+      }),
+
     sortChunksByIndexBackward: (gradOutput, splitSizes, sortedIdxs, gradProbs) =>
       gpuOp('sortChunksByIndexBackward', [gradOutput, splitSizes, sortedIdxs, gradProbs], async (c) => {
         const gm = c.meta(gradOutput, 'gradOutput', TOKENS);
@@ -534,6 +577,9 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
   };
   return backend as unknown as WebGpuBackend;
 }
+
+const SCORE_FUNCTIONS: Record<string, number> = { softmax: 0, sigmoid: 1, softmax_with_bias: 2, sigmoid_with_bias: 3 };
+const DTYPE_CODES: Record<string, number> = { float32: 0, bfloat16: 1, float16: 2 };
 
 /** Per-slot probabilities of unpermute as a buffer (undefined without probs). */
 function slotProbs(c: OpCall, sorted: GPUBuffer, n: number, probsArg: unknown, probs: Tensor | undefined, rmArg: unknown, rm: Tensor | undefined, dnp: boolean): GPUBuffer | undefined {

@@ -1,0 +1,186 @@
+/**
+ * route on the GPU: the core's `route_checked` (crates/moe-core/src/routing.rs) step for step,
+ * one thread per token, its float64 steps in software float64 (f64.ts: the core's exp, and
+ * IEEE add / multiply / divide) and its float32 steps (key = score + bias, group sums) in f32.
+ * Score functions softmax, sigmoid, softmax_with_bias, sigmoid_with_bias (sqrtsoftplus runs on
+ * wasm); groups, bias, softmaxBeforeTopk, normTopkProb, routeScale, tokenMask.
+ *
+ * P = [T, E, k, scoreFunction (0 softmax, 1 sigmoid, 2 softmax_with_bias, 3 sigmoid_with_bias),
+ *      softmaxBeforeTopk, hasBias, numGroups, topkGroups, top2GroupScore, normalise, hasMask,
+ *      routeScale lo, routeScale hi, logits dtype (0 f32, 1 bf16, 2 f16), scratch stride, 0,
+ *      expertBias bits [E]...].
+ */
+import { F64, f64Literal } from './f64.js';
+import { CONVERT } from './shaders.js';
+
+export const ROUTE = `
+@group(0) @binding(0) var<storage, read> P: array<u32>;
+@group(0) @binding(1) var<storage, read> logits: array<u32>;
+@group(0) @binding(2) var<storage, read> maskw: array<u32>;
+@group(0) @binding(3) var<storage, read_write> scores: array<u32>;
+@group(0) @binding(4) var<storage, read_write> indices: array<i32>;
+@group(0) @binding(5) var<storage, read_write> weights: array<u32>;
+@group(0) @binding(6) var<storage, read_write> scratch: array<u32>;
+@group(0) @binding(7) var<storage, read_write> flag: array<atomic<u32>>;
+${CONVERT}
+${F64}
+const EPS20 = ${f64Literal(1e-20)};
+const NEG_INF = 0xff800000u;
+
+fn logit_bits(i: u32) -> u32 {
+  let d = P[13];
+  if (d == 0u) { return logits[i]; }
+  let h = (logits[i >> 1u] >> ((i & 1u) * 16u)) & 0xffffu;
+  if (d == 1u) { return h << 16u; }
+  return bitcast<u32>(f16_to_f32(h));
+}
+/** The top-k's order on float32 bits: -0 = +0, NaN lowest (the core's canon). */
+fn key(b: u32) -> u32 {
+  if ((b & 0x7fffffffu) > 0x7f800000u) { return 0x007fffffu; }
+  if ((b & 0x7fffffffu) == 0u) { return 0x80000000u; }
+  if ((b & 0x80000000u) != 0u) { return ~b; }
+  return b | 0x80000000u;
+}
+fn f32add(a: u32, b: u32) -> u32 { return bitcast<u32>(bitcast<f32>(a) + bitcast<f32>(b)); }
+fn ld64(i: u32) -> vec2<u32> { return vec2<u32>(scratch[i], scratch[i + 1u]); }
+fn st64(i: u32, v: vec2<u32>) { scratch[i] = v.x; scratch[i + 1u] = v.y; }
+
+fn body(t: u32) {
+  let E = P[1]; let k = P[2]; let sf = P[3]; let G = P[6];
+  let row = t * E;
+  let base = t * P[14];
+  for (var e = 0u; e < E; e = e + 1u) { if ((logit_bits(row + e) & 0x7f800000u) == 0x7f800000u) { atomicStore(&flag[0], 1u); } }
+
+  // Scratch row: exps [2E words], keys [E], group keys [E], weights [2k].
+  let KEYS = base + 2u * E;
+  let GKEYS = base + 3u * E;
+  // 1. unbiased scores: float64, rounded once to float32. softmax: exp(x - max) / sum (the
+  // exps are kept: the default softmax's weights reuse them); sigmoid: 1 / (1 + exp(-x)).
+  // (One exp and one division in the code: the shader compiles faster.)
+  let softmax = sf == 0u || sf == 2u;
+  var mx = NEG_INF;
+  for (var e = 0u; e < E; e = e + 1u) { let b = logit_bits(row + e); if (key(b) > key(mx)) { mx = b; } }
+  let m = f_from_f32(mx);
+  var sum = vec2<u32>(0u, 0u);
+  for (var e = 0u; e < E; e = e + 1u) {
+    let x = f_from_f32(logit_bits(row + e));
+    var arg = f_neg(x);
+    if (softmax) { arg = f_sub(x, m); }
+    let ex = f_exp(arg);
+    st64(base + 2u * e, ex);
+    if (softmax) { sum = f_add(sum, ex); }
+  }
+  for (var e = 0u; e < E; e = e + 1u) {
+    var num = ld64(base + 2u * e);
+    var den = sum;
+    if (!softmax) { den = f_add(F64_ONE, num); num = F64_ONE; }
+    scores[row + e] = f_to_f32(f_div(num, den));
+  }
+
+  // 2. the keys of the selection
+  for (var e = 0u; e < E; e = e + 1u) {
+    var kb = scores[row + e];
+    if (sf == 0u && P[4] == 0u) { kb = logit_bits(row + e); } else if (P[5] == 1u) { kb = f32add(scores[row + e], P[16u + e]); }
+    scratch[KEYS + e] = kb;
+  }
+  if (G > 1u) {
+    let size = E / G;
+    for (var g = 0u; g < G; g = g + 1u) {
+      var first = NEG_INF;
+      var second = NEG_INF;
+      for (var e = g * size; e < (g + 1u) * size; e = e + 1u) {
+        let v = scratch[KEYS + e];
+        if (key(v) > key(first)) { second = first; first = v; } else if (key(v) > key(second)) { second = v; }
+      }
+      var gk = first;
+      if (P[8] == 1u) { gk = f32add(first, second); }
+      scratch[GKEYS + g] = gk;
+    }
+    var masked = 0u;
+    if (sf == 3u) { masked = NEG_INF; }
+    for (var g = 0u; g < G; g = g + 1u) {
+      let kg = key(scratch[GKEYS + g]);
+      var rank = 0u;
+      for (var h = 0u; h < G; h = h + 1u) {
+        let kh = key(scratch[GKEYS + h]);
+        if (kh > kg || (kh == kg && h < g)) { rank = rank + 1u; }
+      }
+      if (rank >= P[7]) { for (var e = g * size; e < (g + 1u) * size; e = e + 1u) { scratch[KEYS + e] = masked; } }
+    }
+  }
+
+  // 3. top-k (ties to the lower expert), weights
+  let o = t * k;
+  let masked_token = P[10] == 1u && ((maskw[t >> 2u] >> ((t & 3u) * 8u)) & 0xffu) == 0u;
+  if (masked_token) {
+    for (var j = 0u; j < k; j = j + 1u) { indices[o + j] = -1; weights[o + j] = 0u; }
+  } else {
+    var n = 0u;
+    for (var e = 0u; e < E; e = e + 1u) {
+      let kb = key(scratch[KEYS + e]);
+      if (n == k && kb <= key(scratch[KEYS + u32(indices[o + k - 1u])])) { continue; }
+      var j = n;
+      if (n == k) { j = k - 1u; } else { n = n + 1u; }
+      loop {
+        if (j == 0u || key(scratch[KEYS + u32(indices[o + j - 1u])]) >= kb) { break; }
+        indices[o + j] = indices[o + j - 1u];
+        j = j - 1u;
+      }
+      indices[o + j] = i32(e);
+    }
+    let wide = base + 4u * E;
+    if (sf == 0u && P[4] == 0u) {
+      // exp(logit - logit of the first pick): the first pick is the row's maximum (lowest id
+      // among equals), the max the scores used, so these are the scores' exps
+      var sum = vec2<u32>(0u, 0u);
+      for (var j = 0u; j < k; j = j + 1u) {
+        let w = ld64(base + 2u * u32(indices[o + j]));
+        st64(wide + 2u * j, w);
+        sum = f_add(sum, w);
+      }
+      for (var j = 0u; j < k; j = j + 1u) { st64(wide + 2u * j, f_from_f32(f_to_f32(f_div(ld64(wide + 2u * j), sum)))); }
+    } else {
+      for (var j = 0u; j < k; j = j + 1u) { st64(wide + 2u * j, f_from_f32(scores[row + u32(indices[o + j])])); }
+    }
+    let rs = vec2<u32>(P[11], P[12]);
+    if (P[9] == 1u) {
+      var s = vec2<u32>(0u, 0u);
+      for (var j = 0u; j < k; j = j + 1u) { s = f_add(s, ld64(wide + 2u * j)); }
+      let denom = f_add(s, EPS20);
+      for (var j = 0u; j < k; j = j + 1u) { weights[o + j] = f_to_f32(f_mul(f_div(ld64(wide + 2u * j), denom), rs)); }
+    } else {
+      for (var j = 0u; j < k; j = j + 1u) { weights[o + j] = f_to_f32(f_mul(ld64(wide + 2u * j), rs)); }
+    }
+  }
+
+  // 4. scores normalised per row when the weights are
+  if (P[9] == 1u) {
+    var s = vec2<u32>(0u, 0u);
+    for (var e = 0u; e < E; e = e + 1u) { s = f_add(s, f_from_f32(scores[row + e])); }
+    let d = f_add(s, EPS20);
+    for (var e = 0u; e < E; e = e + 1u) { scores[row + e] = f_to_f32(f_div(f_from_f32(scores[row + e]), d)); }
+  }
+}
+
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = gid.x + gid.y * nwg.x * 64u;
+  if (i >= P[0]) { return; }
+  body(i);
+}
+`;
+
+/** tokensPerExpert of route's picks: one thread per expert counts its slots (-1 never matches). P = [T * k, E]. */
+export const COUNT_PICKS = `
+@group(0) @binding(0) var<storage, read> P: array<u32>;
+@group(0) @binding(1) var<storage, read> indices: array<i32>;
+@group(0) @binding(2) var<storage, read_write> counts: array<i32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let e = gid.x + gid.y * nwg.x * 64u;
+  if (e >= P[1]) { return; }
+  var c = 0;
+  for (var i = 0u; i < P[0]; i = i + 1u) { if (indices[i] == i32(e)) { c = c + 1; } }
+  counts[e] = c;
+}
+`;
