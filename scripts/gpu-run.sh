@@ -42,6 +42,7 @@ pack() {
   cp native/*.node "$BUNDLE/native/"
   [[ -d pkg ]] && cp -r pkg "$BUNDLE/pkg"
   cp -r test/gpu "$BUNDLE/test/gpu"
+  cp -r test/common "$BUNDLE/test/common"
   # the Hugging Face fixtures (tiny models, a few MB) for test/gpu/hf.test.mjs
   mkdir -p "$BUNDLE/test/fixtures" && cp -r test/fixtures/hf "$BUNDLE/test/fixtures/hf"
   local golden="${MOE_GOLDEN_DIR:-test/fixtures/golden}"

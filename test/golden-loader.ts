@@ -4,6 +4,7 @@
  */
 
 import { toBFloat16Bits, type DType, type Tensor } from '../ts/index.js';
+import { DTYPE_OF as SHARED_DTYPE_OF, goldenTensor } from './common/golden.mjs';
 import { bitsOf, expectF32Close, expectHalfWithinUlps, expectSameBits, expectValues, f16Bits } from './util.js';
 
 /**
@@ -84,25 +85,11 @@ export function loadGolden(op: string): { file?: GoldenFile; error?: string } {
 // ---------------------------------------------------------------------------------------
 // Golden tensors to library tensors.
 
-export const DTYPE_OF: Record<GoldenTensor['dtype'], DType> = { f32: 'float32', bf16: 'bfloat16', f16: 'float16', i64: 'int64', i32: 'int32', bool: 'bool' };
+export const DTYPE_OF: Record<GoldenTensor['dtype'], DType> = SHARED_DTYPE_OF;
 
 /** The library tensor for a golden tensor; `as` overrides the dtype (int64 indices as int32). */
 export function toTensor(g: GoldenTensor, as: DType = DTYPE_OF[g.dtype]): Tensor {
-  const shape = [...g.shape];
-  switch (as) {
-    case 'float32':
-      return { dtype: as, shape, data: Float32Array.from(g.data) };
-    case 'bfloat16':
-      return { dtype: as, shape, data: Uint16Array.from(g.data, toBFloat16Bits) };
-    case 'float16':
-      return { dtype: as, shape, data: Uint16Array.from(g.data, f16Bits) };
-    case 'int32':
-      return { dtype: as, shape, data: Int32Array.from(g.data) };
-    case 'int64':
-      return { dtype: as, shape, data: BigInt64Array.from(g.data, (v) => BigInt(v)) };
-    case 'bool':
-      return { dtype: as, shape, data: Uint8Array.from(g.data, (v) => (v ? 1 : 0)) };
-  }
+  return goldenTensor(g, { toBFloat16Bits, toFloat16Bits: f16Bits }, as);
 }
 
 export function input(c: GoldenCase, key: string): GoldenTensor {

@@ -19,6 +19,7 @@ import { describe, expect, it } from 'vitest';
 
 import { MoELayer, SUPPORTED_MODEL_TYPES, toNumbers, type Backend, type MoEWeights, type PretrainedSource, type Tensor } from '../ts/index.js';
 import { backends, registerBackendReport } from './backends.js';
+import { bytesOf, maxRelErr } from './common/golden.mjs';
 import { fixtureBytes, fixtureJson, fixturePath } from './fixture-loader.js';
 
 registerBackendReport();
@@ -75,9 +76,7 @@ function maxAbs(a: number[]): number {
 /** max |got - want| / max |want| (a relative error on the tensor's scale). */
 function relErr(got: number[], want: number[]): number {
   expect(got.length).toBe(want.length);
-  let d = 0;
-  for (let i = 0; i < got.length; i++) d = Math.max(d, Math.abs(got[i] - want[i]));
-  return d / Math.max(maxAbs(want), 1e-30);
+  return maxRelErr(got, want);
 }
 
 function dist(a: number[], b: number[]): number {
@@ -272,7 +271,7 @@ describe('Hugging Face families: cpu and wasm agree bit for bit', () => {
         const io = ioTensors(moe, fx.io);
         const f = layer.forward(io.x);
         const b = layer.backward(io.gradOutput);
-        const bits = (t: Tensor) => Array.from(new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength));
+        const bits = (t: Tensor) => Array.from(bytesOf(t));
         return { out: bits(f.output), w: bits(f.weights), gi: bits(b.gradInput), grads: Object.fromEntries(Object.entries(b.grads).map(([k, v]) => [k, bits(v as Tensor)])) };
       };
       const a = await run(cpu!);

@@ -6,6 +6,8 @@ import { existsSync, readFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 
+import { bytesOf, DTYPE_OF, goldenTensor, maxRelErr } from '../common/golden.mjs';
+
 const distDir = process.env.MOE_DISPATCH_DIST ? resolve(process.env.MOE_DISPATCH_DIST) : fileURLToPath(new URL('../../dist/', import.meta.url));
 export const goldenDir = process.env.MOE_GOLDEN_DIR ? resolve(process.env.MOE_GOLDEN_DIR) : fileURLToPath(new URL('../fixtures/golden/', import.meta.url));
 export const lib = await import(pathToFileURL(resolve(distDir, 'index.js')).href);
@@ -18,9 +20,7 @@ export const cpu = await lib.createBackend({ prefer: 'cpu' });
 // ---------------------------------------------------------------------------------------
 // Comparisons
 
-export function bytesOf(t) {
-  return new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength);
-}
+export { bytesOf, maxRelErr };
 
 export function host(t) {
   return t && lib.isDeviceTensor(t) ? t.download() : t;
@@ -111,22 +111,9 @@ export function loadGolden(op) {
   return { file: JSON.parse(readFileSync(path, 'utf8')) };
 }
 
-export const DTYPE_OF = { f32: 'float32', bf16: 'bfloat16', f16: 'float16', i64: 'int64', i32: 'int32', bool: 'bool' };
+export { DTYPE_OF };
 export function toTensor(g, as = DTYPE_OF[g.dtype]) {
-  switch (as) {
-    case 'float32':
-      return tensor(as, g.shape, Float32Array.from(g.data));
-    case 'bfloat16':
-      return tensor(as, g.shape, Uint16Array.from(g.data, toBFloat16Bits));
-    case 'float16':
-      return tensor(as, g.shape, Uint16Array.from(g.data, toFloat16Bits));
-    case 'int32':
-      return tensor(as, g.shape, Int32Array.from(g.data));
-    case 'int64':
-      return tensor(as, g.shape, BigInt64Array.from(g.data, (v) => BigInt(v)));
-    case 'bool':
-      return tensor(as, g.shape, Uint8Array.from(g.data, (v) => (v ? 1 : 0)));
-  }
+  return goldenTensor(g, lib, as);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -9,25 +9,14 @@ import { existsSync, readFileSync } from 'node:fs';
 import { describe, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 
-import { cpu, cuda, cudaOnly, host, lib } from './common.mjs';
+import { cpu, cuda, cudaOnly, host, lib, maxRelErr } from './common.mjs';
 
 const { MoELayer, toNumbers } = lib;
 const dir = fileURLToPath(new URL('../fixtures/hf/', import.meta.url));
 const FIXTURES = ['mixtral', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'deepseek_v3', 'gpt_oss'].flatMap((f) => [`${f}-f32`, `${f}-bf16`]);
 
-/** max |a - b| / max(max |b|, 1e-30). */
-function rel(a, b) {
-  const x = toNumbers(host(a));
-  const y = toNumbers(host(b));
-  assert.equal(x.length, y.length);
-  let d = 0;
-  let s = 1e-30;
-  for (let i = 0; i < x.length; i++) {
-    d = Math.max(d, Math.abs(x[i] - y[i]));
-    s = Math.max(s, Math.abs(y[i]));
-  }
-  return d / s;
-}
+/** max |a - b| / max |b| of two tensors' values. */
+const rel = (a, b) => maxRelErr(toNumbers(host(a)), toNumbers(host(b)));
 
 async function run(moe, name) {
   const path = `${dir}${name}`;
