@@ -39,7 +39,11 @@ type AnyResult = unknown;
 async function same(op: string, got: AnyResult, want: AnyResult, what: string): Promise<void> {
   const host = await moe!.toHost(got);
   const check = (g: unknown, w: unknown, path: string) => {
-    if (w && typeof w === 'object' && 'dtype' in (w as object)) {
+    if (typeof w !== 'object' || w === null) {
+      expect(g, path).toBe(w);
+      return;
+    }
+    if ('dtype' in (w as object)) {
       const gt = g as Tensor;
       const wt = w as Tensor;
       expect(gt, `${path}: missing`).toBeDefined();
@@ -92,7 +96,7 @@ if (moe === undefined) describe('webgpu backend (unavailable here)', () => {
   });
 });
 
-if (moe !== undefined) describe('webgpu backend against wasm, bit for bit', () => {
+if (moe !== undefined) describe('webgpu backend against wasm, bit for bit', { timeout: 180_000 }, () => {
   it('backendInfo() lists webgpu with its adapter and GPU ops; auto picks webgpu here', async () => {
     expect(info).toMatchObject({ available: true, gpuOps: [...WEBGPU_OPS] });
     expect(info!.device).toMatch(/WebGPU adapter/);
@@ -198,6 +202,19 @@ if (moe !== undefined) describe('webgpu backend against wasm, bit for bit', () =
             await same('route', await m.gpu.route(up(logits), dev), wasm.route(logits, o as never), what);
           }
         }
+        // activations, forward and backward, every kind, with and without probs
+        for (const [kind, extra] of [['swiglu', {}], ['quick_geglu', { alpha: 1.5, limit: 2.5 }], ['swiglu_oai', {}], ['swiglu_clamped', { limit: 1.25 }], ['relu2', {}]] as const) {
+          const I = Math.max(1, H);
+          const xw = kind === 'relu2' ? I : 2 * I;
+          const xa = randomTokens(dtype, T, xw, random);
+          const ga = randomTokens(dtype, T, I, random);
+          const rp = tensor('float32', pi % 3 === 0 ? [T, 1] : [T], Float32Array.from({ length: T }, () => random()));
+          for (const o of [{ kind, ...extra }, { kind, ...extra, probs: rp }]) {
+            const od = 'probs' in o ? { ...o, probs: up(o.probs) } : o;
+            await same('activation', await m.gpu.activation(up(xa), od), wasm.activation(xa, o as never), kind);
+            await same('activationBackward', await m.gpu.activationBackward(up(ga), up(xa), od), wasm.activationBackward(ga, xa, o as never), kind);
+          }
+        }
         await same('sortChunksByIndexBackward', await m.gpu.sortChunksByIndexBackward(up(gradOut), split, up(idxs), rowProbs), wasm.sortChunksByIndexBackward(gradOut, split, idxs, rowProbs), '');
       });
     }
@@ -274,14 +291,18 @@ if (moe !== undefined) describe('webgpu backend against wasm, bit for bit', () =
     gpu.device.destroy();
   });
 
-  it('ops without a shader run on wasm inside (activation); route with large logits', async () => {
+  it('ops without a shader run on wasm inside: zLoss, switchLoadBalancingLoss, dropTokens with webgpu tensors', async () => {
     const m = moe!;
     const random = rng(77);
     const logits = tensor('float32', [40, 16], Float32Array.from({ length: 640 }, () => random() * 6 - 3));
     const o = { topk: 4, scoreFunction: 'sigmoid' as const, numGroups: 4, topkGroups: 2, expertBias: tensor('float32', [16], Float32Array.from({ length: 16 }, () => random() - 0.5)) };
     await same('route', await m.gpu.route(m.upload(logits), o), wasm.route(logits, o), '');
-    const x = randomTokens('bfloat16', 12, 10, random);
-    await same('activation', await m.gpu.activation(m.upload(x), { kind: 'swiglu' }), wasm.activation(x, { kind: 'swiglu' }), '');
+    await same('zLoss', await m.gpu.zLoss(m.upload(logits), { coeff: 0.01 }), wasm.zLoss(logits, { coeff: 0.01 }), '');
+    const r = wasm.route(logits, o);
+    await same('switchLoadBalancingLoss', await m.gpu.switchLoadBalancingLoss(m.upload(r.scores), m.upload(r.tokensPerExpert), { topk: 4 }), wasm.switchLoadBalancingLoss(r.scores, r.tokensPerExpert, { topk: 4 }), '');
+    const { routingMap, probs } = wasm.indicesToMultihot(r.indices, r.weights, 16);
+    const d = { topk: 4, capacityFactor: 1 };
+    await same('dropTokens', await m.gpu.dropTokens(m.upload(probs), m.upload(routingMap), d), wasm.dropTokens(probs, routingMap, d), '');
   });
 
   it('errors: the same class and message as wasm (the core validates)', async () => {
@@ -306,6 +327,11 @@ if (moe !== undefined) describe('webgpu backend against wasm, bit for bit', () =
       ['route: bias with softmax', () => m.gpu.route(t, { topk: 1, expertBias: m.upload(tensor('float32', [2], new Float32Array(2))) }), () => wasm.route(t, { topk: 1, expertBias: tensor('float32', [2], new Float32Array(2)) })],
       ['route: mask value', () => m.gpu.route(t, { topk: 1, tokenMask: tensor('bool', [3], new Uint8Array([1, 3, 0])) }), () => wasm.route(t, { topk: 1, tokenMask: tensor('bool', [3], new Uint8Array([1, 3, 0])) })],
       ['route: score function', () => m.gpu.route(t, { topk: 1, scoreFunction: 'toString' }), () => wasm.route(t, { topk: 1, scoreFunction: 'toString' as never })],
+      ['activation: odd width', () => m.gpu.activation(m.upload(tensor('float32', [2, 3], new Float32Array(6))), { kind: 'swiglu' }), () => wasm.activation(tensor('float32', [2, 3], new Float32Array(6)), { kind: 'swiglu' })],
+      ['activation: kind', () => m.gpu.activation(m.upload(t), { kind: 'gelu' }), () => wasm.activation(t, { kind: 'gelu' as never })],
+      ['activation: alpha for swiglu', () => m.gpu.activation(m.upload(t), { kind: 'swiglu', alpha: 2 }), () => wasm.activation(t, { kind: 'swiglu', alpha: 2 })],
+      ['activation: limit', () => m.gpu.activation(m.upload(t), { kind: 'swiglu_clamped', limit: -1 }), () => wasm.activation(t, { kind: 'swiglu_clamped', limit: -1 })],
+      ['activationBackward: grad shape', () => m.gpu.activationBackward(m.upload(t), m.upload(t), { kind: 'swiglu' }), () => wasm.activationBackward(t, t, { kind: 'swiglu' })],
       ['topk: k', () => m.gpu.topk(m.upload(t), 3), () => wasm.topk(t, 3)],
       ['topk: NaN', () => m.gpu.topk(m.upload(tensor('float32', [2, 2], new Float32Array([1, 2, NaN, 0]))), 1), () => wasm.topk(tensor('float32', [2, 2], new Float32Array([1, 2, NaN, 0])), 1)],
       ['topk: rank', () => m.gpu.topk(m.upload(tensor('float32', [4], new Float32Array(4))), 1), () => wasm.topk(tensor('float32', [4], new Float32Array(4)), 1)],

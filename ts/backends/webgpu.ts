@@ -19,6 +19,7 @@
 import type { Backend, BackendInfo, Binding } from '../backend.js';
 import { checkTensor, isTensor, type DType, type Tensor, type TokenDType } from '../tensor.js';
 import { Gpu, describeAdapter, navigatorGpu, type GPUBuffer } from '../webgpu/gpu.js';
+import { activationBackward as actBackward, activationForward as actForward, activationGradProbs as actGradProbs } from '../webgpu/activations.js';
 import { COUNT_PICKS, ROUTE } from '../webgpu/route.js';
 import * as S from '../webgpu/shaders.js';
 import { checkBool, checkNumber, checkOptions, INDICES, TOKENS } from '../wire.js';
@@ -28,7 +29,7 @@ import { BYTES, GpuTensor, isWebGpuTensor, uploadTensor, type WebGpuTensor } fro
 export { isWebGpuTensor, type WebGpuTensor } from './webgpu-tensor.js';
 
 /** The ops whose arithmetic runs in WGSL shaders (`moe.gpu.<op>`); the others run on wasm. */
-export const WEBGPU_OPS = ['indicesToMultihot', 'multihotToIndices', 'tokensPerExpert', 'permute', 'unpermute', 'permuteBackward', 'unpermuteBackward', 'sortChunksByIndex', 'sortChunksByIndexBackward', 'topk', 'route'] as const;
+export const WEBGPU_OPS = ['indicesToMultihot', 'multihotToIndices', 'tokensPerExpert', 'permute', 'unpermute', 'permuteBackward', 'unpermuteBackward', 'sortChunksByIndex', 'sortChunksByIndexBackward', 'topk', 'route', 'activation', 'activationBackward'] as const;
 
 /** A host tensor's type with its tensors on the GPU. */
 export type OnGpu<R> = R extends Tensor<infer D> ? WebGpuTensor<D> : R extends readonly (infer U)[] ? OnGpu<U>[] : R extends object ? { [K in keyof R]: OnGpu<R[K]> } : R;
@@ -514,6 +515,34 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
         return { weights, indices, scores, tokensPerExpert: tpe };
       }),
 
+    activation: (x, options) =>
+      gpuOp('activation', [x, options], async (c) => {
+        const a = await activationSetup(c, base, x, undefined, options, 'activation');
+        if (a === HOST) return HOST;
+        const out = c.out(a.kind, [a.rows, a.inter], 'output');
+        const words = tokenWords(a.kind, a.rows * a.inter);
+        c.run(`act_fwd_${a.kind}`, actForward(a.kind), [a.rows * a.inter, a.inter, a.width, words, ...a.params], [c.buf(x, 'x'), a.probs, out.bufferFor(gpu, 'o')], words);
+        return out;
+      }),
+
+    activationBackward: (grad, x, options) =>
+      gpuOp('activationBackward', [grad, x, options], async (c) => {
+        const a = await activationSetup(c, base, x, grad, options, 'activationBackward');
+        if (a === HOST) return HOST;
+        const xBuf = c.buf(x, 'x');
+        const gBuf = c.buf(grad, 'grad');
+        const gradInput = c.out(a.kind, [a.rows, a.width], 'gradInput');
+        const words = tokenWords(a.kind, a.rows * a.width);
+        c.run(`act_bwd_${a.kind}`, actBackward(a.kind), [a.rows * a.width, a.inter, a.width, words, ...a.params], [xBuf, gBuf, a.probs, gradInput.bufferFor(gpu, 'gi')], words);
+        const result: Record<string, GpuTensor> = { gradInput };
+        if (a.probsShape) {
+          const gradProbs = c.out('float32', a.probsShape, 'gradProbs');
+          c.run(`act_gp_${a.kind}`, actGradProbs(a.kind), [a.rows, a.inter, a.width, 0, ...a.params], [xBuf, gBuf, gradProbs.bufferFor(gpu, 'gp')], a.rows);
+          result.gradProbs = gradProbs;
+        }
+        return result;
+      }),
+
     sortChunksByIndexBackward: (gradOutput, splitSizes, sortedIdxs, gradProbs) =>
       gpuOp('sortChunksByIndexBackward', [gradOutput, splitSizes, sortedIdxs, gradProbs], async (c) => {
         const gm = c.meta(gradOutput, 'gradOutput', TOKENS);
@@ -576,6 +605,49 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
     },
   };
   return backend as unknown as WebGpuBackend;
+}
+
+const ACTIVATIONS: Record<string, [kind: number, layout: number]> = { swiglu: [0, 0], quick_geglu: [1, 1], swiglu_oai: [2, 0], swiglu_clamped: [3, 0], relu2: [4, 2] };
+
+interface ActivationSetup {
+  kind: TokenDType;
+  rows: number;
+  width: number;
+  inter: number;
+  /** [kind, layout, alpha, limit, linearOffset (float32 bits), withProbs]. */
+  params: number[];
+  probs: GPUBuffer;
+  probsShape?: number[];
+}
+
+/** The checks and parameters of activation / activationBackward (`grad` given: the backward). */
+async function activationSetup(c: OpCall, base: Backend, x: unknown, grad: unknown, options: unknown, op: 'activation' | 'activationBackward'): Promise<ActivationSetup | Host> {
+  const o = checkOptions<Record<string, unknown>>(options, op, ['kind', 'probs', 'alpha', 'limit', 'linearOffset']);
+  const xm = c.meta(x, 'x', TOKENS);
+  const code = typeof o.kind === 'string' && Object.hasOwn(ACTIVATIONS, o.kind) ? ACTIVATIONS[o.kind] : undefined;
+  if (xm.shape.length !== 2 || code === undefined) return HOST;
+  const [rows, width] = xm.shape;
+  const inter = code[1] === 2 ? width : width / 2;
+  const probs = await c.optHost(o.probs, 'probs', ['float32']);
+  if (probs && !((probs.shape.length === 1 && probs.shape[0] === rows) || (probs.shape.length === 2 && probs.shape[0] === rows && probs.shape[1] === 1))) return HOST;
+  const gm = grad === undefined ? undefined : c.meta(grad, 'grad', TOKENS);
+  if (gm && (gm.dtype !== xm.dtype || gm.shape.length !== 2 || gm.shape[0] !== rows || gm.shape[1] !== inter)) return HOST;
+  // the core checks the kind, the options and x's width on one-row stand-ins
+  const r1 = Math.min(rows, 1);
+  const zeros = (w: number) => ({ dtype: xm.dtype, shape: [r1, w], data: xm.dtype === 'float32' ? new Float32Array(r1 * w) : new Uint16Array(r1 * w) }) as Tensor<TokenDType>;
+  const p1 = probs ? ({ dtype: 'float32', shape: probs.shape.length === 1 ? [r1] : [r1, 1], data: new Float32Array(r1) } as Tensor<'float32'>) : undefined;
+  const opts = { ...(o as object), probs: p1 } as Parameters<Backend['activation']>[1];
+  if (c.validate(() => (gm ? base.activationBackward(zeros(Number.isInteger(inter) ? inter : 0), zeros(width), opts) : base.activation(zeros(width), opts))) === HOST) return HOST;
+  const f32 = (v: unknown, d: number) => new Uint32Array(new Float32Array([typeof v === 'number' ? v : d]).buffer)[0];
+  return {
+    kind: xm.dtype as TokenDType,
+    rows,
+    width,
+    inter,
+    params: [code[0], code[1], f32(o.alpha, 1.702), f32(o.limit, 7), f32(o.linearOffset, 1), probs ? 1 : 0],
+    probs: probs ? c.buf(o.probs, 'probs') : c.tmp(4, 'probs'),
+    probsShape: probs ? [...probs.shape] : undefined,
+  };
 }
 
 const SCORE_FUNCTIONS: Record<string, number> = { softmax: 0, sigmoid: 1, softmax_with_bias: 2, sigmoid_with_bias: 3 };

@@ -238,9 +238,12 @@ fn f_to_f32(a: vec2<u32>) -> u32 {
 
 fn f_pow2(e: i32) -> vec2<u32> { return vec2<u32>(0u, u32(e + 1023) << 20u); }
 fn f_scale(x: vec2<u32>, k: i32) -> vec2<u32> {
-  if (k > 1023) { return f_mul(f_mul(x, f_pow2(1023)), f_pow2(min(k - 1023, 1023))); }
-  if (k < -1022) { return f_mul(f_mul(x, f_pow2(-1022)), f_pow2(max(k + 1022, -1022))); }
-  return f_mul(x, f_pow2(k));
+  // (x * a) * b, b = 1 (exact) in the common case: one pair of multiplications in the code
+  var a = f_pow2(k);
+  var b = F64_ONE;
+  if (k > 1023) { a = f_pow2(1023); b = f_pow2(min(k - 1023, 1023)); }
+  if (k < -1022) { a = f_pow2(-1022); b = f_pow2(max(k + 1022, -1022)); }
+  return f_mul(f_mul(x, a), b);
 }
 
 const LN2_HI = vec2<u32>(0xfee00000u, 0x3fe62e42u);

@@ -1,0 +1,176 @@
+/**
+ * activation / activationBackward on the GPU: the core's element formulas (activations.rs
+ * `unit`, `unit_grad`) operation for operation in float32, with its `expf` (detmath's float64
+ * exp rounded once) and float32 divisions done in software float64 (f64.ts) and rounded once
+ * (correctly rounded: 53 >= 2 * 24 + 2 bits, so the double rounding is innocuous; WGSL's own
+ * float32 division may be off by 2.5 ulp). gradProbs sums in software float64, as the core.
+ *
+ * P = [elements, inter, width, words, kind (0 swiglu, 1 quick_geglu, 2 swiglu_oai,
+ *      3 swiglu_clamped, 4 relu2), layout (0 halves, 1 interleaved, 2 single), alpha bits,
+ *      limit bits, linearOffset bits, withProbs].
+ */
+import { F64 } from './f64.js';
+import { CONVERT, type Kind } from './shaders.js';
+
+function common(kind: Kind, names: string[]): string {
+  const conv = kind === 'bfloat16' ? 'bf16_to_f32' : 'f16_to_f32';
+  const loaders = names
+    .map((n) =>
+      kind === 'float32'
+        ? `fn ld_${n}(i: u32) -> f32 { return bitcast<f32>(${n}[i]); }`
+        : `fn ld_${n}(i: u32) -> f32 { return ${conv}((${n}[i >> 1u] >> ((i & 1u) * 16u)) & 0xffffu); }`,
+    )
+    .join('\n');
+  const round = kind === 'float32' ? 'return bitcast<u32>(v);' : kind === 'bfloat16' ? 'return f32_to_bf16(v);' : 'return f32_to_f16(v);';
+  return `
+@group(0) @binding(0) var<storage, read> P: array<u32>;
+${CONVERT}
+${F64}
+${loaders}
+fn round_out(v: f32) -> u32 { ${round} }
+fn fdiv(a: f32, b: f32) -> f32 { return bitcast<f32>(f_to_f32(f_div(f_from_f32(bitcast<u32>(a)), f_from_f32(bitcast<u32>(b))))); }
+fn expf(v: f32) -> f32 { return bitcast<f32>(f_to_f32(f_exp(f_from_f32(bitcast<u32>(v))))); }
+fn clamp_max(v: f32, l: f32) -> f32 { if (v > l) { return l; } return v; }
+fn clamp_sym(v: f32, l: f32) -> f32 { if (v > l) { return l; } if (v < -l) { return -l; } return v; }
+// Each formula is written with one expf and as few divisions as possible in the code (the
+// software float64 is long, and a shader compiles slower with every copy of it); the values and
+// their order of operations are the core's.
+/** The argument z of exp(-z) for this kind: gate (swiglu), alpha * min(gate, limit), min(gate, limit). */
+fn exp_arg(gate: f32) -> f32 {
+  let A = bitcast<f32>(P[6]); let L = bitcast<f32>(P[7]);
+  if (P[4] == 0u) { return gate; }
+  if (P[4] == 3u) { return clamp_max(gate, L); }
+  return A * clamp_max(gate, L);
+}
+fn unit(gate: f32, up: f32) -> f32 {
+  let L = bitcast<f32>(P[7]); let LO = bitcast<f32>(P[8]);
+  if (P[4] == 4u) { var r = gate; if (gate <= 0.0) { r = 0.0; } return r * r; }
+  let g = clamp_max(gate, L);
+  let u = clamp_sym(up, L);
+  // silu(v) = v / (1 + e^-v), sigmoid(z) = 1 / (1 + e^-z)
+  var num = 1.0;
+  if (P[4] == 0u) { num = gate; } else if (P[4] == 3u) { num = g; }
+  let q = fdiv(num, 1.0 + expf(-exp_arg(gate)));
+  if (P[4] == 0u) { return q * up; }
+  if (P[4] == 3u) { return q * u; }
+  return g * q * (u + LO);
+}
+/** (d gate, d up) of gw * unit(gate, up). */
+fn unit_grad(gate: f32, up: f32, gw: f32) -> vec2<f32> {
+  let L = bitcast<f32>(P[7]); let LO = bitcast<f32>(P[8]);
+  if (P[4] == 4u) { var dg = 0.0; if (gate > 0.0) { dg = gw * 2.0 * gate; } return vec2<f32>(dg, 0.0); }
+  let g = clamp_max(gate, L);
+  let u = clamp_sym(up, L);
+  let z = exp_arg(gate);
+  let d = 1.0 + expf(-z);
+  let s = fdiv(1.0, d);
+  if (P[4] == 1u || P[4] == 2u) {
+    var dg = 0.0;
+    if (gate <= L) { dg = gw * s * (1.0 + z * (1.0 - s)) * (u + LO); }
+    var du = 0.0;
+    if (up >= -L && up <= L) { du = gw * (g * s); }
+    return vec2<f32>(dg, du);
+  }
+  // swiglu (z = gate, Megatron-Core's swiglu_back) and swiglu_clamped (z = g)
+  let q = fdiv(z, d);
+  if (P[4] == 0u) { return vec2<f32>(gw * s * (1.0 + gate * (1.0 - s)) * up, gw * q); }
+  var dg = 0.0;
+  if (gate <= L) { dg = gw * s * (1.0 + g * (1.0 - s)) * u; }
+  var du = 0.0;
+  if (up >= -L && up <= L) { du = gw * q; }
+  return vec2<f32>(dg, du);
+}
+/** The (gate, up) pair of output column j of row r. */
+fn pair(r: u32, j: u32) -> vec2<f32> {
+  let I = P[1]; let W = P[2]; let b = r * W;
+  if (P[5] == 0u) { return vec2<f32>(ld_x(b + j), ld_x(b + I + j)); }
+  if (P[5] == 1u) { return vec2<f32>(ld_x(b + 2u * j), ld_x(b + 2u * j + 1u)); }
+  return vec2<f32>(ld_x(b + j), 0.0);
+}
+fn flat(gid: vec3<u32>, nwg: vec3<u32>) -> u32 { return gid.x + gid.y * nwg.x * 64u; }
+`;
+}
+
+/** Forward: one thread per output word. */
+export function activationForward(kind: Kind): string {
+  const per = kind === 'float32' ? 1 : 2;
+  return `${common(kind, ['x'])}
+@group(0) @binding(1) var<storage, read> x: array<u32>;
+@group(0) @binding(2) var<storage, read> probs: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<u32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let w = flat(gid, nwg);
+  if (w >= P[3]) { return; }
+  let I = P[1];
+  var word = 0u;
+  for (var q = 0u; q < ${per}u; q = q + 1u) {
+    let e = w * ${per}u + q;
+    if (e >= P[0]) { break; }
+    let r = e / I;
+    let gu = pair(r, e - r * I);
+    var a = unit(gu.x, gu.y);
+    if (P[9] == 1u) { a = a * probs[r]; }
+    word = word | (round_out(a) << (q * ${32 / per}u));
+  }
+  out[w] = word;
+}
+`;
+}
+
+/** Backward, gradInput: one thread per word of `[rows, width]`. */
+export function activationBackward(kind: Kind): string {
+  const per = kind === 'float32' ? 1 : 2;
+  return `${common(kind, ['x', 'g'])}
+@group(0) @binding(1) var<storage, read> x: array<u32>;
+@group(0) @binding(2) var<storage, read> g: array<u32>;
+@group(0) @binding(3) var<storage, read> probs: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<u32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let w = flat(gid, nwg);
+  if (w >= P[3]) { return; }
+  let I = P[1]; let W = P[2];
+  var word = 0u;
+  for (var q = 0u; q < ${per}u; q = q + 1u) {
+    let e = w * ${per}u + q;
+    if (e >= P[0]) { break; }
+    let r = e / W;
+    let c = e - r * W;
+    var j = c;
+    var is_up = false;
+    if (P[5] == 0u) { if (c >= I) { j = c - I; is_up = true; } }
+    else if (P[5] == 1u) { j = c / 2u; is_up = (c & 1u) == 1u; }
+    var gw = ld_g(r * I + j);
+    if (P[9] == 1u) { gw = gw * probs[r]; }
+    let gu = pair(r, j);
+    let d = unit_grad(gu.x, gu.y, gw);
+    var v = d.x;
+    if (is_up) { v = d.y; }
+    word = word | (round_out(v) << (q * ${32 / per}u));
+  }
+  out[w] = word;
+}
+`;
+}
+
+/** Backward, gradProbs: one thread per row, sum over j of unit * grad in (software) float64. P[0] = rows. */
+export function activationGradProbs(kind: Kind): string {
+  return `${common(kind, ['x', 'g'])}
+@group(0) @binding(1) var<storage, read> x: array<u32>;
+@group(0) @binding(2) var<storage, read> g: array<u32>;
+@group(0) @binding(3) var<storage, read_write> out: array<u32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let r = flat(gid, nwg);
+  if (r >= P[0]) { return; }
+  let I = P[1];
+  var sum = vec2<u32>(0u, 0u);
+  for (var j = 0u; j < I; j = j + 1u) {
+    let gu = pair(r, j);
+    sum = f_add(sum, f_from_f32(bitcast<u32>(unit(gu.x, gu.y) * ld_g(r * I + j))));
+  }
+  out[r] = f_to_f32(sum);
+}
+`;
+}
