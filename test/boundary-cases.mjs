@@ -110,10 +110,10 @@ function mixtralExperts() {
 export const TEMPLATES = {
   indicesToMultihot: () => [T('int32', [4, 2], IDX), f32([4, 2]), 4],
   multihotToIndices: () => [T('bool', [4, 4], MAP), { probs: f32([4, 4]), topk: 2 }],
-  permute: () => [f32([4, 3]), T('bool', [4, 4], MAP), { probs: f32([4, 4]), numOutTokens: 8, dropAndPad: true }],
+  permute: () => [f32([4, 3]), T('bool', [4, 4], MAP), { probs: f32([4, 4]), numOutTokens: 8, dropAndPad: true, out: { permutedTokens: f32([8, 3], () => 9), permutedProbs: f32([8], () => 9) } }],
   permutePlan: () => [T('bool', [4, 4], MAP), { numOutTokens: 8, dropAndPad: true }],
-  unpermute: () => [f32([8, 3]), T('int32', [8], SORTED), [4, 3], { probs: f32([4, 4]), routingMap: T('bool', [4, 4], MAP) }],
-  permuteBackward: () => [f32([8, 3]), T('int32', [8], SORTED), 4, { gradPermutedProbs: f32([8]), routingMap: T('bool', [4, 4], MAP) }],
+  unpermute: () => [f32([8, 3]), T('int32', [8], SORTED), [4, 3], { probs: f32([4, 4]), routingMap: T('bool', [4, 4], MAP), out: f32([4, 3], () => 9) }],
+  permuteBackward: () => [f32([8, 3]), T('int32', [8], SORTED), 4, { gradPermutedProbs: f32([8]), routingMap: T('bool', [4, 4], MAP), out: { gradTokens: f32([4, 3], () => 9) } }],
   unpermuteBackward: () => [f32([4, 3]), f32([8, 3]), T('int32', [8], SORTED), { probs: f32([8]) }],
   getCapacity: () => [16, 4, 1.25, 1],
   dropTokens: () => [f32([4, 4]), T('bool', [4, 4], MAP), { topk: 2, capacityFactor: 1, dropPolicy: 'probs', padToCapacity: false }],

@@ -110,6 +110,10 @@ export async function createAsyncBackend(options: CreateAsyncBackendOptions = {}
     if (args.some((a) => containsDeviceTensor(a))) {
       return Promise.reject(new TypeError(`${op}: device tensors cannot go to the async backend's workers (use the cuda backend's own ops: they return before their kernels finish)`));
     }
+    const last = args[args.length - 1];
+    if (typeof last === 'object' && last !== null && !ArrayBuffer.isView(last) && (last as { out?: unknown }).out !== undefined) {
+      return Promise.reject(new TypeError(`${op}: options.out: the async backend's workers get copies of their arguments, so they cannot write into caller-owned outputs (use a synchronous backend)`));
+    }
     let worker = 0;
     for (let i = 1; i < threads; i++) if (load[i] < load[worker]) worker = i;
     const id = nextId++;

@@ -10,11 +10,13 @@ export interface Multihot { routingMap: Tensor; probs: Tensor }
 
 export interface Indices { indices: Tensor; probs: Tensor }
 
-export interface Permuted { permutedTokens: Tensor; permutedProbs?: Tensor; sortedIndices: Tensor; tokensPerExpert: Tensor }
+/** permutedTokens / permutedProbs are left out when written into the given output. */
+export interface Permuted { permutedTokens?: Tensor; permutedProbs?: Tensor; sortedIndices: Tensor; tokensPerExpert: Tensor }
 
 export interface Plan { sortedIndices: Tensor; tokensPerExpert: Tensor }
 
-export interface PermuteGrads { gradTokens: Tensor; gradProbs?: Tensor }
+/** gradTokens is left out when written into the given output. */
+export interface PermuteGrads { gradTokens?: Tensor; gradProbs?: Tensor }
 
 export interface UnpermuteGrads { gradPermuted: Tensor; gradProbs?: Tensor }
 
@@ -57,13 +59,13 @@ export interface IndicesToMultihotArgs { indices: WireTensor; probs: WireTensor;
 
 export interface MultihotToIndicesArgs { routingMap: WireTensor; probs?: WireTensor; topk?: number }
 
-export interface PermuteArgs { tokens: WireTensor; routingMap: WireTensor; probs?: WireTensor; numOutTokens?: number; dropAndPad?: boolean }
+export interface PermuteArgs { tokens: WireTensor; routingMap: WireTensor; probs?: WireTensor; numOutTokens?: number; dropAndPad?: boolean; outPermutedTokens?: WireTensor; outPermutedProbs?: WireTensor }
 
 export interface PermutePlanArgs { routingMap: WireTensor; numOutTokens?: number; dropAndPad?: boolean }
 
-export interface UnpermuteArgs { restoreShape: number[]; permutedTokens: WireTensor; sortedIndices: WireTensor; probs?: WireTensor; routingMap?: WireTensor; dropAndPad?: boolean }
+export interface UnpermuteArgs { restoreShape: number[]; permutedTokens: WireTensor; sortedIndices: WireTensor; probs?: WireTensor; routingMap?: WireTensor; dropAndPad?: boolean; out?: WireTensor }
 
-export interface PermuteBackwardArgs { gradPermuted: WireTensor; sortedIndices: WireTensor; numTokens: number; gradPermutedProbs?: WireTensor; routingMap?: WireTensor; dropAndPad?: boolean }
+export interface PermuteBackwardArgs { gradPermuted: WireTensor; sortedIndices: WireTensor; numTokens: number; gradPermutedProbs?: WireTensor; routingMap?: WireTensor; dropAndPad?: boolean; outGradTokens?: WireTensor }
 
 export interface UnpermuteBackwardArgs { gradOutput: WireTensor; permutedTokens: WireTensor; sortedIndices: WireTensor; probs?: WireTensor; routingMap?: WireTensor; dropAndPad?: boolean }
 
@@ -133,10 +135,13 @@ export interface Binding {
   numThreads(): number;
   indicesToMultihot(args: IndicesToMultihotArgs): Multihot;
   multihotToIndices(args: MultihotToIndicesArgs): Indices;
+  /** outPermutedTokens / outPermutedProbs: caller-owned outputs, written instead of allocated. */
   permute(args: PermuteArgs): Permuted;
   /** permute's plan alone (its sortedIndices and tokensPerExpert), without moving a token. */
   permutePlan(args: PermutePlanArgs): Plan;
-  unpermute(args: UnpermuteArgs): Tensor;
+  /** out: a caller-owned output, written instead of allocated (then the result is null). */
+  unpermute(args: UnpermuteArgs): Tensor | null;
+  /** outGradTokens: a caller-owned output for gradTokens, written instead of allocated. */
   permuteBackward(args: PermuteBackwardArgs): PermuteGrads;
   unpermuteBackward(args: UnpermuteBackwardArgs): UnpermuteGrads;
   route(args: RouteArgs): Routed;

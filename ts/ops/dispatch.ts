@@ -10,6 +10,13 @@ export interface PermuteOptions {
   numOutTokens?: number;
   /** Give every expert exactly `capacity` slots: drop overflow, pad with unselected tokens. */
   dropAndPad?: boolean;
+  /**
+   * Caller-owned outputs, written instead of allocated and returned as the result's
+   * `permutedTokens` / `permutedProbs` (the same objects): `permutedTokens` `[numSlots, hidden]`
+   * of the tokens' dtype, `permutedProbs` `[numSlots]` float32 (only with `probs`). Checked
+   * (dtype: TypeError, shape or memory shared with an input: RangeError) before anything is written.
+   */
+  out?: { permutedTokens?: Tensor; permutedProbs?: Tensor<'float32'> };
 }
 
 export interface PermuteResult<D extends TokenDType = TokenDType> {
@@ -32,6 +39,15 @@ export interface UnpermuteOptions {
   dropAndPad?: boolean;
 }
 
+/** unpermute's options: {@link UnpermuteOptions} and a caller-owned output. */
+export interface UnpermuteIntoOptions<D extends TokenDType = TokenDType> extends UnpermuteOptions {
+  /**
+   * A caller-owned `[numTokens, hidden]` tensor of permutedTokens' dtype, written instead of
+   * allocated and returned (the same object); checked before anything is written.
+   */
+  out?: Tensor<D>;
+}
+
 export interface MultihotToIndicesOptions {
   /** Dense probs `[numTokens, numExperts]`; without them every listed expert gets prob 1. */
   probs?: Tensor<'float32'>;
@@ -46,6 +62,8 @@ export interface PermuteBackwardOptions {
   routingMap?: Tensor<'bool'>;
   /** The permutation was made with `dropAndPad`. */
   dropAndPad?: boolean;
+  /** A caller-owned `gradTokens` (`[numTokens, hidden]` of gradPermuted's dtype), written instead of allocated and returned. */
+  out?: { gradTokens?: Tensor };
 }
 
 export interface DispatchOps {
@@ -62,7 +80,7 @@ export interface DispatchOps {
    */
   permutePlan(routingMap: Tensor<'bool'>, options?: Omit<PermuteOptions, 'probs'>): { sortedIndices: Tensor<'int32'>; tokensPerExpert: Tensor<'int32'> };
   /** Merges `permutedTokens` back to `restoreShape = [numTokens, hidden]`, weighted by probs. */
-  unpermute<D extends TokenDType>(permutedTokens: Tensor<D>, sortedIndices: Tensor<IndexDType>, restoreShape: readonly [number, number], options?: UnpermuteOptions): Tensor<D>;
+  unpermute<D extends TokenDType>(permutedTokens: Tensor<D>, sortedIndices: Tensor<IndexDType>, restoreShape: readonly [number, number], options?: UnpermuteIntoOptions<D>): Tensor<D>;
   /**
    * Backward of permute: `gradTokens [T, H]` sums each token's slot gradients; with
    * `gradPermutedProbs`, `gradProbs [T, E]` puts each slot's prob gradient at (token, expert).
@@ -77,6 +95,37 @@ export interface DispatchOps {
 
 /** This family's functions of the bindings (generated from the Rust op table). */
 export type DispatchBinding = Pick<Binding, 'indicesToMultihot' | 'multihotToIndices' | 'permute' | 'permutePlan' | 'unpermute' | 'permuteBackward' | 'unpermuteBackward'>;
+
+/**
+ * A RangeError when an output shares memory with an input or another output (checked here, on
+ * the JS side, for both bindings: the wasm binding only sees copies of the inputs).
+ */
+function checkDisjoint(outs: readonly (readonly [unknown, string])[], inputs: readonly (readonly [unknown, string])[]): void {
+  const view = (t: unknown) => (t as Tensor | undefined)?.data;
+  outs.forEach(([o, name], i) => {
+    const a = view(o);
+    if (!a || a.byteLength === 0) return;
+    for (const [t, other] of [...inputs, ...outs.slice(0, i)]) {
+      const b = view(t);
+      if (!b || b.byteLength === 0 || a.buffer !== b.buffer) continue;
+      if (a.byteOffset < b.byteOffset + b.byteLength && b.byteOffset < a.byteOffset + a.byteLength) {
+        throw new RangeError(`${name}: its memory overlaps ${other}'s; an output must not share memory with an input or another output`);
+      }
+    }
+  });
+}
+
+/** The `out` option's object (known keys only). */
+function outObject<T extends object>(out: unknown, op: string, known: readonly (keyof T & string)[]): Partial<T> {
+  if (out === undefined) return {};
+  if (typeof out !== 'object' || out === null || Array.isArray(out) || ArrayBuffer.isView(out) || 'dtype' in out) {
+    throw new TypeError(`options.out: expected an object { ${known.join(', ')} } of output tensors, got ${out === null ? 'null' : Array.isArray(out) ? 'an Array' : typeof out === 'object' ? 'a tensor' : typeof out}`);
+  }
+  for (const key of Object.keys(out)) {
+    if (!known.includes(key as keyof T & string)) throw new TypeError(`options.out.${key}: not an output of ${op} (known: ${known.join(', ')})`);
+  }
+  return out as Partial<T>;
+}
 
 /** napi-rs gives `null` for an absent optional field, wasm `undefined`: both become a missing key. */
 function dropAbsent<T extends object>(out: T, key: keyof T): T {
@@ -99,14 +148,22 @@ export function dispatchOps(call: Call<DispatchBinding>): DispatchOps {
     },
     permute(tokens, routingMap, options) {
       return call('permute', (b) => {
-        const o = checkOptions<PermuteOptions>(options, 'permute', ['probs', 'numOutTokens', 'dropAndPad']);
-        const out = b.permute({
+        const o = checkOptions<PermuteOptions>(options, 'permute', ['probs', 'numOutTokens', 'dropAndPad', 'out']);
+        const given = outObject<NonNullable<PermuteOptions['out']>>(o.out, 'permute', ['permutedTokens', 'permutedProbs']);
+        const args = {
           tokens: wire(tokens, 'tokens', TOKENS),
           routingMap: wire(routingMap, 'routingMap', ['bool']),
           probs: optWire(o.probs, 'probs', ['float32']),
           numOutTokens: checkNumber(o.numOutTokens, 'numOutTokens'),
           dropAndPad: checkBool(o.dropAndPad, 'dropAndPad'),
-        });
+          outPermutedTokens: optWire(given.permutedTokens, 'out.permutedTokens', TOKENS),
+          outPermutedProbs: optWire(given.permutedProbs, 'out.permutedProbs', ['float32']),
+        };
+        const outs = [[given.permutedTokens, 'out.permutedTokens'], [given.permutedProbs, 'out.permutedProbs']] as const;
+        checkDisjoint(outs, [[tokens, 'tokens'], [routingMap, 'routingMap'], [o.probs, 'probs']]);
+        const out = b.permute(args);
+        if (given.permutedTokens) out.permutedTokens = given.permutedTokens;
+        if (given.permutedProbs) out.permutedProbs = given.permutedProbs;
         return dropAbsent(out, 'permutedProbs');
       }) as PermuteResult<never>;
     },
@@ -118,31 +175,41 @@ export function dispatchOps(call: Call<DispatchBinding>): DispatchOps {
     },
     unpermute(permutedTokens, sortedIndices, restoreShape, options) {
       return call('unpermute', (b) => {
-        const o = checkOptions<UnpermuteOptions>(options, 'unpermute', ['probs', 'routingMap', 'dropAndPad']);
+        const o = checkOptions<UnpermuteIntoOptions>(options, 'unpermute', ['probs', 'routingMap', 'dropAndPad', 'out']);
         if (!Array.isArray(restoreShape) || restoreShape.some((d) => typeof d !== 'number')) {
           throw new TypeError(`restoreShape: expected [numTokens, hidden], got ${JSON.stringify(restoreShape)}`);
         }
-        return b.unpermute({
+        const args = {
           permutedTokens: wire(permutedTokens, 'permutedTokens', TOKENS),
           sortedIndices: wire(sortedIndices, 'sortedIndices', INDICES),
           restoreShape: [...restoreShape],
           probs: optWire(o.probs, 'probs', ['float32']),
           routingMap: optWire(o.routingMap, 'routingMap', ['bool']),
           dropAndPad: checkBool(o.dropAndPad, 'dropAndPad'),
-        });
+          out: optWire(o.out, 'out', TOKENS),
+        };
+        checkDisjoint([[o.out, 'out']], [[permutedTokens, 'permutedTokens'], [sortedIndices, 'sortedIndices'], [o.probs, 'probs'], [o.routingMap, 'routingMap']]);
+        const out = b.unpermute(args);
+        return o.out ?? out;
       }) as Tensor<never>;
     },
     permuteBackward(gradPermuted, sortedIndices, numTokens, options) {
       return call('permuteBackward', (b) => {
-        const o = checkOptions<PermuteBackwardOptions>(options, 'permuteBackward', ['gradPermutedProbs', 'routingMap', 'dropAndPad']);
-        const out = b.permuteBackward({
+        const o = checkOptions<PermuteBackwardOptions>(options, 'permuteBackward', ['gradPermutedProbs', 'routingMap', 'dropAndPad', 'out']);
+        const given = outObject<NonNullable<PermuteBackwardOptions['out']>>(o.out, 'permuteBackward', ['gradTokens']);
+        const args = {
           gradPermuted: wire(gradPermuted, 'gradPermuted', TOKENS),
           sortedIndices: wire(sortedIndices, 'sortedIndices', INDICES),
           numTokens: checkNumber(numTokens, 'numTokens') ?? NaN,
           gradPermutedProbs: optWire(o.gradPermutedProbs, 'gradPermutedProbs', ['float32']),
           routingMap: optWire(o.routingMap, 'routingMap', ['bool']),
           dropAndPad: checkBool(o.dropAndPad, 'dropAndPad'),
-        });
+          outGradTokens: optWire(given.gradTokens, 'out.gradTokens', TOKENS),
+        };
+        const ins = [[gradPermuted, 'gradPermuted'], [sortedIndices, 'sortedIndices'], [o.gradPermutedProbs, 'gradPermutedProbs'], [o.routingMap, 'routingMap']] as const;
+        checkDisjoint([[given.gradTokens, 'out.gradTokens']], ins);
+        const out = b.permuteBackward(args);
+        if (given.gradTokens) out.gradTokens = given.gradTokens;
         return dropAbsent(out, 'gradProbs');
       }) as { gradTokens: Tensor<never>; gradProbs?: Tensor<'float32'> };
     },

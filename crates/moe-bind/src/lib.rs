@@ -6,11 +6,12 @@
 //! TypeScript declarations of the same table (`ts/generated/binding.ts`, checked for staleness).
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::marker::PhantomData;
 
 use moe_core::checkpoint::{for_key, ByteSource, Checkpoint, Loaded, Opener};
 use moe_core::error::size_arg;
-use moe_core::{Error, Result, TensorRef};
+use moe_core::{Error, Result, TensorMut, TensorRef};
 
 #[macro_use]
 mod table;
@@ -23,6 +24,9 @@ pub trait Obj: Sized {
     type Bytes: AsRef<[u8]>;
     /// A checkpoint file's bytes, read range by range (wasm: they stay in JavaScript memory).
     type Blob;
+    /// A caller-owned output's bytes (N-API: the caller's buffer, written in place; wasm: a
+    /// buffer in the module's memory, copied into the caller's once the op succeeded).
+    type Out: OutBuf;
     fn keys(&self) -> Result<Vec<String>>;
     fn object(&self, key: &str) -> Result<Option<Self>>;
     fn number(&self, key: &str) -> Result<Option<f64>>;
@@ -32,9 +36,19 @@ pub trait Obj: Sized {
     fn strings(&self, key: &str) -> Result<Option<Vec<String>>>;
     fn bytes(&self, key: &str) -> Result<Option<Self::Bytes>>;
     fn blob(&self, key: &str) -> Result<Option<Self::Blob>>;
+    /// A Uint8Array to write an output into.
+    fn out(&self, key: &str) -> Result<Option<Self::Out>>;
     fn source(blob: &Self::Blob) -> Result<Box<dyn ByteSource + '_>>;
     /// A checkpoint at a path (the wasm binding has no files and says so).
     fn open_path<'a>(path: &str) -> Result<Checkpoint<'a>>;
+}
+
+/// An output buffer as a binding holds it.
+pub trait OutBuf {
+    /// The bytes the op overwrites.
+    fn bytes_mut(&mut self) -> &mut [u8];
+    /// Called once the op has written every byte (wasm: the copy into JavaScript memory).
+    fn commit(&mut self) {}
 }
 
 /// A result on its way out; each binding turns it into the JS value (`Undefined` fields are left out).
@@ -109,6 +123,66 @@ pub struct List<K>(PhantomData<K>);
 pub struct Nullable<K>(PhantomData<K>);
 /// Out: a loaded checkpoint tensor (int64 as `{ dtype: 'int64', shape, data: Uint8Array }` of its bytes).
 pub struct LoadedTensor;
+
+/// A caller-owned output `{ dtype, shape, data: Uint8Array }` in (written by the op, see
+/// [`with_outs`]); `Option<Out>` in the table, absent when the op allocates its result.
+pub struct Out;
+
+/// An output as read (its bytes borrowed mutably by [`with_outs`]).
+pub struct OutHeld<B> {
+    dtype: String,
+    shape: Vec<f64>,
+    data: RefCell<B>,
+}
+
+/// An output as the op body gets it.
+pub struct OutArg<'h, B>(&'h OutHeld<B>);
+
+impl ArgTs for Out {
+    fn ts() -> String {
+        "WireTensor".into()
+    }
+}
+
+impl<O: Obj> Kind<O> for Out {
+    type Held = OutHeld<O::Out>;
+    type Core<'h>
+        = OutArg<'h, O::Out>
+    where
+        O: 'h;
+    fn read(o: &O, key: &str) -> Result<Option<Self::Held>> {
+        let Some(w) = o.object(key)? else { return Ok(None) };
+        let bad = |what: &str| Error::type_error(key, "a wire tensor { dtype, shape, data: Uint8Array }", what);
+        let dtype = w.string("dtype")?.ok_or_else(|| bad("no dtype"))?;
+        let shape = w.numbers("shape")?.ok_or_else(|| bad("no shape"))?;
+        Ok(Some(OutHeld { dtype, shape, data: RefCell::new(w.out("data")?.ok_or_else(|| bad("no data"))?) }))
+    }
+    fn core<'h>(held: &'h Self::Held, _: &'static str) -> Result<Self::Core<'h>>
+    where
+        O: 'h,
+    {
+        Ok(OutArg(held))
+    }
+}
+
+/// Runs an op body on caller-owned outputs, each named as errors should name it
+/// (`out.permutedTokens`): views them as [`TensorMut`]s (absent ones as None) for `f`, which
+/// checks them before writing, and commits each (wasm: copies it out) only when `f` succeeded.
+pub fn with_outs<B: OutBuf, R>(outs: &[(Option<&OutArg<'_, B>>, &'static str)], f: impl FnOnce(&mut [Option<TensorMut<'_>>]) -> Result<R>) -> Result<R> {
+    let mut guards: Vec<Option<std::cell::RefMut<'_, B>>> = outs.iter().map(|(o, _)| o.map(|o| o.0.data.borrow_mut())).collect();
+    let r = {
+        let mut views = Vec::with_capacity(outs.len());
+        for ((o, name), g) in outs.iter().zip(guards.iter_mut()) {
+            views.push(match (o, g) {
+                (Some(o), Some(g)) => Some(TensorMut::from_parts(name, &o.0.dtype, &o.0.shape, g.bytes_mut())?),
+                _ => None,
+            });
+        }
+        f(&mut views)?
+    };
+    guards.iter_mut().flatten().for_each(|g| g.commit());
+    Ok(r)
+}
 
 /// A wire tensor as read.
 pub struct Wire<B> {

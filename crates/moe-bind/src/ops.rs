@@ -67,9 +67,11 @@ group! {
 results! {
     Multihot { routingMap: Tensor, probs: Tensor }
     Indices { indices: Tensor, probs: Tensor }
-    Permuted { permutedTokens: Tensor, permutedProbs: Option<Tensor>, sortedIndices: Tensor, tokensPerExpert: Tensor }
+    /// permutedTokens / permutedProbs are left out when written into the given output.
+    Permuted { permutedTokens: Option<Tensor>, permutedProbs: Option<Tensor>, sortedIndices: Tensor, tokensPerExpert: Tensor }
     Plan { sortedIndices: Tensor, tokensPerExpert: Tensor }
-    PermuteGrads { gradTokens: Tensor, gradProbs: Option<Tensor> }
+    /// gradTokens is left out when written into the given output.
+    PermuteGrads { gradTokens: Option<Tensor>, gradProbs: Option<Tensor> }
     UnpermuteGrads { gradPermuted: Tensor, gradProbs: Option<Tensor> }
     Routed { weights: Tensor, indices: Tensor, scores: Tensor, tokensPerExpert: Tensor }
     RouteGrads { gradLogits: Tensor }
@@ -133,9 +135,14 @@ macro_rules! op_table {
             multihotToIndices(routingMap: Tensor, probs: Option<Tensor>, topk: Option<Size>) -> Indices {
                 routing_map::multihot_to_indices(&routingMap, probs.as_ref(), topk).map(|o| Indices { indices: o.indices, probs: o.probs })
             }
-            permute(tokens: Tensor, routingMap: Tensor, probs: Option<Tensor>, numOutTokens: Option<Size>, dropAndPad: Flag) -> Permuted {
+            /// outPermutedTokens / outPermutedProbs: caller-owned outputs, written instead of allocated.
+            permute(tokens: Tensor, routingMap: Tensor, probs: Option<Tensor>, numOutTokens: Option<Size>, dropAndPad: Flag, outPermutedTokens: Option<Out>, outPermutedProbs: Option<Out>) -> Permuted {
                 let options = PermuteOptions { num_out_tokens: numOutTokens, drop_and_pad: dropAndPad };
-                permute::permute(&tokens, &routingMap, probs.as_ref(), options).map(|o| Permuted {
+                let outs = [(outPermutedTokens.as_ref(), "out.permutedTokens"), (outPermutedProbs.as_ref(), "out.permutedProbs")];
+                with_outs(&outs, |o| {
+                    let [t, p] = o else { unreachable!() };
+                    permute::permute_into(&tokens, &routingMap, probs.as_ref(), options, permute::PermuteOut { permuted_tokens: t.as_mut(), permuted_probs: p.as_mut() })
+                }).map(|o| Permuted {
                     permutedTokens: o.permuted_tokens,
                     permutedProbs: o.permuted_probs,
                     sortedIndices: o.sorted_indices,
@@ -150,14 +157,24 @@ macro_rules! op_table {
                 let sorted = moe_core::Tensor::i32(vec![plan.num_slots()], plan.sorted_indices);
                 Ok::<_, Error>(Plan { sortedIndices: sorted, tokensPerExpert: moe_core::Tensor::i32(vec![counts.len()], counts) })
             }
-            unpermute(restoreShape: Nums, permutedTokens: Tensor, sortedIndices: Tensor, probs: Option<Tensor>, routingMap: Option<Tensor>, dropAndPad: Flag) -> Tensor {
+            /// out: a caller-owned output, written instead of allocated (then the result is null).
+            unpermute(restoreShape: Nums, permutedTokens: Tensor, sortedIndices: Tensor, probs: Option<Tensor>, routingMap: Option<Tensor>, dropAndPad: Flag, out: Option<Out>) -> Nullable<Tensor> {
                 let restore = permute::restore_shape_arg(restoreShape)?;
-                permute::unpermute(&permutedTokens, &sortedIndices, restore, probs.as_ref(), routingMap.as_ref(), UnpermuteOptions { drop_and_pad: dropAndPad })
-            }
-            permuteBackward(gradPermuted: Tensor, sortedIndices: Tensor, numTokens: Size, gradPermutedProbs: Option<Tensor>, routingMap: Option<Tensor>, dropAndPad: Flag) -> PermuteGrads {
                 let options = UnpermuteOptions { drop_and_pad: dropAndPad };
-                permute::permute_backward(&gradPermuted, &sortedIndices, numTokens, gradPermutedProbs.as_ref(), routingMap.as_ref(), options)
-                    .map(|o| PermuteGrads { gradTokens: o.grad_tokens, gradProbs: o.grad_probs })
+                match out.as_ref() {
+                    None => permute::unpermute(&permutedTokens, &sortedIndices, restore, probs.as_ref(), routingMap.as_ref(), options).map(Some),
+                    Some(out) => with_outs(&[(Some(out), "out")], |o| {
+                        let out = o[0].as_mut().expect("given");
+                        permute::unpermute_into(&permutedTokens, &sortedIndices, restore, probs.as_ref(), routingMap.as_ref(), options, out)
+                    }).map(|()| None),
+                }
+            }
+            /// outGradTokens: a caller-owned output for gradTokens, written instead of allocated.
+            permuteBackward(gradPermuted: Tensor, sortedIndices: Tensor, numTokens: Size, gradPermutedProbs: Option<Tensor>, routingMap: Option<Tensor>, dropAndPad: Flag, outGradTokens: Option<Out>) -> PermuteGrads {
+                let options = UnpermuteOptions { drop_and_pad: dropAndPad };
+                with_outs(&[(outGradTokens.as_ref(), "out.gradTokens")], |o| {
+                    permute::permute_backward_into(&gradPermuted, &sortedIndices, numTokens, gradPermutedProbs.as_ref(), routingMap.as_ref(), options, o[0].as_mut())
+                }).map(|(g, p)| PermuteGrads { gradTokens: g, gradProbs: p })
             }
             unpermuteBackward(gradOutput: Tensor, permutedTokens: Tensor, sortedIndices: Tensor, probs: Option<Tensor>, routingMap: Option<Tensor>, dropAndPad: Flag) -> UnpermuteGrads {
                 let options = UnpermuteOptions { drop_and_pad: dropAndPad };

@@ -31,6 +31,11 @@ pub(crate) fn try_vec<T: Clone>(value: T, len: usize, arg: &str) -> Result<Vec<T
     Ok(v)
 }
 
+/// Zeroed 8-byte words (an aligned byte buffer), failing with a RangeError naming `arg`.
+pub fn try_zeroed_words(len: usize, arg: &str) -> Result<Vec<u64>> {
+    try_vec(0u64, len, arg)
+}
+
 /// [`filled_vec`], failing with a RangeError naming `arg` when the memory cannot be had.
 pub(crate) fn try_filled_vec<T: Copy>(len: usize, arg: &str, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Result<Vec<T>> {
     let v = try_with_capacity(len, arg)?;
@@ -40,7 +45,6 @@ pub(crate) fn try_filled_vec<T: Copy>(len: usize, arg: &str, fill: impl FnOnce(&
 /// A vector of `len` elements that `fill` must initialise completely: `fill` receives the
 /// uninitialised storage and writes every element. Aborts if the memory cannot be had: use
 /// [`try_filled_vec`] for sizes a caller controls.
-#[allow(dead_code)]
 pub(crate) fn filled_vec<T: Copy>(len: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
     fill_reserved(Vec::with_capacity(len), len, fill)
 }

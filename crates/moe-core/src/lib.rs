@@ -25,7 +25,7 @@ mod detmath;
 mod par;
 
 pub use error::{Error, ErrorKind, Result};
-pub use tensor::{DType, Data, Meta, Tensor, TensorRef};
+pub use tensor::{DType, Data, Meta, Tensor, TensorMut, TensorRef};
 
 /// Worker threads the row loops use (1 without the `parallel` feature).
 pub fn num_threads() -> usize {

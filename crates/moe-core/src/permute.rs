@@ -12,7 +12,7 @@ use half::{bf16, f16};
 use crate::alloc::{try_filled_vec, try_vec, write_slice};
 use crate::error::{size_arg, Error, Result};
 use crate::par::for_each_row;
-use crate::tensor::{DType, Float, Meta, Tensor, TensorRef};
+use crate::tensor::{DType, Float, Meta, Tensor, TensorMut, TensorRef};
 
 /// Where every slot of the permuted layout comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -236,6 +236,102 @@ pub fn permute(tokens: &TensorRef, routing_map: &TensorRef, probs: Option<&Tenso
     apply_plan(tokens, hidden, &plan, dense.as_deref())
 }
 
+/// Caller-owned outputs of [`permute_into`] (each optional: the ones absent are allocated).
+#[derive(Debug, Default)]
+pub struct PermuteOut<'o, 'a> {
+    /// `out.permutedTokens`: `[numSlots, hidden]` of the tokens' dtype.
+    pub permuted_tokens: Option<&'o mut TensorMut<'a>>,
+    /// `out.permutedProbs`: `[numSlots]` float32 (only with probs).
+    pub permuted_probs: Option<&'o mut TensorMut<'a>>,
+}
+
+/// Output of [`permute_into`]: [`Permuted`], without the tensors written into the caller's outputs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PermutedInto {
+    /// None when written into `out.permutedTokens`.
+    pub permuted_tokens: Option<Tensor>,
+    /// None when written into `out.permutedProbs`, or without probs.
+    pub permuted_probs: Option<Tensor>,
+    pub sorted_indices: Tensor,
+    pub tokens_per_expert: Tensor,
+}
+
+/// Checks that a caller-owned output shares no memory with the op's inputs.
+pub fn check_out_disjoint(out: &TensorMut, inputs: &[Option<&TensorRef>]) -> Result<()> {
+    inputs.iter().flatten().try_for_each(|t| out.expect_disjoint(t.bytes(), t.name))
+}
+
+/// [`permute`] writing into caller-owned outputs: every check of permute, then the outputs'
+/// dtype and shape (what permute would allocate) and that they share no memory with an input or
+/// with each other, all before a byte is written.
+pub fn permute_into(tokens: &TensorRef, routing_map: &TensorRef, probs: Option<&TensorRef>, options: PermuteOptions, out: PermuteOut) -> Result<PermutedInto> {
+    let (plan, hidden, dense) = permute_inputs(tokens, routing_map, probs, options)?;
+    let n = plan.num_slots();
+    let PermuteOut { permuted_tokens: mut out_tokens, permuted_probs: mut out_probs } = out;
+    if let Some(o) = out_tokens.as_deref() {
+        o.expect(tokens.dtype, &[n, hidden], "(permutedTokens: [numSlots, hidden] of the dtype of tokens)")?;
+        check_out_disjoint(o, &[Some(tokens), Some(routing_map), probs])?;
+    }
+    if let Some(o) = out_probs.as_deref() {
+        if probs.is_none() {
+            return Err(Error::type_error(o.name, "no tensor without probs (permutedProbs is returned only when probs is given)", "a tensor"));
+        }
+        o.expect(DType::F32, &[n], "(permutedProbs: [numSlots] float32)")?;
+        check_out_disjoint(o, &[Some(tokens), Some(routing_map), probs])?;
+        if let Some(t) = out_tokens.as_deref() {
+            o.expect_disjoint(t.bytes(), t.name)?;
+        }
+    }
+    let permuted_tokens = match out_tokens.as_deref_mut() {
+        Some(o) => {
+            gather_into(tokens, hidden, &plan.sorted_indices, o);
+            None
+        }
+        None => Some(gather_tensor(tokens, hidden, &plan.sorted_indices)?),
+    };
+    let permuted_probs = match (dense.as_deref(), out_probs.as_deref_mut()) {
+        (Some(dense), Some(o)) => {
+            o.fill::<f32>(|dst| slot_probs_into(dst, dense, &plan));
+            None
+        }
+        (Some(dense), None) => Some(Tensor::f32(vec![n], crate::alloc::try_filled_vec(n, "permutedProbs", |dst| slot_probs_into(dst, dense, &plan))?)),
+        (None, _) => None,
+    };
+    Ok(PermutedInto {
+        permuted_tokens,
+        permuted_probs,
+        sorted_indices: Tensor::i32(vec![n], plan.sorted_indices.clone()),
+        tokens_per_expert: Tensor::i32(vec![plan.num_experts], plan.tokens_per_expert.iter().map(|&c| c as i32).collect()),
+    })
+}
+
+fn slot_probs_into(dst: &mut [std::mem::MaybeUninit<f32>], dense: &[f32], plan: &DispatchPlan) {
+    let mut i = 0;
+    for (e, &count) in plan.tokens_per_expert.iter().enumerate() {
+        for _ in 0..count {
+            dst[i].write(dense[plan.sorted_indices[i] as usize * plan.num_experts + e]);
+            i += 1;
+        }
+    }
+}
+
+fn gather_tensor(tokens: &TensorRef, hidden: usize, sorted: &[i32]) -> Result<Tensor> {
+    let shape = vec![sorted.len(), hidden];
+    Ok(match tokens.dtype.size() {
+        4 => Tensor::f32(shape, gather_rows(&tokens.raw::<f32>(), hidden, sorted)?),
+        2 => Tensor::u16(tokens.dtype, shape, gather_rows(&tokens.raw::<u16>(), hidden, sorted)?),
+        _ => unreachable!("token dtypes are 2 or 4 bytes wide"),
+    })
+}
+
+fn gather_into(tokens: &TensorRef, hidden: usize, sorted: &[i32], out: &mut TensorMut) {
+    match tokens.dtype.size() {
+        4 => out.fill::<f32>(|dst| gather_rows_into(dst, &tokens.raw::<f32>(), hidden, sorted)),
+        2 => out.fill::<u16>(|dst| gather_rows_into(dst, &tokens.raw::<u16>(), hidden, sorted)),
+        _ => unreachable!("token dtypes are 2 or 4 bytes wide"),
+    }
+}
+
 /// Gathers rows along an existing plan (the plan's token count must match `tokens`).
 pub fn apply_plan(tokens: &TensorRef, hidden: usize, plan: &DispatchPlan, dense_probs: Option<&[f32]>) -> Result<Permuted> {
     let n = plan.num_slots();
@@ -260,13 +356,14 @@ pub fn apply_plan(tokens: &TensorRef, hidden: usize, plan: &DispatchPlan, dense_
 }
 
 fn gather_rows<T: Copy + Send + Sync>(src: &[T], hidden: usize, sorted: &[i32]) -> Result<Vec<T>> {
-    let n = sorted.len();
-    let work = 2 * n * hidden * std::mem::size_of::<T>();
-    try_filled_vec(n * hidden, "permutedTokens", |out| {
-        for_each_row(out, hidden, work, || (), |_, i, row| {
-            let t = sorted[i] as usize;
-            write_slice(row, &src[t * hidden..(t + 1) * hidden]);
-        })
+    try_filled_vec(sorted.len() * hidden, "permutedTokens", |out| gather_rows_into(out, src, hidden, sorted))
+}
+
+fn gather_rows_into<T: Copy + Send + Sync>(out: &mut [std::mem::MaybeUninit<T>], src: &[T], hidden: usize, sorted: &[i32]) {
+    let work = 2 * sorted.len() * hidden * std::mem::size_of::<T>();
+    for_each_row(out, hidden, work, || (), |_, i, row| {
+        let t = sorted[i] as usize;
+        write_slice(row, &src[t * hidden..(t + 1) * hidden]);
     })
 }
 
@@ -302,6 +399,32 @@ pub fn unpermute(
 ) -> Result<Tensor> {
     let (idx, weights) = unpermute_inputs(permuted, sorted_indices, restore_shape, probs, routing_map, options)?;
     merge_dtype(permuted, &idx, restore_shape[0], restore_shape[1], weights.as_deref())
+}
+
+/// [`unpermute`] writing into a caller-owned `out` (`[numTokens, hidden]` of permutedTokens'
+/// dtype, sharing no memory with an input), checked with every other argument before a byte is written.
+pub fn unpermute_into(
+    permuted: &TensorRef,
+    sorted_indices: &TensorRef,
+    restore_shape: [usize; 2],
+    probs: Option<&TensorRef>,
+    routing_map: Option<&TensorRef>,
+    options: UnpermuteOptions,
+    out: &mut TensorMut,
+) -> Result<()> {
+    let (idx, weights) = unpermute_inputs(permuted, sorted_indices, restore_shape, probs, routing_map, options)?;
+    out.expect(permuted.dtype, &restore_shape, "(restoreShape, of the dtype of permutedTokens)")?;
+    check_out_disjoint(out, &[Some(permuted), Some(sorted_indices), probs, routing_map])?;
+    merge_into(permuted, &idx, restore_shape[0], restore_shape[1], weights.as_deref(), out)
+}
+
+fn merge_into(permuted: &TensorRef, idx: &[i64], num_tokens: usize, hidden: usize, weights: Option<&[f32]>, out: &mut TensorMut) -> Result<()> {
+    match permuted.dtype {
+        DType::F32 => merge_rows::<f32>(permuted, idx, num_tokens, hidden, weights, Some(out)).map(drop),
+        DType::BF16 => merge_rows::<bf16>(permuted, idx, num_tokens, hidden, weights, Some(out)).map(drop),
+        DType::F16 => merge_rows::<f16>(permuted, idx, num_tokens, hidden, weights, Some(out)).map(drop),
+        other => Err(Error::type_error(format!("{}.dtype", permuted.name), "float32, bfloat16 or float16", other.name())),
+    }
 }
 
 fn merge_dtype(permuted: &TensorRef, idx: &[i64], num_tokens: usize, hidden: usize, weights: Option<&[f32]>) -> Result<Tensor> {
@@ -395,13 +518,18 @@ pub fn token_slots<I: Copy + Into<i64>>(token_of_slot: &[I], num_tokens: usize) 
 }
 
 fn merge<T: Float>(permuted: &TensorRef, idx: &[i64], num_tokens: usize, hidden: usize, weights: Option<&[f32]>) -> Result<Tensor> {
+    merge_rows::<T>(permuted, idx, num_tokens, hidden, weights, None).map(|t| t.expect("allocated without an out"))
+}
+
+/// The merge, into `out` (then `Ok(None)`) or a fresh tensor.
+fn merge_rows<T: Float>(permuted: &TensorRef, idx: &[i64], num_tokens: usize, hidden: usize, weights: Option<&[f32]>, out: Option<&mut TensorMut>) -> Result<Option<Tensor>> {
     let src = permuted.typed::<T>()?;
     // Slots of each token in ascending slot order, so the f32 sums run in the same order as
     // the reference's scatter_add.
     let csr = token_slots(idx, num_tokens)?;
     let (start, slots) = (&csr.start, &csr.slots);
     let work = (idx.len() + num_tokens) * hidden * std::mem::size_of::<T>();
-    let out = try_filled_vec(num_tokens * hidden, "restoreShape", |out| {
+    let fill = |out: &mut [std::mem::MaybeUninit<T>]| {
         for_each_row(out, hidden, work, || vec![0f32; hidden], |acc, t, row| {
             acc.fill(0.0);
             for &i in &slots[start[t] as usize..start[t + 1] as usize] {
@@ -425,8 +553,14 @@ fn merge<T: Float>(permuted: &TensorRef, idx: &[i64], num_tokens: usize, hidden:
                 o.write(T::from_f32(a));
             }
         })
-    })?;
-    Ok(Tensor::from_elements(vec![num_tokens, hidden], out))
+    };
+    match out {
+        Some(out) => {
+            out.fill::<T>(fill);
+            Ok(None)
+        }
+        None => Ok(Some(Tensor::from_elements(vec![num_tokens, hidden], try_filled_vec(num_tokens * hidden, "restoreShape", fill)?))),
+    }
 }
 
 /// Output of [`permute_backward`].
@@ -535,13 +669,42 @@ pub fn permute_backward(
     routing_map: Option<&TensorRef>,
     options: UnpermuteOptions,
 ) -> Result<PermuteGrads> {
+    let g = permute_backward_into(grad_permuted, sorted_indices, num_tokens, grad_permuted_probs, routing_map, options, None)?;
+    Ok(PermuteGrads { grad_tokens: g.0.expect("allocated without an out"), grad_probs: g.1 })
+}
+
+/// [`permute_backward`] writing gradTokens into a caller-owned `out` (`[numTokens, hidden]` of
+/// gradPermuted's dtype, sharing no memory with an input), checked with every other argument
+/// before a byte is written. Returns (gradTokens when allocated, gradProbs).
+pub fn permute_backward_into(
+    grad_permuted: &TensorRef,
+    sorted_indices: &TensorRef,
+    num_tokens: usize,
+    grad_permuted_probs: Option<&TensorRef>,
+    routing_map: Option<&TensorRef>,
+    options: UnpermuteOptions,
+    out: Option<&mut TensorMut>,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
     let c = check_permute_backward(grad_permuted.meta(), sorted_indices.meta(), num_tokens, grad_permuted_probs.map(|g| g.meta()), routing_map.map(|m| m.meta()), options)?;
     let (n, hidden) = (c.num_slots, c.hidden);
     let idx = sorted_indices.indices()?;
-    let grad_tokens = merge_dtype(grad_permuted, &idx, num_tokens, hidden, None)?;
-    let grad_probs = match (grad_permuted_probs, routing_map) {
+    if out.is_none() {
+        let grad_tokens = merge_dtype(grad_permuted, &idx, num_tokens, hidden, None)?;
+        return Ok((Some(grad_tokens), permute_backward_probs(&idx, n, num_tokens, grad_permuted_probs, routing_map, options)?));
+    }
+    let out = out.unwrap();
+    out.expect(grad_permuted.dtype, &[num_tokens, hidden], "([numTokens, hidden] of the dtype of gradPermuted)")?;
+    check_out_disjoint(out, &[Some(grad_permuted), Some(sorted_indices), grad_permuted_probs, routing_map])?;
+    // gradProbs first: its checks (every slot routed) must pass before out is written.
+    let grad_probs = permute_backward_probs(&idx, n, num_tokens, grad_permuted_probs, routing_map, options)?;
+    merge_into(grad_permuted, &idx, num_tokens, hidden, None, out)?;
+    Ok((None, grad_probs))
+}
+
+fn permute_backward_probs(idx: &[i64], n: usize, num_tokens: usize, grad_permuted_probs: Option<&TensorRef>, routing_map: Option<&TensorRef>, options: UnpermuteOptions) -> Result<Option<Tensor>> {
+    Ok(match (grad_permuted_probs, routing_map) {
         (Some(gp), Some(routing_map)) => {
-            let (num_experts, experts) = slot_experts_of(&idx, routing_map, num_tokens, options.drop_and_pad, true)?;
+            let (num_experts, experts) = slot_experts_of(idx, routing_map, num_tokens, options.drop_and_pad, true)?;
             let g = gp.typed::<f32>()?;
             let mut dense = try_vec(0f32, num_tokens * num_experts, "routingMap")?;
             for i in 0..n {
@@ -550,8 +713,7 @@ pub fn permute_backward(
             Some(Tensor::f32(vec![num_tokens, num_experts], dense))
         }
         _ => None,
-    };
-    Ok(PermuteGrads { grad_tokens, grad_probs })
+    })
 }
 
 /// Output of [`unpermute_backward`].
@@ -793,6 +955,38 @@ mod tests {
         let merged = unpermute(&perm, &si, [3, 2], Some(&pr), Some(&map_ref(&map, 3, 2)), UnpermuteOptions::default()).unwrap();
         // token 0: 0.5*[1,2] + 0.25*[1,2]; token 1: 1.0*[3,4]; token 2: 2.0*[5,6]
         assert_eq!(merged.data, Data::F32(vec![0.75, 1.5, 3.0, 4.0, 10.0, 12.0]));
+    }
+
+    #[test]
+    fn into_writes_what_the_allocating_call_returns_and_checks_first() {
+        let tokens: Vec<f32> = vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let map = [1u8, 1, 0, 1, 1, 0];
+        let probs: Vec<f32> = vec![0.5, 0.25, 0.0, 1.0, 2.0, 0.0];
+        let tok = TensorRef::of("tokens", vec![3, 2], &tokens).unwrap();
+        let pr = TensorRef::of("probs", vec![3, 2], &probs).unwrap();
+        let want = permute(&tok, &map_ref(&map, 3, 2), Some(&pr), PermuteOptions::default()).unwrap();
+        let (mut rows, mut ps) = (vec![9f32; 8], vec![9f32; 4]);
+        let mut ot = TensorMut::of("out.permutedTokens", vec![4, 2], &mut rows).unwrap();
+        let mut op = TensorMut::of("out.permutedProbs", vec![4], &mut ps).unwrap();
+        let got = permute_into(&tok, &map_ref(&map, 3, 2), Some(&pr), PermuteOptions::default(), PermuteOut { permuted_tokens: Some(&mut ot), permuted_probs: Some(&mut op) }).unwrap();
+        assert!(got.permuted_tokens.is_none() && got.permuted_probs.is_none());
+        assert_eq!(got.sorted_indices, want.sorted_indices);
+        assert_eq!(Data::F32(rows.clone()), want.permuted_tokens.data);
+        assert_eq!(Data::F32(ps), want.permuted_probs.unwrap().data);
+
+        // A wrong shape is reported and nothing is written.
+        let mut small = vec![7f32; 6];
+        let mut o = TensorMut::of("out", vec![2, 3], &mut small).unwrap();
+        let perm = TensorRef::of("permutedTokens", vec![4, 2], &rows).unwrap();
+        let si_data = [0i32, 2, 0, 1];
+        let si = TensorRef::of("sortedIndices", vec![4], &si_data).unwrap();
+        let e = unpermute_into(&perm, &si, [3, 2], None, None, UnpermuteOptions::default(), &mut o);
+        assert!(e.is_err_and(|e| e.to_string().contains("out.shape")));
+        assert_eq!(small, vec![7f32; 6]);
+        let mut o = TensorMut::of("out", vec![3, 2], &mut small).unwrap();
+        unpermute_into(&perm, &si, [3, 2], None, None, UnpermuteOptions::default(), &mut o).unwrap();
+        let want = unpermute(&perm, &si, [3, 2], None, None, UnpermuteOptions::default()).unwrap();
+        assert_eq!(Data::F32(small), want.data);
     }
 
     #[test]

@@ -172,6 +172,81 @@ impl<'a> TensorRef<'a> {
     }
 }
 
+/// A caller-owned output (`out` of permute, unpermute, permuteBackward): the op checks its dtype
+/// and shape against what it would have allocated, checks that its bytes share no memory with
+/// an input, and only then overwrites every element. `name` is its name in errors
+/// (`out.permutedTokens`).
+#[derive(Debug)]
+pub struct TensorMut<'a> {
+    pub name: &'static str,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    bytes: &'a mut [u8],
+}
+
+impl<'a> TensorMut<'a> {
+    /// Builds a view from what a binding received (the checks of [`TensorRef::from_parts`]).
+    pub fn from_parts(name: &'static str, dtype: &str, shape: &[f64], bytes: &'a mut [u8]) -> Result<Self> {
+        let dtype = DType::parse(name, dtype)?;
+        let mut dims = Vec::with_capacity(shape.len());
+        for (i, &d) in shape.iter().enumerate() {
+            dims.push(size_arg(&format!("{name}.shape[{i}]"), d)?);
+        }
+        Self::new(name, dtype, dims, bytes)
+    }
+
+    pub fn new(name: &'static str, dtype: DType, shape: Vec<usize>, bytes: &'a mut [u8]) -> Result<Self> {
+        TensorRef::new(name, dtype, shape.clone(), bytes)?;
+        Ok(TensorMut { name, dtype, shape, bytes })
+    }
+
+    /// A view of a typed slice (for Rust callers and tests).
+    pub fn of<T: Element>(name: &'static str, shape: Vec<usize>, data: &'a mut [T]) -> Result<Self> {
+        Self::new(name, T::DTYPE, shape, bytemuck::cast_slice_mut(data))
+    }
+
+    /// Checks that this output is what the op would return: `dtype` (a TypeError) and `shape`
+    /// (a RangeError), each described by `what` (e.g. "(the dtype of tokens)").
+    pub fn expect(&self, dtype: DType, shape: &[usize], what: &str) -> Result<()> {
+        if self.dtype != dtype {
+            return Err(Error::type_error(format!("{}.dtype", self.name), format!("{} {what}", dtype.name()), self.dtype.name()));
+        }
+        Meta::shape_only(self.name, self.dtype, &self.shape).expect_shape(shape, what)
+    }
+
+    /// A RangeError when these bytes share memory with `input`'s (an input read while it is
+    /// overwritten would give wrong results). Empty tensors share nothing.
+    pub fn expect_disjoint(&self, input: &[u8], input_name: &str) -> Result<()> {
+        let (a, b) = (self.bytes.as_ptr() as usize, input.as_ptr() as usize);
+        if !self.bytes.is_empty() && !input.is_empty() && a < b + input.len() && b < a + self.bytes.len() {
+            return Err(Error::range(self.name, format!("its memory overlaps {input_name}'s; an output must not share memory with an input or another output")));
+        }
+        Ok(())
+    }
+
+    /// The bytes, to compare with another output's.
+    pub fn bytes(&self) -> &[u8] {
+        self.bytes
+    }
+
+    /// Hands every element to `fill` (which must write all of them) as `T` of the dtype's
+    /// width: in place when the bytes are aligned for `T`, else through a temporary copy.
+    pub fn fill<T: Pod>(&mut self, fill: impl FnOnce(&mut [std::mem::MaybeUninit<T>])) {
+        debug_assert_eq!(std::mem::size_of::<T>(), self.dtype.size());
+        match bytemuck::try_cast_slice_mut::<u8, T>(self.bytes) {
+            Ok(slice) => {
+                // SAFETY: MaybeUninit<T> has the layout of T, and `fill` only writes initialised values.
+                let uninit = unsafe { &mut *(slice as *mut [T] as *mut [std::mem::MaybeUninit<T>]) };
+                fill(uninit)
+            }
+            Err(_) => {
+                let v = crate::alloc::filled_vec::<T>(self.bytes.len() / std::mem::size_of::<T>(), fill);
+                self.bytes.copy_from_slice(bytemuck::cast_slice(&v));
+            }
+        }
+    }
+}
+
 /// A tensor argument as the per-op checks see it: its name, dtype and shape, and its elements
 /// when they are on the host.
 ///

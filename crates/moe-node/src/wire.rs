@@ -4,7 +4,7 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use moe_bind::{Obj, Value};
+use moe_bind::{Obj, OutBuf, Value};
 use moe_core::checkpoint::{ByteSource, Checkpoint, SliceSource};
 use moe_core::{Data, Error, Tensor, TensorRef};
 use napi::bindgen_prelude::{Either4, Env, Float32Array, FromNapiValue, Int32Array, Null, Object, ToNapiValue, Uint16Array, Uint8Array};
@@ -21,9 +21,21 @@ impl Args<'_> {
     }
 }
 
+/// A caller-owned output: the caller's own bytes, which the core writes in place (no copy).
+pub struct NodeOut(Uint8Array);
+
+impl OutBuf for NodeOut {
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: the array's memory belongs to the JS caller, which is blocked in this
+        // synchronous call; the core checks that it overlaps no input before writing.
+        unsafe { self.0.as_mut() }
+    }
+}
+
 impl<'e> Obj for Args<'e> {
     type Bytes = Uint8Array;
     type Blob = Uint8Array;
+    type Out = NodeOut;
     fn keys(&self) -> moe_core::Result<Vec<String>> {
         self.0.as_ref().map_or(Ok(Vec::new()), |o| Object::keys(o).map_err(|e| Error::Internal(e.reason.clone())))
     }
@@ -50,6 +62,9 @@ impl<'e> Obj for Args<'e> {
     }
     fn blob(&self, key: &str) -> moe_core::Result<Option<Uint8Array>> {
         self.get(key, "a Uint8Array")
+    }
+    fn out(&self, key: &str) -> moe_core::Result<Option<NodeOut>> {
+        Ok(self.get(key, "a Uint8Array")?.map(NodeOut))
     }
     fn source(blob: &Uint8Array) -> moe_core::Result<Box<dyn ByteSource + '_>> {
         Ok(Box::new(SliceSource::new(blob)))

@@ -4,7 +4,7 @@
 //! with matching TypedArrays, core errors as real TypeError / RangeError.
 
 use js_sys::{Array, Float32Array, Function, Int32Array, Object, Reflect, Uint16Array, Uint8Array};
-use moe_bind::{Obj, Value};
+use moe_bind::{Obj, OutBuf, Value};
 use moe_core::checkpoint::{out_of_range, ByteSource, Checkpoint};
 use moe_core::{Data, Error, ErrorKind};
 use wasm_bindgen::prelude::*;
@@ -26,9 +26,30 @@ fn array<T>(v: &JsValue, f: impl Fn(JsValue) -> Option<T>) -> Option<Vec<T>> {
     Array::is_array(v).then(|| Array::from(v).iter().map(f).collect()).flatten()
 }
 
+/// A caller-owned output: the core writes into a buffer in wasm memory (8-byte aligned), copied
+/// into the caller's array once the op succeeded (the data has to cross the boundary once).
+pub struct WasmOut {
+    js: Uint8Array,
+    buf: Vec<u64>,
+    len: usize,
+}
+
+impl OutBuf for WasmOut {
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: `buf` holds at least `len` bytes (len.div_ceil(8) words), any bytes are valid u64s.
+        unsafe { std::slice::from_raw_parts_mut(self.buf.as_mut_ptr() as *mut u8, self.len) }
+    }
+    fn commit(&mut self) {
+        // SAFETY: as in bytes_mut.
+        let bytes = unsafe { std::slice::from_raw_parts(self.buf.as_ptr() as *const u8, self.len) };
+        self.js.copy_from(bytes);
+    }
+}
+
 impl Obj for Args {
     type Bytes = Vec<u8>;
     type Blob = Uint8Array;
+    type Out = WasmOut;
     fn keys(&self) -> moe_core::Result<Vec<String>> {
         Ok(Object::keys(self.0.unchecked_ref::<Object>()).iter().filter_map(|k| k.as_string()).collect())
     }
@@ -56,6 +77,12 @@ impl Obj for Args {
     }
     fn blob(&self, key: &str) -> moe_core::Result<Option<Uint8Array>> {
         self.get(key, "a Uint8Array", |v| v.dyn_ref::<Uint8Array>().cloned())
+    }
+    fn out(&self, key: &str) -> moe_core::Result<Option<WasmOut>> {
+        let Some(js) = self.blob(key)? else { return Ok(None) };
+        let len = js.length() as usize;
+        let buf = moe_core::alloc::try_zeroed_words(len.div_ceil(8), key)?;
+        Ok(Some(WasmOut { js, buf, len }))
     }
     fn source(blob: &Uint8Array) -> moe_core::Result<Box<dyn ByteSource + '_>> {
         Ok(Box::new(JsSource::new(blob.clone())?))
