@@ -102,8 +102,9 @@ describe.skipIf(!built)('moe-dispatch CLI', () => {
     const result = JSON.parse(r.stdout);
     const backends = Object.keys(result.threads);
     expect(backends).toEqual(expect.arrayContaining(['cpu', 'wasm']));
-    // per size and dtype: memcpy, alloc+memcpy, and permute + unpermute per backend
-    expect(result.rows).toHaveLength(2 * 2 * (2 + 2 * backends.length));
+    // per size and dtype: memcpy, alloc+memcpy, and permute + unpermute per backend, allocating and into reused outputs
+    expect(result.rows).toHaveLength(2 * 2 * (2 + 4 * backends.length));
+    expect(result.rows.map((x: { op: string }) => x.op)).toContain('permute+probs (out)');
     expect([...new Set(result.rows.map((x: { tokens: number }) => x.tokens))]).toEqual([64, 256]);
     for (const row of result.rows) expect(row.gbPerSecond, JSON.stringify(row)).toBeGreaterThan(0);
     expect(JSON.parse(readFileSync(out, 'utf8')).rows).toHaveLength(result.rows.length);
@@ -115,7 +116,7 @@ describe.skipIf(!built)('moe-dispatch CLI', () => {
     expect(svg).toMatch(/^<svg xmlns="http:\/\/www.w3.org\/2000\/svg"/);
     // one line per series (backend x op x dtype, plus the two memcpy baselines per dtype), each through both sizes
     const lines = [...svg.matchAll(/<polyline [^>]*points="([^"]*)"/g)];
-    expect(lines).toHaveLength(2 * (2 + 2 * backends.length));
+    expect(lines).toHaveLength(2 * (2 + 4 * backends.length));
     for (const l of lines) expect(l[1].split(' ')).toHaveLength(2);
     expect(svg).toContain('cpu permute+probs float32');
     expect(svg.trim().endsWith('</svg>')).toBe(true);

@@ -14,7 +14,7 @@ import { cpus } from 'node:os';
 import { dirname } from 'node:path';
 import { parseArgs } from 'node:util';
 
-import { backendInfo, createBackend, type Backend, type BackendName, type Tensor, type TokenDType } from './index.js';
+import { backendInfo, createBackend, tensor, type Backend, type BackendName, type Tensor, type TokenDType } from './index.js';
 import { randomRouting, rng, type Problem } from './random.js';
 import { progressLine, trainMoE } from './train.js';
 
@@ -44,7 +44,7 @@ structure and that all backends agree bit for bit. Exit code 1 on any disagreeme
 
 Times permute (with probs) and unpermute (merging with probs) for float32 and bfloat16
 tokens on each available CPU backend, at T=4096, H=1024, E=64, k=4 by default, next to
-a memcpy of the same bytes. GB/s counts bytes read plus bytes written. --sizes sweeps
+a memcpy of the same bytes, allocating and into reused outputs (options.out). GB/s counts bytes read plus bytes written. --sizes sweeps
 several token counts. Shows a progress bar on stderr. Writes the results as JSON to FILE
 (default bench/results/<date>-cpu.json) and, next to it (same name, .svg), a chart of
 bandwidth against size, one line per backend, op and dtype.`,
@@ -310,6 +310,12 @@ async function bench(args: Args): Promise<number> {
           unpermuteBytes,
           timeIt(iters, () => b.unpermute(permuted.permutedTokens, permuted.sortedIndices, [T, H], { probs: permuted.permutedProbs })),
         );
+        // The same ops into caller-owned outputs reused across calls (options.out): no fresh
+        // pages to fault in; the native binding writes straight into them, wasm copies out once.
+        const out = { permutedTokens: tensor(dtype, [N, H]), permutedProbs: tensor('float32', [N]) };
+        add('permute+probs (out)', permuteBytes, timeIt(iters, () => b.permute(r.tokens, routingMap, { probs, out })));
+        const merged = tensor(dtype, [T, H]);
+        add('unpermute+probs (out)', unpermuteBytes, timeIt(iters, () => b.unpermute(permuted.permutedTokens, permuted.sortedIndices, [T, H], { probs: permuted.permutedProbs, out: merged })));
         step(`T=${T} ${dtype} ${b.name}`);
       }
     }
