@@ -265,6 +265,16 @@ export interface CudaBackend
 }
 
 
+/**
+ * The device paths allocate their outputs: a caller-owned `out` is taken on the host path only
+ * (host tensors go through the native CPU op), and with device tensors it is this TypeError.
+ */
+function noDeviceOut(op: string, options: unknown): void {
+  if (optionValue(options, 'out') !== undefined) {
+    throw new TypeError(`${op}: options.out: the cuda backend writes caller-owned outputs only on its host path (host tensors); on device tensors it allocates its outputs`);
+  }
+}
+
 /** Wraps the cuda backend's host-tensor ops (`base`) with the device-tensor paths of `addon`. */
 export function cudaBackend(base: Backend, addon: CudaExports): CudaBackend {
   const call = <T>(op: string, f: (h: Handles) => T): T => callWith(addon as unknown as Addon, op, f);
@@ -301,6 +311,7 @@ export function cudaBackend(base: Backend, addon: CudaExports): CudaBackend {
     },
     permute(tokens: unknown, routingMap: unknown, options?: unknown) {
       if (!anyDevice(tokens, routingMap, optionValue(options, 'probs'))) return base.permute(tokens as Tensor<TokenDType>, routingMap as Tensor<'bool'>, options as PermuteOptions);
+      noDeviceOut('permute', options);
       return call('permute', (h) => {
         const o = checkOptions<DevicePermuteOptions>(options, 'permute', ['probs', 'numOutTokens', 'dropAndPad']);
         const out = addon.cudaPermuteDevice(
@@ -323,6 +334,7 @@ export function cudaBackend(base: Backend, addon: CudaExports): CudaBackend {
       if (!anyDevice(permutedTokens, sortedIndices, optionValue(options, 'probs'), optionValue(options, 'routingMap'))) {
         return base.unpermute(permutedTokens as Tensor<TokenDType>, sortedIndices as Tensor<IndexDType>, restoreShape, options as UnpermuteOptions);
       }
+      noDeviceOut('unpermute', options);
       return call('unpermute', (h) => {
         const o = checkOptions<DeviceUnpermuteOptions>(options, 'unpermute', ['probs', 'routingMap', 'dropAndPad']);
         if (!Array.isArray(restoreShape) || restoreShape.some((d) => typeof d !== 'number')) {
@@ -368,6 +380,7 @@ export function cudaBackend(base: Backend, addon: CudaExports): CudaBackend {
       if (!anyDevice(gradPermuted, sortedIndices, optionValue(options, 'gradPermutedProbs'), optionValue(options, 'routingMap'))) {
         return base.permuteBackward(gradPermuted as Tensor<TokenDType>, sortedIndices as Tensor<IndexDType>, numTokens, options as PermuteBackwardOptions);
       }
+      noDeviceOut('permuteBackward', options);
       return call('permuteBackward', (h) => {
         const o = checkOptions<DevicePermuteBackwardOptions>(options, 'permuteBackward', ['gradPermutedProbs', 'routingMap', 'dropAndPad']);
         const out = addon.cudaPermuteBackwardDevice(
