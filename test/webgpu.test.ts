@@ -148,7 +148,13 @@ if (moe !== undefined) describe('webgpu backend against wasm, bit for bit', { ti
           'unpermuteBackward',
           await m.gpu.unpermuteBackward(up(gradOut), up(permuted), got.sortedIndices, { probs: got.permutedProbs }),
           wasm.unpermuteBackward(gradOut, permuted, want.sortedIndices, { probs: want.permutedProbs }),
-          'slot probs (host path)',
+          'slot probs',
+        );
+        await same(
+          'unpermuteBackward',
+          await m.gpu.unpermuteBackward(up(gradOut), up(permuted), got.sortedIndices, { probs: up(probs), routingMap }),
+          wasm.unpermuteBackward(gradOut, permuted, want.sortedIndices, { probs, routingMap }),
+          'dense probs',
         );
 
         // drop-and-pad: capacity below, at and above the mean load
@@ -164,6 +170,8 @@ if (moe !== undefined) describe('webgpu backend against wasm, bit for bit', { ti
           const gp = tensor('float32', [cap * E], Float32Array.from({ length: cap * E }, () => random() - 0.5));
           const bo = { gradPermutedProbs: gp, routingMap, dropAndPad: true };
           await same('permuteBackward', await m.gpu.permuteBackward(up(pt), g.sortedIndices, T, bo), wasm.permuteBackward(pt, w.sortedIndices, T, bo), `dropAndPad C=${cap}`);
+          const go = randomTokens(dtype, T, H, random);
+          await same('unpermuteBackward', await m.gpu.unpermuteBackward(up(go), up(pt), g.sortedIndices, uo), wasm.unpermuteBackward(go, pt, w.sortedIndices, uo), `dense probs, dropAndPad C=${cap}`);
         }
 
         // sortChunksByIndex and its backward: random splits of the rows, random order
@@ -200,6 +208,18 @@ if (moe !== undefined) describe('webgpu backend against wasm, bit for bit', { ti
           for (const [what, o] of cases) {
             const dev = Object.fromEntries(Object.entries(o).map(([key, v]) => [key, v && typeof v === 'object' ? up(v as Tensor) : v]));
             await same('route', await m.gpu.route(up(logits), dev), wasm.route(logits, o as never), what);
+          }
+          // the aux losses (float32 logits / probs), with and without a mask, coeff, numTokens
+          const l32 = randomTokens('float32', T, E, random) as Tensor<'float32'>;
+          const rr = wasm.route(l32, { topk: k });
+          for (const lo of [{ topk: k }, { topk: k, coeff: 0.01, tokenMask: mask }, { topk: k, numTokens: T + 3, coeff: 0.5 }]) {
+            const lod = { ...lo, ...('tokenMask' in lo ? { tokenMask: up(lo.tokenMask) } : {}) };
+            await same('switchLoadBalancingLoss', await m.gpu.switchLoadBalancingLoss(up(rr.scores), up(rr.tokensPerExpert), lod), wasm.switchLoadBalancingLoss(rr.scores, rr.tokensPerExpert, lo), JSON.stringify(Object.keys(lo)));
+            await same('switchLoadBalancingLossFromLogits', await m.gpu.switchLoadBalancingLossFromLogits(up(l32), rr.tokensPerExpert, lod), wasm.switchLoadBalancingLossFromLogits(l32, rr.tokensPerExpert, lo), JSON.stringify(Object.keys(lo)));
+          }
+          for (const zo of [{}, { coeff: 0.001, tokenMask: mask }]) {
+            const zod = 'tokenMask' in zo ? { ...zo, tokenMask: up(zo.tokenMask) } : zo;
+            await same('zLoss', await m.gpu.zLoss(up(l32), zod), wasm.zLoss(l32, zo), JSON.stringify(Object.keys(zo)));
           }
         }
         // activations, forward and backward, every kind, with and without probs
@@ -291,7 +311,7 @@ if (moe !== undefined) describe('webgpu backend against wasm, bit for bit', { ti
     gpu.device.destroy();
   });
 
-  it('ops without a shader run on wasm inside: zLoss, switchLoadBalancingLoss, dropTokens with webgpu tensors', async () => {
+  it('ops without a shader run on wasm inside (dropTokens) with webgpu tensors; losses with large logits', async () => {
     const m = moe!;
     const random = rng(77);
     const logits = tensor('float32', [40, 16], Float32Array.from({ length: 640 }, () => random() * 6 - 3));
@@ -332,6 +352,10 @@ if (moe !== undefined) describe('webgpu backend against wasm, bit for bit', { ti
       ['activation: alpha for swiglu', () => m.gpu.activation(m.upload(t), { kind: 'swiglu', alpha: 2 }), () => wasm.activation(t, { kind: 'swiglu', alpha: 2 })],
       ['activation: limit', () => m.gpu.activation(m.upload(t), { kind: 'swiglu_clamped', limit: -1 }), () => wasm.activation(t, { kind: 'swiglu_clamped', limit: -1 })],
       ['activationBackward: grad shape', () => m.gpu.activationBackward(m.upload(t), m.upload(t), { kind: 'swiglu' }), () => wasm.activationBackward(t, t, { kind: 'swiglu' })],
+      ['zLoss: non-finite', () => m.gpu.zLoss(m.upload(tensor('float32', [1, 2], new Float32Array([NaN, 0])))), () => wasm.zLoss(tensor('float32', [1, 2], new Float32Array([NaN, 0])))],
+      ['zLoss: coeff', () => m.gpu.zLoss(m.upload(t), { coeff: -1 }), () => wasm.zLoss(t, { coeff: -1 })],
+      ['switchLoadBalancingLoss: counts shape', () => m.gpu.switchLoadBalancingLoss(m.upload(t), tensor('int32', [3], new Int32Array(3)), { topk: 1 }), () => wasm.switchLoadBalancingLoss(t, tensor('int32', [3], new Int32Array(3)), { topk: 1 })],
+      ['switchLoadBalancingLoss: numTokens', () => m.gpu.switchLoadBalancingLoss(m.upload(t), tensor('int32', [2], new Int32Array(2)), { topk: 1, numTokens: 0 }), () => wasm.switchLoadBalancingLoss(t, tensor('int32', [2], new Int32Array(2)), { topk: 1, numTokens: 0 })],
       ['topk: k', () => m.gpu.topk(m.upload(t), 3), () => wasm.topk(t, 3)],
       ['topk: NaN', () => m.gpu.topk(m.upload(tensor('float32', [2, 2], new Float32Array([1, 2, NaN, 0]))), 1), () => wasm.topk(tensor('float32', [2, 2], new Float32Array([1, 2, NaN, 0])), 1)],
       ['topk: rank', () => m.gpu.topk(m.upload(tensor('float32', [4], new Float32Array(4))), 1), () => wasm.topk(tensor('float32', [4], new Float32Array(4)), 1)],

@@ -20,16 +20,18 @@ import type { Backend, BackendInfo, Binding } from '../backend.js';
 import { checkTensor, isTensor, type DType, type Tensor, type TokenDType } from '../tensor.js';
 import { Gpu, describeAdapter, navigatorGpu, type GPUBuffer } from '../webgpu/gpu.js';
 import { activationBackward as actBackward, activationForward as actForward, activationGradProbs as actGradProbs } from '../webgpu/activations.js';
+import { AUX_LOSS } from '../webgpu/aux-loss.js';
+import { F64 } from '../webgpu/f64.js';
 import { COUNT_PICKS, ROUTE } from '../webgpu/route.js';
 import * as S from '../webgpu/shaders.js';
-import { checkBool, checkNumber, checkOptions, INDICES, TOKENS } from '../wire.js';
+import { checkBool, checkNumber, INDICES, TOKENS } from '../wire.js';
 import { loadWasm, type WasmSource } from './wasm.js';
 import { BYTES, GpuTensor, isWebGpuTensor, uploadTensor, type WebGpuTensor } from './webgpu-tensor.js';
 
 export { isWebGpuTensor, type WebGpuTensor } from './webgpu-tensor.js';
 
 /** The ops whose arithmetic runs in WGSL shaders (`moe.gpu.<op>`); the others run on wasm. */
-export const WEBGPU_OPS = ['indicesToMultihot', 'multihotToIndices', 'tokensPerExpert', 'permute', 'unpermute', 'permuteBackward', 'unpermuteBackward', 'sortChunksByIndex', 'sortChunksByIndexBackward', 'topk', 'route', 'activation', 'activationBackward'] as const;
+export const WEBGPU_OPS = ['indicesToMultihot', 'multihotToIndices', 'tokensPerExpert', 'permute', 'unpermute', 'permuteBackward', 'unpermuteBackward', 'sortChunksByIndex', 'sortChunksByIndexBackward', 'topk', 'route', 'activation', 'activationBackward', 'switchLoadBalancingLoss', 'switchLoadBalancingLossFromLogits', 'zLoss'] as const;
 
 /** A host tensor's type with its tensors on the GPU. */
 export type OnGpu<R> = R extends Tensor<infer D> ? WebGpuTensor<D> : R extends readonly (infer U)[] ? OnGpu<U>[] : R extends object ? { [K in keyof R]: OnGpu<R[K]> } : R;
@@ -141,6 +143,17 @@ function toGpuDeep(gpu: Gpu, op: string, value: unknown, depth = 0): unknown {
   if (Array.isArray(value)) return value.map((v) => toGpuDeep(gpu, op, v, depth + 1));
   if (Object.getPrototypeOf(value) !== Object.prototype) return value;
   return Object.fromEntries(Object.entries(value).map(([k, v]) => [k, toGpuDeep(gpu, op, v, depth + 1)]));
+}
+
+/**
+ * An options object the shaders understand, or HOST: anything else (not an object, a key this
+ * file does not know, such as a typo or an option added to the op later) goes down the host
+ * path, where the op's adapter and the core say what is wrong or handle it.
+ */
+function parse<T>(options: unknown, known: readonly string[]): Partial<T> | Host {
+  if (options === undefined || options === null) return {};
+  if (typeof options !== 'object' || Array.isArray(options) || Object.getPrototypeOf(options) !== Object.prototype) return HOST;
+  return Object.keys(options).every((k) => known.includes(k)) ? (options as Partial<T>) : HOST;
 }
 
 interface Meta {
@@ -288,6 +301,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
     return r === HOST ? viaHost(op, args) : r;
   }
 
+  const c0 = () => ({ gpu, base, gpuOp });
   const kernels: Record<string, (...args: unknown[]) => Promise<unknown>> = {
     tokensPerExpert: (routingMap) =>
       gpuOp('tokensPerExpert', [routingMap], async (c) => {
@@ -315,7 +329,8 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
 
     multihotToIndices: (routingMap, options) =>
       gpuOp('multihotToIndices', [routingMap, options], async (c) => {
-        const o = checkOptions<{ probs?: unknown; topk?: number }>(options, 'multihotToIndices', ['probs', 'topk']);
+        const o = parse<{ probs?: unknown; topk?: number }>(options, ['probs', 'topk']);
+        if (o === HOST) return HOST;
         const rm = await c.host(routingMap, 'routingMap', ['bool']);
         const p = await c.optHost(o.probs, 'probs', ['float32']);
         const v = c.validate(() => base.multihotToIndices(rm, { probs: p, topk: o.topk }));
@@ -331,7 +346,8 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
 
     permute: (tokens, routingMap, options) =>
       gpuOp('permute', [tokens, routingMap, options], async (c) => {
-        const o = checkOptions<{ probs?: unknown; numOutTokens?: number; dropAndPad?: boolean }>(options, 'permute', ['probs', 'numOutTokens', 'dropAndPad']);
+        const o = parse<{ probs?: unknown; numOutTokens?: number; dropAndPad?: boolean }>(options, ['probs', 'numOutTokens', 'dropAndPad']);
+        if (o === HOST) return HOST;
         const tm = c.meta(tokens, 'tokens', TOKENS);
         const rm = await c.host(routingMap, 'routingMap', ['bool']);
         const probs = await c.optHost(o.probs, 'probs', ['float32']);
@@ -367,7 +383,8 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
 
     unpermute: (permutedTokens, sortedIndices, restoreShape, options) =>
       gpuOp('unpermute', [permutedTokens, sortedIndices, restoreShape, options], async (c) => {
-        const o = checkOptions<{ probs?: unknown; routingMap?: unknown; dropAndPad?: boolean }>(options, 'unpermute', ['probs', 'routingMap', 'dropAndPad']);
+        const o = parse<{ probs?: unknown; routingMap?: unknown; dropAndPad?: boolean }>(options, ['probs', 'routingMap', 'dropAndPad']);
+        if (o === HOST) return HOST;
         const pm = c.meta(permutedTokens, 'permutedTokens', TOKENS);
         const si = await c.host(sortedIndices, 'sortedIndices', INDICES);
         const probs = await c.optHost(o.probs, 'probs', ['float32']);
@@ -389,7 +406,8 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
 
     permuteBackward: (gradPermuted, sortedIndices, numTokens, options) =>
       gpuOp('permuteBackward', [gradPermuted, sortedIndices, numTokens, options], async (c) => {
-        const o = checkOptions<{ gradPermutedProbs?: unknown; routingMap?: unknown; dropAndPad?: boolean }>(options, 'permuteBackward', ['gradPermutedProbs', 'routingMap', 'dropAndPad']);
+        const o = parse<{ gradPermutedProbs?: unknown; routingMap?: unknown; dropAndPad?: boolean }>(options, ['gradPermutedProbs', 'routingMap', 'dropAndPad']);
+        if (o === HOST) return HOST;
         const gm = c.meta(gradPermuted, 'gradPermuted', TOKENS);
         const si = await c.host(sortedIndices, 'sortedIndices', INDICES);
         const gpp = await c.optHost(o.gradPermutedProbs, 'gradPermutedProbs', ['float32']);
@@ -421,18 +439,40 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
 
     unpermuteBackward: (gradOutput, permutedTokens, sortedIndices, options) =>
       gpuOp('unpermuteBackward', [gradOutput, permutedTokens, sortedIndices, options], async (c) => {
-        const o = checkOptions<{ probs?: unknown; routingMap?: unknown; dropAndPad?: boolean }>(options, 'unpermuteBackward', ['probs', 'routingMap', 'dropAndPad']);
-        // gradProbs is a dot product accumulated in float64, which WGSL does not have: with probs, the host path
-        if (o.probs !== undefined && o.probs !== null) return HOST;
+        const o = parse<{ probs?: unknown; routingMap?: unknown; dropAndPad?: boolean }>(options, ['probs', 'routingMap', 'dropAndPad']);
+        if (o === HOST) return HOST;
         const gm = c.meta(gradOutput, 'gradOutput', TOKENS);
         const pm = c.meta(permutedTokens, 'permutedTokens', TOKENS);
         const si = await c.host(sortedIndices, 'sortedIndices', INDICES);
+        const probs = await c.optHost(o.probs, 'probs', ['float32']);
         const rm = await c.optHost(o.routingMap, 'routingMap', ['bool']);
         if (gm.shape.length !== 2 || pm.shape.length !== 2 || gm.shape[1] !== pm.shape[1] || gm.dtype !== pm.dtype) return HOST;
-        if (c.validate(() => base.unpermuteBackward(c.standIn(gm), c.standIn(pm), si, { routingMap: rm, dropAndPad: checkBool(o.dropAndPad, 'dropAndPad') })) === HOST) return HOST;
+        if (c.validate(() => base.unpermuteBackward(c.standIn(gm), c.standIn(pm), si, { probs, routingMap: rm, dropAndPad: checkBool(o.dropAndPad, 'dropAndPad') })) === HOST) return HOST;
+        const dnp = o.dropAndPad === true;
         const [n, h] = pm.shape;
-        const gradPermuted = c.gather(c.buf(gradOutput, 'gradOutput'), gm.dtype, c.buf(sortedIndices, 'sortedIndices'), n, h, 'gradPermuted');
-        return { gradPermuted };
+        const t = gm.shape[0];
+        const sorted = c.buf(sortedIndices, 'sortedIndices');
+        const g = c.buf(gradOutput, 'gradOutput');
+        if (!probs) return { gradPermuted: c.gather(g, gm.dtype, sorted, n, h, 'gradPermuted') };
+        // with probs: gradPermuted = g[token] * p (float32, rounded once); gradProbs = the slots'
+        // dot products (software float64), per slot, or summed into (token, expert) as the core does
+        const kind = gm.dtype as TokenDType;
+        const p = slotProbs(c, sorted, n, o.probs, probs, o.routingMap, rm, dnp === true)!;
+        const gradPermuted = c.out(kind, [n, h], 'gradPermuted');
+        const words = tokenWords(kind, n * h);
+        c.run(`scale_${kind}`, S.scaleRows(kind), [n * h, h, words], [g, sorted, p, gradPermuted.bufferFor(gpu, 'gp')], words);
+        const dense = probs.shape.length === 2;
+        const dots = dense ? undefined : c.out('float32', [n], 'gradProbs');
+        const dotBuf = dots ? dots.bufferFor(gpu, 'd') : c.tmp(4 * n, 'the slot dots');
+        c.run(`slot_dot_${kind}`, S.slotDot(kind, F64), [n, h], [g, c.buf(permutedTokens, 'permutedTokens'), sorted, dotBuf], n);
+        if (dots) return { gradPermuted, gradProbs: dots };
+        const e = rm!.shape[1];
+        const counts = c.tmp(4 * e, 'counts');
+        if (dnp !== true) c.run('count_columns', S.COUNT_COLUMNS, [rm!.shape[0], e], [c.buf(o.routingMap, 'routingMap'), counts], e);
+        const { start, list } = c.inverse(sorted, n, t);
+        const gradProbs = c.out('float32', [t, e], 'gradProbs');
+        c.run('scatter_slots', S.SCATTER_SLOT_VALUES, [t, e, dnp ? 1 : 0, dnp && e > 0 ? n / e : 0], [start, list, counts, dotBuf, gradProbs.bufferFor(gpu, 'gp')], t);
+        return { gradPermuted, gradProbs };
       }),
 
     sortChunksByIndex: (input, splitSizes, sortedIdxs, probs) =>
@@ -475,7 +515,8 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
 
     route: (logits, options) =>
       gpuOp('route', [logits, options], async (c) => {
-        const o = checkOptions<Record<string, unknown>>(options, 'route', ['topk', 'scoreFunction', 'softmaxBeforeTopk', 'expertBias', 'numGroups', 'topkGroups', 'normTopkProb', 'routeScale', 'tokenMask']);
+        const o = parse<Record<string, unknown>>(options, ['topk', 'scoreFunction', 'softmaxBeforeTopk', 'expertBias', 'numGroups', 'topkGroups', 'normTopkProb', 'routeScale', 'tokenMask']);
+        if (o === HOST) return HOST;
         const lm = c.meta(logits, 'logits', TOKENS);
         const sf = o.scoreFunction ?? 'softmax';
         const code = typeof sf === 'string' && Object.hasOwn(SCORE_FUNCTIONS, sf) ? SCORE_FUNCTIONS[sf] : undefined;
@@ -543,6 +584,10 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
         return result;
       }),
 
+    switchLoadBalancingLoss: (probs, tokensPerExpert, options) => auxLoss(c0(), 'switchLoadBalancingLoss', 0, [probs, tokensPerExpert, options]),
+    switchLoadBalancingLossFromLogits: (logits, tokensPerExpert, options) => auxLoss(c0(), 'switchLoadBalancingLossFromLogits', 1, [logits, tokensPerExpert, options]),
+    zLoss: (logits, options) => auxLoss(c0(), 'zLoss', 2, [logits, undefined, options]),
+
     sortChunksByIndexBackward: (gradOutput, splitSizes, sortedIdxs, gradProbs) =>
       gpuOp('sortChunksByIndexBackward', [gradOutput, splitSizes, sortedIdxs, gradProbs], async (c) => {
         const gm = c.meta(gradOutput, 'gradOutput', TOKENS);
@@ -607,6 +652,57 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
   return backend as unknown as WebGpuBackend;
 }
 
+/**
+ * The aux losses (mode 0: switchLoadBalancingLoss on probs, 1: from logits, 2: zLoss): rows on
+ * the GPU, the per-row terms added on the host in token order (JavaScript numbers are IEEE
+ * float64, as the core's sums), the loss scaled as the core scales it.
+ */
+function auxLoss(ctx: { gpu: Gpu; base: Backend; gpuOp(op: string, args: unknown[], f: (c: OpCall) => Promise<unknown>): Promise<unknown> }, op: string, mode: number, args: unknown[]): Promise<unknown> {
+  const [x, tpeArg, options] = args;
+  const { gpu, base } = ctx;
+  const callArgs = mode === 2 ? [x, options] : args;
+  return ctx.gpuOp(op, callArgs, async (c) => {
+    const o = parse<Record<string, unknown>>(options, mode === 2 ? ['coeff', 'tokenMask'] : ['topk', 'coeff', 'numTokens', 'tokenMask']);
+    if (o === HOST) return HOST;
+    const xm = c.meta(x, mode === 0 ? 'probs' : 'logits', ['float32']);
+    if (xm.shape.length !== 2) return HOST;
+    const [t, e] = xm.shape;
+    const tpe = mode === 2 ? undefined : await c.host(tpeArg, 'tokensPerExpert', INDICES);
+    const mask = await c.optHost(o.tokenMask, 'tokenMask', ['bool']);
+    if (mask && (mask.shape.length !== 1 || mask.shape[0] !== t || (mask.data as Uint8Array).some((v) => v > 1))) return HOST;
+    const r1 = Math.min(t, 1);
+    const probe = { dtype: 'float32', shape: [r1, e], data: new Float32Array(r1 * e) } as Tensor<'float32'>;
+    const opts = { ...o, tokenMask: mask ? ({ dtype: 'bool', shape: [r1], data: (mask.data as Uint8Array).slice(0, r1) } as Tensor<'bool'>) : undefined };
+    const b = base as unknown as Record<string, (...a: unknown[]) => unknown>;
+    if (c.validate(() => (mode === 2 ? b.zLoss(probe, opts) : b[op](probe, tpe, opts))) === HOST) return HOST;
+    // the core's factor E * coeff / (k * N^2) and 2 * coeff / N, in its order
+    const valid = mask ? (mask.data as Uint8Array).reduce((a, v) => a + (v !== 0 ? 1 : 0), 0) : t;
+    const coeff = (o.coeff as number | undefined) ?? 1;
+    const n = mode === 2 ? Math.max(valid, 1) : ((o.numTokens as number | undefined) ?? Math.max(valid, 1));
+    const factor = mode === 2 ? 0 : (e * coeff) / ((o.topk as number) * n * n);
+    const twoCoeffN = (2 * coeff) / n;
+    const bits = new Uint32Array(new Float64Array([factor, twoCoeffN]).buffer);
+    const counts = new Float64Array(e);
+    if (tpe) for (let i = 0; i < e; i++) counts[i] = Number((tpe.data as Int32Array | BigInt64Array)[i]);
+    const grad = c.out('float32', [t, e], mode === 0 ? 'gradProbs' : 'gradLogits');
+    const rowvals = c.tmp(8 * t, 'the row terms');
+    const flag = c.tmp(4, 'the non-finite flag');
+    const maskBuf = mask ? c.buf(o.tokenMask, 'tokenMask') : c.tmp(4, 'tokenMask');
+    c.run('aux_loss', AUX_LOSS, [t, e, mode, mask ? 1 : 0, bits[0], bits[1], bits[2], bits[3]], [c.buf(x, 'x'), maskBuf, c.words(new Uint32Array(counts.buffer), 'counts'), grad.bufferFor(gpu, 'g'), rowvals, flag], t);
+    if (t > 0 && new Uint32Array((await gpu.read(op, flag, 4)).buffer)[0] !== 0) {
+      grad.dispose();
+      return HOST;
+    }
+    const rows = new Float64Array((await gpu.read(op, rowvals, 8 * t)).buffer);
+    const m = mask?.data as Uint8Array | undefined;
+    // mode 0: `total = 0.0; total += row sums`; modes 1, 2: Rust's f64 sum() (from -0.0)
+    let total = mode === 0 ? 0 : -0;
+    for (let i = 0; i < t; i++) if (!m || m[i] !== 0) total += rows[i];
+    const loss = mode === 2 ? (coeff * total) / n : total * factor;
+    return mode === 0 ? { loss, gradProbs: grad } : { loss, gradLogits: grad };
+  });
+}
+
 const ACTIVATIONS: Record<string, [kind: number, layout: number]> = { swiglu: [0, 0], quick_geglu: [1, 1], swiglu_oai: [2, 0], swiglu_clamped: [3, 0], relu2: [4, 2] };
 
 interface ActivationSetup {
@@ -622,7 +718,8 @@ interface ActivationSetup {
 
 /** The checks and parameters of activation / activationBackward (`grad` given: the backward). */
 async function activationSetup(c: OpCall, base: Backend, x: unknown, grad: unknown, options: unknown, op: 'activation' | 'activationBackward'): Promise<ActivationSetup | Host> {
-  const o = checkOptions<Record<string, unknown>>(options, op, ['kind', 'probs', 'alpha', 'limit', 'linearOffset']);
+  const o = parse<Record<string, unknown>>(options, ['kind', 'probs', 'alpha', 'limit', 'linearOffset']);
+  if (o === HOST) return HOST;
   const xm = c.meta(x, 'x', TOKENS);
   const code = typeof o.kind === 'string' && Object.hasOwn(ACTIVATIONS, o.kind) ? ACTIVATIONS[o.kind] : undefined;
   if (xm.shape.length !== 2 || code === undefined) return HOST;
