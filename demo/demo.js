@@ -1,6 +1,8 @@
 /**
- * The routing demo: everything runs here, in the page, on moe-dispatch's WebAssembly backend,
- * imported from the package's browser entry as plain ES modules (no bundler).
+ * The routing demo: everything runs here, in the page, on moe-dispatch's webgpu backend where the
+ * page has a WebGPU adapter (its shader ops through `moe.gpu`), else on the WebAssembly backend,
+ * imported from the package's browser entry as plain ES modules (no bundler). With webgpu, the
+ * "compute on wasm" toggle switches to wasm, and every webgpu result is compared with wasm's.
  *
  * Pipeline: route(logits) -> indicesToMultihot -> tokensPerExpert (routed load)
  *   -> dropTokens (capacity, optional) -> tokensPerExpert (kept load) -> permute.
@@ -99,6 +101,42 @@ export function computeRouting(moe, rows, o) {
   const tokens = tensor('float32', [T, 1], Float32Array.from({ length: T }, (_, t) => t));
   const permuted = moe.permute(tokens, kept.routingMap, { probs: kept.probs });
   return { T, E, scores: routed.scores.data, routingMap: routingMap.data, keptMap: kept.routingMap.data, routedPerExpert, keptPerExpert, capacity, permuted };
+}
+
+/** The same pipeline on a webgpu backend: `moe.gpu` ops (async, webgpu tensors), results downloaded. */
+export async function computeRoutingGpu(moe, rows, o) {
+  const T = rows.length;
+  const E = rows[0].length;
+  const g = moe.gpu;
+  const logits = tensor('float32', [T, E], Float32Array.from(rows.flat()));
+  const routeOptions = { topk: o.topk, scoreFunction: o.scoreFunction };
+  if (o.numGroups > 1) Object.assign(routeOptions, { numGroups: o.numGroups, topkGroups: o.topkGroups });
+  if (o.normTopkProb) routeOptions.normTopkProb = true;
+  const routed = await g.route(logits, routeOptions);
+  const multi = await g.indicesToMultihot(routed.indices, routed.weights, E);
+  const routedCounts = await g.tokensPerExpert(multi.routingMap);
+  let kept = multi;
+  let capacity = null;
+  if (o.capacityFactor !== null) {
+    kept = await g.dropTokens(multi.probs, multi.routingMap, { topk: o.topk, capacityFactor: o.capacityFactor, dropPolicy: o.dropPolicy });
+    capacity = kept.capacity;
+    const again = moe.getCapacity(T * o.topk, E, o.capacityFactor);
+    if (again !== capacity) throw new Error(`getCapacity gave ${again}, dropTokens ${capacity}`);
+  }
+  const keptCounts = await g.tokensPerExpert(kept.routingMap);
+  const tokens = tensor('float32', [T, 1], Float32Array.from({ length: T }, (_, t) => t));
+  const permutedGpu = await g.permute(tokens, kept.routingMap, { probs: kept.probs });
+  const host = await moe.toHost({ scores: routed.scores, routingMap: multi.routingMap, keptMap: kept.routingMap, routedCounts, keptCounts, permuted: permutedGpu });
+  for (const t of [...Object.values(routed), ...Object.values(multi), kept.routingMap, kept.probs, routedCounts, keptCounts, ...Object.values(permutedGpu)]) if (t && typeof t.dispose === 'function') t.dispose();
+  return { T, E, scores: host.scores.data, routingMap: host.routingMap.data, keptMap: host.keptMap.data, routedPerExpert: host.routedCounts.data, keptPerExpert: host.keptCounts.data, capacity, permuted: host.permuted };
+}
+
+/** Whether two results of the pipeline hold the same bits. */
+function sameBits(a, b) {
+  const bytes = (v) => new Uint8Array(v.buffer, v.byteOffset, v.byteLength);
+  const eq = (x, y) => x.byteLength === y.byteLength && bytes(x).every((v, i) => v === bytes(y)[i]);
+  const p = (r) => [r.permuted.permutedTokens.data, r.permuted.permutedProbs.data, r.permuted.sortedIndices.data, r.permuted.tokensPerExpert.data];
+  return [a.scores, a.routingMap, a.keptMap, a.routedPerExpert, a.keptPerExpert, ...p(a)].every((x, i) => eq(x, [b.scores, b.routingMap, b.keptMap, b.routedPerExpert, b.keptPerExpert, ...p(b)][i])) && a.capacity === b.capacity;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -207,24 +245,32 @@ function drawPermuted(r) {
 // ---------------------------------------------------------------------------------------
 
 let moe;
+let wasm;
+let runs = 0;
 
-function run() {
+async function run() {
   const status = $('status');
+  const id = ++runs;
   document.body.dataset.state = 'busy';
   try {
     const rows = parseLogits($('logits').value);
+    const o = readOptions();
+    const onGpu = moe.name === 'webgpu' && !$('use-wasm').checked;
     const t0 = performance.now();
-    const r = computeRouting(moe, rows, readOptions());
+    const r = onGpu ? await computeRoutingGpu(moe, rows, o) : computeRouting(wasm, rows, o);
     const ms = performance.now() - t0;
+    const check = onGpu ? (sameBits(r, computeRouting(wasm, rows, o)) ? ' wasm gives the same bits.' : ' wasm gives DIFFERENT bits.') : '';
+    if (id !== runs) return; // a newer run started meanwhile
     drawHeatmap(r);
     drawLoads(r);
     drawPermuted(r);
     const routed = r.routedPerExpert.reduce((a, b) => a + b, 0);
     const kept = r.keptPerExpert.reduce((a, b) => a + b, 0);
     status.className = '';
-    status.textContent = `${r.T} tokens × ${r.E} experts: ${routed} routed, ${kept} kept, ${routed - kept} dropped${r.capacity !== null ? `, capacity ${r.capacity} per expert` : ''}; ${r.permuted.sortedIndices.data.length} permuted slots. Computed on ${moe.name} in ${ms.toFixed(1)} ms.`;
+    status.textContent = `${r.T} tokens × ${r.E} experts: ${routed} routed, ${kept} kept, ${routed - kept} dropped${r.capacity !== null ? `, capacity ${r.capacity} per expert` : ''}; ${r.permuted.sortedIndices.data.length} permuted slots. Computed on ${onGpu ? 'webgpu' : 'wasm'} in ${ms.toFixed(1)} ms.${check}`;
     document.body.dataset.state = 'ready';
   } catch (e) {
+    if (id !== runs) return;
     status.className = 'error';
     status.textContent = `${e.name}: ${e.message}`;
     document.body.dataset.state = 'error';
@@ -236,8 +282,11 @@ function generate() {
 }
 
 try {
-  moe = await createBackend({ prefer: 'wasm' });
-  $('backend').textContent = `backend: ${moe.name}, ${typeof WebAssembly !== 'undefined' ? 'WebAssembly' : '?'}`;
+  moe = await createBackend(); // webgpu where the page has an adapter, else wasm
+  wasm = moe.name === 'wasm' ? moe : await createBackend({ prefer: 'wasm' });
+  $('backend').textContent = moe.name === 'webgpu' ? `backend: webgpu, ${moe.adapter}; wasm beside it for comparison` : `backend: ${moe.name}, ${typeof WebAssembly !== 'undefined' ? 'WebAssembly' : '?'}`;
+  $('use-wasm-label').hidden = moe.name !== 'webgpu';
+  $('use-wasm').addEventListener('change', () => run());
 } catch (e) {
   $('status').className = 'error';
   $('status').textContent = `the wasm backend failed to load: ${e.message}`;
