@@ -520,7 +520,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
         const lm = c.meta(logits, 'logits', TOKENS);
         const sf = o.scoreFunction ?? 'softmax';
         const code = typeof sf === 'string' && Object.hasOwn(SCORE_FUNCTIONS, sf) ? SCORE_FUNCTIONS[sf] : undefined;
-        // sqrtsoftplus (its sqrt and ln_1p are not ported) and anything the core will reject: the host path
+        // an unknown score function (or a shape the shader does not take): the host path, for the core's error
         if (lm.shape.length !== 2 || code === undefined) return HOST;
         const bias = await c.optHost(o.expertBias, 'expertBias', ['float32']);
         const mask = await c.optHost(o.tokenMask, 'tokenMask', ['bool']);
@@ -747,7 +747,7 @@ async function activationSetup(c: OpCall, base: Backend, x: unknown, grad: unkno
   };
 }
 
-const SCORE_FUNCTIONS: Record<string, number> = { softmax: 0, sigmoid: 1, softmax_with_bias: 2, sigmoid_with_bias: 3 };
+const SCORE_FUNCTIONS: Record<string, number> = { softmax: 0, sigmoid: 1, softmax_with_bias: 2, sigmoid_with_bias: 3, sqrtsoftplus: 4 };
 const DTYPE_CODES: Record<string, number> = { float32: 0, bfloat16: 1, float16: 2 };
 
 /** Per-slot probabilities of unpermute as a buffer (undefined without probs). */

@@ -236,6 +236,39 @@ fn f_to_f32(a: vec2<u32>) -> u32 {
   return s | ((u32(e32 - 1) << 23u) + qq);
 }
 
+/** The correctly rounded square root (digit by digit on the significand). */
+fn f_sqrt(a: vec2<u32>) -> vec2<u32> {
+  if (f_isnan(a)) { return F64_QNAN; }
+  if (f_iszero(a)) { return a; }
+  if ((a.y & 0x80000000u) != 0u) { return F64_QNAN; }
+  if (f_isinf(a)) { return a; }
+  var e = i32(max(f_bexp(a), 1u));
+  var M = f_sig(a);
+  let l = u_clz(M) - 11u;
+  M = u_shl(M, l);
+  e = e - i32(l) - 1023;
+  if ((e & 1) != 0) { M = u_shl(M, 1u); e = e - 1; }
+  // X = M << 56 in four limbs; root = floor(sqrt(X)) has 55 bits
+  let lo = u_shl(M, 24u);
+  let hi = u_shr(M, 40u);
+  var X = array<u32, 4>(0u, lo.x, lo.y, hi.x);
+  var rem = vec2<u32>(0u, 0u);
+  var root = vec2<u32>(0u, 0u);
+  for (var i = 55; i >= 0; i = i - 1) {
+    let bit = u32(2 * i);
+    let two = (X[bit / 32u] >> (bit % 32u)) & 3u;
+    rem = u_shl(rem, 2u);
+    rem.x = rem.x | two;
+    let trial = u_shl(root, 2u);
+    let t1 = vec2<u32>(trial.x | 1u, trial.y);
+    root = u_shl(root, 1u);
+    if (!u_lt(rem, t1)) { rem = u_sub(rem, t1); root.x = root.x | 1u; }
+  }
+  var m = u_shl(root, 8u);
+  if (!u_zero(rem)) { m.x = m.x | 1u; }
+  return f_round_pack(0u, e / 2 + 1023, m);
+}
+
 fn f_pow2(e: i32) -> vec2<u32> { return vec2<u32>(0u, u32(e + 1023) << 20u); }
 fn f_scale(x: vec2<u32>, k: i32) -> vec2<u32> {
   // (x * a) * b, b = 1 (exact) in the common case: one pair of multiplications in the code
@@ -266,7 +299,7 @@ fn f_exp(x: vec2<u32>) -> vec2<u32> {
 }
 `;
 
-/** A test harness: `out[i] = op(a[i], b[i])` for op P[1] (0 add, 1 sub, 2 mul, 3 div, 4 floor, 5 to f32, 6 from f32, 7 exp). P = [n, op]. */
+/** A test harness: `out[i] = op(a[i], b[i])` for op P[1] (0 add, 1 sub, 2 mul, 3 div, 4 floor, 5 to f32, 6 from f32, 7 exp, 8 sqrt). P = [n, op]. */
 export const F64_CHECK = `
 @group(0) @binding(0) var<storage, read> P: array<u32>;
 @group(0) @binding(1) var<storage, read> a: array<vec2<u32>>;
@@ -287,6 +320,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     case 4u: { r = f_floor(x); }
     case 5u: { r = vec2<u32>(f_to_f32(x), 0u); }
     case 6u: { r = f_from_f32(x.x); }
+    case 8u: { r = f_sqrt(x); }
     default: { r = f_exp(x); }
   }
   out[i] = r;

@@ -2,14 +2,14 @@
  * route on the GPU: the core's `route_checked` (crates/moe-core/src/routing.rs) step for step,
  * one thread per token, its float64 steps in software float64 (f64.ts: the core's exp, and
  * IEEE add / multiply / divide) and its float32 steps (key = score + bias, group sums) in f32.
- * Score functions softmax, sigmoid, softmax_with_bias, sigmoid_with_bias (sqrtsoftplus runs on
- * wasm); groups, bias, softmaxBeforeTopk, normTopkProb, routeScale, tokenMask.
+ * Every score function (sqrtsoftplus with the core's ln_1p and a correctly rounded sqrt); groups, bias, softmaxBeforeTopk, normTopkProb, routeScale, tokenMask.
  *
  * P = [T, E, k, scoreFunction (0 softmax, 1 sigmoid, 2 softmax_with_bias, 3 sigmoid_with_bias),
  *      softmaxBeforeTopk, hasBias, numGroups, topkGroups, top2GroupScore, normalise, hasMask,
  *      routeScale lo, routeScale hi, logits dtype (0 f32, 1 bf16, 2 f16), scratch stride, 0,
  *      expertBias bits [E]...].
  */
+import { LN } from './aux-loss.js';
 import { F64, f64Literal } from './f64.js';
 import { CONVERT } from './shaders.js';
 
@@ -24,7 +24,15 @@ export const ROUTE = `
 @group(0) @binding(7) var<storage, read_write> flag: array<atomic<u32>>;
 ${CONVERT}
 ${F64}
+${LN}
 const EPS20 = ${f64Literal(1e-20)};
+const TWENTY = ${f64Literal(20)};
+/** The core's ln_1p (detmath.rs). */
+fn f_ln_1p(y: vec2<u32>) -> vec2<u32> {
+  let u = f_add(F64_ONE, y);
+  if (u.x == 0u && u.y == 0x3ff00000u) { return y; }
+  return f_mul(f_ln(u), f_div(y, f_sub(u, F64_ONE)));
+}
 const NEG_INF = 0xff800000u;
 
 fn logit_bits(i: u32) -> u32 {
@@ -66,12 +74,25 @@ fn body(t: u32) {
     let x = f_from_f32(logit_bits(row + e));
     var arg = f_neg(x);
     if (softmax) { arg = f_sub(x, m); }
+    if (sf == 4u) { arg = vec2<u32>(x.x, x.y | 0x80000000u); } // sqrtsoftplus: exp(-|x|)
     let ex = f_exp(arg);
     st64(base + 2u * e, ex);
     if (softmax) { sum = f_add(sum, ex); }
   }
   for (var e = 0u; e < E; e = e + 1u) {
     var num = ld64(base + 2u * e);
+    if (sf == 4u) {
+      // sqrt(softplus(x)); softplus is exactly x above 20 (torch's threshold)
+      let x = f_from_f32(logit_bits(row + e));
+      var sp = x;
+      if (!f_lt(TWENTY, x)) {
+        var pos = x;
+        if (f_lt(x, vec2<u32>(0u, 0u))) { pos = vec2<u32>(0u, 0u); }
+        sp = f_add(pos, f_ln_1p(num));
+      }
+      scores[row + e] = f_to_f32(f_sqrt(sp));
+      continue;
+    }
     var den = sum;
     if (!softmax) { den = f_add(F64_ONE, num); num = F64_ONE; }
     scores[row + e] = f_to_f32(f_div(num, den));
