@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/build.sh
 export PATH="$HOME/.cargo/bin:$PATH"
+bash scripts/lint.sh
 # the committed TypeScript declarations of the bindings match the op table
 bash scripts/check-generated.sh
 cargo test -p moe-core --quiet

@@ -10,7 +10,9 @@ use moe_core::{DType, Data, TensorRef};
 fn run(u: &mut Unstructured) -> arbitrary::Result<()> {
     let t = u.int_in_range(0..=10usize)?;
     let k = u.int_in_range(0..=4usize)?;
-    let indices: Vec<i32> = (0..t * k).map(|_| Ok(if u.arbitrary::<bool>()? { u.int_in_range(-2..=9)? } else { u.arbitrary()? })).collect::<arbitrary::Result<_>>()?;
+    let indices: Vec<i32> = (0..t * k)
+        .map(|_| Ok(if u.arbitrary::<bool>()? { u.int_in_range(-2..=9)? } else { u.arbitrary()? }))
+        .collect::<arbitrary::Result<_>>()?;
     let weights: Vec<f32> = (0..t * k).map(|i| i as f32).collect();
     let mask: Vec<u8> = (0..t).map(|_| u.int_in_range(0..=1u8)).collect::<Result<_, _>>()?;
     let num_local = if u.arbitrary::<bool>()? { u.int_in_range(0..=8usize)? } else { u.arbitrary::<u16>()? as usize }; // larger counts are valid but allocate that many outputs
@@ -20,7 +22,10 @@ fn run(u: &mut Unstructured) -> arbitrary::Result<()> {
     let w_t = TensorRef::of("weights", vec![t, k], &weights).unwrap();
     let m_t = TensorRef::new("tokenMask", DType::Bool, vec![t], &mask).unwrap();
     if let Ok(r) = grouped_mm_sort(&idx_t, &w_t, use_mask.then_some(&m_t), num_local, start) {
-        let (Data::I32(slots), Data::I32(per), Data::I32(offs)) = (&r.sorted_slot_ids.data, &r.tokens_per_expert.data, &r.offsets.data) else { panic!() };
+        let (Data::I32(slots), Data::I32(per), Data::I32(offs)) = (&r.sorted_slot_ids.data, &r.tokens_per_expert.data, &r.offsets.data)
+        else {
+            panic!()
+        };
         assert_eq!(per.len(), num_local);
         let mut acc = 0;
         for (c, o) in per.iter().zip(offs) {

@@ -10,7 +10,11 @@ use moe_core::{Data, TensorRef};
 
 fuzz_target!(|data: &[u8]| {
     let mut u = Unstructured::new(data);
-    let Ok((t, e, h)) = (|| Ok::<_, arbitrary::Error>((u.int_in_range(0..=12usize)?, u.int_in_range(0..=6usize)?, u.int_in_range(0..=3usize)?)))() else { return };
+    let Ok((t, e, h)) =
+        (|| Ok::<_, arbitrary::Error>((u.int_in_range(0..=12usize)?, u.int_in_range(0..=6usize)?, u.int_in_range(0..=3usize)?)))()
+    else {
+        return;
+    };
     let map: Vec<u8> = (0..t * e).map(|_| u.arbitrary::<u8>().unwrap_or(0) % 3).collect(); // 2 = a non-0/1 bool byte
     let tokens: Vec<f32> = (0..t * h).map(|i| i as f32 + 0.5).collect();
     let probs: Vec<f32> = (0..t * e).map(|_| f32::from_bits(u.arbitrary::<u32>().unwrap_or(0x3f80_0000))).collect();
@@ -35,7 +39,8 @@ fuzz_target!(|data: &[u8]| {
     let Data::F32(permuted) = &out.permuted_tokens.data else { panic!() };
     let sorted_t = TensorRef::of("sortedIndices", vec![n], sorted.as_slice()).unwrap();
     let permuted_t = TensorRef::of("permuted", vec![n, h], permuted.as_slice()).unwrap();
-    let merged = permute::unpermute(&permuted_t, &sorted_t, [t, h], None, None, UnpermuteOptions { drop_and_pad }).expect("unpermute of permute's own output");
+    let merged = permute::unpermute(&permuted_t, &sorted_t, [t, h], None, None, UnpermuteOptions { drop_and_pad })
+        .expect("unpermute of permute's own output");
     let Data::F32(m) = &merged.data else { panic!() };
     let mut copies = vec![0f32; t];
     for &s in sorted {

@@ -62,7 +62,15 @@ fn run(u: &mut Unstructured) -> arbitrary::Result<()> {
         let gw_t = TensorRef::of("gradWeights", vec![t, k], &gw).unwrap();
         let gs_t = TensorRef::of("gradScores", vec![t, e], &gs).unwrap();
         let backward = |indices: &TensorRef| {
-            routing::route_backward(&gw_t, &logits_t, indices, use_gs.then_some(&gs_t), use_bias.then_some(&bias_t), use_mask.then_some(&mask_t), options)
+            routing::route_backward(
+                &gw_t,
+                &logits_t,
+                indices,
+                use_gs.then_some(&gs_t),
+                use_bias.then_some(&bias_t),
+                use_mask.then_some(&mask_t),
+                options,
+            )
         };
         let idx_t = TensorRef::of("indices", vec![t, k], idx.as_slice()).unwrap();
         let g = backward(&idx_t).unwrap_or_else(|err| panic!("route_backward refuses route's own output: {err}"));

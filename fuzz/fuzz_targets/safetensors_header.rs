@@ -35,7 +35,14 @@ fn typed(e: &Error) {
 }
 
 fn experts<'a>(mk: &mut dyn FnMut() -> Option<Checkpoint<'a>>) {
-    let formats = [None, Some(ExpertFormat::Hf), Some(ExpertFormat::Mixtral), Some(ExpertFormat::GptOss), Some(ExpertFormat::HfFused), Some(ExpertFormat::Stacked)];
+    let formats = [
+        None,
+        Some(ExpertFormat::Hf),
+        Some(ExpertFormat::Mixtral),
+        Some(ExpertFormat::GptOss),
+        Some(ExpertFormat::HfFused),
+        Some(ExpertFormat::Stacked),
+    ];
     for (n, (experts, ep, rank)) in [(2usize, 1usize, 0usize), (4, 2, 1), (1, 1, 0)].into_iter().enumerate() {
         for kind in [ActivationKind::Swiglu, ActivationKind::Relu2, ActivationKind::QuickGeglu] {
             let Some(mut ck) = mk() else { return };
@@ -70,7 +77,11 @@ fuzz_target!(|data: &[u8]| {
         let index = &body[..split];
         let owned = framed(body.get(split + 1..).unwrap_or(&[]));
         let shard: &[u8] = &owned;
-        let opener = || -> Opener<'_> { Box::new(move |name: &str| Ok(if name.contains('b') { None } else { Some(Box::new(SliceSource::new(shard)) as Box<dyn ByteSource + '_>) })) };
+        let opener = || -> Opener<'_> {
+            Box::new(move |name: &str| {
+                Ok(if name.contains('b') { None } else { Some(Box::new(SliceSource::new(shard)) as Box<dyn ByteSource + '_>) })
+            })
+        };
         let Ok(mut ck) = Checkpoint::sharded(index, opener()) else { return };
         let names: Vec<String> = ck.names().take(3).map(str::to_string).collect();
         match ck.load(Some(&names)) {

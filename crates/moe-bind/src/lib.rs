@@ -168,7 +168,10 @@ impl<O: Obj> Kind<O> for Out {
 /// Runs an op body on caller-owned outputs, each named as errors should name it
 /// (`out.permutedTokens`): views them as [`TensorMut`]s (absent ones as None) for `f`, which
 /// checks them before writing, and commits each (wasm: copies it out) only when `f` succeeded.
-pub fn with_outs<B: OutBuf, R>(outs: &[(Option<&OutArg<'_, B>>, &'static str)], f: impl FnOnce(&mut [Option<TensorMut<'_>>]) -> Result<R>) -> Result<R> {
+pub fn with_outs<B: OutBuf, R>(
+    outs: &[(Option<&OutArg<'_, B>>, &'static str)],
+    f: impl FnOnce(&mut [Option<TensorMut<'_>>]) -> Result<R>,
+) -> Result<R> {
     let mut guards: Vec<Option<std::cell::RefMut<'_, B>>> = outs.iter().map(|(o, _)| o.map(|o| o.0.data.borrow_mut())).collect();
     let r = {
         let mut views = Vec::with_capacity(outs.len());
@@ -346,14 +349,26 @@ impl<O: Obj> Kind<O> for Source {
     fn read(o: &O, key: &str) -> Result<Option<SourceHeld<O>>> {
         let Some(s) = o.object(key)? else { return Ok(None) };
         let shards = match s.object("shards")? {
-            Some(sh) => Some(sh.keys()?.into_iter().map(|k| Ok((sh.blob(&k)?.ok_or_else(|| Error::type_error(format!("source.shards['{k}']"), "a Uint8Array", "undefined"))?, k))).collect::<Result<Vec<_>>>()?),
+            Some(sh) => Some(
+                sh.keys()?
+                    .into_iter()
+                    .map(|k| {
+                        Ok((
+                            sh.blob(&k)?.ok_or_else(|| Error::type_error(format!("source.shards['{k}']"), "a Uint8Array", "undefined"))?,
+                            k,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            ),
             None => None,
         };
         Ok(Some(match (s.string("path")?, s.blob("bytes")?, s.bytes("index")?) {
             (Some(p), None, None) => SourceHeld::Path(p),
             (None, Some(b), None) => SourceHeld::Bytes(b),
             (None, None, Some(i)) => SourceHeld::Sharded(i, shards.unwrap_or_default().into_iter().map(|(b, k)| (k, b)).collect()),
-            _ => return Err(Error::type_error("source", "a path, one file's bytes, or { index, shards } (exactly one)", "several or none")),
+            _ => {
+                return Err(Error::type_error("source", "a path, one file's bytes, or { index, shards } (exactly one)", "several or none"))
+            }
         }))
     }
     fn core<'h>(held: &'h SourceHeld<O>, _: &'static str) -> Result<Checkpoint<'h>>
@@ -364,7 +379,8 @@ impl<O: Obj> Kind<O> for Source {
             SourceHeld::Path(p) => O::open_path(p),
             SourceHeld::Bytes(b) => Checkpoint::single("", O::source(b)?),
             SourceHeld::Sharded(index, shards) => {
-                let opener: Opener = Box::new(move |file: &str| shards.iter().find(|(n, _)| n == file).map(|(_, b)| O::source(b)).transpose());
+                let opener: Opener =
+                    Box::new(move |file: &str| shards.iter().find(|(n, _)| n == file).map(|(_, b)| O::source(b)).transpose());
                 Checkpoint::sharded(index.as_ref(), opener)
             }
         }
@@ -453,7 +469,10 @@ pub struct Decl {
 }
 
 fn field_list(fields: &[(&str, bool, String)]) -> String {
-    let parts: Vec<String> = fields.iter().map(|(k, opt, ts)| if k.is_empty() { ts.clone() } else { format!("{k}{}: {ts}", if *opt { "?" } else { "" }) }).collect();
+    let parts: Vec<String> = fields
+        .iter()
+        .map(|(k, opt, ts)| if k.is_empty() { ts.clone() } else { format!("{k}{}: {ts}", if *opt { "?" } else { "" }) })
+        .collect();
     parts.join("; ")
 }
 

@@ -104,7 +104,11 @@ fn range(r: sharding::ExpertRange) -> ExpertRange {
 }
 
 fn placed(p: CorePlaced) -> Placed {
-    Placed { axisNames: p.mesh.iter().map(|a| a.name.clone()).collect(), axisSizes: p.mesh.iter().map(|a| a.size).collect(), placements: p.placements.iter().map(|p| p.name()).collect() }
+    Placed {
+        axisNames: p.mesh.iter().map(|a| a.name.clone()).collect(),
+        axisSizes: p.mesh.iter().map(|a| a.size).collect(),
+        placements: p.placements.iter().map(|p| p.name()).collect(),
+    }
 }
 
 fn loaded(l: checkpoint::LoadedExperts) -> LoadedExperts {

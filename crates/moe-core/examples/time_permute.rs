@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use moe_core::permute::{permute, unpermute, PermuteOptions, UnpermuteOptions};
-use moe_core::{Data, DType, TensorRef};
+use moe_core::{DType, Data, TensorRef};
 
 fn main() {
     let (t, h, e, k) = (4096usize, 1024usize, 64usize, 4usize);

@@ -52,8 +52,13 @@ enum Layout {
 }
 
 impl ActivationKind {
-    pub const ALL: [ActivationKind; 5] =
-        [ActivationKind::Swiglu, ActivationKind::QuickGeglu, ActivationKind::SwigluOai, ActivationKind::SwigluClamped, ActivationKind::Relu2];
+    pub const ALL: [ActivationKind; 5] = [
+        ActivationKind::Swiglu,
+        ActivationKind::QuickGeglu,
+        ActivationKind::SwigluOai,
+        ActivationKind::SwigluClamped,
+        ActivationKind::Relu2,
+    ];
 
     /// The JavaScript name.
     pub fn name(self) -> &'static str {
@@ -145,7 +150,11 @@ impl ActivationOptions {
         let read = |arg: &'static str, value: Option<f64>, takes: bool| -> Result<Option<f32>> {
             let Some(v) = value else { return Ok(None) };
             if !takes {
-                return Err(Error::type_error(arg, format!("no {arg} with kind '{}' (only {} take it)", kind.name(), users(arg)), js_number(v)));
+                return Err(Error::type_error(
+                    arg,
+                    format!("no {arg} with kind '{}' (only {} take it)", kind.name(), users(arg)),
+                    js_number(v),
+                ));
             }
             let v32 = v as f32;
             if !v32.is_finite() {
@@ -158,7 +167,10 @@ impl ActivationOptions {
         }
         if let Some(l) = read("limit", limit, kind.takes_limit())? {
             if l.is_nan() || l <= 0.0 {
-                return Err(Error::range("limit", format!("expected a positive number (the clamp bound), got {}", js_number(limit.unwrap_or(f64::NAN)))));
+                return Err(Error::range(
+                    "limit",
+                    format!("expected a positive number (the clamp bound), got {}", js_number(limit.unwrap_or(f64::NAN))),
+                ));
             }
             options.limit = l;
         }
@@ -344,18 +356,24 @@ fn forward<T: Float>(x: &TensorRef, probs: Option<&[f32]>, o: &ActivationOptions
     let layout = o.kind.layout();
     let work = rows * (width + inter) * std::mem::size_of::<T>();
     let out = filled_vec(rows * inter, |out| {
-        for_each_row(out, inter, work, || (), |_, r, row| {
-            let xr = &src[r * width..(r + 1) * width];
-            let p = probs.map(|p| p[r]);
-            for (j, slot) in row.iter_mut().enumerate() {
-                let (gate, up) = pair(layout, xr, inter, j);
-                let a = unit(o, gate, up);
-                slot.write(T::from_f32(match p {
-                    Some(p) => a * p,
-                    None => a,
-                }));
-            }
-        })
+        for_each_row(
+            out,
+            inter,
+            work,
+            || (),
+            |_, r, row| {
+                let xr = &src[r * width..(r + 1) * width];
+                let p = probs.map(|p| p[r]);
+                for (j, slot) in row.iter_mut().enumerate() {
+                    let (gate, up) = pair(layout, xr, inter, j);
+                    let a = unit(o, gate, up);
+                    slot.write(T::from_f32(match p {
+                        Some(p) => a * p,
+                        None => a,
+                    }));
+                }
+            },
+        )
     });
     Ok(Tensor::from_elements(vec![rows, inter], out))
 }
@@ -372,12 +390,21 @@ pub struct ActivationGrads {
 
 /// Backward of [`activation`]: `grad [N, I]` (the dtype of `x`) to the gradients of `x` and,
 /// when `probs` is given, of the probs.
-pub fn activation_backward(grad: &TensorRef, x: &TensorRef, probs: Option<&TensorRef>, options: &ActivationOptions) -> Result<ActivationGrads> {
+pub fn activation_backward(
+    grad: &TensorRef,
+    x: &TensorRef,
+    probs: Option<&TensorRef>,
+    options: &ActivationOptions,
+) -> Result<ActivationGrads> {
     let dims = check_input(x, options.kind)?;
     grad.expect_rank(2, "[numRows, inter]")?;
     grad.expect_shape(&[dims.rows, dims.inter], "([numRows, inter]: the shape of the forward output)")?;
     if grad.dtype != x.dtype {
-        return Err(Error::type_error(format!("{}.dtype", grad.name), format!("{} (the dtype of {})", x.dtype.name(), x.name), grad.dtype.name()));
+        return Err(Error::type_error(
+            format!("{}.dtype", grad.name),
+            format!("{} (the dtype of {})", x.dtype.name(), x.name),
+            grad.dtype.name(),
+        ));
     }
     let p = check_probs(probs, dims.rows)?;
     let grad_probs_shape = probs.map(|p| p.shape.clone());
@@ -390,53 +417,71 @@ pub fn activation_backward(grad: &TensorRef, x: &TensorRef, probs: Option<&Tenso
     Ok(ActivationGrads { grad_input, grad_probs: grad_probs.zip(grad_probs_shape).map(|(data, shape)| Tensor::f32(shape, data)) })
 }
 
-fn backward<T: Float>(grad: &TensorRef, x: &TensorRef, probs: Option<&[f32]>, o: &ActivationOptions, dims: &Dims) -> Result<(Tensor, Option<Vec<f32>>)> {
+fn backward<T: Float>(
+    grad: &TensorRef,
+    x: &TensorRef,
+    probs: Option<&[f32]>,
+    o: &ActivationOptions,
+    dims: &Dims,
+) -> Result<(Tensor, Option<Vec<f32>>)> {
     let src = x.typed::<T>()?;
     let g = grad.typed::<T>()?;
     let Dims { rows, width, inter } = *dims;
     let layout = o.kind.layout();
     let work = rows * (2 * width + inter) * std::mem::size_of::<T>();
     let grad_input = filled_vec(rows * width, |out| {
-        for_each_row(out, width, work, || (), |_, r, row| {
-            let xr = &src[r * width..(r + 1) * width];
-            let gr = &g[r * inter..(r + 1) * inter];
-            let p = probs.map(|p| p[r]);
-            for (j, &gj) in gr.iter().enumerate() {
-                let (gate, up) = pair(layout, xr, inter, j);
-                let gw = match p {
-                    Some(p) => gj.to_f32() * p,
-                    None => gj.to_f32(),
-                };
-                let (d_gate, d_up) = unit_grad(o, gate, up, gw);
-                match layout {
-                    Layout::Halves => {
-                        row[j].write(T::from_f32(d_gate));
-                        row[inter + j].write(T::from_f32(d_up));
-                    }
-                    Layout::Interleaved => {
-                        row[2 * j].write(T::from_f32(d_gate));
-                        row[2 * j + 1].write(T::from_f32(d_up));
-                    }
-                    Layout::Single => {
-                        row[j].write(T::from_f32(d_gate));
+        for_each_row(
+            out,
+            width,
+            work,
+            || (),
+            |_, r, row| {
+                let xr = &src[r * width..(r + 1) * width];
+                let gr = &g[r * inter..(r + 1) * inter];
+                let p = probs.map(|p| p[r]);
+                for (j, &gj) in gr.iter().enumerate() {
+                    let (gate, up) = pair(layout, xr, inter, j);
+                    let gw = match p {
+                        Some(p) => gj.to_f32() * p,
+                        None => gj.to_f32(),
+                    };
+                    let (d_gate, d_up) = unit_grad(o, gate, up, gw);
+                    match layout {
+                        Layout::Halves => {
+                            row[j].write(T::from_f32(d_gate));
+                            row[inter + j].write(T::from_f32(d_up));
+                        }
+                        Layout::Interleaved => {
+                            row[2 * j].write(T::from_f32(d_gate));
+                            row[2 * j + 1].write(T::from_f32(d_up));
+                        }
+                        Layout::Single => {
+                            row[j].write(T::from_f32(d_gate));
+                        }
                     }
                 }
-            }
-        })
+            },
+        )
     });
     let grad_probs = probs.map(|_| {
         let work = rows * (width + inter) * std::mem::size_of::<T>();
         filled_vec(rows, |out| {
-            for_each_row(out, 1, work, || (), |_, r, cell| {
-                let xr = &src[r * width..(r + 1) * width];
-                let gr = &g[r * inter..(r + 1) * inter];
-                let mut sum = 0f64;
-                for (j, &gj) in gr.iter().enumerate() {
-                    let (gate, up) = pair(layout, xr, inter, j);
-                    sum += (unit(o, gate, up) * gj.to_f32()) as f64;
-                }
-                cell[0].write(sum as f32);
-            })
+            for_each_row(
+                out,
+                1,
+                work,
+                || (),
+                |_, r, cell| {
+                    let xr = &src[r * width..(r + 1) * width];
+                    let gr = &g[r * inter..(r + 1) * inter];
+                    let mut sum = 0f64;
+                    for (j, &gj) in gr.iter().enumerate() {
+                        let (gate, up) = pair(layout, xr, inter, j);
+                        sum += (unit(o, gate, up) * gj.to_f32()) as f64;
+                    }
+                    cell[0].write(sum as f32);
+                },
+            )
         })
     });
     Ok((Tensor::from_elements(vec![rows, width], grad_input), grad_probs))

@@ -111,7 +111,12 @@ fn switch_factor(options: &SwitchLossOptions, num_experts: usize, valid_rows: us
 /// Switch Transformer load-balancing loss on router probabilities `probs [T, E]`:
 /// `loss = E * coeff / (k * N^2) * sum_e (sum_t probs[t, e]) * tokensPerExpert[e]`,
 /// and `grad[t, e] = E * coeff / (k * N^2) * tokensPerExpert[e]` (0 for masked rows).
-pub fn switch_load_balancing_loss(probs: &TensorRef, tokens_per_expert: &TensorRef, token_mask: Option<&TensorRef>, options: SwitchLossOptions) -> Result<Loss> {
+pub fn switch_load_balancing_loss(
+    probs: &TensorRef,
+    tokens_per_expert: &TensorRef,
+    token_mask: Option<&TensorRef>,
+    options: SwitchLossOptions,
+) -> Result<Loss> {
     let (rows, cols, p) = matrix(probs)?;
     let c = counts(tokens_per_expert, cols)?;
     let (mask, valid_rows) = row_mask(token_mask, rows)?;
@@ -123,11 +128,17 @@ pub fn switch_load_balancing_loss(probs: &TensorRef, tokens_per_expert: &TensorR
     }
     let g: Vec<f32> = c.iter().map(|&n| (n * factor) as f32).collect();
     let mut grad = vec![0f32; rows * cols];
-    for_each_row(&mut grad, cols, rows.saturating_mul(cols).saturating_mul(4), || (), |_, t, out| {
-        if valid(mask, t) {
-            out.copy_from_slice(&g);
-        }
-    });
+    for_each_row(
+        &mut grad,
+        cols,
+        rows.saturating_mul(cols).saturating_mul(4),
+        || (),
+        |_, t, out| {
+            if valid(mask, t) {
+                out.copy_from_slice(&g);
+            }
+        },
+    );
     Ok(Loss { loss: total * factor, grad: Tensor::f32(vec![rows, cols], grad) })
 }
 
@@ -155,18 +166,29 @@ fn row_stats(row: &[f32], weights: Option<&[f64]>) -> RowStats {
 
 fn all_row_stats(x: &[f32], rows: usize, cols: usize, mask: Option<&[u8]>, weights: Option<&[f64]>) -> Vec<RowStats> {
     let mut stats = vec![RowStats::default(); rows];
-    for_each_row(&mut stats, 1, rows.saturating_mul(cols).saturating_mul(8), || (), |_, t, out| {
-        if valid(mask, t) {
-            out[0] = row_stats(&x[t * cols..(t + 1) * cols], weights);
-        }
-    });
+    for_each_row(
+        &mut stats,
+        1,
+        rows.saturating_mul(cols).saturating_mul(8),
+        || (),
+        |_, t, out| {
+            if valid(mask, t) {
+                out[0] = row_stats(&x[t * cols..(t + 1) * cols], weights);
+            }
+        },
+    );
     stats
 }
 
 /// The Switch loss of `probs = softmax(logits)` and its gradient with respect to the logits:
 /// with `g_e = E * coeff / (k * N^2) * tokensPerExpert[e]` (the probs gradient),
 /// `grad[t, i] = p_ti * (g_i - sum_j p_tj g_j)`. The softmax is computed in f64.
-pub fn switch_load_balancing_loss_from_logits(logits: &TensorRef, tokens_per_expert: &TensorRef, token_mask: Option<&TensorRef>, options: SwitchLossOptions) -> Result<Loss> {
+pub fn switch_load_balancing_loss_from_logits(
+    logits: &TensorRef,
+    tokens_per_expert: &TensorRef,
+    token_mask: Option<&TensorRef>,
+    options: SwitchLossOptions,
+) -> Result<Loss> {
     let (rows, cols, x) = matrix(logits)?;
     let c = counts(tokens_per_expert, cols)?;
     let (mask, valid_rows) = row_mask(token_mask, rows)?;
@@ -175,17 +197,23 @@ pub fn switch_load_balancing_loss_from_logits(logits: &TensorRef, tokens_per_exp
     // sum_t sum_e p_te * count_e, in token order.
     let total: f64 = (0..rows).filter(|&t| valid(mask, t)).map(|t| stats[t].weighted / stats[t].sum).sum();
     let mut grad = vec![0f32; rows * cols];
-    for_each_row(&mut grad, cols, rows.saturating_mul(cols).saturating_mul(8), || (), |_, t, out| {
-        if !valid(mask, t) {
-            return;
-        }
-        let s = stats[t];
-        let mean_g = s.weighted / s.sum * factor;
-        for ((o, &v), &n) in out.iter_mut().zip(&x[t * cols..(t + 1) * cols]).zip(&c) {
-            let p = exp(v as f64 - s.max) / s.sum;
-            *o = (p * (n * factor - mean_g)) as f32;
-        }
-    });
+    for_each_row(
+        &mut grad,
+        cols,
+        rows.saturating_mul(cols).saturating_mul(8),
+        || (),
+        |_, t, out| {
+            if !valid(mask, t) {
+                return;
+            }
+            let s = stats[t];
+            let mean_g = s.weighted / s.sum * factor;
+            for ((o, &v), &n) in out.iter_mut().zip(&x[t * cols..(t + 1) * cols]).zip(&c) {
+                let p = exp(v as f64 - s.max) / s.sum;
+                *o = (p * (n * factor - mean_g)) as f32;
+            }
+        },
+    );
     Ok(Loss { loss: total * factor, grad: Tensor::f32(vec![rows, cols], grad) })
 }
 
@@ -200,16 +228,22 @@ pub fn z_loss(logits: &TensorRef, token_mask: Option<&TensorRef>, coeff: f64) ->
     let lse = |s: &RowStats| s.max + ln(s.sum);
     let total: f64 = (0..rows).filter(|&t| valid(mask, t)).map(|t| lse(&stats[t]).powi(2)).sum();
     let mut grad = vec![0f32; rows * cols];
-    for_each_row(&mut grad, cols, rows.saturating_mul(cols).saturating_mul(8), || (), |_, t, out| {
-        if !valid(mask, t) {
-            return;
-        }
-        let s = stats[t];
-        let scale = 2.0 * coeff / n * lse(&s) / s.sum;
-        for (o, &v) in out.iter_mut().zip(&x[t * cols..(t + 1) * cols]) {
-            *o = (scale * exp(v as f64 - s.max)) as f32;
-        }
-    });
+    for_each_row(
+        &mut grad,
+        cols,
+        rows.saturating_mul(cols).saturating_mul(8),
+        || (),
+        |_, t, out| {
+            if !valid(mask, t) {
+                return;
+            }
+            let s = stats[t];
+            let scale = 2.0 * coeff / n * lse(&s) / s.sum;
+            for (o, &v) in out.iter_mut().zip(&x[t * cols..(t + 1) * cols]) {
+                *o = (scale * exp(v as f64 - s.max)) as f32;
+            }
+        },
+    );
     Ok(Loss { loss: coeff * total / n, grad: Tensor::f32(vec![rows, cols], grad) })
 }
 
@@ -337,7 +371,11 @@ mod tests {
         check(switch_load_balancing_loss(&p, &c, None, opts(0, 1.0)), "topk:", ErrorKind::RangeError);
         check(switch_load_balancing_loss(&p, &c, None, opts(1, -1.0)), "coeff:", ErrorKind::RangeError);
         check(switch_load_balancing_loss(&p, &c, None, opts(1, f64::INFINITY)), "coeff:", ErrorKind::RangeError);
-        check(switch_load_balancing_loss(&p, &c, None, SwitchLossOptions { num_tokens: Some(0), ..opts(1, 1.0) }), "numTokens:", ErrorKind::RangeError);
+        check(
+            switch_load_balancing_loss(&p, &c, None, SwitchLossOptions { num_tokens: Some(0), ..opts(1, 1.0) }),
+            "numTokens:",
+            ErrorKind::RangeError,
+        );
         let bad = [1i32, -1, 0, 0];
         let bad = TensorRef::of("tokensPerExpert", vec![4], &bad).unwrap();
         check(switch_load_balancing_loss(&p, &bad, None, opts(1, 1.0)), "tokensPerExpert: tokensPerExpert[1] = -1", ErrorKind::RangeError);

@@ -28,7 +28,9 @@ pub fn get_capacity(num_tokens: usize, num_experts: usize, capacity_factor: f64,
     if capacity > MAX_SAFE {
         return Err(Error::range(
             "capacityFactor",
-            format!("{capacity_factor} gives a capacity of {capacity}, beyond 2^53 - 1 (numTokens = {num_tokens}, numExperts = {num_experts})"),
+            format!(
+                "{capacity_factor} gives a capacity of {capacity}, beyond 2^53 - 1 (numTokens = {num_tokens}, numExperts = {num_experts})"
+            ),
         ));
     }
     // `capacity` is a non-negative integer (or -0) no larger than 2^53 - 1, so the cast is exact.
@@ -152,11 +154,8 @@ pub fn drop_tokens(probs: &TensorRef, routing_map: &TensorRef, options: DropOpti
             }
         }
     }
-    let final_map: Vec<u8> = if options.pad_to_capacity {
-        mask
-    } else {
-        map.iter().zip(&mask).map(|(&m, &c)| (m != 0 && c != 0) as u8).collect()
-    };
+    let final_map: Vec<u8> =
+        if options.pad_to_capacity { mask } else { map.iter().zip(&mask).map(|(&m, &c)| (m != 0 && c != 0) as u8).collect() };
     let final_probs = p.iter().zip(&final_map).map(|(&x, &m)| if m != 0 { x } else { times_zero(x) }).collect();
     Ok(Dropped {
         routing_map: Tensor::bool(vec![num_tokens, num_experts], final_map),

@@ -162,7 +162,8 @@ impl Entry {
 
     /// The dtype, or a TypeError naming the tensor when moe-dispatch cannot return it.
     pub fn loadable_dtype(&self) -> Result<DType> {
-        self.dtype.ok_or_else(|| Error::type_error(format!("{}.dtype", self.name), "F32, BF16, F16, I32, I64 or BOOL", self.st_dtype.clone()))
+        self.dtype
+            .ok_or_else(|| Error::type_error(format!("{}.dtype", self.name), "F32, BF16, F16, I32, I64 or BOOL", self.st_dtype.clone()))
     }
 }
 
@@ -232,7 +233,10 @@ pub fn read_header<S: ByteSource + ?Sized>(src: &mut S) -> Result<Header> {
     let data_start = 8 + n;
     let data_len = meta.data_len() as u64;
     if data_start + data_len > total {
-        return Err(Error::range("checkpoint", format!("truncated: the header describes {data_len} bytes of data after byte {data_start}, the checkpoint has {total} bytes")));
+        return Err(Error::range(
+            "checkpoint",
+            format!("truncated: the header describes {data_len} bytes of data after byte {data_start}, the checkpoint has {total} bytes"),
+        ));
     }
     let infos: HashMap<String, &TensorInfo> = meta.tensors().into_iter().collect();
     let mut tensors = Vec::with_capacity(infos.len());
@@ -416,8 +420,10 @@ pub fn save(tensors: &[(String, TensorRef)], metadata: &[(String, String)]) -> R
 
 /// [`save`] for owned tensors.
 pub fn save_owned(tensors: &[(String, Tensor)], metadata: &[(String, String)]) -> Result<Vec<u8>> {
-    let refs: Vec<(String, TensorRef)> =
-        tensors.iter().map(|(n, t)| Ok((n.clone(), TensorRef::new("tensor", t.dtype, t.shape.clone(), tensor_bytes(t))?))).collect::<Result<_>>()?;
+    let refs: Vec<(String, TensorRef)> = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), TensorRef::new("tensor", t.dtype, t.shape.clone(), tensor_bytes(t))?)))
+        .collect::<Result<_>>()?;
     save(&refs, metadata)
 }
 
@@ -512,7 +518,12 @@ mod tests {
 
     #[test]
     fn nearest_names_share_the_longest_prefix() {
-        let all = ["model.layers.0.mlp.gate.weight", "model.layers.0.mlp.experts.0.up_proj.weight", "model.layers.0.mlp.experts.1.up_proj.weight", "lm_head.weight"];
+        let all = [
+            "model.layers.0.mlp.gate.weight",
+            "model.layers.0.mlp.experts.0.up_proj.weight",
+            "model.layers.0.mlp.experts.1.up_proj.weight",
+            "lm_head.weight",
+        ];
         let (near, total) = nearest("model.layers.0.mlp.experts.7.up_proj.weight", all.iter().copied(), 10);
         assert_eq!((near, total), (vec!["model.layers.0.mlp.experts.0.up_proj.weight", "model.layers.0.mlp.experts.1.up_proj.weight"], 2));
         let (near, total) = nearest("model.layers.0.mlp.router.weight", all.iter().copied(), 2);

@@ -89,10 +89,16 @@ impl Chunks {
 fn gather<T: Copy + Send + Sync>(src: &[T], hidden: usize, rows: &[usize]) -> Vec<T> {
     let work = 2 * rows.len() * hidden * std::mem::size_of::<T>();
     filled_vec(rows.len() * hidden, |out| {
-        for_each_row(out, hidden, work, || (), |_, i, row| {
-            let r = rows[i];
-            write_slice(row, &src[r * hidden..(r + 1) * hidden]);
-        })
+        for_each_row(
+            out,
+            hidden,
+            work,
+            || (),
+            |_, i, row| {
+                let r = rows[i];
+                write_slice(row, &src[r * hidden..(r + 1) * hidden]);
+            },
+        )
     })
 }
 
@@ -128,7 +134,12 @@ fn check_rows(x: &TensorRef, probs: Option<&TensorRef>, probs_what: &str) -> Res
 /// Splits `input [N, H]` into consecutive chunks of `splitSizes [C]` rows and outputs chunk
 /// `sortedIdxs[0]`, then `sortedIdxs[1]`, ... `sortedIdxs` must be a permutation of
 /// `0..C` and the sizes must add up to `N`. `probs [N]` move with their rows.
-pub fn sort_chunks_by_index(input: &TensorRef, split_sizes: &TensorRef, sorted_idxs: &TensorRef, probs: Option<&TensorRef>) -> Result<SortedChunks> {
+pub fn sort_chunks_by_index(
+    input: &TensorRef,
+    split_sizes: &TensorRef,
+    sorted_idxs: &TensorRef,
+    probs: Option<&TensorRef>,
+) -> Result<SortedChunks> {
     let n = check_rows(input, probs, "([numRows], one per row of input)")?;
     let layout = chunks(split_sizes, sorted_idxs, n, "input")?;
     apply(input, probs, &layout.forward_rows())

@@ -510,7 +510,17 @@ mod tests {
 
     /// Plain float64 reference of one expert row.
     #[allow(clippy::too_many_arguments)]
-    fn reference(x: &[f32], counts: &[i32], w1: &[f32], w2: &[f32], p: &[f32], b1: &[f32], b2: &[f32], dim: usize, inter: usize) -> Vec<f64> {
+    fn reference(
+        x: &[f32],
+        counts: &[i32],
+        w1: &[f32],
+        w2: &[f32],
+        p: &[f32],
+        b1: &[f32],
+        b2: &[f32],
+        dim: usize,
+        inter: usize,
+    ) -> Vec<f64> {
         let width = 2 * inter;
         let mut out = vec![0f64; x.len()];
         let mut row = 0;
@@ -518,11 +528,14 @@ mod tests {
             for _ in 0..c {
                 let xr = &x[row * dim..(row + 1) * dim];
                 let h: Vec<f64> = (0..width)
-                    .map(|j| (0..dim).map(|k| xr[k] as f64 * w1[e * dim * width + k * width + j] as f64).sum::<f64>() + b1[e * width + j] as f64)
+                    .map(|j| {
+                        (0..dim).map(|k| xr[k] as f64 * w1[e * dim * width + k * width + j] as f64).sum::<f64>() + b1[e * width + j] as f64
+                    })
                     .collect();
                 let a: Vec<f64> = (0..inter).map(|j| h[j] / (1.0 + (-h[j]).exp()) * h[inter + j] * p[row] as f64).collect();
                 for k in 0..dim {
-                    out[row * dim + k] = (0..inter).map(|j| a[j] * w2[e * inter * dim + j * dim + k] as f64).sum::<f64>() + b2[e * dim + k] as f64 * p[row] as f64;
+                    out[row * dim + k] = (0..inter).map(|j| a[j] * w2[e * inter * dim + j * dim + k] as f64).sum::<f64>()
+                        + b2[e * dim + k] as f64 * p[row] as f64;
                 }
                 row += 1;
             }
@@ -545,9 +558,11 @@ mod tests {
         // a^T stored as [k, m], b^T stored as [n, k].
         let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
         let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
-        let out2 = matmul(&TensorRef::of("a", vec![k, m], &at).unwrap(), &TensorRef::of("b", vec![n, k], &bt).unwrap(), true, true).unwrap();
+        let out2 =
+            matmul(&TensorRef::of("a", vec![k, m], &at).unwrap(), &TensorRef::of("b", vec![n, k], &bt).unwrap(), true, true).unwrap();
         assert_eq!(f32s(&out2), f32s(&out), "transposed views give the same bits");
-        let err = matmul(&TensorRef::of("a", vec![m, k], &a).unwrap(), &TensorRef::of("b", vec![n, k], &bt).unwrap(), false, false).unwrap_err();
+        let err =
+            matmul(&TensorRef::of("a", vec![m, k], &a).unwrap(), &TensorRef::of("b", vec![n, k], &bt).unwrap(), false, false).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::RangeError);
         assert!(err.to_string().starts_with("b.shape: the inner dimensions differ"), "{err}");
     }
@@ -565,11 +580,24 @@ mod tests {
         let p = rand(n, &mut s, 1.0);
         let b1 = rand(e * 2 * inter, &mut s, 0.3);
         let b2 = rand(e * dim, &mut s, 0.3);
-        let (xr, cr) = (TensorRef::of("permutedTokens", vec![n, dim], &x).unwrap(), TensorRef::of("tokensPerExpert", vec![e], &counts).unwrap());
-        let (w1r, w2r) = (TensorRef::of("gateAndUpProjs", vec![e, dim, 2 * inter], &w1).unwrap(), TensorRef::of("downProjs", vec![e, inter, dim], &w2).unwrap());
+        let (xr, cr) =
+            (TensorRef::of("permutedTokens", vec![n, dim], &x).unwrap(), TensorRef::of("tokensPerExpert", vec![e], &counts).unwrap());
+        let (w1r, w2r) = (
+            TensorRef::of("gateAndUpProjs", vec![e, dim, 2 * inter], &w1).unwrap(),
+            TensorRef::of("downProjs", vec![e, inter, dim], &w2).unwrap(),
+        );
         let pr = TensorRef::of("permutedProbs", vec![n], &p).unwrap();
-        let (b1r, b2r) = (TensorRef::of("gateUpProjBias", vec![e, 2 * inter], &b1).unwrap(), TensorRef::of("downProjBias", vec![e, dim], &b2).unwrap());
-        let inp = ExpertsInputs { tokens: xr.clone(), tokens_per_expert: cr.clone(), gate_and_up: w1r.clone(), down: w2r.clone(), probs: Some(pr.clone()), gate_up_bias: Some(b1r.clone()), down_bias: Some(b2r.clone()) };
+        let (b1r, b2r) =
+            (TensorRef::of("gateUpProjBias", vec![e, 2 * inter], &b1).unwrap(), TensorRef::of("downProjBias", vec![e, dim], &b2).unwrap());
+        let inp = ExpertsInputs {
+            tokens: xr.clone(),
+            tokens_per_expert: cr.clone(),
+            gate_and_up: w1r.clone(),
+            down: w2r.clone(),
+            probs: Some(pr.clone()),
+            gate_up_bias: Some(b1r.clone()),
+            down_bias: Some(b2r.clone()),
+        };
         let act = ActivationOptions::new(ActivationKind::Swiglu);
         let out = experts_forward(&inp, &act).unwrap();
         let want = reference(&x, &counts, &w1, &w2, &p, &b1, &b2, dim, inter);
@@ -597,17 +625,41 @@ mod tests {
         let act = ActivationOptions::new(ActivationKind::Swiglu);
         let bad = [1i32, 2];
         let cr = TensorRef::of("tokensPerExpert", vec![2], &bad).unwrap();
-        let inp = ExpertsInputs { tokens: xr.clone(), tokens_per_expert: cr.clone(), gate_and_up: w1r.clone(), down: w2r.clone(), probs: None, gate_up_bias: None, down_bias: None };
+        let inp = ExpertsInputs {
+            tokens: xr.clone(),
+            tokens_per_expert: cr.clone(),
+            gate_and_up: w1r.clone(),
+            down: w2r.clone(),
+            probs: None,
+            gate_up_bias: None,
+            down_bias: None,
+        };
         let err = experts_forward(&inp, &act).unwrap_err();
         assert!(err.to_string().starts_with("tokensPerExpert: the counts add up to more than 2"), "{err}");
         let good = [1i32, 1];
         let cr = TensorRef::of("tokensPerExpert", vec![2], &good).unwrap();
         let w2bad = TensorRef::of("downProjs", vec![2, 4, 3], &w2).unwrap();
-        let inp = ExpertsInputs { tokens: xr.clone(), tokens_per_expert: cr.clone(), gate_and_up: w1r.clone(), down: w2bad.clone(), probs: None, gate_up_bias: None, down_bias: None };
+        let inp = ExpertsInputs {
+            tokens: xr.clone(),
+            tokens_per_expert: cr.clone(),
+            gate_and_up: w1r.clone(),
+            down: w2bad.clone(),
+            probs: None,
+            gate_up_bias: None,
+            down_bias: None,
+        };
         let err = experts_forward(&inp, &act).unwrap_err();
         assert!(err.to_string().starts_with("downProjs.shape: expected [2, 3, 4]"), "{err}");
         let relu = ActivationOptions::new(ActivationKind::Relu2);
-        let inp = ExpertsInputs { tokens: xr.clone(), tokens_per_expert: cr.clone(), gate_and_up: w1r.clone(), down: w2r.clone(), probs: None, gate_up_bias: None, down_bias: None };
+        let inp = ExpertsInputs {
+            tokens: xr.clone(),
+            tokens_per_expert: cr.clone(),
+            gate_and_up: w1r.clone(),
+            down: w2r.clone(),
+            probs: None,
+            gate_up_bias: None,
+            down_bias: None,
+        };
         let err = experts_forward(&inp, &relu).unwrap_err();
         assert!(err.to_string().starts_with("downProjs.shape: expected [2, 6, 4]"), "{err}");
     }

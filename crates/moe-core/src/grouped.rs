@@ -65,11 +65,14 @@ pub fn grouped_mm_sort(
     if i32::try_from(num_slots).is_err() {
         return Err(Error::range("indices.shape", format!("{num_tokens} * {topk} slots do not fit in int32 slot ids")));
     }
-    let start = i64::try_from(experts_start_idx).map_err(|_| Error::range("expertsStartIdx", format!("{experts_start_idx} is too large")))?;
-    let end = i64::try_from(num_local_experts)
-        .ok()
-        .and_then(|n| start.checked_add(n))
-        .ok_or_else(|| Error::range("numLocalExperts", format!("expertsStartIdx + numLocalExperts = {experts_start_idx} + {num_local_experts} is too large")))?;
+    let start =
+        i64::try_from(experts_start_idx).map_err(|_| Error::range("expertsStartIdx", format!("{experts_start_idx} is too large")))?;
+    let end = i64::try_from(num_local_experts).ok().and_then(|n| start.checked_add(n)).ok_or_else(|| {
+        Error::range(
+            "numLocalExperts",
+            format!("expertsStartIdx + numLocalExperts = {experts_start_idx} + {num_local_experts} is too large"),
+        )
+    })?;
     let idx = indices.indices()?;
     let w = weights_f32(weights)?;
 

@@ -7,22 +7,22 @@
 //! The contract of each op is written down in `docs/semantics.md`; the reference
 //! implementations are Megatron-Core's `moe_utils` and NeMo Automodel's `components/moe`.
 
-pub mod error;
-pub mod tensor;
-pub mod routing_map;
-pub mod permute;
 pub mod activations;
-pub mod capacity;
-pub mod chunks;
-pub mod grouped;
-pub mod sharding;
-pub mod routing;
-pub mod aux_loss;
-pub mod experts;
-pub mod checkpoint;
 pub mod alloc;
+pub mod aux_loss;
+pub mod capacity;
+pub mod checkpoint;
+pub mod chunks;
 mod detmath;
+pub mod error;
+pub mod experts;
+pub mod grouped;
 mod par;
+pub mod permute;
+pub mod routing;
+pub mod routing_map;
+pub mod sharding;
+pub mod tensor;
 
 pub use error::{Error, ErrorKind, Result};
 pub use tensor::{DType, Data, Meta, Tensor, TensorMut, TensorRef};

@@ -20,10 +20,7 @@ where
     if work_bytes >= PARALLEL_MIN_BYTES && rayon::current_num_threads() > 1 {
         use rayon::prelude::*;
         let rows_per_task = (PARALLEL_MIN_BYTES / 8 / (work_bytes / (out.len() / row_len)).max(1)).max(1);
-        out.par_chunks_mut(row_len)
-            .enumerate()
-            .with_min_len(rows_per_task)
-            .for_each_init(&init, |scratch, (i, row)| f(scratch, i, row));
+        out.par_chunks_mut(row_len).enumerate().with_min_len(rows_per_task).for_each_init(&init, |scratch, (i, row)| f(scratch, i, row));
         return;
     }
     let _ = work_bytes;

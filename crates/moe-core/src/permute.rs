@@ -157,7 +157,10 @@ fn check_plan(routing_map: Meta, num_tokens: usize, options: PermuteOptions) -> 
     }
     let capacity = n_out / num_experts;
     if capacity > num_tokens {
-        return Err(Error::range("numOutTokens", format!("capacity {n_out} / {num_experts} = {capacity} exceeds numTokens = {num_tokens}")));
+        return Err(Error::range(
+            "numOutTokens",
+            format!("capacity {n_out} / {num_experts} = {capacity} exceeds numTokens = {num_tokens}"),
+        ));
     }
     Ok((num_experts, Some(capacity)))
 }
@@ -264,17 +267,27 @@ pub fn check_out_disjoint(out: &TensorMut, inputs: &[Option<&TensorRef>]) -> Res
 /// [`permute`] writing into caller-owned outputs: every check of permute, then the outputs'
 /// dtype and shape (what permute would allocate) and that they share no memory with an input or
 /// with each other, all before a byte is written.
-pub fn permute_into(tokens: &TensorRef, routing_map: &TensorRef, probs: Option<&TensorRef>, options: PermuteOptions, out: PermuteOut) -> Result<PermutedInto> {
+pub fn permute_into(
+    tokens: &TensorRef,
+    routing_map: &TensorRef,
+    probs: Option<&TensorRef>,
+    options: PermuteOptions,
+    out: PermuteOut,
+) -> Result<PermutedInto> {
     let (plan, hidden, dense) = permute_inputs(tokens, routing_map, probs, options)?;
     let n = plan.num_slots();
-    let PermuteOut { permuted_tokens: mut out_tokens, permuted_probs: mut out_probs } = out;
+    let PermuteOut { permuted_tokens: out_tokens, permuted_probs: out_probs } = out;
     if let Some(o) = out_tokens.as_deref() {
         o.expect(tokens.dtype, &[n, hidden], "(permutedTokens: [numSlots, hidden] of the dtype of tokens)")?;
         check_out_disjoint(o, &[Some(tokens), Some(routing_map), probs])?;
     }
     if let Some(o) = out_probs.as_deref() {
         if probs.is_none() {
-            return Err(Error::type_error(o.name, "no tensor without probs (permutedProbs is returned only when probs is given)", "a tensor"));
+            return Err(Error::type_error(
+                o.name,
+                "no tensor without probs (permutedProbs is returned only when probs is given)",
+                "a tensor",
+            ));
         }
         o.expect(DType::F32, &[n], "(permutedProbs: [numSlots] float32)")?;
         check_out_disjoint(o, &[Some(tokens), Some(routing_map), probs])?;
@@ -282,19 +295,21 @@ pub fn permute_into(tokens: &TensorRef, routing_map: &TensorRef, probs: Option<&
             o.expect_disjoint(t.bytes(), t.name)?;
         }
     }
-    let permuted_tokens = match out_tokens.as_deref_mut() {
+    let permuted_tokens = match out_tokens {
         Some(o) => {
             gather_into(tokens, hidden, &plan.sorted_indices, o);
             None
         }
         None => Some(gather_tensor(tokens, hidden, &plan.sorted_indices)?),
     };
-    let permuted_probs = match (dense.as_deref(), out_probs.as_deref_mut()) {
+    let permuted_probs = match (dense.as_deref(), out_probs) {
         (Some(dense), Some(o)) => {
             o.fill::<f32>(|dst| slot_probs_into(dst, dense, &plan));
             None
         }
-        (Some(dense), None) => Some(Tensor::f32(vec![n], crate::alloc::try_filled_vec(n, "permutedProbs", |dst| slot_probs_into(dst, dense, &plan))?)),
+        (Some(dense), None) => {
+            Some(Tensor::f32(vec![n], crate::alloc::try_filled_vec(n, "permutedProbs", |dst| slot_probs_into(dst, dense, &plan))?))
+        }
         (None, _) => None,
     };
     Ok(PermutedInto {
@@ -361,10 +376,16 @@ fn gather_rows<T: Copy + Send + Sync>(src: &[T], hidden: usize, sorted: &[i32]) 
 
 fn gather_rows_into<T: Copy + Send + Sync>(out: &mut [std::mem::MaybeUninit<T>], src: &[T], hidden: usize, sorted: &[i32]) {
     let work = 2 * sorted.len() * hidden * std::mem::size_of::<T>();
-    for_each_row(out, hidden, work, || (), |_, i, row| {
-        let t = sorted[i] as usize;
-        write_slice(row, &src[t * hidden..(t + 1) * hidden]);
-    })
+    for_each_row(
+        out,
+        hidden,
+        work,
+        || (),
+        |_, i, row| {
+            let t = sorted[i] as usize;
+            write_slice(row, &src[t * hidden..(t + 1) * hidden]);
+        },
+    )
 }
 
 /// Reads unpermute's `restoreShape` argument: `[numTokens, hidden]`.
@@ -418,7 +439,14 @@ pub fn unpermute_into(
     merge_into(permuted, &idx, restore_shape[0], restore_shape[1], weights.as_deref(), out)
 }
 
-fn merge_into(permuted: &TensorRef, idx: &[i64], num_tokens: usize, hidden: usize, weights: Option<&[f32]>, out: &mut TensorMut) -> Result<()> {
+fn merge_into(
+    permuted: &TensorRef,
+    idx: &[i64],
+    num_tokens: usize,
+    hidden: usize,
+    weights: Option<&[f32]>,
+    out: &mut TensorMut,
+) -> Result<()> {
     match permuted.dtype {
         DType::F32 => merge_rows::<f32>(permuted, idx, num_tokens, hidden, weights, Some(out)).map(drop),
         DType::BF16 => merge_rows::<bf16>(permuted, idx, num_tokens, hidden, weights, Some(out)).map(drop),
@@ -450,7 +478,13 @@ pub enum SlotProbsLayout {
 /// The probs' and the routing map's checks of unpermute and unpermuteBackward (the map's
 /// values on the host; a plain map's routes, which need the slots' tokens, are checked when
 /// the weights are gathered).
-fn check_slot_probs(probs: Option<Meta>, routing_map: Option<Meta>, n: usize, num_tokens: usize, options: UnpermuteOptions) -> Result<SlotProbsLayout> {
+fn check_slot_probs(
+    probs: Option<Meta>,
+    routing_map: Option<Meta>,
+    n: usize,
+    num_tokens: usize,
+    options: UnpermuteOptions,
+) -> Result<SlotProbsLayout> {
     let Some(probs) = probs else { return Ok(SlotProbsLayout::None) };
     probs.expect_dtype(&[DType::F32])?;
     if probs.shape.len() == 1 {
@@ -461,7 +495,11 @@ fn check_slot_probs(probs: Option<Meta>, routing_map: Option<Meta>, n: usize, nu
     let num_experts = dims[1];
     probs.expect_shape(&[num_tokens, num_experts], "([numTokens of restoreShape, numExperts])")?;
     let Some(routing_map) = routing_map else {
-        return Err(Error::type_error("routingMap", "the routing map that made the permutation, when probs is [numTokens, numExperts]", "undefined"));
+        return Err(Error::type_error(
+            "routingMap",
+            "the routing map that made the permutation, when probs is [numTokens, numExperts]",
+            "undefined",
+        ));
     };
     routing_map.expect_shape(&[num_tokens, num_experts], "(the shape of probs)")?;
     check_slot_map(routing_map, n, num_tokens, options.drop_and_pad)?;
@@ -469,7 +507,14 @@ fn check_slot_probs(probs: Option<Meta>, routing_map: Option<Meta>, n: usize, nu
 }
 
 /// Each slot's weight, for probs that passed [`check_slot_probs`].
-fn slot_weights<'a>(idx: &[i64], num_tokens: usize, probs: Option<&TensorRef<'a>>, routing_map: Option<&TensorRef<'a>>, layout: SlotProbsLayout, options: UnpermuteOptions) -> Result<Option<Cow<'a, [f32]>>> {
+fn slot_weights<'a>(
+    idx: &[i64],
+    num_tokens: usize,
+    probs: Option<&TensorRef<'a>>,
+    routing_map: Option<&TensorRef<'a>>,
+    layout: SlotProbsLayout,
+    options: UnpermuteOptions,
+) -> Result<Option<Cow<'a, [f32]>>> {
     let n = idx.len();
     match (layout, probs, routing_map) {
         (SlotProbsLayout::None, ..) => Ok(None),
@@ -522,7 +567,14 @@ fn merge<T: Float>(permuted: &TensorRef, idx: &[i64], num_tokens: usize, hidden:
 }
 
 /// The merge, into `out` (then `Ok(None)`) or a fresh tensor.
-fn merge_rows<T: Float>(permuted: &TensorRef, idx: &[i64], num_tokens: usize, hidden: usize, weights: Option<&[f32]>, out: Option<&mut TensorMut>) -> Result<Option<Tensor>> {
+fn merge_rows<T: Float>(
+    permuted: &TensorRef,
+    idx: &[i64],
+    num_tokens: usize,
+    hidden: usize,
+    weights: Option<&[f32]>,
+    out: Option<&mut TensorMut>,
+) -> Result<Option<Tensor>> {
     let src = permuted.typed::<T>()?;
     // Slots of each token in ascending slot order, so the f32 sums run in the same order as
     // the reference's scatter_add.
@@ -530,29 +582,35 @@ fn merge_rows<T: Float>(permuted: &TensorRef, idx: &[i64], num_tokens: usize, hi
     let (start, slots) = (&csr.start, &csr.slots);
     let work = (idx.len() + num_tokens) * hidden * std::mem::size_of::<T>();
     let fill = |out: &mut [std::mem::MaybeUninit<T>]| {
-        for_each_row(out, hidden, work, || vec![0f32; hidden], |acc, t, row| {
-            acc.fill(0.0);
-            for &i in &slots[start[t] as usize..start[t + 1] as usize] {
-                let i = i as usize;
-                let x = &src[i * hidden..(i + 1) * hidden];
-                match weights {
-                    Some(w) => {
-                        let p = w[i];
-                        for (a, &v) in acc.iter_mut().zip(x) {
-                            *a += v.to_f32() * p;
+        for_each_row(
+            out,
+            hidden,
+            work,
+            || vec![0f32; hidden],
+            |acc, t, row| {
+                acc.fill(0.0);
+                for &i in &slots[start[t] as usize..start[t + 1] as usize] {
+                    let i = i as usize;
+                    let x = &src[i * hidden..(i + 1) * hidden];
+                    match weights {
+                        Some(w) => {
+                            let p = w[i];
+                            for (a, &v) in acc.iter_mut().zip(x) {
+                                *a += v.to_f32() * p;
+                            }
                         }
-                    }
-                    None => {
-                        for (a, &v) in acc.iter_mut().zip(x) {
-                            *a += v.to_f32();
+                        None => {
+                            for (a, &v) in acc.iter_mut().zip(x) {
+                                *a += v.to_f32();
+                            }
                         }
                     }
                 }
-            }
-            for (o, &a) in row.iter_mut().zip(acc.iter()) {
-                o.write(T::from_f32(a));
-            }
-        })
+                for (o, &a) in row.iter_mut().zip(acc.iter()) {
+                    o.write(T::from_f32(a));
+                }
+            },
+        )
     };
     match out {
         Some(out) => {
@@ -581,14 +639,23 @@ fn check_slot_map(routing_map: Meta, n: usize, num_tokens: usize, drop_and_pad: 
     routing_map.expect_shape(&[num_tokens, num_experts], "([numTokens, numExperts])")?;
     routing_map.check_mask()?;
     if drop_and_pad && (num_experts == 0 || n % num_experts != 0) {
-        return Err(Error::range("sortedIndices.shape[0]", format!("{n} slots are not numExperts = {num_experts} blocks of equal capacity")));
+        return Err(Error::range(
+            "sortedIndices.shape[0]",
+            format!("{n} slots are not numExperts = {num_experts} blocks of equal capacity"),
+        ));
     }
     Ok(num_experts)
 }
 
 /// The expert of every slot: `floor(i / C)` in drop-and-pad mode, from the routing map's
 /// column counts in plain mode (checked against `sorted` when `check_routed`).
-fn slot_experts_of(idx: &[i64], routing_map: &TensorRef, num_tokens: usize, drop_and_pad: bool, check_routed: bool) -> Result<(usize, Vec<usize>)> {
+fn slot_experts_of(
+    idx: &[i64],
+    routing_map: &TensorRef,
+    num_tokens: usize,
+    drop_and_pad: bool,
+    check_routed: bool,
+) -> Result<(usize, Vec<usize>)> {
     let n = idx.len();
     let num_experts = check_slot_map(routing_map.meta(), n, num_tokens, drop_and_pad)?;
     let map = routing_map.bytes();
@@ -598,12 +665,18 @@ fn slot_experts_of(idx: &[i64], routing_map: &TensorRef, num_tokens: usize, drop
     }
     let plan = DispatchPlan::from_routing_map(map, num_tokens, num_experts)?;
     if plan.num_slots() != n {
-        return Err(Error::range("routingMap", format!("selects {} entries but there are {n} slots (was dropAndPad used to permute?)", plan.num_slots())));
+        return Err(Error::range(
+            "routingMap",
+            format!("selects {} entries but there are {n} slots (was dropAndPad used to permute?)", plan.num_slots()),
+        ));
     }
     let experts = plan.slot_experts();
     if check_routed {
         if let Some(i) = (0..n).find(|&i| map[idx[i] as usize * num_experts + experts[i]] == 0) {
-            return Err(Error::range("sortedIndices", format!("slot {i} holds token {} which routingMap does not route to expert {}", idx[i], experts[i])));
+            return Err(Error::range(
+                "sortedIndices",
+                format!("slot {i} holds token {} which routingMap does not route to expert {}", idx[i], experts[i]),
+            ));
         }
     }
     Ok((num_experts, experts))
@@ -650,7 +723,11 @@ pub fn check_permute_backward(
             gp.expect_dtype(&[DType::F32])?;
             gp.expect_shape(&[n], "([numSlots], the gradient of permutedProbs)")?;
             let Some(routing_map) = routing_map else {
-                return Err(Error::type_error("routingMap", "the routing map of the permutation, to place the probs gradient", "undefined"));
+                return Err(Error::type_error(
+                    "routingMap",
+                    "the routing map of the permutation, to place the probs gradient",
+                    "undefined",
+                ));
             };
             Some(check_slot_map(routing_map, n, num_tokens, options.drop_and_pad)?)
         }
@@ -685,7 +762,14 @@ pub fn permute_backward_into(
     options: UnpermuteOptions,
     out: Option<&mut TensorMut>,
 ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-    let c = check_permute_backward(grad_permuted.meta(), sorted_indices.meta(), num_tokens, grad_permuted_probs.map(|g| g.meta()), routing_map.map(|m| m.meta()), options)?;
+    let c = check_permute_backward(
+        grad_permuted.meta(),
+        sorted_indices.meta(),
+        num_tokens,
+        grad_permuted_probs.map(|g| g.meta()),
+        routing_map.map(|m| m.meta()),
+        options,
+    )?;
     let (n, hidden) = (c.num_slots, c.hidden);
     let idx = sorted_indices.indices()?;
     if out.is_none() {
@@ -701,7 +785,14 @@ pub fn permute_backward_into(
     Ok((None, grad_probs))
 }
 
-fn permute_backward_probs(idx: &[i64], n: usize, num_tokens: usize, grad_permuted_probs: Option<&TensorRef>, routing_map: Option<&TensorRef>, options: UnpermuteOptions) -> Result<Option<Tensor>> {
+fn permute_backward_probs(
+    idx: &[i64],
+    n: usize,
+    num_tokens: usize,
+    grad_permuted_probs: Option<&TensorRef>,
+    routing_map: Option<&TensorRef>,
+    options: UnpermuteOptions,
+) -> Result<Option<Tensor>> {
     Ok(match (grad_permuted_probs, routing_map) {
         (Some(gp), Some(routing_map)) => {
             let (num_experts, experts) = slot_experts_of(idx, routing_map, num_tokens, options.drop_and_pad, true)?;
@@ -753,7 +844,11 @@ pub fn check_unpermute_backward(
     let n = permuted.shape[0];
     permuted.expect_shape(&[n, hidden], "([numSlots, hidden of gradOutput])")?;
     if permuted.dtype != dtype {
-        return Err(Error::type_error("permutedTokens.dtype", format!("{} (the dtype of gradOutput)", dtype.name()), permuted.dtype.name()));
+        return Err(Error::type_error(
+            "permutedTokens.dtype",
+            format!("{} (the dtype of gradOutput)", dtype.name()),
+            permuted.dtype.name(),
+        ));
     }
     check_num_tokens(num_tokens)?;
     check_indices(sorted_indices, n, num_tokens)?;
@@ -771,7 +866,14 @@ pub fn unpermute_backward(
     routing_map: Option<&TensorRef>,
     options: UnpermuteOptions,
 ) -> Result<UnpermuteGrads> {
-    let c = check_unpermute_backward(grad_output.meta(), permuted.meta(), sorted_indices.meta(), probs.map(|p| p.meta()), routing_map.map(|m| m.meta()), options)?;
+    let c = check_unpermute_backward(
+        grad_output.meta(),
+        permuted.meta(),
+        sorted_indices.meta(),
+        probs.map(|p| p.meta()),
+        routing_map.map(|m| m.meta()),
+        options,
+    )?;
     let (num_tokens, hidden, dtype) = (c.num_tokens, c.hidden, c.dtype);
     let idx = sorted_indices.indices()?;
     let weights = slot_weights(&idx, num_tokens, probs, routing_map, c.probs, options)?;
@@ -798,18 +900,24 @@ fn unmerge<T: Float>(
     let n = idx.len();
     let work = 2 * n * hidden * std::mem::size_of::<T>();
     let grad_permuted = try_filled_vec(n * hidden, "gradPermuted", |out| {
-        for_each_row(out, hidden, work, || (), |_, i, row| {
-            let t = idx[i] as usize;
-            let src = &g[t * hidden..(t + 1) * hidden];
-            match weights {
-                Some(w) => {
-                    for (o, &v) in row.iter_mut().zip(src) {
-                        o.write(T::from_f32(v.to_f32() * w[i]));
+        for_each_row(
+            out,
+            hidden,
+            work,
+            || (),
+            |_, i, row| {
+                let t = idx[i] as usize;
+                let src = &g[t * hidden..(t + 1) * hidden];
+                match weights {
+                    Some(w) => {
+                        for (o, &v) in row.iter_mut().zip(src) {
+                            o.write(T::from_f32(v.to_f32() * w[i]));
+                        }
                     }
+                    None => write_slice(row, src),
                 }
-                None => write_slice(row, src),
-            }
-        })
+            },
+        )
     })?;
     let grad_probs = match (weights, probs) {
         (Some(_), Some(p)) => {
@@ -824,7 +932,8 @@ fn unmerge<T: Float>(
                 Some(Tensor::f32(vec![n], (0..n).map(dot).collect()))
             } else {
                 let num_tokens = grad_output.shape[0];
-                let routing_map = routing_map.ok_or_else(|| Error::Internal("dense probs without routing map passed slot_weights".into()))?;
+                let routing_map =
+                    routing_map.ok_or_else(|| Error::Internal("dense probs without routing map passed slot_weights".into()))?;
                 let (num_experts, experts) = slot_experts_of(idx, routing_map, num_tokens, options.drop_and_pad, false)?;
                 let mut dense = vec![0f32; num_tokens * num_experts];
                 for i in 0..n {
@@ -903,7 +1012,14 @@ pub fn unpermute_inputs<'a>(
     routing_map: Option<&TensorRef<'a>>,
     options: UnpermuteOptions,
 ) -> Result<(Cow<'a, [i64]>, SlotProbs<'a>)> {
-    let c = check_unpermute(permuted.meta(), sorted_indices.meta(), restore_shape, probs.map(|p| p.meta()), routing_map.map(|m| m.meta()), options)?;
+    let c = check_unpermute(
+        permuted.meta(),
+        sorted_indices.meta(),
+        restore_shape,
+        probs.map(|p| p.meta()),
+        routing_map.map(|m| m.meta()),
+        options,
+    )?;
     let idx = sorted_indices.indices()?;
     let weights = slot_weights(&idx, c.num_tokens, probs, routing_map, c.probs, options)?;
     Ok((idx, weights))
@@ -968,7 +1084,14 @@ mod tests {
         let (mut rows, mut ps) = (vec![9f32; 8], vec![9f32; 4]);
         let mut ot = TensorMut::of("out.permutedTokens", vec![4, 2], &mut rows).unwrap();
         let mut op = TensorMut::of("out.permutedProbs", vec![4], &mut ps).unwrap();
-        let got = permute_into(&tok, &map_ref(&map, 3, 2), Some(&pr), PermuteOptions::default(), PermuteOut { permuted_tokens: Some(&mut ot), permuted_probs: Some(&mut op) }).unwrap();
+        let got = permute_into(
+            &tok,
+            &map_ref(&map, 3, 2),
+            Some(&pr),
+            PermuteOptions::default(),
+            PermuteOut { permuted_tokens: Some(&mut ot), permuted_probs: Some(&mut op) },
+        )
+        .unwrap();
         assert!(got.permuted_tokens.is_none() && got.permuted_probs.is_none());
         assert_eq!(got.sorted_indices, want.sorted_indices);
         assert_eq!(Data::F32(rows.clone()), want.permuted_tokens.data);

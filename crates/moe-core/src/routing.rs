@@ -11,8 +11,8 @@ use std::borrow::Cow;
 
 use half::{bf16, f16};
 
-use crate::detmath::{exp, ln_1p};
 use crate::alloc::{try_vec, try_with_capacity};
+use crate::detmath::{exp, ln_1p};
 use crate::error::{opt_size_arg, size_arg, Error, Result};
 use crate::par::for_each_row;
 use crate::tensor::{DType, Meta, Tensor, TensorRef};
@@ -36,8 +36,13 @@ pub enum ScoreFunction {
 }
 
 impl ScoreFunction {
-    pub const ALL: [ScoreFunction; 5] =
-        [ScoreFunction::Softmax, ScoreFunction::Sigmoid, ScoreFunction::SoftmaxWithBias, ScoreFunction::SigmoidWithBias, ScoreFunction::SqrtSoftplus];
+    pub const ALL: [ScoreFunction; 5] = [
+        ScoreFunction::Softmax,
+        ScoreFunction::Sigmoid,
+        ScoreFunction::SoftmaxWithBias,
+        ScoreFunction::SigmoidWithBias,
+        ScoreFunction::SqrtSoftplus,
+    ];
 
     /// The name used by the reference and by the JavaScript API.
     pub fn name(self) -> &'static str {
@@ -296,7 +301,12 @@ pub fn check_route(logits: Meta, expert_bias: Option<Meta>, token_mask: Option<M
     Ok(RouteCheck { num_tokens, num_experts, groups, topk_groups, top2_group_score })
 }
 
-fn check_route_inputs<'a>(logits: &TensorRef<'a>, expert_bias: Option<&TensorRef<'a>>, token_mask: Option<&TensorRef<'a>>, options: &RouteOptions) -> Result<CheckedRoute<'a>> {
+fn check_route_inputs<'a>(
+    logits: &TensorRef<'a>,
+    expert_bias: Option<&TensorRef<'a>>,
+    token_mask: Option<&TensorRef<'a>>,
+    options: &RouteOptions,
+) -> Result<CheckedRoute<'a>> {
     let c = check_route(logits.meta(), expert_bias.map(|b| b.meta()), token_mask.map(|m| m.meta()), options)?;
     let (num_tokens, num_experts) = (c.num_tokens, c.num_experts);
     let plan = Plan { num_experts, topk: options.topk, groups: c.groups, topk_groups: c.topk_groups, top2_group_score: c.top2_group_score };
@@ -312,7 +322,14 @@ fn check_route_inputs<'a>(logits: &TensorRef<'a>, expert_bias: Option<&TensorRef
     Ok(CheckedRoute { num_tokens, plan, logits: x, bias, mask })
 }
 
-fn route_checked(x: &[f32], num_tokens: usize, plan: &Plan, options: &RouteOptions, bias: Option<&[f32]>, mask: Option<&[u8]>) -> Result<Routed> {
+fn route_checked(
+    x: &[f32],
+    num_tokens: usize,
+    plan: &Plan,
+    options: &RouteOptions,
+    bias: Option<&[f32]>,
+    mask: Option<&[u8]>,
+) -> Result<Routed> {
     let (e_count, k) = (plan.num_experts, plan.topk);
     let sf = options.score_function;
     let work = num_tokens.saturating_mul(e_count).saturating_mul(12);
@@ -340,58 +357,70 @@ fn route_checked(x: &[f32], num_tokens: usize, plan: &Plan, options: &RouteOptio
     let normalise = options.norm_topk_prob && k > 1;
     let mut picks = vec![(0i32, 0f32); num_tokens * k];
     let scores_ref = &scores;
-    for_each_row(&mut picks, k, work, || Scratch::new(e_count, k, plan.groups), |s, t, out| {
-        if mask.is_some_and(|m| m[t] == 0) {
-            out.fill((-1, 0.0));
-            return;
-        }
-        let logit_row = &x[t * e_count..(t + 1) * e_count];
-        let score_row = &scores_ref[t * e_count..(t + 1) * e_count];
-        // The keys the top-k runs on.
-        match (sf, bias) {
-            (ScoreFunction::Softmax, _) if !options.softmax_before_topk => s.keys.copy_from_slice(logit_row),
-            (_, Some(b)) => {
-                for ((key, &v), &bv) in s.keys.iter_mut().zip(score_row).zip(b) {
-                    *key = v + bv;
+    for_each_row(
+        &mut picks,
+        k,
+        work,
+        || Scratch::new(e_count, k, plan.groups),
+        |s, t, out| {
+            if mask.is_some_and(|m| m[t] == 0) {
+                out.fill((-1, 0.0));
+                return;
+            }
+            let logit_row = &x[t * e_count..(t + 1) * e_count];
+            let score_row = &scores_ref[t * e_count..(t + 1) * e_count];
+            // The keys the top-k runs on.
+            match (sf, bias) {
+                (ScoreFunction::Softmax, _) if !options.softmax_before_topk => s.keys.copy_from_slice(logit_row),
+                (_, Some(b)) => {
+                    for ((key, &v), &bv) in s.keys.iter_mut().zip(score_row).zip(b) {
+                        *key = v + bv;
+                    }
+                }
+                _ => s.keys.copy_from_slice(score_row),
+            }
+            if plan.groups > 1 {
+                limit_groups(s, plan, sf);
+            }
+            top_k(&s.keys, &mut s.picked, &mut s.vals, &mut s.order);
+            // Weights, f32 as the reference holds them, then normalised and scaled in f64.
+            if sf == ScoreFunction::Softmax && !options.softmax_before_topk {
+                let m = logit_row[s.picked[0]] as f64;
+                let mut sum = 0.0;
+                for (w, &e) in s.wide.iter_mut().zip(&s.picked) {
+                    *w = exp(logit_row[e] as f64 - m);
+                    sum += *w;
+                }
+                for w in s.wide.iter_mut() {
+                    *w = (*w / sum) as f32 as f64;
+                }
+            } else {
+                for (w, &e) in s.wide.iter_mut().zip(&s.picked) {
+                    *w = score_row[e] as f64;
                 }
             }
-            _ => s.keys.copy_from_slice(score_row),
-        }
-        if plan.groups > 1 {
-            limit_groups(s, plan, sf);
-        }
-        top_k(&s.keys, &mut s.picked, &mut s.vals, &mut s.order);
-        // Weights, f32 as the reference holds them, then normalised and scaled in f64.
-        if sf == ScoreFunction::Softmax && !options.softmax_before_topk {
-            let m = logit_row[s.picked[0]] as f64;
-            let mut sum = 0.0;
-            for (w, &e) in s.wide.iter_mut().zip(&s.picked) {
-                *w = exp(logit_row[e] as f64 - m);
-                sum += *w;
+            let denom = if normalise { s.wide.iter().sum::<f64>() + 1e-20 } else { 1.0 };
+            for ((o, &e), &w) in out.iter_mut().zip(&s.picked).zip(&s.wide) {
+                let w = if normalise { w / denom } else { w };
+                *o = (e as i32, (w * options.route_scale) as f32);
             }
-            for w in s.wide.iter_mut() {
-                *w = (*w / sum) as f32 as f64;
-            }
-        } else {
-            for (w, &e) in s.wide.iter_mut().zip(&s.picked) {
-                *w = score_row[e] as f64;
-            }
-        }
-        let denom = if normalise { s.wide.iter().sum::<f64>() + 1e-20 } else { 1.0 };
-        for ((o, &e), &w) in out.iter_mut().zip(&s.picked).zip(&s.wide) {
-            let w = if normalise { w / denom } else { w };
-            *o = (e as i32, (w * options.route_scale) as f32);
-        }
-    });
+        },
+    );
 
     // 3. Scores normalised per row when the weights are.
     if normalise {
-        for_each_row(&mut scores, e_count, work, || (), |_, _, row| {
-            let denom = row.iter().map(|&v| v as f64).sum::<f64>() + 1e-20;
-            for v in row.iter_mut() {
-                *v = (*v as f64 / denom) as f32;
-            }
-        });
+        for_each_row(
+            &mut scores,
+            e_count,
+            work,
+            || (),
+            |_, _, row| {
+                let denom = row.iter().map(|&v| v as f64).sum::<f64>() + 1e-20;
+                for v in row.iter_mut() {
+                    *v = (*v as f64 / denom) as f32;
+                }
+            },
+        );
     }
 
     let mut tokens_per_expert = try_vec(0i32, e_count, "logits.shape[1]")?;
@@ -1004,16 +1033,51 @@ mod tests {
         let cases: Vec<(RouteOptions, Option<&[f32]>, &str, ErrorKind)> = vec![
             (RouteOptions::new(0), None, "topk:", ErrorKind::RangeError),
             (RouteOptions::new(5), None, "topk:", ErrorKind::RangeError),
-            (RouteOptions { num_groups: 3, score_function: ScoreFunction::Sigmoid, ..RouteOptions::new(1) }, None, "numGroups:", ErrorKind::RangeError),
+            (
+                RouteOptions { num_groups: 3, score_function: ScoreFunction::Sigmoid, ..RouteOptions::new(1) },
+                None,
+                "numGroups:",
+                ErrorKind::RangeError,
+            ),
             (RouteOptions { num_groups: 2, ..RouteOptions::new(1) }, None, "numGroups:", ErrorKind::TypeError),
-            (RouteOptions { num_groups: 4, score_function: ScoreFunction::SigmoidWithBias, ..RouteOptions::new(1) }, None, "numGroups:", ErrorKind::RangeError),
-            (RouteOptions { num_groups: 2, topk_groups: Some(3), score_function: ScoreFunction::Sigmoid, ..RouteOptions::new(1) }, None, "topkGroups:", ErrorKind::RangeError),
-            (RouteOptions { num_groups: 2, topk_groups: Some(1), score_function: ScoreFunction::Sigmoid, ..RouteOptions::new(3) }, None, "topk:", ErrorKind::RangeError),
+            (
+                RouteOptions { num_groups: 4, score_function: ScoreFunction::SigmoidWithBias, ..RouteOptions::new(1) },
+                None,
+                "numGroups:",
+                ErrorKind::RangeError,
+            ),
+            (
+                RouteOptions { num_groups: 2, topk_groups: Some(3), score_function: ScoreFunction::Sigmoid, ..RouteOptions::new(1) },
+                None,
+                "topkGroups:",
+                ErrorKind::RangeError,
+            ),
+            (
+                RouteOptions { num_groups: 2, topk_groups: Some(1), score_function: ScoreFunction::Sigmoid, ..RouteOptions::new(3) },
+                None,
+                "topk:",
+                ErrorKind::RangeError,
+            ),
             (RouteOptions { route_scale: f64::NAN, ..RouteOptions::new(1) }, None, "routeScale:", ErrorKind::RangeError),
-            (RouteOptions { softmax_before_topk: true, score_function: ScoreFunction::Sigmoid, ..RouteOptions::new(1) }, None, "softmaxBeforeTopk:", ErrorKind::TypeError),
+            (
+                RouteOptions { softmax_before_topk: true, score_function: ScoreFunction::Sigmoid, ..RouteOptions::new(1) },
+                None,
+                "softmaxBeforeTopk:",
+                ErrorKind::TypeError,
+            ),
             (RouteOptions::new(1), Some(&[0.0; 4]), "expertBias:", ErrorKind::TypeError),
-            (RouteOptions { score_function: ScoreFunction::Sigmoid, ..RouteOptions::new(1) }, Some(&[0.0; 3]), "expertBias.shape:", ErrorKind::RangeError),
-            (RouteOptions { score_function: ScoreFunction::Sigmoid, ..RouteOptions::new(1) }, Some(&[0.0, f32::NAN, 0.0, 0.0]), "expertBias:", ErrorKind::RangeError),
+            (
+                RouteOptions { score_function: ScoreFunction::Sigmoid, ..RouteOptions::new(1) },
+                Some(&[0.0; 3]),
+                "expertBias.shape:",
+                ErrorKind::RangeError,
+            ),
+            (
+                RouteOptions { score_function: ScoreFunction::Sigmoid, ..RouteOptions::new(1) },
+                Some(&[0.0, f32::NAN, 0.0, 0.0]),
+                "expertBias:",
+                ErrorKind::RangeError,
+            ),
         ];
         for (o, bias, prefix, kind) in cases {
             let err = run(&logits, [2, 4], bias, None, o).unwrap_err();
@@ -1170,7 +1234,12 @@ mod backward_tests {
             let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
             for i in 0..e {
                 let err = (row[i] as f64 - want[i]).abs();
-                assert!(err <= 1e-6 * want[i].abs() + 1e-7 * scale + 1e-12, "{what}: token {tok} expert {i}: {} vs finite differences {} (picks {picks:?})", row[i], want[i]);
+                assert!(
+                    err <= 1e-6 * want[i].abs() + 1e-7 * scale + 1e-12,
+                    "{what}: token {tok} expert {i}: {} vs finite differences {} (picks {picks:?})",
+                    row[i],
+                    want[i]
+                );
             }
         }
     }
@@ -1189,10 +1258,21 @@ mod backward_tests {
                         for with_scores in [false, true] {
                             for k in [1, 3, 8] {
                                 let (t, e) = (6, 8);
-                                let options = RouteOptions { score_function: sf, softmax_before_topk: sbt, norm_topk_prob: norm, route_scale: scale, ..RouteOptions::new(k) };
+                                let options = RouteOptions {
+                                    score_function: sf,
+                                    softmax_before_topk: sbt,
+                                    norm_topk_prob: norm,
+                                    route_scale: scale,
+                                    ..RouteOptions::new(k)
+                                };
                                 let mask = (k == 3).then(|| vec![1, 0, 1, 1, 0, 1]);
                                 let p = Problem { t, e, logits: rng.vec(t * e, -4.0, 4.0), bias: None, mask, options };
-                                check(&p, &mut rng, with_scores, &format!("{} sbt={sbt} norm={norm} scale={scale} scores={with_scores} k={k}", sf.name()));
+                                check(
+                                    &p,
+                                    &mut rng,
+                                    with_scores,
+                                    &format!("{} sbt={sbt} norm={norm} scale={scale} scores={with_scores} k={k}", sf.name()),
+                                );
                                 cases += 1;
                             }
                         }
@@ -1219,7 +1299,14 @@ mod backward_tests {
                         route_scale: 2.5,
                         ..RouteOptions::new(4)
                     };
-                    let p = Problem { t, e, logits: rng.vec(t * e, -3.0, 3.0), bias: Some(rng.vec(e, -0.5, 0.5)), mask: Some(vec![1, 1, 0, 1, 1, 1, 0, 1]), options };
+                    let p = Problem {
+                        t,
+                        e,
+                        logits: rng.vec(t * e, -3.0, 3.0),
+                        bias: Some(rng.vec(e, -0.5, 0.5)),
+                        mask: Some(vec![1, 1, 0, 1, 1, 1, 0, 1]),
+                        options,
+                    };
                     check(&p, &mut rng, with_scores, &format!("{} groups bias norm={norm} scores={with_scores}", sf.name()));
                 }
             }
@@ -1232,8 +1319,10 @@ mod backward_tests {
         let (t, e, k) = (5, 8, 3);
         let wide = rng.vec(t * e, -6.0, 6.0);
         for dtype in [DType::BF16, DType::F16] {
-            let bits: Vec<u16> = wide.iter().map(|&v| if dtype == DType::BF16 { bf16::from_f32(v).to_bits() } else { f16::from_f32(v).to_bits() }).collect();
-            let as_f32: Vec<f32> = bits.iter().map(|&b| if dtype == DType::BF16 { bf16::from_bits(b).to_f32() } else { f16::from_bits(b).to_f32() }).collect();
+            let bits: Vec<u16> =
+                wide.iter().map(|&v| if dtype == DType::BF16 { bf16::from_f32(v).to_bits() } else { f16::from_f32(v).to_bits() }).collect();
+            let as_f32: Vec<f32> =
+                bits.iter().map(|&b| if dtype == DType::BF16 { bf16::from_bits(b).to_f32() } else { f16::from_bits(b).to_f32() }).collect();
             let half = TensorRef::new("logits", dtype, vec![t, e], bytemuck::cast_slice(&bits)).unwrap();
             let full = TensorRef::of("logits", vec![t, e], &as_f32).unwrap();
             for sf in ScoreFunction::ALL {
@@ -1263,7 +1352,14 @@ mod backward_tests {
 
     #[test]
     fn masked_rows_and_rows_of_minus_one_get_zero() {
-        let p = Problem { t: 3, e: 4, logits: vec![1.0, 2.0, 3.0, 4.0, 0.5, -0.5, 1.5, 2.0, 0.0, 0.1, 0.2, 0.3], bias: None, mask: Some(vec![1, 0, 1]), options: RouteOptions { score_function: ScoreFunction::Sigmoid, ..RouteOptions::new(2) } };
+        let p = Problem {
+            t: 3,
+            e: 4,
+            logits: vec![1.0, 2.0, 3.0, 4.0, 0.5, -0.5, 1.5, 2.0, 0.0, 0.1, 0.2, 0.3],
+            bias: None,
+            mask: Some(vec![1, 0, 1]),
+            options: RouteOptions { score_function: ScoreFunction::Sigmoid, ..RouteOptions::new(2) },
+        };
         let gsc = [1.0f32; 12];
         // the mask wins over whatever the indices say there; a row of -1s without a mask is masked too
         let got = p.backward(&[1.0; 6], &[3, 2, 0, 1, -1, -1], Some(&gsc)).unwrap();
@@ -1294,7 +1390,14 @@ mod backward_tests {
 
     #[test]
     fn errors_name_the_argument() {
-        let p = Problem { t: 2, e: 4, logits: vec![0.0, 1.0, 2.0, 3.0, 3.0, 2.0, 1.0, 0.0], bias: None, mask: None, options: RouteOptions::new(2) };
+        let p = Problem {
+            t: 2,
+            e: 4,
+            logits: vec![0.0, 1.0, 2.0, 3.0, 3.0, 2.0, 1.0, 0.0],
+            bias: None,
+            mask: None,
+            options: RouteOptions::new(2),
+        };
         let cases: Vec<(&[i32], &str, ErrorKind)> = vec![
             (&[3, 2, 0, 0], "indices: indices[1][1] = 0 repeats indices[1][0]", ErrorKind::RangeError),
             (&[3, 4, 0, 1], "indices: indices[0][1] = 4 is out of range", ErrorKind::RangeError),
@@ -1324,7 +1427,10 @@ mod backward_tests {
         let err = route_backward(&g, &l, &as_f32, None, None, None, p.options).unwrap_err();
         assert_eq!(err.to_string(), "indices.dtype: expected int32 or int64, got float32");
         let i64s = TensorRef::of("indices", vec![2, 2], &[3i64, 2, 0, 1]).unwrap();
-        assert_eq!(route_backward(&g, &l, &i64s, None, None, None, p.options).unwrap(), route_backward(&g, &l, &i, None, None, None, p.options).unwrap());
+        assert_eq!(
+            route_backward(&g, &l, &i64s, None, None, None, p.options).unwrap(),
+            route_backward(&g, &l, &i, None, None, None, p.options).unwrap()
+        );
         let g3 = TensorRef::of("gradWeights", vec![2, 2, 1], &gw).unwrap();
         let err = route_backward(&g3, &l, &i, None, None, None, p.options).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::TypeError);

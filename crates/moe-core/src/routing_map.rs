@@ -24,7 +24,8 @@ pub fn indices_to_multihot(indices: &TensorRef, probs: &TensorRef, num_experts: 
     let idx = indices.indices()?;
     let p = probs.typed::<f32>()?;
 
-    let cells = num_tokens.checked_mul(num_experts).ok_or_else(|| Error::range("numExperts", format!("{num_tokens} x {num_experts} overflows")))?;
+    let cells =
+        num_tokens.checked_mul(num_experts).ok_or_else(|| Error::range("numExperts", format!("{num_tokens} x {num_experts} overflows")))?;
     let mut map = try_vec(0u8, cells, "numExperts")?;
     let mut dense = try_vec(0f32, cells, "numExperts")?;
     for t in 0..num_tokens {
@@ -47,10 +48,7 @@ pub fn indices_to_multihot(indices: &TensorRef, probs: &TensorRef, num_experts: 
             dense[cell] = p[t * topk + j];
         }
     }
-    Ok(Multihot {
-        routing_map: Tensor::bool(vec![num_tokens, num_experts], map),
-        probs: Tensor::f32(vec![num_tokens, num_experts], dense),
-    })
+    Ok(Multihot { routing_map: Tensor::bool(vec![num_tokens, num_experts], map), probs: Tensor::f32(vec![num_tokens, num_experts], dense) })
 }
 
 /// Output of [`multihot_to_indices`].

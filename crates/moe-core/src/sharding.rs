@@ -120,7 +120,13 @@ impl Placement {
         if s == "replicate" {
             return Ok(Placement::Replicate);
         }
-        let dim = s.strip_prefix("shard(").and_then(|r| r.strip_suffix(')')).and_then(|d| if d.bytes().all(|b| b.is_ascii_digit()) { d.parse::<usize>().ok() } else { None });
+        let dim = s.strip_prefix("shard(").and_then(|r| r.strip_suffix(')')).and_then(|d| {
+            if d.bytes().all(|b| b.is_ascii_digit()) {
+                d.parse::<usize>().ok()
+            } else {
+                None
+            }
+        });
         dim.map(Placement::Shard).ok_or_else(|| Error::type_error(arg, "'replicate' or 'shard(<dim>)'", format!("'{s}'")))
     }
 
@@ -157,13 +163,22 @@ pub fn validate_expert_sharding(
     let owned = format!("{} (experts {}..{} of epRank {ep_rank} with epSize {ep_size})", range.len(), range.start, range.end);
     match placement {
         Some(Placement::Shard(0)) if sharded_ok => Ok(range),
-        Some(Placement::Shard(0)) => Err(Error::range(name, format!("has {dim0} experts in dim 0 but is shard(0) over the ep ranks, so expected {owned}"))),
+        Some(Placement::Shard(0)) => {
+            Err(Error::range(name, format!("has {dim0} experts in dim 0 but is shard(0) over the ep ranks, so expected {owned}")))
+        }
         Some(Placement::Replicate) if replicated_ok => Ok(all),
-        Some(Placement::Replicate) => Err(Error::range(name, format!("has {dim0} experts in dim 0 but is replicated, so expected all {num_experts}"))),
-        Some(other) => Err(Error::range(name, format!("has unsupported placement {} for expert parallelism: expected shard(0) or replicate", other.name()))),
+        Some(Placement::Replicate) => {
+            Err(Error::range(name, format!("has {dim0} experts in dim 0 but is replicated, so expected all {num_experts}")))
+        }
+        Some(other) => Err(Error::range(
+            name,
+            format!("has unsupported placement {} for expert parallelism: expected shard(0) or replicate", other.name()),
+        )),
         None if sharded_ok => Ok(range),
         None if replicated_ok => Ok(all),
-        None => Err(Error::range(name, format!("has {dim0} experts in dim 0, expected {owned} or {num_experts} (all experts, replicated)"))),
+        None => {
+            Err(Error::range(name, format!("has {dim0} experts in dim 0, expected {owned} or {num_experts} (all experts, replicated)")))
+        }
     }
 }
 
@@ -223,7 +238,10 @@ pub fn expert_placements(mesh: &[MeshAxis]) -> Result<Placed> {
             "ep_shard" => ep_sharded.then_some(Placement::Shard(1)),
             "ep_replicate" => ep_sharded.then_some(Placement::Replicate),
             other => {
-                return Err(Error::range(format!("mesh[{i}].name"), format!("'{other}' is not an expert mesh axis (expected 'ep', 'ep_shard' or 'ep_replicate')")));
+                return Err(Error::range(
+                    format!("mesh[{i}].name"),
+                    format!("'{other}' is not an expert mesh axis (expected 'ep', 'ep_shard' or 'ep_replicate')"),
+                ));
             }
         };
         if let Some(p) = placement {

@@ -47,10 +47,9 @@ impl DType {
     }
 
     pub fn parse(arg: &str, name: &str) -> Result<DType> {
-        DType::ALL
-            .into_iter()
-            .find(|d| d.name() == name)
-            .ok_or_else(|| Error::type_error(format!("{arg}.dtype"), "one of float32, bfloat16, float16, int32, int64, bool", format!("'{name}'")))
+        DType::ALL.into_iter().find(|d| d.name() == name).ok_or_else(|| {
+            Error::type_error(format!("{arg}.dtype"), "one of float32, bfloat16, float16, int32, int64, bool", format!("'{name}'"))
+        })
     }
 
     /// Floating-point types that tokens may have.
@@ -219,7 +218,10 @@ impl<'a> TensorMut<'a> {
     pub fn expect_disjoint(&self, input: &[u8], input_name: &str) -> Result<()> {
         let (a, b) = (self.bytes.as_ptr() as usize, input.as_ptr() as usize);
         if !self.bytes.is_empty() && !input.is_empty() && a < b + input.len() && b < a + self.bytes.len() {
-            return Err(Error::range(self.name, format!("its memory overlaps {input_name}'s; an output must not share memory with an input or another output")));
+            return Err(Error::range(
+                self.name,
+                format!("its memory overlaps {input_name}'s; an output must not share memory with an input or another output"),
+            ));
         }
         Ok(())
     }
@@ -297,7 +299,10 @@ impl<'a> Meta<'a> {
         if self.shape == shape {
             Ok(())
         } else {
-            Err(Error::range(format!("{}.shape", self.name), format!("expected {} {}, got {}", shape_string(shape), what, shape_string(self.shape))))
+            Err(Error::range(
+                format!("{}.shape", self.name),
+                format!("expected {} {}, got {}", shape_string(shape), what, shape_string(self.shape)),
+            ))
         }
     }
 
@@ -306,7 +311,10 @@ impl<'a> Meta<'a> {
         self.expect_dtype(&[DType::Bool])?;
         if let Some(bytes) = self.host {
             if let Some(i) = bytes.iter().position(|&b| b > 1) {
-                return Err(Error::range(format!("{}.data", self.name), format!("a bool tensor holds {} at element {i}; expected 0 or 1", bytes[i])));
+                return Err(Error::range(
+                    format!("{}.data", self.name),
+                    format!("a bool tensor holds {} at element {i}; expected 0 or 1", bytes[i]),
+                ));
             }
         }
         Ok(())
@@ -417,22 +425,38 @@ impl Data {
 
     /// The elements, when they are f32.
     pub fn as_f32(&self) -> Option<&[f32]> {
-        if let Data::F32(v) = self { Some(v) } else { None }
+        if let Data::F32(v) = self {
+            Some(v)
+        } else {
+            None
+        }
     }
 
     /// The elements, when they are int32.
     pub fn as_i32(&self) -> Option<&[i32]> {
-        if let Data::I32(v) = self { Some(v) } else { None }
+        if let Data::I32(v) = self {
+            Some(v)
+        } else {
+            None
+        }
     }
 
     /// The bits, when they are 16-bit floats.
     pub fn as_u16(&self) -> Option<&[u16]> {
-        if let Data::U16(v) = self { Some(v) } else { None }
+        if let Data::U16(v) = self {
+            Some(v)
+        } else {
+            None
+        }
     }
 
     /// The bytes, when the tensor is bool.
     pub fn as_bool(&self) -> Option<&[u8]> {
-        if let Data::Bool(v) = self { Some(v) } else { None }
+        if let Data::Bool(v) = self {
+            Some(v)
+        } else {
+            None
+        }
     }
 }
 

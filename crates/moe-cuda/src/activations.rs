@@ -180,22 +180,41 @@ pub fn with_math(name: String, math: ExpMath) -> String {
 }
 
 fn option_args(options: &ActivationOptions) -> [Arg; 4] {
-    [Arg::I32(kind_code(options.kind)), Arg::F64(options.alpha as f64), Arg::F64(options.limit as f64), Arg::F64(options.linear_offset as f64)]
+    [
+        Arg::I32(kind_code(options.kind)),
+        Arg::F64(options.alpha as f64),
+        Arg::F64(options.limit as f64),
+        Arg::F64(options.linear_offset as f64),
+    ]
 }
 
 /// Checks that `buf` holds at least `elems` elements of `dtype` (a caller's bug otherwise).
 fn check_buffer(what: &str, buf: &Buffer, elems: usize, size: usize) -> Result<()> {
     match elems.checked_mul(size) {
         Some(b) if b <= buf.bytes() => Ok(()),
-        _ => Err(Error::Cuda(format!("{what}: the buffer holds {} bytes, fewer than {elems} elements of {size} bytes (a bug in moe-dispatch)", buf.bytes()))),
+        _ => Err(Error::Cuda(format!(
+            "{what}: the buffer holds {} bytes, fewer than {elems} elements of {size} bytes (a bug in moe-dispatch)",
+            buf.bytes()
+        ))),
     }
 }
 
 /// The kernel `name` (None: no kernel for these dtypes) in `math`, and the output width for an
 /// input of `width`: what both launchers need first (an error here is a caller's bug).
-fn kernel_and_inter(op: &str, name: Option<String>, math: ExpMath, from: DType, to: DType, options: &ActivationOptions, width: usize) -> Result<(String, usize)> {
-    let name = name.map(|n| with_math(n, math)).ok_or_else(|| Error::Cuda(format!("{op}: no kernel from {} to {} (a bug in moe-dispatch)", from.name(), to.name())))?;
-    let inter = inter_of(options.kind, width).ok_or_else(|| Error::Cuda(format!("{op}: {} needs an even width, got {width} (a bug in moe-dispatch)", options.kind.name())))?;
+fn kernel_and_inter(
+    op: &str,
+    name: Option<String>,
+    math: ExpMath,
+    from: DType,
+    to: DType,
+    options: &ActivationOptions,
+    width: usize,
+) -> Result<(String, usize)> {
+    let name = name
+        .map(|n| with_math(n, math))
+        .ok_or_else(|| Error::Cuda(format!("{op}: no kernel from {} to {} (a bug in moe-dispatch)", from.name(), to.name())))?;
+    let inter = inter_of(options.kind, width)
+        .ok_or_else(|| Error::Cuda(format!("{op}: {} needs an even width, got {width} (a bug in moe-dispatch)", options.kind.name())))?;
     Ok((name, inter))
 }
 
@@ -228,7 +247,23 @@ pub fn launch_activation(
         Some(g) => (vectorised_name(&name), (g, 1)),
         None => (name, row_grid(rows.div_ceil(ACT_ROWS), inter)),
     };
-    dev.launch(&name, grid, THREADS, &[Arg::U64(xp), i64_arg(rows), i64_arg(width), i64_arg(inter), Arg::U64(probs.map_or(0, |p| p.ptr(s))), kind, alpha, limit, offset, Arg::U64(outp)])
+    dev.launch(
+        &name,
+        grid,
+        THREADS,
+        &[
+            Arg::U64(xp),
+            i64_arg(rows),
+            i64_arg(width),
+            i64_arg(inter),
+            Arg::U64(probs.map_or(0, |p| p.ptr(s))),
+            kind,
+            alpha,
+            limit,
+            offset,
+            Arg::U64(outp),
+        ],
+    )
 }
 
 /// `activationBackward` over raw buffers: `grad` (`[rows, inter]`) and `x` (`[rows, width]`),
@@ -250,7 +285,8 @@ pub fn launch_activation_backward(
     grad_in: &Buffer,
     grad_probs: Option<&Buffer>,
 ) -> Result<()> {
-    let (name, inter) = kernel_and_inter("activationBackward", backward_kernel(dtype, grad_in_dtype), math, dtype, grad_in_dtype, options, width)?;
+    let (name, inter) =
+        kernel_and_inter("activationBackward", backward_kernel(dtype, grad_in_dtype), math, dtype, grad_in_dtype, options, width)?;
     check_buffer("activationBackward's grad", grad, rows.saturating_mul(inter), dtype.size())?;
     check_buffer("activationBackward's input", x, rows.saturating_mul(width), dtype.size())?;
     check_buffer("activationBackward's gradInput", grad_in, rows.saturating_mul(width), grad_in_dtype.size())?;
@@ -261,7 +297,21 @@ pub fn launch_activation_backward(
     let [kind, alpha, limit, offset] = option_args(options);
     let (gradp, xp, gip) = (grad.ptr(s), x.ptr(s), grad_in.ptr(s));
     let vector = vector_grid(dtype, rows, inter, &[gradp, xp, gip]);
-    let args = |probs_ptr: u64| vec![Arg::U64(gradp), Arg::U64(xp), i64_arg(rows), i64_arg(width), i64_arg(inter), Arg::U64(probs_ptr), kind, alpha, limit, offset, Arg::U64(gip)];
+    let args = |probs_ptr: u64| {
+        vec![
+            Arg::U64(gradp),
+            Arg::U64(xp),
+            i64_arg(rows),
+            i64_arg(width),
+            i64_arg(inter),
+            Arg::U64(probs_ptr),
+            kind,
+            alpha,
+            limit,
+            offset,
+            Arg::U64(gip),
+        ]
+    };
     if let (Some(_), Some(p), Some(gp), ExpMath::Fast, true) = (vector, probs, grad_probs, math, fused_probs_gradient()) {
         // one pass: the gradients and the probs gradient (a block a row, its column groups)
         check_buffer("activationBackward's gradProbs", gp, rows, 4)?;
@@ -278,9 +328,27 @@ pub fn launch_activation_backward(
     dev.launch(&vname, grid, THREADS, &args(probs.map_or(0, |p| p.ptr(s))))?;
     if let (Some(_), Some(gp)) = (probs, grad_probs) {
         check_buffer("activationBackward's gradProbs", gp, rows, 4)?;
-        let name = grad_probs_kernel(dtype).map(|n| with_math(n, math)).ok_or_else(|| Error::Cuda(format!("activationBackward: no kernel for {} (a bug in moe-dispatch)", dtype.name())))?;
+        let name = grad_probs_kernel(dtype)
+            .map(|n| with_math(n, math))
+            .ok_or_else(|| Error::Cuda(format!("activationBackward: no kernel for {} (a bug in moe-dispatch)", dtype.name())))?;
         // (kernels/activations.cu: 32 rows a block, a summing warp and 8 producer warps)
-        dev.launch_block(&name, (rows.div_ceil(32).min(MAX_BLOCKS) as u32, 1), (32, 9), &[Arg::U64(gradp), Arg::U64(xp), i64_arg(rows), i64_arg(width), i64_arg(inter), kind, alpha, limit, offset, Arg::U64(gp.ptr(s))])?;
+        dev.launch_block(
+            &name,
+            (rows.div_ceil(32).min(MAX_BLOCKS) as u32, 1),
+            (32, 9),
+            &[
+                Arg::U64(gradp),
+                Arg::U64(xp),
+                i64_arg(rows),
+                i64_arg(width),
+                i64_arg(inter),
+                kind,
+                alpha,
+                limit,
+                offset,
+                Arg::U64(gp.ptr(s)),
+            ],
+        )?;
     }
     Ok(())
 }
@@ -302,10 +370,14 @@ fn probs_ok(probs: Option<&DeviceTensor>, rows: usize) -> bool {
     probs.is_none_or(|p| p.dtype == DType::F32 && (p.shape == [rows] || p.shape == [rows, 1]))
 }
 
-
 /// [`moe_core::activations::activation`] on device tensors: `x [N, 2I]` (`[N, I]` for relu2) to
 /// `[N, I]` in the dtype of `x`.
-pub fn activation_device(dev: &Device, x: &DeviceTensor, probs: Option<&DeviceTensor>, options: &ActivationOptions) -> Result<DeviceTensor> {
+pub fn activation_device(
+    dev: &Device,
+    x: &DeviceTensor,
+    probs: Option<&DeviceTensor>,
+    options: &ActivationOptions,
+) -> Result<DeviceTensor> {
     let Some((rows, width, inter)) = input_dims(x, options.kind).filter(|&(rows, ..)| probs_ok(probs, rows)) else {
         return activation_host(dev, x, probs, options);
     };
@@ -331,13 +403,27 @@ pub fn activation_backward_device(
     probs: Option<&DeviceTensor>,
     options: &ActivationOptions,
 ) -> Result<(DeviceTensor, Option<DeviceTensor>)> {
-    let dims = input_dims(x, options.kind).filter(|&(rows, _, inter)| grad.shape == [rows, inter] && grad.dtype == x.dtype && probs_ok(probs, rows));
+    let dims = input_dims(x, options.kind)
+        .filter(|&(rows, _, inter)| grad.shape == [rows, inter] && grad.dtype == x.dtype && probs_ok(probs, rows));
     let Some((rows, width, _)) = dims else {
         return activation_backward_host(dev, grad, x, probs, options);
     };
     let grad_in = DeviceTensor::alloc(dev, "gradInput", x.dtype, vec![rows, width])?;
     let grad_probs = probs.map(|p| DeviceTensor::alloc(dev, "gradProbs", DType::F32, p.shape.clone())).transpose()?;
-    launch_activation_backward(dev, options, ExpMath::Exact, x.dtype, &grad.buf, &x.buf, rows, width, probs.map(|p| &p.buf), x.dtype, &grad_in.buf, grad_probs.as_ref().map(|p| &p.buf))?;
+    launch_activation_backward(
+        dev,
+        options,
+        ExpMath::Exact,
+        x.dtype,
+        &grad.buf,
+        &x.buf,
+        rows,
+        width,
+        probs.map(|p| &p.buf),
+        x.dtype,
+        &grad_in.buf,
+        grad_probs.as_ref().map(|p| &p.buf),
+    )?;
     Ok((grad_in, grad_probs))
 }
 
@@ -353,10 +439,7 @@ fn activation_backward_host(
     let ph = download_opt(dev, "probs", probs)?;
     let p_ref = opt_ref("probs", &ph)?;
     let out = moe_core::activations::activation_backward(&tensor_ref("grad", &gh)?, &tensor_ref("x", &xh)?, p_ref.as_ref(), options)?;
-    Ok((
-        DeviceTensor::upload_owned(dev, "gradInput", &out.grad_input)?,
-        upload_owned_opt(dev, "gradProbs", out.grad_probs.as_ref())?,
-    ))
+    Ok((DeviceTensor::upload_owned(dev, "gradInput", &out.grad_input)?, upload_owned_opt(dev, "gradProbs", out.grad_probs.as_ref())?))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -381,7 +464,11 @@ fn coeff_ok(coeff: f64) -> bool {
 
 /// The Switch loss's options and counts pass the core's checks (values aside: the kernels check those).
 fn switch_ok(tokens_per_expert: &DeviceTensor, cols: usize, options: &SwitchLossOptions) -> bool {
-    tokens_per_expert.dtype == DType::I32 && tokens_per_expert.shape == [cols] && options.topk >= 1 && coeff_ok(options.coeff) && options.num_tokens != Some(0)
+    tokens_per_expert.dtype == DType::I32
+        && tokens_per_expert.shape == [cols]
+        && options.topk >= 1
+        && coeff_ok(options.coeff)
+        && options.num_tokens != Some(0)
 }
 
 /// The result words: loss, scalar, flags (zeroed).
@@ -419,7 +506,12 @@ pub fn switch_load_balancing_loss_device(
     let partial = dev.alloc("the loss (row sums)", rows * 8)?;
     let grad = DeviceTensor::alloc(dev, "gradProbs", DType::F32, vec![rows, cols])?;
     let (x, c, m) = (probs.buf.ptr(s), tokens_per_expert.buf.ptr(s), token_mask.map_or(0, |m| m.buf.ptr(s)));
-    dev.launch("loss_switch_rows", (blocks(rows), 1), THREADS, &[Arg::U64(x), Arg::U64(c), Arg::U64(m), i64_arg(rows), i64_arg(cols), Arg::U64(partial.ptr(s)), Arg::U64(result.ptr(s))])?;
+    dev.launch(
+        "loss_switch_rows",
+        (blocks(rows), 1),
+        THREADS,
+        &[Arg::U64(x), Arg::U64(c), Arg::U64(m), i64_arg(rows), i64_arg(cols), Arg::U64(partial.ptr(s)), Arg::U64(result.ptr(s))],
+    )?;
     dev.launch(
         "loss_switch_total",
         (1, 1),
@@ -436,7 +528,12 @@ pub fn switch_load_balancing_loss_device(
             Arg::U64(result.ptr(s)),
         ],
     )?;
-    dev.launch("loss_switch_grad", (blocks(rows.saturating_mul(cols)), 1), THREADS, &[Arg::U64(c), Arg::U64(m), i64_arg(rows), i64_arg(cols), Arg::U64(result.ptr(s)), Arg::U64(grad.buf.ptr(s))])?;
+    dev.launch(
+        "loss_switch_grad",
+        (blocks(rows.saturating_mul(cols)), 1),
+        THREADS,
+        &[Arg::U64(c), Arg::U64(m), i64_arg(rows), i64_arg(cols), Arg::U64(result.ptr(s)), Arg::U64(grad.buf.ptr(s))],
+    )?;
     match read_loss(dev, &result)? {
         Some(loss) => Ok((loss, grad)),
         None => loss_host(dev, LossOp::Switch(options), probs, Some(tokens_per_expert), token_mask),
@@ -501,7 +598,16 @@ fn logits_loss(
         "loss_logits_rows",
         (blocks(rows), 1),
         THREADS,
-        &[Arg::U64(x), Arg::U64(c), Arg::U64(m), i64_arg(rows), i64_arg(cols), Arg::I32(a.mode), Arg::U64(stats.ptr(s)), Arg::U64(result.ptr(s))],
+        &[
+            Arg::U64(x),
+            Arg::U64(c),
+            Arg::U64(m),
+            i64_arg(rows),
+            i64_arg(cols),
+            Arg::I32(a.mode),
+            Arg::U64(stats.ptr(s)),
+            Arg::U64(result.ptr(s)),
+        ],
     )?;
     dev.launch(
         "loss_logits_total",
@@ -548,7 +654,13 @@ enum LossOp {
 }
 
 /// The host path of the losses: download, the core (its checks, its errors), upload of the gradient.
-fn loss_host(dev: &Device, op: LossOp, x: &DeviceTensor, counts: Option<&DeviceTensor>, token_mask: Option<&DeviceTensor>) -> Result<(f64, DeviceTensor)> {
+fn loss_host(
+    dev: &Device,
+    op: LossOp,
+    x: &DeviceTensor,
+    counts: Option<&DeviceTensor>,
+    token_mask: Option<&DeviceTensor>,
+) -> Result<(f64, DeviceTensor)> {
     let first = if matches!(op, LossOp::Switch(_)) { "probs" } else { "logits" };
     let xh = x.download(dev, first)?;
     let ch = download_opt(dev, "tokensPerExpert", counts)?;
@@ -561,7 +673,9 @@ fn loss_host(dev: &Device, op: LossOp, x: &DeviceTensor, counts: Option<&DeviceT
     };
     let out = match op {
         LossOp::Switch(o) => moe_core::aux_loss::switch_load_balancing_loss(&x_ref, &counts_ref()?, m_ref.as_ref(), o)?,
-        LossOp::SwitchFromLogits(o) => moe_core::aux_loss::switch_load_balancing_loss_from_logits(&x_ref, &counts_ref()?, m_ref.as_ref(), o)?,
+        LossOp::SwitchFromLogits(o) => {
+            moe_core::aux_loss::switch_load_balancing_loss_from_logits(&x_ref, &counts_ref()?, m_ref.as_ref(), o)?
+        }
         LossOp::Z(coeff) => moe_core::aux_loss::z_loss(&x_ref, m_ref.as_ref(), coeff)?,
     };
     let what = if matches!(op, LossOp::Switch(_)) { "gradProbs" } else { "gradLogits" };
@@ -576,7 +690,13 @@ mod tests {
 
     fn all_kernels() -> Vec<String> {
         let mut names = Vec::new();
-        for (i, o) in [(DType::F32, DType::F32), (DType::BF16, DType::BF16), (DType::F16, DType::F16), (DType::F32, DType::BF16), (DType::F32, DType::F16)] {
+        for (i, o) in [
+            (DType::F32, DType::F32),
+            (DType::BF16, DType::BF16),
+            (DType::F16, DType::F16),
+            (DType::F32, DType::BF16),
+            (DType::F32, DType::F16),
+        ] {
             names.push(forward_kernel(i, o).unwrap());
             names.push(backward_kernel(i, o).unwrap());
             names.push(with_math(forward_kernel(i, o).unwrap(), ExpMath::Fast));
@@ -591,7 +711,8 @@ mod tests {
             names.push(grad_probs_kernel(*d).unwrap());
             names.push(with_math(grad_probs_kernel(*d).unwrap(), ExpMath::Fast));
         }
-        for n in ["loss_switch_rows", "loss_switch_total", "loss_switch_grad", "loss_logits_rows", "loss_logits_total", "loss_logits_grad"] {
+        for n in ["loss_switch_rows", "loss_switch_total", "loss_switch_grad", "loss_logits_rows", "loss_logits_total", "loss_logits_grad"]
+        {
             names.push(n.to_string());
         }
         names
@@ -626,7 +747,8 @@ mod tests {
         }
         // The kernels' codes (ACT_* defines) agree.
         let src = compile::ACTIVATIONS.source;
-        for (code, name) in [(0, "ACT_SWIGLU"), (1, "ACT_QUICK_GEGLU"), (2, "ACT_SWIGLU_OAI"), (3, "ACT_SWIGLU_CLAMPED"), (4, "ACT_RELU2")] {
+        for (code, name) in [(0, "ACT_SWIGLU"), (1, "ACT_QUICK_GEGLU"), (2, "ACT_SWIGLU_OAI"), (3, "ACT_SWIGLU_CLAMPED"), (4, "ACT_RELU2")]
+        {
             assert!(src.contains(&format!("#define {name} {code}\n")), "{name}");
         }
         assert!(src.contains(&format!("#define LOSS_SWITCH {MODE_SWITCH}\n")) && src.contains(&format!("#define LOSS_Z {MODE_Z}\n")));
@@ -672,8 +794,13 @@ mod tests {
             Data::U16(v) => v
                 .iter()
                 .map(|&b| {
-                    let nan = if t.dtype == DType::BF16 { b & 0x7f80 == 0x7f80 && b & 0x7f != 0 } else { b & 0x7c00 == 0x7c00 && b & 0x3ff != 0 };
-                    if nan { u32::MAX } else { b as u32 }
+                    let nan =
+                        if t.dtype == DType::BF16 { b & 0x7f80 == 0x7f80 && b & 0x7f != 0 } else { b & 0x7c00 == 0x7c00 && b & 0x3ff != 0 };
+                    if nan {
+                        u32::MAX
+                    } else {
+                        b as u32
+                    }
                 })
                 .collect(),
             _ => panic!("not a float tensor"),
@@ -703,7 +830,8 @@ mod tests {
             let x = TensorRef::of("x", vec![rows, width], &xs).unwrap();
             let g = TensorRef::of("grad", vec![rows, inter], &gs[..rows * inter]).unwrap();
             let p = TensorRef::of("probs", vec![rows], &ps).unwrap();
-            let (xd, gd, pd) = (DeviceTensor::upload(dev, &x).unwrap(), DeviceTensor::upload(dev, &g).unwrap(), DeviceTensor::upload(dev, &p).unwrap());
+            let (xd, gd, pd) =
+                (DeviceTensor::upload(dev, &x).unwrap(), DeviceTensor::upload(dev, &g).unwrap(), DeviceTensor::upload(dev, &p).unwrap());
             let want = moe_core::activations::activation(&x, Some(&p), &o).unwrap();
             let got = activation_device(dev, &xd, Some(&pd), &o).unwrap().download(dev, "out").unwrap();
             assert_eq!(bits(&got), bits(&want), "{}", kind.name());
@@ -718,7 +846,8 @@ mod tests {
         let l = TensorRef::of("logits", vec![rows, 4], &logits).unwrap();
         let c = TensorRef::of("tokensPerExpert", vec![4], &counts).unwrap();
         let m = TensorRef::new("tokenMask", DType::Bool, vec![rows], &mask).unwrap();
-        let (ld, cd, md) = (DeviceTensor::upload(dev, &l).unwrap(), DeviceTensor::upload(dev, &c).unwrap(), DeviceTensor::upload(dev, &m).unwrap());
+        let (ld, cd, md) =
+            (DeviceTensor::upload(dev, &l).unwrap(), DeviceTensor::upload(dev, &c).unwrap(), DeviceTensor::upload(dev, &m).unwrap());
         let o = SwitchLossOptions { topk: 2, coeff: 0.01, num_tokens: None };
         let want = moe_core::aux_loss::switch_load_balancing_loss_from_logits(&l, &c, Some(&m), o).unwrap();
         let (loss, grad) = switch_load_balancing_loss_from_logits_device(dev, &ld, &cd, Some(&md), o).unwrap();

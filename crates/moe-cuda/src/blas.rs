@@ -132,7 +132,16 @@ pub struct Problem {
 
 /// [`gemm_with`] for one [`Problem`] (`a`, `b`: dtype and transposed; C overwritten).
 pub fn gemm_problem(blas: &CudaBlas, q: &Problem, a: (DType, bool), b: (DType, bool), c: DType) -> Result<()> {
-    gemm_with(blas, q.m, q.n, q.k, Operand { ptr: q.a, dtype: a.0, trans: a.1 }, Operand { ptr: q.b, dtype: b.0, trans: b.1 }, Output { ptr: q.c, dtype: c }, 0.0)
+    gemm_with(
+        blas,
+        q.m,
+        q.n,
+        q.k,
+        Operand { ptr: q.a, dtype: a.0, trans: a.1 },
+        Operand { ptr: q.b, dtype: b.0, trans: b.1 },
+        Output { ptr: q.c, dtype: c },
+        0.0,
+    )
 }
 
 /// Many GEMMs of one dtype and transpose pattern (the experts' per-expert products) in one
@@ -140,12 +149,31 @@ pub fn gemm_problem(blas: &CudaBlas, q: &Problem, a: (DType, bool), b: (DType, b
 /// does not offer it for these types — one `gemm` each. Problems with `m` or `n` = 0 are
 /// skipped; `k` = 0 ones write zeros.
 #[allow(clippy::too_many_arguments)]
-pub fn gemm_grouped(dev: &Device, problems: &[Problem], a_dtype: DType, trans_a: bool, b_dtype: DType, trans_b: bool, c_dtype: DType) -> Result<()> {
+pub fn gemm_grouped(
+    dev: &Device,
+    problems: &[Problem],
+    a_dtype: DType,
+    trans_a: bool,
+    b_dtype: DType,
+    trans_b: bool,
+    c_dtype: DType,
+) -> Result<()> {
     let live: Vec<Problem> = problems.iter().copied().filter(|p| p.m > 0 && p.n > 0).collect();
     if live.is_empty() {
         return Ok(());
     }
-    let one = |p: &Problem| gemm(dev, p.m, p.n, p.k, Operand { ptr: p.a, dtype: a_dtype, trans: trans_a }, Operand { ptr: p.b, dtype: b_dtype, trans: trans_b }, Output { ptr: p.c, dtype: c_dtype }, 0.0);
+    let one = |p: &Problem| {
+        gemm(
+            dev,
+            p.m,
+            p.n,
+            p.k,
+            Operand { ptr: p.a, dtype: a_dtype, trans: trans_a },
+            Operand { ptr: p.b, dtype: b_dtype, trans: trans_b },
+            Output { ptr: p.c, dtype: c_dtype },
+            0.0,
+        )
+    };
     if live.len() == 1 || live.iter().any(|p| p.k == 0) || a_dtype != b_dtype {
         return live.iter().try_for_each(one);
     }
@@ -207,7 +235,11 @@ pub fn gemm_grouped(dev: &Device, problems: &[Problem], a_dtype: DType, trans_a:
         // (the pointer array is freed stream-ordered, after the GEMMs that read it)
         blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS => Ok(()),
         blas_sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED => live.iter().try_for_each(one),
-        other => Err(Error::Cuda(format!("cublasGemmGroupedBatchedEx ({g} problems, {} -> {}) failed: {other:?}", a_dtype.name(), c_dtype.name()))),
+        other => Err(Error::Cuda(format!(
+            "cublasGemmGroupedBatchedEx ({g} problems, {} -> {}) failed: {other:?}",
+            a_dtype.name(),
+            c_dtype.name()
+        ))),
     }
 }
 
@@ -241,7 +273,11 @@ pub fn set_side_streams(streams: usize, sm_target: bool) {
 fn side_streams() -> usize {
     match SIDE_STREAMS.load(std::sync::atomic::Ordering::Relaxed) {
         0 => {
-            let n = std::env::var("MOE_DISPATCH_GEMM_STREAMS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&n| n >= 1).map_or(SideBySide::STREAMS, |n| n.min(SideBySide::MAX_STREAMS));
+            let n = std::env::var("MOE_DISPATCH_GEMM_STREAMS")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|&n| n >= 1)
+                .map_or(SideBySide::STREAMS, |n| n.min(SideBySide::MAX_STREAMS));
             SIDE_STREAMS.store(n, std::sync::atomic::Ordering::Relaxed);
             n
         }
@@ -259,7 +295,8 @@ fn side_priority() -> Result<Option<i32>> {
     if matches!(std::env::var("MOE_DISPATCH_GEMM_PRIORITY").as_deref(), Ok("normal")) {
         return Ok(None);
     }
-    let (_, greatest) = cudarc::driver::result::stream::get_priority_range().map_err(|e| Error::driver("reading the stream priority range", e))?;
+    let (_, greatest) =
+        cudarc::driver::result::stream::get_priority_range().map_err(|e| Error::driver("reading the stream priority range", e))?;
     Ok(Some(greatest))
 }
 
@@ -300,7 +337,9 @@ impl SideBySide {
         let mut shape = self.shape.lock().unwrap_or_else(|p| p.into_inner());
         if *shape != (n, target) {
             for (_, blas) in &self.lanes[..n] {
-                unsafe { blas_sys::cublasSetSmCountTarget(*blas.handle(), target) }.result().map_err(|e| Error::Cuda(format!("cublasSetSmCountTarget failed: {e}")))?;
+                unsafe { blas_sys::cublasSetSmCountTarget(*blas.handle(), target) }
+                    .result()
+                    .map_err(|e| Error::Cuda(format!("cublasSetSmCountTarget failed: {e}")))?;
             }
             *shape = (n, target);
         }
@@ -345,7 +384,14 @@ pub struct SideQueue<'a> {
 impl SideQueue<'_> {
     /// Queues `problems` (independent GEMMs) after `after` (a [`mark`] of the device's stream),
     /// problem i on stream i % streams, as [`SideBySide::run`].
-    pub fn push(&mut self, after: &cudarc::driver::CudaEvent, problems: &[Problem], a: (DType, bool), b: (DType, bool), c: DType) -> Result<()> {
+    pub fn push(
+        &mut self,
+        after: &cudarc::driver::CudaEvent,
+        problems: &[Problem],
+        a: (DType, bool),
+        b: (DType, bool),
+        c: DType,
+    ) -> Result<()> {
         for (stream, _) in self.lanes {
             stream.wait(after).map_err(|e| Error::driver("ordering the GEMM streams", e))?;
         }
@@ -434,7 +480,17 @@ pub fn gemm_row_blocks(dev: &Device, problems: &[Problem], a: (DType, bool), b: 
 /// One `cublasGemmBatchedEx` call: for each `[a, b, c]`, row-major `C [m, n] = A [m, k] @
 /// op(B) [k, n]` (A not transposed).
 #[allow(clippy::too_many_arguments)]
-fn gemm_batched(dev: &Device, blas: &CudaBlas, items: &[[u64; 3]], m: usize, n: usize, k: usize, a_dtype: DType, b: (DType, bool), c_dtype: DType) -> Result<()> {
+fn gemm_batched(
+    dev: &Device,
+    blas: &CudaBlas,
+    items: &[[u64; 3]],
+    m: usize,
+    n: usize,
+    k: usize,
+    a_dtype: DType,
+    b: (DType, bool),
+    c_dtype: DType,
+) -> Result<()> {
     if items.is_empty() {
         return Ok(());
     }
@@ -477,6 +533,10 @@ fn gemm_batched(dev: &Device, blas: &CudaBlas, items: &[[u64; 3]], m: usize, n: 
     // (the pointer array is freed in stream order, after the GEMMs that read it)
     match status {
         blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS => Ok(()),
-        other => Err(Error::Cuda(format!("cublasGemmBatchedEx ({g} x [{m}, {k}] @ [{k}, {n}], {} -> {}) failed: {other:?}", a_dtype.name(), c_dtype.name()))),
+        other => Err(Error::Cuda(format!(
+            "cublasGemmBatchedEx ({g} x [{m}, {k}] @ [{k}, {n}], {} -> {}) failed: {other:?}",
+            a_dtype.name(),
+            c_dtype.name()
+        ))),
     }
 }

@@ -51,7 +51,10 @@ pub struct Candidate {
 impl Candidate {
     /// e.g. "tile 24 splitK 1 red 0 stages 19 cluster 2 waves 1.33"
     pub fn describe(&self) -> String {
-        format!("tile {} splitK {} red {} stages {} cluster {} waves {:.2}", self.tile, self.split_k, self.reduction, self.stages, self.cluster, self.waves)
+        format!(
+            "tile {} splitK {} red {} stages {} cluster {} waves {:.2}",
+            self.tile, self.split_k, self.reduction, self.stages, self.cluster, self.waves
+        )
     }
 }
 
@@ -93,7 +96,9 @@ impl Drop for Descs {
 
 fn layout(d: DType, rows: usize, cols: usize, ld: usize) -> Result<lt::cublasLtMatrixLayout_t> {
     let mut l = std::ptr::null_mut();
-    check("cublasLtMatrixLayoutCreate", unsafe { lt::cublasLtMatrixLayoutCreate(&mut l, data_type(d)?, rows as u64, cols as u64, ld as i64) })?;
+    check("cublasLtMatrixLayoutCreate", unsafe {
+        lt::cublasLtMatrixLayoutCreate(&mut l, data_type(d)?, rows as u64, cols as u64, ld as i64)
+    })?;
     Ok(l)
 }
 
@@ -101,18 +106,36 @@ fn layout(d: DType, rows: usize, cols: usize, ld: usize) -> Result<lt::cublasLtM
 /// `C^T [n, m] = op(B)^T op(A)^T`: its first operand is B, its second A.
 fn descs(m: usize, n: usize, k: usize, a: (DType, bool), b: (DType, bool), c: DType) -> Result<Descs> {
     let mut op = std::ptr::null_mut();
-    check("cublasLtMatmulDescCreate", unsafe { lt::cublasLtMatmulDescCreate(&mut op, lt::cublasComputeType_t::CUBLAS_COMPUTE_32F, lt::cudaDataType::CUDA_R_32F) })?;
+    check("cublasLtMatmulDescCreate", unsafe {
+        lt::cublasLtMatmulDescCreate(&mut op, lt::cublasComputeType_t::CUBLAS_COMPUTE_32F, lt::cudaDataType::CUDA_R_32F)
+    })?;
     // cublasOperation_t (cuBLAS's): CUBLAS_OP_N = 0, CUBLAS_OP_T = 1, as an int32 attribute
-    let trans = |t: bool| -> i32 { if t { cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T as i32 } else { cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N as i32 } };
+    let trans = |t: bool| -> i32 {
+        if t {
+            cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T as i32
+        } else {
+            cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N as i32
+        }
+    };
     let (ta, tb) = (trans(b.1), trans(a.1));
     unsafe {
         check(
             "setting TRANSA",
-            lt::cublasLtMatmulDescSetAttribute(op, lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, &ta as *const _ as *const _, std::mem::size_of_val(&ta)),
+            lt::cublasLtMatmulDescSetAttribute(
+                op,
+                lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+                &ta as *const _ as *const _,
+                std::mem::size_of_val(&ta),
+            ),
         )?;
         check(
             "setting TRANSB",
-            lt::cublasLtMatmulDescSetAttribute(op, lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, &tb as *const _ as *const _, std::mem::size_of_val(&tb)),
+            lt::cublasLtMatmulDescSetAttribute(
+                op,
+                lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
+                &tb as *const _ as *const _,
+                std::mem::size_of_val(&tb),
+            ),
         )?;
     }
     // stored shapes, column-major: B row-major [k, n] is [n, k] (ld n), or [k, n] (ld k) when
@@ -153,7 +176,16 @@ impl Lt {
 
     /// Up to `count` algorithms for the product, cuBLASLt's heuristic's order (best first).
     #[allow(clippy::too_many_arguments)]
-    pub fn candidates(&self, m: usize, n: usize, k: usize, a: (DType, bool), b: (DType, bool), c: DType, count: usize) -> Result<Vec<Candidate>> {
+    pub fn candidates(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: (DType, bool),
+        b: (DType, bool),
+        c: DType,
+        count: usize,
+    ) -> Result<Vec<Candidate>> {
         let d = descs(m, n, k, a, b, c)?;
         let mut pref = std::ptr::null_mut();
         check("cublasLtMatmulPreferenceCreate", unsafe { lt::cublasLtMatmulPreferenceCreate(&mut pref) })?;
@@ -163,12 +195,28 @@ impl Lt {
         let status = unsafe {
             check(
                 "setting the workspace preference",
-                lt::cublasLtMatmulPreferenceSetAttribute(pref, lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws as *const u64 as *const _, 8),
+                lt::cublasLtMatmulPreferenceSetAttribute(
+                    pref,
+                    lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                    &ws as *const u64 as *const _,
+                    8,
+                ),
             )
             .and_then(|_| {
                 check(
                     "cublasLtMatmulAlgoGetHeuristic",
-                    lt::cublasLtMatmulAlgoGetHeuristic(self.handle, d.op, d.a, d.b, d.c, d.c, pref, results.len() as i32, results.as_mut_ptr(), &mut returned),
+                    lt::cublasLtMatmulAlgoGetHeuristic(
+                        self.handle,
+                        d.op,
+                        d.a,
+                        d.b,
+                        d.c,
+                        d.c,
+                        pref,
+                        results.len() as i32,
+                        results.as_mut_ptr(),
+                        &mut returned,
+                    ),
                 )
             })
         };
@@ -193,7 +241,16 @@ impl Lt {
 
     /// Host cost measurement: `count` calls of one product (the descriptors made once) with `algo`.
     #[allow(clippy::too_many_arguments)]
-    pub fn run_repeated(&self, dev: &Device, q: &Problem, a: (DType, bool), b: (DType, bool), c: DType, algo: &Candidate, count: usize) -> Result<()> {
+    pub fn run_repeated(
+        &self,
+        dev: &Device,
+        q: &Problem,
+        a: (DType, bool),
+        b: (DType, bool),
+        c: DType,
+        algo: &Candidate,
+        count: usize,
+    ) -> Result<()> {
         let d = descs(q.m, q.n, q.k, a, b, c)?;
         (0..count).try_for_each(|_| self.matmul(dev, &d, q, algo))
     }

@@ -130,7 +130,8 @@ pub fn store_cubin(src: &KernelSource, arch: &str, cubin: &[u8]) {
 }
 
 /// Folders searched for libnvrtc when the dynamic loader's own search does not find it.
-const NVRTC_DIRS: &[&str] = &["/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib", "/usr/local/cuda-13.0/lib64", "/usr/lib/x86_64-linux-gnu"];
+const NVRTC_DIRS: &[&str] =
+    &["/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib", "/usr/local/cuda-13.0/lib64", "/usr/lib/x86_64-linux-gnu"];
 
 /// Makes sure libnvrtc can be opened: by the loader's search (LD_LIBRARY_PATH, ld.so.cache),
 /// else from `$MOE_DISPATCH_NVRTC` (a file or a folder) or the usual CUDA folders, opened by

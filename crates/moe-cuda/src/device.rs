@@ -7,7 +7,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use cudarc::driver::{result as drv, sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    result as drv, sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
 use cudarc::nvrtc::Ptx;
 
 use crate::compile::{self, panic_message, KernelSource, Origin};
@@ -73,7 +75,6 @@ impl Drop for HostWords<'_> {
         self.dev.host_slots.lock().unwrap_or_else(|p| p.into_inner()).push((self.host, self.device));
     }
 }
-
 
 /// What [`Device::info`] reports.
 #[derive(Debug, Clone, PartialEq)]
@@ -151,12 +152,31 @@ impl Device {
                 kernels_origin = origin;
             }
             for fname in kernel_names(src.source) {
-                let f = module.load_function(&fname).map_err(|e| Error::driver(format!("finding kernel {fname} in kernels/{}", src.file), e))?;
+                let f = module
+                    .load_function(&fname)
+                    .map_err(|e| Error::driver(format!("finding kernel {fname} in kernels/{}", src.file), e))?;
                 functions.insert(fname, f);
             }
             modules.push(module);
         }
-        Ok(Device { ctx, stream, aux, ordinal, name, compute_capability, driver_version, total_memory, functions, kernels_origin, _modules: modules, blas: OnceLock::new(), side_blas: OnceLock::new(), host_slots: std::sync::Mutex::new(Vec::new()), counters: std::sync::Mutex::new(None), sms })
+        Ok(Device {
+            ctx,
+            stream,
+            aux,
+            ordinal,
+            name,
+            compute_capability,
+            driver_version,
+            total_memory,
+            functions,
+            kernels_origin,
+            _modules: modules,
+            blas: OnceLock::new(),
+            side_blas: OnceLock::new(),
+            host_slots: std::sync::Mutex::new(Vec::new()),
+            counters: std::sync::Mutex::new(None),
+            sms,
+        })
     }
 
     /// The process-wide device (`$MOE_DISPATCH_CUDA_DEVICE`, default 0), opened at first use.
@@ -216,7 +236,8 @@ impl Device {
     /// Allocates `bytes` bytes (at least 1, so that empty tensors have an address). `what`
     /// names the tensor in an out-of-memory error.
     pub fn alloc(&self, what: &str, bytes: usize) -> Result<Buffer> {
-        let slice = unsafe { self.stream.alloc::<u8>(bytes.max(1)) }.map_err(|e| Error::driver(format!("allocating {} for {what}", human_bytes(bytes)), e))?;
+        let slice = unsafe { self.stream.alloc::<u8>(bytes.max(1)) }
+            .map_err(|e| Error::driver(format!("allocating {} for {what}", human_bytes(bytes)), e))?;
         LIVE_BYTES.fetch_add(bytes.max(1), Ordering::Relaxed);
         LIVE_BUFFERS.fetch_add(1, Ordering::Relaxed);
         Ok(Buffer { slice, bytes })
@@ -262,8 +283,12 @@ impl Device {
             return Err(Error::Cuda(format!("copying {what} to the host: {} bytes into {bytes} (a bug in moe-dispatch)", buf.bytes)));
         }
         let mut v: Vec<T> = Vec::new();
-        v.try_reserve_exact(len)
-            .map_err(|_| Error::Core(moe_core::Error::range(what.to_string(), format!("an output of {len} elements ({bytes} bytes) cannot be allocated"))))?;
+        v.try_reserve_exact(len).map_err(|_| {
+            Error::Core(moe_core::Error::range(
+                what.to_string(),
+                format!("an output of {len} elements ({bytes} bytes) cannot be allocated"),
+            ))
+        })?;
         moe_core::alloc::advise_huge_pages(v.as_mut_ptr() as *mut u8, bytes);
         prefault(v.spare_capacity_mut());
         if bytes > 0 {
@@ -298,7 +323,10 @@ impl Device {
                 Err(Error::Cuda(format!("reading the pool's {what}: {r:?}")))
             }
         };
-        Ok((attr(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT, "reserved memory")?, attr(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT, "used memory")?))
+        Ok((
+            attr(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT, "reserved memory")?,
+            attr(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT, "used memory")?,
+        ))
     }
 
     fn default_pool(&self, what: &str) -> Result<sys::CUmemoryPool> {
@@ -491,7 +519,8 @@ impl PendingRead {
         self.event.synchronize().map_err(|e| Error::driver(format!("waiting for {}", self.what), e))?;
         let mut out = [0i32; 1];
         let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
-        unsafe { drv::memcpy_dtoh_async(dst, self.ptr, dev.aux.cu_stream()) }.map_err(|e| Error::driver(format!("reading {}", self.what), e))?;
+        unsafe { drv::memcpy_dtoh_async(dst, self.ptr, dev.aux.cu_stream()) }
+            .map_err(|e| Error::driver(format!("reading {}", self.what), e))?;
         dev.aux.synchronize().map_err(|e| Error::driver(format!("reading {}", self.what), e))?;
         Ok(out[0])
     }
@@ -551,7 +580,13 @@ fn keep_pool_memory(ctx: &Arc<CudaContext>) {
     if let Ok(pool) = default_pool(ctx) {
         let mut threshold: u64 = u64::MAX;
         // SAFETY: the release threshold is a cuuint64_t value.
-        unsafe { sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut threshold as *mut u64 as *mut _) };
+        unsafe {
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut threshold as *mut u64 as *mut _,
+            )
+        };
     }
 }
 
@@ -586,7 +621,6 @@ pub fn prefault<T: Copy>(storage: &mut [std::mem::MaybeUninit<T>]) {
     });
 }
 
-
 /// "sm_XY" for compute capability X.Y.
 pub fn arch_of((major, minor): (i32, i32)) -> String {
     format!("sm_{major}{minor}")
@@ -606,7 +640,9 @@ fn load_module(ctx: &Arc<CudaContext>, src: &KernelSource, arch: &str) -> Result
         // A cached CUBIN the driver refuses (truncated, or from another toolchain): compile again.
         Err(_) if origin == Origin::Disk => {
             let (cubin, origin) = compile::fresh_cubin(src, arch)?;
-            let m = ctx.load_module(Ptx::from_binary(cubin)).map_err(|e| Error::driver(format!("loading kernels/{} for {arch}", src.file), e))?;
+            let m = ctx
+                .load_module(Ptx::from_binary(cubin))
+                .map_err(|e| Error::driver(format!("loading kernels/{} for {arch}", src.file), e))?;
             Ok((m, origin))
         }
         Err(e) => Err(Error::driver(format!("loading kernels/{} for {arch}", src.file), e)),
@@ -706,7 +742,18 @@ mod tests {
     #[test]
     fn kernel_names_of_plain_declarations() {
         let plan = kernel_names(compile::PLAN.source);
-        for n in ["plan_chunk_count", "plan_chunk_scan", "plan_expert_offsets", "plan_rows", "plan_small_count_w1_c256", "plan_small_rows_w1_c256", "plan_fill", "scan_exclusive", "plan_row_fill", "gather_slot_probs"] {
+        for n in [
+            "plan_chunk_count",
+            "plan_chunk_scan",
+            "plan_expert_offsets",
+            "plan_rows",
+            "plan_small_count_w1_c256",
+            "plan_small_rows_w1_c256",
+            "plan_fill",
+            "scan_exclusive",
+            "plan_row_fill",
+            "gather_slot_probs",
+        ] {
             assert!(plan.contains(&n.to_string()), "{plan:?}");
         }
         let routing = kernel_names(compile::ROUTING.source);

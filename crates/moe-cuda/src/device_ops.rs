@@ -19,7 +19,9 @@
 
 use std::sync::Arc;
 
-use moe_core::permute::{check_permute, check_permute_backward, check_unpermute, check_unpermute_backward, PermuteOptions, SlotProbsLayout, UnpermuteOptions};
+use moe_core::permute::{
+    check_permute, check_permute_backward, check_unpermute, check_unpermute_backward, PermuteOptions, SlotProbsLayout, UnpermuteOptions,
+};
 use moe_core::routing::{check_route, check_topk, RouteOptions, ScoreFunction};
 use moe_core::tensor::DType;
 
@@ -62,7 +64,14 @@ pub fn build_plan(dev: &Device, map: &Buffer, num_tokens: usize, num_experts: us
 }
 
 /// [`build_plan`] with the plain plan's expected number of slots (see there).
-pub fn build_plan_expecting(dev: &Device, map: &Buffer, num_tokens: usize, num_experts: usize, capacity: Option<usize>, expected: Option<usize>) -> Result<GpuPlan> {
+pub fn build_plan_expecting(
+    dev: &Device,
+    map: &Buffer,
+    num_tokens: usize,
+    num_experts: usize,
+    capacity: Option<usize>,
+    expected: Option<usize>,
+) -> Result<GpuPlan> {
     let (t, e) = (i32_arg("numTokens", num_tokens)?, i32_arg("numExperts", num_experts)?);
     i32_arg("numTokens * numExperts", num_tokens.saturating_mul(num_experts))?;
     if capacity.is_none() && (1..=SMALL_PLAN_MAX_E).contains(&num_experts) && num_tokens > 0 {
@@ -76,9 +85,20 @@ pub fn build_plan_expecting(dev: &Device, map: &Buffer, num_tokens: usize, num_e
     // 16 routing bytes a load where the rows are whole aligned 16-byte vectors
     let aligned = map.ptr(s) % 16 == 0 && num_experts % 16 == 0 && num_experts > 0;
     if aligned && 256 % (num_experts / 16) == 0 {
-        dev.launch_shared("plan_chunk_count_v", (chunks as u32, 1), 256, 16 * 1024, &[Arg::U64(map.ptr(s)), Arg::I32(t), Arg::I32(e), Arg::U64(chunk_counts.ptr(s))])?;
+        dev.launch_shared(
+            "plan_chunk_count_v",
+            (chunks as u32, 1),
+            256,
+            16 * 1024,
+            &[Arg::U64(map.ptr(s)), Arg::I32(t), Arg::I32(e), Arg::U64(chunk_counts.ptr(s))],
+        )?;
     } else {
-        dev.launch("plan_chunk_count", (chunks as u32, col_blocks), col_threads, &[Arg::U64(map.ptr(s)), Arg::I32(t), Arg::I32(e), Arg::U64(chunk_counts.ptr(s))])?;
+        dev.launch(
+            "plan_chunk_count",
+            (chunks as u32, col_blocks),
+            col_threads,
+            &[Arg::U64(map.ptr(s)), Arg::I32(t), Arg::I32(e), Arg::U64(chunk_counts.ptr(s))],
+        )?;
     }
     let counts = dev.alloc("the plan (counts)", num_experts * 4)?;
     let tokens_per_expert = dev.alloc("tokensPerExpert", num_experts * 4)?;
@@ -88,7 +108,15 @@ pub fn build_plan_expecting(dev: &Device, map: &Buffer, num_tokens: usize, num_e
         "plan_chunk_scan",
         (num_experts.div_ceil(8) as u32, 1),
         256,
-        &[Arg::U64(chunk_counts.ptr(s)), Arg::I32(chunks as i32), Arg::I32(e), Arg::I32(cap), Arg::I32(drop), Arg::U64(counts.ptr(s)), Arg::U64(tokens_per_expert.ptr(s))],
+        &[
+            Arg::U64(chunk_counts.ptr(s)),
+            Arg::I32(chunks as i32),
+            Arg::I32(e),
+            Arg::I32(cap),
+            Arg::I32(drop),
+            Arg::U64(counts.ptr(s)),
+            Arg::U64(tokens_per_expert.ptr(s)),
+        ],
     )?;
     dev.launch("plan_expert_offsets", (1, 1), 1024, &[Arg::U64(tokens_per_expert.ptr(s)), Arg::I32(e), Arg::U64(expert_offsets.ptr(s))])?;
     let (num_slots, pending) = match capacity {
@@ -123,7 +151,12 @@ pub fn build_plan_expecting(dev: &Device, map: &Buffer, num_tokens: usize, num_e
                 Arg::I32((aligned && 32 % (num_experts / 16) == 0) as i32),
             ],
         )?;
-        return Ok(GpuPlan { plan: DevicePlan { num_tokens, num_slots, num_experts, row_ptr, slots, expert_offsets }, sorted_indices, tokens_per_expert, pending });
+        return Ok(GpuPlan {
+            plan: DevicePlan { num_tokens, num_slots, num_experts, row_ptr, slots, expert_offsets },
+            sorted_indices,
+            tokens_per_expert,
+            pending,
+        });
     }
     // every (t, e) is written by plan_fill (-1: no slot)
     let slot_of = dev.alloc("the plan (slot of each token and expert)", num_tokens * num_experts * 4)?;
@@ -157,7 +190,12 @@ pub fn build_plan_expecting(dev: &Device, map: &Buffer, num_tokens: usize, num_e
         128,
         &[Arg::U64(slot_of.ptr(s)), Arg::I32(t), Arg::I32(e), Arg::U64(row_ptr.ptr(s)), Arg::U64(slots.ptr(s))],
     )?;
-    Ok(GpuPlan { plan: DevicePlan { num_tokens, num_slots, num_experts, row_ptr, slots, expert_offsets }, sorted_indices, tokens_per_expert, pending })
+    Ok(GpuPlan {
+        plan: DevicePlan { num_tokens, num_slots, num_experts, row_ptr, slots, expert_offsets },
+        sorted_indices,
+        tokens_per_expert,
+        pending,
+    })
 }
 
 /// A plain plan's number of slots (expert_offsets[E]): the caller's expected count, taken on
@@ -217,7 +255,12 @@ fn build_small_plan(dev: &Device, map: &Buffer, num_tokens: usize, num_experts: 
             Arg::U64(slots.ptr(s)),
         ],
     )?;
-    Ok(GpuPlan { plan: DevicePlan { num_tokens, num_slots, num_experts, row_ptr, slots, expert_offsets }, sorted_indices, tokens_per_expert, pending })
+    Ok(GpuPlan {
+        plan: DevicePlan { num_tokens, num_slots, num_experts, row_ptr, slots, expert_offsets },
+        sorted_indices,
+        tokens_per_expert,
+        pending,
+    })
 }
 
 /// What [`permute_device`] returns: device tensors.
@@ -229,24 +272,45 @@ pub struct DevicePermuted {
     pub tokens_per_expert: DeviceTensor,
 }
 
-
 /// permute on device tensors; the plan is built on the GPU.
-pub fn permute_device(dev: &Device, tokens: &DeviceTensor, routing_map: &DeviceTensor, probs: Option<&DeviceTensor>, options: PermuteOptions) -> Result<DevicePermuted> {
+pub fn permute_device(
+    dev: &Device,
+    tokens: &DeviceTensor,
+    routing_map: &DeviceTensor,
+    probs: Option<&DeviceTensor>,
+    options: PermuteOptions,
+) -> Result<DevicePermuted> {
     let host = || permute_host(dev, tokens, routing_map, probs, options);
-    let Ok(c) = check_permute(tokens.meta("tokens"), routing_map.meta("routingMap"), opt_meta(probs, "probs"), options) else { return host() };
+    let Ok(c) = check_permute(tokens.meta("tokens"), routing_map.meta("routingMap"), opt_meta(probs, "probs"), options) else {
+        return host();
+    };
     let (num_tokens, num_experts) = (c.num_tokens, c.num_experts);
     if num_experts == 0 {
         // no experts, no slots: the core's (empty) answer, with no plan kernels to launch
         return host();
     }
-    let expected = if c.capacity.is_none() { options.num_out_tokens.filter(|&m| m <= num_tokens.saturating_mul(num_experts) && i32::try_from(m).is_ok()) } else { None };
+    let expected = if c.capacity.is_none() {
+        options.num_out_tokens.filter(|&m| m <= num_tokens.saturating_mul(num_experts) && i32::try_from(m).is_ok())
+    } else {
+        None
+    };
     let mut gp = build_plan_expecting(dev, &routing_map.buf, num_tokens, num_experts, c.capacity, expected)?;
     let n = gp.plan.num_slots;
     let hidden = c.hidden;
     let row_bytes = hidden * tokens.dtype.size();
     let out = DeviceTensor::alloc(dev, "permutedTokens", tokens.dtype, vec![n, hidden])?;
     let out_probs = probs.map(|_| DeviceTensor::alloc(dev, "permutedProbs", DType::F32, vec![n])).transpose()?;
-    ops::launch_permute(dev, PermuteKernel::Scatter, &tokens.buf, row_bytes, &gp.plan, None, probs.map(|p| &p.buf), &out.buf, out_probs.as_ref().map(|p| &p.buf))?;
+    ops::launch_permute(
+        dev,
+        PermuteKernel::Scatter,
+        &tokens.buf,
+        row_bytes,
+        &gp.plan,
+        None,
+        probs.map(|p| &p.buf),
+        &out.buf,
+        out_probs.as_ref().map(|p| &p.buf),
+    )?;
     let count = match gp.pending.take() {
         // numOutTokens was taken on trust to queue the kernels
         Some(pending) => pending.finish(dev)? as usize,
@@ -266,7 +330,13 @@ pub fn permute_device(dev: &Device, tokens: &DeviceTensor, routing_map: &DeviceT
 }
 
 /// permute on the host for device inputs: download, the core (its checks, its error), upload.
-fn permute_host(dev: &Device, tokens: &DeviceTensor, routing_map: &DeviceTensor, probs: Option<&DeviceTensor>, options: PermuteOptions) -> Result<DevicePermuted> {
+fn permute_host(
+    dev: &Device,
+    tokens: &DeviceTensor,
+    routing_map: &DeviceTensor,
+    probs: Option<&DeviceTensor>,
+    options: PermuteOptions,
+) -> Result<DevicePermuted> {
     let tok = tokens.download(dev, "tokens")?;
     let map = routing_map.download(dev, "routingMap")?;
     let pr = download_opt(dev, "probs", probs)?;
@@ -294,7 +364,14 @@ pub fn unpermute_device(
     options: UnpermuteOptions,
 ) -> Result<DeviceTensor> {
     let host = || unpermute_host(dev, permuted, sorted_indices, restore_shape, probs, routing_map, options);
-    let checked = check_unpermute(permuted.meta("permutedTokens"), sorted_indices.meta("sortedIndices"), restore_shape, opt_meta(probs, "probs"), opt_meta(routing_map, "routingMap"), options);
+    let checked = check_unpermute(
+        permuted.meta("permutedTokens"),
+        sorted_indices.meta("sortedIndices"),
+        restore_shape,
+        opt_meta(probs, "probs"),
+        opt_meta(routing_map, "routingMap"),
+        options,
+    );
     let Ok(c) = checked else { return host() };
     let (num_tokens, hidden, n) = (c.num_tokens, c.hidden, c.num_slots);
     let dense_map = match (c.probs, routing_map) {
@@ -336,7 +413,14 @@ fn unpermute_host(
     let map = download_opt(dev, "routingMap", routing_map)?;
     let pr_ref = opt_ref("probs", &pr)?;
     let map_ref = opt_ref("routingMap", &map)?;
-    let out = moe_core::permute::unpermute(&tensor_ref("permutedTokens", &x)?, &tensor_ref("sortedIndices", &si)?, restore_shape, pr_ref.as_ref(), map_ref.as_ref(), options)?;
+    let out = moe_core::permute::unpermute(
+        &tensor_ref("permutedTokens", &x)?,
+        &tensor_ref("sortedIndices", &si)?,
+        restore_shape,
+        pr_ref.as_ref(),
+        map_ref.as_ref(),
+        options,
+    )?;
     DeviceTensor::upload_owned(dev, "the output", &out)
 }
 
@@ -392,7 +476,15 @@ fn gpu_map_fits(map: &DeviceTensor) -> bool {
 /// checks it: in plain mode the map must select exactly `n` entries and route each slot's token
 /// to its expert. With `dense` (`[T, E]` f32) also fills `weights [n]` with each slot's prob.
 /// None when a check fails (the core reports it). Reads 4 bytes, plus the error word in plain mode.
-fn slot_experts(dev: &Device, map: &DeviceTensor, sorted: &DeviceTensor, n: usize, num_tokens: usize, drop_and_pad: bool, dense: Option<(&Buffer, &Buffer)>) -> Result<Option<SlotExperts>> {
+fn slot_experts(
+    dev: &Device,
+    map: &DeviceTensor,
+    sorted: &DeviceTensor,
+    n: usize,
+    num_tokens: usize,
+    drop_and_pad: bool,
+    dense: Option<(&Buffer, &Buffer)>,
+) -> Result<Option<SlotExperts>> {
     let e = map.shape[1];
     let s = dev.stream();
     let (capacity, offsets) = if drop_and_pad {
@@ -477,11 +569,15 @@ fn permute_backward_host(
     let map = download_opt(dev, "routingMap", routing_map)?;
     let gp_ref = opt_ref("gradPermutedProbs", &gp)?;
     let map_ref = opt_ref("routingMap", &map)?;
-    let out = moe_core::permute::permute_backward(&tensor_ref("gradPermuted", &g)?, &tensor_ref("sortedIndices", &si)?, num_tokens, gp_ref.as_ref(), map_ref.as_ref(), options)?;
-    Ok((
-        DeviceTensor::upload_owned(dev, "gradTokens", &out.grad_tokens)?,
-        upload_owned_opt(dev, "gradProbs", out.grad_probs.as_ref())?,
-    ))
+    let out = moe_core::permute::permute_backward(
+        &tensor_ref("gradPermuted", &g)?,
+        &tensor_ref("sortedIndices", &si)?,
+        num_tokens,
+        gp_ref.as_ref(),
+        map_ref.as_ref(),
+        options,
+    )?;
+    Ok((DeviceTensor::upload_owned(dev, "gradTokens", &out.grad_tokens)?, upload_owned_opt(dev, "gradProbs", out.grad_probs.as_ref())?))
 }
 
 /// permuteBackward on device tensors: `gradTokens [T, H]` sums each token's slot gradients in
@@ -545,11 +641,15 @@ fn unpermute_backward_host(
     let map = download_opt(dev, "routingMap", routing_map)?;
     let pr_ref = opt_ref("probs", &pr)?;
     let map_ref = opt_ref("routingMap", &map)?;
-    let out = moe_core::permute::unpermute_backward(&tensor_ref("gradOutput", &g)?, &tensor_ref("permutedTokens", &x)?, &tensor_ref("sortedIndices", &si)?, pr_ref.as_ref(), map_ref.as_ref(), options)?;
-    Ok((
-        DeviceTensor::upload_owned(dev, "gradPermuted", &out.grad_permuted)?,
-        upload_owned_opt(dev, "gradProbs", out.grad_probs.as_ref())?,
-    ))
+    let out = moe_core::permute::unpermute_backward(
+        &tensor_ref("gradOutput", &g)?,
+        &tensor_ref("permutedTokens", &x)?,
+        &tensor_ref("sortedIndices", &si)?,
+        pr_ref.as_ref(),
+        map_ref.as_ref(),
+        options,
+    )?;
+    Ok((DeviceTensor::upload_owned(dev, "gradPermuted", &out.grad_permuted)?, upload_owned_opt(dev, "gradProbs", out.grad_probs.as_ref())?))
 }
 
 /// unpermuteBackward on device tensors. Without probs: `gradPermuted[i] = gradOutput[sortedIndices[i]]`
@@ -606,9 +706,12 @@ pub fn unpermute_backward_device(
     // the weight of every slot, and the expert of every slot (dense probs)
     let (slot_probs, experts): (Option<Buffer>, Option<SlotExperts>) = match (probs, dense) {
         (Some(p), true) => {
-            let map = routing_map.ok_or_else(|| Error::Cuda("unpermuteBackward: dense probs without a routing map (a bug in moe-dispatch)".into()))?;
+            let map = routing_map
+                .ok_or_else(|| Error::Cuda("unpermuteBackward: dense probs without a routing map (a bug in moe-dispatch)".into()))?;
             let w = dev.alloc("the slot probs", n * 4)?;
-            let Some(ex) = slot_experts(dev, map, sorted_indices, n, num_tokens, options.drop_and_pad, Some((&p.buf, &w)))? else { return host() };
+            let Some(ex) = slot_experts(dev, map, sorted_indices, n, num_tokens, options.drop_and_pad, Some((&p.buf, &w)))? else {
+                return host();
+            };
             (Some(w), Some(ex))
         }
         _ => (None, None),
@@ -635,7 +738,16 @@ pub fn unpermute_backward_device(
                     &format!("permute_gather_w{w}"),
                     (n as u32, col_blocks),
                     threads,
-                    &[Arg::U64(grad_output.buf.ptr(s)), Arg::U64(out.buf.ptr(s)), Arg::I64(words), Arg::U64(sorted_indices.buf.ptr(s)), Arg::U64(0), Arg::U64(0), Arg::U64(0), Arg::I32(0)],
+                    &[
+                        Arg::U64(grad_output.buf.ptr(s)),
+                        Arg::U64(out.buf.ptr(s)),
+                        Arg::I64(words),
+                        Arg::U64(sorted_indices.buf.ptr(s)),
+                        Arg::U64(0),
+                        Arg::U64(0),
+                        Arg::U64(0),
+                        Arg::I32(0),
+                    ],
                 )?;
             }
             return Ok((out, None));
@@ -647,7 +759,13 @@ pub fn unpermute_backward_device(
                     &format!("unpermute_bwd_scale_{tag}"),
                     (n as u32, col_blocks),
                     threads,
-                    &[Arg::U64(grad_output.buf.ptr(s)), Arg::U64(sorted_indices.buf.ptr(s)), Arg::U64(w.ptr(s)), Arg::U64(out.buf.ptr(s)), Arg::I64(hidden as i64)],
+                    &[
+                        Arg::U64(grad_output.buf.ptr(s)),
+                        Arg::U64(sorted_indices.buf.ptr(s)),
+                        Arg::U64(w.ptr(s)),
+                        Arg::U64(out.buf.ptr(s)),
+                        Arg::I64(hidden as i64),
+                    ],
                 )?;
             }
         }
@@ -658,7 +776,14 @@ pub fn unpermute_backward_device(
         &format!("slot_dot_{tag}"),
         (n.div_ceil(4) as u32, 1),
         128,
-        &[Arg::U64(grad_output.buf.ptr(s)), Arg::U64(permuted.buf.ptr(s)), Arg::U64(sorted_indices.buf.ptr(s)), Arg::I32(n as i32), Arg::I64(hidden as i64), Arg::U64(dots.ptr(s))],
+        &[
+            Arg::U64(grad_output.buf.ptr(s)),
+            Arg::U64(permuted.buf.ptr(s)),
+            Arg::U64(sorted_indices.buf.ptr(s)),
+            Arg::I32(n as i32),
+            Arg::I64(hidden as i64),
+            Arg::U64(dots.ptr(s)),
+        ],
     )?;
     let grad_probs = match (experts, &csr) {
         (Some(ex), Some(csr)) => scatter_slot_grads(dev, csr, num_tokens, &dots, &ex)?,
@@ -757,7 +882,13 @@ fn score_code(sf: ScoreFunction) -> i32 {
 
 /// route on device tensors: one fused kernel (kernels/routing.cu). Results match the core's
 /// bit for bit (same exp/ln, same summation order).
-pub fn route_device(dev: &Device, logits: &DeviceTensor, expert_bias: Option<&DeviceTensor>, token_mask: Option<&DeviceTensor>, options: RouteOptions) -> Result<DeviceRouted> {
+pub fn route_device(
+    dev: &Device,
+    logits: &DeviceTensor,
+    expert_bias: Option<&DeviceTensor>,
+    token_mask: Option<&DeviceTensor>,
+    options: RouteOptions,
+) -> Result<DeviceRouted> {
     let checked = check_route(logits.meta("logits"), opt_meta(expert_bias, "expertBias"), opt_meta(token_mask, "tokenMask"), &options);
     // the kernels take float32 logits (16-bit device logits: the host path) and int32 sizes;
     // no tokens: the host path, which still checks the bias's values as the core does
@@ -837,7 +968,13 @@ pub fn launch_route<'d>(
     Ok((DeviceRouted { weights, indices, scores, tokens_per_expert: tpe }, err))
 }
 
-fn route_host_fallback(dev: &Device, logits: &DeviceTensor, expert_bias: Option<&DeviceTensor>, token_mask: Option<&DeviceTensor>, options: RouteOptions) -> Result<DeviceRouted> {
+fn route_host_fallback(
+    dev: &Device,
+    logits: &DeviceTensor,
+    expert_bias: Option<&DeviceTensor>,
+    token_mask: Option<&DeviceTensor>,
+    options: RouteOptions,
+) -> Result<DeviceRouted> {
     let l = logits.download(dev, "logits")?;
     let b = download_opt(dev, "expertBias", expert_bias)?;
     let m = download_opt(dev, "tokenMask", token_mask)?;
@@ -870,7 +1007,13 @@ pub fn topk_device(dev: &Device, values: &DeviceTensor, k: usize) -> Result<(Dev
 
 /// The topk kernel alone (no readback of the error word, which is returned): for the benchmark,
 /// and for [`topk_device`].
-pub fn launch_topk<'d>(dev: &'d Device, values: &DeviceTensor, k: usize, warps: usize, stride: usize) -> Result<(DeviceTensor, DeviceTensor, ErrWords<'d>)> {
+pub fn launch_topk<'d>(
+    dev: &'d Device,
+    values: &DeviceTensor,
+    k: usize,
+    warps: usize,
+    stride: usize,
+) -> Result<(DeviceTensor, DeviceTensor, ErrWords<'d>)> {
     let (t, e) = (values.shape[0], values.shape[1]);
     let out_v = DeviceTensor::alloc(dev, "values", DType::F32, vec![t, k])?;
     let out_i = DeviceTensor::alloc(dev, "indices", DType::I32, vec![t, k])?;
@@ -882,7 +1025,15 @@ pub fn launch_topk<'d>(dev: &'d Device, values: &DeviceTensor, k: usize, warps: 
         (t.div_ceil(warps) as u32, 1),
         (warps * 32) as u32,
         (warps * stride) as u32,
-        &[Arg::U64(values.buf.ptr(s)), Arg::I32(t as i32), Arg::I32(e as i32), Arg::I32(k as i32), Arg::U64(out_v.buf.ptr(s)), Arg::U64(out_i.buf.ptr(s)), Arg::U64(err.ptr(s))],
+        &[
+            Arg::U64(values.buf.ptr(s)),
+            Arg::I32(t as i32),
+            Arg::I32(e as i32),
+            Arg::I32(k as i32),
+            Arg::U64(out_v.buf.ptr(s)),
+            Arg::U64(out_i.buf.ptr(s)),
+            Arg::U64(err.ptr(s)),
+        ],
     )?;
     Ok((out_v, out_i, err))
 }
@@ -895,7 +1046,9 @@ fn topk_host_fallback(dev: &Device, values: &DeviceTensor, k: usize) -> Result<(
 
 #[cfg(test)]
 mod tests {
-    use moe_core::permute::{check_permute, check_permute_backward, check_unpermute, check_unpermute_backward, PermuteOptions, UnpermuteOptions};
+    use moe_core::permute::{
+        check_permute, check_permute_backward, check_unpermute, check_unpermute_backward, PermuteOptions, UnpermuteOptions,
+    };
     use moe_core::routing::{check_route, check_topk, RouteOptions};
     use moe_core::tensor::{DType, Meta, TensorRef};
 
@@ -952,7 +1105,9 @@ mod tests {
             assert_eq!(check_unpermute(m(x), m(s), r, p.map(m), map.map(m), u).unwrap_err(), want);
         }
         let gp2 = TensorRef::of("gradPermutedProbs", vec![2], &f[..2]).unwrap();
-        for (g, s, n, gp, map) in [(&perm3, &si2, 3, None, None), (&perm3, &si3, 3, Some(&gp2), Some(&map_ref)), (&perm2, &si2, 3, Some(&gp2), None)] {
+        for (g, s, n, gp, map) in
+            [(&perm3, &si2, 3, None, None), (&perm3, &si3, 3, Some(&gp2), Some(&map_ref)), (&perm2, &si2, 3, Some(&gp2), None)]
+        {
             let want = moe_core::permute::permute_backward(g, s, n, gp, map, u).unwrap_err();
             assert_eq!(check_permute_backward(m(g), m(s), n, gp.map(m), map.map(m), u).unwrap_err(), want);
         }
@@ -966,7 +1121,12 @@ mod tests {
         let bias3 = TensorRef::of("expertBias", vec![3], &f[..3]).unwrap();
         let mask2 = TensorRef::new("tokenMask", DType::Bool, vec![2], &map[..2]).unwrap();
         let sig = RouteOptions { score_function: moe_core::routing::ScoreFunction::Sigmoid, ..RouteOptions::new(2) };
-        for (b, mk, o) in [(None, None, RouteOptions::new(5)), (Some(&bias3), None, sig), (Some(&bias3), None, RouteOptions::new(2)), (None, Some(&mask2), RouteOptions::new(2))] {
+        for (b, mk, o) in [
+            (None, None, RouteOptions::new(5)),
+            (Some(&bias3), None, sig),
+            (Some(&bias3), None, RouteOptions::new(2)),
+            (None, Some(&mask2), RouteOptions::new(2)),
+        ] {
             let want = moe_core::routing::route(&logits, b, mk, o).unwrap_err();
             assert_eq!(check_route(m(&logits), b.map(m), mk.map(m), &o).unwrap_err(), want);
         }

@@ -26,8 +26,8 @@ use crate::activations::{launch_activation, launch_activation_backward, ExpMath}
 use crate::blas::{gemm, gemm_grouped, gemm_problem, gemm_row_blocks, mark, Operand, Output, Problem, SideBySide};
 use crate::device::{Arg, Buffer, Device};
 use crate::error::{Error, Result};
-use crate::switch::Switch;
 use crate::permute::row_launch;
+use crate::switch::Switch;
 use crate::tensor::{tensor_ref, upload_owned_opt, DeviceTensor};
 
 /// The device tensors of a grouped-experts call (the core's [`ExpertsInputs`] on the GPU).
@@ -156,7 +156,19 @@ fn up_projection(dev: &Device, p: &Plan, inp: &DeviceExpertsInputs) -> Result<Bu
         c: at(dev, &h, hd, r0, p.width),
     })?;
     if let Some(b1) = inp.gate_up_bias {
-        launch_rows(dev, &format!("experts_add_bias_{}", tag(p.dtype)), p.n, p.width, &[Arg::U64(h.ptr(dev.stream())), Arg::I64(p.width as i64), Arg::U64(b1.buf.ptr(dev.stream())), Arg::U64(p.d_offsets.ptr(dev.stream())), Arg::I32(p.experts() as i32)])?;
+        launch_rows(
+            dev,
+            &format!("experts_add_bias_{}", tag(p.dtype)),
+            p.n,
+            p.width,
+            &[
+                Arg::U64(h.ptr(dev.stream())),
+                Arg::I64(p.width as i64),
+                Arg::U64(b1.buf.ptr(dev.stream())),
+                Arg::U64(p.d_offsets.ptr(dev.stream())),
+                Arg::I32(p.experts() as i32),
+            ],
+        )?;
     }
     Ok(h)
 }
@@ -204,7 +216,14 @@ pub fn set_grouped_gemm(mode: Option<bool>) {
 
 /// One step's GEMM for every expert with tokens: `f(e, r0, count)` gives expert e's problem.
 #[allow(clippy::too_many_arguments)]
-fn per_expert(dev: &Device, p: &Plan, a: (DType, bool), b: (DType, bool), c: DType, f: impl Fn(usize, usize, usize) -> Problem) -> Result<()> {
+fn per_expert(
+    dev: &Device,
+    p: &Plan,
+    a: (DType, bool),
+    b: (DType, bool),
+    c: DType,
+    f: impl Fn(usize, usize, usize) -> Problem,
+) -> Result<()> {
     run_gemms(dev, &expert_problems(p, f), a, b, c)
 }
 
@@ -353,7 +372,13 @@ fn column_sums(dev: &Device, p: &Plan, x: &Buffer, dtype: DType, width: usize, p
         &format!("experts_colsum_{}", tag(dtype)),
         (p.experts() as u32, blocks),
         256,
-        &[Arg::U64(x.ptr(s)), Arg::I64(width as i64), Arg::U64(probs.map_or(0, |b| b.ptr(s))), Arg::U64(p.d_offsets.ptr(s)), Arg::U64(out.ptr(s))],
+        &[
+            Arg::U64(x.ptr(s)),
+            Arg::I64(width as i64),
+            Arg::U64(probs.map_or(0, |b| b.ptr(s))),
+            Arg::U64(p.d_offsets.ptr(s)),
+            Arg::U64(out.ptr(s)),
+        ],
     )?;
     Ok(out)
 }
@@ -365,7 +390,12 @@ fn narrow(dev: &Device, what: &str, f: Buffer, numel: usize, dtype: DType, shape
     }
     let out = DeviceTensor::alloc(dev, what, dtype, shape)?;
     let s = dev.stream();
-    launch_flat(dev, &format!("convert_f32_to_{}", tag(dtype)), numel, &[Arg::U64(f.ptr(s)), Arg::U64(out.buf.ptr(s)), Arg::I64(numel as i64)])?;
+    launch_flat(
+        dev,
+        &format!("convert_f32_to_{}", tag(dtype)),
+        numel,
+        &[Arg::U64(f.ptr(s)), Arg::U64(out.buf.ptr(s)), Arg::I64(numel as i64)],
+    )?;
     Ok(out)
 }
 
@@ -384,7 +414,13 @@ fn host_inputs(dev: &Device, inp: &DeviceExpertsInputs, keep: &mut Vec<moe_core:
 fn refs<'a>(inp: &DeviceExpertsInputs, keep: &'a [moe_core::Tensor]) -> Result<ExpertsInputs<'a>> {
     let name: &'static str = if inp.gate_and_up_name == "upProjs" { "upProjs" } else { "gateAndUpProjs" };
     let mut rest = keep[4..].iter();
-    let mut next = |present: bool, arg: &'static str| -> Result<Option<TensorRef<'a>>> { if present { rest.next().map(|t| tensor_ref(arg, t)).transpose() } else { Ok(None) } };
+    let mut next = |present: bool, arg: &'static str| -> Result<Option<TensorRef<'a>>> {
+        if present {
+            rest.next().map(|t| tensor_ref(arg, t)).transpose()
+        } else {
+            Ok(None)
+        }
+    };
     Ok(ExpertsInputs {
         tokens: tensor_ref("permutedTokens", &keep[0])?,
         tokens_per_expert: tensor_ref("tokensPerExpert", &keep[1])?,
@@ -424,7 +460,12 @@ pub fn experts_forward_device(dev: &Device, inp: &DeviceExpertsInputs, act: &Act
 
 /// [`experts_forward_device`], keeping `h` and `a` for the backward pass when `save` (None when
 /// the GPU path does not run: the host path keeps nothing, and the backward recomputes).
-pub fn experts_forward_device_saving(dev: &Device, inp: &DeviceExpertsInputs, act: &ActivationOptions, save: bool) -> Result<(DeviceTensor, Option<ExpertsSaved>)> {
+pub fn experts_forward_device_saving(
+    dev: &Device,
+    inp: &DeviceExpertsInputs,
+    act: &ActivationOptions,
+    save: bool,
+) -> Result<(DeviceTensor, Option<ExpertsSaved>)> {
     let Some(p) = plan(dev, inp, act)? else {
         let mut keep = Vec::new();
         host_inputs(dev, inp, &mut keep)?;
@@ -468,7 +509,15 @@ pub fn experts_forward_device_saving(dev: &Device, inp: &DeviceExpertsInputs, ac
             &format!("experts_epilogue_{}", tag(p.dtype)),
             p.n,
             p.dim,
-            &[Arg::U64(f.ptr(s)), Arg::U64(out.buf.ptr(s)), Arg::I64(p.dim as i64), Arg::U64(b2.buf.ptr(s)), Arg::U64(probs.map_or(0, |b| b.ptr(s))), Arg::U64(p.d_offsets.ptr(s)), Arg::I32(p.experts() as i32)],
+            &[
+                Arg::U64(f.ptr(s)),
+                Arg::U64(out.buf.ptr(s)),
+                Arg::I64(p.dim as i64),
+                Arg::U64(b2.buf.ptr(s)),
+                Arg::U64(probs.map_or(0, |b| b.ptr(s))),
+                Arg::U64(p.d_offsets.ptr(s)),
+                Arg::I32(p.experts() as i32),
+            ],
         )?;
     }
     let saved = save.then(|| ExpertsSaved {
@@ -481,7 +530,12 @@ pub fn experts_forward_device_saving(dev: &Device, inp: &DeviceExpertsInputs, ac
 /// Backward of [`experts_forward_device`]: the up-projection and activation are recomputed (as
 /// the core does), then per expert `dW2 = a^T g`, `da = g W2^T`, `dh` through the activation,
 /// `dW1 = x^T dh`, `dx = dh W1^T`; bias gradients are per-expert column sums.
-pub fn experts_backward_device(dev: &Device, grad_output: &DeviceTensor, inp: &DeviceExpertsInputs, act: &ActivationOptions) -> Result<DeviceExpertsGrads> {
+pub fn experts_backward_device(
+    dev: &Device,
+    grad_output: &DeviceTensor,
+    inp: &DeviceExpertsInputs,
+    act: &ActivationOptions,
+) -> Result<DeviceExpertsGrads> {
     experts_backward_device_saved(dev, grad_output, inp, act, None)
 }
 
@@ -489,7 +543,13 @@ pub fn experts_backward_device(dev: &Device, grad_output: &DeviceTensor, inp: &D
 /// are taken from there instead of recomputed. They must be the forward's own (same inputs); a
 /// shape or dtype that does not fit is a TypeError naming `saved.upProjection` /
 /// `saved.activation`.
-pub fn experts_backward_device_saved(dev: &Device, grad_output: &DeviceTensor, inp: &DeviceExpertsInputs, act: &ActivationOptions, saved: Option<SavedRef>) -> Result<DeviceExpertsGrads> {
+pub fn experts_backward_device_saved(
+    dev: &Device,
+    grad_output: &DeviceTensor,
+    inp: &DeviceExpertsInputs,
+    act: &ActivationOptions,
+    saved: Option<SavedRef>,
+) -> Result<DeviceExpertsGrads> {
     let plan = plan(dev, inp, act)?.filter(|p| grad_output.dtype == p.dtype && grad_output.shape == [p.n, p.dim]);
     let Some(p) = plan else {
         let mut keep = Vec::new();
@@ -523,7 +583,9 @@ pub fn experts_backward_device_saved(dev: &Device, grad_output: &DeviceTensor, i
     let mut grad_b2 = None;
     let hd = h_dtype(&p, inp);
     if let Some(sv) = saved {
-        for (t, name, dtype, shape) in [(sv.up_projection, "saved.upProjection", hd, [n, width]), (sv.activation, "saved.activation", dt, [n, inter])] {
+        for (t, name, dtype, shape) in
+            [(sv.up_projection, "saved.upProjection", hd, [n, width]), (sv.activation, "saved.activation", dt, [n, inter])]
+        {
             if t.dtype != dtype || t.shape != shape {
                 return Err(Error::Core(moe_core::Error::type_error(
                     name,
@@ -580,7 +642,15 @@ pub fn experts_backward_device_saved(dev: &Device, grad_output: &DeviceTensor, i
                     dev,
                     &format!("experts_row_dot_{}", tag(dt)),
                     n,
-                    &[Arg::U64(g.ptr(s)), Arg::I64(n as i64), Arg::I64(dim as i64), Arg::U64(b2.buf.ptr(s)), Arg::U64(p.d_offsets.ptr(s)), Arg::I32(e_count as i32), Arg::U64(buf.ptr(s))],
+                    &[
+                        Arg::U64(g.ptr(s)),
+                        Arg::I64(n as i64),
+                        Arg::I64(dim as i64),
+                        Arg::U64(b2.buf.ptr(s)),
+                        Arg::U64(p.d_offsets.ptr(s)),
+                        Arg::I32(e_count as i32),
+                        Arg::U64(buf.ptr(s)),
+                    ],
                 )?;
                 Some(buf)
             }
@@ -651,7 +721,9 @@ pub fn experts_backward_device_saved(dev: &Device, grad_output: &DeviceTensor, i
         if let Some(gp) = &grad_probs {
             dev.memset_zero("gradProbs", &gp.buf, gp.bytes())?;
         }
-        for (bias, slot, what) in [(inp.gate_up_bias, &mut grad_b1, "gradGateUpProjBias"), (inp.down_bias, &mut grad_b2, "gradDownProjBias")] {
+        for (bias, slot, what) in
+            [(inp.gate_up_bias, &mut grad_b1, "gradGateUpProjBias"), (inp.down_bias, &mut grad_b2, "gradDownProjBias")]
+        {
             if let Some(b) = bias {
                 let t = DeviceTensor::alloc(dev, what, b.dtype, b.shape.clone())?;
                 dev.memset_zero(what, &t.buf, t.bytes())?;
@@ -659,15 +731,34 @@ pub fn experts_backward_device_saved(dev: &Device, grad_output: &DeviceTensor, i
             }
         }
     }
-    Ok(DeviceExpertsGrads { grad_tokens, grad_gate_and_up: grad_w1, grad_down: grad_w2, grad_gate_up_bias: grad_b1, grad_down_bias: grad_b2, grad_probs })
+    Ok(DeviceExpertsGrads {
+        grad_tokens,
+        grad_gate_and_up: grad_w1,
+        grad_down: grad_w2,
+        grad_gate_up_bias: grad_b1,
+        grad_down_bias: grad_b2,
+        grad_probs,
+    })
 }
 
 /// `matmul` on device tensors (one cuBLAS GEMM, f32 accumulation, the result in `a`'s dtype).
 /// Operands of two dtypes, and shapes the core rejects, take the host path.
 pub fn matmul_device(dev: &Device, a: &DeviceTensor, b: &DeviceTensor, trans_a: bool, trans_b: bool) -> Result<DeviceTensor> {
     let ok = a.shape.len() == 2 && b.shape.len() == 2 && a.dtype == b.dtype && DType::TOKENS.contains(&a.dtype);
-    let (m, k) = if !ok { (0, 0) } else if trans_a { (a.shape[1], a.shape[0]) } else { (a.shape[0], a.shape[1]) };
-    let (kb, n) = if !ok { (0, 0) } else if trans_b { (b.shape[1], b.shape[0]) } else { (b.shape[0], b.shape[1]) };
+    let (m, k) = if !ok {
+        (0, 0)
+    } else if trans_a {
+        (a.shape[1], a.shape[0])
+    } else {
+        (a.shape[0], a.shape[1])
+    };
+    let (kb, n) = if !ok {
+        (0, 0)
+    } else if trans_b {
+        (b.shape[1], b.shape[0])
+    } else {
+        (b.shape[0], b.shape[1])
+    };
     if !ok || kb != k || i32::try_from(m.max(n).max(k)).is_err() {
         let (ha, hb) = (a.download(dev, "a")?, b.download(dev, "b")?);
         let out = moe_core::experts::matmul(&tensor_ref("a", &ha)?, &tensor_ref("b", &hb)?, trans_a, trans_b)?;
@@ -679,6 +770,15 @@ pub fn matmul_device(dev: &Device, a: &DeviceTensor, b: &DeviceTensor, trans_a: 
         return Ok(out);
     }
     let s = dev.stream();
-    gemm(dev, m, n, k, Operand { ptr: a.buf.ptr(s), dtype: a.dtype, trans: trans_a }, Operand { ptr: b.buf.ptr(s), dtype: b.dtype, trans: trans_b }, Output { ptr: out.buf.ptr(s), dtype: a.dtype }, 0.0)?;
+    gemm(
+        dev,
+        m,
+        n,
+        k,
+        Operand { ptr: a.buf.ptr(s), dtype: a.dtype, trans: trans_a },
+        Operand { ptr: b.buf.ptr(s), dtype: b.dtype, trans: trans_b },
+        Output { ptr: out.buf.ptr(s), dtype: a.dtype },
+        0.0,
+    )?;
     Ok(out)
 }

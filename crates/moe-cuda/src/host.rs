@@ -30,12 +30,19 @@ fn narrow_indices(t: &TensorRef) -> Option<Vec<i32>> {
 }
 
 /// [`moe_core::permute::permute`] on the GPU for host tensors.
-pub fn permute(dev: &Device, tokens: &TensorRef, routing_map: &TensorRef, probs: Option<&TensorRef>, options: PermuteOptions) -> Result<Permuted> {
+pub fn permute(
+    dev: &Device,
+    tokens: &TensorRef,
+    routing_map: &TensorRef,
+    probs: Option<&TensorRef>,
+    options: PermuteOptions,
+) -> Result<Permuted> {
     if any_int64(&[Some(tokens), Some(routing_map), probs]) {
         return Ok(moe_core::permute::permute(tokens, routing_map, probs, options)?);
     }
     let (t, m, p) = (DeviceTensor::upload(dev, tokens)?, DeviceTensor::upload(dev, routing_map)?, upload_opt(dev, probs)?);
-    let DevicePermuted { permuted_tokens, permuted_probs, sorted_indices, tokens_per_expert } = permute_device(dev, &t, &m, p.as_ref(), options)?;
+    let DevicePermuted { permuted_tokens, permuted_probs, sorted_indices, tokens_per_expert } =
+        permute_device(dev, &t, &m, p.as_ref(), options)?;
     Ok(Permuted {
         permuted_tokens: permuted_tokens.download(dev, "permutedTokens")?,
         permuted_probs: permuted_probs.map(|p| p.download(dev, "permutedProbs")).transpose()?,
@@ -67,7 +74,13 @@ pub fn unpermute(
 }
 
 /// [`moe_core::routing::route`] on the GPU for host tensors.
-pub fn route(dev: &Device, logits: &TensorRef, expert_bias: Option<&TensorRef>, token_mask: Option<&TensorRef>, options: RouteOptions) -> Result<Routed> {
+pub fn route(
+    dev: &Device,
+    logits: &TensorRef,
+    expert_bias: Option<&TensorRef>,
+    token_mask: Option<&TensorRef>,
+    options: RouteOptions,
+) -> Result<Routed> {
     if any_int64(&[Some(logits), expert_bias, token_mask]) {
         return Ok(moe_core::routing::route(logits, expert_bias, token_mask, options)?);
     }

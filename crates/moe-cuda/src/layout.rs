@@ -65,11 +65,9 @@ fn down(dev: &Device, t: &DeviceTensor, what: &str) -> Result<Tensor> {
     t.download(dev, what)
 }
 
-
 fn up(dev: &Device, what: &str, t: &Tensor) -> Result<DeviceTensor> {
     DeviceTensor::upload_owned(dev, what, t)
 }
-
 
 /// Column counts of a `[rows, cols]` bool map on the GPU: `(chunk_base, counts)`, where
 /// `chunk_base [ceil(rows / 64), cols]` holds, for each chunk of 64 rows, the selected rows of
@@ -81,8 +79,18 @@ pub(crate) fn column_counts(dev: &Device, map: &Buffer, rows: usize, cols: usize
     let col_blocks = cols.div_ceil(col_threads as usize) as u32;
     let chunk_base = dev.alloc("the column counts (chunks)", chunks * cols * 4)?;
     let counts = dev.alloc("the column counts", cols * 4)?;
-    dev.launch("layout_chunk_count", (chunks as u32, col_blocks), col_threads, &[p(dev, map), Arg::I32(rows as i32), Arg::I32(cols as i32), p(dev, &chunk_base)])?;
-    dev.launch("layout_chunk_scan", (cols.div_ceil(256) as u32, 1), 256, &[p(dev, &chunk_base), Arg::I32(chunks as i32), Arg::I32(cols as i32), p(dev, &counts)])?;
+    dev.launch(
+        "layout_chunk_count",
+        (chunks as u32, col_blocks),
+        col_threads,
+        &[p(dev, map), Arg::I32(rows as i32), Arg::I32(cols as i32), p(dev, &chunk_base)],
+    )?;
+    dev.launch(
+        "layout_chunk_scan",
+        (cols.div_ceil(256) as u32, 1),
+        256,
+        &[p(dev, &chunk_base), Arg::I32(chunks as i32), Arg::I32(cols as i32), p(dev, &counts)],
+    )?;
     Ok((chunk_base, counts))
 }
 
@@ -103,7 +111,12 @@ pub struct DeviceMultihot {
 }
 
 /// [`moe_core::routing_map::indices_to_multihot`] on device tensors.
-pub fn indices_to_multihot_device(dev: &Device, indices: &DeviceTensor, probs: &DeviceTensor, num_experts: usize) -> Result<DeviceMultihot> {
+pub fn indices_to_multihot_device(
+    dev: &Device,
+    indices: &DeviceTensor,
+    probs: &DeviceTensor,
+    num_experts: usize,
+) -> Result<DeviceMultihot> {
     let fast = indices.dtype == DType::I32
         && indices.shape.len() == 2
         && probs.dtype == DType::F32
@@ -121,7 +134,16 @@ pub fn indices_to_multihot_device(dev: &Device, indices: &DeviceTensor, probs: &
             "multihot_from_indices",
             (t as u32, 1),
             256,
-            &[p(dev, &indices.buf), p(dev, &probs.buf), Arg::I32(t as i32), Arg::I32(k as i32), Arg::I32(e as i32), p(dev, &map.buf), p(dev, &dense.buf), p(dev, &err)],
+            &[
+                p(dev, &indices.buf),
+                p(dev, &probs.buf),
+                Arg::I32(t as i32),
+                Arg::I32(k as i32),
+                Arg::I32(e as i32),
+                p(dev, &map.buf),
+                p(dev, &dense.buf),
+                p(dev, &err),
+            ],
         )?;
         if !error_set(dev, &err)? {
             return Ok(DeviceMultihot { routing_map: map, probs: dense });
@@ -140,7 +162,12 @@ pub struct DeviceTopK {
 }
 
 /// [`moe_core::routing_map::multihot_to_indices`] on device tensors (reads the widest row: 4 bytes).
-pub fn multihot_to_indices_device(dev: &Device, routing_map: &DeviceTensor, probs: Option<&DeviceTensor>, topk: Option<usize>) -> Result<DeviceTopK> {
+pub fn multihot_to_indices_device(
+    dev: &Device,
+    routing_map: &DeviceTensor,
+    probs: Option<&DeviceTensor>,
+    topk: Option<usize>,
+) -> Result<DeviceTopK> {
     let fast = routing_map.dtype == DType::Bool
         && routing_map.shape.len() == 2
         && probs.is_none_or(|p| p.dtype == DType::F32 && p.shape == routing_map.shape)
@@ -152,7 +179,12 @@ pub fn multihot_to_indices_device(dev: &Device, routing_map: &DeviceTensor, prob
         let widest = dev.alloc("the widest row", 4)?;
         dev.memset_u32("the widest row", &widest, 0, 1)?;
         let blocks = t.div_ceil(4) as u32;
-        dev.launch("multihot_row_max", (blocks, 1), 128, &[p(dev, &routing_map.buf), Arg::I32(t as i32), Arg::I32(e as i32), p(dev, &widest)])?;
+        dev.launch(
+            "multihot_row_max",
+            (blocks, 1),
+            128,
+            &[p(dev, &routing_map.buf), Arg::I32(t as i32), Arg::I32(e as i32), p(dev, &widest)],
+        )?;
         let max = dev.read_head::<u32, 1>("the widest row", &widest, 0)?[0] as usize;
         let k = topk.unwrap_or(max);
         if max <= k && fits_i32(k) && t.checked_mul(k).and_then(|c| c.checked_mul(4)).is_some() {
@@ -213,7 +245,15 @@ pub fn pad_routing_map_device(dev: &Device, routing_map: &DeviceTensor, pad_mult
             "pad_routing_fill",
             (t.div_ceil(LAYOUT_CHUNK) as u32, col_blocks),
             col_threads,
-            &[p(dev, &routing_map.buf), Arg::I32(t as i32), Arg::I32(e as i32), p(dev, &chunk_base), p(dev, &counts), Arg::I64(m), p(dev, &out.buf)],
+            &[
+                p(dev, &routing_map.buf),
+                Arg::I32(t as i32),
+                Arg::I32(e as i32),
+                p(dev, &chunk_base),
+                p(dev, &counts),
+                Arg::I64(m),
+                p(dev, &out.buf),
+            ],
         )?;
         return Ok(out);
     }
@@ -264,7 +304,12 @@ pub fn drop_tokens_device(dev: &Device, probs: &DeviceTensor, routing_map: &Devi
                 DropPolicy::Probs => ("drop_mask_probs", &probs.buf),
                 DropPolicy::Position => ("drop_mask_position", &routing_map.buf),
             };
-            dev.launch(name, (e as u32, 1), 1024, &[p(dev, src), Arg::I32(t as i32), Arg::I32(e as i32), Arg::I32(capacity as i32), p(dev, &mask)])?;
+            dev.launch(
+                name,
+                (e as u32, 1),
+                1024,
+                &[p(dev, src), Arg::I32(t as i32), Arg::I32(e as i32), Arg::I32(capacity as i32), p(dev, &mask)],
+            )?;
             Some(mask)
         } else {
             None
@@ -292,7 +337,11 @@ pub fn drop_tokens_device(dev: &Device, probs: &DeviceTensor, routing_map: &Devi
     let pr = down(dev, probs, "probs")?;
     let m = down(dev, routing_map, "routingMap")?;
     let out = moe_core::capacity::drop_tokens(&tensor_ref("probs", &pr)?, &tensor_ref("routingMap", &m)?, options)?;
-    Ok(DeviceDropped { routing_map: up(dev, "routingMap", &out.routing_map)?, probs: up(dev, "probs", &out.probs)?, capacity: out.capacity })
+    Ok(DeviceDropped {
+        routing_map: up(dev, "routingMap", &out.routing_map)?,
+        probs: up(dev, "probs", &out.probs)?,
+        capacity: out.capacity,
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -344,7 +393,14 @@ pub fn chunk_layout(sizes: &[i32], order: &[i32], num_rows: usize, backward: boo
     Some(if backward { (starts, sorted_start) } else { (out_start_fwd, src_start_fwd) })
 }
 
-fn chunk_sort(dev: &Device, x: &DeviceTensor, split_sizes: &DeviceTensor, sorted_idxs: &DeviceTensor, probs: Option<&DeviceTensor>, backward: bool) -> Result<DeviceSortedChunks> {
+fn chunk_sort(
+    dev: &Device,
+    x: &DeviceTensor,
+    split_sizes: &DeviceTensor,
+    sorted_idxs: &DeviceTensor,
+    probs: Option<&DeviceTensor>,
+    backward: bool,
+) -> Result<DeviceSortedChunks> {
     let fast = x.shape.len() == 2
         && DType::TOKENS.contains(&x.dtype)
         && fits_i32(x.shape[0])
@@ -380,7 +436,14 @@ fn chunk_sort(dev: &Device, x: &DeviceTensor, split_sizes: &DeviceTensor, sorted
                     &format!("chunk_copy_w{w}"),
                     (n as u32, col_blocks),
                     threads,
-                    &[p(dev, &x.buf), p(dev, &out.buf), Arg::I64(words as i64), p(dev, &d_out_start), p(dev, &d_src_start), Arg::I32(c as i32)],
+                    &[
+                        p(dev, &x.buf),
+                        p(dev, &out.buf),
+                        Arg::I64(words as i64),
+                        p(dev, &d_out_start),
+                        p(dev, &d_src_start),
+                        Arg::I32(c as i32),
+                    ],
                 )?;
             }
             if let (Some(src), Some(dst)) = (probs, &out_probs) {
@@ -388,7 +451,14 @@ fn chunk_sort(dev: &Device, x: &DeviceTensor, split_sizes: &DeviceTensor, sorted
                     "chunk_probs",
                     (n.div_ceil(256) as u32, 1),
                     256,
-                    &[p(dev, &src.buf), p(dev, &dst.buf), Arg::I32(n as i32), p(dev, &d_out_start), p(dev, &d_src_start), Arg::I32(c as i32)],
+                    &[
+                        p(dev, &src.buf),
+                        p(dev, &dst.buf),
+                        Arg::I32(n as i32),
+                        p(dev, &d_out_start),
+                        p(dev, &d_src_start),
+                        Arg::I32(c as i32),
+                    ],
                 )?;
             }
         }
@@ -411,7 +481,13 @@ fn chunk_sort(dev: &Device, x: &DeviceTensor, split_sizes: &DeviceTensor, sorted
 
 /// [`moe_core::chunks::sort_chunks_by_index`] on device tensors (reads splitSizes and
 /// sortedIdxs, 4 bytes a chunk, to check them; rows move as raw words).
-pub fn sort_chunks_by_index_device(dev: &Device, input: &DeviceTensor, split_sizes: &DeviceTensor, sorted_idxs: &DeviceTensor, probs: Option<&DeviceTensor>) -> Result<DeviceSortedChunks> {
+pub fn sort_chunks_by_index_device(
+    dev: &Device,
+    input: &DeviceTensor,
+    split_sizes: &DeviceTensor,
+    sorted_idxs: &DeviceTensor,
+    probs: Option<&DeviceTensor>,
+) -> Result<DeviceSortedChunks> {
     chunk_sort(dev, input, split_sizes, sorted_idxs, probs, false)
 }
 
@@ -459,7 +535,9 @@ pub fn grouped_mm_sort_device(
     num_local_experts: usize,
     experts_start_idx: usize,
 ) -> Result<DeviceGroupedSort> {
-    let window = i64::try_from(experts_start_idx).ok().and_then(|s| i64::try_from(num_local_experts).ok().and_then(|l| s.checked_add(l)).map(|e| (s, e)));
+    let window = i64::try_from(experts_start_idx)
+        .ok()
+        .and_then(|s| i64::try_from(num_local_experts).ok().and_then(|l| s.checked_add(l)).map(|e| (s, e)));
     let fast = indices.dtype == DType::I32
         && indices.shape.len() == 2
         && DType::TOKENS.contains(&weights.dtype)
@@ -477,13 +555,26 @@ pub fn grouped_mm_sort_device(
         let err = error_word(dev)?;
         let blocks = (chunks.div_ceil(128) as u32, 1);
         let mask = opt_p(dev, token_mask.map(|m| &m.buf));
-        let common = [Arg::I32(n as i32), Arg::I32(k as i32), Arg::I64(start), Arg::I64(end), Arg::I32(l as i32), Arg::I32(per_chunk as i32), Arg::I32(chunks as i32)];
+        let common = [
+            Arg::I32(n as i32),
+            Arg::I32(k as i32),
+            Arg::I64(start),
+            Arg::I64(end),
+            Arg::I32(l as i32),
+            Arg::I32(per_chunk as i32),
+            Arg::I32(chunks as i32),
+        ];
         let mut args = vec![p(dev, &indices.buf), mask];
         args.extend_from_slice(&common);
         args.extend_from_slice(&[p(dev, &table), p(dev, &err)]);
         dev.launch("grouped_count", blocks, 128, &args)?;
         let counts = dev.alloc("tokensPerExpert", l * 4)?;
-        dev.launch("layout_chunk_scan", (l.div_ceil(256) as u32, 1), 256, &[p(dev, &table), Arg::I32(chunks as i32), Arg::I32(l as i32), p(dev, &counts)])?;
+        dev.launch(
+            "layout_chunk_scan",
+            (l.div_ceil(256) as u32, 1),
+            256,
+            &[p(dev, &table), Arg::I32(chunks as i32), Arg::I32(l as i32), p(dev, &counts)],
+        )?;
         let offs = exclusive_offsets(dev, &counts, l)?;
         if !error_set(dev, &err)? {
             let total = dev.read_head::<i32, 1>("the number of local slots", &offs, l)?[0] as usize;
@@ -497,7 +588,14 @@ pub fn grouped_mm_sort_device(
             };
             let mut args = vec![p(dev, &indices.buf), mask, p(dev, &weights.buf)];
             args.extend_from_slice(&common);
-            args.extend_from_slice(&[p(dev, &table), p(dev, &offs), p(dev, &token_ids.buf), p(dev, &slot_ids.buf), p(dev, &sorted_weights.buf), p(dev, &err)]);
+            args.extend_from_slice(&[
+                p(dev, &table),
+                p(dev, &offs),
+                p(dev, &token_ids.buf),
+                p(dev, &slot_ids.buf),
+                p(dev, &sorted_weights.buf),
+                p(dev, &err),
+            ]);
             dev.launch(name, blocks, 128, &args)?;
             let offsets = DeviceTensor::alloc(dev, "offsets", DType::I32, vec![l])?;
             dev.launch("grouped_offsets", (l.div_ceil(256) as u32, 1), 256, &[p(dev, &offs), Arg::I32(l as i32), p(dev, &offsets.buf)])?;
@@ -514,7 +612,13 @@ pub fn grouped_mm_sort_device(
     let wh = down(dev, weights, "weights")?;
     let mh = download_opt(dev, "tokenMask", token_mask)?;
     let mh_ref = opt_ref("tokenMask", &mh)?;
-    let out = moe_core::grouped::grouped_mm_sort(&tensor_ref("indices", &ih)?, &tensor_ref("weights", &wh)?, mh_ref.as_ref(), num_local_experts, experts_start_idx)?;
+    let out = moe_core::grouped::grouped_mm_sort(
+        &tensor_ref("indices", &ih)?,
+        &tensor_ref("weights", &wh)?,
+        mh_ref.as_ref(),
+        num_local_experts,
+        experts_start_idx,
+    )?;
     Ok(DeviceGroupedSort {
         sorted_token_ids: up(dev, "sortedTokenIds", &out.sorted_token_ids)?,
         sorted_slot_ids: up(dev, "sortedSlotIds", &out.sorted_slot_ids)?,
@@ -607,7 +711,11 @@ mod tests {
         }
         let x: Vec<f32> = (0..9).map(|v| v as f32).collect();
         let xr = moe_core::TensorRef::of("input", vec![9, 1], &x).unwrap();
-        for (sizes, order) in [(vec![2, 0, 3, 4], vec![3, 1, 0, 2]), (vec![0, 9, 0], vec![2, 1, 0]), (vec![1, 1, 1, 1, 1, 1, 1, 1, 1], vec![8, 7, 6, 5, 4, 3, 2, 1, 0])] {
+        for (sizes, order) in [
+            (vec![2, 0, 3, 4], vec![3, 1, 0, 2]),
+            (vec![0, 9, 0], vec![2, 1, 0]),
+            (vec![1, 1, 1, 1, 1, 1, 1, 1, 1], vec![8, 7, 6, 5, 4, 3, 2, 1, 0]),
+        ] {
             let sr = moe_core::TensorRef::of("splitSizes", vec![sizes.len()], &sizes[..]).unwrap();
             let or = moe_core::TensorRef::of("sortedIdxs", vec![order.len()], &order[..]).unwrap();
             for backward in [false, true] {
@@ -635,13 +743,29 @@ mod tests {
             let ordered = if b & 0x8000_0000 != 0 { !b } else { b | 0x8000_0000 };
             !ordered
         }
-        let vals = [0.5f32, -0.0, 0.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -1.0, 1.0, 0.5, f32::from_bits(0xffc0_0001), 1e-45, -1e-45, 3.0, -3.0];
+        let vals = [
+            0.5f32,
+            -0.0,
+            0.0,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            -1.0,
+            1.0,
+            0.5,
+            f32::from_bits(0xffc0_0001),
+            1e-45,
+            -1e-45,
+            3.0,
+            -3.0,
+        ];
         let t = vals.len();
         let probs = moe_core::TensorRef::of("probs", vec![t, 1], &vals[..]).unwrap();
         for cap in 1..t {
             let map = vec![1u8; t];
             let mr = moe_core::TensorRef::new("routingMap", DType::Bool, vec![t, 1], &map).unwrap();
-            let opts = DropOptions { topk: 1, capacity_factor: cap as f64 / t as f64, drop_policy: DropPolicy::Probs, pad_to_capacity: false };
+            let opts =
+                DropOptions { topk: 1, capacity_factor: cap as f64 / t as f64, drop_policy: DropPolicy::Probs, pad_to_capacity: false };
             let want = moe_core::capacity::drop_tokens(&probs, &mr, opts).unwrap();
             assert_eq!(want.capacity, cap);
             let mut order: Vec<usize> = (0..t).collect();

@@ -39,7 +39,10 @@ impl DeviceTensor {
 
     /// A new, uninitialised tensor. `what` names it in an out-of-memory error.
     pub fn alloc(dev: &Device, what: &str, dtype: DType, shape: Vec<usize>) -> Result<DeviceTensor> {
-        let bytes = shape.iter().try_fold(dtype.size(), |acc, &d| acc.checked_mul(d)).ok_or_else(|| Error::Cuda(format!("{what}: shape {shape:?} overflows")))?;
+        let bytes = shape
+            .iter()
+            .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| Error::Cuda(format!("{what}: shape {shape:?} overflows")))?;
         Ok(DeviceTensor { dtype, shape, buf: dev.alloc(what, bytes)?, plan: None })
     }
 

@@ -51,7 +51,15 @@ pub fn cuda_info() -> CudaInfo {
 }
 
 fn unavailable(reason: String) -> CudaInfo {
-    CudaInfo { available: false, reason: Some(reason), device: None, compute_capability: None, driver_version: None, total_memory: None, kernels: None }
+    CudaInfo {
+        available: false,
+        reason: Some(reason),
+        device: None,
+        compute_capability: None,
+        driver_version: None,
+        total_memory: None,
+        kernels: None,
+    }
 }
 
 /// Runs a CUDA op: core errors keep their class, CUDA errors become `Error`s, panics are
@@ -71,8 +79,15 @@ pub fn cuda_permute(
     drop_and_pad: Option<bool>,
 ) -> napi::Result<PermuteOut, String> {
     run(|dev| {
-        let options = PermuteOptions { num_out_tokens: opt_size_arg("numOutTokens", num_out_tokens)?, drop_and_pad: drop_and_pad.unwrap_or(false) };
-        let out = moe_cuda::host::permute(dev, &view("tokens", &tokens)?, &view("routingMap", &routing_map)?, opt_view("probs", &probs)?.as_ref(), options)?;
+        let options =
+            PermuteOptions { num_out_tokens: opt_size_arg("numOutTokens", num_out_tokens)?, drop_and_pad: drop_and_pad.unwrap_or(false) };
+        let out = moe_cuda::host::permute(
+            dev,
+            &view("tokens", &tokens)?,
+            &view("routingMap", &routing_map)?,
+            opt_view("probs", &probs)?.as_ref(),
+            options,
+        )?;
         Ok(out.into())
     })
 }
@@ -128,7 +143,13 @@ impl CudaTensor {
 
     /// The tensor, or an error naming the argument when it was disposed.
     pub(crate) fn get(&self, arg: &str) -> moe_cuda::Result<&DeviceTensor> {
-        self.inner.as_ref().ok_or_else(|| moe_cuda::Error::Core(moe_core::Error::type_error(arg, "a device tensor that is not disposed", "one whose dispose() was called")))
+        self.inner.as_ref().ok_or_else(|| {
+            moe_cuda::Error::Core(moe_core::Error::type_error(
+                arg,
+                "a device tensor that is not disposed",
+                "one whose dispose() was called",
+            ))
+        })
     }
 }
 
@@ -202,7 +223,8 @@ pub fn cuda_permute_device(
     drop_and_pad: Option<bool>,
 ) -> napi::Result<DevicePermuteOut, String> {
     run(|dev| {
-        let options = PermuteOptions { num_out_tokens: opt_size_arg("numOutTokens", num_out_tokens)?, drop_and_pad: drop_and_pad.unwrap_or(false) };
+        let options =
+            PermuteOptions { num_out_tokens: opt_size_arg("numOutTokens", num_out_tokens)?, drop_and_pad: drop_and_pad.unwrap_or(false) };
         let DevicePermuted { permuted_tokens, permuted_probs, sorted_indices, tokens_per_expert } =
             device_ops::permute_device(dev, tokens.get("tokens")?, routing_map.get("routingMap")?, opt_get(&probs, "probs")?, options)?;
         Ok(DevicePermuteOut {
@@ -255,8 +277,22 @@ pub fn cuda_route(
     token_mask: Option<WireTensor>,
 ) -> napi::Result<RouteOut, String> {
     run(|dev| {
-        let options = RouteOptions::from_args(topk, score_function.as_deref(), softmax_before_topk, num_groups, topk_groups, norm_topk_prob, route_scale)?;
-        let out = moe_cuda::host::route(dev, &view("logits", &logits)?, opt_view("expertBias", &expert_bias)?.as_ref(), opt_view("tokenMask", &token_mask)?.as_ref(), options)?;
+        let options = RouteOptions::from_args(
+            topk,
+            score_function.as_deref(),
+            softmax_before_topk,
+            num_groups,
+            topk_groups,
+            norm_topk_prob,
+            route_scale,
+        )?;
+        let out = moe_cuda::host::route(
+            dev,
+            &view("logits", &logits)?,
+            opt_view("expertBias", &expert_bias)?.as_ref(),
+            opt_view("tokenMask", &token_mask)?.as_ref(),
+            options,
+        )?;
         Ok(out.into())
     })
 }
@@ -285,8 +321,22 @@ pub fn cuda_route_device(
     token_mask: Option<&CudaTensor>,
 ) -> napi::Result<DeviceRouteOut, String> {
     run(|dev| {
-        let options = RouteOptions::from_args(topk, score_function.as_deref(), softmax_before_topk, num_groups, topk_groups, norm_topk_prob, route_scale)?;
-        let out = device_ops::route_device(dev, logits.get("logits")?, opt_get(&expert_bias, "expertBias")?, opt_get(&token_mask, "tokenMask")?, options)?;
+        let options = RouteOptions::from_args(
+            topk,
+            score_function.as_deref(),
+            softmax_before_topk,
+            num_groups,
+            topk_groups,
+            norm_topk_prob,
+            route_scale,
+        )?;
+        let out = device_ops::route_device(
+            dev,
+            logits.get("logits")?,
+            opt_get(&expert_bias, "expertBias")?,
+            opt_get(&token_mask, "tokenMask")?,
+            options,
+        )?;
         Ok(DeviceRouteOut {
             weights: CudaTensor::wrap(out.weights),
             indices: CudaTensor::wrap(out.indices),
@@ -400,7 +450,13 @@ pub fn cuda_memory() -> napi::Result<CudaMemory, String> {
         let (free, total) = dev.memory_info()?;
         let (live_bytes, live_buffers) = moe_cuda::device::live_memory();
         let (reserved, used) = dev.pool_memory()?;
-        Ok(CudaMemory { live_bytes: live_bytes as f64, live_buffers: live_buffers as f64, cached_bytes: reserved.saturating_sub(used) as f64, free_bytes: free as f64, total_bytes: total as f64 })
+        Ok(CudaMemory {
+            live_bytes: live_bytes as f64,
+            live_buffers: live_buffers as f64,
+            cached_bytes: reserved.saturating_sub(used) as f64,
+            free_bytes: free as f64,
+            total_bytes: total as f64,
+        })
     })
 }
 
@@ -415,10 +471,18 @@ pub fn cuda_release_cached_memory() -> napi::Result<(), String> {
 /// followed by a synchronize when `sync`; returns each call's wall time in microseconds, so that
 /// the JS call's cost above the bare Rust call is measured in one process.
 #[napi]
-pub fn cuda_time_rust_unpermute(permuted_tokens: &CudaTensor, sorted_indices: &CudaTensor, restore_shape: Vec<f64>, probs: Option<&CudaTensor>, iters: u32, sync: bool) -> napi::Result<Vec<f64>, String> {
+pub fn cuda_time_rust_unpermute(
+    permuted_tokens: &CudaTensor,
+    sorted_indices: &CudaTensor,
+    restore_shape: Vec<f64>,
+    probs: Option<&CudaTensor>,
+    iters: u32,
+    sync: bool,
+) -> napi::Result<Vec<f64>, String> {
     run(|dev| {
         let restore = moe_core::permute::restore_shape_arg(&restore_shape)?;
-        let (tokens, sorted, probs) = (permuted_tokens.get("permutedTokens")?, sorted_indices.get("sortedIndices")?, opt_get(&probs, "probs")?);
+        let (tokens, sorted, probs) =
+            (permuted_tokens.get("permutedTokens")?, sorted_indices.get("sortedIndices")?, opt_get(&probs, "probs")?);
         let mut times = Vec::with_capacity(iters as usize);
         for _ in 0..iters {
             let t0 = std::time::Instant::now();

@@ -71,8 +71,13 @@ pub fn cuda_switch_load_balancing_loss_device(
 ) -> napi::Result<DeviceProbsLossOut, String> {
     run(|dev| {
         let options = SwitchLossOptions::from_args(topk, coeff, num_tokens)?;
-        let (loss, grad) =
-            gpu::switch_load_balancing_loss_device(dev, probs.get("probs")?, tokens_per_expert.get("tokensPerExpert")?, opt_get(&token_mask, "tokenMask")?, options)?;
+        let (loss, grad) = gpu::switch_load_balancing_loss_device(
+            dev,
+            probs.get("probs")?,
+            tokens_per_expert.get("tokensPerExpert")?,
+            opt_get(&token_mask, "tokenMask")?,
+            options,
+        )?;
         Ok(DeviceProbsLossOut { loss, grad_probs: CudaTensor::wrap(grad) })
     })
 }
@@ -108,9 +113,14 @@ pub fn cuda_switch_load_balancing_loss_from_logits_device(
 
 /// `zLoss` on device tensors (same positional arguments as `zLoss`).
 #[napi]
-pub fn cuda_z_loss_device(logits: &CudaTensor, coeff: Option<f64>, token_mask: Option<&CudaTensor>) -> napi::Result<DeviceLogitsLossOut, String> {
+pub fn cuda_z_loss_device(
+    logits: &CudaTensor,
+    coeff: Option<f64>,
+    token_mask: Option<&CudaTensor>,
+) -> napi::Result<DeviceLogitsLossOut, String> {
     run(|dev| {
-        let (loss, grad) = gpu::z_loss_device(dev, logits.get("logits")?, opt_get(&token_mask, "tokenMask")?, coeff.unwrap_or(DEFAULT_COEFF))?;
+        let (loss, grad) =
+            gpu::z_loss_device(dev, logits.get("logits")?, opt_get(&token_mask, "tokenMask")?, coeff.unwrap_or(DEFAULT_COEFF))?;
         Ok(DeviceLogitsLossOut { loss, grad_logits: CudaTensor::wrap(grad) })
     })
 }

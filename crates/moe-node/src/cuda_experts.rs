@@ -60,7 +60,16 @@ pub fn cuda_experts_forward_device(
 ) -> napi::Result<DeviceExpertsForwardOut, String> {
     run(|dev| {
         let options = ActivationOptions::from_args(kind.as_deref(), alpha, limit, linear_offset)?;
-        let inp = inputs(permuted_tokens, tokens_per_expert, gate_and_up_projs, &gate_and_up_name, down_projs, &permuted_probs, &gate_up_proj_bias, &down_proj_bias)?;
+        let inp = inputs(
+            permuted_tokens,
+            tokens_per_expert,
+            gate_and_up_projs,
+            &gate_and_up_name,
+            down_projs,
+            &permuted_probs,
+            &gate_up_proj_bias,
+            &down_proj_bias,
+        )?;
         let (out, saved) = experts::experts_forward_device_saving(dev, &inp, &options, save_for_backward.unwrap_or(false))?;
         let (up, act) = match saved {
             Some(s) => (Some(CudaTensor::wrap(s.up_projection)), Some(CudaTensor::wrap(s.activation))),
@@ -102,12 +111,33 @@ pub fn cuda_experts_backward_device(
 ) -> napi::Result<DeviceExpertsGradsOut, String> {
     run(|dev| {
         let options = ActivationOptions::from_args(kind.as_deref(), alpha, limit, linear_offset)?;
-        let inp = inputs(permuted_tokens, tokens_per_expert, gate_and_up_projs, &gate_and_up_name, down_projs, &permuted_probs, &gate_up_proj_bias, &down_proj_bias)?;
+        let inp = inputs(
+            permuted_tokens,
+            tokens_per_expert,
+            gate_and_up_projs,
+            &gate_and_up_name,
+            down_projs,
+            &permuted_probs,
+            &gate_up_proj_bias,
+            &down_proj_bias,
+        )?;
         let saved = match (opt_get(&saved_up_projection, "saved.upProjection")?, opt_get(&saved_activation, "saved.activation")?) {
             (Some(up_projection), Some(activation)) => Some(SavedRef { up_projection, activation }),
             (None, None) => None,
-            (Some(_), None) => return Err(moe_cuda::Error::Core(moe_core::Error::type_error("saved.activation", "a device tensor (saved with saved.upProjection)", "undefined"))),
-            (None, Some(_)) => return Err(moe_cuda::Error::Core(moe_core::Error::type_error("saved.upProjection", "a device tensor (saved with saved.activation)", "undefined"))),
+            (Some(_), None) => {
+                return Err(moe_cuda::Error::Core(moe_core::Error::type_error(
+                    "saved.activation",
+                    "a device tensor (saved with saved.upProjection)",
+                    "undefined",
+                )))
+            }
+            (None, Some(_)) => {
+                return Err(moe_cuda::Error::Core(moe_core::Error::type_error(
+                    "saved.upProjection",
+                    "a device tensor (saved with saved.activation)",
+                    "undefined",
+                )))
+            }
         };
         let out = experts::experts_backward_device_saved(dev, grad_output.get("gradOutput")?, &inp, &options, saved)?;
         Ok(DeviceExpertsGradsOut {
@@ -123,6 +153,13 @@ pub fn cuda_experts_backward_device(
 
 /// `matmul` on device tensors (one cuBLAS GEMM).
 #[napi]
-pub fn cuda_matmul_device(a: &CudaTensor, b: &CudaTensor, trans_a: Option<bool>, trans_b: Option<bool>) -> napi::Result<CudaTensor, String> {
-    run(|dev| Ok(CudaTensor::wrap(experts::matmul_device(dev, a.get("a")?, b.get("b")?, trans_a.unwrap_or(false), trans_b.unwrap_or(false))?)))
+pub fn cuda_matmul_device(
+    a: &CudaTensor,
+    b: &CudaTensor,
+    trans_a: Option<bool>,
+    trans_b: Option<bool>,
+) -> napi::Result<CudaTensor, String> {
+    run(|dev| {
+        Ok(CudaTensor::wrap(experts::matmul_device(dev, a.get("a")?, b.get("b")?, trans_a.unwrap_or(false), trans_b.unwrap_or(false))?))
+    })
 }

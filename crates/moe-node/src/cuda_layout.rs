@@ -19,7 +19,11 @@ pub struct DeviceMultihotOut {
 
 /// `indicesToMultihot` on device tensors (same positional arguments as `indicesToMultihot`).
 #[napi]
-pub fn cuda_indices_to_multihot_device(indices: &CudaTensor, probs: &CudaTensor, num_experts: f64) -> napi::Result<DeviceMultihotOut, String> {
+pub fn cuda_indices_to_multihot_device(
+    indices: &CudaTensor,
+    probs: &CudaTensor,
+    num_experts: f64,
+) -> napi::Result<DeviceMultihotOut, String> {
     run(|dev| {
         let num_experts = size_arg("numExperts", num_experts)?;
         let out = gpu::indices_to_multihot_device(dev, indices.get("indices")?, probs.get("probs")?, num_experts)?;
@@ -35,7 +39,11 @@ pub struct DeviceIndicesOut {
 
 /// `multihotToIndices` on device tensors (same positional arguments as `multihotToIndices`).
 #[napi]
-pub fn cuda_multihot_to_indices_device(routing_map: &CudaTensor, probs: Option<&CudaTensor>, topk: Option<f64>) -> napi::Result<DeviceIndicesOut, String> {
+pub fn cuda_multihot_to_indices_device(
+    routing_map: &CudaTensor,
+    probs: Option<&CudaTensor>,
+    topk: Option<f64>,
+) -> napi::Result<DeviceIndicesOut, String> {
     run(|dev| {
         let topk = opt_size_arg("topk", topk)?;
         let out = gpu::multihot_to_indices_device(dev, routing_map.get("routingMap")?, opt_get(&probs, "probs")?, topk)?;
@@ -83,7 +91,11 @@ pub fn cuda_drop_tokens_device(
             pad_to_capacity: pad_to_capacity.unwrap_or(false),
         };
         let out = gpu::drop_tokens_device(dev, probs.get("probs")?, routing_map.get("routingMap")?, options)?;
-        Ok(DeviceDroppedOut { routing_map: CudaTensor::wrap(out.routing_map), probs: CudaTensor::wrap(out.probs), capacity: out.capacity as f64 })
+        Ok(DeviceDroppedOut {
+            routing_map: CudaTensor::wrap(out.routing_map),
+            probs: CudaTensor::wrap(out.probs),
+            capacity: out.capacity as f64,
+        })
     })
 }
 
@@ -102,7 +114,13 @@ pub fn cuda_sort_chunks_by_index_device(
     probs: Option<&CudaTensor>,
 ) -> napi::Result<DeviceSortedChunksOut, String> {
     run(|dev| {
-        let out = gpu::sort_chunks_by_index_device(dev, input.get("input")?, split_sizes.get("splitSizes")?, sorted_idxs.get("sortedIdxs")?, opt_get(&probs, "probs")?)?;
+        let out = gpu::sort_chunks_by_index_device(
+            dev,
+            input.get("input")?,
+            split_sizes.get("splitSizes")?,
+            sorted_idxs.get("sortedIdxs")?,
+            opt_get(&probs, "probs")?,
+        )?;
         Ok(DeviceSortedChunksOut { output: CudaTensor::wrap(out.output), probs: out.probs.map(CudaTensor::wrap) })
     })
 }
@@ -122,7 +140,13 @@ pub fn cuda_sort_chunks_by_index_backward_device(
     grad_probs: Option<&CudaTensor>,
 ) -> napi::Result<DeviceChunkGradsOut, String> {
     run(|dev| {
-        let out = gpu::sort_chunks_by_index_backward_device(dev, grad_output.get("gradOutput")?, split_sizes.get("splitSizes")?, sorted_idxs.get("sortedIdxs")?, opt_get(&grad_probs, "gradProbs")?)?;
+        let out = gpu::sort_chunks_by_index_backward_device(
+            dev,
+            grad_output.get("gradOutput")?,
+            split_sizes.get("splitSizes")?,
+            sorted_idxs.get("sortedIdxs")?,
+            opt_get(&grad_probs, "gradProbs")?,
+        )?;
         Ok(DeviceChunkGradsOut { grad_input: CudaTensor::wrap(out.output), grad_probs: out.probs.map(CudaTensor::wrap) })
     })
 }

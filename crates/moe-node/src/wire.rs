@@ -92,7 +92,7 @@ impl ToNapiValue for Js {
                 for (k, v) in fields.into_iter().filter(|(_, v)| !matches!(v, Value::Undefined)) {
                     o.set(k, Js(v))?;
                 }
-                <&Object>::to_napi_value(env, &o)
+                Object::to_napi_value(env, o)
             }
             Value::Tensor(t) => WireTensorOut::to_napi_value(env, to_wire(t)),
         }
@@ -161,7 +161,12 @@ pub struct PermuteOut {
 
 impl From<moe_core::permute::Permuted> for PermuteOut {
     fn from(o: moe_core::permute::Permuted) -> PermuteOut {
-        PermuteOut { permuted_tokens: to_wire(o.permuted_tokens), permuted_probs: o.permuted_probs.map(to_wire), sorted_indices: to_wire(o.sorted_indices), tokens_per_expert: to_wire(o.tokens_per_expert) }
+        PermuteOut {
+            permuted_tokens: to_wire(o.permuted_tokens),
+            permuted_probs: o.permuted_probs.map(to_wire),
+            sorted_indices: to_wire(o.sorted_indices),
+            tokens_per_expert: to_wire(o.tokens_per_expert),
+        }
     }
 }
 
@@ -175,7 +180,12 @@ pub struct RouteOut {
 
 impl From<moe_core::routing::Routed> for RouteOut {
     fn from(o: moe_core::routing::Routed) -> RouteOut {
-        RouteOut { weights: to_wire(o.weights), indices: to_wire(o.indices), scores: to_wire(o.scores), tokens_per_expert: to_wire(o.tokens_per_expert) }
+        RouteOut {
+            weights: to_wire(o.weights),
+            indices: to_wire(o.indices),
+            scores: to_wire(o.scores),
+            tokens_per_expert: to_wire(o.tokens_per_expert),
+        }
     }
 }
 

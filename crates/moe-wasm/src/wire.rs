@@ -130,7 +130,9 @@ impl ByteSource for JsSource {
             .ok()
             .and_then(|s| s.dyn_into::<Uint8Array>().ok())
             .filter(|s| s.length() as usize == buf.len())
-            .ok_or_else(|| Error::range("bytes", format!("cannot read bytes {offset}..{end} of the checkpoint (was its buffer detached?)")))?;
+            .ok_or_else(|| {
+                Error::range("bytes", format!("cannot read bytes {offset}..{end} of the checkpoint (was its buffer detached?)"))
+            })?;
         sub.copy_to(buf);
         self.read += buf.len() as u64;
         Ok(())

@@ -9,7 +9,9 @@ fn main() {
     if mode == "--write" {
         std::fs::write(file, text).expect("cannot write the declarations");
     } else if std::fs::read_to_string(file).ok().as_deref() != Some(text.as_str()) {
-        eprintln!("{file} is stale: the op table (crates/moe-bind/src/ops.rs) changed; run bash scripts/check-generated.sh --write and commit it");
+        eprintln!(
+            "{file} is stale: the op table (crates/moe-bind/src/ops.rs) changed; run bash scripts/check-generated.sh --write and commit it"
+        );
         std::process::exit(1);
     }
 }

@@ -47,7 +47,15 @@ pub enum ExpertFormat {
 }
 
 impl ExpertFormat {
-    pub const ALL: [ExpertFormat; 7] = [ExpertFormat::Stacked, ExpertFormat::Hf, ExpertFormat::Mixtral, ExpertFormat::GptOss, ExpertFormat::Llama4, ExpertFormat::HfFused, ExpertFormat::Granite];
+    pub const ALL: [ExpertFormat; 7] = [
+        ExpertFormat::Stacked,
+        ExpertFormat::Hf,
+        ExpertFormat::Mixtral,
+        ExpertFormat::GptOss,
+        ExpertFormat::Llama4,
+        ExpertFormat::HfFused,
+        ExpertFormat::Granite,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -88,14 +96,36 @@ impl ExpertFormat {
         let n = self.name();
         match self {
             ExpertFormat::Stacked => format!("{n}: {} [E, dim, 2 * inter] and {} [E, inter, dim]", k("gate_and_up_projs"), k("down_projs")),
-            ExpertFormat::Hf => format!("{n}: {}, {} [inter, dim] and {} [dim, inter]", k("{i}.gate_proj.weight"), k("{i}.up_proj.weight"), k("{i}.down_proj.weight")),
-            ExpertFormat::Mixtral => format!("{n}: {} (gate), {} (up) [inter, dim] and {} (down) [dim, inter]", k("{i}.w1.weight"), k("{i}.w3.weight"), k("{i}.w2.weight")),
+            ExpertFormat::Hf => format!(
+                "{n}: {}, {} [inter, dim] and {} [dim, inter]",
+                k("{i}.gate_proj.weight"),
+                k("{i}.up_proj.weight"),
+                k("{i}.down_proj.weight")
+            ),
+            ExpertFormat::Mixtral => format!(
+                "{n}: {} (gate), {} (up) [inter, dim] and {} (down) [dim, inter]",
+                k("{i}.w1.weight"),
+                k("{i}.w3.weight"),
+                k("{i}.w2.weight")
+            ),
             ExpertFormat::GptOss => {
-                format!("{n}: {} [E, dim, 2 * inter] (gate, up interleaved), {} [E, 2 * inter], {} [E, inter, dim], {} [E, dim]", k("gate_up_proj"), k("gate_up_proj_bias"), k("down_proj"), k("down_proj_bias"))
+                format!(
+                    "{n}: {} [E, dim, 2 * inter] (gate, up interleaved), {} [E, 2 * inter], {} [E, inter, dim], {} [E, dim]",
+                    k("gate_up_proj"),
+                    k("gate_up_proj_bias"),
+                    k("down_proj"),
+                    k("down_proj_bias")
+                )
             }
-            ExpertFormat::Llama4 => format!("{n}: {} [E, dim, 2 * inter] (gate | up halves) and {} [E, inter, dim]", k("gate_up_proj"), k("down_proj")),
-            ExpertFormat::HfFused => format!("{n} (transformers 5): {} [E, 2 * inter, dim] and {} [E, dim, inter]", k("gate_up_proj"), k("down_proj")),
-            ExpertFormat::Granite => format!("{n}: {} [E, 2 * inter, dim] and {} [E, dim, inter]", k("input_linear.weight"), k("output_linear.weight")),
+            ExpertFormat::Llama4 => {
+                format!("{n}: {} [E, dim, 2 * inter] (gate | up halves) and {} [E, inter, dim]", k("gate_up_proj"), k("down_proj"))
+            }
+            ExpertFormat::HfFused => {
+                format!("{n} (transformers 5): {} [E, 2 * inter, dim] and {} [E, dim, inter]", k("gate_up_proj"), k("down_proj"))
+            }
+            ExpertFormat::Granite => {
+                format!("{n}: {} [E, 2 * inter, dim] and {} [E, dim, inter]", k("input_linear.weight"), k("output_linear.weight"))
+            }
         }
     }
 }
@@ -167,8 +197,16 @@ struct PerExpert {
     down_bias: &'static str,
 }
 
-const HF: PerExpert = PerExpert { gate: "gate_proj.weight", up: "up_proj.weight", down: "down_proj.weight", gate_bias: "gate_proj.bias", up_bias: "up_proj.bias", down_bias: "down_proj.bias" };
-const MIXTRAL: PerExpert = PerExpert { gate: "w1.weight", up: "w3.weight", down: "w2.weight", gate_bias: "w1.bias", up_bias: "w3.bias", down_bias: "w2.bias" };
+const HF: PerExpert = PerExpert {
+    gate: "gate_proj.weight",
+    up: "up_proj.weight",
+    down: "down_proj.weight",
+    gate_bias: "gate_proj.bias",
+    up_bias: "up_proj.bias",
+    down_bias: "down_proj.bias",
+};
+const MIXTRAL: PerExpert =
+    PerExpert { gate: "w1.weight", up: "w3.weight", down: "w2.weight", gate_bias: "w1.bias", up_bias: "w3.bias", down_bias: "w2.bias" };
 
 impl PerExpert {
     fn tails(&self) -> [&'static str; 6] {
@@ -188,11 +226,46 @@ struct Fused {
     cols: Option<Arr>,
 }
 
-const STACKED: Fused = Fused { up: "gate_and_up_projs", down: "down_projs", up_bias: Some("gate_up_proj_bias"), down_bias: Some("down_proj_bias"), transposed: false, cols: None };
-const GPT_OSS: Fused = Fused { up: "gate_up_proj", down: "down_proj", up_bias: Some("gate_up_proj_bias"), down_bias: Some("down_proj_bias"), transposed: false, cols: Some(Arr::Interleaved) };
-const LLAMA4: Fused = Fused { up: "gate_up_proj", down: "down_proj", up_bias: Some("gate_up_proj_bias"), down_bias: Some("down_proj_bias"), transposed: false, cols: Some(Arr::Halves) };
-const HF_FUSED: Fused = Fused { up: "gate_up_proj", down: "down_proj", up_bias: Some("gate_up_proj_bias"), down_bias: Some("down_proj_bias"), transposed: true, cols: Some(Arr::Halves) };
-const GRANITE: Fused = Fused { up: "input_linear.weight", down: "output_linear.weight", up_bias: None, down_bias: None, transposed: true, cols: Some(Arr::Halves) };
+const STACKED: Fused = Fused {
+    up: "gate_and_up_projs",
+    down: "down_projs",
+    up_bias: Some("gate_up_proj_bias"),
+    down_bias: Some("down_proj_bias"),
+    transposed: false,
+    cols: None,
+};
+const GPT_OSS: Fused = Fused {
+    up: "gate_up_proj",
+    down: "down_proj",
+    up_bias: Some("gate_up_proj_bias"),
+    down_bias: Some("down_proj_bias"),
+    transposed: false,
+    cols: Some(Arr::Interleaved),
+};
+const LLAMA4: Fused = Fused {
+    up: "gate_up_proj",
+    down: "down_proj",
+    up_bias: Some("gate_up_proj_bias"),
+    down_bias: Some("down_proj_bias"),
+    transposed: false,
+    cols: Some(Arr::Halves),
+};
+const HF_FUSED: Fused = Fused {
+    up: "gate_up_proj",
+    down: "down_proj",
+    up_bias: Some("gate_up_proj_bias"),
+    down_bias: Some("down_proj_bias"),
+    transposed: true,
+    cols: Some(Arr::Halves),
+};
+const GRANITE: Fused = Fused {
+    up: "input_linear.weight",
+    down: "output_linear.weight",
+    up_bias: None,
+    down_bias: None,
+    transposed: true,
+    cols: Some(Arr::Halves),
+};
 
 enum Scheme {
     PerExpert(PerExpert),
@@ -337,20 +410,26 @@ fn transpose<T: Copy + Send + Sync>(src: &[T], rows: usize, cols: usize, dst: &m
     }
     let dst_col: Vec<usize> = (0..rows).map(col).collect();
     let work = 2 * rows * cols * std::mem::size_of::<T>();
-    crate::par::for_each_row(&mut dst[..cols * width], TASK * width, work, || (), |_, task, chunk| {
-        let first = task * TASK;
-        let n = chunk.len() / width;
-        for r0 in (0..rows).step_by(ROWS) {
-            let r1 = (r0 + ROWS).min(rows);
-            for k in 0..n {
-                let c = first + k;
-                let drow = &mut chunk[k * width..(k + 1) * width];
-                for r in r0..r1 {
-                    drow[dst_col[r]] = src[r * cols + c];
+    crate::par::for_each_row(
+        &mut dst[..cols * width],
+        TASK * width,
+        work,
+        || (),
+        |_, task, chunk| {
+            let first = task * TASK;
+            let n = chunk.len() / width;
+            for r0 in (0..rows).step_by(ROWS) {
+                let r1 = (r0 + ROWS).min(rows);
+                for k in 0..n {
+                    let c = first + k;
+                    let drow = &mut chunk[k * width..(k + 1) * width];
+                    for r in r0..r1 {
+                        drow[dst_col[r]] = src[r * cols + c];
+                    }
                 }
             }
-        }
-    });
+        },
+    );
 }
 
 /// `dst[r * width + col(c)] = src[r * width + c]`: the columns of `[rows, width]` rearranged.
@@ -366,10 +445,23 @@ fn permute_cols<T: Copy>(src: &[T], rows: usize, width: usize, dst: &mut [T], co
 
 /// [`transpose`] of `src[s_off..]` into `dst[d_off..]`.
 #[allow(clippy::too_many_arguments)]
-fn transpose_buf(src: &Buf, s_off: usize, rows: usize, cols: usize, dst: &mut Buf, d_off: usize, width: usize, col: &dyn Fn(usize) -> usize) -> Result<()> {
+fn transpose_buf(
+    src: &Buf,
+    s_off: usize,
+    rows: usize,
+    cols: usize,
+    dst: &mut Buf,
+    d_off: usize,
+    width: usize,
+    col: &dyn Fn(usize) -> usize,
+) -> Result<()> {
     match (src, dst) {
-        (Buf::U16(s), Buf::U16(d)) => transpose(&s[s_off..s_off + rows * cols], rows, cols, &mut d[d_off..d_off + cols * width], width, col),
-        (Buf::U32(s), Buf::U32(d)) => transpose(&s[s_off..s_off + rows * cols], rows, cols, &mut d[d_off..d_off + cols * width], width, col),
+        (Buf::U16(s), Buf::U16(d)) => {
+            transpose(&s[s_off..s_off + rows * cols], rows, cols, &mut d[d_off..d_off + cols * width], width, col)
+        }
+        (Buf::U32(s), Buf::U32(d)) => {
+            transpose(&s[s_off..s_off + rows * cols], rows, cols, &mut d[d_off..d_off + cols * width], width, col)
+        }
         _ => return Err(Error::Internal("a transpose between element sizes".into())),
     }
     Ok(())
@@ -400,7 +492,9 @@ fn expect(info: &Info, name: &str, shape: &[usize], what: &str, dtype: &mut Opti
         _ => return Err(Error::type_error(format!("{name}.dtype"), "F32, BF16 or F16", info.dtype_name.clone())),
     };
     match dtype {
-        Some(d) if *d != dt => return Err(Error::type_error(format!("{name}.dtype"), format!("{} like the other expert weights", d.name()), dt.name())),
+        Some(d) if *d != dt => {
+            return Err(Error::type_error(format!("{name}.dtype"), format!("{} like the other expert weights", d.name()), dt.name()))
+        }
         _ => *dtype = Some(dt),
     }
     if info.shape != shape {
@@ -416,7 +510,8 @@ fn missing_key(name: &str, what: &str) -> Error {
 /// `{head}rest` with every all-digit dotted component after `head` written `{i}`.
 fn pattern(name: &str, head: &str) -> String {
     let rest = &name[head.len()..];
-    let parts: Vec<&str> = rest.split('.').map(|c| if !c.is_empty() && c.bytes().all(|b| b.is_ascii_digit()) { "{i}" } else { c }).collect();
+    let parts: Vec<&str> =
+        rest.split('.').map(|c| if !c.is_empty() && c.bytes().all(|b| b.is_ascii_digit()) { "{i}" } else { c }).collect();
     format!("{head}{}", parts.join("."))
 }
 
@@ -439,9 +534,14 @@ fn nothing_found(store: &dyn Store, prefix: &str, looked: &[ExpertFormat]) -> Er
     if found.is_empty() && !prefix.is_empty() {
         let parent = prefix.rsplit_once('.').map_or("", |(a, _)| a);
         found = under(parent);
-        place = if parent.is_empty() { format!("(none under '{}'; all of them)", head(prefix)) } else { format!("(none under '{}'; under its parent '{}')", head(prefix), head(parent)) };
+        place = if parent.is_empty() {
+            format!("(none under '{}'; all of them)", head(prefix))
+        } else {
+            format!("(none under '{}'; under its parent '{}')", head(prefix), head(parent))
+        };
     }
-    let shown: Vec<String> = found.iter().take(12).map(|(p, n)| if *n > 1 { format!("'{p}' ({n} keys)") } else { format!("'{p}'") }).collect();
+    let shown: Vec<String> =
+        found.iter().take(12).map(|(p, n)| if *n > 1 { format!("'{p}' ({n} keys)") } else { format!("'{p}'") }).collect();
     let more = if found.len() > 12 { format!(", ... ({} key patterns in all)", found.len()) } else { String::new() };
     let schemes: Vec<String> = looked.iter().map(|f| f.describe(prefix)).collect();
     Error::range(
@@ -554,7 +654,14 @@ struct Stacked {
     format: ExpertFormat,
 }
 
-fn load_from_store(store: &mut dyn Store, prefix: &str, num_experts: usize, range: ExpertRange, kind: ActivationKind, format: Option<ExpertFormat>) -> Result<Stacked> {
+fn load_from_store(
+    store: &mut dyn Store,
+    prefix: &str,
+    num_experts: usize,
+    range: ExpertRange,
+    kind: ActivationKind,
+    format: Option<ExpertFormat>,
+) -> Result<Stacked> {
     let fmt = match format {
         Some(f) => f,
         None => detect(store, prefix)?,
@@ -569,7 +676,15 @@ fn relu2_refusal(kind: ActivationKind, fmt: ExpertFormat, name: &str) -> Error {
     Error::range(name, format!("activation '{}' has no gate projection, and the '{}' key scheme stores gate and up together (relu2 experts load from 'stacked' or per-expert up / down keys)", kind.name(), fmt.name()))
 }
 
-fn load_fused(store: &mut dyn Store, prefix: &str, f: &Fused, fmt: ExpertFormat, e: usize, range: ExpertRange, kind: ActivationKind) -> Result<Stacked> {
+fn load_fused(
+    store: &mut dyn Store,
+    prefix: &str,
+    f: &Fused,
+    fmt: ExpertFormat,
+    e: usize,
+    range: ExpertRange,
+    kind: ActivationKind,
+) -> Result<Stacked> {
     let ours = layout(kind);
     let file = f.cols.unwrap_or(ours);
     let (upk, dnk) = (key(prefix, f.up), key(prefix, f.down));
@@ -584,7 +699,10 @@ fn load_fused(store: &mut dyn Store, prefix: &str, f: &Fused, fmt: ExpertFormat,
         return Err(Error::range(upk.as_str(), format!("expected 3 dimensions {up_what}, got {}", shape_str(&up.shape))));
     }
     if up.shape[0] != e {
-        return Err(Error::range(upk.as_str(), format!("holds {} experts (dim 0 of {}), expected numExperts = {e}", up.shape[0], shape_str(&up.shape))));
+        return Err(Error::range(
+            upk.as_str(),
+            format!("holds {} experts (dim 0 of {}), expected numExperts = {e}", up.shape[0], shape_str(&up.shape)),
+        ));
     }
     let (dim, width) = if f.transposed { (up.shape[2], up.shape[1]) } else { (up.shape[1], up.shape[2]) };
     if ours != Arr::UpOnly && width % 2 != 0 {
@@ -593,7 +711,8 @@ fn load_fused(store: &mut dyn Store, prefix: &str, f: &Fused, fmt: ExpertFormat,
     let inter = if ours == Arr::UpOnly { width } else { width / 2 };
     let mut dtype = None;
     expect(&up, &upk, &up.shape.clone(), up_what, &mut dtype)?;
-    let (down_shape, down_what) = if f.transposed { (vec![e, dim, inter], "[numExperts, dim, inter]") } else { (vec![e, inter, dim], "[numExperts, inter, dim]") };
+    let (down_shape, down_what) =
+        if f.transposed { (vec![e, dim, inter], "[numExperts, dim, inter]") } else { (vec![e, inter, dim], "[numExperts, inter, dim]") };
     let Some(down) = store.entry(&dnk)? else {
         return Err(missing_key(&dnk, &format!("{down_what} {}", shape_str(&down_shape))));
     };
@@ -661,10 +780,24 @@ fn load_fused(store: &mut dyn Store, prefix: &str, f: &Fused, fmt: ExpertFormat,
         }
         _ => None,
     };
-    Ok(Stacked { w1: w1.into_tensor(dtype, vec![local, dim, width]), w2: w2.into_tensor(dtype, vec![local, inter, dim]), b1, b2, format: fmt })
+    Ok(Stacked {
+        w1: w1.into_tensor(dtype, vec![local, dim, width]),
+        w2: w2.into_tensor(dtype, vec![local, inter, dim]),
+        b1,
+        b2,
+        format: fmt,
+    })
 }
 
-fn load_per_expert(store: &mut dyn Store, prefix: &str, s: &PerExpert, fmt: ExpertFormat, e: usize, range: ExpertRange, kind: ActivationKind) -> Result<Stacked> {
+fn load_per_expert(
+    store: &mut dyn Store,
+    prefix: &str,
+    s: &PerExpert,
+    fmt: ExpertFormat,
+    e: usize,
+    range: ExpertRange,
+    kind: ActivationKind,
+) -> Result<Stacked> {
     let ours = layout(kind);
     let gated = ours != Arr::UpOnly;
     let k = |i: usize, t: &str| key(prefix, &format!("{i}.{t}"));
@@ -673,7 +806,10 @@ fn load_per_expert(store: &mut dyn Store, prefix: &str, s: &PerExpert, fmt: Expe
         return Err(nothing_found(store, prefix, &[fmt]));
     }
     if let Some((id, name)) = ids.iter().find(|(id, _)| *id >= e) {
-        return Err(Error::range(name.as_str(), format!("expert {id} is outside [0, numExperts = {e}): the checkpoint has more experts than expected")));
+        return Err(Error::range(
+            name.as_str(),
+            format!("expert {id} is outside [0, numExperts = {e}): the checkpoint has more experts than expected"),
+        ));
     }
     let mut weights: Vec<(&str, &str)> = Vec::new();
     if gated {
@@ -788,15 +924,40 @@ fn load_per_expert(store: &mut dyn Store, prefix: &str, s: &PerExpert, fmt: Expe
 /// as stacked tensors, from a checkpoint in any key scheme (`format`, or detected). Every
 /// expert's keys and the entries of the files it opens are checked first (so a wrong expert
 /// count or shape is an error naming the key); then only the rank's bytes are read.
-pub fn load_experts(ck: &mut Checkpoint, prefix: &str, num_experts: usize, ep_size: usize, ep_rank: usize, kind: ActivationKind, format: Option<ExpertFormat>) -> Result<LoadedExperts> {
+pub fn load_experts(
+    ck: &mut Checkpoint,
+    prefix: &str,
+    num_experts: usize,
+    ep_size: usize,
+    ep_rank: usize,
+    kind: ActivationKind,
+    format: Option<ExpertFormat>,
+) -> Result<LoadedExperts> {
     let range = expert_range_for_rank(num_experts, ep_size, ep_rank)?;
     let s = load_from_store(ck, prefix, num_experts, range, kind, format)?;
-    Ok(LoadedExperts { gate_and_up: s.w1, down: s.w2, gate_up_bias: s.b1, down_bias: s.b2, range, format: s.format, bytes_read: ck.bytes_read() })
+    Ok(LoadedExperts {
+        gate_and_up: s.w1,
+        down: s.w2,
+        gate_up_bias: s.b1,
+        down_bias: s.b2,
+        range,
+        format: s.format,
+        bytes_read: ck.bytes_read(),
+    })
 }
 
 /// Stacks expert tensors held in memory, in any key scheme (all experts `0..numExperts`).
-pub fn stack_experts(tensors: &[(String, TensorRef)], prefix: &str, num_experts: usize, kind: ActivationKind, format: Option<ExpertFormat>) -> Result<LoadedExperts> {
-    let mut store = MemStore { order: tensors.iter().map(|(n, _)| n.as_str()).collect(), tensors: tensors.iter().map(|(n, t)| (n.as_str(), t)).collect() };
+pub fn stack_experts(
+    tensors: &[(String, TensorRef)],
+    prefix: &str,
+    num_experts: usize,
+    kind: ActivationKind,
+    format: Option<ExpertFormat>,
+) -> Result<LoadedExperts> {
+    let mut store = MemStore {
+        order: tensors.iter().map(|(n, _)| n.as_str()).collect(),
+        tensors: tensors.iter().map(|(n, t)| (n.as_str(), t)).collect(),
+    };
     let range = ExpertRange { start: 0, end: num_experts };
     let s = load_from_store(&mut store, prefix, num_experts, range, kind, format)?;
     Ok(LoadedExperts { gate_and_up: s.w1, down: s.w2, gate_up_bias: s.b1, down_bias: s.b2, range, format: s.format, bytes_read: 0 })
@@ -824,13 +985,20 @@ pub fn unstack_experts(
     gate_and_up.expect_dtype(DType::TOKENS)?;
     let (local, dim, width) = (s[0], s[1], s[2]);
     if ours != Arr::UpOnly && width % 2 != 0 {
-        return Err(Error::range(format!("{}.shape[2]", gate_and_up.name), format!("{} needs an even width (gate and up), got {width}", kind.name())));
+        return Err(Error::range(
+            format!("{}.shape[2]", gate_and_up.name),
+            format!("{} needs an even width (gate and up), got {width}", kind.name()),
+        ));
     }
     let inter = if ours == Arr::UpOnly { width } else { width / 2 };
     down.expect_rank(3, "[numLocalExperts, inter, dim]")?;
     down.expect_shape(&[local, inter, dim], "([numLocalExperts, inter, dim])")?;
     if down.dtype != gate_and_up.dtype {
-        return Err(Error::type_error(format!("{}.dtype", down.name), format!("{} (the dtype of {})", gate_and_up.dtype.name(), gate_and_up.name), down.dtype.name()));
+        return Err(Error::type_error(
+            format!("{}.dtype", down.name),
+            format!("{} (the dtype of {})", gate_and_up.dtype.name(), gate_and_up.name),
+            down.dtype.name(),
+        ));
     }
     if let Some(b) = gate_up_bias {
         b.expect_dtype(DType::TOKENS)?;
@@ -1001,7 +1169,11 @@ mod tests {
                         assert_eq!(f32s(&got.gate_and_up), &w1[r.start * dim * width..r.end * dim * width]);
                         assert_eq!(f32s(&got.down), &w2[r.start * inter * dim..r.end * inter * dim]);
                         let bias = if with_bias { r.len() * (width + dim) * 4 } else { 0 };
-                        assert_eq!(got.bytes_read, header_len(&file) + (r.len() * (dim * width + inter * dim) * 4 + bias) as u64, "{fmt:?}");
+                        assert_eq!(
+                            got.bytes_read,
+                            header_len(&file) + (r.len() * (dim * width + inter * dim) * 4 + bias) as u64,
+                            "{fmt:?}"
+                        );
                     }
                 }
             }
@@ -1075,11 +1247,21 @@ mod tests {
         assert_eq!(ok.gate_and_up.shape, vec![1, dim, 2 * inter]);
         // Nothing under the prefix: the keys under its parent, and every scheme looked for.
         let err = load_experts(&mut single(&bytes), "x.experts", 4, 1, 0, ActivationKind::Swiglu, None).unwrap_err().to_string();
-        assert!(err.starts_with("x.experts: no expert weights found in a known key scheme (looked for stacked: 'x.experts.gate_and_up_projs'"), "{err}");
-        assert!(err.ends_with("The checkpoint's keys (none under 'x.experts.'; under its parent 'x.'): 'x.down_projs', 'x.gate_and_up_projs'"), "{err}");
+        assert!(
+            err.starts_with("x.experts: no expert weights found in a known key scheme (looked for stacked: 'x.experts.gate_and_up_projs'"),
+            "{err}"
+        );
+        assert!(
+            err.ends_with("The checkpoint's keys (none under 'x.experts.'; under its parent 'x.'): 'x.down_projs', 'x.gate_and_up_projs'"),
+            "{err}"
+        );
         // A forced scheme that is not there lists what is.
-        let err = load_experts(&mut single(&bytes), "x", 4, 1, 0, ActivationKind::Swiglu, Some(ExpertFormat::Mixtral)).unwrap_err().to_string();
-        assert!(err.starts_with("x: no expert weights found in the 'mixtral' key scheme (looked for mixtral: 'x.{i}.w1.weight' (gate)"), "{err}");
+        let err =
+            load_experts(&mut single(&bytes), "x", 4, 1, 0, ActivationKind::Swiglu, Some(ExpertFormat::Mixtral)).unwrap_err().to_string();
+        assert!(
+            err.starts_with("x: no expert weights found in the 'mixtral' key scheme (looked for mixtral: 'x.{i}.w1.weight' (gate)"),
+            "{err}"
+        );
         // GPT-OSS keys without biases are ambiguous with Llama 4.
         let g = vec![
             ("x.gate_up_proj".to_string(), TensorRef::of("a", vec![e, dim, 2 * inter], &w1).unwrap()),
@@ -1110,10 +1292,13 @@ mod tests {
                 2
             }
         };
-        let files: Vec<Vec<u8>> = (0..3).map(|s| save_owned(&hf.iter().filter(|(n, _)| shard_of(n) == s).cloned().collect::<Vec<_>>(), &[]).unwrap()).collect();
+        let files: Vec<Vec<u8>> =
+            (0..3).map(|s| save_owned(&hf.iter().filter(|(n, _)| shard_of(n) == s).cloned().collect::<Vec<_>>(), &[]).unwrap()).collect();
         let wm: Vec<String> = hf.iter().map(|(n, _)| format!("\"{n}\":\"s{}.safetensors\"", shard_of(n) + 1)).collect();
         let index = format!("{{\"weight_map\":{{{}}}}}", wm.join(","));
-        for (ep, rank, opened) in [(4usize, 1usize, vec![0usize, 1]), (4, 2, vec![1, 2]), (4, 3, vec![2]), (2, 0, vec![0, 1]), (1, 0, vec![0, 1, 2])] {
+        for (ep, rank, opened) in
+            [(4usize, 1usize, vec![0usize, 1]), (4, 2, vec![1, 2]), (4, 3, vec![2]), (2, 0, vec![0, 1]), (1, 0, vec![0, 1, 2])]
+        {
             let log = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
             let l2 = log.clone();
             let files2 = &files;
@@ -1134,9 +1319,18 @@ mod tests {
             assert_eq!(got.bytes_read, headers + (r.len() * 3 * dim * inter * 4) as u64);
         }
         // An absent shard names itself and the tensor that needs it.
-        let opener: super::super::Opener = Box::new(|name: &str| Ok(if name == "s2.safetensors" { Some(Box::new(SliceSource::new(&files[1])) as Box<dyn super::super::ByteSource + '_>) } else { None }));
+        let opener: super::super::Opener = Box::new(|name: &str| {
+            Ok(if name == "s2.safetensors" {
+                Some(Box::new(SliceSource::new(&files[1])) as Box<dyn super::super::ByteSource + '_>)
+            } else {
+                None
+            })
+        });
         let mut ck = Checkpoint::sharded(index.as_bytes(), opener).unwrap();
         let err = load_experts(&mut ck, "m", e, 4, 2, ActivationKind::Swiglu, None).unwrap_err();
-        assert_eq!(err.to_string(), "s3.safetensors: this shard holds 'm.5.down_proj.weight', which this call needs, and is not among the given shards");
+        assert_eq!(
+            err.to_string(),
+            "s3.safetensors: this shard holds 'm.5.down_proj.weight', which this call needs, and is not among the given shards"
+        );
     }
 }

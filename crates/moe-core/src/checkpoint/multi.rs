@@ -56,7 +56,13 @@ impl<'a> Checkpoint<'a> {
         let header = read_header(&mut *src)?;
         let names: Vec<String> = header.tensors.iter().map(|e| e.name.clone()).collect();
         let file_of = names.iter().map(|n| (n.clone(), 0)).collect();
-        Ok(Checkpoint { files: vec![File { name: file.to_string(), src: Some(src), header: Some(header) }], names, file_of, opener: None, index_metadata: Vec::new() })
+        Ok(Checkpoint {
+            files: vec![File { name: file.to_string(), src: Some(src), header: Some(header) }],
+            names,
+            file_of,
+            opener: None,
+            index_metadata: Vec::new(),
+        })
     }
 
     /// A sharded checkpoint: the index json's bytes and a way to open its shard files (none is
@@ -95,7 +101,12 @@ impl<'a> Checkpoint<'a> {
                 (None, Some(one))
             } else {
                 let mut found: Vec<String> = std::fs::read_dir(p)
-                    .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.ends_with(".safetensors") || n.ends_with(".json")).collect())
+                    .map(|d| {
+                        d.filter_map(|e| e.ok())
+                            .map(|e| e.file_name().to_string_lossy().into_owned())
+                            .filter(|n| n.ends_with(".safetensors") || n.ends_with(".json"))
+                            .collect()
+                    })
                     .unwrap_or_default();
                 found.sort();
                 let listed: Vec<&str> = found.iter().map(String::as_str).take(10).collect();
@@ -176,7 +187,10 @@ impl<'a> Checkpoint<'a> {
             Error::range(file.as_str(), format!("the shard holding '{tensor}': {msg}"))
         };
         let Some(mut src) = opener(&file).map_err(context)? else {
-            return Err(Error::range(file.as_str(), format!("this shard holds '{tensor}', which this call needs, and is not among the given shards")));
+            return Err(Error::range(
+                file.as_str(),
+                format!("this shard holds '{tensor}', which this call needs, and is not among the given shards"),
+            ));
         };
         let header = read_header(&mut *src).map_err(context)?;
         self.files[i].src = Some(src);
@@ -197,7 +211,12 @@ impl<'a> Checkpoint<'a> {
                 let (near, total) = nearest(name, header.tensors.iter().map(|e| e.name.as_str()), 10);
                 Err(Error::range(
                     name,
-                    format!("the index puts it in '{}', whose header does not have it ({} tensors; the nearest: {})", file.name, header.tensors.len(), if total == 0 { "none".into() } else { list_names(&near, total) }),
+                    format!(
+                        "the index puts it in '{}', whose header does not have it ({} tensors; the nearest: {})",
+                        file.name,
+                        header.tensors.len(),
+                        if total == 0 { "none".into() } else { list_names(&near, total) }
+                    ),
                 ))
             }
         }
@@ -348,9 +367,17 @@ fn relabel_index(e: Error, shown: &str) -> Error {
 
 /// A shard file name of an index: a relative path without `..` (it is joined to the index's directory).
 fn check_file_name(tensor: &str, file: &str) -> Result<()> {
-    let bad = file.is_empty() || file.starts_with('/') || file.starts_with('\\') || file.contains('\0') || file.split(['/', '\\']).any(|c| c == "..") || file.get(1..2) == Some(":");
+    let bad = file.is_empty()
+        || file.starts_with('/')
+        || file.starts_with('\\')
+        || file.contains('\0')
+        || file.split(['/', '\\']).any(|c| c == "..")
+        || file.get(1..2) == Some(":");
     if bad {
-        return Err(Error::range("index", format!("weight_map['{tensor}'] = '{file}' is not a shard file name (a relative path without '..')")));
+        return Err(Error::range(
+            "index",
+            format!("weight_map['{tensor}'] = '{file}' is not a shard file name (a relative path without '..')"),
+        ));
     }
     Ok(())
 }
@@ -364,13 +391,20 @@ pub(crate) fn parse_index(bytes: &[u8]) -> Result<(Pairs, Pairs)> {
     if bytes.len() > MAX_INDEX {
         return Err(Error::range("index", format!("{} bytes is over the {MAX_INDEX}-byte cap of an index", bytes.len())));
     }
-    let v: Value = serde_json::from_slice(bytes).map_err(|e| Error::range("index", format!("not a safetensors index (model.safetensors.index.json): {e}")))?;
+    let v: Value = serde_json::from_slice(bytes)
+        .map_err(|e| Error::range("index", format!("not a safetensors index (model.safetensors.index.json): {e}")))?;
     let Value::Object(top) = v else {
         return Err(Error::range("index", "not a safetensors index: expected a JSON object { metadata, weight_map }"));
     };
     let Some(map) = top.get("weight_map") else {
         let keys: Vec<&str> = top.keys().map(String::as_str).take(10).collect();
-        return Err(Error::range("index", format!("not a safetensors index: no 'weight_map' (its keys: {})", if keys.is_empty() { "none".into() } else { list_names(&keys, top.len()) })));
+        return Err(Error::range(
+            "index",
+            format!(
+                "not a safetensors index: no 'weight_map' (its keys: {})",
+                if keys.is_empty() { "none".into() } else { list_names(&keys, top.len()) }
+            ),
+        ));
     };
     let Value::Object(map) = map else {
         return Err(Error::range("index", "weight_map: expected an object { tensor name: shard file }"));
@@ -403,7 +437,10 @@ mod tests {
     use crate::tensor::{DType, TensorRef};
 
     fn file(tensors: &[(&str, Vec<f32>)]) -> Vec<u8> {
-        let refs: Vec<(String, TensorRef)> = tensors.iter().map(|(n, v)| (n.to_string(), TensorRef::new("t", DType::F32, vec![v.len()], bytemuck::cast_slice(v)).unwrap())).collect();
+        let refs: Vec<(String, TensorRef)> = tensors
+            .iter()
+            .map(|(n, v)| (n.to_string(), TensorRef::new("t", DType::F32, vec![v.len()], bytemuck::cast_slice(v)).unwrap()))
+            .collect();
         save(&refs, &[("format".into(), "pt".into())]).unwrap()
     }
 
@@ -449,7 +486,10 @@ mod tests {
         let opener: Opener = Box::new(move |_: &str| Ok(Some(Box::new(SliceSource::new(a)) as Box<dyn ByteSource + '_>)));
         let mut ck = Checkpoint::sharded(index, opener).unwrap();
         let err = ck.load(Some(&["x.b".to_string()])).unwrap_err();
-        assert_eq!(err.to_string(), "x.b: the index puts it in 's1.safetensors', whose header does not have it (1 tensors; the nearest: 'x.a')");
+        assert_eq!(
+            err.to_string(),
+            "x.b: the index puts it in 's1.safetensors', whose header does not have it (1 tensors; the nearest: 'x.a')"
+        );
         assert!(ck.info().unwrap_err().to_string().starts_with("x.b: the index puts it in"));
         for (bad, msg) in [
             (&b"[1]"[..], "index: not a safetensors index: expected a JSON object"),
@@ -479,7 +519,10 @@ mod tests {
             ck.load(Some(&["x.b".to_string()])).unwrap();
             assert_eq!(ck.bytes_read(), header_len(&b) + 4);
             let info = ck.info().unwrap();
-            assert_eq!(info.iter().map(|t| (t.name.as_str(), t.file.as_str())).collect::<Vec<_>>(), [("x.a", "s1.safetensors"), ("x.b", "s2.safetensors")]);
+            assert_eq!(
+                info.iter().map(|t| (t.name.as_str(), t.file.as_str())).collect::<Vec<_>>(),
+                [("x.a", "s1.safetensors"), ("x.b", "s2.safetensors")]
+            );
         }
         for p in [dir.clone(), dir.join(SINGLE_FILE)] {
             let mut ck = Checkpoint::open_path(p.to_str().unwrap()).unwrap();
@@ -493,7 +536,12 @@ mod tests {
         let empty = dir.join("empty");
         std::fs::create_dir_all(&empty).unwrap();
         let err = Checkpoint::open_path(empty.to_str().unwrap()).err().unwrap();
-        assert!(err.to_string().contains("is a directory without model.safetensors.index.json or model.safetensors (its .safetensors and .json files: none)"), "{err}");
+        assert!(
+            err.to_string().contains(
+                "is a directory without model.safetensors.index.json or model.safetensors (its .safetensors and .json files: none)"
+            ),
+            "{err}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -18,7 +18,11 @@ use moe_core::tensor::{DType, Tensor};
 use moe_cuda::activations::{launch_activation, launch_activation_backward, ExpMath};
 use moe_cuda::blas::{gemm, mark, set_side_streams, Operand, Output, Problem};
 use moe_cuda::device_ops::{permute_backward_device, permute_device, unpermute_backward_device, unpermute_device};
-use moe_cuda::experts::{experts_backward_device, experts_backward_device_saved, experts_forward_device, experts_forward_device_saving, run_gemms, set_grouped_gemm, set_row_blocks, set_side_by_side, set_weight_gradients_beside, use_grouped, weight_gradients_beside, DeviceExpertsInputs};
+use moe_cuda::experts::{
+    experts_backward_device, experts_backward_device_saved, experts_forward_device, experts_forward_device_saving, run_gemms,
+    set_grouped_gemm, set_row_blocks, set_side_by_side, set_weight_gradients_beside, use_grouped, weight_gradients_beside,
+    DeviceExpertsInputs,
+};
 use moe_cuda::{Device, DeviceTensor};
 
 use crate::{back_to_back_ms, time_ms, Rng};
@@ -54,7 +58,16 @@ pub fn bf16_peak(dev: &Device, iters: usize) -> moe_cuda::Result<f64> {
     let b = bf16_tensor(dev, &mut rng, vec![size, size], 1.0)?;
     let c = DeviceTensor::alloc(dev, "c", DType::BF16, vec![size, size])?;
     let (ms, _) = time_ms(dev, iters, || {
-        gemm(dev, size, size, size, Operand { ptr: a.buf.device_ptr(dev), dtype: DType::BF16, trans: false }, Operand { ptr: b.buf.device_ptr(dev), dtype: DType::BF16, trans: false }, Output { ptr: c.buf.device_ptr(dev), dtype: DType::BF16 }, 0.0)
+        gemm(
+            dev,
+            size,
+            size,
+            size,
+            Operand { ptr: a.buf.device_ptr(dev), dtype: DType::BF16, trans: false },
+            Operand { ptr: b.buf.device_ptr(dev), dtype: DType::BF16, trans: false },
+            Output { ptr: c.buf.device_ptr(dev), dtype: DType::BF16 },
+            0.0,
+        )
     })?;
     Ok(2.0 * (size as f64).powi(3) / (ms * 1e-3) / 1e12)
 }
@@ -199,7 +212,11 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
         set_weight_gradients_beside(None);
         Ok(rows.join("; "))
     };
-    println!("{:>13} backward, weight gradients beside the token-side GEMMs (side streams at high priority) / a step at a time: {}", s.name, ab_rounds(&mut ab, false)?);
+    println!(
+        "{:>13} backward, weight gradients beside the token-side GEMMs (side streams at high priority) / a step at a time: {}",
+        s.name,
+        ab_rounds(&mut ab, false)?
+    );
     if std::env::var_os("MOE_BENCH_AB_ONLY").is_some() {
         // (a quick look: the A/B above only)
         let mut o = flat_json::Obj::default();
@@ -218,7 +235,13 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
             dev.synchronize("queue timing")?;
         }
         host.sort_by(|a, b| a.total_cmp(b));
-        println!("{:>13} queueing the {} GEMMs (side by side: {}): host {:.3} ms (median of {iters})", s.name, if backward { "backward" } else { "forward" }, e >= 16, host[host.len() / 2]);
+        println!(
+            "{:>13} queueing the {} GEMMs (side by side: {}): host {:.3} ms (median of {iters})",
+            s.name,
+            if backward { "backward" } else { "forward" },
+            e >= 16,
+            host[host.len() / 2]
+        );
     }
     // where the queueing time goes: one cuBLAS call per GEMM on the device's stream, the real
     // (varying) shapes against the first expert's shape repeated
@@ -238,7 +261,12 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
                 dev.synchronize("queue timing")?;
             }
             host.sort_by(|a, b| a.total_cmp(b));
-            println!("{:>13} cublasGemmEx host time per call, {what}: {:.1} us (median of {iters} passes of {})", s.name, host[host.len() / 2], probs.len());
+            println!(
+                "{:>13} cublasGemmEx host time per call, {what}: {:.1} us (median of {iters} passes of {})",
+                s.name,
+                host[host.len() / 2],
+                probs.len()
+            );
         }
         // a handle in cuBLAS's default math mode (ours is pedantic)
         let plain = cudarc::cublas::CudaBlas::new(dev.stream().clone()).map_err(|e| moe_cuda::Error::Cuda(format!("{e}")))?;
@@ -268,7 +296,12 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
                 }
                 host.sort_by(|a, b| a.total_cmp(b));
                 let (ms, _) = time_ms(dev, iters, || lt.run_repeated(dev, &q, st.1, st.2, DType::BF16, &c0, st.0.len()))?;
-                println!("{:>13} cublasLtMatmul host time per call, descriptors and algorithm made once: {:.1} us; GPU {ms:.3} ms for {} calls", s.name, host[host.len() / 2], st.0.len());
+                println!(
+                    "{:>13} cublasLtMatmul host time per call, descriptors and algorithm made once: {:.1} us; GPU {ms:.3} ms for {} calls",
+                    s.name,
+                    host[host.len() / 2],
+                    st.0.len()
+                );
             }
         }
     }
@@ -304,7 +337,11 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
     let rows = ab_rounds(&mut ab, true)?;
     let peak_now = bf16_peak(dev, iters)?;
     ab.push(("bf16TflopsLater".to_string(), peak_now));
-    let later_pcts: Vec<f64> = ab.iter().filter(|(k, _)| k.starts_with("gemmBackwardMsLater")).map(|(_, g)| 100.0 * fl_bwd_steps / (g * 1e-3) / 1e12 / peak_now).collect();
+    let later_pcts: Vec<f64> = ab
+        .iter()
+        .filter(|(k, _)| k.starts_with("gemmBackwardMsLater"))
+        .map(|(_, g)| 100.0 * fl_bwd_steps / (g * 1e-3) / 1e12 / peak_now)
+        .collect();
     println!(
         "{:>13} backward GEMMs after the host-time measurements, beside / a step at a time: {rows} (headline, default: {gemm_bwd:.3} ms); bf16 rate now {peak_now:.0} TFLOP/s (at the start {peak:.0}): the later rounds at {:.0}-{:.0}% of it",
         s.name,
@@ -321,7 +358,13 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
     // side by side on four streams, cuBLAS's grouped GEMM
     let step_flops = |st: &Step| st.0.iter().map(|q| 2.0 * (q.m * q.n * q.k) as f64).sum::<f64>();
     let mut block_rows: Vec<(String, f64, f64)> = Vec::new();
-    for (mode, blk, side, grouped) in [("one call each", 0usize, false, false), ("row blocks 128", 128, false, false), ("row blocks 256", 256, false, false), ("side by side", 0, true, false), ("grouped", 0, false, true)] {
+    for (mode, blk, side, grouped) in [
+        ("one call each", 0usize, false, false),
+        ("row blocks 128", 128, false, false),
+        ("row blocks 256", 256, false, false),
+        ("side by side", 0, true, false),
+        ("grouped", 0, false, true),
+    ] {
         set_row_blocks(Some(blk));
         set_side_by_side(Some(side));
         set_grouped_gemm(Some(grouped));
@@ -331,7 +374,13 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
         for (pass, steps) in [("fwd", &steps_fwd), ("bwd", &steps_bwd)] {
             for st in steps.iter() {
                 let (ms, _) = time_ms(dev, iters, || run_steps(std::slice::from_ref(st)))?;
-                parts.push(format!("{pass} {}{} m~{} {ms:.3} ms {:.0}%", if st.1 .1 { "T" } else { "N" }, if st.2 .1 { "T" } else { "N" }, st.0.first().map_or(0, |q| q.m), 100.0 * step_flops(st) / (ms * 1e-3) / 1e12 / peak));
+                parts.push(format!(
+                    "{pass} {}{} m~{} {ms:.3} ms {:.0}%",
+                    if st.1 .1 { "T" } else { "N" },
+                    if st.2 .1 { "T" } else { "N" },
+                    st.0.first().map_or(0, |q| q.m),
+                    100.0 * step_flops(st) / (ms * 1e-3) / 1e12 / peak
+                ));
             }
         }
         println!("{:>13} {mode}: GEMMs fwd {f:.3} ms, bwd {b:.3} ms; steps (A, B transposed): {}", s.name, parts.join(", "));
@@ -350,10 +399,18 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
                     f.push(time_ms(dev, iters, || gemms(false))?.0);
                     b.push(time_ms(dev, iters, || gemms(true))?.0);
                 }
-                let pcts = |v: &[f64], fl: f64| v.iter().map(|ms| format!("{:.0}", 100.0 * fl / (ms * 1e-3) / 1e12 / peak)).collect::<Vec<_>>().join("/");
+                let pcts = |v: &[f64], fl: f64| {
+                    v.iter().map(|ms| format!("{:.0}", 100.0 * fl / (ms * 1e-3) / 1e12 / peak)).collect::<Vec<_>>().join("/")
+                };
                 let fl_f: f64 = steps_fwd.iter().map(step_flops).sum();
                 let fl_b: f64 = steps_bwd.iter().map(step_flops).sum();
-                println!("{:>13} side by side, {streams} streams, SM target {}: fwd {}%, bwd {}% of the bf16 rate", s.name, if target { "SMs/streams" } else { "none" }, pcts(&f, fl_f), pcts(&b, fl_b));
+                println!(
+                    "{:>13} side by side, {streams} streams, SM target {}: fwd {}%, bwd {}% of the bf16 rate",
+                    s.name,
+                    if target { "SMs/streams" } else { "none" },
+                    pcts(&f, fl_f),
+                    pcts(&b, fl_b)
+                );
             }
         }
         set_side_streams(0, true);
@@ -381,8 +438,10 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
                     }
                     let pct = |ms: f64| 100.0 * step_flops(st) / (ms * 1e-3) / 1e12 / peak;
                     let first = timed.iter().find(|t| t.0 == 0).map_or("failed".to_string(), |t| format!("{:.3} ms {:.0}%", t.1, pct(t.1)));
-                    let best = timed.iter().cloned().fold(None::<(usize, f64)>, |b, t| if b.is_none_or(|b| t.1 < b.1) { Some(t) } else { b });
-                    let best = best.map_or("none ran".to_string(), |(i, ms)| format!("#{i} {ms:.3} ms {:.0}% ({})", pct(ms), cands[i].describe()));
+                    let best =
+                        timed.iter().cloned().fold(None::<(usize, f64)>, |b, t| if b.is_none_or(|b| t.1 < b.1) { Some(t) } else { b });
+                    let best =
+                        best.map_or("none ran".to_string(), |(i, ms)| format!("#{i} {ms:.3} ms {:.0}% ({})", pct(ms), cands[i].describe()));
                     println!(
                         "{:>13} cuBLASLt {pass} {}{} [{}x{}x{}]: {} candidates, {} ran; heuristic's first {first} ({}); best {best}",
                         s.name,
@@ -404,10 +463,31 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
     let sc_da = dev.alloc("scratch", n * inter * 4)?;
     let sc_gp = dev.alloc("scratch", n * 4)?;
     let pb = &probs.buf;
-    let (act_fwd_ms, _) = time_ms(dev, iters, || launch_activation(dev, &act, ExpMath::Fast, DType::BF16, &sc_h, n, width, Some(pb), DType::BF16, &sc_a))?;
-    let (act_bwd_ms, _) = time_ms(dev, iters, || launch_activation_backward(dev, &act, ExpMath::Fast, DType::BF16, &sc_da, &sc_h, n, width, Some(pb), DType::BF16, &sc_a, None))?;
-    let (act_bwd_gp_ms, _) = time_ms(dev, iters, || launch_activation_backward(dev, &act, ExpMath::Fast, DType::BF16, &sc_da, &sc_h, n, width, Some(pb), DType::BF16, &sc_a, Some(&sc_gp)))?;
-    println!("{:>13} element passes: activation fwd {act_fwd_ms:.3} ms, bwd {act_bwd_ms:.3} ms, bwd + probs gradient {act_bwd_gp_ms:.3} ms", s.name);
+    let (act_fwd_ms, _) =
+        time_ms(dev, iters, || launch_activation(dev, &act, ExpMath::Fast, DType::BF16, &sc_h, n, width, Some(pb), DType::BF16, &sc_a))?;
+    let (act_bwd_ms, _) = time_ms(dev, iters, || {
+        launch_activation_backward(dev, &act, ExpMath::Fast, DType::BF16, &sc_da, &sc_h, n, width, Some(pb), DType::BF16, &sc_a, None)
+    })?;
+    let (act_bwd_gp_ms, _) = time_ms(dev, iters, || {
+        launch_activation_backward(
+            dev,
+            &act,
+            ExpMath::Fast,
+            DType::BF16,
+            &sc_da,
+            &sc_h,
+            n,
+            width,
+            Some(pb),
+            DType::BF16,
+            &sc_a,
+            Some(&sc_gp),
+        )
+    })?;
+    println!(
+        "{:>13} element passes: activation fwd {act_fwd_ms:.3} ms, bwd {act_bwd_ms:.3} ms, bwd + probs gradient {act_bwd_gp_ms:.3} ms",
+        s.name
+    );
     // the vectorised activation kernels (the default where they apply) against one column a
     // thread, interleaved, with the bytes each pass moves (bf16: the forward reads h and writes
     // a; the backward reads h and the gradient and writes h's gradient)
@@ -419,10 +499,46 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
         for (what, vector, fused) in [("vector", true, true), ("vector2pass", true, false), ("column", false, false)] {
             moe_cuda::activations::set_vectorised(Some(vector));
             moe_cuda::activations::set_fused_probs_gradient(Some(fused));
-            let (f, _) = time_ms(dev, iters, || launch_activation(dev, &act, ExpMath::Fast, DType::BF16, &sc_h, n, width, Some(pb), DType::BF16, &sc_a))?;
-            let (b, _) = time_ms(dev, iters, || launch_activation_backward(dev, &act, ExpMath::Fast, DType::BF16, &sc_da, &sc_h, n, width, Some(pb), DType::BF16, &sc_a, None))?;
-            let (bg, _) = time_ms(dev, iters, || launch_activation_backward(dev, &act, ExpMath::Fast, DType::BF16, &sc_da, &sc_h, n, width, Some(pb), DType::BF16, &sc_a, Some(&sc_gp)))?;
-            act_rows.push(format!("r{round} {what}: fwd {f:.3} ms ({:.0} GB/s), bwd {b:.3} ms ({:.0} GB/s), bwd + probs gradient {bg:.3} ms", fwd_gb / (f * 1e-3), bwd_gb / (b * 1e-3)));
+            let (f, _) = time_ms(dev, iters, || {
+                launch_activation(dev, &act, ExpMath::Fast, DType::BF16, &sc_h, n, width, Some(pb), DType::BF16, &sc_a)
+            })?;
+            let (b, _) = time_ms(dev, iters, || {
+                launch_activation_backward(
+                    dev,
+                    &act,
+                    ExpMath::Fast,
+                    DType::BF16,
+                    &sc_da,
+                    &sc_h,
+                    n,
+                    width,
+                    Some(pb),
+                    DType::BF16,
+                    &sc_a,
+                    None,
+                )
+            })?;
+            let (bg, _) = time_ms(dev, iters, || {
+                launch_activation_backward(
+                    dev,
+                    &act,
+                    ExpMath::Fast,
+                    DType::BF16,
+                    &sc_da,
+                    &sc_h,
+                    n,
+                    width,
+                    Some(pb),
+                    DType::BF16,
+                    &sc_a,
+                    Some(&sc_gp),
+                )
+            })?;
+            act_rows.push(format!(
+                "r{round} {what}: fwd {f:.3} ms ({:.0} GB/s), bwd {b:.3} ms ({:.0} GB/s), bwd + probs gradient {bg:.3} ms",
+                fwd_gb / (f * 1e-3),
+                bwd_gb / (b * 1e-3)
+            ));
             ab.push((format!("activationForwardMs_{what}_r{round}"), f));
             ab.push((format!("activationBackwardMs_{what}_r{round}"), b));
             ab.push((format!("activationBackwardWithProbsGradMs_{what}_r{round}"), bg));
@@ -430,7 +546,11 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
     }
     moe_cuda::activations::set_vectorised(None);
     moe_cuda::activations::set_fused_probs_gradient(None);
-    println!("{:>13} activation kernels, vectorised (probs gradient in one pass) / vectorised in two passes / one column a thread: {}", s.name, act_rows.join("; "));
+    println!(
+        "{:>13} activation kernels, vectorised (probs gradient in one pass) / vectorised in two passes / one column a thread: {}",
+        s.name,
+        act_rows.join("; ")
+    );
     // experts forward and backward, the per-expert GEMMs one call each and as one grouped call
     set_grouped_gemm(Some(false));
     let (fwd_loop, _) = time_ms(dev, iters, || experts_forward_device(dev, &inp, &act).map(drop))?;
@@ -452,7 +572,8 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
     let layer = || -> moe_cuda::Result<()> {
         let p = permute_device(dev, &hidden, &d_map, Some(&d_dense), popts)?;
         let pp = p.permuted_probs.as_ref().expect("probs");
-        let li = DeviceExpertsInputs { tokens: &p.permuted_tokens, tokens_per_expert: &p.tokens_per_expert, probs: Some(pp), ..inp_like(&inp) };
+        let li =
+            DeviceExpertsInputs { tokens: &p.permuted_tokens, tokens_per_expert: &p.tokens_per_expert, probs: Some(pp), ..inp_like(&inp) };
         // the forward keeps h and a for the backward (saveForBackward), as an autograd layer does
         let (y, saved) = experts_forward_device_saving(dev, &li, &act, true)?;
         let _out = unpermute_device(dev, &y, &p.sorted_indices, [t, dim], None, None, UnpermuteOptions::default())?;
@@ -478,7 +599,12 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
         100.0 * tf(fl_bwd, gemm_bwd_side) / peak,
     );
     for (mode, f, b) in &block_rows {
-        println!("{:>13} {mode}: fwd {:.0}%, bwd {:.0}% of the bf16 rate", s.name, 100.0 * tf(fl_fwd, *f) / peak, 100.0 * tf(fl_bwd, *b) / peak);
+        println!(
+            "{:>13} {mode}: fwd {:.0}%, bwd {:.0}% of the bf16 rate",
+            s.name,
+            100.0 * tf(fl_fwd, *f) / peak,
+            100.0 * tf(fl_bwd, *b) / peak
+        );
     }
     let mut o = flat_json::Obj::default();
     for (mode, f, b) in &block_rows {
@@ -524,7 +650,16 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
 }
 
 fn inp_like<'a>(i: &DeviceExpertsInputs<'a>) -> DeviceExpertsInputs<'a> {
-    DeviceExpertsInputs { tokens: i.tokens, tokens_per_expert: i.tokens_per_expert, gate_and_up: i.gate_and_up, gate_and_up_name: i.gate_and_up_name, down: i.down, probs: i.probs, gate_up_bias: i.gate_up_bias, down_bias: i.down_bias }
+    DeviceExpertsInputs {
+        tokens: i.tokens,
+        tokens_per_expert: i.tokens_per_expert,
+        gate_and_up: i.gate_and_up,
+        gate_and_up_name: i.gate_and_up_name,
+        down: i.down,
+        probs: i.probs,
+        gate_up_bias: i.gate_up_bias,
+        down_bias: i.down_bias,
+    }
 }
 
 /// A flat JSON object (string and number fields), as the experts rows need.
@@ -544,4 +679,3 @@ pub mod flat_json {
         }
     }
 }
-

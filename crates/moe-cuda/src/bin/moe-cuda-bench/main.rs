@@ -21,10 +21,12 @@ use std::time::Instant;
 use half::bf16;
 use moe_core::permute::{apply_plan, plan, plan as plan_fn, unpermute, PermuteOptions, UnpermuteOptions};
 use moe_core::routing::{route, topk, RouteOptions, ScoreFunction};
-use moe_cuda::device_ops::{build_plan, launch_route, launch_topk, permute_device, route_device, route_launch, topk_device, unpermute_device};
-use moe_cuda::DeviceTensor;
 use moe_core::tensor::{DType, Data, Float, TensorRef};
+use moe_cuda::device_ops::{
+    build_plan, launch_route, launch_topk, permute_device, route_device, route_launch, topk_device, unpermute_device,
+};
 use moe_cuda::permute::{launch_permute, launch_unpermute, DevicePlan, PermuteKernel};
+use moe_cuda::DeviceTensor;
 use moe_cuda::{compile, Device};
 
 mod experts;
@@ -78,7 +80,15 @@ fn main() {
 fn info() -> i32 {
     match moe_cuda::availability() {
         Ok(i) => {
-            println!("CUDA available: {} (cc {}, {}), driver CUDA {}, {:.1} GiB, kernels: {}", i.name, i.compute_capability, i.arch, i.driver_version, i.total_memory as f64 / (1u64 << 30) as f64, i.kernels);
+            println!(
+                "CUDA available: {} (cc {}, {}), driver CUDA {}, {:.1} GiB, kernels: {}",
+                i.name,
+                i.compute_capability,
+                i.arch,
+                i.driver_version,
+                i.total_memory as f64 / (1u64 << 30) as f64,
+                i.kernels
+            );
             0
         }
         Err(reason) => {
@@ -93,7 +103,9 @@ fn compile_only(arch: &str) -> i32 {
     for src in compile::ALL {
         let t0 = Instant::now();
         match compile::compile_cubin(src, arch) {
-            Ok(cubin) => println!("kernels/{} -> {} bytes of CUBIN for {arch} in {:.2} s", src.file, cubin.len(), t0.elapsed().as_secs_f64()),
+            Ok(cubin) => {
+                println!("kernels/{} -> {} bytes of CUBIN for {arch} in {:.2} s", src.file, cubin.len(), t0.elapsed().as_secs_f64())
+            }
             Err(e) => {
                 println!("kernels/{}: {e}", src.file);
                 rc = 1;
@@ -139,7 +151,11 @@ fn experts(args: &[String]) -> i32 {
             }
             rows.push(experts::bench(dev, s, iters, peak)?.to_json());
         }
-        Ok(format!("{{\"device\": {:?}, \"bf16PeakTflops\": {peak}, \"iters\": {iters}, \"rows\": [{}]}}", dev.info().name, rows.join(", ")))
+        Ok(format!(
+            "{{\"device\": {:?}, \"bf16PeakTflops\": {peak}, \"iters\": {iters}, \"rows\": [{}]}}",
+            dev.info().name,
+            rows.join(", ")
+        ))
     })();
     match result {
         Ok(json) => {
@@ -171,8 +187,10 @@ fn time_ms(dev: &Device, iters: usize, mut f: impl FnMut() -> moe_cuda::Result<(
     let stream = dev.stream();
     let mut times = Vec::with_capacity(iters);
     for _ in 0..iters {
-        let start = ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| moe_cuda::Error::driver("event", e))?;
-        let end = ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| moe_cuda::Error::driver("event", e))?;
+        let start =
+            ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| moe_cuda::Error::driver("event", e))?;
+        let end =
+            ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| moe_cuda::Error::driver("event", e))?;
         start.record(stream).map_err(|e| moe_cuda::Error::driver("event", e))?;
         f()?;
         end.record(stream).map_err(|e| moe_cuda::Error::driver("event", e))?;
@@ -195,7 +213,8 @@ fn back_to_back_ms(dev: &Device, iters: usize, mut f: impl FnMut() -> moe_cuda::
     dev.synchronize("warm-up")?;
     let ctx = dev.context();
     let stream = dev.stream();
-    let event = || ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| moe_cuda::Error::driver("event", e));
+    let event =
+        || ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| moe_cuda::Error::driver("event", e));
     let (start, end) = (event()?, event()?);
     start.record(stream).map_err(|e| moe_cuda::Error::driver("event", e))?;
     for _ in 0..iters {
@@ -244,7 +263,15 @@ fn run(args: &[String]) -> i32 {
         }
     };
     let info = dev.info();
-    println!("device: {} (cc {}, {}), driver CUDA {}, kernels {} (open took {:.2} s)", info.name, info.compute_capability, info.arch, info.driver_version, info.kernels, t_open.elapsed().as_secs_f64());
+    println!(
+        "device: {} (cc {}, {}), driver CUDA {}, kernels {} (open took {:.2} s)",
+        info.name,
+        info.compute_capability,
+        info.arch,
+        info.driver_version,
+        info.kernels,
+        t_open.elapsed().as_secs_f64()
+    );
     let mut rows = Vec::new();
     let mut checks = Vec::new();
     let mut ok = true;
@@ -398,7 +425,16 @@ fn bench_shape(dev: &Device, s: &Shape, iters: usize, host_rows: bool) -> moe_cu
         checks.push((format!("{} unpermute {label} bit-exact vs CPU", s.name), matches!(&want.data, Data::U16(v) if *v == runs[0])));
         checks.push((format!("{} unpermute {label} identical on a second run", s.name), runs[0] == runs[1]));
     }
-    println!("{}: checks done in {:.1} s: {}", s.name, tc.elapsed().as_secs_f64(), checks.iter().map(|(n, p)| format!("{}={}", n.rsplit(' ').next().unwrap_or(n), if *p { "ok" } else { "FAIL" })).collect::<Vec<_>>().join(" "));
+    println!(
+        "{}: checks done in {:.1} s: {}",
+        s.name,
+        tc.elapsed().as_secs_f64(),
+        checks
+            .iter()
+            .map(|(n, p)| format!("{}={}", n.rsplit(' ').next().unwrap_or(n), if *p { "ok" } else { "FAIL" }))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
 
     // --- timings
     let bytes = (t * h + n * h) * 2;
@@ -410,14 +446,54 @@ fn bench_shape(dev: &Device, s: &Shape, iters: usize, host_rows: bool) -> moe_cu
     let dims = format!("T={t} H={h} E={e} k={k} bf16, N={n}");
     let mut rows = vec![];
     let mut row = |op: &str, (ms, ms_min): (f64, f64)| {
-        rows.push(Row { shape: s.name, op: op.into(), ms, ms_min, bytes, gbps: bytes as f64 / ms / 1e6, ratio: copy_ms / ms, dims: dims.clone() });
+        rows.push(Row {
+            shape: s.name,
+            op: op.into(),
+            ms,
+            ms_min,
+            bytes,
+            gbps: bytes as f64 / ms / 1e6,
+            ratio: copy_ms / ms,
+            dims: dims.clone(),
+        });
     };
     row("copy (same bytes)", (copy_ms, copy_min));
-    row("permute+probs scatter", time_ms(dev, iters, || launch_permute(dev, PermuteKernel::Scatter, &d_tokens, h * 2, &d_plan, None, Some(&d_dense), &d_perm, Some(&d_perm_probs)))?);
-    row("permute+probs gather", time_ms(dev, iters, || launch_permute(dev, PermuteKernel::Gather, &d_tokens, h * 2, &d_plan, Some(&d_sorted), Some(&d_dense), &d_perm, Some(&d_perm_probs)))?);
-    row("permute (no probs)", time_ms(dev, iters, || launch_permute(dev, PermuteKernel::Scatter, &d_tokens, h * 2, &d_plan, None, None, &d_perm, None))?);
-    row("unpermute+probs", time_ms(dev, iters, || launch_unpermute(dev, DType::BF16, &d_perm, h, t, &d_plan.row_ptr, &d_plan.slots, Some(&d_slot_probs), &d_out))?);
-    row("unpermute (no probs)", time_ms(dev, iters, || launch_unpermute(dev, DType::BF16, &d_perm, h, t, &d_plan.row_ptr, &d_plan.slots, None, &d_out))?);
+    row(
+        "permute+probs scatter",
+        time_ms(dev, iters, || {
+            launch_permute(dev, PermuteKernel::Scatter, &d_tokens, h * 2, &d_plan, None, Some(&d_dense), &d_perm, Some(&d_perm_probs))
+        })?,
+    );
+    row(
+        "permute+probs gather",
+        time_ms(dev, iters, || {
+            launch_permute(
+                dev,
+                PermuteKernel::Gather,
+                &d_tokens,
+                h * 2,
+                &d_plan,
+                Some(&d_sorted),
+                Some(&d_dense),
+                &d_perm,
+                Some(&d_perm_probs),
+            )
+        })?,
+    );
+    row(
+        "permute (no probs)",
+        time_ms(dev, iters, || launch_permute(dev, PermuteKernel::Scatter, &d_tokens, h * 2, &d_plan, None, None, &d_perm, None))?,
+    );
+    row(
+        "unpermute+probs",
+        time_ms(dev, iters, || {
+            launch_unpermute(dev, DType::BF16, &d_perm, h, t, &d_plan.row_ptr, &d_plan.slots, Some(&d_slot_probs), &d_out)
+        })?,
+    );
+    row(
+        "unpermute (no probs)",
+        time_ms(dev, iters, || launch_unpermute(dev, DType::BF16, &d_perm, h, t, &d_plan.row_ptr, &d_plan.slots, None, &d_out))?,
+    );
     // --- device tensors: the plan built on the GPU, permute and unpermute end to end
     let gp = build_plan(dev, &d_map_of(dev, &map)?, t, e, None)?;
     let gpu_sorted: Vec<i32> = dev.download_new("sortedIndices", &gp.sorted_indices, n)?;
@@ -425,7 +501,10 @@ fn bench_shape(dev: &Device, s: &Shape, iters: usize, host_rows: bool) -> moe_cu
     let gpu_row_ptr: Vec<i32> = dev.download_new("row_ptr", &gp.plan.row_ptr, t + 1)?;
     let gpu_slots: Vec<i32> = dev.download_new("slots", &gp.plan.slots, n)?;
     checks.push((format!("{} GPU plan sortedIndices == CPU", s.name), gpu_sorted == plan.sorted_indices));
-    checks.push((format!("{} GPU plan tokensPerExpert == CPU", s.name), gpu_tpe.iter().zip(&plan.tokens_per_expert).all(|(a, b)| *a as usize == *b)));
+    checks.push((
+        format!("{} GPU plan tokensPerExpert == CPU", s.name),
+        gpu_tpe.iter().zip(&plan.tokens_per_expert).all(|(a, b)| *a as usize == *b),
+    ));
     checks.push((format!("{} GPU plan token CSR == CPU", s.name), gpu_row_ptr == csr.start && gpu_slots == csr.slots));
     let cap = n / e;
     let gp_cap = build_plan(dev, &d_map_of(dev, &map)?, t, e, Some(cap))?;
@@ -442,20 +521,54 @@ fn bench_shape(dev: &Device, s: &Shape, iters: usize, host_rows: bool) -> moe_cu
     let dperm = permute_device(dev, &dt_tokens, &dt_map, Some(&dt_dense), PermuteOptions::default())?;
     let dperm_host = dperm.permuted_tokens.download(dev, "permutedTokens")?;
     checks.push((format!("{} device permute (GPU plan) tokens bit-exact vs CPU", s.name), dperm_host == cpu.permuted_tokens));
-    row("device permute+probs (plan+kernel)", time_ms(dev, iters, || permute_device(dev, &dt_tokens, &dt_map, Some(&dt_dense), PermuteOptions::default()).map(|_| ()))?);
+    row(
+        "device permute+probs (plan+kernel)",
+        time_ms(dev, iters, || permute_device(dev, &dt_tokens, &dt_map, Some(&dt_dense), PermuteOptions::default()).map(|_| ()))?,
+    );
     // with numOutTokens (= T * k, as a top-k router knows it): the plan's size is not waited for
     let known = PermuteOptions { num_out_tokens: Some(t * s.topk), drop_and_pad: false };
     let dknown = permute_device(dev, &dt_tokens, &dt_map, Some(&dt_dense), known)?;
-    checks.push((format!("{} device permute with numOutTokens bit-exact vs CPU", s.name), dknown.permuted_tokens.download(dev, "permutedTokens")? == cpu.permuted_tokens));
+    checks.push((
+        format!("{} device permute with numOutTokens bit-exact vs CPU", s.name),
+        dknown.permuted_tokens.download(dev, "permutedTokens")? == cpu.permuted_tokens,
+    ));
     drop(dknown);
     let wrong = PermuteOptions { num_out_tokens: Some(t * s.topk - 1), drop_and_pad: false };
-    checks.push((format!("{} device permute with a wrong numOutTokens is an error", s.name), permute_device(dev, &dt_tokens, &dt_map, Some(&dt_dense), wrong).is_err()));
-    row("device permute+probs (plan+kernel, numOutTokens given)", time_ms(dev, iters, || permute_device(dev, &dt_tokens, &dt_map, Some(&dt_dense), known).map(|_| ()))?);
-    let dunperm = unpermute_device(dev, &dperm.permuted_tokens, &dperm.sorted_indices, [t, h], dperm.permuted_probs.as_ref(), None, UnpermuteOptions::default())?;
+    checks.push((
+        format!("{} device permute with a wrong numOutTokens is an error", s.name),
+        permute_device(dev, &dt_tokens, &dt_map, Some(&dt_dense), wrong).is_err(),
+    ));
+    row(
+        "device permute+probs (plan+kernel, numOutTokens given)",
+        time_ms(dev, iters, || permute_device(dev, &dt_tokens, &dt_map, Some(&dt_dense), known).map(|_| ()))?,
+    );
+    let dunperm = unpermute_device(
+        dev,
+        &dperm.permuted_tokens,
+        &dperm.sorted_indices,
+        [t, h],
+        dperm.permuted_probs.as_ref(),
+        None,
+        UnpermuteOptions::default(),
+    )?;
     let want_unperm = unpermute(&perm_ref, &sorted_ref, [t, h], Some(&probs_ref), None, UnpermuteOptions::default())?;
     checks.push((format!("{} device unpermute (carried plan) bit-exact vs CPU", s.name), dunperm.download(dev, "out")? == want_unperm));
     drop(dunperm);
-    row("device unpermute+probs (carried plan)", time_ms(dev, iters, || unpermute_device(dev, &dperm.permuted_tokens, &dperm.sorted_indices, [t, h], dperm.permuted_probs.as_ref(), None, UnpermuteOptions::default()).map(|_| ()))?);
+    row(
+        "device unpermute+probs (carried plan)",
+        time_ms(dev, iters, || {
+            unpermute_device(
+                dev,
+                &dperm.permuted_tokens,
+                &dperm.sorted_indices,
+                [t, h],
+                dperm.permuted_probs.as_ref(),
+                None,
+                UnpermuteOptions::default(),
+            )
+            .map(|_| ())
+        })?,
+    );
     drop((dperm, dt_tokens, dt_map, dt_dense, dmap));
     if !host_rows {
         return Ok((rows, checks));
@@ -475,14 +588,28 @@ fn bench_shape(dev: &Device, s: &Shape, iters: usize, host_rows: bool) -> moe_cu
     let mut host_row = |op: &str, bytes: usize, (ms, ms_min): (f64, f64)| {
         rows.push(Row { shape: s.name, op: op.into(), ms, ms_min, bytes, gbps: bytes as f64 / ms / 1e6, ratio: 0.0, dims: dims.clone() });
     };
-    host_row("host: permute (all)", bytes, wall(&mut || moe_cuda::host::permute(dev, &tok_ref, &map_ref, Some(&dense_ref), PermuteOptions::default()).map(|_| ()))?);
-    host_row("host: unpermute (all)", bytes, wall(&mut || moe_cuda::host::unpermute(dev, &perm_ref, &sorted_ref, [t, h], Some(&probs_ref), None, UnpermuteOptions::default()).map(|_| ()))?);
+    host_row(
+        "host: permute (all)",
+        bytes,
+        wall(&mut || moe_cuda::host::permute(dev, &tok_ref, &map_ref, Some(&dense_ref), PermuteOptions::default()).map(|_| ()))?,
+    );
+    host_row(
+        "host: unpermute (all)",
+        bytes,
+        wall(&mut || {
+            moe_cuda::host::unpermute(dev, &perm_ref, &sorted_ref, [t, h], Some(&probs_ref), None, UnpermuteOptions::default()).map(|_| ())
+        })?,
+    );
     host_row("host: upload tokens", t * h * 2, wall(&mut || dev.upload("tokens", &tokens).map(|_| ()))?);
     host_row("host: download new vec", n * h * 2, wall(&mut || dev.download_new::<u16>("permutedTokens", &d_perm, n * h).map(|_| ()))?);
     host_row("host: download registered", n * h * 2, wall(&mut || download_registered(dev, &d_perm, n * h).map(|_| ()))?);
     let mut reused = vec![0u16; n * h];
     host_row("host: download reused vec", n * h * 2, wall(&mut || dev.download("permutedTokens", &d_perm, &mut reused))?);
-    host_row("host: cpu permute (core)", bytes, wall(&mut || apply_plan(&tok_ref, h, &plan, Some(&dense)).map(|_| ()).map_err(Into::into))?);
+    host_row(
+        "host: cpu permute (core)",
+        bytes,
+        wall(&mut || apply_plan(&tok_ref, h, &plan, Some(&dense)).map(|_| ()).map_err(Into::into))?,
+    );
     Ok((rows, checks))
 }
 
@@ -545,17 +672,37 @@ fn bench_route(dev: &Device, iters: usize) -> moe_cuda::Result<(Vec<Row>, Checks
     let tk = topk(&scores_ref, k)?;
     let (tv, ti) = topk_device(dev, &got.scores, k)?;
     checks.push(("topk [16384, 256] k=8 == CPU".into(), ti.download(dev, "i")? == tk.indices && tv.download(dev, "v")? == tk.values));
-    println!("route: checks {}", checks.iter().map(|(n, p)| format!("{n}={}", if *p { "ok" } else { "FAIL" })).collect::<Vec<_>>().join("; "));
+    println!(
+        "route: checks {}",
+        checks.iter().map(|(n, p)| format!("{n}={}", if *p { "ok" } else { "FAIL" })).collect::<Vec<_>>().join("; ")
+    );
     let bytes = t * e * 4 * 2 + t * k * 8;
     let dims = format!("T={t} E={e} k={k} sigmoid+bias, groups 4/8, norm, scale 2.5");
     let mut rows = Vec::new();
-    let mut row = |op: &str, (ms, ms_min): (f64, f64)| rows.push(Row { shape: "deepseek", op: op.into(), ms, ms_min, bytes, gbps: bytes as f64 / ms / 1e6, ratio: 0.0, dims: dims.clone() });
+    let mut row = |op: &str, (ms, ms_min): (f64, f64)| {
+        rows.push(Row {
+            shape: "deepseek",
+            op: op.into(),
+            ms,
+            ms_min,
+            bytes,
+            gbps: bytes as f64 / ms / 1e6,
+            ratio: 0.0,
+            dims: dims.clone(),
+        })
+    };
     row("route (fused kernel + check readback)", time_ms(dev, iters, || route_device(dev, &d_l, Some(&d_b), None, o).map(|_| ()))?);
     let (warps, stride) = route_launch(e, 8, k, o.score_function);
-    row("route kernels only (no readback)", time_ms(dev, iters, || launch_route(dev, &d_l, Some(&d_b), None, o, (8, 4, true), warps, stride).map(|_| ()))?);
+    row(
+        "route kernels only (no readback)",
+        time_ms(dev, iters, || launch_route(dev, &d_l, Some(&d_b), None, o, (8, 4, true), warps, stride).map(|_| ()))?,
+    );
     let mut o_plain = o;
     o_plain.norm_topk_prob = false;
-    row("route kernels only, no normTopkProb", time_ms(dev, iters, || launch_route(dev, &d_l, Some(&d_b), None, o_plain, (8, 4, true), warps, stride).map(|_| ()))?);
+    row(
+        "route kernels only, no normTopkProb",
+        time_ms(dev, iters, || launch_route(dev, &d_l, Some(&d_b), None, o_plain, (8, 4, true), warps, stride).map(|_| ()))?,
+    );
     let mut o_soft = RouteOptions::new(k);
     o_soft.score_function = ScoreFunction::Softmax;
     row("route softmax k=8 (op)", time_ms(dev, iters, || route_device(dev, &d_l, None, None, o_soft).map(|_| ()))?);
@@ -565,10 +712,16 @@ fn bench_route(dev: &Device, iters: usize) -> moe_cuda::Result<(Vec<Row>, Checks
     let mut o_flat = o;
     (o_flat.num_groups, o_flat.topk_groups) = (1, None);
     let (w1, s1) = route_launch(e, 1, k, o.score_function);
-    row("route kernels only, no groups", time_ms(dev, iters, || launch_route(dev, &d_l, Some(&d_b), None, o_flat, (1, 1, false), w1, s1).map(|_| ()))?);
+    row(
+        "route kernels only, no groups",
+        time_ms(dev, iters, || launch_route(dev, &d_l, Some(&d_b), None, o_flat, (1, 1, false), w1, s1).map(|_| ()))?,
+    );
     let mut o_sp = o_flat;
     o_sp.score_function = ScoreFunction::SqrtSoftplus;
-    row("route kernels only, sqrtsoftplus, no groups, no bias", time_ms(dev, iters, || launch_route(dev, &d_l, None, None, o_sp, (1, 1, false), w1, s1).map(|_| ()))?);
+    row(
+        "route kernels only, sqrtsoftplus, no groups, no bias",
+        time_ms(dev, iters, || launch_route(dev, &d_l, None, None, o_sp, (1, 1, false), w1, s1).map(|_| ()))?,
+    );
     row("synchronize + 16-byte readback", time_ms(dev, iters, || dev.read_head::<u64, 2>("x", &got.scores.buf, 0).map(|_| ()))?);
     let wall = Instant::now();
     let mut n = 0;
@@ -587,7 +740,18 @@ fn bench_route(dev: &Device, iters: usize) -> moe_cuda::Result<(Vec<Row>, Checks
     let tm = DeviceTensor::upload(dev, &TensorRef::new("routingMap", DType::Bool, vec![4, 4], &tiny_map)?)?;
     let tp = DeviceTensor::upload(dev, &TensorRef::of("probs", vec![4, 4], &tiny_probs[..])?)?;
     let tperm = permute_device(dev, &tt, &tm, Some(&tp), PermuteOptions::default())?;
-    let tiny = || unpermute_device(dev, &tperm.permuted_tokens, &tperm.sorted_indices, [4, 8], tperm.permuted_probs.as_ref(), None, UnpermuteOptions::default()).map(|_| ());
+    let tiny = || {
+        unpermute_device(
+            dev,
+            &tperm.permuted_tokens,
+            &tperm.sorted_indices,
+            [4, 8],
+            tperm.permuted_probs.as_ref(),
+            None,
+            UnpermuteOptions::default(),
+        )
+        .map(|_| ())
+    };
     let kernel = time_ms(dev, 200, tiny)?;
     for _ in 0..100 {
         tiny()?;
@@ -599,7 +763,9 @@ fn bench_route(dev: &Device, iters: usize) -> moe_cuda::Result<(Vec<Row>, Checks
     }
     let per = wall.elapsed().as_secs_f64() * 1e3 / 5000.0;
     dev.synchronize("tiny")?;
-    let mut tiny_row = |op: &str, (ms, ms_min): (f64, f64)| rows.push(Row { shape: "tiny", op: op.into(), ms, ms_min, bytes: 0, gbps: 0.0, ratio: 0.0, dims: "T=4 H=8 E=4 k=2 f32".into() });
+    let mut tiny_row = |op: &str, (ms, ms_min): (f64, f64)| {
+        rows.push(Row { shape: "tiny", op: op.into(), ms, ms_min, bytes: 0, gbps: 0.0, ratio: 0.0, dims: "T=4 H=8 E=4 k=2 f32".into() })
+    };
     tiny_row("tiny unpermute+probs, events (GPU)", kernel);
     tiny_row("tiny unpermute+probs, Rust call (async)", (per, per));
     Ok((rows, checks))

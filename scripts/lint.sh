@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The style gates `npm test` runs (and so CI): rustfmt (rustfmt.toml) over every crate and the
+# fuzz targets, and clippy with warnings as errors (the libraries and binaries of the workspace;
+# the core, the binding table and the CUDA crate with their tests too; the N-API crate's test
+# build is left out: its #[napi] functions are not registered there and read as dead code).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+cargo fmt --all -- --check
+(cd fuzz && cargo fmt -- --check)
+cargo clippy --workspace --release --quiet -- -D warnings
+cargo clippy -p moe-core -p moe-bind -p moe-cuda --all-targets --release --quiet -- -D warnings
+echo "lint: rustfmt and clippy clean"
