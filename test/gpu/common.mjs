@@ -128,3 +128,28 @@ export const skip = cudaInfo?.available || standIn ? false : `CUDA unavailable: 
 export const cudaOnly = standIn ? `stand-in run (${standIn} in cuda's place)` : skip;
 /** The backend under test (cuda, or the stand-in); undefined when skipped. */
 export const cuda = skip ? undefined : await lib.createBackend({ prefer: standIn ?? 'cuda' });
+
+// ---------------------------------------------------------------------------------------
+// Device copies and their disposal (host tensors in stand-in runs)
+
+/** A device copy (the stand-in keeps host tensors). */
+export function up(x) {
+  if (x === undefined || standIn) return x;
+  return cuda.upload(x);
+}
+
+/** Device copies of the tensors of an options object. */
+export function upAll(obj) {
+  const out = {};
+  for (const [k, v] of Object.entries(obj)) out[k] = v && typeof v === 'object' && 'data' in v && 'dtype' in v ? up(v) : v;
+  return out;
+}
+
+/** Disposes the device tensors among `xs` (and those of result objects). */
+export function free(...xs) {
+  for (const x of xs) {
+    if (!x || typeof x !== 'object') continue;
+    if (lib.isDeviceTensor(x)) x.dispose();
+    else if (!('data' in x)) for (const v of Object.values(x)) if (lib.isDeviceTensor(v)) v.dispose();
+  }
+}

@@ -11,38 +11,13 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 
-import { assertSameBits, assertSameResult, cpu, cudaInfo, lib, outcome, randomRouting, rng, tensor } from './common.mjs';
-
-const standIn = process.env.MOE_GPU_SUITE_STANDIN;
-const skip = cudaInfo?.available || standIn ? false : `CUDA unavailable: ${cudaInfo?.reason ?? 'backendInfo() does not list cuda'}`;
-const cuda = skip ? undefined : await lib.createBackend({ prefer: standIn ?? 'cuda' });
-const cudaOnly = standIn ? `stand-in run (${standIn} in cuda's place)` : skip;
+import { assertSameBits, assertSameResult, cpu, cuda, cudaInfo, cudaOnly, free, lib, outcome, randomRouting, rng, skip, standIn, tensor, up, upAll } from './common.mjs';
 if (skip) console.log(`# ${skip}`);
 else if (standIn) console.log(`# stand-in run: ${standIn} in cuda's place, host tensors in place of device tensors`);
 
 // ---------------------------------------------------------------------------------------
 // Helpers
 
-/** A device copy (the stand-in keeps host tensors). */
-function up(x) {
-  if (x === undefined || standIn) return x;
-  return cuda.upload(x);
-}
-
-/** Device copies of the tensors of an options object. */
-function upAll(obj) {
-  const out = {};
-  for (const [k, v] of Object.entries(obj)) out[k] = v && typeof v === 'object' && 'data' in v && 'dtype' in v ? up(v) : v;
-  return out;
-}
-
-function free(...xs) {
-  for (const x of xs) {
-    if (!x || typeof x !== 'object') continue;
-    if (lib.isDeviceTensor(x)) x.dispose();
-    else if (!('data' in x)) for (const v of Object.values(x)) if (lib.isDeviceTensor(v)) v.dispose();
-  }
-}
 
 /** Every tensor of a result is a device tensor (not checked in stand-in runs). */
 function assertAllDevice(result, what) {

@@ -13,7 +13,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 
-import { assertSameBits, cpu, cuda, cudaInfo, cudaOnly, lib, outcome, rng, skip, standIn, tensor } from './common.mjs';
+import { assertSameBits, cpu, cuda, cudaInfo, cudaOnly, free, lib, outcome, rng, skip, standIn, tensor, up, upAll } from './common.mjs';
 
 if (skip) console.log(`# ${skip}`);
 else if (standIn) console.log(`# stand-in run: ${standIn} in cuda's place, host tensors in place of device tensors`);
@@ -21,26 +21,6 @@ else if (standIn) console.log(`# stand-in run: ${standIn} in cuda's place, host 
 // ---------------------------------------------------------------------------------------
 // Helpers
 
-/** A device copy (the stand-in keeps host tensors). */
-function up(x) {
-  if (x === undefined || standIn) return x;
-  return cuda.upload(x);
-}
-
-/** Device copies of the tensors of an options object. */
-function upAll(obj) {
-  const out = {};
-  for (const [k, v] of Object.entries(obj)) out[k] = v && typeof v === 'object' && 'data' in v && 'dtype' in v ? up(v) : v;
-  return out;
-}
-
-function free(...xs) {
-  for (const x of xs) {
-    if (!x || typeof x !== 'object') continue;
-    if (lib.isDeviceTensor(x)) x.dispose();
-    else if (!('data' in x)) for (const v of Object.values(x)) if (lib.isDeviceTensor(v)) v.dispose();
-  }
-}
 
 function assertDevice(t, what) {
   if (!standIn) assert.ok(lib.isDeviceTensor(t), `${what}: not a device tensor`);
