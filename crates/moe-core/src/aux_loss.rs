@@ -83,6 +83,31 @@ fn valid(mask: Option<&[u8]>, t: usize) -> bool {
     mask.is_none_or(|m| m[t] != 0)
 }
 
+/// A `rows x row_len` buffer filled by `row(t, out)` for every unmasked row `t` (masked rows stay
+/// default), on the worker threads for large inputs (`cost` bytes of work per element).
+fn masked_rows<T: Default + Clone + Send>(
+    rows: usize,
+    row_len: usize,
+    cols: usize,
+    cost: usize,
+    mask: Option<&[u8]>,
+    row: impl Fn(usize, &mut [T]) + Sync + Send,
+) -> Vec<T> {
+    let mut out = vec![T::default(); rows * row_len];
+    for_each_row(
+        &mut out,
+        row_len,
+        rows.saturating_mul(cols).saturating_mul(cost),
+        || (),
+        |_, t, o| {
+            if valid(mask, t) {
+                row(t, o);
+            }
+        },
+    );
+    out
+}
+
 /// `tokensPerExpert [E]` as f64 counts.
 fn counts(tokens_per_expert: &TensorRef, num_experts: usize) -> Result<Vec<f64>> {
     tokens_per_expert.expect_dtype(DType::INDICES)?;
@@ -127,18 +152,7 @@ pub fn switch_load_balancing_loss(
         total += row.iter().zip(&c).map(|(&v, &n)| v as f64 * n).sum::<f64>();
     }
     let g: Vec<f32> = c.iter().map(|&n| (n * factor) as f32).collect();
-    let mut grad = vec![0f32; rows * cols];
-    for_each_row(
-        &mut grad,
-        cols,
-        rows.saturating_mul(cols).saturating_mul(4),
-        || (),
-        |_, t, out| {
-            if valid(mask, t) {
-                out.copy_from_slice(&g);
-            }
-        },
-    );
+    let grad = masked_rows(rows, cols, cols, 4, mask, |_, out: &mut [f32]| out.copy_from_slice(&g));
     Ok(Loss { loss: total * factor, grad: Tensor::f32(vec![rows, cols], grad) })
 }
 
@@ -165,19 +179,7 @@ fn row_stats(row: &[f32], weights: Option<&[f64]>) -> RowStats {
 }
 
 fn all_row_stats(x: &[f32], rows: usize, cols: usize, mask: Option<&[u8]>, weights: Option<&[f64]>) -> Vec<RowStats> {
-    let mut stats = vec![RowStats::default(); rows];
-    for_each_row(
-        &mut stats,
-        1,
-        rows.saturating_mul(cols).saturating_mul(8),
-        || (),
-        |_, t, out| {
-            if valid(mask, t) {
-                out[0] = row_stats(&x[t * cols..(t + 1) * cols], weights);
-            }
-        },
-    );
-    stats
+    masked_rows(rows, 1, cols, 8, mask, |t, out: &mut [RowStats]| out[0] = row_stats(&x[t * cols..(t + 1) * cols], weights))
 }
 
 /// The Switch loss of `probs = softmax(logits)` and its gradient with respect to the logits:
@@ -196,24 +198,14 @@ pub fn switch_load_balancing_loss_from_logits(
     let stats = all_row_stats(&x, rows, cols, mask, Some(&c));
     // sum_t sum_e p_te * count_e, in token order.
     let total: f64 = (0..rows).filter(|&t| valid(mask, t)).map(|t| stats[t].weighted / stats[t].sum).sum();
-    let mut grad = vec![0f32; rows * cols];
-    for_each_row(
-        &mut grad,
-        cols,
-        rows.saturating_mul(cols).saturating_mul(8),
-        || (),
-        |_, t, out| {
-            if !valid(mask, t) {
-                return;
-            }
-            let s = stats[t];
-            let mean_g = s.weighted / s.sum * factor;
-            for ((o, &v), &n) in out.iter_mut().zip(&x[t * cols..(t + 1) * cols]).zip(&c) {
-                let p = exp(v as f64 - s.max) / s.sum;
-                *o = (p * (n * factor - mean_g)) as f32;
-            }
-        },
-    );
+    let grad = masked_rows(rows, cols, cols, 8, mask, |t, out: &mut [f32]| {
+        let s = stats[t];
+        let mean_g = s.weighted / s.sum * factor;
+        for ((o, &v), &n) in out.iter_mut().zip(&x[t * cols..(t + 1) * cols]).zip(&c) {
+            let p = exp(v as f64 - s.max) / s.sum;
+            *o = (p * (n * factor - mean_g)) as f32;
+        }
+    });
     Ok(Loss { loss: total * factor, grad: Tensor::f32(vec![rows, cols], grad) })
 }
 
@@ -227,23 +219,13 @@ pub fn z_loss(logits: &TensorRef, token_mask: Option<&TensorRef>, coeff: f64) ->
     let stats = all_row_stats(&x, rows, cols, mask, None);
     let lse = |s: &RowStats| s.max + ln(s.sum);
     let total: f64 = (0..rows).filter(|&t| valid(mask, t)).map(|t| lse(&stats[t]).powi(2)).sum();
-    let mut grad = vec![0f32; rows * cols];
-    for_each_row(
-        &mut grad,
-        cols,
-        rows.saturating_mul(cols).saturating_mul(8),
-        || (),
-        |_, t, out| {
-            if !valid(mask, t) {
-                return;
-            }
-            let s = stats[t];
-            let scale = 2.0 * coeff / n * lse(&s) / s.sum;
-            for (o, &v) in out.iter_mut().zip(&x[t * cols..(t + 1) * cols]) {
-                *o = (scale * exp(v as f64 - s.max)) as f32;
-            }
-        },
-    );
+    let grad = masked_rows(rows, cols, cols, 8, mask, |t, out: &mut [f32]| {
+        let s = stats[t];
+        let scale = 2.0 * coeff / n * lse(&s) / s.sum;
+        for (o, &v) in out.iter_mut().zip(&x[t * cols..(t + 1) * cols]) {
+            *o = (scale * exp(v as f64 - s.max)) as f32;
+        }
+    });
     Ok(Loss { loss: coeff * total / n, grad: Tensor::f32(vec![rows, cols], grad) })
 }
 
