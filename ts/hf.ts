@@ -351,15 +351,8 @@ function readWeights(backend: Backend, source: PretrainedSource, w: Wanted): { w
     epSize: w.epSize,
     epRank: w.epRank,
     ...(k.expertsFormat ? { format: k.expertsFormat } : {}),
-  }) as unknown as {
-    gateAndUpProjs?: Tensor;
-    upProjs?: Tensor;
-    downProjs: Tensor;
-    biases?: { gateUpProjBias?: Tensor; downProjBias?: Tensor };
-    start: number;
-    end: number;
-    bytesRead: number;
-  };
+  });
+
   const up = (experts.gateAndUpProjs ?? experts.upProjs)!;
   const L = experts.end - experts.start;
   const width = o.activation === 'relu2' ? o.inter : 2 * o.inter;

@@ -431,10 +431,9 @@ export class MoELayer {
     const raw = this.backend.matmul(toF32(x), toF32(w.routerWeight));
     let values: Float32Array = raw.data;
     if (w.routerBias) {
-      const [N, E] = raw.shape;
+      const E = raw.shape[1];
       const b = valuesF32(w.routerBias);
       values = Float32Array.from(values, (v, i) => v + b[i % E]);
-      void N;
     }
     if (this.routerDtype !== 'float32') values = valuesF32(fromValues(this.routerDtype, raw.shape, values));
     return { dtype: 'float32', shape: [...raw.shape], data: values };
