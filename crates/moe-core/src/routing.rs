@@ -438,6 +438,48 @@ fn route_checked(
     })
 }
 
+/// The checks of [`route_backward`]'s own arguments (route's come first, by [`check_route`]):
+/// `indices [T, k]` int32/int64, `grad_weights [T, k]` f32, `grad_scores [T, E]` f32.
+fn check_route_backward_grads(
+    grad_weights: Meta,
+    indices: Meta,
+    grad_scores: Option<Meta>,
+    num_tokens: usize,
+    e_count: usize,
+    k: usize,
+) -> Result<()> {
+    indices.expect_rank(2, "[numTokens, topk]")?;
+    indices.expect_dtype(DType::INDICES)?;
+    indices.expect_shape(&[num_tokens, k], "([numTokens, topk]: route's indices for these logits and topk)")?;
+    grad_weights.expect_rank(2, "[numTokens, topk]")?;
+    grad_weights.expect_dtype(&[DType::F32])?;
+    grad_weights.expect_shape(&[num_tokens, k], "([numTokens, topk]: the shape of route's weights)")?;
+    if let Some(g) = grad_scores {
+        g.expect_rank(2, "[numTokens, numExperts]")?;
+        g.expect_dtype(&[DType::F32])?;
+        g.expect_shape(&[num_tokens, e_count], "([numTokens, numExperts]: the shape of route's scores)")?;
+    }
+    Ok(())
+}
+
+/// Every check of [`route_backward`] that needs no element values (a backend that computes it
+/// elsewhere runs this on its tensors' [`Meta`], then checks the values itself or falls back to
+/// the core): route's checks ([`check_route`]), then its own argument shapes. The logits'
+/// finiteness and the picks' values (range, -1 rows, repeats) are checked by the op.
+pub fn check_route_backward(
+    grad_weights: Meta,
+    logits: Meta,
+    indices: Meta,
+    grad_scores: Option<Meta>,
+    expert_bias: Option<Meta>,
+    token_mask: Option<Meta>,
+    options: &RouteOptions,
+) -> Result<RouteCheck> {
+    let c = check_route(logits, expert_bias, token_mask, options)?;
+    check_route_backward_grads(grad_weights, indices, grad_scores, c.num_tokens, c.num_experts, options.topk)?;
+    Ok(c)
+}
+
 /// The gradient of [`route`] with respect to its logits, given route's picks.
 ///
 /// `grad_weights [T, k]` f32 is the gradient of a loss with respect to route's `weights`,
@@ -464,23 +506,9 @@ pub fn route_backward(
 ) -> Result<Tensor> {
     let checked = check_route_inputs(logits, expert_bias, token_mask, &options)?;
     let (num_tokens, e_count, k) = (checked.num_tokens, checked.plan.num_experts, checked.plan.topk);
-
-    indices.expect_rank(2, "[numTokens, topk]")?;
-    indices.expect_dtype(DType::INDICES)?;
-    indices.expect_shape(&[num_tokens, k], "([numTokens, topk]: route's indices for these logits and topk)")?;
-    grad_weights.expect_rank(2, "[numTokens, topk]")?;
-    grad_weights.expect_dtype(&[DType::F32])?;
-    grad_weights.expect_shape(&[num_tokens, k], "([numTokens, topk]: the shape of route's weights)")?;
+    check_route_backward_grads(grad_weights.meta(), indices.meta(), grad_scores.map(|g| g.meta()), num_tokens, e_count, k)?;
     let gw = grad_weights.typed::<f32>()?;
-    let gsc = match grad_scores {
-        Some(g) => {
-            g.expect_rank(2, "[numTokens, numExperts]")?;
-            g.expect_dtype(&[DType::F32])?;
-            g.expect_shape(&[num_tokens, e_count], "([numTokens, numExperts]: the shape of route's scores)")?;
-            Some(g.typed::<f32>()?)
-        }
-        None => None,
-    };
+    let gsc = grad_scores.map(|g| g.typed::<f32>()).transpose()?;
 
     // The picks, checked: -1 or an expert id; a row that is used holds k distinct experts.
     let idx = indices.indices()?;

@@ -804,3 +804,170 @@ ROUTE_REG_KERNELS(4)
 ROUTE_REG_KERNELS(8)
 ROUTE_REG_KERNELS(16)
 
+
+// ---------------------------------------------------------------------------------------
+// routeBackward: d loss / d logits given route's picks, moe_core::routing::route_backward's
+// arithmetic and order exactly (f64, the core's exp; every sum in the core's order, from -0.0
+// as Rust's f64 `sum()` starts; the accumulators it fills with 0.0 from +0.0), one thread a
+// token. The row's f64 scores sit in `sbuf`, element e of token t at sbuf[e * T + t] (so a
+// warp's accesses are adjacent); the k picks' weights in registers (k <= RB_MAX_K).
+//
+// err[0] (u64 max from the host) is lowered when a logit is not finite or a row of picks is
+// invalid (out of range, -1 in a row of picks, a repeated expert): the host then runs the core,
+// whose error names the value.
+
+#define RB_MAX_K 32
+
+struct RouteBackwardRow {
+    const float* x;
+    const float* gsc;  // this row of gradScores, or null
+    const int* picks;
+    const double* gu;  // d loss / d u_j (after the normalisation)
+    const double* s;   // scores, stride T
+    long long T;
+    int k;
+    bool on_logits, normalise;
+    double dot_sc, denom_sc;  // gradScores' normalisation terms
+
+    __device__ __forceinline__ double score(int e) const { return s[(long long)e * T]; }
+
+    // d loss / d scores[e] (the core's `gs`): the picks' gu when the weights are the scores,
+    // plus gradScores (through the scores' normalisation).
+    __device__ __forceinline__ double grad_score(int e) const {
+        double g = 0.0;
+        if (!on_logits) {
+            for (int j = 0; j < k; j++)
+                if (picks[j] == e) {
+                    g += gu[j];
+                    break;
+                }
+        }
+        if (gsc) g += normalise ? ((double)gsc[e] - dot_sc) / denom_sc : (double)gsc[e];
+        return g;
+    }
+};
+
+extern "C" __global__ void route_backward_kernel(const float* __restrict__ logits, const int* __restrict__ indices,
+                                                 const float* __restrict__ grad_weights, const float* __restrict__ grad_scores,
+                                                 const u8* __restrict__ mask, int T, int E, int k, int sf, int on_logits,
+                                                 int normalise, double scale, double* __restrict__ sbuf, float* __restrict__ grad,
+                                                 u64* __restrict__ err) {
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= T) return;
+    const float* x = logits + (i64)t * E;
+    float* out = grad + (i64)t * E;
+    const int* row = indices + (i64)t * k;
+    bool bad = false, all_masked = true;
+    for (int e = 0; e < E; e++) bad |= !isfinite(x[e]);
+    for (int j = 0; j < k; j++) {
+        const int v = row[j];
+        bad |= v < -1 || v >= E;
+        all_masked &= v == -1;
+    }
+    int picks[RB_MAX_K];
+    const bool live = !bad && !(mask && mask[t] == 0) && !all_masked;
+    if (live) {
+        for (int j = 0; j < k; j++) {
+            picks[j] = row[j];
+            bad |= picks[j] == -1;
+            for (int i = 0; i < j; i++) bad |= picks[i] == picks[j];
+        }
+    }
+    if (bad) {
+        atomicMin(err, (u64)t);
+        return;
+    }
+    if (!live) {
+        for (int e = 0; e < E; e++) out[e] = 0.0f;
+        return;
+    }
+
+    const bool need_scores = grad_scores != nullptr || !on_logits;
+    double* s = sbuf + t;
+    if (need_scores) {
+        if (sf == SF_SOFTMAX || sf == SF_SOFTMAX_WITH_BIAS) {
+            float mf = -__int_as_float(0x7f800000);
+            for (int e = 0; e < E; e++) mf = fmaxf(mf, x[e]);
+            const double m = (double)mf;
+            double sum = -0.0;
+            for (int e = 0; e < E; e++) {
+                const double v = det_exp((double)x[e] - m);
+                s[(i64)e * T] = v;
+                sum += v;
+            }
+            for (int e = 0; e < E; e++) s[(i64)e * T] /= sum;
+        } else if (sf == SF_SIGMOID || sf == SF_SIGMOID_WITH_BIAS) {
+            for (int e = 0; e < E; e++) s[(i64)e * T] = sigmoid64((double)x[e]);
+        } else {
+            for (int e = 0; e < E; e++) s[(i64)e * T] = sqrt(softplus64((double)x[e]));
+        }
+    }
+
+    // u_j: the picks' weights before normalisation and scale
+    double u[RB_MAX_K], gu[RB_MAX_K];
+    if (on_logits) {
+        float mf = -__int_as_float(0x7f800000);
+        for (int j = 0; j < k; j++) mf = fmaxf(mf, x[picks[j]]);
+        const double m = (double)mf;
+        double sum = -0.0;
+        for (int j = 0; j < k; j++) {
+            u[j] = det_exp((double)x[picks[j]] - m);
+            sum += u[j];
+        }
+        for (int j = 0; j < k; j++) u[j] /= sum;
+    } else {
+        for (int j = 0; j < k; j++) u[j] = s[(i64)picks[j] * T];
+    }
+    const float* gw = grad_weights + (i64)t * k;
+    for (int j = 0; j < k; j++) gu[j] = (double)gw[j] * scale;
+    if (normalise) {
+        double denom = -0.0;
+        for (int j = 0; j < k; j++) denom += u[j];
+        denom += 1e-20;
+        double dot = -0.0;
+        for (int j = 0; j < k; j++) dot += gu[j] * (u[j] / denom);
+        for (int j = 0; j < k; j++) gu[j] = (gu[j] - dot) / denom;
+    }
+    // through the softmax over the picked logits: c_j goes to the logit of pick j
+    double dot_l = -0.0;
+    if (on_logits)
+        for (int j = 0; j < k; j++) dot_l += gu[j] * u[j];
+
+    RouteBackwardRow r{x, grad_scores ? grad_scores + (i64)t * E : nullptr, picks, gu, s, (long long)T, k, on_logits != 0, normalise != 0, 0.0, 1.0};
+    if (r.gsc && r.normalise) {
+        double denom = -0.0;
+        for (int e = 0; e < E; e++) denom += r.score(e);
+        denom += 1e-20;
+        double dot = -0.0;
+        for (int e = 0; e < E; e++) dot += (double)r.gsc[e] * (r.score(e) / denom);
+        r.dot_sc = dot;
+        r.denom_sc = denom;
+    }
+    double dot_s = -0.0;
+    if (need_scores && (sf == SF_SOFTMAX || sf == SF_SOFTMAX_WITH_BIAS))
+        for (int e = 0; e < E; e++) dot_s += r.grad_score(e) * r.score(e);
+
+    for (int e = 0; e < E; e++) {
+        double g = 0.0;
+        if (on_logits) {
+            for (int j = 0; j < k; j++)
+                if (picks[j] == e) {
+                    g += u[j] * (gu[j] - dot_l);
+                    break;
+                }
+        }
+        if (need_scores) {
+            const double gs = r.grad_score(e), v = r.score(e), xe = (double)x[e];
+            if (sf == SF_SOFTMAX || sf == SF_SOFTMAX_WITH_BIAS) {
+                g += v * (gs - dot_s);
+            } else if (sf == SF_SIGMOID || sf == SF_SIGMOID_WITH_BIAS) {
+                g += gs * (v * sigmoid64(-xe));
+            } else {
+                // d sqrt(softplus(x)) / dx (the core's sqrt_softplus_derivative)
+                const double d = v == 0.0 ? 0.0 : xe > 20.0 ? 0.5 / v : sigmoid64(xe) / (2.0 * v);
+                g += gs * d;
+            }
+        }
+        out[e] = (float)g;
+    }
+}

@@ -45,8 +45,10 @@ pub const ACTIVATIONS: KernelSource = KernelSource { file: "activations.cu", sou
 pub const LAYOUT: KernelSource = KernelSource { file: "layout.cu", source: include_str!("../kernels/layout.cu") };
 /// The element kernels around the expert GEMMs (bias, epilogue, column sums, conversions).
 pub const EXPERTS: KernelSource = KernelSource { file: "experts.cu", source: include_str!("../kernels/experts.cu") };
+/// The optimizer (AdamW, the gradient norm) and the master weights' conversions.
+pub const TRAIN: KernelSource = KernelSource { file: "train.cu", source: include_str!("../kernels/train.cu") };
 /// Every kernel file, in load order.
-pub const ALL: &[KernelSource] = &[PERMUTE, PLAN, ROUTING, ACTIVATIONS, LAYOUT, EXPERTS];
+pub const ALL: &[KernelSource] = &[PERMUTE, PLAN, ROUTING, ACTIVATIONS, LAYOUT, EXPERTS, TRAIN];
 
 /// NVRTC options for `arch` (e.g. "sm_90"). `--fmad=false`: no multiply-add contraction
 /// anywhere, so f32 arithmetic rounds as the CPU core's does. `-lineinfo`: source lines for

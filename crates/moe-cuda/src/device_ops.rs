@@ -22,7 +22,7 @@ use std::sync::Arc;
 use moe_core::permute::{
     check_permute, check_permute_backward, check_unpermute, check_unpermute_backward, PermuteOptions, SlotProbsLayout, UnpermuteOptions,
 };
-use moe_core::routing::{check_route, check_topk, RouteOptions, ScoreFunction};
+use moe_core::routing::{check_route, check_route_backward, check_topk, RouteCheck, RouteOptions, ScoreFunction};
 use moe_core::tensor::DType;
 
 use crate::device::{Arg, Buffer, Device, HostWords, PendingRead, COUNTER_PLAN_TICKET};
@@ -1042,6 +1042,112 @@ fn topk_host_fallback(dev: &Device, values: &DeviceTensor, k: usize) -> Result<(
     let v = values.download(dev, "values")?;
     let out = moe_core::routing::topk(&tensor_ref("values", &v)?, k)?;
     Ok((DeviceTensor::upload_owned(dev, "values", &out.values)?, DeviceTensor::upload_owned(dev, "indices", &out.indices)?))
+}
+
+/// The most picks a token of the routeBackward kernel (RB_MAX_K in kernels/routing.cu); more:
+/// the host path.
+const ROUTE_BACKWARD_MAX_K: usize = 32;
+
+/// routeBackward on device tensors: `gradLogits [T, E]` f32 from route's picks, one thread a
+/// token (kernels/routing.cu), the core's arithmetic and order, so the same bits. 16-bit or
+/// int64 inputs, k above 32, an invalid value (a non-finite logit, a bad row of picks) or an
+/// argument the core's checks reject: the host path (download, the core, upload), whose result
+/// or error is the CPU backends'. Synchronises once to read the error word.
+#[allow(clippy::too_many_arguments)]
+pub fn route_backward_device(
+    dev: &Device,
+    grad_weights: &DeviceTensor,
+    logits: &DeviceTensor,
+    indices: &DeviceTensor,
+    grad_scores: Option<&DeviceTensor>,
+    expert_bias: Option<&DeviceTensor>,
+    token_mask: Option<&DeviceTensor>,
+    options: RouteOptions,
+) -> Result<DeviceTensor> {
+    let args = RouteBackwardArgs { grad_weights, logits, indices, grad_scores, expert_bias, token_mask, options };
+    let checked = check_route_backward(
+        grad_weights.meta("gradWeights"),
+        logits.meta("logits"),
+        indices.meta("indices"),
+        opt_meta(grad_scores, "gradScores"),
+        opt_meta(expert_bias, "expertBias"),
+        opt_meta(token_mask, "tokenMask"),
+        &options,
+    );
+    let fits = |c: &RouteCheck| {
+        logits.dtype == DType::F32
+            && indices.dtype == DType::I32
+            && c.num_tokens > 0
+            && options.topk <= ROUTE_BACKWARD_MAX_K
+            && i32::try_from(c.num_tokens.saturating_mul(c.num_experts)).is_ok()
+    };
+    let Some(c) = checked.ok().filter(fits) else {
+        return route_backward_host(dev, &args);
+    };
+    let (t, e, k) = (c.num_tokens, c.num_experts, options.topk);
+    let grad = DeviceTensor::alloc(dev, "gradLogits", DType::F32, vec![t, e])?;
+    let on_logits = options.score_function == ScoreFunction::Softmax && !options.softmax_before_topk;
+    let need_scores = grad_scores.is_some() || !on_logits;
+    let scratch = dev.alloc("routeBackward's scores", if need_scores { 8 * t * e } else { 8 })?;
+    let err = ErrWords::new(dev)?;
+    let s = dev.stream();
+    const BLOCK: usize = 128;
+    dev.launch(
+        "route_backward_kernel",
+        (t.div_ceil(BLOCK) as u32, 1),
+        BLOCK as u32,
+        &[
+            Arg::U64(logits.buf.ptr(s)),
+            Arg::U64(indices.buf.ptr(s)),
+            Arg::U64(grad_weights.buf.ptr(s)),
+            Arg::U64(grad_scores.map_or(0, |g| g.buf.ptr(s))),
+            Arg::U64(token_mask.map_or(0, |m| m.buf.ptr(s))),
+            Arg::I32(t as i32),
+            Arg::I32(e as i32),
+            Arg::I32(k as i32),
+            Arg::I32(score_code(options.score_function)),
+            Arg::I32(on_logits as i32),
+            Arg::I32((options.norm_topk_prob && k > 1) as i32),
+            Arg::F64(options.route_scale),
+            Arg::U64(scratch.ptr(s)),
+            Arg::U64(grad.buf.ptr(s)),
+            Arg::U64(err.ptr(s)),
+        ],
+    )?;
+    if err.any_set(dev, "routeBackward's checks")? {
+        return route_backward_host(dev, &args);
+    }
+    Ok(grad)
+}
+
+/// routeBackward's arguments, for its host path.
+struct RouteBackwardArgs<'a> {
+    grad_weights: &'a DeviceTensor,
+    logits: &'a DeviceTensor,
+    indices: &'a DeviceTensor,
+    grad_scores: Option<&'a DeviceTensor>,
+    expert_bias: Option<&'a DeviceTensor>,
+    token_mask: Option<&'a DeviceTensor>,
+    options: RouteOptions,
+}
+
+fn route_backward_host(dev: &Device, a: &RouteBackwardArgs) -> Result<DeviceTensor> {
+    let gw = a.grad_weights.download(dev, "gradWeights")?;
+    let l = a.logits.download(dev, "logits")?;
+    let i = a.indices.download(dev, "indices")?;
+    let gs = download_opt(dev, "gradScores", a.grad_scores)?;
+    let b = download_opt(dev, "expertBias", a.expert_bias)?;
+    let m = download_opt(dev, "tokenMask", a.token_mask)?;
+    let out = moe_core::routing::route_backward(
+        &tensor_ref("gradWeights", &gw)?,
+        &tensor_ref("logits", &l)?,
+        &tensor_ref("indices", &i)?,
+        opt_ref("gradScores", &gs)?.as_ref(),
+        opt_ref("expertBias", &b)?.as_ref(),
+        opt_ref("tokenMask", &m)?.as_ref(),
+        a.options,
+    )?;
+    DeviceTensor::upload_owned(dev, "gradLogits", &out)
 }
 
 #[cfg(test)]

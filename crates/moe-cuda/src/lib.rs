@@ -24,6 +24,7 @@ pub mod layout;
 pub mod permute;
 mod switch;
 pub mod tensor;
+pub mod train;
 
 pub use device::{Buffer, Device, DeviceInfo};
 pub use error::{Error, Result};

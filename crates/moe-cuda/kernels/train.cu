@@ -1,0 +1,139 @@
+// The optimizer on the GPU (crates/moe-cuda/src/train.rs): AdamW with global gradient-norm
+// clipping, the arithmetic and order of ts/optim.ts (the reference every backend runs), so the
+// weights agree bit for bit with the cpu and wasm backends'.
+//
+// * sum_squares_<T>:   partials[c] = the sum of g^2 over chunk c (SQ_CHUNK elements) of a
+//                      gradient, in f64 (each square exact), in a fixed order: thread i sums
+//                      elements i, i + 256, ... of the chunk in turn, then a halving tree over
+//                      the 256 threads (sh[i] += sh[i + s], s = 128 .. 1).
+// * adamw_finish:      one block of 1024 threads: the same two-level sum over every partial
+//                      (thread i: partials i, i + 1024, ... in turn, then the halving tree),
+//                      the norm, and the step's scalars in f64 (state, below); no host wait.
+// * adamw_update_<G>_<L>: one element a thread: the f32 AdamW update of a float32 master
+//                      weight with its two moments, from a gradient of G; with a low-precision
+//                      copy of L, that copy rounded from the new master weight. `decay_on` 0:
+//                      no weight decay for this tensor (decay 1).
+//
+// The state (8 f64 words, then 16 f32 words; train.rs writes the first at creation):
+//   f64: [0] step, [1] beta1^step, [2] beta2^step, [3] skipped steps, [4] last gradient norm,
+//        [5] whether the last step was applied (1/0)
+//   f32: [0] clip factor, [1] decay (1 - lr wd), [2] beta1, [3] 1 - beta1, [4] beta2,
+//        [5] 1 - beta2, [6] step size (lr / (1 - beta1^step)), [7] sqrt(1 - beta2^step), [8] eps,
+//        [9] apply (1 or 0)
+
+#define SQ_CHUNK 2048
+#define SQ_THREADS 256
+#define FIN_THREADS 1024
+
+template <typename T>
+__device__ __forceinline__ void sum_squares_impl(const typename T::S* __restrict__ g, long long n, double* __restrict__ partials) {
+    __shared__ double sh[SQ_THREADS];
+    const long long base = (long long)blockIdx.x * SQ_CHUNK;
+    double acc = 0.0;
+    for (int j = 0; j < SQ_CHUNK / SQ_THREADS; j++) {
+        const long long i = base + threadIdx.x + (long long)j * SQ_THREADS;
+        if (i < n) {
+            const double v = (double)T::to_f32(g[i]);
+            acc += v * v;
+        }
+    }
+    sh[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = SQ_THREADS / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) partials[blockIdx.x] = sh[0];
+}
+
+#define SUM_SQUARES(T)                                                                                          \
+    extern "C" __global__ void sum_squares_##T(const T::S* g, long long n, double* partials) { sum_squares_impl<T>(g, n, partials); }
+SUM_SQUARES(F32)
+SUM_SQUARES(BF16)
+SUM_SQUARES(F16)
+
+extern "C" __global__ void adamw_finish(const double* __restrict__ partials, long long n, double* __restrict__ state, double lr,
+                                        double beta1, double beta2, double eps, double weight_decay, double max_norm) {
+    __shared__ double sh[FIN_THREADS];
+    double acc = 0.0;
+    for (long long i = threadIdx.x; i < n; i += FIN_THREADS) acc += partials[i];
+    sh[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = FIN_THREADS / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x != 0) return;
+    const double norm = sqrt(sh[0]);
+    float* f = reinterpret_cast<float*>(state + 8);
+    state[4] = norm;
+    if (!isfinite(norm)) {
+        state[3] += 1.0;
+        state[5] = 0.0;
+        f[9] = 0.0f;
+        return;
+    }
+    const double step = state[0] + 1.0, b1p = state[1] * beta1, b2p = state[2] * beta2;
+    state[0] = step;
+    state[1] = b1p;
+    state[2] = b2p;
+    state[5] = 1.0;
+    double clip = 1.0;
+    if (max_norm >= 0.0) {
+        const double c = max_norm / (norm + 1e-6);
+        clip = c < 1.0 ? c : 1.0;
+    }
+    f[0] = (float)clip;
+    f[1] = (float)(1.0 - lr * weight_decay);
+    f[2] = (float)beta1;
+    f[3] = (float)(1.0 - beta1);
+    f[4] = (float)beta2;
+    f[5] = (float)(1.0 - beta2);
+    f[6] = (float)(lr / (1.0 - b1p));
+    f[7] = (float)sqrt(1.0 - b2p);
+    f[8] = (float)eps;
+    f[9] = 1.0f;
+}
+
+template <typename G, typename L>
+__device__ __forceinline__ void adamw_update_impl(float* __restrict__ p, float* __restrict__ m, float* __restrict__ v,
+                                                  const typename G::S* __restrict__ grad, typename L::S* __restrict__ low, long long n,
+                                                  const double* __restrict__ state, int decay_on) {
+    const float* f = reinterpret_cast<const float*>(state + 8);
+    if (f[9] == 0.0f) return;
+    const float clip = f[0], decay = decay_on ? f[1] : 1.0f, b1 = f[2], omb1 = f[3], b2 = f[4], omb2 = f[5], step_size = f[6], bc2 = f[7], eps = f[8];
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const float g = G::to_f32(grad[i]) * clip;
+        const float mi = b1 * m[i] + omb1 * g;
+        const float vi = b2 * v[i] + omb2 * (g * g);
+        const float denom = sqrtf(vi) / bc2 + eps;
+        const float pi = p[i] * decay - step_size * (mi / denom);
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = pi;
+        if (low) low[i] = L::from_f32(pi);
+    }
+}
+
+#define ADAMW_UPDATE(G, L)                                                                                                    \
+    extern "C" __global__ void adamw_update_##G##_##L(float* p, float* m, float* v, const G::S* grad, L::S* low, long long n, \
+                                                      const double* state, int decay_on) {                                    \
+        adamw_update_impl<G, L>(p, m, v, grad, low, n, state, decay_on);                                                              \
+    }
+ADAMW_UPDATE(F32, F32)
+ADAMW_UPDATE(BF16, F32)
+ADAMW_UPDATE(F16, F32)
+ADAMW_UPDATE(F32, BF16)
+ADAMW_UPDATE(BF16, BF16)
+ADAMW_UPDATE(F16, BF16)
+ADAMW_UPDATE(F32, F16)
+ADAMW_UPDATE(BF16, F16)
+ADAMW_UPDATE(F16, F16)
+
+// widen_<T>: out[i] = f32(x[i]) (exact): a master weight's start from a 16-bit weight.
+template <typename T>
+__device__ __forceinline__ void widen_impl(const typename T::S* __restrict__ x, float* __restrict__ out, long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) out[i] = T::to_f32(x[i]);
+}
+extern "C" __global__ void widen_BF16(const u16* x, float* out, long long n) { widen_impl<BF16>(x, out, n); }
+extern "C" __global__ void widen_F16(const u16* x, float* out, long long n) { widen_impl<F16>(x, out, n); }

@@ -1,0 +1,237 @@
+//! Training on the GPU: the AdamW step (kernels/train.cu) over a layer's parameters, with global
+//! gradient-norm clipping and non-finite steps skipped, queued with no host wait.
+//!
+//! The arithmetic is `ts/optim.ts`'s (the reference the cpu and wasm backends run), so weights
+//! agree bit for bit across backends: the gradient norm is a sum of exact f64 squares in a fixed
+//! order (chunks of [`SQ_CHUNK`], each a 256-thread tree; the chunks' sums a 1024-thread tree),
+//! the step's scalars are computed once in f64 on the device from the state (step count, the
+//! betas' powers), and each element's update is f32 arithmetic without contraction.
+//!
+//! The state lives on the device ([`OptimizerState`]): a step that finds a non-finite gradient
+//! norm leaves every weight and moment as it was, counts itself as skipped and does not advance
+//! the step count; the host learns of it only when it reads the state.
+
+use moe_core::tensor::DType;
+
+use crate::device::{Arg, Buffer, Device};
+use crate::error::{Error, Result};
+use crate::tensor::DeviceTensor;
+
+/// Elements a chunk of the gradient norm's first level (SQ_CHUNK in kernels/train.cu).
+pub const SQ_CHUNK: usize = 2048;
+const SQ_THREADS: u32 = 256;
+const FIN_THREADS: u32 = 1024;
+/// Bytes of the state: 8 f64 words, then 16 f32 words.
+const STATE_BYTES: usize = 8 * 8 + 16 * 4;
+
+/// AdamW's hyper-parameters for one step (`lr` may change from step to step).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWOptions {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Clip the gradients to this global norm (None: no clipping).
+    pub max_grad_norm: Option<f64>,
+}
+
+/// What the host reads of the state (a read waits for the queued steps).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StateView {
+    /// Steps applied.
+    pub step: f64,
+    pub beta1_pow: f64,
+    pub beta2_pow: f64,
+    /// Steps skipped for a non-finite gradient norm.
+    pub skipped: f64,
+    /// The last step's gradient norm (before clipping).
+    pub grad_norm: f64,
+    /// Whether the last step was applied.
+    pub applied: bool,
+}
+
+/// The optimizer's scalar state on the device.
+pub struct OptimizerState {
+    buf: Buffer,
+}
+
+impl OptimizerState {
+    /// A fresh state: step 0, the betas' powers 1.
+    pub fn new(dev: &Device) -> Result<OptimizerState> {
+        let mut words = [0u8; STATE_BYTES];
+        let head: [f64; 8] = [0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+        words[..64].copy_from_slice(bytemuck::cast_slice(&head));
+        Ok(OptimizerState { buf: dev.upload("the optimizer state", &words)? })
+    }
+
+    /// A state restored from its first six words (a checkpoint of `read`).
+    pub fn restore(dev: &Device, v: &StateView) -> Result<OptimizerState> {
+        let mut words = [0u8; STATE_BYTES];
+        let head: [f64; 8] = [v.step, v.beta1_pow, v.beta2_pow, v.skipped, v.grad_norm, v.applied as u8 as f64, 0.0, 0.0];
+        words[..64].copy_from_slice(bytemuck::cast_slice(&head));
+        Ok(OptimizerState { buf: dev.upload("the optimizer state", &words)? })
+    }
+
+    /// Waits for the queued steps and reads the state.
+    pub fn read(&self, dev: &Device) -> Result<StateView> {
+        let w: [f64; 6] = dev.read_head("the optimizer state", &self.buf, 0)?;
+        Ok(StateView { step: w[0], beta1_pow: w[1], beta2_pow: w[2], skipped: w[3], grad_norm: w[4], applied: w[5] != 0.0 })
+    }
+}
+
+/// One parameter of a step: its float32 master weight and moments (updated in place), its
+/// gradient (float32, bfloat16 or float16), and optionally the 16-bit copy the layer computes
+/// with (rewritten from the new master weight).
+pub struct AdamWParam<'a> {
+    pub name: &'a str,
+    pub master: &'a DeviceTensor,
+    pub exp_avg: &'a DeviceTensor,
+    pub exp_avg_sq: &'a DeviceTensor,
+    pub grad: &'a DeviceTensor,
+    pub low: Option<&'a DeviceTensor>,
+    /// Whether weight decay applies to it.
+    pub decay: bool,
+}
+
+fn kernel_dtype(d: DType) -> Option<&'static str> {
+    match d {
+        DType::F32 => Some("F32"),
+        DType::BF16 => Some("BF16"),
+        DType::F16 => Some("F16"),
+        _ => None,
+    }
+}
+
+fn check_param(p: &AdamWParam) -> Result<()> {
+    let same = |t: &DeviceTensor, what: &str, want: Option<DType>| -> Result<()> {
+        if t.shape != p.master.shape {
+            return Err(moe_core::Error::range(
+                format!("{}.{what}", p.name),
+                format!("expected the master weight's shape {:?}, got {:?}", p.master.shape, t.shape),
+            )
+            .into());
+        }
+        match want {
+            Some(d) if t.dtype != d => {
+                Err(moe_core::Error::type_error(format!("{}.{what}.dtype", p.name), d.name(), t.dtype.name()).into())
+            }
+            None if kernel_dtype(t.dtype).is_none() => {
+                Err(moe_core::Error::type_error(format!("{}.{what}.dtype", p.name), "float32, bfloat16 or float16", t.dtype.name()).into())
+            }
+            _ => Ok(()),
+        }
+    };
+    if p.master.dtype != DType::F32 {
+        return Err(moe_core::Error::type_error(format!("{}.master.dtype", p.name), "float32", p.master.dtype.name()).into());
+    }
+    same(p.exp_avg, "expAvg", Some(DType::F32))?;
+    same(p.exp_avg_sq, "expAvgSq", Some(DType::F32))?;
+    same(p.grad, "grad", None)?;
+    if let Some(l) = p.low {
+        same(l, "low", None)?;
+    }
+    Ok(())
+}
+
+/// Queues one AdamW step over `params`: the gradient norm (every gradient), the step's scalars,
+/// then each parameter's update. Nothing waits for the GPU.
+pub fn adamw_step(dev: &Device, params: &[AdamWParam], state: &OptimizerState, o: &AdamWOptions) -> Result<()> {
+    for p in params {
+        check_param(p)?;
+    }
+    let chunks: Vec<usize> = params.iter().map(|p| p.grad.numel().div_ceil(SQ_CHUNK)).collect();
+    let total: usize = chunks.iter().sum();
+    let partials = dev.alloc("the gradient norm's partial sums", 8 * total.max(1))?;
+    let s = dev.stream();
+    let mut offset = 0usize;
+    for (p, &c) in params.iter().zip(&chunks) {
+        if c > 0 {
+            let g = kernel_dtype(p.grad.dtype).expect("checked");
+            dev.launch(
+                &format!("sum_squares_{g}"),
+                (c as u32, 1),
+                SQ_THREADS,
+                &[Arg::U64(p.grad.buf.ptr(s)), Arg::I64(p.grad.numel() as i64), Arg::U64(partials.ptr(s) + 8 * offset as u64)],
+            )?;
+        }
+        offset += c;
+    }
+    if total == 0 {
+        dev.memset_zero("the gradient norm's partial sums", &partials, 8)?;
+    }
+    dev.launch(
+        "adamw_finish",
+        (1, 1),
+        FIN_THREADS,
+        &[
+            Arg::U64(partials.ptr(s)),
+            Arg::I64(total as i64),
+            Arg::U64(state.buf.ptr(s)),
+            Arg::F64(o.lr),
+            Arg::F64(o.beta1),
+            Arg::F64(o.beta2),
+            Arg::F64(o.eps),
+            Arg::F64(o.weight_decay),
+            Arg::F64(o.max_grad_norm.unwrap_or(-1.0)),
+        ],
+    )?;
+    for p in params {
+        let n = p.master.numel();
+        if n == 0 {
+            continue;
+        }
+        let g = kernel_dtype(p.grad.dtype).expect("checked");
+        let l = p.low.map_or("F32", |l| kernel_dtype(l.dtype).expect("checked"));
+        let blocks = n.div_ceil(256).min(16 * dev.sm_count()) as u32;
+        dev.launch(
+            &format!("adamw_update_{g}_{l}"),
+            (blocks, 1),
+            256,
+            &[
+                Arg::U64(p.master.buf.ptr(s)),
+                Arg::U64(p.exp_avg.buf.ptr(s)),
+                Arg::U64(p.exp_avg_sq.buf.ptr(s)),
+                Arg::U64(p.grad.buf.ptr(s)),
+                Arg::U64(p.low.map_or(0, |l| l.buf.ptr(s))),
+                Arg::I64(n as i64),
+                Arg::U64(state.buf.ptr(s)),
+                Arg::I32(p.decay as i32),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// A new float32 tensor of zeros shaped as `like` (the moments' start).
+pub fn zeros_f32(dev: &Device, what: &str, shape: Vec<usize>) -> Result<DeviceTensor> {
+    let t = DeviceTensor::alloc(dev, what, DType::F32, shape)?;
+    dev.memset_zero(what, &t.buf, t.bytes())?;
+    Ok(t)
+}
+
+/// `src` (16-bit or float32) widened exactly to a new float32 tensor (a master weight's start).
+pub fn to_f32(dev: &Device, src: &DeviceTensor) -> Result<DeviceTensor> {
+    let out = DeviceTensor::alloc(dev, "a float32 copy", DType::F32, src.shape.clone())?;
+    let n = src.numel();
+    if n == 0 {
+        return Ok(out);
+    }
+    let name = match src.dtype {
+        DType::F32 => {
+            dev.copy(&out.buf, &src.buf, src.bytes())?;
+            return Ok(out);
+        }
+        DType::BF16 => "widen_BF16",
+        DType::F16 => "widen_F16",
+        d => return Err(Error::Core(moe_core::Error::type_error("tensor.dtype", "float32, bfloat16 or float16", d.name()))),
+    };
+    let s = dev.stream();
+    dev.launch(
+        name,
+        ((n.div_ceil(256)).min(16 * dev.sm_count()) as u32, 1),
+        256,
+        &[Arg::U64(src.buf.ptr(s)), Arg::U64(out.buf.ptr(s)), Arg::I64(n as i64)],
+    )?;
+    Ok(out)
+}
