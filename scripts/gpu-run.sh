@@ -12,7 +12,7 @@
 # `bash scripts/gpu-run.sh remote`. Where CUDA is missing, the suite skips with the reason.
 # Options of pack: --no-build (pack what is built). Of remote: SKIP_SUITE=1 (the GPU suite and
 # `check`), SKIP_SOAK=1, SKIP_BENCH=1, SKIP_EXPERTS=1 (the experts part of the benchmark),
-# SKIP_TORCH=1
+# SKIP_TORCH=1, SKIP_TRAIN=1 (the training-step benchmarks: Rust-driven and PyTorch's)
 # (SOAK_SMALL / SOAK_LARGE set the soak's counts).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -48,7 +48,7 @@ pack() {
   local golden="${MOE_GOLDEN_DIR:-test/fixtures/golden}"
   cp "$golden"/permute.json "$golden"/unpermute.json "$golden"/route.json "$BUNDLE/golden/"
   cp target/release/moe-cuda-bench "$BUNDLE/bin/"
-  cp bench/gpu_torch_ref.py bench/gpu_torch_experts.py "$BUNDLE/bench/"
+  cp bench/gpu_torch_ref.py bench/gpu_torch_experts.py bench/gpu_torch_train.py "$BUNDLE/bench/"
   # the same module resolution as in the repo: dist/ imports are relative, so the bundle is a
   # small copy of the repo's layout
   printf '{"type":"module"}\n' > "$BUNDLE/package.json"
@@ -136,6 +136,15 @@ for name, v in zip(['SM clock MHz', 'power W', 'temperature C'], cols):
     print(f"  during the experts bench: {name} min {min(v):.0f}, p10 {q[0]:.0f}, median {statistics.median(v):.0f}, max {max(v):.0f} ({len(v)} samples)")
 PY
     fi
+  fi
+  if [[ -z "${SKIP_TRAIN:-}" ]]; then
+    # the training step (issue 18), Rust-driven and PyTorch's, interleaved: Rust, PyTorch, Rust
+    say "moe-cuda-bench train (routeBackward check, then whole training steps)"
+    timeout 200 "$BUNDLE/bin/moe-cuda-bench" train --iters 10 --out "$OUT/train-rust-1.json"; echo "  exit code $?"
+    say "PyTorch training step (torch._grouped_mm, AdamW fused)"
+    PYTHONUNBUFFERED=1 timeout 200 python3 "$BUNDLE/bench/gpu_torch_train.py" --out "$OUT/train-torch.json"; echo "  exit code $?"
+    say "moe-cuda-bench train, again"
+    timeout 200 "$BUNDLE/bin/moe-cuda-bench" train --iters 10 --out "$OUT/train-rust-2.json"; echo "  exit code $?"
   fi
   if [[ -z "${SKIP_TORCH:-}" ]]; then
     say "PyTorch reference path"

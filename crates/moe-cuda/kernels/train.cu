@@ -137,3 +137,21 @@ __device__ __forceinline__ void widen_impl(const typename T::S* __restrict__ x, 
 }
 extern "C" __global__ void widen_BF16(const u16* x, float* out, long long n) { widen_impl<BF16>(x, out, n); }
 extern "C" __global__ void widen_F16(const u16* x, float* out, long long n) { widen_impl<F16>(x, out, n); }
+
+// narrow_<T>: out[i] = T(x[i]) (rounded once, as the core rounds).
+template <typename T>
+__device__ __forceinline__ void narrow_impl(const float* __restrict__ x, typename T::S* __restrict__ out, long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) out[i] = T::from_f32(x[i]);
+}
+extern "C" __global__ void narrow_BF16(const float* x, u16* out, long long n) { narrow_impl<BF16>(x, out, n); }
+extern "C" __global__ void narrow_F16(const float* x, u16* out, long long n) { narrow_impl<F16>(x, out, n); }
+
+// gather_picks: out[t, j] = dense[t, idx[t, j]] (0 where idx is -1): the gradient of route's
+// weights [T, k] from the dense [T, E] one that permute's backward gives.
+extern "C" __global__ void gather_picks(const float* __restrict__ dense, const int* __restrict__ idx, long long rows, int E, int k,
+                                        float* __restrict__ out) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= rows * k) return;
+    const int e = idx[i];
+    out[i] = e < 0 ? 0.0f : dense[(i / k) * E + e];
+}

@@ -238,7 +238,8 @@ impl Device {
     pub fn alloc(&self, what: &str, bytes: usize) -> Result<Buffer> {
         let slice = unsafe { self.stream.alloc::<u8>(bytes.max(1)) }
             .map_err(|e| Error::driver(format!("allocating {} for {what}", human_bytes(bytes)), e))?;
-        LIVE_BYTES.fetch_add(bytes.max(1), Ordering::Relaxed);
+        let live = LIVE_BYTES.fetch_add(bytes.max(1), Ordering::Relaxed) + bytes.max(1);
+        PEAK_BYTES.fetch_max(live, Ordering::Relaxed);
         LIVE_BUFFERS.fetch_add(1, Ordering::Relaxed);
         Ok(Buffer { slice, bytes })
     }
@@ -537,6 +538,18 @@ pub(crate) enum Arg {
 
 static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
 static LIVE_BUFFERS: AtomicUsize = AtomicUsize::new(0);
+static PEAK_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// The most bytes this process's [`Buffer`]s held at once since the start or the last
+/// [`reset_peak_memory`] (as `torch.cuda.max_memory_allocated`).
+pub fn peak_memory() -> usize {
+    PEAK_BYTES.load(Ordering::Relaxed)
+}
+
+/// Starts a new peak at the bytes held now (as `torch.cuda.reset_peak_memory_stats`).
+pub fn reset_peak_memory() {
+    PEAK_BYTES.store(LIVE_BYTES.load(Ordering::Relaxed), Ordering::Relaxed);
+}
 
 /// Bytes and buffers of device memory that this process's [`Buffer`]s hold now (what a leak
 /// would grow; the memory pool may keep more from the driver).

@@ -183,7 +183,7 @@ pub fn adamw_step(dev: &Device, params: &[AdamWParam], state: &OptimizerState, o
         }
         let g = kernel_dtype(p.grad.dtype).expect("checked");
         let l = p.low.map_or("F32", |l| kernel_dtype(l.dtype).expect("checked"));
-        let blocks = n.div_ceil(256).min(16 * dev.sm_count()) as u32;
+        let blocks = grid(dev, n);
         dev.launch(
             &format!("adamw_update_{g}_{l}"),
             (blocks, 1),
@@ -210,28 +210,74 @@ pub fn zeros_f32(dev: &Device, what: &str, shape: Vec<usize>) -> Result<DeviceTe
     Ok(t)
 }
 
-/// `src` (16-bit or float32) widened exactly to a new float32 tensor (a master weight's start).
-pub fn to_f32(dev: &Device, src: &DeviceTensor) -> Result<DeviceTensor> {
-    let out = DeviceTensor::alloc(dev, "a float32 copy", DType::F32, src.shape.clone())?;
+/// `src` converted to `dtype` in a new tensor: exact when widening to float32, rounded once
+/// (nearest, ties to even) when narrowing from float32; a copy when the dtypes are equal.
+pub fn cast(dev: &Device, src: &DeviceTensor, dtype: DType) -> Result<DeviceTensor> {
+    let out = DeviceTensor::alloc(dev, "a converted copy", dtype, src.shape.clone())?;
     let n = src.numel();
     if n == 0 {
         return Ok(out);
     }
-    let name = match src.dtype {
-        DType::F32 => {
+    let name = match (src.dtype, dtype) {
+        (a, b) if a == b => {
             dev.copy(&out.buf, &src.buf, src.bytes())?;
             return Ok(out);
         }
-        DType::BF16 => "widen_BF16",
-        DType::F16 => "widen_F16",
-        d => return Err(Error::Core(moe_core::Error::type_error("tensor.dtype", "float32, bfloat16 or float16", d.name()))),
+        (DType::BF16, DType::F32) => "widen_BF16",
+        (DType::F16, DType::F32) => "widen_F16",
+        (DType::F32, DType::BF16) => "narrow_BF16",
+        (DType::F32, DType::F16) => "narrow_F16",
+        (a, b) => {
+            return Err(Error::Core(moe_core::Error::type_error(
+                "tensor.dtype",
+                format!("a dtype that converts to {} (float32 <-> bfloat16 / float16)", b.name()),
+                a.name(),
+            )))
+        }
     };
     let s = dev.stream();
+    dev.launch(name, (grid(dev, n), 1), 256, &[Arg::U64(src.buf.ptr(s)), Arg::U64(out.buf.ptr(s)), Arg::I64(n as i64)])?;
+    Ok(out)
+}
+
+/// Blocks of 256 threads for an element-wise kernel over `n` items (grid-stride beyond).
+fn grid(dev: &Device, n: usize) -> u32 {
+    n.div_ceil(256).clamp(1, 16 * dev.sm_count()) as u32
+}
+
+/// `out [T, k] = dense[t, indices[t, j]]` (0 for -1): the gradient of route's weights from the
+/// dense `[T, E]` gradient of its probs (permute's backward), by route's own indices.
+pub fn gather_picks(dev: &Device, dense: &DeviceTensor, indices: &DeviceTensor) -> Result<DeviceTensor> {
+    let ok = dense.dtype == DType::F32
+        && indices.dtype == DType::I32
+        && dense.shape.len() == 2
+        && indices.shape.len() == 2
+        && dense.shape[0] == indices.shape[0]
+        && i32::try_from(dense.shape[1]).is_ok();
+    if !ok {
+        return Err(Error::Cuda(format!(
+            "gather_picks: dense {:?} {:?} and indices {:?} {:?} do not fit (a bug in moe-dispatch)",
+            dense.dtype, dense.shape, indices.dtype, indices.shape
+        )));
+    }
+    let (t, k) = (indices.shape[0], indices.shape[1]);
+    let out = DeviceTensor::alloc(dev, "gradWeights", DType::F32, vec![t, k])?;
+    if t * k == 0 {
+        return Ok(out);
+    }
+    let s = dev.stream();
     dev.launch(
-        name,
-        ((n.div_ceil(256)).min(16 * dev.sm_count()) as u32, 1),
+        "gather_picks",
+        ((t * k).div_ceil(256) as u32, 1),
         256,
-        &[Arg::U64(src.buf.ptr(s)), Arg::U64(out.buf.ptr(s)), Arg::I64(n as i64)],
+        &[
+            Arg::U64(dense.buf.ptr(s)),
+            Arg::U64(indices.buf.ptr(s)),
+            Arg::I64(t as i64),
+            Arg::I32(dense.shape[1] as i32),
+            Arg::I32(k as i32),
+            Arg::U64(out.buf.ptr(s)),
+        ],
     )?;
     Ok(out)
 }

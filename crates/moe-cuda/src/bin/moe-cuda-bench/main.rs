@@ -30,6 +30,7 @@ use moe_cuda::DeviceTensor;
 use moe_cuda::{compile, Device};
 
 mod experts;
+mod train;
 
 struct Shape {
     name: &'static str,
@@ -69,8 +70,9 @@ fn main() {
         Some("compile") => compile_only(args.get(1).map(|s| s.as_str()).unwrap_or("sm_90")),
         Some("run") => run(&args[1..]),
         Some("experts") => experts(&args[1..]),
+        Some("train") => train(&args[1..]),
         _ => {
-            eprintln!("usage: moe-cuda-bench info | compile [ARCH] | run [--iters N] [--out FILE] [--shapes deepseek,mixtral] | experts [--iters N] [--out FILE] [--shapes mixtral,fine-grained]");
+            eprintln!("usage: moe-cuda-bench info | compile [ARCH] | run [--iters N] [--out FILE] [--shapes deepseek,mixtral] | experts [--iters N] [--out FILE] [--shapes mixtral,fine-grained] | train [--iters N] [--out FILE] [--shapes mixtral,fine-grained]");
             2
         }
     };
@@ -116,6 +118,21 @@ fn compile_only(arch: &str) -> i32 {
 }
 
 fn experts(args: &[String]) -> i32 {
+    per_shape(args, "experts", true, experts::bench)
+}
+
+fn train(args: &[String]) -> i32 {
+    per_shape(args, "train", false, |dev, s, iters, _| train::bench(dev, s, iters))
+}
+
+/// A command over the experts' shapes (`--iters N`, `--out FILE`, `--shapes a,b`): one JSON row
+/// each, with the measured bf16 GEMM rate first when `with_peak`.
+fn per_shape(
+    args: &[String],
+    what: &str,
+    with_peak: bool,
+    row: impl Fn(&Device, &experts::ExpertShape, usize, f64) -> moe_cuda::Result<experts::flat_json::Obj>,
+) -> i32 {
     let (mut iters, mut out, mut names) = (10usize, None::<String>, None::<Vec<String>>);
     let mut i = 0;
     while i < args.len() {
@@ -138,8 +155,10 @@ fn experts(args: &[String]) -> i32 {
         }
     };
     let result = (|| -> moe_cuda::Result<String> {
-        let peak = experts::bf16_peak(dev, iters)?;
-        println!("bf16 GEMM rate (8192^3, cuBLAS): {peak:.0} TFLOP/s");
+        let peak = if with_peak { experts::bf16_peak(dev, iters)? } else { f64::NAN };
+        if with_peak {
+            println!("bf16 GEMM rate (8192^3, cuBLAS): {peak:.0} TFLOP/s");
+        }
         let mut rows = Vec::new();
         for s in experts::EXPERT_SHAPES.iter().filter(|s| names.as_ref().is_none_or(|n| n.iter().any(|x| x == s.name))) {
             // each shape starts with the memory pool's cached memory released (as a user switching
@@ -149,13 +168,10 @@ fn experts(args: &[String]) -> i32 {
             if std::env::var_os("MOE_BENCH_KEEP_POOL").is_none() {
                 dev.release_cached_memory()?;
             }
-            rows.push(experts::bench(dev, s, iters, peak)?.to_json());
+            rows.push(row(dev, s, iters, peak)?.to_json());
         }
-        Ok(format!(
-            "{{\"device\": {:?}, \"bf16PeakTflops\": {peak}, \"iters\": {iters}, \"rows\": [{}]}}",
-            dev.info().name,
-            rows.join(", ")
-        ))
+        let peak_field = if with_peak { format!(", \"bf16PeakTflops\": {peak}") } else { String::new() };
+        Ok(format!("{{\"device\": {:?}{peak_field}, \"iters\": {iters}, \"rows\": [{}]}}", dev.info().name, rows.join(", ")))
     })();
     match result {
         Ok(json) => {
@@ -166,7 +182,7 @@ fn experts(args: &[String]) -> i32 {
             0
         }
         Err(e) => {
-            println!("experts bench failed: {e}");
+            println!("{what} bench failed: {e}");
             1
         }
     }

@@ -1,0 +1,230 @@
+//! `moe-cuda-bench train`: a whole MoE training step driven from Rust, the peer of
+//! `bench/gpu_torch_train.py` (same shapes, same step): float32 master weights with bf16 copies
+//! for compute; the router `x Wr` (bf16 GEMM, logits widened to float32), route (softmax top-k
+//! on the logits), the Switch aux loss on the scores; permute with the routing probs, swiglu
+//! experts (cuBLAS), unpermute; the loss `sum(out * g)`: its gradient `g` is given; unpermute
+//! backward, experts backward, permute backward (with the probs' gradient), routeBackward (with
+//! the aux loss's gradient), the router weight's gradient `x^T dlogits` (bf16 GEMM); AdamW with
+//! global gradient-norm clipping (1.0) over the three parameters, updating the masters and their
+//! bf16 copies. Times are medians of CUDA-event timings of whole steps; the peak is the most
+//! device memory this process's tensors held during the timed steps.
+//!
+//! Host waits inside a step: route's error word, the aux loss's value, the per-expert counts the
+//! expert GEMMs size themselves by, routeBackward's error word.
+
+use half::bf16;
+use moe_core::activations::{ActivationKind, ActivationOptions};
+use moe_core::aux_loss::SwitchLossOptions;
+use moe_core::permute::{PermuteOptions, UnpermuteOptions};
+use moe_core::routing::{RouteOptions, ScoreFunction};
+use moe_core::tensor::{DType, Tensor};
+use moe_cuda::activations::switch_load_balancing_loss_device;
+use moe_cuda::device::{peak_memory, reset_peak_memory};
+use moe_cuda::device_ops::{
+    permute_backward_device, permute_device, route_backward_device, route_device, unpermute_backward_device, unpermute_device,
+};
+use moe_cuda::experts::{experts_backward_device_saved, experts_forward_device_saving, matmul_device, DeviceExpertsInputs};
+use moe_cuda::layout::indices_to_multihot_device;
+use moe_cuda::tensor::tensor_ref;
+use moe_cuda::train::{adamw_step, cast, gather_picks, zeros_f32, AdamWOptions, AdamWParam, OptimizerState};
+use moe_cuda::{Device, DeviceTensor};
+
+use crate::experts::flat_json;
+use crate::experts::ExpertShape;
+use crate::{time_ms, Rng};
+
+/// Aux loss coefficient (as the PyTorch peer).
+const AUX_COEFF: f64 = 1e-2;
+
+/// A parameter: its float32 master, bf16 copy and moments.
+struct Param {
+    name: &'static str,
+    master: DeviceTensor,
+    low: DeviceTensor,
+    m: DeviceTensor,
+    v: DeviceTensor,
+}
+
+impl Param {
+    fn new(dev: &Device, rng: &mut Rng, name: &'static str, shape: Vec<usize>, scale: f32) -> moe_cuda::Result<Param> {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| (rng.uniform() * 2.0 - 1.0) * scale).collect();
+        let master = DeviceTensor::upload_owned(dev, name, &Tensor::f32(shape.clone(), v))?;
+        Ok(Param {
+            name,
+            low: cast(dev, &master, DType::BF16)?,
+            m: zeros_f32(dev, name, shape.clone())?,
+            v: zeros_f32(dev, name, shape)?,
+            master,
+        })
+    }
+}
+
+fn bf16_input(dev: &Device, rng: &mut Rng, shape: Vec<usize>, scale: f32) -> moe_cuda::Result<DeviceTensor> {
+    let n: usize = shape.iter().product();
+    let v: Vec<u16> = (0..n).map(|_| bf16::from_f32((rng.uniform() * 2.0 - 1.0) * scale).to_bits()).collect();
+    DeviceTensor::upload_owned(dev, "input", &Tensor::u16(DType::BF16, shape, v))
+}
+
+/// routeBackward's kernel against the core, bit for bit: every score function, with and without
+/// the normalisation and a gradient of the scores, at `t` tokens of `e` experts. Returns the
+/// number of cases; an error names the first case that differs.
+pub fn check_route_backward(dev: &Device, t: usize, e: usize, k: usize) -> moe_cuda::Result<usize> {
+    let mut rng = Rng(0xb4c4 ^ (t * e) as u64);
+    let mut cases = 0;
+    for sf in ScoreFunction::ALL {
+        for (norm, with_scores, scale) in [(false, false, 1.0), (true, false, 2.5), (false, true, 1.0), (true, true, 0.75)] {
+            let logits: Vec<f32> = (0..t * e).map(|_| (rng.uniform() * 2.0 - 1.0) * 6.0).collect();
+            let lt = Tensor::f32(vec![t, e], logits);
+            let bias = matches!(sf, ScoreFunction::SoftmaxWithBias | ScoreFunction::SigmoidWithBias)
+                .then(|| Tensor::f32(vec![e], (0..e).map(|_| rng.uniform() - 0.5).collect()));
+            let mut o = RouteOptions::new(k);
+            o.score_function = sf;
+            o.norm_topk_prob = norm;
+            o.route_scale = scale;
+            let lr = tensor_ref("logits", &lt)?;
+            let br = bias.as_ref().map(|b| tensor_ref("expertBias", b)).transpose()?;
+            let routed = moe_core::routing::route(&lr, br.as_ref(), None, o)?;
+            let gw = Tensor::f32(vec![t, k], (0..t * k).map(|_| rng.uniform() * 2.0 - 1.0).collect());
+            let gs = with_scores.then(|| Tensor::f32(vec![t, e], (0..t * e).map(|_| rng.uniform() - 0.5).collect()));
+            let want = moe_core::routing::route_backward(
+                &tensor_ref("gradWeights", &gw)?,
+                &lr,
+                &tensor_ref("indices", &routed.indices)?,
+                gs.as_ref().map(|g| tensor_ref("gradScores", g)).transpose()?.as_ref(),
+                br.as_ref(),
+                None,
+                o,
+            )?;
+            let up = |name: &'static str, t: &Tensor| DeviceTensor::upload_owned(dev, name, t);
+            let d_bias = bias.as_ref().map(|b| up("expertBias", b)).transpose()?;
+            let d_gs = gs.as_ref().map(|g| up("gradScores", g)).transpose()?;
+            let got = route_backward_device(
+                dev,
+                &up("gradWeights", &gw)?,
+                &up("logits", &lt)?,
+                &up("indices", &routed.indices)?,
+                d_gs.as_ref(),
+                d_bias.as_ref(),
+                None,
+                o,
+            )?
+            .download(dev, "gradLogits")?;
+            let (g, w) = (got.data.as_f32().expect("f32"), want.data.as_f32().expect("f32"));
+            if let Some(i) = (0..g.len()).find(|&i| g[i].to_bits() != w[i].to_bits()) {
+                return Err(moe_cuda::Error::Cuda(format!(
+                    "routeBackward on the GPU differs from the core ({} norm={norm} gradScores={with_scores}): gradLogits[{}][{}] = {:e}, core {:e}",
+                    sf.name(),
+                    i / e,
+                    i % e,
+                    g[i],
+                    w[i]
+                )));
+            }
+            cases += 1;
+        }
+    }
+    Ok(cases)
+}
+
+pub fn bench(dev: &Device, s: &ExpertShape, iters: usize) -> moe_cuda::Result<flat_json::Obj> {
+    let checked = check_route_backward(dev, 4096, s.experts, s.topk)?;
+    println!("{:>13} routeBackward on the GPU = the core, bit for bit: {checked} cases of 4096 tokens", s.name);
+    let mut rng = Rng(0x7a1 ^ s.experts as u64);
+    let (t, e, k, dim, inter) = (s.tokens, s.experts, s.topk, s.dim, s.inter);
+    let router = Param::new(dev, &mut rng, "routerWeight", vec![dim, e], 1.0 / (dim as f32).sqrt())?;
+    let w1 = Param::new(dev, &mut rng, "gateAndUpProjs", vec![e, dim, 2 * inter], 1.0 / (dim as f32).sqrt())?;
+    let w2 = Param::new(dev, &mut rng, "downProjs", vec![e, inter, dim], 1.0 / (inter as f32).sqrt())?;
+    let x = bf16_input(dev, &mut rng, vec![t, dim], 1.0)?;
+    let g_out = bf16_input(dev, &mut rng, vec![t, dim], 1.0 / ((t * dim) as f32).sqrt())?;
+    let state = OptimizerState::new(dev)?;
+    let act = ActivationOptions::new(ActivationKind::Swiglu);
+    let route_opts = RouteOptions::new(k);
+    let adamw = AdamWOptions { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, max_grad_norm: Some(1.0) };
+    let mut aux_last = 0.0;
+    let mut step = || -> moe_cuda::Result<()> {
+        // forward
+        let logits = cast(dev, &matmul_device(dev, &x, &router.low, false, false)?, DType::F32)?;
+        let r = route_device(dev, &logits, None, None, route_opts)?;
+        let (aux, g_scores) = switch_load_balancing_loss_device(
+            dev,
+            &r.scores,
+            &r.tokens_per_expert,
+            None,
+            SwitchLossOptions { topk: k, coeff: AUX_COEFF, num_tokens: None },
+        )?;
+        aux_last = aux;
+        let mh = indices_to_multihot_device(dev, &r.indices, &r.weights, e)?;
+        let p =
+            permute_device(dev, &x, &mh.routing_map, Some(&mh.probs), PermuteOptions { num_out_tokens: Some(t * k), drop_and_pad: false })?;
+        let inp = DeviceExpertsInputs {
+            tokens: &p.permuted_tokens,
+            tokens_per_expert: &p.tokens_per_expert,
+            gate_and_up: &w1.low,
+            gate_and_up_name: "gateAndUpProjs",
+            down: &w2.low,
+            probs: p.permuted_probs.as_ref(),
+            gate_up_bias: None,
+            down_bias: None,
+        };
+        let (y, saved) = experts_forward_device_saving(dev, &inp, &act, true)?;
+        let _out = unpermute_device(dev, &y, &p.sorted_indices, [t, dim], None, None, UnpermuteOptions::default())?;
+        // backward
+        let (g_y, _) = unpermute_backward_device(dev, &g_out, &y, &p.sorted_indices, None, None, UnpermuteOptions::default())?;
+        let grads = experts_backward_device_saved(dev, &g_y, &inp, &act, saved.as_ref().map(|s| s.as_ref()))?;
+        let (_g_x, g_probs) = permute_backward_device(
+            dev,
+            &grads.grad_tokens,
+            &p.sorted_indices,
+            t,
+            grads.grad_probs.as_ref(),
+            Some(&mh.routing_map),
+            UnpermuteOptions::default(),
+        )?;
+        let g_weights = gather_picks(dev, g_probs.as_ref().expect("permute backward with probs"), &r.indices)?;
+        let g_logits = route_backward_device(dev, &g_weights, &logits, &r.indices, Some(&g_scores), None, None, route_opts)?;
+        let g_router = matmul_device(dev, &x, &cast(dev, &g_logits, DType::BF16)?, true, false)?;
+        // the step
+        let params = [(&router, &g_router), (&w1, &grads.grad_gate_and_up), (&w2, &grads.grad_down)];
+        let slots: Vec<AdamWParam> = params
+            .iter()
+            .map(|(p, g)| AdamWParam {
+                name: p.name,
+                master: &p.master,
+                exp_avg: &p.m,
+                exp_avg_sq: &p.v,
+                grad: g,
+                low: Some(&p.low),
+                decay: true,
+            })
+            .collect();
+        adamw_step(dev, &slots, &state, &adamw)
+    };
+    for _ in 0..3 {
+        step()?;
+    }
+    dev.synchronize("warm-up")?;
+    reset_peak_memory();
+    let (ms, min) = time_ms(dev, iters, &mut step)?;
+    let peak = peak_memory();
+    let st = state.read(dev)?;
+    println!(
+        "{:>13} T={t} dim={dim} inter={inter} E={e} k={k}: training step {ms:.3} ms (min {min:.3}), {:.0} tokens/s, peak {:.2} GiB; after {} steps: grad norm {:.4}, aux loss {aux_last:.5}, skipped {}",
+        s.name,
+        t as f64 / (ms * 1e-3),
+        peak as f64 / (1u64 << 30) as f64,
+        st.step,
+        st.grad_norm,
+        st.skipped
+    );
+    let mut o = flat_json::Obj::default();
+    o.str("shape", s.name);
+    o.str("dims", &format!("T={t} dim={dim} inter={inter} E={e} k={k} bf16 (float32 masters)"));
+    o.num("rustStepMs", ms);
+    o.num("rustStepMsMin", min);
+    o.num("tokensPerSecond", t as f64 / (ms * 1e-3));
+    o.num("peakBytes", peak as f64);
+    o.num("gradNorm", st.grad_norm);
+    o.num("stepsApplied", st.step);
+    Ok(o)
+}
