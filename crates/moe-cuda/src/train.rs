@@ -7,13 +7,13 @@
 //! the step's scalars are computed once in f64 on the device from the state (step count, the
 //! betas' powers), and each element's update is f32 arithmetic without contraction.
 //!
-//! The state lives on the device ([`OptimizerState`]): a step that finds a non-finite gradient
+//! The state lives on the device ([`optimizer_state`]): a step that finds a non-finite gradient
 //! norm leaves every weight and moment as it was, counts itself as skipped and does not advance
 //! the step count; the host learns of it only when it reads the state.
 
 use moe_core::tensor::DType;
 
-use crate::device::{Arg, Buffer, Device};
+use crate::device::{Arg, Device};
 use crate::error::{Error, Result};
 use crate::tensor::DeviceTensor;
 
@@ -51,33 +51,44 @@ pub struct StateView {
     pub applied: bool,
 }
 
-/// The optimizer's scalar state on the device.
-pub struct OptimizerState {
-    buf: Buffer,
+/// The optimizer's scalar state on the device: a float32 tensor of [`STATE_WORDS`] words (its
+/// bytes: 8 f64 words, then 16 f32 words; kernels/train.cu), so that it moves and is freed as any
+/// device tensor.
+pub const STATE_WORDS: usize = STATE_BYTES / 4;
+
+fn state_tensor(dev: &Device, head: [f64; 8]) -> Result<DeviceTensor> {
+    let mut words = [0u8; STATE_BYTES];
+    words[..64].copy_from_slice(bytemuck::cast_slice(&head));
+    Ok(DeviceTensor::from_buffer(DType::F32, vec![STATE_WORDS], dev.upload("the optimizer state", &words)?))
 }
 
-impl OptimizerState {
-    /// A fresh state: step 0, the betas' powers 1.
-    pub fn new(dev: &Device) -> Result<OptimizerState> {
-        let mut words = [0u8; STATE_BYTES];
-        let head: [f64; 8] = [0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0];
-        words[..64].copy_from_slice(bytemuck::cast_slice(&head));
-        Ok(OptimizerState { buf: dev.upload("the optimizer state", &words)? })
-    }
+/// A fresh state: step 0, the betas' powers 1.
+pub fn optimizer_state(dev: &Device) -> Result<DeviceTensor> {
+    state_tensor(dev, [0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+}
 
-    /// A state restored from its first six words (a checkpoint of `read`).
-    pub fn restore(dev: &Device, v: &StateView) -> Result<OptimizerState> {
-        let mut words = [0u8; STATE_BYTES];
-        let head: [f64; 8] = [v.step, v.beta1_pow, v.beta2_pow, v.skipped, v.grad_norm, v.applied as u8 as f64, 0.0, 0.0];
-        words[..64].copy_from_slice(bytemuck::cast_slice(&head));
-        Ok(OptimizerState { buf: dev.upload("the optimizer state", &words)? })
-    }
+/// A state restored from what [`read_state`] gave (a checkpoint).
+pub fn restore_state(dev: &Device, v: &StateView) -> Result<DeviceTensor> {
+    state_tensor(dev, [v.step, v.beta1_pow, v.beta2_pow, v.skipped, v.grad_norm, v.applied as u8 as f64, 0.0, 0.0])
+}
 
-    /// Waits for the queued steps and reads the state.
-    pub fn read(&self, dev: &Device) -> Result<StateView> {
-        let w: [f64; 6] = dev.read_head("the optimizer state", &self.buf, 0)?;
-        Ok(StateView { step: w[0], beta1_pow: w[1], beta2_pow: w[2], skipped: w[3], grad_norm: w[4], applied: w[5] != 0.0 })
+fn check_state(state: &DeviceTensor) -> Result<()> {
+    if state.dtype != DType::F32 || state.shape != [STATE_WORDS] {
+        return Err(moe_core::Error::type_error(
+            "state",
+            format!("an optimizer state (float32 [{STATE_WORDS}])"),
+            format!("{} {:?}", state.dtype.name(), state.shape),
+        )
+        .into());
     }
+    Ok(())
+}
+
+/// Waits for the queued steps and reads the state.
+pub fn read_state(dev: &Device, state: &DeviceTensor) -> Result<StateView> {
+    check_state(state)?;
+    let w: [f64; 6] = dev.read_head("the optimizer state", &state.buf, 0)?;
+    Ok(StateView { step: w[0], beta1_pow: w[1], beta2_pow: w[2], skipped: w[3], grad_norm: w[4], applied: w[5] != 0.0 })
 }
 
 /// One parameter of a step: its float32 master weight and moments (updated in place), its
@@ -136,7 +147,8 @@ fn check_param(p: &AdamWParam) -> Result<()> {
 
 /// Queues one AdamW step over `params`: the gradient norm (every gradient), the step's scalars,
 /// then each parameter's update. Nothing waits for the GPU.
-pub fn adamw_step(dev: &Device, params: &[AdamWParam], state: &OptimizerState, o: &AdamWOptions) -> Result<()> {
+pub fn adamw_step(dev: &Device, params: &[AdamWParam], state: &DeviceTensor, o: &AdamWOptions) -> Result<()> {
+    check_state(state)?;
     for p in params {
         check_param(p)?;
     }
@@ -183,20 +195,29 @@ pub fn adamw_step(dev: &Device, params: &[AdamWParam], state: &OptimizerState, o
         }
         let g = kernel_dtype(p.grad.dtype).expect("checked");
         let l = p.low.map_or("F32", |l| kernel_dtype(l.dtype).expect("checked"));
-        let blocks = grid(dev, n);
+        let ptrs =
+            [p.master.buf.ptr(s), p.exp_avg.buf.ptr(s), p.exp_avg_sq.buf.ptr(s), p.grad.buf.ptr(s), p.low.map_or(0, |l| l.buf.ptr(s))];
+        // four elements a thread where every pointer allows the vector loads (16 bytes for float32, 8 for 16-bit)
+        let vec4 = n % 4 == 0
+            && ptrs
+                .iter()
+                .zip([4, 4, 4, p.grad.dtype.size(), p.low.map_or(4, |l| l.dtype.size())])
+                .all(|(&q, size)| q % (4 * size as u64) == 0);
+        let blocks = grid(dev, if vec4 { n / 4 } else { n });
         dev.launch(
             &format!("adamw_update_{g}_{l}"),
             (blocks, 1),
             256,
             &[
-                Arg::U64(p.master.buf.ptr(s)),
-                Arg::U64(p.exp_avg.buf.ptr(s)),
-                Arg::U64(p.exp_avg_sq.buf.ptr(s)),
-                Arg::U64(p.grad.buf.ptr(s)),
-                Arg::U64(p.low.map_or(0, |l| l.buf.ptr(s))),
+                Arg::U64(ptrs[0]),
+                Arg::U64(ptrs[1]),
+                Arg::U64(ptrs[2]),
+                Arg::U64(ptrs[3]),
+                Arg::U64(ptrs[4]),
                 Arg::I64(n as i64),
                 Arg::U64(state.buf.ptr(s)),
                 Arg::I32(p.decay as i32),
+                Arg::I32(vec4 as i32),
             ],
         )?;
     }

@@ -8,6 +8,7 @@ mod cuda;
 mod cuda_activations;
 mod cuda_experts;
 mod cuda_layout;
+mod cuda_train;
 mod wire;
 
 /// The N-API objects the CUDA functions return, where cuda.rs imports them from.

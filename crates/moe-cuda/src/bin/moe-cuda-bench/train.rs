@@ -26,7 +26,7 @@ use moe_cuda::device_ops::{
 use moe_cuda::experts::{experts_backward_device_saved, experts_forward_device_saving, matmul_device, DeviceExpertsInputs};
 use moe_cuda::layout::indices_to_multihot_device;
 use moe_cuda::tensor::tensor_ref;
-use moe_cuda::train::{adamw_step, cast, gather_picks, zeros_f32, AdamWOptions, AdamWParam, OptimizerState};
+use moe_cuda::train::{adamw_step, cast, gather_picks, optimizer_state, read_state, zeros_f32, AdamWOptions, AdamWParam};
 use moe_cuda::{Device, DeviceTensor};
 
 use crate::experts::flat_json;
@@ -137,12 +137,13 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize) -> moe_cuda::Result<fl
     let w2 = Param::new(dev, &mut rng, "downProjs", vec![e, inter, dim], 1.0 / (inter as f32).sqrt())?;
     let x = bf16_input(dev, &mut rng, vec![t, dim], 1.0)?;
     let g_out = bf16_input(dev, &mut rng, vec![t, dim], 1.0 / ((t * dim) as f32).sqrt())?;
-    let state = OptimizerState::new(dev)?;
+    let state = optimizer_state(dev)?;
     let act = ActivationOptions::new(ActivationKind::Swiglu);
     let route_opts = RouteOptions::new(k);
     let adamw = AdamWOptions { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, max_grad_norm: Some(1.0) };
-    let mut aux_last = 0.0;
-    let mut step = || -> moe_cuda::Result<()> {
+    let aux_last = std::cell::Cell::new(0.0);
+    // forward and backward: the three parameters' gradients (router, gate|up, down)
+    let forward_backward = || -> moe_cuda::Result<[DeviceTensor; 3]> {
         // forward
         let logits = cast(dev, &matmul_device(dev, &x, &router.low, false, false)?, DType::F32)?;
         let r = route_device(dev, &logits, None, None, route_opts)?;
@@ -153,7 +154,7 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize) -> moe_cuda::Result<fl
             None,
             SwitchLossOptions { topk: k, coeff: AUX_COEFF, num_tokens: None },
         )?;
-        aux_last = aux;
+        aux_last.set(aux);
         let mh = indices_to_multihot_device(dev, &r.indices, &r.weights, e)?;
         let p =
             permute_device(dev, &x, &mh.routing_map, Some(&mh.probs), PermuteOptions { num_out_tokens: Some(t * k), drop_and_pad: false })?;
@@ -184,10 +185,12 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize) -> moe_cuda::Result<fl
         let g_weights = gather_picks(dev, g_probs.as_ref().expect("permute backward with probs"), &r.indices)?;
         let g_logits = route_backward_device(dev, &g_weights, &logits, &r.indices, Some(&g_scores), None, None, route_opts)?;
         let g_router = matmul_device(dev, &x, &cast(dev, &g_logits, DType::BF16)?, true, false)?;
-        // the step
-        let params = [(&router, &g_router), (&w1, &grads.grad_gate_and_up), (&w2, &grads.grad_down)];
-        let slots: Vec<AdamWParam> = params
+        Ok([g_router, grads.grad_gate_and_up, grads.grad_down])
+    };
+    let optimizer_step = |g: &[DeviceTensor; 3]| -> moe_cuda::Result<()> {
+        let slots: Vec<AdamWParam> = [&router, &w1, &w2]
             .iter()
+            .zip(g)
             .map(|(p, g)| AdamWParam {
                 name: p.name,
                 master: &p.master,
@@ -200,6 +203,7 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize) -> moe_cuda::Result<fl
             .collect();
         adamw_step(dev, &slots, &state, &adamw)
     };
+    let mut step = || -> moe_cuda::Result<()> { optimizer_step(&forward_backward()?) };
     for _ in 0..3 {
         step()?;
     }
@@ -207,14 +211,21 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize) -> moe_cuda::Result<fl
     reset_peak_memory();
     let (ms, min) = time_ms(dev, iters, &mut step)?;
     let peak = peak_memory();
-    let st = state.read(dev)?;
+    // where the time goes: forward + backward alone, the optimizer alone (on one set of gradients)
+    let (fb_ms, _) = time_ms(dev, iters, || forward_backward().map(drop))?;
+    let g = forward_backward()?;
+    let (opt_ms, _) = time_ms(dev, iters, || optimizer_step(&g))?;
+    let st = read_state(dev, &state)?;
+    let opt_bytes: usize = [&router, &w1, &w2].iter().zip(&g).map(|(p, g)| p.master.numel() * (3 * 8 + 2) + g.bytes() * 2).sum();
     println!(
-        "{:>13} T={t} dim={dim} inter={inter} E={e} k={k}: training step {ms:.3} ms (min {min:.3}), {:.0} tokens/s, peak {:.2} GiB; after {} steps: grad norm {:.4}, aux loss {aux_last:.5}, skipped {}",
+        "{:>13} T={t} dim={dim} inter={inter} E={e} k={k}: training step {ms:.3} ms (min {min:.3}), {:.0} tokens/s, peak {:.2} GiB; forward + backward {fb_ms:.3} ms, AdamW {opt_ms:.3} ms ({:.2} TB/s); after {} steps: grad norm {:.4}, aux loss {:.5}, skipped {}",
         s.name,
         t as f64 / (ms * 1e-3),
         peak as f64 / (1u64 << 30) as f64,
+        opt_bytes as f64 / (opt_ms * 1e-3) / 1e12,
         st.step,
         st.grad_norm,
+        aux_last.get(),
         st.skipped
     );
     let mut o = flat_json::Obj::default();
@@ -224,6 +235,9 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize) -> moe_cuda::Result<fl
     o.num("rustStepMsMin", min);
     o.num("tokensPerSecond", t as f64 / (ms * 1e-3));
     o.num("peakBytes", peak as f64);
+    o.num("forwardBackwardMs", fb_ms);
+    o.num("optimizerMs", opt_ms);
+    o.num("optimizerTbPerSecond", opt_bytes as f64 / (opt_ms * 1e-3) / 1e12);
     o.num("gradNorm", st.grad_norm);
     o.num("stepsApplied", st.step);
     Ok(o)

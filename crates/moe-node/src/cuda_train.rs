@@ -1,0 +1,165 @@
+//! The CUDA backend's training functions: routeBackward on device tensors, the optimizer state,
+//! AdamW, and the conversions a trainer needs (float32 masters, zeros). Conversions only: the
+//! work is `moe_cuda::train` and `moe_cuda::device_ops::route_backward_device`.
+
+use moe_core::routing::RouteOptions;
+use moe_core::tensor::DType;
+use moe_cuda::train::{self, AdamWOptions, AdamWParam};
+use moe_cuda::DeviceTensor;
+use napi::bindgen_prelude::ClassInstance;
+use napi_derive::napi;
+
+use crate::cuda::{run, CudaTensor};
+
+fn get<'a>(t: &'a ClassInstance<'_, CudaTensor>, arg: &str) -> moe_cuda::Result<&'a DeviceTensor> {
+    t.get(arg)
+}
+
+fn opt<'a>(t: &'a Option<ClassInstance<'_, CudaTensor>>, arg: &str) -> moe_cuda::Result<Option<&'a DeviceTensor>> {
+    t.as_ref().map(|t| t.get(arg)).transpose()
+}
+
+/// `cudaRouteBackwardDevice`'s argument object: routeBackward's tensors and route's options.
+#[napi(object, object_to_js = false)]
+pub struct RouteBackwardDeviceArgs<'a> {
+    pub grad_weights: ClassInstance<'a, CudaTensor>,
+    pub logits: ClassInstance<'a, CudaTensor>,
+    pub indices: ClassInstance<'a, CudaTensor>,
+    pub grad_scores: Option<ClassInstance<'a, CudaTensor>>,
+    pub expert_bias: Option<ClassInstance<'a, CudaTensor>>,
+    pub token_mask: Option<ClassInstance<'a, CudaTensor>>,
+    pub topk: f64,
+    pub score_function: Option<String>,
+    pub softmax_before_topk: Option<bool>,
+    pub num_groups: Option<f64>,
+    pub topk_groups: Option<f64>,
+    pub norm_topk_prob: Option<bool>,
+    pub route_scale: Option<f64>,
+}
+
+/// routeBackward on device tensors (kernels/routing.cu): `gradLogits [T, E]` float32.
+#[napi]
+pub fn cuda_route_backward_device(args: RouteBackwardDeviceArgs) -> napi::Result<CudaTensor, String> {
+    run(|dev| {
+        let a = &args;
+        let options = RouteOptions::from_args(
+            a.topk,
+            a.score_function.as_deref(),
+            a.softmax_before_topk,
+            a.num_groups,
+            a.topk_groups,
+            a.norm_topk_prob,
+            a.route_scale,
+        )?;
+        let g = moe_cuda::device_ops::route_backward_device(
+            dev,
+            get(&a.grad_weights, "gradWeights")?,
+            get(&a.logits, "logits")?,
+            get(&a.indices, "indices")?,
+            opt(&a.grad_scores, "gradScores")?,
+            opt(&a.expert_bias, "expertBias")?,
+            opt(&a.token_mask, "tokenMask")?,
+            options,
+        )?;
+        Ok(CudaTensor::wrap(g))
+    })
+}
+
+/// A fresh optimizer state on the GPU (float32 [32]: moe_cuda::train's words).
+#[napi]
+pub fn cuda_optimizer_state() -> napi::Result<CudaTensor, String> {
+    run(|dev| Ok(CudaTensor::wrap(train::optimizer_state(dev)?)))
+}
+
+/// What `cudaReadOptimizerState` returns.
+#[napi(object, object_from_js = false)]
+pub struct OptimizerStateView {
+    pub step: f64,
+    pub skipped: f64,
+    pub grad_norm: f64,
+    pub applied: bool,
+}
+
+/// Waits for the GPU and reads an optimizer state.
+#[napi]
+pub fn cuda_read_optimizer_state(state: &CudaTensor) -> napi::Result<OptimizerStateView, String> {
+    run(|dev| {
+        let v = train::read_state(dev, state.get("state")?)?;
+        Ok(OptimizerStateView { step: v.step, skipped: v.skipped, grad_norm: v.grad_norm, applied: v.applied })
+    })
+}
+
+/// `tensor` converted to `dtype` (float32 <-> bfloat16 / float16; exact widening, rounded narrowing).
+#[napi]
+pub fn cuda_cast(tensor: &CudaTensor, dtype: String) -> napi::Result<CudaTensor, String> {
+    run(|dev| {
+        let d = DType::parse("cast", &dtype)?;
+        Ok(CudaTensor::wrap(train::cast(dev, tensor.get("tensor")?, d)?))
+    })
+}
+
+/// Float32 zeros of `shape`.
+#[napi]
+pub fn cuda_zeros(shape: Vec<f64>) -> napi::Result<CudaTensor, String> {
+    run(|dev| {
+        let dims = shape.iter().map(|&d| moe_core::error::size_arg("shape", d)).collect::<moe_core::Result<Vec<usize>>>()?;
+        Ok(CudaTensor::wrap(train::zeros_f32(dev, "zeros", dims)?))
+    })
+}
+
+/// One parameter of `cudaAdamwStep`.
+#[napi(object, object_to_js = false)]
+pub struct AdamWParamArg<'a> {
+    /// How errors name it (e.g. "grads.routerWeight").
+    pub name: String,
+    pub master: ClassInstance<'a, CudaTensor>,
+    pub exp_avg: ClassInstance<'a, CudaTensor>,
+    pub exp_avg_sq: ClassInstance<'a, CudaTensor>,
+    pub grad: ClassInstance<'a, CudaTensor>,
+    pub low: Option<ClassInstance<'a, CudaTensor>>,
+    pub decay: bool,
+}
+
+/// `cudaAdamwStep`'s argument object.
+#[napi(object, object_to_js = false)]
+pub struct AdamWStepArgs<'a> {
+    pub params: Vec<AdamWParamArg<'a>>,
+    pub state: ClassInstance<'a, CudaTensor>,
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: Option<f64>,
+}
+
+/// Queues one AdamW step (moe_cuda::train::adamw_step); nothing waits for the GPU.
+#[napi]
+pub fn cuda_adamw_step(args: AdamWStepArgs) -> napi::Result<(), String> {
+    run(|dev| {
+        let params = args
+            .params
+            .iter()
+            .map(|p| {
+                Ok(AdamWParam {
+                    name: &p.name,
+                    master: get(&p.master, "master")?,
+                    exp_avg: get(&p.exp_avg, "expAvg")?,
+                    exp_avg_sq: get(&p.exp_avg_sq, "expAvgSq")?,
+                    grad: get(&p.grad, &p.name)?,
+                    low: opt(&p.low, "low")?,
+                    decay: p.decay,
+                })
+            })
+            .collect::<moe_cuda::Result<Vec<_>>>()?;
+        let o = AdamWOptions {
+            lr: args.lr,
+            beta1: args.beta1,
+            beta2: args.beta2,
+            eps: args.eps,
+            weight_decay: args.weight_decay,
+            max_grad_norm: args.max_grad_norm,
+        };
+        train::adamw_step(dev, &params, get(&args.state, "state")?, &o)
+    })
+}
