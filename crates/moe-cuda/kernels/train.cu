@@ -209,3 +209,69 @@ extern "C" __global__ void gather_picks(const float* __restrict__ dense, const i
     const int e = idx[i];
     out[i] = e < 0 ? 0.0f : dense[(i / k) * E + e];
 }
+
+// ---------------------------------------------------------------------------------------
+// The element steps MoELayer composes around the ops (ts/numeric.ts on the host, the same bits):
+//
+// * logits_epilogue_<B>_<R>: out[i, j] = f32(raw[i, j] + f32(bias[j])) (bias of B, optional),
+//                       then, for a 16-bit router dtype R, rounded to R and widened back.
+// * add3_<A>_<B>_<C>_<O>: out[i] = O(f32((f64(a[i]) + f64(b[i])) + f64(c[i]))) (c optional).
+// * column_sums_<O>:    out[j] = O(f32(sum over the rows i, in order, of f64(g[i, j]))) (g f32).
+
+template <typename B, typename R>
+__device__ __forceinline__ void logits_epilogue_impl(const float* __restrict__ raw, const typename B::S* __restrict__ bias, long long rows,
+                                                     int cols, float* __restrict__ out) {
+    const long long n = rows * cols;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        float v = raw[i];
+        if (bias) v = v + B::to_f32(bias[i % cols]);
+        out[i] = R::to_f32(R::from_f32(v));
+    }
+}
+#define LOGITS_EPILOGUE(B, R)                                                                                                 \
+    extern "C" __global__ void logits_epilogue_##B##_##R(const float* raw, const B::S* bias, long long rows, int cols, float* out) { \
+        logits_epilogue_impl<B, R>(raw, bias, rows, cols, out);                                                                 \
+    }
+LOGITS_EPILOGUE(F32, F32)
+LOGITS_EPILOGUE(F32, BF16)
+LOGITS_EPILOGUE(F32, F16)
+LOGITS_EPILOGUE(BF16, F32)
+LOGITS_EPILOGUE(BF16, BF16)
+LOGITS_EPILOGUE(BF16, F16)
+LOGITS_EPILOGUE(F16, F32)
+LOGITS_EPILOGUE(F16, BF16)
+LOGITS_EPILOGUE(F16, F16)
+
+template <typename A, typename B, typename C, typename O>
+__device__ __forceinline__ void add3_impl(const typename A::S* __restrict__ a, const typename B::S* __restrict__ b,
+                                          const typename C::S* __restrict__ c, typename O::S* __restrict__ out, long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        double s = (double)A::to_f32(a[i]) + (double)B::to_f32(b[i]);
+        if (c) s = s + (double)C::to_f32(c[i]);
+        out[i] = O::from_f32((float)s);
+    }
+}
+#define ADD3(A, B, C, O)                                                                                                           \
+    extern "C" __global__ void add3_##A##_##B##_##C##_##O(const A::S* a, const B::S* b, const C::S* c, O::S* out, long long n) { \
+        add3_impl<A, B, C, O>(a, b, c, out, n);                                                                                    \
+    }
+// the layer's sums: the routed output and the shared expert's part (T + T -> T); the input
+// gradient: the dispatch's, the router's and the shared expert's (T + F32 + F32 -> T); the
+// logits' gradient and the aux losses' (F32 + F32 + F32 -> F32)
+ADD3(F32, F32, F32, F32)
+ADD3(BF16, BF16, BF16, BF16)
+ADD3(BF16, F32, F32, BF16)
+ADD3(F16, F16, F16, F16)
+ADD3(F16, F32, F32, F16)
+
+template <typename O>
+__device__ __forceinline__ void column_sums_impl(const float* __restrict__ g, long long rows, int cols, typename O::S* __restrict__ out) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= cols) return;
+    double s = 0.0;
+    for (long long i = 0; i < rows; i++) s += (double)g[i * cols + j];
+    out[j] = O::from_f32((float)s);
+}
+extern "C" __global__ void column_sums_F32(const float* g, long long rows, int cols, float* out) { column_sums_impl<F32>(g, rows, cols, out); }
+extern "C" __global__ void column_sums_BF16(const float* g, long long rows, int cols, u16* out) { column_sums_impl<BF16>(g, rows, cols, out); }
+extern "C" __global__ void column_sums_F16(const float* g, long long rows, int cols, u16* out) { column_sums_impl<F16>(g, rows, cols, out); }

@@ -302,3 +302,113 @@ pub fn gather_picks(dev: &Device, dense: &DeviceTensor, indices: &DeviceTensor) 
     )?;
     Ok(out)
 }
+
+/// The kernel name tag of a float dtype, or an error naming `what` (for the layer's element steps).
+fn float_tag(t: &DeviceTensor, what: &str) -> Result<&'static str> {
+    kernel_dtype(t.dtype)
+        .ok_or_else(|| Error::Core(moe_core::Error::type_error(format!("{what}.dtype"), "float32, bfloat16 or float16", t.dtype.name())))
+}
+
+fn dtype_tag(d: DType, what: &str) -> Result<&'static str> {
+    kernel_dtype(d).ok_or_else(|| Error::Core(moe_core::Error::type_error(what.to_string(), "float32, bfloat16 or float16", d.name())))
+}
+
+fn same_shape(a: &DeviceTensor, b: &DeviceTensor, what: &str) -> Result<()> {
+    if a.shape != b.shape {
+        return Err(Error::Core(moe_core::Error::range(format!("{what}.shape"), format!("expected {:?}, got {:?}", a.shape, b.shape))));
+    }
+    Ok(())
+}
+
+/// The router's logits from the float32 GEMM result `raw [N, E]`: `f32(raw + bias[j])` (bias of
+/// any float dtype, optional), rounded to `round_to` and widened back (a 16-bit router), as
+/// MoELayer's `#logits` does on the host.
+pub fn logits_epilogue(dev: &Device, raw: &DeviceTensor, bias: Option<&DeviceTensor>, round_to: DType) -> Result<DeviceTensor> {
+    if raw.dtype != DType::F32 || raw.shape.len() != 2 {
+        return Err(Error::Core(moe_core::Error::type_error(
+            "raw",
+            "a float32 [N, E] tensor",
+            format!("{} {:?}", raw.dtype.name(), raw.shape),
+        )));
+    }
+    let (rows, cols) = (raw.shape[0], raw.shape[1]);
+    if let Some(b) = bias {
+        if b.shape != [cols] {
+            return Err(Error::Core(moe_core::Error::range("bias.shape", format!("expected [{cols}], got {:?}", b.shape))));
+        }
+    }
+    let b = bias.map_or(Ok("F32"), |b| float_tag(b, "bias"))?;
+    let r = dtype_tag(round_to, "roundTo")?;
+    let out = DeviceTensor::alloc(dev, "logits", DType::F32, raw.shape.clone())?;
+    let n = rows * cols;
+    if n > 0 {
+        let s = dev.stream();
+        dev.launch(
+            &format!("logits_epilogue_{b}_{r}"),
+            (grid(dev, n), 1),
+            256,
+            &[
+                Arg::U64(raw.buf.ptr(s)),
+                Arg::U64(bias.map_or(0, |b| b.buf.ptr(s))),
+                Arg::I64(rows as i64),
+                Arg::I32(cols as i32),
+                Arg::U64(out.buf.ptr(s)),
+            ],
+        )?;
+    }
+    Ok(out)
+}
+
+/// `out = dtype(f32((f64(a) + f64(b)) + f64(c)))` element by element (`c` optional), the sums
+/// MoELayer forms on the host: the routed output and the shared expert's (a, b of the layer's
+/// dtype, no c); the input gradient (a of the dtype, b and c float32); the logits' gradient
+/// (all float32).
+pub fn add3(dev: &Device, a: &DeviceTensor, b: &DeviceTensor, c: Option<&DeviceTensor>, dtype: DType) -> Result<DeviceTensor> {
+    same_shape(a, b, "b")?;
+    if let Some(c) = c {
+        same_shape(a, c, "c")?;
+    }
+    let (ta, tb, to) = (float_tag(a, "a")?, float_tag(b, "b")?, dtype_tag(dtype, "dtype")?);
+    // without c, the kernel of c's type as b's (c is not read)
+    let tc = c.map_or(Ok(tb), |c| float_tag(c, "c"))?;
+    let name = format!("add3_{ta}_{tb}_{tc}_{to}");
+    let out = DeviceTensor::alloc(dev, "a sum", dtype, a.shape.clone())?;
+    let n = a.numel();
+    if n > 0 {
+        let s = dev.stream();
+        dev.launch(
+            &name,
+            (grid(dev, n), 1),
+            256,
+            &[
+                Arg::U64(a.buf.ptr(s)),
+                Arg::U64(b.buf.ptr(s)),
+                Arg::U64(c.map_or(0, |c| c.buf.ptr(s))),
+                Arg::U64(out.buf.ptr(s)),
+                Arg::I64(n as i64),
+            ],
+        )?;
+    }
+    Ok(out)
+}
+
+/// Column sums of a float32 `[N, E]` tensor, each in float64 over the rows in order, rounded
+/// to `dtype` (a router bias's gradient).
+pub fn column_sums(dev: &Device, g: &DeviceTensor, dtype: DType) -> Result<DeviceTensor> {
+    if g.dtype != DType::F32 || g.shape.len() != 2 {
+        return Err(Error::Core(moe_core::Error::type_error("g", "a float32 [N, E] tensor", format!("{} {:?}", g.dtype.name(), g.shape))));
+    }
+    let (rows, cols) = (g.shape[0], g.shape[1]);
+    let out = DeviceTensor::alloc(dev, "column sums", dtype, vec![cols])?;
+    let o = dtype_tag(dtype, "dtype")?;
+    if cols > 0 {
+        let s = dev.stream();
+        dev.launch(
+            &format!("column_sums_{o}"),
+            (cols.div_ceil(64) as u32, 1),
+            64,
+            &[Arg::U64(g.buf.ptr(s)), Arg::I64(rows as i64), Arg::I32(cols as i32), Arg::U64(out.buf.ptr(s))],
+        )?;
+    }
+    Ok(out)
+}

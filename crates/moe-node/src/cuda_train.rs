@@ -163,3 +163,36 @@ pub fn cuda_adamw_step(args: AdamWStepArgs) -> napi::Result<(), String> {
         train::adamw_step(dev, &params, get(&args.state, "state")?, &o)
     })
 }
+
+/// MoELayer's router logits from the float32 GEMM result (moe_cuda::train::logits_epilogue).
+#[napi]
+pub fn cuda_logits_epilogue(raw: &CudaTensor, bias: Option<&CudaTensor>, round_to: String) -> napi::Result<CudaTensor, String> {
+    run(|dev| {
+        let r = DType::parse("roundTo", &round_to)?;
+        Ok(CudaTensor::wrap(train::logits_epilogue(dev, raw.get("raw")?, crate::cuda::opt_get(&bias, "bias")?, r)?))
+    })
+}
+
+/// `dtype(f32((a + b) + c))` element by element in float64 (moe_cuda::train::add3).
+#[napi]
+pub fn cuda_add3(a: &CudaTensor, b: &CudaTensor, c: Option<&CudaTensor>, dtype: String) -> napi::Result<CudaTensor, String> {
+    run(|dev| {
+        let d = DType::parse("add", &dtype)?;
+        Ok(CudaTensor::wrap(train::add3(dev, a.get("a")?, b.get("b")?, crate::cuda::opt_get(&c, "c")?, d)?))
+    })
+}
+
+/// Column sums in float64, rounded to `dtype` (moe_cuda::train::column_sums).
+#[napi]
+pub fn cuda_column_sums(g: &CudaTensor, dtype: String) -> napi::Result<CudaTensor, String> {
+    run(|dev| {
+        let d = DType::parse("columnSums", &dtype)?;
+        Ok(CudaTensor::wrap(train::column_sums(dev, g.get("g")?, d)?))
+    })
+}
+
+/// `out [T, k] = dense[t, indices[t, j]]` (moe_cuda::train::gather_picks).
+#[napi]
+pub fn cuda_gather_picks(dense: &CudaTensor, indices: &CudaTensor) -> napi::Result<CudaTensor, String> {
+    run(|dev| Ok(CudaTensor::wrap(train::gather_picks(dev, dense.get("dense")?, indices.get("indices")?)?)))
+}
