@@ -1,8 +1,8 @@
 // The GPU suite, routeBackward and route on 16-bit logits: the 'cuda' backend against the 'cpu'
-// backend, bit for bit. routeBackward has no kernel yet: the cuda backend runs it on the CPU core
-// (device tensors in are downloaded, the result uploaded), so the bits must be the CPU's with host
-// tensors, device tensors and a mix of both; indices may come from route on the GPU (device
-// int32). route takes bfloat16 / float16 logits (host: converted to float32 before the kernel;
+// backend, bit for bit. routeBackward on device tensors runs its kernel (kernels/routing.cu; 16-bit
+// logits, k > 32 and invalid values take the host path), with host tensors the CPU core; the
+// bits must be the CPU's with host tensors, device tensors and a mix of both; indices may come
+// from route on the GPU (device int32). route takes bfloat16 / float16 logits (host: converted to float32 before the kernel;
 // device: the host path) and must give the CPU's results for their float32 conversion. Errors:
 // same class and message as the CPU backend.
 //

@@ -6,7 +6,7 @@
  * returns host results: the GPU ops of `CUDA_GPU_OPS` upload, run and download; the others run on
  * the CPU core of the same addon. With any device tensor, the result is device tensors: the ops
  * of `CUDA_GPU_OPS` and of the families in `GPU_FAMILIES` (cuda-activations.ts, cuda-layout.ts,
- * cuda-experts.ts) run on the GPU; any other op downloads its inputs, runs on the CPU core and
+ * cuda-experts.ts, cuda-train.ts) run on the GPU; any other op downloads its inputs, runs on the CPU core and
  * uploads its results. `backendInfo().gpuOps` lists the ops that run on the GPU.
  *
  * Available only where the addon's `cudaInfo()` opens a GPU and loads the kernels; otherwise
@@ -20,6 +20,7 @@ import { isTensor } from '../tensor.js';
 import { activationsGpu, type CudaActivationsOps } from './cuda-activations.js';
 import { anyDevice, callWith, optionValue, type Addon, type GpuContext, type GpuFamily, type Handles } from './cuda-common.js';
 import { expertsGpu, type CudaExpertsOps } from './cuda-experts.js';
+import { trainGpu, type CudaTrainOps } from './cuda-train.js';
 import { layoutGpu, type CudaLayoutOps } from './cuda-layout.js';
 import type { RouteOptions } from '../ops/routing.js';
 import type { DType, IndexDType, Tensor, TokenDType } from '../tensor.js';
@@ -33,7 +34,7 @@ import { loadNative, type Loaded } from './native.js';
 export const CUDA_GPU_OPS = ['permute', 'unpermute', 'route', 'topk', 'permuteBackward', 'unpermuteBackward'] as const;
 
 /** The other families of GPU ops (each in its own file), merged over the CPU ops. */
-export const GPU_FAMILIES: readonly GpuFamily[] = [activationsGpu, layoutGpu, expertsGpu];
+export const GPU_FAMILIES: readonly GpuFamily[] = [activationsGpu, layoutGpu, expertsGpu, trainGpu];
 
 /** Every op that runs on the GPU with this addon. */
 export function gpuOps(addon: object): string[] {
@@ -221,7 +222,8 @@ export interface CudaBackend
   extends Omit<Backend, 'name' | 'permute' | 'unpermute' | 'route' | 'routeBackward' | 'topk' | 'permuteBackward' | 'unpermuteBackward' | keyof CudaActivationsOps | keyof CudaLayoutOps | keyof CudaExpertsOps>,
     CudaActivationsOps,
     CudaLayoutOps,
-    CudaExpertsOps {
+    CudaExpertsOps,
+    CudaTrainOps {
   readonly name: 'cuda';
   /** Copies a host tensor to the GPU (int64 is not kept on the GPU: use int32). */
   upload<D extends DType>(tensor: Tensor<D>): DeviceTensor<D>;
@@ -243,7 +245,7 @@ export interface CudaBackend
   unpermute<D extends TokenDType>(permutedTokens: AnyTensor<D>, sortedIndices: AnyTensor<'int32'>, restoreShape: readonly [number, number], options?: DeviceUnpermuteOptions): DeviceTensor<D>;
   route(logits: Tensor<TokenDType>, options: RouteOptions): ReturnType<Backend['route']>;
   route(logits: AnyTensor<TokenDType>, options: DeviceRouteOptions): DeviceRouteResult;
-  /** Runs on the CPU core (no kernel yet): device tensors in are downloaded, the result uploaded. */
+  /** With device tensors: one kernel (kernels/routing.cu), the CPU core's bits. */
   routeBackward(gradWeights: Tensor<'float32'>, logits: Tensor<TokenDType>, indices: Tensor<IndexDType>, options: RouteOptions & { gradScores?: Tensor<'float32'> }): ReturnType<Backend['routeBackward']>;
   routeBackward(gradWeights: AnyTensor<'float32'>, logits: AnyTensor<TokenDType>, indices: AnyTensor<'int32'>, options: DeviceRouteBackwardOptions): { gradLogits: DeviceTensor<'float32'> };
   topk(values: Tensor<'float32'>, k: number): ReturnType<Backend['topk']>;

@@ -1,0 +1,168 @@
+// The GPU suite, training ops: AdamW on device tensors (kernels/train.cu) against AdamW on host
+// tensors (ts/optim.ts on the cpu backend), bit for bit: the parameters (float32, bfloat16,
+// float16), the float32 masters, the status (step count, gradient norm); clipping, decay on and
+// off, sizes that take the four-element loop and sizes that do not; non-finite gradients (nothing
+// written; 'error' throws the host's message, 'skip' counts); dispose frees the optimizer's GPU
+// memory. And the layer's element steps (cast, logitsEpilogue, add3, columnSums, gatherPicks)
+// against their host definitions in ts/numeric.ts.
+//
+// Plain JavaScript on node:test; skips with the reason where CUDA is unavailable (these need
+// device tensors: no stand-in run).
+import assert from 'node:assert/strict';
+import { resolve } from 'node:path';
+import { pathToFileURL } from 'node:url';
+import { describe, test } from 'node:test';
+
+import { assertSameBits, cpu, cuda, cudaOnly, lib, rng, skip, tensor } from './common.mjs';
+
+if (skip) console.log(`# ${skip}`);
+
+const distDir = resolve(new URL('../../dist/', import.meta.url).pathname);
+const { AdamW } = await import(pathToFileURL(resolve(process.env.MOE_DISPATCH_DIST ?? distDir, 'optim.js')).href);
+const numeric = await import(pathToFileURL(resolve(process.env.MOE_DISPATCH_DIST ?? distDir, 'numeric.js')).href);
+
+const values = (random, n, scale = 1) => Array.from({ length: n }, () => Math.fround((random() * 2 - 1) * scale));
+
+function pair(dtype, shape, vals) {
+  const h = tensor(dtype, shape, vals);
+  return { host: h, dev: cuda.upload(tensor(dtype, shape, vals)) };
+}
+
+const CASES = [
+  { name: 'float32, clipping, decay', dtype: 'float32', shapes: { w: [33, 64], b: [64], x: [3, 5, 7] }, options: { lr: 3e-3, weightDecay: 0.1, maxGradNorm: 0.5 } },
+  { name: 'bfloat16, no clipping', dtype: 'bfloat16', shapes: { w: [64, 96], b: [96] }, options: { lr: 1e-2, beta1: 0.8, beta2: 0.95, eps: 1e-6 } },
+  { name: 'float16, clipping, decayBiases', dtype: 'float16', shapes: { w: [17, 9], b: [9], big: [512, 1024] }, options: { lr: 1e-3, maxGradNorm: 2, decayBiases: true } },
+  { name: 'bfloat16, large (several norm chunks, four-element loop)', dtype: 'bfloat16', shapes: { gateAndUpProjs: [8, 256, 1024], downProjs: [8, 512, 256] }, options: { lr: 1e-4, weightDecay: 0.01, maxGradNorm: 1 } },
+];
+
+describe('AdamW: cuda (device tensors) = cpu (host tensors), bit for bit', { skip: cudaOnly }, () => {
+  for (const c of CASES) {
+    test(c.name, () => {
+      const random = rng(c.name.length * 7919);
+      const params = Object.fromEntries(Object.entries(c.shapes).map(([k, s]) => [k, pair(c.dtype, s, values(random, s.reduce((a, b) => a * b, 1)))]));
+      const host = new AdamW(cpu, Object.fromEntries(Object.entries(params).map(([k, p]) => [k, p.host])), c.options);
+      const dev = new AdamW(cuda, Object.fromEntries(Object.entries(params).map(([k, p]) => [k, p.dev])), c.options);
+      for (let step = 0; step < 3; step++) {
+        // gradients in the parameter's dtype, and float32 for one of them
+        const grads = Object.fromEntries(
+          Object.entries(c.shapes).map(([k, s], i) => [k, pair(i === 0 ? 'float32' : c.dtype, s, values(random, s.reduce((a, b) => a * b, 1), 0.5 + step))]),
+        );
+        host.step(Object.fromEntries(Object.entries(grads).map(([k, g]) => [k, g.host])));
+        dev.step(Object.fromEntries(Object.entries(grads).map(([k, g]) => [k, g.dev])));
+        for (const g of Object.values(grads)) g.dev.dispose();
+      }
+      assert.deepEqual(dev.status(), host.status());
+      for (const [k, p] of Object.entries(params)) {
+        assertSameBits(p.dev, p.host, `params.${k}`);
+        assertSameBits(dev.masters[k], host.masters[k], `masters.${k}`);
+      }
+      dev.dispose();
+      for (const p of Object.values(params)) p.dev.dispose();
+    });
+  }
+
+  test("a non-finite gradient writes nothing; 'error' throws the host's error, 'skip' counts", () => {
+    for (const onNonFinite of ['error', 'skip']) {
+      const random = rng(17);
+      const w = pair('bfloat16', [16, 12], values(random, 192));
+      const before = w.dev.download();
+      const host = new AdamW(cpu, { w: w.host }, { lr: 1e-2, onNonFinite });
+      const dev = new AdamW(cuda, { w: w.dev }, { lr: 1e-2, onNonFinite });
+      const g = values(random, 192);
+      g[77] = Number.POSITIVE_INFINITY;
+      const grads = pair('float32', [16, 12], g);
+      let he;
+      let de;
+      try {
+        host.step({ w: grads.host });
+      } catch (e) {
+        he = e;
+      }
+      try {
+        dev.step({ w: grads.dev });
+      } catch (e) {
+        de = e;
+      }
+      assert.equal(de?.constructor.name, he?.constructor.name, onNonFinite);
+      assert.equal(de?.message, he?.message, onNonFinite);
+      if (onNonFinite === 'error') assert.ok(de instanceof RangeError);
+      assertSameBits(w.dev, before, `${onNonFinite}: the weights are unchanged`);
+      assert.deepEqual(dev.status(), host.status());
+      assert.equal(dev.status().skipped, 1);
+      dev.dispose();
+      w.dev.dispose();
+      grads.dev.dispose();
+    }
+  });
+
+  test("dispose frees the optimizer's GPU memory (masters, moments, state)", () => {
+    const w = cuda.upload(tensor('bfloat16', [256, 256], values(rng(3), 65536)));
+    const before = cuda.memory().liveBytes;
+    const opt = new AdamW(cuda, { w }, { lr: 1e-3 });
+    // master (4 B), two moments (4 B each) an element, and the state
+    assert.ok(cuda.memory().liveBytes - before >= 65536 * 12, 'the optimizer holds its tensors');
+    opt.dispose();
+    assert.equal(cuda.memory().liveBytes, before);
+    w.dispose();
+  });
+});
+
+describe('the layer element steps on the GPU = ts/numeric.ts', { skip: cudaOnly }, () => {
+  const random = rng(99);
+  const T = 300;
+  const E = 48;
+  test('cast: exact widening, rounding narrowing', () => {
+    for (const [from, to] of [['bfloat16', 'float32'], ['float16', 'float32'], ['float32', 'bfloat16'], ['float32', 'float16']]) {
+      const x = tensor(from, [T, E], values(random, T * E, 70000));
+      const got = cuda.cast(cuda.upload(x), to);
+      assertSameBits(got, numeric.castTo(x, to), `${from} -> ${to}`);
+    }
+  });
+  test('logitsEpilogue: bias, rounding to the router dtype', () => {
+    for (const roundTo of ['float32', 'bfloat16', 'float16']) {
+      for (const biasDtype of [undefined, 'float32', 'bfloat16']) {
+        const raw = tensor('float32', [T, E], values(random, T * E, 8));
+        const bias = biasDtype && tensor(biasDtype, [E], values(random, E));
+        const got = cuda.logitsEpilogue(cuda.upload(raw), bias && cuda.upload(bias), roundTo);
+        // MoELayer's #logits on the host
+        let v = raw.data;
+        if (bias) {
+          const b = numeric.valuesF32(bias);
+          v = Float32Array.from(v, (x, i) => x + b[i % E]);
+        }
+        if (roundTo !== 'float32') v = numeric.valuesF32(numeric.fromValues(roundTo, [T, E], v));
+        assertSameBits(got, { dtype: 'float32', shape: [T, E], data: v }, `roundTo ${roundTo}, bias ${biasDtype}`);
+      }
+    }
+  });
+  test('add3 and columnSums', () => {
+    for (const dtype of ['float32', 'bfloat16', 'float16']) {
+      const a = tensor(dtype, [T, E], values(random, T * E, 4));
+      const b = tensor('float32', [T, E], values(random, T * E, 1e-3));
+      const c = tensor('float32', [T, E], values(random, T * E, 1e5));
+      const want3 = numeric.fromValues(dtype, [T, E], Float64Array.from(numeric.valuesF32(a), (v, i) => v + b.data[i] + c.data[i]));
+      assertSameBits(cuda.add3(cuda.upload(a), cuda.upload(b), cuda.upload(c), dtype), want3, `add3 ${dtype}`);
+      const a2 = tensor(dtype, [T, E], values(random, T * E, 4));
+      const want2 = numeric.fromValues(dtype, [T, E], Float64Array.from(numeric.valuesF32(a), (v, i) => v + numeric.valuesF32(a2)[i]));
+      assertSameBits(cuda.add3(cuda.upload(a), cuda.upload(a2), undefined, dtype), want2, `add ${dtype}`);
+      assertSameBits(cuda.columnSums(cuda.upload(c), dtype), numeric.fromValues(dtype, [E], numeric.columnSums(c)), `columnSums ${dtype}`);
+    }
+  });
+  test('gatherPicks', () => {
+    const k = 4;
+    const dense = tensor('float32', [T, E], values(random, T * E));
+    const idx = Int32Array.from({ length: T * k }, (_, i) => (i % 37 === 5 ? -1 : Math.floor(random() * E)));
+    const indices = tensor('int32', [T, k], idx);
+    const want = tensor('float32', [T, k], Float32Array.from(idx, (e, i) => (e < 0 ? 0 : dense.data[Math.floor(i / k) * E + e])));
+    assertSameBits(cuda.gatherPicks(cuda.upload(dense), cuda.upload(indices)), want, 'gatherPicks');
+  });
+  test('argument errors name the argument', () => {
+    assert.throws(() => cuda.cast(cuda.upload(tensor('float32', [2], [1, 2])), 'int32'), /cast: dtype: expected 'float32', 'bfloat16' or 'float16', got "int32"/);
+    assert.throws(() => cuda.add3(cuda.upload(tensor('float32', [2], [1, 2])), cuda.upload(tensor('float32', [3], [1, 2, 3])), undefined, 'float32'), /add3: b\.shape: expected \[2\], got \[3\]/);
+    assert.ok(lib.isDeviceTensor(cuda.zeros([2, 3])));
+  });
+});
+
+test('the suite ran where CUDA is available', () => {
+  assert.ok(skip || cuda);
+});

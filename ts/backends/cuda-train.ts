@@ -1,0 +1,173 @@
+/**
+ * The cuda backend's training ops on the GPU: `routeBackward` on device tensors (its kernel in
+ * kernels/routing.cu), and what a device-resident trainer needs beside the ops: the optimizer
+ * (AdamW with clipping, state on the GPU: ts/optim.ts drives it), dtype conversions, zeros, and
+ * the element steps MoELayer composes (ts/numeric.ts's, bit for bit: the router logits'
+ * epilogue, three-way sums, column sums, the picks' gradient). Conversions only here: the work
+ * is crates/moe-cuda/src/train.rs.
+ */
+import { type DeviceTensor, type NativeCudaTensor, wrapDevice } from '../device.js';
+import type { OptimizerStatus } from '../optim.js';
+import type { RouteOptions } from '../ops/routing.js';
+import type { DType, Tensor, TokenDType } from '../tensor.js';
+import { checkBool, checkNumber, checkOptions } from '../wire.js';
+import { type Addon, anyDevice, type GpuFamily, optionValue } from './cuda-common.js';
+
+type H = NativeCudaTensor;
+
+/** One parameter of an AdamW step on the GPU. */
+export interface DeviceAdamWParam {
+  /** How errors name it, e.g. "grads.routerWeight". */
+  name: string;
+  master: DeviceTensor<'float32'>;
+  expAvg: DeviceTensor<'float32'>;
+  expAvgSq: DeviceTensor<'float32'>;
+  grad: DeviceTensor<TokenDType>;
+  /** The 16-bit parameter rewritten from the new master. */
+  low?: DeviceTensor<TokenDType>;
+  decay: boolean;
+}
+
+export interface DeviceAdamWStep {
+  params: DeviceAdamWParam[];
+  state: DeviceTensor<'float32'>;
+  lr: number;
+  beta1: number;
+  beta2: number;
+  eps: number;
+  weightDecay: number;
+  maxGradNorm?: number;
+}
+
+/** The cuda backend's training methods (device tensors in and out). */
+export interface CudaTrainOps {
+  /** A fresh optimizer state on the GPU (step 0). */
+  optimizerState(): DeviceTensor<'float32'>;
+  /** Waits for the GPU and reads an optimizer state. */
+  readOptimizerState(state: DeviceTensor<'float32'>): OptimizerStatus;
+  /** Queues one AdamW step over the parameters (ts/optim.ts says what it computes); does not wait. */
+  adamwStep(step: DeviceAdamWStep): void;
+  /** A copy converted to `dtype`: exact from 16-bit to float32, rounded once the other way. */
+  cast<D extends TokenDType>(tensor: DeviceTensor<TokenDType>, dtype: D): DeviceTensor<D>;
+  /** Float32 zeros. */
+  zeros(shape: readonly number[]): DeviceTensor<'float32'>;
+  /** Router logits from the float32 GEMM result: `f32(raw + bias[j])`, rounded to `roundTo` and widened back. */
+  logitsEpilogue(raw: DeviceTensor<'float32'>, bias: DeviceTensor<TokenDType> | undefined, roundTo: TokenDType): DeviceTensor<'float32'>;
+  /** `dtype(f32((a + b) + c))` element by element in float64 (`c` optional). */
+  add3<D extends TokenDType>(a: DeviceTensor<TokenDType>, b: DeviceTensor<TokenDType>, c: DeviceTensor<TokenDType> | undefined, dtype: D): DeviceTensor<D>;
+  /** Column sums of a float32 `[N, E]` tensor in float64 (rows in order), rounded to `dtype`. */
+  columnSums<D extends TokenDType>(g: DeviceTensor<'float32'>, dtype: D): DeviceTensor<D>;
+  /** `out[t, j] = dense[t, indices[t, j]]` (0 for -1). */
+  gatherPicks(dense: DeviceTensor<'float32'>, indices: DeviceTensor<'int32'>): DeviceTensor<'float32'>;
+}
+
+interface TrainAddon {
+  cudaRouteBackwardDevice(args: Record<string, unknown>): H;
+  cudaOptimizerState(): H;
+  cudaReadOptimizerState(state: H): OptimizerStatus;
+  cudaAdamwStep(args: Record<string, unknown>): void;
+  cudaCast(t: H, dtype: string): H;
+  cudaZeros(shape: number[]): H;
+  cudaLogitsEpilogue(raw: H, bias: H | undefined | null, roundTo: string): H;
+  cudaAdd3(a: H, b: H, c: H | undefined | null, dtype: string): H;
+  cudaColumnSums(g: H, dtype: string): H;
+  cudaGatherPicks(dense: H, indices: H): H;
+}
+
+const TOKENS = ['float32', 'bfloat16', 'float16'] as const;
+const ROUTE_KEYS = ['topk', 'scoreFunction', 'softmaxBeforeTopk', 'expertBias', 'numGroups', 'topkGroups', 'normTopkProb', 'routeScale', 'tokenMask', 'gradScores'] as const;
+
+function dtypeArg(dtype: unknown, arg: string): TokenDType {
+  if (!TOKENS.includes(dtype as TokenDType)) throw new TypeError(`${arg}: expected 'float32', 'bfloat16' or 'float16', got ${JSON.stringify(dtype)}`);
+  return dtype as TokenDType;
+}
+
+export const trainGpu: GpuFamily = {
+  ops: ['routeBackward'],
+  present: (addon: Addon) => typeof addon.cudaRouteBackwardDevice === 'function' && typeof addon.cudaAdamwStep === 'function',
+  methods({ base, addon, call }) {
+    const gpu = addon as unknown as TrainAddon;
+    const ops: CudaTrainOps & { routeBackward: (...a: never[]) => unknown } = {
+      routeBackward(gradWeights: unknown, logits: unknown, indices: unknown, options: unknown) {
+        const extra = ['expertBias', 'tokenMask', 'gradScores'].map((k) => optionValue(options, k));
+        if (!anyDevice(gradWeights, logits, indices, ...extra)) {
+          return base.routeBackward(gradWeights as Tensor<'float32'>, logits as Tensor<TokenDType>, indices as Tensor<'int32'>, options as RouteOptions);
+        }
+        return call('routeBackward', (h) => {
+          const o = checkOptions<RouteOptions & { gradScores?: unknown }>(options, 'routeBackward', ROUTE_KEYS);
+          if (o.scoreFunction !== undefined && typeof o.scoreFunction !== 'string') throw new TypeError(`options.scoreFunction: expected a string, got ${typeof o.scoreFunction}`);
+          const topk = checkNumber(o.topk, 'options.topk');
+          if (topk === undefined) throw new TypeError('options.topk: expected a number (required), got undefined');
+          const g = gpu.cudaRouteBackwardDevice({
+            gradWeights: h.of(gradWeights, 'gradWeights', ['float32']),
+            logits: h.of(logits, 'logits', TOKENS),
+            indices: h.of(indices, 'indices', ['int32']),
+            gradScores: h.opt(o.gradScores, 'gradScores', ['float32']),
+            expertBias: h.opt(o.expertBias, 'expertBias', ['float32']),
+            tokenMask: h.opt(o.tokenMask, 'tokenMask', ['bool']),
+            topk,
+            scoreFunction: o.scoreFunction,
+            softmaxBeforeTopk: checkBool(o.softmaxBeforeTopk, 'options.softmaxBeforeTopk'),
+            numGroups: checkNumber(o.numGroups, 'options.numGroups'),
+            topkGroups: checkNumber(o.topkGroups, 'options.topkGroups'),
+            normTopkProb: checkBool(o.normTopkProb, 'options.normTopkProb'),
+            routeScale: checkNumber(o.routeScale, 'options.routeScale'),
+          });
+          return { gradLogits: wrapDevice(g) };
+        });
+      },
+      optimizerState() {
+        return call('optimizerState', () => wrapDevice<'float32'>(gpu.cudaOptimizerState()));
+      },
+      readOptimizerState(state) {
+        return call('readOptimizerState', (h) => gpu.cudaReadOptimizerState(h.of(state, 'state', ['float32'])));
+      },
+      adamwStep(step) {
+        call('adamwStep', (h) => {
+          const dev = (t: unknown, arg: string, dtypes: readonly DType[]) => {
+            if (!anyDevice(t)) throw new TypeError(`${arg}: expected a device tensor, got ${typeof t === 'object' && t !== null ? 'a host tensor' : typeof t}`);
+            return h.of(t, arg, dtypes);
+          };
+          gpu.cudaAdamwStep({
+            params: step.params.map((p) => ({
+              name: p.name,
+              master: dev(p.master, `${p.name} (master)`, ['float32']),
+              expAvg: dev(p.expAvg, `${p.name} (expAvg)`, ['float32']),
+              expAvgSq: dev(p.expAvgSq, `${p.name} (expAvgSq)`, ['float32']),
+              grad: dev(p.grad, p.name, TOKENS),
+              low: p.low === undefined ? undefined : dev(p.low, `${p.name} (parameter)`, TOKENS),
+              decay: p.decay,
+            })),
+            state: dev(step.state, 'state', ['float32']),
+            lr: step.lr,
+            beta1: step.beta1,
+            beta2: step.beta2,
+            eps: step.eps,
+            weightDecay: step.weightDecay,
+            maxGradNorm: step.maxGradNorm,
+          });
+        });
+      },
+      cast(tensor, dtype) {
+        return call('cast', (h) => wrapDevice(gpu.cudaCast(h.of(tensor, 'tensor', TOKENS), dtypeArg(dtype, 'dtype'))));
+      },
+      zeros(shape) {
+        if (!Array.isArray(shape)) throw new TypeError(`shape: expected an array of sizes, got ${typeof shape}`);
+        return call('zeros', () => wrapDevice<'float32'>(gpu.cudaZeros([...shape])));
+      },
+      logitsEpilogue(raw, bias, roundTo) {
+        return call('logitsEpilogue', (h) => wrapDevice<'float32'>(gpu.cudaLogitsEpilogue(h.of(raw, 'raw', ['float32']), h.opt(bias, 'bias', TOKENS), dtypeArg(roundTo, 'roundTo'))));
+      },
+      add3(a, b, c, dtype) {
+        return call('add3', (h) => wrapDevice(gpu.cudaAdd3(h.of(a, 'a', TOKENS), h.of(b, 'b', TOKENS), h.opt(c, 'c', TOKENS), dtypeArg(dtype, 'dtype'))));
+      },
+      columnSums(g, dtype) {
+        return call('columnSums', (h) => wrapDevice(gpu.cudaColumnSums(h.of(g, 'g', ['float32']), dtypeArg(dtype, 'dtype'))));
+      },
+      gatherPicks(dense, indices) {
+        return call('gatherPicks', (h) => wrapDevice<'float32'>(gpu.cudaGatherPicks(h.of(dense, 'dense', ['float32']), h.of(indices, 'indices', ['int32']))));
+      },
+    };
+    return ops as unknown as Record<string, (...args: never[]) => unknown>;
+  },
+};
