@@ -8,7 +8,7 @@ import { describe, test } from 'node:test';
 import { bytesOf, cpu, cuda, cudaInfo, cudaOnly, host, lib, randomRouting, rng, tensor } from './common.mjs';
 
 /** Ops that take no tensor (numbers, shapes, meshes, file sources). */
-const NO_TENSOR = new Set(['getCapacity', 'expertRangeForRank', 'shouldLoadExpert', 'expertPlacements', 'splitPlacements', 'loadSafetensors', 'checkpointInfo', 'loadExperts', 'numThreads', 'releaseCachedMemory']);
+const NO_TENSOR = new Set(['getCapacity', 'expertRangeForRank', 'shouldLoadExpert', 'expertPlacements', 'splitPlacements', 'loadSafetensors', 'checkpointInfo', 'loadExperts', 'numThreads', 'releaseCachedMemory', 'optimizerState', 'zeros']);
 
 describe('disposed device tensors: a TypeError from every op', () => {
   test('every op', { skip: cudaOnly }, () => {
@@ -38,6 +38,7 @@ describe('disposed device tensors: a TypeError from every op', () => {
         [dead, dead, dead, w, { activation: 'swiglu' }],
         [record, { prefix: '', numExperts: 4 }],
         [w, { prefix: '' }],
+        [{ params: [{ name: 'w', master: dead, expAvg: dead, expAvgSq: dead, grad: dead, decay: true }], state: dead, lr: 1, beta1: 0.9, beta2: 0.99, eps: 1e-8, weightDecay: 0 }],
       ];
       let sawDisposed = false;
       for (const args of argLists) {

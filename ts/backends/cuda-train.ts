@@ -94,14 +94,14 @@ export const trainGpu: GpuFamily = {
           return base.routeBackward(gradWeights as Tensor<'float32'>, logits as Tensor<TokenDType>, indices as Tensor<'int32'>, options as RouteOptions);
         }
         return call('routeBackward', (h) => {
+          // the tensors first: a disposed one is the first thing to say
+          const tensors = { gradWeights: h.of(gradWeights, 'gradWeights', ['float32']), logits: h.of(logits, 'logits', TOKENS), indices: h.of(indices, 'indices', ['int32']) };
           const o = checkOptions<RouteOptions & { gradScores?: unknown }>(options, 'routeBackward', ROUTE_KEYS);
           if (o.scoreFunction !== undefined && typeof o.scoreFunction !== 'string') throw new TypeError(`options.scoreFunction: expected a string, got ${typeof o.scoreFunction}`);
           const topk = checkNumber(o.topk, 'options.topk');
           if (topk === undefined) throw new TypeError('options.topk: expected a number (required), got undefined');
           const g = gpu.cudaRouteBackwardDevice({
-            gradWeights: h.of(gradWeights, 'gradWeights', ['float32']),
-            logits: h.of(logits, 'logits', TOKENS),
-            indices: h.of(indices, 'indices', ['int32']),
+            ...tensors,
             gradScores: h.opt(o.gradScores, 'gradScores', ['float32']),
             expertBias: h.opt(o.expertBias, 'expertBias', ['float32']),
             tokenMask: h.opt(o.tokenMask, 'tokenMask', ['bool']),
@@ -124,27 +124,39 @@ export const trainGpu: GpuFamily = {
       },
       adamwStep(step) {
         call('adamwStep', (h) => {
+          if (typeof step !== 'object' || step === null) throw new TypeError(`step: expected { params, state, lr, beta1, beta2, eps, weightDecay, maxGradNorm? }, got ${step === null ? 'null' : typeof step}`);
+          if (!Array.isArray(step.params)) throw new TypeError(`step.params: expected an array of parameters, got ${typeof step.params}`);
           const dev = (t: unknown, arg: string, dtypes: readonly DType[]) => {
             if (!anyDevice(t)) throw new TypeError(`${arg}: expected a device tensor, got ${typeof t === 'object' && t !== null ? 'a host tensor' : typeof t}`);
             return h.of(t, arg, dtypes);
           };
+          const params = step.params.map((p, i) => {
+            if (typeof p !== 'object' || p === null) throw new TypeError(`step.params[${i}]: expected { name, master, expAvg, expAvgSq, grad, low?, decay }, got ${p === null ? 'null' : typeof p}`);
+            const name = typeof p.name === 'string' ? p.name : `step.params[${i}]`;
+            return {
+              name,
+              master: dev(p.master, `${name} (master)`, ['float32']),
+              expAvg: dev(p.expAvg, `${name} (expAvg)`, ['float32']),
+              expAvgSq: dev(p.expAvgSq, `${name} (expAvgSq)`, ['float32']),
+              grad: dev(p.grad, name, TOKENS),
+              low: p.low === undefined ? undefined : dev(p.low, `${name} (parameter)`, TOKENS),
+              decay: checkBool(p.decay, `${name}.decay`) ?? false,
+            };
+          });
+          const num = (v: unknown, arg: string) => {
+            const x = checkNumber(v, arg);
+            if (x === undefined) throw new TypeError(`${arg}: expected a number, got undefined`);
+            return x;
+          };
           gpu.cudaAdamwStep({
-            params: step.params.map((p) => ({
-              name: p.name,
-              master: dev(p.master, `${p.name} (master)`, ['float32']),
-              expAvg: dev(p.expAvg, `${p.name} (expAvg)`, ['float32']),
-              expAvgSq: dev(p.expAvgSq, `${p.name} (expAvgSq)`, ['float32']),
-              grad: dev(p.grad, p.name, TOKENS),
-              low: p.low === undefined ? undefined : dev(p.low, `${p.name} (parameter)`, TOKENS),
-              decay: p.decay,
-            })),
-            state: dev(step.state, 'state', ['float32']),
-            lr: step.lr,
-            beta1: step.beta1,
-            beta2: step.beta2,
-            eps: step.eps,
-            weightDecay: step.weightDecay,
-            maxGradNorm: step.maxGradNorm,
+            params,
+            state: dev(step.state, 'step.state', ['float32']),
+            lr: num(step.lr, 'step.lr'),
+            beta1: num(step.beta1, 'step.beta1'),
+            beta2: num(step.beta2, 'step.beta2'),
+            eps: num(step.eps, 'step.eps'),
+            weightDecay: num(step.weightDecay, 'step.weightDecay'),
+            maxGradNorm: checkNumber(step.maxGradNorm, 'step.maxGradNorm'),
           });
         });
       },
@@ -152,8 +164,10 @@ export const trainGpu: GpuFamily = {
         return call('cast', (h) => wrapDevice(gpu.cudaCast(h.of(tensor, 'tensor', TOKENS), dtypeArg(dtype, 'dtype'))));
       },
       zeros(shape) {
-        if (!Array.isArray(shape)) throw new TypeError(`shape: expected an array of sizes, got ${typeof shape}`);
-        return call('zeros', () => wrapDevice<'float32'>(gpu.cudaZeros([...shape])));
+        return call('zeros', () => {
+          if (!Array.isArray(shape)) throw new TypeError(`shape: expected an array of sizes, got ${typeof shape}`);
+          return wrapDevice<'float32'>(gpu.cudaZeros([...shape]));
+        });
       },
       logitsEpilogue(raw, bias, roundTo) {
         return call('logitsEpilogue', (h) => wrapDevice<'float32'>(gpu.cudaLogitsEpilogue(h.of(raw, 'raw', ['float32']), h.opt(bias, 'bias', TOKENS), dtypeArg(roundTo, 'roundTo'))));
