@@ -17,7 +17,10 @@
  */
 import type { Backend } from './backend.js';
 import { TokenDispatcher } from './dispatcher.js';
-import { castTo, columnSums, fromValues, placeRows, reshape, rows, toF32, valuesF32 } from './numeric.js';
+import { add3, castTo, columnSums, fromValues, gatherPicks, logitsEpilogue, placeRows, reshape, rows, toF32, valuesF32 } from './numeric.js';
+import { isCudaBackend, type CudaBackend } from './backends/cuda.js';
+import type { DeviceExpertWeights, ExpertsSaved } from './backends/cuda-experts.js';
+import { isDeviceTensor, type DeviceTensor } from './device.js';
 import type { ActivationKind } from './ops/activations.js';
 import type { ExpertBiases, ExpertWeights } from './ops/experts.js';
 import type { RouteOptions, ScoreFunction } from './ops/routing.js';
@@ -163,18 +166,99 @@ export interface PretrainedInfo {
   bytesRead?: number;
 }
 
+type AnyTensor = Tensor | DeviceTensor;
+
 interface Saved {
   shape: readonly number[];
   x: Tensor<TokenDType>;
   logits: Tensor<'float32'>;
   indices: Tensor<'int32'>;
-  scores: Tensor<'float32'>;
+  routingMap: Tensor<'bool'>;
+  sortedIndices: Tensor<'int32'>;
   permutedTokens: Tensor<TokenDType>;
   tokensPerExpert: Tensor<'int32'>;
   permutedProbs: Tensor<'float32'>;
+  /** The experts' output (all slots), which unpermute's backward reads. */
+  expertOutput: AnyTensor;
+  /** On the GPU: what expertsForward kept for its backward. */
+  expertsSaved?: ExpertsSaved;
   /** Rows of this rank's experts in the permuted order. */
   localRows: [number, number];
   shared?: { out: Float32Array; gate?: Float64Array };
+  /** The aux loss's gradient: of the scores (Megatron) or of the logits (transformers). */
+  auxGrad?: { gradScores?: AnyTensor; gradLogits?: AnyTensor };
+  zGrad?: AnyTensor;
+}
+
+/** MoELayer's forward on device tensors (after `upload()`). */
+export interface DeviceMoEForward<D extends TokenDType = TokenDType> {
+  /** `[N, dim]` in the layer's dtype. */
+  output: DeviceTensor<D>;
+  indices: DeviceTensor<'int32'>;
+  weights: DeviceTensor<'float32'>;
+  logits: DeviceTensor<'float32'>;
+  scores: DeviceTensor<'float32'>;
+  /** Read from the GPU (the loss values are computed there and read once). */
+  auxLoss: number;
+  zLoss: number;
+  /** `[numExperts]` int32 on the GPU. */
+  tokensPerExpert: DeviceTensor<'int32'>;
+}
+
+/** MoELayer's backward on device tensors. */
+export interface DeviceMoEGrads {
+  gradInput: DeviceTensor;
+  grads: Record<string, DeviceTensor>;
+}
+
+/**
+ * The element steps the layer composes around the ops, on its tensors' side: ts/numeric.ts on
+ * the host, the cuda backend's kernels on the GPU (the same bits). Steps that make a tensor
+ * the layer only needs for a while push it on `temps`; `free` disposes those on the GPU.
+ */
+interface LayerMath {
+  toF32(t: AnyTensor, temps: AnyTensor[]): AnyTensor;
+  /** `t` converted to `dtype`; `t` itself (a temporary of the caller's) goes on `temps` when a copy is made. */
+  cast(t: AnyTensor, dtype: TokenDType, temps: AnyTensor[]): AnyTensor;
+  logitsEpilogue(raw: AnyTensor, bias: AnyTensor | undefined, roundTo: TokenDType): AnyTensor;
+  add3(a: AnyTensor, b: AnyTensor, c: AnyTensor | undefined, dtype: TokenDType, temps: AnyTensor[]): AnyTensor;
+  columnSums(g: AnyTensor, dtype: TokenDType): AnyTensor;
+  gatherPicks(dense: AnyTensor, indices: AnyTensor, temps: AnyTensor[]): AnyTensor;
+  free(temps: AnyTensor[]): void;
+}
+
+const HOST_MATH: LayerMath = {
+  toF32: (t) => toF32(t as Tensor<TokenDType>),
+  cast: (t, dtype) => castTo(t as Tensor<TokenDType>, dtype),
+  logitsEpilogue: (raw, bias, roundTo) => logitsEpilogue(raw as Tensor<'float32'>, bias as Tensor<TokenDType> | undefined, roundTo),
+  add3: (a, b, c, dtype) => add3(a as Tensor<TokenDType>, b as Tensor<TokenDType>, c as Tensor<TokenDType> | undefined, dtype),
+  columnSums: (g, dtype) => fromValues(dtype, [g.shape[1]], columnSums(g as Tensor<'float32'>)),
+  gatherPicks: (dense, indices) => gatherPicks(dense as Tensor<'float32'>, indices as Tensor<'int32'>),
+  free: () => {},
+};
+
+function deviceMath(cuda: CudaBackend): LayerMath {
+  const d = (t: AnyTensor) => t as DeviceTensor<TokenDType>;
+  const kept = <T extends AnyTensor>(t: T, temps: AnyTensor[]) => {
+    temps.push(t);
+    return t;
+  };
+  return {
+    toF32: (t, temps) => (t.dtype === 'float32' ? t : kept(cuda.cast(d(t), 'float32'), temps)),
+    cast: (t, dtype, temps) => {
+      if (t.dtype === dtype) return t;
+      temps.push(t);
+      return cuda.cast(d(t), dtype);
+    },
+    logitsEpilogue: (raw, bias, roundTo) => cuda.logitsEpilogue(raw as DeviceTensor<'float32'>, bias && d(bias), roundTo),
+    add3: (a, b, c, dtype) => cuda.add3(d(a), d(b), c && d(c), dtype),
+    columnSums: (g, dtype) => cuda.columnSums(g as DeviceTensor<'float32'>, dtype),
+    gatherPicks: (dense, indices, temps) => kept(cuda.gatherPicks(dense as DeviceTensor<'float32'>, indices as DeviceTensor<'int32'>), temps),
+    free: (temps) => {
+      for (const t of new Set(temps)) if (t && isDeviceTensor(t)) t.dispose();
+      temps.length = 0;
+    },
+  };
 }
 
 /** A seeded normal generator (mulberry32 + Box-Muller), so layers are reproducible. */
@@ -425,18 +509,63 @@ export class MoELayer {
     return reshape(t as Tensor<TokenDType>, [s.length === 3 ? s[0] * s[1] : s[0], this.dim]);
   }
 
-  /** Router logits, float32: computed in float32 from the widened operands, rounded to the router's dtype. */
-  #logits(x: Tensor<TokenDType>): Tensor<'float32'> {
-    const w = this.weights;
-    const raw = this.backend.matmul(toF32(x), toF32(w.routerWeight));
-    let values: Float32Array = raw.data;
-    if (w.routerBias) {
-      const E = raw.shape[1];
-      const b = valuesF32(w.routerBias);
-      values = Float32Array.from(values, (v, i) => v + b[i % E]);
+  /** Whether the parameters live on the GPU (after `upload()`). */
+  get onDevice(): boolean {
+    return isDeviceTensor(this.weights.downProjs);
+  }
+
+  /**
+   * Moves the parameters to the GPU (the cuda backend): from then on forward and backward take
+   * and return device tensors, and nothing of a step crosses to the host but the per-expert
+   * token counts (the expert GEMMs are sized on the host: E int32 a step), route's and
+   * routeBackward's error words, and the aux and z losses' values. An optimizer made over
+   * `parameters()` afterwards updates them on the GPU. Shared experts and expert parallelism
+   * (epSize > 1) run on host tensors only for now. Returns the layer.
+   */
+  upload(): this {
+    if (!isCudaBackend(this.backend)) throw new TypeError(`upload: the layer's backend is '${this.backend.name}': device tensors need the cuda backend`);
+    if (this.sharedExpert) throw new TypeError('upload: a layer with a shared expert runs on host tensors only (not yet on device tensors)');
+    if (this.epSize !== 1) throw new TypeError(`upload: expert parallelism (epSize = ${this.epSize}) runs on host tensors only (not yet on device tensors)`);
+    const cuda = this.backend;
+    const w = this.weights as unknown as Record<string, AnyTensor>;
+    for (const [k, t] of Object.entries(w)) if (t !== undefined && !isDeviceTensor(t)) w[k] = cuda.upload(t);
+    this.#free();
+    return this;
+  }
+
+  /** Copies the parameters back to host tensors and frees their GPU memory. Returns the layer. */
+  download(): this {
+    const w = this.weights as unknown as Record<string, AnyTensor>;
+    for (const [k, t] of Object.entries(w)) {
+      if (t !== undefined && isDeviceTensor(t)) {
+        w[k] = t.download();
+        t.dispose();
+      }
     }
-    if (this.routerDtype !== 'float32') values = valuesF32(fromValues(this.routerDtype, raw.shape, values));
-    return { dtype: 'float32', shape: [...raw.shape], data: values };
+    this.#free();
+    return this;
+  }
+
+  /** The trained parameters by name (every weight but `expertBias`), for an optimizer: `new AdamW(moe, layer.parameters(), ...)`. */
+  parameters(): Record<string, Tensor<TokenDType> | DeviceTensor<TokenDType>> {
+    const out: Record<string, Tensor<TokenDType> | DeviceTensor<TokenDType>> = {};
+    for (const [k, t] of Object.entries(this.weights)) if (t !== undefined && k !== 'expertBias') out[k] = t as Tensor<TokenDType>;
+    return out;
+  }
+
+  /** The element steps on this layer's tensors: ts/numeric.ts on the host, the cuda backend's kernels (same bits) on the GPU. */
+  get #math(): LayerMath {
+    return this.onDevice ? deviceMath(this.backend as CudaBackend) : HOST_MATH;
+  }
+
+  /** Router logits, float32: computed in float32 from the widened operands, rounded to the router's dtype. */
+  #logits(x: AnyTensor, m: LayerMath, temps: AnyTensor[]): Tensor<'float32'> {
+    const w = this.weights;
+    const xf = m.toF32(x, temps);
+    const wf = m.toF32(w.routerWeight, temps);
+    const raw = this.backend.matmul(xf as Tensor<'float32'>, wf as Tensor<'float32'>);
+    temps.push(raw);
+    return m.logitsEpilogue(raw, w.routerBias, this.routerDtype) as Tensor<'float32'>;
   }
 
   /** Rows of this rank's experts in the expert-major permuted order. */
@@ -454,47 +583,98 @@ export class MoELayer {
     return { dtype: 'int32', shape: [end - start], data: tokensPerExpert.data.slice(start, end) };
   }
 
-  forward(x: Tensor): MoEForward {
-    const input = this.#rows(x, 'x');
+  /** The input as `[N, dim]` rows: host tensors of any batch shape, device tensors `[N, dim]`. */
+  #input(x: unknown): AnyTensor {
+    if (!this.onDevice) {
+      if (isDeviceTensor(x)) throw new TypeError("x: expected a host Tensor (the layer's parameters are on the host; call upload() to train on the GPU), got a device tensor");
+      return this.#rows(x, 'x');
+    }
+    if (!isDeviceTensor(x)) throw new TypeError("x: expected a device tensor (the layer's parameters are on the GPU), got a host tensor: upload it with the cuda backend's upload()");
+    if (x.dtype !== this.dtype) throw new TypeError(`x.dtype: expected ${this.dtype} (the layer's dtype), got ${x.dtype}`);
+    if (x.shape.length !== 2 || x.shape[1] !== this.dim) throw new RangeError(`x.shape: expected [numTokens, ${this.dim}] (device tensors: flatten the batch first), got [${x.shape.join(', ')}]`);
+    return x;
+  }
+
+  /**
+   * The forward pass. Host tensors in, host tensors out; after `upload()`, device tensors in
+   * and out (`auxLoss` and `zLoss` are numbers read from the GPU, `tokensPerExpert` a device
+   * tensor). The results stay valid after `backward`; the layer keeps what backward needs
+   * until the next forward (on the GPU: until backward, which frees it at once).
+   */
+  forward(x: Tensor): MoEForward;
+  forward(x: DeviceTensor): DeviceMoEForward;
+  forward(x: Tensor | DeviceTensor): MoEForward | DeviceMoEForward {
+    const input = this.#input(x);
     const moe = this.backend;
+    const m = this.#math;
+    this.#free();
+    const temps: AnyTensor[] = [];
     const N = input.shape[0];
-    const logits = this.#logits(input);
+    const logits = this.#logits(input, m, temps);
     const routed = moe.route(logits, this.routeOptions);
-    const perm = this.dispatcher.tokenPermutation(input, { indices: routed.indices, weights: routed.weights });
-    const [r0, r1] = this.#localRows(perm.tokensPerExpert);
+    const { routingMap, probs } = moe.indicesToMultihot(routed.indices, routed.weights, this.numExperts);
+    temps.push(probs);
+    // every token has its k picks: N k slots (given, so the GPU's plan needs no read-back)
+    const perm = moe.permute(input as Tensor<TokenDType>, routingMap, { probs, numOutTokens: N * this.topk });
     const local = this.epSize === 1;
-    const yLocal = moe.expertsForward(local ? perm.permutedTokens : rows(perm.permutedTokens, r0, r1), local ? perm.tokensPerExpert : this.#localCounts(perm.tokensPerExpert), this.expertWeights, {
-      ...this.#activationOptions(),
-      permutedProbs: local ? perm.permutedProbs : rows(perm.permutedProbs, r0, r1),
-      biases: this.expertBiases,
-    });
-    const y = local ? yLocal : placeRows(yLocal, r0, perm.permutedTokens.shape[0]);
-    let output: Tensor<TokenDType> = this.dispatcher.tokenUnpermutation(y);
+    const [r0, r1] = local ? [0, perm.permutedTokens.shape[0]] : this.#localRows(perm.tokensPerExpert);
+    const options = { ...this.#activationOptions(), permutedProbs: local ? perm.permutedProbs! : rows(perm.permutedProbs!, r0, r1), biases: this.expertBiases };
+    let y: AnyTensor;
+    let expertsSaved: ExpertsSaved | undefined;
+    if (this.onDevice) {
+      const r = (moe as CudaBackend).expertsForward(perm.permutedTokens, perm.tokensPerExpert, this.expertWeights as DeviceExpertWeights, { ...options, saveForBackward: true }) as { output: DeviceTensor; saved?: ExpertsSaved };
+      y = r.output;
+      expertsSaved = r.saved;
+    } else {
+      const yLocal = moe.expertsForward(local ? perm.permutedTokens : rows(perm.permutedTokens, r0, r1), local ? perm.tokensPerExpert : this.#localCounts(perm.tokensPerExpert), this.expertWeights, options);
+      y = local ? yLocal : placeRows(yLocal, r0, perm.permutedTokens.shape[0]);
+    }
+    let output: AnyTensor = moe.unpermute(y as Tensor<TokenDType>, perm.sortedIndices, [N, this.dim]);
     let shared: Saved['shared'];
     if (this.sharedExpert && this.epRank === 0) {
-      const s = this.#sharedForward(input);
+      const hostInput = input as Tensor<TokenDType>;
+      const s = this.#sharedForward(hostInput);
       shared = { out: s.out, gate: s.gate };
-      const routedOut = valuesF32(output);
-      output = fromValues(this.dtype, [N, this.dim], Float32Array.from(routedOut, (v, i) => v + s.contribution[i]));
+      const routedOut = output;
+      output = m.add3(routedOut, fromValues('float32', [N, this.dim], s.contribution), undefined, this.dtype, temps);
     }
     let auxLoss = 0;
     let zLoss = 0;
-    if (this.auxLossCoeff > 0) auxLoss = this.#auxLoss(logits, routed.scores, perm.tokensPerExpert).loss;
-    if (this.zLossCoeff > 0) zLoss = moe.zLoss(logits, { coeff: this.zLossCoeff }).loss;
+    let auxGrad: Saved['auxGrad'];
+    if (this.auxLossCoeff > 0) {
+      const a = this.#auxLoss(logits, routed.scores, perm.tokensPerExpert);
+      auxLoss = a.loss;
+      auxGrad = a.gradScores ? { gradScores: a.gradScores } : { gradLogits: a.gradLogits! };
+    }
+    let zGrad: AnyTensor | undefined;
+    if (this.zLossCoeff > 0) {
+      const z = moe.zLoss(logits, { coeff: this.zLossCoeff });
+      zLoss = z.loss;
+      zGrad = z.gradLogits;
+    }
     this.#saved = {
       shape: [...x.shape],
-      x: input,
+      x: input as Tensor<TokenDType>,
       logits,
       indices: routed.indices,
-      scores: routed.scores,
+      routingMap,
+      sortedIndices: perm.sortedIndices,
       permutedTokens: perm.permutedTokens,
       tokensPerExpert: perm.tokensPerExpert,
-      permutedProbs: perm.permutedProbs,
+      permutedProbs: perm.permutedProbs!,
+      expertOutput: y,
+      expertsSaved,
       localRows: [r0, r1],
       shared,
+      auxGrad,
+      zGrad,
     };
+    m.free(temps);
+    if (this.onDevice) {
+      return { output, indices: routed.indices, weights: routed.weights, logits, scores: routed.scores, auxLoss, zLoss, tokensPerExpert: routed.tokensPerExpert } as unknown as DeviceMoEForward;
+    }
     return {
-      output: reshape(output, x.shape),
+      output: reshape(output as Tensor<TokenDType>, x.shape),
       indices: routed.indices,
       weights: routed.weights,
       logits,
@@ -503,6 +683,100 @@ export class MoELayer {
       zLoss,
       tokensPerExpert: Int32Array.from(perm.tokensPerExpert.data),
     };
+  }
+
+  /** Frees what the last forward kept for backward (device tensors at once). */
+  #free(): void {
+    const s = this.#saved;
+    this.#saved = undefined;
+    if (!s) return;
+    const own = [s.routingMap, s.sortedIndices, s.permutedTokens, s.tokensPerExpert, s.permutedProbs, s.expertOutput, s.expertsSaved?.upProjection, s.expertsSaved?.activation, s.auxGrad?.gradScores, s.auxGrad?.gradLogits, s.zGrad];
+    for (const t of own) if (t && isDeviceTensor(t)) t.dispose();
+  }
+
+  /** Both aux-loss conventions: the loss and the gradient backward adds (of the scores: Megatron; of the logits: transformers). */
+  #auxLoss(logits: Tensor<'float32'>, scores: Tensor<'float32'>, tpe: Tensor<'int32'>): { loss: number; gradScores?: Tensor<'float32'>; gradLogits?: Tensor<'float32'> } {
+    const moe = this.backend;
+    if (this.auxLossConvention === 'hf') {
+      const r = moe.switchLoadBalancingLossFromLogits(logits, tpe, { topk: this.topk, coeff: this.topk * this.auxLossCoeff });
+      return { loss: r.loss, gradLogits: r.gradLogits };
+    }
+    const r = moe.switchLoadBalancingLoss(scores, tpe, { topk: this.topk, coeff: this.auxLossCoeff });
+    return { loss: r.loss, gradScores: r.gradProbs };
+  }
+
+  /** The backward pass of the last forward: host tensors after a host forward, device tensors after a device one. */
+  backward(gradOutput: Tensor): MoEGrads;
+  backward(gradOutput: DeviceTensor): DeviceMoEGrads;
+  backward(gradOutput: Tensor | DeviceTensor): MoEGrads | DeviceMoEGrads {
+    const s = this.#saved;
+    if (!s) throw new Error('backward: call forward first');
+    const dev = this.onDevice;
+    if (dev !== isDeviceTensor(gradOutput)) throw new TypeError(`gradOutput: expected a ${dev ? 'device' : 'host'} tensor (as the forward's input), got a ${dev ? 'host' : 'device'} tensor`);
+    const g = dev ? (gradOutput as DeviceTensor) : checkTensor(gradOutput, 'gradOutput');
+    if (g.dtype !== this.dtype) throw new TypeError(`gradOutput.dtype: expected ${this.dtype} (the layer's dtype), got ${g.dtype}`);
+    if (g.shape.length !== s.shape.length || g.shape.some((d, i) => d !== s.shape[i])) {
+      throw new RangeError(`gradOutput.shape: expected [${s.shape.join(', ')}] (the forward's output), got [${g.shape.join(', ')}]`);
+    }
+    const moe = this.backend;
+    const m = this.#math;
+    const temps: AnyTensor[] = [];
+    const [N, D, E] = [s.x.shape[0], this.dim, this.numExperts];
+    const g2 = (dev ? g : reshape(g as Tensor<TokenDType>, [N, D])) as Tensor<TokenDType>;
+    const local = this.epSize === 1;
+    const [r0, r1] = s.localRows;
+    const slots = s.permutedTokens.shape[0];
+
+    // The routed experts and the dispatch.
+    const gradY = moe.unpermuteBackward(g2, s.expertOutput as Tensor<TokenDType>, s.sortedIndices).gradPermuted;
+    temps.push(gradY);
+    const options = { ...this.#activationOptions(), permutedProbs: local ? s.permutedProbs : rows(s.permutedProbs, r0, r1), biases: this.expertBiases };
+    const eg = dev
+      ? ((moe as CudaBackend).expertsBackward(gradY, s.permutedTokens, s.tokensPerExpert, this.expertWeights as DeviceExpertWeights, { ...options, ...(s.expertsSaved ? { saved: s.expertsSaved } : {}) }) as unknown as ReturnType<Backend['expertsBackward']>)
+      : moe.expertsBackward(local ? gradY : rows(gradY, r0, r1), local ? s.permutedTokens : rows(s.permutedTokens, r0, r1), local ? s.tokensPerExpert : this.#localCounts(s.tokensPerExpert), this.expertWeights, options);
+    const gradTokens = local ? eg.gradTokens : placeRows(eg.gradTokens, r0, slots);
+    const gradProbs = local ? eg.gradProbs! : placeRows(eg.gradProbs!, r0, slots);
+    temps.push(eg.gradTokens, eg.gradProbs!);
+    const back = moe.permuteBackward(gradTokens, s.sortedIndices, N, { gradPermutedProbs: gradProbs, routingMap: s.routingMap });
+    temps.push(back.gradProbs!);
+    const gradWeights = m.gatherPicks(back.gradProbs!, s.indices, temps);
+
+    // The router: the routing weights' gradient, and the aux losses'.
+    const rb = moe.routeBackward(gradWeights as Tensor<'float32'>, s.logits, s.indices, { ...this.routeOptions, ...(s.auxGrad?.gradScores ? { gradScores: s.auxGrad.gradScores as Tensor<'float32'> } : {}) });
+    const extra = [s.auxGrad?.gradLogits, s.zGrad].filter((t): t is AnyTensor => t !== undefined);
+    let gradLogits = rb.gradLogits as AnyTensor;
+    if (extra.length) {
+      temps.push(gradLogits);
+      gradLogits = m.add3(gradLogits, extra[0], extra[1], 'float32', temps);
+    }
+    temps.push(gradLogits);
+    const xf = m.toF32(s.x, temps);
+    const w = this.weights;
+    const gw = moe.matmul(xf as Tensor<'float32'>, gradLogits as Tensor<'float32'>, { transA: true });
+    const grads: Partial<MoEWeights> = { routerWeight: m.cast(gw, this.routerDtype, temps) as Tensor<TokenDType> };
+    if (w.routerBias) grads.routerBias = m.columnSums(gradLogits, this.routerDtype) as Tensor<TokenDType>;
+    const viaRouter = moe.matmul(gradLogits as Tensor<'float32'>, m.toF32(w.routerWeight, temps) as Tensor<'float32'>, { transB: true });
+    temps.push(viaRouter, back.gradTokens);
+
+    // The shared expert and its gate (host tensors).
+    let sharedGradX: Tensor<'float32'> | undefined;
+    if (s.shared) {
+      const sg = this.#sharedBackward(s.x, toF32(s.x), g2, s.shared);
+      sharedGradX = fromValues('float32', [N, D], sg.gradX);
+      Object.assign(grads, sg.grads);
+    }
+    const gradX = m.add3(back.gradTokens, viaRouter, sharedGradX, this.dtype, []);
+
+    grads.downProjs = eg.gradDownProjs;
+    if (eg.gradUpProjs) grads.upProjs = eg.gradUpProjs;
+    if (eg.gradGateAndUpProjs) grads.gateAndUpProjs = eg.gradGateAndUpProjs;
+    if (eg.gradBiases?.gateUpProjBias) grads.gateUpProjBias = eg.gradBiases.gateUpProjBias;
+    if (eg.gradBiases?.downProjBias) grads.downProjBias = eg.gradBiases.downProjBias;
+    m.free(temps);
+    // on the GPU the activations go at once (a second backward needs a new forward); host ones stay until the next forward
+    if (dev) this.#free();
+    if (dev) return { gradInput: gradX, grads } as unknown as DeviceMoEGrads;
+    return { gradInput: reshape(gradX as Tensor<TokenDType>, s.shape), grads: grads as MoEWeights };
   }
 
   /**
@@ -522,74 +796,6 @@ export class MoELayer {
     const D = this.dim;
     const contribution = valuesF32(fromValues(this.dtype, [N, D], Float32Array.from(out, (v, i) => v * gateD[Math.floor(i / D)])));
     return { out, gate, contribution };
-  }
-
-  /** The load-balancing loss; `gradScores` (Megatron) or `gradLogits` (transformers' convention) for the backward. */
-  #auxLoss(logits: Tensor<'float32'>, scores: Tensor<'float32'>, tpe: Tensor<'int32'>): { loss: number; gradScores?: Tensor<'float32'>; gradLogits?: Tensor<'float32'> } {
-    const moe = this.backend;
-    if (this.auxLossConvention === 'hf') {
-      const r = moe.switchLoadBalancingLossFromLogits(logits, tpe, { topk: this.topk, coeff: this.topk * this.auxLossCoeff });
-      return { loss: r.loss, gradLogits: r.gradLogits };
-    }
-    const r = moe.switchLoadBalancingLoss(scores, tpe, { topk: this.topk, coeff: this.auxLossCoeff });
-    return { loss: r.loss, gradScores: r.gradProbs };
-  }
-
-  backward(gradOutput: Tensor): MoEGrads {
-    const s = this.#saved;
-    if (!s) throw new Error('backward: call forward first');
-    const g = checkTensor(gradOutput, 'gradOutput');
-    if (g.dtype !== this.dtype) throw new TypeError(`gradOutput.dtype: expected ${this.dtype} (the layer's dtype), got ${g.dtype}`);
-    if (g.shape.length !== s.shape.length || g.shape.some((d, i) => d !== s.shape[i])) {
-      throw new RangeError(`gradOutput.shape: expected [${s.shape.join(', ')}] (the forward's output), got [${g.shape.join(', ')}]`);
-    }
-    const moe = this.backend;
-    const [N, D, E] = [s.x.shape[0], this.dim, this.numExperts];
-    const g2 = reshape(g as Tensor<TokenDType>, [N, D]);
-    const local = this.epSize === 1;
-    const [r0, r1] = s.localRows;
-    const slots = s.permutedTokens.shape[0];
-
-    // The routed experts and the dispatch.
-    const gradY = this.dispatcher.tokenUnpermutationBackward(g2);
-    const eg = moe.expertsBackward(local ? gradY : rows(gradY, r0, r1), local ? s.permutedTokens : rows(s.permutedTokens, r0, r1), local ? s.tokensPerExpert : this.#localCounts(s.tokensPerExpert), this.expertWeights, {
-      ...this.#activationOptions(),
-      permutedProbs: local ? s.permutedProbs : rows(s.permutedProbs, r0, r1),
-      biases: this.expertBiases,
-    });
-    const gradTokens = local ? eg.gradTokens : placeRows(eg.gradTokens, r0, slots);
-    const gradProbs = local ? eg.gradProbs! : placeRows(eg.gradProbs!, r0, slots);
-    const back = this.dispatcher.tokenPermutationBackward(gradTokens, gradProbs);
-
-    // The router: the routing weights' gradient, and the aux losses'.
-    const aux = this.auxLossCoeff > 0 ? this.#auxLoss(s.logits, s.scores, s.tokensPerExpert) : undefined;
-    const rb = moe.routeBackward(back.gradWeights!, s.logits, s.indices, { ...this.routeOptions, ...(aux?.gradScores ? { gradScores: aux.gradScores } : {}) });
-    let gl: Float32Array = rb.gradLogits.data;
-    const extra: Float32Array[] = [];
-    if (aux?.gradLogits) extra.push(aux.gradLogits.data);
-    if (this.zLossCoeff > 0) extra.push(moe.zLoss(s.logits, { coeff: this.zLossCoeff }).gradLogits.data);
-    if (extra.length) gl = Float32Array.from(gl, (v, i) => extra.reduce((a, t) => a + t[i], v));
-    const gradLogits: Tensor<'float32'> = { dtype: 'float32', shape: [N, E], data: gl };
-    const xf = toF32(s.x);
-    const w = this.weights;
-    const grads: Partial<MoEWeights> = { routerWeight: castTo(moe.matmul(xf, gradLogits, { transA: true }), this.routerDtype) };
-    if (w.routerBias) grads.routerBias = fromValues(this.routerDtype, [E], columnSums(gradLogits));
-    const viaRouter = moe.matmul(gradLogits, toF32(w.routerWeight), { transB: true }).data;
-    const gradX = Float64Array.from(valuesF32(back.gradHidden), (v, i) => v + viaRouter[i]);
-
-    // The shared expert and its gate.
-    if (s.shared) {
-      const sg = this.#sharedBackward(s.x, xf, g2, s.shared);
-      sg.gradX.forEach((v, i) => (gradX[i] += v));
-      Object.assign(grads, sg.grads);
-    }
-
-    grads.downProjs = eg.gradDownProjs;
-    if (eg.gradUpProjs) grads.upProjs = eg.gradUpProjs;
-    if (eg.gradGateAndUpProjs) grads.gateAndUpProjs = eg.gradGateAndUpProjs;
-    if (eg.gradBiases?.gateUpProjBias) grads.gateUpProjBias = eg.gradBiases.gateUpProjBias;
-    if (eg.gradBiases?.downProjBias) grads.downProjBias = eg.gradBiases.downProjBias;
-    return { gradInput: reshape(fromValues(this.dtype, [N, D], gradX), s.shape), grads: grads as MoEWeights };
   }
 
   #sharedBackward(x: Tensor<TokenDType>, xf: Tensor<'float32'>, g: Tensor<TokenDType>, saved: NonNullable<Saved['shared']>): { gradX: Float32Array; grads: Partial<MoEWeights> } {
@@ -633,12 +839,21 @@ export class MoELayer {
   save(prefix = 'mlp', options: { format?: ExpertKeyFormat } = {}): Uint8Array {
     const o = checkOptions<{ format?: string }>(options, 'save', ['format']);
     const format = oneOf(o.format, 'options.format', ['hf', 'mixtral', 'gpt_oss', 'llama4', 'hf_fused', 'granite', 'stacked'] as const, 'hf');
-    return savePretrained(this, { keys: genericKeys(prefix, format) });
+    return savePretrained(this.#onHost(), { keys: genericKeys(prefix, format) });
   }
 
   /** Writes the layer in its Hugging Face family's own keys (see hf.ts), so transformers reloads it. */
   savePretrained(options: SavePretrainedOptions = {}): Uint8Array {
-    return savePretrained(this, options);
+    return savePretrained(this.#onHost(), options);
+  }
+
+  /** This layer, or (parameters on the GPU) a host copy of it for writing a checkpoint. */
+  #onHost(): MoELayer {
+    if (!this.onDevice) return this;
+    const weights = Object.fromEntries(Object.entries(this.weights).map(([k, t]) => [k, isDeviceTensor(t) ? t.download() : t])) as unknown as MoEWeights;
+    const copy = new MoELayer(this.backend, { ...this.options, weights });
+    if (this.pretrained) copy.pretrained = { ...this.pretrained };
+    return copy;
   }
 
   /** A layer with the weights of a checkpoint written by `save` (the same options otherwise); the experts' layout is detected unless `format` is given. */

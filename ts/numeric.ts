@@ -96,3 +96,34 @@ export function transpose2d<T extends Tensor<TokenDType>>(t: T): T {
   for (let i = 0; i < r; i++) for (let j = 0; j < c; j++) out[j * r + i] = src[i * c + j];
   return { dtype: t.dtype, shape: [c, r], data: out } as unknown as T;
 }
+
+/**
+ * The router's logits from the float32 GEMM result `raw [N, E]`: `f32(raw + bias[j])` (bias
+ * optional), then rounded to `roundTo` and widened back (a 16-bit router's logits). The GPU's
+ * `logitsEpilogue` computes the same bits.
+ */
+export function logitsEpilogue(raw: Tensor<'float32'>, bias: Tensor<TokenDType> | undefined, roundTo: TokenDType): Tensor<'float32'> {
+  let values: Float32Array = raw.data;
+  if (bias) {
+    const E = raw.shape[1];
+    const b = valuesF32(bias);
+    values = Float32Array.from(values, (v, i) => v + b[i % E]);
+  }
+  if (roundTo !== 'float32') values = valuesF32(fromValues(roundTo, raw.shape, values));
+  return { dtype: 'float32', shape: [...raw.shape], data: values };
+}
+
+/** `dtype(f32((a + b) + c))` element by element in float64 (`c` optional); the GPU's `add3` computes the same bits. */
+export function add3<D extends TokenDType>(a: Tensor<TokenDType>, b: Tensor<TokenDType>, c: Tensor<TokenDType> | undefined, dtype: D): Tensor<D> {
+  const [av, bv] = [valuesF32(a), valuesF32(b)];
+  const cv = c && valuesF32(c);
+  return fromValues(dtype, a.shape, cv ? Float64Array.from(av, (v, i) => v + bv[i] + cv[i]) : Float64Array.from(av, (v, i) => v + bv[i]));
+}
+
+/** `out [T, k] = dense[t, indices[t, j]]` (0 for -1): route's weights' gradient from the dense one. */
+export function gatherPicks(dense: Tensor<'float32'>, indices: Tensor<'int32'>): Tensor<'float32'> {
+  const [T, k] = indices.shape;
+  const E = dense.shape[1];
+  const d = dense.data;
+  return { dtype: 'float32', shape: [T, k], data: Float32Array.from(indices.data, (e, i) => (e < 0 ? 0 : d[Math.floor(i / k) * E + e])) };
+}

@@ -8,7 +8,7 @@ import { describe, test } from 'node:test';
 import { bytesOf, cpu, cuda, cudaInfo, cudaOnly, host, lib, randomRouting, rng, tensor } from './common.mjs';
 
 /** Ops that take no tensor (numbers, shapes, meshes, file sources). */
-const NO_TENSOR = new Set(['getCapacity', 'expertRangeForRank', 'shouldLoadExpert', 'expertPlacements', 'splitPlacements', 'loadSafetensors', 'checkpointInfo', 'loadExperts', 'numThreads', 'releaseCachedMemory', 'optimizerState', 'zeros']);
+const NO_TENSOR = new Set(['getCapacity', 'expertRangeForRank', 'shouldLoadExpert', 'expertPlacements', 'splitPlacements', 'loadSafetensors', 'checkpointInfo', 'loadExperts', 'numThreads', 'releaseCachedMemory', 'optimizerState', 'zeros', 'transfers', 'peakMemory']);
 
 describe('disposed device tensors: a TypeError from every op', () => {
   test('every op', { skip: cudaOnly }, () => {

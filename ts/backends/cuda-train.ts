@@ -59,6 +59,17 @@ export interface CudaTrainOps {
   columnSums<D extends TokenDType>(g: DeviceTensor<'float32'>, dtype: D): DeviceTensor<D>;
   /** `out[t, j] = dense[t, indices[t, j]]` (0 for -1). */
   gatherPicks(dense: DeviceTensor<'float32'>, indices: DeviceTensor<'int32'>): DeviceTensor<'float32'>;
+  /** Every copy between host and device memory so far (tensor data and small words alike): what a training step moves shows in the difference. */
+  transfers(): Transfers;
+  /** The most device memory this process's tensors held at once since the last reset; `{ reset: true }` starts a new peak. */
+  peakMemory(options?: { reset?: boolean }): number;
+}
+
+export interface Transfers {
+  toDeviceCalls: number;
+  toDeviceBytes: number;
+  toHostCalls: number;
+  toHostBytes: number;
 }
 
 interface TrainAddon {
@@ -72,6 +83,8 @@ interface TrainAddon {
   cudaAdd3(a: H, b: H, c: H | undefined | null, dtype: string): H;
   cudaColumnSums(g: H, dtype: string): H;
   cudaGatherPicks(dense: H, indices: H): H;
+  cudaTransfers(): Transfers;
+  cudaPeakMemory(reset?: boolean): number;
 }
 
 const TOKENS = ['float32', 'bfloat16', 'float16'] as const;
@@ -177,6 +190,13 @@ export const trainGpu: GpuFamily = {
       },
       columnSums(g, dtype) {
         return call('columnSums', (h) => wrapDevice(gpu.cudaColumnSums(h.of(g, 'g', ['float32']), dtypeArg(dtype, 'dtype'))));
+      },
+      transfers() {
+        return gpu.cudaTransfers();
+      },
+      peakMemory(options) {
+        const o = checkOptions<{ reset?: boolean }>(options, 'peakMemory', ['reset']);
+        return gpu.cudaPeakMemory(checkBool(o.reset, 'options.reset'));
       },
       gatherPicks(dense, indices) {
         return call('gatherPicks', (h) => wrapDevice<'float32'>(gpu.cudaGatherPicks(h.of(dense, 'dense', ['float32']), h.of(indices, 'indices', ['int32']))));

@@ -254,6 +254,7 @@ impl Device {
     pub fn upload<T: bytemuck::Pod>(&self, what: &str, data: &[T]) -> Result<Buffer> {
         let bytes: &[u8] = bytemuck::cast_slice(data);
         let buf = self.alloc(what, bytes.len())?;
+        count_transfer(&TO_DEVICE, bytes.len());
         if !bytes.is_empty() {
             unsafe { drv::memcpy_htod_async(buf.ptr(&self.stream), bytes, self.stream.cu_stream()) }
                 .map_err(|e| Error::driver(format!("copying {what} to the GPU"), e))?;
@@ -268,6 +269,7 @@ impl Device {
         if dst.len() != buf.bytes {
             return Err(Error::Cuda(format!("copying {what} to the host: {} bytes into {} (a bug in moe-dispatch)", buf.bytes, dst.len())));
         }
+        count_transfer(&TO_HOST, dst.len());
         if !dst.is_empty() {
             unsafe { drv::memcpy_dtoh_async(dst, buf.ptr(&self.stream), self.stream.cu_stream()) }
                 .map_err(|e| Error::driver(format!("copying {what} to the host"), e))?;
@@ -290,6 +292,7 @@ impl Device {
                 format!("an output of {len} elements ({bytes} bytes) cannot be allocated"),
             ))
         })?;
+        count_transfer(&TO_HOST, bytes);
         moe_core::alloc::advise_huge_pages(v.as_mut_ptr() as *mut u8, bytes);
         prefault(v.spare_capacity_mut());
         if bytes > 0 {
@@ -456,6 +459,7 @@ impl Device {
             return Err(Error::Cuda(format!("reading {what}: past the end (a bug in moe-dispatch)")));
         }
         let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
+        count_transfer(&TO_HOST, dst.len());
         unsafe { drv::memcpy_dtoh_async(dst, buf.ptr(&self.stream) + (first * size) as u64, self.stream.cu_stream()) }
             .map_err(|e| Error::driver(format!("reading {what}"), e))?;
         self.synchronize(what)?;
@@ -520,6 +524,7 @@ impl PendingRead {
         self.event.synchronize().map_err(|e| Error::driver(format!("waiting for {}", self.what), e))?;
         let mut out = [0i32; 1];
         let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
+        count_transfer(&TO_HOST, dst.len());
         unsafe { drv::memcpy_dtoh_async(dst, self.ptr, dev.aux.cu_stream()) }
             .map_err(|e| Error::driver(format!("reading {}", self.what), e))?;
         dev.aux.synchronize().map_err(|e| Error::driver(format!("reading {}", self.what), e))?;
@@ -539,6 +544,23 @@ pub(crate) enum Arg {
 static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
 static LIVE_BUFFERS: AtomicUsize = AtomicUsize::new(0);
 static PEAK_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// Copies between host and device memory so far: (calls, bytes) each way.
+static TO_DEVICE: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+static TO_HOST: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+
+fn count_transfer(c: &[AtomicUsize; 2], bytes: usize) {
+    c[0].fetch_add(1, Ordering::Relaxed);
+    c[1].fetch_add(bytes, Ordering::Relaxed);
+}
+
+/// Every copy between host and device memory this process made so far: `[(calls, bytes) to the
+/// device, (calls, bytes) to the host]` (tensor data and the small words alike: pointer arrays,
+/// offsets, error words, counts). A training step's share shows what crosses.
+pub fn transfers() -> [(usize, usize); 2] {
+    let read = |c: &[AtomicUsize; 2]| (c[0].load(Ordering::Relaxed), c[1].load(Ordering::Relaxed));
+    [read(&TO_DEVICE), read(&TO_HOST)]
+}
 
 /// The most bytes this process's [`Buffer`]s held at once since the start or the last
 /// [`reset_peak_memory`] (as `torch.cuda.max_memory_allocated`).

@@ -196,3 +196,30 @@ pub fn cuda_column_sums(g: &CudaTensor, dtype: String) -> napi::Result<CudaTenso
 pub fn cuda_gather_picks(dense: &CudaTensor, indices: &CudaTensor) -> napi::Result<CudaTensor, String> {
     run(|dev| Ok(CudaTensor::wrap(train::gather_picks(dev, dense.get("dense")?, indices.get("indices")?)?)))
 }
+
+/// What `cudaTransfers` returns: the copies between host and device memory so far.
+#[napi(object, object_from_js = false)]
+pub struct Transfers {
+    pub to_device_calls: f64,
+    pub to_device_bytes: f64,
+    pub to_host_calls: f64,
+    pub to_host_bytes: f64,
+}
+
+/// Every copy between host and device memory this process made so far (moe_cuda::device::transfers).
+#[napi]
+pub fn cuda_transfers() -> Transfers {
+    let [(dc, db), (hc, hb)] = moe_cuda::device::transfers();
+    Transfers { to_device_calls: dc as f64, to_device_bytes: db as f64, to_host_calls: hc as f64, to_host_bytes: hb as f64 }
+}
+
+/// The most device memory this process's tensors held at once since the last reset; `reset`
+/// starts a new peak at what is held now (as torch.cuda.max_memory_allocated / reset_peak_memory_stats).
+#[napi]
+pub fn cuda_peak_memory(reset: Option<bool>) -> f64 {
+    let peak = moe_cuda::device::peak_memory() as f64;
+    if reset == Some(true) {
+        moe_cuda::device::reset_peak_memory();
+    }
+    peak
+}
