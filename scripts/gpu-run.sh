@@ -12,7 +12,7 @@
 # `bash scripts/gpu-run.sh remote`. Where CUDA is missing, the suite skips with the reason.
 # Options of pack: --no-build (pack what is built). Of remote: SKIP_SUITE=1 (the GPU suite and
 # `check`), SKIP_SOAK=1, SKIP_BENCH=1, SKIP_EXPERTS=1 (the experts part of the benchmark),
-# SKIP_TORCH=1, SKIP_TRAIN=1 (the training-step benchmarks: Rust-driven and PyTorch's)
+# SUITE_FILES="a b" (only test/gpu/a.test.mjs, b.test.mjs), SKIP_TORCH=1, SKIP_TRAIN=1 (the training-step benchmarks: Rust-driven and PyTorch's)
 # (SOAK_SMALL / SOAK_LARGE set the soak's counts).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -48,7 +48,7 @@ pack() {
   local golden="${MOE_GOLDEN_DIR:-test/fixtures/golden}"
   cp "$golden"/permute.json "$golden"/unpermute.json "$golden"/route.json "$BUNDLE/golden/"
   cp target/release/moe-cuda-bench "$BUNDLE/bin/"
-  cp bench/gpu_torch_ref.py bench/gpu_torch_experts.py bench/gpu_torch_train.py "$BUNDLE/bench/"
+  cp bench/gpu_torch_ref.py bench/gpu_torch_experts.py bench/gpu_torch_train.py bench/train-gpu.mjs "$BUNDLE/bench/"
   # the same module resolution as in the repo: dist/ imports are relative, so the bundle is a
   # small copy of the repo's layout
   printf '{"type":"module"}\n' > "$BUNDLE/package.json"
@@ -100,7 +100,10 @@ remote() {
 
   if [[ -z "${SKIP_SUITE:-}" ]]; then
     say "GPU suite (node --test)"
-    "$node" --test --test-reporter=tap --test-reporter-destination="$OUT/gpu-suite.tap" --test-reporter=spec --test-reporter-destination=/dev/null "$BUNDLE/test/gpu/" ; echo "  exit code $?"
+    local files=("$BUNDLE/test/gpu/")
+    # SUITE_FILES="optim layer-train": only those files of test/gpu (a quick look; the full suite is the default)
+    [[ -n "${SUITE_FILES:-}" ]] && { files=(); for f in $SUITE_FILES; do files+=("$BUNDLE/test/gpu/$f.test.mjs"); done; }
+    "$node" --test --test-reporter=tap --test-reporter-destination="$OUT/gpu-suite.tap" --test-reporter=spec --test-reporter-destination=/dev/null "${files[@]}" ; echo "  exit code $?"
     grep -E '^# (cuda|CUDA)' "$OUT/gpu-suite.tap" | head -3
     grep -E '^# (tests|suites|pass|fail|cancelled|skipped|todo|duration_ms)' "$OUT/gpu-suite.tap"
     grep -E '^\s*not ok' "$OUT/gpu-suite.tap" | head -20
@@ -141,10 +144,14 @@ PY
     # the training step (issue 18), Rust-driven and PyTorch's, interleaved: Rust, PyTorch, Rust
     say "moe-cuda-bench train (routeBackward check, then whole training steps)"
     timeout 200 "$BUNDLE/bin/moe-cuda-bench" train --iters 10 --out "$OUT/train-rust-1.json"; echo "  exit code $?"
+    say "the training step driven from JavaScript (MoELayer on the GPU + AdamW)"
+    timeout 200 "$node" "$BUNDLE/bench/train-gpu.mjs" --dist "$BUNDLE/dist" --out "$OUT/train-js-1.json"; echo "  exit code $?"
     say "PyTorch training step (torch._grouped_mm, AdamW fused)"
     PYTHONUNBUFFERED=1 timeout 200 python3 "$BUNDLE/bench/gpu_torch_train.py" --out "$OUT/train-torch.json"; echo "  exit code $?"
     say "moe-cuda-bench train, again"
     timeout 200 "$BUNDLE/bin/moe-cuda-bench" train --iters 10 --out "$OUT/train-rust-2.json"; echo "  exit code $?"
+    say "the JavaScript-driven step, again"
+    timeout 200 "$node" "$BUNDLE/bench/train-gpu.mjs" --dist "$BUNDLE/dist" --out "$OUT/train-js-2.json"; echo "  exit code $?"
   fi
   if [[ -z "${SKIP_TORCH:-}" ]]; then
     say "PyTorch reference path"

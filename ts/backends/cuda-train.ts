@@ -90,6 +90,11 @@ interface TrainAddon {
 const TOKENS = ['float32', 'bfloat16', 'float16'] as const;
 const ROUTE_KEYS = ['topk', 'scoreFunction', 'softmaxBeforeTopk', 'expertBias', 'numGroups', 'topkGroups', 'normTopkProb', 'routeScale', 'tokenMask', 'gradScores'] as const;
 
+/** A disposed device tensor is the first thing to say (before the other arguments' checks). */
+function live(...ts: unknown[]): void {
+  for (const t of ts) if (anyDevice(t) && (t as DeviceTensor).disposed) throw new TypeError('expected a device tensor that is not disposed, got one whose dispose() was called');
+}
+
 function dtypeArg(dtype: unknown, arg: string): TokenDType {
   if (!TOKENS.includes(dtype as TokenDType)) throw new TypeError(`${arg}: expected 'float32', 'bfloat16' or 'float16', got ${JSON.stringify(dtype)}`);
   return dtype as TokenDType;
@@ -174,7 +179,10 @@ export const trainGpu: GpuFamily = {
         });
       },
       cast(tensor, dtype) {
-        return call('cast', (h) => wrapDevice(gpu.cudaCast(h.of(tensor, 'tensor', TOKENS), dtypeArg(dtype, 'dtype'))));
+        return call('cast', (h) => {
+          live(tensor);
+          return wrapDevice(gpu.cudaCast(h.of(tensor, 'tensor', TOKENS), dtypeArg(dtype, 'dtype')));
+        });
       },
       zeros(shape) {
         return call('zeros', () => {
@@ -183,13 +191,22 @@ export const trainGpu: GpuFamily = {
         });
       },
       logitsEpilogue(raw, bias, roundTo) {
-        return call('logitsEpilogue', (h) => wrapDevice<'float32'>(gpu.cudaLogitsEpilogue(h.of(raw, 'raw', ['float32']), h.opt(bias, 'bias', TOKENS), dtypeArg(roundTo, 'roundTo'))));
+        return call('logitsEpilogue', (h) => {
+          live(raw, bias);
+          return wrapDevice<'float32'>(gpu.cudaLogitsEpilogue(h.of(raw, 'raw', ['float32']), h.opt(bias, 'bias', TOKENS), dtypeArg(roundTo, 'roundTo')));
+        });
       },
       add3(a, b, c, dtype) {
-        return call('add3', (h) => wrapDevice(gpu.cudaAdd3(h.of(a, 'a', TOKENS), h.of(b, 'b', TOKENS), h.opt(c, 'c', TOKENS), dtypeArg(dtype, 'dtype'))));
+        return call('add3', (h) => {
+          live(a, b, c);
+          return wrapDevice(gpu.cudaAdd3(h.of(a, 'a', TOKENS), h.of(b, 'b', TOKENS), h.opt(c, 'c', TOKENS), dtypeArg(dtype, 'dtype')));
+        });
       },
       columnSums(g, dtype) {
-        return call('columnSums', (h) => wrapDevice(gpu.cudaColumnSums(h.of(g, 'g', ['float32']), dtypeArg(dtype, 'dtype'))));
+        return call('columnSums', (h) => {
+          live(g);
+          return wrapDevice(gpu.cudaColumnSums(h.of(g, 'g', ['float32']), dtypeArg(dtype, 'dtype')));
+        });
       },
       transfers() {
         return gpu.cudaTransfers();

@@ -1,0 +1,116 @@
+/**
+ * The training step driven from JavaScript on the GPU (issue 18): `MoELayer` uploaded to the
+ * GPU, forward, backward and `AdamW` (float32 masters, clipping at 1, weight decay 0.01) on
+ * device tensors, at the shapes of `moe-cuda-bench train` and bench/gpu_torch_train.py
+ * (bf16, swiglu, softmax top-k router, Switch aux loss 0.01, the loss sum(out * g) with g given).
+ *
+ *   node bench/train-gpu.mjs [--iters N] [--shapes fine-grained,mixtral] [--out FILE] [--dist DIR]
+ *
+ * Times each step to a synchronisation (median and minimum, wall clock), the peak device memory
+ * of the timed steps (the cuda backend's peakMemory: this process's tensors), and what a step
+ * copies between host and device.
+ */
+import { writeFileSync } from 'node:fs';
+import { resolve } from 'node:path';
+import { pathToFileURL } from 'node:url';
+
+const args = process.argv.slice(2);
+const arg = (name, dflt) => {
+  const i = args.indexOf(`--${name}`);
+  return i >= 0 ? args[i + 1] : dflt;
+};
+const dist = resolve(arg('dist', new URL('../dist/', import.meta.url).pathname));
+const { AdamW, MoELayer, backendInfo, createBackend, tensor } = await import(pathToFileURL(resolve(dist, 'index.js')).href);
+const iters = Number(arg('iters', '10'));
+const SHAPES = { 'fine-grained': [8192, 2048, 1408, 64, 6], mixtral: [8192, 4096, 14336, 8, 2] };
+const names = arg('shapes', 'fine-grained,mixtral').split(',');
+
+const cuda = await createBackend({ prefer: 'cuda' });
+if (cuda.name !== 'cuda') throw new Error(`train-gpu: no cuda backend here (got ${cuda.name})`);
+
+/** Uniform values in [-scale, scale] as bf16 bits, fast (xorshift32; a 1.4-billion-element layer takes seconds). */
+function bf16Uniform(shape, seed, scale) {
+  const n = shape.reduce((a, b) => a * b, 1);
+  const bits = new Uint16Array(n);
+  const f = new Float32Array(1);
+  const u = new Uint32Array(f.buffer);
+  let s = seed >>> 0 || 1;
+  for (let i = 0; i < n; i++) {
+    s ^= s << 13;
+    s ^= s >>> 17;
+    s ^= s << 5;
+    f[0] = ((s >>> 0) / 4294967296 * 2 - 1) * scale;
+    bits[i] = u[0] >>> 16;
+  }
+  return tensor('bfloat16', shape, bits);
+}
+
+const rows = [];
+for (const name of names) {
+  const [T, dim, inter, E, k] = SHAPES[name];
+  cuda.releaseCachedMemory();
+  const weights = {
+    routerWeight: bf16Uniform([dim, E], 1, 1 / Math.sqrt(dim)),
+    gateAndUpProjs: bf16Uniform([E, dim, 2 * inter], 2, 1 / Math.sqrt(dim)),
+    downProjs: bf16Uniform([E, inter, dim], 3, 1 / Math.sqrt(inter)),
+  };
+  const layer = new MoELayer(cuda, { dim, inter, numExperts: E, topk: k, activation: 'swiglu', dtype: 'bfloat16', auxLossCoeff: 0.01, weights }).upload();
+  delete weights.gateAndUpProjs;
+  delete weights.downProjs;
+  const opt = new AdamW(cuda, layer.parameters(), { lr: 1e-4, weightDecay: 0.01, maxGradNorm: 1, onNonFinite: 'skip' });
+  const x = cuda.upload(bf16Uniform([T, dim], 4, 1));
+  const g = cuda.upload(bf16Uniform([T, dim], 5, 1 / Math.sqrt(T * dim)));
+  let aux = 0;
+  const step = () => {
+    const f = layer.forward(x);
+    aux = f.auxLoss;
+    const b = layer.backward(g);
+    opt.step(b.grads);
+    for (const t of [f.output, f.indices, f.weights, f.logits, f.scores, f.tokensPerExpert, b.gradInput, ...Object.values(b.grads)]) t.dispose();
+  };
+  for (let i = 0; i < 3; i++) step();
+  cuda.synchronize();
+  cuda.peakMemory({ reset: true });
+  const t0 = cuda.transfers();
+  const times = [];
+  for (let i = 0; i < iters; i++) {
+    const a = performance.now();
+    step();
+    cuda.synchronize();
+    times.push(performance.now() - a);
+  }
+  const t1 = cuda.transfers();
+  const peak = cuda.peakMemory();
+  // back to back: the host queues the next step while the GPU runs (one synchronisation at the end)
+  const b0 = performance.now();
+  for (let i = 0; i < iters; i++) step();
+  cuda.synchronize();
+  const backToBack = (performance.now() - b0) / iters;
+  times.sort((a, b) => a - b);
+  const ms = times[Math.floor(times.length / 2)];
+  const st = opt.status();
+  const perStep = (k) => (t1[k] - t0[k]) / iters;
+  const row = {
+    shape: name,
+    dims: `T=${T} dim=${dim} inter=${inter} E=${E} k=${k} bf16 (float32 masters)`,
+    jsStepMs: ms,
+    jsStepMsMin: times[0],
+    jsStepMsBackToBack: backToBack,
+    tokensPerSecond: T / (ms * 1e-3),
+    peakBytes: peak,
+    transfersPerStep: { toDeviceCalls: perStep('toDeviceCalls'), toDeviceBytes: perStep('toDeviceBytes'), toHostCalls: perStep('toHostCalls'), toHostBytes: perStep('toHostBytes') },
+    gradNorm: st.gradNorm,
+    stepsApplied: st.step,
+    auxLoss: aux,
+  };
+  rows.push(row);
+  console.log(
+    `${name.padStart(13)} JS-driven training step ${ms.toFixed(3)} ms (min ${times[0].toFixed(3)}, back to back ${backToBack.toFixed(3)}), ${Math.round(row.tokensPerSecond)} tokens/s, peak ${(peak / 2 ** 30).toFixed(2)} GiB; per step to device ${row.transfersPerStep.toDeviceCalls} copies / ${row.transfersPerStep.toDeviceBytes} B, to host ${row.transfersPerStep.toHostCalls} / ${row.transfersPerStep.toHostBytes} B; grad norm ${st.gradNorm.toFixed(4)}, aux ${aux.toFixed(5)}`,
+  );
+  opt.dispose();
+  for (const t of Object.values(layer.weights)) t.dispose();
+  x.dispose();
+  g.dispose();
+}
+const out = arg('out');
+if (out) writeFileSync(out, JSON.stringify({ device: (await backendInfo()).find((i) => i.name === 'cuda')?.device, iters, rows }));

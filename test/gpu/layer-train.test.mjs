@@ -1,0 +1,145 @@
+// The GPU suite, training MoELayer on device tensors (issue 18): for each layer kind, a layer
+// uploaded to the GPU against the same layer on the cpu backend: forward (output, routing,
+// losses), backward (input gradient, every parameter gradient) and two AdamW steps agree to the
+// GEMMs' tolerance (the expert and router GEMMs are cuBLAS on the GPU, matrixmultiply on the
+// CPU; everything else is the same arithmetic); the routing picks are the same. A step moves no
+// tensor data between host and device (the copies it makes are counted: counts, error words,
+// the losses, GEMM pointer arrays, a few KB); two runs give the same bits; download() brings the
+// trained weights back; disposing frees the GPU memory.
+//
+// Plain JavaScript on node:test; skips with the reason where CUDA is unavailable.
+import assert from 'node:assert/strict';
+import { describe, test } from 'node:test';
+
+import { cpu, cuda, cudaOnly, lib, rng, skip, tensor } from './common.mjs';
+
+if (skip) console.log(`# ${skip}`);
+
+const { MoELayer, AdamW } = lib;
+
+const KINDS = [
+  { name: 'mixtral-like (softmax top-k, swiglu), bf16, aux loss', o: { activation: 'swiglu', dtype: 'bfloat16', auxLossCoeff: 0.01 } },
+  { name: 'float32 layer, softmax before top-k, normalised, z-loss', o: { activation: 'swiglu', dtype: 'float32', softmaxBeforeTopk: true, normTopkProb: true, zLossCoeff: 1e-3 } },
+  {
+    name: 'deepseek-like (sigmoid_with_bias, groups, float32 router, scale), bf16',
+    o: { activation: 'swiglu', dtype: 'bfloat16', routerDtype: 'float32', scoreFunction: 'sigmoid_with_bias', expertBias: true, numGroups: 4, topkGroups: 2, normTopkProb: true, routeScale: 2.5 },
+  },
+  { name: 'gpt-oss-like (router bias, swiglu_oai, expert biases), bf16, hf aux loss', o: { activation: 'swiglu_oai', dtype: 'bfloat16', routerBias: true, bias: true, auxLossCoeff: 0.02, auxLossConvention: 'hf' } },
+  { name: 'relu2 experts, sqrtsoftplus router, float16', o: { activation: 'relu2', dtype: 'float16', scoreFunction: 'sqrtsoftplus', normTopkProb: true } },
+];
+
+const SHAPE = { dim: 64, inter: 48, numExperts: 16, topk: 4 };
+const T = 256;
+
+function randomTensor(dtype, shape, seed, scale) {
+  const r = rng(seed);
+  const n = shape.reduce((a, b) => a * b, 1);
+  return tensor(dtype, shape, Array.from({ length: n }, () => (r() * 2 - 1) * scale));
+}
+
+function values(t) {
+  const h = lib.isDeviceTensor(t) ? t.download() : t;
+  return lib.toNumbers(h);
+}
+
+/** max |a - b| / (max |b| + tiny) over the tensor: a scale-aware error (the GEMMs differ in rounding). */
+function relErr(a, b) {
+  const x = values(a);
+  const y = values(b);
+  assert.equal(x.length, y.length);
+  let num = 0;
+  let den = 0;
+  for (let i = 0; i < x.length; i++) {
+    num = Math.max(num, Math.abs(x[i] - y[i]));
+    den = Math.max(den, Math.abs(y[i]));
+  }
+  return num / (den + 1e-30);
+}
+
+const TOL = { float32: 1e-4, bfloat16: 3e-2, float16: 1e-2 };
+
+describe('MoELayer on device tensors = the cpu layer (to the GEMMs tolerance)', { skip: cudaOnly }, () => {
+  for (const kind of KINDS) {
+    test(kind.name, () => {
+      const options = { ...SHAPE, ...kind.o, seed: 11 };
+      const host = new MoELayer(cpu, options);
+      const hostWeights = Object.fromEntries(Object.entries(host.weights).map(([k, t]) => [k, { ...t, data: t.data.slice() }]));
+      const dev = new MoELayer(cuda, { ...options, weights: hostWeights }).upload();
+      assert.ok(dev.onDevice);
+      const tol = TOL[kind.o.dtype];
+      const x = randomTensor(kind.o.dtype, [T, SHAPE.dim], 5, 1);
+      const dx = cuda.upload(x);
+      const g = randomTensor(kind.o.dtype, [T, SHAPE.dim], 6, 0.1);
+      const dg = cuda.upload(g);
+      const hostOpt = new AdamW(cpu, host.parameters(), { lr: 1e-3, maxGradNorm: 1 });
+      const devOpt = new AdamW(cuda, dev.parameters(), { lr: 1e-3, maxGradNorm: 1 });
+      for (let step = 0; step < 2; step++) {
+        const hf = host.forward(x);
+        const df = dev.forward(dx);
+        assert.ok(lib.isDeviceTensor(df.output), 'the output is a device tensor');
+        assert.deepEqual(values(df.indices), values(hf.indices), `step ${step}: the picks`);
+        assert.deepEqual(values(df.tokensPerExpert), [...hf.tokensPerExpert], `step ${step}: tokens per expert`);
+        assert.ok(relErr(df.output, hf.output) <= tol, `step ${step}: output (${relErr(df.output, hf.output)})`);
+        assert.ok(relErr(df.logits, hf.logits) <= 1e-5, `step ${step}: logits`);
+        assert.ok(Math.abs(df.auxLoss - hf.auxLoss) <= 1e-6 * Math.max(1, Math.abs(hf.auxLoss)), `aux loss ${df.auxLoss} vs ${hf.auxLoss}`);
+        assert.ok(Math.abs(df.zLoss - hf.zLoss) <= 1e-5 * Math.max(1e-3, Math.abs(hf.zLoss)), `z-loss ${df.zLoss} vs ${hf.zLoss}`);
+        const hb = host.backward(g);
+        const db = dev.backward(dg);
+        assert.ok(relErr(db.gradInput, hb.gradInput) <= tol, `step ${step}: gradInput (${relErr(db.gradInput, hb.gradInput)})`);
+        assert.deepEqual(Object.keys(db.grads).sort(), Object.keys(hb.grads).sort());
+        for (const k of Object.keys(hb.grads)) assert.ok(relErr(db.grads[k], hb.grads[k]) <= tol, `step ${step}: grads.${k} (${relErr(db.grads[k], hb.grads[k])})`);
+        hostOpt.step(hb.grads);
+        devOpt.step(db.grads);
+        for (const t of [df.output, df.indices, df.weights, df.logits, df.scores, df.tokensPerExpert, db.gradInput, ...Object.values(db.grads)]) t.dispose();
+      }
+      for (const [k, w] of Object.entries(host.weights)) assert.ok(relErr(dev.weights[k], w) <= tol, `weights.${k} after two steps (${relErr(dev.weights[k], w)})`);
+      assert.deepEqual(devOpt.status(), { ...hostOpt.status(), gradNorm: devOpt.status().gradNorm });
+      devOpt.dispose();
+      dev.download();
+      assert.ok(!dev.onDevice);
+      for (const t of [dx, dg]) t.dispose();
+    });
+  }
+
+  test('a training step moves no tensor data between host and device; two runs give the same bits; memory is freed', () => {
+    const before = cuda.memory().liveBytes;
+    const run = () => {
+      const options = { dim: 512, inter: 256, numExperts: 32, topk: 4, activation: 'swiglu', dtype: 'bfloat16', auxLossCoeff: 0.01, zLossCoeff: 1e-3, seed: 3 };
+      const layer = new MoELayer(cuda, options).upload();
+      const opt = new AdamW(cuda, layer.parameters(), { lr: 1e-3, maxGradNorm: 1, onNonFinite: 'skip' });
+      const x = cuda.upload(randomTensor('bfloat16', [2048, 512], 8, 1));
+      const g = cuda.upload(randomTensor('bfloat16', [2048, 512], 9, 0.01));
+      const step = () => {
+        const f = layer.forward(x);
+        const b = layer.backward(g);
+        opt.step(b.grads);
+        for (const t of [f.output, f.indices, f.weights, f.logits, f.scores, f.tokensPerExpert, b.gradInput, ...Object.values(b.grads)]) t.dispose();
+      };
+      step();
+      cuda.synchronize();
+      const t0 = cuda.transfers();
+      step();
+      cuda.synchronize();
+      const t1 = cuda.transfers();
+      const moved = { toDeviceBytes: t1.toDeviceBytes - t0.toDeviceBytes, toHostBytes: t1.toHostBytes - t0.toHostBytes, toDeviceCalls: t1.toDeviceCalls - t0.toDeviceCalls, toHostCalls: t1.toHostCalls - t0.toHostCalls };
+      console.log(`# one step (T=2048, dim 512, E=32, bf16): ${JSON.stringify(moved)}`);
+      // an activation is 2 MB (2048 x 512 bf16): a step's copies are small words only
+      assert.ok(moved.toDeviceBytes < 64 * 1024 && moved.toHostBytes < 64 * 1024, JSON.stringify(moved));
+      for (let i = 0; i < 3; i++) step();
+      const bits = Object.fromEntries(Object.entries(layer.weights).map(([k, t]) => [k, Array.from(lib.isDeviceTensor(t) ? new Uint8Array(t.download().data.buffer) : [])]));
+      opt.dispose();
+      layer.download();
+      x.dispose();
+      g.dispose();
+      return bits;
+    };
+    const a = run();
+    const b = run();
+    for (const k of Object.keys(a)) assert.deepEqual(a[k], b[k], `weights.${k}: two runs of five steps`);
+    assert.equal(cuda.memory().liveBytes, before, 'everything the runs made on the GPU was freed');
+  });
+});
+
+test('the suite ran where CUDA is available', () => {
+  assert.ok(skip || cuda);
+});
