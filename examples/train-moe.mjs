@@ -1,72 +1,91 @@
 #!/usr/bin/env node
-// Trains a small Mixture-of-Experts layer from Node on the best available backend
-// (cuda, then the native CPU addon, then wasm), written out step by step with the public API:
-// a student MoELayer learns to imitate a fixed random teacher layer (MSE + load-balancing
-// loss) with Adam, a progress bar shows the loss and the tokens each expert gets, and the
-// trained layer is saved as a safetensors checkpoint (Hugging Face expert keys), loaded back
-// and checked to give identical outputs. `moe-dispatch train` runs the same recipe
+// Trains a Mixture-of-Experts layer from Node on the best available backend (cuda, then the
+// native CPU addon, then wasm), written out step by step with the public API: a student
+// MoELayer learns to imitate a fixed random teacher layer (mean squared error + the
+// load-balancing loss) with AdamW. On cuda the layers are uploaded to the GPU (`upload()`):
+// the data, the parameters, the gradients and the optimizer state stay there, and a step reads
+// back only the numbers it prints. A progress bar shows the loss and the tokens each expert
+// gets; the trained layer is saved as a safetensors checkpoint (Hugging Face expert keys),
+// loaded back and checked to give identical outputs. `moe-dispatch train` runs the same recipe
 // (ts/train.ts). Build first: `npm run build`.
 //
-//   node examples/train-moe.mjs [--backend auto|cuda|cpu|wasm] [--steps 100] [--json]
-import { readFileSync, writeFileSync, mkdtempSync } from 'node:fs';
+//   node examples/train-moe.mjs [--backend auto|cuda|cpu|wasm] [--shape tiny|fine-grained|mixtral] [--steps 100] [--json]
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 
-import { createBackend, MoELayer, normalRng, progressLine } from '../dist/index.js';
+import { AdamW, createBackend, isCudaBackend, MoELayer, mseLoss, progressLine, TRAIN_SHAPES, uniformTensor } from '../dist/index.js';
 
-const { values: args } = parseArgs({ options: { backend: { type: 'string', default: 'auto' }, steps: { type: 'string', default: '100' }, json: { type: 'boolean' } } });
+const { values: args } = parseArgs({ options: { backend: { type: 'string', default: 'auto' }, shape: { type: 'string' }, steps: { type: 'string', default: '100' }, json: { type: 'boolean' } } });
 const steps = Number(args.steps);
 const moe = await createBackend({ prefer: args.backend });
-const config = { dim: 16, inter: 32, numExperts: 8, topk: 2, activation: 'swiglu', scoreFunction: 'softmax', auxLossCoeff: 0.01, bias: true };
-const f32 = (shape, data) => ({ dtype: 'float32', shape, data });
-const mse = (a, b) => a.reduce((s, v, i) => s + (v - b[i]) ** 2, 0) / a.length;
+const gpu = isCudaBackend(moe);
+const shape = args.shape ?? (gpu ? 'fine-grained' : 'tiny');
+const tiny = shape === 'tiny';
+const config = tiny ? { dim: 16, inter: 32, numExperts: 8, topk: 2, activation: 'swiglu', auxLossCoeff: 0.01, bias: true } : TRAIN_SHAPES[shape].layer;
+const batch = tiny ? 128 : TRAIN_SHAPES[shape].batch;
+const dtype = config.dtype ?? 'float32';
+const onDevice = (t) => (gpu ? moe.upload(t) : t);
+const free = (...ts) => ts.forEach((t) => t?.dispose?.());
 
-// The task: inputs are standard normal, targets come from a fixed random teacher.
-const teacher = new MoELayer(moe, { ...config, seed: 1007, initStd: 0.5, auxLossCoeff: 0 });
-const [batch, dim] = [128, config.dim];
-const normal = normalRng(7);
-const x = f32([4 * batch, dim], Float32Array.from({ length: 4 * batch * dim }, () => normal()));
-const y = teacher.forward(x).output.data;
+// The task: inputs uniform in [-1, 1], targets from a fixed random teacher.
+const weights = (seed, gain) => ({
+  routerWeight: uniformTensor(dtype, [config.dim, config.numExperts], seed, gain / Math.sqrt(config.dim)),
+  [config.activation === 'relu2' ? 'upProjs' : 'gateAndUpProjs']: uniformTensor(dtype, [config.numExperts, config.dim, 2 * config.inter], seed + 1, gain / Math.sqrt(config.dim)),
+  downProjs: uniformTensor(dtype, [config.numExperts, config.inter, config.dim], seed + 2, gain / Math.sqrt(config.inter)),
+  ...(config.bias ? { gateUpProjBias: uniformTensor(dtype, [config.numExperts, 2 * config.inter], seed + 3, 0), downProjBias: uniformTensor(dtype, [config.numExperts, config.dim], seed + 4, 0) } : {}),
+});
+const teacher = new MoELayer(moe, { ...config, auxLossCoeff: 0, weights: weights(1007, 2) });
+const student = new MoELayer(moe, { ...config, weights: weights(7, 1) });
+if (gpu) [teacher, student].forEach((l) => l.upload());
+const xs = [0, 1].map((b) => onDevice(uniformTensor(dtype, [batch, config.dim], 31 + b, 1)));
+const ys = xs.map((x) => teacher.forward(x).output);
 
-// The student and a plain Adam over its parameters (updated in place).
-const student = new MoELayer(moe, { ...config, seed: 7, initStd: 0.1 });
-const state = {};
-const adam = (t, lr = 0.02, b1 = 0.9, b2 = 0.999) => (name, p, g) => {
-  const s = (state[name] ??= { m: new Float32Array(p.length), v: new Float32Array(p.length) });
-  for (let i = 0; i < p.length; i++) {
-    s.m[i] = b1 * s.m[i] + (1 - b1) * g[i];
-    s.v[i] = b2 * s.v[i] + (1 - b2) * g[i] * g[i];
-    p[i] -= (lr * s.m[i]) / (1 - b1 ** t) / (Math.sqrt(s.v[i] / (1 - b2 ** t)) + 1e-8);
+const evaluate = () => {
+  let sum = 0;
+  for (let b = 0; b < xs.length; b++) {
+    const out = student.forward(xs[b]);
+    const { loss, grad } = mseLoss(moe, out.output, ys[b]);
+    sum += loss;
+    free(out.output, grad);
   }
+  return sum / xs.length;
 };
 
-const initialLoss = mse(student.forward(x).output.data, y);
-process.stderr.write(`training on ${moe.name} (${moe.threads} threads): ${steps} steps\n`);
+// AdamW over the student's parameters: float32 masters for 16-bit weights, updated in place.
+const opt = new AdamW(moe, student.parameters(), { lr: tiny ? 0.02 : 1e-3, weightDecay: 0, maxGradNorm: tiny ? undefined : 1 });
+const initialLoss = evaluate();
+process.stderr.write(`training ${shape} on ${moe.name}${gpu ? ' (the GPU)' : ''}: ${steps} steps of ${batch} tokens\n`);
+const t0 = performance.now();
 for (let step = 1; step <= steps; step++) {
-  const rows = [((step - 1) % 4) * batch * dim, (((step - 1) % 4) + 1) * batch * dim];
-  const xb = f32([batch, dim], x.data.subarray(...rows));
-  const yb = y.subarray(...rows);
-  const out = student.forward(xb);
-  const gradOut = Float32Array.from(out.output.data, (v, i) => (2 * (v - yb[i])) / yb.length);
-  const { grads } = student.backward(f32([batch, dim], gradOut));
-  const update = adam(step);
-  for (const [name, p] of Object.entries(student.weights)) update(name, p.data, grads[name].data);
-  const line = progressLine({ step, steps, loss: mse(out.output.data, yb), auxLoss: out.auxLoss, load: Array.from(out.tokensPerExpert) });
-  process.stderr.write(process.stderr.isTTY ? `\r${line}${step === steps ? '\n' : ''}` : step % Math.max(1, steps / 10) === 0 ? `${line}\n` : '');
+  const i = (step - 1) % xs.length;
+  const out = student.forward(xs[i]);
+  const { loss, grad } = mseLoss(moe, out.output, ys[i]);
+  const { grads, gradInput } = student.backward(grad);
+  opt.step(grads);
+  const load = Array.from(gpu ? out.tokensPerExpert.download().data : out.tokensPerExpert);
+  const line = progressLine({ step, steps, loss, auxLoss: out.auxLoss, load });
+  process.stderr.write(process.stderr.isTTY ? `\r${line}${step === steps ? '\n' : ''}` : step % Math.max(1, Math.round(steps / 10)) === 0 ? `${line}\n` : '');
+  free(out.output, out.indices, out.weights, out.logits, out.scores, out.tokensPerExpert, grad, gradInput, ...Object.values(gpu ? grads : {}));
 }
-const trained = student.forward(x);
-const finalLoss = mse(trained.output.data, y);
+if (gpu) moe.synchronize();
+const tokensPerSecond = (steps * batch) / ((performance.now() - t0) / 1000);
+const finalLoss = evaluate();
 
-// Checkpoint round trip: safetensors with Hugging Face expert keys.
+// Checkpoint round trip: safetensors with Hugging Face expert keys (an uploaded layer writes a host copy).
+const host = (t) => (gpu ? t.download() : t);
+const trained = host(student.forward(xs[0]).output);
 const path = join(mkdtempSync(join(tmpdir(), 'moe-example-')), 'moe-layer.safetensors');
 writeFileSync(path, student.save('model.layers.0.mlp'));
-const { bias, ...options } = config;
+const { weights: _w, ...options } = config;
 const reloaded = MoELayer.load(moe, moe.name === 'wasm' ? new Uint8Array(readFileSync(path)) : path, options, 'model.layers.0.mlp');
-const again = reloaded.forward(x).output.data;
-const reloadIdentical = again.every((v, i) => Object.is(v, trained.output.data[i]));
+if (gpu) reloaded.upload();
+const again = host(reloaded.forward(xs[0]).output);
+const bytes = (t) => new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength);
+const reloadIdentical = bytes(again).every((v, i) => v === bytes(trained)[i]);
 
-const result = { backend: moe.name, steps, initialLoss, finalLoss, finalLoad: Array.from(trained.tokensPerExpert), checkpoint: path, reloadIdentical };
+const result = { backend: moe.name, shape, steps, initialLoss, finalLoss, tokensPerSecond, peakBytes: gpu ? moe.peakMemory() : undefined, checkpoint: path, reloadIdentical };
 if (args.json) console.log(JSON.stringify(result));
-else console.log(`loss ${initialLoss.toFixed(4)} -> ${finalLoss.toFixed(4)}; per-expert load ${result.finalLoad.join(' ')}; checkpoint ${path} reloads ${reloadIdentical ? 'identically' : 'DIFFERENTLY'}`);
-process.exit(finalLoss < 0.5 * initialLoss && reloadIdentical ? 0 : 1);
+else console.log(`loss ${initialLoss.toPrecision(4)} -> ${finalLoss.toPrecision(4)}; ${Math.round(tokensPerSecond)} tokens/s; checkpoint ${path} reloads ${reloadIdentical ? 'identically' : 'DIFFERENTLY'}`);
+process.exit(finalLoss < (tiny ? 0.5 : 1) * initialLoss && reloadIdentical ? 0 : 1);

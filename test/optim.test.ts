@@ -18,6 +18,7 @@ import { describe, expect, it } from 'vitest';
 
 import { tensor, toNumbers, type Tensor, type TokenDType } from '../ts/index.js';
 import { AdamW, chunkSquareSums, sumOfChunks, type AdamWOptions } from '../ts/optim.js';
+import { mseLoss } from '../ts/training.js';
 import { backendRows, registerBackendReport } from './backends.js';
 import { bitsOf, expectThrows, rng } from './util.js';
 
@@ -165,5 +166,23 @@ describe('the gradient norm', () => {
       const ours = sumOfChunks(parts);
       expect(Math.abs(ours - plain)).toBeLessThanOrEqual(1e-10 * plain);
     }
+  });
+});
+
+describe.each(backendRows)('mseLoss on %s', (_name, moe) => {
+  it.each(['float32', 'bfloat16'] as const)('%s: the mean of the squared differences, and 2 (y - t) / n rounded once', (dtype) => {
+    const y = tensor(dtype, [37, 65], randomValues(37 * 65, 41, 3)) as Tensor<TokenDType>;
+    const t = tensor(dtype, [37, 65], randomValues(37 * 65, 42, 3)) as Tensor<TokenDType>;
+    const { loss, grad } = mseLoss(moe, y, t);
+    const [a, b] = [toNumbers(y), toNumbers(t)];
+    const want = a.reduce((s, v, i) => s + (v - b[i]) ** 2, 0) / a.length;
+    expect(Math.abs(loss - want)).toBeLessThanOrEqual(1e-12 * want);
+    expect(bitsOf(grad as Tensor)).toEqual(bitsOf(tensor(dtype, [37, 65], a.map((v, i) => (2 * (v - b[i])) / a.length))));
+  });
+  it('names a bad argument', () => {
+    const y = f32Tensor([2, 2], [1, 2, 3, 4]);
+    expectThrows(() => mseLoss(moe, y, f32Tensor([4], [1, 2, 3, 4])), RangeError, /mseLoss: target\.shape: expected \[2, 2\] \(y's\), got \[4\]/);
+    expectThrows(() => mseLoss(moe, y, tensor('bfloat16', [2, 2], [1, 2, 3, 4]) as Tensor<TokenDType>), TypeError, /mseLoss: target\.dtype: expected float32 \(y's\), got bfloat16/);
+    expectThrows(() => mseLoss(moe, y, null as unknown as Tensor<TokenDType>), TypeError, /mseLoss: target: expected a float32, bfloat16 or float16 tensor, got null/);
   });
 });

@@ -46,5 +46,6 @@ function load(name: BackendName, options: CreateBackendOptions): LoadResult | Pr
 export const { backendInfo, createBackend } = makeEntry(load);
 export { MoELayer, normalRng, type MoEForward, type MoEGrads, type MoELayerOptions, type MoEWeights, type PretrainedInfo, type SharedExpertOptions } from './layer.js';
 export { AdamW, type AdamWOptions, type OptimizerStatus } from './optim.js';
+export { mseLoss, TRAIN_SHAPES, uniformTensor } from './training.js';
 export { SUPPORTED_MODEL_TYPES, type ExpertKeyFormat, type FromPretrainedOptions, type KeyScheme, type PretrainedSource, type SavePretrainedOptions } from './hf.js';
 export { TokenDispatcher, type TokenDispatcherOptions, type TokenPermutation, type TopKRouting } from './dispatcher.js';

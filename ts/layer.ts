@@ -18,7 +18,7 @@
 import type { Backend } from './backend.js';
 import { TokenDispatcher } from './dispatcher.js';
 import { add3, castTo, columnSums, fromValues, gatherPicks, logitsEpilogue, placeRows, reshape, rows, toF32, valuesF32 } from './numeric.js';
-import { isCudaBackend, type CudaBackend } from './backends/cuda.js';
+import type { CudaBackend } from './backends/cuda.js';
 import type { DeviceExpertWeights, ExpertsSaved } from './backends/cuda-experts.js';
 import { isDeviceTensor, type DeviceTensor } from './device.js';
 import type { ActivationKind } from './ops/activations.js';
@@ -523,10 +523,12 @@ export class MoELayer {
    * (epSize > 1) run on host tensors only for now. Returns the layer.
    */
   upload(): this {
-    if (!isCudaBackend(this.backend)) throw new TypeError(`upload: the layer's backend is '${this.backend.name}': device tensors need the cuda backend`);
+    if (this.backend.name !== 'cuda' || typeof (this.backend as Partial<CudaBackend>).upload !== 'function') {
+      throw new TypeError(`upload: the layer's backend is '${this.backend.name}': device tensors need the cuda backend`);
+    }
     if (this.sharedExpert) throw new TypeError('upload: a layer with a shared expert runs on host tensors only (not yet on device tensors)');
     if (this.epSize !== 1) throw new TypeError(`upload: expert parallelism (epSize = ${this.epSize}) runs on host tensors only (not yet on device tensors)`);
-    const cuda = this.backend;
+    const cuda = this.backend as unknown as CudaBackend;
     const w = this.weights as unknown as Record<string, AnyTensor>;
     for (const [k, t] of Object.entries(w)) if (t !== undefined && !isDeviceTensor(t)) w[k] = cuda.upload(t);
     this.#free();

@@ -80,7 +80,7 @@ function laneTreeSum(lanes: number, at: (lane: number) => number, sh: Float64Arr
 }
 
 /** Step 1 on the host: the chunk sums of one gradient's squares, appended to `out`. */
-export function chunkSquareSums(g: Float32Array, out: number[]): void {
+export function chunkSquareSums(g: ArrayLike<number>, out: number[]): void {
   const n = g.length;
   const sh = new Float64Array(SQ_LANES);
   for (let base = 0; base < n; base += SQ_CHUNK) {

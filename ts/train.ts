@@ -1,9 +1,16 @@
 /**
- * Trains a small MoE layer on a synthetic task: a student `MoELayer` learns to reproduce the
- * outputs of a fixed random teacher layer of the same shape (mean squared error plus the
- * load-balancing loss), with Adam written here, on whichever backend it is given. Then it
- * saves the student as a safetensors checkpoint (Hugging Face expert keys), loads it back,
+ * Trains an MoE layer on a synthetic task: a student `MoELayer` learns to reproduce the outputs
+ * of a fixed random teacher layer of the same shape (mean squared error plus the load-balancing
+ * loss), with `AdamW` (ts/optim.ts), on whichever backend it is given. On the cuda backend both
+ * layers live on the GPU (`upload()`): forward, backward and the optimizer step run there, and a
+ * step reads back only the numbers it reports (the loss, the aux loss, tokens per expert). Then
+ * it saves the student as a safetensors checkpoint (Hugging Face expert keys), loads it back,
  * and checks that the reloaded layer gives the same outputs bit for bit.
+ *
+ * Shapes: `tiny` (dim 16, 8 experts, float32; the default on the CPU backends), and the real
+ * ones `fine-grained` (8192 tokens a step, dim 2048, inter 1408, 64 experts, top-6) and
+ * `mixtral` (8192 tokens, dim 4096, inter 14336, 8 experts, top-2), bfloat16 with float32
+ * masters (`fine-grained` is the default on cuda).
  *
  * Used by `moe-dispatch train` and `examples/train-moe.mjs`.
  */
@@ -12,13 +19,23 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 import type { Backend } from './backend.js';
+import { isCudaBackend } from './backends/cuda.js';
+import { type DeviceTensor, isDeviceTensor } from './device.js';
 import { MoELayer, normalRng, type MoELayerOptions, type MoEWeights } from './layer.js';
-import type { Tensor } from './tensor.js';
+import { AdamW } from './optim.js';
+import { mseLoss, TRAIN_SHAPES, uniformTensor } from './training.js';
+import type { Tensor, TokenDType } from './tensor.js';
+
+export type TrainShape = 'tiny' | 'fine-grained' | 'mixtral';
 
 export interface TrainOptions {
   steps?: number;
-  /** Tokens per step (default 128) out of a fixed data set of 4x as many. */
+  /** `tiny` (default on CPU backends), `fine-grained` (default on cuda) or `mixtral`. */
+  shape?: TrainShape;
+  /** Tokens per step (default: the shape's: 128 tiny, 8192 otherwise), out of a fixed data set of `batches` batches. */
   batch?: number;
+  /** Batches in the data set (default 4 tiny, 2 otherwise). */
+  batches?: number;
   lr?: number;
   seed?: number;
   /** Where to write the checkpoint (default: a fresh temporary directory). */
@@ -39,17 +56,28 @@ export interface TrainStep {
 
 export interface TrainResult {
   backend: string;
+  shape: TrainShape;
+  /** Where the layers trained: 'gpu' (device tensors) or 'host'. */
+  device: 'gpu' | 'host';
   steps: number;
+  tokensPerStep: number;
   /** Mean squared error against the teacher on the whole data set, before and after. */
   initialLoss: number;
   finalLoss: number;
-  /** Tokens per expert on the whole data set after training. */
+  /** Tokens per expert on the first batch after training. */
   finalLoad: number[];
   checkpoint: string;
   checkpointBytes: number;
   reloadIdentical: boolean;
+  /** Seconds of the training loop (the steps), and the whole run. */
+  trainSeconds: number;
   seconds: number;
   stepsPerSecond: number;
+  tokensPerSecond: number;
+  /** GPU runs: the most device memory this process's tensors held during the steps. */
+  peakBytes?: number;
+  /** Steps the optimizer skipped for a non-finite gradient. */
+  skippedSteps: number;
 }
 
 export const DEFAULT_LAYER: MoELayerOptions = {
@@ -63,82 +91,92 @@ export const DEFAULT_LAYER: MoELayerOptions = {
   bias: true,
 };
 
-const f32 = (shape: number[], data: Float32Array): Tensor<'float32'> => ({ dtype: 'float32', shape, data });
+type AnyTensor = Tensor<TokenDType> | DeviceTensor<TokenDType>;
 
-function mse(a: Float32Array, b: Float32Array): number {
-  let s = 0;
-  for (let i = 0; i < a.length; i++) s += (a[i] - b[i]) ** 2;
-  return s / a.length;
+/** Random weights of a real shape (router, gate|up, down), fast. */
+function shapeWeights(o: MoELayerOptions, seed: number, gain: number): MoEWeights {
+  const dt = o.dtype ?? 'float32';
+  return {
+    routerWeight: uniformTensor(o.routerDtype ?? dt, [o.dim, o.numExperts], seed, gain / Math.sqrt(o.dim)),
+    gateAndUpProjs: uniformTensor(dt, [o.numExperts, o.dim, 2 * o.inter], seed + 1, gain / Math.sqrt(o.dim)),
+    downProjs: uniformTensor(dt, [o.numExperts, o.inter, o.dim], seed + 2, gain / Math.sqrt(o.inter)),
+  };
 }
 
-/** Adam (Kingma & Ba), updating each parameter's data in place. */
-class Adam {
-  #m = new Map<string, Float32Array>();
-  #v = new Map<string, Float32Array>();
-  #t = 0;
-  constructor(
-    readonly lr: number,
-    readonly beta1 = 0.9,
-    readonly beta2 = 0.999,
-    readonly eps = 1e-8,
-  ) {}
-
-  step(params: MoEWeights, grads: MoEWeights): void {
-    this.#t++;
-    const c1 = 1 - this.beta1 ** this.#t;
-    const c2 = 1 - this.beta2 ** this.#t;
-    for (const [name, p] of Object.entries(params) as [string, Tensor<'float32'> | undefined][]) {
-      const g = (grads as unknown as Record<string, Tensor<'float32'> | undefined>)[name];
-      if (!p || !g) continue;
-      const m = this.#m.get(name) ?? new Float32Array(p.data.length);
-      const v = this.#v.get(name) ?? new Float32Array(p.data.length);
-      this.#m.set(name, m);
-      this.#v.set(name, v);
-      for (let i = 0; i < p.data.length; i++) {
-        m[i] = this.beta1 * m[i] + (1 - this.beta1) * g.data[i];
-        v[i] = this.beta2 * v[i] + (1 - this.beta2) * g.data[i] * g.data[i];
-        p.data[i] -= (this.lr * (m[i] / c1)) / (Math.sqrt(v[i] / c2) + this.eps);
-      }
-    }
-  }
+function dispose(...ts: unknown[]): void {
+  for (const t of ts) if (isDeviceTensor(t)) t.dispose();
 }
 
 export function trainMoE(backend: Backend, options: TrainOptions = {}): TrainResult {
+  const gpu = isCudaBackend(backend);
+  const shape: TrainShape = options.shape ?? (gpu ? 'fine-grained' : 'tiny');
+  const tiny = shape === 'tiny';
+  if (!tiny && !(shape in TRAIN_SHAPES)) throw new TypeError(`shape: expected 'tiny', 'fine-grained' or 'mixtral', got ${JSON.stringify(shape)}`);
   const steps = options.steps ?? 100;
-  const batch = options.batch ?? 128;
-  const layerOptions: MoELayerOptions = { ...DEFAULT_LAYER, ...options.layer };
+  const batch = options.batch ?? (tiny ? 128 : TRAIN_SHAPES[shape].batch);
+  const batches = options.batches ?? (tiny ? 4 : 2);
+  const layerOptions: MoELayerOptions = { ...(tiny ? DEFAULT_LAYER : TRAIN_SHAPES[shape].layer), ...options.layer };
   const { dim } = layerOptions;
+  const dtype = layerOptions.dtype ?? 'float32';
   const seed = options.seed ?? 7;
   const started = performance.now();
 
-  // The task: a fixed random teacher; inputs are standard normal.
-  const teacher = new MoELayer(backend, { ...layerOptions, seed: seed + 1000, initStd: 0.5, auxLossCoeff: 0, zLossCoeff: 0 });
-  const normal = normalRng(seed);
-  const n = 4 * batch;
-  const x = f32([n, dim], Float32Array.from({ length: n * dim }, () => normal()));
-  const y = teacher.forward(x).output.data as Float32Array;
-  const slice = (t: Float32Array, i: number) => t.subarray(i * batch * dim, (i + 1) * batch * dim);
-
-  const student = new MoELayer(backend, { ...layerOptions, seed, initStd: 0.1 });
-  const adam = new Adam(options.lr ?? 0.02);
-  const initialLoss = mse(student.forward(x).output.data as Float32Array, y);
-  for (let step = 0; step < steps; step++) {
-    const i = step % 4;
-    const xb = f32([batch, dim], slice(x.data, i));
-    const yb = slice(y, i);
-    const out = student.forward(xb);
-    const o = out.output.data as Float32Array;
-    const loss = mse(o, yb);
-    // d mse / d output.
-    const g = Float32Array.from(o, (v, j) => (2 * (v - yb[j])) / yb.length);
-    const { grads } = student.backward(f32([batch, dim], g));
-    adam.step(student.weights, grads);
-    options.onStep?.({ step: step + 1, steps, loss, auxLoss: out.auxLoss, load: Array.from(out.tokensPerExpert) });
+  // The task: a fixed random teacher; inputs uniform in [-1, 1] (tiny: standard normal).
+  const teacherOptions = { ...layerOptions, auxLossCoeff: 0, zLossCoeff: 0 };
+  const teacher = tiny
+    ? new MoELayer(backend, { ...teacherOptions, seed: seed + 1000, initStd: 0.5 })
+    : new MoELayer(backend, { ...teacherOptions, weights: shapeWeights(layerOptions, seed + 1000, 2) });
+  const student = tiny ? new MoELayer(backend, { ...layerOptions, seed, initStd: 0.1 }) : new MoELayer(backend, { ...layerOptions, weights: shapeWeights(layerOptions, seed, 1) });
+  if (gpu) {
+    teacher.upload();
+    student.upload();
   }
-  const trained = student.forward(x);
-  const trainedOut = trained.output.data as Float32Array;
-  const finalLoss = mse(trainedOut, y);
-  const seconds = (performance.now() - started) / 1000;
+  const onGpu = (t: Tensor<TokenDType>): AnyTensor => (isCudaBackend(backend) ? backend.upload(t) : t);
+  const xs: AnyTensor[] = [];
+  const ys: AnyTensor[] = [];
+  for (let b = 0; b < batches; b++) {
+    const x = tiny ? normalInputs(batch, dim, seed * 31 + b) : uniformTensor(dtype, [batch, dim], seed * 31 + b, 1);
+    xs.push(onGpu(x));
+    const f = teacher.forward(xs[b] as Tensor);
+    ys.push(f.output as AnyTensor);
+    dispose(f.indices, f.weights, f.logits, f.scores, f.tokensPerExpert);
+  }
+  if (gpu) for (const t of Object.values(teacher.weights)) dispose(t);
+
+  const evaluate = (): number => {
+    let sum = 0;
+    for (let b = 0; b < batches; b++) {
+      const f = student.forward(xs[b] as Tensor);
+      const { loss, grad } = mseLoss(backend, f.output as AnyTensor, ys[b]);
+      sum += loss;
+      dispose(f.output, f.indices, f.weights, f.logits, f.scores, f.tokensPerExpert, grad);
+    }
+    return sum / batches;
+  };
+  const initialLoss = evaluate();
+  const opt = new AdamW(backend, student.parameters(), { lr: options.lr ?? (tiny ? 0.02 : 1e-3), weightDecay: 0, ...(tiny ? {} : { maxGradNorm: 1 }), onNonFinite: 'skip' });
+  if (gpu) backend.peakMemory({ reset: true });
+  const loopStart = performance.now();
+  for (let step = 0; step < steps; step++) {
+    const i = step % batches;
+    const out = student.forward(xs[i] as Tensor);
+    const { loss, grad } = mseLoss(backend, out.output as AnyTensor, ys[i]);
+    const back = student.backward(grad as Tensor);
+    opt.step(back.grads as unknown as Record<string, AnyTensor>);
+    const tpe = out.tokensPerExpert as Int32Array | DeviceTensor<'int32'>;
+    const load = isDeviceTensor(tpe) ? Array.from(tpe.download().data as Int32Array) : Array.from(tpe);
+    options.onStep?.({ step: step + 1, steps, loss, auxLoss: out.auxLoss, load });
+    dispose(out.output, out.indices, out.weights, out.logits, out.scores, out.tokensPerExpert, grad, back.gradInput, ...Object.values(back.grads));
+  }
+  if (gpu) backend.synchronize();
+  const trainSeconds = (performance.now() - loopStart) / 1000;
+  const peakBytes = gpu ? backend.peakMemory() : undefined;
+  const finalLoss = evaluate();
+  const trained = student.forward(xs[0] as Tensor);
+  const trainedOut = hostOf(trained.output as AnyTensor);
+  const tpe = trained.tokensPerExpert as Int32Array | DeviceTensor<'int32'>;
+  const finalLoad = Array.from(isDeviceTensor(tpe) ? tpe.download().data : tpe);
+  dispose(trained.output, trained.indices, trained.weights, trained.logits, trained.scores, trained.tokensPerExpert);
 
   // Checkpoint: save, reload, compare.
   const path = options.checkpoint ?? join(mkdtempSync(join(tmpdir(), 'moe-train-')), 'moe-layer.safetensors');
@@ -148,23 +186,50 @@ export function trainMoE(backend: Backend, options: TrainOptions = {}): TrainRes
   // The native backend reads the file itself (seek + read); wasm gets the bytes.
   const source = backend.name === 'wasm' ? new Uint8Array(readFileSync(path)) : path;
   const reloaded = MoELayer.load(backend, source, reloadOptions, 'model.layers.0.mlp');
-  const again = reloaded.forward(x).output.data;
-  const a = new Uint32Array(trained.output.data.buffer, trained.output.data.byteOffset, trained.output.data.length);
-  const b = new Uint32Array(again.buffer, again.byteOffset, again.length);
+  if (gpu) reloaded.upload();
+  const again = reloaded.forward(xs[0] as Tensor);
+  const againOut = hostOf(again.output as AnyTensor);
+  dispose(again.output, again.indices, again.weights, again.logits, again.scores, again.tokensPerExpert);
+  const a = new Uint8Array(trainedOut.data.buffer, trainedOut.data.byteOffset, trainedOut.data.byteLength);
+  const b = new Uint8Array(againOut.data.buffer, againOut.data.byteOffset, againOut.data.byteLength);
   const reloadIdentical = a.length === b.length && a.every((v, i) => v === b[i]);
+  const skippedSteps = opt.status().skipped;
+  if (gpu) {
+    opt.dispose();
+    for (const l of [student, reloaded]) for (const t of Object.values(l.weights)) dispose(t);
+    dispose(...xs, ...ys);
+  }
+  const seconds = (performance.now() - started) / 1000;
 
   return {
     backend: backend.name,
+    shape,
+    device: gpu ? 'gpu' : 'host',
     steps,
+    tokensPerStep: batch,
     initialLoss,
     finalLoss,
-    finalLoad: Array.from(trained.tokensPerExpert),
+    finalLoad,
     checkpoint: path,
     checkpointBytes: bytes.length,
     reloadIdentical,
+    trainSeconds,
     seconds,
-    stepsPerSecond: steps / seconds,
+    stepsPerSecond: steps / trainSeconds,
+    tokensPerSecond: (steps * batch) / trainSeconds,
+    peakBytes,
+    skippedSteps,
   };
+}
+
+function hostOf(t: AnyTensor): Tensor<TokenDType> {
+  return isDeviceTensor(t) ? t.download() : t;
+}
+
+/** Standard normal inputs (the tiny task's, as before). */
+function normalInputs(n: number, dim: number, seed: number): Tensor<'float32'> {
+  const normal = normalRng(seed);
+  return { dtype: 'float32', shape: [n, dim], data: Float32Array.from({ length: n * dim }, () => normal()) };
 }
 
 /** A one-line progress bar: `[#####.....] 30/60 loss 0.1234 load ▃▅█▂▁▄▆▃`. */

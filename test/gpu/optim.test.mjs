@@ -148,6 +148,16 @@ describe('the layer element steps on the GPU = ts/numeric.ts', { skip: cudaOnly 
       assertSameBits(cuda.columnSums(cuda.upload(c), dtype), numeric.fromValues(dtype, [E], numeric.columnSums(c)), `columnSums ${dtype}`);
     }
   });
+  test('mseLoss: the loss and its gradient', () => {
+    for (const dtype of ['float32', 'bfloat16']) {
+      const y = tensor(dtype, [T, 257], values(random, T * 257, 3));
+      const t = tensor(dtype, [T, 257], values(random, T * 257, 3));
+      const want = lib.mseLoss(cpu, y, t);
+      const got = lib.mseLoss(cuda, cuda.upload(y), cuda.upload(t));
+      assert.equal(got.loss, want.loss, `${dtype}: the loss, bit for bit`);
+      assertSameBits(got.grad, want.grad, `${dtype}: the gradient`);
+    }
+  });
   test('gatherPicks', () => {
     const k = 4;
     const dense = tensor('float32', [T, E], values(random, T * E));

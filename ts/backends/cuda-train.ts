@@ -59,6 +59,8 @@ export interface CudaTrainOps {
   columnSums<D extends TokenDType>(g: DeviceTensor<'float32'>, dtype: D): DeviceTensor<D>;
   /** `out[t, j] = dense[t, indices[t, j]]` (0 for -1). */
   gatherPicks(dense: DeviceTensor<'float32'>, indices: DeviceTensor<'int32'>): DeviceTensor<'float32'>;
+  /** The mean squared error of `y` against `target` (the loss is read from the GPU) and its gradient `2 (y - t) / n` in `y`'s dtype (ts/train.ts's `mseLoss`, the same bits). */
+  mseLoss<D extends TokenDType>(y: DeviceTensor<D>, target: DeviceTensor<D>): { loss: number; grad: DeviceTensor<D> };
   /** Every copy between host and device memory so far (tensor data and small words alike): what a training step moves shows in the difference. */
   transfers(): Transfers;
   /** The most device memory this process's tensors held at once since the last reset; `{ reset: true }` starts a new peak. */
@@ -83,6 +85,7 @@ interface TrainAddon {
   cudaAdd3(a: H, b: H, c: H | undefined | null, dtype: string): H;
   cudaColumnSums(g: H, dtype: string): H;
   cudaGatherPicks(dense: H, indices: H): H;
+  cudaMseLoss(y: H, target: H): { loss: number; grad: H };
   cudaTransfers(): Transfers;
   cudaPeakMemory(reset?: boolean): number;
 }
@@ -206,6 +209,12 @@ export const trainGpu: GpuFamily = {
         return call('columnSums', (h) => {
           live(g);
           return wrapDevice(gpu.cudaColumnSums(h.of(g, 'g', ['float32']), dtypeArg(dtype, 'dtype')));
+        });
+      },
+      mseLoss(y, target) {
+        return call('mseLoss', (h) => {
+          const r = gpu.cudaMseLoss(h.of(y, 'y', TOKENS), h.of(target, 'target', TOKENS));
+          return { loss: r.loss, grad: wrapDevice(r.grad) };
         });
       },
       transfers() {

@@ -275,3 +275,46 @@ __device__ __forceinline__ void column_sums_impl(const float* __restrict__ g, lo
 extern "C" __global__ void column_sums_F32(const float* g, long long rows, int cols, float* out) { column_sums_impl<F32>(g, rows, cols, out); }
 extern "C" __global__ void column_sums_BF16(const float* g, long long rows, int cols, u16* out) { column_sums_impl<BF16>(g, rows, cols, out); }
 extern "C" __global__ void column_sums_F16(const float* g, long long rows, int cols, u16* out) { column_sums_impl<F16>(g, rows, cols, out); }
+
+// mse_<T>: the mean squared error of y against a target (both T), for a trainer: d = f64(y) -
+// f64(t) (exact); grad[i] = T(f32(2 d / n)); partials[c] = chunk c's sum of d^2 in f64, in
+// sum_squares's order (thread i: elements i, i + 256, ... of the chunk, then the halving tree).
+// mse_finish: the loss = (the partials' sum in adamw_finish's order) / n, into out[0].
+template <typename T>
+__device__ __forceinline__ void mse_impl(const typename T::S* __restrict__ y, const typename T::S* __restrict__ t, long long n,
+                                         typename T::S* __restrict__ grad, double* __restrict__ partials) {
+    __shared__ double sh[SQ_THREADS];
+    const long long base = (long long)blockIdx.x * SQ_CHUNK;
+    double acc = 0.0;
+    for (int j = 0; j < SQ_CHUNK / SQ_THREADS; j++) {
+        const long long i = base + threadIdx.x + (long long)j * SQ_THREADS;
+        if (i < n) {
+            const double d = (double)T::to_f32(y[i]) - (double)T::to_f32(t[i]);
+            grad[i] = T::from_f32((float)((2.0 * d) / (double)n));
+            acc += d * d;
+        }
+    }
+    sh[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = SQ_THREADS / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) partials[blockIdx.x] = sh[0];
+}
+extern "C" __global__ void mse_F32(const float* y, const float* t, long long n, float* grad, double* partials) { mse_impl<F32>(y, t, n, grad, partials); }
+extern "C" __global__ void mse_BF16(const u16* y, const u16* t, long long n, u16* grad, double* partials) { mse_impl<BF16>(y, t, n, grad, partials); }
+extern "C" __global__ void mse_F16(const u16* y, const u16* t, long long n, u16* grad, double* partials) { mse_impl<F16>(y, t, n, grad, partials); }
+
+extern "C" __global__ void mse_finish(const double* __restrict__ partials, long long chunks, long long n, double* __restrict__ out) {
+    __shared__ double sh[FIN_THREADS];
+    double acc = 0.0;
+    for (long long i = threadIdx.x; i < chunks; i += FIN_THREADS) acc += partials[i];
+    sh[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = FIN_THREADS / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[0] = n > 0 ? sh[0] / (double)n : 0.0;
+}

@@ -412,3 +412,42 @@ pub fn column_sums(dev: &Device, g: &DeviceTensor, dtype: DType) -> Result<Devic
     }
     Ok(out)
 }
+
+/// The mean squared error of `y` against `target` (same dtype and shape, any float dtype): the
+/// loss (read back: one f64, a synchronisation) and its gradient `dtype(f32(2 (y - t) / n))`;
+/// the loss's sum in [`adamw_step`]'s fixed order (ts/train.ts's `mseLoss` on the host: the same bits).
+pub fn mse_loss(dev: &Device, y: &DeviceTensor, target: &DeviceTensor) -> Result<(f64, DeviceTensor)> {
+    same_shape(y, target, "target")?;
+    let t = float_tag(y, "y")?;
+    if target.dtype != y.dtype {
+        return Err(Error::Core(moe_core::Error::type_error("target.dtype", y.dtype.name(), target.dtype.name())));
+    }
+    let n = y.numel();
+    let grad = DeviceTensor::alloc(dev, "the loss's gradient", y.dtype, y.shape.clone())?;
+    let chunks = n.div_ceil(SQ_CHUNK);
+    let partials = dev.alloc("the loss's partial sums", 8 * chunks.max(1))?;
+    let out = dev.alloc("the loss", 8)?;
+    let s = dev.stream();
+    if chunks > 0 {
+        dev.launch(
+            &format!("mse_{t}"),
+            (chunks as u32, 1),
+            SQ_THREADS,
+            &[
+                Arg::U64(y.buf.ptr(s)),
+                Arg::U64(target.buf.ptr(s)),
+                Arg::I64(n as i64),
+                Arg::U64(grad.buf.ptr(s)),
+                Arg::U64(partials.ptr(s)),
+            ],
+        )?;
+    }
+    dev.launch(
+        "mse_finish",
+        (1, 1),
+        FIN_THREADS,
+        &[Arg::U64(partials.ptr(s)), Arg::I64(chunks as i64), Arg::I64(n as i64), Arg::U64(out.ptr(s))],
+    )?;
+    let [loss]: [f64; 1] = dev.read_head("the loss", &out, 0)?;
+    Ok((loss, grad))
+}

@@ -223,3 +223,19 @@ pub fn cuda_peak_memory(reset: Option<bool>) -> f64 {
     }
     peak
 }
+
+/// What `cudaMseLoss` returns.
+#[napi(object, object_from_js = false)]
+pub struct MseOut {
+    pub loss: f64,
+    pub grad: CudaTensor,
+}
+
+/// The mean squared error and its gradient (moe_cuda::train::mse_loss).
+#[napi]
+pub fn cuda_mse_loss(y: &CudaTensor, target: &CudaTensor) -> napi::Result<MseOut, String> {
+    run(|dev| {
+        let (loss, grad) = train::mse_loss(dev, y.get("y")?, target.get("target")?)?;
+        Ok(MseOut { loss, grad: CudaTensor::wrap(grad) })
+    })
+}
