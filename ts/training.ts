@@ -44,17 +44,25 @@ export function mseLoss(backend: Backend, y: AnyTensor, target: AnyTensor): { lo
   return { loss: n > 0 ? sumOfChunks(parts) / n : 0, grad: fromValues(y.dtype, y.shape, Float64Array.from(d, (v) => (2 * v) / n)) };
 }
 
-/** Uniform values in [-scale, scale] rounded to `dtype`, fast (xorshift32): a real-sized layer's weights in seconds. */
+/** Uniform values in [-scale, scale] rounded to `dtype` (nearest, ties to even), fast (xorshift32; bfloat16 bits made inline): a real-sized layer's weights in seconds. */
 export function uniformTensor<D extends TokenDType>(dtype: D, shape: readonly number[], seed: number, scale: number): Tensor<D> {
   const n = shape.reduce((a, b) => a * b, 1);
-  const values = new Float32Array(n);
+  const values = new Float32Array(dtype === 'bfloat16' ? 0 : n);
+  const bits = new Uint16Array(dtype === 'bfloat16' ? n : 0);
+  const f = new Float32Array(1);
+  const u = new Uint32Array(f.buffer);
   let s = seed >>> 0 || 1;
   for (let i = 0; i < n; i++) {
     s ^= s << 13;
     s ^= s >>> 17;
     s ^= s << 5;
-    values[i] = (((s >>> 0) / 4294967296) * 2 - 1) * scale;
+    const v = (((s >>> 0) / 4294967296) * 2 - 1) * scale;
+    if (dtype === 'bfloat16') {
+      f[0] = v;
+      const b = u[0];
+      bits[i] = (b + 0x7fff + ((b >>> 16) & 1)) >>> 16;
+    } else values[i] = v;
   }
-  return fromValues(dtype, shape, values);
+  return (dtype === 'bfloat16' ? { dtype, shape: [...shape], data: bits } : fromValues(dtype, shape, values)) as Tensor<D>;
 }
 
