@@ -144,36 +144,18 @@ __device__ __forceinline__ void adamw_update_impl(float* __restrict__ p, float* 
         float4* v4 = reinterpret_cast<float4*>(v);
         const typename Quad<G>::V* g4 = reinterpret_cast<const typename Quad<G>::V*>(grad);
         typename Quad<L>::V* l4 = reinterpret_cast<typename Quad<L>::V*>(low);
-        // two quads a thread an iteration (i and i + stride), loaded before either is computed;
-        // streaming loads and stores (each byte is touched once: keep it out of the caches' way)
-        const long long quads = n / 4;
-        for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < quads; i += 2 * stride) {
-            const long long i2 = i + stride;
-            const bool two = i2 < quads;
-            float pp[8], mm[8], vv[8], gg[8];
-            Quad<F32>::get(__ldcs(p4 + i), pp);
-            Quad<F32>::get(__ldcs(m4 + i), mm);
-            Quad<F32>::get(__ldcs(v4 + i), vv);
-            Quad<G>::get(__ldcs(g4 + i), gg);
-            if (two) {
-                Quad<F32>::get(__ldcs(p4 + i2), pp + 4);
-                Quad<F32>::get(__ldcs(m4 + i2), mm + 4);
-                Quad<F32>::get(__ldcs(v4 + i2), vv + 4);
-                Quad<G>::get(__ldcs(g4 + i2), gg + 4);
-            }
+        for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n / 4; i += stride) {
+            float pp[4], mm[4], vv[4], gg[4];
+            Quad<F32>::get(p4[i], pp);
+            Quad<F32>::get(m4[i], mm);
+            Quad<F32>::get(v4[i], vv);
+            Quad<G>::get(g4[i], gg);
 #pragma unroll
-            for (int j = 0; j < 8; j++)
-                if (j < 4 || two) a.update(pp[j], mm[j], vv[j], gg[j]);
-            __stcs(p4 + i, Quad<F32>::make(pp));
-            __stcs(m4 + i, Quad<F32>::make(mm));
-            __stcs(v4 + i, Quad<F32>::make(vv));
-            if (low) __stcs(l4 + i, Quad<L>::make(pp));
-            if (two) {
-                __stcs(p4 + i2, Quad<F32>::make(pp + 4));
-                __stcs(m4 + i2, Quad<F32>::make(mm + 4));
-                __stcs(v4 + i2, Quad<F32>::make(vv + 4));
-                if (low) __stcs(l4 + i2, Quad<L>::make(pp + 4));
-            }
+            for (int j = 0; j < 4; j++) a.update(pp[j], mm[j], vv[j], gg[j]);
+            p4[i] = Quad<F32>::make(pp);
+            m4[i] = Quad<F32>::make(mm);
+            v4[i] = Quad<F32>::make(vv);
+            if (low) l4[i] = Quad<L>::make(pp);
         }
         return;
     }
