@@ -81,6 +81,33 @@ for (const name of names) {
   }
   const t1 = cuda.transfers();
   const peak = cuda.peakMemory();
+  // where a step's host time goes: each backend call's wall time (a call that waits for the GPU
+  // includes the wait) over `iters` steps, by op
+  const calls = {};
+  const saved = {};
+  for (const [name, f] of Object.entries(cuda)) {
+    if (typeof f !== 'function') continue;
+    saved[name] = f;
+    cuda[name] = (...a) => {
+      const t = performance.now();
+      try {
+        return f.apply(cuda, a);
+      } finally {
+        const c = (calls[name] ??= { n: 0, ms: 0 });
+        c.n++;
+        c.ms += performance.now() - t;
+      }
+    };
+  }
+  const p0 = performance.now();
+  for (let i = 0; i < iters; i++) step();
+  cuda.synchronize();
+  const profiledMs = (performance.now() - p0) / iters;
+  Object.assign(cuda, saved);
+  const byOp = Object.entries(calls)
+    .map(([op, c]) => ({ op, callsPerStep: c.n / iters, msPerStep: c.ms / iters }))
+    .sort((a, b) => b.msPerStep - a.msPerStep);
+  const inCalls = byOp.reduce((a, c) => a + c.msPerStep, 0);
   // back to back: the host queues the next step while the GPU runs (one synchronisation at the end)
   const b0 = performance.now();
   for (let i = 0; i < iters; i++) step();
@@ -102,11 +129,13 @@ for (const name of names) {
     gradNorm: st.gradNorm,
     stepsApplied: st.step,
     auxLoss: aux,
+    profile: { stepMs: profiledMs, msInBackendCalls: inCalls, msOutsideCalls: profiledMs - inCalls, byOp },
   };
   rows.push(row);
   console.log(
     `${name.padStart(13)} JS-driven training step ${ms.toFixed(3)} ms (min ${times[0].toFixed(3)}, back to back ${backToBack.toFixed(3)}), ${Math.round(row.tokensPerSecond)} tokens/s, peak ${(peak / 2 ** 30).toFixed(2)} GiB; per step to device ${row.transfersPerStep.toDeviceCalls} copies / ${row.transfersPerStep.toDeviceBytes} B, to host ${row.transfersPerStep.toHostCalls} / ${row.transfersPerStep.toHostBytes} B; grad norm ${st.gradNorm.toFixed(4)}, aux ${aux.toFixed(5)}`,
   );
+  console.log(`${name.padStart(13)} profile: ${profiledMs.toFixed(3)} ms a step, ${inCalls.toFixed(3)} in backend calls: ${byOp.slice(0, 12).map((c) => `${c.op} ${c.msPerStep.toFixed(3)} (${c.callsPerStep})`).join(', ')}`);
   opt.dispose();
   for (const t of Object.values(layer.weights)) t.dispose();
   x.dispose();

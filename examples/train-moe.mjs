@@ -10,12 +10,12 @@
 // (ts/train.ts). Build first: `npm run build`.
 //
 //   node examples/train-moe.mjs [--backend auto|cuda|cpu|wasm] [--shape tiny|fine-grained|mixtral] [--steps 100] [--json]
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 
-import { AdamW, createBackend, isCudaBackend, MoELayer, mseLoss, progressLine, TRAIN_SHAPES, uniformTensor } from '../dist/index.js';
+import { AdamW, createBackend, isCudaBackend, MoELayer, mseLoss, progressLine, TRAIN_SHAPES, uniformTensor, writeLargeFile } from '../dist/index.js';
 
 const { values: args } = parseArgs({ options: { backend: { type: 'string', default: 'auto' }, shape: { type: 'string' }, steps: { type: 'string', default: '100' }, json: { type: 'boolean' } } });
 const steps = Number(args.steps);
@@ -77,7 +77,7 @@ const finalLoss = evaluate();
 const host = (t) => (gpu ? t.download() : t);
 const trained = host(student.forward(xs[0]).output);
 const path = join(mkdtempSync(join(tmpdir(), 'moe-example-')), 'moe-layer.safetensors');
-writeFileSync(path, student.save('model.layers.0.mlp'));
+writeLargeFile(path, student.save('model.layers.0.mlp')); // (writeFileSync stops at 2 GiB)
 const { weights: _w, ...options } = config;
 const reloaded = MoELayer.load(moe, moe.name === 'wasm' ? new Uint8Array(readFileSync(path)) : path, options, 'model.layers.0.mlp');
 if (gpu) reloaded.upload();

@@ -17,6 +17,7 @@ import * as nodeEntry from '../ts/index.js';
 const NODE_ONLY: Record<string, string> = {
   trainMoE: 'writes checkpoints with node:fs',
   progressLine: 'from ts/train.ts, which imports node:fs',
+  writeLargeFile: 'writes a file with node:fs (in pieces: writeFileSync stops at 2 GiB)',
   createAsyncBackend: 'runs backends on node:worker_threads',
   isCudaBackend: 'lives in ts/backends/cuda.ts, which loads the N-API addon; there is no cuda backend in a browser',
 };

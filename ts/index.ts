@@ -43,7 +43,7 @@ export const { backendInfo, createBackend } = makeEntry(load);
 export { MoELayer, normalRng, type MoEForward, type MoEGrads, type MoELayerOptions, type MoEWeights, type PretrainedInfo, type SharedExpertOptions } from './layer.js';
 export { AdamW, type AdamWOptions, type OptimizerStatus } from './optim.js';
 export { SUPPORTED_MODEL_TYPES, type ExpertKeyFormat, type FromPretrainedOptions, type KeyScheme, type PretrainedSource, type SavePretrainedOptions } from './hf.js';
-export { progressLine, trainMoE, type TrainOptions, type TrainResult, type TrainShape, type TrainStep } from './train.js';
+export { progressLine, trainMoE, writeLargeFile, type TrainOptions, type TrainResult, type TrainShape, type TrainStep } from './train.js';
 export { mseLoss, TRAIN_SHAPES, uniformTensor } from './training.js';
 export { createAsyncBackend, type AsyncBackend, type AsyncOps, type CreateAsyncBackendOptions } from './async.js';
 export { TokenDispatcher, type TokenDispatcherOptions, type TokenPermutation, type TopKRouting } from './dispatcher.js';

@@ -14,7 +14,7 @@
  *
  * Used by `moe-dispatch train` and `examples/train-moe.mjs`.
  */
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, readFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -181,7 +181,7 @@ export function trainMoE(backend: Backend, options: TrainOptions = {}): TrainRes
   // Checkpoint: save, reload, compare.
   const path = options.checkpoint ?? join(mkdtempSync(join(tmpdir(), 'moe-train-')), 'moe-layer.safetensors');
   const bytes = student.save('model.layers.0.mlp');
-  writeFileSync(path, bytes);
+  writeLargeFile(path, bytes);
   const { weights: _w, seed: _s, initStd: _i, ...reloadOptions } = layerOptions;
   // The native backend reads the file itself (seek + read); wasm gets the bytes.
   const source = backend.name === 'wasm' ? new Uint8Array(readFileSync(path)) : path;
@@ -220,6 +220,19 @@ export function trainMoE(backend: Backend, options: TrainOptions = {}): TrainRes
     peakBytes,
     skippedSteps,
   };
+}
+
+/**
+ * Writes `bytes` to `path` in pieces of at most 1 GiB: Node's writeFileSync refuses a buffer over
+ * 2 GiB (a Mixtral-sized layer's checkpoint is 2.8 GB).
+ */
+export function writeLargeFile(path: string, bytes: Uint8Array): void {
+  const fd = openSync(path, 'w');
+  try {
+    for (let at = 0; at < bytes.length; ) at += writeSync(fd, bytes, at, Math.min(bytes.length - at, 1 << 30));
+  } finally {
+    closeSync(fd);
+  }
 }
 
 function hostOf(t: AnyTensor): Tensor<TokenDType> {
