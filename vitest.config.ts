@@ -10,7 +10,22 @@ import { CHROMIUM, CHROMIUM_ARGS } from './scripts/chromium.mjs';
 const ROOT = fileURLToPath(new URL('.', import.meta.url));
 
 /** The suites that also run in the browser, on the wasm backend through the browser entry (ts/browser.ts). */
-const BROWSER_SUITES = ['test/browser-entry.test.ts', 'test/golden.test.ts', 'test/properties.test.ts', 'test/routing.test.ts', 'test/layout.test.ts', 'test/activations.test.ts', 'test/dispatch-grad.test.ts', 'test/dispatcher.test.ts', 'test/checkpoint.test.ts', 'test/route-backward.test.ts', 'test/hf.test.ts', 'test/wasm-instances.test.ts', 'test/webgpu.test.ts', 'test/out.test.ts'];
+const BROWSER_SUITES = [
+  'test/browser-entry.test.ts',
+  'test/golden.test.ts',
+  'test/properties.test.ts',
+  'test/routing.test.ts',
+  'test/layout.test.ts',
+  'test/activations.test.ts',
+  'test/dispatch-grad.test.ts',
+  'test/dispatcher.test.ts',
+  'test/checkpoint.test.ts',
+  'test/route-backward.test.ts',
+  'test/hf.test.ts',
+  'test/wasm-instances.test.ts',
+  'test/webgpu.test.ts',
+  'test/out.test.ts',
+];
 
 /**
  * The golden files are vendored in `test/fixtures/golden/` (or `MOE_GOLDEN_DIR`). The browser

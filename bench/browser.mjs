@@ -25,7 +25,16 @@ import { serve } from '../scripts/static-server.mjs';
 import { benchPermute } from './permute-bench.mjs';
 
 const { values: args } = parseArgs({
-  options: { iters: { type: 'string' }, rounds: { type: 'string' }, out: { type: 'string' }, tokens: { type: 'string' }, hidden: { type: 'string' }, experts: { type: 'string' }, topk: { type: 'string' }, 'node-only': { type: 'string' } },
+  options: {
+    iters: { type: 'string' },
+    rounds: { type: 'string' },
+    out: { type: 'string' },
+    tokens: { type: 'string' },
+    hidden: { type: 'string' },
+    experts: { type: 'string' },
+    topk: { type: 'string' },
+    'node-only': { type: 'string' },
+  },
 });
 const shape = { T: Number(args.tokens ?? 4096), H: Number(args.hidden ?? 1024), E: Number(args.experts ?? 64), k: Number(args.topk ?? 4), iters: Number(args.iters ?? 10) };
 
@@ -123,7 +132,8 @@ mkdirSync(dirname(out), { recursive: true });
 writeFileSync(out, JSON.stringify(result, null, 2) + '\n');
 
 const lines = ['| backend | op | dtype | time (ms) | GB/s | time vs native 1 thread |', '|---|---|---|---:|---:|---:|'];
-for (const r of timed) lines.push(`| ${r.backend} | ${r.op} | ${r.dtype} | ${(r.seconds * 1e3).toFixed(2)} | ${r.gbPerSecond.toFixed(2)} | ${r.vsNative1Thread ? `${r.vsNative1Thread.toFixed(2)}x` : '-'} |`);
+for (const r of timed)
+  lines.push(`| ${r.backend} | ${r.op} | ${r.dtype} | ${(r.seconds * 1e3).toFixed(2)} | ${r.gbPerSecond.toFixed(2)} | ${r.vsNative1Thread ? `${r.vsNative1Thread.toFixed(2)}x` : '-'} |`);
 console.log(`permute/unpermute, T=${shape.T} H=${shape.H} E=${shape.E} k=${shape.k}, best of ${rounds} rounds of a median of ${shape.iters}; ${result.machine.cpus} CPUs (${result.machine.model})`);
 console.log(lines.join('\n'));
 console.log(`written to ${out}`);

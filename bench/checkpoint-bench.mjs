@@ -201,7 +201,11 @@ try {
   const range = { start: (cfg.experts / cfg.epSize) * cfg.epRank, end: (cfg.experts / cfg.epSize) * (cfg.epRank + 1) };
   const routerNames = [`model.layers.${cfg.layer}.mlp.gate.weight`, `model.layers.${cfg.layer}.mlp.gate.e_score_correction_bias`];
   const cases = [
-    { what: `loadExperts: layer ${cfg.layer}, all ${cfg.experts} experts`, names: expertNames(0, cfg.experts), run: (moe, src) => moe.loadExperts(src, { prefix, numExperts: cfg.experts, activation: 'swiglu' }) },
+    {
+      what: `loadExperts: layer ${cfg.layer}, all ${cfg.experts} experts`,
+      names: expertNames(0, cfg.experts),
+      run: (moe, src) => moe.loadExperts(src, { prefix, numExperts: cfg.experts, activation: 'swiglu' }),
+    },
     {
       what: `loadExperts: layer ${cfg.layer}, epSize ${cfg.epSize}, rank ${cfg.epRank} (experts ${range.start}-${range.end - 1})`,
       names: expertNames(range.start, range.end),
@@ -214,8 +218,19 @@ try {
   // experts plus the router and shared expert, each of its two reads counting the headers it opens.
   const sharedNames = ['gate_proj', 'up_proj', 'down_proj'].map((w) => `model.layers.${cfg.layer}.mlp.shared_experts.${w}.weight`);
   const config = {
-    model_type: 'deepseek_v3', hidden_size: cfg.dim, moe_intermediate_size: cfg.inter, n_routed_experts: cfg.experts, n_shared_experts: cfg.sharedInter / cfg.inter,
-    num_hidden_layers: cfg.layers, first_k_dense_replace: 0, n_group: 8, topk_group: 4, num_experts_per_tok: 6, norm_topk_prob: true, routed_scaling_factor: 2.5, hidden_act: 'silu',
+    model_type: 'deepseek_v3',
+    hidden_size: cfg.dim,
+    moe_intermediate_size: cfg.inter,
+    n_routed_experts: cfg.experts,
+    n_shared_experts: cfg.sharedInter / cfg.inter,
+    num_hidden_layers: cfg.layers,
+    first_k_dense_replace: 0,
+    n_group: 8,
+    topk_group: 4,
+    num_experts_per_tok: 6,
+    norm_topk_prob: true,
+    routed_scaling_factor: 2.5,
+    hidden_act: 'silu',
   };
   writeFileSync(join(base, 'config.json'), JSON.stringify(config, null, 2));
   const layerRead = async (moe, src, ep) => {
@@ -275,7 +290,15 @@ try {
       out = await c.run(cpu, base);
       warm.push(performance.now() - t);
     }
-    rows.push({ backend: 'cpu (path)', what: c.what, bytesRead: out.bytesRead, expectedBytes: want, fractionOfCheckpoint: out.bytesRead / fileBytes, coldMs: dropped ? coldMs : null, warmMs: Math.min(...warm) });
+    rows.push({
+      backend: 'cpu (path)',
+      what: c.what,
+      bytesRead: out.bytesRead,
+      expectedBytes: want,
+      fractionOfCheckpoint: out.bytesRead / fileBytes,
+      coldMs: dropped ? coldMs : null,
+      warmMs: Math.min(...warm),
+    });
     out = null;
   }
 
@@ -297,7 +320,15 @@ try {
         out = await c.run(wasm, src);
         warm.push(performance.now() - t);
       }
-      rows.push({ backend: `wasm ({ index, shards }: ${needed.length} of ${n} shards in memory)`, what: c.what, bytesRead: out.bytesRead, expectedBytes: want, fractionOfCheckpoint: out.bytesRead / fileBytes, coldMs: null, warmMs: Math.min(...warm) });
+      rows.push({
+        backend: `wasm ({ index, shards }: ${needed.length} of ${n} shards in memory)`,
+        what: c.what,
+        bytesRead: out.bytesRead,
+        expectedBytes: want,
+        fractionOfCheckpoint: out.bytesRead / fileBytes,
+        coldMs: null,
+        warmMs: Math.min(...warm),
+      });
       out = null;
     }
   }
@@ -308,7 +339,9 @@ try {
   console.log(`| ${pad('backend', 50)} | ${pad('load', 72)} | ${pad('bytes read', 12)} | of checkpoint | cold ms | warm ms |`);
   console.log(`|${'-'.repeat(52)}|${'-'.repeat(74)}|${'-'.repeat(14)}|---------------|---------|---------|`);
   for (const r of rows) {
-    console.log(`| ${pad(r.backend, 50)} | ${pad(r.what, 72)} | ${pad(fmtMB(r.bytesRead), 12)} | ${pad(`${(100 * r.fractionOfCheckpoint).toFixed(4)} %`, 13)} | ${pad(r.coldMs === null ? '-' : r.coldMs.toFixed(0), 7)} | ${pad(r.warmMs.toFixed(r.warmMs < 10 ? 2 : 0), 7)} |`);
+    console.log(
+      `| ${pad(r.backend, 50)} | ${pad(r.what, 72)} | ${pad(fmtMB(r.bytesRead), 12)} | ${pad(`${(100 * r.fractionOfCheckpoint).toFixed(4)} %`, 13)} | ${pad(r.coldMs === null ? '-' : r.coldMs.toFixed(0), 7)} | ${pad(r.warmMs.toFixed(r.warmMs < 10 ? 2 : 0), 7)} |`,
+    );
   }
   let commit = 'unknown';
   try {
@@ -338,7 +371,8 @@ try {
       layerExpertFiles: layerFiles,
       writeMs: Math.round(writeMs),
     },
-    notes: 'A shared 2-vCPU build machine (other builds ran beside it: expect +-30%). cold: the checkpoint files dropped from the page cache first (dd iflag=nocache count=0 per file), one run; warm: best of 3 right after. wasm: the needed shards read into memory beforehand (not timed). bytesRead is checked to equal the opened shards\' headers plus the wanted tensors\' bytes.',
+    notes:
+      "A shared 2-vCPU build machine (other builds ran beside it: expect +-30%). cold: the checkpoint files dropped from the page cache first (dd iflag=nocache count=0 per file), one run; warm: best of 3 right after. wasm: the needed shards read into memory beforehand (not timed). bytesRead is checked to equal the opened shards' headers plus the wanted tensors' bytes.",
     rows,
   };
   writeFileSync(outFile, JSON.stringify(result, null, 2) + '\n');

@@ -17,11 +17,13 @@ const iters = Number(args.iters);
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 const time = (f) => {
   f();
-  return median(Array.from({ length: iters }, () => {
-    const t = performance.now();
-    f();
-    return (performance.now() - t) / 1e3;
-  }));
+  return median(
+    Array.from({ length: iters }, () => {
+      const t = performance.now();
+      f();
+      return (performance.now() - t) / 1e3;
+    }),
+  );
 };
 const fill = (n, seed) => Float32Array.from({ length: n }, (_, i) => (((i + seed) * 7919) % 1000) / 1000 - 0.5);
 const t = (shape, data) => ({ dtype: 'float32', shape, data });

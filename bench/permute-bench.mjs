@@ -26,8 +26,16 @@ export async function benchPermute(api, random, { T = 4096, H = 1024, E = 64, k 
     const N = permuted.sortedIndices.shape[0];
     const elem = dtype === 'float32' ? 4 : 2;
     const add = (op, bytes, seconds) => rows.push({ backend: label, op, dtype, seconds, bytes, gbPerSecond: bytes / seconds / 1e9 });
-    add('permute+probs', 2 * N * H * elem, timeIt(() => b.permute(r.tokens, routingMap, { probs })));
-    add('unpermute+probs', (N + T) * H * elem, timeIt(() => b.unpermute(permuted.permutedTokens, permuted.sortedIndices, [T, H], { probs: permuted.permutedProbs })));
+    add(
+      'permute+probs',
+      2 * N * H * elem,
+      timeIt(() => b.permute(r.tokens, routingMap, { probs })),
+    );
+    add(
+      'unpermute+probs',
+      (N + T) * H * elem,
+      timeIt(() => b.unpermute(permuted.permutedTokens, permuted.sortedIndices, [T, H], { probs: permuted.permutedProbs })),
+    );
     // A checksum of the outputs, so runs on different backends can be seen to agree.
     const out = b.unpermute(permuted.permutedTokens, permuted.sortedIndices, [T, H], { probs: permuted.permutedProbs });
     let h = 0;

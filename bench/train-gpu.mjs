@@ -39,7 +39,7 @@ function bf16Uniform(shape, seed, scale) {
     s ^= s << 13;
     s ^= s >>> 17;
     s ^= s << 5;
-    f[0] = ((s >>> 0) / 4294967296 * 2 - 1) * scale;
+    f[0] = (((s >>> 0) / 4294967296) * 2 - 1) * scale;
     bits[i] = u[0] >>> 16;
   }
   return tensor('bfloat16', shape, bits);
@@ -135,7 +135,12 @@ for (const name of names) {
   console.log(
     `${name.padStart(13)} JS-driven training step ${ms.toFixed(3)} ms (min ${times[0].toFixed(3)}, back to back ${backToBack.toFixed(3)}), ${Math.round(row.tokensPerSecond)} tokens/s, peak ${(peak / 2 ** 30).toFixed(2)} GiB; per step to device ${row.transfersPerStep.toDeviceCalls} copies / ${row.transfersPerStep.toDeviceBytes} B, to host ${row.transfersPerStep.toHostCalls} / ${row.transfersPerStep.toHostBytes} B; grad norm ${st.gradNorm.toFixed(4)}, aux ${aux.toFixed(5)}`,
   );
-  console.log(`${name.padStart(13)} profile: ${profiledMs.toFixed(3)} ms a step, ${inCalls.toFixed(3)} in backend calls: ${byOp.slice(0, 12).map((c) => `${c.op} ${c.msPerStep.toFixed(3)} (${c.callsPerStep})`).join(', ')}`);
+  console.log(
+    `${name.padStart(13)} profile: ${profiledMs.toFixed(3)} ms a step, ${inCalls.toFixed(3)} in backend calls: ${byOp
+      .slice(0, 12)
+      .map((c) => `${c.op} ${c.msPerStep.toFixed(3)} (${c.callsPerStep})`)
+      .join(', ')}`,
+  );
   opt.dispose();
   for (const t of Object.values(layer.weights)) t.dispose();
   x.dispose();

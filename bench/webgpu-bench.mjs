@@ -50,47 +50,81 @@ export async function benchWebGpu(api, random, { T = 4096, H = 1024, E = 64, k =
     const pt = moe.upload(ref.permutedTokens);
 
     // permute (+ probs)
-    add('wasm', 'permute+probs', 2 * N * H * elem, timeSync(() => wasm.permute(r.tokens, routingMap, { probs })));
+    add(
+      'wasm',
+      'permute+probs',
+      2 * N * H * elem,
+      timeSync(() => wasm.permute(r.tokens, routingMap, { probs })),
+    );
     const g = await moe.gpu.permute(x, routingMap, { probs });
-    const okPermute = sameBits(await g.permutedTokens.download(), ref.permutedTokens) && sameBits(await g.sortedIndices.download(), ref.sortedIndices) && sameBits(await g.permutedProbs.download(), ref.permutedProbs);
+    const okPermute =
+      sameBits(await g.permutedTokens.download(), ref.permutedTokens) && sameBits(await g.sortedIndices.download(), ref.sortedIndices) && sameBits(await g.permutedProbs.download(), ref.permutedProbs);
     dispose(g);
-    add('webgpu', 'permute+probs', 2 * N * H * elem, await timeAsync(async () => {
-      const o = await moe.gpu.permute(x, routingMap, { probs });
-      await moe.synchronize();
-      dispose(o);
-    }), { sameBitsAsWasm: okPermute });
+    add(
+      'webgpu',
+      'permute+probs',
+      2 * N * H * elem,
+      await timeAsync(async () => {
+        const o = await moe.gpu.permute(x, routingMap, { probs });
+        await moe.synchronize();
+        dispose(o);
+      }),
+      { sameBitsAsWasm: okPermute },
+    );
 
     // unpermute (+ per-slot probs)
     const uo = { probs: ref.permutedProbs };
     const want = wasm.unpermute(ref.permutedTokens, ref.sortedIndices, [T, H], uo);
-    add('wasm', 'unpermute+probs', (N + T) * H * elem, timeSync(() => wasm.unpermute(ref.permutedTokens, ref.sortedIndices, [T, H], uo)));
+    add(
+      'wasm',
+      'unpermute+probs',
+      (N + T) * H * elem,
+      timeSync(() => wasm.unpermute(ref.permutedTokens, ref.sortedIndices, [T, H], uo)),
+    );
     const u = await moe.gpu.unpermute(pt, ref.sortedIndices, [T, H], uo);
     const okUnpermute = sameBits(await u.download(), want);
     u.dispose();
-    add('webgpu', 'unpermute+probs', (N + T) * H * elem, await timeAsync(async () => {
-      const o = await moe.gpu.unpermute(pt, ref.sortedIndices, [T, H], uo);
-      await moe.synchronize();
-      o.dispose();
-    }), { sameBitsAsWasm: okUnpermute });
+    add(
+      'webgpu',
+      'unpermute+probs',
+      (N + T) * H * elem,
+      await timeAsync(async () => {
+        const o = await moe.gpu.unpermute(pt, ref.sortedIndices, [T, H], uo);
+        await moe.synchronize();
+        o.dispose();
+      }),
+      { sameBitsAsWasm: okUnpermute },
+    );
     x.dispose();
     pt.dispose();
   }
 
   // route: softmax top-k over [T, E] float32 logits
   const rand = random.rng(11);
-  const logits = api.tensor('float32', [T, E], Float32Array.from({ length: T * E }, () => rand() * 6 - 3));
+  const logits = api.tensor(
+    'float32',
+    [T, E],
+    Float32Array.from({ length: T * E }, () => rand() * 6 - 3),
+  );
   const ro = { topk: k };
   const want = wasm.route(logits, ro);
-  add2('wasm', timeSync(() => wasm.route(logits, ro)));
+  add2(
+    'wasm',
+    timeSync(() => wasm.route(logits, ro)),
+  );
   const l = moe.upload(logits);
   const g = await moe.gpu.route(l, ro);
   const okRoute = sameBits(await g.weights.download(), want.weights) && sameBits(await g.indices.download(), want.indices);
   dispose(g);
-  add2('webgpu', await timeAsync(async () => {
-    const o = await moe.gpu.route(l, ro);
-    await moe.synchronize();
-    dispose(o);
-  }), { sameBitsAsWasm: okRoute, onGpu: api.WEBGPU_OPS.includes('route') });
+  add2(
+    'webgpu',
+    await timeAsync(async () => {
+      const o = await moe.gpu.route(l, ro);
+      await moe.synchronize();
+      dispose(o);
+    }),
+    { sameBitsAsWasm: okRoute, onGpu: api.WEBGPU_OPS.includes('route') },
+  );
   l.dispose();
   function add2(backend, seconds, extra = {}) {
     rows.push({ backend, op: 'route softmax top-k', dtype: 'float32', seconds, bytes: T * E * 4, gbPerSecond: (T * E * 4) / seconds / 1e9, ...extra });

@@ -18,7 +18,9 @@ import { chromium } from 'playwright-core';
 import { CHROMIUM, launchOptions } from '../scripts/chromium.mjs';
 import { serve } from '../scripts/static-server.mjs';
 
-const { values: args } = parseArgs({ options: { iters: { type: 'string' }, out: { type: 'string' }, tokens: { type: 'string' }, hidden: { type: 'string' }, experts: { type: 'string' }, topk: { type: 'string' } } });
+const { values: args } = parseArgs({
+  options: { iters: { type: 'string' }, out: { type: 'string' }, tokens: { type: 'string' }, hidden: { type: 'string' }, experts: { type: 'string' }, topk: { type: 'string' } },
+});
 const shape = { T: Number(args.tokens ?? 4096), H: Number(args.hidden ?? 1024), E: Number(args.experts ?? 64), k: Number(args.topk ?? 4), iters: Number(args.iters ?? 10) };
 
 const server = await serve();
@@ -44,11 +46,12 @@ const result = {
   machine: { cpu: cpus()[0]?.model, cores: cpus().length },
   chromium: { binary: CHROMIUM, flags: launchOptions.args, userAgent: res.userAgent },
   adapter: res.adapter,
-  note: 'SwiftShader is a software WebGPU adapter (the GPU emulated on the CPU): these times are not a real GPU\'s. WebGPU rows: tokens on the GPU, routing inputs on the host, each call timed until its results are written.',
+  note: "SwiftShader is a software WebGPU adapter (the GPU emulated on the CPU): these times are not a real GPU's. WebGPU rows: tokens on the GPU, routing inputs on the host, each call timed until its results are written.",
   rows: res.rows,
 };
 mkdirSync(dirname(out), { recursive: true });
 writeFileSync(out, `${JSON.stringify(result, null, 2)}\n`);
 console.log(`| op | dtype | backend | ms | GB/s | same bits as wasm |\n|---|---|---|---|---|---|`);
-for (const r of res.rows) console.log(`| ${r.op} | ${r.dtype} | ${r.backend}${r.onGpu === false ? ' (on wasm inside)' : ''} | ${(r.seconds * 1e3).toFixed(2)} | ${r.gbPerSecond.toFixed(2)} | ${r.sameBitsAsWasm ?? ''} |`);
+for (const r of res.rows)
+  console.log(`| ${r.op} | ${r.dtype} | ${r.backend}${r.onGpu === false ? ' (on wasm inside)' : ''} | ${(r.seconds * 1e3).toFixed(2)} | ${r.gbPerSecond.toFixed(2)} | ${r.sameBitsAsWasm ?? ''} |`);
 console.log(`\n${res.adapter}; written to ${out}`);

@@ -98,7 +98,11 @@ export function computeRouting(moe, rows, o) {
   }
   const keptPerExpert = moe.tokensPerExpert(kept.routingMap).data;
   // One hidden unit holding the token id, so the permuted rows say which token sits in each slot.
-  const tokens = tensor('float32', [T, 1], Float32Array.from({ length: T }, (_, t) => t));
+  const tokens = tensor(
+    'float32',
+    [T, 1],
+    Float32Array.from({ length: T }, (_, t) => t),
+  );
   const permuted = moe.permute(tokens, kept.routingMap, { probs: kept.probs });
   return { T, E, scores: routed.scores.data, routingMap: routingMap.data, keptMap: kept.routingMap.data, routedPerExpert, keptPerExpert, capacity, permuted };
 }
@@ -124,11 +128,26 @@ export async function computeRoutingGpu(moe, rows, o) {
     if (again !== capacity) throw new Error(`getCapacity gave ${again}, dropTokens ${capacity}`);
   }
   const keptCounts = await g.tokensPerExpert(kept.routingMap);
-  const tokens = tensor('float32', [T, 1], Float32Array.from({ length: T }, (_, t) => t));
+  const tokens = tensor(
+    'float32',
+    [T, 1],
+    Float32Array.from({ length: T }, (_, t) => t),
+  );
   const permutedGpu = await g.permute(tokens, kept.routingMap, { probs: kept.probs });
   const host = await moe.toHost({ scores: routed.scores, routingMap: multi.routingMap, keptMap: kept.routingMap, routedCounts, keptCounts, permuted: permutedGpu });
-  for (const t of [...Object.values(routed), ...Object.values(multi), kept.routingMap, kept.probs, routedCounts, keptCounts, ...Object.values(permutedGpu)]) if (t && typeof t.dispose === 'function') t.dispose();
-  return { T, E, scores: host.scores.data, routingMap: host.routingMap.data, keptMap: host.keptMap.data, routedPerExpert: host.routedCounts.data, keptPerExpert: host.keptCounts.data, capacity, permuted: host.permuted };
+  for (const t of [...Object.values(routed), ...Object.values(multi), kept.routingMap, kept.probs, routedCounts, keptCounts, ...Object.values(permutedGpu)])
+    if (t && typeof t.dispose === 'function') t.dispose();
+  return {
+    T,
+    E,
+    scores: host.scores.data,
+    routingMap: host.routingMap.data,
+    keptMap: host.keptMap.data,
+    routedPerExpert: host.routedCounts.data,
+    keptPerExpert: host.keptCounts.data,
+    capacity,
+    permuted: host.permuted,
+  };
 }
 
 /** Whether two results of the pipeline hold the same bits. */
@@ -136,7 +155,10 @@ function sameBits(a, b) {
   const bytes = (v) => new Uint8Array(v.buffer, v.byteOffset, v.byteLength);
   const eq = (x, y) => x.byteLength === y.byteLength && bytes(x).every((v, i) => v === bytes(y)[i]);
   const p = (r) => [r.permuted.permutedTokens.data, r.permuted.permutedProbs.data, r.permuted.sortedIndices.data, r.permuted.tokensPerExpert.data];
-  return [a.scores, a.routingMap, a.keptMap, a.routedPerExpert, a.keptPerExpert, ...p(a)].every((x, i) => eq(x, [b.scores, b.routingMap, b.keptMap, b.routedPerExpert, b.keptPerExpert, ...p(b)][i])) && a.capacity === b.capacity;
+  return (
+    [a.scores, a.routingMap, a.keptMap, a.routedPerExpert, a.keptPerExpert, ...p(a)].every((x, i) => eq(x, [b.scores, b.routingMap, b.keptMap, b.routedPerExpert, b.keptPerExpert, ...p(b)][i])) &&
+    a.capacity === b.capacity
+  );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -169,7 +191,23 @@ function drawHeatmap(r) {
       const title = el('title', {}, cell);
       title.textContent = `token ${t}, expert ${e}: score ${scores[i].toPrecision(4)}${routingMap[i] ? (keptMap[i] ? ' (routed)' : ' (routed, dropped)') : ''}`;
       if (routingMap[i]) {
-        el('rect', { x: x + 0.75, y: y + 0.75, width: cw - 1.5, height: ch - 1.5, fill: 'none', stroke: '#1d232b', 'stroke-width': 1.5, class: 'routed', 'data-token': t, 'data-expert': e, 'data-kept': keptMap[i] ? 1 : 0 }, svg);
+        el(
+          'rect',
+          {
+            x: x + 0.75,
+            y: y + 0.75,
+            width: cw - 1.5,
+            height: ch - 1.5,
+            fill: 'none',
+            stroke: '#1d232b',
+            'stroke-width': 1.5,
+            class: 'routed',
+            'data-token': t,
+            'data-expert': e,
+            'data-kept': keptMap[i] ? 1 : 0,
+          },
+          svg,
+        );
         if (!keptMap[i]) {
           el('path', { d: `M${x + 2} ${y + 2}L${x + cw - 2} ${y + ch - 2}M${x + cw - 2} ${y + 2}L${x + 2} ${y + ch - 2}`, stroke: '#d1495b', 'stroke-width': 2, class: 'dropped-mark' }, svg);
         }
@@ -284,7 +322,8 @@ function generate() {
 try {
   moe = await createBackend(); // webgpu where the page has an adapter, else wasm
   wasm = moe.name === 'wasm' ? moe : await createBackend({ prefer: 'wasm' });
-  $('backend').textContent = moe.name === 'webgpu' ? `backend: webgpu, ${moe.adapter}; wasm beside it for comparison` : `backend: ${moe.name}, ${typeof WebAssembly !== 'undefined' ? 'WebAssembly' : '?'}`;
+  $('backend').textContent =
+    moe.name === 'webgpu' ? `backend: webgpu, ${moe.adapter}; wasm beside it for comparison` : `backend: ${moe.name}, ${typeof WebAssembly !== 'undefined' ? 'WebAssembly' : '?'}`;
   $('use-wasm-label').hidden = moe.name !== 'webgpu';
   $('use-wasm').addEventListener('change', () => run());
 } catch (e) {

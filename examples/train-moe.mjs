@@ -34,7 +34,9 @@ const weights = (seed, gain) => ({
   routerWeight: uniformTensor(dtype, [config.dim, config.numExperts], seed, gain / Math.sqrt(config.dim)),
   [config.activation === 'relu2' ? 'upProjs' : 'gateAndUpProjs']: uniformTensor(dtype, [config.numExperts, config.dim, 2 * config.inter], seed + 1, gain / Math.sqrt(config.dim)),
   downProjs: uniformTensor(dtype, [config.numExperts, config.inter, config.dim], seed + 2, gain / Math.sqrt(config.inter)),
-  ...(config.bias ? { gateUpProjBias: uniformTensor(dtype, [config.numExperts, 2 * config.inter], seed + 3, 0), downProjBias: uniformTensor(dtype, [config.numExperts, config.dim], seed + 4, 0) } : {}),
+  ...(config.bias
+    ? { gateUpProjBias: uniformTensor(dtype, [config.numExperts, 2 * config.inter], seed + 3, 0), downProjBias: uniformTensor(dtype, [config.numExperts, config.dim], seed + 4, 0) }
+    : {}),
 });
 const teacher = new MoELayer(moe, { ...config, auxLossCoeff: 0, weights: weights(1007, 2) });
 const student = new MoELayer(moe, { ...config, weights: weights(7, 1) });
@@ -87,5 +89,8 @@ const reloadIdentical = bytes(again).every((v, i) => v === bytes(trained)[i]);
 
 const result = { backend: moe.name, shape, steps, initialLoss, finalLoss, tokensPerSecond, peakBytes: gpu ? moe.peakMemory() : undefined, checkpoint: path, reloadIdentical };
 if (args.json) console.log(JSON.stringify(result));
-else console.log(`loss ${initialLoss.toPrecision(4)} -> ${finalLoss.toPrecision(4)}; ${Math.round(tokensPerSecond)} tokens/s; checkpoint ${path} reloads ${reloadIdentical ? 'identically' : 'DIFFERENTLY'}`);
+else
+  console.log(
+    `loss ${initialLoss.toPrecision(4)} -> ${finalLoss.toPrecision(4)}; ${Math.round(tokensPerSecond)} tokens/s; checkpoint ${path} reloads ${reloadIdentical ? 'identically' : 'DIFFERENTLY'}`,
+  );
 process.exit(finalLoss < (tiny ? 0.5 : 1) * initialLoss && reloadIdentical ? 0 : 1);

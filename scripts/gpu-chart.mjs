@@ -47,7 +47,10 @@ const ms = (shape, op) => rows.find((r) => r.shape === shape && r.op === op);
 const refMs = (shape, op) => ref.find((r) => r.shape === shape && r.op === op);
 const groups = [];
 let max = 0;
-for (const [shape, dims] of [['deepseek', 'DeepSeek-V3: T=16384, H=7168, E=256, k=8, bf16'], ['mixtral', 'Mixtral-like: T=16384, H=4096, E=8, k=2, bf16']]) {
+for (const [shape, dims] of [
+  ['deepseek', 'DeepSeek-V3: T=16384, H=7168, E=256, k=8, bf16'],
+  ['mixtral', 'Mixtral-like: T=16384, H=4096, E=8, k=2, bf16'],
+]) {
   const copy = ms(shape, 'copy (same bytes)');
   const list = [
     ['device copy of the same bytes', copy, COPY],

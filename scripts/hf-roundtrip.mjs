@@ -37,7 +37,11 @@ for (const name of readdirSync(root).sort()) {
   for (const [key, g] of Object.entries(grads)) {
     const w = layer.weights[key];
     const gv = valuesF32(g);
-    const stepped = fromValues(w.dtype, w.shape, Float64Array.from(valuesF32(w), (v, i) => v - LR * gv[i]));
+    const stepped = fromValues(
+      w.dtype,
+      w.shape,
+      Float64Array.from(valuesF32(w), (v, i) => v - LR * gv[i]),
+    );
     w.data.set(stepped.data);
   }
   const { output } = layer.forward(io.x);

@@ -46,7 +46,12 @@ const rand = (() => {
     return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
   };
 })();
-const f32 = (shape) => tensor('float32', shape, Float32Array.from({ length: shape.reduce((a, b) => a * b, 1) }, () => rand() * 2 - 1));
+const f32 = (shape) =>
+  tensor(
+    'float32',
+    shape,
+    Float32Array.from({ length: shape.reduce((a, b) => a * b, 1) }, () => rand() * 2 - 1),
+  );
 
 function smallOps(b) {
   const logits = f32([8, 4]);
@@ -108,7 +113,10 @@ async function phase(name, backend, memory, ops, count) {
       await settle();
       const s = { calls: i, rss: process.memoryUsage().rss, wasm: memory?.(), seconds: (performance.now() - t0) / 1e3 };
       samples.push(s);
-      if (!opts.json) console.log(`  ${backend.name} ${name} ${String(i).padStart(7)} calls  rss ${MiB(s.rss).padStart(7)} MiB${s.wasm === undefined ? '' : `  wasm memory ${MiB(s.wasm).padStart(7)} MiB`}  ${s.seconds.toFixed(1)} s`);
+      if (!opts.json)
+        console.log(
+          `  ${backend.name} ${name} ${String(i).padStart(7)} calls  rss ${MiB(s.rss).padStart(7)} MiB${s.wasm === undefined ? '' : `  wasm memory ${MiB(s.wasm).padStart(7)} MiB`}  ${s.seconds.toFixed(1)} s`,
+        );
     }
   }
   const warm = samples[0];
@@ -117,7 +125,18 @@ async function phase(name, backend, memory, ops, count) {
   const problems = [];
   if (maxRss - warm.rss > RSS_SLACK) problems.push(`${backend.name} ${name}: RSS grew ${MiB(maxRss - warm.rss)} MiB after warm-up (limit ${MiB(RSS_SLACK)})`);
   if (memory && last.wasm > warm.wasm) problems.push(`${backend.name} ${name}: wasm memory grew from ${MiB(warm.wasm)} to ${MiB(last.wasm)} MiB after warm-up`);
-  return { backend: backend.name, phase: name, calls: count, rssAfterWarmupMiB: +MiB(warm.rss), rssEndMiB: +MiB(last.rss), rssMaxMiB: +MiB(maxRss), wasmAfterWarmupMiB: memory ? +MiB(warm.wasm) : undefined, wasmEndMiB: memory ? +MiB(last.wasm) : undefined, seconds: +last.seconds.toFixed(1), problems };
+  return {
+    backend: backend.name,
+    phase: name,
+    calls: count,
+    rssAfterWarmupMiB: +MiB(warm.rss),
+    rssEndMiB: +MiB(last.rss),
+    rssMaxMiB: +MiB(maxRss),
+    wasmAfterWarmupMiB: memory ? +MiB(warm.wasm) : undefined,
+    wasmEndMiB: memory ? +MiB(last.wasm) : undefined,
+    seconds: +last.seconds.toFixed(1),
+    problems,
+  };
 }
 
 const results = [];
@@ -130,7 +149,10 @@ for (const name of NAMES) {
 const problems = results.flatMap((r) => r.problems);
 if (opts.json) console.log(JSON.stringify({ small: SMALL, large: LARGE, results }));
 else {
-  for (const r of results) console.log(`${r.backend} ${r.phase}: rss ${r.rssAfterWarmupMiB} -> ${r.rssEndMiB} MiB (max ${r.rssMaxMiB})${r.wasmEndMiB === undefined ? '' : `, wasm memory ${r.wasmAfterWarmupMiB} -> ${r.wasmEndMiB} MiB`}, ${r.seconds} s`);
+  for (const r of results)
+    console.log(
+      `${r.backend} ${r.phase}: rss ${r.rssAfterWarmupMiB} -> ${r.rssEndMiB} MiB (max ${r.rssMaxMiB})${r.wasmEndMiB === undefined ? '' : `, wasm memory ${r.wasmAfterWarmupMiB} -> ${r.wasmEndMiB} MiB`}, ${r.seconds} s`,
+    );
   console.log(problems.length ? `FAIL\n${problems.join('\n')}` : 'flat: no growth after warm-up');
 }
 process.exit(problems.length ? 1 : 0);

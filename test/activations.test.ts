@@ -16,7 +16,26 @@ import { describe, expect, it } from 'vitest';
 import { tensor, type ActivationKind, type ActivationOptions, type Backend, type Tensor, type TokenDType } from '../ts/index.js';
 import { backendNamed, backendRows, registerBackendReport } from './backends.js';
 import { input, loadGolden, output, toTensor, type GoldenCase, type GoldenTensor } from './golden-loader.js';
-import { bf16Bits, bf16Value, decode, encode, expectF32Close, expectHalfWithinUlps, expectMeta, expectSameBits, f16Bits, mismatches, type FloatDType, escapeRegExp as escape, expectThrows, rng, activationUnit64, ACTIVATION_DEFAULTS, sigmoid64, type ActivationOpts } from './util.js';
+import {
+  bf16Bits,
+  bf16Value,
+  decode,
+  encode,
+  expectF32Close,
+  expectHalfWithinUlps,
+  expectMeta,
+  expectSameBits,
+  f16Bits,
+  mismatches,
+  type FloatDType,
+  escapeRegExp as escape,
+  expectThrows,
+  rng,
+  activationUnit64,
+  ACTIVATION_DEFAULTS,
+  sigmoid64,
+  type ActivationOpts,
+} from './util.js';
 
 const SEED = Number(process.env.MOE_FC_SEED ?? 0xac71_2025);
 const RUNS = Number(process.env.MOE_FC_RUNS ?? 60);
@@ -26,7 +45,6 @@ const GATED: Record<ActivationKind, boolean> = { swiglu: true, quick_geglu: true
 const DTYPES: readonly FloatDType[] = ['float32', 'bfloat16', 'float16'];
 
 const f32 = (shape: number[], values: ArrayLike<number>) => tensor('float32', shape, Float32Array.from(values));
-
 
 registerBackendReport();
 
@@ -294,22 +312,46 @@ describe.each(backendRows)('16-bit inputs on %s', (_name, b) => {
         const gStored = Array.from({ length: N * I }, () => encode(dtype, 2 * rand() - 1));
         const xv = xStored.map((s) => decode(dtype, s));
         const gv = gStored.map((s) => decode(dtype, s));
-        const probs = f32([N, 1], Array.from({ length: N }, () => rand()));
+        const probs = f32(
+          [N, 1],
+          Array.from({ length: N }, () => rand()),
+        );
         const x16 = tensor(dtype, [N, W], Uint16Array.from(xStored));
         const g16 = tensor(dtype, [N, I], Uint16Array.from(gStored));
 
         const fwd16 = b.activation(x16, { kind, probs });
         const fwd32 = b.activation(f32([N, W], xv), { kind, probs });
         expectMeta(fwd16, dtype, [N, I], 'forward');
-        expect(mismatches(fwd16.data as Uint16Array, Array.from(fwd32.data as Float32Array, (v) => roundTo(dtype, v)), (g, w) => g === w), 'forward bits').toEqual([]);
+        expect(
+          mismatches(
+            fwd16.data as Uint16Array,
+            Array.from(fwd32.data as Float32Array, (v) => roundTo(dtype, v)),
+            (g, w) => g === w,
+          ),
+          'forward bits',
+        ).toEqual([]);
         // And the float32 path is right (against float64, within 1 ulp of the 16-bit format).
         const ref = forward64(kind, xv, N, W, Array.from(probs.data), ACTIVATION_DEFAULTS);
-        expectHalfWithinUlps(fwd16, dtype, [N, I], ref.map((v) => roundTo(dtype, v)), 1, 'forward vs float64');
+        expectHalfWithinUlps(
+          fwd16,
+          dtype,
+          [N, I],
+          ref.map((v) => roundTo(dtype, v)),
+          1,
+          'forward vs float64',
+        );
 
         const back16 = b.activationBackward(g16, x16, { kind, probs });
         const back32 = b.activationBackward(f32([N, I], gv), f32([N, W], xv), { kind, probs });
         expectMeta(back16.gradInput, dtype, [N, W], 'gradInput');
-        expect(mismatches(back16.gradInput.data as Uint16Array, Array.from(back32.gradInput.data as Float32Array, (v) => roundTo(dtype, v)), (g, w) => g === w), 'gradInput bits').toEqual([]);
+        expect(
+          mismatches(
+            back16.gradInput.data as Uint16Array,
+            Array.from(back32.gradInput.data as Float32Array, (v) => roundTo(dtype, v)),
+            (g, w) => g === w,
+          ),
+          'gradInput bits',
+        ).toEqual([]);
         expectSameBits(back16.gradProbs!, back32.gradProbs!, 'gradProbs (float32 from the same values)');
       });
     }
@@ -353,7 +395,13 @@ describe('cpu and wasm agree bit for bit', () => {
       fc.property(problem, ({ s, x, grad, probs }) => {
         const W = GATED[s.kind] ? 2 * s.I : s.I;
         const make = (shape: number[], values: number[]) =>
-          s.dtype === 'float32' ? f32(shape, values) : tensor(s.dtype as TokenDType, shape, Uint16Array.from(values, (v) => encode(s.dtype, v)));
+          s.dtype === 'float32'
+            ? f32(shape, values)
+            : tensor(
+                s.dtype as TokenDType,
+                shape,
+                Uint16Array.from(values, (v) => encode(s.dtype, v)),
+              );
         const options: ActivationOptions = { kind: s.kind };
         if (s.probs !== 'none') options.probs = f32(s.probs === '[N]' ? [s.N] : [s.N, 1], probs);
         if (s.kind === 'quick_geglu' || s.kind === 'swiglu_oai') Object.assign(options, { alpha: s.alpha, linearOffset: s.linearOffset });
@@ -376,9 +424,18 @@ describe('cpu and wasm agree bit for bit', () => {
     const N = 2048;
     const I = 160; // 2048 * 320 * 4 bytes in, enough for the threaded path
     for (const kind of ['swiglu', 'quick_geglu'] as const) {
-      const x = f32([N, 2 * I], Array.from({ length: N * 2 * I }, () => (2 * rand() - 1) * 10));
-      const g = f32([N, I], Array.from({ length: N * I }, () => 2 * rand() - 1));
-      const probs = f32([N], Array.from({ length: N }, () => rand()));
+      const x = f32(
+        [N, 2 * I],
+        Array.from({ length: N * 2 * I }, () => (2 * rand() - 1) * 10),
+      );
+      const g = f32(
+        [N, I],
+        Array.from({ length: N * I }, () => 2 * rand() - 1),
+      );
+      const probs = f32(
+        [N],
+        Array.from({ length: N }, () => rand()),
+      );
       expectSameBits(wasm.activation(x, { kind, probs }), cpu.activation(x, { kind, probs }), `${kind} forward`);
       const a = wasm.activationBackward(g, x, { kind, probs });
       const c = cpu.activationBackward(g, x, { kind, probs });
@@ -390,7 +447,6 @@ describe('cpu and wasm agree bit for bit', () => {
 
 // ---------------------------------------------------------------------------------------
 // Errors.
-
 
 const X = f32([2, 4], [1, -2, 3, 0.5, -1, 2, 8, -9]);
 const G = f32([2, 2], [1, -1, 0.5, 2]);
@@ -406,8 +462,14 @@ interface ErrCase {
 }
 
 /* eslint-disable @typescript-eslint/no-explicit-any */
-const fwd = (options: unknown, x: unknown = X) => (b: Backend) => b.activation(x as any, options as any);
-const bwd = (options: unknown, grad: unknown = G, x: unknown = X) => (b: Backend) => b.activationBackward(grad as any, x as any, options as any);
+const fwd =
+  (options: unknown, x: unknown = X) =>
+  (b: Backend) =>
+    b.activation(x as any, options as any);
+const bwd =
+  (options: unknown, grad: unknown = G, x: unknown = X) =>
+  (b: Backend) =>
+    b.activationBackward(grad as any, x as any, options as any);
 
 const ERRORS: ErrCase[] = [
   // kind
@@ -447,7 +509,14 @@ const ERRORS: ErrCase[] = [
   // grad
   { title: 'grad of the wrong width', op: 'activationBackward', arg: 'grad.shape', cls: RangeError, detail: /\[2, 2\]/, call: bwd({ kind: 'swiglu' }, f32([2, 4], [1, 1, 1, 1, 1, 1, 1, 1])) },
   { title: 'grad of rank 1', op: 'activationBackward', arg: 'grad.shape', cls: TypeError, call: bwd({ kind: 'swiglu' }, f32([4], [1, 1, 1, 1])) },
-  { title: 'grad of another dtype than x', op: 'activationBackward', arg: 'grad.dtype', cls: TypeError, detail: /float32 \(the dtype of x\).*bfloat16/, call: bwd({ kind: 'swiglu' }, tensor('bfloat16', [2, 2])) },
+  {
+    title: 'grad of another dtype than x',
+    op: 'activationBackward',
+    arg: 'grad.dtype',
+    cls: TypeError,
+    detail: /float32 \(the dtype of x\).*bfloat16/,
+    call: bwd({ kind: 'swiglu' }, tensor('bfloat16', [2, 2])),
+  },
   { title: 'grad not a tensor', op: 'activationBackward', arg: 'grad', cls: TypeError, call: bwd({ kind: 'swiglu' }, null) },
 ];
 /* eslint-enable @typescript-eslint/no-explicit-any */

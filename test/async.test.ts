@@ -21,7 +21,11 @@ function calls(seed: number, sync: Backend): Call[] {
     const routing = randomRouting(p, r, 0.1);
     const m = sync.indicesToMultihot(routing.indices, routing.weights, p.numExperts);
     const perm = sync.permute(routing.tokens, m.routingMap, { probs: m.probs });
-    const logits = tensor('float32', [p.numTokens, p.numExperts], Float32Array.from({ length: p.numTokens * p.numExperts }, () => r() * 6 - 3));
+    const logits = tensor(
+      'float32',
+      [p.numTokens, p.numExperts],
+      Float32Array.from({ length: p.numTokens * p.numExperts }, () => r() * 6 - 3),
+    );
     out.push(['permute', [routing.tokens, m.routingMap, { probs: m.probs }]]);
     out.push(['unpermute', [perm.permutedTokens, perm.sortedIndices, [p.numTokens, p.hidden], { probs: perm.permutedProbs }]]);
     out.push(['route', [logits, { topk: 2, scoreFunction: i % 2 ? 'sigmoid' : 'softmax' }]]);

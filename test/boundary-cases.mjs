@@ -158,7 +158,29 @@ export const TEMPLATES = {
 const SMALL_NUMBERS = [NaN, Infinity, -Infinity, -1, -0, 0, 0.5, 2.5, 1, 2, 3, 4, 5, 7, 8, 16, 1e-300, -(2 ** 31), -(2 ** 53), Number.MIN_VALUE, -1e308];
 const HUGE_NUMBERS = [2 ** 31 - 1, 2 ** 31, 2 ** 31 + 1, 2 ** 32, 2 ** 32 + 1, 2 ** 40, 2 ** 53 - 1, 2 ** 53, 2 ** 53 + 2, 2 ** 64, 1e308, Number.MAX_VALUE];
 const NON_NUMBERS = [null, undefined, '3', '', 'x', true, false, 3n, {}, [], [3], () => 3, Symbol('s')];
-const STRINGS = ['', 'x', 'softmax', 'sigmoid', 'relu2', 'swiglu', 'quick_geglu', 'probs', 'position', 'replicate', 'shard(0)', 'shard(1)', 'shard(-1)', 'shard(99999999999)', 'ep', 'experts', 'experts.0', '__metadata__', '\u0000', 'é'.repeat(3), 'a'.repeat(300)];
+const STRINGS = [
+  '',
+  'x',
+  'softmax',
+  'sigmoid',
+  'relu2',
+  'swiglu',
+  'quick_geglu',
+  'probs',
+  'position',
+  'replicate',
+  'shard(0)',
+  'shard(1)',
+  'shard(-1)',
+  'shard(99999999999)',
+  'ep',
+  'experts',
+  'experts.0',
+  '__metadata__',
+  '\u0000',
+  'é'.repeat(3),
+  'a'.repeat(300),
+];
 const FLOAT_SPECIALS = [NaN, Infinity, -Infinity, -0, 3.4e38, -3.4e38, 1e-45, 65504, 1e30];
 const HALF_SPECIALS = [0x7fc0, 0x7f80, 0xff80, 0x7c00, 0xfc00, 0x7e00, 0xffff, 0x8000, 0x0001, 0x7bff];
 const INT_SPECIALS = [-1, -2, 4, 5, 8, 2 ** 31 - 1, -(2 ** 31), 1000, 3];
@@ -216,79 +238,100 @@ function mutateTensor(t, g, huge) {
   if (!(dtype in CTOR) || !(data instanceof CTOR[dtype]) || !Array.isArray(shape)) return g(fc.boolean) ? randomTensor(g, huge) : { dtype, shape, data };
   switch (g(fc.nat, { max: 12 })) {
     case 0: // another dtype, converted data (well-formed, wrong kind)
-    {
-      const d = pick(g, DTYPES.filter((x) => x !== dtype));
-      return { dtype: d, shape: [...shape], data: cloneData(data, CTOR[d]) };
-    }
+      {
+        const d = pick(
+          g,
+          DTYPES.filter((x) => x !== dtype),
+        );
+        return { dtype: d, shape: [...shape], data: cloneData(data, CTOR[d]) };
+      }
     case 1: // dtype label that does not match the data
       return { dtype: pick(g, [...DTYPES, 'float64', 'uint8', '', 'F32', 7, null]), shape, data };
     case 2: // reshaped: same data, other shape (mismatched shapes between arguments)
-    {
-      const n = data.length;
-      const shapes = [[n], [1, n], [n, 1], [], [n, 1, 1], shape.length === 2 ? [shape[1], shape[0]] : [n]].filter((s) => numel(s) === n);
-      return { dtype, shape: pick(g, shapes), data };
-    }
-    case 3: // a shape entry that is not a size
-    {
-      const s = [...shape];
-      const bad = pick(g, [...numbersFor(huge), ...NON_NUMBERS]);
-      if (s.length === 0) s.push(bad);
-      else s[g(fc.nat, { max: s.length - 1 })] = bad;
-      return { dtype, shape: s, data };
-    }
-    case 4: // NaN, Inf and friends in the data; out-of-range / negative indices
-    {
-      const d = cloneData(data, CTOR[dtype]);
-      const count = 1 + g(fc.nat, { max: Math.max(0, d.length - 1) });
-      for (let j = 0; j < count && d.length > 0; j++) {
-        const i = g(fc.nat, { max: d.length - 1 });
-        if (dtype === 'float32') d[i] = pick(g, FLOAT_SPECIALS);
-        else if (dtype === 'bfloat16' || dtype === 'float16') d[i] = pick(g, HALF_SPECIALS);
-        else if (dtype === 'int32') d[i] = pick(g, INT_SPECIALS);
-        else if (dtype === 'int64') d[i] = pick(g, [-1n, 2n ** 32n, -(2n ** 63n), 2n ** 63n - 1n, 4n, 2n ** 31n]);
-        else d[i] = pick(g, [2, 255, 0, 1]);
+      {
+        const n = data.length;
+        const shapes = [[n], [1, n], [n, 1], [], [n, 1, 1], shape.length === 2 ? [shape[1], shape[0]] : [n]].filter((s) => numel(s) === n);
+        return { dtype, shape: pick(g, shapes), data };
       }
-      return { dtype, shape, data: d };
-    }
+    case 3: // a shape entry that is not a size
+      {
+        const s = [...shape];
+        const bad = pick(g, [...numbersFor(huge), ...NON_NUMBERS]);
+        if (s.length === 0) s.push(bad);
+        else s[g(fc.nat, { max: s.length - 1 })] = bad;
+        return { dtype, shape: s, data };
+      }
+    case 4: // NaN, Inf and friends in the data; out-of-range / negative indices
+      {
+        const d = cloneData(data, CTOR[dtype]);
+        const count = 1 + g(fc.nat, { max: Math.max(0, d.length - 1) });
+        for (let j = 0; j < count && d.length > 0; j++) {
+          const i = g(fc.nat, { max: d.length - 1 });
+          if (dtype === 'float32') d[i] = pick(g, FLOAT_SPECIALS);
+          else if (dtype === 'bfloat16' || dtype === 'float16') d[i] = pick(g, HALF_SPECIALS);
+          else if (dtype === 'int32') d[i] = pick(g, INT_SPECIALS);
+          else if (dtype === 'int64') d[i] = pick(g, [-1n, 2n ** 32n, -(2n ** 63n), 2n ** 63n - 1n, 4n, 2n ** 31n]);
+          else d[i] = pick(g, [2, 255, 0, 1]);
+        }
+        return { dtype, shape, data: d };
+      }
     case 5: // detached buffer
-    {
-      const d = cloneData(data, CTOR[dtype]);
-      structuredClone(d.buffer, { transfer: [d.buffer] });
-      return { dtype, shape, data: d };
-    }
+      {
+        const d = cloneData(data, CTOR[dtype]);
+        structuredClone(d.buffer, { transfer: [d.buffer] });
+        return { dtype, shape, data: d };
+      }
     case 6: // SharedArrayBuffer-backed
-    {
-      const C = CTOR[dtype];
-      const d = new C(new SharedArrayBuffer(Math.max(1, data.byteLength)), 0, data.length);
-      d.set(data);
-      return { dtype, shape, data: d };
-    }
+      {
+        const C = CTOR[dtype];
+        const d = new C(new SharedArrayBuffer(Math.max(1, data.byteLength)), 0, data.length);
+        d.set(data);
+        return { dtype, shape, data: d };
+      }
     case 7: // a view at an offset into a larger buffer (well-formed)
-    {
-      const C = CTOR[dtype];
-      const buf = new ArrayBuffer(data.byteLength + 16 * C.BYTES_PER_ELEMENT);
-      const d = new C(buf, 8 * C.BYTES_PER_ELEMENT, data.length);
-      d.set(data);
-      return { dtype, shape, data: d };
-    }
+      {
+        const C = CTOR[dtype];
+        const buf = new ArrayBuffer(data.byteLength + 16 * C.BYTES_PER_ELEMENT);
+        const d = new C(buf, 8 * C.BYTES_PER_ELEMENT, data.length);
+        d.set(data);
+        return { dtype, shape, data: d };
+      }
     case 8: // wrong kind of data
-      return { dtype, shape, data: pick(g, [new Float64Array(data.length), new Int16Array(data.length), Array.from({ length: data.length }, () => 1), new DataView(new ArrayBuffer(data.byteLength)), null, undefined, data.buffer]) };
+      return {
+        dtype,
+        shape,
+        data: pick(g, [
+          new Float64Array(data.length),
+          new Int16Array(data.length),
+          Array.from({ length: data.length }, () => 1),
+          new DataView(new ArrayBuffer(data.byteLength)),
+          null,
+          undefined,
+          data.buffer,
+        ]),
+      };
     case 9: // data one element short or long
-    {
-      const C = CTOR[dtype];
-      const n = Math.max(0, data.length + pick(g, [-1, 1, 7]));
-      return { dtype, shape, data: new C(n) };
-    }
+      {
+        const C = CTOR[dtype];
+        const n = Math.max(0, data.length + pick(g, [-1, 1, 7]));
+        return { dtype, shape, data: new C(n) };
+      }
     case 10: // a zero-size dimension, possibly next to a huge one (no elements either way)
-    {
-      const s = shape.length ? [...shape] : [1];
-      const at = g(fc.nat, { max: s.length - 1 });
-      s[at] = 0;
-      if (huge && s.length > 1) s[(at + 1) % s.length] = pick(g, [2 ** 31, 2 ** 32 + 1, 2 ** 53 - 1, 2 ** 40]);
-      return { dtype, shape: s, data: new CTOR[dtype](0) };
-    }
+      {
+        const s = shape.length ? [...shape] : [1];
+        const at = g(fc.nat, { max: s.length - 1 });
+        s[at] = 0;
+        if (huge && s.length > 1) s[(at + 1) % s.length] = pick(g, [2 ** 31, 2 ** 32 + 1, 2 ** 53 - 1, 2 ** 40]);
+        return { dtype, shape: s, data: new CTOR[dtype](0) };
+      }
     case 11: // missing or extra keys
-      return pick(g, [{ dtype, shape }, { shape, data }, { dtype, data }, { dtype, shape, data, extra: 1 }, { ...t, shape: null }]);
+      return pick(g, [
+        { dtype, shape },
+        { shape, data },
+        { dtype, data },
+        { dtype, shape, data, extra: 1 },
+        { ...t, shape: null },
+      ]);
     default:
       return randomTensor(g, huge);
   }
@@ -299,49 +342,49 @@ function mutateBytes(bytes, g, huge) {
   const dv = new DataView(b.buffer);
   switch (g(fc.nat, { max: 5 })) {
     case 0: // flip bytes
-    {
-      const count = 1 + g(fc.nat, { max: 8 });
-      for (let j = 0; j < count && b.length; j++) b[g(fc.nat, { max: b.length - 1 })] = g(fc.nat, { max: 255 });
-      return b;
-    }
+      {
+        const count = 1 + g(fc.nat, { max: 8 });
+        for (let j = 0; j < count && b.length; j++) b[g(fc.nat, { max: b.length - 1 })] = g(fc.nat, { max: 255 });
+        return b;
+      }
     case 1: // truncated
       return b.subarray(0, g(fc.nat, { max: b.length }));
     case 2: // header length field
-    {
-      const lens = [0n, 1n, 7n, BigInt(b.length), BigInt(b.length - 8), BigInt(b.length + 1), 2n ** 64n - 1n, 2n ** 63n];
-      if (huge) lens.push(2n ** 31n, 2n ** 32n, 2n ** 53n, 100_000_001n);
-      if (b.length >= 8) dv.setBigUint64(0, pick(g, lens), true);
-      return b;
-    }
-    case 3: // another header: random JSON, or entries with junk dtype / shape / offsets
-    {
-      let header;
-      if (g(fc.boolean)) header = g(fc.json, { maxDepth: 3 });
-      else {
-        const entry = () => ({
-          dtype: pick(g, ['F32', 'BF16', 'F16', 'I32', 'I64', 'BOOL', 'F64', 'U8', 'f32', '', 1]),
-          shape: g(fc.array, fc.oneof(fc.nat({ max: 5 }), fc.constantFrom(-1, 2.5, 2 ** 53, 2 ** 64, 2 ** 31 + 7)), { maxLength: 3 }),
-          data_offsets: g(fc.array, fc.oneof(fc.nat({ max: 64 }), fc.constantFrom(-1, 2 ** 53, 2 ** 64, 1.5)), { maxLength: 3 }),
-        });
-        header = { 'experts.0.gate_proj.weight': entry(), 'experts.0.up_proj.weight': entry(), a: entry(), __metadata__: g(fc.boolean) ? { format: 'pt' } : g(fc.json, { maxDepth: 1 }) };
-        if (typeof header.__metadata__ !== 'object') header.__metadata__ = header.__metadata__ ?? null;
-      }
-      const json = new TextEncoder().encode(typeof header === 'string' ? header : JSON.stringify(header));
-      const out = new Uint8Array(8 + json.length + g(fc.nat, { max: 64 }));
-      new DataView(out.buffer).setBigUint64(0, BigInt(json.length), true);
-      out.set(json, 8);
-      return out;
-    }
-    case 4: // detached / shared
-    {
-      if (g(fc.boolean)) {
-        structuredClone(b.buffer, { transfer: [b.buffer] });
+      {
+        const lens = [0n, 1n, 7n, BigInt(b.length), BigInt(b.length - 8), BigInt(b.length + 1), 2n ** 64n - 1n, 2n ** 63n];
+        if (huge) lens.push(2n ** 31n, 2n ** 32n, 2n ** 53n, 100_000_001n);
+        if (b.length >= 8) dv.setBigUint64(0, pick(g, lens), true);
         return b;
       }
-      const s = new Uint8Array(new SharedArrayBuffer(Math.max(1, b.length)), 0, b.length);
-      s.set(b);
-      return s;
-    }
+    case 3: // another header: random JSON, or entries with junk dtype / shape / offsets
+      {
+        let header;
+        if (g(fc.boolean)) header = g(fc.json, { maxDepth: 3 });
+        else {
+          const entry = () => ({
+            dtype: pick(g, ['F32', 'BF16', 'F16', 'I32', 'I64', 'BOOL', 'F64', 'U8', 'f32', '', 1]),
+            shape: g(fc.array, fc.oneof(fc.nat({ max: 5 }), fc.constantFrom(-1, 2.5, 2 ** 53, 2 ** 64, 2 ** 31 + 7)), { maxLength: 3 }),
+            data_offsets: g(fc.array, fc.oneof(fc.nat({ max: 64 }), fc.constantFrom(-1, 2 ** 53, 2 ** 64, 1.5)), { maxLength: 3 }),
+          });
+          header = { 'experts.0.gate_proj.weight': entry(), 'experts.0.up_proj.weight': entry(), a: entry(), __metadata__: g(fc.boolean) ? { format: 'pt' } : g(fc.json, { maxDepth: 1 }) };
+          if (typeof header.__metadata__ !== 'object') header.__metadata__ = header.__metadata__ ?? null;
+        }
+        const json = new TextEncoder().encode(typeof header === 'string' ? header : JSON.stringify(header));
+        const out = new Uint8Array(8 + json.length + g(fc.nat, { max: 64 }));
+        new DataView(out.buffer).setBigUint64(0, BigInt(json.length), true);
+        out.set(json, 8);
+        return out;
+      }
+    case 4: // detached / shared
+      {
+        if (g(fc.boolean)) {
+          structuredClone(b.buffer, { transfer: [b.buffer] });
+          return b;
+        }
+        const s = new Uint8Array(new SharedArrayBuffer(Math.max(1, b.length)), 0, b.length);
+        s.set(b);
+        return s;
+      }
     default:
       return pick(g, [new Uint8Array(0), new Uint8Array(8), new Uint8Array(7), '', '/nonexistent/file.safetensors', 'relative/missing.safetensors', new Uint16Array(8), b.buffer]);
   }
@@ -460,7 +503,12 @@ export function describeArgs(args) {
     if (typeof v === 'symbol' || typeof v === 'function') return typeof v;
     if (v instanceof Uint8Array) return `Uint8Array(${v.length})`;
     if (Array.isArray(v)) return depth > 2 ? '[...]' : `[${v.map((x) => d(x, depth + 1)).join(', ')}]`;
-    if (typeof v === 'object' && v !== null) return depth > 2 ? '{...}' : `{${Object.entries(v).map(([k, x]) => `${k}: ${d(x, depth + 1)}`).join(', ')}}`;
+    if (typeof v === 'object' && v !== null)
+      return depth > 2
+        ? '{...}'
+        : `{${Object.entries(v)
+            .map(([k, x]) => `${k}: ${d(x, depth + 1)}`)
+            .join(', ')}}`;
     return typeof v === 'number' && Object.is(v, -0) ? '-0' : String(v);
   };
   return args.map((a) => d(a)).join(', ');

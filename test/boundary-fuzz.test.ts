@@ -53,7 +53,10 @@ describe('boundary fuzz: every method has a generator', () => {
   it.each(cpuRows)('%s: every method of the backend has a template (a new op needs one in test/boundary-cases.mjs)', (_name, backend) => {
     const methods = methodsOf(backend);
     expect(methods.length, 'methods found on the backend').toBeGreaterThanOrEqual(34);
-    expect(methods.filter((m) => !(m in TEMPLATES)), 'methods without a template').toEqual([]);
+    expect(
+      methods.filter((m) => !(m in TEMPLATES)),
+      'methods without a template',
+    ).toEqual([]);
   });
 
   it.each(cpuRows)('%s: every template is a valid call (so mutations start from something that works)', (_name, backend) => {
@@ -139,8 +142,15 @@ describe.each(backendRows.filter(([n]) => n === 'cpu' || n === 'wasm'))('boundar
       maxBuffer: 64 << 20,
       env: { ...process.env, RUST_BACKTRACE: '0' },
     });
-    const lastCall = (r.stderr ?? '').split('\n').filter((l) => l.startsWith('CALL ')).pop();
-    const tail = (r.stderr ?? '').split('\n').filter((l) => !l.startsWith('CALL ')).slice(0, 6).join(' | ');
+    const lastCall = (r.stderr ?? '')
+      .split('\n')
+      .filter((l) => l.startsWith('CALL '))
+      .pop();
+    const tail = (r.stderr ?? '')
+      .split('\n')
+      .filter((l) => !l.startsWith('CALL '))
+      .slice(0, 6)
+      .join(' | ');
     expect({ status: r.status, signal: r.signal }, `the child exits normally; last call: ${lastCall}; stderr: ${tail}`).toEqual({ status: 0, signal: null });
     const stats = JSON.parse(r.stdout.trim().split('\n').pop()!) as { tried: number; succeeded: number; threw: number; problems: string[] };
     console.log(`boundary fuzz (huge sizes) on ${name}: ${stats.tried} inputs tried: ${stats.succeeded} well-formed results, ${stats.threw} typed errors; ${stats.problems.length} problems`);

@@ -167,9 +167,11 @@ describe.skipIf(!built || !haveChromium)(`bundlers: the browser entry from the p
     page.on('pageerror', (e) => errors.push(e.message));
     try {
       await page.goto(`${served.url}/${path}`);
-      await page.waitForFunction(() => (window as { __result?: unknown }).__result, null, { timeout: 20_000 }).catch((e: Error) => {
-        throw new Error(`${path}: no result (${e.message}); failed requests: ${failures.join(', ') || 'none'}; page errors: ${errors.join('; ') || 'none'}`);
-      });
+      await page
+        .waitForFunction(() => (window as { __result?: unknown }).__result, null, { timeout: 20_000 })
+        .catch((e: Error) => {
+          throw new Error(`${path}: no result (${e.message}); failed requests: ${failures.join(', ') || 'none'}; page errors: ${errors.join('; ') || 'none'}`);
+        });
       const result = (await page.evaluate(() => (window as { __result?: unknown }).__result)) as Record<string, unknown>;
       return { result, requests, failures, errors };
     } finally {
@@ -294,7 +296,9 @@ describe.skipIf(!built || !haveChromium)(`bundlers: the browser entry from the p
     writeFileSync(join(out, 'index.html'), html('main.js', true));
     const { result, errors } = await runPage('out-esbuild-plain/index.html');
     expect(errors).toEqual([]);
-    expect(String(result.error)).toMatch(/wasm: the wasm module failed to load from .*moe_wasm_bg\.wasm: fetching .* failed: HTTP 404 \(if a bundler did not emit the file, as esbuild does not, import moe-dispatch\/moe_wasm_bg\.wasm as a file and pass its URL: createBackend\(\{ wasm \}\)\)/);
+    expect(String(result.error)).toMatch(
+      /wasm: the wasm module failed to load from .*moe_wasm_bg\.wasm: fetching .* failed: HTTP 404 \(if a bundler did not emit the file, as esbuild does not, import moe-dispatch\/moe_wasm_bg\.wasm as a file and pass its URL: createBackend\(\{ wasm \}\)\)/,
+    );
   });
 });
 

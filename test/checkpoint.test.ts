@@ -173,8 +173,16 @@ describe.each(backendRows)('checkpoints on %s', (name, moe: Backend) => {
     const hf = hfExperts(e, dim, inter, 'swiglu', 5, 'bfloat16');
     const s = moe.stackExperts(hf.tensors, { prefix: PREFIX, numExperts: e, activation: 'swiglu' });
     expect(s.gateAndUpProjs!.dtype).toBe('bfloat16');
-    const b1 = tensor('float32', [e, 2 * inter], Float32Array.from({ length: e * 2 * inter }, (_, i) => i));
-    const b2 = tensor('float32', [e, dim], Float32Array.from({ length: e * dim }, (_, i) => -i));
+    const b1 = tensor(
+      'float32',
+      [e, 2 * inter],
+      Float32Array.from({ length: e * 2 * inter }, (_, i) => i),
+    );
+    const b2 = tensor(
+      'float32',
+      [e, dim],
+      Float32Array.from({ length: e * dim }, (_, i) => -i),
+    );
     const file = moe.saveSafetensors({
       [`${PREFIX}.gate_and_up_projs`]: s.gateAndUpProjs!,
       [`${PREFIX}.down_projs`]: s.downProjs,
@@ -298,7 +306,10 @@ describe.each(backendRows)('checkpoints on %s', (name, moe: Backend) => {
   it('errors name the key', () => {
     const [e, dim, inter] = [8, 4, 2];
     const hf = hfExperts(e, dim, inter, 'swiglu', 11);
-    const load = (tensors: Record<string, Tensor>, numExperts = e) => () => moe.loadExperts(moe.saveSafetensors(tensors), { prefix: PREFIX, numExperts, epSize: 2, epRank: 1, activation: 'swiglu' });
+    const load =
+      (tensors: Record<string, Tensor>, numExperts = e) =>
+      () =>
+        moe.loadExperts(moe.saveSafetensors(tensors), { prefix: PREFIX, numExperts, epSize: 2, epRank: 1, activation: 'swiglu' });
     const k = (i: number, rest: string) => escapeRegExp(`${PREFIX}.${i}.${rest}`);
     const missing = { ...hf.tensors };
     delete missing[`${PREFIX}.5.up_proj.weight`];
@@ -320,28 +331,66 @@ describe.each(backendRows)('checkpoints on %s', (name, moe: Backend) => {
     };
     expectThrows(load(gptOss), RangeError, new RegExp(`^loadExperts: ${escapeRegExp(PREFIX)}\\.down_proj_bias: expected shape \\[8, 4\\] \\(\\[numExperts, dim\\]\\), got \\[8, 5\\]`));
     // Nothing under the prefix: the keys under its parent, and every scheme looked for.
-    const other = { 'model.layers.3.mlp.gate.weight': tensor('float32', [e, dim]), 'model.layers.3.mlp.experts_x.0.w9': tensor('float32', [1]), 'model.layers.3.mlp.experts_x.1.w9': tensor('float32', [1]) };
-    const err = expectThrows(load(other), RangeError, new RegExp(`^loadExperts: ${escapeRegExp(PREFIX)}: no expert weights found in a known key scheme \\(looked for stacked: '${escapeRegExp(PREFIX)}\\.gate_and_up_projs'`));
+    const other = {
+      'model.layers.3.mlp.gate.weight': tensor('float32', [e, dim]),
+      'model.layers.3.mlp.experts_x.0.w9': tensor('float32', [1]),
+      'model.layers.3.mlp.experts_x.1.w9': tensor('float32', [1]),
+    };
+    const err = expectThrows(
+      load(other),
+      RangeError,
+      new RegExp(`^loadExperts: ${escapeRegExp(PREFIX)}: no expert weights found in a known key scheme \\(looked for stacked: '${escapeRegExp(PREFIX)}\\.gate_and_up_projs'`),
+    );
     expect(err.message).toContain("hf: 'model.layers.3.mlp.experts.{i}.gate_proj.weight'");
     expect(err.message).toContain("mixtral: 'model.layers.3.mlp.experts.{i}.w1.weight' (gate)");
     expect(err.message).toContain("gpt_oss: 'model.layers.3.mlp.experts.gate_up_proj' [E, dim, 2 * inter] (gate, up interleaved)");
-    expect(err.message).toContain("The checkpoint's keys (none under 'model.layers.3.mlp.experts.'; under its parent 'model.layers.3.mlp.'): 'model.layers.3.mlp.experts_x.{i}.w9' (2 keys), 'model.layers.3.mlp.gate.weight'");
+    expect(err.message).toContain(
+      "The checkpoint's keys (none under 'model.layers.3.mlp.experts.'; under its parent 'model.layers.3.mlp.'): 'model.layers.3.mlp.experts_x.{i}.w9' (2 keys), 'model.layers.3.mlp.gate.weight'",
+    );
     // A scheme asked for and absent: what is there, and that scheme.
-    const asked = expectThrows(() => moe.loadExperts(moe.saveSafetensors(hf.tensors), { prefix: PREFIX, numExperts: e, activation: 'swiglu', format: 'mixtral' }), RangeError, new RegExp(`^loadExperts: ${escapeRegExp(PREFIX)}: no expert weights found in the 'mixtral' key scheme`));
+    const asked = expectThrows(
+      () => moe.loadExperts(moe.saveSafetensors(hf.tensors), { prefix: PREFIX, numExperts: e, activation: 'swiglu', format: 'mixtral' }),
+      RangeError,
+      new RegExp(`^loadExperts: ${escapeRegExp(PREFIX)}: no expert weights found in the 'mixtral' key scheme`),
+    );
     expect(asked.message).toContain(`The checkpoint's keys under '${PREFIX}.': '${PREFIX}.{i}.down_proj.weight' (8 keys), '${PREFIX}.{i}.gate_proj.weight' (8 keys)`);
-    expectThrows(() => moe.loadExperts(moe.saveSafetensors(hf.tensors), { prefix: PREFIX, numExperts: e, activation: 'swiglu', format: 'deepseek' as ExpertsFormat }), RangeError, /^loadExperts: format: expected one of 'stacked', 'hf', 'mixtral', 'gpt_oss', 'llama4', 'hf_fused', 'granite', got 'deepseek'/);
+    expectThrows(
+      () => moe.loadExperts(moe.saveSafetensors(hf.tensors), { prefix: PREFIX, numExperts: e, activation: 'swiglu', format: 'deepseek' as ExpertsFormat }),
+      RangeError,
+      /^loadExperts: format: expected one of 'stacked', 'hf', 'mixtral', 'gpt_oss', 'llama4', 'hf_fused', 'granite', got 'deepseek'/,
+    );
     expectThrows(() => moe.loadExperts(new Uint8Array(5), { prefix: PREFIX, numExperts: 8, activation: 'swiglu' }), RangeError, /^loadExperts: checkpoint: not a safetensors file/);
     // A missing name lists the checkpoint's nearest names (the longest common prefix), not just the first few.
-    const near = expectThrows(() => moe.loadSafetensors(moe.saveSafetensors(hf.tensors), { names: [`${PREFIX}.5.gate_proj.bias`] }), RangeError, new RegExp(`^loadSafetensors: ${k(5, 'gate_proj.bias')}: no such tensor in the checkpoint \\(24 tensors; the nearest: '${k(5, 'gate_proj.weight')}'\\)$`));
+    const near = expectThrows(
+      () => moe.loadSafetensors(moe.saveSafetensors(hf.tensors), { names: [`${PREFIX}.5.gate_proj.bias`] }),
+      RangeError,
+      new RegExp(`^loadSafetensors: ${k(5, 'gate_proj.bias')}: no such tensor in the checkpoint \\(24 tensors; the nearest: '${k(5, 'gate_proj.weight')}'\\)$`),
+    );
     void near;
-    const many = expectThrows(() => moe.loadSafetensors(moe.saveSafetensors(hf.tensors), { names: [`${PREFIX}.9.up_proj.weight`] }), RangeError, /^loadSafetensors: .*: no such tensor in the checkpoint \(24 tensors; the nearest: /);
+    const many = expectThrows(
+      () => moe.loadSafetensors(moe.saveSafetensors(hf.tensors), { names: [`${PREFIX}.9.up_proj.weight`] }),
+      RangeError,
+      /^loadSafetensors: .*: no such tensor in the checkpoint \(24 tensors; the nearest: /,
+    );
     expect(many.message).toContain(`'${PREFIX}.0.down_proj.weight', `);
     expect(many.message).toContain('... (24 in all)');
-    expectThrows(() => moe.saveSafetensors({ a: tensor('float32', [2], [1, 2]), b: { dtype: 'float32', shape: [3], data: new Float32Array(2) } as Tensor }), RangeError, /^saveSafetensors: b\.data: shape \[3\] needs 3 elements/);
+    expectThrows(
+      () => moe.saveSafetensors({ a: tensor('float32', [2], [1, 2]), b: { dtype: 'float32', shape: [3], data: new Float32Array(2) } as Tensor }),
+      RangeError,
+      /^saveSafetensors: b\.data: shape \[3\] needs 3 elements/,
+    );
     expectThrows(() => moe.loadSafetensors({ index: {}, shards: {} }), RangeError, /^loadSafetensors: index: not a safetensors index: no 'weight_map'/);
     expectThrows(() => moe.loadSafetensors({ index: 'nope', shards: {} }), RangeError, /^loadSafetensors: index: not a safetensors index \(model\.safetensors\.index\.json\)/);
-    expectThrows(() => moe.loadSafetensors({ index: { weight_map: {} }, shards: { a: [1] } } as unknown as CheckpointSource), TypeError, /^loadSafetensors: source\.shards\['a'\]: expected a Uint8Array/);
-    expectThrows(() => moe.loadSafetensors({ index: { weight_map: {} }, shard: {} } as unknown as CheckpointSource), TypeError, /^loadSafetensors: source\.shard: not a key of a sharded checkpoint source/);
+    expectThrows(
+      () => moe.loadSafetensors({ index: { weight_map: {} }, shards: { a: [1] } } as unknown as CheckpointSource),
+      TypeError,
+      /^loadSafetensors: source\.shards\['a'\]: expected a Uint8Array/,
+    );
+    expectThrows(
+      () => moe.loadSafetensors({ index: { weight_map: {} }, shard: {} } as unknown as CheckpointSource),
+      TypeError,
+      /^loadSafetensors: source\.shard: not a key of a sharded checkpoint source/,
+    );
     expectThrows(() => moe.checkpointInfo(42 as unknown as CheckpointSource), TypeError, /^checkpointInfo: source: expected a path, a Uint8Array \(one \.safetensors file\) or \{ index, shards \}/);
   });
 
@@ -376,7 +425,11 @@ describe.each(backendRows)('checkpoints on %s', (name, moe: Backend) => {
     const tensors: Record<string, Tensor> = {};
     for (let l = 0; l < 3; l++) {
       Object.assign(tensors, layers[l].tensors);
-      tensors[`model.layers.${l}.mlp.gate.weight`] = tensor('float32', [e, dim], Float32Array.from({ length: e * dim }, (_, i) => i + l));
+      tensors[`model.layers.${l}.mlp.gate.weight`] = tensor(
+        'float32',
+        [e, dim],
+        Float32Array.from({ length: e * dim }, (_, i) => i + l),
+      );
     }
     tensors['model.embed_ids'] = tensor('int64', [2], BigInt64Array.from([3n, 4n]));
     const fileOf = (n: string): string => {
@@ -446,9 +499,17 @@ describe.each(backendRows)('checkpoints on %s', (name, moe: Backend) => {
     expect(t).toEqual({ name: `${prefix}.4.down_proj.weight`, dtype: 'bfloat16', shape: [dim, inter], file: 'model-00003-of-00004.safetensors' });
     // A tensor the index lists but its shard lacks.
     const lying = { ...index, weight_map: { ...index.weight_map, 'model.layers.1.mlp.gate.bias': 'model-00001-of-00004.safetensors' } };
-    expectThrows(() => moe.loadSafetensors({ index: lying, shards }, { names: ['model.layers.1.mlp.gate.bias'] }), RangeError, /^loadSafetensors: model\.layers\.1\.mlp\.gate\.bias: the index puts it in 'model-00001-of-00004\.safetensors', whose header does not have it \(\d+ tensors; the nearest: 'model\.layers\.1\.mlp\.gate\.weight'\)/);
+    expectThrows(
+      () => moe.loadSafetensors({ index: lying, shards }, { names: ['model.layers.1.mlp.gate.bias'] }),
+      RangeError,
+      /^loadSafetensors: model\.layers\.1\.mlp\.gate\.bias: the index puts it in 'model-00001-of-00004\.safetensors', whose header does not have it \(\d+ tensors; the nearest: 'model\.layers\.1\.mlp\.gate\.weight'\)/,
+    );
     // A name the index lacks: the nearest names of the whole checkpoint.
-    expectThrows(() => moe.loadSafetensors({ index, shards }, { names: ['model.layers.1.mlp.router.weight'] }), RangeError, /^loadSafetensors: model\.layers\.1\.mlp\.router\.weight: no such tensor in the checkpoint \(\d+ tensors; the nearest: /);
+    expectThrows(
+      () => moe.loadSafetensors({ index, shards }, { names: ['model.layers.1.mlp.router.weight'] }),
+      RangeError,
+      /^loadSafetensors: model\.layers\.1\.mlp\.router\.weight: no such tensor in the checkpoint \(\d+ tensors; the nearest: /,
+    );
   });
 
   it.skipIf(name === 'wasm' || !nodeFs)('paths (Node, native backends): a directory, an index .json, a .safetensors file; shards opened lazily', () => {
@@ -494,9 +555,17 @@ describe.each(backendRows)('checkpoints on %s', (name, moe: Backend) => {
     fs.mkdirSync(broken, { recursive: true });
     fs.writeFileSync(fs.join(broken, 'model.safetensors.index.json'), JSON.stringify(index));
     fs.writeFileSync(fs.join(broken, 'model-00002-of-00003.safetensors'), shards['model-00002-of-00003.safetensors']);
-    expectThrows(() => moe.loadExperts(broken, { prefix: 'model.layers.0.mlp.experts', numExperts: e, epSize: 4, epRank: 3, activation: 'quick_geglu' }), RangeError, /^loadExperts: model-00003-of-00003\.safetensors: the shard holding 'model\.layers\.0\.mlp\.experts\.6\.\w+_proj\.weight': cannot open '/);
+    expectThrows(
+      () => moe.loadExperts(broken, { prefix: 'model.layers.0.mlp.experts', numExperts: e, epSize: 4, epRank: 3, activation: 'quick_geglu' }),
+      RangeError,
+      /^loadExperts: model-00003-of-00003\.safetensors: the shard holding 'model\.layers\.0\.mlp\.experts\.6\.\w+_proj\.weight': cannot open '/,
+    );
     expect(moe.loadExperts(broken, { prefix: 'model.layers.0.mlp.experts', numExperts: e, epSize: 4, epRank: 0, activation: 'quick_geglu' }).end).toBe(2);
-    expectThrows(() => moe.checkpointInfo(dir), RangeError, /^checkpointInfo: path: '.*' is a directory without model\.safetensors\.index\.json or model\.safetensors \(its \.safetensors and \.json files: '/);
+    expectThrows(
+      () => moe.checkpointInfo(dir),
+      RangeError,
+      /^checkpointInfo: path: '.*' is a directory without model\.safetensors\.index\.json or model\.safetensors \(its \.safetensors and \.json files: '/,
+    );
   });
 });
 
@@ -517,6 +586,10 @@ describe('cpu and wasm write the same bytes', () => {
       TypeError,
       /^loadExperts: source: expected the checkpoint's bytes \(a Uint8Array\) or \{ index, shards \} with the shard files' bytes: the wasm backend cannot open files \(in Node, read them with fs\.readFileSync, or use the native backend/,
     );
-    expectThrows(() => cpu!.loadExperts('/nonexistent/x.safetensors', { prefix: PREFIX, numExperts: 4, activation: 'quick_geglu' }), RangeError, /^loadExperts: path: cannot open '\/nonexistent\/x\.safetensors'/);
+    expectThrows(
+      () => cpu!.loadExperts('/nonexistent/x.safetensors', { prefix: PREFIX, numExperts: 4, activation: 'quick_geglu' }),
+      RangeError,
+      /^loadExperts: path: cannot open '\/nonexistent\/x\.safetensors'/,
+    );
   });
 });

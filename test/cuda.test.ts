@@ -38,9 +38,7 @@ describe('cuda backend', () => {
       expect(bitsOf(a.permutedTokens)).toEqual(bitsOf(b.permutedTokens));
       expect(bitsOf(a.permutedProbs!)).toEqual(bitsOf(b.permutedProbs!));
       const o = { probs: m.probs, routingMap: m.routingMap };
-      expect(bitsOf(cuda.unpermute(a.permutedTokens, a.sortedIndices, [p.numTokens, p.hidden], o))).toEqual(
-        bitsOf(cpu.unpermute(b.permutedTokens, b.sortedIndices, [p.numTokens, p.hidden], o)),
-      );
+      expect(bitsOf(cuda.unpermute(a.permutedTokens, a.sortedIndices, [p.numTokens, p.hidden], o))).toEqual(bitsOf(cpu.unpermute(b.permutedTokens, b.sortedIndices, [p.numTokens, p.hidden], o)));
     }
   });
 });

@@ -64,7 +64,11 @@ function expected(moe: Backend, T: number, E: number, values: number[], o: Optio
     kprobs = d.probs;
   }
   const kept = Array.from(moe.tokensPerExpert(map).data);
-  const tokens = tensor('float32', [T, 1], Float32Array.from({ length: T }, (_, t) => t));
+  const tokens = tensor(
+    'float32',
+    [T, 1],
+    Float32Array.from({ length: T }, (_, t) => t),
+  );
   const p = moe.permute(tokens, map, { probs: kprobs });
   return { routed, kept, capacity, sortedIndices: Array.from(p.sortedIndices.data), permutedCounts: Array.from(p.tokensPerExpert.data), routedCells: routingMap.data.reduce((a, v) => a + v, 0) };
 }
@@ -177,7 +181,10 @@ describe.skipIf(!built)('demo page in headless Chromium', () => {
     expect(d.kept, 'kept per expert (tokensPerExpert after dropTokens)').toEqual(want.kept);
     expect(d.keptLabels, 'the count printed under each bar').toEqual(want.kept);
     expect(d.dropped).toEqual(want.routed.map((r, e) => r - want.kept[e]));
-    expect(d.routed.reduce((a, b) => a + b, 0), 'every token routed k times').toBe(T * o.topk);
+    expect(
+      d.routed.reduce((a, b) => a + b, 0),
+      'every token routed k times',
+    ).toBe(T * o.topk);
     expect(d.capacity, 'capacity line').toBe(want.capacity);
     if (want.capacity !== null) {
       for (const k of d.kept) expect(k).toBeLessThanOrEqual(want.capacity);

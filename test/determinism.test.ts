@@ -19,7 +19,8 @@ const RUNS = 100;
 
 function feed(h: Hash, v: unknown): void {
   if (v === null || v === undefined) h.update(`<${String(v)}>`);
-  else if (typeof v === 'number') h.update(`n${Object.is(v, -0) ? '-0' : String(v)}`); // String keeps every double exactly (NaN too)
+  else if (typeof v === 'number')
+    h.update(`n${Object.is(v, -0) ? '-0' : String(v)}`); // String keeps every double exactly (NaN too)
   else if (typeof v === 'string' || typeof v === 'boolean') h.update(`${typeof v}:${JSON.stringify(v)}`);
   else if (ArrayBuffer.isView(v)) h.update(new Uint8Array(v.buffer, v.byteOffset, v.byteLength));
   else if (Array.isArray(v)) {
@@ -53,10 +54,19 @@ const E = 16;
 const K = 4;
 const H = 128;
 const r = rng(99);
-const f32 = (shape: number[], scale = 1) => tensor('float32', shape, Float32Array.from({ length: shape.reduce((a, b) => a * b, 1) }, () => (r() * 2 - 1) * scale));
+const f32 = (shape: number[], scale = 1) =>
+  tensor(
+    'float32',
+    shape,
+    Float32Array.from({ length: shape.reduce((a, b) => a * b, 1) }, () => (r() * 2 - 1) * scale),
+  );
 const logits = f32([T, E], 3);
 const tokens = f32([T, H]);
-const bf16Tokens = tensor('bfloat16', [T, H], Uint16Array.from(tokens.data, (x) => (new Uint32Array(Float32Array.of(x).buffer)[0] >>> 16) & 0xffff));
+const bf16Tokens = tensor(
+  'bfloat16',
+  [T, H],
+  Uint16Array.from(tokens.data, (x) => (new Uint32Array(Float32Array.of(x).buffer)[0] >>> 16) & 0xffff),
+);
 // routeBackward above the parallel threshold (its loop touches about 16 bytes a logit)
 const bigLogits = f32([16 * T, E], 3);
 const bigGradWeights = f32([16 * T, K]);
@@ -81,11 +91,18 @@ function largeCases(b: Backend): LargeCase[] {
   const splitSizes = tensor('int32', [E], perm.tokensPerExpert.data);
   const gradWeights = f32([T, K]);
   const bigIndices = b.route(bigLogits, { topk: K }).indices;
-  const order = tensor('int32', [E], Int32Array.from({ length: E }, (_, i) => (i * 5) % E));
+  const order = tensor(
+    'int32',
+    [E],
+    Int32Array.from({ length: E }, (_, i) => (i * 5) % E),
+  );
   return [
     { op: 'route (sigmoid, groups, normTopkProb)', run: (b) => b.route(logits, { topk: K, scoreFunction: 'sigmoid', numGroups: 4, topkGroups: 2, normTopkProb: true }) },
     { op: 'route (softmax)', run: (b) => b.route(logits, { topk: K }) },
-    { op: 'routeBackward (sigmoid, groups, normTopkProb, gradScores)', run: (b) => b.routeBackward(gradWeights, logits, routed.indices, { topk: K, scoreFunction: 'sigmoid', numGroups: 4, topkGroups: 2, normTopkProb: true, gradScores: logits }) },
+    {
+      op: 'routeBackward (sigmoid, groups, normTopkProb, gradScores)',
+      run: (b) => b.routeBackward(gradWeights, logits, routed.indices, { topk: K, scoreFunction: 'sigmoid', numGroups: 4, topkGroups: 2, normTopkProb: true, gradScores: logits }),
+    },
     { op: 'routeBackward (softmax, 16k tokens)', run: (b) => b.routeBackward(bigGradWeights, bigLogits, bigIndices, { topk: K }) },
     { op: 'topk', run: (b) => b.topk(probs, K) },
     { op: 'indicesToMultihot', run: (b) => b.indicesToMultihot(routed.indices, routed.weights, E) },
@@ -122,7 +139,10 @@ function expectConstant(run: () => unknown, what: string): unknown {
 describe.each(cpuBackends.map((b) => [b.name, b] as const))('determinism on %s', (name, backend) => {
   it(`every method's template call hashes the same over ${RUNS} runs`, () => {
     const methods = Object.keys(backend).filter((k) => typeof (backend as unknown as Record<string, unknown>)[k] === 'function');
-    expect(methods.filter((m) => !(m in TEMPLATES)), 'methods without a template').toEqual([]);
+    expect(
+      methods.filter((m) => !(m in TEMPLATES)),
+      'methods without a template',
+    ).toEqual([]);
     for (const m of methods) {
       const f = (backend as unknown as Record<string, (...a: unknown[]) => unknown>)[m];
       expectConstant(() => f(...(TEMPLATES as Record<string, () => unknown[]>)[m]()), m);

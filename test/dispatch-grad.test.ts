@@ -24,7 +24,6 @@ const range = (n: number) => Array.from({ length: n }, (_, i) => i);
 const f32 = (shape: number[], values: ArrayLike<number>) => tensor('float32', shape, Float32Array.from(values));
 const boolMap = (T: number, E: number, map: number[]) => tensor('bool', [T, E], Uint8Array.from(map));
 
-
 registerBackendReport();
 
 // ---------------------------------------------------------------------------------------
@@ -168,8 +167,16 @@ describe.each(backendRows)('permuteBackward vs finite differences on %s', (_name
         // Token 0 is routed nowhere: in plain mode nothing reads it.
         if (!dropAndPad) expect(wantTokens.slice(0, p.H)).toEqual([0, 0, 0]);
         // With drop-and-pad some slot reads an unrouted (padding) prob: its gradient is there too.
-        if (mode.capacity === 5) expect(range(p.T * p.E).some((i) => !p.map[i] && wantProbs[i] !== 0), 'a padded slot').toBe(true);
-        if (mode.capacity === 2) expect(range(p.T * p.E).some((i) => p.map[i] && wantProbs[i] === 0), 'a dropped token').toBe(true);
+        if (mode.capacity === 5)
+          expect(
+            range(p.T * p.E).some((i) => !p.map[i] && wantProbs[i] !== 0),
+            'a padded slot',
+          ).toBe(true);
+        if (mode.capacity === 2)
+          expect(
+            range(p.T * p.E).some((i) => p.map[i] && wantProbs[i] === 0),
+            'a dropped token',
+          ).toBe(true);
 
         // Without the probs gradient: the same tokens gradient and no gradProbs.
         const only = b.permuteBackward(f32([N, p.H], g), fwd.sortedIndices, p.T, dropAndPad ? { dropAndPad } : {});
@@ -203,8 +210,7 @@ describe.each(backendRows)('unpermuteBackward vs finite differences on %s', (_na
           const sorted = tensor('int32', [N], Int32Array.from(plan.sorted));
 
           // Slot weights from the probs in the form given.
-          const weights = (probs: number[]): number[] | null =>
-            probsKind === 'none' ? null : probsKind === 'per slot' ? probs : plan.sorted.map((t, i) => probs[t * p.E + plan.experts[i]]);
+          const weights = (probs: number[]): number[] | null => (probsKind === 'none' ? null : probsKind === 'per slot' ? probs : plan.sorted.map((t, i) => probs[t * p.E + plan.experts[i]]));
           const probs = probsKind === 'per slot' ? perSlot : p.dense;
           const probsShape = probsKind === 'per slot' ? [N] : [p.T, p.E];
           const options: Parameters<Backend['unpermute']>[3] = dropAndPad ? { dropAndPad } : {};
@@ -226,7 +232,10 @@ describe.each(backendRows)('unpermuteBackward vs finite differences on %s', (_na
             expect(grads.gradProbs, 'gradProbs').toBeDefined();
             expectGrad(grads.gradProbs!, probsShape, wantProbs, `gradProbs (seed ${seed})`);
             if (probsKind === 'dense + routingMap' && mode.capacity === 5) {
-              expect(range(p.T * p.E).some((i) => !p.map[i] && wantProbs[i] !== 0), 'a padded slot').toBe(true);
+              expect(
+                range(p.T * p.E).some((i) => !p.map[i] && wantProbs[i] !== 0),
+                'a padded slot',
+              ).toBe(true);
             }
           }
         }

@@ -13,7 +13,6 @@ import { bitsOf, rng } from './util.js';
 
 registerBackendReport();
 
-
 interface Ref {
   sorted: number[];
   expertOf: number[];
@@ -84,7 +83,11 @@ function routerProbs(random: () => number, T: number, E: number, zeros: boolean)
 }
 
 function hiddenOf(random: () => number, T: number, H: number): Tensor<'float32'> {
-  return tensor('float32', [T, H], Float32Array.from({ length: T * H }, () => Math.round(random() * 16 - 8)));
+  return tensor(
+    'float32',
+    [T, H],
+    Float32Array.from({ length: T * H }, () => Math.round(random() * 16 - 8)),
+  );
 }
 
 describe.each(backendRows)('topk on %s', (_name, b) => {
@@ -135,7 +138,9 @@ describe.each(backendRows)('TokenDispatcher on %s', (_name, b) => {
   });
 
   it('takes precomputed { indices, weights } and returns the gradient of the weights', () => {
-    const T = 6, E = 5, H = 2;
+    const T = 6,
+      E = 5,
+      H = 2;
     const indices = tensor('int64', [T, 2], [0, 3, 1, 4, 2, 0, 3, 1, 4, 2, 0, 1]);
     const weights = tensor('float32', [T, 2], [0.6, 0.4, 0.7, 0.3, 0.5, 0.5, 0.9, 0.1, 0.2, 0.8, 0.55, 0.45]);
     const hidden = hiddenOf(rng(3), T, H);
@@ -144,8 +149,16 @@ describe.each(backendRows)('TokenDispatcher on %s', (_name, b) => {
     const N = out.permutedTokens.shape[0];
     expect(N).toBe(12);
     // loss = sum_i gP[i] * permutedProbs[i]: d loss / d weights[t, j] is gP at the slot of (t, indices[t, j]).
-    const gP = tensor('float32', [N], Float32Array.from({ length: N }, (_, i) => i + 1));
-    const gradPermuted = tensor('float32', [N, H], Float32Array.from({ length: N * H }, (_, i) => (i % 3) - 1));
+    const gP = tensor(
+      'float32',
+      [N],
+      Float32Array.from({ length: N }, (_, i) => i + 1),
+    );
+    const gradPermuted = tensor(
+      'float32',
+      [N, H],
+      Float32Array.from({ length: N * H }, (_, i) => (i % 3) - 1),
+    );
     const g = d.tokenPermutationBackward(gradPermuted, gP);
     const ref = referenceChainFromPicks(indices, T, E);
     const want = Array.from({ length: T * 2 }, (_, i) => {
@@ -169,7 +182,8 @@ describe.each(backendRows)('TokenDispatcher on %s', (_name, b) => {
   });
 
   it('gives padding slots no probs gradient', () => {
-    const T = 5, E = 3;
+    const T = 5,
+      E = 3;
     const probs = tensor('float32', [T, E], [0.7, 0.2, 0.1, 0.1, 0.8, 0.1, 0.3, 0.3, 0.4, 0.6, 0.3, 0.1, 0.2, 0.2, 0.6]);
     const d = new TokenDispatcher(b, { numExperts: E, topk: 1, padMultiple: 4 });
     const out = d.tokenPermutation(hiddenOf(rng(5), T, 2), probs);
@@ -182,7 +196,9 @@ describe.each(backendRows)('TokenDispatcher on %s', (_name, b) => {
   });
 
   it('backward of tokenUnpermutation gathers each slot its token gradient', () => {
-    const T = 4, E = 4, H = 3;
+    const T = 4,
+      E = 4,
+      H = 3;
     const probs = tensor('float32', [T, E], routerProbs(rng(9), T, E, false));
     const d = new TokenDispatcher(b, { numExperts: E, topk: 2 });
     const out = d.tokenPermutation(hiddenOf(rng(1), T, H), probs);
@@ -220,19 +236,31 @@ describe('TokenDispatcher: backends agree bit for bit', () => {
   const [first, ...rest] = cpuBackends;
   it.runIf(rest.length > 0)('on random bf16 problems', () => {
     fc.assert(
-      fc.property(fc.integer({ min: 0, max: 40 }), fc.integer({ min: 1, max: 12 }), fc.integer({ min: 1, max: 4 }), fc.integer({ min: 1, max: 5 }), fc.boolean(), fc.integer({ min: 0, max: 1 << 30 }), (T, E, kRaw, pad, capacity, seed) => {
-        const k = Math.min(kRaw, E);
-        const random = rng(seed);
-        const probs = tensor('float32', [T, E], routerProbs(random, T, E, capacity));
-        const hidden = tensor('bfloat16', [T, 6], Uint16Array.from({ length: T * 6 }, () => Math.floor(random() * 0xffff) & 0x7f7f));
-        const run = (b: Backend) => {
-          const d = new TokenDispatcher(b, { numExperts: E, topk: k, capacityFactor: capacity ? 1 : undefined, padMultiple: pad });
-          const out = d.tokenPermutation(hidden, probs);
-          return [out.permutedTokens, out.permutedProbs, out.tokensPerExpert, d.tokenUnpermutation(out.permutedTokens)].map(bitsOf);
-        };
-        const want = run(first);
-        for (const b of rest) expect(run(b)).toEqual(want);
-      }),
+      fc.property(
+        fc.integer({ min: 0, max: 40 }),
+        fc.integer({ min: 1, max: 12 }),
+        fc.integer({ min: 1, max: 4 }),
+        fc.integer({ min: 1, max: 5 }),
+        fc.boolean(),
+        fc.integer({ min: 0, max: 1 << 30 }),
+        (T, E, kRaw, pad, capacity, seed) => {
+          const k = Math.min(kRaw, E);
+          const random = rng(seed);
+          const probs = tensor('float32', [T, E], routerProbs(random, T, E, capacity));
+          const hidden = tensor(
+            'bfloat16',
+            [T, 6],
+            Uint16Array.from({ length: T * 6 }, () => Math.floor(random() * 0xffff) & 0x7f7f),
+          );
+          const run = (b: Backend) => {
+            const d = new TokenDispatcher(b, { numExperts: E, topk: k, capacityFactor: capacity ? 1 : undefined, padMultiple: pad });
+            const out = d.tokenPermutation(hidden, probs);
+            return [out.permutedTokens, out.permutedProbs, out.tokensPerExpert, d.tokenUnpermutation(out.permutedTokens)].map(bitsOf);
+          };
+          const want = run(first);
+          for (const b of rest) expect(run(b)).toEqual(want);
+        },
+      ),
       { seed: 20261123, numRuns: 60 },
     );
   });

@@ -14,7 +14,6 @@ import { backendInfo, createBackend, tensor, type Backend, type Tensor } from '.
 import { backendRows, registerBackendReport } from './backends.js';
 import { escapeRegExp as escape, expectThrows } from './util.js';
 
-
 // A small, valid problem: 3 tokens, hidden 2, 2 experts.
 // Expert 0 gets tokens 0 and 2, expert 1 gets tokens 1 and 2.
 const f32 = (shape: number[], values: number[]) => tensor('float32', shape, Float32Array.from(values));
@@ -68,30 +67,123 @@ const CASES: Case[] = [
 
   // ---- wrong shape: RangeError
   { title: 'routingMap rows != tokens rows', op: 'permute', arg: 'routingMap.shape', cls: RangeError, detail: /\[3, 2\].*\[2, 2\]/, call: (b) => b.permute(tokens, tensor('bool', [2, 2])) },
-  { title: 'permute probs shape != routingMap shape', op: 'permute', arg: 'probs.shape', cls: RangeError, detail: /\[3, 3\]/, call: (b) => b.permute(tokens, map, { probs: f32([3, 3], Array(9).fill(0)) }) },
+  {
+    title: 'permute probs shape != routingMap shape',
+    op: 'permute',
+    arg: 'probs.shape',
+    cls: RangeError,
+    detail: /\[3, 3\]/,
+    call: (b) => b.permute(tokens, map, { probs: f32([3, 3], Array(9).fill(0)) }),
+  },
   { title: 'indicesToMultihot probs shape != indices shape', op: 'indicesToMultihot', arg: 'probs.shape', cls: RangeError, call: (b) => b.indicesToMultihot(indices, f32([1, 3], [1, 1, 1]), 3) },
-  { title: 'multihotToIndices probs shape != routingMap shape', op: 'multihotToIndices', arg: 'probs.shape', cls: RangeError, call: (b) => b.multihotToIndices(map, { probs: f32([3, 1], [1, 1, 1]) }) },
+  {
+    title: 'multihotToIndices probs shape != routingMap shape',
+    op: 'multihotToIndices',
+    arg: 'probs.shape',
+    cls: RangeError,
+    call: (b) => b.multihotToIndices(map, { probs: f32([3, 1], [1, 1, 1]) }),
+  },
   { title: 'restoreShape hidden != permutedTokens hidden', op: 'unpermute', arg: 'restoreShape', cls: RangeError, detail: /hidden size 5/, call: (b) => b.unpermute(permuted, sorted, [3, 5]) },
-  { title: 'sortedIndices length != permutedTokens rows', op: 'unpermute', arg: 'sortedIndices.shape', cls: RangeError, call: (b) => b.unpermute(permuted, tensor('int32', [3], Int32Array.from([0, 1, 2])), [3, 2]) },
+  {
+    title: 'sortedIndices length != permutedTokens rows',
+    op: 'unpermute',
+    arg: 'sortedIndices.shape',
+    cls: RangeError,
+    call: (b) => b.unpermute(permuted, tensor('int32', [3], Int32Array.from([0, 1, 2])), [3, 2]),
+  },
   { title: 'per-slot probs length != permutedTokens rows', op: 'unpermute', arg: 'probs.shape', cls: RangeError, call: (b) => b.unpermute(permuted, sorted, [3, 2], { probs: f32([3], [1, 1, 1]) }) },
-  { title: 'dense probs rows != restoreShape rows', op: 'unpermute', arg: 'probs.shape', cls: RangeError, call: (b) => b.unpermute(permuted, sorted, [3, 2], { probs: f32([2, 2], [1, 1, 1, 1]), routingMap: map }) },
+  {
+    title: 'dense probs rows != restoreShape rows',
+    op: 'unpermute',
+    arg: 'probs.shape',
+    cls: RangeError,
+    call: (b) => b.unpermute(permuted, sorted, [3, 2], { probs: f32([2, 2], [1, 1, 1, 1]), routingMap: map }),
+  },
 
   // ---- data length not matching the shape (hand-built tensors): RangeError
-  { title: 'tokens.data shorter than its shape', op: 'permute', arg: 'tokens.data', cls: RangeError, detail: /6.*5/, call: (b) => b.permute({ dtype: 'float32', shape: [3, 2], data: new Float32Array(5) }, map) },
+  {
+    title: 'tokens.data shorter than its shape',
+    op: 'permute',
+    arg: 'tokens.data',
+    cls: RangeError,
+    detail: /6.*5/,
+    call: (b) => b.permute({ dtype: 'float32', shape: [3, 2], data: new Float32Array(5) }, map),
+  },
   { title: 'routingMap.data longer than its shape', op: 'permute', arg: 'routingMap.data', cls: RangeError, call: (b) => b.permute(tokens, { dtype: 'bool', shape: [3, 2], data: new Uint8Array(7) }) },
-  { title: 'sortedIndices.data (int64) shorter than its shape', op: 'unpermute', arg: 'sortedIndices.data', cls: RangeError, call: (b) => b.unpermute(permuted, { dtype: 'int64', shape: [4], data: new BigInt64Array(3) }, [3, 2]) },
-  { title: 'data of the wrong TypedArray for its dtype', op: 'permute', arg: 'routingMap.data', cls: TypeError, detail: /Uint8Array/, call: (b) => b.permute(tokens, { dtype: 'bool', shape: [3, 2], data: new Int32Array(6) } as any) },
+  {
+    title: 'sortedIndices.data (int64) shorter than its shape',
+    op: 'unpermute',
+    arg: 'sortedIndices.data',
+    cls: RangeError,
+    call: (b) => b.unpermute(permuted, { dtype: 'int64', shape: [4], data: new BigInt64Array(3) }, [3, 2]),
+  },
+  {
+    title: 'data of the wrong TypedArray for its dtype',
+    op: 'permute',
+    arg: 'routingMap.data',
+    cls: TypeError,
+    detail: /Uint8Array/,
+    call: (b) => b.permute(tokens, { dtype: 'bool', shape: [3, 2], data: new Int32Array(6) } as any),
+  },
 
   // ---- indices out of range: RangeError
-  { title: 'an index equal to numExperts', op: 'indicesToMultihot', arg: 'indices', cls: RangeError, detail: /indices\[0\]\[1\] = 3/, call: (b) => b.indicesToMultihot(tensor('int32', [1, 2], Int32Array.from([0, 3])), topProbs, 3) },
-  { title: 'an index of -2 (only -1 means masked)', op: 'indicesToMultihot', arg: 'indices', cls: RangeError, detail: /indices\[0\]\[0\] = -2/, call: (b) => b.indicesToMultihot(tensor('int32', [1, 2], Int32Array.from([-2, 0])), topProbs, 3) },
-  { title: 'an int64 index beyond int32', op: 'indicesToMultihot', arg: 'indices', cls: RangeError, detail: /4294967296/, call: (b) => b.indicesToMultihot(tensor('int64', [1, 2], BigInt64Array.from([0n, 2n ** 32n])), topProbs, 3) },
-  { title: 'a sortedIndices entry equal to numTokens', op: 'unpermute', arg: 'sortedIndices', cls: RangeError, detail: /sortedIndices\[1\] = 3/, call: (b) => b.unpermute(permuted, tensor('int32', [4], Int32Array.from([0, 3, 1, 2])), [3, 2]) },
-  { title: 'a negative sortedIndices entry', op: 'unpermute', arg: 'sortedIndices', cls: RangeError, detail: /-1/, call: (b) => b.unpermute(permuted, tensor('int32', [4], Int32Array.from([0, 2, -1, 2])), [3, 2]) },
-  { title: 'an int64 sortedIndices entry beyond int32', op: 'unpermute', arg: 'sortedIndices', cls: RangeError, call: (b) => b.unpermute(permuted, tensor('int64', [4], BigInt64Array.from([0n, 2n ** 33n + 1n, 1n, 2n])), [3, 2]) },
+  {
+    title: 'an index equal to numExperts',
+    op: 'indicesToMultihot',
+    arg: 'indices',
+    cls: RangeError,
+    detail: /indices\[0\]\[1\] = 3/,
+    call: (b) => b.indicesToMultihot(tensor('int32', [1, 2], Int32Array.from([0, 3])), topProbs, 3),
+  },
+  {
+    title: 'an index of -2 (only -1 means masked)',
+    op: 'indicesToMultihot',
+    arg: 'indices',
+    cls: RangeError,
+    detail: /indices\[0\]\[0\] = -2/,
+    call: (b) => b.indicesToMultihot(tensor('int32', [1, 2], Int32Array.from([-2, 0])), topProbs, 3),
+  },
+  {
+    title: 'an int64 index beyond int32',
+    op: 'indicesToMultihot',
+    arg: 'indices',
+    cls: RangeError,
+    detail: /4294967296/,
+    call: (b) => b.indicesToMultihot(tensor('int64', [1, 2], BigInt64Array.from([0n, 2n ** 32n])), topProbs, 3),
+  },
+  {
+    title: 'a sortedIndices entry equal to numTokens',
+    op: 'unpermute',
+    arg: 'sortedIndices',
+    cls: RangeError,
+    detail: /sortedIndices\[1\] = 3/,
+    call: (b) => b.unpermute(permuted, tensor('int32', [4], Int32Array.from([0, 3, 1, 2])), [3, 2]),
+  },
+  {
+    title: 'a negative sortedIndices entry',
+    op: 'unpermute',
+    arg: 'sortedIndices',
+    cls: RangeError,
+    detail: /-1/,
+    call: (b) => b.unpermute(permuted, tensor('int32', [4], Int32Array.from([0, 2, -1, 2])), [3, 2]),
+  },
+  {
+    title: 'an int64 sortedIndices entry beyond int32',
+    op: 'unpermute',
+    arg: 'sortedIndices',
+    cls: RangeError,
+    call: (b) => b.unpermute(permuted, tensor('int64', [4], BigInt64Array.from([0n, 2n ** 33n + 1n, 1n, 2n])), [3, 2]),
+  },
 
   // ---- duplicate expert in a row: RangeError
-  { title: 'an expert listed twice in one row', op: 'indicesToMultihot', arg: 'indices', cls: RangeError, detail: /row 0 lists expert 1 more than once/, call: (b) => b.indicesToMultihot(tensor('int32', [1, 2], Int32Array.from([1, 1])), topProbs, 3) },
+  {
+    title: 'an expert listed twice in one row',
+    op: 'indicesToMultihot',
+    arg: 'indices',
+    cls: RangeError,
+    detail: /row 0 lists expert 1 more than once/,
+    call: (b) => b.indicesToMultihot(tensor('int32', [1, 2], Int32Array.from([1, 1])), topProbs, 3),
+  },
 
   // ---- non-integer or negative sizes: RangeError naming the argument
   { title: 'numExperts 2.5', op: 'indicesToMultihot', arg: 'numExperts', cls: RangeError, detail: /2\.5/, call: (b) => b.indicesToMultihot(indices, topProbs, 2.5) },
@@ -100,18 +192,73 @@ const CASES: Case[] = [
   { title: 'topk -1', op: 'multihotToIndices', arg: 'topk', cls: RangeError, detail: /-1/, call: (b) => b.multihotToIndices(map, { topk: -1 }) },
   { title: 'restoreShape [2.5, 2]', op: 'unpermute', arg: 'restoreShape[0]', cls: RangeError, detail: /2\.5/, call: (b) => b.unpermute(permuted, sorted, [2.5, 2]) },
   { title: 'restoreShape [3, -2]', op: 'unpermute', arg: 'restoreShape[1]', cls: RangeError, call: (b) => b.unpermute(permuted, sorted, [3, -2]) },
-  { title: 'a tensor shape of 1.5 (hand-built)', op: 'permute', arg: 'tokens.shape[0]', cls: RangeError, call: (b) => b.permute({ dtype: 'float32', shape: [1.5, 2], data: new Float32Array(3) }, map) },
+  {
+    title: 'a tensor shape of 1.5 (hand-built)',
+    op: 'permute',
+    arg: 'tokens.shape[0]',
+    cls: RangeError,
+    call: (b) => b.permute({ dtype: 'float32', shape: [1.5, 2], data: new Float32Array(3) }, map),
+  },
 
   // ---- capacities: RangeError
-  { title: 'numOutTokens not a multiple of numExperts with dropAndPad', op: 'permute', arg: 'numOutTokens', cls: RangeError, detail: /3 is not a multiple of numExperts = 2/, call: (b) => b.permute(tokens, map, { numOutTokens: 3, dropAndPad: true }) },
-  { title: 'capacity larger than numTokens', op: 'permute', arg: 'numOutTokens', cls: RangeError, detail: /capacity .* = 4 exceeds numTokens = 3/, call: (b) => b.permute(tokens, map, { numOutTokens: 8, dropAndPad: true }) },
-  { title: 'numOutTokens != routed count without dropAndPad', op: 'permute', arg: 'numOutTokens', cls: RangeError, detail: /5 differs from the 4 entries/, call: (b) => b.permute(tokens, map, { numOutTokens: 5 }) },
-  { title: 'unpermute dropAndPad with rows not a multiple of numExperts', op: 'unpermute', arg: ['permutedTokens.shape[0]', 'sortedIndices.shape[0]'], cls: RangeError, detail: /\b3\b.*numExperts = 2/, call: (b) => b.unpermute(f32([3, 2], [1, 2, 3, 4, 5, 6]), tensor('int32', [3], Int32Array.from([0, 1, 2])), [3, 2], { probs, routingMap: map, dropAndPad: true }) },
-  { title: 'multihotToIndices topk below a row count', op: 'multihotToIndices', arg: 'topk', cls: RangeError, detail: /row 2 of routingMap selects 2 experts, more than topk = 1/, call: (b) => b.multihotToIndices(map, { topk: 1 }) },
+  {
+    title: 'numOutTokens not a multiple of numExperts with dropAndPad',
+    op: 'permute',
+    arg: 'numOutTokens',
+    cls: RangeError,
+    detail: /3 is not a multiple of numExperts = 2/,
+    call: (b) => b.permute(tokens, map, { numOutTokens: 3, dropAndPad: true }),
+  },
+  {
+    title: 'capacity larger than numTokens',
+    op: 'permute',
+    arg: 'numOutTokens',
+    cls: RangeError,
+    detail: /capacity .* = 4 exceeds numTokens = 3/,
+    call: (b) => b.permute(tokens, map, { numOutTokens: 8, dropAndPad: true }),
+  },
+  {
+    title: 'numOutTokens != routed count without dropAndPad',
+    op: 'permute',
+    arg: 'numOutTokens',
+    cls: RangeError,
+    detail: /5 differs from the 4 entries/,
+    call: (b) => b.permute(tokens, map, { numOutTokens: 5 }),
+  },
+  {
+    title: 'unpermute dropAndPad with rows not a multiple of numExperts',
+    op: 'unpermute',
+    arg: ['permutedTokens.shape[0]', 'sortedIndices.shape[0]'],
+    cls: RangeError,
+    detail: /\b3\b.*numExperts = 2/,
+    call: (b) => b.unpermute(f32([3, 2], [1, 2, 3, 4, 5, 6]), tensor('int32', [3], Int32Array.from([0, 1, 2])), [3, 2], { probs, routingMap: map, dropAndPad: true }),
+  },
+  {
+    title: 'multihotToIndices topk below a row count',
+    op: 'multihotToIndices',
+    arg: 'topk',
+    cls: RangeError,
+    detail: /row 2 of routingMap selects 2 experts, more than topk = 1/,
+    call: (b) => b.multihotToIndices(map, { topk: 1 }),
+  },
 
   // ---- a routing map that did not make this permutation: RangeError
-  { title: 'dense probs with a routingMap selecting a different count', op: 'unpermute', arg: 'routingMap', cls: RangeError, detail: /selects 3 entries but .*\b4 (rows|slots)\b/, call: (b) => b.unpermute(permuted, sorted, [3, 2], { probs, routingMap: tensor('bool', [3, 2], Uint8Array.from([1, 0, 0, 1, 1, 0])) }) },
-  { title: 'dense probs with sortedIndices the routingMap does not route', op: 'unpermute', arg: 'sortedIndices', cls: RangeError, detail: /slot 1 holds token 1/, call: (b) => b.unpermute(permuted, tensor('int32', [4], Int32Array.from([0, 1, 1, 2])), [3, 2], { probs, routingMap: map }) },
+  {
+    title: 'dense probs with a routingMap selecting a different count',
+    op: 'unpermute',
+    arg: 'routingMap',
+    cls: RangeError,
+    detail: /selects 3 entries but .*\b4 (rows|slots)\b/,
+    call: (b) => b.unpermute(permuted, sorted, [3, 2], { probs, routingMap: tensor('bool', [3, 2], Uint8Array.from([1, 0, 0, 1, 1, 0])) }),
+  },
+  {
+    title: 'dense probs with sortedIndices the routingMap does not route',
+    op: 'unpermute',
+    arg: 'sortedIndices',
+    cls: RangeError,
+    detail: /slot 1 holds token 1/,
+    call: (b) => b.unpermute(permuted, tensor('int32', [4], Int32Array.from([0, 1, 1, 2])), [3, 2], { probs, routingMap: map }),
+  },
 
   // ---- missing or bad options: TypeError
   { title: 'dropAndPad without numOutTokens', op: 'permute', arg: 'numOutTokens', cls: TypeError, detail: /dropAndPad/, call: (b) => b.permute(tokens, map, { dropAndPad: true }) },
@@ -132,7 +279,14 @@ const CASES: Case[] = [
   { title: 'tokens a Float32Array', op: 'permute', arg: 'tokens', cls: TypeError, detail: /Float32Array/, call: (b) => b.permute(new Float32Array(6) as any, map) },
   { title: 'routingMap null', op: 'permute', arg: 'routingMap', cls: TypeError, call: (b) => b.permute(tokens, null as any) },
   { title: 'permutedTokens a plain array', op: 'unpermute', arg: ['permutedTokens', 'permutedTokens.dtype'], cls: TypeError, call: (b) => b.unpermute([1, 2] as any, sorted, [3, 2]) },
-  { title: 'a tensor with an unknown dtype', op: 'permute', arg: 'tokens.dtype', cls: TypeError, detail: /float64/, call: (b) => b.permute({ dtype: 'float64', shape: [3, 2], data: new Float64Array(6) } as any, map) },
+  {
+    title: 'a tensor with an unknown dtype',
+    op: 'permute',
+    arg: 'tokens.dtype',
+    cls: TypeError,
+    detail: /float64/,
+    call: (b) => b.permute({ dtype: 'float64', shape: [3, 2], data: new Float64Array(6) } as any, map),
+  },
 ];
 /* eslint-enable @typescript-eslint/no-explicit-any */
 

@@ -165,10 +165,11 @@ describe.each(backendRows)('experts on %s', (_name, moe) => {
 
   it('bfloat16 inputs: the float32 pipeline rounded once', () => {
     const pr = problem('swiglu', 3, [4, 2], 8, 6);
-    const toBf = (a: Float64Array) => Float64Array.from(a, (v) => {
-      const b = tensor('bfloat16', [1], [v]);
-      return new Float32Array(new Uint32Array([(b.data[0] as number) << 16]).buffer)[0];
-    });
+    const toBf = (a: Float64Array) =>
+      Float64Array.from(a, (v) => {
+        const b = tensor('bfloat16', [1], [v]);
+        return new Float32Array(new Uint32Array([(b.data[0] as number) << 16]).buffer)[0];
+      });
     const q: Problem = { ...pr, x: toBf(pr.x), w1: toBf(pr.w1), w2: toBf(pr.w2) };
     const want = run(moe, q); // float32 inputs holding the bf16 values
     const bf = (shape: number[], a: Float64Array) => tensor('bfloat16', shape, Array.from(a));
@@ -231,7 +232,10 @@ describe('cpu and wasm agree bit for bit', () => {
         const w1 = cast([e, pr.dim, width(pr)], pr.w1);
         const weights: ExpertWeights = { ...(kind === 'relu2' ? { upProjs: w1 } : { gateAndUpProjs: w1 }), downProjs: cast([e, pr.inter, pr.dim], pr.w2) };
         const x = cast([n, pr.dim], pr.x);
-        const g = cast([n, pr.dim], Array.from({ length: n * pr.dim }, () => rand() - 0.5));
+        const g = cast(
+          [n, pr.dim],
+          Array.from({ length: n * pr.dim }, () => rand() - 0.5),
+        );
         const o = optionsOf(pr);
         const a = cpu!.expertsForward(x, i32(pr.counts), weights, o);
         const b = wasm!.expertsForward(x, i32(pr.counts), weights, o);
@@ -246,8 +250,14 @@ describe('cpu and wasm agree bit for bit', () => {
       }
     }
     const rand = rng(3);
-    const a = f32([513, 300], Array.from({ length: 513 * 300 }, () => rand() - 0.5));
-    const b = f32([300, 129], Array.from({ length: 300 * 129 }, () => rand() - 0.5));
+    const a = f32(
+      [513, 300],
+      Array.from({ length: 513 * 300 }, () => rand() - 0.5),
+    );
+    const b = f32(
+      [300, 129],
+      Array.from({ length: 300 * 129 }, () => rand() - 0.5),
+    );
     expect(bitDiffs(cpu!.matmul(a, b), wasm!.matmul(a, b))).toEqual([]);
     expect(bitDiffs(cpu!.matmul(a, a, { transB: true }), wasm!.matmul(a, a, { transB: true }))).toEqual([]);
   });

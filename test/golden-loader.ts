@@ -52,7 +52,6 @@ async function browserSource(): Promise<GoldenSource> {
 const source = IN_NODE ? await nodeSource() : await browserSource();
 export const GOLDEN_DIR = source.dir;
 
-
 export interface GoldenTensor {
   dtype: 'f32' | 'bf16' | 'f16' | 'i64' | 'i32' | 'bool';
   shape: number[];
@@ -80,7 +79,6 @@ export function loadGolden(op: string): { file?: GoldenFile; error?: string } {
     return { error: `${path} does not parse: ${(e as Error).message}` };
   }
 }
-
 
 // ---------------------------------------------------------------------------------------
 // Golden tensors to library tensors.
@@ -120,4 +118,3 @@ export function expectMerged(got: Tensor, want: GoldenTensor, what: string): voi
   else if (dtype === 'bfloat16' || dtype === 'float16') expectHalfWithinUlps(got, dtype, want.shape, bitsOf(toTensor(want)), 1, what);
   else throw new Error(`${what}: unexpected golden dtype ${want.dtype}`);
 }
-

@@ -131,11 +131,11 @@ describe.each(backendRows)('golden equivalence on %s', (_name, backend) => {
 describe.each(backendRows)('unpermute index dtypes on %s', (_name, backend) => {
   for (const c of casesOf('unpermute')) {
     it(`${c.name}: int32 and int64 sortedIndices give identical bits`, () => {
-    const tokens = toTensor(input(c, 'permuted_tokens')) as Tensor<'float32'>;
-    const restore = [output(c, 'tokens').shape[0], output(c, 'tokens').shape[1]] as const;
-    const options = { probs: toTensor(input(c, 'probs')) as Tensor<'float32'>, routingMap: toTensor(input(c, 'routing_map')) as Tensor<'bool'> };
-    const a = backend.unpermute(tokens, toTensor(input(c, 'sorted_indices'), 'int64') as Tensor<'int64'>, restore, options);
-    const b = backend.unpermute(tokens, toTensor(input(c, 'sorted_indices'), 'int32') as Tensor<'int32'>, restore, options);
+      const tokens = toTensor(input(c, 'permuted_tokens')) as Tensor<'float32'>;
+      const restore = [output(c, 'tokens').shape[0], output(c, 'tokens').shape[1]] as const;
+      const options = { probs: toTensor(input(c, 'probs')) as Tensor<'float32'>, routingMap: toTensor(input(c, 'routing_map')) as Tensor<'bool'> };
+      const a = backend.unpermute(tokens, toTensor(input(c, 'sorted_indices'), 'int64') as Tensor<'int64'>, restore, options);
+      const b = backend.unpermute(tokens, toTensor(input(c, 'sorted_indices'), 'int32') as Tensor<'int32'>, restore, options);
       expectSameBits(a, b, 'unpermute');
     });
   }

@@ -56,10 +56,11 @@ async function loadFixture(name: string): Promise<Fixture | undefined> {
 }
 
 const fixtures: Fixture[] = [];
-for (const f of FAMILIES) for (const d of DTYPES) {
-  const fx = await loadFixture(`${f}-${d}`);
-  if (fx) fixtures.push(fx);
-}
+for (const f of FAMILIES)
+  for (const d of DTYPES) {
+    const fx = await loadFixture(`${f}-${d}`);
+    if (fx) fixtures.push(fx);
+  }
 
 it('the fixtures of every family and dtype are present', () => {
   expect(fixtures.map((f) => f.name).sort()).toEqual(FAMILIES.flatMap((f) => DTYPES.map((d) => `${f}-${d}`)).sort());
@@ -245,7 +246,9 @@ for (const moe of backends) {
 
     it('bad configs and checkpoints: errors that name what is wrong, and no layer', async () => {
       const fx = fixtures.find((f) => f.name === 'qwen2_moe-f32')!;
-      await expect(MoELayer.fromPretrained(moe, { config: { ...fx.config, model_type: 'llama' }, checkpoint: fx.model, layer: 1 })).rejects.toThrow(/model_type: 'llama' is not supported \(supported: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, gpt_oss\)/);
+      await expect(MoELayer.fromPretrained(moe, { config: { ...fx.config, model_type: 'llama' }, checkpoint: fx.model, layer: 1 })).rejects.toThrow(
+        /model_type: 'llama' is not supported \(supported: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, gpt_oss\)/,
+      );
       await expect(MoELayer.fromPretrained(moe, { config: fx.config, checkpoint: fx.model, layer: 99 })).rejects.toThrow(RangeError);
       await expect(MoELayer.fromPretrained(moe, { config: { ...fx.config, hidden_size: 48 }, checkpoint: fx.model, layer: 1 })).rejects.toThrow(/expected shape/);
       const ds = fixtures.find((f) => f.name === 'deepseek_v3-f32')!;

@@ -167,7 +167,19 @@ function params(c: Config, seed: number): Params {
   const v = (n: number, s: number) => Float64Array.from({ length: n }, () => Math.fround((rand() * 2 - 1) * s));
   const [D, E, I] = [c.dim, c.numExperts, c.inter];
   const S = c.sharedExpert?.inter ?? 1;
-  return { x: v(c.T * D, 1), wr: v(D * E, 1), w1: v(E * D * W, 0.7), w2: v(E * I * D, 0.7), b1: v(E * W, 0.3), b2: v(E * D, 0.3), br: v(E, 0.5), eb: v(E, 0.3), s1: v(D * 2 * S, 0.7), s2: v(S * D, 0.7), sg: v(D, 1) };
+  return {
+    x: v(c.T * D, 1),
+    wr: v(D * E, 1),
+    w1: v(E * D * W, 0.7),
+    w2: v(E * I * D, 0.7),
+    b1: v(E * W, 0.3),
+    b2: v(E * D, 0.3),
+    br: v(E, 0.5),
+    eb: v(E, 0.3),
+    s1: v(D * 2 * S, 0.7),
+    s2: v(S * D, 0.7),
+    sg: v(D, 1),
+  };
 }
 
 function weightsOf(c: Config, p: Params): MoEWeights {
@@ -194,16 +206,40 @@ function weightsOf(c: Config, p: Params): MoEWeights {
 
 const CONFIGS: [string, Config][] = [
   ['softmax, swiglu, biases, aux + z-loss', { T: 7, dim: 4, inter: 3, numExperts: 4, topk: 2, activation: 'swiglu', bias: true, auxLossCoeff: 0.1, zLossCoeff: 0.01 }],
-  ['softmax before top-k, quick_geglu, scaled', { T: 6, dim: 3, inter: 2, numExperts: 5, topk: 3, activation: 'quick_geglu', softmaxBeforeTopk: true, routeScale: 1.5, bias: true, auxLossCoeff: 0.05 }],
+  [
+    'softmax before top-k, quick_geglu, scaled',
+    { T: 6, dim: 3, inter: 2, numExperts: 5, topk: 3, activation: 'quick_geglu', softmaxBeforeTopk: true, routeScale: 1.5, bias: true, auxLossCoeff: 0.05 },
+  ],
   ['sigmoid normalised, relu2, aux', { T: 6, dim: 4, inter: 3, numExperts: 4, topk: 2, activation: 'relu2', scoreFunction: 'sigmoid', normTopkProb: true, bias: true, auxLossCoeff: 0.1 }],
   [
     'DeepSeek-V3-like: sigmoid_with_bias, expert bias, groups, normalised, scaled, gated shared expert, aux',
-    { T: 7, dim: 4, inter: 3, numExperts: 8, topk: 2, activation: 'swiglu', scoreFunction: 'sigmoid_with_bias', expertBias: true, numGroups: 4, topkGroups: 2, normTopkProb: true, routeScale: 2.5, sharedExpert: { inter: 2, gate: true }, auxLossCoeff: 0.1 },
+    {
+      T: 7,
+      dim: 4,
+      inter: 3,
+      numExperts: 8,
+      topk: 2,
+      activation: 'swiglu',
+      scoreFunction: 'sigmoid_with_bias',
+      expertBias: true,
+      numGroups: 4,
+      topkGroups: 2,
+      normTopkProb: true,
+      routeScale: 2.5,
+      sharedExpert: { inter: 2, gate: true },
+      auxLossCoeff: 0.1,
+    },
   ],
-  ['sigmoid with bias and groups masked by 0, shared expert', { T: 6, dim: 3, inter: 2, numExperts: 6, topk: 2, activation: 'swiglu', scoreFunction: 'sigmoid', expertBias: true, numGroups: 3, topkGroups: 2, sharedExpert: { inter: 3 } }],
+  [
+    'sigmoid with bias and groups masked by 0, shared expert',
+    { T: 6, dim: 3, inter: 2, numExperts: 6, topk: 2, activation: 'swiglu', scoreFunction: 'sigmoid', expertBias: true, numGroups: 3, topkGroups: 2, sharedExpert: { inter: 3 } },
+  ],
   ['GPT-OSS-like: router bias, quick_geglu, biases', { T: 6, dim: 4, inter: 2, numExperts: 4, topk: 2, activation: 'quick_geglu', routerBias: true, bias: true, zLossCoeff: 0.01 }],
   ['sqrtsoftplus, normalised, aux', { T: 6, dim: 3, inter: 2, numExperts: 5, topk: 2, activation: 'swiglu', scoreFunction: 'sqrtsoftplus', normTopkProb: true, auxLossCoeff: 0.05 }],
-  ['softmax_with_bias, groups', { T: 6, dim: 3, inter: 2, numExperts: 6, topk: 2, activation: 'swiglu', scoreFunction: 'softmax_with_bias', expertBias: true, numGroups: 3, topkGroups: 1, bias: true }],
+  [
+    'softmax_with_bias, groups',
+    { T: 6, dim: 3, inter: 2, numExperts: 6, topk: 2, activation: 'swiglu', scoreFunction: 'softmax_with_bias', expertBias: true, numGroups: 3, topkGroups: 1, bias: true },
+  ],
 ];
 
 const layerOptions = (c: Config): MoELayerOptions => {
@@ -307,7 +343,22 @@ describe('training from the command line', () => {
 });
 
 describe.each(backendRows)('MoELayer options on %s', (_name, moe) => {
-  const c: Config = { T: 12, dim: 8, inter: 4, numExperts: 8, topk: 2, activation: 'swiglu', scoreFunction: 'sigmoid_with_bias', expertBias: true, numGroups: 4, topkGroups: 2, normTopkProb: true, sharedExpert: { inter: 4, gate: true }, routerBias: true, bias: true };
+  const c: Config = {
+    T: 12,
+    dim: 8,
+    inter: 4,
+    numExperts: 8,
+    topk: 2,
+    activation: 'swiglu',
+    scoreFunction: 'sigmoid_with_bias',
+    expertBias: true,
+    numGroups: 4,
+    topkGroups: 2,
+    normTopkProb: true,
+    sharedExpert: { inter: 4, gate: true },
+    routerBias: true,
+    bias: true,
+  };
   const p = params(c, 77);
   const x = tensor('float32', [c.T, c.dim], Float32Array.from(p.x));
   const g = tensor('float32', [c.T, c.dim], Float32Array.from(params(c, 78).x));

@@ -26,7 +26,12 @@ const params = <T>(examples: T[] = []): fc.Parameters<T> => ({ seed: SEED, numRu
 
 const range = (n: number) => Array.from({ length: n }, (_, i) => i);
 const i32 = (values: number[]) => tensor('int32', [values.length], Int32Array.from(values));
-const i64 = (values: number[]) => tensor('int64', [values.length], BigInt64Array.from(values, (v) => BigInt(v)));
+const i64 = (values: number[]) =>
+  tensor(
+    'int64',
+    [values.length],
+    BigInt64Array.from(values, (v) => BigInt(v)),
+  );
 const boolT = (shape: number[], values: ArrayLike<number>) => tensor('bool', shape, Uint8Array.from(values as number[]));
 const f32T = (shape: number[], values: ArrayLike<number>) => tensor('float32', shape, Float32Array.from(values as number[]));
 
@@ -97,9 +102,16 @@ describe.each(backendRows)('golden on %s', (_name, backend) => {
       const owned = range(n).filter((id) => backend.shouldLoadExpert(id, n, w, r));
       expect(owned, what).toEqual(range(end - start).map((i) => start + i));
       expect(backend.validateExpertSharding([end - start, 2], n, w, r, 'w', 'shard(0)'), what).toEqual({ start, end });
-      const stacked = tensor('int32', [end - start, 2], Int32Array.from(range(2 * (end - start)), (v) => v + 100 * start));
+      const stacked = tensor(
+        'int32',
+        [end - start, 2],
+        Int32Array.from(range(2 * (end - start)), (v) => v + 100 * start),
+      );
       const parts = backend.splitExpertWeights(stacked, n, w, r);
-      expect(parts.map((p) => p.expertId), what).toEqual(range(end - start).map((i) => start + i));
+      expect(
+        parts.map((p) => p.expertId),
+        what,
+      ).toEqual(range(end - start).map((i) => start + i));
       parts.forEach((p, i) => expectValues(p.tensor, 'int32', [2], [2 * i + 100 * start, 2 * i + 1 + 100 * start], `${what} expert ${p.expertId}`));
     }
   });
@@ -249,16 +261,14 @@ interface Routing {
 /** Mostly ties: few distinct values, so equal probs straddle the capacity boundary. */
 const tieArb = fc.constantFrom(0, -0, 0.5, 0.5, 1);
 
-const routingArb: fc.Arbitrary<Routing> = fc
-  .record({ T: fc.integer({ min: 0, max: 24 }), E: fc.integer({ min: 1, max: 8 }), ties: fc.boolean() })
-  .chain(({ T, E, ties }) =>
-    fc.record({
-      T: fc.constant(T),
-      E: fc.constant(E),
-      map: fc.uint8Array({ min: 0, max: 1, minLength: T * E, maxLength: T * E }),
-      probs: fc.array(ties ? tieArb : probArb, { minLength: T * E, maxLength: T * E }).map((v) => Float32Array.from(v)),
-    }),
-  );
+const routingArb: fc.Arbitrary<Routing> = fc.record({ T: fc.integer({ min: 0, max: 24 }), E: fc.integer({ min: 1, max: 8 }), ties: fc.boolean() }).chain(({ T, E, ties }) =>
+  fc.record({
+    T: fc.constant(T),
+    E: fc.constant(E),
+    map: fc.uint8Array({ min: 0, max: 1, minLength: T * E, maxLength: T * E }),
+    probs: fc.array(ties ? tieArb : probArb, { minLength: T * E, maxLength: T * E }).map((v) => Float32Array.from(v)),
+  }),
+);
 
 const TOKEN_DTYPES: readonly TokenDType[] = ['float32', 'bfloat16', 'float16'];
 
@@ -269,13 +279,29 @@ function bitsTensor(dtype: DType, shape: number[], bits: number[]): Tensor {
       return tensor('float32', shape, new Float32Array(Uint32Array.from(bits).buffer));
     case 'bfloat16':
     case 'float16':
-      return tensor(dtype, shape, Uint16Array.from(bits, (b) => b & 0xffff));
+      return tensor(
+        dtype,
+        shape,
+        Uint16Array.from(bits, (b) => b & 0xffff),
+      );
     case 'int32':
-      return tensor('int32', shape, Int32Array.from(bits, (b) => b | 0));
+      return tensor(
+        'int32',
+        shape,
+        Int32Array.from(bits, (b) => b | 0),
+      );
     case 'bool':
-      return tensor('bool', shape, Uint8Array.from(bits, (b) => b & 1));
+      return tensor(
+        'bool',
+        shape,
+        Uint8Array.from(bits, (b) => b & 1),
+      );
     case 'int64':
-      return tensor('int64', shape, BigInt64Array.from(bits, (b) => BigInt(b)));
+      return tensor(
+        'int64',
+        shape,
+        BigInt64Array.from(bits, (b) => BigInt(b)),
+      );
   }
 }
 
@@ -409,8 +435,22 @@ describe.each(backendRows)('properties on %s', (_name, backend) => {
         const out = backend.sortChunksByIndex(x, ints(s.sizes), ints(order), p);
         const rows = refChunkRows(s.sizes, order);
         const xb = bitsOf(x);
-        expectValues(out.output, s.dtype, [N, s.H], rows.flatMap((r) => xb.slice(r * s.H, (r + 1) * s.H)), 'output bits');
-        if (p) expectSameBits(out.probs!, f32T([N], rows.map((r) => probs[r])), 'probs');
+        expectValues(
+          out.output,
+          s.dtype,
+          [N, s.H],
+          rows.flatMap((r) => xb.slice(r * s.H, (r + 1) * s.H)),
+          'output bits',
+        );
+        if (p)
+          expectSameBits(
+            out.probs!,
+            f32T(
+              [N],
+              rows.map((r) => probs[r]),
+            ),
+            'probs',
+          );
         else expect(out).not.toHaveProperty('probs');
         const back = backend.sortChunksByIndexBackward(out.output, ints(s.sizes), ints(order), out.probs);
         expectSameBits(back.gradInput, x, 'backward(forward(x))');
@@ -451,19 +491,17 @@ describe.each(backendRows)('properties on %s', (_name, backend) => {
   it('groupedMmSort matches a filter-and-stable-sort reference', () => {
     fc.assert(
       fc.property(
-        fc
-          .record({ T: fc.integer({ min: 0, max: 20 }), k: fc.integer({ min: 0, max: 4 }), E: fc.integer({ min: 1, max: 10 }) })
-          .chain((s) =>
-            fc.record({
-              s: fc.constant(s),
-              idx: fc.array(fc.integer({ min: -1, max: s.E + 1 }), { minLength: s.T * s.k, maxLength: s.T * s.k }),
-              w: fc.array(fc.float({ noNaN: true }), { minLength: s.T * s.k, maxLength: s.T * s.k }),
-              mask: fc.option(fc.array(fc.integer({ min: 0, max: 1 }), { minLength: s.T, maxLength: s.T }), { nil: undefined }),
-              start: fc.integer({ min: 0, max: s.E }),
-              n: fc.integer({ min: 0, max: s.E }),
-              wdtype: fc.constantFrom(...TOKEN_DTYPES),
-            }),
-          ),
+        fc.record({ T: fc.integer({ min: 0, max: 20 }), k: fc.integer({ min: 0, max: 4 }), E: fc.integer({ min: 1, max: 10 }) }).chain((s) =>
+          fc.record({
+            s: fc.constant(s),
+            idx: fc.array(fc.integer({ min: -1, max: s.E + 1 }), { minLength: s.T * s.k, maxLength: s.T * s.k }),
+            w: fc.array(fc.float({ noNaN: true }), { minLength: s.T * s.k, maxLength: s.T * s.k }),
+            mask: fc.option(fc.array(fc.integer({ min: 0, max: 1 }), { minLength: s.T, maxLength: s.T }), { nil: undefined }),
+            start: fc.integer({ min: 0, max: s.E }),
+            n: fc.integer({ min: 0, max: s.E }),
+            wdtype: fc.constantFrom(...TOKEN_DTYPES),
+          }),
+        ),
         ({ s, idx, w, mask, start, n, wdtype }) => {
           const weights = tensor(wdtype, [s.T, s.k], w);
           // The reference widens the weights to float32: decode what the tensor stores.
@@ -534,28 +572,62 @@ describe.each(backendRows)('sharding descriptors on %s', (_name, backend) => {
 
   it('expertPlacements follows the expert mesh; splitPlacements drops the ep axis', () => {
     expect(backend.expertPlacements([{ name: 'ep', size: 8 }])).toEqual({ mesh: [{ name: 'ep', size: 8 }], placements: ['shard(0)'] });
-    expect(backend.expertPlacements([{ name: 'ep_replicate', size: 2 }, { name: 'ep_shard', size: 1 }, { name: 'ep', size: 4 }])).toEqual({
-      mesh: [{ name: 'ep_replicate', size: 2 }, { name: 'ep_shard', size: 1 }, { name: 'ep', size: 4 }],
+    expect(
+      backend.expertPlacements([
+        { name: 'ep_replicate', size: 2 },
+        { name: 'ep_shard', size: 1 },
+        { name: 'ep', size: 4 },
+      ]),
+    ).toEqual({
+      mesh: [
+        { name: 'ep_replicate', size: 2 },
+        { name: 'ep_shard', size: 1 },
+        { name: 'ep', size: 4 },
+      ],
       placements: ['replicate', 'shard(1)', 'shard(0)'],
     });
-    expect(backend.expertPlacements([{ name: 'ep_shard', size: 1 }, { name: 'ep', size: 4 }, { name: 'ep_replicate', size: 1 }])).toEqual({
+    expect(
+      backend.expertPlacements([
+        { name: 'ep_shard', size: 1 },
+        { name: 'ep', size: 4 },
+        { name: 'ep_replicate', size: 1 },
+      ]),
+    ).toEqual({
       mesh: [{ name: 'ep', size: 4 }],
       placements: ['shard(0)'],
     });
-    const placed = backend.expertPlacements([{ name: 'ep', size: 4 }, { name: 'ep_shard', size: 2 }]);
+    const placed = backend.expertPlacements([
+      { name: 'ep', size: 4 },
+      { name: 'ep_shard', size: 2 },
+    ]);
     expect(backend.splitPlacements(placed.mesh, placed.placements)).toEqual({ mesh: [{ name: 'ep_shard', size: 2 }], placements: ['shard(0)'] });
-    expect(backend.splitPlacements([{ name: 'dp', size: 2 }, { name: 'ep', size: 4 }], ['shard(0)', 'shard(0)'])).toEqual({
+    expect(
+      backend.splitPlacements(
+        [
+          { name: 'dp', size: 2 },
+          { name: 'ep', size: 4 },
+        ],
+        ['shard(0)', 'shard(0)'],
+      ),
+    ).toEqual({
       mesh: [{ name: 'dp', size: 2 }],
       placements: ['replicate'],
     });
-    expect(backend.splitPlacements([{ name: 'ep', size: 4 }, { name: 'ep_shard', size: 1 }], ['shard(0)', 'shard(1)'])).toBeNull();
+    expect(
+      backend.splitPlacements(
+        [
+          { name: 'ep', size: 4 },
+          { name: 'ep_shard', size: 1 },
+        ],
+        ['shard(0)', 'shard(1)'],
+      ),
+    ).toBeNull();
     expect(backend.splitPlacements([{ name: 'dp', size: 4 }], ['shard(3)'])).toBeNull();
   });
 });
 
 // ---------------------------------------------------------------------------------------
 // Errors.
-
 
 const map = boolT([3, 2], [1, 0, 0, 1, 1, 1]);
 const probs = f32T([3, 2], [0.5, 0, 0, 0.25, 2, 4]);
@@ -587,13 +659,39 @@ const CASES: Case[] = [
   { title: 'capacityFactor missing', op: 'dropTokens', arg: 'options.capacityFactor', cls: TypeError, call: (b) => b.dropTokens(probs, map, { topk: 1 } as any) },
   { title: 'topk missing', op: 'dropTokens', arg: 'options.topk', cls: TypeError, call: (b) => b.dropTokens(probs, map, { capacityFactor: 1 } as any) },
   { title: 'topk 1.5', op: 'dropTokens', arg: 'topk', cls: RangeError, call: (b) => b.dropTokens(probs, map, { topk: 1.5, capacityFactor: 1 }) },
-  { title: 'an unknown dropPolicy', op: 'dropTokens', arg: 'dropPolicy', cls: TypeError, detail: /'probs' or 'position'.*'random'/, call: (b) => b.dropTokens(probs, map, { topk: 1, capacityFactor: 1, dropPolicy: 'random' as any }) },
+  {
+    title: 'an unknown dropPolicy',
+    op: 'dropTokens',
+    arg: 'dropPolicy',
+    cls: TypeError,
+    detail: /'probs' or 'position'.*'random'/,
+    call: (b) => b.dropTokens(probs, map, { topk: 1, capacityFactor: 1, dropPolicy: 'random' as any }),
+  },
   { title: 'dropPolicy a number', op: 'dropTokens', arg: 'options.dropPolicy', cls: TypeError, call: (b) => b.dropTokens(probs, map, { topk: 1, capacityFactor: 1, dropPolicy: 1 as any }) },
-  { title: 'padToCapacity a string', op: 'dropTokens', arg: 'options.padToCapacity', cls: TypeError, call: (b) => b.dropTokens(probs, map, { topk: 1, capacityFactor: 1, padToCapacity: 'yes' as any }) },
-  { title: 'an unknown option', op: 'dropTokens', arg: 'options.capacity', cls: TypeError, detail: /not an option of dropTokens/, call: (b) => b.dropTokens(probs, map, { topk: 1, capacityFactor: 1, capacity: 2 } as any) },
+  {
+    title: 'padToCapacity a string',
+    op: 'dropTokens',
+    arg: 'options.padToCapacity',
+    cls: TypeError,
+    call: (b) => b.dropTokens(probs, map, { topk: 1, capacityFactor: 1, padToCapacity: 'yes' as any }),
+  },
+  {
+    title: 'an unknown option',
+    op: 'dropTokens',
+    arg: 'options.capacity',
+    cls: TypeError,
+    detail: /not an option of dropTokens/,
+    call: (b) => b.dropTokens(probs, map, { topk: 1, capacityFactor: 1, capacity: 2 } as any),
+  },
   { title: 'probs shape != routingMap shape', op: 'dropTokens', arg: 'probs.shape', cls: RangeError, call: (b) => b.dropTokens(f32T([2, 3], [0, 0, 0, 0, 0, 0]), map, { topk: 1, capacityFactor: 1 }) },
   { title: 'probs as bfloat16', op: 'dropTokens', arg: 'probs.dtype', cls: TypeError, call: (b) => b.dropTokens(tensor('bfloat16', [3, 2]) as any, map, { topk: 1, capacityFactor: 1 }) },
-  { title: 'a routing map without experts', op: 'dropTokens', arg: 'routingMap.shape[1]', cls: RangeError, call: (b) => b.dropTokens(f32T([3, 0], []), boolT([3, 0], []), { topk: 1, capacityFactor: 1 }) },
+  {
+    title: 'a routing map without experts',
+    op: 'dropTokens',
+    arg: 'routingMap.shape[1]',
+    cls: RangeError,
+    call: (b) => b.dropTokens(f32T([3, 0], []), boolT([3, 0], []), { topk: 1, capacityFactor: 1 }),
+  },
   // padRoutingMap, tokensPerExpert
   { title: 'padMultiple 0', op: 'padRoutingMap', arg: 'padMultiple', cls: RangeError, call: (b) => b.padRoutingMap(map, 0) },
   { title: 'padMultiple 1.5', op: 'padRoutingMap', arg: 'padMultiple', cls: RangeError, call: (b) => b.padRoutingMap(map, 1.5) },
@@ -601,7 +699,14 @@ const CASES: Case[] = [
   { title: 'a float32 routing map', op: 'padRoutingMap', arg: 'routingMap.dtype', cls: TypeError, call: (b) => b.padRoutingMap(probs as any, 2) },
   { title: 'a 1-d routing map', op: 'tokensPerExpert', arg: 'routingMap.shape', cls: TypeError, detail: /2-d/, call: (b) => b.tokensPerExpert(boolT([3], [1, 0, 1])) },
   // sortChunksByIndex
-  { title: 'sizes that do not add up to the rows', op: 'sortChunksByIndex', arg: 'splitSizes', cls: RangeError, detail: /add up to 3, but input has 4 rows/, call: (b) => b.sortChunksByIndex(rows, i32([1, 2]), i32([1, 0])) },
+  {
+    title: 'sizes that do not add up to the rows',
+    op: 'sortChunksByIndex',
+    arg: 'splitSizes',
+    cls: RangeError,
+    detail: /add up to 3, but input has 4 rows/,
+    call: (b) => b.sortChunksByIndex(rows, i32([1, 2]), i32([1, 0])),
+  },
   { title: 'a negative size', op: 'sortChunksByIndex', arg: 'splitSizes', cls: RangeError, detail: /splitSizes\[0\] = -1/, call: (b) => b.sortChunksByIndex(rows, i64([-1, 5]), i64([1, 0])) },
   { title: 'a chunk listed twice', op: 'sortChunksByIndex', arg: 'sortedIdxs', cls: RangeError, detail: /permutation/, call: (b) => b.sortChunksByIndex(rows, i32([2, 2]), i32([0, 0])) },
   { title: 'a chunk id out of range', op: 'sortChunksByIndex', arg: 'sortedIdxs', cls: RangeError, detail: /sortedIdxs\[1\] = 2/, call: (b) => b.sortChunksByIndex(rows, i32([2, 2]), i32([0, 2])) },
@@ -609,15 +714,41 @@ const CASES: Case[] = [
   { title: 'probs of the wrong length', op: 'sortChunksByIndex', arg: 'probs.shape', cls: RangeError, call: (b) => b.sortChunksByIndex(rows, i32([2, 2]), i32([1, 0]), f32T([3], [1, 2, 3])) },
   { title: 'float32 splitSizes', op: 'sortChunksByIndex', arg: 'splitSizes.dtype', cls: TypeError, call: (b) => b.sortChunksByIndex(rows, f32T([2], [2, 2]) as any, i32([1, 0])) },
   { title: 'int32 input', op: 'sortChunksByIndex', arg: 'input.dtype', cls: TypeError, call: (b) => b.sortChunksByIndex(tensor('int32', [4, 1]) as any, i32([2, 2]), i32([1, 0])) },
-  { title: 'backward: sizes that do not add up', op: 'sortChunksByIndexBackward', arg: 'splitSizes', cls: RangeError, detail: /gradOutput has 4 rows/, call: (b) => b.sortChunksByIndexBackward(rows, i32([1, 1]), i32([1, 0])) },
-  { title: 'backward: gradProbs of the wrong length', op: 'sortChunksByIndexBackward', arg: 'gradProbs.shape', cls: RangeError, call: (b) => b.sortChunksByIndexBackward(rows, i32([2, 2]), i32([1, 0]), f32T([5], [1, 2, 3, 4, 5])) },
+  {
+    title: 'backward: sizes that do not add up',
+    op: 'sortChunksByIndexBackward',
+    arg: 'splitSizes',
+    cls: RangeError,
+    detail: /gradOutput has 4 rows/,
+    call: (b) => b.sortChunksByIndexBackward(rows, i32([1, 1]), i32([1, 0])),
+  },
+  {
+    title: 'backward: gradProbs of the wrong length',
+    op: 'sortChunksByIndexBackward',
+    arg: 'gradProbs.shape',
+    cls: RangeError,
+    call: (b) => b.sortChunksByIndexBackward(rows, i32([2, 2]), i32([1, 0]), f32T([5], [1, 2, 3, 4, 5])),
+  },
   // groupedMmSort
   { title: 'numLocalExperts missing', op: 'groupedMmSort', arg: 'options.numLocalExperts', cls: TypeError, call: (b) => b.groupedMmSort(topIdx, topW, {} as any) },
   { title: 'numLocalExperts -1', op: 'groupedMmSort', arg: 'numLocalExperts', cls: RangeError, call: (b) => b.groupedMmSort(topIdx, topW, { numLocalExperts: -1 }) },
   { title: 'expertsStartIdx 1.5', op: 'groupedMmSort', arg: 'expertsStartIdx', cls: RangeError, call: (b) => b.groupedMmSort(topIdx, topW, { numLocalExperts: 2, expertsStartIdx: 1.5 }) },
-  { title: 'an index of -2', op: 'groupedMmSort', arg: 'indices', cls: RangeError, detail: /indices\[1\]\[1\] = -2/, call: (b) => b.groupedMmSort(tensor('int32', [2, 2], Int32Array.from([0, 1, 2, -2])), topW, { numLocalExperts: 2 }) },
+  {
+    title: 'an index of -2',
+    op: 'groupedMmSort',
+    arg: 'indices',
+    cls: RangeError,
+    detail: /indices\[1\]\[1\] = -2/,
+    call: (b) => b.groupedMmSort(tensor('int32', [2, 2], Int32Array.from([0, 1, 2, -2])), topW, { numLocalExperts: 2 }),
+  },
   { title: 'weights shape != indices shape', op: 'groupedMmSort', arg: 'weights.shape', cls: RangeError, call: (b) => b.groupedMmSort(topIdx, f32T([4], [1, 1, 1, 1]), { numLocalExperts: 2 }) },
-  { title: 'tokenMask of the wrong length', op: 'groupedMmSort', arg: 'tokenMask.shape', cls: RangeError, call: (b) => b.groupedMmSort(topIdx, topW, { numLocalExperts: 2, tokenMask: boolT([3], [1, 1, 1]) }) },
+  {
+    title: 'tokenMask of the wrong length',
+    op: 'groupedMmSort',
+    arg: 'tokenMask.shape',
+    cls: RangeError,
+    call: (b) => b.groupedMmSort(topIdx, topW, { numLocalExperts: 2, tokenMask: boolT([3], [1, 1, 1]) }),
+  },
   { title: 'an unknown option', op: 'groupedMmSort', arg: 'options.nLocalExperts', cls: TypeError, call: (b) => b.groupedMmSort(topIdx, topW, { numLocalExperts: 2, nLocalExperts: 2 } as any) },
   // expert sharding
   { title: 'epSize 0', op: 'expertRangeForRank', arg: 'epSize', cls: RangeError, call: (b) => b.expertRangeForRank(8, 0, 0) },
@@ -626,20 +757,62 @@ const CASES: Case[] = [
   { title: 'epRank a string', op: 'expertRangeForRank', arg: 'epRank', cls: TypeError, call: (b) => b.expertRangeForRank(8, 4, '1' as any) },
   { title: 'expertId == numExperts', op: 'shouldLoadExpert', arg: 'expertId', cls: RangeError, call: (b) => b.shouldLoadExpert(8, 8, 2, 0) },
   { title: 'epRank beyond epSize', op: 'shouldLoadExpert', arg: 'epRank', cls: RangeError, call: (b) => b.shouldLoadExpert(0, 8, 2, 5) },
-  { title: 'a stacked tensor of the wrong expert count', op: 'splitExpertWeights', arg: 'stacked.shape[0]', cls: RangeError, detail: /expected 2 \(experts 2\.\.4/, call: (b) => b.splitExpertWeights(rows, 8, 4, 1) },
+  {
+    title: 'a stacked tensor of the wrong expert count',
+    op: 'splitExpertWeights',
+    arg: 'stacked.shape[0]',
+    cls: RangeError,
+    detail: /expected 2 \(experts 2\.\.4/,
+    call: (b) => b.splitExpertWeights(rows, 8, 4, 1),
+  },
   { title: 'an int64 stacked tensor', op: 'splitExpertWeights', arg: 'stacked.dtype', cls: TypeError, call: (b) => b.splitExpertWeights(i64([1, 2]), 2, 1, 0) },
   { title: 'a 0-d stacked tensor', op: 'splitExpertWeights', arg: 'stacked.shape', cls: TypeError, call: (b) => b.splitExpertWeights(tensor('float32', []), 2, 1, 0) },
-  { title: 'a wrong expert count (named tensor)', op: 'validateExpertSharding', arg: 'layers.3.mlp.experts.down_projs', cls: RangeError, detail: /has 4 experts in dim 0, expected 2/, call: (b) => b.validateExpertSharding([4, 8], 8, 4, 0, 'layers.3.mlp.experts.down_projs') },
+  {
+    title: 'a wrong expert count (named tensor)',
+    op: 'validateExpertSharding',
+    arg: 'layers.3.mlp.experts.down_projs',
+    cls: RangeError,
+    detail: /has 4 experts in dim 0, expected 2/,
+    call: (b) => b.validateExpertSharding([4, 8], 8, 4, 0, 'layers.3.mlp.experts.down_projs'),
+  },
   { title: 'a wrong expert count (default name)', op: 'validateExpertSharding', arg: 'tensor', cls: RangeError, call: (b) => b.validateExpertSharding(tensor('float32', [3, 1]), 8, 4, 0) },
-  { title: 'an unsupported placement', op: 'validateExpertSharding', arg: 'w', cls: RangeError, detail: /unsupported placement shard\(1\)/, call: (b) => b.validateExpertSharding([2], 8, 4, 0, 'w', 'shard(1)') },
+  {
+    title: 'an unsupported placement',
+    op: 'validateExpertSharding',
+    arg: 'w',
+    cls: RangeError,
+    detail: /unsupported placement shard\(1\)/,
+    call: (b) => b.validateExpertSharding([2], 8, 4, 0, 'w', 'shard(1)'),
+  },
   { title: 'a placement that is not one', op: 'validateExpertSharding', arg: 'placement', cls: TypeError, call: (b) => b.validateExpertSharding([2], 8, 4, 0, 'w', 'sharded' as any) },
   { title: 'a shape of 2.5', op: 'validateExpertSharding', arg: 'w.shape[0]', cls: RangeError, call: (b) => b.validateExpertSharding([2.5], 8, 4, 0, 'w') },
   { title: 'a 0-d shape', op: 'validateExpertSharding', arg: 'w', cls: TypeError, call: (b) => b.validateExpertSharding([], 8, 4, 0, 'w') },
   { title: 'name a number', op: 'validateExpertSharding', arg: 'name', cls: TypeError, call: (b) => b.validateExpertSharding([2], 8, 4, 0, 5 as any) },
   { title: 'epSize 0', op: 'validateExpertSharding', arg: 'epSize', cls: RangeError, call: (b) => b.validateExpertSharding([2], 8, 0, 0, 'w') },
-  { title: 'a non-expert axis', op: 'expertPlacements', arg: 'mesh[1].name', cls: RangeError, detail: /'tp'/, call: (b) => b.expertPlacements([{ name: 'ep', size: 2 }, { name: 'tp', size: 2 }]) },
+  {
+    title: 'a non-expert axis',
+    op: 'expertPlacements',
+    arg: 'mesh[1].name',
+    cls: RangeError,
+    detail: /'tp'/,
+    call: (b) =>
+      b.expertPlacements([
+        { name: 'ep', size: 2 },
+        { name: 'tp', size: 2 },
+      ]),
+  },
   { title: 'an axis of size 0', op: 'expertPlacements', arg: 'mesh[0].size', cls: RangeError, call: (b) => b.expertPlacements([{ name: 'ep', size: 0 }]) },
-  { title: 'an axis listed twice', op: 'expertPlacements', arg: 'mesh[1].name', cls: RangeError, call: (b) => b.expertPlacements([{ name: 'ep', size: 2 }, { name: 'ep', size: 2 }]) },
+  {
+    title: 'an axis listed twice',
+    op: 'expertPlacements',
+    arg: 'mesh[1].name',
+    cls: RangeError,
+    call: (b) =>
+      b.expertPlacements([
+        { name: 'ep', size: 2 },
+        { name: 'ep', size: 2 },
+      ]),
+  },
   { title: 'mesh not an array', op: 'expertPlacements', arg: 'mesh', cls: TypeError, call: (b) => b.expertPlacements({ ep: 2 } as any) },
   { title: 'placements of another length', op: 'splitPlacements', arg: 'placements', cls: RangeError, call: (b) => b.splitPlacements([{ name: 'ep', size: 2 }], []) },
   { title: 'an unknown placement', op: 'splitPlacements', arg: 'placements[0]', cls: TypeError, call: (b) => b.splitPlacements([{ name: 'ep', size: 2 }], ['partial' as any]) },

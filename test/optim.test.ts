@@ -143,7 +143,11 @@ describe.each(backendRows)('AdamW on %s', (_name, moe) => {
     expectThrows(() => new AdamW(moe, { w }, { lr: 1, onNonFinite: 'ignore' as 'skip' }), TypeError, /options\.onNonFinite: expected 'error' or 'skip'/);
     expectThrows(() => new AdamW(moe, { w }, { lr: 1, lrr: 2 } as AdamWOptions), TypeError, /lrr/);
     expectThrows(() => new AdamW(moe, {}, { lr: 1 }), RangeError, /params: expected at least one tensor/);
-    expectThrows(() => new AdamW(moe, { w: tensor('int32', [2], [1, 2]) as unknown as Tensor<'float32'> }, { lr: 1 }), TypeError, /params\.w: expected a float32, bfloat16 or float16 tensor, got int32/);
+    expectThrows(
+      () => new AdamW(moe, { w: tensor('int32', [2], [1, 2]) as unknown as Tensor<'float32'> }, { lr: 1 }),
+      TypeError,
+      /params\.w: expected a float32, bfloat16 or float16 tensor, got int32/,
+    );
     const opt = new AdamW(moe, { w }, { lr: 1 });
     expectThrows(() => opt.step({}), TypeError, /grads\.w: expected a gradient tensor, got undefined/);
     expectThrows(() => opt.step({ w: f32Tensor([4], [1, 2, 3, 4]) }), RangeError, /grads\.w\.shape: expected \[2, 2\] \(the parameter's\), got \[4\]/);
@@ -177,7 +181,15 @@ describe.each(backendRows)('mseLoss on %s', (_name, moe) => {
     const [a, b] = [toNumbers(y), toNumbers(t)];
     const want = a.reduce((s, v, i) => s + (v - b[i]) ** 2, 0) / a.length;
     expect(Math.abs(loss - want)).toBeLessThanOrEqual(1e-12 * want);
-    expect(bitsOf(grad as Tensor)).toEqual(bitsOf(tensor(dtype, [37, 65], a.map((v, i) => (2 * (v - b[i])) / a.length))));
+    expect(bitsOf(grad as Tensor)).toEqual(
+      bitsOf(
+        tensor(
+          dtype,
+          [37, 65],
+          a.map((v, i) => (2 * (v - b[i])) / a.length),
+        ),
+      ),
+    );
   });
   it('names a bad argument', () => {
     const y = f32Tensor([2, 2], [1, 2, 3, 4]);

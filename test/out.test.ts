@@ -65,7 +65,11 @@ describe.each(cpuRows)('out (%s)', (_name, b) => {
     const wantDense = b.unpermute(perm.permutedTokens, perm.sortedIndices, [p.T, p.H], { probs: p.probs, routingMap: p.routingMap });
     expectSameBits(b.unpermute(perm.permutedTokens, perm.sortedIndices, [p.T, p.H], { probs: p.probs, routingMap: p.routingMap, out }), wantDense, 'unpermute (dense probs)');
 
-    const gp = tensor('float32', [perm.sortedIndices.shape[0]], Float32Array.from({ length: perm.sortedIndices.shape[0] }, (_, i) => i / 7));
+    const gp = tensor(
+      'float32',
+      [perm.sortedIndices.shape[0]],
+      Float32Array.from({ length: perm.sortedIndices.shape[0] }, (_, i) => i / 7),
+    );
     const wantGrad = b.permuteBackward(perm.permutedTokens, perm.sortedIndices, p.T, { gradPermutedProbs: gp, routingMap: p.routingMap });
     const gradTokens = filled(dtype, [p.T, p.H]);
     const grad = b.permuteBackward(perm.permutedTokens, perm.sortedIndices, p.T, { gradPermutedProbs: gp, routingMap: p.routingMap, out: { gradTokens } });
@@ -121,11 +125,26 @@ describe.each(cpuRows)('out (%s)', (_name, b) => {
     check(bfU, () => b.unpermute(perm.permutedTokens, perm.sortedIndices, [p.T, p.H], { out: bfU as never }), TypeError, /^unpermute: out\.dtype: expected float32 .*got bfloat16/);
     // Wrong shape: RangeError.
     const short = filled('float32', [N - 1, p.H]);
-    check(short, () => b.permute(p.tokens, p.routingMap, { out: { permutedTokens: short } }), RangeError, new RegExp(`^permute: out\\.permutedTokens\\.shape: expected \\[${N}, ${p.H}\\] .*got \\[${N - 1}, ${p.H}\\]`));
+    check(
+      short,
+      () => b.permute(p.tokens, p.routingMap, { out: { permutedTokens: short } }),
+      RangeError,
+      new RegExp(`^permute: out\\.permutedTokens\\.shape: expected \\[${N}, ${p.H}\\] .*got \\[${N - 1}, ${p.H}\\]`),
+    );
     const pr = filled('float32', [N + 1]);
-    check(pr, () => b.permute(p.tokens, p.routingMap, { probs: p.probs, out: { permutedProbs: pr } }), RangeError, new RegExp(`^permute: out\\.permutedProbs\\.shape: expected \\[${N}\\] .*got \\[${N + 1}\\]`));
+    check(
+      pr,
+      () => b.permute(p.tokens, p.routingMap, { probs: p.probs, out: { permutedProbs: pr } }),
+      RangeError,
+      new RegExp(`^permute: out\\.permutedProbs\\.shape: expected \\[${N}\\] .*got \\[${N + 1}\\]`),
+    );
     const flat = filled('float32', [p.T * p.H]);
-    check(flat, () => b.unpermute(perm.permutedTokens, perm.sortedIndices, [p.T, p.H], { out: flat }), RangeError, new RegExp(`^unpermute: out\\.shape: expected \\[${p.T}, ${p.H}\\] .*got \\[${p.T * p.H}\\]`));
+    check(
+      flat,
+      () => b.unpermute(perm.permutedTokens, perm.sortedIndices, [p.T, p.H], { out: flat }),
+      RangeError,
+      new RegExp(`^unpermute: out\\.shape: expected \\[${p.T}, ${p.H}\\] .*got \\[${p.T * p.H}\\]`),
+    );
     const g = filled('float32', [p.T + 1, p.H]);
     check(g, () => b.permuteBackward(perm.permutedTokens, perm.sortedIndices, p.T, { out: { gradTokens: g } }), RangeError, /^permuteBackward: out\.gradTokens\.shape: expected/);
     // permutedProbs without probs: TypeError.
@@ -164,6 +183,10 @@ describe.each(cpuRows)('out (%s)', (_name, b) => {
     const both = new Float32Array(N * p.H + N);
     const a = tensor('float32', [N, p.H], both.subarray(0, N * p.H));
     const c = tensor('float32', [N], both.subarray(N * p.H - 1, N * p.H - 1 + N));
-    expectThrows(() => b.permute(p.tokens, p.routingMap, { probs: p.probs, out: { permutedTokens: a, permutedProbs: c } }), RangeError, /^permute: out\.permutedProbs: its memory overlaps out\.permutedTokens'/);
+    expectThrows(
+      () => b.permute(p.tokens, p.routingMap, { probs: p.probs, out: { permutedTokens: a, permutedProbs: c } }),
+      RangeError,
+      /^permute: out\.permutedProbs: its memory overlaps out\.permutedTokens'/,
+    );
   });
 });

@@ -201,9 +201,7 @@ function refUnpermute(dtype: FloatDType, slots: number[], sorted: number[], T: n
 // Library tensors from problems.
 
 function tokensTensor(dtype: FloatDType, shape: number[], stored: number[]): Tensor<FloatDType> {
-  return dtype === 'float32'
-    ? { dtype, shape, data: new Float32Array(Uint32Array.from(stored).buffer) }
-    : { dtype, shape, data: Uint16Array.from(stored) };
+  return dtype === 'float32' ? { dtype, shape, data: new Float32Array(Uint32Array.from(stored).buffer) } : { dtype, shape, data: Uint16Array.from(stored) };
 }
 const f32 = (shape: number[], values: number[]): Tensor<'float32'> => ({ dtype: 'float32', shape, data: Float32Array.from(values) });
 const bool = (shape: number[], values: number[]): Tensor<'bool'> => ({ dtype: 'bool', shape, data: Uint8Array.from(values) });
@@ -241,11 +239,23 @@ describe.each(backendRows)('properties on %s', (_name, b) => {
         const padded = (width: number, f: (x: { e: number; prob: number }) => number, pad: number) => rows.flatMap((r) => [...r.map(f), ...Array(width - r.length).fill(pad)]);
 
         const back = b.multihotToIndices(m.routingMap, { probs: m.probs });
-        expectValues(back.indices, 'int32', [p.T, widest], padded(widest, (x) => x.e, -1), 'indices');
+        expectValues(
+          back.indices,
+          'int32',
+          [p.T, widest],
+          padded(widest, (x) => x.e, -1),
+          'indices',
+        );
         expectStored(back.probs, 'float32', [p.T, widest], f32Stored(padded(widest, (x) => x.prob, 0)), 'probs');
 
         const wide = b.multihotToIndices(m.routingMap, { probs: m.probs, topk: p.k });
-        expectValues(wide.indices, 'int32', [p.T, p.k], padded(p.k, (x) => x.e, -1), 'indices (topk = k)');
+        expectValues(
+          wide.indices,
+          'int32',
+          [p.T, p.k],
+          padded(p.k, (x) => x.e, -1),
+          'indices (topk = k)',
+        );
         expectStored(wide.probs, 'float32', [p.T, p.k], f32Stored(padded(p.k, (x) => x.prob, 0)), 'probs (topk = k)');
 
         const ones = b.multihotToIndices(m.routingMap);
@@ -352,7 +362,11 @@ describe.each(backendRows)('properties on %s', (_name, b) => {
           const selectedCount = range(p.T).filter((t) => r.map[t * p.E + e]).length;
           expect(sel.length, `expert ${e}: keeps min(capacity, selected)`).toBe(Math.min(capacity, selectedCount));
           expect(block.slice(0, sel.length), `expert ${e}: selected tokens first`).toEqual(sel);
-          expect(sel, `expert ${e}: the lowest selected ids, ascending`).toEqual(range(p.T).filter((t) => r.map[t * p.E + e]).slice(0, sel.length));
+          expect(sel, `expert ${e}: the lowest selected ids, ascending`).toEqual(
+            range(p.T)
+              .filter((t) => r.map[t * p.E + e])
+              .slice(0, sel.length),
+          );
           expect(block.slice(sel.length), `expert ${e}: then the lowest unselected ids, ascending`).toEqual(
             range(p.T)
               .filter((t) => !r.map[t * p.E + e])
@@ -365,7 +379,16 @@ describe.each(backendRows)('properties on %s', (_name, b) => {
         expectStored(out.permutedTokens, p.dtype, [n, p.H], gatherRows(p.tokens, p.H, plan.sorted), 'permutedTokens');
         expectStored(out.permutedProbs!, 'float32', [n], f32Stored(plan.sorted.map((t, s) => dense[t * p.E + plan.expertOf[s]])), 'permutedProbs (pads get the dense prob)');
       }),
-      params(EDGES.flatMap((p) => [[p, 0], [p, p.T], [p, 1]] as [Problem, number][])),
+      params(
+        EDGES.flatMap(
+          (p) =>
+            [
+              [p, 0],
+              [p, p.T],
+              [p, 1],
+            ] as [Problem, number][],
+        ),
+      ),
     );
   });
 
@@ -380,16 +403,36 @@ describe.each(backendRows)('properties on %s', (_name, b) => {
 
         const out = b.permute(tokens, map);
         const merged = b.unpermute(out.permutedTokens, out.sortedIndices, [p.T, p.H]);
-        expectStored(merged, p.dtype, [p.T, p.H], range(p.T * p.H).map((i) => store(p.dtype, kt[Math.floor(i / p.H)] * value(Math.floor(i / p.H), i % p.H) + 0)), 'unpermute(permute(x))');
+        expectStored(
+          merged,
+          p.dtype,
+          [p.T, p.H],
+          range(p.T * p.H).map((i) => store(p.dtype, kt[Math.floor(i / p.H)] * value(Math.floor(i / p.H), i % p.H) + 0)),
+          'unpermute(permute(x))',
+        );
 
         // With dropAndPad a token comes back once per slot it fills (kept or pad).
         const capacity = c % (p.T + 1);
         const dp = b.permute(tokens, map, { dropAndPad: true, numOutTokens: capacity * p.E });
         const uses = range(p.T).map((t) => bitsOf(dp.sortedIndices).filter((s) => s === t).length);
         const mergedDp = b.unpermute(dp.permutedTokens, dp.sortedIndices, [p.T, p.H], { dropAndPad: true });
-        expectStored(mergedDp, p.dtype, [p.T, p.H], range(p.T * p.H).map((i) => store(p.dtype, uses[Math.floor(i / p.H)] * value(Math.floor(i / p.H), i % p.H) + 0)), 'unpermute(permute(x, dropAndPad))');
+        expectStored(
+          mergedDp,
+          p.dtype,
+          [p.T, p.H],
+          range(p.T * p.H).map((i) => store(p.dtype, uses[Math.floor(i / p.H)] * value(Math.floor(i / p.H), i % p.H) + 0)),
+          'unpermute(permute(x, dropAndPad))',
+        );
       }),
-      params(EDGES.flatMap((p) => [[p, 0], [p, p.T]] as [Problem, number][])),
+      params(
+        EDGES.flatMap(
+          (p) =>
+            [
+              [p, 0],
+              [p, p.T],
+            ] as [Problem, number][],
+        ),
+      ),
     );
   });
 
@@ -421,13 +464,29 @@ describe.each(backendRows)('properties on %s', (_name, b) => {
         expectStored(b.unpermute(dp.permutedTokens, dp.sortedIndices, shape, { probs, routingMap: map, dropAndPad: true }), p.dtype, [...shape], dpWant, 'dropAndPad, dense probs + routingMap');
         expectStored(b.unpermute(dp.permutedTokens, dp.sortedIndices, shape, { probs: dp.permutedProbs, dropAndPad: true }), p.dtype, [...shape], dpWant, 'dropAndPad, per-slot probs');
       }),
-      params(EDGES.flatMap((p) => [[p, 0], [p, p.T], [p, 2]] as [Problem, number][])),
+      params(
+        EDGES.flatMap(
+          (p) =>
+            [
+              [p, 0],
+              [p, p.T],
+              [p, 2],
+            ] as [Problem, number][],
+        ),
+      ),
     );
   });
 
   it('unpermute of arbitrary slots (repeats, any order, int32 or int64 indices) sums in ascending slot order', () => {
     const arb = fc
-      .record({ T: fc.integer({ min: 1, max: 24 }), N: fc.integer({ min: 0, max: 48 }), H: fc.integer({ min: 1, max: 12 }), dtype: fc.constantFrom(...DTYPES), withProbs: fc.boolean(), int64: fc.boolean() })
+      .record({
+        T: fc.integer({ min: 1, max: 24 }),
+        N: fc.integer({ min: 0, max: 48 }),
+        H: fc.integer({ min: 1, max: 12 }),
+        dtype: fc.constantFrom(...DTYPES),
+        withProbs: fc.boolean(),
+        int64: fc.boolean(),
+      })
       .chain((s) =>
         fc.record({
           s: fc.constant(s),
@@ -509,9 +568,7 @@ describe('(a) cpu and wasm agree bit for bit', () => {
     return;
   }
   it('on every op and option combination', () => {
-    const arb = problemArb(['ints', 'floats']).chain((p) =>
-      fc.tuple(fc.constant(p), fc.nat(), fc.array(tokenArb(p.dtype, 'bits'), { minLength: p.T * p.H, maxLength: p.T * p.H })),
-    );
+    const arb = problemArb(['ints', 'floats']).chain((p) => fc.tuple(fc.constant(p), fc.nat(), fc.array(tokenArb(p.dtype, 'bits'), { minLength: p.T * p.H, maxLength: p.T * p.H })));
     fc.assert(
       fc.property(arb, ([p, c, raw]) => {
         const capacity = c % (p.T + 1);

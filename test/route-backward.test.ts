@@ -111,10 +111,7 @@ function checkAgainstFiniteDifferences(backend: Backend, T: number, E: number, l
     const scale = Math.max(...row.map(Math.abs));
     const ok = (a: number, b: number) => Math.abs(a - b) <= 2e-6 * Math.abs(b) + 1e-6 * scale + 1e-12;
     const masked = idx[t * k] < 0;
-    expect(
-      mismatches(got.subarray(t * E, (t + 1) * E), row, masked ? (a, b) => Object.is(a, b) : ok),
-      `${what}: token ${t}${masked ? ' (masked: zeros)' : ''} vs finite differences`,
-    ).toEqual([]);
+    expect(mismatches(got.subarray(t * E, (t + 1) * E), row, masked ? (a, b) => Object.is(a, b) : ok), `${what}: token ${t}${masked ? ' (masked: zeros)' : ''} vs finite differences`).toEqual([]);
   }
 }
 
@@ -187,7 +184,10 @@ describe.each(backendRows)('routeBackward against finite differences on %s', (_n
     const routed = backend.route(logits, options);
     expect(Array.from(routed.indices.data.subarray(2, 4))).toEqual([-1, -1]);
     const gw = f32([3, 2], [1, -1, 2, 3, 0.5, 0.25]);
-    const gradScores = f32([3, 4], range(12).map((i) => (i + 1) / 10));
+    const gradScores = f32(
+      [3, 4],
+      range(12).map((i) => (i + 1) / 10),
+    );
     const withMask = backend.routeBackward(gw, logits, routed.indices, { ...options, gradScores }).gradLogits;
     const { tokenMask: _unused, ...noMask } = options;
     const fromIndices = backend.routeBackward(gw, logits, routed.indices, { ...noMask, gradScores }).gradLogits;
@@ -215,7 +215,16 @@ describe.each(backendRows)('routeBackward against finite differences on %s', (_n
     const routed = backend.route(logits, options);
     const gw = f32([3, 2], uniform(rng(10), 6, -1, 1));
     const a = backend.routeBackward(gw, logits, routed.indices, options);
-    const b = backend.routeBackward(gw, logits, tensor('int64', [3, 2], BigInt64Array.from(routed.indices.data, (v) => BigInt(v))), options);
+    const b = backend.routeBackward(
+      gw,
+      logits,
+      tensor(
+        'int64',
+        [3, 2],
+        BigInt64Array.from(routed.indices.data, (v) => BigInt(v)),
+      ),
+      options,
+    );
     expectSameBits(b.gradLogits, a.gradLogits, 'gradLogits');
   });
 });
@@ -336,11 +345,35 @@ const ERRORS: ErrorCase[] = [
   { title: 'indices as float32', arg: 'indices.dtype', cls: TypeError, call: (b) => b.routeBackward(GW, L, f32([2, 2], [3, 2, 0, 1]) as any, { topk: 2 }) },
   { title: 'indices of the wrong shape', arg: 'indices.shape', cls: RangeError, detail: /expected \[2, 2\]/, call: (b) => b.routeBackward(GW, L, tensor('int32', [2, 1], [3, 0]), { topk: 2 }) },
   { title: 'indices for another topk', arg: 'indices.shape', cls: RangeError, call: (b) => b.routeBackward(f32([2, 1], [1, 1]), L, tensor('int32', [2, 1], [3, 0]), { topk: 2 }) },
-  { title: 'an index past numExperts', arg: 'indices', cls: RangeError, detail: /indices\[1\]\[0\] = 4 is out of range/, call: (b) => b.routeBackward(GW, L, tensor('int32', [2, 2], [3, 2, 4, 1]), { topk: 2 }) },
+  {
+    title: 'an index past numExperts',
+    arg: 'indices',
+    cls: RangeError,
+    detail: /indices\[1\]\[0\] = 4 is out of range/,
+    call: (b) => b.routeBackward(GW, L, tensor('int32', [2, 2], [3, 2, 4, 1]), { topk: 2 }),
+  },
   { title: 'an index below -1', arg: 'indices', cls: RangeError, detail: /indices\[0\]\[0\] = -5/, call: (b) => b.routeBackward(GW, L, tensor('int32', [2, 2], [-5, 2, 0, 1]), { topk: 2 }) },
-  { title: 'a repeated pick', arg: 'indices', cls: RangeError, detail: /indices\[1\]\[1\] = 0 repeats indices\[1\]\[0\]/, call: (b) => b.routeBackward(GW, L, tensor('int32', [2, 2], [3, 2, 0, 0]), { topk: 2 }) },
-  { title: '-1 among picks', arg: 'indices', cls: RangeError, detail: /indices\[0\]\[1\] = -1 in a row of picks/, call: (b) => b.routeBackward(GW, L, tensor('int32', [2, 2], [3, -1, 0, 1]), { topk: 2 }) },
-  { title: 'gradScores of the wrong shape', arg: 'gradScores.shape', cls: RangeError, detail: /expected \[2, 4\]/, call: (b) => b.routeBackward(GW, L, IDX, { topk: 2, gradScores: f32([2, 2], [0, 0, 0, 0]) }) },
+  {
+    title: 'a repeated pick',
+    arg: 'indices',
+    cls: RangeError,
+    detail: /indices\[1\]\[1\] = 0 repeats indices\[1\]\[0\]/,
+    call: (b) => b.routeBackward(GW, L, tensor('int32', [2, 2], [3, 2, 0, 0]), { topk: 2 }),
+  },
+  {
+    title: '-1 among picks',
+    arg: 'indices',
+    cls: RangeError,
+    detail: /indices\[0\]\[1\] = -1 in a row of picks/,
+    call: (b) => b.routeBackward(GW, L, tensor('int32', [2, 2], [3, -1, 0, 1]), { topk: 2 }),
+  },
+  {
+    title: 'gradScores of the wrong shape',
+    arg: 'gradScores.shape',
+    cls: RangeError,
+    detail: /expected \[2, 4\]/,
+    call: (b) => b.routeBackward(GW, L, IDX, { topk: 2, gradScores: f32([2, 2], [0, 0, 0, 0]) }),
+  },
   { title: 'gradScores as float16', arg: 'gradScores.dtype', cls: TypeError, call: (b) => b.routeBackward(GW, L, IDX, { topk: 2, gradScores: tensor('float16', [2, 4]) as any }) },
   { title: 'gradScores not a tensor', arg: 'gradScores', cls: TypeError, call: (b) => b.routeBackward(GW, L, IDX, { topk: 2, gradScores: [1, 2] as any }) },
   { title: 'topk missing', arg: 'options.topk', cls: TypeError, detail: /required/, call: (b) => b.routeBackward(GW, L, IDX, {} as any) },
@@ -385,7 +418,10 @@ describe.each(backendRows)('routeBackward errors on %s', (_name, backend) => {
     }
     expect(routeError, 'route throws').toBeInstanceOf(Error);
     const k = Math.max(1, Math.floor(c.options.topk));
-    const gw = f32([2, k], range(2 * k).map(() => 1));
+    const gw = f32(
+      [2, k],
+      range(2 * k).map(() => 1),
+    );
     const idx = tensor('int32', [2, k], Int32Array.from(range(2 * k).map((i) => i % k)));
     const err = expectThrows(() => backend.routeBackward(gw, L, idx, c.options), routeError!.constructor as typeof TypeError, /^routeBackward: /);
     expect(err.message.replace(/^routeBackward: /, '')).toBe(routeError!.message.replace(/^route: /, ''));

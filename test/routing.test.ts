@@ -27,7 +27,12 @@ const FC: fc.Parameters<unknown> = { seed: SEED, numRuns: RUNS, endOnFailure: tr
 const f = Math.fround;
 const range = (n: number) => Array.from({ length: n }, (_, i) => i);
 const f32 = (shape: number[], values: number[]) => tensor('float32', shape, Float32Array.from(values));
-const bools = (values: (boolean | number)[]) => tensor('bool', [values.length], Uint8Array.from(values, (v) => (v ? 1 : 0)));
+const bools = (values: (boolean | number)[]) =>
+  tensor(
+    'bool',
+    [values.length],
+    Uint8Array.from(values, (v) => (v ? 1 : 0)),
+  );
 
 // ---------------------------------------------------------------------------------------
 // A float64 reference of route, following docs/semantics.md: scores in float64 rounded once
@@ -288,7 +293,10 @@ describe.each(backendRows)('golden route on %s', (_name, backend) => {
       if (gotSet.join() === wantSet.join()) {
         const gotW = pairs.map((p) => p[1]);
         const want = Array.from(wantW.slice(t * k, (t + 1) * k));
-        expect(mismatches(gotW, want, (g, v) => Math.abs(g - v) <= 1e-5 * Math.abs(v) + 1e-12), `token ${t}: weights`).toEqual([]);
+        expect(
+          mismatches(gotW, want, (g, v) => Math.abs(g - v) <= 1e-5 * Math.abs(v) + 1e-12),
+          `token ${t}: weights`,
+        ).toEqual([]);
         continue;
       }
       // The reference broke an exact tie at the k-th key its own way (torch.topk's order among
@@ -304,10 +312,17 @@ describe.each(backendRows)('golden route on %s', (_name, backend) => {
       for (const e of [...gotSet, ...wantSet]) expect(keys[e], `token ${t}: expert ${e} is in a tie or better`).toBeGreaterThanOrEqual(kth);
       const tied = range(E).filter((e) => keys[e] === kth);
       expect(tied.length, `token ${t}: a real tie`).toBeGreaterThan(k - strictlyBetter.length);
-      expect(gotSet.filter((e) => keys[e] === kth), `token ${t}: ties go to the lower ids`).toEqual(tied.slice(0, k - strictlyBetter.length));
+      expect(
+        gotSet.filter((e) => keys[e] === kth),
+        `token ${t}: ties go to the lower ids`,
+      ).toEqual(tied.slice(0, k - strictlyBetter.length));
       // Our weights are the reference's formula at our picks.
       expect(
-        mismatches(range(k).map((j) => w[t * k + j]), ref.weights[t], (g, v) => Math.abs(g - v) <= 1e-6 * Math.abs(v) + 1e-12),
+        mismatches(
+          range(k).map((j) => w[t * k + j]),
+          ref.weights[t],
+          (g, v) => Math.abs(g - v) <= 1e-6 * Math.abs(v) + 1e-12,
+        ),
         `token ${t}: weights of a tie row`,
       ).toEqual([]);
     }
@@ -367,7 +382,13 @@ describe.each(backendRows)('route semantics on %s', (_name, backend) => {
     expectF32Close(out.weights, [1, 2], pick, 1e-6, 'weights');
     expectF32Close(out.scores, [1, 4], softmax64(logits), 1e-6, 'scores');
     const before = backend.route(f32([1, 4], logits), { topk: 2, softmaxBeforeTopk: true });
-    expectF32Close(before.weights, [1, 2], softmax64(logits).filter((_, e) => e === 1 || e === 2), 1e-6, 'softmaxBeforeTopk weights');
+    expectF32Close(
+      before.weights,
+      [1, 2],
+      softmax64(logits).filter((_, e) => e === 1 || e === 2),
+      1e-6,
+      'softmaxBeforeTopk weights',
+    );
   });
 
   it('normTopkProb normalises weights and scores only when topk > 1; routeScale multiplies the weights', () => {
@@ -380,7 +401,13 @@ describe.each(backendRows)('route semantics on %s', (_name, backend) => {
     const wsum = sig[3] + sig[1];
     expectF32Close(k2.weights, [1, 2], [(sig[3] / wsum) * 2.5, (sig[1] / wsum) * 2.5], 1e-6, 'k=2 weights');
     const ssum = sig.reduce((a, b) => a + b);
-    expectF32Close(k2.scores, [1, 4], sig.map((v) => v / ssum), 1e-6, 'k=2 scores');
+    expectF32Close(
+      k2.scores,
+      [1, 4],
+      sig.map((v) => v / ssum),
+      1e-6,
+      'k=2 scores',
+    );
   });
 
   it('expertBias steers selection but not the weights', () => {
@@ -446,14 +473,17 @@ describe.each(backendRows)('route semantics on %s', (_name, backend) => {
     const T = 5;
     // Continuous logits: no ties, so the reference's order is the only valid answer.
     const logits = range(T * E).map(() => f(r() * 6 - 3));
-    const bias = f32([E], range(E).map(() => f(r() * 0.5 - 0.25)));
+    const bias = f32(
+      [E],
+      range(E).map(() => f(r() * 0.5 - 0.25)),
+    );
     let checked = 0;
     for (const numGroups of range(E + 1).filter((g) => g > 0 && E % g === 0)) {
       const size = E / numGroups;
       for (let topkGroups = 1; topkGroups <= numGroups; topkGroups++) {
         for (const scoreFunction of ['sigmoid', 'sigmoid_with_bias', 'softmax_with_bias'] as const) {
           // The top-2 group score needs groups of two or more experts.
-          if (numGroups > 1 && size < 2 && (scoreFunction !== 'sigmoid')) continue;
+          if (numGroups > 1 && size < 2 && scoreFunction !== 'sigmoid') continue;
           const topk = Math.min(4, topkGroups * size);
           const options: RouteOptions = { topk, scoreFunction, numGroups, topkGroups, ...(scoreFunction === 'sigmoid' ? {} : { expertBias: bias }) };
           expectMatchesReference(backend.route(f32([T, E], logits), options), logits, T, E, options);
@@ -505,24 +535,29 @@ function routeProblem(): fc.Arbitrary<RouteProblem> {
       const top2 = !(sf === 'sigmoid' && !hasBias);
       const numGroups = groupsAllowed && r.flags.groups && !(top2 && r.groupSize < 2) ? r.numGroups : 1;
       const E = numGroups * (numGroups > 1 ? r.groupSize : r.groupSize + r.numGroups);
-      return fc.record({
-        topkGroups: fc.integer({ min: 1, max: numGroups }),
-        logits: fc.array(grid, { minLength: r.T * E, maxLength: r.T * E }),
-        bias: fc.array(fc.integer({ min: -4, max: 4 }).map((v) => v / 8), { minLength: E, maxLength: E }),
-        mask: fc.array(fc.boolean(), { minLength: r.T, maxLength: r.T }),
-        kFrac: fc.double({ min: 0, max: 1, noNaN: true }),
-      }).map((s) => {
-        const size = E / numGroups;
-        const maxK = numGroups > 1 ? s.topkGroups * size : E;
-        const options: RouteOptions = { topk: 1 + Math.min(maxK - 1, Math.floor(s.kFrac * maxK)), scoreFunction: sf };
-        if (sf === 'softmax') options.softmaxBeforeTopk = r.flags.before;
-        if (hasBias) options.expertBias = f32([E], s.bias);
-        if (numGroups > 1) Object.assign(options, { numGroups, topkGroups: s.topkGroups });
-        if (r.flags.norm) options.normTopkProb = true;
-        if (r.scale !== 1) options.routeScale = r.scale;
-        if (r.flags.mask) options.tokenMask = bools(s.mask);
-        return { T: r.T, E, logits: s.logits, options };
-      });
+      return fc
+        .record({
+          topkGroups: fc.integer({ min: 1, max: numGroups }),
+          logits: fc.array(grid, { minLength: r.T * E, maxLength: r.T * E }),
+          bias: fc.array(
+            fc.integer({ min: -4, max: 4 }).map((v) => v / 8),
+            { minLength: E, maxLength: E },
+          ),
+          mask: fc.array(fc.boolean(), { minLength: r.T, maxLength: r.T }),
+          kFrac: fc.double({ min: 0, max: 1, noNaN: true }),
+        })
+        .map((s) => {
+          const size = E / numGroups;
+          const maxK = numGroups > 1 ? s.topkGroups * size : E;
+          const options: RouteOptions = { topk: 1 + Math.min(maxK - 1, Math.floor(s.kFrac * maxK)), scoreFunction: sf };
+          if (sf === 'softmax') options.softmaxBeforeTopk = r.flags.before;
+          if (hasBias) options.expertBias = f32([E], s.bias);
+          if (numGroups > 1) Object.assign(options, { numGroups, topkGroups: s.topkGroups });
+          if (r.flags.norm) options.normTopkProb = true;
+          if (r.scale !== 1) options.routeScale = r.scale;
+          if (r.flags.mask) options.tokenMask = bools(s.mask);
+          return { T: r.T, E, logits: s.logits, options };
+        });
     });
 }
 
@@ -544,7 +579,9 @@ describe.each(backendRows)('aux-loss gradients on %s (finite differences in floa
     const options = { topk: c.k, coeff: c.coeff, ...(mask ? { tokenMask: bools(mask) } : {}), ...(c.numTokens ? { numTokens: c.numTokens } : {}) };
 
     // Switch loss on probs.
-    const probs = range(c.T).flatMap((t) => softmax64(logits.slice(t * c.E, (t + 1) * c.E))).map(f);
+    const probs = range(c.T)
+      .flatMap((t) => softmax64(logits.slice(t * c.E, (t + 1) * c.E)))
+      .map(f);
     const sw = backend.switchLoadBalancingLoss(f32(shape, probs), tpe, options);
     const swFn = (p: number[]) => switchLoss64(p, c.T, c.E, counts, c.k, c.coeff, mask, c.numTokens);
     expect(Math.abs(sw.loss - swFn(probs)), 'switch loss').toBeLessThanOrEqual(1e-9 * Math.abs(swFn(probs)));
@@ -564,8 +601,14 @@ describe.each(backendRows)('aux-loss gradients on %s (finite differences in floa
     // Masked rows: exactly zero gradients.
     if (mask) {
       for (const t of range(c.T).filter((t) => !mask[t])) {
-        expect(Array.from(z.gradLogits.data.slice(t * c.E, (t + 1) * c.E)).every((v) => v === 0), `z grad row ${t}`).toBe(true);
-        expect(Array.from(sl.gradLogits.data.slice(t * c.E, (t + 1) * c.E)).every((v) => v === 0), `switch grad row ${t}`).toBe(true);
+        expect(
+          Array.from(z.gradLogits.data.slice(t * c.E, (t + 1) * c.E)).every((v) => v === 0),
+          `z grad row ${t}`,
+        ).toBe(true);
+        expect(
+          Array.from(sl.gradLogits.data.slice(t * c.E, (t + 1) * c.E)).every((v) => v === 0),
+          `switch grad row ${t}`,
+        ).toBe(true);
       }
     }
   });
@@ -575,7 +618,13 @@ describe.each(backendRows)('aux-loss gradients on %s (finite differences in floa
     const one = backend.zLoss(logits);
     const tenth = backend.zLoss(logits, { coeff: 0.1 });
     expect(Math.abs(tenth.loss - one.loss * 0.1)).toBeLessThanOrEqual(1e-15 * one.loss);
-    expectF32Close(tenth.gradLogits, [2, 3], Array.from(one.gradLogits.data, (v) => v * 0.1), 1e-6, 'gradLogits');
+    expectF32Close(
+      tenth.gradLogits,
+      [2, 3],
+      Array.from(one.gradLogits.data, (v) => v * 0.1),
+      1e-6,
+      'gradLogits',
+    );
     expect(one.loss).toBeCloseTo(zLoss64(Array.from(logits.data), 2, 3, 1), 12);
   });
 });
@@ -610,8 +659,15 @@ describe('native and wasm agree bit for bit', () => {
         fc.double({ min: 0, max: 3, noNaN: true }),
         (T, E, k, values, maskBits, coeff) => {
           const logits = f32([T, E], values.slice(0, T * E));
-          const probs = f32([T, E], values.slice(0, T * E).map((v) => Math.abs(v) / 60));
-          const tpe = tensor('int64', [E], BigInt64Array.from(range(E), (e) => BigInt(Math.floor(Math.abs(values[e]) * T))));
+          const probs = f32(
+            [T, E],
+            values.slice(0, T * E).map((v) => Math.abs(v) / 60),
+          );
+          const tpe = tensor(
+            'int64',
+            [E],
+            BigInt64Array.from(range(E), (e) => BigInt(Math.floor(Math.abs(values[e]) * T))),
+          );
           const options = { topk: k, coeff, tokenMask: bools(maskBits.slice(0, T)) };
           const pairs = [
             [cpu!.switchLoadBalancingLoss(probs, tpe, options), wasm!.switchLoadBalancingLoss(probs, tpe, options)],
@@ -634,8 +690,21 @@ describe('native and wasm agree bit for bit', () => {
     const r = rng(3);
     const T = 4096;
     const E = 64;
-    const logits = f32([T, E], range(T * E).map(() => r() * 8 - 4));
-    const options: RouteOptions = { topk: 6, scoreFunction: 'sigmoid', expertBias: f32([E], range(E).map(() => r() - 0.5)), numGroups: 8, topkGroups: 3, normTopkProb: true };
+    const logits = f32(
+      [T, E],
+      range(T * E).map(() => r() * 8 - 4),
+    );
+    const options: RouteOptions = {
+      topk: 6,
+      scoreFunction: 'sigmoid',
+      expertBias: f32(
+        [E],
+        range(E).map(() => r() - 0.5),
+      ),
+      numGroups: 8,
+      topkGroups: 3,
+      normTopkProb: true,
+    };
     const a = cpu!.route(logits, options);
     const b = wasm!.route(logits, options);
     for (const key of ['weights', 'indices', 'scores', 'tokensPerExpert'] as const) expect(bitsOf(a[key]), key).toEqual(bitsOf(b[key]));
@@ -670,19 +739,68 @@ const ERRORS: ErrorCase[] = [
   { title: 'topk 0', op: 'route', arg: 'topk', cls: RangeError, call: (b) => b.route(L, { topk: 0 }) },
   { title: 'topk 1.5', op: 'route', arg: 'topk', cls: RangeError, detail: /1\.5/, call: (b) => b.route(L, { topk: 1.5 }) },
   { title: 'topk a string', op: 'route', arg: 'options.topk', cls: TypeError, call: (b) => b.route(L, { topk: '2' as any }) },
-  { title: 'unknown scoreFunction', op: 'route', arg: 'scoreFunction', cls: TypeError, detail: /'softmax', 'sigmoid', 'softmax_with_bias', 'sigmoid_with_bias' or 'sqrtsoftplus', got 'relu'/, call: (b) => b.route(L, { topk: 1, scoreFunction: 'relu' as any }) },
+  {
+    title: 'unknown scoreFunction',
+    op: 'route',
+    arg: 'scoreFunction',
+    cls: TypeError,
+    detail: /'softmax', 'sigmoid', 'softmax_with_bias', 'sigmoid_with_bias' or 'sqrtsoftplus', got 'relu'/,
+    call: (b) => b.route(L, { topk: 1, scoreFunction: 'relu' as any }),
+  },
   { title: 'scoreFunction not a string', op: 'route', arg: 'options.scoreFunction', cls: TypeError, call: (b) => b.route(L, { topk: 1, scoreFunction: 3 as any }) },
-  { title: 'numGroups not dividing numExperts', op: 'route', arg: 'numGroups', cls: RangeError, detail: /numExperts = 4 is not a multiple of numGroups = 3/, call: (b) => b.route(L, { topk: 1, scoreFunction: 'sigmoid', numGroups: 3 }) },
+  {
+    title: 'numGroups not dividing numExperts',
+    op: 'route',
+    arg: 'numGroups',
+    cls: RangeError,
+    detail: /numExperts = 4 is not a multiple of numGroups = 3/,
+    call: (b) => b.route(L, { topk: 1, scoreFunction: 'sigmoid', numGroups: 3 }),
+  },
   { title: 'numGroups 0', op: 'route', arg: 'numGroups', cls: RangeError, call: (b) => b.route(L, { topk: 1, scoreFunction: 'sigmoid', numGroups: 0 }) },
-  { title: 'groups of one expert with a top-2 group score', op: 'route', arg: 'numGroups', cls: RangeError, detail: /two best/, call: (b) => b.route(L, { topk: 1, scoreFunction: 'sigmoid_with_bias', numGroups: 4 }) },
+  {
+    title: 'groups of one expert with a top-2 group score',
+    op: 'route',
+    arg: 'numGroups',
+    cls: RangeError,
+    detail: /two best/,
+    call: (b) => b.route(L, { topk: 1, scoreFunction: 'sigmoid_with_bias', numGroups: 4 }),
+  },
   { title: 'numGroups with softmax', op: 'route', arg: 'numGroups', cls: TypeError, detail: /'softmax'/, call: (b) => b.route(L, { topk: 1, numGroups: 2 }) },
   { title: 'numGroups with sqrtsoftplus', op: 'route', arg: 'numGroups', cls: TypeError, call: (b) => b.route(L, { topk: 1, scoreFunction: 'sqrtsoftplus', numGroups: 2 }) },
-  { title: 'topkGroups > numGroups', op: 'route', arg: 'topkGroups', cls: RangeError, detail: /1 to numGroups = 2, got 3/, call: (b) => b.route(L, { topk: 1, scoreFunction: 'sigmoid', numGroups: 2, topkGroups: 3 }) },
+  {
+    title: 'topkGroups > numGroups',
+    op: 'route',
+    arg: 'topkGroups',
+    cls: RangeError,
+    detail: /1 to numGroups = 2, got 3/,
+    call: (b) => b.route(L, { topk: 1, scoreFunction: 'sigmoid', numGroups: 2, topkGroups: 3 }),
+  },
   { title: 'topkGroups 0', op: 'route', arg: 'topkGroups', cls: RangeError, call: (b) => b.route(L, { topk: 1, scoreFunction: 'sigmoid', numGroups: 2, topkGroups: 0 }) },
-  { title: 'topk beyond the kept groups', op: 'route', arg: 'topk', cls: RangeError, detail: /3 exceeds the 2 experts/, call: (b) => b.route(L, { topk: 3, scoreFunction: 'sigmoid', numGroups: 2, topkGroups: 1 }) },
-  { title: 'expertBias of the wrong length', op: 'route', arg: 'expertBias.shape', cls: RangeError, detail: /\[4\]/, call: (b) => b.route(L, { topk: 1, scoreFunction: 'sigmoid', expertBias: f32([3], [0, 0, 0]) }) },
+  {
+    title: 'topk beyond the kept groups',
+    op: 'route',
+    arg: 'topk',
+    cls: RangeError,
+    detail: /3 exceeds the 2 experts/,
+    call: (b) => b.route(L, { topk: 3, scoreFunction: 'sigmoid', numGroups: 2, topkGroups: 1 }),
+  },
+  {
+    title: 'expertBias of the wrong length',
+    op: 'route',
+    arg: 'expertBias.shape',
+    cls: RangeError,
+    detail: /\[4\]/,
+    call: (b) => b.route(L, { topk: 1, scoreFunction: 'sigmoid', expertBias: f32([3], [0, 0, 0]) }),
+  },
   { title: 'expertBias as int32', op: 'route', arg: 'expertBias.dtype', cls: TypeError, call: (b) => b.route(L, { topk: 1, scoreFunction: 'sigmoid', expertBias: tensor('int32', [4]) as any }) },
-  { title: 'expertBias with NaN', op: 'route', arg: 'expertBias', cls: RangeError, detail: /expertBias\[2\] = NaN/, call: (b) => b.route(L, { topk: 1, scoreFunction: 'sigmoid', expertBias: f32([4], [0, 0, NaN, 0]) }) },
+  {
+    title: 'expertBias with NaN',
+    op: 'route',
+    arg: 'expertBias',
+    cls: RangeError,
+    detail: /expertBias\[2\] = NaN/,
+    call: (b) => b.route(L, { topk: 1, scoreFunction: 'sigmoid', expertBias: f32([4], [0, 0, NaN, 0]) }),
+  },
   { title: 'expertBias with softmax', op: 'route', arg: 'expertBias', cls: TypeError, detail: /softmax_with_bias/, call: (b) => b.route(L, { topk: 1, expertBias: f32([4], [0, 0, 0, 0]) }) },
   { title: 'softmaxBeforeTopk with sigmoid', op: 'route', arg: 'softmaxBeforeTopk', cls: TypeError, call: (b) => b.route(L, { topk: 1, scoreFunction: 'sigmoid', softmaxBeforeTopk: true }) },
   { title: 'softmaxBeforeTopk not a boolean', op: 'route', arg: 'options.softmaxBeforeTopk', cls: TypeError, call: (b) => b.route(L, { topk: 1, softmaxBeforeTopk: 1 as any }) },
@@ -704,16 +822,53 @@ const ERRORS: ErrorCase[] = [
   { title: 'coeff a string', op: 'switchLoadBalancingLoss', arg: 'options.coeff', cls: TypeError, call: (b) => b.switchLoadBalancingLoss(L, TPE, { topk: 1, coeff: '1' as any }) },
   { title: 'numTokens 0', op: 'switchLoadBalancingLoss', arg: 'numTokens', cls: RangeError, call: (b) => b.switchLoadBalancingLoss(L, TPE, { topk: 1, numTokens: 0 }) },
   { title: 'numTokens 2.5', op: 'switchLoadBalancingLoss', arg: 'numTokens', cls: RangeError, detail: /2\.5/, call: (b) => b.switchLoadBalancingLoss(L, TPE, { topk: 1, numTokens: 2.5 }) },
-  { title: 'tokensPerExpert of the wrong length', op: 'switchLoadBalancingLoss', arg: 'tokensPerExpert.shape', cls: RangeError, call: (b) => b.switchLoadBalancingLoss(L, tensor('int32', [3]), { topk: 1 }) },
-  { title: 'tokensPerExpert as float32', op: 'switchLoadBalancingLoss', arg: 'tokensPerExpert.dtype', cls: TypeError, call: (b) => b.switchLoadBalancingLoss(L, f32([4], [1, 1, 1, 1]) as any, { topk: 1 }) },
-  { title: 'a negative token count', op: 'switchLoadBalancingLoss', arg: 'tokensPerExpert', cls: RangeError, detail: /tokensPerExpert\[1\] = -3/, call: (b) => b.switchLoadBalancingLoss(L, tensor('int64', [4], BigInt64Array.from([1n, -3n, 0n, 0n])), { topk: 1 }) },
+  {
+    title: 'tokensPerExpert of the wrong length',
+    op: 'switchLoadBalancingLoss',
+    arg: 'tokensPerExpert.shape',
+    cls: RangeError,
+    call: (b) => b.switchLoadBalancingLoss(L, tensor('int32', [3]), { topk: 1 }),
+  },
+  {
+    title: 'tokensPerExpert as float32',
+    op: 'switchLoadBalancingLoss',
+    arg: 'tokensPerExpert.dtype',
+    cls: TypeError,
+    call: (b) => b.switchLoadBalancingLoss(L, f32([4], [1, 1, 1, 1]) as any, { topk: 1 }),
+  },
+  {
+    title: 'a negative token count',
+    op: 'switchLoadBalancingLoss',
+    arg: 'tokensPerExpert',
+    cls: RangeError,
+    detail: /tokensPerExpert\[1\] = -3/,
+    call: (b) => b.switchLoadBalancingLoss(L, tensor('int64', [4], BigInt64Array.from([1n, -3n, 0n, 0n])), { topk: 1 }),
+  },
   { title: 'probs with NaN', op: 'switchLoadBalancingLoss', arg: 'probs', cls: RangeError, call: (b) => b.switchLoadBalancingLoss(f32([1, 4], [0, NaN, 0, 0]), TPE, { topk: 1 }) },
-  { title: 'tokenMask of the wrong length', op: 'switchLoadBalancingLoss', arg: 'tokenMask.shape', cls: RangeError, call: (b) => b.switchLoadBalancingLoss(L, TPE, { topk: 1, tokenMask: bools([1]) }) },
+  {
+    title: 'tokenMask of the wrong length',
+    op: 'switchLoadBalancingLoss',
+    arg: 'tokenMask.shape',
+    cls: RangeError,
+    call: (b) => b.switchLoadBalancingLoss(L, TPE, { topk: 1, tokenMask: bools([1]) }),
+  },
   { title: 'an unknown option', op: 'switchLoadBalancingLoss', arg: 'options.auxLossCoeff', cls: TypeError, call: (b) => b.switchLoadBalancingLoss(L, TPE, { topk: 1, auxLossCoeff: 1 } as any) },
   { title: 'topk 1.5', op: 'switchLoadBalancingLossFromLogits', arg: 'topk', cls: RangeError, call: (b) => b.switchLoadBalancingLossFromLogits(L, TPE, { topk: 1.5 }) },
   { title: 'coeff Infinity', op: 'switchLoadBalancingLossFromLogits', arg: 'coeff', cls: RangeError, call: (b) => b.switchLoadBalancingLossFromLogits(L, TPE, { topk: 1, coeff: Infinity }) },
-  { title: 'logits with -Infinity', op: 'switchLoadBalancingLossFromLogits', arg: 'logits', cls: RangeError, call: (b) => b.switchLoadBalancingLossFromLogits(f32([1, 4], [0, -Infinity, 0, 0]), TPE, { topk: 1 }) },
-  { title: 'zero experts', op: 'switchLoadBalancingLossFromLogits', arg: 'logits.shape[1]', cls: RangeError, call: (b) => b.switchLoadBalancingLossFromLogits(f32([2, 0], []), tensor('int32', [0]), { topk: 1 }) },
+  {
+    title: 'logits with -Infinity',
+    op: 'switchLoadBalancingLossFromLogits',
+    arg: 'logits',
+    cls: RangeError,
+    call: (b) => b.switchLoadBalancingLossFromLogits(f32([1, 4], [0, -Infinity, 0, 0]), TPE, { topk: 1 }),
+  },
+  {
+    title: 'zero experts',
+    op: 'switchLoadBalancingLossFromLogits',
+    arg: 'logits.shape[1]',
+    cls: RangeError,
+    call: (b) => b.switchLoadBalancingLossFromLogits(f32([2, 0], []), tensor('int32', [0]), { topk: 1 }),
+  },
   { title: 'coeff negative', op: 'zLoss', arg: 'coeff', cls: RangeError, call: (b) => b.zLoss(L, { coeff: -0.001 }) },
   { title: 'logits with NaN', op: 'zLoss', arg: 'logits', cls: RangeError, detail: /logits\[0\]\[3\] = NaN/, call: (b) => b.zLoss(f32([1, 4], [0, 0, 0, NaN])) },
   { title: 'tokenMask as int32', op: 'zLoss', arg: 'tokenMask.dtype', cls: TypeError, call: (b) => b.zLoss(L, { tokenMask: tensor('int32', [2]) as any }) },

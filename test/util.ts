@@ -66,7 +66,10 @@ export function expectMeta(t: Tensor, dtype: DType, shape: readonly number[], wh
 /** Asserts bit-for-bit equality of two tensors (dtype, shape and every element's bits). */
 export function expectSameBits(got: Tensor, want: Tensor, what: string): void {
   expectMeta(got, want.dtype, want.shape, what);
-  expect(mismatches(bitsOf(got), bitsOf(want), (g, w) => g === w, hexOrValue(want.dtype)), `${what}: bits differ`).toEqual([]);
+  expect(
+    mismatches(bitsOf(got), bitsOf(want), (g, w) => g === w, hexOrValue(want.dtype)),
+    `${what}: bits differ`,
+  ).toEqual([]);
 }
 
 function hexOrValue(dtype: DType): (v: number) => string {
@@ -76,14 +79,25 @@ function hexOrValue(dtype: DType): (v: number) => string {
 /** Asserts exact equality of an integer/bool tensor's values with plain numbers. */
 export function expectValues(got: Tensor, dtype: DType, shape: readonly number[], want: ArrayLike<number>, what: string): void {
   expectMeta(got, dtype, shape, what);
-  expect(mismatches(bitsOf(got), want, (g, w) => g === w), `${what}: values differ`).toEqual([]);
+  expect(
+    mismatches(bitsOf(got), want, (g, w) => g === w),
+    `${what}: values differ`,
+  ).toEqual([]);
 }
 
 /** Asserts exact float32 equality with expected values (compared as float32 bits, so -0 != +0). */
 export function expectF32Bits(got: Tensor, shape: readonly number[], want: ArrayLike<number>, what: string): void {
   expectMeta(got, 'float32', shape, what);
   const wantBits = Array.from(want, f32BitsOf);
-  expect(mismatches(bitsOf(got), wantBits, (g, w) => g === w, (b) => `${f32FromBits(b)} (0x${b.toString(16)})`), `${what}: float32 bits differ`).toEqual([]);
+  expect(
+    mismatches(
+      bitsOf(got),
+      wantBits,
+      (g, w) => g === w,
+      (b) => `${f32FromBits(b)} (0x${b.toString(16)})`,
+    ),
+    `${what}: float32 bits differ`,
+  ).toEqual([]);
 }
 
 /** |a - b| <= rel * |b| + 1e-12, element-wise, on float32 values. */
@@ -102,7 +116,10 @@ export function orderedHalfBits(bits: number): number {
 export function expectHalfWithinUlps(got: Tensor, dtype: 'bfloat16' | 'float16', shape: readonly number[], wantBits: ArrayLike<number>, ulps: number, what: string): void {
   expectMeta(got, dtype, shape, what);
   const ok = (g: number, w: number) => Math.abs(orderedHalfBits(g) - orderedHalfBits(w)) <= ulps;
-  expect(mismatches(got.data as Uint16Array, wantBits, ok, (b) => `0x${b.toString(16)}`), `${what}: beyond ${ulps} ulp`).toEqual([]);
+  expect(
+    mismatches(got.data as Uint16Array, wantBits, ok, (b) => `0x${b.toString(16)}`),
+    `${what}: beyond ${ulps} ulp`,
+  ).toEqual([]);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -142,7 +159,7 @@ export function bf16Bits(x: number): number {
 
 /** The value of bfloat16 bits. */
 export function bf16Value(bits: number): number {
-  return f32FromBits((bits & 0xffff) << 16 >>> 0);
+  return f32FromBits(((bits & 0xffff) << 16) >>> 0);
 }
 
 /** IEEE binary16 bits of a float32 value, round to nearest even (no NaN input). */

@@ -23,8 +23,40 @@ export * from './tensor.js';
 export type { Backend, BackendInfo, BackendName, MultihotToIndicesOptions, PermuteBackwardOptions, PermuteOptions, PermuteResult, UnpermuteOptions } from './backend.js';
 export type { ActivationGrads, ActivationKind, ActivationOptions } from './ops/activations.js';
 export type { RouteOptions, RouteResult, ScoreFunction, SwitchLoadBalancingLossOptions, ZLossOptions } from './ops/routing.js';
-export type { CheckpointInfo, CheckpointSource, CheckpointTensorInfo, ExpertBiases, ExpertCheckpointOptions, ExpertsFormat, ExpertsGrads, ExpertsOptions, ExpertWeights, LoadedExperts, LoadedSafetensors, LoadExpertsOptions, LoadSafetensorsOptions, MatmulOptions, SafetensorsIndex, SaveSafetensorsOptions, ShardedCheckpoint, UnstackExpertsOptions } from './ops/experts.js';
-export type { DropPolicy, DropTokensOptions, DropTokensResult, ExpertRange, ExpertTensor, GroupedMmSortOptions, GroupedMmSortResult, MeshAxis, PlacedMesh, Placement, SortChunksGrads, SortChunksResult } from './ops/layout.js';
+export type {
+  CheckpointInfo,
+  CheckpointSource,
+  CheckpointTensorInfo,
+  ExpertBiases,
+  ExpertCheckpointOptions,
+  ExpertsFormat,
+  ExpertsGrads,
+  ExpertsOptions,
+  ExpertWeights,
+  LoadedExperts,
+  LoadedSafetensors,
+  LoadExpertsOptions,
+  LoadSafetensorsOptions,
+  MatmulOptions,
+  SafetensorsIndex,
+  SaveSafetensorsOptions,
+  ShardedCheckpoint,
+  UnstackExpertsOptions,
+} from './ops/experts.js';
+export type {
+  DropPolicy,
+  DropTokensOptions,
+  DropTokensResult,
+  ExpertRange,
+  ExpertTensor,
+  GroupedMmSortOptions,
+  GroupedMmSortResult,
+  MeshAxis,
+  PlacedMesh,
+  Placement,
+  SortChunksGrads,
+  SortChunksResult,
+} from './ops/layout.js';
 export type { BackendInfoOptions, CreateBackendOptions, Prefer } from './entry.js';
 export type { WasmSource } from './backends/wasm.js';
 export { isDeviceTensor, type DeviceTensor } from './device.js';

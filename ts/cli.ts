@@ -309,7 +309,11 @@ async function bench(args: Args): Promise<number> {
           const gbPerSecond = bytes / seconds / 1e9;
           rows.push({ backend: b.name, op, dtype, tokens: T, seconds, bytes, gbPerSecond, vsMemcpy: gbPerSecond / memcpyGBs, vsFreshMemcpy: gbPerSecond / freshGBs });
         };
-        add('permute+probs', permuteBytes, timeIt(iters, () => b.permute(r.tokens, routingMap, { probs })));
+        add(
+          'permute+probs',
+          permuteBytes,
+          timeIt(iters, () => b.permute(r.tokens, routingMap, { probs })),
+        );
         add(
           'unpermute+probs',
           unpermuteBytes,
@@ -318,9 +322,17 @@ async function bench(args: Args): Promise<number> {
         // The same ops into caller-owned outputs reused across calls (options.out): no fresh
         // pages to fault in; the native binding writes straight into them, wasm copies out once.
         const out = { permutedTokens: tensor(dtype, [N, H]), permutedProbs: tensor('float32', [N]) };
-        add('permute+probs (out)', permuteBytes, timeIt(iters, () => b.permute(r.tokens, routingMap, { probs, out })));
+        add(
+          'permute+probs (out)',
+          permuteBytes,
+          timeIt(iters, () => b.permute(r.tokens, routingMap, { probs, out })),
+        );
         const merged = tensor(dtype, [T, H]);
-        add('unpermute+probs (out)', unpermuteBytes, timeIt(iters, () => b.unpermute(permuted.permutedTokens, permuted.sortedIndices, [T, H], { probs: permuted.permutedProbs, out: merged })));
+        add(
+          'unpermute+probs (out)',
+          unpermuteBytes,
+          timeIt(iters, () => b.unpermute(permuted.permutedTokens, permuted.sortedIndices, [T, H], { probs: permuted.permutedProbs, out: merged })),
+        );
         step(`T=${T} ${dtype} ${b.name}`);
       }
     }
@@ -382,7 +394,10 @@ export function bandwidthChart(rows: BenchRow[], title: string): string {
   ];
   for (let i = 0; i <= 5; i++) {
     const g = (ymax / 5) * i;
-    out.push(`<line x1="${m.left - 4}" y1="${py(g).toFixed(1)}" x2="${W - m.right}" y2="${py(g).toFixed(1)}" stroke="#ddd"/>`, `<text x="${m.left - 8}" y="${(py(g) + 4).toFixed(1)}" text-anchor="end">${g.toFixed(1)}</text>`);
+    out.push(
+      `<line x1="${m.left - 4}" y1="${py(g).toFixed(1)}" x2="${W - m.right}" y2="${py(g).toFixed(1)}" stroke="#ddd"/>`,
+      `<text x="${m.left - 8}" y="${(py(g) + 4).toFixed(1)}" text-anchor="end">${g.toFixed(1)}</text>`,
+    );
   }
   for (const b of [...new Set(xs)].sort((a, c) => a - c)) {
     out.push(`<text x="${px(b).toFixed(1)}" y="${Hh - m.bottom + 16}" text-anchor="middle">${b}</text>`);
@@ -395,10 +410,15 @@ export function bandwidthChart(rows: BenchRow[], title: string): string {
     out.push(`<polyline fill="none" stroke="${c}" stroke-width="2"${dash} points="${pts.join(' ')}"><title>${esc(name)}</title></polyline>`);
     pts.forEach((p, j) => {
       const r = sorted[j];
-      out.push(`<circle cx="${p.split(',')[0]}" cy="${p.split(',')[1]}" r="3" fill="${c}"><title>${esc(`${name}, T=${r.tokens}: ${r.gbPerSecond.toFixed(2)} GB/s, ${(r.bytes / 2 ** 20).toFixed(1)} MiB moved`)}</title></circle>`);
+      out.push(
+        `<circle cx="${p.split(',')[0]}" cy="${p.split(',')[1]}" r="3" fill="${c}"><title>${esc(`${name}, T=${r.tokens}: ${r.gbPerSecond.toFixed(2)} GB/s, ${(r.bytes / 2 ** 20).toFixed(1)} MiB moved`)}</title></circle>`,
+      );
     });
     const ly = m.top + 8 + i * 18;
-    out.push(`<line x1="${W - m.right + 16}" y1="${ly}" x2="${W - m.right + 40}" y2="${ly}" stroke="${c}" stroke-width="2"${dash}/>`, `<text x="${W - m.right + 46}" y="${ly + 4}">${esc(name)}</text>`);
+    out.push(
+      `<line x1="${W - m.right + 16}" y1="${ly}" x2="${W - m.right + 40}" y2="${ly}" stroke="${c}" stroke-width="2"${dash}/>`,
+      `<text x="${W - m.right + 46}" y="${ly + 4}">${esc(name)}</text>`,
+    );
   });
   out.push('</svg>');
   return out.join('\n') + '\n';
@@ -410,7 +430,9 @@ export function markdownTable(rows: BenchRow[], withTokens = false): string {
     : ['| backend | op | dtype | time (ms) | GB/s | vs memcpy | vs alloc+memcpy |', '|---|---|---|---:|---:|---:|---:|'];
   const pct = (x: number) => `${(x * 100).toFixed(0)}%`;
   for (const r of rows) {
-    lines.push(`| ${withTokens ? `${r.tokens} | ` : ''}${r.backend} | ${r.op} | ${r.dtype} | ${(r.seconds * 1e3).toFixed(2)} | ${r.gbPerSecond.toFixed(2)} | ${pct(r.vsMemcpy)} | ${pct(r.vsFreshMemcpy)} |`);
+    lines.push(
+      `| ${withTokens ? `${r.tokens} | ` : ''}${r.backend} | ${r.op} | ${r.dtype} | ${(r.seconds * 1e3).toFixed(2)} | ${r.gbPerSecond.toFixed(2)} | ${pct(r.vsMemcpy)} | ${pct(r.vsFreshMemcpy)} |`,
+    );
   }
   return lines.join('\n');
 }
@@ -531,14 +553,27 @@ async function route(args: Args): Promise<number> {
   if (out !== undefined) {
     mkdirSync(dirname(out) || '.', { recursive: true });
     if (/\.json$/i.test(out)) {
-      writeFileSync(out, JSON.stringify({ shape: [T, topk], numExperts: E, indices: Array.from(routed.indices.data), weights: Array.from(routed.weights.data), tokensPerExpert: Array.from(routed.tokensPerExpert.data) }) + '\n');
+      writeFileSync(
+        out,
+        JSON.stringify({
+          shape: [T, topk],
+          numExperts: E,
+          indices: Array.from(routed.indices.data),
+          weights: Array.from(routed.weights.data),
+          tokensPerExpert: Array.from(routed.tokensPerExpert.data),
+        }) + '\n',
+      );
       written.push(out);
     } else if (/\.safetensors$/i.test(out)) {
       writeFileSync(out, backend.saveSafetensors({ indices: routed.indices, weights: routed.weights, tokensPerExpert: routed.tokensPerExpert }));
       written.push(out);
     } else {
       const stem = out.replace(/\.npy$/i, '');
-      for (const [key, t] of [['indices', routed.indices], ['weights', routed.weights], ['tokensPerExpert', routed.tokensPerExpert]] as const) {
+      for (const [key, t] of [
+        ['indices', routed.indices],
+        ['weights', routed.weights],
+        ['tokensPerExpert', routed.tokensPerExpert],
+      ] as const) {
         writeFileSync(`${stem}.${key}.npy`, npyBytes(t));
         written.push(`${stem}.${key}.npy`);
       }
@@ -584,7 +619,9 @@ async function train(args: Args): Promise<number> {
   if (args.json) {
     console.log(JSON.stringify(result));
   } else {
-    console.log(`loss ${result.initialLoss.toPrecision(5)} -> ${result.finalLoss.toPrecision(5)} (${((result.finalLoss / result.initialLoss) * 100).toFixed(1)}% of the start) in ${result.seconds.toFixed(2)} s`);
+    console.log(
+      `loss ${result.initialLoss.toPrecision(5)} -> ${result.finalLoss.toPrecision(5)} (${((result.finalLoss / result.initialLoss) * 100).toFixed(1)}% of the start) in ${result.seconds.toFixed(2)} s`,
+    );
     console.log(
       `${result.shape} on ${result.device === 'gpu' ? 'the GPU' : 'the host'}: ${result.tokensPerStep} tokens a step, ${Math.round(result.tokensPerSecond)} tokens/s (${result.stepsPerSecond.toFixed(2)} steps/s)${result.peakBytes === undefined ? '' : `, peak device memory ${(result.peakBytes / 2 ** 30).toFixed(2)} GiB`}${result.skippedSteps ? `, ${result.skippedSteps} steps skipped (non-finite gradients)` : ''}`,
     );
@@ -622,7 +659,10 @@ async function main(argv: string[]): Promise<number> {
         out: { type: 'string' },
       },
     ],
-    train: [train, { backend: { type: 'string' }, shape: { type: 'string' }, batch: { type: 'string' }, steps: { type: 'string' }, lr: { type: 'string' }, seed: { type: 'string' }, out: { type: 'string' } }],
+    train: [
+      train,
+      { backend: { type: 'string' }, shape: { type: 'string' }, batch: { type: 'string' }, steps: { type: 'string' }, lr: { type: 'string' }, seed: { type: 'string' }, out: { type: 'string' } },
+    ],
   };
   const entry = commands[command];
   if (!entry) fail(`unknown command '${command}'\n\n${HELP.main}`, 2);

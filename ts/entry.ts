@@ -23,7 +23,7 @@ export interface CreateBackendOptions {
 
 /** What a loader gives: a binding (plus info for backendInfo) or why there is none. */
 export type LoadResult =
-  | { binding: Binding; reason?: undefined; info?: Partial<BackendInfo>; /** Adds backend-specific ops (cuda: device tensors) to the adapter. */ extend?: (backend: Backend) => Backend }
+  | { binding: Binding; reason?: undefined; info?: Partial<BackendInfo> /** Adds backend-specific ops (cuda: device tensors) to the adapter. */; extend?: (backend: Backend) => Backend }
   | { binding?: undefined; reason: string };
 
 export const ORDER: readonly BackendName[] = ['cuda', 'cpu', 'webgpu', 'wasm'];

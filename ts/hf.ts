@@ -425,7 +425,8 @@ export async function fromPretrained(backend: Backend, options: FromPretrainedOp
   const family = familyOf(config.model_type);
   if (typeof o.layer !== 'number') throw new TypeError(`layer: expected the decoder layer index (a number), got ${typeof o.layer}`);
   const layers = int(config, 'num_hidden_layers');
-  if (!Number.isSafeInteger(o.layer) || o.layer < 0 || o.layer >= layers) throw new RangeError(`layer: expected an integer from 0 to ${layers - 1} (config.num_hidden_layers = ${layers}), got ${o.layer}`);
+  if (!Number.isSafeInteger(o.layer) || o.layer < 0 || o.layer >= layers)
+    throw new RangeError(`layer: expected an integer from 0 to ${layers - 1} (config.num_hidden_layers = ${layers}), got ${o.layer}`);
   const moe = family.moeLayer(config, o.layer);
   if (moe !== true) throw new RangeError(`layer: ${moe}; it has no MoE block`);
   const source = o.checkpoint ?? dir;

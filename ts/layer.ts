@@ -302,8 +302,34 @@ const SCORE_FUNCTIONS: readonly ScoreFunction[] = ['softmax', 'sigmoid', 'softma
 const ACTIVATIONS: readonly ActivationKind[] = ['swiglu', 'quick_geglu', 'swiglu_oai', 'swiglu_clamped', 'relu2'];
 const DTYPES: readonly TokenDType[] = ['float32', 'bfloat16', 'float16'];
 const OPTION_KEYS: readonly (keyof MoELayerOptions)[] = [
-  'dim', 'inter', 'numExperts', 'topk', 'activation', 'alpha', 'limit', 'linearOffset', 'dtype', 'routerDtype', 'scoreFunction', 'softmaxBeforeTopk', 'normTopkProb', 'routeScale',
-  'numGroups', 'topkGroups', 'expertBias', 'routerBias', 'bias', 'sharedExpert', 'auxLossCoeff', 'auxLossConvention', 'zLossCoeff', 'epSize', 'epRank', 'weights', 'initStd', 'seed',
+  'dim',
+  'inter',
+  'numExperts',
+  'topk',
+  'activation',
+  'alpha',
+  'limit',
+  'linearOffset',
+  'dtype',
+  'routerDtype',
+  'scoreFunction',
+  'softmaxBeforeTopk',
+  'normTopkProb',
+  'routeScale',
+  'numGroups',
+  'topkGroups',
+  'expertBias',
+  'routerBias',
+  'bias',
+  'sharedExpert',
+  'auxLossCoeff',
+  'auxLossConvention',
+  'zLossCoeff',
+  'epSize',
+  'epRank',
+  'weights',
+  'initStd',
+  'seed',
 ];
 
 const sigmoid = (v: number) => 1 / (1 + Math.exp(-v));
@@ -385,7 +411,8 @@ export class MoELayer {
         const want = this.#dtypeOf(k);
         if (w[k] === undefined) throw new TypeError(`weights.${k}: expected a ${want} Tensor [${shape.join(', ')}] (the layer's options call for it), got undefined`);
         const t = checkTensor(w[k], `weights.${k}`);
-        if (t.dtype !== want) throw new TypeError(`weights.${k}.dtype: expected ${want}${k === 'expertBias' ? '' : k.startsWith('router') ? " (the router's dtype)" : " (the layer's dtype)"}, got ${t.dtype}`);
+        if (t.dtype !== want)
+          throw new TypeError(`weights.${k}.dtype: expected ${want}${k === 'expertBias' ? '' : k.startsWith('router') ? " (the router's dtype)" : " (the layer's dtype)"}, got ${t.dtype}`);
         if (t.shape.length !== shape.length || t.shape.some((d, i) => d !== shape[i])) {
           throw new RangeError(`weights.${k}.shape: expected [${shape.join(', ')}], got [${t.shape.join(', ')}]`);
         }
@@ -399,7 +426,11 @@ export class MoELayer {
       for (const [k, shape] of Object.entries(shapes)) {
         const n = shape.reduce((a, b) => a * b, 1);
         const zero = k.endsWith('Bias');
-        w[k] = fromValues(this.#dtypeOf(k), shape, Float64Array.from({ length: n }, () => (zero ? 0 : normal() * std)));
+        w[k] = fromValues(
+          this.#dtypeOf(k),
+          shape,
+          Float64Array.from({ length: n }, () => (zero ? 0 : normal() * std)),
+        );
       }
       this.weights = w as unknown as MoEWeights;
     }
@@ -624,11 +655,19 @@ export class MoELayer {
     let y: AnyTensor;
     let expertsSaved: ExpertsSaved | undefined;
     if (this.onDevice) {
-      const r = (moe as CudaBackend).expertsForward(perm.permutedTokens, perm.tokensPerExpert, this.expertWeights as DeviceExpertWeights, { ...options, saveForBackward: true }) as { output: DeviceTensor; saved?: ExpertsSaved };
+      const r = (moe as CudaBackend).expertsForward(perm.permutedTokens, perm.tokensPerExpert, this.expertWeights as DeviceExpertWeights, { ...options, saveForBackward: true }) as {
+        output: DeviceTensor;
+        saved?: ExpertsSaved;
+      };
       y = r.output;
       expertsSaved = r.saved;
     } else {
-      const yLocal = moe.expertsForward(local ? perm.permutedTokens : rows(perm.permutedTokens, r0, r1), local ? perm.tokensPerExpert : this.#localCounts(perm.tokensPerExpert), this.expertWeights, options);
+      const yLocal = moe.expertsForward(
+        local ? perm.permutedTokens : rows(perm.permutedTokens, r0, r1),
+        local ? perm.tokensPerExpert : this.#localCounts(perm.tokensPerExpert),
+        this.expertWeights,
+        options,
+      );
       y = local ? yLocal : placeRows(yLocal, r0, perm.permutedTokens.shape[0]);
     }
     let output: AnyTensor = moe.unpermute(y as Tensor<TokenDType>, perm.sortedIndices, [N, this.dim]);
@@ -692,7 +731,19 @@ export class MoELayer {
     const s = this.#saved;
     this.#saved = undefined;
     if (!s) return;
-    const own = [s.routingMap, s.sortedIndices, s.permutedTokens, s.tokensPerExpert, s.permutedProbs, s.expertOutput, s.expertsSaved?.upProjection, s.expertsSaved?.activation, s.auxGrad?.gradScores, s.auxGrad?.gradLogits, s.zGrad];
+    const own = [
+      s.routingMap,
+      s.sortedIndices,
+      s.permutedTokens,
+      s.tokensPerExpert,
+      s.permutedProbs,
+      s.expertOutput,
+      s.expertsSaved?.upProjection,
+      s.expertsSaved?.activation,
+      s.auxGrad?.gradScores,
+      s.auxGrad?.gradLogits,
+      s.zGrad,
+    ];
     for (const t of own) if (t && isDeviceTensor(t)) t.dispose();
   }
 
@@ -734,8 +785,17 @@ export class MoELayer {
     temps.push(gradY);
     const options = { ...this.#activationOptions(), permutedProbs: local ? s.permutedProbs : rows(s.permutedProbs, r0, r1), biases: this.expertBiases };
     const eg = dev
-      ? ((moe as CudaBackend).expertsBackward(gradY, s.permutedTokens, s.tokensPerExpert, this.expertWeights as DeviceExpertWeights, { ...options, ...(s.expertsSaved ? { saved: s.expertsSaved } : {}) }) as unknown as ReturnType<Backend['expertsBackward']>)
-      : moe.expertsBackward(local ? gradY : rows(gradY, r0, r1), local ? s.permutedTokens : rows(s.permutedTokens, r0, r1), local ? s.tokensPerExpert : this.#localCounts(s.tokensPerExpert), this.expertWeights, options);
+      ? ((moe as CudaBackend).expertsBackward(gradY, s.permutedTokens, s.tokensPerExpert, this.expertWeights as DeviceExpertWeights, {
+          ...options,
+          ...(s.expertsSaved ? { saved: s.expertsSaved } : {}),
+        }) as unknown as ReturnType<Backend['expertsBackward']>)
+      : moe.expertsBackward(
+          local ? gradY : rows(gradY, r0, r1),
+          local ? s.permutedTokens : rows(s.permutedTokens, r0, r1),
+          local ? s.tokensPerExpert : this.#localCounts(s.tokensPerExpert),
+          this.expertWeights,
+          options,
+        );
     const gradTokens = local ? eg.gradTokens : placeRows(eg.gradTokens, r0, slots);
     const gradProbs = local ? eg.gradProbs! : placeRows(eg.gradProbs!, r0, slots);
     temps.push(eg.gradTokens, eg.gradProbs!);
@@ -744,7 +804,10 @@ export class MoELayer {
     const gradWeights = m.gatherPicks(back.gradProbs!, s.indices, temps);
 
     // The router: the routing weights' gradient, and the aux losses'.
-    const rb = moe.routeBackward(gradWeights as Tensor<'float32'>, s.logits, s.indices, { ...this.routeOptions, ...(s.auxGrad?.gradScores ? { gradScores: s.auxGrad.gradScores as Tensor<'float32'> } : {}) });
+    const rb = moe.routeBackward(gradWeights as Tensor<'float32'>, s.logits, s.indices, {
+      ...this.routeOptions,
+      ...(s.auxGrad?.gradScores ? { gradScores: s.auxGrad.gradScores as Tensor<'float32'> } : {}),
+    });
     const extra = [s.auxGrad?.gradLogits, s.zGrad].filter((t): t is AnyTensor => t !== undefined);
     let gradLogits = rb.gradLogits as AnyTensor;
     if (extra.length) {
@@ -796,7 +859,13 @@ export class MoELayer {
     const gate = Float64Array.from(gl, sigmoid);
     const gateD = valuesF32(fromValues(this.dtype, [N], gate));
     const D = this.dim;
-    const contribution = valuesF32(fromValues(this.dtype, [N, D], Float32Array.from(out, (v, i) => v * gateD[Math.floor(i / D)])));
+    const contribution = valuesF32(
+      fromValues(
+        this.dtype,
+        [N, D],
+        Float32Array.from(out, (v, i) => v * gateD[Math.floor(i / D)]),
+      ),
+    );
     return { out, gate, contribution };
   }
 
@@ -811,7 +880,11 @@ export class MoELayer {
     if (saved.gate && w.sharedExpertGate) {
       const gate = saved.gate;
       // d out = g * gate; d gateLogit = sum_d g * out * gate * (1 - gate)
-      gradOut = fromValues(this.dtype, [N, D], Float64Array.from(gv, (v, i) => v * gate[Math.floor(i / D)]));
+      gradOut = fromValues(
+        this.dtype,
+        [N, D],
+        Float64Array.from(gv, (v, i) => v * gate[Math.floor(i / D)]),
+      );
       const dgl = new Float64Array(N);
       for (let t = 0; t < N; t++) {
         let acc = 0;

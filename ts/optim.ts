@@ -84,25 +84,33 @@ export function chunkSquareSums(g: ArrayLike<number>, out: number[]): void {
   const n = g.length;
   const sh = new Float64Array(SQ_LANES);
   for (let base = 0; base < n; base += SQ_CHUNK) {
-    const sum = laneTreeSum(SQ_LANES, (t) => {
-      let acc = 0;
-      for (let j = 0; j < SQ_CHUNK / SQ_LANES; j++) {
-        const i = base + t + j * SQ_LANES;
-        if (i < n) acc += g[i] * g[i];
-      }
-      return acc;
-    }, sh);
+    const sum = laneTreeSum(
+      SQ_LANES,
+      (t) => {
+        let acc = 0;
+        for (let j = 0; j < SQ_CHUNK / SQ_LANES; j++) {
+          const i = base + t + j * SQ_LANES;
+          if (i < n) acc += g[i] * g[i];
+        }
+        return acc;
+      },
+      sh,
+    );
     out.push(sum);
   }
 }
 
 /** Step 1's second level: the sum of the chunk sums. */
 export function sumOfChunks(p: readonly number[]): number {
-  return laneTreeSum(FIN_LANES, (t) => {
-    let acc = 0;
-    for (let i = t; i < p.length; i += FIN_LANES) acc += p[i];
-    return acc;
-  }, new Float64Array(FIN_LANES));
+  return laneTreeSum(
+    FIN_LANES,
+    (t) => {
+      let acc = 0;
+      for (let i = t; i < p.length; i += FIN_LANES) acc += p[i];
+      return acc;
+    },
+    new Float64Array(FIN_LANES),
+  );
 }
 
 interface HostSlot {
@@ -174,7 +182,8 @@ export class AdamW {
     const onDevice = entries.map(([, t]) => isDeviceTensor(t));
     if (onDevice.some((d) => d !== onDevice[0])) throw new TypeError('params: expected all host tensors or all device tensors, got a mix');
     for (const [name, t] of entries) {
-      if (!['float32', 'bfloat16', 'float16'].includes((t as AnyTensor)?.dtype)) throw new TypeError(`params.${name}: expected a float32, bfloat16 or float16 tensor, got ${(t as AnyTensor)?.dtype ?? typeof t}`);
+      if (!['float32', 'bfloat16', 'float16'].includes((t as AnyTensor)?.dtype))
+        throw new TypeError(`params.${name}: expected a float32, bfloat16 or float16 tensor, got ${(t as AnyTensor)?.dtype ?? typeof t}`);
     }
     const decayOf = (t: { shape: readonly number[] }) => decayAll || t.shape.length >= 2;
     if (onDevice[0]) {
@@ -206,7 +215,8 @@ export class AdamW {
     const gs = slots.map((s) => {
       const g = grads[s.name];
       if (g === undefined) throw new TypeError(`grads.${s.name}: expected a gradient tensor, got undefined`);
-      if (isDeviceTensor(g) !== !!this.#device) throw new TypeError(`grads.${s.name}: expected a ${this.#device ? 'device' : 'host'} tensor (as the parameters), got a ${this.#device ? 'host' : 'device'} tensor`);
+      if (isDeviceTensor(g) !== !!this.#device)
+        throw new TypeError(`grads.${s.name}: expected a ${this.#device ? 'device' : 'host'} tensor (as the parameters), got a ${this.#device ? 'host' : 'device'} tensor`);
       if (!['float32', 'bfloat16', 'float16'].includes(g.dtype)) throw new TypeError(`grads.${s.name}.dtype: expected float32, bfloat16 or float16, got ${g.dtype}`);
       if (g.shape.length !== s.param.shape.length || g.shape.some((d, i) => d !== s.param.shape[i])) {
         throw new RangeError(`grads.${s.name}.shape: expected [${s.param.shape.join(', ')}] (the parameter's), got [${g.shape.join(', ')}]`);
@@ -216,7 +226,15 @@ export class AdamW {
     if (this.#device) {
       const { ops, state } = this.#device;
       ops.adamwStep({
-        params: this.#device.slots.map((s, i) => ({ name: `grads.${s.name}`, master: s.master, expAvg: s.m, expAvgSq: s.v, grad: gs[i] as DeviceTensor<TokenDType>, low: (s.master as DeviceTensor) === s.param ? undefined : s.param, decay: s.decay })),
+        params: this.#device.slots.map((s, i) => ({
+          name: `grads.${s.name}`,
+          master: s.master,
+          expAvg: s.m,
+          expAvgSq: s.v,
+          grad: gs[i] as DeviceTensor<TokenDType>,
+          low: (s.master as DeviceTensor) === s.param ? undefined : s.param,
+          decay: s.decay,
+        })),
         state,
         lr,
         beta1: this.beta1,
@@ -228,7 +246,10 @@ export class AdamW {
       if (this.onNonFinite === 'error') this.#throwIfSkipped(this.status());
       return;
     }
-    this.#hostStep(gs.map((g) => valuesF32(g as Tensor<TokenDType>)), lr);
+    this.#hostStep(
+      gs.map((g) => valuesF32(g as Tensor<TokenDType>)),
+      lr,
+    );
     if (this.onNonFinite === 'error') this.#throwIfSkipped(this.status());
   }
 
@@ -255,7 +276,17 @@ export class AdamW {
       const c = this.maxGradNorm / (norm + 1e-6);
       clip = c < 1 ? c : 1;
     }
-    const [c, dec, b1, omb1, b2, omb2, stepSize, bc2, eps] = [clip, 1 - lr * this.weightDecay, this.beta1, 1 - this.beta1, this.beta2, 1 - this.beta2, lr / (1 - this.#b1p), Math.sqrt(1 - this.#b2p), this.eps].map(f32);
+    const [c, dec, b1, omb1, b2, omb2, stepSize, bc2, eps] = [
+      clip,
+      1 - lr * this.weightDecay,
+      this.beta1,
+      1 - this.beta1,
+      this.beta2,
+      1 - this.beta2,
+      lr / (1 - this.#b1p),
+      Math.sqrt(1 - this.#b2p),
+      this.eps,
+    ].map(f32);
     this.#host!.forEach((s, k) => {
       const g = grads[k];
       const { master: p, m, v } = s;

@@ -37,10 +37,7 @@ export function randomRouting(p: Problem, random: () => number, maskRate = 0): R
   const { numTokens: T, numExperts: E, topk: k, hidden: H } = p;
   const values = new Float32Array(T * H);
   for (let i = 0; i < values.length; i++) values[i] = random() * 4 - 2;
-  const tokens =
-    p.dtype === 'float32'
-      ? tensor('float32', [T, H], values)
-      : tensor(p.dtype, [T, H], Uint16Array.from(values, p.dtype === 'bfloat16' ? toBFloat16Bits : toFloat16Bits));
+  const tokens = p.dtype === 'float32' ? tensor('float32', [T, H], values) : tensor(p.dtype, [T, H], Uint16Array.from(values, p.dtype === 'bfloat16' ? toBFloat16Bits : toFloat16Bits));
   const indices = new Int32Array(T * k);
   const weights = new Float32Array(T * k);
   const experts = Array.from({ length: E }, (_, e) => e);

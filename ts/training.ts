@@ -25,12 +25,17 @@ export const TRAIN_SHAPES: Record<'fine-grained' | 'mixtral', { batch: number; l
  * GPU (the cuda backend's `mseLoss`) give the same bits.
  */
 export function mseLoss(backend: Backend, y: AnyTensor, target: AnyTensor): { loss: number; grad: AnyTensor } {
-  for (const [t, arg] of [[y, 'y'], [target, 'target']] as const) {
-    if (typeof t !== 'object' || t === null || !['float32', 'bfloat16', 'float16'].includes(t.dtype)) throw new TypeError(`mseLoss: ${arg}: expected a float32, bfloat16 or float16 tensor, got ${t === null ? 'null' : typeof t === 'object' ? t.dtype : typeof t}`);
+  for (const [t, arg] of [
+    [y, 'y'],
+    [target, 'target'],
+  ] as const) {
+    if (typeof t !== 'object' || t === null || !['float32', 'bfloat16', 'float16'].includes(t.dtype))
+      throw new TypeError(`mseLoss: ${arg}: expected a float32, bfloat16 or float16 tensor, got ${t === null ? 'null' : typeof t === 'object' ? t.dtype : typeof t}`);
   }
   if (isDeviceTensor(y) !== isDeviceTensor(target)) throw new TypeError('mseLoss: target: expected a tensor on the same side as y (both host or both device tensors)');
   if (target.dtype !== y.dtype) throw new TypeError(`mseLoss: target.dtype: expected ${y.dtype} (y's), got ${target.dtype}`);
-  if (target.shape.length !== y.shape.length || target.shape.some((d, i) => d !== y.shape[i])) throw new RangeError(`mseLoss: target.shape: expected [${y.shape.join(', ')}] (y's), got [${target.shape.join(', ')}]`);
+  if (target.shape.length !== y.shape.length || target.shape.some((d, i) => d !== y.shape[i]))
+    throw new RangeError(`mseLoss: target.shape: expected [${y.shape.join(', ')}] (y's), got [${target.shape.join(', ')}]`);
   if (isDeviceTensor(y)) {
     if (backend.name !== 'cuda') throw new TypeError(`mseLoss: device tensors need the cuda backend, got the ${backend.name} backend`);
     return (backend as unknown as CudaBackend).mseLoss(y, target as DeviceTensor<TokenDType>);
@@ -41,7 +46,14 @@ export function mseLoss(backend: Backend, y: AnyTensor, target: AnyTensor): { lo
   const d = Float64Array.from(a, (v, i) => v - b[i]);
   const parts: number[] = [];
   chunkSquareSums(d, parts);
-  return { loss: n > 0 ? sumOfChunks(parts) / n : 0, grad: fromValues(y.dtype, y.shape, Float64Array.from(d, (v) => (2 * v) / n)) };
+  return {
+    loss: n > 0 ? sumOfChunks(parts) / n : 0,
+    grad: fromValues(
+      y.dtype,
+      y.shape,
+      Float64Array.from(d, (v) => (2 * v) / n),
+    ),
+  };
 }
 
 /** Uniform values in [-scale, scale] rounded to `dtype` (nearest, ties to even), fast (xorshift32; bfloat16 bits made inline): a real-sized layer's weights in seconds. */
@@ -65,4 +77,3 @@ export function uniformTensor<D extends TokenDType>(dtype: D, shape: readonly nu
   }
   return (dtype === 'bfloat16' ? { dtype, shape: [...shape], data: bits } : fromValues(dtype, shape, values)) as Tensor<D>;
 }
-

@@ -66,4 +66,3 @@ export function optString(value: unknown, arg: string): string | undefined {
   if (typeof value !== 'string') throw new TypeError(`${arg}: expected a string, got ${typeof value}`);
   return value;
 }
-

@@ -107,8 +107,7 @@ describe('activation and activationBackward: cuda (device tensors) == cpu, bit f
             const width = kind === 'relu2' ? inter : 2 * inter;
             const x = floatTensor(dtype, [rows, width], values(rows * width, random));
             const grad = floatTensor(dtype, [rows, inter], values(rows * inter, random, { lo: 3 }));
-            const probs =
-              probsShape === 'none' ? undefined : tensor('float32', probsShape === '[N]' ? [rows] : [rows, 1], values(rows, random, { lo: 1.5, specials: random() < 0.5 }));
+            const probs = probsShape === 'none' ? undefined : tensor('float32', probsShape === '[N]' ? [rows] : [rows, 1], values(rows, random, { lo: 1.5, specials: random() < 0.5 }));
             for (const base of optionSets(kind)) {
               const what = JSON.stringify(base);
               const hostOptions = probs ? { ...base, probs } : base;
@@ -179,11 +178,19 @@ const LOSS_SHAPES = [
 function randomMask(kind, rows, random) {
   if (kind === 'none') return undefined;
   if (kind === 'all false') return tensor('bool', [rows], new Uint8Array(rows));
-  return tensor('bool', [rows], Uint8Array.from({ length: rows }, () => (random() < 0.7 ? 1 : 0)));
+  return tensor(
+    'bool',
+    [rows],
+    Uint8Array.from({ length: rows }, () => (random() < 0.7 ? 1 : 0)),
+  );
 }
 
 function randomCounts(cols, random) {
-  return tensor('int32', [cols], Int32Array.from({ length: cols }, () => Math.floor(random() * 50)));
+  return tensor(
+    'int32',
+    [cols],
+    Int32Array.from({ length: cols }, () => Math.floor(random() * 50)),
+  );
 }
 
 /** Random router probs (positive rows) and logits (finite). */
@@ -237,7 +244,11 @@ describe('aux losses: cuda (device tensors) == cpu, loss and gradient bit for bi
           const mixed = cuda.switchLoadBalancingLossFromLogits(ld, counts, switchHost);
           assertSameLoss(mixed.loss, wantL.loss, 'from logits, host counts');
           assertSameFloats(mixed.gradLogits, wantL.gradLogits, 'from logits, host counts');
-          const counts64 = tensor('int64', [cols], BigInt64Array.from(counts.data, (v) => BigInt(v)));
+          const counts64 = tensor(
+            'int64',
+            [cols],
+            BigInt64Array.from(counts.data, (v) => BigInt(v)),
+          );
           const mixed64 = cuda.switchLoadBalancingLoss(pd, counts64, switchHost);
           assertSameLoss(mixed64.loss, want.loss, 'switch, host int64 counts');
           assertSameFloats(mixed64.gradProbs, want.gradProbs, 'switch, host int64 counts');

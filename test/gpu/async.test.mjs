@@ -21,7 +21,11 @@ describe('async cuda backend: concurrent calls == sequential calls', () => {
       const routing = randomRouting(p, r, 0.1);
       const m = cuda.indicesToMultihot(routing.indices, routing.weights, p.numExperts);
       const perm = cuda.permute(routing.tokens, m.routingMap, { probs: m.probs });
-      const logits = tensor('float32', [p.numTokens, p.numExperts], Float32Array.from({ length: p.numTokens * p.numExperts }, () => r() * 6 - 3));
+      const logits = tensor(
+        'float32',
+        [p.numTokens, p.numExperts],
+        Float32Array.from({ length: p.numTokens * p.numExperts }, () => r() * 6 - 3),
+      );
       list.push(['permute', [routing.tokens, m.routingMap, { probs: m.probs }]]);
       list.push(['unpermute', [perm.permutedTokens, perm.sortedIndices, [p.numTokens, p.hidden], { probs: perm.permutedProbs }]]);
       list.push(['route', [logits, { topk: 4, scoreFunction: 'sigmoid', numGroups: 4, topkGroups: 2 }]]);

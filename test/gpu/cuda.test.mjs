@@ -57,7 +57,15 @@ describe('golden unpermute: cuda == cpu', () => {
 // ---------------------------------------------------------------------------------------
 // Random problems
 
-const SHAPES = randomProblems({ count: 240, seed: 20251123, experts: [1, 2, 3, 8, 16, 64], tokens: [0, 1, 2, 7, 64, 200, 1000], hidden: [0, 1, 2, 3, 4, 5, 8, 12, 16, 24, 64, 100, 256, 1000, 1024, 4097], dropAndPadRate: 0.3, flag: { name: 'int64', rate: 0.3, text: 'int64' } });
+const SHAPES = randomProblems({
+  count: 240,
+  seed: 20251123,
+  experts: [1, 2, 3, 8, 16, 64],
+  tokens: [0, 1, 2, 7, 64, 200, 1000],
+  hidden: [0, 1, 2, 3, 4, 5, 8, 12, 16, 24, 64, 100, 256, 1000, 1024, 4097],
+  dropAndPadRate: 0.3,
+  flag: { name: 'int64', rate: 0.3, text: 'int64' },
+});
 
 /** Token values: random, with some NaNs (various payloads), infinities, -0 and subnormals. */
 function specialTokens(tokens, random) {
@@ -66,7 +74,8 @@ function specialTokens(tokens, random) {
   const u32 = d instanceof Float32Array ? new Uint32Array(d.buffer, d.byteOffset, d.length) : undefined;
   for (let i = 0; i < d.length; i++) {
     if (random() < 0.02) {
-      if (u32 && random() < 0.5) u32[i] = 0x7f800001 + Math.floor(random() * 0x3fffff); // NaN payloads
+      if (u32 && random() < 0.5)
+        u32[i] = 0x7f800001 + Math.floor(random() * 0x3fffff); // NaN payloads
       else d[i] = specials[Math.floor(random() * specials.length)];
     }
   }
@@ -90,7 +99,13 @@ describe('random problems: cuda == cpu, bit for bit', () => {
       // unpermute the CPU's permuted rows (finite values only: NaN payloads after arithmetic
       // are not part of the contract), with per-slot probs, dense probs, and none
       const finite = randomRouting({ ...p, numTokens: want.sortedIndices.shape[0] }, rng(p.seed * 31), 0).tokens;
-      const sorted = p.int64 ? tensor('int64', want.sortedIndices.shape, BigInt64Array.from(want.sortedIndices.data, (v) => BigInt(v))) : want.sortedIndices;
+      const sorted = p.int64
+        ? tensor(
+            'int64',
+            want.sortedIndices.shape,
+            BigInt64Array.from(want.sortedIndices.data, (v) => BigInt(v)),
+          )
+        : want.sortedIndices;
       const shape = [p.numTokens, p.hidden];
       const dropAndPad = capacity !== undefined;
       const variants = [{ dropAndPad }, { probs: multihot.probs, routingMap: multihot.routingMap, dropAndPad }];
@@ -139,7 +154,8 @@ describe('errors: cuda == cpu', () => {
     'int tokens': (b) => b.permute(tensor('int32', [3, 2], new Int32Array(6)), map),
     'sortedIndices out of range': (b) => b.unpermute(tensor('float32', [2, 2], new Float32Array(4)), tensor('int32', [2], Int32Array.from([0, 3])), [3, 2]),
     'restoreShape hidden differs': (b) => b.unpermute(tensor('float32', [2, 2], new Float32Array(4)), tensor('int32', [2], Int32Array.from([0, 1])), [3, 5]),
-    'dense probs without routingMap': (b) => b.unpermute(tensor('float32', [2, 2], new Float32Array(4)), tensor('int32', [2], Int32Array.from([0, 1])), [3, 2], { probs: tensor('float32', [3, 2], new Float32Array(6)) }),
+    'dense probs without routingMap': (b) =>
+      b.unpermute(tensor('float32', [2, 2], new Float32Array(4)), tensor('int32', [2], Int32Array.from([0, 1])), [3, 2], { probs: tensor('float32', [3, 2], new Float32Array(6)) }),
     'sortedIndices not routed there': (b) =>
       b.unpermute(tensor('float32', [3, 2], new Float32Array(6)), tensor('int32', [3], Int32Array.from([1, 0, 2])), [3, 2], { probs: tensor('float32', [3, 2], new Float32Array(6)), routingMap: map }),
   };

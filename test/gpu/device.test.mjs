@@ -47,7 +47,6 @@ function assertSameRoute(got, want, what) {
   assertClose(got.scores, want.scores, `${what}.scores`);
 }
 
-
 function assertSameError(fa, fb) {
   const a = outcome(fa);
   const b = outcome(fb);
@@ -83,7 +82,11 @@ describe('device tensors', () => {
       tensor('bfloat16', [8, 16], new Uint16Array(u32.buffer.slice(0))),
       tensor('float16', [2, 64], new Uint16Array(u32.buffer.slice(0))),
       tensor('int32', [64], new Int32Array(u32.buffer.slice(0))),
-      tensor('bool', [3, 5], Uint8Array.from({ length: 15 }, () => (random() < 0.5 ? 1 : 0))),
+      tensor(
+        'bool',
+        [3, 5],
+        Uint8Array.from({ length: 15 }, () => (random() < 0.5 ? 1 : 0)),
+      ),
       tensor('float32', [0, 7]),
       tensor('bfloat16', []),
     ];
@@ -100,7 +103,10 @@ describe('device tensors', () => {
   });
 
   test('int64 is refused on upload (TypeError naming the dtype)', { skip }, () => {
-    assert.throws(() => cuda.upload(tensor('int64', [2], BigInt64Array.from([1n, 2n]))), (e) => e instanceof TypeError && /^upload: tensor\.dtype: .*int64/.test(e.message));
+    assert.throws(
+      () => cuda.upload(tensor('int64', [2], BigInt64Array.from([1n, 2n]))),
+      (e) => e instanceof TypeError && /^upload: tensor\.dtype: .*int64/.test(e.message),
+    );
   });
 
   test('dispose frees, is idempotent, and later uses are TypeErrors naming the op and argument', { skip }, () => {
@@ -110,8 +116,14 @@ describe('device tensors', () => {
     t.dispose();
     assert.equal(t.disposed, true);
     assert.equal(t.byteLength, 0);
-    assert.throws(() => t.download(), (e) => e instanceof TypeError && /^download: tensor: expected a device tensor that is not disposed/.test(e.message));
-    assert.throws(() => cuda.permute(t, map), (e) => e instanceof TypeError && /^permute: tokens: expected a device tensor that is not disposed/.test(e.message));
+    assert.throws(
+      () => t.download(),
+      (e) => e instanceof TypeError && /^download: tensor: expected a device tensor that is not disposed/.test(e.message),
+    );
+    assert.throws(
+      () => cuda.permute(t, map),
+      (e) => e instanceof TypeError && /^permute: tokens: expected a device tensor that is not disposed/.test(e.message),
+    );
     map.dispose();
   });
 
@@ -119,11 +131,14 @@ describe('device tensors', () => {
     const t = tensor('int32', [3, 2], new Int32Array(6));
     const map = tensor('bool', [3, 2], new Uint8Array(6));
     const d = up({ t, map });
-    assertSameError(() => cuda.permute(d.t, d.map), () => cpu.permute(t, map));
+    assertSameError(
+      () => cuda.permute(d.t, d.map),
+      () => cpu.permute(t, map),
+    );
     disposeAll(d);
   });
 
-  test('releaseCachedMemory returns the pool\'s memory of disposed tensors to the driver; tensors work after it', { skip }, () => {
+  test("releaseCachedMemory returns the pool's memory of disposed tensors to the driver; tensors work after it", { skip }, () => {
     const bytes = 256 << 20;
     const big = cuda.upload(tensor('float32', [bytes / 4], new Float32Array(bytes / 4)));
     big.dispose();
@@ -175,7 +190,15 @@ describe('golden permute on device tensors (plan on the GPU) == cpu', () => {
   }
 });
 
-const SHAPES = randomProblems({ count: 160, seed: 20261123, experts: [1, 2, 3, 8, 16, 64, 300], tokens: [0, 1, 2, 7, 63, 64, 65, 200, 1000], hidden: [0, 1, 3, 8, 24, 100, 256, 1024, 4097], dropAndPadRate: 0.35, flag: { name: 'mixed', rate: 0.25, text: 'mixed host/device' } });
+const SHAPES = randomProblems({
+  count: 160,
+  seed: 20261123,
+  experts: [1, 2, 3, 8, 16, 64, 300],
+  tokens: [0, 1, 2, 7, 63, 64, 65, 200, 1000],
+  hidden: [0, 1, 3, 8, 24, 100, 256, 1024, 4097],
+  dropAndPadRate: 0.35,
+  flag: { name: 'mixed', rate: 0.25, text: 'mixed host/device' },
+});
 
 describe('random problems on device tensors == cpu, bit for bit', () => {
   for (const p of SHAPES) {
@@ -210,7 +233,10 @@ describe('random problems on device tensors == cpu, bit for bit', () => {
       // backward passes: gradTokens (GPU, with the carried plan and with uploaded sortedIndices),
       // gradPermuted and the prob gradients, all on the GPU, compared too
       const T = p.numTokens;
-      for (const [name, si] of [['plan', perm.sortedIndices], ['uploaded', sortedUp]]) {
+      for (const [name, si] of [
+        ['plan', perm.sortedIndices],
+        ['uploaded', sortedUp],
+      ]) {
         const gb = cuda.permuteBackward(dFinite, si, T);
         assertSameResult(gb, cpu.permuteBackward(finite, want.sortedIndices, T), `permuteBackward (${name})`);
         disposeAll(gb);
@@ -276,9 +302,11 @@ describe('errors with device tensors: cuda == cpu', () => {
     'probs of the wrong shape': (b, u) => b.permute(u(t), u(map), { probs: u(tensor('float32', [3, 3], new Float32Array(9))) }),
     'sortedIndices out of range': (b, u) => b.unpermute(u(tensor('float32', [2, 2], new Float32Array(4))), u(tensor('int32', [2], Int32Array.from([0, 3]))), [3, 2]),
     'restoreShape hidden differs': (b, u) => b.unpermute(u(tensor('float32', [2, 2], new Float32Array(4))), u(tensor('int32', [2], Int32Array.from([0, 1]))), [3, 5]),
-    'slot probs of the wrong length': (b, u) => b.unpermute(u(tensor('float32', [2, 2], new Float32Array(4))), u(tensor('int32', [2], Int32Array.from([0, 1]))), [3, 2], { probs: u(tensor('float32', [3], new Float32Array(3))) }),
+    'slot probs of the wrong length': (b, u) =>
+      b.unpermute(u(tensor('float32', [2, 2], new Float32Array(4))), u(tensor('int32', [2], Int32Array.from([0, 1]))), [3, 2], { probs: u(tensor('float32', [3], new Float32Array(3))) }),
     'route: non-finite logit': (b, u) => b.route(u(tensor('float32', [2, 4], Float32Array.from([0, 1, 2, 3, 4, NaN, 6, 7]))), { topk: 2 }),
-    'route: non-finite bias': (b, u) => b.route(u(tensor('float32', [2, 4], new Float32Array(8))), { topk: 2, scoreFunction: 'sigmoid', expertBias: u(tensor('float32', [4], Float32Array.from([0, Infinity, 0, 0]))) }),
+    'route: non-finite bias': (b, u) =>
+      b.route(u(tensor('float32', [2, 4], new Float32Array(8))), { topk: 2, scoreFunction: 'sigmoid', expertBias: u(tensor('float32', [4], Float32Array.from([0, Infinity, 0, 0]))) }),
     'route: topk too large': (b, u) => b.route(u(tensor('float32', [2, 4], new Float32Array(8))), { topk: 5 }),
     'route: groups do not divide': (b, u) => b.route(u(tensor('float32', [2, 6], new Float32Array(12))), { topk: 2, scoreFunction: 'sigmoid', numGroups: 4 }),
     'route: bias with softmax': (b, u) => b.route(u(tensor('float32', [2, 4], new Float32Array(8))), { topk: 2, expertBias: u(tensor('float32', [4], new Float32Array(4))) }),
@@ -301,8 +329,14 @@ describe('errors with device tensors: cuda == cpu', () => {
         made.push(d);
         return d;
       };
-      assertSameError(() => f(cuda, u), () => f(cpu, (x) => x));
-      assertSameError(() => f(cuda, (x) => x), () => f(cpu, (x) => x));
+      assertSameError(
+        () => f(cuda, u),
+        () => f(cpu, (x) => x),
+      );
+      assertSameError(
+        () => f(cuda, (x) => x),
+        () => f(cpu, (x) => x),
+      );
       disposeAll(...made);
     });
   }
@@ -380,12 +414,26 @@ describe('random route problems: cuda == cpu (host and device tensors)', () => {
     test(name, { skip }, () => {
       const random = rng(r.seed * 101);
       // ties: logits from a few values, so that keys tie exactly
-      const logits = tensor('float32', [r.T, r.E], Float32Array.from({ length: r.T * r.E }, () => (r.ties ? Math.floor(random() * 4) - 2 : (random() * 2 - 1) * r.scaleLogits)));
+      const logits = tensor(
+        'float32',
+        [r.T, r.E],
+        Float32Array.from({ length: r.T * r.E }, () => (r.ties ? Math.floor(random() * 4) - 2 : (random() * 2 - 1) * r.scaleLogits)),
+      );
       const options = { topk: r.k, scoreFunction: r.sf, normTopkProb: r.norm, routeScale: r.scale };
       if (r.sbt) options.softmaxBeforeTopk = true;
       if (r.G > 1) Object.assign(options, { numGroups: r.G, topkGroups: r.kg });
-      if (r.bias) options.expertBias = tensor('float32', [r.E], Float32Array.from({ length: r.E }, () => (r.ties ? 0 : random() * 0.2 - 0.1)));
-      if (r.mask) options.tokenMask = tensor('bool', [r.T], Uint8Array.from({ length: r.T }, () => (random() < 0.7 ? 1 : 0)));
+      if (r.bias)
+        options.expertBias = tensor(
+          'float32',
+          [r.E],
+          Float32Array.from({ length: r.E }, () => (r.ties ? 0 : random() * 0.2 - 0.1)),
+        );
+      if (r.mask)
+        options.tokenMask = tensor(
+          'bool',
+          [r.T],
+          Uint8Array.from({ length: r.T }, () => (random() < 0.7 ? 1 : 0)),
+        );
       const want = cpu.route(logits, options);
       assertSameRoute(cuda.route(logits, options), want, 'host');
       const { d, dOptions, got } = routeOnDevice(logits, options);
@@ -412,8 +460,16 @@ describe('DeepSeek-V3 routing shape on device tensors', () => {
     const random = rng(3);
     const T = 16384;
     const E = 256;
-    const logits = tensor('float32', [T, E], Float32Array.from({ length: T * E }, () => random() * 8 - 4));
-    const expertBias = tensor('float32', [E], Float32Array.from({ length: E }, () => random() * 0.1));
+    const logits = tensor(
+      'float32',
+      [T, E],
+      Float32Array.from({ length: T * E }, () => random() * 8 - 4),
+    );
+    const expertBias = tensor(
+      'float32',
+      [E],
+      Float32Array.from({ length: E }, () => random() * 0.1),
+    );
     const options = { topk: 8, scoreFunction: 'sigmoid', expertBias, numGroups: 8, topkGroups: 4, normTopkProb: true, routeScale: 2.5 };
     const want = cpu.route(logits, options);
     const d = up({ logits, expertBias });
@@ -437,12 +493,26 @@ describe('route on more tokens than the grid has warps: cuda == cpu', () => {
     test(`T=9001 E=${c.E} ${c.sf} k=${c.k}${c.G ? ` groups ${c.kg}/${c.G}` : ''}${c.mask ? ' mask' : ''}`, { skip }, () => {
       const random = rng(900 + i);
       const T = 9001;
-      const logits = tensor('float32', [T, c.E], Float32Array.from({ length: T * c.E }, () => random() * 8 - 4));
+      const logits = tensor(
+        'float32',
+        [T, c.E],
+        Float32Array.from({ length: T * c.E }, () => random() * 8 - 4),
+      );
       const options = { topk: c.k, scoreFunction: c.sf, normTopkProb: !!c.norm, routeScale: 1.5 };
       if (c.sbt) options.softmaxBeforeTopk = true;
       if (c.G) Object.assign(options, { numGroups: c.G, topkGroups: c.kg });
-      if (c.bias) options.expertBias = tensor('float32', [c.E], Float32Array.from({ length: c.E }, () => random() * 0.2 - 0.1));
-      if (c.mask) options.tokenMask = tensor('bool', [T], Uint8Array.from({ length: T }, () => (random() < 0.8 ? 1 : 0)));
+      if (c.bias)
+        options.expertBias = tensor(
+          'float32',
+          [c.E],
+          Float32Array.from({ length: c.E }, () => random() * 0.2 - 0.1),
+        );
+      if (c.mask)
+        options.tokenMask = tensor(
+          'bool',
+          [T],
+          Uint8Array.from({ length: T }, () => (random() < 0.8 ? 1 : 0)),
+        );
       const want = cpu.route(logits, options);
       const { d, got } = routeOnDevice(logits, options);
       assertSameRoute(got, want, 'device');

@@ -57,7 +57,12 @@ function problem({ dtype, counts, dim, inter, kind = 'swiglu', probs = true, bia
   const weights = { downProjs: floatTensor(dtype, [E, inter, dim], r, 1 / Math.sqrt(inter)) };
   weights[kind === 'relu2' ? 'upProjs' : 'gateAndUpProjs'] = floatTensor(dtype, [E, dim, width], r, 1 / Math.sqrt(dim));
   const options = { activation: kind };
-  if (probs) options.permutedProbs = tensor('float32', [N], Float32Array.from({ length: N }, () => 0.1 + r()));
+  if (probs)
+    options.permutedProbs = tensor(
+      'float32',
+      [N],
+      Float32Array.from({ length: N }, () => 0.1 + r()),
+    );
   if (biases) options.biases = { gateUpProjBias: floatTensor(dtype, [E, width], r, 0.5), downProjBias: floatTensor(dtype, [E, dim], r, 0.5) };
   return {
     x: floatTensor(dtype, [N, dim], r),
@@ -120,7 +125,12 @@ describe('grouped experts on the GPU: cuda == cpu within tolerance, the same bit
 
 describe('matmul on the GPU', () => {
   for (const dtype of ['float32', 'bfloat16']) {
-    for (const [transA, transB] of [[false, false], [true, false], [false, true], [true, true]]) {
+    for (const [transA, transB] of [
+      [false, false],
+      [true, false],
+      [false, true],
+      [true, true],
+    ]) {
       test(`${dtype} transA ${transA} transB ${transB}`, { skip: cudaOnly }, () => {
         const r = rng(9);
         const [M, K, N] = [37, 53, 29];
@@ -138,7 +148,7 @@ describe('matmul on the GPU', () => {
   });
 });
 
-describe('grouped experts on the GPU: errors are the core\'s', () => {
+describe("grouped experts on the GPU: errors are the core's", () => {
   const base = { dtype: 'float32', kind: 'swiglu', counts: [2, 3], dim: 8, inter: 4 };
   const cases = {
     'counts that do not add up': (p) => ({ ...p, counts: tensor('int32', [2], Int32Array.from([2, 2])) }),
@@ -189,7 +199,13 @@ describe('saveForBackward: the backward pass takes h and a from the forward pass
     const d = onDevice(p);
     const { saved } = cuda.expertsForward(d.x, d.counts, d.weights, { ...d.options, saveForBackward: true });
     const wrong = { upProjection: saved.activation, activation: saved.activation };
-    assert.throws(() => cuda.expertsBackward(d.grad, d.x, d.counts, d.weights, { ...d.options, saved: wrong }), (e) => e instanceof TypeError && /saved\.upProjection/.test(e.message));
-    assert.throws(() => cuda.expertsBackward(d.grad, d.x, d.counts, d.weights, { ...d.options, saved: { upProjection: saved.upProjection } }), (e) => e instanceof TypeError && /saved\.activation/.test(e.message));
+    assert.throws(
+      () => cuda.expertsBackward(d.grad, d.x, d.counts, d.weights, { ...d.options, saved: wrong }),
+      (e) => e instanceof TypeError && /saved\.upProjection/.test(e.message),
+    );
+    assert.throws(
+      () => cuda.expertsBackward(d.grad, d.x, d.counts, d.weights, { ...d.options, saved: { upProjection: saved.upProjection } }),
+      (e) => e instanceof TypeError && /saved\.activation/.test(e.message),
+    );
   });
 });

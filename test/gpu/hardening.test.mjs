@@ -8,7 +8,22 @@ import { describe, test } from 'node:test';
 import { bytesOf, cpu, cuda, cudaInfo, cudaOnly, host, lib, randomRouting, rng, tensor } from './common.mjs';
 
 /** Ops that take no tensor (numbers, shapes, meshes, file sources). */
-const NO_TENSOR = new Set(['getCapacity', 'expertRangeForRank', 'shouldLoadExpert', 'expertPlacements', 'splitPlacements', 'loadSafetensors', 'checkpointInfo', 'loadExperts', 'numThreads', 'releaseCachedMemory', 'optimizerState', 'zeros', 'transfers', 'peakMemory']);
+const NO_TENSOR = new Set([
+  'getCapacity',
+  'expertRangeForRank',
+  'shouldLoadExpert',
+  'expertPlacements',
+  'splitPlacements',
+  'loadSafetensors',
+  'checkpointInfo',
+  'loadExperts',
+  'numThreads',
+  'releaseCachedMemory',
+  'optimizerState',
+  'zeros',
+  'transfers',
+  'peakMemory',
+]);
 
 describe('disposed device tensors: a TypeError from every op', () => {
   test('every op', { skip: cudaOnly }, () => {
@@ -85,11 +100,32 @@ describe('determinism: every GPU op, 100 runs on device tensors, one hash', () =
     const up = (t) => cuda.upload(t);
     const m = cpu.indicesToMultihot(routing.indices, routing.weights, 16);
     const [tokens, map, probs, idx, w] = [up(routing.tokens), up(m.routingMap), up(m.probs), up(tensor('int32', [512, 4], Int32Array.from(routing.indices.data))), up(routing.weights)];
-    const logits = up(tensor('float32', [512, 16], Float32Array.from({ length: 512 * 16 }, () => r() * 6 - 3)));
+    const logits = up(
+      tensor(
+        'float32',
+        [512, 16],
+        Float32Array.from({ length: 512 * 16 }, () => r() * 6 - 3),
+      ),
+    );
     const perm = cuda.permute(tokens, map, { probs });
     const counts = cuda.tokensPerExpert(map);
     const x = up(tensor('bfloat16', [2048, 64], perm.permutedTokens.download().data.slice(0, 2048 * 64)));
-    const weights = { gateAndUpProjs: up(tensor('bfloat16', [16, 256, 64], Uint16Array.from({ length: 16 * 256 * 64 }, () => lib.toBFloat16Bits((r() - 0.5) / 16)))), downProjs: up(tensor('bfloat16', [16, 32, 256], Uint16Array.from({ length: 16 * 32 * 256 }, () => lib.toBFloat16Bits((r() - 0.5) / 6)))) };
+    const weights = {
+      gateAndUpProjs: up(
+        tensor(
+          'bfloat16',
+          [16, 256, 64],
+          Uint16Array.from({ length: 16 * 256 * 64 }, () => lib.toBFloat16Bits((r() - 0.5) / 16)),
+        ),
+      ),
+      downProjs: up(
+        tensor(
+          'bfloat16',
+          [16, 32, 256],
+          Uint16Array.from({ length: 16 * 32 * 256 }, () => lib.toBFloat16Bits((r() - 0.5) / 6)),
+        ),
+      ),
+    };
     const ops = {
       permute: () => cuda.permute(tokens, map, { probs }),
       unpermute: () => cuda.unpermute(perm.permutedTokens, perm.sortedIndices, [512, 256], { probs: perm.permutedProbs }),
@@ -97,7 +133,17 @@ describe('determinism: every GPU op, 100 runs on device tensors, one hash', () =
       unpermuteBackward: () => cuda.unpermuteBackward(tokens, perm.permutedTokens, perm.sortedIndices, { probs: perm.permutedProbs }),
       route: () => cuda.route(logits, { topk: 4, scoreFunction: 'sigmoid', numGroups: 4, topkGroups: 2, normTopkProb: true }),
       topk: () => cuda.topk(logits, 4),
-      activation: () => cuda.activation(x, { kind: 'swiglu', probs: up(tensor('float32', [2048], Float32Array.from({ length: 2048 }, (_, i) => (i % 7) / 7))) }),
+      activation: () =>
+        cuda.activation(x, {
+          kind: 'swiglu',
+          probs: up(
+            tensor(
+              'float32',
+              [2048],
+              Float32Array.from({ length: 2048 }, (_, i) => (i % 7) / 7),
+            ),
+          ),
+        }),
       activationBackward: () => cuda.activationBackward(up(tensor('bfloat16', [2048, 32], x.download().data.slice(0, 2048 * 32))), x, { kind: 'quick_geglu' }),
       switchLoadBalancingLoss: () => cuda.switchLoadBalancingLoss(probs, counts, { topk: 4 }),
       zLoss: () => cuda.zLoss(logits, { coeff: 1e-3 }),
@@ -107,7 +153,19 @@ describe('determinism: every GPU op, 100 runs on device tensors, one hash', () =
       groupedMmSort: () => cuda.groupedMmSort(idx, w, { numLocalExperts: 8, expertsStartIdx: 4 }),
       expertsForward: () => cuda.expertsForward(perm.permutedTokens, perm.tokensPerExpert, weights, { activation: 'swiglu', permutedProbs: perm.permutedProbs }),
       expertsBackward: () => cuda.expertsBackward(perm.permutedTokens, perm.permutedTokens, perm.tokensPerExpert, weights, { activation: 'swiglu', permutedProbs: perm.permutedProbs }),
-      matmul: () => cuda.matmul(x, weights.downProjs.download().data.length ? up(tensor('bfloat16', [64, 48], Uint16Array.from({ length: 64 * 48 }, (_, i) => lib.toBFloat16Bits(((i % 13) - 6) / 8)))) : x),
+      matmul: () =>
+        cuda.matmul(
+          x,
+          weights.downProjs.download().data.length
+            ? up(
+                tensor(
+                  'bfloat16',
+                  [64, 48],
+                  Uint16Array.from({ length: 64 * 48 }, (_, i) => lib.toBFloat16Bits(((i % 13) - 6) / 8)),
+                ),
+              )
+            : x,
+        ),
     };
     const gpuOps = new Set(cudaInfo.gpuOps);
     for (const [name, f] of Object.entries(ops)) {

@@ -24,7 +24,10 @@ const KINDS = [
     name: 'deepseek-like (sigmoid_with_bias, groups, float32 router, scale), bf16',
     o: { activation: 'swiglu', dtype: 'bfloat16', routerDtype: 'float32', scoreFunction: 'sigmoid_with_bias', expertBias: true, numGroups: 4, topkGroups: 2, normTopkProb: true, routeScale: 2.5 },
   },
-  { name: 'gpt-oss-like (router bias, swiglu_oai, expert biases), bf16, hf aux loss', o: { activation: 'swiglu_oai', dtype: 'bfloat16', routerBias: true, bias: true, auxLossCoeff: 0.02, auxLossConvention: 'hf' } },
+  {
+    name: 'gpt-oss-like (router bias, swiglu_oai, expert biases), bf16, hf aux loss',
+    o: { activation: 'swiglu_oai', dtype: 'bfloat16', routerBias: true, bias: true, auxLossCoeff: 0.02, auxLossConvention: 'hf' },
+  },
   { name: 'relu2 experts, sqrtsoftplus router, float16', o: { activation: 'relu2', dtype: 'float16', scoreFunction: 'sqrtsoftplus', normTopkProb: true } },
 ];
 
@@ -34,7 +37,11 @@ const T = 256;
 function randomTensor(dtype, shape, seed, scale) {
   const r = rng(seed);
   const n = shape.reduce((a, b) => a * b, 1);
-  return tensor(dtype, shape, Array.from({ length: n }, () => (r() * 2 - 1) * scale));
+  return tensor(
+    dtype,
+    shape,
+    Array.from({ length: n }, () => (r() * 2 - 1) * scale),
+  );
 }
 
 function values(t) {
@@ -137,7 +144,12 @@ describe('MoELayer on device tensors = the cpu layer (to the GEMMs tolerance)', 
       step();
       cuda.synchronize();
       const t1 = cuda.transfers();
-      const moved = { toDeviceBytes: t1.toDeviceBytes - t0.toDeviceBytes, toHostBytes: t1.toHostBytes - t0.toHostBytes, toDeviceCalls: t1.toDeviceCalls - t0.toDeviceCalls, toHostCalls: t1.toHostCalls - t0.toHostCalls };
+      const moved = {
+        toDeviceBytes: t1.toDeviceBytes - t0.toDeviceBytes,
+        toHostBytes: t1.toHostBytes - t0.toHostBytes,
+        toDeviceCalls: t1.toDeviceCalls - t0.toDeviceCalls,
+        toHostCalls: t1.toHostCalls - t0.toHostCalls,
+      };
       console.log(`# one step (T=2048, dim 512, E=32, bf16): ${JSON.stringify(moved)}`);
       // an activation is 2 MB (2048 x 512 bf16): a step's copies are small words only
       assert.ok(moved.toDeviceBytes < 64 * 1024 && moved.toHostBytes < 64 * 1024, JSON.stringify(moved));

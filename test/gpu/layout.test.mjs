@@ -18,7 +18,6 @@ else if (standIn) console.log(`# stand-in run: ${standIn} in cuda's place, host 
 // ---------------------------------------------------------------------------------------
 // Helpers
 
-
 /** Every tensor of a result is a device tensor (not checked in stand-in runs). */
 function assertAllDevice(result, what) {
   if (standIn) return;
@@ -54,7 +53,8 @@ function tiedProbs(T, E, random, specials) {
   for (let i = 0; i < d.length; i++) {
     const r = random();
     if (specials && r < 0.03) d[i] = [NaN, Infinity, -Infinity][Math.floor(random() * 3)];
-    else if (specials && r < 0.05) u32[i] = 0x7f800001 + Math.floor(random() * 0x3fffff) + (random() < 0.5 ? 0x80000000 : 0); // NaN payloads, both signs
+    else if (specials && r < 0.05)
+      u32[i] = 0x7f800001 + Math.floor(random() * 0x3fffff) + (random() < 0.5 ? 0x80000000 : 0); // NaN payloads, both signs
     else if (r < 0.6) d[i] = pool[Math.floor(random() * pool.length)];
     else d[i] = random();
   }
@@ -62,7 +62,11 @@ function tiedProbs(T, E, random, specials) {
 }
 
 function int64Of(t) {
-  return tensor('int64', t.shape, BigInt64Array.from(t.data, (v) => BigInt(v)));
+  return tensor(
+    'int64',
+    t.shape,
+    BigInt64Array.from(t.data, (v) => BigInt(v)),
+  );
 }
 
 function randomTokens(n, hidden, dtype, random) {
@@ -120,7 +124,14 @@ describe('indicesToMultihot / multihotToIndices / tokensPerExpert / padRoutingMa
   }
   test('dense random maps (rows wider than topk): multihotToIndices, tokensPerExpert, padRoutingMap', { skip }, () => {
     const random = rng(77);
-    for (const [T, E, density] of [[0, 5, 0.5], [1, 1, 1], [130, 1, 0.5], [129, 40, 0.3], [700, 70, 0.9], [3, 1000, 0.01]]) {
+    for (const [T, E, density] of [
+      [0, 5, 0.5],
+      [1, 1, 1],
+      [130, 1, 0.5],
+      [129, 40, 0.3],
+      [700, 70, 0.9],
+      [3, 1000, 0.01],
+    ]) {
       const map = randomMap(T, E, density, random);
       const probs = tiedProbs(T, E, random, false);
       const dMap = up(map);
@@ -179,7 +190,10 @@ describe('dropTokens: cuda == cpu (ties, NaN, every policy, padToCapacity)', () 
   }
   test('all-equal probs: ties go to the lower token id; all-NaN; capacity 1', { skip }, () => {
     for (const value of [0.5, 0, -0, NaN, Infinity]) {
-      for (const [T, E] of [[2048, 3], [5, 1]]) {
+      for (const [T, E] of [
+        [2048, 3],
+        [5, 1],
+      ]) {
         const probs = tensor('float32', [T, E], new Float32Array(T * E).fill(value));
         const map = randomMap(T, E, 0.5, rng(T + E));
         for (const capacityFactor of [0.001, 0.5, 0.9]) {
@@ -231,7 +245,13 @@ describe('sortChunksByIndex / sortChunksByIndexBackward: cuda == cpu', () => {
       // raw bits: NaN payloads and -0 must survive the copy
       const bits = new Uint8Array(x.data.buffer, x.data.byteOffset, x.data.byteLength);
       for (let b = 0; b < bits.length; b++) if (r() < 0.01) bits[b] = 0xff;
-      const probs = withProbs ? tensor('float32', [n], Float32Array.from({ length: n }, () => r())) : undefined;
+      const probs = withProbs
+        ? tensor(
+            'float32',
+            [n],
+            Float32Array.from({ length: n }, () => r()),
+          )
+        : undefined;
       const { sizes, order } = randomChunks(n, c, r);
       const hs = int64 ? int64Of(sizes) : sizes;
       const ho = int64 ? int64Of(order) : order;
@@ -273,14 +293,13 @@ describe('groupedMmSort: cuda == cpu', () => {
     const expertsStartIdx = pick([undefined, 0, 1, Math.floor(numExperts / 2), numExperts + 1]);
     const int64 = random() < 0.2;
     const seed = i + 1;
-    test(`T=${p.numTokens} E=${numExperts} k=${p.topk} ${p.dtype} local=[${expertsStartIdx ?? 0}, +${numLocalExperts})${withMask ? ' tokenMask' : ''}${int64 ? ' int64' : ''} #${seed}`, { skip }, () => {
+    test(`T=${p.numTokens} E=${numExperts} k=${p.topk} ${p.dtype} local=[${expertsStartIdx ?? 0}, +${numLocalExperts})${withMask ? ' tokenMask' : ''}${int64 ? ' int64' : ''} #${seed}`, {
+      skip,
+    }, () => {
       const r = rng(seed * 7);
       const routing = randomRouting(p, r, maskRate);
       const w = routing.weights.data;
-      const weights =
-        p.dtype === 'float32'
-          ? routing.weights
-          : tensor(p.dtype, routing.weights.shape, Uint16Array.from(w, p.dtype === 'bfloat16' ? lib.toBFloat16Bits : lib.toFloat16Bits));
+      const weights = p.dtype === 'float32' ? routing.weights : tensor(p.dtype, routing.weights.shape, Uint16Array.from(w, p.dtype === 'bfloat16' ? lib.toBFloat16Bits : lib.toFloat16Bits));
       const tokenMask = withMask ? randomMap(p.numTokens, 1, 0.7, r) : undefined;
       const mask = tokenMask ? tensor('bool', [p.numTokens], tokenMask.data) : undefined;
       const options = { numLocalExperts };
@@ -335,12 +354,19 @@ describe('permuteBackward / unpermuteBackward probs gradients: cuda == cpu', () 
       const perm = cuda.permute(d.tokens, d.map, { ...options, probs: d.probs });
       const sortedUp = up(want.sortedIndices);
       const gradPermuted = randomTokens(n, p.hidden, p.dtype, rng(p.seed * 13));
-      const gpp = tensor('float32', [n], Float32Array.from({ length: n }, () => random() * 2 - 1));
+      const gpp = tensor(
+        'float32',
+        [n],
+        Float32Array.from({ length: n }, () => random() * 2 - 1),
+      );
       const dGrad = up(gradPermuted);
       // permuteBackward with gradPermutedProbs, with the plan carried by sortedIndices and uploaded
       const ob = { gradPermutedProbs: gpp, routingMap: multihot.routingMap, dropAndPad };
       const wantPB = cpu.permuteBackward(gradPermuted, want.sortedIndices, T, ob);
-      for (const [name, si] of [['plan', perm.sortedIndices], ['uploaded', sortedUp]]) {
+      for (const [name, si] of [
+        ['plan', perm.sortedIndices],
+        ['uploaded', sortedUp],
+      ]) {
         const gb = cuda.permuteBackward(dGrad, si, T, upAll(ob));
         assertAllDevice(gb, 'permuteBackward');
         assertSameResult(gb, wantPB, `permuteBackward with gradPermutedProbs (${name})`);
@@ -358,7 +384,10 @@ describe('permuteBackward / unpermuteBackward probs gradients: cuda == cpu', () 
       ];
       for (const [name, o] of variants) {
         const wantUB = cpu.unpermuteBackward(gradOut, permuted, want.sortedIndices, o);
-        for (const [siName, si] of [['plan', perm.sortedIndices], ['uploaded', sortedUp]]) {
+        for (const [siName, si] of [
+          ['plan', perm.sortedIndices],
+          ['uploaded', sortedUp],
+        ]) {
           const ub = cuda.unpermuteBackward(dGradOut, dPermuted, si, upAll(o));
           assertAllDevice(ub, 'unpermuteBackward');
           assertSameResult(ub, wantUB, `unpermuteBackward ${name} (${siName})`);
@@ -397,7 +426,11 @@ describe('permuteBackward / unpermuteBackward probs gradients: cuda == cpu', () 
       assertSameResult(ub, wantUB, `unpermuteBackward run ${i + 1}`);
       free(ub);
     }
-    const gpp = tensor('float32', [n], Float32Array.from({ length: n }, (_, i) => Math.sin(i)));
+    const gpp = tensor(
+      'float32',
+      [n],
+      Float32Array.from({ length: n }, (_, i) => Math.sin(i)),
+    );
     const ob = { gradPermutedProbs: gpp, routingMap: multihot.routingMap };
     const wantPB = cpu.permuteBackward(want.permutedTokens, want.sortedIndices, p.numTokens, ob);
     for (let i = 0; i < 3; i++) {
@@ -449,22 +482,17 @@ describe('errors: cuda == cpu', () => {
     'groupedMmSort: weights of another shape': (b, u) => b.groupedMmSort(u(i32([1, 2], [0, 1])), u(f32([2, 1])), { numLocalExperts: 2 }),
     'groupedMmSort: tokenMask of another shape': (b, u) => b.groupedMmSort(u(i32([1, 2], [0, 1])), u(f32([1, 2])), { numLocalExperts: 2, tokenMask: u(bool([1, 1], [1])) }),
     'groupedMmSort: numLocalExperts missing': (b, u) => b.groupedMmSort(u(i32([1, 2], [0, 1])), u(f32([1, 2])), {}),
-    'permuteBackward: slot not routed to its expert': (b, u) =>
-      b.permuteBackward(u(f32([3, 2])), u(i32([3], [1, 0, 2])), 3, { gradPermutedProbs: u(f32([3])), routingMap: u(map) }),
-    'permuteBackward: map selects another count': (b, u) =>
-      b.permuteBackward(u(f32([2, 2])), u(i32([2], [0, 2])), 3, { gradPermutedProbs: u(f32([2])), routingMap: u(map) }),
+    'permuteBackward: slot not routed to its expert': (b, u) => b.permuteBackward(u(f32([3, 2])), u(i32([3], [1, 0, 2])), 3, { gradPermutedProbs: u(f32([3])), routingMap: u(map) }),
+    'permuteBackward: map selects another count': (b, u) => b.permuteBackward(u(f32([2, 2])), u(i32([2], [0, 2])), 3, { gradPermutedProbs: u(f32([2])), routingMap: u(map) }),
     'permuteBackward: dropAndPad slots not in equal blocks': (b, u) =>
       b.permuteBackward(u(f32([3, 2])), u(i32([3], [0, 2, 1])), 3, { gradPermutedProbs: u(f32([3])), routingMap: u(map), dropAndPad: true }),
-    'permuteBackward: gradPermutedProbs of another length': (b, u) =>
-      b.permuteBackward(u(f32([3, 2])), u(i32([3], [0, 2, 1])), 3, { gradPermutedProbs: u(f32([2])), routingMap: u(map) }),
+    'permuteBackward: gradPermutedProbs of another length': (b, u) => b.permuteBackward(u(f32([3, 2])), u(i32([3], [0, 2, 1])), 3, { gradPermutedProbs: u(f32([2])), routingMap: u(map) }),
     'permuteBackward: routingMap of another shape': (b, u) =>
       b.permuteBackward(u(f32([3, 2])), u(i32([3], [0, 2, 1])), 3, { gradPermutedProbs: u(f32([3])), routingMap: u(bool([2, 2], [1, 0, 0, 1])) }),
     'unpermuteBackward: dense probs without routingMap': (b, u) => b.unpermuteBackward(u(f32([3, 2])), u(f32([3, 2])), u(i32([3], [0, 2, 1])), { probs: u(f32([3, 2])) }),
-    'unpermuteBackward: dense probs, slot not routed': (b, u) =>
-      b.unpermuteBackward(u(f32([3, 2])), u(f32([3, 2])), u(i32([3], [1, 0, 2])), { probs: u(f32([3, 2])), routingMap: u(map) }),
+    'unpermuteBackward: dense probs, slot not routed': (b, u) => b.unpermuteBackward(u(f32([3, 2])), u(f32([3, 2])), u(i32([3], [1, 0, 2])), { probs: u(f32([3, 2])), routingMap: u(map) }),
     'unpermuteBackward: slot probs of another length': (b, u) => b.unpermuteBackward(u(f32([3, 2])), u(f32([3, 2])), u(i32([3], [0, 2, 1])), { probs: u(f32([2])) }),
-    'unpermuteBackward: dense probs, sortedIndices out of range': (b, u) =>
-      b.unpermuteBackward(u(f32([3, 2])), u(f32([3, 2])), u(i32([3], [0, 2, 3])), { probs: u(f32([3, 2])), routingMap: u(map) }),
+    'unpermuteBackward: dense probs, sortedIndices out of range': (b, u) => b.unpermuteBackward(u(f32([3, 2])), u(f32([3, 2])), u(i32([3], [0, 2, 3])), { probs: u(f32([3, 2])), routingMap: u(map) }),
     'unpermuteBackward: dense probs, dropAndPad blocks uneven': (b, u) =>
       b.unpermuteBackward(u(f32([3, 2])), u(f32([3, 2])), u(i32([3], [0, 2, 1])), { probs: u(f32([3, 2])), routingMap: u(map), dropAndPad: true }),
   };
@@ -476,8 +504,16 @@ describe('errors: cuda == cpu', () => {
         if (d !== x) made.push(d);
         return d;
       };
-      assertSameError(() => f(cuda, u), () => f(cpu, (x) => x), 'device tensors:');
-      assertSameError(() => f(cuda, (x) => x), () => f(cpu, (x) => x), 'host tensors:');
+      assertSameError(
+        () => f(cuda, u),
+        () => f(cpu, (x) => x),
+        'device tensors:',
+      );
+      assertSameError(
+        () => f(cuda, (x) => x),
+        () => f(cpu, (x) => x),
+        'host tensors:',
+      );
       free(...made);
     });
   }

@@ -32,20 +32,48 @@ const CASES = [
   { name: 'float32, clipping, decay', dtype: 'float32', shapes: { w: [33, 64], b: [64], x: [3, 5, 7] }, options: { lr: 3e-3, weightDecay: 0.1, maxGradNorm: 0.5 } },
   { name: 'bfloat16, no clipping', dtype: 'bfloat16', shapes: { w: [64, 96], b: [96] }, options: { lr: 1e-2, beta1: 0.8, beta2: 0.95, eps: 1e-6 } },
   { name: 'float16, clipping, decayBiases', dtype: 'float16', shapes: { w: [17, 9], b: [9], big: [512, 1024] }, options: { lr: 1e-3, maxGradNorm: 2, decayBiases: true } },
-  { name: 'bfloat16, large (several norm chunks, four-element loop)', dtype: 'bfloat16', shapes: { gateAndUpProjs: [8, 256, 1024], downProjs: [8, 512, 256] }, options: { lr: 1e-4, weightDecay: 0.01, maxGradNorm: 1 } },
+  {
+    name: 'bfloat16, large (several norm chunks, four-element loop)',
+    dtype: 'bfloat16',
+    shapes: { gateAndUpProjs: [8, 256, 1024], downProjs: [8, 512, 256] },
+    options: { lr: 1e-4, weightDecay: 0.01, maxGradNorm: 1 },
+  },
 ];
 
 describe('AdamW: cuda (device tensors) = cpu (host tensors), bit for bit', { skip: cudaOnly }, () => {
   for (const c of CASES) {
     test(c.name, () => {
       const random = rng(c.name.length * 7919);
-      const params = Object.fromEntries(Object.entries(c.shapes).map(([k, s]) => [k, pair(c.dtype, s, values(random, s.reduce((a, b) => a * b, 1)))]));
+      const params = Object.fromEntries(
+        Object.entries(c.shapes).map(([k, s]) => [
+          k,
+          pair(
+            c.dtype,
+            s,
+            values(
+              random,
+              s.reduce((a, b) => a * b, 1),
+            ),
+          ),
+        ]),
+      );
       const host = new AdamW(cpu, Object.fromEntries(Object.entries(params).map(([k, p]) => [k, p.host])), c.options);
       const dev = new AdamW(cuda, Object.fromEntries(Object.entries(params).map(([k, p]) => [k, p.dev])), c.options);
       for (let step = 0; step < 3; step++) {
         // gradients in the parameter's dtype, and float32 for one of them
         const grads = Object.fromEntries(
-          Object.entries(c.shapes).map(([k, s], i) => [k, pair(i === 0 ? 'float32' : c.dtype, s, values(random, s.reduce((a, b) => a * b, 1), 0.5 + step))]),
+          Object.entries(c.shapes).map(([k, s], i) => [
+            k,
+            pair(
+              i === 0 ? 'float32' : c.dtype,
+              s,
+              values(
+                random,
+                s.reduce((a, b) => a * b, 1),
+                0.5 + step,
+              ),
+            ),
+          ]),
         );
         host.step(Object.fromEntries(Object.entries(grads).map(([k, g]) => [k, g.host])));
         dev.step(Object.fromEntries(Object.entries(grads).map(([k, g]) => [k, g.dev])));
@@ -112,7 +140,12 @@ describe('the layer element steps on the GPU = ts/numeric.ts', { skip: cudaOnly 
   const T = 300;
   const E = 48;
   test('cast: exact widening, rounding narrowing', () => {
-    for (const [from, to] of [['bfloat16', 'float32'], ['float16', 'float32'], ['float32', 'bfloat16'], ['float32', 'float16']]) {
+    for (const [from, to] of [
+      ['bfloat16', 'float32'],
+      ['float16', 'float32'],
+      ['float32', 'bfloat16'],
+      ['float32', 'float16'],
+    ]) {
       const x = tensor(from, [T, E], values(random, T * E, 70000));
       const got = cuda.cast(cuda.upload(x), to);
       assertSameBits(got, numeric.castTo(x, to), `${from} -> ${to}`);
@@ -140,10 +173,18 @@ describe('the layer element steps on the GPU = ts/numeric.ts', { skip: cudaOnly 
       const a = tensor(dtype, [T, E], values(random, T * E, 4));
       const b = tensor('float32', [T, E], values(random, T * E, 1e-3));
       const c = tensor('float32', [T, E], values(random, T * E, 1e5));
-      const want3 = numeric.fromValues(dtype, [T, E], Float64Array.from(numeric.valuesF32(a), (v, i) => v + b.data[i] + c.data[i]));
+      const want3 = numeric.fromValues(
+        dtype,
+        [T, E],
+        Float64Array.from(numeric.valuesF32(a), (v, i) => v + b.data[i] + c.data[i]),
+      );
       assertSameBits(cuda.add3(cuda.upload(a), cuda.upload(b), cuda.upload(c), dtype), want3, `add3 ${dtype}`);
       const a2 = tensor(dtype, [T, E], values(random, T * E, 4));
-      const want2 = numeric.fromValues(dtype, [T, E], Float64Array.from(numeric.valuesF32(a), (v, i) => v + numeric.valuesF32(a2)[i]));
+      const want2 = numeric.fromValues(
+        dtype,
+        [T, E],
+        Float64Array.from(numeric.valuesF32(a), (v, i) => v + numeric.valuesF32(a2)[i]),
+      );
       assertSameBits(cuda.add3(cuda.upload(a), cuda.upload(a2), undefined, dtype), want2, `add ${dtype}`);
       assertSameBits(cuda.columnSums(cuda.upload(c), dtype), numeric.fromValues(dtype, [E], numeric.columnSums(c)), `columnSums ${dtype}`);
     }
@@ -163,7 +204,11 @@ describe('the layer element steps on the GPU = ts/numeric.ts', { skip: cudaOnly 
     const dense = tensor('float32', [T, E], values(random, T * E));
     const idx = Int32Array.from({ length: T * k }, (_, i) => (i % 37 === 5 ? -1 : Math.floor(random() * E)));
     const indices = tensor('int32', [T, k], idx);
-    const want = tensor('float32', [T, k], Float32Array.from(idx, (e, i) => (e < 0 ? 0 : dense.data[Math.floor(i / k) * E + e])));
+    const want = tensor(
+      'float32',
+      [T, k],
+      Float32Array.from(idx, (e, i) => (e < 0 ? 0 : dense.data[Math.floor(i / k) * E + e])),
+    );
     assertSameBits(cuda.gatherPicks(cuda.upload(dense), cuda.upload(indices)), want, 'gatherPicks');
   });
   test('argument errors name the argument', () => {

@@ -119,4 +119,5 @@ const deviceRows = [];
 const out = { device: info.device, node: process.version, rows, deviceRows };
 const i = process.argv.indexOf('--out');
 if (i > 0) writeFileSync(process.argv[i + 1], JSON.stringify(out, null, 1));
-for (const r of rows) console.log(`${r.shape.padEnd(5)} ${r.backend.padEnd(5)} permute ${r.permute.medianUs.toFixed(1).padStart(9)} us  unpermute ${r.unpermute.medianUs.toFixed(1).padStart(9)} us  (${r.dims})`);
+for (const r of rows)
+  console.log(`${r.shape.padEnd(5)} ${r.backend.padEnd(5)} permute ${r.permute.medianUs.toFixed(1).padStart(9)} us  unpermute ${r.unpermute.medianUs.toFixed(1).padStart(9)} us  (${r.dims})`);

@@ -21,7 +21,6 @@ else if (standIn) console.log(`# stand-in run: ${standIn} in cuda's place, host 
 // ---------------------------------------------------------------------------------------
 // Helpers
 
-
 function assertDevice(t, what) {
   if (!standIn) assert.ok(lib.isDeviceTensor(t), `${what}: not a device tensor`);
 }
@@ -58,7 +57,12 @@ const PROBLEMS = [];
     if (sf === 'softmax' && random() < 0.5) options.softmaxBeforeTopk = true;
     if (G > 1) Object.assign(options, { numGroups: G, topkGroups: kg });
     if (sf !== 'softmax' && random() < 0.5) options.expertBias = f32([E], uniform(random, E, -0.1, 0.1));
-    if (random() < 0.3) options.tokenMask = tensor('bool', [T], Uint8Array.from({ length: T }, () => (random() < 0.7 ? 1 : 0)));
+    if (random() < 0.3)
+      options.tokenMask = tensor(
+        'bool',
+        [T],
+        Uint8Array.from({ length: T }, () => (random() < 0.7 ? 1 : 0)),
+      );
     const spread = pick([1, 8, 40]);
     PROBLEMS.push({
       T,
@@ -169,8 +173,16 @@ describe('routeBackward errors: same class and message as cpu (host and device t
         if (lib.isDeviceTensor(d)) made.push(d);
         return d;
       };
-      assertSameError(() => f(cuda, u), () => f(cpu, (x) => x), 'device:');
-      assertSameError(() => f(cuda, (x) => x), () => f(cpu, (x) => x), 'host:');
+      assertSameError(
+        () => f(cuda, u),
+        () => f(cpu, (x) => x),
+        'device:',
+      );
+      assertSameError(
+        () => f(cuda, (x) => x),
+        () => f(cpu, (x) => x),
+        'host:',
+      );
       free(...made);
     });
   }

@@ -22,7 +22,12 @@ const SMALL = Number(opts.small ?? 100_000);
 const LARGE = Number(opts.large ?? 1_000);
 const gc = globalThis.gc ?? (() => {});
 const rand = rng(99);
-const f32 = (shape) => tensor('float32', shape, Float32Array.from({ length: shape.reduce((a, b) => a * b, 1) }, () => rand() * 2 - 1));
+const f32 = (shape) =>
+  tensor(
+    'float32',
+    shape,
+    Float32Array.from({ length: shape.reduce((a, b) => a * b, 1) }, () => rand() * 2 - 1),
+  );
 const up = (t) => cuda.upload(t);
 
 function release(out, i) {
@@ -70,7 +75,10 @@ async function settle() {
 const MiB = (n) => +(n / 2 ** 20).toFixed(1);
 const results = [];
 const problems = [];
-for (const [phase, count, dims] of [['small', SMALL, [8, 16, 4]], ['large', LARGE, [4096, 512, 16]]]) {
+for (const [phase, count, dims] of [
+  ['small', SMALL, [8, 16, 4]],
+  ['large', LARGE, [4096, 512, 16]],
+]) {
   const list = ops(...dims);
   const every = phase === 'small' ? 5000 : 100;
   const loop = async (n) => {
@@ -95,7 +103,9 @@ for (const [phase, count, dims] of [['small', SMALL, [8, 16, 4]], ['large', LARG
     rssMiB: [MiB(warm.rss), MiB(end.rss)],
   };
   results.push(row);
-  console.log(`${phase}: ${count} calls in ${row.seconds.toFixed(1)} s; live device bytes ${warm.liveBytes} -> ${end.liveBytes} (${warm.liveBuffers} -> ${end.liveBuffers} buffers); free ${row.freeMiB[0]} -> ${row.freeMiB[1]} MiB; rss ${row.rssMiB[0]} -> ${row.rssMiB[1]} MiB`);
+  console.log(
+    `${phase}: ${count} calls in ${row.seconds.toFixed(1)} s; live device bytes ${warm.liveBytes} -> ${end.liveBytes} (${warm.liveBuffers} -> ${end.liveBuffers} buffers); free ${row.freeMiB[0]} -> ${row.freeMiB[1]} MiB; rss ${row.rssMiB[0]} -> ${row.rssMiB[1]} MiB`,
+  );
   if (end.liveBytes > warm.liveBytes) problems.push(`${phase}: live device bytes grew from ${warm.liveBytes} to ${end.liveBytes}`);
   if (warm.freeBytes - end.freeBytes > 64 * 2 ** 20) problems.push(`${phase}: free device memory shrank by ${MiB(warm.freeBytes - end.freeBytes)} MiB`);
   if (end.rss - warm.rss > 96 * 2 ** 20) problems.push(`${phase}: RSS grew by ${MiB(end.rss - warm.rss)} MiB`);

@@ -41,11 +41,7 @@ export interface CudaActivationsOps {
   activationBackward<D extends TokenDType>(grad: Tensor<D>, x: Tensor<D>, options: ActivationOptions): ActivationGrads<D>;
   activationBackward<D extends TokenDType>(grad: AnyTensor<D>, x: AnyTensor<D>, options: DeviceActivationOptions): { gradInput: DeviceTensor<D>; gradProbs?: DeviceTensor<'float32'> };
   switchLoadBalancingLoss(probs: Tensor<'float32'>, tokensPerExpert: Tensor<IndexDType>, options: SwitchLoadBalancingLossOptions): { loss: number; gradProbs: Tensor<'float32'> };
-  switchLoadBalancingLoss(
-    probs: AnyTensor<'float32'>,
-    tokensPerExpert: AnyTensor<IndexDType>,
-    options: DeviceSwitchLoadBalancingLossOptions,
-  ): { loss: number; gradProbs: DeviceTensor<'float32'> };
+  switchLoadBalancingLoss(probs: AnyTensor<'float32'>, tokensPerExpert: AnyTensor<IndexDType>, options: DeviceSwitchLoadBalancingLossOptions): { loss: number; gradProbs: DeviceTensor<'float32'> };
   switchLoadBalancingLossFromLogits(logits: Tensor<'float32'>, tokensPerExpert: Tensor<IndexDType>, options: SwitchLoadBalancingLossOptions): { loss: number; gradLogits: Tensor<'float32'> };
   switchLoadBalancingLossFromLogits(
     logits: AnyTensor<'float32'>,

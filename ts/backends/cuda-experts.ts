@@ -76,7 +76,13 @@ export interface CudaExpertsOps {
     weights: ExpertWeights,
     options: ExpertsOptions,
   ): import('../ops/experts.js').ExpertsGrads<D>;
-  expertsBackward<D extends TokenDType>(gradOutput: Any<D>, permutedTokens: Any<D>, tokensPerExpert: Any<'int32'>, weights: DeviceExpertWeights, options: DeviceExpertsBackwardOptions): DeviceExpertsGrads<D>;
+  expertsBackward<D extends TokenDType>(
+    gradOutput: Any<D>,
+    permutedTokens: Any<D>,
+    tokensPerExpert: Any<'int32'>,
+    weights: DeviceExpertWeights,
+    options: DeviceExpertsBackwardOptions,
+  ): DeviceExpertsGrads<D>;
   matmul<D extends TokenDType>(a: Tensor<D>, b: Tensor<TokenDType>, options?: MatmulOptions): Tensor<D>;
   matmul<D extends TokenDType>(a: Any<D>, b: Any<TokenDType>, options?: MatmulOptions): DeviceTensor<D>;
 }
@@ -87,9 +93,14 @@ type ExpertsArgs = ExpertsPositional<H>;
 
 interface ExpertsAddon {
   cudaExpertsForwardDevice(...args: [...ExpertsArgs, saveForBackward: boolean | undefined]): { output: H; upProjection?: H | null; activation?: H | null };
-  cudaExpertsBackwardDevice(
-    ...args: [g: H, ...ExpertsArgs, savedUpProjection: H | undefined, savedActivation: H | undefined]
-  ): { gradTokens: H; gradGateAndUpProjs: H; gradDownProjs: H; gradGateUpProjBias?: H | null; gradDownProjBias?: H | null; gradProbs?: H | null };
+  cudaExpertsBackwardDevice(...args: [g: H, ...ExpertsArgs, savedUpProjection: H | undefined, savedActivation: H | undefined]): {
+    gradTokens: H;
+    gradGateAndUpProjs: H;
+    gradDownProjs: H;
+    gradGateUpProjBias?: H | null;
+    gradDownProjBias?: H | null;
+    gradProbs?: H | null;
+  };
   cudaMatmulDevice(a: H, b: H, transA: boolean | undefined, transB: boolean | undefined): H;
 }
 
@@ -129,7 +140,7 @@ function deviceOptions(options: unknown): unknown[] {
   if (typeof options !== 'object' || options === null) return [];
   const o = options as DeviceExpertsForwardOptions & DeviceExpertsBackwardOptions;
   // saveForBackward and saved exist on the GPU only: they take the device path
-  return [o.permutedProbs, o.biases?.gateUpProjBias, o.biases?.downProjBias, o.saved?.upProjection, o.saved?.activation, o.saveForBackward ? o.saved ?? DEVICE_PATH : undefined];
+  return [o.permutedProbs, o.biases?.gateUpProjBias, o.biases?.downProjBias, o.saved?.upProjection, o.saved?.activation, o.saveForBackward ? (o.saved ?? DEVICE_PATH) : undefined];
 }
 
 /** A marker that sends a call down the device path (see deviceOptions). */

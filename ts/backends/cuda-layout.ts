@@ -87,10 +87,23 @@ interface LayoutAddon {
   cudaMultihotToIndicesDevice(routingMap: H, probs: H | undefined, topk: Num): { indices: H; probs: H };
   cudaTokensPerExpertDevice(routingMap: H): H;
   cudaPadRoutingMapDevice(routingMap: H, padMultiple: number): H;
-  cudaDropTokensDevice(probs: H, routingMap: H, topk: number, capacityFactor: number, dropPolicy: string | undefined, padToCapacity: boolean | undefined): { routingMap: H; probs: H; capacity: number };
+  cudaDropTokensDevice(
+    probs: H,
+    routingMap: H,
+    topk: number,
+    capacityFactor: number,
+    dropPolicy: string | undefined,
+    padToCapacity: boolean | undefined,
+  ): { routingMap: H; probs: H; capacity: number };
   cudaSortChunksByIndexDevice(input: H, splitSizes: H, sortedIdxs: H, probs: H | undefined): { output: H; probs?: H | null };
   cudaSortChunksByIndexBackwardDevice(gradOutput: H, splitSizes: H, sortedIdxs: H, gradProbs: H | undefined): { gradInput: H; gradProbs?: H | null };
-  cudaGroupedMmSortDevice(indices: H, weights: H, tokenMask: H | undefined, numLocalExperts: number, expertsStartIdx: Num): { sortedTokenIds: H; sortedSlotIds: H; sortedWeights: H; tokensPerExpert: H; offsets: H };
+  cudaGroupedMmSortDevice(
+    indices: H,
+    weights: H,
+    tokenMask: H | undefined,
+    numLocalExperts: number,
+    expertsStartIdx: Num,
+  ): { sortedTokenIds: H; sortedSlotIds: H; sortedWeights: H; tokensPerExpert: H; offsets: H };
 }
 
 const FUNCTIONS: readonly (keyof LayoutAddon)[] = [

@@ -145,7 +145,8 @@ export const trainGpu: GpuFamily = {
       },
       adamwStep(step) {
         call('adamwStep', (h) => {
-          if (typeof step !== 'object' || step === null) throw new TypeError(`step: expected { params, state, lr, beta1, beta2, eps, weightDecay, maxGradNorm? }, got ${step === null ? 'null' : typeof step}`);
+          if (typeof step !== 'object' || step === null)
+            throw new TypeError(`step: expected { params, state, lr, beta1, beta2, eps, weightDecay, maxGradNorm? }, got ${step === null ? 'null' : typeof step}`);
           if (!Array.isArray(step.params)) throw new TypeError(`step.params: expected an array of parameters, got ${typeof step.params}`);
           const dev = (t: unknown, arg: string, dtypes: readonly DType[]) => {
             if (!anyDevice(t)) throw new TypeError(`${arg}: expected a device tensor, got ${typeof t === 'object' && t !== null ? 'a host tensor' : typeof t}`);

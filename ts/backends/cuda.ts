@@ -156,9 +156,7 @@ export function loadCuda(): CudaLoaded {
     route: (a) => gpu.cudaRoute(...(ROUTE_POSITIONAL.map((k) => a[k]) as Positional<RouteArgs, typeof ROUTE_POSITIONAL>)),
     topk: (a) => gpu.cudaTopk(a.values, a.k),
   };
-  const device = [info.device, info.computeCapability && `compute capability ${info.computeCapability}`, info.driverVersion && `driver CUDA ${info.driverVersion}`]
-    .filter(Boolean)
-    .join(', ');
+  const device = [info.device, info.computeCapability && `compute capability ${info.computeCapability}`, info.driverVersion && `driver CUDA ${info.driverVersion}`].filter(Boolean).join(', ');
   const extend = (backend: Backend) => cudaBackend(backend, gpu) as unknown as Backend;
   return (cached = { binding, extend, info: { device, gpuOps: gpuOps(addon), kernels: info.kernels ?? undefined } });
 }
@@ -219,7 +217,10 @@ export interface DevicePermuteBackwardOptions extends Omit<PermuteBackwardOption
 }
 
 export interface CudaBackend
-  extends Omit<Backend, 'name' | 'permute' | 'unpermute' | 'route' | 'routeBackward' | 'topk' | 'permuteBackward' | 'unpermuteBackward' | keyof CudaActivationsOps | keyof CudaLayoutOps | keyof CudaExpertsOps>,
+  extends Omit<
+      Backend,
+      'name' | 'permute' | 'unpermute' | 'route' | 'routeBackward' | 'topk' | 'permuteBackward' | 'unpermuteBackward' | keyof CudaActivationsOps | keyof CudaLayoutOps | keyof CudaExpertsOps
+    >,
     CudaActivationsOps,
     CudaLayoutOps,
     CudaExpertsOps,
@@ -246,18 +247,33 @@ export interface CudaBackend
   route(logits: Tensor<TokenDType>, options: RouteOptions): ReturnType<Backend['route']>;
   route(logits: AnyTensor<TokenDType>, options: DeviceRouteOptions): DeviceRouteResult;
   /** With device tensors: one kernel (kernels/routing.cu), the CPU core's bits. */
-  routeBackward(gradWeights: Tensor<'float32'>, logits: Tensor<TokenDType>, indices: Tensor<IndexDType>, options: RouteOptions & { gradScores?: Tensor<'float32'> }): ReturnType<Backend['routeBackward']>;
+  routeBackward(
+    gradWeights: Tensor<'float32'>,
+    logits: Tensor<TokenDType>,
+    indices: Tensor<IndexDType>,
+    options: RouteOptions & { gradScores?: Tensor<'float32'> },
+  ): ReturnType<Backend['routeBackward']>;
   routeBackward(gradWeights: AnyTensor<'float32'>, logits: AnyTensor<TokenDType>, indices: AnyTensor<'int32'>, options: DeviceRouteBackwardOptions): { gradLogits: DeviceTensor<'float32'> };
   topk(values: Tensor<'float32'>, k: number): ReturnType<Backend['topk']>;
   topk(values: AnyTensor<'float32'>, k: number): { values: DeviceTensor<'float32'>; indices: DeviceTensor<'int32'> };
-  permuteBackward<D extends TokenDType>(gradPermuted: Tensor<D>, sortedIndices: Tensor<IndexDType>, numTokens: number, options?: PermuteBackwardOptions): ReturnType<Backend['permuteBackward']> & { gradTokens: Tensor<D> };
+  permuteBackward<D extends TokenDType>(
+    gradPermuted: Tensor<D>,
+    sortedIndices: Tensor<IndexDType>,
+    numTokens: number,
+    options?: PermuteBackwardOptions,
+  ): ReturnType<Backend['permuteBackward']> & { gradTokens: Tensor<D> };
   permuteBackward<D extends TokenDType>(
     gradPermuted: AnyTensor<D>,
     sortedIndices: AnyTensor<'int32'>,
     numTokens: number,
     options?: DevicePermuteBackwardOptions,
   ): { gradTokens: DeviceTensor<D>; gradProbs?: DeviceTensor<'float32'> };
-  unpermuteBackward<D extends TokenDType>(gradOutput: Tensor<D>, permutedTokens: Tensor<D>, sortedIndices: Tensor<IndexDType>, options?: UnpermuteOptions): ReturnType<Backend['unpermuteBackward']> & { gradPermuted: Tensor<D> };
+  unpermuteBackward<D extends TokenDType>(
+    gradOutput: Tensor<D>,
+    permutedTokens: Tensor<D>,
+    sortedIndices: Tensor<IndexDType>,
+    options?: UnpermuteOptions,
+  ): ReturnType<Backend['unpermuteBackward']> & { gradPermuted: Tensor<D> };
   unpermuteBackward<D extends TokenDType>(
     gradOutput: AnyTensor<D>,
     permutedTokens: AnyTensor<D>,
@@ -265,7 +281,6 @@ export interface CudaBackend
     options?: DeviceUnpermuteOptions,
   ): { gradPermuted: DeviceTensor<D>; gradProbs?: DeviceTensor<'float32'> };
 }
-
 
 /**
  * The device paths allocate their outputs: a caller-owned `out` is taken on the host path only
@@ -357,7 +372,17 @@ export function cudaBackend(base: Backend, addon: CudaExports): CudaBackend {
     route(logits: unknown, options: unknown) {
       if (!anyDevice(logits, optionValue(options, 'expertBias'), optionValue(options, 'tokenMask'))) return base.route(logits as Tensor<TokenDType>, options as RouteOptions);
       return call('route', (h) => {
-        const o = checkOptions<DeviceRouteOptions>(options, 'route', ['topk', 'scoreFunction', 'softmaxBeforeTopk', 'expertBias', 'numGroups', 'topkGroups', 'normTopkProb', 'routeScale', 'tokenMask']);
+        const o = checkOptions<DeviceRouteOptions>(options, 'route', [
+          'topk',
+          'scoreFunction',
+          'softmaxBeforeTopk',
+          'expertBias',
+          'numGroups',
+          'topkGroups',
+          'normTopkProb',
+          'routeScale',
+          'tokenMask',
+        ]);
         if (o.scoreFunction !== undefined && typeof o.scoreFunction !== 'string') {
           throw new TypeError(`options.scoreFunction: expected a string, got ${typeof o.scoreFunction}`);
         }

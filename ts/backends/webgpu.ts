@@ -31,7 +31,24 @@ import { BYTES, GpuTensor, isWebGpuTensor, uploadTensor, type WebGpuTensor } fro
 export { isWebGpuTensor, type WebGpuTensor } from './webgpu-tensor.js';
 
 /** The ops whose arithmetic runs in WGSL shaders (`moe.gpu.<op>`); the others run on wasm. */
-export const WEBGPU_OPS = ['indicesToMultihot', 'multihotToIndices', 'tokensPerExpert', 'permute', 'unpermute', 'permuteBackward', 'unpermuteBackward', 'sortChunksByIndex', 'sortChunksByIndexBackward', 'topk', 'route', 'activation', 'activationBackward', 'switchLoadBalancingLoss', 'switchLoadBalancingLossFromLogits', 'zLoss'] as const;
+export const WEBGPU_OPS = [
+  'indicesToMultihot',
+  'multihotToIndices',
+  'tokensPerExpert',
+  'permute',
+  'unpermute',
+  'permuteBackward',
+  'unpermuteBackward',
+  'sortChunksByIndex',
+  'sortChunksByIndexBackward',
+  'topk',
+  'route',
+  'activation',
+  'activationBackward',
+  'switchLoadBalancingLoss',
+  'switchLoadBalancingLossFromLogits',
+  'zLoss',
+] as const;
 
 /** A host tensor's type with its tensors on the GPU. */
 export type OnGpu<R> = R extends Tensor<infer D> ? WebGpuTensor<D> : R extends readonly (infer U)[] ? OnGpu<U>[] : R extends object ? { [K in keyof R]: OnGpu<R[K]> } : R;
@@ -77,7 +94,11 @@ function probeAdapter(): Promise<{ adapter?: unknown; reason?: string }> {
     const gpu = navigatorGpu();
     if (!gpu) {
       const inNode = typeof process !== 'undefined' && typeof process.versions?.node === 'string' && typeof (globalThis as { window?: unknown }).window === 'undefined';
-      return { reason: inNode ? 'WebGPU is a browser API: Node.js has no navigator.gpu (the webgpu backend runs in browsers)' : 'this page has no navigator.gpu (no WebGPU in this browser, or not a secure context)' };
+      return {
+        reason: inNode
+          ? 'WebGPU is a browser API: Node.js has no navigator.gpu (the webgpu backend runs in browsers)'
+          : 'this page has no navigator.gpu (no WebGPU in this browser, or not a secure context)',
+      };
     }
     try {
       const adapter = await gpu.requestAdapter();
@@ -284,20 +305,22 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
   /** Runs a GPU op: `f` returns its result, or HOST for the host path. */
   async function gpuOp(op: string, args: unknown[], f: (c: OpCall) => Promise<unknown | Host>): Promise<unknown> {
     let c: OpCall | undefined;
-    const r = await gpu.scoped(op, async (scratch) => {
-      c = new OpCall(gpu, op, scratch);
-      try {
-        return await f(c);
-      } catch (e) {
-        for (const t of c.outputs) t.dispose();
-        // this file's own argument checks, named after the op as the adapters name theirs
-        if ((e instanceof TypeError || e instanceof RangeError) && !e.message.startsWith(`${op}: `)) throw new (e.constructor as ErrorConstructor)(`${op}: ${e.message}`);
+    const r = await gpu
+      .scoped(op, async (scratch) => {
+        c = new OpCall(gpu, op, scratch);
+        try {
+          return await f(c);
+        } catch (e) {
+          for (const t of c.outputs) t.dispose();
+          // this file's own argument checks, named after the op as the adapters name theirs
+          if ((e instanceof TypeError || e instanceof RangeError) && !e.message.startsWith(`${op}: `)) throw new (e.constructor as ErrorConstructor)(`${op}: ${e.message}`);
+          throw e;
+        }
+      })
+      .catch((e) => {
+        if (c) for (const t of c.outputs) t.dispose();
         throw e;
-      }
-    }).catch((e) => {
-      if (c) for (const t of c.outputs) t.dispose();
-      throw e;
-    });
+      });
     return r === HOST ? viaHost(op, args) : r;
   }
 
@@ -431,7 +454,13 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
           const counts = c.tmp(4 * e, 'counts');
           if (!dnp) c.run('count_columns', S.COUNT_COLUMNS, [rm.shape[0], e], [rmBuf, counts], e);
           const gradProbs = c.out('float32', [t, e], 'gradProbs');
-          c.run('scatter_slots', S.SCATTER_SLOT_VALUES, [t, e, dnp ? 1 : 0, dnp && e > 0 ? n / e : 0], [start, list, counts, c.buf(o.gradPermutedProbs, 'gradPermutedProbs'), gradProbs.bufferFor(gpu, 'gp')], t);
+          c.run(
+            'scatter_slots',
+            S.SCATTER_SLOT_VALUES,
+            [t, e, dnp ? 1 : 0, dnp && e > 0 ? n / e : 0],
+            [start, list, counts, c.buf(o.gradPermutedProbs, 'gradPermutedProbs'), gradProbs.bufferFor(gpu, 'gp')],
+            t,
+          );
           result.gradProbs = gradProbs;
         }
         return result;
@@ -539,7 +568,25 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
         const rs = new Uint32Array(new Float64Array([(o.routeScale as number | undefined) ?? 1]).buffer);
         const stride = 4 * e + 2 * k;
         const biasBits = bias ? Array.from(new Uint32Array((bias.data as Float32Array).slice().buffer)) : [];
-        const params = [t, e, k, code, o.softmaxBeforeTopk === true ? 1 : 0, bias ? 1 : 0, groups, keptGroups, top2 ? 1 : 0, normalise ? 1 : 0, mask ? 1 : 0, rs[0], rs[1], DTYPE_CODES[lm.dtype], stride, 0, ...biasBits];
+        const params = [
+          t,
+          e,
+          k,
+          code,
+          o.softmaxBeforeTopk === true ? 1 : 0,
+          bias ? 1 : 0,
+          groups,
+          keptGroups,
+          top2 ? 1 : 0,
+          normalise ? 1 : 0,
+          mask ? 1 : 0,
+          rs[0],
+          rs[1],
+          DTYPE_CODES[lm.dtype],
+          stride,
+          0,
+          ...biasBits,
+        ];
         const scores = c.out('float32', [t, e], 'scores');
         const indices = c.out('int32', [t, k], 'indices');
         const weights = c.out('float32', [t, k], 'weights');
@@ -657,7 +704,12 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
  * the GPU, the per-row terms added on the host in token order (JavaScript numbers are IEEE
  * float64, as the core's sums), the loss scaled as the core scales it.
  */
-function auxLoss(ctx: { gpu: Gpu; base: Backend; gpuOp(op: string, args: unknown[], f: (c: OpCall) => Promise<unknown>): Promise<unknown> }, op: string, mode: number, args: unknown[]): Promise<unknown> {
+function auxLoss(
+  ctx: { gpu: Gpu; base: Backend; gpuOp(op: string, args: unknown[], f: (c: OpCall) => Promise<unknown>): Promise<unknown> },
+  op: string,
+  mode: number,
+  args: unknown[],
+): Promise<unknown> {
   const [x, tpeArg, options] = args;
   const { gpu, base } = ctx;
   const callArgs = mode === 2 ? [x, options] : args;
@@ -688,7 +740,13 @@ function auxLoss(ctx: { gpu: Gpu; base: Backend; gpuOp(op: string, args: unknown
     const rowvals = c.tmp(8 * t, 'the row terms');
     const flag = c.tmp(4, 'the non-finite flag');
     const maskBuf = mask ? c.buf(o.tokenMask, 'tokenMask') : c.tmp(4, 'tokenMask');
-    c.run('aux_loss', AUX_LOSS, [t, e, mode, mask ? 1 : 0, bits[0], bits[1], bits[2], bits[3]], [c.buf(x, 'x'), maskBuf, c.words(new Uint32Array(counts.buffer), 'counts'), grad.bufferFor(gpu, 'g'), rowvals, flag], t);
+    c.run(
+      'aux_loss',
+      AUX_LOSS,
+      [t, e, mode, mask ? 1 : 0, bits[0], bits[1], bits[2], bits[3]],
+      [c.buf(x, 'x'), maskBuf, c.words(new Uint32Array(counts.buffer), 'counts'), grad.bufferFor(gpu, 'g'), rowvals, flag],
+      t,
+    );
     if (t > 0 && new Uint32Array((await gpu.read(op, flag, 4)).buffer)[0] !== 0) {
       grad.dispose();
       return HOST;

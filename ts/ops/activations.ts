@@ -56,7 +56,13 @@ const KNOWN: readonly (keyof ActivationOptions)[] = ['kind', 'probs', 'alpha', '
 function args(options: unknown, op: string) {
   const o = checkOptions<ActivationOptions>(options, op, KNOWN);
   if (o.kind !== undefined && typeof o.kind !== 'string') throw new TypeError(`options.kind: expected a string, got ${typeof o.kind}`);
-  return { kind: o.kind, probs: optWire(o.probs, 'probs', ['float32']), alpha: checkNumber(o.alpha, 'options.alpha'), limit: checkNumber(o.limit, 'options.limit'), linearOffset: checkNumber(o.linearOffset, 'options.linearOffset') };
+  return {
+    kind: o.kind,
+    probs: optWire(o.probs, 'probs', ['float32']),
+    alpha: checkNumber(o.alpha, 'options.alpha'),
+    limit: checkNumber(o.limit, 'options.limit'),
+    linearOffset: checkNumber(o.linearOffset, 'options.linearOffset'),
+  };
 }
 
 export function activationsOps(call: Call<ActivationsBinding>): ActivationsOps {

@@ -85,12 +85,22 @@ export interface DispatchOps {
    * Backward of permute: `gradTokens [T, H]` sums each token's slot gradients; with
    * `gradPermutedProbs`, `gradProbs [T, E]` puts each slot's prob gradient at (token, expert).
    */
-  permuteBackward<D extends TokenDType>(gradPermuted: Tensor<D>, sortedIndices: Tensor<IndexDType>, numTokens: number, options?: PermuteBackwardOptions): { gradTokens: Tensor<D>; gradProbs?: Tensor<'float32'> };
+  permuteBackward<D extends TokenDType>(
+    gradPermuted: Tensor<D>,
+    sortedIndices: Tensor<IndexDType>,
+    numTokens: number,
+    options?: PermuteBackwardOptions,
+  ): { gradTokens: Tensor<D>; gradProbs?: Tensor<'float32'> };
   /**
    * Backward of unpermute: `gradPermuted[i] = gradOutput[sortedIndices[i]] * p_i`; with probs,
    * `gradProbs` (shaped like the probs given) holds `dot(gradOutput[token], permutedTokens[i])`.
    */
-  unpermuteBackward<D extends TokenDType>(gradOutput: Tensor<D>, permutedTokens: Tensor<D>, sortedIndices: Tensor<IndexDType>, options?: UnpermuteOptions): { gradPermuted: Tensor<D>; gradProbs?: Tensor<'float32'> };
+  unpermuteBackward<D extends TokenDType>(
+    gradOutput: Tensor<D>,
+    permutedTokens: Tensor<D>,
+    sortedIndices: Tensor<IndexDType>,
+    options?: UnpermuteOptions,
+  ): { gradPermuted: Tensor<D>; gradProbs?: Tensor<'float32'> };
 }
 
 /** This family's functions of the bindings (generated from the Rust op table). */
@@ -119,7 +129,9 @@ function checkDisjoint(outs: readonly (readonly [unknown, string])[], inputs: re
 function outObject<T extends object>(out: unknown, op: string, known: readonly (keyof T & string)[]): Partial<T> {
   if (out === undefined) return {};
   if (typeof out !== 'object' || out === null || Array.isArray(out) || ArrayBuffer.isView(out) || 'dtype' in out) {
-    throw new TypeError(`options.out: expected an object { ${known.join(', ')} } of output tensors, got ${out === null ? 'null' : Array.isArray(out) ? 'an Array' : typeof out === 'object' ? 'a tensor' : typeof out}`);
+    throw new TypeError(
+      `options.out: expected an object { ${known.join(', ')} } of output tensors, got ${out === null ? 'null' : Array.isArray(out) ? 'an Array' : typeof out === 'object' ? 'a tensor' : typeof out}`,
+    );
   }
   for (const key of Object.keys(out)) {
     if (!known.includes(key as keyof T & string)) throw new TypeError(`options.out.${key}: not an output of ${op} (known: ${known.join(', ')})`);
@@ -159,8 +171,15 @@ export function dispatchOps(call: Call<DispatchBinding>): DispatchOps {
           outPermutedTokens: optWire(given.permutedTokens, 'out.permutedTokens', TOKENS),
           outPermutedProbs: optWire(given.permutedProbs, 'out.permutedProbs', ['float32']),
         };
-        const outs = [[given.permutedTokens, 'out.permutedTokens'], [given.permutedProbs, 'out.permutedProbs']] as const;
-        checkDisjoint(outs, [[tokens, 'tokens'], [routingMap, 'routingMap'], [o.probs, 'probs']]);
+        const outs = [
+          [given.permutedTokens, 'out.permutedTokens'],
+          [given.permutedProbs, 'out.permutedProbs'],
+        ] as const;
+        checkDisjoint(outs, [
+          [tokens, 'tokens'],
+          [routingMap, 'routingMap'],
+          [o.probs, 'probs'],
+        ]);
         const out = b.permute(args);
         if (given.permutedTokens) out.permutedTokens = given.permutedTokens;
         if (given.permutedProbs) out.permutedProbs = given.permutedProbs;
@@ -188,7 +207,15 @@ export function dispatchOps(call: Call<DispatchBinding>): DispatchOps {
           dropAndPad: checkBool(o.dropAndPad, 'dropAndPad'),
           out: optWire(o.out, 'out', TOKENS),
         };
-        checkDisjoint([[o.out, 'out']], [[permutedTokens, 'permutedTokens'], [sortedIndices, 'sortedIndices'], [o.probs, 'probs'], [o.routingMap, 'routingMap']]);
+        checkDisjoint(
+          [[o.out, 'out']],
+          [
+            [permutedTokens, 'permutedTokens'],
+            [sortedIndices, 'sortedIndices'],
+            [o.probs, 'probs'],
+            [o.routingMap, 'routingMap'],
+          ],
+        );
         const out = b.unpermute(args);
         return o.out ?? out;
       }) as Tensor<never>;
@@ -206,7 +233,12 @@ export function dispatchOps(call: Call<DispatchBinding>): DispatchOps {
           dropAndPad: checkBool(o.dropAndPad, 'dropAndPad'),
           outGradTokens: optWire(given.gradTokens, 'out.gradTokens', TOKENS),
         };
-        const ins = [[gradPermuted, 'gradPermuted'], [sortedIndices, 'sortedIndices'], [o.gradPermutedProbs, 'gradPermutedProbs'], [o.routingMap, 'routingMap']] as const;
+        const ins = [
+          [gradPermuted, 'gradPermuted'],
+          [sortedIndices, 'sortedIndices'],
+          [o.gradPermutedProbs, 'gradPermutedProbs'],
+          [o.routingMap, 'routingMap'],
+        ] as const;
         checkDisjoint([[given.gradTokens, 'out.gradTokens']], ins);
         const out = b.permuteBackward(args);
         if (given.gradTokens) out.gradTokens = given.gradTokens;

@@ -211,7 +211,10 @@ export type ExpertsPositional<T> = [
 ];
 
 /** This family's functions of the bindings (generated from the Rust op table). */
-export type ExpertsBinding = Pick<Binding, 'matmul' | 'expertsForward' | 'expertsBackward' | 'safetensorsSave' | 'safetensorsLoad' | 'checkpointInfo' | 'loadExperts' | 'stackExperts' | 'unstackExperts'>;
+export type ExpertsBinding = Pick<
+  Binding,
+  'matmul' | 'expertsForward' | 'expertsBackward' | 'safetensorsSave' | 'safetensorsLoad' | 'checkpointInfo' | 'loadExperts' | 'stackExperts' | 'unstackExperts'
+>;
 
 const EXPERTS_KNOWN: readonly (keyof ExpertsOptions)[] = ['activation', 'permutedProbs', 'biases', 'alpha', 'limit', 'linearOffset'];
 
@@ -256,7 +259,8 @@ function expertArgs(permutedTokens: unknown, tokensPerExpert: unknown, weights: 
 const present = <T>(v: T | null | undefined): T | undefined => (v === null ? undefined : v);
 
 function named(tensors: unknown, arg: string): Record<string, WireTensor> {
-  if (typeof tensors !== 'object' || tensors === null || Array.isArray(tensors)) throw new TypeError(`${arg}: expected an object of named tensors, got ${Array.isArray(tensors) ? 'an Array' : typeof tensors}`);
+  if (typeof tensors !== 'object' || tensors === null || Array.isArray(tensors))
+    throw new TypeError(`${arg}: expected an object of named tensors, got ${Array.isArray(tensors) ? 'an Array' : typeof tensors}`);
   return Object.fromEntries(Object.keys(tensors).map((n) => [n, wire((tensors as Record<string, unknown>)[n], n)]));
 }
 
@@ -298,7 +302,8 @@ function fromWire(t: Tensor): Tensor {
 }
 
 function formatOf(value: unknown): string | undefined {
-  if (value !== undefined && typeof value !== 'string') throw new TypeError(`options.format: expected a string (one of 'stacked', 'hf', 'mixtral', 'gpt_oss', 'llama4', 'hf_fused', 'granite'), got ${typeof value}`);
+  if (value !== undefined && typeof value !== 'string')
+    throw new TypeError(`options.format: expected a string (one of 'stacked', 'hf', 'mixtral', 'gpt_oss', 'llama4', 'hf_fused', 'granite'), got ${typeof value}`);
   return value;
 }
 

@@ -228,7 +228,12 @@ export function layoutOps(call: Call<LayoutBinding>): LayoutOps {
     sortChunksByIndex(input, splitSizes, sortedIdxs, probs) {
       return call('sortChunksByIndex', (b) =>
         dropAbsent(
-          b.sortChunksByIndex({ input: wire(input, 'input', TOKENS), splitSizes: wire(splitSizes, 'splitSizes', INDICES), sortedIdxs: wire(sortedIdxs, 'sortedIdxs', INDICES), probs: optWire(probs, 'probs', ['float32']) }),
+          b.sortChunksByIndex({
+            input: wire(input, 'input', TOKENS),
+            splitSizes: wire(splitSizes, 'splitSizes', INDICES),
+            sortedIdxs: wire(sortedIdxs, 'sortedIdxs', INDICES),
+            probs: optWire(probs, 'probs', ['float32']),
+          }),
           'probs',
         ),
       ) as SortChunksResult<never>;
@@ -266,13 +271,23 @@ export function layoutOps(call: Call<LayoutBinding>): LayoutOps {
     },
     shouldLoadExpert(expertId, numExperts, epSize, epRank) {
       return call('shouldLoadExpert', (b) =>
-        b.shouldLoadExpert({ expertId: requiredNumber(expertId, 'expertId'), numExperts: requiredNumber(numExperts, 'numExperts'), epSize: requiredNumber(epSize, 'epSize'), epRank: requiredNumber(epRank, 'epRank') }),
+        b.shouldLoadExpert({
+          expertId: requiredNumber(expertId, 'expertId'),
+          numExperts: requiredNumber(numExperts, 'numExperts'),
+          epSize: requiredNumber(epSize, 'epSize'),
+          epRank: requiredNumber(epRank, 'epRank'),
+        }),
       );
     },
     splitExpertWeights(stacked, numExperts, epSize, epRank) {
       return call('splitExpertWeights', (b) =>
         b
-          .splitExpertWeights({ stacked: wire(stacked, 'stacked'), numExperts: requiredNumber(numExperts, 'numExperts'), epSize: requiredNumber(epSize, 'epSize'), epRank: requiredNumber(epRank, 'epRank') })
+          .splitExpertWeights({
+            stacked: wire(stacked, 'stacked'),
+            numExperts: requiredNumber(numExperts, 'numExperts'),
+            epSize: requiredNumber(epSize, 'epSize'),
+            epRank: requiredNumber(epRank, 'epRank'),
+          })
           .map(({ expertId, tensor }) => ({ expertId, tensor })),
       ) as ExpertTensor<never>[];
     },

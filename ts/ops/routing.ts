@@ -134,7 +134,12 @@ function routeArgs(o: Partial<RouteOptions>) {
 
 function switchArgs(options: unknown, op: string) {
   const o = checkOptions<SwitchLoadBalancingLossOptions>(options, op, ['topk', 'coeff', 'numTokens', 'tokenMask']);
-  return { topk: requiredNumber(o.topk, 'options.topk'), coeff: checkNumber(o.coeff, 'options.coeff'), numTokens: checkNumber(o.numTokens, 'options.numTokens'), tokenMask: optWire(o.tokenMask, 'tokenMask', ['bool']) };
+  return {
+    topk: requiredNumber(o.topk, 'options.topk'),
+    coeff: checkNumber(o.coeff, 'options.coeff'),
+    numTokens: checkNumber(o.numTokens, 'options.numTokens'),
+    tokenMask: optWire(o.tokenMask, 'tokenMask', ['bool']),
+  };
 }
 
 export function routingOps(call: Call<RoutingBinding>): RoutingOps {
@@ -164,7 +169,11 @@ export function routingOps(call: Call<RoutingBinding>): RoutingOps {
     },
     switchLoadBalancingLossFromLogits(logits, tokensPerExpert, options) {
       return call('switchLoadBalancingLossFromLogits', (b) =>
-        b.switchLoadBalancingLossFromLogits({ logits: wire(logits, 'logits', ['float32']), tokensPerExpert: wire(tokensPerExpert, 'tokensPerExpert', INDICES), ...switchArgs(options, 'switchLoadBalancingLossFromLogits') }),
+        b.switchLoadBalancingLossFromLogits({
+          logits: wire(logits, 'logits', ['float32']),
+          tokensPerExpert: wire(tokensPerExpert, 'tokensPerExpert', INDICES),
+          ...switchArgs(options, 'switchLoadBalancingLossFromLogits'),
+        }),
       ) as { loss: number; gradLogits: Tensor<'float32'> };
     },
     zLoss(logits, options) {

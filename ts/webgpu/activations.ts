@@ -15,11 +15,7 @@ import { CONVERT, type Kind } from './shaders.js';
 function common(kind: Kind, names: string[]): string {
   const conv = kind === 'bfloat16' ? 'bf16_to_f32' : 'f16_to_f32';
   const loaders = names
-    .map((n) =>
-      kind === 'float32'
-        ? `fn ld_${n}(i: u32) -> f32 { return bitcast<f32>(${n}[i]); }`
-        : `fn ld_${n}(i: u32) -> f32 { return ${conv}((${n}[i >> 1u] >> ((i & 1u) * 16u)) & 0xffffu); }`,
-    )
+    .map((n) => (kind === 'float32' ? `fn ld_${n}(i: u32) -> f32 { return bitcast<f32>(${n}[i]); }` : `fn ld_${n}(i: u32) -> f32 { return ${conv}((${n}[i >> 1u] >> ((i & 1u) * 16u)) & 0xffffu); }`))
     .join('\n');
   const round = kind === 'float32' ? 'return bitcast<u32>(v);' : kind === 'bfloat16' ? 'return f32_to_bf16(v);' : 'return f32_to_f16(v);';
   return `

@@ -72,7 +72,10 @@ export class Gpu {
     const size = Math.max(4, Math.ceil(bytes / 4) * 4);
     const limit = Math.min(this.maxBinding, this.maxBuffer);
     if (size > limit) {
-      throw new GpuError(op, `${what} needs a ${size}-byte buffer, over this WebGPU adapter's limit of ${limit} bytes (maxStorageBufferBindingSize ${this.maxBinding}, maxBufferSize ${this.maxBuffer}): use smaller tensors, or the wasm backend`);
+      throw new GpuError(
+        op,
+        `${what} needs a ${size}-byte buffer, over this WebGPU adapter's limit of ${limit} bytes (maxStorageBufferBindingSize ${this.maxBinding}, maxBufferSize ${this.maxBuffer}): use smaller tensors, or the wasm backend`,
+      );
     }
     return this.device.createBuffer({ size, usage: STORAGE | COPY_SRC | COPY_DST });
   }
