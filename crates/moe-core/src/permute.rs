@@ -581,35 +581,14 @@ fn merge_rows<T: Float>(
     let csr = token_slots(idx, num_tokens)?;
     let (start, slots) = (&csr.start, &csr.slots);
     let work = (idx.len() + num_tokens) * hidden * std::mem::size_of::<T>();
+    let wide = wide_merge_rows();
     let fill = |out: &mut [std::mem::MaybeUninit<T>]| {
         for_each_row(
             out,
             hidden,
             work,
-            || vec![0f32; hidden],
-            |acc, t, row| {
-                acc.fill(0.0);
-                for &i in &slots[start[t] as usize..start[t + 1] as usize] {
-                    let i = i as usize;
-                    let x = &src[i * hidden..(i + 1) * hidden];
-                    match weights {
-                        Some(w) => {
-                            let p = w[i];
-                            for (a, &v) in acc.iter_mut().zip(x) {
-                                *a += v.to_f32() * p;
-                            }
-                        }
-                        None => {
-                            for (a, &v) in acc.iter_mut().zip(x) {
-                                *a += v.to_f32();
-                            }
-                        }
-                    }
-                }
-                for (o, &a) in row.iter_mut().zip(acc.iter()) {
-                    o.write(T::from_f32(a));
-                }
-            },
+            || (),
+            |_, t, row| merge_token(&src, hidden, &slots[start[t] as usize..start[t + 1] as usize], weights, row, wide),
         )
     };
     match out {
@@ -618,6 +597,97 @@ fn merge_rows<T: Float>(
             Ok(None)
         }
         None => Ok(Some(Tensor::from_elements(vec![num_tokens, hidden], try_filled_vec(num_tokens * hidden, "restoreShape", fill)?))),
+    }
+}
+
+/// Whether [`merge_token`] may take its AVX2 path (checked once per call, not per row).
+fn wide_merge_rows() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx2");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// One token's merged row: `row[h] = round(sum over its slots i, in ascending order, of
+/// src[i, h] * w[i])`, in f32 from 0.0 (without weights, of `src[i, h]`), rounded once to `T`.
+/// Every path computes exactly these operations (a multiply, then an add: no fused
+/// multiply-add), so the bits do not depend on the path taken or on the machine.
+fn merge_token<T: Float>(
+    src: &[T],
+    hidden: usize,
+    slots: &[i32],
+    weights: Option<&[f32]>,
+    row: &mut [std::mem::MaybeUninit<T>],
+    wide: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if wide {
+        // SAFETY: `wide` is true only when the CPU has AVX2 (`wide_merge_rows`).
+        return unsafe { merge_token_avx2(src, hidden, slots, weights, row) };
+    }
+    let _ = wide;
+    merge_token_blocked::<T, 16>(src, hidden, slots, weights, row)
+}
+
+/// [`merge_token_blocked`] compiled for AVX2 (8 lanes: 32 sums in four registers).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn merge_token_avx2<T: Float>(
+    src: &[T],
+    hidden: usize,
+    slots: &[i32],
+    weights: Option<&[f32]>,
+    row: &mut [std::mem::MaybeUninit<T>],
+) {
+    merge_token_blocked::<T, 32>(src, hidden, slots, weights, row)
+}
+
+/// The merge of one token `B` columns at a time: the `B` sums stay in registers while the
+/// token's slot rows are read side by side (instead of a row-long f32 accumulator in memory
+/// read and written once per slot), and each column block is rounded and written once. 16-bit
+/// rows convert with bit shifts ([`Float`] for bf16), so the loops vectorise.
+#[inline(always)]
+fn merge_token_blocked<T: Float, const B: usize>(
+    src: &[T],
+    hidden: usize,
+    slots: &[i32],
+    weights: Option<&[f32]>,
+    row: &mut [std::mem::MaybeUninit<T>],
+) {
+    let blocked = hidden - hidden % B;
+    for c in (0..blocked).step_by(B) {
+        let mut acc = [0f32; B];
+        for &i in slots {
+            let i = i as usize;
+            let x: &[T; B] = src[i * hidden + c..i * hidden + c + B].try_into().expect("B elements");
+            match weights {
+                Some(w) => {
+                    let p = w[i];
+                    for (a, &v) in acc.iter_mut().zip(x) {
+                        *a += v.to_f32() * p;
+                    }
+                }
+                None => {
+                    for (a, &v) in acc.iter_mut().zip(x) {
+                        *a += v.to_f32();
+                    }
+                }
+            }
+        }
+        for (o, &a) in row[c..c + B].iter_mut().zip(&acc) {
+            o.write(T::from_f32(a));
+        }
+    }
+    for (h, o) in row.iter_mut().enumerate().skip(blocked) {
+        let mut a = 0f32;
+        for &i in slots {
+            let v = src[i as usize * hidden + h].to_f32();
+            a += match weights {
+                Some(w) => v * w[i as usize],
+                None => v,
+            };
+        }
+        o.write(T::from_f32(a));
     }
 }
 
@@ -1110,6 +1180,67 @@ mod tests {
         unpermute_into(&perm, &si, [3, 2], None, None, UnpermuteOptions::default(), &mut o).unwrap();
         let want = unpermute(&perm, &si, [3, 2], None, None, UnpermuteOptions::default()).unwrap();
         assert_eq!(Data::F32(small), want.data);
+    }
+
+    /// The merge's every path (blocked, with a tail; AVX2 where the CPU has it) gives the bits
+    /// of the plain per-element loop: f32 sums from 0.0 in slot order, rounded once.
+    #[test]
+    fn merge_paths_match_the_plain_loop_bit_for_bit() {
+        fn check<T: Float + std::fmt::Debug>(bits: impl Fn(u32) -> T) {
+            let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+            let mut next = move || {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed
+            };
+            let specials = [0x8000_0000u32, 0x7f80_0000, 0xff80_0000, 0x7fc0_0001, 0x0000_0001, 0x3f80_8000, 0x7f7f_ffff];
+            for hidden in [1usize, 7, 16, 31, 32, 33, 70] {
+                let num_slots = 11;
+                let src: Vec<T> = (0..num_slots * hidden)
+                    .map(|i| {
+                        bits(if i % 13 == 5 {
+                            specials[i % specials.len()]
+                        } else {
+                            (0x3c00_0000 + (next() as u32 & 0x07ff_ffff)) ^ (next() as u32 & 0x8000_0000)
+                        })
+                    })
+                    .collect();
+                let w: Vec<f32> = (0..num_slots).map(|i| if i == 3 { -0.0 } else { (next() % 1000) as f32 / 333.0 - 1.0 }).collect();
+                // token 2 gets no slot; token 0 gets five.
+                let slots_of: [&[i32]; 4] = [&[0, 2, 5, 8, 10], &[1, 4], &[], &[3, 6, 7, 9]];
+                for weights in [None, Some(&w[..])] {
+                    for (t, slots) in slots_of.iter().enumerate() {
+                        let want: Vec<T> = (0..hidden)
+                            .map(|h| {
+                                let mut a = 0f32;
+                                for &i in slots.iter() {
+                                    let v = src[i as usize * hidden + h].to_f32();
+                                    a += match weights {
+                                        Some(w) => v * w[i as usize],
+                                        None => v,
+                                    };
+                                }
+                                T::from_f32(a)
+                            })
+                            .collect();
+                        for wide in [false, wide_merge_rows()] {
+                            let mut row = vec![std::mem::MaybeUninit::<T>::uninit(); hidden];
+                            merge_token(&src, hidden, slots, weights, &mut row, wide);
+                            let got: Vec<T> = row.iter().map(|x| unsafe { x.assume_init() }).collect();
+                            assert_eq!(
+                                bytemuck::cast_slice::<T, u8>(&got),
+                                bytemuck::cast_slice::<T, u8>(&want),
+                                "hidden {hidden} token {t} wide {wide} {weights:?}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        check::<f32>(f32::from_bits);
+        check::<bf16>(|b| bf16::from_bits((b >> 16) as u16));
+        check::<f16>(|b| f16::from_f32(f32::from_bits(b)));
     }
 
     #[test]
