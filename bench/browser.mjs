@@ -129,7 +129,7 @@ const result = {
 };
 const out = args.out ?? `bench/results/${date.slice(0, 10)}-browser.json`;
 mkdirSync(dirname(out), { recursive: true });
-writeFileSync(out, JSON.stringify(result, null, 2) + '\n');
+writeFileSync(out, `${JSON.stringify(result, null, 2)}\n`);
 
 const lines = ['| backend | op | dtype | time (ms) | GB/s | time vs native 1 thread |', '|---|---|---|---:|---:|---:|'];
 for (const r of timed)

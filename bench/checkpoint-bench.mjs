@@ -375,7 +375,7 @@ try {
       "A shared 2-vCPU build machine (other builds ran beside it: expect +-30%). cold: the checkpoint files dropped from the page cache first (dd iflag=nocache count=0 per file), one run; warm: best of 3 right after. wasm: the needed shards read into memory beforehand (not timed). bytesRead is checked to equal the opened shards' headers plus the wanted tensors' bytes.",
     rows,
   };
-  writeFileSync(outFile, JSON.stringify(result, null, 2) + '\n');
+  writeFileSync(outFile, `${JSON.stringify(result, null, 2)}\n`);
   console.log(`\nwrote ${outFile}`);
 } finally {
   cleanup();

@@ -58,5 +58,5 @@ console.log('| backend | threads | op | time (ms) | GFLOP/s |\n|---|---:|---|---
 for (const r of rows) console.log(`| ${r.backend} | ${r.threads} | ${r.op} | ${(r.seconds * 1e3).toFixed(1)} | ${r.gflops.toFixed(1)} |`);
 const out = args.out ?? `bench/results/${result.date.slice(0, 10)}-experts-cpu.json`;
 mkdirSync(dirname(out), { recursive: true });
-writeFileSync(out, JSON.stringify(result, null, 2) + '\n');
+writeFileSync(out, `${JSON.stringify(result, null, 2)}\n`);
 console.log(`wrote ${out}`);

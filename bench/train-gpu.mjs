@@ -93,7 +93,8 @@ for (const name of names) {
       try {
         return f.apply(cuda, a);
       } finally {
-        const c = (calls[name] ??= { n: 0, ms: 0 });
+        calls[name] ??= { n: 0, ms: 0 };
+        const c = calls[name];
         c.n++;
         c.ms += performance.now() - t;
       }

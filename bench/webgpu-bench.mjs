@@ -37,7 +37,9 @@ export async function benchWebGpu(api, random, { T = 4096, H = 1024, E = 64, k =
     const y = new Uint8Array(b.data.buffer, b.data.byteOffset, b.data.byteLength);
     return x.length === y.length && x.every((v, i) => v === y[i]);
   };
-  const dispose = (o) => Object.values(o).forEach((t) => t && typeof t.dispose === 'function' && t.dispose());
+  const dispose = (o) => {
+    for (const t of Object.values(o)) if (t && typeof t.dispose === 'function') t.dispose();
+  };
   const rows = [];
   for (const dtype of ['float32', 'bfloat16']) {
     const r = random.randomRouting({ numTokens: T, numExperts: E, topk: k, hidden: H, dtype }, random.rng(7));

@@ -27,7 +27,9 @@ const config = tiny ? { dim: 16, inter: 32, numExperts: 8, topk: 2, activation: 
 const batch = tiny ? 128 : TRAIN_SHAPES[shape].batch;
 const dtype = config.dtype ?? 'float32';
 const onDevice = (t) => (gpu ? moe.upload(t) : t);
-const free = (...ts) => ts.forEach((t) => t?.dispose?.());
+const free = (...ts) => {
+  for (const t of ts) t?.dispose?.();
+};
 
 // The task: inputs uniform in [-1, 1], targets from a fixed random teacher.
 const weights = (seed, gain) => ({
@@ -40,7 +42,7 @@ const weights = (seed, gain) => ({
 });
 const teacher = new MoELayer(moe, { ...config, auxLossCoeff: 0, weights: weights(1007, 2) });
 const student = new MoELayer(moe, { ...config, weights: weights(7, 1) });
-if (gpu) [teacher, student].forEach((l) => l.upload());
+if (gpu) for (const l of [teacher, student]) l.upload();
 const xs = [0, 1].map((b) => onDevice(uniformTensor(dtype, [batch, config.dim], 31 + b, 1)));
 const ys = xs.map((x) => teacher.forward(x).output);
 

@@ -91,7 +91,9 @@ function shardedExperts() {
   const parts = [{}, { 'router.weight': f32([4, 3]) }];
   for (const [n, t] of Object.entries(hfExperts())) parts[Number(n.split('.')[1]) < 2 ? 0 : 1][n] = t;
   const weight_map = {};
-  parts.forEach((p, i) => Object.keys(p).forEach((n) => (weight_map[n] = files[i])));
+  parts.forEach((p, i) => {
+    for (const n of Object.keys(p)) weight_map[n] = files[i];
+  });
   return { index: { metadata: { total_size: 0 }, weight_map }, shards: { [files[0]]: safetensorsBytes(parts[0]), [files[1]]: safetensorsBytes(parts[1], { format: 'pt' }) } };
 }
 

@@ -54,4 +54,4 @@ for (const method of methods) {
   );
 }
 writeSync(2, 'DONE\n');
-process.stdout.write(JSON.stringify(stats) + '\n');
+process.stdout.write(`${JSON.stringify(stats)}\n`);

@@ -103,7 +103,8 @@ function shard(moe: Backend, tensors: Record<string, Tensor>, fileOf: (name: str
   const weightMap: Record<string, string> = {};
   for (const [n, t] of Object.entries(tensors)) {
     const f = fileOf(n);
-    (groups[f] ??= {})[n] = t;
+    groups[f] ??= {};
+    groups[f][n] = t;
     weightMap[n] = f;
   }
   const shards: Record<string, Uint8Array> = {};

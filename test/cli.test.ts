@@ -29,7 +29,7 @@ function cli(...args: string[]): { status: number | null; stdout: string; stderr
 function npy(descr: string, shape: number[], data: ArrayBufferView, { fortran = false, version = 1 } = {}): Uint8Array {
   let header = `{'descr': '${descr}', 'fortran_order': ${fortran ? 'True' : 'False'}, 'shape': (${shape.join(', ')}${shape.length === 1 ? ',' : ''}), }`;
   const pre = version === 1 ? 10 : 12;
-  header += ' '.repeat((64 - ((pre + header.length + 1) % 64)) % 64) + '\n';
+  header += `${' '.repeat((64 - ((pre + header.length + 1) % 64)) % 64)}\n`;
   const out = new Uint8Array(pre + header.length + data.byteLength);
   out.set([0x93, 0x4e, 0x55, 0x4d, 0x50, 0x59, version, 0]);
   if (version === 1) new DataView(out.buffer).setUint16(8, header.length, true);
@@ -136,7 +136,9 @@ describe.skipIf(!built)('moe-dispatch CLI', () => {
       const w = readNpy(join(dir, 'r.weights.npy'));
       expect(w.header).toMatch(/'descr': '<f4'.*'shape': \(3, 2\)/);
       const weights = Array.from(new Float32Array(w.data.buffer));
-      weights.forEach((x, i) => expect(x, `weight ${i}`).toBeCloseTo(WANT_WEIGHTS[i], 6));
+      weights.forEach((x, i) => {
+        expect(x, `weight ${i}`).toBeCloseTo(WANT_WEIGHTS[i], 6);
+      });
       const tpe = readNpy(join(dir, 'r.tokensPerExpert.npy'));
       expect(tpe.header).toMatch(/'shape': \(4,\)/);
       expect(Array.from(new Int32Array(tpe.data.buffer))).toEqual([1, 1, 1, 3]);
@@ -152,7 +154,9 @@ describe.skipIf(!built)('moe-dispatch CLI', () => {
       expect(routing.indices).toEqual(WANT_INDICES);
       const sig = (x: number) => 1 / (1 + Math.exp(-x));
       const want = [5, 4, 9, 8, 4, 3].map((x) => 2 * sig(x));
-      routing.weights.forEach((x: number, i: number) => expect(x, `weight ${i}`).toBeCloseTo(want[i], 6));
+      routing.weights.forEach((x: number, i: number) => {
+        expect(x, `weight ${i}`).toBeCloseTo(want[i], 6);
+      });
     });
 
     it('safetensors in (--tensor picks one of several), safetensors out', async () => {

@@ -127,11 +127,11 @@ describe.each(backendRows)('TokenDispatcher on %s', (_name, b) => {
     const want = ref.sorted.flatMap((t) => Array.from(hidden.data.subarray(t * H, (t + 1) * H)));
     expect(Array.from(out.permutedTokens.data)).toEqual(want);
     // Padding reaches the multiple unless the expert runs out of unselected tokens to pad with.
-    if (pad > 1) out.tokensPerExpert.data.forEach((c) => expect(c % pad === 0 || c === T).toBe(true));
+    if (pad > 1) for (const c of out.tokensPerExpert.data) expect(c % pad === 0 || c === T).toBe(true);
 
     // Unpermutation sums each token's slots: integer tokens make it exact.
     const slotsOf = new Array(T).fill(0);
-    ref.sorted.forEach((t) => slotsOf[t]++);
+    for (const t of ref.sorted) slotsOf[t]++;
     const back = d.tokenUnpermutation(out.permutedTokens);
     expect(back.shape).toEqual([T, H]);
     expect(Array.from(back.data)).toEqual(Array.from(hidden.data, (x, i) => x * slotsOf[Math.floor(i / H)] + 0));

@@ -10,9 +10,9 @@ import { fileURLToPath } from 'node:url';
 
 import { describe, expect, it } from 'vitest';
 
-import { backendInfo, createBackend, tensor, type Backend, type Tensor } from '../ts/index.js';
+import { backendInfo, createBackend, tensor, type Backend } from '../ts/index.js';
 import { backendRows, registerBackendReport } from './backends.js';
-import { escapeRegExp as escape, expectThrows } from './util.js';
+import { escapeRegExp, expectThrows } from './util.js';
 
 // A small, valid problem: 3 tokens, hidden 2, 2 experts.
 // Expert 0 gets tokens 0 and 2, expert 1 gets tokens 1 and 2.
@@ -50,17 +50,16 @@ interface Case {
   call: (b: Backend) => unknown;
 }
 
-// Deliberately wrong calls: `any` where the types would (rightly) refuse them.
-/* eslint-disable @typescript-eslint/no-explicit-any */
+// Deliberately wrong calls: `as never` where the types would (rightly) refuse them.
 const CASES: Case[] = [
   // ---- wrong dtype: TypeError
-  { title: 'tokens as int32', op: 'permute', arg: 'tokens.dtype', cls: TypeError, detail: /int32/, call: (b) => b.permute(tensor('int32', [3, 2]) as any, map) },
-  { title: 'probs as bfloat16', op: 'permute', arg: 'probs.dtype', cls: TypeError, detail: /bfloat16/, call: (b) => b.permute(tokens, map, { probs: tensor('bfloat16', [3, 2]) as any }) },
-  { title: 'routingMap as float32', op: 'permute', arg: 'routingMap.dtype', cls: TypeError, call: (b) => b.permute(tokens, f32([3, 2], [1, 0, 0, 1, 1, 1]) as any) },
-  { title: 'indices as float32', op: 'indicesToMultihot', arg: 'indices.dtype', cls: TypeError, call: (b) => b.indicesToMultihot(f32([1, 2], [0, 1]) as any, topProbs, 3) },
-  { title: 'indicesToMultihot probs as bfloat16', op: 'indicesToMultihot', arg: 'probs.dtype', cls: TypeError, call: (b) => b.indicesToMultihot(indices, tensor('bfloat16', [1, 2]) as any, 3) },
-  { title: 'sortedIndices as float32', op: 'unpermute', arg: 'sortedIndices.dtype', cls: TypeError, call: (b) => b.unpermute(permuted, f32([4], [0, 2, 1, 2]) as any, [3, 2]) },
-  { title: 'unpermute probs as float16', op: 'unpermute', arg: 'probs.dtype', cls: TypeError, call: (b) => b.unpermute(permuted, sorted, [3, 2], { probs: tensor('float16', [4]) as any }) },
+  { title: 'tokens as int32', op: 'permute', arg: 'tokens.dtype', cls: TypeError, detail: /int32/, call: (b) => b.permute(tensor('int32', [3, 2]) as never, map) },
+  { title: 'probs as bfloat16', op: 'permute', arg: 'probs.dtype', cls: TypeError, detail: /bfloat16/, call: (b) => b.permute(tokens, map, { probs: tensor('bfloat16', [3, 2]) as never }) },
+  { title: 'routingMap as float32', op: 'permute', arg: 'routingMap.dtype', cls: TypeError, call: (b) => b.permute(tokens, f32([3, 2], [1, 0, 0, 1, 1, 1]) as never) },
+  { title: 'indices as float32', op: 'indicesToMultihot', arg: 'indices.dtype', cls: TypeError, call: (b) => b.indicesToMultihot(f32([1, 2], [0, 1]) as never, topProbs, 3) },
+  { title: 'indicesToMultihot probs as bfloat16', op: 'indicesToMultihot', arg: 'probs.dtype', cls: TypeError, call: (b) => b.indicesToMultihot(indices, tensor('bfloat16', [1, 2]) as never, 3) },
+  { title: 'sortedIndices as float32', op: 'unpermute', arg: 'sortedIndices.dtype', cls: TypeError, call: (b) => b.unpermute(permuted, f32([4], [0, 2, 1, 2]) as never, [3, 2]) },
+  { title: 'unpermute probs as float16', op: 'unpermute', arg: 'probs.dtype', cls: TypeError, call: (b) => b.unpermute(permuted, sorted, [3, 2], { probs: tensor('float16', [4]) as never }) },
 
   // ---- wrong rank: TypeError
   { title: 'tokens of rank 1', op: 'permute', arg: 'tokens.shape', cls: TypeError, detail: /2-d/, call: (b) => b.permute(f32([6], [1, 2, 3, 4, 5, 6]), map) },
@@ -123,7 +122,7 @@ const CASES: Case[] = [
     arg: 'routingMap.data',
     cls: TypeError,
     detail: /Uint8Array/,
-    call: (b) => b.permute(tokens, { dtype: 'bool', shape: [3, 2], data: new Int32Array(6) } as any),
+    call: (b) => b.permute(tokens, { dtype: 'bool', shape: [3, 2], data: new Int32Array(6) } as never),
   },
 
   // ---- indices out of range: RangeError
@@ -263,32 +262,38 @@ const CASES: Case[] = [
   // ---- missing or bad options: TypeError
   { title: 'dropAndPad without numOutTokens', op: 'permute', arg: 'numOutTokens', cls: TypeError, detail: /dropAndPad/, call: (b) => b.permute(tokens, map, { dropAndPad: true }) },
   { title: 'dense probs without routingMap', op: 'unpermute', arg: 'routingMap', cls: TypeError, call: (b) => b.unpermute(permuted, sorted, [3, 2], { probs }) },
-  { title: 'an unknown permute option', op: 'permute', arg: 'options.numOutToken', cls: TypeError, detail: /not an option of permute/, call: (b) => b.permute(tokens, map, { numOutToken: 4 } as any) },
-  { title: 'an unknown unpermute option', op: 'unpermute', arg: 'options.routing_map', cls: TypeError, call: (b) => b.unpermute(permuted, sorted, [3, 2], { probs, routing_map: map } as any) },
-  { title: 'an unknown multihotToIndices option', op: 'multihotToIndices', arg: 'options.k', cls: TypeError, call: (b) => b.multihotToIndices(map, { k: 2 } as any) },
-  { title: 'dropAndPad not a boolean', op: 'permute', arg: 'dropAndPad', cls: TypeError, call: (b) => b.permute(tokens, map, { dropAndPad: 'yes', numOutTokens: 4 } as any) },
-  { title: 'numOutTokens a string', op: 'permute', arg: 'numOutTokens', cls: TypeError, call: (b) => b.permute(tokens, map, { numOutTokens: '4' } as any) },
-  { title: 'topk a string', op: 'multihotToIndices', arg: 'topk', cls: TypeError, call: (b) => b.multihotToIndices(map, { topk: '2' } as any) },
-  { title: 'numExperts a string', op: 'indicesToMultihot', arg: 'numExperts', cls: TypeError, call: (b) => b.indicesToMultihot(indices, topProbs, '3' as any) },
-  { title: 'options an array', op: 'permute', arg: 'options', cls: TypeError, call: (b) => b.permute(tokens, map, [] as any) },
-  { title: 'restoreShape not an array', op: 'unpermute', arg: 'restoreShape', cls: TypeError, call: (b) => b.unpermute(permuted, sorted, 3 as any) },
-  { title: 'restoreShape of three sizes', op: 'unpermute', arg: 'restoreShape', cls: TypeError, detail: /3 numbers/, call: (b) => b.unpermute(permuted, sorted, [3, 2, 1] as any) },
+  {
+    title: 'an unknown permute option',
+    op: 'permute',
+    arg: 'options.numOutToken',
+    cls: TypeError,
+    detail: /not an option of permute/,
+    call: (b) => b.permute(tokens, map, { numOutToken: 4 } as never),
+  },
+  { title: 'an unknown unpermute option', op: 'unpermute', arg: 'options.routing_map', cls: TypeError, call: (b) => b.unpermute(permuted, sorted, [3, 2], { probs, routing_map: map } as never) },
+  { title: 'an unknown multihotToIndices option', op: 'multihotToIndices', arg: 'options.k', cls: TypeError, call: (b) => b.multihotToIndices(map, { k: 2 } as never) },
+  { title: 'dropAndPad not a boolean', op: 'permute', arg: 'dropAndPad', cls: TypeError, call: (b) => b.permute(tokens, map, { dropAndPad: 'yes', numOutTokens: 4 } as never) },
+  { title: 'numOutTokens a string', op: 'permute', arg: 'numOutTokens', cls: TypeError, call: (b) => b.permute(tokens, map, { numOutTokens: '4' } as never) },
+  { title: 'topk a string', op: 'multihotToIndices', arg: 'topk', cls: TypeError, call: (b) => b.multihotToIndices(map, { topk: '2' } as never) },
+  { title: 'numExperts a string', op: 'indicesToMultihot', arg: 'numExperts', cls: TypeError, call: (b) => b.indicesToMultihot(indices, topProbs, '3' as never) },
+  { title: 'options an array', op: 'permute', arg: 'options', cls: TypeError, call: (b) => b.permute(tokens, map, [] as never) },
+  { title: 'restoreShape not an array', op: 'unpermute', arg: 'restoreShape', cls: TypeError, call: (b) => b.unpermute(permuted, sorted, 3 as never) },
+  { title: 'restoreShape of three sizes', op: 'unpermute', arg: 'restoreShape', cls: TypeError, detail: /3 numbers/, call: (b) => b.unpermute(permuted, sorted, [3, 2, 1] as never) },
 
   // ---- not a tensor: TypeError
-  { title: 'tokens a plain number', op: 'permute', arg: 'tokens', cls: TypeError, detail: /Tensor/, call: (b) => b.permute(3 as any, map) },
-  { title: 'tokens a Float32Array', op: 'permute', arg: 'tokens', cls: TypeError, detail: /Float32Array/, call: (b) => b.permute(new Float32Array(6) as any, map) },
-  { title: 'routingMap null', op: 'permute', arg: 'routingMap', cls: TypeError, call: (b) => b.permute(tokens, null as any) },
-  { title: 'permutedTokens a plain array', op: 'unpermute', arg: ['permutedTokens', 'permutedTokens.dtype'], cls: TypeError, call: (b) => b.unpermute([1, 2] as any, sorted, [3, 2]) },
+  { title: 'tokens a plain number', op: 'permute', arg: 'tokens', cls: TypeError, detail: /Tensor/, call: (b) => b.permute(3 as never, map) },
+  { title: 'tokens a Float32Array', op: 'permute', arg: 'tokens', cls: TypeError, detail: /Float32Array/, call: (b) => b.permute(new Float32Array(6) as never, map) },
+  { title: 'routingMap null', op: 'permute', arg: 'routingMap', cls: TypeError, call: (b) => b.permute(tokens, null as never) },
+  { title: 'permutedTokens a plain array', op: 'unpermute', arg: ['permutedTokens', 'permutedTokens.dtype'], cls: TypeError, call: (b) => b.unpermute([1, 2] as never, sorted, [3, 2]) },
   {
     title: 'a tensor with an unknown dtype',
     op: 'permute',
     arg: 'tokens.dtype',
     cls: TypeError,
     detail: /float64/,
-    call: (b) => b.permute({ dtype: 'float64', shape: [3, 2], data: new Float64Array(6) } as any, map),
+    call: (b) => b.permute({ dtype: 'float64', shape: [3, 2], data: new Float64Array(6) } as never, map),
   },
 ];
-/* eslint-enable @typescript-eslint/no-explicit-any */
 
 registerBackendReport();
 
@@ -296,7 +301,7 @@ describe.each(backendRows)('errors on %s', (_name, backend) => {
   for (const c of CASES) {
     const args = typeof c.arg === 'string' ? [c.arg] : c.arg;
     it(`${c.op}: ${c.title} -> ${c.cls.name} naming ${args.join(' or ')}`, () => {
-      const err = expectThrows(() => c.call(backend), c.cls, new RegExp(`^${escape(c.op)}: (${args.map(escape).join('|')})[:\\s]`));
+      const err = expectThrows(() => c.call(backend), c.cls, new RegExp(`^${escapeRegExp(c.op)}: (${args.map(escapeRegExp).join('|')})[:\\s]`));
       if (c.detail) expect(err.message).toMatch(c.detail);
       expectStillWorks(backend);
     });
@@ -416,7 +421,7 @@ describe.each(backendRows)('oversized sizes on %s', (name) => {
       const r = inChild(name, h.call);
       expect({ status: r.status, signal: r.signal, stderr: r.stderr }, 'the child process exits normally').toEqual({ status: 0, signal: null, stderr: '' });
       expect(r.outcome?.threw?.cls, `threw: ${JSON.stringify(r.outcome)}`).toBe('RangeError');
-      expect(r.outcome?.threw?.message).toMatch(new RegExp(`^${escape(h.op)}: ${escape(h.arg)}: `));
+      expect(r.outcome?.threw?.message).toMatch(new RegExp(`^${escapeRegExp(h.op)}: ${escapeRegExp(h.arg)}: `));
     });
   }
 });
@@ -434,7 +439,7 @@ describe('oversized outputs on a fresh wasm backend (wasm32 cannot hold them)', 
   for (const [op, arg, call] of cases) {
     it.skipIf(!wasmAvailable)(`${op}: ${arg} = 2**31 -> RangeError naming ${arg} (not a trap), and the backend keeps working`, async () => {
       const b = await createBackend({ prefer: 'wasm' }); // a fresh instance: a trap retires it
-      expectThrows(() => call(b), RangeError, new RegExp(`^${escape(op)}: ${escape(arg)}: `));
+      expectThrows(() => call(b), RangeError, new RegExp(`^${escapeRegExp(op)}: ${escapeRegExp(arg)}: `));
       expectStillWorks(b);
     });
   }

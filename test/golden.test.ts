@@ -9,10 +9,10 @@
  */
 import { describe, expect, it } from 'vitest';
 
-import { toBFloat16Bits, type Backend, type DType, type Tensor } from '../ts/index.js';
+import { toBFloat16Bits, type Backend, type Tensor } from '../ts/index.js';
 import { backendRows, registerBackendReport } from './backends.js';
-import { DTYPE_OF, expectExact, expectMerged, input, loadGolden, output, toTensor, type GoldenCase, type GoldenFile, type GoldenTensor } from './golden-loader.js';
-import { bf16Value, bitsOf, expectF32Bits, expectF32Close, expectHalfWithinUlps, expectSameBits, expectValues, f16Bits, f16Value } from './util.js';
+import { expectExact, expectMerged, input, loadGolden, output, toTensor, type GoldenCase, type GoldenFile, type GoldenTensor } from './golden-loader.js';
+import { bf16Value, expectF32Bits, expectSameBits, expectValues, f16Bits, f16Value } from './util.js';
 
 /** Cases each golden file held when this suite was written; fewer means a truncated file. */
 const MIN_CASES = { indices_to_multihot: 5, permute: 20, unpermute: 10 } as const;
@@ -106,8 +106,14 @@ describe('golden files', () => {
     for (const op of OPS) {
       for (const c of casesOf(op)) {
         for (const [key, t] of [...Object.entries(c.inputs), ...Object.entries(c.outputs)]) {
-          if (t?.dtype === 'bf16') t.data.forEach((v, i) => bf16Value(toBFloat16Bits(v)) !== v && bad.push(`${op}/${c.name}/${key}[${i}] = ${v}`));
-          if (t?.dtype === 'f16') t.data.forEach((v, i) => f16Value(f16Bits(v)) !== v && bad.push(`${op}/${c.name}/${key}[${i}] = ${v}`));
+          if (t?.dtype === 'bf16')
+            t.data.forEach((v, i) => {
+              if (bf16Value(toBFloat16Bits(v)) !== v) bad.push(`${op}/${c.name}/${key}[${i}] = ${v}`);
+            });
+          if (t?.dtype === 'f16')
+            t.data.forEach((v, i) => {
+              if (f16Value(f16Bits(v)) !== v) bad.push(`${op}/${c.name}/${key}[${i}] = ${v}`);
+            });
         }
       }
     }

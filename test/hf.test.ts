@@ -111,7 +111,9 @@ function pickSets(indices: number[], k: number): number[][] {
 /** The weights of each token keyed by expert, for comparing weights whatever the pick order. */
 function weightByExpert(indices: number[], weights: number[], k: number): Map<string, number> {
   const m = new Map<string, number>();
-  indices.forEach((e, i) => m.set(`${Math.floor(i / k)}:${e}`, weights[i]));
+  indices.forEach((e, i) => {
+    m.set(`${Math.floor(i / k)}:${e}`, weights[i]);
+  });
   return m;
 }
 
@@ -211,7 +213,9 @@ for (const moe of backends) {
           const rank = await MoELayer.fromPretrained(moe, { config: fx.config, checkpoint: fx.model, layer: fx.meta.layer, epSize: 2, epRank });
           expect(rank.expertRange.end - rank.expertRange.start).toBe(full.numExperts / 2);
           bytes.push(rank.pretrained!.bytesRead!);
-          values(rank.forward(io.x).output).forEach((v, i) => (sum[i] += v));
+          values(rank.forward(io.x).output).forEach((v, i) => {
+            sum[i] += v;
+          });
         }
         expect(relErr(Array.from(sum), want)).toBeLessThan(1e-6);
         for (const b of bytes) expect(b).toBeLessThan(full.pretrained!.bytesRead!);

@@ -417,10 +417,16 @@ describe.each(backendRows)('MoELayer options on %s', (_name, moe) => {
       };
       const local: MoEWeights = { ...w, gateAndUpProjs: slice(w.gateAndUpProjs!), downProjs: slice(w.downProjs), gateUpProjBias: slice(w.gateUpProjBias!), downProjBias: slice(w.downProjBias!) };
       const rank = new MoELayer(moe, { ...layerOptions(c), epSize: 4, epRank, weights: local });
-      toNumbers(rank.forward(x).output).forEach((v, i) => (sumOut[i] += v));
+      toNumbers(rank.forward(x).output).forEach((v, i) => {
+        sumOut[i] += v;
+      });
       const rb = rank.backward(g);
-      toNumbers(rb.gradInput).forEach((v, i) => (sumGrad[i] += v));
-      toNumbers(rb.grads.routerWeight).forEach((v, i) => (sumRouter[i] += v));
+      toNumbers(rb.gradInput).forEach((v, i) => {
+        sumGrad[i] += v;
+      });
+      toNumbers(rb.grads.routerWeight).forEach((v, i) => {
+        sumRouter[i] += v;
+      });
       expertGrads.push(...toNumbers(rb.grads.downProjs));
       if (epRank > 0) expect(rb.grads.sharedDownProjs, 'the shared expert lives on rank 0').toBeUndefined();
     }

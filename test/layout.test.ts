@@ -18,7 +18,7 @@ import { describe, expect, it } from 'vitest';
 import { tensor, type Backend, type DType, type Tensor, type TokenDType } from '../ts/index.js';
 import { backendNamed, backendRows, registerBackendReport } from './backends.js';
 import { expectExact, input, loadGolden, output, toTensor, type GoldenCase, type GoldenFile } from './golden-loader.js';
-import { bitsOf, decode, expectSameBits, expectValues, f32FromBits, escapeRegExp as escape, expectThrows } from './util.js';
+import { bitsOf, decode, expectSameBits, expectValues, f32FromBits, escapeRegExp, expectThrows } from './util.js';
 
 const SEED = Number(process.env.MOE_FC_SEED ?? 0x1a_7007);
 const RUNS = Number(process.env.MOE_FC_RUNS ?? 60);
@@ -112,7 +112,9 @@ describe.each(backendRows)('golden on %s', (_name, backend) => {
         parts.map((p) => p.expertId),
         what,
       ).toEqual(range(end - start).map((i) => start + i));
-      parts.forEach((p, i) => expectValues(p.tensor, 'int32', [2], [2 * i + 100 * start, 2 * i + 1 + 100 * start], `${what} expert ${p.expertId}`));
+      parts.forEach((p, i) => {
+        expectValues(p.tensor, 'int32', [2], [2 * i + 100 * start, 2 * i + 1 + 100 * start], `${what} expert ${p.expertId}`);
+      });
     }
   });
 
@@ -400,7 +402,7 @@ describe.each(backendRows)('properties on %s', (_name, backend) => {
         const counts = range(E).map((e) => range(T).reduce((a, t) => a + want[t * E + e], 0));
         expectValues(backend.tokensPerExpert(padded), 'int32', [E], counts, 'tokensPerExpert');
         // Every column is a multiple of m unless the expert ran out of tokens.
-        counts.forEach((c) => expect(c % m === 0 || c === T).toBe(true));
+        for (const c of counts) expect(c % m === 0 || c === T).toBe(true);
         expectBackendsAgree((b) => b.padRoutingMap(boolT([T, E], map), m), 'padRoutingMap');
       }),
       params(),
@@ -551,7 +553,9 @@ describe.each(backendRows)('properties on %s', (_name, backend) => {
           const parts = backend.splitExpertWeights(stacked, E, W, rank);
           expect(parts.map((p) => p.expertId)).toEqual(range(L).map((i) => start + i));
           const sb = bitsOf(stacked);
-          parts.forEach((p, i) => expectValues(p.tensor, dtype, [inner], sb.slice(i * inner, (i + 1) * inner), `expert ${p.expertId}`));
+          parts.forEach((p, i) => {
+            expectValues(p.tensor, dtype, [inner], sb.slice(i * inner, (i + 1) * inner), `expert ${p.expertId}`);
+          });
           expectBackendsAgree((b) => b.splitExpertWeights(stacked, E, W, rank), 'splitExpertWeights');
         },
       ),
@@ -644,20 +648,19 @@ interface Case {
   call: (b: Backend) => unknown;
 }
 
-/* eslint-disable @typescript-eslint/no-explicit-any */
 const CASES: Case[] = [
   // getCapacity
   { title: 'negative capacityFactor', op: 'getCapacity', arg: 'capacityFactor', cls: RangeError, detail: /-1/, call: (b) => b.getCapacity(8, 2, -1) },
   { title: 'NaN capacityFactor', op: 'getCapacity', arg: 'capacityFactor', cls: RangeError, call: (b) => b.getCapacity(8, 2, NaN) },
   { title: 'infinite capacityFactor', op: 'getCapacity', arg: 'capacityFactor', cls: RangeError, call: (b) => b.getCapacity(8, 2, Infinity) },
-  { title: 'capacityFactor a string', op: 'getCapacity', arg: 'capacityFactor', cls: TypeError, call: (b) => b.getCapacity(8, 2, '1' as any) },
+  { title: 'capacityFactor a string', op: 'getCapacity', arg: 'capacityFactor', cls: TypeError, call: (b) => b.getCapacity(8, 2, '1' as never) },
   { title: 'numExperts 0', op: 'getCapacity', arg: 'numExperts', cls: RangeError, call: (b) => b.getCapacity(8, 0, 1) },
   { title: 'numTokens 2.5', op: 'getCapacity', arg: 'numTokens', cls: RangeError, detail: /2\.5/, call: (b) => b.getCapacity(2.5, 2, 1) },
   { title: 'minCapacity -1', op: 'getCapacity', arg: 'minCapacity', cls: RangeError, call: (b) => b.getCapacity(8, 2, 1, -1) },
   // dropTokens
   { title: 'negative capacityFactor', op: 'dropTokens', arg: 'capacityFactor', cls: RangeError, call: (b) => b.dropTokens(probs, map, { topk: 1, capacityFactor: -0.5 }) },
-  { title: 'capacityFactor missing', op: 'dropTokens', arg: 'options.capacityFactor', cls: TypeError, call: (b) => b.dropTokens(probs, map, { topk: 1 } as any) },
-  { title: 'topk missing', op: 'dropTokens', arg: 'options.topk', cls: TypeError, call: (b) => b.dropTokens(probs, map, { capacityFactor: 1 } as any) },
+  { title: 'capacityFactor missing', op: 'dropTokens', arg: 'options.capacityFactor', cls: TypeError, call: (b) => b.dropTokens(probs, map, { topk: 1 } as never) },
+  { title: 'topk missing', op: 'dropTokens', arg: 'options.topk', cls: TypeError, call: (b) => b.dropTokens(probs, map, { capacityFactor: 1 } as never) },
   { title: 'topk 1.5', op: 'dropTokens', arg: 'topk', cls: RangeError, call: (b) => b.dropTokens(probs, map, { topk: 1.5, capacityFactor: 1 }) },
   {
     title: 'an unknown dropPolicy',
@@ -665,15 +668,15 @@ const CASES: Case[] = [
     arg: 'dropPolicy',
     cls: TypeError,
     detail: /'probs' or 'position'.*'random'/,
-    call: (b) => b.dropTokens(probs, map, { topk: 1, capacityFactor: 1, dropPolicy: 'random' as any }),
+    call: (b) => b.dropTokens(probs, map, { topk: 1, capacityFactor: 1, dropPolicy: 'random' as never }),
   },
-  { title: 'dropPolicy a number', op: 'dropTokens', arg: 'options.dropPolicy', cls: TypeError, call: (b) => b.dropTokens(probs, map, { topk: 1, capacityFactor: 1, dropPolicy: 1 as any }) },
+  { title: 'dropPolicy a number', op: 'dropTokens', arg: 'options.dropPolicy', cls: TypeError, call: (b) => b.dropTokens(probs, map, { topk: 1, capacityFactor: 1, dropPolicy: 1 as never }) },
   {
     title: 'padToCapacity a string',
     op: 'dropTokens',
     arg: 'options.padToCapacity',
     cls: TypeError,
-    call: (b) => b.dropTokens(probs, map, { topk: 1, capacityFactor: 1, padToCapacity: 'yes' as any }),
+    call: (b) => b.dropTokens(probs, map, { topk: 1, capacityFactor: 1, padToCapacity: 'yes' as never }),
   },
   {
     title: 'an unknown option',
@@ -681,10 +684,10 @@ const CASES: Case[] = [
     arg: 'options.capacity',
     cls: TypeError,
     detail: /not an option of dropTokens/,
-    call: (b) => b.dropTokens(probs, map, { topk: 1, capacityFactor: 1, capacity: 2 } as any),
+    call: (b) => b.dropTokens(probs, map, { topk: 1, capacityFactor: 1, capacity: 2 } as never),
   },
   { title: 'probs shape != routingMap shape', op: 'dropTokens', arg: 'probs.shape', cls: RangeError, call: (b) => b.dropTokens(f32T([2, 3], [0, 0, 0, 0, 0, 0]), map, { topk: 1, capacityFactor: 1 }) },
-  { title: 'probs as bfloat16', op: 'dropTokens', arg: 'probs.dtype', cls: TypeError, call: (b) => b.dropTokens(tensor('bfloat16', [3, 2]) as any, map, { topk: 1, capacityFactor: 1 }) },
+  { title: 'probs as bfloat16', op: 'dropTokens', arg: 'probs.dtype', cls: TypeError, call: (b) => b.dropTokens(tensor('bfloat16', [3, 2]) as never, map, { topk: 1, capacityFactor: 1 }) },
   {
     title: 'a routing map without experts',
     op: 'dropTokens',
@@ -695,8 +698,8 @@ const CASES: Case[] = [
   // padRoutingMap, tokensPerExpert
   { title: 'padMultiple 0', op: 'padRoutingMap', arg: 'padMultiple', cls: RangeError, call: (b) => b.padRoutingMap(map, 0) },
   { title: 'padMultiple 1.5', op: 'padRoutingMap', arg: 'padMultiple', cls: RangeError, call: (b) => b.padRoutingMap(map, 1.5) },
-  { title: 'padMultiple missing', op: 'padRoutingMap', arg: 'padMultiple', cls: TypeError, call: (b) => (b.padRoutingMap as any)(map) },
-  { title: 'a float32 routing map', op: 'padRoutingMap', arg: 'routingMap.dtype', cls: TypeError, call: (b) => b.padRoutingMap(probs as any, 2) },
+  { title: 'padMultiple missing', op: 'padRoutingMap', arg: 'padMultiple', cls: TypeError, call: (b) => (b.padRoutingMap as (routingMap: unknown) => unknown)(map) },
+  { title: 'a float32 routing map', op: 'padRoutingMap', arg: 'routingMap.dtype', cls: TypeError, call: (b) => b.padRoutingMap(probs as never, 2) },
   { title: 'a 1-d routing map', op: 'tokensPerExpert', arg: 'routingMap.shape', cls: TypeError, detail: /2-d/, call: (b) => b.tokensPerExpert(boolT([3], [1, 0, 1])) },
   // sortChunksByIndex
   {
@@ -712,8 +715,8 @@ const CASES: Case[] = [
   { title: 'a chunk id out of range', op: 'sortChunksByIndex', arg: 'sortedIdxs', cls: RangeError, detail: /sortedIdxs\[1\] = 2/, call: (b) => b.sortChunksByIndex(rows, i32([2, 2]), i32([0, 2])) },
   { title: 'sortedIdxs shorter than splitSizes', op: 'sortChunksByIndex', arg: 'sortedIdxs.shape', cls: RangeError, call: (b) => b.sortChunksByIndex(rows, i32([2, 2]), i32([0])) },
   { title: 'probs of the wrong length', op: 'sortChunksByIndex', arg: 'probs.shape', cls: RangeError, call: (b) => b.sortChunksByIndex(rows, i32([2, 2]), i32([1, 0]), f32T([3], [1, 2, 3])) },
-  { title: 'float32 splitSizes', op: 'sortChunksByIndex', arg: 'splitSizes.dtype', cls: TypeError, call: (b) => b.sortChunksByIndex(rows, f32T([2], [2, 2]) as any, i32([1, 0])) },
-  { title: 'int32 input', op: 'sortChunksByIndex', arg: 'input.dtype', cls: TypeError, call: (b) => b.sortChunksByIndex(tensor('int32', [4, 1]) as any, i32([2, 2]), i32([1, 0])) },
+  { title: 'float32 splitSizes', op: 'sortChunksByIndex', arg: 'splitSizes.dtype', cls: TypeError, call: (b) => b.sortChunksByIndex(rows, f32T([2], [2, 2]) as never, i32([1, 0])) },
+  { title: 'int32 input', op: 'sortChunksByIndex', arg: 'input.dtype', cls: TypeError, call: (b) => b.sortChunksByIndex(tensor('int32', [4, 1]) as never, i32([2, 2]), i32([1, 0])) },
   {
     title: 'backward: sizes that do not add up',
     op: 'sortChunksByIndexBackward',
@@ -730,7 +733,7 @@ const CASES: Case[] = [
     call: (b) => b.sortChunksByIndexBackward(rows, i32([2, 2]), i32([1, 0]), f32T([5], [1, 2, 3, 4, 5])),
   },
   // groupedMmSort
-  { title: 'numLocalExperts missing', op: 'groupedMmSort', arg: 'options.numLocalExperts', cls: TypeError, call: (b) => b.groupedMmSort(topIdx, topW, {} as any) },
+  { title: 'numLocalExperts missing', op: 'groupedMmSort', arg: 'options.numLocalExperts', cls: TypeError, call: (b) => b.groupedMmSort(topIdx, topW, {} as never) },
   { title: 'numLocalExperts -1', op: 'groupedMmSort', arg: 'numLocalExperts', cls: RangeError, call: (b) => b.groupedMmSort(topIdx, topW, { numLocalExperts: -1 }) },
   { title: 'expertsStartIdx 1.5', op: 'groupedMmSort', arg: 'expertsStartIdx', cls: RangeError, call: (b) => b.groupedMmSort(topIdx, topW, { numLocalExperts: 2, expertsStartIdx: 1.5 }) },
   {
@@ -749,12 +752,12 @@ const CASES: Case[] = [
     cls: RangeError,
     call: (b) => b.groupedMmSort(topIdx, topW, { numLocalExperts: 2, tokenMask: boolT([3], [1, 1, 1]) }),
   },
-  { title: 'an unknown option', op: 'groupedMmSort', arg: 'options.nLocalExperts', cls: TypeError, call: (b) => b.groupedMmSort(topIdx, topW, { numLocalExperts: 2, nLocalExperts: 2 } as any) },
+  { title: 'an unknown option', op: 'groupedMmSort', arg: 'options.nLocalExperts', cls: TypeError, call: (b) => b.groupedMmSort(topIdx, topW, { numLocalExperts: 2, nLocalExperts: 2 } as never) },
   // expert sharding
   { title: 'epSize 0', op: 'expertRangeForRank', arg: 'epSize', cls: RangeError, call: (b) => b.expertRangeForRank(8, 0, 0) },
   { title: 'epRank == epSize', op: 'expertRangeForRank', arg: 'epRank', cls: RangeError, detail: /4 is outside \[0, epSize = 4\)/, call: (b) => b.expertRangeForRank(8, 4, 4) },
   { title: 'numExperts -1', op: 'expertRangeForRank', arg: 'numExperts', cls: RangeError, call: (b) => b.expertRangeForRank(-1, 4, 0) },
-  { title: 'epRank a string', op: 'expertRangeForRank', arg: 'epRank', cls: TypeError, call: (b) => b.expertRangeForRank(8, 4, '1' as any) },
+  { title: 'epRank a string', op: 'expertRangeForRank', arg: 'epRank', cls: TypeError, call: (b) => b.expertRangeForRank(8, 4, '1' as never) },
   { title: 'expertId == numExperts', op: 'shouldLoadExpert', arg: 'expertId', cls: RangeError, call: (b) => b.shouldLoadExpert(8, 8, 2, 0) },
   { title: 'epRank beyond epSize', op: 'shouldLoadExpert', arg: 'epRank', cls: RangeError, call: (b) => b.shouldLoadExpert(0, 8, 2, 5) },
   {
@@ -784,10 +787,10 @@ const CASES: Case[] = [
     detail: /unsupported placement shard\(1\)/,
     call: (b) => b.validateExpertSharding([2], 8, 4, 0, 'w', 'shard(1)'),
   },
-  { title: 'a placement that is not one', op: 'validateExpertSharding', arg: 'placement', cls: TypeError, call: (b) => b.validateExpertSharding([2], 8, 4, 0, 'w', 'sharded' as any) },
+  { title: 'a placement that is not one', op: 'validateExpertSharding', arg: 'placement', cls: TypeError, call: (b) => b.validateExpertSharding([2], 8, 4, 0, 'w', 'sharded' as never) },
   { title: 'a shape of 2.5', op: 'validateExpertSharding', arg: 'w.shape[0]', cls: RangeError, call: (b) => b.validateExpertSharding([2.5], 8, 4, 0, 'w') },
   { title: 'a 0-d shape', op: 'validateExpertSharding', arg: 'w', cls: TypeError, call: (b) => b.validateExpertSharding([], 8, 4, 0, 'w') },
-  { title: 'name a number', op: 'validateExpertSharding', arg: 'name', cls: TypeError, call: (b) => b.validateExpertSharding([2], 8, 4, 0, 5 as any) },
+  { title: 'name a number', op: 'validateExpertSharding', arg: 'name', cls: TypeError, call: (b) => b.validateExpertSharding([2], 8, 4, 0, 5 as never) },
   { title: 'epSize 0', op: 'validateExpertSharding', arg: 'epSize', cls: RangeError, call: (b) => b.validateExpertSharding([2], 8, 0, 0, 'w') },
   {
     title: 'a non-expert axis',
@@ -813,16 +816,15 @@ const CASES: Case[] = [
         { name: 'ep', size: 2 },
       ]),
   },
-  { title: 'mesh not an array', op: 'expertPlacements', arg: 'mesh', cls: TypeError, call: (b) => b.expertPlacements({ ep: 2 } as any) },
+  { title: 'mesh not an array', op: 'expertPlacements', arg: 'mesh', cls: TypeError, call: (b) => b.expertPlacements({ ep: 2 } as never) },
   { title: 'placements of another length', op: 'splitPlacements', arg: 'placements', cls: RangeError, call: (b) => b.splitPlacements([{ name: 'ep', size: 2 }], []) },
-  { title: 'an unknown placement', op: 'splitPlacements', arg: 'placements[0]', cls: TypeError, call: (b) => b.splitPlacements([{ name: 'ep', size: 2 }], ['partial' as any]) },
+  { title: 'an unknown placement', op: 'splitPlacements', arg: 'placements[0]', cls: TypeError, call: (b) => b.splitPlacements([{ name: 'ep', size: 2 }], ['partial' as never]) },
 ];
-/* eslint-enable @typescript-eslint/no-explicit-any */
 
 describe.each(backendRows)('errors on %s', (_name, backend) => {
   for (const c of CASES) {
     it(`${c.op}: ${c.title} -> ${c.cls.name} naming ${c.arg}`, () => {
-      const err = expectThrows(() => c.call(backend), c.cls, new RegExp(`^${escape(c.op)}: ${escape(c.arg)}[:\\s]`));
+      const err = expectThrows(() => c.call(backend), c.cls, new RegExp(`^${escapeRegExp(c.op)}: ${escapeRegExp(c.arg)}[:\\s]`));
       if (c.detail) expect(err.message).toMatch(c.detail);
     });
   }

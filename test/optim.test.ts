@@ -62,7 +62,9 @@ describe.each(backendRows)('AdamW on %s', (_name, moe) => {
       expect(got.every((v, i) => Math.abs(v - t32[i]) <= 2e-6 * Math.max(1, Math.abs(t32[i])))).toBe(true);
     }
     if (c.options.maxGradNorm !== undefined) {
-      c.torch.float64.norms.forEach((w, i) => expect(Math.abs(norms[i] - w)).toBeLessThanOrEqual(1e-12 * w));
+      c.torch.float64.norms.forEach((w, i) => {
+        expect(Math.abs(norms[i] - w)).toBeLessThanOrEqual(1e-12 * w);
+      });
     }
   });
 

@@ -105,7 +105,10 @@ function problemArb(modes: readonly TokenMode[], maxT = 40): fc.Arbitrary<Proble
 /** A deterministic problem for the edge examples (a tiny LCG for the data). */
 function makeProblem(T: number, E: number, H: number, k: number, dtype: FloatDType, pick: (t: number, j: number) => number, mode: TokenMode = 'ints'): Problem {
   let state = 12345 + T * 7 + E * 131 + H * 17 + k;
-  const rand = () => (state = (state * 1103515245 + 12345) % 2 ** 31) / 2 ** 31;
+  const rand = () => {
+    state = (state * 1103515245 + 12345) % 2 ** 31;
+    return state / 2 ** 31;
+  };
   const value = () => (mode === 'ints' ? Math.floor(rand() * 17) - 8 : (rand() - 0.5) * 200);
   return {
     T,

@@ -334,15 +334,14 @@ interface ErrorCase {
   call: (b: Backend) => unknown;
 }
 
-/* eslint-disable @typescript-eslint/no-explicit-any */
 const ERRORS: ErrorCase[] = [
-  { title: 'gradWeights missing', arg: 'gradWeights', cls: TypeError, call: (b) => b.routeBackward(undefined as any, L, IDX, { topk: 2 }) },
-  { title: 'gradWeights as bfloat16', arg: 'gradWeights.dtype', cls: TypeError, call: (b) => b.routeBackward(tensor('bfloat16', [2, 2]) as any, L, IDX, { topk: 2 }) },
+  { title: 'gradWeights missing', arg: 'gradWeights', cls: TypeError, call: (b) => b.routeBackward(undefined as never, L, IDX, { topk: 2 }) },
+  { title: 'gradWeights as bfloat16', arg: 'gradWeights.dtype', cls: TypeError, call: (b) => b.routeBackward(tensor('bfloat16', [2, 2]) as never, L, IDX, { topk: 2 }) },
   { title: 'gradWeights of rank 1', arg: 'gradWeights.shape', cls: TypeError, call: (b) => b.routeBackward(f32([4], [1, 1, 1, 1]), L, IDX, { topk: 2 }) },
   { title: 'gradWeights of the wrong shape', arg: 'gradWeights.shape', cls: RangeError, detail: /expected \[2, 2\]/, call: (b) => b.routeBackward(f32([2, 1], [1, 1]), L, IDX, { topk: 2 }) },
-  { title: 'logits as int32', arg: 'logits.dtype', cls: TypeError, call: (b) => b.routeBackward(GW, tensor('int32', [2, 4]) as any, IDX, { topk: 2 }) },
+  { title: 'logits as int32', arg: 'logits.dtype', cls: TypeError, call: (b) => b.routeBackward(GW, tensor('int32', [2, 4]) as never, IDX, { topk: 2 }) },
   { title: 'logits with Infinity', arg: 'logits', cls: RangeError, detail: /logits\[1\]\[2\] = inf/, call: (b) => b.routeBackward(GW, f32([2, 4], [0, 0, 0, 0, 0, 0, Infinity, 0]), IDX, { topk: 2 }) },
-  { title: 'indices as float32', arg: 'indices.dtype', cls: TypeError, call: (b) => b.routeBackward(GW, L, f32([2, 2], [3, 2, 0, 1]) as any, { topk: 2 }) },
+  { title: 'indices as float32', arg: 'indices.dtype', cls: TypeError, call: (b) => b.routeBackward(GW, L, f32([2, 2], [3, 2, 0, 1]) as never, { topk: 2 }) },
   { title: 'indices of the wrong shape', arg: 'indices.shape', cls: RangeError, detail: /expected \[2, 2\]/, call: (b) => b.routeBackward(GW, L, tensor('int32', [2, 1], [3, 0]), { topk: 2 }) },
   { title: 'indices for another topk', arg: 'indices.shape', cls: RangeError, call: (b) => b.routeBackward(f32([2, 1], [1, 1]), L, tensor('int32', [2, 1], [3, 0]), { topk: 2 }) },
   {
@@ -374,14 +373,13 @@ const ERRORS: ErrorCase[] = [
     detail: /expected \[2, 4\]/,
     call: (b) => b.routeBackward(GW, L, IDX, { topk: 2, gradScores: f32([2, 2], [0, 0, 0, 0]) }),
   },
-  { title: 'gradScores as float16', arg: 'gradScores.dtype', cls: TypeError, call: (b) => b.routeBackward(GW, L, IDX, { topk: 2, gradScores: tensor('float16', [2, 4]) as any }) },
-  { title: 'gradScores not a tensor', arg: 'gradScores', cls: TypeError, call: (b) => b.routeBackward(GW, L, IDX, { topk: 2, gradScores: [1, 2] as any }) },
-  { title: 'topk missing', arg: 'options.topk', cls: TypeError, detail: /required/, call: (b) => b.routeBackward(GW, L, IDX, {} as any) },
-  { title: 'options missing', arg: 'options.topk', cls: TypeError, call: (b) => b.routeBackward(GW, L, IDX, undefined as any) },
-  { title: 'an unknown option', arg: 'options.gradWeights', cls: TypeError, detail: /not an option of routeBackward/, call: (b) => b.routeBackward(GW, L, IDX, { topk: 2, gradWeights: GW } as any) },
+  { title: 'gradScores as float16', arg: 'gradScores.dtype', cls: TypeError, call: (b) => b.routeBackward(GW, L, IDX, { topk: 2, gradScores: tensor('float16', [2, 4]) as never }) },
+  { title: 'gradScores not a tensor', arg: 'gradScores', cls: TypeError, call: (b) => b.routeBackward(GW, L, IDX, { topk: 2, gradScores: [1, 2] as never }) },
+  { title: 'topk missing', arg: 'options.topk', cls: TypeError, detail: /required/, call: (b) => b.routeBackward(GW, L, IDX, {} as never) },
+  { title: 'options missing', arg: 'options.topk', cls: TypeError, call: (b) => b.routeBackward(GW, L, IDX, undefined as never) },
+  { title: 'an unknown option', arg: 'options.gradWeights', cls: TypeError, detail: /not an option of routeBackward/, call: (b) => b.routeBackward(GW, L, IDX, { topk: 2, gradWeights: GW } as never) },
   { title: 'tokenMask of the wrong length', arg: 'tokenMask.shape', cls: RangeError, call: (b) => b.routeBackward(GW, L, IDX, { topk: 2, tokenMask: bools([1, 1, 1]) }) },
 ];
-/* eslint-enable @typescript-eslint/no-explicit-any */
 
 /** route's option errors: routeBackward must report each with route's own message. */
 const ROUTE_OPTION_ERRORS: { title: string; options: RouteOptions }[] = [

@@ -17,7 +17,7 @@ import { describe, expect, it } from 'vitest';
 import { tensor, type Backend, type RouteOptions, type RouteResult, type ScoreFunction, type Tensor } from '../ts/index.js';
 import { backendNamed, backendRows, registerBackendReport } from './backends.js';
 import { input, loadGolden, output, toTensor, type GoldenCase } from './golden-loader.js';
-import { bitsOf, expectF32Close, expectMeta, expectSameBits, expectValues, mismatches } from './util.js';
+import { bitsOf, escapeRegExp, expectF32Close, expectMeta, expectSameBits, expectValues, mismatches } from './util.js';
 
 const SEED = Number(process.env.MOE_FC_SEED ?? 0x7a11_0c8e);
 const RUNS = Number(process.env.MOE_FC_RUNS ?? 150);
@@ -729,25 +729,23 @@ interface ErrorCase {
 
 const L = f32([2, 4], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]);
 const TPE = tensor('int32', [4], Int32Array.from([1, 1, 2, 0]));
-const escape = (s: string) => s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 
-/* eslint-disable @typescript-eslint/no-explicit-any */
 const ERRORS: ErrorCase[] = [
-  { title: 'topk missing', op: 'route', arg: 'options.topk', cls: TypeError, detail: /required/, call: (b) => b.route(L, {} as any) },
-  { title: 'options missing', op: 'route', arg: 'options.topk', cls: TypeError, call: (b) => b.route(L, undefined as any) },
+  { title: 'topk missing', op: 'route', arg: 'options.topk', cls: TypeError, detail: /required/, call: (b) => b.route(L, {} as never) },
+  { title: 'options missing', op: 'route', arg: 'options.topk', cls: TypeError, call: (b) => b.route(L, undefined as never) },
   { title: 'topk > numExperts', op: 'route', arg: 'topk', cls: RangeError, detail: /1 to numExperts = 4, got 5/, call: (b) => b.route(L, { topk: 5 }) },
   { title: 'topk 0', op: 'route', arg: 'topk', cls: RangeError, call: (b) => b.route(L, { topk: 0 }) },
   { title: 'topk 1.5', op: 'route', arg: 'topk', cls: RangeError, detail: /1\.5/, call: (b) => b.route(L, { topk: 1.5 }) },
-  { title: 'topk a string', op: 'route', arg: 'options.topk', cls: TypeError, call: (b) => b.route(L, { topk: '2' as any }) },
+  { title: 'topk a string', op: 'route', arg: 'options.topk', cls: TypeError, call: (b) => b.route(L, { topk: '2' as never }) },
   {
     title: 'unknown scoreFunction',
     op: 'route',
     arg: 'scoreFunction',
     cls: TypeError,
     detail: /'softmax', 'sigmoid', 'softmax_with_bias', 'sigmoid_with_bias' or 'sqrtsoftplus', got 'relu'/,
-    call: (b) => b.route(L, { topk: 1, scoreFunction: 'relu' as any }),
+    call: (b) => b.route(L, { topk: 1, scoreFunction: 'relu' as never }),
   },
-  { title: 'scoreFunction not a string', op: 'route', arg: 'options.scoreFunction', cls: TypeError, call: (b) => b.route(L, { topk: 1, scoreFunction: 3 as any }) },
+  { title: 'scoreFunction not a string', op: 'route', arg: 'options.scoreFunction', cls: TypeError, call: (b) => b.route(L, { topk: 1, scoreFunction: 3 as never }) },
   {
     title: 'numGroups not dividing numExperts',
     op: 'route',
@@ -792,7 +790,7 @@ const ERRORS: ErrorCase[] = [
     detail: /\[4\]/,
     call: (b) => b.route(L, { topk: 1, scoreFunction: 'sigmoid', expertBias: f32([3], [0, 0, 0]) }),
   },
-  { title: 'expertBias as int32', op: 'route', arg: 'expertBias.dtype', cls: TypeError, call: (b) => b.route(L, { topk: 1, scoreFunction: 'sigmoid', expertBias: tensor('int32', [4]) as any }) },
+  { title: 'expertBias as int32', op: 'route', arg: 'expertBias.dtype', cls: TypeError, call: (b) => b.route(L, { topk: 1, scoreFunction: 'sigmoid', expertBias: tensor('int32', [4]) as never }) },
   {
     title: 'expertBias with NaN',
     op: 'route',
@@ -803,23 +801,30 @@ const ERRORS: ErrorCase[] = [
   },
   { title: 'expertBias with softmax', op: 'route', arg: 'expertBias', cls: TypeError, detail: /softmax_with_bias/, call: (b) => b.route(L, { topk: 1, expertBias: f32([4], [0, 0, 0, 0]) }) },
   { title: 'softmaxBeforeTopk with sigmoid', op: 'route', arg: 'softmaxBeforeTopk', cls: TypeError, call: (b) => b.route(L, { topk: 1, scoreFunction: 'sigmoid', softmaxBeforeTopk: true }) },
-  { title: 'softmaxBeforeTopk not a boolean', op: 'route', arg: 'options.softmaxBeforeTopk', cls: TypeError, call: (b) => b.route(L, { topk: 1, softmaxBeforeTopk: 1 as any }) },
+  { title: 'softmaxBeforeTopk not a boolean', op: 'route', arg: 'options.softmaxBeforeTopk', cls: TypeError, call: (b) => b.route(L, { topk: 1, softmaxBeforeTopk: 1 as never }) },
   { title: 'routeScale NaN', op: 'route', arg: 'routeScale', cls: RangeError, detail: /finite/, call: (b) => b.route(L, { topk: 1, routeScale: NaN }) },
   { title: 'routeScale Infinity', op: 'route', arg: 'routeScale', cls: RangeError, call: (b) => b.route(L, { topk: 1, routeScale: Infinity }) },
-  { title: 'routeScale a string', op: 'route', arg: 'options.routeScale', cls: TypeError, call: (b) => b.route(L, { topk: 1, routeScale: '2' as any }) },
-  { title: 'normTopkProb not a boolean', op: 'route', arg: 'options.normTopkProb', cls: TypeError, call: (b) => b.route(L, { topk: 1, normTopkProb: 'yes' as any }) },
+  { title: 'routeScale a string', op: 'route', arg: 'options.routeScale', cls: TypeError, call: (b) => b.route(L, { topk: 1, routeScale: '2' as never }) },
+  { title: 'normTopkProb not a boolean', op: 'route', arg: 'options.normTopkProb', cls: TypeError, call: (b) => b.route(L, { topk: 1, normTopkProb: 'yes' as never }) },
   { title: 'tokenMask of the wrong length', op: 'route', arg: 'tokenMask.shape', cls: RangeError, call: (b) => b.route(L, { topk: 1, tokenMask: bools([1, 1, 1]) }) },
-  { title: 'tokenMask as float32', op: 'route', arg: 'tokenMask.dtype', cls: TypeError, call: (b) => b.route(L, { topk: 1, tokenMask: f32([2], [1, 1]) as any }) },
+  { title: 'tokenMask as float32', op: 'route', arg: 'tokenMask.dtype', cls: TypeError, call: (b) => b.route(L, { topk: 1, tokenMask: f32([2], [1, 1]) as never }) },
   { title: 'logits with Infinity', op: 'route', arg: 'logits', cls: RangeError, detail: /logits\[1\]\[2\] = inf/, call: (b) => b.route(f32([2, 4], [0, 0, 0, 0, 0, 0, Infinity, 0]), { topk: 1 }) },
   { title: 'logits of rank 1', op: 'route', arg: 'logits.shape', cls: TypeError, call: (b) => b.route(f32([4], [0, 0, 0, 0]), { topk: 1 }) },
-  { title: 'logits as int32', op: 'route', arg: 'logits.dtype', cls: TypeError, call: (b) => b.route(tensor('int32', [2, 4]) as any, { topk: 1 }) },
-  { title: 'an unknown route option', op: 'route', arg: 'options.numExpertGroups', cls: TypeError, detail: /not an option of route/, call: (b) => b.route(L, { topk: 1, numExpertGroups: 2 } as any) },
+  { title: 'logits as int32', op: 'route', arg: 'logits.dtype', cls: TypeError, call: (b) => b.route(tensor('int32', [2, 4]) as never, { topk: 1 }) },
+  {
+    title: 'an unknown route option',
+    op: 'route',
+    arg: 'options.numExpertGroups',
+    cls: TypeError,
+    detail: /not an option of route/,
+    call: (b) => b.route(L, { topk: 1, numExpertGroups: 2 } as never),
+  },
 
-  { title: 'topk missing', op: 'switchLoadBalancingLoss', arg: 'options.topk', cls: TypeError, call: (b) => b.switchLoadBalancingLoss(L, TPE, {} as any) },
+  { title: 'topk missing', op: 'switchLoadBalancingLoss', arg: 'options.topk', cls: TypeError, call: (b) => b.switchLoadBalancingLoss(L, TPE, {} as never) },
   { title: 'topk 0', op: 'switchLoadBalancingLoss', arg: 'topk', cls: RangeError, call: (b) => b.switchLoadBalancingLoss(L, TPE, { topk: 0 }) },
   { title: 'coeff negative', op: 'switchLoadBalancingLoss', arg: 'coeff', cls: RangeError, detail: />= 0, got -1/, call: (b) => b.switchLoadBalancingLoss(L, TPE, { topk: 1, coeff: -1 }) },
   { title: 'coeff NaN', op: 'switchLoadBalancingLoss', arg: 'coeff', cls: RangeError, call: (b) => b.switchLoadBalancingLoss(L, TPE, { topk: 1, coeff: NaN }) },
-  { title: 'coeff a string', op: 'switchLoadBalancingLoss', arg: 'options.coeff', cls: TypeError, call: (b) => b.switchLoadBalancingLoss(L, TPE, { topk: 1, coeff: '1' as any }) },
+  { title: 'coeff a string', op: 'switchLoadBalancingLoss', arg: 'options.coeff', cls: TypeError, call: (b) => b.switchLoadBalancingLoss(L, TPE, { topk: 1, coeff: '1' as never }) },
   { title: 'numTokens 0', op: 'switchLoadBalancingLoss', arg: 'numTokens', cls: RangeError, call: (b) => b.switchLoadBalancingLoss(L, TPE, { topk: 1, numTokens: 0 }) },
   { title: 'numTokens 2.5', op: 'switchLoadBalancingLoss', arg: 'numTokens', cls: RangeError, detail: /2\.5/, call: (b) => b.switchLoadBalancingLoss(L, TPE, { topk: 1, numTokens: 2.5 }) },
   {
@@ -834,7 +839,7 @@ const ERRORS: ErrorCase[] = [
     op: 'switchLoadBalancingLoss',
     arg: 'tokensPerExpert.dtype',
     cls: TypeError,
-    call: (b) => b.switchLoadBalancingLoss(L, f32([4], [1, 1, 1, 1]) as any, { topk: 1 }),
+    call: (b) => b.switchLoadBalancingLoss(L, f32([4], [1, 1, 1, 1]) as never, { topk: 1 }),
   },
   {
     title: 'a negative token count',
@@ -852,7 +857,7 @@ const ERRORS: ErrorCase[] = [
     cls: RangeError,
     call: (b) => b.switchLoadBalancingLoss(L, TPE, { topk: 1, tokenMask: bools([1]) }),
   },
-  { title: 'an unknown option', op: 'switchLoadBalancingLoss', arg: 'options.auxLossCoeff', cls: TypeError, call: (b) => b.switchLoadBalancingLoss(L, TPE, { topk: 1, auxLossCoeff: 1 } as any) },
+  { title: 'an unknown option', op: 'switchLoadBalancingLoss', arg: 'options.auxLossCoeff', cls: TypeError, call: (b) => b.switchLoadBalancingLoss(L, TPE, { topk: 1, auxLossCoeff: 1 } as never) },
   { title: 'topk 1.5', op: 'switchLoadBalancingLossFromLogits', arg: 'topk', cls: RangeError, call: (b) => b.switchLoadBalancingLossFromLogits(L, TPE, { topk: 1.5 }) },
   { title: 'coeff Infinity', op: 'switchLoadBalancingLossFromLogits', arg: 'coeff', cls: RangeError, call: (b) => b.switchLoadBalancingLossFromLogits(L, TPE, { topk: 1, coeff: Infinity }) },
   {
@@ -871,10 +876,9 @@ const ERRORS: ErrorCase[] = [
   },
   { title: 'coeff negative', op: 'zLoss', arg: 'coeff', cls: RangeError, call: (b) => b.zLoss(L, { coeff: -0.001 }) },
   { title: 'logits with NaN', op: 'zLoss', arg: 'logits', cls: RangeError, detail: /logits\[0\]\[3\] = NaN/, call: (b) => b.zLoss(f32([1, 4], [0, 0, 0, NaN])) },
-  { title: 'tokenMask as int32', op: 'zLoss', arg: 'tokenMask.dtype', cls: TypeError, call: (b) => b.zLoss(L, { tokenMask: tensor('int32', [2]) as any }) },
-  { title: 'topk is not an option of zLoss', op: 'zLoss', arg: 'options.topk', cls: TypeError, call: (b) => b.zLoss(L, { topk: 2 } as any) },
+  { title: 'tokenMask as int32', op: 'zLoss', arg: 'tokenMask.dtype', cls: TypeError, call: (b) => b.zLoss(L, { tokenMask: tensor('int32', [2]) as never }) },
+  { title: 'topk is not an option of zLoss', op: 'zLoss', arg: 'options.topk', cls: TypeError, call: (b) => b.zLoss(L, { topk: 2 } as never) },
 ];
-/* eslint-enable @typescript-eslint/no-explicit-any */
 
 describe.each(backendRows)('errors on %s', (_name, backend) => {
   for (const c of ERRORS) {
@@ -888,7 +892,7 @@ describe.each(backendRows)('errors on %s', (_name, backend) => {
       expect(thrown, 'it throws').toBeInstanceOf(Error);
       const err = thrown as Error;
       expect(err.constructor, `class of: ${err.message}`).toBe(c.cls);
-      expect(err.message).toMatch(new RegExp(`^${escape(c.op)}: ${escape(c.arg)}[:\\s]`));
+      expect(err.message).toMatch(new RegExp(`^${escapeRegExp(c.op)}: ${escapeRegExp(c.arg)}[:\\s]`));
       if (c.detail) expect(err.message).toMatch(c.detail);
     });
   }

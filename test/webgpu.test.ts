@@ -356,8 +356,21 @@ if (moe !== undefined)
         ['mul', (x, y) => x * y],
         ['div', (x, y) => x / y],
         ['floor', (x) => Math.floor(x)],
-        ['to f32', (x) => ((f32[0] = x), f32u[0])],
-        ['from f32', (x) => ((bits[0] = new Uint32Array(new Float64Array([x]).buffer)[0]), (f32u[0] = bits[0]), f32[0])],
+        [
+          'to f32',
+          (x) => {
+            f32[0] = x;
+            return f32u[0];
+          },
+        ],
+        [
+          'from f32',
+          (x) => {
+            bits[0] = new Uint32Array(new Float64Array([x]).buffer)[0];
+            f32u[0] = bits[0];
+            return f32[0];
+          },
+        ],
       ];
       refs[8] = ['sqrt', (x) => Math.sqrt(x)];
       refs[7] = ['exp (skipped: compared through route)', () => NaN];
@@ -384,7 +397,7 @@ if (moe !== undefined)
           if (!ok) bad.push(`${name}(${a[i]}, ${b[i]}): got ${g}, want ${want}`);
         }
         expect(bad, name).toEqual([]);
-        compared['float64 ' + name] = n;
+        compared[`float64 ${name}`] = n;
       }
       gpu.device.destroy();
     });

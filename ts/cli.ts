@@ -346,9 +346,9 @@ async function bench(args: Args): Promise<number> {
     rows,
   };
   const out = (args.out as string | undefined) ?? `bench/results/${result.date.slice(0, 10)}-cpu.json`;
-  const svgPath = out.replace(/\.json$/i, '') + '.svg';
+  const svgPath = `${out.replace(/\.json$/i, '')}.svg`;
   mkdirSync(dirname(out), { recursive: true });
-  writeFileSync(out, JSON.stringify(result, null, 2) + '\n');
+  writeFileSync(out, `${JSON.stringify(result, null, 2)}\n`);
   writeFileSync(svgPath, bandwidthChart(rows, `permute / unpermute bandwidth, H=${H} E=${E} k=${k}, median of ${iters}`));
   if (args.json) {
     console.log(JSON.stringify({ ...result, out, chart: svgPath }));
@@ -421,7 +421,7 @@ export function bandwidthChart(rows: BenchRow[], title: string): string {
     );
   });
   out.push('</svg>');
-  return out.join('\n') + '\n';
+  return `${out.join('\n')}\n`;
 }
 
 export function markdownTable(rows: BenchRow[], withTokens = false): string {
@@ -483,7 +483,7 @@ export function npyBytes(t: Tensor): Uint8Array {
   if (!descr) throw new Error(`npy: ${t.dtype} is not written`);
   const shape = t.shape.length === 1 ? `(${t.shape[0]},)` : `(${t.shape.join(', ')})`;
   let header = `{'descr': '${descr}', 'fortran_order': False, 'shape': ${shape}, }`;
-  header += ' '.repeat((64 - ((10 + header.length + 1) % 64)) % 64) + '\n';
+  header += `${' '.repeat((64 - ((10 + header.length + 1) % 64)) % 64)}\n`;
   const out = new Uint8Array(10 + header.length + t.data.byteLength);
   out.set([0x93, 0x4e, 0x55, 0x4d, 0x50, 0x59, 1, 0]);
   new DataView(out.buffer).setUint16(8, header.length, true);
@@ -534,7 +534,7 @@ async function route(args: Args): Promise<number> {
   } catch (e) {
     fail((e as Error).message, 1);
   }
-  let routed;
+  let routed: ReturnType<typeof backend.route>;
   try {
     routed = backend.route(logits, {
       topk,
@@ -555,13 +555,13 @@ async function route(args: Args): Promise<number> {
     if (/\.json$/i.test(out)) {
       writeFileSync(
         out,
-        JSON.stringify({
+        `${JSON.stringify({
           shape: [T, topk],
           numExperts: E,
           indices: Array.from(routed.indices.data),
           weights: Array.from(routed.weights.data),
           tokensPerExpert: Array.from(routed.tokensPerExpert.data),
-        }) + '\n',
+        })}\n`,
       );
       written.push(out);
     } else if (/\.safetensors$/i.test(out)) {

@@ -63,11 +63,13 @@ class CudaDeviceTensor<D extends DType> implements DeviceTensor<D> {
   }
 
   get dtype(): D {
-    return (this.#dtype ??= handles.get(this)!.dtype as D);
+    this.#dtype ??= handles.get(this)!.dtype as D;
+    return this.#dtype;
   }
 
   get shape(): readonly number[] {
-    return (this.#shape ??= Object.freeze([...handles.get(this)!.shape]));
+    this.#shape ??= Object.freeze([...handles.get(this)!.shape]);
+    return this.#shape;
   }
 
   get disposed(): boolean {

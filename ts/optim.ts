@@ -274,7 +274,7 @@ export class AdamW {
     let clip = 1;
     if (this.maxGradNorm !== undefined) {
       const c = this.maxGradNorm / (norm + 1e-6);
-      clip = c < 1 ? c : 1;
+      clip = Math.min(c, 1);
     }
     const [c, dec, b1, omb1, b2, omb2, stepSize, bc2, eps] = [
       clip,

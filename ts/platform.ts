@@ -46,11 +46,12 @@ export function nodeFiles(): NodeFiles | undefined {
   const fs = proc.getBuiltinModule('fs/promises') as FsPromises | undefined;
   const path = proc.getBuiltinModule('path') as Path | undefined;
   if (!fs || !path) return undefined;
-  return (registered = {
+  registered = {
     readFile: async (file) => (await fs.readFile(file)) as Uint8Array,
     readText: async (file) => (await fs.readFile(file, 'utf8')) as string,
     isDirectory: async (p) => (await fs.stat(p)).isDirectory(),
     join: (dir, name) => path.join(dir, name),
     dirname: (p) => path.dirname(p),
-  });
+  };
+  return registered;
 }

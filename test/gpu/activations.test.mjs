@@ -11,7 +11,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 
-import { cpu, cuda, cudaInfo, cudaOnly, host, lib, outcome, rng, sameLayout, skip, standIn, tensor } from './common.mjs';
+import { cpu, cuda, cudaInfo, cudaOnly, lib, outcome, rng, sameLayout, skip, standIn, tensor } from './common.mjs';
 if (cudaInfo?.available) console.log(`# cuda: ${cudaInfo.device}; kernels: ${cudaInfo.kernels}; GPU ops: ${cudaInfo.gpuOps?.join(', ')}`);
 else if (skip) console.log(`# ${skip}`);
 

@@ -1,7 +1,6 @@
 // The GPU suite, concurrency: createAsyncBackend({ prefer: 'cuda' }) runs host-tensor calls on
 // worker threads that share the process's GPU; 96 calls in flight at once must give exactly the
 // synchronous cuda backend's results (bit for bit). Plain node:test, no node_modules.
-import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 
 import { assertSameResult, cuda, lib, randomRouting, rng, skip, standIn, tensor } from './common.mjs';
@@ -35,6 +34,8 @@ describe('async cuda backend: concurrent calls == sequential calls', () => {
     }
     const want = list.map(([op, args]) => cuda[op](...args));
     const got = await Promise.all(list.map(([op, args]) => moe[op](...args)));
-    got.forEach((g, i) => assertSameResult(g.dtype ? { out: g } : g, want[i].dtype ? { out: want[i] } : want[i], `${list[i][0]} #${i}`));
+    got.forEach((g, i) => {
+      assertSameResult(g.dtype ? { out: g } : g, want[i].dtype ? { out: want[i] } : want[i], `${list[i][0]} #${i}`);
+    });
   });
 });

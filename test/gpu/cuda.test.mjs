@@ -11,7 +11,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 
-import { assertSameBits, assertSameResult, cpu, cuda, cudaInfo, cudaOnly, lib, loadGolden, outcome, randomRouting, rng, skip, standIn, tensor, toTensor, randomProblems } from './common.mjs';
+import { assertSameBits, assertSameResult, cpu, cuda, cudaInfo, cudaOnly, lib, loadGolden, outcome, randomRouting, rng, skip, tensor, toTensor, randomProblems } from './common.mjs';
 
 if (cudaInfo?.available) console.log(`# cuda: ${cudaInfo.device}; kernels: ${cudaInfo.kernels}; GPU ops: ${cudaInfo.gpuOps?.join(', ')}`);
 else if (skip) console.log(`# ${skip}`);

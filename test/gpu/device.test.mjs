@@ -355,7 +355,10 @@ describe('golden route: cuda (host and device tensors) == cpu', () => {
       const options = { topk: p.topk, scoreFunction: p.score_func, numGroups: p.n_groups, topkGroups: p.topk_groups, routeScale: p.route_scale, normTopkProb: p.norm_topk_prob };
       if (p.score_func === 'softmax') options.softmaxBeforeTopk = p.softmax_before_topk;
       else if (c.inputs.expert_bias) options.expertBias = toTensor(c.inputs.expert_bias, 'float32');
-      if (p.score_func === 'softmax' || p.score_func === 'sqrtsoftplus') delete options.numGroups, delete options.topkGroups;
+      if (p.score_func === 'softmax' || p.score_func === 'sqrtsoftplus') {
+        delete options.numGroups;
+        delete options.topkGroups;
+      }
       const want = cpu.route(logits, options);
       assertSameRoute(cuda.route(logits, options), want, 'host');
       const d = up({ logits, bias: options.expertBias });

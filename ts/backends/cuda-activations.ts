@@ -159,7 +159,10 @@ export const activationsGpu: GpuFamily = {
         const result = ctx.call('switchLoadBalancingLoss', (h) => {
           const ph = h.of(probs, 'probs', ['float32']);
           const ch = countsHandle(h, tokensPerExpert);
-          if (ch === undefined) return void (onHost = true);
+          if (ch === undefined) {
+            onHost = true;
+            return;
+          }
           const out = a.cudaSwitchLoadBalancingLossDevice(ph, ch, ...switchArgs(h, options, 'switchLoadBalancingLoss'));
           return { loss: out.loss, gradProbs: wrapDevice(out.gradProbs) };
         });
@@ -173,7 +176,10 @@ export const activationsGpu: GpuFamily = {
         const result = ctx.call('switchLoadBalancingLossFromLogits', (h) => {
           const lh = h.of(logits, 'logits', ['float32']);
           const ch = countsHandle(h, tokensPerExpert);
-          if (ch === undefined) return void (onHost = true);
+          if (ch === undefined) {
+            onHost = true;
+            return;
+          }
           const out = a.cudaSwitchLoadBalancingLossFromLogitsDevice(lh, ch, ...switchArgs(h, options, 'switchLoadBalancingLossFromLogits'));
           return { loss: out.loss, gradLogits: wrapDevice(out.gradLogits) };
         });

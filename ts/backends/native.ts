@@ -28,16 +28,20 @@ let cached: Loaded | undefined;
 export function loadNative(): Loaded {
   if (cached) return cached;
   if (typeof process === 'undefined' || !process.versions?.node) {
-    return (cached = { reason: 'the native backend needs Node.js' });
+    cached = { reason: 'the native backend needs Node.js' };
+    return cached;
   }
   const path = nativeAddonPath();
   if (!existsSync(path)) {
-    return (cached = { reason: `the native addon is not built: ${path} is missing (run npm run build)` });
+    cached = { reason: `the native addon is not built: ${path} is missing (run npm run build)` };
+    return cached;
   }
   try {
     const binding = createRequire(import.meta.url)(path) as Binding;
-    return (cached = { binding });
+    cached = { binding };
+    return cached;
   } catch (e) {
-    return (cached = { reason: `the native addon at ${path} failed to load: ${(e as Error).message}` });
+    cached = { reason: `the native addon at ${path} failed to load: ${(e as Error).message}` };
+    return cached;
   }
 }

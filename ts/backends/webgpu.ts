@@ -90,7 +90,7 @@ let adapterProbe: Promise<{ adapter?: unknown; reason?: string }> | undefined;
 
 /** Whether this page has a WebGPU adapter (asked once). */
 function probeAdapter(): Promise<{ adapter?: unknown; reason?: string }> {
-  return (adapterProbe ??= (async () => {
+  adapterProbe ??= (async () => {
     const gpu = navigatorGpu();
     if (!gpu) {
       const inNode = typeof process !== 'undefined' && typeof process.versions?.node === 'string' && typeof (globalThis as { window?: unknown }).window === 'undefined';
@@ -106,7 +106,8 @@ function probeAdapter(): Promise<{ adapter?: unknown; reason?: string }> {
     } catch (e) {
       return { reason: `navigator.gpu.requestAdapter() failed: ${(e as Error).message}` };
     }
-  })());
+  })();
+  return adapterProbe;
 }
 
 export type WebGpuLoaded = { binding: Binding; info: Partial<BackendInfo>; extend: (backend: Backend) => Backend; reason?: undefined } | { binding?: undefined; reason: string };
@@ -605,7 +606,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
 
     activation: (x, options) =>
       gpuOp('activation', [x, options], async (c) => {
-        const a = await activationSetup(c, base, x, undefined, options, 'activation');
+        const a = await activationSetup(c, base, x, undefined, options);
         if (a === HOST) return HOST;
         const out = c.out(a.kind, [a.rows, a.inter], 'output');
         const words = tokenWords(a.kind, a.rows * a.inter);
@@ -615,7 +616,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
 
     activationBackward: (grad, x, options) =>
       gpuOp('activationBackward', [grad, x, options], async (c) => {
-        const a = await activationSetup(c, base, x, grad, options, 'activationBackward');
+        const a = await activationSetup(c, base, x, grad, options);
         if (a === HOST) return HOST;
         const xBuf = c.buf(x, 'x');
         const gBuf = c.buf(grad, 'grad');
@@ -645,7 +646,9 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
         if (c.validate(() => base.sortChunksByIndexBackward(c.standIn(gm), sizes, order, gp)) === HOST) return HOST;
         const fwd = chunkRows(sizes, order);
         const inv = new Int32Array(fwd.length);
-        fwd.forEach((src, j) => (inv[src] = j));
+        fwd.forEach((src, j) => {
+          inv[src] = j;
+        });
         const rowBuf = c.words(inv, 'the row map');
         const [n, h] = gm.shape;
         const gradInput = c.gather(c.buf(gradOutput, 'gradOutput'), gm.dtype, rowBuf, n, h, 'gradInput');
@@ -755,7 +758,7 @@ function auxLoss(
     const m = mask?.data as Uint8Array | undefined;
     // mode 0: `total = 0.0; total += row sums`; modes 1, 2: Rust's f64 sum() (from -0.0)
     let total = mode === 0 ? 0 : -0;
-    for (let i = 0; i < t; i++) if (!m || m[i] !== 0) total += rows[i];
+    for (let i = 0; i < t; i++) if (m?.[i] !== 0) total += rows[i];
     const loss = mode === 2 ? (coeff * total) / n : total * factor;
     return mode === 0 ? { loss, gradProbs: grad } : { loss, gradLogits: grad };
   });
@@ -775,7 +778,7 @@ interface ActivationSetup {
 }
 
 /** The checks and parameters of activation / activationBackward (`grad` given: the backward). */
-async function activationSetup(c: OpCall, base: Backend, x: unknown, grad: unknown, options: unknown, op: 'activation' | 'activationBackward'): Promise<ActivationSetup | Host> {
+async function activationSetup(c: OpCall, base: Backend, x: unknown, grad: unknown, options: unknown): Promise<ActivationSetup | Host> {
   const o = parse<Record<string, unknown>>(options, ['kind', 'probs', 'alpha', 'limit', 'linearOffset']);
   if (o === HOST) return HOST;
   const xm = c.meta(x, 'x', TOKENS);

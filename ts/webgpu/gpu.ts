@@ -5,7 +5,7 @@
  * in TypeScript's DOM library; the few this file uses are declared loosely here.
  */
 
-/* eslint-disable @typescript-eslint/no-explicit-any */
+// biome-ignore-all lint/suspicious/noExplicitAny: WebGPU types are not in TypeScript's DOM library (no @webgpu/types dependency); GPU objects stay untyped here
 export type GPUDevice = any;
 export type GPUBuffer = any;
 export type GPUAdapter = any;
