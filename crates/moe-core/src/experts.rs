@@ -22,14 +22,16 @@
 //! Experts run in parallel on the native backend (each expert's outputs belong to one thread).
 
 use std::borrow::Cow;
+use std::mem::MaybeUninit;
 
 use half::{bf16, f16};
 
 use crate::activations::{activation, activation_backward, ActivationOptions};
-use crate::alloc::try_vec;
+use crate::alloc::{try_filled_vec, try_vec, write_slice};
 use crate::error::{Error, Result};
 use crate::par::run_tasks;
-use crate::tensor::{DType, Data, Float, Tensor, TensorRef};
+use crate::permute::check_out_disjoint;
+use crate::tensor::{DType, Data, Float, Tensor, TensorMut, TensorRef};
 
 // ---------------------------------------------------------------------------------------
 // GEMM.
@@ -111,9 +113,7 @@ fn collect_f32<T: Float>(src: &[T], arg: &str) -> Result<Vec<f32>> {
 /// An f32 result rounded once to `dtype` (moved, not copied, for float32).
 fn narrow(dtype: DType, shape: Vec<usize>, v: Vec<f32>, arg: &str) -> Result<Tensor> {
     fn bits<T: Float>(v: &[f32], arg: &str) -> Result<Vec<T>> {
-        let mut out = crate::alloc::try_with_capacity(v.len(), arg)?;
-        out.extend(v.iter().map(|&x| T::from_f32(x)));
-        Ok(out)
+        try_filled_vec(v.len(), arg, |dst| round_into(dst, v))
     }
     Ok(match dtype {
         DType::F32 => Tensor::f32(shape, v),
@@ -121,6 +121,24 @@ fn narrow(dtype: DType, shape: Vec<usize>, v: Vec<f32>, arg: &str) -> Result<Ten
         DType::F16 => Tensor::from_elements(shape, bits::<f16>(&v, arg)?),
         _ => return Err(Error::Internal(format!("narrow: {} is not a float dtype", dtype.name()))),
     })
+}
+
+/// [`narrow`] into a caller-owned output of `v`'s length (the dtype checked by the caller).
+fn narrow_into(v: &[f32], out: &mut TensorMut) -> Result<()> {
+    match out.dtype {
+        DType::F32 => out.fill::<f32>(|dst| write_slice(dst, v)),
+        DType::BF16 => out.fill::<bf16>(|dst| round_into(dst, v)),
+        DType::F16 => out.fill::<f16>(|dst| round_into(dst, v)),
+        other => return Err(Error::Internal(format!("narrow_into: {} is not a float dtype", other.name()))),
+    }
+    Ok(())
+}
+
+/// Each f32 rounded once to `T`.
+fn round_into<T: Float>(dst: &mut [MaybeUninit<T>], v: &[f32]) {
+    for (o, &x) in dst.iter_mut().zip(v) {
+        o.write(T::from_f32(x));
+    }
 }
 
 fn f32_data(t: Tensor) -> Result<Vec<f32>> {
@@ -350,7 +368,41 @@ pub fn experts_forward(inp: &ExpertsInputs, act: &ActivationOptions) -> Result<T
     let d = check(inp, act)?;
     let w = wide(inp)?;
     let mut y = try_vec(0f32, d.n * d.dim, "output")?;
-    let blocks = split_mut(&mut y, d.offsets.windows(2).map(|o| (o[1] - o[0]) * d.dim));
+    forward_rows(&w, &d, act, &mut y)?;
+    narrow(inp.tokens.dtype, vec![d.n, d.dim], y, "output")
+}
+
+/// [`experts_forward`] writing into a caller-owned `out` (`[numSlots, dim]` of the dtype of
+/// permutedTokens, sharing no memory with an input), checked with every other argument before a
+/// byte is written; the same bits as the allocating call. A float32 `out` receives the GEMMs'
+/// results directly; a 16-bit one the rounded f32 rows. On an error after the checks (the
+/// intermediates cannot be allocated) `out` may be partly written.
+pub fn experts_forward_into(inp: &ExpertsInputs, act: &ActivationOptions, out: &mut TensorMut) -> Result<()> {
+    let d = check(inp, act)?;
+    out.expect(inp.tokens.dtype, &[d.n, d.dim], "([numSlots, dim] of the dtype of permutedTokens)")?;
+    let inputs = [
+        Some(&inp.tokens),
+        Some(&inp.tokens_per_expert),
+        Some(&inp.gate_and_up),
+        Some(&inp.down),
+        inp.probs.as_ref(),
+        inp.gate_up_bias.as_ref(),
+        inp.down_bias.as_ref(),
+    ];
+    check_out_disjoint(out, &inputs)?;
+    let w = wide(inp)?;
+    if out.dtype == DType::F32 {
+        return out.modify::<f32, _>(|y| forward_rows(&w, &d, act, y));
+    }
+    let mut y = try_vec(0f32, d.n * d.dim, "output")?;
+    forward_rows(&w, &d, act, &mut y)?;
+    narrow_into(&y, out)
+}
+
+/// The forward's f32 rows `y [N, dim]`, each expert's block on its own task; every row is
+/// written (the GEMM overwrites its output), so `y` may hold anything before.
+fn forward_rows(w: &Wide, d: &Dims, act: &ActivationOptions, y: &mut [f32]) -> Result<()> {
+    let blocks = split_mut(y, d.offsets.windows(2).map(|o| (o[1] - o[0]) * d.dim));
     let work = d.n * d.dim * d.width * 2;
     run_tasks(blocks.into_iter().enumerate().collect(), work, |(e, out)| {
         let rows = d.offsets[e]..d.offsets[e + 1];
@@ -359,8 +411,8 @@ pub fn experts_forward(inp: &ExpertsInputs, act: &ActivationOptions) -> Result<T
             return Ok(());
         }
         let p = w.p.as_ref().map(|p| &p[rows.clone()]);
-        let h = up_projection(&w, &d, e, rows)?;
-        let a = activate(&h, p, &d, count, act)?;
+        let h = up_projection(w, d, e, rows)?;
+        let a = activate(&h, p, d, count, act)?;
         let w2 = Mat::new(&w.w2[e * d.inter * d.dim..(e + 1) * d.inter * d.dim], d.inter, d.dim);
         gemm(Mat::new(&a, count, d.inter), w2, 0.0, out)?;
         if let Some(b2) = &w.b2 {
@@ -373,8 +425,7 @@ pub fn experts_forward(inp: &ExpertsInputs, act: &ActivationOptions) -> Result<T
             }
         }
         Ok(())
-    })?;
-    narrow(inp.tokens.dtype, vec![d.n, d.dim], y, "output")
+    })
 }
 
 /// Output of [`experts_backward`].
@@ -610,6 +661,78 @@ mod tests {
         assert!(dw1[dim * 2 * inter..2 * dim * 2 * inter].iter().all(|&v| v == 0.0));
         assert!(dw1[..dim * 2 * inter].iter().any(|&v| v != 0.0));
         assert_eq!(grads.grad_probs.unwrap().shape, vec![n]);
+    }
+
+    /// A small swiglu problem with probs and both biases, in `dtype` (widened from f32 values).
+    fn problem(dtype: DType) -> (Vec<Vec<u8>>, [usize; 4]) {
+        let mut s = 5;
+        let (dim, inter, counts) = (9usize, 4usize, [2i32, 0, 3]);
+        let (n, e) = (5usize, counts.len());
+        let bytes = |v: Vec<f32>| -> Vec<u8> {
+            match dtype {
+                DType::F32 => bytemuck::cast_slice(&v).to_vec(),
+                DType::BF16 => v.iter().flat_map(|&x| bf16::from_f32(x).to_bits().to_le_bytes()).collect(),
+                _ => v.iter().flat_map(|&x| f16::from_f32(x).to_bits().to_le_bytes()).collect(),
+            }
+        };
+        let bufs = vec![
+            bytes(rand(n * dim, &mut s, 1.0)),
+            bytemuck::cast_slice(&counts).to_vec(),
+            bytes(rand(e * dim * 2 * inter, &mut s, 0.5)),
+            bytes(rand(e * inter * dim, &mut s, 0.5)),
+            bytemuck::cast_slice(&rand(n, &mut s, 1.0)).to_vec(),
+            bytes(rand(e * 2 * inter, &mut s, 0.3)),
+            bytes(rand(e * dim, &mut s, 0.3)),
+        ];
+        (bufs, [n, dim, inter, e])
+    }
+
+    fn inputs(b: &[Vec<u8>], dtype: DType, [n, dim, inter, e]: [usize; 4]) -> ExpertsInputs<'_> {
+        let t = |name, dt, shape, i: usize| TensorRef::new(name, dt, shape, &b[i]).unwrap();
+        ExpertsInputs {
+            tokens: t("permutedTokens", dtype, vec![n, dim], 0),
+            tokens_per_expert: t("tokensPerExpert", DType::I32, vec![e], 1),
+            gate_and_up: t("gateAndUpProjs", dtype, vec![e, dim, 2 * inter], 2),
+            down: t("downProjs", dtype, vec![e, inter, dim], 3),
+            probs: Some(t("permutedProbs", DType::F32, vec![n], 4)),
+            gate_up_bias: Some(t("gateUpProjBias", dtype, vec![e, 2 * inter], 5)),
+            down_bias: Some(t("downProjBias", dtype, vec![e, dim], 6)),
+        }
+    }
+
+    #[test]
+    fn forward_into_writes_the_allocating_results_bits_and_checks_first() {
+        let act = ActivationOptions::new(ActivationKind::Swiglu);
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let (bufs, dims) = problem(dtype);
+            let [n, dim, ..] = dims;
+            let inp = inputs(&bufs, dtype, dims);
+            let want = experts_forward(&inp, &act).unwrap();
+            let want: &[u8] = match &want.data {
+                Data::F32(v) => bytemuck::cast_slice(v),
+                Data::U16(v) => bytemuck::cast_slice(v),
+                other => panic!("a float tensor, got {other:?}"),
+            };
+            // A reused output full of NaNs, aligned and not: every byte is overwritten.
+            let size = n * dim * dtype.size();
+            for offset in [0, 1] {
+                let mut buf = vec![0xffu8; size + offset];
+                let mut out = TensorMut::new("out", dtype, vec![n, dim], &mut buf[offset..]).unwrap();
+                experts_forward_into(&inp, &act, &mut out).unwrap();
+                assert_eq!(out.bytes(), want, "{} offset {offset}", dtype.name());
+            }
+            // Wrong dtype or shape: errors naming out, nothing written (an out over an input: the facade's tests).
+            let other = if dtype == DType::F32 { DType::BF16 } else { DType::F32 };
+            let mut buf = vec![7u8; n * dim * other.size()];
+            let err = experts_forward_into(&inp, &act, &mut TensorMut::new("out", other, vec![n, dim], &mut buf).unwrap()).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::TypeError);
+            assert!(err.to_string().starts_with(&format!("out.dtype: expected {}", dtype.name())), "{err}");
+            let mut buf = vec![7u8; size];
+            let err = experts_forward_into(&inp, &act, &mut TensorMut::new("out", dtype, vec![dim, n], &mut buf).unwrap()).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::RangeError);
+            assert!(err.to_string().starts_with(&format!("out.shape: expected [{n}, {dim}]")), "{err}");
+            assert!(buf.iter().all(|&b| b == 7));
+        }
     }
 
     #[test]

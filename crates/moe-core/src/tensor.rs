@@ -231,6 +231,22 @@ impl<'a> TensorMut<'a> {
         self.bytes
     }
 
+    /// Hands the elements to `f` as `T` of the dtype's width, holding their current values, for
+    /// an op that overwrites them where it likes (a GEMM's output): in place when the bytes are
+    /// aligned for `T`, else through a temporary copy written back afterwards.
+    pub fn modify<T: Pod, R>(&mut self, f: impl FnOnce(&mut [T]) -> R) -> R {
+        debug_assert_eq!(std::mem::size_of::<T>(), self.dtype.size());
+        match bytemuck::try_cast_slice_mut::<u8, T>(self.bytes) {
+            Ok(slice) => f(slice),
+            Err(_) => {
+                let mut v: Vec<T> = bytemuck::pod_collect_to_vec(self.bytes);
+                let r = f(&mut v);
+                self.bytes.copy_from_slice(bytemuck::cast_slice(&v));
+                r
+            }
+        }
+    }
+
     /// Hands every element to `fill` (which must write all of them) as `T` of the dtype's
     /// width: in place when the bytes are aligned for `T`, else through a temporary copy.
     pub fn fill<T: Pod>(&mut self, fill: impl FnOnce(&mut [std::mem::MaybeUninit<T>])) {
