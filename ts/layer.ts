@@ -594,9 +594,13 @@ export class MoELayer {
   /** Router logits, float32: computed in float32 from the widened operands, rounded to the router's dtype. */
   #logits(x: AnyTensor, m: LayerMath, temps: AnyTensor[]): Tensor<'float32'> {
     const w = this.weights;
-    const xf = m.toF32(x, temps);
-    const wf = m.toF32(w.routerWeight, temps);
-    const raw = this.backend.matmul(xf as Tensor<'float32'>, wf as Tensor<'float32'>);
+    let raw: AnyTensor;
+    if (this.onDevice && x.dtype === w.routerWeight.dtype) {
+      // one GEMM of the 16-bit operands with a float32 result (the same products and float32 sums as the widened GEMM, no copies)
+      raw = (this.backend as CudaBackend).matmulToFloat32(x as DeviceTensor<TokenDType>, w.routerWeight as unknown as DeviceTensor<TokenDType>);
+    } else {
+      raw = this.backend.matmul(m.toF32(x, temps) as Tensor<'float32'>, m.toF32(w.routerWeight, temps) as Tensor<'float32'>);
+    }
     temps.push(raw);
     return m.logitsEpilogue(raw, w.routerBias, this.routerDtype) as Tensor<'float32'>;
   }
@@ -774,7 +778,7 @@ export class MoELayer {
     const moe = this.backend;
     const m = this.#math;
     const temps: AnyTensor[] = [];
-    const [N, D, E] = [s.x.shape[0], this.dim, this.numExperts];
+    const [N, D] = [s.x.shape[0], this.dim];
     const g2 = (dev ? g : reshape(g as Tensor<TokenDType>, [N, D])) as Tensor<TokenDType>;
     const local = this.epSize === 1;
     const [r0, r1] = s.localRows;

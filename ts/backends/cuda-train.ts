@@ -49,6 +49,8 @@ export interface CudaTrainOps {
   adamwStep(step: DeviceAdamWStep): void;
   /** A copy converted to `dtype`: exact from 16-bit to float32, rounded once the other way. */
   cast<D extends TokenDType>(tensor: DeviceTensor<TokenDType>, dtype: D): DeviceTensor<D>;
+  /** `a @ b` of 16-bit (or float32) operands of one dtype with a float32 result: one GEMM accumulating in float32, the output not rounded to the operands' dtype. */
+  matmulToFloat32(a: DeviceTensor<TokenDType>, b: DeviceTensor<TokenDType>, options?: { transA?: boolean; transB?: boolean }): DeviceTensor<'float32'>;
   /** Float32 zeros. */
   zeros(shape: readonly number[]): DeviceTensor<'float32'>;
   /** Router logits from the float32 GEMM result: `f32(raw + bias[j])`, rounded to `roundTo` and widened back. */
@@ -81,6 +83,7 @@ interface TrainAddon {
   cudaAdamwStep(args: Record<string, unknown>): void;
   cudaCast(t: H, dtype: string): H;
   cudaZeros(shape: number[]): H;
+  cudaMatmulF32Out(a: H, b: H, transA?: boolean, transB?: boolean): H;
   cudaLogitsEpilogue(raw: H, bias: H | undefined | null, roundTo: string): H;
   cudaAdd3(a: H, b: H, c: H | undefined | null, dtype: string): H;
   cudaColumnSums(g: H, dtype: string): H;
@@ -186,6 +189,13 @@ export const trainGpu: GpuFamily = {
         return call('cast', (h) => {
           live(tensor);
           return wrapDevice(gpu.cudaCast(h.of(tensor, 'tensor', TOKENS), dtypeArg(dtype, 'dtype')));
+        });
+      },
+      matmulToFloat32(a, b, options) {
+        return call('matmulToFloat32', (h) => {
+          live(a, b);
+          const o = checkOptions<{ transA?: boolean; transB?: boolean }>(options, 'matmulToFloat32', ['transA', 'transB']);
+          return wrapDevice<'float32'>(gpu.cudaMatmulF32Out(h.of(a, 'a', TOKENS), h.of(b, 'b', TOKENS), checkBool(o.transA, 'options.transA'), checkBool(o.transB, 'options.transB')));
         });
       },
       zeros(shape) {

@@ -239,3 +239,16 @@ pub fn cuda_mse_loss(y: &CudaTensor, target: &CudaTensor) -> napi::Result<MseOut
         Ok(MseOut { loss, grad: CudaTensor::wrap(grad) })
     })
 }
+
+/// `a @ b` with a float32 result (moe_cuda::train::matmul_f32_out).
+#[napi]
+pub fn cuda_matmul_f32_out(
+    a: &CudaTensor,
+    b: &CudaTensor,
+    trans_a: Option<bool>,
+    trans_b: Option<bool>,
+) -> napi::Result<CudaTensor, String> {
+    run(|dev| {
+        Ok(CudaTensor::wrap(train::matmul_f32_out(dev, a.get("a")?, b.get("b")?, trans_a.unwrap_or(false), trans_b.unwrap_or(false))?))
+    })
+}
