@@ -23,7 +23,7 @@ use half::{bf16, f16};
 use crate::alloc::filled_vec;
 use crate::error::{Error, Result};
 use crate::par::for_each_row;
-use crate::tensor::{DType, Float, Tensor, TensorRef};
+use crate::tensor::{DType, Float, Meta, Tensor, TensorRef};
 
 /// Which activation to apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -302,14 +302,15 @@ fn pair<T: Float>(layout: Layout, row: &[T], inter: usize, j: usize) -> (f32, f3
 // ---------------------------------------------------------------------------------------
 // Ops.
 
-/// Shapes of an activation problem: rows, input width, output width.
-struct Dims {
-    rows: usize,
-    width: usize,
-    inter: usize,
+/// activation's (and activationBackward's) arguments once checked: rows, input width, output width.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ActivationCheck {
+    pub rows: usize,
+    pub width: usize,
+    pub inter: usize,
 }
 
-fn check_input(x: &TensorRef, kind: ActivationKind) -> Result<Dims> {
+fn check_input(x: Meta, kind: ActivationKind) -> Result<ActivationCheck> {
     let dims = x.expect_rank(2, if kind.is_gated() { "[numRows, 2 * inter]" } else { "[numRows, inter]" })?;
     let (rows, width) = (dims[0], dims[1]);
     x.expect_dtype(DType::TOKENS)?;
@@ -321,27 +322,49 @@ fn check_input(x: &TensorRef, kind: ActivationKind) -> Result<Dims> {
         ));
     }
     let inter = if kind.is_gated() { width / 2 } else { width };
-    Ok(Dims { rows, width, inter })
+    Ok(ActivationCheck { rows, width, inter })
 }
 
 /// Checks per-row probs: float32, `[numRows]` or `[numRows, 1]`.
-fn check_probs<'a>(probs: Option<&TensorRef<'a>>, rows: usize) -> Result<Option<std::borrow::Cow<'a, [f32]>>> {
-    let Some(p) = probs else { return Ok(None) };
+fn check_probs(probs: Option<Meta>, rows: usize) -> Result<()> {
+    let Some(p) = probs else { return Ok(()) };
     p.expect_dtype(&[DType::F32])?;
     if p.shape.len() == 1 {
-        p.expect_shape(&[rows], "([numRows]: one prob per row of x)")?;
+        p.expect_shape(&[rows], "([numRows]: one prob per row of x)")
     } else {
         p.expect_rank(2, "[numRows] or [numRows, 1]")?;
-        p.expect_shape(&[rows, 1], "([numRows, 1]: one prob per row of x)")?;
+        p.expect_shape(&[rows, 1], "([numRows, 1]: one prob per row of x)")
     }
-    Ok(Some(p.typed::<f32>()?))
+}
+
+/// Every check of [`activation`], in its order.
+pub fn check_activation(x: Meta, probs: Option<Meta>, options: &ActivationOptions) -> Result<ActivationCheck> {
+    let c = check_input(x, options.kind)?;
+    check_probs(probs, c.rows)?;
+    Ok(c)
+}
+
+/// Every check of [`activation_backward`], in its order.
+pub fn check_activation_backward(grad: Meta, x: Meta, probs: Option<Meta>, options: &ActivationOptions) -> Result<ActivationCheck> {
+    let c = check_input(x, options.kind)?;
+    grad.expect_rank(2, "[numRows, inter]")?;
+    grad.expect_shape(&[c.rows, c.inter], "([numRows, inter]: the shape of the forward output)")?;
+    if grad.dtype != x.dtype {
+        return Err(Error::type_error(
+            format!("{}.dtype", grad.name),
+            format!("{} (the dtype of {})", x.dtype.name(), x.name),
+            grad.dtype.name(),
+        ));
+    }
+    check_probs(probs, c.rows)?;
+    Ok(c)
 }
 
 /// `x [N, 2 * I]` (or `[N, I]` for relu2) to `[N, I]` in the dtype of `x`, each row times its
 /// prob when `probs` (`[N]` or `[N, 1]`, float32) is given.
 pub fn activation(x: &TensorRef, probs: Option<&TensorRef>, options: &ActivationOptions) -> Result<Tensor> {
-    let dims = check_input(x, options.kind)?;
-    let p = check_probs(probs, dims.rows)?;
+    let dims = check_activation(x.meta(), probs.map(|p| p.meta()), options)?;
+    let p = probs.map(|p| p.typed::<f32>()).transpose()?;
     match x.dtype {
         DType::F32 => forward::<f32>(x, p.as_deref(), options, &dims),
         DType::BF16 => forward::<bf16>(x, p.as_deref(), options, &dims),
@@ -350,9 +373,9 @@ pub fn activation(x: &TensorRef, probs: Option<&TensorRef>, options: &Activation
     }
 }
 
-fn forward<T: Float>(x: &TensorRef, probs: Option<&[f32]>, o: &ActivationOptions, dims: &Dims) -> Result<Tensor> {
+fn forward<T: Float>(x: &TensorRef, probs: Option<&[f32]>, o: &ActivationOptions, dims: &ActivationCheck) -> Result<Tensor> {
     let src = x.typed::<T>()?;
-    let Dims { rows, width, inter } = *dims;
+    let ActivationCheck { rows, width, inter } = *dims;
     let layout = o.kind.layout();
     let work = rows * (width + inter) * std::mem::size_of::<T>();
     let out = filled_vec(rows * inter, |out| {
@@ -396,17 +419,8 @@ pub fn activation_backward(
     probs: Option<&TensorRef>,
     options: &ActivationOptions,
 ) -> Result<ActivationGrads> {
-    let dims = check_input(x, options.kind)?;
-    grad.expect_rank(2, "[numRows, inter]")?;
-    grad.expect_shape(&[dims.rows, dims.inter], "([numRows, inter]: the shape of the forward output)")?;
-    if grad.dtype != x.dtype {
-        return Err(Error::type_error(
-            format!("{}.dtype", grad.name),
-            format!("{} (the dtype of {})", x.dtype.name(), x.name),
-            grad.dtype.name(),
-        ));
-    }
-    let p = check_probs(probs, dims.rows)?;
+    let dims = check_activation_backward(grad.meta(), x.meta(), probs.map(|p| p.meta()), options)?;
+    let p = probs.map(|p| p.typed::<f32>()).transpose()?;
     let grad_probs_shape = probs.map(|p| p.shape.clone());
     let (grad_input, grad_probs) = match x.dtype {
         DType::F32 => backward::<f32>(grad, x, p.as_deref(), options, &dims)?,
@@ -422,11 +436,11 @@ fn backward<T: Float>(
     x: &TensorRef,
     probs: Option<&[f32]>,
     o: &ActivationOptions,
-    dims: &Dims,
+    dims: &ActivationCheck,
 ) -> Result<(Tensor, Option<Vec<f32>>)> {
     let src = x.typed::<T>()?;
     let g = grad.typed::<T>()?;
-    let Dims { rows, width, inter } = *dims;
+    let ActivationCheck { rows, width, inter } = *dims;
     let layout = o.kind.layout();
     let work = rows * (2 * width + inter) * std::mem::size_of::<T>();
     let grad_input = filled_vec(rows * width, |out| {

@@ -9,7 +9,7 @@
 use crate::detmath::{exp, ln};
 use crate::error::{opt_size_arg, size_arg, Error, Result};
 use crate::par::for_each_row;
-use crate::tensor::{DType, Tensor, TensorRef};
+use crate::tensor::{DType, Meta, Tensor, TensorRef};
 
 /// A scalar loss and its gradient with respect to the op's first input.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,30 +52,32 @@ fn check_coeff(coeff: f64) -> Result<f64> {
     Ok(coeff)
 }
 
-/// `[T, E]` f32 input with finite values; returns (T, E, values).
-fn matrix<'a>(t: &TensorRef<'a>) -> Result<(usize, usize, std::borrow::Cow<'a, [f32]>)> {
+/// `[T, E]` f32 input with finite values (on the host); returns (T, E).
+fn check_matrix(t: Meta) -> Result<(usize, usize)> {
     let dims = t.expect_rank(2, "[numTokens, numExperts]")?;
     let (rows, cols) = (dims[0], dims[1]);
     t.expect_dtype(&[DType::F32])?;
     if cols == 0 {
         return Err(Error::range(format!("{}.shape[1]", t.name), "expected at least one expert, got 0"));
     }
-    let v = t.typed::<f32>()?;
-    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-        return Err(Error::range(t.name, format!("{}[{}][{}] = {} is not finite", t.name, i / cols, i % cols, v[i])));
+    if let Some((i, v)) = t.first_non_finite()? {
+        return Err(Error::range(t.name, format!("{}[{}][{}] = {} is not finite", t.name, i / cols, i % cols, v)));
     }
-    Ok((rows, cols, v))
+    Ok((rows, cols))
+}
+
+/// The mask: bool (0/1 on the host), one per row.
+fn check_mask(mask: Option<Meta>, rows: usize) -> Result<()> {
+    let Some(m) = mask else { return Ok(()) };
+    m.check_mask()?;
+    m.expect_shape(&[rows], "([numTokens])")
 }
 
 /// The mask as one flag per row (all true without a mask) and the number of true rows.
-fn row_mask<'a>(mask: Option<&TensorRef<'a>>, rows: usize) -> Result<(Option<&'a [u8]>, usize)> {
+fn row_mask<'a>(mask: Option<&TensorRef<'a>>, rows: usize) -> (Option<&'a [u8]>, usize) {
     match mask {
-        Some(m) => {
-            let bytes = m.mask()?;
-            m.expect_shape(&[rows], "([numTokens])")?;
-            Ok((Some(bytes), bytes.iter().filter(|&&b| b != 0).count()))
-        }
-        None => Ok((None, rows)),
+        Some(m) => (Some(m.bytes()), m.bytes().iter().filter(|&&b| b != 0).count()),
+        None => (None, rows),
     }
 }
 
@@ -108,29 +110,51 @@ fn masked_rows<T: Default + Clone + Send>(
     out
 }
 
-/// `tokensPerExpert [E]` as f64 counts.
-fn counts(tokens_per_expert: &TensorRef, num_experts: usize) -> Result<Vec<f64>> {
+/// Every check of the Switch losses ([`switch_load_balancing_loss`] on probs,
+/// [`switch_load_balancing_loss_from_logits`] on logits: `x`), in their order: `x [T, E]`
+/// float32 (finite on the host), `tokensPerExpert [E]` (not negative on the host), the mask,
+/// then the options. Returns (T, E).
+pub fn check_switch_loss(
+    x: Meta,
+    tokens_per_expert: Meta,
+    token_mask: Option<Meta>,
+    options: &SwitchLossOptions,
+) -> Result<(usize, usize)> {
+    let (rows, cols) = check_matrix(x)?;
     tokens_per_expert.expect_dtype(DType::INDICES)?;
-    tokens_per_expert.expect_shape(&[num_experts], "([numExperts], the columns of the scores)")?;
-    let c = tokens_per_expert.indices()?;
-    if let Some(e) = c.iter().position(|&v| v < 0) {
-        return Err(Error::range("tokensPerExpert", format!("tokensPerExpert[{e}] = {} is negative", c[e])));
+    tokens_per_expert.expect_shape(&[cols], "([numExperts], the columns of the scores)")?;
+    if let Some((e, c)) = tokens_per_expert.find_index(|v| v < 0)? {
+        return Err(Error::range("tokensPerExpert", format!("tokensPerExpert[{e}] = {c} is negative")));
     }
-    Ok(c.iter().map(|&v| v as f64).collect())
-}
-
-/// The factor `E * coeff / (k * N * N)` of the Switch loss, and validation of its options.
-fn switch_factor(options: &SwitchLossOptions, num_experts: usize, valid_rows: usize) -> Result<f64> {
+    check_mask(token_mask, rows)?;
     if options.topk == 0 {
         return Err(Error::range("topk", "expected at least 1, got 0"));
     }
-    let coeff = check_coeff(options.coeff)?;
-    let n = match options.num_tokens {
-        Some(0) => return Err(Error::range("numTokens", "expected at least 1, got 0")),
-        Some(n) => n,
-        None => valid_rows.max(1),
-    } as f64;
-    Ok(num_experts as f64 * coeff / (options.topk as f64 * n * n))
+    check_coeff(options.coeff)?;
+    if options.num_tokens == Some(0) {
+        return Err(Error::range("numTokens", "expected at least 1, got 0"));
+    }
+    Ok((rows, cols))
+}
+
+/// Every check of [`z_loss`], in its order: `logits [T, E]` float32 (finite on the host), the
+/// mask, the coefficient. Returns (T, E).
+pub fn check_z_loss(logits: Meta, token_mask: Option<Meta>, coeff: f64) -> Result<(usize, usize)> {
+    let (rows, cols) = check_matrix(logits)?;
+    check_mask(token_mask, rows)?;
+    check_coeff(coeff)?;
+    Ok((rows, cols))
+}
+
+/// `tokensPerExpert [E]` as f64 counts (checked by [`check_switch_loss`]).
+fn counts(tokens_per_expert: &TensorRef) -> Result<Vec<f64>> {
+    Ok(tokens_per_expert.indices()?.iter().map(|&v| v as f64).collect())
+}
+
+/// The factor `E * coeff / (k * N * N)` of the Switch loss (options checked by [`check_switch_loss`]).
+fn switch_factor(options: &SwitchLossOptions, num_experts: usize, valid_rows: usize) -> f64 {
+    let n = options.num_tokens.unwrap_or(valid_rows.max(1)) as f64;
+    num_experts as f64 * options.coeff / (options.topk as f64 * n * n)
 }
 
 /// Switch Transformer load-balancing loss on router probabilities `probs [T, E]`:
@@ -142,10 +166,11 @@ pub fn switch_load_balancing_loss(
     token_mask: Option<&TensorRef>,
     options: SwitchLossOptions,
 ) -> Result<Loss> {
-    let (rows, cols, p) = matrix(probs)?;
-    let c = counts(tokens_per_expert, cols)?;
-    let (mask, valid_rows) = row_mask(token_mask, rows)?;
-    let factor = switch_factor(&options, cols, valid_rows)?;
+    let (rows, cols) = check_switch_loss(probs.meta(), tokens_per_expert.meta(), token_mask.map(|m| m.meta()), &options)?;
+    let p = probs.typed::<f32>()?;
+    let c = counts(tokens_per_expert)?;
+    let (mask, valid_rows) = row_mask(token_mask, rows);
+    let factor = switch_factor(&options, cols, valid_rows);
     let mut total = 0.0;
     for t in (0..rows).filter(|&t| valid(mask, t)) {
         let row = &p[t * cols..(t + 1) * cols];
@@ -191,10 +216,11 @@ pub fn switch_load_balancing_loss_from_logits(
     token_mask: Option<&TensorRef>,
     options: SwitchLossOptions,
 ) -> Result<Loss> {
-    let (rows, cols, x) = matrix(logits)?;
-    let c = counts(tokens_per_expert, cols)?;
-    let (mask, valid_rows) = row_mask(token_mask, rows)?;
-    let factor = switch_factor(&options, cols, valid_rows)?;
+    let (rows, cols) = check_switch_loss(logits.meta(), tokens_per_expert.meta(), token_mask.map(|m| m.meta()), &options)?;
+    let x = logits.typed::<f32>()?;
+    let c = counts(tokens_per_expert)?;
+    let (mask, valid_rows) = row_mask(token_mask, rows);
+    let factor = switch_factor(&options, cols, valid_rows);
     let stats = all_row_stats(&x, rows, cols, mask, Some(&c));
     // sum_t sum_e p_te * count_e, in token order.
     let total: f64 = (0..rows).filter(|&t| valid(mask, t)).map(|t| stats[t].weighted / stats[t].sum).sum();
@@ -212,9 +238,9 @@ pub fn switch_load_balancing_loss_from_logits(
 /// ST-MoE z-loss: `loss = coeff * mean over unmasked tokens of logsumexp(logits_t)^2` and
 /// `grad[t, i] = 2 * coeff / N * lse_t * softmax(logits_t)_i` (N = unmasked tokens, at least 1).
 pub fn z_loss(logits: &TensorRef, token_mask: Option<&TensorRef>, coeff: f64) -> Result<Loss> {
-    let (rows, cols, x) = matrix(logits)?;
-    let (mask, valid_rows) = row_mask(token_mask, rows)?;
-    let coeff = check_coeff(coeff)?;
+    let (rows, cols) = check_z_loss(logits.meta(), token_mask.map(|m| m.meta()), coeff)?;
+    let x = logits.typed::<f32>()?;
+    let (mask, valid_rows) = row_mask(token_mask, rows);
     let n = valid_rows.max(1) as f64;
     let stats = all_row_stats(&x, rows, cols, mask, None);
     let lse = |s: &RowStats| s.max + ln(s.sum);
@@ -371,5 +397,28 @@ mod tests {
         check(z_loss(&nan, None, 1.0), "logits: logits[0][1] = NaN", ErrorKind::RangeError);
         let m = TensorRef::new("tokenMask", DType::Bool, vec![3], &[1u8, 1, 1]).unwrap();
         check(z_loss(&l, Some(&m), 1.0), "tokenMask.shape:", ErrorKind::RangeError);
+    }
+
+    /// The check functions on a backend's tensors (`Meta::shape_only`) skip the values (a NaN
+    /// logit, a negative count, a mask byte of 2) and still check dtypes, shapes and options.
+    #[test]
+    fn checks_without_the_values() {
+        let x = [0.5f32, f32::NAN, 1.0, 2.0];
+        let counts = [-1i32, 3];
+        let mask = [2u8, 1];
+        let meta = |name, dtype, shape: &'static [usize]| Meta::shape_only(name, dtype, shape);
+        let (x_m, c_m, m_m) =
+            (meta("logits", DType::F32, &[2, 2]), meta("tokensPerExpert", DType::I32, &[2]), meta("tokenMask", DType::Bool, &[2]));
+        assert_eq!(check_switch_loss(x_m, c_m, Some(m_m), &opts(1, 1.0)).unwrap(), (2, 2));
+        assert_eq!(check_z_loss(x_m, Some(m_m), 1.0).unwrap(), (2, 2));
+        let err = check_switch_loss(x_m, c_m, None, &opts(0, 1.0)).unwrap_err();
+        assert_eq!(err.to_string(), "topk: expected at least 1, got 0");
+        // on the host the same functions report the values, as the ops do
+        let l = TensorRef::of("logits", vec![2, 2], &x).unwrap();
+        let c = TensorRef::of("tokensPerExpert", vec![2], &counts).unwrap();
+        let m = TensorRef::new("tokenMask", DType::Bool, vec![2], &mask).unwrap();
+        let op = switch_load_balancing_loss_from_logits(&l, &c, Some(&m), opts(1, 1.0)).unwrap_err();
+        assert_eq!(check_switch_loss(l.meta(), c.meta(), Some(m.meta()), &opts(1, 1.0)).unwrap_err(), op);
+        assert!(op.to_string().starts_with("logits: logits[0][1] = NaN"), "{op}");
     }
 }

@@ -336,15 +336,30 @@ impl<'a> Meta<'a> {
         Ok(())
     }
 
-    /// An int32 or int64 tensor; on the host the index of the first element outside `0..bound`.
-    pub fn first_outside(&self, bound: usize) -> Result<Option<(usize, i64)>> {
+    /// An int32 or int64 tensor; on the host the index and value of the first element for
+    /// which `pred` holds (`pred` sees the elements in order, widened to i64).
+    pub fn find_index(&self, mut pred: impl FnMut(i64) -> bool) -> Result<Option<(usize, i64)>> {
         self.expect_dtype(DType::INDICES)?;
         let Some(bytes) = self.host else { return Ok(None) };
-        let outside = |v: i64| v < 0 || v as u64 >= bound as u64;
         Ok(match self.dtype {
-            DType::I64 => bytes.chunks_exact(8).map(|b| i64::from_ne_bytes(b.try_into().unwrap())).enumerate().find(|&(_, v)| outside(v)),
-            _ => bytes.chunks_exact(4).map(|b| i32::from_ne_bytes(b.try_into().unwrap()) as i64).enumerate().find(|&(_, v)| outside(v)),
+            DType::I64 => bytes.chunks_exact(8).map(|b| i64::from_ne_bytes(b.try_into().unwrap())).enumerate().find(|&(_, v)| pred(v)),
+            _ => bytes.chunks_exact(4).map(|b| i32::from_ne_bytes(b.try_into().unwrap()) as i64).enumerate().find(|&(_, v)| pred(v)),
         })
+    }
+
+    /// An int32 or int64 tensor; on the host the index of the first element outside `0..bound`.
+    pub fn first_outside(&self, bound: usize) -> Result<Option<(usize, i64)>> {
+        self.find_index(|v| v < 0 || v as u64 >= bound as u64)
+    }
+
+    /// An int32 or int64 tensor's elements widened to i64, when they are on the host.
+    pub fn index_values(&self) -> Result<Option<Vec<i64>>> {
+        let mut values = Vec::new();
+        self.find_index(|v| {
+            values.push(v);
+            false
+        })?;
+        Ok(self.host.map(|_| values))
     }
 
     /// A float32 tensor; on the host the index and value of the first non-finite element.

@@ -7,21 +7,22 @@
 //!   f16 output, each value computed in f32 and rounded once).
 //! * [`activation_device`], [`activation_backward_device`], [`switch_load_balancing_loss_device`],
 //!   [`switch_load_balancing_loss_from_logits_device`], [`z_loss_device`]: the core's ops on
-//!   device tensors. Dtypes and shapes are checked on the host with the core's rules; when a check
-//!   fails the op runs its host path (download, the core, upload), so the error is the core's,
-//!   class and message. The losses synchronise once to read the loss (8 bytes) with a flag word
+//!   device tensors. Dtypes, shapes and options are checked by the core's check functions
+//!   (`check_activation`, `check_activation_backward`, `check_switch_loss`, `check_z_loss`) on the
+//!   tensors' `Meta`; when a check fails the op runs its host path (download, the core, upload),
+//!   so the error is the core's, class and message. The losses synchronise once to read the loss (8 bytes) with a flag word
 //!   that the kernels set for the values the core rejects (a non-finite input, a mask byte above 1,
 //!   a negative count): then the host path runs and the core reports the error. The activations
 //!   reject no values (NaN and infinities go through, as in the core), so they never synchronise.
 
-use moe_core::activations::{ActivationKind, ActivationOptions};
-use moe_core::aux_loss::SwitchLossOptions;
+use moe_core::activations::{check_activation, check_activation_backward, ActivationCheck, ActivationKind, ActivationOptions};
+use moe_core::aux_loss::{check_switch_loss, check_z_loss, SwitchLossOptions};
 use moe_core::tensor::DType;
 
 use crate::device::{Arg, Buffer, Device};
 use crate::error::{Error, Result};
 use crate::switch::Switch;
-use crate::tensor::{download_opt, opt_ref, tensor_ref, upload_owned_opt, DeviceTensor};
+use crate::tensor::{download_opt, opt_meta, opt_ref, tensor_ref, upload_owned_opt, DeviceTensor};
 
 /// Threads per block of the element-wise and per-row kernels.
 const THREADS: u32 = 256;
@@ -356,20 +357,6 @@ pub fn launch_activation_backward(
 // ---------------------------------------------------------------------------------------
 // Activations on device tensors
 
-/// `(rows, width, inter)` when `x` passes the core's checks for `kind`.
-fn input_dims(x: &DeviceTensor, kind: ActivationKind) -> Option<(usize, usize, usize)> {
-    if x.shape.len() != 2 || !DType::TOKENS.contains(&x.dtype) {
-        return None;
-    }
-    let (rows, width) = (x.shape[0], x.shape[1]);
-    inter_of(kind, width).map(|inter| (rows, width, inter))
-}
-
-/// Whether `probs` passes the core's checks: f32, `[rows]` or `[rows, 1]`.
-fn probs_ok(probs: Option<&DeviceTensor>, rows: usize) -> bool {
-    probs.is_none_or(|p| p.dtype == DType::F32 && (p.shape == [rows] || p.shape == [rows, 1]))
-}
-
 /// [`moe_core::activations::activation`] on device tensors: `x [N, 2I]` (`[N, I]` for relu2) to
 /// `[N, I]` in the dtype of `x`.
 pub fn activation_device(
@@ -378,11 +365,11 @@ pub fn activation_device(
     probs: Option<&DeviceTensor>,
     options: &ActivationOptions,
 ) -> Result<DeviceTensor> {
-    let Some((rows, width, inter)) = input_dims(x, options.kind).filter(|&(rows, ..)| probs_ok(probs, rows)) else {
+    let Ok(c) = check_activation(x.meta("x"), opt_meta(probs, "probs"), options) else {
         return activation_host(dev, x, probs, options);
     };
-    let out = DeviceTensor::alloc(dev, "the output", x.dtype, vec![rows, inter])?;
-    launch_activation(dev, options, ExpMath::Exact, x.dtype, &x.buf, rows, width, probs.map(|p| &p.buf), x.dtype, &out.buf)?;
+    let out = DeviceTensor::alloc(dev, "the output", x.dtype, vec![c.rows, c.inter])?;
+    launch_activation(dev, options, ExpMath::Exact, x.dtype, &x.buf, c.rows, c.width, probs.map(|p| &p.buf), x.dtype, &out.buf)?;
     Ok(out)
 }
 
@@ -403,9 +390,9 @@ pub fn activation_backward_device(
     probs: Option<&DeviceTensor>,
     options: &ActivationOptions,
 ) -> Result<(DeviceTensor, Option<DeviceTensor>)> {
-    let dims = input_dims(x, options.kind)
-        .filter(|&(rows, _, inter)| grad.shape == [rows, inter] && grad.dtype == x.dtype && probs_ok(probs, rows));
-    let Some((rows, width, _)) = dims else {
+    let Ok(ActivationCheck { rows, width, .. }) =
+        check_activation_backward(grad.meta("grad"), x.meta("x"), opt_meta(probs, "probs"), options)
+    else {
         return activation_backward_host(dev, grad, x, probs, options);
     };
     let grad_in = DeviceTensor::alloc(dev, "gradInput", x.dtype, vec![rows, width])?;
@@ -449,28 +436,6 @@ fn activation_backward_host(
 const MODE_SWITCH: i32 = 0;
 const MODE_Z: i32 = 1;
 
-/// `(rows, cols)` when the `[T, E]` f32 input and the mask pass the core's dtype and shape checks.
-fn loss_dims(x: &DeviceTensor, token_mask: Option<&DeviceTensor>) -> Option<(usize, usize)> {
-    if x.dtype != DType::F32 || x.shape.len() != 2 || x.shape[1] == 0 {
-        return None;
-    }
-    let (rows, cols) = (x.shape[0], x.shape[1]);
-    token_mask.is_none_or(|m| m.dtype == DType::Bool && m.shape == [rows]).then_some((rows, cols))
-}
-
-fn coeff_ok(coeff: f64) -> bool {
-    coeff.is_finite() && coeff >= 0.0
-}
-
-/// The Switch loss's options and counts pass the core's checks (values aside: the kernels check those).
-fn switch_ok(tokens_per_expert: &DeviceTensor, cols: usize, options: &SwitchLossOptions) -> bool {
-    tokens_per_expert.dtype == DType::I32
-        && tokens_per_expert.shape == [cols]
-        && options.topk >= 1
-        && coeff_ok(options.coeff)
-        && options.num_tokens != Some(0)
-}
-
 /// The result words: loss, scalar, flags (zeroed).
 fn result_buffer(dev: &Device) -> Result<Buffer> {
     let r = dev.alloc("the loss", 32)?;
@@ -497,8 +462,9 @@ pub fn switch_load_balancing_loss_device(
     token_mask: Option<&DeviceTensor>,
     options: SwitchLossOptions,
 ) -> Result<(f64, DeviceTensor)> {
-    let dims = loss_dims(probs, token_mask).filter(|&(_, cols)| switch_ok(tokens_per_expert, cols, &options));
-    let Some((rows, cols)) = dims else {
+    let Ok((rows, cols)) =
+        check_switch_loss(probs.meta("probs"), tokens_per_expert.meta("tokensPerExpert"), opt_meta(token_mask, "tokenMask"), &options)
+    else {
         return loss_host(dev, LossOp::Switch(options), probs, Some(tokens_per_expert), token_mask);
     };
     let s = dev.stream();
@@ -549,8 +515,9 @@ pub fn switch_load_balancing_loss_from_logits_device(
     token_mask: Option<&DeviceTensor>,
     options: SwitchLossOptions,
 ) -> Result<(f64, DeviceTensor)> {
-    let dims = loss_dims(logits, token_mask).filter(|&(_, cols)| switch_ok(tokens_per_expert, cols, &options));
-    let Some(dims) = dims else {
+    let Ok(dims) =
+        check_switch_loss(logits.meta("logits"), tokens_per_expert.meta("tokensPerExpert"), opt_meta(token_mask, "tokenMask"), &options)
+    else {
         return loss_host(dev, LossOp::SwitchFromLogits(options), logits, Some(tokens_per_expert), token_mask);
     };
     let args = LogitsArgs { mode: MODE_SWITCH, topk: options.topk as f64, coeff: options.coeff, num_tokens: num_tokens_arg(&options) };
@@ -563,7 +530,7 @@ pub fn switch_load_balancing_loss_from_logits_device(
 /// [`moe_core::aux_loss::z_loss`] on device tensors: the loss (read back) and `gradLogits`
 /// (`[T, E]` f32, on the GPU).
 pub fn z_loss_device(dev: &Device, logits: &DeviceTensor, token_mask: Option<&DeviceTensor>, coeff: f64) -> Result<(f64, DeviceTensor)> {
-    let Some(dims) = loss_dims(logits, token_mask).filter(|_| coeff_ok(coeff)) else {
+    let Ok(dims) = check_z_loss(logits.meta("logits"), opt_meta(token_mask, "tokenMask"), coeff) else {
         return loss_host(dev, LossOp::Z(coeff), logits, None, token_mask);
     };
     let args = LogitsArgs { mode: MODE_Z, topk: 1.0, coeff, num_tokens: Arg::F64(-1.0) };
