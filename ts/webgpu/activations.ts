@@ -10,20 +10,14 @@
  *      limit bits, linearOffset bits, withProbs].
  */
 import { F64 } from './f64.js';
-import { CONVERT, type Kind } from './shaders.js';
+import { CONVERT, type Kind, loader, packWord, rounder } from './shaders.js';
 
 function common(kind: Kind, names: string[]): string {
-  const conv = kind === 'bfloat16' ? 'bf16_to_f32' : 'f16_to_f32';
-  const loaders = names
-    .map((n) => (kind === 'float32' ? `fn ld_${n}(i: u32) -> f32 { return bitcast<f32>(${n}[i]); }` : `fn ld_${n}(i: u32) -> f32 { return ${conv}((${n}[i >> 1u] >> ((i & 1u) * 16u)) & 0xffffu); }`))
-    .join('\n');
-  const round = kind === 'float32' ? 'return bitcast<u32>(v);' : kind === 'bfloat16' ? 'return f32_to_bf16(v);' : 'return f32_to_f16(v);';
   return `
 @group(0) @binding(0) var<storage, read> P: array<u32>;
 ${CONVERT}
 ${F64}
-${loaders}
-fn round_out(v: f32) -> u32 { ${round} }
+${names.map((n) => loader(n, kind)).join('')}${rounder(kind)}
 fn fdiv(a: f32, b: f32) -> f32 { return bitcast<f32>(f_to_f32(f_div(f_from_f32(bitcast<u32>(a)), f_from_f32(bitcast<u32>(b))))); }
 fn expf(v: f32) -> f32 { return bitcast<f32>(f_to_f32(f_exp(f_from_f32(bitcast<u32>(v))))); }
 fn clamp_max(v: f32, l: f32) -> f32 { if (v > l) { return l; } return v; }
@@ -99,18 +93,15 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   let w = flat(gid, nwg);
   if (w >= P[3]) { return; }
   let I = P[1];
-  var word = 0u;
-  for (var q = 0u; q < ${per}u; q = q + 1u) {
-    let e = w * ${per}u + q;
-    if (e >= P[0]) { break; }
-    let r = e / I;
+${packWord(
+  per,
+  'P[0]',
+  `    let r = e / I;
     let gu = pair(r, e - r * I);
     var a = unit(gu.x, gu.y);
     if (P[9] == 1u) { a = a * probs[r]; }
-    word = word | (round_out(a) << (q * ${32 / per}u));
-  }
-  out[w] = word;
-}
+    let bits = round_out(a);`,
+)}}
 `;
 }
 
@@ -127,11 +118,10 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   let w = flat(gid, nwg);
   if (w >= P[3]) { return; }
   let I = P[1]; let W = P[2];
-  var word = 0u;
-  for (var q = 0u; q < ${per}u; q = q + 1u) {
-    let e = w * ${per}u + q;
-    if (e >= P[0]) { break; }
-    let r = e / W;
+${packWord(
+  per,
+  'P[0]',
+  `    let r = e / W;
     let c = e - r * W;
     var j = c;
     var is_up = false;
@@ -143,10 +133,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let d = unit_grad(gu.x, gu.y, gw);
     var v = d.x;
     if (is_up) { v = d.y; }
-    word = word | (round_out(v) << (q * ${32 / per}u));
-  }
-  out[w] = word;
-}
+    let bits = round_out(v);`,
+)}}
 `;
 }
 

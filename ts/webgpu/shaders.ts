@@ -84,14 +84,14 @@ fn f32_to_f16(v: f32) -> u32 {
 export type Kind = 'float32' | 'bfloat16' | 'float16';
 
 /** `ld_<name>(i) -> f32` and `bits_<name>(i) -> u32` for a token buffer of `kind`. */
-function loader(name: string, kind: Kind): string {
+export function loader(name: string, kind: Kind): string {
   if (kind === 'float32') return `fn bits_${name}(i: u32) -> u32 { return ${name}[i]; }\nfn ld_${name}(i: u32) -> f32 { return bitcast<f32>(${name}[i]); }\n`;
   const conv = kind === 'bfloat16' ? 'bf16_to_f32' : 'f16_to_f32';
   return `fn bits_${name}(i: u32) -> u32 { return (${name}[i >> 1u] >> ((i & 1u) * 16u)) & 0xffffu; }\nfn ld_${name}(i: u32) -> f32 { return ${conv}(bits_${name}(i)); }\n`;
 }
 
 /** `round_out(v) -> u32`: an f32 rounded to the output dtype's bits. */
-function rounder(kind: Kind): string {
+export function rounder(kind: Kind): string {
   const body = kind === 'float32' ? 'return bitcast<u32>(v);' : kind === 'bfloat16' ? 'return f32_to_bf16(v);' : 'return f32_to_f16(v);';
   return `fn round_out(v: f32) -> u32 { ${body} }\n`;
 }
@@ -99,6 +99,31 @@ function rounder(kind: Kind): string {
 /** Elements a u32 word holds. */
 export function perWord(width: Width): number {
   return 4 / width;
+}
+
+/**
+ * The loop of a thread that writes the output word `out[w]`: its `per` elements, the last word
+ * cut at `count` elements. `element` is the WGSL of one element, given its index `e`; it sets
+ * `let bits`, the element's bits in the output dtype.
+ */
+export function packWord(per: number, count: string, element: string): string {
+  return `  var word = 0u;
+  for (var k = 0u; k < ${per}u; k = k + 1u) {
+    let e = w * ${per}u + k;
+    if (e >= ${count}) { break; }
+${element}
+    word = word | (bits << (k * ${32 / per}u));
+  }
+  out[w] = word;
+`;
+}
+
+/** `body(w)` and `main` of a shader that writes one output word a thread (`packWord`), with `h` the hidden size. P = [outElements, hidden, outWords, ...]. */
+function wordBody(per: number, element: string): string {
+  return `fn body(w: u32) {
+  let n = P[0]; let h = P[1];
+${packWord(per, 'n', element)}}
+${MAIN('P[2]')}`;
 }
 
 /**
@@ -113,28 +138,36 @@ export function gatherRows(width: Width): string {
 @group(0) @binding(1) var<storage, read> x: array<u32>;
 @group(0) @binding(2) var<storage, read> rows: array<i32>;
 @group(0) @binding(3) var<storage, read_write> out: array<u32>;
-fn body(w: u32) {
-  let n = P[0]; let h = P[1];
-  var word = 0u;
-  for (var k = 0u; k < ${per}u; k = k + 1u) {
-    let e = w * ${per}u + k;
-    if (e >= n) { break; }
-    let r = e / h;
+${wordBody(
+  per,
+  `    let r = e / h;
     let j = u32(rows[r]) * h + (e - r * h);
-    let b = ${bits};
-    word = word | (b << (k * ${32 / per}u));
-  }
-  out[w] = word;
+    let bits = ${bits};`,
+)}`;
 }
-${MAIN('P[2]')}`;
+
+/** `routed(t, e, E)`: whether the bool routing map `rm [T, E]` (4 cells a word) routes token t to expert e. */
+const ROUTED = /* wgsl */ `fn routed(t: u32, e: u32, E: u32) -> bool { let j = t * E + e; return ((rm[j >> 2u] >> ((j & 3u) * 8u)) & 0xffu) != 0u; }
+`;
+
+/**
+ * `expert_of(i)`: the expert of slot i, from the routing map's column counts `counts` (plain) or
+ * `i / C` (drop-and-pad); P[1] = E, P[2] = dropAndPad, P[3] = C.
+ */
+const EXPERT_OF = /* wgsl */ `fn expert_of(i: u32) -> u32 {
+  if (P[2] == 1u) { return i / P[3]; }
+  var e = 0u;
+  var end = 0u;
+  loop { end = end + u32(counts[e]); if (i < end || e + 1u >= P[1]) { break; } e = e + 1u; }
+  return e;
 }
+`;
 
 /** The column counts of a routing map `[T, E]` (tokensPerExpert, the plan's first step). P = [T, E]. */
 export const COUNT_COLUMNS = `${HEADER}
 @group(0) @binding(1) var<storage, read> rm: array<u32>;
 @group(0) @binding(2) var<storage, read_write> counts: array<i32>;
-fn routed(t: u32, e: u32, E: u32) -> bool { let j = t * E + e; return ((rm[j >> 2u] >> ((j & 3u) * 8u)) & 0xffu) != 0u; }
-fn body(e: u32) {
+${ROUTED}fn body(e: u32) {
   let T = P[0]; let E = P[1];
   var c = 0;
   for (var t = 0u; t < T; t = t + 1u) { if (routed(t, e, E)) { c = c + 1; } }
@@ -155,8 +188,7 @@ export const PLAN_FILL = `${HEADER}
 @group(0) @binding(3) var<storage, read> probs: array<f32>;
 @group(0) @binding(4) var<storage, read_write> sorted: array<i32>;
 @group(0) @binding(5) var<storage, read_write> pprobs: array<u32>;
-fn routed(t: u32, e: u32, E: u32) -> bool { let j = t * E + e; return ((rm[j >> 2u] >> ((j & 3u) * 8u)) & 0xffu) != 0u; }
-fn put(pos: u32, t: u32, e: u32, E: u32) {
+${ROUTED}fn put(pos: u32, t: u32, e: u32, E: u32) {
   sorted[pos] = i32(t);
   if (P[4] == 1u) { pprobs[pos] = bitcast<u32>(probs[t * E + e]); }
 }
@@ -234,14 +266,8 @@ export const SLOT_PROBS = `${HEADER}
 @group(0) @binding(2) var<storage, read> counts: array<i32>;
 @group(0) @binding(3) var<storage, read> dense: array<u32>;
 @group(0) @binding(4) var<storage, read_write> p: array<u32>;
-fn body(i: u32) {
-  let E = P[1];
-  var e = 0u;
-  if (P[2] == 1u) { e = i / P[3]; } else {
-    var end = 0u;
-    loop { end = end + u32(counts[e]); if (i < end || e + 1u >= E) { break; } e = e + 1u; }
-  }
-  p[i] = dense[u32(sorted[i]) * E + e];
+${EXPERT_OF}fn body(i: u32) {
+  p[i] = dense[u32(sorted[i]) * P[1] + expert_of(i)];
 }
 ${MAIN('P[0]')}`;
 
@@ -258,13 +284,9 @@ export function merge(kind: Kind): string {
 @group(0) @binding(3) var<storage, read> list: array<u32>;
 @group(0) @binding(4) var<storage, read> p: array<f32>;
 @group(0) @binding(5) var<storage, read_write> out: array<u32>;
-fn body(w: u32) {
-  let n = P[0]; let h = P[1];
-  var word = 0u;
-  for (var k = 0u; k < ${per}u; k = k + 1u) {
-    let e = w * ${per}u + k;
-    if (e >= n) { break; }
-    let t = e / h;
+${wordBody(
+  per,
+  `    let t = e / h;
     let c = e - t * h;
     var acc = 0.0;
     for (var q = start[t]; q < start[t + 1u]; q = q + 1u) {
@@ -273,11 +295,8 @@ fn body(w: u32) {
       if (P[3] == 1u) { v = v * p[s]; }
       acc = acc + v;
     }
-    word = word | (round_out(acc) << (k * ${32 / per}u));
-  }
-  out[w] = word;
-}
-${MAIN('P[2]')}`;
+    let bits = round_out(acc);`,
+)}`;
 }
 
 /**
@@ -291,19 +310,11 @@ export function scaleRows(kind: Kind): string {
 @group(0) @binding(2) var<storage, read> sorted: array<i32>;
 @group(0) @binding(3) var<storage, read> p: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<u32>;
-fn body(w: u32) {
-  let n = P[0]; let h = P[1];
-  var word = 0u;
-  for (var k = 0u; k < ${per}u; k = k + 1u) {
-    let e = w * ${per}u + k;
-    if (e >= n) { break; }
-    let i = e / h;
-    let v = ld_g(u32(sorted[i]) * h + (e - i * h)) * p[i];
-    word = word | (round_out(v) << (k * ${32 / per}u));
-  }
-  out[w] = word;
-}
-${MAIN('P[2]')}`;
+${wordBody(
+  per,
+  `    let i = e / h;
+    let bits = round_out(ld_g(u32(sorted[i]) * h + (e - i * h)) * p[i]);`,
+)}`;
 }
 
 /**
@@ -317,14 +328,7 @@ export const SCATTER_SLOT_VALUES = `${HEADER}
 @group(0) @binding(3) var<storage, read> counts: array<i32>;
 @group(0) @binding(4) var<storage, read> g: array<f32>;
 @group(0) @binding(5) var<storage, read_write> dense: array<f32>;
-fn expert_of(i: u32) -> u32 {
-  if (P[2] == 1u) { return i / P[3]; }
-  var e = 0u;
-  var end = 0u;
-  loop { end = end + u32(counts[e]); if (i < end || e + 1u >= P[1]) { break; } e = e + 1u; }
-  return e;
-}
-fn body(t: u32) {
+${EXPERT_OF}fn body(t: u32) {
   let E = P[1];
   for (var e = 0u; e < E; e = e + 1u) { dense[t * E + e] = 0.0; }
   for (var q = start[t]; q < start[t + 1u]; q = q + 1u) {
