@@ -17,7 +17,7 @@
  */
 import type { Backend } from './backend.js';
 import { TokenDispatcher } from './dispatcher.js';
-import { add3, castTo, columnSums, fromValues, gatherPicks, logitsEpilogue, placeRows, reshape, rows, toF32, valuesF32 } from './numeric.js';
+import { add3, castTo, columnSums, fromValues, gatherPicks, logitsEpilogue, placeRows, reshape, rows, sharedGateBackward, sharedGateForward, toF32 } from './numeric.js';
 import type { CudaBackend } from './backends/cuda.js';
 import type { DeviceExpertWeights, ExpertsSaved } from './backends/cuda-experts.js';
 import { isDeviceTensor, type DeviceTensor } from './device.js';
@@ -184,7 +184,8 @@ interface Saved {
   expertsSaved?: ExpertsSaved;
   /** Rows of this rank's experts in the permuted order. */
   localRows: [number, number];
-  shared?: { out: Float32Array; gate?: Float64Array };
+  /** The shared expert's output, and its gate logits (rounded to the dtype) when it is gated. */
+  shared?: { out: AnyTensor; gateLogits?: AnyTensor };
   /** The aux loss's gradient: of the scores (Megatron) or of the logits (transformers). */
   auxGrad?: { gradScores?: AnyTensor; gradLogits?: AnyTensor };
   zGrad?: AnyTensor;
@@ -224,6 +225,8 @@ interface LayerMath {
   add3(a: AnyTensor, b: AnyTensor, c: AnyTensor | undefined, dtype: TokenDType, temps: AnyTensor[]): AnyTensor;
   columnSums(g: AnyTensor, dtype: TokenDType): AnyTensor;
   gatherPicks(dense: AnyTensor, indices: AnyTensor, temps: AnyTensor[]): AnyTensor;
+  sharedGateForward(raw: AnyTensor, out: AnyTensor): { gateLogits: AnyTensor; contribution: AnyTensor };
+  sharedGateBackward(g: AnyTensor, out: AnyTensor, gateLogits: AnyTensor): { gradOut: AnyTensor; gradGateLogits: AnyTensor };
   free(temps: AnyTensor[]): void;
 }
 
@@ -234,6 +237,8 @@ const HOST_MATH: LayerMath = {
   add3: (a, b, c, dtype) => add3(a as Tensor<TokenDType>, b as Tensor<TokenDType>, c as Tensor<TokenDType> | undefined, dtype),
   columnSums: (g, dtype) => fromValues(dtype, [g.shape[1]], columnSums(g as Tensor<'float32'>)),
   gatherPicks: (dense, indices) => gatherPicks(dense as Tensor<'float32'>, indices as Tensor<'int32'>),
+  sharedGateForward: (raw, out) => sharedGateForward(raw as Tensor<'float32'>, out as Tensor<TokenDType>),
+  sharedGateBackward: (g, out, gl) => sharedGateBackward(g as Tensor<TokenDType>, out as Tensor<TokenDType>, gl as Tensor<'float32'>),
   free: () => {},
 };
 
@@ -254,6 +259,8 @@ function deviceMath(cuda: CudaBackend): LayerMath {
     add3: (a, b, c, dtype) => cuda.add3(d(a), d(b), c && d(c), dtype),
     columnSums: (g, dtype) => cuda.columnSums(g as DeviceTensor<'float32'>, dtype),
     gatherPicks: (dense, indices, temps) => kept(cuda.gatherPicks(dense as DeviceTensor<'float32'>, indices as DeviceTensor<'int32'>), temps),
+    sharedGateForward: (raw, out) => cuda.sharedGateForward(raw as DeviceTensor<'float32'>, d(out)),
+    sharedGateBackward: (g, out, gl) => cuda.sharedGateBackward(d(g), d(out), gl as DeviceTensor<'float32'>),
     free: (temps) => {
       for (const t of new Set(temps)) if (t && isDeviceTensor(t)) t.dispose();
       temps.length = 0;
@@ -331,8 +338,6 @@ const OPTION_KEYS: readonly (keyof MoELayerOptions)[] = [
   'initStd',
   'seed',
 ];
-
-const sigmoid = (v: number) => 1 / (1 + Math.exp(-v));
 
 export class MoELayer {
   readonly dim: number;
@@ -550,14 +555,13 @@ export class MoELayer {
    * and return device tensors, and nothing of a step crosses to the host but the per-expert
    * token counts (the expert GEMMs are sized on the host: E int32 a step), route's and
    * routeBackward's error words, and the aux and z losses' values. An optimizer made over
-   * `parameters()` afterwards updates them on the GPU. Shared experts and expert parallelism
-   * (epSize > 1) run on host tensors only for now. Returns the layer.
+   * `parameters()` afterwards updates them on the GPU. Expert parallelism
+   * (epSize > 1) runs on host tensors only for now. Returns the layer.
    */
   upload(): this {
     if (this.backend.name !== 'cuda' || typeof (this.backend as Partial<CudaBackend>).upload !== 'function') {
       throw new TypeError(`upload: the layer's backend is '${this.backend.name}': device tensors need the cuda backend`);
     }
-    if (this.sharedExpert) throw new TypeError('upload: a layer with a shared expert runs on host tensors only (not yet on device tensors)');
     if (this.epSize !== 1) throw new TypeError(`upload: expert parallelism (epSize = ${this.epSize}) runs on host tensors only (not yet on device tensors)`);
     const cuda = this.backend as unknown as CudaBackend;
     const w = this.weights as unknown as Record<string, AnyTensor>;
@@ -677,11 +681,10 @@ export class MoELayer {
     let output: AnyTensor = moe.unpermute(y as Tensor<TokenDType>, perm.sortedIndices, [N, this.dim]);
     let shared: Saved['shared'];
     if (this.sharedExpert && this.epRank === 0) {
-      const hostInput = input as Tensor<TokenDType>;
-      const s = this.#sharedForward(hostInput);
-      shared = { out: s.out, gate: s.gate };
-      const routedOut = output;
-      output = m.add3(routedOut, fromValues('float32', [N, this.dim], s.contribution), undefined, this.dtype, temps);
+      const sh = this.#sharedForward(input, m, temps);
+      shared = { out: sh.out, gateLogits: sh.gateLogits };
+      temps.push(output);
+      output = m.add3(output, sh.contribution, undefined, this.dtype, temps);
     }
     let auxLoss = 0;
     let zLoss = 0;
@@ -827,11 +830,11 @@ export class MoELayer {
     const viaRouter = moe.matmul(gradLogits as Tensor<'float32'>, m.toF32(w.routerWeight, temps) as Tensor<'float32'>, { transB: true });
     temps.push(viaRouter, back.gradTokens);
 
-    // The shared expert and its gate (host tensors).
-    let sharedGradX: Tensor<'float32'> | undefined;
+    // The shared expert and its gate.
+    let sharedGradX: AnyTensor | undefined;
     if (s.shared) {
-      const sg = this.#sharedBackward(s.x, toF32(s.x), g2, s.shared);
-      sharedGradX = fromValues('float32', [N, D], sg.gradX);
+      const sg = this.#sharedBackward(s.x, g2, s.shared, m, temps);
+      sharedGradX = sg.gradX;
       Object.assign(grads, sg.grads);
     }
     const gradX = m.add3(back.gradTokens, viaRouter, sharedGradX, this.dtype, []);
@@ -850,61 +853,54 @@ export class MoELayer {
 
   /**
    * The shared expert: `out = MLP(x)` in the dtype; with a gate, `contribution = sigmoid(x @ g) * out`
-   * (the gate rounded to the dtype, the product rounded once), else `out`.
+   * (the gate rounded to the dtype, the product rounded once: numeric.ts `sharedGateForward`), else `out`.
    */
-  #sharedForward(x: Tensor<TokenDType>): { out: Float32Array; gate?: Float64Array; contribution: Float32Array } {
+  #sharedForward(x: AnyTensor, m: LayerMath, temps: AnyTensor[]): { out: AnyTensor; gateLogits?: AnyTensor; contribution: AnyTensor } {
     const w = this.weights;
     const N = x.shape[0];
     const counts: Tensor<'int32'> = { dtype: 'int32', shape: [1], data: Int32Array.of(N) };
-    const y = this.backend.expertsForward(x, counts, { gateAndUpProjs: w.sharedGateAndUpProjs!, downProjs: w.sharedDownProjs! }, { activation: 'swiglu' });
-    const out = valuesF32(y);
-    if (!w.sharedExpertGate) return { out, contribution: out };
-    const gl = valuesF32(fromValues(this.dtype, [N, 1], this.backend.matmul(toF32(x), toF32(w.sharedExpertGate)).data));
-    const gate = Float64Array.from(gl, sigmoid);
-    const gateD = valuesF32(fromValues(this.dtype, [N], gate));
-    const D = this.dim;
-    const contribution = valuesF32(
-      fromValues(
-        this.dtype,
-        [N, D],
-        Float32Array.from(out, (v, i) => v * gateD[Math.floor(i / D)]),
-      ),
-    );
-    return { out, gate, contribution };
+    const y = this.backend.expertsForward(x as Tensor<TokenDType>, counts, { gateAndUpProjs: w.sharedGateAndUpProjs!, downProjs: w.sharedDownProjs! }, { activation: 'swiglu' }) as AnyTensor;
+    if (!w.sharedExpertGate) return { out: y, contribution: y };
+    const raw = this.backend.matmul(m.toF32(x, temps) as Tensor<'float32'>, m.toF32(w.sharedExpertGate, temps) as Tensor<'float32'>);
+    temps.push(raw);
+    const { gateLogits, contribution } = m.sharedGateForward(raw, y);
+    temps.push(contribution);
+    return { out: y, gateLogits, contribution };
   }
 
-  #sharedBackward(x: Tensor<TokenDType>, xf: Tensor<'float32'>, g: Tensor<TokenDType>, saved: NonNullable<Saved['shared']>): { gradX: Float32Array; grads: Partial<MoEWeights> } {
+  /** The shared expert's backward: its weights' gradients and its part of the input gradient (float32 with a gate, else the dtype's). */
+  #sharedBackward(x: AnyTensor, g: AnyTensor, saved: NonNullable<Saved['shared']>, m: LayerMath, temps: AnyTensor[]): { gradX: AnyTensor; grads: Partial<MoEWeights> } {
     const moe = this.backend;
     const w = this.weights;
-    const [N, D] = [x.shape[0], this.dim];
-    const gv = valuesF32(g);
+    const N = x.shape[0];
     const grads: Partial<MoEWeights> = {};
-    let gradOut: Tensor<TokenDType> = g;
-    let viaGate: Float32Array | undefined;
-    if (saved.gate && w.sharedExpertGate) {
-      const gate = saved.gate;
+    let gradOut = g;
+    let viaGate: AnyTensor | undefined;
+    if (saved.gateLogits && w.sharedExpertGate) {
       // d out = g * gate; d gateLogit = sum_d g * out * gate * (1 - gate)
-      gradOut = fromValues(
-        this.dtype,
-        [N, D],
-        Float64Array.from(gv, (v, i) => v * gate[Math.floor(i / D)]),
-      );
-      const dgl = new Float64Array(N);
-      for (let t = 0; t < N; t++) {
-        let acc = 0;
-        for (let d = 0; d < D; d++) acc += gv[t * D + d] * saved.out[t * D + d];
-        dgl[t] = acc * gate[t] * (1 - gate[t]);
-      }
-      const dglT: Tensor<'float32'> = { dtype: 'float32', shape: [N, 1], data: Float32Array.from(dgl) };
-      grads.sharedExpertGate = castTo(moe.matmul(xf, dglT, { transA: true }), this.dtype);
-      viaGate = moe.matmul(dglT, toF32(w.sharedExpertGate), { transB: true }).data;
+      const sg = m.sharedGateBackward(g, saved.out, saved.gateLogits);
+      temps.push(sg.gradOut, sg.gradGateLogits);
+      gradOut = sg.gradOut;
+      const dgl = sg.gradGateLogits as Tensor<'float32'>;
+      grads.sharedExpertGate = m.cast(moe.matmul(m.toF32(x, temps) as Tensor<'float32'>, dgl, { transA: true }), this.dtype, temps) as Tensor<TokenDType>;
+      viaGate = moe.matmul(dgl, m.toF32(w.sharedExpertGate, temps) as Tensor<'float32'>, { transB: true });
+      temps.push(viaGate);
     }
     const counts: Tensor<'int32'> = { dtype: 'int32', shape: [1], data: Int32Array.of(N) };
-    const eg = moe.expertsBackward(gradOut, x, counts, { gateAndUpProjs: w.sharedGateAndUpProjs!, downProjs: w.sharedDownProjs! }, { activation: 'swiglu' });
+    const eg = moe.expertsBackward(
+      gradOut as Tensor<TokenDType>,
+      x as Tensor<TokenDType>,
+      counts,
+      { gateAndUpProjs: w.sharedGateAndUpProjs!, downProjs: w.sharedDownProjs! },
+      { activation: 'swiglu' },
+    );
     grads.sharedGateAndUpProjs = eg.gradGateAndUpProjs;
     grads.sharedDownProjs = eg.gradDownProjs;
-    const gx = valuesF32(eg.gradTokens);
-    return { gradX: viaGate ? Float32Array.from(gx, (v, i) => v + viaGate![i]) : gx, grads };
+    temps.push(eg.gradTokens);
+    if (!viaGate) return { gradX: eg.gradTokens, grads };
+    const gradX = m.add3(eg.gradTokens, viaGate, undefined, 'float32', temps);
+    temps.push(gradX);
+    return { gradX, grads };
   }
 
   /**

@@ -127,3 +127,48 @@ export function gatherPicks(dense: Tensor<'float32'>, indices: Tensor<'int32'>):
   const d = dense.data;
   return { dtype: 'float32', shape: [T, k], data: Float32Array.from(indices.data, (e, i) => (e < 0 ? 0 : d[Math.floor(i / k) * E + e])) };
 }
+
+const sigmoid = (v: number) => 1 / (1 + Math.exp(-v));
+
+/**
+ * The shared expert's sigmoid gate (Qwen2-MoE): from the gate GEMM's float32 result `raw [N, 1]`
+ * and the shared MLP's output `out [N, dim]`: the gate logits rounded to out's dtype (float32
+ * `[N]`, kept for the backward), and `contribution = dtype(f32(out * dtype(sigmoid(gl))))`. The
+ * GPU's `sharedGateForward` computes the sigmoid with its own exp (an ulp or so from Math.exp).
+ */
+export function sharedGateForward<D extends TokenDType>(raw: Tensor<'float32'>, out: Tensor<D>): { gateLogits: Tensor<'float32'>; contribution: Tensor<D> } {
+  const [N, D] = out.shape;
+  const gl = valuesF32(fromValues(out.dtype, [N], raw.data));
+  const gateD = valuesF32(fromValues(out.dtype, [N], Float64Array.from(gl, sigmoid)));
+  const o = valuesF32(out);
+  return {
+    gateLogits: { dtype: 'float32', shape: [N], data: gl },
+    contribution: fromValues(
+      out.dtype,
+      [N, D],
+      Float32Array.from(o, (v, i) => v * gateD[Math.floor(i / D)]),
+    ),
+  };
+}
+
+/** The gate's backward: `gradOut = dtype(f32(g * gate))`, `dgl = f32((sum_d g out) gate (1 - gate))` `[N, 1]`, the sums in float64 in order. */
+export function sharedGateBackward<D extends TokenDType>(g: Tensor<D>, out: Tensor<D>, gateLogits: Tensor<'float32'>): { gradOut: Tensor<D>; gradGateLogits: Tensor<'float32'> } {
+  const [N, D] = out.shape;
+  const gate = Float64Array.from(gateLogits.data, sigmoid);
+  const gv = valuesF32(g);
+  const ov = valuesF32(out);
+  const dgl = new Float64Array(N);
+  for (let t = 0; t < N; t++) {
+    let acc = 0;
+    for (let d = 0; d < D; d++) acc += gv[t * D + d] * ov[t * D + d];
+    dgl[t] = acc * gate[t] * (1 - gate[t]);
+  }
+  return {
+    gradOut: fromValues(
+      out.dtype,
+      [N, D],
+      Float64Array.from(gv, (v, i) => v * gate[Math.floor(i / D)]),
+    ),
+    gradGateLogits: { dtype: 'float32', shape: [N, 1], data: Float32Array.from(dgl) },
+  };
+}

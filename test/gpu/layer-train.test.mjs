@@ -29,6 +29,11 @@ const KINDS = [
     o: { activation: 'swiglu_oai', dtype: 'bfloat16', routerBias: true, bias: true, auxLossCoeff: 0.02, auxLossConvention: 'hf' },
   },
   { name: 'relu2 experts, sqrtsoftplus router, float16', o: { activation: 'relu2', dtype: 'float16', scoreFunction: 'sqrtsoftplus', normTopkProb: true } },
+  { name: 'qwen2-moe-like (gated shared expert), bf16', o: { activation: 'swiglu', dtype: 'bfloat16', normTopkProb: false, sharedExpert: { inter: 96, gate: true }, auxLossCoeff: 0.001 } },
+  {
+    name: 'deepseek-like with a shared expert (no gate), float32',
+    o: { activation: 'swiglu', dtype: 'float32', scoreFunction: 'sigmoid', normTopkProb: true, routeScale: 2.5, sharedExpert: { inter: 64 } },
+  },
 ];
 
 const SHAPE = { dim: 64, inter: 48, numExperts: 16, topk: 4 };

@@ -51,6 +51,10 @@ export interface CudaTrainOps {
   cast<D extends TokenDType>(tensor: DeviceTensor<TokenDType>, dtype: D): DeviceTensor<D>;
   /** `a @ b` of 16-bit (or float32) operands of one dtype with a float32 result: one GEMM accumulating in float32, the output not rounded to the operands' dtype. */
   matmulToFloat32(a: DeviceTensor<TokenDType>, b: DeviceTensor<TokenDType>, options?: { transA?: boolean; transB?: boolean }): DeviceTensor<'float32'>;
+  /** The shared expert's sigmoid gate (MoELayer): from the gate GEMM's float32 result `[N, 1]` and the shared MLP's output, the gate logits `[N]` (rounded to out's dtype) and the gated contribution; ts/numeric.ts `sharedGateForward` on the host. */
+  sharedGateForward<D extends TokenDType>(raw: DeviceTensor<'float32'>, out: DeviceTensor<D>): { gateLogits: DeviceTensor<'float32'>; contribution: DeviceTensor<D> };
+  /** Its backward: the MLP output's gradient and the gate logits' `[N, 1]` (ts/numeric.ts `sharedGateBackward`). */
+  sharedGateBackward<D extends TokenDType>(g: DeviceTensor<D>, out: DeviceTensor<D>, gateLogits: DeviceTensor<'float32'>): { gradOut: DeviceTensor<D>; gradGateLogits: DeviceTensor<'float32'> };
   /** Float32 zeros. */
   zeros(shape: readonly number[]): DeviceTensor<'float32'>;
   /** Router logits from the float32 GEMM result: `f32(raw + bias[j])`, rounded to `roundTo` and widened back. */
@@ -83,6 +87,8 @@ interface TrainAddon {
   cudaAdamwStep(args: Record<string, unknown>): void;
   cudaCast(t: H, dtype: string): H;
   cudaZeros(shape: number[]): H;
+  cudaSharedGateForward(raw: H, out: H): { gateLogits: H; contribution: H };
+  cudaSharedGateBackward(g: H, out: H, gateLogits: H): { gradOut: H; gradGateLogits: H };
   cudaMatmulF32Out(a: H, b: H, transA?: boolean, transB?: boolean): H;
   cudaLogitsEpilogue(raw: H, bias: H | undefined | null, roundTo: string): H;
   cudaAdd3(a: H, b: H, c: H | undefined | null, dtype: string): H;
@@ -196,6 +202,20 @@ export const trainGpu: GpuFamily = {
           live(a, b);
           const o = checkOptions<{ transA?: boolean; transB?: boolean }>(options, 'matmulToFloat32', ['transA', 'transB']);
           return wrapDevice<'float32'>(gpu.cudaMatmulF32Out(h.of(a, 'a', TOKENS), h.of(b, 'b', TOKENS), checkBool(o.transA, 'options.transA'), checkBool(o.transB, 'options.transB')));
+        });
+      },
+      sharedGateForward(raw, out) {
+        return call('sharedGateForward', (h) => {
+          live(raw, out);
+          const r = gpu.cudaSharedGateForward(h.of(raw, 'raw', ['float32']), h.of(out, 'out', TOKENS));
+          return { gateLogits: wrapDevice(r.gateLogits), contribution: wrapDevice(r.contribution) };
+        });
+      },
+      sharedGateBackward(g, out, gateLogits) {
+        return call('sharedGateBackward', (h) => {
+          live(g, out, gateLogits);
+          const r = gpu.cudaSharedGateBackward(h.of(g, 'g', TOKENS), h.of(out, 'out', TOKENS), h.of(gateLogits, 'gateLogits', ['float32']));
+          return { gradOut: wrapDevice(r.gradOut), gradGateLogits: wrapDevice(r.gradGateLogits) };
         });
       },
       zeros(shape) {

@@ -318,3 +318,60 @@ extern "C" __global__ void mse_finish(const double* __restrict__ partials, long 
     }
     if (threadIdx.x == 0) out[0] = n > 0 ? sh[0] / (double)n : 0.0;
 }
+
+// The shared expert's sigmoid gate (Qwen2-MoE), MoELayer's steps on the GPU. gl = the gate logit
+// rounded to T and widened (from the float32 GEMM result); gate = 1 / (1 + exp(-gl)) in f64 with
+// the GPU's exp (the host uses JavaScript's Math.exp: the two agree to an ulp or so, so the gate's
+// steps agree to the layer's tolerance, not bit for bit); gateT = the gate rounded to T.
+// * shared_gate_fwd_<T>:  gl_out[t] = gl; contribution[t, d] = T(f32(f64(out[t, d]) * gateT))
+// * shared_gate_bwd_<T>:  grad_out[t, d] = T(f32(f64(g[t, d]) * gate)); dgl[t] = f32((sum over d,
+//                         in order, of f64(g) * f64(out)) * gate * (1 - gate))
+template <typename T>
+__device__ __forceinline__ double gate_of(float gl) { return 1.0 / (1.0 + exp(-(double)gl)); }
+
+template <typename T>
+__device__ __forceinline__ void shared_gate_fwd_impl(const float* __restrict__ raw, const typename T::S* __restrict__ out, long long rows, int dim,
+                                                     float* __restrict__ gl_out, typename T::S* __restrict__ contribution) {
+    const long long t = blockIdx.x;
+    if (t >= rows) return;
+    const float gl = T::to_f32(T::from_f32(raw[t]));
+    const float gate = T::to_f32(T::from_f32((float)gate_of<T>(gl)));
+    if (threadIdx.x == 0) gl_out[t] = gl;
+    for (int d = threadIdx.x; d < dim; d += blockDim.x) {
+        const long long i = t * dim + d;
+        contribution[i] = T::from_f32((float)((double)T::to_f32(out[i]) * (double)gate));
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void shared_gate_bwd_impl(const typename T::S* __restrict__ g, const typename T::S* __restrict__ out, const float* __restrict__ gl,
+                                                     long long rows, int dim, typename T::S* __restrict__ grad_out, float* __restrict__ dgl) {
+    const long long t = blockIdx.x;
+    if (t >= rows) return;
+    const double gate = gate_of<T>(gl[t]);
+    for (int d = threadIdx.x; d < dim; d += blockDim.x) {
+        const long long i = t * dim + d;
+        grad_out[i] = T::from_f32((float)((double)T::to_f32(g[i]) * gate));
+    }
+    if (threadIdx.x == 0) {
+        double acc = 0.0;
+        for (int d = 0; d < dim; d++) acc += (double)T::to_f32(g[t * dim + d]) * (double)T::to_f32(out[t * dim + d]);
+        dgl[t] = (float)(acc * gate * (1.0 - gate));
+    }
+}
+
+#define SHARED_GATE(T)                                                                                                                 \
+    extern "C" __global__ void shared_gate_fwd_##T(const float* raw, const T::S* out, long long rows, int dim, float* gl_out,        \
+                                                    T::S* contribution) {                                                             \
+        shared_gate_fwd_impl<T>(raw, out, rows, dim, gl_out, contribution);                                                           \
+    }                                                                                                                                  \
+    extern "C" __global__ void shared_gate_bwd_##T(const T::S* g, const T::S* out, const float* gl, long long rows, int dim,          \
+                                                    T::S* grad_out, float* dgl) {                                                     \
+        shared_gate_bwd_impl<T>(g, out, gl, rows, dim, grad_out, dgl);                                                                \
+    }
+SHARED_GATE(F32)
+SHARED_GATE(BF16)
+SHARED_GATE(F16)
+// the input gradient with the shared expert's (no gate): T + F32 + T -> T
+ADD3(BF16, F32, BF16, BF16)
+ADD3(F16, F32, F16, F16)

@@ -489,3 +489,79 @@ pub fn matmul_f32_out(dev: &Device, a: &DeviceTensor, b: &DeviceTensor, trans_a:
     )?;
     Ok(out)
 }
+
+fn rows_dim(t: &DeviceTensor, what: &str) -> Result<(usize, usize)> {
+    if t.shape.len() != 2 || i32::try_from(t.shape[1]).is_err() {
+        return Err(Error::Core(moe_core::Error::range(format!("{what}.shape"), format!("expected [rows, dim], got {:?}", t.shape))));
+    }
+    Ok((t.shape[0], t.shape[1]))
+}
+
+/// The shared expert's sigmoid gate, forward (kernels/train.cu `shared_gate_fwd`): from the gate
+/// GEMM's float32 result `raw [N, 1]` and the shared MLP's output `out [N, dim]`, the gate logits
+/// rounded to out's dtype `[N]` (float32, for the backward) and `contribution [N, dim]`.
+pub fn shared_gate_forward(dev: &Device, raw: &DeviceTensor, out: &DeviceTensor) -> Result<(DeviceTensor, DeviceTensor)> {
+    let (rows, dim) = rows_dim(out, "out")?;
+    let t = float_tag(out, "out")?;
+    if raw.dtype != DType::F32 || raw.numel() != rows {
+        return Err(Error::Core(moe_core::Error::range(
+            "raw",
+            format!("expected float32 [{rows}, 1], got {} {:?}", raw.dtype.name(), raw.shape),
+        )));
+    }
+    let gl = DeviceTensor::alloc(dev, "the gate logits", DType::F32, vec![rows])?;
+    let contribution = DeviceTensor::alloc(dev, "the shared expert's contribution", out.dtype, out.shape.clone())?;
+    if rows > 0 {
+        let s = dev.stream();
+        dev.launch(
+            &format!("shared_gate_fwd_{t}"),
+            (rows as u32, 1),
+            256,
+            &[
+                Arg::U64(raw.buf.ptr(s)),
+                Arg::U64(out.buf.ptr(s)),
+                Arg::I64(rows as i64),
+                Arg::I32(dim as i32),
+                Arg::U64(gl.buf.ptr(s)),
+                Arg::U64(contribution.buf.ptr(s)),
+            ],
+        )?;
+    }
+    Ok((gl, contribution))
+}
+
+/// The gate's backward (kernels/train.cu `shared_gate_bwd`): from `g [N, dim]` (d loss / d
+/// output), the shared MLP's output and the gate logits, `gradOut [N, dim]` (to the MLP) and
+/// `dgl [N, 1]` float32 (to the gate's GEMM).
+pub fn shared_gate_backward(dev: &Device, g: &DeviceTensor, out: &DeviceTensor, gl: &DeviceTensor) -> Result<(DeviceTensor, DeviceTensor)> {
+    let (rows, dim) = rows_dim(out, "out")?;
+    same_shape(out, g, "g")?;
+    let t = float_tag(out, "out")?;
+    if g.dtype != out.dtype || gl.dtype != DType::F32 || gl.numel() != rows {
+        return Err(Error::Core(moe_core::Error::type_error(
+            "g",
+            format!("{} [{rows}, {dim}] and float32 gate logits [{rows}]", out.dtype.name()),
+            format!("{} and {} {:?}", g.dtype.name(), gl.dtype.name(), gl.shape),
+        )));
+    }
+    let grad_out = DeviceTensor::alloc(dev, "the shared expert's output gradient", out.dtype, out.shape.clone())?;
+    let dgl = DeviceTensor::alloc(dev, "the gate logits' gradient", DType::F32, vec![rows, 1])?;
+    if rows > 0 {
+        let s = dev.stream();
+        dev.launch(
+            &format!("shared_gate_bwd_{t}"),
+            (rows as u32, 1),
+            256,
+            &[
+                Arg::U64(g.buf.ptr(s)),
+                Arg::U64(out.buf.ptr(s)),
+                Arg::U64(gl.buf.ptr(s)),
+                Arg::I64(rows as i64),
+                Arg::I32(dim as i32),
+                Arg::U64(grad_out.buf.ptr(s)),
+                Arg::U64(dgl.buf.ptr(s)),
+            ],
+        )?;
+    }
+    Ok((grad_out, dgl))
+}

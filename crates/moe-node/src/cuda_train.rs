@@ -252,3 +252,35 @@ pub fn cuda_matmul_f32_out(
         Ok(CudaTensor::wrap(train::matmul_f32_out(dev, a.get("a")?, b.get("b")?, trans_a.unwrap_or(false), trans_b.unwrap_or(false))?))
     })
 }
+
+/// What `cudaSharedGateForward` returns.
+#[napi(object, object_from_js = false)]
+pub struct SharedGateOut {
+    pub gate_logits: CudaTensor,
+    pub contribution: CudaTensor,
+}
+
+/// The shared expert's sigmoid gate, forward (moe_cuda::train::shared_gate_forward).
+#[napi]
+pub fn cuda_shared_gate_forward(raw: &CudaTensor, out: &CudaTensor) -> napi::Result<SharedGateOut, String> {
+    run(|dev| {
+        let (gl, c) = train::shared_gate_forward(dev, raw.get("raw")?, out.get("out")?)?;
+        Ok(SharedGateOut { gate_logits: CudaTensor::wrap(gl), contribution: CudaTensor::wrap(c) })
+    })
+}
+
+/// What `cudaSharedGateBackward` returns.
+#[napi(object, object_from_js = false)]
+pub struct SharedGateGrads {
+    pub grad_out: CudaTensor,
+    pub grad_gate_logits: CudaTensor,
+}
+
+/// The gate's backward (moe_cuda::train::shared_gate_backward).
+#[napi]
+pub fn cuda_shared_gate_backward(g: &CudaTensor, out: &CudaTensor, gate_logits: &CudaTensor) -> napi::Result<SharedGateGrads, String> {
+    run(|dev| {
+        let (go, dgl) = train::shared_gate_backward(dev, g.get("g")?, out.get("out")?, gate_logits.get("gateLogits")?)?;
+        Ok(SharedGateGrads { grad_out: CudaTensor::wrap(go), grad_gate_logits: CudaTensor::wrap(dgl) })
+    })
+}
