@@ -9,7 +9,7 @@ use std::cmp::Ordering;
 
 use crate::alloc::{try_vec, try_with_capacity};
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Tensor, TensorRef};
+use crate::tensor::{DType, Meta, Tensor, TensorRef};
 
 /// Largest integer a JavaScript number holds exactly; sizes beyond it are refused.
 const MAX_SAFE: f64 = 9_007_199_254_740_991.0;
@@ -105,6 +105,56 @@ fn by_prob_desc(p: &[f32], num_experts: usize, e: usize) -> impl Fn(&usize, &usi
     }
 }
 
+/// [`drop_tokens`]'s arguments once checked: the map's size and the capacity it applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DropCheck {
+    pub num_tokens: usize,
+    pub num_experts: usize,
+    pub capacity: usize,
+}
+
+/// Every check of [`drop_tokens`], in its order (the routing map's 0/1 values on the host), and
+/// the capacity it applies.
+pub fn check_drop_tokens(probs: Meta, routing_map: Meta, options: &DropOptions) -> Result<DropCheck> {
+    let (num_tokens, num_experts) = check_map(routing_map)?;
+    probs.expect_dtype(&[DType::F32])?;
+    probs.expect_shape(&[num_tokens, num_experts], "(the shape of routingMap)")?;
+    if num_experts == 0 {
+        return Err(Error::range("routingMap.shape[1]", "dropTokens needs at least one expert (the capacity divides by numExperts)"));
+    }
+    let routed = num_tokens
+        .checked_mul(options.topk)
+        .filter(|&n| n as f64 <= MAX_SAFE)
+        .ok_or_else(|| Error::range("topk", format!("numTokens * topk = {num_tokens} * {} is beyond 2^53 - 1", options.topk)))?;
+    let capacity = get_capacity(routed, num_experts, options.capacity_factor, None)?;
+    Ok(DropCheck { num_tokens, num_experts, capacity })
+}
+
+/// A routing map `[numTokens, numExperts]` bool (0/1 on the host): `(numTokens, numExperts)`.
+pub(crate) fn check_map(routing_map: Meta) -> Result<(usize, usize)> {
+    let dims = routing_map.expect_rank(2, "[numTokens, numExperts]")?;
+    routing_map.check_mask()?;
+    Ok((dims[0], dims[1]))
+}
+
+/// Every check of [`pad_routing_map`]: `(numTokens, numExperts)`.
+pub fn check_pad_routing_map(routing_map: Meta, pad_multiple: usize) -> Result<(usize, usize)> {
+    let dims = check_map(routing_map)?;
+    if pad_multiple == 0 {
+        return Err(Error::range("padMultiple", "expected at least 1, got 0"));
+    }
+    Ok(dims)
+}
+
+/// Every check of [`tokens_per_expert`]: `(numTokens, numExperts)`.
+pub fn check_tokens_per_expert(routing_map: Meta) -> Result<(usize, usize)> {
+    let (num_tokens, num_experts) = check_map(routing_map)?;
+    if i32::try_from(num_tokens).is_err() {
+        return Err(Error::range("routingMap.shape[0]", format!("{num_tokens} tokens do not fit in int32 counts")));
+    }
+    Ok((num_tokens, num_experts))
+}
+
 /// Megatron-Core's `apply_router_token_dropping`: every expert keeps at most
 /// `capacity = getCapacity(numTokens * topk, numExperts, capacityFactor)` tokens.
 ///
@@ -114,20 +164,9 @@ fn by_prob_desc(p: &[f32], num_experts: usize, e: usize) -> impl Fn(&usize, &usi
 /// mask holds every token. The output map is `routingMap AND mask`, or the mask itself with
 /// `pad_to_capacity`; the output probs are `probs * map` (see [`times_zero`]).
 pub fn drop_tokens(probs: &TensorRef, routing_map: &TensorRef, options: DropOptions) -> Result<Dropped> {
-    let dims = routing_map.expect_rank(2, "[numTokens, numExperts]")?;
-    let (num_tokens, num_experts) = (dims[0], dims[1]);
-    let map = routing_map.mask()?;
-    probs.expect_dtype(&[DType::F32])?;
-    probs.expect_shape(&[num_tokens, num_experts], "(the shape of routingMap)")?;
+    let DropCheck { num_tokens, num_experts, capacity } = check_drop_tokens(probs.meta(), routing_map.meta(), &options)?;
+    let map = routing_map.bytes();
     let p = probs.typed::<f32>()?;
-    if num_experts == 0 {
-        return Err(Error::range("routingMap.shape[1]", "dropTokens needs at least one expert (the capacity divides by numExperts)"));
-    }
-    let routed = num_tokens
-        .checked_mul(options.topk)
-        .filter(|&n| n as f64 <= MAX_SAFE)
-        .ok_or_else(|| Error::range("topk", format!("numTokens * topk = {num_tokens} * {} is beyond 2^53 - 1", options.topk)))?;
-    let capacity = get_capacity(routed, num_experts, options.capacity_factor, None)?;
 
     let mut mask = vec![0u8; num_tokens * num_experts];
     if capacity >= num_tokens {
@@ -182,12 +221,8 @@ fn times_zero(x: f32) -> f32 {
 /// column count becomes a multiple of `padMultiple`. An expert with fewer unselected tokens
 /// than it needs gets all of them (its count is then `numTokens`, as in the reference).
 pub fn pad_routing_map(routing_map: &TensorRef, pad_multiple: usize) -> Result<Tensor> {
-    let dims = routing_map.expect_rank(2, "[numTokens, numExperts]")?;
-    let (num_tokens, num_experts) = (dims[0], dims[1]);
-    let map = routing_map.mask()?;
-    if pad_multiple == 0 {
-        return Err(Error::range("padMultiple", "expected at least 1, got 0"));
-    }
+    let (num_tokens, num_experts) = check_pad_routing_map(routing_map.meta(), pad_multiple)?;
+    let map = routing_map.bytes();
     let mut out: Vec<u8> = map.iter().map(|&b| (b != 0) as u8).collect();
     let counts = column_counts(map, num_tokens, num_experts)?;
     for (e, &c) in counts.iter().enumerate() {
@@ -221,12 +256,8 @@ fn column_counts(map: &[u8], num_tokens: usize, num_experts: usize) -> Result<Ve
 
 /// Column sums of a routing map `[T, E]`: `[E]` int32.
 pub fn tokens_per_expert(routing_map: &TensorRef) -> Result<Tensor> {
-    let dims = routing_map.expect_rank(2, "[numTokens, numExperts]")?;
-    let (num_tokens, num_experts) = (dims[0], dims[1]);
-    let map = routing_map.mask()?;
-    if i32::try_from(num_tokens).is_err() {
-        return Err(Error::range("routingMap.shape[0]", format!("{num_tokens} tokens do not fit in int32 counts")));
-    }
+    let (num_tokens, num_experts) = check_tokens_per_expert(routing_map.meta())?;
+    let map = routing_map.bytes();
     let counts = column_counts(map, num_tokens, num_experts)?;
     let mut out = try_with_capacity(num_experts, "routingMap.shape[1]")?;
     out.extend(counts.into_iter().map(|c| c as i32));

@@ -7,7 +7,7 @@ use std::borrow::Cow;
 use crate::alloc::{filled_vec, write_slice};
 use crate::error::{Error, Result};
 use crate::par::for_each_row;
-use crate::tensor::{DType, Tensor, TensorRef};
+use crate::tensor::{DType, Meta, Tensor, TensorRef};
 
 /// Output of [`sort_chunks_by_index`] and [`sort_chunks_by_index_backward`].
 #[derive(Debug, Clone, PartialEq)]
@@ -25,11 +25,9 @@ struct Chunks {
     order: Vec<usize>,
 }
 
+/// The chunk layout from the sizes and the order (checked by [`check_sort_chunks`] but their values).
 fn chunks(split_sizes: &TensorRef, sorted_idxs: &TensorRef, num_rows: usize, rows_of: &str) -> Result<Chunks> {
-    let c = split_sizes.expect_rank(1, "[numChunks]")?[0];
-    split_sizes.expect_dtype(DType::INDICES)?;
-    sorted_idxs.expect_dtype(DType::INDICES)?;
-    sorted_idxs.expect_shape(&[c], "([numChunks], the length of splitSizes)")?;
+    let c = split_sizes.shape[0];
     let raw_sizes = split_sizes.indices()?;
     let mut sizes = Vec::with_capacity(c);
     let mut starts = Vec::with_capacity(c);
@@ -121,14 +119,33 @@ fn apply(input: &TensorRef, probs: Option<&TensorRef>, rows: &[usize]) -> Result
     Ok(SortedChunks { output, probs })
 }
 
-fn check_rows(x: &TensorRef, probs: Option<&TensorRef>, probs_what: &str) -> Result<usize> {
+/// Every check of [`sort_chunks_by_index`] (`backward`: of [`sort_chunks_by_index_backward`],
+/// `x` its gradOutput) on dtypes and shapes, in its order; the values of the sizes and the order
+/// are checked by the op: `(numRows, numChunks)`.
+pub fn check_sort_chunks(x: Meta, split_sizes: Meta, sorted_idxs: Meta, probs: Option<Meta>, backward: bool) -> Result<(usize, usize)> {
     let n = x.expect_rank(2, "[numRows, hidden]")?[0];
     x.expect_dtype(DType::TOKENS)?;
     if let Some(p) = probs {
         p.expect_dtype(&[DType::F32])?;
-        p.expect_shape(&[n], probs_what)?;
+        p.expect_shape(&[n], if backward { "([numRows], one per row of gradOutput)" } else { "([numRows], one per row of input)" })?;
     }
-    Ok(n)
+    let c = split_sizes.expect_rank(1, "[numChunks]")?[0];
+    split_sizes.expect_dtype(DType::INDICES)?;
+    sorted_idxs.expect_dtype(DType::INDICES)?;
+    sorted_idxs.expect_shape(&[c], "([numChunks], the length of splitSizes)")?;
+    Ok((n, c))
+}
+
+fn sort(
+    x: &TensorRef,
+    split_sizes: &TensorRef,
+    sorted_idxs: &TensorRef,
+    probs: Option<&TensorRef>,
+    backward: bool,
+) -> Result<SortedChunks> {
+    let (n, _) = check_sort_chunks(x.meta(), split_sizes.meta(), sorted_idxs.meta(), probs.map(|p| p.meta()), backward)?;
+    let layout = chunks(split_sizes, sorted_idxs, n, if backward { "gradOutput" } else { "input" })?;
+    apply(x, probs, &if backward { layout.backward_rows() } else { layout.forward_rows() })
 }
 
 /// Splits `input [N, H]` into consecutive chunks of `splitSizes [C]` rows and outputs chunk
@@ -140,9 +157,7 @@ pub fn sort_chunks_by_index(
     sorted_idxs: &TensorRef,
     probs: Option<&TensorRef>,
 ) -> Result<SortedChunks> {
-    let n = check_rows(input, probs, "([numRows], one per row of input)")?;
-    let layout = chunks(split_sizes, sorted_idxs, n, "input")?;
-    apply(input, probs, &layout.forward_rows())
+    sort(input, split_sizes, sorted_idxs, probs, false)
 }
 
 /// Backward of [`sort_chunks_by_index`] (the same arguments, the gradient of its outputs):
@@ -154,9 +169,7 @@ pub fn sort_chunks_by_index_backward(
     sorted_idxs: &TensorRef,
     grad_probs: Option<&TensorRef>,
 ) -> Result<SortedChunks> {
-    let n = check_rows(grad_output, grad_probs, "([numRows], one per row of gradOutput)")?;
-    let layout = chunks(split_sizes, sorted_idxs, n, "gradOutput")?;
-    apply(grad_output, grad_probs, &layout.backward_rows())
+    sort(grad_output, split_sizes, sorted_idxs, grad_probs, true)
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use crate::alloc::try_vec;
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Tensor, TensorRef};
+use crate::tensor::{DType, Meta, Tensor, TensorRef};
 
 /// Output of [`indices_to_multihot`].
 #[derive(Debug, Clone, PartialEq)]
@@ -12,20 +12,28 @@ pub struct Multihot {
     pub probs: Tensor,
 }
 
-/// `routingMap[t, indices[t, j]] = true` and `probs[t, indices[t, j]] = probs[t, j]` for
-/// every `j` whose index is not `-1` (a masked slot). An expert listed twice in one row is
-/// an error: the reference's scatter would keep an unspecified one of the two probs.
-pub fn indices_to_multihot(indices: &TensorRef, probs: &TensorRef, num_experts: usize) -> Result<Multihot> {
+/// [`indices_to_multihot`]'s checks but the indices' values (the range, an expert listed twice:
+/// checked as the map is filled): `(numTokens, topk)`.
+pub fn check_indices_to_multihot(indices: Meta, probs: Meta, num_experts: usize) -> Result<(usize, usize)> {
     let dims = indices.expect_rank(2, "[numTokens, topk]")?;
     let (num_tokens, topk) = (dims[0], dims[1]);
     indices.expect_dtype(DType::INDICES)?;
     probs.expect_dtype(&[DType::F32])?;
     probs.expect_shape(&[num_tokens, topk], "(the shape of indices)")?;
+    if num_tokens.checked_mul(num_experts).is_none() {
+        return Err(Error::range("numExperts", format!("{num_tokens} x {num_experts} overflows")));
+    }
+    Ok((num_tokens, topk))
+}
+
+/// `routingMap[t, indices[t, j]] = true` and `probs[t, indices[t, j]] = probs[t, j]` for
+/// every `j` whose index is not `-1` (a masked slot). An expert listed twice in one row is
+/// an error: the reference's scatter would keep an unspecified one of the two probs.
+pub fn indices_to_multihot(indices: &TensorRef, probs: &TensorRef, num_experts: usize) -> Result<Multihot> {
+    let (num_tokens, topk) = check_indices_to_multihot(indices.meta(), probs.meta(), num_experts)?;
     let idx = indices.indices()?;
     let p = probs.typed::<f32>()?;
-
-    let cells =
-        num_tokens.checked_mul(num_experts).ok_or_else(|| Error::range("numExperts", format!("{num_tokens} x {num_experts} overflows")))?;
+    let cells = num_tokens * num_experts;
     let mut map = try_vec(0u8, cells, "numExperts")?;
     let mut dense = try_vec(0f32, cells, "numExperts")?;
     for t in 0..num_tokens {
@@ -60,21 +68,24 @@ pub struct TopK {
     pub probs: Tensor,
 }
 
+/// [`multihot_to_indices`]'s checks of its tensors (the routing map's 0/1 values on the host);
+/// the rows' counts against `topk` and the output's size are checked by the op: `(numTokens, numExperts)`.
+pub fn check_multihot_to_indices(routing_map: Meta, probs: Option<Meta>) -> Result<(usize, usize)> {
+    let (num_tokens, num_experts) = crate::capacity::check_map(routing_map)?;
+    if let Some(p) = probs {
+        p.expect_dtype(&[DType::F32])?;
+        p.expect_shape(&[num_tokens, num_experts], "(the shape of routingMap)")?;
+    }
+    Ok((num_tokens, num_experts))
+}
+
 /// The inverse of [`indices_to_multihot`], in a canonical order: each row lists its experts in
 /// ascending id. `topk` defaults to the largest row count; a row with more experts than
 /// `topk` is an error. Without `probs` the output probs are 1 for every listed expert.
 pub fn multihot_to_indices(routing_map: &TensorRef, probs: Option<&TensorRef>, topk: Option<usize>) -> Result<TopK> {
-    let dims = routing_map.expect_rank(2, "[numTokens, numExperts]")?;
-    let (num_tokens, num_experts) = (dims[0], dims[1]);
-    let map = routing_map.mask()?;
-    let dense = match probs {
-        Some(p) => {
-            p.expect_dtype(&[DType::F32])?;
-            p.expect_shape(&[num_tokens, num_experts], "(the shape of routingMap)")?;
-            Some(p.typed::<f32>()?)
-        }
-        None => None,
-    };
+    let (num_tokens, num_experts) = check_multihot_to_indices(routing_map.meta(), probs.map(|p| p.meta()))?;
+    let map = routing_map.bytes();
+    let dense = probs.map(|p| p.typed::<f32>()).transpose()?;
     let row_counts: Vec<usize> = map.chunks(num_experts.max(1)).map(|r| r.iter().filter(|&&b| b != 0).count()).collect();
     let widest = row_counts.iter().copied().max().unwrap_or(0);
     let k = topk.unwrap_or(widest);

@@ -3,8 +3,10 @@
 //! outputs stay on the GPU, and results are the CPU core's bit for bit (the core is the
 //! reference: crates/moe-core/src/{routing_map,capacity,chunks,grouped}.rs).
 //!
-//! As in device_ops.rs, arguments are checked on their dtypes and shapes with the core's
-//! rules; when a check fails, or a kernel reports an invalid value through its error word (an
+//! As in device_ops.rs, arguments are checked by the op's check function in the core
+//! (`check_indices_to_multihot`, `check_multihot_to_indices`, `check_tokens_per_expert`,
+//! `check_pad_routing_map`, `check_drop_tokens`, `check_sort_chunks`, `check_grouped_mm_sort`)
+//! on the tensors' `Meta`, which also gives the sizes (and dropTokens' capacity); when a check fails, or a kernel reports an invalid value through its error word (an
 //! index out of range, an expert listed twice), or the GPU path has a limit the core does not
 //! (sizes beyond int32), the op runs its host path: it downloads the inputs and calls the core
 //! function, whose error (same class, same message) or result (uploaded) it returns. Bool
@@ -15,13 +17,16 @@
 //! sortedIdxs (4 bytes a chunk) to check them, groupedMmSort its error word and slot count.
 //! tokensPerExpert, padRoutingMap and dropTokens do not synchronise.
 
-use moe_core::capacity::{get_capacity, DropOptions, DropPolicy};
+use moe_core::capacity::{check_drop_tokens, check_pad_routing_map, check_tokens_per_expert, DropCheck, DropOptions, DropPolicy};
+use moe_core::chunks::check_sort_chunks;
+use moe_core::grouped::{check_grouped_mm_sort, GroupedCheck};
+use moe_core::routing_map::{check_indices_to_multihot, check_multihot_to_indices};
 use moe_core::tensor::{DType, Tensor};
 
 use crate::device::{Arg, Buffer, Device};
 use crate::error::Result;
 use crate::permute as ops;
-use crate::tensor::{download_opt, opt_ref, tensor_ref, upload_owned_opt, DeviceTensor};
+use crate::tensor::{download_opt, opt_meta, opt_ref, tensor_ref, upload_owned_opt, DeviceTensor};
 
 /// Tokens a chunk of the column-count kernels (LAYOUT_CHUNK in kernels/layout.cu).
 pub const LAYOUT_CHUNK: usize = 64;
@@ -29,8 +34,6 @@ pub const LAYOUT_CHUNK: usize = 64;
 const LAYOUT_UNROLL: usize = 4;
 /// Largest `chunks * numLocalExperts` table of groupedMmSort (and largest numLocalExperts on the GPU).
 const GROUPED_TABLE: usize = 1 << 24;
-/// Largest integer a JavaScript number holds exactly (the core's MAX_SAFE).
-const MAX_SAFE: f64 = 9_007_199_254_740_991.0;
 
 fn fits_i32(v: usize) -> bool {
     i32::try_from(v).is_ok()
@@ -117,16 +120,11 @@ pub fn indices_to_multihot_device(
     probs: &DeviceTensor,
     num_experts: usize,
 ) -> Result<DeviceMultihot> {
-    let fast = indices.dtype == DType::I32
-        && indices.shape.len() == 2
-        && probs.dtype == DType::F32
-        && probs.shape == indices.shape
-        && fits_i32(indices.shape[0])
-        && fits_i32(indices.shape[1])
-        && fits_i32(num_experts)
-        && indices.shape[0].checked_mul(num_experts).and_then(|c| c.checked_mul(4)).is_some();
-    if fast {
-        let (t, k, e) = (indices.shape[0], indices.shape[1], num_experts);
+    let checked = check_indices_to_multihot(indices.meta("indices"), probs.meta("probs"), num_experts);
+    let fast =
+        checked.ok().filter(|&(t, k)| fits_i32(t) && fits_i32(k) && fits_i32(num_experts) && (t * num_experts).checked_mul(4).is_some());
+    if let Some((t, k)) = fast {
+        let e = num_experts;
         let map = DeviceTensor::alloc(dev, "routingMap", DType::Bool, vec![t, e])?;
         let dense = DeviceTensor::alloc(dev, "probs", DType::F32, vec![t, e])?;
         let err = error_word(dev)?;
@@ -168,14 +166,9 @@ pub fn multihot_to_indices_device(
     probs: Option<&DeviceTensor>,
     topk: Option<usize>,
 ) -> Result<DeviceTopK> {
-    let fast = routing_map.dtype == DType::Bool
-        && routing_map.shape.len() == 2
-        && probs.is_none_or(|p| p.dtype == DType::F32 && p.shape == routing_map.shape)
-        && fits_i32(routing_map.shape[0])
-        && fits_i32(routing_map.shape[1])
-        && topk.is_none_or(fits_i32);
-    if fast {
-        let (t, e) = (routing_map.shape[0], routing_map.shape[1]);
+    let checked = check_multihot_to_indices(routing_map.meta("routingMap"), opt_meta(probs, "probs"));
+    let fast = checked.ok().filter(|&(t, e)| fits_i32(t) && fits_i32(e) && topk.is_none_or(fits_i32));
+    if let Some((t, e)) = fast {
         let widest = dev.alloc("the widest row", 4)?;
         dev.memset_u32("the widest row", &widest, 0, 1)?;
         let blocks = t.div_ceil(4) as u32;
@@ -217,14 +210,14 @@ pub fn multihot_to_indices_device(
 // ---------------------------------------------------------------------------------------
 // tokensPerExpert, padRoutingMap, dropTokens
 
-fn map_fits(routing_map: &DeviceTensor) -> bool {
-    routing_map.dtype == DType::Bool && routing_map.shape.len() == 2 && fits_i32(routing_map.shape[0]) && columns_fit(routing_map.shape[1])
+/// A checked routing map's `(numTokens, numExperts)` when the column kernels take it.
+fn map_fits(checked: moe_core::Result<(usize, usize)>) -> Option<(usize, usize)> {
+    checked.ok().filter(|&(t, e)| fits_i32(t) && columns_fit(e))
 }
 
 /// [`moe_core::capacity::tokens_per_expert`] on device tensors (no synchronisation).
 pub fn tokens_per_expert_device(dev: &Device, routing_map: &DeviceTensor) -> Result<DeviceTensor> {
-    if map_fits(routing_map) {
-        let (t, e) = (routing_map.shape[0], routing_map.shape[1]);
+    if let Some((t, e)) = map_fits(check_tokens_per_expert(routing_map.meta("routingMap"))) {
         let (_, counts) = column_counts(dev, &routing_map.buf, t, e)?;
         return Ok(DeviceTensor::from_buffer(DType::I32, vec![e], counts));
     }
@@ -234,9 +227,8 @@ pub fn tokens_per_expert_device(dev: &Device, routing_map: &DeviceTensor) -> Res
 
 /// [`moe_core::capacity::pad_routing_map`] on device tensors (no synchronisation).
 pub fn pad_routing_map_device(dev: &Device, routing_map: &DeviceTensor, pad_multiple: usize) -> Result<DeviceTensor> {
-    let multiple = i64::try_from(pad_multiple).ok().filter(|&m| m > 0);
-    if let (true, Some(m)) = (map_fits(routing_map), multiple) {
-        let (t, e) = (routing_map.shape[0], routing_map.shape[1]);
+    let multiple = i64::try_from(pad_multiple).ok();
+    if let (Some((t, e)), Some(m)) = (map_fits(check_pad_routing_map(routing_map.meta("routingMap"), pad_multiple)), multiple) {
         let (chunk_base, counts) = column_counts(dev, &routing_map.buf, t, e)?;
         let out = DeviceTensor::alloc(dev, "the padded routing map", DType::Bool, vec![t, e])?;
         let col_threads = (e.min(256).div_ceil(32).max(1) * 32) as u32;
@@ -268,15 +260,6 @@ pub struct DeviceDropped {
     pub capacity: usize,
 }
 
-/// The capacity `drop_tokens` applies, when its arguments are valid (the core's arithmetic).
-pub fn drop_capacity(num_tokens: usize, num_experts: usize, options: &DropOptions) -> Option<usize> {
-    if num_experts == 0 {
-        return None;
-    }
-    let routed = num_tokens.checked_mul(options.topk).filter(|&n| n as f64 <= MAX_SAFE)?;
-    get_capacity(routed, num_experts, options.capacity_factor, None).ok()
-}
-
 /// How the capacity mask is formed: 0 all false (capacity 0), 1 all true (capacity >= T),
 /// 2 by the mask kernels.
 pub fn drop_mode(capacity: usize, num_tokens: usize) -> i32 {
@@ -293,10 +276,9 @@ pub fn drop_mode(capacity: usize, num_tokens: usize) -> i32 {
 /// 'probs' policy each expert's top-`capacity` tokens are found by an exact radix select
 /// (ties to the lower token id, NaN first, -0 == +0), one block per expert.
 pub fn drop_tokens_device(dev: &Device, probs: &DeviceTensor, routing_map: &DeviceTensor, options: DropOptions) -> Result<DeviceDropped> {
-    let fast = map_fits(routing_map) && probs.dtype == DType::F32 && probs.shape == routing_map.shape;
-    let capacity = if fast { drop_capacity(routing_map.shape[0], routing_map.shape[1], &options) } else { None };
-    if let Some(capacity) = capacity {
-        let (t, e) = (routing_map.shape[0], routing_map.shape[1]);
+    let checked = check_drop_tokens(probs.meta("probs"), routing_map.meta("routingMap"), &options);
+    let fast = checked.ok().filter(|c| fits_i32(c.num_tokens) && columns_fit(c.num_experts));
+    if let Some(DropCheck { num_tokens: t, num_experts: e, capacity }) = fast {
         let mode = drop_mode(capacity, t);
         let mask = if mode == 2 {
             let mask = dev.alloc("the capacity mask", t * e)?;
@@ -401,17 +383,15 @@ fn chunk_sort(
     probs: Option<&DeviceTensor>,
     backward: bool,
 ) -> Result<DeviceSortedChunks> {
-    let fast = x.shape.len() == 2
-        && DType::TOKENS.contains(&x.dtype)
-        && fits_i32(x.shape[0])
-        && probs.is_none_or(|p| p.dtype == DType::F32 && p.shape == [x.shape[0]])
-        && split_sizes.dtype == DType::I32
-        && split_sizes.shape.len() == 1
-        && sorted_idxs.dtype == DType::I32
-        && sorted_idxs.shape == split_sizes.shape
-        && fits_i32(split_sizes.shape[0]);
-    let layout = if fast {
-        let c = split_sizes.shape[0];
+    let (x_name, p_name) = if backward { ("gradOutput", "gradProbs") } else { ("input", "probs") };
+    let checked = check_sort_chunks(
+        x.meta(x_name),
+        split_sizes.meta("splitSizes"),
+        sorted_idxs.meta("sortedIdxs"),
+        opt_meta(probs, p_name),
+        backward,
+    );
+    let layout = if let Some((_, c)) = checked.ok().filter(|&(n, c)| fits_i32(n) && fits_i32(c)) {
         let sizes: Vec<i32> = dev.download_new("splitSizes", &split_sizes.buf, c)?;
         let order: Vec<i32> = dev.download_new("sortedIdxs", &sorted_idxs.buf, c)?;
         chunk_layout(&sizes, &order, x.shape[0], backward)
@@ -464,7 +444,6 @@ fn chunk_sort(
         }
         return Ok(DeviceSortedChunks { output: out, probs: out_probs });
     }
-    let (x_name, p_name) = if backward { ("gradOutput", "gradProbs") } else { ("input", "probs") };
     let xh = down(dev, x, x_name)?;
     let sh = down(dev, split_sizes, "splitSizes")?;
     let oh = down(dev, sorted_idxs, "sortedIdxs")?;
@@ -535,20 +514,15 @@ pub fn grouped_mm_sort_device(
     num_local_experts: usize,
     experts_start_idx: usize,
 ) -> Result<DeviceGroupedSort> {
-    let window = i64::try_from(experts_start_idx)
-        .ok()
-        .and_then(|s| i64::try_from(num_local_experts).ok().and_then(|l| s.checked_add(l)).map(|e| (s, e)));
-    let fast = indices.dtype == DType::I32
-        && indices.shape.len() == 2
-        && DType::TOKENS.contains(&weights.dtype)
-        && weights.shape == indices.shape
-        && token_mask.is_none_or(|m| m.dtype == DType::Bool && m.shape == [indices.shape[0]])
-        && indices.shape[0].checked_mul(indices.shape[1]).is_some_and(fits_i32)
-        && num_local_experts <= GROUPED_TABLE
-        && window.is_some();
-    if let (true, Some((start, end))) = (fast, window) {
-        let (t, k, l) = (indices.shape[0], indices.shape[1], num_local_experts);
-        let n = t * k;
+    let checked = check_grouped_mm_sort(
+        indices.meta("indices"),
+        weights.meta("weights"),
+        opt_meta(token_mask, "tokenMask"),
+        num_local_experts,
+        experts_start_idx,
+    );
+    if let Some(GroupedCheck { num_tokens: t, topk: k, start, end }) = checked.ok().filter(|_| num_local_experts <= GROUPED_TABLE) {
+        let (l, n) = (num_local_experts, t * k);
         let (per_chunk, chunks) = grouped_chunks(n, l);
         let table = dev.alloc("the grouped sort (chunk counts)", chunks * l * 4)?;
         dev.memset_u32("the grouped sort (chunk counts)", &table, 0, chunks * l)?;
@@ -779,11 +753,7 @@ mod tests {
     }
 
     #[test]
-    fn capacity_and_modes() {
-        let o = DropOptions { topk: 2, capacity_factor: 1.0, drop_policy: DropPolicy::Probs, pad_to_capacity: false };
-        assert_eq!(drop_capacity(8, 4, &o), Some(4));
-        assert_eq!(drop_capacity(8, 0, &o), None);
-        assert_eq!(drop_capacity(8, 4, &DropOptions { capacity_factor: -1.0, ..o }), None);
+    fn capacity_modes() {
         assert_eq!(drop_mode(4, 8), 2);
         assert_eq!(drop_mode(8, 8), 1);
         assert_eq!(drop_mode(0, 8), 0);
