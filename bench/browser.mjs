@@ -18,10 +18,7 @@ import { dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 
-import { chromium } from 'playwright-core';
-
-import { CHROMIUM, launchOptions } from '../scripts/chromium.mjs';
-import { serve } from '../scripts/static-server.mjs';
+import { CHROMIUM, runBenchPage } from '../scripts/chromium.mjs';
 import { benchPermute } from './permute-bench.mjs';
 
 const { values: args } = parseArgs({
@@ -56,21 +53,9 @@ const info = await api.backendInfo();
 const cpuInfo = info.find((i) => i.name === 'cpu');
 
 async function chromiumRun() {
-  const server = await serve();
-  const browser = await chromium.launch(launchOptions);
-  try {
-    const page = await browser.newPage();
-    const q = new URLSearchParams(Object.entries(shape).map(([k, v]) => [k, String(v)]));
-    await page.goto(`${server.url}bench/browser.html?${q}`);
-    await page.waitForFunction(() => window.benchResult !== undefined, null, { timeout: 600_000 });
-    const res = await page.evaluate(() => window.benchResult);
-    if (res.error) throw new Error(`in Chromium: ${res.error}`);
-    userAgent = res.userAgent;
-    return res.rows;
-  } finally {
-    await browser.close();
-    await server.close();
-  }
+  const res = await runBenchPage('bench/browser.html', shape);
+  userAgent = res.userAgent;
+  return res.rows;
 }
 
 function singleThreadRun() {

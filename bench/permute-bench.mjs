@@ -4,20 +4,11 @@
  * dist/browser.js in a page) and `random` is dist/random.js. Same problem (rng(7)), same
  * byte counts (read + written) and the median of `iters` runs after one warm-up.
  */
+import { timeSync } from './timing.mjs';
+
 export async function benchPermute(api, random, { T = 4096, H = 1024, E = 64, k = 4, iters = 10, prefer = 'wasm', label = prefer } = {}) {
   const b = await api.createBackend({ prefer });
-  const now = typeof performance !== 'undefined' ? () => performance.now() : () => Date.now();
-  const timeIt = (f) => {
-    f();
-    const times = [];
-    for (let i = 0; i < iters; i++) {
-      const t0 = now();
-      f();
-      times.push(now() - t0);
-    }
-    times.sort((x, y) => x - y);
-    return times[Math.floor(times.length / 2)] / 1e3;
-  };
+  const timeIt = (f) => timeSync(iters, f);
   const rows = [];
   for (const dtype of ['float32', 'bfloat16']) {
     const r = random.randomRouting({ numTokens: T, numExperts: E, topk: k, hidden: H, dtype }, random.rng(7));

@@ -6,32 +6,14 @@
  * `await moe.synchronize()`, the queue's onSubmittedWorkDone) and its outputs are disposed. Each row: the
  * median of `iters` runs after one warm-up, and whether the GPU's output bits equal wasm's.
  */
+import { timeAsync as timeAsyncOf, timeSync as timeSyncOf } from './timing.mjs';
+
 export async function benchWebGpu(api, random, { T = 4096, H = 1024, E = 64, k = 4, iters = 10 } = {}) {
   const moe = await api.createBackend({ prefer: 'webgpu' });
   const wasm = await api.createBackend({ prefer: 'wasm' });
   if (moe.name !== 'webgpu') throw new Error(`no webgpu backend here: got ${moe.name}`);
-  const now = () => performance.now();
-  const median = (times) => times.sort((x, y) => x - y)[Math.floor(times.length / 2)] / 1e3;
-  const timeSync = (f) => {
-    f();
-    const times = [];
-    for (let i = 0; i < iters; i++) {
-      const t0 = now();
-      f();
-      times.push(now() - t0);
-    }
-    return median(times);
-  };
-  const timeAsync = async (f) => {
-    await f();
-    const times = [];
-    for (let i = 0; i < iters; i++) {
-      const t0 = now();
-      await f();
-      times.push(now() - t0);
-    }
-    return median(times);
-  };
+  const timeSync = (f) => timeSyncOf(iters, f);
+  const timeAsync = (f) => timeAsyncOf(iters, f);
   const sameBits = (a, b) => {
     const x = new Uint8Array(a.data.buffer, a.data.byteOffset, a.data.byteLength);
     const y = new Uint8Array(b.data.buffer, b.data.byteOffset, b.data.byteLength);

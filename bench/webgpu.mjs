@@ -13,30 +13,14 @@ import { cpus } from 'node:os';
 import { dirname } from 'node:path';
 import { parseArgs } from 'node:util';
 
-import { chromium } from 'playwright-core';
-
-import { CHROMIUM, launchOptions } from '../scripts/chromium.mjs';
-import { serve } from '../scripts/static-server.mjs';
+import { CHROMIUM, launchOptions, runBenchPage } from '../scripts/chromium.mjs';
 
 const { values: args } = parseArgs({
   options: { iters: { type: 'string' }, out: { type: 'string' }, tokens: { type: 'string' }, hidden: { type: 'string' }, experts: { type: 'string' }, topk: { type: 'string' } },
 });
 const shape = { T: Number(args.tokens ?? 4096), H: Number(args.hidden ?? 1024), E: Number(args.experts ?? 64), k: Number(args.topk ?? 4), iters: Number(args.iters ?? 10) };
 
-const server = await serve();
-const browser = await chromium.launch(launchOptions);
-let res;
-try {
-  const page = await browser.newPage();
-  const q = new URLSearchParams(Object.entries(shape).map(([k, v]) => [k, String(v)]));
-  await page.goto(`${server.url}bench/webgpu.html?${q}`);
-  await page.waitForFunction(() => window.benchResult !== undefined, null, { timeout: 600_000 });
-  res = await page.evaluate(() => window.benchResult);
-  if (res.error) throw new Error(`in Chromium: ${res.error}`);
-} finally {
-  await browser.close();
-  await server.close();
-}
+const res = await runBenchPage('bench/webgpu.html', shape);
 
 const date = new Date().toISOString().slice(0, 10);
 const out = args.out ?? `bench/results/${date}-webgpu.json`;

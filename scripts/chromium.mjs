@@ -19,3 +19,27 @@ export const CHROMIUM_ARGS = [
 
 /** Options for playwright-core's `chromium.launch()`. */
 export const launchOptions = { executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS };
+
+/**
+ * Runs a benchmark page of bench/ (`bench/browser.html`, `bench/webgpu.html`; see bench/page.mjs)
+ * in headless Chromium, served from the repository root with `params` as its query, and returns
+ * what the page leaves in `window.benchResult` (an error there is thrown).
+ */
+export async function runBenchPage(path, params) {
+  const { chromium } = await import('playwright-core');
+  const { serve } = await import('./static-server.mjs');
+  const server = await serve();
+  const browser = await chromium.launch(launchOptions);
+  try {
+    const page = await browser.newPage();
+    const q = new URLSearchParams(Object.entries(params).map(([k, v]) => [k, String(v)]));
+    await page.goto(`${server.url}${path}?${q}`);
+    await page.waitForFunction(() => window.benchResult !== undefined, null, { timeout: 600_000 });
+    const res = await page.evaluate(() => window.benchResult);
+    if (res.error) throw new Error(`in Chromium: ${res.error}`);
+    return res;
+  } finally {
+    await browser.close();
+    await server.close();
+  }
+}
