@@ -12,7 +12,7 @@ import { describe, expect, it } from 'vitest';
 
 import { backendInfo, createBackend, tensor, type Backend } from '../ts/index.js';
 import { backendRows, registerBackendReport } from './backends.js';
-import { escapeRegExp, expectThrows } from './util.js';
+import { escapeRegExp, expectThrows, expectOpError, type OpErrorCase } from './util.js';
 
 // A small, valid problem: 3 tokens, hidden 2, 2 experts.
 // Expert 0 gets tokens 0 and 2, expert 1 gets tokens 1 and 2.
@@ -39,16 +39,7 @@ function expectStillWorks(b: Backend): void {
   expect(Array.from(m.routingMap.data)).toEqual([1, 1, 0]);
 }
 
-interface Case {
-  title: string;
-  op: 'permute' | 'unpermute' | 'indicesToMultihot' | 'multihotToIndices';
-  /** The argument the message must name right after the op: `<op>: <arg>` (any of several where either is right). */
-  arg: string | string[];
-  cls: ErrorClass;
-  /** More of the message that must appear (what was expected or given). */
-  detail?: RegExp;
-  call: (b: Backend) => unknown;
-}
+type Case = OpErrorCase<'permute' | 'unpermute' | 'indicesToMultihot' | 'multihotToIndices'>;
 
 // Deliberately wrong calls: `as never` where the types would (rightly) refuse them.
 const CASES: Case[] = [
@@ -301,8 +292,7 @@ describe.each(backendRows)('errors on %s', (_name, backend) => {
   for (const c of CASES) {
     const args = typeof c.arg === 'string' ? [c.arg] : c.arg;
     it(`${c.op}: ${c.title} -> ${c.cls.name} naming ${args.join(' or ')}`, () => {
-      const err = expectThrows(() => c.call(backend), c.cls, new RegExp(`^${escapeRegExp(c.op)}: (${args.map(escapeRegExp).join('|')})[:\\s]`));
-      if (c.detail) expect(err.message).toMatch(c.detail);
+      expectOpError(c, backend);
       expectStillWorks(backend);
     });
   }

@@ -5,7 +5,7 @@
  */
 import { expect } from 'vitest';
 
-import type { ActivationKind, DType, Tensor } from '../ts/index.js';
+import type { ActivationKind, Backend, DType, Tensor } from '../ts/index.js';
 
 /** The raw bits of every element: uint32 for float32, uint16 for bfloat16/float16, values otherwise. */
 export function bitsOf(t: Tensor): number[] {
@@ -214,6 +214,26 @@ export function expectThrows(fn: () => unknown, cls: ErrorClass, message: RegExp
 
 /** A string as a literal inside a RegExp. */
 export const escapeRegExp = (s: string) => s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+
+/** A row of an op's error table. */
+export interface OpErrorCase<Op extends string = string> {
+  title: string;
+  op: Op;
+  /** The argument the message must name right after the op: `<op>: <arg>` (any of several where either is right). */
+  arg: string | string[];
+  cls: ErrorClass;
+  /** More of the message that must appear (what was expected or given). */
+  detail?: RegExp;
+  call: (b: Backend) => unknown;
+}
+
+/** Runs a row against `backend`: exactly `cls`, the message starting with `<op>: <arg>` and matching `detail`. */
+export function expectOpError(c: OpErrorCase, backend: Backend): Error {
+  const args = typeof c.arg === 'string' ? [c.arg] : c.arg;
+  const err = expectThrows(() => c.call(backend), c.cls, new RegExp(`^${escapeRegExp(c.op)}: (${args.map(escapeRegExp).join('|')})[:\\s]`));
+  if (c.detail) expect(err.message).toMatch(c.detail);
+  return err;
+}
 
 /** The seeded generator of the library's own tests and CLI (mulberry32). */
 export { rng } from '../ts/random.js';
