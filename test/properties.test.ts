@@ -134,6 +134,9 @@ const EDGES: Problem[] = DTYPES.flatMap((dt) => [
   makeProblem(4, 5, 2, 3, dt, (t, j) => (t === 2 ? -1 : j === 1 && t % 2 ? -1 : (t + j) % 5)), // mixed masks
 ]);
 
+/** Examples: each edge problem with each of the counts `counts(p)` (a capacity, a number of slots). */
+const edgesWith = (counts: (p: Problem) => number[]): [Problem, number][] => EDGES.flatMap((p) => counts(p).map((c): [Problem, number] => [p, c]));
+
 // ---------------------------------------------------------------------------------------
 // The reference.
 
@@ -382,16 +385,7 @@ describe.each(backendRows)('properties on %s', (_name, b) => {
         expectStored(out.permutedTokens, p.dtype, [n, p.H], gatherRows(p.tokens, p.H, plan.sorted), 'permutedTokens');
         expectStored(out.permutedProbs!, 'float32', [n], f32Stored(plan.sorted.map((t, s) => dense[t * p.E + plan.expertOf[s]])), 'permutedProbs (pads get the dense prob)');
       }),
-      params(
-        EDGES.flatMap(
-          (p) =>
-            [
-              [p, 0],
-              [p, p.T],
-              [p, 1],
-            ] as [Problem, number][],
-        ),
-      ),
+      params(edgesWith((p) => [0, p.T, 1])),
     );
   });
 
@@ -427,15 +421,7 @@ describe.each(backendRows)('properties on %s', (_name, b) => {
           'unpermute(permute(x, dropAndPad))',
         );
       }),
-      params(
-        EDGES.flatMap(
-          (p) =>
-            [
-              [p, 0],
-              [p, p.T],
-            ] as [Problem, number][],
-        ),
-      ),
+      params(edgesWith((p) => [0, p.T])),
     );
   });
 
@@ -467,16 +453,7 @@ describe.each(backendRows)('properties on %s', (_name, b) => {
         expectStored(b.unpermute(dp.permutedTokens, dp.sortedIndices, shape, { probs, routingMap: map, dropAndPad: true }), p.dtype, [...shape], dpWant, 'dropAndPad, dense probs + routingMap');
         expectStored(b.unpermute(dp.permutedTokens, dp.sortedIndices, shape, { probs: dp.permutedProbs, dropAndPad: true }), p.dtype, [...shape], dpWant, 'dropAndPad, per-slot probs');
       }),
-      params(
-        EDGES.flatMap(
-          (p) =>
-            [
-              [p, 0],
-              [p, p.T],
-              [p, 2],
-            ] as [Problem, number][],
-        ),
-      ),
+      params(edgesWith((p) => [0, p.T, 2])),
     );
   });
 
