@@ -124,6 +124,13 @@ function problem(seed: number, mode: Mode): Problem {
   return { T, E, H, map, tokens: range(T * H).map(value), dense: range(T * E).map(value), capacity: mode.capacity };
 }
 
+/** A seed's problem, with the reference's plan, its slot count N and the bool routing map. */
+function planned(seed: number, mode: Mode) {
+  const p = problem(seed, mode);
+  const plan = plan64(p.map, p.T, p.E, p.capacity);
+  return { p, plan, N: plan.sorted.length, map: boolMap(p.T, p.E, p.map), dropAndPad: p.capacity !== undefined };
+}
+
 function permuteOptions(p: Problem) {
   return p.capacity === undefined ? {} : { dropAndPad: true, numOutTokens: p.capacity * p.E };
 }
@@ -137,11 +144,7 @@ describe.each(backendRows)('permuteBackward vs finite differences on %s', (_name
   for (const mode of MODES) {
     it(mode.title, () => {
       for (const seed of SEEDS) {
-        const p = problem(seed, mode);
-        const plan = plan64(p.map, p.T, p.E, p.capacity);
-        const N = plan.sorted.length;
-        const map = boolMap(p.T, p.E, p.map);
-        const dropAndPad = p.capacity !== undefined;
+        const { p, plan, N, map, dropAndPad } = planned(seed, mode);
 
         // The library's forward is the one the reference describes (so its sortedIndices are the plan's).
         const fwd = b.permute(f32([p.T, p.H], p.tokens), map, { probs: f32([p.T, p.E], p.dense), ...permuteOptions(p) });
@@ -198,11 +201,7 @@ describe.each(backendRows)('unpermuteBackward vs finite differences on %s', (_na
     for (const probsKind of PROBS) {
       it(`${mode.title}, probs ${probsKind}`, () => {
         for (const seed of SEEDS) {
-          const p = problem(seed, mode);
-          const plan = plan64(p.map, p.T, p.E, p.capacity);
-          const N = plan.sorted.length;
-          const map = boolMap(p.T, p.E, p.map);
-          const dropAndPad = p.capacity !== undefined;
+          const { p, plan, N, map, dropAndPad } = planned(seed, mode);
           const rand = rng(seed * 57);
           const permuted = range(N * p.H).map(() => Math.fround((2 * rand() - 1) * 2));
           const perSlot = range(N).map(() => Math.fround(2 * rand() - 1));
