@@ -1,13 +1,13 @@
 /**
- * Caller-owned outputs (`out`) of permute, unpermute and permuteBackward, on every available
- * backend: the result is the given object, its bits are the allocating call's, one buffer is
- * reused across calls with different routings, and a wrong dtype (TypeError), shape or memory
- * shared with an input (RangeError) is reported before a byte of `out` is written.
+ * Caller-owned outputs (`out`) of permute, unpermute, permuteBackward and expertsForward, on
+ * every available backend: the result is the given object, its bits are the allocating call's,
+ * one buffer is reused across calls with different routings, and a wrong dtype (TypeError), shape
+ * or memory shared with an input (RangeError) is reported before a byte of `out` is written.
  * No Node APIs: it runs in the chromium project too (wasm).
  */
 import { describe, expect, it } from 'vitest';
 
-import { tensor, type Backend, type Tensor, type TokenDType } from '../ts/index.js';
+import { tensor, toBFloat16Bits, toFloat16Bits, type Backend, type ExpertWeights, type Tensor, type TokenDType } from '../ts/index.js';
 import { randomRouting, rng } from '../ts/random.js';
 import { backendRows, registerBackendReport } from './backends.js';
 import { expectSameBits, expectThrows } from './util.js';
@@ -187,6 +187,108 @@ describe.each(cpuRows)('out (%s)', (_name, b) => {
       () => b.permute(p.tokens, p.routingMap, { probs: p.probs, out: { permutedTokens: a, permutedProbs: c } }),
       RangeError,
       /^permute: out\.permutedProbs: its memory overlaps out\.permutedTokens'/,
+    );
+  });
+});
+
+/** A grouped-experts problem (swiglu, probs and both biases) of `dtype`, from a seed. */
+function expertsProblem(seed: number, dtype: TokenDType, counts = [3, 0, 4, 2], dim = 6, inter = 5) {
+  const random = rng(seed);
+  const values = (shape: number[], scale: number): Tensor<TokenDType> => {
+    const v = Array.from({ length: shape.reduce((a, b) => a * b, 1) }, () => (random() * 2 - 1) * scale);
+    if (dtype === 'bfloat16') return tensor(dtype, shape, Uint16Array.from(v, toBFloat16Bits));
+    if (dtype === 'float16') return tensor(dtype, shape, Uint16Array.from(v, toFloat16Bits));
+    return tensor('float32', shape, Float32Array.from(v));
+  };
+  const E = counts.length;
+  const N = counts.reduce((a, b) => a + b, 0);
+  const weights: ExpertWeights = { gateAndUpProjs: values([E, dim, 2 * inter], 0.5), downProjs: values([E, inter, dim], 0.5) };
+  const options = {
+    activation: 'swiglu' as const,
+    permutedProbs: tensor(
+      'float32',
+      [N],
+      Float32Array.from({ length: N }, () => random()),
+    ),
+    biases: { gateUpProjBias: values([E, 2 * inter], 0.3), downProjBias: values([E, dim], 0.3) },
+  };
+  return { x: values([N, dim], 1), counts: tensor('int32', [E], Int32Array.from(counts)), weights, options, N, dim };
+}
+
+describe.each(backendRows)('expertsForward out (%s)', (_name, b) => {
+  it.each(['float32', 'bfloat16', 'float16'] as const)('writes into out and returns it, with the bits of the allocating call (%s)', (dtype) => {
+    const p = expertsProblem(17, dtype);
+    const want = b.expertsForward(p.x, p.counts, p.weights, p.options);
+    const out = filled(dtype, [p.N, p.dim]);
+    const got = b.expertsForward(p.x, p.counts, p.weights, { ...p.options, out });
+    expect(got).toBe(out);
+    expectSameBits(got, want, 'expertsForward');
+  });
+
+  it('one out serves calls with other weights, probs and counts', () => {
+    const out = filled('float32', [9, 6]);
+    for (const [seed, counts] of [
+      [1, [3, 0, 4, 2]],
+      [2, [9, 0, 0, 0]],
+      [3, [0, 0, 0, 9]],
+      [1, [3, 0, 4, 2]],
+    ] as const) {
+      const p = expertsProblem(seed, 'float32', [...counts]);
+      const want = b.expertsForward(p.x, p.counts, p.weights, p.options);
+      expectSameBits(b.expertsForward(p.x, p.counts, p.weights, { ...p.options, out }), want, `seed ${seed}, counts ${counts}`);
+    }
+  });
+
+  it('errors name out and say expected vs got; nothing is written', () => {
+    const p = expertsProblem(19, 'float32');
+    const check = (out: Tensor, f: () => unknown, cls: typeof TypeError | typeof RangeError, message: RegExp) => {
+      const before = snapshot(out);
+      expectThrows(f, cls, message);
+      expect(bytes(out), 'out was written on error').toEqual(before);
+    };
+    const bf = filled('bfloat16', [p.N, p.dim]);
+    check(bf, () => b.expertsForward(p.x, p.counts, p.weights, { ...p.options, out: bf as never }), TypeError, /^expertsForward: out\.dtype: expected float32 .*got bfloat16/);
+    const wide = filled('float32', [p.N, p.dim + 1]);
+    check(
+      wide,
+      () => b.expertsForward(p.x, p.counts, p.weights, { ...p.options, out: wide }),
+      RangeError,
+      new RegExp(`^expertsForward: out\\.shape: expected \\[${p.N}, ${p.dim}\\] .*got \\[${p.N}, ${p.dim + 1}\\]`),
+    );
+    // An invalid input is reported as before, and out stays as it was.
+    const good = filled('float32', [p.N, p.dim]);
+    const badCounts = tensor('int32', [4], Int32Array.from([3, 0, 4, 1]));
+    check(good, () => b.expertsForward(p.x, badCounts, p.weights, { ...p.options, out: good }), RangeError, /^expertsForward: tokensPerExpert: the counts add up to 8/);
+    expectThrows(() => b.expertsForward(p.x, p.counts, p.weights, { ...p.options, out: new Float32Array(4) as never }), TypeError, /^expertsForward: out: expected a Tensor/);
+    expectThrows(() => b.expertsBackward(good, p.x, p.counts, p.weights, { ...p.options, out: good } as never), TypeError, /^expertsBackward: options\.out: not an option of expertsBackward/);
+  });
+
+  it('an out that shares memory with an input is a RangeError', () => {
+    const p = expertsProblem(23, 'float32');
+    const n = p.N * p.dim;
+    // The tokens and the output in one buffer, overlapping by one element; then disjoint.
+    const buf = new Float32Array(2 * n);
+    buf.set(p.x.data as Float32Array);
+    const x = tensor('float32', [p.N, p.dim], buf.subarray(0, n));
+    const overlapping = tensor('float32', [p.N, p.dim], buf.subarray(n - 1, 2 * n - 1));
+    const before = snapshot(x);
+    expectThrows(() => b.expertsForward(x, p.counts, p.weights, { ...p.options, out: overlapping }), RangeError, /^expertsForward: out: its memory overlaps permutedTokens'/);
+    expect(bytes(x)).toEqual(before);
+    const disjoint = tensor('float32', [p.N, p.dim], buf.subarray(n));
+    expectSameBits(b.expertsForward(x, p.counts, p.weights, { ...p.options, out: disjoint }), b.expertsForward(p.x, p.counts, p.weights, p.options), 'disjoint views of one buffer');
+    // Over a weight and a bias.
+    const down = p.weights.downProjs.data as Float32Array;
+    if (down.length >= n) {
+      const overDown = tensor('float32', [p.N, p.dim], down.subarray(0, n));
+      expectThrows(() => b.expertsForward(p.x, p.counts, p.weights, { ...p.options, out: overDown }), RangeError, /^expertsForward: out: its memory overlaps weights\.downProjs'/);
+    }
+    const bias = new Float32Array(n + 4 * p.dim);
+    const downProjBias = tensor('float32', [4, p.dim], bias.subarray(n));
+    const beforeBias = tensor('float32', [p.N, p.dim], bias.subarray(4 * p.dim, 4 * p.dim + n));
+    expectThrows(
+      () => b.expertsForward(p.x, p.counts, p.weights, { ...p.options, biases: { ...p.options.biases, downProjBias }, out: beforeBias }),
+      RangeError,
+      /^expertsForward: out: its memory overlaps biases\.downProjBias'/,
     );
   });
 });

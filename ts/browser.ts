@@ -30,6 +30,7 @@ export type {
   ExpertBiases,
   ExpertCheckpointOptions,
   ExpertsFormat,
+  ExpertsForwardOptions,
   ExpertsGrads,
   ExpertsOptions,
   ExpertWeights,

@@ -23,6 +23,7 @@ export type {
   ExpertBiases,
   ExpertCheckpointOptions,
   ExpertsFormat,
+  ExpertsForwardOptions,
   ExpertsGrads,
   ExpertsOptions,
   ExpertWeights,

@@ -3,7 +3,7 @@
  * bytes of their data), option objects are checked for unknown keys and option types.
  * Semantic checks (shapes that must agree, ranges) are the core's, not these.
  */
-import { checkTensor, type DType, type IndexDType, type TokenDType } from './tensor.js';
+import { checkTensor, type DType, type IndexDType, type Tensor, type TokenDType } from './tensor.js';
 
 /** A tensor as the bindings take it: the bytes of its data. */
 export interface WireTensor {
@@ -26,6 +26,27 @@ export function wire(value: unknown, arg: string, dtypes?: readonly DType[]): Wi
 
 export function optWire(value: unknown, arg: string, dtypes?: readonly DType[]): WireTensor | undefined {
   return value === undefined || value === null ? undefined : wire(value, arg, dtypes);
+}
+
+/**
+ * A RangeError when an output shares memory with an input or another output (checked here, on
+ * the JS side, for both bindings: the wasm binding only sees copies of the inputs). Both are
+ * tensors (or absent) by the name errors give them, outputs in the order they are checked.
+ */
+export function checkDisjoint(outputs: Record<string, unknown>, inputs: Record<string, unknown>): void {
+  const view = (t: unknown) => (t as Tensor | undefined)?.data;
+  const outs = Object.entries(outputs);
+  outs.forEach(([name, o], i) => {
+    const a = view(o);
+    if (!a || a.byteLength === 0) return;
+    for (const [other, t] of [...Object.entries(inputs), ...outs.slice(0, i)]) {
+      const b = view(t);
+      if (!b || b.byteLength === 0 || a.buffer !== b.buffer) continue;
+      if (a.byteOffset < b.byteOffset + b.byteLength && b.byteOffset < a.byteOffset + a.byteLength) {
+        throw new RangeError(`${name}: its memory overlaps ${other}'s; an output must not share memory with an input or another output`);
+      }
+    }
+  });
 }
 
 /** Rejects option objects that are not objects or carry keys this op does not know (typos). */

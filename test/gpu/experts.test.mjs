@@ -123,6 +123,22 @@ describe('grouped experts on the GPU: cuda == cpu within tolerance, the same bit
   }
 });
 
+describe('expertsForward with a caller-owned out on the cuda backend', () => {
+  test('host tensors: written into out (the CPU op), the bits of cpu; device tensors or a device out: a TypeError', { skip: cudaOnly }, () => {
+    for (const dtype of ['float32', 'bfloat16']) {
+      const p = problem({ dtype, counts: [5, 0, 17, 3], dim: 24, inter: 40, biases: true });
+      const want = cpu.expertsForward(p.x, p.counts, p.weights, p.options);
+      const out = tensor(dtype, [...want.shape]);
+      assert.equal(cuda.expertsForward(p.x, p.counts, p.weights, { ...p.options, out }), out, `${dtype}: the result is out`);
+      assertSameBits(out, want, `${dtype}: expertsForward into out`);
+      const d = onDevice(p);
+      const refused = (e) => e instanceof TypeError && /^expertsForward: options\.out: the cuda backend writes caller-owned outputs only on its host path/.test(e.message);
+      assert.throws(() => cuda.expertsForward(d.x, d.counts, d.weights, { ...d.options, out }), refused);
+      assert.throws(() => cuda.expertsForward(p.x, p.counts, p.weights, { ...p.options, out: cuda.upload(out) }), refused);
+    }
+  });
+});
+
 describe('matmul on the GPU', () => {
   for (const dtype of ['float32', 'bfloat16']) {
     for (const [transA, transB] of [

@@ -50,6 +50,16 @@ export function optionValue(options: unknown, key: string): unknown {
   return typeof options === 'object' && options !== null ? (options as Record<string, unknown>)[key] : undefined;
 }
 
+/**
+ * The device paths allocate their outputs: a caller-owned `out` is taken on the host path only
+ * (host tensors go through the native CPU op), and with device tensors it is this TypeError.
+ */
+export function noDeviceOut(op: string, options: unknown): void {
+  if (optionValue(options, 'out') !== undefined) {
+    throw new TypeError(`${op}: options.out: the cuda backend writes caller-owned outputs only on its host path (host tensors); on device tensors it allocates its outputs`);
+  }
+}
+
 /** Runs `f` with fresh handles; addon errors become typed JS errors prefixed with `op`. */
 export function callWith<T>(addon: Pick<Addon, 'cudaUpload'>, op: string, f: (h: Handles) => T): T {
   const h = new Handles(addon);

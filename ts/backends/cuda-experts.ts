@@ -5,10 +5,10 @@
  */
 import type { DeviceTensor, NativeCudaTensor } from '../device.js';
 import { wrapDevice } from '../device.js';
-import type { ExpertBiases, ExpertsOptions, ExpertsPositional, ExpertWeights, MatmulOptions } from '../ops/experts.js';
+import type { ExpertBiases, ExpertsForwardOptions, ExpertsOptions, ExpertsPositional, ExpertWeights, MatmulOptions } from '../ops/experts.js';
 import type { Tensor, TokenDType } from '../tensor.js';
 import { checkBool, checkNumber, checkOptions, TOKENS } from '../wire.js';
-import { anyDevice, type Addon, type GpuFamily, type Handles } from './cuda-common.js';
+import { anyDevice, noDeviceOut, optionValue, type Addon, type GpuFamily, type Handles } from './cuda-common.js';
 
 type Any<D extends import('../tensor.js').DType> = Tensor<D> | DeviceTensor<D>;
 
@@ -61,7 +61,8 @@ export interface DeviceExpertsGrads<D extends TokenDType = TokenDType> {
 
 /** The experts methods of the cuda backend that take device tensors. */
 export interface CudaExpertsOps {
-  expertsForward<D extends TokenDType>(permutedTokens: Tensor<D>, tokensPerExpert: Tensor<'int32' | 'int64'>, weights: ExpertWeights, options: ExpertsOptions): Tensor<D>;
+  /** Host tensors: the CPU op (`options.out` allowed). Any device tensor: the GPU, which allocates its output (`out` is a TypeError). */
+  expertsForward<D extends TokenDType>(permutedTokens: Tensor<D>, tokensPerExpert: Tensor<'int32' | 'int64'>, weights: ExpertWeights, options: ExpertsForwardOptions<D>): Tensor<D>;
   expertsForward<D extends TokenDType>(
     permutedTokens: Any<D>,
     tokensPerExpert: Any<'int32'>,
@@ -170,9 +171,11 @@ export const expertsGpu: GpuFamily = {
     const gpu = addon as unknown as ExpertsAddon;
     return {
       expertsForward(permutedTokens: unknown, tokensPerExpert: unknown, weights: unknown, options: unknown) {
-        if (!anyDeviceOr(permutedTokens, tokensPerExpert, ...weightValues(weights), ...deviceOptions(options))) {
-          return base.expertsForward(permutedTokens as Tensor<TokenDType>, tokensPerExpert as Tensor<'int32'>, weights as ExpertWeights, options as ExpertsOptions);
+        // a device tensor as out takes the device path too, to be refused there
+        if (!anyDeviceOr(permutedTokens, tokensPerExpert, ...weightValues(weights), ...deviceOptions(options), optionValue(options, 'out'))) {
+          return base.expertsForward(permutedTokens as Tensor<TokenDType>, tokensPerExpert as Tensor<'int32'>, weights as ExpertWeights, options as ExpertsForwardOptions);
         }
+        noDeviceOut('expertsForward', options);
         return call('expertsForward', (h) => {
           const save = checkBool((options as DeviceExpertsForwardOptions | undefined)?.saveForBackward, 'options.saveForBackward');
           const out = gpu.cudaExpertsForwardDevice(...deviceArgs(h, permutedTokens, tokensPerExpert, weights, options, 'expertsForward'), save);

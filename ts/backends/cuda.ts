@@ -18,7 +18,7 @@ import type { PermuteArgs, RouteArgs, TopkArgs, UnpermuteArgs } from '../generat
 import { ARGUMENT_DEPTH, containsDeviceTensor, isDeviceTensor, rethrowNative, wrapDevice, type DeviceTensor, type NativeCudaTensor } from '../device.js';
 import { isTensor } from '../tensor.js';
 import { activationsGpu, type CudaActivationsOps } from './cuda-activations.js';
-import { anyDevice, callWith, optionValue, type Addon, type GpuContext, type GpuFamily, type Handles } from './cuda-common.js';
+import { anyDevice, callWith, noDeviceOut, optionValue, type Addon, type GpuContext, type GpuFamily, type Handles } from './cuda-common.js';
 import { expertsGpu, type CudaExpertsOps } from './cuda-experts.js';
 import { trainGpu, type CudaTrainOps } from './cuda-train.js';
 import { layoutGpu, type CudaLayoutOps } from './cuda-layout.js';
@@ -280,16 +280,6 @@ export interface CudaBackend
     sortedIndices: AnyTensor<'int32'>,
     options?: DeviceUnpermuteOptions,
   ): { gradPermuted: DeviceTensor<D>; gradProbs?: DeviceTensor<'float32'> };
-}
-
-/**
- * The device paths allocate their outputs: a caller-owned `out` is taken on the host path only
- * (host tensors go through the native CPU op), and with device tensors it is this TypeError.
- */
-function noDeviceOut(op: string, options: unknown): void {
-  if (optionValue(options, 'out') !== undefined) {
-    throw new TypeError(`${op}: options.out: the cuda backend writes caller-owned outputs only on its host path (host tensors); on device tensors it allocates its outputs`);
-  }
 }
 
 /** Wraps the cuda backend's host-tensor ops (`base`) with the device-tensor paths of `addon`. */

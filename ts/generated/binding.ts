@@ -87,7 +87,7 @@ export interface ActivationBackwardArgs { kind?: string; alpha?: number; limit?:
 
 export interface MatmulArgs { a: WireTensor; b: WireTensor; transA?: boolean; transB?: boolean }
 
-export interface ExpertsForwardArgs { kind?: string; alpha?: number; limit?: number; linearOffset?: number; permutedTokens: WireTensor; tokensPerExpert: WireTensor; gateAndUpProjs?: WireTensor; upProjs?: WireTensor; downProjs: WireTensor; permutedProbs?: WireTensor; gateUpProjBias?: WireTensor; downProjBias?: WireTensor }
+export interface ExpertsForwardArgs { kind?: string; alpha?: number; limit?: number; linearOffset?: number; permutedTokens: WireTensor; tokensPerExpert: WireTensor; gateAndUpProjs?: WireTensor; upProjs?: WireTensor; downProjs: WireTensor; permutedProbs?: WireTensor; gateUpProjBias?: WireTensor; downProjBias?: WireTensor; out?: WireTensor }
 
 export interface ExpertsBackwardArgs { kind?: string; alpha?: number; limit?: number; linearOffset?: number; gradOutput: WireTensor; permutedTokens: WireTensor; tokensPerExpert: WireTensor; gateAndUpProjs?: WireTensor; upProjs?: WireTensor; downProjs: WireTensor; permutedProbs?: WireTensor; gateUpProjBias?: WireTensor; downProjBias?: WireTensor }
 
@@ -154,7 +154,8 @@ export interface Binding {
   activation(args: ActivationArgs): Tensor;
   activationBackward(args: ActivationBackwardArgs): InputGrads;
   matmul(args: MatmulArgs): Tensor;
-  expertsForward(args: ExpertsForwardArgs): Tensor;
+  /** out: a caller-owned output `[numSlots, dim]` of the tokens' dtype, written instead of allocated (then the result is null). */
+  expertsForward(args: ExpertsForwardArgs): Tensor | null;
   expertsBackward(args: ExpertsBackwardArgs): ExpertsGrads;
   getCapacity(args: GetCapacityArgs): number;
   dropTokens(args: DropTokensArgs): Dropped;

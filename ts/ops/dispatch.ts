@@ -1,7 +1,7 @@
 /** Routing maps, permute and unpermute: the interface, and its adapter over a binding. */
 import type { IndexDType, Tensor, TokenDType } from '../tensor.js';
 import type { Binding } from '../generated/binding.js';
-import { checkBool, checkNumber, checkOptions, INDICES, optWire, TOKENS, wire, type Call } from '../wire.js';
+import { checkBool, checkDisjoint, checkNumber, checkOptions, INDICES, optWire, TOKENS, wire, type Call } from '../wire.js';
 
 export interface PermuteOptions {
   /** Dense probs `[numTokens, numExperts]` float32; each slot's prob is returned as `permutedProbs`. */
@@ -106,25 +106,6 @@ export interface DispatchOps {
 /** This family's functions of the bindings (generated from the Rust op table). */
 export type DispatchBinding = Pick<Binding, 'indicesToMultihot' | 'multihotToIndices' | 'permute' | 'permutePlan' | 'unpermute' | 'permuteBackward' | 'unpermuteBackward'>;
 
-/**
- * A RangeError when an output shares memory with an input or another output (checked here, on
- * the JS side, for both bindings: the wasm binding only sees copies of the inputs).
- */
-function checkDisjoint(outs: readonly (readonly [unknown, string])[], inputs: readonly (readonly [unknown, string])[]): void {
-  const view = (t: unknown) => (t as Tensor | undefined)?.data;
-  outs.forEach(([o, name], i) => {
-    const a = view(o);
-    if (!a || a.byteLength === 0) return;
-    for (const [t, other] of [...inputs, ...outs.slice(0, i)]) {
-      const b = view(t);
-      if (!b || b.byteLength === 0 || a.buffer !== b.buffer) continue;
-      if (a.byteOffset < b.byteOffset + b.byteLength && b.byteOffset < a.byteOffset + a.byteLength) {
-        throw new RangeError(`${name}: its memory overlaps ${other}'s; an output must not share memory with an input or another output`);
-      }
-    }
-  });
-}
-
 /** The `out` option's object (known keys only). */
 function outObject<T extends object>(out: unknown, op: string, known: readonly (keyof T & string)[]): Partial<T> {
   if (out === undefined) return {};
@@ -171,15 +152,7 @@ export function dispatchOps(call: Call<DispatchBinding>): DispatchOps {
           outPermutedTokens: optWire(given.permutedTokens, 'out.permutedTokens', TOKENS),
           outPermutedProbs: optWire(given.permutedProbs, 'out.permutedProbs', ['float32']),
         };
-        const outs = [
-          [given.permutedTokens, 'out.permutedTokens'],
-          [given.permutedProbs, 'out.permutedProbs'],
-        ] as const;
-        checkDisjoint(outs, [
-          [tokens, 'tokens'],
-          [routingMap, 'routingMap'],
-          [o.probs, 'probs'],
-        ]);
+        checkDisjoint({ 'out.permutedTokens': given.permutedTokens, 'out.permutedProbs': given.permutedProbs }, { tokens, routingMap, probs: o.probs });
         const out = b.permute(args);
         if (given.permutedTokens) out.permutedTokens = given.permutedTokens;
         if (given.permutedProbs) out.permutedProbs = given.permutedProbs;
@@ -207,15 +180,7 @@ export function dispatchOps(call: Call<DispatchBinding>): DispatchOps {
           dropAndPad: checkBool(o.dropAndPad, 'dropAndPad'),
           out: optWire(o.out, 'out', TOKENS),
         };
-        checkDisjoint(
-          [[o.out, 'out']],
-          [
-            [permutedTokens, 'permutedTokens'],
-            [sortedIndices, 'sortedIndices'],
-            [o.probs, 'probs'],
-            [o.routingMap, 'routingMap'],
-          ],
-        );
+        checkDisjoint({ out: o.out }, { permutedTokens, sortedIndices, probs: o.probs, routingMap: o.routingMap });
         const out = b.unpermute(args);
         return o.out ?? out;
       }) as Tensor<never>;
@@ -233,13 +198,7 @@ export function dispatchOps(call: Call<DispatchBinding>): DispatchOps {
           dropAndPad: checkBool(o.dropAndPad, 'dropAndPad'),
           outGradTokens: optWire(given.gradTokens, 'out.gradTokens', TOKENS),
         };
-        const ins = [
-          [gradPermuted, 'gradPermuted'],
-          [sortedIndices, 'sortedIndices'],
-          [o.gradPermutedProbs, 'gradPermutedProbs'],
-          [o.routingMap, 'routingMap'],
-        ] as const;
-        checkDisjoint([[given.gradTokens, 'out.gradTokens']], ins);
+        checkDisjoint({ 'out.gradTokens': given.gradTokens }, { gradPermuted, sortedIndices, gradPermutedProbs: o.gradPermutedProbs, routingMap: o.routingMap });
         const out = b.permuteBackward(args);
         if (given.gradTokens) out.gradTokens = given.gradTokens;
         return dropAbsent(out, 'gradProbs');

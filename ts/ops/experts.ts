@@ -5,7 +5,7 @@
  */
 import type { Tensor, TokenDType } from '../tensor.js';
 import type { Binding, CheckpointSource as SourceWire, LoadedExperts as LoadedWire } from '../generated/binding.js';
-import { checkBool, checkNumber, checkOptions, INDICES, optWire, TOKENS, wire, type Call, type WireTensor } from '../wire.js';
+import { checkBool, checkDisjoint, checkNumber, checkOptions, INDICES, optWire, TOKENS, wire, type Call, type WireTensor } from '../wire.js';
 import type { ActivationKind } from './activations.js';
 
 /**
@@ -35,6 +35,17 @@ export interface ExpertsOptions {
   alpha?: number;
   limit?: number;
   linearOffset?: number;
+}
+
+/** expertsForward's options: {@link ExpertsOptions} and a caller-owned output. */
+export interface ExpertsForwardOptions<D extends TokenDType = TokenDType> extends ExpertsOptions {
+  /**
+   * A caller-owned `[N, dim]` tensor of permutedTokens' dtype, written instead of allocated and
+   * returned (the same object), with the allocating call's bits. Checked (dtype: TypeError; shape,
+   * or memory shared with an input: RangeError, naming `out`) before anything is written. The
+   * cuda backend takes it with host tensors (the CPU op); with device tensors it is a TypeError.
+   */
+  out?: Tensor<D>;
 }
 
 export interface ExpertsGrads<D extends TokenDType = TokenDType> {
@@ -173,8 +184,9 @@ export interface ExpertsOps {
   /**
    * Every local expert's MLP on its contiguous block of `permutedTokens [N, dim]`
    * (`tokensPerExpert [E]` rows each): `(act(x W1 + b1) * p) W2 + b2 * p`. Experts without tokens are fine.
+   * With `options.out` the result is written into that tensor and returned (see {@link ExpertsForwardOptions}).
    */
-  expertsForward<D extends TokenDType>(permutedTokens: Tensor<D>, tokensPerExpert: Tensor<'int32' | 'int64'>, weights: ExpertWeights, options: ExpertsOptions): Tensor<D>;
+  expertsForward<D extends TokenDType>(permutedTokens: Tensor<D>, tokensPerExpert: Tensor<'int32' | 'int64'>, weights: ExpertWeights, options: ExpertsForwardOptions<D>): Tensor<D>;
   /** Backward of `expertsForward`: the gradients of the tokens, the weights, the given biases and probs. */
   expertsBackward<D extends TokenDType>(gradOutput: Tensor<D>, permutedTokens: Tensor<D>, tokensPerExpert: Tensor<'int32' | 'int64'>, weights: ExpertWeights, options: ExpertsOptions): ExpertsGrads<D>;
   /** A safetensors file's bytes (the safetensors crate's writer). */
@@ -217,6 +229,7 @@ export type ExpertsBinding = Pick<
 >;
 
 const EXPERTS_KNOWN: readonly (keyof ExpertsOptions)[] = ['activation', 'permutedProbs', 'biases', 'alpha', 'limit', 'linearOffset'];
+const FORWARD_KNOWN: readonly (keyof ExpertsForwardOptions)[] = [...EXPERTS_KNOWN, 'out'];
 
 function kindOf(value: unknown, arg: string): ActivationKind | undefined {
   if (value !== undefined && typeof value !== 'string') throw new TypeError(`${arg}: expected a string, got ${typeof value}`);
@@ -236,8 +249,8 @@ function upWeight(weights: unknown, kind: string | undefined): [WireTensor, stri
 }
 
 /** A grouped-experts call's arguments as the bindings take them (the up projection under its own name). */
-function expertArgs(permutedTokens: unknown, tokensPerExpert: unknown, weights: unknown, options: unknown, op: string) {
-  const o = checkOptions<ExpertsOptions>(options, op, EXPERTS_KNOWN);
+function expertArgs(permutedTokens: unknown, tokensPerExpert: unknown, weights: unknown, options: unknown, op: string, known: readonly (keyof ExpertsForwardOptions)[] = EXPERTS_KNOWN) {
+  const o = checkOptions<ExpertsForwardOptions>(options, op, known);
   const kind = kindOf(o.activation, 'options.activation');
   const [w1, w1Name] = upWeight(weights, kind);
   const b = o.biases === undefined ? {} : checkOptions<ExpertBiases>(o.biases, 'biases', ['gateUpProjBias', 'downProjBias']);
@@ -351,7 +364,25 @@ export function expertsOps(call: Call<ExpertsBinding>): ExpertsOps {
       }) as Tensor<never>;
     },
     expertsForward(permutedTokens, tokensPerExpert, weights, options) {
-      return call('expertsForward', (b) => b.expertsForward(expertArgs(permutedTokens, tokensPerExpert, weights, options, 'expertsForward'))) as Tensor<never>;
+      return call('expertsForward', (b) => {
+        const args = expertArgs(permutedTokens, tokensPerExpert, weights, options, 'expertsForward', FORWARD_KNOWN);
+        const o = (options ?? {}) as ExpertsForwardOptions; // an object: checked by expertArgs
+        const out = optWire(o.out, 'out', TOKENS);
+        const w = weights as ExpertWeights;
+        const inputs = {
+          permutedTokens,
+          tokensPerExpert,
+          'weights.gateAndUpProjs': w.gateAndUpProjs,
+          'weights.upProjs': w.upProjs,
+          'weights.downProjs': w.downProjs,
+          permutedProbs: o.permutedProbs,
+          'biases.gateUpProjBias': o.biases?.gateUpProjBias,
+          'biases.downProjBias': o.biases?.downProjBias,
+        };
+        checkDisjoint({ out: o.out }, inputs);
+        const y = b.expertsForward({ ...args, out });
+        return o.out ?? y;
+      }) as Tensor<never>;
     },
     expertsBackward(gradOutput, permutedTokens, tokensPerExpert, weights, options) {
       return call('expertsBackward', (b) => {

@@ -187,6 +187,19 @@ pub fn with_outs<B: OutBuf, R>(
     Ok(r)
 }
 
+/// An op whose one result may go into a caller-owned output `out`: `alloc` when it is absent
+/// (the result), else `into` on it under [`with_outs`] (the result is then null).
+pub fn alloc_or_into<B: OutBuf>(
+    out: Option<&OutArg<'_, B>>,
+    alloc: impl FnOnce() -> Result<moe_core::Tensor>,
+    into: impl FnOnce(&mut TensorMut<'_>) -> Result<()>,
+) -> Result<Option<moe_core::Tensor>> {
+    match out {
+        None => alloc().map(Some),
+        Some(out) => with_outs(&[(Some(out), "out")], |o| into(o[0].as_mut().expect("given"))).map(|()| None),
+    }
+}
+
 /// A wire tensor as read.
 pub struct Wire<B> {
     dtype: String,

@@ -165,13 +165,11 @@ macro_rules! op_table {
             unpermute(restoreShape: Nums, permutedTokens: Tensor, sortedIndices: Tensor, probs: Option<Tensor>, routingMap: Option<Tensor>, dropAndPad: Flag, out: Option<Out>) -> Nullable<Tensor> {
                 let restore = permute::restore_shape_arg(restoreShape)?;
                 let options = UnpermuteOptions { drop_and_pad: dropAndPad };
-                match out.as_ref() {
-                    None => permute::unpermute(&permutedTokens, &sortedIndices, restore, probs.as_ref(), routingMap.as_ref(), options).map(Some),
-                    Some(out) => with_outs(&[(Some(out), "out")], |o| {
-                        let out = o[0].as_mut().expect("given");
-                        permute::unpermute_into(&permutedTokens, &sortedIndices, restore, probs.as_ref(), routingMap.as_ref(), options, out)
-                    }).map(|()| None),
-                }
+                alloc_or_into(
+                    out.as_ref(),
+                    || permute::unpermute(&permutedTokens, &sortedIndices, restore, probs.as_ref(), routingMap.as_ref(), options),
+                    |out| permute::unpermute_into(&permutedTokens, &sortedIndices, restore, probs.as_ref(), routingMap.as_ref(), options, out),
+                )
             }
             /// outGradTokens: a caller-owned output for gradTokens, written instead of allocated.
             permuteBackward(gradPermuted: Tensor, sortedIndices: Tensor, numTokens: Size, gradPermutedProbs: Option<Tensor>, routingMap: Option<Tensor>, dropAndPad: Flag, outGradTokens: Option<Out>) -> PermuteGrads {
@@ -218,8 +216,9 @@ macro_rules! op_table {
             matmul(a: Tensor, b: Tensor, transA: Flag, transB: Flag) -> Tensor {
                 experts::matmul(&a, &b, transA, transB)
             }
-            expertsForward(options: ActArgs, inputs: ExpertsArgs) -> Tensor {
-                experts::experts_forward(&inputs, &options)
+            /// out: a caller-owned output `[numSlots, dim]` of the tokens' dtype, written instead of allocated (then the result is null).
+            expertsForward(options: ActArgs, inputs: ExpertsArgs, out: Option<Out>) -> Nullable<Tensor> {
+                alloc_or_into(out.as_ref(), || experts::experts_forward(&inputs, &options), |out| experts::experts_forward_into(&inputs, &options, out))
             }
             expertsBackward(options: ActArgs, gradOutput: Tensor, inputs: ExpertsArgs) -> ExpertsGrads {
                 experts::experts_backward(&gradOutput, &inputs, &options).map(|o| ExpertsGrads {
