@@ -4,6 +4,7 @@
 import assert from 'node:assert/strict';
 import { existsSync, readFileSync } from 'node:fs';
 import { resolve } from 'node:path';
+import { test } from 'node:test';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 
 import { bytesOf, DTYPE_OF, goldenTensor, maxRelErr } from '../common/golden.mjs';
@@ -68,6 +69,15 @@ export function outcome(f) {
   } catch (e) {
     return { error: e };
   }
+}
+
+/** `fa` (the backend under test) and `fb` (cpu) both throw, with the same class and message. */
+export function assertSameError(fa, fb, what = '') {
+  const a = outcome(fa);
+  const b = outcome(fb);
+  assert.ok(a.error && b.error, `${what} both throw (cuda: ${a.error?.message ?? 'returned'}; cpu: ${b.error?.message ?? 'returned'})`);
+  assert.equal(a.error.constructor.name, b.error.constructor.name, `${what} error class (cuda: ${a.error.message})`);
+  assert.equal(a.error.message, b.error.message, `${what} message`);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -151,5 +161,33 @@ export function free(...xs) {
     if (!x || typeof x !== 'object') continue;
     if (lib.isDeviceTensor(x)) x.dispose();
     else if (!('data' in x)) for (const v of Object.values(x)) if (lib.isDeviceTensor(v)) v.dispose();
+  }
+}
+
+/**
+ * A test per error case `{ name: (backend, u) => call }`: on `backend` the call throws what it
+ * throws on cpu, with device tensors (`u` = `upload`; the copies disposed after) and with host ones.
+ */
+export function sameErrorsAsCpu(cases, { backend = cuda, upload = up, skip: skipped = skip } = {}) {
+  for (const [name, f] of Object.entries(cases)) {
+    test(name, { skip: skipped }, () => {
+      const made = [];
+      const u = (x) => {
+        const d = upload(x);
+        if (lib.isDeviceTensor(d)) made.push(d);
+        return d;
+      };
+      assertSameError(
+        () => f(backend, u),
+        () => f(cpu, (x) => x),
+        'device tensors:',
+      );
+      assertSameError(
+        () => f(backend, (x) => x),
+        () => f(cpu, (x) => x),
+        'host tensors:',
+      );
+      free(...made);
+    });
   }
 }

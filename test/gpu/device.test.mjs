@@ -9,7 +9,7 @@
 import assert from 'node:assert/strict';
 import { after, describe, test } from 'node:test';
 
-import { assertSameBits, assertSameResult, cpu, cudaInfo, host, lib, loadGolden, outcome, randomRouting, rng, tensor, toTensor, randomProblems } from './common.mjs';
+import { assertSameBits, assertSameResult, cpu, cudaInfo, host, lib, loadGolden, randomRouting, rng, tensor, toTensor, randomProblems, assertSameError, sameErrorsAsCpu } from './common.mjs';
 
 const skip = cudaInfo?.available ? false : `CUDA unavailable: ${cudaInfo?.reason ?? 'backendInfo() does not list cuda'}`;
 const cuda = skip ? undefined : await lib.createBackend({ prefer: 'cuda' });
@@ -45,14 +45,6 @@ function assertSameRoute(got, want, what) {
   assertSameBits(got.tokensPerExpert, want.tokensPerExpert, `${what}.tokensPerExpert`);
   assertClose(got.weights, want.weights, `${what}.weights`);
   assertClose(got.scores, want.scores, `${what}.scores`);
-}
-
-function assertSameError(fa, fb) {
-  const a = outcome(fa);
-  const b = outcome(fb);
-  assert.ok(a.error && b.error, `both throw (cuda: ${a.error?.message ?? 'returned'}; cpu: ${b.error?.message ?? 'returned'})`);
-  assert.equal(a.error.constructor.name, b.error.constructor.name, `error class (cuda: ${a.error.message})`);
-  assert.equal(a.error.message, b.error.message, 'message');
 }
 
 /** Device copies of the tensors of an object (others kept as they are). */
@@ -321,25 +313,7 @@ describe('errors with device tensors: cuda == cpu', () => {
     'topk: NaN': (b, u) => b.topk(u(tensor('float32', [2, 3], Float32Array.from([1, 2, 3, 4, NaN, 6]))), 2),
     'topk: k = 0': (b, u) => b.topk(u(tensor('float32', [2, 3], new Float32Array(6))), 0),
   };
-  for (const [name, f] of Object.entries(cases)) {
-    test(name, { skip }, () => {
-      const made = [];
-      const u = (x) => {
-        const d = cuda.upload(x);
-        made.push(d);
-        return d;
-      };
-      assertSameError(
-        () => f(cuda, u),
-        () => f(cpu, (x) => x),
-      );
-      assertSameError(
-        () => f(cuda, (x) => x),
-        () => f(cpu, (x) => x),
-      );
-      disposeAll(...made);
-    });
-  }
+  sameErrorsAsCpu(cases, { backend: cuda, upload: (x) => cuda.upload(x), skip });
 });
 
 // ---------------------------------------------------------------------------------------

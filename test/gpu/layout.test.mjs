@@ -11,7 +11,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 
-import { assertSameBits, assertSameResult, cpu, cuda, cudaInfo, cudaOnly, free, lib, outcome, randomRouting, rng, skip, standIn, tensor, up, upAll } from './common.mjs';
+import { assertSameBits, assertSameResult, cpu, cuda, cudaInfo, cudaOnly, free, lib, randomRouting, rng, skip, standIn, tensor, up, upAll, sameErrorsAsCpu } from './common.mjs';
 if (skip) console.log(`# ${skip}`);
 else if (standIn) console.log(`# stand-in run: ${standIn} in cuda's place, host tensors in place of device tensors`);
 
@@ -23,14 +23,6 @@ function assertAllDevice(result, what) {
   if (standIn) return;
   const values = lib.isDeviceTensor(result) ? [result] : Object.values(result).filter((v) => v && typeof v === 'object');
   for (const v of values) assert.ok(lib.isDeviceTensor(v), `${what}: a result is not a device tensor`);
-}
-
-function assertSameError(fa, fb, what = '') {
-  const a = outcome(fa);
-  const b = outcome(fb);
-  assert.ok(a.error && b.error, `${what} both throw (cuda: ${a.error?.message ?? 'returned'}; cpu: ${b.error?.message ?? 'returned'})`);
-  assert.equal(a.error.constructor.name, b.error.constructor.name, `${what} error class (cuda: ${a.error.message})`);
-  assert.equal(a.error.message, b.error.message, `${what} message`);
 }
 
 function assertSameDrop(got, want, what) {
@@ -496,27 +488,7 @@ describe('errors: cuda == cpu', () => {
     'unpermuteBackward: dense probs, dropAndPad blocks uneven': (b, u) =>
       b.unpermuteBackward(u(f32([3, 2])), u(f32([3, 2])), u(i32([3], [0, 2, 1])), { probs: u(f32([3, 2])), routingMap: u(map), dropAndPad: true }),
   };
-  for (const [name, f] of Object.entries(cases)) {
-    test(name, { skip }, () => {
-      const made = [];
-      const u = (x) => {
-        const d = up(x);
-        if (d !== x) made.push(d);
-        return d;
-      };
-      assertSameError(
-        () => f(cuda, u),
-        () => f(cpu, (x) => x),
-        'device tensors:',
-      );
-      assertSameError(
-        () => f(cuda, (x) => x),
-        () => f(cpu, (x) => x),
-        'host tensors:',
-      );
-      free(...made);
-    });
-  }
+  sameErrorsAsCpu(cases);
   test('backendInfo lists the layout ops among the GPU ops', { skip: cudaOnly }, () => {
     for (const op of ['indicesToMultihot', 'multihotToIndices', 'tokensPerExpert', 'padRoutingMap', 'dropTokens', 'sortChunksByIndex', 'sortChunksByIndexBackward', 'groupedMmSort']) {
       assert.ok(cudaInfo.gpuOps.includes(op), `${op} in ${cudaInfo.gpuOps}`);

@@ -13,7 +13,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 
-import { assertSameBits, cpu, cuda, cudaInfo, cudaOnly, free, lib, outcome, rng, skip, standIn, tensor, up, upAll } from './common.mjs';
+import { assertSameBits, cpu, cuda, cudaInfo, cudaOnly, free, lib, rng, skip, standIn, tensor, up, upAll, sameErrorsAsCpu } from './common.mjs';
 
 if (skip) console.log(`# ${skip}`);
 else if (standIn) console.log(`# stand-in run: ${standIn} in cuda's place, host tensors in place of device tensors`);
@@ -23,14 +23,6 @@ else if (standIn) console.log(`# stand-in run: ${standIn} in cuda's place, host 
 
 function assertDevice(t, what) {
   if (!standIn) assert.ok(lib.isDeviceTensor(t), `${what}: not a device tensor`);
-}
-
-function assertSameError(fa, fb, what = '') {
-  const a = outcome(fa);
-  const b = outcome(fb);
-  assert.ok(a.error && b.error, `${what} both throw (cuda: ${a.error?.message ?? 'returned'}; cpu: ${b.error?.message ?? 'returned'})`);
-  assert.equal(a.error.constructor.name, b.error.constructor.name, `${what} error class (cuda: ${a.error.message})`);
-  assert.equal(a.error.message, b.error.message, `${what} message`);
 }
 
 const f32 = (shape, values) => tensor('float32', shape, Float32Array.from(values));
@@ -165,27 +157,7 @@ describe('routeBackward errors: same class and message as cpu (host and device t
     'tokenMask of the wrong length': (b, u) => b.routeBackward(u(GW), u(L), u(IDX), { topk: 2, tokenMask: u(tensor('bool', [3], Uint8Array.from([1, 1, 1]))) }),
     'an unknown option': (b, u) => b.routeBackward(u(GW), u(L), u(IDX), { topk: 2, gradWeight: 1 }),
   };
-  for (const [name, f] of Object.entries(cases)) {
-    test(name, { skip }, () => {
-      const made = [];
-      const u = (x) => {
-        const d = up(x);
-        if (lib.isDeviceTensor(d)) made.push(d);
-        return d;
-      };
-      assertSameError(
-        () => f(cuda, u),
-        () => f(cpu, (x) => x),
-        'device:',
-      );
-      assertSameError(
-        () => f(cuda, (x) => x),
-        () => f(cpu, (x) => x),
-        'host:',
-      );
-      free(...made);
-    });
-  }
+  sameErrorsAsCpu(cases);
 });
 
 describe('where routeBackward runs', () => {
