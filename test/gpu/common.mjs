@@ -112,6 +112,27 @@ export function randomProblems({ count, seed, experts, tokens, hidden, dropAndPa
   return problems;
 }
 
+/**
+ * A problem of randomProblems() set up for permute: its routing (from rng(p.seed * 7919)), the
+ * cpu's multihot map and probs, a random capacity when `p.dropAndPad`, and permute's options;
+ * `random` is that generator, to draw more from.
+ */
+export function permuteProblem(p) {
+  const random = rng(p.seed * 7919);
+  const r = randomRouting(p, random, p.maskRate);
+  const multihot = cpu.indicesToMultihot(r.indices, r.weights, p.numExperts);
+  const capacity = p.dropAndPad && p.numTokens > 0 ? 1 + Math.floor(random() * p.numTokens) : undefined;
+  const options = {};
+  if (p.withProbs) options.probs = multihot.probs;
+  if (capacity !== undefined) Object.assign(options, { dropAndPad: true, numOutTokens: capacity * p.numExperts });
+  return { random, r, multihot, options, dropAndPad: capacity !== undefined };
+}
+
+/** `rows` finite token rows of problem `p`'s dtype and hidden size (rng(p.seed * 31)), to unpermute. */
+export function finiteRows(p, rows) {
+  return randomRouting({ ...p, numTokens: rows }, rng(p.seed * 31), 0).tokens;
+}
+
 // ---------------------------------------------------------------------------------------
 // Golden cases
 

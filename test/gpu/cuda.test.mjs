@@ -11,7 +11,25 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 
-import { assertSameBits, assertSameResult, cpu, cuda, cudaInfo, cudaOnly, lib, loadGolden, outcome, randomRouting, rng, skip, tensor, toTensor, randomProblems } from './common.mjs';
+import {
+  assertSameBits,
+  assertSameResult,
+  cpu,
+  cuda,
+  cudaInfo,
+  cudaOnly,
+  lib,
+  loadGolden,
+  outcome,
+  randomRouting,
+  rng,
+  skip,
+  tensor,
+  toTensor,
+  randomProblems,
+  permuteProblem,
+  finiteRows,
+} from './common.mjs';
 
 if (cudaInfo?.available) console.log(`# cuda: ${cudaInfo.device}; kernels: ${cudaInfo.kernels}; GPU ops: ${cudaInfo.gpuOps?.join(', ')}`);
 else if (skip) console.log(`# ${skip}`);
@@ -85,20 +103,14 @@ function specialTokens(tokens, random) {
 describe('random problems: cuda == cpu, bit for bit', () => {
   for (const p of SHAPES) {
     test(p.label, { skip }, () => {
-      const random = rng(p.seed * 7919);
-      const r = randomRouting(p, random, p.maskRate);
-      const multihot = cpu.indicesToMultihot(r.indices, r.weights, p.numExperts);
-      const capacity = p.dropAndPad && p.numTokens > 0 ? 1 + Math.floor(random() * p.numTokens) : undefined;
-      const options = {};
-      if (p.withProbs) options.probs = multihot.probs;
-      if (capacity !== undefined) Object.assign(options, { dropAndPad: true, numOutTokens: capacity * p.numExperts });
+      const { random, r, multihot, options, dropAndPad } = permuteProblem(p);
       const tokens = specialTokens(r.tokens, random);
       const perm = cuda.permute(tokens, multihot.routingMap, options);
       const want = cpu.permute(tokens, multihot.routingMap, options);
       assertSameResult(perm, want, 'permute');
       // unpermute the CPU's permuted rows (finite values only: NaN payloads after arithmetic
       // are not part of the contract), with per-slot probs, dense probs, and none
-      const finite = randomRouting({ ...p, numTokens: want.sortedIndices.shape[0] }, rng(p.seed * 31), 0).tokens;
+      const finite = finiteRows(p, want.sortedIndices.shape[0]);
       const sorted = p.int64
         ? tensor(
             'int64',
@@ -107,7 +119,6 @@ describe('random problems: cuda == cpu, bit for bit', () => {
           )
         : want.sortedIndices;
       const shape = [p.numTokens, p.hidden];
-      const dropAndPad = capacity !== undefined;
       const variants = [{ dropAndPad }, { probs: multihot.probs, routingMap: multihot.routingMap, dropAndPad }];
       if (want.permutedProbs) variants.push({ probs: want.permutedProbs });
       for (const o of variants) {

@@ -9,7 +9,24 @@
 import assert from 'node:assert/strict';
 import { after, describe, test } from 'node:test';
 
-import { assertSameBits, assertSameResult, cpu, cudaInfo, host, lib, loadGolden, randomRouting, rng, tensor, toTensor, randomProblems, assertSameError, sameErrorsAsCpu } from './common.mjs';
+import {
+  assertSameBits,
+  assertSameResult,
+  cpu,
+  cudaInfo,
+  host,
+  lib,
+  loadGolden,
+  randomRouting,
+  rng,
+  tensor,
+  toTensor,
+  randomProblems,
+  assertSameError,
+  sameErrorsAsCpu,
+  permuteProblem,
+  finiteRows,
+} from './common.mjs';
 
 const skip = cudaInfo?.available ? false : `CUDA unavailable: ${cudaInfo?.reason ?? 'backendInfo() does not list cuda'}`;
 const cuda = skip ? undefined : await lib.createBackend({ prefer: 'cuda' });
@@ -195,22 +212,15 @@ const SHAPES = randomProblems({
 describe('random problems on device tensors == cpu, bit for bit', () => {
   for (const p of SHAPES) {
     test(p.label, { skip }, () => {
-      const random = rng(p.seed * 7919);
-      const r = randomRouting(p, random, p.maskRate);
-      const multihot = cpu.indicesToMultihot(r.indices, r.weights, p.numExperts);
-      const capacity = p.dropAndPad && p.numTokens > 0 ? 1 + Math.floor(random() * p.numTokens) : undefined;
-      const options = {};
-      if (p.withProbs) options.probs = multihot.probs;
-      if (capacity !== undefined) Object.assign(options, { dropAndPad: true, numOutTokens: capacity * p.numExperts });
+      const { r, multihot, options, dropAndPad } = permuteProblem(p);
       const d = up({ tokens: r.tokens, map: multihot.routingMap, probs: multihot.probs });
       const dOptions = { ...options, ...(p.withProbs ? { probs: p.mixed ? multihot.probs : d.probs } : {}) };
       const perm = cuda.permute(d.tokens, p.mixed ? multihot.routingMap : d.map, dOptions);
       const want = cpu.permute(r.tokens, multihot.routingMap, options);
       assertSameResult(perm, want, 'permute');
       const shape = [p.numTokens, p.hidden];
-      const finite = randomRouting({ ...p, numTokens: want.sortedIndices.shape[0] }, rng(p.seed * 31), 0).tokens;
+      const finite = finiteRows(p, want.sortedIndices.shape[0]);
       const dFinite = cuda.upload(finite);
-      const dropAndPad = capacity !== undefined;
       // with the plan carried by sortedIndices
       const variants = [[{ dropAndPad }, { dropAndPad }]];
       if (want.permutedProbs) variants.push([{ probs: perm.permutedProbs }, { probs: want.permutedProbs }]);
