@@ -13,19 +13,23 @@
  */
 import type { DType, Tensor } from './tensor.js';
 
-export interface DeviceTensor<D extends DType = DType> {
-  /** Where the data lives. */
-  readonly device: 'cuda';
+/** What every GPU-resident tensor has: this file's `DeviceTensor` (cuda) and `WebGpuTensor` (backends/webgpu-tensor.ts). */
+export interface GpuResident<D extends DType = DType> {
   readonly dtype: D;
   readonly shape: readonly number[];
   /** Whether `dispose()` was called. */
   readonly disposed: boolean;
   /** GPU memory held, in bytes (0 once disposed). */
   readonly byteLength: number;
-  /** Copies the tensor to a new host Tensor (waits for the kernels that write it). */
-  download(): Tensor<D>;
   /** Frees the GPU memory now. Idempotent; later uses are errors. */
   dispose(): void;
+}
+
+export interface DeviceTensor<D extends DType = DType> extends GpuResident<D> {
+  /** Where the data lives. */
+  readonly device: 'cuda';
+  /** Copies the tensor to a new host Tensor (waits for the kernels that write it). */
+  download(): Tensor<D>;
 }
 
 /** What the native addon's `CudaTensor` class exposes. */

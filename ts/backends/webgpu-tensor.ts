@@ -3,23 +3,16 @@
  * buffer back only asynchronously, so `download()` returns a Promise (the cuda backend's is
  * synchronous). int64 is not kept on the GPU: upload int32 indices.
  */
+import type { GpuResident } from '../device.js';
 import type { DType, Tensor } from '../tensor.js';
 import { checkTensor } from '../tensor.js';
 import type { Gpu, GPUBuffer } from '../webgpu/gpu.js';
 
-export interface WebGpuTensor<D extends DType = DType> {
+export interface WebGpuTensor<D extends DType = DType> extends GpuResident<D> {
   /** Where the data lives. */
   readonly device: 'webgpu';
-  readonly dtype: D;
-  readonly shape: readonly number[];
-  /** Whether `dispose()` was called. */
-  readonly disposed: boolean;
-  /** GPU memory held, in bytes (0 once disposed). */
-  readonly byteLength: number;
   /** Copies the tensor to a new host Tensor, once the queued work that writes it is done. */
   download(): Promise<Tensor<D>>;
-  /** Frees the GPU buffer now. Idempotent; later uses are errors. */
-  dispose(): void;
 }
 
 /** Bytes per element as the GPU holds them. */
