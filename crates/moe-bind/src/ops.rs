@@ -39,19 +39,26 @@ group! {
 }
 
 group! {
-    /// A grouped-experts call's tensors; the up projection is `gateAndUpProjs`, or `upProjs` (relu2).
-    ExpertsArgs<'h> -> ExpertsInputs<'h> {
-        permutedTokens: Tensor, tokensPerExpert: Tensor, gateAndUpProjs: Option<Tensor>, upProjs: Option<Tensor>, downProjs: Tensor,
-        permutedProbs: Option<Tensor>, gateUpProjBias: Option<Tensor>, downProjBias: Option<Tensor>,
+    /// A grouped-experts call's tensors (`T`: how they are held; the CUDA functions take device
+    /// tensors); the up projection is `gateAndUpProjs`, or `upProjs` (relu2).
+    ExpertsArgs<'h, T = Tensor> -> ExpertsInputs<<T as Kind<O>>::Core<'h>> {
+        permutedTokens: T, tokensPerExpert: T, gateAndUpProjs: Option<T>, upProjs: Option<T>, downProjs: T,
+        permutedProbs: Option<T>, gateUpProjBias: Option<T>, downProjBias: Option<T>,
     } => Ok(ExpertsInputs {
         tokens: permutedTokens,
         tokens_per_expert: tokensPerExpert,
-        gate_and_up: gateAndUpProjs.or(upProjs).ok_or_else(|| Error::type_error("gateAndUpProjs", "a wire tensor (or upProjs)", "undefined"))?,
+        gate_and_up: gateAndUpProjs.or(upProjs).ok_or_else(|| Error::type_error("gateAndUpProjs", format!("{} (or upProjs)", T::ts()), "undefined"))?,
         down: downProjs,
         probs: permutedProbs,
         gate_up_bias: gateUpProjBias,
         down_bias: downProjBias,
     })
+}
+
+group! {
+    /// dropTokens' options.
+    DropArgs<'h> -> DropOptions { topk: Size, capacityFactor: Num, dropPolicy: Option<Str>, padToCapacity: Flag }
+    => Ok(DropOptions { topk, capacity_factor: capacityFactor, drop_policy: DropPolicy::parse(dropPolicy)?, pad_to_capacity: padToCapacity })
 }
 
 group! {
@@ -96,6 +103,29 @@ results! {
     LoadedExperts {
         gateAndUpProjs: Tensor, downProjs: Tensor, gateUpProjBias: Option<Tensor>, downProjBias: Option<Tensor>,
         start: Size, end: Size, format: Str, bytesRead: Size,
+    }
+}
+
+impl From<routing::Routed> for Routed {
+    fn from(o: routing::Routed) -> Routed {
+        Routed { weights: o.weights, indices: o.indices, scores: o.scores, tokensPerExpert: o.tokens_per_expert }
+    }
+}
+
+impl From<routing::TopK> for TopK {
+    fn from(o: routing::TopK) -> TopK {
+        TopK { values: o.values, indices: o.indices }
+    }
+}
+
+impl From<permute::Permuted> for Permuted {
+    fn from(o: permute::Permuted) -> Permuted {
+        Permuted {
+            permutedTokens: Some(o.permuted_tokens),
+            permutedProbs: o.permuted_probs,
+            sortedIndices: o.sorted_indices,
+            tokensPerExpert: o.tokens_per_expert,
+        }
     }
 }
 
@@ -186,15 +216,14 @@ macro_rules! op_table {
 
             // Routing and the router losses.
             route(options: RouteArgs, logits: Tensor, expertBias: Option<Tensor>, tokenMask: Option<Tensor>) -> Routed {
-                routing::route(&logits, expertBias.as_ref(), tokenMask.as_ref(), options)
-                    .map(|o| Routed { weights: o.weights, indices: o.indices, scores: o.scores, tokensPerExpert: o.tokens_per_expert })
+                routing::route(&logits, expertBias.as_ref(), tokenMask.as_ref(), options).map(Routed::from)
             }
             /// The gradient of route's weights (and, with gradScores, its scores) with respect to its logits, at route's picks `indices`.
             routeBackward(options: RouteArgs, gradWeights: Tensor, logits: Tensor, indices: Tensor, gradScores: Option<Tensor>, expertBias: Option<Tensor>, tokenMask: Option<Tensor>) -> RouteGrads {
                 routing::route_backward(&gradWeights, &logits, &indices, gradScores.as_ref(), expertBias.as_ref(), tokenMask.as_ref(), options).map(|g| RouteGrads { gradLogits: g })
             }
             topk(values: Tensor, k: Size) -> TopK {
-                routing::topk(&values, k).map(|o| TopK { values: o.values, indices: o.indices })
+                routing::topk(&values, k).map(TopK::from)
             }
             switchLoadBalancingLoss(options: SwitchArgs, probs: Tensor, tokensPerExpert: Tensor, tokenMask: Option<Tensor>) -> ProbsLoss {
                 aux_loss::switch_load_balancing_loss(&probs, &tokensPerExpert, tokenMask.as_ref(), options).map(|o| ProbsLoss { loss: o.loss, gradProbs: o.grad })
@@ -235,8 +264,7 @@ macro_rules! op_table {
             getCapacity(numTokens: Size, numExperts: Size, capacityFactor: Num, minCapacity: Option<Size>) -> Size {
                 capacity::get_capacity(numTokens, numExperts, capacityFactor, minCapacity)
             }
-            dropTokens(topk: Size, capacityFactor: Num, dropPolicy: Option<Str>, padToCapacity: Flag, probs: Tensor, routingMap: Tensor) -> Dropped {
-                let options = DropOptions { topk, capacity_factor: capacityFactor, drop_policy: DropPolicy::parse(dropPolicy)?, pad_to_capacity: padToCapacity };
+            dropTokens(options: DropArgs, probs: Tensor, routingMap: Tensor) -> Dropped {
                 capacity::drop_tokens(&probs, &routingMap, options).map(|o| Dropped { routingMap: o.routing_map, probs: o.probs, capacity: o.capacity })
             }
             padRoutingMap(padMultiple: Size, routingMap: Tensor) -> Tensor { capacity::pad_routing_map(&routingMap, padMultiple) }

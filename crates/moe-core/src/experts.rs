@@ -31,7 +31,7 @@ use crate::alloc::{try_filled_vec, try_vec, write_slice};
 use crate::error::{Error, Result};
 use crate::par::run_tasks;
 use crate::permute::check_out_disjoint;
-use crate::tensor::{DType, Data, Float, Tensor, TensorMut, TensorRef};
+use crate::tensor::{DType, Data, Float, Meta, Tensor, TensorMut, TensorRef};
 
 // ---------------------------------------------------------------------------------------
 // GEMM.
@@ -157,18 +157,8 @@ fn f32_data(t: Tensor) -> Result<Vec<f32>> {
 /// rounded once. Rows are split over threads on the native backend, which does not change a
 /// single bit (each output row's sums are the same wherever they run).
 pub fn matmul(a: &TensorRef, b: &TensorRef, trans_a: bool, trans_b: bool) -> Result<Tensor> {
-    let da = a.expect_rank(2, if trans_a { "[K, M] (transA)" } else { "[M, K]" })?.to_vec();
-    let db = b.expect_rank(2, if trans_b { "[N, K] (transB)" } else { "[K, N]" })?.to_vec();
-    a.expect_dtype(DType::TOKENS)?;
-    b.expect_dtype(DType::TOKENS)?;
-    let (m, k) = if trans_a { (da[1], da[0]) } else { (da[0], da[1]) };
-    let (kb, n) = if trans_b { (db[1], db[0]) } else { (db[0], db[1]) };
-    if kb != k {
-        return Err(Error::range(
-            format!("{}.shape", b.name),
-            format!("the inner dimensions differ: {} has K = {k}, {} has {kb} (shapes [{}, {}] and [{}, {}], transA {trans_a}, transB {trans_b})", a.name, b.name, da[0], da[1], db[0], db[1]),
-        ));
-    }
+    let (m, k, n) = check_matmul(a.meta(), b.meta(), trans_a, trans_b)?;
+    let (da, db) = (&a.shape, &b.shape);
     let av = widen(a)?;
     let bv = widen(b)?;
     let am = Mat::new(&av, da[0], da[1]);
@@ -191,6 +181,23 @@ pub fn matmul(a: &TensorRef, b: &TensorRef, trans_a: bool, trans_b: bool) -> Res
     narrow(a.dtype, vec![m, n], out, "output")
 }
 
+/// Every check of [`matmul`]: `(M, K, N)`.
+pub fn check_matmul(a: Meta, b: Meta, trans_a: bool, trans_b: bool) -> Result<(usize, usize, usize)> {
+    let da = a.expect_rank(2, if trans_a { "[K, M] (transA)" } else { "[M, K]" })?;
+    let db = b.expect_rank(2, if trans_b { "[N, K] (transB)" } else { "[K, N]" })?;
+    a.expect_dtype(DType::TOKENS)?;
+    b.expect_dtype(DType::TOKENS)?;
+    let (m, k) = if trans_a { (da[1], da[0]) } else { (da[0], da[1]) };
+    let (kb, n) = if trans_b { (db[1], db[0]) } else { (db[0], db[1]) };
+    if kb != k {
+        return Err(Error::range(
+            format!("{}.shape", b.name),
+            format!("the inner dimensions differ: {} has K = {k}, {} has {kb} (shapes [{}, {}] and [{}, {}], transA {trans_a}, transB {trans_b})", a.name, b.name, da[0], da[1], db[0], db[1]),
+        ));
+    }
+    Ok((m, k, n))
+}
+
 /// The index of row `r`'s first element in a view.
 fn offset(m: Mat, r: usize) -> usize {
     if m.rows == 0 || m.cols == 0 {
@@ -203,40 +210,93 @@ fn offset(m: Mat, r: usize) -> usize {
 // ---------------------------------------------------------------------------------------
 // Grouped experts.
 
-/// The tensors of a grouped-experts call. Names in errors are the `TensorRef` names the
-/// bindings give: `permutedTokens`, `tokensPerExpert`, `gateAndUpProjs` (or `upProjs`),
-/// `downProjs`, `permutedProbs`, `gateUpProjBias`, `downProjBias`.
-pub struct ExpertsInputs<'a> {
+/// The tensors of a grouped-experts call: `T` is how a tensor is held (the CPU ops take
+/// [`TensorRef`]s, their checks [`Meta`]s, a device backend its own tensors). Names in errors
+/// are the names the bindings give: `permutedTokens`, `tokensPerExpert`, `gateAndUpProjs` (or
+/// `upProjs`), `downProjs`, `permutedProbs`, `gateUpProjBias`, `downProjBias`.
+#[derive(Debug, Clone, Copy)]
+pub struct ExpertsInputs<T> {
     /// `[N, dim]`, expert-major.
-    pub tokens: TensorRef<'a>,
+    pub tokens: T,
     /// `[E]` int32 or int64, summing to `N`.
-    pub tokens_per_expert: TensorRef<'a>,
+    pub tokens_per_expert: T,
     /// `[E, dim, 2 * inter]` (gate | up halves, interleaved pairs for quick_geglu), or
     /// `[E, dim, inter]` for relu2.
-    pub gate_and_up: TensorRef<'a>,
+    pub gate_and_up: T,
     /// `[E, inter, dim]`.
-    pub down: TensorRef<'a>,
+    pub down: T,
     /// `[N]` or `[N, 1]` float32: each slot's routing prob.
-    pub probs: Option<TensorRef<'a>>,
+    pub probs: Option<T>,
     /// `[E, 2 * inter]` (`[E, inter]` for relu2).
-    pub gate_up_bias: Option<TensorRef<'a>>,
+    pub gate_up_bias: Option<T>,
     /// `[E, dim]`.
-    pub down_bias: Option<TensorRef<'a>>,
+    pub down_bias: Option<T>,
 }
 
-/// Checked sizes of a grouped-experts problem.
-struct Dims {
-    n: usize,
-    dim: usize,
-    experts: usize,
+impl<T> ExpertsInputs<T> {
+    /// The same tensors seen through `f` (e.g. [`TensorRef::meta`], for the checks).
+    pub fn map<'s, U>(&'s self, f: impl Fn(&'s T) -> U) -> ExpertsInputs<U> {
+        self.try_map(|t| Ok::<U, std::convert::Infallible>(f(t))).unwrap_or_else(|e| match e {})
+    }
+
+    /// [`map`](Self::map) with a conversion that may fail (the first error is returned).
+    pub fn try_map<'s, U, E>(&'s self, f: impl Fn(&'s T) -> std::result::Result<U, E>) -> std::result::Result<ExpertsInputs<U>, E> {
+        Ok(ExpertsInputs {
+            tokens: f(&self.tokens)?,
+            tokens_per_expert: f(&self.tokens_per_expert)?,
+            gate_and_up: f(&self.gate_and_up)?,
+            down: f(&self.down)?,
+            probs: self.probs.as_ref().map(&f).transpose()?,
+            gate_up_bias: self.gate_up_bias.as_ref().map(&f).transpose()?,
+            down_bias: self.down_bias.as_ref().map(&f).transpose()?,
+        })
+    }
+}
+
+/// A grouped-experts call's arguments once checked: the sizes of the problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpertsCheck {
+    pub n: usize,
+    pub dim: usize,
+    pub experts: usize,
     /// Width of the up-projection output: `2 * inter` (gated) or `inter`.
-    width: usize,
-    inter: usize,
-    /// Row offset of each expert's block, `experts + 1` entries.
-    offsets: Vec<usize>,
+    pub width: usize,
+    pub inter: usize,
+    /// Row offset of each expert's block, `experts + 1` entries, when the counts are on the host
+    /// (else see [`expert_offsets`]).
+    pub offsets: Option<Vec<usize>>,
 }
 
-fn check(inp: &ExpertsInputs, act: &ActivationOptions) -> Result<Dims> {
+/// The row offsets (`counts.len() + 1` entries) of experts with these token counts, which must
+/// not be negative and must add up to `n`, the rows of the tokens (the counts' and the tokens'
+/// names say which arguments are wrong).
+pub fn expert_offsets(counts: &[i64], n: usize, counts_name: &str, tokens_name: &str) -> Result<Vec<usize>> {
+    let mut offsets = Vec::with_capacity(counts.len() + 1);
+    offsets.push(0usize);
+    for (e, &c) in counts.iter().enumerate() {
+        if c < 0 {
+            return Err(Error::range(counts_name, format!("{counts_name}[{e}] = {c} is negative")));
+        }
+        let next = offsets[e].checked_add(c as usize).filter(|&s| s <= n);
+        match next {
+            Some(s) => offsets.push(s),
+            None => {
+                return Err(Error::range(
+                    counts_name,
+                    format!("the counts add up to more than {n}, the rows of {tokens_name} (through expert {e})"),
+                ))
+            }
+        }
+    }
+    let total = offsets[counts.len()];
+    if total != n {
+        return Err(Error::range(counts_name, format!("the counts add up to {total}, but {tokens_name} has {n} rows")));
+    }
+    Ok(offsets)
+}
+
+/// Every check of [`experts_forward`], in its order (the counts' values on the host).
+pub fn check_experts(inp: &ExpertsInputs<Meta>, act: &ActivationOptions) -> Result<ExpertsCheck> {
     let t = inp.tokens.expect_rank(2, "[numSlots, dim]")?;
     inp.tokens.expect_dtype(DType::TOKENS)?;
     let (n, dim) = (t[0], t[1]);
@@ -260,32 +320,10 @@ fn check(inp: &ExpertsInputs, act: &ActivationOptions) -> Result<Dims> {
     inp.down.expect_rank(3, "[numLocalExperts, inter, dim]")?;
     inp.down.expect_dtype(DType::TOKENS)?;
     inp.down.expect_shape(&[experts, inter, dim], "([numLocalExperts, inter, dim])")?;
-    inp.tokens_per_expert.expect_dtype(DType::INDICES)?;
-    inp.tokens_per_expert.expect_shape(&[experts], "([numLocalExperts]: one count per expert of the weights)")?;
-    let counts = inp.tokens_per_expert.indices()?;
-    let mut offsets = Vec::with_capacity(experts + 1);
-    offsets.push(0usize);
-    for (e, &c) in counts.iter().enumerate() {
-        if c < 0 {
-            return Err(Error::range(inp.tokens_per_expert.name, format!("{}[{e}] = {c} is negative", inp.tokens_per_expert.name)));
-        }
-        let next = offsets[e].checked_add(c as usize).filter(|&s| s <= n);
-        match next {
-            Some(s) => offsets.push(s),
-            None => {
-                return Err(Error::range(
-                    inp.tokens_per_expert.name,
-                    format!("the counts add up to more than {n}, the rows of {} (through expert {e})", inp.tokens.name),
-                ))
-            }
-        }
-    }
-    if offsets[experts] != n {
-        return Err(Error::range(
-            inp.tokens_per_expert.name,
-            format!("the counts add up to {}, but {} has {n} rows", offsets[experts], inp.tokens.name),
-        ));
-    }
+    let counts = &inp.tokens_per_expert;
+    counts.expect_dtype(DType::INDICES)?;
+    counts.expect_shape(&[experts], "([numLocalExperts]: one count per expert of the weights)")?;
+    let offsets = counts.index_values()?.map(|c| expert_offsets(&c, n, counts.name, inp.tokens.name)).transpose()?;
     if let Some(p) = &inp.probs {
         p.expect_dtype(&[DType::F32])?;
         if p.shape.len() == 1 {
@@ -305,7 +343,39 @@ fn check(inp: &ExpertsInputs, act: &ActivationOptions) -> Result<Dims> {
         b.expect_rank(2, "[numLocalExperts, dim]")?;
         b.expect_shape(&[experts, dim], "([numLocalExperts, dim])")?;
     }
-    Ok(Dims { n, dim, experts, width, inter, offsets })
+    Ok(ExpertsCheck { n, dim, experts, width, inter, offsets })
+}
+
+/// Every check of [`experts_backward`], in its order.
+pub fn check_experts_backward(grad_output: Meta, inp: &ExpertsInputs<Meta>, act: &ActivationOptions) -> Result<ExpertsCheck> {
+    let d = check_experts(inp, act)?;
+    grad_output.expect_rank(2, "[numSlots, dim]")?;
+    grad_output.expect_shape(&[d.n, d.dim], "([numSlots, dim]: the shape of the forward output)")?;
+    if grad_output.dtype != inp.tokens.dtype {
+        return Err(Error::type_error(
+            format!("{}.dtype", grad_output.name),
+            format!("{} (the dtype of {})", inp.tokens.dtype.name(), inp.tokens.name),
+            grad_output.dtype.name(),
+        ));
+    }
+    Ok(d)
+}
+
+/// Checked sizes of a grouped-experts problem on the host (the offsets known).
+struct Dims {
+    n: usize,
+    dim: usize,
+    experts: usize,
+    width: usize,
+    inter: usize,
+    offsets: Vec<usize>,
+}
+
+impl Dims {
+    fn of(c: ExpertsCheck) -> Result<Dims> {
+        let offsets = c.offsets.ok_or_else(|| Error::Internal("experts: the counts were checked on the host".into()))?;
+        Ok(Dims { n: c.n, dim: c.dim, experts: c.experts, width: c.width, inter: c.inter, offsets })
+    }
 }
 
 /// The inputs widened to f32 once.
@@ -318,7 +388,7 @@ struct Wide<'a> {
     b2: Option<Cow<'a, [f32]>>,
 }
 
-fn wide<'a>(inp: &ExpertsInputs<'a>) -> Result<Wide<'a>> {
+fn wide<'a>(inp: &ExpertsInputs<TensorRef<'a>>) -> Result<Wide<'a>> {
     Ok(Wide {
         x: widen(&inp.tokens)?,
         w1: widen(&inp.gate_and_up)?,
@@ -364,8 +434,8 @@ fn split_mut<T>(mut buf: &mut [T], lens: impl Iterator<Item = usize>) -> Vec<&mu
 }
 
 /// Grouped experts forward: `[N, dim]` in the dtype of the tokens.
-pub fn experts_forward(inp: &ExpertsInputs, act: &ActivationOptions) -> Result<Tensor> {
-    let d = check(inp, act)?;
+pub fn experts_forward(inp: &ExpertsInputs<TensorRef>, act: &ActivationOptions) -> Result<Tensor> {
+    let d = Dims::of(check_experts(&inp.map(TensorRef::meta), act)?)?;
     let w = wide(inp)?;
     let mut y = try_vec(0f32, d.n * d.dim, "output")?;
     forward_rows(&w, &d, act, &mut y)?;
@@ -377,8 +447,8 @@ pub fn experts_forward(inp: &ExpertsInputs, act: &ActivationOptions) -> Result<T
 /// byte is written; the same bits as the allocating call. A float32 `out` receives the GEMMs'
 /// results directly; a 16-bit one the rounded f32 rows. On an error after the checks (the
 /// intermediates cannot be allocated) `out` may be partly written.
-pub fn experts_forward_into(inp: &ExpertsInputs, act: &ActivationOptions, out: &mut TensorMut) -> Result<()> {
-    let d = check(inp, act)?;
+pub fn experts_forward_into(inp: &ExpertsInputs<TensorRef>, act: &ActivationOptions, out: &mut TensorMut) -> Result<()> {
+    let d = Dims::of(check_experts(&inp.map(TensorRef::meta), act)?)?;
     out.expect(inp.tokens.dtype, &[d.n, d.dim], "([numSlots, dim] of the dtype of permutedTokens)")?;
     let inputs = [
         Some(&inp.tokens),
@@ -448,17 +518,8 @@ pub struct ExpertsGrads {
 /// Backward of [`experts_forward`]: `gradOutput [N, dim]` (the dtype of the tokens) to the
 /// gradients of every input. The up-projection and activation are recomputed per expert
 /// (nothing is kept from the forward), in exactly the forward's arithmetic.
-pub fn experts_backward(grad_output: &TensorRef, inp: &ExpertsInputs, act: &ActivationOptions) -> Result<ExpertsGrads> {
-    let d = check(inp, act)?;
-    grad_output.expect_rank(2, "[numSlots, dim]")?;
-    grad_output.expect_shape(&[d.n, d.dim], "([numSlots, dim]: the shape of the forward output)")?;
-    if grad_output.dtype != inp.tokens.dtype {
-        return Err(Error::type_error(
-            format!("{}.dtype", grad_output.name),
-            format!("{} (the dtype of {})", inp.tokens.dtype.name(), inp.tokens.name),
-            grad_output.dtype.name(),
-        ));
-    }
+pub fn experts_backward(grad_output: &TensorRef, inp: &ExpertsInputs<TensorRef>, act: &ActivationOptions) -> Result<ExpertsGrads> {
+    let d = Dims::of(check_experts_backward(grad_output.meta(), &inp.map(TensorRef::meta), act)?)?;
     let w = wide(inp)?;
     let g = widen(grad_output)?;
     let (e_count, dim, width, inter) = (d.experts, d.dim, d.width, d.inter);
@@ -687,7 +748,7 @@ mod tests {
         (bufs, [n, dim, inter, e])
     }
 
-    fn inputs(b: &[Vec<u8>], dtype: DType, [n, dim, inter, e]: [usize; 4]) -> ExpertsInputs<'_> {
+    fn inputs(b: &[Vec<u8>], dtype: DType, [n, dim, inter, e]: [usize; 4]) -> ExpertsInputs<TensorRef<'_>> {
         let t = |name, dt, shape, i: usize| TensorRef::new(name, dt, shape, &b[i]).unwrap();
         ExpertsInputs {
             tokens: t("permutedTokens", dtype, vec![n, dim], 0),
@@ -785,5 +846,16 @@ mod tests {
         };
         let err = experts_forward(&inp, &relu).unwrap_err();
         assert!(err.to_string().starts_with("downProjs.shape: expected [2, 6, 4]"), "{err}");
+        // the check on a backend's tensors (no values): the sizes, no offsets; the counts are
+        // checked by expert_offsets once read, with the op's words
+        let shape_only = inp.map(|t| Meta::shape_only(t.name, t.dtype, &t.shape));
+        let c = check_experts(&shape_only, &act).unwrap();
+        assert_eq!((c.n, c.dim, c.experts, c.width, c.inter, c.offsets), (2, 4, 2, 6, 3, None));
+        assert_eq!(check_experts(&inp.map(TensorRef::meta), &act).unwrap().offsets, Some(vec![0, 1, 2]));
+        let err = expert_offsets(&[1, 2], 2, "tokensPerExpert", "permutedTokens").unwrap_err();
+        assert!(err.to_string().starts_with("tokensPerExpert: the counts add up to more than 2"), "{err}");
+        let err = expert_offsets(&[1, -1], 2, "tokensPerExpert", "permutedTokens").unwrap_err();
+        assert_eq!(err.to_string(), "tokensPerExpert: tokensPerExpert[1] = -1 is negative");
+        assert_eq!(check_matmul(xr.meta(), w2r.meta(), false, true).unwrap_err().to_string().split(':').next(), Some("downProjs.shape"));
     }
 }

@@ -19,7 +19,10 @@
 //! `tokensPerExpert` is read back to the host (4 bytes an expert): the GEMM sizes live there.
 
 use moe_core::activations::ActivationOptions;
-use moe_core::experts::{experts_backward, experts_forward, ExpertsGrads, ExpertsInputs};
+use moe_core::experts::{
+    check_experts, check_experts_backward, check_matmul, expert_offsets, experts_backward, experts_forward, ExpertsCheck, ExpertsGrads,
+    ExpertsInputs,
+};
 use moe_core::tensor::{DType, TensorRef};
 
 use crate::activations::{launch_activation, launch_activation_backward, ExpMath};
@@ -28,9 +31,10 @@ use crate::device::{Arg, Buffer, Device};
 use crate::error::{Error, Result};
 use crate::permute::row_launch;
 use crate::switch::Switch;
-use crate::tensor::{tensor_ref, upload_owned_opt, DeviceTensor};
+use crate::tensor::{tensor_ref, upload_owned_opt, DeviceArg, DeviceTensor};
 
 /// The device tensors of a grouped-experts call (the core's [`ExpertsInputs`] on the GPU).
+#[derive(Clone, Copy)]
 pub struct DeviceExpertsInputs<'a> {
     /// `[N, dim]`, expert-major.
     pub tokens: &'a DeviceTensor,
@@ -44,6 +48,38 @@ pub struct DeviceExpertsInputs<'a> {
     pub probs: Option<&'a DeviceTensor>,
     pub gate_up_bias: Option<&'a DeviceTensor>,
     pub down_bias: Option<&'a DeviceTensor>,
+}
+
+impl<'a> DeviceExpertsInputs<'a> {
+    /// The tensors under the names errors give them.
+    pub fn named(&self) -> ExpertsInputs<DeviceArg<'a>> {
+        let arg = |name, tensor| DeviceArg { name, tensor };
+        ExpertsInputs {
+            tokens: arg("permutedTokens", self.tokens),
+            tokens_per_expert: arg("tokensPerExpert", self.tokens_per_expert),
+            gate_and_up: arg(self.gate_and_up_name, self.gate_and_up),
+            down: arg("downProjs", self.down),
+            probs: self.probs.map(|t| arg("permutedProbs", t)),
+            gate_up_bias: self.gate_up_bias.map(|t| arg("gateUpProjBias", t)),
+            down_bias: self.down_bias.map(|t| arg("downProjBias", t)),
+        }
+    }
+}
+
+impl<'a> From<ExpertsInputs<DeviceArg<'a>>> for DeviceExpertsInputs<'a> {
+    /// The tensors as a binding read them (the up projection under the name it was given).
+    fn from(i: ExpertsInputs<DeviceArg<'a>>) -> Self {
+        DeviceExpertsInputs {
+            tokens: i.tokens.tensor,
+            tokens_per_expert: i.tokens_per_expert.tensor,
+            gate_and_up: i.gate_and_up.tensor,
+            gate_and_up_name: i.gate_and_up.name,
+            down: i.down.tensor,
+            probs: i.probs.map(|t| t.tensor),
+            gate_up_bias: i.gate_up_bias.map(|t| t.tensor),
+            down_bias: i.down_bias.map(|t| t.tensor),
+        }
+    }
 }
 
 /// What [`experts_backward_device`] returns (device tensors shaped as the core's).
@@ -74,45 +110,25 @@ impl Plan {
     }
 }
 
-/// The GPU plan, or None when the host path must run (the core then errors, or computes).
-fn plan(dev: &Device, inp: &DeviceExpertsInputs, act: &ActivationOptions) -> Result<Option<Plan>> {
-    let (x, w1, w2) = (inp.tokens, inp.gate_and_up, inp.down);
-    let dtype = x.dtype;
-    if x.shape.len() != 2 || !DType::TOKENS.contains(&dtype) || w1.shape.len() != 3 || w2.shape.len() != 3 {
-        return Ok(None);
-    }
-    let (n, dim) = (x.shape[0], x.shape[1]);
-    let (experts, width) = (w1.shape[0], w1.shape[2]);
-    let gated = act.kind.is_gated();
-    if w1.shape[1] != dim || (gated && width % 2 != 0) {
-        return Ok(None);
-    }
-    let inter = if gated { width / 2 } else { width };
-    let same = |t: Option<&DeviceTensor>, shape: &[usize]| t.is_none_or(|t| t.dtype == dtype && t.shape == shape);
-    let ok = w1.dtype == dtype
-        && w2.dtype == dtype
-        && w2.shape == [experts, inter, dim]
-        && inp.tokens_per_expert.dtype == DType::I32
-        && inp.tokens_per_expert.shape == [experts]
-        && inp.probs.is_none_or(|p| p.dtype == DType::F32 && (p.shape == [n] || p.shape == [n, 1]))
-        && same(inp.gate_up_bias, &[experts, width])
-        && same(inp.down_bias, &[experts, dim])
-        && i32::try_from(n.max(dim).max(width)).is_ok();
-    if !ok {
+/// The GPU plan, or None when the host path must run (the core then errors, or computes): the
+/// core's checks (`check_experts`, with `grad_output` `check_experts_backward`) on the tensors'
+/// `Meta`, the counts read back (they must add up), and the GPU's limits (one dtype for every
+/// GEMM operand, int32 sizes).
+fn plan(dev: &Device, inp: &DeviceExpertsInputs, act: &ActivationOptions, grad_output: Option<&DeviceTensor>) -> Result<Option<Plan>> {
+    let meta = inp.named().map(DeviceArg::meta);
+    let checked = match grad_output {
+        Some(g) => check_experts_backward(g.meta("gradOutput"), &meta, act),
+        None => check_experts(&meta, act),
+    };
+    let Ok(ExpertsCheck { n, dim, experts, width, inter, .. }) = checked else { return Ok(None) };
+    let dtype = inp.tokens.dtype;
+    let operands = [Some(inp.gate_and_up), Some(inp.down), inp.gate_up_bias, inp.down_bias];
+    if operands.into_iter().flatten().any(|t| t.dtype != dtype) || i32::try_from(n.max(dim).max(width)).is_err() {
         return Ok(None);
     }
     let counts: Vec<i32> = dev.download_new("tokensPerExpert", &inp.tokens_per_expert.buf, experts)?;
-    let mut offsets = Vec::with_capacity(experts + 1);
-    offsets.push(0usize);
-    for &c in &counts {
-        if c < 0 {
-            return Ok(None);
-        }
-        offsets.push(offsets.last().copied().unwrap_or(0) + c as usize);
-    }
-    if offsets[experts] != n {
-        return Ok(None);
-    }
+    let counts: Vec<i64> = counts.into_iter().map(i64::from).collect();
+    let Ok(offsets) = expert_offsets(&counts, n, "tokensPerExpert", "permutedTokens") else { return Ok(None) };
     let offs32: Vec<i32> = offsets.iter().map(|&o| o as i32).collect();
     let d_offsets = dev.upload("the expert offsets", &offs32)?;
     Ok(Some(Plan { dtype, n, dim, width, inter, offsets, d_offsets }))
@@ -399,37 +415,10 @@ fn narrow(dev: &Device, what: &str, f: Buffer, numel: usize, dtype: DType, shape
     Ok(out)
 }
 
-/// The host path: the core on downloaded inputs (its errors, or its results uploaded).
-fn host_inputs(dev: &Device, inp: &DeviceExpertsInputs, keep: &mut Vec<moe_core::Tensor>) -> Result<()> {
-    keep.push(inp.tokens.download(dev, "permutedTokens")?);
-    keep.push(inp.tokens_per_expert.download(dev, "tokensPerExpert")?);
-    keep.push(inp.gate_and_up.download(dev, inp.gate_and_up_name)?);
-    keep.push(inp.down.download(dev, "downProjs")?);
-    for t in [inp.probs, inp.gate_up_bias, inp.down_bias].into_iter().flatten() {
-        keep.push(t.download(dev, "an expert input")?);
-    }
-    Ok(())
-}
-
-fn refs<'a>(inp: &DeviceExpertsInputs, keep: &'a [moe_core::Tensor]) -> Result<ExpertsInputs<'a>> {
-    let name: &'static str = if inp.gate_and_up_name == "upProjs" { "upProjs" } else { "gateAndUpProjs" };
-    let mut rest = keep[4..].iter();
-    let mut next = |present: bool, arg: &'static str| -> Result<Option<TensorRef<'a>>> {
-        if present {
-            rest.next().map(|t| tensor_ref(arg, t)).transpose()
-        } else {
-            Ok(None)
-        }
-    };
-    Ok(ExpertsInputs {
-        tokens: tensor_ref("permutedTokens", &keep[0])?,
-        tokens_per_expert: tensor_ref("tokensPerExpert", &keep[1])?,
-        gate_and_up: tensor_ref(name, &keep[2])?,
-        down: tensor_ref("downProjs", &keep[3])?,
-        probs: next(inp.probs.is_some(), "permutedProbs")?,
-        gate_up_bias: next(inp.gate_up_bias.is_some(), "gateUpProjBias")?,
-        down_bias: next(inp.down_bias.is_some(), "downProjBias")?,
-    })
+/// The host path: the core (`f`) on downloaded inputs (its errors, or its results).
+fn on_host<R>(dev: &Device, inp: &DeviceExpertsInputs, f: impl FnOnce(&ExpertsInputs<TensorRef>) -> Result<R>) -> Result<R> {
+    let host = inp.named().try_map(|t| t.download(dev, t.name).map(|h| (t.name, h)))?;
+    f(&host.try_map(|(name, t)| tensor_ref(name, t))?)
 }
 
 /// What a forward pass can keep for its backward pass: the up-projection `h` (`[N, width]`, the
@@ -466,10 +455,8 @@ pub fn experts_forward_device_saving(
     act: &ActivationOptions,
     save: bool,
 ) -> Result<(DeviceTensor, Option<ExpertsSaved>)> {
-    let Some(p) = plan(dev, inp, act)? else {
-        let mut keep = Vec::new();
-        host_inputs(dev, inp, &mut keep)?;
-        let out = experts_forward(&refs(inp, &keep)?, act)?;
+    let Some(p) = plan(dev, inp, act, None)? else {
+        let out = on_host(dev, inp, |i| Ok(experts_forward(i, act)?))?;
         return Ok((DeviceTensor::upload_owned(dev, "the output", &out)?, None));
     };
     let s = dev.stream();
@@ -550,12 +537,9 @@ pub fn experts_backward_device_saved(
     act: &ActivationOptions,
     saved: Option<SavedRef>,
 ) -> Result<DeviceExpertsGrads> {
-    let plan = plan(dev, inp, act)?.filter(|p| grad_output.dtype == p.dtype && grad_output.shape == [p.n, p.dim]);
-    let Some(p) = plan else {
-        let mut keep = Vec::new();
-        host_inputs(dev, inp, &mut keep)?;
+    let Some(p) = plan(dev, inp, act, Some(grad_output))? else {
         let g = grad_output.download(dev, "gradOutput")?;
-        let out: ExpertsGrads = experts_backward(&tensor_ref("gradOutput", &g)?, &refs(inp, &keep)?, act)?;
+        let out: ExpertsGrads = on_host(dev, inp, |i| Ok(experts_backward(&tensor_ref("gradOutput", &g)?, i, act)?))?;
         let up = |t: &moe_core::Tensor, what: &str| DeviceTensor::upload_owned(dev, what, t);
         return Ok(DeviceExpertsGrads {
             grad_tokens: up(&out.grad_tokens, "gradTokens")?,
@@ -744,26 +728,14 @@ pub fn experts_backward_device_saved(
 /// `matmul` on device tensors (one cuBLAS GEMM, f32 accumulation, the result in `a`'s dtype).
 /// Operands of two dtypes, and shapes the core rejects, take the host path.
 pub fn matmul_device(dev: &Device, a: &DeviceTensor, b: &DeviceTensor, trans_a: bool, trans_b: bool) -> Result<DeviceTensor> {
-    let ok = a.shape.len() == 2 && b.shape.len() == 2 && a.dtype == b.dtype && DType::TOKENS.contains(&a.dtype);
-    let (m, k) = if !ok {
-        (0, 0)
-    } else if trans_a {
-        (a.shape[1], a.shape[0])
-    } else {
-        (a.shape[0], a.shape[1])
-    };
-    let (kb, n) = if !ok {
-        (0, 0)
-    } else if trans_b {
-        (b.shape[1], b.shape[0])
-    } else {
-        (b.shape[0], b.shape[1])
-    };
-    if !ok || kb != k || i32::try_from(m.max(n).max(k)).is_err() {
+    let fast = check_matmul(a.meta("a"), b.meta("b"), trans_a, trans_b)
+        .ok()
+        .filter(|&(m, k, n)| a.dtype == b.dtype && i32::try_from(m.max(n).max(k)).is_ok());
+    let Some((m, k, n)) = fast else {
         let (ha, hb) = (a.download(dev, "a")?, b.download(dev, "b")?);
         let out = moe_core::experts::matmul(&tensor_ref("a", &ha)?, &tensor_ref("b", &hb)?, trans_a, trans_b)?;
         return DeviceTensor::upload_owned(dev, "output", &out);
-    }
+    };
     let out = DeviceTensor::alloc(dev, "output", a.dtype, vec![m, n])?;
     if k == 0 {
         dev.memset_zero("output", &out.buf, out.bytes())?;

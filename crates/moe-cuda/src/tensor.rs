@@ -82,6 +82,27 @@ impl DeviceTensor {
     }
 }
 
+/// A device tensor under its argument's name (as a [`TensorRef`] carries its name): what the
+/// bindings hand the device entries, and what the core's checks see ([`DeviceArg::meta`]).
+#[derive(Clone, Copy)]
+pub struct DeviceArg<'a> {
+    pub name: &'static str,
+    pub tensor: &'a DeviceTensor,
+}
+
+impl<'a> DeviceArg<'a> {
+    pub fn meta(&self) -> Meta<'a> {
+        self.tensor.meta(self.name)
+    }
+}
+
+impl std::ops::Deref for DeviceArg<'_> {
+    type Target = DeviceTensor;
+    fn deref(&self) -> &DeviceTensor {
+        self.tensor
+    }
+}
+
 /// The bytes of an owned tensor.
 pub fn tensor_bytes(t: &Tensor) -> &[u8] {
     match &t.data {

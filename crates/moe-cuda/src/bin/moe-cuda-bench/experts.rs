@@ -463,27 +463,13 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
     let sc_da = dev.alloc("scratch", n * inter * 4)?;
     let sc_gp = dev.alloc("scratch", n * 4)?;
     let pb = &probs.buf;
-    let (act_fwd_ms, _) =
-        time_ms(dev, iters, || launch_activation(dev, &act, ExpMath::Fast, DType::BF16, &sc_h, n, width, Some(pb), DType::BF16, &sc_a))?;
-    let (act_bwd_ms, _) = time_ms(dev, iters, || {
-        launch_activation_backward(dev, &act, ExpMath::Fast, DType::BF16, &sc_da, &sc_h, n, width, Some(pb), DType::BF16, &sc_a, None)
-    })?;
-    let (act_bwd_gp_ms, _) = time_ms(dev, iters, || {
-        launch_activation_backward(
-            dev,
-            &act,
-            ExpMath::Fast,
-            DType::BF16,
-            &sc_da,
-            &sc_h,
-            n,
-            width,
-            Some(pb),
-            DType::BF16,
-            &sc_a,
-            Some(&sc_gp),
-        )
-    })?;
+    // the activation's passes over the scratch buffers (the backward with or without the probs gradient)
+    let act_fwd = || launch_activation(dev, &act, ExpMath::Fast, DType::BF16, &sc_h, n, width, Some(pb), DType::BF16, &sc_a);
+    let act_bwd =
+        |gp| launch_activation_backward(dev, &act, ExpMath::Fast, DType::BF16, &sc_da, &sc_h, n, width, Some(pb), DType::BF16, &sc_a, gp);
+    let (act_fwd_ms, _) = time_ms(dev, iters, act_fwd)?;
+    let (act_bwd_ms, _) = time_ms(dev, iters, || act_bwd(None))?;
+    let (act_bwd_gp_ms, _) = time_ms(dev, iters, || act_bwd(Some(&sc_gp)))?;
     println!(
         "{:>13} element passes: activation fwd {act_fwd_ms:.3} ms, bwd {act_bwd_ms:.3} ms, bwd + probs gradient {act_bwd_gp_ms:.3} ms",
         s.name
@@ -499,41 +485,9 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
         for (what, vector, fused) in [("vector", true, true), ("vector2pass", true, false), ("column", false, false)] {
             moe_cuda::activations::set_vectorised(Some(vector));
             moe_cuda::activations::set_fused_probs_gradient(Some(fused));
-            let (f, _) = time_ms(dev, iters, || {
-                launch_activation(dev, &act, ExpMath::Fast, DType::BF16, &sc_h, n, width, Some(pb), DType::BF16, &sc_a)
-            })?;
-            let (b, _) = time_ms(dev, iters, || {
-                launch_activation_backward(
-                    dev,
-                    &act,
-                    ExpMath::Fast,
-                    DType::BF16,
-                    &sc_da,
-                    &sc_h,
-                    n,
-                    width,
-                    Some(pb),
-                    DType::BF16,
-                    &sc_a,
-                    None,
-                )
-            })?;
-            let (bg, _) = time_ms(dev, iters, || {
-                launch_activation_backward(
-                    dev,
-                    &act,
-                    ExpMath::Fast,
-                    DType::BF16,
-                    &sc_da,
-                    &sc_h,
-                    n,
-                    width,
-                    Some(pb),
-                    DType::BF16,
-                    &sc_a,
-                    Some(&sc_gp),
-                )
-            })?;
+            let (f, _) = time_ms(dev, iters, act_fwd)?;
+            let (b, _) = time_ms(dev, iters, || act_bwd(None))?;
+            let (bg, _) = time_ms(dev, iters, || act_bwd(Some(&sc_gp)))?;
             act_rows.push(format!(
                 "r{round} {what}: fwd {f:.3} ms ({:.0} GB/s), bwd {b:.3} ms ({:.0} GB/s), bwd + probs gradient {bg:.3} ms",
                 fwd_gb / (f * 1e-3),
@@ -572,8 +526,7 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
     let layer = || -> moe_cuda::Result<()> {
         let p = permute_device(dev, &hidden, &d_map, Some(&d_dense), popts)?;
         let pp = p.permuted_probs.as_ref().expect("probs");
-        let li =
-            DeviceExpertsInputs { tokens: &p.permuted_tokens, tokens_per_expert: &p.tokens_per_expert, probs: Some(pp), ..inp_like(&inp) };
+        let li = DeviceExpertsInputs { tokens: &p.permuted_tokens, tokens_per_expert: &p.tokens_per_expert, probs: Some(pp), ..inp };
         // the forward keeps h and a for the backward (saveForBackward), as an autograd layer does
         let (y, saved) = experts_forward_device_saving(dev, &li, &act, true)?;
         let _out = unpermute_device(dev, &y, &p.sorted_indices, [t, dim], None, None, UnpermuteOptions::default())?;
@@ -647,19 +600,6 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
         o.num(key, v);
     }
     Ok(o)
-}
-
-fn inp_like<'a>(i: &DeviceExpertsInputs<'a>) -> DeviceExpertsInputs<'a> {
-    DeviceExpertsInputs {
-        tokens: i.tokens,
-        tokens_per_expert: i.tokens_per_expert,
-        gate_and_up: i.gate_and_up,
-        gate_and_up_name: i.gate_and_up_name,
-        down: i.down,
-        probs: i.probs,
-        gate_up_bias: i.gate_up_bias,
-        down_bias: i.down_bias,
-    }
 }
 
 /// A flat JSON object (string and number fields), as the experts rows need.
