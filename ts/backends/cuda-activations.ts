@@ -132,6 +132,33 @@ export const activationsGpu: GpuFamily = {
       const out = f(hostOf(x) as Tensor<'float32'>, counts as Tensor<IndexDType>, hostOptions(options, 'tokenMask') as SwitchLoadBalancingLossOptions);
       return ctx.call(op, () => ({ loss: out.loss, [key]: wrapDevice(ctx.addon.cudaUpload(wire(out[key], key))) }));
     };
+    /** A Switch loss (of probs or of logits, `xName`) with a device tensor among its arguments: `device` on the GPU, or switchOnHost. */
+    const switchLoss = <K extends 'gradProbs' | 'gradLogits'>(
+      op: 'switchLoadBalancingLoss' | 'switchLoadBalancingLossFromLogits',
+      xName: 'probs' | 'logits',
+      key: K,
+      device: (x: H, counts: H, ...rest: ReturnType<typeof switchArgs>) => { loss: number } & Record<K, H>,
+      x: unknown,
+      tokensPerExpert: unknown,
+      options: unknown,
+    ) => {
+      if (!anyDevice(x, tokensPerExpert, optionValue(options, 'tokenMask'))) {
+        const f = base[op] as (x: Tensor<'float32'>, c: Tensor<IndexDType>, o: SwitchLoadBalancingLossOptions) => unknown;
+        return f.call(base, x as Tensor<'float32'>, tokensPerExpert as Tensor<IndexDType>, options as SwitchLoadBalancingLossOptions);
+      }
+      let onHost = false;
+      const result = ctx.call(op, (h) => {
+        const xh = h.of(x, xName, ['float32']);
+        const ch = countsHandle(h, tokensPerExpert);
+        if (ch === undefined) {
+          onHost = true;
+          return;
+        }
+        const out = device(xh, ch, ...switchArgs(h, options, op));
+        return { loss: out.loss, [key]: wrapDevice(out[key]) };
+      });
+      return onHost ? switchOnHost(op, key, x, tokensPerExpert, options) : result;
+    };
     return {
       activation(x: unknown, options: unknown) {
         if (!anyDevice(x, optionValue(options, 'probs'))) return base.activation(x as Tensor<TokenDType>, options as ActivationOptions);
@@ -152,38 +179,18 @@ export const activationsGpu: GpuFamily = {
         });
       },
       switchLoadBalancingLoss(probs: unknown, tokensPerExpert: unknown, options: unknown) {
-        if (!anyDevice(probs, tokensPerExpert, optionValue(options, 'tokenMask'))) {
-          return base.switchLoadBalancingLoss(probs as Tensor<'float32'>, tokensPerExpert as Tensor<IndexDType>, options as SwitchLoadBalancingLossOptions);
-        }
-        let onHost = false;
-        const result = ctx.call('switchLoadBalancingLoss', (h) => {
-          const ph = h.of(probs, 'probs', ['float32']);
-          const ch = countsHandle(h, tokensPerExpert);
-          if (ch === undefined) {
-            onHost = true;
-            return;
-          }
-          const out = a.cudaSwitchLoadBalancingLossDevice(ph, ch, ...switchArgs(h, options, 'switchLoadBalancingLoss'));
-          return { loss: out.loss, gradProbs: wrapDevice(out.gradProbs) };
-        });
-        return onHost ? switchOnHost('switchLoadBalancingLoss', 'gradProbs', probs, tokensPerExpert, options) : result;
+        return switchLoss('switchLoadBalancingLoss', 'probs', 'gradProbs', (x, c, ...rest) => a.cudaSwitchLoadBalancingLossDevice(x, c, ...rest), probs, tokensPerExpert, options);
       },
       switchLoadBalancingLossFromLogits(logits: unknown, tokensPerExpert: unknown, options: unknown) {
-        if (!anyDevice(logits, tokensPerExpert, optionValue(options, 'tokenMask'))) {
-          return base.switchLoadBalancingLossFromLogits(logits as Tensor<'float32'>, tokensPerExpert as Tensor<IndexDType>, options as SwitchLoadBalancingLossOptions);
-        }
-        let onHost = false;
-        const result = ctx.call('switchLoadBalancingLossFromLogits', (h) => {
-          const lh = h.of(logits, 'logits', ['float32']);
-          const ch = countsHandle(h, tokensPerExpert);
-          if (ch === undefined) {
-            onHost = true;
-            return;
-          }
-          const out = a.cudaSwitchLoadBalancingLossFromLogitsDevice(lh, ch, ...switchArgs(h, options, 'switchLoadBalancingLossFromLogits'));
-          return { loss: out.loss, gradLogits: wrapDevice(out.gradLogits) };
-        });
-        return onHost ? switchOnHost('switchLoadBalancingLossFromLogits', 'gradLogits', logits, tokensPerExpert, options) : result;
+        return switchLoss(
+          'switchLoadBalancingLossFromLogits',
+          'logits',
+          'gradLogits',
+          (x, c, ...rest) => a.cudaSwitchLoadBalancingLossFromLogitsDevice(x, c, ...rest),
+          logits,
+          tokensPerExpert,
+          options,
+        );
       },
       zLoss(logits: unknown, options?: unknown) {
         if (!anyDevice(logits, optionValue(options, 'tokenMask'))) return base.zLoss(logits as Tensor<'float32'>, options as ZLossOptions);
