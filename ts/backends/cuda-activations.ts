@@ -9,12 +9,12 @@
  * ts/ops/routing.ts); the core's checks run in the addon, which falls back to the core on the host
  * for arguments it rejects, so errors are the CPU backend's.
  */
-import { isDeviceTensor, wrapDevice, type DeviceTensor, type NativeCudaTensor } from '../device.js';
+import { wrapDevice, type DeviceTensor, type NativeCudaTensor } from '../device.js';
 import type { ActivationGrads, ActivationOptions } from '../ops/activations.js';
 import type { SwitchLoadBalancingLossOptions, ZLossOptions } from '../ops/routing.js';
-import { tensor, type DType, type IndexDType, type Tensor, type TokenDType } from '../tensor.js';
-import { checkNumber, checkOptions, INDICES, requiredNumber, TOKENS, wire } from '../wire.js';
-import { anyDevice, optionValue, type Addon, type GpuContext, type GpuFamily, type Handles } from './cuda-common.js';
+import type { DType, IndexDType, Tensor, TokenDType } from '../tensor.js';
+import { checkNumber, checkOptions, requiredNumber, TOKENS, wire } from '../wire.js';
+import { anyDevice, hostOf, hostOptions, int32Handle, optionValue, type Addon, type GpuContext, type GpuFamily, type Handles } from './cuda-common.js';
 
 /** A host or a device tensor of dtype D. */
 type AnyTensor<D extends DType> = Tensor<D> | DeviceTensor<D>;
@@ -87,34 +87,9 @@ function switchArgs(h: Handles, options: unknown, op: string): [number, Num, Num
   return [requiredNumber(o.topk, 'options.topk'), checkNumber(o.coeff, 'options.coeff'), checkNumber(o.numTokens, 'options.numTokens'), h.opt(o.tokenMask, 'tokenMask', ['bool'])];
 }
 
-/**
- * tokensPerExpert as a device handle. The GPU keeps no int64: a host int64 tensor whose values
- * all fit in int32 is converted (same values, so the same results and errors); undefined when one
- * does not (the caller then runs the host op).
- */
+/** tokensPerExpert as a device handle (int32Handle: undefined when int64 counts do not fit in int32). */
 function countsHandle(h: Handles, value: unknown): H | undefined {
-  if (isDeviceTensor(value)) return h.of(value, 'tokensPerExpert', INDICES);
-  wire(value, 'tokensPerExpert', INDICES); // the host op's checks, in its order
-  const t = value as Tensor<IndexDType>;
-  if (t.dtype !== 'int64') return h.of(t, 'tokensPerExpert', INDICES);
-  const data = t.data as BigInt64Array;
-  const out = new Int32Array(data.length);
-  for (let i = 0; i < data.length; i++) {
-    const v = data[i];
-    if (v < -2147483648n || v > 2147483647n) return undefined;
-    out[i] = Number(v);
-  }
-  return h.of(tensor('int32', t.shape, out), 'tokensPerExpert', INDICES);
-}
-
-/** Device tensors downloaded (for the host op). */
-function hostOf<T>(value: T): T {
-  return (isDeviceTensor(value) ? value.download() : value) as T;
-}
-
-function hostOptions(options: unknown, key: string): unknown {
-  if (typeof options !== 'object' || options === null || !isDeviceTensor(optionValue(options, key))) return options;
-  return { ...(options as Record<string, unknown>), [key]: hostOf(optionValue(options, key)) };
+  return int32Handle(h, value, 'tokensPerExpert');
 }
 
 export const activationsGpu: GpuFamily = {

@@ -5,8 +5,8 @@
  */
 import type { Backend } from '../backend.js';
 import { isDeviceTensor, nativeHandle, rethrowNative, type NativeCudaTensor } from '../device.js';
-import type { DType } from '../tensor.js';
-import { wire } from '../wire.js';
+import { tensor, type DType, type IndexDType, type Tensor } from '../tensor.js';
+import { INDICES, wire } from '../wire.js';
 
 /** The addon's functions, by name (each family declares the ones it calls). */
 export type Addon = Record<string, (...args: never[]) => unknown> & {
@@ -48,6 +48,38 @@ export function anyDevice(...values: unknown[]): boolean {
 
 export function optionValue(options: unknown, key: string): unknown {
   return typeof options === 'object' && options !== null ? (options as Record<string, unknown>)[key] : undefined;
+}
+
+/** Device tensors downloaded (for the host op); anything else as it is. */
+export function hostOf<T>(value: T): T {
+  return (isDeviceTensor(value) ? value.download() : value) as T;
+}
+
+/** `options` with its `key` downloaded when that is a device tensor (for the host op). */
+export function hostOptions(options: unknown, key: string): unknown {
+  if (typeof options !== 'object' || options === null || !isDeviceTensor(optionValue(options, key))) return options;
+  return { ...(options as Record<string, unknown>), [key]: hostOf(optionValue(options, key)) };
+}
+
+/**
+ * An index tensor as a device handle. The GPU keeps no int64: device tensors as they are; host
+ * ones checked as the host op checks them, an int64 one converted to int32 when every value fits
+ * (same values, so the same results and errors); undefined when one does not (the caller then
+ * runs the host op).
+ */
+export function int32Handle(h: Handles, value: unknown, arg: string): NativeCudaTensor | undefined {
+  if (isDeviceTensor(value)) return h.of(value, arg, INDICES);
+  wire(value, arg, INDICES); // the host op's checks, in its order
+  const t = value as Tensor<IndexDType>;
+  if (t.dtype !== 'int64') return h.of(t, arg, INDICES);
+  const data = t.data as BigInt64Array;
+  const out = new Int32Array(data.length);
+  for (let i = 0; i < data.length; i++) {
+    const v = data[i];
+    if (v < -2147483648n || v > 2147483647n) return undefined;
+    out[i] = Number(v);
+  }
+  return h.of(tensor('int32', t.shape, out), arg, INDICES);
 }
 
 /**

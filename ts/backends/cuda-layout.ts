@@ -12,12 +12,12 @@
  * index tensor whose values all fit in int32 is converted (same values, so the same results and
  * errors); when one does not, the op runs on the host (device tensors downloaded, results uploaded).
  */
-import { isDeviceTensor, wrapDevice, type DeviceTensor, type NativeCudaTensor } from '../device.js';
+import { wrapDevice, type DeviceTensor, type NativeCudaTensor } from '../device.js';
 import type { MultihotToIndicesOptions } from '../ops/dispatch.js';
 import type { DropTokensOptions, DropTokensResult, GroupedMmSortOptions, GroupedMmSortResult, SortChunksGrads, SortChunksResult } from '../ops/layout.js';
-import { isTensor, tensor, type DType, type IndexDType, type Tensor, type TokenDType } from '../tensor.js';
-import { checkBool, checkNumber, checkOptions, INDICES, optString, requiredNumber, TOKENS, wire } from '../wire.js';
-import { anyDevice, optionValue, type Addon, type GpuContext, type GpuFamily, type Handles } from './cuda-common.js';
+import { isTensor, type DType, type IndexDType, type Tensor, type TokenDType } from '../tensor.js';
+import { checkBool, checkNumber, checkOptions, optString, requiredNumber, TOKENS, wire } from '../wire.js';
+import { anyDevice, hostOf, hostOptions, int32Handle, optionValue, type Addon, type GpuContext, type GpuFamily, type Handles } from './cuda-common.js';
 
 /** A host or a device tensor of dtype D. */
 type AnyTensor<D extends DType> = Tensor<D> | DeviceTensor<D>;
@@ -125,27 +125,9 @@ const ON_HOST = Symbol('on host');
  * op checks them, int64 converted to int32 when every value fits (else ON_HOST is thrown).
  */
 function indexHandle(h: Handles, value: unknown, arg: string): H {
-  if (isDeviceTensor(value)) return h.of(value, arg, INDICES);
-  wire(value, arg, INDICES); // the host op's checks, in its order
-  const t = value as Tensor<IndexDType>;
-  if (t.dtype !== 'int64') return h.of(t, arg, INDICES);
-  const data = t.data as BigInt64Array;
-  const out = new Int32Array(data.length);
-  for (let i = 0; i < data.length; i++) {
-    const v = data[i];
-    if (v < -2147483648n || v > 2147483647n) throw ON_HOST;
-    out[i] = Number(v);
-  }
-  return h.of(tensor('int32', t.shape, out), arg, INDICES);
-}
-
-function hostOf<T>(value: T): T {
-  return (isDeviceTensor(value) ? value.download() : value) as T;
-}
-
-function hostOptions(options: unknown, key: string): unknown {
-  if (typeof options !== 'object' || options === null || !isDeviceTensor(optionValue(options, key))) return options;
-  return { ...(options as Record<string, unknown>), [key]: hostOf(optionValue(options, key)) };
+  const handle = int32Handle(h, value, arg);
+  if (handle === undefined) throw ON_HOST;
+  return handle;
 }
 
 export const layoutGpu: GpuFamily = {
