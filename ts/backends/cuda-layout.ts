@@ -158,6 +158,40 @@ export const layoutGpu: GpuFamily = {
       if (handle) (result as Record<string, unknown>)[key] = wrapDevice(handle);
       return result;
     };
+    /**
+     * sortChunksByIndex and its backward (the same chunk moves): `x` (argument `xName`) and the
+     * optional per-row `p` (`pName`, also its result's key) through `device`, whose tensor result is `outKey`.
+     */
+    const sortChunks = (
+      op: 'sortChunksByIndex' | 'sortChunksByIndexBackward',
+      [xName, pName, outKey]: readonly [string, string, string],
+      device: (x: H, splitSizes: H, sortedIdxs: H, p: H | undefined) => Record<string, H | null | undefined>,
+      x: unknown,
+      splitSizes: unknown,
+      sortedIdxs: unknown,
+      p: unknown,
+    ) => {
+      const host = (xv: unknown, sv: unknown, ov: unknown, pv: unknown) =>
+        (base[op] as (x: Tensor<TokenDType>, s: Tensor<IndexDType>, o: Tensor<IndexDType>, p?: Tensor<'float32'>) => object).call(
+          base,
+          xv as Tensor<TokenDType>,
+          sv as Tensor<IndexDType>,
+          ov as Tensor<IndexDType>,
+          pv as Tensor<'float32'> | undefined,
+        );
+      if (!anyDevice(x, splitSizes, sortedIdxs, p)) return host(x, splitSizes, sortedIdxs, p);
+      return run(
+        op,
+        (h) => {
+          const xh = h.of(x, xName, TOKENS);
+          const sh = indexHandle(h, splitSizes, 'splitSizes');
+          const oh = indexHandle(h, sortedIdxs, 'sortedIdxs');
+          const out = device(xh, sh, oh, h.opt(p, pName, ['float32']));
+          return withOpt({ [outKey]: wrapDevice(out[outKey] as H) }, pName, out[pName]);
+        },
+        () => host(hostOf(x), hostOf(splitSizes), hostOf(sortedIdxs), hostOf(p)),
+      );
+    };
     return {
       indicesToMultihot(indices: unknown, probs: unknown, numExperts: number) {
         if (!anyDevice(indices, probs)) return base.indicesToMultihot(indices as Tensor<IndexDType>, probs as Tensor<'float32'>, numExperts);
@@ -203,47 +237,17 @@ export const layoutGpu: GpuFamily = {
         });
       },
       sortChunksByIndex(input: unknown, splitSizes: unknown, sortedIdxs: unknown, probs?: unknown) {
-        if (!anyDevice(input, splitSizes, sortedIdxs, probs)) {
-          return base.sortChunksByIndex(input as Tensor<TokenDType>, splitSizes as Tensor<IndexDType>, sortedIdxs as Tensor<IndexDType>, probs as Tensor<'float32'> | undefined);
-        }
-        return run(
-          'sortChunksByIndex',
-          (h) => {
-            const xh = h.of(input, 'input', TOKENS);
-            const sh = indexHandle(h, splitSizes, 'splitSizes');
-            const oh = indexHandle(h, sortedIdxs, 'sortedIdxs');
-            const out = a.cudaSortChunksByIndexDevice(xh, sh, oh, h.opt(probs, 'probs', ['float32']));
-            return withOpt({ output: wrapDevice(out.output) }, 'probs', out.probs);
-          },
-          () =>
-            base.sortChunksByIndex(
-              hostOf(input) as Tensor<TokenDType>,
-              hostOf(splitSizes) as Tensor<IndexDType>,
-              hostOf(sortedIdxs) as Tensor<IndexDType>,
-              hostOf(probs) as Tensor<'float32'> | undefined,
-            ),
-        );
+        return sortChunks('sortChunksByIndex', ['input', 'probs', 'output'], (x, s, o, p) => a.cudaSortChunksByIndexDevice(x, s, o, p), input, splitSizes, sortedIdxs, probs);
       },
       sortChunksByIndexBackward(gradOutput: unknown, splitSizes: unknown, sortedIdxs: unknown, gradProbs?: unknown) {
-        if (!anyDevice(gradOutput, splitSizes, sortedIdxs, gradProbs)) {
-          return base.sortChunksByIndexBackward(gradOutput as Tensor<TokenDType>, splitSizes as Tensor<IndexDType>, sortedIdxs as Tensor<IndexDType>, gradProbs as Tensor<'float32'> | undefined);
-        }
-        return run(
+        return sortChunks(
           'sortChunksByIndexBackward',
-          (h) => {
-            const gh = h.of(gradOutput, 'gradOutput', TOKENS);
-            const sh = indexHandle(h, splitSizes, 'splitSizes');
-            const oh = indexHandle(h, sortedIdxs, 'sortedIdxs');
-            const out = a.cudaSortChunksByIndexBackwardDevice(gh, sh, oh, h.opt(gradProbs, 'gradProbs', ['float32']));
-            return withOpt({ gradInput: wrapDevice(out.gradInput) }, 'gradProbs', out.gradProbs);
-          },
-          () =>
-            base.sortChunksByIndexBackward(
-              hostOf(gradOutput) as Tensor<TokenDType>,
-              hostOf(splitSizes) as Tensor<IndexDType>,
-              hostOf(sortedIdxs) as Tensor<IndexDType>,
-              hostOf(gradProbs) as Tensor<'float32'> | undefined,
-            ),
+          ['gradOutput', 'gradProbs', 'gradInput'],
+          (x, s, o, p) => a.cudaSortChunksByIndexBackwardDevice(x, s, o, p),
+          gradOutput,
+          splitSizes,
+          sortedIdxs,
+          gradProbs,
         );
       },
       groupedMmSort(indices: unknown, weights: unknown, options: unknown) {
