@@ -18,7 +18,7 @@ import { describe, expect, it } from 'vitest';
 import { tensor, type Backend, type DType, type Tensor, type TokenDType } from '../ts/index.js';
 import { backendNamed, backendRows, registerBackendReport } from './backends.js';
 import { expectExact, input, loadGolden, output, toTensor, type GoldenCase, type GoldenFile } from './golden-loader.js';
-import { bitsOf, decode, expectSameBits, expectValues, f32FromBits, expectOpError, type OpErrorCase } from './util.js';
+import { bitsOf, decode, expectSameBits, expectValues, f32FromBits, itThrowsEach, type OpErrorCase } from './util.js';
 
 const SEED = Number(process.env.MOE_FC_SEED ?? 0x1a_7007);
 const RUNS = Number(process.env.MOE_FC_RUNS ?? 60);
@@ -815,11 +815,7 @@ const CASES: Case[] = [
 ];
 
 describe.each(backendRows)('errors on %s', (_name, backend) => {
-  for (const c of CASES) {
-    it(`${c.op}: ${c.title} -> ${c.cls.name} naming ${c.arg}`, () => {
-      expectOpError(c, backend);
-    });
-  }
+  itThrowsEach(CASES, backend);
 
   it('the backend still gives right answers after every error', () => {
     for (const c of CASES) expect(() => c.call(backend)).toThrow();

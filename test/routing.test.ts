@@ -17,7 +17,7 @@ import { describe, expect, it } from 'vitest';
 import { tensor, type RouteOptions, type RouteResult, type ScoreFunction, type Tensor } from '../ts/index.js';
 import { backendNamed, backendRows, registerBackendReport } from './backends.js';
 import { input, loadGolden, output, toTensor, type GoldenCase } from './golden-loader.js';
-import { bitsOf, expectF32Close, expectMeta, expectSameBits, expectValues, mismatches, expectOpError, type OpErrorCase } from './util.js';
+import { bitsOf, expectF32Close, expectMeta, expectSameBits, expectValues, mismatches, itThrowsEach, type OpErrorCase } from './util.js';
 
 const SEED = Number(process.env.MOE_FC_SEED ?? 0x7a11_0c8e);
 const RUNS = Number(process.env.MOE_FC_RUNS ?? 150);
@@ -872,11 +872,7 @@ const ERRORS: ErrorCase[] = [
 ];
 
 describe.each(backendRows)('errors on %s', (_name, backend) => {
-  for (const c of ERRORS) {
-    it(`${c.op}: ${c.title} -> ${c.cls.name} naming ${c.arg}`, () => {
-      expectOpError(c, backend);
-    });
-  }
+  itThrowsEach(ERRORS, backend);
 
   it('the backend still routes correctly after every error', () => {
     for (const c of ERRORS) expect(() => c.call(backend)).toThrow();

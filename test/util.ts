@@ -3,7 +3,7 @@
  * few mismatches, and number formats rounded independently of the library (so a test never
  * checks the library's rounding against itself).
  */
-import { expect } from 'vitest';
+import { expect, it } from 'vitest';
 
 import type { ActivationKind, Backend, DType, Tensor } from '../ts/index.js';
 
@@ -233,6 +233,17 @@ export function expectOpError(c: OpErrorCase, backend: Backend): Error {
   const err = expectThrows(() => c.call(backend), c.cls, new RegExp(`^${escapeRegExp(c.op)}: (${args.map(escapeRegExp).join('|')})[:\\s]`));
   if (c.detail) expect(err.message).toMatch(c.detail);
   return err;
+}
+
+/** A test per row (`<op>: <title> -> <class> naming <arg>`): expectOpError, then `after` (the backend still works). */
+export function itThrowsEach(cases: readonly OpErrorCase[], backend: Backend, after?: () => void): void {
+  for (const c of cases) {
+    const args = typeof c.arg === 'string' ? [c.arg] : c.arg;
+    it(`${c.op}: ${c.title} -> ${c.cls.name} naming ${args.join(' or ')}`, () => {
+      expectOpError(c, backend);
+      after?.();
+    });
+  }
 }
 
 /** The seeded generator of the library's own tests and CLI (mulberry32). */
