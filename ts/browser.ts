@@ -19,50 +19,7 @@ import { loadWasm } from './backends/wasm.js';
 import { loadWebGpu } from './backends/webgpu.js';
 import { makeEntry, type CreateBackendOptions, type LoadResult } from './entry.js';
 
-export * from './tensor.js';
-export type { Backend, BackendInfo, BackendName, MultihotToIndicesOptions, PermuteBackwardOptions, PermuteOptions, PermuteResult, UnpermuteOptions } from './backend.js';
-export type { ActivationGrads, ActivationKind, ActivationOptions } from './ops/activations.js';
-export type { RouteOptions, RouteResult, ScoreFunction, SwitchLoadBalancingLossOptions, ZLossOptions } from './ops/routing.js';
-export type {
-  CheckpointInfo,
-  CheckpointSource,
-  CheckpointTensorInfo,
-  ExpertBiases,
-  ExpertCheckpointOptions,
-  ExpertsFormat,
-  ExpertsForwardOptions,
-  ExpertsGrads,
-  ExpertsOptions,
-  ExpertWeights,
-  LoadedExperts,
-  LoadedSafetensors,
-  LoadExpertsOptions,
-  LoadSafetensorsOptions,
-  MatmulOptions,
-  SafetensorsIndex,
-  SaveSafetensorsOptions,
-  ShardedCheckpoint,
-  UnstackExpertsOptions,
-} from './ops/experts.js';
-export type {
-  DropPolicy,
-  DropTokensOptions,
-  DropTokensResult,
-  ExpertRange,
-  ExpertTensor,
-  GroupedMmSortOptions,
-  GroupedMmSortResult,
-  MeshAxis,
-  PlacedMesh,
-  Placement,
-  SortChunksGrads,
-  SortChunksResult,
-} from './ops/layout.js';
-export type { BackendInfoOptions, CreateBackendOptions, Prefer } from './entry.js';
-export type { WasmSource } from './backends/wasm.js';
-export { isDeviceTensor, type DeviceTensor } from './device.js';
-export { isWebGpuBackend, isWebGpuTensor, WEBGPU_OPS, type OnGpu, type OnHost, type WebGpuBackend, type WebGpuOps, type WebGpuTensor } from './backends/webgpu.js';
-export type { AnyTensor, CudaBackend, DevicePermuteOptions, DevicePermuteResult, DeviceRouteBackwardOptions, DeviceRouteOptions, DeviceRouteResult, DeviceUnpermuteOptions } from './backends/cuda.js';
+export * from './exports.js';
 
 /** Why the Node-only backends cannot run in this entry. */
 export const BROWSER_UNAVAILABLE: Readonly<Record<Exclude<BackendName, 'wasm' | 'webgpu'>, string>> = {
@@ -77,8 +34,3 @@ function load(name: BackendName, options: CreateBackendOptions): LoadResult | Pr
 
 /** `backendInfo()`: which backends can run here and, for the others, why not. `createBackend(options?)`: one of them. */
 export const { backendInfo, createBackend } = makeEntry(load);
-export { MoELayer, normalRng, type MoEForward, type MoEGrads, type MoELayerOptions, type MoEWeights, type PretrainedInfo, type SharedExpertOptions } from './layer.js';
-export { AdamW, type AdamWOptions, type OptimizerStatus } from './optim.js';
-export { mseLoss, TRAIN_SHAPES, uniformTensor } from './training.js';
-export { SUPPORTED_MODEL_TYPES, type ExpertKeyFormat, type FromPretrainedOptions, type KeyScheme, type PretrainedSource, type SavePretrainedOptions } from './hf.js';
-export { TokenDispatcher, type TokenDispatcherOptions, type TokenPermutation, type TopKRouting } from './dispatcher.js';
