@@ -397,29 +397,19 @@ describe.each(backendRows)('properties on %s', (_name, b) => {
         const map = bool([p.T, p.E], r.map);
         const kt = range(p.T).map((t) => range(p.E).filter((e) => r.map[t * p.E + e]).length);
         const value = (t: number, h: number) => load(p.dtype, p.tokens[t * p.H + h]);
+        /** The tokens, token t times[t], as stored. */
+        const scaled = (times: number[]) => range(p.T * p.H).map((i) => store(p.dtype, times[Math.floor(i / p.H)] * value(Math.floor(i / p.H), i % p.H) + 0));
 
         const out = b.permute(tokens, map);
         const merged = b.unpermute(out.permutedTokens, out.sortedIndices, [p.T, p.H]);
-        expectStored(
-          merged,
-          p.dtype,
-          [p.T, p.H],
-          range(p.T * p.H).map((i) => store(p.dtype, kt[Math.floor(i / p.H)] * value(Math.floor(i / p.H), i % p.H) + 0)),
-          'unpermute(permute(x))',
-        );
+        expectStored(merged, p.dtype, [p.T, p.H], scaled(kt), 'unpermute(permute(x))');
 
         // With dropAndPad a token comes back once per slot it fills (kept or pad).
         const capacity = c % (p.T + 1);
         const dp = b.permute(tokens, map, { dropAndPad: true, numOutTokens: capacity * p.E });
         const uses = range(p.T).map((t) => bitsOf(dp.sortedIndices).filter((s) => s === t).length);
         const mergedDp = b.unpermute(dp.permutedTokens, dp.sortedIndices, [p.T, p.H], { dropAndPad: true });
-        expectStored(
-          mergedDp,
-          p.dtype,
-          [p.T, p.H],
-          range(p.T * p.H).map((i) => store(p.dtype, uses[Math.floor(i / p.H)] * value(Math.floor(i / p.H), i % p.H) + 0)),
-          'unpermute(permute(x, dropAndPad))',
-        );
+        expectStored(mergedDp, p.dtype, [p.T, p.H], scaled(uses), 'unpermute(permute(x, dropAndPad))');
       }),
       params(edgesWith((p) => [0, p.T])),
     );
