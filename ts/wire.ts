@@ -24,6 +24,19 @@ export function wire(value: unknown, arg: string, dtypes?: readonly DType[]): Wi
   return { dtype: t.dtype, shape: [...t.shape], data: new Uint8Array(d.buffer, d.byteOffset, d.byteLength) };
 }
 
+/**
+ * How an adapter passes tensor arguments to a binding: their bytes (`WIRE`), or on the cuda
+ * backend device handles (`Handles`). The adapters' argument builders take one, so the cuda
+ * backend builds the same argument objects with the same checks in the same order.
+ */
+export interface TensorArgs<T> {
+  of(value: unknown, arg: string, dtypes: readonly DType[]): T;
+  opt(value: unknown, arg: string, dtypes: readonly DType[]): T | undefined;
+}
+
+/** Options `T` whose tensor fields `K` may hold any value (a `TensorArgs` checks them: host or device tensors). */
+export type AnyTensors<T, K extends keyof T> = Omit<T, K> & { [P in K]?: unknown };
+
 export function optWire(value: unknown, arg: string, dtypes?: readonly DType[]): WireTensor | undefined {
   return value === undefined || value === null ? undefined : wire(value, arg, dtypes);
 }
@@ -48,6 +61,9 @@ export function checkDisjoint(outputs: Record<string, unknown>, inputs: Record<s
     }
   });
 }
+
+/** Tensors as the CPU bindings take them: wire tensors. */
+export const WIRE: TensorArgs<WireTensor> = { of: wire, opt: optWire };
 
 /** Rejects option objects that are not objects or carry keys this op does not know (typos). */
 export function checkOptions<T extends object>(options: unknown, op: string, known: readonly (keyof T & string)[]): Partial<T> {

@@ -100,7 +100,7 @@ const deviceRows = [];
           samples.js[sync].push(Number(process.hrtime.bigint() - t0) / 1e3);
         }
         cudaB.synchronize();
-        samples.rust[sync].push(...addon.cudaTimeRustUnpermute(hTok, hIdx, [4, 8], hProbs, 200, sync));
+        samples.rust[sync].push(...addon.cudaTimeRustUnpermute({ permutedTokens: hTok, sortedIndices: hIdx, restoreShape: [4, 8], probs: hProbs, iters: 200, sync }));
       }
     }
     for (const sync of [false, true]) {

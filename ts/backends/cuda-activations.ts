@@ -5,16 +5,16 @@
  * arguments: host ones are uploaded for the call, and every tensor result is a device tensor (the
  * losses' `loss` is a number, read back from the GPU).
  *
- * Arguments are checked in the host ops' order and with their messages (ts/ops/activations.ts,
- * ts/ops/routing.ts); the core's checks run in the addon, which falls back to the core on the host
+ * Arguments are checked by the host ops' own argument builders (activationArgs, switchArgs of
+ * ts/ops/activations.ts, ts/ops/routing.ts), so in their order and with their messages; the core's checks run in the addon, which falls back to the core on the host
  * for arguments it rejects, so errors are the CPU backend's.
  */
 import { wrapDevice, type DeviceTensor, type NativeCudaTensor } from '../device.js';
-import type { ActivationGrads, ActivationOptions } from '../ops/activations.js';
-import type { SwitchLoadBalancingLossOptions, ZLossOptions } from '../ops/routing.js';
+import { activationArgs, type ActivationGrads, type ActivationOptions } from '../ops/activations.js';
+import { switchArgs, type SwitchLoadBalancingLossOptions, type ZLossOptions } from '../ops/routing.js';
 import type { DType, IndexDType, Tensor, TokenDType } from '../tensor.js';
-import { checkNumber, checkOptions, requiredNumber, TOKENS, wire } from '../wire.js';
-import { anyDevice, hostOf, hostOptions, int32Handle, optionValue, type Addon, type GpuContext, type GpuFamily, type Handles } from './cuda-common.js';
+import { checkNumber, checkOptions, TOKENS, wire } from '../wire.js';
+import { anyDevice, hostOf, hostOptions, int32Handle, optionValue, type Addon, type DeviceFn, type GpuContext, type GpuFamily, type Handles } from './cuda-common.js';
 
 /** A host or a device tensor of dtype D. */
 type AnyTensor<D extends DType> = Tensor<D> | DeviceTensor<D>;
@@ -53,15 +53,14 @@ export interface CudaActivationsOps {
 }
 
 type H = NativeCudaTensor;
-type Num = number | undefined;
 
-/** The addon functions this family calls (crates/moe-node/src/cuda_activations.rs). */
+/** The addon functions this family calls (crates/moe-node/src/cuda_activations.rs): the CPU ops' argument objects on device tensors. */
 interface ActivationsAddon {
-  cudaActivationDevice(x: H, kind: string | undefined, probs: H | undefined, alpha: Num, limit: Num, linearOffset: Num): H;
-  cudaActivationBackwardDevice(grad: H, x: H, kind: string | undefined, probs: H | undefined, alpha: Num, limit: Num, linearOffset: Num): { gradInput: H; gradProbs?: H | null };
-  cudaSwitchLoadBalancingLossDevice(probs: H, tokensPerExpert: H, topk: number, coeff: Num, numTokens: Num, tokenMask: H | undefined): { loss: number; gradProbs: H };
-  cudaSwitchLoadBalancingLossFromLogitsDevice(logits: H, tokensPerExpert: H, topk: number, coeff: Num, numTokens: Num, tokenMask: H | undefined): { loss: number; gradLogits: H };
-  cudaZLossDevice(logits: H, coeff: Num, tokenMask: H | undefined): { loss: number; gradLogits: H };
+  cudaActivationDevice: DeviceFn<'activation'>;
+  cudaActivationBackwardDevice: DeviceFn<'activationBackward'>;
+  cudaSwitchLoadBalancingLossDevice: DeviceFn<'switchLoadBalancingLoss'>;
+  cudaSwitchLoadBalancingLossFromLogitsDevice: DeviceFn<'switchLoadBalancingLossFromLogits'>;
+  cudaZLossDevice: DeviceFn<'zLoss'>;
 }
 
 const FUNCTIONS: readonly (keyof ActivationsAddon)[] = [
@@ -71,21 +70,6 @@ const FUNCTIONS: readonly (keyof ActivationsAddon)[] = [
   'cudaSwitchLoadBalancingLossFromLogitsDevice',
   'cudaZLossDevice',
 ];
-
-const ACTIVATION_OPTIONS: readonly (keyof ActivationOptions)[] = ['kind', 'probs', 'alpha', 'limit', 'linearOffset'];
-
-/** activation's options as positional arguments, checked as ts/ops/activations.ts does. */
-function activationArgs(h: Handles, options: unknown, op: string): [string | undefined, H | undefined, Num, Num, Num] {
-  const o = checkOptions<DeviceActivationOptions>(options, op, ACTIVATION_OPTIONS);
-  if (o.kind !== undefined && typeof o.kind !== 'string') throw new TypeError(`options.kind: expected a string, got ${typeof o.kind}`);
-  return [o.kind, h.opt(o.probs, 'probs', ['float32']), checkNumber(o.alpha, 'options.alpha'), checkNumber(o.limit, 'options.limit'), checkNumber(o.linearOffset, 'options.linearOffset')];
-}
-
-/** The Switch losses' options as positional arguments, checked as ts/ops/routing.ts does. */
-function switchArgs(h: Handles, options: unknown, op: string): [number, Num, Num, H | undefined] {
-  const o = checkOptions<DeviceSwitchLoadBalancingLossOptions>(options, op, ['topk', 'coeff', 'numTokens', 'tokenMask']);
-  return [requiredNumber(o.topk, 'options.topk'), checkNumber(o.coeff, 'options.coeff'), checkNumber(o.numTokens, 'options.numTokens'), h.opt(o.tokenMask, 'tokenMask', ['bool'])];
-}
 
 /** tokensPerExpert as a device handle (int32Handle: undefined when int64 counts do not fit in int32). */
 function countsHandle(h: Handles, value: unknown): H | undefined {
@@ -112,7 +96,7 @@ export const activationsGpu: GpuFamily = {
       op: 'switchLoadBalancingLoss' | 'switchLoadBalancingLossFromLogits',
       xName: 'probs' | 'logits',
       key: K,
-      device: (x: H, counts: H, ...rest: ReturnType<typeof switchArgs>) => { loss: number } & Record<K, H>,
+      device: (x: H, counts: H, options: ReturnType<typeof switchArgs<H>>) => { loss: number } & Record<K, H>,
       x: unknown,
       tokensPerExpert: unknown,
       options: unknown,
@@ -129,7 +113,7 @@ export const activationsGpu: GpuFamily = {
           onHost = true;
           return;
         }
-        const out = device(xh, ch, ...switchArgs(h, options, op));
+        const out = device(xh, ch, switchArgs(options, op, h));
         return { loss: out.loss, [key]: wrapDevice(out[key]) };
       });
       return onHost ? switchOnHost(op, key, x, tokensPerExpert, options) : result;
@@ -139,7 +123,7 @@ export const activationsGpu: GpuFamily = {
         if (!anyDevice(x, optionValue(options, 'probs'))) return base.activation(x as Tensor<TokenDType>, options as ActivationOptions);
         return ctx.call('activation', (h) => {
           const xh = h.of(x, 'x', TOKENS);
-          return wrapDevice(a.cudaActivationDevice(xh, ...activationArgs(h, options, 'activation')));
+          return wrapDevice(a.cudaActivationDevice({ x: xh, ...activationArgs(options, 'activation', h) }));
         });
       },
       activationBackward(grad: unknown, x: unknown, options: unknown) {
@@ -147,21 +131,21 @@ export const activationsGpu: GpuFamily = {
         return ctx.call('activationBackward', (h) => {
           const gh = h.of(grad, 'grad', TOKENS);
           const xh = h.of(x, 'x', TOKENS);
-          const out = a.cudaActivationBackwardDevice(gh, xh, ...activationArgs(h, options, 'activationBackward'));
+          const out = a.cudaActivationBackwardDevice({ grad: gh, x: xh, ...activationArgs(options, 'activationBackward', h) });
           const result: { gradInput: DeviceTensor; gradProbs?: DeviceTensor } = { gradInput: wrapDevice(out.gradInput) };
           if (out.gradProbs) result.gradProbs = wrapDevice(out.gradProbs);
           return result;
         });
       },
       switchLoadBalancingLoss(probs: unknown, tokensPerExpert: unknown, options: unknown) {
-        return switchLoss('switchLoadBalancingLoss', 'probs', 'gradProbs', (x, c, ...rest) => a.cudaSwitchLoadBalancingLossDevice(x, c, ...rest), probs, tokensPerExpert, options);
+        return switchLoss('switchLoadBalancingLoss', 'probs', 'gradProbs', (x, c, o) => a.cudaSwitchLoadBalancingLossDevice({ probs: x, tokensPerExpert: c, ...o }), probs, tokensPerExpert, options);
       },
       switchLoadBalancingLossFromLogits(logits: unknown, tokensPerExpert: unknown, options: unknown) {
         return switchLoss(
           'switchLoadBalancingLossFromLogits',
           'logits',
           'gradLogits',
-          (x, c, ...rest) => a.cudaSwitchLoadBalancingLossFromLogitsDevice(x, c, ...rest),
+          (x, c, o) => a.cudaSwitchLoadBalancingLossFromLogitsDevice({ logits: x, tokensPerExpert: c, ...o }),
           logits,
           tokensPerExpert,
           options,
@@ -172,7 +156,7 @@ export const activationsGpu: GpuFamily = {
         return ctx.call('zLoss', (h) => {
           const lh = h.of(logits, 'logits', ['float32']);
           const o = checkOptions<DeviceZLossOptions>(options, 'zLoss', ['coeff', 'tokenMask']);
-          const out = a.cudaZLossDevice(lh, checkNumber(o.coeff, 'options.coeff'), h.opt(o.tokenMask, 'tokenMask', ['bool']));
+          const out = a.cudaZLossDevice({ logits: lh, coeff: checkNumber(o.coeff, 'options.coeff'), tokenMask: h.opt(o.tokenMask, 'tokenMask', ['bool']) });
           return { loss: out.loss, gradLogits: wrapDevice(out.gradLogits) };
         });
       },

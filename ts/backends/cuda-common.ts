@@ -4,17 +4,33 @@
  * family of GPU ops (`GpuFamily`), which `cudaBackend` (cuda.ts) merges over the CPU ops.
  */
 import type { Backend } from '../backend.js';
-import { isDeviceTensor, nativeHandle, rethrowNative, type NativeCudaTensor } from '../device.js';
+import { isDeviceTensor, nativeHandle, rethrowNative, wrapDevice, type NativeCudaTensor } from '../device.js';
+import type { Binding } from '../generated/binding.js';
 import { tensor, type DType, type IndexDType, type Tensor } from '../tensor.js';
-import { INDICES, wire } from '../wire.js';
+import { INDICES, wire, type TensorArgs, type WireTensor } from '../wire.js';
 
 /** The addon's functions, by name (each family declares the ones it calls). */
 export type Addon = Record<string, (...args: never[]) => unknown> & {
   cudaUpload(tensor: ReturnType<typeof wire>): NativeCudaTensor;
 };
 
-/** Device handles for one call: device tensors as they are, host tensors uploaded (and freed after the call). */
-export class Handles {
+/** A field of a binding's argument object or result with a device handle where the CPU op takes or returns a tensor. */
+type OnDeviceValue<V> = V extends WireTensor | Tensor ? NativeCudaTensor : V;
+
+/** A binding's argument object or result (ts/generated/binding.ts) with device handles for its tensors. */
+export type OnDevice<T> = { [K in keyof T]: OnDeviceValue<T[K]> };
+
+/**
+ * The addon's function of the op `K` on device tensors (`cuda<Op>Device`, crates/moe-node/src/cuda*.rs):
+ * the CPU op's argument object and result as the op table generates them, with device handles for
+ * the tensors (the same fields, read by the same kinds; `Extra`: fields only the GPU takes).
+ */
+export type DeviceFn<K extends keyof Binding, Extra = unknown> = (
+  args: OnDevice<Parameters<Binding[K]>[0]> & Extra,
+) => ReturnType<Binding[K]> extends Tensor ? NativeCudaTensor : OnDevice<ReturnType<Binding[K]>>;
+
+/** Device handles for one call: device tensors as they are, host tensors uploaded (and freed after the call); the adapters' argument builders take it (`TensorArgs`). */
+export class Handles implements TensorArgs<NativeCudaTensor> {
   private temps: NativeCudaTensor[] = [];
   constructor(private readonly addon: Pick<Addon, 'cudaUpload'>) {}
 
@@ -48,6 +64,15 @@ export function anyDevice(...values: unknown[]): boolean {
 
 export function optionValue(options: unknown, key: string): unknown {
   return typeof options === 'object' && options !== null ? (options as Record<string, unknown>)[key] : undefined;
+}
+
+/** A device function's result object with its handles wrapped as device tensors (other values as they are, absent keys absent). */
+export function wrapResult(out: object): Record<string, unknown> {
+  return Object.fromEntries(
+    Object.entries(out)
+      .filter(([, v]) => v !== undefined && v !== null)
+      .map(([k, v]) => [k, typeof v === 'number' ? v : wrapDevice(v as NativeCudaTensor)]),
+  );
 }
 
 /** Device tensors downloaded (for the host op); anything else as it is. */

@@ -5,10 +5,11 @@
  */
 import type { DeviceTensor, NativeCudaTensor } from '../device.js';
 import { wrapDevice } from '../device.js';
-import type { ExpertBiases, ExpertsForwardOptions, ExpertsOptions, ExpertsPositional, ExpertWeights, MatmulOptions } from '../ops/experts.js';
+import type { ExpertsForwardArgs } from '../generated/binding.js';
+import { expertArgs, expertsGrads, type ExpertsForwardOptions, type ExpertsGradsOut, type ExpertsOptions, type ExpertWeights, type MatmulOptions } from '../ops/experts.js';
 import type { Tensor, TokenDType } from '../tensor.js';
-import { checkBool, checkNumber, checkOptions, TOKENS } from '../wire.js';
-import { anyDevice, noDeviceOut, optionValue, type Addon, type GpuFamily, type Handles } from './cuda-common.js';
+import { checkBool, checkOptions, TOKENS } from '../wire.js';
+import { anyDevice, noDeviceOut, optionValue, wrapResult, type Addon, type DeviceFn, type GpuFamily, type Handles, type OnDevice } from './cuda-common.js';
 
 type Any<D extends import('../tensor.js').DType> = Tensor<D> | DeviceTensor<D>;
 
@@ -90,51 +91,20 @@ export interface CudaExpertsOps {
 
 type H = NativeCudaTensor;
 
-type ExpertsArgs = ExpertsPositional<H>;
-
+/** The addon functions this family calls (crates/moe-node/src/cuda_experts.rs): the CPU ops' argument objects on device tensors, and what the GPU adds. */
 interface ExpertsAddon {
-  cudaExpertsForwardDevice(...args: [...ExpertsArgs, saveForBackward: boolean | undefined]): { output: H; upProjection?: H | null; activation?: H | null };
-  cudaExpertsBackwardDevice(...args: [g: H, ...ExpertsArgs, savedUpProjection: H | undefined, savedActivation: H | undefined]): {
-    gradTokens: H;
-    gradGateAndUpProjs: H;
-    gradDownProjs: H;
-    gradGateUpProjBias?: H | null;
-    gradDownProjBias?: H | null;
-    gradProbs?: H | null;
-  };
-  cudaMatmulDevice(a: H, b: H, transA: boolean | undefined, transB: boolean | undefined): H;
+  cudaExpertsForwardDevice(args: OnDevice<Omit<ExpertsForwardArgs, 'out'>> & { saveForBackward?: boolean }): { output: H; upProjection?: H; activation?: H };
+  cudaExpertsBackwardDevice: DeviceFn<'expertsBackward', { saved?: { upProjection: H; activation: H } }>;
+  cudaMatmulDevice: DeviceFn<'matmul'>;
 }
 
 const KNOWN: readonly (keyof ExpertsOptions)[] = ['activation', 'permutedProbs', 'biases', 'alpha', 'limit', 'linearOffset'];
-const FORWARD_KNOWN = [...KNOWN, 'saveForBackward'] as const;
-const BACKWARD_KNOWN = [...KNOWN, 'saved'] as const;
+const FORWARD_KNOWN = [...KNOWN, 'saveForBackward'];
+const BACKWARD_KNOWN = [...KNOWN, 'saved'];
 
-/** The positional arguments of the device functions (same checks and names as ops/experts.ts). */
-function deviceArgs(h: Handles, permutedTokens: unknown, tokensPerExpert: unknown, weights: unknown, options: unknown, op: string) {
-  const o = checkOptions<DeviceExpertsForwardOptions & DeviceExpertsBackwardOptions>(options, op, op === 'expertsForward' ? FORWARD_KNOWN : BACKWARD_KNOWN);
-  if (o.activation !== undefined && typeof o.activation !== 'string') throw new TypeError(`options.activation: expected a string, got ${typeof o.activation}`);
-  const kind = o.activation;
-  if (typeof weights !== 'object' || weights === null) throw new TypeError(`weights: expected { gateAndUpProjs | upProjs, downProjs }, got ${weights === null ? 'null' : typeof weights}`);
-  const w = weights as DeviceExpertWeights;
-  const name = kind === 'relu2' ? 'upProjs' : 'gateAndUpProjs';
-  const other = kind === 'relu2' ? 'gateAndUpProjs' : 'upProjs';
-  if (w[other] !== undefined) throw new TypeError(`weights.${other}: not used by activation '${kind}' (it takes weights.${name})`);
-  if (w[name] === undefined) throw new TypeError(`weights.${name}: expected a Tensor (activation '${kind}'), got undefined`);
-  const b = o.biases === undefined ? {} : checkOptions<ExpertBiases>(o.biases, 'biases', ['gateUpProjBias', 'downProjBias']);
-  return [
-    h.of(permutedTokens, 'permutedTokens', TOKENS),
-    h.of(tokensPerExpert, 'tokensPerExpert', ['int32']),
-    h.of(w[name], `weights.${name}`, TOKENS),
-    name,
-    h.of(w.downProjs, 'weights.downProjs', TOKENS),
-    kind,
-    h.opt(o.permutedProbs, 'permutedProbs', ['float32']),
-    h.opt(b.gateUpProjBias, 'biases.gateUpProjBias', TOKENS),
-    h.opt(b.downProjBias, 'biases.downProjBias', TOKENS),
-    checkNumber(o.alpha, 'options.alpha'),
-    checkNumber(o.limit, 'options.limit'),
-    checkNumber(o.linearOffset, 'options.linearOffset'),
-  ] as const;
+/** The device functions' argument object: ops/experts.ts's own builder over device handles (tokensPerExpert int32: the GPU keeps no int64). */
+function deviceArgs(h: Handles, permutedTokens: unknown, tokensPerExpert: unknown, weights: unknown, options: unknown, op: 'expertsForward' | 'expertsBackward') {
+  return expertArgs(h, permutedTokens, tokensPerExpert, weights, options, op, op === 'expertsForward' ? FORWARD_KNOWN : BACKWARD_KNOWN, ['int32']);
 }
 
 function deviceOptions(options: unknown): unknown[] {
@@ -151,11 +121,11 @@ function anyDeviceOr(...values: unknown[]): boolean {
   return values.includes(DEVICE_PATH) || anyDevice(...values);
 }
 
-function savedArg(h: Handles, options: unknown): [NativeCudaTensor | undefined, NativeCudaTensor | undefined] {
+function savedArg(h: Handles, options: unknown): { saved?: { upProjection: H; activation: H } } {
   const saved = typeof options === 'object' && options !== null ? (options as DeviceExpertsBackwardOptions).saved : undefined;
-  if (saved === undefined || saved === null) return [undefined, undefined];
+  if (saved === undefined || saved === null) return {};
   if (typeof saved !== 'object') throw new TypeError(`options.saved: expected { upProjection, activation } (from expertsForward with saveForBackward), got ${typeof saved}`);
-  return [h.of(saved.upProjection, 'saved.upProjection', TOKENS), h.of(saved.activation, 'saved.activation', TOKENS)];
+  return { saved: { upProjection: h.of(saved.upProjection, 'saved.upProjection', TOKENS), activation: h.of(saved.activation, 'saved.activation', TOKENS) } };
 }
 
 function weightValues(weights: unknown): unknown[] {
@@ -178,7 +148,7 @@ export const expertsGpu: GpuFamily = {
         noDeviceOut('expertsForward', options);
         return call('expertsForward', (h) => {
           const save = checkBool((options as DeviceExpertsForwardOptions | undefined)?.saveForBackward, 'options.saveForBackward');
-          const out = gpu.cudaExpertsForwardDevice(...deviceArgs(h, permutedTokens, tokensPerExpert, weights, options, 'expertsForward'), save);
+          const out = gpu.cudaExpertsForwardDevice({ ...deviceArgs(h, permutedTokens, tokensPerExpert, weights, options, 'expertsForward'), saveForBackward: save });
           const output = wrapDevice(out.output);
           if (!save) return output;
           // inputs that run on the CPU core instead (mixed dtypes) keep nothing: the backward recomputes
@@ -191,24 +161,17 @@ export const expertsGpu: GpuFamily = {
           return base.expertsBackward(gradOutput as Tensor<TokenDType>, permutedTokens as Tensor<TokenDType>, tokensPerExpert as Tensor<'int32'>, weights as ExpertWeights, options as ExpertsOptions);
         }
         return call('expertsBackward', (h) => {
+          const gh = h.of(gradOutput, 'gradOutput', TOKENS);
           const args = deviceArgs(h, permutedTokens, tokensPerExpert, weights, options, 'expertsBackward');
-          const out = gpu.cudaExpertsBackwardDevice(h.of(gradOutput, 'gradOutput', TOKENS), ...args, ...savedArg(h, options));
-          const grads: DeviceExpertsGrads = { gradTokens: wrapDevice(out.gradTokens), gradDownProjs: wrapDevice(out.gradDownProjs) };
-          if (args[3] === 'upProjs') grads.gradUpProjs = wrapDevice(out.gradGateAndUpProjs);
-          else grads.gradGateAndUpProjs = wrapDevice(out.gradGateAndUpProjs);
-          const gb: NonNullable<DeviceExpertsGrads['gradBiases']> = {};
-          if (out.gradGateUpProjBias) gb.gateUpProjBias = wrapDevice(out.gradGateUpProjBias);
-          if (out.gradDownProjBias) gb.downProjBias = wrapDevice(out.gradDownProjBias);
-          if (Object.keys(gb).length) grads.gradBiases = gb;
-          if (out.gradProbs) grads.gradProbs = wrapDevice(out.gradProbs);
-          return grads;
+          const out = wrapResult(gpu.cudaExpertsBackwardDevice({ gradOutput: gh, ...args, ...savedArg(h, options) }));
+          return expertsGrads(out as unknown as ExpertsGradsOut<DeviceTensor>, args.upProjs !== undefined);
         });
       },
       matmul(a: unknown, b: unknown, options?: unknown) {
         if (!anyDevice(a, b)) return base.matmul(a as Tensor<TokenDType>, b as Tensor<TokenDType>, options as MatmulOptions);
         return call('matmul', (h) => {
           const o = checkOptions<MatmulOptions>(options, 'matmul', ['transA', 'transB']);
-          return wrapDevice(gpu.cudaMatmulDevice(h.of(a, 'a', TOKENS), h.of(b, 'b', TOKENS), checkBool(o.transA, 'options.transA'), checkBool(o.transB, 'options.transB')));
+          return wrapDevice(gpu.cudaMatmulDevice({ a: h.of(a, 'a', TOKENS), b: h.of(b, 'b', TOKENS), transA: checkBool(o.transA, 'options.transA'), transB: checkBool(o.transB, 'options.transB') }));
         });
       },
     };

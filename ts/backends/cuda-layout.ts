@@ -14,10 +14,19 @@
  */
 import { wrapDevice, type DeviceTensor, type NativeCudaTensor } from '../device.js';
 import type { MultihotToIndicesOptions } from '../ops/dispatch.js';
-import type { DropTokensOptions, DropTokensResult, GroupedMmSortOptions, GroupedMmSortResult, SortChunksGrads, SortChunksResult } from '../ops/layout.js';
+import {
+  dropArgs,
+  groupedArgs,
+  type DropTokensOptions,
+  type DropTokensResult,
+  type GroupedMmSortOptions,
+  type GroupedMmSortResult,
+  type SortChunksGrads,
+  type SortChunksResult,
+} from '../ops/layout.js';
 import { isTensor, type DType, type IndexDType, type Tensor, type TokenDType } from '../tensor.js';
-import { checkBool, checkNumber, checkOptions, optString, requiredNumber, TOKENS, wire } from '../wire.js';
-import { anyDevice, hostOf, hostOptions, int32Handle, optionValue, type Addon, type GpuContext, type GpuFamily, type Handles } from './cuda-common.js';
+import { checkNumber, checkOptions, requiredNumber, TOKENS, wire } from '../wire.js';
+import { anyDevice, hostOf, hostOptions, int32Handle, optionValue, wrapResult, type Addon, type DeviceFn, type GpuContext, type GpuFamily, type Handles } from './cuda-common.js';
 
 /** A host or a device tensor of dtype D. */
 type AnyTensor<D extends DType> = Tensor<D> | DeviceTensor<D>;
@@ -79,31 +88,17 @@ export interface CudaLayoutOps {
 }
 
 type H = NativeCudaTensor;
-type Num = number | undefined;
 
-/** The addon functions this family calls (crates/moe-node/src/cuda_layout.rs). */
+/** The addon functions this family calls (crates/moe-node/src/cuda_layout.rs): the CPU ops' argument objects on device tensors. */
 interface LayoutAddon {
-  cudaIndicesToMultihotDevice(indices: H, probs: H, numExperts: number): { routingMap: H; probs: H };
-  cudaMultihotToIndicesDevice(routingMap: H, probs: H | undefined, topk: Num): { indices: H; probs: H };
-  cudaTokensPerExpertDevice(routingMap: H): H;
-  cudaPadRoutingMapDevice(routingMap: H, padMultiple: number): H;
-  cudaDropTokensDevice(
-    probs: H,
-    routingMap: H,
-    topk: number,
-    capacityFactor: number,
-    dropPolicy: string | undefined,
-    padToCapacity: boolean | undefined,
-  ): { routingMap: H; probs: H; capacity: number };
-  cudaSortChunksByIndexDevice(input: H, splitSizes: H, sortedIdxs: H, probs: H | undefined): { output: H; probs?: H | null };
-  cudaSortChunksByIndexBackwardDevice(gradOutput: H, splitSizes: H, sortedIdxs: H, gradProbs: H | undefined): { gradInput: H; gradProbs?: H | null };
-  cudaGroupedMmSortDevice(
-    indices: H,
-    weights: H,
-    tokenMask: H | undefined,
-    numLocalExperts: number,
-    expertsStartIdx: Num,
-  ): { sortedTokenIds: H; sortedSlotIds: H; sortedWeights: H; tokensPerExpert: H; offsets: H };
+  cudaIndicesToMultihotDevice: DeviceFn<'indicesToMultihot'>;
+  cudaMultihotToIndicesDevice: DeviceFn<'multihotToIndices'>;
+  cudaTokensPerExpertDevice: DeviceFn<'tokensPerExpert'>;
+  cudaPadRoutingMapDevice: DeviceFn<'padRoutingMap'>;
+  cudaDropTokensDevice: DeviceFn<'dropTokens'>;
+  cudaSortChunksByIndexDevice: DeviceFn<'sortChunksByIndex'>;
+  cudaSortChunksByIndexBackwardDevice: DeviceFn<'sortChunksByIndexBackward'>;
+  cudaGroupedMmSortDevice: DeviceFn<'groupedMmSort'>;
 }
 
 const FUNCTIONS: readonly (keyof LayoutAddon)[] = [
@@ -199,8 +194,7 @@ export const layoutGpu: GpuFamily = {
           'indicesToMultihot',
           (h) => {
             const ih = indexHandle(h, indices, 'indices');
-            const out = a.cudaIndicesToMultihotDevice(ih, h.of(probs, 'probs', ['float32']), checkNumber(numExperts, 'numExperts') ?? NaN);
-            return { routingMap: wrapDevice(out.routingMap), probs: wrapDevice(out.probs) };
+            return wrapResult(a.cudaIndicesToMultihotDevice({ indices: ih, probs: h.of(probs, 'probs', ['float32']), numExperts: checkNumber(numExperts, 'numExperts') ?? NaN }));
           },
           () => base.indicesToMultihot(hostOf(indices) as Tensor<IndexDType>, hostOf(probs) as Tensor<'float32'>, numExperts),
         );
@@ -209,41 +203,42 @@ export const layoutGpu: GpuFamily = {
         if (!anyDevice(routingMap, optionValue(options, 'probs'))) return base.multihotToIndices(routingMap as Tensor<'bool'>, options as MultihotToIndicesOptions);
         return ctx.call('multihotToIndices', (h) => {
           const o = checkOptions<DeviceMultihotToIndicesOptions>(options, 'multihotToIndices', ['probs', 'topk']);
-          const out = a.cudaMultihotToIndicesDevice(h.of(routingMap, 'routingMap', ['bool']), h.opt(o.probs, 'probs', ['float32']), checkNumber(o.topk, 'topk'));
-          return { indices: wrapDevice(out.indices), probs: wrapDevice(out.probs) };
+          return wrapResult(a.cudaMultihotToIndicesDevice({ routingMap: h.of(routingMap, 'routingMap', ['bool']), probs: h.opt(o.probs, 'probs', ['float32']), topk: checkNumber(o.topk, 'topk') }));
         });
       },
       tokensPerExpert(routingMap: unknown) {
         if (!anyDevice(routingMap)) return base.tokensPerExpert(routingMap as Tensor<'bool'>);
-        return ctx.call('tokensPerExpert', (h) => wrapDevice(a.cudaTokensPerExpertDevice(h.of(routingMap, 'routingMap', ['bool']))));
+        return ctx.call('tokensPerExpert', (h) => wrapDevice(a.cudaTokensPerExpertDevice({ routingMap: h.of(routingMap, 'routingMap', ['bool']) })));
       },
       padRoutingMap(routingMap: unknown, padMultiple: number) {
         if (!anyDevice(routingMap)) return base.padRoutingMap(routingMap as Tensor<'bool'>, padMultiple);
-        return ctx.call('padRoutingMap', (h) => wrapDevice(a.cudaPadRoutingMapDevice(h.of(routingMap, 'routingMap', ['bool']), requiredNumber(padMultiple, 'padMultiple'))));
+        return ctx.call('padRoutingMap', (h) =>
+          wrapDevice(a.cudaPadRoutingMapDevice({ routingMap: h.of(routingMap, 'routingMap', ['bool']), padMultiple: requiredNumber(padMultiple, 'padMultiple') })),
+        );
       },
       dropTokens(probs: unknown, routingMap: unknown, options: unknown) {
         if (!anyDevice(probs, routingMap)) return base.dropTokens(probs as Tensor<'float32'>, routingMap as Tensor<'bool'>, options as DropTokensOptions);
         return ctx.call('dropTokens', (h) => {
           const o = checkOptions<DropTokensOptions>(options, 'dropTokens', ['topk', 'capacityFactor', 'dropPolicy', 'padToCapacity']);
-          const out = a.cudaDropTokensDevice(
-            h.of(probs, 'probs', ['float32']),
-            h.of(routingMap, 'routingMap', ['bool']),
-            requiredNumber(o.topk, 'options.topk'),
-            requiredNumber(o.capacityFactor, 'options.capacityFactor'),
-            optString(o.dropPolicy, 'options.dropPolicy'),
-            checkBool(o.padToCapacity, 'options.padToCapacity'),
-          );
-          return { routingMap: wrapDevice(out.routingMap), probs: wrapDevice(out.probs), capacity: out.capacity };
+          return wrapResult(a.cudaDropTokensDevice({ probs: h.of(probs, 'probs', ['float32']), routingMap: h.of(routingMap, 'routingMap', ['bool']), ...dropArgs(o) }));
         });
       },
       sortChunksByIndex(input: unknown, splitSizes: unknown, sortedIdxs: unknown, probs?: unknown) {
-        return sortChunks('sortChunksByIndex', ['input', 'probs', 'output'], (x, s, o, p) => a.cudaSortChunksByIndexDevice(x, s, o, p), input, splitSizes, sortedIdxs, probs);
+        return sortChunks(
+          'sortChunksByIndex',
+          ['input', 'probs', 'output'],
+          (x, s, o, p) => a.cudaSortChunksByIndexDevice({ input: x, splitSizes: s, sortedIdxs: o, probs: p }),
+          input,
+          splitSizes,
+          sortedIdxs,
+          probs,
+        );
       },
       sortChunksByIndexBackward(gradOutput: unknown, splitSizes: unknown, sortedIdxs: unknown, gradProbs?: unknown) {
         return sortChunks(
           'sortChunksByIndexBackward',
           ['gradOutput', 'gradProbs', 'gradInput'],
-          (x, s, o, p) => a.cudaSortChunksByIndexBackwardDevice(x, s, o, p),
+          (x, s, o, p) => a.cudaSortChunksByIndexBackwardDevice({ gradOutput: x, splitSizes: s, sortedIdxs: o, gradProbs: p }),
           gradOutput,
           splitSizes,
           sortedIdxs,
@@ -256,20 +251,7 @@ export const layoutGpu: GpuFamily = {
           'groupedMmSort',
           (h) => {
             const o = checkOptions<DeviceGroupedMmSortOptions>(options, 'groupedMmSort', ['tokenMask', 'numLocalExperts', 'expertsStartIdx']);
-            const out = a.cudaGroupedMmSortDevice(
-              indexHandle(h, indices, 'indices'),
-              h.of(weights, 'weights', TOKENS),
-              h.opt(o.tokenMask, 'tokenMask', ['bool']),
-              requiredNumber(o.numLocalExperts, 'options.numLocalExperts'),
-              checkNumber(o.expertsStartIdx, 'options.expertsStartIdx'),
-            );
-            return {
-              sortedTokenIds: wrapDevice(out.sortedTokenIds),
-              sortedSlotIds: wrapDevice(out.sortedSlotIds),
-              sortedWeights: wrapDevice(out.sortedWeights),
-              tokensPerExpert: wrapDevice(out.tokensPerExpert),
-              offsets: wrapDevice(out.offsets),
-            };
+            return wrapResult(a.cudaGroupedMmSortDevice({ indices: indexHandle(h, indices, 'indices'), weights: h.of(weights, 'weights', TOKENS), ...groupedArgs(o, h) }));
           },
           () => base.groupedMmSort(hostOf(indices) as Tensor<IndexDType>, hostOf(weights) as Tensor<TokenDType>, hostOptions(options, 'tokenMask') as GroupedMmSortOptions),
         );

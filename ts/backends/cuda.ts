@@ -14,15 +14,15 @@
  * an NVRTC error). `MOE_DISPATCH_CUDA=0` turns the backend off.
  */
 import type { Backend, BackendInfo, Binding, PermuteBackwardOptions, PermuteOptions, UnpermuteOptions } from '../backend.js';
-import type { PermuteArgs, RouteArgs, TopkArgs, UnpermuteArgs } from '../generated/binding.js';
+import type { UnpermuteArgs } from '../generated/binding.js';
 import { ARGUMENT_DEPTH, containsDeviceTensor, isDeviceTensor, rethrowNative, wrapDevice, type DeviceTensor, type NativeCudaTensor } from '../device.js';
 import { isTensor } from '../tensor.js';
 import { activationsGpu, type CudaActivationsOps } from './cuda-activations.js';
-import { anyDevice, callWith, noDeviceOut, optionValue, type Addon, type GpuContext, type GpuFamily, type Handles } from './cuda-common.js';
+import { anyDevice, callWith, noDeviceOut, optionValue, wrapResult, type Addon, type DeviceFn, type GpuContext, type GpuFamily, type Handles, type OnDevice } from './cuda-common.js';
 import { expertsGpu, type CudaExpertsOps } from './cuda-experts.js';
 import { trainGpu, type CudaTrainOps } from './cuda-train.js';
 import { layoutGpu, type CudaLayoutOps } from './cuda-layout.js';
-import type { RouteOptions } from '../ops/routing.js';
+import { ROUTE_KEYS, routeArgs, type RouteOptions } from '../ops/routing.js';
 import type { DType, IndexDType, Tensor, TokenDType } from '../tensor.js';
 import { checkBool, checkNumber, checkOptions, TOKENS, wire } from '../wire.js';
 import { loadNative, type Loaded } from './native.js';
@@ -52,68 +52,25 @@ export interface CudaInfo {
   kernels?: string | null;
 }
 
-/** The order of cudaRoute's positional arguments. */
-const ROUTE_POSITIONAL = ['logits', 'topk', 'scoreFunction', 'softmaxBeforeTopk', 'expertBias', 'numGroups', 'topkGroups', 'normTopkProb', 'routeScale', 'tokenMask'] as const;
-
-/** The fields `K` of an argument object `A`, as positional arguments. */
-type Positional<A, K extends readonly (keyof A)[]> = { -readonly [I in keyof K]: A[K[I]] };
-
-/** The addon's GPU exports. */
+/** The addon's GPU exports (crates/moe-node/src/cuda.rs): the ops' argument objects, as the CPU bindings take them. */
 export interface CudaExports {
   cudaInfo(): CudaInfo;
-  // Positional arguments, as the CPU bindings took them before their argument objects (loadCuda adapts them).
-  cudaPermute(...args: Positional<PermuteArgs, ['tokens', 'routingMap', 'probs', 'numOutTokens', 'dropAndPad']>): ReturnType<Binding['permute']>;
-  cudaUnpermute(...args: Positional<UnpermuteArgs, ['permutedTokens', 'sortedIndices', 'restoreShape', 'probs', 'routingMap', 'dropAndPad']>): ReturnType<Binding['unpermute']>;
-  cudaRoute(...args: Positional<RouteArgs, typeof ROUTE_POSITIONAL>): ReturnType<Binding['route']>;
-  cudaTopk(values: TopkArgs['values'], k: number): ReturnType<Binding['topk']>;
+  // Host tensors: the CPU binding's functions (the same argument objects and results), on the GPU.
+  cudaPermute: Binding['permute'];
+  cudaUnpermute: Binding['unpermute'];
+  cudaRoute: Binding['route'];
+  cudaTopk: Binding['topk'];
   cudaUpload(tensor: ReturnType<typeof wire>): NativeCudaTensor;
   cudaSynchronize(): void;
   cudaMemory(): CudaMemory;
   cudaReleaseCachedMemory(): void;
-  cudaPermuteDevice(
-    tokens: NativeCudaTensor,
-    routingMap: NativeCudaTensor,
-    probs: NativeCudaTensor | undefined,
-    numOutTokens: number | undefined,
-    dropAndPad: boolean | undefined,
-  ): { permutedTokens: NativeCudaTensor; permutedProbs?: NativeCudaTensor | null; sortedIndices: NativeCudaTensor; tokensPerExpert: NativeCudaTensor };
-  cudaUnpermuteDevice(
-    permuted: NativeCudaTensor,
-    sortedIndices: NativeCudaTensor,
-    restoreShape: number[],
-    probs: NativeCudaTensor | undefined,
-    routingMap: NativeCudaTensor | undefined,
-    dropAndPad: boolean | undefined,
-  ): NativeCudaTensor;
-  cudaRouteDevice(
-    logits: NativeCudaTensor,
-    topk: number,
-    scoreFunction: string | undefined,
-    softmaxBeforeTopk: boolean | undefined,
-    expertBias: NativeCudaTensor | undefined,
-    numGroups: number | undefined,
-    topkGroups: number | undefined,
-    normTopkProb: boolean | undefined,
-    routeScale: number | undefined,
-    tokenMask: NativeCudaTensor | undefined,
-  ): { weights: NativeCudaTensor; indices: NativeCudaTensor; scores: NativeCudaTensor; tokensPerExpert: NativeCudaTensor };
-  cudaTopkDevice(values: NativeCudaTensor, k: number): { values: NativeCudaTensor; indices: NativeCudaTensor };
-  cudaPermuteBackwardDevice(
-    gradPermuted: NativeCudaTensor,
-    sortedIndices: NativeCudaTensor,
-    numTokens: number,
-    gradPermutedProbs: NativeCudaTensor | undefined,
-    routingMap: NativeCudaTensor | undefined,
-    dropAndPad: boolean | undefined,
-  ): { gradTokens: NativeCudaTensor; gradProbs?: NativeCudaTensor | null };
-  cudaUnpermuteBackwardDevice(
-    gradOutput: NativeCudaTensor,
-    permuted: NativeCudaTensor,
-    sortedIndices: NativeCudaTensor,
-    probs: NativeCudaTensor | undefined,
-    routingMap: NativeCudaTensor | undefined,
-    dropAndPad: boolean | undefined,
-  ): { gradPermuted: NativeCudaTensor; gradProbs?: NativeCudaTensor | null };
+  // Device tensors: the same argument objects with device handles (caller-owned outputs are the host path's).
+  cudaPermuteDevice: DeviceFn<'permute'>;
+  cudaUnpermuteDevice: (args: OnDevice<UnpermuteArgs>) => NativeCudaTensor;
+  cudaRouteDevice: DeviceFn<'route'>;
+  cudaTopkDevice: DeviceFn<'topk'>;
+  cudaPermuteBackwardDevice: DeviceFn<'permuteBackward'>;
+  cudaUnpermuteBackwardDevice: DeviceFn<'unpermuteBackward'>;
 }
 
 /** Device memory: bytes and buffers this process holds now (device tensors and scratch), and the driver's free and total bytes. */
@@ -132,33 +89,33 @@ export type CudaLoaded = Loaded & { info?: Partial<BackendInfo>; extend?: (backe
 let cached: CudaLoaded | undefined;
 
 export function loadCuda(): CudaLoaded {
-  if (cached) return cached;
+  cached ??= probe();
+  return cached;
+}
+
+/** The cuda backend of this process's addon, or why there is none. */
+function probe(): CudaLoaded {
   const off = typeof process !== 'undefined' ? process.env?.MOE_DISPATCH_CUDA : undefined;
-  if (off === '0' || off === 'off') return (cached = { reason: `turned off by MOE_DISPATCH_CUDA=${off}` });
+  if (off === '0' || off === 'off') return { reason: `turned off by MOE_DISPATCH_CUDA=${off}` };
   const native = loadNative();
-  if (!native.binding) return (cached = { reason: `the CUDA backend is part of the native addon, which does not load: ${native.reason}` });
+  if (!native.binding) return { reason: `the CUDA backend is part of the native addon, which does not load: ${native.reason}` };
   const addon = native.binding as Binding & Partial<CudaExports>;
   if (typeof addon.cudaInfo !== 'function' || typeof addon.cudaPermute !== 'function' || typeof addon.cudaPermuteDevice !== 'function' || typeof addon.cudaRoute !== 'function') {
-    return (cached = { reason: 'the native addon was built without the CUDA backend (rebuild it: npm run build:native)' });
+    return { reason: 'the native addon was built without the CUDA backend (rebuild it: npm run build:native)' };
   }
   let info: CudaInfo;
   try {
     info = addon.cudaInfo();
   } catch (e) {
-    return (cached = { reason: `cudaInfo() failed: ${(e as Error).message}` });
+    return { reason: `cudaInfo() failed: ${(e as Error).message}` };
   }
-  if (!info.available) return (cached = { reason: info.reason || 'cudaInfo() reports CUDA unavailable and gives no reason' });
+  if (!info.available) return { reason: info.reason || 'cudaInfo() reports CUDA unavailable and gives no reason' };
   const gpu = addon as Binding & CudaExports;
-  const binding: Binding = {
-    ...addon,
-    permute: (a) => gpu.cudaPermute(a.tokens, a.routingMap, a.probs, a.numOutTokens, a.dropAndPad),
-    unpermute: (a) => gpu.cudaUnpermute(a.permutedTokens, a.sortedIndices, a.restoreShape, a.probs, a.routingMap, a.dropAndPad),
-    route: (a) => gpu.cudaRoute(...(ROUTE_POSITIONAL.map((k) => a[k]) as Positional<RouteArgs, typeof ROUTE_POSITIONAL>)),
-    topk: (a) => gpu.cudaTopk(a.values, a.k),
-  };
+  // the ops whose host calls run on the GPU take the CPU ops' argument objects as they are
+  const binding: Binding = { ...addon, permute: gpu.cudaPermute, unpermute: gpu.cudaUnpermute, route: gpu.cudaRoute, topk: gpu.cudaTopk };
   const device = [info.device, info.computeCapability && `compute capability ${info.computeCapability}`, info.driverVersion && `driver CUDA ${info.driverVersion}`].filter(Boolean).join(', ');
   const extend = (backend: Backend) => cudaBackend(backend, gpu) as unknown as Backend;
-  return (cached = { binding, extend, info: { device, gpuOps: gpuOps(addon), kernels: info.kernels ?? undefined } });
+  return { binding, extend, info: { device, gpuOps: gpuOps(addon), kernels: info.kernels ?? undefined } };
 }
 
 // ---------------------------------------------------------------------------------------
@@ -321,20 +278,15 @@ export function cudaBackend(base: Backend, addon: CudaExports): CudaBackend {
       noDeviceOut('permute', options);
       return call('permute', (h) => {
         const o = checkOptions<DevicePermuteOptions>(options, 'permute', ['probs', 'numOutTokens', 'dropAndPad']);
-        const out = addon.cudaPermuteDevice(
-          h.of(tokens, 'tokens', TOKENS),
-          h.of(routingMap, 'routingMap', ['bool']),
-          h.opt(o.probs, 'probs', ['float32']),
-          checkNumber(o.numOutTokens, 'numOutTokens'),
-          checkBool(o.dropAndPad, 'dropAndPad'),
+        return wrapResult(
+          addon.cudaPermuteDevice({
+            tokens: h.of(tokens, 'tokens', TOKENS),
+            routingMap: h.of(routingMap, 'routingMap', ['bool']),
+            probs: h.opt(o.probs, 'probs', ['float32']),
+            numOutTokens: checkNumber(o.numOutTokens, 'numOutTokens'),
+            dropAndPad: checkBool(o.dropAndPad, 'dropAndPad'),
+          }),
         );
-        const result: DevicePermuteResult = {
-          permutedTokens: wrapDevice(out.permutedTokens),
-          sortedIndices: wrapDevice(out.sortedIndices),
-          tokensPerExpert: wrapDevice(out.tokensPerExpert),
-        };
-        if (out.permutedProbs) result.permutedProbs = wrapDevice(out.permutedProbs);
-        return result;
       });
     },
     unpermute(permutedTokens: unknown, sortedIndices: unknown, restoreShape: readonly [number, number], options?: unknown) {
@@ -348,49 +300,22 @@ export function cudaBackend(base: Backend, addon: CudaExports): CudaBackend {
           throw new TypeError(`restoreShape: expected [numTokens, hidden], got ${JSON.stringify(restoreShape)}`);
         }
         return wrapDevice(
-          addon.cudaUnpermuteDevice(
-            h.of(permutedTokens, 'permutedTokens', TOKENS),
-            h.of(sortedIndices, 'sortedIndices', ['int32']),
-            [...restoreShape],
-            h.opt(o.probs, 'probs', ['float32']),
-            h.opt(o.routingMap, 'routingMap', ['bool']),
-            checkBool(o.dropAndPad, 'dropAndPad'),
-          ),
+          addon.cudaUnpermuteDevice({
+            permutedTokens: h.of(permutedTokens, 'permutedTokens', TOKENS),
+            sortedIndices: h.of(sortedIndices, 'sortedIndices', ['int32']),
+            restoreShape: [...restoreShape],
+            probs: h.opt(o.probs, 'probs', ['float32']),
+            routingMap: h.opt(o.routingMap, 'routingMap', ['bool']),
+            dropAndPad: checkBool(o.dropAndPad, 'dropAndPad'),
+          }),
         );
       });
     },
     route(logits: unknown, options: unknown) {
       if (!anyDevice(logits, optionValue(options, 'expertBias'), optionValue(options, 'tokenMask'))) return base.route(logits as Tensor<TokenDType>, options as RouteOptions);
       return call('route', (h) => {
-        const o = checkOptions<DeviceRouteOptions>(options, 'route', [
-          'topk',
-          'scoreFunction',
-          'softmaxBeforeTopk',
-          'expertBias',
-          'numGroups',
-          'topkGroups',
-          'normTopkProb',
-          'routeScale',
-          'tokenMask',
-        ]);
-        if (o.scoreFunction !== undefined && typeof o.scoreFunction !== 'string') {
-          throw new TypeError(`options.scoreFunction: expected a string, got ${typeof o.scoreFunction}`);
-        }
-        const topk = checkNumber(o.topk, 'options.topk');
-        if (topk === undefined) throw new TypeError('options.topk: expected a number (required), got undefined');
-        const out = addon.cudaRouteDevice(
-          h.of(logits, 'logits', TOKENS),
-          topk,
-          o.scoreFunction,
-          checkBool(o.softmaxBeforeTopk, 'options.softmaxBeforeTopk'),
-          h.opt(o.expertBias, 'expertBias', ['float32']),
-          checkNumber(o.numGroups, 'options.numGroups'),
-          checkNumber(o.topkGroups, 'options.topkGroups'),
-          checkBool(o.normTopkProb, 'options.normTopkProb'),
-          checkNumber(o.routeScale, 'options.routeScale'),
-          h.opt(o.tokenMask, 'tokenMask', ['bool']),
-        );
-        return { weights: wrapDevice(out.weights), indices: wrapDevice(out.indices), scores: wrapDevice(out.scores), tokensPerExpert: wrapDevice(out.tokensPerExpert) };
+        const o = checkOptions<DeviceRouteOptions>(options, 'route', ROUTE_KEYS);
+        return wrapResult(addon.cudaRouteDevice({ logits: h.of(logits, 'logits', TOKENS), ...routeArgs(o, h) }));
       });
     },
     permuteBackward(gradPermuted: unknown, sortedIndices: unknown, numTokens: number, options?: unknown) {
@@ -400,17 +325,16 @@ export function cudaBackend(base: Backend, addon: CudaExports): CudaBackend {
       noDeviceOut('permuteBackward', options);
       return call('permuteBackward', (h) => {
         const o = checkOptions<DevicePermuteBackwardOptions>(options, 'permuteBackward', ['gradPermutedProbs', 'routingMap', 'dropAndPad']);
-        const out = addon.cudaPermuteBackwardDevice(
-          h.of(gradPermuted, 'gradPermuted', TOKENS),
-          h.of(sortedIndices, 'sortedIndices', ['int32']),
-          checkNumber(numTokens, 'numTokens') ?? NaN,
-          h.opt(o.gradPermutedProbs, 'gradPermutedProbs', ['float32']),
-          h.opt(o.routingMap, 'routingMap', ['bool']),
-          checkBool(o.dropAndPad, 'dropAndPad'),
+        return wrapResult(
+          addon.cudaPermuteBackwardDevice({
+            gradPermuted: h.of(gradPermuted, 'gradPermuted', TOKENS),
+            sortedIndices: h.of(sortedIndices, 'sortedIndices', ['int32']),
+            numTokens: checkNumber(numTokens, 'numTokens') ?? NaN,
+            gradPermutedProbs: h.opt(o.gradPermutedProbs, 'gradPermutedProbs', ['float32']),
+            routingMap: h.opt(o.routingMap, 'routingMap', ['bool']),
+            dropAndPad: checkBool(o.dropAndPad, 'dropAndPad'),
+          }),
         );
-        const result: { gradTokens: DeviceTensor; gradProbs?: DeviceTensor } = { gradTokens: wrapDevice(out.gradTokens) };
-        if (out.gradProbs) result.gradProbs = wrapDevice(out.gradProbs);
-        return result;
       });
     },
     unpermuteBackward(gradOutput: unknown, permutedTokens: unknown, sortedIndices: unknown, options?: unknown) {
@@ -419,25 +343,21 @@ export function cudaBackend(base: Backend, addon: CudaExports): CudaBackend {
       }
       return call('unpermuteBackward', (h) => {
         const o = checkOptions<DeviceUnpermuteOptions>(options, 'unpermuteBackward', ['probs', 'routingMap', 'dropAndPad']);
-        const out = addon.cudaUnpermuteBackwardDevice(
-          h.of(gradOutput, 'gradOutput', TOKENS),
-          h.of(permutedTokens, 'permutedTokens', TOKENS),
-          h.of(sortedIndices, 'sortedIndices', ['int32']),
-          h.opt(o.probs, 'probs', ['float32']),
-          h.opt(o.routingMap, 'routingMap', ['bool']),
-          checkBool(o.dropAndPad, 'dropAndPad'),
+        return wrapResult(
+          addon.cudaUnpermuteBackwardDevice({
+            gradOutput: h.of(gradOutput, 'gradOutput', TOKENS),
+            permutedTokens: h.of(permutedTokens, 'permutedTokens', TOKENS),
+            sortedIndices: h.of(sortedIndices, 'sortedIndices', ['int32']),
+            probs: h.opt(o.probs, 'probs', ['float32']),
+            routingMap: h.opt(o.routingMap, 'routingMap', ['bool']),
+            dropAndPad: checkBool(o.dropAndPad, 'dropAndPad'),
+          }),
         );
-        const result: { gradPermuted: DeviceTensor; gradProbs?: DeviceTensor } = { gradPermuted: wrapDevice(out.gradPermuted) };
-        if (out.gradProbs) result.gradProbs = wrapDevice(out.gradProbs);
-        return result;
       });
     },
     topk(values: unknown, k: number) {
       if (!anyDevice(values)) return base.topk(values as Tensor<'float32'>, k);
-      return call('topk', (h) => {
-        const out = addon.cudaTopkDevice(h.of(values, 'values', ['float32']), checkNumber(k, 'k') ?? NaN);
-        return { values: wrapDevice(out.values), indices: wrapDevice(out.indices) };
-      });
+      return call('topk', (h) => wrapResult(addon.cudaTopkDevice({ values: h.of(values, 'values', ['float32']), k: checkNumber(k, 'k') ?? NaN })));
     },
   };
   const gpu = new Set<string>(CUDA_GPU_OPS);

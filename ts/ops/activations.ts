@@ -1,7 +1,7 @@
 /** Expert activations, forward and backward: the interface, and its adapter over a binding. */
 import type { Tensor, TokenDType } from '../tensor.js';
 import type { Binding } from '../generated/binding.js';
-import { checkNumber, checkOptions, optWire, TOKENS, wire, type Call } from '../wire.js';
+import { checkNumber, checkOptions, TOKENS, WIRE, wire, type Call, type TensorArgs } from '../wire.js';
 
 /**
  * - `'swiglu'`: `x = [gate | up]` halves, `silu(gate) * up` (Megatron-Core).
@@ -52,13 +52,13 @@ export type ActivationsBinding = Pick<Binding, 'activation' | 'activationBackwar
 
 const KNOWN: readonly (keyof ActivationOptions)[] = ['kind', 'probs', 'alpha', 'limit', 'linearOffset'];
 
-/** The options as the bindings take them; the kind's name and the values are checked by the core. */
-function args(options: unknown, op: string) {
+/** The options as the bindings take them (`t`: how `probs` goes in); the kind's name and the values are checked by the core. */
+export function activationArgs<T>(options: unknown, op: string, t: TensorArgs<T>) {
   const o = checkOptions<ActivationOptions>(options, op, KNOWN);
   if (o.kind !== undefined && typeof o.kind !== 'string') throw new TypeError(`options.kind: expected a string, got ${typeof o.kind}`);
   return {
     kind: o.kind,
-    probs: optWire(o.probs, 'probs', ['float32']),
+    probs: t.opt(o.probs, 'probs', ['float32']),
     alpha: checkNumber(o.alpha, 'options.alpha'),
     limit: checkNumber(o.limit, 'options.limit'),
     linearOffset: checkNumber(o.linearOffset, 'options.linearOffset'),
@@ -68,11 +68,11 @@ function args(options: unknown, op: string) {
 export function activationsOps(call: Call<ActivationsBinding>): ActivationsOps {
   return {
     activation(x, options) {
-      return call('activation', (b) => b.activation({ x: wire(x, 'x', TOKENS), ...args(options, 'activation') })) as Tensor<never>;
+      return call('activation', (b) => b.activation({ x: wire(x, 'x', TOKENS), ...activationArgs(options, 'activation', WIRE) })) as Tensor<never>;
     },
     activationBackward(grad, x, options) {
       return call('activationBackward', (b) => {
-        const out = b.activationBackward({ grad: wire(grad, 'grad', TOKENS), x: wire(x, 'x', TOKENS), ...args(options, 'activationBackward') });
+        const out = b.activationBackward({ grad: wire(grad, 'grad', TOKENS), x: wire(x, 'x', TOKENS), ...activationArgs(options, 'activationBackward', WIRE) });
         // napi-rs gives `null` for an absent optional field, wasm `undefined`: both become a missing key.
         if (out.gradProbs === undefined || out.gradProbs === null) delete out.gradProbs;
         return out;

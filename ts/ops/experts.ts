@@ -3,9 +3,9 @@
  * the interface, and its adapter over a binding. All the arithmetic and every format check
  * is the Rust core's.
  */
-import type { Tensor, TokenDType } from '../tensor.js';
+import type { DType, Tensor, TokenDType } from '../tensor.js';
 import type { Binding, CheckpointSource as SourceWire, LoadedExperts as LoadedWire } from '../generated/binding.js';
-import { checkBool, checkDisjoint, checkNumber, checkOptions, INDICES, optWire, TOKENS, wire, type Call, type WireTensor } from '../wire.js';
+import { checkBool, checkDisjoint, checkNumber, checkOptions, INDICES, optWire, TOKENS, WIRE, wire, type Call, type TensorArgs, type WireTensor } from '../wire.js';
 import type { ActivationKind } from './activations.js';
 
 /**
@@ -206,22 +206,6 @@ export interface ExpertsOps {
   unstackExperts(weights: ExpertWeights, options: UnstackExpertsOptions): Record<string, Tensor>;
 }
 
-/** The positional arguments of the CUDA backend's grouped-experts functions (`T`: its tensor handle). */
-export type ExpertsPositional<T> = [
-  permutedTokens: T,
-  tokensPerExpert: T,
-  gateAndUpProjs: T,
-  gateAndUpName: string,
-  downProjs: T,
-  kind: string | undefined,
-  permutedProbs: T | undefined,
-  gateUpProjBias: T | undefined,
-  downProjBias: T | undefined,
-  alpha: number | undefined,
-  limit: number | undefined,
-  linearOffset: number | undefined,
-];
-
 /** This family's functions of the bindings (generated from the Rust op table). */
 export type ExpertsBinding = Pick<
   Binding,
@@ -237,7 +221,7 @@ function kindOf(value: unknown, arg: string): ActivationKind | undefined {
 }
 
 /** The up-projection weight and the name it goes by (gateAndUpProjs, or upProjs for relu2). */
-function upWeight(weights: unknown, kind: string | undefined): [WireTensor, string] {
+function upWeight<T>(t: TensorArgs<T>, weights: unknown, kind: string | undefined): [T, string] {
   if (typeof weights !== 'object' || weights === null) throw new TypeError(`weights: expected { gateAndUpProjs | upProjs, downProjs }, got ${weights === null ? 'null' : typeof weights}`);
   // Other keys are allowed, so a `loadExperts` / `stackExperts` result can be passed as it is.
   const w = weights as ExpertWeights;
@@ -245,28 +229,67 @@ function upWeight(weights: unknown, kind: string | undefined): [WireTensor, stri
   const other = kind === 'relu2' ? 'gateAndUpProjs' : 'upProjs';
   if (w[other] !== undefined) throw new TypeError(`weights.${other}: not used by activation '${kind}' (it takes weights.${name})`);
   if (w[name] === undefined) throw new TypeError(`weights.${name}: expected a Tensor (activation '${kind}'), got undefined`);
-  return [wire(w[name], `weights.${name}`, TOKENS), name];
+  return [t.of(w[name], `weights.${name}`, TOKENS), name];
 }
 
-/** A grouped-experts call's arguments as the bindings take them (the up projection under its own name). */
-function expertArgs(permutedTokens: unknown, tokensPerExpert: unknown, weights: unknown, options: unknown, op: string, known: readonly (keyof ExpertsForwardOptions)[] = EXPERTS_KNOWN) {
-  const o = checkOptions<ExpertsForwardOptions>(options, op, known);
+/**
+ * A grouped-experts call's arguments as the bindings take them (the up projection under its own
+ * name; `t`: how the tensors go in, `counts`: the dtypes tokensPerExpert may have there; `known`:
+ * the options the op takes).
+ */
+export function expertArgs<T>(
+  t: TensorArgs<T>,
+  permutedTokens: unknown,
+  tokensPerExpert: unknown,
+  weights: unknown,
+  options: unknown,
+  op: string,
+  known: readonly string[] = EXPERTS_KNOWN,
+  counts: readonly DType[] = INDICES,
+) {
+  const o = checkOptions<ExpertsForwardOptions>(options, op, known as (keyof ExpertsForwardOptions)[]);
   const kind = kindOf(o.activation, 'options.activation');
-  const [w1, w1Name] = upWeight(weights, kind);
+  const [w1, w1Name] = upWeight(t, weights, kind);
   const b = o.biases === undefined ? {} : checkOptions<ExpertBiases>(o.biases, 'biases', ['gateUpProjBias', 'downProjBias']);
   return {
-    permutedTokens: wire(permutedTokens, 'permutedTokens', TOKENS),
-    tokensPerExpert: wire(tokensPerExpert, 'tokensPerExpert', INDICES),
+    permutedTokens: t.of(permutedTokens, 'permutedTokens', TOKENS),
+    tokensPerExpert: t.of(tokensPerExpert, 'tokensPerExpert', counts),
     [w1Name]: w1,
-    downProjs: wire((weights as ExpertWeights).downProjs, 'weights.downProjs', TOKENS),
+    downProjs: t.of((weights as ExpertWeights).downProjs, 'weights.downProjs', TOKENS),
     kind,
-    permutedProbs: optWire(o.permutedProbs, 'permutedProbs', ['float32']),
-    gateUpProjBias: optWire(b.gateUpProjBias, 'biases.gateUpProjBias', TOKENS),
-    downProjBias: optWire(b.downProjBias, 'biases.downProjBias', TOKENS),
+    permutedProbs: t.opt(o.permutedProbs, 'permutedProbs', ['float32']),
+    gateUpProjBias: t.opt(b.gateUpProjBias, 'biases.gateUpProjBias', TOKENS),
+    downProjBias: t.opt(b.downProjBias, 'biases.downProjBias', TOKENS),
     alpha: checkNumber(o.alpha, 'options.alpha'),
     limit: checkNumber(o.limit, 'options.limit'),
     linearOffset: checkNumber(o.linearOffset, 'options.linearOffset'),
-  } as { permutedTokens: WireTensor; tokensPerExpert: WireTensor; gateAndUpProjs?: WireTensor; upProjs?: WireTensor; downProjs: WireTensor };
+  } as { permutedTokens: T; tokensPerExpert: T; gateAndUpProjs?: T; upProjs?: T; downProjs: T };
+}
+
+/** expertsBackward's result as a binding returns it (`T`: how it holds a tensor; napi-rs gives null for an absent one). */
+export interface ExpertsGradsOut<T> {
+  gradTokens: T;
+  gradGateAndUpProjs: T;
+  gradDownProjs: T;
+  gradGateUpProjBias?: T | null;
+  gradDownProjBias?: T | null;
+  gradProbs?: T | null;
+}
+
+/** expertsBackward's result: the up projection's gradient under its weight's name, the biases' under gradBiases, absent ones left out. */
+export function expertsGrads<T>(out: ExpertsGradsOut<T>, upProjs: boolean) {
+  const grads: { gradTokens: T; gradGateAndUpProjs?: T; gradUpProjs?: T; gradDownProjs: T; gradBiases?: { gateUpProjBias?: T; downProjBias?: T }; gradProbs?: T } = {
+    gradTokens: out.gradTokens,
+    gradDownProjs: out.gradDownProjs,
+  };
+  if (upProjs) grads.gradUpProjs = out.gradGateAndUpProjs;
+  else grads.gradGateAndUpProjs = out.gradGateAndUpProjs;
+  const gb: { gateUpProjBias?: T; downProjBias?: T } = {};
+  if (present(out.gradGateUpProjBias)) gb.gateUpProjBias = out.gradGateUpProjBias as T;
+  if (present(out.gradDownProjBias)) gb.downProjBias = out.gradDownProjBias as T;
+  if (Object.keys(gb).length) grads.gradBiases = gb;
+  if (present(out.gradProbs)) grads.gradProbs = out.gradProbs as T;
+  return grads;
 }
 
 const present = <T>(v: T | null | undefined): T | undefined => (v === null ? undefined : v);
@@ -365,7 +388,7 @@ export function expertsOps(call: Call<ExpertsBinding>): ExpertsOps {
     },
     expertsForward(permutedTokens, tokensPerExpert, weights, options) {
       return call('expertsForward', (b) => {
-        const args = expertArgs(permutedTokens, tokensPerExpert, weights, options, 'expertsForward', FORWARD_KNOWN);
+        const args = expertArgs(WIRE, permutedTokens, tokensPerExpert, weights, options, 'expertsForward', FORWARD_KNOWN);
         const o = (options ?? {}) as ExpertsForwardOptions; // an object: checked by expertArgs
         const out = optWire(o.out, 'out', TOKENS);
         const w = weights as ExpertWeights;
@@ -386,17 +409,8 @@ export function expertsOps(call: Call<ExpertsBinding>): ExpertsOps {
     },
     expertsBackward(gradOutput, permutedTokens, tokensPerExpert, weights, options) {
       return call('expertsBackward', (b) => {
-        const args = expertArgs(permutedTokens, tokensPerExpert, weights, options, 'expertsBackward');
-        const out = b.expertsBackward({ gradOutput: wire(gradOutput, 'gradOutput', TOKENS), ...args });
-        const grads: ExpertsGrads = { gradTokens: out.gradTokens as Tensor<TokenDType>, gradDownProjs: out.gradDownProjs as Tensor<TokenDType> };
-        if (args.upProjs !== undefined) grads.gradUpProjs = out.gradGateAndUpProjs as Tensor<TokenDType>;
-        else grads.gradGateAndUpProjs = out.gradGateAndUpProjs as Tensor<TokenDType>;
-        const gb: ExpertBiases = {};
-        if (present(out.gradGateUpProjBias)) gb.gateUpProjBias = out.gradGateUpProjBias as Tensor<TokenDType>;
-        if (present(out.gradDownProjBias)) gb.downProjBias = out.gradDownProjBias as Tensor<TokenDType>;
-        if (Object.keys(gb).length) grads.gradBiases = gb;
-        if (present(out.gradProbs)) grads.gradProbs = out.gradProbs as Tensor<'float32'>;
-        return grads;
+        const args = expertArgs(WIRE, permutedTokens, tokensPerExpert, weights, options, 'expertsBackward');
+        return expertsGrads(b.expertsBackward({ gradOutput: wire(gradOutput, 'gradOutput', TOKENS), ...args }), args.upProjs !== undefined);
       }) as ExpertsGrads<never>;
     },
     saveSafetensors(tensors, options) {
@@ -453,7 +467,7 @@ export function expertsOps(call: Call<ExpertsBinding>): ExpertsOps {
       return call('unstackExperts', (b) => {
         const o = checkOptions<UnstackExpertsOptions>(options, 'unstackExperts', ['prefix', 'activation', 'biases', 'firstExpert', 'format']);
         const kind = kindOf(o.activation, 'options.activation');
-        const [w1] = upWeight(weights, kind);
+        const [w1] = upWeight(WIRE, weights, kind);
         const bias = o.biases === undefined ? {} : checkOptions<ExpertBiases>(o.biases, 'biases', ['gateUpProjBias', 'downProjBias']);
         const out = b.unstackExperts({
           prefix: prefixOf(o.prefix),

@@ -4,7 +4,7 @@
  */
 import { checkTensor, type DType, type IndexDType, type Tensor, type TokenDType } from '../tensor.js';
 import type { Binding, Placed } from '../generated/binding.js';
-import { checkBool, checkNumber, checkOptions, INDICES, optString, optWire, requiredNumber, TOKENS, wire, type Call } from '../wire.js';
+import { checkBool, checkNumber, checkOptions, INDICES, optString, optWire, requiredNumber, TOKENS, wire, WIRE, type AnyTensors, type Call, type TensorArgs } from '../wire.js';
 
 /** How `dropTokens` chooses the tokens an over-full expert keeps. */
 export type DropPolicy = 'probs' | 'position';
@@ -194,6 +194,25 @@ function shapeOf(value: unknown, name: string | undefined): number[] {
   return [...checkTensor(value, name ?? 'tensor').shape];
 }
 
+/** dropTokens' options as the bindings take them. */
+export function dropArgs(o: Partial<DropTokensOptions>) {
+  return {
+    topk: requiredNumber(o.topk, 'options.topk'),
+    capacityFactor: requiredNumber(o.capacityFactor, 'options.capacityFactor'),
+    dropPolicy: optString(o.dropPolicy, 'options.dropPolicy'),
+    padToCapacity: checkBool(o.padToCapacity, 'options.padToCapacity'),
+  };
+}
+
+/** groupedMmSort's options as the bindings take them (`t`: how tokenMask goes in). */
+export function groupedArgs<T>(o: Partial<AnyTensors<GroupedMmSortOptions, 'tokenMask'>>, t: TensorArgs<T>) {
+  return {
+    tokenMask: t.opt(o.tokenMask, 'tokenMask', ['bool']),
+    numLocalExperts: requiredNumber(o.numLocalExperts, 'options.numLocalExperts'),
+    expertsStartIdx: checkNumber(o.expertsStartIdx, 'options.expertsStartIdx'),
+  };
+}
+
 export function layoutOps(call: Call<LayoutBinding>): LayoutOps {
   return {
     getCapacity(numTokens, numExperts, capacityFactor, minCapacity) {
@@ -212,10 +231,7 @@ export function layoutOps(call: Call<LayoutBinding>): LayoutOps {
         return b.dropTokens({
           probs: wire(probs, 'probs', ['float32']),
           routingMap: wire(routingMap, 'routingMap', ['bool']),
-          topk: requiredNumber(o.topk, 'options.topk'),
-          capacityFactor: requiredNumber(o.capacityFactor, 'options.capacityFactor'),
-          dropPolicy: optString(o.dropPolicy, 'options.dropPolicy'),
-          padToCapacity: checkBool(o.padToCapacity, 'options.padToCapacity'),
+          ...dropArgs(o),
         });
       }) as DropTokensResult;
     },
@@ -257,9 +273,7 @@ export function layoutOps(call: Call<LayoutBinding>): LayoutOps {
         return b.groupedMmSort({
           indices: wire(indices, 'indices', INDICES),
           weights: wire(weights, 'weights', TOKENS),
-          tokenMask: optWire(o.tokenMask, 'tokenMask', ['bool']),
-          numLocalExperts: requiredNumber(o.numLocalExperts, 'options.numLocalExperts'),
-          expertsStartIdx: checkNumber(o.expertsStartIdx, 'options.expertsStartIdx'),
+          ...groupedArgs(o, WIRE),
         });
       }) as GroupedMmSortResult;
     },

@@ -1,7 +1,7 @@
 /** Routing (router logits to top-k experts) and the auxiliary router losses: the interface, and its adapter over a binding. */
 import type { IndexDType, Tensor, TokenDType } from '../tensor.js';
 import type { Binding } from '../generated/binding.js';
-import { checkBool, checkNumber, checkOptions, INDICES, optWire, requiredNumber, TOKENS, wire, type Call } from '../wire.js';
+import { checkBool, checkNumber, checkOptions, INDICES, optWire, requiredNumber, TOKENS, wire, WIRE, type AnyTensors, type Call, type TensorArgs } from '../wire.js';
 
 /**
  * How router logits become scores (NeMo Automodel `Gate.score_func`):
@@ -112,10 +112,10 @@ export interface RoutingOps {
 /** This family's functions of the bindings (generated from the Rust op table). */
 export type RoutingBinding = Pick<Binding, 'route' | 'routeBackward' | 'topk' | 'switchLoadBalancingLoss' | 'switchLoadBalancingLossFromLogits' | 'zLoss'>;
 
-const ROUTE_KEYS = ['topk', 'scoreFunction', 'softmaxBeforeTopk', 'expertBias', 'numGroups', 'topkGroups', 'normTopkProb', 'routeScale', 'tokenMask'] as const;
+export const ROUTE_KEYS = ['topk', 'scoreFunction', 'softmaxBeforeTopk', 'expertBias', 'numGroups', 'topkGroups', 'normTopkProb', 'routeScale', 'tokenMask'] as const;
 
-/** route's options as the bindings take them (routeBackward takes the same). */
-function routeArgs(o: Partial<RouteOptions>) {
+/** route's options as the bindings take them (routeBackward takes the same; `t`: how expertBias and tokenMask go in). */
+export function routeArgs<T>(o: Partial<AnyTensors<RouteOptions, 'expertBias' | 'tokenMask'>>, t: TensorArgs<T>) {
   if (o.scoreFunction !== undefined && typeof o.scoreFunction !== 'string') {
     throw new TypeError(`options.scoreFunction: expected a string, got ${typeof o.scoreFunction}`);
   }
@@ -123,22 +123,23 @@ function routeArgs(o: Partial<RouteOptions>) {
     topk: requiredNumber(o.topk, 'options.topk'),
     scoreFunction: o.scoreFunction,
     softmaxBeforeTopk: checkBool(o.softmaxBeforeTopk, 'options.softmaxBeforeTopk'),
-    expertBias: optWire(o.expertBias, 'expertBias', ['float32']),
+    expertBias: t.opt(o.expertBias, 'expertBias', ['float32']),
     numGroups: checkNumber(o.numGroups, 'options.numGroups'),
     topkGroups: checkNumber(o.topkGroups, 'options.topkGroups'),
     normTopkProb: checkBool(o.normTopkProb, 'options.normTopkProb'),
     routeScale: checkNumber(o.routeScale, 'options.routeScale'),
-    tokenMask: optWire(o.tokenMask, 'tokenMask', ['bool']),
+    tokenMask: t.opt(o.tokenMask, 'tokenMask', ['bool']),
   };
 }
 
-function switchArgs(options: unknown, op: string) {
+/** The Switch losses' options as the bindings take them (`t`: how tokenMask goes in). */
+export function switchArgs<T>(options: unknown, op: string, t: TensorArgs<T>) {
   const o = checkOptions<SwitchLoadBalancingLossOptions>(options, op, ['topk', 'coeff', 'numTokens', 'tokenMask']);
   return {
     topk: requiredNumber(o.topk, 'options.topk'),
     coeff: checkNumber(o.coeff, 'options.coeff'),
     numTokens: checkNumber(o.numTokens, 'options.numTokens'),
-    tokenMask: optWire(o.tokenMask, 'tokenMask', ['bool']),
+    tokenMask: t.opt(o.tokenMask, 'tokenMask', ['bool']),
   };
 }
 
@@ -150,7 +151,7 @@ export function routingOps(call: Call<RoutingBinding>): RoutingOps {
     route(logits, options) {
       return call('route', (b) => {
         const o = checkOptions<RouteOptions>(options, 'route', ROUTE_KEYS);
-        return b.route({ logits: wire(logits, 'logits', TOKENS), ...routeArgs(o) });
+        return b.route({ logits: wire(logits, 'logits', TOKENS), ...routeArgs(o, WIRE) });
       }) as RouteResult;
     },
     routeBackward(gradWeights, logits, indices, options) {
@@ -159,12 +160,16 @@ export function routingOps(call: Call<RoutingBinding>): RoutingOps {
         const g = wire(gradWeights, 'gradWeights', ['float32']);
         const l = wire(logits, 'logits', TOKENS);
         const i = wire(indices, 'indices', INDICES);
-        return b.routeBackward({ gradWeights: g, logits: l, indices: i, ...routeArgs(o), gradScores: optWire(o.gradScores, 'gradScores', ['float32']) });
+        return b.routeBackward({ gradWeights: g, logits: l, indices: i, ...routeArgs(o, WIRE), gradScores: optWire(o.gradScores, 'gradScores', ['float32']) });
       }) as { gradLogits: Tensor<'float32'> };
     },
     switchLoadBalancingLoss(probs, tokensPerExpert, options) {
       return call('switchLoadBalancingLoss', (b) =>
-        b.switchLoadBalancingLoss({ probs: wire(probs, 'probs', ['float32']), tokensPerExpert: wire(tokensPerExpert, 'tokensPerExpert', INDICES), ...switchArgs(options, 'switchLoadBalancingLoss') }),
+        b.switchLoadBalancingLoss({
+          probs: wire(probs, 'probs', ['float32']),
+          tokensPerExpert: wire(tokensPerExpert, 'tokensPerExpert', INDICES),
+          ...switchArgs(options, 'switchLoadBalancingLoss', WIRE),
+        }),
       ) as { loss: number; gradProbs: Tensor<'float32'> };
     },
     switchLoadBalancingLossFromLogits(logits, tokensPerExpert, options) {
@@ -172,7 +177,7 @@ export function routingOps(call: Call<RoutingBinding>): RoutingOps {
         b.switchLoadBalancingLossFromLogits({
           logits: wire(logits, 'logits', ['float32']),
           tokensPerExpert: wire(tokensPerExpert, 'tokensPerExpert', INDICES),
-          ...switchArgs(options, 'switchLoadBalancingLossFromLogits'),
+          ...switchArgs(options, 'switchLoadBalancingLossFromLogits', WIRE),
         }),
       ) as { loss: number; gradLogits: Tensor<'float32'> };
     },

@@ -1,17 +1,23 @@
-//! The CUDA backend's functions: `cudaInfo()`, the device tensor class, and one function per
-//! GPU op and tensor kind with the op's positional arguments: `cudaPermute` (host tensors:
+//! The CUDA backend's functions: `cudaInfo()`, the device tensor class (`CudaTensor`, the
+//! `Device` argument kind, `DeviceOut` results), and one function per GPU op and tensor kind,
+//! each taking the op's argument object (`cuda_fns!`: the op table's kinds and groups, so the
+//! same fields, read and reported as the CPU op reads them): `cudaPermute` (host tensors:
 //! `moe_cuda::host`, an upload around the device entry) and `cudaPermuteDevice` (device tensors:
 //! `moe_cuda::device_ops`). Only conversions here. Argument errors are the core's (same class,
 //! same message as the CPU backend); CUDA failures (out of memory, launch failures, NVRTC
 //! errors) are `Error`s, which the facade prefixes with the op's name.
 
-use moe_core::error::opt_size_arg;
+use moe_bind::ops::{Permuted, RouteArgs, Routed, TopK};
+use moe_bind::{ArgTs, Flag, Kind, Nums, Out, Ret, Size, Tensor};
 use moe_core::permute::{PermuteOptions, UnpermuteOptions};
-use moe_cuda::Device;
+use moe_cuda::device_ops::{self, DevicePermuted};
+use moe_cuda::tensor::DeviceArg;
+use moe_cuda::{Device as Gpu, DeviceTensor};
+use napi::bindgen_prelude::{ClassInstance, Env, Object, ToNapiValue};
+use napi::sys;
 use napi_derive::napi;
 
-use crate::dispatch::PermuteOut;
-use crate::wire::{guard, opt_view, to_wire, view, WireTensor, WireTensorOut};
+use crate::wire::{guard, to_wire, view, Args, Js, WireTensor, WireTensorOut};
 
 /// What `cudaInfo()` returns: whether the CUDA backend runs here, and why not.
 #[napi(object)]
@@ -62,69 +68,19 @@ fn unavailable(reason: String) -> CudaInfo {
     }
 }
 
-/// Runs a CUDA op: core errors keep their class, CUDA errors become `Error`s, panics are
-/// caught by `guard`.
-pub(crate) fn run<T>(f: impl FnOnce(&Device) -> moe_cuda::Result<T>) -> napi::Result<T, String> {
-    let out = guard(|| Ok(Device::global().and_then(f)))?;
+/// Runs a CUDA op on the process's GPU (`guarded`).
+pub(crate) fn run<T>(f: impl FnOnce(&Gpu) -> moe_cuda::Result<T>) -> napi::Result<T, String> {
+    guarded(|| Gpu::global().and_then(f))
+}
+
+/// Runs `f`: core errors keep their class, CUDA errors become `Error`s, panics are caught by `guard`.
+pub(crate) fn guarded<T>(f: impl FnOnce() -> moe_cuda::Result<T>) -> napi::Result<T, String> {
+    let out = guard(|| Ok(f()))?;
     out.map_err(|e| napi::Error::new(e.kind().js_name().to_string(), e.to_string()))
-}
-
-/// `permute` on the GPU (same positional arguments as `permute`).
-#[napi]
-pub fn cuda_permute(
-    tokens: WireTensor,
-    routing_map: WireTensor,
-    probs: Option<WireTensor>,
-    num_out_tokens: Option<f64>,
-    drop_and_pad: Option<bool>,
-) -> napi::Result<PermuteOut, String> {
-    run(|dev| {
-        let options =
-            PermuteOptions { num_out_tokens: opt_size_arg("numOutTokens", num_out_tokens)?, drop_and_pad: drop_and_pad.unwrap_or(false) };
-        let out = moe_cuda::host::permute(
-            dev,
-            &view("tokens", &tokens)?,
-            &view("routingMap", &routing_map)?,
-            opt_view("probs", &probs)?.as_ref(),
-            options,
-        )?;
-        Ok(out.into())
-    })
-}
-
-/// `unpermute` on the GPU (same positional arguments as `unpermute`).
-#[napi]
-pub fn cuda_unpermute(
-    permuted_tokens: WireTensor,
-    sorted_indices: WireTensor,
-    restore_shape: Vec<f64>,
-    probs: Option<WireTensor>,
-    routing_map: Option<WireTensor>,
-    drop_and_pad: Option<bool>,
-) -> napi::Result<WireTensorOut, String> {
-    run(|dev| {
-        let restore = moe_core::permute::restore_shape_arg(&restore_shape)?;
-        let out = moe_cuda::host::unpermute(
-            dev,
-            &view("permutedTokens", &permuted_tokens)?,
-            &view("sortedIndices", &sorted_indices)?,
-            restore,
-            opt_view("probs", &probs)?.as_ref(),
-            opt_view("routingMap", &routing_map)?.as_ref(),
-            UnpermuteOptions { drop_and_pad: drop_and_pad.unwrap_or(false) },
-        )?;
-        Ok(to_wire(out))
-    })
 }
 
 // ---------------------------------------------------------------------------------------
 // Device tensors
-
-use moe_core::routing::RouteOptions;
-use moe_cuda::device_ops::{self, DevicePermuted};
-use moe_cuda::DeviceTensor;
-
-use crate::routing::{RouteOut, TopKValuesOut};
 
 /// A tensor in GPU memory (the facade wraps it as `DeviceTensor`). Its memory is freed by
 /// `dispose()`, or when the object is garbage-collected; after `dispose()` every use is an
@@ -143,13 +99,12 @@ impl CudaTensor {
 
     /// The tensor, or an error naming the argument when it was disposed.
     pub(crate) fn get(&self, arg: &str) -> moe_cuda::Result<&DeviceTensor> {
-        self.inner.as_ref().ok_or_else(|| {
-            moe_cuda::Error::Core(moe_core::Error::type_error(
-                arg,
-                "a device tensor that is not disposed",
-                "one whose dispose() was called",
-            ))
-        })
+        Ok(self.live(arg)?)
+    }
+
+    fn live(&self, arg: &str) -> moe_core::Result<&DeviceTensor> {
+        let disposed = || moe_core::Error::type_error(arg, "a device tensor that is not disposed", "one whose dispose() was called");
+        self.inner.as_ref().ok_or_else(disposed)
     }
 }
 
@@ -205,230 +160,165 @@ pub fn cuda_synchronize() -> napi::Result<(), String> {
     run(|dev| dev.synchronize("cudaSynchronize"))
 }
 
-#[napi(object, object_from_js = false)]
-pub struct DevicePermuteOut {
-    pub permuted_tokens: CudaTensor,
-    pub permuted_probs: Option<CudaTensor>,
-    pub sorted_indices: CudaTensor,
-    pub tokens_per_expert: CudaTensor,
+/// A device tensor argument: the addon's `CudaTensor` (a disposed one is a TypeError naming the
+/// argument), handed to the device entries as a `DeviceArg` (the tensor and its name).
+pub struct Device;
+
+impl ArgTs for Device {
+    fn ts() -> String {
+        "NativeCudaTensor".into()
+    }
 }
 
-/// `permute` on device tensors (the plan is built on the GPU).
-#[napi]
-pub fn cuda_permute_device(
-    tokens: &CudaTensor,
-    routing_map: &CudaTensor,
-    probs: Option<&CudaTensor>,
-    num_out_tokens: Option<f64>,
-    drop_and_pad: Option<bool>,
-) -> napi::Result<DevicePermuteOut, String> {
-    run(|dev| {
-        let options =
-            PermuteOptions { num_out_tokens: opt_size_arg("numOutTokens", num_out_tokens)?, drop_and_pad: drop_and_pad.unwrap_or(false) };
-        let DevicePermuted { permuted_tokens, permuted_probs, sorted_indices, tokens_per_expert } =
-            device_ops::permute_device(dev, tokens.get("tokens")?, routing_map.get("routingMap")?, opt_get(&probs, "probs")?, options)?;
-        Ok(DevicePermuteOut {
-            permuted_tokens: CudaTensor::wrap(permuted_tokens),
-            permuted_probs: permuted_probs.map(CudaTensor::wrap),
-            sorted_indices: CudaTensor::wrap(sorted_indices),
-            tokens_per_expert: CudaTensor::wrap(tokens_per_expert),
-        })
-    })
+impl<'e> Kind<Args<'e>> for Device {
+    type Held = ClassInstance<'e, CudaTensor>;
+    type Core<'h>
+        = DeviceArg<'h>
+    where
+        Args<'e>: 'h;
+    fn read(o: &Args<'e>, key: &str) -> moe_core::Result<Option<Self::Held>> {
+        o.get(key, "a device tensor (upload())")
+    }
+    fn core<'h>(held: &'h Self::Held, key: &'static str) -> moe_core::Result<DeviceArg<'h>>
+    where
+        Args<'e>: 'h,
+    {
+        Ok(DeviceArg { name: key, tensor: held.live(key)? })
+    }
 }
 
-/// `unpermute` on device tensors.
-#[napi]
-pub fn cuda_unpermute_device(
-    permuted_tokens: &CudaTensor,
-    sorted_indices: &CudaTensor,
-    restore_shape: Vec<f64>,
-    probs: Option<&CudaTensor>,
-    routing_map: Option<&CudaTensor>,
-    drop_and_pad: Option<bool>,
-) -> napi::Result<CudaTensor, String> {
-    run(|dev| {
-        let restore = moe_core::permute::restore_shape_arg(&restore_shape)?;
-        let out = device_ops::unpermute_device(
-            dev,
-            permuted_tokens.get("permutedTokens")?,
-            sorted_indices.get("sortedIndices")?,
-            restore,
-            opt_get(&probs, "probs")?,
-            opt_get(&routing_map, "routingMap")?,
-            UnpermuteOptions { drop_and_pad: drop_and_pad.unwrap_or(false) },
-        )?;
+/// A device op's result object: the keys of the op table's result (`Multihot`, `ExpertsGrads`,
+/// ...), device tensors as `CudaTensor`s, numbers as numbers; an absent optional tensor is left out.
+#[derive(Default)]
+pub struct DeviceOut(Vec<(&'static str, Field)>);
+
+enum Field {
+    Tensor(DeviceTensor),
+    Num(f64),
+}
+
+impl DeviceOut {
+    pub fn t(mut self, key: &'static str, t: DeviceTensor) -> DeviceOut {
+        self.0.push((key, Field::Tensor(t)));
+        self
+    }
+
+    pub fn opt(self, key: &'static str, t: Option<DeviceTensor>) -> DeviceOut {
+        match t {
+            Some(t) => self.t(key, t),
+            None => self,
+        }
+    }
+
+    pub fn num(mut self, key: &'static str, v: f64) -> DeviceOut {
+        self.0.push((key, Field::Num(v)));
+        self
+    }
+}
+
+impl ToNapiValue for DeviceOut {
+    unsafe fn to_napi_value(env: sys::napi_env, val: DeviceOut) -> napi::Result<sys::napi_value> {
+        let mut o = Object::new(&Env::from(env))?;
+        for (k, f) in val.0 {
+            match f {
+                Field::Tensor(t) => o.set(k, CudaTensor::wrap(t))?,
+                Field::Num(n) => o.set(k, n)?,
+            }
+        }
+        Object::to_napi_value(env, o)
+    }
+}
+
+fn permuted(o: DevicePermuted) -> DeviceOut {
+    DeviceOut::default()
+        .t("permutedTokens", o.permuted_tokens)
+        .opt("permutedProbs", o.permuted_probs)
+        .t("sortedIndices", o.sorted_indices)
+        .t("tokensPerExpert", o.tokens_per_expert)
+}
+
+cuda_fns! {
+    /// `permute` on the GPU for host tensors (permute's argument object). With caller-owned
+    /// outputs it is the CPU op, which writes them (the same bits).
+    cudaPermute(tokens: Tensor, routingMap: Tensor, probs: Option<Tensor>, numOutTokens: Option<Size>, dropAndPad: Flag, outPermutedTokens: Option<Out>, outPermutedProbs: Option<Out>) -> Js |dev, o| {
+        if outPermutedTokens.is_some() || outPermutedProbs.is_some() {
+            return Ok(Js(moe_bind::ops::permute(o)?));
+        }
+        let options = PermuteOptions { num_out_tokens: numOutTokens, drop_and_pad: dropAndPad };
+        let out = moe_cuda::host::permute(dev, &tokens, &routingMap, probs.as_ref(), options)?;
+        Ok(Js(Permuted::into_js(out.into())))
+    }
+    /// `unpermute` on the GPU for host tensors (unpermute's argument object). With a caller-owned
+    /// output it is the CPU op, which writes it.
+    cudaUnpermute(restoreShape: Nums, permutedTokens: Tensor, sortedIndices: Tensor, probs: Option<Tensor>, routingMap: Option<Tensor>, dropAndPad: Flag, out: Option<Out>) -> Js |dev, o| {
+        if out.is_some() {
+            return Ok(Js(moe_bind::ops::unpermute(o)?));
+        }
+        let restore = moe_core::permute::restore_shape_arg(restoreShape)?;
+        let options = UnpermuteOptions { drop_and_pad: dropAndPad };
+        let out = moe_cuda::host::unpermute(dev, &permutedTokens, &sortedIndices, restore, probs.as_ref(), routingMap.as_ref(), options)?;
+        Ok(Js(Tensor::into_js(out)))
+    }
+    /// `route` on the GPU for host tensors (route's argument object).
+    cudaRoute(options: RouteArgs, logits: Tensor, expertBias: Option<Tensor>, tokenMask: Option<Tensor>) -> Js |dev| {
+        let out = moe_cuda::host::route(dev, &logits, expertBias.as_ref(), tokenMask.as_ref(), options)?;
+        Ok(Js(Routed::into_js(out.into())))
+    }
+    /// `topk` on the GPU for host tensors.
+    cudaTopk(values: Tensor, k: Size) -> Js |dev| {
+        Ok(Js(TopK::into_js(moe_cuda::host::topk(dev, &values, k)?.into())))
+    }
+    /// `permute` on device tensors (the plan is built on the GPU).
+    cudaPermuteDevice(tokens: Device, routingMap: Device, probs: Option<Device>, numOutTokens: Option<Size>, dropAndPad: Flag) -> DeviceOut |dev| {
+        let options = PermuteOptions { num_out_tokens: numOutTokens, drop_and_pad: dropAndPad };
+        Ok(permuted(device_ops::permute_device(dev, &tokens, &routingMap, probs.as_deref(), options)?))
+    }
+    /// `unpermute` on device tensors.
+    cudaUnpermuteDevice(restoreShape: Nums, permutedTokens: Device, sortedIndices: Device, probs: Option<Device>, routingMap: Option<Device>, dropAndPad: Flag) -> CudaTensor |dev| {
+        let restore = moe_core::permute::restore_shape_arg(restoreShape)?;
+        let options = UnpermuteOptions { drop_and_pad: dropAndPad };
+        let out = device_ops::unpermute_device(dev, &permutedTokens, &sortedIndices, restore, probs.as_deref(), routingMap.as_deref(), options)?;
         Ok(CudaTensor::wrap(out))
-    })
-}
-
-/// `route` on the GPU for host tensors (same positional arguments as `route`).
-#[napi]
-#[allow(clippy::too_many_arguments)]
-pub fn cuda_route(
-    logits: WireTensor,
-    topk: f64,
-    score_function: Option<String>,
-    softmax_before_topk: Option<bool>,
-    expert_bias: Option<WireTensor>,
-    num_groups: Option<f64>,
-    topk_groups: Option<f64>,
-    norm_topk_prob: Option<bool>,
-    route_scale: Option<f64>,
-    token_mask: Option<WireTensor>,
-) -> napi::Result<RouteOut, String> {
-    run(|dev| {
-        let options = RouteOptions::from_args(
-            topk,
-            score_function.as_deref(),
-            softmax_before_topk,
-            num_groups,
-            topk_groups,
-            norm_topk_prob,
-            route_scale,
-        )?;
-        let out = moe_cuda::host::route(
-            dev,
-            &view("logits", &logits)?,
-            opt_view("expertBias", &expert_bias)?.as_ref(),
-            opt_view("tokenMask", &token_mask)?.as_ref(),
-            options,
-        )?;
-        Ok(out.into())
-    })
-}
-
-#[napi(object, object_from_js = false)]
-pub struct DeviceRouteOut {
-    pub weights: CudaTensor,
-    pub indices: CudaTensor,
-    pub scores: CudaTensor,
-    pub tokens_per_expert: CudaTensor,
-}
-
-/// `route` on device tensors (one fused kernel).
-#[napi]
-#[allow(clippy::too_many_arguments)]
-pub fn cuda_route_device(
-    logits: &CudaTensor,
-    topk: f64,
-    score_function: Option<String>,
-    softmax_before_topk: Option<bool>,
-    expert_bias: Option<&CudaTensor>,
-    num_groups: Option<f64>,
-    topk_groups: Option<f64>,
-    norm_topk_prob: Option<bool>,
-    route_scale: Option<f64>,
-    token_mask: Option<&CudaTensor>,
-) -> napi::Result<DeviceRouteOut, String> {
-    run(|dev| {
-        let options = RouteOptions::from_args(
-            topk,
-            score_function.as_deref(),
-            softmax_before_topk,
-            num_groups,
-            topk_groups,
-            norm_topk_prob,
-            route_scale,
-        )?;
-        let out = device_ops::route_device(
-            dev,
-            logits.get("logits")?,
-            opt_get(&expert_bias, "expertBias")?,
-            opt_get(&token_mask, "tokenMask")?,
-            options,
-        )?;
-        Ok(DeviceRouteOut {
-            weights: CudaTensor::wrap(out.weights),
-            indices: CudaTensor::wrap(out.indices),
-            scores: CudaTensor::wrap(out.scores),
-            tokens_per_expert: CudaTensor::wrap(out.tokens_per_expert),
-        })
-    })
-}
-
-/// `topk` on the GPU for host tensors.
-#[napi]
-pub fn cuda_topk(values: WireTensor, k: f64) -> napi::Result<TopKValuesOut, String> {
-    run(|dev| {
-        let out = moe_cuda::host::topk(dev, &view("values", &values)?, moe_core::error::size_arg("k", k)?)?;
-        Ok(out.into())
-    })
-}
-
-#[napi(object, object_from_js = false)]
-pub struct DeviceTopKOut {
-    pub values: CudaTensor,
-    pub indices: CudaTensor,
-}
-
-/// `topk` on device tensors.
-#[napi]
-pub fn cuda_topk_device(values: &CudaTensor, k: f64) -> napi::Result<DeviceTopKOut, String> {
-    run(|dev| {
-        let (v, i) = device_ops::topk_device(dev, values.get("values")?, moe_core::error::size_arg("k", k)?)?;
-        Ok(DeviceTopKOut { values: CudaTensor::wrap(v), indices: CudaTensor::wrap(i) })
-    })
-}
-
-#[napi(object, object_from_js = false)]
-pub struct DevicePermuteGradsOut {
-    pub grad_tokens: CudaTensor,
-    pub grad_probs: Option<CudaTensor>,
-}
-
-/// `permuteBackward` on device tensors (gradTokens and the probs gradient on the GPU).
-#[napi]
-pub fn cuda_permute_backward_device(
-    grad_permuted: &CudaTensor,
-    sorted_indices: &CudaTensor,
-    num_tokens: f64,
-    grad_permuted_probs: Option<&CudaTensor>,
-    routing_map: Option<&CudaTensor>,
-    drop_and_pad: Option<bool>,
-) -> napi::Result<DevicePermuteGradsOut, String> {
-    run(|dev| {
-        let num_tokens = moe_core::error::size_arg("numTokens", num_tokens)?;
-        let (g, p) = device_ops::permute_backward_device(
-            dev,
-            grad_permuted.get("gradPermuted")?,
-            sorted_indices.get("sortedIndices")?,
-            num_tokens,
-            opt_get(&grad_permuted_probs, "gradPermutedProbs")?,
-            opt_get(&routing_map, "routingMap")?,
-            UnpermuteOptions { drop_and_pad: drop_and_pad.unwrap_or(false) },
-        )?;
-        Ok(DevicePermuteGradsOut { grad_tokens: CudaTensor::wrap(g), grad_probs: p.map(CudaTensor::wrap) })
-    })
-}
-
-#[napi(object, object_from_js = false)]
-pub struct DeviceUnpermuteGradsOut {
-    pub grad_permuted: CudaTensor,
-    pub grad_probs: Option<CudaTensor>,
-}
-
-/// `unpermuteBackward` on device tensors (with or without probs, on the GPU).
-#[napi]
-pub fn cuda_unpermute_backward_device(
-    grad_output: &CudaTensor,
-    permuted_tokens: &CudaTensor,
-    sorted_indices: &CudaTensor,
-    probs: Option<&CudaTensor>,
-    routing_map: Option<&CudaTensor>,
-    drop_and_pad: Option<bool>,
-) -> napi::Result<DeviceUnpermuteGradsOut, String> {
-    run(|dev| {
-        let (g, p) = device_ops::unpermute_backward_device(
-            dev,
-            grad_output.get("gradOutput")?,
-            permuted_tokens.get("permutedTokens")?,
-            sorted_indices.get("sortedIndices")?,
-            opt_get(&probs, "probs")?,
-            opt_get(&routing_map, "routingMap")?,
-            UnpermuteOptions { drop_and_pad: drop_and_pad.unwrap_or(false) },
-        )?;
-        Ok(DeviceUnpermuteGradsOut { grad_permuted: CudaTensor::wrap(g), grad_probs: p.map(CudaTensor::wrap) })
-    })
+    }
+    /// `route` on device tensors (one fused kernel).
+    cudaRouteDevice(options: RouteArgs, logits: Device, expertBias: Option<Device>, tokenMask: Option<Device>) -> DeviceOut |dev| {
+        let out = device_ops::route_device(dev, &logits, expertBias.as_deref(), tokenMask.as_deref(), options)?;
+        Ok(DeviceOut::default().t("weights", out.weights).t("indices", out.indices).t("scores", out.scores).t("tokensPerExpert", out.tokens_per_expert))
+    }
+    /// `topk` on device tensors.
+    cudaTopkDevice(values: Device, k: Size) -> DeviceOut |dev| {
+        let (v, i) = device_ops::topk_device(dev, &values, k)?;
+        Ok(DeviceOut::default().t("values", v).t("indices", i))
+    }
+    /// `permuteBackward` on device tensors (gradTokens and the probs gradient on the GPU).
+    cudaPermuteBackwardDevice(gradPermuted: Device, sortedIndices: Device, numTokens: Size, gradPermutedProbs: Option<Device>, routingMap: Option<Device>, dropAndPad: Flag) -> DeviceOut |dev| {
+        let options = UnpermuteOptions { drop_and_pad: dropAndPad };
+        let (g, p) = device_ops::permute_backward_device(dev, &gradPermuted, &sortedIndices, numTokens, gradPermutedProbs.as_deref(), routingMap.as_deref(), options)?;
+        Ok(DeviceOut::default().t("gradTokens", g).opt("gradProbs", p))
+    }
+    /// `unpermuteBackward` on device tensors (with or without probs, on the GPU).
+    cudaUnpermuteBackwardDevice(gradOutput: Device, permutedTokens: Device, sortedIndices: Device, probs: Option<Device>, routingMap: Option<Device>, dropAndPad: Flag) -> DeviceOut |dev| {
+        let options = UnpermuteOptions { drop_and_pad: dropAndPad };
+        let (g, p) = device_ops::unpermute_backward_device(dev, &gradOutput, &permutedTokens, &sortedIndices, probs.as_deref(), routingMap.as_deref(), options)?;
+        Ok(DeviceOut::default().t("gradPermuted", g).opt("gradProbs", p))
+    }
+    /// For the overhead benchmark (test/gpu/overhead.mjs): `iters` calls of `unpermute` on device
+    /// tensors made from Rust in this process (no N-API, no facade), each result freed, each call
+    /// followed by a synchronize when `sync`; returns each call's wall time in microseconds, so that
+    /// the JS call's cost above the bare Rust call is measured in one process.
+    cudaTimeRustUnpermute(restoreShape: Nums, permutedTokens: Device, sortedIndices: Device, probs: Option<Device>, iters: Size, sync: Flag) -> Vec<f64> |dev| {
+        let restore = moe_core::permute::restore_shape_arg(restoreShape)?;
+        let mut times = Vec::new();
+        for _ in 0..iters {
+            let t0 = std::time::Instant::now();
+            drop(device_ops::unpermute_device(dev, &permutedTokens, &sortedIndices, restore, probs.as_deref(), None, UnpermuteOptions::default())?);
+            if sync {
+                dev.synchronize("cudaTimeRustUnpermute")?;
+            }
+            times.push(t0.elapsed().as_secs_f64() * 1e6);
+        }
+        Ok(times)
+    }
 }
 
 /// Device memory: what this process's device tensors and scratch buffers hold now, and the
@@ -464,34 +354,4 @@ pub fn cuda_memory() -> napi::Result<CudaMemory, String> {
 #[napi]
 pub fn cuda_release_cached_memory() -> napi::Result<(), String> {
     run(|dev| dev.release_cached_memory())
-}
-
-/// For the overhead benchmark (test/gpu/overhead.mjs): `iters` calls of `unpermute` on device
-/// tensors made from Rust in this process (no N-API, no facade), each result freed, each call
-/// followed by a synchronize when `sync`; returns each call's wall time in microseconds, so that
-/// the JS call's cost above the bare Rust call is measured in one process.
-#[napi]
-pub fn cuda_time_rust_unpermute(
-    permuted_tokens: &CudaTensor,
-    sorted_indices: &CudaTensor,
-    restore_shape: Vec<f64>,
-    probs: Option<&CudaTensor>,
-    iters: u32,
-    sync: bool,
-) -> napi::Result<Vec<f64>, String> {
-    run(|dev| {
-        let restore = moe_core::permute::restore_shape_arg(&restore_shape)?;
-        let (tokens, sorted, probs) =
-            (permuted_tokens.get("permutedTokens")?, sorted_indices.get("sortedIndices")?, opt_get(&probs, "probs")?);
-        let mut times = Vec::with_capacity(iters as usize);
-        for _ in 0..iters {
-            let t0 = std::time::Instant::now();
-            drop(device_ops::unpermute_device(dev, tokens, sorted, restore, probs, None, UnpermuteOptions::default())?);
-            if sync {
-                dev.synchronize("cudaTimeRustUnpermute")?;
-            }
-            times.push(t0.elapsed().as_secs_f64() * 1e6);
-        }
-        Ok(times)
-    })
 }

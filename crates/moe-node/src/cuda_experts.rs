@@ -1,165 +1,76 @@
 //! The grouped experts and matmul on device tensors (crates/moe-cuda/src/experts.rs): the
-//! positional arguments of `expertsForward` / `expertsBackward` / `matmul` (experts.rs), with
-//! `CudaTensor` handles for the tensors.
+//! argument objects of `expertsForward` / `expertsBackward` / `matmul` (the op table's fields and
+//! groups, read in its order: the activation's options and the experts' tensors are the same
+//! groups), with device tensors, and what the GPU adds (`saveForBackward`, `saved`).
 
-use moe_core::activations::ActivationOptions;
-use moe_cuda::experts::{self, DeviceExpertsInputs, SavedRef};
-use napi_derive::napi;
+use moe_bind::ops::{ActArgs, ExpertsArgs};
+use moe_bind::{ArgTs, Flag, Kind, Obj};
+use moe_cuda::experts::{self, DeviceExpertsGrads, SavedRef};
 
-use crate::cuda::{opt_get, run, CudaTensor};
+use crate::cuda::{CudaTensor, Device, DeviceOut};
+use crate::wire::Args;
 
-#[allow(clippy::too_many_arguments)]
-fn inputs<'a>(
-    x: &'a CudaTensor,
-    c: &'a CudaTensor,
-    w1: &'a CudaTensor,
-    w1_name: &str,
-    w2: &'a CudaTensor,
-    p: &'a Option<&CudaTensor>,
-    b1: &'a Option<&CudaTensor>,
-    b2: &'a Option<&CudaTensor>,
-) -> moe_cuda::Result<DeviceExpertsInputs<'a>> {
-    let name = if w1_name == "upProjs" { "upProjs" } else { "gateAndUpProjs" };
-    Ok(DeviceExpertsInputs {
-        tokens: x.get("permutedTokens")?,
-        tokens_per_expert: c.get("tokensPerExpert")?,
-        gate_and_up: w1.get(name)?,
-        gate_and_up_name: name,
-        down: w2.get("downProjs")?,
-        probs: opt_get(p, "permutedProbs")?,
-        gate_up_bias: opt_get(b1, "gateUpProjBias")?,
-        down_bias: opt_get(b2, "downProjBias")?,
-    })
+/// expertsBackward's `saved` on the GPU: `{ upProjection, activation }` as expertsForward with
+/// saveForBackward returned them (both, or no `saved`).
+pub struct Saved;
+
+impl ArgTs for Saved {
+    const OPTIONAL: bool = true;
+    fn ts() -> String {
+        "{ upProjection: NativeCudaTensor; activation: NativeCudaTensor }".into()
+    }
 }
 
-#[napi(object, object_from_js = false)]
-pub struct DeviceExpertsForwardOut {
-    pub output: CudaTensor,
-    /// With saveForBackward: the up-projection and the weighted activation.
-    pub up_projection: Option<CudaTensor>,
-    pub activation: Option<CudaTensor>,
+impl<'e> Kind<Args<'e>> for Saved {
+    type Held = Option<[Option<<Device as Kind<Args<'e>>>::Held>; 2]>;
+    type Core<'h>
+        = Option<SavedRef<'h>>
+    where
+        Args<'e>: 'h;
+    fn read(o: &Args<'e>, key: &str) -> moe_core::Result<Option<Self::Held>> {
+        let Some(s) = o.object(key)? else { return Ok(Some(None)) };
+        Ok(Some(Some([Device::read(&s, "upProjection")?, Device::read(&s, "activation")?])))
+    }
+    fn core<'h>(held: &'h Self::Held, _: &'static str) -> moe_core::Result<Option<SavedRef<'h>>>
+    where
+        Args<'e>: 'h,
+    {
+        let Some([up, act]) = held else { return Ok(None) };
+        let missing =
+            |name: &str, with: &str| moe_core::Error::type_error(name, format!("a device tensor (saved with {with})"), "undefined");
+        let up = up.as_ref().ok_or_else(|| missing("saved.upProjection", "saved.activation"))?;
+        let act = act.as_ref().ok_or_else(|| missing("saved.activation", "saved.upProjection"))?;
+        Ok(Some(SavedRef {
+            up_projection: Device::core(up, "saved.upProjection")?.tensor,
+            activation: Device::core(act, "saved.activation")?.tensor,
+        }))
+    }
 }
 
-/// `expertsForward` on device tensors (cuBLAS GEMMs per expert).
-#[napi]
-#[allow(clippy::too_many_arguments)]
-pub fn cuda_experts_forward_device(
-    permuted_tokens: &CudaTensor,
-    tokens_per_expert: &CudaTensor,
-    gate_and_up_projs: &CudaTensor,
-    gate_and_up_name: String,
-    down_projs: &CudaTensor,
-    kind: Option<String>,
-    permuted_probs: Option<&CudaTensor>,
-    gate_up_proj_bias: Option<&CudaTensor>,
-    down_proj_bias: Option<&CudaTensor>,
-    alpha: Option<f64>,
-    limit: Option<f64>,
-    linear_offset: Option<f64>,
-    save_for_backward: Option<bool>,
-) -> napi::Result<DeviceExpertsForwardOut, String> {
-    run(|dev| {
-        let options = ActivationOptions::from_args(kind.as_deref(), alpha, limit, linear_offset)?;
-        let inp = inputs(
-            permuted_tokens,
-            tokens_per_expert,
-            gate_and_up_projs,
-            &gate_and_up_name,
-            down_projs,
-            &permuted_probs,
-            &gate_up_proj_bias,
-            &down_proj_bias,
-        )?;
-        let (out, saved) = experts::experts_forward_device_saving(dev, &inp, &options, save_for_backward.unwrap_or(false))?;
-        let (up, act) = match saved {
-            Some(s) => (Some(CudaTensor::wrap(s.up_projection)), Some(CudaTensor::wrap(s.activation))),
-            None => (None, None),
-        };
-        Ok(DeviceExpertsForwardOut { output: CudaTensor::wrap(out), up_projection: up, activation: act })
-    })
+fn grads(out: DeviceExpertsGrads) -> DeviceOut {
+    DeviceOut::default()
+        .t("gradTokens", out.grad_tokens)
+        .t("gradGateAndUpProjs", out.grad_gate_and_up)
+        .t("gradDownProjs", out.grad_down)
+        .opt("gradGateUpProjBias", out.grad_gate_up_bias)
+        .opt("gradDownProjBias", out.grad_down_bias)
+        .opt("gradProbs", out.grad_probs)
 }
 
-#[napi(object, object_from_js = false)]
-pub struct DeviceExpertsGradsOut {
-    pub grad_tokens: CudaTensor,
-    pub grad_gate_and_up_projs: CudaTensor,
-    pub grad_down_projs: CudaTensor,
-    pub grad_gate_up_proj_bias: Option<CudaTensor>,
-    pub grad_down_proj_bias: Option<CudaTensor>,
-    pub grad_probs: Option<CudaTensor>,
-}
-
-/// `expertsBackward` on device tensors.
-#[napi]
-#[allow(clippy::too_many_arguments)]
-pub fn cuda_experts_backward_device(
-    grad_output: &CudaTensor,
-    permuted_tokens: &CudaTensor,
-    tokens_per_expert: &CudaTensor,
-    gate_and_up_projs: &CudaTensor,
-    gate_and_up_name: String,
-    down_projs: &CudaTensor,
-    kind: Option<String>,
-    permuted_probs: Option<&CudaTensor>,
-    gate_up_proj_bias: Option<&CudaTensor>,
-    down_proj_bias: Option<&CudaTensor>,
-    alpha: Option<f64>,
-    limit: Option<f64>,
-    linear_offset: Option<f64>,
-    saved_up_projection: Option<&CudaTensor>,
-    saved_activation: Option<&CudaTensor>,
-) -> napi::Result<DeviceExpertsGradsOut, String> {
-    run(|dev| {
-        let options = ActivationOptions::from_args(kind.as_deref(), alpha, limit, linear_offset)?;
-        let inp = inputs(
-            permuted_tokens,
-            tokens_per_expert,
-            gate_and_up_projs,
-            &gate_and_up_name,
-            down_projs,
-            &permuted_probs,
-            &gate_up_proj_bias,
-            &down_proj_bias,
-        )?;
-        let saved = match (opt_get(&saved_up_projection, "saved.upProjection")?, opt_get(&saved_activation, "saved.activation")?) {
-            (Some(up_projection), Some(activation)) => Some(SavedRef { up_projection, activation }),
-            (None, None) => None,
-            (Some(_), None) => {
-                return Err(moe_cuda::Error::Core(moe_core::Error::type_error(
-                    "saved.activation",
-                    "a device tensor (saved with saved.upProjection)",
-                    "undefined",
-                )))
-            }
-            (None, Some(_)) => {
-                return Err(moe_cuda::Error::Core(moe_core::Error::type_error(
-                    "saved.upProjection",
-                    "a device tensor (saved with saved.activation)",
-                    "undefined",
-                )))
-            }
-        };
-        let out = experts::experts_backward_device_saved(dev, grad_output.get("gradOutput")?, &inp, &options, saved)?;
-        Ok(DeviceExpertsGradsOut {
-            grad_tokens: CudaTensor::wrap(out.grad_tokens),
-            grad_gate_and_up_projs: CudaTensor::wrap(out.grad_gate_and_up),
-            grad_down_projs: CudaTensor::wrap(out.grad_down),
-            grad_gate_up_proj_bias: out.grad_gate_up_bias.map(CudaTensor::wrap),
-            grad_down_proj_bias: out.grad_down_bias.map(CudaTensor::wrap),
-            grad_probs: out.grad_probs.map(CudaTensor::wrap),
-        })
-    })
-}
-
-/// `matmul` on device tensors (one cuBLAS GEMM).
-#[napi]
-pub fn cuda_matmul_device(
-    a: &CudaTensor,
-    b: &CudaTensor,
-    trans_a: Option<bool>,
-    trans_b: Option<bool>,
-) -> napi::Result<CudaTensor, String> {
-    run(|dev| {
-        Ok(CudaTensor::wrap(experts::matmul_device(dev, a.get("a")?, b.get("b")?, trans_a.unwrap_or(false), trans_b.unwrap_or(false))?))
-    })
+cuda_fns! {
+    /// `expertsForward` on device tensors (cuBLAS GEMMs per expert); with saveForBackward also
+    /// the up-projection and the weighted activation (`upProjection`, `activation`).
+    cudaExpertsForwardDevice(options: ActArgs, inputs: ExpertsArgs<Device>, saveForBackward: Flag) -> DeviceOut |dev| {
+        let (out, saved) = experts::experts_forward_device_saving(dev, &inputs.into(), &options, saveForBackward)?;
+        let (up, act) = saved.map(|s| (s.up_projection, s.activation)).unzip();
+        Ok(DeviceOut::default().t("output", out).opt("upProjection", up).opt("activation", act))
+    }
+    /// `expertsBackward` on device tensors (`saved`: what the forward kept).
+    cudaExpertsBackwardDevice(options: ActArgs, gradOutput: Device, inputs: ExpertsArgs<Device>, saved: Saved) -> DeviceOut |dev| {
+        Ok(grads(experts::experts_backward_device_saved(dev, &gradOutput, &inputs.into(), &options, saved)?))
+    }
+    /// `matmul` on device tensors (one cuBLAS GEMM).
+    cudaMatmulDevice(a: Device, b: Device, transA: Flag, transB: Flag) -> CudaTensor |dev| {
+        Ok(CudaTensor::wrap(experts::matmul_device(dev, &a, &b, transA, transB)?))
+    }
 }

@@ -4,20 +4,33 @@
 //! the JavaScript class they should become ("TypeError", "RangeError" or "Error"), which the
 //! TypeScript facade rethrows as such.
 
+/// The CUDA backend's op functions (cuda*.rs): each takes one argument object, read field by
+/// field by the op table's kinds and groups (`moe_bind::read_args!`: the same reading, the same
+/// errors in the same order as the CPU op's; before the GPU is opened), `Device` for a device
+/// tensor; the body then runs on the process's GPU, with the object itself as `$o` when it names one.
+macro_rules! cuda_fns {
+    ($( $(#[doc = $doc:literal])* $name:ident ( $($arg:ident : $kind:ty),* $(,)? ) -> $ret:ty |$dev:ident $(, $o:ident)?| $body:block )*) => {$(
+        $(#[doc = $doc])*
+        #[napi_derive::napi]
+        #[allow(non_snake_case)]
+        pub fn $name(args: Option<napi::bindgen_prelude::Object>) -> napi::Result<$ret, String> {
+            let o = crate::wire::Args(args);
+            crate::cuda::guarded(|| {
+                $( let $o = &o; )?
+                moe_bind::read_args!(&o, crate::wire::Args<'_>; $($arg: $kind),*);
+                let $dev = moe_cuda::Device::global()?;
+                $body
+            })
+        }
+    )*};
+}
+
 mod cuda;
 mod cuda_activations;
 mod cuda_experts;
 mod cuda_layout;
 mod cuda_train;
 mod wire;
-
-/// The N-API objects the CUDA functions return, where cuda.rs imports them from.
-mod dispatch {
-    pub use crate::wire::PermuteOut;
-}
-mod routing {
-    pub use crate::wire::{RouteOut, TopKValuesOut};
-}
 
 use napi::bindgen_prelude::Object;
 use napi_derive::napi;

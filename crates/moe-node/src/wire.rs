@@ -15,7 +15,7 @@ use napi_derive::napi;
 pub struct Args<'e>(pub Option<Object<'e>>);
 
 impl Args<'_> {
-    fn get<V: FromNapiValue>(&self, key: &str, expected: &str) -> moe_core::Result<Option<V>> {
+    pub(crate) fn get<V: FromNapiValue>(&self, key: &str, expected: &str) -> moe_core::Result<Option<V>> {
         let Some(o) = &self.0 else { return Ok(None) };
         o.get::<Option<V>>(key).map(Option::flatten).map_err(|_| Error::type_error(key, expected, "another kind of value"))
     }
@@ -145,58 +145,4 @@ pub fn to_wire(t: Tensor) -> WireTensorOut {
 
 pub fn view<'a>(name: &'static str, w: &'a WireTensor) -> moe_core::Result<TensorRef<'a>> {
     TensorRef::from_parts(name, &w.dtype, &w.shape, &w.data)
-}
-
-pub fn opt_view<'a>(name: &'static str, w: &'a Option<WireTensor>) -> moe_core::Result<Option<TensorRef<'a>>> {
-    w.as_ref().map(|w| view(name, w)).transpose()
-}
-
-#[napi(object)]
-pub struct PermuteOut {
-    pub permuted_tokens: WireTensorOut,
-    pub permuted_probs: Option<WireTensorOut>,
-    pub sorted_indices: WireTensorOut,
-    pub tokens_per_expert: WireTensorOut,
-}
-
-impl From<moe_core::permute::Permuted> for PermuteOut {
-    fn from(o: moe_core::permute::Permuted) -> PermuteOut {
-        PermuteOut {
-            permuted_tokens: to_wire(o.permuted_tokens),
-            permuted_probs: o.permuted_probs.map(to_wire),
-            sorted_indices: to_wire(o.sorted_indices),
-            tokens_per_expert: to_wire(o.tokens_per_expert),
-        }
-    }
-}
-
-#[napi(object)]
-pub struct RouteOut {
-    pub weights: WireTensorOut,
-    pub indices: WireTensorOut,
-    pub scores: WireTensorOut,
-    pub tokens_per_expert: WireTensorOut,
-}
-
-impl From<moe_core::routing::Routed> for RouteOut {
-    fn from(o: moe_core::routing::Routed) -> RouteOut {
-        RouteOut {
-            weights: to_wire(o.weights),
-            indices: to_wire(o.indices),
-            scores: to_wire(o.scores),
-            tokens_per_expert: to_wire(o.tokens_per_expert),
-        }
-    }
-}
-
-#[napi(object)]
-pub struct TopKValuesOut {
-    pub values: WireTensorOut,
-    pub indices: WireTensorOut,
-}
-
-impl From<moe_core::routing::TopK> for TopKValuesOut {
-    fn from(o: moe_core::routing::TopK) -> TopKValuesOut {
-        TopKValuesOut { values: to_wire(o.values), indices: to_wire(o.indices) }
-    }
 }
