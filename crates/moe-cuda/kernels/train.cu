@@ -25,25 +25,41 @@
 #define SQ_THREADS 256
 #define FIN_THREADS 1024
 
-template <typename T>
-__device__ __forceinline__ void sum_squares_impl(const typename T::S* __restrict__ g, long long n, double* __restrict__ partials) {
-    __shared__ double sh[SQ_THREADS];
+// The fixed order of every chunk sum here: each of the block's LANES threads passes its own sum
+// (its elements in turn), then a halving tree (sh[i] += sh[i + s], s = LANES / 2 .. 1); thread 0
+// gets the total. ts/optim.ts's laneTreeSum is the host's copy of this order.
+template <int LANES>
+__device__ __forceinline__ double lane_tree_sum(double acc) {
+    __shared__ double sh[LANES];
+    sh[threadIdx.x] = acc;
+    __syncthreads();
+    for (int s = LANES / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+        __syncthreads();
+    }
+    return sh[0];
+}
+
+// Thread i's part of chunk blockIdx.x: f(i), f(i + 256), ... over the chunk's elements below n.
+template <typename F>
+__device__ __forceinline__ double chunk_lane_sum(long long n, F f) {
     const long long base = (long long)blockIdx.x * SQ_CHUNK;
     double acc = 0.0;
     for (int j = 0; j < SQ_CHUNK / SQ_THREADS; j++) {
         const long long i = base + threadIdx.x + (long long)j * SQ_THREADS;
-        if (i < n) {
-            const double v = (double)T::to_f32(g[i]);
-            acc += v * v;
-        }
+        if (i < n) acc += f(i);
     }
-    sh[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = SQ_THREADS / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) partials[blockIdx.x] = sh[0];
+    return acc;
+}
+
+template <typename T>
+__device__ __forceinline__ void sum_squares_impl(const typename T::S* __restrict__ g, long long n, double* __restrict__ partials) {
+    const double acc = chunk_lane_sum(n, [&](long long i) {
+        const double v = (double)T::to_f32(g[i]);
+        return v * v;
+    });
+    const double total = lane_tree_sum<SQ_THREADS>(acc);
+    if (threadIdx.x == 0) partials[blockIdx.x] = total;
 }
 
 #define SUM_SQUARES(T)                                                                                          \
@@ -52,19 +68,18 @@ SUM_SQUARES(F32)
 SUM_SQUARES(BF16)
 SUM_SQUARES(F16)
 
-extern "C" __global__ void adamw_finish(const double* __restrict__ partials, long long n, double* __restrict__ state, double lr,
-                                        double beta1, double beta2, double eps, double weight_decay, double max_norm) {
-    __shared__ double sh[FIN_THREADS];
+// Thread i's part of the second level: partials i, i + 1024, ... in turn.
+__device__ __forceinline__ double partials_lane_sum(const double* __restrict__ partials, long long n) {
     double acc = 0.0;
     for (long long i = threadIdx.x; i < n; i += FIN_THREADS) acc += partials[i];
-    sh[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = FIN_THREADS / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
-        __syncthreads();
-    }
+    return acc;
+}
+
+extern "C" __global__ void adamw_finish(const double* __restrict__ partials, long long n, double* __restrict__ state, double lr,
+                                        double beta1, double beta2, double eps, double weight_decay, double max_norm) {
+    const double total = lane_tree_sum<FIN_THREADS>(partials_lane_sum(partials, n));
     if (threadIdx.x != 0) return;
-    const double norm = sqrt(sh[0]);
+    const double norm = sqrt(total);
     float* f = reinterpret_cast<float*>(state + 8);
     state[4] = norm;
     if (!isfinite(norm)) {
@@ -283,40 +298,21 @@ extern "C" __global__ void column_sums_F16(const float* g, long long rows, int c
 template <typename T>
 __device__ __forceinline__ void mse_impl(const typename T::S* __restrict__ y, const typename T::S* __restrict__ t, long long n,
                                          typename T::S* __restrict__ grad, double* __restrict__ partials) {
-    __shared__ double sh[SQ_THREADS];
-    const long long base = (long long)blockIdx.x * SQ_CHUNK;
-    double acc = 0.0;
-    for (int j = 0; j < SQ_CHUNK / SQ_THREADS; j++) {
-        const long long i = base + threadIdx.x + (long long)j * SQ_THREADS;
-        if (i < n) {
-            const double d = (double)T::to_f32(y[i]) - (double)T::to_f32(t[i]);
-            grad[i] = T::from_f32((float)((2.0 * d) / (double)n));
-            acc += d * d;
-        }
-    }
-    sh[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = SQ_THREADS / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) partials[blockIdx.x] = sh[0];
+    const double acc = chunk_lane_sum(n, [&](long long i) {
+        const double d = (double)T::to_f32(y[i]) - (double)T::to_f32(t[i]);
+        grad[i] = T::from_f32((float)((2.0 * d) / (double)n));
+        return d * d;
+    });
+    const double total = lane_tree_sum<SQ_THREADS>(acc);
+    if (threadIdx.x == 0) partials[blockIdx.x] = total;
 }
 extern "C" __global__ void mse_F32(const float* y, const float* t, long long n, float* grad, double* partials) { mse_impl<F32>(y, t, n, grad, partials); }
 extern "C" __global__ void mse_BF16(const u16* y, const u16* t, long long n, u16* grad, double* partials) { mse_impl<BF16>(y, t, n, grad, partials); }
 extern "C" __global__ void mse_F16(const u16* y, const u16* t, long long n, u16* grad, double* partials) { mse_impl<F16>(y, t, n, grad, partials); }
 
 extern "C" __global__ void mse_finish(const double* __restrict__ partials, long long chunks, long long n, double* __restrict__ out) {
-    __shared__ double sh[FIN_THREADS];
-    double acc = 0.0;
-    for (long long i = threadIdx.x; i < chunks; i += FIN_THREADS) acc += partials[i];
-    sh[threadIdx.x] = acc;
-    __syncthreads();
-    for (int s = FIN_THREADS / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[0] = n > 0 ? sh[0] / (double)n : 0.0;
+    const double total = lane_tree_sum<FIN_THREADS>(partials_lane_sum(partials, chunks));
+    if (threadIdx.x == 0) out[0] = n > 0 ? total / (double)n : 0.0;
 }
 
 // The shared expert's sigmoid gate (Qwen2-MoE), MoELayer's steps on the GPU. gl = the gate logit
