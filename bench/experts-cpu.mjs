@@ -1,9 +1,10 @@
 #!/usr/bin/env node
 // Times the expert GEMMs on the CPU backends: a float32 matmul (M = K = N = 1024) and the
 // grouped experts forward / backward (N = 2048 slots, dim 512, inter 1024, 8 experts of 256
-// slots, swiglu, with probs), median of 5 runs after a warm-up. GFLOP/s counts 2 flops per
-// multiply-add: forward 2*N*dim*3*inter, backward 2*N*dim*8*inter (it recomputes the
-// up-projection). Prints a table, writes bench/results/<date>-experts-cpu.json.
+// slots, swiglu, with probs; the forward also into a reused output, options.out), median of 5
+// runs after a warm-up. GFLOP/s counts 2 flops per multiply-add: forward 2*N*dim*3*inter,
+// backward 2*N*dim*8*inter (it recomputes the up-projection). Prints a table, writes
+// bench/results/<date>-experts-cpu.json.
 // Run after `npm run build`: node bench/experts-cpu.mjs [--out FILE]
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { cpus } from 'node:os';
@@ -34,6 +35,7 @@ const x = t([N, D], fill(N * D, 2));
 const tpe = { dtype: 'int32', shape: [E], data: new Int32Array(E).fill(N / E) };
 const weights = { gateAndUpProjs: t([E, D, 2 * I], fill(E * D * 2 * I, 3)), downProjs: t([E, I, D], fill(E * I * D, 4)) };
 const options = { activation: 'swiglu', permutedProbs: t([N], new Float32Array(N).fill(0.5)) };
+const reused = t([N, D], new Float32Array(N * D));
 
 const rows = [];
 for (const name of ['cpu', 'wasm']) {
@@ -46,6 +48,7 @@ for (const name of ['cpu', 'wasm']) {
   const cases = [
     ['matmul 1024x1024x1024', 2 * M ** 3, () => moe.matmul(a, a)],
     [`expertsForward N=${N} dim=${D} inter=${I} E=${E}`, 2 * N * D * 3 * I, () => moe.expertsForward(x, tpe, weights, options)],
+    [`expertsForward (out) N=${N} dim=${D} inter=${I} E=${E}`, 2 * N * D * 3 * I, () => moe.expertsForward(x, tpe, weights, { ...options, out: reused })],
     [`expertsBackward N=${N} dim=${D} inter=${I} E=${E}`, 2 * N * D * 8 * I, () => moe.expertsBackward(x, x, tpe, weights, options)],
   ];
   for (const [op, flops, f] of cases) {
