@@ -136,15 +136,10 @@ pub fn check_sort_chunks(x: Meta, split_sizes: Meta, sorted_idxs: Meta, probs: O
     Ok((n, c))
 }
 
-fn sort(
-    x: &TensorRef,
-    split_sizes: &TensorRef,
-    sorted_idxs: &TensorRef,
-    probs: Option<&TensorRef>,
-    backward: bool,
-) -> Result<SortedChunks> {
-    let (n, _) = check_sort_chunks(x.meta(), split_sizes.meta(), sorted_idxs.meta(), probs.map(|p| p.meta()), backward)?;
-    let layout = chunks(split_sizes, sorted_idxs, n, if backward { "gradOutput" } else { "input" })?;
+/// Either sort: `x` by `sizes` into `order` (`backward`: its adjoint), `probs` moving with the rows.
+fn sort(x: &TensorRef, sizes: &TensorRef, order: &TensorRef, probs: Option<&TensorRef>, backward: bool) -> Result<SortedChunks> {
+    let (n, _) = check_sort_chunks(x.meta(), sizes.meta(), order.meta(), probs.map(|p| p.meta()), backward)?;
+    let layout = chunks(sizes, order, n, if backward { "gradOutput" } else { "input" })?;
     apply(x, probs, &if backward { layout.backward_rows() } else { layout.forward_rows() })
 }
 

@@ -220,13 +220,13 @@ pub struct ExpertsInputs<T> {
     pub tokens: T,
     /// `[E]` int32 or int64, summing to `N`.
     pub tokens_per_expert: T,
+    /// `[N]` or `[N, 1]` float32: each slot's routing prob.
+    pub probs: Option<T>,
     /// `[E, dim, 2 * inter]` (gate | up halves, interleaved pairs for quick_geglu), or
     /// `[E, dim, inter]` for relu2.
     pub gate_and_up: T,
     /// `[E, inter, dim]`.
     pub down: T,
-    /// `[N]` or `[N, 1]` float32: each slot's routing prob.
-    pub probs: Option<T>,
     /// `[E, 2 * inter]` (`[E, inter]` for relu2).
     pub gate_up_bias: Option<T>,
     /// `[E, dim]`.
@@ -244,9 +244,9 @@ impl<T> ExpertsInputs<T> {
         Ok(ExpertsInputs {
             tokens: f(&self.tokens)?,
             tokens_per_expert: f(&self.tokens_per_expert)?,
+            probs: self.probs.as_ref().map(&f).transpose()?,
             gate_and_up: f(&self.gate_and_up)?,
             down: f(&self.down)?,
-            probs: self.probs.as_ref().map(&f).transpose()?,
             gate_up_bias: self.gate_up_bias.as_ref().map(&f).transpose()?,
             down_bias: self.down_bias.as_ref().map(&f).transpose()?,
         })
@@ -498,21 +498,21 @@ fn forward_rows(w: &Wide, d: &Dims, act: &ActivationOptions, y: &mut [f32]) -> R
     })
 }
 
-/// Output of [`experts_backward`].
+/// Output of [`experts_backward`] (`T`: how a tensor is held; a device backend's are its own).
 #[derive(Debug, Clone, PartialEq)]
-pub struct ExpertsGrads {
+pub struct ExpertsGrads<T = Tensor> {
     /// `[N, dim]`, the dtype of the tokens.
-    pub grad_tokens: Tensor,
+    pub grad_tokens: T,
     /// Shaped and typed like `gateAndUpProjs` (or `upProjs`).
-    pub grad_gate_and_up: Tensor,
+    pub grad_gate_and_up: T,
     /// Shaped and typed like `downProjs`.
-    pub grad_down: Tensor,
+    pub grad_down: T,
     /// Like `gateUpProjBias`, when given.
-    pub grad_gate_up_bias: Option<Tensor>,
+    pub grad_gate_up_bias: Option<T>,
     /// Like `downProjBias`, when given.
-    pub grad_down_bias: Option<Tensor>,
+    pub grad_down_bias: Option<T>,
     /// Like `permutedProbs` (float32), when given.
-    pub grad_probs: Option<Tensor>,
+    pub grad_probs: Option<T>,
 }
 
 /// Backward of [`experts_forward`]: `gradOutput [N, dim]` (the dtype of the tokens) to the

@@ -35,48 +35,6 @@ fn weights_f32<'a>(weights: &TensorRef<'a>) -> Result<Cow<'a, [f32]>> {
     })
 }
 
-/// [`grouped_mm_sort`]'s arguments once checked: the indices' shape and the local window
-/// `[start, end)` of expert ids.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GroupedCheck {
-    pub num_tokens: usize,
-    pub topk: usize,
-    pub start: i64,
-    pub end: i64,
-}
-
-/// Every check of [`grouped_mm_sort`] but the indices' values (-1 or not negative: checked by
-/// the op), in its order (the mask's 0/1 values on the host).
-pub fn check_grouped_mm_sort(
-    indices: Meta,
-    weights: Meta,
-    token_mask: Option<Meta>,
-    num_local_experts: usize,
-    experts_start_idx: usize,
-) -> Result<GroupedCheck> {
-    let dims = indices.expect_rank(2, "[numTokens, topk]")?;
-    let (num_tokens, topk) = (dims[0], dims[1]);
-    indices.expect_dtype(DType::INDICES)?;
-    weights.expect_dtype(DType::TOKENS)?;
-    weights.expect_shape(&[num_tokens, topk], "(the shape of indices)")?;
-    if let Some(m) = token_mask {
-        m.expect_shape(&[num_tokens], "([numTokens], one per row of indices)")?;
-        m.check_mask()?;
-    }
-    if num_tokens.checked_mul(topk).is_none_or(|n| i32::try_from(n).is_err()) {
-        return Err(Error::range("indices.shape", format!("{num_tokens} * {topk} slots do not fit in int32 slot ids")));
-    }
-    let start =
-        i64::try_from(experts_start_idx).map_err(|_| Error::range("expertsStartIdx", format!("{experts_start_idx} is too large")))?;
-    let end = i64::try_from(num_local_experts).ok().and_then(|n| start.checked_add(n)).ok_or_else(|| {
-        Error::range(
-            "numLocalExperts",
-            format!("expertsStartIdx + numLocalExperts = {experts_start_idx} + {num_local_experts} is too large"),
-        )
-    })?;
-    Ok(GroupedCheck { num_tokens, topk, start, end })
-}
-
 /// Slots `(t, j)` in flat order `t * k + j` whose expert `indices[t, j]` lies in the local
 /// window `[expertsStartIdx, expertsStartIdx + numLocalExperts)` and whose token is not
 /// masked out by `tokenMask` (a masked token counts as `-1` in every slot), stably sorted by
@@ -147,6 +105,48 @@ pub fn grouped_mm_sort(
         tokens_per_expert: Tensor::i32(vec![num_local_experts], per_expert),
         offsets: Tensor::i32(vec![num_local_experts], offsets),
     })
+}
+
+/// [`grouped_mm_sort`]'s arguments once checked: the indices' shape and the local window
+/// `[start, end)` of expert ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupedCheck {
+    pub num_tokens: usize,
+    pub topk: usize,
+    pub start: i64,
+    pub end: i64,
+}
+
+/// Every check of [`grouped_mm_sort`] but the indices' values (-1 or not negative: checked by
+/// the op), in its order (the mask's 0/1 values on the host).
+pub fn check_grouped_mm_sort(
+    indices: Meta,
+    weights: Meta,
+    token_mask: Option<Meta>,
+    num_local_experts: usize,
+    experts_start_idx: usize,
+) -> Result<GroupedCheck> {
+    let dims = indices.expect_rank(2, "[numTokens, topk]")?;
+    let (num_tokens, topk) = (dims[0], dims[1]);
+    indices.expect_dtype(DType::INDICES)?;
+    weights.expect_dtype(DType::TOKENS)?;
+    weights.expect_shape(&[num_tokens, topk], "(the shape of indices)")?;
+    if let Some(m) = token_mask {
+        m.expect_shape(&[num_tokens], "([numTokens], one per row of indices)")?;
+        m.check_mask()?;
+    }
+    if num_tokens.checked_mul(topk).is_none_or(|n| i32::try_from(n).is_err()) {
+        return Err(Error::range("indices.shape", format!("{num_tokens} * {topk} slots do not fit in int32 slot ids")));
+    }
+    let start =
+        i64::try_from(experts_start_idx).map_err(|_| Error::range("expertsStartIdx", format!("{experts_start_idx} is too large")))?;
+    let end = i64::try_from(num_local_experts).ok().and_then(|n| start.checked_add(n)).ok_or_else(|| {
+        Error::range(
+            "numLocalExperts",
+            format!("expertsStartIdx + numLocalExperts = {experts_start_idx} + {num_local_experts} is too large"),
+        )
+    })?;
+    Ok(GroupedCheck { num_tokens, topk, start, end })
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use moe_core::tensor::DType;
 use crate::device::{Arg, Buffer, Device};
 use crate::error::{Error, Result};
 use crate::switch::Switch;
-use crate::tensor::{download_opt, opt_meta, opt_ref, tensor_ref, upload_owned_opt, DeviceTensor};
+use crate::tensor::{on_host, opt_meta, upload_owned_opt, DeviceTensor};
 
 /// Threads per block of the element-wise and per-row kernels.
 const THREADS: u32 = 256;
@@ -374,10 +374,7 @@ pub fn activation_device(
 }
 
 fn activation_host(dev: &Device, x: &DeviceTensor, probs: Option<&DeviceTensor>, options: &ActivationOptions) -> Result<DeviceTensor> {
-    let xh = x.download(dev, "x")?;
-    let ph = download_opt(dev, "probs", probs)?;
-    let p_ref = opt_ref("probs", &ph)?;
-    let out = moe_core::activations::activation(&tensor_ref("x", &xh)?, p_ref.as_ref(), options)?;
+    let out = on_host(dev, [("x", x)], [("probs", probs)], |[x], [p]| moe_core::activations::activation(&x, p.as_ref(), options))?;
     DeviceTensor::upload_owned(dev, "the output", &out)
 }
 
@@ -421,11 +418,9 @@ fn activation_backward_host(
     probs: Option<&DeviceTensor>,
     options: &ActivationOptions,
 ) -> Result<(DeviceTensor, Option<DeviceTensor>)> {
-    let gh = grad.download(dev, "grad")?;
-    let xh = x.download(dev, "x")?;
-    let ph = download_opt(dev, "probs", probs)?;
-    let p_ref = opt_ref("probs", &ph)?;
-    let out = moe_core::activations::activation_backward(&tensor_ref("grad", &gh)?, &tensor_ref("x", &xh)?, p_ref.as_ref(), options)?;
+    let out = on_host(dev, [("grad", grad), ("x", x)], [("probs", probs)], |[g, x], [p]| {
+        moe_core::activations::activation_backward(&g, &x, p.as_ref(), options)
+    })?;
     Ok((DeviceTensor::upload_owned(dev, "gradInput", &out.grad_input)?, upload_owned_opt(dev, "gradProbs", out.grad_probs.as_ref())?))
 }
 
@@ -629,22 +624,14 @@ fn loss_host(
     token_mask: Option<&DeviceTensor>,
 ) -> Result<(f64, DeviceTensor)> {
     let first = if matches!(op, LossOp::Switch(_)) { "probs" } else { "logits" };
-    let xh = x.download(dev, first)?;
-    let ch = download_opt(dev, "tokensPerExpert", counts)?;
-    let mh = download_opt(dev, "tokenMask", token_mask)?;
-    let x_ref = tensor_ref(first, &xh)?;
-    let m_ref = opt_ref("tokenMask", &mh)?;
-    let counts_ref = || -> Result<moe_core::TensorRef<'_>> {
-        let c = ch.as_ref().ok_or_else(|| Error::Cuda("the Switch loss without tokensPerExpert (a bug in moe-dispatch)".into()))?;
-        tensor_ref("tokensPerExpert", c)
-    };
-    let out = match op {
-        LossOp::Switch(o) => moe_core::aux_loss::switch_load_balancing_loss(&x_ref, &counts_ref()?, m_ref.as_ref(), o)?,
+    let missing = || moe_core::Error::Internal("the Switch loss without tokensPerExpert (a bug in moe-dispatch)".into());
+    let out = on_host(dev, [(first, x)], [("tokensPerExpert", counts), ("tokenMask", token_mask)], |[x], [c, m]| match op {
+        LossOp::Switch(o) => moe_core::aux_loss::switch_load_balancing_loss(&x, &c.ok_or_else(missing)?, m.as_ref(), o),
         LossOp::SwitchFromLogits(o) => {
-            moe_core::aux_loss::switch_load_balancing_loss_from_logits(&x_ref, &counts_ref()?, m_ref.as_ref(), o)?
+            moe_core::aux_loss::switch_load_balancing_loss_from_logits(&x, &c.ok_or_else(missing)?, m.as_ref(), o)
         }
-        LossOp::Z(coeff) => moe_core::aux_loss::z_loss(&x_ref, m_ref.as_ref(), coeff)?,
-    };
+        LossOp::Z(coeff) => moe_core::aux_loss::z_loss(&x, m.as_ref(), coeff),
+    })?;
     let what = if matches!(op, LossOp::Switch(_)) { "gradProbs" } else { "gradLogits" };
     Ok((out.loss, DeviceTensor::upload_owned(dev, what, &out.grad)?))
 }

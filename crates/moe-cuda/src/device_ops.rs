@@ -28,7 +28,7 @@ use moe_core::tensor::DType;
 use crate::device::{Arg, Buffer, Device, HostWords, PendingRead, COUNTER_PLAN_TICKET};
 use crate::error::{Error, Result};
 use crate::permute::{self as ops, DevicePlan, PermuteKernel};
-use crate::tensor::{download_opt, opt_meta, opt_ref, tensor_ref, upload_owned_opt, DeviceTensor};
+use crate::tensor::{download_opt, on_host, opt_meta, opt_ref, tensor_ref, upload_owned_opt, DeviceTensor};
 
 /// Tokens a chunk of the plan kernels (PLAN_CHUNK in kernels/plan.cu).
 const PLAN_CHUNK: usize = 64;
@@ -337,11 +337,9 @@ fn permute_host(
     probs: Option<&DeviceTensor>,
     options: PermuteOptions,
 ) -> Result<DevicePermuted> {
-    let tok = tokens.download(dev, "tokens")?;
-    let map = routing_map.download(dev, "routingMap")?;
-    let pr = download_opt(dev, "probs", probs)?;
-    let pr_ref = opt_ref("probs", &pr)?;
-    let out = moe_core::permute::permute(&tensor_ref("tokens", &tok)?, &tensor_ref("routingMap", &map)?, pr_ref.as_ref(), options)?;
+    let out = on_host(dev, [("tokens", tokens), ("routingMap", routing_map)], [("probs", probs)], |[t, m], [p]| {
+        moe_core::permute::permute(&t, &m, p.as_ref(), options)
+    })?;
     Ok(DevicePermuted {
         permuted_tokens: DeviceTensor::upload_owned(dev, "permutedTokens", &out.permuted_tokens)?,
         permuted_probs: upload_owned_opt(dev, "permutedProbs", out.permuted_probs.as_ref())?,
@@ -407,20 +405,10 @@ fn unpermute_host(
     routing_map: Option<&DeviceTensor>,
     options: UnpermuteOptions,
 ) -> Result<DeviceTensor> {
-    let x = permuted.download(dev, "permutedTokens")?;
-    let si = sorted_indices.download(dev, "sortedIndices")?;
-    let pr = download_opt(dev, "probs", probs)?;
-    let map = download_opt(dev, "routingMap", routing_map)?;
-    let pr_ref = opt_ref("probs", &pr)?;
-    let map_ref = opt_ref("routingMap", &map)?;
-    let out = moe_core::permute::unpermute(
-        &tensor_ref("permutedTokens", &x)?,
-        &tensor_ref("sortedIndices", &si)?,
-        restore_shape,
-        pr_ref.as_ref(),
-        map_ref.as_ref(),
-        options,
-    )?;
+    let required = [("permutedTokens", permuted), ("sortedIndices", sorted_indices)];
+    let out = on_host(dev, required, [("probs", probs), ("routingMap", routing_map)], |[x, s], [p, m]| {
+        moe_core::permute::unpermute(&x, &s, restore_shape, p.as_ref(), m.as_ref(), options)
+    })?;
     DeviceTensor::upload_owned(dev, "the output", &out)
 }
 
@@ -563,20 +551,10 @@ fn permute_backward_host(
     routing_map: Option<&DeviceTensor>,
     options: UnpermuteOptions,
 ) -> Result<(DeviceTensor, Option<DeviceTensor>)> {
-    let g = grad_permuted.download(dev, "gradPermuted")?;
-    let si = sorted_indices.download(dev, "sortedIndices")?;
-    let gp = download_opt(dev, "gradPermutedProbs", grad_permuted_probs)?;
-    let map = download_opt(dev, "routingMap", routing_map)?;
-    let gp_ref = opt_ref("gradPermutedProbs", &gp)?;
-    let map_ref = opt_ref("routingMap", &map)?;
-    let out = moe_core::permute::permute_backward(
-        &tensor_ref("gradPermuted", &g)?,
-        &tensor_ref("sortedIndices", &si)?,
-        num_tokens,
-        gp_ref.as_ref(),
-        map_ref.as_ref(),
-        options,
-    )?;
+    let required = [("gradPermuted", grad_permuted), ("sortedIndices", sorted_indices)];
+    let out = on_host(dev, required, [("gradPermutedProbs", grad_permuted_probs), ("routingMap", routing_map)], |[g, s], [p, m]| {
+        moe_core::permute::permute_backward(&g, &s, num_tokens, p.as_ref(), m.as_ref(), options)
+    })?;
     Ok((DeviceTensor::upload_owned(dev, "gradTokens", &out.grad_tokens)?, upload_owned_opt(dev, "gradProbs", out.grad_probs.as_ref())?))
 }
 
@@ -634,21 +612,10 @@ fn unpermute_backward_host(
     routing_map: Option<&DeviceTensor>,
     options: UnpermuteOptions,
 ) -> Result<(DeviceTensor, Option<DeviceTensor>)> {
-    let g = grad_output.download(dev, "gradOutput")?;
-    let x = permuted.download(dev, "permutedTokens")?;
-    let si = sorted_indices.download(dev, "sortedIndices")?;
-    let pr = download_opt(dev, "probs", probs)?;
-    let map = download_opt(dev, "routingMap", routing_map)?;
-    let pr_ref = opt_ref("probs", &pr)?;
-    let map_ref = opt_ref("routingMap", &map)?;
-    let out = moe_core::permute::unpermute_backward(
-        &tensor_ref("gradOutput", &g)?,
-        &tensor_ref("permutedTokens", &x)?,
-        &tensor_ref("sortedIndices", &si)?,
-        pr_ref.as_ref(),
-        map_ref.as_ref(),
-        options,
-    )?;
+    let required = [("gradOutput", grad_output), ("permutedTokens", permuted), ("sortedIndices", sorted_indices)];
+    let out = on_host(dev, required, [("probs", probs), ("routingMap", routing_map)], |[g, x, s], [p, m]| {
+        moe_core::permute::unpermute_backward(&g, &x, &s, p.as_ref(), m.as_ref(), options)
+    })?;
     Ok((DeviceTensor::upload_owned(dev, "gradPermuted", &out.grad_permuted)?, upload_owned_opt(dev, "gradProbs", out.grad_probs.as_ref())?))
 }
 

@@ -82,15 +82,8 @@ impl<'a> From<ExpertsInputs<DeviceArg<'a>>> for DeviceExpertsInputs<'a> {
     }
 }
 
-/// What [`experts_backward_device`] returns (device tensors shaped as the core's).
-pub struct DeviceExpertsGrads {
-    pub grad_tokens: DeviceTensor,
-    pub grad_gate_and_up: DeviceTensor,
-    pub grad_down: DeviceTensor,
-    pub grad_gate_up_bias: Option<DeviceTensor>,
-    pub grad_down_bias: Option<DeviceTensor>,
-    pub grad_probs: Option<DeviceTensor>,
-}
+/// What [`experts_backward_device`] returns: the core's [`ExpertsGrads`] as device tensors.
+pub type DeviceExpertsGrads = ExpertsGrads<DeviceTensor>;
 
 /// Sizes of a problem that takes the GPU path.
 struct Plan {

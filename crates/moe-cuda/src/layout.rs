@@ -26,7 +26,7 @@ use moe_core::tensor::{DType, Tensor};
 use crate::device::{Arg, Buffer, Device};
 use crate::error::Result;
 use crate::permute as ops;
-use crate::tensor::{download_opt, opt_meta, opt_ref, tensor_ref, upload_owned_opt, DeviceTensor};
+use crate::tensor::{on_host, opt_meta, upload_owned_opt, DeviceTensor};
 
 /// Tokens a chunk of the column-count kernels (LAYOUT_CHUNK in kernels/layout.cu).
 pub const LAYOUT_CHUNK: usize = 64;
@@ -62,10 +62,6 @@ pub(crate) fn error_word(dev: &Device) -> Result<Buffer> {
 /// Whether a kernel set the error word (a synchronisation).
 pub(crate) fn error_set(dev: &Device, err: &Buffer) -> Result<bool> {
     Ok(dev.read_head::<u32, 1>("the error word", err, 0)?[0] != 0)
-}
-
-fn down(dev: &Device, t: &DeviceTensor, what: &str) -> Result<Tensor> {
-    t.download(dev, what)
 }
 
 fn up(dev: &Device, what: &str, t: &Tensor) -> Result<DeviceTensor> {
@@ -147,9 +143,9 @@ pub fn indices_to_multihot_device(
             return Ok(DeviceMultihot { routing_map: map, probs: dense });
         }
     }
-    let i = down(dev, indices, "indices")?;
-    let pr = down(dev, probs, "probs")?;
-    let out = moe_core::routing_map::indices_to_multihot(&tensor_ref("indices", &i)?, &tensor_ref("probs", &pr)?, num_experts)?;
+    let out = on_host(dev, [("indices", indices), ("probs", probs)], [], |[i, p], []| {
+        moe_core::routing_map::indices_to_multihot(&i, &p, num_experts)
+    })?;
     Ok(DeviceMultihot { routing_map: up(dev, "routingMap", &out.routing_map)?, probs: up(dev, "probs", &out.probs)? })
 }
 
@@ -200,10 +196,9 @@ pub fn multihot_to_indices_device(
             return Ok(DeviceTopK { indices, probs: out_probs });
         }
     }
-    let m = down(dev, routing_map, "routingMap")?;
-    let pr = download_opt(dev, "probs", probs)?;
-    let pr_ref = opt_ref("probs", &pr)?;
-    let out = moe_core::routing_map::multihot_to_indices(&tensor_ref("routingMap", &m)?, pr_ref.as_ref(), topk)?;
+    let out = on_host(dev, [("routingMap", routing_map)], [("probs", probs)], |[m], [p]| {
+        moe_core::routing_map::multihot_to_indices(&m, p.as_ref(), topk)
+    })?;
     Ok(DeviceTopK { indices: up(dev, "indices", &out.indices)?, probs: up(dev, "probs", &out.probs)? })
 }
 
@@ -221,8 +216,7 @@ pub fn tokens_per_expert_device(dev: &Device, routing_map: &DeviceTensor) -> Res
         let (_, counts) = column_counts(dev, &routing_map.buf, t, e)?;
         return Ok(DeviceTensor::from_buffer(DType::I32, vec![e], counts));
     }
-    let m = down(dev, routing_map, "routingMap")?;
-    up(dev, "tokensPerExpert", &moe_core::capacity::tokens_per_expert(&tensor_ref("routingMap", &m)?)?)
+    up(dev, "tokensPerExpert", &on_host(dev, [("routingMap", routing_map)], [], |[m], []| moe_core::capacity::tokens_per_expert(&m))?)
 }
 
 /// [`moe_core::capacity::pad_routing_map`] on device tensors (no synchronisation).
@@ -249,8 +243,8 @@ pub fn pad_routing_map_device(dev: &Device, routing_map: &DeviceTensor, pad_mult
         )?;
         return Ok(out);
     }
-    let m = down(dev, routing_map, "routingMap")?;
-    up(dev, "the padded routing map", &moe_core::capacity::pad_routing_map(&tensor_ref("routingMap", &m)?, pad_multiple)?)
+    let out = on_host(dev, [("routingMap", routing_map)], [], |[m], []| moe_core::capacity::pad_routing_map(&m, pad_multiple))?;
+    up(dev, "the padded routing map", &out)
 }
 
 /// What [`drop_tokens_device`] returns (the core's `Dropped`, on the GPU).
@@ -316,9 +310,8 @@ pub fn drop_tokens_device(dev: &Device, probs: &DeviceTensor, routing_map: &Devi
         )?;
         return Ok(DeviceDropped { routing_map: out_map, probs: out_probs, capacity });
     }
-    let pr = down(dev, probs, "probs")?;
-    let m = down(dev, routing_map, "routingMap")?;
-    let out = moe_core::capacity::drop_tokens(&tensor_ref("probs", &pr)?, &tensor_ref("routingMap", &m)?, options)?;
+    let out =
+        on_host(dev, [("probs", probs), ("routingMap", routing_map)], [], |[p, m], []| moe_core::capacity::drop_tokens(&p, &m, options))?;
     Ok(DeviceDropped {
         routing_map: up(dev, "routingMap", &out.routing_map)?,
         probs: up(dev, "probs", &out.probs)?,
@@ -444,17 +437,9 @@ fn chunk_sort(
         }
         return Ok(DeviceSortedChunks { output: out, probs: out_probs });
     }
-    let xh = down(dev, x, x_name)?;
-    let sh = down(dev, split_sizes, "splitSizes")?;
-    let oh = down(dev, sorted_idxs, "sortedIdxs")?;
-    let ph = download_opt(dev, p_name, probs)?;
-    let ph_ref = opt_ref(p_name, &ph)?;
-    let (xr, sr, or) = (tensor_ref(x_name, &xh)?, tensor_ref("splitSizes", &sh)?, tensor_ref("sortedIdxs", &oh)?);
-    let out = if backward {
-        moe_core::chunks::sort_chunks_by_index_backward(&xr, &sr, &or, ph_ref.as_ref())?
-    } else {
-        moe_core::chunks::sort_chunks_by_index(&xr, &sr, &or, ph_ref.as_ref())?
-    };
+    let sort = if backward { moe_core::chunks::sort_chunks_by_index_backward } else { moe_core::chunks::sort_chunks_by_index };
+    let required = [(x_name, x), ("splitSizes", split_sizes), ("sortedIdxs", sorted_idxs)];
+    let out = on_host(dev, required, [(p_name, probs)], |[x, s, o], [p]| sort(&x, &s, &o, p.as_ref()))?;
     Ok(DeviceSortedChunks { output: up(dev, out_name, &out.output)?, probs: upload_owned_opt(dev, probs_name, out.probs.as_ref())? })
 }
 
@@ -582,17 +567,9 @@ pub fn grouped_mm_sort_device(
             });
         }
     }
-    let ih = down(dev, indices, "indices")?;
-    let wh = down(dev, weights, "weights")?;
-    let mh = download_opt(dev, "tokenMask", token_mask)?;
-    let mh_ref = opt_ref("tokenMask", &mh)?;
-    let out = moe_core::grouped::grouped_mm_sort(
-        &tensor_ref("indices", &ih)?,
-        &tensor_ref("weights", &wh)?,
-        mh_ref.as_ref(),
-        num_local_experts,
-        experts_start_idx,
-    )?;
+    let out = on_host(dev, [("indices", indices), ("weights", weights)], [("tokenMask", token_mask)], |[i, w], [m]| {
+        moe_core::grouped::grouped_mm_sort(&i, &w, m.as_ref(), num_local_experts, experts_start_idx)
+    })?;
     Ok(DeviceGroupedSort {
         sorted_token_ids: up(dev, "sortedTokenIds", &out.sorted_token_ids)?,
         sorted_slot_ids: up(dev, "sortedSlotIds", &out.sorted_slot_ids)?,

@@ -136,6 +136,22 @@ pub fn upload_owned_opt(dev: &Device, what: &str, t: Option<&Tensor>) -> Result<
     t.map(|t| DeviceTensor::upload_owned(dev, what, t)).transpose()
 }
 
+/// The host path of a device op: its tensors downloaded under their argument names (`required`,
+/// then `optional`, an absent one staying absent) and handed to `f`, the core op, as views.
+pub fn on_host<'d, const R: usize, const O: usize, T>(
+    dev: &Device,
+    required: [(&'static str, &'d DeviceTensor); R],
+    optional: [(&'static str, Option<&'d DeviceTensor>); O],
+    f: impl FnOnce([TensorRef; R], [Option<TensorRef>; O]) -> moe_core::Result<T>,
+) -> Result<T> {
+    let req = required.iter().map(|&(name, t)| Ok((name, t.download(dev, name)?))).collect::<Result<Vec<_>>>()?;
+    let opt = optional.iter().map(|&(name, t)| Ok((name, download_opt(dev, name, t)?))).collect::<Result<Vec<_>>>()?;
+    let req_refs = req.iter().map(|(name, t)| tensor_ref(name, t)).collect::<Result<Vec<_>>>()?;
+    let opt_refs = opt.iter().map(|(name, t)| opt_ref(name, t)).collect::<Result<Vec<_>>>()?;
+    let bug = || Error::Cuda("on_host: a tensor went missing (a bug in moe-dispatch)".into());
+    Ok(f(req_refs.try_into().map_err(|_| bug())?, opt_refs.try_into().map_err(|_| bug())?)?)
+}
+
 /// [`DeviceTensor::meta`] of an optional argument.
 pub fn opt_meta<'a>(t: Option<&'a DeviceTensor>, name: &'static str) -> Option<Meta<'a>> {
     t.map(|t| t.meta(name))

@@ -187,31 +187,49 @@ impl<'e> Kind<Args<'e>> for Device {
     }
 }
 
-/// A device op's result object: the keys of the op table's result (`Multihot`, `ExpertsGrads`,
-/// ...), device tensors as `CudaTensor`s, numbers as numbers; an absent optional tensor is left out.
+/// A device op's result object (`device_out!`): the keys of the op table's result (`Multihot`,
+/// `ExpertsGrads`, ...), device tensors as `CudaTensor`s, numbers as numbers; an absent optional
+/// tensor is left out.
 #[derive(Default)]
 pub struct DeviceOut(Vec<(&'static str, Field)>);
 
-enum Field {
+pub enum Field {
     Tensor(DeviceTensor),
     Num(f64),
 }
 
+/// A value of a device result object: a device tensor, an optional one, or a number.
+pub trait IntoField {
+    fn into_field(self) -> Option<Field>;
+}
+
+impl IntoField for DeviceTensor {
+    fn into_field(self) -> Option<Field> {
+        Some(Field::Tensor(self))
+    }
+}
+
+impl IntoField for Option<DeviceTensor> {
+    fn into_field(self) -> Option<Field> {
+        self.map(Field::Tensor)
+    }
+}
+
+impl IntoField for f64 {
+    fn into_field(self) -> Option<Field> {
+        Some(Field::Num(self))
+    }
+}
+
+impl IntoField for usize {
+    fn into_field(self) -> Option<Field> {
+        Some(Field::Num(self as f64))
+    }
+}
+
 impl DeviceOut {
-    pub fn t(mut self, key: &'static str, t: DeviceTensor) -> DeviceOut {
-        self.0.push((key, Field::Tensor(t)));
-        self
-    }
-
-    pub fn opt(self, key: &'static str, t: Option<DeviceTensor>) -> DeviceOut {
-        match t {
-            Some(t) => self.t(key, t),
-            None => self,
-        }
-    }
-
-    pub fn num(mut self, key: &'static str, v: f64) -> DeviceOut {
-        self.0.push((key, Field::Num(v)));
+    pub fn with(mut self, key: &'static str, v: impl IntoField) -> DeviceOut {
+        self.0.extend(v.into_field().map(|f| (key, f)));
         self
     }
 }
@@ -227,14 +245,6 @@ impl ToNapiValue for DeviceOut {
         }
         Object::to_napi_value(env, o)
     }
-}
-
-fn permuted(o: DevicePermuted) -> DeviceOut {
-    DeviceOut::default()
-        .t("permutedTokens", o.permuted_tokens)
-        .opt("permutedProbs", o.permuted_probs)
-        .t("sortedIndices", o.sorted_indices)
-        .t("tokensPerExpert", o.tokens_per_expert)
 }
 
 cuda_fns! {
@@ -271,7 +281,8 @@ cuda_fns! {
     /// `permute` on device tensors (the plan is built on the GPU).
     cudaPermuteDevice(tokens: Device, routingMap: Device, probs: Option<Device>, numOutTokens: Option<Size>, dropAndPad: Flag) -> DeviceOut |dev| {
         let options = PermuteOptions { num_out_tokens: numOutTokens, drop_and_pad: dropAndPad };
-        Ok(permuted(device_ops::permute_device(dev, &tokens, &routingMap, probs.as_deref(), options)?))
+        let o: DevicePermuted = device_ops::permute_device(dev, &tokens, &routingMap, probs.as_deref(), options)?;
+        Ok(device_out!(permutedTokens: o.permuted_tokens, permutedProbs: o.permuted_probs, sortedIndices: o.sorted_indices, tokensPerExpert: o.tokens_per_expert))
     }
     /// `unpermute` on device tensors.
     cudaUnpermuteDevice(restoreShape: Nums, permutedTokens: Device, sortedIndices: Device, probs: Option<Device>, routingMap: Option<Device>, dropAndPad: Flag) -> CudaTensor |dev| {
@@ -283,24 +294,24 @@ cuda_fns! {
     /// `route` on device tensors (one fused kernel).
     cudaRouteDevice(options: RouteArgs, logits: Device, expertBias: Option<Device>, tokenMask: Option<Device>) -> DeviceOut |dev| {
         let out = device_ops::route_device(dev, &logits, expertBias.as_deref(), tokenMask.as_deref(), options)?;
-        Ok(DeviceOut::default().t("weights", out.weights).t("indices", out.indices).t("scores", out.scores).t("tokensPerExpert", out.tokens_per_expert))
+        Ok(device_out!(weights: out.weights, indices: out.indices, scores: out.scores, tokensPerExpert: out.tokens_per_expert))
     }
     /// `topk` on device tensors.
     cudaTopkDevice(values: Device, k: Size) -> DeviceOut |dev| {
         let (v, i) = device_ops::topk_device(dev, &values, k)?;
-        Ok(DeviceOut::default().t("values", v).t("indices", i))
+        Ok(device_out!(values: v, indices: i))
     }
     /// `permuteBackward` on device tensors (gradTokens and the probs gradient on the GPU).
     cudaPermuteBackwardDevice(gradPermuted: Device, sortedIndices: Device, numTokens: Size, gradPermutedProbs: Option<Device>, routingMap: Option<Device>, dropAndPad: Flag) -> DeviceOut |dev| {
         let options = UnpermuteOptions { drop_and_pad: dropAndPad };
         let (g, p) = device_ops::permute_backward_device(dev, &gradPermuted, &sortedIndices, numTokens, gradPermutedProbs.as_deref(), routingMap.as_deref(), options)?;
-        Ok(DeviceOut::default().t("gradTokens", g).opt("gradProbs", p))
+        Ok(device_out!(gradTokens: g, gradProbs: p))
     }
     /// `unpermuteBackward` on device tensors (with or without probs, on the GPU).
     cudaUnpermuteBackwardDevice(gradOutput: Device, permutedTokens: Device, sortedIndices: Device, probs: Option<Device>, routingMap: Option<Device>, dropAndPad: Flag) -> DeviceOut |dev| {
         let options = UnpermuteOptions { drop_and_pad: dropAndPad };
         let (g, p) = device_ops::unpermute_backward_device(dev, &gradOutput, &permutedTokens, &sortedIndices, probs.as_deref(), routingMap.as_deref(), options)?;
-        Ok(DeviceOut::default().t("gradPermuted", g).opt("gradProbs", p))
+        Ok(device_out!(gradPermuted: g, gradProbs: p))
     }
     /// For the overhead benchmark (test/gpu/overhead.mjs): `iters` calls of `unpermute` on device
     /// tensors made from Rust in this process (no N-API, no facade), each result freed, each call

@@ -18,21 +18,21 @@ cuda_fns! {
     /// `activationBackward` on device tensors.
     cudaActivationBackwardDevice(options: ActArgs, grad: Device, x: Device, probs: Option<Device>) -> DeviceOut |dev| {
         let (g, p) = gpu::activation_backward_device(dev, &grad, &x, probs.as_deref(), &options)?;
-        Ok(DeviceOut::default().t("gradInput", g).opt("gradProbs", p))
+        Ok(device_out!(gradInput: g, gradProbs: p))
     }
     /// `switchLoadBalancingLoss` on device tensors: the loss is read back, the gradient stays on the GPU.
     cudaSwitchLoadBalancingLossDevice(options: SwitchArgs, probs: Device, tokensPerExpert: Device, tokenMask: Option<Device>) -> DeviceOut |dev| {
         let (loss, grad) = gpu::switch_load_balancing_loss_device(dev, &probs, &tokensPerExpert, tokenMask.as_deref(), options)?;
-        Ok(DeviceOut::default().num("loss", loss).t("gradProbs", grad))
+        Ok(device_out!(loss: loss, gradProbs: grad))
     }
     /// `switchLoadBalancingLossFromLogits` on device tensors.
     cudaSwitchLoadBalancingLossFromLogitsDevice(options: SwitchArgs, logits: Device, tokensPerExpert: Device, tokenMask: Option<Device>) -> DeviceOut |dev| {
         let (loss, grad) = gpu::switch_load_balancing_loss_from_logits_device(dev, &logits, &tokensPerExpert, tokenMask.as_deref(), options)?;
-        Ok(DeviceOut::default().num("loss", loss).t("gradLogits", grad))
+        Ok(device_out!(loss: loss, gradLogits: grad))
     }
     /// `zLoss` on device tensors.
     cudaZLossDevice(logits: Device, coeff: Option<Num>, tokenMask: Option<Device>) -> DeviceOut |dev| {
         let (loss, grad) = gpu::z_loss_device(dev, &logits, tokenMask.as_deref(), coeff.unwrap_or(DEFAULT_COEFF))?;
-        Ok(DeviceOut::default().num("loss", loss).t("gradLogits", grad))
+        Ok(device_out!(loss: loss, gradLogits: grad))
     }
 }

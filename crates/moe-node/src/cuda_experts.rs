@@ -47,27 +47,21 @@ impl<'e> Kind<Args<'e>> for Saved {
     }
 }
 
-fn grads(out: DeviceExpertsGrads) -> DeviceOut {
-    DeviceOut::default()
-        .t("gradTokens", out.grad_tokens)
-        .t("gradGateAndUpProjs", out.grad_gate_and_up)
-        .t("gradDownProjs", out.grad_down)
-        .opt("gradGateUpProjBias", out.grad_gate_up_bias)
-        .opt("gradDownProjBias", out.grad_down_bias)
-        .opt("gradProbs", out.grad_probs)
-}
-
 cuda_fns! {
     /// `expertsForward` on device tensors (cuBLAS GEMMs per expert); with saveForBackward also
     /// the up-projection and the weighted activation (`upProjection`, `activation`).
     cudaExpertsForwardDevice(options: ActArgs, inputs: ExpertsArgs<Device>, saveForBackward: Flag) -> DeviceOut |dev| {
         let (out, saved) = experts::experts_forward_device_saving(dev, &inputs.into(), &options, saveForBackward)?;
         let (up, act) = saved.map(|s| (s.up_projection, s.activation)).unzip();
-        Ok(DeviceOut::default().t("output", out).opt("upProjection", up).opt("activation", act))
+        Ok(device_out!(output: out, upProjection: up, activation: act))
     }
     /// `expertsBackward` on device tensors (`saved`: what the forward kept).
     cudaExpertsBackwardDevice(options: ActArgs, gradOutput: Device, inputs: ExpertsArgs<Device>, saved: Saved) -> DeviceOut |dev| {
-        Ok(grads(experts::experts_backward_device_saved(dev, &gradOutput, &inputs.into(), &options, saved)?))
+        let g: DeviceExpertsGrads = experts::experts_backward_device_saved(dev, &gradOutput, &inputs.into(), &options, saved)?;
+        Ok(device_out!(
+            gradTokens: g.grad_tokens, gradGateAndUpProjs: g.grad_gate_and_up, gradDownProjs: g.grad_down,
+            gradGateUpProjBias: g.grad_gate_up_bias, gradDownProjBias: g.grad_down_bias, gradProbs: g.grad_probs,
+        ))
     }
     /// `matmul` on device tensors (one cuBLAS GEMM).
     cudaMatmulDevice(a: Device, b: Device, transA: Flag, transB: Flag) -> CudaTensor |dev| {

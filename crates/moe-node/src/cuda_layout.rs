@@ -11,19 +11,19 @@ use crate::cuda::{CudaTensor, Device, DeviceOut};
 
 /// A chunk sort's result under its op's keys.
 fn chunks(out: DeviceSortedChunks, [output, probs]: [&'static str; 2]) -> DeviceOut {
-    DeviceOut::default().t(output, out.output).opt(probs, out.probs)
+    DeviceOut::default().with(output, out.output).with(probs, out.probs)
 }
 
 cuda_fns! {
     /// `indicesToMultihot` on device tensors.
     cudaIndicesToMultihotDevice(indices: Device, probs: Device, numExperts: Size) -> DeviceOut |dev| {
         let out = gpu::indices_to_multihot_device(dev, &indices, &probs, numExperts)?;
-        Ok(DeviceOut::default().t("routingMap", out.routing_map).t("probs", out.probs))
+        Ok(device_out!(routingMap: out.routing_map, probs: out.probs))
     }
     /// `multihotToIndices` on device tensors.
     cudaMultihotToIndicesDevice(routingMap: Device, probs: Option<Device>, topk: Option<Size>) -> DeviceOut |dev| {
         let out = gpu::multihot_to_indices_device(dev, &routingMap, probs.as_deref(), topk)?;
-        Ok(DeviceOut::default().t("indices", out.indices).t("probs", out.probs))
+        Ok(device_out!(indices: out.indices, probs: out.probs))
     }
     /// `tokensPerExpert` on device tensors.
     cudaTokensPerExpertDevice(routingMap: Device) -> CudaTensor |dev| {
@@ -36,7 +36,7 @@ cuda_fns! {
     /// `dropTokens` on device tensors.
     cudaDropTokensDevice(options: DropArgs, probs: Device, routingMap: Device) -> DeviceOut |dev| {
         let out = gpu::drop_tokens_device(dev, &probs, &routingMap, options)?;
-        Ok(DeviceOut::default().t("routingMap", out.routing_map).t("probs", out.probs).num("capacity", out.capacity as f64))
+        Ok(device_out!(routingMap: out.routing_map, probs: out.probs, capacity: out.capacity))
     }
     /// `sortChunksByIndex` on device tensors.
     cudaSortChunksByIndexDevice(input: Device, splitSizes: Device, sortedIdxs: Device, probs: Option<Device>) -> DeviceOut |dev| {
@@ -51,11 +51,9 @@ cuda_fns! {
     /// `groupedMmSort` on device tensors.
     cudaGroupedMmSortDevice(indices: Device, weights: Device, tokenMask: Option<Device>, numLocalExperts: Size, expertsStartIdx: Option<Size>) -> DeviceOut |dev| {
         let out = gpu::grouped_mm_sort_device(dev, &indices, &weights, tokenMask.as_deref(), numLocalExperts, expertsStartIdx.unwrap_or(0))?;
-        Ok(DeviceOut::default()
-            .t("sortedTokenIds", out.sorted_token_ids)
-            .t("sortedSlotIds", out.sorted_slot_ids)
-            .t("sortedWeights", out.sorted_weights)
-            .t("tokensPerExpert", out.tokens_per_expert)
-            .t("offsets", out.offsets))
+        Ok(device_out!(
+            sortedTokenIds: out.sorted_token_ids, sortedSlotIds: out.sorted_slot_ids, sortedWeights: out.sorted_weights,
+            tokensPerExpert: out.tokens_per_expert, offsets: out.offsets,
+        ))
     }
 }

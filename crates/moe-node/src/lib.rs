@@ -25,6 +25,14 @@ macro_rules! cuda_fns {
     )*};
 }
 
+/// A device op's result object (`cuda::DeviceOut`): `jsKey: value` for each of its fields (a
+/// device tensor, an optional one, or a number), keyed as the op table's result.
+macro_rules! device_out {
+    ($($key:ident: $v:expr),* $(,)?) => {
+        crate::cuda::DeviceOut::default()$(.with(stringify!($key), $v))*
+    };
+}
+
 mod cuda;
 mod cuda_activations;
 mod cuda_experts;
