@@ -14,7 +14,7 @@ import { activationArgs, type ActivationGrads, type ActivationOptions } from '..
 import { switchArgs, type SwitchLoadBalancingLossOptions, type ZLossOptions } from '../ops/routing.js';
 import type { DType, IndexDType, Tensor, TokenDType } from '../tensor.js';
 import { checkNumber, checkOptions, TOKENS, wire } from '../wire.js';
-import { anyDevice, hostOf, hostOptions, int32Handle, optionValue, type Addon, type DeviceFn, type GpuContext, type GpuFamily, type Handles } from './cuda-common.js';
+import { anyDevice, hasFunctions, hostOf, hostOptions, int32Handle, optionValue, type DeviceFn, type GpuContext, type GpuFamily, type Handles } from './cuda-common.js';
 
 /** A host or a device tensor of dtype D. */
 type AnyTensor<D extends DType> = Tensor<D> | DeviceTensor<D>;
@@ -78,10 +78,7 @@ function countsHandle(h: Handles, value: unknown): H | undefined {
 
 export const activationsGpu: GpuFamily = {
   ops: ['activation', 'activationBackward', 'switchLoadBalancingLoss', 'switchLoadBalancingLossFromLogits', 'zLoss'],
-  present(addon: Addon): boolean {
-    const a = addon as unknown as Record<string, unknown>;
-    return FUNCTIONS.every((f) => typeof a[f] === 'function');
-  },
+  present: hasFunctions(FUNCTIONS),
   methods(ctx: GpuContext) {
     const a = ctx.addon as unknown as ActivationsAddon;
     const base = ctx.base;

@@ -139,6 +139,11 @@ export interface GpuContext {
   call<T>(op: string, f: (h: Handles) => T): T;
 }
 
+/** A family's `present`: whether the addon has every one of these functions. */
+export function hasFunctions(names: readonly string[]): (addon: Addon) => boolean {
+  return (addon) => names.every((f) => typeof (addon as Record<string, unknown>)[f] === 'function');
+}
+
 /**
  * A family of ops that run on the GPU. Each method takes host or device tensors: with host
  * tensors only it may run the host op (`ctx.base`); with any device tensor it runs on the GPU

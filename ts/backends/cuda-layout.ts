@@ -26,7 +26,7 @@ import {
 } from '../ops/layout.js';
 import { isTensor, type DType, type IndexDType, type Tensor, type TokenDType } from '../tensor.js';
 import { checkNumber, checkOptions, requiredNumber, TOKENS, wire } from '../wire.js';
-import { anyDevice, hostOf, hostOptions, int32Handle, optionValue, wrapResult, type Addon, type DeviceFn, type GpuContext, type GpuFamily, type Handles } from './cuda-common.js';
+import { anyDevice, hasFunctions, hostOf, hostOptions, int32Handle, optionValue, wrapResult, type DeviceFn, type GpuContext, type GpuFamily, type Handles } from './cuda-common.js';
 
 /** A host or a device tensor of dtype D. */
 type AnyTensor<D extends DType> = Tensor<D> | DeviceTensor<D>;
@@ -101,6 +101,9 @@ interface LayoutAddon {
   cudaGroupedMmSortDevice: DeviceFn<'groupedMmSort'>;
 }
 
+/** The chunk sorts' device functions, whose argument keys `sortChunks` names. */
+type ChunksFn = (args: Record<string, H | undefined>) => object;
+
 const FUNCTIONS: readonly (keyof LayoutAddon)[] = [
   'cudaIndicesToMultihotDevice',
   'cudaMultihotToIndicesDevice',
@@ -127,10 +130,7 @@ function indexHandle(h: Handles, value: unknown, arg: string): H {
 
 export const layoutGpu: GpuFamily = {
   ops: ['indicesToMultihot', 'multihotToIndices', 'tokensPerExpert', 'padRoutingMap', 'dropTokens', 'sortChunksByIndex', 'sortChunksByIndexBackward', 'groupedMmSort'],
-  present(addon: Addon): boolean {
-    const a = addon as unknown as Record<string, unknown>;
-    return FUNCTIONS.every((f) => typeof a[f] === 'function');
-  },
+  present: hasFunctions(FUNCTIONS),
   methods(ctx: GpuContext) {
     const a = ctx.addon as unknown as LayoutAddon;
     const base = ctx.base;
@@ -148,19 +148,14 @@ export const layoutGpu: GpuFamily = {
         return result as T;
       });
     };
-    /** Optional device results: present only when the addon gave one. */
-    const withOpt = <R extends object>(result: R, key: string, handle: H | null | undefined): R => {
-      if (handle) (result as Record<string, unknown>)[key] = wrapDevice(handle);
-      return result;
-    };
     /**
      * sortChunksByIndex and its backward (the same chunk moves): `x` (argument `xName`) and the
-     * optional per-row `p` (`pName`, also its result's key) through `device`, whose tensor result is `outKey`.
+     * optional per-row `p` (`pName`) through `device`, the op's function on device tensors.
      */
     const sortChunks = (
       op: 'sortChunksByIndex' | 'sortChunksByIndexBackward',
-      [xName, pName, outKey]: readonly [string, string, string],
-      device: (x: H, splitSizes: H, sortedIdxs: H, p: H | undefined) => Record<string, H | null | undefined>,
+      [xName, pName]: readonly [string, string],
+      device: ChunksFn,
       x: unknown,
       splitSizes: unknown,
       sortedIdxs: unknown,
@@ -181,8 +176,7 @@ export const layoutGpu: GpuFamily = {
           const xh = h.of(x, xName, TOKENS);
           const sh = indexHandle(h, splitSizes, 'splitSizes');
           const oh = indexHandle(h, sortedIdxs, 'sortedIdxs');
-          const out = device(xh, sh, oh, h.opt(p, pName, ['float32']));
-          return withOpt({ [outKey]: wrapDevice(out[outKey] as H) }, pName, out[pName]);
+          return wrapResult(device({ [xName]: xh, splitSizes: sh, sortedIdxs: oh, [pName]: h.opt(p, pName, ['float32']) }));
         },
         () => host(hostOf(x), hostOf(splitSizes), hostOf(sortedIdxs), hostOf(p)),
       );
@@ -224,26 +218,10 @@ export const layoutGpu: GpuFamily = {
         });
       },
       sortChunksByIndex(input: unknown, splitSizes: unknown, sortedIdxs: unknown, probs?: unknown) {
-        return sortChunks(
-          'sortChunksByIndex',
-          ['input', 'probs', 'output'],
-          (x, s, o, p) => a.cudaSortChunksByIndexDevice({ input: x, splitSizes: s, sortedIdxs: o, probs: p }),
-          input,
-          splitSizes,
-          sortedIdxs,
-          probs,
-        );
+        return sortChunks('sortChunksByIndex', ['input', 'probs'], a.cudaSortChunksByIndexDevice as ChunksFn, input, splitSizes, sortedIdxs, probs);
       },
       sortChunksByIndexBackward(gradOutput: unknown, splitSizes: unknown, sortedIdxs: unknown, gradProbs?: unknown) {
-        return sortChunks(
-          'sortChunksByIndexBackward',
-          ['gradOutput', 'gradProbs', 'gradInput'],
-          (x, s, o, p) => a.cudaSortChunksByIndexBackwardDevice({ gradOutput: x, splitSizes: s, sortedIdxs: o, gradProbs: p }),
-          gradOutput,
-          splitSizes,
-          sortedIdxs,
-          gradProbs,
-        );
+        return sortChunks('sortChunksByIndexBackward', ['gradOutput', 'gradProbs'], a.cudaSortChunksByIndexBackwardDevice as ChunksFn, gradOutput, splitSizes, sortedIdxs, gradProbs);
       },
       groupedMmSort(indices: unknown, weights: unknown, options: unknown) {
         if (!anyDevice(indices, weights, optionValue(options, 'tokenMask'))) return base.groupedMmSort(indices as Tensor<IndexDType>, weights as Tensor<TokenDType>, options as GroupedMmSortOptions);
