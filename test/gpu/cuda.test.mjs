@@ -192,3 +192,26 @@ describe('errors: cuda == cpu', () => {
     assert.match(cudaInfo.device, /\w/);
   });
 });
+
+describe('permute / unpermute with caller-owned outputs on host tensors', () => {
+  // the addon's cudaPermute / cudaUnpermute take the CPU argument objects: with outputs given they
+  // run the CPU op, which writes them (the positional adapter before them dropped the outputs)
+  test('written into out: the same objects, the bits of cpu', { skip: cudaOnly }, () => {
+    for (const dtype of ['float32', 'bfloat16']) {
+      const p = { numTokens: 33, numExperts: 8, topk: 2, hidden: 12, dtype };
+      const r = randomRouting(p, rng(7), 0.1);
+      const m = cpu.indicesToMultihot(r.indices, r.weights, p.numExperts);
+      const want = cpu.permute(r.tokens, m.routingMap, { probs: m.probs });
+      const n = want.sortedIndices.shape[0];
+      const out = { permutedTokens: tensor(dtype, [n, p.hidden]), permutedProbs: tensor('float32', [n]) };
+      const got = cuda.permute(r.tokens, m.routingMap, { probs: m.probs, out });
+      assert.equal(got.permutedTokens, out.permutedTokens, `${dtype}: permutedTokens is out.permutedTokens`);
+      assertSameBits(out.permutedTokens, want.permutedTokens, `${dtype}: permute into out`);
+      assertSameBits(out.permutedProbs, want.permutedProbs, `${dtype}: permute probs into out`);
+      const restored = tensor(dtype, [p.numTokens, p.hidden]);
+      const o = { probs: m.probs, routingMap: m.routingMap };
+      assert.equal(cuda.unpermute(want.permutedTokens, want.sortedIndices, [p.numTokens, p.hidden], { ...o, out: restored }), restored, `${dtype}: unpermute returns out`);
+      assertSameBits(restored, cpu.unpermute(want.permutedTokens, want.sortedIndices, [p.numTokens, p.hidden], o), `${dtype}: unpermute into out`);
+    }
+  });
+});
