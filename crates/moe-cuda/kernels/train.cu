@@ -368,6 +368,9 @@ __device__ __forceinline__ void shared_gate_bwd_impl(const typename T::S* __rest
 SHARED_GATE(F32)
 SHARED_GATE(BF16)
 SHARED_GATE(F16)
-// the input gradient with the shared expert's (no gate): T + F32 + T -> T
+// the input gradient with the shared expert's (no gate): T + F32 + T -> T; the gated shared
+// expert's input gradient: its MLP's (T) + the gate's (F32) -> F32
 ADD3(BF16, F32, BF16, BF16)
 ADD3(F16, F32, F16, F16)
+ADD3(BF16, F32, F32, F32)
+ADD3(F16, F32, F32, F32)
