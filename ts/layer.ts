@@ -5,7 +5,7 @@
  *
  *   logits = x @ routerWeight (+ routerBias)        matmul (float32, or rounded to the dtype)
  *   { weights, indices, scores } = route(logits)    route (any score function, expert bias, groups)
- *   permuted = dispatcher.tokenPermutation(x)       indicesToMultihot + permute
+ *   permuted = permute(x, multihot(indices))       indicesToMultihot + permute (N k slots)
  *   y_slots = expertsForward(permuted, ...)         grouped experts, weighted by the slot probs
  *   output = unpermute(y) (+ shared expert(x) * sigmoid(x @ sharedExpertGate))
  *   auxLoss (Megatron's Switch loss or transformers' convention), zLoss
@@ -14,6 +14,11 @@
  * the router (every score function), the aux losses' gradients, the shared expert and its gate.
  * Weights and activations are float32, bfloat16 or float16 (`dtype`); every matmul and
  * activation accumulates in float32 and rounds once, as the reference kernels do.
+ *
+ * On the cuda backend `upload()` moves the parameters to the GPU: the same forward and backward
+ * then run on device tensors (the element steps between the ops through `LayerMath`: numeric.ts
+ * on the host, the cuda backend's kernels on the GPU, the same bits), and an `AdamW` over
+ * `parameters()` trains the layer there.
  */
 import type { Backend } from './backend.js';
 import { TokenDispatcher } from './dispatcher.js';
@@ -366,6 +371,7 @@ export class MoELayer {
   readonly expertRange: { start: number; end: number };
   /** The parameters; an optimizer updates their data in place. */
   readonly weights: MoEWeights;
+  /** A TokenDispatcher of the layer's shape (the layer itself calls the ops directly). */
   readonly dispatcher: TokenDispatcher;
   /** Set by `fromPretrained`: the family and layer the weights came from (`savePretrained` writes them back there). */
   pretrained?: PretrainedInfo;
