@@ -129,7 +129,7 @@ for (const name of names) {
       .join(', ')}`,
   );
   opt.dispose();
-  for (const t of Object.values(layer.weights)) t.dispose();
+  layer.dispose();
   x.dispose();
   g.dispose();
 }

@@ -45,6 +45,7 @@ const student = new MoELayer(moe, { ...config, weights: weights(7, 1) });
 if (gpu) for (const l of [teacher, student]) l.upload();
 const xs = [0, 1].map((b) => onDevice(uniformTensor(dtype, [batch, config.dim], 31 + b, 1)));
 const ys = xs.map((x) => teacher.forward(x).output);
+teacher.dispose(); // its work is done: on the GPU its weights and activations are freed at once
 
 const evaluate = () => {
   let sum = 0;

@@ -342,6 +342,33 @@ describe('training from the command line', () => {
   }
 });
 
+describe.each(backendRows)('MoELayer lifetime on %s', (_name, moe) => {
+  it('dispose() ends the layer: every use after it is a TypeError naming the op', () => {
+    const layer = new MoELayer(moe, { dim: 8, inter: 4, numExperts: 4, topk: 2, activation: 'swiglu', seed: 3 });
+    const x = tensor(
+      'float32',
+      [5, 8],
+      Array.from({ length: 40 }, (_, i) => Math.sin(i)),
+    );
+    const out = layer.forward(x);
+    expect(out.output.shape).toEqual([5, 8]);
+    layer.dispose();
+    layer.dispose();
+    expect(() => layer.forward(x)).toThrow(TypeError);
+    expect(() => layer.forward(x)).toThrow(/forward: the layer was disposed/);
+    expect(() => layer.backward(out.output)).toThrow(/backward: the layer was disposed/);
+    expect(() => layer.parameters()).toThrow(/parameters: the layer was disposed/);
+    expect(() => layer.upload()).toThrow(/upload: the layer was disposed/);
+  });
+
+  it('parameters() names every trained weight (not expertBias) and upload() needs the cuda backend', () => {
+    const layer = new MoELayer(moe, { dim: 8, inter: 4, numExperts: 4, topk: 2, activation: 'swiglu', scoreFunction: 'sigmoid_with_bias', expertBias: true, routerBias: true, bias: true, seed: 3 });
+    expect(Object.keys(layer.parameters()).sort()).toEqual(['downProjBias', 'downProjs', 'gateAndUpProjs', 'gateUpProjBias', 'routerBias', 'routerWeight']);
+    for (const [k, t] of Object.entries(layer.parameters())) expect(t, k).toBe((layer.weights as unknown as Record<string, unknown>)[k]);
+    if (moe.name !== 'cuda') expect(() => layer.upload()).toThrow(/upload: the layer's backend is '(cpu|wasm)': device tensors need the cuda backend/);
+  });
+});
+
 describe.each(backendRows)('MoELayer options on %s', (_name, moe) => {
   const c: Config = {
     T: 12,

@@ -376,6 +376,7 @@ export class MoELayer {
   /** Set by `fromPretrained`: the family and layer the weights came from (`savePretrained` writes them back there). */
   pretrained?: PretrainedInfo;
   #saved?: Saved;
+  #disposed = false;
 
   constructor(
     readonly backend: Backend,
@@ -565,6 +566,7 @@ export class MoELayer {
    * (epSize > 1) runs on host tensors only for now. Returns the layer.
    */
   upload(): this {
+    this.#alive('upload');
     if (this.backend.name !== 'cuda' || typeof (this.backend as Partial<CudaBackend>).upload !== 'function') {
       throw new TypeError(`upload: the layer's backend is '${this.backend.name}': device tensors need the cuda backend`);
     }
@@ -578,6 +580,7 @@ export class MoELayer {
 
   /** Copies the parameters back to host tensors and frees their GPU memory. Returns the layer. */
   download(): this {
+    this.#alive('download');
     const w = this.weights as unknown as Record<string, AnyTensor>;
     for (const [k, t] of Object.entries(w)) {
       if (t !== undefined && isDeviceTensor(t)) {
@@ -589,8 +592,24 @@ export class MoELayer {
     return this;
   }
 
+  /**
+   * Frees the layer's GPU memory now: its parameters and what the last forward kept (no copy back:
+   * `download()` keeps the parameters). The layer cannot be used afterwards. Idempotent; on the
+   * host it only drops the saved activations.
+   */
+  dispose(): void {
+    this.#free();
+    this.#disposed = true;
+    for (const t of Object.values(this.weights)) if (t !== undefined && isDeviceTensor(t)) t.dispose();
+  }
+
+  #alive(op: string): void {
+    if (this.#disposed) throw new TypeError(`${op}: the layer was disposed`);
+  }
+
   /** The trained parameters by name (every weight but `expertBias`), for an optimizer: `new AdamW(moe, layer.parameters(), ...)`. */
   parameters(): Record<string, Tensor<TokenDType> | DeviceTensor<TokenDType>> {
+    this.#alive('parameters');
     const out: Record<string, Tensor<TokenDType> | DeviceTensor<TokenDType>> = {};
     for (const [k, t] of Object.entries(this.weights)) if (t !== undefined && k !== 'expertBias') out[k] = t as Tensor<TokenDType>;
     return out;
@@ -632,6 +651,7 @@ export class MoELayer {
 
   /** The input as `[N, dim]` rows: host tensors of any batch shape, device tensors `[N, dim]`. */
   #input(x: unknown): AnyTensor {
+    this.#alive('forward');
     if (!this.onDevice) {
       if (isDeviceTensor(x)) throw new TypeError("x: expected a host Tensor (the layer's parameters are on the host; call upload() to train on the GPU), got a device tensor");
       return this.#rows(x, 'x');
@@ -775,6 +795,7 @@ export class MoELayer {
   backward(gradOutput: Tensor): MoEGrads;
   backward(gradOutput: DeviceTensor): DeviceMoEGrads;
   backward(gradOutput: Tensor | DeviceTensor): MoEGrads | DeviceMoEGrads {
+    this.#alive('backward');
     const s = this.#saved;
     if (!s) throw new Error('backward: call forward first');
     const dev = this.onDevice;

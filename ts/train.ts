@@ -141,7 +141,8 @@ export function trainMoE(backend: Backend, options: TrainOptions = {}): TrainRes
     ys.push(f.output as AnyTensor);
     dispose(f.indices, f.weights, f.logits, f.scores, f.tokensPerExpert);
   }
-  if (gpu) for (const t of Object.values(teacher.weights)) dispose(t);
+  // the teacher's work is done: its parameters and saved activations go (on the GPU, at once)
+  teacher.dispose();
 
   const evaluate = (): number => {
     let sum = 0;
@@ -196,7 +197,8 @@ export function trainMoE(backend: Backend, options: TrainOptions = {}): TrainRes
   const skippedSteps = opt.status().skipped;
   if (gpu) {
     opt.dispose();
-    for (const l of [student, reloaded]) for (const t of Object.values(l.weights)) dispose(t);
+    student.dispose();
+    reloaded.dispose();
     dispose(...xs, ...ys);
   }
   const seconds = (performance.now() - started) / 1000;

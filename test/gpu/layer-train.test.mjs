@@ -161,7 +161,7 @@ describe('MoELayer on device tensors = the cpu layer (to the GEMMs tolerance)', 
       for (let i = 0; i < 3; i++) step();
       const bits = Object.fromEntries(Object.entries(layer.weights).map(([k, t]) => [k, Array.from(lib.isDeviceTensor(t) ? new Uint8Array(t.download().data.buffer) : [])]));
       opt.dispose();
-      layer.download();
+      layer.dispose();
       x.dispose();
       g.dispose();
       return bits;
