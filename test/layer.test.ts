@@ -11,13 +11,13 @@
  * - the training CLI (`moe-dispatch train --steps 60 --json`) more than halves the loss.
  */
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 import { describe, expect, it } from 'vitest';
 
-import { MoELayer, tensor, toNumbers, type ActivationKind, type MoELayerOptions, type MoEWeights, type Tensor } from '../ts/index.js';
+import { MoELayer, tensor, toNumbers, trainMoE, type ActivationKind, type MoELayerOptions, type MoEWeights, type Tensor } from '../ts/index.js';
 import { backendNamed, backendRows, registerBackendReport } from './backends.js';
 import { bitsOf, mismatches, rng } from './util.js';
 
@@ -340,6 +340,22 @@ describe('training from the command line', () => {
       expect(last.reloadIdentical).toBe(true);
     });
   }
+
+  const cpu = backendNamed('cpu');
+  const wasm = backendNamed('wasm');
+  it.skipIf(!cpu || !wasm)('the same training (layer, AdamW, loss) on cpu and wasm gives the same weights, bit for bit', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'moe-train-same-'));
+    try {
+      const run = (b: NonNullable<typeof cpu>, name: string) => trainMoE(b, { steps: 12, checkpoint: join(dir, `${name}.safetensors`) });
+      const a = run(cpu!, 'cpu');
+      const b = run(wasm!, 'wasm');
+      expect(b.finalLoss).toBe(a.finalLoss);
+      expect(b.finalLoss).toBeLessThan(b.initialLoss);
+      expect(Buffer.compare(readFileSync(a.checkpoint), readFileSync(b.checkpoint))).toBe(0);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
 });
 
 describe.each(backendRows)('MoELayer lifetime on %s', (_name, moe) => {
