@@ -729,7 +729,20 @@ pub fn matmul_device(dev: &Device, a: &DeviceTensor, b: &DeviceTensor, trans_a: 
         let out = moe_core::experts::matmul(&tensor_ref("a", &ha)?, &tensor_ref("b", &hb)?, trans_a, trans_b)?;
         return DeviceTensor::upload_owned(dev, "output", &out);
     };
-    let out = DeviceTensor::alloc(dev, "output", a.dtype, vec![m, n])?;
+    gemm_to_new(dev, a, b, (trans_a, trans_b), (m, k, n), a.dtype)
+}
+
+/// `a @ b` (operands of one dtype, sizes checked by the caller) into a new `[m, n]` tensor of
+/// `out_dtype`: one cuBLAS GEMM accumulating in float32; zeros when `k` is 0.
+pub fn gemm_to_new(
+    dev: &Device,
+    a: &DeviceTensor,
+    b: &DeviceTensor,
+    (trans_a, trans_b): (bool, bool),
+    (m, k, n): (usize, usize, usize),
+    out_dtype: DType,
+) -> Result<DeviceTensor> {
+    let out = DeviceTensor::alloc(dev, "output", out_dtype, vec![m, n])?;
     if k == 0 {
         dev.memset_zero("output", &out.buf, out.bytes())?;
         return Ok(out);
@@ -742,7 +755,7 @@ pub fn matmul_device(dev: &Device, a: &DeviceTensor, b: &DeviceTensor, trans_a: 
         k,
         Operand { ptr: a.buf.ptr(s), dtype: a.dtype, trans: trans_a },
         Operand { ptr: b.buf.ptr(s), dtype: b.dtype, trans: trans_b },
-        Output { ptr: out.buf.ptr(s), dtype: a.dtype },
+        Output { ptr: out.buf.ptr(s), dtype: out_dtype },
         0.0,
     )?;
     Ok(out)

@@ -455,39 +455,13 @@ pub fn mse_loss(dev: &Device, y: &DeviceTensor, target: &DeviceTensor) -> Result
 /// `a @ b` (16-bit or float32 operands of one dtype, optionally transposed) with a float32
 /// result: one cuBLAS GEMM accumulating in float32 (tensor cores for 16-bit operands) and no
 /// rounding of the output to the operands' dtype; the router's logits of a 16-bit layer without
-/// widening its input first. Shapes that do not fit: a TypeError/RangeError naming the operand.
+/// widening its input first. Shapes and dtypes: the core's matmul checks (its errors), and one dtype.
 pub fn matmul_f32_out(dev: &Device, a: &DeviceTensor, b: &DeviceTensor, trans_a: bool, trans_b: bool) -> Result<DeviceTensor> {
-    use crate::blas::{gemm, Operand, Output};
-    let ta = float_tag(a, "a")?;
-    float_tag(b, "b")?;
-    if a.dtype != b.dtype {
-        return Err(Error::Core(moe_core::Error::type_error("b.dtype", format!("{ta} (a's dtype)").to_lowercase(), b.dtype.name())));
+    let sizes = moe_core::experts::check_matmul(a.meta("a"), b.meta("b"), trans_a, trans_b)?;
+    if b.dtype != a.dtype {
+        return Err(Error::Core(moe_core::Error::type_error("b.dtype", format!("{} (a's dtype)", a.dtype.name()), b.dtype.name())));
     }
-    if a.shape.len() != 2 || b.shape.len() != 2 {
-        return Err(Error::Core(moe_core::Error::range("a.shape", format!("expected 2-d operands, got {:?} and {:?}", a.shape, b.shape))));
-    }
-    let (m, k) = if trans_a { (a.shape[1], a.shape[0]) } else { (a.shape[0], a.shape[1]) };
-    let (kb, n) = if trans_b { (b.shape[1], b.shape[0]) } else { (b.shape[0], b.shape[1]) };
-    if kb != k {
-        return Err(Error::Core(moe_core::Error::range("b.shape", format!("expected {k} rows (a's columns), got {kb}"))));
-    }
-    let out = DeviceTensor::alloc(dev, "output", DType::F32, vec![m, n])?;
-    if k == 0 {
-        dev.memset_zero("output", &out.buf, out.bytes())?;
-        return Ok(out);
-    }
-    let s = dev.stream();
-    gemm(
-        dev,
-        m,
-        n,
-        k,
-        Operand { ptr: a.buf.ptr(s), dtype: a.dtype, trans: trans_a },
-        Operand { ptr: b.buf.ptr(s), dtype: b.dtype, trans: trans_b },
-        Output { ptr: out.buf.ptr(s), dtype: DType::F32 },
-        0.0,
-    )?;
-    Ok(out)
+    crate::experts::gemm_to_new(dev, a, b, (trans_a, trans_b), sizes, DType::F32)
 }
 
 fn rows_dim(t: &DeviceTensor, what: &str) -> Result<(usize, usize)> {
