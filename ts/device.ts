@@ -32,6 +32,9 @@ export interface DeviceTensor<D extends DType = DType> extends GpuResident<D> {
   download(): Tensor<D>;
 }
 
+/** A host or a device tensor of dtype D (what the cuda backend's ops and a layer on the GPU take). */
+export type AnyTensor<D extends DType = DType> = Tensor<D> | DeviceTensor<D>;
+
 /** What the native addon's `CudaTensor` class exposes. */
 export interface NativeCudaTensor {
   readonly dtype: string;

@@ -25,7 +25,7 @@ import { TokenDispatcher } from './dispatcher.js';
 import { add3, castTo, columnSums, fromValues, gatherPicks, logitsEpilogue, placeRows, reshape, rows, sharedGateBackward, sharedGateForward, toF32 } from './numeric.js';
 import type { CudaBackend } from './backends/cuda.js';
 import type { DeviceExpertWeights, ExpertsSaved } from './backends/cuda-experts.js';
-import { isDeviceTensor, type DeviceTensor } from './device.js';
+import { isDeviceTensor, type AnyTensor, type DeviceTensor } from './device.js';
 import type { ActivationKind } from './ops/activations.js';
 import type { ExpertBiases, ExpertWeights } from './ops/experts.js';
 import type { RouteOptions, ScoreFunction } from './ops/routing.js';
@@ -170,8 +170,6 @@ export interface PretrainedInfo {
   /** Bytes read from the checkpoint to build the layer (headers included). */
   bytesRead?: number;
 }
-
-type AnyTensor = Tensor | DeviceTensor;
 
 interface Saved {
   shape: readonly number[];

@@ -30,7 +30,7 @@
  */
 import type { Backend } from './backend.js';
 import type { CudaTrainOps } from './backends/cuda-train.js';
-import { isDeviceTensor, type DeviceTensor } from './device.js';
+import { type AnyTensor, isDeviceTensor, type DeviceTensor } from './device.js';
 import { toBFloat16Bits, toFloat16Bits, type Tensor, type TokenDType } from './tensor.js';
 import { valuesF32 } from './numeric.js';
 import { checkOptions } from './wire.js';
@@ -66,7 +66,7 @@ export interface OptimizerStatus {
   applied: boolean;
 }
 
-type AnyTensor = Tensor<TokenDType> | DeviceTensor<TokenDType>;
+type AnyToken = AnyTensor<TokenDType>;
 
 const SQ_CHUNK = 2048;
 const SQ_LANES = 256;
@@ -161,7 +161,7 @@ export class AdamW {
   #applied = false;
   #disposed = false;
 
-  constructor(backend: Backend, params: Record<string, AnyTensor>, options: AdamWOptions) {
+  constructor(backend: Backend, params: Record<string, AnyToken>, options: AdamWOptions) {
     const o = checkOptions<AdamWOptions>(options, 'options', ['lr', 'beta1', 'beta2', 'eps', 'weightDecay', 'maxGradNorm', 'onNonFinite', 'decayBiases']);
     this.lr = num(o.lr, 'options.lr', undefined, (x) => x >= 0, 'a finite number >= 0');
     this.beta1 = num(o.beta1, 'options.beta1', 0.9, (x) => x >= 0 && x < 1, 'a number in [0, 1)');
@@ -182,8 +182,8 @@ export class AdamW {
     const onDevice = entries.map(([, t]) => isDeviceTensor(t));
     if (onDevice.some((d) => d !== onDevice[0])) throw new TypeError('params: expected all host tensors or all device tensors, got a mix');
     for (const [name, t] of entries) {
-      if (!['float32', 'bfloat16', 'float16'].includes((t as AnyTensor)?.dtype))
-        throw new TypeError(`params.${name}: expected a float32, bfloat16 or float16 tensor, got ${(t as AnyTensor)?.dtype ?? typeof t}`);
+      if (!['float32', 'bfloat16', 'float16'].includes((t as AnyToken)?.dtype))
+        throw new TypeError(`params.${name}: expected a float32, bfloat16 or float16 tensor, got ${(t as AnyToken)?.dtype ?? typeof t}`);
     }
     const decayOf = (t: { shape: readonly number[] }) => decayAll || t.shape.length >= 2;
     if (onDevice[0]) {
@@ -205,7 +205,7 @@ export class AdamW {
   }
 
   /** Updates the parameters from `grads` (one per parameter, same names and shapes, any float dtype). */
-  step(grads: Record<string, AnyTensor>, options: { lr?: number } = {}): void {
+  step(grads: Record<string, AnyToken>, options: { lr?: number } = {}): void {
     if (this.#disposed) throw new TypeError('step: the optimizer was disposed');
     const lr = num(checkOptions<{ lr?: number }>(options, 'options', ['lr']).lr, 'options.lr', this.lr, (x) => x >= 0, 'a finite number >= 0');
     if (typeof grads !== 'object' || grads === null) throw new TypeError(`grads: expected an object of named tensors, got ${grads === null ? 'null' : typeof grads}`);

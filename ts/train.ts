@@ -20,7 +20,7 @@ import { join } from 'node:path';
 
 import type { Backend } from './backend.js';
 import { isCudaBackend } from './backends/cuda.js';
-import { type DeviceTensor, isDeviceTensor } from './device.js';
+import { type AnyTensor, type DeviceTensor, isDeviceTensor } from './device.js';
 import { MoELayer, normalRng, type MoELayerOptions, type MoEWeights } from './layer.js';
 import { AdamW } from './optim.js';
 import { mseLoss, TRAIN_SHAPES, uniformTensor } from './training.js';
@@ -91,7 +91,7 @@ export const DEFAULT_LAYER: MoELayerOptions = {
   bias: true,
 };
 
-type AnyTensor = Tensor<TokenDType> | DeviceTensor<TokenDType>;
+type AnyToken = AnyTensor<TokenDType>;
 
 /** Random weights of a real shape (router, gate|up, down), fast. */
 function shapeWeights(o: MoELayerOptions, seed: number, gain: number): MoEWeights {
@@ -131,14 +131,14 @@ export function trainMoE(backend: Backend, options: TrainOptions = {}): TrainRes
     teacher.upload();
     student.upload();
   }
-  const onGpu = (t: Tensor<TokenDType>): AnyTensor => (isCudaBackend(backend) ? backend.upload(t) : t);
-  const xs: AnyTensor[] = [];
-  const ys: AnyTensor[] = [];
+  const onGpu = (t: Tensor<TokenDType>): AnyToken => (isCudaBackend(backend) ? backend.upload(t) : t);
+  const xs: AnyToken[] = [];
+  const ys: AnyToken[] = [];
   for (let b = 0; b < batches; b++) {
     const x = tiny ? normalInputs(batch, dim, seed * 31 + b) : uniformTensor(dtype, [batch, dim], seed * 31 + b, 1);
     xs.push(onGpu(x));
     const f = teacher.forward(xs[b] as Tensor);
-    ys.push(f.output as AnyTensor);
+    ys.push(f.output as AnyToken);
     dispose(f.indices, f.weights, f.logits, f.scores, f.tokensPerExpert);
   }
   // the teacher's work is done: its parameters and saved activations go (on the GPU, at once)
@@ -148,7 +148,7 @@ export function trainMoE(backend: Backend, options: TrainOptions = {}): TrainRes
     let sum = 0;
     for (let b = 0; b < batches; b++) {
       const f = student.forward(xs[b] as Tensor);
-      const { loss, grad } = mseLoss(backend, f.output as AnyTensor, ys[b]);
+      const { loss, grad } = mseLoss(backend, f.output as AnyToken, ys[b]);
       sum += loss;
       dispose(f.output, f.indices, f.weights, f.logits, f.scores, f.tokensPerExpert, grad);
     }
@@ -161,9 +161,9 @@ export function trainMoE(backend: Backend, options: TrainOptions = {}): TrainRes
   for (let step = 0; step < steps; step++) {
     const i = step % batches;
     const out = student.forward(xs[i] as Tensor);
-    const { loss, grad } = mseLoss(backend, out.output as AnyTensor, ys[i]);
+    const { loss, grad } = mseLoss(backend, out.output as AnyToken, ys[i]);
     const back = student.backward(grad as Tensor);
-    opt.step(back.grads as unknown as Record<string, AnyTensor>);
+    opt.step(back.grads as unknown as Record<string, AnyToken>);
     const tpe = out.tokensPerExpert as Int32Array | DeviceTensor<'int32'>;
     const load = isDeviceTensor(tpe) ? Array.from(tpe.download().data as Int32Array) : Array.from(tpe);
     options.onStep?.({ step: step + 1, steps, loss, auxLoss: out.auxLoss, load });
@@ -174,7 +174,7 @@ export function trainMoE(backend: Backend, options: TrainOptions = {}): TrainRes
   const peakBytes = gpu ? backend.peakMemory() : undefined;
   const finalLoss = evaluate();
   const trained = student.forward(xs[0] as Tensor);
-  const trainedOut = hostOf(trained.output as AnyTensor);
+  const trainedOut = hostOf(trained.output as AnyToken);
   const tpe = trained.tokensPerExpert as Int32Array | DeviceTensor<'int32'>;
   const finalLoad = Array.from(isDeviceTensor(tpe) ? tpe.download().data : tpe);
   dispose(trained.output, trained.indices, trained.weights, trained.logits, trained.scores, trained.tokensPerExpert);
@@ -189,7 +189,7 @@ export function trainMoE(backend: Backend, options: TrainOptions = {}): TrainRes
   const reloaded = MoELayer.load(backend, source, reloadOptions, 'model.layers.0.mlp');
   if (gpu) reloaded.upload();
   const again = reloaded.forward(xs[0] as Tensor);
-  const againOut = hostOf(again.output as AnyTensor);
+  const againOut = hostOf(again.output as AnyToken);
   dispose(again.output, again.indices, again.weights, again.logits, again.scores, again.tokensPerExpert);
   const a = new Uint8Array(trainedOut.data.buffer, trainedOut.data.byteOffset, trainedOut.data.byteLength);
   const b = new Uint8Array(againOut.data.buffer, againOut.data.byteOffset, againOut.data.byteLength);
@@ -237,7 +237,7 @@ export function writeLargeFile(path: string, bytes: Uint8Array): void {
   }
 }
 
-function hostOf(t: AnyTensor): Tensor<TokenDType> {
+function hostOf(t: AnyToken): Tensor<TokenDType> {
   return isDeviceTensor(t) ? t.download() : t;
 }
 

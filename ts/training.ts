@@ -5,13 +5,13 @@
  */
 import type { Backend } from './backend.js';
 import type { CudaBackend } from './backends/cuda.js';
-import { type DeviceTensor, isDeviceTensor } from './device.js';
+import { type AnyTensor, type DeviceTensor, isDeviceTensor } from './device.js';
 import type { MoELayerOptions } from './layer.js';
 import { fromValues, valuesF32 } from './numeric.js';
 import { chunkSquareSums, sumOfChunks } from './optim.js';
 import type { Tensor, TokenDType } from './tensor.js';
 
-type AnyTensor = Tensor<TokenDType> | DeviceTensor<TokenDType>;
+type AnyToken = AnyTensor<TokenDType>;
 
 /** The real shapes: tokens a step, and the layer. */
 export const TRAIN_SHAPES: Record<'fine-grained' | 'mixtral', { batch: number; layer: MoELayerOptions }> = {
@@ -24,7 +24,7 @@ export const TRAIN_SHAPES: Record<'fine-grained' | 'mixtral', { batch: number; l
  * the loss is `sum (y - t)^2 / n` in float64, summed in the optimizer's fixed order, so host and
  * GPU (the cuda backend's `mseLoss`) give the same bits.
  */
-export function mseLoss(backend: Backend, y: AnyTensor, target: AnyTensor): { loss: number; grad: AnyTensor } {
+export function mseLoss(backend: Backend, y: AnyToken, target: AnyToken): { loss: number; grad: AnyToken } {
   for (const [t, arg] of [
     [y, 'y'],
     [target, 'target'],

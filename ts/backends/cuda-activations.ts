@@ -9,7 +9,7 @@
  * ts/ops/activations.ts, ts/ops/routing.ts), so in their order and with their messages; the core's checks run in the addon, which falls back to the core on the host
  * for arguments it rejects, so errors are the CPU backend's.
  */
-import { wrapDevice, type DeviceTensor, type NativeCudaTensor } from '../device.js';
+import { wrapDevice, type AnyTensor, type DeviceTensor, type NativeCudaTensor } from '../device.js';
 import { activationArgs, type ActivationGrads, type ActivationOptions } from '../ops/activations.js';
 import { switchArgs, type SwitchLoadBalancingLossOptions, type ZLossOptions } from '../ops/routing.js';
 import type { DType, IndexDType, Tensor, TokenDType } from '../tensor.js';
@@ -17,7 +17,6 @@ import { checkNumber, checkOptions, TOKENS, wire } from '../wire.js';
 import { anyDevice, hasFunctions, hostOf, hostOptions, int32Handle, optionValue, type DeviceFn, type GpuContext, type GpuFamily, type Handles } from './cuda-common.js';
 
 /** A host or a device tensor of dtype D. */
-type AnyTensor<D extends DType> = Tensor<D> | DeviceTensor<D>;
 
 /** activation's options with a device tensor allowed for `probs`. */
 export interface DeviceActivationOptions extends Omit<ActivationOptions, 'probs'> {

@@ -3,7 +3,7 @@
  * operand; crates/moe-cuda/src/experts.rs). Host tensors only: the CPU core's result (as every
  * backend). Any device tensor among the arguments: the GPU path, device tensors out.
  */
-import type { DeviceTensor, NativeCudaTensor } from '../device.js';
+import type { AnyTensor, DeviceTensor, NativeCudaTensor } from '../device.js';
 import { wrapDevice } from '../device.js';
 import type { ExpertsForwardArgs } from '../generated/binding.js';
 import { expertArgs, expertsGrads, type ExpertsForwardOptions, type ExpertsGradsOut, type ExpertsOptions, type ExpertWeights, type MatmulOptions } from '../ops/experts.js';
@@ -11,18 +11,16 @@ import type { Tensor, TokenDType } from '../tensor.js';
 import { checkBool, checkOptions, TOKENS } from '../wire.js';
 import { anyDevice, noDeviceOut, optionValue, wrapResult, type Addon, type DeviceFn, type GpuFamily, type Handles, type OnDevice } from './cuda-common.js';
 
-type Any<D extends import('../tensor.js').DType> = Tensor<D> | DeviceTensor<D>;
-
 /** Expert weights with device tensors allowed. */
 export interface DeviceExpertWeights<D extends TokenDType = TokenDType> {
-  gateAndUpProjs?: Any<D>;
-  upProjs?: Any<D>;
-  downProjs: Any<D>;
+  gateAndUpProjs?: AnyTensor<D>;
+  upProjs?: AnyTensor<D>;
+  downProjs: AnyTensor<D>;
 }
 
 export interface DeviceExpertsOptions extends Omit<ExpertsOptions, 'permutedProbs' | 'biases'> {
-  permutedProbs?: Any<'float32'>;
-  biases?: { gateUpProjBias?: Any<TokenDType>; downProjBias?: Any<TokenDType> };
+  permutedProbs?: AnyTensor<'float32'>;
+  biases?: { gateUpProjBias?: AnyTensor<TokenDType>; downProjBias?: AnyTensor<TokenDType> };
 }
 
 /**
@@ -65,12 +63,12 @@ export interface CudaExpertsOps {
   /** Host tensors: the CPU op (`options.out` allowed). Any device tensor: the GPU, which allocates its output (`out` is a TypeError). */
   expertsForward<D extends TokenDType>(permutedTokens: Tensor<D>, tokensPerExpert: Tensor<'int32' | 'int64'>, weights: ExpertWeights, options: ExpertsForwardOptions<D>): Tensor<D>;
   expertsForward<D extends TokenDType>(
-    permutedTokens: Any<D>,
-    tokensPerExpert: Any<'int32'>,
+    permutedTokens: AnyTensor<D>,
+    tokensPerExpert: AnyTensor<'int32'>,
     weights: DeviceExpertWeights,
     options: DeviceExpertsForwardOptions & { saveForBackward: true },
   ): { output: DeviceTensor<D>; saved?: ExpertsSaved };
-  expertsForward<D extends TokenDType>(permutedTokens: Any<D>, tokensPerExpert: Any<'int32'>, weights: DeviceExpertWeights, options: DeviceExpertsOptions): DeviceTensor<D>;
+  expertsForward<D extends TokenDType>(permutedTokens: AnyTensor<D>, tokensPerExpert: AnyTensor<'int32'>, weights: DeviceExpertWeights, options: DeviceExpertsOptions): DeviceTensor<D>;
   expertsBackward<D extends TokenDType>(
     gradOutput: Tensor<D>,
     permutedTokens: Tensor<D>,
@@ -79,14 +77,14 @@ export interface CudaExpertsOps {
     options: ExpertsOptions,
   ): import('../ops/experts.js').ExpertsGrads<D>;
   expertsBackward<D extends TokenDType>(
-    gradOutput: Any<D>,
-    permutedTokens: Any<D>,
-    tokensPerExpert: Any<'int32'>,
+    gradOutput: AnyTensor<D>,
+    permutedTokens: AnyTensor<D>,
+    tokensPerExpert: AnyTensor<'int32'>,
     weights: DeviceExpertWeights,
     options: DeviceExpertsBackwardOptions,
   ): DeviceExpertsGrads<D>;
   matmul<D extends TokenDType>(a: Tensor<D>, b: Tensor<TokenDType>, options?: MatmulOptions): Tensor<D>;
-  matmul<D extends TokenDType>(a: Any<D>, b: Any<TokenDType>, options?: MatmulOptions): DeviceTensor<D>;
+  matmul<D extends TokenDType>(a: AnyTensor<D>, b: AnyTensor<TokenDType>, options?: MatmulOptions): DeviceTensor<D>;
 }
 
 type H = NativeCudaTensor;

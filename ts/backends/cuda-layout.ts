@@ -12,7 +12,7 @@
  * index tensor whose values all fit in int32 is converted (same values, so the same results and
  * errors); when one does not, the op runs on the host (device tensors downloaded, results uploaded).
  */
-import { wrapDevice, type DeviceTensor, type NativeCudaTensor } from '../device.js';
+import { wrapDevice, type AnyTensor, type DeviceTensor, type NativeCudaTensor } from '../device.js';
 import type { MultihotToIndicesOptions } from '../ops/dispatch.js';
 import {
   dropArgs,
@@ -29,7 +29,6 @@ import { checkNumber, checkOptions, requiredNumber, TOKENS, wire } from '../wire
 import { anyDevice, hasFunctions, hostOf, hostOptions, int32Handle, optionValue, wrapResult, type DeviceFn, type GpuContext, type GpuFamily, type Handles } from './cuda-common.js';
 
 /** A host or a device tensor of dtype D. */
-type AnyTensor<D extends DType> = Tensor<D> | DeviceTensor<D>;
 
 /** multihotToIndices' options with a device tensor allowed for `probs`. */
 export interface DeviceMultihotToIndicesOptions extends Omit<MultihotToIndicesOptions, 'probs'> {

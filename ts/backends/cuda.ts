@@ -15,7 +15,7 @@
  */
 import type { Backend, BackendInfo, Binding, PermuteBackwardOptions, PermuteOptions, UnpermuteOptions } from '../backend.js';
 import type { UnpermuteArgs } from '../generated/binding.js';
-import { ARGUMENT_DEPTH, containsDeviceTensor, isDeviceTensor, rethrowNative, wrapDevice, type DeviceTensor, type NativeCudaTensor } from '../device.js';
+import { ARGUMENT_DEPTH, containsDeviceTensor, isDeviceTensor, rethrowNative, wrapDevice, type AnyTensor, type DeviceTensor, type NativeCudaTensor } from '../device.js';
 import { isTensor } from '../tensor.js';
 import { activationsGpu, type CudaActivationsOps } from './cuda-activations.js';
 import { anyDevice, callWith, noDeviceOut, optionValue, wrapResult, type Addon, type DeviceFn, type GpuContext, type GpuFamily, type Handles, type OnDevice } from './cuda-common.js';
@@ -121,8 +121,7 @@ function probe(): CudaLoaded {
 // ---------------------------------------------------------------------------------------
 // Device tensors
 
-/** A host or a device tensor of dtype D. */
-export type AnyTensor<D extends DType = DType> = Tensor<D> | DeviceTensor<D>;
+export type { AnyTensor };
 
 /** permute's options with device tensors allowed. */
 export interface DevicePermuteOptions extends Omit<PermuteOptions, 'probs'> {
