@@ -20,9 +20,8 @@ const arg = (name, dflt) => {
   return i >= 0 ? args[i + 1] : dflt;
 };
 const dist = resolve(arg('dist', new URL('../dist/', import.meta.url).pathname));
-const { AdamW, MoELayer, backendInfo, createBackend, uniformTensor } = await import(pathToFileURL(resolve(dist, 'index.js')).href);
+const { AdamW, MoELayer, TRAIN_SHAPES, backendInfo, createBackend, uniformTensor } = await import(pathToFileURL(resolve(dist, 'index.js')).href);
 const iters = Number(arg('iters', '10'));
-const SHAPES = { 'fine-grained': [8192, 2048, 1408, 64, 6], mixtral: [8192, 4096, 14336, 8, 2] };
 const names = arg('shapes', 'fine-grained,mixtral').split(',');
 
 const cuda = await createBackend({ prefer: 'cuda' });
@@ -33,14 +32,16 @@ const bf16Uniform = (shape, seed, scale) => uniformTensor('bfloat16', shape, see
 
 const rows = [];
 for (const name of names) {
-  const [T, dim, inter, E, k] = SHAPES[name];
+  // the library's training shapes (the train command's): the layer options and tokens a step
+  const { batch: T, layer: options } = TRAIN_SHAPES[name];
+  const { dim, inter, numExperts: E, topk: k } = options;
   cuda.releaseCachedMemory();
   const weights = {
     routerWeight: bf16Uniform([dim, E], 1, 1 / Math.sqrt(dim)),
     gateAndUpProjs: bf16Uniform([E, dim, 2 * inter], 2, 1 / Math.sqrt(dim)),
     downProjs: bf16Uniform([E, inter, dim], 3, 1 / Math.sqrt(inter)),
   };
-  const layer = new MoELayer(cuda, { dim, inter, numExperts: E, topk: k, activation: 'swiglu', dtype: 'bfloat16', auxLossCoeff: 0.01, weights }).upload();
+  const layer = new MoELayer(cuda, { ...options, weights }).upload();
   delete weights.gateAndUpProjs;
   delete weights.downProjs;
   const opt = new AdamW(cuda, layer.parameters(), { lr: 1e-4, weightDecay: 0.01, maxGradNorm: 1, onNonFinite: 'skip' });
