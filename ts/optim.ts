@@ -48,7 +48,11 @@ export interface AdamWOptions {
   weightDecay?: number;
   /** Clip the gradients to this global norm (default: no clipping). */
   maxGradNorm?: number;
-  /** A step whose gradient norm is not finite: `'error'` (default) throws, `'skip'` skips it. Neither writes the weights. */
+  /**
+   * A step whose gradient norm is not finite: `'error'` (default) throws, `'skip'` skips it (and
+   * counts it in `status().skipped`). Neither writes the weights. On the GPU `'error'` reads the
+   * step's outcome back after each step (a synchronisation); `'skip'` never waits.
+   */
   onNonFinite?: 'error' | 'skip';
   /** Decay every parameter, biases (1-d tensors) too. Default false. */
   decayBiases?: boolean;
