@@ -12,7 +12,7 @@
 import { wrapDevice, type AnyTensor, type DeviceTensor, type NativeCudaTensor } from '../device.js';
 import { activationArgs, type ActivationGrads, type ActivationOptions } from '../ops/activations.js';
 import { switchArgs, type SwitchLoadBalancingLossOptions, type ZLossOptions } from '../ops/routing.js';
-import type { DType, IndexDType, Tensor, TokenDType } from '../tensor.js';
+import type { IndexDType, Tensor, TokenDType } from '../tensor.js';
 import { checkNumber, checkOptions, TOKENS, wire } from '../wire.js';
 import { anyDevice, hasFunctions, hostOf, hostOptions, int32Handle, optionValue, type DeviceFn, type GpuContext, type GpuFamily, type Handles } from './cuda-common.js';
 

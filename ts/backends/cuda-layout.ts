@@ -24,7 +24,7 @@ import {
   type SortChunksGrads,
   type SortChunksResult,
 } from '../ops/layout.js';
-import { isTensor, type DType, type IndexDType, type Tensor, type TokenDType } from '../tensor.js';
+import { isTensor, type IndexDType, type Tensor, type TokenDType } from '../tensor.js';
 import { checkNumber, checkOptions, requiredNumber, TOKENS, wire } from '../wire.js';
 import { anyDevice, hasFunctions, hostOf, hostOptions, int32Handle, optionValue, wrapResult, type DeviceFn, type GpuContext, type GpuFamily, type Handles } from './cuda-common.js';
 
