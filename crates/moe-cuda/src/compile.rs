@@ -47,8 +47,11 @@ pub const LAYOUT: KernelSource = KernelSource { file: "layout.cu", source: inclu
 pub const EXPERTS: KernelSource = KernelSource { file: "experts.cu", source: include_str!("../kernels/experts.cu") };
 /// The optimizer (AdamW, the gradient norm) and the master weights' conversions.
 pub const TRAIN: KernelSource = KernelSource { file: "train.cu", source: include_str!("../kernels/train.cu") };
+/// Our own grouped GEMM for Hopper (wgmma + TMA): its launches use an sm_90a build
+/// (crate::grouped_gemm); the device's own build holds stubs.
+pub const GROUPED_GEMM: KernelSource = KernelSource { file: "grouped_gemm.cu", source: include_str!("../kernels/grouped_gemm.cu") };
 /// Every kernel file, in load order.
-pub const ALL: &[KernelSource] = &[PERMUTE, PLAN, ROUTING, ACTIVATIONS, LAYOUT, EXPERTS, TRAIN];
+pub const ALL: &[KernelSource] = &[PERMUTE, PLAN, ROUTING, ACTIVATIONS, LAYOUT, EXPERTS, TRAIN, GROUPED_GEMM];
 
 /// NVRTC options for `arch` (e.g. "sm_90"). `--fmad=false`: no multiply-add contraction
 /// anywhere, so f32 arithmetic rounds as the CPU core's does. `-lineinfo`: source lines for

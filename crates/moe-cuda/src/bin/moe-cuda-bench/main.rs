@@ -4,6 +4,10 @@
 //!   moe-cuda-bench compile [ARCH]       compile kernels/*.cu with NVRTC only (no GPU needed), default sm_90
 //!   moe-cuda-bench run [--iters N] [--out FILE] [--shapes deepseek,mixtral]
 //!   moe-cuda-bench experts [--iters N] [--out FILE] [--shapes mixtral,fine-grained]
+//!   moe-cuda-bench ggemm [--iters N] [--out FILE] [--shapes ...] [--tile 128|256|both] [--small-only]
+//!
+//! `ggemm`: see ggemm.rs beside this file (our Hopper grouped GEMM against a host reference and
+//! the cuBLAS per-expert path, and timed).
 //!
 //! `experts`: see experts.rs beside this file (expert GEMMs vs the measured bf16
 //! rate, experts forward/backward, the dispatch + experts layer).
@@ -30,6 +34,7 @@ use moe_cuda::DeviceTensor;
 use moe_cuda::{compile, Device};
 
 mod experts;
+mod ggemm;
 mod train;
 
 struct Shape {
@@ -71,8 +76,9 @@ fn main() {
         Some("run") => run(&args[1..]),
         Some("experts") => experts(&args[1..]),
         Some("train") => train(&args[1..]),
+        Some("ggemm") => ggemm::bench(&args[1..]),
         _ => {
-            eprintln!("usage: moe-cuda-bench info | compile [ARCH] | run [--iters N] [--out FILE] [--shapes deepseek,mixtral] | experts [--iters N] [--out FILE] [--shapes mixtral,fine-grained] | train [--iters N] [--out FILE] [--shapes mixtral,fine-grained]");
+            eprintln!("usage: moe-cuda-bench info | compile [ARCH] | run [--iters N] [--out FILE] [--shapes deepseek,mixtral] | experts [--iters N] [--out FILE] [--shapes mixtral,fine-grained] | train [--iters N] [--out FILE] [--shapes mixtral,fine-grained] | ggemm [--iters N] [--out FILE] [--shapes mixtral,fine-grained] [--tile 128|256|both] [--small-only]");
             2
         }
     };

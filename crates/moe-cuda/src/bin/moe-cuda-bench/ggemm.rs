@@ -1,0 +1,445 @@
+//! `moe-cuda-bench ggemm`: our grouped GEMM (crates/moe-cuda/src/grouped_gemm.rs, kernels/grouped_gemm.cu)
+//! checked and timed on the GPU (a module of the moe-cuda-bench binary).
+//!
+//! 1. Small problems against a host reference (f64 sums of the bf16 products): empty experts,
+//!    one expert holding every row, row counts not a multiple of the 128-row tile, K and N not
+//!    multiples of the tile, more experts than the block has threads, counts adding up to less
+//!    than M (the rows past them must stay untouched), both weight layouts, bf16 and f32
+//!    outputs; each run twice and compared bit for bit.
+//! 2. At the experts' shapes (fine-grained: T=8192 k=6 E=64 dim 2048 inter 1408; Mixtral-like:
+//!    T=8192 k=2 E=8 dim 4096 inter 14336; a random top-k routing's counts), the four token-side
+//!    GEMMs of the experts (x @ W1, a @ W2, dy @ W2^T, dh @ W1^T): ours against the cuBLAS
+//!    per-expert path the experts use (`run_gemms`, host counts), element by element to a
+//!    tolerance, ours run to run bit for bit, then both timed (CUDA events, median) as TFLOP/s
+//!    and % of the dense bf16 cuBLAS rate (8192^3).
+//!
+//! Options: `--iters N`, `--tile 128|256|both` (default both), `--shapes a,b`, `--out FILE`,
+//! `--small-only`. Exit code 1 when a check fails.
+
+use half::bf16;
+use moe_core::tensor::DType;
+use moe_cuda::blas::Problem;
+use moe_cuda::experts::run_gemms;
+use moe_cuda::grouped_gemm::{self, TileN, WeightLayout};
+use moe_cuda::{Buffer, Device};
+use rayon::prelude::*;
+
+use crate::experts::{bf16_peak, EXPERT_SHAPES};
+use crate::{time_ms, Rng};
+
+type R<T> = moe_cuda::Result<T>;
+
+/// Random bf16 values in [-scale, scale), generated in parallel (chunks with their own seeds).
+fn random_bf16(len: usize, seed: u64, scale: f32) -> Vec<u16> {
+    let mut v = vec![0u16; len];
+    v.par_chunks_mut(1 << 16).enumerate().for_each(|(i, c)| {
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9).wrapping_add(i as u64));
+        for x in c.iter_mut() {
+            *x = bf16::from_f32((rng.uniform() * 2.0 - 1.0) * scale).to_bits();
+        }
+    });
+    v
+}
+
+fn f(bits: u16) -> f64 {
+    bf16::from_bits(bits).to_f32() as f64
+}
+
+/// One small check: host reference and the GPU, twice.
+struct Case {
+    name: &'static str,
+    counts: Vec<i32>,
+    /// rows past the sum of the counts
+    spare: usize,
+    k: usize,
+    n: usize,
+}
+
+fn small_cases() -> Vec<Case> {
+    let mut rng = Rng(99);
+    let many: Vec<i32> = (0..400).map(|_| rng.below(9) as i32).collect();
+    let mixed: Vec<i32> = (0..70).map(|i| if i % 7 == 0 { 0 } else { rng.below(300) as i32 }).collect();
+    vec![
+        Case { name: "mixed counts, K and N off the tile", counts: vec![0, 1, 127, 129, 300], spare: 3, k: 200, n: 200 },
+        Case { name: "one expert holds every row", counts: vec![0, 700, 0], spare: 0, k: 128, n: 512 },
+        Case { name: "every expert empty", counts: vec![0, 0, 0, 0], spare: 40, k: 64, n: 64 },
+        Case { name: "70 experts, random counts", counts: mixed, spare: 0, k: 72, n: 264 },
+        Case { name: "400 experts (more than the block's threads)", counts: many, spare: 5, k: 64, n: 136 },
+        Case { name: "one expert, 1 row, K = 8", counts: vec![1], spare: 0, k: 8, n: 8 },
+    ]
+}
+
+/// Runs the small cases for one tile width; returns the number of failures.
+fn small_checks(dev: &Device, tile: TileN) -> R<usize> {
+    let mut failures = 0;
+    for (ci, case) in small_cases().iter().enumerate() {
+        let e = case.counts.len();
+        let rows: usize = case.counts.iter().map(|&c| c as usize).sum();
+        let m = rows + case.spare;
+        let (k, n) = (case.k, case.n);
+        let x = random_bf16(m * k, 1000 + ci as u64, 1.0);
+        let w = random_bf16(e * k * n, 2000 + ci as u64, 1.0);
+        let d_x = dev.upload("x", &x)?;
+        let d_w = dev.upload("w", &w)?;
+        let d_counts = dev.upload("counts", &case.counts)?;
+        let outs: &[DType] = if tile == TileN::N256 { &[DType::BF16, DType::F32] } else { &[DType::BF16] };
+        for layout in [WeightLayout::KN, WeightLayout::NK] {
+            // the host reference: out[r, j] = sum_i x[r, i] * B[e](i, j) (f64), and sum |.| for the tolerance
+            let b = |ex: usize, i: usize, j: usize| match layout {
+                WeightLayout::KN => w[(ex * k + i) * n + j],
+                WeightLayout::NK => w[(ex * n + j) * k + i],
+            };
+            let mut reference = vec![(0f64, 0f64); rows * n];
+            let mut r0 = 0;
+            for (ex, &c) in case.counts.iter().enumerate() {
+                for r in r0..r0 + c as usize {
+                    for j in 0..n {
+                        let (mut s, mut a) = (0f64, 0f64);
+                        for i in 0..k {
+                            let p = f(x[r * k + i]) * f(b(ex, i, j));
+                            s += p;
+                            a += p.abs();
+                        }
+                        reference[r * n + j] = (s, a);
+                    }
+                }
+                r0 += c as usize;
+            }
+            for &od in outs {
+                let size = od.size();
+                let mut runs: Vec<Vec<u8>> = Vec::new();
+                // (whole 4-byte words, so that the sentinel fill covers every byte)
+                let bytes = (m * n * size).next_multiple_of(4);
+                for _ in 0..2 {
+                    let out = dev.alloc("out", bytes)?;
+                    dev.memset_u32("out", &out, 0xffff_ffff, bytes / 4)?;
+                    let s = |buf: &Buffer| buf.device_ptr(dev);
+                    grouped_gemm::launch(dev, s(&d_x), s(&d_w), layout, s(&d_counts), s(&out), od, e, m, n, k, tile)?;
+                    runs.push(dev.download_new("out", &out, bytes)?);
+                }
+                let got = &runs[0];
+                let value = |i: usize| -> f64 {
+                    if od == DType::F32 {
+                        f32::from_le_bytes([got[4 * i], got[4 * i + 1], got[4 * i + 2], got[4 * i + 3]]) as f64
+                    } else {
+                        f(u16::from_le_bytes([got[2 * i], got[2 * i + 1]]))
+                    }
+                };
+                let mut bad = 0usize;
+                let mut first = String::new();
+                let mut max_rel = 0f64;
+                for (i, &(r, a)) in reference.iter().enumerate() {
+                    let g = value(i);
+                    let tol = if od == DType::F32 { 1e-5 * a + 1e-6 } else { r.abs() / 256.0 * 1.001 + 1e-5 * a + 1e-6 };
+                    let err = (g - r).abs();
+                    if r != 0.0 {
+                        max_rel = max_rel.max(err / r.abs().max(1e-3));
+                    }
+                    if err.is_nan() || err > tol {
+                        bad += 1;
+                        if first.is_empty() {
+                            first = format!("row {} col {}: got {g}, want {r} (tolerance {tol:.3e})", i / n, i % n);
+                        }
+                    }
+                }
+                // the spare rows stay as they were (0xff bytes)
+                let untouched = got[rows * n * size..m * n * size].iter().all(|&byte| byte == 0xff);
+                let same = runs[0] == runs[1];
+                let ok = bad == 0 && untouched && same;
+                if !ok {
+                    failures += 1;
+                }
+                println!(
+                    "  {} tile {:>3} {:?} -> {}: {} [E={e}, M={m}, K={k}, N={n}] max rel err {max_rel:.2e}, {bad} outside tolerance{}{}{}",
+                    if ok { "ok  " } else { "FAIL" },
+                    tile.columns(),
+                    layout,
+                    od.name(),
+                    case.name,
+                    if first.is_empty() { String::new() } else { format!(" (first: {first})") },
+                    if untouched { "" } else { ", spare rows written" },
+                    if same { ", run to run identical" } else { ", RUNS DIFFER" },
+                );
+            }
+        }
+    }
+    Ok(failures)
+}
+
+/// Counts of a random top-k routing (k distinct experts a token).
+fn routing_counts(tokens: usize, experts: usize, topk: usize, seed: u64) -> Vec<i32> {
+    let mut rng = Rng(seed);
+    let mut counts = vec![0i32; experts];
+    let mut picked = Vec::with_capacity(topk);
+    for _ in 0..tokens {
+        picked.clear();
+        while picked.len() < topk {
+            let x = rng.below(experts);
+            if !picked.contains(&x) {
+                picked.push(x);
+            }
+        }
+        for &x in &picked {
+            counts[x] += 1;
+        }
+    }
+    counts
+}
+
+/// One GEMM of the experts at a shape: x [m, k] @ B[e] -> [m, n].
+struct Gemm {
+    name: &'static str,
+    k: usize,
+    n: usize,
+    layout: WeightLayout,
+    /// which weight tensor: 1 (W1 [E, dim, 2 inter]) or 2 (W2 [E, inter, dim])
+    weight: u8,
+    forward: bool,
+}
+
+/// Compares two bf16 outputs: (elements outside tolerance, max relative difference, first bad).
+fn compare_bf16(a: &[u16], b: &[u16]) -> (usize, f64, Option<usize>) {
+    let bad_max = a
+        .par_chunks(1 << 16)
+        .zip(b.par_chunks(1 << 16))
+        .enumerate()
+        .map(|(ci, (x, y))| {
+            let mut bad = 0usize;
+            let mut max_rel = 0f64;
+            let mut first = None;
+            for (i, (&p, &q)) in x.iter().zip(y).enumerate() {
+                let (p, q) = (f(p), f(q));
+                let d = (p - q).abs();
+                let mag = p.abs().max(q.abs());
+                // both are f32 sums rounded once to bf16: a rounding each (2^-8 relative) plus the
+                // f32 sums' different orders
+                let tol = mag / 128.0 + 1e-3;
+                if mag > 1e-2 {
+                    max_rel = max_rel.max(d / mag);
+                }
+                if d.is_nan() || d > tol {
+                    bad += 1;
+                    first.get_or_insert(ci * (1 << 16) + i);
+                }
+            }
+            (bad, max_rel, first)
+        })
+        .reduce(|| (0, 0.0, None), |a, b| (a.0 + b.0, a.1.max(b.1), a.2.or(b.2)));
+    bad_max
+}
+
+pub fn bench(args: &[String]) -> i32 {
+    let (mut iters, mut out, mut names, mut tiles, mut small_only) =
+        (10usize, None::<String>, None::<Vec<String>>, vec![TileN::N128, TileN::N256], false);
+    let mut i = 0;
+    while i < args.len() {
+        match (args[i].as_str(), args.get(i + 1)) {
+            ("--iters", Some(v)) => iters = v.parse().expect("--iters N"),
+            ("--out", Some(v)) => out = Some(v.clone()),
+            ("--shapes", Some(v)) => names = Some(v.split(',').map(String::from).collect()),
+            ("--tile", Some(v)) => {
+                tiles = match v.as_str() {
+                    "128" => vec![TileN::N128],
+                    "256" => vec![TileN::N256],
+                    _ => vec![TileN::N128, TileN::N256],
+                }
+            }
+            ("--small-only", _) => {
+                small_only = true;
+                i += 1;
+                continue;
+            }
+            (other, _) => {
+                eprintln!("unknown or incomplete argument {other}");
+                return 2;
+            }
+        }
+        i += 2;
+    }
+    let dev = match Device::global() {
+        Ok(d) => d,
+        Err(e) => {
+            println!("{e}");
+            return 1;
+        }
+    };
+    if let Err(e) = grouped_gemm::arch(dev) {
+        println!("{e}");
+        return 1;
+    }
+    match run(dev, iters, names, &tiles, small_only) {
+        Ok((json, failures)) => {
+            match out {
+                Some(path) => std::fs::write(&path, &json).expect("writing --out"),
+                None => println!("{json}"),
+            }
+            if failures > 0 {
+                println!("{failures} check(s) failed");
+                1
+            } else {
+                0
+            }
+        }
+        Err(e) => {
+            println!("ggemm failed: {e}");
+            1
+        }
+    }
+}
+
+fn run(dev: &Device, iters: usize, names: Option<Vec<String>>, tiles: &[TileN], small_only: bool) -> R<(String, usize)> {
+    use std::io::Write;
+    let info = dev.info();
+    println!(
+        "{} (cc {}), {} SMs; grouped GEMM kernels for {}",
+        info.name,
+        info.compute_capability,
+        dev.sm_count(),
+        grouped_gemm::arch(dev)?
+    );
+    let mut failures = 0;
+    for &tile in tiles {
+        println!("small checks, tile 128 x {}:", tile.columns());
+        let _ = std::io::stdout().flush();
+        failures += small_checks(dev, tile)?;
+    }
+    if small_only {
+        return Ok((format!("{{\"device\": {:?}, \"smallCheckFailures\": {failures}}}", info.name), failures));
+    }
+    let peak = bf16_peak(dev, iters)?;
+    println!("bf16 GEMM rate (8192^3, cuBLAS): {peak:.0} TFLOP/s");
+    let mut rows: Vec<String> = Vec::new();
+    for s in EXPERT_SHAPES.iter().filter(|s| names.as_ref().is_none_or(|n| n.iter().any(|x| x == s.name))) {
+        dev.release_cached_memory()?;
+        let (t, e, topk, dim, inter) = (s.tokens, s.experts, s.topk, s.dim, s.inter);
+        let width = 2 * inter;
+        let m = t * topk;
+        let counts = routing_counts(t, e, topk, 0x5eed ^ e as u64);
+        let d_counts = dev.upload("counts", &counts)?;
+        let w1 = dev.upload("W1", &random_bf16(e * dim * width, 11, 1.0 / (dim as f32).sqrt()))?;
+        let w2 = dev.upload("W2", &random_bf16(e * inter * dim, 12, 1.0 / (inter as f32).sqrt()))?;
+        let gemms = [
+            Gemm { name: "x @ W1", k: dim, n: width, layout: WeightLayout::KN, weight: 1, forward: true },
+            Gemm { name: "a @ W2", k: inter, n: dim, layout: WeightLayout::KN, weight: 2, forward: true },
+            Gemm { name: "dy @ W2^T", k: dim, n: inter, layout: WeightLayout::NK, weight: 2, forward: false },
+            Gemm { name: "dh @ W1^T", k: width, n: dim, layout: WeightLayout::NK, weight: 1, forward: false },
+        ];
+        println!(
+            "{}: T={t} k={topk} -> {m} rows, E={e}, dim {dim}, inter {inter}; rows an expert {}..{}",
+            s.name,
+            counts.iter().min().unwrap_or(&0),
+            counts.iter().max().unwrap_or(&0)
+        );
+        let mut sums = [[0f64; 3]; 2]; // [forward, input grads] x [flops, ours ms (best tile), cuBLAS ms]
+        for (gi, g) in gemms.iter().enumerate() {
+            let w = if g.weight == 1 { &w1 } else { &w2 };
+            let x = dev.upload("x", &random_bf16(m * g.k, 100 + gi as u64, 1.0))?;
+            let flops = 2.0 * (m * g.n * g.k) as f64;
+            // cuBLAS, per expert, as the experts run it
+            let c_out = dev.alloc("cuBLAS out", m * g.n * 2)?;
+            let mut problems = Vec::new();
+            let mut r0 = 0usize;
+            for (ex, &c) in counts.iter().enumerate() {
+                let c = c as usize;
+                if c > 0 {
+                    problems.push(Problem {
+                        m: c,
+                        n: g.n,
+                        k: g.k,
+                        a: x.device_ptr(dev) + (r0 * g.k * 2) as u64,
+                        b: w.device_ptr(dev) + (ex * g.k * g.n * 2) as u64,
+                        c: c_out.device_ptr(dev) + (r0 * g.n * 2) as u64,
+                    });
+                }
+                r0 += c;
+            }
+            let trans_b = g.layout == WeightLayout::NK;
+            let cublas = || run_gemms(dev, &problems, (DType::BF16, false), (DType::BF16, trans_b), DType::BF16);
+            cublas()?;
+            let c_host: Vec<u16> = dev.download_new("cuBLAS out", &c_out, m * g.n)?;
+            let (c_ms, _) = time_ms(dev, iters, cublas)?;
+            let c_tf = flops / (c_ms * 1e-3) / 1e12;
+            println!(
+                "  {:<10} K={:<5} N={:<5} cuBLAS per expert: {c_ms:.3} ms, {c_tf:.0} TFLOP/s ({:.1}% of bf16 rate)",
+                g.name,
+                g.k,
+                g.n,
+                100.0 * c_tf / peak
+            );
+            let _ = std::io::stdout().flush();
+            let mut best = f64::INFINITY;
+            for &tile in tiles {
+                let o1 = dev.alloc("ours", m * g.n * 2)?;
+                let o2 = dev.alloc("ours", m * g.n * 2)?;
+                let ours = |o: &Buffer| {
+                    grouped_gemm::launch(
+                        dev,
+                        x.device_ptr(dev),
+                        w.device_ptr(dev),
+                        g.layout,
+                        d_counts.device_ptr(dev),
+                        o.device_ptr(dev),
+                        DType::BF16,
+                        e,
+                        m,
+                        g.n,
+                        g.k,
+                        tile,
+                    )
+                };
+                ours(&o1)?;
+                ours(&o2)?;
+                let a: Vec<u16> = dev.download_new("ours", &o1, m * g.n)?;
+                let b: Vec<u16> = dev.download_new("ours", &o2, m * g.n)?;
+                let same = a == b;
+                let (bad, max_rel, first) = compare_bf16(&a, &c_host);
+                let (ms, _) = time_ms(dev, iters, || ours(&o1))?;
+                let tf = flops / (ms * 1e-3) / 1e12;
+                let ok = same && bad == 0;
+                if !ok {
+                    failures += 1;
+                }
+                if ok {
+                    best = best.min(ms);
+                }
+                println!(
+                    "  {:<10} ours, tile 128x{}: {ms:.3} ms, {tf:.0} TFLOP/s ({:.1}% of bf16 rate, {:.2}x cuBLAS); {} vs cuBLAS: max rel diff {max_rel:.2e}, {bad} outside tolerance{}; run to run {}",
+                    g.name,
+                    tile.columns(),
+                    100.0 * tf / peak,
+                    c_ms / ms,
+                    if ok { "ok" } else { "FAIL" },
+                    first.map(|i| format!(" (first at row {} col {}: ours {} cuBLAS {})", i / g.n, i % g.n, f(a[i]), f(c_host[i]))).unwrap_or_default(),
+                    if same { "identical" } else { "DIFFERENT" },
+                );
+                let _ = std::io::stdout().flush();
+                rows.push(format!(
+                    "{{\"shape\": {:?}, \"gemm\": {:?}, \"tileN\": {}, \"m\": {m}, \"k\": {}, \"n\": {}, \"experts\": {e}, \"oursMs\": {ms}, \"oursTflops\": {tf}, \"oursPctOfBf16\": {}, \"cublasMs\": {c_ms}, \"cublasTflops\": {c_tf}, \"cublasPctOfBf16\": {}, \"maxRelDiff\": {max_rel}, \"outsideTolerance\": {bad}, \"runToRunIdentical\": {same}}}",
+                    s.name,
+                    g.name,
+                    tile.columns(),
+                    g.k,
+                    g.n,
+                    100.0 * tf / peak,
+                    100.0 * c_tf / peak
+                ));
+            }
+            let slot = if g.forward { 0 } else { 1 };
+            sums[slot][0] += flops;
+            sums[slot][1] += best;
+            sums[slot][2] += c_ms;
+        }
+        for (slot, what) in [(0, "forward (x W1 + a W2)"), (1, "input gradients (dy W2^T + dh W1^T)")] {
+            let [fl, ours, cub] = sums[slot];
+            println!(
+                "  {} {what}: ours {:.1}% of the bf16 rate, cuBLAS {:.1}% ({:.2}x)",
+                s.name,
+                100.0 * fl / (ours * 1e-3) / 1e12 / peak,
+                100.0 * fl / (cub * 1e-3) / 1e12 / peak,
+                cub / ours
+            );
+        }
+    }
+    let json = format!("{{\"device\": {:?}, \"bf16PeakTflops\": {peak}, \"iters\": {iters}, \"rows\": [{}]}}", info.name, rows.join(", "));
+    Ok((json, failures))
+}

@@ -1,0 +1,300 @@
+//! Our own grouped GEMM of the experts on Hopper (sm_90): `kernels/grouped_gemm.cu`, one
+//! persistent launch over every expert's tiles, wgmma on shared-memory operands loaded by TMA,
+//! with the per-expert row counts read on the device (`tokensPerExpert` as the dispatch leaves
+//! it: no count comes back to the host before the GEMM is queued).
+//!
+//! `out [M, N] = x [M, K] @ B[e]` for the rows of each expert e (expert-major rows, `counts[e]`
+//! of them in expert order), bf16 inputs, float32 accumulation, bf16 or f32 output. B is the
+//! experts' weight tensor in one of two layouts ([`WeightLayout`]): `[E, K, N]` (the forward
+//! GEMMs `x @ W1[e]`, `a @ W2[e]`) or `[E, N, K]` used transposed (the input gradients
+//! `dy @ W2[e]^T`, `dh @ W1[e]^T`).
+//!
+//! The kernel file is compiled twice: for the device's own architecture with every other file
+//! (`compile::ALL`, where its kernels are stubs), and here, at the first call, for `sm_90a`
+//! (wgmma, TMA and `setmaxnreg` need the architecture-specific target), cached on disk like
+//! every kernel. Other GPUs get [`Error::Unavailable`]. Not used by the experts by default: the
+//! cuBLAS path stays the default until this kernel is measured correct and faster on the GPU
+//! (`moe-cuda-bench ggemm`).
+//!
+//! Rows past the sum of the counts are not written; counts that add up to more than M are cut
+//! at M (rows past M are never written). Deterministic: each output element is one thread's
+//! sum over K in a fixed order; no atomics.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{sys, CudaFunction, CudaModule, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::Ptx;
+use moe_core::tensor::DType;
+
+use crate::compile::{self, KernelSource};
+use crate::device::{Buffer, Device};
+use crate::error::{Error, Result};
+use crate::tensor::DeviceTensor;
+
+/// The layout of the experts' weights B.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// `[E, K, N]` row-major: `out = x @ W[e]` (W1 `[E, dim, 2 inter]`, W2 `[E, inter, dim]`).
+    KN,
+    /// `[E, N, K]` row-major, used transposed: `out = x @ W[e]^T` (the input gradients).
+    NK,
+}
+
+/// Columns of an output tile (the wgmma's N): 256 (the default) or 128.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TileN {
+    N128,
+    N256,
+}
+
+impl TileN {
+    pub fn columns(self) -> usize {
+        match self {
+            TileN::N128 => 128,
+            TileN::N256 => 256,
+        }
+    }
+
+    fn stages(self) -> usize {
+        match self {
+            TileN::N128 => 6,
+            TileN::N256 => 4,
+        }
+    }
+}
+
+/// Rows of an output tile and the K step (kernels/grouped_gemm.cu's GG_BM, GG_BK).
+pub const TILE_M: usize = 128;
+pub const TILE_K: usize = 64;
+const THREADS: u32 = 384;
+
+/// The kernel file (in `compile::ALL` too).
+pub const SOURCE: KernelSource = compile::GROUPED_GEMM;
+
+/// A CUtensorMap as the kernel takes it (a 128-byte `__grid_constant__` parameter).
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct TensorMap([u64; 16]);
+
+// SAFETY: plain bytes, passed by value as the kernel's GgTensorMap parameter.
+unsafe impl DeviceRepr for TensorMap {}
+
+struct Kernels {
+    _module: Arc<CudaModule>,
+    functions: HashMap<String, CudaFunction>,
+}
+
+/// The sm_90a module per context (by the context's address), loaded at first use.
+static LOADED: Mutex<Vec<(usize, Arc<Kernels>)>> = Mutex::new(Vec::new());
+
+/// The NVRTC target of the kernels on `dev`, or why it has none.
+pub fn arch(dev: &Device) -> Result<&'static str> {
+    let cc = dev.info().compute_capability;
+    if cc == "9.0" {
+        Ok("sm_90a")
+    } else {
+        Err(Error::Unavailable(format!("the grouped GEMM kernel needs a Hopper GPU (compute capability 9.0); this one is {cc}")))
+    }
+}
+
+fn kernels(dev: &Device) -> Result<Arc<Kernels>> {
+    let key = Arc::as_ptr(dev.context()) as usize;
+    let mut loaded = LOADED.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, k)) = loaded.iter().find(|(c, _)| *c == key) {
+        return Ok(k.clone());
+    }
+    let arch = arch(dev)?;
+    let (cubin, _origin) = compile::cubin(&SOURCE, arch)?;
+    let module = match dev.context().load_module(Ptx::from_binary(cubin)) {
+        Ok(m) => m,
+        Err(_) => {
+            let (cubin, _) = compile::fresh_cubin(&SOURCE, arch)?;
+            dev.context()
+                .load_module(Ptx::from_binary(cubin))
+                .map_err(|e| Error::driver(format!("loading kernels/{} for {arch}", SOURCE.file), e))?
+        }
+    };
+    let optin = dev
+        .context()
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .map_err(|e| Error::driver("reading the shared memory limit", e))?;
+    let mut functions = HashMap::new();
+    for name in crate::device::kernel_names(SOURCE.source) {
+        let f = module.load_function(&name).map_err(|e| Error::driver(format!("finding kernel {name} in kernels/{}", SOURCE.file), e))?;
+        // the opt-in limit counts static shared memory too
+        let fixed = f
+            .get_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+            .map_err(|e| Error::driver(format!("reading the static shared memory of {name}"), e))?;
+        let dynamic = optin - fixed;
+        f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dynamic)
+            .map_err(|e| Error::driver(format!("allowing {dynamic} bytes of dynamic shared memory to {name}"), e))?;
+        functions.insert(name, f);
+    }
+    let k = Arc::new(Kernels { _module: module, functions });
+    loaded.push((key, k.clone()));
+    Ok(k)
+}
+
+/// Bytes of dynamic shared memory of a launch (kernels/grouped_gemm.cu's layout: alignment
+/// slack, the stages, the barriers, the per-expert tile and row offsets).
+pub fn shared_bytes(tile: TileN, experts: usize) -> usize {
+    let stage = (TILE_M + tile.columns()) * TILE_K * 2;
+    1024 + tile.stages() * stage + 16 * tile.stages() + 8 * (experts + 1)
+}
+
+/// A 2-D or 3-D tiled tensor map of bf16 with the 128-byte swizzle (`dims` and `box_dims`
+/// innermost first; `strides`: bytes of each dimension but the first).
+fn tensor_map(what: &str, ptr: u64, dims: &[u64], strides: &[u64], box_dims: &[u32]) -> Result<TensorMap> {
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+    let elem = vec![1u32; dims.len()];
+    // SAFETY: the arrays hold `dims.len()` (strides: one fewer) entries, as the call reads them.
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            dims.len() as u32,
+            ptr as *mut _,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            box_dims.as_ptr(),
+            elem.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        return Err(Error::Cuda(format!(
+            "cuTensorMapEncodeTiled for {what} (dims {dims:?}, strides {strides:?}, box {box_dims:?}) failed: {r:?}"
+        )));
+    }
+    // SAFETY: encoded above; CUtensorMap is 16 u64 words.
+    let words: [u64; 16] = unsafe { std::mem::transmute_copy(&map.assume_init()) };
+    Ok(TensorMap(words))
+}
+
+/// One grouped GEMM on raw device addresses (see the module's doc): `x [m, k]` bf16, `w` bf16
+/// `[experts, k, n]` ([`WeightLayout::KN`]) or `[experts, n, k]` ([`WeightLayout::NK`]),
+/// `counts [experts]` int32 on the device, `out [m, n]` of `out_dtype` (bf16 or f32; with
+/// [`TileN::N128`] bf16 only). `k` and `n` must be multiples of 8 (the TMA's 16-byte strides),
+/// the addresses 16-byte aligned. Queued on the device's stream; nothing is read back.
+#[allow(clippy::too_many_arguments)]
+pub fn launch(
+    dev: &Device,
+    x: u64,
+    w: u64,
+    layout: WeightLayout,
+    counts: u64,
+    out: u64,
+    out_dtype: DType,
+    experts: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    tile: TileN,
+) -> Result<()> {
+    if m == 0 || n == 0 || experts == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        return Err(Error::Cuda("grouped GEMM with k = 0: nothing to multiply (a bug in the caller)".into()));
+    }
+    if k % 8 != 0 || n % 8 != 0 {
+        return Err(Error::Cuda(format!("grouped GEMM: k = {k} and n = {n} must be multiples of 8 (TMA strides)")));
+    }
+    if (x | w | out) % 16 != 0 {
+        return Err(Error::Cuda("grouped GEMM: operands must be 16-byte aligned".into()));
+    }
+    let int = |what: &str, v: usize| i32::try_from(v).map_err(|_| Error::Cuda(format!("grouped GEMM: {what} = {v} exceeds int32")));
+    let (mi, ni, ki, ei) = (int("m", m)?, int("n", n)?, int("k", k)?, int("experts", experts)?);
+    let name = match (layout, tile, out_dtype) {
+        (WeightLayout::KN, TileN::N128, DType::BF16) => "grouped_gemm_nn_n128_bf16",
+        (WeightLayout::KN, TileN::N256, DType::BF16) => "grouped_gemm_nn_n256_bf16",
+        (WeightLayout::NK, TileN::N128, DType::BF16) => "grouped_gemm_nt_n128_bf16",
+        (WeightLayout::NK, TileN::N256, DType::BF16) => "grouped_gemm_nt_n256_bf16",
+        (WeightLayout::KN, TileN::N256, DType::F32) => "grouped_gemm_nn_n256_f32",
+        (WeightLayout::NK, TileN::N256, DType::F32) => "grouped_gemm_nt_n256_f32",
+        _ => return Err(Error::Cuda(format!("grouped GEMM: no kernel for {layout:?}, {tile:?}, {} output", out_dtype.name()))),
+    };
+    let kernels = kernels(dev)?;
+    let f = kernels.functions.get(name).ok_or_else(|| Error::Cuda(format!("kernel {name} is not in kernels/grouped_gemm.cu")))?;
+    let smem = shared_bytes(tile, experts);
+    let limit = f
+        .get_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)
+        .map_err(|e| Error::driver("reading the shared memory limit", e))? as usize;
+    if smem > limit {
+        return Err(Error::Cuda(format!(
+            "grouped GEMM: {experts} experts need {smem} bytes of shared memory, the kernel may have {limit}"
+        )));
+    }
+    let (m64, n64, k64, e64) = (m as u64, n as u64, k as u64, experts as u64);
+    // A: [m, k], box 64 (k) x 128 (rows)
+    let map_a = tensor_map("the tokens", x, &[k64, m64], &[k64 * 2], &[TILE_K as u32, TILE_M as u32])?;
+    let map_b = match layout {
+        // [E, k, n]: boxes of 64 (n) x 64 (k), BN / 64 of them a step
+        WeightLayout::KN => tensor_map("the weights", w, &[n64, k64, e64], &[n64 * 2, n64 * k64 * 2], &[64, TILE_K as u32, 1])?,
+        // [E, n, k]: one box of 64 (k) x BN (n) a step
+        WeightLayout::NK => {
+            tensor_map("the weights", w, &[k64, n64, e64], &[k64 * 2, n64 * k64 * 2], &[TILE_K as u32, tile.columns() as u32, 1])?
+        }
+    };
+    // persistent: one block per SM, or fewer when there are fewer tiles than that at most
+    let n_tiles = n.div_ceil(tile.columns());
+    let max_tiles = (m / TILE_M + experts).saturating_mul(n_tiles);
+    let grid = dev.sm_count().min(max_tiles).max(1) as u32;
+    let stream = dev.stream();
+    let mut b = stream.launch_builder(f);
+    b.arg(&map_a).arg(&map_b).arg(&out).arg(&counts).arg(&ei).arg(&mi).arg(&ni).arg(&ki);
+    let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
+    // SAFETY: the arguments match the kernel's parameters (GG_ARGS) in order and type.
+    unsafe { b.launch(cfg) }.map_err(|e| Error::driver(format!("launching {name} on {grid} blocks"), e))?;
+    Ok(())
+}
+
+/// [`launch`] on device tensors: `x [M, K]` bf16, `w` bf16 in `layout`, `counts [E]` int32
+/// (tokensPerExpert, on the device), a new `out [M, N]` of `out_dtype`. Rows past the sum of
+/// the counts are zeros.
+pub fn grouped_gemm_device(
+    dev: &Device,
+    x: &DeviceTensor,
+    w: &DeviceTensor,
+    layout: WeightLayout,
+    counts: &DeviceTensor,
+    out_dtype: DType,
+    tile: TileN,
+) -> Result<DeviceTensor> {
+    let bad = |what: String| Err(Error::Cuda(format!("grouped GEMM: {what}")));
+    if x.dtype != DType::BF16 || w.dtype != DType::BF16 {
+        return bad(format!("x and w must be bfloat16 (got {} and {})", x.dtype.name(), w.dtype.name()));
+    }
+    if counts.dtype != DType::I32 || counts.shape.len() != 1 {
+        return bad("counts must be a 1-D int32 tensor".into());
+    }
+    if x.shape.len() != 2 || w.shape.len() != 3 {
+        return bad(format!("x must be [M, K] and w [E, ., .] (got {:?} and {:?})", x.shape, w.shape));
+    }
+    let (m, k) = (x.shape[0], x.shape[1]);
+    let experts = counts.shape[0];
+    let (we, wk, wn) = match layout {
+        WeightLayout::KN => (w.shape[0], w.shape[1], w.shape[2]),
+        WeightLayout::NK => (w.shape[0], w.shape[2], w.shape[1]),
+    };
+    if we != experts || wk != k {
+        return bad(format!("x {:?}, w {:?} ({layout:?}) and counts [{experts}] do not fit", x.shape, w.shape));
+    }
+    let out = DeviceTensor::alloc(dev, "the grouped GEMM's output", out_dtype, vec![m, wn])?;
+    dev.memset_zero("the grouped GEMM's output", &out.buf, out.bytes())?;
+    if k == 0 {
+        return Ok(out);
+    }
+    let s = dev.stream();
+    launch(dev, x.buf.ptr(s), w.buf.ptr(s), layout, counts.buf.ptr(s), out.buf.ptr(s), out_dtype, experts, m, wn, k, tile)?;
+    Ok(out)
+}
+
+/// The address of a buffer (for [`launch`]).
+pub fn address(dev: &Device, buf: &Buffer) -> u64 {
+    buf.device_ptr(dev)
+}
