@@ -25,6 +25,7 @@ const BROWSER_SUITES = [
   'test/wasm-instances.test.ts',
   'test/webgpu.test.ts',
   'test/out.test.ts',
+  'test/ep.test.ts',
 ];
 
 /**

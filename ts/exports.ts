@@ -52,3 +52,20 @@ export { AdamW, type AdamWOptions, type OptimizerStatus } from './optim.js';
 export { mseLoss, TRAIN_SHAPES, uniformTensor } from './training.js';
 export { SUPPORTED_MODEL_TYPES, type ExpertKeyFormat, type FromPretrainedOptions, type KeyScheme, type PretrainedSource, type SavePretrainedOptions } from './hf.js';
 export { TokenDispatcher, type TokenDispatcherOptions, type TokenPermutation, type TopKRouting } from './dispatcher.js';
+export {
+  combine,
+  combineBackward,
+  createInProcessGroup,
+  dispatch,
+  dispatchBackward,
+  ExpertParallelTimeoutError,
+  type CombineGrads,
+  type CombineOptions,
+  type DispatchBackwardOptions,
+  type DispatchGrads,
+  type DispatchHandle,
+  type DispatchOptions,
+  type DispatchResult,
+  type ExpertParallelGroup,
+  type InProcessGroupOptions,
+} from './ep.js';

@@ -1,0 +1,799 @@
+/**
+ * Expert parallelism: the experts of a layer spread over the ranks of a group (rank `j` holds
+ * `expertRangeForRank(numExperts, size, j)`), each rank's tokens moved to the ranks that hold
+ * their experts and the experts' outputs moved back.
+ *
+ *   dispatch(group, moe, tokens, { indices, weights }, { numExperts })
+ *     -> { permutedTokens, permutedProbs, tokensPerExpert, handle }   this rank's experts' tokens, expert-major
+ *   combine(group, moe, expertOutputs, handle) -> output [T, H]      merged in the original token order
+ *   combineBackward / dispatchBackward: the same exchanges in reverse, for the gradients.
+ *
+ * Everything here is the layout (built from Backend ops: permute by destination rank, permute
+ * by local expert, unpermute, permuteBackward, unpermuteBackward), shared by every group; a
+ * group only moves bytes: an all-gather of small int32 arrays (the counts) and an
+ * all-to-all-v of byte buffers ({@link ExpertParallelGroup}). `createInProcessGroup(n)` gives
+ * `n` ranks in one process (CI, the browser); an NCCL group between processes is not built yet.
+ *
+ * The exchanges, per call:
+ * - dispatch: all-gather of `[numExperts, k, hidden, dtype, tokens for rank 0..N-1]`, then one
+ *   all-to-all-v: each token goes once to each rank that holds at least one of its experts
+ *   (its row, then its k picks as that rank's local expert ids, -1 for the others, and their
+ *   weights). The receiver permutes what it got (in source-rank order, tokens ascending) by
+ *   local expert, so each expert's block holds its tokens ordered by (source rank, token).
+ * - combine: each rank merges the outputs of a received token's local experts (weighted by
+ *   the probs, in expert order: `unpermute`) into one row, sends it back; the source sums the
+ *   rows of a token in rank order (`unpermute` of the rows grouped by rank).
+ * - combineBackward: the output gradient of each token goes to the ranks that had it; the
+ *   slots' gradients are `unpermuteBackward`'s (the same bits as on one rank).
+ * - dispatchBackward: each rank sums a received token's slot gradients (`permuteBackward`),
+ *   sends the row back with the picks' prob gradients; the source sums the rows in rank order.
+ *
+ * Merge order (what differs from one rank): combine's output row of token t is
+ * `round(sum_j round(sum_{e in rank j's experts, ascending} y_e * p_e))`, the sums in float32
+ * from +0 in the order shown and `round` to the tokens' dtype; on one rank it is
+ * `round(sum_e y_e * p_e)` over all its experts ascending. The two agree bit for bit when a
+ * token's experts all live on one rank (always with one rank), and in float32 when it has at
+ * most two (a + b either way); otherwise the float32 sums are associated differently (float32
+ * rounding of the per-rank partial sums) and 16-bit dtypes also round each rank's partial once. dispatchBackward's token gradients are merged the same
+ * way; dispatch, combineBackward and the weights' gradients equal the one-rank path bit for bit.
+ * The order is fixed (ranks ascending, whatever order they arrive in), so results are
+ * bit-identical from run to run.
+ */
+import type { Backend } from './backend.js';
+import type { TopKRouting } from './dispatcher.js';
+import type { ExpertRange } from './ops/layout.js';
+import { checkTensor, type IndexDType, type Tensor, type TokenDType } from './tensor.js';
+import { checkBool, checkOptions, TOKENS } from './wire.js';
+
+/**
+ * One rank's handle on a group of `size` ranks: what `dispatch`, `combine` and their backward
+ * passes need from a transport. Every rank must make the same collective calls in the same
+ * order (as with NCCL); calls are asynchronous and resolve when every rank has made its part.
+ */
+export interface ExpertParallelGroup {
+  /** This rank, `0 <= rank < size`. */
+  readonly rank: number;
+  /** Ranks in the group. */
+  readonly size: number;
+  /**
+   * All-gather: every rank gives an Int32Array of the same length; each gets all of them,
+   * indexed by rank. `label` (what the call is for: `'dispatch'`, ...) is for error messages.
+   */
+  allGather(values: Int32Array, label?: string): Promise<Int32Array[]>;
+  /**
+   * All-to-all-v of bytes: `send[j]` goes to rank `j` (`send[rank]` to this rank itself);
+   * `recvBytes[s]` is the byte length this rank expects from rank `s` (known from an earlier
+   * all-gather, as a transport with posted receives needs). Resolves to `recv[s]`, what rank
+   * `s` sent here.
+   */
+  allToAllV(send: readonly Uint8Array[], recvBytes: readonly number[], label?: string): Promise<Uint8Array[]>;
+}
+
+/** A collective that did not complete because ranks never joined it; the group is aborted. */
+export class ExpertParallelTimeoutError extends Error {
+  /** The ranks that never made the call. */
+  readonly missingRanks: readonly number[];
+  constructor(message: string, missingRanks: readonly number[]) {
+    super(message);
+    this.name = 'ExpertParallelTimeoutError';
+    this.missingRanks = [...missingRanks];
+  }
+}
+
+export interface InProcessGroupOptions {
+  /**
+   * How long a collective waits for the ranks that have not made their call yet, from the
+   * first rank's call (default 30000 ms). Then every waiting rank's call rejects with an
+   * {@link ExpertParallelTimeoutError} naming the missing ranks, and the group is aborted: every
+   * later call rejects too.
+   */
+  timeoutMs?: number;
+}
+
+// ---------------------------------------------------------------------------------------
+// The in-process group: N ranks in one process exchanging buffers.
+
+type Collective = 'allGather' | 'allToAllV';
+
+interface Arrival {
+  op: Collective;
+  label: string;
+  /** allGather: the values; allToAllV: the send buffers. */
+  payload: Int32Array | readonly Uint8Array[];
+  recvBytes?: readonly number[];
+  resolve: (value: Int32Array[] | Uint8Array[]) => void;
+  reject: (error: Error) => void;
+}
+
+interface Slot {
+  arrivals: (Arrival | undefined)[];
+  count: number;
+  timer?: ReturnType<typeof setTimeout>;
+}
+
+/** The rendezvous of an in-process group: the k-th collective call of every rank meets in slot k. */
+class Hub {
+  readonly #slots = new Map<number, Slot>();
+  readonly #next: number[];
+  #aborted?: Error;
+
+  constructor(
+    readonly size: number,
+    readonly timeoutMs: number,
+  ) {
+    this.#next = new Array(size).fill(0);
+  }
+
+  arrive(rank: number, arrival: Arrival): void {
+    if (this.#aborted) {
+      arrival.reject(new Error(`${arrival.label}: rank ${rank}: the expert-parallel group was aborted (${this.#aborted.message})`));
+      return;
+    }
+    const seq = this.#next[rank]++;
+    let slot = this.#slots.get(seq);
+    if (!slot) {
+      slot = { arrivals: new Array(this.size).fill(undefined), count: 0 };
+      this.#slots.set(seq, slot);
+    }
+    slot.arrivals[rank] = arrival;
+    slot.count++;
+    if (slot.count === this.size) {
+      if (slot.timer !== undefined) clearTimeout(slot.timer);
+      this.#slots.delete(seq);
+      this.#complete(seq, slot.arrivals as Arrival[]);
+    } else if (slot.timer === undefined) {
+      slot.timer = setTimeout(() => this.#timeout(seq), this.timeoutMs);
+    }
+  }
+
+  #timeout(seq: number): void {
+    const slot = this.#slots.get(seq);
+    if (!slot) return;
+    const missing = slot.arrivals.flatMap((a, r) => (a ? [] : [r]));
+    const first = slot.arrivals.find((a) => a)!;
+    const who = missing.length === 1 ? `rank ${missing[0]}` : `ranks ${missing.join(', ')}`;
+    this.#abort(new ExpertParallelTimeoutError(`${first.label}: ${who} of ${this.size} did not join collective #${seq} (${first.op}) within ${this.timeoutMs} ms; the group is aborted`, missing));
+  }
+
+  /** Rejects every waiting call with `error`, and every later one. */
+  #abort(error: Error): void {
+    this.#aborted = error;
+    for (const slot of this.#slots.values()) {
+      if (slot.timer !== undefined) clearTimeout(slot.timer);
+      for (const a of slot.arrivals) a?.reject(error);
+    }
+    this.#slots.clear();
+  }
+
+  #fail(arrivals: Arrival[], error: Error): void {
+    this.#abort(error);
+    for (const a of arrivals) a.reject(error);
+  }
+
+  #complete(seq: number, arrivals: Arrival[]): void {
+    const a0 = arrivals[0];
+    const odd = arrivals.findIndex((a) => a.op !== a0.op || a.label !== a0.label);
+    if (odd >= 0) {
+      const a = arrivals[odd];
+      this.#fail(
+        arrivals,
+        new Error(`${a0.label}: collective #${seq}: rank 0 called ${a0.label} (${a0.op}), rank ${odd} called ${a.label} (${a.op}); every rank must make the same calls in the same order`),
+      );
+      return;
+    }
+    if (a0.op === 'allGather') {
+      const values = arrivals.map((a) => a.payload as Int32Array);
+      const bad = values.findIndex((v) => v.length !== values[0].length);
+      if (bad >= 0) {
+        this.#fail(arrivals, new RangeError(`${at(a0.label, 'allGather')}: rank ${bad} gives ${values[bad].length} values, rank 0 gives ${values[0].length}`));
+        return;
+      }
+      for (const a of arrivals) a.resolve(values.map((v) => v.slice()));
+      return;
+    }
+    const sends = arrivals.map((a) => a.payload as readonly Uint8Array[]);
+    for (let r = 0; r < this.size; r++) {
+      const want = arrivals[r].recvBytes!;
+      for (let s = 0; s < this.size; s++) {
+        if (sends[s][r].byteLength !== want[s]) {
+          this.#fail(arrivals, new RangeError(`${at(a0.label, 'allToAllV')}: rank ${r} expects ${want[s]} bytes from rank ${s}, which sends ${sends[s][r].byteLength}`));
+          return;
+        }
+      }
+    }
+    arrivals.forEach((a, r) => {
+      a.resolve(sends.map((send) => send[r].slice()));
+    });
+  }
+}
+
+function describe(value: unknown): string {
+  if (value === null) return 'null';
+  if (Array.isArray(value)) return 'an Array';
+  if (ArrayBuffer.isView(value)) return value.constructor.name;
+  return typeof value;
+}
+
+function sizeArg(value: unknown, arg: string, min: number): number {
+  if (typeof value !== 'number') throw new TypeError(`${arg}: expected a number, got ${describe(value)}`);
+  if (!Number.isSafeInteger(value) || value < min) throw new RangeError(`${arg}: expected an integer >= ${min}, got ${value}`);
+  return value;
+}
+
+/** `label: op` for messages (just `op` when the caller gave no label). */
+function at(label: string, op: Collective): string {
+  return label === op ? op : `${label}: ${op}`;
+}
+
+function labelArg(label: unknown, op: Collective): string {
+  if (label === undefined) return op;
+  if (typeof label !== 'string') throw new TypeError(`${op}: label: expected a string, got ${describe(label)}`);
+  return label;
+}
+
+/** One rank of an in-process group. */
+class InProcessRank implements ExpertParallelGroup {
+  readonly #hub: Hub;
+  constructor(
+    hub: Hub,
+    readonly rank: number,
+  ) {
+    this.#hub = hub;
+  }
+
+  get size(): number {
+    return this.#hub.size;
+  }
+
+  allGather(values: Int32Array, label?: string): Promise<Int32Array[]> {
+    return new Promise((resolve, reject) => {
+      const l = labelArg(label, 'allGather');
+      if (!(values instanceof Int32Array)) throw new TypeError(`${at(l, 'allGather')}: values: expected an Int32Array, got ${describe(values)}`);
+      this.#hub.arrive(this.rank, { op: 'allGather', label: l, payload: values.slice(), resolve: resolve as (v: unknown) => void, reject });
+    });
+  }
+
+  allToAllV(send: readonly Uint8Array[], recvBytes: readonly number[], label?: string): Promise<Uint8Array[]> {
+    return new Promise((resolve, reject) => {
+      const l = labelArg(label, 'allToAllV');
+      const n = this.#hub.size;
+      if (!Array.isArray(send)) throw new TypeError(`${at(l, 'allToAllV')}: send: expected an array of ${n} Uint8Arrays, got ${describe(send)}`);
+      if (send.length !== n) throw new RangeError(`${at(l, 'allToAllV')}: send: expected one buffer per rank (${n}), got ${send.length}`);
+      send.forEach((b, j) => {
+        if (!(b instanceof Uint8Array)) throw new TypeError(`${at(l, 'allToAllV')}: send[${j}]: expected a Uint8Array, got ${describe(b)}`);
+      });
+      if (!Array.isArray(recvBytes)) throw new TypeError(`${at(l, 'allToAllV')}: recvBytes: expected an array of ${n} byte counts, got ${describe(recvBytes)}`);
+      if (recvBytes.length !== n) throw new RangeError(`${at(l, 'allToAllV')}: recvBytes: expected one count per rank (${n}), got ${recvBytes.length}`);
+      recvBytes.forEach((b, s) => {
+        sizeArg(b, `${at(l, 'allToAllV')}: recvBytes[${s}]`, 0);
+      });
+      this.#hub.arrive(this.rank, { op: 'allToAllV', label: l, payload: [...send], recvBytes: [...recvBytes], resolve: resolve as (v: unknown) => void, reject });
+    });
+  }
+}
+
+/**
+ * `size` ranks of one group in this process: `groups[r]` is rank `r`'s handle. Each rank's
+ * collective calls meet the other ranks' calls of the same number (the k-th call of every
+ * rank forms collective #k) and resolve together, with copies of the buffers. Run the ranks
+ * concurrently (`Promise.all(groups.map((g) => dispatch(g, ...)))`): a rank whose call never
+ * comes makes the others reject after `timeoutMs`, naming it.
+ */
+export function createInProcessGroup(size: number, options?: InProcessGroupOptions): ExpertParallelGroup[] {
+  const n = sizeArg(size, 'size', 1);
+  const o = checkOptions<InProcessGroupOptions>(options, 'createInProcessGroup', ['timeoutMs']);
+  let timeoutMs = 30_000;
+  if (o.timeoutMs !== undefined) {
+    if (typeof o.timeoutMs !== 'number') throw new TypeError(`options.timeoutMs: expected a number, got ${describe(o.timeoutMs)}`);
+    if (!Number.isFinite(o.timeoutMs) || o.timeoutMs <= 0 || o.timeoutMs > 2 ** 31 - 1) {
+      throw new RangeError(`options.timeoutMs: expected a number of milliseconds > 0 and <= 2^31 - 1, got ${o.timeoutMs}`);
+    }
+    timeoutMs = o.timeoutMs;
+  }
+  const hub = new Hub(n, timeoutMs);
+  return Array.from({ length: n }, (_, r) => new InProcessRank(hub, r));
+}
+
+// ---------------------------------------------------------------------------------------
+// dispatch / combine and their backward passes: the layout, shared by every group.
+
+export interface DispatchOptions {
+  /** Experts in the whole model (required): rank `j` holds `expertRangeForRank(numExperts, size, j)`. */
+  numExperts: number;
+}
+
+export interface CombineOptions {
+  /**
+   * Weight each slot's output by its prob before merging (default true). Pass false when the
+   * experts already did (expertsForward with `permutedProbs`, as MoELayer runs them): the
+   * outputs are then summed as they are, and combineBackward returns no prob gradient.
+   */
+  weighted?: boolean;
+}
+
+export interface DispatchBackwardOptions {
+  /** `[numSlots]` float32: the gradient of dispatch's `permutedProbs` (from expertsBackward, combineBackward, or their sum). */
+  gradPermutedProbs?: Tensor<'float32'>;
+}
+
+/**
+ * What dispatch returns to the rank for its combine and the backward passes. Its fields say
+ * what was exchanged; the rest of what it keeps is internal.
+ */
+export interface DispatchHandle {
+  readonly rank: number;
+  readonly size: number;
+  readonly numExperts: number;
+  /** Picks per token (columns of the routing). */
+  readonly topk: number;
+  /** This rank's tokens (rows of `tokens`). */
+  readonly numTokens: number;
+  readonly hidden: number;
+  readonly dtype: TokenDType;
+  /** The experts this rank holds. */
+  readonly expertRange: ExpertRange;
+  /** Tokens this rank sent to each rank (each token once per rank holding one of its experts). */
+  readonly sendCounts: readonly number[];
+  /** Tokens this rank received from each rank. */
+  readonly recvCounts: readonly number[];
+  /** Rows of `permutedTokens`: the received tokens' picks of this rank's experts. */
+  readonly numSlots: number;
+}
+
+export interface DispatchResult<D extends TokenDType = TokenDType> {
+  /** `[numSlots, hidden]`: the received tokens by local expert (expert-major; within an expert by source rank, then token). */
+  permutedTokens: Tensor<D>;
+  /** `[numSlots]` float32: each slot's routing weight. */
+  permutedProbs: Tensor<'float32'>;
+  /** `[numLocalExperts]` int32: slots per local expert. */
+  tokensPerExpert: Tensor<'int32'>;
+  handle: DispatchHandle;
+}
+
+export interface CombineGrads<D extends TokenDType = TokenDType> {
+  /** `[numSlots, hidden]`: the gradient of combine's `expertOutputs`. */
+  gradExpertOutputs: Tensor<D>;
+  /** `[numSlots]` float32: the gradient of dispatch's `permutedProbs` through combine's weighting (weighted combines only). */
+  gradPermutedProbs?: Tensor<'float32'>;
+}
+
+export interface DispatchGrads<D extends TokenDType = TokenDType> {
+  /** `[numTokens, hidden]`: the gradient of dispatch's `tokens`, summed over the ranks that received each token, in rank order. */
+  gradTokens: Tensor<D>;
+  /**
+   * `[numTokens, k]` float32: the gradient of `routing.weights`: each pick gets the prob
+   * gradient its expert's rank passed for that slot (0 for masked picks, and where that rank
+   * passed no `gradPermutedProbs`).
+   */
+  gradWeights: Tensor<'float32'>;
+}
+
+interface State {
+  readonly group: ExpertParallelGroup;
+  readonly handle: DispatchHandle;
+  /** The rank holding each expert. */
+  readonly owner: Int32Array;
+  /** `[numTokens, size]`: which ranks each token went to, and the send permutation's slots (tokens grouped by rank). */
+  readonly sendMap: Tensor<'bool'>;
+  readonly sendSorted: Tensor<'int32'>;
+  /** `[numTokens * k]`: the global expert of each pick (-1 masked). */
+  readonly picks: Int32Array;
+  /** `[numReceived * k]`: the local expert of each received token's picks (-1: not here). */
+  readonly recvPicks: Int32Array;
+  readonly numReceived: number;
+  readonly recvMap: Tensor<'bool'>;
+  readonly recvSorted: Tensor<'int32'>;
+  readonly permutedProbs: Tensor<'float32'>;
+  combined?: { expertOutputs: Tensor<TokenDType>; weighted: boolean };
+}
+
+const STATES = new WeakMap<DispatchHandle, State>();
+const DTYPE_CODE: Record<TokenDType, number> = { float32: 0, bfloat16: 1, float16: 2 };
+const ELEMENT_BYTES: Record<TokenDType, number> = { float32: 4, bfloat16: 2, float16: 2 };
+/** The all-gathered header before the counts: numExperts, k, hidden, dtype. */
+const HEADER = ['numExperts', 'topk (routing.indices.shape[1])', 'hidden (tokens.shape[1])', 'tokens.dtype'] as const;
+
+/** Runs argument checks, prefixing their TypeError/RangeError with the op. */
+function checked<T>(op: string, f: () => T): T {
+  try {
+    return f();
+  } catch (e) {
+    if ((e instanceof TypeError || e instanceof RangeError) && !e.message.startsWith(`${op}:`)) throw new (e.constructor as ErrorConstructor)(`${op}: ${e.message}`);
+    throw e;
+  }
+}
+
+function checkGroup(group: unknown): ExpertParallelGroup {
+  const g = group as Partial<ExpertParallelGroup> | null;
+  if (typeof g !== 'object' || g === null || typeof g.allGather !== 'function' || typeof g.allToAllV !== 'function') {
+    throw new TypeError(`group: expected an ExpertParallelGroup { rank, size, allGather, allToAllV }, got ${describe(group)}`);
+  }
+  const size = sizeArg(g.size, 'group.size', 1);
+  const rank = sizeArg(g.rank, 'group.rank', 0);
+  if (rank >= size) throw new RangeError(`group.rank: expected 0 <= rank < size = ${size}, got ${rank}`);
+  return g as ExpertParallelGroup;
+}
+
+function checkBackend(backend: unknown): Backend {
+  const b = backend as Partial<Backend> | null;
+  if (typeof b !== 'object' || b === null || typeof b.permute !== 'function' || typeof b.unpermute !== 'function') {
+    throw new TypeError(`backend: expected a Backend (createBackend()), got ${describe(backend)}`);
+  }
+  return b as Backend;
+}
+
+function stateOf(group: ExpertParallelGroup, handle: unknown): State {
+  const s = typeof handle === 'object' && handle !== null ? STATES.get(handle as DispatchHandle) : undefined;
+  if (!s) throw new TypeError(`handle: expected the handle dispatch returned, got ${describe(handle)}`);
+  if (s.group !== group) throw new RangeError(`handle: made by the dispatch of rank ${s.handle.rank} of another group handle, not of this group's rank ${group.rank}`);
+  return s;
+}
+
+/** A `[rows, hidden]` tensor of the handle's dtype. */
+function checkRows<D extends TokenDType>(value: unknown, arg: string, dtype: TokenDType, rows: number, hidden: number, what: string): Tensor<D> {
+  const t = checkTensor(value, arg, TOKENS);
+  if (t.dtype !== dtype) throw new TypeError(`${arg}.dtype: expected ${dtype} (the dtype of the dispatched tokens), got ${t.dtype}`);
+  if (t.shape.length !== 2 || t.shape[0] !== rows || t.shape[1] !== hidden) {
+    throw new RangeError(`${arg}.shape: expected [${rows}, ${hidden}] (${what}), got [${t.shape.join(', ')}]`);
+  }
+  return t as Tensor<D>;
+}
+
+function bytesOf(data: ArrayBufferView): Uint8Array {
+  return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+}
+
+function tokensOf<D extends TokenDType>(dtype: D, rows: number, hidden: number, bytes: Uint8Array): Tensor<D> {
+  const data = dtype === 'float32' ? new Float32Array(bytes.buffer, bytes.byteOffset, rows * hidden) : new Uint16Array(bytes.buffer, bytes.byteOffset, rows * hidden);
+  return { dtype, shape: [rows, hidden], data } as unknown as Tensor<D>;
+}
+
+/** Splits rows `[sum counts, rowBytes]` into one buffer per rank (views, not copies). */
+function splitRows(bytes: Uint8Array, counts: readonly number[], rowBytes: number): Uint8Array[] {
+  let off = 0;
+  return counts.map((n) => {
+    const part = bytes.subarray(off * rowBytes, (off + n) * rowBytes);
+    off += n;
+    return part;
+  });
+}
+
+/** One exchange of the transport, with the received lengths checked (a transport's bug is not a layout bug). */
+async function exchange(group: ExpertParallelGroup, send: Uint8Array[], recvBytes: number[], label: string): Promise<Uint8Array[]> {
+  const recv = await group.allToAllV(send, recvBytes, label);
+  if (!Array.isArray(recv) || recv.length !== group.size || recv.some((b, s) => !(b instanceof Uint8Array) || b.byteLength !== recvBytes[s])) {
+    throw new Error(`${label}: the group's allToAllV returned ${describe(recv)} instead of ${group.size} Uint8Arrays of [${recvBytes.join(', ')}] bytes`);
+  }
+  return recv;
+}
+
+/** Concatenates per-rank messages whose first part is `counts[s]` rows of `rowBytes`, then `counts[s] * extra` bytes: the rows, and each extra part. */
+function gatherParts(recv: Uint8Array[], counts: readonly number[], rowBytes: number, extras: readonly number[]): { rows: Uint8Array; extras: Uint8Array[] } {
+  const total = counts.reduce((a, c) => a + c, 0);
+  const rows = new Uint8Array(total * rowBytes);
+  const out = extras.map((e) => new Uint8Array(total * e));
+  let off = 0;
+  recv.forEach((msg, s) => {
+    const n = counts[s];
+    rows.set(msg.subarray(0, n * rowBytes), off * rowBytes);
+    let at = n * rowBytes;
+    extras.forEach((e, i) => {
+      out[i].set(msg.subarray(at, at + n * e), off * e);
+      at += n * e;
+    });
+    off += n;
+  });
+  return { rows, extras: out };
+}
+
+function picksOf(indices: Tensor<IndexDType>, numExperts: number): Int32Array {
+  const [T, k] = indices.shape;
+  const picks = new Int32Array(T * k);
+  const seen = new Int32Array(numExperts).fill(-1);
+  const data = indices.data as ArrayLike<number | bigint>;
+  for (let t = 0; t < T; t++) {
+    for (let c = 0; c < k; c++) {
+      const v = Number(data[t * k + c]);
+      if (v === -1) {
+        picks[t * k + c] = -1;
+        continue;
+      }
+      if (!Number.isInteger(v) || v < 0 || v >= numExperts) {
+        throw new RangeError(`routing.indices: element [${t}][${c}] = ${v} is outside [0, numExperts = ${numExperts}) (and not -1, a masked pick)`);
+      }
+      if (seen[v] === t) throw new RangeError(`routing.indices: row ${t} lists expert ${v} more than once`);
+      seen[v] = t;
+      picks[t * k + c] = v;
+    }
+  }
+  return picks;
+}
+
+/**
+ * Sends this rank's `tokens [T, H]` to the ranks holding their experts and returns what this
+ * rank received, grouped by its local experts. `routing` is the top-k picks (TokenDispatcher's
+ * `{ indices, weights }`): `indices [T, k]` int32/int64 global expert ids (-1 = masked: not
+ * dispatched), `weights [T, k]` float32. Every rank of the group must call it (concurrently, with
+ * the same numExperts, k, hidden and dtype); a token whose experts live on several ranks goes to
+ * each of them once, and a token with no pick goes nowhere.
+ */
+export async function dispatch<D extends TokenDType>(group: ExpertParallelGroup, backend: Backend, tokens: Tensor<D>, routing: TopKRouting, options: DispatchOptions): Promise<DispatchResult<D>> {
+  const op = 'dispatch';
+  const a = checked(op, () => {
+    const g = checkGroup(group);
+    const moe = checkBackend(backend);
+    const x = checkTensor(tokens, 'tokens', TOKENS) as Tensor<D>;
+    if (x.shape.length !== 2) throw new RangeError(`tokens.shape: expected [numTokens, hidden], got [${x.shape.join(', ')}]`);
+    if (typeof routing !== 'object' || routing === null || !('indices' in routing) || !('weights' in routing)) {
+      throw new TypeError(`routing: expected { indices, weights } (top-k picks [numTokens, k]), got ${describe(routing)}`);
+    }
+    const indices = checkTensor(routing.indices, 'routing.indices', ['int32', 'int64'] as const);
+    const weights = checkTensor(routing.weights, 'routing.weights', ['float32'] as const);
+    if (indices.shape.length !== 2 || indices.shape[0] !== x.shape[0]) {
+      throw new RangeError(`routing.indices.shape: expected [${x.shape[0]}, k] ([numTokens of tokens, k]), got [${indices.shape.join(', ')}]`);
+    }
+    if (weights.shape.length !== 2 || weights.shape[0] !== indices.shape[0] || weights.shape[1] !== indices.shape[1]) {
+      throw new RangeError(`routing.weights.shape: expected [${indices.shape.join(', ')}] (the shape of routing.indices), got [${weights.shape.join(', ')}]`);
+    }
+    const o = checkOptions<DispatchOptions>(options, op, ['numExperts']);
+    if (o.numExperts === undefined) throw new TypeError('options.numExperts: expected a number (required), got undefined');
+    const numExperts = sizeArg(o.numExperts, 'options.numExperts', 1);
+    return { g, moe, x, indices, weights: weights.data, numExperts, picks: picksOf(indices, numExperts) };
+  });
+  const { g, moe, x, picks, weights, numExperts: E } = a;
+  const [T, H] = x.shape;
+  const k = a.indices.shape[1];
+  const N = g.size;
+  const ranges = Array.from({ length: N }, (_, j) => moe.expertRangeForRank(E, N, j));
+  const owner = new Int32Array(E);
+  ranges.forEach(({ start, end }, j) => {
+    owner.fill(j, start, end);
+  });
+
+  // The tokens grouped by destination rank, each once per rank: a permute by a [T, N] map.
+  const sendMap = new Uint8Array(T * N);
+  for (let i = 0; i < T * k; i++) if (picks[i] >= 0) sendMap[Math.floor(i / k) * N + owner[picks[i]]] = 1;
+  const sendMapT: Tensor<'bool'> = { dtype: 'bool', shape: [T, N], data: sendMap };
+  const byRank = moe.permute(x, sendMapT);
+  const sendCounts = Array.from(byRank.tokensPerExpert.data);
+
+  // Every rank's header and counts: what each rank receives, and a check that the ranks agree.
+  const header = Int32Array.from([E, k, H, DTYPE_CODE[x.dtype], ...sendCounts]);
+  const all = await g.allGather(header, op);
+  if (!Array.isArray(all) || all.length !== N || all.some((h) => !(h instanceof Int32Array) || h.length !== HEADER.length + N)) {
+    throw new Error(`${op}: the group's allGather returned ${describe(all)} instead of ${N} Int32Arrays of ${HEADER.length + N} values`);
+  }
+  for (let f = 0; f < HEADER.length; f++) {
+    const odd = all.findIndex((h) => h[f] !== all[0][f]);
+    if (odd >= 0) {
+      const show = (v: number) => (f === 3 ? (Object.keys(DTYPE_CODE).find((d) => DTYPE_CODE[d as TokenDType] === v) ?? String(v)) : String(v));
+      throw new RangeError(`${op}: the ranks disagree on ${HEADER[f]}: rank 0 has ${show(all[0][f])}, rank ${odd} has ${show(all[odd][f])}`);
+    }
+  }
+  const recvCounts = all.map((h) => h[HEADER.length + g.rank]);
+
+  // One message per rank: the rows, then their picks as that rank's local expert ids (int32, -1 elsewhere) and the weights (float32).
+  const bpe = ELEMENT_BYTES[x.dtype];
+  const rowBytes = H * bpe;
+  const sorted = byRank.sortedIndices.data;
+  const rowsBytes = bytesOf(byRank.permutedTokens.data);
+  const send: Uint8Array[] = [];
+  let off = 0;
+  for (let j = 0; j < N; j++) {
+    const n = sendCounts[j];
+    const msg = new Uint8Array(n * (rowBytes + 8 * k));
+    msg.set(rowsBytes.subarray(off * rowBytes, (off + n) * rowBytes));
+    const local = new Int32Array(n * k).fill(-1);
+    const w = new Float32Array(n * k);
+    const { start } = ranges[j];
+    for (let i = 0; i < n; i++) {
+      const t = sorted[off + i];
+      for (let c = 0; c < k; c++) {
+        const e = picks[t * k + c];
+        if (e >= 0 && owner[e] === j) {
+          local[i * k + c] = e - start;
+          w[i * k + c] = weights[t * k + c];
+        }
+      }
+    }
+    msg.set(bytesOf(local), n * rowBytes);
+    msg.set(bytesOf(w), n * (rowBytes + 4 * k));
+    send.push(msg);
+    off += n;
+  }
+  const recv = await exchange(
+    g,
+    send,
+    recvCounts.map((n) => n * (rowBytes + 8 * k)),
+    op,
+  );
+
+  // What arrived, in source-rank order, permuted by local expert.
+  const R = recvCounts.reduce((s, c) => s + c, 0);
+  const parts = gatherParts(recv, recvCounts, rowBytes, [4 * k, 4 * k]);
+  const recvTokens = tokensOf(x.dtype, R, H, parts.rows);
+  const recvPicks = new Int32Array(parts.extras[0].buffer);
+  const recvWeights = new Float32Array(parts.extras[1].buffer);
+  const range = ranges[g.rank];
+  const L = range.end - range.start;
+  const { routingMap: recvMap, probs } = moe.indicesToMultihot({ dtype: 'int32', shape: [R, k], data: recvPicks }, { dtype: 'float32', shape: [R, k], data: recvWeights }, L);
+  const perm = moe.permute(recvTokens, recvMap, { probs });
+  const permutedProbs = perm.permutedProbs!;
+  const handle: DispatchHandle = Object.freeze({
+    rank: g.rank,
+    size: N,
+    numExperts: E,
+    topk: k,
+    numTokens: T,
+    hidden: H,
+    dtype: x.dtype,
+    expertRange: Object.freeze({ ...range }),
+    sendCounts: Object.freeze(sendCounts),
+    recvCounts: Object.freeze(recvCounts),
+    numSlots: perm.permutedTokens.shape[0],
+  });
+  STATES.set(handle, {
+    group: g,
+    handle,
+    owner,
+    sendMap: sendMapT,
+    sendSorted: byRank.sortedIndices,
+    picks,
+    recvPicks,
+    numReceived: R,
+    recvMap,
+    recvSorted: perm.sortedIndices,
+    permutedProbs: { dtype: 'float32', shape: [...permutedProbs.shape], data: permutedProbs.data.slice() },
+  });
+  return { permutedTokens: perm.permutedTokens, permutedProbs, tokensPerExpert: perm.tokensPerExpert, handle };
+}
+
+/**
+ * Sends `expertOutputs [numSlots, hidden]` (the rows of dispatch's `permutedTokens`, after the
+ * experts; the dispatched dtype) back to the tokens' ranks and merges them: each token's row is
+ * the sum of its experts' outputs weighted by their probs (`weighted: false`: as they are), in
+ * the token order of dispatch's `tokens`. Tokens no expert picked get zeros. The merge order is
+ * fixed (see the module's header): bit-identical from run to run.
+ */
+export async function combine<D extends TokenDType>(group: ExpertParallelGroup, backend: Backend, expertOutputs: Tensor<D>, handle: DispatchHandle, options?: CombineOptions): Promise<Tensor<D>> {
+  const op = 'combine';
+  const { s, moe, y, weighted } = checked(op, () => {
+    const g = checkGroup(group);
+    const moe = checkBackend(backend);
+    const s = stateOf(g, handle);
+    const h = s.handle;
+    const y = checkRows<D>(expertOutputs, 'expertOutputs', h.dtype, h.numSlots, h.hidden, "dispatch's permutedTokens");
+    const o = checkOptions<CombineOptions>(options, op, ['weighted']);
+    return { s, moe, y, weighted: checkBool(o.weighted, 'options.weighted') ?? true };
+  });
+  const h = s.handle;
+  const rowBytes = h.hidden * ELEMENT_BYTES[h.dtype];
+  // One row per received token: its local experts' outputs merged in expert order.
+  const partial = moe.unpermute(y, s.recvSorted, [s.numReceived, h.hidden], weighted ? { probs: s.permutedProbs } : undefined);
+  const recv = await exchange(
+    s.group,
+    splitRows(bytesOf(partial.data), h.recvCounts, rowBytes),
+    h.sendCounts.map((n) => n * rowBytes),
+    op,
+  );
+  // The rows come back grouped by rank as the send permutation sent them: its unpermute sums each token's rows in rank order.
+  const sent = h.sendCounts.reduce((a, c) => a + c, 0);
+  const rows = tokensOf(h.dtype, sent, h.hidden, gatherParts(recv, h.sendCounts, rowBytes, []).rows);
+  const out = moe.unpermute(rows, s.sendSorted, [h.numTokens, h.hidden]) as Tensor<D>;
+  s.combined = { expertOutputs: y, weighted };
+  return out;
+}
+
+/**
+ * Backward of combine: `gradOutput [numTokens, hidden]` (the gradient of combine's output) to
+ * the gradient of its `expertOutputs` on the ranks that computed them, and (weighted combines)
+ * of dispatch's `permutedProbs`. Each slot's gradients equal the one-rank `unpermuteBackward`'s
+ * bit for bit.
+ */
+export async function combineBackward<D extends TokenDType>(group: ExpertParallelGroup, backend: Backend, gradOutput: Tensor<D>, handle: DispatchHandle): Promise<CombineGrads<D>> {
+  const op = 'combineBackward';
+  const { s, moe, grad, combined } = checked(op, () => {
+    const g = checkGroup(group);
+    const moe = checkBackend(backend);
+    const s = stateOf(g, handle);
+    const h = s.handle;
+    const grad = checkRows<D>(gradOutput, 'gradOutput', h.dtype, h.numTokens, h.hidden, "combine's output");
+    if (!s.combined) throw new Error(`${op}: call combine with this handle first`);
+    return { s, moe, grad, combined: s.combined };
+  });
+  const h = s.handle;
+  const rowBytes = h.hidden * ELEMENT_BYTES[h.dtype];
+  // Each token's gradient goes where the token went (the same send permutation).
+  const byRank = moe.permute(grad, s.sendMap);
+  const recv = await exchange(
+    s.group,
+    splitRows(bytesOf(byRank.permutedTokens.data), h.sendCounts, rowBytes),
+    h.recvCounts.map((n) => n * rowBytes),
+    op,
+  );
+  const received = tokensOf(h.dtype, s.numReceived, h.hidden, gatherParts(recv, h.recvCounts, rowBytes, []).rows);
+  const ub = moe.unpermuteBackward(received, combined.expertOutputs, s.recvSorted, combined.weighted ? { probs: s.permutedProbs } : undefined);
+  const out: CombineGrads<D> = { gradExpertOutputs: ub.gradPermuted as Tensor<D> };
+  if (combined.weighted) out.gradPermutedProbs = ub.gradProbs!;
+  return out;
+}
+
+/**
+ * Backward of dispatch: `gradPermuted [numSlots, hidden]` (the gradient of dispatch's
+ * `permutedTokens` on this rank) and optionally the gradient of its `permutedProbs`, to the
+ * gradients of the tokens and routing weights on the ranks they came from. A token's gradient
+ * is the sum over its slots, per rank in expert order, then over the ranks in rank order.
+ */
+export async function dispatchBackward<D extends TokenDType>(
+  group: ExpertParallelGroup,
+  backend: Backend,
+  gradPermuted: Tensor<D>,
+  handle: DispatchHandle,
+  options?: DispatchBackwardOptions,
+): Promise<DispatchGrads<D>> {
+  const op = 'dispatchBackward';
+  const { s, moe, grad, gradProbs } = checked(op, () => {
+    const g = checkGroup(group);
+    const moe = checkBackend(backend);
+    const s = stateOf(g, handle);
+    const h = s.handle;
+    const grad = checkRows<D>(gradPermuted, 'gradPermuted', h.dtype, h.numSlots, h.hidden, "dispatch's permutedTokens");
+    const o = checkOptions<DispatchBackwardOptions>(options, op, ['gradPermutedProbs']);
+    let gradProbs: Tensor<'float32'> | undefined;
+    if (o.gradPermutedProbs !== undefined) {
+      gradProbs = checkTensor(o.gradPermutedProbs, 'options.gradPermutedProbs', ['float32'] as const);
+      if (gradProbs.shape.length !== 1 || gradProbs.shape[0] !== h.numSlots) {
+        throw new RangeError(`options.gradPermutedProbs.shape: expected [${h.numSlots}] (dispatch's permutedProbs), got [${gradProbs.shape.join(', ')}]`);
+      }
+    }
+    return { s, moe, grad, gradProbs };
+  });
+  const h = s.handle;
+  const { topk: k, hidden: H } = h;
+  const rowBytes = H * ELEMENT_BYTES[h.dtype];
+  const L = h.expertRange.end - h.expertRange.start;
+  // Each received token's gradient: its local slots summed in expert order; its picks' prob gradients.
+  const pb = moe.permuteBackward(grad, s.recvSorted, s.numReceived, gradProbs ? { gradPermutedProbs: gradProbs, routingMap: s.recvMap } : undefined);
+  const pickGrads = new Float32Array(s.numReceived * k);
+  if (pb.gradProbs) {
+    const dense = pb.gradProbs.data;
+    for (let i = 0; i < s.numReceived * k; i++) {
+      const l = s.recvPicks[i];
+      if (l >= 0) pickGrads[i] = dense[Math.floor(i / k) * L + l];
+    }
+  }
+  const tokenBytes = bytesOf(pb.gradTokens.data);
+  const pickBytes = bytesOf(pickGrads);
+  let off = 0;
+  const send = h.recvCounts.map((n) => {
+    const msg = new Uint8Array(n * (rowBytes + 4 * k));
+    msg.set(tokenBytes.subarray(off * rowBytes, (off + n) * rowBytes));
+    msg.set(pickBytes.subarray(off * 4 * k, (off + n) * 4 * k), n * rowBytes);
+    off += n;
+    return msg;
+  });
+  const recv = await exchange(
+    s.group,
+    send,
+    h.sendCounts.map((n) => n * (rowBytes + 4 * k)),
+    op,
+  );
+  const parts = gatherParts(recv, h.sendCounts, rowBytes, [4 * k]);
+  const sent = h.sendCounts.reduce((a, c) => a + c, 0);
+  // The rows are the send permutation's slots: its backward sums each token's rows in rank order.
+  const gradTokens = moe.permuteBackward(tokensOf(h.dtype, sent, H, parts.rows), s.sendSorted, h.numTokens).gradTokens as Tensor<D>;
+  const back = new Float32Array(parts.extras[0].buffer);
+  const gradWeights = new Float32Array(h.numTokens * k);
+  const sorted = s.sendSorted.data;
+  let slot = 0;
+  h.sendCounts.forEach((n, j) => {
+    for (let i = 0; i < n; i++, slot++) {
+      const t = sorted[slot];
+      for (let c = 0; c < k; c++) {
+        const e = s.picks[t * k + c];
+        if (e >= 0 && s.owner[e] === j) gradWeights[t * k + c] = back[slot * k + c];
+      }
+    }
+  });
+  return { gradTokens, gradWeights: { dtype: 'float32', shape: [h.numTokens, k], data: gradWeights } };
+}
