@@ -47,10 +47,11 @@ for (const name of names) {
   const opt = new AdamW(cuda, layer.parameters(), { lr: 1e-4, weightDecay: 0.01, maxGradNorm: 1, onNonFinite: 'skip' });
   const x = cuda.upload(bf16Uniform([T, dim], 4, 1));
   const g = cuda.upload(bf16Uniform([T, dim], 5, 1 / Math.sqrt(T * dim)));
-  let aux = 0;
+  // the last forward's result: its aux loss is read once, after the timed steps (a step reads no number)
+  let last;
   const step = () => {
     const f = layer.forward(x);
-    aux = f.auxLoss;
+    last = f;
     const b = layer.backward(g);
     opt.step(b.grads);
     for (const t of [f.output, f.indices, f.weights, f.logits, f.scores, f.tokensPerExpert, b.gradInput, ...Object.values(b.grads)]) t.dispose();
@@ -104,6 +105,7 @@ for (const name of names) {
   times.sort((a, b) => a - b);
   const ms = times[Math.floor(times.length / 2)];
   const st = opt.status();
+  const aux = last.auxLoss;
   const perStep = (k) => (t1[k] - t0[k]) / iters;
   const row = {
     shape: name,
@@ -114,6 +116,8 @@ for (const name of names) {
     tokensPerSecond: T / (ms * 1e-3),
     peakBytes: peak,
     transfersPerStep: { toDeviceCalls: perStep('toDeviceCalls'), toDeviceBytes: perStep('toDeviceBytes'), toHostCalls: perStep('toHostCalls'), toHostBytes: perStep('toHostBytes') },
+    // the host's waits for the GPU in a step, less the timing's own synchronize
+    synchronizationsPerStep: perStep('synchronizations') - 1,
     gradNorm: st.gradNorm,
     stepsApplied: st.step,
     auxLoss: aux,
@@ -121,7 +125,7 @@ for (const name of names) {
   };
   rows.push(row);
   console.log(
-    `${name.padStart(13)} JS-driven training step ${ms.toFixed(3)} ms (min ${times[0].toFixed(3)}, back to back ${backToBack.toFixed(3)}), ${Math.round(row.tokensPerSecond)} tokens/s, peak ${(peak / 2 ** 30).toFixed(2)} GiB; per step to device ${row.transfersPerStep.toDeviceCalls} copies / ${row.transfersPerStep.toDeviceBytes} B, to host ${row.transfersPerStep.toHostCalls} / ${row.transfersPerStep.toHostBytes} B; grad norm ${st.gradNorm.toFixed(4)}, aux ${aux.toFixed(5)}`,
+    `${name.padStart(13)} JS-driven training step ${ms.toFixed(3)} ms (min ${times[0].toFixed(3)}, back to back ${backToBack.toFixed(3)}), ${Math.round(row.tokensPerSecond)} tokens/s, peak ${(peak / 2 ** 30).toFixed(2)} GiB; per step to device ${row.transfersPerStep.toDeviceCalls} copies / ${row.transfersPerStep.toDeviceBytes} B, to host ${row.transfersPerStep.toHostCalls} / ${row.transfersPerStep.toHostBytes} B, ${row.synchronizationsPerStep} synchronisations; grad norm ${st.gradNorm.toFixed(4)}, aux ${aux.toFixed(5)}`,
   );
   console.log(
     `${name.padStart(13)} profile: ${profiledMs.toFixed(3)} ms a step, ${inCalls.toFixed(3)} in backend calls: ${byOp

@@ -162,11 +162,12 @@ describe.each(backendRows)('AdamW on %s', (_name, moe) => {
 
 describe('the gradient norm', () => {
   it('is the float64 sum of squares in its fixed order, close to a plain sum', () => {
-    for (const n of [0, 1, 2047, 2048, 2049, 10_000, 300_000]) {
+    // chunks of 65536 elements (256 lanes x 32 runs of 8), as kernels/train.cu's sum_squares
+    for (const n of [0, 1, 7, 8, 9, 2049, 65_535, 65_536, 65_537, 300_000]) {
       const g = Float32Array.from(randomValues(n, n + 1, 3));
       const parts: number[] = [];
       chunkSquareSums(g, parts);
-      expect(parts.length).toBe(Math.ceil(n / 2048));
+      expect(parts.length).toBe(Math.ceil(n / 65_536));
       let plain = 0;
       for (const v of g) plain += v * v;
       const ours = sumOfChunks(parts);

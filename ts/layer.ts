@@ -202,9 +202,12 @@ export interface DeviceMoEForward<D extends TokenDType = TokenDType> {
   weights: DeviceTensor<'float32'>;
   logits: DeviceTensor<'float32'>;
   scores: DeviceTensor<'float32'>;
-  /** Read from the GPU (the loss values are computed there and read once). */
-  auxLoss: number;
-  zLoss: number;
+  /**
+   * The loss values, computed on the GPU and read from it when first read (a synchronisation
+   * then, none if nothing reads them): a step that never reads them never waits for them.
+   */
+  readonly auxLoss: number;
+  readonly zLoss: number;
   /** `[numExperts]` int32 on the GPU. */
   tokensPerExpert: DeviceTensor<'int32'>;
 }
@@ -710,19 +713,21 @@ export class MoELayer {
       temps.push(output);
       output = m.add3(output, sh.contribution, undefined, this.dtype, temps);
     }
-    let auxLoss = 0;
-    let zLoss = 0;
+    // the loss values stay where they are computed until read (on the GPU: `lazyLoss`, read by a getter)
+    const lazy = this.onDevice ? { lazyLoss: true } : {};
+    let aux: { loss: number } = { loss: 0 };
+    let z: { loss: number } = { loss: 0 };
     let auxGrad: Saved['auxGrad'];
     if (this.auxLossCoeff > 0) {
-      const a = this.#auxLoss(logits, routed.scores, perm.tokensPerExpert);
-      auxLoss = a.loss;
+      const a = this.#auxLoss(logits, routed.scores, perm.tokensPerExpert, lazy);
+      aux = a;
       auxGrad = a.gradScores ? { gradScores: a.gradScores } : { gradLogits: a.gradLogits! };
     }
     let zGrad: AnyTensor | undefined;
     if (this.zLossCoeff > 0) {
-      const z = moe.zLoss(logits, { coeff: this.zLossCoeff });
-      zLoss = z.loss;
-      zGrad = z.gradLogits;
+      const r = moe.zLoss(logits, { coeff: this.zLossCoeff, ...lazy });
+      z = r;
+      zGrad = r.gradLogits;
     }
     this.#saved = {
       shape: [...x.shape],
@@ -743,7 +748,11 @@ export class MoELayer {
     };
     m.free(temps);
     if (this.onDevice) {
-      return { output, indices: routed.indices, weights: routed.weights, logits, scores: routed.scores, auxLoss, zLoss, tokensPerExpert: routed.tokensPerExpert } as unknown as DeviceMoEForward;
+      const r = { output, indices: routed.indices, weights: routed.weights, logits, scores: routed.scores, tokensPerExpert: routed.tokensPerExpert };
+      return Object.defineProperties(r, {
+        auxLoss: { enumerable: true, get: () => aux.loss },
+        zLoss: { enumerable: true, get: () => z.loss },
+      }) as unknown as DeviceMoEForward;
     }
     return {
       output: reshape(output as Tensor<TokenDType>, x.shape),
@@ -751,8 +760,8 @@ export class MoELayer {
       weights: routed.weights,
       logits,
       scores: routed.scores,
-      auxLoss,
-      zLoss,
+      auxLoss: aux.loss,
+      zLoss: z.loss,
       tokensPerExpert: Int32Array.from(perm.tokensPerExpert.data),
     };
   }
@@ -779,14 +788,30 @@ export class MoELayer {
   }
 
   /** Both aux-loss conventions: the loss and the gradient backward adds (of the scores: Megatron; of the logits: transformers). */
-  #auxLoss(logits: Tensor<'float32'>, scores: Tensor<'float32'>, tpe: Tensor<'int32'>): { loss: number; gradScores?: Tensor<'float32'>; gradLogits?: Tensor<'float32'> } {
+  #auxLoss(
+    logits: Tensor<'float32'>,
+    scores: Tensor<'float32'>,
+    tpe: Tensor<'int32'>,
+    lazy: { lazyLoss?: boolean },
+  ): { readonly loss: number; gradScores?: Tensor<'float32'>; gradLogits?: Tensor<'float32'> } {
     const moe = this.backend;
+    // `loss` is read through the op's result (a getter on the GPU with lazyLoss)
     if (this.auxLossConvention === 'hf') {
-      const r = moe.switchLoadBalancingLossFromLogits(logits, tpe, { topk: this.topk, coeff: this.topk * this.auxLossCoeff });
-      return { loss: r.loss, gradLogits: r.gradLogits };
+      const r = moe.switchLoadBalancingLossFromLogits(logits, tpe, { topk: this.topk, coeff: this.topk * this.auxLossCoeff, ...lazy });
+      return {
+        get loss() {
+          return r.loss;
+        },
+        gradLogits: r.gradLogits,
+      };
     }
-    const r = moe.switchLoadBalancingLoss(scores, tpe, { topk: this.topk, coeff: this.auxLossCoeff });
-    return { loss: r.loss, gradScores: r.gradProbs };
+    const r = moe.switchLoadBalancingLoss(scores, tpe, { topk: this.topk, coeff: this.auxLossCoeff, ...lazy });
+    return {
+      get loss() {
+        return r.loss;
+      },
+      gradScores: r.gradProbs,
+    };
   }
 
   /** The backward pass of the last forward: host tensors after a host forward, device tensors after a device one. */

@@ -72,8 +72,10 @@ export interface OptimizerStatus {
 
 type AnyToken = AnyTensor<TokenDType>;
 
-const SQ_CHUNK = 2048;
 const SQ_LANES = 256;
+const SQ_VEC = 8;
+const SQ_ITERS = 32;
+const SQ_CHUNK = SQ_LANES * SQ_VEC * SQ_ITERS;
 const FIN_LANES = 1024;
 
 /** A float64 sum in the GPU's fixed order: lane t's own sum `at(t)` for each of `lanes` lanes, then a halving tree (sh[t] += sh[t + s], s = lanes / 2 .. 1). */
@@ -83,7 +85,11 @@ function laneTreeSum(lanes: number, at: (lane: number) => number, sh: Float64Arr
   return sh[0];
 }
 
-/** Step 1 on the host: the chunk sums of one gradient's squares, appended to `out`. */
+/**
+ * Step 1 on the host: the chunk sums of one gradient's squares, appended to `out`, in the GPU's
+ * order (kernels/train.cu, chunk_lane_sum): chunks of SQ_CHUNK elements; lane t sums, for
+ * j = 0 .. SQ_ITERS - 1, the SQ_VEC consecutive elements from (j * SQ_LANES + t) * SQ_VEC in turn.
+ */
 export function chunkSquareSums(g: ArrayLike<number>, out: number[]): void {
   const n = g.length;
   const sh = new Float64Array(SQ_LANES);
@@ -92,9 +98,10 @@ export function chunkSquareSums(g: ArrayLike<number>, out: number[]): void {
       SQ_LANES,
       (t) => {
         let acc = 0;
-        for (let j = 0; j < SQ_CHUNK / SQ_LANES; j++) {
-          const i = base + t + j * SQ_LANES;
-          if (i < n) acc += g[i] * g[i];
+        for (let j = 0; j < SQ_ITERS; j++) {
+          const i0 = base + (j * SQ_LANES + t) * SQ_VEC;
+          const end = Math.min(i0 + SQ_VEC, n);
+          for (let i = i0; i < end; i++) acc += g[i] * g[i];
         }
         return acc;
       },

@@ -240,6 +240,24 @@ describe('aux losses: cuda (device tensors) == cpu, loss and gradient bit for bi
           assertDevice(gotZ.gradLogits, 'zLoss gradLogits');
           assertSameFloats(gotZ.gradLogits, wantZ.gradLogits, 'zLoss gradLogits');
 
+          // lazyLoss: the same values, queued with no wait, read when `loss` is read
+          const sync0 = cuda.transfers().synchronizations;
+          const lazy = [
+            cuda.switchLoadBalancingLoss(pd, cd, { ...switchDev, lazyLoss: true }),
+            cuda.switchLoadBalancingLossFromLogits(ld, cd, { ...switchDev, lazyLoss: true }),
+            cuda.zLoss(ld, { ...zDev, lazyLoss: true }),
+          ];
+          assert.equal(cuda.transfers().synchronizations, sync0, 'lazyLoss: the calls do not wait for the GPU');
+          assertSameLoss(lazy[0].loss, want.loss, 'lazy switchLoadBalancingLoss');
+          assertSameLoss(lazy[1].loss, wantL.loss, 'lazy switchLoadBalancingLossFromLogits');
+          assertSameLoss(lazy[2].loss, wantZ.loss, 'lazy zLoss');
+          assert.equal(cuda.transfers().synchronizations, sync0 + 3, 'each loss read once');
+          assertSameLoss(lazy[0].loss, want.loss, 'lazy switchLoadBalancingLoss, read again');
+          assert.equal(cuda.transfers().synchronizations, sync0 + 3, 'a second read waits for nothing');
+          assertSameFloats(lazy[0].gradProbs, want.gradProbs, 'lazy gradProbs');
+          assertSameFloats(lazy[1].gradLogits, wantL.gradLogits, 'lazy gradLogits');
+          assertSameFloats(lazy[2].gradLogits, wantZ.gradLogits, 'lazy zLoss gradLogits');
+
           // Mixed: logits on the GPU, counts (int32, then int64) and mask on the host.
           const mixed = cuda.switchLoadBalancingLossFromLogits(ld, counts, switchHost);
           assertSameLoss(mixed.loss, wantL.loss, 'from logits, host counts');
@@ -367,6 +385,39 @@ describe('errors: cuda (device tensors) == cpu', () => {
       assert.equal(a.error.message, b.error.message, 'message');
     });
   }
+
+  // lazyLoss: a dtype/shape/option error at the call, a value error when `loss` is read; the same error either way
+  const lazyCases = Object.entries(cases).filter(([name]) => /^(switch|from logits|zLoss):/.test(name));
+  for (const [name, f] of lazyCases) {
+    test(`lazyLoss: ${name}`, { skip }, () => {
+      const withLazy = (b, d) => {
+        const wrap =
+          (method) =>
+          (...args) => {
+            const last = args.length - 1;
+            const hasOptions = typeof args[last] === 'object' && args[last] !== null && !('dtype' in args[last]);
+            const a2 = hasOptions ? [...args.slice(0, last), { ...args[last], lazyLoss: true }] : [...args, { lazyLoss: true }];
+            return b[method](...a2).loss;
+          };
+        return f({ switchLoadBalancingLoss: wrap('switchLoadBalancingLoss'), switchLoadBalancingLossFromLogits: wrap('switchLoadBalancingLossFromLogits'), zLoss: wrap('zLoss') }, d);
+      };
+      const a = outcome(() => withLazy(cuda, dev));
+      const b = outcome(() => f(cpu, (t) => t));
+      assert.ok(a.error && b.error, `both throw (cuda, lazy: ${a.error?.message ?? 'returned'}; cpu: ${b.error?.message ?? 'returned'})`);
+      assert.equal(a.error.constructor.name, b.error.constructor.name, 'error class');
+      assert.equal(a.error.message, b.error.message, 'message');
+    });
+  }
+
+  test('lazyLoss: a value error is raised when loss is read, not by the call', { skip }, () => {
+    const nan = dev(f32([2, 3], [0, 1, 2, 3, NaN, 0]));
+    const r = cuda.zLoss(nan, { lazyLoss: true });
+    assert.ok(lib.isDeviceTensor(r.gradLogits), 'the call returns its gradient');
+    const want = outcome(() => cpu.zLoss(f32([2, 3], [0, 1, 2, 3, NaN, 0])));
+    const got = outcome(() => r.loss);
+    assert.equal(got.error?.message, want.error.message);
+    assert.equal(outcome(() => cuda.zLoss(dev(logits), { lazyLoss: 'yes' })).error?.message, 'options.lazyLoss: expected a boolean, got string');
+  });
 
   test('backendInfo lists the activations and losses among the GPU ops', { skip: cudaOnly }, () => {
     for (const op of ['activation', 'activationBackward', 'switchLoadBalancingLoss', 'switchLoadBalancingLossFromLogits', 'zLoss']) {

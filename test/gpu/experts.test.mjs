@@ -203,8 +203,11 @@ describe('saveForBackward: the backward pass takes h and a from the forward pass
         assertSameBits(output, host(plain), 'output with saveForBackward');
         assert.ok(lib.isDeviceTensor(saved.upProjection) && lib.isDeviceTensor(saved.activation));
         assert.deepEqual([...saved.activation.shape], [22, 40]);
+        assert.deepEqual([...saved.counts], [7, 0, 12, 3], 'saved.counts: the counts the forward read');
         const want = cuda.expertsBackward(d.grad, d.x, d.counts, d.weights, d.options);
+        const sync0 = cuda.transfers().synchronizations;
         const got = cuda.expertsBackward(d.grad, d.x, d.counts, d.weights, { ...d.options, saved });
+        assert.equal(cuda.transfers().synchronizations, sync0, 'with saved.counts the backward does not read tokensPerExpert');
         for (const k of Object.keys(want).filter((k) => k !== 'gradBiases')) assertSameBits(got[k], host(want[k]), `expertsBackward.${k} with saved`);
         for (const k of Object.keys(want.gradBiases ?? {})) assertSameBits(got.gradBiases[k], host(want.gradBiases[k]), `gradBiases.${k} with saved`);
       });
@@ -223,5 +226,20 @@ describe('saveForBackward: the backward pass takes h and a from the forward pass
       () => cuda.expertsBackward(d.grad, d.x, d.counts, d.weights, { ...d.options, saved: { upProjection: saved.upProjection } }),
       (e) => e instanceof TypeError && /saved\.activation/.test(e.message),
     );
+    for (const counts of [[2, 3], new Int32Array([2, -3]), new Float32Array([2, 3])]) {
+      const r = outcome(() => cuda.expertsBackward(d.grad, d.x, d.counts, d.weights, { ...d.options, saved: { ...saved, counts } }));
+      assert.ok(r.error instanceof TypeError && /saved\.counts/.test(r.error.message), `saved.counts ${counts.constructor.name} [${[...counts]}]: ${r.error?.message ?? 'returned'}`);
+    }
+  });
+
+  test('saved.counts that do not add up to the rows: the backward reads tokensPerExpert instead (the same result)', { skip: cudaOnly }, () => {
+    const p = problem({ dtype: 'float32', kind: 'swiglu', counts: [2, 3], dim: 8, inter: 4, probs: true });
+    const d = onDevice(p);
+    const { saved } = cuda.expertsForward(d.x, d.counts, d.weights, { ...d.options, saveForBackward: true });
+    const want = cuda.expertsBackward(d.grad, d.x, d.counts, d.weights, { ...d.options, saved });
+    for (const counts of [new Int32Array([1, 1, 1]), new Int32Array([1, 1])]) {
+      const got = cuda.expertsBackward(d.grad, d.x, d.counts, d.weights, { ...d.options, saved: { ...saved, counts } });
+      for (const k of ['gradTokens', 'gradDownProjs', 'gradProbs']) assertSameBits(got[k], host(want[k]), `${k} with saved.counts [${[...counts]}]`);
+    }
   });
 });

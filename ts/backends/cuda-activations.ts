@@ -3,7 +3,7 @@
  * (crates/moe-cuda/kernels/activations.cu through crates/moe-node/src/cuda_activations.rs), bit for bit the CPU
  * core's. Host tensors only: the host op (`ctx.base`). Any device tensor among the tensor
  * arguments: host ones are uploaded for the call, and every tensor result is a device tensor (the
- * losses' `loss` is a number, read back from the GPU).
+ * losses' `loss` is a number, read back from the GPU; with `lazyLoss`, read when it is first read).
  *
  * Arguments are checked by the host ops' own argument builders (activationArgs, switchArgs of
  * ts/ops/activations.ts, ts/ops/routing.ts), so in their order and with their messages; the core's checks run in the addon, which falls back to the core on the host
@@ -13,7 +13,7 @@ import { wrapDevice, type AnyTensor, type DeviceTensor, type NativeCudaTensor } 
 import { activationArgs, type ActivationGrads, type ActivationOptions } from '../ops/activations.js';
 import { switchArgs, type SwitchLoadBalancingLossOptions, type ZLossOptions } from '../ops/routing.js';
 import type { IndexDType, Tensor, TokenDType } from '../tensor.js';
-import { checkNumber, checkOptions, TOKENS, wire } from '../wire.js';
+import { checkBool, checkNumber, checkOptions, TOKENS, wire } from '../wire.js';
 import { anyDevice, hasFunctions, hostOf, hostOptions, int32Handle, optionValue, type DeviceFn, type GpuContext, type GpuFamily, type Handles } from './cuda-common.js';
 
 /** A host or a device tensor of dtype D. */
@@ -23,13 +23,26 @@ export interface DeviceActivationOptions extends Omit<ActivationOptions, 'probs'
   probs?: AnyTensor<'float32'>;
 }
 
+/** What the losses on device tensors add to their options. */
+export interface LazyLossOption {
+  /**
+   * Leave the loss on the GPU: the call queues its kernels and returns at once (no
+   * synchronisation); `loss` is read from the GPU when it is first read (a synchronisation then;
+   * never, if nothing reads it). The input values (non-finite probs, negative counts, mask
+   * bytes) are checked at that read: an invalid one makes reading `loss` throw the op's error,
+   * and the gradient is then not to be used. Dtype and shape errors are thrown by the call, as
+   * without it. The inputs must still be alive when `loss` is read and an input was invalid.
+   */
+  lazyLoss?: boolean;
+}
+
 /** The Switch losses' options with a device tensor allowed for `tokenMask`. */
-export interface DeviceSwitchLoadBalancingLossOptions extends Omit<SwitchLoadBalancingLossOptions, 'tokenMask'> {
+export interface DeviceSwitchLoadBalancingLossOptions extends Omit<SwitchLoadBalancingLossOptions, 'tokenMask'>, LazyLossOption {
   tokenMask?: AnyTensor<'bool'>;
 }
 
 /** zLoss's options with a device tensor allowed for `tokenMask`. */
-export interface DeviceZLossOptions extends Omit<ZLossOptions, 'tokenMask'> {
+export interface DeviceZLossOptions extends Omit<ZLossOptions, 'tokenMask'>, LazyLossOption {
   tokenMask?: AnyTensor<'bool'>;
 }
 
@@ -53,13 +66,17 @@ export interface CudaActivationsOps {
 
 type H = NativeCudaTensor;
 
+/** A loss function's result: `loss`, or with lazyLoss `lossWords` (the result words on the GPU). */
+type LossOut<K extends string> = { loss?: number; lossWords?: H } & Record<K, H>;
+
 /** The addon functions this family calls (crates/moe-node/src/cuda_activations.rs): the CPU ops' argument objects on device tensors. */
 interface ActivationsAddon {
   cudaActivationDevice: DeviceFn<'activation'>;
   cudaActivationBackwardDevice: DeviceFn<'activationBackward'>;
-  cudaSwitchLoadBalancingLossDevice: DeviceFn<'switchLoadBalancingLoss'>;
-  cudaSwitchLoadBalancingLossFromLogitsDevice: DeviceFn<'switchLoadBalancingLossFromLogits'>;
-  cudaZLossDevice: DeviceFn<'zLoss'>;
+  cudaSwitchLoadBalancingLossDevice(args: object): LossOut<'gradProbs'>;
+  cudaSwitchLoadBalancingLossFromLogitsDevice(args: object): LossOut<'gradLogits'>;
+  cudaZLossDevice(args: object): LossOut<'gradLogits'>;
+  cudaReadLoss(args: { words: H }): number | null;
 }
 
 const FUNCTIONS: readonly (keyof ActivationsAddon)[] = [
@@ -68,7 +85,15 @@ const FUNCTIONS: readonly (keyof ActivationsAddon)[] = [
   'cudaSwitchLoadBalancingLossDevice',
   'cudaSwitchLoadBalancingLossFromLogitsDevice',
   'cudaZLossDevice',
+  'cudaReadLoss',
 ];
+
+/** `options` without lazyLoss (the host ops' own options), and lazyLoss checked. */
+function splitLazy(options: unknown): [unknown, boolean] {
+  if (typeof options !== 'object' || options === null || !('lazyLoss' in options)) return [options, false];
+  const { lazyLoss, ...rest } = options as LazyLossOption;
+  return [rest, checkBool(lazyLoss, 'options.lazyLoss') ?? false];
+}
 
 /** tokensPerExpert as a device handle (int32Handle: undefined when int64 counts do not fit in int32). */
 function countsHandle(h: Handles, value: unknown): H | undefined {
@@ -81,6 +106,28 @@ export const activationsGpu: GpuFamily = {
   methods(ctx: GpuContext) {
     const a = ctx.addon as unknown as ActivationsAddon;
     const base = ctx.base;
+    /**
+     * A loss op's result: `loss` a number, or with lazyLoss a getter that reads the GPU's words
+     * once; where a kernel flagged an input value, `eager` (the op without lazyLoss, whose host
+     * path throws the core's error).
+     */
+    const lossResult = <K extends string>(op: string, out: LossOut<K>, key: K, eager: () => { loss: number }) => {
+      const result = { [key]: wrapDevice(out[key]) } as Record<K, DeviceTensor> & { loss: number };
+      const words = out.lossWords;
+      if (words === undefined) {
+        result.loss = out.loss as number;
+        return result;
+      }
+      let value: number | undefined;
+      Object.defineProperty(result, 'loss', {
+        enumerable: true,
+        get: () => {
+          if (value === undefined) value = ctx.call(op, () => a.cudaReadLoss({ words })) ?? eager().loss;
+          return value;
+        },
+      });
+      return result;
+    };
     /** A Switch loss whose int64 counts do not fit in int32: the host op, its gradient uploaded. */
     const switchOnHost = <K extends 'gradProbs' | 'gradLogits'>(op: 'switchLoadBalancingLoss' | 'switchLoadBalancingLossFromLogits', key: K, x: unknown, counts: unknown, options: unknown) => {
       const f = base[op] as (x: Tensor<'float32'>, c: Tensor<IndexDType>, o: SwitchLoadBalancingLossOptions) => Record<K, Tensor> & { loss: number };
@@ -92,27 +139,38 @@ export const activationsGpu: GpuFamily = {
       op: 'switchLoadBalancingLoss' | 'switchLoadBalancingLossFromLogits',
       xName: 'probs' | 'logits',
       key: K,
-      device: (x: H, counts: H, options: ReturnType<typeof switchArgs<H>>) => { loss: number } & Record<K, H>,
+      device: (x: H, counts: H, options: ReturnType<typeof switchArgs<H>> & { lazyLoss: boolean }) => LossOut<K>,
       x: unknown,
       tokensPerExpert: unknown,
-      options: unknown,
-    ) => {
+      allOptions: unknown,
+    ): unknown => {
+      const [options, lazy] = splitLazy(allOptions);
       if (!anyDevice(x, tokensPerExpert, optionValue(options, 'tokenMask'))) {
         const f = base[op] as (x: Tensor<'float32'>, c: Tensor<IndexDType>, o: SwitchLoadBalancingLossOptions) => unknown;
         return f.call(base, x as Tensor<'float32'>, tokensPerExpert as Tensor<IndexDType>, options as SwitchLoadBalancingLossOptions);
       }
       let onHost = false;
-      const result = ctx.call(op, (h) => {
+      const result: unknown = ctx.call(op, (h) => {
         const xh = h.of(x, xName, ['float32']);
         const ch = countsHandle(h, tokensPerExpert);
         if (ch === undefined) {
           onHost = true;
           return;
         }
-        const out = device(xh, ch, switchArgs(options, op, h));
-        return { loss: out.loss, [key]: wrapDevice(out[key]) };
+        const out = device(xh, ch, { ...switchArgs(options, op, h), lazyLoss: lazy });
+        return lossResult(op, out, key, () => switchLoss(op, xName, key, device, x, tokensPerExpert, options) as { loss: number });
       });
       return onHost ? switchOnHost(op, key, x, tokensPerExpert, options) : result;
+    };
+    const zLoss = (logits: unknown, options?: unknown): unknown => {
+      if (!anyDevice(logits, optionValue(options, 'tokenMask'))) return base.zLoss(logits as Tensor<'float32'>, options as ZLossOptions);
+      return ctx.call('zLoss', (h) => {
+        const lh = h.of(logits, 'logits', ['float32']);
+        const o = checkOptions<DeviceZLossOptions>(options, 'zLoss', ['coeff', 'tokenMask', 'lazyLoss']);
+        const lazyLoss = checkBool(o.lazyLoss, 'options.lazyLoss') ?? false;
+        const out = a.cudaZLossDevice({ logits: lh, coeff: checkNumber(o.coeff, 'options.coeff'), tokenMask: h.opt(o.tokenMask, 'tokenMask', ['bool']), lazyLoss });
+        return lossResult('zLoss', out, 'gradLogits', () => zLoss(logits, { ...o, lazyLoss: false }) as { loss: number });
+      });
     };
     return {
       activation(x: unknown, options: unknown) {
@@ -147,15 +205,7 @@ export const activationsGpu: GpuFamily = {
           options,
         );
       },
-      zLoss(logits: unknown, options?: unknown) {
-        if (!anyDevice(logits, optionValue(options, 'tokenMask'))) return base.zLoss(logits as Tensor<'float32'>, options as ZLossOptions);
-        return ctx.call('zLoss', (h) => {
-          const lh = h.of(logits, 'logits', ['float32']);
-          const o = checkOptions<DeviceZLossOptions>(options, 'zLoss', ['coeff', 'tokenMask']);
-          const out = a.cudaZLossDevice({ logits: lh, coeff: checkNumber(o.coeff, 'options.coeff'), tokenMask: h.opt(o.tokenMask, 'tokenMask', ['bool']) });
-          return { loss: out.loss, gradLogits: wrapDevice(out.gradLogits) };
-        });
-      },
+      zLoss,
     };
   },
 };

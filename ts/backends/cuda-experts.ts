@@ -27,11 +27,15 @@ export interface DeviceExpertsOptions extends Omit<ExpertsOptions, 'permutedProb
  * What `expertsForward(..., { saveForBackward: true })` keeps for `expertsBackward(..., { saved })`:
  * the up-projection `h` (`[N, width]`) and the weighted activation `a` (`[N, inter]`), on the GPU.
  * With them the backward pass does not recompute `h = x W1` (a third of its GEMM work). Dispose
- * them after the backward pass (or leave them to the garbage collector).
+ * them after the backward pass (or leave them to the garbage collector). `counts`: the rows of
+ * each expert as the forward read them from `tokensPerExpert` (a host copy: the forward's one
+ * synchronisation); the backward pass takes them instead of reading `tokensPerExpert` again, so
+ * pass the same `tokensPerExpert` (without `counts` it is read).
  */
 export interface ExpertsSaved {
   upProjection: DeviceTensor;
   activation: DeviceTensor;
+  counts?: Int32Array;
 }
 
 /** expertsForward's options on the cuda backend. */
@@ -91,8 +95,8 @@ type H = NativeCudaTensor;
 
 /** The addon functions this family calls (crates/moe-node/src/cuda_experts.rs): the CPU ops' argument objects on device tensors, and what the GPU adds. */
 interface ExpertsAddon {
-  cudaExpertsForwardDevice(args: OnDevice<Omit<ExpertsForwardArgs, 'out'>> & { saveForBackward?: boolean }): { output: H; upProjection?: H; activation?: H };
-  cudaExpertsBackwardDevice: DeviceFn<'expertsBackward', { saved?: { upProjection: H; activation: H } }>;
+  cudaExpertsForwardDevice(args: OnDevice<Omit<ExpertsForwardArgs, 'out'>> & { saveForBackward?: boolean }): { output: H; upProjection?: H; activation?: H; counts?: number[] };
+  cudaExpertsBackwardDevice: DeviceFn<'expertsBackward', { saved?: SavedArg }>;
   cudaMatmulDevice: DeviceFn<'matmul'>;
 }
 
@@ -119,11 +123,18 @@ function anyDeviceOr(...values: unknown[]): boolean {
   return values.includes(DEVICE_PATH) || anyDevice(...values);
 }
 
-function savedArg(h: Handles, options: unknown): { saved?: { upProjection: H; activation: H } } {
+type SavedArg = { upProjection: H; activation: H; counts?: number[] };
+
+function savedArg(h: Handles, options: unknown): { saved?: SavedArg } {
   const saved = typeof options === 'object' && options !== null ? (options as DeviceExpertsBackwardOptions).saved : undefined;
   if (saved === undefined || saved === null) return {};
-  if (typeof saved !== 'object') throw new TypeError(`options.saved: expected { upProjection, activation } (from expertsForward with saveForBackward), got ${typeof saved}`);
-  return { saved: { upProjection: h.of(saved.upProjection, 'saved.upProjection', TOKENS), activation: h.of(saved.activation, 'saved.activation', TOKENS) } };
+  if (typeof saved !== 'object') throw new TypeError(`options.saved: expected { upProjection, activation, counts? } (from expertsForward with saveForBackward), got ${typeof saved}`);
+  const arg: SavedArg = { upProjection: h.of(saved.upProjection, 'saved.upProjection', TOKENS), activation: h.of(saved.activation, 'saved.activation', TOKENS) };
+  if (saved.counts !== undefined) {
+    if (!(saved.counts instanceof Int32Array)) throw new TypeError(`options.saved.counts: expected an Int32Array (expertsForward's saved.counts), got ${Object.prototype.toString.call(saved.counts)}`);
+    arg.counts = Array.from(saved.counts);
+  }
+  return { saved: arg };
 }
 
 function weightValues(weights: unknown): unknown[] {
@@ -151,7 +162,9 @@ export const expertsGpu: GpuFamily = {
           if (!save) return output;
           // inputs that run on the CPU core instead (mixed dtypes) keep nothing: the backward recomputes
           if (!out.upProjection || !out.activation) return { output };
-          return { output, saved: { upProjection: wrapDevice(out.upProjection), activation: wrapDevice(out.activation) } };
+          const saved: ExpertsSaved = { upProjection: wrapDevice(out.upProjection), activation: wrapDevice(out.activation) };
+          if (out.counts) saved.counts = Int32Array.from(out.counts);
+          return { output, saved };
         });
       },
       expertsBackward(gradOutput: unknown, permutedTokens: unknown, tokensPerExpert: unknown, weights: unknown, options: unknown) {

@@ -78,6 +78,8 @@ export interface Transfers {
   toDeviceBytes: number;
   toHostCalls: number;
   toHostBytes: number;
+  /** The host's waits for the GPU so far (each read-back waits; `synchronize()` too). */
+  synchronizations: number;
 }
 
 interface TrainAddon {

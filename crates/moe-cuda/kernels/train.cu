@@ -2,10 +2,11 @@
 // clipping, the arithmetic and order of ts/optim.ts (the reference every backend runs), so the
 // weights agree bit for bit with the cpu and wasm backends'.
 //
-// * sum_squares_<T>:   partials[c] = the sum of g^2 over chunk c (SQ_CHUNK elements) of a
-//                      gradient, in f64 (each square exact), in a fixed order: thread i sums
-//                      elements i, i + 256, ... of the chunk in turn, then a halving tree over
-//                      the 256 threads (sh[i] += sh[i + s], s = 128 .. 1).
+// * sum_squares_<T>:   partials[c] = the sum of g^2 over chunk c (SQ_CHUNK = 65536 elements) of
+//                      a gradient, in f64 (each square exact), in a fixed order: thread i sums,
+//                      for j = 0 .. 31, the 8 consecutive elements from (j * 256 + i) * 8 of the
+//                      chunk in turn (one 16-byte load for 16-bit gradients), then a halving tree
+//                      over the 256 threads (sh[i] += sh[i + s], s = 128 .. 1).
 // * adamw_finish:      one block of 1024 threads: the same two-level sum over every partial
 //                      (thread i: partials i, i + 1024, ... in turn, then the halving tree),
 //                      the norm, and the step's scalars in f64 (state, below); no host wait.
@@ -21,8 +22,10 @@
 //        [5] 1 - beta2, [6] step size (lr / (1 - beta1^step)), [7] sqrt(1 - beta2^step), [8] eps,
 //        [9] apply (1 or 0)
 
-#define SQ_CHUNK 2048
 #define SQ_THREADS 256
+#define SQ_VEC 8
+#define SQ_ITERS 32
+#define SQ_CHUNK (SQ_THREADS * SQ_VEC * SQ_ITERS)
 #define FIN_THREADS 1024
 
 // The fixed order of every chunk sum here: each of the block's LANES threads passes its own sum
@@ -40,30 +43,65 @@ __device__ __forceinline__ double lane_tree_sum(double acc) {
     return sh[0];
 }
 
-// Thread i's part of chunk blockIdx.x: f(i), f(i + 256), ... over the chunk's elements below n.
+// Thread i's part of chunk blockIdx.x: for j = 0 .. SQ_ITERS - 1, f of the SQ_VEC consecutive
+// elements from base + (j * SQ_THREADS + i) * SQ_VEC in turn, those below n.
 template <typename F>
 __device__ __forceinline__ double chunk_lane_sum(long long n, F f) {
     const long long base = (long long)blockIdx.x * SQ_CHUNK;
     double acc = 0.0;
-    for (int j = 0; j < SQ_CHUNK / SQ_THREADS; j++) {
-        const long long i = base + threadIdx.x + (long long)j * SQ_THREADS;
-        if (i < n) acc += f(i);
+    for (int j = 0; j < SQ_ITERS; j++) {
+        const long long i0 = base + ((long long)j * SQ_THREADS + threadIdx.x) * SQ_VEC;
+        for (int q = 0; q < SQ_VEC; q++)
+            if (i0 + q < n) acc += f(i0 + q);
     }
     return acc;
 }
 
+// Eight consecutive elements as float32, from one (16-bit) or two (float32) 16-byte loads.
+template <typename T> struct Oct;
+template <> struct Oct<F32> {
+    static __device__ __forceinline__ void load(const float* p, float* x) {
+        const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+        x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
+    }
+};
+template <typename H> struct OctHalf {
+    static __device__ __forceinline__ void load(const u16* p, float* x) {
+        const uint4 v = *reinterpret_cast<const uint4*>(p);
+        const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int q = 0; q < 4; q++) x[2 * q] = H::to_f32((u16)(w[q] & 0xffffu)), x[2 * q + 1] = H::to_f32((u16)(w[q] >> 16));
+    }
+};
+template <> struct Oct<BF16> : OctHalf<BF16> {};
+template <> struct Oct<F16> : OctHalf<F16> {};
+
+// chunk_lane_sum's order over g^2, eight elements a load where `vec` (g 16-byte aligned) and all
+// eight are below n; the same sums either way (an absent element adds nothing).
 template <typename T>
-__device__ __forceinline__ void sum_squares_impl(const typename T::S* __restrict__ g, long long n, double* __restrict__ partials) {
-    const double acc = chunk_lane_sum(n, [&](long long i) {
-        const double v = (double)T::to_f32(g[i]);
-        return v * v;
-    });
+__device__ __forceinline__ void sum_squares_impl(const typename T::S* __restrict__ g, long long n, double* __restrict__ partials, int vec) {
+    const long long base = (long long)blockIdx.x * SQ_CHUNK;
+    double acc = 0.0;
+#pragma unroll 4
+    for (int j = 0; j < SQ_ITERS; j++) {
+        const long long i0 = base + ((long long)j * SQ_THREADS + threadIdx.x) * SQ_VEC;
+        float x[SQ_VEC];
+        if (vec && i0 + SQ_VEC <= n) {
+            Oct<T>::load(g + i0, x);
+        } else {
+#pragma unroll
+            for (int q = 0; q < SQ_VEC; q++) x[q] = i0 + q < n ? T::to_f32(g[i0 + q]) : 0.0f;
+        }
+#pragma unroll
+        for (int q = 0; q < SQ_VEC; q++)
+            if (i0 + q < n) acc += (double)x[q] * (double)x[q];
+    }
     const double total = lane_tree_sum<SQ_THREADS>(acc);
     if (threadIdx.x == 0) partials[blockIdx.x] = total;
 }
 
-#define SUM_SQUARES(T)                                                                                          \
-    extern "C" __global__ void sum_squares_##T(const T::S* g, long long n, double* partials) { sum_squares_impl<T>(g, n, partials); }
+#define SUM_SQUARES(T)                                                                                                       \
+    extern "C" __global__ void sum_squares_##T(const T::S* g, long long n, double* partials, int vec) { sum_squares_impl<T>(g, n, partials, vec); }
 SUM_SQUARES(F32)
 SUM_SQUARES(BF16)
 SUM_SQUARES(F16)
@@ -293,7 +331,7 @@ extern "C" __global__ void column_sums_F16(const float* g, long long rows, int c
 
 // mse_<T>: the mean squared error of y against a target (both T), for a trainer: d = f64(y) -
 // f64(t) (exact); grad[i] = T(f32(2 d / n)); partials[c] = chunk c's sum of d^2 in f64, in
-// sum_squares's order (thread i: elements i, i + 256, ... of the chunk, then the halving tree).
+// sum_squares's order (chunk_lane_sum: thread i's runs of 8 elements, then the halving tree).
 // mse_finish: the loss = (the partials' sum in adamw_finish's order) / n, into out[0].
 template <typename T>
 __device__ __forceinline__ void mse_impl(const typename T::S* __restrict__ y, const typename T::S* __restrict__ t, long long n,

@@ -431,17 +431,53 @@ fn activation_backward_host(
 const MODE_SWITCH: i32 = 0;
 const MODE_Z: i32 = 1;
 
-/// The result words: loss, scalar, flags (zeroed).
-fn result_buffer(dev: &Device) -> Result<Buffer> {
-    let r = dev.alloc("the loss", 32)?;
-    dev.memset_u32("the loss", &r, 0, 8)?;
+/// The result words: loss, scalar, flags (zeroed), as an int64 `[4]` device tensor.
+fn result_buffer(dev: &Device) -> Result<DeviceTensor> {
+    let r = DeviceTensor::alloc(dev, "the loss", DType::I64, vec![4])?;
+    dev.memset_u32("the loss", &r.buf, 0, 8)?;
     Ok(r)
 }
 
-/// Reads the loss and the flag word (a synchronisation); None when a kernel flagged a value.
-fn read_loss(dev: &Device, result: &Buffer) -> Result<Option<f64>> {
-    let [loss, _, flags] = dev.read_head::<u64, 3>("the loss", result, 0)?;
+/// A loss of the GPU: its value (read back, or the host path's), or, queued lazily, the kernels'
+/// result words still on the GPU (nothing waited for), read by [`read_device_loss`].
+pub enum DeviceLoss {
+    Value(f64),
+    Pending(DeviceTensor),
+}
+
+/// Reads a pending loss's words (a synchronisation): the loss, or None when a kernel flagged an
+/// input value (the op's host path then gives the core's error). A tensor that is not a loss's
+/// words is a TypeError naming `words`.
+pub fn read_device_loss(dev: &Device, words: &DeviceTensor) -> Result<Option<f64>> {
+    if words.dtype != DType::I64 || words.shape != [4] {
+        return Err(Error::Core(moe_core::Error::type_error(
+            "words",
+            "a loss's result words (int64 [4], from a lazy loss)",
+            format!("{} {:?}", words.dtype.name(), words.shape),
+        )));
+    }
+    let [loss, _, flags] = dev.read_head::<u64, 3>("the loss", &words.buf, 0)?;
     Ok((flags == 0).then_some(f64::from_bits(loss)))
+}
+
+/// An eager loss from a queued one: the value read back, or the host path where a kernel flagged a value.
+fn eager(
+    dev: &Device,
+    (loss, grad): (DeviceLoss, DeviceTensor),
+    host: impl FnOnce() -> Result<(f64, DeviceTensor)>,
+) -> Result<(f64, DeviceTensor)> {
+    match loss {
+        DeviceLoss::Value(v) => Ok((v, grad)),
+        DeviceLoss::Pending(words) => match read_device_loss(dev, &words)? {
+            Some(v) => Ok((v, grad)),
+            None => host(),
+        },
+    }
+}
+
+/// The host path's result as a [`DeviceLoss`].
+fn valued((loss, grad): (f64, DeviceTensor)) -> (DeviceLoss, DeviceTensor) {
+    (DeviceLoss::Value(loss), grad)
 }
 
 fn num_tokens_arg(options: &SwitchLossOptions) -> Arg {
@@ -457,13 +493,29 @@ pub fn switch_load_balancing_loss_device(
     token_mask: Option<&DeviceTensor>,
     options: SwitchLossOptions,
 ) -> Result<(f64, DeviceTensor)> {
+    let queued = switch_load_balancing_loss_device_lazy(dev, probs, tokens_per_expert, token_mask, options)?;
+    eager(dev, queued, || loss_host(dev, LossOp::Switch(options), probs, Some(tokens_per_expert), token_mask))
+}
+
+/// [`switch_load_balancing_loss_device`] with the loss left on the GPU (nothing waits): the
+/// input values are checked when the loss is read ([`read_device_loss`]: None means that the
+/// eager op gives the error; the gradient is then not to be used). Dtype and shape errors are
+/// raised at once, as in the eager op.
+pub fn switch_load_balancing_loss_device_lazy(
+    dev: &Device,
+    probs: &DeviceTensor,
+    tokens_per_expert: &DeviceTensor,
+    token_mask: Option<&DeviceTensor>,
+    options: SwitchLossOptions,
+) -> Result<(DeviceLoss, DeviceTensor)> {
     let Ok((rows, cols)) =
         check_switch_loss(probs.meta("probs"), tokens_per_expert.meta("tokensPerExpert"), opt_meta(token_mask, "tokenMask"), &options)
     else {
-        return loss_host(dev, LossOp::Switch(options), probs, Some(tokens_per_expert), token_mask);
+        return loss_host(dev, LossOp::Switch(options), probs, Some(tokens_per_expert), token_mask).map(valued);
     };
     let s = dev.stream();
     let result = result_buffer(dev)?;
+    let r = result.buf.ptr(s);
     let partial = dev.alloc("the loss (row sums)", rows * 8)?;
     let grad = DeviceTensor::alloc(dev, "gradProbs", DType::F32, vec![rows, cols])?;
     let (x, c, m) = (probs.buf.ptr(s), tokens_per_expert.buf.ptr(s), token_mask.map_or(0, |m| m.buf.ptr(s)));
@@ -471,7 +523,7 @@ pub fn switch_load_balancing_loss_device(
         "loss_switch_rows",
         (blocks(rows), 1),
         THREADS,
-        &[Arg::U64(x), Arg::U64(c), Arg::U64(m), i64_arg(rows), i64_arg(cols), Arg::U64(partial.ptr(s)), Arg::U64(result.ptr(s))],
+        &[Arg::U64(x), Arg::U64(c), Arg::U64(m), i64_arg(rows), i64_arg(cols), Arg::U64(partial.ptr(s)), Arg::U64(r)],
     )?;
     dev.launch(
         "loss_switch_total",
@@ -486,19 +538,16 @@ pub fn switch_load_balancing_loss_device(
             Arg::F64(options.topk as f64),
             Arg::F64(options.coeff),
             num_tokens_arg(&options),
-            Arg::U64(result.ptr(s)),
+            Arg::U64(r),
         ],
     )?;
     dev.launch(
         "loss_switch_grad",
         (blocks(rows.saturating_mul(cols)), 1),
         THREADS,
-        &[Arg::U64(c), Arg::U64(m), i64_arg(rows), i64_arg(cols), Arg::U64(result.ptr(s)), Arg::U64(grad.buf.ptr(s))],
+        &[Arg::U64(c), Arg::U64(m), i64_arg(rows), i64_arg(cols), Arg::U64(r), Arg::U64(grad.buf.ptr(s))],
     )?;
-    match read_loss(dev, &result)? {
-        Some(loss) => Ok((loss, grad)),
-        None => loss_host(dev, LossOp::Switch(options), probs, Some(tokens_per_expert), token_mask),
-    }
+    Ok((DeviceLoss::Pending(result), grad))
 }
 
 /// [`moe_core::aux_loss::switch_load_balancing_loss_from_logits`] on device tensors: the loss
@@ -510,29 +559,47 @@ pub fn switch_load_balancing_loss_from_logits_device(
     token_mask: Option<&DeviceTensor>,
     options: SwitchLossOptions,
 ) -> Result<(f64, DeviceTensor)> {
+    let queued = switch_load_balancing_loss_from_logits_device_lazy(dev, logits, tokens_per_expert, token_mask, options)?;
+    eager(dev, queued, || loss_host(dev, LossOp::SwitchFromLogits(options), logits, Some(tokens_per_expert), token_mask))
+}
+
+/// [`switch_load_balancing_loss_from_logits_device`] with the loss left on the GPU (see
+/// [`switch_load_balancing_loss_device_lazy`]).
+pub fn switch_load_balancing_loss_from_logits_device_lazy(
+    dev: &Device,
+    logits: &DeviceTensor,
+    tokens_per_expert: &DeviceTensor,
+    token_mask: Option<&DeviceTensor>,
+    options: SwitchLossOptions,
+) -> Result<(DeviceLoss, DeviceTensor)> {
     let Ok(dims) =
         check_switch_loss(logits.meta("logits"), tokens_per_expert.meta("tokensPerExpert"), opt_meta(token_mask, "tokenMask"), &options)
     else {
-        return loss_host(dev, LossOp::SwitchFromLogits(options), logits, Some(tokens_per_expert), token_mask);
+        return loss_host(dev, LossOp::SwitchFromLogits(options), logits, Some(tokens_per_expert), token_mask).map(valued);
     };
     let args = LogitsArgs { mode: MODE_SWITCH, topk: options.topk as f64, coeff: options.coeff, num_tokens: num_tokens_arg(&options) };
-    match logits_loss(dev, logits, Some(tokens_per_expert), token_mask, dims, args)? {
-        Some(out) => Ok(out),
-        None => loss_host(dev, LossOp::SwitchFromLogits(options), logits, Some(tokens_per_expert), token_mask),
-    }
+    logits_loss(dev, logits, Some(tokens_per_expert), token_mask, dims, args)
 }
 
 /// [`moe_core::aux_loss::z_loss`] on device tensors: the loss (read back) and `gradLogits`
 /// (`[T, E]` f32, on the GPU).
 pub fn z_loss_device(dev: &Device, logits: &DeviceTensor, token_mask: Option<&DeviceTensor>, coeff: f64) -> Result<(f64, DeviceTensor)> {
+    let queued = z_loss_device_lazy(dev, logits, token_mask, coeff)?;
+    eager(dev, queued, || loss_host(dev, LossOp::Z(coeff), logits, None, token_mask))
+}
+
+/// [`z_loss_device`] with the loss left on the GPU (see [`switch_load_balancing_loss_device_lazy`]).
+pub fn z_loss_device_lazy(
+    dev: &Device,
+    logits: &DeviceTensor,
+    token_mask: Option<&DeviceTensor>,
+    coeff: f64,
+) -> Result<(DeviceLoss, DeviceTensor)> {
     let Ok(dims) = check_z_loss(logits.meta("logits"), opt_meta(token_mask, "tokenMask"), coeff) else {
-        return loss_host(dev, LossOp::Z(coeff), logits, None, token_mask);
+        return loss_host(dev, LossOp::Z(coeff), logits, None, token_mask).map(valued);
     };
     let args = LogitsArgs { mode: MODE_Z, topk: 1.0, coeff, num_tokens: Arg::F64(-1.0) };
-    match logits_loss(dev, logits, None, token_mask, dims, args)? {
-        Some(out) => Ok(out),
-        None => loss_host(dev, LossOp::Z(coeff), logits, None, token_mask),
-    }
+    logits_loss(dev, logits, None, token_mask, dims, args)
 }
 
 struct LogitsArgs {
@@ -542,7 +609,7 @@ struct LogitsArgs {
     num_tokens: Arg,
 }
 
-/// The losses on logits (kernels loss_logits_*): None when a kernel flagged a value.
+/// The losses on logits (kernels loss_logits_*), queued.
 fn logits_loss(
     dev: &Device,
     logits: &DeviceTensor,
@@ -550,9 +617,10 @@ fn logits_loss(
     token_mask: Option<&DeviceTensor>,
     (rows, cols): (usize, usize),
     a: LogitsArgs,
-) -> Result<Option<(f64, DeviceTensor)>> {
+) -> Result<(DeviceLoss, DeviceTensor)> {
     let s = dev.stream();
     let result = result_buffer(dev)?;
+    let r = result.buf.ptr(s);
     let stats = dev.alloc("the loss (row statistics)", rows.saturating_mul(24))?;
     let grad = DeviceTensor::alloc(dev, "gradLogits", DType::F32, vec![rows, cols])?;
     let (x, c, m) = (logits.buf.ptr(s), counts.map_or(0, |c| c.buf.ptr(s)), token_mask.map_or(0, |m| m.buf.ptr(s)));
@@ -560,16 +628,7 @@ fn logits_loss(
         "loss_logits_rows",
         (blocks(rows), 1),
         THREADS,
-        &[
-            Arg::U64(x),
-            Arg::U64(c),
-            Arg::U64(m),
-            i64_arg(rows),
-            i64_arg(cols),
-            Arg::I32(a.mode),
-            Arg::U64(stats.ptr(s)),
-            Arg::U64(result.ptr(s)),
-        ],
+        &[Arg::U64(x), Arg::U64(c), Arg::U64(m), i64_arg(rows), i64_arg(cols), Arg::I32(a.mode), Arg::U64(stats.ptr(s)), Arg::U64(r)],
     )?;
     dev.launch(
         "loss_logits_total",
@@ -585,7 +644,7 @@ fn logits_loss(
             Arg::F64(a.topk),
             Arg::F64(a.coeff),
             a.num_tokens,
-            Arg::U64(result.ptr(s)),
+            Arg::U64(r),
         ],
     )?;
     dev.launch(
@@ -601,11 +660,11 @@ fn logits_loss(
             Arg::I32(a.mode),
             Arg::F64(a.coeff),
             Arg::U64(stats.ptr(s)),
-            Arg::U64(result.ptr(s)),
+            Arg::U64(r),
             Arg::U64(grad.buf.ptr(s)),
         ],
     )?;
-    Ok(read_loss(dev, &result)?.map(|loss| (loss, grad)))
+    Ok((DeviceLoss::Pending(result), grad))
 }
 
 /// Which loss the host path computes.

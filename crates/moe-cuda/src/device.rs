@@ -310,6 +310,7 @@ impl Device {
 
     /// Waits for the stream; errors of earlier launches surface here.
     pub fn synchronize(&self, what: &str) -> Result<()> {
+        SYNCS.fetch_add(1, Ordering::Relaxed);
         self.stream.synchronize().map_err(|e| Error::driver(format!("running the kernels for {what}"), e))
     }
 
@@ -521,6 +522,7 @@ pub struct PendingRead {
 impl PendingRead {
     /// Waits for the marked point of the stream, then reads the value (on the second stream).
     pub fn finish(self, dev: &Device) -> Result<i32> {
+        SYNCS.fetch_add(1, Ordering::Relaxed);
         self.event.synchronize().map_err(|e| Error::driver(format!("waiting for {}", self.what), e))?;
         let mut out = [0i32; 1];
         let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
@@ -548,6 +550,8 @@ static PEAK_BYTES: AtomicUsize = AtomicUsize::new(0);
 /// Copies between host and device memory so far: (calls, bytes) each way.
 static TO_DEVICE: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
 static TO_HOST: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+/// The host's waits for the GPU so far (a stream's synchronize, or an event's).
+static SYNCS: AtomicUsize = AtomicUsize::new(0);
 
 fn count_transfer(c: &[AtomicUsize; 2], bytes: usize) {
     c[0].fetch_add(1, Ordering::Relaxed);
@@ -560,6 +564,12 @@ fn count_transfer(c: &[AtomicUsize; 2], bytes: usize) {
 pub fn transfers() -> [(usize, usize); 2] {
     let read = |c: &[AtomicUsize; 2]| (c[0].load(Ordering::Relaxed), c[1].load(Ordering::Relaxed));
     [read(&TO_DEVICE), read(&TO_HOST)]
+}
+
+/// How many times this process's host waited for the GPU so far (every read-back waits, and
+/// `synchronize`): the synchronisations a training step costs.
+pub fn synchronizations() -> usize {
+    SYNCS.load(Ordering::Relaxed)
 }
 
 /// The most bytes this process's [`Buffer`]s held at once since the start or the last

@@ -101,13 +101,27 @@ impl Plan {
     fn experts(&self) -> usize {
         self.offsets.len() - 1
     }
+
+    /// Each expert's row count (what `tokensPerExpert` held).
+    fn counts(&self) -> Vec<i32> {
+        self.offsets.windows(2).map(|w| (w[1] - w[0]) as i32).collect()
+    }
 }
 
 /// The GPU plan, or None when the host path must run (the core then errors, or computes): the
 /// core's checks (`check_experts`, with `grad_output` `check_experts_backward`) on the tensors'
 /// `Meta`, the counts read back (they must add up), and the GPU's limits (one dtype for every
 /// GEMM operand, int32 sizes).
-fn plan(dev: &Device, inp: &DeviceExpertsInputs, act: &ActivationOptions, grad_output: Option<&DeviceTensor>) -> Result<Option<Plan>> {
+///
+/// `known`: the counts as a forward pass read them (its [`ExpertsSaved::counts`]); used instead of
+/// reading `tokensPerExpert` again when there is one per expert (they must still add up).
+fn plan(
+    dev: &Device,
+    inp: &DeviceExpertsInputs,
+    act: &ActivationOptions,
+    grad_output: Option<&DeviceTensor>,
+    known: Option<&[i32]>,
+) -> Result<Option<Plan>> {
     let meta = inp.named().map(DeviceArg::meta);
     let checked = match grad_output {
         Some(g) => check_experts_backward(g.meta("gradOutput"), &meta, act),
@@ -119,9 +133,19 @@ fn plan(dev: &Device, inp: &DeviceExpertsInputs, act: &ActivationOptions, grad_o
     if operands.into_iter().flatten().any(|t| t.dtype != dtype) || i32::try_from(n.max(dim).max(width)).is_err() {
         return Ok(None);
     }
-    let counts: Vec<i32> = dev.download_new("tokensPerExpert", &inp.tokens_per_expert.buf, experts)?;
-    let counts: Vec<i64> = counts.into_iter().map(i64::from).collect();
-    let Ok(offsets) = expert_offsets(&counts, n, "tokensPerExpert", "permutedTokens") else { return Ok(None) };
+    let offsets_of = |c: &[i32]| {
+        let c: Vec<i64> = c.iter().map(|&v| i64::from(v)).collect();
+        expert_offsets(&c, n, "tokensPerExpert", "permutedTokens").ok()
+    };
+    // the forward's counts where they fit these inputs, else tokensPerExpert read back
+    let offsets = match known.filter(|k| k.len() == experts).and_then(offsets_of) {
+        Some(o) => o,
+        None => {
+            let counts: Vec<i32> = dev.download_new("tokensPerExpert", &inp.tokens_per_expert.buf, experts)?;
+            let Some(o) = offsets_of(&counts) else { return Ok(None) };
+            o
+        }
+    };
     let offs32: Vec<i32> = offsets.iter().map(|&o| o as i32).collect();
     let d_offsets = dev.upload("the expert offsets", &offs32)?;
     Ok(Some(Plan { dtype, n, dim, width, inter, offsets, d_offsets }))
@@ -417,9 +441,12 @@ fn on_host<R>(dev: &Device, inp: &DeviceExpertsInputs, f: impl FnOnce(&ExpertsIn
 /// What a forward pass can keep for its backward pass: the up-projection `h` (`[N, width]`, the
 /// tokens' dtype, f32 with an up bias) and the weighted activation `a` (`[N, inter]`, the tokens'
 /// dtype). With them the backward pass skips recomputing `h = x W1` (a third of its GEMM work).
+/// `counts`: the rows of each expert as the forward read them from `tokensPerExpert` (the one
+/// synchronisation of a forward); the backward pass takes them instead of reading them again.
 pub struct ExpertsSaved {
     pub up_projection: DeviceTensor,
     pub activation: DeviceTensor,
+    pub counts: Vec<i32>,
 }
 
 /// An [`ExpertsSaved`] passed back to the backward pass (borrowed: the caller keeps it).
@@ -427,11 +454,13 @@ pub struct ExpertsSaved {
 pub struct SavedRef<'a> {
     pub up_projection: &'a DeviceTensor,
     pub activation: &'a DeviceTensor,
+    /// The forward's counts (None: the backward reads `tokensPerExpert`).
+    pub counts: Option<&'a [i32]>,
 }
 
 impl ExpertsSaved {
     pub fn as_ref(&self) -> SavedRef<'_> {
-        SavedRef { up_projection: &self.up_projection, activation: &self.activation }
+        SavedRef { up_projection: &self.up_projection, activation: &self.activation, counts: Some(&self.counts) }
     }
 }
 
@@ -448,7 +477,7 @@ pub fn experts_forward_device_saving(
     act: &ActivationOptions,
     save: bool,
 ) -> Result<(DeviceTensor, Option<ExpertsSaved>)> {
-    let Some(p) = plan(dev, inp, act, None)? else {
+    let Some(p) = plan(dev, inp, act, None, None)? else {
         let out = on_host(dev, inp, |i| Ok(experts_forward(i, act)?))?;
         return Ok((DeviceTensor::upload_owned(dev, "the output", &out)?, None));
     };
@@ -461,6 +490,7 @@ pub fn experts_forward_device_saving(
                 Ok(ExpertsSaved {
                     up_projection: DeviceTensor::alloc(dev, "the up-projection", hd, vec![p.n, p.width])?,
                     activation: DeviceTensor::alloc(dev, "the activation", p.dtype, vec![p.n, p.inter])?,
+                    counts: p.counts(),
                 })
             })
             .transpose()?;
@@ -503,6 +533,7 @@ pub fn experts_forward_device_saving(
     let saved = save.then(|| ExpertsSaved {
         up_projection: DeviceTensor::from_buffer(hd, vec![p.n, p.width], h),
         activation: DeviceTensor::from_buffer(p.dtype, vec![p.n, p.inter], a),
+        counts: p.counts(),
     });
     Ok((out, saved))
 }
@@ -530,7 +561,7 @@ pub fn experts_backward_device_saved(
     act: &ActivationOptions,
     saved: Option<SavedRef>,
 ) -> Result<DeviceExpertsGrads> {
-    let Some(p) = plan(dev, inp, act, Some(grad_output))? else {
+    let Some(p) = plan(dev, inp, act, Some(grad_output), saved.and_then(|s| s.counts))? else {
         let g = grad_output.download(dev, "gradOutput")?;
         let out: ExpertsGrads = on_host(dev, inp, |i| Ok(experts_backward(&tensor_ref("gradOutput", &g)?, i, act)?))?;
         let up = |t: &moe_core::Tensor, what: &str| DeviceTensor::upload_owned(dev, what, t);

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::tensor::DeviceTensor;
 
 /// Elements a chunk of the gradient norm's first level (SQ_CHUNK in kernels/train.cu).
-pub const SQ_CHUNK: usize = 2048;
+pub const SQ_CHUNK: usize = 65536;
 const SQ_THREADS: u32 = 256;
 const FIN_THREADS: u32 = 1024;
 /// Bytes of the state: 8 f64 words, then 16 f32 words.
@@ -148,10 +148,19 @@ fn check_param(p: &AdamWParam) -> Result<()> {
 /// Queues one AdamW step over `params`: the gradient norm (every gradient), the step's scalars,
 /// then each parameter's update. Nothing waits for the GPU.
 pub fn adamw_step(dev: &Device, params: &[AdamWParam], state: &DeviceTensor, o: &AdamWOptions) -> Result<()> {
+    adamw_norm(dev, params, state, o)?;
+    adamw_updates(dev, params, state)
+}
+
+fn check_step(params: &[AdamWParam], state: &DeviceTensor) -> Result<()> {
     check_state(state)?;
-    for p in params {
-        check_param(p)?;
-    }
+    params.iter().try_for_each(check_param)
+}
+
+/// [`adamw_step`]'s first part: the gradient norm of every gradient and the step's scalars in
+/// `state` (reads each gradient once).
+pub fn adamw_norm(dev: &Device, params: &[AdamWParam], state: &DeviceTensor, o: &AdamWOptions) -> Result<()> {
+    check_step(params, state)?;
     let chunks: Vec<usize> = params.iter().map(|p| p.grad.numel().div_ceil(SQ_CHUNK)).collect();
     let total: usize = chunks.iter().sum();
     let partials = dev.alloc("the gradient norm's partial sums", 8 * total.max(1))?;
@@ -160,11 +169,18 @@ pub fn adamw_step(dev: &Device, params: &[AdamWParam], state: &DeviceTensor, o: 
     for (p, &c) in params.iter().zip(&chunks) {
         if c > 0 {
             let g = kernel_dtype(p.grad.dtype).expect("checked");
+            let ptr = p.grad.buf.ptr(s);
             dev.launch(
                 &format!("sum_squares_{g}"),
                 (c as u32, 1),
                 SQ_THREADS,
-                &[Arg::U64(p.grad.buf.ptr(s)), Arg::I64(p.grad.numel() as i64), Arg::U64(partials.ptr(s) + 8 * offset as u64)],
+                // eight elements a load where the gradient is 16-byte aligned
+                &[
+                    Arg::U64(ptr),
+                    Arg::I64(p.grad.numel() as i64),
+                    Arg::U64(partials.ptr(s) + 8 * offset as u64),
+                    Arg::I32((ptr % 16 == 0) as i32),
+                ],
             )?;
         }
         offset += c;
@@ -188,6 +204,13 @@ pub fn adamw_step(dev: &Device, params: &[AdamWParam], state: &DeviceTensor, o: 
             Arg::F64(o.max_grad_norm.unwrap_or(-1.0)),
         ],
     )?;
+    Ok(())
+}
+
+/// [`adamw_step`]'s second part: each parameter's update by the scalars [`adamw_norm`] left in `state`.
+pub fn adamw_updates(dev: &Device, params: &[AdamWParam], state: &DeviceTensor) -> Result<()> {
+    check_step(params, state)?;
+    let s = dev.stream();
     for p in params {
         let n = p.master.numel();
         if n == 0 {

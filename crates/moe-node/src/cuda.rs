@@ -196,6 +196,8 @@ pub struct DeviceOut(Vec<(&'static str, Field)>);
 pub enum Field {
     Tensor(DeviceTensor),
     Num(f64),
+    /// A host array (read back by the op, e.g. the per-expert counts), as an array of numbers.
+    Ints(Vec<i32>),
 }
 
 /// A value of a device result object: a device tensor, an optional one, or a number.
@@ -221,6 +223,12 @@ impl IntoField for f64 {
     }
 }
 
+impl IntoField for Option<Vec<i32>> {
+    fn into_field(self) -> Option<Field> {
+        self.map(Field::Ints)
+    }
+}
+
 impl IntoField for usize {
     fn into_field(self) -> Option<Field> {
         Some(Field::Num(self as f64))
@@ -241,6 +249,7 @@ impl ToNapiValue for DeviceOut {
             match f {
                 Field::Tensor(t) => o.set(k, CudaTensor::wrap(t))?,
                 Field::Num(n) => o.set(k, n)?,
+                Field::Ints(v) => o.set(k, v)?,
             }
         }
         Object::to_napi_value(env, o)

@@ -10,32 +10,49 @@ use moe_cuda::experts::{self, DeviceExpertsGrads, SavedRef};
 use crate::cuda::{CudaTensor, Device, DeviceOut};
 use crate::wire::Args;
 
-/// expertsBackward's `saved` on the GPU: `{ upProjection, activation }` as expertsForward with
-/// saveForBackward returned them (both, or no `saved`).
+/// expertsBackward's `saved` on the GPU: `{ upProjection, activation, counts }` as expertsForward
+/// with saveForBackward returned them (both tensors, or no `saved`; `counts`, the forward's
+/// per-expert rows, optional: without it the backward reads `tokensPerExpert` again).
 pub struct Saved;
 
 impl ArgTs for Saved {
     const OPTIONAL: bool = true;
     fn ts() -> String {
-        "{ upProjection: NativeCudaTensor; activation: NativeCudaTensor }".into()
+        "{ upProjection: NativeCudaTensor; activation: NativeCudaTensor; counts?: number[] }".into()
     }
 }
 
+type DeviceHeld<'e> = <Device as Kind<Args<'e>>>::Held;
+
+/// The forward's counts as given: whole numbers in int32's range, or a TypeError naming them.
+fn saved_counts(v: Option<Vec<f64>>) -> moe_core::Result<Option<Vec<i32>>> {
+    let Some(v) = v else { return Ok(None) };
+    v.iter()
+        .map(|&c| {
+            (c.fract() == 0.0 && (0.0..=i32::MAX as f64).contains(&c)).then_some(c as i32).ok_or_else(|| {
+                moe_core::Error::type_error("saved.counts", "non-negative whole numbers (expertsForward's saved.counts)", c.to_string())
+            })
+        })
+        .collect::<moe_core::Result<Vec<i32>>>()
+        .map(Some)
+}
+
 impl<'e> Kind<Args<'e>> for Saved {
-    type Held = Option<[Option<<Device as Kind<Args<'e>>>::Held>; 2]>;
+    type Held = Option<([Option<DeviceHeld<'e>>; 2], Option<Vec<i32>>)>;
     type Core<'h>
         = Option<SavedRef<'h>>
     where
         Args<'e>: 'h;
     fn read(o: &Args<'e>, key: &str) -> moe_core::Result<Option<Self::Held>> {
         let Some(s) = o.object(key)? else { return Ok(Some(None)) };
-        Ok(Some(Some([Device::read(&s, "upProjection")?, Device::read(&s, "activation")?])))
+        let tensors = [Device::read(&s, "upProjection")?, Device::read(&s, "activation")?];
+        Ok(Some(Some((tensors, saved_counts(s.numbers("counts")?)?))))
     }
     fn core<'h>(held: &'h Self::Held, _: &'static str) -> moe_core::Result<Option<SavedRef<'h>>>
     where
         Args<'e>: 'h,
     {
-        let Some([up, act]) = held else { return Ok(None) };
+        let Some(([up, act], counts)) = held else { return Ok(None) };
         let missing =
             |name: &str, with: &str| moe_core::Error::type_error(name, format!("a device tensor (saved with {with})"), "undefined");
         let up = up.as_ref().ok_or_else(|| missing("saved.upProjection", "saved.activation"))?;
@@ -43,6 +60,7 @@ impl<'e> Kind<Args<'e>> for Saved {
         Ok(Some(SavedRef {
             up_projection: Device::core(up, "saved.upProjection")?.tensor,
             activation: Device::core(act, "saved.activation")?.tensor,
+            counts: counts.as_deref(),
         }))
     }
 }
@@ -52,8 +70,11 @@ cuda_fns! {
     /// the up-projection and the weighted activation (`upProjection`, `activation`).
     cudaExpertsForwardDevice(options: ActArgs, inputs: ExpertsArgs<Device>, saveForBackward: Flag) -> DeviceOut |dev| {
         let (out, saved) = experts::experts_forward_device_saving(dev, &inputs.into(), &options, saveForBackward)?;
-        let (up, act) = saved.map(|s| (s.up_projection, s.activation)).unzip();
-        Ok(device_out!(output: out, upProjection: up, activation: act))
+        let (up, act, counts) = match saved {
+            Some(s) => (Some(s.up_projection), Some(s.activation), Some(s.counts)),
+            None => (None, None, None),
+        };
+        Ok(device_out!(output: out, upProjection: up, activation: act, counts: counts))
     }
     /// `expertsBackward` on device tensors (`saved`: what the forward kept).
     cudaExpertsBackwardDevice(options: ActArgs, gradOutput: Device, inputs: ExpertsArgs<Device>, saved: Saved) -> DeviceOut |dev| {

@@ -204,13 +204,22 @@ pub struct Transfers {
     pub to_device_bytes: f64,
     pub to_host_calls: f64,
     pub to_host_bytes: f64,
+    /// The host's waits for the GPU (read-backs and synchronize calls).
+    pub synchronizations: f64,
 }
 
 /// Every copy between host and device memory this process made so far (moe_cuda::device::transfers).
 #[napi]
 pub fn cuda_transfers() -> Transfers {
     let [(dc, db), (hc, hb)] = moe_cuda::device::transfers();
-    Transfers { to_device_calls: dc as f64, to_device_bytes: db as f64, to_host_calls: hc as f64, to_host_bytes: hb as f64 }
+    let synchronizations = moe_cuda::device::synchronizations() as f64;
+    Transfers {
+        to_device_calls: dc as f64,
+        to_device_bytes: db as f64,
+        to_host_calls: hc as f64,
+        to_host_bytes: hb as f64,
+        synchronizations,
+    }
 }
 
 /// The most device memory this process's tensors held at once since the last reset; `reset`

@@ -18,7 +18,7 @@ use moe_core::aux_loss::SwitchLossOptions;
 use moe_core::permute::{PermuteOptions, UnpermuteOptions};
 use moe_core::routing::{RouteOptions, ScoreFunction};
 use moe_core::tensor::{DType, Tensor};
-use moe_cuda::activations::switch_load_balancing_loss_device;
+use moe_cuda::activations::{read_device_loss, switch_load_balancing_loss_device_lazy, DeviceLoss};
 use moe_cuda::device::{peak_memory, reset_peak_memory};
 use moe_cuda::device_ops::{
     permute_backward_device, permute_device, route_backward_device, route_device, unpermute_backward_device, unpermute_device,
@@ -26,7 +26,9 @@ use moe_cuda::device_ops::{
 use moe_cuda::experts::{experts_backward_device_saved, experts_forward_device_saving, matmul_device, DeviceExpertsInputs};
 use moe_cuda::layout::indices_to_multihot_device;
 use moe_cuda::tensor::tensor_ref;
-use moe_cuda::train::{adamw_step, cast, gather_picks, optimizer_state, read_state, zeros_f32, AdamWOptions, AdamWParam};
+use moe_cuda::train::{
+    adamw_norm, adamw_step, adamw_updates, cast, gather_picks, optimizer_state, read_state, zeros_f32, AdamWOptions, AdamWParam,
+};
 use moe_cuda::{Device, DeviceTensor};
 
 use crate::experts::flat_json;
@@ -141,20 +143,21 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize) -> moe_cuda::Result<fl
     let act = ActivationOptions::new(ActivationKind::Swiglu);
     let route_opts = RouteOptions::new(k);
     let adamw = AdamWOptions { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, max_grad_norm: Some(1.0) };
-    let aux_last = std::cell::Cell::new(0.0);
+    // the last step's aux loss, left on the GPU (lazy: a step reads no number) and read at the end
+    let aux_last = std::cell::RefCell::new(None);
     // forward and backward: the three parameters' gradients (router, gate|up, down)
     let forward_backward = || -> moe_cuda::Result<[DeviceTensor; 3]> {
         // forward
         let logits = cast(dev, &matmul_device(dev, &x, &router.low, false, false)?, DType::F32)?;
         let r = route_device(dev, &logits, None, None, route_opts)?;
-        let (aux, g_scores) = switch_load_balancing_loss_device(
+        let (aux, g_scores) = switch_load_balancing_loss_device_lazy(
             dev,
             &r.scores,
             &r.tokens_per_expert,
             None,
             SwitchLossOptions { topk: k, coeff: AUX_COEFF, num_tokens: None },
         )?;
-        aux_last.set(aux);
+        *aux_last.borrow_mut() = Some(aux);
         let mh = indices_to_multihot_device(dev, &r.indices, &r.weights, e)?;
         let p =
             permute_device(dev, &x, &mh.routing_map, Some(&mh.probs), PermuteOptions { num_out_tokens: Some(t * k), drop_and_pad: false })?;
@@ -187,22 +190,8 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize) -> moe_cuda::Result<fl
         let g_router = matmul_device(dev, &x, &cast(dev, &g_logits, DType::BF16)?, true, false)?;
         Ok([g_router, grads.grad_gate_and_up, grads.grad_down])
     };
-    let optimizer_step = |g: &[DeviceTensor; 3]| -> moe_cuda::Result<()> {
-        let slots: Vec<AdamWParam> = [&router, &w1, &w2]
-            .iter()
-            .zip(g)
-            .map(|(p, g)| AdamWParam {
-                name: p.name,
-                master: &p.master,
-                exp_avg: &p.m,
-                exp_avg_sq: &p.v,
-                grad: g,
-                low: Some(&p.low),
-                decay: true,
-            })
-            .collect();
-        adamw_step(dev, &slots, &state, &adamw)
-    };
+    let params = [&router, &w1, &w2];
+    let optimizer_step = |g: &[DeviceTensor; 3]| -> moe_cuda::Result<()> { adamw_step(dev, &optimizer_slots(params, g), &state, &adamw) };
     let mut step = || -> moe_cuda::Result<()> { optimizer_step(&forward_backward()?) };
     for _ in 0..3 {
         step()?;
@@ -215,17 +204,28 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize) -> moe_cuda::Result<fl
     let (fb_ms, _) = time_ms(dev, iters, || forward_backward().map(drop))?;
     let g = forward_backward()?;
     let (opt_ms, _) = time_ms(dev, iters, || optimizer_step(&g))?;
+    // and its two parts: the gradient norm (reads the gradients), the updates
+    let (norm_ms, _) = time_ms(dev, iters, || adamw_norm(dev, &optimizer_slots(params, &g), &state, &adamw))?;
+    let (update_ms, _) = time_ms(dev, iters, || adamw_updates(dev, &optimizer_slots(params, &g), &state))?;
+    let grad_bytes: usize = g.iter().map(DeviceTensor::bytes).sum();
     let st = read_state(dev, &state)?;
+    let aux_value = match aux_last.borrow_mut().take() {
+        Some(DeviceLoss::Pending(words)) => read_device_loss(dev, &words)?.unwrap_or(f64::NAN),
+        Some(DeviceLoss::Value(v)) => v,
+        None => f64::NAN,
+    };
     let opt_bytes: usize = [&router, &w1, &w2].iter().zip(&g).map(|(p, g)| p.master.numel() * (3 * 8 + 2) + g.bytes() * 2).sum();
     println!(
-        "{:>13} T={t} dim={dim} inter={inter} E={e} k={k}: training step {ms:.3} ms (min {min:.3}), {:.0} tokens/s, peak {:.2} GiB; forward + backward {fb_ms:.3} ms, AdamW {opt_ms:.3} ms ({:.2} TB/s); after {} steps: grad norm {:.4}, aux loss {:.5}, skipped {}",
+        "{:>13} T={t} dim={dim} inter={inter} E={e} k={k}: training step {ms:.3} ms (min {min:.3}), {:.0} tokens/s, peak {:.2} GiB; forward + backward {fb_ms:.3} ms, AdamW {opt_ms:.3} ms ({:.2} TB/s: norm {norm_ms:.3} ms {:.2} TB/s, updates {update_ms:.3} ms {:.2} TB/s); after {} steps: grad norm {:.4}, aux loss {:.5}, skipped {}",
         s.name,
         t as f64 / (ms * 1e-3),
         peak as f64 / (1u64 << 30) as f64,
         opt_bytes as f64 / (opt_ms * 1e-3) / 1e12,
+        grad_bytes as f64 / (norm_ms * 1e-3) / 1e12,
+        (opt_bytes - grad_bytes) as f64 / (update_ms * 1e-3) / 1e12,
         st.step,
         st.grad_norm,
-        aux_last.get(),
+        aux_value,
         st.skipped
     );
     let mut o = flat_json::Obj::default();
@@ -238,7 +238,28 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize) -> moe_cuda::Result<fl
     o.num("forwardBackwardMs", fb_ms);
     o.num("optimizerMs", opt_ms);
     o.num("optimizerTbPerSecond", opt_bytes as f64 / (opt_ms * 1e-3) / 1e12);
+    o.num("gradNormMs", norm_ms);
+    o.num("gradNormTbPerSecond", grad_bytes as f64 / (norm_ms * 1e-3) / 1e12);
+    o.num("updatesMs", update_ms);
+    o.num("updatesTbPerSecond", (opt_bytes - grad_bytes) as f64 / (update_ms * 1e-3) / 1e12);
     o.num("gradNorm", st.grad_norm);
     o.num("stepsApplied", st.step);
     Ok(o)
+}
+
+/// The optimizer's view of the three parameters with their gradients.
+fn optimizer_slots<'a>(params: [&'a Param; 3], g: &'a [DeviceTensor; 3]) -> Vec<AdamWParam<'a>> {
+    params
+        .iter()
+        .zip(g)
+        .map(|(p, g)| AdamWParam {
+            name: p.name,
+            master: &p.master,
+            exp_avg: &p.m,
+            exp_avg_sq: &p.v,
+            grad: g,
+            low: Some(&p.low),
+            decay: true,
+        })
+        .collect()
 }
