@@ -94,6 +94,18 @@ static __device__ __forceinline__ void tma_prefetch(const GgTensorMap* map) {
     asm volatile("prefetch.tensormap [%0];" ::"l"((u64)map) : "memory");
 }
 
+// The epilogue's row copies shared -> global by the TMA engine (bulk copies, no tensor map).
+static __device__ __forceinline__ void bulk_store(u64 dst, u32 src, u32 bytes) {
+    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst), "r"(src), "r"(bytes) : "memory");
+}
+static __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+// This thread's bulk copies have read their shared-memory sources.
+static __device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
+static __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+// Generic-proxy shared-memory writes made visible to the async proxy (the bulk copies).
+static __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+static __device__ __forceinline__ void bar_warpgroup(int id) { asm volatile("bar.sync %0, 128;" ::"r"(id) : "memory"); }
+
 static __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 static __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 template <int N>
@@ -189,18 +201,25 @@ static __device__ __forceinline__ GgTile gg_tile(const int* tile_start, const in
     return r;
 }
 
-template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES>
+// Row stride of the epilogue's staging buffer (BULK): a row of 256 bf16 plus 16 bytes, so that
+// the accumulator layout's stores (8 rows x 4 words a warp) fall in 32 distinct banks.
+#define GG_C_ROW 528
+
+template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, bool BULK>
 static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const GgTensorMap* map_b, void* out, const int* counts,
                                                int num_experts, int m_total, int n, int k) {
     constexpr u32 A_BYTES = GG_BM * GG_BK * 2;
     constexpr u32 B_BYTES = BN * GG_BK * 2;
     constexpr u32 STAGE_BYTES = A_BYTES + B_BYTES;
+    // BULK: each consumer warpgroup's 64 x BN output rows staged in shared memory (bf16 only)
+    constexpr u32 C_BYTES = BULK ? 2 * 64 * GG_C_ROW : 0;
+    static_assert(!BULK || (BN == 256 && !OUT_F32), "the bulk epilogue is for 256-column bf16 tiles");
     extern __shared__ __align__(1024) u8 gg_shared[];
     // the stages on a 1024-byte boundary (the 128-byte swizzle's period), then the barriers
     // (full[STAGES], empty[STAGES]) and the per-expert tile and row offsets
     const u32 raw = gg_smem(gg_shared);
     const u32 base = (raw + 1023u) & ~1023u;
-    u64* bars = (u64*)(gg_shared + (base - raw) + STAGES * STAGE_BYTES);
+    u64* bars = (u64*)(gg_shared + (base - raw) + STAGES * STAGE_BYTES + C_BYTES);
     int* tile_start = (int*)(bars + 2 * STAGES);
     int* row_start = tile_start + num_experts + 1;
     const u32 full0 = gg_smem(bars), empty0 = full0 + 8 * STAGES;
@@ -315,6 +334,38 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
             }
             // accumulator layout of m64nNk16: acc[4j + 2h + {0,1}] is row 16 warp + lane / 4 + 8h,
             // columns 8j + 2 (lane % 4) + {0, 1}
+            if constexpr (BULK) {
+                // rows into shared memory, then one bulk copy per stored row (warp 0 issues them and
+                // goes on: the copies run while the next tile's k-steps do)
+                const u32 c_smem = base + STAGES * STAGE_BYTES + c * (64 * GG_C_ROW);
+                if (warp == 0) bulk_wait_read();  // the previous tile's copies have read the buffer
+                bar_warpgroup(1 + c);
+                const int r_loc = warp * 16 + (lane >> 2);
+#pragma unroll
+                for (int j = 0; j < BN / 8; j++) {
+                    const u32 col = 8 * j + 2 * (lane & 3);
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        const u32 v = (u32)BF16::from_f32(acc[4 * j + 2 * h]) | ((u32)BF16::from_f32(acc[4 * j + 2 * h + 1]) << 16);
+                        asm volatile("st.shared.u32 [%0], %1;" ::"r"(c_smem + (r_loc + 8 * h) * GG_C_ROW + col * 2), "r"(v) : "memory");
+                    }
+                }
+                fence_async_shared();
+                bar_warpgroup(1 + c);
+                if (warp == 0) {
+                    const u32 bytes = (u32)min(BN, n - tl.n0) * 2;
+#pragma unroll
+                    for (int i = 0; i < 2; i++) {
+                        const int r = lane + 32 * i;
+                        if (c * 64 + r < tl.rows) {
+                            const u64 dst = (u64)out + ((u64)(tl.row0 + c * 64 + r) * (u64)n + (u64)tl.n0) * 2;
+                            bulk_store(dst, c_smem + r * GG_C_ROW, bytes);
+                        }
+                    }
+                    bulk_commit();
+                }
+                continue;
+            }
             const int r_base = c * 64 + warp * 16 + (lane >> 2);
             const int col_base = tl.n0 + 2 * (lane & 3);
 #pragma unroll
@@ -335,28 +386,34 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
                 }
             }
         }
+        if constexpr (BULK) {
+            if (warp == 0) bulk_wait_all();
+        }
     }
 }
 
 #else  // not sm_90a: the kernels exist (compile::ALL loads every file) and trap if launched
 
-template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES>
+template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, bool BULK>
 static __device__ __forceinline__ void gg_body(const GgTensorMap*, const GgTensorMap*, void*, const int*, int, int, int, int) {
     __trap();
 }
 
 #endif
 
-// Stages of the shared-memory ring: 4 of 48 KiB with BN = 256, 6 of 32 KiB with BN = 128
-// (grouped_gemm.rs computes the same shared-memory size).
+// Stages of the shared-memory ring: 4 of 48 KiB with BN = 256, 6 of 32 KiB with BN = 128, 3 of
+// 48 KiB with BN = 256 and the bulk epilogue (its 66 KiB staging buffer); grouped_gemm.rs
+// computes the same shared-memory sizes.
 #define GG_ARGS                                                                                                                   \
     const __grid_constant__ GgTensorMap map_a, const __grid_constant__ GgTensorMap map_b, void* out, const int* counts, int num_experts, \
         int m_total, int n, int k
 #define GG_PASS &map_a, &map_b, out, counts, num_experts, m_total, n, k
 
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n128_bf16(GG_ARGS) { gg_body<128, false, false, 6>(GG_PASS); }
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16(GG_ARGS) { gg_body<256, false, false, 4>(GG_PASS); }
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n128_bf16(GG_ARGS) { gg_body<128, true, false, 6>(GG_PASS); }
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16(GG_ARGS) { gg_body<256, true, false, 4>(GG_PASS); }
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_f32(GG_ARGS) { gg_body<256, false, true, 4>(GG_PASS); }
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_f32(GG_ARGS) { gg_body<256, true, true, 4>(GG_PASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n128_bf16(GG_ARGS) { gg_body<128, false, false, 6, false>(GG_PASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16(GG_ARGS) { gg_body<256, false, false, 4, false>(GG_PASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n128_bf16(GG_ARGS) { gg_body<128, true, false, 6, false>(GG_PASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16(GG_ARGS) { gg_body<256, true, false, 4, false>(GG_PASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_f32(GG_ARGS) { gg_body<256, false, true, 4, false>(GG_PASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_f32(GG_ARGS) { gg_body<256, true, true, 4, false>(GG_PASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_bulk(GG_ARGS) { gg_body<256, false, false, 3, true>(GG_PASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_bulk(GG_ARGS) { gg_body<256, true, false, 3, true>(GG_PASS); }

@@ -41,18 +41,24 @@ pub enum WeightLayout {
     NK,
 }
 
-/// Columns of an output tile (the wgmma's N): 256 (the default) or 128.
+/// Which kernel: the columns of an output tile (the wgmma's N) and the epilogue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TileN {
+    /// 128 columns, 6 stages, accumulators stored straight to global memory.
     N128,
+    /// 256 columns, 4 stages, accumulators stored straight to global memory.
     N256,
+    /// 256 columns, 3 stages; the accumulators go to a shared-memory buffer and from there to
+    /// global memory by bulk copies (one per row) that run while the next tile's k-steps do
+    /// (bf16 output only).
+    N256Bulk,
 }
 
 impl TileN {
     pub fn columns(self) -> usize {
         match self {
             TileN::N128 => 128,
-            TileN::N256 => 256,
+            TileN::N256 | TileN::N256Bulk => 256,
         }
     }
 
@@ -60,6 +66,23 @@ impl TileN {
         match self {
             TileN::N128 => 6,
             TileN::N256 => 4,
+            TileN::N256Bulk => 3,
+        }
+    }
+
+    /// Bytes of the epilogue's staging buffer (kernels/grouped_gemm.cu's C_BYTES).
+    fn staging(self) -> usize {
+        match self {
+            TileN::N256Bulk => 2 * 64 * 528,
+            _ => 0,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TileN::N128 => "128x128",
+            TileN::N256 => "128x256",
+            TileN::N256Bulk => "128x256 bulk-store",
         }
     }
 }
@@ -140,7 +163,7 @@ fn kernels(dev: &Device) -> Result<Arc<Kernels>> {
 /// slack, the stages, the barriers, the per-expert tile and row offsets).
 pub fn shared_bytes(tile: TileN, experts: usize) -> usize {
     let stage = (TILE_M + tile.columns()) * TILE_K * 2;
-    1024 + tile.stages() * stage + 16 * tile.stages() + 8 * (experts + 1)
+    1024 + tile.stages() * stage + tile.staging() + 16 * tile.stages() + 8 * (experts + 1)
 }
 
 /// A 2-D or 3-D tiled tensor map of bf16 with the 128-byte swizzle (`dims` and `box_dims`
@@ -177,8 +200,8 @@ fn tensor_map(what: &str, ptr: u64, dims: &[u64], strides: &[u64], box_dims: &[u
 
 /// One grouped GEMM on raw device addresses (see the module's doc): `x [m, k]` bf16, `w` bf16
 /// `[experts, k, n]` ([`WeightLayout::KN`]) or `[experts, n, k]` ([`WeightLayout::NK`]),
-/// `counts [experts]` int32 on the device, `out [m, n]` of `out_dtype` (bf16 or f32; with
-/// [`TileN::N128`] bf16 only). `k` and `n` must be multiples of 8 (the TMA's 16-byte strides),
+/// `counts [experts]` int32 on the device, `out [m, n]` of `out_dtype` (bf16, or f32 with
+/// [`TileN::N256`]). `k` and `n` must be multiples of 8 (the TMA's 16-byte strides),
 /// the addresses 16-byte aligned. Queued on the device's stream; nothing is read back.
 #[allow(clippy::too_many_arguments)]
 pub fn launch(
@@ -216,6 +239,8 @@ pub fn launch(
         (WeightLayout::NK, TileN::N256, DType::BF16) => "grouped_gemm_nt_n256_bf16",
         (WeightLayout::KN, TileN::N256, DType::F32) => "grouped_gemm_nn_n256_f32",
         (WeightLayout::NK, TileN::N256, DType::F32) => "grouped_gemm_nt_n256_f32",
+        (WeightLayout::KN, TileN::N256Bulk, DType::BF16) => "grouped_gemm_nn_n256_bf16_bulk",
+        (WeightLayout::NK, TileN::N256Bulk, DType::BF16) => "grouped_gemm_nt_n256_bf16_bulk",
         _ => return Err(Error::Cuda(format!("grouped GEMM: no kernel for {layout:?}, {tile:?}, {} output", out_dtype.name()))),
     };
     let kernels = kernels(dev)?;

@@ -13,7 +13,8 @@
 //!    tolerance, ours run to run bit for bit, then both timed (CUDA events, median) as TFLOP/s
 //!    and % of the dense bf16 cuBLAS rate (8192^3).
 //!
-//! Options: `--iters N`, `--tile 128|256|both` (default both), `--shapes a,b`, `--out FILE`,
+//! Options: `--iters N`, `--tile 128,256,bulk` (kernels: 128 or 256 columns, 256 with the bulk-copy
+//! epilogue; default all three), `--shapes a,b`, `--out FILE`,
 //! `--small-only`. Exit code 1 when a check fails.
 
 use half::bf16;
@@ -82,6 +83,7 @@ fn small_checks(dev: &Device, tile: TileN) -> R<usize> {
         let d_x = dev.upload("x", &x)?;
         let d_w = dev.upload("w", &w)?;
         let d_counts = dev.upload("counts", &case.counts)?;
+        // (f32 output: the 256-column kernels with direct stores)
         let outs: &[DType] = if tile == TileN::N256 { &[DType::BF16, DType::F32] } else { &[DType::BF16] };
         for layout in [WeightLayout::KN, WeightLayout::NK] {
             // the host reference: out[r, j] = sum_i x[r, i] * B[e](i, j) (f64), and sum |.| for the tolerance
@@ -150,9 +152,9 @@ fn small_checks(dev: &Device, tile: TileN) -> R<usize> {
                     failures += 1;
                 }
                 println!(
-                    "  {} tile {:>3} {:?} -> {}: {} [E={e}, M={m}, K={k}, N={n}] max rel err {max_rel:.2e}, {bad} outside tolerance{}{}{}",
+                    "  {} {} {:?} -> {}: {} [E={e}, M={m}, K={k}, N={n}] max rel err {max_rel:.2e}, {bad} outside tolerance{}{}{}",
                     if ok { "ok  " } else { "FAIL" },
-                    tile.columns(),
+                    tile.name(),
                     layout,
                     od.name(),
                     case.name,
@@ -230,7 +232,7 @@ fn compare_bf16(a: &[u16], b: &[u16]) -> (usize, f64, Option<usize>) {
 
 pub fn bench(args: &[String]) -> i32 {
     let (mut iters, mut out, mut names, mut tiles, mut small_only) =
-        (10usize, None::<String>, None::<Vec<String>>, vec![TileN::N128, TileN::N256], false);
+        (10usize, None::<String>, None::<Vec<String>>, vec![TileN::N128, TileN::N256, TileN::N256Bulk], false);
     let mut i = 0;
     while i < args.len() {
         match (args[i].as_str(), args.get(i + 1)) {
@@ -238,11 +240,15 @@ pub fn bench(args: &[String]) -> i32 {
             ("--out", Some(v)) => out = Some(v.clone()),
             ("--shapes", Some(v)) => names = Some(v.split(',').map(String::from).collect()),
             ("--tile", Some(v)) => {
-                tiles = match v.as_str() {
-                    "128" => vec![TileN::N128],
-                    "256" => vec![TileN::N256],
-                    _ => vec![TileN::N128, TileN::N256],
-                }
+                tiles = v
+                    .split(',')
+                    .filter_map(|t| match t {
+                        "128" => Some(TileN::N128),
+                        "256" => Some(TileN::N256),
+                        "bulk" => Some(TileN::N256Bulk),
+                        _ => None,
+                    })
+                    .collect()
             }
             ("--small-only", _) => {
                 small_only = true;
@@ -299,7 +305,7 @@ fn run(dev: &Device, iters: usize, names: Option<Vec<String>>, tiles: &[TileN], 
     );
     let mut failures = 0;
     for &tile in tiles {
-        println!("small checks, tile 128 x {}:", tile.columns());
+        println!("small checks, tile {}:", tile.name());
         let _ = std::io::stdout().flush();
         failures += small_checks(dev, tile)?;
     }
@@ -403,9 +409,9 @@ fn run(dev: &Device, iters: usize, names: Option<Vec<String>>, tiles: &[TileN], 
                     best = best.min(ms);
                 }
                 println!(
-                    "  {:<10} ours, tile 128x{}: {ms:.3} ms, {tf:.0} TFLOP/s ({:.1}% of bf16 rate, {:.2}x cuBLAS); {} vs cuBLAS: max rel diff {max_rel:.2e}, {bad} outside tolerance{}; run to run {}",
+                    "  {:<10} ours, {:<18}: {ms:.3} ms, {tf:.0} TFLOP/s ({:.1}% of bf16 rate, {:.2}x cuBLAS); {} vs cuBLAS: max rel diff {max_rel:.2e}, {bad} outside tolerance{}; run to run {}",
                     g.name,
-                    tile.columns(),
+                    tile.name(),
                     100.0 * tf / peak,
                     c_ms / ms,
                     if ok { "ok" } else { "FAIL" },
@@ -414,10 +420,10 @@ fn run(dev: &Device, iters: usize, names: Option<Vec<String>>, tiles: &[TileN], 
                 );
                 let _ = std::io::stdout().flush();
                 rows.push(format!(
-                    "{{\"shape\": {:?}, \"gemm\": {:?}, \"tileN\": {}, \"m\": {m}, \"k\": {}, \"n\": {}, \"experts\": {e}, \"oursMs\": {ms}, \"oursTflops\": {tf}, \"oursPctOfBf16\": {}, \"cublasMs\": {c_ms}, \"cublasTflops\": {c_tf}, \"cublasPctOfBf16\": {}, \"maxRelDiff\": {max_rel}, \"outsideTolerance\": {bad}, \"runToRunIdentical\": {same}}}",
+                    "{{\"shape\": {:?}, \"gemm\": {:?}, \"kernel\": {:?}, \"m\": {m}, \"k\": {}, \"n\": {}, \"experts\": {e}, \"oursMs\": {ms}, \"oursTflops\": {tf}, \"oursPctOfBf16\": {}, \"cublasMs\": {c_ms}, \"cublasTflops\": {c_tf}, \"cublasPctOfBf16\": {}, \"maxRelDiff\": {max_rel}, \"outsideTolerance\": {bad}, \"runToRunIdentical\": {same}}}",
                     s.name,
                     g.name,
-                    tile.columns(),
+                    tile.name(),
                     g.k,
                     g.n,
                     100.0 * tf / peak,
