@@ -120,7 +120,7 @@ static __device__ __forceinline__ u64 gg_desc(u32 addr, u32 lbo, u32 sbo) {
 }
 
 // D[64 x 128] (+)= A[64 x 16] B[16 x 128]: A, B in shared memory (descriptors), D in 64 f32 registers
-template <int TRANS_B>
+template <int TRANS_A, int TRANS_B>
 static __device__ __forceinline__ void wgmma_m64n128k16(float* d, u64 desc_a, u64 desc_b, int scale_d) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
@@ -129,7 +129,7 @@ static __device__ __forceinline__ void wgmma_m64n128k16(float* d, u64 desc_a, u6
         "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
         "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
         "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-        "}, %64, %65, p, 1, 1, 0, %67;\n}\n"
+        "}, %64, %65, p, 1, 1, %67, %68;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
           "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
@@ -138,11 +138,11 @@ static __device__ __forceinline__ void wgmma_m64n128k16(float* d, u64 desc_a, u6
           "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
           "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
           "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TRANS_B));
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TRANS_A), "n"(TRANS_B));
 }
 
 // D[64 x 256] (+)= A[64 x 16] B[16 x 256]: A, B in shared memory (descriptors), D in 128 f32 registers
-template <int TRANS_B>
+template <int TRANS_A, int TRANS_B>
 static __device__ __forceinline__ void wgmma_m64n256k16(float* d, u64 desc_a, u64 desc_b, int scale_d) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
@@ -155,7 +155,7 @@ static __device__ __forceinline__ void wgmma_m64n256k16(float* d, u64 desc_a, u6
         "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95,"
         "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111,"
         "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
-        "}, %128, %129, p, 1, 1, 0, %131;\n}\n"
+        "}, %128, %129, p, 1, 1, %131, %132;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
           "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
@@ -172,7 +172,7 @@ static __device__ __forceinline__ void wgmma_m64n256k16(float* d, u64 desc_a, u6
           "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
           "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
           "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TRANS_B));
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TRANS_A), "n"(TRANS_B));
 }
 
 // Where tile t of the launch is: its expert, first row, rows to store and first column.
@@ -311,8 +311,8 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
                     // (k) groups 1024 bytes apart (SBO), a k-step of 16 rows = 2048 bytes
                     const u64 db = B_KMAJOR ? gg_desc(b_addr + ks * 32, 16, 1024) : gg_desc(b_addr + ks * 2048, 8192, 1024);
                     const int accumulate = (kb > 0 || ks > 0) ? 1 : 0;
-                    if constexpr (BN == 256) wgmma_m64n256k16<B_KMAJOR ? 0 : 1>(acc, da, db, accumulate);
-                    else wgmma_m64n128k16<B_KMAJOR ? 0 : 1>(acc, da, db, accumulate);
+                    if constexpr (BN == 256) wgmma_m64n256k16<0, B_KMAJOR ? 0 : 1>(acc, da, db, accumulate);
+                    else wgmma_m64n128k16<0, B_KMAJOR ? 0 : 1>(acc, da, db, accumulate);
                 }
                 wgmma_commit();
                 // the previous k-step's group is done: its stage goes back to the producer
@@ -392,7 +392,164 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
     }
 }
 
+
+// The weight gradients: dw[e] [KO, N] = x[rows of e]^T @ dy[rows of e] for every expert (x [M, KO],
+// dy [M, N], expert-major rows as above), reduced over each expert's rows in k-steps of 64 rows.
+// Tiles of 128 (KO) x 256 (N) per expert, E x ceil(KO / 128) x ceil(N / 256) of them whatever
+// the counts (an expert with no rows gets zeros). Both operands are MN-major in shared memory
+// (A = x^T: 64 KO values a row of 128 bytes, one 8 KiB box per consumer warpgroup; B = dy as
+// in `nn`). The last k-step of an expert loads rows of the next expert: before multiplying,
+// the consumers zero those rows of both operands in shared memory (a row is one 128-byte line
+// of each box: the swizzle moves 16-byte pieces within a line only), then fence the writes to
+// the async proxy that wgmma reads through.
+template <bool OUT_F32>
+static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, const GgTensorMap* map_b, void* out, const int* counts,
+                                                     int num_experts, int m_total, int ko, int n) {
+    constexpr int BN = 256, STAGES = 4;
+    constexpr u32 A_BYTES = GG_BM * GG_BK * 2;
+    constexpr u32 B_BYTES = BN * GG_BK * 2;
+    constexpr u32 STAGE_BYTES = A_BYTES + B_BYTES;
+    extern __shared__ __align__(1024) u8 gg_shared[];
+    const u32 raw = gg_smem(gg_shared);
+    const u32 base = (raw + 1023u) & ~1023u;
+    u64* bars = (u64*)(gg_shared + (base - raw) + STAGES * STAGE_BYTES);
+    int* row_start = (int*)(bars + 2 * STAGES);
+    const u32 full0 = gg_smem(bars), empty0 = full0 + 8 * STAGES;
+    int rows_carry = 0;
+    for (int c0 = 0; c0 < num_experts; c0 += GG_THREADS) {
+        const int e = c0 + (int)threadIdx.x;
+        const int cnt = e < num_experts ? max(__ldg(counts + e), 0) : 0;
+        int rows_total;
+        const int r = block_exclusive_scan(cnt, &rows_total);
+        if (e < num_experts) row_start[e] = min(rows_carry + r, m_total);
+        rows_carry += rows_total;
+    }
+    if (threadIdx.x == 0) {
+        row_start[num_experts] = min(rows_carry, m_total);
+        for (int s = 0; s < STAGES; s++) {
+            mbar_init(full0 + 8 * s, 1);
+            mbar_init(empty0 + 8 * s, 8);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+    const int m_tiles = (ko + GG_BM - 1) / GG_BM, n_tiles = (n + BN - 1) / BN;
+    const int total = num_experts * m_tiles * n_tiles;
+    const int wg = (int)threadIdx.x / 128;
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+        if (threadIdx.x == 0) {
+            tma_prefetch(map_a);
+            tma_prefetch(map_b);
+            int stage = 0;
+            u32 phase = 0;
+            for (int t = blockIdx.x; t < total; t += gridDim.x) {
+                const int e = t / (m_tiles * n_tiles), u = t % (m_tiles * n_tiles);
+                const int m0 = (u / n_tiles) * GG_BM, n0 = (u % n_tiles) * BN;
+                const int r0 = row_start[e], num_kb = (row_start[e + 1] - r0 + GG_BK - 1) / GG_BK;
+                for (int kb = 0; kb < num_kb; kb++) {
+                    const u32 full = full0 + 8 * stage;
+                    mbar_wait(empty0 + 8 * stage, phase ^ 1);
+                    mbar_expect_tx(full, STAGE_BYTES);
+                    const u32 a_dst = base + stage * STAGE_BYTES, b_dst = a_dst + A_BYTES;
+                    tma_load_2d(a_dst, map_a, m0, r0 + kb * GG_BK, full);
+                    tma_load_2d(a_dst + 8192, map_a, m0 + 64, r0 + kb * GG_BK, full);
+#pragma unroll
+                    for (int j = 0; j < BN / 64; j++) tma_load_2d(b_dst + j * 8192, map_b, n0 + 64 * j, r0 + kb * GG_BK, full);
+                    if (++stage == STAGES) {
+                        stage = 0;
+                        phase ^= 1;
+                    }
+                }
+            }
+        }
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+        const int c = wg - 1;
+        const int tid = (int)threadIdx.x - 128 * wg;
+        const int warp = tid >> 5, lane = tid & 31;
+        float acc[BN / 2];
+        int stage = 0;
+        u32 phase = 0;
+        for (int t = blockIdx.x; t < total; t += gridDim.x) {
+            const int e = t / (m_tiles * n_tiles), u = t % (m_tiles * n_tiles);
+            const int m0 = (u / n_tiles) * GG_BM, n0 = (u % n_tiles) * BN;
+            const int r0 = row_start[e], rows = row_start[e + 1] - r0;
+            const int num_kb = (rows + GG_BK - 1) / GG_BK;
+#pragma unroll
+            for (int i = 0; i < BN / 2; i++) acc[i] = 0.0f;
+            int prev = -1;
+            for (int kb = 0; kb < num_kb; kb++) {
+                mbar_wait(full0 + 8 * stage, phase);
+                const u32 a_addr = base + stage * STAGE_BYTES + c * 8192;
+                const u32 b_addr = base + stage * STAGE_BYTES + A_BYTES;
+                const int valid = rows - kb * GG_BK;
+                if (valid < GG_BK) {
+                    // zero rows valid .. 63 of this warpgroup's A box and of B boxes c and c + 2
+                    const int lines = (GG_BK - valid) * 8;  // 16-byte pieces a box
+                    for (int i = tid; i < 3 * lines; i += 128) {
+                        const int box = i / lines, piece = i % lines;
+                        const u32 at = (box == 0 ? a_addr : b_addr + (c + 2 * (box - 1)) * 8192) + (valid * 128 + piece * 16);
+                        asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};" ::"r"(at), "r"(0) : "memory");
+                    }
+                    fence_async_shared();
+                    asm volatile("bar.sync 3, 256;" ::: "memory");  // both consumer warpgroups (B is shared)
+                }
+                wgmma_fence();
+#pragma unroll
+                for (int ks = 0; ks < GG_BK / 16; ks++) {
+                    // M-major A and N-major B: a k-step is 16 rows (2048 bytes) of each box
+                    const u64 da = gg_desc(a_addr + ks * 2048, 8192, 1024);
+                    const u64 db = gg_desc(b_addr + ks * 2048, 8192, 1024);
+                    wgmma_m64n256k16<1, 1>(acc, da, db, 1);
+                }
+                wgmma_commit();
+                wgmma_wait<1>();
+                if (prev >= 0) {
+                    __syncwarp();
+                    if (lane == 0) mbar_arrive(empty0 + 8 * prev);
+                }
+                prev = stage;
+                if (++stage == STAGES) {
+                    stage = 0;
+                    phase ^= 1;
+                }
+            }
+            wgmma_wait<0>();
+            if (prev >= 0) {
+                __syncwarp();
+                if (lane == 0) mbar_arrive(empty0 + 8 * prev);
+            }
+            const int r_base = c * 64 + warp * 16 + (lane >> 2);
+            const int col_base = n0 + 2 * (lane & 3);
+            const long long plane = (long long)e * ko * n;
+#pragma unroll
+            for (int j = 0; j < BN / 8; j++) {
+                const int col = col_base + 8 * j;
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const int r = m0 + r_base + 8 * h;
+                    if (col < n && r < ko) {
+                        const long long o = plane + (long long)r * n + col;
+                        const float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
+                        if constexpr (OUT_F32) {
+                            *(float2*)((float*)out + o) = make_float2(v0, v1);
+                        } else {
+                            *(u32*)((u16*)out + o) = (u32)BF16::from_f32(v0) | ((u32)BF16::from_f32(v1) << 16);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 #else  // not sm_90a: the kernels exist (compile::ALL loads every file) and trap if launched
+
+template <bool OUT_F32>
+static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap*, const GgTensorMap*, void*, const int*, int, int, int, int) {
+    __trap();
+}
 
 template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, bool BULK>
 static __device__ __forceinline__ void gg_body(const GgTensorMap*, const GgTensorMap*, void*, const int*, int, int, int, int) {
@@ -417,3 +574,9 @@ extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_f32(GG
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_f32(GG_ARGS) { gg_body<256, true, true, 4, false>(GG_PASS); }
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_bulk(GG_ARGS) { gg_body<256, false, false, 3, true>(GG_PASS); }
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_bulk(GG_ARGS) { gg_body<256, true, false, 3, true>(GG_PASS); }
+
+// dw [E, KO, N] = x^T dy per expert: map_a over x [M, KO], map_b over dy [M, N]; the launch's k is
+// KO (x's columns), n is N (dy's columns)
+#define GG_WPASS &map_a, &map_b, out, counts, num_experts, m_total, k, n
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_f32(GG_ARGS) { gg_wgrad_body<true>(GG_WPASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16(GG_ARGS) { gg_wgrad_body<false>(GG_WPASS); }

@@ -7,7 +7,8 @@
 //! of them in expert order), bf16 inputs, float32 accumulation, bf16 or f32 output. B is the
 //! experts' weight tensor in one of two layouts ([`WeightLayout`]): `[E, K, N]` (the forward
 //! GEMMs `x @ W1[e]`, `a @ W2[e]`) or `[E, N, K]` used transposed (the input gradients
-//! `dy @ W2[e]^T`, `dh @ W1[e]^T`).
+//! `dy @ W2[e]^T`, `dh @ W1[e]^T`). [`launch_wgrad`]: the weight gradients `x_e^T @ dy_e`, every
+//! expert's reduction over its rows in one launch.
 //!
 //! The kernel file is compiled twice: for the device's own architecture with every other file
 //! (`compile::ALL`, where its kernels are stubs), and here, at the first call, for `sm_90a`
@@ -275,6 +276,79 @@ pub fn launch(
     let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
     // SAFETY: the arguments match the kernel's parameters (GG_ARGS) in order and type.
     unsafe { b.launch(cfg) }.map_err(|e| Error::driver(format!("launching {name} on {grid} blocks"), e))?;
+    Ok(())
+}
+
+/// The weight gradients, grouped: `dw [experts, ko, n] = x[rows of e]^T @ dy[rows of e]` for
+/// every expert (`x [m, ko]`, `dy [m, n]` bf16, expert-major rows, `counts [experts]` int32 on
+/// the device), reduced over each expert's rows in a fixed order (no atomics, no split);
+/// `dw` of `out_dtype` (bf16 or f32), every element written (zeros for an expert with no rows).
+/// Tiles of 128 x 256; `ko` and `n` multiples of 8.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_wgrad(
+    dev: &Device,
+    x: u64,
+    dy: u64,
+    counts: u64,
+    dw: u64,
+    out_dtype: DType,
+    experts: usize,
+    m: usize,
+    ko: usize,
+    n: usize,
+) -> Result<()> {
+    if ko == 0 || n == 0 || experts == 0 {
+        return Ok(());
+    }
+    if m == 0 {
+        return dev_zero(dev, dw, experts * ko * n * out_dtype.size());
+    }
+    if ko % 8 != 0 || n % 8 != 0 {
+        return Err(Error::Cuda(format!("grouped weight gradient: ko = {ko} and n = {n} must be multiples of 8 (TMA strides)")));
+    }
+    if (x | dy | dw) % 16 != 0 {
+        return Err(Error::Cuda("grouped weight gradient: operands must be 16-byte aligned".into()));
+    }
+    let int =
+        |what: &str, v: usize| i32::try_from(v).map_err(|_| Error::Cuda(format!("grouped weight gradient: {what} = {v} exceeds int32")));
+    let (mi, ni, ki, ei) = (int("m", m)?, int("n", n)?, int("ko", ko)?, int("experts", experts)?);
+    let name = match out_dtype {
+        DType::F32 => "grouped_gemm_wgrad_f32",
+        DType::BF16 => "grouped_gemm_wgrad_bf16",
+        other => return Err(Error::Cuda(format!("grouped weight gradient: no kernel for {} output", other.name()))),
+    };
+    let kernels = kernels(dev)?;
+    let f = kernels.functions.get(name).ok_or_else(|| Error::Cuda(format!("kernel {name} is not in kernels/grouped_gemm.cu")))?;
+    let smem = shared_bytes(TileN::N256, experts);
+    let limit = f
+        .get_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)
+        .map_err(|e| Error::driver("reading the shared memory limit", e))? as usize;
+    if smem > limit {
+        return Err(Error::Cuda(format!(
+            "grouped weight gradient: {experts} experts need {smem} bytes of shared memory, the kernel may have {limit}"
+        )));
+    }
+    let (m64, n64, k64) = (m as u64, n as u64, ko as u64);
+    // x^T and dy: boxes of 64 columns x 64 rows
+    let map_a = tensor_map("the weight gradient's x", x, &[k64, m64], &[k64 * 2], &[64, TILE_K as u32])?;
+    let map_b = tensor_map("the weight gradient's dy", dy, &[n64, m64], &[n64 * 2], &[64, TILE_K as u32])?;
+    let tiles = experts.saturating_mul(ko.div_ceil(TILE_M)).saturating_mul(n.div_ceil(256));
+    let grid = dev.sm_count().min(tiles).max(1) as u32;
+    let stream = dev.stream();
+    let mut b = stream.launch_builder(f);
+    b.arg(&map_a).arg(&map_b).arg(&dw).arg(&counts).arg(&ei).arg(&mi).arg(&ni).arg(&ki);
+    let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
+    // SAFETY: the arguments match the kernel's parameters (GG_ARGS: k = ko, n = n) in order and type.
+    unsafe { b.launch(cfg) }.map_err(|e| Error::driver(format!("launching {name} on {grid} blocks"), e))?;
+    Ok(())
+}
+
+fn dev_zero(dev: &Device, ptr: u64, bytes: usize) -> Result<()> {
+    if bytes > 0 {
+        // SAFETY: the caller's buffer holds `bytes` bytes at `ptr`.
+        unsafe { cudarc::driver::result::memset_d8_async(ptr, 0, bytes, dev.stream().cu_stream()) }
+            .map_err(|e| Error::driver("zeroing the weight gradients", e))?;
+    }
     Ok(())
 }
 

@@ -13,6 +13,10 @@
 //!    tolerance, ours run to run bit for bit, then both timed (CUDA events, median) as TFLOP/s
 //!    and % of the dense bf16 cuBLAS rate (8192^3).
 //!
+//! 3. The weight-gradient kernel (`launch_wgrad`: dw[e] = x_e^T dy_e, every expert in one launch)
+//!    on the small cases and at both shapes (dW1 = x^T dh, dW2 = a^T dy) against cuBLAS's
+//!    per-expert GEMMs (side by side, as the experts' backward runs them); `--no-wgrad` skips it.
+//!
 //! Options: `--iters N`, `--tile 128,256,bulk` (kernels: 128 or 256 columns, 256 with the bulk-copy
 //! epilogue; default all three), `--shapes a,b`, `--out FILE`,
 //! `--small-only`. Exit code 1 when a check fails.
@@ -168,6 +172,82 @@ fn small_checks(dev: &Device, tile: TileN) -> R<usize> {
     Ok(failures)
 }
 
+/// The weight-gradient kernel on the small cases: dw[e] = x_e^T dy_e (x [M, K], dy [M, N]) against
+/// the host, every element of dw (experts with no rows: zeros), run twice; returns the failures.
+fn wgrad_checks(dev: &Device) -> R<usize> {
+    let mut failures = 0;
+    for (ci, case) in small_cases().iter().enumerate() {
+        let e = case.counts.len();
+        let rows: usize = case.counts.iter().map(|&c| c as usize).sum();
+        let m = rows + case.spare;
+        let (ko, n) = (case.k, case.n);
+        let x = random_bf16(m * ko, 3000 + ci as u64, 1.0);
+        let dy = random_bf16(m * n, 4000 + ci as u64, 1.0);
+        let (d_x, d_dy, d_counts) = (dev.upload("x", &x)?, dev.upload("dy", &dy)?, dev.upload("counts", &case.counts)?);
+        let mut reference = vec![(0f64, 0f64); e * ko * n];
+        let mut r0 = 0;
+        for (ex, &c) in case.counts.iter().enumerate() {
+            for r in r0..r0 + c as usize {
+                for i in 0..ko {
+                    let xv = f(x[r * ko + i]);
+                    for j in 0..n {
+                        let p = xv * f(dy[r * n + j]);
+                        let slot = &mut reference[(ex * ko + i) * n + j];
+                        slot.0 += p;
+                        slot.1 += p.abs();
+                    }
+                }
+            }
+            r0 += c as usize;
+        }
+        for od in [DType::BF16, DType::F32] {
+            let size = od.size();
+            let bytes = (e * ko * n * size).next_multiple_of(4);
+            let mut runs: Vec<Vec<u8>> = Vec::new();
+            for _ in 0..2 {
+                let out = dev.alloc("dw", bytes)?;
+                dev.memset_u32("dw", &out, 0xffff_ffff, bytes / 4)?;
+                let p = |buf: &Buffer| buf.device_ptr(dev);
+                grouped_gemm::launch_wgrad(dev, p(&d_x), p(&d_dy), p(&d_counts), p(&out), od, e, m, ko, n)?;
+                runs.push(dev.download_new("dw", &out, bytes)?);
+            }
+            let got = &runs[0];
+            let (mut bad, mut max_rel, mut first) = (0usize, 0f64, String::new());
+            for (i, &(r, a)) in reference.iter().enumerate() {
+                let g = if od == DType::F32 {
+                    f32::from_le_bytes([got[4 * i], got[4 * i + 1], got[4 * i + 2], got[4 * i + 3]]) as f64
+                } else {
+                    f(u16::from_le_bytes([got[2 * i], got[2 * i + 1]]))
+                };
+                let tol = if od == DType::F32 { 1e-5 * a + 1e-6 } else { r.abs() / 256.0 * 1.001 + 1e-5 * a + 1e-6 };
+                let err = (g - r).abs();
+                if r != 0.0 {
+                    max_rel = max_rel.max(err / r.abs().max(1e-3));
+                }
+                if err.is_nan() || err > tol {
+                    bad += 1;
+                    if first.is_empty() {
+                        first = format!(" (first: expert {} row {} col {}: got {g}, want {r})", i / (ko * n), (i / n) % ko, i % n);
+                    }
+                }
+            }
+            let same = runs[0] == runs[1];
+            let ok = bad == 0 && same;
+            if !ok {
+                failures += 1;
+            }
+            println!(
+                "  {} wgrad -> {}: {} [E={e}, M={m}, K={ko}, N={n}] max rel err {max_rel:.2e}, {bad} outside tolerance{first}{}",
+                if ok { "ok  " } else { "FAIL" },
+                od.name(),
+                case.name,
+                if same { ", run to run identical" } else { ", RUNS DIFFER" },
+            );
+        }
+    }
+    Ok(failures)
+}
+
 /// Counts of a random top-k routing (k distinct experts a token).
 fn routing_counts(tokens: usize, experts: usize, topk: usize, seed: u64) -> Vec<i32> {
     let mut rng = Rng(seed);
@@ -231,8 +311,8 @@ fn compare_bf16(a: &[u16], b: &[u16]) -> (usize, f64, Option<usize>) {
 }
 
 pub fn bench(args: &[String]) -> i32 {
-    let (mut iters, mut out, mut names, mut tiles, mut small_only) =
-        (10usize, None::<String>, None::<Vec<String>>, vec![TileN::N128, TileN::N256, TileN::N256Bulk], false);
+    let (mut iters, mut out, mut names, mut tiles, mut small_only, mut wgrad) =
+        (10usize, None::<String>, None::<Vec<String>>, vec![TileN::N128, TileN::N256, TileN::N256Bulk], false, true);
     let mut i = 0;
     while i < args.len() {
         match (args[i].as_str(), args.get(i + 1)) {
@@ -249,6 +329,11 @@ pub fn bench(args: &[String]) -> i32 {
                         _ => None,
                     })
                     .collect()
+            }
+            ("--no-wgrad", _) => {
+                wgrad = false;
+                i += 1;
+                continue;
             }
             ("--small-only", _) => {
                 small_only = true;
@@ -273,7 +358,7 @@ pub fn bench(args: &[String]) -> i32 {
         println!("{e}");
         return 1;
     }
-    match run(dev, iters, names, &tiles, small_only) {
+    match run(dev, iters, names, &tiles, small_only, wgrad) {
         Ok((json, failures)) => {
             match out {
                 Some(path) => std::fs::write(&path, &json).expect("writing --out"),
@@ -293,7 +378,7 @@ pub fn bench(args: &[String]) -> i32 {
     }
 }
 
-fn run(dev: &Device, iters: usize, names: Option<Vec<String>>, tiles: &[TileN], small_only: bool) -> R<(String, usize)> {
+fn run(dev: &Device, iters: usize, names: Option<Vec<String>>, tiles: &[TileN], small_only: bool, wgrad: bool) -> R<(String, usize)> {
     use std::io::Write;
     let info = dev.info();
     println!(
@@ -308,6 +393,11 @@ fn run(dev: &Device, iters: usize, names: Option<Vec<String>>, tiles: &[TileN], 
         println!("small checks, tile {}:", tile.name());
         let _ = std::io::stdout().flush();
         failures += small_checks(dev, tile)?;
+    }
+    if wgrad {
+        println!("small checks, weight gradients (tile 128x256):");
+        let _ = std::io::stdout().flush();
+        failures += wgrad_checks(dev)?;
     }
     if small_only {
         return Ok((format!("{{\"device\": {:?}, \"smallCheckFailures\": {failures}}}", info.name), failures));
@@ -434,6 +524,98 @@ fn run(dev: &Device, iters: usize, names: Option<Vec<String>>, tiles: &[TileN], 
             sums[slot][0] += flops;
             sums[slot][1] += best;
             sums[slot][2] += c_ms;
+        }
+        // the weight gradients: dW1 = x^T dh [E, dim, width], dW2 = a^T dy [E, inter, dim]
+        let mut wsum = [0f64; 3];
+        for (wi, (name, ko, nn)) in [("x^T @ dh", dim, width), ("a^T @ dy", inter, dim)].into_iter().enumerate() {
+            if !wgrad {
+                break;
+            }
+            let x = dev.upload("x", &random_bf16(m * ko, 200 + wi as u64, 1.0))?;
+            let dy = dev.upload("dy", &random_bf16(m * nn, 300 + wi as u64, 1.0))?;
+            let flops = 2.0 * (m * ko * nn) as f64;
+            let c_out = dev.alloc("cuBLAS dw", e * ko * nn * 2)?;
+            dev.memset_zero("cuBLAS dw", &c_out, e * ko * nn * 2)?;
+            let mut problems = Vec::new();
+            let mut r0 = 0usize;
+            for (ex, &c) in counts.iter().enumerate() {
+                let c = c as usize;
+                if c > 0 {
+                    problems.push(Problem {
+                        m: ko,
+                        n: nn,
+                        k: c,
+                        a: x.device_ptr(dev) + (r0 * ko * 2) as u64,
+                        b: dy.device_ptr(dev) + (r0 * nn * 2) as u64,
+                        c: c_out.device_ptr(dev) + (ex * ko * nn * 2) as u64,
+                    });
+                }
+                r0 += c;
+            }
+            let cublas = || run_gemms(dev, &problems, (DType::BF16, true), (DType::BF16, false), DType::BF16);
+            cublas()?;
+            let c_host: Vec<u16> = dev.download_new("cuBLAS dw", &c_out, e * ko * nn)?;
+            let (c_ms, _) = time_ms(dev, iters, cublas)?;
+            let c_tf = flops / (c_ms * 1e-3) / 1e12;
+            let o1 = dev.alloc("ours dw", e * ko * nn * 2)?;
+            let o2 = dev.alloc("ours dw", e * ko * nn * 2)?;
+            let ours = |o: &Buffer| {
+                grouped_gemm::launch_wgrad(
+                    dev,
+                    x.device_ptr(dev),
+                    dy.device_ptr(dev),
+                    d_counts.device_ptr(dev),
+                    o.device_ptr(dev),
+                    DType::BF16,
+                    e,
+                    m,
+                    ko,
+                    nn,
+                )
+            };
+            ours(&o1)?;
+            ours(&o2)?;
+            let a: Vec<u16> = dev.download_new("ours dw", &o1, e * ko * nn)?;
+            let b: Vec<u16> = dev.download_new("ours dw", &o2, e * ko * nn)?;
+            let same = a == b;
+            let (bad, max_rel, first) = compare_bf16(&a, &c_host);
+            let (ms, _) = time_ms(dev, iters, || ours(&o1))?;
+            let tf = flops / (ms * 1e-3) / 1e12;
+            let ok = same && bad == 0;
+            if !ok {
+                failures += 1;
+            }
+            println!(
+                "  {name:<10} K={m:<5} [{ko} x {nn}] x {e}: cuBLAS per expert {c_ms:.3} ms, {c_tf:.0} TFLOP/s ({:.1}%); ours {ms:.3} ms, {tf:.0} TFLOP/s ({:.1}% of bf16 rate, {:.2}x cuBLAS); {} vs cuBLAS: max rel diff {max_rel:.2e}, {bad} outside tolerance{}; run to run {}",
+                100.0 * c_tf / peak,
+                100.0 * tf / peak,
+                c_ms / ms,
+                if ok { "ok" } else { "FAIL" },
+                first.map(|i| format!(" (first at {i}: ours {} cuBLAS {})", f(a[i]), f(c_host[i]))).unwrap_or_default(),
+                if same { "identical" } else { "DIFFERENT" },
+            );
+            let _ = std::io::stdout().flush();
+            rows.push(format!(
+                "{{\"shape\": {:?}, \"gemm\": {name:?}, \"kernel\": \"wgrad 128x256\", \"m\": {m}, \"k\": {ko}, \"n\": {nn}, \"experts\": {e}, \"oursMs\": {ms}, \"oursTflops\": {tf}, \"oursPctOfBf16\": {}, \"cublasMs\": {c_ms}, \"cublasTflops\": {c_tf}, \"cublasPctOfBf16\": {}, \"maxRelDiff\": {max_rel}, \"outsideTolerance\": {bad}, \"runToRunIdentical\": {same}}}",
+                s.name,
+                100.0 * tf / peak,
+                100.0 * c_tf / peak
+            ));
+            if ok {
+                wsum[0] += flops;
+                wsum[1] += ms;
+                wsum[2] += c_ms;
+            }
+        }
+        if wsum[1] > 0.0 {
+            let [fl, ours, cub] = wsum;
+            println!(
+                "  {} weight gradients (x^T dh + a^T dy): ours {:.1}% of the bf16 rate, cuBLAS {:.1}% ({:.2}x)",
+                s.name,
+                100.0 * fl / (ours * 1e-3) / 1e12 / peak,
+                100.0 * fl / (cub * 1e-3) / 1e12 / peak,
+                cub / ours
+            );
         }
         for (slot, what) in [(0, "forward (x W1 + a W2)"), (1, "input gradients (dy W2^T + dh W1^T)")] {
             let [fl, ours, cub] = sums[slot];
