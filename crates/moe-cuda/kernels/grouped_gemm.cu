@@ -22,7 +22,7 @@
 // computed and not stored. The blocks are persistent (one per SM): block b takes tiles b,
 // b + grid, ...; tile t is found from per-expert tile offsets that every block computes from
 // `counts` at its start (integer prefix sums in shared memory). Within an expert, tiles run
-// in groups of GROUP_N column tiles, all row tiles of a group before the next group, so that
+// in groups of `group_n` column tiles (a launch argument, 8 by default), all row tiles of a group before the next group, so that
 // the blocks working at one time share the expert's B columns in L2.
 //
 // Deterministic: every output element is written once by one thread, its sum over K in one
@@ -45,7 +45,6 @@ struct __align__(64) GgTensorMap {
 
 #define GG_BM 128
 #define GG_BK 64
-#define GG_GROUP_N 8
 #define GG_THREADS 384
 
 #ifdef GG_WGMMA
@@ -182,7 +181,7 @@ struct GgTile {
 
 template <int BN>
 static __device__ __forceinline__ GgTile gg_tile(const int* tile_start, const int* row_start, int num_experts, int n_tiles, int m_total,
-                                                 int t) {
+                                                 int t, int group_n) {
     int lo = 0, hi = num_experts - 1;
     while (lo < hi) {
         const int mid = (lo + hi + 1) >> 1;
@@ -190,13 +189,13 @@ static __device__ __forceinline__ GgTile gg_tile(const int* tile_start, const in
     }
     const int u = t - tile_start[lo];
     const int m_tiles = (tile_start[lo + 1] - tile_start[lo]) / n_tiles;
-    const int g = u / (m_tiles * GG_GROUP_N);
-    const int u_in = u - g * m_tiles * GG_GROUP_N;
-    const int gs = min(GG_GROUP_N, n_tiles - g * GG_GROUP_N);
+    const int g = u / (m_tiles * group_n);
+    const int u_in = u - g * m_tiles * group_n;
+    const int gs = min(group_n, n_tiles - g * group_n);
     GgTile r;
     r.e = lo;
     r.row0 = row_start[lo] + (u_in / gs) * GG_BM;
-    r.n0 = (g * GG_GROUP_N + u_in % gs) * BN;
+    r.n0 = (g * group_n + u_in % gs) * BN;
     r.rows = min(min(GG_BM, row_start[lo + 1] - r.row0), m_total - r.row0);
     return r;
 }
@@ -205,9 +204,39 @@ static __device__ __forceinline__ GgTile gg_tile(const int* tile_start, const in
 // the accumulator layout's stores (8 rows x 4 words a warp) fall in 32 distinct banks.
 #define GG_C_ROW 528
 
+// The bulk epilogue of consumer warpgroup c (rows 64c .. 64c + 63 of a 128 x 256 tile): its
+// accumulators as bf16 into its staging buffer `c_smem`, then one bulk copy per row below
+// `rows` (warp 0 issues them and goes on: the copies run while the next tile's k-steps do).
+// `dst` is the tile's first element, `n` the output's row length, `bytes` a row's bytes.
+static __device__ __forceinline__ void gg_store_bulk(const float* acc, u32 c_smem, int c, int warp, int lane, int rows, u64 dst, int n,
+                                                     u32 bytes) {
+    if (warp == 0) bulk_wait_read();  // the previous tile's copies have read the buffer
+    bar_warpgroup(1 + c);
+    const int r_loc = warp * 16 + (lane >> 2);
+#pragma unroll
+    for (int j = 0; j < 32; j++) {
+        const u32 col = 8 * j + 2 * (lane & 3);
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const u32 v = (u32)BF16::from_f32(acc[4 * j + 2 * h]) | ((u32)BF16::from_f32(acc[4 * j + 2 * h + 1]) << 16);
+            asm volatile("st.shared.u32 [%0], %1;" ::"r"(c_smem + (r_loc + 8 * h) * GG_C_ROW + col * 2), "r"(v) : "memory");
+        }
+    }
+    fence_async_shared();
+    bar_warpgroup(1 + c);
+    if (warp == 0) {
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            const int r = lane + 32 * i;
+            if (c * 64 + r < rows) bulk_store(dst + (u64)(c * 64 + r) * (u64)n * 2, c_smem + r * GG_C_ROW, bytes);
+        }
+        bulk_commit();
+    }
+}
+
 template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, bool BULK>
 static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const GgTensorMap* map_b, void* out, const int* counts,
-                                               int num_experts, int m_total, int n, int k) {
+                                               int num_experts, int m_total, int n, int k, int group_n) {
     constexpr u32 A_BYTES = GG_BM * GG_BK * 2;
     constexpr u32 B_BYTES = BN * GG_BK * 2;
     constexpr u32 STAGE_BYTES = A_BYTES + B_BYTES;
@@ -264,7 +293,7 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
             int stage = 0;
             u32 phase = 0;
             for (int t = blockIdx.x; t < total; t += gridDim.x) {
-                const GgTile tl = gg_tile<BN>(tile_start, row_start, num_experts, n_tiles, m_total, t);
+                const GgTile tl = gg_tile<BN>(tile_start, row_start, num_experts, n_tiles, m_total, t, group_n);
                 for (int kb = 0; kb < num_kb; kb++) {
                     const u32 full = full0 + 8 * stage;
                     mbar_wait(empty0 + 8 * stage, phase ^ 1);
@@ -296,7 +325,7 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
         int stage = 0;
         u32 phase = 0;
         for (int t = blockIdx.x; t < total; t += gridDim.x) {
-            const GgTile tl = gg_tile<BN>(tile_start, row_start, num_experts, n_tiles, m_total, t);
+            const GgTile tl = gg_tile<BN>(tile_start, row_start, num_experts, n_tiles, m_total, t, group_n);
             int prev = -1;
             for (int kb = 0; kb < num_kb; kb++) {
                 mbar_wait(full0 + 8 * stage, phase);
@@ -335,35 +364,8 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
             // accumulator layout of m64nNk16: acc[4j + 2h + {0,1}] is row 16 warp + lane / 4 + 8h,
             // columns 8j + 2 (lane % 4) + {0, 1}
             if constexpr (BULK) {
-                // rows into shared memory, then one bulk copy per stored row (warp 0 issues them and
-                // goes on: the copies run while the next tile's k-steps do)
-                const u32 c_smem = base + STAGES * STAGE_BYTES + c * (64 * GG_C_ROW);
-                if (warp == 0) bulk_wait_read();  // the previous tile's copies have read the buffer
-                bar_warpgroup(1 + c);
-                const int r_loc = warp * 16 + (lane >> 2);
-#pragma unroll
-                for (int j = 0; j < BN / 8; j++) {
-                    const u32 col = 8 * j + 2 * (lane & 3);
-#pragma unroll
-                    for (int h = 0; h < 2; h++) {
-                        const u32 v = (u32)BF16::from_f32(acc[4 * j + 2 * h]) | ((u32)BF16::from_f32(acc[4 * j + 2 * h + 1]) << 16);
-                        asm volatile("st.shared.u32 [%0], %1;" ::"r"(c_smem + (r_loc + 8 * h) * GG_C_ROW + col * 2), "r"(v) : "memory");
-                    }
-                }
-                fence_async_shared();
-                bar_warpgroup(1 + c);
-                if (warp == 0) {
-                    const u32 bytes = (u32)min(BN, n - tl.n0) * 2;
-#pragma unroll
-                    for (int i = 0; i < 2; i++) {
-                        const int r = lane + 32 * i;
-                        if (c * 64 + r < tl.rows) {
-                            const u64 dst = (u64)out + ((u64)(tl.row0 + c * 64 + r) * (u64)n + (u64)tl.n0) * 2;
-                            bulk_store(dst, c_smem + r * GG_C_ROW, bytes);
-                        }
-                    }
-                    bulk_commit();
-                }
+                gg_store_bulk(acc, base + STAGES * STAGE_BYTES + c * (64 * GG_C_ROW), c, warp, lane, tl.rows,
+                              (u64)out + ((u64)tl.row0 * (u64)n + (u64)tl.n0) * 2, n, (u32)min(BN, n - tl.n0) * 2);
                 continue;
             }
             const int r_base = c * 64 + warp * 16 + (lane >> 2);
@@ -402,17 +404,31 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
 // the consumers zero those rows of both operands in shared memory (a row is one 128-byte line
 // of each box: the swizzle moves 16-byte pieces within a line only), then fence the writes to
 // the async proxy that wgmma reads through.
-template <bool OUT_F32>
+// Tile t of the weight gradients: expert-major; within an expert, groups of `group_n` column
+// tiles, every row (KO) tile of a group before the next group (blocks at work share dy's columns).
+static __device__ __forceinline__ void gg_wgrad_tile(int t, int m_tiles, int n_tiles, int group_n, int* e, int* m0, int* n0) {
+    *e = t / (m_tiles * n_tiles);
+    const int u = t - *e * m_tiles * n_tiles;
+    const int g = u / (m_tiles * group_n);
+    const int u_in = u - g * m_tiles * group_n;
+    const int gs = min(group_n, n_tiles - g * group_n);
+    *m0 = (u_in / gs) * GG_BM;
+    *n0 = (g * group_n + u_in % gs) * 256;
+}
+
+template <bool OUT_F32, bool BULK>
 static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, const GgTensorMap* map_b, void* out, const int* counts,
-                                                     int num_experts, int m_total, int ko, int n) {
-    constexpr int BN = 256, STAGES = 4;
+                                                     int num_experts, int m_total, int ko, int n, int group_n) {
+    constexpr int BN = 256, STAGES = BULK ? 3 : 4;
+    constexpr u32 C_BYTES = BULK ? 2 * 64 * GG_C_ROW : 0;
+    static_assert(!BULK || !OUT_F32, "the bulk epilogue is for bf16 output");
     constexpr u32 A_BYTES = GG_BM * GG_BK * 2;
     constexpr u32 B_BYTES = BN * GG_BK * 2;
     constexpr u32 STAGE_BYTES = A_BYTES + B_BYTES;
     extern __shared__ __align__(1024) u8 gg_shared[];
     const u32 raw = gg_smem(gg_shared);
     const u32 base = (raw + 1023u) & ~1023u;
-    u64* bars = (u64*)(gg_shared + (base - raw) + STAGES * STAGE_BYTES);
+    u64* bars = (u64*)(gg_shared + (base - raw) + STAGES * STAGE_BYTES + C_BYTES);
     int* row_start = (int*)(bars + 2 * STAGES);
     const u32 full0 = gg_smem(bars), empty0 = full0 + 8 * STAGES;
     int rows_carry = 0;
@@ -444,8 +460,8 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, c
             int stage = 0;
             u32 phase = 0;
             for (int t = blockIdx.x; t < total; t += gridDim.x) {
-                const int e = t / (m_tiles * n_tiles), u = t % (m_tiles * n_tiles);
-                const int m0 = (u / n_tiles) * GG_BM, n0 = (u % n_tiles) * BN;
+                int e, m0, n0;
+                gg_wgrad_tile(t, m_tiles, n_tiles, group_n, &e, &m0, &n0);
                 const int r0 = row_start[e], num_kb = (row_start[e + 1] - r0 + GG_BK - 1) / GG_BK;
                 for (int kb = 0; kb < num_kb; kb++) {
                     const u32 full = full0 + 8 * stage;
@@ -472,8 +488,8 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, c
         int stage = 0;
         u32 phase = 0;
         for (int t = blockIdx.x; t < total; t += gridDim.x) {
-            const int e = t / (m_tiles * n_tiles), u = t % (m_tiles * n_tiles);
-            const int m0 = (u / n_tiles) * GG_BM, n0 = (u % n_tiles) * BN;
+            int e, m0, n0;
+            gg_wgrad_tile(t, m_tiles, n_tiles, group_n, &e, &m0, &n0);
             const int r0 = row_start[e], rows = row_start[e + 1] - r0;
             const int num_kb = (rows + GG_BK - 1) / GG_BK;
 #pragma unroll
@@ -520,9 +536,14 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, c
                 __syncwarp();
                 if (lane == 0) mbar_arrive(empty0 + 8 * prev);
             }
+            const long long plane = (long long)e * ko * n;
+            if constexpr (BULK) {
+                gg_store_bulk(acc, base + STAGES * STAGE_BYTES + c * (64 * GG_C_ROW), c, warp, lane, ko - m0,
+                              (u64)out + ((u64)plane + (u64)m0 * (u64)n + (u64)n0) * 2, n, (u32)min(BN, n - n0) * 2);
+                continue;
+            }
             const int r_base = c * 64 + warp * 16 + (lane >> 2);
             const int col_base = n0 + 2 * (lane & 3);
-            const long long plane = (long long)e * ko * n;
 #pragma unroll
             for (int j = 0; j < BN / 8; j++) {
                 const int col = col_base + 8 * j;
@@ -541,18 +562,21 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, c
                 }
             }
         }
+        if constexpr (BULK) {
+            if (warp == 0) bulk_wait_all();
+        }
     }
 }
 
 #else  // not sm_90a: the kernels exist (compile::ALL loads every file) and trap if launched
 
-template <bool OUT_F32>
-static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap*, const GgTensorMap*, void*, const int*, int, int, int, int) {
+template <bool OUT_F32, bool BULK>
+static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap*, const GgTensorMap*, void*, const int*, int, int, int, int, int) {
     __trap();
 }
 
 template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, bool BULK>
-static __device__ __forceinline__ void gg_body(const GgTensorMap*, const GgTensorMap*, void*, const int*, int, int, int, int) {
+static __device__ __forceinline__ void gg_body(const GgTensorMap*, const GgTensorMap*, void*, const int*, int, int, int, int, int) {
     __trap();
 }
 
@@ -563,8 +587,8 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap*, const GgTenso
 // computes the same shared-memory sizes.
 #define GG_ARGS                                                                                                                   \
     const __grid_constant__ GgTensorMap map_a, const __grid_constant__ GgTensorMap map_b, void* out, const int* counts, int num_experts, \
-        int m_total, int n, int k
-#define GG_PASS &map_a, &map_b, out, counts, num_experts, m_total, n, k
+        int m_total, int n, int k, int group_n
+#define GG_PASS &map_a, &map_b, out, counts, num_experts, m_total, n, k, group_n
 
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n128_bf16(GG_ARGS) { gg_body<128, false, false, 6, false>(GG_PASS); }
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16(GG_ARGS) { gg_body<256, false, false, 4, false>(GG_PASS); }
@@ -577,6 +601,7 @@ extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_b
 
 // dw [E, KO, N] = x^T dy per expert: map_a over x [M, KO], map_b over dy [M, N]; the launch's k is
 // KO (x's columns), n is N (dy's columns)
-#define GG_WPASS &map_a, &map_b, out, counts, num_experts, m_total, k, n
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_f32(GG_ARGS) { gg_wgrad_body<true>(GG_WPASS); }
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16(GG_ARGS) { gg_wgrad_body<false>(GG_WPASS); }
+#define GG_WPASS &map_a, &map_b, out, counts, num_experts, m_total, k, n, group_n
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_f32(GG_ARGS) { gg_wgrad_body<true, false>(GG_WPASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16(GG_ARGS) { gg_wgrad_body<false, false>(GG_WPASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16_bulk(GG_ARGS) { gg_wgrad_body<false, true>(GG_WPASS); }

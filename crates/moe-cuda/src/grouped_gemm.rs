@@ -160,6 +160,14 @@ fn kernels(dev: &Device) -> Result<Arc<Kernels>> {
     Ok(k)
 }
 
+/// Column tiles per raster group (kernels/grouped_gemm.cu's `group_n`): within an expert, the
+/// row tiles of `group_n` column tiles run before the next group's. 8 by default;
+/// `MOE_DISPATCH_GG_GROUP` sets it (for measurements).
+pub fn group_n() -> i32 {
+    static GROUP: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+    *GROUP.get_or_init(|| std::env::var("MOE_DISPATCH_GG_GROUP").ok().and_then(|v| v.parse::<i32>().ok()).filter(|&g| g >= 1).unwrap_or(8))
+}
+
 /// Bytes of dynamic shared memory of a launch (kernels/grouped_gemm.cu's layout: alignment
 /// slack, the stages, the barriers, the per-expert tile and row offsets).
 pub fn shared_bytes(tile: TileN, experts: usize) -> usize {
@@ -271,8 +279,9 @@ pub fn launch(
     let max_tiles = (m / TILE_M + experts).saturating_mul(n_tiles);
     let grid = dev.sm_count().min(max_tiles).max(1) as u32;
     let stream = dev.stream();
+    let group = group_n();
     let mut b = stream.launch_builder(f);
-    b.arg(&map_a).arg(&map_b).arg(&out).arg(&counts).arg(&ei).arg(&mi).arg(&ni).arg(&ki);
+    b.arg(&map_a).arg(&map_b).arg(&out).arg(&counts).arg(&ei).arg(&mi).arg(&ni).arg(&ki).arg(&group);
     let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
     // SAFETY: the arguments match the kernel's parameters (GG_ARGS) in order and type.
     unsafe { b.launch(cfg) }.map_err(|e| Error::driver(format!("launching {name} on {grid} blocks"), e))?;
@@ -283,7 +292,8 @@ pub fn launch(
 /// every expert (`x [m, ko]`, `dy [m, n]` bf16, expert-major rows, `counts [experts]` int32 on
 /// the device), reduced over each expert's rows in a fixed order (no atomics, no split);
 /// `dw` of `out_dtype` (bf16 or f32), every element written (zeros for an expert with no rows).
-/// Tiles of 128 x 256; `ko` and `n` multiples of 8.
+/// Tiles of 128 x 256 (`tile`: [`TileN::N256`], or [`TileN::N256Bulk`] with bf16 output); `ko`
+/// and `n` multiples of 8.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_wgrad(
     dev: &Device,
@@ -296,6 +306,7 @@ pub fn launch_wgrad(
     m: usize,
     ko: usize,
     n: usize,
+    tile: TileN,
 ) -> Result<()> {
     if ko == 0 || n == 0 || experts == 0 {
         return Ok(());
@@ -312,14 +323,15 @@ pub fn launch_wgrad(
     let int =
         |what: &str, v: usize| i32::try_from(v).map_err(|_| Error::Cuda(format!("grouped weight gradient: {what} = {v} exceeds int32")));
     let (mi, ni, ki, ei) = (int("m", m)?, int("n", n)?, int("ko", ko)?, int("experts", experts)?);
-    let name = match out_dtype {
-        DType::F32 => "grouped_gemm_wgrad_f32",
-        DType::BF16 => "grouped_gemm_wgrad_bf16",
-        other => return Err(Error::Cuda(format!("grouped weight gradient: no kernel for {} output", other.name()))),
+    let name = match (out_dtype, tile) {
+        (DType::F32, TileN::N256) => "grouped_gemm_wgrad_f32",
+        (DType::BF16, TileN::N256) => "grouped_gemm_wgrad_bf16",
+        (DType::BF16, TileN::N256Bulk) => "grouped_gemm_wgrad_bf16_bulk",
+        (other, _) => return Err(Error::Cuda(format!("grouped weight gradient: no kernel for {tile:?} with {} output", other.name()))),
     };
     let kernels = kernels(dev)?;
     let f = kernels.functions.get(name).ok_or_else(|| Error::Cuda(format!("kernel {name} is not in kernels/grouped_gemm.cu")))?;
-    let smem = shared_bytes(TileN::N256, experts);
+    let smem = shared_bytes(tile, experts);
     let limit = f
         .get_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)
         .map_err(|e| Error::driver("reading the shared memory limit", e))? as usize;
@@ -335,8 +347,9 @@ pub fn launch_wgrad(
     let tiles = experts.saturating_mul(ko.div_ceil(TILE_M)).saturating_mul(n.div_ceil(256));
     let grid = dev.sm_count().min(tiles).max(1) as u32;
     let stream = dev.stream();
+    let group = group_n();
     let mut b = stream.launch_builder(f);
-    b.arg(&map_a).arg(&map_b).arg(&dw).arg(&counts).arg(&ei).arg(&mi).arg(&ni).arg(&ki);
+    b.arg(&map_a).arg(&map_b).arg(&dw).arg(&counts).arg(&ei).arg(&mi).arg(&ni).arg(&ki).arg(&group);
     let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
     // SAFETY: the arguments match the kernel's parameters (GG_ARGS: k = ko, n = n) in order and type.
     unsafe { b.launch(cfg) }.map_err(|e| Error::driver(format!("launching {name} on {grid} blocks"), e))?;

@@ -200,7 +200,7 @@ fn wgrad_checks(dev: &Device) -> R<usize> {
             }
             r0 += c as usize;
         }
-        for od in [DType::BF16, DType::F32] {
+        for (od, tile) in [(DType::BF16, TileN::N256), (DType::F32, TileN::N256), (DType::BF16, TileN::N256Bulk)] {
             let size = od.size();
             let bytes = (e * ko * n * size).next_multiple_of(4);
             let mut runs: Vec<Vec<u8>> = Vec::new();
@@ -208,7 +208,7 @@ fn wgrad_checks(dev: &Device) -> R<usize> {
                 let out = dev.alloc("dw", bytes)?;
                 dev.memset_u32("dw", &out, 0xffff_ffff, bytes / 4)?;
                 let p = |buf: &Buffer| buf.device_ptr(dev);
-                grouped_gemm::launch_wgrad(dev, p(&d_x), p(&d_dy), p(&d_counts), p(&out), od, e, m, ko, n)?;
+                grouped_gemm::launch_wgrad(dev, p(&d_x), p(&d_dy), p(&d_counts), p(&out), od, e, m, ko, n, tile)?;
                 runs.push(dev.download_new("dw", &out, bytes)?);
             }
             let got = &runs[0];
@@ -237,8 +237,9 @@ fn wgrad_checks(dev: &Device) -> R<usize> {
                 failures += 1;
             }
             println!(
-                "  {} wgrad -> {}: {} [E={e}, M={m}, K={ko}, N={n}] max rel err {max_rel:.2e}, {bad} outside tolerance{first}{}",
+                "  {} wgrad {} -> {}: {} [E={e}, M={m}, K={ko}, N={n}] max rel err {max_rel:.2e}, {bad} outside tolerance{first}{}",
                 if ok { "ok  " } else { "FAIL" },
+                tile.name(),
                 od.name(),
                 case.name,
                 if same { ", run to run identical" } else { ", RUNS DIFFER" },
@@ -557,53 +558,61 @@ fn run(dev: &Device, iters: usize, names: Option<Vec<String>>, tiles: &[TileN], 
             let c_host: Vec<u16> = dev.download_new("cuBLAS dw", &c_out, e * ko * nn)?;
             let (c_ms, _) = time_ms(dev, iters, cublas)?;
             let c_tf = flops / (c_ms * 1e-3) / 1e12;
-            let o1 = dev.alloc("ours dw", e * ko * nn * 2)?;
-            let o2 = dev.alloc("ours dw", e * ko * nn * 2)?;
-            let ours = |o: &Buffer| {
-                grouped_gemm::launch_wgrad(
-                    dev,
-                    x.device_ptr(dev),
-                    dy.device_ptr(dev),
-                    d_counts.device_ptr(dev),
-                    o.device_ptr(dev),
-                    DType::BF16,
-                    e,
-                    m,
-                    ko,
-                    nn,
-                )
-            };
-            ours(&o1)?;
-            ours(&o2)?;
-            let a: Vec<u16> = dev.download_new("ours dw", &o1, e * ko * nn)?;
-            let b: Vec<u16> = dev.download_new("ours dw", &o2, e * ko * nn)?;
-            let same = a == b;
-            let (bad, max_rel, first) = compare_bf16(&a, &c_host);
-            let (ms, _) = time_ms(dev, iters, || ours(&o1))?;
-            let tf = flops / (ms * 1e-3) / 1e12;
-            let ok = same && bad == 0;
-            if !ok {
-                failures += 1;
+            let mut best = f64::INFINITY;
+            for &tile in tiles.iter().filter(|t| t.columns() == 256) {
+                let o1 = dev.alloc("ours dw", e * ko * nn * 2)?;
+                let o2 = dev.alloc("ours dw", e * ko * nn * 2)?;
+                let ours = |o: &Buffer| {
+                    grouped_gemm::launch_wgrad(
+                        dev,
+                        x.device_ptr(dev),
+                        dy.device_ptr(dev),
+                        d_counts.device_ptr(dev),
+                        o.device_ptr(dev),
+                        DType::BF16,
+                        e,
+                        m,
+                        ko,
+                        nn,
+                        tile,
+                    )
+                };
+                ours(&o1)?;
+                ours(&o2)?;
+                let a: Vec<u16> = dev.download_new("ours dw", &o1, e * ko * nn)?;
+                let b: Vec<u16> = dev.download_new("ours dw", &o2, e * ko * nn)?;
+                let same = a == b;
+                let (bad, max_rel, first) = compare_bf16(&a, &c_host);
+                let (ms, _) = time_ms(dev, iters, || ours(&o1))?;
+                let tf = flops / (ms * 1e-3) / 1e12;
+                let ok = same && bad == 0;
+                if ok {
+                    best = best.min(ms);
+                } else {
+                    failures += 1;
+                }
+                println!(
+                    "  {name:<10} K={m:<5} [{ko} x {nn}] x {e}: cuBLAS per expert {c_ms:.3} ms, {c_tf:.0} TFLOP/s ({:.1}%); ours {}: {ms:.3} ms, {tf:.0} TFLOP/s ({:.1}% of bf16 rate, {:.2}x cuBLAS); {} vs cuBLAS: max rel diff {max_rel:.2e}, {bad} outside tolerance{}; run to run {}",
+                    100.0 * c_tf / peak,
+                    tile.name(),
+                    100.0 * tf / peak,
+                    c_ms / ms,
+                    if ok { "ok" } else { "FAIL" },
+                    first.map(|i| format!(" (first at {i}: ours {} cuBLAS {})", f(a[i]), f(c_host[i]))).unwrap_or_default(),
+                    if same { "identical" } else { "DIFFERENT" },
+                );
+                let _ = std::io::stdout().flush();
+                rows.push(format!(
+                    "{{\"shape\": {:?}, \"gemm\": {name:?}, \"kernel\": {:?}, \"m\": {m}, \"k\": {ko}, \"n\": {nn}, \"experts\": {e}, \"oursMs\": {ms}, \"oursTflops\": {tf}, \"oursPctOfBf16\": {}, \"cublasMs\": {c_ms}, \"cublasTflops\": {c_tf}, \"cublasPctOfBf16\": {}, \"maxRelDiff\": {max_rel}, \"outsideTolerance\": {bad}, \"runToRunIdentical\": {same}}}",
+                    s.name,
+                    format!("wgrad {}", tile.name()),
+                    100.0 * tf / peak,
+                    100.0 * c_tf / peak
+                ));
             }
-            println!(
-                "  {name:<10} K={m:<5} [{ko} x {nn}] x {e}: cuBLAS per expert {c_ms:.3} ms, {c_tf:.0} TFLOP/s ({:.1}%); ours {ms:.3} ms, {tf:.0} TFLOP/s ({:.1}% of bf16 rate, {:.2}x cuBLAS); {} vs cuBLAS: max rel diff {max_rel:.2e}, {bad} outside tolerance{}; run to run {}",
-                100.0 * c_tf / peak,
-                100.0 * tf / peak,
-                c_ms / ms,
-                if ok { "ok" } else { "FAIL" },
-                first.map(|i| format!(" (first at {i}: ours {} cuBLAS {})", f(a[i]), f(c_host[i]))).unwrap_or_default(),
-                if same { "identical" } else { "DIFFERENT" },
-            );
-            let _ = std::io::stdout().flush();
-            rows.push(format!(
-                "{{\"shape\": {:?}, \"gemm\": {name:?}, \"kernel\": \"wgrad 128x256\", \"m\": {m}, \"k\": {ko}, \"n\": {nn}, \"experts\": {e}, \"oursMs\": {ms}, \"oursTflops\": {tf}, \"oursPctOfBf16\": {}, \"cublasMs\": {c_ms}, \"cublasTflops\": {c_tf}, \"cublasPctOfBf16\": {}, \"maxRelDiff\": {max_rel}, \"outsideTolerance\": {bad}, \"runToRunIdentical\": {same}}}",
-                s.name,
-                100.0 * tf / peak,
-                100.0 * c_tf / peak
-            ));
-            if ok {
+            if best.is_finite() {
                 wsum[0] += flops;
-                wsum[1] += ms;
+                wsum[1] += best;
                 wsum[2] += c_ms;
             }
         }
