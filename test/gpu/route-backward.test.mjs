@@ -13,7 +13,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 
-import { assertSameBits, cpu, cuda, cudaInfo, cudaOnly, free, lib, rng, skip, standIn, tensor, up, upAll, sameErrorsAsCpu } from './common.mjs';
+import { assertSameBits, assertSameError, cpu, cuda, cudaInfo, cudaOnly, free, lib, outcome, rng, skip, standIn, tensor, up, upAll, sameErrorsAsCpu } from './common.mjs';
 
 if (skip) console.log(`# ${skip}`);
 else if (standIn) console.log(`# stand-in run: ${standIn} in cuda's place, host tensors in place of device tensors`);
@@ -176,5 +176,77 @@ describe('where routeBackward runs', () => {
     const { gradLogits } = cuda.routeBackward(gw, L, routed.indices, { topk: 4, scoreFunction: 'sigmoid', normTopkProb: true });
     assert.equal(cuda.memory().liveBuffers, before + 1, 'one new buffer: gradLogits');
     free(L, routed, gw, gradLogits);
+  });
+
+  test("route's own outputs skip the later ops' value checks (no waits); other tensors are still checked", { skip: cudaOnly }, () => {
+    const [T, E, k, H] = [96, 16, 4, 32];
+    const options = { topk: k, scoreFunction: 'softmax' };
+    const logitsHost = f32([T, E], uniform(rng(7), T * E, -3, 3));
+    const x = tensor('float32', [T, H], Float32Array.from(uniform(rng(8), T * H, -1, 1)));
+    const L = up(logitsHost);
+    const X = up(x);
+    const routed = cuda.route(L, options);
+    const sync0 = cuda.transfers().synchronizations;
+    const mh = cuda.indicesToMultihot(routed.indices, routed.weights, E);
+    const perm = cuda.permute(X, mh.routingMap, { probs: mh.probs, numOutTokens: T * k });
+    const gp = up(f32([T * k], uniform(rng(9), T * k, -1, 1)));
+    const gx = up(tensor('float32', [T * k, H], Float32Array.from(uniform(rng(10), T * k * H, -1, 1))));
+    const back = cuda.permuteBackward(gx, perm.sortedIndices, T, { gradPermutedProbs: gp, routingMap: mh.routingMap });
+    const gw = up(f32([T, k], uniform(rng(11), T * k, -1, 1)));
+    const rb = cuda.routeBackward(gw, L, routed.indices, options);
+    assert.equal(cuda.transfers().synchronizations, sync0, "indicesToMultihot, permute, permuteBackward and routeBackward on route's outputs wait for nothing");
+    // the same bits as the cpu backend on the same values
+    const hIdx = routed.indices.download();
+    const hmh = cpu.indicesToMultihot(hIdx, routed.weights.download(), E);
+    assertSameBits(mh.routingMap, hmh.routingMap, 'routingMap');
+    const hperm = cpu.permute(x, hmh.routingMap, { probs: hmh.probs, numOutTokens: T * k });
+    assertSameBits(perm.permutedTokens, hperm.permutedTokens, 'permutedTokens');
+    const hback = cpu.permuteBackward(gx.download(), hperm.sortedIndices, T, { gradPermutedProbs: gp.download(), routingMap: hmh.routingMap });
+    assertSameBits(back.gradTokens, hback.gradTokens, 'permuteBackward gradTokens');
+    assertSameBits(back.gradProbs, hback.gradProbs, 'permuteBackward gradProbs');
+    assertSameBits(rb.gradLogits, cpu.routeBackward(gw.download(), logitsHost, hIdx, options).gradLogits, 'routeBackward');
+    // a copy of route's indices (uploaded) is checked as any tensor: invalid values still raise the core's error
+    const bad = hIdx.data.slice();
+    bad[0] = E + 3;
+    const badIdx = up(tensor('int32', [T, k], bad));
+    assertSameError(
+      () => cuda.indicesToMultihot(badIdx, routed.weights, E),
+      () => cpu.indicesToMultihot(tensor('int32', [T, k], bad), routed.weights.download(), E),
+      'indicesToMultihot, uploaded indices',
+    );
+    // route's indices with other logits (NaN): routeBackward checks them (the logits are not the ones route checked)
+    const nanLogits = logitsHost.data.slice();
+    nanLogits[5] = NaN;
+    const L2 = up(f32([T, E], nanLogits));
+    assertSameError(
+      () => cuda.routeBackward(gw, L2, routed.indices, options),
+      () => cpu.routeBackward(gw.download(), f32([T, E], nanLogits), hIdx, options),
+      'routeBackward, other logits',
+    );
+    // permuteBackward with another map of the same size than the plan's: checked (the cpu backend's answer)
+    const other = cpu.indicesToMultihot(
+      tensor(
+        'int32',
+        [T, k],
+        Int32Array.from(hIdx.data, (v, i) => (i % k === 0 ? (v + 1) % E : v)),
+      ),
+      routed.weights.download(),
+      E,
+    );
+    const otherMap = up(other.routingMap);
+    const mine = outcome(() => cuda.permuteBackward(gx, perm.sortedIndices, T, { gradPermutedProbs: gp, routingMap: otherMap }));
+    const theirs = outcome(() => cpu.permuteBackward(gx.download(), hperm.sortedIndices, T, { gradPermutedProbs: gp.download(), routingMap: other.routingMap }));
+    if (theirs.error)
+      assertSameError(
+        () => {
+          if (mine.error) throw mine.error;
+        },
+        () => {
+          throw theirs.error;
+        },
+        'permuteBackward, another map',
+      );
+    else for (const key of ['gradTokens', 'gradProbs']) assertSameBits(mine.value?.[key], theirs.value[key], `permuteBackward, another map: ${key}`);
+    free(L, X, routed, mh, perm, gp, gx, back, gw, rb, badIdx, L2, otherMap);
   });
 });

@@ -144,7 +144,7 @@ export const activationsGpu: GpuFamily = {
       tokensPerExpert: unknown,
       allOptions: unknown,
     ): unknown => {
-      const [options, lazy] = splitLazy(allOptions);
+      const [options, lazy] = ctx.call(op, () => splitLazy(allOptions));
       if (!anyDevice(x, tokensPerExpert, optionValue(options, 'tokenMask'))) {
         const f = base[op] as (x: Tensor<'float32'>, c: Tensor<IndexDType>, o: SwitchLoadBalancingLossOptions) => unknown;
         return f.call(base, x as Tensor<'float32'>, tokensPerExpert as Tensor<IndexDType>, options as SwitchLoadBalancingLossOptions);
@@ -162,16 +162,17 @@ export const activationsGpu: GpuFamily = {
       });
       return onHost ? switchOnHost(op, key, x, tokensPerExpert, options) : result;
     };
-    const zLoss = (logits: unknown, options?: unknown): unknown => {
+    const zLoss = (logits: unknown, allOptions?: unknown): unknown => {
+      const [options, lazyLoss] = ctx.call('zLoss', () => splitLazy(allOptions));
       if (!anyDevice(logits, optionValue(options, 'tokenMask'))) return base.zLoss(logits as Tensor<'float32'>, options as ZLossOptions);
       return ctx.call('zLoss', (h) => {
         const lh = h.of(logits, 'logits', ['float32']);
-        const o = checkOptions<DeviceZLossOptions>(options, 'zLoss', ['coeff', 'tokenMask', 'lazyLoss']);
-        const lazyLoss = checkBool(o.lazyLoss, 'options.lazyLoss') ?? false;
+        const o = checkOptions<DeviceZLossOptions>(options, 'zLoss', ['coeff', 'tokenMask']);
         const out = a.cudaZLossDevice({ logits: lh, coeff: checkNumber(o.coeff, 'options.coeff'), tokenMask: h.opt(o.tokenMask, 'tokenMask', ['bool']), lazyLoss });
-        return lossResult('zLoss', out, 'gradLogits', () => zLoss(logits, { ...o, lazyLoss: false }) as { loss: number });
+        return lossResult('zLoss', out, 'gradLogits', () => zLoss(logits, options) as { loss: number });
       });
     };
+
     return {
       activation(x: unknown, options: unknown) {
         if (!anyDevice(x, optionValue(options, 'probs'))) return base.activation(x as Tensor<TokenDType>, options as ActivationOptions);

@@ -241,7 +241,7 @@ impl Device {
         let live = LIVE_BYTES.fetch_add(bytes.max(1), Ordering::Relaxed) + bytes.max(1);
         PEAK_BYTES.fetch_max(live, Ordering::Relaxed);
         LIVE_BUFFERS.fetch_add(1, Ordering::Relaxed);
-        Ok(Buffer { slice, bytes })
+        Ok(Buffer { slice, bytes, id: NEXT_BUFFER_ID.fetch_add(1, Ordering::Relaxed) })
     }
 
     /// Free and total device memory, as the driver reports them (`cuMemGetInfo`).
@@ -593,7 +593,12 @@ pub fn live_memory() -> (usize, usize) {
 pub struct Buffer {
     slice: CudaSlice<u8>,
     bytes: usize,
+    /// This allocation's number in the process (never reused, unlike addresses).
+    id: u64,
 }
+
+/// The next [`Buffer`]'s id.
+static NEXT_BUFFER_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl Drop for Buffer {
     fn drop(&mut self) {
@@ -605,6 +610,12 @@ impl Drop for Buffer {
 impl Buffer {
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// This allocation's number in the process: which buffer a fact about a tensor's values
+    /// was established on (an address can be reused after a free; an id is not).
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// The device address, for raw driver calls.

@@ -28,7 +28,7 @@ use moe_core::tensor::DType;
 use crate::device::{Arg, Buffer, Device, HostWords, PendingRead, COUNTER_PLAN_TICKET};
 use crate::error::{Error, Result};
 use crate::permute::{self as ops, DevicePlan, PermuteKernel};
-use crate::tensor::{download_opt, on_host, opt_meta, opt_ref, tensor_ref, upload_owned_opt, DeviceTensor};
+use crate::tensor::{download_opt, on_host, opt_meta, opt_ref, tensor_ref, upload_owned_opt, DeviceTensor, Picks};
 
 /// Tokens a chunk of the plan kernels (PLAN_CHUNK in kernels/plan.cu).
 const PLAN_CHUNK: usize = 64;
@@ -152,7 +152,7 @@ pub fn build_plan_expecting(
             ],
         )?;
         return Ok(GpuPlan {
-            plan: DevicePlan { num_tokens, num_slots, num_experts, row_ptr, slots, expert_offsets },
+            plan: DevicePlan { num_tokens, num_slots, num_experts, row_ptr, slots, expert_offsets, map: None },
             sorted_indices,
             tokens_per_expert,
             pending,
@@ -191,7 +191,7 @@ pub fn build_plan_expecting(
         &[Arg::U64(slot_of.ptr(s)), Arg::I32(t), Arg::I32(e), Arg::U64(row_ptr.ptr(s)), Arg::U64(slots.ptr(s))],
     )?;
     Ok(GpuPlan {
-        plan: DevicePlan { num_tokens, num_slots, num_experts, row_ptr, slots, expert_offsets },
+        plan: DevicePlan { num_tokens, num_slots, num_experts, row_ptr, slots, expert_offsets, map: None },
         sorted_indices,
         tokens_per_expert,
         pending,
@@ -256,7 +256,7 @@ fn build_small_plan(dev: &Device, map: &Buffer, num_tokens: usize, num_experts: 
         ],
     )?;
     Ok(GpuPlan {
-        plan: DevicePlan { num_tokens, num_slots, num_experts, row_ptr, slots, expert_offsets },
+        plan: DevicePlan { num_tokens, num_slots, num_experts, row_ptr, slots, expert_offsets, map: None },
         sorted_indices,
         tokens_per_expert,
         pending,
@@ -312,6 +312,8 @@ pub fn permute_device(
         out_probs.as_ref().map(|p| &p.buf),
     )?;
     let count = match gp.pending.take() {
+        // a map of known size (made from route's picks, every token's k): nothing to wait for
+        Some(_) if routing_map.facts.true_entries == Some(n) => n,
         // numOutTokens was taken on trust to queue the kernels
         Some(pending) => pending.finish(dev)? as usize,
         None => n,
@@ -320,7 +322,8 @@ pub fn permute_device(
         return host();
     }
     let mut sorted = DeviceTensor::from_buffer(DType::I32, vec![n], gp.sorted_indices);
-    sorted.plan = Some(Arc::new(gp.plan));
+    // the plan's offsets are this map's: the backward ops that take the map need not check it
+    sorted.plan = Some(Arc::new(DevicePlan { map: Some(routing_map.buf.id()), ..gp.plan }));
     Ok(DevicePermuted {
         permuted_tokens: out,
         permuted_probs: out_probs,
@@ -475,8 +478,18 @@ fn slot_experts(
 ) -> Result<Option<SlotExperts>> {
     let e = map.shape[1];
     let s = dev.stream();
+    // sortedIndices whose plan permute built from this very map: the plan's expert offsets are
+    // the map's and every slot's expert is set in it, so nothing needs checking (or reading)
+    let from_map = sorted
+        .plan
+        .as_ref()
+        .filter(|p| !drop_and_pad && p.map == Some(map.buf.id()) && p.num_slots == n && p.num_tokens == num_tokens && p.num_experts == e);
     let (capacity, offsets) = if drop_and_pad {
         (n / e, None)
+    } else if let Some(plan) = from_map {
+        let offsets = dev.alloc("the offsets", (e + 1) * 4)?;
+        dev.copy(&offsets, &plan.expert_offsets, (e + 1) * 4)?;
+        (0, Some(offsets))
     } else {
         let (_, counts) = crate::layout::column_counts(dev, &map.buf, num_tokens, e)?;
         let offsets = crate::layout::exclusive_offsets(dev, &counts, e)?;
@@ -485,7 +498,8 @@ fn slot_experts(
         }
         (0, Some(offsets))
     };
-    let need_check = !drop_and_pad || dense.is_some();
+    // the kernel fills each slot's prob from `dense`, and checks the slots against the map
+    let need_check = (!drop_and_pad && from_map.is_none()) || dense.is_some();
     if n > 0 && need_check {
         let err = crate::layout::error_word(dev)?;
         dev.launch(
@@ -505,7 +519,7 @@ fn slot_experts(
                 Arg::U64(err.ptr(s)),
             ],
         )?;
-        if !drop_and_pad && crate::layout::error_set(dev, &err)? {
+        if !drop_and_pad && from_map.is_none() && crate::layout::error_set(dev, &err)? {
             return Ok(None);
         }
     }
@@ -869,10 +883,14 @@ pub fn route_device(
         // Too many experts for one warp's shared memory: the CPU core routes (explicitly).
         return route_host_fallback(dev, logits, expert_bias, token_mask, options);
     }
-    let (out, err) = launch_route(dev, logits, expert_bias, token_mask, options, (groups, topk_groups, top2), warps, stride)?;
+    let (mut out, err) = launch_route(dev, logits, expert_bias, token_mask, options, (groups, topk_groups, top2), warps, stride)?;
     if err.any_set(dev, "route's checks")? {
         return route_host_fallback(dev, logits, expert_bias, token_mask, options);
     }
+    // checked: finite logits, so each row's picks are k distinct experts (the ops that take
+    // these indices with these logits need not check them again)
+    out.indices.facts.picks =
+        Some(Picks { experts: e, logits: logits.buf.id(), mask: token_mask.map(|m| m.buf.id()), full: token_mask.is_none() });
     Ok(out)
 }
 
@@ -1081,7 +1099,11 @@ pub fn route_backward_device(
             Arg::U64(err.ptr(s)),
         ],
     )?;
-    if err.any_set(dev, "routeBackward's checks")? {
+    // route's own indices of these logits (and mask) need no check: route checked the logits,
+    // and made the picks
+    let from_route =
+        indices.facts.picks.is_some_and(|p| p.experts == e && p.logits == logits.buf.id() && p.mask == token_mask.map(|m| m.buf.id()));
+    if !from_route && err.any_set(dev, "routeBackward's checks")? {
         return route_backward_host(dev, &args);
     }
     Ok(grad)

@@ -139,7 +139,12 @@ pub fn indices_to_multihot_device(
                 p(dev, &err),
             ],
         )?;
-        if !error_set(dev, &err)? {
+        // route's picks (k distinct experts below E a row, or -1) cannot fail the kernel's checks
+        let from_route = indices.facts.picks.is_some_and(|p| p.experts == e);
+        if from_route || !error_set(dev, &err)? {
+            let mut map = map;
+            // every row's k picks: exactly t k true entries (permute need not count them)
+            map.facts.true_entries = indices.facts.picks.filter(|p| from_route && p.full).map(|_| t * k);
             return Ok(DeviceMultihot { routing_map: map, probs: dense });
         }
     }

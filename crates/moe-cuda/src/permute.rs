@@ -30,6 +30,9 @@ pub struct DevicePlan {
     pub row_ptr: Buffer,
     pub slots: Buffer,
     pub expert_offsets: Buffer,
+    /// The routing map's buffer ([`Buffer::id`]) this plan was built from on the GPU, once
+    /// permute checked the plan's size: its offsets are that map's column offsets.
+    pub map: Option<u64>,
 }
 
 impl DevicePlan {
@@ -42,6 +45,7 @@ impl DevicePlan {
             row_ptr: dev.upload("the plan (row offsets)", &csr.start)?,
             slots: dev.upload("the plan (slots)", &csr.slots)?,
             expert_offsets: dev.upload("the plan (expert offsets)", &expert_offsets(plan))?,
+            map: None,
         })
     }
 }

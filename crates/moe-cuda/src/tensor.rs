@@ -21,6 +21,28 @@ pub struct DeviceTensor {
     /// For the sortedIndices that permute made on the GPU: its plan (the token CSR), which
     /// unpermute reuses instead of rebuilding it.
     pub plan: Option<Arc<DevicePlan>>,
+    /// What is known of the values without reading them (set by the op that made them; device
+    /// tensors are never written in place by the ops), so that later ops can skip their checks.
+    pub facts: Facts,
+}
+
+/// What an op established about the values of the tensor it made (see [`DeviceTensor::facts`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Facts {
+    /// route's indices: each row's picks are distinct experts below `experts`, made from the
+    /// logits buffer `logits` (whose values route checked: finite) with the token mask buffer
+    /// `mask`; `full`: no pick is -1.
+    pub picks: Option<Picks>,
+    /// A routing map with exactly this many true entries.
+    pub true_entries: Option<usize>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Picks {
+    pub experts: usize,
+    pub logits: u64,
+    pub mask: Option<u64>,
+    pub full: bool,
 }
 
 impl DeviceTensor {
@@ -43,12 +65,12 @@ impl DeviceTensor {
             .iter()
             .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
             .ok_or_else(|| Error::Cuda(format!("{what}: shape {shape:?} overflows")))?;
-        Ok(DeviceTensor { dtype, shape, buf: dev.alloc(what, bytes)?, plan: None })
+        Ok(DeviceTensor::from_buffer(dtype, shape, dev.alloc(what, bytes)?))
     }
 
     /// Wraps a buffer that holds `shape` elements of `dtype`.
     pub fn from_buffer(dtype: DType, shape: Vec<usize>, buf: Buffer) -> DeviceTensor {
-        DeviceTensor { dtype, shape, buf, plan: None }
+        DeviceTensor { dtype, shape, buf, plan: None, facts: Facts::default() }
     }
 
     /// Copies a host tensor to the GPU.
@@ -60,12 +82,12 @@ impl DeviceTensor {
                 "int64",
             )));
         }
-        Ok(DeviceTensor { dtype: t.dtype, shape: t.shape.clone(), buf: dev.upload(t.name, t.bytes())?, plan: None })
+        Ok(DeviceTensor::from_buffer(t.dtype, t.shape.clone(), dev.upload(t.name, t.bytes())?))
     }
 
     /// Copies an owned host tensor to the GPU.
     pub fn upload_owned(dev: &Device, what: &str, t: &Tensor) -> Result<DeviceTensor> {
-        Ok(DeviceTensor { dtype: t.dtype, shape: t.shape.clone(), buf: dev.upload(what, tensor_bytes(t))?, plan: None })
+        Ok(DeviceTensor::from_buffer(t.dtype, t.shape.clone(), dev.upload(what, tensor_bytes(t))?))
     }
 
     /// Copies the tensor to the host (waits for the kernels that write it).
