@@ -137,11 +137,13 @@ describe('MoELayer on device tensors = the cpu layer (to the GEMMs tolerance)', 
       const opt = new AdamW(cuda, layer.parameters(), { lr: 1e-3, maxGradNorm: 1, onNonFinite: 'skip' });
       const x = cuda.upload(randomTensor('bfloat16', [2048, 512], 8, 1));
       const g = cuda.upload(randomTensor('bfloat16', [2048, 512], 9, 0.01));
+      const forwards = [];
       const step = () => {
         const f = layer.forward(x);
         const b = layer.backward(g);
         opt.step(b.grads);
         for (const t of [f.output, f.indices, f.weights, f.logits, f.scores, f.tokensPerExpert, b.gradInput, ...Object.values(b.grads)]) t.dispose();
+        forwards.push(f);
       };
       step();
       cuda.synchronize();
@@ -165,6 +167,8 @@ describe('MoELayer on device tensors = the cpu layer (to the GEMMs tolerance)', 
       // their checks, the losses are not read (lazyLoss), the optimizer ('skip') reads nothing
       assert.equal(moved.synchronizations, 2, `synchronisations in a step: ${JSON.stringify(moved)}`);
       for (let i = 0; i < 3; i++) step();
+      // the losses, read after the steps (each read frees its value's words on the GPU)
+      for (const f of forwards) assert.ok(Number.isFinite(f.auxLoss) && Number.isFinite(f.zLoss) && f.auxLoss > 0, `losses ${f.auxLoss} ${f.zLoss}`);
       const bits = Object.fromEntries(Object.entries(layer.weights).map(([k, t]) => [k, Array.from(lib.isDeviceTensor(t) ? new Uint8Array(t.download().data.buffer) : [])]));
       opt.dispose();
       layer.dispose();

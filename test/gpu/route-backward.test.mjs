@@ -223,12 +223,12 @@ describe('where routeBackward runs', () => {
       () => cpu.routeBackward(gw.download(), f32([T, E], nanLogits), hIdx, options),
       'routeBackward, other logits',
     );
-    // permuteBackward with another map of the same size than the plan's: checked (the cpu backend's answer)
+    // permuteBackward with another map of the same size as the plan's (row t picks t, t + 1, ... mod E): checked (the cpu backend's answer)
     const other = cpu.indicesToMultihot(
       tensor(
         'int32',
         [T, k],
-        Int32Array.from(hIdx.data, (v, i) => (i % k === 0 ? (v + 1) % E : v)),
+        Int32Array.from(hIdx.data, (_, i) => (Math.floor(i / k) + (i % k)) % E),
       ),
       routed.weights.download(),
       E,

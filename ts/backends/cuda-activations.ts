@@ -122,7 +122,12 @@ export const activationsGpu: GpuFamily = {
       Object.defineProperty(result, 'loss', {
         enumerable: true,
         get: () => {
-          if (value === undefined) value = ctx.call(op, () => a.cudaReadLoss({ words })) ?? eager().loss;
+          if (value === undefined) {
+            const read = ctx.call(op, () => a.cudaReadLoss({ words }));
+            value = read ?? eager().loss;
+            // read once: its words are freed now (unread, the garbage collector frees them)
+            words.dispose();
+          }
           return value;
         },
       });
