@@ -12,7 +12,8 @@
 # `bash scripts/gpu-run.sh remote`. Where CUDA is missing, the suite skips with the reason.
 # Options of pack: --no-build (pack what is built). Of remote: SKIP_SUITE=1 (the GPU suite and
 # `check`), SKIP_SOAK=1, SKIP_BENCH=1, SKIP_EXPERTS=1 (the experts part of the benchmark),
-# SUITE_FILES="a b" (only test/gpu/a.test.mjs, b.test.mjs), SKIP_TORCH=1, SKIP_TRAIN=1 (the training-step benchmarks: Rust-driven and PyTorch's)
+# SUITE_FILES="a b" (only test/gpu/a.test.mjs, b.test.mjs), SKIP_TORCH=1, SKIP_TRAIN=1 (the training-step benchmarks: Rust-driven and PyTorch's),
+# TRAIN_AB="NAME=value" (the training steps again with that environment setting; the training results go into one train.json)
 # (SOAK_SMALL / SOAK_LARGE set the soak's counts).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -152,6 +153,25 @@ PY
     timeout 200 "$BUNDLE/bin/moe-cuda-bench" train --iters 10 --out "$OUT/train-rust-2.json"; echo "  exit code $?"
     say "the JavaScript-driven step, again"
     timeout 200 "$node" "$BUNDLE/bench/train-gpu.mjs" --dist "$BUNDLE/dist" --out "$OUT/train-js-2.json"; echo "  exit code $?"
+    # TRAIN_AB="NAME=value": both drivers again with that setting, interleaved with the above
+    # (e.g. MOE_DISPATCH_EXPERTS_GEMM=grouped: the experts on our own grouped GEMM)
+    if [[ -n "${TRAIN_AB:-}" ]]; then
+      for round in 1 2; do
+        say "with $TRAIN_AB, round $round: Rust-driven, then JS-driven"
+        env "$TRAIN_AB" timeout 200 "$BUNDLE/bin/moe-cuda-bench" train --iters 10 --out "$OUT/train-rust-ab-$round.json"; echo "  exit code $?"
+        env "$TRAIN_AB" timeout 200 "$node" "$BUNDLE/bench/train-gpu.mjs" --dist "$BUNDLE/dist" --out "$OUT/train-js-ab-$round.json"; echo "  exit code $?"
+      done
+    fi
+    # one file for the device tool (it returns a few files a run): { "train-rust-1": ..., ... }
+    python3 - "$OUT" <<'PY'
+import glob, json, os, sys
+out = sys.argv[1]
+runs = {}
+for f in sorted(glob.glob(os.path.join(out, "train-*.json"))):
+    runs[os.path.basename(f)[:-5]] = json.load(open(f))
+    os.remove(f)
+json.dump(runs, open(os.path.join(out, "train.json"), "w"))
+PY
   fi
   if [[ -z "${SKIP_TORCH:-}" ]]; then
     say "PyTorch reference path"

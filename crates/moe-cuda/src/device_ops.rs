@@ -322,14 +322,12 @@ pub fn permute_device(
         return host();
     }
     let mut sorted = DeviceTensor::from_buffer(DType::I32, vec![n], gp.sorted_indices);
+    // the counts add up to the slots (checked above), as the grouped experts need them to
+    let mut counts = DeviceTensor::from_buffer(DType::I32, vec![num_experts], gp.tokens_per_expert);
+    counts.facts.counts_total = Some(n);
     // the plan's offsets are this map's: the backward ops that take the map need not check it
     sorted.plan = Some(Arc::new(DevicePlan { map: Some(routing_map.buf.id()), ..gp.plan }));
-    Ok(DevicePermuted {
-        permuted_tokens: out,
-        permuted_probs: out_probs,
-        sorted_indices: sorted,
-        tokens_per_expert: DeviceTensor::from_buffer(DType::I32, vec![num_experts], gp.tokens_per_expert),
-    })
+    Ok(DevicePermuted { permuted_tokens: out, permuted_probs: out_probs, sorted_indices: sorted, tokens_per_expert: counts })
 }
 
 /// permute on the host for device inputs: download, the core (its checks, its error), upload.

@@ -29,6 +29,7 @@ use crate::activations::{launch_activation, launch_activation_backward, ExpMath}
 use crate::blas::{gemm, gemm_grouped, gemm_problem, gemm_row_blocks, mark, Operand, Output, Problem, SideBySide};
 use crate::device::{Arg, Buffer, Device};
 use crate::error::{Error, Result};
+use crate::experts_grouped::{backward_grouped, forward_grouped, grouped_plan};
 use crate::permute::row_launch;
 use crate::switch::Switch;
 use crate::tensor::{tensor_ref, upload_owned_opt, DeviceArg, DeviceTensor};
@@ -446,7 +447,8 @@ fn on_host<R>(dev: &Device, inp: &DeviceExpertsInputs, f: impl FnOnce(&ExpertsIn
 pub struct ExpertsSaved {
     pub up_projection: DeviceTensor,
     pub activation: DeviceTensor,
-    pub counts: Vec<i32>,
+    /// None where the forward read no counts (the grouped GEMM's path: crate::experts_grouped).
+    pub counts: Option<Vec<i32>>,
 }
 
 /// An [`ExpertsSaved`] passed back to the backward pass (borrowed: the caller keeps it).
@@ -460,8 +462,25 @@ pub struct SavedRef<'a> {
 
 impl ExpertsSaved {
     pub fn as_ref(&self) -> SavedRef<'_> {
-        SavedRef { up_projection: &self.up_projection, activation: &self.activation, counts: Some(&self.counts) }
+        SavedRef { up_projection: &self.up_projection, activation: &self.activation, counts: self.counts.as_deref() }
     }
+}
+
+/// `saved`'s tensors fit a backward of `n` rows (`h [n, width]` of `hd`, `a [n, inter]` of
+/// `dt`), or a TypeError naming them.
+fn check_saved(sv: SavedRef, hd: DType, dt: DType, n: usize, width: usize, inter: usize) -> Result<()> {
+    for (t, name, dtype, shape) in
+        [(sv.up_projection, "saved.upProjection", hd, [n, width]), (sv.activation, "saved.activation", dt, [n, inter])]
+    {
+        if t.dtype != dtype || t.shape != shape {
+            return Err(Error::Core(moe_core::Error::type_error(
+                name,
+                format!("{} {:?} (what expertsForward with saveForBackward returned for these inputs)", dtype.name(), shape),
+                format!("{} {:?}", t.dtype.name(), t.shape),
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Grouped experts forward on device tensors: `[N, dim]` in the tokens' dtype.
@@ -477,6 +496,9 @@ pub fn experts_forward_device_saving(
     act: &ActivationOptions,
     save: bool,
 ) -> Result<(DeviceTensor, Option<ExpertsSaved>)> {
+    if let Some(g) = grouped_plan(dev, inp, act, None) {
+        return forward_grouped(dev, &g, inp, act, save);
+    }
     let Some(p) = plan(dev, inp, act, None, None)? else {
         let out = on_host(dev, inp, |i| Ok(experts_forward(i, act)?))?;
         return Ok((DeviceTensor::upload_owned(dev, "the output", &out)?, None));
@@ -490,7 +512,7 @@ pub fn experts_forward_device_saving(
                 Ok(ExpertsSaved {
                     up_projection: DeviceTensor::alloc(dev, "the up-projection", hd, vec![p.n, p.width])?,
                     activation: DeviceTensor::alloc(dev, "the activation", p.dtype, vec![p.n, p.inter])?,
-                    counts: p.counts(),
+                    counts: Some(p.counts()),
                 })
             })
             .transpose()?;
@@ -533,7 +555,7 @@ pub fn experts_forward_device_saving(
     let saved = save.then(|| ExpertsSaved {
         up_projection: DeviceTensor::from_buffer(hd, vec![p.n, p.width], h),
         activation: DeviceTensor::from_buffer(p.dtype, vec![p.n, p.inter], a),
-        counts: p.counts(),
+        counts: Some(p.counts()),
     });
     Ok((out, saved))
 }
@@ -561,6 +583,12 @@ pub fn experts_backward_device_saved(
     act: &ActivationOptions,
     saved: Option<SavedRef>,
 ) -> Result<DeviceExpertsGrads> {
+    if let Some(g) = grouped_plan(dev, inp, act, Some(grad_output)) {
+        if let Some(sv) = saved {
+            check_saved(sv, DType::BF16, DType::BF16, g.rows(), g.width(), g.inter())?;
+        }
+        return backward_grouped(dev, &g, grad_output, inp, act, saved);
+    }
     let Some(p) = plan(dev, inp, act, Some(grad_output), saved.and_then(|s| s.counts))? else {
         let g = grad_output.download(dev, "gradOutput")?;
         let out: ExpertsGrads = on_host(dev, inp, |i| Ok(experts_backward(&tensor_ref("gradOutput", &g)?, i, act)?))?;
@@ -591,17 +619,7 @@ pub fn experts_backward_device_saved(
     let mut grad_b2 = None;
     let hd = h_dtype(&p, inp);
     if let Some(sv) = saved {
-        for (t, name, dtype, shape) in
-            [(sv.up_projection, "saved.upProjection", hd, [n, width]), (sv.activation, "saved.activation", dt, [n, inter])]
-        {
-            if t.dtype != dtype || t.shape != shape {
-                return Err(Error::Core(moe_core::Error::type_error(
-                    name,
-                    format!("{} {:?} (what expertsForward with saveForBackward returned for these inputs)", dtype.name(), shape),
-                    format!("{} {:?}", t.dtype.name(), t.shape),
-                )));
-            }
-        }
+        check_saved(sv, hd, dt, n, width, inter)?;
     }
     if n > 0 {
         let g = &grad_output.buf;

@@ -19,6 +19,7 @@ pub mod device;
 pub mod device_ops;
 pub mod error;
 pub mod experts;
+pub mod experts_grouped;
 pub mod grouped_gemm;
 pub mod host;
 pub mod layout;

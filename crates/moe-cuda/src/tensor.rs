@@ -35,6 +35,8 @@ pub struct Facts {
     pub picks: Option<Picks>,
     /// A routing map with exactly this many true entries.
     pub true_entries: Option<usize>,
+    /// Counts (tokensPerExpert) that add up to exactly this, each >= 0 (permute's).
+    pub counts_total: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -71,7 +71,7 @@ cuda_fns! {
     cudaExpertsForwardDevice(options: ActArgs, inputs: ExpertsArgs<Device>, saveForBackward: Flag) -> DeviceOut |dev| {
         let (out, saved) = experts::experts_forward_device_saving(dev, &inputs.into(), &options, saveForBackward)?;
         let (up, act, counts) = match saved {
-            Some(s) => (Some(s.up_projection), Some(s.activation), Some(s.counts)),
+            Some(s) => (Some(s.up_projection), Some(s.activation), s.counts),
             None => (None, None, None),
         };
         Ok(device_out!(output: out, upProjection: up, activation: act, counts: counts))

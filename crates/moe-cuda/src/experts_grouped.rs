@@ -1,0 +1,221 @@
+//! The experts on our own grouped GEMM ([`crate::grouped_gemm`], Hopper only): the forward and
+//! backward of [`crate::experts`] with every expert's GEMM in one launch that reads the
+//! per-expert counts on the GPU, so nothing is read back before the GEMMs are queued (no
+//! synchronisation, no pointer arrays uploaded).
+//!
+//! Taken where it applies (bf16 tokens and weights, no expert biases, sizes multiples of 8, a
+//! `tokensPerExpert` whose sum the GPU already knows: permute's, [`Facts::counts_total`]) and
+//! chosen with `MOE_DISPATCH_EXPERTS_GEMM=grouped` (the default is cuBLAS, `cublas`, until the
+//! kernel is measured faster in the layer: docs/gpu-report.md). The activation passes are the
+//! cuBLAS path's (`ExpMath::Fast`, the same kernels), and the GEMMs sum over K in the same order
+//! as cuBLAS does at these shapes (the kernel's outputs were bit-identical to cuBLAS's in
+//! `moe-cuda-bench ggemm`), so both paths agree with the cpu backend to the same tolerance.
+//!
+//! [`Facts::counts_total`]: crate::tensor::Facts::counts_total
+
+use moe_core::activations::ActivationOptions;
+use moe_core::experts::{check_experts, check_experts_backward, ExpertsCheck};
+use moe_core::tensor::DType;
+
+use crate::activations::{launch_activation, launch_activation_backward, ExpMath};
+use crate::device::{Buffer, Device};
+use crate::error::Result;
+use crate::experts::{DeviceExpertsGrads, DeviceExpertsInputs, ExpertsSaved, SavedRef};
+use crate::grouped_gemm::{self, TileN, WeightLayout};
+use crate::tensor::{DeviceArg, DeviceTensor};
+
+/// The GEMMs the experts use on the GPU (`MOE_DISPATCH_EXPERTS_GEMM`: `cublas`, the default, or
+/// `grouped`), read once.
+pub fn grouped_selected() -> bool {
+    static SELECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SELECTED.get_or_init(|| std::env::var("MOE_DISPATCH_EXPERTS_GEMM").is_ok_and(|v| v == "grouped"))
+}
+
+/// The sizes of a problem the grouped path takes.
+pub struct GroupedPlan {
+    n: usize,
+    dim: usize,
+    width: usize,
+    inter: usize,
+    experts: usize,
+}
+
+impl GroupedPlan {
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+    pub fn width(&self) -> usize {
+        self.width
+    }
+    pub fn inter(&self) -> usize {
+        self.inter
+    }
+}
+
+/// The grouped path's plan, or None where it does not apply (the caller's cuBLAS path runs):
+/// the core's checks pass, bf16 everywhere, no biases, sizes multiples of 8 and within int32,
+/// the counts' sum known on the GPU to be the rows', the device a Hopper.
+pub fn grouped_plan(
+    dev: &Device,
+    inp: &DeviceExpertsInputs,
+    act: &ActivationOptions,
+    grad_output: Option<&DeviceTensor>,
+) -> Option<GroupedPlan> {
+    if !grouped_selected() || inp.gate_up_bias.is_some() || inp.down_bias.is_some() {
+        return None;
+    }
+    let meta = inp.named().map(DeviceArg::meta);
+    let checked = match grad_output {
+        Some(g) => check_experts_backward(g.meta("gradOutput"), &meta, act),
+        None => check_experts(&meta, act),
+    };
+    let ExpertsCheck { n, dim, experts, width, inter, .. } = checked.ok()?;
+    let bf16 = [Some(inp.tokens), Some(inp.gate_and_up), Some(inp.down), grad_output].into_iter().flatten().all(|t| t.dtype == DType::BF16);
+    let sizes = [dim, width, inter].iter().all(|&d| d % 8 == 0 && d > 0) && i32::try_from(n.max(dim).max(width)).is_ok();
+    let known = inp.tokens_per_expert.facts.counts_total == Some(n);
+    (bf16 && sizes && known && n > 0 && grouped_gemm::arch(dev).is_ok()).then_some(GroupedPlan { n, dim, width, inter, experts })
+}
+
+fn ptr(dev: &Device, b: &Buffer) -> u64 {
+    b.ptr(dev.stream())
+}
+
+/// `out [n, cols] = x [n, k] @ W[e]` (or `W[e]^T` with `layout` NK) for every expert, bf16.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    dev: &Device,
+    p: &GroupedPlan,
+    x: &Buffer,
+    w: &DeviceTensor,
+    layout: WeightLayout,
+    counts: &DeviceTensor,
+    out: &Buffer,
+    cols: usize,
+    k: usize,
+) -> Result<()> {
+    grouped_gemm::launch(
+        dev,
+        ptr(dev, x),
+        ptr(dev, &w.buf),
+        layout,
+        ptr(dev, &counts.buf),
+        ptr(dev, out),
+        DType::BF16,
+        p.experts,
+        p.n,
+        cols,
+        k,
+        TileN::N256Bulk,
+    )
+}
+
+/// `dw [E, rows, cols] = x_e^T dy_e` for every expert, bf16 (zeros for an expert without rows).
+#[allow(clippy::too_many_arguments)]
+fn wgrad(
+    dev: &Device,
+    p: &GroupedPlan,
+    x: &Buffer,
+    dy: &Buffer,
+    counts: &DeviceTensor,
+    dw: &DeviceTensor,
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
+    grouped_gemm::launch_wgrad(
+        dev,
+        ptr(dev, x),
+        ptr(dev, dy),
+        ptr(dev, &counts.buf),
+        ptr(dev, &dw.buf),
+        DType::BF16,
+        p.experts,
+        p.n,
+        rows,
+        cols,
+        TileN::N256Bulk,
+    )
+}
+
+/// The forward on the grouped GEMM: `h = x W1`, the activation (weighted by the probs), `y = a W2`;
+/// with `save`, h and a for the backward (no host counts: none were read).
+pub fn forward_grouped(
+    dev: &Device,
+    p: &GroupedPlan,
+    inp: &DeviceExpertsInputs,
+    act: &ActivationOptions,
+    save: bool,
+) -> Result<(DeviceTensor, Option<ExpertsSaved>)> {
+    let dt = DType::BF16;
+    let h = dev.alloc("the up-projection", p.n * p.width * 2)?;
+    gemm(dev, p, &inp.tokens.buf, inp.gate_and_up, WeightLayout::KN, inp.tokens_per_expert, &h, p.width, p.dim)?;
+    let a = dev.alloc("the activation", p.n * p.inter * 2)?;
+    launch_activation(dev, act, ExpMath::Fast, dt, &h, p.n, p.width, inp.probs.map(|t| &t.buf), dt, &a)?;
+    let out = DeviceTensor::alloc(dev, "the output", dt, vec![p.n, p.dim])?;
+    gemm(dev, p, &a, inp.down, WeightLayout::KN, inp.tokens_per_expert, &out.buf, p.dim, p.inter)?;
+    let saved = save.then(|| ExpertsSaved {
+        up_projection: DeviceTensor::from_buffer(dt, vec![p.n, p.width], h),
+        activation: DeviceTensor::from_buffer(dt, vec![p.n, p.inter], a),
+        counts: None,
+    });
+    Ok((out, saved))
+}
+
+/// The backward on the grouped GEMM: `dW2 = a^T g`, `da = g W2^T`, `dh` through the activation
+/// (and the probs' gradient), `dW1 = x^T dh`, `dx = dh W1^T`; h and a from `saved` (checked by
+/// the caller) or recomputed.
+pub fn backward_grouped(
+    dev: &Device,
+    p: &GroupedPlan,
+    grad_output: &DeviceTensor,
+    inp: &DeviceExpertsInputs,
+    act: &ActivationOptions,
+    saved: Option<SavedRef>,
+) -> Result<DeviceExpertsGrads> {
+    let dt = DType::BF16;
+    let counts = inp.tokens_per_expert;
+    let (h_own, a_own);
+    let (h, a) = match saved {
+        Some(sv) => (&sv.up_projection.buf, &sv.activation.buf),
+        None => {
+            h_own = dev.alloc("the up-projection", p.n * p.width * 2)?;
+            gemm(dev, p, &inp.tokens.buf, inp.gate_and_up, WeightLayout::KN, counts, &h_own, p.width, p.dim)?;
+            a_own = dev.alloc("the activation", p.n * p.inter * 2)?;
+            launch_activation(dev, act, ExpMath::Fast, dt, &h_own, p.n, p.width, inp.probs.map(|t| &t.buf), dt, &a_own)?;
+            (&h_own, &a_own)
+        }
+    };
+    let g = &grad_output.buf;
+    let grad_w2 = DeviceTensor::alloc(dev, "gradDownProjs", dt, inp.down.shape.clone())?;
+    wgrad(dev, p, a, g, counts, &grad_w2, p.inter, p.dim)?;
+    let da = dev.alloc("the activation gradient", p.n * p.inter * 2)?;
+    gemm(dev, p, g, inp.down, WeightLayout::NK, counts, &da, p.inter, p.dim)?;
+    let dh = dev.alloc("the up-projection gradient", p.n * p.width * 2)?;
+    let grad_probs = inp.probs.map(|t| DeviceTensor::alloc(dev, "gradProbs", DType::F32, t.shape.clone())).transpose()?;
+    launch_activation_backward(
+        dev,
+        act,
+        ExpMath::Fast,
+        dt,
+        &da,
+        h,
+        p.n,
+        p.width,
+        inp.probs.map(|t| &t.buf),
+        dt,
+        &dh,
+        grad_probs.as_ref().map(|t| &t.buf),
+    )?;
+    drop(da);
+    let grad_w1 = DeviceTensor::alloc(dev, "gradGateAndUpProjs", dt, inp.gate_and_up.shape.clone())?;
+    wgrad(dev, p, &inp.tokens.buf, &dh, counts, &grad_w1, p.dim, p.width)?;
+    let grad_tokens = DeviceTensor::alloc(dev, "gradTokens", dt, vec![p.n, p.dim])?;
+    gemm(dev, p, &dh, inp.gate_and_up, WeightLayout::NK, counts, &grad_tokens.buf, p.dim, p.width)?;
+    Ok(DeviceExpertsGrads {
+        grad_tokens,
+        grad_gate_and_up: grad_w1,
+        grad_down: grad_w2,
+        grad_gate_up_bias: None,
+        grad_down_bias: None,
+        grad_probs,
+    })
+}

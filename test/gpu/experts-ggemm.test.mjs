@@ -1,0 +1,117 @@
+// The GPU suite, the experts on our own grouped GEMM (MOE_DISPATCH_EXPERTS_GEMM=grouped; cuBLAS is
+// the default): crates/moe-cuda/src/experts_grouped.rs, Hopper only. The path is taken where the
+// GPU knows the counts' sum (permute's tokensPerExpert), so the tests dispatch on the GPU first;
+// the same call with an uploaded copy of the counts takes the cuBLAS path. Both must agree with
+// the cpu backend to the experts' tolerance (and with each other), the grouped one without
+// waiting for the GPU. Then the layer suite again on this path (its bf16 layers take it).
+process.env.MOE_DISPATCH_EXPERTS_GEMM = 'grouped';
+
+const assert = (await import('node:assert/strict')).default;
+const { describe, test } = await import('node:test');
+const { cpu, cuda, cudaInfo, cudaOnly, host, rng, tensor, toBFloat16Bits } = await import('./common.mjs');
+
+const hopper = cudaInfo?.computeCapability === '9.0';
+const skipGrouped = cudaOnly || (hopper ? false : `the grouped GEMM needs a Hopper GPU (sm_90), this is ${cudaInfo?.computeCapability}`);
+
+function f32(shape, random, scale = 1) {
+  const n = shape.reduce((a, b) => a * b, 1);
+  return tensor(
+    'float32',
+    shape,
+    Float32Array.from({ length: n }, () => (random() * 2 - 1) * scale),
+  );
+}
+
+function bf16(shape, random, scale = 1) {
+  return tensor('bfloat16', shape, Uint16Array.from(f32(shape, random, scale).data, toBFloat16Bits));
+}
+
+function values(t) {
+  const h = host(t);
+  if (h.dtype === 'bfloat16') return Array.from(h.data, (b) => new Float32Array(new Uint32Array([b << 16]).buffer)[0]);
+  return Array.from(h.data);
+}
+
+/** max |got - want| <= tol * max(1, max |want|). */
+function assertClose(got, want, tol, what) {
+  const a = values(got);
+  const b = values(want);
+  assert.equal(a.length, b.length, `${what}: length`);
+  let scale = 1;
+  for (const v of b) scale = Math.max(scale, Math.abs(v));
+  let worst = 0;
+  for (let i = 0; i < a.length; i++) worst = Math.max(worst, Math.abs(a[i] - b[i]));
+  assert.ok(worst <= tol * scale, `${what}: differs by ${worst} (allowed ${tol * scale})`);
+}
+
+function sameBits(a, b) {
+  const x = host(a).data;
+  const y = host(b).data;
+  return x.length === y.length && x.every((v, i) => v === y[i]);
+}
+
+describe('experts on the grouped GEMM (permute on the GPU first)', () => {
+  for (const { kind, T, dim, inter, E, k, empty } of [
+    { kind: 'swiglu', T: 300, dim: 64, inter: 48, E: 8, k: 2, empty: false },
+    { kind: 'swiglu', T: 257, dim: 128, inter: 136, E: 12, k: 3, empty: true },
+    { kind: 'relu2', T: 190, dim: 72, inter: 64, E: 5, k: 1, empty: true },
+  ]) {
+    test(`${kind} T=${T} dim=${dim} inter=${inter} E=${E} k=${k}${empty ? ', an expert with no tokens' : ''}`, { skip: skipGrouped }, () => {
+      const random = rng(T + dim + E);
+      const width = kind === 'swiglu' ? 2 * inter : inter;
+      const logits = f32([T, E], random, 3);
+      if (empty) for (let t = 0; t < T; t++) logits.data[t * E + E - 1] = -100;
+      const x = bf16([T, dim], random);
+      const w1 = bf16([E, dim, width], random, 1 / Math.sqrt(dim));
+      const w2 = bf16([E, inter, dim], random, 1 / Math.sqrt(inter));
+      const L = cuda.upload(logits);
+      const routed = cuda.route(L, { topk: k });
+      const mh = cuda.indicesToMultihot(routed.indices, routed.weights, E);
+      const perm = cuda.permute(cuda.upload(x), mh.routingMap, { probs: mh.probs, numOutTokens: T * k });
+      const counts = perm.tokensPerExpert.download();
+      if (empty) assert.equal(counts.data[E - 1], 0, 'the last expert gets no token');
+      const wkey = kind === 'swiglu' ? 'gateAndUpProjs' : 'upProjs';
+      const weights = { [wkey]: cuda.upload(w1), downProjs: cuda.upload(w2) };
+      const options = { activation: kind, permutedProbs: perm.permutedProbs };
+      const sync0 = cuda.transfers().synchronizations;
+      const fwd = cuda.expertsForward(perm.permutedTokens, perm.tokensPerExpert, weights, { ...options, saveForBackward: true });
+      const grad = cuda.upload(bf16([T * k, dim], random, 0.1));
+      const bwd = cuda.expertsBackward(grad, perm.permutedTokens, perm.tokensPerExpert, weights, { ...options, saved: fwd.saved });
+      assert.equal(cuda.transfers().synchronizations, sync0, 'the grouped path reads nothing back (no counts)');
+      assert.equal(fwd.saved.counts, undefined, 'no host counts were read');
+      // the cuBLAS path: the same counts uploaded (the GPU does not know their sum)
+      const uploaded = cuda.upload(counts);
+      const fwdB = cuda.expertsForward(perm.permutedTokens, uploaded, weights, options);
+      const bwdB = cuda.expertsBackward(grad, perm.permutedTokens, uploaded, weights, options);
+      // the cpu backend
+      const hw = { [wkey]: w1, downProjs: w2 };
+      const hx = perm.permutedTokens.download();
+      const ho = { activation: kind, permutedProbs: perm.permutedProbs.download() };
+      const want = cpu.expertsForward(hx, counts, hw, ho);
+      const wantB = cpu.expertsBackward(grad.download(), hx, counts, hw, ho);
+      const tol = 3e-2;
+      assertClose(fwd.output, want, tol, 'output vs cpu');
+      assertClose(fwd.output, fwdB, tol, 'output vs cuBLAS');
+      const gradKey = kind === 'swiglu' ? 'gradGateAndUpProjs' : 'gradUpProjs';
+      for (const key of ['gradTokens', gradKey, 'gradDownProjs', 'gradProbs']) {
+        assertClose(bwd[key], wantB[key], tol, `${key} vs cpu`);
+        assertClose(bwd[key], bwdB[key], tol, `${key} vs cuBLAS`);
+      }
+      if (empty) {
+        const dw = values(bwd.gradDownProjs);
+        const per = inter * dim;
+        assert.ok(
+          dw.slice((E - 1) * per).every((v) => v === 0),
+          "the empty expert's weight gradient is zeros",
+        );
+      }
+      console.log(
+        `# ${kind} T=${T}: bit-identical to cuBLAS: output ${sameBits(fwd.output, fwdB)}, ${['gradTokens', gradKey, 'gradDownProjs'].map((key) => `${key} ${sameBits(bwd[key], bwdB[key])}`).join(', ')}`,
+      );
+      const again = cuda.expertsForward(perm.permutedTokens, perm.tokensPerExpert, weights, options);
+      assert.ok(sameBits(again, fwd.output), 'the same bits run to run');
+    });
+  }
+});
+
+await import('./layer-train.test.mjs');
