@@ -16,6 +16,8 @@ export const { randomRouting, rng } = await import(pathToFileURL(resolve(distDir
 export const { tensor, toBFloat16Bits, toFloat16Bits } = lib;
 export const infos = await lib.backendInfo();
 export const cudaInfo = infos.find((i) => i.name === 'cuda');
+/** Whether the GPU is a Hopper (compute capability 9.0: the grouped GEMM's wgmma and TMA). */
+export const hopper = /compute capability 9\.0\b/.test(cudaInfo?.device ?? '');
 export const cpu = await lib.createBackend({ prefer: 'cpu' });
 
 // ---------------------------------------------------------------------------------------

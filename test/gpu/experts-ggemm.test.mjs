@@ -8,10 +8,9 @@ process.env.MOE_DISPATCH_EXPERTS_GEMM = 'grouped';
 
 const assert = (await import('node:assert/strict')).default;
 const { describe, test } = await import('node:test');
-const { cpu, cuda, cudaInfo, cudaOnly, host, rng, tensor, toBFloat16Bits } = await import('./common.mjs');
+const { cpu, cuda, cudaInfo, cudaOnly, hopper, host, rng, tensor, toBFloat16Bits } = await import('./common.mjs');
 
-const hopper = cudaInfo?.computeCapability === '9.0';
-const skipGrouped = cudaOnly || (hopper ? false : `the grouped GEMM needs a Hopper GPU (sm_90), this is ${cudaInfo?.computeCapability}`);
+const skipGrouped = cudaOnly || (hopper ? false : `the grouped GEMM needs a Hopper GPU (sm_90), this is ${cudaInfo?.device}`);
 
 function f32(shape, random, scale = 1) {
   const n = shape.reduce((a, b) => a * b, 1);

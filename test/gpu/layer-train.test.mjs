@@ -11,7 +11,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 
-import { cpu, cuda, cudaInfo, cudaOnly, lib, rng, skip, tensor } from './common.mjs';
+import { cpu, cuda, cudaOnly, hopper, lib, rng, skip, tensor } from './common.mjs';
 
 if (skip) console.log(`# ${skip}`);
 
@@ -166,7 +166,7 @@ describe('MoELayer on device tensors = the cpu layer (to the GEMMs tolerance)', 
       // expert GEMMs' counts (the backward takes the forward's); the ops on route's outputs skip
       // their checks, the losses are not read (lazyLoss), the optimizer ('skip') reads nothing
       // (on the grouped GEMM, test/gpu/experts-ggemm.test.mjs, the counts are not read: once)
-      const waits = process.env.MOE_DISPATCH_EXPERTS_GEMM === 'grouped' && cudaInfo?.computeCapability === '9.0' ? 1 : 2;
+      const waits = process.env.MOE_DISPATCH_EXPERTS_GEMM === 'grouped' && hopper ? 1 : 2;
       assert.equal(moved.synchronizations, waits, `synchronisations in a step: ${JSON.stringify(moved)}`);
       for (let i = 0; i < 3; i++) step();
       // the losses, read after the steps (each read frees its value's words on the GPU)
