@@ -26,6 +26,7 @@ const BROWSER_SUITES = [
   'test/webgpu.test.ts',
   'test/out.test.ts',
   'test/ep.test.ts',
+  'test/layer-ep.test.ts',
 ];
 
 /**

@@ -26,6 +26,7 @@ import { add3, castTo, columnSums, fromValues, gatherPicks, logitsEpilogue, plac
 import type { CudaBackend } from './backends/cuda.js';
 import type { DeviceExpertWeights, ExpertsSaved } from './backends/cuda-experts.js';
 import { isDeviceTensor, type AnyTensor, type DeviceTensor } from './device.js';
+import { combine, combineBackward, dispatch, dispatchBackward, type DispatchHandle, type ExpertParallelGroup } from './ep.js';
 import type { ActivationKind } from './ops/activations.js';
 import type { ExpertBiases, ExpertWeights } from './ops/experts.js';
 import type { RouteOptions, ScoreFunction } from './ops/routing.js';
@@ -176,6 +177,18 @@ interface Saved {
   x: Tensor<TokenDType>;
   logits: Tensor<'float32'>;
   indices: Tensor<'int32'>;
+  /** How the tokens went to the experts: in this process (`forward`), or across a group (`forwardParallel`). */
+  dispatch: LocalDispatch | GroupDispatch;
+  /** The shared expert's output, and its gate logits (rounded to the dtype) when it is gated. */
+  shared?: { out: AnyTensor; gateLogits?: AnyTensor };
+  /** The aux loss's gradient: of the scores (Megatron) or of the logits (transformers). */
+  auxGrad?: { gradScores?: AnyTensor; gradLogits?: AnyTensor };
+  zGrad?: AnyTensor;
+}
+
+/** `forward`'s dispatch: the plan, the permuted tokens, the experts' output (every slot). */
+interface LocalDispatch {
+  kind: 'local';
   routingMap: Tensor<'bool'>;
   sortedIndices: Tensor<'int32'>;
   permutedTokens: Tensor<TokenDType>;
@@ -187,11 +200,48 @@ interface Saved {
   expertsSaved?: ExpertsSaved;
   /** Rows of this rank's experts in the permuted order. */
   localRows: [number, number];
-  /** The shared expert's output, and its gate logits (rounded to the dtype) when it is gated. */
-  shared?: { out: AnyTensor; gateLogits?: AnyTensor };
-  /** The aux loss's gradient: of the scores (Megatron) or of the logits (transformers). */
-  auxGrad?: { gradScores?: AnyTensor; gradLogits?: AnyTensor };
-  zGrad?: AnyTensor;
+}
+
+/** `forwardParallel`'s dispatch: the group, dispatch's handle, what this rank's experts received. */
+interface GroupDispatch {
+  kind: 'group';
+  group: ExpertParallelGroup;
+  handle: DispatchHandle;
+  permutedTokens: Tensor<TokenDType>;
+  tokensPerExpert: Tensor<'int32'>;
+  permutedProbs: Tensor<'float32'>;
+}
+
+/** A forward's router part. */
+interface Routing {
+  m: LayerMath;
+  temps: AnyTensor[];
+  logits: Tensor<'float32'>;
+  routed: ReturnType<Backend['route']>;
+}
+
+/** A forward's dispatch part: the routed experts' output `[N, dim]`, the counts the aux loss takes, what backward needs. */
+interface Dispatched {
+  output: AnyTensor;
+  tokensPerExpert: Tensor<'int32'>;
+  saved: LocalDispatch | GroupDispatch;
+  /** Whether this rank adds the shared expert (with epSize and forward: rank 0 only). */
+  withShared: boolean;
+}
+
+/** A backward's start. */
+interface Backward {
+  s: Saved;
+  g2: Tensor<TokenDType>;
+  m: LayerMath;
+  temps: AnyTensor[];
+}
+
+/** The dispatch's backward: the tokens' gradient through the experts, the routing weights' `[N, k]`, the experts' gradients. */
+interface DispatchedGrads {
+  gradTokens: AnyTensor;
+  gradWeights: AnyTensor;
+  experts: ReturnType<Backend['expertsBackward']>;
 }
 
 /** MoELayer's forward on device tensors (after `upload()`). */
@@ -665,7 +715,7 @@ export class MoELayer {
 
   /**
    * The forward pass. Host tensors in, host tensors out; after `upload()`, device tensors in
-   * and out (`auxLoss` and `zLoss` are numbers read from the GPU, `tokensPerExpert` a device
+   * and out (`auxLoss` and `zLoss` are read from the GPU when read, `tokensPerExpert` a device
    * tensor). The results stay valid after `backward`; the layer keeps what backward needs
    * until the next forward (on the GPU: until backward, which frees it at once).
    */
@@ -673,13 +723,50 @@ export class MoELayer {
   forward(x: DeviceTensor): DeviceMoEForward;
   forward(x: Tensor | DeviceTensor): MoEForward | DeviceMoEForward {
     const input = this.#input(x);
-    const moe = this.backend;
-    const m = this.#math;
     this.#free();
+    const r = this.#route(input);
+    return this.#finishForward(x, input, r, this.#dispatchLocal(input, r));
+  }
+
+  /**
+   * The forward pass of one rank of an expert-parallel group (`group.size === epSize`,
+   * `group.rank === epRank`; this layer holds rank `epRank`'s experts): this rank's own tokens
+   * are routed here, sent to the ranks holding their experts and their outputs brought back
+   * (ts/ep.ts `dispatch` / `combine`); the shared expert and the aux losses are this rank's
+   * tokens'. Every rank of the group calls it concurrently; then `backwardParallel`. Host
+   * tensors (the cpu and wasm backends; NCCL between GPUs is not built yet). The output equals
+   * the one-rank layer's on the same tokens to the merge order ts/ep.ts documents.
+   */
+  async forwardParallel(group: ExpertParallelGroup, x: Tensor): Promise<MoEForward> {
+    this.#checkGroup(group, 'forwardParallel');
+    if (this.onDevice) throw new TypeError('forwardParallel: the layer is on the GPU; expert parallelism runs on host tensors for now (download() the layer)');
+    const input = this.#input(x);
+    this.#free();
+    const r = this.#route(input);
+    return this.#finishForward(x, input, r, await this.#dispatchGroup(group, input as Tensor<TokenDType>, r)) as MoEForward;
+  }
+
+  #checkGroup(group: ExpertParallelGroup, op: string): void {
+    if (typeof group !== 'object' || group === null || typeof group.allToAllV !== 'function') {
+      throw new TypeError(`${op}: group: expected an ExpertParallelGroup (createInProcessGroup, ...), got ${group === null ? 'null' : typeof group}`);
+    }
+    if (group.size !== this.epSize || group.rank !== this.epRank) {
+      throw new RangeError(`${op}: group: expected rank ${this.epRank} of ${this.epSize} (the layer's epRank of epSize), got rank ${group.rank} of ${group.size}`);
+    }
+  }
+
+  /** The router: logits and route's picks, and the temporaries to free at the end of the forward. */
+  #route(input: AnyTensor): Routing {
+    const m = this.#math;
     const temps: AnyTensor[] = [];
-    const N = input.shape[0];
     const logits = this.#logits(input, m, temps);
-    const routed = moe.route(logits, this.routeOptions);
+    return { m, temps, logits, routed: this.backend.route(logits, this.routeOptions) };
+  }
+
+  /** Dispatch, experts, combine on this process's tokens (every expert here, or with epSize this rank's share of every token's). */
+  #dispatchLocal(input: AnyTensor, { temps, routed }: Routing): Dispatched {
+    const moe = this.backend;
+    const N = input.shape[0];
     const { routingMap, probs } = moe.indicesToMultihot(routed.indices, routed.weights, this.numExperts);
     temps.push(probs);
     // every token has its k picks: N k slots (given, so the GPU's plan needs no read-back)
@@ -705,9 +792,40 @@ export class MoELayer {
       );
       y = local ? yLocal : placeRows(yLocal, r0, perm.permutedTokens.shape[0]);
     }
-    let output: AnyTensor = moe.unpermute(y as Tensor<TokenDType>, perm.sortedIndices, [N, this.dim]);
+    const output: AnyTensor = moe.unpermute(y as Tensor<TokenDType>, perm.sortedIndices, [N, this.dim]);
+    const saved: LocalDispatch = {
+      kind: 'local',
+      routingMap,
+      sortedIndices: perm.sortedIndices,
+      permutedTokens: perm.permutedTokens,
+      tokensPerExpert: perm.tokensPerExpert,
+      permutedProbs: perm.permutedProbs!,
+      expertOutput: y,
+      expertsSaved,
+      localRows: [r0, r1],
+    };
+    // with epSize, each rank's output is its experts' share: the shared expert is added once, on rank 0
+    return { output, tokensPerExpert: perm.tokensPerExpert, saved, withShared: this.epRank === 0 };
+  }
+
+  /** Dispatch, experts, combine across the ranks of `group` (ts/ep.ts). */
+  async #dispatchGroup(group: ExpertParallelGroup, input: Tensor<TokenDType>, { routed }: Routing): Promise<Dispatched> {
+    const moe = this.backend;
+    const d = await dispatch(group, moe, input, { indices: routed.indices, weights: routed.weights }, { numExperts: this.numExperts });
+    const options = { ...this.#activationOptions(), permutedProbs: d.permutedProbs, biases: this.expertBiases };
+    const y = moe.expertsForward(d.permutedTokens, d.tokensPerExpert, this.expertWeights, options);
+    // the experts weighted their outputs by the probs: combine sums them as they are
+    const output = await combine(group, moe, y, d.handle, { weighted: false });
+    const saved: GroupDispatch = { kind: 'group', group, handle: d.handle, permutedTokens: d.permutedTokens, tokensPerExpert: d.tokensPerExpert, permutedProbs: d.permutedProbs };
+    return { output, tokensPerExpert: routed.tokensPerExpert as Tensor<'int32'>, saved, withShared: true };
+  }
+
+  /** The shared expert, the aux losses, what backward keeps, and the result. */
+  #finishForward(x: Tensor | DeviceTensor, input: AnyTensor, { m, temps, logits, routed }: Routing, d: Dispatched): MoEForward | DeviceMoEForward {
+    const moe = this.backend;
+    let output = d.output;
     let shared: Saved['shared'];
-    if (this.sharedExpert && this.epRank === 0) {
+    if (this.sharedExpert && d.withShared) {
       const sh = this.#sharedForward(input, m, temps);
       shared = { out: sh.out, gateLogits: sh.gateLogits };
       temps.push(output);
@@ -719,7 +837,7 @@ export class MoELayer {
     let z: { loss: number } = { loss: 0 };
     let auxGrad: Saved['auxGrad'];
     if (this.auxLossCoeff > 0) {
-      const a = this.#auxLoss(logits, routed.scores, perm.tokensPerExpert, lazy);
+      const a = this.#auxLoss(logits, routed.scores, d.tokensPerExpert, lazy);
       aux = a;
       auxGrad = a.gradScores ? { gradScores: a.gradScores } : { gradLogits: a.gradLogits! };
     }
@@ -729,23 +847,7 @@ export class MoELayer {
       z = r;
       zGrad = r.gradLogits;
     }
-    this.#saved = {
-      shape: [...x.shape],
-      x: input as Tensor<TokenDType>,
-      logits,
-      indices: routed.indices,
-      routingMap,
-      sortedIndices: perm.sortedIndices,
-      permutedTokens: perm.permutedTokens,
-      tokensPerExpert: perm.tokensPerExpert,
-      permutedProbs: perm.permutedProbs!,
-      expertOutput: y,
-      expertsSaved,
-      localRows: [r0, r1],
-      shared,
-      auxGrad,
-      zGrad,
-    };
+    this.#saved = { shape: [...x.shape], x: input as Tensor<TokenDType>, logits, indices: routed.indices, dispatch: d.saved, shared, auxGrad, zGrad };
     m.free(temps);
     if (this.onDevice) {
       const r = { output, indices: routed.indices, weights: routed.weights, logits, scores: routed.scores, tokensPerExpert: routed.tokensPerExpert };
@@ -762,7 +864,7 @@ export class MoELayer {
       scores: routed.scores,
       auxLoss: aux.loss,
       zLoss: z.loss,
-      tokensPerExpert: Int32Array.from(perm.tokensPerExpert.data),
+      tokensPerExpert: Int32Array.from(d.tokensPerExpert.data),
     };
   }
 
@@ -771,15 +873,9 @@ export class MoELayer {
     const s = this.#saved;
     this.#saved = undefined;
     if (!s) return;
+    const d = s.dispatch;
     const own = [
-      s.routingMap,
-      s.sortedIndices,
-      s.permutedTokens,
-      s.tokensPerExpert,
-      s.permutedProbs,
-      s.expertOutput,
-      s.expertsSaved?.upProjection,
-      s.expertsSaved?.activation,
+      ...(d.kind === 'local' ? [d.routingMap, d.sortedIndices, d.permutedTokens, d.tokensPerExpert, d.permutedProbs, d.expertOutput, d.expertsSaved?.upProjection, d.expertsSaved?.activation] : []),
       s.auxGrad?.gradScores,
       s.auxGrad?.gradLogits,
       s.zGrad,
@@ -818,9 +914,30 @@ export class MoELayer {
   backward(gradOutput: Tensor): MoEGrads;
   backward(gradOutput: DeviceTensor): DeviceMoEGrads;
   backward(gradOutput: Tensor | DeviceTensor): MoEGrads | DeviceMoEGrads {
-    this.#alive('backward');
+    const b = this.#beginBackward(gradOutput, 'backward');
+    if (b.s.dispatch.kind !== 'local') throw new TypeError('backward: the last forward was forwardParallel: call backwardParallel with its group');
+    return this.#finishBackward(b, this.#dispatchBackwardLocal(b, b.s.dispatch));
+  }
+
+  /**
+   * The backward pass of `forwardParallel` (every rank of the group, concurrently): the
+   * gradients of this rank's tokens, of its experts (from every rank's tokens routed to them),
+   * and of its router and shared expert from its own tokens (a data-parallel trainer sums
+   * those over the ranks).
+   */
+  async backwardParallel(group: ExpertParallelGroup, gradOutput: Tensor): Promise<MoEGrads> {
+    this.#checkGroup(group, 'backwardParallel');
+    const b = this.#beginBackward(gradOutput, 'backwardParallel');
+    const d = b.s.dispatch;
+    if (d.kind !== 'group') throw new TypeError('backwardParallel: the last forward was forward: call backward');
+    if (d.group !== group) throw new TypeError('backwardParallel: group: expected the group of the last forwardParallel');
+    return this.#finishBackward(b, await this.#dispatchBackwardGroup(b, d)) as MoEGrads;
+  }
+
+  #beginBackward(gradOutput: Tensor | DeviceTensor, op: string): Backward {
+    this.#alive(op);
     const s = this.#saved;
-    if (!s) throw new Error('backward: call forward first');
+    if (!s) throw new Error(`${op}: call forward first`);
     const dev = this.onDevice;
     if (dev !== isDeviceTensor(gradOutput)) throw new TypeError(`gradOutput: expected a ${dev ? 'device' : 'host'} tensor (as the forward's input), got a ${dev ? 'host' : 'device'} tensor`);
     const g = dev ? (gradOutput as DeviceTensor) : checkTensor(gradOutput, 'gradOutput');
@@ -828,40 +945,57 @@ export class MoELayer {
     if (g.shape.length !== s.shape.length || g.shape.some((d, i) => d !== s.shape[i])) {
       throw new RangeError(`gradOutput.shape: expected [${s.shape.join(', ')}] (the forward's output), got [${g.shape.join(', ')}]`);
     }
-    const moe = this.backend;
-    const m = this.#math;
-    const temps: AnyTensor[] = [];
-    const [N, D] = [s.x.shape[0], this.dim];
-    const g2 = (dev ? g : reshape(g as Tensor<TokenDType>, [N, D])) as Tensor<TokenDType>;
-    const local = this.epSize === 1;
-    const [r0, r1] = s.localRows;
-    const slots = s.permutedTokens.shape[0];
+    const N = s.x.shape[0];
+    const g2 = (dev ? g : reshape(g as Tensor<TokenDType>, [N, this.dim])) as Tensor<TokenDType>;
+    return { s, g2, m: this.#math, temps: [] };
+  }
 
-    // The routed experts and the dispatch.
-    const gradY = moe.unpermuteBackward(g2, s.expertOutput as Tensor<TokenDType>, s.sortedIndices).gradPermuted;
+  /** The experts and the dispatch, backward, on this process's tokens: the tokens' gradient through the dispatch, the routing weights'. */
+  #dispatchBackwardLocal({ s, g2, m, temps }: Backward, d: LocalDispatch): DispatchedGrads {
+    const moe = this.backend;
+    const dev = this.onDevice;
+    const N = s.x.shape[0];
+    const local = this.epSize === 1;
+    const [r0, r1] = d.localRows;
+    const slots = d.permutedTokens.shape[0];
+    const gradY = moe.unpermuteBackward(g2, d.expertOutput as Tensor<TokenDType>, d.sortedIndices).gradPermuted;
     temps.push(gradY);
-    const options = { ...this.#activationOptions(), permutedProbs: local ? s.permutedProbs : rows(s.permutedProbs, r0, r1), biases: this.expertBiases };
+    const options = { ...this.#activationOptions(), permutedProbs: local ? d.permutedProbs : rows(d.permutedProbs, r0, r1), biases: this.expertBiases };
     const eg = dev
-      ? ((moe as CudaBackend).expertsBackward(gradY, s.permutedTokens, s.tokensPerExpert, this.expertWeights as DeviceExpertWeights, {
+      ? ((moe as CudaBackend).expertsBackward(gradY, d.permutedTokens, d.tokensPerExpert, this.expertWeights as DeviceExpertWeights, {
           ...options,
-          ...(s.expertsSaved ? { saved: s.expertsSaved } : {}),
+          ...(d.expertsSaved ? { saved: d.expertsSaved } : {}),
         }) as unknown as ReturnType<Backend['expertsBackward']>)
       : moe.expertsBackward(
           local ? gradY : rows(gradY, r0, r1),
-          local ? s.permutedTokens : rows(s.permutedTokens, r0, r1),
-          local ? s.tokensPerExpert : this.#localCounts(s.tokensPerExpert),
+          local ? d.permutedTokens : rows(d.permutedTokens, r0, r1),
+          local ? d.tokensPerExpert : this.#localCounts(d.tokensPerExpert),
           this.expertWeights,
           options,
         );
     const gradTokens = local ? eg.gradTokens : placeRows(eg.gradTokens, r0, slots);
     const gradProbs = local ? eg.gradProbs! : placeRows(eg.gradProbs!, r0, slots);
     temps.push(eg.gradTokens, eg.gradProbs!);
-    const back = moe.permuteBackward(gradTokens, s.sortedIndices, N, { gradPermutedProbs: gradProbs, routingMap: s.routingMap });
+    const back = moe.permuteBackward(gradTokens, d.sortedIndices, N, { gradPermutedProbs: gradProbs, routingMap: d.routingMap });
     temps.push(back.gradProbs!);
-    const gradWeights = m.gatherPicks(back.gradProbs!, s.indices, temps);
+    return { gradTokens: back.gradTokens, gradWeights: m.gatherPicks(back.gradProbs!, s.indices, temps), experts: eg };
+  }
 
-    // The router: the routing weights' gradient, and the aux losses'.
-    const rb = moe.routeBackward(gradWeights as Tensor<'float32'>, s.logits, s.indices, {
+  /** The experts and the dispatch, backward, across the ranks of the group. */
+  async #dispatchBackwardGroup({ g2 }: Backward, d: GroupDispatch): Promise<DispatchedGrads> {
+    const moe = this.backend;
+    const cg = await combineBackward(d.group, moe, g2, d.handle);
+    const options = { ...this.#activationOptions(), permutedProbs: d.permutedProbs, biases: this.expertBiases };
+    const eg = moe.expertsBackward(cg.gradExpertOutputs, d.permutedTokens, d.tokensPerExpert, this.expertWeights, options);
+    const db = await dispatchBackward(d.group, moe, eg.gradTokens, d.handle, { gradPermutedProbs: eg.gradProbs });
+    return { gradTokens: db.gradTokens, gradWeights: db.gradWeights, experts: eg };
+  }
+
+  /** The router (the routing weights' gradient and the aux losses'), the shared expert, the input's gradient and the parameters'. */
+  #finishBackward({ s, g2, m, temps }: Backward, e: DispatchedGrads): MoEGrads | DeviceMoEGrads {
+    const moe = this.backend;
+    const dev = this.onDevice;
+    const rb = moe.routeBackward(e.gradWeights as Tensor<'float32'>, s.logits, s.indices, {
       ...this.routeOptions,
       ...(s.auxGrad?.gradScores ? { gradScores: s.auxGrad.gradScores as Tensor<'float32'> } : {}),
     });
@@ -878,7 +1012,7 @@ export class MoELayer {
     const grads: Partial<MoEWeights> = { routerWeight: m.cast(gw, this.routerDtype, temps) as Tensor<TokenDType> };
     if (w.routerBias) grads.routerBias = m.columnSums(gradLogits, this.routerDtype) as Tensor<TokenDType>;
     const viaRouter = moe.matmul(gradLogits as Tensor<'float32'>, m.toF32(w.routerWeight, temps) as Tensor<'float32'>, { transB: true });
-    temps.push(viaRouter, back.gradTokens);
+    temps.push(viaRouter, e.gradTokens);
 
     // The shared expert and its gate.
     let sharedGradX: AnyTensor | undefined;
@@ -887,8 +1021,9 @@ export class MoELayer {
       sharedGradX = sg.gradX;
       Object.assign(grads, sg.grads);
     }
-    const gradX = m.add3(back.gradTokens, viaRouter, sharedGradX, this.dtype, []);
+    const gradX = m.add3(e.gradTokens, viaRouter, sharedGradX, this.dtype, []);
 
+    const eg = e.experts;
     grads.downProjs = eg.gradDownProjs;
     if (eg.gradUpProjs) grads.upProjs = eg.gradUpProjs;
     if (eg.gradGateAndUpProjs) grads.gateAndUpProjs = eg.gradGateAndUpProjs;
