@@ -9,7 +9,7 @@
  */
 import { describe, expect, it } from 'vitest';
 
-import { createInProcessGroup, MoELayer, tensor, toNumbers, type MoEForward, type MoEGrads, type MoELayerOptions, type MoEWeights, type Tensor } from '../ts/index.js';
+import { AdamW, createInProcessGroup, MoELayer, reduceReplicatedGrads, tensor, toNumbers, type MoEForward, type MoEGrads, type MoELayerOptions, type MoEWeights, type Tensor } from '../ts/index.js';
 import { backendRows, registerBackendReport } from './backends.js';
 import { bf16Bits, mismatches, rng } from './util.js';
 
@@ -18,8 +18,10 @@ registerBackendReport();
 /** The weights stacked by expert (the rest is every rank's). */
 const EXPERT_KEYS = ['gateAndUpProjs', 'upProjs', 'downProjs', 'gateUpProjBias', 'downProjBias'] as const;
 
+/** Rank `start..end`'s weights: its experts', and copies of the rest (each rank owns its copy, as on its own GPU). */
 function sliceExperts(w: MoEWeights, start: number, end: number): MoEWeights {
-  const out: Record<string, unknown> = { ...w };
+  const out: Record<string, unknown> = {};
+  for (const [key, t] of Object.entries(w)) if (t) out[key] = { ...t, data: (t as Tensor).data.slice() };
   for (const key of EXPERT_KEYS) {
     const t = w[key] as Tensor | undefined;
     if (!t) continue;
@@ -127,6 +129,44 @@ describe.each(backendRows)('MoELayer.forwardParallel / backwardParallel on %s', 
       });
     }
   }
+
+  it('training: 3 ranks (forwardParallel, backwardParallel, reduceReplicatedGrads, AdamW each) = one layer on every token', async () => {
+    const options: MoELayerOptions = { dim: 16, inter: 8, numExperts: 6, topk: 2, activation: 'swiglu', sharedExpert: { inter: 8 } };
+    const N = 3;
+    const whole = new MoELayer(moe!, { ...options, seed: 5, initStd: 0.3 });
+    const groups = createInProcessGroup(N, { timeoutMs: 20_000 });
+    const layers = groups.map((g) => {
+      const range = moe!.expertRangeForRank(options.numExperts, N, g.rank);
+      return new MoELayer(moe!, { ...options, epSize: N, epRank: g.rank, weights: sliceExperts(whole.weights, range.start, range.end) });
+    });
+    const adam = { lr: 1e-2, weightDecay: 0.01 };
+    const opts = layers.map((l) => new AdamW(moe!, l.parameters(), adam));
+    const wholeOpt = new AdamW(moe!, whole.parameters(), adam);
+    for (let step = 0; step < 3; step++) {
+      const xs = Array.from({ length: N }, (_, r) => values('float32', [7 + 3 * r, 16], 10 * step + r, 1));
+      const gs = xs.map((x, r) => values('float32', x.shape, 500 + 10 * step + r, 0.1));
+      await Promise.all(layers.map((l, r) => l.forwardParallel(groups[r], xs[r] as never)));
+      const bs = await Promise.all(layers.map((l, r) => l.backwardParallel(groups[r], gs[r] as never)));
+      const reduced = await Promise.all(bs.map((b, r) => reduceReplicatedGrads(groups[r], b.grads)));
+      reduced.forEach((g, r) => {
+        opts[r].step(g as never);
+      });
+      whole.forward(concat(xs) as never);
+      wholeOpt.step(whole.backward(concat(gs) as never).grads as never);
+    }
+    for (let r = 0; r < N; r++) {
+      const range = moe!.expertRangeForRank(options.numExperts, N, r);
+      const want = sliceExperts(whole.weights, range.start, range.end);
+      for (const [key, t] of Object.entries(layers[r].weights)) {
+        if (!t) continue;
+        expect(close(toNumbers(t as Tensor), toNumbers(want[key as keyof MoEWeights] as Tensor), 1e-5), `rank ${r}: weights.${key} after 3 steps`).toEqual([]);
+      }
+      // the copies of the router and the shared expert stay the same bits on every rank
+      for (const key of ['routerWeight', 'sharedGateAndUpProjs', 'sharedDownProjs'] as const) {
+        expect(Array.from(layers[r].weights[key]!.data), `rank ${r}: weights.${key} = rank 0's`).toEqual(Array.from(layers[0].weights[key]!.data));
+      }
+    }
+  });
 
   it('errors: the wrong group, the wrong backward, a layer of another rank count', async () => {
     const options: MoELayerOptions = { dim: 8, inter: 4, numExperts: 4, topk: 2, activation: 'swiglu', seed: 3 };

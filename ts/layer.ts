@@ -22,7 +22,7 @@
  */
 import type { Backend } from './backend.js';
 import { TokenDispatcher } from './dispatcher.js';
-import { add3, castTo, columnSums, fromValues, gatherPicks, logitsEpilogue, placeRows, reshape, rows, sharedGateBackward, sharedGateForward, toF32 } from './numeric.js';
+import { add3, castTo, columnSums, fromValues, gatherPicks, logitsEpilogue, placeRows, reshape, rows, sharedGateBackward, sharedGateForward, toF32, valuesF32 } from './numeric.js';
 import type { CudaBackend } from './backends/cuda.js';
 import type { DeviceExpertWeights, ExpertsSaved } from './backends/cuda-experts.js';
 import { isDeviceTensor, type AnyTensor, type DeviceTensor } from './device.js';
@@ -394,6 +394,41 @@ const OPTION_KEYS: readonly (keyof MoELayerOptions)[] = [
   'initStd',
   'seed',
 ];
+
+/** The weights a layer stacks by expert (each rank of an expert-parallel group holds its own share). */
+const EXPERT_STACKED: readonly (keyof MoEWeights)[] = ['gateAndUpProjs', 'upProjs', 'downProjs', 'gateUpProjBias', 'downProjBias'];
+
+/**
+ * The data-parallel half of an expert-parallel training step: every rank of `group` calls it
+ * (concurrently) with its `backwardParallel` gradients, and gets the gradients of the weights
+ * each rank holds a copy of (the router, its bias, the shared expert; every weight but the
+ * experts') summed over the ranks, so that the copies stay equal after the optimizer's step;
+ * the experts' gradients are returned as they are (each rank's own experts). The sums run in
+ * rank order in float32 (16-bit values widened, the sum rounded once to the dtype): the same
+ * bits on every rank, and from run to run. Host tensors.
+ */
+export async function reduceReplicatedGrads(group: ExpertParallelGroup, grads: Partial<MoEWeights>): Promise<Partial<MoEWeights>> {
+  if (typeof group !== 'object' || group === null || typeof group.allToAllV !== 'function') throw new TypeError('reduceReplicatedGrads: group: expected an ExpertParallelGroup');
+  const out: Partial<MoEWeights> = { ...grads };
+  const keys = (Object.keys(grads) as (keyof MoEWeights)[]).filter((k) => grads[k] !== undefined && !EXPERT_STACKED.includes(k)).sort();
+  for (const key of keys) {
+    const t = checkTensor(grads[key], `grads.${key}`) as Tensor<TokenDType>;
+    if (isDeviceTensor(t)) throw new TypeError(`reduceReplicatedGrads: grads.${key}: expected a host tensor (expert parallelism runs on host tensors for now)`);
+    const bytes = new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength);
+    const recv = await group.allToAllV(
+      Array.from({ length: group.size }, () => bytes),
+      Array.from({ length: group.size }, () => bytes.byteLength),
+      `reduceReplicatedGrads ${key}`,
+    );
+    const sum = new Float32Array(t.data.length);
+    for (const part of recv) {
+      const values = valuesF32({ ...t, data: new (t.data.constructor as Float32ArrayConstructor)(part.slice().buffer) } as Tensor<TokenDType>);
+      for (let i = 0; i < sum.length; i++) sum[i] += values[i];
+    }
+    out[key] = fromValues(t.dtype, t.shape, sum) as never;
+  }
+  return out;
+}
 
 export class MoELayer {
   readonly dim: number;
