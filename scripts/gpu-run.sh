@@ -14,10 +14,12 @@
 # `check`), SKIP_SOAK=1, SKIP_BENCH=1, SKIP_EXPERTS=1 (the experts part of the benchmark),
 # SUITE_FILES="a b" (only test/gpu/a.test.mjs, b.test.mjs), SKIP_TORCH=1, SKIP_TRAIN=1 (the training-step benchmarks: Rust-driven and PyTorch's),
 # TRAIN_AB="NAME=value" (the training steps again with that environment setting; the training results go into one train.json)
-# (SOAK_SMALL / SOAK_LARGE set the soak's counts).
+# (SOAK_SMALL / SOAK_LARGE set the soak's counts), SKIP_EP=1 (the expert-parallel launcher over
+# NCCL, one process per GPU: scripts/ep-launch.mjs). MOE_GPU_BUNDLE=DIR packs into / runs from
+# another folder than .gpu-bundle (a helper's own bundle beside the lead's; git-ignore it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-BUNDLE=.gpu-bundle
+BUNDLE="${MOE_GPU_BUNDLE:-.gpu-bundle}"
 say() { printf '\033[1m[gpu-run]\033[0m %s\n' "$*"; }
 
 pack() {
@@ -37,8 +39,10 @@ pack() {
     say "compressing $node_bin ($(du -h "$node_bin" | cut -f1)) with xz"
     xz -T0 -6 -c "$node_bin" > "$BUNDLE/node.xz.tmp" && mv "$BUNDLE/node.xz.tmp" "$BUNDLE/node.xz"
   fi
-  rm -rf "$BUNDLE/dist" "$BUNDLE/native" "$BUNDLE/pkg" "$BUNDLE/test" "$BUNDLE/golden" "$BUNDLE/bin" "$BUNDLE/bench" "$BUNDLE/out"
-  mkdir -p "$BUNDLE/native" "$BUNDLE/test" "$BUNDLE/golden" "$BUNDLE/bin" "$BUNDLE/bench"
+  rm -rf "$BUNDLE/dist" "$BUNDLE/native" "$BUNDLE/pkg" "$BUNDLE/test" "$BUNDLE/golden" "$BUNDLE/bin" "$BUNDLE/bench" "$BUNDLE/scripts" "$BUNDLE/out"
+  mkdir -p "$BUNDLE/native" "$BUNDLE/test" "$BUNDLE/golden" "$BUNDLE/bin" "$BUNDLE/bench" "$BUNDLE/scripts"
+  # the expert-parallel launcher (test/gpu/ep-nccl.test.mjs runs it with one rank)
+  cp scripts/ep-launch.mjs "$BUNDLE/scripts/"
   cp -r dist "$BUNDLE/dist"
   cp native/*.node "$BUNDLE/native/"
   [[ -d pkg ]] && cp -r pkg "$BUNDLE/pkg"
@@ -83,7 +87,18 @@ remote() {
       export LD_LIBRARY_PATH="$(dirname "$cublas")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     fi
   fi
-  say "libraries: $(ldconfig -p | grep -oE 'libcuda\.so\.1|libnvrtc\.so\.13|libcublas\.so\.13' | sort -u | tr '\n' ' ') LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+  # NCCL (expert parallelism): the same way; the nvidia-nccl-cu13 wheel puts it in nvidia/nccl/lib
+  if ! ldconfig -p | grep -q 'libnccl.so.2'; then
+    local nccl
+    nccl="$(find /usr/local/cuda*/ /usr/lib /opt -name 'libnccl.so.2' 2>/dev/null | head -1)"
+    [[ -z "$nccl" ]] && nccl="$(python3 -c 'import glob, os, nvidia; c = [f for p in nvidia.__path__ for f in sorted(glob.glob(os.path.join(p, "*", "lib", "libnccl.so.2")))]; print(c[0] if c else "")' 2>/dev/null)"
+    if [[ -n "$nccl" && -e "$nccl" ]]; then
+      export LD_LIBRARY_PATH="$(dirname "$nccl")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    fi
+  fi
+  # NVLink multicast stays off in every process started here (it can take a shared host's GPUs out of service)
+  export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+  say "libraries: $(ldconfig -p | grep -oE 'libcuda\.so\.1|libnvrtc\.so\.13|libcublas\.so\.13|libnccl\.so\.2' | sort -u | tr '\n' ' ') LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
   # a cache folder of our own, empty at the start: the first process compiles, later ones must hit the disk cache
   export MOE_DISPATCH_CACHE_DIR="${MOE_DISPATCH_CACHE_DIR:-/tmp/moe-dispatch-cache}"
   local node=/tmp/moe-node/node
@@ -97,6 +112,7 @@ remote() {
 
   say "backends (first process: compiles the kernels)"
   "$node" "$BUNDLE/dist/cli.js" info
+  "$node" -e "import('./$BUNDLE/dist/index.js').then((m) => console.log('  nccl:', JSON.stringify(m.ncclInfo())))"
   ls -la "$MOE_DISPATCH_CACHE_DIR" 2>&1 | sed 's/^/  /'
 
   if [[ -z "${SKIP_SUITE:-}" ]]; then
@@ -112,6 +128,11 @@ remote() {
     say "moe-dispatch check (random problems through cuda, cpu and wasm)"
     # (into log.txt only: the device tool brings back at most 8 files)
     "$node" "$BUNDLE/dist/cli.js" check --cases 300 | tail -8
+  fi
+  if [[ -z "${SKIP_EP:-}" ]]; then
+    say "expert parallelism over NCCL: one process per GPU, dispatch -> experts -> combine against the single-GPU layer"
+    timeout 300 "$node" "$BUNDLE/scripts/ep-launch.mjs" --out "$OUT/ep-launch.json" > /dev/null; echo "  exit code $?"
+    grep -E '"(ranks|equivalent|bitIdentical|deterministic|wallMs)"' "$OUT/ep-launch.json" 2>/dev/null | head -5
   fi
   if [[ -z "${SKIP_SOAK:-}" ]]; then
     say "soak: device memory, 100k small + 1k large ops on device tensors"

@@ -20,6 +20,8 @@ const NODE_ONLY: Record<string, string> = {
   writeLargeFile: 'writes a file with node:fs (in pieces: writeFileSync stops at 2 GiB)',
   createAsyncBackend: 'runs backends on node:worker_threads',
   isCudaBackend: 'lives in ts/backends/cuda.ts, which loads the N-API addon; there is no cuda backend in a browser',
+  createExpertParallelGroup: 'NCCL between processes (the N-API addon), with a rendezvous over node:fs or node:net',
+  ncclInfo: 'asks the N-API addon whether libnccl.so.2 loads',
 };
 
 const DIST = fileURLToPath(new URL('../dist/', import.meta.url));

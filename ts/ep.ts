@@ -12,7 +12,8 @@
  * by local expert, unpermute, permuteBackward, unpermuteBackward), shared by every group; a
  * group only moves bytes: an all-gather of small int32 arrays (the counts) and an
  * all-to-all-v of byte buffers ({@link ExpertParallelGroup}). `createInProcessGroup(n)` gives
- * `n` ranks in one process (CI, the browser); an NCCL group between processes is not built yet.
+ * `n` ranks in one process (CI, the browser); `createExpertParallelGroup` (ts/ep-nccl.ts, Node)
+ * N processes over NCCL.
  *
  * The exchanges, per call:
  * - dispatch: all-gather of `[numExperts, k, hidden, dtype, tokens for rank 0..N-1]`, then one

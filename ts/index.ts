@@ -32,3 +32,4 @@ async function load(name: BackendName, options: CreateBackendOptions): Promise<C
 export const { backendInfo, createBackend } = makeEntry(load);
 export { progressLine, trainMoE, writeLargeFile, type TrainOptions, type TrainResult, type TrainShape, type TrainStep } from './train.js';
 export { createAsyncBackend, type AsyncBackend, type AsyncOps, type CreateAsyncBackendOptions } from './async.js';
+export { createExpertParallelGroup, ncclInfo, type ExpertParallelGroupOptions, type NcclExpertParallelGroup, type NcclInfo } from './ep-nccl.js';

@@ -23,6 +23,7 @@ pub mod experts_grouped;
 pub mod grouped_gemm;
 pub mod host;
 pub mod layout;
+pub mod nccl;
 pub mod permute;
 mod switch;
 pub mod tensor;

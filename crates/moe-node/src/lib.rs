@@ -38,6 +38,7 @@ mod cuda_activations;
 mod cuda_experts;
 mod cuda_layout;
 mod cuda_train;
+mod nccl;
 mod wire;
 
 use napi::bindgen_prelude::Object;

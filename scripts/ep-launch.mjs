@@ -1,0 +1,252 @@
+#!/usr/bin/env node
+/**
+ * Expert parallelism over NCCL, one process per GPU (issue 20): starts N Node processes (rank r
+ * sees GPU r alone: CUDA_VISIBLE_DEVICES; NCCL_NVLS_ENABLE=0 in each), each joins the group
+ * (`createExpertParallelGroup`), and runs dispatch -> its experts (expertsForward, swiglu, the
+ * probs applied by the experts as MoELayer does) -> combine on its share of the tokens, then
+ * checks the result against the single-GPU layer (the same tokens, routing and weights through
+ * permute -> expertsForward -> unpermute on its own GPU). Prints one JSON object (and writes it
+ * with --out); exit code 0 when every rank is equivalent.
+ *
+ *   node scripts/ep-launch.mjs [--ranks N] [--tokens T] [--hidden H] [--inter I] [--experts E]
+ *        [--topk k] [--dtype bfloat16|float32] [--rendezvous file|tcp] [--timeout-ms MS]
+ *        [--repeat R] [--seed S] [--out FILE] [--dist DIR] [--stand-in cpu]
+ *
+ * N defaults to the GPUs nvidia-smi lists (1 if it cannot say). T is tokens per rank. With one
+ * rank the result must equal the single-GPU layer bit for bit; with more, within the rounding of
+ * one merge (ts/ep.ts: each rank's partial sum is rounded to the dtype once). Every repeat must
+ * give the same bits (determinism). The dispatch/combine times are wall-clock, host tensors in
+ * and out (upload, NCCL, download): not the bandwidth benchmark, which needs device buffers.
+ * `--stand-in cpu` (with --ranks 1) runs the same steps on the cpu backend with an in-process group
+ * instead of CUDA and NCCL: a check of this script on a machine with no GPU.
+ */
+import { execFileSync, spawn } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { performance } from 'node:perf_hooks';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+
+const args = process.argv.slice(2);
+const arg = (name, dflt) => {
+  const i = args.indexOf(`--${name}`);
+  return i >= 0 ? args[i + 1] : dflt;
+};
+const num = (name, dflt) => {
+  const v = Number(arg(name, String(dflt)));
+  if (!Number.isSafeInteger(v) || v < 0) throw new RangeError(`--${name}: expected a non-negative integer, got ${arg(name)}`);
+  return v;
+};
+const PREFIX = 'EP-RESULT ';
+
+if (args[0] === '--worker') await worker();
+else await launch();
+
+function gpuCount() {
+  try {
+    return (
+      execFileSync('nvidia-smi', ['-L'], { encoding: 'utf8' })
+        .split('\n')
+        .filter((l) => l.startsWith('GPU ')).length || 1
+    );
+  } catch {
+    return 1;
+  }
+}
+
+async function freePort() {
+  const server = createServer();
+  await new Promise((r) => server.listen(0, '127.0.0.1', r));
+  const { port } = server.address();
+  await new Promise((r) => server.close(r));
+  return port;
+}
+
+async function launch() {
+  const ranks = num('ranks', gpuCount());
+  if (ranks < 1) throw new RangeError('--ranks: at least 1');
+  const kind = arg('rendezvous', 'file');
+  if (kind !== 'file' && kind !== 'tcp') throw new RangeError(`--rendezvous: file or tcp, got ${kind}`);
+  const timeoutMs = num('timeout-ms', 120_000);
+  const dir = mkdtempSync(join(tmpdir(), 'moe-ep-'));
+  const rendezvous = kind === 'file' ? join(dir, 'nccl-id') : `tcp://127.0.0.1:${await freePort()}`;
+  const visible = process.env.CUDA_VISIBLE_DEVICES?.split(',').filter((s) => s !== '');
+  if (visible && visible.length < ranks) throw new RangeError(`--ranks ${ranks}: CUDA_VISIBLE_DEVICES lists ${visible.length} GPUs`);
+  const passOn = args.filter((a, i) => !['--ranks', '--out', '--rendezvous', '--timeout-ms'].includes(a) && !['--ranks', '--out', '--rendezvous', '--timeout-ms'].includes(args[i - 1]));
+  const started = performance.now();
+  const children = Array.from({ length: ranks }, (_, r) => {
+    const env = {
+      ...process.env,
+      CUDA_VISIBLE_DEVICES: visible ? visible[r] : String(r),
+      MOE_DISPATCH_CUDA_DEVICE: '0',
+      // NVLink multicast off in every process (it can take a shared host's GPUs out of service)
+      NCCL_NVLS_ENABLE: '0',
+      NVSHMEM_DISABLE_NVLS: '1',
+      TORCH_SYMM_MEM_DISABLE_MULTICAST: '1',
+    };
+    const child = spawn(process.execPath, [fileURLToPath(import.meta.url), '--worker', String(r), String(ranks), rendezvous, String(timeoutMs), ...passOn], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    const out = { rank: r, stdout: '', stderr: '', code: null, signal: null };
+    child.stdout.setEncoding('utf8').on('data', (s) => {
+      out.stdout += s;
+    });
+    child.stderr.setEncoding('utf8').on('data', (s) => {
+      out.stderr += s;
+      for (const line of s.split('\n')) if (line) process.stderr.write(`[rank ${r}] ${line}\n`);
+    });
+    out.done = new Promise((res) =>
+      child.on('close', (code, signal) => {
+        out.code = code;
+        out.signal = signal;
+        res();
+      }),
+    );
+    out.child = child;
+    return out;
+  });
+  // a worker stuck past its own timeouts is killed (they should never need it)
+  const wall = setTimeout(
+    () => {
+      for (const c of children) c.child.kill('SIGKILL');
+    },
+    3 * timeoutMs + 60_000,
+  );
+  await Promise.all(children.map((c) => c.done));
+  clearTimeout(wall);
+  rmSync(dir, { recursive: true, force: true });
+  const results = children.map((c) => {
+    const line = c.stdout.split('\n').find((l) => l.startsWith(PREFIX));
+    if (line) return JSON.parse(line.slice(PREFIX.length));
+    return { rank: c.rank, error: `exited with ${c.signal ?? c.code} and no result: ${c.stderr.trim().split('\n').slice(-3).join(' | ')}` };
+  });
+  const ok = results.every((r) => !r.error && r.equivalent && r.deterministic);
+  let machine;
+  try {
+    machine = execFileSync('nvidia-smi', ['--query-gpu=name,driver_version', '--format=csv,noheader'], { encoding: 'utf8' }).trim().split('\n');
+  } catch {
+    machine = ['nvidia-smi unavailable'];
+  }
+  const report = {
+    kind: 'ep-launch',
+    date: new Date().toISOString(),
+    machine,
+    ranks,
+    rendezvous: kind,
+    shapes: results.find((r) => r.shapes)?.shapes,
+    nccl: results.find((r) => r.nccl)?.nccl,
+    equivalent: results.every((r) => !r.error && r.equivalent),
+    bitIdentical: results.every((r) => !r.error && r.bitIdentical),
+    deterministic: results.every((r) => !r.error && r.deterministic),
+    wallMs: Math.round(performance.now() - started),
+    results,
+  };
+  const text = JSON.stringify(report, null, 2);
+  console.log(text);
+  const outFile = arg('out');
+  if (outFile) writeFileSync(outFile, `${text}\n`);
+  process.exitCode = ok ? 0 : 1;
+}
+
+function rowsOf(t, start, end) {
+  const w = t.shape.length > 1 ? t.shape.slice(1).reduce((a, b) => a * b, 1) : 1;
+  return { dtype: t.dtype, shape: [end - start, ...t.shape.slice(1)], data: t.data.slice(start * w, end * w) };
+}
+
+function bitsEqual(a, b) {
+  const x = new Uint8Array(a.data.buffer, a.data.byteOffset, a.data.byteLength);
+  const y = new Uint8Array(b.data.buffer, b.data.byteOffset, b.data.byteLength);
+  return x.length === y.length && x.every((v, i) => v === y[i]);
+}
+
+async function worker() {
+  const [rank, size, rendezvous, timeoutMs] = [Number(args[1]), Number(args[2]), args[3], Number(args[4])];
+  const result = { rank, size };
+  try {
+    const dist = resolve(arg('dist', process.env.MOE_DISPATCH_DIST ?? fileURLToPath(new URL('../dist/', import.meta.url))));
+    const lib = await import(pathToFileURL(resolve(dist, 'index.js')).href);
+    const { randomRouting, rng } = await import(pathToFileURL(resolve(dist, 'random.js')).href);
+    const T = num('tokens', 512);
+    const H = num('hidden', 256);
+    const I = num('inter', 128);
+    const E = num('experts', 16);
+    const k = num('topk', 4);
+    const dtype = arg('dtype', 'bfloat16');
+    if (dtype !== 'bfloat16' && dtype !== 'float32') throw new RangeError(`--dtype: bfloat16 or float32, got ${dtype}`);
+    const repeat = Math.max(1, num('repeat', 2));
+    const seed = num('seed', 20);
+    result.shapes = { tokensPerRank: T, hidden: H, inter: I, experts: E, topk: k, dtype, activation: 'swiglu' };
+    result.nccl = lib.ncclInfo();
+    // --stand-in cpu: the cpu backend and an in-process group of one (checks this script where there is no GPU; ranks 1 only)
+    const standIn = arg('stand-in');
+    if (standIn && (standIn !== 'cpu' || size !== 1)) throw new RangeError('--stand-in: only cpu, with --ranks 1');
+    const moe = await lib.createBackend({ prefer: standIn ?? 'cuda' });
+    if (moe.name !== (standIn ?? 'cuda')) throw new Error(`no cuda backend in this process (got ${moe.name}): ${(await lib.backendInfo()).find((i) => i.name === 'cuda')?.reason}`);
+
+    // The whole problem, the same in every process: all ranks' tokens, their routing, every expert's weights.
+    const all = randomRouting({ numTokens: T * size, numExperts: E, topk: k, hidden: H, dtype }, rng(seed), 0.05);
+    const weights = {
+      gateAndUpProjs: lib.uniformTensor(dtype, [E, H, 2 * I], seed + 1, 1 / Math.sqrt(H)),
+      downProjs: lib.uniformTensor(dtype, [E, I, H], seed + 2, 1 / Math.sqrt(I)),
+    };
+    const range = moe.expertRangeForRank(E, size, rank);
+    const local = {
+      gateAndUpProjs: rowsOf(weights.gateAndUpProjs, range.start, range.end),
+      downProjs: rowsOf(weights.downProjs, range.start, range.end),
+    };
+    const x = rowsOf(all.tokens, rank * T, (rank + 1) * T);
+    const routing = { indices: rowsOf(all.indices, rank * T, (rank + 1) * T), weights: rowsOf(all.weights, rank * T, (rank + 1) * T) };
+
+    // The single-GPU layer over every token (this rank's GPU), then this rank's rows of it.
+    const mh = moe.indicesToMultihot(all.indices, all.weights, E);
+    const perm = moe.permute(all.tokens, mh.routingMap, { probs: mh.probs });
+    const yAll = moe.expertsForward(perm.permutedTokens, perm.tokensPerExpert, weights, { activation: 'swiglu', permutedProbs: perm.permutedProbs });
+    const single = rowsOf(moe.unpermute(yAll, perm.sortedIndices, [T * size, H]), rank * T, (rank + 1) * T);
+
+    const t0 = performance.now();
+    const group = standIn ? Object.assign(lib.createInProcessGroup(1)[0], { destroy: async () => {} }) : await lib.createExpertParallelGroup({ rank, size, rendezvous, timeoutMs });
+    result.joinMs = Math.round(performance.now() - t0);
+    const outputs = [];
+    const times = [];
+    for (let i = 0; i < repeat; i++) {
+      const a = performance.now();
+      const d = await lib.dispatch(group, moe, x, routing, { numExperts: E });
+      const b = performance.now();
+      const y = moe.expertsForward(d.permutedTokens, d.tokensPerExpert, local, { activation: 'swiglu', permutedProbs: d.permutedProbs });
+      const c = performance.now();
+      outputs.push(await lib.combine(group, moe, y, d.handle, { weighted: false }));
+      const e = performance.now();
+      times.push({ dispatchMs: b - a, expertsMs: c - b, combineMs: e - c, sentTokens: d.handle.sendCounts, receivedTokens: d.handle.recvCounts });
+    }
+    await group.destroy();
+    const out = outputs[0];
+    result.deterministic = outputs.every((o) => bitsEqual(o, out));
+    result.bitIdentical = bitsEqual(out, single);
+    // Within one merge's rounding: per element, 2^-7 (bf16; 2^-22 float32) of the row's largest |value|, times the ranks merged.
+    const u = dtype === 'float32' ? 2 ** -22 : 2 ** -7;
+    const val = (t, i) => (t.dtype === 'float32' ? t.data[i] : bf16(t.data[i]));
+    let maxAbsDiff = 0;
+    let worst = 0;
+    for (let t = 0; t < T; t++) {
+      let rowMax = 0;
+      for (let h = 0; h < H; h++) rowMax = Math.max(rowMax, Math.abs(val(single, t * H + h)));
+      for (let h = 0; h < H; h++) {
+        const diff = Math.abs(val(out, t * H + h) - val(single, t * H + h));
+        maxAbsDiff = Math.max(maxAbsDiff, diff);
+        worst = Math.max(worst, rowMax > 0 ? diff / (u * size * rowMax) : diff > 0 ? Infinity : 0);
+      }
+    }
+    result.maxAbsDiff = maxAbsDiff;
+    result.worstOverTolerance = worst;
+    result.equivalent = size === 1 ? result.bitIdentical : worst <= 1;
+    result.times = times;
+  } catch (e) {
+    result.error = `${e?.constructor?.name ?? 'Error'}: ${e?.message ?? e}`;
+  }
+  console.log(`${PREFIX}${JSON.stringify(result)}`);
+  process.exit(0);
+}
+
+function bf16(bits) {
+  const f = new Float32Array(new Uint32Array([bits << 16]).buffer);
+  return f[0];
+}

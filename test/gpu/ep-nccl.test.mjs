@@ -1,0 +1,221 @@
+// The GPU suite, expert parallelism over NCCL (issue 20), what one GPU can check: libnccl.so.2
+// loads; a group of one initialises (file and loopback-TCP rendezvous) and its collectives move
+// the bytes; dispatch -> experts -> combine and both backward passes through a one-rank NCCL
+// group equal, bit for bit, the same calls through an in-process group and the single-GPU path
+// (permute -> expertsForward -> unpermute and their backward passes); the launcher
+// (scripts/ep-launch.mjs) with one rank passes its equivalence check; a group of two whose
+// rank 1 never joins rejects on rank 0 within timeoutMs (+ slack) naming rank 1; bad arguments.
+// Where CUDA or NCCL is unavailable every test skips with the reason (also in stand-in runs:
+// NCCL needs the cuda backend's GPU). Plain node:test, no node_modules; see cuda.test.mjs.
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, describe, test } from 'node:test';
+import { fileURLToPath } from 'node:url';
+
+import { assertSameBits, cuda, lib, randomRouting, rng, skip, standIn, tensor } from './common.mjs';
+
+const nccl = lib.ncclInfo();
+/** false, or why the NCCL tests cannot run here. */
+const ncclSkip = skip || (standIn ? `stand-in run (${standIn} in cuda's place): NCCL needs the cuda backend's GPU` : false) || (nccl.available ? false : `NCCL unavailable: ${nccl.reason}`);
+
+const dir = mkdtempSync(join(tmpdir(), 'moe-ep-nccl-gpu-'));
+after(() => rmSync(dir, { recursive: true, force: true }));
+let serial = 0;
+const freshPath = () => join(dir, `id-${++serial}`);
+
+async function freePort() {
+  const server = createServer();
+  await new Promise((r) => server.listen(0, '127.0.0.1', r));
+  const { port } = server.address();
+  await new Promise((r) => server.close(r));
+  return port;
+}
+
+describe('NCCL: the library and a group of one', () => {
+  // on a machine with CUDA, NCCL must load (this one fails where it does not; the others skip with the reason)
+  test(`libnccl.so.2 loads (${nccl.available ? `NCCL ${nccl.version} at ${nccl.path}` : 'unavailable'})`, { skip: skip || (standIn ? `stand-in run (${standIn} in cuda's place)` : false) }, () => {
+    assert.ok(nccl.available, `ncclInfo(): ${nccl.reason}`);
+    assert.match(nccl.version, /^2\.\d+\.\d+$/);
+    assert.equal(process.env.NCCL_NVLS_ENABLE, '0', 'NVLink multicast must be off');
+  });
+
+  for (const kind of ['file', 'tcp']) {
+    test(`a group of one initialises (${kind} rendezvous), and its collectives move the bytes`, { skip: ncclSkip }, async () => {
+      const rendezvous = kind === 'file' ? freshPath() : `tcp://127.0.0.1:${await freePort()}`;
+      const group = await lib.createExpertParallelGroup({ rank: 0, size: 1, rendezvous, timeoutMs: 30_000 });
+      assert.equal(group.rank, 0);
+      assert.equal(group.size, 1);
+      assert.equal(group.transport, 'nccl');
+      assert.equal(group.ncclVersion, nccl.version);
+      if (kind === 'file') assert.equal(existsSync(rendezvous), false, 'rank 0 removes the id file once the group is up');
+      const values = Int32Array.from({ length: 37 }, (_, i) => i * 7919 - 100_000);
+      const gathered = await group.allGather(values, 'test');
+      assert.equal(gathered.length, 1);
+      assert.deepEqual([...gathered[0]], [...values]);
+      assert.deepEqual(await group.allGather(new Int32Array(0)), [new Int32Array(0)]);
+      const bytes = Uint8Array.from({ length: 1001 }, (_, i) => (i * 31) & 255);
+      const [back] = await group.allToAllV([bytes], [bytes.length], 'test');
+      assert.deepEqual([...back], [...bytes]);
+      const [none] = await group.allToAllV([new Uint8Array(0)], [0]);
+      assert.equal(none.byteLength, 0);
+      // a wrong expectation is a RangeError on every rank, and the group stays usable
+      await assert.rejects(group.allToAllV([bytes], [1000], 'probe'), (e) => e instanceof RangeError && e.message === 'probe: allToAllV: rank 0 expects 1000 bytes from rank 0, which sends 1001');
+      assert.deepEqual([...(await group.allGather(Int32Array.of(5)))[0]], [5]);
+      await group.destroy();
+      await assert.rejects(group.allGather(Int32Array.of(1)), /the expert-parallel group was destroyed/);
+    });
+  }
+
+  test('bad arguments: TypeError / RangeError naming them', { skip: ncclSkip }, async () => {
+    await assert.rejects(
+      lib.createExpertParallelGroup({ rank: 1, size: 1, rendezvous: freshPath() }),
+      (e) => e instanceof RangeError && e.message === 'createExpertParallelGroup: options.rank: expected 0 <= rank < size = 1, got 1',
+    );
+    await assert.rejects(lib.createExpertParallelGroup({ rank: 0, size: 1, rendezvous: 7 }), TypeError);
+    await assert.rejects(lib.createExpertParallelGroup({ rank: 0, size: 1, rendezvous: freshPath(), timeoutMs: -1 }), /options.timeoutMs/);
+    const group = await lib.createExpertParallelGroup({ rank: 0, size: 1, rendezvous: freshPath(), timeoutMs: 30_000 });
+    await assert.rejects(group.allGather([1, 2]), (e) => e instanceof TypeError && e.message === 'allGather: values: expected an Int32Array, got an Array');
+    await assert.rejects(group.allToAllV([new Uint8Array(1), new Uint8Array(1)], [1]), (e) => e instanceof RangeError && /send: expected one buffer per rank \(1\), got 2/.test(e.message));
+    await assert.rejects(group.allToAllV([new Uint8Array(1)], [1.5]), (e) => e instanceof RangeError && /recvBytes\[0\]/.test(e.message));
+    await assert.rejects(group.allToAllV(['x'], [1], 'lbl'), (e) => e instanceof TypeError && e.message === 'lbl: allToAllV: send[0]: expected a Uint8Array, got string');
+    // the group still works after argument errors
+    assert.deepEqual([...(await group.allGather(Int32Array.of(3)))[0]], [3]);
+    await group.destroy();
+  });
+});
+
+/** One rank's dispatch -> experts -> combine -> combineBackward -> dispatchBackward on `group`. */
+async function epRun(group, moe, p) {
+  const d = await lib.dispatch(group, moe, p.x, p.routing, { numExperts: p.E });
+  const y = moe.expertsForward(d.permutedTokens, d.tokensPerExpert, p.weights, { activation: 'swiglu' });
+  const output = await lib.combine(group, moe, y, d.handle);
+  const cb = await lib.combineBackward(group, moe, p.grad, d.handle);
+  const db = await lib.dispatchBackward(group, moe, cb.gradExpertOutputs, d.handle, { gradPermutedProbs: cb.gradPermutedProbs });
+  return { permutedTokens: d.permutedTokens, permutedProbs: d.permutedProbs, tokensPerExpert: d.tokensPerExpert, y, output, ...cb, ...db };
+}
+
+/** The single-GPU path: permute -> the same experts -> unpermute, and their backward passes. */
+function singleRun(moe, p) {
+  const mh = moe.indicesToMultihot(p.routing.indices, p.routing.weights, p.E);
+  const perm = moe.permute(p.x, mh.routingMap, { probs: mh.probs });
+  const y = moe.expertsForward(perm.permutedTokens, perm.tokensPerExpert, p.weights, { activation: 'swiglu' });
+  const output = moe.unpermute(y, perm.sortedIndices, [p.T, p.H], { probs: perm.permutedProbs });
+  const ub = moe.unpermuteBackward(p.grad, y, perm.sortedIndices, { probs: perm.permutedProbs });
+  const pb = moe.permuteBackward(ub.gradPermuted, perm.sortedIndices, p.T, { gradPermutedProbs: ub.gradProbs, routingMap: mh.routingMap });
+  // the dense [T, E] prob gradient at each pick
+  const gw = new Float32Array(p.T * p.k);
+  const idx = p.routing.indices.data;
+  for (let i = 0; i < p.T * p.k; i++) if (idx[i] >= 0) gw[i] = pb.gradProbs.data[Math.floor(i / p.k) * p.E + idx[i]];
+  return {
+    permutedTokens: perm.permutedTokens,
+    permutedProbs: perm.permutedProbs,
+    tokensPerExpert: perm.tokensPerExpert,
+    y,
+    output,
+    gradExpertOutputs: ub.gradPermuted,
+    gradPermutedProbs: ub.gradProbs,
+    gradTokens: pb.gradTokens,
+    gradWeights: tensor('float32', [p.T, p.k], gw),
+  };
+}
+
+describe('NCCL: dispatch/combine with one rank', () => {
+  for (const dtype of ['float32', 'bfloat16']) {
+    test(`${dtype}: through a one-rank NCCL group == an in-process group == the single-GPU path, bit for bit (forward and backward)`, { skip: ncclSkip }, async () => {
+      const [T, E, k, H, I] = [300, 8, 3, 64, 32];
+      const r = rng(dtype === 'float32' ? 101 : 202);
+      const problem = randomRouting({ numTokens: T, numExperts: E, topk: k, hidden: H, dtype }, r, 0.1);
+      const p = {
+        T,
+        E,
+        k,
+        H,
+        x: problem.tokens,
+        routing: { indices: problem.indices, weights: problem.weights },
+        weights: { gateAndUpProjs: lib.uniformTensor(dtype, [E, H, 2 * I], 7, 0.125), downProjs: lib.uniformTensor(dtype, [E, I, H], 8, 0.2) },
+        grad: lib.uniformTensor(dtype, [T, H], 9, 1),
+      };
+      const group = await lib.createExpertParallelGroup({ rank: 0, size: 1, rendezvous: freshPath(), timeoutMs: 30_000 });
+      const viaNccl = await epRun(group, cuda, p);
+      const viaNcclAgain = await epRun(group, cuda, p);
+      await group.destroy();
+      const [inProcess] = lib.createInProcessGroup(1);
+      const viaHub = await epRun(inProcess, cuda, p);
+      const single = singleRun(cuda, p);
+      for (const [key, want] of Object.entries(viaHub)) {
+        assertSameBits(viaNccl[key], want, `NCCL vs in-process: ${key}`);
+        assertSameBits(viaNcclAgain[key], viaNccl[key], `NCCL run to run: ${key}`);
+      }
+      for (const [key, want] of Object.entries(single)) assertSameBits(viaNccl[key], want, `NCCL vs the single-GPU path: ${key}`);
+      // the comparisons mean something: the output is not all zeros
+      assert.ok(bitsDiffer(viaNccl.output, tensor(dtype, [T, H])), 'output is not zero');
+    });
+  }
+
+  test('the launcher with one rank (file and tcp rendezvous): equivalent to the single-GPU layer, bit for bit, run to run', { skip: ncclSkip }, () => {
+    const script = fileURLToPath(new URL('../../scripts/ep-launch.mjs', import.meta.url));
+    assert.ok(existsSync(script), `${script} is missing (gpu-run.sh pack copies it into the bundle)`);
+    for (const kind of ['file', 'tcp']) {
+      const out = join(dir, `launch-${kind}.json`);
+      const run = spawnSync(
+        process.execPath,
+        [script, '--ranks', '1', '--rendezvous', kind, '--tokens', '256', '--hidden', '128', '--inter', '64', '--experts', '8', '--topk', '2', '--timeout-ms', '60000', '--out', out],
+        {
+          encoding: 'utf8',
+          timeout: 120_000,
+          env: { ...process.env, CUDA_VISIBLE_DEVICES: process.env.CUDA_VISIBLE_DEVICES?.split(',')[0] ?? '0' },
+        },
+      );
+      assert.equal(run.status, 0, `launcher (${kind}) exited with ${run.status ?? run.signal}: ${run.stderr.slice(-2000)}\n${run.stdout.slice(-2000)}`);
+      const report = JSON.parse(readFileSync(out, 'utf8'));
+      assert.equal(report.ranks, 1);
+      assert.equal(report.results[0].error, undefined);
+      assert.equal(report.equivalent, true);
+      assert.equal(report.bitIdentical, true);
+      assert.equal(report.deterministic, true);
+      assert.equal(report.nccl.available, true);
+    }
+  });
+});
+
+function bitsDiffer(a, b) {
+  const x = new Uint8Array(a.data.buffer, a.data.byteOffset, a.data.byteLength);
+  const y = new Uint8Array(b.data.buffer, b.data.byteOffset, b.data.byteLength);
+  return x.some((v, i) => v !== y[i]);
+}
+
+describe('NCCL: a rank that never joins', () => {
+  for (const kind of ['file', 'tcp']) {
+    test(`a group of two whose rank 1 never joins (${kind}): rank 0 rejects within timeoutMs (+ slack) naming rank 1`, { skip: ncclSkip }, async () => {
+      const rendezvous = kind === 'file' ? freshPath() : `tcp://127.0.0.1:${await freePort()}`;
+      const timeoutMs = 2000;
+      const start = Date.now();
+      const e = await lib.createExpertParallelGroup({ rank: 0, size: 2, rendezvous, timeoutMs }).then(
+        (g) => {
+          g.abort();
+          return undefined;
+        },
+        (err) => err,
+      );
+      const waited = Date.now() - start;
+      assert.ok(e instanceof lib.ExpertParallelTimeoutError, `expected an ExpertParallelTimeoutError, got ${e?.constructor?.name}: ${e?.message}`);
+      assert.deepEqual([...e.missingRanks], [1]);
+      assert.match(e.message, /^createExpertParallelGroup: rank 0 of 2: rank 1 did not join the group at .* within \d+ ms; the communicator is aborted$/);
+      assert.ok(waited >= timeoutMs - 50, `rejected after ${waited} ms, before the timeout`);
+      assert.ok(waited < timeoutMs + 8000, `rejected after ${waited} ms (timeout ${timeoutMs} ms)`);
+      if (kind === 'file') assert.equal(existsSync(rendezvous), false, 'rank 0 removes its id file');
+    });
+  }
+
+  test('after an aborted group, this process can still make a working group', { skip: ncclSkip }, async () => {
+    const group = await lib.createExpertParallelGroup({ rank: 0, size: 1, rendezvous: freshPath(), timeoutMs: 30_000 });
+    assert.deepEqual([...(await group.allGather(Int32Array.of(42)))[0]], [42]);
+    group.abort();
+    await assert.rejects(group.allGather(Int32Array.of(1)), /aborted/);
+    await group.destroy();
+  });
+});
