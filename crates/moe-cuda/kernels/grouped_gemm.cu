@@ -118,25 +118,25 @@ static __device__ __forceinline__ u64 gg_desc(u32 addr, u32 lbo, u32 sbo) {
     return (u64)((addr & 0x3FFFF) >> 4) | ((u64)((lbo & 0x3FFFF) >> 4) << 16) | ((u64)((sbo & 0x3FFFF) >> 4) << 32) | (1ull << 62);
 }
 
+// The operands of a wgmma's accumulators: d[i] .. d[i + 7] and d[i] .. d[i + 63], read and
+// written ("+f"); GG_D0_63: the names of the first 64 (%0 .. %63) in the instruction.
+#define GG_D8(i) \
+    "+f"(d[(i)]), "+f"(d[(i) + 1]), "+f"(d[(i) + 2]), "+f"(d[(i) + 3]), "+f"(d[(i) + 4]), "+f"(d[(i) + 5]), "+f"(d[(i) + 6]), "+f"(d[(i) + 7])
+#define GG_D64(i) GG_D8(i), GG_D8((i) + 8), GG_D8((i) + 16), GG_D8((i) + 24), GG_D8((i) + 32), GG_D8((i) + 40), GG_D8((i) + 48), GG_D8((i) + 56)
+#define GG_D0_63 \
+    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15," \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31," \
+    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47," \
+    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+
 // D[64 x 128] (+)= A[64 x 16] B[16 x 128]: A, B in shared memory (descriptors), D in 64 f32 registers
 template <int TRANS_A, int TRANS_B>
 static __device__ __forceinline__ void wgmma_m64n128k16(float* d, u64 desc_a, u64 desc_b, int scale_d) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {" GG_D0_63
         "}, %64, %65, p, 1, 1, %67, %68;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : GG_D64(0)
         : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TRANS_A), "n"(TRANS_B));
 }
 
@@ -145,32 +145,13 @@ template <int TRANS_A, int TRANS_B>
 static __device__ __forceinline__ void wgmma_m64n256k16(float* d, u64 desc_a, u64 desc_b, int scale_d) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63,"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {" GG_D0_63 ","
         "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79,"
         "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95,"
         "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111,"
         "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
         "}, %128, %129, p, 1, 1, %131, %132;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
-          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
-          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
-          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
-          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
-          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
-          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
-          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : GG_D64(0), GG_D64(64)
         : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TRANS_A), "n"(TRANS_B));
 }
 
@@ -234,6 +215,131 @@ static __device__ __forceinline__ void gg_store_bulk(const float* acc, u32 c_sme
     }
 }
 
+// The block's dynamic shared memory: the stages on a 1024-byte boundary (the 128-byte
+// swizzle's period), the epilogue's staging buffers (C_BYTES), then the barriers (full[STAGES],
+// empty[STAGES]) and the per-expert offsets (at `bars + 2 * STAGES`).
+struct GgShared {
+    u32 base;  // the first stage's shared address
+    u64* bars;
+    u32 full0, empty0;  // the shared addresses of full[0] and empty[0]
+};
+
+template <int STAGES, u32 STAGE_BYTES, u32 C_BYTES>
+static __device__ __forceinline__ GgShared gg_shared_layout() {
+    extern __shared__ __align__(1024) u8 gg_shared[];
+    const u32 raw = gg_smem(gg_shared);
+    GgShared sh;
+    sh.base = (raw + 1023u) & ~1023u;
+    sh.bars = (u64*)(gg_shared + (sh.base - raw) + STAGES * STAGE_BYTES + C_BYTES);
+    sh.full0 = gg_smem(sh.bars);
+    sh.empty0 = sh.full0 + 8 * STAGES;
+    return sh;
+}
+
+// One thread: the stages' barriers initialised and made visible.
+template <int STAGES>
+static __device__ __forceinline__ void gg_init_barriers(const GgShared& sh) {
+    for (int s = 0; s < STAGES; s++) {
+        mbar_init(sh.full0 + 8 * s, 1);
+        mbar_init(sh.empty0 + 8 * s, 8);  // one arrival per consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+
+// A position in the ring of stages: the stage and the parity of its current phase.
+template <int STAGES>
+struct GgRing {
+    int stage = 0;
+    u32 phase = 0;
+    __device__ __forceinline__ void advance() {
+        if (++stage == STAGES) {
+            stage = 0;
+            phase ^= 1;
+        }
+    }
+};
+
+// The producer's k-steps of one tile: for each, waits until the ring's stage is free, arms its
+// `full` barrier for the stage's bytes and calls `load(kb, full, a_dst, b_dst)` to issue the
+// TMA loads of k-step kb into the stage's A and B parts.
+template <int STAGES, u32 A_BYTES, u32 STAGE_BYTES, class Load>
+static __device__ __forceinline__ void gg_produce(const GgShared& sh, GgRing<STAGES>& ring, int num_kb, Load load) {
+    for (int kb = 0; kb < num_kb; kb++) {
+        const u32 full = sh.full0 + 8 * ring.stage;
+        mbar_wait(sh.empty0 + 8 * ring.stage, ring.phase ^ 1);
+        mbar_expect_tx(full, STAGE_BYTES);
+        const u32 a_dst = sh.base + ring.stage * STAGE_BYTES, b_dst = a_dst + A_BYTES;
+        load(kb, full, a_dst, b_dst);
+        ring.advance();
+    }
+}
+
+// A consumer warp gives stage `prev` (if any) back to the producer.
+static __device__ __forceinline__ void gg_release(const GgShared& sh, int prev, int lane) {
+    if (prev >= 0) {
+        __syncwarp();
+        if (lane == 0) mbar_arrive(sh.empty0 + 8 * prev);
+    }
+}
+
+// Consumer warpgroup c's k-steps of one tile: for each, waits for the ring's stage to be full
+// and calls `mma(kb, a_addr, b_addr)` (the warpgroup's A part: 64 rows, 8 KiB; B) to issue its
+// wgmmas; once the next k-step's group is issued, the previous stage goes back to the producer.
+// On return every wgmma has completed and every stage is released.
+template <int STAGES, u32 A_BYTES, u32 STAGE_BYTES, class Mma>
+static __device__ __forceinline__ void gg_consume(const GgShared& sh, GgRing<STAGES>& ring, int num_kb, int c, int lane, Mma mma) {
+    int prev = -1;
+    for (int kb = 0; kb < num_kb; kb++) {
+        mbar_wait(sh.full0 + 8 * ring.stage, ring.phase);
+        const u32 a_addr = sh.base + ring.stage * STAGE_BYTES + c * (64 * 128);
+        const u32 b_addr = sh.base + ring.stage * STAGE_BYTES + A_BYTES;
+        mma(kb, a_addr, b_addr);
+        wgmma_commit();
+        // the previous k-step's group is done: its stage goes back to the producer
+        wgmma_wait<1>();
+        gg_release(sh, prev, lane);
+        prev = ring.stage;
+        ring.advance();
+    }
+    wgmma_wait<0>();
+    gg_release(sh, prev, lane);
+}
+
+// The epilogue of consumer warpgroup c: its 64 x BN accumulators stored as rows row0 + 64c ..
+// row0 + 64c + 63 (those below `rows`, counted from row0), columns n0 .. n0 + BN - 1 (those
+// below n) of the [., n] row-major output that starts `plane` elements into `out`. BULK: through
+// the staging buffer `c_smem` and bulk copies (gg_store_bulk); else straight from the registers.
+// The accumulator layout of m64nNk16: acc[4j + 2h + {0,1}] is row 16 warp + lane / 4 + 8h,
+// columns 8j + 2 (lane % 4) + {0, 1}.
+template <int BN, bool OUT_F32, bool BULK>
+static __device__ __forceinline__ void gg_epilogue(const float* acc, void* out, long long plane, int row0, int rows, int n0, int n,
+                                                   u32 c_smem, int c, int warp, int lane) {
+    if constexpr (BULK) {
+        gg_store_bulk(acc, c_smem, c, warp, lane, rows, (u64)out + ((u64)plane + (u64)row0 * (u64)n + (u64)n0) * 2, n,
+                      (u32)min(BN, n - n0) * 2);
+        return;
+    }
+    const int r_base = c * 64 + warp * 16 + (lane >> 2);
+    const int col_base = n0 + 2 * (lane & 3);
+#pragma unroll
+    for (int j = 0; j < BN / 8; j++) {
+        const int col = col_base + 8 * j;
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int r = r_base + 8 * h;
+            if (col < n && r < rows) {
+                const long long o = plane + (long long)(row0 + r) * n + col;
+                const float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
+                if constexpr (OUT_F32) {
+                    *(float2*)((float*)out + o) = make_float2(v0, v1);
+                } else {
+                    *(u32*)((u16*)out + o) = (u32)BF16::from_f32(v0) | ((u32)BF16::from_f32(v1) << 16);
+                }
+            }
+        }
+    }
+}
+
 template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, bool BULK>
 static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const GgTensorMap* map_b, void* out, const int* counts,
                                                int num_experts, int m_total, int n, int k, int group_n) {
@@ -243,15 +349,9 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
     // BULK: each consumer warpgroup's 64 x BN output rows staged in shared memory (bf16 only)
     constexpr u32 C_BYTES = BULK ? 2 * 64 * GG_C_ROW : 0;
     static_assert(!BULK || (BN == 256 && !OUT_F32), "the bulk epilogue is for 256-column bf16 tiles");
-    extern __shared__ __align__(1024) u8 gg_shared[];
-    // the stages on a 1024-byte boundary (the 128-byte swizzle's period), then the barriers
-    // (full[STAGES], empty[STAGES]) and the per-expert tile and row offsets
-    const u32 raw = gg_smem(gg_shared);
-    const u32 base = (raw + 1023u) & ~1023u;
-    u64* bars = (u64*)(gg_shared + (base - raw) + STAGES * STAGE_BYTES + C_BYTES);
-    int* tile_start = (int*)(bars + 2 * STAGES);
+    const GgShared sh = gg_shared_layout<STAGES, STAGE_BYTES, C_BYTES>();
+    int* tile_start = (int*)(sh.bars + 2 * STAGES);
     int* row_start = tile_start + num_experts + 1;
-    const u32 full0 = gg_smem(bars), empty0 = full0 + 8 * STAGES;
     const int n_tiles = (n + BN - 1) / BN;
 
     // counts -> row offsets and tile offsets (exclusive prefix sums, in chunks of the block)
@@ -273,11 +373,7 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
     if (threadIdx.x == 0) {
         row_start[num_experts] = rows_carry;
         tile_start[num_experts] = tiles_carry;
-        for (int s = 0; s < STAGES; s++) {
-            mbar_init(full0 + 8 * s, 1);
-            mbar_init(empty0 + 8 * s, 8);  // one arrival per consumer warp
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        gg_init_barriers<STAGES>(sh);
     }
     __syncthreads();
 
@@ -290,15 +386,10 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
         if (threadIdx.x == 0) {
             tma_prefetch(map_a);
             tma_prefetch(map_b);
-            int stage = 0;
-            u32 phase = 0;
+            GgRing<STAGES> ring;
             for (int t = blockIdx.x; t < total; t += gridDim.x) {
                 const GgTile tl = gg_tile<BN>(tile_start, row_start, num_experts, n_tiles, m_total, t, group_n);
-                for (int kb = 0; kb < num_kb; kb++) {
-                    const u32 full = full0 + 8 * stage;
-                    mbar_wait(empty0 + 8 * stage, phase ^ 1);
-                    mbar_expect_tx(full, STAGE_BYTES);
-                    const u32 a_dst = base + stage * STAGE_BYTES, b_dst = a_dst + A_BYTES;
+                gg_produce<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, [&](int kb, u32 full, u32 a_dst, u32 b_dst) {
                     tma_load_2d(a_dst, map_a, kb * GG_BK, tl.row0, full);
                     if constexpr (B_KMAJOR) {
                         tma_load_3d(b_dst, map_b, kb * GG_BK, tl.n0, tl.e, full);
@@ -306,11 +397,7 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
 #pragma unroll
                         for (int j = 0; j < BN / 64; j++) tma_load_3d(b_dst + j * 8192, map_b, tl.n0 + 64 * j, kb * GG_BK, tl.e, full);
                     }
-                    if (++stage == STAGES) {
-                        stage = 0;
-                        phase ^= 1;
-                    }
-                }
+                });
             }
         }
     } else {
@@ -322,15 +409,10 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
         float acc[BN / 2];
 #pragma unroll
         for (int i = 0; i < BN / 2; i++) acc[i] = 0.0f;
-        int stage = 0;
-        u32 phase = 0;
+        GgRing<STAGES> ring;
         for (int t = blockIdx.x; t < total; t += gridDim.x) {
             const GgTile tl = gg_tile<BN>(tile_start, row_start, num_experts, n_tiles, m_total, t, group_n);
-            int prev = -1;
-            for (int kb = 0; kb < num_kb; kb++) {
-                mbar_wait(full0 + 8 * stage, phase);
-                const u32 a_addr = base + stage * STAGE_BYTES + c * (64 * 128);
-                const u32 b_addr = base + stage * STAGE_BYTES + A_BYTES;
+            gg_consume<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, c, lane, [&](int kb, u32 a_addr, u32 b_addr) {
                 wgmma_fence();
 #pragma unroll
                 for (int ks = 0; ks < GG_BK / 16; ks++) {
@@ -343,50 +425,9 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
                     if constexpr (BN == 256) wgmma_m64n256k16<0, B_KMAJOR ? 0 : 1>(acc, da, db, accumulate);
                     else wgmma_m64n128k16<0, B_KMAJOR ? 0 : 1>(acc, da, db, accumulate);
                 }
-                wgmma_commit();
-                // the previous k-step's group is done: its stage goes back to the producer
-                wgmma_wait<1>();
-                if (prev >= 0) {
-                    __syncwarp();
-                    if (lane == 0) mbar_arrive(empty0 + 8 * prev);
-                }
-                prev = stage;
-                if (++stage == STAGES) {
-                    stage = 0;
-                    phase ^= 1;
-                }
-            }
-            wgmma_wait<0>();
-            if (prev >= 0) {
-                __syncwarp();
-                if (lane == 0) mbar_arrive(empty0 + 8 * prev);
-            }
-            // accumulator layout of m64nNk16: acc[4j + 2h + {0,1}] is row 16 warp + lane / 4 + 8h,
-            // columns 8j + 2 (lane % 4) + {0, 1}
-            if constexpr (BULK) {
-                gg_store_bulk(acc, base + STAGES * STAGE_BYTES + c * (64 * GG_C_ROW), c, warp, lane, tl.rows,
-                              (u64)out + ((u64)tl.row0 * (u64)n + (u64)tl.n0) * 2, n, (u32)min(BN, n - tl.n0) * 2);
-                continue;
-            }
-            const int r_base = c * 64 + warp * 16 + (lane >> 2);
-            const int col_base = tl.n0 + 2 * (lane & 3);
-#pragma unroll
-            for (int j = 0; j < BN / 8; j++) {
-                const int col = col_base + 8 * j;
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    const int r = r_base + 8 * h;
-                    if (col < n && r < tl.rows) {
-                        const long long o = (long long)(tl.row0 + r) * n + col;
-                        const float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
-                        if constexpr (OUT_F32) {
-                            *(float2*)((float*)out + o) = make_float2(v0, v1);
-                        } else {
-                            *(u32*)((u16*)out + o) = (u32)BF16::from_f32(v0) | ((u32)BF16::from_f32(v1) << 16);
-                        }
-                    }
-                }
-            }
+            });
+            gg_epilogue<BN, OUT_F32, BULK>(acc, out, 0, tl.row0, tl.rows, tl.n0, n, sh.base + STAGES * STAGE_BYTES + c * (64 * GG_C_ROW), c,
+                                           warp, lane);
         }
         if constexpr (BULK) {
             if (warp == 0) bulk_wait_all();
@@ -425,12 +466,8 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, c
     constexpr u32 A_BYTES = GG_BM * GG_BK * 2;
     constexpr u32 B_BYTES = BN * GG_BK * 2;
     constexpr u32 STAGE_BYTES = A_BYTES + B_BYTES;
-    extern __shared__ __align__(1024) u8 gg_shared[];
-    const u32 raw = gg_smem(gg_shared);
-    const u32 base = (raw + 1023u) & ~1023u;
-    u64* bars = (u64*)(gg_shared + (base - raw) + STAGES * STAGE_BYTES + C_BYTES);
-    int* row_start = (int*)(bars + 2 * STAGES);
-    const u32 full0 = gg_smem(bars), empty0 = full0 + 8 * STAGES;
+    const GgShared sh = gg_shared_layout<STAGES, STAGE_BYTES, C_BYTES>();
+    int* row_start = (int*)(sh.bars + 2 * STAGES);
     int rows_carry = 0;
     for (int c0 = 0; c0 < num_experts; c0 += GG_THREADS) {
         const int e = c0 + (int)threadIdx.x;
@@ -442,11 +479,7 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, c
     }
     if (threadIdx.x == 0) {
         row_start[num_experts] = min(rows_carry, m_total);
-        for (int s = 0; s < STAGES; s++) {
-            mbar_init(full0 + 8 * s, 1);
-            mbar_init(empty0 + 8 * s, 8);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        gg_init_barriers<STAGES>(sh);
     }
     __syncthreads();
     const int m_tiles = (ko + GG_BM - 1) / GG_BM, n_tiles = (n + BN - 1) / BN;
@@ -457,26 +490,17 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, c
         if (threadIdx.x == 0) {
             tma_prefetch(map_a);
             tma_prefetch(map_b);
-            int stage = 0;
-            u32 phase = 0;
+            GgRing<STAGES> ring;
             for (int t = blockIdx.x; t < total; t += gridDim.x) {
                 int e, m0, n0;
                 gg_wgrad_tile(t, m_tiles, n_tiles, group_n, &e, &m0, &n0);
                 const int r0 = row_start[e], num_kb = (row_start[e + 1] - r0 + GG_BK - 1) / GG_BK;
-                for (int kb = 0; kb < num_kb; kb++) {
-                    const u32 full = full0 + 8 * stage;
-                    mbar_wait(empty0 + 8 * stage, phase ^ 1);
-                    mbar_expect_tx(full, STAGE_BYTES);
-                    const u32 a_dst = base + stage * STAGE_BYTES, b_dst = a_dst + A_BYTES;
+                gg_produce<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, [&](int kb, u32 full, u32 a_dst, u32 b_dst) {
                     tma_load_2d(a_dst, map_a, m0, r0 + kb * GG_BK, full);
                     tma_load_2d(a_dst + 8192, map_a, m0 + 64, r0 + kb * GG_BK, full);
 #pragma unroll
                     for (int j = 0; j < BN / 64; j++) tma_load_2d(b_dst + j * 8192, map_b, n0 + 64 * j, r0 + kb * GG_BK, full);
-                    if (++stage == STAGES) {
-                        stage = 0;
-                        phase ^= 1;
-                    }
-                }
+                });
             }
         }
     } else {
@@ -485,8 +509,7 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, c
         const int tid = (int)threadIdx.x - 128 * wg;
         const int warp = tid >> 5, lane = tid & 31;
         float acc[BN / 2];
-        int stage = 0;
-        u32 phase = 0;
+        GgRing<STAGES> ring;
         for (int t = blockIdx.x; t < total; t += gridDim.x) {
             int e, m0, n0;
             gg_wgrad_tile(t, m_tiles, n_tiles, group_n, &e, &m0, &n0);
@@ -494,11 +517,7 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, c
             const int num_kb = (rows + GG_BK - 1) / GG_BK;
 #pragma unroll
             for (int i = 0; i < BN / 2; i++) acc[i] = 0.0f;
-            int prev = -1;
-            for (int kb = 0; kb < num_kb; kb++) {
-                mbar_wait(full0 + 8 * stage, phase);
-                const u32 a_addr = base + stage * STAGE_BYTES + c * 8192;
-                const u32 b_addr = base + stage * STAGE_BYTES + A_BYTES;
+            gg_consume<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, c, lane, [&](int kb, u32 a_addr, u32 b_addr) {
                 const int valid = rows - kb * GG_BK;
                 if (valid < GG_BK) {
                     // zero rows valid .. 63 of this warpgroup's A box and of B boxes c and c + 2
@@ -519,48 +538,9 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, c
                     const u64 db = gg_desc(b_addr + ks * 2048, 8192, 1024);
                     wgmma_m64n256k16<1, 1>(acc, da, db, 1);
                 }
-                wgmma_commit();
-                wgmma_wait<1>();
-                if (prev >= 0) {
-                    __syncwarp();
-                    if (lane == 0) mbar_arrive(empty0 + 8 * prev);
-                }
-                prev = stage;
-                if (++stage == STAGES) {
-                    stage = 0;
-                    phase ^= 1;
-                }
-            }
-            wgmma_wait<0>();
-            if (prev >= 0) {
-                __syncwarp();
-                if (lane == 0) mbar_arrive(empty0 + 8 * prev);
-            }
-            const long long plane = (long long)e * ko * n;
-            if constexpr (BULK) {
-                gg_store_bulk(acc, base + STAGES * STAGE_BYTES + c * (64 * GG_C_ROW), c, warp, lane, ko - m0,
-                              (u64)out + ((u64)plane + (u64)m0 * (u64)n + (u64)n0) * 2, n, (u32)min(BN, n - n0) * 2);
-                continue;
-            }
-            const int r_base = c * 64 + warp * 16 + (lane >> 2);
-            const int col_base = n0 + 2 * (lane & 3);
-#pragma unroll
-            for (int j = 0; j < BN / 8; j++) {
-                const int col = col_base + 8 * j;
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    const int r = m0 + r_base + 8 * h;
-                    if (col < n && r < ko) {
-                        const long long o = plane + (long long)r * n + col;
-                        const float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
-                        if constexpr (OUT_F32) {
-                            *(float2*)((float*)out + o) = make_float2(v0, v1);
-                        } else {
-                            *(u32*)((u16*)out + o) = (u32)BF16::from_f32(v0) | ((u32)BF16::from_f32(v1) << 16);
-                        }
-                    }
-                }
-            }
+            });
+            gg_epilogue<BN, OUT_F32, BULK>(acc, out, (long long)e * ko * n, m0, ko - m0, n0, n,
+                                           sh.base + STAGES * STAGE_BYTES + c * (64 * GG_C_ROW), c, warp, lane);
         }
         if constexpr (BULK) {
             if (warp == 0) bulk_wait_all();

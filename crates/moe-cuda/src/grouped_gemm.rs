@@ -233,14 +233,7 @@ pub fn launch(
     if k == 0 {
         return Err(Error::Cuda("grouped GEMM with k = 0: nothing to multiply (a bug in the caller)".into()));
     }
-    if k % 8 != 0 || n % 8 != 0 {
-        return Err(Error::Cuda(format!("grouped GEMM: k = {k} and n = {n} must be multiples of 8 (TMA strides)")));
-    }
-    if (x | w | out) % 16 != 0 {
-        return Err(Error::Cuda("grouped GEMM: operands must be 16-byte aligned".into()));
-    }
-    let int = |what: &str, v: usize| i32::try_from(v).map_err(|_| Error::Cuda(format!("grouped GEMM: {what} = {v} exceeds int32")));
-    let (mi, ni, ki, ei) = (int("m", m)?, int("n", n)?, int("k", k)?, int("experts", experts)?);
+    let sizes = checked_sizes("grouped GEMM", "k", x | w | out, experts, m, n, k)?;
     let name = match (layout, tile, out_dtype) {
         (WeightLayout::KN, TileN::N128, DType::BF16) => "grouped_gemm_nn_n128_bf16",
         (WeightLayout::KN, TileN::N256, DType::BF16) => "grouped_gemm_nn_n256_bf16",
@@ -252,40 +245,22 @@ pub fn launch(
         (WeightLayout::NK, TileN::N256Bulk, DType::BF16) => "grouped_gemm_nt_n256_bf16_bulk",
         _ => return Err(Error::Cuda(format!("grouped GEMM: no kernel for {layout:?}, {tile:?}, {} output", out_dtype.name()))),
     };
-    let kernels = kernels(dev)?;
-    let f = kernels.functions.get(name).ok_or_else(|| Error::Cuda(format!("kernel {name} is not in kernels/grouped_gemm.cu")))?;
-    let smem = shared_bytes(tile, experts);
-    let limit = f
-        .get_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)
-        .map_err(|e| Error::driver("reading the shared memory limit", e))? as usize;
-    if smem > limit {
-        return Err(Error::Cuda(format!(
-            "grouped GEMM: {experts} experts need {smem} bytes of shared memory, the kernel may have {limit}"
-        )));
-    }
-    let (m64, n64, k64, e64) = (m as u64, n as u64, k as u64, experts as u64);
-    // A: [m, k], box 64 (k) x 128 (rows)
-    let map_a = tensor_map("the tokens", x, &[k64, m64], &[k64 * 2], &[TILE_K as u32, TILE_M as u32])?;
-    let map_b = match layout {
-        // [E, k, n]: boxes of 64 (n) x 64 (k), BN / 64 of them a step
-        WeightLayout::KN => tensor_map("the weights", w, &[n64, k64, e64], &[n64 * 2, n64 * k64 * 2], &[64, TILE_K as u32, 1])?,
-        // [E, n, k]: one box of 64 (k) x BN (n) a step
-        WeightLayout::NK => {
-            tensor_map("the weights", w, &[k64, n64, e64], &[k64 * 2, n64 * k64 * 2], &[TILE_K as u32, tile.columns() as u32, 1])?
-        }
-    };
     // persistent: one block per SM, or fewer when there are fewer tiles than that at most
-    let n_tiles = n.div_ceil(tile.columns());
-    let max_tiles = (m / TILE_M + experts).saturating_mul(n_tiles);
-    let grid = dev.sm_count().min(max_tiles).max(1) as u32;
-    let stream = dev.stream();
-    let group = group_n();
-    let mut b = stream.launch_builder(f);
-    b.arg(&map_a).arg(&map_b).arg(&out).arg(&counts).arg(&ei).arg(&mi).arg(&ni).arg(&ki).arg(&group);
-    let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
-    // SAFETY: the arguments match the kernel's parameters (GG_ARGS) in order and type.
-    unsafe { b.launch(cfg) }.map_err(|e| Error::driver(format!("launching {name} on {grid} blocks"), e))?;
-    Ok(())
+    let max_tiles = (m / TILE_M + experts).saturating_mul(n.div_ceil(tile.columns()));
+    run_kernel(dev, "grouped GEMM", name, tile, max_tiles, out, counts, sizes, || {
+        let (m64, n64, k64, e64) = (m as u64, n as u64, k as u64, experts as u64);
+        // A: [m, k], box 64 (k) x 128 (rows)
+        let map_a = tensor_map("the tokens", x, &[k64, m64], &[k64 * 2], &[TILE_K as u32, TILE_M as u32])?;
+        let map_b = match layout {
+            // [E, k, n]: boxes of 64 (n) x 64 (k), BN / 64 of them a step
+            WeightLayout::KN => tensor_map("the weights", w, &[n64, k64, e64], &[n64 * 2, n64 * k64 * 2], &[64, TILE_K as u32, 1])?,
+            // [E, n, k]: one box of 64 (k) x BN (n) a step
+            WeightLayout::NK => {
+                tensor_map("the weights", w, &[k64, n64, e64], &[k64 * 2, n64 * k64 * 2], &[TILE_K as u32, tile.columns() as u32, 1])?
+            }
+        };
+        Ok((map_a, map_b))
+    })
 }
 
 /// The weight gradients, grouped: `dw [experts, ko, n] = x[rows of e]^T @ dy[rows of e]` for
@@ -314,44 +289,83 @@ pub fn launch_wgrad(
     if m == 0 {
         return dev_zero(dev, dw, experts * ko * n * out_dtype.size());
     }
-    if ko % 8 != 0 || n % 8 != 0 {
-        return Err(Error::Cuda(format!("grouped weight gradient: ko = {ko} and n = {n} must be multiples of 8 (TMA strides)")));
-    }
-    if (x | dy | dw) % 16 != 0 {
-        return Err(Error::Cuda("grouped weight gradient: operands must be 16-byte aligned".into()));
-    }
-    let int =
-        |what: &str, v: usize| i32::try_from(v).map_err(|_| Error::Cuda(format!("grouped weight gradient: {what} = {v} exceeds int32")));
-    let (mi, ni, ki, ei) = (int("m", m)?, int("n", n)?, int("ko", ko)?, int("experts", experts)?);
+    let sizes = checked_sizes("grouped weight gradient", "ko", x | dy | dw, experts, m, n, ko)?;
     let name = match (out_dtype, tile) {
         (DType::F32, TileN::N256) => "grouped_gemm_wgrad_f32",
         (DType::BF16, TileN::N256) => "grouped_gemm_wgrad_bf16",
         (DType::BF16, TileN::N256Bulk) => "grouped_gemm_wgrad_bf16_bulk",
         (other, _) => return Err(Error::Cuda(format!("grouped weight gradient: no kernel for {tile:?} with {} output", other.name()))),
     };
+    let tiles = experts.saturating_mul(ko.div_ceil(TILE_M)).saturating_mul(n.div_ceil(256));
+    // (the kernel's k is ko, its n is n)
+    run_kernel(dev, "grouped weight gradient", name, tile, tiles, dw, counts, sizes, || {
+        let (m64, n64, k64) = (m as u64, n as u64, ko as u64);
+        // x^T and dy: boxes of 64 columns x 64 rows
+        let map_a = tensor_map("the weight gradient's x", x, &[k64, m64], &[k64 * 2], &[64, TILE_K as u32])?;
+        let map_b = tensor_map("the weight gradient's dy", dy, &[n64, m64], &[n64 * 2], &[64, TILE_K as u32])?;
+        Ok((map_a, map_b))
+    })
+}
+
+/// The sizes of a launch as the kernels take them (GG_ARGS's num_experts, m_total, n, k).
+#[derive(Clone, Copy)]
+struct Sizes {
+    experts: i32,
+    m: i32,
+    n: i32,
+    k: i32,
+}
+
+/// What [`launch`] and [`launch_wgrad`] require of their sizes and addresses: `k` (called
+/// `k_name` in the errors) and `n` multiples of 8 (the TMA's 16-byte strides), the operands'
+/// addresses (`addresses`: or-ed together) 16-byte aligned, every size an int32. `what` starts
+/// the errors.
+fn checked_sizes(what: &str, k_name: &str, addresses: u64, experts: usize, m: usize, n: usize, k: usize) -> Result<Sizes> {
+    if k % 8 != 0 || n % 8 != 0 {
+        return Err(Error::Cuda(format!("{what}: {k_name} = {k} and n = {n} must be multiples of 8 (TMA strides)")));
+    }
+    if addresses % 16 != 0 {
+        return Err(Error::Cuda(format!("{what}: operands must be 16-byte aligned")));
+    }
+    let int = |name: &str, v: usize| i32::try_from(v).map_err(|_| Error::Cuda(format!("{what}: {name} = {v} exceeds int32")));
+    Ok(Sizes { m: int("m", m)?, n: int("n", n)?, k: int(k_name, k)?, experts: int("experts", experts)? })
+}
+
+/// Queues kernel `name` on the device's stream: its dynamic shared memory for `tile` and
+/// `sizes.experts` checked against what the kernel may have, then the tensor maps of its two
+/// operands (`maps`), on one block per SM or `tiles` blocks when there are fewer tiles.
+#[allow(clippy::too_many_arguments)]
+fn run_kernel(
+    dev: &Device,
+    what: &str,
+    name: &str,
+    tile: TileN,
+    tiles: usize,
+    out: u64,
+    counts: u64,
+    sizes: Sizes,
+    maps: impl FnOnce() -> Result<(TensorMap, TensorMap)>,
+) -> Result<()> {
     let kernels = kernels(dev)?;
     let f = kernels.functions.get(name).ok_or_else(|| Error::Cuda(format!("kernel {name} is not in kernels/grouped_gemm.cu")))?;
+    let experts = sizes.experts as usize;
     let smem = shared_bytes(tile, experts);
     let limit = f
         .get_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)
         .map_err(|e| Error::driver("reading the shared memory limit", e))? as usize;
     if smem > limit {
-        return Err(Error::Cuda(format!(
-            "grouped weight gradient: {experts} experts need {smem} bytes of shared memory, the kernel may have {limit}"
-        )));
+        return Err(Error::Cuda(format!("{what}: {experts} experts need {smem} bytes of shared memory, the kernel may have {limit}")));
     }
-    let (m64, n64, k64) = (m as u64, n as u64, ko as u64);
-    // x^T and dy: boxes of 64 columns x 64 rows
-    let map_a = tensor_map("the weight gradient's x", x, &[k64, m64], &[k64 * 2], &[64, TILE_K as u32])?;
-    let map_b = tensor_map("the weight gradient's dy", dy, &[n64, m64], &[n64 * 2], &[64, TILE_K as u32])?;
-    let tiles = experts.saturating_mul(ko.div_ceil(TILE_M)).saturating_mul(n.div_ceil(256));
+    let (map_a, map_b) = maps()?;
     let grid = dev.sm_count().min(tiles).max(1) as u32;
     let stream = dev.stream();
     let group = group_n();
+    let Sizes { experts: ei, m: mi, n: ni, k: ki } = sizes;
     let mut b = stream.launch_builder(f);
-    b.arg(&map_a).arg(&map_b).arg(&dw).arg(&counts).arg(&ei).arg(&mi).arg(&ni).arg(&ki).arg(&group);
+    b.arg(&map_a).arg(&map_b).arg(&out).arg(&counts).arg(&ei).arg(&mi).arg(&ni).arg(&ki).arg(&group);
     let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
-    // SAFETY: the arguments match the kernel's parameters (GG_ARGS: k = ko, n = n) in order and type.
+    // SAFETY: the arguments match the kernel's parameters (GG_ARGS; the weight gradients' k is
+    // ko) in order and type.
     unsafe { b.launch(cfg) }.map_err(|e| Error::driver(format!("launching {name} on {grid} blocks"), e))?;
     Ok(())
 }

@@ -30,7 +30,7 @@ use moe_cuda::{Buffer, Device};
 use rayon::prelude::*;
 
 use crate::experts::{bf16_peak, EXPERT_SHAPES};
-use crate::{time_ms, Rng};
+use crate::{global_device, time_ms, Rng, ShapeOptions};
 
 type R<T> = moe_cuda::Result<T>;
 
@@ -60,6 +60,27 @@ struct Case {
     n: usize,
 }
 
+impl Case {
+    /// (experts, rows of the experts: the sum of the counts, M: those and the spare rows)
+    fn sizes(&self) -> (usize, usize, usize) {
+        let rows: usize = self.counts.iter().map(|&c| c as usize).sum();
+        (self.counts.len(), rows, rows + self.spare)
+    }
+}
+
+/// Runs `launch` (its argument: the output's address) twice, each time on a new output buffer
+/// of `bytes` bytes filled with 0xff bytes first; the two outputs as read back.
+fn run_twice(dev: &Device, what: &str, bytes: usize, launch: impl Fn(u64) -> R<()>) -> R<Vec<Vec<u8>>> {
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        let out = dev.alloc(what, bytes)?;
+        dev.memset_u32(what, &out, 0xffff_ffff, bytes / 4)?;
+        launch(out.device_ptr(dev))?;
+        runs.push(dev.download_new(what, &out, bytes)?);
+    }
+    Ok(runs)
+}
+
 fn small_cases() -> Vec<Case> {
     let mut rng = Rng(99);
     let many: Vec<i32> = (0..400).map(|_| rng.below(9) as i32).collect();
@@ -74,13 +95,71 @@ fn small_cases() -> Vec<Case> {
     ]
 }
 
+/// An element outside the tolerance: where, ours, the host's and the tolerance.
+struct Mismatch {
+    index: usize,
+    got: f64,
+    want: f64,
+    tolerance: f64,
+}
+
+/// Our two runs' outputs against the host reference (each element's f64 sum and sum of
+/// |products|): the first run element by element (f32: to the f32 sums' error; bf16: a rounding
+/// to bf16 too), and the second the same bytes as the first.
+struct HostCheck {
+    /// elements outside the tolerance
+    bad: usize,
+    max_rel: f64,
+    first: Option<Mismatch>,
+    same: bool,
+}
+
+impl HostCheck {
+    /// `runs`: the two outputs of `od` (bf16 or f32, little-endian).
+    fn new(runs: &[Vec<u8>], od: DType, reference: &[(f64, f64)]) -> HostCheck {
+        let got = &runs[0];
+        let (mut bad, mut max_rel, mut first) = (0usize, 0f64, None);
+        for (i, &(r, a)) in reference.iter().enumerate() {
+            let g = if od == DType::F32 {
+                f32::from_le_bytes([got[4 * i], got[4 * i + 1], got[4 * i + 2], got[4 * i + 3]]) as f64
+            } else {
+                f(u16::from_le_bytes([got[2 * i], got[2 * i + 1]]))
+            };
+            let tol = if od == DType::F32 { 1e-5 * a + 1e-6 } else { r.abs() / 256.0 * 1.001 + 1e-5 * a + 1e-6 };
+            let err = (g - r).abs();
+            if r != 0.0 {
+                max_rel = max_rel.max(err / r.abs().max(1e-3));
+            }
+            if err.is_nan() || err > tol {
+                bad += 1;
+                first.get_or_insert(Mismatch { index: i, got: g, want: r, tolerance: tol });
+            }
+        }
+        HostCheck { bad, max_rel, first, same: runs[0] == runs[1] }
+    }
+
+    /// Prints the check's line (`what` the case; `first` says where and what the first element
+    /// outside the tolerance is; `extra` a failed check of the caller's, "" when it passed) and
+    /// returns whether everything passed.
+    fn report(&self, what: std::fmt::Arguments, first: impl Fn(&Mismatch) -> String, extra: &str) -> bool {
+        let ok = self.bad == 0 && extra.is_empty() && self.same;
+        println!(
+            "  {} {what} max rel err {:.2e}, {} outside tolerance{}{extra}{}",
+            if ok { "ok  " } else { "FAIL" },
+            self.max_rel,
+            self.bad,
+            self.first.as_ref().map(first).unwrap_or_default(),
+            if self.same { ", run to run identical" } else { ", RUNS DIFFER" },
+        );
+        ok
+    }
+}
+
 /// Runs the small cases for one tile width; returns the number of failures.
 fn small_checks(dev: &Device, tile: TileN) -> R<usize> {
     let mut failures = 0;
     for (ci, case) in small_cases().iter().enumerate() {
-        let e = case.counts.len();
-        let rows: usize = case.counts.iter().map(|&c| c as usize).sum();
-        let m = rows + case.spare;
+        let (e, rows, m) = case.sizes();
         let (k, n) = (case.k, case.n);
         let x = random_bf16(m * k, 1000 + ci as u64, 1.0);
         let w = random_bf16(e * k * n, 2000 + ci as u64, 1.0);
@@ -113,59 +192,32 @@ fn small_checks(dev: &Device, tile: TileN) -> R<usize> {
             }
             for &od in outs {
                 let size = od.size();
-                let mut runs: Vec<Vec<u8>> = Vec::new();
                 // (whole 4-byte words, so that the sentinel fill covers every byte)
                 let bytes = (m * n * size).next_multiple_of(4);
-                for _ in 0..2 {
-                    let out = dev.alloc("out", bytes)?;
-                    dev.memset_u32("out", &out, 0xffff_ffff, bytes / 4)?;
-                    let s = |buf: &Buffer| buf.device_ptr(dev);
-                    grouped_gemm::launch(dev, s(&d_x), s(&d_w), layout, s(&d_counts), s(&out), od, e, m, n, k, tile)?;
-                    runs.push(dev.download_new("out", &out, bytes)?);
-                }
-                let got = &runs[0];
-                let value = |i: usize| -> f64 {
-                    if od == DType::F32 {
-                        f32::from_le_bytes([got[4 * i], got[4 * i + 1], got[4 * i + 2], got[4 * i + 3]]) as f64
-                    } else {
-                        f(u16::from_le_bytes([got[2 * i], got[2 * i + 1]]))
-                    }
-                };
-                let mut bad = 0usize;
-                let mut first = String::new();
-                let mut max_rel = 0f64;
-                for (i, &(r, a)) in reference.iter().enumerate() {
-                    let g = value(i);
-                    let tol = if od == DType::F32 { 1e-5 * a + 1e-6 } else { r.abs() / 256.0 * 1.001 + 1e-5 * a + 1e-6 };
-                    let err = (g - r).abs();
-                    if r != 0.0 {
-                        max_rel = max_rel.max(err / r.abs().max(1e-3));
-                    }
-                    if err.is_nan() || err > tol {
-                        bad += 1;
-                        if first.is_empty() {
-                            first = format!("row {} col {}: got {g}, want {r} (tolerance {tol:.3e})", i / n, i % n);
-                        }
-                    }
-                }
+                let s = |buf: &Buffer| buf.device_ptr(dev);
+                let runs = run_twice(dev, "out", bytes, |out| {
+                    grouped_gemm::launch(dev, s(&d_x), s(&d_w), layout, s(&d_counts), out, od, e, m, n, k, tile)
+                })?;
+                let check = HostCheck::new(&runs, od, &reference);
                 // the spare rows stay as they were (0xff bytes)
-                let untouched = got[rows * n * size..m * n * size].iter().all(|&byte| byte == 0xff);
-                let same = runs[0] == runs[1];
-                let ok = bad == 0 && untouched && same;
+                let untouched = runs[0][rows * n * size..m * n * size].iter().all(|&byte| byte == 0xff);
+                let ok = check.report(
+                    format_args!("{} {:?} -> {}: {} [E={e}, M={m}, K={k}, N={n}]", tile.name(), layout, od.name(), case.name),
+                    |b| {
+                        format!(
+                            " (first: row {} col {}: got {}, want {} (tolerance {:.3e}))",
+                            b.index / n,
+                            b.index % n,
+                            b.got,
+                            b.want,
+                            b.tolerance
+                        )
+                    },
+                    if untouched { "" } else { ", spare rows written" },
+                );
                 if !ok {
                     failures += 1;
                 }
-                println!(
-                    "  {} {} {:?} -> {}: {} [E={e}, M={m}, K={k}, N={n}] max rel err {max_rel:.2e}, {bad} outside tolerance{}{}{}",
-                    if ok { "ok  " } else { "FAIL" },
-                    tile.name(),
-                    layout,
-                    od.name(),
-                    case.name,
-                    if first.is_empty() { String::new() } else { format!(" (first: {first})") },
-                    if untouched { "" } else { ", spare rows written" },
-                    if same { ", run to run identical" } else { ", RUNS DIFFER" },
-                );
             }
         }
     }
@@ -177,9 +229,7 @@ fn small_checks(dev: &Device, tile: TileN) -> R<usize> {
 fn wgrad_checks(dev: &Device) -> R<usize> {
     let mut failures = 0;
     for (ci, case) in small_cases().iter().enumerate() {
-        let e = case.counts.len();
-        let rows: usize = case.counts.iter().map(|&c| c as usize).sum();
-        let m = rows + case.spare;
+        let (e, _, m) = case.sizes();
         let (ko, n) = (case.k, case.n);
         let x = random_bf16(m * ko, 3000 + ci as u64, 1.0);
         let dy = random_bf16(m * n, 4000 + ci as u64, 1.0);
@@ -203,47 +253,28 @@ fn wgrad_checks(dev: &Device) -> R<usize> {
         for (od, tile) in [(DType::BF16, TileN::N256), (DType::F32, TileN::N256), (DType::BF16, TileN::N256Bulk)] {
             let size = od.size();
             let bytes = (e * ko * n * size).next_multiple_of(4);
-            let mut runs: Vec<Vec<u8>> = Vec::new();
-            for _ in 0..2 {
-                let out = dev.alloc("dw", bytes)?;
-                dev.memset_u32("dw", &out, 0xffff_ffff, bytes / 4)?;
-                let p = |buf: &Buffer| buf.device_ptr(dev);
-                grouped_gemm::launch_wgrad(dev, p(&d_x), p(&d_dy), p(&d_counts), p(&out), od, e, m, ko, n, tile)?;
-                runs.push(dev.download_new("dw", &out, bytes)?);
-            }
-            let got = &runs[0];
-            let (mut bad, mut max_rel, mut first) = (0usize, 0f64, String::new());
-            for (i, &(r, a)) in reference.iter().enumerate() {
-                let g = if od == DType::F32 {
-                    f32::from_le_bytes([got[4 * i], got[4 * i + 1], got[4 * i + 2], got[4 * i + 3]]) as f64
-                } else {
-                    f(u16::from_le_bytes([got[2 * i], got[2 * i + 1]]))
-                };
-                let tol = if od == DType::F32 { 1e-5 * a + 1e-6 } else { r.abs() / 256.0 * 1.001 + 1e-5 * a + 1e-6 };
-                let err = (g - r).abs();
-                if r != 0.0 {
-                    max_rel = max_rel.max(err / r.abs().max(1e-3));
-                }
-                if err.is_nan() || err > tol {
-                    bad += 1;
-                    if first.is_empty() {
-                        first = format!(" (first: expert {} row {} col {}: got {g}, want {r})", i / (ko * n), (i / n) % ko, i % n);
-                    }
-                }
-            }
-            let same = runs[0] == runs[1];
-            let ok = bad == 0 && same;
+            let p = |buf: &Buffer| buf.device_ptr(dev);
+            let runs = run_twice(dev, "dw", bytes, |out| {
+                grouped_gemm::launch_wgrad(dev, p(&d_x), p(&d_dy), p(&d_counts), out, od, e, m, ko, n, tile)
+            })?;
+            let check = HostCheck::new(&runs, od, &reference);
+            let ok = check.report(
+                format_args!("wgrad {} -> {}: {} [E={e}, M={m}, K={ko}, N={n}]", tile.name(), od.name(), case.name),
+                |b| {
+                    format!(
+                        " (first: expert {} row {} col {}: got {}, want {})",
+                        b.index / (ko * n),
+                        (b.index / n) % ko,
+                        b.index % n,
+                        b.got,
+                        b.want
+                    )
+                },
+                "",
+            );
             if !ok {
                 failures += 1;
             }
-            println!(
-                "  {} wgrad {} -> {}: {} [E={e}, M={m}, K={ko}, N={n}] max rel err {max_rel:.2e}, {bad} outside tolerance{first}{}",
-                if ok { "ok  " } else { "FAIL" },
-                tile.name(),
-                od.name(),
-                case.name,
-                if same { ", run to run identical" } else { ", RUNS DIFFER" },
-            );
         }
     }
     Ok(failures)
@@ -267,6 +298,21 @@ fn routing_counts(tokens: usize, experts: usize, topk: usize, seed: u64) -> Vec<
         }
     }
     counts
+}
+
+/// The cuBLAS problems of a GEMM per expert with rows: `problem(c, r0, ex)` is expert ex's, its
+/// c > 0 rows from row r0 on (the rows expert-major, `counts` of them).
+fn per_expert(counts: &[i32], problem: impl Fn(usize, usize, usize) -> Problem) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let mut r0 = 0usize;
+    for (ex, &c) in counts.iter().enumerate() {
+        let c = c as usize;
+        if c > 0 {
+            problems.push(problem(c, r0, ex));
+        }
+        r0 += c;
+    }
+    problems
 }
 
 /// One GEMM of the experts at a shape: x [m, k] @ B[e] -> [m, n].
@@ -312,59 +358,45 @@ fn compare_bf16(a: &[u16], b: &[u16]) -> (usize, f64, Option<usize>) {
 }
 
 pub fn bench(args: &[String]) -> i32 {
-    let (mut iters, mut out, mut names, mut tiles, mut small_only, mut wgrad) =
-        (10usize, None::<String>, None::<Vec<String>>, vec![TileN::N128, TileN::N256, TileN::N256Bulk], false, true);
-    let mut i = 0;
-    while i < args.len() {
-        match (args[i].as_str(), args.get(i + 1)) {
-            ("--iters", Some(v)) => iters = v.parse().expect("--iters N"),
-            ("--out", Some(v)) => out = Some(v.clone()),
-            ("--shapes", Some(v)) => names = Some(v.split(',').map(String::from).collect()),
-            ("--tile", Some(v)) => {
-                tiles = v
-                    .split(',')
-                    .filter_map(|t| match t {
-                        "128" => Some(TileN::N128),
-                        "256" => Some(TileN::N256),
-                        "bulk" => Some(TileN::N256Bulk),
-                        _ => None,
-                    })
-                    .collect()
-            }
-            ("--no-wgrad", _) => {
-                wgrad = false;
-                i += 1;
-                continue;
-            }
-            ("--small-only", _) => {
-                small_only = true;
-                i += 1;
-                continue;
-            }
-            (other, _) => {
-                eprintln!("unknown or incomplete argument {other}");
-                return 2;
-            }
+    let (mut tiles, mut small_only, mut wgrad) = (vec![TileN::N128, TileN::N256, TileN::N256Bulk], false, true);
+    let opts = ShapeOptions::parse(args, |flag, value| match (flag, value) {
+        ("--tile", Some(v)) => {
+            tiles = v
+                .split(',')
+                .filter_map(|t| match t {
+                    "128" => Some(TileN::N128),
+                    "256" => Some(TileN::N256),
+                    "bulk" => Some(TileN::N256Bulk),
+                    _ => None,
+                })
+                .collect();
+            Some(2)
         }
-        i += 2;
-    }
-    let dev = match Device::global() {
+        ("--no-wgrad", _) => {
+            wgrad = false;
+            Some(1)
+        }
+        ("--small-only", _) => {
+            small_only = true;
+            Some(1)
+        }
+        _ => None,
+    });
+    let opts = match opts {
+        Ok(o) => o,
+        Err(rc) => return rc,
+    };
+    let dev = match global_device() {
         Ok(d) => d,
-        Err(e) => {
-            println!("{e}");
-            return 1;
-        }
+        Err(rc) => return rc,
     };
     if let Err(e) = grouped_gemm::arch(dev) {
         println!("{e}");
         return 1;
     }
-    match run(dev, iters, names, &tiles, small_only, wgrad) {
+    match run(dev, &opts, &tiles, small_only, wgrad) {
         Ok((json, failures)) => {
-            match out {
-                Some(path) => std::fs::write(&path, &json).expect("writing --out"),
-                None => println!("{json}"),
-            }
+            opts.write(&json);
             if failures > 0 {
                 println!("{failures} check(s) failed");
                 1
@@ -379,8 +411,9 @@ pub fn bench(args: &[String]) -> i32 {
     }
 }
 
-fn run(dev: &Device, iters: usize, names: Option<Vec<String>>, tiles: &[TileN], small_only: bool, wgrad: bool) -> R<(String, usize)> {
+fn run(dev: &Device, opts: &ShapeOptions, tiles: &[TileN], small_only: bool, wgrad: bool) -> R<(String, usize)> {
     use std::io::Write;
+    let iters = opts.iters;
     let info = dev.info();
     println!(
         "{} (cc {}), {} SMs; grouped GEMM kernels for {}",
@@ -406,7 +439,7 @@ fn run(dev: &Device, iters: usize, names: Option<Vec<String>>, tiles: &[TileN], 
     let peak = bf16_peak(dev, iters)?;
     println!("bf16 GEMM rate (8192^3, cuBLAS): {peak:.0} TFLOP/s");
     let mut rows: Vec<String> = Vec::new();
-    for s in EXPERT_SHAPES.iter().filter(|s| names.as_ref().is_none_or(|n| n.iter().any(|x| x == s.name))) {
+    for s in EXPERT_SHAPES.iter().filter(|s| opts.selects(s.name)) {
         dev.release_cached_memory()?;
         let (t, e, topk, dim, inter) = (s.tokens, s.experts, s.topk, s.dim, s.inter);
         let width = 2 * inter;
@@ -434,22 +467,14 @@ fn run(dev: &Device, iters: usize, names: Option<Vec<String>>, tiles: &[TileN], 
             let flops = 2.0 * (m * g.n * g.k) as f64;
             // cuBLAS, per expert, as the experts run it
             let c_out = dev.alloc("cuBLAS out", m * g.n * 2)?;
-            let mut problems = Vec::new();
-            let mut r0 = 0usize;
-            for (ex, &c) in counts.iter().enumerate() {
-                let c = c as usize;
-                if c > 0 {
-                    problems.push(Problem {
-                        m: c,
-                        n: g.n,
-                        k: g.k,
-                        a: x.device_ptr(dev) + (r0 * g.k * 2) as u64,
-                        b: w.device_ptr(dev) + (ex * g.k * g.n * 2) as u64,
-                        c: c_out.device_ptr(dev) + (r0 * g.n * 2) as u64,
-                    });
-                }
-                r0 += c;
-            }
+            let problems = per_expert(&counts, |c, r0, ex| Problem {
+                m: c,
+                n: g.n,
+                k: g.k,
+                a: x.device_ptr(dev) + (r0 * g.k * 2) as u64,
+                b: w.device_ptr(dev) + (ex * g.k * g.n * 2) as u64,
+                c: c_out.device_ptr(dev) + (r0 * g.n * 2) as u64,
+            });
             let trans_b = g.layout == WeightLayout::NK;
             let cublas = || run_gemms(dev, &problems, (DType::BF16, false), (DType::BF16, trans_b), DType::BF16);
             cublas()?;
@@ -537,22 +562,14 @@ fn run(dev: &Device, iters: usize, names: Option<Vec<String>>, tiles: &[TileN], 
             let flops = 2.0 * (m * ko * nn) as f64;
             let c_out = dev.alloc("cuBLAS dw", e * ko * nn * 2)?;
             dev.memset_zero("cuBLAS dw", &c_out, e * ko * nn * 2)?;
-            let mut problems = Vec::new();
-            let mut r0 = 0usize;
-            for (ex, &c) in counts.iter().enumerate() {
-                let c = c as usize;
-                if c > 0 {
-                    problems.push(Problem {
-                        m: ko,
-                        n: nn,
-                        k: c,
-                        a: x.device_ptr(dev) + (r0 * ko * 2) as u64,
-                        b: dy.device_ptr(dev) + (r0 * nn * 2) as u64,
-                        c: c_out.device_ptr(dev) + (ex * ko * nn * 2) as u64,
-                    });
-                }
-                r0 += c;
-            }
+            let problems = per_expert(&counts, |c, r0, ex| Problem {
+                m: ko,
+                n: nn,
+                k: c,
+                a: x.device_ptr(dev) + (r0 * ko * 2) as u64,
+                b: dy.device_ptr(dev) + (r0 * nn * 2) as u64,
+                c: c_out.device_ptr(dev) + (ex * ko * nn * 2) as u64,
+            });
             let cublas = || run_gemms(dev, &problems, (DType::BF16, true), (DType::BF16, false), DType::BF16);
             cublas()?;
             let c_host: Vec<u16> = dev.download_new("cuBLAS dw", &c_out, e * ko * nn)?;
@@ -616,25 +633,21 @@ fn run(dev: &Device, iters: usize, names: Option<Vec<String>>, tiles: &[TileN], 
                 wsum[2] += c_ms;
             }
         }
-        if wsum[1] > 0.0 {
-            let [fl, ours, cub] = wsum;
-            println!(
-                "  {} weight gradients (x^T dh + a^T dy): ours {:.1}% of the bf16 rate, cuBLAS {:.1}% ({:.2}x)",
-                s.name,
-                100.0 * fl / (ours * 1e-3) / 1e12 / peak,
-                100.0 * fl / (cub * 1e-3) / 1e12 / peak,
-                cub / ours
-            );
-        }
-        for (slot, what) in [(0, "forward (x W1 + a W2)"), (1, "input gradients (dy W2^T + dh W1^T)")] {
-            let [fl, ours, cub] = sums[slot];
+        // [flops, ours ms, cuBLAS ms] of a group of GEMMs as % of the bf16 rate
+        let summary = |what: &str, [fl, ours, cub]: [f64; 3]| {
             println!(
                 "  {} {what}: ours {:.1}% of the bf16 rate, cuBLAS {:.1}% ({:.2}x)",
                 s.name,
                 100.0 * fl / (ours * 1e-3) / 1e12 / peak,
                 100.0 * fl / (cub * 1e-3) / 1e12 / peak,
                 cub / ours
-            );
+            )
+        };
+        if wsum[1] > 0.0 {
+            summary("weight gradients (x^T dh + a^T dy)", wsum);
+        }
+        for (slot, what) in [(0, "forward (x W1 + a W2)"), (1, "input gradients (dy W2^T + dh W1^T)")] {
+            summary(what, sums[slot]);
         }
     }
     let json = format!("{{\"device\": {:?}, \"bf16PeakTflops\": {peak}, \"iters\": {iters}, \"rows\": [{}]}}", info.name, rows.join(", "));

@@ -139,26 +139,14 @@ fn per_shape(
     with_peak: bool,
     row: impl Fn(&Device, &experts::ExpertShape, usize, f64) -> moe_cuda::Result<experts::flat_json::Obj>,
 ) -> i32 {
-    let (mut iters, mut out, mut names) = (10usize, None::<String>, None::<Vec<String>>);
-    let mut i = 0;
-    while i < args.len() {
-        match (args[i].as_str(), args.get(i + 1)) {
-            ("--iters", Some(v)) => iters = v.parse().expect("--iters N"),
-            ("--out", Some(v)) => out = Some(v.clone()),
-            ("--shapes", Some(v)) => names = Some(v.split(',').map(String::from).collect()),
-            (other, _) => {
-                eprintln!("unknown or incomplete argument {other}");
-                return 2;
-            }
-        }
-        i += 2;
-    }
-    let dev = match Device::global() {
+    let opts = match ShapeOptions::parse(args, |_, _| None) {
+        Ok(o) => o,
+        Err(rc) => return rc,
+    };
+    let iters = opts.iters;
+    let dev = match global_device() {
         Ok(d) => d,
-        Err(e) => {
-            println!("{e}");
-            return 1;
-        }
+        Err(rc) => return rc,
     };
     let result = (|| -> moe_cuda::Result<String> {
         let peak = if with_peak { experts::bf16_peak(dev, iters)? } else { f64::NAN };
@@ -166,7 +154,7 @@ fn per_shape(
             println!("bf16 GEMM rate (8192^3, cuBLAS): {peak:.0} TFLOP/s");
         }
         let mut rows = Vec::new();
-        for s in experts::EXPERT_SHAPES.iter().filter(|s| names.as_ref().is_none_or(|n| n.iter().any(|x| x == s.name))) {
+        for s in experts::EXPERT_SHAPES.iter().filter(|s| opts.selects(s.name)) {
             // each shape starts with the memory pool's cached memory released (as a user switching
             // shapes should: on an H200 the fine-grained GEMMs ran at 62-67% of the bf16 rate
             // after the Mixtral-like shape with its memory still in the pool, 72-82% with it
@@ -181,10 +169,7 @@ fn per_shape(
     })();
     match result {
         Ok(json) => {
-            match out {
-                Some(path) => std::fs::write(&path, &json).expect("writing --out"),
-                None => println!("{json}"),
-            }
+            opts.write(&json);
             0
         }
         Err(e) => {
@@ -192,6 +177,65 @@ fn per_shape(
             1
         }
     }
+}
+
+/// The options of the commands over the experts' shapes: `--iters N` (10 by default),
+/// `--out FILE`, `--shapes a,b`.
+struct ShapeOptions {
+    iters: usize,
+    out: Option<String>,
+    names: Option<Vec<String>>,
+}
+
+impl ShapeOptions {
+    /// Parses `args`: the options above, and a command's own through `own(flag, value)`, which
+    /// takes the flag (and the value when it has one) and returns how many arguments it took,
+    /// or None when the flag is not one of its own. Err(2), the exit code, after an unknown or
+    /// incomplete argument.
+    fn parse(args: &[String], mut own: impl FnMut(&str, Option<&String>) -> Option<usize>) -> Result<ShapeOptions, i32> {
+        let mut opts = ShapeOptions { iters: 10, out: None, names: None };
+        let mut i = 0;
+        while i < args.len() {
+            match (args[i].as_str(), args.get(i + 1)) {
+                ("--iters", Some(v)) => opts.iters = v.parse().expect("--iters N"),
+                ("--out", Some(v)) => opts.out = Some(v.clone()),
+                ("--shapes", Some(v)) => opts.names = Some(v.split(',').map(String::from).collect()),
+                (other, value) => match own(other, value) {
+                    Some(taken) => {
+                        i += taken;
+                        continue;
+                    }
+                    None => {
+                        eprintln!("unknown or incomplete argument {other}");
+                        return Err(2);
+                    }
+                },
+            }
+            i += 2;
+        }
+        Ok(opts)
+    }
+
+    /// Whether `--shapes` (all when absent) names the shape `name`.
+    fn selects(&self, name: &str) -> bool {
+        self.names.as_ref().is_none_or(|n| n.iter().any(|x| x == name))
+    }
+
+    /// Writes `json` to the `--out` file, or prints it.
+    fn write(&self, json: &str) {
+        match &self.out {
+            Some(path) => std::fs::write(path, json).expect("writing --out"),
+            None => println!("{json}"),
+        }
+    }
+}
+
+/// The process's device, or the exit code 1 after printing why there is none.
+fn global_device() -> Result<&'static Device, i32> {
+    Device::global().map_err(|e| {
+        println!("{e}");
+        1
+    })
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -277,12 +321,9 @@ fn run(args: &[String]) -> i32 {
         i += 1;
     }
     let t_open = Instant::now();
-    let dev = match Device::global() {
+    let dev = match global_device() {
         Ok(d) => d,
-        Err(e) => {
-            println!("{e}");
-            return 1;
-        }
+        Err(rc) => return rc,
     };
     let info = dev.info();
     println!(
