@@ -13,7 +13,8 @@
 # Options of pack: --no-build (pack what is built). Of remote: SKIP_SUITE=1 (the GPU suite and
 # `check`), SKIP_SOAK=1, SKIP_BENCH=1, SKIP_EXPERTS=1 (the experts part of the benchmark),
 # SUITE_FILES="a b" (only test/gpu/a.test.mjs, b.test.mjs), SKIP_TORCH=1, SKIP_TRAIN=1 (the training-step benchmarks: Rust-driven and PyTorch's),
-# TRAIN_AB="NAME=value" (the training steps again with that environment setting; the training results go into one train.json)
+# TRAIN_AB="NAME=value" (the training steps again with that environment setting; the training results go into one train.json),
+# GGEMM=1 (moe-cuda-bench ggemm: the grouped GEMM's checks and timings)
 # (SOAK_SMALL / SOAK_LARGE set the soak's counts), SKIP_EP=1 (the expert-parallel launcher over
 # NCCL, one process per GPU: scripts/ep-launch.mjs). MOE_GPU_BUNDLE=DIR packs into / runs from
 # another folder than .gpu-bundle (a helper's own bundle beside the lead's; git-ignore it).
@@ -161,6 +162,11 @@ for name, v in zip(['SM clock MHz', 'power W', 'temperature C'], cols):
     print(f"  during the experts bench: {name} min {min(v):.0f}, p10 {q[0]:.0f}, median {statistics.median(v):.0f}, max {max(v):.0f} ({len(v)} samples)")
 PY
     fi
+  fi
+  if [[ -n "${GGEMM:-}" ]]; then
+    # our grouped GEMM (issue 19): its correctness checks (host reference, cuBLAS, run to run) and timings
+    say "moe-cuda-bench ggemm"
+    timeout 300 "$BUNDLE/bin/moe-cuda-bench" ggemm ${GGEMM_ARGS:---iters 3} --out "$OUT/ggemm.json"; echo "  exit code $?"
   fi
   if [[ -z "${SKIP_TRAIN:-}" ]]; then
     # the training step (issue 18), Rust-driven and PyTorch's, interleaved: Rust, PyTorch, Rust
