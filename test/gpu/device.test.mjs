@@ -149,15 +149,27 @@ describe('device tensors', () => {
 
   test("releaseCachedMemory returns the pool's memory of disposed tensors to the driver; tensors work after it", { skip }, () => {
     const bytes = 256 << 20;
-    const big = cuda.upload(tensor('float32', [bytes / 4], new Float32Array(bytes / 4)));
-    big.dispose();
-    cuda.synchronize();
-    const before = cuda.memory();
-    assert.ok(before.cachedBytes >= bytes, `cachedBytes ${before.cachedBytes} after disposing ${bytes} bytes`);
-    cuda.releaseCachedMemory();
-    const after = cuda.memory();
-    assert.ok(after.cachedBytes <= before.cachedBytes - bytes, `cachedBytes ${before.cachedBytes} -> ${after.cachedBytes}`);
-    assert.ok(after.freeBytes >= before.freeBytes + bytes, `freeBytes ${before.freeBytes} -> ${after.freeBytes}`);
+    // freeBytes is the whole device's: the suite's other files run in other processes at the
+    // same time and allocate too, so a round whose free memory did not grow by the released
+    // bytes is tried again (three rounds; the pool's own cachedBytes must drop every time)
+    const rounds = [];
+    for (let round = 0; round < 3; round++) {
+      const big = cuda.upload(tensor('float32', [bytes / 4], new Float32Array(bytes / 4)));
+      big.dispose();
+      cuda.synchronize();
+      const before = cuda.memory();
+      assert.ok(before.cachedBytes >= bytes, `cachedBytes ${before.cachedBytes} after disposing ${bytes} bytes`);
+      cuda.releaseCachedMemory();
+      const after = cuda.memory();
+      assert.ok(after.cachedBytes <= before.cachedBytes - bytes, `cachedBytes ${before.cachedBytes} -> ${after.cachedBytes}`);
+      rounds.push(`${before.freeBytes} -> ${after.freeBytes}`);
+      if (after.freeBytes >= before.freeBytes + bytes) break;
+    }
+    const grew = rounds.some((r) => {
+      const [a, b] = r.split(' -> ').map(Number);
+      return b >= a + bytes;
+    });
+    assert.ok(grew, `freeBytes did not grow by ${bytes} in any round: ${rounds.join(', ')}`);
     const t = cuda.upload(tensor('float32', [3], Float32Array.from([1, 2, 3])));
     assert.deepEqual([...t.download().data], [1, 2, 3]);
     t.dispose();
