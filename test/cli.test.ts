@@ -208,3 +208,26 @@ describe.skipIf(!built)('moe-dispatch CLI', () => {
 });
 
 it.skipIf(built)(`CLI tests skipped: ${CLI} is not built (run npm run build)`, () => {});
+
+const EP_EXAMPLE = fileURLToPath(new URL('../examples/train-ep.mjs', import.meta.url));
+
+describe.skipIf(!built)('examples/train-ep.mjs (expert-parallel training, in-process ranks)', () => {
+  it('3 ranks on cpu: the loss falls, the router copies stay the same bits on every rank, and a second run gives the same numbers', () => {
+    const run = () => {
+      const r = spawnSync(process.execPath, [EP_EXAMPLE, '--ranks', '3', '--backend', 'cpu', '--steps', '25', '--json'], { encoding: 'utf8', timeout: 120_000 });
+      expect(r.status, r.stderr).toBe(0);
+      return JSON.parse(r.stdout.trim().split('\n').at(-1)!);
+    };
+    const a = run();
+    expect(a).toMatchObject({ backend: 'cpu', ranks: 3, steps: 25, tokensPerStep: 288, replicasIdentical: true });
+    expect(a.finalLoss).toBeLessThan(a.initialLoss / 2);
+    const b = run();
+    expect([b.initialLoss, b.finalLoss]).toEqual([a.initialLoss, a.finalLoss]);
+  });
+
+  it('bad arguments: a RangeError naming the option, exit 1', () => {
+    const r = spawnSync(process.execPath, [EP_EXAMPLE, '--ranks', '0'], { encoding: 'utf8', timeout: 60_000 });
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/RangeError: --ranks: expected an integer >= 1, got 0/);
+  });
+});
