@@ -9,7 +9,20 @@
  */
 import { describe, expect, it } from 'vitest';
 
-import { AdamW, createInProcessGroup, MoELayer, reduceReplicatedGrads, tensor, toNumbers, type MoEForward, type MoEGrads, type MoELayerOptions, type MoEWeights, type Tensor } from '../ts/index.js';
+import {
+  AdamW,
+  createInProcessGroup,
+  ExpertParallelTimeoutError,
+  MoELayer,
+  reduceReplicatedGrads,
+  tensor,
+  toNumbers,
+  type MoEForward,
+  type MoEGrads,
+  type MoELayerOptions,
+  type MoEWeights,
+  type Tensor,
+} from '../ts/index.js';
 import { backendRows, registerBackendReport } from './backends.js';
 import { bf16Bits, mismatches, rng } from './util.js';
 
@@ -166,6 +179,23 @@ describe.each(backendRows)('MoELayer.forwardParallel / backwardParallel on %s', 
         expect(Array.from(layers[r].weights[key]!.data), `rank ${r}: weights.${key} = rank 0's`).toEqual(Array.from(layers[0].weights[key]!.data));
       }
     }
+  });
+
+  it("a rank that stops after the forward makes the others' backwardParallel reject, naming it", async () => {
+    const options: MoELayerOptions = { dim: 8, inter: 4, numExperts: 4, topk: 2, activation: 'swiglu' };
+    const whole = new MoELayer(moe!, { ...options, seed: 4 });
+    const groups = createInProcessGroup(2, { timeoutMs: 100 });
+    const layers = groups.map((g) => new MoELayer(moe!, { ...options, epSize: 2, epRank: g.rank, weights: sliceExperts(whole.weights, 2 * g.rank, 2 * g.rank + 2) }));
+    const xs = [0, 1].map((r) => values('float32', [6, 8], 40 + r, 1));
+    await Promise.all(layers.map((l, r) => l.forwardParallel(groups[r], xs[r] as never)));
+    // rank 1 "dies": it never calls backwardParallel
+    const err = await layers[0].backwardParallel(groups[0], values('float32', [6, 8], 50, 0.1) as never).then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    expect(err).toBeInstanceOf(ExpertParallelTimeoutError);
+    expect((err as ExpertParallelTimeoutError).missingRanks).toEqual([1]);
+    expect(String(err)).toMatch(/rank 1/);
   });
 
   it('errors: the wrong group, the wrong backward, a layer of another rank count', async () => {
