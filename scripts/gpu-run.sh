@@ -14,13 +14,16 @@
 # `check`), SKIP_SOAK=1, SKIP_BENCH=1, SKIP_EXPERTS=1 (the experts part of the benchmark),
 # SUITE_FILES="a b" (only test/gpu/a.test.mjs, b.test.mjs), SKIP_TORCH=1, SKIP_TRAIN=1 (the training-step benchmarks: Rust-driven and PyTorch's),
 # TRAIN_AB="NAME=value" (the training steps again with that environment setting; the training results go into one train.json),
-# GGEMM=1 (moe-cuda-bench ggemm: the grouped GEMM's checks and timings)
+# GGEMM=1 (moe-cuda-bench ggemm: the grouped GEMM's checks and timings),
+# WEBGPU=1 (pack and remote: the webgpu backend in Node through Dawn next to cuda, bench/webgpu-node.mjs)
 # (SOAK_SMALL / SOAK_LARGE set the soak's counts), SKIP_EP=1 (the expert-parallel launcher over
 # NCCL, one process per GPU: scripts/ep-launch.mjs). MOE_GPU_BUNDLE=DIR packs into / runs from
 # another folder than .gpu-bundle (a helper's own bundle beside the lead's; git-ignore it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUNDLE="${MOE_GPU_BUNDLE:-.gpu-bundle}"
+# the Dawn build that WEBGPU=1 carries (an exact version: the npm registry's)
+WEBGPU_VERSION=0.6.2
 say() { printf '\033[1m[gpu-run]\033[0m %s\n' "$*"; }
 
 pack() {
@@ -55,6 +58,25 @@ pack() {
   cp "$golden"/permute.json "$golden"/unpermute.json "$golden"/route.json "$BUNDLE/golden/"
   cp target/release/moe-cuda-bench "$BUNDLE/bin/"
   cp bench/gpu_torch_ref.py bench/gpu_torch_experts.py bench/gpu_torch_train.py bench/train-gpu.mjs "$BUNDLE/bench/"
+  # WEBGPU=1: the webgpu backend in Node through Dawn (issue 21): the `webgpu` npm package's Linux
+  # build (xz) and Debian's Vulkan loader, kept between packs; bench/webgpu-node.mjs and its page code
+  if [[ -n "${WEBGPU:-}" ]]; then
+    cp bench/webgpu-node.mjs bench/webgpu-bench.mjs bench/timing.mjs "$BUNDLE/bench/"
+    if [[ ! -f "$BUNDLE/webgpu/dawn.node.xz" ]]; then
+      local tmp
+      tmp="$(mktemp -d)"
+      say "fetching webgpu@$WEBGPU_VERSION (Dawn for Node) and libvulkan1"
+      (cd "$tmp" && npm pack --silent "webgpu@$WEBGPU_VERSION" >/dev/null && tar xzf "webgpu-$WEBGPU_VERSION.tgz" package/index.js package/package.json package/dist/linux-x64/dawn.node)
+      mkdir -p "$BUNDLE/webgpu/package"
+      cp "$tmp/package/index.js" "$tmp/package/package.json" "$BUNDLE/webgpu/package/"
+      xz -T0 -6 -c "$tmp/package/dist/linux-x64/dawn.node" > "$BUNDLE/webgpu/dawn.node.xz"
+      local o='-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64'
+      mkdir -p /tmp/amd64/partial
+      # shellcheck disable=SC2086
+      apt-get $o update >/dev/null && (cd "$BUNDLE/webgpu" && apt-get $o download libvulkan1 >/dev/null)
+      rm -rf "$tmp"
+    fi
+  fi
   # the same module resolution as in the repo: dist/ imports are relative, so the bundle is a
   # small copy of the repo's layout
   printf '{"type":"module"}\n' > "$BUNDLE/package.json"
@@ -162,6 +184,18 @@ for name, v in zip(['SM clock MHz', 'power W', 'temperature C'], cols):
     print(f"  during the experts bench: {name} min {min(v):.0f}, p10 {q[0]:.0f}, median {statistics.median(v):.0f}, max {max(v):.0f} ({len(v)} samples)")
 PY
     fi
+  fi
+  if [[ -n "${WEBGPU:-}" && -f "$BUNDLE/webgpu/dawn.node.xz" ]]; then
+    # Dawn finds the GPU through NVIDIA's Vulkan driver; the loader comes with the bundle
+    say "webgpu in Node through Dawn, next to cuda (bench/webgpu-node.mjs)"
+    if ! ldconfig -p | grep -q 'libvulkan.so.1'; then
+      for f in "$BUNDLE"/webgpu/libvulkan1_*.deb; do dpkg -x "$f" /; done
+      ldconfig
+    fi
+    [[ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ]] && export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+    mkdir -p "$BUNDLE/webgpu/package/dist/linux-x64"
+    xz -dc "$BUNDLE/webgpu/dawn.node.xz" > "$BUNDLE/webgpu/package/dist/linux-x64/dawn.node"
+    timeout 240 "$node" "$BUNDLE/bench/webgpu-node.mjs" --webgpu "$BUNDLE/webgpu/package" --dist "$BUNDLE/dist" --out "$OUT/webgpu-node.json"; echo "  exit code $?"
   fi
   if [[ -n "${GGEMM:-}" ]]; then
     # our grouped GEMM (issue 19): its correctness checks (host reference, cuBLAS, run to run) and timings

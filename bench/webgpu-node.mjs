@@ -1,0 +1,130 @@
+#!/usr/bin/env node
+/**
+ * The webgpu backend in Node through Dawn (the `webgpu` npm package, issue 21's optional path),
+ * next to the cuda backend on the same GPU: permute, unpermute and route as bench/webgpu.mjs
+ * times them in a page (bench/webgpu-bench.mjs: each WebGPU result also compared with wasm bit
+ * for bit), then the same ops on the cuda backend's device tensors, and the ratio of the two
+ * bandwidths. Buffers stay within the default WebGPU limits (Dawn crashed with raised limits and
+ * 256 MB buffers on the GPU machine: the default shape's largest buffer is 32 MB).
+ *
+ * Where Dawn finds no adapter (the CPU machines' lavapipe lacks a feature Dawn needs) it says so
+ * and exits 2. On the GPU machine `gpu-run.sh` (WEBGPU=1) carries the package's Linux build and
+ * Debian's Vulkan loader (`libvulkan1`). Needs a build (npm run build).
+ *
+ *   node bench/webgpu-node.mjs [--webgpu DIR] [--iters N] [--out FILE] [--tokens T --hidden H --experts E --topk K]
+ */
+import { writeFileSync } from 'node:fs';
+import { resolve } from 'node:path';
+import { pathToFileURL } from 'node:url';
+import { parseArgs } from 'node:util';
+
+import { timeSync } from './timing.mjs';
+import { benchWebGpu } from './webgpu-bench.mjs';
+
+const { values: args } = parseArgs({
+  options: {
+    webgpu: { type: 'string' },
+    dist: { type: 'string', default: 'dist' },
+    iters: { type: 'string', default: '10' },
+    out: { type: 'string' },
+    tokens: { type: 'string', default: '4096' },
+    hidden: { type: 'string', default: '1024' },
+    experts: { type: 'string', default: '64' },
+    topk: { type: 'string', default: '4' },
+  },
+});
+const shape = { T: Number(args.tokens), H: Number(args.hidden), E: Number(args.experts), k: Number(args.topk), iters: Number(args.iters) };
+for (const [key, v] of Object.entries(shape)) if (!Number.isInteger(v) || v < 1) throw new RangeError(`--${key}: expected an integer >= 1, got ${v}`);
+
+const write = (result) => {
+  const text = JSON.stringify(result, null, 1);
+  if (args.out) writeFileSync(args.out, `${text}\n`);
+  return result;
+};
+
+// Dawn's WebGPU as the page's: navigator.gpu and the GPU* globals
+const dawn = await import(args.webgpu ? pathToFileURL(resolve(args.webgpu, 'index.js')).href : 'webgpu').catch((e) => {
+  console.error(`webgpu-node: the webgpu package does not load (${e.message}); pass --webgpu DIR (gpu-run.sh WEBGPU=1 carries it)`);
+  process.exit(2);
+});
+Object.assign(globalThis, dawn.globals);
+globalThis.navigator = { ...(globalThis.navigator ?? {}), gpu: dawn.create([]) };
+
+const dist = pathToFileURL(`${resolve(args.dist)}/`).href;
+const api = await import(new URL('index.js', dist).href);
+const random = await import(new URL('random.js', dist).href);
+const info = await api.backendInfo();
+const webgpu = info.find((i) => i.name === 'webgpu');
+if (!webgpu?.available) {
+  console.error(`webgpu-node: no WebGPU adapter through Dawn here: ${webgpu?.reason ?? 'backendInfo() does not list webgpu'}`);
+  write({ kind: 'webgpu-node', available: false, reason: webgpu?.reason ?? null });
+  process.exit(2);
+}
+console.log(`webgpu: ${webgpu.device}`);
+const { rows, adapter } = await benchWebGpu(api, random, shape);
+
+// the cuda backend on the same GPU, device tensors, each op timed to a synchronize
+const cudaInfo = info.find((i) => i.name === 'cuda');
+if (cudaInfo?.available) {
+  const cuda = await api.createBackend({ prefer: 'cuda' });
+  const { T, H, E, k, iters } = shape;
+  const time = (f) =>
+    timeSync(iters, () => {
+      const out = f();
+      cuda.synchronize();
+      for (const t of Object.values(out)) if (t && typeof t.dispose === 'function') t.dispose();
+      if (typeof out.dispose === 'function') out.dispose();
+    });
+  for (const dtype of ['float32', 'bfloat16']) {
+    const r = random.randomRouting({ numTokens: T, numExperts: E, topk: k, hidden: H, dtype }, random.rng(7));
+    const elem = dtype === 'float32' ? 4 : 2;
+    const x = cuda.upload(r.tokens);
+    const mh = cuda.indicesToMultihot(cuda.upload(r.indices), cuda.upload(r.weights), E);
+    const p = cuda.permute(x, mh.routingMap, { probs: mh.probs });
+    const N = p.sortedIndices.shape[0];
+    const add = (op, bytes, seconds) => rows.push({ backend: 'cuda', op, dtype, seconds, bytes, gbPerSecond: bytes / seconds / 1e9 });
+    add(
+      'permute+probs',
+      2 * N * H * elem,
+      time(() => cuda.permute(x, mh.routingMap, { probs: mh.probs })),
+    );
+    add(
+      'unpermute+probs',
+      (N + T) * H * elem,
+      time(() => cuda.unpermute(p.permutedTokens, p.sortedIndices, [T, H], { probs: p.permutedProbs })),
+    );
+  }
+  const rand = random.rng(11);
+  const logits = cuda.upload(
+    api.tensor(
+      'float32',
+      [shape.T, shape.E],
+      Float32Array.from({ length: shape.T * shape.E }, () => rand() * 6 - 3),
+    ),
+  );
+  const bytes = shape.T * shape.E * 4;
+  const seconds = time(() => cuda.route(logits, { topk: shape.k }));
+  rows.push({ backend: 'cuda', op: 'route softmax top-k', dtype: 'float32', seconds, bytes, gbPerSecond: bytes / seconds / 1e9 });
+}
+
+// webgpu's bandwidth as a share of cuda's, per op and dtype
+const ratios = rows
+  .filter((r) => r.backend === 'webgpu')
+  .map((w) => {
+    const c = rows.find((r) => r.backend === 'cuda' && r.op === w.op && r.dtype === w.dtype);
+    return {
+      op: w.op,
+      dtype: w.dtype,
+      webgpuGbPerSecond: w.gbPerSecond,
+      cudaGbPerSecond: c?.gbPerSecond ?? null,
+      ratioToCuda: c ? w.gbPerSecond / c.gbPerSecond : null,
+      sameBitsAsWasm: w.sameBitsAsWasm,
+    };
+  });
+for (const r of ratios) {
+  console.log(
+    `${r.op.padEnd(20)} ${r.dtype.padEnd(9)} webgpu ${r.webgpuGbPerSecond.toFixed(1)} GB/s, cuda ${r.cudaGbPerSecond?.toFixed(1) ?? '-'} GB/s (${r.ratioToCuda === null ? '-' : `${(100 * r.ratioToCuda).toFixed(0)}%`}), same bits as wasm: ${r.sameBitsAsWasm}`,
+  );
+}
+write({ kind: 'webgpu-node', available: true, adapter, device: webgpu.device, cuda: cudaInfo?.device ?? null, shape, rows, ratios });
+if (ratios.some((r) => r.sameBitsAsWasm === false)) process.exitCode = 1;
