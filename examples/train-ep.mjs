@@ -13,7 +13,7 @@
 //   node examples/train-ep.mjs [--ranks 4] [--backend auto|cpu|wasm] [--steps 50] [--json]
 import { parseArgs } from 'node:util';
 
-import { AdamW, createBackend, createInProcessGroup, MoELayer, mseLoss, reduceReplicatedGrads, tensor, uniformTensor } from '../dist/index.js';
+import { AdamW, createBackend, createInProcessGroup, EXPERT_STACKED, MoELayer, mseLoss, reduceReplicatedGrads, tensor, uniformTensor } from '../dist/index.js';
 
 const { values: args } = parseArgs({
   options: { ranks: { type: 'string', default: '4' }, backend: { type: 'string', default: 'auto' }, steps: { type: 'string', default: '50' }, json: { type: 'boolean' } },
@@ -36,7 +36,7 @@ function share(weights, r) {
   const out = {};
   for (const [key, t] of Object.entries(weights)) {
     if (!t) continue;
-    const stacked = ['gateAndUpProjs', 'upProjs', 'downProjs', 'gateUpProjBias', 'downProjBias'].includes(key);
+    const stacked = EXPERT_STACKED.includes(key);
     const per = stacked ? t.shape.slice(1).reduce((a, b) => a * b, 1) : 0;
     out[key] = stacked ? tensor(t.dtype, [e1 - e0, ...t.shape.slice(1)], t.data.slice(e0 * per, e1 * per)) : tensor(t.dtype, t.shape, t.data.slice());
   }

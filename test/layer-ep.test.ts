@@ -12,6 +12,7 @@ import { describe, expect, it } from 'vitest';
 import {
   AdamW,
   createInProcessGroup,
+  EXPERT_STACKED,
   ExpertParallelTimeoutError,
   MoELayer,
   reduceReplicatedGrads,
@@ -29,7 +30,7 @@ import { bf16Bits, mismatches, rng } from './util.js';
 registerBackendReport();
 
 /** The weights stacked by expert (the rest is every rank's). */
-const EXPERT_KEYS = ['gateAndUpProjs', 'upProjs', 'downProjs', 'gateUpProjBias', 'downProjBias'] as const;
+const EXPERT_KEYS = EXPERT_STACKED;
 
 /** Rank `start..end`'s weights: its experts', and copies of the rest (each rank owns its copy, as on its own GPU). */
 function sliceExperts(w: MoEWeights, start: number, end: number): MoEWeights {

@@ -395,7 +395,7 @@ const ELEMENT_BYTES: Record<TokenDType, number> = { float32: 4, bfloat16: 2, flo
 const HEADER = ['numExperts', 'topk (routing.indices.shape[1])', 'hidden (tokens.shape[1])', 'tokens.dtype'] as const;
 
 /** Runs argument checks, prefixing their TypeError/RangeError with the op. */
-function checked<T>(op: string, f: () => T): T {
+export function checked<T>(op: string, f: () => T): T {
   try {
     return f();
   } catch (e) {
@@ -404,7 +404,8 @@ function checked<T>(op: string, f: () => T): T {
   }
 }
 
-function checkGroup(group: unknown): ExpertParallelGroup {
+/** `group` as an ExpertParallelGroup (its methods, 0 <= rank < size), or a TypeError/RangeError naming it. */
+export function checkGroup(group: unknown): ExpertParallelGroup {
   const g = group as Partial<ExpertParallelGroup> | null;
   if (typeof g !== 'object' || g === null || typeof g.allGather !== 'function' || typeof g.allToAllV !== 'function') {
     throw new TypeError(`group: expected an ExpertParallelGroup { rank, size, allGather, allToAllV }, got ${describe(group)}`);

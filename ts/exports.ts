@@ -47,7 +47,18 @@ export type { WasmSource } from './backends/wasm.js';
 export { isDeviceTensor, type DeviceTensor } from './device.js';
 export { isWebGpuBackend, isWebGpuTensor, WEBGPU_OPS, type OnGpu, type OnHost, type WebGpuBackend, type WebGpuOps, type WebGpuTensor } from './backends/webgpu.js';
 export type { AnyTensor, CudaBackend, DevicePermuteOptions, DevicePermuteResult, DeviceRouteBackwardOptions, DeviceRouteOptions, DeviceRouteResult, DeviceUnpermuteOptions } from './backends/cuda.js';
-export { MoELayer, normalRng, reduceReplicatedGrads, type MoEForward, type MoEGrads, type MoELayerOptions, type MoEWeights, type PretrainedInfo, type SharedExpertOptions } from './layer.js';
+export {
+  EXPERT_STACKED,
+  MoELayer,
+  normalRng,
+  reduceReplicatedGrads,
+  type MoEForward,
+  type MoEGrads,
+  type MoELayerOptions,
+  type MoEWeights,
+  type PretrainedInfo,
+  type SharedExpertOptions,
+} from './layer.js';
 export { AdamW, type AdamWOptions, type OptimizerStatus } from './optim.js';
 export { mseLoss, TRAIN_SHAPES, uniformTensor } from './training.js';
 export { SUPPORTED_MODEL_TYPES, type ExpertKeyFormat, type FromPretrainedOptions, type KeyScheme, type PretrainedSource, type SavePretrainedOptions } from './hf.js';

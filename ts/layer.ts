@@ -26,7 +26,7 @@ import { add3, castTo, columnSums, fromValues, gatherPicks, logitsEpilogue, plac
 import type { CudaBackend } from './backends/cuda.js';
 import type { DeviceExpertWeights, ExpertsSaved } from './backends/cuda-experts.js';
 import { isDeviceTensor, type AnyTensor, type DeviceTensor } from './device.js';
-import { combine, combineBackward, dispatch, dispatchBackward, type DispatchHandle, type ExpertParallelGroup } from './ep.js';
+import { checked, checkGroup, combine, combineBackward, dispatch, dispatchBackward, type DispatchHandle, type ExpertParallelGroup } from './ep.js';
 import type { ActivationKind } from './ops/activations.js';
 import type { ExpertBiases, ExpertWeights } from './ops/experts.js';
 import type { RouteOptions, ScoreFunction } from './ops/routing.js';
@@ -395,8 +395,8 @@ const OPTION_KEYS: readonly (keyof MoELayerOptions)[] = [
   'seed',
 ];
 
-/** The weights a layer stacks by expert (each rank of an expert-parallel group holds its own share). */
-const EXPERT_STACKED: readonly (keyof MoEWeights)[] = ['gateAndUpProjs', 'upProjs', 'downProjs', 'gateUpProjBias', 'downProjBias'];
+/** The weights a layer stacks by expert (each rank of an expert-parallel group holds its own share; the others every rank copies). */
+export const EXPERT_STACKED: readonly (keyof MoEWeights)[] = ['gateAndUpProjs', 'upProjs', 'downProjs', 'gateUpProjBias', 'downProjBias'];
 
 /**
  * The data-parallel half of an expert-parallel training step: every rank of `group` calls it
@@ -408,7 +408,7 @@ const EXPERT_STACKED: readonly (keyof MoEWeights)[] = ['gateAndUpProjs', 'upProj
  * bits on every rank, and from run to run. Host tensors.
  */
 export async function reduceReplicatedGrads(group: ExpertParallelGroup, grads: Partial<MoEWeights>): Promise<Partial<MoEWeights>> {
-  if (typeof group !== 'object' || group === null || typeof group.allToAllV !== 'function') throw new TypeError('reduceReplicatedGrads: group: expected an ExpertParallelGroup');
+  checked('reduceReplicatedGrads', () => checkGroup(group));
   const out: Partial<MoEWeights> = { ...grads };
   const keys = (Object.keys(grads) as (keyof MoEWeights)[]).filter((k) => grads[k] !== undefined && !EXPERT_STACKED.includes(k)).sort();
   for (const key of keys) {
@@ -782,12 +782,12 @@ export class MoELayer {
   }
 
   #checkGroup(group: ExpertParallelGroup, op: string): void {
-    if (typeof group !== 'object' || group === null || typeof group.allToAllV !== 'function') {
-      throw new TypeError(`${op}: group: expected an ExpertParallelGroup (createInProcessGroup, ...), got ${group === null ? 'null' : typeof group}`);
-    }
-    if (group.size !== this.epSize || group.rank !== this.epRank) {
-      throw new RangeError(`${op}: group: expected rank ${this.epRank} of ${this.epSize} (the layer's epRank of epSize), got rank ${group.rank} of ${group.size}`);
-    }
+    checked(op, () => {
+      const g = checkGroup(group);
+      if (g.size !== this.epSize || g.rank !== this.epRank) {
+        throw new RangeError(`group: expected rank ${this.epRank} of ${this.epSize} (the layer's epRank of epSize), got rank ${g.rank} of ${g.size}`);
+      }
+    });
   }
 
   /** The router: logits and route's picks, and the temporaries to free at the end of the forward. */
