@@ -62,10 +62,10 @@ pack() {
   # build (xz) and Debian's Vulkan loader, kept between packs; bench/webgpu-node.mjs and its page code
   if [[ -n "${WEBGPU:-}" ]]; then
     cp bench/webgpu-node.mjs bench/webgpu-bench.mjs bench/timing.mjs "$BUNDLE/bench/"
-    if [[ ! -f "$BUNDLE/webgpu/dawn.node.xz" ]]; then
+    if [[ ! -f "$BUNDLE/webgpu/dawn.node.xz" || ! -f "$BUNDLE/webgpu/.debs-2" ]]; then
       local tmp
       tmp="$(mktemp -d)"
-      say "fetching webgpu@$WEBGPU_VERSION (Dawn for Node) and libvulkan1"
+      say "fetching webgpu@$WEBGPU_VERSION (Dawn for Node), libvulkan1 and the glvnd libraries"
       (cd "$tmp" && npm pack --silent "webgpu@$WEBGPU_VERSION" >/dev/null && tar xzf "webgpu-$WEBGPU_VERSION.tgz" package/index.js package/package.json package/dist/linux-x64/dawn.node)
       mkdir -p "$BUNDLE/webgpu/package"
       cp "$tmp/package/index.js" "$tmp/package/package.json" "$BUNDLE/webgpu/package/"
@@ -73,7 +73,9 @@ pack() {
       local o='-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64'
       mkdir -p /tmp/amd64/partial
       # shellcheck disable=SC2086
-      apt-get $o update >/dev/null && (cd "$BUNDLE/webgpu" && apt-get $o download libvulkan1 >/dev/null)
+      # NVIDIA's Vulkan ICD is libGLX_nvidia.so.0, which needs glvnd's dispatch libraries
+      rm -f "$BUNDLE"/webgpu/*.deb
+      apt-get $o update >/dev/null && (cd "$BUNDLE/webgpu" && apt-get $o download libvulkan1 libglvnd0 libglx0 libegl1 libgl1 libopengl0 libgles2 >/dev/null) && touch "$BUNDLE/webgpu/.debs-2"
       rm -rf "$tmp"
     fi
   fi
@@ -188,11 +190,12 @@ PY
   if [[ -n "${WEBGPU:-}" && -f "$BUNDLE/webgpu/dawn.node.xz" ]]; then
     # Dawn finds the GPU through NVIDIA's Vulkan driver; the loader comes with the bundle
     say "webgpu in Node through Dawn, next to cuda (bench/webgpu-node.mjs)"
-    if ! ldconfig -p | grep -q 'libvulkan.so.1'; then
-      for f in "$BUNDLE"/webgpu/libvulkan1_*.deb; do dpkg -x "$f" /; done
+    if ! ldconfig -p | grep -q 'libGLdispatch.so.0' || ! ldconfig -p | grep -q 'libvulkan.so.1'; then
+      for f in "$BUNDLE"/webgpu/*.deb; do dpkg -x "$f" /; done
       ldconfig
     fi
     [[ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ]] && export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+    [[ -f /usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json ]] && export __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
     mkdir -p "$BUNDLE/webgpu/package/dist/linux-x64"
     xz -dc "$BUNDLE/webgpu/dawn.node.xz" > "$BUNDLE/webgpu/package/dist/linux-x64/dawn.node"
     timeout 240 "$node" "$BUNDLE/bench/webgpu-node.mjs" --webgpu "$BUNDLE/webgpu/package" --dist "$BUNDLE/dist" --out "$OUT/webgpu-node.json"; echo "  exit code $?"
