@@ -15,7 +15,8 @@
 # SUITE_FILES="a b" (only test/gpu/a.test.mjs, b.test.mjs), SKIP_TORCH=1, SKIP_TRAIN=1 (the training-step benchmarks: Rust-driven and PyTorch's),
 # TRAIN_AB="NAME=value" (the training steps again with that environment setting; the training results go into one train.json),
 # GGEMM=1 (moe-cuda-bench ggemm: the grouped GEMM's checks and timings),
-# WEBGPU=1 (pack and remote: the webgpu backend in Node through Dawn next to cuda, bench/webgpu-node.mjs)
+# WEBGPU=1 (pack and remote: the webgpu backend in Node through Dawn: the GPU suite's webgpu-dawn.test.mjs
+# against wasm, MOE_WEBGPU_DAWN set before the suite; then next to cuda, bench/webgpu-node.mjs)
 # (SOAK_SMALL / SOAK_LARGE set the soak's counts), SKIP_EP=1 (the expert-parallel launcher over
 # NCCL, one process per GPU: scripts/ep-launch.mjs). MOE_GPU_BUNDLE=DIR packs into / runs from
 # another folder than .gpu-bundle (a helper's own bundle beside the lead's; git-ignore it).
@@ -60,6 +61,7 @@ pack() {
   cp bench/gpu_torch_ref.py bench/gpu_torch_experts.py bench/gpu_torch_train.py bench/train-gpu.mjs "$BUNDLE/bench/"
   # WEBGPU=1: the webgpu backend in Node through Dawn (issue 21): the `webgpu` npm package's Linux
   # build (xz) and Debian's Vulkan loader, kept between packs; bench/webgpu-node.mjs and its page code
+  # (the suite's test/gpu/webgpu-dawn.test.mjs and its cases, test/common/webgpu-cases.mjs, come with test/)
   if [[ -n "${WEBGPU:-}" ]]; then
     cp bench/webgpu-node.mjs bench/webgpu-bench.mjs bench/timing.mjs "$BUNDLE/bench/"
     if [[ ! -f "$BUNDLE/webgpu/dawn.node.xz" || ! -f "$BUNDLE/webgpu/.debs-2" ]]; then
@@ -140,6 +142,22 @@ remote() {
   "$node" -e "import('./$BUNDLE/dist/index.js').then((m) => console.log('  nccl:', JSON.stringify(m.ncclInfo())))"
   ls -la "$MOE_DISPATCH_CACHE_DIR" 2>&1 | sed 's/^/  /'
 
+  if [[ -n "${WEBGPU:-}" && -f "$BUNDLE/webgpu/dawn.node.xz" ]]; then
+    # Dawn finds the GPU through NVIDIA's Vulkan driver; the loader comes with the bundle. Set up
+    # before the suite: MOE_WEBGPU_DAWN makes test/gpu/webgpu-dawn.test.mjs run (it skips without)
+    say "webgpu through Dawn: the Vulkan loader, NVIDIA's driver files, dawn.node"
+    if ! ldconfig -p | grep -q 'libGLdispatch.so.0' || ! ldconfig -p | grep -q 'libvulkan.so.1'; then
+      for f in "$BUNDLE"/webgpu/*.deb; do dpkg -x "$f" /; done
+      ldconfig
+    fi
+    [[ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ]] && export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+    [[ -f /usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json ]] && export __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
+    mkdir -p "$BUNDLE/webgpu/package/dist/linux-x64"
+    xz -dc "$BUNDLE/webgpu/dawn.node.xz" > "$BUNDLE/webgpu/package/dist/linux-x64/dawn.node"
+    MOE_WEBGPU_DAWN="$(cd "$BUNDLE/webgpu/package" && pwd)"
+    export MOE_WEBGPU_DAWN
+  fi
+
   if [[ -z "${SKIP_SUITE:-}" ]]; then
     say "GPU suite (node --test)"
     local files=("$BUNDLE/test/gpu/")
@@ -188,16 +206,9 @@ PY
     fi
   fi
   if [[ -n "${WEBGPU:-}" && -f "$BUNDLE/webgpu/dawn.node.xz" ]]; then
-    # Dawn finds the GPU through NVIDIA's Vulkan driver; the loader comes with the bundle
     say "webgpu in Node through Dawn, next to cuda (bench/webgpu-node.mjs)"
-    if ! ldconfig -p | grep -q 'libGLdispatch.so.0' || ! ldconfig -p | grep -q 'libvulkan.so.1'; then
-      for f in "$BUNDLE"/webgpu/*.deb; do dpkg -x "$f" /; done
-      ldconfig
-    fi
-    [[ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ]] && export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
-    [[ -f /usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json ]] && export __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
-    mkdir -p "$BUNDLE/webgpu/package/dist/linux-x64"
-    xz -dc "$BUNDLE/webgpu/dawn.node.xz" > "$BUNDLE/webgpu/package/dist/linux-x64/dawn.node"
+    # the GPU suite's webgpu-dawn.test.mjs (above): its adapter, its counts and any failure
+    grep -E '^# webgpu|^(not )?ok [0-9]+ - (webgpu|Dawn)' "$OUT/gpu-suite.tap" 2>/dev/null | head -5
     timeout 240 "$node" "$BUNDLE/bench/webgpu-node.mjs" --webgpu "$BUNDLE/webgpu/package" --dist "$BUNDLE/dist" --out "$OUT/webgpu-node.json"; echo "  exit code $?"
   fi
   if [[ -n "${GGEMM:-}" ]]; then

@@ -1,0 +1,593 @@
+// The webgpu backend against wasm, bit for bit: the cases, once, for every place the webgpu
+// backend runs. test/webgpu.test.ts runs them under vitest (the chromium project: SwiftShader),
+// test/gpu/webgpu-dawn.test.mjs under node:test in Node through Dawn (the `webgpu` npm package:
+// the GPU machine's GPU). Plain JavaScript with no imports, so the GPU machine (no node_modules)
+// runs it as it is: the library comes from the caller (`api`: the module the suite imported,
+// `ts/index.js` or `dist/index.js`; `random`: its random.js), and so do the assertions (`check`).
+//
+// Every op of `WEBGPU_OPS` (and a few that run on wasm inside) on seeded random problems in each
+// token dtype, with host and with webgpu tensors as inputs; results are compared bit for bit.
+// Errors: the same class and message as wasm; device errors (a disposed tensor, a buffer over the
+// adapter's limit, a lost device) name the op; the backend can be recreated.
+
+/** The random problems of the layout cases (each in every dtype of DTYPES). */
+export const PROBLEMS = [
+  { numTokens: 1, numExperts: 1, topk: 1, hidden: 1 },
+  { numTokens: 7, numExperts: 4, topk: 2, hidden: 3 },
+  { numTokens: 33, numExperts: 8, topk: 2, hidden: 5 },
+  { numTokens: 64, numExperts: 16, topk: 4, hidden: 16 },
+  { numTokens: 129, numExperts: 6, topk: 3, hidden: 7 },
+  { numTokens: 300, numExperts: 64, topk: 8, hidden: 33 },
+  { numTokens: 5, numExperts: 3, topk: 2, hidden: 0 },
+];
+export const DTYPES = ['float32', 'bfloat16', 'float16'];
+
+/**
+ * The webgpu backend of `api` (undefined, with `why`, when there is none), its backendInfo()
+ * entry, and a wasm backend to compare it with.
+ */
+export async function openWebGpu(api) {
+  const info = (await api.backendInfo()).find((i) => i.name === 'webgpu');
+  let moe;
+  let why = info ? (info.reason ?? 'backendInfo() gives no reason') : 'backendInfo() does not list webgpu';
+  if (info?.available) {
+    try {
+      const b = await api.createBackend({ prefer: 'webgpu' });
+      if (api.isWebGpuBackend(b)) moe = b;
+      else why = `createBackend({ prefer: 'webgpu' }) returned '${b.name}'`;
+    } catch (e) {
+      why = `createBackend failed: ${e.message}`;
+    }
+  }
+  const wasm = await api.createBackend({ prefer: 'wasm' });
+  return { info, moe, why, wasm };
+}
+
+/** The raw bits of every element: uint32 for float32, uint16 for bfloat16/float16, values otherwise (as test/util.ts's bitsOf). */
+function bitsOf(t) {
+  switch (t.dtype) {
+    case 'float32':
+      return Array.from(new Uint32Array(t.data.buffer, t.data.byteOffset, t.data.length));
+    case 'int64':
+      return Array.from(t.data, Number);
+    default:
+      return Array.from(t.data);
+  }
+}
+
+/** The error a call throws (or rejects with). */
+async function errorOf(f) {
+  try {
+    await f();
+  } catch (e) {
+    return e;
+  }
+  throw new Error('expected an error');
+}
+
+/**
+ * The cases, in order (the last checks the counts the others leave in `compared`), each
+ * `{ name, run }` with `run` async. `ctx`:
+ * - `api`, `random` (`{ rng, randomRouting }`), `f64` (async: `{ Gpu, F64_CHECK }` of webgpu/gpu.js
+ *   and webgpu/f64.js: the software float64 case drives a shader directly);
+ * - `moe`, `wasm`, `info`: what openWebGpu() gave (moe defined);
+ * - `autoPick`: the name `createBackend()` (auto) must give here;
+ * - `check`: `{ equal (Object.is), deepEqual, ok, match, fail }`, each with a message last.
+ * `compared`: tensors compared bit for bit, per op.
+ */
+export function webgpuCases(ctx) {
+  const { api, moe, wasm, info, autoPick, check } = ctx;
+  const { tensor, toBFloat16Bits, toFloat16Bits, WEBGPU_OPS } = api;
+  const { rng, randomRouting } = ctx.random;
+  const compared = {};
+  const cases = [];
+  const add = (name, run) => cases.push({ name, run });
+
+  /** Every tensor of `got` (device, downloaded) equals `want`'s bit for bit, with the same keys. */
+  async function same(op, got, want, what) {
+    const host = await moe.toHost(got);
+    const walk = (g, w, path) => {
+      if (typeof w !== 'object' || w === null) {
+        check.equal(g, w, path);
+        return;
+      }
+      if ('dtype' in w) {
+        check.ok(g !== undefined, `${path}: missing`);
+        check.equal(g.dtype, w.dtype, `${path}.dtype`);
+        check.deepEqual([...g.shape], [...w.shape], `${path}.shape`);
+        const gb = bitsOf(g);
+        const wb = bitsOf(w);
+        const bad = gb.findIndex((b, i) => b !== wb[i]);
+        check.equal(bad, -1, `${path}: first differing element ${bad} (got ${gb[bad]}, want ${wb[bad]})`);
+        compared[op] = (compared[op] ?? 0) + 1;
+        return;
+      }
+      check.deepEqual(Object.keys(g).sort(), Object.keys(w).sort(), `${path}: keys`);
+      for (const k of Object.keys(w)) walk(g[k], w[k], `${path}.${k}`);
+    };
+    walk(host, want, `${op} ${what}`);
+  }
+
+  function randomTokens(dtype, rows, h, random) {
+    const v = Float32Array.from({ length: rows * h }, () => random() * 8 - 4);
+    if (dtype === 'float32') return tensor('float32', [rows, h], v);
+    return tensor(dtype, [rows, h], Uint16Array.from(v, dtype === 'bfloat16' ? toBFloat16Bits : toFloat16Bits));
+  }
+
+  add(`backendInfo() lists webgpu with its adapter and GPU ops; auto picks ${autoPick} here`, async () => {
+    check.equal(info.available, true, 'info.available');
+    check.deepEqual(info.gpuOps, [...WEBGPU_OPS], 'info.gpuOps');
+    check.match(info.device, /WebGPU adapter/, 'info.device');
+    check.equal((await api.createBackend()).name, autoPick, 'createBackend() (auto)');
+  });
+
+  for (const dtype of DTYPES) {
+    for (const [pi, p] of PROBLEMS.entries()) {
+      add(`${dtype} T=${p.numTokens} E=${p.numExperts} k=${p.topk} H=${p.hidden}: every layout op`, async () => {
+        const m = moe;
+        const random = rng(1000 * pi + DTYPES.indexOf(dtype) + 1);
+        const { numTokens: T, numExperts: E, topk: k, hidden: H } = p;
+        const r = randomRouting({ ...p, dtype }, random, 0.15);
+        const tokens = randomTokens(dtype, T, H, random);
+        // half the cases with device inputs, half with host inputs
+        const dev = pi % 2 === 0;
+        const up = (t) => (dev ? m.upload(t) : t);
+
+        // indicesToMultihot / multihotToIndices / tokensPerExpert
+        const i2m = wasm.indicesToMultihot(r.indices, r.weights, E);
+        await same('indicesToMultihot', await m.gpu.indicesToMultihot(up(r.indices), up(r.weights), E), i2m, 'int32');
+        const idx64 = tensor(
+          'int64',
+          [T, k],
+          BigInt64Array.from(r.indices.data, (v) => BigInt(v)),
+        );
+        await same('indicesToMultihot', await m.gpu.indicesToMultihot(idx64, r.weights, E), wasm.indicesToMultihot(idx64, r.weights, E), 'int64');
+        const { routingMap, probs } = i2m;
+        await same('multihotToIndices', await m.gpu.multihotToIndices(up(routingMap), { probs: up(probs) }), wasm.multihotToIndices(routingMap, { probs }), 'probs');
+        await same('multihotToIndices', await m.gpu.multihotToIndices(up(routingMap), { topk: k + 1 }), wasm.multihotToIndices(routingMap, { topk: k + 1 }), 'topk');
+        await same('tokensPerExpert', await m.gpu.tokensPerExpert(up(routingMap)), wasm.tokensPerExpert(routingMap), '');
+
+        // permute / unpermute, plain
+        const want = wasm.permute(tokens, routingMap, { probs });
+        const got = await m.gpu.permute(up(tokens), up(routingMap), { probs: up(probs) });
+        await same('permute', got, want, 'plain');
+        const n = want.sortedIndices.shape[0];
+        await same('permute', await m.gpu.permute(up(tokens), routingMap, { numOutTokens: n }), wasm.permute(tokens, routingMap, { numOutTokens: n }), 'numOutTokens');
+        const permuted = randomTokens(dtype, n, H, random);
+        await same('unpermute', await m.gpu.unpermute(up(permuted), got.sortedIndices, [T, H]), wasm.unpermute(permuted, want.sortedIndices, [T, H]), 'no probs');
+        await same(
+          'unpermute',
+          await m.gpu.unpermute(up(permuted), got.sortedIndices, [T, H], { probs: got.permutedProbs }),
+          wasm.unpermute(permuted, want.sortedIndices, [T, H], { probs: want.permutedProbs }),
+          'slot probs',
+        );
+        await same(
+          'unpermute',
+          await m.gpu.unpermute(permuted, up(want.sortedIndices), [T, H], { probs: up(probs), routingMap: up(routingMap) }),
+          wasm.unpermute(permuted, want.sortedIndices, [T, H], { probs, routingMap }),
+          'dense probs',
+        );
+        const gpp = tensor(
+          'float32',
+          [n],
+          Float32Array.from({ length: n }, () => random() - 0.5),
+        );
+        await same(
+          'permuteBackward',
+          await m.gpu.permuteBackward(up(permuted), got.sortedIndices, T, { gradPermutedProbs: up(gpp), routingMap: up(routingMap) }),
+          wasm.permuteBackward(permuted, want.sortedIndices, T, { gradPermutedProbs: gpp, routingMap }),
+          'plain',
+        );
+        const gradOut = randomTokens(dtype, T, H, random);
+        await same('unpermuteBackward', await m.gpu.unpermuteBackward(up(gradOut), up(permuted), got.sortedIndices), wasm.unpermuteBackward(gradOut, permuted, want.sortedIndices), 'no probs');
+        await same(
+          'unpermuteBackward',
+          await m.gpu.unpermuteBackward(up(gradOut), up(permuted), got.sortedIndices, { probs: got.permutedProbs }),
+          wasm.unpermuteBackward(gradOut, permuted, want.sortedIndices, { probs: want.permutedProbs }),
+          'slot probs',
+        );
+        await same(
+          'unpermuteBackward',
+          await m.gpu.unpermuteBackward(up(gradOut), up(permuted), got.sortedIndices, { probs: up(probs), routingMap }),
+          wasm.unpermuteBackward(gradOut, permuted, want.sortedIndices, { probs, routingMap }),
+          'dense probs',
+        );
+
+        // drop-and-pad: capacity below, at and above the mean load
+        for (const cap of [Math.max(1, Math.floor((T * k) / E / 2)), Math.min(T, Math.ceil((T * k) / E)), T]) {
+          const o = { probs, numOutTokens: cap * E, dropAndPad: true };
+          const w = wasm.permute(tokens, routingMap, o);
+          const g = await m.gpu.permute(up(tokens), up(routingMap), { ...o, probs: up(probs) });
+          await same('permute', g, w, `dropAndPad C=${cap}`);
+          const pt = randomTokens(dtype, cap * E, H, random);
+          const uo = { probs, routingMap, dropAndPad: true };
+          await same('unpermute', await m.gpu.unpermute(up(pt), g.sortedIndices, [T, H], uo), wasm.unpermute(pt, w.sortedIndices, [T, H], uo), `dropAndPad C=${cap}`);
+          await same(
+            'unpermute',
+            await m.gpu.unpermute(up(pt), g.sortedIndices, [T, H], { probs: g.permutedProbs, dropAndPad: true }),
+            wasm.unpermute(pt, w.sortedIndices, [T, H], { probs: w.permutedProbs, dropAndPad: true }),
+            `dropAndPad slot probs C=${cap}`,
+          );
+          const gp = tensor(
+            'float32',
+            [cap * E],
+            Float32Array.from({ length: cap * E }, () => random() - 0.5),
+          );
+          const bo = { gradPermutedProbs: gp, routingMap, dropAndPad: true };
+          await same('permuteBackward', await m.gpu.permuteBackward(up(pt), g.sortedIndices, T, bo), wasm.permuteBackward(pt, w.sortedIndices, T, bo), `dropAndPad C=${cap}`);
+          const go = randomTokens(dtype, T, H, random);
+          await same('unpermuteBackward', await m.gpu.unpermuteBackward(up(go), up(pt), g.sortedIndices, uo), wasm.unpermuteBackward(go, pt, w.sortedIndices, uo), `dense probs, dropAndPad C=${cap}`);
+        }
+
+        // sortChunksByIndex and its backward: random splits of the rows, random order
+        const chunks = 1 + Math.floor(random() * 6);
+        const sizes = new Int32Array(chunks);
+        for (let i = 0; i < T; i++) sizes[Math.floor(random() * chunks)]++;
+        const order = Int32Array.from({ length: chunks }, (_, i) => i);
+        for (let i = chunks - 1; i > 0; i--) {
+          const j = Math.floor(random() * (i + 1));
+          [order[i], order[j]] = [order[j], order[i]];
+        }
+        const split = tensor('int32', [chunks], sizes);
+        const idxs = tensor('int32', [chunks], order);
+        const rowProbs = tensor(
+          'float32',
+          [T],
+          Float32Array.from({ length: T }, () => random()),
+        );
+        await same('sortChunksByIndex', await m.gpu.sortChunksByIndex(up(tokens), up(split), idxs, up(rowProbs)), wasm.sortChunksByIndex(tokens, split, idxs, rowProbs), '');
+        const vals = tensor(
+          'float32',
+          [T, E],
+          Float32Array.from({ length: T * E }, () => (random() < 0.2 ? [0, -0, 0.5, -0.5][Math.floor(random() * 4)] : random() * 4 - 2)),
+        );
+        for (const kk of [1, Math.min(k, E), E]) await same('topk', await m.gpu.topk(up(vals), kk), wasm.topk(vals, kk), `k=${kk}`);
+        // route: every score function on the GPU but sqrtsoftplus (host path), groups, bias, mask
+        if (E >= 1) {
+          const logits = randomTokens(dtype, T, E, random);
+          const bias = tensor(
+            'float32',
+            [E],
+            Float32Array.from({ length: E }, () => (random() - 0.5) * 0.2),
+          );
+          const mask = tensor(
+            'bool',
+            [T],
+            Uint8Array.from({ length: T }, () => (random() < 0.8 ? 1 : 0)),
+          );
+          const G = [4, 2].find((g) => E % g === 0 && E / g >= 2);
+          const groups = G ? { numGroups: G, topkGroups: Math.min(G, Math.ceil(k / (E / G)) + 1) } : {};
+          const routes = [
+            ['softmax', { topk: k }],
+            ['softmax before topk, normalised', { topk: k, softmaxBeforeTopk: true, normTopkProb: true }],
+            ['sigmoid, normalised, scaled', { topk: k, scoreFunction: 'sigmoid', normTopkProb: true, routeScale: 2.5 }],
+            ['sigmoid groups', { topk: k, scoreFunction: 'sigmoid', ...groups }],
+            ['sigmoid_with_bias groups', { topk: k, scoreFunction: 'sigmoid_with_bias', expertBias: bias, ...groups, normTopkProb: true }],
+            ['softmax_with_bias groups, mask', { topk: k, scoreFunction: 'softmax_with_bias', expertBias: bias, ...groups, tokenMask: mask }],
+            ['sqrtsoftplus', { topk: k, scoreFunction: 'sqrtsoftplus', tokenMask: mask }],
+            ['sqrtsoftplus with bias, normalised', { topk: k, scoreFunction: 'sqrtsoftplus', expertBias: bias, normTopkProb: true }],
+          ];
+          for (const [what, o] of routes) {
+            const dev = Object.fromEntries(Object.entries(o).map(([key, v]) => [key, v && typeof v === 'object' ? up(v) : v]));
+            await same('route', await m.gpu.route(up(logits), dev), wasm.route(logits, o), what);
+          }
+          // the aux losses (float32 logits / probs), with and without a mask, coeff, numTokens
+          const l32 = randomTokens('float32', T, E, random);
+          const rr = wasm.route(l32, { topk: k });
+          for (const lo of [{ topk: k }, { topk: k, coeff: 0.01, tokenMask: mask }, { topk: k, numTokens: T + 3, coeff: 0.5 }]) {
+            const lod = { ...lo, ...('tokenMask' in lo ? { tokenMask: up(lo.tokenMask) } : {}) };
+            await same(
+              'switchLoadBalancingLoss',
+              await m.gpu.switchLoadBalancingLoss(up(rr.scores), up(rr.tokensPerExpert), lod),
+              wasm.switchLoadBalancingLoss(rr.scores, rr.tokensPerExpert, lo),
+              JSON.stringify(Object.keys(lo)),
+            );
+            await same(
+              'switchLoadBalancingLossFromLogits',
+              await m.gpu.switchLoadBalancingLossFromLogits(up(l32), rr.tokensPerExpert, lod),
+              wasm.switchLoadBalancingLossFromLogits(l32, rr.tokensPerExpert, lo),
+              JSON.stringify(Object.keys(lo)),
+            );
+          }
+          for (const zo of [{}, { coeff: 0.001, tokenMask: mask }]) {
+            const zod = 'tokenMask' in zo ? { ...zo, tokenMask: up(zo.tokenMask) } : zo;
+            await same('zLoss', await m.gpu.zLoss(up(l32), zod), wasm.zLoss(l32, zo), JSON.stringify(Object.keys(zo)));
+          }
+        }
+        // activations, forward and backward, every kind, with and without probs
+        for (const [kind, extra] of [
+          ['swiglu', {}],
+          ['quick_geglu', { alpha: 1.5, limit: 2.5 }],
+          ['swiglu_oai', {}],
+          ['swiglu_clamped', { limit: 1.25 }],
+          ['relu2', {}],
+        ]) {
+          const I = Math.max(1, H);
+          const xw = kind === 'relu2' ? I : 2 * I;
+          const xa = randomTokens(dtype, T, xw, random);
+          const ga = randomTokens(dtype, T, I, random);
+          const rp = tensor(
+            'float32',
+            pi % 3 === 0 ? [T, 1] : [T],
+            Float32Array.from({ length: T }, () => random()),
+          );
+          for (const o of [
+            { kind, ...extra },
+            { kind, ...extra, probs: rp },
+          ]) {
+            const od = 'probs' in o ? { ...o, probs: up(o.probs) } : o;
+            await same('activation', await m.gpu.activation(up(xa), od), wasm.activation(xa, o), kind);
+            await same('activationBackward', await m.gpu.activationBackward(up(ga), up(xa), od), wasm.activationBackward(ga, xa, o), kind);
+          }
+        }
+        await same('sortChunksByIndexBackward', await m.gpu.sortChunksByIndexBackward(up(gradOut), split, up(idxs), rowProbs), wasm.sortChunksByIndexBackward(gradOut, split, idxs, rowProbs), '');
+      });
+    }
+  }
+
+  add("software float64 (route's arithmetic on the GPU) equals JavaScript's numbers bit for bit: add, sub, mul, div, floor, float32 conversions", async () => {
+    const { Gpu, F64_CHECK } = await ctx.f64();
+    const gpu = new Gpu(await (await globalThis.navigator.gpu.requestAdapter()).requestDevice(), 'test');
+    const random = rng(5);
+    const n = 8192;
+    const a = new Float64Array(n);
+    const b = new Float64Array(n);
+    const bits = new Uint32Array(2);
+    const asF64 = new Float64Array(bits.buffer);
+    const draw = () => {
+      const kind = Math.floor(random() * 8);
+      if (kind === 0) {
+        bits[0] = Math.floor(random() * 2 ** 32);
+        bits[1] = Math.floor(random() * 2 ** 32);
+        return asF64[0];
+      }
+      if (kind === 1) {
+        bits[0] = Math.floor(random() * 2 ** 32);
+        bits[1] = Math.floor(random() * 2 ** 20) | (random() < 0.5 ? 0x80000000 : 0);
+        return asF64[0]; // subnormal
+      }
+      if (kind === 2) return [0, -0, Infinity, -Infinity, 1, -1, 0.5, 2 ** -1022, 2 ** 1023, Number.MAX_VALUE, 5e-324][Math.floor(random() * 11)];
+      if (kind === 3) return (random() - 0.5) * 2 ** Math.floor(random() * 80 - 40);
+      if (kind === 4) return Math.floor(random() * 200 - 100) + (random() < 0.5 ? 0 : 0.5);
+      if (kind === 5) return Math.fround((random() - 0.5) * 2 ** Math.floor(random() * 300 - 150));
+      return (random() * 2 - 1) * 2 ** Math.floor(random() * 2100 - 1075);
+    };
+    for (let i = 0; i < n; i++) {
+      a[i] = draw();
+      b[i] = random() < 0.3 ? a[i] * (1 + (random() - 0.5) * 2 ** -40) : draw();
+    }
+    const f32 = new Float32Array(1);
+    const f32u = new Uint32Array(f32.buffer);
+    const refs = [
+      ['add', (x, y) => x + y],
+      ['sub', (x, y) => x - y],
+      ['mul', (x, y) => x * y],
+      ['div', (x, y) => x / y],
+      ['floor', (x) => Math.floor(x)],
+      [
+        'to f32',
+        (x) => {
+          f32[0] = x;
+          return f32u[0];
+        },
+      ],
+      [
+        'from f32',
+        (x) => {
+          bits[0] = new Uint32Array(new Float64Array([x]).buffer)[0];
+          f32u[0] = bits[0];
+          return f32[0];
+        },
+      ],
+    ];
+    refs[8] = ['sqrt', (x) => Math.sqrt(x)];
+    refs[7] = ['exp (skipped: compared through route)', () => NaN];
+    const aBuf = gpu.upload('test', new Uint8Array(a.buffer), 'a');
+    const bBuf = gpu.upload('test', new Uint8Array(b.buffer), 'b');
+    for (const [op, [name, ref]] of refs.entries()) {
+      if (op === 7) continue;
+      const out = gpu.buffer('test', n * 8, 'out');
+      const scratch = [];
+      gpu.dispatch('test', 'f64check', F64_CHECK, [n, op], [aBuf, bBuf, out], n, scratch);
+      const got = new Uint32Array((await gpu.read('test', out, n * 8)).buffer);
+      const bad = [];
+      for (let i = 0; i < n && bad.length < 5; i++) {
+        const want = ref(a[i], b[i]);
+        if (name === 'to f32') {
+          const ok = Number.isNaN(f32[0]) ? (got[2 * i] & 0x7fffffff) > 0x7f800000 : got[2 * i] === want;
+          if (!ok) bad.push(`${name}(${a[i]}): got 0x${got[2 * i].toString(16)}, want 0x${want.toString(16)}`);
+          continue;
+        }
+        bits[0] = got[2 * i];
+        bits[1] = got[2 * i + 1];
+        const g = asF64[0];
+        const ok = Number.isNaN(want) ? Number.isNaN(g) : Object.is(g, want);
+        if (!ok) bad.push(`${name}(${a[i]}, ${b[i]}): got ${g}, want ${want}`);
+      }
+      check.deepEqual(bad, [], name);
+      compared[`float64 ${name}`] = n;
+    }
+    gpu.device.destroy();
+  });
+
+  add('ops without a shader run on wasm inside (dropTokens) with webgpu tensors; route and losses on wide logits', async () => {
+    const m = moe;
+    const random = rng(77);
+    const logits = tensor(
+      'float32',
+      [40, 16],
+      Float32Array.from({ length: 640 }, () => random() * 6 - 3),
+    );
+    const o = {
+      topk: 4,
+      scoreFunction: 'sigmoid',
+      numGroups: 4,
+      topkGroups: 2,
+      expertBias: tensor(
+        'float32',
+        [16],
+        Float32Array.from({ length: 16 }, () => random() - 0.5),
+      ),
+    };
+    await same('route', await m.gpu.route(m.upload(logits), o), wasm.route(logits, o), '');
+    await same('zLoss', await m.gpu.zLoss(m.upload(logits), { coeff: 0.01 }), wasm.zLoss(logits, { coeff: 0.01 }), '');
+    // logits over [-60, 60]: sqrtsoftplus's x > 20 branch, exps far from 1
+    const wide = tensor(
+      'float32',
+      [40, 16],
+      Float32Array.from({ length: 640 }, () => random() * 120 - 60),
+    );
+    for (const sf of ['sqrtsoftplus', 'sigmoid', 'softmax'])
+      await same('route', await m.gpu.route(m.upload(wide), { topk: 3, scoreFunction: sf }), wasm.route(wide, { topk: 3, scoreFunction: sf }), `wide ${sf}`);
+    await same('zLoss', await m.gpu.zLoss(m.upload(wide)), wasm.zLoss(wide), 'wide');
+    const r = wasm.route(logits, o);
+    await same(
+      'switchLoadBalancingLoss',
+      await m.gpu.switchLoadBalancingLoss(m.upload(r.scores), m.upload(r.tokensPerExpert), { topk: 4 }),
+      wasm.switchLoadBalancingLoss(r.scores, r.tokensPerExpert, { topk: 4 }),
+      '',
+    );
+    const { routingMap, probs } = wasm.indicesToMultihot(r.indices, r.weights, 16);
+    const d = { topk: 4, capacityFactor: 1 };
+    await same('dropTokens', await m.gpu.dropTokens(m.upload(probs), m.upload(routingMap), d), wasm.dropTokens(probs, routingMap, d), '');
+  });
+
+  add('errors: the same class and message as wasm (the core validates)', async () => {
+    const m = moe;
+    const t = tensor('float32', [3, 2], new Float32Array(6));
+    const rm = tensor('bool', [3, 2], new Uint8Array([1, 0, 1, 1, 0, 1]));
+    const errors = [
+      ['permute: rows differ', () => m.gpu.permute(m.upload(tensor('float32', [4, 2], new Float32Array(8))), rm), () => wasm.permute(tensor('float32', [4, 2], new Float32Array(8)), rm)],
+      [
+        'permute: bool 2',
+        () => m.gpu.permute(t, m.upload(tensor('bool', [3, 2], new Uint8Array([2, 0, 1, 1, 0, 1])))),
+        () => wasm.permute(t, tensor('bool', [3, 2], new Uint8Array([2, 0, 1, 1, 0, 1]))),
+      ],
+      ['permute: numOutTokens', () => m.gpu.permute(m.upload(t), rm, { numOutTokens: 3 }), () => wasm.permute(t, rm, { numOutTokens: 3 })],
+      ['permute: capacity', () => m.gpu.permute(m.upload(t), rm, { numOutTokens: 3, dropAndPad: true }), () => wasm.permute(t, rm, { numOutTokens: 3, dropAndPad: true })],
+      ['permute: dtype', () => m.gpu.permute(m.upload(tensor('int32', [3, 2], new Int32Array(6))), rm), () => wasm.permute(tensor('int32', [3, 2], new Int32Array(6)), rm)],
+      ['permute: unknown option', () => m.gpu.permute(t, rm, { prob: 1 }), () => wasm.permute(t, rm, { prob: 1 })],
+      [
+        'unpermute: index out of range',
+        () => m.gpu.unpermute(m.upload(t), tensor('int32', [3], new Int32Array([0, 5, 1])), [3, 2]),
+        () => wasm.unpermute(t, tensor('int32', [3], new Int32Array([0, 5, 1])), [3, 2]),
+      ],
+      [
+        'unpermute: hidden differs',
+        () => m.gpu.unpermute(m.upload(t), tensor('int32', [3], new Int32Array([0, 1, 1])), [3, 4]),
+        () => wasm.unpermute(t, tensor('int32', [3], new Int32Array([0, 1, 1])), [3, 4]),
+      ],
+      [
+        'unpermute: dense probs without map',
+        () => m.gpu.unpermute(t, tensor('int32', [3], new Int32Array([0, 1, 1])), [3, 2], { probs: m.upload(tensor('float32', [3, 2], new Float32Array(6))) }),
+        () => wasm.unpermute(t, tensor('int32', [3], new Int32Array([0, 1, 1])), [3, 2], { probs: tensor('float32', [3, 2], new Float32Array(6)) }),
+      ],
+      [
+        'indicesToMultihot: duplicate',
+        () => m.gpu.indicesToMultihot(m.upload(tensor('int32', [1, 2], new Int32Array([1, 1]))), tensor('float32', [1, 2], new Float32Array(2)), 3),
+        () => wasm.indicesToMultihot(tensor('int32', [1, 2], new Int32Array([1, 1])), tensor('float32', [1, 2], new Float32Array(2)), 3),
+      ],
+      [
+        'sortChunksByIndex: not a permutation',
+        () => m.gpu.sortChunksByIndex(m.upload(t), tensor('int32', [2], new Int32Array([1, 2])), tensor('int32', [2], new Int32Array([0, 0]))),
+        () => wasm.sortChunksByIndex(t, tensor('int32', [2], new Int32Array([1, 2])), tensor('int32', [2], new Int32Array([0, 0]))),
+      ],
+      ['route: topk', () => m.gpu.route(m.upload(t), { topk: 5 }), () => wasm.route(t, { topk: 5 })],
+      [
+        'route: non-finite logits',
+        () => m.gpu.route(m.upload(tensor('float32', [2, 2], new Float32Array([1, Infinity, 0, 0]))), { topk: 1 }),
+        () => wasm.route(tensor('float32', [2, 2], new Float32Array([1, Infinity, 0, 0])), { topk: 1 }),
+      ],
+      ['route: groups', () => m.gpu.route(m.upload(t), { topk: 1, scoreFunction: 'sigmoid', numGroups: 3 }), () => wasm.route(t, { topk: 1, scoreFunction: 'sigmoid', numGroups: 3 })],
+      [
+        'route: bias with softmax',
+        () => m.gpu.route(t, { topk: 1, expertBias: m.upload(tensor('float32', [2], new Float32Array(2))) }),
+        () => wasm.route(t, { topk: 1, expertBias: tensor('float32', [2], new Float32Array(2)) }),
+      ],
+      [
+        'route: mask value',
+        () => m.gpu.route(t, { topk: 1, tokenMask: tensor('bool', [3], new Uint8Array([1, 3, 0])) }),
+        () => wasm.route(t, { topk: 1, tokenMask: tensor('bool', [3], new Uint8Array([1, 3, 0])) }),
+      ],
+      ['route: score function', () => m.gpu.route(t, { topk: 1, scoreFunction: 'toString' }), () => wasm.route(t, { topk: 1, scoreFunction: 'toString' })],
+      [
+        'activation: odd width',
+        () => m.gpu.activation(m.upload(tensor('float32', [2, 3], new Float32Array(6))), { kind: 'swiglu' }),
+        () => wasm.activation(tensor('float32', [2, 3], new Float32Array(6)), { kind: 'swiglu' }),
+      ],
+      ['activation: kind', () => m.gpu.activation(m.upload(t), { kind: 'gelu' }), () => wasm.activation(t, { kind: 'gelu' })],
+      ['activation: alpha for swiglu', () => m.gpu.activation(m.upload(t), { kind: 'swiglu', alpha: 2 }), () => wasm.activation(t, { kind: 'swiglu', alpha: 2 })],
+      ['activation: limit', () => m.gpu.activation(m.upload(t), { kind: 'swiglu_clamped', limit: -1 }), () => wasm.activation(t, { kind: 'swiglu_clamped', limit: -1 })],
+      ['activationBackward: grad shape', () => m.gpu.activationBackward(m.upload(t), m.upload(t), { kind: 'swiglu' }), () => wasm.activationBackward(t, t, { kind: 'swiglu' })],
+      ['zLoss: non-finite', () => m.gpu.zLoss(m.upload(tensor('float32', [1, 2], new Float32Array([NaN, 0])))), () => wasm.zLoss(tensor('float32', [1, 2], new Float32Array([NaN, 0])))],
+      ['zLoss: coeff', () => m.gpu.zLoss(m.upload(t), { coeff: -1 }), () => wasm.zLoss(t, { coeff: -1 })],
+      [
+        'switchLoadBalancingLoss: counts shape',
+        () => m.gpu.switchLoadBalancingLoss(m.upload(t), tensor('int32', [3], new Int32Array(3)), { topk: 1 }),
+        () => wasm.switchLoadBalancingLoss(t, tensor('int32', [3], new Int32Array(3)), { topk: 1 }),
+      ],
+      [
+        'switchLoadBalancingLoss: numTokens',
+        () => m.gpu.switchLoadBalancingLoss(m.upload(t), tensor('int32', [2], new Int32Array(2)), { topk: 1, numTokens: 0 }),
+        () => wasm.switchLoadBalancingLoss(t, tensor('int32', [2], new Int32Array(2)), { topk: 1, numTokens: 0 }),
+      ],
+      ['topk: k', () => m.gpu.topk(m.upload(t), 3), () => wasm.topk(t, 3)],
+      ['topk: NaN', () => m.gpu.topk(m.upload(tensor('float32', [2, 2], new Float32Array([1, 2, NaN, 0]))), 1), () => wasm.topk(tensor('float32', [2, 2], new Float32Array([1, 2, NaN, 0])), 1)],
+      ['topk: rank', () => m.gpu.topk(m.upload(tensor('float32', [4], new Float32Array(4))), 1), () => wasm.topk(tensor('float32', [4], new Float32Array(4)), 1)],
+    ];
+    for (const [what, g, w] of errors) {
+      const ge = await errorOf(g);
+      const we = await errorOf(w);
+      check.equal(ge.constructor, we.constructor, `${what}: error class (webgpu: ${ge.constructor.name}: ${ge.message}; wasm: ${we.constructor.name})`);
+      check.ok([TypeError, RangeError].includes(we.constructor), `${what}: wasm's error is a TypeError or RangeError (${we.constructor.name}: ${we.message})`);
+      check.equal(ge.message, we.message, what);
+    }
+  });
+
+  add('device errors name the op: a disposed tensor, a sync op given a webgpu tensor, a buffer over the limit', async () => {
+    const m = moe;
+    const x = m.upload(tensor('float32', [2, 2], new Float32Array(4)));
+    x.dispose();
+    check.equal(x.disposed, true, 'x.disposed');
+    const rm = tensor('bool', [2, 1], new Uint8Array([1, 1]));
+    const e1 = await errorOf(() => m.gpu.permute(x, rm));
+    check.ok(e1 instanceof TypeError, `a disposed tensor: a TypeError (got ${e1.constructor.name}: ${e1.message})`);
+    check.match(e1.message, /^permute: tokens: expected a device tensor that is not disposed/, 'a disposed tensor');
+    const y = m.upload(tensor('float32', [2, 2], new Float32Array(4)));
+    const e2 = await errorOf(() => m.permute(y, rm));
+    check.ok(e2 instanceof TypeError, `a sync op given a webgpu tensor: a TypeError (got ${e2.constructor.name}: ${e2.message})`);
+    check.match(e2.message, /^permute: got a webgpu tensor; .*await moe\.gpu\.permute/, 'a sync op given a webgpu tensor');
+    // 4 tokens of 2^20 float32 each, 64 experts, capacity 4: permutedTokens would be 1 GiB
+    const big = m.upload(tensor('float32', [4, 1 << 20], new Float32Array(4 << 20)));
+    const all = tensor('bool', [4, 64], new Uint8Array(256).fill(1));
+    const e3 = await errorOf(() => m.gpu.permute(big, all, { numOutTokens: 256, dropAndPad: true }));
+    check.ok(e3 instanceof Error && !(e3 instanceof TypeError) && !(e3 instanceof RangeError), `a buffer over the limit: a plain Error (got ${e3?.constructor?.name}: ${e3?.message})`);
+    check.match(e3.message, /^permute: permutedTokens needs a 1073741824-byte buffer, over this WebGPU adapter's limit/, 'a buffer over the limit');
+    big.dispose();
+    y.dispose();
+  });
+
+  add('a lost device: every op says so, naming it; a new backend works', async () => {
+    const b = await api.createBackend({ prefer: 'webgpu' });
+    const t = tensor('float32', [2, 2], new Float32Array([1, 2, 3, 4]));
+    const rm = tensor('bool', [2, 1], new Uint8Array([1, 1]));
+    const x = b.upload(t);
+    b.destroy();
+    for (let i = 0; i < 50 && !/lost/.test((await errorOf(() => b.gpu.tokensPerExpert(rm)).catch((e) => e)).message); i++) await new Promise((r) => setTimeout(r, 20));
+    const e = await errorOf(() => b.gpu.permute(x, rm));
+    check.match(e.message, /^permute: the WebGPU device was lost \(destroyed/, 'permute after destroy()');
+    check.match((await errorOf(() => x.download())).message, /^download: the WebGPU device was lost/, 'download after destroy()');
+    // the host ops still run (on wasm), and a new backend has a new device
+    check.deepEqual(b.permute(t, rm).sortedIndices.data, new Int32Array([0, 1]), 'a host permute after destroy()');
+    const c = await api.createBackend({ prefer: 'webgpu' });
+    await same('permute', await c.gpu.permute(c.upload(t), rm), wasm.permute(t, rm), 'after a lost device');
+  });
+
+  add('prints the comparison counts', () => {
+    const total = Object.values(compared).reduce((a, b) => a + b, 0);
+    console.log(`webgpu vs wasm: ${total} tensors bit for bit: ${JSON.stringify(compared)}`);
+    for (const op of WEBGPU_OPS) check.ok(compared[op] > 0, `${op}: ${compared[op] ?? 0} tensors compared`);
+  });
+
+  return { cases, compared };
+}
