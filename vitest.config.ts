@@ -24,6 +24,7 @@ const BROWSER_SUITES = [
   'test/hf.test.ts',
   'test/wasm-instances.test.ts',
   'test/webgpu.test.ts',
+  'test/webgpu-cache.test.ts',
   'test/out.test.ts',
   'test/ep.test.ts',
   'test/layer-ep.test.ts',

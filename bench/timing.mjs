@@ -29,3 +29,17 @@ export async function timeAsync(iters, f) {
   }
   return medianSeconds(times);
 }
+
+/**
+ * The time a call takes when calls are queued back to back: one warm-up call and `sync()`,
+ * then `iters` calls (each awaited, not synchronized) and one `sync()`, the total over `iters`,
+ * in seconds. For GPU backends whose calls return before the device is done.
+ */
+export async function timeQueued(iters, f, sync) {
+  await f();
+  await sync();
+  const t0 = now();
+  for (let i = 0; i < iters; i++) await f();
+  await sync();
+  return (now() - t0) / iters / 1e3;
+}

@@ -4,9 +4,11 @@
  * token tensors live on the GPU (uploaded once), the routing inputs (routing map, probs,
  * sortedIndices) are host tensors; a call is timed until its results are written (a 4-byte
  * `await moe.synchronize()`, the queue's onSubmittedWorkDone) and its outputs are disposed. Each row: the
- * median of `iters` runs after one warm-up, and whether the GPU's output bits equal wasm's.
+ * median of `iters` runs after one warm-up, and whether the GPU's output bits equal wasm's. WebGPU
+ * rows also time the op queued: `iters` calls back to back and one synchronize at the end
+ * (`queuedSeconds`), the device's throughput where the latency of a wait is not paid per call.
  */
-import { timeAsync as timeAsyncOf, timeSync as timeSyncOf } from './timing.mjs';
+import { timeAsync as timeAsyncOf, timeQueued, timeSync as timeSyncOf } from './timing.mjs';
 
 export async function benchWebGpu(api, random, { T = 4096, H = 1024, E = 64, k = 4, iters = 10 } = {}) {
   const moe = await api.createBackend({ prefer: 'webgpu' });
@@ -23,6 +25,8 @@ export async function benchWebGpu(api, random, { T = 4096, H = 1024, E = 64, k =
     for (const t of Object.values(o)) if (t && typeof t.dispose === 'function') t.dispose();
   };
   const rows = [];
+  const sync = () => moe.synchronize();
+  const queued = (bytes, seconds) => ({ queuedSeconds: seconds, queuedGbPerSecond: bytes / seconds / 1e9 });
   for (const dtype of ['float32', 'bfloat16']) {
     const r = random.randomRouting({ numTokens: T, numExperts: E, topk: k, hidden: H, dtype }, random.rng(7));
     const { routingMap, probs } = wasm.indicesToMultihot(r.indices, r.weights, E);
@@ -53,7 +57,7 @@ export async function benchWebGpu(api, random, { T = 4096, H = 1024, E = 64, k =
         await moe.synchronize();
         dispose(o);
       }),
-      { sameBitsAsWasm: okPermute },
+      { sameBitsAsWasm: okPermute, ...queued(2 * N * H * elem, await timeQueued(iters, async () => dispose(await moe.gpu.permute(x, routingMap, { probs })), sync)) },
     );
 
     // unpermute (+ per-slot probs)
@@ -77,7 +81,7 @@ export async function benchWebGpu(api, random, { T = 4096, H = 1024, E = 64, k =
         await moe.synchronize();
         o.dispose();
       }),
-      { sameBitsAsWasm: okUnpermute },
+      { sameBitsAsWasm: okUnpermute, ...queued((N + T) * H * elem, await timeQueued(iters, async () => (await moe.gpu.unpermute(pt, ref.sortedIndices, [T, H], uo)).dispose(), sync)) },
     );
     x.dispose();
     pt.dispose();
@@ -107,7 +111,7 @@ export async function benchWebGpu(api, random, { T = 4096, H = 1024, E = 64, k =
       await moe.synchronize();
       dispose(o);
     }),
-    { sameBitsAsWasm: okRoute, onGpu: api.WEBGPU_OPS.includes('route') },
+    { sameBitsAsWasm: okRoute, onGpu: api.WEBGPU_OPS.includes('route'), ...queued(T * E * 4, await timeQueued(iters, async () => dispose(await moe.gpu.route(l, ro)), sync)) },
   );
   l.dispose();
   function add2(backend, seconds, extra = {}) {

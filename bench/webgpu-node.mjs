@@ -18,7 +18,7 @@ import { resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
 
-import { timeSync } from './timing.mjs';
+import { timeQueued, timeSync } from './timing.mjs';
 import { benchWebGpu } from './webgpu-bench.mjs';
 
 const { values: args } = parseArgs({
@@ -68,13 +68,25 @@ const cudaInfo = info.find((i) => i.name === 'cuda');
 if (cudaInfo?.available) {
   const cuda = await api.createBackend({ prefer: 'cuda' });
   const { T, H, E, k, iters } = shape;
+  const free = (out) => {
+    for (const t of Object.values(out)) if (t && typeof t.dispose === 'function') t.dispose();
+    if (typeof out.dispose === 'function') out.dispose();
+  };
   const time = (f) =>
     timeSync(iters, () => {
       const out = f();
       cuda.synchronize();
-      for (const t of Object.values(out)) if (t && typeof t.dispose === 'function') t.dispose();
-      if (typeof out.dispose === 'function') out.dispose();
+      free(out);
     });
+  // the same calls queued back to back, one synchronize at the end (as the webgpu rows' queuedSeconds)
+  const queued = async (bytes, f) => {
+    const seconds = await timeQueued(
+      iters,
+      async () => free(f()),
+      async () => cuda.synchronize(),
+    );
+    return { queuedSeconds: seconds, queuedGbPerSecond: bytes / seconds / 1e9 };
+  };
   for (const dtype of ['float32', 'bfloat16']) {
     const r = random.randomRouting({ numTokens: T, numExperts: E, topk: k, hidden: H, dtype }, random.rng(7));
     const elem = dtype === 'float32' ? 4 : 2;
@@ -82,17 +94,12 @@ if (cudaInfo?.available) {
     const mh = cuda.indicesToMultihot(cuda.upload(r.indices), cuda.upload(r.weights), E);
     const p = cuda.permute(x, mh.routingMap, { probs: mh.probs });
     const N = p.sortedIndices.shape[0];
-    const add = (op, bytes, seconds) => rows.push({ backend: 'cuda', op, dtype, seconds, bytes, gbPerSecond: bytes / seconds / 1e9 });
-    add(
-      'permute+probs',
-      2 * N * H * elem,
-      time(() => cuda.permute(x, mh.routingMap, { probs: mh.probs })),
-    );
-    add(
-      'unpermute+probs',
-      (N + T) * H * elem,
-      time(() => cuda.unpermute(p.permutedTokens, p.sortedIndices, [T, H], { probs: p.permutedProbs })),
-    );
+    const add = async (op, bytes, f) => {
+      const seconds = time(f);
+      rows.push({ backend: 'cuda', op, dtype, seconds, bytes, gbPerSecond: bytes / seconds / 1e9, ...(await queued(bytes, f)) });
+    };
+    await add('permute+probs', 2 * N * H * elem, () => cuda.permute(x, mh.routingMap, { probs: mh.probs }));
+    await add('unpermute+probs', (N + T) * H * elem, () => cuda.unpermute(p.permutedTokens, p.sortedIndices, [T, H], { probs: p.permutedProbs }));
   }
   const rand = random.rng(11);
   const logits = cuda.upload(
@@ -103,8 +110,9 @@ if (cudaInfo?.available) {
     ),
   );
   const bytes = shape.T * shape.E * 4;
-  const seconds = time(() => cuda.route(logits, { topk: shape.k }));
-  rows.push({ backend: 'cuda', op: 'route softmax top-k', dtype: 'float32', seconds, bytes, gbPerSecond: bytes / seconds / 1e9 });
+  const route = () => cuda.route(logits, { topk: shape.k });
+  const seconds = time(route);
+  rows.push({ backend: 'cuda', op: 'route softmax top-k', dtype: 'float32', seconds, bytes, gbPerSecond: bytes / seconds / 1e9, ...(await queued(bytes, route)) });
 }
 
 // webgpu's bandwidth as a share of cuda's, per op and dtype
@@ -118,12 +126,16 @@ const ratios = rows
       webgpuGbPerSecond: w.gbPerSecond,
       cudaGbPerSecond: c?.gbPerSecond ?? null,
       ratioToCuda: c ? w.gbPerSecond / c.gbPerSecond : null,
+      queuedWebgpuGbPerSecond: w.queuedGbPerSecond,
+      queuedCudaGbPerSecond: c?.queuedGbPerSecond ?? null,
+      queuedRatioToCuda: c ? w.queuedGbPerSecond / c.queuedGbPerSecond : null,
       sameBitsAsWasm: w.sameBitsAsWasm,
     };
   });
+const pct = (x) => (x === null ? '-' : `${(100 * x).toFixed(0)}%`);
 for (const r of ratios) {
   console.log(
-    `${r.op.padEnd(20)} ${r.dtype.padEnd(9)} webgpu ${r.webgpuGbPerSecond.toFixed(1)} GB/s, cuda ${r.cudaGbPerSecond?.toFixed(1) ?? '-'} GB/s (${r.ratioToCuda === null ? '-' : `${(100 * r.ratioToCuda).toFixed(0)}%`}), same bits as wasm: ${r.sameBitsAsWasm}`,
+    `${r.op.padEnd(20)} ${r.dtype.padEnd(9)} webgpu ${r.webgpuGbPerSecond.toFixed(1)} GB/s, cuda ${r.cudaGbPerSecond?.toFixed(1) ?? '-'} GB/s (${pct(r.ratioToCuda)}); queued ${r.queuedWebgpuGbPerSecond.toFixed(1)} vs ${r.queuedCudaGbPerSecond?.toFixed(1) ?? '-'} GB/s (${pct(r.queuedRatioToCuda)}); same bits as wasm: ${r.sameBitsAsWasm}`,
   );
 }
 write({ kind: 'webgpu-node', available: true, adapter, device: webgpu.device, cuda: cudaInfo?.device ?? null, shape, rows, ratios });

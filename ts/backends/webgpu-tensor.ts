@@ -73,7 +73,7 @@ export class GpuTensor<D extends DType = DType> implements WebGpuTensor<D> {
     const o = owners.get(this)!;
     if (!o.buffer) return;
     o.gpu.liveBytes -= this.byteLength;
-    if (o.gpu.lost === undefined) o.buffer.destroy();
+    o.gpu.release(o.buffer);
     o.buffer = undefined;
   }
 

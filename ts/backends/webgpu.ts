@@ -72,8 +72,14 @@ export interface WebGpuBackend extends Omit<Backend, 'name'> {
   toHost<R>(value: R): Promise<OnHost<R>>;
   /** Waits until the GPU has done all the work queued so far. */
   synchronize(): Promise<void>;
-  /** Bytes held by this backend's live webgpu tensors. */
-  memory(): { liveBytes: number };
+  /**
+   * Bytes held by this backend's live webgpu tensors, and by the buffers it keeps for reuse
+   * (those of disposed tensors and of ops' scratch, up to 1 GiB: making a WebGPU buffer costs
+   * more than many ops take).
+   */
+  memory(): { liveBytes: number; cachedBytes: number };
+  /** Destroys the buffers kept for reuse (as the cuda backend's releaseCachedMemory, torch.cuda.empty_cache). */
+  releaseCachedMemory(): void;
   /** Destroys the WebGPU device: its tensors are gone and every later GPU op says so. */
   destroy(): void;
 }
@@ -231,6 +237,13 @@ class OpCall {
     return t;
   }
 
+  /** An output holding `values` (uploaded, not computed). */
+  outWith<D extends DType>(dtype: D, shape: readonly number[], values: ArrayBufferView, what: string): GpuTensor<D> {
+    const t = new GpuTensor(this.gpu, this.gpu.upload(this.op, new Uint8Array(values.buffer, values.byteOffset, values.byteLength), what), dtype, shape);
+    this.outputs.push(t);
+    return t;
+  }
+
   tmp(bytes: number, what: string): GPUBuffer {
     const b = this.gpu.buffer(this.op, bytes, what);
     this.scratch.push(b);
@@ -245,6 +258,31 @@ class OpCall {
 
   run(key: string, code: string, params: number[], buffers: GPUBuffer[], threads: number): void {
     this.gpu.dispatch(this.op, key, code, params, buffers, threads, this.scratch);
+  }
+
+  /** Exclusive scan of `m` u32 values into a new `[m + 1]` buffer (one workgroup). */
+  scan(values: GPUBuffer, m: number, what: string): GPUBuffer {
+    const out = this.tmp(4 * (m + 1), what);
+    this.gpu.dispatch(this.op, 'scan', S.SCAN, [m], [values, out], 256, this.scratch, 256);
+    return out;
+  }
+
+  /**
+   * The routing map `[t, e]` counted by chunks of tokens (`cnt [e * chunks]`, expert-major):
+   * chunks of at least 16 tokens, as many as keep the count's scan near 16384 values.
+   */
+  chunkCounts(rm: GPUBuffer, t: number, e: number): { cnt: GPUBuffer; chunk: number; chunks: number } {
+    const chunk = Math.max(16, Math.ceil((t * e) / 16384));
+    const chunks = Math.ceil(t / chunk);
+    const cnt = this.tmp(4 * chunks * e, 'the chunk counts');
+    this.run('chunk_count', S.CHUNK_COUNT, [t, e, chunk, chunks], [rm, cnt], chunks * e);
+    return { cnt, chunk, chunks };
+  }
+
+  /** The column counts of the routing map `[t, e]` into `out` (int32 `[e]`). */
+  columnCounts(rm: GPUBuffer, t: number, e: number, out: GPUBuffer): void {
+    const { cnt, chunks } = this.chunkCounts(rm, t, e);
+    this.run('column_sum', S.COLUMN_SUM, [e, chunks], [cnt, out], e);
   }
 
   /** `[rows, 0]`: a token tensor's stand-in for validation (same dtype and rank-2 rows). */
@@ -265,20 +303,37 @@ class OpCall {
   /** The inverse of a slot -> token map: `start [T + 1]` and `list [N]` (each token's slots, ascending). */
   inverse(sorted: GPUBuffer, n: number, t: number): { start: GPUBuffer; list: GPUBuffer } {
     const cnt = this.tmp(4 * t, 'the inverse map');
-    const start = this.tmp(4 * (t + 1), 'the inverse map');
     const cursor = this.tmp(4 * t, 'the inverse map');
     const list = this.tmp(4 * n, 'the inverse map');
     this.run('inv_count', S.INVERSE_COUNT, [n], [sorted, cnt], n);
-    this.run('inv_scan', S.INVERSE_SCAN, [t], [cnt, start], 1);
+    const start = this.scan(cnt, t, 'the inverse map');
     this.run('inv_fill', S.INVERSE_FILL, [n], [sorted, start, cursor, list], n);
     this.run('inv_sort', S.INVERSE_SORT, [t], [start, list], t);
     return { start, list };
+  }
+
+  /** `out [t, h] = sum over each token's slots of x[slot] (* p[slot])`: the merge of unpermute and permuteBackward. */
+  merge(kind: TokenDType, x: GPUBuffer, start: GPUBuffer, list: GPUBuffer, p: GPUBuffer | undefined, t: number, h: number, out: GPUBuffer): void {
+    const per = kind === 'float32' ? 4 : 8;
+    const pBuf = p ?? this.tmp(4, 'probs');
+    if (h % per === 0) {
+      const vecs = (t * h) / per;
+      this.run(`merge_vec4_${kind}`, S.mergeVec4(kind), [h, vecs, p ? 1 : 0], [x, start, list, pBuf, out], vecs);
+      return;
+    }
+    const words = tokenWords(kind, t * h);
+    this.run(`merge_${kind}`, S.merge(kind), [t * h, h, words, p ? 1 : 0], [x, start, list, pBuf, out], words);
   }
 
   /** Row gather of a tensor of `dtype`: `rows [R]` of `x [*, h]` into a new `[R, h]` tensor. */
   gather<D extends DType>(x: GPUBuffer, dtype: D, rows: GPUBuffer, r: number, h: number, what: string): GpuTensor<D> {
     const out = this.out(dtype, [r, h], what);
     const width = BYTES[dtype] as S.Width;
+    if ((h * width) % 16 === 0) {
+      const rowWords = (h * width) / 16;
+      this.run('gather_vec4', S.GATHER_VEC4, [rowWords, r * rowWords], [x, rows, out.bufferFor(this.gpu, what)], r * rowWords);
+      return out;
+    }
     const words = Math.ceil((r * h * width) / 4);
     this.run(`gather${width}`, S.gatherRows(width), [r * h, h, words], [x, rows, out.bufferFor(this.gpu, what)], words);
     return out;
@@ -333,7 +388,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
         if (c.validate(() => base.tokensPerExpert(rm)) === HOST || rm.shape.length !== 2) return HOST;
         const [t, e] = rm.shape;
         const out = c.out('int32', [e], 'tokensPerExpert');
-        c.run('count_columns', S.COUNT_COLUMNS, [t, e], [c.buf(routingMap, 'routingMap'), out.bufferFor(gpu, 'out')], e);
+        c.columnCounts(c.buf(routingMap, 'routingMap'), t, e, out.bufferFor(gpu, 'out'));
         return out;
       }),
 
@@ -384,19 +439,14 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
         const dnp = o.dropAndPad === true;
         const cap = dnp && e > 0 ? n / e : 0;
         const rmBuf = c.buf(routingMap, 'routingMap');
-        let tpe: GpuTensor<'int32'>;
-        if (dnp) {
-          tpe = c.out('int32', [e], 'tokensPerExpert');
-          gpu.device.queue.writeBuffer(tpe.bufferFor(gpu, 'tpe'), 0, new Int32Array(Math.max(1, e)).fill(cap));
-        } else {
-          tpe = c.out('int32', [e], 'tokensPerExpert');
-          c.run('count_columns', S.COUNT_COLUMNS, [t, e], [rmBuf, tpe.bufferFor(gpu, 'tpe')], e);
-        }
+        const tpe = dnp ? c.outWith('int32', [e], new Int32Array(e).fill(cap), 'tokensPerExpert') : c.out('int32', [e], 'tokensPerExpert');
         const sorted = c.out('int32', [n], 'sortedIndices');
         const pprobs = probs ? c.out('float32', [n], 'permutedProbs') : undefined;
         const probsBuf = o.probs === undefined ? c.tmp(4, 'probs') : c.buf(o.probs, 'probs');
         const pprobsBuf = pprobs ? pprobs.bufferFor(gpu, 'pp') : c.tmp(4, 'permutedProbs');
-        c.run('plan_fill', S.PLAN_FILL, [t, e, dnp ? 1 : 0, cap, probs ? 1 : 0], [rmBuf, tpe.bufferFor(gpu, 'tpe'), probsBuf, sorted.bufferFor(gpu, 's'), pprobsBuf], e);
+        const { cnt, chunk, chunks } = c.chunkCounts(rmBuf, t, e);
+        const off = c.scan(cnt, chunks * e, 'the plan');
+        c.run('plan_fill', S.PLAN_FILL, [t, e, chunk, chunks, dnp ? 1 : 0, cap, probs ? 1 : 0], [rmBuf, off, probsBuf, sorted.bufferFor(gpu, 's'), pprobsBuf, tpe.bufferFor(gpu, 'tpe')], chunks * e);
         const permutedTokens = c.gather(c.buf(tokens, 'tokens'), tm.dtype, sorted.bufferFor(gpu, 's'), n, h, 'permutedTokens');
         const result: Record<string, GpuTensor> = { permutedTokens };
         if (pprobs) result.permutedProbs = pprobs;
@@ -423,8 +473,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
         const p = slotProbs(c, sorted, n, o.probs, probs, o.routingMap, rm, o.dropAndPad === true);
         const kind = pm.dtype as TokenDType;
         const out = c.out(kind, [t, h], 'output');
-        const words = tokenWords(kind, t * h);
-        c.run(`merge_${kind}`, S.merge(kind), [t * h, h, words, p ? 1 : 0], [c.buf(permutedTokens, 'permutedTokens'), start, list, p ?? c.tmp(4, 'probs'), out.bufferFor(gpu, 'o')], words);
+        c.merge(kind, c.buf(permutedTokens, 'permutedTokens'), start, list, p, t, h, out.bufferFor(gpu, 'o'));
         return out;
       }),
 
@@ -445,15 +494,14 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
         const { start, list } = c.inverse(sorted, n, t);
         const kind = gm.dtype as TokenDType;
         const gradTokens = c.out(kind, [t, h], 'gradTokens');
-        const words = tokenWords(kind, t * h);
-        c.run(`merge_${kind}`, S.merge(kind), [t * h, h, words, 0], [c.buf(gradPermuted, 'gradPermuted'), start, list, c.tmp(4, 'probs'), gradTokens.bufferFor(gpu, 'g')], words);
+        c.merge(kind, c.buf(gradPermuted, 'gradPermuted'), start, list, undefined, t, h, gradTokens.bufferFor(gpu, 'g'));
         const result: Record<string, GpuTensor> = { gradTokens };
         if (v.gradProbs && gpp && rm) {
           const e = rm.shape[1];
           const dnp = o.dropAndPad === true;
           const rmBuf = c.buf(o.routingMap, 'routingMap');
           const counts = c.tmp(4 * e, 'counts');
-          if (!dnp) c.run('count_columns', S.COUNT_COLUMNS, [rm.shape[0], e], [rmBuf, counts], e);
+          if (!dnp) c.columnCounts(rmBuf, rm.shape[0], e, counts);
           const gradProbs = c.out('float32', [t, e], 'gradProbs');
           c.run(
             'scatter_slots',
@@ -498,7 +546,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
         if (dots) return { gradPermuted, gradProbs: dots };
         const e = rm!.shape[1];
         const counts = c.tmp(4 * e, 'counts');
-        if (dnp !== true) c.run('count_columns', S.COUNT_COLUMNS, [rm!.shape[0], e], [c.buf(o.routingMap, 'routingMap'), counts], e);
+        if (dnp !== true) c.columnCounts(c.buf(o.routingMap, 'routingMap'), rm!.shape[0], e, counts);
         const { start, list } = c.inverse(sorted, n, t);
         const gradProbs = c.out('float32', [t, e], 'gradProbs');
         c.run('scatter_slots', S.SCATTER_SLOT_VALUES, [t, e, dnp ? 1 : 0, dnp && e > 0 ? n / e : 0], [start, list, counts, dotBuf, gradProbs.bufferFor(gpu, 'gp')], t);
@@ -596,7 +644,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
         const flag = c.tmp(4, 'the non-finite flag');
         const maskBuf = o.tokenMask === undefined || o.tokenMask === null ? c.tmp(4, 'tokenMask') : c.buf(o.tokenMask, 'tokenMask');
         c.run('route', ROUTE, params, [c.buf(logits, 'logits'), maskBuf, scores.bufferFor(gpu, 's'), indices.bufferFor(gpu, 'i'), weights.bufferFor(gpu, 'w'), scratch, flag], t);
-        c.run('count_picks', COUNT_PICKS, [t * k, e], [indices.bufferFor(gpu, 'i'), tpe.bufferFor(gpu, 'c')], e);
+        c.run('count_picks', COUNT_PICKS, [t * k, e], [indices.bufferFor(gpu, 'i'), tpe.bufferFor(gpu, 'c')], t * k);
         if (t > 0 && new Uint32Array((await gpu.read('route', flag, 4)).buffer)[0] !== 0) {
           for (const x of [scores, indices, weights, tpe]) x.dispose();
           return HOST;
@@ -688,7 +736,10 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
       return toHostDeep(value) as Promise<OnHost<R>>;
     },
     memory() {
-      return { liveBytes: gpu.liveBytes };
+      return { liveBytes: gpu.liveBytes, cachedBytes: gpu.cachedBytes };
+    },
+    releaseCachedMemory() {
+      gpu.releaseCached();
     },
     async synchronize() {
       gpu.alive('synchronize');
@@ -802,7 +853,8 @@ async function activationSetup(c: OpCall, base: Backend, x: unknown, grad: unkno
     rows,
     width,
     inter,
-    params: [code[0], code[1], f32(o.alpha, 1.702), f32(o.limit, 7), f32(o.linearOffset, 1), probs ? 1 : 0],
+    // the last 0 is `exact`'s zero (ts/webgpu/activations.ts)
+    params: [code[0], code[1], f32(o.alpha, 1.702), f32(o.limit, 7), f32(o.linearOffset, 1), probs ? 1 : 0, 0],
     probs: probs ? c.buf(o.probs, 'probs') : c.tmp(4, 'probs'),
     probsShape: probs ? [...probs.shape] : undefined,
   };
@@ -818,7 +870,7 @@ function slotProbs(c: OpCall, sorted: GPUBuffer, n: number, probsArg: unknown, p
   const e = rm!.shape[1];
   const counts = c.tmp(4 * e, 'counts');
   const rmBuf = c.buf(rmArg, 'routingMap');
-  if (!dnp) c.run('count_columns', S.COUNT_COLUMNS, [rm!.shape[0], e], [rmBuf, counts], e);
+  if (!dnp) c.columnCounts(rmBuf, rm!.shape[0], e, counts);
   const p = c.tmp(4 * n, 'slot probs');
   c.run('slot_probs', S.SLOT_PROBS, [n, e, dnp ? 1 : 0, dnp && e > 0 ? n / e : 0], [sorted, counts, c.buf(probsArg, 'probs'), p], n);
   return p;

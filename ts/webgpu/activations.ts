@@ -7,7 +7,12 @@
  *
  * P = [elements, inter, width, words, kind (0 swiglu, 1 quick_geglu, 2 swiglu_oai,
  *      3 swiglu_clamped, 4 relu2), layout (0 halves, 1 interleaved, 2 single), alpha bits,
- *      limit bits, linearOffset bits, withProbs].
+ *      limit bits, linearOffset bits, withProbs, 0].
+ *
+ * A product that an addition takes goes through `exact` (an exclusive-or with P[10], a zero the
+ * compiler cannot see): WGSL lets a compiler fuse `a * b + c` into one fma, rounded once, and
+ * NVIDIA's Vulkan driver does (Dawn on an H200: swiglu's input gradient 1-7 ulp off the core's),
+ * where the core rounds the product first.
  */
 import { F64 } from './f64.js';
 import { CONVERT, type Kind, loader, packWord, rounder } from './shaders.js';
@@ -20,6 +25,7 @@ ${F64}
 ${names.map((n) => loader(n, kind)).join('')}${rounder(kind)}
 fn fdiv(a: f32, b: f32) -> f32 { return bitcast<f32>(f_to_f32(f_div(f_from_f32(bitcast<u32>(a)), f_from_f32(bitcast<u32>(b))))); }
 fn expf(v: f32) -> f32 { return bitcast<f32>(f_to_f32(f_exp(f_from_f32(bitcast<u32>(v))))); }
+fn exact(v: f32) -> f32 { return bitcast<f32>(bitcast<u32>(v) ^ P[10]); }
 fn clamp_max(v: f32, l: f32) -> f32 { if (v > l) { return l; } return v; }
 fn clamp_sym(v: f32, l: f32) -> f32 { if (v > l) { return l; } if (v < -l) { return -l; } return v; }
 // Each formula is written with one expf and as few divisions as possible in the code (the
@@ -56,16 +62,16 @@ fn unit_grad(gate: f32, up: f32, gw: f32) -> vec2<f32> {
   let s = fdiv(1.0, d);
   if (P[4] == 1u || P[4] == 2u) {
     var dg = 0.0;
-    if (gate <= L) { dg = gw * s * (1.0 + z * (1.0 - s)) * (u + LO); }
+    if (gate <= L) { dg = gw * s * (1.0 + exact(z * (1.0 - s))) * (u + LO); }
     var du = 0.0;
     if (up >= -L && up <= L) { du = gw * (g * s); }
     return vec2<f32>(dg, du);
   }
   // swiglu (z = gate, Megatron-Core's swiglu_back) and swiglu_clamped (z = g)
   let q = fdiv(z, d);
-  if (P[4] == 0u) { return vec2<f32>(gw * s * (1.0 + gate * (1.0 - s)) * up, gw * q); }
+  if (P[4] == 0u) { return vec2<f32>(gw * s * (1.0 + exact(gate * (1.0 - s))) * up, gw * q); }
   var dg = 0.0;
-  if (gate <= L) { dg = gw * s * (1.0 + g * (1.0 - s)) * u; }
+  if (gate <= L) { dg = gw * s * (1.0 + exact(g * (1.0 - s))) * u; }
   var du = 0.0;
   if (up >= -L && up <= L) { du = gw * q; }
   return vec2<f32>(dg, du);

@@ -16,6 +16,17 @@ const COPY_DST = 0x08;
 const MAP_READ = 0x01;
 const MAP_MODE_READ = 0x1;
 
+/**
+ * The size of the buffer made for `size` bytes: multiples of 256 up to 64 KiB, then the next
+ * of 8 steps per power of two (at most 12.5% more), so that tensors of nearby sizes share
+ * cached buffers.
+ */
+export function sizeClass(size: number): number {
+  if (size <= 65536) return Math.max(256, Math.ceil(size / 256) * 256);
+  const step = 2 ** (Math.floor(Math.log2(size)) - 3);
+  return Math.ceil(size / step) * step;
+}
+
 /** `navigator.gpu`, where there is one. */
 export function navigatorGpu(): any {
   return (globalThis as { navigator?: { gpu?: unknown } }).navigator?.gpu;
@@ -46,6 +57,13 @@ export class Gpu {
   private readonly pipelines = new Map<string, any>();
   /** Bytes held by live buffers of tensors (not counting the per-op scratch). */
   liveBytes = 0;
+  /** Bytes of the buffers kept for reuse (see `acquire`). */
+  cachedBytes = 0;
+  /** The most bytes kept for reuse. */
+  cacheLimit = 1 << 30;
+  private readonly cache = new Map<number, GPUBuffer[]>();
+  private encoder: any;
+  private readonly deferred: GPUBuffer[] = [];
 
   constructor(
     readonly device: GPUDevice,
@@ -66,23 +84,17 @@ export class Gpu {
     }
   }
 
-  /** A storage buffer of at least `bytes` (rounded up to whole words, at least one). */
+  /**
+   * A storage buffer of at least `bytes` (whole words, at least one), zeroed as a new WebGPU
+   * buffer is: a cached one is cleared by the op's queued work before anything uses it.
+   */
   buffer(op: string, bytes: number, what: string): GPUBuffer {
-    this.alive(op);
-    const size = Math.max(4, Math.ceil(bytes / 4) * 4);
-    const limit = Math.min(this.maxBinding, this.maxBuffer);
-    if (size > limit) {
-      throw new GpuError(
-        op,
-        `${what} needs a ${size}-byte buffer, over this WebGPU adapter's limit of ${limit} bytes (maxStorageBufferBindingSize ${this.maxBinding}, maxBufferSize ${this.maxBuffer}): use smaller tensors, or the wasm backend`,
-      );
-    }
-    return this.device.createBuffer({ size, usage: STORAGE | COPY_SRC | COPY_DST });
+    return this.acquire(op, bytes, what, true);
   }
 
-  /** A buffer holding `bytes` (padded to whole words). */
+  /** A buffer holding `bytes` (padded to whole words; what lies past them is unspecified). */
   upload(op: string, bytes: Uint8Array, what: string): GPUBuffer {
-    const buf = this.buffer(op, bytes.byteLength, what);
+    const buf = this.acquire(op, bytes.byteLength, what, false);
     if (bytes.byteLength > 0) {
       if (bytes.byteLength % 4 === 0) this.device.queue.writeBuffer(buf, 0, bytes.buffer, bytes.byteOffset, bytes.byteLength);
       else {
@@ -92,6 +104,83 @@ export class Gpu {
       }
     }
     return buf;
+  }
+
+  /**
+   * A buffer from the cache (the size class of `bytes`) or a new one. Creating a WebGPU buffer
+   * costs more than many ops take (Dawn on an H200: ~0.3 ms for a large one), so the buffers of
+   * disposed tensors and of each op's scratch are kept for reuse, up to `cacheLimit` bytes.
+   */
+  private acquire(op: string, bytes: number, what: string, zero: boolean): GPUBuffer {
+    this.alive(op);
+    const size = Math.max(4, Math.ceil(bytes / 4) * 4);
+    const limit = Math.min(this.maxBinding, this.maxBuffer);
+    if (size > limit) {
+      throw new GpuError(
+        op,
+        `${what} needs a ${size}-byte buffer, over this WebGPU adapter's limit of ${limit} bytes (maxStorageBufferBindingSize ${this.maxBinding}, maxBufferSize ${this.maxBuffer}): use smaller tensors, or the wasm backend`,
+      );
+    }
+    const cls = sizeClass(size);
+    const bucket = cls <= limit ? cls : size;
+    const cached = this.cache.get(bucket)?.pop();
+    if (cached) {
+      this.cachedBytes -= bucket;
+      if (zero) this.batch().clearBuffer(cached);
+      return cached;
+    }
+    return this.device.createBuffer({ size: bucket, usage: STORAGE | COPY_SRC | COPY_DST });
+  }
+
+  /**
+   * Gives a buffer back (a disposed tensor's, an op's scratch): kept for reuse once the work
+   * queued so far is submitted (so a later upload into it cannot overtake a read of it), or
+   * destroyed when the cache is full.
+   */
+  release(buf: GPUBuffer): void {
+    if (this.lost !== undefined) return;
+    if (this.encoder !== undefined) this.deferred.push(buf);
+    else this.keep(buf);
+  }
+
+  private keep(buf: GPUBuffer): void {
+    const size = Number(buf.size);
+    if (this.cachedBytes + size > this.cacheLimit) {
+      buf.destroy();
+      return;
+    }
+    const list = this.cache.get(size);
+    if (list) list.push(buf);
+    else this.cache.set(size, [buf]);
+    this.cachedBytes += size;
+  }
+
+  /** Destroys the cached buffers (the memory of disposed tensors goes back to the device). */
+  releaseCached(): void {
+    for (const list of this.cache.values()) for (const b of list) b.destroy();
+    this.cache.clear();
+    this.cachedBytes = 0;
+  }
+
+  /** The command encoder of the op being queued (one submit an op). */
+  private batch(): any {
+    this.encoder ??= this.device.createCommandEncoder();
+    return this.encoder;
+  }
+
+  /** Submits the op's queued work (if any); buffers given back meanwhile join the cache. */
+  flush(): void {
+    const enc = this.encoder;
+    if (enc === undefined) return;
+    this.encoder = undefined;
+    this.device.queue.submit([enc.finish()]);
+    for (const b of this.deferred.splice(0)) this.keep(b);
+  }
+
+  /** Drops the op's queued work unsubmitted (the op failed). */
+  private discard(): void {
+    this.encoder = undefined;
+    for (const b of this.deferred.splice(0)) this.keep(b);
   }
 
   /** A small parameter / index buffer. */
@@ -106,9 +195,8 @@ export class Gpu {
     const size = Math.max(4, Math.ceil(bytes / 4) * 4);
     const staging = this.device.createBuffer({ size, usage: MAP_READ | COPY_DST });
     try {
-      const enc = this.device.createCommandEncoder();
-      enc.copyBufferToBuffer(buf, 0, staging, 0, size);
-      this.device.queue.submit([enc.finish()]);
+      this.batch().copyBufferToBuffer(buf, 0, staging, 0, size);
+      this.flush();
       try {
         await staging.mapAsync(MAP_MODE_READ);
       } catch (e) {
@@ -136,9 +224,10 @@ export class Gpu {
 
   /**
    * Queues one dispatch of `threads` invocations of shader `key` with `params` at binding 0 and
-   * `buffers` at bindings 1... (64 a workgroup, rows of up to maxComputeWorkgroupsPerDimension).
+   * `buffers` at bindings 1... (`size` a workgroup: the shader's @workgroup_size, 64 unless it
+   * says otherwise; rows of up to maxComputeWorkgroupsPerDimension workgroups).
    */
-  dispatch(op: string, key: string, code: string, params: ArrayLike<number>, buffers: GPUBuffer[], threads: number, scratch: GPUBuffer[]): void {
+  dispatch(op: string, key: string, code: string, params: ArrayLike<number>, buffers: GPUBuffer[], threads: number, scratch: GPUBuffer[], size = 64): void {
     if (threads === 0) return;
     this.alive(op);
     const pipeline = this.pipeline(key, code);
@@ -146,23 +235,21 @@ export class Gpu {
     scratch.push(p);
     const entries = [p, ...buffers].map((buffer, binding) => ({ binding, resource: { buffer } }));
     const group = this.device.createBindGroup({ layout: pipeline.getBindGroupLayout(0), entries });
-    const groups = Math.ceil(threads / 64);
+    const groups = Math.ceil(threads / size);
     const x = Math.min(groups, this.maxGroups);
     const y = Math.ceil(groups / x);
     if (y > this.maxGroups) throw new GpuError(op, `${threads} threads are over this WebGPU adapter's dispatch limit`);
-    const enc = this.device.createCommandEncoder();
-    const pass = enc.beginComputePass();
+    const pass = this.batch().beginComputePass();
     pass.setPipeline(pipeline);
     pass.setBindGroup(0, group);
     pass.dispatchWorkgroups(x, y);
     pass.end();
-    this.device.queue.submit([enc.finish()]);
   }
 
   /**
-   * Runs `f` inside validation and out-of-memory error scopes; a WebGPU error raised meanwhile
-   * becomes an Error naming the op (after `f`'s work was queued), and the scratch buffers it
-   * lists are destroyed.
+   * Runs `f` inside validation and out-of-memory error scopes, its work queued in one command
+   * buffer and submitted at the end (dropped if `f` throws); a WebGPU error raised meanwhile
+   * becomes an Error naming the op, and the scratch buffers it lists go back to the cache.
    */
   async scoped<T>(op: string, f: (scratch: GPUBuffer[]) => Promise<T>): Promise<T> {
     this.alive(op);
@@ -173,12 +260,14 @@ export class Gpu {
     let thrown: unknown;
     try {
       result = await f(scratch);
+      this.flush();
     } catch (e) {
       thrown = e;
+      this.discard();
     }
     const validation = await this.device.popErrorScope();
     const oom = await this.device.popErrorScope();
-    for (const b of scratch) b.destroy();
+    for (const b of scratch) this.release(b);
     if (thrown !== undefined) throw thrown;
     this.alive(op);
     if (oom) throw new GpuError(op, `the WebGPU device is out of memory (${oom.message}): dispose() tensors you no longer need, or use smaller ones`);

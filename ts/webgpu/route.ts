@@ -191,17 +191,16 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 }
 `;
 
-/** tokensPerExpert of route's picks: one thread per expert counts its slots (-1 never matches). P = [T * k, E]. */
+/** tokensPerExpert of route's picks: one thread per pick adds 1 to its expert's count (integer atomics: the counts do not depend on the order; -1 is not counted). P = [T * k, E]. */
 export const COUNT_PICKS = `
 @group(0) @binding(0) var<storage, read> P: array<u32>;
 @group(0) @binding(1) var<storage, read> indices: array<i32>;
-@group(0) @binding(2) var<storage, read_write> counts: array<i32>;
+@group(0) @binding(2) var<storage, read_write> counts: array<atomic<i32>>;
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-  let e = gid.x + gid.y * nwg.x * 64u;
-  if (e >= P[1]) { return; }
-  var c = 0;
-  for (var i = 0u; i < P[0]; i = i + 1u) { if (indices[i] == i32(e)) { c = c + 1; } }
-  counts[e] = c;
+  let i = gid.x + gid.y * nwg.x * 64u;
+  if (i >= P[0]) { return; }
+  let v = indices[i];
+  if (v >= 0 && u32(v) < P[1]) { atomicAdd(&counts[u32(v)], 1); }
 }
 `;

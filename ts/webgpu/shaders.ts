@@ -146,6 +146,20 @@ ${wordBody(
 )}`;
 }
 
+/**
+ * Row gather of whole 16-byte words (rows of `hidden * width` bytes, a multiple of 16): one
+ * `vec4<u32>` a thread, any dtype. P = [rowWords (hidden * width / 16), outWords].
+ */
+export const GATHER_VEC4 = `${HEADER}
+@group(0) @binding(1) var<storage, read> x: array<vec4<u32>>;
+@group(0) @binding(2) var<storage, read> rows: array<i32>;
+@group(0) @binding(3) var<storage, read_write> out: array<vec4<u32>>;
+fn body(q: u32) {
+  let r = q / P[0];
+  out[q] = x[u32(rows[r]) * P[0] + (q - r * P[0])];
+}
+${MAIN('P[1]')}`;
+
 /** `routed(t, e, E)`: whether the bool routing map `rm [T, E]` (4 cells a word) routes token t to expert e. */
 const ROUTED = /* wgsl */ `fn routed(t: u32, e: u32, E: u32) -> bool { let j = t * E + e; return ((rm[j >> 2u] >> ((j & 3u) * 8u)) & 0xffu) != 0u; }
 `;
@@ -163,50 +177,119 @@ const EXPERT_OF = /* wgsl */ `fn expert_of(i: u32) -> u32 {
 }
 `;
 
-/** The column counts of a routing map `[T, E]` (tokensPerExpert, the plan's first step). P = [T, E]. */
-export const COUNT_COLUMNS = `${HEADER}
+/**
+ * The routing map's counts by chunk: thread (b, e) counts the routed tokens of column e among
+ * the chunk's tokens `[b C, (b + 1) C)`, into `cnt[e nChunks + b]` (expert-major, the order of
+ * the plan: an exclusive scan of `cnt` gives every chunk's first slot). Neighbouring threads
+ * read neighbouring cells of a token's row. P = [T, E, C, nChunks].
+ */
+export const CHUNK_COUNT = `${HEADER}
 @group(0) @binding(1) var<storage, read> rm: array<u32>;
-@group(0) @binding(2) var<storage, read_write> counts: array<i32>;
-${ROUTED}fn body(e: u32) {
-  let T = P[0]; let E = P[1];
-  var c = 0;
-  for (var t = 0u; t < T; t = t + 1u) { if (routed(t, e, E)) { c = c + 1; } }
-  counts[e] = c;
+@group(0) @binding(2) var<storage, read_write> cnt: array<u32>;
+${ROUTED}fn body(i: u32) {
+  let T = P[0]; let E = P[1]; let C = P[2];
+  let b = i / E; let e = i - b * E;
+  let t1 = min(T, b * C + C);
+  var c = 0u;
+  for (var t = b * C; t < t1; t = t + 1u) { if (routed(t, e, E)) { c = c + 1u; } }
+  cnt[e * P[3] + b] = c;
 }
-${MAIN('P[1]')}`;
+${MAIN('P[3] * P[1]')}`;
+
+/** The column counts from the chunk counts: thread e adds its column's nChunks counts. P = [E, nChunks]. */
+export const COLUMN_SUM = `${HEADER}
+@group(0) @binding(1) var<storage, read> cnt: array<u32>;
+@group(0) @binding(2) var<storage, read_write> counts: array<i32>;
+fn body(e: u32) {
+  var c = 0u;
+  for (var b = 0u; b < P[1]; b = b + 1u) { c = c + cnt[e * P[1] + b]; }
+  counts[e] = i32(c);
+}
+${MAIN('P[0]')}`;
 
 /**
- * The dispatch plan (permute): one thread per expert lists its tokens in ascending order from
- * its offset (an exclusive scan of the counts, done by the thread itself: E is small). Plain
- * mode: the routed tokens. Drop-and-pad (P[2] = 1, capacity P[3]): the first C of "routed,
- * then unrouted" tokens. permutedProbs: the dense probs at (token, expert) when P[4] = 1.
- * P = [T, E, dropAndPad, C, withProbs].
+ * Exclusive scan of `a [M]` into `out [M + 1]` (`out[M]` the total), one workgroup of 256
+ * threads over tiles of 1024 values: each thread sums its 4, the workgroup scans the 256 sums
+ * (Hillis-Steele in workgroup memory), each thread writes its 4 prefixes; integer sums, so the
+ * result does not depend on the order. P = [M]. Dispatched as one workgroup.
+ */
+export const SCAN = `${HEADER}
+@group(0) @binding(1) var<storage, read> a: array<u32>;
+@group(0) @binding(2) var<storage, read_write> out: array<u32>;
+var<workgroup> part: array<u32, 256>;
+@compute @workgroup_size(256)
+fn main(@builtin(local_invocation_index) l: u32) {
+  let M = P[0];
+  var carry = 0u;
+  for (var base = 0u; base < M; base = base + 1024u) {
+    let i0 = base + l * 4u;
+    var v = vec4<u32>(0u);
+    for (var j = 0u; j < 4u; j = j + 1u) { if (i0 + j < M) { v[j] = a[i0 + j]; } }
+    let s = v.x + v.y + v.z + v.w;
+    part[l] = s;
+    workgroupBarrier();
+    for (var d = 1u; d < 256u; d = d << 1u) {
+      var add = 0u;
+      if (l >= d) { add = part[l - d]; }
+      workgroupBarrier();
+      part[l] = part[l] + add;
+      workgroupBarrier();
+    }
+    var run = carry + part[l] - s;
+    for (var j = 0u; j < 4u; j = j + 1u) { if (i0 + j < M) { out[i0 + j] = run; } run = run + v[j]; }
+    carry = carry + part[255];
+    workgroupBarrier();
+  }
+  if (l == 0u) { out[M] = carry; }
+}
+`;
+
+/**
+ * The dispatch plan (permute), from the chunk counts' scan `off [E nChunks + 1]`: thread
+ * (b, e) lists chunk b's tokens of expert e, ascending, from the chunk's first slot. Plain mode:
+ * the routed tokens, at `off[e nChunks + b]`; chunk 0's thread writes the expert's count.
+ * Drop-and-pad (P[4] = 1, capacity P[5]): the first C of "routed, then unrouted" tokens of each
+ * expert (a chunk knows how many of each kind came before it). permutedProbs: the dense probs at
+ * (token, expert) when P[6] = 1. P = [T, E, C, nChunks, dropAndPad, capacity, withProbs].
  */
 export const PLAN_FILL = `${HEADER}
 @group(0) @binding(1) var<storage, read> rm: array<u32>;
-@group(0) @binding(2) var<storage, read> counts: array<i32>;
+@group(0) @binding(2) var<storage, read> off: array<u32>;
 @group(0) @binding(3) var<storage, read> probs: array<f32>;
 @group(0) @binding(4) var<storage, read_write> sorted: array<i32>;
 @group(0) @binding(5) var<storage, read_write> pprobs: array<u32>;
+@group(0) @binding(6) var<storage, read_write> tpe: array<i32>;
 ${ROUTED}fn put(pos: u32, t: u32, e: u32, E: u32) {
   sorted[pos] = i32(t);
-  if (P[4] == 1u) { pprobs[pos] = bitcast<u32>(probs[t * E + e]); }
+  if (P[6] == 1u) { pprobs[pos] = bitcast<u32>(probs[t * E + e]); }
 }
-fn body(e: u32) {
-  let T = P[0]; let E = P[1];
-  if (P[2] == 1u) {
-    let C = P[3];
-    var pos = e * C;
-    let end = pos + C;
-    for (var t = 0u; t < T && pos < end; t = t + 1u) { if (routed(t, e, E)) { put(pos, t, e, E); pos = pos + 1u; } }
-    for (var t = 0u; t < T && pos < end; t = t + 1u) { if (!routed(t, e, E)) { put(pos, t, e, E); pos = pos + 1u; } }
+fn body(i: u32) {
+  let T = P[0]; let E = P[1]; let C = P[2]; let nC = P[3];
+  let b = i / E; let e = i - b * E;
+  let t0 = b * C; let t1 = min(T, t0 + C);
+  let first = off[e * nC];
+  let mine = off[e * nC + b];
+  let total = off[e * nC + nC] - first;
+  if (P[4] == 1u) {
+    let cap = P[5];
+    var r = mine - first;
+    var u = t0 - r;
+    for (var t = t0; t < t1; t = t + 1u) {
+      if (routed(t, e, E)) {
+        if (r < cap) { put(e * cap + r, t, e, E); }
+        r = r + 1u;
+      } else {
+        if (total + u < cap) { put(e * cap + total + u, t, e, E); }
+        u = u + 1u;
+      }
+    }
     return;
   }
-  var pos = 0u;
-  for (var f = 0u; f < e; f = f + 1u) { pos = pos + u32(counts[f]); }
-  for (var t = 0u; t < T; t = t + 1u) { if (routed(t, e, E)) { put(pos, t, e, E); pos = pos + 1u; } }
+  if (b == 0u) { tpe[e] = i32(total); }
+  var pos = mine;
+  for (var t = t0; t < t1; t = t + 1u) { if (routed(t, e, E)) { put(pos, t, e, E); pos = pos + 1u; } }
 }
-${MAIN('P[1]')}`;
+${MAIN('P[3] * P[1]')}`;
 
 /**
  * The inverse of a slot -> token map, step 1: how many slots point at each token (integer
@@ -218,18 +301,7 @@ export const INVERSE_COUNT = `${HEADER}
 fn body(i: u32) { atomicAdd(&cnt[u32(sorted[i])], 1u); }
 ${MAIN('P[0]')}`;
 
-/** Step 2: exclusive scan of the counts into `start [T + 1]`, one thread (in order). P = [T]. */
-export const INVERSE_SCAN = `${HEADER}
-@group(0) @binding(1) var<storage, read> cnt: array<u32>;
-@group(0) @binding(2) var<storage, read_write> start: array<u32>;
-fn body(i: u32) {
-  var s = 0u;
-  for (var t = 0u; t < P[0]; t = t + 1u) { start[t] = s; s = s + cnt[t]; }
-  start[P[0]] = s;
-}
-${MAIN('1u')}`;
-
-/** Step 3: each slot takes a place in its token's list (in any order; step 4 sorts). P = [N]. */
+/** Step 2 is SCAN (the counts into `start [T + 1]`). Step 3: each slot takes a place in its token's list (in any order; step 4 sorts). P = [N]. */
 export const INVERSE_FILL = `${HEADER}
 @group(0) @binding(1) var<storage, read> sorted: array<i32>;
 @group(0) @binding(2) var<storage, read> start: array<u32>;
@@ -297,6 +369,52 @@ ${wordBody(
     }
     let bits = round_out(acc);`,
 )}`;
+}
+
+/**
+ * `merge` over 16-byte words of rows whose width is a multiple of 16 bytes: a thread sums 4
+ * float32 or 8 bfloat16/float16 columns of one token over its slots (the same arithmetic per
+ * element as `merge`, so the same bits) and writes one `vec4<u32>`. P = [hidden, outVec4s,
+ * withProbs].
+ */
+export function mergeVec4(kind: Kind): string {
+  const per = kind === 'float32' ? 4 : 8;
+  const unpack =
+    kind === 'float32'
+      ? 'for (var j = 0u; j < 4u; j = j + 1u) { vals[j] = bitcast<f32>(w[j]); }'
+      : `for (var j = 0u; j < 8u; j = j + 1u) { vals[j] = ${kind === 'bfloat16' ? 'bf16_to_f32' : 'f16_to_f32'}((w[j >> 1u] >> ((j & 1u) * 16u)) & 0xffffu); }`;
+  const pack =
+    kind === 'float32'
+      ? 'for (var j = 0u; j < 4u; j = j + 1u) { o[j] = bitcast<u32>(acc[j]); }'
+      : 'for (var j = 0u; j < 4u; j = j + 1u) { o[j] = round_out(acc[2u * j]) | (round_out(acc[2u * j + 1u]) << 16u); }';
+  return `${HEADER}${CONVERT}${rounder(kind)}
+@group(0) @binding(1) var<storage, read> x: array<vec4<u32>>;
+@group(0) @binding(2) var<storage, read> start: array<u32>;
+@group(0) @binding(3) var<storage, read> list: array<u32>;
+@group(0) @binding(4) var<storage, read> p: array<f32>;
+@group(0) @binding(5) var<storage, read_write> out: array<vec4<u32>>;
+fn body(q: u32) {
+  let rw = P[0] / ${per}u;
+  let t = q / rw;
+  let c = q - t * rw;
+  var acc: array<f32, ${per}>;
+  for (var j = 0u; j < ${per}u; j = j + 1u) { acc[j] = 0.0; }
+  var vals: array<f32, ${per}>;
+  for (var k = start[t]; k < start[t + 1u]; k = k + 1u) {
+    let s = list[k];
+    let w = x[s * rw + c];
+    ${unpack}
+    for (var j = 0u; j < ${per}u; j = j + 1u) {
+      var v = vals[j];
+      if (P[2] == 1u) { v = v * p[s]; }
+      acc[j] = acc[j] + v;
+    }
+  }
+  var o = vec4<u32>(0u);
+  ${pack}
+  out[q] = o;
+}
+${MAIN('P[1]')}`;
 }
 
 /**

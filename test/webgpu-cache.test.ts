@@ -1,0 +1,75 @@
+/**
+ * The webgpu backend's buffer cache (ts/webgpu/gpu.ts): buffers of disposed tensors and of ops'
+ * scratch are reused, and a reused buffer behaves as a new one (zeroed where the op relies on
+ * it, never showing an earlier op's data). Runs in the chromium project (SwiftShader); in Node
+ * only the size classes are checked.
+ */
+import { describe, expect, it } from 'vitest';
+
+import { backendInfo, createBackend, isWebGpuBackend, tensor, type Tensor } from '../ts/index.js';
+import { randomRouting, rng } from '../ts/random.js';
+import { sizeClass } from '../ts/webgpu/gpu.js';
+import { bitsOf } from './util.js';
+
+describe('webgpu buffer size classes', () => {
+  it('round up by at most 12.5% (256 bytes below 64 KiB), never down, and are stable', () => {
+    for (const size of [4, 255, 256, 257, 65536, 65537, 100_000, 1 << 20, (1 << 20) + 4, 134_217_728, 134_217_732, 300_000_004]) {
+      const c = sizeClass(size);
+      expect(c).toBeGreaterThanOrEqual(size);
+      expect(c % 4).toBe(0);
+      expect(c <= 65536 ? c - size < 256 : c <= size * 1.125).toBe(true);
+      expect(sizeClass(c)).toBe(c);
+    }
+    expect(sizeClass(1)).toBe(256);
+    expect(sizeClass(1 << 20)).toBe(1 << 20);
+    expect(sizeClass((1 << 20) + 4)).toBe((1 << 20) + (1 << 17));
+  });
+});
+
+const info = (await backendInfo()).find((i) => i.name === 'webgpu');
+const moe = info?.available ? await createBackend({ prefer: 'webgpu' }) : undefined;
+const wasm = await createBackend({ prefer: 'wasm' });
+
+describe.skipIf(!moe || !isWebGpuBackend(moe))('webgpu buffer cache', { timeout: 120_000 }, () => {
+  const gpu = moe as Extract<typeof moe, { upload: unknown }>;
+  const same = (got: Tensor, want: Tensor, what: string) => {
+    expect([...got.shape], what).toEqual([...want.shape]);
+    expect(bitsOf(got), what).toEqual(bitsOf(want));
+  };
+
+  it('reused buffers give the same bits as wasm, op after op, and zeros where nothing is written', async () => {
+    for (let round = 0; round < 4; round++) {
+      for (const dtype of ['float32', 'bfloat16'] as const) {
+        const r = randomRouting({ numTokens: 40 + round, numExperts: 6, topk: 2, hidden: 16, dtype }, rng(round));
+        const { routingMap, probs } = wasm.indicesToMultihot(r.indices, r.weights, 6);
+        const want = wasm.permute(r.tokens, routingMap, { probs });
+        const x = gpu.upload(r.tokens);
+        const got = await gpu.gpu.permute(x, routingMap, { probs });
+        const host = await gpu.toHost(got);
+        same(host.permutedTokens, want.permutedTokens, 'permutedTokens');
+        same(host.sortedIndices, want.sortedIndices, 'sortedIndices');
+        same(host.tokensPerExpert, want.tokensPerExpert, 'tokensPerExpert');
+        const back = await gpu.gpu.unpermute(got.permutedTokens, got.sortedIndices, [r.tokens.shape[0], 16], { probs: got.permutedProbs });
+        same(await back.download(), wasm.unpermute(want.permutedTokens, want.sortedIndices, [r.tokens.shape[0], 16], { probs: want.permutedProbs! }), 'unpermute');
+        for (const t of [x, back, ...Object.values(got)]) t.dispose();
+        // no tokens: no shader writes the counts, which are zeros even in a reused buffer that held counts
+        const empty = dtype === 'float32' ? new Float32Array(0) : new Uint16Array(0);
+        const x0 = gpu.upload(tensor(dtype, [0, 16], empty as never));
+        const none = await gpu.gpu.permute(x0, tensor('bool', [0, 6], new Uint8Array(0)));
+        expect([...(await none.tokensPerExpert.download()).data]).toEqual([0, 0, 0, 0, 0, 0]);
+        for (const t of [x0, ...Object.values(none)]) t.dispose();
+      }
+    }
+    expect(gpu.memory().cachedBytes).toBeGreaterThan(0);
+  });
+
+  it('releaseCachedMemory() empties the cache; live tensors are untouched', async () => {
+    const keep = gpu.upload(tensor('float32', [3], new Float32Array([1, 2, 3])));
+    (await gpu.gpu.tokensPerExpert(tensor('bool', [2, 2], new Uint8Array([1, 0, 1, 1])))).dispose();
+    expect(gpu.memory().cachedBytes).toBeGreaterThan(0);
+    gpu.releaseCachedMemory();
+    expect(gpu.memory().cachedBytes).toBe(0);
+    expect([...(await keep.download()).data]).toEqual([1, 2, 3]);
+    keep.dispose();
+  });
+});
