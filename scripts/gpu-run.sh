@@ -15,6 +15,9 @@
 # SUITE_FILES="a b" (only test/gpu/a.test.mjs, b.test.mjs), SKIP_TORCH=1, SKIP_TRAIN=1 (the training-step benchmarks: Rust-driven and PyTorch's),
 # TRAIN_AB="NAME=value" (the training steps again with that environment setting; the training results go into one train.json),
 # GGEMM=1 (moe-cuda-bench ggemm: the grouped GEMM's checks and timings),
+# ACTMEM=1 (issue 19: the layer's forward + backward time and activation memory, ours on cuBLAS and on our
+# grouped GEMM, bench/actmem-gpu.mjs, and PyTorch's, bench/actmem-gpu.py, interleaved ACTMEM_ROUNDS times
+# (default 2) into one actmem.json),
 # WEBGPU=1 (pack and remote: the webgpu backend in Node through Dawn: the GPU suite's webgpu-dawn.test.mjs
 # against wasm, MOE_WEBGPU_DAWN set before the suite; then next to cuda, bench/webgpu-node.mjs)
 # (SOAK_SMALL / SOAK_LARGE set the soak's counts), SKIP_EP=1 (the expert-parallel launcher over
@@ -59,6 +62,7 @@ pack() {
   cp "$golden"/permute.json "$golden"/unpermute.json "$golden"/route.json "$BUNDLE/golden/"
   cp target/release/moe-cuda-bench "$BUNDLE/bin/"
   cp bench/gpu_torch_ref.py bench/gpu_torch_experts.py bench/gpu_torch_train.py bench/train-gpu.mjs "$BUNDLE/bench/"
+  cp bench/actmem-gpu.mjs bench/actmem-gpu.py "$BUNDLE/bench/"
   # WEBGPU=1: the webgpu backend in Node through Dawn (issue 21): the `webgpu` npm package's Linux
   # build (xz) and Debian's Vulkan loader, kept between packs; bench/webgpu-node.mjs and its page code
   # (the suite's test/gpu/webgpu-dawn.test.mjs and its cases, test/common/webgpu-cases.mjs, come with test/)
@@ -215,6 +219,18 @@ PY
     # our grouped GEMM (issue 19): its correctness checks (host reference, cuBLAS, run to run) and timings
     say "moe-cuda-bench ggemm"
     timeout 300 "$BUNDLE/bin/moe-cuda-bench" ggemm ${GGEMM_ARGS:---iters 3} --out "$OUT/ggemm.json"; echo "  exit code $?"
+  fi
+  if [[ -n "${ACTMEM:-}" ]]; then
+    # issue 19: the layer's forward + backward and its activation memory (what the forward keeps
+    # for the backward): ours on cuBLAS, ours on our grouped GEMM (the path is read once a process),
+    # PyTorch's (torch._grouped_mm), interleaved round by round; the parts go into one actmem.json
+    for round in $(seq 1 "${ACTMEM_ROUNDS:-2}"); do
+      say "activation memory, round $round: ours (cuBLAS), ours (grouped GEMM), PyTorch"
+      timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" --out "$OUT/actmem-ours-cublas-$round.json"; echo "  exit code $?"
+      MOE_DISPATCH_EXPERTS_GEMM=grouped timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" --out "$OUT/actmem-ours-grouped-$round.json"; echo "  exit code $?"
+      PYTHONUNBUFFERED=1 timeout 200 python3 "$BUNDLE/bench/actmem-gpu.py" --out "$OUT/actmem-torch-$round.json"; echo "  exit code $?"
+    done
+    python3 "$BUNDLE/bench/actmem-gpu.py" --combine "$OUT" --out "$OUT/actmem.json"; echo "  exit code $?"
   fi
   if [[ -z "${SKIP_TRAIN:-}" ]]; then
     # the training step (issue 18), Rust-driven and PyTorch's, interleaved: Rust, PyTorch, Rust

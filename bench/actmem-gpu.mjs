@@ -1,0 +1,178 @@
+/**
+ * The MoE layer's forward + backward and its activation memory on the GPU (issue 19), ours:
+ * `MoELayer` uploaded to the cuda backend at the training shapes (`TRAIN_SHAPES`: bf16 weights,
+ * swiglu, softmax top-k router, Switch aux loss 0.01), `forward(x)` then `backward(g)` with the
+ * output's gradient g given; no optimizer. The experts' GEMMs are cuBLAS, or our grouped GEMM
+ * when the process runs with `MOE_DISPATCH_EXPERTS_GEMM=grouped` (read once a process: run it
+ * once per path). Its PyTorch peer is bench/actmem-gpu.py; `gpu-run.sh remote` with ACTMEM=1 runs
+ * both, interleaved, into one actmem.json.
+ *
+ *   node bench/actmem-gpu.mjs [--iters N] [--warmup N] [--shapes fine-grained,mixtral] [--out FILE]
+ *                             [--dist DIR] [--stand-in cpu]
+ *
+ * Per shape:
+ * - layerMs: the median over `iters` of one forward + backward, wall clock from a synchronised
+ *   GPU to the synchronize after the backward (after `warmup` of them); the forward's and
+ *   backward's results are disposed after the clock stops.
+ * - activationBytes: the cuda backend's `memory().liveBytes` (every device buffer this process
+ *   holds: tensors and scratch, exact byte counts) just after `forward` returns minus just before
+ *   it: what the forward leaves alive = its outputs (output, indices, weights, logits, scores,
+ *   tokensPerExpert: `outputBytes`) + what the layer keeps for the backward (`savedBytes`: the
+ *   routing map, sortedIndices, the permuted tokens, the counts, the permuted probs, the experts'
+ *   output, their up-projection and activation, the aux loss's gradient and its lazy value).
+ *   The input x and the weights exist before and are not counted.
+ * - peakBytes: `peakMemory()` over the forward + backward from a reset just before it (every
+ *   buffer of the process, weights and input included); peakAboveStartBytes = peak minus the
+ *   bytes held at the reset. gradBytes: the backward's results (gradInput + the weights' gradients).
+ * `--stand-in cpu` runs the same steps on the cpu backend at a tiny shape (no memory figures):
+ * a check of this script where there is no GPU.
+ */
+import { writeFileSync } from 'node:fs';
+import { resolve } from 'node:path';
+import { pathToFileURL } from 'node:url';
+
+const args = process.argv.slice(2);
+const arg = (name, dflt) => {
+  const i = args.indexOf(`--${name}`);
+  return i >= 0 ? args[i + 1] : dflt;
+};
+const dist = resolve(arg('dist', new URL('../dist/', import.meta.url).pathname));
+const { MoELayer, TRAIN_SHAPES, backendInfo, createBackend, uniformTensor } = await import(pathToFileURL(resolve(dist, 'index.js')).href);
+const iters = Number(arg('iters', '20'));
+const warmup = Number(arg('warmup', '3'));
+const standIn = arg('stand-in');
+if (standIn !== undefined && standIn !== 'cpu') throw new RangeError('--stand-in: only cpu');
+const SHAPES = {
+  ...TRAIN_SHAPES,
+  // the stand-in's shape (the cpu backend: seconds, not minutes)
+  tiny: { batch: 96, layer: { dim: 64, inter: 48, numExperts: 8, topk: 2, activation: 'swiglu', dtype: 'bfloat16', auxLossCoeff: 0.01 } },
+};
+const names = arg('shapes', standIn ? 'tiny' : 'fine-grained,mixtral').split(',');
+const gemm = standIn ? standIn : process.env.MOE_DISPATCH_EXPERTS_GEMM === 'grouped' ? 'grouped' : 'cublas';
+
+const moe = await createBackend({ prefer: standIn ?? 'cuda' });
+if (moe.name !== (standIn ?? 'cuda')) {
+  throw new Error(`actmem-gpu: no cuda backend here (got ${moe.name}): ${(await backendInfo()).find((i) => i.name === 'cuda')?.reason}`);
+}
+const gpu = !standIn;
+const sync = () => gpu && moe.synchronize();
+const live = () => (gpu ? moe.memory().liveBytes : null);
+const bytesOf = (ts) => (gpu ? ts.reduce((a, t) => a + t.byteLength, 0) : null);
+const SIZE = { bfloat16: 2, float16: 2, float32: 4, int32: 4, bool: 1 };
+
+const rows = [];
+for (const name of names) {
+  const { batch: T, layer: options } = SHAPES[name];
+  const { dim, inter, numExperts: E, topk: k } = options;
+  const N = T * k;
+  if (gpu) moe.releaseCachedMemory();
+  const weights = {
+    routerWeight: uniformTensor('bfloat16', [dim, E], 1, 1 / Math.sqrt(dim)),
+    gateAndUpProjs: uniformTensor('bfloat16', [E, dim, 2 * inter], 2, 1 / Math.sqrt(dim)),
+    downProjs: uniformTensor('bfloat16', [E, inter, dim], 3, 1 / Math.sqrt(inter)),
+  };
+  let layer = new MoELayer(moe, { ...options, weights });
+  if (gpu) layer = layer.upload();
+  const x0 = uniformTensor('bfloat16', [T, dim], 4, 1);
+  const g0 = uniformTensor('bfloat16', [T, dim], 5, 1 / Math.sqrt(T * dim));
+  const x = gpu ? moe.upload(x0) : x0;
+  const g = gpu ? moe.upload(g0) : g0;
+  const outputsOf = (f) => [f.output, f.indices, f.weights, f.logits, f.scores, f.tokensPerExpert];
+  const resultsOf = (b) => [b.gradInput, ...Object.values(b.grads)];
+  const dispose = (ts) => {
+    if (gpu) for (const t of ts) t.dispose();
+  };
+  let aux = Number.NaN;
+  const fwdBwd = () => {
+    const f = layer.forward(x);
+    const b = layer.backward(g);
+    return { f, b };
+  };
+  for (let i = 0; i < warmup; i++) {
+    const { f, b } = fwdBwd();
+    dispose([...outputsOf(f), ...resultsOf(b)]);
+  }
+  sync();
+  const s0 = gpu ? moe.transfers().synchronizations : 0;
+  const times = [];
+  for (let i = 0; i < iters; i++) {
+    sync();
+    const a = performance.now();
+    const { f, b } = fwdBwd();
+    sync();
+    times.push(performance.now() - a);
+    dispose([...outputsOf(f), ...resultsOf(b)]);
+  }
+  // the host's waits a forward + backward, less the timing's own two synchronize calls
+  const syncs = gpu ? (moe.transfers().synchronizations - s0) / iters - 2 : null;
+  // the memory, three times (the same numbers each time: a difference is reported)
+  const mem = [];
+  for (let i = 0; i < 3; i++) {
+    sync();
+    const before = live();
+    if (gpu) moe.peakMemory({ reset: true });
+    const f = layer.forward(x);
+    const after = live();
+    const outputBytes = bytesOf(outputsOf(f));
+    const b = layer.backward(g);
+    sync();
+    const peak = gpu ? moe.peakMemory() : null;
+    const gradBytes = bytesOf(resultsOf(b));
+    const afterBackward = live();
+    aux = f.auxLoss;
+    dispose([...outputsOf(f), ...resultsOf(b)]);
+    sync();
+    mem.push({ before, after, outputBytes, peak, gradBytes, afterBackward, afterDispose: live() });
+  }
+  const m = mem[mem.length - 1];
+  const activationBytes = gpu ? m.after - m.before : null;
+  // what the layer keeps for the backward, by its shapes (layer.ts #dispatchLocal / #finishForward;
+  // expertsForward's saved h and a): the measured savedBytes less these is `savedUnaccountedBytes`
+  const expectedSaved = {
+    routingMap: T * E * SIZE.bool,
+    sortedIndices: N * SIZE.int32,
+    permutedTokens: N * dim * SIZE.bfloat16,
+    tokensPerExpert: E * SIZE.int32,
+    permutedProbs: N * SIZE.float32,
+    expertOutput: N * dim * SIZE.bfloat16,
+    upProjection: N * 2 * inter * SIZE.bfloat16,
+    activation: N * inter * SIZE.bfloat16,
+    auxGradScores: T * E * SIZE.float32,
+  };
+  const expectedSum = Object.values(expectedSaved).reduce((a, b) => a + b, 0);
+  times.sort((a, b) => a - b);
+  const ms = times[Math.floor(times.length / 2)];
+  const row = {
+    shape: name,
+    dims: `T=${T} dim=${dim} inter=${inter} E=${E} k=${k} bf16 weights`,
+    gemm,
+    layerMs: ms,
+    layerMsMin: times[0],
+    layerMsMax: times[times.length - 1],
+    iters,
+    synchronizationsPerFwdBwd: syncs,
+    activationBytes,
+    outputBytes: m.outputBytes,
+    savedBytes: gpu ? activationBytes - m.outputBytes : null,
+    expectedSaved,
+    savedUnaccountedBytes: gpu ? activationBytes - m.outputBytes - expectedSum : null,
+    permutedCopyBytes: expectedSaved.permutedTokens,
+    baselineBytes: m.before,
+    peakBytes: m.peak,
+    peakAboveStartBytes: gpu ? m.peak - m.before : null,
+    gradBytes: m.gradBytes,
+    memoryRepeatsAgree: gpu && mem.every((r) => r.after - r.before === activationBytes && r.peak - r.before === m.peak - m.before),
+    leakBytes: gpu ? m.afterDispose - m.before : null,
+    memoryRepeats: mem,
+    auxLoss: aux,
+  };
+  rows.push(row);
+  const gib = (b) => (b === null ? 'n/a' : `${(b / 2 ** 30).toFixed(3)} GiB`);
+  console.log(
+    `${name.padStart(13)} ours (${gemm}): forward + backward ${ms.toFixed(3)} ms (min ${times[0].toFixed(3)}, ${syncs ?? 'n/a'} waits); activations ${gib(activationBytes)} (outputs ${gib(row.outputBytes)}, saved ${gib(row.savedBytes)}, unaccounted ${row.savedUnaccountedBytes ?? 'n/a'} B; the permuted copy ${gib(row.permutedCopyBytes)}); peak ${gib(row.peakBytes)} (${gib(row.peakAboveStartBytes)} above the start); repeats agree ${row.memoryRepeatsAgree}, leak ${row.leakBytes ?? 'n/a'} B; aux ${aux}`,
+  );
+  layer.dispose();
+  dispose([x, g]);
+}
+const out = arg('out');
+if (out) writeFileSync(out, JSON.stringify({ who: 'ours', gemm, device: (await backendInfo()).find((i) => i.name === (standIn ?? 'cuda'))?.device ?? null, rows }));
