@@ -25,6 +25,8 @@ const BROWSER_SUITES = [
   'test/wasm-instances.test.ts',
   'test/webgpu.test.ts',
   'test/webgpu-cache.test.ts',
+  'test/webgpu-facts.test.ts',
+  'test/check-permute.test.ts',
   'test/out.test.ts',
   'test/ep.test.ts',
   'test/layer-ep.test.ts',

@@ -5,7 +5,9 @@
  * sortedIndices) are host tensors; a call is timed until its results are written (a 4-byte
  * `await moe.synchronize()`, the queue's onSubmittedWorkDone) and its outputs are disposed. Each row: the
  * median of `iters` runs after one warm-up, and whether the GPU's output bits equal wasm's. WebGPU
- * rows also time the op queued: `iters` calls back to back and one synchronize at the end
+ * rows come twice: `routing: 'host'` (routing map, probs and sortedIndices host tensors, uploaded
+ * and checked by each call) and `routing: 'device'` (made on the GPU by this backend's
+ * indicesToMultihot and permute: checked by their facts, not read back). They also time the op queued: `iters` calls back to back and one synchronize at the end
  * (`queuedSeconds`), the device's throughput where the latency of a wait is not paid per call.
  */
 import { timeAsync as timeAsyncOf, timeQueued, timeSync as timeSyncOf } from './timing.mjs';
@@ -22,11 +24,25 @@ export async function benchWebGpu(api, random, { T = 4096, H = 1024, E = 64, k =
     return x.length === y.length && x.every((v, i) => v === y[i]);
   };
   const dispose = (o) => {
-    for (const t of Object.values(o)) if (t && typeof t.dispose === 'function') t.dispose();
+    if (typeof o?.dispose === 'function') o.dispose();
+    else for (const t of Object.values(o)) if (t && typeof t.dispose === 'function') t.dispose();
   };
   const rows = [];
   const sync = () => moe.synchronize();
   const queued = (bytes, seconds) => ({ queuedSeconds: seconds, queuedGbPerSecond: bytes / seconds / 1e9 });
+  /** A webgpu row: `call()` checked once by `same(result)`, then timed to a synchronize and queued. */
+  const gpuRow = async (op, dtype, routing, bytes, call, same) => {
+    const first = await call();
+    const ok = await same(first);
+    dispose(first);
+    const seconds = await timeAsync(async () => {
+      const o = await call();
+      await moe.synchronize();
+      dispose(o);
+    });
+    const q = await timeQueued(iters, async () => dispose(await call()), sync);
+    rows.push({ backend: 'webgpu', op, dtype, routing, seconds, bytes, gbPerSecond: bytes / seconds / 1e9, sameBitsAsWasm: ok, ...queued(bytes, q) });
+  };
   for (const dtype of ['float32', 'bfloat16']) {
     const r = random.randomRouting({ numTokens: T, numExperts: E, topk: k, hidden: H, dtype }, random.rng(7));
     const { routingMap, probs } = wasm.indicesToMultihot(r.indices, r.weights, E);
@@ -36,55 +52,37 @@ export async function benchWebGpu(api, random, { T = 4096, H = 1024, E = 64, k =
     const add = (backend, op, bytes, seconds, extra = {}) => rows.push({ backend, op, dtype, seconds, bytes, gbPerSecond: bytes / seconds / 1e9, ...extra });
     const x = moe.upload(r.tokens);
     const pt = moe.upload(ref.permutedTokens);
+    // the routing inputs on the GPU, made by this backend's ops (checked by their facts, not read back)
+    const dmh = await moe.gpu.indicesToMultihot(moe.upload(r.indices), moe.upload(r.weights), E);
+    const dp = await moe.gpu.permute(x, dmh.routingMap, { probs: dmh.probs });
 
     // permute (+ probs)
+    const permuteBytes = 2 * N * H * elem;
     add(
       'wasm',
       'permute+probs',
-      2 * N * H * elem,
+      permuteBytes,
       timeSync(() => wasm.permute(r.tokens, routingMap, { probs })),
     );
-    const g = await moe.gpu.permute(x, routingMap, { probs });
-    const okPermute =
+    const samePermute = async (g) =>
       sameBits(await g.permutedTokens.download(), ref.permutedTokens) && sameBits(await g.sortedIndices.download(), ref.sortedIndices) && sameBits(await g.permutedProbs.download(), ref.permutedProbs);
-    dispose(g);
-    add(
-      'webgpu',
-      'permute+probs',
-      2 * N * H * elem,
-      await timeAsync(async () => {
-        const o = await moe.gpu.permute(x, routingMap, { probs });
-        await moe.synchronize();
-        dispose(o);
-      }),
-      { sameBitsAsWasm: okPermute, ...queued(2 * N * H * elem, await timeQueued(iters, async () => dispose(await moe.gpu.permute(x, routingMap, { probs })), sync)) },
-    );
+    await gpuRow('permute+probs', dtype, 'host', permuteBytes, () => moe.gpu.permute(x, routingMap, { probs }), samePermute);
+    await gpuRow('permute+probs', dtype, 'device', permuteBytes, () => moe.gpu.permute(x, dmh.routingMap, { probs: dmh.probs }), samePermute);
 
     // unpermute (+ per-slot probs)
+    const unpermuteBytes = (N + T) * H * elem;
     const uo = { probs: ref.permutedProbs };
     const want = wasm.unpermute(ref.permutedTokens, ref.sortedIndices, [T, H], uo);
     add(
       'wasm',
       'unpermute+probs',
-      (N + T) * H * elem,
+      unpermuteBytes,
       timeSync(() => wasm.unpermute(ref.permutedTokens, ref.sortedIndices, [T, H], uo)),
     );
-    const u = await moe.gpu.unpermute(pt, ref.sortedIndices, [T, H], uo);
-    const okUnpermute = sameBits(await u.download(), want);
-    u.dispose();
-    add(
-      'webgpu',
-      'unpermute+probs',
-      (N + T) * H * elem,
-      await timeAsync(async () => {
-        const o = await moe.gpu.unpermute(pt, ref.sortedIndices, [T, H], uo);
-        await moe.synchronize();
-        o.dispose();
-      }),
-      { sameBitsAsWasm: okUnpermute, ...queued((N + T) * H * elem, await timeQueued(iters, async () => (await moe.gpu.unpermute(pt, ref.sortedIndices, [T, H], uo)).dispose(), sync)) },
-    );
-    x.dispose();
-    pt.dispose();
+    const sameUnpermute = async (u) => sameBits(await u.download(), want);
+    await gpuRow('unpermute+probs', dtype, 'host', unpermuteBytes, () => moe.gpu.unpermute(pt, ref.sortedIndices, [T, H], uo), sameUnpermute);
+    await gpuRow('unpermute+probs', dtype, 'device', unpermuteBytes, () => moe.gpu.unpermute(dp.permutedTokens, dp.sortedIndices, [T, H], { probs: dp.permutedProbs }), sameUnpermute);
+    for (const o of [x, pt, dmh, dp]) dispose(o);
   }
 
   // route: softmax top-k over [T, E] float32 logits
@@ -115,7 +113,7 @@ export async function benchWebGpu(api, random, { T = 4096, H = 1024, E = 64, k =
   );
   l.dispose();
   function add2(backend, seconds, extra = {}) {
-    rows.push({ backend, op: 'route softmax top-k', dtype: 'float32', seconds, bytes: T * E * 4, gbPerSecond: (T * E * 4) / seconds / 1e9, ...extra });
+    rows.push({ backend, op: 'route softmax top-k', dtype: 'float32', routing: 'device', seconds, bytes: T * E * 4, gbPerSecond: (T * E * 4) / seconds / 1e9, ...extra });
   }
   return { rows, adapter: moe.adapter };
 }

@@ -94,12 +94,18 @@ if (cudaInfo?.available) {
     const mh = cuda.indicesToMultihot(cuda.upload(r.indices), cuda.upload(r.weights), E);
     const p = cuda.permute(x, mh.routingMap, { probs: mh.probs });
     const N = p.sortedIndices.shape[0];
-    const add = async (op, bytes, f) => {
+    const add = async (op, routing, bytes, f) => {
       const seconds = time(f);
-      rows.push({ backend: 'cuda', op, dtype, seconds, bytes, gbPerSecond: bytes / seconds / 1e9, ...(await queued(bytes, f)) });
+      rows.push({ backend: 'cuda', op, dtype, routing, seconds, bytes, gbPerSecond: bytes / seconds / 1e9, ...(await queued(bytes, f)) });
     };
-    await add('permute+probs', 2 * N * H * elem, () => cuda.permute(x, mh.routingMap, { probs: mh.probs }));
-    await add('unpermute+probs', (N + T) * H * elem, () => cuda.unpermute(p.permutedTokens, p.sortedIndices, [T, H], { probs: p.permutedProbs }));
+    // device routing: the map and probs from the cuda backend's indicesToMultihot (checked by what it knows); host: host tensors, as the webgpu rows'
+    const { routingMap, probs } = cuda.indicesToMultihot(r.indices, r.weights, E);
+    const hp = cuda.permute(r.tokens, routingMap, { probs });
+    await add('permute+probs', 'device', 2 * N * H * elem, () => cuda.permute(x, mh.routingMap, { probs: mh.probs }));
+    await add('permute+probs', 'host', 2 * N * H * elem, () => cuda.permute(x, routingMap, { probs }));
+    const pt = cuda.upload(hp.permutedTokens);
+    await add('unpermute+probs', 'device', (N + T) * H * elem, () => cuda.unpermute(p.permutedTokens, p.sortedIndices, [T, H], { probs: p.permutedProbs }));
+    await add('unpermute+probs', 'host', (N + T) * H * elem, () => cuda.unpermute(pt, hp.sortedIndices, [T, H], { probs: hp.permutedProbs }));
   }
   const rand = random.rng(11);
   const logits = cuda.upload(
@@ -112,17 +118,18 @@ if (cudaInfo?.available) {
   const bytes = shape.T * shape.E * 4;
   const route = () => cuda.route(logits, { topk: shape.k });
   const seconds = time(route);
-  rows.push({ backend: 'cuda', op: 'route softmax top-k', dtype: 'float32', seconds, bytes, gbPerSecond: bytes / seconds / 1e9, ...(await queued(bytes, route)) });
+  rows.push({ backend: 'cuda', op: 'route softmax top-k', dtype: 'float32', routing: 'device', seconds, bytes, gbPerSecond: bytes / seconds / 1e9, ...(await queued(bytes, route)) });
 }
 
 // webgpu's bandwidth as a share of cuda's, per op and dtype
 const ratios = rows
   .filter((r) => r.backend === 'webgpu')
   .map((w) => {
-    const c = rows.find((r) => r.backend === 'cuda' && r.op === w.op && r.dtype === w.dtype);
+    const c = rows.find((r) => r.backend === 'cuda' && r.op === w.op && r.dtype === w.dtype && r.routing === w.routing);
     return {
       op: w.op,
       dtype: w.dtype,
+      routing: w.routing,
       webgpuGbPerSecond: w.gbPerSecond,
       cudaGbPerSecond: c?.gbPerSecond ?? null,
       ratioToCuda: c ? w.gbPerSecond / c.gbPerSecond : null,
@@ -135,7 +142,7 @@ const ratios = rows
 const pct = (x) => (x === null ? '-' : `${(100 * x).toFixed(0)}%`);
 for (const r of ratios) {
   console.log(
-    `${r.op.padEnd(20)} ${r.dtype.padEnd(9)} webgpu ${r.webgpuGbPerSecond.toFixed(1)} GB/s, cuda ${r.cudaGbPerSecond?.toFixed(1) ?? '-'} GB/s (${pct(r.ratioToCuda)}); queued ${r.queuedWebgpuGbPerSecond.toFixed(1)} vs ${r.queuedCudaGbPerSecond?.toFixed(1) ?? '-'} GB/s (${pct(r.queuedRatioToCuda)}); same bits as wasm: ${r.sameBitsAsWasm}`,
+    `${r.op.padEnd(20)} ${r.dtype.padEnd(9)} ${r.routing.padEnd(6)} webgpu ${r.webgpuGbPerSecond.toFixed(1)} GB/s, cuda ${r.cudaGbPerSecond?.toFixed(1) ?? '-'} GB/s (${pct(r.ratioToCuda)}); queued ${r.queuedWebgpuGbPerSecond.toFixed(1)} vs ${r.queuedCudaGbPerSecond?.toFixed(1) ?? '-'} GB/s (${pct(r.queuedRatioToCuda)}); same bits as wasm: ${r.sameBitsAsWasm}`,
   );
 }
 write({ kind: 'webgpu-node', available: true, adapter, device: webgpu.device, cuda: cudaInfo?.device ?? null, shape, rows, ratios });

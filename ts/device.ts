@@ -131,3 +131,13 @@ export function nativeHandle(t: DeviceTensor): NativeCudaTensor {
   if (!h) throw new TypeError('not a device tensor of this library');
   return h;
 }
+
+/** A GPU backend's copies to and from the device so far, and the host's waits for it. */
+export interface Transfers {
+  toDeviceCalls: number;
+  toDeviceBytes: number;
+  toHostCalls: number;
+  toHostBytes: number;
+  /** The host's waits for the GPU so far (each read-back waits; `synchronize()` too). */
+  synchronizations: number;
+}

@@ -12,6 +12,13 @@ export interface WireTensor {
   data: Uint8Array;
 }
 
+/** A tensor's dtype and shape, with its bytes when they are on the host (the core's check functions take it). */
+export interface WireMeta {
+  dtype: DType;
+  shape: number[];
+  data?: Uint8Array;
+}
+
 /** Runs `f` on the binding, turning any error into a typed error that names `op`. */
 export type Call<B> = <T>(op: string, f: (binding: B) => T) => T;
 

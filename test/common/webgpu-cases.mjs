@@ -387,8 +387,7 @@ export function webgpuCases(ctx) {
     for (const [op, [name, ref]] of refs.entries()) {
       if (op === 7) continue;
       const out = gpu.buffer('test', n * 8, 'out');
-      const scratch = [];
-      gpu.dispatch('test', 'f64check', F64_CHECK, [n, op], [aBuf, bBuf, out], n, scratch);
+      gpu.dispatch('test', 'f64check', F64_CHECK, [n, op], [aBuf, bBuf, out], n);
       const got = new Uint32Array((await gpu.read('test', out, n * 8)).buffer);
       const bad = [];
       for (let i = 0; i < n && bad.length < 5; i++) {

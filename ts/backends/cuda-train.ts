@@ -6,6 +6,7 @@
  * epilogue, three-way sums, column sums, the picks' gradient). Conversions only here: the work
  * is crates/moe-cuda/src/train.rs.
  */
+import type { Transfers } from '../device.js';
 import { type DeviceTensor, type NativeCudaTensor, wrapDevice } from '../device.js';
 import type { OptimizerStatus } from '../optim.js';
 import type { RouteOptions } from '../ops/routing.js';
@@ -71,15 +72,6 @@ export interface CudaTrainOps {
   transfers(): Transfers;
   /** The most device memory this process's tensors held at once since the last reset; `{ reset: true }` starts a new peak. */
   peakMemory(options?: { reset?: boolean }): number;
-}
-
-export interface Transfers {
-  toDeviceCalls: number;
-  toDeviceBytes: number;
-  toHostCalls: number;
-  toHostBytes: number;
-  /** The host's waits for the GPU so far (each read-back waits; `synchronize()` too). */
-  synchronizations: number;
 }
 
 interface TrainAddon {

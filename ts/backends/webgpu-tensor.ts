@@ -29,6 +29,32 @@ const ARRAYS: Record<DType, (b: ArrayBuffer, n: number) => Tensor['data']> = {
 
 const owners = new WeakMap<object, { gpu: Gpu; buffer: GPUBuffer | undefined }>();
 
+/**
+ * What an op of this backend knows of the values it wrote into a tensor, so that a later op
+ * checks them without reading them back (the ops never write a tensor in place, and a
+ * tensor's buffer is not writable from outside): `ones`, a bool map's number of ones (its
+ * values all 0 or 1); `below`, an int32 tensor's values all in [0, below); `picks`, route's or
+ * topk's `[T, k]` indices: each row's values distinct experts below `experts`, or -1, `picks` of
+ * them not -1.
+ */
+export interface Facts {
+  ones?: number;
+  below?: number;
+  picks?: number;
+  experts?: number;
+}
+const known = new WeakMap<object, Facts>();
+
+/** The facts an op recorded for `value` (none for host tensors and uploads). */
+export function factsOf(value: unknown): Facts {
+  return (typeof value === 'object' && value !== null && known.get(value)) || {};
+}
+
+/** Records what the op that made `t` knows of its values. */
+export function setFacts(t: GpuTensor, facts: Facts): void {
+  known.set(t, facts);
+}
+
 export class GpuTensor<D extends DType = DType> implements WebGpuTensor<D> {
   readonly device = 'webgpu' as const;
   readonly shape: readonly number[];

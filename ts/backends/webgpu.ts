@@ -17,6 +17,7 @@
  * the adapter's limits, out of memory) are Errors naming the op.
  */
 import type { Backend, BackendInfo, Binding } from '../backend.js';
+import type { Transfers } from '../device.js';
 import { checkTensor, isTensor, type DType, type Tensor, type TokenDType } from '../tensor.js';
 import { Gpu, describeAdapter, navigatorGpu, type GPUBuffer } from '../webgpu/gpu.js';
 import { activationBackward as actBackward, activationForward as actForward, activationGradProbs as actGradProbs } from '../webgpu/activations.js';
@@ -24,9 +25,9 @@ import { AUX_LOSS } from '../webgpu/aux-loss.js';
 import { F64 } from '../webgpu/f64.js';
 import { COUNT_PICKS, ROUTE } from '../webgpu/route.js';
 import * as S from '../webgpu/shaders.js';
-import { checkBool, checkNumber, INDICES, TOKENS } from '../wire.js';
+import { checkBool, checkNumber, INDICES, TOKENS, wire, type WireMeta } from '../wire.js';
 import { loadWasm, type WasmSource } from './wasm.js';
-import { BYTES, GpuTensor, isWebGpuTensor, uploadTensor, type WebGpuTensor } from './webgpu-tensor.js';
+import { BYTES, factsOf, GpuTensor, isWebGpuTensor, setFacts, uploadTensor, type WebGpuTensor } from './webgpu-tensor.js';
 
 export { isWebGpuTensor, type WebGpuTensor } from './webgpu-tensor.js';
 
@@ -80,6 +81,13 @@ export interface WebGpuBackend extends Omit<Backend, 'name'> {
   memory(): { liveBytes: number; cachedBytes: number };
   /** Destroys the buffers kept for reuse (as the cuda backend's releaseCachedMemory, torch.cuda.empty_cache). */
   releaseCachedMemory(): void;
+  /**
+   * Copies to and from the device so far (calls, bytes; parameter words included) and the
+   * host's waits for it (each read-back waits, and synchronize()): as the cuda backend's. The ops
+   * that follow this backend's own route / topk / indicesToMultihot / permute on their outputs
+   * check them without reading them back.
+   */
+  transfers(): Transfers;
   /** Destroys the WebGPU device: its tensors are gone and every later GPU op says so. */
   destroy(): void;
 }
@@ -139,7 +147,8 @@ export async function loadWebGpu(wasm?: WasmSource): Promise<WebGpuLoaded> {
     return { reason: `requestDevice() failed: ${(e as Error).message}` };
   }
   const gpu = new Gpu(device, adapterName);
-  return { binding: loaded.binding, info, extend: (base) => webgpuBackend(base, gpu) as unknown as Backend };
+  const binding = loaded.binding;
+  return { binding, info, extend: (base) => webgpuBackend(base, gpu, binding) as unknown as Backend };
 }
 
 // ---------------------------------------------------------------------------------------
@@ -219,6 +228,23 @@ class OpCall {
     return value === undefined || value === null ? undefined : this.host(value, arg, dtypes);
   }
 
+  /**
+   * For the core's checks, an input whose values they do not look at (float32 probs), or whose
+   * values an op of this backend vouched for (`ok`, from its facts): a device tensor becomes
+   * zeros of its dtype and shape instead of being read back; a host tensor is itself.
+   */
+  async checkable<D extends DType>(value: unknown, arg: string, dtypes: readonly D[], ok = true): Promise<Tensor<D>> {
+    if (!isWebGpuTensor(value) || !ok) return this.host(value, arg, dtypes);
+    const m = this.meta(value, arg, dtypes);
+    const n = m.shape.reduce((a, b) => a * b, 1);
+    const data = m.dtype === 'float32' ? new Float32Array(n) : m.dtype === 'int32' ? new Int32Array(n) : m.dtype === 'bool' ? new Uint8Array(n) : new Uint16Array(n);
+    return { dtype: m.dtype, shape: [...m.shape], data } as unknown as Tensor<D>;
+  }
+
+  async optCheckable<D extends DType>(value: unknown, arg: string, dtypes: readonly D[]): Promise<Tensor<D> | undefined> {
+    return value === undefined || value === null ? undefined : this.checkable(value, arg, dtypes);
+  }
+
   /** The GPU buffer of an input (host tensors are uploaded for the call; int64 as int32). */
   buf(value: unknown, arg: string): GPUBuffer {
     if (isWebGpuTensor(value)) return value.bufferFor(this.gpu, arg);
@@ -257,13 +283,13 @@ class OpCall {
   }
 
   run(key: string, code: string, params: number[], buffers: GPUBuffer[], threads: number): void {
-    this.gpu.dispatch(this.op, key, code, params, buffers, threads, this.scratch);
+    this.gpu.dispatch(this.op, key, code, params, buffers, threads);
   }
 
   /** Exclusive scan of `m` u32 values into a new `[m + 1]` buffer (one workgroup). */
   scan(values: GPUBuffer, m: number, what: string): GPUBuffer {
     const out = this.tmp(4 * (m + 1), what);
-    this.gpu.dispatch(this.op, 'scan', S.SCAN, [m], [values, out], 256, this.scratch, 256);
+    this.gpu.dispatch(this.op, 'scan', S.SCAN, [m], [values, out], 256, 256);
     return out;
   }
 
@@ -340,6 +366,17 @@ class OpCall {
   }
 }
 
+/** Valid picks of the shape of `[t, k]` indices (row j: 0 .. k - 1) for the core's checks of indices an op of this backend made. */
+function pickStandIn(m: Meta): Tensor<'int32'> {
+  const k = m.shape.length === 2 ? m.shape[1] : 0;
+  return { dtype: 'int32', shape: [...m.shape], data: Int32Array.from({ length: m.shape.reduce((a, b) => a * b, 1) }, (_, i) => (k > 0 ? i % k : 0)) };
+}
+
+/** A tensor's dtype and shape for the core's check functions (`WireMeta` without data). */
+function shapeOf(m: Meta): WireMeta {
+  return { dtype: m.dtype, shape: [...m.shape] };
+}
+
 function tokenWords(kind: TokenDType, elements: number): number {
   return kind === 'float32' ? elements : Math.ceil(elements / 2);
 }
@@ -347,8 +384,11 @@ function tokenWords(kind: TokenDType, elements: number): number {
 // ---------------------------------------------------------------------------------------
 // The backend
 
-/** Wraps the wasm-instance backend `base` with the WebGPU device `gpu`. */
-export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
+/**
+ * Wraps the wasm-instance backend `base` with the WebGPU device `gpu`; `binding` is that wasm
+ * instance's binding (the core's check functions, which take dtypes and shapes without data).
+ */
+export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpuBackend {
   /** An op with no shader, or a GPU op sent down the host path: inputs downloaded, wasm, results uploaded. */
   async function viaHost(op: string, args: unknown[]): Promise<unknown> {
     gpu.alive(op);
@@ -394,12 +434,20 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
 
     indicesToMultihot: (indices, probs, numExperts) =>
       gpuOp('indicesToMultihot', [indices, probs, numExperts], async (c) => {
-        const idx = await c.host(indices, 'indices', INDICES);
-        const p = await c.host(probs, 'probs', ['float32']);
+        // route's and topk's indices by their facts (distinct picks per row, or -1), any other read back
+        const f = factsOf(indices);
+        const picks = f.picks !== undefined && typeof numExperts === 'number' && numExperts >= f.experts! ? f.picks : undefined;
+        const idx = picks === undefined ? await c.host(indices, 'indices', INDICES) : pickStandIn(c.meta(indices, 'indices', INDICES));
+        const p = await c.checkable(probs, 'probs', ['float32']);
         if (c.validate(() => base.indicesToMultihot(idx, p, numExperts as number)) === HOST || idx.shape.length !== 2) return HOST;
         const [t, k] = idx.shape;
         const e = numExperts as number;
         const rm = c.out('bool', [t, e], 'routingMap');
+        // the core checked the indices: in range or -1, none twice in a row, so a one per index but -1
+        let ones = picks ?? 0;
+        const data = idx.data as ArrayLike<number | bigint>;
+        if (picks === undefined) for (let i = 0; i < data.length; i++) if (Number(data[i]) !== -1) ones++;
+        setFacts(rm, { ones });
         const dense = c.out('float32', [t, e], 'probs');
         const words = Math.ceil((t * e) / 4);
         c.run('i2m', S.INDICES_TO_MULTIHOT, [t, e, k, words], [c.buf(indices, 'indices'), c.buf(probs, 'probs'), rm.bufferFor(gpu, 'rm'), dense.bufferFor(gpu, 'probs')], words);
@@ -428,14 +476,25 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
         const o = parse<{ probs?: unknown; numOutTokens?: number; dropAndPad?: boolean }>(options, ['probs', 'numOutTokens', 'dropAndPad']);
         if (o === HOST) return HOST;
         const tm = c.meta(tokens, 'tokens', TOKENS);
-        const rm = await c.host(routingMap, 'routingMap', ['bool']);
-        const probs = await c.optHost(o.probs, 'probs', ['float32']);
+        // the map's values are checked: a device map that an op of this backend made by its facts
+        // (its ones counted), any other read back; probs only by dtype and shape
+        const ones = factsOf(routingMap).ones;
+        const rm = ones === undefined ? await c.host(routingMap, 'routingMap', ['bool']) : c.meta(routingMap, 'routingMap', ['bool']);
+        const probs = o.probs === undefined ? undefined : c.meta(o.probs, 'probs', ['float32']);
         if (tm.shape.length !== 2 || rm.shape.length !== 2) return HOST;
-        const v = c.validate(() => base.permute(c.standIn(tm), rm, { probs, numOutTokens: checkNumber(o.numOutTokens, 'numOutTokens'), dropAndPad: checkBool(o.dropAndPad, 'dropAndPad') }));
-        if (v === HOST) return HOST;
+        const n = c.validate(() =>
+          binding.checkPermute({
+            tokens: shapeOf(tm),
+            routingMap: ones === undefined ? wire(rm, 'routingMap') : shapeOf(rm),
+            probs: probs && shapeOf(probs),
+            numOutTokens: checkNumber(o.numOutTokens, 'numOutTokens'),
+            dropAndPad: checkBool(o.dropAndPad, 'dropAndPad'),
+            numSlots: ones,
+          }),
+        );
+        if (n === HOST) return HOST;
         const [t, h] = tm.shape;
         const e = rm.shape[1];
-        const n = v.sortedIndices.shape[0];
         const dnp = o.dropAndPad === true;
         const cap = dnp && e > 0 ? n / e : 0;
         const rmBuf = c.buf(routingMap, 'routingMap');
@@ -450,6 +509,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
         const permutedTokens = c.gather(c.buf(tokens, 'tokens'), tm.dtype, sorted.bufferFor(gpu, 's'), n, h, 'permutedTokens');
         const result: Record<string, GpuTensor> = { permutedTokens };
         if (pprobs) result.permutedProbs = pprobs;
+        setFacts(sorted, { below: t });
         result.sortedIndices = sorted;
         result.tokensPerExpert = tpe;
         return result;
@@ -460,10 +520,12 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
         const o = parse<{ probs?: unknown; routingMap?: unknown; dropAndPad?: boolean }>(options, ['probs', 'routingMap', 'dropAndPad']);
         if (o === HOST) return HOST;
         const pm = c.meta(permutedTokens, 'permutedTokens', TOKENS);
-        const si = await c.host(sortedIndices, 'sortedIndices', INDICES);
-        const probs = await c.optHost(o.probs, 'probs', ['float32']);
-        const rm = await c.optHost(o.routingMap, 'routingMap', ['bool']);
         const rs = restoreShape as number[];
+        // sortedIndices from this backend's permute: its values are token ids below its T (zeros stand in when that T fits)
+        const below = factsOf(sortedIndices).below;
+        const si = await c.checkable(sortedIndices, 'sortedIndices', INDICES, below !== undefined && Array.isArray(rs) && below <= rs[0]);
+        const probs = await c.optCheckable(o.probs, 'probs', ['float32']);
+        const rm = await c.optHost(o.routingMap, 'routingMap', ['bool']);
         if (!Array.isArray(rs) || rs.length !== 2 || pm.shape.length !== 2 || rs[1] !== pm.shape[1]) return HOST;
         if (c.validate(() => base.unpermute(c.standIn(pm), si, [rs[0], 0], { probs, routingMap: rm, dropAndPad: checkBool(o.dropAndPad, 'dropAndPad') })) === HOST) return HOST;
         const [n, h] = pm.shape;
@@ -588,6 +650,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
           oi.dispose();
           return HOST;
         }
+        setFacts(oi, { picks: t * kk, experts: e });
         return { values: ov, indices: oi };
       }),
 
@@ -615,7 +678,8 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
         const top2 = sf !== 'sigmoid' || bias !== undefined;
         const normalise = o.normTopkProb === true && k > 1;
         const rs = new Uint32Array(new Float64Array([(o.routeScale as number | undefined) ?? 1]).buffer);
-        const stride = 4 * e + 2 * k;
+        // exps [2e], keys [e], group keys [e], weights [2k], the row's max and softmax's sum [2 + 2] (ts/webgpu/route.ts)
+        const stride = 4 * e + 2 * k + 4;
         const biasBits = bias ? Array.from(new Uint32Array((bias.data as Float32Array).slice().buffer)) : [];
         const params = [
           t,
@@ -643,12 +707,28 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
         const scratch = c.tmp(4 * stride * t, 'route scratch');
         const flag = c.tmp(4, 'the non-finite flag');
         const maskBuf = o.tokenMask === undefined || o.tokenMask === null ? c.tmp(4, 'tokenMask') : c.buf(o.tokenMask, 'tokenMask');
-        c.run('route', ROUTE, params, [c.buf(logits, 'logits'), maskBuf, scores.bufferFor(gpu, 's'), indices.bufferFor(gpu, 'i'), weights.bufferFor(gpu, 'w'), scratch, flag], t);
+        const bufs = [c.buf(logits, 'logits'), maskBuf, scores.bufferFor(gpu, 's'), indices.bufferFor(gpu, 'i'), weights.bufferFor(gpu, 'w'), scratch, flag];
+        // the phases of the route shader: per token, per (token, expert), per token (softmax's sum), per (token, expert), per token
+        for (const [phase, threads] of [
+          [0, t],
+          [1, t * e],
+          [2, t],
+          [3, t * e],
+          [4, t],
+        ] as const) {
+          if (phase === 2 && code !== 0 && code !== 2) continue;
+          params[15] = phase;
+          c.run('route', ROUTE, params, bufs, threads);
+        }
         c.run('count_picks', COUNT_PICKS, [t * k, e], [indices.bufferFor(gpu, 'i'), tpe.bufferFor(gpu, 'c')], t * k);
         if (t > 0 && new Uint32Array((await gpu.read('route', flag, 4)).buffer)[0] !== 0) {
           for (const x of [scores, indices, weights, tpe]) x.dispose();
           return HOST;
         }
+        // a masked token's picks are -1
+        let kept = t;
+        if (mask) for (const v of mask.data as Uint8Array) kept -= v === 0 ? 1 : 0;
+        setFacts(indices, { picks: kept * k, experts: e });
         return { weights, indices, scores, tokensPerExpert: tpe };
       }),
 
@@ -741,7 +821,11 @@ export function webgpuBackend(base: Backend, gpu: Gpu): WebGpuBackend {
     releaseCachedMemory() {
       gpu.releaseCached();
     },
+    transfers() {
+      return { ...gpu.transfers };
+    },
     async synchronize() {
+      gpu.transfers.synchronizations++;
       gpu.alive('synchronize');
       await gpu.device.queue.onSubmittedWorkDone();
       gpu.alive('synchronize');

@@ -1,7 +1,7 @@
 // Generated from crates/moe-bind/src/ops.rs by `bash scripts/check-generated.sh --write`; do not edit.
 // scripts/check-generated.sh (run by npm test) fails when this file is stale.
 import type { Tensor } from '../tensor.js';
-import type { WireTensor } from '../wire.js';
+import type { WireMeta, WireTensor } from '../wire.js';
 
 /** A checkpoint: exactly one of a path (native binding only), one file's bytes, or an index's json bytes with its shard files' bytes. */
 export interface CheckpointSource { path?: string; bytes?: Uint8Array; index?: Uint8Array; shards?: Record<string, Uint8Array> }
@@ -62,6 +62,8 @@ export interface MultihotToIndicesArgs { routingMap: WireTensor; probs?: WireTen
 export interface PermuteArgs { tokens: WireTensor; routingMap: WireTensor; probs?: WireTensor; numOutTokens?: number; dropAndPad?: boolean; outPermutedTokens?: WireTensor; outPermutedProbs?: WireTensor }
 
 export interface PermutePlanArgs { routingMap: WireTensor; numOutTokens?: number; dropAndPad?: boolean }
+
+export interface CheckPermuteArgs { tokens: WireMeta; routingMap: WireMeta; probs?: WireMeta; numOutTokens?: number; dropAndPad?: boolean; numSlots?: number }
 
 export interface UnpermuteArgs { restoreShape: number[]; permutedTokens: WireTensor; sortedIndices: WireTensor; probs?: WireTensor; routingMap?: WireTensor; dropAndPad?: boolean; out?: WireTensor }
 
@@ -139,6 +141,13 @@ export interface Binding {
   permute(args: PermuteArgs): Permuted;
   /** permute's plan alone (its sortedIndices and tokensPerExpert), without moving a token. */
   permutePlan(args: PermutePlanArgs): Plan;
+  /**
+   * Every check of permute without moving a token: tokens and probs by dtype and shape,
+   * the routing map's values when its data is given; without its data, `numSlots` (the
+   * map's count, which the caller knows) is checked against numOutTokens. The number of
+   * output rows.
+   */
+  checkPermute(args: CheckPermuteArgs): number;
   /** out: a caller-owned output, written instead of allocated (then the result is null). */
   unpermute(args: UnpermuteArgs): Tensor | null;
   /** outGradTokens: a caller-owned output for gradTokens, written instead of allocated. */

@@ -57,11 +57,17 @@ export class Gpu {
   private readonly pipelines = new Map<string, any>();
   /** Bytes held by live buffers of tensors (not counting the per-op scratch). */
   liveBytes = 0;
+  /** Copies to and from the device, and the host's waits for it (read-backs and synchronize()). */
+  readonly transfers = { toDeviceCalls: 0, toDeviceBytes: 0, toHostCalls: 0, toHostBytes: 0, synchronizations: 0 };
   /** Bytes of the buffers kept for reuse (see `acquire`). */
   cachedBytes = 0;
   /** The most bytes kept for reuse. */
   cacheLimit = 1 << 30;
   private readonly cache = new Map<number, GPUBuffer[]>();
+  private readonly paramBuffers = new Map<string, GPUBuffer>();
+  private readonly groups = new Map<string, any>();
+  private readonly ids = new WeakMap<object, number>();
+  private nextId = 1;
   private encoder: any;
   private readonly deferred: GPUBuffer[] = [];
 
@@ -96,6 +102,8 @@ export class Gpu {
   upload(op: string, bytes: Uint8Array, what: string): GPUBuffer {
     const buf = this.acquire(op, bytes.byteLength, what, false);
     if (bytes.byteLength > 0) {
+      this.transfers.toDeviceCalls++;
+      this.transfers.toDeviceBytes += bytes.byteLength;
       if (bytes.byteLength % 4 === 0) this.device.queue.writeBuffer(buf, 0, bytes.buffer, bytes.byteOffset, bytes.byteLength);
       else {
         const padded = new Uint8Array(Math.ceil(bytes.byteLength / 4) * 4);
@@ -157,6 +165,7 @@ export class Gpu {
 
   /** Destroys the cached buffers (the memory of disposed tensors goes back to the device). */
   releaseCached(): void {
+    this.forgetBindings();
     for (const list of this.cache.values()) for (const b of list) b.destroy();
     this.cache.clear();
     this.cachedBytes = 0;
@@ -193,6 +202,9 @@ export class Gpu {
   async read(op: string, buf: GPUBuffer, bytes: number): Promise<Uint8Array> {
     this.alive(op);
     const size = Math.max(4, Math.ceil(bytes / 4) * 4);
+    this.transfers.toHostCalls++;
+    this.transfers.toHostBytes += bytes;
+    this.transfers.synchronizations++;
     const staging = this.device.createBuffer({ size, usage: MAP_READ | COPY_DST });
     try {
       this.batch().copyBufferToBuffer(buf, 0, staging, 0, size);
@@ -227,14 +239,12 @@ export class Gpu {
    * `buffers` at bindings 1... (`size` a workgroup: the shader's @workgroup_size, 64 unless it
    * says otherwise; rows of up to maxComputeWorkgroupsPerDimension workgroups).
    */
-  dispatch(op: string, key: string, code: string, params: ArrayLike<number>, buffers: GPUBuffer[], threads: number, scratch: GPUBuffer[], size = 64): void {
+  dispatch(op: string, key: string, code: string, params: ArrayLike<number>, buffers: GPUBuffer[], threads: number, size = 64): void {
     if (threads === 0) return;
     this.alive(op);
     const pipeline = this.pipeline(key, code);
-    const p = this.words(op, params);
-    scratch.push(p);
-    const entries = [p, ...buffers].map((buffer, binding) => ({ binding, resource: { buffer } }));
-    const group = this.device.createBindGroup({ layout: pipeline.getBindGroupLayout(0), entries });
+    const p = this.paramsBuffer(op, params);
+    const group = this.bindGroup(key, pipeline, [p, ...buffers]);
     const groups = Math.ceil(threads / size);
     const x = Math.min(groups, this.maxGroups);
     const y = Math.ceil(groups / x);
@@ -244,6 +254,54 @@ export class Gpu {
     pass.setBindGroup(0, group);
     pass.dispatchWorkgroups(x, y);
     pass.end();
+  }
+
+  /**
+   * The parameter buffer holding `params`: one per distinct parameter list, written once and
+   * kept (an op called again with the same shapes writes no parameters), up to 1024 lists.
+   */
+  private paramsBuffer(op: string, params: ArrayLike<number>): GPUBuffer {
+    const key = Array.prototype.join.call(params, ',');
+    let p = this.paramBuffers.get(key);
+    if (p === undefined) {
+      if (this.paramBuffers.size >= 1024) this.forgetBindings();
+      p = this.words(op, params);
+      this.paramBuffers.set(key, p);
+    }
+    return p;
+  }
+
+  /**
+   * The bind group of `buffers` for shader `key`, kept for the same buffers in the same places
+   * (buffers are reused from the cache, so an op called again often binds the same ones), up to
+   * 4096 groups.
+   */
+  private bindGroup(key: string, pipeline: any, buffers: GPUBuffer[]): any {
+    const id = `${key}|${buffers.map((b) => this.idOf(b)).join(',')}`;
+    let group = this.groups.get(id);
+    if (group === undefined) {
+      if (this.groups.size >= 4096) this.groups.clear();
+      const entries = buffers.map((buffer, binding) => ({ binding, resource: { buffer } }));
+      group = this.device.createBindGroup({ layout: pipeline.getBindGroupLayout(0), entries });
+      this.groups.set(id, group);
+    }
+    return group;
+  }
+
+  private idOf(b: GPUBuffer): number {
+    let id = this.ids.get(b);
+    if (id === undefined) {
+      id = this.nextId++;
+      this.ids.set(b, id);
+    }
+    return id;
+  }
+
+  /** Drops the kept bind groups and parameter buffers (these go back to the cache). */
+  private forgetBindings(): void {
+    this.groups.clear();
+    for (const b of this.paramBuffers.values()) this.release(b);
+    this.paramBuffers.clear();
   }
 
   /**

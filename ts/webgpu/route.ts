@@ -1,12 +1,13 @@
 /**
  * route on the GPU: the core's `route_checked` (crates/moe-core/src/routing.rs) step for step,
- * one thread per token, its float64 steps in software float64 (f64.ts: the core's exp, and
- * IEEE add / multiply / divide) and its float32 steps (key = score + bias, group sums) in f32.
+ * in five phases (one thread per token, or per (token, expert) for the exps and scores), its
+ * float64 steps in software float64 (f64.ts: the core's exp, and IEEE add / multiply / divide)
+ * and its float32 steps (key = score + bias, group sums) in f32.
  * Every score function (sqrtsoftplus with the core's ln_1p and a correctly rounded sqrt); groups, bias, softmaxBeforeTopk, normTopkProb, routeScale, tokenMask.
  *
  * P = [T, E, k, scoreFunction (0 softmax, 1 sigmoid, 2 softmax_with_bias, 3 sigmoid_with_bias),
  *      softmaxBeforeTopk, hasBias, numGroups, topkGroups, top2GroupScore, normalise, hasMask,
- *      routeScale lo, routeScale hi, logits dtype (0 f32, 1 bf16, 2 f16), scratch stride, 0,
+ *      routeScale lo, routeScale hi, logits dtype (0 f32, 1 bf16, 2 f16), scratch stride, phase,
  *      expertBias bits [E]...].
  */
 import { LN } from './aux-loss.js';
@@ -53,50 +54,70 @@ fn f32add(a: u32, b: u32) -> u32 { return bitcast<u32>(bitcast<f32>(a) + bitcast
 fn ld64(i: u32) -> vec2<u32> { return vec2<u32>(scratch[i], scratch[i + 1u]); }
 fn st64(i: u32, v: vec2<u32>) { scratch[i] = v.x; scratch[i + 1u] = v.y; }
 
-fn body(t: u32) {
+// Phases (P[15], one dispatch each, the same shader): 0 per token: the finiteness flag and the
+// row's maximum; 1 per (token, expert): the exp; 2 per token: softmax's sum of the exps, in
+// expert order; 3 per (token, expert): the score; 4 per token: keys, groups, top-k, weights,
+// normalisation. Each value goes through the same operations in the same order as in one
+// thread per token, so the bits are the same; the exps and divisions, the long software float64
+// steps, run on every (token, expert) at once.
+// Scratch row: exps [2E words], keys [E], group keys [E], weights [2k], max [2], sum [2].
+fn is_softmax() -> bool { return P[3] == 0u || P[3] == 2u; }
+fn at_max(t: u32) -> u32 { return t * P[14] + 4u * P[1] + 2u * P[2]; }
+
+fn phase0(t: u32) {
+  let E = P[1];
+  let row = t * E;
+  for (var e = 0u; e < E; e = e + 1u) { if ((logit_bits(row + e) & 0x7f800000u) == 0x7f800000u) { atomicStore(&flag[0], 1u); } }
+  var mx = NEG_INF;
+  for (var e = 0u; e < E; e = e + 1u) { let b = logit_bits(row + e); if (key(b) > key(mx)) { mx = b; } }
+  st64(at_max(t), f_from_f32(mx));
+}
+
+// 1. unbiased scores: float64, rounded once to float32. softmax: exp(x - max) / sum (the exps
+// are kept: the default softmax's weights reuse them); sigmoid: 1 / (1 + exp(-x)).
+fn phase1(t: u32, e: u32) {
+  let sf = P[3];
+  let x = f_from_f32(logit_bits(t * P[1] + e));
+  var arg = f_neg(x);
+  if (is_softmax()) { arg = f_sub(x, ld64(at_max(t))); }
+  if (sf == 4u) { arg = vec2<u32>(x.x, x.y | 0x80000000u); } // sqrtsoftplus: exp(-|x|)
+  st64(t * P[14] + 2u * e, f_exp(arg));
+}
+
+fn phase2(t: u32) {
+  let base = t * P[14];
+  var sum = vec2<u32>(0u, 0u);
+  for (var e = 0u; e < P[1]; e = e + 1u) { sum = f_add(sum, ld64(base + 2u * e)); }
+  st64(at_max(t) + 2u, sum);
+}
+
+fn phase3(t: u32, e: u32) {
+  let sf = P[3];
+  let row = t * P[1];
+  var num = ld64(t * P[14] + 2u * e);
+  if (sf == 4u) {
+    // sqrt(softplus(x)); softplus is exactly x above 20 (torch's threshold)
+    let x = f_from_f32(logit_bits(row + e));
+    var sp = x;
+    if (!f_lt(TWENTY, x)) {
+      var pos = x;
+      if (f_lt(x, vec2<u32>(0u, 0u))) { pos = vec2<u32>(0u, 0u); }
+      sp = f_add(pos, f_ln_1p(num));
+    }
+    scores[row + e] = f_to_f32(f_sqrt(sp));
+    return;
+  }
+  var den = vec2<u32>(0u, 0u);
+  if (is_softmax()) { den = ld64(at_max(t) + 2u); } else { den = f_add(F64_ONE, num); num = F64_ONE; }
+  scores[row + e] = f_to_f32(f_div(num, den));
+}
+
+fn phase4(t: u32) {
   let E = P[1]; let k = P[2]; let sf = P[3]; let G = P[6];
   let row = t * E;
   let base = t * P[14];
-  for (var e = 0u; e < E; e = e + 1u) { if ((logit_bits(row + e) & 0x7f800000u) == 0x7f800000u) { atomicStore(&flag[0], 1u); } }
-
-  // Scratch row: exps [2E words], keys [E], group keys [E], weights [2k].
   let KEYS = base + 2u * E;
   let GKEYS = base + 3u * E;
-  // 1. unbiased scores: float64, rounded once to float32. softmax: exp(x - max) / sum (the
-  // exps are kept: the default softmax's weights reuse them); sigmoid: 1 / (1 + exp(-x)).
-  // (One exp and one division in the code: the shader compiles faster.)
-  let softmax = sf == 0u || sf == 2u;
-  var mx = NEG_INF;
-  for (var e = 0u; e < E; e = e + 1u) { let b = logit_bits(row + e); if (key(b) > key(mx)) { mx = b; } }
-  let m = f_from_f32(mx);
-  var sum = vec2<u32>(0u, 0u);
-  for (var e = 0u; e < E; e = e + 1u) {
-    let x = f_from_f32(logit_bits(row + e));
-    var arg = f_neg(x);
-    if (softmax) { arg = f_sub(x, m); }
-    if (sf == 4u) { arg = vec2<u32>(x.x, x.y | 0x80000000u); } // sqrtsoftplus: exp(-|x|)
-    let ex = f_exp(arg);
-    st64(base + 2u * e, ex);
-    if (softmax) { sum = f_add(sum, ex); }
-  }
-  for (var e = 0u; e < E; e = e + 1u) {
-    var num = ld64(base + 2u * e);
-    if (sf == 4u) {
-      // sqrt(softplus(x)); softplus is exactly x above 20 (torch's threshold)
-      let x = f_from_f32(logit_bits(row + e));
-      var sp = x;
-      if (!f_lt(TWENTY, x)) {
-        var pos = x;
-        if (f_lt(x, vec2<u32>(0u, 0u))) { pos = vec2<u32>(0u, 0u); }
-        sp = f_add(pos, f_ln_1p(num));
-      }
-      scores[row + e] = f_to_f32(f_sqrt(sp));
-      continue;
-    }
-    var den = sum;
-    if (!softmax) { den = f_add(F64_ONE, num); num = F64_ONE; }
-    scores[row + e] = f_to_f32(f_div(num, den));
-  }
 
   // 2. the keys of the selection
   for (var e = 0u; e < E; e = e + 1u) {
@@ -186,8 +207,15 @@ fn body(t: u32) {
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
   let i = gid.x + gid.y * nwg.x * 64u;
+  let phase = P[15];
+  if (phase == 1u || phase == 3u) {
+    if (i >= P[0] * P[1]) { return; }
+    let t = i / P[1];
+    if (phase == 1u) { phase1(t, i - t * P[1]); } else { phase3(t, i - t * P[1]); }
+    return;
+  }
   if (i >= P[0]) { return; }
-  body(i);
+  if (phase == 0u) { phase0(i); } else if (phase == 2u) { phase2(i); } else { phase4(i); }
 }
 `;
 

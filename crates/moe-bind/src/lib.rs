@@ -124,6 +124,11 @@ pub struct Nullable<K>(PhantomData<K>);
 /// Out: a loaded checkpoint tensor (int64 as `{ dtype: 'int64', shape, data: Uint8Array }` of its bytes).
 pub struct LoadedTensor;
 
+/// A tensor's dtype and shape `{ dtype, shape, data?: Uint8Array }`, its bytes when they are on
+/// the host: what a check function of the core takes ([`moe_core::tensor::Meta`]; the webgpu
+/// backend checks its GPU tensors with the core's checks through it, no data copied).
+pub struct TensorMeta;
+
 /// A caller-owned output `{ dtype, shape, data: Uint8Array }` in (written by the op, see
 /// [`with_outs`]); `Option<Out>` in the table, absent when the op allocates its result.
 pub struct Out;
@@ -205,6 +210,29 @@ pub struct Wire<B> {
     dtype: String,
     shape: Vec<f64>,
     data: B,
+}
+
+/// A [`TensorMeta`] as read.
+pub struct MetaHeld<B> {
+    dtype: String,
+    shape: Vec<f64>,
+    data: Option<B>,
+}
+
+/// A [`TensorMeta`] as an op body gets it: a host tensor (its bytes checked against its shape) or
+/// a dtype and a shape.
+pub enum MetaArg<'h> {
+    Host(TensorRef<'h>),
+    Shape { name: &'static str, dtype: moe_core::DType, shape: Vec<usize> },
+}
+
+impl MetaArg<'_> {
+    pub fn meta(&self) -> moe_core::tensor::Meta<'_> {
+        match self {
+            MetaArg::Host(t) => t.meta(),
+            MetaArg::Shape { name, dtype, shape } => moe_core::tensor::Meta::shape_only(name, *dtype, shape),
+        }
+    }
 }
 
 /// A checkpoint source as read.
@@ -318,6 +346,38 @@ impl<O: Obj> Kind<O> for Tensor {
         O: 'h,
     {
         TensorRef::from_parts(key, &w.dtype, &w.shape, w.data.as_ref())
+    }
+}
+
+impl ArgTs for TensorMeta {
+    fn ts() -> String {
+        "WireMeta".into()
+    }
+}
+
+impl<O: Obj> Kind<O> for TensorMeta {
+    type Held = MetaHeld<O::Bytes>;
+    type Core<'h>
+        = MetaArg<'h>
+    where
+        O: 'h;
+    fn read(o: &O, key: &str) -> Result<Option<Self::Held>> {
+        let Some(w) = o.object(key)? else { return Ok(None) };
+        let bad = |what: &str| Error::type_error(key, "a tensor's { dtype, shape, data?: Uint8Array }", what);
+        let dtype = w.string("dtype")?.ok_or_else(|| bad("no dtype"))?;
+        let shape = w.numbers("shape")?.ok_or_else(|| bad("no shape"))?;
+        Ok(Some(MetaHeld { dtype, shape, data: w.bytes("data")? }))
+    }
+    fn core<'h>(w: &'h Self::Held, key: &'static str) -> Result<MetaArg<'h>>
+    where
+        O: 'h,
+    {
+        if let Some(data) = &w.data {
+            return TensorRef::from_parts(key, &w.dtype, &w.shape, data.as_ref()).map(MetaArg::Host);
+        }
+        let dtype = moe_core::DType::parse(key, &w.dtype)?;
+        let shape = w.shape.iter().enumerate().map(|(i, &d)| size_arg(&format!("{key}.shape[{i}]"), d)).collect::<Result<Vec<_>>>()?;
+        Ok(MetaArg::Shape { name: key, dtype, shape })
     }
 }
 
@@ -504,7 +564,7 @@ pub fn dts() -> String {
     let mut out = String::from(
         "// Generated from crates/moe-bind/src/ops.rs by `bash scripts/check-generated.sh --write`; do not edit.\n\
          // scripts/check-generated.sh (run by npm test) fails when this file is stale.\n\
-         import type { Tensor } from '../tensor.js';\nimport type { WireTensor } from '../wire.js';\n\n\
+         import type { Tensor } from '../tensor.js';\nimport type { WireMeta, WireTensor } from '../wire.js';\n\n\
          /** A checkpoint: exactly one of a path (native binding only), one file's bytes, or an index's json bytes with its shard files' bytes. */\n\
          export interface CheckpointSource { path?: string; bytes?: Uint8Array; index?: Uint8Array; shards?: Record<string, Uint8Array> }\n",
     );

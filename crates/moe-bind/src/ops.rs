@@ -191,6 +191,25 @@ macro_rules! op_table {
                 let sorted = moe_core::Tensor::i32(vec![plan.num_slots()], plan.sorted_indices);
                 Ok::<_, Error>(Plan { sortedIndices: sorted, tokensPerExpert: moe_core::Tensor::i32(vec![counts.len()], counts) })
             }
+            /// Every check of permute without moving a token: tokens and probs by dtype and shape,
+            /// the routing map's values when its data is given; without its data, `numSlots` (the
+            /// map's count, which the caller knows) is checked against numOutTokens. The number of
+            /// output rows.
+            checkPermute(tokens: TensorMeta, routingMap: TensorMeta, probs: Option<TensorMeta>, numOutTokens: Option<Size>, dropAndPad: Flag, numSlots: Option<Size>) -> Size {
+                let options = PermuteOptions { num_out_tokens: numOutTokens, drop_and_pad: dropAndPad };
+                let c = permute::check_permute(tokens.meta(), routingMap.meta(), probs.as_ref().map(|p| p.meta()), options)?;
+                match c.capacity {
+                    Some(capacity) => Ok(capacity * c.num_experts),
+                    None => {
+                        let count = match (routingMap.meta().host_bytes(), numSlots) {
+                            (Some(bytes), _) => bytes.iter().filter(|&&b| b == 1).count(),
+                            (None, Some(n)) => n,
+                            (None, None) => return Err(Error::type_error("numSlots", "a number (the routing map's count) when the map's data is not given", "undefined")),
+                        };
+                        permute::check_num_out_tokens(options, count).map(|()| count)
+                    }
+                }
+            }
             /// out: a caller-owned output, written instead of allocated (then the result is null).
             unpermute(restoreShape: Nums, permutedTokens: Tensor, sortedIndices: Tensor, probs: Option<Tensor>, routingMap: Option<Tensor>, dropAndPad: Flag, out: Option<Out>) -> Nullable<Tensor> {
                 let restore = permute::restore_shape_arg(restoreShape)?;

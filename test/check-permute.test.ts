@@ -1,0 +1,108 @@
+/**
+ * The binding's `checkPermute` (the core's checks of permute on dtypes and shapes, the routing
+ * map's values when its data is given), which the webgpu backend runs instead of the whole op:
+ * for valid and invalid problems it accepts exactly what `permute` accepts and gives the number
+ * of rows permute makes. Runs on the wasm binding (and the native one where it loads).
+ */
+import fc from 'fast-check';
+import { describe, expect, it } from 'vitest';
+
+import type { Binding } from '../ts/backend.js';
+import { loadWasm } from '../ts/backends/wasm.js';
+
+const bindings: [string, Binding][] = [];
+const w = await loadWasm();
+if (w.binding) bindings.push(['wasm', w.binding]);
+const inBrowser = typeof (globalThis as { window?: unknown }).window !== 'undefined';
+if (!inBrowser) {
+  const { loadNative } = await import('../ts/backends/native.js');
+  const n = loadNative();
+  if (n.binding) bindings.push(['native', n.binding]);
+}
+
+const u8 = (a: ArrayLike<number>) => Uint8Array.from(a);
+
+describe.each(bindings)('checkPermute on the %s binding', (_name, b) => {
+  /** permute's outcome: the rows it makes, or its error's class. */
+  const permuteOutcome = (args: Parameters<Binding['permute']>[0]) => {
+    try {
+      return b.permute(args).sortedIndices.shape[0];
+    } catch (e) {
+      return (e as Error).constructor.name;
+    }
+  };
+  const checkOutcome = (args: Parameters<Binding['checkPermute']>[0]) => {
+    try {
+      return b.checkPermute(args);
+    } catch (e) {
+      return (e as Error).constructor.name;
+    }
+  };
+
+  it('accepts what permute accepts and counts its rows (host map), on random problems valid and not', () => {
+    let valid = 0;
+    fc.assert(
+      fc.property(
+        fc.record({
+          t: fc.integer({ min: 0, max: 6 }),
+          e: fc.integer({ min: 0, max: 5 }),
+          h: fc.integer({ min: 0, max: 3 }),
+          cells: fc.array(fc.integer({ min: 0, max: 1 }), { minLength: 30, maxLength: 30 }),
+          withProbs: fc.boolean(),
+          dropAndPad: fc.boolean(),
+          cap: fc.integer({ min: 0, max: 6 }),
+          numOut: fc.constantFrom('absent', 'right', 'other'),
+          other: fc.integer({ min: 0, max: 40 }),
+          // most problems valid; one fault at a time otherwise
+          fault: fc.constantFrom('none', 'none', 'none', 'none', 'mapRows', 'cell2', 'tokensDtype', 'probsShape', 'probsDtype', 'tokensRank'),
+        }),
+        (p) => {
+          const rows = p.fault === 'mapRows' ? p.t + 1 : p.t;
+          const cells = p.cells.slice(0, rows * p.e);
+          if (p.fault === 'cell2' && cells.length > 0) cells[cells.length - 1] = 2;
+          const count = cells.filter((v) => v === 1).length;
+          const map = { dtype: 'bool' as const, shape: [rows, p.e], data: u8(cells) };
+          const tdtype = p.fault === 'tokensDtype' ? 'int32' : 'bfloat16';
+          const tshape = p.fault === 'tokensRank' ? [p.t] : [p.t, p.h];
+          const tokens = { dtype: tdtype as 'bfloat16', shape: tshape, data: new Uint8Array(tshape.reduce((x, y) => x * y, 1) * (tdtype === 'int32' ? 4 : 2)) };
+          const pe = p.fault === 'probsShape' ? p.e + 1 : p.e;
+          const probs =
+            p.withProbs || p.fault.startsWith('probs') ? { dtype: (p.fault === 'probsDtype' ? 'int32' : 'float32') as 'float32', shape: [rows, pe], data: new Uint8Array(rows * pe * 4) } : undefined;
+          const right = p.dropAndPad ? p.cap * p.e : count;
+          const numOutTokens = p.numOut === 'absent' ? undefined : p.numOut === 'right' ? right : p.other;
+          const want = permuteOutcome({ tokens, routingMap: map, probs, numOutTokens, dropAndPad: p.dropAndPad });
+          const got = checkOutcome({
+            tokens: { dtype: tokens.dtype, shape: tokens.shape },
+            routingMap: map,
+            probs: probs && { dtype: probs.dtype, shape: probs.shape },
+            numOutTokens,
+            dropAndPad: p.dropAndPad,
+          });
+          // the same outcome; the error class may differ only when more than one check fails
+          // (permute checks probs after the plan's size), so compare acceptance exactly
+          expect(typeof got === 'number', JSON.stringify({ want, got })).toBe(typeof want === 'number');
+          if (typeof want === 'number') {
+            expect(got).toBe(want);
+            valid++;
+          }
+        },
+      ),
+      { seed: Number(process.env.MOE_FC_SEED ?? 0x5eed_2025), numRuns: 400 },
+    );
+    // both sides of the comparison were exercised
+    expect(valid).toBeGreaterThan(60);
+    expect(valid).toBeLessThan(340);
+  });
+
+  it("without the map's data: numSlots is its count, required, and checked against numOutTokens", () => {
+    const tokens = { dtype: 'float32' as const, shape: [3, 2] };
+    const routingMap = { dtype: 'bool' as const, shape: [3, 4] };
+    expect(b.checkPermute({ tokens, routingMap, numSlots: 5 })).toBe(5);
+    expect(b.checkPermute({ tokens, routingMap, numSlots: 5, numOutTokens: 5 })).toBe(5);
+    expect(() => b.checkPermute({ tokens, routingMap, numSlots: 5, numOutTokens: 4 })).toThrow(/numOutTokens: 4 differs from the 5 entries/);
+    expect(() => b.checkPermute({ tokens, routingMap })).toThrow(/numSlots/);
+    expect(b.checkPermute({ tokens, routingMap, numOutTokens: 8, dropAndPad: true })).toBe(8);
+    expect(() => b.checkPermute({ tokens, routingMap: { dtype: 'bool', shape: [2, 4] }, numSlots: 1 })).toThrow(/routingMap/);
+    expect(() => b.checkPermute({ tokens, routingMap: { dtype: 'bool', shape: [3, 4], data: u8([1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0]) } })).toThrow(/expected 0 or 1/);
+  });
+});

@@ -1,0 +1,104 @@
+/**
+ * The webgpu backend's facts (ts/backends/webgpu-tensor.ts): a device pipeline route ->
+ * indicesToMultihot -> permute -> unpermute on its own outputs checks them by what the ops that
+ * made them know, without reading them back, gives wasm's bits, and still gives the core's
+ * errors where a fact does not cover the call. Runs in the chromium project (SwiftShader).
+ */
+import { describe, expect, it } from 'vitest';
+
+import { backendInfo, createBackend, isWebGpuBackend, tensor, type Tensor, type WebGpuBackend } from '../ts/index.js';
+import { randomRouting, rng } from '../ts/random.js';
+import { bitsOf } from './util.js';
+
+const info = (await backendInfo()).find((i) => i.name === 'webgpu');
+const made = info?.available ? await createBackend({ prefer: 'webgpu' }) : undefined;
+const moe = made && isWebGpuBackend(made) ? (made as WebGpuBackend) : undefined;
+const wasm = await createBackend({ prefer: 'wasm' });
+
+const same = (got: Tensor, want: Tensor, what: string) => {
+  expect([...got.shape], what).toEqual([...want.shape]);
+  expect(bitsOf(got), what).toEqual(bitsOf(want));
+};
+
+/** The error `f` throws (class and message), or 'ok'. */
+async function outcome(f: () => unknown): Promise<string> {
+  try {
+    await f();
+    return 'ok';
+  } catch (e) {
+    return `${(e as Error).constructor.name}: ${(e as Error).message}`;
+  }
+}
+
+describe.skipIf(!moe)('webgpu facts: device pipelines check without reading back', { timeout: 120_000 }, () => {
+  for (const masked of [false, true]) {
+    it(`route -> indicesToMultihot -> permute -> unpermute on device tensors${masked ? ' (a token mask)' : ''}: wasm's bits, one read-back (route's check)`, async () => {
+      const T = 37;
+      const E = 8;
+      const k = 3;
+      const H = 16;
+      const r = randomRouting({ numTokens: T, numExperts: E, topk: k, hidden: H, dtype: 'bfloat16' }, rng(5));
+      const g = rng(6);
+      const logits = tensor(
+        'float32',
+        [T, E],
+        Float32Array.from({ length: T * E }, () => g() * 4 - 2),
+      );
+      const tokenMask = masked
+        ? tensor(
+            'bool',
+            [T],
+            Uint8Array.from({ length: T }, (_, i) => (i % 5 === 2 ? 0 : 1)),
+          )
+        : undefined;
+      const want = (() => {
+        const ro = wasm.route(logits, { topk: k, tokenMask });
+        const mh = wasm.indicesToMultihot(ro.indices, ro.weights, E);
+        const p = wasm.permute(r.tokens, mh.routingMap, { probs: mh.probs });
+        return { mh, p, y: wasm.unpermute(p.permutedTokens, p.sortedIndices, [T, H], { probs: p.permutedProbs! }) };
+      })();
+      const l = moe!.upload(logits);
+      const x = moe!.upload(r.tokens);
+      const before = moe!.transfers();
+      const ro = await moe!.gpu.route(l, { topk: k, tokenMask });
+      const mh = await moe!.gpu.indicesToMultihot(ro.indices, ro.weights, E);
+      const p = await moe!.gpu.permute(x, mh.routingMap, { probs: mh.probs });
+      const y = await moe!.gpu.unpermute(p.permutedTokens, p.sortedIndices, [T, H], { probs: p.permutedProbs });
+      const after = moe!.transfers();
+      // route reads its 4-byte non-finite flag back; nothing else of the pipeline comes back
+      expect(after.toHostCalls - before.toHostCalls).toBe(1);
+      expect(after.toHostBytes - before.toHostBytes).toBe(4);
+      same(await mh.routingMap.download(), want.mh.routingMap, 'routingMap');
+      same(await p.permutedTokens.download(), want.p.permutedTokens, 'permutedTokens');
+      same(await p.sortedIndices.download(), want.p.sortedIndices, 'sortedIndices');
+      same(await p.permutedProbs!.download(), want.p.permutedProbs!, 'permutedProbs');
+      same(await y.download(), want.y, 'unpermute');
+      for (const t of [l, x, y, ...Object.values(ro), ...Object.values(mh), ...Object.values(p)]) (t as { dispose(): void }).dispose();
+    });
+  }
+
+  it("where a fact does not cover the call, the core's error (as wasm's)", async () => {
+    const T = 6;
+    const E = 5;
+    const logits = tensor(
+      'float32',
+      [T, E],
+      Float32Array.from({ length: T * E }, (_, i) => Math.sin(i)),
+    );
+    const ro = await moe!.gpu.route(moe!.upload(logits), { topk: 2 });
+    const host = wasm.route(logits, { topk: 2 });
+    // fewer experts than route's picks may name
+    expect(await outcome(() => moe!.gpu.indicesToMultihot(ro.indices, ro.weights, 3))).toBe(await outcome(() => wasm.indicesToMultihot(host.indices, host.weights, 3)));
+    const mh = await moe!.gpu.indicesToMultihot(ro.indices, ro.weights, E);
+    const hmh = wasm.indicesToMultihot(host.indices, host.weights, E);
+    const x = tensor('float32', [T, 4], new Float32Array(T * 4).fill(1));
+    // numOutTokens other than the map's count
+    expect(await outcome(() => moe!.gpu.permute(moe!.upload(x), mh.routingMap, { numOutTokens: 7 }))).toBe(await outcome(() => wasm.permute(x, hmh.routingMap, { numOutTokens: 7 })));
+    const p = await moe!.gpu.permute(moe!.upload(x), mh.routingMap, { probs: mh.probs });
+    const hp = wasm.permute(x, hmh.routingMap, { probs: hmh.probs });
+    // restoring fewer tokens than the slots name
+    expect(await outcome(() => moe!.gpu.unpermute(p.permutedTokens, p.sortedIndices, [T - 2, 4]))).toBe(await outcome(() => wasm.unpermute(hp.permutedTokens, hp.sortedIndices, [T - 2, 4])));
+    // more tokens than the slots name: fine, as on wasm
+    same(await (await moe!.gpu.unpermute(p.permutedTokens, p.sortedIndices, [T + 2, 4])).download(), wasm.unpermute(hp.permutedTokens, hp.sortedIndices, [T + 2, 4]), 'unpermute into more tokens');
+  });
+});
