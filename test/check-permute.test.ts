@@ -1,8 +1,8 @@
 /**
- * The binding's `checkPermute` (the core's checks of permute on dtypes and shapes, the routing
- * map's values when its data is given), which the webgpu backend runs instead of the whole op:
- * for valid and invalid problems it accepts exactly what `permute` accepts and gives the number
- * of rows permute makes. Runs on the wasm binding (and the native one where it loads).
+ * The binding's `checkPermute` / `checkUnpermute` (the core's checks of the op on dtypes and
+ * shapes, and on values whose data is given), which the webgpu backend runs instead of the
+ * whole op: for valid and invalid problems they accept exactly what the op accepts (permute:
+ * and give the number of rows it makes). Runs on the wasm binding (and the native one where it loads).
  */
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
@@ -27,6 +27,14 @@ describe.each(bindings)('checkPermute on the %s binding', (_name, b) => {
   const permuteOutcome = (args: Parameters<Binding['permute']>[0]) => {
     try {
       return b.permute(args).sortedIndices.shape[0];
+    } catch (e) {
+      return (e as Error).constructor.name;
+    }
+  };
+  const checkOutcome2 = (f: () => unknown) => {
+    try {
+      f();
+      return 'ok';
     } catch (e) {
       return (e as Error).constructor.name;
     }
@@ -104,5 +112,55 @@ describe.each(bindings)('checkPermute on the %s binding', (_name, b) => {
     expect(b.checkPermute({ tokens, routingMap, numOutTokens: 8, dropAndPad: true })).toBe(8);
     expect(() => b.checkPermute({ tokens, routingMap: { dtype: 'bool', shape: [2, 4] }, numSlots: 1 })).toThrow(/routingMap/);
     expect(() => b.checkPermute({ tokens, routingMap: { dtype: 'bool', shape: [3, 4], data: u8([1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0]) } })).toThrow(/expected 0 or 1/);
+  });
+
+  it("checkUnpermute accepts what unpermute accepts (no routing map), with the indices' data or without it when in range", () => {
+    let valid = 0;
+    fc.assert(
+      fc.property(
+        fc.record({
+          n: fc.integer({ min: 0, max: 8 }),
+          h: fc.integer({ min: 0, max: 3 }),
+          t: fc.integer({ min: 0, max: 6 }),
+          withProbs: fc.boolean(),
+          dropAndPad: fc.boolean(),
+          seed: fc.integer({ min: 0, max: 1000 }),
+          fault: fc.constantFrom('none', 'none', 'none', 'indexRange', 'indexCount', 'hidden', 'tokensDtype', 'probsShape', 'probsDtype', 'indexDtype', 'denseProbs'),
+        }),
+        (p) => {
+          const t = Math.max(p.t, p.fault === 'indexRange' ? 0 : 1);
+          const count = p.fault === 'indexCount' ? p.n + 1 : p.n;
+          const ids = Array.from({ length: count }, (_, i) => (p.fault === 'indexRange' && i === 0 ? t : (p.seed + 7 * i) % t));
+          const sortedIndices = { dtype: (p.fault === 'indexDtype' ? 'float32' : 'int32') as 'int32', shape: [count], data: new Uint8Array(Int32Array.from(ids).buffer) };
+          const tdtype = p.fault === 'tokensDtype' ? 'int32' : 'float32';
+          const permutedTokens = { dtype: tdtype as 'float32', shape: [p.n, p.h], data: new Uint8Array(p.n * p.h * 4) };
+          const probsShape = p.fault === 'denseProbs' ? [t, 3] : p.fault === 'probsShape' ? [p.n + 1] : [p.n];
+          const probs =
+            p.withProbs || p.fault.startsWith('probs') || p.fault === 'denseProbs'
+              ? { dtype: (p.fault === 'probsDtype' ? 'int32' : 'float32') as 'float32', shape: probsShape, data: new Uint8Array(probsShape.reduce((a, b) => a * b, 1) * 4) }
+              : undefined;
+          const restoreShape = [t, p.fault === 'hidden' ? p.h + 1 : p.h];
+          let want = 'ok';
+          try {
+            b.unpermute({ restoreShape, permutedTokens, sortedIndices, probs, dropAndPad: p.dropAndPad });
+          } catch (e) {
+            want = (e as Error).constructor.name;
+          }
+          const meta = (w: { dtype: string; shape: number[] }) => ({ dtype: w.dtype as 'int32', shape: w.shape });
+          const args = { restoreShape, permutedTokens: meta(permutedTokens), probs: probs && meta(probs), dropAndPad: p.dropAndPad };
+          const withData = checkOutcome2(() => b.checkUnpermute({ ...args, sortedIndices }));
+          expect(withData === 'ok', JSON.stringify({ want, withData, p })).toBe(want === 'ok');
+          if (want === 'ok') {
+            valid++;
+            expect(b.checkUnpermute({ ...args, sortedIndices })).toBe(count);
+            // without the indices' data (a device tensor whose values are known to be in range)
+            expect(b.checkUnpermute({ ...args, sortedIndices: meta(sortedIndices) })).toBe(count);
+          }
+        },
+      ),
+      { seed: Number(process.env.MOE_FC_SEED ?? 0x5eed_2025), numRuns: 400 },
+    );
+    expect(valid).toBeGreaterThan(60);
+    expect(valid).toBeLessThan(340);
   });
 });

@@ -521,13 +521,26 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         if (o === HOST) return HOST;
         const pm = c.meta(permutedTokens, 'permutedTokens', TOKENS);
         const rs = restoreShape as number[];
-        // sortedIndices from this backend's permute: its values are token ids below its T (zeros stand in when that T fits)
-        const below = factsOf(sortedIndices).below;
-        const si = await c.checkable(sortedIndices, 'sortedIndices', INDICES, below !== undefined && Array.isArray(rs) && below <= rs[0]);
-        const probs = await c.optCheckable(o.probs, 'probs', ['float32']);
-        const rm = await c.optHost(o.routingMap, 'routingMap', ['bool']);
         if (!Array.isArray(rs) || rs.length !== 2 || pm.shape.length !== 2 || rs[1] !== pm.shape[1]) return HOST;
-        if (c.validate(() => base.unpermute(c.standIn(pm), si, [rs[0], 0], { probs, routingMap: rm, dropAndPad: checkBool(o.dropAndPad, 'dropAndPad') })) === HOST) return HOST;
+        // sortedIndices from this backend's permute: its values are token ids below its T
+        const below = factsOf(sortedIndices).below;
+        const vouched = below !== undefined && below <= rs[0];
+        const dropAndPad = checkBool(o.dropAndPad, 'dropAndPad');
+        let probs: Meta | undefined;
+        let rm: Tensor<'bool'> | undefined;
+        if (vouched && (o.routingMap === undefined || o.routingMap === null)) {
+          // the core's checks on dtypes and shapes: no values of these inputs are checked
+          probs = o.probs === undefined || o.probs === null ? undefined : c.meta(o.probs, 'probs', ['float32']);
+          const siMeta = c.meta(sortedIndices, 'sortedIndices', INDICES);
+          const checked = c.validate(() => binding.checkUnpermute({ restoreShape: rs, permutedTokens: shapeOf(pm), sortedIndices: shapeOf(siMeta), probs: probs && shapeOf(probs), dropAndPad }));
+          if (checked === HOST) return HOST;
+        } else {
+          // the op itself on the inputs' values (zeros stand in for vouched-for indices and for probs)
+          const si = await c.checkable(sortedIndices, 'sortedIndices', INDICES, vouched);
+          probs = await c.optCheckable(o.probs, 'probs', ['float32']);
+          rm = await c.optHost(o.routingMap, 'routingMap', ['bool']);
+          if (c.validate(() => base.unpermute(c.standIn(pm), si, [rs[0], 0], { probs: probs as Tensor<'float32'> | undefined, routingMap: rm, dropAndPad })) === HOST) return HOST;
+        }
         const [n, h] = pm.shape;
         const t = rs[0];
         const sorted = c.buf(sortedIndices, 'sortedIndices');
@@ -948,7 +961,7 @@ const SCORE_FUNCTIONS: Record<string, number> = { softmax: 0, sigmoid: 1, softma
 const DTYPE_CODES: Record<string, number> = { float32: 0, bfloat16: 1, float16: 2 };
 
 /** Per-slot probabilities of unpermute as a buffer (undefined without probs). */
-function slotProbs(c: OpCall, sorted: GPUBuffer, n: number, probsArg: unknown, probs: Tensor | undefined, rmArg: unknown, rm: Tensor | undefined, dnp: boolean): GPUBuffer | undefined {
+function slotProbs(c: OpCall, sorted: GPUBuffer, n: number, probsArg: unknown, probs: Meta | undefined, rmArg: unknown, rm: Meta | undefined, dnp: boolean): GPUBuffer | undefined {
   if (!probs) return undefined;
   if (probs.shape.length !== 2) return c.buf(probsArg, 'probs');
   const e = rm!.shape[1];

@@ -65,6 +65,8 @@ export interface PermutePlanArgs { routingMap: WireTensor; numOutTokens?: number
 
 export interface CheckPermuteArgs { tokens: WireMeta; routingMap: WireMeta; probs?: WireMeta; numOutTokens?: number; dropAndPad?: boolean; numSlots?: number }
 
+export interface CheckUnpermuteArgs { restoreShape: number[]; permutedTokens: WireMeta; sortedIndices: WireMeta; probs?: WireMeta; routingMap?: WireMeta; dropAndPad?: boolean }
+
 export interface UnpermuteArgs { restoreShape: number[]; permutedTokens: WireTensor; sortedIndices: WireTensor; probs?: WireTensor; routingMap?: WireTensor; dropAndPad?: boolean; out?: WireTensor }
 
 export interface PermuteBackwardArgs { gradPermuted: WireTensor; sortedIndices: WireTensor; numTokens: number; gradPermutedProbs?: WireTensor; routingMap?: WireTensor; dropAndPad?: boolean; outGradTokens?: WireTensor }
@@ -148,6 +150,12 @@ export interface Binding {
    * output rows.
    */
   checkPermute(args: CheckPermuteArgs): number;
+  /**
+   * Every check of unpermute on dtypes and shapes, and on sortedIndices' and the routing
+   * map's values when their data is given (then the slot weights' checks are the op's
+   * own: give routingMap's data, or run the op). The number of slots.
+   */
+  checkUnpermute(args: CheckUnpermuteArgs): number;
   /** out: a caller-owned output, written instead of allocated (then the result is null). */
   unpermute(args: UnpermuteArgs): Tensor | null;
   /** outGradTokens: a caller-owned output for gradTokens, written instead of allocated. */

@@ -323,8 +323,8 @@ export class Gpu {
       thrown = e;
       this.discard();
     }
-    const validation = await this.device.popErrorScope();
-    const oom = await this.device.popErrorScope();
+    // popped in order, awaited together (one wait for Dawn's events, not two)
+    const [validation, oom] = await Promise.all([this.device.popErrorScope(), this.device.popErrorScope()]);
     for (const b of scratch) this.release(b);
     if (thrown !== undefined) throw thrown;
     this.alive(op);

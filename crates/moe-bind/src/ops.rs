@@ -210,6 +210,14 @@ macro_rules! op_table {
                     }
                 }
             }
+            /// Every check of unpermute on dtypes and shapes, and on sortedIndices' and the routing
+            /// map's values when their data is given (then the slot weights' checks are the op's
+            /// own: give routingMap's data, or run the op). The number of slots.
+            checkUnpermute(restoreShape: Nums, permutedTokens: TensorMeta, sortedIndices: TensorMeta, probs: Option<TensorMeta>, routingMap: Option<TensorMeta>, dropAndPad: Flag) -> Size {
+                let restore = permute::restore_shape_arg(restoreShape)?;
+                let options = UnpermuteOptions { drop_and_pad: dropAndPad };
+                permute::check_unpermute(permutedTokens.meta(), sortedIndices.meta(), restore, probs.as_ref().map(|p| p.meta()), routingMap.as_ref().map(|m| m.meta()), options).map(|c| c.num_slots)
+            }
             /// out: a caller-owned output, written instead of allocated (then the result is null).
             unpermute(restoreShape: Nums, permutedTokens: Tensor, sortedIndices: Tensor, probs: Option<Tensor>, routingMap: Option<Tensor>, dropAndPad: Flag, out: Option<Out>) -> Nullable<Tensor> {
                 let restore = permute::restore_shape_arg(restoreShape)?;
