@@ -25,7 +25,7 @@ const { values: args } = parseArgs({
   options: {
     webgpu: { type: 'string' },
     dist: { type: 'string', default: 'dist' },
-    iters: { type: 'string', default: '10' },
+    iters: { type: 'string', default: '30' },
     out: { type: 'string' },
     tokens: { type: 'string', default: '4096' },
     hidden: { type: 'string', default: '1024' },
