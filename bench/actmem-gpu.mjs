@@ -134,7 +134,6 @@ for (const name of names) {
     permutedTokens: N * dim * SIZE.bfloat16,
     tokensPerExpert: E * SIZE.int32,
     permutedProbs: N * SIZE.float32,
-    expertOutput: N * dim * SIZE.bfloat16,
     upProjection: N * 2 * inter * SIZE.bfloat16,
     activation: N * inter * SIZE.bfloat16,
     auxGradScores: T * E * SIZE.float32,

@@ -194,8 +194,6 @@ interface LocalDispatch {
   permutedTokens: Tensor<TokenDType>;
   tokensPerExpert: Tensor<'int32'>;
   permutedProbs: Tensor<'float32'>;
-  /** The experts' output (all slots), which unpermute's backward reads. */
-  expertOutput: AnyTensor;
   /** On the GPU: what expertsForward kept for its backward. */
   expertsSaved?: ExpertsSaved;
   /** Rows of this rank's experts in the permuted order. */
@@ -828,6 +826,8 @@ export class MoELayer {
       y = local ? yLocal : placeRows(yLocal, r0, perm.permutedTokens.shape[0]);
     }
     const output: AnyTensor = moe.unpermute(y as Tensor<TokenDType>, perm.sortedIndices, [N, this.dim]);
+    // the experts' output is not kept for the backward (see #dispatchBackwardLocal): freed with the forward's temporaries
+    temps.push(y);
     const saved: LocalDispatch = {
       kind: 'local',
       routingMap,
@@ -835,7 +835,6 @@ export class MoELayer {
       permutedTokens: perm.permutedTokens,
       tokensPerExpert: perm.tokensPerExpert,
       permutedProbs: perm.permutedProbs!,
-      expertOutput: y,
       expertsSaved,
       localRows: [r0, r1],
     };
@@ -910,7 +909,7 @@ export class MoELayer {
     if (!s) return;
     const d = s.dispatch;
     const own = [
-      ...(d.kind === 'local' ? [d.routingMap, d.sortedIndices, d.permutedTokens, d.tokensPerExpert, d.permutedProbs, d.expertOutput, d.expertsSaved?.upProjection, d.expertsSaved?.activation] : []),
+      ...(d.kind === 'local' ? [d.routingMap, d.sortedIndices, d.permutedTokens, d.tokensPerExpert, d.permutedProbs, d.expertsSaved?.upProjection, d.expertsSaved?.activation] : []),
       s.auxGrad?.gradScores,
       s.auxGrad?.gradLogits,
       s.zGrad,
@@ -993,7 +992,10 @@ export class MoELayer {
     const local = this.epSize === 1;
     const [r0, r1] = d.localRows;
     const slots = d.permutedTokens.shape[0];
-    const gradY = moe.unpermuteBackward(g2, d.expertOutput as Tensor<TokenDType>, d.sortedIndices).gradPermuted;
+    // without probs unpermuteBackward is a gather of g2: of its permutedTokens argument it reads the
+    // shape and dtype only, which the permuted tokens share with the experts' output (so the
+    // forward need not keep that output: [slots, dim] less activation memory)
+    const gradY = moe.unpermuteBackward(g2, d.permutedTokens as Tensor<TokenDType>, d.sortedIndices).gradPermuted;
     temps.push(gradY);
     const options = { ...this.#activationOptions(), permutedProbs: local ? d.permutedProbs : rows(d.permutedProbs, r0, r1), biases: this.expertBiases };
     const eg = dev
