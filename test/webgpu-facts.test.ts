@@ -32,7 +32,7 @@ async function outcome(f: () => unknown): Promise<string> {
 
 describe.skipIf(!moe)('webgpu facts: device pipelines check without reading back', { timeout: 120_000 }, () => {
   for (const masked of [false, true]) {
-    it(`route -> indicesToMultihot -> permute -> unpermute on device tensors${masked ? ' (a token mask)' : ''}: wasm's bits, one read-back (route's check)`, async () => {
+    it(`route -> indicesToMultihot -> permute -> unpermute and their backward on device tensors${masked ? ' (a token mask)' : ''}: wasm's bits, one read-back (route's check)`, async () => {
       const T = 37;
       const E = 8;
       const k = 3;
@@ -73,7 +73,25 @@ describe.skipIf(!moe)('webgpu facts: device pipelines check without reading back
       same(await p.sortedIndices.download(), want.p.sortedIndices, 'sortedIndices');
       same(await p.permutedProbs!.download(), want.p.permutedProbs!, 'permutedProbs');
       same(await y.download(), want.y, 'unpermute');
-      for (const t of [l, x, y, ...Object.values(ro), ...Object.values(mh), ...Object.values(p)]) (t as { dispose(): void }).dispose();
+      // the backward on the same outputs: nothing read back
+      const gh = tensor(
+        'bfloat16',
+        [T, H],
+        Uint16Array.from({ length: T * H }, (_, i) => 0x3f80 + (i % 61)),
+      );
+      const gp = wasm.permute(gh, want.mh.routingMap).permutedTokens;
+      const wantUb = wasm.unpermuteBackward(gh, want.p.permutedTokens, want.p.sortedIndices, { probs: want.p.permutedProbs! });
+      const wantPb = wasm.permuteBackward(gp, want.p.sortedIndices, T);
+      const gd = moe!.upload(gh);
+      const gpd = moe!.upload(gp);
+      const mid = moe!.transfers();
+      const ub = await moe!.gpu.unpermuteBackward(gd, p.permutedTokens, p.sortedIndices, { probs: p.permutedProbs });
+      const pb = await moe!.gpu.permuteBackward(gpd, p.sortedIndices, T);
+      expect(moe!.transfers().toHostCalls - mid.toHostCalls).toBe(0);
+      same(await ub.gradPermuted.download(), wantUb.gradPermuted, 'unpermuteBackward.gradPermuted');
+      same(await ub.gradProbs!.download(), wantUb.gradProbs!, 'unpermuteBackward.gradProbs');
+      same(await pb.gradTokens.download(), wantPb.gradTokens, 'permuteBackward.gradTokens');
+      for (const t of [l, x, y, gd, gpd, ...Object.values(ub), ...Object.values(pb), ...Object.values(ro), ...Object.values(mh), ...Object.values(p)]) (t as { dispose(): void }).dispose();
     });
   }
 
@@ -98,6 +116,12 @@ describe.skipIf(!moe)('webgpu facts: device pipelines check without reading back
     const hp = wasm.permute(x, hmh.routingMap, { probs: hmh.probs });
     // restoring fewer tokens than the slots name
     expect(await outcome(() => moe!.gpu.unpermute(p.permutedTokens, p.sortedIndices, [T - 2, 4]))).toBe(await outcome(() => wasm.unpermute(hp.permutedTokens, hp.sortedIndices, [T - 2, 4])));
+    // a backward over fewer tokens than the slots name
+    const gx = tensor('float32', [T - 2, 4], new Float32Array((T - 2) * 4).fill(0.5));
+    expect(await outcome(() => moe!.gpu.unpermuteBackward(moe!.upload(gx), p.permutedTokens, p.sortedIndices))).toBe(
+      await outcome(() => wasm.unpermuteBackward(gx, hp.permutedTokens, hp.sortedIndices)),
+    );
+    expect(await outcome(() => moe!.gpu.permuteBackward(p.permutedTokens, p.sortedIndices, T - 2))).toBe(await outcome(() => wasm.permuteBackward(hp.permutedTokens, hp.sortedIndices, T - 2)));
     // more tokens than the slots name: fine, as on wasm
     same(await (await moe!.gpu.unpermute(p.permutedTokens, p.sortedIndices, [T + 2, 4])).download(), wasm.unpermute(hp.permutedTokens, hp.sortedIndices, [T + 2, 4]), 'unpermute into more tokens');
   });

@@ -557,8 +557,10 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         const o = parse<{ gradPermutedProbs?: unknown; routingMap?: unknown; dropAndPad?: boolean }>(options, ['gradPermutedProbs', 'routingMap', 'dropAndPad']);
         if (o === HOST) return HOST;
         const gm = c.meta(gradPermuted, 'gradPermuted', TOKENS);
-        const si = await c.host(sortedIndices, 'sortedIndices', INDICES);
-        const gpp = await c.optHost(o.gradPermutedProbs, 'gradPermutedProbs', ['float32']);
+        // permute's slot ids (below its T) and float probs gradients are not read back to be checked
+        const below = factsOf(sortedIndices).below;
+        const si = await c.checkable(sortedIndices, 'sortedIndices', INDICES, below !== undefined && typeof numTokens === 'number' && below <= numTokens);
+        const gpp = await c.optCheckable(o.gradPermutedProbs, 'gradPermutedProbs', ['float32']);
         const rm = await c.optHost(o.routingMap, 'routingMap', ['bool']);
         if (gm.shape.length !== 2) return HOST;
         const v = c.validate(() => base.permuteBackward(c.standIn(gm), si, numTokens as number, { gradPermutedProbs: gpp, routingMap: rm, dropAndPad: checkBool(o.dropAndPad, 'dropAndPad') }));
@@ -596,8 +598,10 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         if (o === HOST) return HOST;
         const gm = c.meta(gradOutput, 'gradOutput', TOKENS);
         const pm = c.meta(permutedTokens, 'permutedTokens', TOKENS);
-        const si = await c.host(sortedIndices, 'sortedIndices', INDICES);
-        const probs = await c.optHost(o.probs, 'probs', ['float32']);
+        // permute's slot ids (below its T, the gradient's rows here) and float probs are not read back to be checked
+        const below = factsOf(sortedIndices).below;
+        const si = await c.checkable(sortedIndices, 'sortedIndices', INDICES, below !== undefined && gm.shape.length === 2 && below <= gm.shape[0]);
+        const probs = await c.optCheckable(o.probs, 'probs', ['float32']);
         const rm = await c.optHost(o.routingMap, 'routingMap', ['bool']);
         if (gm.shape.length !== 2 || pm.shape.length !== 2 || gm.shape[1] !== pm.shape[1] || gm.dtype !== pm.dtype) return HOST;
         if (c.validate(() => base.unpermuteBackward(c.standIn(gm), c.standIn(pm), si, { probs, routingMap: rm, dropAndPad: checkBool(o.dropAndPad, 'dropAndPad') })) === HOST) return HOST;
