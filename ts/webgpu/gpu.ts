@@ -65,6 +65,7 @@ export class Gpu {
   cacheLimit = 1 << 30;
   private readonly cache = new Map<number, GPUBuffer[]>();
   private readonly paramBuffers = new Map<string, GPUBuffer>();
+  private readonly staging = new Map<number, GPUBuffer[]>();
   private readonly groups = new Map<string, any>();
   private readonly ids = new WeakMap<object, number>();
   private nextId = 1;
@@ -166,6 +167,8 @@ export class Gpu {
   /** Destroys the cached buffers (the memory of disposed tensors goes back to the device). */
   releaseCached(): void {
     this.forgetBindings();
+    for (const list of this.staging.values()) for (const b of list) b.destroy();
+    this.staging.clear();
     for (const list of this.cache.values()) for (const b of list) b.destroy();
     this.cache.clear();
     this.cachedBytes = 0;
@@ -205,7 +208,10 @@ export class Gpu {
     this.transfers.toHostCalls++;
     this.transfers.toHostBytes += bytes;
     this.transfers.synchronizations++;
-    const staging = this.device.createBuffer({ size, usage: MAP_READ | COPY_DST });
+    // staging buffers of small reads (route's and topk's flags, counts) are kept, a few per size
+    const reuse = size <= 65536;
+    const staging = (reuse && this.staging.get(size)?.pop()) || this.device.createBuffer({ size, usage: MAP_READ | COPY_DST });
+    let ok = false;
     try {
       this.batch().copyBufferToBuffer(buf, 0, staging, 0, size);
       this.flush();
@@ -218,9 +224,14 @@ export class Gpu {
       const out = new Uint8Array(bytes);
       out.set(new Uint8Array(staging.getMappedRange(0, size)).subarray(0, bytes));
       staging.unmap();
+      ok = true;
       return out;
     } finally {
-      staging.destroy();
+      const kept = this.staging.get(size) ?? [];
+      if (ok && reuse && kept.length < 4) {
+        kept.push(staging);
+        this.staging.set(size, kept);
+      } else staging.destroy();
     }
   }
 
