@@ -163,4 +163,37 @@ describe.each(bindings)('checkPermute on the %s binding', (_name, b) => {
     expect(valid).toBeGreaterThan(60);
     expect(valid).toBeLessThan(340);
   });
+
+  it('checkIndicesToMultihot accepts what indicesToMultihot accepts, for indices in range and distinct per row', () => {
+    let valid = 0;
+    fc.assert(
+      fc.property(
+        fc.record({
+          t: fc.integer({ min: 0, max: 5 }),
+          k: fc.integer({ min: 0, max: 4 }),
+          e: fc.integer({ min: 0, max: 6 }),
+          // (an allocation the op cannot make is the op's own error, not a check's)
+          fault: fc.constantFrom('none', 'none', 'none', 'probsShape', 'probsDtype', 'indicesDtype', 'indicesRank'),
+        }),
+        (p) => {
+          const e = Math.max(p.e, p.k);
+          // row t: experts t, t+1, ... (mod e), distinct; -1 in every third slot
+          const ids = Array.from({ length: p.t * p.k }, (_, i) => (i % 3 === 2 ? -1 : (Math.floor(i / Math.max(p.k, 1)) + (i % Math.max(p.k, 1))) % Math.max(e, 1)));
+          const ishape = p.fault === 'indicesRank' ? [p.t * p.k] : [p.t, p.k];
+          const indices = { dtype: (p.fault === 'indicesDtype' ? 'float32' : 'int32') as 'int32', shape: ishape, data: new Uint8Array(Int32Array.from(ids).buffer) };
+          const pshape = p.fault === 'probsShape' ? [p.t, p.k + 1] : [p.t, p.k];
+          const probs = { dtype: (p.fault === 'probsDtype' ? 'int32' : 'float32') as 'float32', shape: pshape, data: new Uint8Array(pshape[0] * pshape[1] * 4) };
+          const numExperts = e;
+          const want = checkOutcome2(() => b.indicesToMultihot({ indices, probs, numExperts }));
+          const meta = (w: { dtype: string; shape: number[] }) => ({ dtype: w.dtype as 'int32', shape: w.shape });
+          const got = checkOutcome2(() => b.checkIndicesToMultihot({ indices: meta(indices), probs: meta(probs), numExperts }));
+          expect(got === 'ok', JSON.stringify({ want, got, p })).toBe(want === 'ok');
+          if (want === 'ok') valid++;
+        },
+      ),
+      { seed: Number(process.env.MOE_FC_SEED ?? 0x5eed_2025), numRuns: 300 },
+    );
+    expect(valid).toBeGreaterThan(50);
+    expect(valid).toBeLessThan(280);
+  });
 });

@@ -366,12 +366,6 @@ class OpCall {
   }
 }
 
-/** Valid picks of the shape of `[t, k]` indices (row j: 0 .. k - 1) for the core's checks of indices an op of this backend made. */
-function pickStandIn(m: Meta): Tensor<'int32'> {
-  const k = m.shape.length === 2 ? m.shape[1] : 0;
-  return { dtype: 'int32', shape: [...m.shape], data: Int32Array.from({ length: m.shape.reduce((a, b) => a * b, 1) }, (_, i) => (k > 0 ? i % k : 0)) };
-}
-
 /** A tensor's dtype and shape for the core's check functions (`WireMeta` without data). */
 function shapeOf(m: Meta): WireMeta {
   return { dtype: m.dtype, shape: [...m.shape] };
@@ -437,16 +431,27 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         // route's and topk's indices by their facts (distinct picks per row, or -1), any other read back
         const f = factsOf(indices);
         const picks = f.picks !== undefined && typeof numExperts === 'number' && numExperts >= f.experts! ? f.picks : undefined;
-        const idx = picks === undefined ? await c.host(indices, 'indices', INDICES) : pickStandIn(c.meta(indices, 'indices', INDICES));
-        const p = await c.checkable(probs, 'probs', ['float32']);
-        if (c.validate(() => base.indicesToMultihot(idx, p, numExperts as number)) === HOST || idx.shape.length !== 2) return HOST;
+        let idx: Meta;
+        if (picks !== undefined) {
+          // route's or topk's picks: in range and distinct by their facts, so the core's checks of dtypes and shapes are all
+          idx = c.meta(indices, 'indices', INDICES);
+          const p = c.meta(probs, 'probs', ['float32']);
+          if (c.validate(() => binding.checkIndicesToMultihot({ indices: shapeOf(idx), probs: shapeOf(p), numExperts: numExperts as number })) === HOST || idx.shape.length !== 2) return HOST;
+        } else {
+          const host = await c.host(indices, 'indices', INDICES);
+          const p = await c.checkable(probs, 'probs', ['float32']);
+          if (c.validate(() => base.indicesToMultihot(host, p, numExperts as number)) === HOST || host.shape.length !== 2) return HOST;
+          idx = host;
+        }
         const [t, k] = idx.shape;
         const e = numExperts as number;
         const rm = c.out('bool', [t, e], 'routingMap');
         // the core checked the indices: in range or -1, none twice in a row, so a one per index but -1
         let ones = picks ?? 0;
-        const data = idx.data as ArrayLike<number | bigint>;
-        if (picks === undefined) for (let i = 0; i < data.length; i++) if (Number(data[i]) !== -1) ones++;
+        if (picks === undefined) {
+          const data = (idx as Tensor).data as ArrayLike<number | bigint>;
+          for (let i = 0; i < data.length; i++) if (Number(data[i]) !== -1) ones++;
+        }
         setFacts(rm, { ones });
         const dense = c.out('float32', [t, e], 'probs');
         const words = Math.ceil((t * e) / 4);

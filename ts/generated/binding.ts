@@ -57,6 +57,8 @@ export interface LoadedExperts { gateAndUpProjs: Tensor; downProjs: Tensor; gate
 
 export interface IndicesToMultihotArgs { indices: WireTensor; probs: WireTensor; numExperts: number }
 
+export interface CheckIndicesToMultihotArgs { indices: WireMeta; probs: WireMeta; numExperts: number }
+
 export interface MultihotToIndicesArgs { routingMap: WireTensor; probs?: WireTensor; topk?: number }
 
 export interface PermuteArgs { tokens: WireTensor; routingMap: WireTensor; probs?: WireTensor; numOutTokens?: number; dropAndPad?: boolean; outPermutedTokens?: WireTensor; outPermutedProbs?: WireTensor }
@@ -138,6 +140,12 @@ export interface Binding {
   /** Worker threads the backend uses for large inputs (wasm: 1). */
   numThreads(): number;
   indicesToMultihot(args: IndicesToMultihotArgs): Multihot;
+  /**
+   * indicesToMultihot's checks on dtypes and shapes (the indices' values are the op's own
+   * checks: call this only for indices known to be in range and distinct in each row).
+   * The number of tokens.
+   */
+  checkIndicesToMultihot(args: CheckIndicesToMultihotArgs): number;
   multihotToIndices(args: MultihotToIndicesArgs): Indices;
   /** outPermutedTokens / outPermutedProbs: caller-owned outputs, written instead of allocated. */
   permute(args: PermuteArgs): Permuted;

@@ -166,6 +166,12 @@ macro_rules! op_table {
             indicesToMultihot(indices: Tensor, probs: Tensor, numExperts: Size) -> Multihot {
                 routing_map::indices_to_multihot(&indices, &probs, numExperts).map(|o| Multihot { routingMap: o.routing_map, probs: o.probs })
             }
+            /// indicesToMultihot's checks on dtypes and shapes (the indices' values are the op's own
+            /// checks: call this only for indices known to be in range and distinct in each row).
+            /// The number of tokens.
+            checkIndicesToMultihot(indices: TensorMeta, probs: TensorMeta, numExperts: Size) -> Size {
+                routing_map::check_indices_to_multihot(indices.meta(), probs.meta(), numExperts).map(|(tokens, _)| tokens)
+            }
             multihotToIndices(routingMap: Tensor, probs: Option<Tensor>, topk: Option<Size>) -> Indices {
                 routing_map::multihot_to_indices(&routingMap, probs.as_ref(), topk).map(|o| Indices { indices: o.indices, probs: o.probs })
             }
