@@ -328,6 +328,15 @@ impl ArgTs for Tensor {
     }
 }
 
+/// A tensor argument's `{ dtype, shape, data? }` (absent: None; `what` names the expected value in errors).
+fn read_parts<O: Obj>(o: &O, key: &str, what: &str) -> Result<Option<MetaHeld<O::Bytes>>> {
+    let Some(w) = o.object(key)? else { return Ok(None) };
+    let bad = |m: &str| Error::type_error(key, what, m);
+    let dtype = w.string("dtype")?.ok_or_else(|| bad("no dtype"))?;
+    let shape = w.numbers("shape")?.ok_or_else(|| bad("no shape"))?;
+    Ok(Some(MetaHeld { dtype, shape, data: w.bytes("data")? }))
+}
+
 impl<O: Obj> Kind<O> for Tensor {
     type Held = Wire<O::Bytes>;
     type Core<'h>
@@ -335,11 +344,9 @@ impl<O: Obj> Kind<O> for Tensor {
     where
         O: 'h;
     fn read(o: &O, key: &str) -> Result<Option<Self::Held>> {
-        let Some(w) = o.object(key)? else { return Ok(None) };
-        let bad = |what: &str| Error::type_error(key, "a wire tensor { dtype, shape, data: Uint8Array }", what);
-        let dtype = w.string("dtype")?.ok_or_else(|| bad("no dtype"))?;
-        let shape = w.numbers("shape")?.ok_or_else(|| bad("no shape"))?;
-        Ok(Some(Wire { dtype, shape, data: w.bytes("data")?.ok_or_else(|| bad("no data"))? }))
+        const WHAT: &str = "a wire tensor { dtype, shape, data: Uint8Array }";
+        let Some(MetaHeld { dtype, shape, data }) = read_parts(o, key, WHAT)? else { return Ok(None) };
+        Ok(Some(Wire { dtype, shape, data: data.ok_or_else(|| Error::type_error(key, WHAT, "no data"))? }))
     }
     fn core<'h>(w: &'h Self::Held, key: &'static str) -> Result<TensorRef<'h>>
     where
@@ -362,11 +369,7 @@ impl<O: Obj> Kind<O> for TensorMeta {
     where
         O: 'h;
     fn read(o: &O, key: &str) -> Result<Option<Self::Held>> {
-        let Some(w) = o.object(key)? else { return Ok(None) };
-        let bad = |what: &str| Error::type_error(key, "a tensor's { dtype, shape, data?: Uint8Array }", what);
-        let dtype = w.string("dtype")?.ok_or_else(|| bad("no dtype"))?;
-        let shape = w.numbers("shape")?.ok_or_else(|| bad("no shape"))?;
-        Ok(Some(MetaHeld { dtype, shape, data: w.bytes("data")? }))
+        read_parts(o, key, "a tensor's { dtype, shape, data?: Uint8Array }")
     }
     fn core<'h>(w: &'h Self::Held, key: &'static str) -> Result<MetaArg<'h>>
     where
