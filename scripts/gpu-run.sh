@@ -168,7 +168,7 @@ remote() {
     # SUITE_FILES="optim layer-train": only those files of test/gpu (a quick look; the full suite is the default)
     [[ -n "${SUITE_FILES:-}" ]] && { files=(); for f in $SUITE_FILES; do files+=("$BUNDLE/test/gpu/$f.test.mjs"); done; }
     "$node" --test --test-reporter=tap --test-reporter-destination="$OUT/gpu-suite.tap" --test-reporter=spec --test-reporter-destination=/dev/null "${files[@]}" ; echo "  exit code $?"
-    grep -E '^# (cuda|CUDA)' "$OUT/gpu-suite.tap" | head -3
+    grep -E '^# (\\# )?(cuda|CUDA)' "$OUT/gpu-suite.tap" | head -3
     grep -E '^# (tests|suites|pass|fail|cancelled|skipped|todo|duration_ms)' "$OUT/gpu-suite.tap"
     grep -E '^\s*not ok' "$OUT/gpu-suite.tap" | head -20
 
