@@ -19,7 +19,8 @@
 # grouped GEMM, bench/actmem-gpu.mjs, and PyTorch's, bench/actmem-gpu.py, interleaved ACTMEM_ROUNDS times
 # (default 2) into one actmem.json),
 # WEBGPU=1 (pack and remote: the webgpu backend in Node through Dawn: the GPU suite's webgpu-dawn.test.mjs
-# against wasm, MOE_WEBGPU_DAWN set before the suite; then next to cuda, bench/webgpu-node.mjs)
+# against wasm, MOE_WEBGPU_DAWN set before the suite; then next to cuda, bench/webgpu-node.mjs, and each
+# shader's GPU time, bench/webgpu-profile.mjs)
 # (SOAK_SMALL / SOAK_LARGE set the soak's counts), SKIP_EP=1 (the expert-parallel launcher over
 # NCCL, one process per GPU: scripts/ep-launch.mjs). MOE_GPU_BUNDLE=DIR packs into / runs from
 # another folder than .gpu-bundle (a helper's own bundle beside the lead's; git-ignore it).
@@ -67,7 +68,7 @@ pack() {
   # build (xz) and Debian's Vulkan loader, kept between packs; bench/webgpu-node.mjs and its page code
   # (the suite's test/gpu/webgpu-dawn.test.mjs and its cases, test/common/webgpu-cases.mjs, come with test/)
   if [[ -n "${WEBGPU:-}" ]]; then
-    cp bench/webgpu-node.mjs bench/webgpu-bench.mjs bench/timing.mjs "$BUNDLE/bench/"
+    cp bench/webgpu-node.mjs bench/webgpu-bench.mjs bench/webgpu-profile.mjs bench/timing.mjs "$BUNDLE/bench/"
     if [[ ! -f "$BUNDLE/webgpu/dawn.node.xz" || ! -f "$BUNDLE/webgpu/.debs-2" ]]; then
       local tmp
       tmp="$(mktemp -d)"
@@ -214,6 +215,8 @@ PY
     # the GPU suite's webgpu-dawn.test.mjs (above): its adapter, its counts and any failure
     grep -E '^# webgpu|^(not )?ok [0-9]+ - (webgpu|Dawn)' "$OUT/gpu-suite.tap" 2>/dev/null | head -5
     timeout 240 "$node" "$BUNDLE/bench/webgpu-node.mjs" --webgpu "$BUNDLE/webgpu/package" --dist "$BUNDLE/dist" --out "$OUT/webgpu-node.json"; echo "  exit code $?"
+    say "webgpu: each shader's GPU time (timestamp queries), bench/webgpu-profile.mjs"
+    timeout 240 "$node" "$BUNDLE/bench/webgpu-profile.mjs" --webgpu "$BUNDLE/webgpu/package" --dist "$BUNDLE/dist" --out "$OUT/webgpu-profile.json"; echo "  exit code $?"
   fi
   if [[ -n "${GGEMM:-}" ]]; then
     # our grouped GEMM (issue 19): its correctness checks (host reference, cuBLAS, run to run) and timings

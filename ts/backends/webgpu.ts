@@ -282,8 +282,8 @@ class OpCall {
     return b;
   }
 
-  run(key: string, code: string, params: number[], buffers: GPUBuffer[], threads: number): void {
-    this.gpu.dispatch(this.op, key, code, params, buffers, threads);
+  run(key: string, code: string, params: number[], buffers: GPUBuffer[], threads: number, label = key): void {
+    this.gpu.dispatch(this.op, key, code, params, buffers, threads, 64, label);
   }
 
   /** Exclusive scan of `m` u32 values into a new `[m + 1]` buffer (one workgroup). */
@@ -740,7 +740,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         ] as const) {
           if (phase === 2 && code !== 0 && code !== 2) continue;
           params[15] = phase;
-          c.run('route', ROUTE, params, bufs, threads);
+          c.run('route', ROUTE, params, bufs, threads, `route phase ${phase}`);
         }
         c.run('count_picks', COUNT_PICKS, [t * k, e], [indices.bufferFor(gpu, 'i'), tpe.bufferFor(gpu, 'c')], t * k);
         if (t > 0 && new Uint32Array((await gpu.read('route', flag, 4)).buffer)[0] !== 0) {

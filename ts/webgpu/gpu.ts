@@ -248,9 +248,10 @@ export class Gpu {
   /**
    * Queues one dispatch of `threads` invocations of shader `key` with `params` at binding 0 and
    * `buffers` at bindings 1... (`size` a workgroup: the shader's @workgroup_size, 64 unless it
-   * says otherwise; rows of up to maxComputeWorkgroupsPerDimension workgroups).
+   * says otherwise; rows of up to maxComputeWorkgroupsPerDimension workgroups). The pass is labelled
+   * `label` (the shader's key unless the caller names a step of it; bench/webgpu-profile.mjs reads it).
    */
-  dispatch(op: string, key: string, code: string, params: ArrayLike<number>, buffers: GPUBuffer[], threads: number, size = 64): void {
+  dispatch(op: string, key: string, code: string, params: ArrayLike<number>, buffers: GPUBuffer[], threads: number, size = 64, label = key): void {
     if (threads === 0) return;
     this.alive(op);
     const pipeline = this.pipeline(key, code);
@@ -260,7 +261,7 @@ export class Gpu {
     const x = Math.min(groups, this.maxGroups);
     const y = Math.ceil(groups / x);
     if (y > this.maxGroups) throw new GpuError(op, `${threads} threads are over this WebGPU adapter's dispatch limit`);
-    const pass = this.batch().beginComputePass();
+    const pass = this.batch().beginComputePass({ label });
     pass.setPipeline(pipeline);
     pass.setBindGroup(0, group);
     pass.dispatchWorkgroups(x, y);
