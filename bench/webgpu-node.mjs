@@ -14,27 +14,12 @@
  *   node bench/webgpu-node.mjs [--webgpu DIR] [--iters N] [--out FILE] [--tokens T --hidden H --experts E --topk K]
  */
 import { writeFileSync } from 'node:fs';
-import { resolve } from 'node:path';
-import { pathToFileURL } from 'node:url';
-import { parseArgs } from 'node:util';
 
+import { dawnArgs, distUrl, installDawn } from './dawn.mjs';
 import { timeQueued, timeSync } from './timing.mjs';
 import { benchWebGpu } from './webgpu-bench.mjs';
 
-const { values: args } = parseArgs({
-  options: {
-    webgpu: { type: 'string' },
-    dist: { type: 'string', default: 'dist' },
-    iters: { type: 'string', default: '30' },
-    out: { type: 'string' },
-    tokens: { type: 'string', default: '4096' },
-    hidden: { type: 'string', default: '1024' },
-    experts: { type: 'string', default: '64' },
-    topk: { type: 'string', default: '4' },
-  },
-});
-const shape = { T: Number(args.tokens), H: Number(args.hidden), E: Number(args.experts), k: Number(args.topk), iters: Number(args.iters) };
-for (const [key, v] of Object.entries(shape)) if (!Number.isInteger(v) || v < 1) throw new RangeError(`--${key}: expected an integer >= 1, got ${v}`);
+const { args, shape } = dawnArgs(30);
 
 const write = (result) => {
   const text = JSON.stringify(result, null, 1);
@@ -42,15 +27,9 @@ const write = (result) => {
   return result;
 };
 
-// Dawn's WebGPU as the page's: navigator.gpu and the GPU* globals
-const dawn = await import(args.webgpu ? pathToFileURL(resolve(args.webgpu, 'index.js')).href : 'webgpu').catch((e) => {
-  console.error(`webgpu-node: the webgpu package does not load (${e.message}); pass --webgpu DIR (gpu-run.sh WEBGPU=1 carries it)`);
-  process.exit(2);
-});
-Object.assign(globalThis, dawn.globals);
-globalThis.navigator = { ...(globalThis.navigator ?? {}), gpu: dawn.create([]) };
+await installDawn(args, 'webgpu-node');
 
-const dist = pathToFileURL(`${resolve(args.dist)}/`).href;
+const dist = distUrl(args);
 const api = await import(new URL('index.js', dist).href);
 const random = await import(new URL('random.js', dist).href);
 const info = await api.backendInfo();

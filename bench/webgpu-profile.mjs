@@ -15,31 +15,11 @@
  * SwiftShader Vulkan (DEVELOPERS.md): a software GPU, so the times mean nothing there.
  */
 import { writeFileSync } from 'node:fs';
-import { resolve } from 'node:path';
-import { pathToFileURL } from 'node:url';
-import { parseArgs } from 'node:util';
 
-const { values: args } = parseArgs({
-  options: {
-    webgpu: { type: 'string' },
-    dist: { type: 'string', default: 'dist' },
-    out: { type: 'string' },
-    iters: { type: 'string', default: '20' },
-    tokens: { type: 'string', default: '4096' },
-    hidden: { type: 'string', default: '1024' },
-    experts: { type: 'string', default: '64' },
-    topk: { type: 'string', default: '4' },
-  },
-});
-const shape = { T: Number(args.tokens), H: Number(args.hidden), E: Number(args.experts), k: Number(args.topk), iters: Number(args.iters) };
-for (const [key, v] of Object.entries(shape)) if (!Number.isInteger(v) || v < 1) throw new RangeError(`--${key}: expected an integer >= 1, got ${v}`);
+import { dawnArgs, distUrl, installDawn } from './dawn.mjs';
 
-const dawn = await import(args.webgpu ? pathToFileURL(resolve(args.webgpu, 'index.js')).href : 'webgpu').catch((e) => {
-  console.error(`webgpu-profile: the webgpu package does not load (${e.message}); pass --webgpu DIR`);
-  process.exit(2);
-});
-Object.assign(globalThis, dawn.globals);
-globalThis.navigator = { ...(globalThis.navigator ?? {}), gpu: dawn.create([]) };
+const { args, shape } = dawnArgs(20);
+await installDawn(args, 'webgpu-profile');
 
 // the backend's device gets timestamp queries; every compute pass records its start and end
 const QUERIES = 4096; // the most a query set may hold
@@ -86,7 +66,7 @@ async function drain() {
   return by;
 }
 
-const dist = pathToFileURL(`${resolve(args.dist)}/`).href;
+const dist = distUrl(args);
 const api = await import(new URL('index.js', dist).href);
 const random = await import(new URL('random.js', dist).href);
 const moe = await api.createBackend({ prefer: 'webgpu' });

@@ -68,7 +68,7 @@ pack() {
   # build (xz) and Debian's Vulkan loader, kept between packs; bench/webgpu-node.mjs and its page code
   # (the suite's test/gpu/webgpu-dawn.test.mjs and its cases, test/common/webgpu-cases.mjs, come with test/)
   if [[ -n "${WEBGPU:-}" ]]; then
-    cp bench/webgpu-node.mjs bench/webgpu-bench.mjs bench/webgpu-profile.mjs bench/timing.mjs "$BUNDLE/bench/"
+    cp bench/webgpu-node.mjs bench/webgpu-bench.mjs bench/webgpu-profile.mjs bench/dawn.mjs bench/timing.mjs "$BUNDLE/bench/"
     if [[ ! -f "$BUNDLE/webgpu/dawn.node.xz" || ! -f "$BUNDLE/webgpu/.debs-2" ]]; then
       local tmp
       tmp="$(mktemp -d)"
