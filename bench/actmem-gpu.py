@@ -36,13 +36,14 @@ import statistics
 import time
 
 SHAPES = {"fine-grained": (8192, 2048, 1408, 64, 6), "mixtral": (8192, 4096, 14336, 8, 2)}
-AUX_COEFF = 1e-2
 
 
 def layer(T, dim, inter, E, k, dev, masters):
     """The layer's parameters, input, output gradient and its forward (returns out, aux)."""
     import torch
-    import torch.nn.functional as F
+
+    # the forward itself is gpu_torch_train.py's (the training step's peer), beside this file
+    from gpu_torch_train import moe_forward
 
     g = torch.Generator(device=dev).manual_seed(5)
     dt = torch.float32 if masters else torch.bfloat16
@@ -58,26 +59,7 @@ def layer(T, dim, inter, E, k, dev, masters):
     low = (lambda w: w.to(torch.bfloat16)) if masters else (lambda w: w)
 
     def forward():
-        logits = (x @ low(wr)).float()
-        scores = logits.softmax(-1)
-        top = logits.topk(k, dim=-1)
-        weights = top.values.softmax(-1)
-        routing_map = torch.zeros(T, E, dtype=torch.bool, device=dev).scatter_(1, top.indices, True)
-        probs = torch.zeros(T, E, device=dev).scatter(1, top.indices, weights)
-        counts = routing_map.sum(0)
-        aux = E * AUX_COEFF / (k * T * T) * (scores.sum(0) * counts.float()).sum()
-        rm = routing_map.T.contiguous()
-        tok = torch.arange(T, device=dev).unsqueeze(0).expand(E, -1)
-        si = tok.masked_select(rm)
-        pp = probs.T.contiguous().masked_select(rm)
-        px = x.index_select(0, si)
-        offs = torch.cumsum(counts, 0).to(torch.int32)
-        h = torch._grouped_mm(px, low(w1), offs=offs)
-        gate, up = h.chunk(2, dim=-1)
-        a = (F.silu(gate.float()) * up.float() * pp[:, None]).to(torch.bfloat16)
-        y = torch._grouped_mm(a, low(w2), offs=offs)
-        out = torch.zeros(T, dim, dtype=y.dtype, device=dev).scatter_add_(0, si.unsqueeze(1).expand(-1, dim), y)
-        return out, aux
+        return moe_forward(x, low(wr), low(w1), low(w2), k)
 
     return forward, [wr, w1, w2], x, gout
 

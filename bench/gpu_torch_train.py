@@ -23,6 +23,37 @@ SHAPES = {"fine-grained": (8192, 2048, 1408, 64, 6), "mixtral": (8192, 4096, 143
 AUX_COEFF = 1e-2
 
 
+def moe_forward(x, wr, w1, w2, k):
+    """The layer's forward on bf16 `x [T, dim]` and the weights as the GEMMs take them (router
+    [dim, E], gate|up [E, dim, 2 inter], down [E, inter, dim]): softmax top-k router (logits in
+    float32, softmax over the k picked logits), the Switch aux loss on the softmax scores, the
+    reference permute, swiglu experts on torch._grouped_mm weighted by the probs, scatter_add
+    unpermute. Returns (out [T, dim], aux). bench/actmem-gpu.py measures the same forward."""
+    T, dim = x.shape
+    E = wr.shape[1]
+    dev = x.device
+    logits = (x @ wr).float()
+    scores = logits.softmax(-1)
+    top = logits.topk(k, dim=-1)
+    weights = top.values.softmax(-1)
+    routing_map = torch.zeros(T, E, dtype=torch.bool, device=dev).scatter_(1, top.indices, True)
+    probs = torch.zeros(T, E, device=dev).scatter(1, top.indices, weights)
+    counts = routing_map.sum(0)
+    aux = E * AUX_COEFF / (k * T * T) * (scores.sum(0) * counts.float()).sum()
+    rm = routing_map.T.contiguous()
+    tok = torch.arange(T, device=dev).unsqueeze(0).expand(E, -1)
+    si = tok.masked_select(rm)
+    pp = probs.T.contiguous().masked_select(rm)
+    px = x.index_select(0, si)
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    h = torch._grouped_mm(px, w1, offs=offs)
+    gate, up = h.chunk(2, dim=-1)
+    a = (F.silu(gate.float()) * up.float() * pp[:, None]).to(torch.bfloat16)
+    y = torch._grouped_mm(a, w2, offs=offs)
+    out = torch.zeros(T, dim, dtype=y.dtype, device=dev).scatter_add_(0, si.unsqueeze(1).expand(-1, dim), y)
+    return out, aux
+
+
 def step_fn(T, dim, inter, E, k, dev):
     g = torch.Generator(device=dev).manual_seed(5)
     wr = torch.nn.Parameter((torch.rand(dim, E, device=dev, generator=g) * 2 - 1) / dim ** 0.5)
@@ -34,25 +65,7 @@ def step_fn(T, dim, inter, E, k, dev):
     gout = ((torch.rand(T, dim, device=dev, generator=g) * 2 - 1) / (T * dim) ** 0.5).float()
 
     def step():
-        logits = (x @ wr.to(torch.bfloat16)).float()
-        scores = logits.softmax(-1)
-        top = logits.topk(k, dim=-1)
-        weights = top.values.softmax(-1)
-        routing_map = torch.zeros(T, E, dtype=torch.bool, device=dev).scatter_(1, top.indices, True)
-        probs = torch.zeros(T, E, device=dev).scatter(1, top.indices, weights)
-        counts = routing_map.sum(0)
-        aux = E * AUX_COEFF / (k * T * T) * (scores.sum(0) * counts.float()).sum()
-        rm = routing_map.T.contiguous()
-        tok = torch.arange(T, device=dev).unsqueeze(0).expand(E, -1)
-        si = tok.masked_select(rm)
-        pp = probs.T.contiguous().masked_select(rm)
-        px = x.index_select(0, si)
-        offs = torch.cumsum(counts, 0).to(torch.int32)
-        h = torch._grouped_mm(px, w1.to(torch.bfloat16), offs=offs)
-        gate, up = h.chunk(2, dim=-1)
-        a = (F.silu(gate.float()) * up.float() * pp[:, None]).to(torch.bfloat16)
-        y = torch._grouped_mm(a, w2.to(torch.bfloat16), offs=offs)
-        out = torch.zeros(T, dim, dtype=y.dtype, device=dev).scatter_add_(0, si.unsqueeze(1).expand(-1, dim), y)
+        out, aux = moe_forward(x, wr.to(torch.bfloat16), w1.to(torch.bfloat16), w2.to(torch.bfloat16), k)
         loss = (out.float() * gout).sum() + aux
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
