@@ -22,7 +22,6 @@
  */
 import { execFileSync, spawn } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { performance } from 'node:perf_hooks';
@@ -55,12 +54,10 @@ function gpuCount() {
   }
 }
 
-async function freePort() {
-  const server = createServer();
-  await new Promise((r) => server.listen(0, '127.0.0.1', r));
-  const { port } = server.address();
-  await new Promise((r) => server.close(r));
-  return port;
+/** A module of the built library (`--dist DIR`, MOE_DISPATCH_DIST, or ../dist). */
+function distModule(name) {
+  const dist = resolve(arg('dist', process.env.MOE_DISPATCH_DIST ?? fileURLToPath(new URL('../dist/', import.meta.url))));
+  return import(pathToFileURL(resolve(dist, name)).href);
 }
 
 async function launch() {
@@ -70,7 +67,7 @@ async function launch() {
   if (kind !== 'file' && kind !== 'tcp') throw new RangeError(`--rendezvous: file or tcp, got ${kind}`);
   const timeoutMs = num('timeout-ms', 120_000);
   const dir = mkdtempSync(join(tmpdir(), 'moe-ep-'));
-  const rendezvous = kind === 'file' ? join(dir, 'nccl-id') : `tcp://127.0.0.1:${await freePort()}`;
+  const rendezvous = kind === 'file' ? join(dir, 'nccl-id') : `tcp://127.0.0.1:${await (await distModule('rendezvous.js')).freePort()}`;
   const visible = process.env.CUDA_VISIBLE_DEVICES?.split(',').filter((s) => s !== '');
   if (visible && visible.length < ranks) throw new RangeError(`--ranks ${ranks}: CUDA_VISIBLE_DEVICES lists ${visible.length} GPUs`);
   const passOn = args.filter((a, i) => !['--ranks', '--out', '--rendezvous', '--timeout-ms'].includes(a) && !['--ranks', '--out', '--rendezvous', '--timeout-ms'].includes(args[i - 1]));
@@ -162,9 +159,8 @@ async function worker() {
   const [rank, size, rendezvous, timeoutMs] = [Number(args[1]), Number(args[2]), args[3], Number(args[4])];
   const result = { rank, size };
   try {
-    const dist = resolve(arg('dist', process.env.MOE_DISPATCH_DIST ?? fileURLToPath(new URL('../dist/', import.meta.url))));
-    const lib = await import(pathToFileURL(resolve(dist, 'index.js')).href);
-    const { randomRouting, rng } = await import(pathToFileURL(resolve(dist, 'random.js')).href);
+    const lib = await distModule('index.js');
+    const { randomRouting, rng } = await distModule('random.js');
     const T = num('tokens', 512);
     const H = num('hidden', 256);
     const I = num('inter', 128);

@@ -16,21 +16,12 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 
 import { backendInfo, createExpertParallelGroup, ExpertParallelTimeoutError, ncclInfo } from '../ts/index.js';
-import { parseRendezvous, rendezvous, type Rendezvous, type RendezvousAddress } from '../ts/rendezvous.js';
+import { freePort, parseRendezvous, rendezvous, type Rendezvous, type RendezvousAddress } from '../ts/rendezvous.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'moe-ep-nccl-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 let serial = 0;
 const freshPath = () => join(dir, `id-${++serial}`);
-
-/** A port nothing listens on now (the OS's pick for a listener that is closed again). */
-async function freePort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', () => resolve()));
-  const { port } = server.address() as { port: number };
-  await new Promise<void>((resolve) => server.close(() => resolve()));
-  return port;
-}
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 

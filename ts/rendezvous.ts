@@ -301,6 +301,18 @@ async function join(address: { host: string; port: number }, url: string, rank: 
 }
 
 /** `rank 1` / `ranks 1, 3`. */
+/** A TCP port free on `host` now (the system picks it), for a `tcp://HOST:PORT` rendezvous of ranks started together. */
+export async function freePort(host = '127.0.0.1'): Promise<number> {
+  const server = createServer();
+  await new Promise<void>((ok, fail) => {
+    server.once('error', fail);
+    server.listen(0, host, ok);
+  });
+  const { port } = server.address() as { port: number };
+  await new Promise((ok) => server.close(ok));
+  return port;
+}
+
 export function rankList(ranks: readonly number[]): string {
   return who(ranks);
 }

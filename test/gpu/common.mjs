@@ -11,8 +11,10 @@ import { bytesOf, DTYPE_OF, goldenTensor, maxRelErr } from '../common/golden.mjs
 
 const distDir = process.env.MOE_DISPATCH_DIST ? resolve(process.env.MOE_DISPATCH_DIST) : fileURLToPath(new URL('../../dist/', import.meta.url));
 export const goldenDir = process.env.MOE_GOLDEN_DIR ? resolve(process.env.MOE_GOLDEN_DIR) : fileURLToPath(new URL('../fixtures/golden/', import.meta.url));
-export const lib = await import(pathToFileURL(resolve(distDir, 'index.js')).href);
-export const { randomRouting, rng } = await import(pathToFileURL(resolve(distDir, 'random.js')).href);
+/** A module of the built library under test. */
+export const distModule = (name) => import(pathToFileURL(resolve(distDir, name)).href);
+export const lib = await distModule('index.js');
+export const { randomRouting, rng } = await distModule('random.js');
 export const { tensor, toBFloat16Bits, toFloat16Bits } = lib;
 export const infos = await lib.backendInfo();
 export const cudaInfo = infos.find((i) => i.name === 'cuda');

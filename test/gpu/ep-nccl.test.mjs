@@ -10,13 +10,14 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 
-import { assertSameBits, cuda, lib, randomRouting, rng, skip, standIn, tensor } from './common.mjs';
+import { assertSameBits, cuda, distModule, lib, randomRouting, rng, skip, standIn, tensor } from './common.mjs';
+
+const { freePort } = await distModule('rendezvous.js');
 
 const nccl = lib.ncclInfo();
 /** false, or why the NCCL tests cannot run here. */
@@ -26,14 +27,6 @@ const dir = mkdtempSync(join(tmpdir(), 'moe-ep-nccl-gpu-'));
 after(() => rmSync(dir, { recursive: true, force: true }));
 let serial = 0;
 const freshPath = () => join(dir, `id-${++serial}`);
-
-async function freePort() {
-  const server = createServer();
-  await new Promise((r) => server.listen(0, '127.0.0.1', r));
-  const { port } = server.address();
-  await new Promise((r) => server.close(r));
-  return port;
-}
 
 describe('NCCL: the library and a group of one', () => {
   // on a machine with CUDA, NCCL must load (this one fails where it does not; the others skip with the reason)
