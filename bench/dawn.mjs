@@ -27,14 +27,22 @@ export function dawnArgs(iters) {
   return { args, shape };
 }
 
-/** Loads the webgpu package (`--webgpu DIR`, else the installed one) and installs its globals; exits 2 where it does not load. */
+/**
+ * Dawn's instance flags. `timestamp_quantization` (on by default: a timer-precision mitigation)
+ * rounds every timestamp down to a multiple of 65536 ns, so each pass's time read as a multiple of
+ * 0.0655 ms on the H200 (0 for the short ones); with it off webgpu-profile.mjs sees each pass's own
+ * time (checked on Dawn over SwiftShader: 0.049, 0.051 ms, where it read 0.066 before).
+ */
+export const DAWN_FLAGS = ['disable-dawn-features=timestamp_quantization'];
+
+/** Loads the webgpu package (`--webgpu DIR`, else the installed one) and installs its globals (with DAWN_FLAGS); exits 2 where it does not load. */
 export async function installDawn(args, script) {
   const dawn = await import(args.webgpu ? pathToFileURL(resolve(args.webgpu, 'index.js')).href : 'webgpu').catch((e) => {
     console.error(`${script}: the webgpu package does not load (${e.message}); pass --webgpu DIR (gpu-run.sh WEBGPU=1 carries it)`);
     process.exit(2);
   });
   Object.assign(globalThis, dawn.globals);
-  globalThis.navigator = { ...(globalThis.navigator ?? {}), gpu: dawn.create([]) };
+  globalThis.navigator = { ...(globalThis.navigator ?? {}), gpu: dawn.create(DAWN_FLAGS) };
   return dawn;
 }
 

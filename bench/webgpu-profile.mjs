@@ -5,7 +5,8 @@
  * -> permute -> unpermute and the two backward passes, in Node through Dawn. The backend is not
  * changed: this script asks the adapter for `timestamp-query`, and wraps `beginComputePass` so
  * that each pass writes its start and end; a pass is named by its label (ts/webgpu/gpu.ts labels
- * it with the shader's key, or a step of it: `route phase 1`).
+ * it with the shader's key, or a step of it: `route phase 1`). Dawn's timestamp quantization is
+ * off (bench/dawn.mjs's DAWN_FLAGS), else every time would be a multiple of 0.0655 ms.
  *
  *   node bench/webgpu-profile.mjs --webgpu DIR [--dist dist] [--out FILE] [--iters N]
  *     [--tokens T --hidden H --experts E --topk K]
@@ -16,7 +17,7 @@
  */
 import { writeFileSync } from 'node:fs';
 
-import { dawnArgs, distUrl, installDawn } from './dawn.mjs';
+import { DAWN_FLAGS, dawnArgs, distUrl, installDawn } from './dawn.mjs';
 
 const { args, shape } = dawnArgs(20);
 await installDawn(args, 'webgpu-profile');
@@ -132,6 +133,7 @@ for (const [op, call] of Object.entries(ops)) {
 const result = {
   kind: 'webgpu-profile',
   adapter: moe.adapter,
+  dawnFlags: DAWN_FLAGS,
   shape,
   note: 'wallMs: median call to a synchronize; gpuMs: the sum of the medians of its compute passes (timestamp queries), by shader key',
   rows,
