@@ -1,8 +1,10 @@
 /**
- * The binding's `checkPermute` / `checkUnpermute` (the core's checks of the op on dtypes and
+ * The binding's `checkPermute` / `checkUnpermute` / `checkIndicesToMultihot` /
+ * `checkPermuteBackward` / `checkUnpermuteBackward` (the core's checks of the op on dtypes and
  * shapes, and on values whose data is given), which the webgpu backend runs instead of the
  * whole op: for valid and invalid problems they accept exactly what the op accepts (permute:
- * and give the number of rows it makes). Runs on the wasm binding (and the native one where it loads).
+ * and give the number of rows it makes; the backward passes: all but a plain routing map's
+ * routes, which stay the op's own). Runs on the wasm binding (and the native one where it loads).
  */
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
@@ -195,5 +197,142 @@ describe.each(bindings)('checkPermute on the %s binding', (_name, b) => {
     );
     expect(valid).toBeGreaterThan(50);
     expect(valid).toBeLessThan(280);
+  });
+  /**
+   * A backward problem: a routing map, its plan's sortedIndices (or drop-and-pad's), and one
+   * fault at a time (most problems valid).
+   */
+  const backwardProblem = fc.record({
+    t: fc.integer({ min: 1, max: 6 }),
+    e: fc.integer({ min: 1, max: 5 }),
+    h: fc.integer({ min: 0, max: 3 }),
+    cells: fc.array(fc.integer({ min: 0, max: 1 }), { minLength: 30, maxLength: 30 }),
+    dropAndPad: fc.boolean(),
+    cap: fc.integer({ min: 1, max: 3 }),
+    probs: fc.constantFrom('none', 'slots', 'dense'),
+    mapGiven: fc.boolean(),
+    fault: fc.constantFrom(
+      'none',
+      'none',
+      'none',
+      'none',
+      'indexRange',
+      'indexCount',
+      'route',
+      'route',
+      'mapCell2',
+      'mapRows',
+      'noMap',
+      'gradDtype',
+      'probsShape',
+      'probsDtype',
+      'hidden',
+      'otherDtype',
+      'fewerTokens',
+    ),
+  });
+  type BackwardProblem = typeof backwardProblem extends fc.Arbitrary<infer P> ? P : never;
+  const meta = (w: { dtype: string; shape: number[] }) => ({ dtype: w.dtype as 'int32', shape: w.shape });
+  const bytes = (a: ArrayBufferView) => new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
+  /** An error the check leaves to the op: a plain map's routes. */
+  const ROUTES = /does not route|selects \d+ entries/;
+  /** The outcome of a call: 'ok', or the error's class and message. */
+  const outcome = (f: () => unknown) => {
+    try {
+      f();
+      return 'ok';
+    } catch (e) {
+      return `${(e as Error).constructor.name}: ${(e as Error).message}`;
+    }
+  };
+  /** The problem's tensors (with data: wire tensors). */
+  const backwardTensors = (p: BackwardProblem) => {
+    const { t, e } = p;
+    const cells = p.cells.slice(0, t * e);
+    const map = { dtype: 'bool' as const, shape: [t, e], data: u8(cells) };
+    const plan = b.permutePlan({ routingMap: map, numOutTokens: p.dropAndPad ? Math.min(p.cap, t) * e : undefined, dropAndPad: p.dropAndPad });
+    const ids = Array.from(plan.sortedIndices.data as Int32Array);
+    if (p.fault === 'indexRange' && ids.length > 0) ids[0] = t;
+    if (p.fault === 'indexCount') ids.push(0);
+    // another token in a slot (the map may not route it to the slot's expert)
+    if (p.fault === 'route' && ids.length > 0) ids[ids.length - 1] = (ids[ids.length - 1] + 1) % t;
+    const n = ids.length - (p.fault === 'indexCount' ? 1 : 0);
+    const sortedIndices = { dtype: 'int32' as const, shape: [ids.length], data: bytes(Int32Array.from(ids)) };
+    const mapCells = p.fault === 'mapRows' ? [...cells, ...new Array(e).fill(0)] : [...cells];
+    if (p.fault === 'mapCell2' && mapCells.length > 0) mapCells[0] = 2;
+    const routingMap =
+      p.fault === 'noMap' || !(p.mapGiven || p.probs === 'dense' || p.fault.startsWith('map'))
+        ? undefined
+        : { dtype: 'bool' as const, shape: [p.fault === 'mapRows' ? t + 1 : t, e], data: u8(mapCells) };
+    const tokens = (dtype: string, shape: number[]) => ({
+      dtype: dtype as 'bfloat16',
+      shape,
+      data: new Uint8Array(shape.reduce((x, y) => x * y, 1) * (dtype === 'int32' || dtype === 'float32' ? 4 : 2)),
+    });
+    const f32 = (shape: number[], dtype = 'float32') => ({ dtype: dtype as 'float32', shape, data: new Uint8Array(shape.reduce((x, y) => x * y, 1) * 4) });
+    return { n, map, sortedIndices, routingMap, tokens, f32 };
+  };
+
+  it('checkPermuteBackward accepts what permuteBackward accepts but the routes of a plain map, with the data or without it when the op accepts', () => {
+    const seen = { valid: 0, routes: 0 };
+    fc.assert(
+      fc.property(backwardProblem, (p) => {
+        const { n, sortedIndices, routingMap, tokens, f32 } = backwardTensors(p);
+        const gradPermuted = tokens(p.fault === 'gradDtype' ? 'int32' : 'bfloat16', [n, p.fault === 'hidden' ? p.h + 1 : p.h]);
+        const gradPermutedProbs = p.probs === 'none' && !p.fault.startsWith('probs') ? undefined : f32([p.fault === 'probsShape' ? n + 1 : n], p.fault === 'probsDtype' ? 'int32' : 'float32');
+        const numTokens = p.fault === 'fewerTokens' ? p.t - 1 : p.t;
+        const want = outcome(() => b.permuteBackward({ gradPermuted, sortedIndices, numTokens, gradPermutedProbs, routingMap, dropAndPad: p.dropAndPad }));
+        const args = { gradPermuted: meta(gradPermuted), numTokens, gradPermutedProbs: gradPermutedProbs && meta(gradPermutedProbs), dropAndPad: p.dropAndPad };
+        const got = outcome(() => b.checkPermuteBackward({ ...args, sortedIndices, routingMap }));
+        const routes = gradPermutedProbs !== undefined && routingMap !== undefined && !p.dropAndPad;
+        if (routes && got === 'ok' && want !== 'ok') {
+          // the one thing the check leaves to the op
+          expect(want, JSON.stringify(p)).toMatch(ROUTES);
+          seen.routes++;
+        } else expect(got === 'ok', JSON.stringify({ want, got, p })).toBe(want === 'ok');
+        if (want === 'ok') {
+          seen.valid++;
+          expect(b.checkPermuteBackward({ ...args, sortedIndices, routingMap })).toBe(n);
+          // without the indices' and the map's data (device tensors whose values are known)
+          expect(b.checkPermuteBackward({ ...args, sortedIndices: meta(sortedIndices), routingMap: routingMap && meta(routingMap) })).toBe(n);
+        }
+      }),
+      { seed: Number(process.env.MOE_FC_SEED ?? 0x5eed_2025), numRuns: 400 },
+    );
+    expect(seen.valid).toBeGreaterThan(60);
+    expect(seen.valid).toBeLessThan(340);
+    expect(seen.routes).toBeGreaterThan(0);
+  });
+
+  it('checkUnpermuteBackward accepts what unpermuteBackward accepts but the routes of a plain map, with the data or without it when the op accepts', () => {
+    const seen = { valid: 0, routes: 0 };
+    fc.assert(
+      fc.property(backwardProblem, (p) => {
+        const { n, sortedIndices, routingMap, tokens, f32 } = backwardTensors(p);
+        const t = p.fault === 'fewerTokens' ? p.t - 1 : p.t;
+        const gradOutput = tokens(p.fault === 'gradDtype' ? 'int32' : 'bfloat16', [t, p.h]);
+        const permutedTokens = tokens(p.fault === 'otherDtype' ? 'float16' : 'bfloat16', [n, p.fault === 'hidden' ? p.h + 1 : p.h]);
+        const pshape = p.probs === 'dense' ? [p.t, p.e] : [n];
+        if (p.fault === 'probsShape') pshape[0]++;
+        const probs = p.probs === 'none' && !p.fault.startsWith('probs') ? undefined : f32(pshape, p.fault === 'probsDtype' ? 'int32' : 'float32');
+        const want = outcome(() => b.unpermuteBackward({ gradOutput, permutedTokens, sortedIndices, probs, routingMap, dropAndPad: p.dropAndPad }));
+        const args = { gradOutput: meta(gradOutput), permutedTokens: meta(permutedTokens), probs: probs && meta(probs), dropAndPad: p.dropAndPad };
+        const got = outcome(() => b.checkUnpermuteBackward({ ...args, sortedIndices, routingMap }));
+        const routes = probs?.shape.length === 2 && routingMap !== undefined && !p.dropAndPad;
+        if (routes && got === 'ok' && want !== 'ok') {
+          expect(want, JSON.stringify(p)).toMatch(ROUTES);
+          seen.routes++;
+        } else expect(got === 'ok', JSON.stringify({ want, got, p })).toBe(want === 'ok');
+        if (want === 'ok') {
+          seen.valid++;
+          expect(b.checkUnpermuteBackward({ ...args, sortedIndices, routingMap })).toBe(n);
+          expect(b.checkUnpermuteBackward({ ...args, sortedIndices: meta(sortedIndices), routingMap: routingMap && meta(routingMap) })).toBe(n);
+        }
+      }),
+      { seed: Number(process.env.MOE_FC_SEED ?? 0x5eed_2025), numRuns: 400 },
+    );
+    expect(seen.valid).toBeGreaterThan(60);
+    expect(seen.valid).toBeLessThan(340);
+    expect(seen.routes).toBeGreaterThan(0);
   });
 });

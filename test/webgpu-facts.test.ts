@@ -125,4 +125,37 @@ describe.skipIf(!moe)('webgpu facts: device pipelines check without reading back
     // more tokens than the slots name: fine, as on wasm
     same(await (await moe!.gpu.unpermute(p.permutedTokens, p.sortedIndices, [T + 2, 4])).download(), wasm.unpermute(hp.permutedTokens, hp.sortedIndices, [T + 2, 4]), 'unpermute into more tokens');
   });
+
+  it("a plain routing map's routes are checked on permute's own sortedIndices (not on zeros standing in for them)", async () => {
+    // map A permutes; map B has A's column counts but routes tokens 1 and 2 to the other expert.
+    // Zeros in place of the slots' tokens would pass B: token 0 is routed to both experts.
+    const T = 3;
+    const E = 2;
+    const a = tensor('bool', [T, E], Uint8Array.from([1, 1, 1, 0, 0, 1]));
+    const bMap = tensor('bool', [T, E], Uint8Array.from([1, 1, 0, 1, 1, 0]));
+    const x = tensor('float32', [T, 2], Float32Array.from([1, 2, 3, 4, 5, 6]));
+    const probs = tensor('float32', [T, E], Float32Array.from([0.5, 0.5, 1, 0, 0, 1]));
+    const gp = tensor('float32', [4], Float32Array.from([1, 2, 3, 4]));
+    const hp = wasm.permute(x, a, { probs });
+    const p = await moe!.gpu.permute(moe!.upload(x), moe!.upload(a), { probs: moe!.upload(probs) });
+    const [db, dprobs, dx] = [moe!.upload(bMap), moe!.upload(probs), moe!.upload(x)];
+    for (const [what, routingMap, hostMap] of [
+      ['another map', db, bMap],
+      ["permute's map", moe!.upload(a), a],
+    ] as const) {
+      const want = {
+        permuteBackward: await outcome(() => wasm.permuteBackward(hp.permutedTokens, hp.sortedIndices, T, { gradPermutedProbs: gp, routingMap: hostMap })),
+        unpermuteBackward: await outcome(() => wasm.unpermuteBackward(x, hp.permutedTokens, hp.sortedIndices, { probs, routingMap: hostMap })),
+        unpermute: await outcome(() => wasm.unpermute(hp.permutedTokens, hp.sortedIndices, [T, 2], { probs, routingMap: hostMap })),
+      };
+      const got = {
+        permuteBackward: await outcome(() => moe!.gpu.permuteBackward(p.permutedTokens, p.sortedIndices, T, { gradPermutedProbs: moe!.upload(gp), routingMap })),
+        unpermuteBackward: await outcome(() => moe!.gpu.unpermuteBackward(dx, p.permutedTokens, p.sortedIndices, { probs: dprobs, routingMap })),
+        unpermute: await outcome(() => moe!.gpu.unpermute(p.permutedTokens, p.sortedIndices, [T, 2], { probs: dprobs, routingMap })),
+      };
+      expect(got, what).toEqual(want);
+      if (what === 'another map') expect(want.permuteBackward).toMatch(/does not route/);
+      else expect(want).toEqual({ permuteBackward: 'ok', unpermuteBackward: 'ok', unpermute: 'ok' });
+    }
+  });
 });

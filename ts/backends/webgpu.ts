@@ -235,10 +235,23 @@ class OpCall {
    */
   async checkable<D extends DType>(value: unknown, arg: string, dtypes: readonly D[], ok = true): Promise<Tensor<D>> {
     if (!isWebGpuTensor(value) || !ok) return this.host(value, arg, dtypes);
-    const m = this.meta(value, arg, dtypes);
+    return this.zeros(this.meta(value, arg, dtypes)) as Tensor<D>;
+  }
+
+  /** Zeros of a dtype and shape (a stand-in for values a check does not look at). */
+  zeros(m: Meta): Tensor {
     const n = m.shape.reduce((a, b) => a * b, 1);
     const data = m.dtype === 'float32' ? new Float32Array(n) : m.dtype === 'int32' ? new Int32Array(n) : m.dtype === 'bool' ? new Uint8Array(n) : new Uint16Array(n);
-    return { dtype: m.dtype, shape: [...m.shape], data } as unknown as Tensor<D>;
+    return { dtype: m.dtype, shape: [...m.shape], data } as unknown as Tensor;
+  }
+
+  /**
+   * An input for the binding's check functions (`checkPermuteBackward`, ...): with `values`, a
+   * host tensor (a device tensor read back), whose values the core checks; without, a device
+   * tensor's dtype and shape (a host tensor is still itself: its data costs no transfer).
+   */
+  async checkArg(value: unknown, arg: string, dtypes: readonly DType[], values: boolean): Promise<Meta | Tensor> {
+    return values ? this.host(value, arg, dtypes) : this.meta(value, arg, dtypes);
   }
 
   async optCheckable<D extends DType>(value: unknown, arg: string, dtypes: readonly D[]): Promise<Tensor<D> | undefined> {
@@ -369,6 +382,17 @@ class OpCall {
 /** A tensor's dtype and shape for the core's check functions (`WireMeta` without data). */
 function shapeOf(m: Meta): WireMeta {
   return { dtype: m.dtype, shape: [...m.shape] };
+}
+
+/** What `OpCall.checkArg` gave, for the core's check functions: a host tensor's bytes, or a dtype and shape. */
+function metaArg(m: Meta | Tensor): WireMeta {
+  return 'data' in m && !isWebGpuTensor(m) ? wire(m, 'meta') : shapeOf(m);
+}
+
+/** The rank of an argument that has a shape (undefined otherwise: its checks come later, in the op's order). */
+function rankOf(value: unknown): number | undefined {
+  const shape = (value as { shape?: unknown } | null | undefined)?.shape;
+  return Array.isArray(shape) ? shape.length : undefined;
 }
 
 function tokenWords(kind: TokenDType, elements: number): number {
@@ -540,8 +564,10 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
           const checked = c.validate(() => binding.checkUnpermute({ restoreShape: rs, permutedTokens: shapeOf(pm), sortedIndices: shapeOf(siMeta), probs: probs && shapeOf(probs), dropAndPad }));
           if (checked === HOST) return HOST;
         } else {
-          // the op itself on the inputs' values (zeros stand in for vouched-for indices and for probs)
-          const si = await c.checkable(sortedIndices, 'sortedIndices', INDICES, vouched);
+          // the op itself on the inputs' values (zeros stand in for probs, and for vouched-for indices
+          // but where [numTokens, numExperts] probs with a plain map make the op check each slot's route)
+          const routes = rankOf(o.probs) === 2 && o.routingMap !== undefined && o.routingMap !== null && o.dropAndPad !== true;
+          const si = await c.checkable(sortedIndices, 'sortedIndices', INDICES, vouched && !routes);
           probs = await c.optCheckable(o.probs, 'probs', ['float32']);
           rm = await c.optHost(o.routingMap, 'routingMap', ['bool']);
           if (c.validate(() => base.unpermute(c.standIn(pm), si, [rs[0], 0], { probs: probs as Tensor<'float32'> | undefined, routingMap: rm, dropAndPad })) === HOST) return HOST;
@@ -562,14 +588,27 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         const o = parse<{ gradPermutedProbs?: unknown; routingMap?: unknown; dropAndPad?: boolean }>(options, ['gradPermutedProbs', 'routingMap', 'dropAndPad']);
         if (o === HOST) return HOST;
         const gm = c.meta(gradPermuted, 'gradPermuted', TOKENS);
-        // permute's slot ids (below its T) and float probs gradients are not read back to be checked
+        // a plain routing map placing the probs gradient: each slot's route is the op's own check (its token's row of the map)
+        const withProbs = o.gradPermutedProbs !== undefined && o.gradPermutedProbs !== null;
+        const routes = withProbs && o.routingMap !== undefined && o.routingMap !== null && o.dropAndPad !== true;
+        // permute's slot ids (below its T) are not read back to be checked, but for the routes
         const below = factsOf(sortedIndices).below;
-        const si = await c.checkable(sortedIndices, 'sortedIndices', INDICES, below !== undefined && typeof numTokens === 'number' && below <= numTokens);
-        const gpp = await c.optCheckable(o.gradPermutedProbs, 'gradPermutedProbs', ['float32']);
-        const rm = await c.optHost(o.routingMap, 'routingMap', ['bool']);
+        const si = await c.checkArg(sortedIndices, 'sortedIndices', INDICES, !(below !== undefined && typeof numTokens === 'number' && below <= numTokens) || routes);
+        const gpp = withProbs ? c.meta(o.gradPermutedProbs, 'gradPermutedProbs', ['float32']) : undefined;
+        // the map's values matter with the probs gradient: a device map an op of this backend made is 0/1 by its facts
+        const rm =
+          o.routingMap === undefined || o.routingMap === null ? undefined : await c.checkArg(o.routingMap, 'routingMap', ['bool'], routes || (withProbs && factsOf(o.routingMap).ones === undefined));
         if (gm.shape.length !== 2) return HOST;
-        const v = c.validate(() => base.permuteBackward(c.standIn(gm), si, numTokens as number, { gradPermutedProbs: gpp, routingMap: rm, dropAndPad: checkBool(o.dropAndPad, 'dropAndPad') }));
-        if (v === HOST) return HOST;
+        const args = { gradPermuted: shapeOf(gm), sortedIndices: metaArg(si), numTokens: numTokens as number, gradPermutedProbs: gpp && shapeOf(gpp), routingMap: rm && metaArg(rm) };
+        if (c.validate(() => binding.checkPermuteBackward({ ...args, dropAndPad: checkBool(o.dropAndPad, 'dropAndPad') })) === HOST) return HOST;
+        // the routes: the op itself on stand-ins for the float tensors
+        if (
+          routes &&
+          c.validate(() =>
+            base.permuteBackward(c.standIn(gm), si as Tensor<'int32'>, args.numTokens, { gradPermutedProbs: c.zeros(gpp!) as Tensor<'float32'>, routingMap: rm as Tensor<'bool'>, dropAndPad: false }),
+          ) === HOST
+        )
+          return HOST;
         const [n, h] = gm.shape;
         const t = numTokens as number;
         const sorted = c.buf(sortedIndices, 'sortedIndices');
@@ -578,7 +617,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         const gradTokens = c.out(kind, [t, h], 'gradTokens');
         c.merge(kind, c.buf(gradPermuted, 'gradPermuted'), start, list, undefined, t, h, gradTokens.bufferFor(gpu, 'g'));
         const result: Record<string, GpuTensor> = { gradTokens };
-        if (v.gradProbs && gpp && rm) {
+        if (gpp && rm) {
           const e = rm.shape[1];
           const dnp = o.dropAndPad === true;
           const rmBuf = c.buf(o.routingMap, 'routingMap');
@@ -603,13 +642,28 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         if (o === HOST) return HOST;
         const gm = c.meta(gradOutput, 'gradOutput', TOKENS);
         const pm = c.meta(permutedTokens, 'permutedTokens', TOKENS);
-        // permute's slot ids (below its T, the gradient's rows here) and float probs are not read back to be checked
+        // [numTokens, numExperts] probs with a plain routing map: each slot's route is the op's own check
+        const dense = rankOf(o.probs) === 2;
+        const routes = dense && o.routingMap !== undefined && o.routingMap !== null && o.dropAndPad !== true;
+        // permute's slot ids (below its T, the gradient's rows here) are not read back to be checked, but for the routes
         const below = factsOf(sortedIndices).below;
-        const si = await c.checkable(sortedIndices, 'sortedIndices', INDICES, below !== undefined && gm.shape.length === 2 && below <= gm.shape[0]);
-        const probs = await c.optCheckable(o.probs, 'probs', ['float32']);
-        const rm = await c.optHost(o.routingMap, 'routingMap', ['bool']);
+        const si = await c.checkArg(sortedIndices, 'sortedIndices', INDICES, !(below !== undefined && gm.shape.length === 2 && below <= gm.shape[0]) || routes);
+        const probs = o.probs === undefined || o.probs === null ? undefined : c.meta(o.probs, 'probs', ['float32']);
+        // the map's values matter with dense probs: a device map an op of this backend made is 0/1 by its facts
+        const rmArg =
+          o.routingMap === undefined || o.routingMap === null ? undefined : await c.checkArg(o.routingMap, 'routingMap', ['bool'], routes || (dense && factsOf(o.routingMap).ones === undefined));
+        const rm = rmArg as Meta | undefined;
         if (gm.shape.length !== 2 || pm.shape.length !== 2 || gm.shape[1] !== pm.shape[1] || gm.dtype !== pm.dtype) return HOST;
-        if (c.validate(() => base.unpermuteBackward(c.standIn(gm), c.standIn(pm), si, { probs, routingMap: rm, dropAndPad: checkBool(o.dropAndPad, 'dropAndPad') })) === HOST) return HOST;
+        const args = { gradOutput: shapeOf(gm), permutedTokens: shapeOf(pm), sortedIndices: metaArg(si), probs: probs && shapeOf(probs), routingMap: rmArg && metaArg(rmArg) };
+        if (c.validate(() => binding.checkUnpermuteBackward({ ...args, dropAndPad: checkBool(o.dropAndPad, 'dropAndPad') })) === HOST) return HOST;
+        // the routes: the op itself on stand-ins for the float tensors
+        if (
+          routes &&
+          c.validate(() =>
+            base.unpermuteBackward(c.standIn(gm), c.standIn(pm), si as Tensor<'int32'>, { probs: c.zeros(probs!) as Tensor<'float32'>, routingMap: rmArg as Tensor<'bool'>, dropAndPad: false }),
+          ) === HOST
+        )
+          return HOST;
         const dnp = o.dropAndPad === true;
         const [n, h] = pm.shape;
         const t = gm.shape[0];
@@ -623,7 +677,6 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         const gradPermuted = c.out(kind, [n, h], 'gradPermuted');
         const words = tokenWords(kind, n * h);
         c.run(`scale_${kind}`, S.scaleRows(kind), [n * h, h, words], [g, sorted, p, gradPermuted.bufferFor(gpu, 'gp')], words);
-        const dense = probs.shape.length === 2;
         const dots = dense ? undefined : c.out('float32', [n], 'gradProbs');
         const dotBuf = dots ? dots.bufferFor(gpu, 'd') : c.tmp(4 * n, 'the slot dots');
         c.run(`slot_dot_${kind}`, S.slotDot(kind, F64), [n, h], [g, c.buf(permutedTokens, 'permutedTokens'), sorted, dotBuf], n);

@@ -71,7 +71,11 @@ export interface CheckUnpermuteArgs { restoreShape: number[]; permutedTokens: Wi
 
 export interface UnpermuteArgs { restoreShape: number[]; permutedTokens: WireTensor; sortedIndices: WireTensor; probs?: WireTensor; routingMap?: WireTensor; dropAndPad?: boolean; out?: WireTensor }
 
+export interface CheckPermuteBackwardArgs { gradPermuted: WireMeta; sortedIndices: WireMeta; numTokens: number; gradPermutedProbs?: WireMeta; routingMap?: WireMeta; dropAndPad?: boolean }
+
 export interface PermuteBackwardArgs { gradPermuted: WireTensor; sortedIndices: WireTensor; numTokens: number; gradPermutedProbs?: WireTensor; routingMap?: WireTensor; dropAndPad?: boolean; outGradTokens?: WireTensor }
+
+export interface CheckUnpermuteBackwardArgs { gradOutput: WireMeta; permutedTokens: WireMeta; sortedIndices: WireMeta; probs?: WireMeta; routingMap?: WireMeta; dropAndPad?: boolean }
 
 export interface UnpermuteBackwardArgs { gradOutput: WireTensor; permutedTokens: WireTensor; sortedIndices: WireTensor; probs?: WireTensor; routingMap?: WireTensor; dropAndPad?: boolean }
 
@@ -166,8 +170,20 @@ export interface Binding {
   checkUnpermute(args: CheckUnpermuteArgs): number;
   /** out: a caller-owned output, written instead of allocated (then the result is null). */
   unpermute(args: UnpermuteArgs): Tensor | null;
+  /**
+   * Every check of permuteBackward on dtypes and shapes, and on sortedIndices' and the
+   * routing map's values when their data is given, but a plain routing map's routes (with
+   * gradPermutedProbs and without dropAndPad: the op's own). The number of slots.
+   */
+  checkPermuteBackward(args: CheckPermuteBackwardArgs): number;
   /** outGradTokens: a caller-owned output for gradTokens, written instead of allocated. */
   permuteBackward(args: PermuteBackwardArgs): PermuteGrads;
+  /**
+   * Every check of unpermuteBackward on dtypes and shapes, and on sortedIndices' and the
+   * routing map's values when their data is given, but a plain routing map's routes (with
+   * [numTokens, numExperts] probs and without dropAndPad: the op's own). The number of slots.
+   */
+  checkUnpermuteBackward(args: CheckUnpermuteBackwardArgs): number;
   unpermuteBackward(args: UnpermuteBackwardArgs): UnpermuteGrads;
   route(args: RouteArgs): Routed;
   /** The gradient of route's weights (and, with gradScores, its scores) with respect to its logits, at route's picks `indices`. */

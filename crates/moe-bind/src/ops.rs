@@ -234,12 +234,26 @@ macro_rules! op_table {
                     |out| permute::unpermute_into(&permutedTokens, &sortedIndices, restore, probs.as_ref(), routingMap.as_ref(), options, out),
                 )
             }
+            /// Every check of permuteBackward on dtypes and shapes, and on sortedIndices' and the
+            /// routing map's values when their data is given, but a plain routing map's routes (with
+            /// gradPermutedProbs and without dropAndPad: the op's own). The number of slots.
+            checkPermuteBackward(gradPermuted: TensorMeta, sortedIndices: TensorMeta, numTokens: Size, gradPermutedProbs: Option<TensorMeta>, routingMap: Option<TensorMeta>, dropAndPad: Flag) -> Size {
+                let options = UnpermuteOptions { drop_and_pad: dropAndPad };
+                permute::check_permute_backward(gradPermuted.meta(), sortedIndices.meta(), numTokens, gradPermutedProbs.as_ref().map(|g| g.meta()), routingMap.as_ref().map(|m| m.meta()), options).map(|c| c.num_slots)
+            }
             /// outGradTokens: a caller-owned output for gradTokens, written instead of allocated.
             permuteBackward(gradPermuted: Tensor, sortedIndices: Tensor, numTokens: Size, gradPermutedProbs: Option<Tensor>, routingMap: Option<Tensor>, dropAndPad: Flag, outGradTokens: Option<Out>) -> PermuteGrads {
                 let options = UnpermuteOptions { drop_and_pad: dropAndPad };
                 with_outs(&[(outGradTokens.as_ref(), "out.gradTokens")], |o| {
                     permute::permute_backward_into(&gradPermuted, &sortedIndices, numTokens, gradPermutedProbs.as_ref(), routingMap.as_ref(), options, o[0].as_mut())
                 }).map(|(g, p)| PermuteGrads { gradTokens: g, gradProbs: p })
+            }
+            /// Every check of unpermuteBackward on dtypes and shapes, and on sortedIndices' and the
+            /// routing map's values when their data is given, but a plain routing map's routes (with
+            /// [numTokens, numExperts] probs and without dropAndPad: the op's own). The number of slots.
+            checkUnpermuteBackward(gradOutput: TensorMeta, permutedTokens: TensorMeta, sortedIndices: TensorMeta, probs: Option<TensorMeta>, routingMap: Option<TensorMeta>, dropAndPad: Flag) -> Size {
+                let options = UnpermuteOptions { drop_and_pad: dropAndPad };
+                permute::check_unpermute_backward(gradOutput.meta(), permutedTokens.meta(), sortedIndices.meta(), probs.as_ref().map(|p| p.meta()), routingMap.as_ref().map(|m| m.meta()), options).map(|c| c.num_slots)
             }
             unpermuteBackward(gradOutput: Tensor, permutedTokens: Tensor, sortedIndices: Tensor, probs: Option<Tensor>, routingMap: Option<Tensor>, dropAndPad: Flag) -> UnpermuteGrads {
                 let options = UnpermuteOptions { drop_and_pad: dropAndPad };
