@@ -21,6 +21,10 @@
 # WEBGPU=1 (pack and remote: the webgpu backend in Node through Dawn: the GPU suite's webgpu-dawn.test.mjs
 # against wasm, MOE_WEBGPU_DAWN set before the suite; then next to cuda, bench/webgpu-node.mjs, and each
 # shader's GPU time, bench/webgpu-profile.mjs)
+# NCU=1 (issue 19: Nsight Compute's view: the grouped GEMM kernels at the fine-grained and Mixtral-like shapes
+# (duration, SM / tensor-pipe / DRAM / L2 throughput), and every kernel of one layer forward + backward
+# (bench/actmem-gpu.mjs on cuBLAS and on the grouped GEMM), summarised by bench/ncu-summary.py into ncu.json;
+# NCU=layer: the layer's only)
 # (SOAK_SMALL / SOAK_LARGE set the soak's counts), SKIP_EP=1 (the expert-parallel launcher over
 # NCCL, one process per GPU: scripts/ep-launch.mjs). MOE_GPU_BUNDLE=DIR packs into / runs from
 # another folder than .gpu-bundle (a helper's own bundle beside the lead's; git-ignore it).
@@ -63,7 +67,7 @@ pack() {
   cp "$golden"/permute.json "$golden"/unpermute.json "$golden"/route.json "$BUNDLE/golden/"
   cp target/release/moe-cuda-bench "$BUNDLE/bin/"
   cp bench/gpu_torch_ref.py bench/gpu_torch_experts.py bench/gpu_torch_train.py bench/train-gpu.mjs "$BUNDLE/bench/"
-  cp bench/actmem-gpu.mjs bench/actmem-gpu.py "$BUNDLE/bench/"
+  cp bench/actmem-gpu.mjs bench/actmem-gpu.py bench/ncu-summary.py bench/hbm-rw.py "$BUNDLE/bench/"
   # WEBGPU=1: the webgpu backend in Node through Dawn (issue 21): the `webgpu` npm package's Linux
   # build (xz) and Debian's Vulkan loader, kept between packs; bench/webgpu-node.mjs and its page code
   # (the suite's test/gpu/webgpu-dawn.test.mjs and its cases, test/common/webgpu-cases.mjs, come with test/)
@@ -91,6 +95,64 @@ pack() {
   printf '{"type":"module"}\n' > "$BUNDLE/package.json"
   say "bundle: $(du -sh "$BUNDLE" | cut -f1) in $BUNDLE (the device tool carries at most 64 MiB with the working tree)"
   say "run there: bash scripts/gpu-run.sh remote   (carry: $BUNDLE)"
+}
+
+# NCU=1 (issue 19): Nsight Compute's view of the grouped GEMM kernels and of one layer forward +
+# backward. ncu serialises kernels, so its durations are each kernel alone (no overlap, no launch
+# gaps): their sum next to the layer's wall clock says how much of it is waiting.
+ncu_step() {
+  local ncu
+  ncu=$(command -v ncu || ls -d /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | sort -V | tail -1)
+  if [[ -z "$ncu" || ! -x "$ncu" ]]; then
+    say "NCU=1: no ncu here (PATH, /opt/nvidia/nsight-compute)"
+    return
+  fi
+  say "Nsight Compute: $ncu ($("$ncu" --version 2>&1 | tail -1))"
+  local raw="$OUT/ncu-raw"
+  mkdir -p "$raw"
+  # the metrics this ncu has for this GPU (names differ between chips and versions)
+  "$ncu" --query-metrics > "$raw/metrics.txt" 2>&1
+  grep -iE "gmma|tensor_op" "$raw/metrics.txt" | head -12
+  local want=(gpu__time_duration.sum sm__throughput.avg.pct_of_peak_sustained_elapsed
+    sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_elapsed
+    sm__inst_executed_pipe_tensor_op_gmma.avg.pct_of_peak_sustained_elapsed
+    dram__throughput.avg.pct_of_peak_sustained_elapsed lts__throughput.avg.pct_of_peak_sustained_elapsed
+    dram__bytes_read.sum dram__bytes_write.sum)
+  local have=() m
+  for m in "${want[@]}"; do grep -qE "^${m%%.*}[[:space:]]" "$raw/metrics.txt" && have+=("$m"); done
+  local metrics
+  metrics=$(IFS=,; echo "${have[*]}")
+  if [[ "$NCU" != layer ]]; then
+    say "ncu: the grouped GEMM kernels at the experts' shapes (metrics: $metrics)"
+    timeout 400 "$ncu" --clock-control none --cache-control none -k regex:grouped_gemm --metrics "$metrics" --csv \
+      "$BUNDLE/bin/moe-cuda-bench" ggemm --no-small --tile bulk --iters 1 > "$raw/ggemm.csv" 2> "$raw/ggemm.err"
+    echo "  exit code $?"
+    python3 "$BUNDLE/bench/ncu-summary.py" "$raw/ggemm.csv" --json "$raw/ggemm.json" --min-us 50
+  fi
+  # the layer (fine-grained): one forward + backward is the launches of a 2-iteration run beyond
+  # those of a 1-iteration run
+  local gemm n
+  for gemm in cublas grouped; do
+    for n in 1 2; do
+      say "ncu: the layer's kernels, $gemm, $n iteration(s)"
+      MOE_DISPATCH_EXPERTS_GEMM=$([[ $gemm == grouped ]] && echo grouped || echo cublas) timeout 300 "$ncu" --clock-control none \
+        --cache-control none --metrics gpu__time_duration.sum --csv "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" \
+        --shapes fine-grained --warmup 0 --iters "$n" > "$raw/layer-$gemm-$n.csv" 2>&1
+      echo "  exit code $?"
+    done
+    python3 "$BUNDLE/bench/ncu-summary.py" "$raw/layer-$gemm-2.csv" --beyond "$raw/layer-$gemm-1.csv" --json "$raw/layer-$gemm.json"
+  done
+  python3 - "$raw" "$OUT/ncu.json" <<'PY' || true
+import json, os, sys
+raw, out = sys.argv[1:]
+doc = {}
+for name in ('ggemm', 'layer-cublas', 'layer-grouped'):
+    p = os.path.join(raw, name + '.json')
+    if os.path.exists(p):
+        doc[name] = json.load(open(p))
+json.dump(doc, open(out, 'w'), indent=1)
+PY
+  tar -C "$OUT" -cJf "$OUT/ncu-raw.tar.xz" ncu-raw && rm -rf "$raw"
 }
 
 remote() {
@@ -191,6 +253,8 @@ remote() {
     "$node" "$BUNDLE/test/gpu/overhead.mjs" --out "$OUT/overhead.json"
     say "moe-cuda-bench (checks at full size, then CUDA-event timings)"
     timeout 300 "$BUNDLE/bin/moe-cuda-bench" run --iters 20 ${BENCH_ARGS:-} --out "$OUT/bench.json"; echo "  exit code $?"
+    say "the memory's rates with the dispatch's traffic: copy, permute's and unpermute's bytes, pure write / read (PyTorch, bench/hbm-rw.py)"
+    PYTHONUNBUFFERED=1 timeout 120 python3 "$BUNDLE/bench/hbm-rw.py" --out "$OUT/hbm-rw.json"; echo "  exit code $?"
     if [[ -z "${SKIP_EXPERTS:-}" ]]; then
       say "moe-cuda-bench experts (cuBLAS expert GEMMs, experts, dispatch + experts layer)"
       # the SM clock, power and temperature every 250 ms meanwhile (compute-bound timings move
@@ -222,6 +286,9 @@ PY
     # our grouped GEMM (issue 19): its correctness checks (host reference, cuBLAS, run to run) and timings
     say "moe-cuda-bench ggemm"
     timeout 300 "$BUNDLE/bin/moe-cuda-bench" ggemm ${GGEMM_ARGS:---iters 3} --out "$OUT/ggemm.json"; echo "  exit code $?"
+  fi
+  if [[ -n "${NCU:-}" ]]; then
+    ncu_step
   fi
   if [[ -n "${ACTMEM:-}" ]]; then
     # issue 19: the layer's forward + backward and its activation memory (what the forward keeps

@@ -26,6 +26,8 @@ use crate::tensor::{on_host, opt_meta, upload_owned_opt, DeviceTensor};
 
 /// Threads per block of the element-wise and per-row kernels.
 const THREADS: u32 = 256;
+/// The loss totals' block (LOSS_TOTAL_THREADS in kernels/activations.cu): one block adds the rows in order.
+const LOSS_TOTAL_THREADS: u32 = 256;
 /// At most this many blocks; the kernels loop (grid stride) beyond.
 const MAX_BLOCKS: usize = 1 << 20;
 
@@ -528,7 +530,7 @@ pub fn switch_load_balancing_loss_device_lazy(
     dev.launch(
         "loss_switch_total",
         (1, 1),
-        1,
+        LOSS_TOTAL_THREADS,
         &[
             Arg::U64(partial.ptr(s)),
             Arg::U64(c),
@@ -633,7 +635,7 @@ fn logits_loss(
     dev.launch(
         "loss_logits_total",
         (1, 1),
-        1,
+        LOSS_TOTAL_THREADS,
         &[
             Arg::U64(stats.ptr(s)),
             Arg::U64(c),

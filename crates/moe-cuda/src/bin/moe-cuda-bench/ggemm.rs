@@ -19,7 +19,7 @@
 //!
 //! Options: `--iters N`, `--tile 128,256,bulk` (kernels: 128 or 256 columns, 256 with the bulk-copy
 //! epilogue; default all three), `--shapes a,b`, `--out FILE`,
-//! `--small-only`. Exit code 1 when a check fails.
+//! `--small-only`, `--no-small` (the shapes only: for a profiler). Exit code 1 when a check fails.
 
 use half::bf16;
 use moe_core::tensor::DType;
@@ -358,7 +358,7 @@ fn compare_bf16(a: &[u16], b: &[u16]) -> (usize, f64, Option<usize>) {
 }
 
 pub fn bench(args: &[String]) -> i32 {
-    let (mut tiles, mut small_only, mut wgrad) = (vec![TileN::N128, TileN::N256, TileN::N256Bulk], false, true);
+    let (mut tiles, mut small_only, mut small, mut wgrad) = (vec![TileN::N128, TileN::N256, TileN::N256Bulk], false, true, true);
     let opts = ShapeOptions::parse(args, |flag, value| match (flag, value) {
         ("--tile", Some(v)) => {
             tiles = v
@@ -380,6 +380,10 @@ pub fn bench(args: &[String]) -> i32 {
             small_only = true;
             Some(1)
         }
+        ("--no-small", _) => {
+            small = false;
+            Some(1)
+        }
         _ => None,
     });
     let opts = match opts {
@@ -394,7 +398,7 @@ pub fn bench(args: &[String]) -> i32 {
         println!("{e}");
         return 1;
     }
-    match run(dev, &opts, &tiles, small_only, wgrad) {
+    match run(dev, &opts, &tiles, small_only, small, wgrad) {
         Ok((json, failures)) => {
             opts.write(&json);
             if failures > 0 {
@@ -411,7 +415,7 @@ pub fn bench(args: &[String]) -> i32 {
     }
 }
 
-fn run(dev: &Device, opts: &ShapeOptions, tiles: &[TileN], small_only: bool, wgrad: bool) -> R<(String, usize)> {
+fn run(dev: &Device, opts: &ShapeOptions, tiles: &[TileN], small_only: bool, small: bool, wgrad: bool) -> R<(String, usize)> {
     use std::io::Write;
     let iters = opts.iters;
     let info = dev.info();
@@ -423,12 +427,12 @@ fn run(dev: &Device, opts: &ShapeOptions, tiles: &[TileN], small_only: bool, wgr
         grouped_gemm::arch(dev)?
     );
     let mut failures = 0;
-    for &tile in tiles {
+    for &tile in tiles.iter().filter(|_| small) {
         println!("small checks, tile {}:", tile.name());
         let _ = std::io::stdout().flush();
         failures += small_checks(dev, tile)?;
     }
-    if wgrad {
+    if wgrad && small {
         println!("small checks, weight gradients (tile 128x256):");
         let _ = std::io::stdout().flush();
         failures += wgrad_checks(dev)?;

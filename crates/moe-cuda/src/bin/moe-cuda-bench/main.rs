@@ -4,7 +4,7 @@
 //!   moe-cuda-bench compile [ARCH]       compile kernels/*.cu with NVRTC only (no GPU needed), default sm_90
 //!   moe-cuda-bench run [--iters N] [--out FILE] [--shapes deepseek,mixtral]
 //!   moe-cuda-bench experts [--iters N] [--out FILE] [--shapes mixtral,fine-grained]
-//!   moe-cuda-bench ggemm [--iters N] [--out FILE] [--shapes ...] [--tile 128,256,bulk] [--small-only]
+//!   moe-cuda-bench ggemm [--iters N] [--out FILE] [--shapes ...] [--tile 128,256,bulk] [--small-only] [--no-small]
 //!
 //! `ggemm`: see ggemm.rs beside this file (our Hopper grouped GEMM against a host reference and
 //! the cuBLAS per-expert path, and timed).
@@ -78,7 +78,7 @@ fn main() {
         Some("train") => train(&args[1..]),
         Some("ggemm") => ggemm::bench(&args[1..]),
         _ => {
-            eprintln!("usage: moe-cuda-bench info | compile [ARCH] | run [--iters N] [--out FILE] [--shapes deepseek,mixtral] | experts [--iters N] [--out FILE] [--shapes mixtral,fine-grained] | train [--iters N] [--out FILE] [--shapes mixtral,fine-grained] | ggemm [--iters N] [--out FILE] [--shapes mixtral,fine-grained] [--tile 128,256,bulk] [--small-only]");
+            eprintln!("usage: moe-cuda-bench info | compile [ARCH] | run [--iters N] [--out FILE] [--shapes deepseek,mixtral] | experts [--iters N] [--out FILE] [--shapes mixtral,fine-grained] | train [--iters N] [--out FILE] [--shapes mixtral,fine-grained] | ggemm [--iters N] [--out FILE] [--shapes mixtral,fine-grained] [--tile 128,256,bulk] [--small-only] [--no-small]");
             2
         }
     };

@@ -1,0 +1,83 @@
+"""Summarises an Nsight Compute CSV (`ncu --csv ... > FILE`): one line per kernel launch in launch
+order (its metrics), then per kernel name the launches, total and mean of gpu__time_duration.
+
+    python3 bench/ncu-summary.py FILE [--json OUT] [--min-us X] [--last N] [--beyond FILE0]
+
+--min-us: print only launches at least X microseconds long (the totals count every launch);
+--last N: only the last N launches (the totals too); --beyond FILE0: only the launches past as many
+as FILE0 has (a run of 2 iterations beyond one of 1: the second iteration's launches). --json writes {kernels: [...], byName: [...]}.
+gpu-run.sh's NCU=1 step runs it on the grouped GEMM's and the layer's profiles (issue 19).
+"""
+import csv
+import io
+import json
+import sys
+
+
+def short(name):
+    """A kernel's name without its parameter list (ncu prints C++ signatures for templates)."""
+    return name.split('(')[0].strip()
+
+
+def parse(path):
+    text = open(path, encoding='utf-8', errors='replace').read()
+    # ncu prints its own "==PROF==" lines and the program's output around the CSV
+    lines = [l for l in text.splitlines() if l.startswith('"')]
+    launches = {}
+    for row in csv.DictReader(io.StringIO('\n'.join(lines))):
+        if 'ID' not in row or row.get('Metric Name') is None:
+            continue
+        k = launches.setdefault(int(row['ID']), {'id': int(row['ID']), 'name': short(row['Kernel Name']), 'grid': row.get('Grid Size'),
+                                                  'block': row.get('Block Size'), 'metrics': {}})
+        v = row['Metric Value'].replace(',', '')
+        try:
+            v = float(v)
+        except ValueError:
+            pass
+        unit = row.get('Metric Unit', '')
+        if row['Metric Name'] == 'gpu__time_duration.sum' and isinstance(v, float):
+            v = v * {'ns': 1e-3, 'nsecond': 1e-3, 'us': 1.0, 'usecond': 1.0, 'ms': 1e3, 'msecond': 1e3, 's': 1e6, 'second': 1e6}[unit]
+            k['us'] = v
+        k['metrics'][row['Metric Name']] = v
+    return [launches[i] for i in sorted(launches)]
+
+
+def main(argv):
+    path = argv[0]
+    opt = lambda name, d=None: argv[argv.index(name) + 1] if name in argv else d
+    min_us = float(opt('--min-us', '0'))
+    last = int(opt('--last', '0'))
+    ks = parse(path)
+    if not ks:
+        print(f'ncu-summary: no kernels in {path}')
+        return 1
+    if opt('--beyond'):
+        last = len(ks) - len(parse(opt('--beyond')))
+        if last <= 0:
+            print(f'ncu-summary: {path} has no launches beyond those of {opt("--beyond")}')
+            return 1
+    if last:
+        ks = ks[-last:]
+    for k in ks:
+        if k.get('us', 0) < min_us:
+            continue
+        extra = ' '.join(f'{m.split(".")[0].replace("__", ":")}={v:.1f}' if isinstance(v, float) else f'{m}={v}'
+                         for m, v in k['metrics'].items() if m != 'gpu__time_duration.sum')
+        print(f"  #{k['id']:<5} {k.get('us', 0):9.1f} us  {k['name'][:70]:<70} grid {k['grid']} block {k['block']} {extra}")
+    by = {}
+    for k in ks:
+        b = by.setdefault(k['name'], {'name': k['name'], 'launches': 0, 'us': 0.0})
+        b['launches'] += 1
+        b['us'] += k.get('us', 0.0)
+    total = sum(b['us'] for b in by.values())
+    print(f'  by kernel ({len(ks)} launches, {total:.1f} us in all):')
+    for b in sorted(by.values(), key=lambda b: -b['us']):
+        print(f"    {b['us']:10.1f} us {100 * b['us'] / total if total else 0:5.1f}%  {b['launches']:5d} x  {b['name'][:90]}")
+    out = opt('--json')
+    if out:
+        json.dump({'source': path, 'kernels': ks, 'byName': sorted(by.values(), key=lambda b: -b['us']), 'totalUs': total}, open(out, 'w'), indent=1)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main(sys.argv[1:]))
