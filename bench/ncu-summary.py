@@ -4,7 +4,7 @@ order (its metrics), then per kernel name the launches, total and mean of gpu__t
     python3 bench/ncu-summary.py FILE [--json OUT] [--min-us X] [--last N] [--beyond FILE0]
 
 --min-us: print only launches at least X microseconds long (the totals count every launch);
---last N: only the last N launches (the totals too); --beyond FILE0: only the launches past as many
+--all: every metric of each launch, a line each; --last N: only the last N launches (the totals too); --beyond FILE0: only the launches past as many
 as FILE0 has (a run of 2 iterations beyond one of 1: the second iteration's launches). --json writes {kernels: [...], byName: [...]}.
 gpu-run.sh's NCU=1 step runs it on the grouped GEMM's and the layer's profiles (issue 19).
 """
@@ -35,7 +35,7 @@ def parse(path):
         except ValueError:
             pass
         unit = row.get('Metric Unit', '')
-        if row['Metric Name'] == 'gpu__time_duration.sum' and isinstance(v, float):
+        if row['Metric Name'] in ('gpu__time_duration.sum', 'Duration') and isinstance(v, float):
             v = v * {'ns': 1e-3, 'nsecond': 1e-3, 'us': 1.0, 'usecond': 1.0, 'ms': 1e3, 'msecond': 1e3, 's': 1e6, 'second': 1e6}[unit]
             k['us'] = v
         k['metrics'][row['Metric Name']] = v
@@ -60,6 +60,11 @@ def main(argv):
         ks = ks[-last:]
     for k in ks:
         if k.get('us', 0) < min_us:
+            continue
+        if '--all' in argv:
+            print(f"  #{k['id']:<5} {k.get('us', 0):9.1f} us  {k['name'][:90]} grid {k['grid']} block {k['block']}")
+            for m, v in k['metrics'].items():
+                print(f'      {m:<70} {v}')
             continue
         extra = ' '.join(f'{m.split(".")[0].replace("__", ":")}={v:.1f}' if isinstance(v, float) else f'{m}={v}'
                          for m, v in k['metrics'].items() if m != 'gpu__time_duration.sum')

@@ -24,7 +24,7 @@
 # NCU=1 (issue 19: Nsight Compute's view: the grouped GEMM kernels at the fine-grained and Mixtral-like shapes
 # (duration, SM / tensor-pipe / DRAM / L2 throughput), and every kernel of one layer forward + backward
 # (bench/actmem-gpu.mjs on cuBLAS and on the grouped GEMM), summarised by bench/ncu-summary.py into ncu.json;
-# NCU=layer: the layer's only)
+# NCU=layer: the layer's only; NCU=detail: ncu's sections for the layer's kernels matching NCU_KERNELS)
 # (SOAK_SMALL / SOAK_LARGE set the soak's counts), SKIP_EP=1 (the expert-parallel launcher over
 # NCCL, one process per GPU: scripts/ep-launch.mjs). MOE_GPU_BUNDLE=DIR packs into / runs from
 # another folder than .gpu-bundle (a helper's own bundle beside the lead's; git-ignore it).
@@ -122,17 +122,28 @@ ncu_step() {
   for m in "${want[@]}"; do grep -qE "^${m%%.*}[[:space:]]" "$raw/metrics.txt" && have+=("$m"); done
   local metrics
   metrics=$(IFS=,; echo "${have[*]}")
-  if [[ "$NCU" != layer ]]; then
+  if [[ "$NCU" != layer && "$NCU" != detail ]]; then
     say "ncu: the grouped GEMM kernels at the experts' shapes (metrics: $metrics)"
     timeout 400 "$ncu" --clock-control none --cache-control none -k regex:grouped_gemm --metrics "$metrics" --csv \
       "$BUNDLE/bin/moe-cuda-bench" ggemm --no-small --tile bulk --iters 1 > "$raw/ggemm.csv" 2> "$raw/ggemm.err"
     echo "  exit code $?"
     python3 "$BUNDLE/bench/ncu-summary.py" "$raw/ggemm.csv" --json "$raw/ggemm.json" --min-us 50
   fi
+  if [[ "$NCU" == detail ]]; then
+    # NCU_KERNELS (a regex): those kernels of one layer forward + backward (grouped GEMM path),
+    # with ncu's sections (speed of light, warp stalls, occupancy, compute and memory workloads)
+    say "ncu: ${NCU_KERNELS:=act_bwdgv|grouped_gemm_wgrad|route_backward} in the layer, sections"
+    MOE_DISPATCH_EXPERTS_GEMM=grouped timeout 400 "$ncu" --clock-control none --cache-control none -k "regex:$NCU_KERNELS" \
+      --section SpeedOfLight --section WarpStateStats --section Occupancy --section ComputeWorkloadAnalysis \
+      --section MemoryWorkloadAnalysis --section LaunchStats --csv "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" \
+      --shapes fine-grained --warmup 0 --iters 1 > "$raw/detail.csv" 2>&1
+    echo "  exit code $?"
+    python3 "$BUNDLE/bench/ncu-summary.py" "$raw/detail.csv" --all --json "$raw/detail.json"
+  fi
   # the layer (fine-grained): one forward + backward is the launches of a 2-iteration run beyond
   # those of a 1-iteration run
   local gemm n
-  for gemm in cublas grouped; do
+  for gemm in $([[ "$NCU" == detail ]] || echo cublas grouped); do
     for n in 1 2; do
       say "ncu: the layer's kernels, $gemm, $n iteration(s)"
       MOE_DISPATCH_EXPERTS_GEMM=$([[ $gemm == grouped ]] && echo grouped || echo cublas) timeout 300 "$ncu" --clock-control none \
@@ -146,7 +157,7 @@ ncu_step() {
 import json, os, sys
 raw, out = sys.argv[1:]
 doc = {}
-for name in ('ggemm', 'layer-cublas', 'layer-grouped'):
+for name in ('ggemm', 'layer-cublas', 'layer-grouped', 'detail'):
     p = os.path.join(raw, name + '.json')
     if os.path.exists(p):
         doc[name] = json.load(open(p))

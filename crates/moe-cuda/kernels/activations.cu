@@ -342,6 +342,21 @@ _Pragma("unroll")
     })
 }
 
+// act_unit and act_unit_grad of one element at once, with the same operations (the same bits):
+// for swiglu the exp, 1 + exp and gate / (1 + exp) are computed once for both.
+static __device__ __forceinline__ float act_unit_and_grad(const ActOpts& o, float gate, float up, float gw, float& d_gate, float& d_up) {
+    if (o.kind == ACT_SWIGLU) {
+        const float d = 1.0f + act_expf(-gate, o.fast);
+        const float s = 1.0f / d;
+        const float silu = gate / d;  // act_silu(gate)
+        d_gate = gw * s * (1.0f + gate * (1.0f - s)) * up;
+        d_up = gw * silu;
+        return silu * up;
+    }
+    act_unit_grad(o, gate, up, gw, d_gate, d_up);
+    return act_unit(o, gate, up);
+}
+
 // The vectorised backward with the probs gradient in the same pass (act_bwdgv_fast_*: the grouped
 // experts only, which compare to a tolerance): a block per row (grid stride), V columns a thread
 // as in act_bwd_vec, and the row's sum of f64(unit * grad) (the products of act_grad_probs) added
@@ -365,10 +380,7 @@ static __device__ __forceinline__ void act_bwd_gp_vec(const typename TI::S* grad
             act_pairs<TI, V>(o.kind, x + r * width, inter, j, gate, up);
             load_f32<TI, V>(grad + r * inter + j, g);
 #pragma unroll
-            for (int u = 0; u < V; u++) {
-                act_unit_grad(o, gate[u], up[u], g[u] * p, d_gate[u], d_up[u]);
-                sum += (double)(act_unit(o, gate[u], up[u]) * g[u]);
-            }
+            for (int u = 0; u < V; u++) sum += (double)(act_unit_and_grad(o, gate[u], up[u], g[u] * p, d_gate[u], d_up[u]) * g[u]);
             store_pairs<TO, V>(o.kind, grad_in + r * width, inter, j, d_gate, d_up);
         }
 #pragma unroll

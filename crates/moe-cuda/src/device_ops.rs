@@ -1074,10 +1074,11 @@ pub fn route_backward_device(
     let scratch = dev.alloc("routeBackward's scores", if need_scores { 8 * t * e } else { 8 })?;
     let err = ErrWords::new(dev)?;
     let s = dev.stream();
+    // a warp a token, RB_WARPS (4) warps a block
     const BLOCK: usize = 128;
     dev.launch(
         "route_backward_kernel",
-        (t.div_ceil(BLOCK) as u32, 1),
+        (t.div_ceil(BLOCK / 32) as u32, 1),
         BLOCK as u32,
         &[
             Arg::U64(logits.buf.ptr(s)),
