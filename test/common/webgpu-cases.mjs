@@ -325,8 +325,8 @@ export function webgpuCases(ctx) {
     }
   }
 
-  add("software float64 (route's arithmetic on the GPU) equals JavaScript's numbers bit for bit: add, sub, mul, div, floor, float32 conversions", async () => {
-    const { Gpu, F64_CHECK } = await ctx.f64();
+  add("software float64 (route's arithmetic on the GPU) equals JavaScript's numbers bit for bit: add, sub, mul, div, floor, float32 conversions, sums of float32 products", async () => {
+    const { Gpu, F64_CHECK, F64_DOT_CHECK } = await ctx.f64();
     const gpu = new Gpu(await (await globalThis.navigator.gpu.requestAdapter()).requestDevice(), 'test');
     const random = rng(5);
     const n = 8192;
@@ -406,6 +406,65 @@ export function webgpuCases(ctx) {
       check.deepEqual(bad, [], name);
       compared[`float64 ${name}`] = n;
     }
+    // unpermuteBackward's dot (F64_DOT: exact float32 products added to an unpacked float64
+    // sum) against JavaScript's sum of the same products, float64 bits, on rows made to round
+    // often, to tie, and to tie but for bits below the guard bits (the sticky bit): small
+    // integers at scattered exponents, half an ulp of the sum so far (with or without a far
+    // lower bit), exact cancellations, all-zero rows of either sign, subnormals (rows of them),
+    // random bits, and now and then an infinity or a NaN (the general path)
+    const rows = 2048;
+    const h = 24;
+    const fa = new Float32Array(rows * h);
+    const fb = new Float32Array(rows * h);
+    const f32bits = new Float32Array(bits.buffer, 0, 1);
+    const sign = () => (random() < 0.5 ? -1 : 1);
+    const subnormal = () => sign() * Math.floor(random() * 2 ** 23) * 2 ** -149;
+    const scattered = (span) => sign() * (1 + Math.floor(random() * 16)) * 2 ** Math.floor(random() * span - span / 2);
+    const want = new Float64Array(rows);
+    for (let r = 0; r < rows; r++) {
+      const shape = r % 8;
+      let sum = -0;
+      for (let c = 0; c < h; c++) {
+        let a;
+        let b = 1;
+        const kind = Math.floor(random() * 12);
+        if (shape === 0 && kind < 6) {
+          // half an ulp of the sum, alone (a tie) or with a bit 1..23 places lower (sticky), or
+          // 2^20 ulps + half an ulp + a bit 11..21 places lower ((2^k + 1) (2^21 + 1) 2^-(k+1) ulps)
+          const u = sum === 0 ? -60 : Math.floor(Math.log2(Math.abs(sum))) - 52;
+          const j = 1 + Math.floor(random() * 23);
+          const k = 10 + Math.floor(random() * 11);
+          a = sign() * (kind < 2 ? 1 : kind < 4 ? 1 + 2 ** -j : 2 ** k + 1);
+          b = kind < 4 ? 2 ** Math.max(-126, Math.min(127, u - 1)) : (2 ** 21 + 1) * 2 ** Math.max(-140, Math.min(100, u - k - 1));
+        } else if (shape === 1 && c % 2 === 1) {
+          // cancels the term before it exactly: the sum returns to what it was, or to +0
+          a = -fa[r * h + c - 1];
+          b = fb[r * h + c - 1];
+        } else if (shape === 2) a = kind < 6 ? 0 : -0;
+        else if (shape === 4 || shape === 5) a = subnormal();
+        else if (kind === 0) a = [0, -0, 1, -1, 2 ** -149, -(2 ** -149), 2 ** -126, 3.4e38, -3.4e38][Math.floor(random() * 9)];
+        else if (kind === 1) {
+          bits[0] = Math.floor(random() * 2 ** 32);
+          if ((bits[0] & 0x7f800000) === 0x7f800000) bits[0] ^= 0x40000000;
+          a = f32bits[0];
+        } else if (kind === 2) a = subnormal();
+        else if (kind === 3 && r % 61 === 7) a = [Infinity, -Infinity, NaN][Math.floor(random() * 3)];
+        else a = scattered(shape === 3 ? 120 : 64);
+        // rows of shape 4: subnormal times subnormal; 5: subnormal times normal
+        if (b === 1 && shape !== 1 && shape !== 2) b = shape === 4 || kind === 4 ? subnormal() : kind % 3 === 0 ? -1 : scattered(40);
+        fa[r * h + c] = a;
+        fb[r * h + c] = b;
+        sum += fa[r * h + c] * fb[r * h + c];
+      }
+      want[r] = sum;
+    }
+    const dot = gpu.buffer('test', rows * 8, 'out');
+    gpu.dispatch('test', 'f64dot', F64_DOT_CHECK, [rows, h], [gpu.upload('test', new Uint8Array(fa.buffer), 'a'), gpu.upload('test', new Uint8Array(fb.buffer), 'b'), dot], rows);
+    const got = new Float64Array((await gpu.read('test', dot, rows * 8)).buffer);
+    const badDots = [];
+    for (let r = 0; r < rows && badDots.length < 5; r++) if (!(Number.isNaN(want[r]) ? Number.isNaN(got[r]) : Object.is(got[r], want[r]))) badDots.push(`row ${r}: got ${got[r]}, want ${want[r]}`);
+    check.deepEqual(badDots, [], 'dot');
+    compared['float64 dot'] = rows;
     gpu.device.destroy();
   });
 

@@ -22,7 +22,7 @@ import { checkTensor, isTensor, type DType, type Tensor, type TokenDType } from 
 import { Gpu, describeAdapter, navigatorGpu, type GPUBuffer } from '../webgpu/gpu.js';
 import { activationBackward as actBackward, activationForward as actForward, activationGradProbs as actGradProbs } from '../webgpu/activations.js';
 import { AUX_LOSS } from '../webgpu/aux-loss.js';
-import { F64 } from '../webgpu/f64.js';
+import { F64, F64_DOT } from '../webgpu/f64.js';
 import { COUNT_PICKS, ROUTE } from '../webgpu/route.js';
 import * as S from '../webgpu/shaders.js';
 import { checkBool, checkNumber, INDICES, TOKENS, wire, type WireMeta } from '../wire.js';
@@ -679,7 +679,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         c.run(`scale_${kind}`, S.scaleRows(kind), [n * h, h, words], [g, sorted, p, gradPermuted.bufferFor(gpu, 'gp')], words);
         const dots = dense ? undefined : c.out('float32', [n], 'gradProbs');
         const dotBuf = dots ? dots.bufferFor(gpu, 'd') : c.tmp(4 * n, 'the slot dots');
-        c.run(`slot_dot_${kind}`, S.slotDot(kind, F64), [n, h], [g, c.buf(permutedTokens, 'permutedTokens'), sorted, dotBuf], n);
+        c.run(`slot_dot_${kind}`, S.slotDot(kind, F64 + F64_DOT), [n, h], [g, c.buf(permutedTokens, 'permutedTokens'), sorted, dotBuf], n);
         if (dots) return { gradPermuted, gradProbs: dots };
         const e = rm!.shape[1];
         const counts = c.tmp(4 * e, 'counts');

@@ -299,6 +299,114 @@ fn f_exp(x: vec2<u32>) -> vec2<u32> {
 }
 `;
 
+/**
+ * Sums of float32 products in float64 as the core computes them (`a as f64 * b as f64`, summed in
+ * order from -0 by Rust's f64 `sum()`): `fn dot_row(ia, ib, h) -> vec2<u32>`, the float64 bits of
+ * the sum over c < h of `dot_a(ia + c) * dot_b(ib + c)`, which the including shader defines (the
+ * float32 bits of its operands). Fast: the product of two finite float32s is exact in float64 (48
+ * significant bits), so a term is its integer significand (one `mul_wide`) and exponent, with
+ * nothing to round; the partial sum stays unpacked (`Acc`: sign, exponent, 53-bit significand)
+ * between additions, and each addition aligns, adds and rounds to nearest even once, as `f_add`
+ * (same guard bits, same sticky bit: the same bits). Finite products lie in [2^-298, 2^256] and
+ * their partial sums are multiples of 2^-298 below 2^266 for any practical length, so no float64
+ * subnormal, overflow, infinity or NaN can occur and none is handled: a row holding an infinity
+ * or a NaN is summed again by `f_mul` / `f_add`.
+ */
+export const F64_DOT = /* wgsl */ `
+/** (-1)^s * m * 2^e, m's bit 52 set; m == 0: a zero of sign s. */
+struct Acc { s: u32, e: i32, m: vec2<u32> }
+/** a << n, 0 <= n < 64, without branches. */
+fn dot_shl(a: vec2<u32>, n: u32) -> vec2<u32> {
+  let lo = vec2<u32>(a.x << n, (a.y << n) | select(a.x >> (32u - n), 0u, n == 0u));
+  return select(lo, vec2<u32>(0u, a.x << (n - 32u)), n >= 32u);
+}
+/** a >> n with what is shifted out OR-ed into bit 0 (u_shr_jam), without branches. */
+fn dot_shr_jam(a: vec2<u32>, n: u32) -> vec2<u32> {
+  let m = n & 31u;
+  let hi_in = select(a.y << (32u - m), 0u, m == 0u);
+  // n < 32: lo = (a.x >> n) | (a.y << (32 - n)), lost = a.x << (32 - n); 32 <= n < 64: lo = a.y >> (n - 32), lost = a.x | a.y << (64 - n)
+  let small = vec2<u32>((a.x >> m) | hi_in, a.y >> m);
+  let lost_small = select(a.x << (32u - m), 0u, m == 0u);
+  let big = vec2<u32>(a.y >> m, 0u);
+  let lost_big = a.x | hi_in;
+  var r = select(small, big, n >= 32u);
+  var lost = select(lost_small, lost_big, n >= 32u);
+  if (n >= 64u) { r = vec2<u32>(0u, 0u); lost = a.x | a.y; }
+  return vec2<u32>(r.x | select(0u, 1u, lost != 0u), r.y);
+}
+/** The exact product of two finite float32s (bits). */
+fn dot_term(a: u32, b: u32) -> Acc {
+  let ea = (a >> 23u) & 0xffu;
+  let eb = (b >> 23u) & 0xffu;
+  // significands with bit 23 set (a subnormal's shifted up; zero stays zero)
+  let na = select(countLeadingZeros(a & 0x7fffffu) - 8u, 0u, ea != 0u);
+  let nb = select(countLeadingZeros(b & 0x7fffffu) - 8u, 0u, eb != 0u);
+  let ma = select((a & 0x7fffffu) << na, (a & 0x7fffffu) | 0x800000u, ea != 0u);
+  let mb = select((b & 0x7fffffu) << nb, (b & 0x7fffffu) | 0x800000u, eb != 0u);
+  // the product's leading one at bit 46 or 47, moved to bit 52
+  let p = mul_wide(ma, mb);
+  let sh = select(6u, 5u, p.y >= 0x8000u);
+  return Acc((a ^ b) & 0x80000000u, i32(max(ea, 1u) + max(eb, 1u)) - i32(na + nb + sh) - 300, vec2<u32>(p.x << sh, (p.y << sh) | (p.x >> (32u - sh))));
+}
+/** a + b rounded to float64 (nearest, ties to even): f_add's steps on unpacked operands. */
+fn dot_add(a: Acc, b: Acc) -> Acc {
+  if (u_zero(b.m)) { if (u_zero(a.m)) { return Acc(a.s & b.s, 0, a.m); } return a; }
+  if (u_zero(a.m)) { return b; }
+  let swap = b.e > a.e || (b.e == a.e && u_lt(a.m, b.m));
+  let xs = select(a.s, b.s, swap);
+  let xe = select(a.e, b.e, swap);
+  let X = dot_shl(select(a.m, b.m, swap), 9u);
+  let Y = dot_shr_jam(dot_shl(select(b.m, a.m, swap), 9u), u32(abs(a.e - b.e)));
+  let S = select(u_add(X, Y), u_sub(X, Y), a.s != b.s);
+  if (u_zero(S)) { return Acc(0u, 0, S); }
+  // S < 2^63: its leading one to bit 62, then 10 bits rounded off
+  let lz = u_clz(S);
+  let M = dot_shl(S, lz - 1u);
+  let r = M.x & 0x3ffu;
+  let q = vec2<u32>((M.x >> 10u) | (M.y << 22u), M.y >> 10u);
+  let up = select(0u, 1u, r > 0x200u || (r == 0x200u && (q.x & 1u) == 1u));
+  let qx = q.x + up;
+  let qy = q.y + select(0u, 1u, qx < up);
+  if (qy >= 0x200000u) { return Acc(xs, xe + 3 - i32(lz), vec2<u32>(0u, 0x100000u)); }
+  return Acc(xs, xe + 2 - i32(lz), vec2<u32>(qx, qy));
+}
+fn dot_row(ia: u32, ib: u32, h: u32) -> vec2<u32> {
+  var acc = Acc(0x80000000u, 0, vec2<u32>(0u, 0u));
+  var finite = true;
+  for (var c = 0u; c < h; c = c + 1u) {
+    let a = dot_a(ia + c);
+    let b = dot_b(ib + c);
+    if ((a & 0x7f800000u) == 0x7f800000u || (b & 0x7f800000u) == 0x7f800000u) { finite = false; break; }
+    acc = dot_add(acc, dot_term(a, b));
+  }
+  if (finite) {
+    if (u_zero(acc.m)) { return vec2<u32>(0u, acc.s); }
+    return vec2<u32>(acc.m.x, acc.s | (u32(acc.e + 1075) << 20u) | (acc.m.y & 0xfffffu));
+  }
+  var sum = vec2<u32>(0u, 0x80000000u);
+  for (var c = 0u; c < h; c = c + 1u) { sum = f_add(sum, f_mul(f_from_f32(dot_a(ia + c)), f_from_f32(dot_b(ib + c)))); }
+  return sum;
+}
+`;
+
+/** A test harness of `F64_DOT`: `out[i]` = the float64 bits of row i's dot (float32 bits `a`, `b` `[rows, h]`). P = [rows, h]. */
+export const F64_DOT_CHECK = `
+@group(0) @binding(0) var<storage, read> P: array<u32>;
+@group(0) @binding(1) var<storage, read> a: array<u32>;
+@group(0) @binding(2) var<storage, read> b: array<u32>;
+@group(0) @binding(3) var<storage, read_write> out: array<vec2<u32>>;
+${F64}
+${F64_DOT}
+fn dot_a(i: u32) -> u32 { return a[i]; }
+fn dot_b(i: u32) -> u32 { return b[i]; }
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+  let i = gid.x;
+  if (i >= P[0]) { return; }
+  out[i] = dot_row(i * P[1], i * P[1], P[1]);
+}
+`;
+
 /** A test harness: `out[i] = op(a[i], b[i])` for op P[1] (0 add, 1 sub, 2 mul, 3 div, 4 floor, 5 to f32, 6 from f32, 7 exp, 8 sqrt). P = [n, op]. */
 export const F64_CHECK = `
 @group(0) @binding(0) var<storage, read> P: array<u32>;

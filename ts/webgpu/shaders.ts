@@ -551,7 +551,8 @@ ${MAIN('P[0]')}`;
 /**
  * unpermuteBackward's per-slot dot products `dot(g[sorted[i]], x[i])`: float32 values widened,
  * multiplied and summed in (software) float64 from -0 (Rust's f64 `sum()`), rounded once.
- * P = [N, hidden]. One thread per slot. `f64` is the software float64 library (f64.ts).
+ * P = [N, hidden]. One thread per slot. `f64` is the software float64 library with its dot
+ * (f64.ts: `F64 + F64_DOT`).
  */
 export function slotDot(kind: Kind, f64: string): string {
   return `${HEADER}${CONVERT}${f64}${loader('g', kind)}${loader('x', kind)}
@@ -559,15 +560,11 @@ export function slotDot(kind: Kind, f64: string): string {
 @group(0) @binding(2) var<storage, read> x: array<u32>;
 @group(0) @binding(3) var<storage, read> sorted: array<i32>;
 @group(0) @binding(4) var<storage, read_write> out: array<u32>;
+fn dot_a(i: u32) -> u32 { return bitcast<u32>(ld_g(i)); }
+fn dot_b(i: u32) -> u32 { return bitcast<u32>(ld_x(i)); }
 fn body(i: u32) {
   let h = P[1];
-  let t = u32(sorted[i]);
-  var sum = vec2<u32>(0u, 0x80000000u);
-  for (var c = 0u; c < h; c = c + 1u) {
-    sum = f_add(sum, f_mul(f_from_f32(bits_f32(ld_g(t * h + c))), f_from_f32(bits_f32(ld_x(i * h + c)))));
-  }
-  out[i] = f_to_f32(sum);
+  out[i] = f_to_f32(dot_row(u32(sorted[i]) * h, i * h, h));
 }
-fn bits_f32(v: f32) -> u32 { return bitcast<u32>(v); }
 ${MAIN('P[0]')}`;
 }
