@@ -187,15 +187,24 @@ fn compile_inner(src: &KernelSource, arch: &str, what: &str) -> Result<Vec<u8>> 
     let source = CString::new(full_source(src)).map_err(|_| Error::Cuda(format!("{what}: the source holds a NUL byte")))?;
     let name = CString::new(src.file).map_err(|_| Error::Cuda(format!("{what}: bad file name")))?;
     let prog = nvrtc::create_program(&source, Some(&name)).map_err(|e| Error::nvrtc(what, e))?;
-    let opts = options(arch);
+    let mut opts = options(arch);
+    // MOE_DISPATCH_NVRTC_VERBOSE: ptxas's report (registers, spills, wgmma serialisation) on
+    // stderr for each file compiled (the CUBIN is the same; the disk cache key does not change)
+    let verbose = std::env::var_os("MOE_DISPATCH_NVRTC_VERBOSE").is_some();
+    if verbose {
+        opts.push("--ptxas-options=-v".into());
+    }
     let compiled = unsafe { nvrtc::compile_program(prog, &opts) };
+    let log = || {
+        unsafe { nvrtc::get_program_log(prog) }
+            .map(|raw| unsafe { CStr::from_ptr(raw.as_ptr()) }.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    if verbose && compiled.is_ok() {
+        eprintln!("{what}: {}", log().trim_end());
+    }
     let out = match compiled {
-        Err(e) => {
-            let log = unsafe { nvrtc::get_program_log(prog) }
-                .map(|raw| unsafe { CStr::from_ptr(raw.as_ptr()) }.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            Err(Error::Cuda(format!("{what}: NVRTC error {:?} with options {}:\n{}", e.0, opts.join(" "), log.trim_end())))
-        }
+        Err(e) => Err(Error::Cuda(format!("{what}: NVRTC error {:?} with options {}:\n{}", e.0, opts.join(" "), log().trim_end()))),
         Ok(()) => unsafe {
             let mut size = 0usize;
             nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size).result().map_err(|e| Error::nvrtc(what, e))?;
