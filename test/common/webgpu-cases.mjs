@@ -355,6 +355,15 @@ export function webgpuCases(ctx) {
     for (let i = 0; i < n; i++) {
       a[i] = draw();
       b[i] = random() < 0.3 ? a[i] * (1 + (random() - 0.5) * 2 ** -40) : draw();
+      if (random() < 0.1) {
+        // (1 + x 2^-52) (1 + y 2^-52) with x y near 2^51: products that tie, or tie but for bits
+        // far below (the sticky bit), at exponents up to the subnormal range
+        const p = 1 + Math.floor(random() * 50);
+        const x = 2 ** p + Math.floor(random() * 3);
+        const y = 2 ** (51 - p) + Math.floor(random() * 3);
+        a[i] = (1 + x * 2 ** -52) * 2 ** Math.floor(random() * 200 - 100);
+        b[i] = (random() < 0.5 ? -1 : 1) * (1 + y * 2 ** -52) * 2 ** (random() < 0.2 ? -1000 - Math.floor(random() * 60) : Math.floor(random() * 200 - 100));
+      }
     }
     const f32 = new Float32Array(1);
     const f32u = new Uint32Array(f32.buffer);

@@ -116,37 +116,26 @@ fn f_mul(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> {
   let s = (a.y ^ b.y) & 0x80000000u;
   if (f_isinf(a) || f_isinf(b)) { if (f_iszero(a) || f_iszero(b)) { return F64_QNAN; } return vec2<u32>(0u, s | 0x7ff00000u); }
   if (f_iszero(a) || f_iszero(b)) { return vec2<u32>(0u, s); }
-  let ea = i32(max(f_bexp(a), 1u));
-  let eb = i32(max(f_bexp(b), 1u));
-  let A = f_sig(a);
-  let B = f_sig(b);
+  // significands with their leading one at bit 52 (subnormals shifted up, their exponents down)
+  var A = f_sig(a);
+  var B = f_sig(b);
+  let la = u_clz(A) - 11u;
+  let lb = u_clz(B) - 11u;
+  A = u_shl(A, la);
+  B = u_shl(B, lb);
+  let ea = i32(max(f_bexp(a), 1u)) - i32(la);
+  let eb = i32(max(f_bexp(b), 1u)) - i32(lb);
+  // the 128-bit product p3:p2:p1:p0 has its leading one at bit 104 or 105
   let ll = mul_wide(A.x, B.x); let lh = mul_wide(A.x, B.y); let hl = mul_wide(A.y, B.x); let hh = mul_wide(A.y, B.y);
-  var p = array<u32, 4>(ll.x, 0u, 0u, 0u);
   let t1 = ll.y + lh.x; var c1 = select(0u, 1u, t1 < ll.y);
-  let t2 = t1 + hl.x; c1 = c1 + select(0u, 1u, t2 < t1);
-  p[1] = t2;
+  let p1 = t1 + hl.x; c1 = c1 + select(0u, 1u, p1 < t1);
   let u1 = hh.x + lh.y; var c2 = select(0u, 1u, u1 < hh.x);
   let u2 = u1 + hl.y; c2 = c2 + select(0u, 1u, u2 < u1);
-  let u3 = u2 + c1; c2 = c2 + select(0u, 1u, u3 < u2);
-  p[2] = u3;
-  p[3] = hh.y + c2;
-  var lz = 0u;
-  if (p[3] != 0u) { lz = countLeadingZeros(p[3]); } else if (p[2] != 0u) { lz = 32u + countLeadingZeros(p[2]); } else if (p[1] != 0u) { lz = 64u + countLeadingZeros(p[1]); } else { lz = 96u + countLeadingZeros(p[0]); }
-  let sft = lz - 1u;
-  let w = i32(sft / 32u);
-  let r = sft % 32u;
-  var q = array<u32, 4>(0u, 0u, 0u, 0u);
-  for (var i = 3; i >= 0; i = i - 1) {
-    let src = i - w;
-    if (src >= 0) {
-      var v = p[src] << r;
-      if (r > 0u && src >= 1) { v = v | (p[src - 1] >> (32u - r)); }
-      q[i] = v;
-    }
-  }
-  var m = vec2<u32>(q[2], q[3]);
-  if (q[1] != 0u || q[0] != 0u) { m.x = m.x | 1u; }
-  return f_round_pack(s, ea + eb - 1001 - i32(sft), m);
+  let p2 = u2 + c1; c2 = c2 + select(0u, 1u, p2 < u2);
+  let p3 = hh.y + c2;
+  // its bits 42..105 (leading one at bit 62 or 63), the 42 below as the sticky bit
+  let m = vec2<u32>((p1 >> 10u) | (p2 << 22u) | select(0u, 1u, (p1 & 0x3ffu) != 0u || ll.x != 0u), (p2 >> 10u) | (p3 << 22u));
+  return f_round_pack(s, ea + eb - 1023, m);
 }
 
 fn f_div(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> {
