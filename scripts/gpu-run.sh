@@ -24,7 +24,8 @@
 # NCU=1 (issue 19: Nsight Compute's view: the grouped GEMM kernels at the fine-grained and Mixtral-like shapes
 # (duration, SM / tensor-pipe / DRAM / L2 throughput), and every kernel of one layer forward + backward
 # (bench/actmem-gpu.mjs on cuBLAS and on the grouped GEMM), summarised by bench/ncu-summary.py into ncu.json;
-# NCU=layer: the layer's only; NCU=detail: ncu's sections for the layer's kernels matching NCU_KERNELS)
+# NCU=layer: the layer's only; NCU=detail: ncu's sections for the layer's kernels matching NCU_KERNELS;
+# NCU_SHAPE: the layer's shape (fine-grained; or mixtral), NCU_PATHS: "cublas grouped" or one of them)
 # (SOAK_SMALL / SOAK_LARGE set the soak's counts), SKIP_EP=1 (the expert-parallel launcher over
 # NCCL, one process per GPU: scripts/ep-launch.mjs). MOE_GPU_BUNDLE=DIR packs into / runs from
 # another folder than .gpu-bundle (a helper's own bundle beside the lead's; git-ignore it).
@@ -136,19 +137,19 @@ ncu_step() {
     MOE_DISPATCH_EXPERTS_GEMM=grouped timeout 400 "$ncu" --clock-control none --cache-control none -k "regex:$NCU_KERNELS" \
       --section SpeedOfLight --section WarpStateStats --section Occupancy --section ComputeWorkloadAnalysis \
       --section MemoryWorkloadAnalysis --section LaunchStats --csv "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" \
-      --shapes fine-grained --warmup 0 --iters 1 > "$raw/detail.csv" 2>&1
+      --shapes "${NCU_SHAPE:-fine-grained}" --warmup 0 --iters 1 > "$raw/detail.csv" 2>&1
     echo "  exit code $?"
     python3 "$BUNDLE/bench/ncu-summary.py" "$raw/detail.csv" --all --json "$raw/detail.json"
   fi
   # the layer (fine-grained): one forward + backward is the launches of a 2-iteration run beyond
   # those of a 1-iteration run
   local gemm n
-  for gemm in $([[ "$NCU" == detail ]] || echo cublas grouped); do
+  for gemm in $([[ "$NCU" == detail ]] || echo "${NCU_PATHS:-cublas grouped}"); do
     for n in 1 2; do
       say "ncu: the layer's kernels, $gemm, $n iteration(s)"
       MOE_DISPATCH_EXPERTS_GEMM=$([[ $gemm == grouped ]] && echo grouped || echo cublas) timeout 300 "$ncu" --clock-control none \
         --cache-control none --metrics gpu__time_duration.sum --csv "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" \
-        --shapes fine-grained --warmup 0 --iters "$n" > "$raw/layer-$gemm-$n.csv" 2>&1
+        --shapes "${NCU_SHAPE:-fine-grained}" --warmup 0 --iters "$n" > "$raw/layer-$gemm-$n.csv" 2>&1
       echo "  exit code $?"
     done
     python3 "$BUNDLE/bench/ncu-summary.py" "$raw/layer-$gemm-2.csv" --beyond "$raw/layer-$gemm-1.csv" --json "$raw/layer-$gemm.json"
