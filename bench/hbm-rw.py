@@ -23,21 +23,11 @@ import sys
 
 import torch
 
+from gpu_torch_ref import time_ms  # CUDA events, median of iters after 3 warm-ups
 
-def timed(fn, iters=20, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2]
+
+def timed(fn):
+    return time_ms(fn, 20)[0]
 
 
 def main(argv):
