@@ -273,66 +273,62 @@ describe.each(bindings)('checkPermute on the %s binding', (_name, b) => {
     return { n, map, sortedIndices, routingMap, tokens, f32 };
   };
 
-  it('checkPermuteBackward accepts what permuteBackward accepts but the routes of a plain map, with the data or without it when the op accepts', () => {
-    const seen = { valid: 0, routes: 0 };
+  // One backward problem: the check accepts exactly when the op does, but for the one rule it
+  // leaves to the op (whether a plain map routes each slot's token: `routes` says when that can
+  // apply); where the op accepts, the check gives the slot count with the indices' and map's
+  // data and without it (device tensors whose values are known).
+  type Seen = { valid: number; routes: number };
+  type Shaped = { dtype: string; shape: number[] };
+  const agree = (seen: Seen, p: unknown, want: string, routes: boolean, n: number, check: (sortedIndices: unknown, routingMap: unknown) => unknown, sortedIndices: Shaped, routingMap: Shaped | undefined) => {
+    const got = outcome(() => check(sortedIndices, routingMap));
+    if (routes && got === 'ok' && want !== 'ok') {
+      expect(want, JSON.stringify(p)).toMatch(ROUTES);
+      seen.routes++;
+    } else expect(got === 'ok', JSON.stringify({ want, got, p })).toBe(want === 'ok');
+    if (want === 'ok') {
+      seen.valid++;
+      expect(check(sortedIndices, routingMap)).toBe(n);
+      expect(check(meta(sortedIndices), routingMap && meta(routingMap))).toBe(n);
+    }
+  };
+  // 400 problems; enough of them valid and invalid, and the routes' rule met at least once
+  const backwardProperty = (run: (p: BackwardProblem, seen: Seen) => void) => {
+    const seen: Seen = { valid: 0, routes: 0 };
     fc.assert(
-      fc.property(backwardProblem, (p) => {
-        const { n, sortedIndices, routingMap, tokens, f32 } = backwardTensors(p);
-        const gradPermuted = tokens(p.fault === 'gradDtype' ? 'int32' : 'bfloat16', [n, p.fault === 'hidden' ? p.h + 1 : p.h]);
-        const gradPermutedProbs = p.probs === 'none' && !p.fault.startsWith('probs') ? undefined : f32([p.fault === 'probsShape' ? n + 1 : n], p.fault === 'probsDtype' ? 'int32' : 'float32');
-        const numTokens = p.fault === 'fewerTokens' ? p.t - 1 : p.t;
-        const want = outcome(() => b.permuteBackward({ gradPermuted, sortedIndices, numTokens, gradPermutedProbs, routingMap, dropAndPad: p.dropAndPad }));
-        const args = { gradPermuted: meta(gradPermuted), numTokens, gradPermutedProbs: gradPermutedProbs && meta(gradPermutedProbs), dropAndPad: p.dropAndPad };
-        const got = outcome(() => b.checkPermuteBackward({ ...args, sortedIndices, routingMap }));
-        const routes = gradPermutedProbs !== undefined && routingMap !== undefined && !p.dropAndPad;
-        if (routes && got === 'ok' && want !== 'ok') {
-          // the one thing the check leaves to the op
-          expect(want, JSON.stringify(p)).toMatch(ROUTES);
-          seen.routes++;
-        } else expect(got === 'ok', JSON.stringify({ want, got, p })).toBe(want === 'ok');
-        if (want === 'ok') {
-          seen.valid++;
-          expect(b.checkPermuteBackward({ ...args, sortedIndices, routingMap })).toBe(n);
-          // without the indices' and the map's data (device tensors whose values are known)
-          expect(b.checkPermuteBackward({ ...args, sortedIndices: meta(sortedIndices), routingMap: routingMap && meta(routingMap) })).toBe(n);
-        }
-      }),
+      fc.property(backwardProblem, (p) => run(p, seen)),
       { seed: Number(process.env.MOE_FC_SEED ?? 0x5eed_2025), numRuns: 400 },
     );
     expect(seen.valid).toBeGreaterThan(60);
     expect(seen.valid).toBeLessThan(340);
     expect(seen.routes).toBeGreaterThan(0);
+  };
+
+  it('checkPermuteBackward accepts what permuteBackward accepts but the routes of a plain map, with the data or without it when the op accepts', () => {
+    backwardProperty((p, seen) => {
+      const { n, sortedIndices, routingMap, tokens, f32 } = backwardTensors(p);
+      const gradPermuted = tokens(p.fault === 'gradDtype' ? 'int32' : 'bfloat16', [n, p.fault === 'hidden' ? p.h + 1 : p.h]);
+      const gradPermutedProbs = p.probs === 'none' && !p.fault.startsWith('probs') ? undefined : f32([p.fault === 'probsShape' ? n + 1 : n], p.fault === 'probsDtype' ? 'int32' : 'float32');
+      const numTokens = p.fault === 'fewerTokens' ? p.t - 1 : p.t;
+      const want = outcome(() => b.permuteBackward({ gradPermuted, sortedIndices, numTokens, gradPermutedProbs, routingMap, dropAndPad: p.dropAndPad }));
+      const args = { gradPermuted: meta(gradPermuted), numTokens, gradPermutedProbs: gradPermutedProbs && meta(gradPermutedProbs), dropAndPad: p.dropAndPad };
+      const routes = gradPermutedProbs !== undefined && routingMap !== undefined && !p.dropAndPad;
+      agree(seen, p, want, routes, n, (s, m) => b.checkPermuteBackward({ ...args, sortedIndices: s, routingMap: m } as never), sortedIndices, routingMap);
+    });
   });
 
   it('checkUnpermuteBackward accepts what unpermuteBackward accepts but the routes of a plain map, with the data or without it when the op accepts', () => {
-    const seen = { valid: 0, routes: 0 };
-    fc.assert(
-      fc.property(backwardProblem, (p) => {
-        const { n, sortedIndices, routingMap, tokens, f32 } = backwardTensors(p);
-        const t = p.fault === 'fewerTokens' ? p.t - 1 : p.t;
-        const gradOutput = tokens(p.fault === 'gradDtype' ? 'int32' : 'bfloat16', [t, p.h]);
-        const permutedTokens = tokens(p.fault === 'otherDtype' ? 'float16' : 'bfloat16', [n, p.fault === 'hidden' ? p.h + 1 : p.h]);
-        const pshape = p.probs === 'dense' ? [p.t, p.e] : [n];
-        if (p.fault === 'probsShape') pshape[0]++;
-        const probs = p.probs === 'none' && !p.fault.startsWith('probs') ? undefined : f32(pshape, p.fault === 'probsDtype' ? 'int32' : 'float32');
-        const want = outcome(() => b.unpermuteBackward({ gradOutput, permutedTokens, sortedIndices, probs, routingMap, dropAndPad: p.dropAndPad }));
-        const args = { gradOutput: meta(gradOutput), permutedTokens: meta(permutedTokens), probs: probs && meta(probs), dropAndPad: p.dropAndPad };
-        const got = outcome(() => b.checkUnpermuteBackward({ ...args, sortedIndices, routingMap }));
-        const routes = probs?.shape.length === 2 && routingMap !== undefined && !p.dropAndPad;
-        if (routes && got === 'ok' && want !== 'ok') {
-          expect(want, JSON.stringify(p)).toMatch(ROUTES);
-          seen.routes++;
-        } else expect(got === 'ok', JSON.stringify({ want, got, p })).toBe(want === 'ok');
-        if (want === 'ok') {
-          seen.valid++;
-          expect(b.checkUnpermuteBackward({ ...args, sortedIndices, routingMap })).toBe(n);
-          expect(b.checkUnpermuteBackward({ ...args, sortedIndices: meta(sortedIndices), routingMap: routingMap && meta(routingMap) })).toBe(n);
-        }
-      }),
-      { seed: Number(process.env.MOE_FC_SEED ?? 0x5eed_2025), numRuns: 400 },
-    );
-    expect(seen.valid).toBeGreaterThan(60);
-    expect(seen.valid).toBeLessThan(340);
-    expect(seen.routes).toBeGreaterThan(0);
+    backwardProperty((p, seen) => {
+      const { n, sortedIndices, routingMap, tokens, f32 } = backwardTensors(p);
+      const t = p.fault === 'fewerTokens' ? p.t - 1 : p.t;
+      const gradOutput = tokens(p.fault === 'gradDtype' ? 'int32' : 'bfloat16', [t, p.h]);
+      const permutedTokens = tokens(p.fault === 'otherDtype' ? 'float16' : 'bfloat16', [n, p.fault === 'hidden' ? p.h + 1 : p.h]);
+      const pshape = p.probs === 'dense' ? [p.t, p.e] : [n];
+      if (p.fault === 'probsShape') pshape[0]++;
+      const probs = p.probs === 'none' && !p.fault.startsWith('probs') ? undefined : f32(pshape, p.fault === 'probsDtype' ? 'int32' : 'float32');
+      const want = outcome(() => b.unpermuteBackward({ gradOutput, permutedTokens, sortedIndices, probs, routingMap, dropAndPad: p.dropAndPad }));
+      const args = { gradOutput: meta(gradOutput), permutedTokens: meta(permutedTokens), probs: probs && meta(probs), dropAndPad: p.dropAndPad };
+      const routes = probs?.shape.length === 2 && routingMap !== undefined && !p.dropAndPad;
+      agree(seen, p, want, routes, n, (s, m) => b.checkUnpermuteBackward({ ...args, sortedIndices: s, routingMap: m } as never), sortedIndices, routingMap);
+    });
   });
 });
