@@ -279,7 +279,16 @@ describe.each(bindings)('checkPermute on the %s binding', (_name, b) => {
   // data and without it (device tensors whose values are known).
   type Seen = { valid: number; routes: number };
   type Shaped = { dtype: string; shape: number[] };
-  const agree = (seen: Seen, p: unknown, want: string, routes: boolean, n: number, check: (sortedIndices: unknown, routingMap: unknown) => unknown, sortedIndices: Shaped, routingMap: Shaped | undefined) => {
+  const agree = (
+    seen: Seen,
+    p: unknown,
+    want: string,
+    routes: boolean,
+    n: number,
+    check: (sortedIndices: unknown, routingMap: unknown) => unknown,
+    sortedIndices: Shaped,
+    routingMap: Shaped | undefined,
+  ) => {
     const got = outcome(() => check(sortedIndices, routingMap));
     if (routes && got === 'ok' && want !== 'ok') {
       expect(want, JSON.stringify(p)).toMatch(ROUTES);
