@@ -25,7 +25,8 @@
 # (duration, SM / tensor-pipe / DRAM / L2 throughput), and every kernel of one layer forward + backward
 # (bench/actmem-gpu.mjs on cuBLAS and on the grouped GEMM), summarised by bench/ncu-summary.py into ncu.json;
 # NCU=layer: the layer's only; NCU=detail: ncu's sections for the layer's kernels matching NCU_KERNELS;
-# NCU_SHAPE: the layer's shape (fine-grained; or mixtral), NCU_PATHS: "cublas grouped" or one of them)
+# NCU_SHAPE: the layer's shape (fine-grained; or mixtral), NCU_PATHS: "cublas grouped" or one of them;
+# NCU_METRICS: more metrics for NCU=detail, e.g. "regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio")
 # (SOAK_SMALL / SOAK_LARGE set the soak's counts), SKIP_EP=1 (the expert-parallel launcher over
 # NCCL, one process per GPU: scripts/ep-launch.mjs). MOE_GPU_BUNDLE=DIR packs into / runs from
 # another folder than .gpu-bundle (a helper's own bundle beside the lead's; git-ignore it).
@@ -136,7 +137,7 @@ ncu_step() {
     say "ncu: ${NCU_KERNELS:=act_bwdgv|grouped_gemm_wgrad|route_backward} in the layer, sections"
     MOE_DISPATCH_EXPERTS_GEMM=grouped timeout 400 "$ncu" --clock-control none --cache-control none -k "regex:$NCU_KERNELS" \
       --section SpeedOfLight --section WarpStateStats --section Occupancy --section ComputeWorkloadAnalysis \
-      --section MemoryWorkloadAnalysis --section LaunchStats --csv "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" \
+      --section MemoryWorkloadAnalysis --section LaunchStats ${NCU_METRICS:+--metrics "$NCU_METRICS"} --csv "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" \
       --shapes "${NCU_SHAPE:-fine-grained}" --warmup 0 --iters 1 > "$raw/detail.csv" 2>&1
     echo "  exit code $?"
     python3 "$BUNDLE/bench/ncu-summary.py" "$raw/detail.csv" --all --json "$raw/detail.json"
