@@ -126,6 +126,49 @@ describe.skipIf(!moe)('webgpu facts: device pipelines check without reading back
     same(await (await moe!.gpu.unpermute(p.permutedTokens, p.sortedIndices, [T + 2, 4])).download(), wasm.unpermute(hp.permutedTokens, hp.sortedIndices, [T + 2, 4]), 'unpermute into more tokens');
   });
 
+  it("a check that passed is remembered only for the same arguments: after a pass, a number or shape changed gets the core's error", async () => {
+    const T = 6;
+    const E = 5;
+    const H = 4;
+    const logits = tensor(
+      'float32',
+      [T, E],
+      Float32Array.from({ length: T * E }, (_, i) => Math.cos(i)),
+    );
+    const ro = await moe!.gpu.route(moe!.upload(logits), { topk: 2 });
+    const host = wasm.route(logits, { topk: 2 });
+    const mh = await moe!.gpu.indicesToMultihot(ro.indices, ro.weights, E);
+    const hmh = wasm.indicesToMultihot(host.indices, host.weights, E);
+    const x = tensor(
+      'float32',
+      [T, H],
+      Float32Array.from({ length: T * H }, (_, i) => i / 8),
+    );
+    const n = 2 * T;
+    // the second round's passing calls are the remembered checks'
+    for (let round = 0; round < 2; round++) {
+      const p = await moe!.gpu.permute(moe!.upload(x), mh.routingMap, { probs: mh.probs, numOutTokens: n });
+      const hp = wasm.permute(x, hmh.routingMap, { probs: hmh.probs, numOutTokens: n });
+      same(await p.permutedTokens.download(), hp.permutedTokens, 'permute');
+      const y = await moe!.gpu.unpermute(p.permutedTokens, p.sortedIndices, [T, H], { probs: p.permutedProbs });
+      same(await y.download(), wasm.unpermute(hp.permutedTokens, hp.sortedIndices, [T, H], { probs: hp.permutedProbs! }), 'unpermute');
+      same(
+        await (await moe!.gpu.permuteBackward(p.permutedTokens, p.sortedIndices, T)).gradTokens.download(),
+        wasm.permuteBackward(hp.permutedTokens, hp.sortedIndices, T).gradTokens,
+        'permuteBackward',
+      );
+      expect(await outcome(() => moe!.gpu.permute(moe!.upload(x), mh.routingMap, { probs: mh.probs, numOutTokens: n + 1 }))).toBe(
+        await outcome(() => wasm.permute(x, hmh.routingMap, { probs: hmh.probs, numOutTokens: n + 1 })),
+      );
+      const longer = tensor('float32', [n + 1], new Float32Array(n + 1).fill(0.5));
+      expect(await outcome(() => moe!.gpu.unpermute(p.permutedTokens, p.sortedIndices, [T, H], { probs: moe!.upload(longer) }))).toBe(
+        await outcome(() => wasm.unpermute(hp.permutedTokens, hp.sortedIndices, [T, H], { probs: longer })),
+      );
+      const fewer = tensor('float32', [n - 1, H], new Float32Array((n - 1) * H).fill(0.25));
+      expect(await outcome(() => moe!.gpu.permuteBackward(moe!.upload(fewer), p.sortedIndices, T))).toBe(await outcome(() => wasm.permuteBackward(fewer, hp.sortedIndices, T)));
+    }
+  });
+
   it("a plain routing map's routes are checked on permute's own sortedIndices (not on zeros standing in for them)", async () => {
     // map A permutes; map B has A's column counts but routes tokens 1 and 2 to the other expert.
     // Zeros in place of the slots' tokens would pass B: token 0 is routed to both experts.

@@ -269,9 +269,11 @@ class OpCall {
     return b;
   }
 
-  out<D extends DType>(dtype: D, shape: readonly number[], what: string): GpuTensor<D> {
+  /** A zeroed output; `whole`: one whose every word the op's shaders write (gather, merge), not cleared first. */
+  out<D extends DType>(dtype: D, shape: readonly number[], what: string, whole = false): GpuTensor<D> {
     const n = shape.reduce((a, b) => a * b, 1);
-    const t = new GpuTensor(this.gpu, this.gpu.buffer(this.op, n * BYTES[dtype], what), dtype, shape);
+    const bytes = n * BYTES[dtype];
+    const t = new GpuTensor(this.gpu, whole ? this.gpu.overwritten(this.op, bytes, what) : this.gpu.buffer(this.op, bytes, what), dtype, shape);
     this.outputs.push(t);
     return t;
   }
@@ -351,7 +353,10 @@ class OpCall {
     return { start, list };
   }
 
-  /** `out [t, h] = sum over each token's slots of x[slot] (* p[slot])`: the merge of unpermute and permuteBackward. */
+  /**
+   * `out [t, h] = sum over each token's slots of x[slot] (* p[slot])`: the merge of unpermute and
+   * permuteBackward. Writes every word of out (`c.out(..., true)`: no clear needed).
+   */
   merge(kind: TokenDType, x: GPUBuffer, start: GPUBuffer, list: GPUBuffer, p: GPUBuffer | undefined, t: number, h: number, out: GPUBuffer): void {
     const per = kind === 'float32' ? 4 : 8;
     const pBuf = p ?? this.tmp(4, 'probs');
@@ -366,7 +371,8 @@ class OpCall {
 
   /** Row gather of a tensor of `dtype`: `rows [R]` of `x [*, h]` into a new `[R, h]` tensor. */
   gather<D extends DType>(x: GPUBuffer, dtype: D, rows: GPUBuffer, r: number, h: number, what: string): GpuTensor<D> {
-    const out = this.out(dtype, [r, h], what);
+    // every word of out is written (one thread a word, the last word's unused bits zero)
+    const out = this.out(dtype, [r, h], what, true);
     const width = BYTES[dtype] as S.Width;
     if ((h * width) % 16 === 0) {
       const rowWords = (h * width) / 16;
@@ -407,6 +413,7 @@ function tokenWords(kind: TokenDType, elements: number): number {
  * instance's binding (the core's check functions, which take dtypes and shapes without data).
  */
 export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpuBackend {
+  const checks = rememberChecks(binding);
   /** An op with no shader, or a GPU op sent down the host path: inputs downloaded, wasm, results uploaded. */
   async function viaHost(op: string, args: unknown[]): Promise<unknown> {
     gpu.alive(op);
@@ -460,7 +467,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
           // route's or topk's picks: in range and distinct by their facts, so the core's checks of dtypes and shapes are all
           idx = c.meta(indices, 'indices', INDICES);
           const p = c.meta(probs, 'probs', ['float32']);
-          if (c.validate(() => binding.checkIndicesToMultihot({ indices: shapeOf(idx), probs: shapeOf(p), numExperts: numExperts as number })) === HOST || idx.shape.length !== 2) return HOST;
+          if (c.validate(() => checks.checkIndicesToMultihot({ indices: shapeOf(idx), probs: shapeOf(p), numExperts: numExperts as number })) === HOST || idx.shape.length !== 2) return HOST;
         } else {
           const host = await c.host(indices, 'indices', INDICES);
           const p = await c.checkable(probs, 'probs', ['float32']);
@@ -512,7 +519,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         const probs = o.probs === undefined ? undefined : c.meta(o.probs, 'probs', ['float32']);
         if (tm.shape.length !== 2 || rm.shape.length !== 2) return HOST;
         const n = c.validate(() =>
-          binding.checkPermute({
+          checks.checkPermute({
             tokens: shapeOf(tm),
             routingMap: ones === undefined ? wire(rm, 'routingMap') : shapeOf(rm),
             probs: probs && shapeOf(probs),
@@ -561,7 +568,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
           // the core's checks on dtypes and shapes: no values of these inputs are checked
           probs = o.probs === undefined || o.probs === null ? undefined : c.meta(o.probs, 'probs', ['float32']);
           const siMeta = c.meta(sortedIndices, 'sortedIndices', INDICES);
-          const checked = c.validate(() => binding.checkUnpermute({ restoreShape: rs, permutedTokens: shapeOf(pm), sortedIndices: shapeOf(siMeta), probs: probs && shapeOf(probs), dropAndPad }));
+          const checked = c.validate(() => checks.checkUnpermute({ restoreShape: rs, permutedTokens: shapeOf(pm), sortedIndices: shapeOf(siMeta), probs: probs && shapeOf(probs), dropAndPad }));
           if (checked === HOST) return HOST;
         } else {
           // the op itself on the inputs' values (zeros stand in for probs, and for vouched-for indices
@@ -578,7 +585,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         const { start, list } = c.inverse(sorted, n, t);
         const p = slotProbs(c, sorted, n, o.probs, probs, o.routingMap, rm, o.dropAndPad === true);
         const kind = pm.dtype as TokenDType;
-        const out = c.out(kind, [t, h], 'output');
+        const out = c.out(kind, [t, h], 'output', true);
         c.merge(kind, c.buf(permutedTokens, 'permutedTokens'), start, list, p, t, h, out.bufferFor(gpu, 'o'));
         return out;
       }),
@@ -600,7 +607,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
           o.routingMap === undefined || o.routingMap === null ? undefined : await c.checkArg(o.routingMap, 'routingMap', ['bool'], routes || (withProbs && factsOf(o.routingMap).ones === undefined));
         if (gm.shape.length !== 2) return HOST;
         const args = { gradPermuted: shapeOf(gm), sortedIndices: metaArg(si), numTokens: numTokens as number, gradPermutedProbs: gpp && shapeOf(gpp), routingMap: rm && metaArg(rm) };
-        if (c.validate(() => binding.checkPermuteBackward({ ...args, dropAndPad: checkBool(o.dropAndPad, 'dropAndPad') })) === HOST) return HOST;
+        if (c.validate(() => checks.checkPermuteBackward({ ...args, dropAndPad: checkBool(o.dropAndPad, 'dropAndPad') })) === HOST) return HOST;
         // the routes: the op itself on stand-ins for the float tensors
         if (
           routes &&
@@ -614,7 +621,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         const sorted = c.buf(sortedIndices, 'sortedIndices');
         const { start, list } = c.inverse(sorted, n, t);
         const kind = gm.dtype as TokenDType;
-        const gradTokens = c.out(kind, [t, h], 'gradTokens');
+        const gradTokens = c.out(kind, [t, h], 'gradTokens', true);
         c.merge(kind, c.buf(gradPermuted, 'gradPermuted'), start, list, undefined, t, h, gradTokens.bufferFor(gpu, 'g'));
         const result: Record<string, GpuTensor> = { gradTokens };
         if (gpp && rm) {
@@ -655,7 +662,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         const rm = rmArg as Meta | undefined;
         if (gm.shape.length !== 2 || pm.shape.length !== 2 || gm.shape[1] !== pm.shape[1] || gm.dtype !== pm.dtype) return HOST;
         const args = { gradOutput: shapeOf(gm), permutedTokens: shapeOf(pm), sortedIndices: metaArg(si), probs: probs && shapeOf(probs), routingMap: rmArg && metaArg(rmArg) };
-        if (c.validate(() => binding.checkUnpermuteBackward({ ...args, dropAndPad: checkBool(o.dropAndPad, 'dropAndPad') })) === HOST) return HOST;
+        if (c.validate(() => checks.checkUnpermuteBackward({ ...args, dropAndPad: checkBool(o.dropAndPad, 'dropAndPad') })) === HOST) return HOST;
         // the routes: the op itself on stand-ins for the float tensors
         if (
           routes &&
@@ -910,6 +917,67 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
     },
   };
   return backend as unknown as WebGpuBackend;
+}
+
+const CHECKS = ['checkIndicesToMultihot', 'checkPermute', 'checkUnpermute', 'checkPermuteBackward', 'checkUnpermuteBackward'] as const;
+type Checks = Pick<Binding, (typeof CHECKS)[number]>;
+
+/**
+ * The core's check functions of `binding`, each outcome that passed remembered: the checks are
+ * pure functions of their argument object, so one made only of dtypes, shapes, numbers and flags
+ * (no tensor data) that passed once passes again with the same result, without the wasm call
+ * (reading the object field by field through the binding: ~25 us of a ~0.2 ms device-input
+ * call on Dawn over SwiftShader). Arguments with data and failures are never remembered: they
+ * run the check (a failure then sends the op down the host path, the core's own error).
+ */
+function rememberChecks(binding: Binding): Checks {
+  const passed = new Map<string, unknown>();
+  const out: Record<string, (args: unknown) => unknown> = {};
+  for (const name of CHECKS) {
+    const f = (binding as unknown as Record<string, (args: unknown) => unknown>)[name];
+    out[name] = (args: unknown) => {
+      const key = checkKey(args);
+      if (key === undefined) return f(args);
+      const k = `${name}${key}`;
+      if (passed.has(k)) return passed.get(k);
+      const r = f(args);
+      if (typeof r !== 'object' || r === null) {
+        if (passed.size >= 1024) passed.clear();
+        passed.set(k, r);
+      }
+      return r;
+    };
+  }
+  return out as unknown as Checks;
+}
+
+/**
+ * An exact key of a check's argument object (plain objects, arrays, numbers with -0 and NaN kept
+ * apart, strings, flags, null, undefined), or undefined where it holds anything else (tensor data).
+ */
+function checkKey(v: unknown): string | undefined {
+  if (v === undefined) return 'u';
+  if (v === null) return 'n';
+  if (typeof v === 'number') return Object.is(v, -0) ? '-0' : String(v);
+  if (typeof v === 'boolean') return v ? 't' : 'f';
+  if (typeof v === 'string') return JSON.stringify(v);
+  if (typeof v !== 'object') return undefined;
+  const parts: string[] = [];
+  if (Array.isArray(v)) {
+    for (let i = 0; i < v.length; i++) {
+      const p = checkKey(v[i]);
+      if (p === undefined) return undefined;
+      parts.push(p);
+    }
+    return `[${parts.join(',')}]`;
+  }
+  if (Object.getPrototypeOf(v) !== Object.prototype) return undefined;
+  for (const [key, value] of Object.entries(v)) {
+    const p = checkKey(value);
+    if (p === undefined) return undefined;
+    parts.push(`${JSON.stringify(key)}:${p}`);
+  }
+  return `{${parts.join(',')}}`;
 }
 
 /**
