@@ -35,6 +35,9 @@ export function dawnArgs(iters) {
  */
 export const DAWN_FLAGS = ['disable-dawn-features=timestamp_quantization'];
 
+/** The device Dawn made last (installDawn wraps `requestDevice`): the backend's, for `dawnFixedCosts`' raw steps. */
+let lastDevice;
+
 /** Loads the webgpu package (`--webgpu DIR`, else the installed one) and installs its globals (with DAWN_FLAGS); exits 2 where it does not load. */
 export async function installDawn(args, script) {
   const dawn = await import(args.webgpu ? pathToFileURL(resolve(args.webgpu, 'index.js')).href : 'webgpu').catch((e) => {
@@ -43,7 +46,96 @@ export async function installDawn(args, script) {
   });
   Object.assign(globalThis, dawn.globals);
   globalThis.navigator = { ...(globalThis.navigator ?? {}), gpu: dawn.create(DAWN_FLAGS) };
+  const requestDevice = GPUAdapter.prototype.requestDevice;
+  GPUAdapter.prototype.requestDevice = async function (...a) {
+    lastDevice = await requestDevice.apply(this, a);
+    return lastDevice;
+  };
   return dawn;
+}
+
+/**
+ * Dawn's fixed cost of a call (issue 21), on the webgpu backend `moe` (made last, after
+ * installDawn): medians (ms) of `rounds` interleaved rounds of
+ * - `tick`: a setImmediate round (dawn.node resolves every promise from one: it polls Dawn's
+ *   events with setImmediate while a promise is pending),
+ * - `synchronize`: a bare `moe.synchronize()`, nothing queued,
+ * - `emptySubmit`: an empty command buffer submitted and `onSubmittedWorkDone()` (a round trip
+ *   to the GPU's queue),
+ * - `errorScopes`: the two error scopes every op pushes and pops (their promises' round),
+ * - `read4`: a 4-byte copy and `mapAsync` (a flag read: route's, topk's),
+ * - `tinyCall`: a device-input unpermute at T=4 H=8 (facts: nothing read back), the op's promise
+ *   (JS, the core's dtype/shape check, 5 passes, the submit, the error scopes),
+ * - `tinyToSync`: the same call to a synchronize,
+ * and `tinyQueued`: 20 such calls back to back and one synchronize, per call. What a call costs
+ * whatever its size: at T=4096 H=1024 the H200 runs unpermute's shaders in ~0.07 ms.
+ */
+export async function dawnFixedCosts(random, moe, rounds = 200) {
+  const dev = lastDevice;
+  const [T, H, E, k] = [4, 8, 8, 2];
+  const r = random.randomRouting({ numTokens: T, numExperts: E, topk: k, hidden: H, dtype: 'float32' }, random.rng(5));
+  const inputs = [moe.upload(r.tokens), moe.upload(r.indices), moe.upload(r.weights)];
+  const mh = await moe.gpu.indicesToMultihot(inputs[1], inputs[2], E);
+  const p = await moe.gpu.permute(inputs[0], mh.routingMap, { probs: mh.probs });
+  const unpermute = () => moe.gpu.unpermute(p.permutedTokens, p.sortedIndices, [T, H], { probs: p.permutedProbs });
+  const src = dev.createBuffer({ size: 4, usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC });
+  const staging = dev.createBuffer({ size: 4, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+  const steps = {
+    tick: () => new Promise((res) => setImmediate(res)),
+    synchronize: () => moe.synchronize(),
+    emptySubmit: () => {
+      dev.queue.submit([dev.createCommandEncoder().finish()]);
+      return dev.queue.onSubmittedWorkDone();
+    },
+    errorScopes: () => {
+      dev.pushErrorScope('out-of-memory');
+      dev.pushErrorScope('validation');
+      return Promise.all([dev.popErrorScope(), dev.popErrorScope()]);
+    },
+    read4: async () => {
+      const enc = dev.createCommandEncoder();
+      enc.copyBufferToBuffer(src, 0, staging, 0, 4);
+      dev.queue.submit([enc.finish()]);
+      await staging.mapAsync(GPUMapMode.READ);
+      staging.unmap();
+    },
+    tinyCall: async () => (await unpermute()).dispose(),
+    tinyToSync: async () => {
+      const o = await unpermute();
+      await moe.synchronize();
+      o.dispose();
+    },
+  };
+  const times = Object.fromEntries(Object.keys(steps).map((s) => [s, []]));
+  for (let i = 0; i < rounds + 10; i++) {
+    for (const [s, f] of Object.entries(steps)) {
+      await moe.synchronize();
+      const t0 = performance.now();
+      await f();
+      if (i >= 10) times[s].push(performance.now() - t0);
+    }
+  }
+  const median = (a) => [...a].sort((u, v) => u - v)[Math.floor(a.length / 2)];
+  const ms = Object.fromEntries(Object.entries(times).map(([s, a]) => [s, median(a)]));
+  const queued = [];
+  for (let i = 0; i < 20; i++) {
+    const t0 = performance.now();
+    for (let j = 0; j < 20; j++) (await unpermute()).dispose();
+    await moe.synchronize();
+    queued.push((performance.now() - t0) / 20);
+  }
+  ms.tinyQueued = median(queued);
+  for (const t of [...inputs, mh.routingMap, mh.probs, p.permutedTokens, p.permutedProbs, p.sortedIndices, p.tokensPerExpert]) t?.dispose();
+  src.destroy();
+  staging.destroy();
+  return { what: "Dawn's fixed cost of a call (bench/dawn.mjs dawnFixedCosts): medians in ms; tiny*: a device-input unpermute at T=4 H=8", rounds, ms };
+}
+
+/** One line of `dawnFixedCosts`' result. */
+export function fixedCostsLine(b) {
+  return `Dawn's fixed costs (ms): ${Object.entries(b.ms)
+    .map(([s, v]) => `${s} ${v.toFixed(4)}`)
+    .join(', ')}`;
 }
 
 /** dist/ as a URL to import its modules from. */

@@ -4,7 +4,7 @@
  * next to the cuda backend on the same GPU: permute, unpermute and route as bench/webgpu.mjs
  * times them in a page (bench/webgpu-bench.mjs: each WebGPU result also compared with wasm bit
  * for bit), then the same ops on the cuda backend's device tensors, and the ratio of the two
- * bandwidths. Buffers stay within the default WebGPU limits (Dawn crashed with raised limits and
+ * bandwidths, and Dawn's fixed cost of a call (`baseline`: bench/dawn.mjs dawnFixedCosts). Buffers stay within the default WebGPU limits (Dawn crashed with raised limits and
  * 256 MB buffers on the GPU machine: the default shape's largest buffer is 32 MB).
  *
  * Where Dawn finds no adapter (the CPU machines' lavapipe lacks a feature Dawn needs) it says so
@@ -15,7 +15,7 @@
  */
 import { writeFileSync } from 'node:fs';
 
-import { dawnArgs, distUrl, installDawn } from './dawn.mjs';
+import { dawnArgs, dawnFixedCosts, distUrl, fixedCostsLine, installDawn } from './dawn.mjs';
 import { timeQueued, timeSync } from './timing.mjs';
 import { benchWebGpu } from './webgpu-bench.mjs';
 
@@ -41,6 +41,12 @@ if (!webgpu?.available) {
 }
 console.log(`webgpu: ${webgpu.device}`);
 const { rows, adapter } = await benchWebGpu(api, random, shape);
+
+// Dawn's fixed cost of a call (a bare synchronize, a tiny op, ...), recorded with every run
+const small = await api.createBackend({ prefer: 'webgpu' });
+const baseline = await dawnFixedCosts(random, small);
+small.destroy();
+console.log(fixedCostsLine(baseline));
 
 // the cuda backend on the same GPU, device tensors, each op timed to a synchronize
 const cudaInfo = info.find((i) => i.name === 'cuda');
@@ -124,5 +130,5 @@ for (const r of ratios) {
     `${r.op.padEnd(20)} ${r.dtype.padEnd(9)} ${r.routing.padEnd(6)} webgpu ${r.webgpuGbPerSecond.toFixed(1)} GB/s, cuda ${r.cudaGbPerSecond?.toFixed(1) ?? '-'} GB/s (${pct(r.ratioToCuda)}); queued ${r.queuedWebgpuGbPerSecond.toFixed(1)} vs ${r.queuedCudaGbPerSecond?.toFixed(1) ?? '-'} GB/s (${pct(r.queuedRatioToCuda)}); same bits as wasm: ${r.sameBitsAsWasm}`,
   );
 }
-write({ kind: 'webgpu-node', available: true, adapter, device: webgpu.device, cuda: cudaInfo?.device ?? null, shape, rows, ratios });
+write({ kind: 'webgpu-node', available: true, adapter, device: webgpu.device, cuda: cudaInfo?.device ?? null, shape, baseline, rows, ratios });
 if (ratios.some((r) => r.sameBitsAsWasm === false)) process.exitCode = 1;

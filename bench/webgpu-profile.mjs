@@ -8,6 +8,11 @@
  * it with the shader's key, or a step of it: `route phase 1`). Dawn's timestamp quantization is
  * off (bench/dawn.mjs's DAWN_FLAGS), else every time would be a multiple of 0.0655 ms.
  *
+ * Each op's wall time is split at its last queue.submit and at its promise (toSubmitMs, toResolveMs,
+ * toSyncMs), and timed again without timestamp writes (plainWallMs, interleaved): what the
+ * profiling adds. `baseline` (bench/dawn.mjs dawnFixedCosts): a bare synchronize, an empty submit's
+ * round trip, the error scopes, a 4-byte read, a tiny op: Dawn's fixed cost of a call.
+ *
  *   node bench/webgpu-profile.mjs --webgpu DIR [--dist dist] [--out FILE] [--iters N]
  *     [--tokens T --hidden H --experts E --topk K]
  *
@@ -17,7 +22,7 @@
  */
 import { writeFileSync } from 'node:fs';
 
-import { DAWN_FLAGS, dawnArgs, distUrl, installDawn } from './dawn.mjs';
+import { DAWN_FLAGS, dawnArgs, dawnFixedCosts, distUrl, fixedCostsLine, installDawn } from './dawn.mjs';
 
 const { args, shape } = dawnArgs(20);
 await installDawn(args, 'webgpu-profile');
@@ -26,6 +31,7 @@ await installDawn(args, 'webgpu-profile');
 const QUERIES = 4096; // the most a query set may hold
 let device;
 let querySet;
+let recording = true; // off: the passes run without timestamp writes (the plain wall times, the baseline)
 const passes = []; // the shader of each recorded pass, in order
 const requestDevice = GPUAdapter.prototype.requestDevice;
 GPUAdapter.prototype.requestDevice = async function (desc = {}) {
@@ -39,10 +45,19 @@ GPUAdapter.prototype.requestDevice = async function (desc = {}) {
 };
 const beginComputePass = GPUCommandEncoder.prototype.beginComputePass;
 GPUCommandEncoder.prototype.beginComputePass = function (desc = {}) {
-  if (!querySet || passes.length * 2 + 2 > QUERIES) return beginComputePass.call(this, desc);
+  if (!recording || !querySet || passes.length * 2 + 2 > QUERIES) return beginComputePass.call(this, desc);
   const i = passes.length;
   passes.push(desc.label || '?');
   return beginComputePass.call(this, { ...desc, timestampWrites: { querySet, beginningOfPassWriteIndex: 2 * i, endOfPassWriteIndex: 2 * i + 1 } });
+};
+
+// when the last submit was made (a call's CPU time up to its work's submit)
+let lastSubmit = 0;
+const submit = GPUQueue.prototype.submit;
+GPUQueue.prototype.submit = function (...a) {
+  const r = submit.apply(this, a);
+  lastSubmit = performance.now();
+  return r;
 };
 
 /** The recorded passes' GPU times (ms), by shader, and forgets them. */
@@ -77,6 +92,10 @@ if (moe.name !== 'webgpu') {
 }
 console.log(`webgpu: ${moe.adapter}`);
 const { T, H, E, k, iters } = shape;
+recording = false;
+const baseline = await dawnFixedCosts(random, moe);
+recording = true;
+console.log(fixedCostsLine(baseline));
 const r = random.randomRouting({ numTokens: T, numExperts: E, topk: k, hidden: H, dtype: 'float32' }, random.rng(7));
 const g = random.rng(3);
 const logits = moe.upload(
@@ -103,39 +122,62 @@ const ops = {
   unpermuteBackward: () => moe.gpu.unpermuteBackward(x, p.permutedTokens, p.sortedIndices, { probs: p.permutedProbs }),
 };
 const rows = [];
+const median = (a) => [...a].sort((u, v) => u - v)[Math.floor(a.length / 2)];
 for (const [op, call] of Object.entries(ops)) {
   for (let i = 0; i < 3; i++) free(await call());
   await moe.synchronize();
   await drain();
   const walls = [];
+  const plain = []; // the same call with no timestamp writes: what the profiling itself adds
+  const parts = { toSubmit: [], toResolve: [], toSync: [] };
   const gpu = {};
   for (let i = 0; i < iters; i++) {
-    const t0 = performance.now();
+    recording = false;
+    let t0 = performance.now();
     free(await call());
     await moe.synchronize();
-    walls.push(performance.now() - t0);
+    plain.push(performance.now() - t0);
+    recording = true;
+    lastSubmit = 0;
+    t0 = performance.now();
+    const out = await call();
+    const t1 = performance.now();
+    free(out);
+    await moe.synchronize();
+    const t2 = performance.now();
+    walls.push(t2 - t0);
+    if (lastSubmit >= t0) {
+      parts.toSubmit.push(lastSubmit - t0);
+      parts.toResolve.push(t1 - lastSubmit);
+    }
+    parts.toSync.push(t2 - t1);
     for (const [shader, ms] of Object.entries(await drain())) {
       gpu[shader] ??= [];
       gpu[shader].push(ms);
     }
   }
-  const median = (a) => [...a].sort((u, v) => u - v)[Math.floor(a.length / 2)];
   const byShader = Object.fromEntries(Object.entries(gpu).map(([s, a]) => [s, median(a)]));
   const gpuMs = Object.values(byShader).reduce((a, b) => a + b, 0);
   const wallMs = median(walls);
-  rows.push({ op, wallMs, gpuMs, byShader });
-  const parts = Object.entries(byShader)
+  const plainWallMs = median(plain);
+  const split = Object.fromEntries(Object.entries(parts).map(([s, a]) => [`${s}Ms`, a.length ? median(a) : null]));
+  rows.push({ op, wallMs, plainWallMs, ...split, gpuMs, byShader });
+  const shaders = Object.entries(byShader)
     .sort((a, b) => b[1] - a[1])
     .map(([s, ms]) => `${s} ${ms.toFixed(3)}`)
     .join(', ');
-  console.log(`${op.padEnd(18)} wall ${wallMs.toFixed(3)} ms, GPU ${gpuMs.toFixed(3)} ms (${parts})`);
+  const f = (v) => (v === null ? '-' : v.toFixed(3));
+  console.log(
+    `${op.padEnd(18)} wall ${wallMs.toFixed(3)} ms (without timestamps ${plainWallMs.toFixed(3)}; to the submit ${f(split.toSubmitMs)}, then to the op's promise ${f(split.toResolveMs)}, then to the synchronize ${f(split.toSyncMs)}), GPU ${gpuMs.toFixed(3)} ms (${shaders})`,
+  );
 }
 const result = {
   kind: 'webgpu-profile',
   adapter: moe.adapter,
   dawnFlags: DAWN_FLAGS,
   shape,
-  note: 'wallMs: median call to a synchronize; gpuMs: the sum of the medians of its compute passes (timestamp queries), by shader key',
+  note: "wallMs: median call to a synchronize; plainWallMs: the same without timestamp writes (interleaved); toSubmitMs: the call's start to its last queue.submit (JS, checks, encoding, the submit), toResolveMs: that submit to the op's promise (the error scopes' round), toSyncMs: the promise to the synchronize's end; gpuMs: the sum of the medians of its compute passes (timestamp queries), by shader key (clears and copies between passes not counted)",
+  baseline,
   rows,
 };
 if (args.out) writeFileSync(args.out, `${JSON.stringify(result, null, 1)}\n`);
