@@ -26,7 +26,8 @@
 # (bench/actmem-gpu.mjs on cuBLAS and on the grouped GEMM), summarised by bench/ncu-summary.py into ncu.json;
 # NCU=layer: the layer's only; NCU=detail: ncu's sections for the layer's kernels matching NCU_KERNELS;
 # NCU_SHAPE: the layer's shape (fine-grained; or mixtral), NCU_PATHS: "cublas grouped" or one of them;
-# NCU_METRICS: more metrics for NCU=detail, e.g. "regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio")
+# NCU_METRICS: more metrics for NCU=detail, e.g. "regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio";
+# NCU=source: stall samples per SASS line of one grouped GEMM launch (NCU_KERNELS), the top 25 lines in the log)
 # (SOAK_SMALL / SOAK_LARGE set the soak's counts), SKIP_EP=1 (the expert-parallel launcher over
 # NCCL, one process per GPU: scripts/ep-launch.mjs). MOE_GPU_BUNDLE=DIR packs into / runs from
 # another folder than .gpu-bundle (a helper's own bundle beside the lead's; git-ignore it).
@@ -124,12 +125,34 @@ ncu_step() {
   for m in "${want[@]}"; do grep -qE "^${m%%.*}[[:space:]]" "$raw/metrics.txt" && have+=("$m"); done
   local metrics
   metrics=$(IFS=,; echo "${have[*]}")
-  if [[ "$NCU" != layer && "$NCU" != detail ]]; then
+  if [[ "$NCU" != layer && "$NCU" != detail && "$NCU" != source ]]; then
     say "ncu: the grouped GEMM kernels at the experts' shapes (metrics: $metrics)"
     timeout 400 "$ncu" --clock-control none --cache-control none -k regex:grouped_gemm --metrics "$metrics" --csv \
       "$BUNDLE/bin/moe-cuda-bench" ggemm --no-small --tile bulk --iters 1 > "$raw/ggemm.csv" 2> "$raw/ggemm.err"
     echo "  exit code $?"
     python3 "$BUNDLE/bench/ncu-summary.py" "$raw/ggemm.csv" --json "$raw/ggemm.json" --min-us 50
+  fi
+  if [[ "$NCU" == source ]]; then
+    # where the warps of one grouped GEMM launch stall, per SASS line (ncu's warp-state sampling):
+    # the fine-grained forward x W1 (NCU_KERNELS picks another kernel), its lines by stall samples
+    say "ncu: stall samples per SASS line of ${NCU_KERNELS:=grouped_gemm_nn_n256_bf16_bulk} (moe-cuda-bench ggemm, fine-grained)"
+    timeout 300 "$ncu" --clock-control none --cache-control none -k "regex:$NCU_KERNELS" -c 1 --section SourceCounters --page source \
+      --print-source sass --csv "$BUNDLE/bin/moe-cuda-bench" ggemm --no-small --no-wgrad --tile bulk --shapes fine-grained --iters 1 \
+      > "$raw/source.csv" 2> "$raw/source.err"
+    echo "  exit code $?"
+    python3 - "$raw/source.csv" <<'PY' || true
+import csv, io, sys
+lines = [l for l in open(sys.argv[1], errors='replace') if l.startswith('"')]
+rows = list(csv.DictReader(io.StringIO(''.join(lines))))
+if not rows:
+    sys.exit(print('  no source rows (see source.err)'))
+col = next((c for c in rows[0] if 'Stall Sampling (All' in c), None) or next((c for c in rows[0] if 'Sampling' in c), None)
+num = lambda v: float((v or '0').replace(',', '') or 0)
+total = sum(num(r[col]) for r in rows) or 1
+print(f'  {len(rows)} SASS lines; column {col!r}; the 25 with the most samples:')
+for r in sorted(rows, key=lambda r: -num(r[col]))[:25]:
+    print(f"    {100 * num(r[col]) / total:5.1f}%  {r.get('Address', '')}  {r.get('Source', '')[:100]}")
+PY
   fi
   if [[ "$NCU" == detail ]]; then
     # NCU_KERNELS (a regex): those kernels of one layer forward + backward (grouped GEMM path),
@@ -145,7 +168,7 @@ ncu_step() {
   # the layer (fine-grained): one forward + backward is the launches of a 2-iteration run beyond
   # those of a 1-iteration run
   local gemm n
-  for gemm in $([[ "$NCU" == detail ]] || echo "${NCU_PATHS:-cublas grouped}"); do
+  for gemm in $([[ "$NCU" == detail || "$NCU" == source ]] || echo "${NCU_PATHS:-cublas grouped}"); do
     for n in 1 2; do
       say "ncu: the layer's kernels, $gemm, $n iteration(s)"
       MOE_DISPATCH_EXPERTS_GEMM=$([[ $gemm == grouped ]] && echo grouped || echo cublas) timeout 300 "$ncu" --clock-control none \
