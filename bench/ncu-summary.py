@@ -2,11 +2,13 @@
 order (its metrics), then per kernel name the launches, total and mean of gpu__time_duration.
 
     python3 bench/ncu-summary.py FILE [--json OUT] [--min-us X] [--last N] [--beyond FILE0]
+    python3 bench/ncu-summary.py FILE --source [--top N]
 
 --min-us: print only launches at least X microseconds long (the totals count every launch);
 --all: every metric of each launch, a line each; --last N: only the last N launches (the totals too); --beyond FILE0: only the launches past as many
 as FILE0 has (a run of 2 iterations beyond one of 1: the second iteration's launches). --json writes {kernels: [...], byName: [...]}.
-gpu-run.sh's NCU=1 step runs it on the grouped GEMM's and the layer's profiles (issue 19).
+--source: FILE is ncu's source page (`--page source --print-source sass --csv`, SourceCounters):
+its SASS lines by warp-state samples, the top N (25). gpu-run.sh's NCU=1 step runs it on the grouped GEMM's and the layer's profiles (issue 19).
 """
 import csv
 import io
@@ -42,9 +44,30 @@ def parse(path):
     return [launches[i] for i in sorted(launches)]
 
 
+def source_lines(path, top):
+    """ncu's source page: the SASS lines with the most warp-state samples, as shares of all."""
+    lines = [l for l in open(path, encoding='utf-8', errors='replace') if l.startswith('"')]
+    rows = list(csv.DictReader(io.StringIO(''.join(lines))))
+    if not rows:
+        print(f'ncu-summary: no source rows in {path}')
+        return 1
+    col = next((c for c in rows[0] if 'Stall Sampling (All' in c), None) or next((c for c in rows[0] if 'Sampling' in c), None)
+    if col is None:
+        print(f'ncu-summary: no sampling column in {path}: {list(rows[0])}')
+        return 1
+    num = lambda v: float((v or '0').replace(',', '') or 0)
+    total = sum(num(r[col]) for r in rows) or 1
+    print(f'  {len(rows)} SASS lines; column {col!r}; the {top} with the most samples:')
+    for r in sorted(rows, key=lambda r: -num(r[col]))[:top]:
+        print(f"    {100 * num(r[col]) / total:5.1f}%  {r.get('Address', '')}  {r.get('Source', '')[:100]}")
+    return 0
+
+
 def main(argv):
     path = argv[0]
     opt = lambda name, d=None: argv[argv.index(name) + 1] if name in argv else d
+    if '--source' in argv:
+        return source_lines(path, int(opt('--top', '25')))
     min_us = float(opt('--min-us', '0'))
     last = int(opt('--last', '0'))
     ks = parse(path)

@@ -140,19 +140,7 @@ ncu_step() {
       --print-source sass --csv "$BUNDLE/bin/moe-cuda-bench" ggemm --no-small --no-wgrad --tile bulk --shapes fine-grained --iters 1 \
       > "$raw/source.csv" 2> "$raw/source.err"
     echo "  exit code $?"
-    python3 - "$raw/source.csv" <<'PY' || true
-import csv, io, sys
-lines = [l for l in open(sys.argv[1], errors='replace') if l.startswith('"')]
-rows = list(csv.DictReader(io.StringIO(''.join(lines))))
-if not rows:
-    sys.exit(print('  no source rows (see source.err)'))
-col = next((c for c in rows[0] if 'Stall Sampling (All' in c), None) or next((c for c in rows[0] if 'Sampling' in c), None)
-num = lambda v: float((v or '0').replace(',', '') or 0)
-total = sum(num(r[col]) for r in rows) or 1
-print(f'  {len(rows)} SASS lines; column {col!r}; the 25 with the most samples:')
-for r in sorted(rows, key=lambda r: -num(r[col]))[:25]:
-    print(f"    {100 * num(r[col]) / total:5.1f}%  {r.get('Address', '')}  {r.get('Source', '')[:100]}")
-PY
+    python3 "$BUNDLE/bench/ncu-summary.py" "$raw/source.csv" --source
   fi
   if [[ "$NCU" == detail ]]; then
     # NCU_KERNELS (a regex): those kernels of one layer forward + backward (grouped GEMM path),
