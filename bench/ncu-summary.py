@@ -45,21 +45,32 @@ def parse(path):
 
 
 def source_lines(path, top):
-    """ncu's source page: the SASS lines with the most warp-state samples, as shares of all."""
+    """ncu's source page: the SASS lines with the most warp-state samples, as shares of all, each
+    with its two largest stall reasons; and the stall reasons over the whole kernel."""
     lines = [l for l in open(path, encoding='utf-8', errors='replace') if l.startswith('"')]
-    rows = list(csv.DictReader(io.StringIO(''.join(lines))))
+    # ncu prints a "Kernel Name" line before the table's header
+    start = next((i for i, l in enumerate(lines) if l.startswith('"Address"')), None)
+    if start is None:
+        print(f'ncu-summary: no source table (a header starting with "Address") in {path}')
+        return 1
+    rows = list(csv.DictReader(io.StringIO(''.join(lines[start:]))))
     if not rows:
         print(f'ncu-summary: no source rows in {path}')
         return 1
-    col = next((c for c in rows[0] if 'Stall Sampling (All' in c), None) or next((c for c in rows[0] if 'Sampling' in c), None)
+    col = next((c for c in rows[0] if c and 'Stall Sampling (All' in c), None)
     if col is None:
         print(f'ncu-summary: no sampling column in {path}: {list(rows[0])}')
         return 1
-    num = lambda v: float((v or '0').replace(',', '') or 0)
+    num = lambda v: float((v or '0').replace(',', '')) if (v or '0').replace(',', '').replace('.', '', 1).isdigit() else 0.0
+    stalls = [c for c in rows[0] if c and c.startswith('stall_') and 'Not Issued' not in c]
     total = sum(num(r[col]) for r in rows) or 1
-    print(f'  {len(rows)} SASS lines; column {col!r}; the {top} with the most samples:')
-    for r in sorted(rows, key=lambda r: -num(r[col]))[:top]:
-        print(f"    {100 * num(r[col]) / total:5.1f}%  {r.get('Address', '')}  {r.get('Source', '')[:100]}")
+    reasons = sorted(((sum(num(r[s]) for r in rows), s) for s in stalls), reverse=True)
+    print(f'  {len(rows)} SASS lines, {total:.0f} samples; by reason: ' + ', '.join(f'{s[6:]} {100 * v / total:.1f}%' for v, s in reasons[:6]))
+    print(f'  the {top} lines with the most samples (index, share, instruction, its two largest reasons):')
+    for i, r in sorted(enumerate(rows), key=lambda ir: -num(ir[1][col]))[:top]:
+        two = sorted(((num(r[s]), s[6:]) for s in stalls), reverse=True)[:2]
+        why = ', '.join(f'{s} {100 * v / total:.1f}%' for v, s in two if v > 0)
+        print(f"    {i:5d} {100 * num(r[col]) / total:5.1f}%  {r.get('Source', '').strip()[:60]:60s} {why}")
     return 0
 
 

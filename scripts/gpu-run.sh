@@ -134,10 +134,11 @@ ncu_step() {
   fi
   if [[ "$NCU" == source ]]; then
     # where the warps of one grouped GEMM launch stall, per SASS line (ncu's warp-state sampling):
-    # the fine-grained forward x W1 (NCU_KERNELS picks another kernel), its lines by stall samples
+    # the fine-grained forward x W1 (NCU_KERNELS picks another kernel, NCU_TILE=ring the ring-store
+    # kernels), its lines by stall samples
     say "ncu: stall samples per SASS line of ${NCU_KERNELS:=grouped_gemm_nn_n256_bf16_bulk} (moe-cuda-bench ggemm, fine-grained)"
     timeout 300 "$ncu" --clock-control none --cache-control none -k "regex:$NCU_KERNELS" -c 1 --section SourceCounters --page source \
-      --print-source sass --csv "$BUNDLE/bin/moe-cuda-bench" ggemm --no-small --no-wgrad --tile bulk --shapes fine-grained --iters 1 \
+      --print-source sass --csv "$BUNDLE/bin/moe-cuda-bench" ggemm --no-small --no-wgrad --tile "${NCU_TILE:-bulk}" --shapes fine-grained --iters 1 \
       > "$raw/source.csv" 2> "$raw/source.err"
     echo "  exit code $?"
     python3 "$BUNDLE/bench/ncu-summary.py" "$raw/source.csv" --source

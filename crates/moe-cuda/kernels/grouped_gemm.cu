@@ -181,18 +181,25 @@ static __device__ __forceinline__ GgTile gg_tile(const int* tile_start, const in
     return r;
 }
 
-// Row stride of the epilogue's staging buffer (BULK): a row of 256 bf16 plus 16 bytes, so that
+// Row stride of the epilogue's staging rows (EPI_STAGED, EPI_RING): a row of 256 bf16 plus 16 bytes, so that
 // the accumulator layout's stores (8 rows x 4 words a warp) fall in 32 distinct banks.
 #define GG_C_ROW 528
 
-// The bulk epilogue of consumer warpgroup c (rows 64c .. 64c + 63 of a 128 x 256 tile): its
-// accumulators as bf16 into its staging buffer `c_smem`, then one bulk copy per row below
-// `rows` (warp 0 issues them and goes on: the copies run while the next tile's k-steps do).
-// `dst` is the tile's first element, `n` the output's row length, `bytes` a row's bytes.
-static __device__ __forceinline__ void gg_store_bulk(const float* acc, u32 c_smem, int c, int warp, int lane, int rows, u64 dst, int n,
+// The epilogues that store through shared memory. EPI_REG: straight from the registers;
+// EPI_STAGED: through a staging buffer of its own (2 x 64 rows of GG_C_ROW bytes after the
+// stages; 3 stages then fit); EPI_RING: through two stages of the ring that the producer skips
+// after each tile's k-steps (4 stages and no staging buffer: the stages' look-ahead is longer
+// while the k-steps run, two stages shorter in the epilogue).
+#define GG_EPI_REG 0
+#define GG_EPI_STAGED 1
+#define GG_EPI_RING 2
+
+// Consumer warpgroup c's rows of a 128 x 256 tile (rows 64c .. 64c + 63) as bf16 into
+// `c_smem` (64 rows of GG_C_ROW bytes), then one bulk copy per row below `rows` (warp 0 issues
+// them, commits and goes on: the copies run while the next tile's k-steps do). `dst` is the
+// tile's first element, `n` the output's row length, `bytes` a row's bytes.
+static __device__ __forceinline__ void gg_stage_rows(const float* acc, u32 c_smem, int c, int warp, int lane, int rows, u64 dst, int n,
                                                      u32 bytes) {
-    if (warp == 0) bulk_wait_read();  // the previous tile's copies have read the buffer
-    bar_warpgroup(1 + c);
     const int r_loc = warp * 16 + (lane >> 2);
 #pragma unroll
     for (int j = 0; j < 32; j++) {
@@ -274,6 +281,26 @@ static __device__ __forceinline__ void gg_produce(const GgShared& sh, GgRing<STA
     }
 }
 
+// EPI_RING, the producer after a tile's k-steps: the next two stages go to the consumers'
+// epilogue once they are free (an arrival without bytes completes their `full` phase).
+template <int STAGES>
+static __device__ __forceinline__ void gg_skip_for_epilogue(const GgShared& sh, GgRing<STAGES>& ring) {
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        mbar_wait(sh.empty0 + 8 * ring.stage, ring.phase ^ 1);
+        mbar_arrive(sh.full0 + 8 * ring.stage);
+        ring.advance();
+    }
+}
+
+// A consumer warp: which warpgroup and lane it is, and (EPI_RING, warp 0 of a warpgroup) the
+// stage its last epilogue's bulk copies read from, -1 if none: it goes back to the producer
+// once the copies have read it, after the next tile's first wgmmas are issued.
+struct GgWarp {
+    int c, warp, lane;
+    int pending = -1;
+};
+
 // A consumer warp gives stage `prev` (if any) back to the producer.
 static __device__ __forceinline__ void gg_release(const GgShared& sh, int prev, int lane) {
     if (prev >= 0) {
@@ -282,41 +309,76 @@ static __device__ __forceinline__ void gg_release(const GgShared& sh, int prev, 
     }
 }
 
-// Consumer warpgroup c's k-steps of one tile: for each, waits for the ring's stage to be full
+// The stage of the warp's last bulk copies (if any) back to the producer once they have read it.
+static __device__ __forceinline__ void gg_release_pending(const GgShared& sh, GgWarp& w) {
+    if (w.pending >= 0) {
+        bulk_wait_read();
+        gg_release(sh, w.pending, w.lane);
+        w.pending = -1;
+    }
+}
+
+// Consumer warpgroup w.c's k-steps of one tile: for each, waits for the ring's stage to be full
 // and calls `mma(kb, a_addr, b_addr)` (the warpgroup's A part: 64 rows, 8 KiB; B) to issue its
 // wgmmas; once the next k-step's group is issued, the previous stage goes back to the producer.
-// On return every wgmma has completed and every stage is released.
+// On return every wgmma has completed and every stage is released (the pending one too).
 template <int STAGES, u32 A_BYTES, u32 STAGE_BYTES, class Mma>
-static __device__ __forceinline__ void gg_consume(const GgShared& sh, GgRing<STAGES>& ring, int num_kb, int c, int lane, Mma mma) {
+static __device__ __forceinline__ void gg_consume(const GgShared& sh, GgRing<STAGES>& ring, int num_kb, GgWarp& w, Mma mma) {
     int prev = -1;
     for (int kb = 0; kb < num_kb; kb++) {
         mbar_wait(sh.full0 + 8 * ring.stage, ring.phase);
-        const u32 a_addr = sh.base + ring.stage * STAGE_BYTES + c * (64 * 128);
+        const u32 a_addr = sh.base + ring.stage * STAGE_BYTES + w.c * (64 * 128);
         const u32 b_addr = sh.base + ring.stage * STAGE_BYTES + A_BYTES;
         mma(kb, a_addr, b_addr);
         wgmma_commit();
+        if (kb == 0) gg_release_pending(sh, w);
         // the previous k-step's group is done: its stage goes back to the producer
         wgmma_wait<1>();
-        gg_release(sh, prev, lane);
+        gg_release(sh, prev, w.lane);
         prev = ring.stage;
         ring.advance();
     }
     wgmma_wait<0>();
-    gg_release(sh, prev, lane);
+    gg_release(sh, prev, w.lane);
+    gg_release_pending(sh, w);
 }
 
-// The epilogue of consumer warpgroup c: its 64 x BN accumulators stored as rows row0 + 64c ..
+// The epilogue of consumer warpgroup w.c: its 64 x BN accumulators stored as rows row0 + 64c ..
 // row0 + 64c + 63 (those below `rows`, counted from row0), columns n0 .. n0 + BN - 1 (those
-// below n) of the [., n] row-major output that starts `plane` elements into `out`. BULK: through
-// the staging buffer `c_smem` and bulk copies (gg_store_bulk); else straight from the registers.
+// below n) of the [., n] row-major output that starts `plane` elements into `out`: straight from
+// the registers (EPI_REG), or through shared memory and bulk copies (gg_stage_rows): the
+// staging buffer after the stages (EPI_STAGED, `staged`: the first warpgroup's), or the two
+// stages that follow the tile's k-steps in the ring (EPI_RING: one a warpgroup; the other goes
+// back to the producer at once, this one when the copies have read it).
 // The accumulator layout of m64nNk16: acc[4j + 2h + {0,1}] is row 16 warp + lane / 4 + 8h,
 // columns 8j + 2 (lane % 4) + {0, 1}.
-template <int BN, bool OUT_F32, bool BULK>
+template <int BN, bool OUT_F32, int EPI, int STAGES, u32 STAGE_BYTES>
 static __device__ __forceinline__ void gg_epilogue(const float* acc, void* out, long long plane, int row0, int rows, int n0, int n,
-                                                   u32 c_smem, int c, int warp, int lane) {
-    if constexpr (BULK) {
-        gg_store_bulk(acc, c_smem, c, warp, lane, rows, (u64)out + ((u64)plane + (u64)row0 * (u64)n + (u64)n0) * 2, n,
-                      (u32)min(BN, n - n0) * 2);
+                                                   const GgShared& sh, GgRing<STAGES>& ring, GgWarp& w) {
+    const int c = w.c, warp = w.warp, lane = w.lane;
+    const u64 dst = (u64)out + ((u64)plane + (u64)row0 * (u64)n + (u64)n0) * 2;
+    const u32 bytes = (u32)min(BN, n - n0) * 2;
+    if constexpr (EPI == GG_EPI_STAGED) {
+        const u32 c_smem = sh.base + STAGES * STAGE_BYTES + c * (64 * GG_C_ROW);
+        if (warp == 0) bulk_wait_read();  // the previous tile's copies have read the buffer
+        bar_warpgroup(1 + c);
+        gg_stage_rows(acc, c_smem, c, warp, lane, rows, dst, n, bytes);
+        return;
+    }
+    if constexpr (EPI == GG_EPI_RING) {
+        // waiting for the producer's arrivals also orders this warp's releases after every
+        // warp's release of the stages' previous use
+        int mine = -1, other = -1;
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            mbar_wait(sh.full0 + 8 * ring.stage, ring.phase);
+            if (i == c) mine = ring.stage; else other = ring.stage;
+            ring.advance();
+        }
+        gg_release(sh, other, lane);
+        gg_stage_rows(acc, sh.base + mine * STAGE_BYTES, c, warp, lane, rows, dst, n, bytes);
+        if (warp == 0) w.pending = mine;
+        else gg_release(sh, mine, lane);
         return;
     }
     const int r_base = c * 64 + warp * 16 + (lane >> 2);
@@ -340,15 +402,15 @@ static __device__ __forceinline__ void gg_epilogue(const float* acc, void* out, 
     }
 }
 
-template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, bool BULK>
+template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, int EPI>
 static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const GgTensorMap* map_b, void* out, const int* counts,
                                                int num_experts, int m_total, int n, int k, int group_n) {
     constexpr u32 A_BYTES = GG_BM * GG_BK * 2;
     constexpr u32 B_BYTES = BN * GG_BK * 2;
     constexpr u32 STAGE_BYTES = A_BYTES + B_BYTES;
-    // BULK: each consumer warpgroup's 64 x BN output rows staged in shared memory (bf16 only)
-    constexpr u32 C_BYTES = BULK ? 2 * 64 * GG_C_ROW : 0;
-    static_assert(!BULK || (BN == 256 && !OUT_F32), "the bulk epilogue is for 256-column bf16 tiles");
+    // EPI_STAGED: each consumer warpgroup's 64 x BN output rows staged after the stages
+    constexpr u32 C_BYTES = EPI == GG_EPI_STAGED ? 2 * 64 * GG_C_ROW : 0;
+    static_assert(EPI == GG_EPI_REG || (BN == 256 && !OUT_F32), "the bulk epilogues are for 256-column bf16 tiles");
     const GgShared sh = gg_shared_layout<STAGES, STAGE_BYTES, C_BYTES>();
     int* tile_start = (int*)(sh.bars + 2 * STAGES);
     int* row_start = tile_start + num_experts + 1;
@@ -398,6 +460,7 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
                         for (int j = 0; j < BN / 64; j++) tma_load_3d(b_dst + j * 8192, map_b, tl.n0 + 64 * j, kb * GG_BK, tl.e, full);
                     }
                 });
+                if constexpr (EPI == GG_EPI_RING) gg_skip_for_epilogue<STAGES>(sh, ring);
             }
         }
     } else {
@@ -405,14 +468,14 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
         if constexpr (BN == 256) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
         const int c = wg - 1;
         const int tid = (int)threadIdx.x - 128 * wg;
-        const int warp = tid >> 5, lane = tid & 31;
+        GgWarp w{c, tid >> 5, tid & 31};
         float acc[BN / 2];
 #pragma unroll
         for (int i = 0; i < BN / 2; i++) acc[i] = 0.0f;
         GgRing<STAGES> ring;
         for (int t = blockIdx.x; t < total; t += gridDim.x) {
             const GgTile tl = gg_tile<BN>(tile_start, row_start, num_experts, n_tiles, m_total, t, group_n);
-            gg_consume<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, c, lane, [&](int kb, u32 a_addr, u32 b_addr) {
+            gg_consume<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w, [&](int kb, u32 a_addr, u32 b_addr) {
                 wgmma_fence();
 #pragma unroll
                 for (int ks = 0; ks < GG_BK / 16; ks++) {
@@ -426,11 +489,10 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
                     else wgmma_m64n128k16<0, B_KMAJOR ? 0 : 1>(acc, da, db, accumulate);
                 }
             });
-            gg_epilogue<BN, OUT_F32, BULK>(acc, out, 0, tl.row0, tl.rows, tl.n0, n, sh.base + STAGES * STAGE_BYTES + c * (64 * GG_C_ROW), c,
-                                           warp, lane);
+            gg_epilogue<BN, OUT_F32, EPI, STAGES, STAGE_BYTES>(acc, out, 0, tl.row0, tl.rows, tl.n0, n, sh, ring, w);
         }
-        if constexpr (BULK) {
-            if (warp == 0) bulk_wait_all();
+        if constexpr (EPI != GG_EPI_REG) {
+            if (w.warp == 0) bulk_wait_all();
         }
     }
 }
@@ -457,12 +519,12 @@ static __device__ __forceinline__ void gg_wgrad_tile(int t, int m_tiles, int n_t
     *n0 = (g * group_n + u_in % gs) * 256;
 }
 
-template <bool OUT_F32, bool BULK>
+template <bool OUT_F32, int EPI>
 static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, const GgTensorMap* map_b, void* out, const int* counts,
                                                      int num_experts, int m_total, int ko, int n, int group_n) {
-    constexpr int BN = 256, STAGES = BULK ? 3 : 4;
-    constexpr u32 C_BYTES = BULK ? 2 * 64 * GG_C_ROW : 0;
-    static_assert(!BULK || !OUT_F32, "the bulk epilogue is for bf16 output");
+    constexpr int BN = 256, STAGES = EPI == GG_EPI_STAGED ? 3 : 4;
+    constexpr u32 C_BYTES = EPI == GG_EPI_STAGED ? 2 * 64 * GG_C_ROW : 0;
+    static_assert(EPI == GG_EPI_REG || !OUT_F32, "the bulk epilogues are for bf16 output");
     constexpr u32 A_BYTES = GG_BM * GG_BK * 2;
     constexpr u32 B_BYTES = BN * GG_BK * 2;
     constexpr u32 STAGE_BYTES = A_BYTES + B_BYTES;
@@ -501,13 +563,14 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, c
 #pragma unroll
                     for (int j = 0; j < BN / 64; j++) tma_load_2d(b_dst + j * 8192, map_b, n0 + 64 * j, r0 + kb * GG_BK, full);
                 });
+                if constexpr (EPI == GG_EPI_RING) gg_skip_for_epilogue<STAGES>(sh, ring);
             }
         }
     } else {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
         const int c = wg - 1;
         const int tid = (int)threadIdx.x - 128 * wg;
-        const int warp = tid >> 5, lane = tid & 31;
+        GgWarp w{c, tid >> 5, tid & 31};
         float acc[BN / 2];
         GgRing<STAGES> ring;
         for (int t = blockIdx.x; t < total; t += gridDim.x) {
@@ -517,7 +580,7 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, c
             const int num_kb = (rows + GG_BK - 1) / GG_BK;
 #pragma unroll
             for (int i = 0; i < BN / 2; i++) acc[i] = 0.0f;
-            gg_consume<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, c, lane, [&](int kb, u32 a_addr, u32 b_addr) {
+            gg_consume<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w, [&](int kb, u32 a_addr, u32 b_addr) {
                 const int valid = rows - kb * GG_BK;
                 if (valid < GG_BK) {
                     // zero rows valid .. 63 of this warpgroup's A box and of B boxes c and c + 2
@@ -539,23 +602,22 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, c
                     wgmma_m64n256k16<1, 1>(acc, da, db, 1);
                 }
             });
-            gg_epilogue<BN, OUT_F32, BULK>(acc, out, (long long)e * ko * n, m0, ko - m0, n0, n,
-                                           sh.base + STAGES * STAGE_BYTES + c * (64 * GG_C_ROW), c, warp, lane);
+            gg_epilogue<BN, OUT_F32, EPI, STAGES, STAGE_BYTES>(acc, out, (long long)e * ko * n, m0, ko - m0, n0, n, sh, ring, w);
         }
-        if constexpr (BULK) {
-            if (warp == 0) bulk_wait_all();
+        if constexpr (EPI != GG_EPI_REG) {
+            if (w.warp == 0) bulk_wait_all();
         }
     }
 }
 
 #else  // not sm_90a: the kernels exist (compile::ALL loads every file) and trap if launched
 
-template <bool OUT_F32, bool BULK>
+template <bool OUT_F32, int EPI>
 static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap*, const GgTensorMap*, void*, const int*, int, int, int, int, int) {
     __trap();
 }
 
-template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, bool BULK>
+template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, int EPI>
 static __device__ __forceinline__ void gg_body(const GgTensorMap*, const GgTensorMap*, void*, const int*, int, int, int, int, int) {
     __trap();
 }
@@ -563,25 +625,28 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap*, const GgTenso
 #endif
 
 // Stages of the shared-memory ring: 4 of 48 KiB with BN = 256, 6 of 32 KiB with BN = 128, 3 of
-// 48 KiB with BN = 256 and the bulk epilogue (its 66 KiB staging buffer); grouped_gemm.rs
-// computes the same shared-memory sizes.
+// 48 KiB with BN = 256 and the staged bulk epilogue (its 66 KiB staging buffer), 4 with the
+// bulk epilogue through the ring; grouped_gemm.rs computes the same shared-memory sizes.
 #define GG_ARGS                                                                                                                   \
     const __grid_constant__ GgTensorMap map_a, const __grid_constant__ GgTensorMap map_b, void* out, const int* counts, int num_experts, \
         int m_total, int n, int k, int group_n
 #define GG_PASS &map_a, &map_b, out, counts, num_experts, m_total, n, k, group_n
 
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n128_bf16(GG_ARGS) { gg_body<128, false, false, 6, false>(GG_PASS); }
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16(GG_ARGS) { gg_body<256, false, false, 4, false>(GG_PASS); }
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n128_bf16(GG_ARGS) { gg_body<128, true, false, 6, false>(GG_PASS); }
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16(GG_ARGS) { gg_body<256, true, false, 4, false>(GG_PASS); }
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_f32(GG_ARGS) { gg_body<256, false, true, 4, false>(GG_PASS); }
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_f32(GG_ARGS) { gg_body<256, true, true, 4, false>(GG_PASS); }
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_bulk(GG_ARGS) { gg_body<256, false, false, 3, true>(GG_PASS); }
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_bulk(GG_ARGS) { gg_body<256, true, false, 3, true>(GG_PASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n128_bf16(GG_ARGS) { gg_body<128, false, false, 6, GG_EPI_REG>(GG_PASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16(GG_ARGS) { gg_body<256, false, false, 4, GG_EPI_REG>(GG_PASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n128_bf16(GG_ARGS) { gg_body<128, true, false, 6, GG_EPI_REG>(GG_PASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16(GG_ARGS) { gg_body<256, true, false, 4, GG_EPI_REG>(GG_PASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_f32(GG_ARGS) { gg_body<256, false, true, 4, GG_EPI_REG>(GG_PASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_f32(GG_ARGS) { gg_body<256, true, true, 4, GG_EPI_REG>(GG_PASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_bulk(GG_ARGS) { gg_body<256, false, false, 3, GG_EPI_STAGED>(GG_PASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_bulk(GG_ARGS) { gg_body<256, true, false, 3, GG_EPI_STAGED>(GG_PASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_ring(GG_ARGS) { gg_body<256, false, false, 4, GG_EPI_RING>(GG_PASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_ring(GG_ARGS) { gg_body<256, true, false, 4, GG_EPI_RING>(GG_PASS); }
 
 // dw [E, KO, N] = x^T dy per expert: map_a over x [M, KO], map_b over dy [M, N]; the launch's k is
 // KO (x's columns), n is N (dy's columns)
 #define GG_WPASS &map_a, &map_b, out, counts, num_experts, m_total, k, n, group_n
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_f32(GG_ARGS) { gg_wgrad_body<true, false>(GG_WPASS); }
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16(GG_ARGS) { gg_wgrad_body<false, false>(GG_WPASS); }
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16_bulk(GG_ARGS) { gg_wgrad_body<false, true>(GG_WPASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_f32(GG_ARGS) { gg_wgrad_body<true, GG_EPI_REG>(GG_WPASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16(GG_ARGS) { gg_wgrad_body<false, GG_EPI_REG>(GG_WPASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16_bulk(GG_ARGS) { gg_wgrad_body<false, GG_EPI_STAGED>(GG_WPASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16_ring(GG_ARGS) { gg_wgrad_body<false, GG_EPI_RING>(GG_WPASS); }

@@ -21,7 +21,7 @@ use crate::activations::{launch_activation, launch_activation_backward, ExpMath}
 use crate::device::{Buffer, Device};
 use crate::error::Result;
 use crate::experts::{DeviceExpertsGrads, DeviceExpertsInputs, ExpertsSaved, SavedRef};
-use crate::grouped_gemm::{self, TileN, WeightLayout};
+use crate::grouped_gemm::{self, WeightLayout};
 use crate::tensor::{DeviceArg, DeviceTensor};
 
 /// The GEMMs the experts use on the GPU (`MOE_DISPATCH_EXPERTS_GEMM`: `cublas`, the default, or
@@ -105,7 +105,7 @@ fn gemm(
         p.n,
         cols,
         k,
-        TileN::N256Bulk,
+        grouped_gemm::experts_tile(),
     )
 }
 
@@ -132,7 +132,7 @@ fn wgrad(
         p.n,
         rows,
         cols,
-        TileN::N256Bulk,
+        grouped_gemm::experts_tile(),
     )
 }
 

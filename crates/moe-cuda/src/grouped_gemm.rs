@@ -53,20 +53,24 @@ pub enum TileN {
     /// global memory by bulk copies (one per row) that run while the next tile's k-steps do
     /// (bf16 output only).
     N256Bulk,
+    /// 256 columns, 4 stages; the epilogue as [`TileN::N256Bulk`]'s, staged in two stages of
+    /// the ring that the producer leaves to it after each tile's k-steps instead of a buffer of
+    /// its own (bf16 output only).
+    N256Ring,
 }
 
 impl TileN {
     pub fn columns(self) -> usize {
         match self {
             TileN::N128 => 128,
-            TileN::N256 | TileN::N256Bulk => 256,
+            TileN::N256 | TileN::N256Bulk | TileN::N256Ring => 256,
         }
     }
 
     fn stages(self) -> usize {
         match self {
             TileN::N128 => 6,
-            TileN::N256 => 4,
+            TileN::N256 | TileN::N256Ring => 4,
             TileN::N256Bulk => 3,
         }
     }
@@ -84,6 +88,7 @@ impl TileN {
             TileN::N128 => "128x128",
             TileN::N256 => "128x256",
             TileN::N256Bulk => "128x256 bulk-store",
+            TileN::N256Ring => "128x256 ring-store",
         }
     }
 }
@@ -168,6 +173,16 @@ pub fn group_n() -> i32 {
     *GROUP.get_or_init(|| std::env::var("MOE_DISPATCH_GG_GROUP").ok().and_then(|v| v.parse::<i32>().ok()).filter(|&g| g >= 1).unwrap_or(8))
 }
 
+/// The 256-column bf16 kernel the experts use: [`TileN::N256Bulk`] by default;
+/// `MOE_DISPATCH_GG_EPILOGUE=ring` picks [`TileN::N256Ring`] (for measurements).
+pub fn experts_tile() -> TileN {
+    static TILE: std::sync::OnceLock<TileN> = std::sync::OnceLock::new();
+    *TILE.get_or_init(|| match std::env::var("MOE_DISPATCH_GG_EPILOGUE").as_deref() {
+        Ok("ring") => TileN::N256Ring,
+        _ => TileN::N256Bulk,
+    })
+}
+
 /// Bytes of dynamic shared memory of a launch (kernels/grouped_gemm.cu's layout: alignment
 /// slack, the stages, the barriers, the per-expert tile and row offsets).
 pub fn shared_bytes(tile: TileN, experts: usize) -> usize {
@@ -243,6 +258,8 @@ pub fn launch(
         (WeightLayout::NK, TileN::N256, DType::F32) => "grouped_gemm_nt_n256_f32",
         (WeightLayout::KN, TileN::N256Bulk, DType::BF16) => "grouped_gemm_nn_n256_bf16_bulk",
         (WeightLayout::NK, TileN::N256Bulk, DType::BF16) => "grouped_gemm_nt_n256_bf16_bulk",
+        (WeightLayout::KN, TileN::N256Ring, DType::BF16) => "grouped_gemm_nn_n256_bf16_ring",
+        (WeightLayout::NK, TileN::N256Ring, DType::BF16) => "grouped_gemm_nt_n256_bf16_ring",
         _ => return Err(Error::Cuda(format!("grouped GEMM: no kernel for {layout:?}, {tile:?}, {} output", out_dtype.name()))),
     };
     // persistent: one block per SM, or fewer when there are fewer tiles than that at most
@@ -267,7 +284,8 @@ pub fn launch(
 /// every expert (`x [m, ko]`, `dy [m, n]` bf16, expert-major rows, `counts [experts]` int32 on
 /// the device), reduced over each expert's rows in a fixed order (no atomics, no split);
 /// `dw` of `out_dtype` (bf16 or f32), every element written (zeros for an expert with no rows).
-/// Tiles of 128 x 256 (`tile`: [`TileN::N256`], or [`TileN::N256Bulk`] with bf16 output); `ko`
+/// Tiles of 128 x 256 (`tile`: [`TileN::N256`], or [`TileN::N256Bulk`] / [`TileN::N256Ring`]
+/// with bf16 output); `ko`
 /// and `n` multiples of 8.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_wgrad(
@@ -294,6 +312,7 @@ pub fn launch_wgrad(
         (DType::F32, TileN::N256) => "grouped_gemm_wgrad_f32",
         (DType::BF16, TileN::N256) => "grouped_gemm_wgrad_bf16",
         (DType::BF16, TileN::N256Bulk) => "grouped_gemm_wgrad_bf16_bulk",
+        (DType::BF16, TileN::N256Ring) => "grouped_gemm_wgrad_bf16_ring",
         (other, _) => return Err(Error::Cuda(format!("grouped weight gradient: no kernel for {tile:?} with {} output", other.name()))),
     };
     let tiles = experts.saturating_mul(ko.div_ceil(TILE_M)).saturating_mul(n.div_ceil(256));

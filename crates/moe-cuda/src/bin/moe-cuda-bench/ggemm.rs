@@ -17,8 +17,8 @@
 //!    on the small cases and at both shapes (dW1 = x^T dh, dW2 = a^T dy) against cuBLAS's
 //!    per-expert GEMMs (side by side, as the experts' backward runs them); `--no-wgrad` skips it.
 //!
-//! Options: `--iters N`, `--tile 128,256,bulk` (kernels: 128 or 256 columns, 256 with the bulk-copy
-//! epilogue; default all three), `--shapes a,b`, `--out FILE`,
+//! Options: `--iters N`, `--tile 128,256,bulk,ring` (kernels: 128 or 256 columns, 256 with the
+//! bulk-copy epilogue through a staging buffer or through the ring's stages; default all four), `--shapes a,b`, `--out FILE`,
 //! `--small-only`, `--no-small` (the shapes only: for a profiler). Exit code 1 when a check fails.
 
 use half::bf16;
@@ -250,7 +250,9 @@ fn wgrad_checks(dev: &Device) -> R<usize> {
             }
             r0 += c as usize;
         }
-        for (od, tile) in [(DType::BF16, TileN::N256), (DType::F32, TileN::N256), (DType::BF16, TileN::N256Bulk)] {
+        for (od, tile) in
+            [(DType::BF16, TileN::N256), (DType::F32, TileN::N256), (DType::BF16, TileN::N256Bulk), (DType::BF16, TileN::N256Ring)]
+        {
             let size = od.size();
             let bytes = (e * ko * n * size).next_multiple_of(4);
             let p = |buf: &Buffer| buf.device_ptr(dev);
@@ -358,7 +360,8 @@ fn compare_bf16(a: &[u16], b: &[u16]) -> (usize, f64, Option<usize>) {
 }
 
 pub fn bench(args: &[String]) -> i32 {
-    let (mut tiles, mut small_only, mut small, mut wgrad) = (vec![TileN::N128, TileN::N256, TileN::N256Bulk], false, true, true);
+    let (mut tiles, mut small_only, mut small, mut wgrad) =
+        (vec![TileN::N128, TileN::N256, TileN::N256Bulk, TileN::N256Ring], false, true, true);
     let opts = ShapeOptions::parse(args, |flag, value| match (flag, value) {
         ("--tile", Some(v)) => {
             tiles = v
@@ -367,6 +370,7 @@ pub fn bench(args: &[String]) -> i32 {
                     "128" => Some(TileN::N128),
                     "256" => Some(TileN::N256),
                     "bulk" => Some(TileN::N256Bulk),
+                    "ring" => Some(TileN::N256Ring),
                     _ => None,
                 })
                 .collect();
