@@ -194,29 +194,37 @@ static __device__ __forceinline__ GgTile gg_tile(const int* tile_start, const in
 #define GG_EPI_STAGED 1
 #define GG_EPI_RING 2
 
-// Consumer warpgroup c's rows of a 128 x 256 tile (rows 64c .. 64c + 63) as bf16 into
-// `c_smem` (64 rows of GG_C_ROW bytes), then one bulk copy per row below `rows` (warp 0 issues
-// them, commits and goes on: the copies run while the next tile's k-steps do). `dst` is the
-// tile's first element, `n` the output's row length, `bytes` a row's bytes.
+// Consumer warpgroup c's part of a 128 x 256 tile as bf16 into `c_smem` (64 rows of GG_C_ROW
+// bytes), then one bulk copy per row below `rows` (warp 0 issues them, commits and goes on: the
+// copies run while the next tile's k-steps do). Its part: rows 64c .. 64c + 63; or, `half` (a
+// tile of at most 64 rows: the warpgroups split the columns), rows 0 .. 63 and columns
+// 128c .. 128c + 127 (acc[0 .. 63]). `dst` is the tile's first element, `n` the output's row
+// length, `n_left` the output's columns from the tile's first.
 static __device__ __forceinline__ void gg_stage_rows(const float* acc, u32 c_smem, int c, int warp, int lane, int rows, u64 dst, int n,
-                                                     u32 bytes) {
+                                                     int n_left, bool half) {
     const int r_loc = warp * 16 + (lane >> 2);
+    const int jn = half ? 16 : 32;
 #pragma unroll
     for (int j = 0; j < 32; j++) {
-        const u32 col = 8 * j + 2 * (lane & 3);
+        if (j < jn) {
+            const u32 col = 8 * j + 2 * (lane & 3);
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const u32 v = (u32)BF16::from_f32(acc[4 * j + 2 * h]) | ((u32)BF16::from_f32(acc[4 * j + 2 * h + 1]) << 16);
-            asm volatile("st.shared.u32 [%0], %1;" ::"r"(c_smem + (r_loc + 8 * h) * GG_C_ROW + col * 2), "r"(v) : "memory");
+            for (int h = 0; h < 2; h++) {
+                const u32 v = (u32)BF16::from_f32(acc[4 * j + 2 * h]) | ((u32)BF16::from_f32(acc[4 * j + 2 * h + 1]) << 16);
+                asm volatile("st.shared.u32 [%0], %1;" ::"r"(c_smem + (r_loc + 8 * h) * GG_C_ROW + col * 2), "r"(v) : "memory");
+            }
         }
     }
     fence_async_shared();
     bar_warpgroup(1 + c);
     if (warp == 0) {
+        const int row0 = half ? 0 : 64 * c, col0 = half ? 128 * c : 0;
+        const int cols = min(half ? 128 : 256, n_left - col0);
 #pragma unroll
         for (int i = 0; i < 2; i++) {
             const int r = lane + 32 * i;
-            if (c * 64 + r < rows) bulk_store(dst + (u64)(c * 64 + r) * (u64)n * 2, c_smem + r * GG_C_ROW, bytes);
+            if (row0 + r < rows && cols > 0)
+                bulk_store(dst + ((u64)(row0 + r) * (u64)n + (u64)col0) * 2, c_smem + r * GG_C_ROW, (u32)cols * 2);
         }
         bulk_commit();
     }
@@ -354,15 +362,14 @@ static __device__ __forceinline__ void gg_consume(const GgShared& sh, GgRing<STA
 // columns 8j + 2 (lane % 4) + {0, 1}.
 template <int BN, bool OUT_F32, int EPI, int STAGES, u32 STAGE_BYTES>
 static __device__ __forceinline__ void gg_epilogue(const float* acc, void* out, long long plane, int row0, int rows, int n0, int n,
-                                                   const GgShared& sh, GgRing<STAGES>& ring, GgWarp& w) {
+                                                   const GgShared& sh, GgRing<STAGES>& ring, GgWarp& w, bool half = false) {
     const int c = w.c, warp = w.warp, lane = w.lane;
     const u64 dst = (u64)out + ((u64)plane + (u64)row0 * (u64)n + (u64)n0) * 2;
-    const u32 bytes = (u32)min(BN, n - n0) * 2;
     if constexpr (EPI == GG_EPI_STAGED) {
         const u32 c_smem = sh.base + STAGES * STAGE_BYTES + c * (64 * GG_C_ROW);
         if (warp == 0) bulk_wait_read();  // the previous tile's copies have read the buffer
         bar_warpgroup(1 + c);
-        gg_stage_rows(acc, c_smem, c, warp, lane, rows, dst, n, bytes);
+        gg_stage_rows(acc, c_smem, c, warp, lane, rows, dst, n, n - n0, false);
         return;
     }
     if constexpr (EPI == GG_EPI_RING) {
@@ -376,7 +383,7 @@ static __device__ __forceinline__ void gg_epilogue(const float* acc, void* out, 
             ring.advance();
         }
         gg_release(sh, other, lane);
-        gg_stage_rows(acc, sh.base + mine * STAGE_BYTES, c, warp, lane, rows, dst, n, bytes);
+        gg_stage_rows(acc, sh.base + mine * STAGE_BYTES, c, warp, lane, rows, dst, n, n - n0, half);
         if (warp == 0) w.pending = mine;
         else gg_release(sh, mine, lane);
         return;
@@ -402,7 +409,10 @@ static __device__ __forceinline__ void gg_epilogue(const float* acc, void* out, 
     }
 }
 
-template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, int EPI>
+// HALF (EPI_RING only): a tile of at most 64 rows (an expert's last) is multiplied as two
+// 64 x 128 halves, one a warpgroup (wgmma m64n128k16), instead of 128 x 256 with the second
+// warpgroup's rows thrown away.
+template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, int EPI, bool HALF = false>
 static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const GgTensorMap* map_b, void* out, const int* counts,
                                                int num_experts, int m_total, int n, int k, int group_n) {
     constexpr u32 A_BYTES = GG_BM * GG_BK * 2;
@@ -475,21 +485,38 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
         GgRing<STAGES> ring;
         for (int t = blockIdx.x; t < total; t += gridDim.x) {
             const GgTile tl = gg_tile<BN>(tile_start, row_start, num_experts, n_tiles, m_total, t, group_n);
-            gg_consume<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w, [&](int kb, u32 a_addr, u32 b_addr) {
-                wgmma_fence();
+            // (two separate k-loops: a wgmma under a branch inside one loop gets serialised, C7520)
+            const bool half = HALF && tl.rows <= 64;
+            if (half) {
+                // both warpgroups: the first 64 rows of A; B's columns 128c .. 128c + 127 (16 KiB
+                // on: 128 K-major rows, or two 64-column boxes)
+                gg_consume<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w, [&](int kb, u32 a_addr, u32 b_addr) {
+                    const u32 a0 = a_addr - c * (64 * 128), b_c = b_addr + c * 16384;
+                    wgmma_fence();
 #pragma unroll
-                for (int ks = 0; ks < GG_BK / 16; ks++) {
-                    const u64 da = gg_desc(a_addr + ks * 32, 16, 1024);
-                    // K-major B: rows of 64 k values (128 bytes), 8-row groups 1024 bytes apart;
-                    // N-major B: rows of 64 n values, one 8 KiB box per 64 columns (LBO), 8-row
-                    // (k) groups 1024 bytes apart (SBO), a k-step of 16 rows = 2048 bytes
-                    const u64 db = B_KMAJOR ? gg_desc(b_addr + ks * 32, 16, 1024) : gg_desc(b_addr + ks * 2048, 8192, 1024);
-                    const int accumulate = (kb > 0 || ks > 0) ? 1 : 0;
-                    if constexpr (BN == 256) wgmma_m64n256k16<0, B_KMAJOR ? 0 : 1>(acc, da, db, accumulate);
-                    else wgmma_m64n128k16<0, B_KMAJOR ? 0 : 1>(acc, da, db, accumulate);
-                }
-            });
-            gg_epilogue<BN, OUT_F32, EPI, STAGES, STAGE_BYTES>(acc, out, 0, tl.row0, tl.rows, tl.n0, n, sh, ring, w);
+                    for (int ks = 0; ks < GG_BK / 16; ks++) {
+                        const u64 da = gg_desc(a0 + ks * 32, 16, 1024);
+                        const u64 db = B_KMAJOR ? gg_desc(b_c + ks * 32, 16, 1024) : gg_desc(b_c + ks * 2048, 8192, 1024);
+                        wgmma_m64n128k16<0, B_KMAJOR ? 0 : 1>(acc, da, db, (kb > 0 || ks > 0) ? 1 : 0);
+                    }
+                });
+            } else {
+                gg_consume<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w, [&](int kb, u32 a_addr, u32 b_addr) {
+                    wgmma_fence();
+#pragma unroll
+                    for (int ks = 0; ks < GG_BK / 16; ks++) {
+                        const u64 da = gg_desc(a_addr + ks * 32, 16, 1024);
+                        // K-major B: rows of 64 k values (128 bytes), 8-row groups 1024 bytes apart;
+                        // N-major B: rows of 64 n values, one 8 KiB box per 64 columns (LBO), 8-row
+                        // (k) groups 1024 bytes apart (SBO), a k-step of 16 rows = 2048 bytes
+                        const u64 db = B_KMAJOR ? gg_desc(b_addr + ks * 32, 16, 1024) : gg_desc(b_addr + ks * 2048, 8192, 1024);
+                        const int accumulate = (kb > 0 || ks > 0) ? 1 : 0;
+                        if constexpr (BN == 256) wgmma_m64n256k16<0, B_KMAJOR ? 0 : 1>(acc, da, db, accumulate);
+                        else wgmma_m64n128k16<0, B_KMAJOR ? 0 : 1>(acc, da, db, accumulate);
+                    }
+                });
+            }
+            gg_epilogue<BN, OUT_F32, EPI, STAGES, STAGE_BYTES>(acc, out, 0, tl.row0, tl.rows, tl.n0, n, sh, ring, w, half);
         }
         if constexpr (EPI != GG_EPI_REG) {
             if (w.warp == 0) bulk_wait_all();
@@ -617,7 +644,7 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap*, const G
     __trap();
 }
 
-template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, int EPI>
+template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, int EPI, bool HALF = false>
 static __device__ __forceinline__ void gg_body(const GgTensorMap*, const GgTensorMap*, void*, const int*, int, int, int, int, int) {
     __trap();
 }
@@ -642,6 +669,12 @@ extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_b
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_bulk(GG_ARGS) { gg_body<256, true, false, 3, GG_EPI_STAGED>(GG_PASS); }
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_ring(GG_ARGS) { gg_body<256, false, false, 4, GG_EPI_RING>(GG_PASS); }
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_ring(GG_ARGS) { gg_body<256, true, false, 4, GG_EPI_RING>(GG_PASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_ring_half(GG_ARGS) {
+    gg_body<256, false, false, 4, GG_EPI_RING, true>(GG_PASS);
+}
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_ring_half(GG_ARGS) {
+    gg_body<256, true, false, 4, GG_EPI_RING, true>(GG_PASS);
+}
 
 // dw [E, KO, N] = x^T dy per expert: map_a over x [M, KO], map_b over dy [M, N]; the launch's k is
 // KO (x's columns), n is N (dy's columns)

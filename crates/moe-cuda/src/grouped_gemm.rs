@@ -57,20 +57,24 @@ pub enum TileN {
     /// the ring that the producer leaves to it after each tile's k-steps instead of a buffer of
     /// its own (bf16 output only).
     N256Ring,
+    /// [`TileN::N256Ring`], and a tile of at most 64 rows (an expert's last) multiplied as two
+    /// 64 x 128 halves, one a consumer warpgroup, instead of 128 x 256 with half the rows
+    /// thrown away.
+    N256RingHalf,
 }
 
 impl TileN {
     pub fn columns(self) -> usize {
         match self {
             TileN::N128 => 128,
-            TileN::N256 | TileN::N256Bulk | TileN::N256Ring => 256,
+            TileN::N256 | TileN::N256Bulk | TileN::N256Ring | TileN::N256RingHalf => 256,
         }
     }
 
     fn stages(self) -> usize {
         match self {
             TileN::N128 => 6,
-            TileN::N256 | TileN::N256Ring => 4,
+            TileN::N256 | TileN::N256Ring | TileN::N256RingHalf => 4,
             TileN::N256Bulk => 3,
         }
     }
@@ -89,6 +93,7 @@ impl TileN {
             TileN::N256 => "128x256",
             TileN::N256Bulk => "128x256 bulk-store",
             TileN::N256Ring => "128x256 ring-store",
+            TileN::N256RingHalf => "128x256 ring-store, half tails",
         }
     }
 }
@@ -174,11 +179,13 @@ pub fn group_n() -> i32 {
 }
 
 /// The 256-column bf16 kernel the experts use: [`TileN::N256Bulk`] by default;
-/// `MOE_DISPATCH_GG_EPILOGUE=ring` picks [`TileN::N256Ring`] (for measurements).
+/// `MOE_DISPATCH_GG_EPILOGUE=ring` picks [`TileN::N256Ring`], `ring-half`
+/// [`TileN::N256RingHalf`] (for measurements).
 pub fn experts_tile() -> TileN {
     static TILE: std::sync::OnceLock<TileN> = std::sync::OnceLock::new();
     *TILE.get_or_init(|| match std::env::var("MOE_DISPATCH_GG_EPILOGUE").as_deref() {
         Ok("ring") => TileN::N256Ring,
+        Ok("ring-half") => TileN::N256RingHalf,
         _ => TileN::N256Bulk,
     })
 }
@@ -260,6 +267,8 @@ pub fn launch(
         (WeightLayout::NK, TileN::N256Bulk, DType::BF16) => "grouped_gemm_nt_n256_bf16_bulk",
         (WeightLayout::KN, TileN::N256Ring, DType::BF16) => "grouped_gemm_nn_n256_bf16_ring",
         (WeightLayout::NK, TileN::N256Ring, DType::BF16) => "grouped_gemm_nt_n256_bf16_ring",
+        (WeightLayout::KN, TileN::N256RingHalf, DType::BF16) => "grouped_gemm_nn_n256_bf16_ring_half",
+        (WeightLayout::NK, TileN::N256RingHalf, DType::BF16) => "grouped_gemm_nt_n256_bf16_ring_half",
         _ => return Err(Error::Cuda(format!("grouped GEMM: no kernel for {layout:?}, {tile:?}, {} output", out_dtype.name()))),
     };
     // persistent: one block per SM, or fewer when there are fewer tiles than that at most
@@ -312,7 +321,8 @@ pub fn launch_wgrad(
         (DType::F32, TileN::N256) => "grouped_gemm_wgrad_f32",
         (DType::BF16, TileN::N256) => "grouped_gemm_wgrad_bf16",
         (DType::BF16, TileN::N256Bulk) => "grouped_gemm_wgrad_bf16_bulk",
-        (DType::BF16, TileN::N256Ring) => "grouped_gemm_wgrad_bf16_ring",
+        // (the weight gradients' tiles are over the weights, whole whatever the counts)
+        (DType::BF16, TileN::N256Ring | TileN::N256RingHalf) => "grouped_gemm_wgrad_bf16_ring",
         (other, _) => return Err(Error::Cuda(format!("grouped weight gradient: no kernel for {tile:?} with {} output", other.name()))),
     };
     let tiles = experts.saturating_mul(ko.div_ceil(TILE_M)).saturating_mul(n.div_ceil(256));

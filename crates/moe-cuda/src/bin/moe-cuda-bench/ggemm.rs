@@ -17,8 +17,9 @@
 //!    on the small cases and at both shapes (dW1 = x^T dh, dW2 = a^T dy) against cuBLAS's
 //!    per-expert GEMMs (side by side, as the experts' backward runs them); `--no-wgrad` skips it.
 //!
-//! Options: `--iters N`, `--tile 128,256,bulk,ring` (kernels: 128 or 256 columns, 256 with the
-//! bulk-copy epilogue through a staging buffer or through the ring's stages; default all four), `--shapes a,b`, `--out FILE`,
+//! Options: `--iters N`, `--tile 128,256,bulk,ring,ring-half` (kernels: 128 or 256 columns, 256
+//! with the bulk-copy epilogue through a staging buffer or through the ring's stages, the latter
+//! also with tails of <= 64 rows as two 64 x 128 halves; default all five), `--shapes a,b`, `--out FILE`,
 //! `--small-only`, `--no-small` (the shapes only: for a profiler). Exit code 1 when a check fails.
 
 use half::bf16;
@@ -361,7 +362,7 @@ fn compare_bf16(a: &[u16], b: &[u16]) -> (usize, f64, Option<usize>) {
 
 pub fn bench(args: &[String]) -> i32 {
     let (mut tiles, mut small_only, mut small, mut wgrad) =
-        (vec![TileN::N128, TileN::N256, TileN::N256Bulk, TileN::N256Ring], false, true, true);
+        (vec![TileN::N128, TileN::N256, TileN::N256Bulk, TileN::N256Ring, TileN::N256RingHalf], false, true, true);
     let opts = ShapeOptions::parse(args, |flag, value| match (flag, value) {
         ("--tile", Some(v)) => {
             tiles = v
@@ -371,6 +372,7 @@ pub fn bench(args: &[String]) -> i32 {
                     "256" => Some(TileN::N256),
                     "bulk" => Some(TileN::N256Bulk),
                     "ring" => Some(TileN::N256Ring),
+                    "ring-half" => Some(TileN::N256RingHalf),
                     _ => None,
                 })
                 .collect();
