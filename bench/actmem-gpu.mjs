@@ -48,7 +48,9 @@ const SHAPES = {
   tiny: { batch: 96, layer: { dim: 64, inter: 48, numExperts: 8, topk: 2, activation: 'swiglu', dtype: 'bfloat16', auxLossCoeff: 0.01 } },
 };
 const names = arg('shapes', standIn ? 'tiny' : 'fine-grained,mixtral').split(',');
-const gemm = standIn ? standIn : process.env.MOE_DISPATCH_EXPERTS_GEMM === 'grouped' ? 'grouped' : 'cublas';
+// the grouped path's epilogue, when one other than the default is picked (MOE_DISPATCH_GG_EPILOGUE)
+const epilogue = process.env.MOE_DISPATCH_GG_EPILOGUE ? `-${process.env.MOE_DISPATCH_GG_EPILOGUE}` : '';
+const gemm = standIn ? standIn : process.env.MOE_DISPATCH_EXPERTS_GEMM === 'grouped' ? `grouped${epilogue}` : 'cublas';
 
 const moe = await createBackend({ prefer: standIn ?? 'cuda' });
 if (moe.name !== (standIn ?? 'cuda')) {

@@ -15,6 +15,7 @@
 # SUITE_FILES="a b" (only test/gpu/a.test.mjs, b.test.mjs), SKIP_TORCH=1, SKIP_TRAIN=1 (the training-step benchmarks: Rust-driven and PyTorch's),
 # TRAIN_AB="NAME=value" (the training steps again with that environment setting; the training results go into one train.json),
 # GGEMM=1 (moe-cuda-bench ggemm: the grouped GEMM's checks and timings),
+# ACTMEM_AB="NAME=value" (with ACTMEM: the grouped path again with that setting, each round),
 # ACTMEM=1 (issue 19: the layer's forward + backward time and activation memory, ours on cuBLAS and on our
 # grouped GEMM, bench/actmem-gpu.mjs, and PyTorch's, bench/actmem-gpu.py, interleaved ACTMEM_ROUNDS times
 # (default 2) into one actmem.json),
@@ -323,6 +324,12 @@ PY
       say "activation memory, round $round: ours (cuBLAS), ours (grouped GEMM), PyTorch"
       timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" --out "$OUT/actmem-ours-cublas-$round.json"; echo "  exit code $?"
       MOE_DISPATCH_EXPERTS_GEMM=grouped timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" --out "$OUT/actmem-ours-grouped-$round.json"; echo "  exit code $?"
+      # ACTMEM_AB="NAME=value": the grouped path again with that setting (MOE_DISPATCH_GG_EPILOGUE=ring-half: its rows are
+      # named grouped-ring-half)
+      if [[ -n "${ACTMEM_AB:-}" ]]; then
+        env "$ACTMEM_AB" MOE_DISPATCH_EXPERTS_GEMM=grouped timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" \
+          --out "$OUT/actmem-ours-grouped-ab-$round.json"; echo "  exit code $?"
+      fi
       PYTHONUNBUFFERED=1 timeout 200 python3 "$BUNDLE/bench/actmem-gpu.py" --out "$OUT/actmem-torch-$round.json"; echo "  exit code $?"
     done
     python3 "$BUNDLE/bench/actmem-gpu.py" --combine "$OUT" --out "$OUT/actmem.json"; echo "  exit code $?"
