@@ -63,6 +63,52 @@ describe.skipIf(!moe || !isWebGpuBackend(moe))('webgpu buffer cache', { timeout:
     expect(gpu.memory().cachedBytes).toBeGreaterThan(0);
   });
 
+  it("keeps the inverse of a device sortedIndices with it: later ops on it agree with wasm, its bytes are live until the tensor's dispose()", async () => {
+    const [T, E, k, H] = [37, 5, 2, 8];
+    const r = randomRouting({ numTokens: T, numExperts: E, topk: k, hidden: H, dtype: 'float32' }, rng(11));
+    const { routingMap, probs } = wasm.indicesToMultihot(r.indices, r.weights, E);
+    const want = wasm.permute(r.tokens, routingMap, { probs });
+    const got = await gpu.gpu.permute(gpu.upload(r.tokens), routingMap, { probs });
+    const n = got.sortedIndices.shape[0];
+    // the inverse for t tokens: start [t + 1] and list [n] int32, in the cache's size classes
+    const inverseBytes = (t: number) => sizeClass(4 * (t + 1)) + sizeClass(4 * n);
+    const live = () => gpu.memory().liveBytes;
+    const grad = tensor(
+      'float32',
+      [n, H],
+      Float32Array.from({ length: n * H }, (_, i) => ((i * 7919) % 23) - 11),
+    );
+    const before = live();
+    const outs = [];
+    for (let round = 0; round < 2; round++) {
+      const back = await gpu.gpu.unpermute(got.permutedTokens, got.sortedIndices, [T, H], { probs: got.permutedProbs });
+      same(await back.download(), wasm.unpermute(want.permutedTokens, want.sortedIndices, [T, H], { probs: want.permutedProbs! }), `unpermute, call ${round}`);
+      outs.push(back);
+      // the first call keeps the inverse for T tokens; the second uses it and keeps nothing more
+      expect(live() - before, `live bytes after unpermute ${round}`).toBe((round + 1) * back.byteLength + inverseBytes(T));
+    }
+    // permuteBackward on the same tensor and T: the kept inverse; on T + 3 tokens: another one, kept beside it
+    for (const t of [T, T + 3]) {
+      const before2 = live();
+      const g = await gpu.gpu.permuteBackward(grad, got.sortedIndices, t);
+      same(await g.gradTokens.download(), wasm.permuteBackward(grad, want.sortedIndices, t).gradTokens, `permuteBackward, ${t} tokens`);
+      expect(live() - before2, `live bytes after permuteBackward to ${t} tokens`).toBe(g.gradTokens.byteLength + (t === T ? 0 : inverseBytes(t)));
+      outs.push(g.gradTokens);
+    }
+    // a host sortedIndices is uploaded for the call: nothing is kept
+    const before3 = live();
+    const h = await gpu.gpu.unpermute(got.permutedTokens, want.sortedIndices, [T, H]);
+    same(await h.download(), wasm.unpermute(want.permutedTokens, want.sortedIndices, [T, H]), 'unpermute, host sortedIndices');
+    expect(live() - before3).toBe(h.byteLength);
+    for (const t of [h, ...outs]) t.dispose();
+    // the tensor's dispose() gives back its bytes and both inverses
+    const before4 = live();
+    const sortedBytes = got.sortedIndices.byteLength;
+    got.sortedIndices.dispose();
+    expect(before4 - live()).toBe(sortedBytes + inverseBytes(T) + inverseBytes(T + 3));
+    for (const t of Object.values(got)) t.dispose();
+  });
+
   it('releaseCachedMemory() empties the cache; live tensors are untouched', async () => {
     const keep = gpu.upload(tensor('float32', [3], new Float32Array([1, 2, 3])));
     (await gpu.gpu.tokensPerExpert(tensor('bool', [2, 2], new Uint8Array([1, 0, 1, 1])))).dispose();

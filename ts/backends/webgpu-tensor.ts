@@ -55,6 +55,32 @@ export function setFacts(t: GpuTensor, facts: Facts): void {
   known.set(t, facts);
 }
 
+/**
+ * Buffers an op computed from a tensor's values and keeps with it for later ops (its values never
+ * change): the inverse of permute's slot -> token map, which unpermute, permuteBackward and
+ * unpermuteBackward need on the same sortedIndices. By key (what they are, and the sizes they
+ * were computed for); counted in the backend's live bytes and released with the tensor.
+ */
+const derivedOf = new WeakMap<object, Map<string, GPUBuffer[]>>();
+
+/** The buffers kept with `t` under `key`, if any. */
+export function derivedBuffers(t: GpuTensor, key: string): GPUBuffer[] | undefined {
+  return derivedOf.get(t)?.get(key);
+}
+
+/**
+ * Keeps `buffers` with `t` under `key` (once their work is submitted); false, keeping nothing,
+ * when `t` was disposed meanwhile or already keeps that key (the caller then releases them).
+ */
+export function keepDerived(gpu: Gpu, t: GpuTensor, key: string, buffers: GPUBuffer[]): boolean {
+  if (t.disposed || derivedBuffers(t, key) !== undefined) return false;
+  const m = derivedOf.get(t) ?? new Map<string, GPUBuffer[]>();
+  derivedOf.set(t, m);
+  m.set(key, buffers);
+  for (const b of buffers) gpu.liveBytes += Number(b.size);
+  return true;
+}
+
 export class GpuTensor<D extends DType = DType> implements WebGpuTensor<D> {
   readonly device = 'webgpu' as const;
   readonly shape: readonly number[];
@@ -101,6 +127,13 @@ export class GpuTensor<D extends DType = DType> implements WebGpuTensor<D> {
     o.gpu.liveBytes -= this.byteLength;
     o.gpu.release(o.buffer);
     o.buffer = undefined;
+    for (const list of derivedOf.get(this)?.values() ?? []) {
+      for (const b of list) {
+        o.gpu.liveBytes -= Number(b.size);
+        o.gpu.release(b);
+      }
+    }
+    derivedOf.delete(this);
   }
 
   get [Symbol.toStringTag](): string {

@@ -27,7 +27,7 @@ import { COUNT_PICKS, ROUTE } from '../webgpu/route.js';
 import * as S from '../webgpu/shaders.js';
 import { checkBool, checkNumber, INDICES, TOKENS, wire, type WireMeta } from '../wire.js';
 import { loadWasm, type WasmSource } from './wasm.js';
-import { BYTES, factsOf, GpuTensor, isWebGpuTensor, setFacts, uploadTensor, type WebGpuTensor } from './webgpu-tensor.js';
+import { BYTES, derivedBuffers, factsOf, GpuTensor, isWebGpuTensor, keepDerived, setFacts, uploadTensor, type WebGpuTensor } from './webgpu-tensor.js';
 
 export { isWebGpuTensor, type WebGpuTensor } from './webgpu-tensor.js';
 
@@ -201,6 +201,8 @@ interface Meta {
 /** What one GPU op works with: inputs as buffers or host copies, outputs, scratch. */
 class OpCall {
   readonly outputs: GpuTensor[] = [];
+  /** Buffers computed from an input device tensor's values, kept with it once the op's work is submitted (`inverse`). */
+  readonly derived: { tensor: GpuTensor; key: string; buffers: GPUBuffer[] }[] = [];
   constructor(
     readonly gpu: Gpu,
     readonly op: string,
@@ -301,9 +303,8 @@ class OpCall {
     this.gpu.dispatch(this.op, key, code, params, buffers, threads, 64, label);
   }
 
-  /** Exclusive scan of `m` u32 values into a new `[m + 1]` buffer (one workgroup). */
-  scan(values: GPUBuffer, m: number, what: string): GPUBuffer {
-    const out = this.tmp(4 * (m + 1), what);
+  /** Exclusive scan of `m` u32 values into `out`, or a new scratch `[m + 1]` buffer (one workgroup). */
+  scan(values: GPUBuffer, m: number, what: string, out = this.tmp(4 * (m + 1), what)): GPUBuffer {
     this.gpu.dispatch(this.op, 'scan', S.SCAN, [m], [values, out], 256, 256);
     return out;
   }
@@ -341,15 +342,28 @@ class OpCall {
     }
   }
 
-  /** The inverse of a slot -> token map: `start [T + 1]` and `list [N]` (each token's slots, ascending). */
-  inverse(sorted: GPUBuffer, n: number, t: number): { start: GPUBuffer; list: GPUBuffer } {
-    const cnt = this.tmp(4 * t, 'the inverse map');
-    const cursor = this.tmp(4 * t, 'the inverse map');
-    const list = this.tmp(4 * n, 'the inverse map');
+  /**
+   * The inverse of the slot -> token map `sortedIndices` (its buffer `sorted`, `n` slots, tokens
+   * below `t`): `start [t + 1]` and `list [n]` (each token's slots, ascending). A device tensor's
+   * is kept with it (derivedBuffers) once this op's work is submitted, and the next op on the
+   * same tensor and sizes uses it: the layer's unpermute, permuteBackward and unpermuteBackward
+   * on permute's sortedIndices compute it once.
+   */
+  inverse(sortedIndices: unknown, sorted: GPUBuffer, n: number, t: number): { start: GPUBuffer; list: GPUBuffer } {
+    const key = `inverse n=${n} t=${t}`;
+    const device = isWebGpuTensor(sortedIndices) ? sortedIndices : undefined;
+    const known = device && (derivedBuffers(device, key) ?? this.derived.find((d) => d.tensor === device && d.key === key)?.buffers);
+    if (known) return { start: known[0], list: known[1] };
+    const what = 'the inverse map';
+    const kept = (bytes: number) => (device ? this.gpu.buffer(this.op, bytes, what) : this.tmp(bytes, what));
+    const cnt = this.tmp(4 * t, what);
+    const cursor = this.tmp(4 * t, what);
+    const list = kept(4 * n);
     this.run('inv_count', S.INVERSE_COUNT, [n], [sorted, cnt], n);
-    const start = this.scan(cnt, t, 'the inverse map');
+    const start = this.scan(cnt, t, what, kept(4 * (t + 1)));
     this.run('inv_fill', S.INVERSE_FILL, [n], [sorted, start, cursor, list], n);
     this.run('inv_sort', S.INVERSE_SORT, [t], [start, list], t);
+    if (device) this.derived.push({ tensor: device, key, buffers: [start, list] });
     return { start, list };
   }
 
@@ -433,6 +447,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
           return await f(c);
         } catch (e) {
           for (const t of c.outputs) t.dispose();
+          for (const d of c.derived.splice(0)) for (const b of d.buffers) gpu.release(b);
           // this file's own argument checks, named after the op as the adapters name theirs
           if ((e instanceof TypeError || e instanceof RangeError) && !e.message.startsWith(`${op}: `)) throw new (e.constructor as ErrorConstructor)(`${op}: ${e.message}`);
           throw e;
@@ -440,8 +455,11 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
       })
       .catch((e) => {
         if (c) for (const t of c.outputs) t.dispose();
+        if (c) for (const d of c.derived.splice(0)) for (const b of d.buffers) gpu.release(b);
         throw e;
       });
+    // the work is submitted and raised no WebGPU error: what it derived from its inputs is kept with them
+    for (const d of c!.derived.splice(0)) if (!keepDerived(gpu, d.tensor, d.key, d.buffers)) for (const b of d.buffers) gpu.release(b);
     return r === HOST ? viaHost(op, args) : r;
   }
 
@@ -582,7 +600,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         const [n, h] = pm.shape;
         const t = rs[0];
         const sorted = c.buf(sortedIndices, 'sortedIndices');
-        const { start, list } = c.inverse(sorted, n, t);
+        const { start, list } = c.inverse(sortedIndices, sorted, n, t);
         const p = slotProbs(c, sorted, n, o.probs, probs, o.routingMap, rm, o.dropAndPad === true);
         const kind = pm.dtype as TokenDType;
         const out = c.out(kind, [t, h], 'output', true);
@@ -619,7 +637,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         const [n, h] = gm.shape;
         const t = numTokens as number;
         const sorted = c.buf(sortedIndices, 'sortedIndices');
-        const { start, list } = c.inverse(sorted, n, t);
+        const { start, list } = c.inverse(sortedIndices, sorted, n, t);
         const kind = gm.dtype as TokenDType;
         const gradTokens = c.out(kind, [t, h], 'gradTokens', true);
         c.merge(kind, c.buf(gradPermuted, 'gradPermuted'), start, list, undefined, t, h, gradTokens.bufferFor(gpu, 'g'));
@@ -691,7 +709,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         const e = rm!.shape[1];
         const counts = c.tmp(4 * e, 'counts');
         if (dnp !== true) c.columnCounts(c.buf(o.routingMap, 'routingMap'), rm!.shape[0], e, counts);
-        const { start, list } = c.inverse(sorted, n, t);
+        const { start, list } = c.inverse(sortedIndices, sorted, n, t);
         const gradProbs = c.out('float32', [t, e], 'gradProbs');
         c.run('scatter_slots', S.SCATTER_SLOT_VALUES, [t, e, dnp ? 1 : 0, dnp && e > 0 ? n / e : 0], [start, list, counts, dotBuf, gradProbs.bufferFor(gpu, 'gp')], t);
         return { gradPermuted, gradProbs };
