@@ -699,9 +699,16 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         // dot products (software float64), per slot, or summed into (token, expert) as the core does
         const kind = gm.dtype as TokenDType;
         const p = slotProbs(c, sorted, n, o.probs, probs, o.routingMap, rm, dnp === true)!;
-        const gradPermuted = c.out(kind, [n, h], 'gradPermuted');
-        const words = tokenWords(kind, n * h);
-        c.run(`scale_${kind}`, S.scaleRows(kind), [n * h, h, words], [g, sorted, p, gradPermuted.bufferFor(gpu, 'gp')], words);
+        const per = kind === 'float32' ? 4 : 8;
+        const vec4 = h % per === 0;
+        // every word written (the vec4 shader: every 16 bytes of whole rows)
+        const gradPermuted = c.out(kind, [n, h], 'gradPermuted', vec4);
+        const gpBuf = gradPermuted.bufferFor(gpu, 'gp');
+        if (vec4) c.run(`scale_vec4_${kind}`, S.scaleVec4(kind), [h, (n * h) / per], [g, sorted, p, gpBuf], (n * h) / per);
+        else {
+          const words = tokenWords(kind, n * h);
+          c.run(`scale_${kind}`, S.scaleRows(kind), [n * h, h, words], [g, sorted, p, gpBuf], words);
+        }
         const dots = dense ? undefined : c.out('float32', [n], 'gradProbs');
         const dotBuf = dots ? dots.bufferFor(gpu, 'd') : c.tmp(4 * n, 'the slot dots');
         c.run(`slot_dot_${kind}`, S.slotDot(kind, F64 + F64_DOT), [n, h], [g, c.buf(permutedTokens, 'permutedTokens'), sorted, dotBuf], n);

@@ -377,16 +377,25 @@ ${wordBody(
  * element as `merge`, so the same bits) and writes one `vec4<u32>`. P = [hidden, outVec4s,
  * withProbs].
  */
+/** The WGSL that unpacks the 16-byte word `w` into `vals` (`per` float32 values), or packs `acc` into `o`, for `kind`. */
+function vec4Words(kind: Kind, vals: string, acc: string): { per: number; unpack: string; pack: string } {
+  if (kind === 'float32') {
+    return {
+      per: 4,
+      unpack: `for (var j = 0u; j < 4u; j = j + 1u) { ${vals}[j] = bitcast<f32>(w[j]); }`,
+      pack: `for (var j = 0u; j < 4u; j = j + 1u) { o[j] = bitcast<u32>(${acc}[j]); }`,
+    };
+  }
+  const conv = kind === 'bfloat16' ? 'bf16_to_f32' : 'f16_to_f32';
+  return {
+    per: 8,
+    unpack: `for (var j = 0u; j < 8u; j = j + 1u) { ${vals}[j] = ${conv}((w[j >> 1u] >> ((j & 1u) * 16u)) & 0xffffu); }`,
+    pack: `for (var j = 0u; j < 4u; j = j + 1u) { o[j] = round_out(${acc}[2u * j]) | (round_out(${acc}[2u * j + 1u]) << 16u); }`,
+  };
+}
+
 export function mergeVec4(kind: Kind): string {
-  const per = kind === 'float32' ? 4 : 8;
-  const unpack =
-    kind === 'float32'
-      ? 'for (var j = 0u; j < 4u; j = j + 1u) { vals[j] = bitcast<f32>(w[j]); }'
-      : `for (var j = 0u; j < 8u; j = j + 1u) { vals[j] = ${kind === 'bfloat16' ? 'bf16_to_f32' : 'f16_to_f32'}((w[j >> 1u] >> ((j & 1u) * 16u)) & 0xffffu); }`;
-  const pack =
-    kind === 'float32'
-      ? 'for (var j = 0u; j < 4u; j = j + 1u) { o[j] = bitcast<u32>(acc[j]); }'
-      : 'for (var j = 0u; j < 4u; j = j + 1u) { o[j] = round_out(acc[2u * j]) | (round_out(acc[2u * j + 1u]) << 16u); }';
+  const { per, unpack, pack } = vec4Words(kind, 'vals', 'acc');
   return `${HEADER}${CONVERT}${rounder(kind)}
 @group(0) @binding(1) var<storage, read> x: array<vec4<u32>>;
 @group(0) @binding(2) var<storage, read> start: array<u32>;
@@ -410,6 +419,32 @@ fn body(q: u32) {
       acc[j] = acc[j] + v;
     }
   }
+  var o = vec4<u32>(0u);
+  ${pack}
+  out[q] = o;
+}
+${MAIN('P[1]')}`;
+}
+
+/**
+ * `scaleRows` over 16-byte words of rows whose width is a multiple of 16 bytes: a thread scales 4
+ * float32 or 8 bfloat16/float16 columns of one slot (the same arithmetic per element, so the same
+ * bits) and writes one `vec4<u32>`. P = [hidden, outVec4s].
+ */
+export function scaleVec4(kind: Kind): string {
+  const { per, unpack, pack } = vec4Words(kind, 'v', 'v');
+  return `${HEADER}${CONVERT}${rounder(kind)}
+@group(0) @binding(1) var<storage, read> g: array<vec4<u32>>;
+@group(0) @binding(2) var<storage, read> sorted: array<i32>;
+@group(0) @binding(3) var<storage, read> p: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<vec4<u32>>;
+fn body(q: u32) {
+  let rw = P[0] / ${per}u;
+  let i = q / rw;
+  let w = g[u32(sorted[i]) * rw + (q - i * rw)];
+  var v: array<f32, ${per}>;
+  ${unpack}
+  for (var j = 0u; j < ${per}u; j = j + 1u) { v[j] = v[j] * p[i]; }
   var o = vec4<u32>(0u);
   ${pack}
   out[q] = o;
