@@ -169,6 +169,27 @@ describe.skipIf(!moe)('webgpu facts: device pipelines check without reading back
     }
   });
 
+  it("route's option check is remembered only for the same options and bias: after a pass, another topk or bias gets the core's error", async () => {
+    const T = 5;
+    const E = 4;
+    const logits = tensor(
+      'float32',
+      [T, E],
+      Float32Array.from({ length: T * E }, (_, i) => Math.sin(i)),
+    );
+    const x = moe!.upload(logits);
+    const bias = (v: number) => tensor('float32', [E], new Float32Array([0, 1, v, 0]));
+    for (let round = 0; round < 2; round++) {
+      // the second round's passing calls are the remembered checks'
+      const o = { topk: 2, scoreFunction: 'sigmoid' as const, expertBias: bias(2) };
+      const got = await moe!.gpu.route(x, o);
+      same(await got.indices.download(), wasm.route(logits, o).indices, `route, round ${round}`);
+      for (const bad of [{ topk: 5 }, { topk: 2, scoreFunction: 'sigmoid' as const, expertBias: bias(Number.NaN) }, { topk: 2, numGroups: 3 }]) {
+        expect(await outcome(() => moe!.gpu.route(x, bad))).toBe(await outcome(() => wasm.route(logits, bad)));
+      }
+    }
+  });
+
   it("a plain routing map's routes are checked on permute's own sortedIndices (not on zeros standing in for them)", async () => {
     // map A permutes; map B has A's column counts but routes tokens 1 and 2 to the other expert.
     // Zeros in place of the slots' tokens would pass B: token 0 is routed to both experts.

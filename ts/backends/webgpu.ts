@@ -428,6 +428,8 @@ function tokenWords(kind: TokenDType, elements: number): number {
  */
 export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpuBackend {
   const checks = rememberChecks(binding);
+  /** route's option checks that passed on its one-row stand-in (rememberChecks' rule: exact keys of data-free calls). */
+  const routeChecks = new Set<string>();
   /** An op with no shader, or a GPU op sent down the host path: inputs downloaded, wasm, results uploaded. */
   async function viaHost(op: string, args: unknown[]): Promise<unknown> {
     gpu.alive(op);
@@ -778,7 +780,20 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         const rows = Math.min(t, 1);
         const probe = { dtype: lm.dtype, shape: [rows, e], data: lm.dtype === 'float32' ? new Float32Array(rows * e) : new Uint16Array(rows * e) } as Tensor<TokenDType>;
         const maskProbe = mask ? ({ dtype: 'bool', shape: [rows], data: (mask.data as Uint8Array).slice(0, rows) } as Tensor<'bool'>) : undefined;
-        if (c.validate(() => base.route(probe, { ...(o as object), expertBias: bias, tokenMask: maskProbe } as Parameters<Backend['route']>[1])) === HOST) return HOST;
+        // a pass is remembered by an exact key of what the stand-in call sees (the options, the bias's and the mask row's values)
+        const key = checkKey({
+          dtype: lm.dtype,
+          rows,
+          e,
+          options: { ...o, expertBias: bias && Array.from(new Uint32Array((bias.data as Float32Array).slice().buffer)), tokenMask: maskProbe && Array.from(maskProbe.data) },
+        });
+        if (key === undefined || !routeChecks.has(key)) {
+          if (c.validate(() => base.route(probe, { ...(o as object), expertBias: bias, tokenMask: maskProbe } as Parameters<Backend['route']>[1])) === HOST) return HOST;
+          if (key !== undefined) {
+            if (routeChecks.size >= 1024) routeChecks.clear();
+            routeChecks.add(key);
+          }
+        }
         const k = o.topk as number;
         const groups = (o.numGroups as number | undefined) ?? 1;
         const keptGroups = (o.topkGroups as number | undefined) ?? groups;
