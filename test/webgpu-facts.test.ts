@@ -190,6 +190,43 @@ describe.skipIf(!moe)('webgpu facts: device pipelines check without reading back
     }
   });
 
+  it("the stand-in checks of activation, topk and the aux losses are remembered only for the same call: after passes, a changed option or count gets the core's error", async () => {
+    const x = tensor(
+      'float32',
+      [3, 8],
+      Float32Array.from({ length: 24 }, (_, i) => Math.sin(i)),
+    );
+    const counts = (v: number[]) => tensor('int32', [v.length], Int32Array.from(v));
+    const ones = [1, 1, 1, 1, 1, 1, 1, 1];
+    // [op, arguments]: the first of each op passes, the others differ from it in one option, count or shape
+    const calls: [string, unknown[]][] = [
+      ['activation', [x, { kind: 'swiglu' }]],
+      ['activation', [x, { kind: 'swiglu', alpha: -1 }]],
+      ['activation', [x, { kind: 'swiglu', limit: -1 }]],
+      ['topk', [x, 2]],
+      ['topk', [x, 9]],
+      ['topk', [x, 0]],
+      ['zLoss', [x, { coeff: 0.1 }]],
+      ['zLoss', [x, { coeff: -1 }]],
+      ['switchLoadBalancingLossFromLogits', [x, counts(ones), { topk: 2, coeff: 0.1 }]],
+      ['switchLoadBalancingLossFromLogits', [x, counts(ones), { topk: 2, coeff: -1 }]],
+      ['switchLoadBalancingLossFromLogits', [x, counts([1, 1, 1, 1, 1, 1, 1]), { topk: 2, coeff: 0.1 }]],
+      ['switchLoadBalancingLossFromLogits', [x, counts([1, 1, 1, 1, 1, 1, 1, -1]), { topk: 2, coeff: 0.1 }]],
+    ];
+    const g = moe!.gpu as unknown as Record<string, (...a: unknown[]) => Promise<unknown>>;
+    const w = wasm as unknown as Record<string, (...a: unknown[]) => unknown>;
+    let passes = 0;
+    // the second round's passing calls are the remembered checks'
+    for (let round = 0; round < 2; round++) {
+      for (const [op, args] of calls) {
+        const want = await outcome(() => w[op](...args));
+        if (want === 'ok') passes++;
+        expect(await outcome(() => g[op](moe!.upload(x), ...args.slice(1))), `${op}(${JSON.stringify(args[args.length - 1])}), round ${round}`).toBe(want);
+      }
+    }
+    expect(passes).toBeGreaterThanOrEqual(8);
+  });
+
   it("a plain routing map's routes are checked on permute's own sortedIndices (not on zeros standing in for them)", async () => {
     // map A permutes; map B has A's column counts but routes tokens 1 and 2 to the other expert.
     // Zeros in place of the slots' tokens would pass B: token 0 is routed to both experts.

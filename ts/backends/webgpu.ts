@@ -207,6 +207,8 @@ class OpCall {
     readonly gpu: Gpu,
     readonly op: string,
     readonly scratch: GPUBuffer[],
+    /** The backend's stand-in calls that passed (`validateProbe`), by op and exact key. */
+    readonly probes: Set<string>,
   ) {}
 
   meta(value: unknown, arg: string, dtypes: readonly DType[]): Meta {
@@ -333,6 +335,24 @@ class OpCall {
     return { dtype: m.dtype, shape: [m.shape[0], 0], data } as Tensor<TokenDType>;
   }
 
+  /**
+   * `validate` for a call on stand-ins that `what` describes exactly (its checkKey: dtypes, shapes,
+   * options, the few values the call reads): a pass is remembered for the backend, so the same
+   * call again skips the wasm op (as rememberChecks does for the core's check functions); a
+   * failure, or a `what` with anything else in it, always runs it.
+   */
+  validateProbe(what: unknown, f: () => unknown): Host | undefined {
+    const key = checkKey(what);
+    const k = key === undefined ? undefined : `${this.op}${key}`;
+    if (k !== undefined && this.probes.has(k)) return undefined;
+    if (this.validate(f) === HOST) return HOST;
+    if (k !== undefined) {
+      if (this.probes.size >= 1024) this.probes.clear();
+      this.probes.add(k);
+    }
+    return undefined;
+  }
+
   /** Runs the core's validation; a failure sends the op down the host path (the core's own error, on the real data). */
   validate<T>(f: () => T): T | Host {
     try {
@@ -428,8 +448,7 @@ function tokenWords(kind: TokenDType, elements: number): number {
  */
 export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpuBackend {
   const checks = rememberChecks(binding);
-  /** route's option checks that passed on its one-row stand-in (rememberChecks' rule: exact keys of data-free calls). */
-  const routeChecks = new Set<string>();
+  const probes = new Set<string>();
   /** An op with no shader, or a GPU op sent down the host path: inputs downloaded, wasm, results uploaded. */
   async function viaHost(op: string, args: unknown[]): Promise<unknown> {
     gpu.alive(op);
@@ -444,7 +463,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
     let c: OpCall | undefined;
     const r = await gpu
       .scoped(op, async (scratch) => {
-        c = new OpCall(gpu, op, scratch);
+        c = new OpCall(gpu, op, scratch, probes);
         try {
           return await f(c);
         } catch (e) {
@@ -748,7 +767,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         const [t, e] = vm.shape;
         // the core checks k and the shape on a one-row stand-in; NaN is flagged by the shader
         const probe = { dtype: 'float32', shape: [Math.min(t, 1), e], data: new Float32Array(Math.min(t, 1) * e) } as Tensor<'float32'>;
-        if (c.validate(() => base.topk(probe, k as number)) === HOST) return HOST;
+        if (c.validateProbe({ rows: probe.shape[0], e, k }, () => base.topk(probe, k as number)) === HOST) return HOST;
         const kk = k as number;
         const ov = c.out('float32', [t, kk], 'values');
         const oi = c.out('int32', [t, kk], 'indices');
@@ -780,20 +799,14 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         const rows = Math.min(t, 1);
         const probe = { dtype: lm.dtype, shape: [rows, e], data: lm.dtype === 'float32' ? new Float32Array(rows * e) : new Uint16Array(rows * e) } as Tensor<TokenDType>;
         const maskProbe = mask ? ({ dtype: 'bool', shape: [rows], data: (mask.data as Uint8Array).slice(0, rows) } as Tensor<'bool'>) : undefined;
-        // a pass is remembered by an exact key of what the stand-in call sees (the options, the bias's and the mask row's values)
-        const key = checkKey({
+        // what the stand-in call sees: the options, the bias's bits and the mask row's values
+        const seen = {
           dtype: lm.dtype,
           rows,
           e,
           options: { ...o, expertBias: bias && Array.from(new Uint32Array((bias.data as Float32Array).slice().buffer)), tokenMask: maskProbe && Array.from(maskProbe.data) },
-        });
-        if (key === undefined || !routeChecks.has(key)) {
-          if (c.validate(() => base.route(probe, { ...(o as object), expertBias: bias, tokenMask: maskProbe } as Parameters<Backend['route']>[1])) === HOST) return HOST;
-          if (key !== undefined) {
-            if (routeChecks.size >= 1024) routeChecks.clear();
-            routeChecks.add(key);
-          }
-        }
+        };
+        if (c.validateProbe(seen, () => base.route(probe, { ...(o as object), expertBias: bias, tokenMask: maskProbe } as Parameters<Backend['route']>[1])) === HOST) return HOST;
         const k = o.topk as number;
         const groups = (o.numGroups as number | undefined) ?? 1;
         const keptGroups = (o.topkGroups as number | undefined) ?? groups;
@@ -1047,7 +1060,16 @@ function auxLoss(
     const probe = { dtype: 'float32', shape: [r1, e], data: new Float32Array(r1 * e) } as Tensor<'float32'>;
     const opts = { ...o, tokenMask: mask ? ({ dtype: 'bool', shape: [r1], data: (mask.data as Uint8Array).slice(0, r1) } as Tensor<'bool'>) : undefined };
     const b = base as unknown as Record<string, (...a: unknown[]) => unknown>;
-    if (c.validate(() => (mode === 2 ? b.zLoss(probe, opts) : b[op](probe, tpe, opts))) === HOST) return HOST;
+    // what the stand-in call sees: the counts' values, the options, the mask row (int64 counts: checked every call)
+    const probeCall = () => (mode === 2 ? b.zLoss(probe, opts) : b[op](probe, tpe, opts));
+    const seen = {
+      mode,
+      r1,
+      e,
+      tpe: tpe && { shape: tpe.shape, data: Array.from(tpe.data as Int32Array) },
+      options: { ...o, tokenMask: opts.tokenMask && Array.from(opts.tokenMask.data as Uint8Array) },
+    };
+    if ((tpe?.dtype === 'int64' ? c.validate(probeCall) : c.validateProbe(seen, probeCall)) === HOST) return HOST;
     // the core's factor E * coeff / (k * N^2) and 2 * coeff / N, in its order
     const valid = mask ? (mask.data as Uint8Array).reduce((a, v) => a + (v !== 0 ? 1 : 0), 0) : t;
     const coeff = (o.coeff as number | undefined) ?? 1;
@@ -1113,7 +1135,9 @@ async function activationSetup(c: OpCall, base: Backend, x: unknown, grad: unkno
   const zeros = (w: number) => ({ dtype: xm.dtype, shape: [r1, w], data: xm.dtype === 'float32' ? new Float32Array(r1 * w) : new Uint16Array(r1 * w) }) as Tensor<TokenDType>;
   const p1 = probs ? ({ dtype: 'float32', shape: probs.shape.length === 1 ? [r1] : [r1, 1], data: new Float32Array(r1) } as Tensor<'float32'>) : undefined;
   const opts = { ...(o as object), probs: p1 } as Parameters<Backend['activation']>[1];
-  if (c.validate(() => (gm ? base.activationBackward(zeros(Number.isInteger(inter) ? inter : 0), zeros(width), opts) : base.activation(zeros(width), opts))) === HOST) return HOST;
+  // what the stand-in call sees: zeros of x's and grad's widths, the options (probs: zeros of a shape)
+  const seen = { backward: gm !== undefined, dtype: xm.dtype, r1, width, options: { ...o, probs: p1?.shape } };
+  if (c.validateProbe(seen, () => (gm ? base.activationBackward(zeros(Number.isInteger(inter) ? inter : 0), zeros(width), opts) : base.activation(zeros(width), opts))) === HOST) return HOST;
   const f32 = (v: unknown, d: number) => new Uint32Array(new Float32Array([typeof v === 'number' ? v : d]).buffer)[0];
   return {
     kind: xm.dtype as TokenDType,
