@@ -259,6 +259,8 @@ export function webgpuCases(ctx) {
           const groups = G ? { numGroups: G, topkGroups: Math.min(G, Math.ceil(k / (E / G)) + 1) } : {};
           const routes = [
             ['softmax', { topk: k }],
+            // every expert picked: the shader keeps up to 16 picks in the thread's own arrays, more in the buffers
+            ['softmax, every expert', { topk: E }],
             ['softmax before topk, normalised', { topk: k, softmaxBeforeTopk: true, normTopkProb: true }],
             ['sigmoid, normalised, scaled', { topk: k, scoreFunction: 'sigmoid', normTopkProb: true, routeScale: 2.5 }],
             ['sigmoid groups', { topk: k, scoreFunction: 'sigmoid', ...groups }],

@@ -158,17 +158,39 @@ fn phase4(t: u32) {
     for (var j = 0u; j < k; j = j + 1u) { indices[o + j] = -1; weights[o + j] = 0u; }
   } else {
     var n = 0u;
-    for (var e = 0u; e < E; e = e + 1u) {
-      let kb = key(scratch[KEYS + e]);
-      if (n == k && kb <= key(scratch[KEYS + u32(indices[o + k - 1u])])) { continue; }
-      var j = n;
-      if (n == k) { j = k - 1u; } else { n = n + 1u; }
-      loop {
-        if (j == 0u || key(scratch[KEYS + u32(indices[o + j - 1u])]) >= kb) { break; }
-        indices[o + j] = indices[o + j - 1u];
-        j = j - 1u;
+    if (k <= 16u) {
+      // the picks and their keys in the thread's own arrays (not re-read from the buffers at
+      // each comparison), written out once: the same insertion, the same picks
+      var pk: array<u32, 16>;
+      var pi: array<i32, 16>;
+      for (var e = 0u; e < E; e = e + 1u) {
+        let kb = key(scratch[KEYS + e]);
+        if (n == k && kb <= pk[k - 1u]) { continue; }
+        var j = n;
+        if (n == k) { j = k - 1u; } else { n = n + 1u; }
+        loop {
+          if (j == 0u || pk[j - 1u] >= kb) { break; }
+          pk[j] = pk[j - 1u];
+          pi[j] = pi[j - 1u];
+          j = j - 1u;
+        }
+        pk[j] = kb;
+        pi[j] = i32(e);
       }
-      indices[o + j] = i32(e);
+      for (var j = 0u; j < k; j = j + 1u) { indices[o + j] = pi[j]; }
+    } else {
+      for (var e = 0u; e < E; e = e + 1u) {
+        let kb = key(scratch[KEYS + e]);
+        if (n == k && kb <= key(scratch[KEYS + u32(indices[o + k - 1u])])) { continue; }
+        var j = n;
+        if (n == k) { j = k - 1u; } else { n = n + 1u; }
+        loop {
+          if (j == 0u || key(scratch[KEYS + u32(indices[o + j - 1u])]) >= kb) { break; }
+          indices[o + j] = indices[o + j - 1u];
+          j = j - 1u;
+        }
+        indices[o + j] = i32(e);
+      }
     }
     let wide = base + 4u * E;
     if (sf == 0u && P[4] == 0u) {
