@@ -327,157 +327,207 @@ export function webgpuCases(ctx) {
     }
   }
 
-  add("software float64 (route's arithmetic on the GPU) equals JavaScript's numbers bit for bit: add, sub, mul, div, floor, float32 conversions, sums of float32 products", async () => {
-    const { Gpu, F64_CHECK, F64_DOT_CHECK } = await ctx.f64();
-    const gpu = new Gpu(await (await globalThis.navigator.gpu.requestAdapter()).requestDevice(), 'test');
-    const random = rng(5);
-    const n = 8192;
-    const a = new Float64Array(n);
-    const b = new Float64Array(n);
-    const bits = new Uint32Array(2);
-    const asF64 = new Float64Array(bits.buffer);
-    const draw = () => {
-      const kind = Math.floor(random() * 8);
-      if (kind === 0) {
-        bits[0] = Math.floor(random() * 2 ** 32);
-        bits[1] = Math.floor(random() * 2 ** 32);
-        return asF64[0];
-      }
-      if (kind === 1) {
-        bits[0] = Math.floor(random() * 2 ** 32);
-        bits[1] = Math.floor(random() * 2 ** 20) | (random() < 0.5 ? 0x80000000 : 0);
-        return asF64[0]; // subnormal
-      }
-      if (kind === 2) return [0, -0, Infinity, -Infinity, 1, -1, 0.5, 2 ** -1022, 2 ** 1023, Number.MAX_VALUE, 5e-324][Math.floor(random() * 11)];
-      if (kind === 3) return (random() - 0.5) * 2 ** Math.floor(random() * 80 - 40);
-      if (kind === 4) return Math.floor(random() * 200 - 100) + (random() < 0.5 ? 0 : 0.5);
-      if (kind === 5) return Math.fround((random() - 0.5) * 2 ** Math.floor(random() * 300 - 150));
-      return (random() * 2 - 1) * 2 ** Math.floor(random() * 2100 - 1075);
-    };
-    for (let i = 0; i < n; i++) {
-      a[i] = draw();
-      b[i] = random() < 0.3 ? a[i] * (1 + (random() - 0.5) * 2 ** -40) : draw();
-      if (random() < 0.1) {
-        // (1 + x 2^-52) (1 + y 2^-52) with x y near 2^51: products that tie, or tie but for bits
-        // far below (the sticky bit), at exponents up to the subnormal range
-        const p = 1 + Math.floor(random() * 50);
-        const x = 2 ** p + Math.floor(random() * 3);
-        const y = 2 ** (51 - p) + Math.floor(random() * 3);
-        a[i] = (1 + x * 2 ** -52) * 2 ** Math.floor(random() * 200 - 100);
-        b[i] = (random() < 0.5 ? -1 : 1) * (1 + y * 2 ** -52) * 2 ** (random() < 0.2 ? -1000 - Math.floor(random() * 60) : Math.floor(random() * 200 - 100));
-      }
-    }
-    const f32 = new Float32Array(1);
-    const f32u = new Uint32Array(f32.buffer);
-    const refs = [
-      ['add', (x, y) => x + y],
-      ['sub', (x, y) => x - y],
-      ['mul', (x, y) => x * y],
-      ['div', (x, y) => x / y],
-      ['floor', (x) => Math.floor(x)],
-      [
-        'to f32',
-        (x) => {
-          f32[0] = x;
-          return f32u[0];
-        },
-      ],
-      [
-        'from f32',
-        (x) => {
-          bits[0] = new Uint32Array(new Float64Array([x]).buffer)[0];
-          f32u[0] = bits[0];
-          return f32[0];
-        },
-      ],
-    ];
-    refs[8] = ['sqrt', (x) => Math.sqrt(x)];
-    refs[7] = ['exp (skipped: compared through route)', () => NaN];
-    const aBuf = gpu.upload('test', new Uint8Array(a.buffer), 'a');
-    const bBuf = gpu.upload('test', new Uint8Array(b.buffer), 'b');
-    for (const [op, [name, ref]] of refs.entries()) {
-      if (op === 7) continue;
-      const out = gpu.buffer('test', n * 8, 'out');
-      gpu.dispatch('test', 'f64check', F64_CHECK, [n, op], [aBuf, bBuf, out], n);
-      const got = new Uint32Array((await gpu.read('test', out, n * 8)).buffer);
-      const bad = [];
-      for (let i = 0; i < n && bad.length < 5; i++) {
-        const want = ref(a[i], b[i]);
-        if (name === 'to f32') {
-          const ok = Number.isNaN(f32[0]) ? (got[2 * i] & 0x7fffffff) > 0x7f800000 : got[2 * i] === want;
-          if (!ok) bad.push(`${name}(${a[i]}): got 0x${got[2 * i].toString(16)}, want 0x${want.toString(16)}`);
-          continue;
-        }
-        bits[0] = got[2 * i];
-        bits[1] = got[2 * i + 1];
-        const g = asF64[0];
-        const ok = Number.isNaN(want) ? Number.isNaN(g) : Object.is(g, want);
-        if (!ok) bad.push(`${name}(${a[i]}, ${b[i]}): got ${g}, want ${want}`);
-      }
-      check.deepEqual(bad, [], name);
-      compared[`float64 ${name}`] = n;
-    }
-    // unpermuteBackward's dot (F64_DOT: exact float32 products added to an unpacked float64
-    // sum) against JavaScript's sum of the same products, float64 bits, on rows made to round
-    // often, to tie, and to tie but for bits below the guard bits (the sticky bit): small
-    // integers at scattered exponents, half an ulp of the sum so far (with or without a far
-    // lower bit), exact cancellations, all-zero rows of either sign, subnormals (rows of them),
-    // random bits, and now and then an infinity or a NaN (the general path)
-    const rows = 2048;
-    const h = 24;
-    const fa = new Float32Array(rows * h);
-    const fb = new Float32Array(rows * h);
-    const f32bits = new Float32Array(bits.buffer, 0, 1);
-    const sign = () => (random() < 0.5 ? -1 : 1);
-    const subnormal = () => sign() * Math.floor(random() * 2 ** 23) * 2 ** -149;
-    const scattered = (span) => sign() * (1 + Math.floor(random() * 16)) * 2 ** Math.floor(random() * span - span / 2);
-    const want = new Float64Array(rows);
-    for (let r = 0; r < rows; r++) {
-      const shape = r % 8;
-      let sum = -0;
-      for (let c = 0; c < h; c++) {
-        let a;
-        let b = 1;
-        const kind = Math.floor(random() * 12);
-        if (shape === 0 && kind < 6) {
-          // half an ulp of the sum, alone (a tie) or with a bit 1..23 places lower (sticky), or
-          // 2^20 ulps + half an ulp + a bit 11..21 places lower ((2^k + 1) (2^21 + 1) 2^-(k+1) ulps)
-          const u = sum === 0 ? -60 : Math.floor(Math.log2(Math.abs(sum))) - 52;
-          const j = 1 + Math.floor(random() * 23);
-          const k = 10 + Math.floor(random() * 11);
-          a = sign() * (kind < 2 ? 1 : kind < 4 ? 1 + 2 ** -j : 2 ** k + 1);
-          b = kind < 4 ? 2 ** Math.max(-126, Math.min(127, u - 1)) : (2 ** 21 + 1) * 2 ** Math.max(-140, Math.min(100, u - k - 1));
-        } else if (shape === 1 && c % 2 === 1) {
-          // cancels the term before it exactly: the sum returns to what it was, or to +0
-          a = -fa[r * h + c - 1];
-          b = fb[r * h + c - 1];
-        } else if (shape === 2) a = kind < 6 ? 0 : -0;
-        else if (shape === 4 || shape === 5) a = subnormal();
-        else if (kind === 0) a = [0, -0, 1, -1, 2 ** -149, -(2 ** -149), 2 ** -126, 3.4e38, -3.4e38][Math.floor(random() * 9)];
-        else if (kind === 1) {
+  add(
+    "software float64 (route's arithmetic on the GPU) equals JavaScript's numbers bit for bit: add, sub, mul, div, floor, float32 conversions, sums of float32 products, the core's exp",
+    async () => {
+      const { Gpu, F64_CHECK, F64_DOT_CHECK } = await ctx.f64();
+      const gpu = new Gpu(await (await globalThis.navigator.gpu.requestAdapter()).requestDevice(), 'test');
+      const random = rng(5);
+      const n = 8192;
+      const a = new Float64Array(n);
+      const b = new Float64Array(n);
+      const bits = new Uint32Array(2);
+      const asF64 = new Float64Array(bits.buffer);
+      const draw = () => {
+        const kind = Math.floor(random() * 8);
+        if (kind === 0) {
           bits[0] = Math.floor(random() * 2 ** 32);
-          if ((bits[0] & 0x7f800000) === 0x7f800000) bits[0] ^= 0x40000000;
-          a = f32bits[0];
-        } else if (kind === 2) a = subnormal();
-        else if (kind === 3 && r % 61 === 7) a = [Infinity, -Infinity, NaN][Math.floor(random() * 3)];
-        else a = scattered(shape === 3 ? 120 : 64);
-        // rows of shape 4: subnormal times subnormal; 5: subnormal times normal
-        if (b === 1 && shape !== 1 && shape !== 2) b = shape === 4 || kind === 4 ? subnormal() : kind % 3 === 0 ? -1 : scattered(40);
-        fa[r * h + c] = a;
-        fb[r * h + c] = b;
-        sum += fa[r * h + c] * fb[r * h + c];
+          bits[1] = Math.floor(random() * 2 ** 32);
+          return asF64[0];
+        }
+        if (kind === 1) {
+          bits[0] = Math.floor(random() * 2 ** 32);
+          bits[1] = Math.floor(random() * 2 ** 20) | (random() < 0.5 ? 0x80000000 : 0);
+          return asF64[0]; // subnormal
+        }
+        if (kind === 2) return [0, -0, Infinity, -Infinity, 1, -1, 0.5, 2 ** -1022, 2 ** 1023, Number.MAX_VALUE, 5e-324][Math.floor(random() * 11)];
+        if (kind === 3) return (random() - 0.5) * 2 ** Math.floor(random() * 80 - 40);
+        if (kind === 4) return Math.floor(random() * 200 - 100) + (random() < 0.5 ? 0 : 0.5);
+        if (kind === 5) return Math.fround((random() - 0.5) * 2 ** Math.floor(random() * 300 - 150));
+        return (random() * 2 - 1) * 2 ** Math.floor(random() * 2100 - 1075);
+      };
+      for (let i = 0; i < n; i++) {
+        a[i] = draw();
+        b[i] = random() < 0.3 ? a[i] * (1 + (random() - 0.5) * 2 ** -40) : draw();
+        if (random() < 0.1) {
+          // (1 + x 2^-52) (1 + y 2^-52) with x y near 2^51: products that tie, or tie but for bits
+          // far below (the sticky bit), at exponents up to the subnormal range
+          const p = 1 + Math.floor(random() * 50);
+          const x = 2 ** p + Math.floor(random() * 3);
+          const y = 2 ** (51 - p) + Math.floor(random() * 3);
+          a[i] = (1 + x * 2 ** -52) * 2 ** Math.floor(random() * 200 - 100);
+          b[i] = (random() < 0.5 ? -1 : 1) * (1 + y * 2 ** -52) * 2 ** (random() < 0.2 ? -1000 - Math.floor(random() * 60) : Math.floor(random() * 200 - 100));
+        }
       }
-      want[r] = sum;
-    }
-    const dot = gpu.buffer('test', rows * 8, 'out');
-    gpu.dispatch('test', 'f64dot', F64_DOT_CHECK, [rows, h], [gpu.upload('test', new Uint8Array(fa.buffer), 'a'), gpu.upload('test', new Uint8Array(fb.buffer), 'b'), dot], rows);
-    const got = new Float64Array((await gpu.read('test', dot, rows * 8)).buffer);
-    const badDots = [];
-    for (let r = 0; r < rows && badDots.length < 5; r++) if (!(Number.isNaN(want[r]) ? Number.isNaN(got[r]) : Object.is(got[r], want[r]))) badDots.push(`row ${r}: got ${got[r]}, want ${want[r]}`);
-    check.deepEqual(badDots, [], 'dot');
-    compared['float64 dot'] = rows;
-    gpu.device.destroy();
-  });
+      const f32 = new Float32Array(1);
+      const f32u = new Uint32Array(f32.buffer);
+      const refs = [
+        ['add', (x, y) => x + y],
+        ['sub', (x, y) => x - y],
+        ['mul', (x, y) => x * y],
+        ['div', (x, y) => x / y],
+        ['floor', (x) => Math.floor(x)],
+        [
+          'to f32',
+          (x) => {
+            f32[0] = x;
+            return f32u[0];
+          },
+        ],
+        [
+          'from f32',
+          (x) => {
+            bits[0] = new Uint32Array(new Float64Array([x]).buffer)[0];
+            f32u[0] = bits[0];
+            return f32[0];
+          },
+        ],
+      ];
+      refs[8] = ['sqrt', (x) => Math.sqrt(x)];
+      refs[7] = ['exp (below, on its own inputs)', () => NaN];
+      const aBuf = gpu.upload('test', new Uint8Array(a.buffer), 'a');
+      const bBuf = gpu.upload('test', new Uint8Array(b.buffer), 'b');
+      for (const [op, [name, ref]] of refs.entries()) {
+        if (op === 7) continue;
+        const out = gpu.buffer('test', n * 8, 'out');
+        gpu.dispatch('test', 'f64check', F64_CHECK, [n, op], [aBuf, bBuf, out], n);
+        const got = new Uint32Array((await gpu.read('test', out, n * 8)).buffer);
+        const bad = [];
+        for (let i = 0; i < n && bad.length < 5; i++) {
+          const want = ref(a[i], b[i]);
+          if (name === 'to f32') {
+            const ok = Number.isNaN(f32[0]) ? (got[2 * i] & 0x7fffffff) > 0x7f800000 : got[2 * i] === want;
+            if (!ok) bad.push(`${name}(${a[i]}): got 0x${got[2 * i].toString(16)}, want 0x${want.toString(16)}`);
+            continue;
+          }
+          bits[0] = got[2 * i];
+          bits[1] = got[2 * i + 1];
+          const g = asF64[0];
+          const ok = Number.isNaN(want) ? Number.isNaN(g) : Object.is(g, want);
+          if (!ok) bad.push(`${name}(${a[i]}, ${b[i]}): got ${g}, want ${want}`);
+        }
+        check.deepEqual(bad, [], name);
+        compared[`float64 ${name}`] = n;
+      }
+      // the core's exp (detmath.rs) in JavaScript's float64, operation for operation, on arguments
+      // across its range, near 0 (the Horner steps' fast path needs |r| >= 2^-900), near the
+      // multiples of ln 2 / 2 where k changes, at the overflow and underflow bounds
+      {
+        const word = (hi, lo) => new Float64Array(new Uint32Array([lo, hi]).buffer)[0];
+        const LN2_HI = word(0x3fe62e42, 0xfee00000);
+        const LN2_LO = word(0x3dea39ef, 0x35793c76);
+        const inv = [1];
+        let fact = 1;
+        for (let i = 1; i <= 14; i++) {
+          fact *= i;
+          inv.push(1 / fact);
+        }
+        const scale = (x, k) => (k > 1023 ? x * 2 ** 1023 * 2 ** Math.min(k - 1023, 1023) : k < -1022 ? x * 2 ** -1022 * 2 ** Math.max(k + 1022, -1022) : x * 2 ** k);
+        const coreExp = (x) => {
+          if (Number.isNaN(x)) return x;
+          if (x > 709.782712893384) return Infinity;
+          if (x < -745.2) return 0;
+          const k = Math.floor(x * Math.LOG2E + 0.5);
+          const r = x - k * LN2_HI - k * LN2_LO;
+          let p = inv[14];
+          for (let i = 13; i >= 0; i--) p = p * r + inv[i];
+          return scale(p, k);
+        };
+        const xs = new Float64Array(n);
+        for (let i = 0; i < n; i++) {
+          const kind = i % 6;
+          if (kind === 0) xs[i] = random() * 1460 - 748;
+          else if (kind === 1) xs[i] = (random() - 0.5) * 2 ** -Math.floor(random() * 1080);
+          else if (kind === 2) xs[i] = (Math.floor(random() * 2000 - 1000) + 0.5) * Math.LN2 + (random() - 0.5) * 2 ** -Math.floor(random() * 50);
+          else if (kind === 3)
+            xs[i] = [0, -0, 709.782712893384, 709.7827128933841, -745.2, -745.1999999999999, 1, -1, 0.5, Infinity, -Infinity, Number.NaN, 5e-324, -5e-324][Math.floor(random() * 14)];
+          else if (kind === 4) xs[i] = Math.fround(random() * 40 - 20) - Math.fround(random() * 20);
+          else xs[i] = (random() - 0.5) * 2 ** Math.floor(random() * 12 - 4);
+        }
+        const xBuf = gpu.upload('test', new Uint8Array(xs.buffer), 'x');
+        const out = gpu.buffer('test', n * 8, 'out');
+        gpu.dispatch('test', 'f64check', F64_CHECK, [n, 7], [xBuf, xBuf, out], n);
+        const got = new Float64Array((await gpu.read('test', out, n * 8)).buffer);
+        const bad = [];
+        for (let i = 0; i < n && bad.length < 5; i++) {
+          const want = coreExp(xs[i]);
+          if (!(Number.isNaN(want) ? Number.isNaN(got[i]) : Object.is(got[i], want))) bad.push(`exp(${xs[i]}): got ${got[i]}, want ${want}`);
+        }
+        check.deepEqual(bad, [], 'exp');
+        compared['float64 exp'] = n;
+      }
+      // unpermuteBackward's dot (F64_DOT: exact float32 products added to an unpacked float64
+      // sum) against JavaScript's sum of the same products, float64 bits, on rows made to round
+      // often, to tie, and to tie but for bits below the guard bits (the sticky bit): small
+      // integers at scattered exponents, half an ulp of the sum so far (with or without a far
+      // lower bit), exact cancellations, all-zero rows of either sign, subnormals (rows of them),
+      // random bits, and now and then an infinity or a NaN (the general path)
+      const rows = 2048;
+      const h = 24;
+      const fa = new Float32Array(rows * h);
+      const fb = new Float32Array(rows * h);
+      const f32bits = new Float32Array(bits.buffer, 0, 1);
+      const sign = () => (random() < 0.5 ? -1 : 1);
+      const subnormal = () => sign() * Math.floor(random() * 2 ** 23) * 2 ** -149;
+      const scattered = (span) => sign() * (1 + Math.floor(random() * 16)) * 2 ** Math.floor(random() * span - span / 2);
+      const want = new Float64Array(rows);
+      for (let r = 0; r < rows; r++) {
+        const shape = r % 8;
+        let sum = -0;
+        for (let c = 0; c < h; c++) {
+          let a;
+          let b = 1;
+          const kind = Math.floor(random() * 12);
+          if (shape === 0 && kind < 6) {
+            // half an ulp of the sum, alone (a tie) or with a bit 1..23 places lower (sticky), or
+            // 2^20 ulps + half an ulp + a bit 11..21 places lower ((2^k + 1) (2^21 + 1) 2^-(k+1) ulps)
+            const u = sum === 0 ? -60 : Math.floor(Math.log2(Math.abs(sum))) - 52;
+            const j = 1 + Math.floor(random() * 23);
+            const k = 10 + Math.floor(random() * 11);
+            a = sign() * (kind < 2 ? 1 : kind < 4 ? 1 + 2 ** -j : 2 ** k + 1);
+            b = kind < 4 ? 2 ** Math.max(-126, Math.min(127, u - 1)) : (2 ** 21 + 1) * 2 ** Math.max(-140, Math.min(100, u - k - 1));
+          } else if (shape === 1 && c % 2 === 1) {
+            // cancels the term before it exactly: the sum returns to what it was, or to +0
+            a = -fa[r * h + c - 1];
+            b = fb[r * h + c - 1];
+          } else if (shape === 2) a = kind < 6 ? 0 : -0;
+          else if (shape === 4 || shape === 5) a = subnormal();
+          else if (kind === 0) a = [0, -0, 1, -1, 2 ** -149, -(2 ** -149), 2 ** -126, 3.4e38, -3.4e38][Math.floor(random() * 9)];
+          else if (kind === 1) {
+            bits[0] = Math.floor(random() * 2 ** 32);
+            if ((bits[0] & 0x7f800000) === 0x7f800000) bits[0] ^= 0x40000000;
+            a = f32bits[0];
+          } else if (kind === 2) a = subnormal();
+          else if (kind === 3 && r % 61 === 7) a = [Infinity, -Infinity, NaN][Math.floor(random() * 3)];
+          else a = scattered(shape === 3 ? 120 : 64);
+          // rows of shape 4: subnormal times subnormal; 5: subnormal times normal
+          if (b === 1 && shape !== 1 && shape !== 2) b = shape === 4 || kind === 4 ? subnormal() : kind % 3 === 0 ? -1 : scattered(40);
+          fa[r * h + c] = a;
+          fb[r * h + c] = b;
+          sum += fa[r * h + c] * fb[r * h + c];
+        }
+        want[r] = sum;
+      }
+      const dot = gpu.buffer('test', rows * 8, 'out');
+      gpu.dispatch('test', 'f64dot', F64_DOT_CHECK, [rows, h], [gpu.upload('test', new Uint8Array(fa.buffer), 'a'), gpu.upload('test', new Uint8Array(fb.buffer), 'b'), dot], rows);
+      const got = new Float64Array((await gpu.read('test', dot, rows * 8)).buffer);
+      const badDots = [];
+      for (let r = 0; r < rows && badDots.length < 5; r++) if (!(Number.isNaN(want[r]) ? Number.isNaN(got[r]) : Object.is(got[r], want[r]))) badDots.push(`row ${r}: got ${got[r]}, want ${want[r]}`);
+      check.deepEqual(badDots, [], 'dot');
+      compared['float64 dot'] = rows;
+      gpu.device.destroy();
+    },
+  );
 
   add('ops without a shader run on wasm inside (dropTokens) with webgpu tensors; route and losses on wide logits', async () => {
     const m = moe;

@@ -265,6 +265,8 @@ fn f_scale(x: vec2<u32>, k: i32) -> vec2<u32> {
   var b = F64_ONE;
   if (k > 1023) { a = f_pow2(1023); b = f_pow2(min(k - 1023, 1023)); }
   if (k < -1022) { a = f_pow2(-1022); b = f_pow2(max(k + 1022, -1022)); }
+  // x * a * 1 is x * a, every bit (finite x here): the second multiplication only where b is not 1
+  if (k >= -1022 && k <= 1023) { return f_mul(x, a); }
   return f_mul(f_mul(x, a), b);
 }
 
@@ -274,6 +276,56 @@ const LOG2_E = ${f64Literal(Math.LOG2E)};
 const EXP_OVER = ${f64Literal(709.782712893384)};
 const EXP_UNDER = ${f64Literal(-745.2)};
 const F64_HALF = ${f64Literal(0.5)};
+/**
+ * f_mul and f_add for operands and results that are normal numbers (no zero, subnormal, infinity
+ * or NaN in or out): the same rounding, without the special cases (the Horner steps of f_exp).
+ */
+fn f_mul_normal(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> {
+  let A = vec2<u32>(a.x, (a.y & 0xfffffu) | 0x100000u);
+  let B = vec2<u32>(b.x, (b.y & 0xfffffu) | 0x100000u);
+  let ll = mul_wide(A.x, B.x); let lh = mul_wide(A.x, B.y); let hl = mul_wide(A.y, B.x); let hh = mul_wide(A.y, B.y);
+  let t1 = ll.y + lh.x; var c1 = select(0u, 1u, t1 < ll.y);
+  let p1 = t1 + hl.x; c1 = c1 + select(0u, 1u, p1 < t1);
+  let u1 = hh.x + lh.y; var c2 = select(0u, 1u, u1 < hh.x);
+  let u2 = u1 + hl.y; c2 = c2 + select(0u, 1u, u2 < u1);
+  let p2 = u2 + c1; c2 = c2 + select(0u, 1u, p2 < u2);
+  let p3 = hh.y + c2;
+  var m = vec2<u32>((p1 >> 10u) | (p2 << 22u) | select(0u, 1u, (p1 & 0x3ffu) != 0u || ll.x != 0u), (p2 >> 10u) | (p3 << 22u));
+  var be = i32(f_bexp(a)) + i32(f_bexp(b)) - 1023;
+  // the leading one at bit 63: one place down (its bit 0 kept as sticky), else at bit 62
+  if ((m.y & 0x80000000u) != 0u) { m = vec2<u32>((m.x >> 1u) | (m.y << 31u) | (m.x & 1u), m.y >> 1u); be = be + 1; }
+  return f_round_normal((a.y ^ b.y) & 0x80000000u, be, m);
+}
+fn f_add_normal(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> {
+  let sa = a.y & 0x80000000u;
+  let sb = b.y & 0x80000000u;
+  var ea = i32(f_bexp(a));
+  var eb = i32(f_bexp(b));
+  var ma = u_shl(vec2<u32>(a.x, (a.y & 0xfffffu) | 0x100000u), 9u);
+  var mb = u_shl(vec2<u32>(b.x, (b.y & 0xfffffu) | 0x100000u), 9u);
+  var s = sa;
+  if (eb > ea || (eb == ea && u_lt(ma, mb))) {
+    let e0 = ea; ea = eb; eb = e0;
+    let m0 = ma; ma = mb; mb = m0;
+    s = sb;
+  }
+  mb = u_shr_jam(mb, u32(ea - eb));
+  var m = select(u_sub(ma, mb), u_add(ma, mb), sa == sb);
+  // leading one to bit 62 (from bit 62 - 63: cancellation, or 63: a carry)
+  var be = ea + 1;
+  let lz = u_clz(m);
+  if (lz == 0u) { m = u_shr_jam(m, 1u); be = be + 1; } else if (lz > 1u) { m = u_shl(m, lz - 1u); be = be - i32(lz - 1u); }
+  return f_round_normal(s, be, m);
+}
+/** f_round_pack for an m with its leading one at bit 62 and a normal result. */
+fn f_round_normal(sign: u32, be: i32, m: vec2<u32>) -> vec2<u32> {
+  let r = m.x & 0x3ffu;
+  var q = u_shr(m, 10u);
+  if (r > 0x200u || (r == 0x200u && (q.x & 1u) == 1u)) { q = u_add(q, vec2<u32>(1u, 0u)); }
+  let res = u_add(q, vec2<u32>(0u, u32(be - 1) << 20u));
+  return vec2<u32>(res.x, res.y | sign);
+}
+
 /** The core's exp (detmath.rs), operation for operation. */
 fn f_exp(x: vec2<u32>) -> vec2<u32> {
   if (f_isnan(x)) { return x; }
@@ -283,7 +335,13 @@ fn f_exp(x: vec2<u32>) -> vec2<u32> {
   let r = f_sub(f_sub(x, f_mul(k, LN2_HI)), f_mul(k, LN2_LO));
   var inv = array<vec2<u32>, 15>(${INV_FACTORIAL.map(f64Literal).join(', ')});
   var p = inv[14];
-  for (var i = 13; i >= 0; i = i - 1) { p = f_add(f_mul(p, r), inv[i]); }
+  // |r| <= 0.35 and p in [2^-37, 1.5]: with |r| >= 2^-900 every product and sum is a normal
+  // number, and the steps without special cases give the same bits
+  if (f_bexp(r) >= 123u) {
+    for (var i = 13; i >= 0; i = i - 1) { p = f_add_normal(f_mul_normal(p, r), inv[i]); }
+  } else {
+    for (var i = 13; i >= 0; i = i - 1) { p = f_add(f_mul(p, r), inv[i]); }
+  }
   return f_scale(p, f_to_i32(k));
 }
 `;
