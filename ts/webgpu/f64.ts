@@ -77,11 +77,7 @@ fn f_round_pack(sign: u32, be_in: i32, m_in: vec2<u32>) -> vec2<u32> {
   if (lz == 0u) { m = u_shr_jam(m, 1u); be = be + 1; } else if (lz > 1u) { m = u_shl(m, lz - 1u); be = be - i32(lz - 1u); }
   if (be >= 0x7ff) { return vec2<u32>(0u, sign | 0x7ff00000u); }
   if (be <= 0) { m = u_shr_jam(m, u32(min(1 - be, 64))); be = 1; }
-  let r = m.x & 0x3ffu;
-  var q = u_shr(m, 10u);
-  if (r > 0x200u || (r == 0x200u && (q.x & 1u) == 1u)) { q = u_add(q, vec2<u32>(1u, 0u)); }
-  let res = u_add(q, vec2<u32>(0u, u32(be - 1) << 20u));
-  return vec2<u32>(res.x, res.y | sign);
+  return f_round_normal(sign, be, m);
 }
 
 fn f_add(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> {
@@ -111,6 +107,22 @@ fn f_add(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> {
 }
 fn f_sub(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> { return f_add(a, f_neg(b)); }
 
+/**
+ * The product of two significands with their leading ones at bit 52: its bits 42..105 (the 128-bit
+ * product has its leading one at bit 104 or 105, so these at bit 62 or 63), the 42 below OR-ed
+ * into bit 0 (the sticky bit).
+ */
+fn sig_product(A: vec2<u32>, B: vec2<u32>) -> vec2<u32> {
+  let ll = mul_wide(A.x, B.x); let lh = mul_wide(A.x, B.y); let hl = mul_wide(A.y, B.x); let hh = mul_wide(A.y, B.y);
+  let t1 = ll.y + lh.x; var c1 = select(0u, 1u, t1 < ll.y);
+  let p1 = t1 + hl.x; c1 = c1 + select(0u, 1u, p1 < t1);
+  let u1 = hh.x + lh.y; var c2 = select(0u, 1u, u1 < hh.x);
+  let u2 = u1 + hl.y; c2 = c2 + select(0u, 1u, u2 < u1);
+  let p2 = u2 + c1; c2 = c2 + select(0u, 1u, p2 < u2);
+  let p3 = hh.y + c2;
+  return vec2<u32>((p1 >> 10u) | (p2 << 22u) | select(0u, 1u, (p1 & 0x3ffu) != 0u || ll.x != 0u), (p2 >> 10u) | (p3 << 22u));
+}
+
 fn f_mul(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> {
   if (f_isnan(a) || f_isnan(b)) { return F64_QNAN; }
   let s = (a.y ^ b.y) & 0x80000000u;
@@ -125,17 +137,7 @@ fn f_mul(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> {
   B = u_shl(B, lb);
   let ea = i32(max(f_bexp(a), 1u)) - i32(la);
   let eb = i32(max(f_bexp(b), 1u)) - i32(lb);
-  // the 128-bit product p3:p2:p1:p0 has its leading one at bit 104 or 105
-  let ll = mul_wide(A.x, B.x); let lh = mul_wide(A.x, B.y); let hl = mul_wide(A.y, B.x); let hh = mul_wide(A.y, B.y);
-  let t1 = ll.y + lh.x; var c1 = select(0u, 1u, t1 < ll.y);
-  let p1 = t1 + hl.x; c1 = c1 + select(0u, 1u, p1 < t1);
-  let u1 = hh.x + lh.y; var c2 = select(0u, 1u, u1 < hh.x);
-  let u2 = u1 + hl.y; c2 = c2 + select(0u, 1u, u2 < u1);
-  let p2 = u2 + c1; c2 = c2 + select(0u, 1u, p2 < u2);
-  let p3 = hh.y + c2;
-  // its bits 42..105 (leading one at bit 62 or 63), the 42 below as the sticky bit
-  let m = vec2<u32>((p1 >> 10u) | (p2 << 22u) | select(0u, 1u, (p1 & 0x3ffu) != 0u || ll.x != 0u), (p2 >> 10u) | (p3 << 22u));
-  return f_round_pack(s, ea + eb - 1023, m);
+  return f_round_pack(s, ea + eb - 1023, sig_product(A, B));
 }
 
 fn f_div(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> {
@@ -281,16 +283,7 @@ const F64_HALF = ${f64Literal(0.5)};
  * or NaN in or out): the same rounding, without the special cases (the Horner steps of f_exp).
  */
 fn f_mul_normal(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> {
-  let A = vec2<u32>(a.x, (a.y & 0xfffffu) | 0x100000u);
-  let B = vec2<u32>(b.x, (b.y & 0xfffffu) | 0x100000u);
-  let ll = mul_wide(A.x, B.x); let lh = mul_wide(A.x, B.y); let hl = mul_wide(A.y, B.x); let hh = mul_wide(A.y, B.y);
-  let t1 = ll.y + lh.x; var c1 = select(0u, 1u, t1 < ll.y);
-  let p1 = t1 + hl.x; c1 = c1 + select(0u, 1u, p1 < t1);
-  let u1 = hh.x + lh.y; var c2 = select(0u, 1u, u1 < hh.x);
-  let u2 = u1 + hl.y; c2 = c2 + select(0u, 1u, u2 < u1);
-  let p2 = u2 + c1; c2 = c2 + select(0u, 1u, p2 < u2);
-  let p3 = hh.y + c2;
-  var m = vec2<u32>((p1 >> 10u) | (p2 << 22u) | select(0u, 1u, (p1 & 0x3ffu) != 0u || ll.x != 0u), (p2 >> 10u) | (p3 << 22u));
+  var m = sig_product(vec2<u32>(a.x, (a.y & 0xfffffu) | 0x100000u), vec2<u32>(b.x, (b.y & 0xfffffu) | 0x100000u));
   var be = i32(f_bexp(a)) + i32(f_bexp(b)) - 1023;
   // the leading one at bit 63: one place down (its bit 0 kept as sticky), else at bit 62
   if ((m.y & 0x80000000u) != 0u) { m = vec2<u32>((m.x >> 1u) | (m.y << 31u) | (m.x & 1u), m.y >> 1u); be = be + 1; }
@@ -317,7 +310,11 @@ fn f_add_normal(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> {
   if (lz == 0u) { m = u_shr_jam(m, 1u); be = be + 1; } else if (lz > 1u) { m = u_shl(m, lz - 1u); be = be - i32(lz - 1u); }
   return f_round_normal(s, be, m);
 }
-/** f_round_pack for an m with its leading one at bit 62 and a normal result. */
+/**
+ * f_round_pack's last step: m (its leading one at bit 62; a subnormal's lower, with be = 1) rounded
+ * to nearest even at bit 10 and packed with the biased exponent be - 1 (a carry out of the
+ * significand moves it up one); by itself, for an m and be of a normal result.
+ */
 fn f_round_normal(sign: u32, be: i32, m: vec2<u32>) -> vec2<u32> {
   let r = m.x & 0x3ffu;
   var q = u_shr(m, 10u);
