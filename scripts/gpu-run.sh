@@ -12,7 +12,7 @@
 # `bash scripts/gpu-run.sh remote`. Where CUDA is missing, the suite skips with the reason.
 # Options of pack: --no-build (pack what is built). Of remote: SKIP_SUITE=1 (the GPU suite and
 # `check`), SKIP_SOAK=1, SKIP_BENCH=1, SKIP_EXPERTS=1 (the experts part of the benchmark),
-# SUITE_FILES="a b" (only test/gpu/a.test.mjs, b.test.mjs), SKIP_TORCH=1, SKIP_TRAIN=1 (the training-step benchmarks: Rust-driven and PyTorch's),
+# SUITE_FILES="a b" (only test/gpu/a.test.mjs, b.test.mjs), SUITE_TIMEOUT=S (the suite's time limit, 420 s), SKIP_TORCH=1, SKIP_TRAIN=1 (the training-step benchmarks: Rust-driven and PyTorch's),
 # TRAIN_AB="NAME=value" (the training steps again with that environment setting; the training results go into one train.json),
 # GGEMM=1 (moe-cuda-bench ggemm: the grouped GEMM's checks and timings),
 # ACTMEM_AB="NAME=value" (with ACTMEM: the grouped path again with that setting, each round),
@@ -256,7 +256,10 @@ remote() {
     local files=("$BUNDLE/test/gpu/")
     # SUITE_FILES="optim layer-train": only those files of test/gpu (a quick look; the full suite is the default)
     [[ -n "${SUITE_FILES:-}" ]] && { files=(); for f in $SUITE_FILES; do files+=("$BUNDLE/test/gpu/$f.test.mjs"); done; }
-    "$node" --test --test-reporter=tap --test-reporter-destination="$OUT/gpu-suite.tap" --test-reporter=spec --test-reporter-destination=/dev/null "${files[@]}" ; echo "  exit code $?"
+    # (a time limit, SUITE_TIMEOUT seconds: a kernel that never finishes must not take the rest of the run with it;
+    # the suite takes ~40 s on the H200)
+    timeout "${SUITE_TIMEOUT:-420}" "$node" --test --test-reporter=tap --test-reporter-destination="$OUT/gpu-suite.tap" --test-reporter=spec \
+      --test-reporter-destination=/dev/null "${files[@]}" ; echo "  exit code $? (124: over SUITE_TIMEOUT)"
     grep -E '^# (\\# )?(cuda|CUDA)' "$OUT/gpu-suite.tap" | head -3
     grep -E '^# (tests|suites|pass|fail|cancelled|skipped|todo|duration_ms)' "$OUT/gpu-suite.tap"
     grep -E '^\s*not ok' "$OUT/gpu-suite.tap" | head -20
