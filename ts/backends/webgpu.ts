@@ -468,7 +468,6 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
           return await f(c);
         } catch (e) {
           for (const t of c.outputs) t.dispose();
-          for (const d of c.derived.splice(0)) for (const b of d.buffers) gpu.release(b);
           // this file's own argument checks, named after the op as the adapters name theirs
           if ((e instanceof TypeError || e instanceof RangeError) && !e.message.startsWith(`${op}: `)) throw new (e.constructor as ErrorConstructor)(`${op}: ${e.message}`);
           throw e;
@@ -476,6 +475,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
       })
       .catch((e) => {
         if (c) for (const t of c.outputs) t.dispose();
+        // (an error in the op or a WebGPU error after it: what it derived is not kept)
         if (c) for (const d of c.derived.splice(0)) for (const b of d.buffers) gpu.release(b);
         throw e;
       });

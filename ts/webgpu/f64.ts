@@ -64,20 +64,52 @@ fn f_isinf(a: vec2<u32>) -> bool { return f_bexp(a) == 0x7ffu && (a.y & 0xfffffu
 fn f_iszero(a: vec2<u32>) -> bool { return (a.y & 0x7fffffffu) == 0u && a.x == 0u; }
 fn f_neg(a: vec2<u32>) -> vec2<u32> { return vec2<u32>(a.x, a.y ^ 0x80000000u); }
 
+/** A sign, a biased exponent and a significand not yet rounded (see f_round_pack). */
+struct Unrounded { s: u32, be: i32, m: vec2<u32> }
+
+/** u with m's leading one moved to bit 62 (m not zero; a bit shifted out is kept as sticky). */
+fn f_normalize(u: Unrounded) -> Unrounded {
+  let lz = u_clz(u.m);
+  if (lz == 0u) { return Unrounded(u.s, u.be + 1, u_shr_jam(u.m, 1u)); }
+  if (lz > 1u) { return Unrounded(u.s, u.be - i32(lz - 1u), u_shl(u.m, lz - 1u)); }
+  return u;
+}
+
 /**
  * Rounds and packs sign | value m * 2^(be - 1085) (be: the biased exponent the value has when
  * m's leading one is at bit 62; bit 0 may carry a sticky bit) to the nearest float64, ties to
  * even, with overflow to infinity and gradual underflow.
  */
 fn f_round_pack(sign: u32, be_in: i32, m_in: vec2<u32>) -> vec2<u32> {
-  var m = m_in;
-  var be = be_in;
-  if (u_zero(m)) { return vec2<u32>(0u, sign); }
-  let lz = u_clz(m);
-  if (lz == 0u) { m = u_shr_jam(m, 1u); be = be + 1; } else if (lz > 1u) { m = u_shl(m, lz - 1u); be = be - i32(lz - 1u); }
+  if (u_zero(m_in)) { return vec2<u32>(0u, sign); }
+  let n = f_normalize(Unrounded(sign, be_in, m_in));
+  var m = n.m;
+  var be = n.be;
   if (be >= 0x7ff) { return vec2<u32>(0u, sign | 0x7ff00000u); }
   if (be <= 0) { m = u_shr_jam(m, u32(min(1 - be, 64))); be = 1; }
   return f_round_normal(sign, be, m);
+}
+
+/**
+ * The sum of two finite non-zero float64s before rounding: the larger's sign and exponent, the
+ * aligned significands (9 bits up, the smaller's shifted-out bits kept as sticky) added or
+ * subtracted; m is zero where they cancel exactly.
+ */
+fn f_add_unrounded(a: vec2<u32>, b: vec2<u32>) -> Unrounded {
+  let sa = a.y & 0x80000000u;
+  let sb = b.y & 0x80000000u;
+  var ea = i32(max(f_bexp(a), 1u));
+  var eb = i32(max(f_bexp(b), 1u));
+  var ma = u_shl(f_sig(a), 9u);
+  var mb = u_shl(f_sig(b), 9u);
+  var s = sa;
+  if (eb > ea || (eb == ea && u_lt(ma, mb))) {
+    let e0 = ea; ea = eb; eb = e0;
+    let m0 = ma; ma = mb; mb = m0;
+    s = sb;
+  }
+  mb = u_shr_jam(mb, u32(ea - eb));
+  return Unrounded(s, ea + 1, select(u_sub(ma, mb), u_add(ma, mb), sa == sb));
 }
 
 fn f_add(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> {
@@ -88,22 +120,10 @@ fn f_add(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> {
   if (f_isinf(b)) { return b; }
   if (f_iszero(a)) { if (f_iszero(b)) { return vec2<u32>(0u, sa & sb); } return b; }
   if (f_iszero(b)) { return a; }
-  var ea = i32(max(f_bexp(a), 1u));
-  var eb = i32(max(f_bexp(b), 1u));
-  var ma = u_shl(f_sig(a), 9u);
-  var mb = u_shl(f_sig(b), 9u);
-  var s = sa;
-  var t = sb;
-  if (eb > ea || (eb == ea && u_lt(ma, mb))) {
-    let e0 = ea; ea = eb; eb = e0;
-    let m0 = ma; ma = mb; mb = m0;
-    s = sb; t = sa;
-  }
-  mb = u_shr_jam(mb, u32(ea - eb));
-  if (s == t) { return f_round_pack(s, ea + 1, u_add(ma, mb)); }
-  let m = u_sub(ma, mb);
-  if (u_zero(m)) { return vec2<u32>(0u, 0u); }
-  return f_round_pack(s, ea + 1, m);
+  let u = f_add_unrounded(a, b);
+  // an exact cancellation is +0
+  if (u_zero(u.m)) { return vec2<u32>(0u, 0u); }
+  return f_round_pack(u.s, u.be, u.m);
 }
 fn f_sub(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> { return f_add(a, f_neg(b)); }
 
@@ -283,32 +303,13 @@ const F64_HALF = ${f64Literal(0.5)};
  * or NaN in or out): the same rounding, without the special cases (the Horner steps of f_exp).
  */
 fn f_mul_normal(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> {
-  var m = sig_product(vec2<u32>(a.x, (a.y & 0xfffffu) | 0x100000u), vec2<u32>(b.x, (b.y & 0xfffffu) | 0x100000u));
-  var be = i32(f_bexp(a)) + i32(f_bexp(b)) - 1023;
-  // the leading one at bit 63: one place down (its bit 0 kept as sticky), else at bit 62
-  if ((m.y & 0x80000000u) != 0u) { m = vec2<u32>((m.x >> 1u) | (m.y << 31u) | (m.x & 1u), m.y >> 1u); be = be + 1; }
-  return f_round_normal((a.y ^ b.y) & 0x80000000u, be, m);
+  let m = sig_product(vec2<u32>(a.x, (a.y & 0xfffffu) | 0x100000u), vec2<u32>(b.x, (b.y & 0xfffffu) | 0x100000u));
+  let n = f_normalize(Unrounded((a.y ^ b.y) & 0x80000000u, i32(f_bexp(a)) + i32(f_bexp(b)) - 1023, m));
+  return f_round_normal(n.s, n.be, n.m);
 }
 fn f_add_normal(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> {
-  let sa = a.y & 0x80000000u;
-  let sb = b.y & 0x80000000u;
-  var ea = i32(f_bexp(a));
-  var eb = i32(f_bexp(b));
-  var ma = u_shl(vec2<u32>(a.x, (a.y & 0xfffffu) | 0x100000u), 9u);
-  var mb = u_shl(vec2<u32>(b.x, (b.y & 0xfffffu) | 0x100000u), 9u);
-  var s = sa;
-  if (eb > ea || (eb == ea && u_lt(ma, mb))) {
-    let e0 = ea; ea = eb; eb = e0;
-    let m0 = ma; ma = mb; mb = m0;
-    s = sb;
-  }
-  mb = u_shr_jam(mb, u32(ea - eb));
-  var m = select(u_sub(ma, mb), u_add(ma, mb), sa == sb);
-  // leading one to bit 62 (from bit 62 - 63: cancellation, or 63: a carry)
-  var be = ea + 1;
-  let lz = u_clz(m);
-  if (lz == 0u) { m = u_shr_jam(m, 1u); be = be + 1; } else if (lz > 1u) { m = u_shl(m, lz - 1u); be = be - i32(lz - 1u); }
-  return f_round_normal(s, be, m);
+  let n = f_normalize(f_add_unrounded(a, b));
+  return f_round_normal(n.s, n.be, n.m);
 }
 /**
  * f_round_pack's last step: m (its leading one at bit 62; a subnormal's lower, with be = 1) rounded

@@ -300,7 +300,7 @@ mod tests {
 
     #[test]
     fn capacity_matches_the_reference_table() {
-        // Rows of shared/golden/capacity.json, plus rounding-sensitive ones.
+        // Rows of test/fixtures/golden/capacity.json, plus rounding-sensitive ones.
         assert_eq!(get_capacity(4096, 64, 1.0, None), Ok(64));
         assert_eq!(get_capacity(4096, 64, 1.25, None), Ok(80));
         assert_eq!(get_capacity(10, 3, 1.5, Some(4)), Ok(5));
