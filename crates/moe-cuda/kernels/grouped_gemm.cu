@@ -409,6 +409,23 @@ static __device__ __forceinline__ void gg_epilogue(const float* acc, void* out, 
     }
 }
 
+// One k-step of a warpgroup's wgmmas: D[64 x N] (+)= A[64 x 64] B[64 x N], A K-major at a_addr
+// (its 64 rows of 128 bytes), B at b_addr: K-major rows of 64 k values (128 bytes), 8-row groups
+// 1024 bytes apart; or N-major rows of 64 n values, one 8 KiB box per 64 columns (LBO), 8-row (k)
+// groups 1024 bytes apart (SBO), a k-step of 16 rows = 2048 bytes. The first k-step overwrites D.
+template <int N, bool B_KMAJOR>
+static __device__ __forceinline__ void gg_mma_step(float* acc, int kb, u32 a_addr, u32 b_addr) {
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < GG_BK / 16; ks++) {
+        const u64 da = gg_desc(a_addr + ks * 32, 16, 1024);
+        const u64 db = B_KMAJOR ? gg_desc(b_addr + ks * 32, 16, 1024) : gg_desc(b_addr + ks * 2048, 8192, 1024);
+        const int accumulate = (kb > 0 || ks > 0) ? 1 : 0;
+        if constexpr (N == 256) wgmma_m64n256k16<0, B_KMAJOR ? 0 : 1>(acc, da, db, accumulate);
+        else wgmma_m64n128k16<0, B_KMAJOR ? 0 : 1>(acc, da, db, accumulate);
+    }
+}
+
 // HALF (EPI_RING only): a tile of at most 64 rows (an expert's last) is multiplied as two
 // 64 x 128 halves, one a warpgroup (wgmma m64n128k16), instead of 128 x 256 with the second
 // warpgroup's rows thrown away.
@@ -491,30 +508,11 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
                 // both warpgroups: the first 64 rows of A; B's columns 128c .. 128c + 127 (16 KiB
                 // on: 128 K-major rows, or two 64-column boxes)
                 gg_consume<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w, [&](int kb, u32 a_addr, u32 b_addr) {
-                    const u32 a0 = a_addr - c * (64 * 128), b_c = b_addr + c * 16384;
-                    wgmma_fence();
-#pragma unroll
-                    for (int ks = 0; ks < GG_BK / 16; ks++) {
-                        const u64 da = gg_desc(a0 + ks * 32, 16, 1024);
-                        const u64 db = B_KMAJOR ? gg_desc(b_c + ks * 32, 16, 1024) : gg_desc(b_c + ks * 2048, 8192, 1024);
-                        wgmma_m64n128k16<0, B_KMAJOR ? 0 : 1>(acc, da, db, (kb > 0 || ks > 0) ? 1 : 0);
-                    }
+                    gg_mma_step<128, B_KMAJOR>(acc, kb, a_addr - c * (64 * 128), b_addr + c * 16384);
                 });
             } else {
-                gg_consume<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w, [&](int kb, u32 a_addr, u32 b_addr) {
-                    wgmma_fence();
-#pragma unroll
-                    for (int ks = 0; ks < GG_BK / 16; ks++) {
-                        const u64 da = gg_desc(a_addr + ks * 32, 16, 1024);
-                        // K-major B: rows of 64 k values (128 bytes), 8-row groups 1024 bytes apart;
-                        // N-major B: rows of 64 n values, one 8 KiB box per 64 columns (LBO), 8-row
-                        // (k) groups 1024 bytes apart (SBO), a k-step of 16 rows = 2048 bytes
-                        const u64 db = B_KMAJOR ? gg_desc(b_addr + ks * 32, 16, 1024) : gg_desc(b_addr + ks * 2048, 8192, 1024);
-                        const int accumulate = (kb > 0 || ks > 0) ? 1 : 0;
-                        if constexpr (BN == 256) wgmma_m64n256k16<0, B_KMAJOR ? 0 : 1>(acc, da, db, accumulate);
-                        else wgmma_m64n128k16<0, B_KMAJOR ? 0 : 1>(acc, da, db, accumulate);
-                    }
-                });
+                gg_consume<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w,
+                                                         [&](int kb, u32 a_addr, u32 b_addr) { gg_mma_step<BN, B_KMAJOR>(acc, kb, a_addr, b_addr); });
             }
             gg_epilogue<BN, OUT_F32, EPI, STAGES, STAGE_BYTES>(acc, out, 0, tl.row0, tl.rows, tl.n0, n, sh, ring, w, half);
         }
