@@ -108,6 +108,13 @@ export function webgpuCases(ctx) {
     walk(host, want, `${op} ${what}`);
   }
 
+  /** Values uniform in [-4 s, 4 s) of a dtype and shape. */
+  function randomScaled(dtype, shape, s, random) {
+    const v = Float32Array.from({ length: shape.reduce((a, b) => a * b, 1) }, () => (random() * 8 - 4) * s);
+    if (dtype === 'float32') return tensor('float32', shape, v);
+    return tensor(dtype, shape, Uint16Array.from(v, dtype === 'bfloat16' ? toBFloat16Bits : toFloat16Bits));
+  }
+
   function randomTokens(dtype, rows, h, random) {
     const v = Float32Array.from({ length: rows * h }, () => random() * 8 - 4);
     if (dtype === 'float32') return tensor('float32', [rows, h], v);
@@ -571,6 +578,93 @@ export function webgpuCases(ctx) {
     await same('dropTokens', await m.gpu.dropTokens(m.upload(probs), m.upload(routingMap), d), wasm.dropTokens(probs, routingMap, d), '');
   });
 
+  // The GEMM ops: shapes that cross the core's 256-wide k-blocks (a k of 300), more than one
+  // 64 x 64 tile each way, experts without tokens and one holding nearly all, transposes, mixed
+  // dtypes (float32 weights with 16-bit tokens), probs as [N] and [N, 1], biases.
+  add('matmul and the grouped experts, forward and backward, every activation kind, against wasm', async () => {
+    const m = moe;
+    const random = rng(2112);
+    const up = (x) => (x && x.dtype !== undefined && x.dtype !== 'int64' ? m.upload(x) : x);
+    for (const dtype of DTYPES) {
+      for (const [M, K, N, transA, transB] of [
+        [5, 7, 3, false, false],
+        [70, 300, 65, false, false],
+        [33, 260, 9, true, false],
+        [9, 17, 130, false, true],
+        [65, 2, 66, true, true],
+        [4, 0, 3, false, false],
+      ]) {
+        const a = randomTokens(dtype, transA ? K : M, transA ? M : K, random);
+        const b = randomTokens(M % 2 ? 'float32' : dtype, transB ? N : K, transB ? K : N, random);
+        const o = { transA, transB };
+        const what = `${dtype} [${M}, ${K}] x [${K}, ${N}] ${JSON.stringify(o)}`;
+        const before = m.transfers().toHostBytes;
+        const got = await m.gpu.matmul(up(a), M % 3 ? up(b) : b, o);
+        check.equal(m.transfers().toHostBytes - before, 0, `matmul ${what}: bytes read back (the shader path reads none)`);
+        await same('matmul', got, wasm.matmul(a, b, o), what);
+      }
+      const problems = [
+        // [counts, dim, inter, weights' dtype]
+        [[3, 0, 70, 1], 20, 9, dtype],
+        [[2, 0, 5, 1], 300, 4, 'float32'],
+        [[300, 0, 3], 6, 5, dtype],
+        [[0, 40, 0], 8, 66, dtype],
+        [[0, 0], 4, 3, dtype],
+      ];
+      for (const [pi, [counts, dim, inter, wdtype]] of problems.entries()) {
+        const n = counts.reduce((x, y) => x + y, 0);
+        const e = counts.length;
+        for (const [kind, extra] of [
+          ['swiglu', {}],
+          ['quick_geglu', { alpha: 1.5, limit: 2.5 }],
+          ['swiglu_oai', {}],
+          ['swiglu_clamped', { limit: 1.25 }],
+          ['relu2', {}],
+        ]) {
+          if (pi > 0 && kind !== 'swiglu' && kind !== 'relu2' && kind !== ['quick_geglu', 'swiglu_oai', 'swiglu_clamped'][pi % 3]) continue;
+          const width = kind === 'relu2' ? inter : 2 * inter;
+          // weights scaled by 1/sqrt of the sum's length, so that no intermediate is a float32
+          // subnormal (a GPU may flush those to zero: SwiftShader does; docs/semantics.md)
+          const x = randomTokens(dtype, n, dim, random);
+          const W1 = randomScaled(wdtype, [e, dim, width], 0.5 / Math.sqrt(Math.max(1, dim)), random);
+          const W2 = randomScaled(wdtype, [e, inter, dim], 0.5 / Math.sqrt(inter), random);
+          const weights = kind === 'relu2' ? { upProjs: W1, downProjs: W2 } : { gateAndUpProjs: W1, downProjs: W2 };
+          const weightsDev = kind === 'relu2' ? { upProjs: up(W1), downProjs: up(W2) } : { gateAndUpProjs: up(W1), downProjs: W2 };
+          const b1 = randomTokens(dtype, e, width, random);
+          const b2 = randomTokens(wdtype, e, dim, random);
+          const probs = tensor(
+            'float32',
+            pi % 2 ? [n, 1] : [n],
+            Float32Array.from({ length: n }, () => random()),
+          );
+          const tpe = pi === 2 ? tensor('int64', [e], BigInt64Array.from(counts, BigInt)) : tensor('int32', [e], Int32Array.from(counts));
+          const g = randomTokens(dtype, n, dim, random);
+          for (const o of [
+            { activation: kind, ...extra },
+            { activation: kind, ...extra, permutedProbs: probs },
+            { activation: kind, ...extra, biases: { downProjBias: b2 } },
+            { activation: kind, ...extra, permutedProbs: probs, biases: { gateUpProjBias: b1, downProjBias: b2 } },
+          ]) {
+            const od = { ...o };
+            if (o.permutedProbs) od.permutedProbs = up(o.permutedProbs);
+            if (o.biases) od.biases = { ...o.biases, downProjBias: up(o.biases.downProjBias) };
+            const what = `${dtype} counts ${counts} dim ${dim} inter ${inter} ${wdtype} ${kind} ${Object.keys(o).join(',')}`;
+            // the shader path reads back the counts alone (a device int32 tpe), nothing with a host one
+            const counted = tpe.dtype === 'int32' ? 4 * e : 0;
+            let before = m.transfers().toHostBytes;
+            const y = await m.gpu.expertsForward(up(x), up(tpe), weightsDev, od);
+            check.equal(m.transfers().toHostBytes - before, counted, `expertsForward ${what}: bytes read back`);
+            await same('expertsForward', y, wasm.expertsForward(x, tpe, weights, o), what);
+            before = m.transfers().toHostBytes;
+            const grads = await m.gpu.expertsBackward(up(g), x, up(tpe), weightsDev, od);
+            check.equal(m.transfers().toHostBytes - before, counted, `expertsBackward ${what}: bytes read back`);
+            await same('expertsBackward', grads, wasm.expertsBackward(g, x, tpe, weights, o), what);
+          }
+        }
+      }
+    }
+  });
+
   add('errors: the same class and message as wasm (the core validates)', async () => {
     const m = moe;
     const t = tensor('float32', [3, 2], new Float32Array(6));
@@ -649,6 +743,132 @@ export function webgpuCases(ctx) {
         'switchLoadBalancingLoss: numTokens',
         () => m.gpu.switchLoadBalancingLoss(m.upload(t), tensor('int32', [2], new Int32Array(2)), { topk: 1, numTokens: 0 }),
         () => wasm.switchLoadBalancingLoss(t, tensor('int32', [2], new Int32Array(2)), { topk: 1, numTokens: 0 }),
+      ],
+      ['matmul: inner dimensions', () => m.gpu.matmul(m.upload(t), m.upload(t)), () => wasm.matmul(t, t)],
+      ['matmul: dtype', () => m.gpu.matmul(m.upload(t), m.upload(tensor('int32', [2, 2], new Int32Array(4)))), () => wasm.matmul(t, tensor('int32', [2, 2], new Int32Array(4)))],
+      ['matmul: transA', () => m.gpu.matmul(m.upload(t), t, { transA: 1 }), () => wasm.matmul(t, t, { transA: 1 })],
+      [
+        'expertsForward: counts add up to more',
+        () =>
+          m.gpu.expertsForward(
+            m.upload(t),
+            m.upload(tensor('int32', [1], new Int32Array([4]))),
+            { gateAndUpProjs: m.upload(tensor('float32', [1, 2, 2], new Float32Array(4))), downProjs: tensor('float32', [1, 1, 2], new Float32Array(2)) },
+            { activation: 'swiglu' },
+          ),
+        () =>
+          wasm.expertsForward(
+            t,
+            tensor('int32', [1], new Int32Array([4])),
+            { gateAndUpProjs: tensor('float32', [1, 2, 2], new Float32Array(4)), downProjs: tensor('float32', [1, 1, 2], new Float32Array(2)) },
+            { activation: 'swiglu' },
+          ),
+      ],
+      [
+        'expertsForward: negative count',
+        () =>
+          m.gpu.expertsForward(
+            t,
+            tensor('int32', [2], new Int32Array([4, -1])),
+            { gateAndUpProjs: m.upload(tensor('float32', [2, 2, 2], new Float32Array(8))), downProjs: tensor('float32', [2, 1, 2], new Float32Array(4)) },
+            { activation: 'swiglu' },
+          ),
+        () =>
+          wasm.expertsForward(
+            t,
+            tensor('int32', [2], new Int32Array([4, -1])),
+            { gateAndUpProjs: tensor('float32', [2, 2, 2], new Float32Array(8)), downProjs: tensor('float32', [2, 1, 2], new Float32Array(4)) },
+            { activation: 'swiglu' },
+          ),
+      ],
+      [
+        'expertsForward: down shape',
+        () =>
+          m.gpu.expertsForward(
+            m.upload(t),
+            tensor('int32', [1], new Int32Array([3])),
+            { gateAndUpProjs: m.upload(tensor('float32', [1, 2, 2], new Float32Array(4))), downProjs: m.upload(tensor('float32', [1, 2, 2], new Float32Array(4))) },
+            { activation: 'swiglu' },
+          ),
+        () =>
+          wasm.expertsForward(
+            t,
+            tensor('int32', [1], new Int32Array([3])),
+            { gateAndUpProjs: tensor('float32', [1, 2, 2], new Float32Array(4)), downProjs: tensor('float32', [1, 2, 2], new Float32Array(4)) },
+            { activation: 'swiglu' },
+          ),
+      ],
+      [
+        'expertsForward: upProjs for swiglu',
+        () =>
+          m.gpu.expertsForward(
+            m.upload(t),
+            tensor('int32', [1], new Int32Array([3])),
+            { upProjs: m.upload(tensor('float32', [1, 2, 2], new Float32Array(4))), downProjs: tensor('float32', [1, 1, 2], new Float32Array(2)) },
+            { activation: 'swiglu' },
+          ),
+        () =>
+          wasm.expertsForward(
+            t,
+            tensor('int32', [1], new Int32Array([3])),
+            { upProjs: tensor('float32', [1, 2, 2], new Float32Array(4)), downProjs: tensor('float32', [1, 1, 2], new Float32Array(2)) },
+            { activation: 'swiglu' },
+          ),
+      ],
+      [
+        'expertsForward: probs shape',
+        () =>
+          m.gpu.expertsForward(
+            m.upload(t),
+            tensor('int32', [1], new Int32Array([3])),
+            { gateAndUpProjs: tensor('float32', [1, 2, 2], new Float32Array(4)), downProjs: tensor('float32', [1, 1, 2], new Float32Array(2)) },
+            { activation: 'swiglu', permutedProbs: m.upload(tensor('float32', [2], new Float32Array(2))) },
+          ),
+        () =>
+          wasm.expertsForward(
+            t,
+            tensor('int32', [1], new Int32Array([3])),
+            { gateAndUpProjs: tensor('float32', [1, 2, 2], new Float32Array(4)), downProjs: tensor('float32', [1, 1, 2], new Float32Array(2)) },
+            { activation: 'swiglu', permutedProbs: tensor('float32', [2], new Float32Array(2)) },
+          ),
+      ],
+      [
+        'expertsBackward: gradOutput dtype',
+        () =>
+          m.gpu.expertsBackward(
+            m.upload(tensor('bfloat16', [3, 2], new Uint16Array(6))),
+            m.upload(t),
+            tensor('int32', [1], new Int32Array([3])),
+            { gateAndUpProjs: tensor('float32', [1, 2, 2], new Float32Array(4)), downProjs: tensor('float32', [1, 1, 2], new Float32Array(2)) },
+            { activation: 'swiglu' },
+          ),
+        () =>
+          wasm.expertsBackward(
+            tensor('bfloat16', [3, 2], new Uint16Array(6)),
+            t,
+            tensor('int32', [1], new Int32Array([3])),
+            { gateAndUpProjs: tensor('float32', [1, 2, 2], new Float32Array(4)), downProjs: tensor('float32', [1, 1, 2], new Float32Array(2)) },
+            { activation: 'swiglu' },
+          ),
+      ],
+      [
+        'expertsBackward: alpha for swiglu',
+        () =>
+          m.gpu.expertsBackward(
+            m.upload(t),
+            m.upload(t),
+            tensor('int32', [1], new Int32Array([3])),
+            { gateAndUpProjs: tensor('float32', [1, 2, 2], new Float32Array(4)), downProjs: tensor('float32', [1, 1, 2], new Float32Array(2)) },
+            { activation: 'swiglu', alpha: 2 },
+          ),
+        () =>
+          wasm.expertsBackward(
+            t,
+            t,
+            tensor('int32', [1], new Int32Array([3])),
+            { gateAndUpProjs: tensor('float32', [1, 2, 2], new Float32Array(4)), downProjs: tensor('float32', [1, 1, 2], new Float32Array(2)) },
+            { activation: 'swiglu', alpha: 2 },
+          ),
       ],
       ['topk: k', () => m.gpu.topk(m.upload(t), 3), () => wasm.topk(t, 3)],
       ['topk: NaN', () => m.gpu.topk(m.upload(tensor('float32', [2, 2], new Float32Array([1, 2, NaN, 0]))), 1), () => wasm.topk(tensor('float32', [2, 2], new Float32Array([1, 2, NaN, 0])), 1)],

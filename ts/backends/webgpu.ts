@@ -20,13 +20,14 @@ import type { Backend, BackendInfo, Binding } from '../backend.js';
 import type { Transfers } from '../device.js';
 import { checkTensor, isTensor, type DType, type Tensor, type TokenDType } from '../tensor.js';
 import { Gpu, describeAdapter, navigatorGpu, type GPUBuffer } from '../webgpu/gpu.js';
-import { activationBackward as actBackward, activationForward as actForward, activationGradProbs as actGradProbs } from '../webgpu/activations.js';
+import { activationBackward as actBackward, activationCode, activationForward as actForward, activationGradProbs as actGradProbs, activationParams } from '../webgpu/activations.js';
 import { AUX_LOSS } from '../webgpu/aux-loss.js';
 import { F64, F64_DOT } from '../webgpu/f64.js';
 import { COUNT_PICKS, ROUTE } from '../webgpu/route.js';
 import * as S from '../webgpu/shaders.js';
 import { checkBool, checkNumber, INDICES, TOKENS, wire, type WireMeta } from '../wire.js';
 import { loadWasm, type WasmSource } from './wasm.js';
+import { expertsBackwardOp, expertsForwardOp, matmulOp } from './webgpu-experts.js';
 import { BYTES, derivedBuffers, factsOf, GpuTensor, isWebGpuTensor, keepDerived, setFacts, uploadTensor, type WebGpuTensor } from './webgpu-tensor.js';
 
 export { isWebGpuTensor, type WebGpuTensor } from './webgpu-tensor.js';
@@ -49,6 +50,9 @@ export const WEBGPU_OPS = [
   'switchLoadBalancingLoss',
   'switchLoadBalancingLossFromLogits',
   'zLoss',
+  'matmul',
+  'expertsForward',
+  'expertsBackward',
 ] as const;
 
 /** A host tensor's type with its tensors on the GPU. */
@@ -199,7 +203,7 @@ interface Meta {
 }
 
 /** What one GPU op works with: inputs as buffers or host copies, outputs, scratch. */
-class OpCall {
+export class OpCall {
   readonly outputs: GpuTensor[] = [];
   /** Buffers computed from an input device tensor's values, kept with it once the op's work is submitted (`inverse`). */
   readonly derived: { tensor: GpuTensor; key: string; buffers: GPUBuffer[] }[] = [];
@@ -895,6 +899,12 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         return result;
       }),
 
+    matmul: (a, b, options) => gpuOp('matmul', [a, b, options], async (c) => (await matmulOp(c, checks, a, b, options)) ?? HOST),
+    expertsForward: (tokens, counts, weights, options) =>
+      gpuOp('expertsForward', [tokens, counts, weights, options], async (c) => (await expertsForwardOp(c, checks, tokens, counts, weights, options)) ?? HOST),
+    expertsBackward: (grad, tokens, counts, weights, options) =>
+      gpuOp('expertsBackward', [grad, tokens, counts, weights, options], async (c) => (await expertsBackwardOp(c, checks, grad, tokens, counts, weights, options)) ?? HOST),
+
     switchLoadBalancingLoss: (probs, tokensPerExpert, options) => auxLoss(c0(), 'switchLoadBalancingLoss', 0, [probs, tokensPerExpert, options]),
     switchLoadBalancingLossFromLogits: (logits, tokensPerExpert, options) => auxLoss(c0(), 'switchLoadBalancingLossFromLogits', 1, [logits, tokensPerExpert, options]),
     zLoss: (logits, options) => auxLoss(c0(), 'zLoss', 2, [logits, undefined, options]),
@@ -972,7 +982,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
   return backend as unknown as WebGpuBackend;
 }
 
-const CHECKS = ['checkIndicesToMultihot', 'checkPermute', 'checkUnpermute', 'checkPermuteBackward', 'checkUnpermuteBackward'] as const;
+const CHECKS = ['checkIndicesToMultihot', 'checkPermute', 'checkUnpermute', 'checkPermuteBackward', 'checkUnpermuteBackward', 'checkMatmul', 'checkExperts'] as const;
 type Checks = Pick<Binding, (typeof CHECKS)[number]>;
 
 /**
@@ -1104,8 +1114,6 @@ function auxLoss(
   });
 }
 
-const ACTIVATIONS: Record<string, [kind: number, layout: number]> = { swiglu: [0, 0], quick_geglu: [1, 1], swiglu_oai: [2, 0], swiglu_clamped: [3, 0], relu2: [4, 2] };
-
 interface ActivationSetup {
   kind: TokenDType;
   rows: number;
@@ -1122,7 +1130,7 @@ async function activationSetup(c: OpCall, base: Backend, x: unknown, grad: unkno
   const o = parse<Record<string, unknown>>(options, ['kind', 'probs', 'alpha', 'limit', 'linearOffset']);
   if (o === HOST) return HOST;
   const xm = c.meta(x, 'x', TOKENS);
-  const code = typeof o.kind === 'string' && Object.hasOwn(ACTIVATIONS, o.kind) ? ACTIVATIONS[o.kind] : undefined;
+  const code = activationCode(o.kind);
   if (xm.shape.length !== 2 || code === undefined) return HOST;
   const [rows, width] = xm.shape;
   const inter = code[1] === 2 ? width : width / 2;
@@ -1138,14 +1146,12 @@ async function activationSetup(c: OpCall, base: Backend, x: unknown, grad: unkno
   // what the stand-in call sees: zeros of x's and grad's widths, the options (probs: zeros of a shape)
   const seen = { backward: gm !== undefined, dtype: xm.dtype, r1, width, options: { ...o, probs: p1?.shape } };
   if (c.validateProbe(seen, () => (gm ? base.activationBackward(zeros(Number.isInteger(inter) ? inter : 0), zeros(width), opts) : base.activation(zeros(width), opts))) === HOST) return HOST;
-  const f32 = (v: unknown, d: number) => new Uint32Array(new Float32Array([typeof v === 'number' ? v : d]).buffer)[0];
   return {
     kind: xm.dtype as TokenDType,
     rows,
     width,
     inter,
-    // the last 0 is `exact`'s zero (ts/webgpu/activations.ts)
-    params: [code[0], code[1], f32(o.alpha, 1.702), f32(o.limit, 7), f32(o.linearOffset, 1), probs ? 1 : 0, 0],
+    params: activationParams(code, o, probs !== undefined),
     probs: probs ? c.buf(o.probs, 'probs') : c.tmp(4, 'probs'),
     probsShape: probs ? [...probs.shape] : undefined,
   };

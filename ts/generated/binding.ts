@@ -97,6 +97,10 @@ export interface ActivationBackwardArgs { kind?: string; alpha?: number; limit?:
 
 export interface MatmulArgs { a: WireTensor; b: WireTensor; transA?: boolean; transB?: boolean }
 
+export interface CheckMatmulArgs { a: WireMeta; b: WireMeta; transA?: boolean; transB?: boolean }
+
+export interface CheckExpertsArgs { kind?: string; alpha?: number; limit?: number; linearOffset?: number; permutedTokens: WireMeta; tokensPerExpert: WireMeta; gateAndUpProjs?: WireMeta; upProjs?: WireMeta; downProjs: WireMeta; permutedProbs?: WireMeta; gateUpProjBias?: WireMeta; downProjBias?: WireMeta; gradOutput?: WireMeta }
+
 export interface ExpertsForwardArgs { kind?: string; alpha?: number; limit?: number; linearOffset?: number; permutedTokens: WireTensor; tokensPerExpert: WireTensor; gateAndUpProjs?: WireTensor; upProjs?: WireTensor; downProjs: WireTensor; permutedProbs?: WireTensor; gateUpProjBias?: WireTensor; downProjBias?: WireTensor; out?: WireTensor }
 
 export interface ExpertsBackwardArgs { kind?: string; alpha?: number; limit?: number; linearOffset?: number; gradOutput: WireTensor; permutedTokens: WireTensor; tokensPerExpert: WireTensor; gateAndUpProjs?: WireTensor; upProjs?: WireTensor; downProjs: WireTensor; permutedProbs?: WireTensor; gateUpProjBias?: WireTensor; downProjBias?: WireTensor }
@@ -195,6 +199,13 @@ export interface Binding {
   activation(args: ActivationArgs): Tensor;
   activationBackward(args: ActivationBackwardArgs): InputGrads;
   matmul(args: MatmulArgs): Tensor;
+  /** matmul's checks on dtypes and shapes: M, the rows of the result. */
+  checkMatmul(args: CheckMatmulArgs): number;
+  /**
+   * Every check of expertsForward (with gradOutput: of expertsBackward) on dtypes and shapes,
+   * and on tokensPerExpert's values when its data is given: numSlots.
+   */
+  checkExperts(args: CheckExpertsArgs): number;
   /** out: a caller-owned output `[numSlots, dim]` of the tokens' dtype, written instead of allocated (then the result is null). */
   expertsForward(args: ExpertsForwardArgs): Tensor | null;
   expertsBackward(args: ExpertsBackwardArgs): ExpertsGrads;

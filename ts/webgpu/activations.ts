@@ -17,6 +17,20 @@
 import { F64 } from './f64.js';
 import { CONVERT, type Kind, loader, packWord, rounder } from './shaders.js';
 
+/** The shaders' kind and layout codes of each activation (P[4], P[5]). */
+const ACTIVATIONS: Record<string, [kind: number, layout: number]> = { swiglu: [0, 0], quick_geglu: [1, 1], swiglu_oai: [2, 0], swiglu_clamped: [3, 0], relu2: [4, 2] };
+
+/** An activation's [kind, layout] codes (layout 2: no gate, width = inter), or undefined for a kind the shaders do not know. */
+export function activationCode(kind: unknown): [kind: number, layout: number] | undefined {
+  return typeof kind === 'string' && Object.hasOwn(ACTIVATIONS, kind) ? ACTIVATIONS[kind] : undefined;
+}
+
+/** P[4..10] of the activation shaders: the codes, alpha, limit, linearOffset (float32 bits, the core's defaults), withProbs, and `exact`'s zero. */
+export function activationParams(code: [number, number], o: { alpha?: unknown; limit?: unknown; linearOffset?: unknown }, withProbs: boolean): number[] {
+  const f32 = (v: unknown, d: number) => new Uint32Array(new Float32Array([typeof v === 'number' ? v : d]).buffer)[0];
+  return [code[0], code[1], f32(o.alpha, 1.702), f32(o.limit, 7), f32(o.linearOffset, 1), withProbs ? 1 : 0, 0];
+}
+
 function common(kind: Kind, names: string[]): string {
   return `
 @group(0) @binding(0) var<storage, read> P: array<u32>;

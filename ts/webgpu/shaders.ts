@@ -12,13 +12,13 @@
 /** Dtypes as the shaders see them: 4-byte, 2-byte (bf16 / f16 bits) or 1-byte (bool) elements. */
 export type Width = 4 | 2 | 1;
 
-const HEADER = /* wgsl */ `
+export const HEADER = /* wgsl */ `
 @group(0) @binding(0) var<storage, read> P: array<u32>;
 fn flat(gid: vec3<u32>, nwg: vec3<u32>) -> u32 { return gid.x + gid.y * nwg.x * 64u; }
 `;
 
 /** Thread index `i` (one per unit of work, `n` of them); returns early past the end. */
-const MAIN = (n: string) => /* wgsl */ `
+export const MAIN = (n: string) => /* wgsl */ `
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
   let i = flat(gid, nwg);

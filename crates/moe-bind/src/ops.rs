@@ -292,6 +292,20 @@ macro_rules! op_table {
             matmul(a: Tensor, b: Tensor, transA: Flag, transB: Flag) -> Tensor {
                 experts::matmul(&a, &b, transA, transB)
             }
+            /// matmul's checks on dtypes and shapes: M, the rows of the result.
+            checkMatmul(a: TensorMeta, b: TensorMeta, transA: Flag, transB: Flag) -> Size {
+                experts::check_matmul(a.meta(), b.meta(), transA, transB).map(|(m, _, _)| m)
+            }
+            /// Every check of expertsForward (with gradOutput: of expertsBackward) on dtypes and shapes,
+            /// and on tokensPerExpert's values when its data is given: numSlots.
+            checkExperts(options: ActArgs, inputs: ExpertsArgs<TensorMeta>, gradOutput: Option<TensorMeta>) -> Size {
+                let metas = inputs.map(|t| t.meta());
+                match &gradOutput {
+                    Some(g) => experts::check_experts_backward(g.meta(), &metas, &options),
+                    None => experts::check_experts(&metas, &options),
+                }
+                .map(|c| c.n)
+            }
             /// out: a caller-owned output `[numSlots, dim]` of the tokens' dtype, written instead of allocated (then the result is null).
             expertsForward(options: ActArgs, inputs: ExpertsArgs, out: Option<Out>) -> Nullable<Tensor> {
                 alloc_or_into(out.as_ref(), || experts::experts_forward(&inputs, &options), |out| experts::experts_forward_into(&inputs, &options, out))
