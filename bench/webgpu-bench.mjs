@@ -12,10 +12,13 @@
  */
 import { timeAsync as timeAsyncOf, timeQueued, timeSync as timeSyncOf } from './timing.mjs';
 
-export async function benchWebGpu(api, random, { T = 4096, H = 1024, E = 64, k = 4, iters = 10 } = {}) {
+export async function benchWebGpu(api, random, { T = 4096, H = 1024, E = 64, k = 4, iters = 10, part = 'all', expertsShape = {} } = {}) {
   const moe = await api.createBackend({ prefer: 'webgpu' });
   const wasm = await api.createBackend({ prefer: 'wasm' });
   if (moe.name !== 'webgpu') throw new Error(`no webgpu backend here: got ${moe.name}`);
+  // part: 'layout' (permute, unpermute, route), 'experts' (the grouped experts), or 'all'
+  const experts = part === 'layout' ? [] : await benchExperts(api, random, moe, wasm, { ...expertsShape, iters });
+  if (part === 'experts') return { rows: [], experts, adapter: moe.adapter };
   const timeSync = (f) => timeSyncOf(iters, f);
   const timeAsync = (f) => timeAsyncOf(iters, f);
   const sameBits = (a, b) => {
@@ -115,5 +118,84 @@ export async function benchWebGpu(api, random, { T = 4096, H = 1024, E = 64, k =
   function add2(backend, seconds, extra = {}) {
     rows.push({ backend, op: 'route softmax top-k', dtype: 'float32', routing: 'device', seconds, bytes: T * E * 4, gbPerSecond: (T * E * 4) / seconds / 1e9, ...extra });
   }
-  return { rows, adapter: moe.adapter };
+  return { rows, experts, adapter: moe.adapter };
+}
+
+/**
+ * expertsForward and expertsBackward (swiglu, per-slot probs) on the webgpu backend next to wasm:
+ * `rows` permuted tokens spread over `experts` experts (rng(13)), weights scaled by 1/sqrt of the
+ * sum's length. WebGPU rows: every input on the GPU, timed to a synchronize; GFLOP/s counts the
+ * GEMMs' multiply-adds (forward 2 N dim (2 inter) + 2 N inter dim, backward twice that plus the
+ * recomputed forward's first GEMM).
+ */
+export async function benchExperts(api, random, moe, wasm, { rows: N = 2048, dim = 256, inter = 256, experts: E = 8, iters = 10 } = {}) {
+  const rand = random.rng(13);
+  const values = (n, s) => Float32Array.from({ length: n }, () => (rand() * 8 - 4) * s);
+  const out = [];
+  for (const dtype of ['float32', 'bfloat16']) {
+    const t = (shape, s) => {
+      const v = values(
+        shape.reduce((a, b) => a * b, 1),
+        s,
+      );
+      return dtype === 'float32' ? api.tensor('float32', shape, v) : api.tensor('bfloat16', shape, Uint16Array.from(v, api.toBFloat16Bits));
+    };
+    const counts = new Int32Array(E);
+    for (let i = 0; i < N; i++) counts[Math.floor(rand() * E)]++;
+    const tpe = api.tensor('int32', [E], counts);
+    const x = t([N, dim], 1);
+    const g = t([N, dim], 1);
+    const w = { gateAndUpProjs: t([E, dim, 2 * inter], 0.5 / Math.sqrt(dim)), downProjs: t([E, inter, dim], 0.5 / Math.sqrt(inter)) };
+    const probs = api.tensor(
+      'float32',
+      [N],
+      Float32Array.from({ length: N }, () => rand()),
+    );
+    const o = { activation: 'swiglu', permutedProbs: probs };
+    const dev = { x: moe.upload(x), g: moe.upload(g), tpe: moe.upload(tpe), w: { gateAndUpProjs: moe.upload(w.gateAndUpProjs), downProjs: moe.upload(w.downProjs) }, probs: moe.upload(probs) };
+    const od = { activation: 'swiglu', permutedProbs: dev.probs };
+    const fwdFlops = 2 * N * dim * 2 * inter + 2 * N * inter * dim;
+    const bwdFlops = 2 * fwdFlops + 2 * N * dim * 2 * inter;
+    const bits = (tt) => new Uint8Array(tt.data.buffer, tt.data.byteOffset, tt.data.byteLength);
+    const same = (a, b) => {
+      const x1 = bits(a);
+      const y1 = bits(b);
+      return x1.length === y1.length && x1.every((v, i) => v === y1[i]);
+    };
+    const free = (r) => {
+      if (typeof r?.dispose === 'function') r.dispose();
+      else for (const v of Object.values(r)) if (v && typeof v.dispose === 'function') v.dispose();
+    };
+    const row = (backend, op, flops, seconds, extra = {}) => out.push({ backend, op, dtype, rows: N, dim, inter, experts: E, seconds, flops, gflopPerSecond: flops / seconds / 1e9, ...extra });
+    const wantY = wasm.expertsForward(x, tpe, w, o);
+    const wantG = wasm.expertsBackward(g, x, tpe, w, o);
+    row(
+      'wasm',
+      'expertsForward',
+      fwdFlops,
+      timeSyncOf(iters, () => wasm.expertsForward(x, tpe, w, o)),
+    );
+    row(
+      'wasm',
+      'expertsBackward',
+      bwdFlops,
+      timeSyncOf(iters, () => wasm.expertsBackward(g, x, tpe, w, o)),
+    );
+    const y = await moe.gpu.expertsForward(dev.x, dev.tpe, dev.w, od);
+    const okY = same(await y.download(), wantY);
+    free(y);
+    const gg = await moe.toHost(await moe.gpu.expertsBackward(dev.g, dev.x, dev.tpe, dev.w, od));
+    const okG = ['gradTokens', 'gradGateAndUpProjs', 'gradDownProjs', 'gradProbs'].every((k) => same(gg[k], wantG[k]));
+    const timed = (call) =>
+      timeAsyncOf(iters, async () => {
+        const r = await call();
+        await moe.synchronize();
+        free(r);
+      });
+    row('webgpu', 'expertsForward', fwdFlops, await timed(() => moe.gpu.expertsForward(dev.x, dev.tpe, dev.w, od)), { sameBitsAsWasm: okY });
+    row('webgpu', 'expertsBackward', bwdFlops, await timed(() => moe.gpu.expertsBackward(dev.g, dev.x, dev.tpe, dev.w, od)), { sameBitsAsWasm: okG });
+    free(dev.w);
+    for (const v of [dev.x, dev.g, dev.tpe, dev.probs]) v.dispose();
+  }
+  return out;
 }

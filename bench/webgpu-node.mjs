@@ -40,7 +40,7 @@ if (!webgpu?.available) {
   process.exit(2);
 }
 console.log(`webgpu: ${webgpu.device}`);
-const { rows, adapter } = await benchWebGpu(api, random, shape);
+const { rows, experts, adapter } = await benchWebGpu(api, random, shape);
 
 // Dawn's fixed cost of a call (a bare synchronize, a tiny op, ...), recorded with every run
 const small = await api.createBackend({ prefer: 'webgpu' });
@@ -104,6 +104,40 @@ if (cudaInfo?.available) {
   const route = () => cuda.route(logits, { topk: shape.k });
   const seconds = time(route);
   rows.push({ backend: 'cuda', op: 'route softmax top-k', dtype: 'float32', routing: 'device', seconds, bytes, gbPerSecond: bytes / seconds / 1e9, ...(await queued(bytes, route)) });
+  // the grouped experts of benchExperts' shape on cuda's device tensors (its GEMMs: cuBLAS)
+  const rand2 = random.rng(13);
+  for (const w of experts.filter((r) => r.backend === 'webgpu')) {
+    const { rows: N, dim, inter, experts: E2, dtype } = w;
+    const t = (shape2, s) => {
+      const v = Float32Array.from({ length: shape2.reduce((a, b) => a * b, 1) }, () => (rand2() * 8 - 4) * s);
+      return cuda.upload(dtype === 'float32' ? api.tensor('float32', shape2, v) : api.tensor('bfloat16', shape2, Uint16Array.from(v, api.toBFloat16Bits)));
+    };
+    const counts = new Int32Array(E2);
+    for (let i = 0; i < N; i++) counts[i % E2]++;
+    const tpe = cuda.upload(api.tensor('int32', [E2], counts));
+    const x = t([N, dim], 1);
+    const ws = { gateAndUpProjs: t([E2, dim, 2 * inter], 0.5 / Math.sqrt(dim)), downProjs: t([E2, inter, dim], 0.5 / Math.sqrt(inter)) };
+    const o = {
+      activation: 'swiglu',
+      permutedProbs: cuda.upload(
+        api.tensor(
+          'float32',
+          [N],
+          Float32Array.from({ length: N }, () => rand2()),
+        ),
+      ),
+    };
+    const call = w.op === 'expertsForward' ? () => cuda.expertsForward(x, tpe, ws, o) : () => cuda.expertsBackward(x, x, tpe, ws, o);
+    const sec = time(call);
+    experts.push({ ...w, backend: 'cuda', seconds: sec, gflopPerSecond: w.flops / sec / 1e9, sameBitsAsWasm: undefined });
+  }
+}
+for (const w of experts.filter((r) => r.backend === 'webgpu')) {
+  const c = experts.find((r) => r.backend === 'cuda' && r.op === w.op && r.dtype === w.dtype);
+  const pct2 = c ? ` (${((100 * w.gflopPerSecond) / c.gflopPerSecond).toFixed(0)}% of cuda's ${c.gflopPerSecond.toFixed(1)})` : '';
+  console.log(
+    `${w.op.padEnd(20)} ${w.dtype.padEnd(9)} ${w.rows} x ${w.dim} x ${w.inter}, E=${w.experts}: webgpu ${w.gflopPerSecond.toFixed(1)} GFLOP/s${pct2}; same bits as wasm: ${w.sameBitsAsWasm}`,
+  );
 }
 
 // webgpu's bandwidth as a share of cuda's, per op and dtype
@@ -130,5 +164,5 @@ for (const r of ratios) {
     `${r.op.padEnd(20)} ${r.dtype.padEnd(9)} ${r.routing.padEnd(6)} webgpu ${r.webgpuGbPerSecond.toFixed(1)} GB/s, cuda ${r.cudaGbPerSecond?.toFixed(1) ?? '-'} GB/s (${pct(r.ratioToCuda)}); queued ${r.queuedWebgpuGbPerSecond.toFixed(1)} vs ${r.queuedCudaGbPerSecond?.toFixed(1) ?? '-'} GB/s (${pct(r.queuedRatioToCuda)}); same bits as wasm: ${r.sameBitsAsWasm}`,
   );
 }
-write({ kind: 'webgpu-node', available: true, adapter, device: webgpu.device, cuda: cudaInfo?.device ?? null, shape, baseline, rows, ratios });
-if (ratios.some((r) => r.sameBitsAsWasm === false)) process.exitCode = 1;
+write({ kind: 'webgpu-node', available: true, adapter, device: webgpu.device, cuda: cudaInfo?.device ?? null, shape, baseline, rows, ratios, experts });
+if (ratios.some((r) => r.sameBitsAsWasm === false) || experts.some((r) => r.sameBitsAsWasm === false)) process.exitCode = 1;

@@ -665,6 +665,72 @@ export function webgpuCases(ctx) {
     }
   });
 
+  // routeBackward at route's device picks (vouched for by their facts), every score function and
+  // option that changes its arithmetic, with and without gradScores; host picks take the wasm path.
+  add("routeBackward at route's picks, every score function, against wasm", async () => {
+    const m = moe;
+    const random = rng(4242);
+    const T = 37;
+    const E = 16;
+    const bias = tensor(
+      'float32',
+      [E],
+      Float32Array.from({ length: E }, () => random() - 0.5),
+    );
+    const mask = tensor(
+      'bool',
+      [T],
+      Uint8Array.from({ length: T }, (_, i) => (i % 5 === 3 ? 0 : 1)),
+    );
+    for (const dtype of DTYPES) {
+      const lf = Float32Array.from({ length: T * E }, () => random() * 8 - 4);
+      // softplus's threshold (20) and a large negative logit in a few rows
+      lf[3] = 25;
+      lf[E + 5] = -30;
+      lf[2 * E + 1] = 21;
+      const logits = dtype === 'float32' ? tensor('float32', [T, E], lf) : tensor(dtype, [T, E], Uint16Array.from(lf, dtype === 'bfloat16' ? toBFloat16Bits : toFloat16Bits));
+      const dl = m.upload(logits);
+      for (const o of [
+        { topk: 4 },
+        { topk: 4, softmaxBeforeTopk: true, normTopkProb: true },
+        { topk: 4, scoreFunction: 'sigmoid', normTopkProb: true, routeScale: 2.5 },
+        { topk: 4, scoreFunction: 'softmax_with_bias', expertBias: bias, tokenMask: mask },
+        { topk: 4, scoreFunction: 'sigmoid_with_bias', expertBias: bias, numGroups: 4, topkGroups: 2, normTopkProb: true },
+        { topk: 3, scoreFunction: 'sqrtsoftplus', normTopkProb: true, routeScale: 0.75 },
+        { topk: 1, tokenMask: mask },
+        { topk: 16, scoreFunction: 'sigmoid' },
+      ]) {
+        const od = { ...o };
+        if (o.tokenMask) od.tokenMask = m.upload(o.tokenMask);
+        const r = await m.gpu.route(dl, od);
+        const w = wasm.route(logits, o);
+        const k = o.topk;
+        const gw = tensor(
+          'float32',
+          [T, k],
+          Float32Array.from({ length: T * k }, () => random() * 2 - 1),
+        );
+        const gsc = tensor(
+          'float32',
+          [T, E],
+          Float32Array.from({ length: T * E }, () => random() * 2 - 1),
+        );
+        for (const withScores of [false, true]) {
+          const bo = withScores ? { ...o, gradScores: gsc } : o;
+          const bod = withScores ? { ...od, gradScores: m.upload(gsc) } : od;
+          const what = `${dtype} ${JSON.stringify({ ...o, expertBias: o.expertBias ? 'bias' : undefined, tokenMask: o.tokenMask ? 'mask' : undefined })} gradScores ${withScores}`;
+          const before = m.transfers().toHostBytes;
+          const got = await m.gpu.routeBackward(m.upload(gw), dl, r.indices, bod);
+          // the 4-byte non-finite flag, and the device token mask (checked by the core, as route reads it)
+          check.equal(m.transfers().toHostBytes - before, 4 + (o.tokenMask ? T : 0), `routeBackward ${what}: bytes read back`);
+          await same('routeBackward', got, wasm.routeBackward(gw, logits, w.indices, bo), what);
+        }
+        // host picks: the core checks them (the wasm path), the same bits
+        await same('routeBackward', await m.gpu.routeBackward(gw, dl, w.indices, od), wasm.routeBackward(gw, logits, w.indices, o), `${dtype} host picks`);
+      }
+    }
+  });
+
   add('errors: the same class and message as wasm (the core validates)', async () => {
     const m = moe;
     const t = tensor('float32', [3, 2], new Float32Array(6));
@@ -869,6 +935,34 @@ export function webgpuCases(ctx) {
             { gateAndUpProjs: tensor('float32', [1, 2, 2], new Float32Array(4)), downProjs: tensor('float32', [1, 1, 2], new Float32Array(2)) },
             { activation: 'swiglu', alpha: 2 },
           ),
+      ],
+      [
+        'routeBackward: non-finite logits',
+        async () =>
+          m.gpu.routeBackward(
+            m.upload(tensor('float32', [3, 1], new Float32Array(3))),
+            m.upload(tensor('float32', [3, 2], new Float32Array([1, Infinity, 0, 0, 1, 1]))),
+            (await m.gpu.route(m.upload(t), { topk: 1 })).indices,
+            { topk: 1 },
+          ),
+        () =>
+          wasm.routeBackward(tensor('float32', [3, 1], new Float32Array(3)), tensor('float32', [3, 2], new Float32Array([1, Infinity, 0, 0, 1, 1])), wasm.route(t, { topk: 1 }).indices, { topk: 1 }),
+      ],
+      [
+        'routeBackward: gradWeights shape',
+        async () => m.gpu.routeBackward(m.upload(tensor('float32', [3, 2], new Float32Array(6))), m.upload(t), (await m.gpu.route(m.upload(t), { topk: 1 })).indices, { topk: 1 }),
+        () => wasm.routeBackward(tensor('float32', [3, 2], new Float32Array(6)), t, wasm.route(t, { topk: 1 }).indices, { topk: 1 }),
+      ],
+      [
+        'routeBackward: duplicate picks',
+        () =>
+          m.gpu.routeBackward(tensor('float32', [1, 2], new Float32Array(2)), m.upload(tensor('float32', [1, 2], new Float32Array(2))), tensor('int32', [1, 2], new Int32Array([1, 1])), { topk: 2 }),
+        () => wasm.routeBackward(tensor('float32', [1, 2], new Float32Array(2)), tensor('float32', [1, 2], new Float32Array(2)), tensor('int32', [1, 2], new Int32Array([1, 1])), { topk: 2 }),
+      ],
+      [
+        'routeBackward: groups',
+        async () => m.gpu.routeBackward(m.upload(tensor('float32', [3, 1], new Float32Array(3))), m.upload(t), (await m.gpu.route(m.upload(t), { topk: 1 })).indices, { topk: 1, numGroups: 3 }),
+        () => wasm.routeBackward(tensor('float32', [3, 1], new Float32Array(3)), t, wasm.route(t, { topk: 1 }).indices, { topk: 1, numGroups: 3 }),
       ],
       ['topk: k', () => m.gpu.topk(m.upload(t), 3), () => wasm.topk(t, 3)],
       ['topk: NaN', () => m.gpu.topk(m.upload(tensor('float32', [2, 2], new Float32Array([1, 2, NaN, 0]))), 1), () => wasm.topk(tensor('float32', [2, 2], new Float32Array([1, 2, NaN, 0])), 1)],

@@ -23,7 +23,7 @@ import { Gpu, describeAdapter, navigatorGpu, type GPUBuffer } from '../webgpu/gp
 import { activationBackward as actBackward, activationCode, activationForward as actForward, activationGradProbs as actGradProbs, activationParams } from '../webgpu/activations.js';
 import { AUX_LOSS } from '../webgpu/aux-loss.js';
 import { F64, F64_DOT } from '../webgpu/f64.js';
-import { COUNT_PICKS, ROUTE } from '../webgpu/route.js';
+import { COUNT_PICKS, ROUTE, ROUTE_BACKWARD } from '../webgpu/route.js';
 import * as S from '../webgpu/shaders.js';
 import { checkBool, checkNumber, INDICES, TOKENS, wire, type WireMeta } from '../wire.js';
 import { loadWasm, type WasmSource } from './wasm.js';
@@ -50,6 +50,7 @@ export const WEBGPU_OPS = [
   'switchLoadBalancingLoss',
   'switchLoadBalancingLossFromLogits',
   'zLoss',
+  'routeBackward',
   'matmul',
   'expertsForward',
   'expertsBackward',
@@ -869,6 +870,95 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         if (mask) for (const v of mask.data as Uint8Array) kept -= v === 0 ? 1 : 0;
         setFacts(indices, { picks: kept * k, experts: e });
         return { weights, indices, scores, tokensPerExpert: tpe };
+      }),
+
+    routeBackward: (gradWeights, logits, indices, options) =>
+      gpuOp('routeBackward', [gradWeights, logits, indices, options], async (c) => {
+        const o = parse<Record<string, unknown>>(options, [
+          'topk',
+          'scoreFunction',
+          'softmaxBeforeTopk',
+          'expertBias',
+          'numGroups',
+          'topkGroups',
+          'normTopkProb',
+          'routeScale',
+          'tokenMask',
+          'gradScores',
+        ]);
+        if (o === HOST) return HOST;
+        const lm = c.meta(logits, 'logits', TOKENS);
+        const gwm = c.meta(gradWeights, 'gradWeights', ['float32']);
+        const im = c.meta(indices, 'indices', INDICES);
+        const withScores = o.gradScores !== undefined && o.gradScores !== null;
+        const gsm = withScores ? c.meta(o.gradScores, 'gradScores', ['float32']) : undefined;
+        const sf = o.scoreFunction ?? 'softmax';
+        const code = typeof sf === 'string' && Object.hasOwn(SCORE_FUNCTIONS, sf) ? SCORE_FUNCTIONS[sf] : undefined;
+        const k = o.topk;
+        if (lm.shape.length !== 2 || code === undefined || typeof k !== 'number') return HOST;
+        const [t, e] = lm.shape;
+        const rowsOf = (m: Meta, w: number) => m.shape.length === 2 && m.shape[0] === t && m.shape[1] === w;
+        if (!rowsOf(gwm, k) || !rowsOf(im, k) || (gsm && !rowsOf(gsm, e))) return HOST;
+        // the picks' values: route's or topk's on this backend (in range, distinct, or a row of -1s
+        // by their facts); any other indices go down the host path, where the core checks them
+        const f = factsOf(indices);
+        if (f.picks === undefined || f.experts !== e) return HOST;
+        const bias = await c.optHost(o.expertBias, 'expertBias', ['float32']);
+        const mask = await c.optHost(o.tokenMask, 'tokenMask', ['bool']);
+        if (mask && (mask.shape.length !== 1 || mask.shape[0] !== t || (mask.data as Uint8Array).some((v) => v > 1))) return HOST;
+        // the core's checks of the options, bias and mask on one-row stand-ins (a row of -1 picks;
+        // the logits' finiteness is the shader's flag)
+        const r1 = Math.min(t, 1);
+        const zeros = (dtype: DType, w: number) => c.zeros({ dtype, shape: [r1, w] });
+        const maskProbe = mask ? ({ dtype: 'bool', shape: [r1], data: (mask.data as Uint8Array).slice(0, r1) } as Tensor<'bool'>) : undefined;
+        const seen = {
+          dtype: lm.dtype,
+          r1,
+          e,
+          gradScores: withScores,
+          options: { ...o, gradScores: undefined, expertBias: bias && Array.from(new Uint32Array((bias.data as Float32Array).slice().buffer)), tokenMask: maskProbe && Array.from(maskProbe.data) },
+        };
+        const probeIndices = { dtype: 'int32', shape: [r1, k], data: new Int32Array(r1 * k).fill(-1) } as Tensor<'int32'>;
+        const probeOptions = { ...(o as object), expertBias: bias, tokenMask: maskProbe, gradScores: withScores ? zeros('float32', e) : undefined } as Parameters<Backend['routeBackward']>[3];
+        if (c.validateProbe(seen, () => base.routeBackward(zeros('float32', k) as Tensor<'float32'>, zeros(lm.dtype, e) as Tensor<TokenDType>, probeIndices, probeOptions)) === HOST) return HOST;
+        const onLogits = code === 0 && o.softmaxBeforeTopk !== true;
+        const rs = new Uint32Array(new Float64Array([(o.routeScale as number | undefined) ?? 1]).buffer);
+        // s, gs, gx [2E each], u, gu [2k each], max, sum, dot [2 each] (ts/webgpu/route.ts)
+        const stride = 6 * e + 4 * k + 6;
+        const params = [t, e, k, code, onLogits ? 1 : 0, 0, 0, 0, 0, o.normTopkProb === true && k > 1 ? 1 : 0, mask ? 1 : 0, rs[0], rs[1], DTYPE_CODES[lm.dtype], stride, 0, withScores ? 1 : 0];
+        const gradLogits = c.out('float32', [t, e], 'gradLogits', true);
+        // word 0: the non-finite flag (a new scratch buffer is zeroed)
+        const scratch = c.tmp(4 * (stride * t + 1), 'routeBackward scratch');
+        const maskBuf = mask ? c.buf(o.tokenMask, 'tokenMask') : c.tmp(4, 'tokenMask');
+        const bufs = [
+          c.buf(logits, 'logits'),
+          maskBuf,
+          c.buf(indices, 'indices'),
+          c.buf(gradWeights, 'gradWeights'),
+          withScores ? c.buf(o.gradScores, 'gradScores') : c.tmp(4, 'gradScores'),
+          gradLogits.bufferFor(gpu, 'g'),
+          scratch,
+        ];
+        const needScores = withScores || !onLogits;
+        for (const [phase, threads] of [
+          [0, t],
+          [1, t * e],
+          [2, t],
+          [3, t * e],
+          [4, t],
+          [5, t * e],
+        ] as const) {
+          if ((phase === 1 || phase === 2 || phase === 3) && !needScores) continue;
+          if ((phase === 2 || phase === 3) && code !== 0 && code !== 2) continue;
+          params[15] = phase;
+          c.run('route_backward', ROUTE_BACKWARD, params, bufs, threads, `routeBackward phase ${phase}`);
+        }
+        // non-finite logits: the host path, for the core's RangeError
+        if (t > 0 && new Uint32Array((await gpu.read('routeBackward', scratch, 4)).buffer)[0] !== 0) {
+          gradLogits.dispose();
+          return HOST;
+        }
+        return { gradLogits };
       }),
 
     activation: (x, options) =>

@@ -14,15 +14,12 @@ import { LN } from './aux-loss.js';
 import { F64, f64Literal } from './f64.js';
 import { CONVERT } from './shaders.js';
 
-export const ROUTE = `
-@group(0) @binding(0) var<storage, read> P: array<u32>;
-@group(0) @binding(1) var<storage, read> logits: array<u32>;
-@group(0) @binding(2) var<storage, read> maskw: array<u32>;
-@group(0) @binding(3) var<storage, read_write> scores: array<u32>;
-@group(0) @binding(4) var<storage, read_write> indices: array<i32>;
-@group(0) @binding(5) var<storage, read_write> weights: array<u32>;
-@group(0) @binding(6) var<storage, read_write> scratch: array<u32>;
-@group(0) @binding(7) var<storage, read_write> flag: array<atomic<u32>>;
+/**
+ * What route and routeBackward share (the shader binds P, logits and scratch): the logits' bits
+ * (P[13]: 0 f32, 1 bf16, 2 f16), the core's ln_1p, the top-k order on float32 bits, float64
+ * loads and stores in the scratch.
+ */
+const ROUTE_HELPERS = `
 ${CONVERT}
 ${F64}
 ${LN}
@@ -53,6 +50,18 @@ fn key(b: u32) -> u32 {
 fn f32add(a: u32, b: u32) -> u32 { return bitcast<u32>(bitcast<f32>(a) + bitcast<f32>(b)); }
 fn ld64(i: u32) -> vec2<u32> { return vec2<u32>(scratch[i], scratch[i + 1u]); }
 fn st64(i: u32, v: vec2<u32>) { scratch[i] = v.x; scratch[i + 1u] = v.y; }
+`;
+
+export const ROUTE = `
+@group(0) @binding(0) var<storage, read> P: array<u32>;
+@group(0) @binding(1) var<storage, read> logits: array<u32>;
+@group(0) @binding(2) var<storage, read> maskw: array<u32>;
+@group(0) @binding(3) var<storage, read_write> scores: array<u32>;
+@group(0) @binding(4) var<storage, read_write> indices: array<i32>;
+@group(0) @binding(5) var<storage, read_write> weights: array<u32>;
+@group(0) @binding(6) var<storage, read_write> scratch: array<u32>;
+@group(0) @binding(7) var<storage, read_write> flag: array<atomic<u32>>;
+${ROUTE_HELPERS}
 
 // Phases (P[15], one dispatch each, the same shader): 0 per token: the finiteness flag and the
 // row's maximum; 1 per (token, expert): the exp; 2 per token: softmax's sum of the exps, in
@@ -234,6 +243,198 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     if (i >= P[0] * P[1]) { return; }
     let t = i / P[1];
     if (phase == 1u) { phase1(t, i - t * P[1]); } else { phase3(t, i - t * P[1]); }
+    return;
+  }
+  if (i >= P[0]) { return; }
+  if (phase == 0u) { phase0(i); } else if (phase == 2u) { phase2(i); } else { phase4(i); }
+}
+`;
+
+/**
+ * routeBackward on the GPU: the core's `route_backward` row by row (routing.rs `BackwardRow`),
+ * every step in software float64 as the core computes it, each sum from -0 (Rust's `sum()`) in
+ * the core's order, the result rounded once to float32. Phases (P[15]): 0 per token: the
+ * finiteness flag and the row's maximum; 1 per (token, expert): the unbiased scores' exps,
+ * sigmoids or sqrt(softplus); 2 per token: softmax's sum; 3 per (token, expert): softmax's
+ * division; 4 per token: the picks' weights and their gradient, the scores' gradient, softmax's
+ * dot; 5 per (token, expert): through the score function, rounded into gradLogits (0 for a masked
+ * token or a row of -1s).
+ *
+ * P = [T, E, k, scoreFunction, onLogits (softmax selecting on the logits), 0, 0, 0, 0,
+ *      normalise, hasMask, routeScale lo, routeScale hi, logits dtype, scratch stride, phase,
+ *      hasGradScores]. Scratch row: s [2E], gs [2E], gx [2E], u [2k], gu [2k], max, sum, dot
+ * [2 each], after word 0: the non-finite flag (every thread that finds one writes 1).
+ */
+export const ROUTE_BACKWARD = `
+@group(0) @binding(0) var<storage, read> P: array<u32>;
+@group(0) @binding(1) var<storage, read> logits: array<u32>;
+@group(0) @binding(2) var<storage, read> maskw: array<u32>;
+@group(0) @binding(3) var<storage, read> indices: array<i32>;
+@group(0) @binding(4) var<storage, read> gw: array<u32>;
+@group(0) @binding(5) var<storage, read> gsc: array<u32>;
+@group(0) @binding(6) var<storage, read_write> out: array<u32>;
+@group(0) @binding(7) var<storage, read_write> scratch: array<u32>;
+${ROUTE_HELPERS}
+const NEG_ZERO = vec2<u32>(0u, 0x80000000u);
+const HALF = ${f64Literal(0.5)};
+const TWO = ${f64Literal(2)};
+fn is_softmax() -> bool { return P[3] == 0u || P[3] == 2u; }
+fn need_scores() -> bool { return P[16] == 1u || P[4] == 0u; }
+fn S(t: u32, e: u32) -> u32 { return 1u + t * P[14] + 2u * e; }
+fn GS(t: u32, e: u32) -> u32 { return 1u + t * P[14] + 2u * (P[1] + e); }
+fn GX(t: u32, e: u32) -> u32 { return 1u + t * P[14] + 2u * (2u * P[1] + e); }
+fn U(t: u32, j: u32) -> u32 { return 1u + t * P[14] + 6u * P[1] + 2u * j; }
+fn GU(t: u32, j: u32) -> u32 { return 1u + t * P[14] + 6u * P[1] + 2u * (P[2] + j); }
+fn MISC(t: u32) -> u32 { return 1u + t * P[14] + 6u * P[1] + 4u * P[2]; }
+fn x64(t: u32, e: u32) -> vec2<u32> { return f_from_f32(logit_bits(t * P[1] + e)); }
+fn pick(t: u32, j: u32) -> u32 { return u32(indices[t * P[2] + j]); }
+/** Whether token t gets a gradient: not masked, and its picks given (not a row of -1s). */
+fn live(t: u32) -> bool {
+  if (P[10] == 1u && ((maskw[t >> 2u] >> ((t & 3u) * 8u)) & 0xffu) == 0u) { return false; }
+  for (var j = 0u; j < P[2]; j = j + 1u) { if (indices[t * P[2] + j] != -1) { return true; } }
+  return false;
+}
+
+fn phase0(t: u32) {
+  let E = P[1];
+  var mx = NEG_INF;
+  for (var e = 0u; e < E; e = e + 1u) {
+    let b = logit_bits(t * E + e);
+    if ((b & 0x7f800000u) == 0x7f800000u) { scratch[0] = 1u; }
+    if (key(b) > key(mx)) { mx = b; }
+  }
+  st64(MISC(t), f_from_f32(mx));
+}
+
+// the unbiased scores in float64 (scores_f64): softmax's exps (divided in phase 3), sigmoid, sqrt(softplus)
+fn phase1(t: u32, e: u32) {
+  let sf = P[3];
+  let x = x64(t, e);
+  var arg = f_neg(x);
+  if (is_softmax()) { arg = f_sub(x, ld64(MISC(t))); }
+  if (sf == 4u) { arg = vec2<u32>(x.x, x.y | 0x80000000u); }
+  let ex = f_exp(arg);
+  if (is_softmax()) { st64(S(t, e), ex); return; }
+  if (sf == 4u) {
+    var sp = x;
+    if (!f_lt(TWENTY, x)) {
+      var pos = x;
+      if (f_lt(x, vec2<u32>(0u, 0u))) { pos = vec2<u32>(0u, 0u); }
+      sp = f_add(pos, f_ln_1p(ex));
+    }
+    st64(S(t, e), f_sqrt(sp));
+    return;
+  }
+  st64(S(t, e), f_div(F64_ONE, f_add(F64_ONE, ex)));
+}
+
+fn phase2(t: u32) {
+  var sum = NEG_ZERO;
+  for (var e = 0u; e < P[1]; e = e + 1u) { sum = f_add(sum, ld64(S(t, e))); }
+  st64(MISC(t) + 2u, sum);
+}
+
+fn phase3(t: u32, e: u32) { st64(S(t, e), f_div(ld64(S(t, e)), ld64(MISC(t) + 2u))); }
+
+fn phase4(t: u32) {
+  let E = P[1]; let k = P[2];
+  if (!live(t)) { return; }
+  for (var e = 0u; e < E; e = e + 1u) { st64(GX(t, e), vec2<u32>(0u, 0u)); st64(GS(t, e), vec2<u32>(0u, 0u)); }
+  let on_logits = P[4] == 1u;
+  let normalise = P[9] == 1u;
+  // the picks' weights before normalisation: a softmax over the picked logits, or their scores
+  if (on_logits) {
+    var mx = NEG_INF;
+    for (var j = 0u; j < k; j = j + 1u) { let b = logit_bits(t * E + pick(t, j)); if (key(b) > key(mx)) { mx = b; } }
+    let m = f_from_f32(mx);
+    var sum = NEG_ZERO;
+    for (var j = 0u; j < k; j = j + 1u) { let u = f_exp(f_sub(x64(t, pick(t, j)), m)); st64(U(t, j), u); sum = f_add(sum, u); }
+    for (var j = 0u; j < k; j = j + 1u) { st64(U(t, j), f_div(ld64(U(t, j)), sum)); }
+  } else {
+    for (var j = 0u; j < k; j = j + 1u) { st64(U(t, j), ld64(S(t, pick(t, j)))); }
+  }
+  let scale = vec2<u32>(P[11], P[12]);
+  for (var j = 0u; j < k; j = j + 1u) { st64(GU(t, j), f_mul(f_from_f32(gw[t * k + j]), scale)); }
+  if (normalise) {
+    var su = NEG_ZERO;
+    for (var j = 0u; j < k; j = j + 1u) { su = f_add(su, ld64(U(t, j))); }
+    let denom = f_add(su, EPS20);
+    var dot = NEG_ZERO;
+    for (var j = 0u; j < k; j = j + 1u) { dot = f_add(dot, f_mul(ld64(GU(t, j)), f_div(ld64(U(t, j)), denom))); }
+    for (var j = 0u; j < k; j = j + 1u) { st64(GU(t, j), f_div(f_sub(ld64(GU(t, j)), dot), denom)); }
+  }
+  if (on_logits) {
+    var dot = NEG_ZERO;
+    for (var j = 0u; j < k; j = j + 1u) { dot = f_add(dot, f_mul(ld64(GU(t, j)), ld64(U(t, j)))); }
+    for (var j = 0u; j < k; j = j + 1u) {
+      let e = pick(t, j);
+      st64(GX(t, e), f_add(ld64(GX(t, e)), f_mul(ld64(U(t, j)), f_sub(ld64(GU(t, j)), dot))));
+    }
+  } else {
+    for (var j = 0u; j < k; j = j + 1u) { let e = pick(t, j); st64(GS(t, e), f_add(ld64(GS(t, e)), ld64(GU(t, j)))); }
+  }
+  if (P[16] == 1u) {
+    if (normalise) {
+      var ss = NEG_ZERO;
+      for (var e = 0u; e < E; e = e + 1u) { ss = f_add(ss, ld64(S(t, e))); }
+      let denom = f_add(ss, EPS20);
+      var dot = NEG_ZERO;
+      for (var e = 0u; e < E; e = e + 1u) { dot = f_add(dot, f_mul(f_from_f32(gsc[t * E + e]), f_div(ld64(S(t, e)), denom))); }
+      for (var e = 0u; e < E; e = e + 1u) { st64(GS(t, e), f_add(ld64(GS(t, e)), f_div(f_sub(f_from_f32(gsc[t * E + e]), dot), denom))); }
+    } else {
+      for (var e = 0u; e < E; e = e + 1u) { st64(GS(t, e), f_add(ld64(GS(t, e)), f_from_f32(gsc[t * E + e]))); }
+    }
+  }
+  if (need_scores() && is_softmax()) {
+    var dot = NEG_ZERO;
+    for (var e = 0u; e < E; e = e + 1u) { dot = f_add(dot, f_mul(ld64(GS(t, e)), ld64(S(t, e)))); }
+    st64(MISC(t) + 4u, dot);
+  }
+}
+
+// through the score function, rounded once
+fn phase5(t: u32, e: u32) {
+  let i = t * P[1] + e;
+  if (!live(t)) { out[i] = 0u; return; }
+  var gx = ld64(GX(t, e));
+  if (need_scores()) {
+    let sf = P[3];
+    let g = ld64(GS(t, e));
+    let v = ld64(S(t, e));
+    if (is_softmax()) {
+      gx = f_add(gx, f_mul(v, f_sub(g, ld64(MISC(t) + 4u))));
+    } else {
+      let x = x64(t, e);
+      // sigmoid: v * sigmoid(-x); sqrtsoftplus: sigmoid(x) / (2 v), 0.5 / v above 20, 0 where v is 0
+      var arg = x;
+      if (sf == 4u) { arg = f_neg(x); }
+      let sg = f_div(F64_ONE, f_add(F64_ONE, f_exp(arg)));
+      var d = vec2<u32>(0u, 0u);
+      if (sf == 4u) {
+        if (v.x != 0u || (v.y & 0x7fffffffu) != 0u) {
+          var num = sg;
+          var den = f_mul(TWO, v);
+          if (f_lt(TWENTY, x)) { num = HALF; den = v; }
+          d = f_div(num, den);
+        }
+      } else {
+        d = f_mul(v, sg);
+      }
+      gx = f_add(gx, f_mul(g, d));
+    }
+  }
+  out[i] = f_to_f32(gx);
+}
+
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = gid.x + gid.y * nwg.x * 64u;
+  let phase = P[15];
+  if (phase == 1u || phase == 3u || phase == 5u) {
+    if (i >= P[0] * P[1]) { return; }
+    let t = i / P[1];
+    let e = i - t * P[1];
+    if (phase == 1u) { phase1(t, e); } else if (phase == 3u) { phase3(t, e); } else { phase5(t, e); }
     return;
   }
   if (i >= P[0]) { return; }
