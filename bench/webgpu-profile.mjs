@@ -2,7 +2,8 @@
 /**
  * Where a webgpu op's time goes (issue 21): the GPU time of every shader dispatch, from WebGPU
  * timestamp queries, next to the op's wall time, for a device pipeline route -> indicesToMultihot
- * -> permute -> unpermute and the two backward passes, in Node through Dawn. The backend is not
+ * -> permute -> unpermute and the two backward passes, and the grouped experts forward and
+ * backward (2048 rows, dim 256, inter 256, E = 8: each GEMM launch, each activation pass), in Node through Dawn. The backend is not
  * changed: this script asks the adapter for `timestamp-query`, and wraps `beginComputePass` so
  * that each pass writes its start and end; a pass is named by its label (ts/webgpu/gpu.ts labels
  * it with the shader's key, or a step of it: `route phase 1`). Dawn's timestamp quantization is
@@ -109,6 +110,19 @@ const x = moe.upload(r.tokens);
 const ro = await moe.gpu.route(logits, { topk: k });
 const mh = await moe.gpu.indicesToMultihot(ro.indices, ro.weights, E);
 const p = await moe.gpu.permute(x, mh.routingMap, { probs: mh.probs });
+const ex = (() => {
+  const [N, dim, inter, EE] = [2048, 256, 256, 8];
+  const values = (n, sc) => Float32Array.from({ length: n }, () => (g() * 8 - 4) * sc);
+  return {
+    x: moe.upload(api.tensor('float32', [N, dim], values(N * dim, 1))),
+    tpe: moe.upload(api.tensor('int32', [EE], new Int32Array(EE).fill(N / EE))),
+    w: {
+      gateAndUpProjs: moe.upload(api.tensor('float32', [EE, dim, 2 * inter], values(EE * dim * 2 * inter, 0.5 / Math.sqrt(dim)))),
+      downProjs: moe.upload(api.tensor('float32', [EE, inter, dim], values(EE * inter * dim, 0.5 / Math.sqrt(inter)))),
+    },
+    o: { activation: 'swiglu', permutedProbs: moe.upload(api.tensor('float32', [N], values(N, 0.125))) },
+  };
+})();
 const free = (o) => {
   if (typeof o.dispose === 'function') o.dispose();
   else for (const t of Object.values(o)) t.dispose();
@@ -120,6 +134,9 @@ const ops = {
   unpermute: () => moe.gpu.unpermute(p.permutedTokens, p.sortedIndices, [T, H], { probs: p.permutedProbs }),
   permuteBackward: () => moe.gpu.permuteBackward(p.permutedTokens, p.sortedIndices, T),
   unpermuteBackward: () => moe.gpu.unpermuteBackward(x, p.permutedTokens, p.sortedIndices, { probs: p.permutedProbs }),
+  // the grouped experts of bench/webgpu-bench.mjs benchExperts' shape (2048 rows, dim 256, inter 256, E = 8)
+  expertsForward: () => moe.gpu.expertsForward(ex.x, ex.tpe, ex.w, ex.o),
+  expertsBackward: () => moe.gpu.expertsBackward(ex.x, ex.x, ex.tpe, ex.w, ex.o),
 };
 const rows = [];
 const median = (a) => [...a].sort((u, v) => u - v)[Math.floor(a.length / 2)];

@@ -849,13 +849,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         const maskBuf = o.tokenMask === undefined || o.tokenMask === null ? c.tmp(4, 'tokenMask') : c.buf(o.tokenMask, 'tokenMask');
         const bufs = [c.buf(logits, 'logits'), maskBuf, scores.bufferFor(gpu, 's'), indices.bufferFor(gpu, 'i'), weights.bufferFor(gpu, 'w'), scratch, flag];
         // the phases of the route shader: per token, per (token, expert), per token (softmax's sum), per (token, expert), per token
-        for (const [phase, threads] of [
-          [0, t],
-          [1, t * e],
-          [2, t],
-          [3, t * e],
-          [4, t],
-        ] as const) {
+        for (const [phase, threads] of routePhases(5, t, e)) {
           if (phase === 2 && code !== 0 && code !== 2) continue;
           params[15] = phase;
           c.run('route', ROUTE, params, bufs, threads, `route phase ${phase}`);
@@ -940,14 +934,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
           scratch,
         ];
         const needScores = withScores || !onLogits;
-        for (const [phase, threads] of [
-          [0, t],
-          [1, t * e],
-          [2, t],
-          [3, t * e],
-          [4, t],
-          [5, t * e],
-        ] as const) {
+        for (const [phase, threads] of routePhases(6, t, e)) {
           if ((phase === 1 || phase === 2 || phase === 3) && !needScores) continue;
           if ((phase === 2 || phase === 3) && code !== 0 && code !== 2) continue;
           params[15] = phase;
@@ -1245,6 +1232,11 @@ async function activationSetup(c: OpCall, base: Backend, x: unknown, grad: unkno
     probs: probs ? c.buf(o.probs, 'probs') : c.tmp(4, 'probs'),
     probsShape: probs ? [...probs.shape] : undefined,
   };
+}
+
+/** The phases of route's and routeBackward's shaders and their threads: even ones one a token, odd ones one a (token, expert). */
+function routePhases(n: number, t: number, e: number): [phase: number, threads: number][] {
+  return Array.from({ length: n }, (_, i) => [i, i % 2 === 1 ? t * e : t]);
 }
 
 const SCORE_FUNCTIONS: Record<string, number> = { softmax: 0, sigmoid: 1, softmax_with_bias: 2, sigmoid_with_bias: 3, sqrtsoftplus: 4 };
