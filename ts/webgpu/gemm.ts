@@ -4,8 +4,8 @@
  * which sums a result element over `k` in blocks of 256 (`S_KC`): each block's products are
  * added, one after another, to a sum that starts at zero, and the block sums are added to the
  * element in block order; products are rounded before they are added (no FMA on any target).
- * The shader does exactly that: a thread's sixteen elements each keep a block sum (`acc`) and a
- * total (`tot`); a product goes through `exact` (an exclusive-or with a zero the compiler cannot
+ * The shader does exactly that: a thread's sixteen elements each keep a block sum (`c_ij`) and a
+ * total (`t_ij`); a product goes through `exact` (an exclusive-or with a zero the compiler cannot
  * see, P[5]) so that no compiler fuses it into an fma, which WGSL allows and NVIDIA's Vulkan
  * driver does. (A GPU that flushes subnormal float32 values to zero differs where a product or a
  * sum is subnormal; SwiftShader and NVIDIA keep them.)
@@ -29,6 +29,10 @@ const KT = 16;
 /** The core's k-block (matrixmultiply's S_KC). */
 export const KC = 256;
 
+const FOUR = [0, 1, 2, 3];
+/** A thread's 4 x 4 elements: rows tm + 16 i, columns tn + 16 j, each with its own block sum c_ij and total t_ij (written out: no private arrays indexed in loops). */
+const ALL = FOUR.flatMap((i) => FOUR.map((j) => [i, j]));
+
 export function gemm(ka: Kind, kb: Kind, kbias: Kind): string {
   return `
 @group(0) @binding(0) var<storage, read> P: array<u32>;
@@ -46,6 +50,14 @@ var<workgroup> Bs: array<f32, ${KT * TILE}>;
 /** [M, K, aOff, bOff, cOff, biasOff, probOff, valid]: the tile's group, read once. */
 var<workgroup> info: array<u32, 8>;
 var<workgroup> corner: vec2<u32>;
+/** C[m, n] = v and the epilogue, where (m, n) lies inside the group's M rows and the N columns. */
+fn store(inf: array<u32, 8>, m: u32, n: u32, sum: f32) {
+  if (m >= inf[0] || n >= P[0]) { return; }
+  var v = sum;
+  if (P[6] == 1u) { v = v + ld_bias(inf[5] + n); }
+  else if (P[6] == 2u) { v = v + exact(ld_bias(inf[5] + n) * probs[inf[6] + m]); }
+  c[inf[4] + m * P[0] + n] = bitcast<u32>(v);
+}
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
   let t = wid.x + wid.y * nwg.x;
@@ -65,9 +77,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let M = inf[0]; let K = inf[1]; let N = P[0];
   let ars = P[1]; let acs = P[2]; let brs = P[3]; let bcs = P[4];
   let tm = li / 16u; let tn = li % 16u;
-  var acc: array<f32, 16>;
-  var tot: array<f32, 16>;
-  for (var x = 0u; x < 16u; x = x + 1u) { acc[x] = 0.0; tot[x] = 0.0; }
+${ALL.map(([i, j]) => `  var c${i}${j} = 0.0; var t${i}${j} = 0.0;`).join('\n')}
   for (var k0 = 0u; k0 < K; k0 = k0 + ${KT}u) {
     for (var q = 0u; q < ${(KT * TILE) / 256}u; q = q + 1u) {
       let e = li + 256u * q;
@@ -87,31 +97,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     workgroupBarrier();
     let kn = min(${KT}u, K - k0);
     for (var kk = 0u; kk < kn; kk = kk + 1u) {
-      var av4: array<f32, 4>;
-      var bv4: array<f32, 4>;
-      for (var i = 0u; i < 4u; i = i + 1u) { av4[i] = As[kk * ${TILE}u + tm + 16u * i]; bv4[i] = Bs[kk * ${TILE}u + tn + 16u * i]; }
-      for (var i = 0u; i < 4u; i = i + 1u) {
-        for (var j = 0u; j < 4u; j = j + 1u) { acc[i * 4u + j] = acc[i * 4u + j] + exact(av4[i] * bv4[j]); }
-      }
+      let row = kk * ${TILE}u;
+${FOUR.map((i) => `      let a${i} = As[row + tm + ${16 * i}u]; let b${i} = Bs[row + tn + ${16 * i}u];`).join('\n')}
+${ALL.map(([i, j]) => `      c${i}${j} = c${i}${j} + exact(a${i} * b${j});`).join('\n')}
     }
     workgroupBarrier();
     // the end of a ${KC}-block of k (or of k): its sum goes into the total
     if (((k0 + ${KT}u) % ${KC}u) == 0u || k0 + ${KT}u >= K) {
-      for (var x = 0u; x < 16u; x = x + 1u) { tot[x] = tot[x] + acc[x]; acc[x] = 0.0; }
+${ALL.map(([i, j]) => `      t${i}${j} = t${i}${j} + c${i}${j}; c${i}${j} = 0.0;`).join('\n')}
     }
   }
-  for (var i = 0u; i < 4u; i = i + 1u) {
-    let m = m0n0.x + tm + 16u * i;
-    if (m >= M) { continue; }
-    for (var j = 0u; j < 4u; j = j + 1u) {
-      let n = m0n0.y + tn + 16u * j;
-      if (n >= N) { continue; }
-      var v = tot[i * 4u + j];
-      if (P[6] == 1u) { v = v + ld_bias(inf[5] + n); }
-      else if (P[6] == 2u) { v = v + exact(ld_bias(inf[5] + n) * probs[inf[6] + m]); }
-      c[inf[4] + m * N + n] = bitcast<u32>(v);
-    }
-  }
+${ALL.map(([i, j]) => `  store(inf, m0n0.x + tm + ${16 * i}u, m0n0.y + tn + ${16 * j}u, t${i}${j});`).join('\n')}
 }
 `;
 }
