@@ -665,6 +665,44 @@ export function webgpuCases(ctx) {
     }
   });
 
+  // The experts in a device pipeline: permute's tokensPerExpert is vouched for by its facts, so the
+  // GEMMs' tile tables are written on the GPU from it and nothing is read back.
+  add("the grouped experts on permute's device counts: nothing read back, the same bits", async () => {
+    const m = moe;
+    const random = rng(777);
+    for (const dtype of DTYPES) {
+      // experts of ~100 rows (two row tiles), dim over one 64-wide column tile
+      const [T, E, k, dim, inter] = [150, 3, 2, 70, 40];
+      const r = randomRouting({ numTokens: T, numExperts: E, topk: k, hidden: dim, dtype }, random);
+      const { routingMap, probs } = wasm.indicesToMultihot(r.indices, r.weights, E);
+      const hp = wasm.permute(r.tokens, routingMap, { probs });
+      const dmh = await m.gpu.indicesToMultihot(m.upload(r.indices), m.upload(r.weights), E);
+      const dp = await m.gpu.permute(m.upload(r.tokens), dmh.routingMap, { probs: dmh.probs });
+      const n = hp.permutedTokens.shape[0];
+      const weights = { gateAndUpProjs: randomScaled(dtype, [E, dim, 2 * inter], 0.5 / Math.sqrt(dim), random), downProjs: randomScaled(dtype, [E, inter, dim], 0.5 / Math.sqrt(inter), random) };
+      const dw = { gateAndUpProjs: m.upload(weights.gateAndUpProjs), downProjs: m.upload(weights.downProjs) };
+      const biases = { gateUpProjBias: randomTokens(dtype, E, 2 * inter, random), downProjBias: randomTokens(dtype, E, dim, random) };
+      const db = { gateUpProjBias: m.upload(biases.gateUpProjBias), downProjBias: m.upload(biases.downProjBias) };
+      const g = randomTokens(dtype, n, dim, random);
+      const o = { activation: 'swiglu', permutedProbs: hp.permutedProbs, biases };
+      const od = { activation: 'swiglu', permutedProbs: dp.permutedProbs, biases: db };
+      let before = m.transfers().toHostBytes;
+      const y = await m.gpu.expertsForward(dp.permutedTokens, dp.tokensPerExpert, dw, od);
+      check.equal(m.transfers().toHostBytes - before, 0, `expertsForward ${dtype}: bytes read back on permute's counts`);
+      await same('expertsForward', y, wasm.expertsForward(hp.permutedTokens, hp.tokensPerExpert, weights, o), `${dtype} device counts`);
+      before = m.transfers().toHostBytes;
+      const grads = await m.gpu.expertsBackward(m.upload(g), dp.permutedTokens, dp.tokensPerExpert, dw, od);
+      check.equal(m.transfers().toHostBytes - before, 0, `expertsBackward ${dtype}: bytes read back on permute's counts`);
+      await same('expertsBackward', grads, wasm.expertsBackward(g, hp.permutedTokens, hp.tokensPerExpert, weights, o), `${dtype} device counts`);
+      // counts that do not add up to the tokens' rows: not vouched for, read back, the core's error
+      const bad = await errorOf(() =>
+        m.gpu.expertsForward(dp.permutedTokens.shape[0] > 1 ? m.upload(hp.permutedTokens) : dp.permutedTokens, m.upload(tensor('int32', [E], new Int32Array(E).fill(1))), dw, od),
+      );
+      const want = await errorOf(() => wasm.expertsForward(hp.permutedTokens, tensor('int32', [E], new Int32Array(E).fill(1)), weights, o));
+      check.equal(bad.message, want.message, `${dtype}: counts that do not add up`);
+    }
+  });
+
   // routeBackward at route's device picks (vouched for by their facts), every score function and
   // option that changes its arithmetic, with and without gradScores; host picks take the wasm path.
   add("routeBackward at route's picks, every score function, against wasm", async () => {

@@ -5,21 +5,23 @@
  * intermediates (h = x W1 + b1, the weighted activation, their gradients) stay float32 on the
  * GPU, as the core keeps them in f32, and each result is rounded once to its dtype.
  *
- * The checks are the core's (`checkMatmul`, `checkExperts` on dtypes and shapes, with the
- * counts' values): tokensPerExpert is read back (E integers), since the host lays out the
- * experts' tiles. Anything the checks refuse, and a caller-owned `out`, goes down the host path
- * (undefined here), where the core gives its own error.
+ * The checks are the core's (`checkMatmul`, `checkExperts` on dtypes and shapes, and on the
+ * counts' values): device counts that this backend's permute or route made for these rows are
+ * vouched for by their facts and never read back (the GEMMs' group tables are written on the GPU
+ * from their scan); any other counts are read back (E integers) and the host writes the tables.
+ * Anything the checks refuse, and a caller-owned `out`, goes down the host path (undefined
+ * here), where the core gives its own error.
  */
 import type { Binding } from '../generated/binding.js';
 import { expertArgs, expertsGrads } from '../ops/experts.js';
 import type { DType, TokenDType } from '../tensor.js';
 import { activationBackward, activationCode, activationForward, activationGradProbs, activationParams } from '../webgpu/activations.js';
-import { columnSums, expertsGradProbs, type GemmGroup, gemm, gemmTable, narrow } from '../webgpu/gemm.js';
+import { columnSums, expertsGradProbs, GEMM_GROUPS, type GemmGroup, gemm, gemmTable, narrow, TILE } from '../webgpu/gemm.js';
 import type { GPUBuffer } from '../webgpu/gpu.js';
 import type { Kind } from '../webgpu/shaders.js';
 import { checkBool, INDICES, type TensorArgs, TOKENS, wire, type WireMeta } from '../wire.js';
 import type { OpCall } from './webgpu.js';
-import { type GpuTensor, isWebGpuTensor } from './webgpu-tensor.js';
+import { factsOf, type GpuTensor, isWebGpuTensor } from './webgpu-tensor.js';
 
 type Checks = Pick<Binding, 'checkMatmul' | 'checkExperts'>;
 
@@ -37,25 +39,37 @@ function touch(c: OpCall, named: Record<string, unknown>): void {
   for (const [arg, v] of Object.entries(named)) if (isWebGpuTensor(v)) v.bufferFor(c.gpu, arg);
 }
 
+/** A grouped GEMM's table `G` on the GPU, its group count and the workgroups to launch (at least its tiles). */
+interface Table {
+  buf: GPUBuffer;
+  groups: number;
+  launch: number;
+}
+
+/** A table written on the host from known groups. */
+function hostTable(c: OpCall, groups: GemmGroup[], n: number): Table {
+  const { table, tiles } = gemmTable(groups, n);
+  return { buf: c.words(table, 'the GEMM groups'), groups: groups.length, launch: tiles };
+}
+
 /** A grouped GEMM into the float32 words `out` (gemm.ts). */
 function runGemm(
   c: OpCall,
   a: { buf: GPUBuffer; kind: Kind; rs: number; cs: number },
   b: { buf: GPUBuffer; kind: Kind; rs: number; cs: number },
   n: number,
-  groups: GemmGroup[],
+  table: Table,
   out: GPUBuffer,
   label: string,
   bias?: { buf: GPUBuffer; kind: Kind; probs?: GPUBuffer },
 ): void {
-  const { table, tileBase, tiles } = gemmTable(groups, n);
-  if (tiles === 0) return;
+  if (table.launch === 0) return;
   const kbias = bias?.kind ?? 'float32';
   const key = `gemm_${a.kind}_${b.kind}_${kbias}`;
   const epilogue = bias === undefined ? 0 : bias.probs === undefined ? 1 : 2;
-  const params = [n, a.rs, a.cs, b.rs, b.cs, 0, epilogue, tileBase, tiles];
-  const buffers = [a.buf, b.buf, c.words(table, 'the GEMM tiles'), out, bias?.buf ?? c.tmp(4, 'bias'), bias?.probs ?? c.tmp(4, 'probs')];
-  c.gpu.dispatch(c.op, key, gemm(a.kind, b.kind, kbias), params, buffers, tiles * 256, 256, label);
+  const params = [n, a.rs, a.cs, b.rs, b.cs, 0, epilogue, table.groups];
+  const buffers = [a.buf, b.buf, table.buf, out, bias?.buf ?? c.tmp(4, 'bias'), bias?.probs ?? c.tmp(4, 'probs')];
+  c.gpu.dispatch(c.op, key, gemm(a.kind, b.kind, kbias), params, buffers, table.launch * 256, 256, label);
 }
 
 /** Where a result's float32 values go: its own output tensor (float32: the GEMM writes it), or float32 scratch that `finish` rounds into one. */
@@ -111,7 +125,7 @@ export async function matmulOp(c: OpCall, checks: Checks, a: unknown, b: unknown
     { buf: c.buf(a, 'a'), kind: dtype, rs: transA ? 1 : k, cs: transA ? m : 1 },
     { buf: c.buf(b, 'b'), kind: r.b.dtype as Kind, rs: transB ? 1 : n, cs: transB ? k : 1 },
     n,
-    [{ m, k, aOff: 0, bOff: 0, cOff: 0 }],
+    hostTable(c, [{ m, k, aOff: 0, bOff: 0, cOff: 0 }], n),
     t.buf,
     'matmul',
   );
@@ -125,7 +139,10 @@ interface Experts {
   experts: number;
   width: number;
   inter: number;
-  offsets: number[];
+  /** The experts' row offsets [E + 1] on the host (counts read back or given), or undefined: only on the GPU. */
+  offsets?: number[];
+  /** The same offsets in a GPU buffer (uploaded, or scanned from device counts). */
+  offsetsBuf: GPUBuffer;
   x: { buf: GPUBuffer; kind: Kind };
   w1: { buf: GPUBuffer; kind: Kind; shape: number[] };
   w2: { buf: GPUBuffer; kind: Kind; shape: number[] };
@@ -162,9 +179,14 @@ async function setup(c: OpCall, checks: Checks, op: string, gradOutput: unknown,
     ...(gradOutput === undefined ? {} : { gradOutput: M.of(gradOutput, 'gradOutput', TOKENS) }),
   }));
   if (typeof args === 'symbol') return undefined;
-  // the counts' values are the core's to check (and the host's to lay out the tiles)
-  const host = await c.host(counts, 'tokensPerExpert', INDICES);
-  const n = c.validate(() => checks.checkExperts({ ...args, tokensPerExpert: wire(host, 'tokensPerExpert') }));
+  // The counts' values are the core's to check: device counts that an op of this backend made
+  // for these rows (permute's, route's: non-negative, adding up to `total`) are vouched for by
+  // their facts and stay on the GPU (the tile tables are written there); any others are read back.
+  const rows = (args as { permutedTokens: WireMeta }).permutedTokens.shape[0];
+  const total = factsOf(counts).total;
+  const vouched = isWebGpuTensor(counts) && counts.dtype === 'int32' && total !== undefined && total === rows;
+  const host = vouched ? undefined : await c.host(counts, 'tokensPerExpert', INDICES);
+  const n = c.validate(() => checks.checkExperts(host ? { ...args, tokensPerExpert: wire(host, 'tokensPerExpert') } : args));
   const code = activationCode((args as { kind?: unknown }).kind);
   if (typeof n === 'symbol' || code === undefined) return undefined;
   const a = args as unknown as Record<string, WireMeta | undefined> & { gateAndUpProjs?: WireMeta; upProjs?: WireMeta };
@@ -172,8 +194,15 @@ async function setup(c: OpCall, checks: Checks, op: string, gradOutput: unknown,
   const w1m = (a.gateAndUpProjs ?? a.upProjs)!;
   const [experts, dim, width] = w1m.shape;
   const inter = code[1] === 2 ? width : width / 2;
-  const offsets = [0];
-  for (const v of Array.from(host.data as ArrayLike<number | bigint>, Number)) offsets.push(offsets[offsets.length - 1] + v);
+  let offsets: number[] | undefined;
+  let offsetsBuf: GPUBuffer;
+  if (host) {
+    offsets = [0];
+    for (const v of Array.from(host.data as ArrayLike<number | bigint>, Number)) offsets.push(offsets[offsets.length - 1] + v);
+    offsetsBuf = c.words(offsets, 'the expert offsets');
+  } else {
+    offsetsBuf = c.scan(c.buf(counts, 'tokensPerExpert'), experts, 'the expert offsets');
+  }
   const bufOf = (v: unknown, arg: string, m: WireMeta) => ({ buf: c.buf(v, arg), kind: m.dtype as Kind, shape: [...m.shape] });
   const pm = a.permutedProbs;
   return {
@@ -183,6 +212,7 @@ async function setup(c: OpCall, checks: Checks, op: string, gradOutput: unknown,
     width,
     inter,
     offsets,
+    offsetsBuf,
     x: bufOf(tokens, 'permutedTokens', a.permutedTokens!),
     w1: bufOf(upProjs ? w.upProjs : w.gateAndUpProjs, upProjs ? 'weights.upProjs' : 'weights.gateAndUpProjs', w1m),
     w2: bufOf(w.downProjs, 'weights.downProjs', a.downProjs!),
@@ -195,15 +225,47 @@ async function setup(c: OpCall, checks: Checks, op: string, gradOutput: unknown,
   };
 }
 
-/** Each expert's rows as a GEMM group (M = its rows): A's rows at `aRow` elements a row, C's at `cRow`. */
-function rowGroups(d: Experts, aRow: number, bPer: number, cRow: number, k: number, bias?: number): GemmGroup[] {
-  return d.offsets.slice(0, -1).map((off, e) => ({ m: d.offsets[e + 1] - off, k, aOff: off * aRow, bOff: e * bPer, cOff: off * cRow, biasOff: bias === undefined ? 0 : e * bias, probOff: off }));
+/**
+ * Each expert's rows as a GEMM group (M = its rows, K = `k`): A's rows at `aRow` elements a row,
+ * B the expert's `bPer` elements, C's rows at `cRow`, the bias's `biasPer` elements an expert.
+ */
+function rowsTable(c: OpCall, d: Experts, n: number, k: number, aRow: number, bPer: number, cRow: number, biasPer = 0): Table {
+  if (d.offsets) {
+    const o = d.offsets;
+    return hostTable(
+      c,
+      o.slice(0, -1).map((off, e) => ({ m: o[e + 1] - off, k, aOff: off * aRow, bOff: e * bPer, cOff: off * cRow, biasOff: e * biasPer, probOff: off })),
+      n,
+    );
+  }
+  // at most ceil(rows / 64) + E row tiles, each N / 64 wide
+  return deviceTable(c, d, n, 0, k, aRow, bPer, cRow, biasPer, (Math.ceil(d.n / TILE) + d.experts) * Math.ceil(n / TILE));
+}
+
+/** Each expert's weight gradient as a GEMM group (M = `m`, K = its rows): A's and B's rows at `aRow` / `bRow`, C the expert's `cPer` elements. */
+function weightsTable(c: OpCall, d: Experts, n: number, m: number, aRow: number, bRow: number, cPer: number): Table {
+  if (d.offsets) {
+    const o = d.offsets;
+    return hostTable(
+      c,
+      o.slice(0, -1).map((off, e) => ({ m, k: o[e + 1] - off, aOff: off * aRow, bOff: off * bRow, cOff: e * cPer })),
+      n,
+    );
+  }
+  return deviceTable(c, d, n, 1, m, aRow, bRow, cPer, 0, d.experts * Math.ceil(m / TILE) * Math.ceil(n / TILE));
+}
+
+/** A table written on the GPU from the device offsets (GEMM_GROUPS), launched over `bound` workgroups. */
+function deviceTable(c: OpCall, d: Experts, n: number, mode: number, fixed: number, aRow: number, bX: number, cX: number, biasPer: number, bound: number): Table {
+  const buf = c.tmp(4 * 8 * (d.experts + 1), 'the GEMM groups');
+  c.run('gemm_groups', GEMM_GROUPS, [d.experts, n, mode, fixed, aRow, bX, cX, biasPer], [d.offsetsBuf, buf], 1);
+  return { buf, groups: d.experts, launch: bound };
 }
 
 /** h = x W1 + b1 and the weighted activation a (float32 scratch), as the core's up_projection and activate. */
 function upAndActivate(c: OpCall, d: Experts): { h: GPUBuffer; a: GPUBuffer } {
   const h = c.tmp(4 * d.n * d.width, 'the up projection');
-  runGemm(c, { ...d.x, rs: d.dim, cs: 1 }, { ...d.w1, rs: d.width, cs: 1 }, d.width, rowGroups(d, d.dim, d.dim * d.width, d.width, d.dim, d.width), h, 'experts x W1', d.b1);
+  runGemm(c, { ...d.x, rs: d.dim, cs: 1 }, { ...d.w1, rs: d.width, cs: 1 }, d.width, rowsTable(c, d, d.width, d.dim, d.dim, d.dim * d.width, d.width, d.width), h, 'experts x W1', d.b1);
   const a = c.tmp(4 * d.n * d.inter, 'the activation');
   const probs = d.probs?.buf ?? c.tmp(4, 'probs');
   c.run('act_fwd_float32', activationForward('float32'), [d.n * d.inter, d.inter, d.width, d.n * d.inter, ...d.act], [h, probs, a], d.n * d.inter);
@@ -219,7 +281,16 @@ export async function expertsForwardOp(c: OpCall, checks: Checks, tokens: unknow
   const dtype = d.x.kind;
   const t = target(c, dtype, [d.n, d.dim], 'output');
   const bias = d.b2 && { buf: d.b2.buf, kind: d.b2.kind, probs: d.probs?.buf };
-  runGemm(c, { buf: a, kind: 'float32', rs: d.inter, cs: 1 }, { ...d.w2, rs: d.dim, cs: 1 }, d.dim, rowGroups(d, d.inter, d.inter * d.dim, d.dim, d.inter, d.dim), t.buf, 'experts a W2', bias);
+  runGemm(
+    c,
+    { buf: a, kind: 'float32', rs: d.inter, cs: 1 },
+    { ...d.w2, rs: d.dim, cs: 1 },
+    d.dim,
+    rowsTable(c, d, d.dim, d.inter, d.inter, d.inter * d.dim, d.dim, d.dim),
+    t.buf,
+    'experts a W2',
+    bias,
+  );
   return finish(c, t);
 }
 
@@ -229,13 +300,12 @@ export async function expertsBackwardOp(c: OpCall, checks: Checks, gradOutput: u
   const { n, dim, width, inter, experts } = d;
   const g = d.g!;
   const { h, a } = upAndActivate(c, d);
-  const gOffsets = c.words(d.offsets, 'the expert offsets');
+  const gOffsets = d.offsetsBuf;
   // down projection: dW2 = a^T g, da = g W2^T
   const dw2 = target(c, d.w2.kind, d.w2.shape, 'gradDownProjs');
-  const dw2Groups = d.offsets.slice(0, -1).map((off, e) => ({ m: inter, k: d.offsets[e + 1] - off, aOff: off * inter, bOff: off * dim, cOff: e * inter * dim }));
-  runGemm(c, { buf: a, kind: 'float32', rs: 1, cs: inter }, { ...g, rs: dim, cs: 1 }, dim, dw2Groups, dw2.buf, 'experts a^T g');
+  runGemm(c, { buf: a, kind: 'float32', rs: 1, cs: inter }, { ...g, rs: dim, cs: 1 }, dim, weightsTable(c, d, dim, inter, inter, dim, inter * dim), dw2.buf, 'experts a^T g');
   const da = c.tmp(4 * n * inter, 'the activation gradient');
-  runGemm(c, { ...g, rs: dim, cs: 1 }, { ...d.w2, rs: 1, cs: dim }, inter, rowGroups(d, dim, inter * dim, inter, dim), da, 'experts g W2^T');
+  runGemm(c, { ...g, rs: dim, cs: 1 }, { ...d.w2, rs: 1, cs: dim }, inter, rowsTable(c, d, inter, dim, dim, inter * dim, inter), da, 'experts g W2^T');
   const result: Record<string, GpuTensor | undefined> = {};
   if (d.b2) {
     const db2 = target(c, d.b2.kind, d.b2.shape, 'gradDownProjBias');
@@ -256,15 +326,14 @@ export async function expertsBackwardOp(c: OpCall, checks: Checks, gradOutput: u
   }
   // up projection: dW1 = x^T dh, db1 = the column sums of dh, dx = dh W1^T
   const dw1 = target(c, d.w1.kind, d.w1.shape, 'gradGateAndUpProjs');
-  const dw1Groups = d.offsets.slice(0, -1).map((off, e) => ({ m: dim, k: d.offsets[e + 1] - off, aOff: off * dim, bOff: off * width, cOff: e * dim * width }));
-  runGemm(c, { ...d.x, rs: 1, cs: dim }, { buf: dh, kind: 'float32', rs: width, cs: 1 }, width, dw1Groups, dw1.buf, 'experts x^T dh');
+  runGemm(c, { ...d.x, rs: 1, cs: dim }, { buf: dh, kind: 'float32', rs: width, cs: 1 }, width, weightsTable(c, d, width, dim, dim, width, dim * width), dw1.buf, 'experts x^T dh');
   if (d.b1) {
     const db1 = target(c, d.b1.kind, d.b1.shape, 'gradGateUpProjBias');
     c.run('colsum_float32', columnSums('float32'), [width, experts, 0, 0], [dh, gOffsets, probs, db1.buf], width * experts);
     result.gradGateUpProjBias = finish(c, db1);
   }
   const dx = target(c, d.x.kind, [n, dim], 'gradTokens');
-  runGemm(c, { buf: dh, kind: 'float32', rs: width, cs: 1 }, { ...d.w1, rs: 1, cs: width }, dim, rowGroups(d, width, dim * width, dim, width), dx.buf, 'experts dh W1^T');
+  runGemm(c, { buf: dh, kind: 'float32', rs: width, cs: 1 }, { ...d.w1, rs: 1, cs: width }, dim, rowsTable(c, d, dim, width, width, dim * width, dim), dx.buf, 'experts dh W1^T');
   return expertsGrads(
     {
       gradTokens: finish(c, dx),

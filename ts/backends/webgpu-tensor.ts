@@ -35,13 +35,15 @@ const owners = new WeakMap<object, { gpu: Gpu; buffer: GPUBuffer | undefined }>(
  * tensor's buffer is not writable from outside): `ones`, a bool map's number of ones (its
  * values all 0 or 1); `below`, an int32 tensor's values all in [0, below); `picks`, route's or
  * topk's `[T, k]` indices: each row's values distinct experts below `experts`, or -1, `picks` of
- * them not -1.
+ * them not -1; `total`, an int32 count tensor's values all non-negative and adding up to `total`
+ * (permute's and route's tokensPerExpert).
  */
 export interface Facts {
   ones?: number;
   below?: number;
   picks?: number;
   experts?: number;
+  total?: number;
 }
 const known = new WeakMap<object, Facts>();
 

@@ -590,6 +590,8 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         const result: Record<string, GpuTensor> = { permutedTokens };
         if (pprobs) result.permutedProbs = pprobs;
         setFacts(sorted, { below: t });
+        // the experts' row counts: non-negative, adding up to the slots (expertsForward keeps them on the GPU)
+        setFacts(tpe, { total: n });
         result.sortedIndices = sorted;
         result.tokensPerExpert = tpe;
         return result;
@@ -863,6 +865,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         let kept = t;
         if (mask) for (const v of mask.data as Uint8Array) kept -= v === 0 ? 1 : 0;
         setFacts(indices, { picks: kept * k, experts: e });
+        setFacts(tpe, { total: kept * k });
         return { weights, indices, scores, tokensPerExpert: tpe };
       }),
 

@@ -11,14 +11,16 @@
  * sum is subnormal; SwiftShader and NVIDIA keep them.)
  *
  * Grouped: one launch runs every group's tiles (an expert's rows, or an expert's weight
- * gradient), each group with its own M, K and offsets, from a table the host writes (`G`):
- * group g at `8 g`: [M, K, aOff, bOff, cOff, biasOff, probOff, 0]; tile t at `P[7] + 3 t`:
- * [group, m0, n0]. Element (m, k) of A is `a[aOff + m ars + k acs]` (a transpose is a stride
+ * gradient), each group with its own M, K and offsets, from a table `G` (written by the host
+ * when the counts are known there, else by GEMM_GROUPS on the GPU): group g at `8 g`:
+ * [M, K, aOff, bOff, cOff, biasOff, probOff, its first tile]; `G[8 groups + 7]` the tile count.
+ * A workgroup finds its tile's group by binary search; its tiles run row-major over N. Element (m, k) of A is `a[aOff + m ars + k acs]` (a transpose is a stride
  * swap), (k, n) of B `b[bOff + k brs + n bcs]`; C is float32, row-major with N columns:
  * `c[cOff + m N + n]`. The epilogue (P[6]): 0 none, 1 `+ bias[biasOff + n]`, 2
  * `+ bias[biasOff + n] * probs[probOff + m]` (the product rounded first): the core's bias steps.
  *
- * P = [N, ars, acs, brs, bcs, 0 (exact's zero), epilogue, tileBase, tiles].
+ * P = [N, ars, acs, brs, bcs, 0 (exact's zero), epilogue, groups]. More workgroups than tiles may
+ * run (the device table's bound): those past the count return.
  */
 import { F64 } from './f64.js';
 import { CONVERT, HEADER, type Kind, loader, MAIN, packWord, rounder } from './shaders.js';
@@ -63,12 +65,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let t = wid.x + wid.y * nwg.x;
   if (li == 0u) {
     info[7] = 0u;
-    if (t < P[8]) {
-      let tb = P[7] + 3u * t;
-      let g = G[tb];
-      for (var i = 0u; i < 7u; i = i + 1u) { info[i] = G[8u * g + i]; }
+    let groups = P[7];
+    if (t < G[8u * groups + 7u]) {
+      // the tile's group: the last g whose first tile is at or before t (groups without tiles share the next one's)
+      var lo = 0u; var hi = groups - 1u;
+      loop { if (lo >= hi) { break; } let mid = (lo + hi + 1u) / 2u; if (G[8u * mid + 7u] <= t) { lo = mid; } else { hi = mid - 1u; } }
+      for (var i = 0u; i < 7u; i = i + 1u) { info[i] = G[8u * lo + i]; }
       info[7] = 1u;
-      corner = vec2<u32>(G[tb + 1u], G[tb + 2u]);
+      let nt = (P[0] + ${TILE - 1}u) / ${TILE}u;
+      let local = t - G[8u * lo + 7u];
+      corner = vec2<u32>((local / nt) * ${TILE}u, (local % nt) * ${TILE}u);
     }
   }
   let inf = workgroupUniformLoad(&info);
@@ -123,25 +129,46 @@ export interface GemmGroup {
   probOff?: number;
 }
 
-/** The table `G` of a grouped GEMM with N columns (groups, then tiles), its tile base and count. */
-export function gemmTable(groups: readonly GemmGroup[], n: number): { table: Uint32Array; tileBase: number; tiles: number } {
-  let tiles = 0;
+/** The table `G` of a grouped GEMM with N columns, written on the host (the groups known), and its tile count. */
+export function gemmTable(groups: readonly GemmGroup[], n: number): { table: Uint32Array; tiles: number } {
   const nt = Math.ceil(n / TILE);
-  for (const g of groups) tiles += Math.ceil(g.m / TILE) * nt;
-  const tileBase = 8 * groups.length;
-  const table = new Uint32Array(Math.max(1, tileBase + 3 * tiles));
-  let t = tileBase;
+  const table = new Uint32Array(8 * (groups.length + 1));
+  let tiles = 0;
   groups.forEach((g, i) => {
-    table.set([g.m, g.k, g.aOff, g.bOff, g.cOff, g.biasOff ?? 0, g.probOff ?? 0, 0], 8 * i);
-    for (let m0 = 0; m0 < g.m; m0 += TILE) {
-      for (let n0 = 0; n0 < n; n0 += TILE) {
-        table.set([i, m0, n0], t);
-        t += 3;
-      }
-    }
+    table.set([g.m, g.k, g.aOff, g.bOff, g.cOff, g.biasOff ?? 0, g.probOff ?? 0, tiles], 8 * i);
+    tiles += Math.ceil(g.m / TILE) * nt;
   });
-  return { table, tileBase, tiles };
+  table[8 * groups.length + 7] = tiles;
+  return { table, tiles };
 }
+
+/**
+ * The same table written on the GPU from the experts' row offsets (`offsets [E + 1]`, a scan of
+ * device counts: nothing read back), one thread for every group (E is small). Each group's
+ * entries are `rows`-mode (M = its rows: `aOff = off aRow`, `bOff = e bPer`, `cOff = off cRow`,
+ * K fixed) or `weights`-mode (K = its rows: `aOff = off aRow`, `bOff = off bRow`,
+ * `cOff = e cPer`, M fixed). P = [groups, N, mode (0 rows, 1 weights), fixed M or K, aRow,
+ * bPer or bRow, cRow or cPer, biasPer].
+ */
+export const GEMM_GROUPS = `${HEADER}
+@group(0) @binding(1) var<storage, read> offsets: array<u32>;
+@group(0) @binding(2) var<storage, read_write> G: array<u32>;
+fn body(i: u32) {
+  let groups = P[0];
+  let nt = (P[1] + ${TILE - 1}u) / ${TILE}u;
+  var tiles = 0u;
+  for (var e = 0u; e < groups; e = e + 1u) {
+    let off = offsets[e];
+    let rows = offsets[e + 1u] - off;
+    var m = rows; var k = P[3]; var b = e * P[5]; var c = off * P[6];
+    if (P[2] == 1u) { m = P[3]; k = rows; b = off * P[5]; c = e * P[6]; }
+    G[8u * e] = m; G[8u * e + 1u] = k; G[8u * e + 2u] = off * P[4]; G[8u * e + 3u] = b;
+    G[8u * e + 4u] = c; G[8u * e + 5u] = e * P[7]; G[8u * e + 6u] = off; G[8u * e + 7u] = tiles;
+    tiles = tiles + ((m + ${TILE - 1}u) / ${TILE}u) * nt;
+  }
+  G[8u * groups + 7u] = tiles;
+}
+${MAIN('1u')}`;
 
 /**
  * Column sums over each group's rows, in row order from zero (the core's bias gradients):
