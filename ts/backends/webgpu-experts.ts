@@ -15,7 +15,7 @@
 import type { Binding } from '../generated/binding.js';
 import { expertArgs, expertsGrads } from '../ops/experts.js';
 import type { DType, TokenDType } from '../tensor.js';
-import { activationBackward, activationCode, activationForward, activationGradProbs, activationParams } from '../webgpu/activations.js';
+import { ACTIVATION_GRAD_PROBS_OF_UNITS, activationBackward, activationCode, activationForward, activationParams } from '../webgpu/activations.js';
 import { columnSums, expertsGradProbs, GEMM_GROUPS, type GemmGroup, gemm, gemmTable, narrow, TILE } from '../webgpu/gemm.js';
 import type { GPUBuffer } from '../webgpu/gpu.js';
 import type { Kind } from '../webgpu/shaders.js';
@@ -262,14 +262,24 @@ function deviceTable(c: OpCall, d: Experts, n: number, mode: number, fixed: numb
   return { buf, groups: d.experts, launch: bound };
 }
 
-/** h = x W1 + b1 and the weighted activation a (float32 scratch), as the core's up_projection and activate. */
-function upAndActivate(c: OpCall, d: Experts): { h: GPUBuffer; a: GPUBuffer } {
+/**
+ * h = x W1 + b1 and the weighted activation a (float32 scratch), as the core's up_projection and
+ * activate; with `keepUnits`, also each element's unit value before the probs (the backward's
+ * probs gradient sums them, instead of computing them again).
+ */
+function upAndActivate(c: OpCall, d: Experts, keepUnits = false): { h: GPUBuffer; a: GPUBuffer; units?: GPUBuffer } {
   const h = c.tmp(4 * d.n * d.width, 'the up projection');
   runGemm(c, { ...d.x, rs: d.dim, cs: 1 }, { ...d.w1, rs: d.width, cs: 1 }, d.width, rowsTable(c, d, d.width, d.dim, d.dim, d.dim * d.width, d.width, d.width), h, 'experts x W1', d.b1);
   const a = c.tmp(4 * d.n * d.inter, 'the activation');
   const probs = d.probs?.buf ?? c.tmp(4, 'probs');
-  c.run('act_fwd_float32', activationForward('float32'), [d.n * d.inter, d.inter, d.width, d.n * d.inter, ...d.act], [h, probs, a], d.n * d.inter);
-  return { h, a };
+  const params = [d.n * d.inter, d.inter, d.width, d.n * d.inter, ...d.act];
+  if (!keepUnits) {
+    c.run('act_fwd_float32', activationForward('float32'), params, [h, probs, a], d.n * d.inter);
+    return { h, a };
+  }
+  const units = c.tmp(4 * d.n * d.inter, 'the activation units');
+  c.run('act_fwd_units_float32', activationForward('float32', true), params, [h, probs, a, units], d.n * d.inter);
+  return { h, a, units };
 }
 
 export async function expertsForwardOp(c: OpCall, checks: Checks, tokens: unknown, counts: unknown, weights: unknown, options: unknown): Promise<unknown | undefined> {
@@ -299,7 +309,7 @@ export async function expertsBackwardOp(c: OpCall, checks: Checks, gradOutput: u
   if (d === undefined) return undefined;
   const { n, dim, width, inter, experts } = d;
   const g = d.g!;
-  const { h, a } = upAndActivate(c, d);
+  const { h, a, units } = upAndActivate(c, d, d.probs !== undefined);
   const gOffsets = d.offsetsBuf;
   // down projection: dW2 = a^T g, da = g W2^T
   const dw2 = target(c, d.w2.kind, d.w2.shape, 'gradDownProjs');
@@ -318,7 +328,7 @@ export async function expertsBackwardOp(c: OpCall, checks: Checks, gradOutput: u
   c.run('act_bwd_float32', activationBackward('float32'), [n * width, inter, width, n * width, ...d.act], [h, da, probs, dh], n * width);
   if (d.probs) {
     const gp = c.tmp(4 * n, 'the activation probs gradient');
-    c.run('act_gp_float32', activationGradProbs('float32'), [n, inter, width, 0, ...d.act], [h, da, gp], n);
+    c.run('act_gp_units', ACTIVATION_GRAD_PROBS_OF_UNITS, [n, inter], [units!, da, gp], n);
     const gradProbs = c.out('float32', d.probs.shape, 'gradProbs', true);
     const bias = d.b2 ?? { buf: c.tmp(4, 'bias'), kind: 'float32' as Kind };
     c.run(`experts_gp_${g.kind}_${bias.kind}`, expertsGradProbs(g.kind, bias.kind), [n, dim, experts, d.b2 ? 1 : 0], [g.buf, bias.buf, gp, gOffsets, gradProbs.bufferFor(c.gpu, 'gradProbs')], n);

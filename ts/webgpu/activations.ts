@@ -102,12 +102,14 @@ fn flat(gid: vec3<u32>, nwg: vec3<u32>) -> u32 { return gid.x + gid.y * nwg.x * 
 }
 
 /** Forward: one thread per output word. */
-export function activationForward(kind: Kind): string {
+export function activationForward(kind: Kind, keepUnits = false): string {
   const per = kind === 'float32' ? 1 : 2;
+  if (keepUnits && per !== 1) throw new Error('activationForward: units are kept for float32 only');
   return `${common(kind, ['x'])}
 @group(0) @binding(1) var<storage, read> x: array<u32>;
 @group(0) @binding(2) var<storage, read> probs: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<u32>;
+${keepUnits ? '@group(0) @binding(4) var<storage, read_write> units: array<u32>;' : ''}
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
   let w = flat(gid, nwg);
@@ -118,12 +120,36 @@ ${packWord(
   'P[0]',
   `    let r = e / I;
     let gu = pair(r, e - r * I);
-    var a = unit(gu.x, gu.y);
+    var a = unit(gu.x, gu.y);${keepUnits ? '\n    units[e] = bitcast<u32>(a);' : ''}
     if (P[9] == 1u) { a = a * probs[r]; }
     let bits = round_out(a);`,
 )}}
 `;
 }
+
+/**
+ * activationGradProbs on the units the forward kept (`activationForward(kind, true)`): the same
+ * float32 products `unit * grad` summed in software float64 per row, without computing the
+ * units again (no exp, no division). float32 units and grad. P = [rows, inter].
+ */
+export const ACTIVATION_GRAD_PROBS_OF_UNITS = `
+@group(0) @binding(0) var<storage, read> P: array<u32>;
+@group(0) @binding(1) var<storage, read> units: array<u32>;
+@group(0) @binding(2) var<storage, read> g: array<u32>;
+@group(0) @binding(3) var<storage, read_write> out: array<u32>;
+${F64}
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let r = gid.x + gid.y * nwg.x * 64u;
+  if (r >= P[0]) { return; }
+  let I = P[1];
+  var sum = vec2<u32>(0u, 0u);
+  for (var j = 0u; j < I; j = j + 1u) {
+    sum = f_add(sum, f_from_f32(bitcast<u32>(bitcast<f32>(units[r * I + j]) * bitcast<f32>(g[r * I + j]))));
+  }
+  out[r] = f_to_f32(sum);
+}
+`;
 
 /** Backward, gradInput: one thread per word of `[rows, width]`. */
 export function activationBackward(kind: Kind): string {
