@@ -128,6 +128,34 @@ ${packWord(
 }
 
 /**
+ * Backward, gradInput over float32 (the experts' intermediates): one thread per (gate, up) pair
+ * writing both gradients from one unit_grad (the per-word shader above computes it once for each
+ * of the two): the same values, half the exps and divisions. P as activationBackward's.
+ */
+export const ACTIVATION_BACKWARD_PAIRS = `${common('float32', ['x', 'g'])}
+@group(0) @binding(1) var<storage, read> x: array<u32>;
+@group(0) @binding(2) var<storage, read> g: array<u32>;
+@group(0) @binding(3) var<storage, read> probs: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<u32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = flat(gid, nwg);
+  let I = P[1]; let W = P[2];
+  if (i >= P[0] / W * I) { return; }
+  let r = i / I;
+  let j = i - r * I;
+  var gw = ld_g(r * I + j);
+  if (P[9] == 1u) { gw = gw * probs[r]; }
+  let gu = pair(r, j);
+  let d = unit_grad(gu.x, gu.y, gw);
+  let b = r * W;
+  if (P[5] == 0u) { out[b + j] = bitcast<u32>(d.x); out[b + I + j] = bitcast<u32>(d.y); }
+  else if (P[5] == 1u) { out[b + 2u * j] = bitcast<u32>(d.x); out[b + 2u * j + 1u] = bitcast<u32>(d.y); }
+  else { out[b + j] = bitcast<u32>(d.x); }
+}
+`;
+
+/**
  * activationGradProbs on the units the forward kept (`activationForward(kind, true)`): the same
  * float32 products `unit * grad` summed in software float64 per row, without computing the
  * units again (no exp, no division). float32 units and grad. P = [rows, inter].
