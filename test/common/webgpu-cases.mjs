@@ -851,129 +851,76 @@ export function webgpuCases(ctx) {
       ['matmul: inner dimensions', () => m.gpu.matmul(m.upload(t), m.upload(t)), () => wasm.matmul(t, t)],
       ['matmul: dtype', () => m.gpu.matmul(m.upload(t), m.upload(tensor('int32', [2, 2], new Int32Array(4)))), () => wasm.matmul(t, tensor('int32', [2, 2], new Int32Array(4)))],
       ['matmul: transA', () => m.gpu.matmul(m.upload(t), t, { transA: 1 }), () => wasm.matmul(t, t, { transA: 1 })],
-      [
-        'expertsForward: counts add up to more',
-        () =>
-          m.gpu.expertsForward(
-            m.upload(t),
-            m.upload(tensor('int32', [1], new Int32Array([4]))),
-            { gateAndUpProjs: m.upload(tensor('float32', [1, 2, 2], new Float32Array(4))), downProjs: tensor('float32', [1, 1, 2], new Float32Array(2)) },
-            { activation: 'swiglu' },
-          ),
-        () =>
-          wasm.expertsForward(
-            t,
-            tensor('int32', [1], new Int32Array([4])),
-            { gateAndUpProjs: tensor('float32', [1, 2, 2], new Float32Array(4)), downProjs: tensor('float32', [1, 1, 2], new Float32Array(2)) },
-            { activation: 'swiglu' },
-          ),
-      ],
-      [
-        'expertsForward: negative count',
-        () =>
-          m.gpu.expertsForward(
-            t,
-            tensor('int32', [2], new Int32Array([4, -1])),
-            { gateAndUpProjs: m.upload(tensor('float32', [2, 2, 2], new Float32Array(8))), downProjs: tensor('float32', [2, 1, 2], new Float32Array(4)) },
-            { activation: 'swiglu' },
-          ),
-        () =>
-          wasm.expertsForward(
-            t,
-            tensor('int32', [2], new Int32Array([4, -1])),
-            { gateAndUpProjs: tensor('float32', [2, 2, 2], new Float32Array(8)), downProjs: tensor('float32', [2, 1, 2], new Float32Array(4)) },
-            { activation: 'swiglu' },
-          ),
-      ],
-      [
-        'expertsForward: down shape',
-        () =>
-          m.gpu.expertsForward(
-            m.upload(t),
-            tensor('int32', [1], new Int32Array([3])),
-            { gateAndUpProjs: m.upload(tensor('float32', [1, 2, 2], new Float32Array(4))), downProjs: m.upload(tensor('float32', [1, 2, 2], new Float32Array(4))) },
-            { activation: 'swiglu' },
-          ),
-        () =>
-          wasm.expertsForward(
-            t,
-            tensor('int32', [1], new Int32Array([3])),
-            { gateAndUpProjs: tensor('float32', [1, 2, 2], new Float32Array(4)), downProjs: tensor('float32', [1, 2, 2], new Float32Array(4)) },
-            { activation: 'swiglu' },
-          ),
-      ],
-      [
-        'expertsForward: upProjs for swiglu',
-        () =>
-          m.gpu.expertsForward(
-            m.upload(t),
-            tensor('int32', [1], new Int32Array([3])),
-            { upProjs: m.upload(tensor('float32', [1, 2, 2], new Float32Array(4))), downProjs: tensor('float32', [1, 1, 2], new Float32Array(2)) },
-            { activation: 'swiglu' },
-          ),
-        () =>
-          wasm.expertsForward(
-            t,
-            tensor('int32', [1], new Int32Array([3])),
-            { upProjs: tensor('float32', [1, 2, 2], new Float32Array(4)), downProjs: tensor('float32', [1, 1, 2], new Float32Array(2)) },
-            { activation: 'swiglu' },
-          ),
-      ],
-      [
-        'expertsForward: probs shape',
-        () =>
-          m.gpu.expertsForward(
-            m.upload(t),
-            tensor('int32', [1], new Int32Array([3])),
-            { gateAndUpProjs: tensor('float32', [1, 2, 2], new Float32Array(4)), downProjs: tensor('float32', [1, 1, 2], new Float32Array(2)) },
-            { activation: 'swiglu', permutedProbs: m.upload(tensor('float32', [2], new Float32Array(2))) },
-          ),
-        () =>
-          wasm.expertsForward(
-            t,
-            tensor('int32', [1], new Int32Array([3])),
-            { gateAndUpProjs: tensor('float32', [1, 2, 2], new Float32Array(4)), downProjs: tensor('float32', [1, 1, 2], new Float32Array(2)) },
-            { activation: 'swiglu', permutedProbs: tensor('float32', [2], new Float32Array(2)) },
-          ),
-      ],
-      [
-        'expertsBackward: gradOutput dtype',
-        () =>
-          m.gpu.expertsBackward(
-            m.upload(tensor('bfloat16', [3, 2], new Uint16Array(6))),
-            m.upload(t),
-            tensor('int32', [1], new Int32Array([3])),
-            { gateAndUpProjs: tensor('float32', [1, 2, 2], new Float32Array(4)), downProjs: tensor('float32', [1, 1, 2], new Float32Array(2)) },
-            { activation: 'swiglu' },
-          ),
-        () =>
-          wasm.expertsBackward(
-            tensor('bfloat16', [3, 2], new Uint16Array(6)),
-            t,
-            tensor('int32', [1], new Int32Array([3])),
-            { gateAndUpProjs: tensor('float32', [1, 2, 2], new Float32Array(4)), downProjs: tensor('float32', [1, 1, 2], new Float32Array(2)) },
-            { activation: 'swiglu' },
-          ),
-      ],
-      [
-        'expertsBackward: alpha for swiglu',
-        () =>
-          m.gpu.expertsBackward(
-            m.upload(t),
-            m.upload(t),
-            tensor('int32', [1], new Int32Array([3])),
-            { gateAndUpProjs: tensor('float32', [1, 2, 2], new Float32Array(4)), downProjs: tensor('float32', [1, 1, 2], new Float32Array(2)) },
-            { activation: 'swiglu', alpha: 2 },
-          ),
-        () =>
-          wasm.expertsBackward(
-            t,
-            t,
-            tensor('int32', [1], new Int32Array([3])),
-            { gateAndUpProjs: tensor('float32', [1, 2, 2], new Float32Array(4)), downProjs: tensor('float32', [1, 1, 2], new Float32Array(2)) },
-            { activation: 'swiglu', alpha: 2 },
-          ),
-      ],
+      ...[
+        // [what, counts, weights' shapes ([up, down], the up key), options, gradOutput of another dtype]
+        [
+          'expertsForward: counts add up to more',
+          [4],
+          [
+            [1, 2, 2],
+            [1, 1, 2],
+          ],
+          { activation: 'swiglu' },
+        ],
+        [
+          'expertsForward: negative count',
+          [4, -1],
+          [
+            [2, 2, 2],
+            [2, 1, 2],
+          ],
+          { activation: 'swiglu' },
+        ],
+        [
+          'expertsForward: down shape',
+          [3],
+          [
+            [1, 2, 2],
+            [1, 2, 2],
+          ],
+          { activation: 'swiglu' },
+        ],
+        ['expertsForward: upProjs for swiglu', [3], [[1, 2, 2], [1, 1, 2], 'upProjs'], { activation: 'swiglu' }],
+        [
+          'expertsForward: probs shape',
+          [3],
+          [
+            [1, 2, 2],
+            [1, 1, 2],
+          ],
+          { activation: 'swiglu', permutedProbs: tensor('float32', [2], new Float32Array(2)) },
+        ],
+        [
+          'expertsBackward: gradOutput dtype',
+          [3],
+          [
+            [1, 2, 2],
+            [1, 1, 2],
+          ],
+          { activation: 'swiglu' },
+          tensor('bfloat16', [3, 2], new Uint16Array(6)),
+        ],
+        [
+          'expertsBackward: alpha for swiglu',
+          [3],
+          [
+            [1, 2, 2],
+            [1, 1, 2],
+          ],
+          { activation: 'swiglu', alpha: 2 },
+          t,
+        ],
+      ].map(([what, counts, [up, down, key = 'gateAndUpProjs'], o, grad]) => {
+        const zeros = (shape) => tensor('float32', shape, new Float32Array(shape.reduce((a, b) => a * b, 1)));
+        const w = { [key]: zeros(up), downProjs: zeros(down) };
+        const c = tensor('int32', [counts.length], Int32Array.from(counts));
+        // device inputs where they may be (the counts, the up weight, probs), host ones elsewhere
+        const dw = { [key]: m.upload(w[key]), downProjs: w.downProjs };
+        const od = o.permutedProbs ? { ...o, permutedProbs: m.upload(o.permutedProbs) } : o;
+        return grad
+          ? [what, () => m.gpu.expertsBackward(m.upload(grad), m.upload(t), c, dw, od), () => wasm.expertsBackward(grad, t, c, w, o)]
+          : [what, () => m.gpu.expertsForward(m.upload(t), m.upload(c), dw, od), () => wasm.expertsForward(t, c, w, o)];
+      }),
       [
         'routeBackward: non-finite logits',
         async () =>
