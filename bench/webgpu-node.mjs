@@ -128,12 +128,18 @@ if (cudaInfo?.available) {
       ),
     };
     const call = w.op === 'expertsForward' ? () => cuda.expertsForward(x, tpe, ws, o) : () => cuda.expertsBackward(x, x, tpe, ws, o);
-    const sec = time(call);
-    experts.push({ ...w, backend: 'cuda', seconds: sec, gflopPerSecond: w.flops / sec / 1e9, sameBitsAsWasm: undefined });
+    try {
+      const sec = time(call);
+      experts.push({ ...w, backend: 'cuda', seconds: sec, gflopPerSecond: w.flops / sec / 1e9, sameBitsAsWasm: undefined });
+    } catch (e) {
+      // (not yet run on a GPU: a failure is recorded, not fatal to the rest of the report)
+      console.error(`cuda ${w.op} ${dtype}: ${e.message}`);
+      experts.push({ ...w, backend: 'cuda', seconds: null, gflopPerSecond: null, sameBitsAsWasm: undefined, error: e.message });
+    }
   }
 }
 for (const w of experts.filter((r) => r.backend === 'webgpu')) {
-  const c = experts.find((r) => r.backend === 'cuda' && r.op === w.op && r.dtype === w.dtype);
+  const c = experts.find((r) => r.backend === 'cuda' && r.op === w.op && r.dtype === w.dtype && r.gflopPerSecond !== null);
   const pct2 = c ? ` (${((100 * w.gflopPerSecond) / c.gflopPerSecond).toFixed(0)}% of cuda's ${c.gflopPerSecond.toFixed(1)})` : '';
   console.log(
     `${w.op.padEnd(20)} ${w.dtype.padEnd(9)} ${w.rows} x ${w.dim} x ${w.inter}, E=${w.experts}: webgpu ${w.gflopPerSecond.toFixed(1)} GFLOP/s${pct2}; same bits as wasm: ${w.sameBitsAsWasm}`,
