@@ -47,6 +47,16 @@ struct __align__(64) GgTensorMap {
 #define GG_BK 64
 #define GG_THREADS 384
 
+// The epilogues that store through shared memory. EPI_REG: straight from the registers;
+// EPI_STAGED: through a staging buffer of its own (2 x 64 rows of GG_C_ROW bytes after the
+// stages; 3 stages then fit); EPI_RING: through two stages of the ring that the producer skips
+// after each tile's k-steps (4 stages and no staging buffer: the stages' look-ahead is longer
+// while the k-steps run, two stages shorter in the epilogue). Outside GG_WGMMA too: the kernels'
+// instantiations below name them on every architecture.
+#define GG_EPI_REG 0
+#define GG_EPI_STAGED 1
+#define GG_EPI_RING 2
+
 #ifdef GG_WGMMA
 
 static __device__ __forceinline__ u32 gg_smem(const void* p) { return (u32)__cvta_generic_to_shared(p); }
@@ -185,14 +195,6 @@ static __device__ __forceinline__ GgTile gg_tile(const int* tile_start, const in
 // the accumulator layout's stores (8 rows x 4 words a warp) fall in 32 distinct banks.
 #define GG_C_ROW 528
 
-// The epilogues that store through shared memory. EPI_REG: straight from the registers;
-// EPI_STAGED: through a staging buffer of its own (2 x 64 rows of GG_C_ROW bytes after the
-// stages; 3 stages then fit); EPI_RING: through two stages of the ring that the producer skips
-// after each tile's k-steps (4 stages and no staging buffer: the stages' look-ahead is longer
-// while the k-steps run, two stages shorter in the epilogue).
-#define GG_EPI_REG 0
-#define GG_EPI_STAGED 1
-#define GG_EPI_RING 2
 
 // Consumer warpgroup c's part of a 128 x 256 tile as bf16 into `c_smem` (64 rows of GG_C_ROW
 // bytes), then one bulk copy per row below `rows` (warp 0 issues them, commits and goes on: the
