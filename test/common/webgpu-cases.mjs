@@ -21,6 +21,14 @@ export const PROBLEMS = [
   { numTokens: 5, numExperts: 3, topk: 2, hidden: 0 },
 ];
 export const DTYPES = ['float32', 'bfloat16', 'float16'];
+/** Every activation kind with options that change its arithmetic (the activations' and the experts' cases). */
+const ACTIVATION_KINDS = [
+  ['swiglu', {}],
+  ['quick_geglu', { alpha: 1.5, limit: 2.5 }],
+  ['swiglu_oai', {}],
+  ['swiglu_clamped', { limit: 1.25 }],
+  ['relu2', {}],
+];
 
 /**
  * The webgpu backend of `api` (undefined, with `why`, when there is none), its backendInfo()
@@ -304,13 +312,7 @@ export function webgpuCases(ctx) {
           }
         }
         // activations, forward and backward, every kind, with and without probs
-        for (const [kind, extra] of [
-          ['swiglu', {}],
-          ['quick_geglu', { alpha: 1.5, limit: 2.5 }],
-          ['swiglu_oai', {}],
-          ['swiglu_clamped', { limit: 1.25 }],
-          ['relu2', {}],
-        ]) {
+        for (const [kind, extra] of ACTIVATION_KINDS) {
           const I = Math.max(1, H);
           const xw = kind === 'relu2' ? I : 2 * I;
           const xa = randomTokens(dtype, T, xw, random);
@@ -614,13 +616,7 @@ export function webgpuCases(ctx) {
       for (const [pi, [counts, dim, inter, wdtype]] of problems.entries()) {
         const n = counts.reduce((x, y) => x + y, 0);
         const e = counts.length;
-        for (const [kind, extra] of [
-          ['swiglu', {}],
-          ['quick_geglu', { alpha: 1.5, limit: 2.5 }],
-          ['swiglu_oai', {}],
-          ['swiglu_clamped', { limit: 1.25 }],
-          ['relu2', {}],
-        ]) {
+        for (const [kind, extra] of ACTIVATION_KINDS) {
           if (pi > 0 && kind !== 'swiglu' && kind !== 'relu2' && kind !== ['quick_geglu', 'swiglu_oai', 'swiglu_clamped'][pi % 3]) continue;
           const width = kind === 'relu2' ? inter : 2 * inter;
           // weights scaled by 1/sqrt of the sum's length, so that no intermediate is a float32
