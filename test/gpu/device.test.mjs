@@ -304,6 +304,58 @@ describe('larger problems on device tensors: == cpu, deterministic', () => {
   }
 });
 
+// permute with numOutTokens given: with 1, 2, 4, 8, 16 or 32 experts and a map of at most
+// 256 KiB the plan and the copy run as one kernel (permute_fused_w* in kernels/plan.cu, each
+// block counting the whole map); other sizes take the plan kernels, then the permute kernel.
+// Sizes chosen to give one block and many (32 to 256 tokens a block), a last block cut short,
+// T * E not a multiple of 16 (the map's tail bytes), rows of every word width, empty rows
+// (hidden 0), E = 32 (half rows a load), E = 3 and maps past 256 KiB (not fused).
+const FUSED_SHAPES = randomProblems({
+  count: 90,
+  seed: 20261205,
+  experts: [1, 2, 4, 8, 8, 16, 32, 32, 3],
+  tokens: [1, 5, 31, 33, 64, 257, 1000, 4099, 8191, 9000, 40000],
+  hidden: [0, 1, 3, 4, 8, 24, 100, 2048, 4097],
+  dropAndPadRate: 0,
+  flag: { name: 'wrongCount', rate: 0.2, text: 'wrong numOutTokens' },
+});
+
+describe('permute with numOutTokens on device tensors (the fused kernel where it applies) == cpu', () => {
+  for (const p of FUSED_SHAPES) {
+    if (p.numTokens * p.hidden > 4e6) continue; // keep the suite's host side quick
+    test(p.label, { skip }, () => {
+      const { r, multihot, options } = permuteProblem(p);
+      const want = cpu.permute(r.tokens, multihot.routingMap, options);
+      const count = want.sortedIndices.shape[0];
+      const d = up({ tokens: r.tokens, map: multihot.routingMap, probs: multihot.probs });
+      const dOptions = { ...(p.withProbs ? { probs: d.probs } : {}) };
+      if (p.wrongCount) {
+        // fewer and more than the routed count: the cpu's error, nothing written out of bounds
+        for (const numOutTokens of [Math.max(0, count - 1), count + 1]) {
+          if (numOutTokens === count) continue;
+          assertSameError(
+            () => cuda.permute(d.tokens, d.map, { ...dOptions, numOutTokens }),
+            () => cpu.permute(r.tokens, multihot.routingMap, { ...options, numOutTokens }),
+            `numOutTokens ${numOutTokens} of ${count}`,
+          );
+        }
+      }
+      const perm = cuda.permute(d.tokens, d.map, { ...dOptions, numOutTokens: count });
+      assertSameResult(perm, want, 'permute');
+      const again = cuda.permute(d.tokens, d.map, { ...dOptions, numOutTokens: count });
+      assertSameResult(again, perm, 'permute, run twice');
+      // the plan it carries: unpermute (the token CSR) and permuteBackward (the slot order)
+      const shape = [p.numTokens, p.hidden];
+      const finite = finiteRows(p, count);
+      const dFinite = cuda.upload(finite);
+      const uo = want.permutedProbs ? [{ probs: perm.permutedProbs }, { probs: want.permutedProbs }] : [{}, {}];
+      assertSameBits(cuda.unpermute(dFinite, perm.sortedIndices, shape, uo[0]), cpu.unpermute(finite, want.sortedIndices, shape, uo[1]), 'unpermute (plan)');
+      assertSameBits(cuda.permuteBackward(dFinite, perm.sortedIndices, p.numTokens), cpu.permuteBackward(finite, want.sortedIndices, p.numTokens), 'permuteBackward (plan)');
+      disposeAll(d, perm, again, { dFinite });
+    });
+  }
+});
+
 describe('errors with device tensors: cuda == cpu', () => {
   const t = tensor('float32', [3, 2], new Float32Array(6));
   const map = tensor('bool', [3, 2], Uint8Array.from([1, 0, 0, 1, 1, 0]));

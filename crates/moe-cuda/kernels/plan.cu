@@ -471,3 +471,228 @@ extern "C" __global__ void gather_slot_probs(const float* __restrict__ dense, co
     if (s >= N) return;
     out[s] = __ldg(dense + (i64)__ldg(sorted_indices + s) * E + expert_of(expert_offsets, E, s));
 }
+
+// ---------------------------------------------------------------------------------------
+// permute with its plan, one kernel (plain plans, E in {1, 2, 4, 8, 16, 32}, numOutTokens
+// given, a small routing map: see permute_fused in crates/moe-cuda/src/device_ops.rs). The
+// plan kernels above and the permute kernel after them cost two launches and their gaps
+// (~0.027 ms at the Mixtral-like shape, a fifth of the copy); here each block
+//   1. counts the whole map: per expert, the tokens before its chunk and all of them. Every
+//      block reads the same T * E bytes (from L2: 128 KiB at T = 16384, E = 8), which needs
+//      no grid-wide barrier (and no co-residency); 16 routing bytes a load, summed as bytes
+//      (each byte lane of a u32 a counter, emptied every 255 loads);
+//   2. builds its chunk's part of the plan as plan_small_rows does: a thread per token, the
+//      expert's tokens in a warp from one ballot; writes sortedIndices, row_ptr, slots and the
+//      permuted probs; block 0 writes tokensPerExpert and the expert offsets;
+//   3. copies its tokens' rows to their slots, FUSED_UNROLL words a thread in flight.
+// Same outputs as plan_small_* + permute_scatter, bit for bit (integer counts and prefix sums
+// only, each output written by one thread). With a wrong expected count N nothing is written
+// out of bounds (as plan_rows; the host reports the mismatch).
+
+#define FUSED_THREADS 512
+#define FUSED_WARPS (FUSED_THREADS / 32)
+#define FUSED_UNROLL 8
+#define FUSED_MAX_CHUNK 256
+#define FUSED_MAX_LOCAL_SLOTS 4096
+
+// Each byte of x: 1 where it is nonzero, else 0 (the OR of its bits, folded into bit 0).
+static __device__ __forceinline__ u32 nonzero_bytes(u32 x) {
+    x |= x >> 4;
+    x |= x >> 2;
+    x |= x >> 1;
+    return x & 0x01010101u;
+}
+
+template <typename W>
+static __device__ __forceinline__ void permute_fused_impl(const u8* __restrict__ map, int T, int E, int chunk, const W* __restrict__ tokens,
+                                                          W* __restrict__ out, int words_per_row, const float* __restrict__ dense_probs,
+                                                          float* __restrict__ out_probs, int N, int* __restrict__ sorted_indices,
+                                                          int* __restrict__ row_ptr, int* __restrict__ slots, int* __restrict__ tokens_per_expert,
+                                                          int* __restrict__ expert_offsets) {
+    // per warp: the counts of its byte lanes (E = 32: lane 16 p + j of the vectors of parity p)
+    __shared__ int red[FUSED_WARPS][2][32];
+    __shared__ int tail[2][32];
+    __shared__ int before_e[32], first_e[32];
+    __shared__ int warp_first[FUSED_WARPS][32];
+    __shared__ int row_start[FUSED_MAX_CHUNK + 1];
+    __shared__ int local_slots[FUSED_MAX_LOCAL_SLOTS];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int t0 = blockIdx.x * chunk;
+    const int n = min(T - t0, chunk);
+    if (tid < 64) tail[tid >> 5][lane] = 0;
+
+    // 1. the whole map's counts: vectors before q0 hold the tokens before this chunk
+    //    (t0 * E is a multiple of 16: chunk is)
+    const i64 q_all = ((i64)T * E) >> 4;
+    const i64 q0 = ((i64)t0 * E) >> 4;
+    const uint4* m4 = reinterpret_cast<const uint4*>(map);
+    int cb[16], cr[16];
+#pragma unroll
+    for (int j = 0; j < 16; j++) cb[j] = cr[j] = 0;
+    for (i64 base = 0; base < q_all; base += (i64)255 * FUSED_THREADS) {
+        const i64 end = min(q_all, base + (i64)255 * FUSED_THREADS);
+        u32 ab[4] = {0u, 0u, 0u, 0u}, ar[4] = {0u, 0u, 0u, 0u};
+#pragma unroll 4
+        for (i64 q = base + tid; q < end; q += FUSED_THREADS) {
+            const uint4 v = __ldg(m4 + q);
+            const u32 sel = q < q0 ? 0xffffffffu : 0u;
+            const u32 w[4] = {nonzero_bytes(v.x), nonzero_bytes(v.y), nonzero_bytes(v.z), nonzero_bytes(v.w)};
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                ab[i] += w[i] & sel;
+                ar[i] += w[i] & ~sel;
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+#pragma unroll
+            for (int b = 0; b < 4; b++) {
+                cb[4 * i + b] += (ab[i] >> (8 * b)) & 0xffu;
+                cr[4 * i + b] += (ar[i] >> (8 * b)) & 0xffu;
+            }
+    }
+    // a thread's vectors all have its parity (the stride is even): E = 32 keeps the two apart
+    const int stop = E == 32 ? 2 : 1;
+#pragma unroll
+    for (int j = 0; j < 16; j++) {
+        for (int o = 16; o >= stop; o >>= 1) {
+            cb[j] += __shfl_xor_sync(0xffffffffu, cb[j], o);
+            cr[j] += __shfl_xor_sync(0xffffffffu, cr[j], o);
+        }
+    }
+    if (lane < stop) {
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            red[warp][0][16 * lane + j] = cb[j];
+            red[warp][1][16 * lane + j] = cr[j];
+        }
+    }
+    __syncthreads();
+    // the map's last bytes when T * E is not a multiple of 16
+    {
+        const i64 b = 16 * q_all + tid;
+        if (tid < 16 && b < (i64)T * E && __ldg(map + b) != 0) atomicAdd(&tail[b / E < t0 ? 0 : 1][(int)(b % E)], 1);
+    }
+    __syncthreads();
+    if (warp == 0) {
+        const int e = lane;
+        int b = 0, r = 0;
+        if (e < E) {
+            for (int w = 0; w < FUSED_WARPS; w++) {
+                if (E == 32) {
+                    b += red[w][0][e];
+                    r += red[w][1][e];
+                } else {
+                    for (int j = e; j < 16; j += E) {
+                        b += red[w][0][j];
+                        r += red[w][1][j];
+                    }
+                }
+            }
+            b += tail[0][e];
+            r += tail[1][e];
+        }
+        const int total = b + r;
+        // exclusive prefix of the totals over the experts
+        int x = total;
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(0xffffffffu, x, o);
+            if (lane >= o) x += y;
+        }
+        const int offset = x - total;
+        if (e < E) {
+            before_e[e] = b;
+            first_e[e] = offset + b;
+            if (blockIdx.x == 0) {
+                tokens_per_expert[e] = total;
+                expert_offsets[e] = offset;
+            }
+        }
+        if (blockIdx.x == 0 && e == E - 1) expert_offsets[E] = x;
+    }
+
+    // 2. the chunk's plan: a thread per token
+    u32 bits[1] = {0u};
+    if (tid < n) small_row_bits<1>(map, T, E, t0 + tid, bits);
+    for (int e = 0; e < E; e++) {
+        const unsigned m = __ballot_sync(0xffffffffu, (bits[0] >> e) & 1u);
+        if (lane == 0) warp_first[warp][e] = __popc(m);
+    }
+    __syncthreads();
+    int chunk_pos = 0;  // the slots of the tokens before this chunk
+    for (int e = 0; e < E; e++) chunk_pos += before_e[e];
+    if (tid < E) {
+        int s = first_e[tid];
+        for (int w = 0; w < FUSED_WARPS; w++) {
+            const int c = warp_first[w][tid];
+            warp_first[w][tid] = s;
+            s += c;
+        }
+    }
+    int total;
+    const int excl = block_exclusive_scan(__popc(bits[0]), &total);  // its barriers order warp_first
+    const int pos = chunk_pos + excl;
+    if (tid < n) {
+        row_start[tid] = excl;
+        row_ptr[t0 + tid] = min(pos, N);
+    }
+    if (tid == 0) {
+        row_start[n] = total;
+        if (t0 + n == T) row_ptr[T] = min(chunk_pos + total, N);
+    }
+    const u32 below_lane = (1u << lane) - 1u;
+    int j = 0;
+    for (int e = 0; e < E; e++) {
+        const unsigned m = __ballot_sync(0xffffffffu, (bits[0] >> e) & 1u);
+        if ((bits[0] >> e) & 1u) {
+            const int s = warp_first[warp][e] + __popc(m & below_lane);
+            const int t = t0 + tid;
+            if (s < N) {
+                sorted_indices[s] = t;
+                if (dense_probs != 0) out_probs[s] = __ldg(dense_probs + (i64)t * E + e);
+            }
+            if (pos + j < N) slots[pos + j] = s < N ? s : -1;
+            local_slots[excl + j] = s < N ? s : -1;
+            j++;
+        }
+    }
+    __syncthreads();
+
+    // 3. the rows: item i * R + c is word c of the chunk's token i
+    const int R = words_per_row;
+    const int items = n * R;
+    for (int base = 0; base < items; base += FUSED_THREADS * FUSED_UNROLL) {
+        W v[FUSED_UNROLL];
+        int tok[FUSED_UNROLL], col[FUSED_UNROLL];
+#pragma unroll
+        for (int u = 0; u < FUSED_UNROLL; u++) {
+            const int it = base + u * FUSED_THREADS + tid;
+            tok[u] = it < items ? it / R : -1;
+            col[u] = it - tok[u] * R;
+            if (tok[u] >= 0) v[u] = __ldg(tokens + (i64)(t0 + tok[u]) * R + col[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < FUSED_UNROLL; u++) {
+            if (tok[u] < 0) continue;
+            const int end = row_start[tok[u] + 1];
+            for (int p = row_start[tok[u]]; p < end; p++) {
+                const int s = local_slots[p];
+                if (s >= 0) out[(i64)s * R + col[u]] = v[u];
+            }
+        }
+    }
+}
+
+#define PERMUTE_FUSED_KERNEL(BYTES)                                                                                        \
+    extern "C" __global__ void __launch_bounds__(FUSED_THREADS, 2) permute_fused_w##BYTES(                                 \
+        const u8* map, int T, int E, int chunk, const Word<BYTES>::T* tokens, Word<BYTES>::T* out, int words_per_row,      \
+        const float* dense_probs, float* out_probs, int N, int* sorted_indices, int* row_ptr, int* slots,                  \
+        int* tokens_per_expert, int* expert_offsets) {                                                                     \
+        permute_fused_impl<Word<BYTES>::T>(map, T, E, chunk, tokens, out, words_per_row, dense_probs, out_probs, N,        \
+                                           sorted_indices, row_ptr, slots, tokens_per_expert, expert_offsets);             \
+    }
+
+PERMUTE_FUSED_KERNEL(16)
+PERMUTE_FUSED_KERNEL(8)
+PERMUTE_FUSED_KERNEL(4)
+PERMUTE_FUSED_KERNEL(2)

@@ -809,6 +809,8 @@ mod tests {
             "scan_exclusive",
             "plan_row_fill",
             "gather_slot_probs",
+            "permute_fused_w16",
+            "permute_fused_w2",
         ] {
             assert!(plan.contains(&n.to_string()), "{plan:?}");
         }

@@ -28,6 +28,7 @@ use moe_core::tensor::DType;
 use crate::device::{Arg, Buffer, Device, HostWords, PendingRead, COUNTER_PLAN_TICKET};
 use crate::error::{Error, Result};
 use crate::permute::{self as ops, DevicePlan, PermuteKernel};
+use crate::switch::Switch;
 use crate::tensor::{download_opt, on_host, opt_meta, opt_ref, tensor_ref, upload_owned_opt, DeviceTensor, Picks};
 
 /// Tokens a chunk of the plan kernels (PLAN_CHUNK in kernels/plan.cu).
@@ -263,6 +264,113 @@ fn build_small_plan(dev: &Device, map: &Buffer, num_tokens: usize, num_experts: 
     })
 }
 
+/// The most routing-map bytes (T * E) of the fused permute: every block of it reads the whole
+/// map (128 KiB at the Mixtral-like shape's T = 16384, E = 8), so it pays only for small maps.
+const FUSED_MAP_BYTES: usize = 256 * 1024;
+/// Tokens a block of the fused permute at most (FUSED_MAX_CHUNK in kernels/plan.cu), and slots
+/// of a block's tokens at most (FUSED_MAX_LOCAL_SLOTS).
+const FUSED_MAX_CHUNK: usize = 256;
+const FUSED_MAX_LOCAL_SLOTS: usize = 4096;
+
+/// Whether permute runs as one kernel (`permute_fused_w*` in kernels/plan.cu: the plan and the
+/// copy) where it applies ([`fused_permute_chunk`]): by default yes; `MOE_DISPATCH_FUSED_PERMUTE=off`
+/// or [`set_fused_permute`]`(Some(false))`: the plan kernels, then the permute kernel.
+static FUSED_PERMUTE: Switch = Switch::new("MOE_DISPATCH_FUSED_PERMUTE");
+
+/// Overrides whether permute runs as one kernel where it applies: `Some(false)` never,
+/// `Some(true)` or `None` (the default) yes.
+pub fn set_fused_permute(mode: Option<bool>) {
+    FUSED_PERMUTE.set(mode);
+}
+
+/// The tokens a block of the fused permute takes, or None where it does not apply: a plain plan
+/// of known size (`num_slots`, the caller's numOutTokens) with 1, 2, 4, 8, 16 or 32 experts (so
+/// 16 routing bytes hold whole rows or half rows), a map of at most [`FUSED_MAP_BYTES`] on a
+/// 16-byte boundary, a block's words within int32; or switched off. About two blocks an SM, 32 to
+/// 256 tokens a block (a multiple of 32, so every block's first routing byte starts a 16-byte
+/// vector), and at most FUSED_MAX_LOCAL_SLOTS slots a block.
+fn fused_permute_chunk(
+    dev: &Device,
+    map: &Buffer,
+    num_tokens: usize,
+    num_experts: usize,
+    num_slots: usize,
+    row_bytes: usize,
+) -> Option<usize> {
+    let applies = [1, 2, 4, 8, 16, 32].contains(&num_experts)
+        && num_tokens > 0
+        && num_slots > 0
+        && num_tokens * num_experts <= FUSED_MAP_BYTES
+        && map.ptr(dev.stream()) % 16 == 0;
+    if !(applies && FUSED_PERMUTE.on()) {
+        return None;
+    }
+    let most = FUSED_MAX_CHUNK.min(FUSED_MAX_LOCAL_SLOTS / num_experts);
+    let chunk = num_tokens.div_ceil(2 * dev.sm_count().max(1)).next_multiple_of(32).clamp(32, most);
+    let words = row_bytes / ops::word_bytes(row_bytes);
+    (chunk.checked_mul(words)? <= i32::MAX as usize).then_some(chunk)
+}
+
+/// A fused permute's sizes ([`fused_permute_chunk`] said it applies).
+struct FusedPermute<'a> {
+    map: &'a Buffer,
+    num_tokens: usize,
+    num_experts: usize,
+    chunk: usize,
+    num_slots: usize,
+    row_bytes: usize,
+}
+
+/// Queues `permute_fused_w*`: the plan of `f.map` for `f.num_slots` slots (with the true count's
+/// read queued after it, as [`build_plan_expecting`] does) and the permuted rows and probs.
+fn launch_fused_permute(
+    dev: &Device,
+    f: FusedPermute,
+    tokens: &Buffer,
+    dense_probs: Option<&Buffer>,
+    out: &Buffer,
+    out_probs: Option<&Buffer>,
+) -> Result<GpuPlan> {
+    let s = dev.stream();
+    let (t, e) = (f.num_tokens, f.num_experts);
+    let sorted_indices = dev.alloc("sortedIndices", f.num_slots * 4)?;
+    let row_ptr = dev.alloc("the plan (row offsets)", (t + 1) * 4)?;
+    let slots = dev.alloc("the plan (slots)", f.num_slots * 4)?;
+    let tokens_per_expert = dev.alloc("tokensPerExpert", e * 4)?;
+    let expert_offsets = dev.alloc("the plan (expert offsets)", (e + 1) * 4)?;
+    let w = ops::word_bytes(f.row_bytes);
+    let grid = u32::try_from(t.div_ceil(f.chunk)).map_err(|_| Error::Cuda(format!("permute: {t} tokens exceed one launch")))?;
+    dev.launch(
+        &format!("permute_fused_w{w}"),
+        (grid, 1),
+        512,
+        &[
+            Arg::U64(f.map.ptr(s)),
+            Arg::I32(t as i32),
+            Arg::I32(e as i32),
+            Arg::I32(f.chunk as i32),
+            Arg::U64(tokens.ptr(s)),
+            Arg::U64(out.ptr(s)),
+            Arg::I32((f.row_bytes / w) as i32),
+            Arg::U64(dense_probs.map_or(0, |b| b.ptr(s))),
+            Arg::U64(out_probs.map_or(0, |b| b.ptr(s))),
+            Arg::I32(f.num_slots as i32),
+            Arg::U64(sorted_indices.ptr(s)),
+            Arg::U64(row_ptr.ptr(s)),
+            Arg::U64(slots.ptr(s)),
+            Arg::U64(tokens_per_expert.ptr(s)),
+            Arg::U64(expert_offsets.ptr(s)),
+        ],
+    )?;
+    let (num_slots, pending) = slot_count(dev, &expert_offsets, e, Some(f.num_slots))?;
+    Ok(GpuPlan {
+        plan: DevicePlan { num_tokens: t, num_slots, num_experts: e, row_ptr, slots, expert_offsets, map: None },
+        sorted_indices,
+        tokens_per_expert,
+        pending,
+    })
+}
+
 /// What [`permute_device`] returns: device tensors.
 pub struct DevicePermuted {
     pub permuted_tokens: DeviceTensor,
@@ -294,23 +402,42 @@ pub fn permute_device(
     } else {
         None
     };
-    let mut gp = build_plan_expecting(dev, &routing_map.buf, num_tokens, num_experts, c.capacity, expected)?;
-    let n = gp.plan.num_slots;
     let hidden = c.hidden;
     let row_bytes = hidden * tokens.dtype.size();
-    let out = DeviceTensor::alloc(dev, "permutedTokens", tokens.dtype, vec![n, hidden])?;
-    let out_probs = probs.map(|_| DeviceTensor::alloc(dev, "permutedProbs", DType::F32, vec![n])).transpose()?;
-    ops::launch_permute(
-        dev,
-        PermuteKernel::Scatter,
-        &tokens.buf,
-        row_bytes,
-        &gp.plan,
-        None,
-        probs.map(|p| &p.buf),
-        &out.buf,
-        out_probs.as_ref().map(|p| &p.buf),
-    )?;
+    let fused =
+        expected.and_then(|n| fused_permute_chunk(dev, &routing_map.buf, num_tokens, num_experts, n, row_bytes).map(|chunk| (n, chunk)));
+    let (mut gp, out, out_probs) = if let Some((n, chunk)) = fused {
+        // the plan and the copy in one kernel
+        let out = DeviceTensor::alloc(dev, "permutedTokens", tokens.dtype, vec![n, hidden])?;
+        let out_probs = probs.map(|_| DeviceTensor::alloc(dev, "permutedProbs", DType::F32, vec![n])).transpose()?;
+        let gp = launch_fused_permute(
+            dev,
+            FusedPermute { map: &routing_map.buf, num_tokens, num_experts, chunk, num_slots: n, row_bytes },
+            &tokens.buf,
+            probs.map(|p| &p.buf),
+            &out.buf,
+            out_probs.as_ref().map(|p| &p.buf),
+        )?;
+        (gp, out, out_probs)
+    } else {
+        let gp = build_plan_expecting(dev, &routing_map.buf, num_tokens, num_experts, c.capacity, expected)?;
+        let n = gp.plan.num_slots;
+        let out = DeviceTensor::alloc(dev, "permutedTokens", tokens.dtype, vec![n, hidden])?;
+        let out_probs = probs.map(|_| DeviceTensor::alloc(dev, "permutedProbs", DType::F32, vec![n])).transpose()?;
+        ops::launch_permute(
+            dev,
+            PermuteKernel::Scatter,
+            &tokens.buf,
+            row_bytes,
+            &gp.plan,
+            None,
+            probs.map(|p| &p.buf),
+            &out.buf,
+            out_probs.as_ref().map(|p| &p.buf),
+        )?;
+        (gp, out, out_probs)
+    };
+    let n = gp.plan.num_slots;
     let count = match gp.pending.take() {
         // a map of known size (made from route's picks, every token's k): nothing to wait for
         Some(_) if routing_map.facts.true_entries == Some(n) => n,

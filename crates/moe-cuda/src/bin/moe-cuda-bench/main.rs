@@ -27,7 +27,7 @@ use moe_core::permute::{apply_plan, plan, plan as plan_fn, unpermute, PermuteOpt
 use moe_core::routing::{route, topk, RouteOptions, ScoreFunction};
 use moe_core::tensor::{DType, Data, Float, TensorRef};
 use moe_cuda::device_ops::{
-    build_plan, launch_route, launch_topk, permute_device, route_device, route_launch, topk_device, unpermute_device,
+    build_plan, launch_route, launch_topk, permute_device, route_device, route_launch, set_fused_permute, topk_device, unpermute_device,
 };
 use moe_cuda::permute::{launch_permute, launch_unpermute, DevicePlan, PermuteKernel};
 use moe_cuda::DeviceTensor;
@@ -590,21 +590,50 @@ fn bench_shape(dev: &Device, s: &Shape, iters: usize, host_rows: bool) -> moe_cu
     );
     // with numOutTokens (= T * k, as a top-k router knows it): the plan's size is not waited for
     let known = PermuteOptions { num_out_tokens: Some(t * s.topk), drop_and_pad: false };
-    let dknown = permute_device(dev, &dt_tokens, &dt_map, Some(&dt_dense), known)?;
-    checks.push((
-        format!("{} device permute with numOutTokens bit-exact vs CPU", s.name),
-        dknown.permuted_tokens.download(dev, "permutedTokens")? == cpu.permuted_tokens,
-    ));
-    drop(dknown);
     let wrong = PermuteOptions { num_out_tokens: Some(t * s.topk - 1), drop_and_pad: false };
-    checks.push((
-        format!("{} device permute with a wrong numOutTokens is an error", s.name),
-        permute_device(dev, &dt_tokens, &dt_map, Some(&dt_dense), wrong).is_err(),
-    ));
-    row(
-        "device permute+probs (plan+kernel, numOutTokens given)",
-        time_ms(dev, iters, || permute_device(dev, &dt_tokens, &dt_map, Some(&dt_dense), known).map(|_| ()))?,
-    );
+    // the fused permute (plan and copy in one kernel, where it applies: E <= 32) and the plan
+    // kernels + permute kernel, interleaved
+    let mut timed = Vec::new();
+    for round in 0..2 {
+        for fused in [true, false] {
+            set_fused_permute(Some(fused));
+            let how = if fused { "" } else { ", unfused" };
+            if round == 0 {
+                let dknown = permute_device(dev, &dt_tokens, &dt_map, Some(&dt_dense), known)?;
+                let got = (
+                    dknown.permuted_tokens.download(dev, "permutedTokens")?,
+                    dknown.permuted_probs.as_ref().map(|p| p.download(dev, "permutedProbs")).transpose()?,
+                    dknown.sorted_indices.download(dev, "sortedIndices")?,
+                    dknown.tokens_per_expert.download(dev, "tokensPerExpert")?,
+                );
+                let same = got.0 == cpu.permuted_tokens
+                    && got.1 == cpu.permuted_probs
+                    && got.2 == cpu.sorted_indices
+                    && got.3 == cpu.tokens_per_expert;
+                checks.push((format!("{} device permute with numOutTokens{how}: every output bit-exact vs CPU", s.name), same));
+                let plan = dknown.sorted_indices.plan.as_ref().expect("permute_device carries its plan");
+                let gpu_row_ptr: Vec<i32> = dev.download_new("row_ptr", &plan.row_ptr, t + 1)?;
+                let gpu_slots: Vec<i32> = dev.download_new("slots", &plan.slots, n)?;
+                checks.push((
+                    format!("{} device permute with numOutTokens{how}: token CSR == CPU", s.name),
+                    gpu_row_ptr == csr.start && gpu_slots == csr.slots,
+                ));
+                drop(dknown);
+                checks.push((
+                    format!("{} device permute with a wrong numOutTokens is an error{how}", s.name),
+                    permute_device(dev, &dt_tokens, &dt_map, Some(&dt_dense), wrong).is_err(),
+                ));
+            }
+            timed.push((fused, time_ms(dev, iters, || permute_device(dev, &dt_tokens, &dt_map, Some(&dt_dense), known).map(|_| ()))?));
+        }
+    }
+    set_fused_permute(None);
+    for fused in [true, false] {
+        let runs: Vec<(f64, f64)> = timed.iter().filter(|(f, _)| *f == fused).map(|(_, m)| *m).collect();
+        let best = runs.iter().cloned().fold((f64::INFINITY, f64::INFINITY), |a, b| (a.0.min(b.0), a.1.min(b.1)));
+        let how = if fused { "" } else { ", unfused" };
+        row(&format!("device permute+probs (plan+kernel, numOutTokens given{how})"), best);
+    }
     let dunperm = unpermute_device(
         dev,
         &dperm.permuted_tokens,
