@@ -11,6 +11,28 @@
 // adapter's limit, a lost device) name the op; the backend can be recreated.
 
 /** The random problems of the layout cases (each in every dtype of DTYPES). */
+
+/** The core's exp (crates/moe-core/src/detmath.rs) in JavaScript's float64, operation for operation. */
+const word = (hi, lo) => new Float64Array(new Uint32Array([lo, hi]).buffer)[0];
+const LN2_HI = word(0x3fe62e42, 0xfee00000);
+const LN2_LO = word(0x3dea39ef, 0x35793c76);
+const INV_FACTORIAL = [1];
+for (let i = 1, fact = 1; i <= 14; i++) {
+  fact *= i;
+  INV_FACTORIAL.push(1 / fact);
+}
+const scale2 = (x, k) => (k > 1023 ? x * 2 ** 1023 * 2 ** Math.min(k - 1023, 1023) : k < -1022 ? x * 2 ** -1022 * 2 ** Math.max(k + 1022, -1022) : x * 2 ** k);
+function coreExpOf(x) {
+  if (Number.isNaN(x)) return x;
+  if (x > 709.782712893384) return Infinity;
+  if (x < -745.2) return 0;
+  const k = Math.floor(x * Math.LOG2E + 0.5);
+  const r = x - k * LN2_HI - k * LN2_LO;
+  let p = INV_FACTORIAL[14];
+  for (let i = 13; i >= 0; i--) p = p * r + INV_FACTORIAL[i];
+  return scale2(p, k);
+}
+
 export const PROBLEMS = [
   { numTokens: 1, numExperts: 1, topk: 1, hidden: 1 },
   { numTokens: 7, numExperts: 4, topk: 2, hidden: 3 },
@@ -432,26 +454,6 @@ export function webgpuCases(ctx) {
       // across its range, near 0 (the Horner steps' fast path needs |r| >= 2^-900), near the
       // multiples of ln 2 / 2 where k changes, at the overflow and underflow bounds
       {
-        const word = (hi, lo) => new Float64Array(new Uint32Array([lo, hi]).buffer)[0];
-        const LN2_HI = word(0x3fe62e42, 0xfee00000);
-        const LN2_LO = word(0x3dea39ef, 0x35793c76);
-        const inv = [1];
-        let fact = 1;
-        for (let i = 1; i <= 14; i++) {
-          fact *= i;
-          inv.push(1 / fact);
-        }
-        const scale = (x, k) => (k > 1023 ? x * 2 ** 1023 * 2 ** Math.min(k - 1023, 1023) : k < -1022 ? x * 2 ** -1022 * 2 ** Math.max(k + 1022, -1022) : x * 2 ** k);
-        const coreExp = (x) => {
-          if (Number.isNaN(x)) return x;
-          if (x > 709.782712893384) return Infinity;
-          if (x < -745.2) return 0;
-          const k = Math.floor(x * Math.LOG2E + 0.5);
-          const r = x - k * LN2_HI - k * LN2_LO;
-          let p = inv[14];
-          for (let i = 13; i >= 0; i--) p = p * r + inv[i];
-          return scale(p, k);
-        };
         const xs = new Float64Array(n);
         for (let i = 0; i < n; i++) {
           const kind = i % 6;
@@ -469,7 +471,7 @@ export function webgpuCases(ctx) {
         const got = new Float64Array((await gpu.read('test', out, n * 8)).buffer);
         const bad = [];
         for (let i = 0; i < n && bad.length < 5; i++) {
-          const want = coreExp(xs[i]);
+          const want = coreExpOf(xs[i]);
           if (!(Number.isNaN(want) ? Number.isNaN(got[i]) : Object.is(got[i], want))) bad.push(`exp(${xs[i]}): got ${got[i]}, want ${want}`);
         }
         check.deepEqual(bad, [], 'exp');
@@ -537,6 +539,122 @@ export function webgpuCases(ctx) {
       gpu.device.destroy();
     },
   );
+
+  add("the activations' float32 exp and division (F32_FAST: integer arithmetic, software float64 where it cannot decide) equal the core's bits", async () => {
+    const { Gpu, F32_FAST_CHECK, EXP_TABLE, EXP_LN2_64 } = await ctx.f64();
+    // the constants, recomputed: ln 2 / 64 and 2^(j/64) rounded to 64 and 63 fraction bits
+    let ln2 = 0n;
+    for (let k = 1n; k < 260n; k++) ln2 += (1n << 220n) / (k << k); // ln 2 = sum 1 / (k 2^k), 200 bits + 20 guard
+    ln2 >>= 20n;
+    check.equal(EXP_LN2_64, (ln2 + (1n << 141n)) >> 142n, 'ln 2 / 64');
+    for (let j = 0; j < 64; j++) {
+      const target = 1n << BigInt(4032 + j); // (2^(63 + j/64))^64
+      let lo = 1n << 63n;
+      let hi = 1n << 64n;
+      while (hi - lo > 1n) {
+        const mid = (lo + hi) >> 1n;
+        if (mid ** 64n <= target) lo = mid;
+        else hi = mid;
+      }
+      const rounded = (2n * lo + 1n) ** 64n <= target << 64n ? lo + 1n : lo;
+      if (EXP_TABLE[j] !== rounded) check.fail(`2^(${j}/64): table 0x${EXP_TABLE[j].toString(16)}, want 0x${rounded.toString(16)}`);
+    }
+    const gpu = new Gpu(await (await globalThis.navigator.gpu.requestAdapter()).requestDevice(), 'test');
+    const random = rng(11);
+    const n = 65536;
+    const a = new Float32Array(n);
+    const b = new Float32Array(n);
+    const au = new Uint32Array(a.buffer);
+    const bu = new Uint32Array(b.buffer);
+    // arguments whose e^x (the core's) lies within 2^-21 ulp of a float32 rounding boundary (found
+    // by a search over 15 million float32s): the fast path must hand most of them to f_exp
+    const HARD = [
+      -2.980235080940474e-8, 5.96046660916727e-8, 0.000001251696744475339, 0.000002443787479933235, -0.00004366135544842109, -0.00046773761278018355, 0.004290482960641384, 0.0060516102239489555,
+      -0.08195258677005768, 0.1124272421002388, -0.1578662395477295, 0.18089528381824493, -7.130420684814453,
+    ];
+    const EDGES = [
+      0,
+      -0,
+      1,
+      -1,
+      -87,
+      88,
+      -87.00001,
+      88.00001,
+      88.72283,
+      88.7229,
+      -103.97,
+      -104,
+      -150,
+      2 ** -26,
+      -(2 ** -26),
+      2 ** -27,
+      2 ** -25,
+      -(2 ** -25),
+      2 ** -149,
+      Infinity,
+      -Infinity,
+      Number.NaN,
+    ];
+    for (let i = 0; i < n; i++) {
+      const kind = i % 8;
+      if (i < HARD.length) a[i] = HARD[i];
+      else if (i < HARD.length + EDGES.length) a[i] = EDGES[i - HARD.length];
+      else if (kind === 0) a[i] = random() * 180 - 90;
+      else if (kind === 1) a[i] = (random() - 0.5) * 2 ** -Math.floor(random() * 32);
+      else if (kind === 2)
+        a[i] = (Math.floor(random() * 16000 - 8000) + 0.5) * (Math.LN2 / 64) * (1 + (random() - 0.5) * 2 ** -20); // k changes
+      else if (kind === 3) au[i] = Math.floor(random() * 2 ** 32);
+      else a[i] = (random() - 0.5) * 24;
+      // divisions: normal pairs near 1, random bits, quotients near overflow and underflow, zeros, infinities
+      const dk = i % 6;
+      if (dk === 0) b[i] = 1 + random() * 3;
+      else if (dk === 1) bu[i] = Math.floor(random() * 2 ** 32);
+      else if (dk === 2) b[i] = (random() < 0.5 ? 1 : -1) * 2 ** Math.floor(random() * 250 - 125) * (1 + random());
+      else if (dk === 3) b[i] = [0, -0, Infinity, -Infinity, Number.NaN, 2 ** -149, 2 ** -126, 3.4e38][Math.floor(random() * 8)];
+      else b[i] = random() * 8 - 4;
+    }
+    const aBuf = gpu.upload('test', new Uint8Array(a.buffer), 'a');
+    const bBuf = gpu.upload('test', new Uint8Array(b.buffer), 'b');
+    const f32 = new Float32Array(1);
+    const f32u = new Uint32Array(f32.buffer);
+    const fbits = (v) => {
+      f32[0] = v;
+      return f32u[0];
+    };
+    const nanBits = (u) => (u & 0x7fffffff) > 0x7f800000;
+    const inRange = (x) => x >= -87 && x <= 88;
+    // fast: decided bits equal the core's, and nearly every argument in its range decided;
+    // soft: every argument
+    for (const [op, name, ref, decides] of [
+      [0, 'expf_fast', (x) => fbits(coreExpOf(x)), (x) => inRange(x)],
+      [1, 'fdiv_fast', (x, y) => fbits(x / y), (x, y) => [x, y, x / y].every((v) => Math.abs(v) >= 2 ** -126 && Math.abs(v) < 2 ** 128)],
+      [2, 'expf_slow', (x) => fbits(coreExpOf(x))],
+      [3, 'fdiv_slow', (x, y) => fbits(x / y)],
+    ]) {
+      const out = gpu.buffer('test', n * 8, 'out');
+      gpu.dispatch('test', 'f32fast', F32_FAST_CHECK, [n, op], [aBuf, bBuf, out], n);
+      const got = new Uint32Array((await gpu.read('test', out, n * 8)).buffer);
+      const bad = [];
+      let undecided = 0;
+      let decidable = 0;
+      for (let i = 0; i < n && bad.length < 5; i++) {
+        const want = ref(a[i], b[i]);
+        const [bits, slow] = [got[2 * i], got[2 * i + 1]];
+        if (decides?.(a[i], b[i])) decidable++;
+        if (slow === 1) {
+          undecided++;
+          continue;
+        }
+        if (!(nanBits(want) ? nanBits(bits) : bits === want)) bad.push(`${name}(${a[i]}${op % 2 ? `, ${b[i]}` : ''}): got 0x${bits.toString(16)}, want 0x${want.toString(16)}`);
+      }
+      check.deepEqual(bad, [], name);
+      if (decides) check.ok(undecided - (n - decidable) < decidable / 1000, `${name}: ${undecided} of ${n} undecided, ${n - decidable} of them outside its range`);
+      else check.equal(undecided, 0, `${name} decides every argument`);
+      compared[`float32 ${name}`] = n - undecided;
+    }
+    gpu.device.destroy();
+  });
 
   add('ops without a shader run on wasm inside (dropTokens) with webgpu tensors; route and losses on wide logits', async () => {
     const m = moe;

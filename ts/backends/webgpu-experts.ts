@@ -15,7 +15,7 @@
 import type { Binding } from '../generated/binding.js';
 import { expertArgs, expertsGrads } from '../ops/experts.js';
 import type { DType, TokenDType } from '../tensor.js';
-import { ACTIVATION_BACKWARD_PAIRS, ACTIVATION_GRAD_PROBS_OF_UNITS, activationCode, activationForward, activationParams } from '../webgpu/activations.js';
+import { ACTIVATION_GRAD_PROBS_OF_UNITS, activationBackwardPairs, activationCode, activationForward, activationParams } from '../webgpu/activations.js';
 import { columnSums, expertsGradProbs, GEMM_GROUPS, type GemmGroup, gemm, gemmTable, narrow, TILE } from '../webgpu/gemm.js';
 import type { GPUBuffer } from '../webgpu/gpu.js';
 import type { Kind } from '../webgpu/shaders.js';
@@ -274,11 +274,11 @@ function upAndActivate(c: OpCall, d: Experts, keepUnits = false): { h: GPUBuffer
   const probs = d.probs?.buf ?? c.tmp(4, 'probs');
   const params = [d.n * d.inter, d.inter, d.width, d.n * d.inter, ...d.act];
   if (!keepUnits) {
-    c.run('act_fwd_float32', activationForward('float32'), params, [h, probs, a], d.n * d.inter);
+    c.runItems('act_fwd_float32', (pass) => activationForward('float32', false, pass), params, [h, probs, a], d.n * d.inter);
     return { h, a };
   }
   const units = c.tmp(4 * d.n * d.inter, 'the activation units');
-  c.run('act_fwd_units_float32', activationForward('float32', true), params, [h, probs, a, units], d.n * d.inter);
+  c.runItems('act_fwd_units_float32', (pass) => activationForward('float32', true, pass), params, [h, probs, a, units], d.n * d.inter);
   return { h, a, units };
 }
 
@@ -325,7 +325,7 @@ export async function expertsBackwardOp(c: OpCall, checks: Checks, gradOutput: u
   // through the weighted activation
   const dh = c.tmp(4 * n * width, 'the up projection gradient');
   const probs = d.probs?.buf ?? c.tmp(4, 'probs');
-  c.run('act_bwd_pairs', ACTIVATION_BACKWARD_PAIRS, [n * width, inter, width, n * width, ...d.act], [h, da, probs, dh], n * inter);
+  c.runItems('act_bwd_pairs', activationBackwardPairs, [n * width, inter, width, n * width, ...d.act], [h, da, probs, dh], n * inter);
   if (d.probs) {
     const gp = c.tmp(4 * n, 'the activation probs gradient');
     c.run('act_gp_units', ACTIVATION_GRAD_PROBS_OF_UNITS, [n, inter], [units!, da, gp], n);

@@ -20,7 +20,7 @@ import type { Backend, BackendInfo, Binding } from '../backend.js';
 import type { Transfers } from '../device.js';
 import { checkTensor, isTensor, type DType, type Tensor, type TokenDType } from '../tensor.js';
 import { Gpu, describeAdapter, navigatorGpu, type GPUBuffer } from '../webgpu/gpu.js';
-import { activationBackward as actBackward, activationCode, activationForward as actForward, activationGradProbs as actGradProbs, activationParams } from '../webgpu/activations.js';
+import { activationBackward as actBackward, activationCode, activationForward as actForward, activationGradProbs as actGradProbs, activationParams, type Pass } from '../webgpu/activations.js';
 import { AUX_LOSS } from '../webgpu/aux-loss.js';
 import { F64, F64_DOT } from '../webgpu/f64.js';
 import { COUNT_PICKS, ROUTE, ROUTE_BACKWARD } from '../webgpu/route.js';
@@ -308,6 +308,18 @@ export class OpCall {
 
   run(key: string, code: string, params: number[], buffers: GPUBuffer[], threads: number, label = key): void {
     this.gpu.dispatch(this.op, key, code, params, buffers, threads, 64, label);
+  }
+
+  /**
+   * A shader of items (ts/webgpu/activations.ts `itemMain`) in its two passes: `fast(pass)` over
+   * every item, then its software float64 twin over the items the fast pass could not decide,
+   * dispatched from the list the fast pass wrote (no workgroups where it decided them all).
+   */
+  runItems(key: string, shader: (pass: Pass) => string, params: number[], buffers: GPUBuffer[], items: number, label = key): void {
+    if (items === 0) return;
+    const list = this.tmp(16 + 4 * items, 'the items to redo');
+    this.run(key, shader('fast'), params, [...buffers, list], items, label);
+    this.gpu.dispatchIndirect(this.op, `${key}_soft`, shader('soft'), params, [...buffers, list], list, `${label} soft`);
   }
 
   /** Exclusive scan of `m` u32 values into `out`, or a new scratch `[m + 1]` buffer (one workgroup). */
@@ -957,7 +969,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         if (a === HOST) return HOST;
         const out = c.out(a.kind, [a.rows, a.inter], 'output');
         const words = tokenWords(a.kind, a.rows * a.inter);
-        c.run(`act_fwd_${a.kind}`, actForward(a.kind), [a.rows * a.inter, a.inter, a.width, words, ...a.params], [c.buf(x, 'x'), a.probs, out.bufferFor(gpu, 'o')], words);
+        c.runItems(`act_fwd_${a.kind}`, (pass) => actForward(a.kind, false, pass), [a.rows * a.inter, a.inter, a.width, words, ...a.params], [c.buf(x, 'x'), a.probs, out.bufferFor(gpu, 'o')], words);
         return out;
       }),
 
@@ -969,11 +981,11 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         const gBuf = c.buf(grad, 'grad');
         const gradInput = c.out(a.kind, [a.rows, a.width], 'gradInput');
         const words = tokenWords(a.kind, a.rows * a.width);
-        c.run(`act_bwd_${a.kind}`, actBackward(a.kind), [a.rows * a.width, a.inter, a.width, words, ...a.params], [xBuf, gBuf, a.probs, gradInput.bufferFor(gpu, 'gi')], words);
+        c.runItems(`act_bwd_${a.kind}`, (pass) => actBackward(a.kind, pass), [a.rows * a.width, a.inter, a.width, words, ...a.params], [xBuf, gBuf, a.probs, gradInput.bufferFor(gpu, 'gi')], words);
         const result: Record<string, GpuTensor> = { gradInput };
         if (a.probsShape) {
           const gradProbs = c.out('float32', a.probsShape, 'gradProbs');
-          c.run(`act_gp_${a.kind}`, actGradProbs(a.kind), [a.rows, a.inter, a.width, 0, ...a.params], [xBuf, gBuf, gradProbs.bufferFor(gpu, 'gp')], a.rows);
+          c.runItems(`act_gp_${a.kind}`, (pass) => actGradProbs(a.kind, pass), [a.rows, a.inter, a.width, 0, ...a.params], [xBuf, gBuf, gradProbs.bufferFor(gpu, 'gp')], a.rows);
           result.gradProbs = gradProbs;
         }
         return result;

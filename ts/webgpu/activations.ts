@@ -1,9 +1,14 @@
 /**
  * activation / activationBackward on the GPU: the core's element formulas (activations.rs
  * `unit`, `unit_grad`) operation for operation in float32, with its `expf` (detmath's float64
- * exp rounded once) and float32 divisions done in software float64 (f64.ts) and rounded once
- * (correctly rounded: 53 >= 2 * 24 + 2 bits, so the double rounding is innocuous; WGSL's own
- * float32 division may be off by 2.5 ulp). gradProbs sums in software float64, as the core.
+ * exp rounded once) and its float32 divisions correctly rounded (WGSL's own float32 division may
+ * be off by 2.5 ulp). Each shader runs in two passes (`itemMain`): a fast one with F32_FAST
+ * (f64.ts: integer arithmetic that decides nearly every argument, about one exp in a million
+ * not), which lists the items it could not decide, and a software float64 one (F32_SOFT) over
+ * those, dispatched from the list (no workgroups when it is empty). One shader with a branch to
+ * the software float64 costs it on every element where the compiler runs both sides of a branch
+ * under a mask (SwiftShader), and on a GPU only the rare warp that takes it. gradProbs sums in
+ * software float64, as the core.
  *
  * P = [elements, inter, width, words, kind (0 swiglu, 1 quick_geglu, 2 swiglu_oai,
  *      3 swiglu_clamped, 4 relu2), layout (0 halves, 1 interleaved, 2 single), alpha bits,
@@ -14,7 +19,7 @@
  * NVIDIA's Vulkan driver does (Dawn on an H200: swiglu's input gradient 1-7 ulp off the core's),
  * where the core rounds the product first.
  */
-import { F64 } from './f64.js';
+import { F32_FAST, F32_FLAGGED, F32_SOFT, F64 } from './f64.js';
 import { CONVERT, type Kind, loader, packWord, rounder } from './shaders.js';
 
 /** The shaders' kind and layout codes of each activation (P[4], P[5]). */
@@ -31,14 +36,19 @@ export function activationParams(code: [number, number], o: { alpha?: unknown; l
   return [code[0], code[1], f32(o.alpha, 1.702), f32(o.limit, 7), f32(o.linearOffset, 1), withProbs ? 1 : 0, 0];
 }
 
-function common(kind: Kind, names: string[]): string {
+/**
+ * How a shader computes expf and fdiv: `fast` (F32_FAST, the undecided items listed for a second
+ * pass) or `soft` (software float64 for every argument: that second pass, over the listed items).
+ */
+export type Pass = 'fast' | 'soft';
+
+function common(kind: Kind, names: string[], pass: Pass): string {
   return `
 @group(0) @binding(0) var<storage, read> P: array<u32>;
 ${CONVERT}
 ${F64}
 ${names.map((n) => loader(n, kind)).join('')}${rounder(kind)}
-fn fdiv(a: f32, b: f32) -> f32 { return bitcast<f32>(f_to_f32(f_div(f_from_f32(bitcast<u32>(a)), f_from_f32(bitcast<u32>(b))))); }
-fn expf(v: f32) -> f32 { return bitcast<f32>(f_to_f32(f_exp(f_from_f32(bitcast<u32>(v))))); }
+${pass === 'fast' ? F32_FAST + F32_FLAGGED : F32_SOFT}
 fn exact(v: f32) -> f32 { return bitcast<f32>(bitcast<u32>(v) ^ P[10]); }
 fn clamp_max(v: f32, l: f32) -> f32 { if (v > l) { return l; } return v; }
 fn clamp_sym(v: f32, l: f32) -> f32 { if (v > l) { return l; } if (v < -l) { return -l; } return v; }
@@ -101,19 +111,50 @@ fn flat(gid: vec3<u32>, nwg: vec3<u32>) -> u32 { return gid.x + gid.y * nwg.x * 
 `;
 }
 
-/** Forward: one thread per output word. */
-export function activationForward(kind: Kind, keepUnits = false): string {
+/**
+ * The entry point of a shader whose work is `fn item(i: u32)` for i < `count`, with the list L
+ * (`[x, y, z, n, items...]`, zeroed before the fast pass) at `binding`. The fast pass runs every
+ * item and appends those whose expf or fdiv it could not decide to L, counting the workgroups of
+ * 64 they need in L[0] (L[0..3] is the soft pass's indirect dispatch); the soft pass, dispatched
+ * from L, runs the listed items again in software float64 (each item writes only its own
+ * outputs, so the order of the list does not matter).
+ */
+function itemMain(pass: Pass, binding: number, count: string): string {
+  if (pass === 'soft')
+    return `@group(0) @binding(${binding}) var<storage, read> L: array<u32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+  if (gid.x >= L[3]) { return; }
+  item(L[4u + gid.x]);
+}
+`;
+  return `@group(0) @binding(${binding}) var<storage, read_write> L: array<atomic<u32>>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = flat(gid, nwg);
+  if (i == 0u) { atomicStore(&L[1], 1u); atomicStore(&L[2], 1u); }
+  if (i >= ${count}) { return; }
+  SLOW = false;
+  item(i);
+  if (SLOW) {
+    let at = atomicAdd(&L[3], 1u);
+    atomicStore(&L[4u + at], i);
+    if (at % 64u == 0u) { atomicAdd(&L[0], 1u); }
+  }
+}
+`;
+}
+
+/** Forward: one item (thread) per output word. L at binding 4 (5 with the units). */
+export function activationForward(kind: Kind, keepUnits = false, pass: Pass = 'fast'): string {
   const per = kind === 'float32' ? 1 : 2;
   if (keepUnits && per !== 1) throw new Error('activationForward: units are kept for float32 only');
-  return `${common(kind, ['x'])}
+  return `${common(kind, ['x'], pass)}
 @group(0) @binding(1) var<storage, read> x: array<u32>;
 @group(0) @binding(2) var<storage, read> probs: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<u32>;
 ${keepUnits ? '@group(0) @binding(4) var<storage, read_write> units: array<u32>;' : ''}
-@compute @workgroup_size(64)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-  let w = flat(gid, nwg);
-  if (w >= P[3]) { return; }
+fn item(w: u32) {
   let I = P[1];
 ${packWord(
   per,
@@ -124,7 +165,7 @@ ${packWord(
     if (P[9] == 1u) { a = a * probs[r]; }
     let bits = round_out(a);`,
 )}}
-`;
+${itemMain(pass, keepUnits ? 5 : 4, 'P[3]')}`;
 }
 
 /**
@@ -132,16 +173,14 @@ ${packWord(
  * writing both gradients from one unit_grad (the per-word shader above computes it once for each
  * of the two): the same values, half the exps and divisions. P as activationBackward's.
  */
-export const ACTIVATION_BACKWARD_PAIRS = `${common('float32', ['x', 'g'])}
+export function activationBackwardPairs(pass: Pass = 'fast'): string {
+  return `${common('float32', ['x', 'g'], pass)}
 @group(0) @binding(1) var<storage, read> x: array<u32>;
 @group(0) @binding(2) var<storage, read> g: array<u32>;
 @group(0) @binding(3) var<storage, read> probs: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<u32>;
-@compute @workgroup_size(64)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-  let i = flat(gid, nwg);
+fn item(i: u32) {
   let I = P[1]; let W = P[2];
-  if (i >= P[0] / W * I) { return; }
   let r = i / I;
   let j = i - r * I;
   var gw = ld_g(r * I + j);
@@ -153,7 +192,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   else if (P[5] == 1u) { out[b + 2u * j] = bitcast<u32>(d.x); out[b + 2u * j + 1u] = bitcast<u32>(d.y); }
   else { out[b + j] = bitcast<u32>(d.x); }
 }
-`;
+${itemMain(pass, 5, 'P[0] / P[2] * P[1]')}`;
+}
 
 /**
  * activationGradProbs on the units the forward kept (`activationForward(kind, true)`): the same
@@ -179,18 +219,15 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 }
 `;
 
-/** Backward, gradInput: one thread per word of `[rows, width]`. */
-export function activationBackward(kind: Kind): string {
+/** Backward, gradInput: one item (thread) per word of `[rows, width]`. L at binding 5. */
+export function activationBackward(kind: Kind, pass: Pass = 'fast'): string {
   const per = kind === 'float32' ? 1 : 2;
-  return `${common(kind, ['x', 'g'])}
+  return `${common(kind, ['x', 'g'], pass)}
 @group(0) @binding(1) var<storage, read> x: array<u32>;
 @group(0) @binding(2) var<storage, read> g: array<u32>;
 @group(0) @binding(3) var<storage, read> probs: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<u32>;
-@compute @workgroup_size(64)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-  let w = flat(gid, nwg);
-  if (w >= P[3]) { return; }
+fn item(w: u32) {
   let I = P[1]; let W = P[2];
 ${packWord(
   per,
@@ -209,19 +246,16 @@ ${packWord(
     if (is_up) { v = d.y; }
     let bits = round_out(v);`,
 )}}
-`;
+${itemMain(pass, 5, 'P[3]')}`;
 }
 
-/** Backward, gradProbs: one thread per row, sum over j of unit * grad in (software) float64. P[0] = rows. */
-export function activationGradProbs(kind: Kind): string {
-  return `${common(kind, ['x', 'g'])}
+/** Backward, gradProbs: one item (thread) per row, sum over j of unit * grad in (software) float64. P[0] = rows. L at binding 4. */
+export function activationGradProbs(kind: Kind, pass: Pass = 'fast'): string {
+  return `${common(kind, ['x', 'g'], pass)}
 @group(0) @binding(1) var<storage, read> x: array<u32>;
 @group(0) @binding(2) var<storage, read> g: array<u32>;
 @group(0) @binding(3) var<storage, read_write> out: array<u32>;
-@compute @workgroup_size(64)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-  let r = flat(gid, nwg);
-  if (r >= P[0]) { return; }
+fn item(r: u32) {
   let I = P[1];
   var sum = vec2<u32>(0u, 0u);
   for (var j = 0u; j < I; j = j + 1u) {
@@ -230,5 +264,5 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   }
   out[r] = f_to_f32(sum);
 }
-`;
+${itemMain(pass, 4, 'P[0]')}`;
 }

@@ -20,7 +20,8 @@ const INV_FACTORIAL = Array.from({ length: 15 }, (_, n) => {
   return 1 / fact; // each n! < 2^53 is exact: one rounding, as the core's constants
 });
 
-export const F64 = /* wgsl */ `
+/** 64-bit unsigned integers as `vec2<u32>(low word, high word)`: add, subtract, compare, shifts, the 64-bit product of two u32. */
+export const U64 = /* wgsl */ `
 fn u_add(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> { let lo = a.x + b.x; return vec2<u32>(lo, a.y + b.y + select(0u, 1u, lo < a.x)); }
 fn u_sub(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> { return vec2<u32>(a.x - b.x, a.y - b.y - select(0u, 1u, a.x < b.x)); }
 fn u_lt(a: vec2<u32>, b: vec2<u32>) -> bool { return a.y < b.y || (a.y == b.y && a.x < b.x); }
@@ -55,6 +56,9 @@ fn mul_wide(a: u32, b: u32) -> vec2<u32> {
   return vec2<u32>(lo2, hh + (lh >> 16u) + (hl >> 16u) + c1 + c2);
 }
 
+`;
+
+export const F64 = /* wgsl */ `${U64}
 const F64_QNAN = vec2<u32>(0u, 0x7ff80000u);
 const F64_ONE = vec2<u32>(0u, 0x3ff00000u);
 fn f_bexp(a: vec2<u32>) -> u32 { return (a.y >> 20u) & 0x7ffu; }
@@ -475,6 +479,243 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     case 6u: { r = f_from_f32(x.x); }
     case 8u: { r = f_sqrt(x); }
     default: { r = f_exp(x); }
+  }
+  out[i] = r;
+}
+`;
+
+/**
+ * 2^(j/64) for j = 0..63, rounded to 64-bit fixed point with 63 fraction bits (the table of
+ * F32_FAST's exp). `test/webgpu.test.ts` recomputes it with BigInt.
+ */
+export const EXP_TABLE = [
+  0x8000000000000000n,
+  0x8164d1f3bc030773n,
+  0x82cd8698ac2ba1d7n,
+  0x843a28c3acde4046n,
+  0x85aac367cc487b15n,
+  0x871f61969e8d1010n,
+  0x88980e8092da8527n,
+  0x8a14d575496efd9an,
+  0x8b95c1e3ea8bd6e7n,
+  0x8d1adf5b7e5ba9e6n,
+  0x8ea4398b45cd53c0n,
+  0x9031dc431466b1dcn,
+  0x91c3d373ab11c336n,
+  0x935a2b2f13e6e92cn,
+  0x94f4efa8fef70961n,
+  0x96942d3720185a00n,
+  0x9837f0518db8a96fn,
+  0x99e0459320b7fa65n,
+  0x9b8d39b9d54e5539n,
+  0x9d3ed9a72cffb751n,
+  0x9ef5326091a111aen,
+  0xa0b0510fb9714fc2n,
+  0xa27043030c496819n,
+  0xa43515ae09e6809en,
+  0xa5fed6a9b15138ean,
+  0xa7cd93b4e965356an,
+  0xa9a15ab4ea7c0ef8n,
+  0xab7a39b5a93ed337n,
+  0xad583eea42a14ac6n,
+  0xaf3b78ad690a4375n,
+  0xb123f581d2ac2590n,
+  0xb311c412a9112489n,
+  0xb504f333f9de6484n,
+  0xb6fd91e328d17791n,
+  0xb8fbaf4762fb9ee9n,
+  0xbaff5ab2133e45fbn,
+  0xbd08a39f580c36bfn,
+  0xbf1799b67a731083n,
+  0xc12c4cca66709456n,
+  0xc346ccda24976407n,
+  0xc5672a115506daddn,
+  0xc78d74c8abb9b15dn,
+  0xc9b9bd866e2f27a3n,
+  0xcbec14fef2727c5dn,
+  0xce248c151f8480e4n,
+  0xd06333daef2b2595n,
+  0xd2a81d91f12ae45an,
+  0xd4f35aabcfedfa1fn,
+  0xd744fccad69d6af4n,
+  0xd99d15c278afd7b6n,
+  0xdbfbb797daf23755n,
+  0xde60f4825e0e9124n,
+  0xe0ccdeec2a94e111n,
+  0xe33f8972be8a5a51n,
+  0xe5b906e77c8348a8n,
+  0xe8396a503c4bdc68n,
+  0xeac0c6e7dd24392fn,
+  0xed4f301ed9942b84n,
+  0xefe4b99bdcdaf5cbn,
+  0xf281773c59ffb13an,
+  0xf5257d152486cc2cn,
+  0xf7d0df730ad13bb9n,
+  0xfa83b2db722a033an,
+  0xfd3e0c0cf486c175n,
+];
+/** ln 2 / 64 in 64-bit fixed point with 64 fraction bits, rounded (F32_FAST's exp reduction). */
+export const EXP_LN2_64 = 0x2c5c85fdf473de7n;
+
+const u64Literal = (v: bigint) => `vec2<u32>(0x${(v & 0xffffffffn).toString(16)}u, 0x${(v >> 32n).toString(16)}u)`;
+
+/**
+ * The core's float32 `expf` (detmath's float64 exp, rounded once) and the correctly rounded
+ * float32 division, fast, in integer arithmetic (needs U64): `fn expf_fast(x: f32) -> vec2<u32>`
+ * and `fn fdiv_fast(a: f32, b: f32) -> vec2<u32>` give (the result's bits, 0), or (0, 1) where
+ * they cannot decide; F32_SOFT's `expf_slow` / `fdiv_slow` (software float64) decide those.
+ *
+ * expf_fast, for -87 <= x <= 88 (normal results): x = k ln2/64 + r, |r| <= ln2/128; e^x =
+ * 2^(k/64) e^r, with r (exact x minus k times ln2/64 rounded to 2^-64: error <= |k| 2^-65 <=
+ * 2^-52) in 64-bit fixed point, e^r - 1 = r + r^2/2 + r^3/6 in fixed point and r^4/24 + r^5/120
+ * in float32 (their error below 2^-55; the terms left out below 2^-54), 2^(j/64) from a table
+ * rounded to 2^-64: relative error below 2^-51 in all (2^-51.4 the largest of 7 million
+ * arguments measured against the core's exp), the core's own below 2^-51 too. The value is
+ * rounded to float32 unless it lies within 2^-45 (relative) of a rounding boundary, where the two
+ * could round apart: those (about one argument in a million) and the arguments outside the range
+ * are not decided. |x| < 2^-26 gives 1 (e^x and the core's are within 2^-25.9 of 1, the
+ * boundaries 2^-25 and 2^-24 away).
+ *
+ * fdiv_fast: normal operands and a normal quotient by long division of the 24-bit significands
+ * (25 quotient bits and a sticky bit, rounded to nearest even): the correctly rounded quotient,
+ * which is also what f_div's float64 quotient rounded to float32 gives (53 >= 2 * 24 + 2 bits).
+ */
+export const F32_FAST = /* wgsl */ `
+var<private> EXP_T: array<vec2<u32>, 64> = array<vec2<u32>, 64>(${EXP_TABLE.map(u64Literal).join(', ')});
+const EXP_C = ${u64Literal(EXP_LN2_64)};
+/** The high 64 bits of the 128-bit product a b. */
+fn mul_hi64(a: vec2<u32>, b: vec2<u32>) -> vec2<u32> {
+  let ll = mul_wide(a.x, b.x); let lh = mul_wide(a.x, b.y); let hl = mul_wide(a.y, b.x); let hh = mul_wide(a.y, b.y);
+  // bits 32..63: ll.y + lh.x + hl.x (the carries go up)
+  let t1 = ll.y + lh.x; var c = select(0u, 1u, t1 < ll.y);
+  let t2 = t1 + hl.x; c = c + select(0u, 1u, t2 < t1);
+  return u_add(u_add(hh, vec2<u32>(lh.y, 0u)), u_add(vec2<u32>(hl.y, 0u), vec2<u32>(c, 0u)));
+}
+/** floor(a / 3), 16 bits at a time. */
+fn div3_64(a: vec2<u32>) -> vec2<u32> {
+  let v0 = a.y >> 16u; let d0 = v0 / 3u;
+  let v1 = ((v0 - 3u * d0) << 16u) | (a.y & 0xffffu); let d1 = v1 / 3u;
+  let v2 = ((v1 - 3u * d1) << 16u) | (a.x >> 16u); let d2 = v2 / 3u;
+  let v3 = ((v2 - 3u * d2) << 16u) | (a.x & 0xffffu); let d3 = v3 / 3u;
+  return vec2<u32>((d2 << 16u) | d3, (d0 << 16u) | d1);
+}
+/** (the float32 bits of e^x, 0) where the fast path decides; (0, 1) where it cannot. */
+fn expf_fast(x: f32) -> vec2<u32> {
+  if (!(x >= -87.0 && x <= 88.0)) { return vec2<u32>(0u, 1u); }
+  let b = bitcast<u32>(x);
+  let be = i32((b >> 23u) & 0xffu);
+  if (be < 127 - 26) { return vec2<u32>(0x3f800000u, 0u); }
+  let k = i32(round(x * 92.33248261689366));
+  // x 2^64 modulo 2^64 (exact: x's lowest bit is at 2^-49 or above), minus k ln2/64
+  let mant = vec2<u32>((b & 0x7fffffu) | 0x800000u, 0u);
+  let X = u_shl(mant, u32(be - 127 + 64 - 23));
+  let ak = u32(abs(k));
+  let kc_lo = mul_wide(ak, EXP_C.x);
+  let KC = vec2<u32>(kc_lo.x, kc_lo.y + ak * EXP_C.y);
+  // R = (+-X) - (+-KC), taken modulo 2^64: the true value is below 2^58 in magnitude
+  var R = X;
+  if ((b >> 31u) == 1u) { R = u_sub(vec2<u32>(0u, 0u), X); }
+  if (k < 0) { R = u_add(R, KC); } else { R = u_sub(R, KC); }
+  let neg = (R.y >> 31u) == 1u;
+  var aR = R;
+  if (neg) { aR = u_sub(vec2<u32>(0u, 0u), R); }
+  // fixed point, 64 fraction bits: r^2/2, |r|^3/6; float32: r^4/24, |r|^5/120
+  let R2 = u_shr(mul_hi64(aR, aR), 1u);
+  let R3 = div3_64(mul_hi64(R2, aR));
+  let rf = f32(aR.y) * 2.3283064365386963e-10 + f32(aR.x) * 5.421010862427522e-20;
+  let r2 = rf * rf;
+  let QE = u32(r2 * (r2 * 0.041666666666666664) * 18446744073709551616.0);
+  let QO = u32(r2 * (r2 * (rf * 0.008333333333333333)) * 18446744073709551616.0);
+  // |e^r - 1| and its sign
+  var A = u_add(u_add(u_add(aR, R2), R3), vec2<u32>(QE + QO, 0u));
+  if (neg) { A = u_sub(u_add(u_add(aR, R3), vec2<u32>(QO, 0u)), u_add(R2, vec2<u32>(QE, 0u))); }
+  let T = EXP_T[u32(k & 63)];
+  let m = k >> 6u;
+  var Y = u_add(T, mul_hi64(T, A));
+  if (neg) { Y = u_sub(T, mul_hi64(T, A)); }
+  // Y = 2^(j/64) e^r with 63 fraction bits, in [0.99, 2): its leading one at bit 63 or 62
+  var lead = 62u;
+  if ((Y.y >> 31u) == 1u) { lead = 63u; }
+  let D = lead - 23u;
+  let rem = vec2<u32>(Y.x, Y.y & ((1u << (D - 32u)) - 1u));
+  let half = vec2<u32>(0u, 1u << (D - 33u));
+  var dist = u_sub(half, rem);
+  if (!u_lt(rem, half)) { dist = u_sub(rem, half); }
+  if (dist.y == 0u && dist.x <= (1u << (lead - 45u))) { return vec2<u32>(0u, 1u); }
+  var q = u_shr(Y, D).x;
+  if (u_lt(half, rem)) { q = q + 1u; }
+  var e = i32(lead) - 63 + m + 127;
+  if (q == 0x1000000u) { q = 0x800000u; e = e + 1; }
+  return vec2<u32>((u32(e) << 23u) | (q & 0x7fffffu), 0u);
+}
+/** (the float32 bits of a / b, 0) for normal operands and quotient; (0, 1) for others. */
+fn fdiv_fast(a: f32, b: f32) -> vec2<u32> {
+  let ab = bitcast<u32>(a); let bb = bitcast<u32>(b);
+  let ea = i32((ab >> 23u) & 0xffu); let eb = i32((bb >> 23u) & 0xffu);
+  if (ea == 0 || ea == 255 || eb == 0 || eb == 255) { return vec2<u32>(0u, 1u); }
+  var ma = (ab & 0x7fffffu) | 0x800000u;
+  let mb = (bb & 0x7fffffu) | 0x800000u;
+  var e = ea - eb + 127;
+  if (ma < mb) { ma = ma << 1u; e = e - 1; }
+  // 25 quotient bits of ma / mb in [1, 2), the remainder's sticky bit
+  var q = 0u; var rem = ma;
+  for (var i = 0u; i < 25u; i = i + 1u) {
+    q = q << 1u;
+    if (rem >= mb) { rem = rem - mb; q = q | 1u; }
+    rem = rem << 1u;
+  }
+  var m = q >> 1u;
+  if ((q & 1u) == 1u && (rem != 0u || (m & 1u) == 1u)) { m = m + 1u; }
+  if (m == 0x1000000u) { m = 0x800000u; e = e + 1; }
+  if (e < 1 || e > 254) { return vec2<u32>(0u, 1u); }
+  return vec2<u32>(((ab ^ bb) & 0x80000000u) | (u32(e) << 23u) | (m & 0x7fffffu), 0u);
+}
+`;
+
+/**
+ * `expf` and `fdiv` of a shader's fast pass (after U64 and F32_FAST): the fast results, with the
+ * invocation's `SLOW` set where one was not decided (the shader then lists its item for a second
+ * pass, built with F32_SOFT). Two passes, not a branch to the software float64: a compiler that
+ * runs both sides of a branch under a mask (SwiftShader runs every block, and every loop body
+ * once, whatever the mask) would pay for it on every element.
+ */
+export const F32_FLAGGED = /* wgsl */ `
+var<private> SLOW: bool;
+fn expf(x: f32) -> f32 { let r = expf_fast(x); if (r.y == 1u) { SLOW = true; } return bitcast<f32>(r.x); }
+fn fdiv(a: f32, b: f32) -> f32 { let r = fdiv_fast(a, b); if (r.y == 1u) { SLOW = true; } return bitcast<f32>(r.x); }
+`;
+
+/** `expf` / `fdiv` in software float64 (after F64), rounded once: every argument (`expf_slow`, `fdiv_slow` too). */
+export const F32_SOFT = /* wgsl */ `
+fn expf_slow(v: f32) -> f32 { return bitcast<f32>(f_to_f32(f_exp(f_from_f32(bitcast<u32>(v))))); }
+fn fdiv_slow(a: f32, b: f32) -> f32 { return bitcast<f32>(f_to_f32(f_div(f_from_f32(bitcast<u32>(a)), f_from_f32(bitcast<u32>(b))))); }
+fn expf(v: f32) -> f32 { return expf_slow(v); }
+fn fdiv(a: f32, b: f32) -> f32 { return fdiv_slow(a, b); }
+`;
+
+/**
+ * Checks of F32_FAST (float32 bits in and out): P = [n, op]; op 0: out = expf_fast(a), 1:
+ * fdiv_fast(a, b) (out[2i] the bits, out[2i + 1] 1 where undecided), 2: expf_slow(a), 3: fdiv_slow(a, b).
+ */
+export const F32_FAST_CHECK = `
+@group(0) @binding(0) var<storage, read> P: array<u32>;
+@group(0) @binding(1) var<storage, read> a: array<u32>;
+@group(0) @binding(2) var<storage, read> b: array<u32>;
+@group(0) @binding(3) var<storage, read_write> out: array<vec2<u32>>;
+${F64}
+${F32_FAST}
+${F32_SOFT}
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = gid.x + gid.y * nwg.x * 64u;
+  if (i >= P[0]) { return; }
+  let x = bitcast<f32>(a[i]); let y = bitcast<f32>(b[i]);
+  var r = vec2<u32>(0u, 0u);
+  switch (P[1]) {
+    case 0u: { r = expf_fast(x); }
+    case 1u: { r = fdiv_fast(x, y); }
+    case 2u: { r = vec2<u32>(bitcast<u32>(expf_slow(x)), 0u); }
+    default: { r = vec2<u32>(bitcast<u32>(fdiv_slow(x, y)), 0u); }
   }
   out[i] = r;
 }

@@ -12,6 +12,7 @@ export type GPUAdapter = any;
 
 const STORAGE = 0x80;
 const COPY_SRC = 0x04;
+const INDIRECT = 0x100;
 const COPY_DST = 0x08;
 const MAP_READ = 0x01;
 const MAP_MODE_READ = 0x1;
@@ -148,7 +149,7 @@ export class Gpu {
       if (zero) this.batch().clearBuffer(cached);
       return cached;
     }
-    return this.device.createBuffer({ size: bucket, usage: STORAGE | COPY_SRC | COPY_DST });
+    return this.device.createBuffer({ size: bucket, usage: STORAGE | COPY_SRC | COPY_DST | INDIRECT });
   }
 
   /**
@@ -275,6 +276,22 @@ export class Gpu {
     pass.setPipeline(pipeline);
     pass.setBindGroup(0, group);
     pass.dispatchWorkgroups(x, y);
+    pass.end();
+  }
+
+  /**
+   * Queues one dispatch of shader `key` whose workgroup counts the GPU wrote: the three u32 at the
+   * start of `indirect` (which the shader may also read, at a binding of `buffers`).
+   */
+  dispatchIndirect(op: string, key: string, code: string, params: ArrayLike<number>, buffers: GPUBuffer[], indirect: GPUBuffer, label = key): void {
+    this.alive(op);
+    const pipeline = this.pipeline(key, code);
+    const p = this.paramsBuffer(op, params);
+    const group = this.bindGroup(key, pipeline, [p, ...buffers]);
+    const pass = this.batch().beginComputePass({ label });
+    pass.setPipeline(pipeline);
+    pass.setBindGroup(0, group);
+    pass.dispatchWorkgroupsIndirect(indirect, 0);
     pass.end();
   }
 
