@@ -273,12 +273,14 @@ const FUSED_MAX_CHUNK: usize = 256;
 const FUSED_MAX_LOCAL_SLOTS: usize = 4096;
 
 /// Whether permute runs as one kernel (`permute_fused_w*` in kernels/plan.cu: the plan and the
-/// copy) where it applies ([`fused_permute_chunk`]): by default yes; `MOE_DISPATCH_FUSED_PERMUTE=off`
-/// or [`set_fused_permute`]`(Some(false))`: the plan kernels, then the permute kernel.
-static FUSED_PERMUTE: Switch = Switch::new("MOE_DISPATCH_FUSED_PERMUTE");
+/// copy) where it applies ([`fused_permute_chunk`]): off by default, measured slower (H200, run
+/// 13: 0.152 ms against 0.123 for the plan kernels and the permute kernel at the Mixtral-like
+/// shape; docs/gpu-report.md); `MOE_DISPATCH_FUSED_PERMUTE=on` or
+/// [`set_fused_permute`]`(Some(true))` turns it on (the benchmark times both).
+static FUSED_PERMUTE: Switch = Switch::opt_in("MOE_DISPATCH_FUSED_PERMUTE");
 
-/// Overrides whether permute runs as one kernel where it applies: `Some(false)` never,
-/// `Some(true)` or `None` (the default) yes.
+/// Overrides whether permute runs as one kernel where it applies: `Some(true)` yes, `Some(false)`
+/// or `None` (the default) no.
 pub fn set_fused_permute(mode: Option<bool>) {
     FUSED_PERMUTE.set(mode);
 }

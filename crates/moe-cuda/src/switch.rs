@@ -8,22 +8,31 @@ const ON: u8 = 1;
 const OFF: u8 = 2;
 
 /// A setting that is on unless its environment variable says `off` or `0`, or [`Switch::set`]
-/// turned it off.
+/// turned it off; or, made by [`Switch::opt_in`], off unless it says `on` or `1`.
 pub(crate) struct Switch {
     cell: AtomicU8,
     var: &'static str,
+    default_on: bool,
 }
 
 impl Switch {
     pub(crate) const fn new(var: &'static str) -> Self {
-        Switch { cell: AtomicU8::new(UNSET), var }
+        Switch { cell: AtomicU8::new(UNSET), var, default_on: true }
+    }
+
+    /// A setting that is off by default (a variant kept for comparisons).
+    pub(crate) const fn opt_in(var: &'static str) -> Self {
+        Switch { cell: AtomicU8::new(UNSET), var, default_on: false }
     }
 
     /// Whether the setting is on (the environment is read the first time).
     pub(crate) fn on(&self) -> bool {
         let mode = match self.cell.load(Ordering::Relaxed) {
             UNSET => {
-                let m = if matches!(std::env::var(self.var).as_deref(), Ok("off" | "0")) { OFF } else { ON };
+                let env = std::env::var(self.var);
+                let on =
+                    if self.default_on { !matches!(env.as_deref(), Ok("off" | "0")) } else { matches!(env.as_deref(), Ok("on" | "1")) };
+                let m = if on { ON } else { OFF };
                 self.cell.store(m, Ordering::Relaxed);
                 m
             }
@@ -32,9 +41,10 @@ impl Switch {
         mode == ON
     }
 
-    /// `Some(false)` off; `Some(true)` or `None` (the default) on.
+    /// `Some(false)` off, `Some(true)` on, `None` the default.
     pub(crate) fn set(&self, mode: Option<bool>) {
-        self.cell.store(if mode == Some(false) { OFF } else { ON }, Ordering::Relaxed);
+        let on = mode.unwrap_or(self.default_on);
+        self.cell.store(if on { ON } else { OFF }, Ordering::Relaxed);
     }
 }
 
@@ -68,5 +78,21 @@ mod tests {
         let s = Switch::new("MOE_DISPATCH_TEST_SWITCH_OFF");
         s.set(Some(true));
         assert!(s.on());
+    }
+
+    #[test]
+    fn opt_in_is_off_until_asked() {
+        std::env::set_var("MOE_DISPATCH_TEST_OPT_IN_ON", "on");
+        std::env::set_var("MOE_DISPATCH_TEST_OPT_IN_ONE", "1");
+        std::env::set_var("MOE_DISPATCH_TEST_OPT_IN_OTHER", "yes");
+        assert!(!Switch::opt_in("MOE_DISPATCH_TEST_OPT_IN_NEVER_SET").on());
+        assert!(Switch::opt_in("MOE_DISPATCH_TEST_OPT_IN_ON").on());
+        assert!(Switch::opt_in("MOE_DISPATCH_TEST_OPT_IN_ONE").on());
+        assert!(!Switch::opt_in("MOE_DISPATCH_TEST_OPT_IN_OTHER").on());
+        let s = Switch::opt_in("MOE_DISPATCH_TEST_OPT_IN_NEVER_SET");
+        s.set(Some(true));
+        assert!(s.on());
+        s.set(None);
+        assert!(!s.on());
     }
 }
