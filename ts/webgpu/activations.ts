@@ -19,7 +19,7 @@
  * NVIDIA's Vulkan driver does (Dawn on an H200: swiglu's input gradient 1-7 ulp off the core's),
  * where the core rounds the product first.
  */
-import { F32_FAST, F32_FLAGGED, F32_SOFT, F64, F64_DOT } from './f64.js';
+import { F32_FAST, F32_FLAGGED, F32_SOFT, F64, F64_ACC } from './f64.js';
 import { CONVERT, type Kind, loader, packWord, rounder } from './shaders.js';
 
 /** The shaders' kind and layout codes of each activation (P[4], P[5]). */
@@ -199,7 +199,7 @@ ${itemMain(pass, 5, 'P[0] / P[2] * P[1]')}`;
  * activationGradProbs on the units the forward kept (`activationForward(kind, true)`): the same
  * float32 products `unit * grad` summed per row in float64 from +0 in column order (the core's
  * `sum += (unit * g) as f64`), without computing the units again (no exp, no division). Each
- * float32 term enters F64_DOT's unpacked sum exactly (as its product with 1), rounded to float64
+ * float32 term enters F64_ACC's unpacked sum exactly (as its product with 1), rounded to float64
  * at each addition as `f_add` would; a row holding an infinity or a NaN is summed again by
  * `f_add`. float32 units and grad. P = [rows, inter].
  */
@@ -209,11 +209,8 @@ export const ACTIVATION_GRAD_PROBS_OF_UNITS = `
 @group(0) @binding(2) var<storage, read> g: array<u32>;
 @group(0) @binding(3) var<storage, read_write> out: array<u32>;
 ${F64}
-${F64_DOT}
+${F64_ACC}
 fn term(i: u32) -> u32 { return bitcast<u32>(bitcast<f32>(units[i]) * bitcast<f32>(g[i])); }
-// F64_DOT's dot_row (from -0, Rust's sum()) is not used here (the core starts from +0), but its operands must exist
-fn dot_a(i: u32) -> u32 { return term(i); }
-fn dot_b(i: u32) -> u32 { return 0x3f800000u; }
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
   let r = gid.x + gid.y * nwg.x * 64u;
@@ -226,8 +223,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     if ((t & 0x7f800000u) == 0x7f800000u) { finite = false; break; }
     acc = dot_add(acc, dot_term(t, 0x3f800000u));
   }
-  var sum = vec2<u32>(0u, acc.s);
-  if (!u_zero(acc.m)) { sum = vec2<u32>(acc.m.x, acc.s | (u32(acc.e + 1075) << 20u) | (acc.m.y & 0xfffffu)); }
+  var sum = acc_bits(acc);
   if (!finite) {
     sum = vec2<u32>(0u, 0u);
     for (var j = 0u; j < I; j = j + 1u) { sum = f_add(sum, f_from_f32(term(r * I + j))); }

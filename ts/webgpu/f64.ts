@@ -361,7 +361,11 @@ fn f_exp(x: vec2<u32>) -> vec2<u32> {
  * subnormal, overflow, infinity or NaN can occur and none is handled: a row holding an infinity
  * or a NaN is summed again by `f_mul` / `f_add`.
  */
-export const F64_DOT = /* wgsl */ `
+/**
+ * F64_DOT's unpacked float64 sum (after F64): `Acc`, `dot_term(a, b)` (the exact product of two
+ * finite float32s), `dot_add` (rounded as f_add), `acc_bits` (the float64 bits of a finite sum).
+ */
+export const F64_ACC = /* wgsl */ `
 /** (-1)^s * m * 2^e, m's bit 52 set; m == 0: a zero of sign s. */
 struct Acc { s: u32, e: i32, m: vec2<u32> }
 /** a << n, 0 <= n < 64, without branches. */
@@ -419,6 +423,13 @@ fn dot_add(a: Acc, b: Acc) -> Acc {
   if (qy >= 0x200000u) { return Acc(xs, xe + 3 - i32(lz), vec2<u32>(0u, 0x100000u)); }
   return Acc(xs, xe + 2 - i32(lz), vec2<u32>(qx, qy));
 }
+fn acc_bits(acc: Acc) -> vec2<u32> {
+  if (u_zero(acc.m)) { return vec2<u32>(0u, acc.s); }
+  return vec2<u32>(acc.m.x, acc.s | (u32(acc.e + 1075) << 20u) | (acc.m.y & 0xfffffu));
+}
+`;
+
+export const F64_DOT = /* wgsl */ `${F64_ACC}
 fn dot_row(ia: u32, ib: u32, h: u32) -> vec2<u32> {
   var acc = Acc(0x80000000u, 0, vec2<u32>(0u, 0u));
   var finite = true;
@@ -428,10 +439,7 @@ fn dot_row(ia: u32, ib: u32, h: u32) -> vec2<u32> {
     if ((a & 0x7f800000u) == 0x7f800000u || (b & 0x7f800000u) == 0x7f800000u) { finite = false; break; }
     acc = dot_add(acc, dot_term(a, b));
   }
-  if (finite) {
-    if (u_zero(acc.m)) { return vec2<u32>(0u, acc.s); }
-    return vec2<u32>(acc.m.x, acc.s | (u32(acc.e + 1075) << 20u) | (acc.m.y & 0xfffffu));
-  }
+  if (finite) { return acc_bits(acc); }
   var sum = vec2<u32>(0u, 0x80000000u);
   for (var c = 0u; c < h; c = c + 1u) { sum = f_add(sum, f_mul(f_from_f32(dot_a(ia + c)), f_from_f32(dot_b(ib + c)))); }
   return sum;

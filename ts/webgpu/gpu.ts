@@ -264,19 +264,11 @@ export class Gpu {
    */
   dispatch(op: string, key: string, code: string, params: ArrayLike<number>, buffers: GPUBuffer[], threads: number, size = 64, label = key): void {
     if (threads === 0) return;
-    this.alive(op);
-    const pipeline = this.pipeline(key, code);
-    const p = this.paramsBuffer(op, params);
-    const group = this.bindGroup(key, pipeline, [p, ...buffers]);
     const groups = Math.ceil(threads / size);
     const x = Math.min(groups, this.maxGroups);
     const y = Math.ceil(groups / x);
     if (y > this.maxGroups) throw new GpuError(op, `${threads} threads are over this WebGPU adapter's dispatch limit`);
-    const pass = this.batch().beginComputePass({ label });
-    pass.setPipeline(pipeline);
-    pass.setBindGroup(0, group);
-    pass.dispatchWorkgroups(x, y);
-    pass.end();
+    this.pass(op, key, code, params, buffers, label, (pass) => pass.dispatchWorkgroups(x, y));
   }
 
   /**
@@ -284,14 +276,18 @@ export class Gpu {
    * start of `indirect` (which the shader may also read, at a binding of `buffers`).
    */
   dispatchIndirect(op: string, key: string, code: string, params: ArrayLike<number>, buffers: GPUBuffer[], indirect: GPUBuffer, label = key): void {
+    this.pass(op, key, code, params, buffers, label, (pass) => pass.dispatchWorkgroupsIndirect(indirect, 0));
+  }
+
+  /** One compute pass of the op's command buffer: shader `key`, `params` at binding 0 and `buffers` after it, its dispatch by `dispatch`. */
+  private pass(op: string, key: string, code: string, params: ArrayLike<number>, buffers: GPUBuffer[], label: string, dispatch: (pass: any) => void): void {
     this.alive(op);
     const pipeline = this.pipeline(key, code);
-    const p = this.paramsBuffer(op, params);
-    const group = this.bindGroup(key, pipeline, [p, ...buffers]);
+    const group = this.bindGroup(key, pipeline, [this.paramsBuffer(op, params), ...buffers]);
     const pass = this.batch().beginComputePass({ label });
     pass.setPipeline(pipeline);
     pass.setBindGroup(0, group);
-    pass.dispatchWorkgroupsIndirect(indirect, 0);
+    dispatch(pass);
     pass.end();
   }
 
