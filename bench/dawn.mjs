@@ -20,6 +20,7 @@ export function dawnArgs(iters) {
       hidden: { type: 'string', default: '1024' },
       experts: { type: 'string', default: '64' },
       topk: { type: 'string', default: '4' },
+      ops: { type: 'string' },
     },
   });
   const shape = { T: Number(args.tokens), H: Number(args.hidden), E: Number(args.experts), k: Number(args.topk), iters: Number(args.iters) };

@@ -15,6 +15,7 @@
  * round trip, the error scopes, a 4-byte read, a tiny op: Dawn's fixed cost of a call.
  *
  *   node bench/webgpu-profile.mjs --webgpu DIR [--dist dist] [--out FILE] [--iters N]
+ *     [--ops route,permute,...]
  *     [--tokens T --hidden H --experts E --topk K]
  *
  * gpu-run.sh remote with WEBGPU=1 runs it on the GPU machine. Where Dawn finds no adapter, or
@@ -85,6 +86,13 @@ async function drain() {
 
 const dist = distUrl(args);
 const api = await import(new URL('index.js', dist).href);
+// a pass per dispatch while recording (each pass's timestamps name one shader); the plain calls
+// share passes as the backend does
+const gpuPasses = (await import(new URL('webgpu/gpu.js', dist).href)).passes;
+const record = (on) => {
+  recording = on;
+  if (gpuPasses) gpuPasses.perDispatch = on;
+};
 const random = await import(new URL('random.js', dist).href);
 const moe = await api.createBackend({ prefer: 'webgpu' });
 if (moe.name !== 'webgpu') {
@@ -93,9 +101,9 @@ if (moe.name !== 'webgpu') {
 }
 console.log(`webgpu: ${moe.adapter}`);
 const { T, H, E, k, iters } = shape;
-recording = false;
+record(false);
 const baseline = await dawnFixedCosts(random, moe);
-recording = true;
+record(true);
 console.log(fixedCostsLine(baseline));
 const r = random.randomRouting({ numTokens: T, numExperts: E, topk: k, hidden: H, dtype: 'float32' }, random.rng(7));
 const g = random.rng(3);
@@ -140,21 +148,26 @@ const ops = {
 };
 const rows = [];
 const median = (a) => [...a].sort((u, v) => u - v)[Math.floor(a.length / 2)];
+const only = args.ops?.split(',');
+for (const name of only ?? []) if (!(name in ops)) throw new RangeError(`--ops: expected names of ${Object.keys(ops).join(', ')}, got ${name}`);
 for (const [op, call] of Object.entries(ops)) {
+  if (only && !only.includes(op)) continue;
   for (let i = 0; i < 3; i++) free(await call());
   await moe.synchronize();
   await drain();
   const walls = [];
   const plain = []; // the same call with no timestamp writes: what the profiling itself adds
-  const parts = { toSubmit: [], toResolve: [], toSync: [] };
+  const parts = { toSubmit: [], toResolve: [], toSync: [], plainToSubmit: [] };
   const gpu = {};
   for (let i = 0; i < iters; i++) {
-    recording = false;
+    record(false);
+    lastSubmit = 0;
     let t0 = performance.now();
     free(await call());
+    if (lastSubmit >= t0) parts.plainToSubmit.push(lastSubmit - t0);
     await moe.synchronize();
     plain.push(performance.now() - t0);
-    recording = true;
+    record(true);
     lastSubmit = 0;
     t0 = performance.now();
     const out = await call();
@@ -185,7 +198,7 @@ for (const [op, call] of Object.entries(ops)) {
     .join(', ');
   const f = (v) => (v === null ? '-' : v.toFixed(3));
   console.log(
-    `${op.padEnd(18)} wall ${wallMs.toFixed(3)} ms (without timestamps ${plainWallMs.toFixed(3)}; to the submit ${f(split.toSubmitMs)}, then to the op's promise ${f(split.toResolveMs)}, then to the synchronize ${f(split.toSyncMs)}), GPU ${gpuMs.toFixed(3)} ms (${shaders})`,
+    `${op.padEnd(18)} wall ${wallMs.toFixed(3)} ms (without timestamps ${plainWallMs.toFixed(3)}, to its submit ${f(split.plainToSubmitMs)}; to the submit ${f(split.toSubmitMs)}, then to the op's promise ${f(split.toResolveMs)}, then to the synchronize ${f(split.toSyncMs)}), GPU ${gpuMs.toFixed(3)} ms (${shaders})`,
   );
 }
 const result = {
@@ -193,7 +206,7 @@ const result = {
   adapter: moe.adapter,
   dawnFlags: DAWN_FLAGS,
   shape,
-  note: "wallMs: median call to a synchronize; plainWallMs: the same without timestamp writes (interleaved); toSubmitMs: the call's start to its last queue.submit (JS, checks, encoding, the submit), toResolveMs: that submit to the op's promise (the error scopes' round), toSyncMs: the promise to the synchronize's end; gpuMs: the sum of the medians of its compute passes (timestamp queries), by shader key (clears and copies between passes not counted)",
+  note: "wallMs: median call to a synchronize; plainWallMs: the same without timestamp writes (interleaved); toSubmitMs: the call's start to its last queue.submit (JS, checks, encoding, the submit), toResolveMs: that submit to the op's promise (the error scopes' round), toSyncMs: the promise to the synchronize's end; plainToSubmitMs: toSubmitMs of the plain calls (an op's dispatches in one compute pass, as the backend queues them; the timed calls give each dispatch a pass of its own to time it); gpuMs: the sum of the medians of its compute passes (timestamp queries), by shader key (clears and copies between passes not counted)",
   baseline,
   rows,
 };

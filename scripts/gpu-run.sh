@@ -22,6 +22,10 @@
 # WEBGPU=1 (pack and remote: the webgpu backend in Node through Dawn: the GPU suite's webgpu-dawn.test.mjs
 # against wasm, MOE_WEBGPU_DAWN set before the suite; then next to cuda, bench/webgpu-node.mjs, and each
 # shader's GPU time, bench/webgpu-profile.mjs)
+# WEBGPU_AB=REV (with WEBGPU: pack builds REV's TypeScript into dist-ab (a git worktree; the wasm and
+# native builds are this tree's), and remote runs webgpu-node.mjs and webgpu-profile.mjs on dist-ab
+# and then on dist again: webgpu-node-ab.json, webgpu-profile-ab.json, webgpu-node-2.json,
+# webgpu-profile-2.json, interleaved on one machine)
 # NCU=1 (issue 19: Nsight Compute's view: the grouped GEMM kernels at the fine-grained and Mixtral-like shapes
 # (duration, SM / tensor-pipe / DRAM / L2 throughput), and every kernel of one layer forward + backward
 # (bench/actmem-gpu.mjs on cuBLAS and on the grouped GEMM), summarised by bench/ncu-summary.py into ncu.json;
@@ -93,6 +97,19 @@ pack() {
       apt-get $o update >/dev/null && (cd "$BUNDLE/webgpu" && apt-get $o download libvulkan1 libglvnd0 libglx0 libegl1 libgl1 libopengl0 libgles2 >/dev/null) && touch "$BUNDLE/webgpu/.debs-2"
       rm -rf "$tmp"
     fi
+  fi
+  rm -rf "$BUNDLE/dist-ab"
+  if [[ -n "${WEBGPU_AB:-}" ]]; then
+    # another revision's TypeScript beside dist (its imports of ../pkg and ../native find this tree's)
+    local wt
+    wt="$(mktemp -d)/ab"
+    git worktree add --detach --quiet "$wt" "$WEBGPU_AB"
+    ln -s "$PWD/node_modules" "$wt/node_modules"
+    ln -s "$PWD/pkg" "$wt/pkg"
+    (cd "$wt" && npx tsc -p tsconfig.json)
+    cp -r "$wt/dist" "$BUNDLE/dist-ab"
+    git worktree remove --force "$wt"
+    say "dist-ab: the TypeScript of $WEBGPU_AB ($(git rev-parse --short "$WEBGPU_AB"))"
   fi
   # the same module resolution as in the repo: dist/ imports are relative, so the bundle is a
   # small copy of the repo's layout
@@ -310,6 +327,14 @@ PY
     timeout 240 "$node" "$BUNDLE/bench/webgpu-node.mjs" --webgpu "$BUNDLE/webgpu/package" --dist "$BUNDLE/dist" --out "$OUT/webgpu-node.json"; echo "  exit code $?"
     say "webgpu: each shader's GPU time (timestamp queries), bench/webgpu-profile.mjs"
     timeout 240 "$node" "$BUNDLE/bench/webgpu-profile.mjs" --webgpu "$BUNDLE/webgpu/package" --dist "$BUNDLE/dist" --out "$OUT/webgpu-profile.json"; echo "  exit code $?"
+    if [[ -d "$BUNDLE/dist-ab" ]]; then
+      # WEBGPU_AB: the other revision, then this one again (A B A on one machine)
+      for run in ab:dist-ab 2:dist; do
+        say "webgpu A/B: ${run#*:} (webgpu-node-${run%%:*}.json, webgpu-profile-${run%%:*}.json)"
+        timeout 240 "$node" "$BUNDLE/bench/webgpu-node.mjs" --webgpu "$BUNDLE/webgpu/package" --dist "$BUNDLE/${run#*:}" --out "$OUT/webgpu-node-${run%%:*}.json"; echo "  exit code $?"
+        timeout 240 "$node" "$BUNDLE/bench/webgpu-profile.mjs" --webgpu "$BUNDLE/webgpu/package" --dist "$BUNDLE/${run#*:}" --out "$OUT/webgpu-profile-${run%%:*}.json"; echo "  exit code $?"
+      done
+    fi
   fi
   if [[ -n "${GGEMM:-}" ]]; then
     # our grouped GEMM (issue 19): its correctness checks (host reference, cuBLAS, run to run) and timings

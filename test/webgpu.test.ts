@@ -38,7 +38,7 @@ if (moe !== undefined) {
   const { cases } = webgpuCases({
     api,
     random,
-    f64: async () => ({ ...(await import('../ts/webgpu/gpu.js')), ...(await import('../ts/webgpu/f64.js')) }),
+    f64: async () => ({ ...(await import('../ts/webgpu/gpu.js')), ...(await import('../ts/webgpu/f64.js')), ...(await import('../ts/webgpu/shaders.js')) }),
     moe,
     wasm,
     info: info!,

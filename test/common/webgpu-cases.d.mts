@@ -20,8 +20,8 @@ export declare function openWebGpu(api: Api): Promise<{ info: BackendInfo | unde
 export interface WebGpuCaseContext {
   api: Api;
   random: Pick<Random, 'rng' | 'randomRouting'>;
-  /** webgpu/gpu.js's Gpu and webgpu/f64.js's F64_CHECK (the software float64 case drives a shader directly). */
-  f64: () => Promise<{ Gpu: unknown; F64_CHECK: string }>;
+  /** The exports of webgpu/gpu.js, webgpu/f64.js and webgpu/shaders.js (the software float64 and scan cases drive shaders directly). */
+  f64: () => Promise<{ Gpu: unknown; F64_CHECK: string; SCAN: string }>;
   moe: WebGpuBackend;
   wasm: Backend;
   info: BackendInfo;

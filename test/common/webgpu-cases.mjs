@@ -98,8 +98,8 @@ async function errorOf(f) {
 /**
  * The cases, in order (the last checks the counts the others leave in `compared`), each
  * `{ name, run }` with `run` async. `ctx`:
- * - `api`, `random` (`{ rng, randomRouting }`), `f64` (async: `{ Gpu, F64_CHECK }` of webgpu/gpu.js
- *   and webgpu/f64.js: the software float64 case drives a shader directly);
+ * - `api`, `random` (`{ rng, randomRouting }`), `f64` (async: the exports of webgpu/gpu.js,
+ *   webgpu/f64.js and webgpu/shaders.js: the software float64 and scan cases drive shaders directly);
  * - `moe`, `wasm`, `info`: what openWebGpu() gave (moe defined);
  * - `autoPick`: the name `createBackend()` (auto) must give here;
  * - `check`: `{ equal (Object.is), deepEqual, ok, match, fail }`, each with a message last.
@@ -539,6 +539,26 @@ export function webgpuCases(ctx) {
       gpu.device.destroy();
     },
   );
+
+  add('the exclusive scan (SCAN: one workgroup, a run of values a thread) at every length around its split points', async () => {
+    const { Gpu, SCAN } = await ctx.f64();
+    const gpu = new Gpu(await (await globalThis.navigator.gpu.requestAdapter()).requestDevice(), 'test');
+    const random = rng(91);
+    // lengths around 256 threads' runs of 1, 2, 4, 64 values, the plan's 16384 counts and past them; counts up to 2^20
+    for (const m of [0, 1, 2, 255, 256, 257, 511, 512, 513, 1023, 1024, 1025, 16383, 16384, 16385, 70001]) {
+      const a = Uint32Array.from({ length: m }, (_, i) => (i % 7 === 3 ? 0 : Math.floor(random() * 2 ** (i % 3 === 0 ? 20 : 4))));
+      const want = new Uint32Array(m + 1);
+      for (let i = 0; i < m; i++) want[i + 1] = want[i] + a[i];
+      const aBuf = gpu.upload('test', new Uint8Array(a.buffer), 'a');
+      const out = gpu.buffer('test', 4 * (m + 1), 'out');
+      gpu.dispatch('test', 'scan', SCAN, [m], [aBuf, out], 256, 256);
+      const got = new Uint32Array((await gpu.read('test', out, 4 * (m + 1))).buffer);
+      const bad = got.findIndex((v, i) => v !== want[i]);
+      check.equal(bad, -1, `scan of ${m}: first wrong prefix ${bad} (got ${got[bad]}, want ${want[bad]})`);
+      compared.scan = (compared.scan ?? 0) + 1;
+    }
+    gpu.device.destroy();
+  });
 
   add("the activations' float32 exp and division (F32_FAST: integer arithmetic, software float64 where it cannot decide) equal the core's bits", async () => {
     const { Gpu, F32_FAST_CHECK, EXP_TABLE, EXP_LN2_64 } = await ctx.f64();

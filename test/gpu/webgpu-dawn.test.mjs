@@ -69,7 +69,11 @@ if (loadError) {
   const { cases } = webgpuCases({
     api,
     random,
-    f64: async () => ({ ...(await import(pathToFileURL(resolve(distDir, 'webgpu/gpu.js')).href)), ...(await import(pathToFileURL(resolve(distDir, 'webgpu/f64.js')).href)) }),
+    f64: async () => ({
+      ...(await import(pathToFileURL(resolve(distDir, 'webgpu/gpu.js')).href)),
+      ...(await import(pathToFileURL(resolve(distDir, 'webgpu/f64.js')).href)),
+      ...(await import(pathToFileURL(resolve(distDir, 'webgpu/shaders.js')).href)),
+    }),
     moe,
     wasm,
     info,

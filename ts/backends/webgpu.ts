@@ -427,7 +427,8 @@ export class OpCall {
     const width = BYTES[dtype] as S.Width;
     if ((h * width) % 16 === 0) {
       const rowWords = (h * width) / 16;
-      this.run('gather_vec4', S.GATHER_VEC4, [rowWords, r * rowWords], [x, rows, out.bufferFor(this.gpu, what)], r * rowWords);
+      // 64 threads a workgroup, each 4 of the workgroup's 256 words
+      this.run('gather_vec4', S.GATHER_VEC4, [rowWords, r * rowWords], [x, rows, out.bufferFor(this.gpu, what)], Math.ceil((r * rowWords) / 256) * 64);
       return out;
     }
     const words = Math.ceil((r * h * width) / 4);
@@ -1110,30 +1111,46 @@ function rememberChecks(binding: Binding): Checks {
  * An exact key of a check's argument object (plain objects, arrays, numbers with -0 and NaN kept
  * apart, strings, flags, null, undefined), or undefined where it holds anything else (tensor data).
  */
-function checkKey(v: unknown): string | undefined {
-  if (v === undefined) return 'u';
+export function checkKey(v: unknown): string | undefined {
+  switch (typeof v) {
+    case 'undefined':
+      return 'u';
+    case 'number':
+      return Object.is(v, -0) ? '-0' : String(v);
+    case 'boolean':
+      return v ? 't' : 'f';
+    case 'string':
+      return JSON.stringify(v);
+    case 'object':
+      break;
+    default:
+      return undefined;
+  }
   if (v === null) return 'n';
-  if (typeof v === 'number') return Object.is(v, -0) ? '-0' : String(v);
-  if (typeof v === 'boolean') return v ? 't' : 'f';
-  if (typeof v === 'string') return JSON.stringify(v);
-  if (typeof v !== 'object') return undefined;
-  const parts: string[] = [];
+  // built by concatenation (a key a call: this runs on every op); identifier keys unquoted (they
+  // hold no ':' or ','), any other key quoted
+  let s: string;
   if (Array.isArray(v)) {
+    s = '[';
     for (let i = 0; i < v.length; i++) {
       const p = checkKey(v[i]);
       if (p === undefined) return undefined;
-      parts.push(p);
+      s += i === 0 ? p : `,${p}`;
     }
-    return `[${parts.join(',')}]`;
+    return `${s}]`;
   }
   if (Object.getPrototypeOf(v) !== Object.prototype) return undefined;
-  for (const [key, value] of Object.entries(v)) {
-    const p = checkKey(value);
+  s = '{';
+  for (const key in v) {
+    if (!Object.hasOwn(v, key)) continue;
+    const p = checkKey((v as Record<string, unknown>)[key]);
     if (p === undefined) return undefined;
-    parts.push(`${JSON.stringify(key)}:${p}`);
+    s += `${s.length > 1 ? ',' : ''}${IDENTIFIER.test(key) ? key : JSON.stringify(key)}:${p}`;
   }
-  return `{${parts.join(',')}}`;
+  return `${s}}`;
 }
+
+const IDENTIFIER = /^[A-Za-z_$][\w$]*$/;
 
 /**
  * The aux losses (mode 0: switchLoadBalancingLoss on probs, 1: from logits, 2: zLoss): rows on

@@ -18,6 +18,17 @@ const MAP_READ = 0x01;
 const MAP_MODE_READ = 0x1;
 
 /**
+ * A pass of its own for every dispatch (off: an op's dispatches share one compute pass). On for
+ * bench/webgpu-profile.mjs, which times each pass with timestamp queries to name each shader's
+ * time; a pass costs Dawn more than a dispatch inside one (Dawn over SwiftShader: 8 dispatches
+ * in 8 passes 118 us of JS and encoding, in one pass 57 us).
+ */
+export const passes = { perDispatch: false };
+
+/** A step of an op's command buffer: a compute dispatch, or a copy (which ends the pass before it). */
+type Step = { pipeline: any; group: any; label: string; dispatch: (pass: any) => void } | { src: GPUBuffer; dst: GPUBuffer; size: number };
+
+/**
  * The size of the buffer made for `size` bytes: multiples of 256 up to 64 KiB, then the next
  * of 8 steps per power of two (at most 12.5% more), so that tensors of nearby sizes share
  * cached buffers.
@@ -70,7 +81,9 @@ export class Gpu {
   private readonly groups = new Map<string, any>();
   private readonly ids = new WeakMap<object, number>();
   private nextId = 1;
-  private encoder: any;
+  /** The op's queued work, encoded and submitted by `flush`: the clears first, then the steps in order. */
+  private readonly clears: GPUBuffer[] = [];
+  private readonly steps: Step[] = [];
   private readonly deferred: GPUBuffer[] = [];
 
   constructor(
@@ -146,7 +159,7 @@ export class Gpu {
     const cached = this.cache.get(bucket)?.pop();
     if (cached) {
       this.cachedBytes -= bucket;
-      if (zero) this.batch().clearBuffer(cached);
+      if (zero) this.clears.push(cached);
       return cached;
     }
     return this.device.createBuffer({ size: bucket, usage: STORAGE | COPY_SRC | COPY_DST | INDIRECT });
@@ -159,7 +172,7 @@ export class Gpu {
    */
   release(buf: GPUBuffer): void {
     if (this.lost !== undefined) return;
-    if (this.encoder !== undefined) this.deferred.push(buf);
+    if (this.pending()) this.deferred.push(buf);
     else this.keep(buf);
   }
 
@@ -185,24 +198,49 @@ export class Gpu {
     this.cachedBytes = 0;
   }
 
-  /** The command encoder of the op being queued (one submit an op). */
-  private batch(): any {
-    this.encoder ??= this.device.createCommandEncoder();
-    return this.encoder;
+  /** Whether work is queued and not yet submitted. */
+  private pending(): boolean {
+    return this.steps.length > 0 || this.clears.length > 0;
   }
 
-  /** Submits the op's queued work (if any); buffers given back meanwhile join the cache. */
+  /**
+   * Submits the op's queued work (if any) in one command buffer; buffers given back meanwhile join
+   * the cache. The clears of reused buffers come first: a buffer taken from the cache while work is
+   * queued was given back before that work began (`release` holds back the ones given back while
+   * work is queued), so nothing queued before its clear reads or writes it. The dispatches then
+   * share compute passes (`passes.perDispatch`), a copy ending the pass before it.
+   */
   flush(): void {
-    const enc = this.encoder;
-    if (enc === undefined) return;
-    this.encoder = undefined;
+    if (!this.pending()) return;
+    const enc = this.device.createCommandEncoder();
+    for (const b of this.clears) enc.clearBuffer(b);
+    let pass: any;
+    for (const step of this.steps) {
+      if ('src' in step) {
+        pass?.end();
+        pass = undefined;
+        enc.copyBufferToBuffer(step.src, 0, step.dst, 0, step.size);
+        continue;
+      }
+      if (pass === undefined || passes.perDispatch) {
+        pass?.end();
+        pass = enc.beginComputePass({ label: passes.perDispatch ? step.label : 'moe-dispatch' });
+      }
+      pass.setPipeline(step.pipeline);
+      pass.setBindGroup(0, step.group);
+      step.dispatch(pass);
+    }
+    pass?.end();
+    this.clears.length = 0;
+    this.steps.length = 0;
     this.device.queue.submit([enc.finish()]);
     for (const b of this.deferred.splice(0)) this.keep(b);
   }
 
   /** Drops the op's queued work unsubmitted (the op failed). */
   private discard(): void {
-    this.encoder = undefined;
+    this.clears.length = 0;
+    this.steps.length = 0;
     for (const b of this.deferred.splice(0)) this.keep(b);
   }
 
@@ -224,7 +262,7 @@ export class Gpu {
     const staging = (reuse && this.staging.get(size)?.pop()) || this.device.createBuffer({ size, usage: MAP_READ | COPY_DST });
     let ok = false;
     try {
-      this.batch().copyBufferToBuffer(buf, 0, staging, 0, size);
+      this.steps.push({ src: buf, dst: staging, size });
       this.flush();
       try {
         await staging.mapAsync(MAP_MODE_READ);
@@ -259,8 +297,9 @@ export class Gpu {
   /**
    * Queues one dispatch of `threads` invocations of shader `key` with `params` at binding 0 and
    * `buffers` at bindings 1... (`size` a workgroup: the shader's @workgroup_size, 64 unless it
-   * says otherwise; rows of up to maxComputeWorkgroupsPerDimension workgroups). The pass is labelled
-   * `label` (the shader's key unless the caller names a step of it; bench/webgpu-profile.mjs reads it).
+   * says otherwise; rows of up to maxComputeWorkgroupsPerDimension workgroups). `label` names the dispatch (the
+   * shader's key unless the caller names a step of it): its pass's label where each dispatch has a
+   * pass of its own (`passes.perDispatch`; bench/webgpu-profile.mjs reads it).
    */
   dispatch(op: string, key: string, code: string, params: ArrayLike<number>, buffers: GPUBuffer[], threads: number, size = 64, label = key): void {
     if (threads === 0) return;
@@ -279,16 +318,12 @@ export class Gpu {
     this.pass(op, key, code, params, buffers, label, (pass) => pass.dispatchWorkgroupsIndirect(indirect, 0));
   }
 
-  /** One compute pass of the op's command buffer: shader `key`, `params` at binding 0 and `buffers` after it, its dispatch by `dispatch`. */
+  /** One dispatch of the op's command buffer: shader `key`, `params` at binding 0 and `buffers` after it, its dispatch by `dispatch`. */
   private pass(op: string, key: string, code: string, params: ArrayLike<number>, buffers: GPUBuffer[], label: string, dispatch: (pass: any) => void): void {
     this.alive(op);
     const pipeline = this.pipeline(key, code);
     const group = this.bindGroup(key, pipeline, [this.paramsBuffer(op, params), ...buffers]);
-    const pass = this.batch().beginComputePass({ label });
-    pass.setPipeline(pipeline);
-    pass.setBindGroup(0, group);
-    dispatch(pass);
-    pass.end();
+    this.steps.push({ pipeline, group, label, dispatch });
   }
 
   /**

@@ -208,7 +208,7 @@ macro_rules! op_table {
                     Some(capacity) => Ok(capacity * c.num_experts),
                     None => {
                         let count = match (routingMap.meta().host_bytes(), numSlots) {
-                            (Some(bytes), _) => bytes.iter().filter(|&&b| b == 1).count(),
+                            (Some(bytes), _) => moe_core::tensor::mask_ones(bytes),
                             (None, Some(n)) => n,
                             (None, None) => return Err(Error::type_error("numSlots", "a number (the routing map's count) when the map's data is not given", "undefined")),
                         };

@@ -171,6 +171,15 @@ impl<'a> TensorRef<'a> {
     }
 }
 
+/// Bytes a block of a bool mask's check (`Meta::check_mask`) and count (`mask_ones`).
+const MASK_BLOCK: usize = 255;
+
+/// The ones of a bool mask whose bytes are 0 or 1 (`Meta::check_mask` passed): summed in u8
+/// lanes by blocks of 255 bytes (a loop the compiler vectorises), the blocks' sums added.
+pub fn mask_ones(bytes: &[u8]) -> usize {
+    bytes.chunks(MASK_BLOCK).map(|c| c.iter().fold(0u8, |a, &b| a.wrapping_add(b)) as usize).sum()
+}
+
 /// A caller-owned output (`out` of permute, unpermute, permuteBackward): the op checks its dtype
 /// and shape against what it would have allocated, checks that its bytes share no memory with
 /// an input, and only then overwrites every element. `name` is its name in errors
@@ -326,7 +335,9 @@ impl<'a> Meta<'a> {
     pub fn check_mask(&self) -> Result<()> {
         self.expect_dtype(&[DType::Bool])?;
         if let Some(bytes) = self.host {
-            if let Some(i) = bytes.iter().position(|&b| b > 1) {
+            // blocks OR-ed (a loop the compiler vectorises) before the search for the first bad byte
+            let block = bytes.chunks(MASK_BLOCK).position(|c| c.iter().fold(0u8, |a, &b| a | b) > 1);
+            if let Some(i) = block.and_then(|k| bytes[k * MASK_BLOCK..].iter().position(|&b| b > 1).map(|j| k * MASK_BLOCK + j)) {
                 return Err(Error::range(
                     format!("{}.data", self.name),
                     format!("a bool tensor holds {} at element {i}; expected 0 or 1", bytes[i]),
@@ -560,6 +571,43 @@ mod tests {
         let typed = view.typed::<f32>().unwrap();
         assert_eq!(typed.len(), 2);
         assert_eq!(typed[0].to_bits().to_le_bytes(), [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn check_mask_and_mask_ones_agree_with_the_plain_loops() {
+        // lengths around the block size, a bad byte (2, 255) at each place a block split could hide it,
+        // the first named where a later one follows
+        let mut seed = 0x9e37_79b9u32;
+        for len in [0usize, 1, 254, 255, 256, 509, 510, 511, 4096, 70_001] {
+            let mut bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    u8::from(seed >> 29 == 0)
+                })
+                .collect();
+            let shape = [len];
+            let meta = Meta { name: "routingMap", dtype: DType::Bool, shape: &shape, host: Some(&bytes) };
+            assert!(meta.check_mask().is_ok());
+            assert_eq!(mask_ones(&bytes), bytes.iter().filter(|&&b| b == 1).count(), "len {len}");
+            for at in [0, 253, 254, 255, 256, 509, 510, len / 2, len.saturating_sub(1)] {
+                if at >= len {
+                    continue;
+                }
+                for bad in [2u8, 255] {
+                    let mut b = bytes.clone();
+                    b[at] = bad;
+                    if at + 1 < len {
+                        b[len - 1] = 3; // a later bad byte: the first one is named
+                    }
+                    let meta = Meta { name: "routingMap", dtype: DType::Bool, shape: &shape, host: Some(&b) };
+                    let err = meta.check_mask().unwrap_err().to_string();
+                    assert_eq!(err, format!("routingMap.data: a bool tensor holds {bad} at element {at}; expected 0 or 1"));
+                }
+            }
+            bytes.clear();
+        }
+        // full blocks of ones: a block's u8 sum at its largest
+        assert_eq!(mask_ones(&[1u8; 70_001]), 70_001);
     }
 
     #[test]
