@@ -361,7 +361,7 @@ export function webgpuCases(ctx) {
   add(
     "software float64 (route's arithmetic on the GPU) equals JavaScript's numbers bit for bit: add, sub, mul, div, floor, float32 conversions, sums of float32 products, the core's exp",
     async () => {
-      const { Gpu, F64_CHECK, F64_DOT_CHECK } = await ctx.f64();
+      const { Gpu, F64_CHECK, F64_DOT_CHECK, F64_SUM_CHECK } = await ctx.f64();
       const gpu = new Gpu(await (await globalThis.navigator.gpu.requestAdapter()).requestDevice(), 'test');
       const random = rng(5);
       const n = 8192;
@@ -536,6 +536,34 @@ export function webgpuCases(ctx) {
       for (let r = 0; r < rows && badDots.length < 5; r++) if (!(Number.isNaN(want[r]) ? Number.isNaN(got[r]) : Object.is(got[r], want[r]))) badDots.push(`row ${r}: got ${got[r]}, want ${want[r]}`);
       check.deepEqual(badDots, [], 'dot');
       compared['float64 dot'] = rows;
+      // sums of float64s (normal, or zeros of either sign) from +0, as route's softmax sums its
+      // exps: exps-like values, mixed signs and magnitudes, exact cancellations, sums that tie
+      const sumRows = 512;
+      const sh = 64;
+      const terms = new Float64Array(sumRows * sh);
+      const wantSum = new Float64Array(sumRows);
+      for (let r = 0; r < sumRows; r++) {
+        const kind = r % 4;
+        for (let c = 0; c < sh; c++) {
+          let v;
+          if (kind === 0) v = Math.exp(-random() * 40);
+          else if (kind === 1) v = (random() < 0.5 ? -1 : 1) * (1 + random()) * 2 ** Math.floor(random() * 600 - 300);
+          else if (kind === 2) v = c % 2 === 1 ? -terms[r * sh + c - 1] : (random() - 0.5) * 2 ** Math.floor(random() * 40);
+          else v = c === 0 ? 1 : (1 + Math.floor(random() * 4)) * 2 ** (-53 - Math.floor(random() * 3)); // each half an ulp of 1 or near it
+          if (random() < 0.05) v = random() < 0.5 ? 0 : -0;
+          terms[r * sh + c] = v;
+        }
+        let sum = 0;
+        for (let c = 0; c < sh; c++) sum += terms[r * sh + c];
+        wantSum[r] = sum;
+      }
+      const sums = gpu.buffer('test', sumRows * 8, 'out');
+      gpu.dispatch('test', 'f64sum', F64_SUM_CHECK, [sumRows, sh], [gpu.upload('test', new Uint8Array(terms.buffer), 'a'), sums], sumRows);
+      const gotSum = new Float64Array((await gpu.read('test', sums, sumRows * 8)).buffer);
+      const badSums = [];
+      for (let r = 0; r < sumRows && badSums.length < 5; r++) if (!Object.is(gotSum[r], wantSum[r])) badSums.push(`row ${r}: got ${gotSum[r]}, want ${wantSum[r]}`);
+      check.deepEqual(badSums, [], 'sum');
+      compared['float64 sum'] = sumRows;
       gpu.device.destroy();
     },
   );
@@ -557,6 +585,38 @@ export function webgpuCases(ctx) {
       check.equal(bad, -1, `scan of ${m}: first wrong prefix ${bad} (got ${got[bad]}, want ${want[bad]})`);
       compared.scan = (compared.scan ?? 0) + 1;
     }
+    gpu.device.destroy();
+  });
+
+  add('WebGPU errors: an op that made something new rejects with its own; one that made nothing has no error scopes, and it or the next call reports them, naming the op', async () => {
+    const { Gpu, SCAN } = await ctx.f64();
+    const gpu = new Gpu(await (await globalThis.navigator.gpu.requestAdapter()).requestDevice(), 'test');
+    const a = gpu.upload('test', new Uint8Array(new Uint32Array([1, 2, 3]).buffer), 'a');
+    const scan = (op, out) => gpu.scoped(op, async () => gpu.dispatch(op, 'scan', SCAN, [3], [a, out], 256, 256));
+    const outcome = (p) =>
+      p.then(
+        () => 'ok',
+        (e) => `${e.name}: ${e.message}`,
+      );
+    const out = gpu.buffer('test', 16, 'out');
+    check.equal(await outcome(scan('first', out)), 'ok', 'first: makes its pipeline and bind group');
+    check.deepEqual([...new Uint32Array((await gpu.read('test', out, 16)).buffer)], [0, 1, 3, 6], 'first: the scan');
+    out.destroy();
+    // the same pipeline and bind group: nothing new, so no scopes; WebGPU rejects the submit (a
+    // destroyed buffer) without a scope to catch it: reported by the op itself as it ends (Dawn in
+    // Node raises it in the submit) or by the next call (Chromium raises it later), naming the op
+    const rejected = (op) => new RegExp(`^Error: ${op}: WebGPU rejected queued work \\([^]*"second"[^]*; the command buffer's label is the op that queued it\\); this is a bug in moe-dispatch$`);
+    const second = await outcome(scan('second', out));
+    await gpu.device.queue.onSubmittedWorkDone();
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    const third = await outcome(scan('third', out));
+    if (second === 'ok') check.match(third, rejected('third'), 'the next call reports it');
+    else check.match(second, rejected('second'), 'the op reports it as it ends');
+    // nothing left to report (where third ran, it reported its own); a new buffer (a new bind
+    // group: scopes), destroyed before the op, rejects that op itself
+    const out2 = gpu.buffer('test', 64, 'out2');
+    out2.destroy();
+    check.match(await outcome(scan('fourth', out2)), /^Error: fourth: WebGPU rejected the op's work \([^]*\); this is a bug in moe-dispatch$/, 'an op with scopes rejects');
     gpu.device.destroy();
   });
 
@@ -705,6 +765,17 @@ export function webgpuCases(ctx) {
     );
     for (const sf of ['sqrtsoftplus', 'sigmoid', 'softmax'])
       await same('route', await m.gpu.route(m.upload(wide), { topk: 3, scoreFunction: sf }), wasm.route(wide, { topk: 3, scoreFunction: sf }), `wide ${sf}`);
+    // logits over [-800, 800]: softmax's exps of zero (below ~-745), subnormal (rows with a logit
+    // ~708-745 below the row's maximum: the sum of the exps' other path) and normal
+    const wider = tensor(
+      'float32',
+      [40, 16],
+      Float32Array.from({ length: 640 }, () => random() * 1600 - 800),
+    );
+    // every third row: its maximum 0, one logit at -720 ... -738 (a subnormal exp), the rest in [-30, 0]
+    for (let t = 0; t < 40; t += 3) for (let e = 0; e < 16; e++) wider.data[t * 16 + e] = e === 0 ? 0 : e === 5 ? -720 - (t % 7) * 3 : -30 * random();
+    for (const sf of ['softmax', 'softmax_with_bias'])
+      await same('route', await m.gpu.route(m.upload(wider), { topk: 3, scoreFunction: sf, normTopkProb: true }), wasm.route(wider, { topk: 3, scoreFunction: sf, normTopkProb: true }), `wider ${sf}`);
     await same('zLoss', await m.gpu.zLoss(m.upload(wide)), wasm.zLoss(wide), 'wide');
     const r = wasm.route(logits, o);
     await same(

@@ -363,7 +363,8 @@ fn f_exp(x: vec2<u32>) -> vec2<u32> {
  */
 /**
  * F64_DOT's unpacked float64 sum (after F64): `Acc`, `dot_term(a, b)` (the exact product of two
- * finite float32s), `dot_add` (rounded as f_add), `acc_bits` (the float64 bits of a finite sum).
+ * finite float32s), `acc_of(x)` (a normal float64 or zero), `dot_add` (rounded as f_add),
+ * `acc_bits` (the float64 bits of a finite sum that stayed normal).
  */
 export const F64_ACC = /* wgsl */ `
 /** (-1)^s * m * 2^e, m's bit 52 set; m == 0: a zero of sign s. */
@@ -423,6 +424,12 @@ fn dot_add(a: Acc, b: Acc) -> Acc {
   if (qy >= 0x200000u) { return Acc(xs, xe + 3 - i32(lz), vec2<u32>(0u, 0x100000u)); }
   return Acc(xs, xe + 2 - i32(lz), vec2<u32>(qx, qy));
 }
+/** A normal float64 or a zero (bits), unpacked (a subnormal would need its leading one moved up: not handled). */
+fn acc_of(x: vec2<u32>) -> Acc {
+  let be = f_bexp(x);
+  if (be == 0u) { return Acc(x.y & 0x80000000u, 0, vec2<u32>(0u, 0u)); }
+  return Acc(x.y & 0x80000000u, i32(be) - 1075, vec2<u32>(x.x, (x.y & 0xfffffu) | 0x100000u));
+}
 fn acc_bits(acc: Acc) -> vec2<u32> {
   if (u_zero(acc.m)) { return vec2<u32>(0u, acc.s); }
   return vec2<u32>(acc.m.x, acc.s | (u32(acc.e + 1075) << 20u) | (acc.m.y & 0xfffffu));
@@ -461,6 +468,23 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
   let i = gid.x;
   if (i >= P[0]) { return; }
   out[i] = dot_row(i * P[1], i * P[1], P[1]);
+}
+`;
+
+/** A test harness of `F64_ACC`'s sum: `out[i]` = the float64 bits of row i of `a [rows, h]` (normal float64s or zeros) summed from +0 with `acc_of` and `dot_add`. P = [rows, h]. */
+export const F64_SUM_CHECK = `
+@group(0) @binding(0) var<storage, read> P: array<u32>;
+@group(0) @binding(1) var<storage, read> a: array<vec2<u32>>;
+@group(0) @binding(2) var<storage, read_write> out: array<vec2<u32>>;
+${F64}
+${F64_ACC}
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+  let i = gid.x;
+  if (i >= P[0]) { return; }
+  var acc = Acc(0u, 0, vec2<u32>(0u, 0u));
+  for (var c = 0u; c < P[1]; c = c + 1u) { acc = dot_add(acc, acc_of(a[i * P[1] + c])); }
+  out[i] = acc_bits(acc);
 }
 `;
 

@@ -85,6 +85,10 @@ export class Gpu {
   private readonly clears: GPUBuffer[] = [];
   private readonly steps: Step[] = [];
   private readonly deferred: GPUBuffer[] = [];
+  /** The op being queued (`scoped`): its name, and whether its error scopes are pushed (`risky`). */
+  private call: { op: string; scoped: boolean } | undefined;
+  /** The first WebGPU error that no error scope caught, reported by the next op (`alive`). */
+  private uncaptured: string | undefined;
 
   constructor(
     readonly device: GPUDevice,
@@ -96,13 +100,44 @@ export class Gpu {
     device.lost.then((info: { reason?: string; message?: string }) => {
       this.lost = `${info.reason ?? 'unknown'}${info.message ? `: ${info.message}` : ''}`;
     });
+    device.addEventListener?.('uncapturederror', (e: { error?: { message?: string }; preventDefault?: () => void }) => {
+      e.preventDefault?.();
+      this.uncaptured ??= e.error?.message ?? 'an error without a message';
+    });
   }
 
-  /** Throws if the device was lost: a lost device does nothing, and its buffers are gone. */
+  /**
+   * Throws if the device was lost (a lost device does nothing, and its buffers are gone), or if
+   * WebGPU rejected work that no error scope watched (an op that made nothing new: `risky`): its
+   * message names the op by its command buffer's label. Dawn in Node raises such an error in the
+   * submit itself (so the op that queued the work reports it as it ends), Chromium later (the next
+   * call reports it).
+   */
   alive(op: string): void {
     if (this.lost !== undefined) {
       throw new GpuError(op, `the WebGPU device was lost (${this.lost}); its tensors are gone: create a new backend with createBackend({ prefer: 'webgpu' })`);
     }
+    const rejected = this.uncaptured;
+    if (rejected !== undefined) {
+      this.uncaptured = undefined;
+      throw new GpuError(op, `WebGPU rejected queued work (${rejected}; the command buffer's label is the op that queued it); this is a bug in moe-dispatch`);
+    }
+  }
+
+  /**
+   * Before a WebGPU call that can fail for want of memory or be rejected by validation (making a
+   * buffer, a pipeline or a bind group; a large write): pushes the op's error scopes, once. An op
+   * that makes nothing new (its pipelines, bind groups and buffers all kept from earlier calls,
+   * where they were made under scopes) pushes none, and its promise settles without waiting for
+   * Dawn's events (popErrorScope is ~10 us a call on Dawn, and its promise a round of the event
+   * loop); what WebGPU rejects there (only a bug could) is reported by the next call (`alive`).
+   */
+  private risky(): void {
+    const call = this.call;
+    if (call === undefined || call.scoped) return;
+    this.device.pushErrorScope('out-of-memory');
+    this.device.pushErrorScope('validation');
+    call.scoped = true;
   }
 
   /**
@@ -127,6 +162,8 @@ export class Gpu {
   upload(op: string, bytes: Uint8Array, what: string): GPUBuffer {
     const buf = this.acquire(op, bytes.byteLength, what, false);
     if (bytes.byteLength > 0) {
+      // Dawn stages a write in memory of its own: a large one can run out
+      if (bytes.byteLength >= 65536) this.risky();
       this.transfers.toDeviceCalls++;
       this.transfers.toDeviceBytes += bytes.byteLength;
       if (bytes.byteLength % 4 === 0) this.device.queue.writeBuffer(buf, 0, bytes.buffer, bytes.byteOffset, bytes.byteLength);
@@ -162,6 +199,7 @@ export class Gpu {
       if (zero) this.clears.push(cached);
       return cached;
     }
+    this.risky();
     return this.device.createBuffer({ size: bucket, usage: STORAGE | COPY_SRC | COPY_DST | INDIRECT });
   }
 
@@ -212,7 +250,8 @@ export class Gpu {
    */
   flush(): void {
     if (!this.pending()) return;
-    const enc = this.device.createCommandEncoder();
+    // labelled by the op (WebGPU's error messages name it)
+    const enc = this.device.createCommandEncoder({ label: this.call?.op ?? 'moe-dispatch' });
     for (const b of this.clears) enc.clearBuffer(b);
     let pass: any;
     for (const step of this.steps) {
@@ -224,7 +263,7 @@ export class Gpu {
       }
       if (pass === undefined || passes.perDispatch) {
         pass?.end();
-        pass = enc.beginComputePass({ label: passes.perDispatch ? step.label : 'moe-dispatch' });
+        pass = enc.beginComputePass(passes.perDispatch ? { label: step.label } : undefined);
       }
       pass.setPipeline(step.pipeline);
       pass.setBindGroup(0, step.group);
@@ -259,7 +298,11 @@ export class Gpu {
     this.transfers.synchronizations++;
     // staging buffers of small reads (route's and topk's flags, counts) are kept, a few per size
     const reuse = size <= 65536;
-    const staging = (reuse && this.staging.get(size)?.pop()) || this.device.createBuffer({ size, usage: MAP_READ | COPY_DST });
+    let staging = reuse ? this.staging.get(size)?.pop() : undefined;
+    if (staging === undefined) {
+      this.risky();
+      staging = this.device.createBuffer({ size, usage: MAP_READ | COPY_DST });
+    }
     let ok = false;
     try {
       this.steps.push({ src: buf, dst: staging, size });
@@ -287,6 +330,7 @@ export class Gpu {
   private pipeline(key: string, code: string): any {
     let p = this.pipelines.get(key);
     if (!p) {
+      this.risky();
       const module = this.device.createShaderModule({ code, label: key });
       p = this.device.createComputePipeline({ layout: 'auto', compute: { module, entryPoint: 'main' }, label: key });
       this.pipelines.set(key, p);
@@ -351,6 +395,7 @@ export class Gpu {
     let group = this.groups.get(id);
     if (group === undefined) {
       if (this.groups.size >= 4096) this.groups.clear();
+      this.risky();
       const entries = buffers.map((buffer, binding) => ({ binding, resource: { buffer } }));
       group = this.device.createBindGroup({ layout: pipeline.getBindGroupLayout(0), entries });
       this.groups.set(id, group);
@@ -375,14 +420,15 @@ export class Gpu {
   }
 
   /**
-   * Runs `f` inside validation and out-of-memory error scopes, its work queued in one command
-   * buffer and submitted at the end (dropped if `f` throws); a WebGPU error raised meanwhile
-   * becomes an Error naming the op, and the scratch buffers it lists go back to the cache.
+   * Runs `f` as the op `op`: its work queued in one command buffer and submitted at the end
+   * (dropped if `f` throws), inside validation and out-of-memory error scopes from its first call
+   * that can fail (`risky`); a WebGPU error raised there becomes an Error naming the op, and the
+   * scratch buffers it lists go back to the cache.
    */
   async scoped<T>(op: string, f: (scratch: GPUBuffer[]) => Promise<T>): Promise<T> {
     this.alive(op);
-    this.device.pushErrorScope('out-of-memory');
-    this.device.pushErrorScope('validation');
+    const call = { op, scoped: false };
+    this.call = call;
     const scratch: GPUBuffer[] = [];
     let result: T | undefined;
     let thrown: unknown;
@@ -393,8 +439,9 @@ export class Gpu {
       thrown = e;
       this.discard();
     }
+    if (this.call === call) this.call = undefined;
     // popped in order, awaited together (one wait for Dawn's events, not two)
-    const [validation, oom] = await Promise.all([this.device.popErrorScope(), this.device.popErrorScope()]);
+    const [validation, oom] = call.scoped ? await Promise.all([this.device.popErrorScope(), this.device.popErrorScope()]) : [null, null];
     for (const b of scratch) this.release(b);
     if (thrown !== undefined) throw thrown;
     this.alive(op);

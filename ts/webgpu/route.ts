@@ -11,7 +11,7 @@
  *      expertBias bits [E]...].
  */
 import { LN } from './aux-loss.js';
-import { F64, f64Literal } from './f64.js';
+import { F64, F64_ACC, f64Literal } from './f64.js';
 import { CONVERT } from './shaders.js';
 
 /**
@@ -62,6 +62,7 @@ export const ROUTE = `
 @group(0) @binding(6) var<storage, read_write> scratch: array<u32>;
 @group(0) @binding(7) var<storage, read_write> flag: array<atomic<u32>>;
 ${ROUTE_HELPERS}
+${F64_ACC}
 
 // Phases (P[15], one dispatch each, the same shader): 0 per token: the finiteness flag and the
 // row's maximum; 1 per (token, expert): the exp; 2 per token: softmax's sum of the exps, in
@@ -93,10 +94,24 @@ fn phase1(t: u32, e: u32) {
   st64(t * P[14] + 2u * e, f_exp(arg));
 }
 
+// softmax's sum of the exps from +0, in expert order, each addition rounded as f_add: through
+// F64_ACC's unpacked sum (no unpacking and packing at each step), where every exp is a normal
+// number or zero (the sum of such stays normal: the row's maximum gives exp(0) = 1); a row with a
+// subnormal exp (a logit more than ~708 below the row's maximum) adds with f_add
 fn phase2(t: u32) {
   let base = t * P[14];
-  var sum = vec2<u32>(0u, 0u);
-  for (var e = 0u; e < P[1]; e = e + 1u) { sum = f_add(sum, ld64(base + 2u * e)); }
+  var acc = Acc(0u, 0, vec2<u32>(0u, 0u));
+  var plain = true;
+  for (var e = 0u; e < P[1]; e = e + 1u) {
+    let x = ld64(base + 2u * e);
+    if (f_bexp(x) == 0x7ffu || (f_bexp(x) == 0u && !f_iszero(x))) { plain = false; break; }
+    acc = dot_add(acc, acc_of(x));
+  }
+  var sum = acc_bits(acc);
+  if (!plain) {
+    sum = vec2<u32>(0u, 0u);
+    for (var e = 0u; e < P[1]; e = e + 1u) { sum = f_add(sum, ld64(base + 2u * e)); }
+  }
   st64(at_max(t) + 2u, sum);
 }
 
