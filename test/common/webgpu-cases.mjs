@@ -605,7 +605,8 @@ export function webgpuCases(ctx) {
     // the same pipeline and bind group: nothing new, so no scopes; WebGPU rejects the submit (a
     // destroyed buffer) without a scope to catch it: reported by the op itself as it ends (Dawn in
     // Node raises it in the submit) or by the next call (Chromium raises it later), naming the op
-    const rejected = (op) => new RegExp(`^Error: ${op}: WebGPU rejected queued work \\([^]*"second"[^]*; the command buffer's label is the op that queued it\\); this is a bug in moe-dispatch$`);
+    const rejected = (op) =>
+      new RegExp(`^Error: ${op}: WebGPU rejected queued work \\([\\s\\S]*"second"[\\s\\S]*; the command buffer's label is the op that queued it\\); this is a bug in moe-dispatch$`);
     const second = await outcome(scan('second', out));
     await gpu.device.queue.onSubmittedWorkDone();
     await new Promise((resolve) => setTimeout(resolve, 100));
@@ -616,7 +617,7 @@ export function webgpuCases(ctx) {
     // group: scopes), destroyed before the op, rejects that op itself
     const out2 = gpu.buffer('test', 64, 'out2');
     out2.destroy();
-    check.match(await outcome(scan('fourth', out2)), /^Error: fourth: WebGPU rejected the op's work \([^]*\); this is a bug in moe-dispatch$/, 'an op with scopes rejects');
+    check.match(await outcome(scan('fourth', out2)), /^Error: fourth: WebGPU rejected the op's work \([\s\S]*\); this is a bug in moe-dispatch$/, 'an op with scopes rejects');
     gpu.device.destroy();
   });
 
