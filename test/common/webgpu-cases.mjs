@@ -568,6 +568,93 @@ export function webgpuCases(ctx) {
     },
   );
 
+  add("unpermuteBackward's slot dots where an integer sum cannot decide the float32: midpoints, zeros of either sign, infinities, overflow, underflow, cancellation", async () => {
+    const m = moe;
+    const H = 70; // more columns than the fast pass's 64 threads
+    // [column, value] of each slot's token row (its gradient row is all ones but where set below)
+    const rows = [
+      [
+        [0, 1],
+        [1, 2 ** -24],
+      ], // 1 + 2^-24: a float32 midpoint (ties to even: 1)
+      [
+        [0, 1],
+        [1, 2 ** -24],
+        [2, 2 ** -60],
+      ], // above the midpoint by less than the integer sum's unit (2^-54)
+      [
+        [0, 1],
+        [1, 2 ** -24],
+        [2, 2 ** -54],
+      ], // above it by one unit: the float64 sum rounds back to it (1)
+      [
+        [0, 1],
+        [1, 2 ** -24],
+        [2, 2 ** -54],
+        [3, 2 ** -54],
+      ], // twice: each addition rounds back
+      [
+        [0, 1],
+        [1, 3 * 2 ** -25],
+      ], // 1 + 1.5 2^-24: rounds up, decided
+      [], // every product -0 (the row is -0, set below): the sum from -0 stays -0
+      [], // products +0: -0 + +0 = +0
+      [
+        [0, 1],
+        [3, 5],
+      ], // an infinity in the gradient's row (set below)
+      [[0, 2 ** 100]], // times 2^30: over float32's range
+      [[0, 2 ** -100]], // times 2^-40: a float32 subnormal
+      [
+        [0, 1],
+        [1, -1],
+        [2, 2 ** -30],
+      ], // cancellation: 2^-30 left
+      [
+        [5, 1],
+        [69, 2 ** -24],
+      ], // the midpoint's half ulp in another thread's column
+      // 32 ones, then 32's float32 midpoint, then three terms each under half a float64 ulp at 32
+      // (each rounds away): the exact sum lies 180 units of 2^-54 above the midpoint, the core's
+      // float64 sum on it (ties to even: 32); only the sequential rounding's bound keeps it undecided
+      [...Array.from({ length: 32 }, (_, c) => [c, 1]), [32, 2 ** -19], [33, 15 * 2 ** -52], [34, 15 * 2 ** -52], [35, 15 * 2 ** -52]],
+    ];
+    const random = rng(17);
+    const n = rows.length + 30;
+    for (const dtype of ['float32', 'bfloat16']) {
+      const x = new Float32Array(n * H);
+      const g = new Float32Array(n * H);
+      for (let i = 0; i < n; i++) {
+        for (let c = 0; c < H; c++) g[i * H + c] = i < rows.length ? 1 : random() * 4 - 2;
+        if (i >= rows.length) for (let c = 0; c < H; c++) x[i * H + c] = (random() - 0.5) * 2 ** Math.floor(random() * 20 - 10);
+        else for (const [c, v] of rows[i]) x[i * H + c] = v;
+      }
+      x.fill(-0, 5 * H, 6 * H);
+      g[7 * H + 3] = Number.POSITIVE_INFINITY;
+      g[8 * H] = 2 ** 30;
+      g[9 * H] = 2 ** -40;
+      const t = (values, shape) => (dtype === 'float32' ? tensor('float32', shape, values) : tensor('bfloat16', shape, Uint16Array.from(values, toBFloat16Bits)));
+      const gradOut = t(g, [n, H]);
+      const permuted = t(x, [n, H]);
+      const sorted = tensor(
+        'int32',
+        [n],
+        Int32Array.from({ length: n }, (_, i) => i),
+      );
+      const probs = tensor(
+        'float32',
+        [n],
+        Float32Array.from({ length: n }, () => 0.5),
+      );
+      await same(
+        'unpermuteBackward',
+        await m.gpu.unpermuteBackward(m.upload(gradOut), m.upload(permuted), sorted, { probs: m.upload(probs) }),
+        wasm.unpermuteBackward(gradOut, permuted, sorted, { probs }),
+        `slot dots ${dtype}`,
+      );
+    }
+  });
+
   add('the exclusive scan (SCAN: one workgroup, a run of values a thread) at every length around its split points', async () => {
     const { Gpu, SCAN } = await ctx.f64();
     const gpu = new Gpu(await (await globalThis.navigator.gpu.requestAdapter()).requestDevice(), 'test');

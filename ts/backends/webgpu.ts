@@ -22,7 +22,7 @@ import { checkTensor, isTensor, type DType, type Tensor, type TokenDType } from 
 import { Gpu, describeAdapter, navigatorGpu, type GPUBuffer } from '../webgpu/gpu.js';
 import { activationBackward as actBackward, activationCode, activationForward as actForward, activationGradProbs as actGradProbs, activationParams, type Pass } from '../webgpu/activations.js';
 import { AUX_LOSS } from '../webgpu/aux-loss.js';
-import { F64, F64_DOT } from '../webgpu/f64.js';
+import { F64, F64_ACC, F64_DOT } from '../webgpu/f64.js';
 import { COUNT_PICKS, ROUTE, ROUTE_BACKWARD } from '../webgpu/route.js';
 import * as S from '../webgpu/shaders.js';
 import { checkBool, checkNumber, INDICES, TOKENS, wire, type WireMeta } from '../wire.js';
@@ -294,8 +294,9 @@ export class OpCall {
     return t;
   }
 
-  tmp(bytes: number, what: string): GPUBuffer {
-    const b = this.gpu.buffer(this.op, bytes, what);
+  /** Scratch for the op: zeroed, or (`whole`) one whose every word the op's shaders write, not cleared first. */
+  tmp(bytes: number, what: string, whole = false): GPUBuffer {
+    const b = whole ? this.gpu.overwritten(this.op, bytes, what) : this.gpu.buffer(this.op, bytes, what);
     this.scratch.push(b);
     return b;
   }
@@ -323,7 +324,7 @@ export class OpCall {
   }
 
   /** Exclusive scan of `m` u32 values into `out`, or a new scratch `[m + 1]` buffer (one workgroup). */
-  scan(values: GPUBuffer, m: number, what: string, out = this.tmp(4 * (m + 1), what)): GPUBuffer {
+  scan(values: GPUBuffer, m: number, what: string, out = this.tmp(4 * (m + 1), what, true)): GPUBuffer {
     this.gpu.dispatch(this.op, 'scan', S.SCAN, [m], [values, out], 256, 256);
     return out;
   }
@@ -335,7 +336,7 @@ export class OpCall {
   chunkCounts(rm: GPUBuffer, t: number, e: number): { cnt: GPUBuffer; chunk: number; chunks: number } {
     const chunk = Math.max(16, Math.ceil((t * e) / 16384));
     const chunks = Math.ceil(t / chunk);
-    const cnt = this.tmp(4 * chunks * e, 'the chunk counts');
+    const cnt = this.tmp(4 * chunks * e, 'the chunk counts', true);
     this.run('chunk_count', S.CHUNK_COUNT, [t, e, chunk, chunks], [rm, cnt], chunks * e);
     return { cnt, chunk, chunks };
   }
@@ -591,11 +592,14 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         const dnp = o.dropAndPad === true;
         const cap = dnp && e > 0 ? n / e : 0;
         const rmBuf = c.buf(routingMap, 'routingMap');
-        const tpe = dnp ? c.outWith('int32', [e], new Int32Array(e).fill(cap), 'tokensPerExpert') : c.out('int32', [e], 'tokensPerExpert');
-        const sorted = c.out('int32', [n], 'sortedIndices');
-        const pprobs = probs ? c.out('float32', [n], 'permutedProbs') : undefined;
-        const probsBuf = o.probs === undefined ? c.tmp(4, 'probs') : c.buf(o.probs, 'probs');
-        const pprobsBuf = pprobs ? pprobs.bufferFor(gpu, 'pp') : c.tmp(4, 'permutedProbs');
+        // written whole by plan_fill (chunk 0's threads write the counts, where there is a token;
+        // every slot gets a token, plain or drop-and-pad): not cleared first
+        const tpe = dnp ? c.outWith('int32', [e], new Int32Array(e).fill(cap), 'tokensPerExpert') : c.out('int32', [e], 'tokensPerExpert', t > 0);
+        const sorted = c.out('int32', [n], 'sortedIndices', true);
+        const pprobs = probs ? c.out('float32', [n], 'permutedProbs', true) : undefined;
+        // stand-ins where there are no probs (plan_fill reads and writes them only with probs)
+        const probsBuf = o.probs === undefined ? c.tmp(4, 'probs', true) : c.buf(o.probs, 'probs');
+        const pprobsBuf = pprobs ? pprobs.bufferFor(gpu, 'pp') : c.tmp(4, 'permutedProbs', true);
         const { cnt, chunk, chunks } = c.chunkCounts(rmBuf, t, e);
         const off = c.scan(cnt, chunks * e, 'the plan');
         c.run('plan_fill', S.PLAN_FILL, [t, e, chunk, chunks, dnp ? 1 : 0, cap, probs ? 1 : 0], [rmBuf, off, probsBuf, sorted.bufferFor(gpu, 's'), pprobsBuf, tpe.bufferFor(gpu, 'tpe')], chunks * e);
@@ -752,7 +756,15 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         }
         const dots = dense ? undefined : c.out('float32', [n], 'gradProbs');
         const dotBuf = dots ? dots.bufferFor(gpu, 'd') : c.tmp(4 * n, 'the slot dots');
-        c.run(`slot_dot_${kind}`, S.slotDot(kind, F64 + F64_DOT), [n, h], [g, c.buf(permutedTokens, 'permutedTokens'), sorted, dotBuf], n);
+        // the slot dots: a workgroup a slot with integer sums where they decide the float32, the rest
+        // (listed) in software float64 one after another (shaders.ts slotDot)
+        const redo = c.tmp(16 + 4 * n, 'the slots to redo');
+        // threads a slot: a power of two near h / 16, up to a workgroup
+        const tpr = 2 ** Math.min(6, Math.max(0, Math.floor(Math.log2(Math.max(h, 1) / 16))));
+        const dotParams = [n, h, 61 - Math.ceil(Math.log2(Math.max(h, 1))), tpr];
+        const dotBufs = [g, c.buf(permutedTokens, 'permutedTokens'), sorted, dotBuf, redo];
+        c.run(`slot_dot_${kind}`, S.slotDot(kind, F64 + F64_ACC, 'fast'), dotParams, dotBufs, Math.ceil((n * tpr) / 64) * 64);
+        gpu.dispatchIndirect('unpermuteBackward', `slot_dot_${kind}_soft`, S.slotDot(kind, F64 + F64_DOT, 'soft'), dotParams, dotBufs, redo, `slot_dot_${kind} soft`);
         if (dots) return { gradPermuted, gradProbs: dots };
         const e = rm!.shape[1];
         const counts = c.tmp(4 * e, 'counts');

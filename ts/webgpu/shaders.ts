@@ -596,22 +596,152 @@ fn body(t: u32) {
 ${MAIN('P[0]')}`;
 
 /**
- * unpermuteBackward's per-slot dot products `dot(g[sorted[i]], x[i])`: float32 values widened,
- * multiplied and summed in (software) float64 from -0 (Rust's f64 `sum()`), rounded once.
- * P = [N, hidden]. One thread per slot. `f64` is the software float64 library with its dot
- * (f64.ts: `F64 + F64_DOT`).
+ * unpermuteBackward's per-slot dot products `dot(g[sorted[i]], x[i])` as the core computes them:
+ * float32 values widened, multiplied and summed in float64 from -0 in column order (Rust's f64
+ * `sum()`), the sum rounded once to float32. In two passes (`pass`), as the activations' F32_FAST:
+ *
+ * - `fast`: up to 64 threads a slot. The products of two float32s are exact integers (48-bit
+ *   significands) times powers of two; the threads bound the largest product's leading bit by 2^M
+ *   (from the exponents) and add every product, truncated toward zero to a multiple of 2^(M - K), in 64-bit
+ *   integers (K = 61 - ceil(log2 h): no overflow), with the sum of their magnitudes. The exact sum
+ *   then lies within h units of the integer sum, and the core's sequentially rounded float64 sum
+ *   within (h - 1) 2^-53 (1 + 2^-53)^h sum|t| < h 2^-52 sum|t| of the exact sum (recursive
+ *   summation's bound; its partial sums are multiples of 2^-298 and never subnormal). Where that
+ *   whole interval lies inside one float32 rounding cell (not touching a midpoint; a normal
+ *   float32), every value in it, the core's sum too, rounds to the same float32, which the
+ *   workgroup writes. Otherwise (a product of an infinity or NaN, an exact zero sum, a sum near a
+ *   midpoint or out of the normal float32 range) the slot goes to a list.
+ * - `soft`: dispatched from that list (its first three words), one thread a listed slot, F64_DOT's
+ *   sequential float64 sum (`f64` is the software float64 library with it: `F64 + F64_DOT`).
+ *
+ * The list `L` (`[x, y, z, n, slots...]`) is zeroed before the fast pass. P = [N, hidden, K,
+ * threads a slot (a power of two up to 64: about hidden / 16)]; the fast pass is dispatched as
+ * N * threads-a-slot threads in workgroups of 64.
+ * One thread a slot summing 1024 products one after another was latency-bound on the H200
+ * (16384 threads at T=4096, k=4: 0.59 ms).
  */
-export function slotDot(kind: Kind, f64: string): string {
-  return `${HEADER}${CONVERT}${f64}${loader('g', kind)}${loader('x', kind)}
+export function slotDot(kind: Kind, f64: string, pass: 'fast' | 'soft'): string {
+  const common = `${HEADER}${CONVERT}${f64}${loader('g', kind)}${loader('x', kind)}
 @group(0) @binding(1) var<storage, read> g: array<u32>;
 @group(0) @binding(2) var<storage, read> x: array<u32>;
 @group(0) @binding(3) var<storage, read> sorted: array<i32>;
 @group(0) @binding(4) var<storage, read_write> out: array<u32>;
 fn dot_a(i: u32) -> u32 { return bitcast<u32>(ld_g(i)); }
 fn dot_b(i: u32) -> u32 { return bitcast<u32>(ld_x(i)); }
-fn body(i: u32) {
+`;
+  if (pass === 'soft')
+    return `${common}@group(0) @binding(5) var<storage, read> L: array<u32>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+  if (gid.x >= L[3]) { return; }
+  let i = L[4u + gid.x];
   let h = P[1];
   out[i] = f_to_f32(dot_row(u32(sorted[i]) * h, i * h, h));
 }
-${MAIN('P[0]')}`;
+`;
+  return `${common}@group(0) @binding(5) var<storage, read_write> L: array<atomic<u32>>;
+var<workgroup> w_top: array<i32, 64>;
+var<workgroup> w_bad: array<u32, 64>;
+var<workgroup> w_sum: array<vec4<u32>, 64>;
+const NONE = -100000;
+/** A finite float32's significand: value = sig * 2^ex. */
+fn sig(a: u32) -> u32 { let f = a & 0x7fffffu; return select(f, f | 0x800000u, (a & 0x7f800000u) != 0u); }
+fn ex(a: u32) -> i32 { return max(i32((a >> 23u) & 0xffu), 1) - 150; }
+fn not_finite(a: u32) -> bool { return (a & 0x7f800000u) == 0x7f800000u; }
+/** a >> n, truncated (0 from n = 64 on), without branches. */
+fn shr_trunc(a: vec2<u32>, n: u32) -> vec2<u32> {
+  let m = n & 31u;
+  let hi_in = select(a.y << (32u - m), 0u, m == 0u);
+  let r = select(vec2<u32>((a.x >> m) | hi_in, a.y >> m), vec2<u32>(a.y >> m, 0u), n >= 32u);
+  return select(r, vec2<u32>(0u, 0u), n >= 64u);
+}
+/** Slot i to the soft pass's list. */
+fn defer(i: u32) {
+  let at = atomicAdd(&L[3], 1u);
+  atomicStore(&L[4u + at], i);
+  if (at % 64u == 0u) { atomicAdd(&L[0], 1u); }
+}
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) l: u32) {
+  let h = P[1];
+  let K = i32(P[2]);
+  let tpr = P[3];
+  let first = (wg.x + wg.y * nwg.x) * (64u / tpr);
+  if (first >= P[0]) { return; }
+  if (first == 0u && l == 0u) { atomicStore(&L[1], 1u); atomicStore(&L[2], 1u); }
+  let lane = l % tpr;
+  let row0 = l - lane; // the slot's first thread in the workgroup
+  let i = first + l / tpr;
+  let live = i < P[0];
+  var ia = 0u;
+  var ib = 0u;
+  if (live) { ia = u32(sorted[i]) * h; ib = i * h; }
+  // 1. a bound of the largest product's leading bit (sig < 2^24 each: the product's below
+  // 2^(ex a + ex b + 48)); whether any operand is an infinity or NaN
+  var top = NONE;
+  var bad = 0u;
+  if (live) {
+    for (var c = lane; c < h; c = c + tpr) {
+      let a = dot_a(ia + c);
+      let b = dot_b(ib + c);
+      if (not_finite(a) || not_finite(b)) { bad = 1u; }
+      if (sig(a) != 0u && sig(b) != 0u) { top = max(top, ex(a) + ex(b) + 47); }
+    }
+  }
+  w_top[l] = top;
+  w_bad[l] = bad;
+  workgroupBarrier();
+  var M = NONE;
+  var any_bad = 0u;
+  for (var j = row0; j < row0 + tpr; j = j + 1u) { M = max(M, w_top[j]); any_bad = any_bad | w_bad[j]; }
+  // 2. the products in units of 2^(M - K), truncated toward zero, summed (two's complement), and
+  // their magnitudes plus one (an upper bound of sum |t|)
+  var S = vec2<u32>(0u, 0u);
+  var A = vec2<u32>(0u, 0u);
+  if (live && any_bad == 0u && M != NONE) {
+    for (var c = lane; c < h; c = c + tpr) {
+      let a = dot_a(ia + c);
+      let b = dot_b(ib + c);
+      let s = ex(a) + ex(b) - M + K;
+      // s <= K - 47: the product (below 2^48) shifted stays below 2^(K + 1)
+      let q = dot_shl(shr_trunc(mul_wide(sig(a), sig(b)), u32(max(-s, 0))), u32(max(s, 0)));
+      S = select(u_add(S, q), u_sub(S, q), ((a ^ b) & 0x80000000u) != 0u);
+      A = u_add(A, u_add(q, vec2<u32>(1u, 0u)));
+    }
+  }
+  w_sum[l] = vec4<u32>(S, A);
+  workgroupBarrier();
+  if (!live || lane != 0u) { return; }
+  if (any_bad != 0u || M == NONE) { defer(i); return; }
+  S = vec2<u32>(0u, 0u);
+  A = vec2<u32>(0u, 0u);
+  for (var j = row0; j < row0 + tpr; j = j + 1u) { S = u_add(S, w_sum[j].xy); A = u_add(A, w_sum[j].zw); }
+  // 3. the interval's half width: R = h (truncation) + h 2^-52 A (rounding), rounded up, in units
+  let a30 = (A.x >> 30u) | (A.y << 2u);
+  if (a30 == 0xffffffffu) { defer(i); return; }
+  let R = u_add(u_shr(mul_wide(a30 + 1u, h), 22u), vec2<u32>(h + 2u, 0u));
+  let neg = (S.y & 0x80000000u) != 0u;
+  let mag = select(S, u_sub(vec2<u32>(0u, 0u), S), neg);
+  if (!u_lt(R, mag)) { defer(i); return; }
+  // 4. mag's float32 cell: its top 24 bits q, the rest rem; the whole of [mag - R, mag + R] must
+  // round the same way (strictly inside, no midpoint)
+  let lead = 63 - i32(u_clz(mag));
+  if (lead < 25) { defer(i); return; }
+  let sh = u32(lead - 23);
+  let q = u_shr(mag, sh).x;
+  let rem = u_sub(mag, u_shl(vec2<u32>(q, 0u), sh));
+  let half = u_shl(vec2<u32>(1u, 0u), sh - 1u);
+  let cell = u_shl(vec2<u32>(1u, 0u), sh);
+  var r = q;
+  if (u_lt(R, rem) && u_lt(u_add(rem, R), half)) {
+    r = q;
+  } else if (u_lt(u_add(half, R), rem) && u_lt(u_add(rem, R), cell)) {
+    r = q + 1u;
+  } else { defer(i); return; }
+  // r 2^(sh + M - K): a normal float32 of exponent lead + M - K (r = 2^24 carries into it)
+  let e = lead + M - K;
+  if (e < -126 || e > 126) { defer(i); return; }
+  out[i] = select(0u, 0x80000000u, neg) | ((u32(e + 127) << 23u) + (r - 0x800000u));
+}
+`;
 }
