@@ -25,7 +25,7 @@
 # WEBGPU_AB=REV (with WEBGPU: pack builds REV's TypeScript into dist-ab (a git worktree; the wasm and
 # native builds are this tree's), and remote runs webgpu-node.mjs and webgpu-profile.mjs on dist-ab
 # and then on dist again: webgpu-node-ab.json, webgpu-profile-ab.json, webgpu-node-2.json,
-# webgpu-profile-2.json, interleaved on one machine)
+# webgpu-profile-2.json, interleaved on one machine; bench/webgpu-ab.mjs prints them side by side into webgpu-ab.json)
 # NCU=1 (issue 19: Nsight Compute's view: the grouped GEMM kernels at the fine-grained and Mixtral-like shapes
 # (duration, SM / tensor-pipe / DRAM / L2 throughput), and every kernel of one layer forward + backward
 # (bench/actmem-gpu.mjs on cuBLAS and on the grouped GEMM), summarised by bench/ncu-summary.py into ncu.json;
@@ -80,7 +80,7 @@ pack() {
   # build (xz) and Debian's Vulkan loader, kept between packs; bench/webgpu-node.mjs and its page code
   # (the suite's test/gpu/webgpu-dawn.test.mjs and its cases, test/common/webgpu-cases.mjs, come with test/)
   if [[ -n "${WEBGPU:-}" ]]; then
-    cp bench/webgpu-node.mjs bench/webgpu-bench.mjs bench/webgpu-profile.mjs bench/dawn.mjs bench/timing.mjs "$BUNDLE/bench/"
+    cp bench/webgpu-node.mjs bench/webgpu-bench.mjs bench/webgpu-profile.mjs bench/webgpu-ab.mjs bench/dawn.mjs bench/timing.mjs "$BUNDLE/bench/"
     if [[ ! -f "$BUNDLE/webgpu/dawn.node.xz" || ! -f "$BUNDLE/webgpu/.debs-2" ]]; then
       local tmp
       tmp="$(mktemp -d)"
@@ -334,6 +334,8 @@ PY
         timeout 240 "$node" "$BUNDLE/bench/webgpu-node.mjs" --webgpu "$BUNDLE/webgpu/package" --dist "$BUNDLE/${run#*:}" --out "$OUT/webgpu-node-${run%%:*}.json"; echo "  exit code $?"
         timeout 240 "$node" "$BUNDLE/bench/webgpu-profile.mjs" --webgpu "$BUNDLE/webgpu/package" --dist "$BUNDLE/${run#*:}" --out "$OUT/webgpu-profile-${run%%:*}.json"; echo "  exit code $?"
       done
+      say "webgpu A/B side by side (bench/webgpu-ab.mjs: REV | this tree | again; webgpu-ab.json)"
+      "$node" "$BUNDLE/bench/webgpu-ab.mjs" --dir "$OUT" --out "$OUT/webgpu-ab.json"; echo "  exit code $?"
     fi
   fi
   if [[ -n "${GGEMM:-}" ]]; then
