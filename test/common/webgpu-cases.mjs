@@ -198,6 +198,13 @@ export function webgpuCases(ctx) {
           wasm.unpermute(permuted, want.sortedIndices, [T, H], { probs: want.permutedProbs }),
           'slot probs',
         );
+        // host sortedIndices and probs: checked by the core's check function on their values
+        await same(
+          'unpermute',
+          await m.gpu.unpermute(up(permuted), want.sortedIndices, [T, H], { probs: want.permutedProbs }),
+          wasm.unpermute(permuted, want.sortedIndices, [T, H], { probs: want.permutedProbs }),
+          'host sortedIndices',
+        );
         await same(
           'unpermute',
           await m.gpu.unpermute(permuted, up(want.sortedIndices), [T, H], { probs: up(probs), routingMap: up(routingMap) }),
@@ -1081,6 +1088,21 @@ export function webgpuCases(ctx) {
         'unpermute: index out of range',
         () => m.gpu.unpermute(m.upload(t), tensor('int32', [3], new Int32Array([0, 5, 1])), [3, 2]),
         () => wasm.unpermute(t, tensor('int32', [3], new Int32Array([0, 5, 1])), [3, 2]),
+      ],
+      [
+        'unpermute: negative index',
+        () => m.gpu.unpermute(m.upload(t), tensor('int32', [3], new Int32Array([0, -1, 1])), [3, 2], { probs: tensor('float32', [3], new Float32Array(3)) }),
+        () => wasm.unpermute(t, tensor('int32', [3], new Int32Array([0, -1, 1])), [3, 2], { probs: tensor('float32', [3], new Float32Array(3)) }),
+      ],
+      [
+        'unpermute: int64 index out of range',
+        () => m.gpu.unpermute(m.upload(t), tensor('int64', [3], new BigInt64Array([0n, 3n, 1n])), [3, 2]),
+        () => wasm.unpermute(t, tensor('int64', [3], new BigInt64Array([0n, 3n, 1n])), [3, 2]),
+      ],
+      [
+        'unpermute: probs length',
+        () => m.gpu.unpermute(m.upload(t), tensor('int32', [3], new Int32Array([0, 1, 1])), [3, 2], { probs: m.upload(tensor('float32', [2], new Float32Array(2))) }),
+        () => wasm.unpermute(t, tensor('int32', [3], new Int32Array([0, 1, 1])), [3, 2], { probs: tensor('float32', [2], new Float32Array(2)) }),
       ],
       [
         'unpermute: hidden differs',
