@@ -315,11 +315,12 @@ export class OpCall {
    * A shader of items (ts/webgpu/activations.ts `itemMain`) in its two passes: `fast(pass)` over
    * every item, then its software float64 twin over the items the fast pass could not decide,
    * dispatched from the list the fast pass wrote (no workgroups where it decided them all).
+   * `threads`: the fast pass's invocations, where it does not run one an item.
    */
-  runItems(key: string, shader: (pass: Pass) => string, params: number[], buffers: GPUBuffer[], items: number, label = key): void {
+  runItems(key: string, shader: (pass: Pass) => string, params: number[], buffers: GPUBuffer[], items: number, label = key, threads = items): void {
     if (items === 0) return;
     const list = this.tmp(16 + 4 * items, 'the items to redo');
-    this.run(key, shader('fast'), params, [...buffers, list], items, label);
+    this.run(key, shader('fast'), params, [...buffers, list], threads, label);
     this.gpu.dispatchIndirect(this.op, `${key}_soft`, shader('soft'), params, [...buffers, list], list, `${label} soft`);
   }
 
@@ -627,21 +628,13 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         const dropAndPad = checkBool(o.dropAndPad, 'dropAndPad');
         let probs: Meta | undefined;
         let rm: Tensor<'bool'> | undefined;
-        if (vouched && (o.routingMap === undefined || o.routingMap === null)) {
-          // the core's checks on dtypes and shapes: no values of these inputs are checked
+        if (o.routingMap === undefined || o.routingMap === null) {
+          // no routing map: the core's check function is all the op checks, on sortedIndices' values
+          // unless this backend's permute vouches for them, probs by dtype and shape (not the op on
+          // stand-ins: 0.38 -> ~0.05 ms of wasm for 16384 host indices on Dawn over SwiftShader)
           probs = o.probs === undefined || o.probs === null ? undefined : c.meta(o.probs, 'probs', ['float32']);
-          const siMeta = c.meta(sortedIndices, 'sortedIndices', INDICES);
-          const checked = c.validate(() => checks.checkUnpermute({ restoreShape: rs, permutedTokens: shapeOf(pm), sortedIndices: shapeOf(siMeta), probs: probs && shapeOf(probs), dropAndPad }));
-          if (checked === HOST) return HOST;
-        } else if (o.routingMap === undefined || o.routingMap === null) {
-          // no routing map: the core's check function on sortedIndices' values is all the op checks
-          // (probs by dtype and shape), without running the op on stand-ins (0.38 -> ~0.05 ms of
-          // wasm for 16384 host indices on Dawn over SwiftShader)
-          probs = o.probs === undefined || o.probs === null ? undefined : c.meta(o.probs, 'probs', ['float32']);
-          const si = await c.host(sortedIndices, 'sortedIndices', INDICES);
-          const checked = c.validate(() =>
-            checks.checkUnpermute({ restoreShape: rs, permutedTokens: shapeOf(pm), sortedIndices: wire(si, 'sortedIndices'), probs: probs && shapeOf(probs), dropAndPad }),
-          );
+          const si = await c.checkArg(sortedIndices, 'sortedIndices', INDICES, !vouched);
+          const checked = c.validate(() => checks.checkUnpermute({ restoreShape: rs, permutedTokens: shapeOf(pm), sortedIndices: metaArg(si), probs: probs && shapeOf(probs), dropAndPad }));
           if (checked === HOST) return HOST;
         } else {
           // the op itself on the inputs' values (zeros stand in for probs, and for vouched-for indices
@@ -766,15 +759,12 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         }
         const dots = dense ? undefined : c.out('float32', [n], 'gradProbs');
         const dotBuf = dots ? dots.bufferFor(gpu, 'd') : c.tmp(4 * n, 'the slot dots');
-        // the slot dots: a workgroup a slot with integer sums where they decide the float32, the rest
-        // (listed) in software float64 one after another (shaders.ts slotDot)
-        const redo = c.tmp(16 + 4 * n, 'the slots to redo');
-        // threads a slot: a power of two near h / 16, up to a workgroup
+        // the slot dots: up to 64 threads a slot (a power of two near h / 16) with integer sums
+        // where they decide the float32, the rest in software float64 (shaders.ts slotDot)
         const tpr = 2 ** Math.min(6, Math.max(0, Math.floor(Math.log2(Math.max(h, 1) / 16))));
+        const dotShader = (pass: Pass) => S.slotDot(kind, pass === 'fast' ? F64 + F64_ACC : F64 + F64_DOT, pass);
         const dotParams = [n, h, 61 - Math.ceil(Math.log2(Math.max(h, 1))), tpr];
-        const dotBufs = [g, c.buf(permutedTokens, 'permutedTokens'), sorted, dotBuf, redo];
-        c.run(`slot_dot_${kind}`, S.slotDot(kind, F64 + F64_ACC, 'fast'), dotParams, dotBufs, Math.ceil((n * tpr) / 64) * 64);
-        gpu.dispatchIndirect('unpermuteBackward', `slot_dot_${kind}_soft`, S.slotDot(kind, F64 + F64_DOT, 'soft'), dotParams, dotBufs, redo, `slot_dot_${kind} soft`);
+        c.runItems(`slot_dot_${kind}`, dotShader, dotParams, [g, c.buf(permutedTokens, 'permutedTokens'), sorted, dotBuf], n, undefined, n * tpr);
         if (dots) return { gradPermuted, gradProbs: dots };
         const e = rm!.shape[1];
         const counts = c.tmp(4 * e, 'counts');

@@ -349,19 +349,6 @@ fn f_exp(x: vec2<u32>) -> vec2<u32> {
 `;
 
 /**
- * Sums of float32 products in float64 as the core computes them (`a as f64 * b as f64`, summed in
- * order from -0 by Rust's f64 `sum()`): `fn dot_row(ia, ib, h) -> vec2<u32>`, the float64 bits of
- * the sum over c < h of `dot_a(ia + c) * dot_b(ib + c)`, which the including shader defines (the
- * float32 bits of its operands). Fast: the product of two finite float32s is exact in float64 (48
- * significant bits), so a term is its integer significand (one `mul_wide`) and exponent, with
- * nothing to round; the partial sum stays unpacked (`Acc`: sign, exponent, 53-bit significand)
- * between additions, and each addition aligns, adds and rounds to nearest even once, as `f_add`
- * (same guard bits, same sticky bit: the same bits). Finite products lie in [2^-298, 2^256] and
- * their partial sums are multiples of 2^-298 below 2^266 for any practical length, so no float64
- * subnormal, overflow, infinity or NaN can occur and none is handled: a row holding an infinity
- * or a NaN is summed again by `f_mul` / `f_add`.
- */
-/**
  * F64_DOT's unpacked float64 sum (after F64): `Acc`, `dot_term(a, b)` (the exact product of two
  * finite float32s), `acc_of(x)` (a normal float64 or zero), `dot_add` (rounded as f_add),
  * `acc_bits` (the float64 bits of a finite sum that stayed normal).
@@ -436,6 +423,19 @@ fn acc_bits(acc: Acc) -> vec2<u32> {
 }
 `;
 
+/**
+ * Sums of float32 products in float64 as the core computes them (`a as f64 * b as f64`, summed in
+ * order from -0 by Rust's f64 `sum()`): `fn dot_row(ia, ib, h) -> vec2<u32>`, the float64 bits of
+ * the sum over c < h of `dot_a(ia + c) * dot_b(ib + c)`, which the including shader defines (the
+ * float32 bits of its operands). Fast: the product of two finite float32s is exact in float64 (48
+ * significant bits), so a term is its integer significand (one `mul_wide`) and exponent, with
+ * nothing to round; the partial sum stays unpacked (`Acc`: sign, exponent, 53-bit significand)
+ * between additions, and each addition aligns, adds and rounds to nearest even once, as `f_add`
+ * (same guard bits, same sticky bit: the same bits). Finite products lie in [2^-298, 2^256] and
+ * their partial sums are multiples of 2^-298 below 2^266 for any practical length, so no float64
+ * subnormal, overflow, infinity or NaN can occur and none is handled: a row holding an infinity
+ * or a NaN is summed again by `f_mul` / `f_add`.
+ */
 export const F64_DOT = /* wgsl */ `${F64_ACC}
 fn dot_row(ia: u32, ib: u32, h: u32) -> vec2<u32> {
   var acc = Acc(0x80000000u, 0, vec2<u32>(0u, 0u));
