@@ -831,6 +831,136 @@ export function webgpuCases(ctx) {
     gpu.device.destroy();
   });
 
+  add("route's fast pass helpers: exp_diff within 2^-47 + 2^-48.4 of the core's exp (its margins' premise), recip64 exact", async () => {
+    const { Gpu, FIXED_CHECK } = await ctx.f64();
+    const gpu = new Gpu(await (await globalThis.navigator.gpu.requestAdapter()).requestDevice(), 'test');
+    const random = rng(19);
+    const n = 32768;
+    const a = new Float32Array(n);
+    const b = new Float32Array(n);
+    // (x, max) with x - max in [-700, 0] and exact in float64 (route's softmax arguments: maxima
+    // of every magnitude, differences from 0 to 700, ties, tiny logits, zeros), and (0, x) with x
+    // in [-37, 104] (sigmoid's e^-x)
+    const EDGES = [
+      [0, 0],
+      [3, 3],
+      [-0, 0],
+      [0, -0],
+      [-700, 0],
+      [0, 700],
+      [1e-30, 0],
+      [0, 1e-30],
+      [2 ** -149, 0],
+      [0, -37],
+      [0, 104],
+      [0, 2 ** -60],
+    ];
+    const exact = (x, m) => {
+      const ex = Math.max((new Uint32Array(new Float32Array([x]).buffer)[0] >>> 23) & 0xff, 1);
+      const em = Math.max((new Uint32Array(new Float32Array([m]).buffer)[0] >>> 23) & 0xff, 1);
+      return x === 0 || m === 0 || Math.abs(ex - em) <= 28;
+    };
+    for (let i = 0; i < n; i++) {
+      if (i < EDGES.length) [a[i], b[i]] = EDGES[i];
+      else if (i % 4 === 3) {
+        a[i] = 0;
+        b[i] = random() * 141 - 104;
+      } else {
+        const mx = (random() < 0.5 ? -1 : 1) * random() * 2 ** Math.floor(random() * 60 - 30);
+        const d = i % 4 === 0 ? random() * 700 : i % 4 === 1 ? random() * 20 : random() * 2 ** -Math.floor(random() * 40);
+        a[i] = mx - d;
+        b[i] = mx;
+        if (!(a[i] - b[i] >= -700 && a[i] - b[i] <= 0) || !exact(a[i], b[i])) [a[i], b[i]] = [0, 0];
+      }
+    }
+    const out = gpu.buffer('test', 8 * n, 'out');
+    gpu.dispatch('test', 'fixed', FIXED_CHECK, [n, 0], [gpu.upload('test', new Uint8Array(a.buffer), 'a'), gpu.upload('test', new Uint8Array(b.buffer), 'b'), out], n);
+    const got = new Float64Array((await gpu.read('test', out, 8 * n)).buffer);
+    let worst = 0;
+    const bad = [];
+    for (let i = 0; i < n; i++) {
+      const want = coreExpOf(a[i] - b[i]);
+      const err = Math.abs(got[i] - want) / want;
+      worst = Math.max(worst, err);
+      if (!(err <= 2 ** -47 + 2 ** -48.4) && bad.length < 5) bad.push(`e^(${a[i]} - ${b[i]}): ${got[i]}, the core's ${want}`);
+      if (a[i] === b[i] && got[i] !== 1) bad.push(`e^(${a[i]} - ${b[i]}): ${got[i]}, not 1`);
+    }
+    check.deepEqual(bad, [], `exp_diff (largest relative difference 2^${Math.log2(worst).toFixed(2)})`);
+    // recip64: floor((2^127 - 1) / s) for s in [2^63, 2^64)
+    const S = [1n << 63n, (1n << 64n) - 1n, (1n << 63n) + 1n, 0xc000000000000000n];
+    const words = new Uint32Array(2 * 4096);
+    for (let i = 0; i < 4096; i++) {
+      const s = i < S.length ? S[i] : (1n << 63n) | (BigInt(Math.floor(random() * 2 ** 31)) << 32n) | BigInt(Math.floor(random() * 2 ** 32));
+      words[2 * i] = Number(s & 0xffffffffn);
+      words[2 * i + 1] = Number(s >> 32n);
+    }
+    const rout = gpu.buffer('test', 8 * 4096, 'rout');
+    gpu.dispatch('test', 'fixed', FIXED_CHECK, [4096, 1], [gpu.upload('test', new Uint8Array(words.buffer), 'a'), gpu.buffer('test', 4, 'b'), rout], 4096);
+    const r = new Uint32Array((await gpu.read('test', rout, 8 * 4096)).buffer);
+    for (let i = 0; i < 4096; i++) {
+      const s = (BigInt(words[2 * i + 1]) << 32n) | BigInt(words[2 * i]);
+      const q = (BigInt(r[2 * i + 1]) << 32n) | BigInt(r[2 * i]);
+      if (q !== ((1n << 127n) - 1n) / s) check.fail(`recip64(0x${s.toString(16)}): 0x${q.toString(16)}`);
+    }
+    compared['route exp_diff'] = n;
+    gpu.device.destroy();
+  });
+
+  add(
+    "route's fast pass leaves what it cannot decide to the exact pass: values at float32 rounding boundaries, arguments the core rounds, tiny, subnormal and vanishing scores; every score function, against wasm",
+    async () => {
+      const m = moe;
+      const E = 8;
+      // logits d of softmax rows [0, d] (and sigmoid logits -d, x) whose scores lie 2^-46 to 2^-49
+      // (relative) from a float32 rounding boundary (a search over 120 million float32s): the fast
+      // pass must list their rows, and the exact pass redo them
+      const SOFTMAX_HARD = [-14.30414867401123, -1.694751501083374, -3.8027923107147217, -3.0136024951934814, -1.4276520013809204, -11.226107597351074, -7.006398677825928, -2.1995151042938232];
+      const SIGMOID_HARD = [
+        12.93422794342041, 6.5670552253723145, -3.9563188552856445, 11.295580863952637, 9.432418823242188, -2.4310600757598877, -13.429439544677734, 11.57609748840332, -6.262207508087158,
+        -10.262598037719727, 2.735440731048584, -3.5932509899139404, 9.702535629272461, -21.050569534301758,
+      ];
+      // the other exps of these rows are 0 or below 2^-1000 (no change to any sum): a score and a weight of each row are hard
+      const rows = SOFTMAX_HARD.map((d) => [0, d, -1000, -720, -760, -2000, -900, -3000]);
+      for (const x of [...SIGMOID_HARD, ...SOFTMAX_HARD.map((d) => -d)]) rows.push([x, 0, 1, -1, 2.5, -2.5, 4, -4]);
+      rows.push(
+        // arguments x - max that the core rounds (exponents more than 28 apart, neither zero)
+        [2.5, 1e-12, -1e-15, 0, -0, 3e-9, -2.5, 1],
+        [0, 1e-30, -1e-30, 2 ** -149, -(2 ** -140), 0, -0, 1e-38],
+        // softmax scores below float32's normal range (logits 87 to 104 below the max), around 2^-150, vanishing
+        [0, -88, -95, -103.5, -103.9, -104.1, -110, -150],
+        [0, -699, -700.5, -701, -708, -709, -745, -746],
+        // sigmoid's ends: 1 above 37, subnormal scores below -87, +0 below -104
+        [36.9, 37, 37.1, 40, -87.5, -95, -104.5, -200],
+      );
+      const random = rng(23);
+      while (rows.length < 64) rows.push(Array.from({ length: E }, () => (random() * 2 - 1) * 2 ** Math.floor(random() * 8)));
+      const logits = tensor('float32', [rows.length, E], Float32Array.from(rows.flat()));
+      const expertBias = tensor(
+        'float32',
+        [E],
+        Float32Array.from({ length: E }, () => random() - 0.5),
+      );
+      const options = [
+        { topk: 2 },
+        { topk: 2, softmaxBeforeTopk: true },
+        { topk: 3, normTopkProb: true, routeScale: 2.5 },
+        { topk: 2, scoreFunction: 'sigmoid' },
+        { topk: 3, scoreFunction: 'sigmoid', normTopkProb: true },
+        { topk: 2, scoreFunction: 'softmax_with_bias', expertBias },
+        { topk: 2, scoreFunction: 'sigmoid_with_bias', expertBias, numGroups: 4, topkGroups: 2 },
+      ];
+      for (const o of options) await same('route', await m.gpu.route(m.upload(logits), o), wasm.route(logits, o), `${o.scoreFunction ?? 'softmax'} ${Object.keys(o).join(',')}`);
+      // a wide row's margins (E = 300: its sum's rounding bound), logits of either scale
+      const wide = tensor(
+        'float32',
+        [24, 300],
+        Float32Array.from({ length: 7200 }, (_, i) => (random() * 2 - 1) * (i % 3 === 0 ? 40 : 4)),
+      );
+      for (const sf of ['softmax', 'sigmoid'])
+        await same('route', await m.gpu.route(m.upload(wide), { topk: 6, scoreFunction: sf }), wasm.route(wide, { topk: 6, scoreFunction: sf }), `E = 300 ${sf}`);
+    },
+  );
+
   add('ops without a shader run on wasm inside (dropTokens) with webgpu tensors; route and losses on wide logits', async () => {
     const m = moe;
     const random = rng(77);

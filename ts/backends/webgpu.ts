@@ -23,7 +23,7 @@ import { Gpu, describeAdapter, navigatorGpu, type GPUBuffer } from '../webgpu/gp
 import { activationBackward as actBackward, activationCode, activationForward as actForward, activationGradProbs as actGradProbs, activationParams, type Pass } from '../webgpu/activations.js';
 import { AUX_LOSS } from '../webgpu/aux-loss.js';
 import { F64, F64_ACC, F64_DOT } from '../webgpu/f64.js';
-import { COUNT_PICKS, ROUTE, ROUTE_BACKWARD } from '../webgpu/route.js';
+import { COUNT_PICKS, ROUTE, ROUTE_BACKWARD, ROUTE_FAST, ROUTE_FAST_SIGMOID, routeMargins } from '../webgpu/route.js';
 import * as S from '../webgpu/shaders.js';
 import { checkBool, checkNumber, INDICES, TOKENS, wire, type WireMeta } from '../wire.js';
 import { loadWasm, type WasmSource } from './wasm.js';
@@ -845,8 +845,10 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         const top2 = sf !== 'sigmoid' || bias !== undefined;
         const normalise = o.normTopkProb === true && k > 1;
         const rs = new Uint32Array(new Float64Array([(o.routeScale as number | undefined) ?? 1]).buffer);
-        // exps [2e], keys [e], group keys [e], weights [2k], the row's max and softmax's sum [2 + 2] (ts/webgpu/route.ts)
-        const stride = 4 * e + 2 * k + 4;
+        // softmax and sigmoid: the fast pass, then the exact pass over the rows it listed; sqrtsoftplus: the exact pass
+        const margins = code === 4 ? undefined : routeMargins(e, k);
+        // exps [2e], keys [e], group keys [e], weights [2k], the row's max, softmax's sum and its reciprocal [2 + 2 + 2], the max's float32 bits (ts/webgpu/route.ts)
+        const stride = 4 * e + 2 * k + 7;
         const biasBits = bias ? Array.from(new Uint32Array((bias.data as Float32Array).slice().buffer)) : [];
         const params = [
           t,
@@ -865,6 +867,9 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
           DTYPE_CODES[lm.dtype],
           stride,
           0,
+          margins ? 1 : 0,
+          margins?.[0] ?? 0,
+          margins?.[1] ?? 0,
           ...biasBits,
         ];
         const scores = c.out('float32', [t, e], 'scores');
@@ -872,17 +877,43 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         const weights = c.out('float32', [t, k], 'weights');
         const tpe = c.out('int32', [e], 'tokensPerExpert');
         const scratch = c.tmp(4 * stride * t, 'route scratch');
-        const flag = c.tmp(4, 'the non-finite flag');
+        // the non-finite flag, then the rows the fast pass leaves to the exact pass:
+        // [flag, 0, 0, 0, workgroups x, y, z, n, workgroups x, y, z, 0, rows [t], marks [t]]
+        const flag = c.tmp(margins ? 4 * (12 + 2 * t) : 4, 'the non-finite flag and the rows to redo');
         const maskBuf = o.tokenMask === undefined || o.tokenMask === null ? c.tmp(4, 'tokenMask') : c.buf(o.tokenMask, 'tokenMask');
         const bufs = [c.buf(logits, 'logits'), maskBuf, scores.bufferFor(gpu, 's'), indices.bufferFor(gpu, 'i'), weights.bufferFor(gpu, 'w'), scratch, flag];
-        // the phases of the route shader: per token, per (token, expert), per token (softmax's sum), per (token, expert), per token
+        const softmax = code === 0 || code === 2;
+        const [shader, key] = !margins ? [ROUTE, 'route'] : softmax ? [ROUTE_FAST, 'route_fast'] : [ROUTE_FAST_SIGMOID, 'route_fast_sigmoid'];
+        // the phases of the route shader: per token, per (token, expert), per token (softmax's sum), per (token, expert), per token.
+        // Phase 0 sets the non-finite flag: it is submitted with the flag's read-back, and the
+        // other phases after it, so the op learns the flag (and settles) while they run
+        let flagRead: Promise<Uint8Array> | undefined;
         for (const [phase, threads] of routePhases(5, t, e)) {
-          if (phase === 2 && code !== 0 && code !== 2) continue;
+          if (phase === 2 && !softmax) continue;
           params[15] = phase;
-          c.run('route', ROUTE, params, bufs, threads, `route phase ${phase}`);
+          // (phase 0 is a fast shader's: the exact one only reads the flag's buffer)
+          if (phase === 0 && !margins) c.run('route_fast', ROUTE_FAST, params, bufs, threads, 'route phase 0');
+          else c.run(key, shader, params, bufs, threads, `route phase ${phase}`);
+          if (phase === 0 && t > 0) {
+            flagRead = gpu.read('route', flag, 4);
+            // (awaited below; a failure before that must not surface as an unhandled rejection)
+            flagRead.catch(() => {});
+          }
+        }
+        if (margins) {
+          // the list's workgroup counts, then the listed rows again, exactly (no workgroups where there are none)
+          params[15] = 5;
+          c.run(key, shader, params, bufs, 1, 'route phase 5');
+          params[16] = 2;
+          for (const phase of [1, 2, 3, 4]) {
+            if (phase === 2 && !softmax) continue;
+            params[15] = phase;
+            gpu.dispatchIndirect('route', 'route', ROUTE, params, bufs, flag, `route phase ${phase} exact`, phase % 2 === 1 ? 16 : 32);
+          }
         }
         c.run('count_picks', COUNT_PICKS, [t * k, e], [indices.bufferFor(gpu, 'i'), tpe.bufferFor(gpu, 'c')], t * k);
-        if (t > 0 && new Uint32Array((await gpu.read('route', flag, 4)).buffer)[0] !== 0) {
+        gpu.flush();
+        if (flagRead && new Uint32Array((await flagRead).buffer)[0] !== 0) {
           for (const x of [scores, indices, weights, tpe]) x.dispose();
           return HOST;
         }

@@ -631,23 +631,30 @@ fn div3_64(a: vec2<u32>) -> vec2<u32> {
   let v3 = ((v2 - 3u * d2) << 16u) | (a.x & 0xffffu); let d3 = v3 / 3u;
   return vec2<u32>((d2 << 16u) | d3, (d0 << 16u) | d1);
 }
-/** (the float32 bits of e^x, 0) where the fast path decides; (0, 1) where it cannot. */
-fn expf_fast(x: f32) -> vec2<u32> {
-  if (!(x >= -87.0 && x <= 88.0)) { return vec2<u32>(0u, 1u); }
-  let b = bitcast<u32>(x);
+/**
+ * The float32 with bits b times 2^64, modulo 2^64 (two's complement), truncated toward zero
+ * below 2^-64: a value's fraction in 64-bit fixed point (its integer part drops out, which the
+ * exp reductions below allow: only the remainder r, below 1/2 in magnitude, is kept).
+ */
+fn fix64(b: u32) -> vec2<u32> {
   let be = i32((b >> 23u) & 0xffu);
-  if (be < 127 - 26) { return vec2<u32>(0x3f800000u, 0u); }
-  let k = i32(round(x * 92.33248261689366));
-  // x 2^64 modulo 2^64 (exact: x's lowest bit is at 2^-49 or above), minus k ln2/64
-  let mant = vec2<u32>((b & 0x7fffffu) | 0x800000u, 0u);
-  let X = u_shl(mant, u32(be - 127 + 64 - 23));
-  let ak = u32(abs(k));
-  let kc_lo = mul_wide(ak, EXP_C.x);
-  let KC = vec2<u32>(kc_lo.x, kc_lo.y + ak * EXP_C.y);
-  // R = (+-X) - (+-KC), taken modulo 2^64: the true value is below 2^58 in magnitude
-  var R = X;
-  if ((b >> 31u) == 1u) { R = u_sub(vec2<u32>(0u, 0u), X); }
-  if (k < 0) { R = u_add(R, KC); } else { R = u_sub(R, KC); }
+  var mant = b & 0x7fffffu;
+  if (be != 0) { mant = mant | 0x800000u; }
+  let sh = max(be, 1) - 86;
+  var X = u_shr(vec2<u32>(mant, 0u), u32(max(-sh, 0)));
+  if (sh > 0) { X = u_shl(vec2<u32>(mant, 0u), u32(sh)); }
+  if ((b >> 31u) == 1u) { X = u_sub(vec2<u32>(0u, 0u), X); }
+  return X;
+}
+/**
+ * 2^(j/64) e^r for j = k & 63 and r = R 2^-64 (R: X - k ln2/64 in 64-bit fixed point, modulo
+ * 2^64, |r| <= ln2/128 + 2^-14): Y with 63 fraction bits, in [0.99, 2) (its leading one at bit
+ * 63 or 62); the exp is Y 2^(k >> 6) 2^-63. e^r - 1 = r + r^2/2 + r^3/6 in fixed point and
+ * r^4/24 + r^5/120 in float32 (their error below 2^-55; the terms left out below 2^-54), 2^(j/64)
+ * from a table rounded to 2^-64: relative error below 2^-51 (the reduction's own error, |k|
+ * times the rounding of ln2/64, is the caller's).
+ */
+fn exp_reduced(R: vec2<u32>, k: i32) -> vec2<u32> {
   let neg = (R.y >> 31u) == 1u;
   var aR = R;
   if (neg) { aR = u_sub(vec2<u32>(0u, 0u), R); }
@@ -662,23 +669,88 @@ fn expf_fast(x: f32) -> vec2<u32> {
   var A = u_add(u_add(u_add(aR, R2), R3), vec2<u32>(QE + QO, 0u));
   if (neg) { A = u_sub(u_add(u_add(aR, R3), vec2<u32>(QO, 0u)), u_add(R2, vec2<u32>(QE, 0u))); }
   let T = EXP_T[u32(k & 63)];
-  let m = k >> 6u;
-  var Y = u_add(T, mul_hi64(T, A));
-  if (neg) { Y = u_sub(T, mul_hi64(T, A)); }
-  // Y = 2^(j/64) e^r with 63 fraction bits, in [0.99, 2): its leading one at bit 63 or 62
-  var lead = 62u;
-  if ((Y.y >> 31u) == 1u) { lead = 63u; }
+  if (neg) { return u_sub(T, mul_hi64(T, A)); }
+  return u_add(T, mul_hi64(T, A));
+}
+/** X - k ln2/64 modulo 2^64 (X: a value in fix64's form): exp_reduced's R. */
+fn exp_reduce(X: vec2<u32>, k: i32) -> vec2<u32> {
+  let ak = u32(abs(k));
+  let kc_lo = mul_wide(ak, EXP_C.x);
+  let KC = vec2<u32>(kc_lo.x, kc_lo.y + ak * EXP_C.y);
+  if (k < 0) { return u_add(X, KC); }
+  return u_sub(X, KC);
+}
+/**
+ * The value Y 2^(e - 63) (Y not zero, its leading one at bit 62 or above) rounded to float32
+ * (nearest, ties to even): (its bits, 0) where that is a normal float32 and Y lies more than
+ * 2^(lead - mu) from the rounding boundary (a relative margin of 2^-mu to 2^-(mu + 1)); (0, 1)
+ * where it cannot decide.
+ */
+fn round_fixed(Y: vec2<u32>, e: i32, mu: u32) -> vec2<u32> {
+  let lead = 63u - u_clz(Y);
   let D = lead - 23u;
   let rem = vec2<u32>(Y.x, Y.y & ((1u << (D - 32u)) - 1u));
   let half = vec2<u32>(0u, 1u << (D - 33u));
   var dist = u_sub(half, rem);
   if (!u_lt(rem, half)) { dist = u_sub(rem, half); }
-  if (dist.y == 0u && dist.x <= (1u << (lead - 45u))) { return vec2<u32>(0u, 1u); }
+  if (dist.y == 0u && dist.x <= (1u << (lead - mu))) { return vec2<u32>(0u, 1u); }
   var q = u_shr(Y, D).x;
   if (u_lt(half, rem)) { q = q + 1u; }
-  var e = i32(lead) - 63 + m + 127;
-  if (q == 0x1000000u) { q = 0x800000u; e = e + 1; }
-  return vec2<u32>((u32(e) << 23u) | (q & 0x7fffffu), 0u);
+  var be = i32(lead) - 63 + e + 127;
+  if (q == 0x1000000u) { q = 0x800000u; be = be + 1; }
+  if (be < 1 || be > 254) { return vec2<u32>(0u, 1u); }
+  return vec2<u32>((u32(be) << 23u) | (q & 0x7fffffu), 0u);
+}
+/** floor((2^127 - 1) / s) for s in [2^63, 2^64): 1 / s with 64 fraction bits, by long division. */
+fn recip64(s: vec2<u32>) -> vec2<u32> {
+  // the dividend's bits above the quotient's (2^63 - 1), then its 64 lower bits (all ones)
+  var rem = vec2<u32>(0xffffffffu, 0x7fffffffu);
+  var q = vec2<u32>(0u, 0u);
+  for (var i = 0u; i < 64u; i = i + 1u) {
+    let top = (rem.y >> 31u) == 1u;
+    rem = vec2<u32>((rem.x << 1u) | 1u, (rem.y << 1u) | (rem.x >> 31u));
+    q = vec2<u32>(q.x << 1u, (q.y << 1u) | (q.x >> 31u));
+    // (a remainder that overflowed 64 bits is above s; the difference, below s, is right modulo 2^64)
+    if (top || !u_lt(rem, s)) {
+      rem = u_sub(rem, s);
+      q.x = q.x | 1u;
+    }
+  }
+  return q;
+}
+/** The float64 bits of Y 2^(e - 63) (Y's leading one at bit 62 or 63; a normal result), rounded to nearest (ties away). */
+fn fixed_to_f64(Y: vec2<u32>, e: i32) -> vec2<u32> {
+  let lead = 63u - u_clz(Y);
+  let D = lead - 52u;
+  var m = u_shr(Y, D);
+  if ((Y.x & (1u << (D - 1u))) != 0u) { m = u_add(m, vec2<u32>(1u, 0u)); }
+  var be = i32(lead) - 63 + e + 1023;
+  if (m.y >= 0x200000u) {
+    m = u_shr(m, 1u);
+    be = be + 1;
+  }
+  return vec2<u32>(m.x, (u32(be) << 20u) | (m.y & 0xfffffu));
+}
+/**
+ * e^(a - b) for float32s a, b (bits) whose difference d is in [-700, 104] and exact in float64
+ * (route's softmax argument x - max, and -x), as float64 bits: a - b reduced in fixed point from
+ * their bits (fix64: exact to 2^-64), k from d in float32 (only the remainder's size depends on
+ * it); relative error below 2^-48.4 (exp_reduced's 2^-51, the reduction's |k| 2^-65 <= 2^-49 for
+ * |k| < 2^16, the rounding to float64's 2^-53).
+ */
+fn exp_diff(a: u32, b: u32) -> vec2<u32> {
+  let k = i32(round((bitcast<f32>(a) - bitcast<f32>(b)) * 92.33248261689366));
+  return fixed_to_f64(exp_reduced(exp_reduce(u_sub(fix64(a), fix64(b)), k), k), k >> 6u);
+}
+/** (the float32 bits of e^x, 0) where the fast path decides; (0, 1) where it cannot. */
+fn expf_fast(x: f32) -> vec2<u32> {
+  if (!(x >= -87.0 && x <= 88.0)) { return vec2<u32>(0u, 1u); }
+  let b = bitcast<u32>(x);
+  if (((b >> 23u) & 0xffu) < 127u - 26u) { return vec2<u32>(0x3f800000u, 0u); }
+  // x 2^64 modulo 2^64 (exact: x's lowest bit is at 2^-49 or above), minus k ln2/64 (the true
+  // remainder is below 2^58 in magnitude)
+  let k = i32(round(x * 92.33248261689366));
+  return round_fixed(exp_reduced(exp_reduce(fix64(b), k), k), k >> 6u, 45u);
 }
 /** (the float32 bits of a / b, 0) for normal operands and quotient; (0, 1) for others. */
 fn fdiv_fast(a: f32, b: f32) -> vec2<u32> {
@@ -723,6 +795,26 @@ fn expf_slow(v: f32) -> f32 { return bitcast<f32>(f_to_f32(f_exp(f_from_f32(bitc
 fn fdiv_slow(a: f32, b: f32) -> f32 { return bitcast<f32>(f_to_f32(f_div(f_from_f32(bitcast<u32>(a)), f_from_f32(bitcast<u32>(b))))); }
 fn expf(v: f32) -> f32 { return expf_slow(v); }
 fn fdiv(a: f32, b: f32) -> f32 { return fdiv_slow(a, b); }
+`;
+
+/**
+ * Checks of the fixed-point helpers route's fast pass uses: P = [n, op]; op 0: out[i] =
+ * exp_diff(a[i], b[i]) (float64 bits), 1: recip64(a[2i], a[2i + 1]) (`test/common/webgpu-cases.mjs`
+ * compares them with the core's exp and with BigInt).
+ */
+export const FIXED_CHECK = `
+@group(0) @binding(0) var<storage, read> P: array<u32>;
+@group(0) @binding(1) var<storage, read> a: array<u32>;
+@group(0) @binding(2) var<storage, read> b: array<u32>;
+@group(0) @binding(3) var<storage, read_write> out: array<vec2<u32>>;
+${U64}
+${F32_FAST}
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = gid.x + gid.y * nwg.x * 64u;
+  if (i >= P[0]) { return; }
+  if (P[1] == 0u) { out[i] = exp_diff(a[i], b[i]); } else { out[i] = recip64(vec2<u32>(a[2u * i], a[2u * i + 1u])); }
+}
 `;
 
 /**

@@ -358,8 +358,8 @@ export class Gpu {
    * Queues one dispatch of shader `key` whose workgroup counts the GPU wrote: the three u32 at the
    * start of `indirect` (which the shader may also read, at a binding of `buffers`).
    */
-  dispatchIndirect(op: string, key: string, code: string, params: ArrayLike<number>, buffers: GPUBuffer[], indirect: GPUBuffer, label = key): void {
-    this.pass(op, key, code, params, buffers, label, (pass) => pass.dispatchWorkgroupsIndirect(indirect, 0));
+  dispatchIndirect(op: string, key: string, code: string, params: ArrayLike<number>, buffers: GPUBuffer[], indirect: GPUBuffer, label = key, offset = 0): void {
+    this.pass(op, key, code, params, buffers, label, (pass) => pass.dispatchWorkgroupsIndirect(indirect, offset));
   }
 
   /** One dispatch of the op's command buffer: shader `key`, `params` at binding 0 and `buffers` after it, its dispatch by `dispatch`. */

@@ -8,10 +8,11 @@
  * P = [T, E, k, scoreFunction (0 softmax, 1 sigmoid, 2 softmax_with_bias, 3 sigmoid_with_bias),
  *      softmaxBeforeTopk, hasBias, numGroups, topkGroups, top2GroupScore, normalise, hasMask,
  *      routeScale lo, routeScale hi, logits dtype (0 f32, 1 bf16, 2 f16), scratch stride, phase,
- *      expertBias bits [E]...].
+ *      pass (0 exact, 1 fast, 2 exact over the fast pass's list), the fast pass's margins for the
+ *      scores and the weights, expertBias bits [E]...].
  */
 import { LN } from './aux-loss.js';
-import { F64, F64_ACC, f64Literal } from './f64.js';
+import { F32_FAST, F64, F64_ACC, f64Literal } from './f64.js';
 import { CONVERT } from './shaders.js';
 
 /**
@@ -52,7 +53,52 @@ fn ld64(i: u32) -> vec2<u32> { return vec2<u32>(scratch[i], scratch[i + 1u]); }
 fn st64(i: u32, v: vec2<u32>) { scratch[i] = v.x; scratch[i + 1u] = v.y; }
 `;
 
-export const ROUTE = `
+/**
+ * route's shader in one of its two passes (P[16]: 0 every row exactly, 1 the fast pass, 2 the
+ * rows the fast pass listed, exactly); phase 0 (the non-finite flag, the row's maximum) is the
+ * fast shader's for both (the exact shader only reads the flag's buffer: its list):
+ * - `exact`: the core's float64 steps in software float64, bit for bit (every score function);
+ * - `fast` (softmax and sigmoid): the exps in 64-bit fixed point (F32_FAST's exp_reduced: the
+ *   argument x - max (or -x) reduced exactly from the logits' float32 bits), softmax's sum of
+ *   them as the exact pass sums, each quotient by a 64-bit reciprocal, rounded to float32 only
+ *   where it lies farther from a rounding boundary than the two computations can differ by
+ *   (`routeMargins`): then the core's float32 is the same. A row with a value it cannot decide
+ *   (near a boundary, a quotient out of float32's normal range, an argument the core rounds) is
+ *   listed (after the non-finite flag's word: [flag, 0, 0, 0, workgroups (x, y, z) per (row,
+ *   expert), n, workgroups (x, y, z) per row, 0, rows [T], a mark per row [T]]) and the exact
+ *   pass redoes the whole row, dispatched from that list.
+ *
+ * Separate shaders (the fast one's phases 1 and 3 for softmax or sigmoid: `sigmoid`), not
+ * branches: SwiftShader runs both sides of a branch whatever its lanes take.
+ */
+export function routeShader(pass: 'exact' | 'fast', sigmoid = false): string {
+  const fast = pass === 'fast';
+  const softmaxWeights = fast
+    ? `      // the picks' exps (the scores' exps, as in the exact pass) over their sum
+      var sum = vec2<u32>(0u, 0u);
+      for (var j = 0u; j < k; j = j + 1u) { sum = f_add(sum, ld64(base + 2u * u32(indices[o + j]))); }
+      let rc = recip64(u_shl(f_sig(sum), 11u));
+      for (var j = 0u; j < k; j = j + 1u) {
+        let v = ld64(base + 2u * u32(indices[o + j]));
+        var w = vec2<u32>(0u, 0u);
+        if (!f_iszero(v)) {
+          let r = round_fixed(mul_hi64(u_shl(f_sig(v), 11u), rc), i32(f_bexp(v)) - i32(f_bexp(sum)), P[18]);
+          if (r.y == 1u) { mark(t); return; }
+          w = f_from_f32(r.x);
+        }
+        st64(wide + 2u * j, w);
+      }`
+    : `      // exp(logit - logit of the first pick): the first pick is the row's maximum (lowest id
+      // among equals), the max the scores used, so these are the scores' exps
+      var sum = vec2<u32>(0u, 0u);
+      for (var j = 0u; j < k; j = j + 1u) {
+        let w = ld64(base + 2u * u32(indices[o + j]));
+        st64(wide + 2u * j, w);
+        sum = f_add(sum, w);
+      }
+      for (var j = 0u; j < k; j = j + 1u) { st64(wide + 2u * j, f_from_f32(f_to_f32(f_div(ld64(wide + 2u * j), sum)))); }`;
+  const skipMarked = fast ? '  if (marked(t)) { return; }\n' : '';
+  return `
 @group(0) @binding(0) var<storage, read> P: array<u32>;
 @group(0) @binding(1) var<storage, read> logits: array<u32>;
 @group(0) @binding(2) var<storage, read> maskw: array<u32>;
@@ -60,20 +106,63 @@ export const ROUTE = `
 @group(0) @binding(4) var<storage, read_write> indices: array<i32>;
 @group(0) @binding(5) var<storage, read_write> weights: array<u32>;
 @group(0) @binding(6) var<storage, read_write> scratch: array<u32>;
-@group(0) @binding(7) var<storage, read_write> flag: array<atomic<u32>>;
+@group(0) @binding(7) var<storage, ${fast ? 'read_write> flag: array<atomic<u32>>' : 'read> flag: array<u32>'};
 ${ROUTE_HELPERS}
 ${F64_ACC}
+${fast ? F32_FAST : ''}
+const BIAS = 19u;
 
-// Phases (P[15], one dispatch each, the same shader): 0 per token: the finiteness flag and the
-// row's maximum; 1 per (token, expert): the exp; 2 per token: softmax's sum of the exps, in
-// expert order; 3 per (token, expert): the score; 4 per token: keys, groups, top-k, weights,
-// normalisation. Each value goes through the same operations in the same order as in one
-// thread per token, so the bits are the same; the exps and divisions, the long software float64
-// steps, run on every (token, expert) at once.
-// Scratch row: exps [2E words], keys [E], group keys [E], weights [2k], max [2], sum [2].
+// Phases (P[15], one dispatch each): 0 per token: the finiteness flag and the row's maximum; 1
+// per (token, expert): the exp; 2 per token: softmax's sum of the exps, in expert order; 3 per
+// (token, expert): the score; 4 per token: keys, groups, top-k, weights, normalisation (5, the
+// fast pass: one thread, the list's workgroup counts). Each value goes through the same
+// operations in the same order as in one thread per token, so the bits are the same.
+// Scratch row: exps [2E words], keys [E], group keys [E], weights [2k], max [2], sum [2], the
+// sum's reciprocal [2] (fast), the max's float32 bits [1].
 fn is_softmax() -> bool { return P[3] == 0u || P[3] == 2u; }
 fn at_max(t: u32) -> u32 { return t * P[14] + 4u * P[1] + 2u * P[2]; }
 
+${fast ? PHASE0 + FAST_PHASES + (sigmoid ? PHASE1_SIGMOID + PHASE3_SIGMOID : PHASE1_SOFTMAX + PHASE3_SOFTMAX) : EXACT_PHASES}${phase4(softmaxWeights, skipMarked)}
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let i = gid.x + gid.y * nwg.x * 64u;
+  let phase = P[15];
+${
+  fast
+    ? `  if (phase == 5u) { if (i == 0u) { phase5(); } return; }
+  if (phase == 1u || phase == 3u) {
+    if (i >= P[0] * P[1]) { return; }
+    let t = i / P[1];
+    if (phase == 1u) { phase1_fast(t, i - t * P[1]); } else { phase3_fast(t, i - t * P[1]); }
+    return;
+  }
+  if (i >= P[0]) { return; }
+  if (phase == 0u) { phase0(i); } else if (phase == 2u) { phase2_fast(i); } else { phase4(i); }`
+    : `  // P[16] == 2: the rows of the fast pass's list
+  let listed = P[16] == 2u;
+  if (phase == 1u || phase == 3u) {
+    var n = P[0];
+    if (listed) { n = flag[7]; }
+    if (i >= n * P[1]) { return; }
+    let li = i / P[1];
+    var t = li;
+    if (listed) { t = flag[12u + li]; }
+    if (phase == 1u) { phase1(t, i - li * P[1]); } else { phase3(t, i - li * P[1]); }
+    return;
+  }
+  var t = i;
+  if (listed) {
+    if (i >= flag[7]) { return; }
+    t = flag[12u + i];
+  } else if (i >= P[0]) { return; }
+  if (phase == 2u) { phase2(t); } else if (phase == 4u) { phase4(t); }`
+}
+}
+`;
+}
+
+/** Phase 0 of both passes: the non-finite flag, the row's maximum (float64, and its float32 bits). */
+const PHASE0 = /* wgsl */ `
 fn phase0(t: u32) {
   let E = P[1];
   let row = t * E;
@@ -81,8 +170,12 @@ fn phase0(t: u32) {
   var mx = NEG_INF;
   for (var e = 0u; e < E; e = e + 1u) { let b = logit_bits(row + e); if (key(b) > key(mx)) { mx = b; } }
   st64(at_max(t), f_from_f32(mx));
+  scratch[at_max(t) + 6u] = mx;
 }
+`;
 
+/** The exact pass's phases 1, 2 and 3 (routeShader). */
+const EXACT_PHASES = /* wgsl */ `
 // 1. unbiased scores: float64, rounded once to float32. softmax: exp(x - max) / sum (the exps
 // are kept: the default softmax's weights reuse them); sigmoid: 1 / (1 + exp(-x)).
 fn phase1(t: u32, e: u32) {
@@ -135,9 +228,13 @@ fn phase3(t: u32, e: u32) {
   if (is_softmax()) { den = ld64(at_max(t) + 2u); } else { den = f_add(F64_ONE, num); num = F64_ONE; }
   scores[row + e] = f_to_f32(f_div(num, den));
 }
+`;
 
+/** Phase 4 (per token: keys, groups, top-k, weights, normalisation), with softmax's weights over the picks as `softmaxWeights` computes them. */
+function phase4(softmaxWeights: string, skipMarked: string): string {
+  return `
 fn phase4(t: u32) {
-  let E = P[1]; let k = P[2]; let sf = P[3]; let G = P[6];
+${skipMarked}  let E = P[1]; let k = P[2]; let sf = P[3]; let G = P[6];
   let row = t * E;
   let base = t * P[14];
   let KEYS = base + 2u * E;
@@ -146,7 +243,7 @@ fn phase4(t: u32) {
   // 2. the keys of the selection
   for (var e = 0u; e < E; e = e + 1u) {
     var kb = scores[row + e];
-    if (sf == 0u && P[4] == 0u) { kb = logit_bits(row + e); } else if (P[5] == 1u) { kb = f32add(scores[row + e], P[16u + e]); }
+    if (sf == 0u && P[4] == 0u) { kb = logit_bits(row + e); } else if (P[5] == 1u) { kb = f32add(scores[row + e], P[BIAS + e]); }
     scratch[KEYS + e] = kb;
   }
   if (G > 1u) {
@@ -218,15 +315,7 @@ fn phase4(t: u32) {
     }
     let wide = base + 4u * E;
     if (sf == 0u && P[4] == 0u) {
-      // exp(logit - logit of the first pick): the first pick is the row's maximum (lowest id
-      // among equals), the max the scores used, so these are the scores' exps
-      var sum = vec2<u32>(0u, 0u);
-      for (var j = 0u; j < k; j = j + 1u) {
-        let w = ld64(base + 2u * u32(indices[o + j]));
-        st64(wide + 2u * j, w);
-        sum = f_add(sum, w);
-      }
-      for (var j = 0u; j < k; j = j + 1u) { st64(wide + 2u * j, f_from_f32(f_to_f32(f_div(ld64(wide + 2u * j), sum)))); }
+${softmaxWeights}
     } else {
       for (var j = 0u; j < k; j = j + 1u) { st64(wide + 2u * j, f_from_f32(scores[row + u32(indices[o + j])])); }
     }
@@ -249,21 +338,143 @@ fn phase4(t: u32) {
     for (var e = 0u; e < E; e = e + 1u) { scores[row + e] = f_to_f32(f_div(f_from_f32(scores[row + e]), d)); }
   }
 }
+`;
+}
 
-@compute @workgroup_size(64)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-  let i = gid.x + gid.y * nwg.x * 64u;
-  let phase = P[15];
-  if (phase == 1u || phase == 3u) {
-    if (i >= P[0] * P[1]) { return; }
-    let t = i / P[1];
-    if (phase == 1u) { phase1(t, i - t * P[1]); } else { phase3(t, i - t * P[1]); }
+// 1. e^(x - max) (softmax) or e^-x (sigmoid) in fixed point (F32_FAST's exp_diff), stored as float64
+const PHASE1_SOFTMAX = /* wgsl */ `
+fn phase1_fast(t: u32, e: u32) {
+  let xb = logit_bits(t * P[1] + e);
+  let at = t * P[14] + 2u * e;
+  let mb = scratch[at_max(t) + 6u];
+  let d = bitcast<f32>(xb) - bitcast<f32>(mb);
+  // below e^-700 the core's score is +0, and its exp changes no sum (the max's exp is 1)
+  if (!(d >= -700.0)) {
+    st64(at, vec2<u32>(0u, 0u));
     return;
   }
-  if (i >= P[0]) { return; }
-  if (phase == 0u) { phase0(i); } else if (phase == 2u) { phase2(i); } else { phase4(i); }
+  // the core's argument x - max is exact in float64 unless the two are far apart in magnitude
+  // (and neither is zero): such a row goes to the exact pass
+  let ex = max(i32((xb >> 23u) & 0xffu), 1);
+  let em = max(i32((mb >> 23u) & 0xffu), 1);
+  if (abs(ex - em) > 28 && (xb & 0x7fffffffu) != 0u && (mb & 0x7fffffffu) != 0u) {
+    mark(t);
+    return;
+  }
+  st64(at, exp_diff(xb, mb));
 }
 `;
+const PHASE1_SIGMOID = /* wgsl */ `
+fn phase1_fast(t: u32, e: u32) {
+  let xb = logit_bits(t * P[1] + e);
+  let at = t * P[14] + 2u * e;
+  let x = bitcast<f32>(xb);
+  // above 37, e^-x < 2^-53: 1 + it rounds to 1, the score is 1 (stored: 0); below -104 the
+  // score is below 2^-150, +0 (stored: infinity)
+  if (x > 37.0) {
+    st64(at, vec2<u32>(0u, 0u));
+    return;
+  }
+  if (!(x >= -104.0)) {
+    st64(at, vec2<u32>(0u, 0x7ff00000u));
+    return;
+  }
+  st64(at, exp_diff(0u, xb));
+}
+`;
+
+// 3. the score: exp / sum (softmax), 1 / (1 + exp) (sigmoid), rounded to float32 where decided
+const PHASE3_SOFTMAX = /* wgsl */ `
+fn phase3_fast(t: u32, e: u32) {
+  if (marked(t)) { return; }
+  let i = t * P[1] + e;
+  let v = ld64(t * P[14] + 2u * e);
+  if (f_iszero(v)) {
+    scores[i] = 0u;
+    return;
+  }
+  let s = ld64(at_max(t) + 2u);
+  let r = round_fixed(mul_hi64(u_shl(f_sig(v), 11u), ld64(at_max(t) + 4u)), i32(f_bexp(v)) - i32(f_bexp(s)), P[17]);
+  if (r.y == 1u) {
+    mark(t);
+    return;
+  }
+  scores[i] = r.x;
+}
+`;
+const PHASE3_SIGMOID = /* wgsl */ `
+fn phase3_fast(t: u32, e: u32) {
+  if (marked(t)) { return; }
+  let i = t * P[1] + e;
+  let v = ld64(t * P[14] + 2u * e);
+  if (f_isinf(v)) {
+    scores[i] = 0u;
+    return;
+  }
+  let den = f_add(F64_ONE, v);
+  let r = round_fixed(u_shr(recip64(u_shl(f_sig(den), 11u)), 1u), 1023 - i32(f_bexp(den)), P[17]);
+  if (r.y == 1u) {
+    mark(t);
+    return;
+  }
+  scores[i] = r.x;
+}
+`;
+
+/** The fast pass's list, phases 2 and 5 and their helpers (routeShader; phases 1 and 3 by score function). */
+const FAST_PHASES = /* wgsl */ `
+/** Lists row t for the exact pass (once). */
+fn mark(t: u32) {
+  if (atomicOr(&flag[12u + P[0] + t], 1u) == 0u) {
+    let at = atomicAdd(&flag[7], 1u);
+    atomicStore(&flag[12u + at], t);
+  }
+}
+fn marked(t: u32) -> bool { return atomicLoad(&flag[12u + P[0] + t]) != 0u; }
+
+// softmax's sum as the exact pass adds it (every exp here is normal or zero), and its reciprocal
+fn phase2_fast(t: u32) {
+  if (marked(t)) { return; }
+  let base = t * P[14];
+  var acc = Acc(0u, 0, vec2<u32>(0u, 0u));
+  for (var e = 0u; e < P[1]; e = e + 1u) { acc = dot_add(acc, acc_of(ld64(base + 2u * e))); }
+  let sum = acc_bits(acc);
+  st64(at_max(t) + 2u, sum);
+  st64(at_max(t) + 4u, recip64(u_shl(f_sig(sum), 11u)));
+}
+
+// the list's workgroup counts: per (row, expert) at words 4..6, per row at 8..10 (x <= 65535)
+fn phase5() {
+  let n = atomicLoad(&flag[7]);
+  let w1 = (n * P[1] + 63u) / 64u;
+  let w2 = (n + 63u) / 64u;
+  atomicStore(&flag[4], min(w1, 65535u));
+  atomicStore(&flag[5], (w1 + 65534u) / 65535u);
+  atomicStore(&flag[6], 1u);
+  atomicStore(&flag[8], min(w2, 65535u));
+  atomicStore(&flag[9], (w2 + 65534u) / 65535u);
+  atomicStore(&flag[10], 1u);
+}
+`;
+
+/**
+ * The fast pass's margins (P[17] for the scores, P[18] for softmax's weights over the picks):
+ * mu such that a float32 is decided only where the value lies more than 2^(lead - mu) from a
+ * rounding boundary (round_fixed; at least 2^-(mu + 1) of the value), which must exceed how far
+ * the fast and the core's values can be apart. The two quotients differ
+ * by at most 2 eta (each exp: the core's within 2^-47 of e^x, its Horner steps' rounding; the
+ * fast one within 2^-48.4) + (2n - 1) 2^-53 (the n-term sums' roundings, the core's and this
+ * pass's, and the core's division) + 2^-61 (the reciprocal and product's truncations); sigmoid:
+ * eta + 3 2^-53 + 2^-61 (n = 2 covers it). Undefined where the margins get too wide for it.
+ */
+export function routeMargins(e: number, k: number): [number, number] | undefined {
+  const eta = 2 ** -47 + 2 ** -48.4;
+  // round_fixed's threshold is at least 2^-(mu + 1) of the value: 2^-(mu + 1) >= the bound
+  const mu = (n: number) => Math.floor(-Math.log2(2 * eta + (2 * Math.max(n, 2) - 1) * 2 ** -53 + 2 ** -61)) - 1;
+  const m: [number, number] = [mu(e), mu(k)];
+  // (round_fixed takes 32 <= mu <= 62: below 32, millions of experts, the exact pass alone)
+  return m.every((v) => v >= 32) ? m : undefined;
+}
 
 /**
  * routeBackward on the GPU: the core's `route_backward` row by row (routing.rs `BackwardRow`),
@@ -470,3 +681,8 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   if (v >= 0 && u32(v) < P[1]) { atomicAdd(&counts[u32(v)], 1); }
 }
 `;
+
+/** route's two shaders (routeShader). */
+export const ROUTE = routeShader('exact');
+export const ROUTE_FAST = routeShader('fast');
+export const ROUTE_FAST_SIGMOID = routeShader('fast', true);
