@@ -383,43 +383,24 @@ fn phase1_fast(t: u32, e: u32) {
 }
 `;
 
-// 3. the score: exp / sum (softmax), 1 / (1 + exp) (sigmoid), rounded to float32 where decided
-const PHASE3_SOFTMAX = /* wgsl */ `
+// 3. the score: exp / sum (softmax), 1 / (1 + exp) (sigmoid), rounded to float32 where decided;
+// +0 where the exp stored says so (softmax: 0, below e^-700; sigmoid: infinity, below -104)
+function phase3Fast(vanished: string, rounded: string): string {
+  return /* wgsl */ `
 fn phase3_fast(t: u32, e: u32) {
   if (marked(t)) { return; }
   let i = t * P[1] + e;
   let v = ld64(t * P[14] + 2u * e);
-  if (f_iszero(v)) {
+  if (${vanished}) {
     scores[i] = 0u;
     return;
   }
-  let s = ld64(at_max(t) + 2u);
-  let r = round_fixed(mul_hi64(u_shl(f_sig(v), 11u), ld64(at_max(t) + 4u)), i32(f_bexp(v)) - i32(f_bexp(s)), P[17]);
-  if (r.y == 1u) {
-    mark(t);
-    return;
-  }
-  scores[i] = r.x;
+  score(t, i, ${rounded});
 }
 `;
-const PHASE3_SIGMOID = /* wgsl */ `
-fn phase3_fast(t: u32, e: u32) {
-  if (marked(t)) { return; }
-  let i = t * P[1] + e;
-  let v = ld64(t * P[14] + 2u * e);
-  if (f_isinf(v)) {
-    scores[i] = 0u;
-    return;
-  }
-  let den = f_add(F64_ONE, v);
-  let r = round_fixed(u_shr(recip64(u_shl(f_sig(den), 11u)), 1u), 1023 - i32(f_bexp(den)), P[17]);
-  if (r.y == 1u) {
-    mark(t);
-    return;
-  }
-  scores[i] = r.x;
 }
-`;
+const PHASE3_SOFTMAX = phase3Fast('f_iszero(v)', 'round_fixed(mul_hi64(u_shl(f_sig(v), 11u), ld64(at_max(t) + 4u)), i32(f_bexp(v)) - i32(f_bexp(ld64(at_max(t) + 2u))), P[17])');
+const PHASE3_SIGMOID = phase3Fast('f_isinf(v)', 'sigmoid_fast(v)');
 
 /** The fast pass's list, phases 2 and 5 and their helpers (routeShader; phases 1 and 3 by score function). */
 const FAST_PHASES = /* wgsl */ `
@@ -431,6 +412,19 @@ fn mark(t: u32) {
   }
 }
 fn marked(t: u32) -> bool { return atomicLoad(&flag[12u + P[0] + t]) != 0u; }
+/** round_fixed's 1 / (1 + v) (sigmoid's score from v = e^-x), 1 + v rounded as the core rounds it. */
+fn sigmoid_fast(v: vec2<u32>) -> vec2<u32> {
+  let den = f_add(F64_ONE, v);
+  return round_fixed(u_shr(recip64(u_shl(f_sig(den), 11u)), 1u), 1023 - i32(f_bexp(den)), P[17]);
+}
+/** Score i of row t: round_fixed's float32 (r.x), or the row listed where it could not decide (r.y == 1). */
+fn score(t: u32, i: u32, r: vec2<u32>) {
+  if (r.y == 1u) {
+    mark(t);
+    return;
+  }
+  scores[i] = r.x;
+}
 
 // softmax's sum as the exact pass adds it (every exp here is normal or zero), and its reciprocal
 fn phase2_fast(t: u32) {
