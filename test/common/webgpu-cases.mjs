@@ -947,7 +947,12 @@ export function webgpuCases(ctx) {
         { topk: 2, scoreFunction: 'sigmoid' },
         { topk: 3, scoreFunction: 'sigmoid', normTopkProb: true },
         { topk: 2, scoreFunction: 'softmax_with_bias', expertBias },
-        { topk: 2, scoreFunction: 'sigmoid_with_bias', expertBias, numGroups: 4, topkGroups: 2 },
+        { topk: 2, scoreFunction: 'sigmoid_with_bias', expertBias, numGroups: 4, topkGroups: 2, normTopkProb: true, routeScale: 2.5 },
+        // routeScale's sign, zero, a subnormal (the exact pass alone) and one that overflows float32
+        { topk: 3, scoreFunction: 'sigmoid', normTopkProb: true, routeScale: -2.5 },
+        { topk: 2, routeScale: 0 },
+        { topk: 2, normTopkProb: true, routeScale: 1e-310 },
+        { topk: 2, routeScale: 1e300 },
       ];
       for (const o of options) await same('route', await m.gpu.route(m.upload(logits), o), wasm.route(logits, o), `${o.scoreFunction ?? 'softmax'} ${Object.keys(o).join(',')}`);
       // a wide row's margins (E = 300: its sum's rounding bound), logits of either scale

@@ -845,8 +845,10 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         const top2 = sf !== 'sigmoid' || bias !== undefined;
         const normalise = o.normTopkProb === true && k > 1;
         const rs = new Uint32Array(new Float64Array([(o.routeScale as number | undefined) ?? 1]).buffer);
-        // softmax and sigmoid: the fast pass, then the exact pass over the rows it listed; sqrtsoftplus: the exact pass
-        const margins = code === 4 ? undefined : routeMargins(e, k);
+        // softmax and sigmoid: the fast pass, then the exact pass over the rows it listed; sqrtsoftplus
+        // (and a routeScale that is not a normal float64) the exact pass
+        const scale = Math.abs((o.routeScale as number | undefined) ?? 1);
+        const margins = code === 4 || !(scale >= 2 ** -1022 && scale < Infinity) ? undefined : routeMargins(e, k);
         // exps [2e], keys [e], group keys [e], weights [2k], the row's max, softmax's sum and its reciprocal [2 + 2 + 2], the max's float32 bits (ts/webgpu/route.ts)
         const stride = 4 * e + 2 * k + 7;
         const biasBits = bias ? Array.from(new Uint32Array((bias.data as Float32Array).slice().buffer)) : [];

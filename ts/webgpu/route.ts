@@ -77,12 +77,12 @@ export function routeShader(pass: 'exact' | 'fast', sigmoid = false): string {
     ? `      // the picks' exps (the scores' exps, as in the exact pass) over their sum
       var sum = vec2<u32>(0u, 0u);
       for (var j = 0u; j < k; j = j + 1u) { sum = f_add(sum, ld64(base + 2u * u32(indices[o + j]))); }
-      let rc = recip64(u_shl(f_sig(sum), 11u));
+      let rc = fx_recip(fx_of(sum));
       for (var j = 0u; j < k; j = j + 1u) {
         let v = ld64(base + 2u * u32(indices[o + j]));
         var w = vec2<u32>(0u, 0u);
         if (!f_iszero(v)) {
-          let r = round_fixed(mul_hi64(u_shl(f_sig(v), 11u), rc), i32(f_bexp(v)) - i32(f_bexp(sum)), P[18]);
+          let r = fx_round(fx_mul(fx_of(v), rc), P[18]);
           if (r.y == 1u) { mark(t); return; }
           w = f_from_f32(r.x);
         }
@@ -98,6 +98,7 @@ export function routeShader(pass: 'exact' | 'fast', sigmoid = false): string {
       }
       for (var j = 0u; j < k; j = j + 1u) { st64(wide + 2u * j, f_from_f32(f_to_f32(f_div(ld64(wide + 2u * j), sum)))); }`;
   const skipMarked = fast ? '  if (marked(t)) { return; }\n' : '';
+  const tail = fast ? FAST_TAIL : EXACT_TAIL;
   return `
 @group(0) @binding(0) var<storage, read> P: array<u32>;
 @group(0) @binding(1) var<storage, read> logits: array<u32>;
@@ -122,7 +123,7 @@ const BIAS = 19u;
 fn is_softmax() -> bool { return P[3] == 0u || P[3] == 2u; }
 fn at_max(t: u32) -> u32 { return t * P[14] + 4u * P[1] + 2u * P[2]; }
 
-${fast ? PHASE0 + FAST_PHASES + (sigmoid ? PHASE1_SIGMOID + PHASE3_SIGMOID : PHASE1_SOFTMAX + PHASE3_SOFTMAX) : EXACT_PHASES}${phase4(softmaxWeights, skipMarked)}
+${fast ? PHASE0 + FAST_PHASES + (sigmoid ? PHASE1_SIGMOID + PHASE3_SIGMOID : PHASE1_SOFTMAX + PHASE3_SOFTMAX) : EXACT_PHASES}${phase4(softmaxWeights, skipMarked, tail)}
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
   let i = gid.x + gid.y * nwg.x * 64u;
@@ -231,7 +232,7 @@ fn phase3(t: u32, e: u32) {
 `;
 
 /** Phase 4 (per token: keys, groups, top-k, weights, normalisation), with softmax's weights over the picks as `softmaxWeights` computes them. */
-function phase4(softmaxWeights: string, skipMarked: string): string {
+function phase4(softmaxWeights: string, skipMarked: string, tail: string): string {
   return `
 fn phase4(t: u32) {
 ${skipMarked}  let E = P[1]; let k = P[2]; let sf = P[3]; let G = P[6];
@@ -319,24 +320,7 @@ ${softmaxWeights}
     } else {
       for (var j = 0u; j < k; j = j + 1u) { st64(wide + 2u * j, f_from_f32(scores[row + u32(indices[o + j])])); }
     }
-    let rs = vec2<u32>(P[11], P[12]);
-    if (P[9] == 1u) {
-      var s = vec2<u32>(0u, 0u);
-      for (var j = 0u; j < k; j = j + 1u) { s = f_add(s, ld64(wide + 2u * j)); }
-      let denom = f_add(s, EPS20);
-      for (var j = 0u; j < k; j = j + 1u) { weights[o + j] = f_to_f32(f_mul(f_div(ld64(wide + 2u * j), denom), rs)); }
-    } else {
-      for (var j = 0u; j < k; j = j + 1u) { weights[o + j] = f_to_f32(f_mul(ld64(wide + 2u * j), rs)); }
-    }
-  }
-
-  // 4. scores normalised per row when the weights are
-  if (P[9] == 1u) {
-    var s = vec2<u32>(0u, 0u);
-    for (var e = 0u; e < E; e = e + 1u) { s = f_add(s, f_from_f32(scores[row + e])); }
-    let d = f_add(s, EPS20);
-    for (var e = 0u; e < E; e = e + 1u) { scores[row + e] = f_to_f32(f_div(f_from_f32(scores[row + e]), d)); }
-  }
+${tail}
 }
 `;
 }
@@ -399,8 +383,68 @@ fn phase3_fast(t: u32, e: u32) {
 }
 `;
 }
-const PHASE3_SOFTMAX = phase3Fast('f_iszero(v)', 'round_fixed(mul_hi64(u_shl(f_sig(v), 11u), ld64(at_max(t) + 4u)), i32(f_bexp(v)) - i32(f_bexp(ld64(at_max(t) + 2u))), P[17])');
+const PHASE3_SOFTMAX = phase3Fast('f_iszero(v)', 'fx_round(fx_mul(fx_of(v), Fx(ld64(at_max(t) + 4u), 1022 - i32(f_bexp(ld64(at_max(t) + 2u))))), P[17])');
 const PHASE3_SIGMOID = phase3Fast('f_isinf(v)', 'sigmoid_fast(v)');
+
+/** Phase 4's weights (scaled, normalised) and normalised scores: the exact pass's software float64. */
+const EXACT_TAIL = /* wgsl */ `
+    let rs = vec2<u32>(P[11], P[12]);
+    if (P[9] == 1u) {
+      var s = vec2<u32>(0u, 0u);
+      for (var j = 0u; j < k; j = j + 1u) { s = f_add(s, ld64(wide + 2u * j)); }
+      let denom = f_add(s, EPS20);
+      for (var j = 0u; j < k; j = j + 1u) { weights[o + j] = f_to_f32(f_mul(f_div(ld64(wide + 2u * j), denom), rs)); }
+    } else {
+      for (var j = 0u; j < k; j = j + 1u) { weights[o + j] = f_to_f32(f_mul(ld64(wide + 2u * j), rs)); }
+    }
+  }
+
+  // 4. scores normalised per row when the weights are
+  if (P[9] == 1u) {
+    var s = vec2<u32>(0u, 0u);
+    for (var e = 0u; e < E; e = e + 1u) { s = f_add(s, f_from_f32(scores[row + e])); }
+    let d = f_add(s, EPS20);
+    for (var e = 0u; e < E; e = e + 1u) { scores[row + e] = f_to_f32(f_div(f_from_f32(scores[row + e]), d)); }
+  }`;
+
+/** The same in the fast pass, decided in fixed point where two float64 roundings cannot change the float32. */
+const FAST_TAIL = /* wgsl */ `
+    // weights w (normalised: w / (sum + 1e-20)) times routeScale, each float32 decided past two
+    // float64 roundings (the operands are exact: float32 scores or weights decided above)
+    let rs = fx_of(vec2<u32>(P[11], P[12]));
+    let neg = P[12] & 0x80000000u;
+    var rd = Fx(vec2<u32>(0u, 0x80000000u), 0);
+    if (P[9] == 1u) {
+      var s = vec2<u32>(0u, 0u);
+      for (var j = 0u; j < k; j = j + 1u) { s = f_add(s, ld64(wide + 2u * j)); }
+      rd = fx_recip(fx_of(f_add(s, EPS20)));
+    }
+    for (var j = 0u; j < k; j = j + 1u) {
+      let w = ld64(wide + 2u * j);
+      var bits = neg;
+      if (!f_iszero(w)) {
+        let r = fx_round(fx_mul(fx_mul(fx_of(w), rd), rs), MU_EXACT);
+        if (r.y == 1u) { mark(t); return; }
+        bits = r.x | neg;
+      }
+      weights[o + j] = bits;
+    }
+  }
+
+  // 4. scores normalised per row when the weights are: the sum as the exact pass adds it, each
+  // quotient decided past the division's rounding
+  if (P[9] == 1u) {
+    var acc = Acc(0u, 0, vec2<u32>(0u, 0u));
+    for (var e = 0u; e < E; e = e + 1u) { acc = dot_add(acc, acc_of(f_from_f32(scores[row + e]))); }
+    let rd = fx_recip(fx_of(f_add(acc_bits(acc), EPS20)));
+    for (var e = 0u; e < E; e = e + 1u) {
+      let v = scores[row + e];
+      if (v == 0u) { continue; }
+      let r = fx_round(fx_mul(fx_of(f_from_f32(v)), rd), MU_EXACT);
+      if (r.y == 1u) { mark(t); return; }
+      scores[row + e] = r.x;
+    }
+  }`;
 
 /** The fast pass's list, phases 2 and 5 and their helpers (routeShader; phases 1 and 3 by score function). */
 const FAST_PHASES = /* wgsl */ `
@@ -412,11 +456,27 @@ fn mark(t: u32) {
   }
 }
 fn marked(t: u32) -> bool { return atomicLoad(&flag[12u + P[0] + t]) != 0u; }
-/** round_fixed's 1 / (1 + v) (sigmoid's score from v = e^-x), 1 + v rounded as the core rounds it. */
-fn sigmoid_fast(v: vec2<u32>) -> vec2<u32> {
-  let den = f_add(F64_ONE, v);
-  return round_fixed(u_shr(recip64(u_shl(f_sig(den), 11u)), 1u), 1023 - i32(f_bexp(den)), P[17]);
+/** A positive value m 2^(e - 63), m's leading one at bit 63 (the fast pass's arithmetic). */
+struct Fx { m: vec2<u32>, e: i32 }
+/** A normal float64's magnitude. */
+fn fx_of(a: vec2<u32>) -> Fx { return Fx(u_shl(f_sig(a), 11u), i32(f_bexp(a)) - 1023); }
+/** a b, truncated (relative error below 2^-62). */
+fn fx_mul(a: Fx, b: Fx) -> Fx {
+  let p = mul_hi64(a.m, b.m);
+  if ((p.y >> 31u) == 0u) { return Fx(u_shl(p, 1u), a.e + b.e); }
+  return Fx(p, a.e + b.e + 1);
 }
+/** 1 / a, truncated (relative error below 2^-63). */
+fn fx_recip(a: Fx) -> Fx { return Fx(recip64(a.m), -a.e - 1); }
+/** a rounded to float32 where at least 2^-(mu + 1) of it from a rounding boundary (round_fixed). */
+fn fx_round(a: Fx, mu: u32) -> vec2<u32> { return round_fixed(a.m, a.e, mu); }
+/**
+ * The margin where both operands are exact and the core rounds twice in float64 (2^-53 each)
+ * before float32: with the truncations, below 2^-51.9 < 2^-(50 + 1).
+ */
+const MU_EXACT = 50u;
+/** round_fixed's 1 / (1 + v) (sigmoid's score from v = e^-x), 1 + v rounded as the core rounds it. */
+fn sigmoid_fast(v: vec2<u32>) -> vec2<u32> { return fx_round(fx_recip(fx_of(f_add(F64_ONE, v))), P[17]); }
 /** Score i of row t: round_fixed's float32 (r.x), or the row listed where it could not decide (r.y == 1). */
 fn score(t: u32, i: u32, r: vec2<u32>) {
   if (r.y == 1u) {
@@ -434,7 +494,7 @@ fn phase2_fast(t: u32) {
   for (var e = 0u; e < P[1]; e = e + 1u) { acc = dot_add(acc, acc_of(ld64(base + 2u * e))); }
   let sum = acc_bits(acc);
   st64(at_max(t) + 2u, sum);
-  st64(at_max(t) + 4u, recip64(u_shl(f_sig(sum), 11u)));
+  st64(at_max(t) + 4u, fx_recip(fx_of(sum)).m);
 }
 
 // the list's workgroup counts: per (row, expert) at words 4..6, per row at 8..10 (x <= 65535)
