@@ -1244,21 +1244,21 @@ function auxLoss(
     const counts = new Float64Array(e);
     if (tpe) for (let i = 0; i < e; i++) counts[i] = Number((tpe.data as Int32Array | BigInt64Array)[i]);
     const grad = c.out('float32', [t, e], mode === 0 ? 'gradProbs' : 'gradLogits');
-    const rowvals = c.tmp(8 * t, 'the row terms');
-    const flag = c.tmp(4, 'the non-finite flag');
+    // the non-finite flag (word 0) and the row terms (float64, from word 2): one read
+    const out = c.tmp(8 + 8 * t, 'the non-finite flag and the row terms');
     const maskBuf = mask ? c.buf(o.tokenMask, 'tokenMask') : c.tmp(4, 'tokenMask');
-    c.run(
-      'aux_loss',
-      AUX_LOSS,
-      [t, e, mode, mask ? 1 : 0, bits[0], bits[1], bits[2], bits[3]],
-      [c.buf(x, 'x'), maskBuf, c.words(new Uint32Array(counts.buffer), 'counts'), grad.bufferFor(gpu, 'g'), rowvals, flag],
-      t,
-    );
-    if (t > 0 && new Uint32Array((await gpu.read(op, flag, 4)).buffer)[0] !== 0) {
+    const params = [t, e, mode, mask ? 1 : 0, bits[0], bits[1], bits[2], bits[3]];
+    const bufs = [c.buf(x, 'x'), maskBuf, c.words(new Uint32Array(counts.buffer), 'counts'), grad.bufferFor(gpu, 'g'), out, c.tmp(mode === 0 ? 4 : 4 * t * (2 * e + 6), 'the exps')];
+    // phases: per token, per (token, expert), per token, per (token, expert) (mode 0: the first alone)
+    for (const [phase, threads] of mode === 0 ? [[0, t]] : routePhases(4, t, e)) {
+      c.run(`aux_loss_${phase}`, AUX_LOSS[phase], params, bufs, threads, `${op} phase ${phase}`);
+    }
+    const read = t > 0 ? await gpu.read(op, out, 8 + 8 * t) : new Uint8Array(8);
+    if (new Uint32Array(read.buffer, 0, 1)[0] !== 0) {
       grad.dispose();
       return HOST;
     }
-    const rows = new Float64Array((await gpu.read(op, rowvals, 8 * t)).buffer);
+    const rows = new Float64Array(read.buffer, 8, t);
     const m = mask?.data as Uint8Array | undefined;
     // mode 0: `total = 0.0; total += row sums`; modes 1, 2: Rust's f64 sum() (from -0.0)
     let total = mode === 0 ? 0 : -0;

@@ -1,8 +1,8 @@
 /**
- * The aux losses on the GPU (crates/moe-core/src/aux_loss.rs step for step): one thread per
- * token computes its row's statistics in software float64 (f64.ts: the core's exp, and its ln
- * ported here) and writes its gradient row; the per-row terms come back to the host, which adds
- * them in token order in JavaScript (IEEE float64, the core's order) and scales the loss.
+ * The aux losses on the GPU (crates/moe-core/src/aux_loss.rs step for step): each row's
+ * statistics in software float64 (f64.ts: the core's exp, and its ln ported here) and its
+ * gradient row; the per-row terms come back to the host, which adds them in token order in
+ * JavaScript (IEEE float64, the core's order) and scales the loss.
  *
  * P = [T, E, mode (0 switch on probs, 1 switch from logits, 2 z-loss), hasMask, factor lo, hi,
  *      2 * coeff / n lo, hi].
@@ -40,14 +40,23 @@ fn f_ln(x: vec2<u32>) -> vec2<u32> {
 }
 `;
 
-export const AUX_LOSS = `
+/**
+ * Phases (one dispatch each, a shader each: AUX_LOSS[phase]), so that each exp is computed once and the exps run on every
+ * (token, expert) at once: 0 per token: the non-finite flag, a masked row's zeros, mode 0 whole
+ * (no exps), the row's maximum; 1 per (token, expert): the exp; 2 per token: the row's sums in
+ * expert order and its term; 3 per (token, expert): the gradient. Each value goes through the
+ * same operations in the same order as in one thread per token (the core's), so the bits are the
+ * same. `out`: word 0 the non-finite flag, then the row terms (float64, from word 2): one read.
+ * Scratch row (modes 1, 2): exps [2E], max, sum, q * factor or z-loss's scale [2 each].
+ */
+const AUX_LOSS_COMMON = `
 @group(0) @binding(0) var<storage, read> P: array<u32>;
 @group(0) @binding(1) var<storage, read> x: array<u32>;
 @group(0) @binding(2) var<storage, read> maskw: array<u32>;
 @group(0) @binding(3) var<storage, read> counts: array<vec2<u32>>;
 @group(0) @binding(4) var<storage, read_write> grad: array<u32>;
-@group(0) @binding(5) var<storage, read_write> rowvals: array<vec2<u32>>;
-@group(0) @binding(6) var<storage, read_write> flag: array<atomic<u32>>;
+@group(0) @binding(5) var<storage, read_write> out: array<atomic<u32>>;
+@group(0) @binding(6) var<storage, read_write> scratch: array<u32>;
 ${F64}
 ${LN}
 fn key(b: u32) -> u32 {
@@ -55,12 +64,20 @@ fn key(b: u32) -> u32 {
   if ((b & 0x80000000u) != 0u) { return ~b; }
   return b | 0x80000000u;
 }
-fn body(t: u32) {
+fn masked(t: u32) -> bool { return P[3] == 1u && ((maskw[t >> 2u] >> ((t & 3u) * 8u)) & 0xffu) == 0u; }
+fn ld64(i: u32) -> vec2<u32> { return vec2<u32>(scratch[i], scratch[i + 1u]); }
+fn st64(i: u32, v: vec2<u32>) { scratch[i] = v.x; scratch[i + 1u] = v.y; }
+fn row_value(t: u32, v: vec2<u32>) { atomicStore(&out[2u + 2u * t], v.x); atomicStore(&out[3u + 2u * t], v.y); }
+/** Where row t's scratch starts, and its max, sum and q (or scale) after the exps. */
+fn at(t: u32) -> u32 { return t * (2u * P[1] + 6u); }
+fn misc(t: u32) -> u32 { return at(t) + 2u * P[1]; }
+
+fn phase0(t: u32) {
   let E = P[1]; let mode = P[2]; let row = t * E;
-  for (var e = 0u; e < E; e = e + 1u) { if ((x[row + e] & 0x7f800000u) == 0x7f800000u) { atomicStore(&flag[0], 1u); } }
-  if (P[3] == 1u && ((maskw[t >> 2u] >> ((t & 3u) * 8u)) & 0xffu) == 0u) {
+  for (var e = 0u; e < E; e = e + 1u) { if ((x[row + e] & 0x7f800000u) == 0x7f800000u) { atomicStore(&out[0], 1u); } }
+  if (masked(t)) {
     for (var e = 0u; e < E; e = e + 1u) { grad[row + e] = 0u; }
-    rowvals[t] = vec2<u32>(0u, 0u);
+    row_value(t, vec2<u32>(0u, 0u));
     return;
   }
   let factor = vec2<u32>(P[4], P[5]);
@@ -70,46 +87,73 @@ fn body(t: u32) {
       s = f_add(s, f_mul(f_from_f32(x[row + e]), counts[e]));
       grad[row + e] = f_to_f32(f_mul(counts[e], factor));
     }
-    rowvals[t] = s;
+    row_value(t, s);
     return;
   }
   var mx = 0xff800000u;
   for (var e = 0u; e < E; e = e + 1u) { if (key(x[row + e]) > key(mx)) { mx = x[row + e]; } }
-  let m = f_from_f32(mx);
+  st64(misc(t), f_from_f32(mx));
+}
+
+fn phase1(t: u32, e: u32) { st64(at(t) + 2u * e, f_exp(f_sub(f_from_f32(x[t * P[1] + e]), ld64(misc(t))))); }
+
+fn phase2(t: u32) {
+  let mode = P[2];
   var sum = vec2<u32>(0u, 0u);
   var weighted = vec2<u32>(0u, 0u);
-  for (var step = 0u; step < 2u; step = step + 1u) {
-    // step 0: the row's sums; step 1: its gradient (the same exps)
-    var q = vec2<u32>(0u, 0u);
-    var scale = vec2<u32>(0u, 0u);
-    if (step == 1u) {
-      if (mode == 1u) {
-        q = f_div(weighted, sum);
-        rowvals[t] = q;
-        q = f_mul(q, factor);
-      } else {
-        let lse = f_add(m, f_ln(sum));
-        rowvals[t] = f_mul(lse, lse);
-        scale = f_div(f_mul(vec2<u32>(P[6], P[7]), lse), sum);
-      }
-    }
-    for (var e = 0u; e < E; e = e + 1u) {
-      let ex = f_exp(f_sub(f_from_f32(x[row + e]), m));
-      if (step == 0u) {
-        sum = f_add(sum, ex);
-        if (mode == 1u) { weighted = f_add(weighted, f_mul(ex, counts[e])); }
-      } else if (mode == 1u) {
-        grad[row + e] = f_to_f32(f_mul(f_div(ex, sum), f_sub(f_mul(counts[e], factor), q)));
-      } else {
-        grad[row + e] = f_to_f32(f_mul(scale, ex));
-      }
-    }
+  for (var e = 0u; e < P[1]; e = e + 1u) {
+    let ex = ld64(at(t) + 2u * e);
+    sum = f_add(sum, ex);
+    if (mode == 1u) { weighted = f_add(weighted, f_mul(ex, counts[e])); }
+  }
+  st64(misc(t) + 2u, sum);
+  if (mode == 1u) {
+    let q = f_div(weighted, sum);
+    row_value(t, q);
+    st64(misc(t) + 4u, f_mul(q, vec2<u32>(P[4], P[5])));
+  } else {
+    let lse = f_add(ld64(misc(t)), f_ln(sum));
+    row_value(t, f_mul(lse, lse));
+    st64(misc(t) + 4u, f_div(f_mul(vec2<u32>(P[6], P[7]), lse), sum));
   }
 }
+
+fn phase3(t: u32, e: u32) {
+  let ex = ld64(at(t) + 2u * e);
+  let v = ld64(misc(t) + 4u);
+  if (P[2] == 1u) {
+    grad[t * P[1] + e] = f_to_f32(f_mul(f_div(ex, ld64(misc(t) + 2u)), f_sub(f_mul(counts[e], vec2<u32>(P[4], P[5])), v)));
+  } else {
+    grad[t * P[1] + e] = f_to_f32(f_mul(v, ex));
+  }
+}
+
+`;
+
+/**
+ * The shader of one phase (a shader each, not a branch on the phase: SwiftShader runs every
+ * phase's code under a branch whatever the lanes take).
+ */
+function auxLossShader(phase: number): string {
+  const perCell = phase === 1 || phase === 3;
+  return `${AUX_LOSS_COMMON}
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-  let t = gid.x + gid.y * nwg.x * 64u;
-  if (t >= P[0]) { return; }
-  body(t);
+  // every binding used (the layout is the shader's: a phase that does not touch one would drop it)
+  _ = &x; _ = &maskw; _ = &counts; _ = &grad; _ = &out; _ = &scratch;
+  let i = gid.x + gid.y * nwg.x * 64u;
+${
+  perCell
+    ? `  if (i >= P[0] * P[1]) { return; }
+  let t = i / P[1];
+  if (masked(t)) { return; }
+  phase${phase}(t, i - t * P[1]);`
+    : `  if (i >= P[0]) { return; }
+  ${phase === 0 ? 'phase0(i);' : 'if (!masked(i)) { phase2(i); }'}`
+}
 }
 `;
+}
+
+/** The four phases' shaders (AUX_LOSS_COMMON). */
+export const AUX_LOSS = [0, 1, 2, 3].map(auxLossShader);
