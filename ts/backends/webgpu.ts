@@ -885,7 +885,10 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         const maskBuf = o.tokenMask === undefined || o.tokenMask === null ? c.tmp(4, 'tokenMask') : c.buf(o.tokenMask, 'tokenMask');
         const bufs = [c.buf(logits, 'logits'), maskBuf, scores.bufferFor(gpu, 's'), indices.bufferFor(gpu, 'i'), weights.bufferFor(gpu, 'w'), scratch, flag];
         const softmax = code === 0 || code === 2;
-        const [shader, key] = !margins ? [ROUTE, 'route'] : softmax ? [ROUTE_FAST, 'route_fast'] : [ROUTE_FAST_SIGMOID, 'route_fast_sigmoid'];
+        // the shader of a phase: the exact pass's, or the fast pass's (a shader a phase)
+        const fast = softmax ? (['route_fast', ROUTE_FAST] as const) : (['route_fast_sigmoid', ROUTE_FAST_SIGMOID] as const);
+        const run = (phase: number, threads: number, exact: boolean) =>
+          exact ? c.run('route', ROUTE, params, bufs, threads, `route phase ${phase}`) : c.run(`${fast[0]}_${phase}`, fast[1][phase], params, bufs, threads, `route phase ${phase}`);
         // the phases of the route shader: per token, per (token, expert), per token (softmax's sum), per (token, expert), per token.
         // Phase 0 sets the non-finite flag: it is submitted with the flag's read-back, and the
         // other phases after it, so the op learns the flag (and settles) while they run
@@ -893,9 +896,8 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         for (const [phase, threads] of routePhases(5, t, e)) {
           if (phase === 2 && !softmax) continue;
           params[15] = phase;
-          // (phase 0 is a fast shader's: the exact one only reads the flag's buffer)
-          if (phase === 0 && !margins) c.run('route_fast', ROUTE_FAST, params, bufs, threads, 'route phase 0');
-          else c.run(key, shader, params, bufs, threads, `route phase ${phase}`);
+          // (phase 0 is always a fast shader's: the exact one only reads the flag's buffer)
+          run(phase, threads, !margins && phase > 0);
           if (phase === 0 && t > 0) {
             flagRead = gpu.read('route', flag, 4);
             // (awaited below; a failure before that must not surface as an unhandled rejection)
@@ -905,7 +907,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         if (margins) {
           // the list's workgroup counts, then the listed rows again, exactly (no workgroups where there are none)
           params[15] = 5;
-          c.run(key, shader, params, bufs, 1, 'route phase 5');
+          run(5, 1, false);
           params[16] = 2;
           for (const phase of [1, 2, 3, 4]) {
             if (phase === 2 && !softmax) continue;

@@ -53,6 +53,13 @@ fn ld64(i: u32) -> vec2<u32> { return vec2<u32>(scratch[i], scratch[i + 1u]); }
 fn st64(i: u32, v: vec2<u32>) { scratch[i] = v.x; scratch[i + 1u] = v.y; }
 `;
 
+/** The fast pass's entry for one phase (a shader a phase: SwiftShader pays for every phase under a branch). */
+function fastMain(phase: number): string {
+  if (phase === 5) return '  if (i == 0u) { phase5(); }';
+  if (phase === 1 || phase === 3) return `  if (i >= P[0] * P[1]) { return; }\n  let t = i / P[1];\n  phase${phase}_fast(t, i - t * P[1]);`;
+  return `  if (i >= P[0]) { return; }\n  ${['phase0', '', 'phase2_fast', '', 'phase4'][phase]}(i);`;
+}
+
 /**
  * route's shader in one of its two passes (P[16]: 0 every row exactly, 1 the fast pass, 2 the
  * rows the fast pass listed, exactly); phase 0 (the non-finite flag, the row's maximum) is the
@@ -71,7 +78,7 @@ fn st64(i: u32, v: vec2<u32>) { scratch[i] = v.x; scratch[i + 1u] = v.y; }
  * Separate shaders (the fast one's phases 1 and 3 for softmax or sigmoid: `sigmoid`), not
  * branches: SwiftShader runs both sides of a branch whatever its lanes take.
  */
-export function routeShader(pass: 'exact' | 'fast', sigmoid = false): string {
+export function routeShader(pass: 'exact' | 'fast', sigmoid = false, phase = 0): string {
   const fast = pass === 'fast';
   const softmaxWeights = fast
     ? `      // the picks' exps (the scores' exps, as in the exact pass) over their sum
@@ -130,15 +137,9 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
   let phase = P[15];
 ${
   fast
-    ? `  if (phase == 5u) { if (i == 0u) { phase5(); } return; }
-  if (phase == 1u || phase == 3u) {
-    if (i >= P[0] * P[1]) { return; }
-    let t = i / P[1];
-    if (phase == 1u) { phase1_fast(t, i - t * P[1]); } else { phase3_fast(t, i - t * P[1]); }
-    return;
-  }
-  if (i >= P[0]) { return; }
-  if (phase == 0u) { phase0(i); } else if (phase == 2u) { phase2_fast(i); } else { phase4(i); }`
+    ? `  // every binding used (the layout is the shader's)
+  _ = &logits; _ = &maskw; _ = &scores; _ = &indices; _ = &weights; _ = &scratch; _ = &flag;
+${fastMain(phase)}`
     : `  // P[16] == 2: the rows of the fast pass's list
   let listed = P[16] == 2u;
   if (phase == 1u || phase == 3u) {
@@ -736,7 +737,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 }
 `;
 
-/** route's two shaders (routeShader). */
+/** route's exact shader, and the fast pass's a phase for softmax and for sigmoid (routeShader). */
 export const ROUTE = routeShader('exact');
-export const ROUTE_FAST = routeShader('fast');
-export const ROUTE_FAST_SIGMOID = routeShader('fast', true);
+export const ROUTE_FAST = [0, 1, 2, 3, 4, 5].map((phase) => routeShader('fast', false, phase));
+export const ROUTE_FAST_SIGMOID = [0, 1, 2, 3, 4, 5].map((phase) => routeShader('fast', true, phase));
