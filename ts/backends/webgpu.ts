@@ -888,7 +888,9 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         // the shader of a phase: the exact pass's, or the fast pass's (a shader a phase)
         const fast = softmax ? (['route_fast', ROUTE_FAST] as const) : (['route_fast_sigmoid', ROUTE_FAST_SIGMOID] as const);
         const run = (phase: number, threads: number, exact: boolean) =>
-          exact ? c.run('route', ROUTE, params, bufs, threads, `route phase ${phase}`) : c.run(`${fast[0]}_${phase}`, fast[1][phase], params, bufs, threads, `route phase ${phase}`);
+          exact
+            ? c.run(`route_${phase}`, ROUTE[phase - 1], params, bufs, threads, `route phase ${phase}`)
+            : c.run(`${fast[0]}_${phase}`, fast[1][phase], params, bufs, threads, `route phase ${phase}`);
         // the phases of the route shader: per token, per (token, expert), per token (softmax's sum), per (token, expert), per token.
         // Phase 0 sets the non-finite flag: it is submitted with the flag's read-back, and the
         // other phases after it, so the op learns the flag (and settles) while they run
@@ -912,7 +914,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
           for (const phase of [1, 2, 3, 4]) {
             if (phase === 2 && !softmax) continue;
             params[15] = phase;
-            gpu.dispatchIndirect('route', 'route', ROUTE, params, bufs, flag, `route phase ${phase} exact`, phase % 2 === 1 ? 16 : 32);
+            gpu.dispatchIndirect('route', `route_${phase}`, ROUTE[phase - 1], params, bufs, flag, `route phase ${phase} exact`, phase % 2 === 1 ? 16 : 32);
           }
         }
         c.run('count_picks', COUNT_PICKS, [t * k, e], [indices.bufferFor(gpu, 'i'), tpe.bufferFor(gpu, 'c')], t * k);
@@ -1001,7 +1003,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
           if ((phase === 1 || phase === 2 || phase === 3) && !needScores) continue;
           if ((phase === 2 || phase === 3) && code !== 0 && code !== 2) continue;
           params[15] = phase;
-          c.run('route_backward', ROUTE_BACKWARD, params, bufs, threads, `routeBackward phase ${phase}`);
+          c.run(`route_backward_${phase}`, ROUTE_BACKWARD[phase], params, bufs, threads, `routeBackward phase ${phase}`);
         }
         // non-finite logits: the host path, for the core's RangeError
         if (t > 0 && new Uint32Array((await gpu.read('routeBackward', scratch, 4)).buffer)[0] !== 0) {

@@ -8,6 +8,7 @@
  *      2 * coeff / n lo, hi].
  */
 import { F64, f64Literal } from './f64.js';
+import { phaseMain } from './shaders.js';
 
 const POLY = Array.from({ length: 10 }, (_, i) => f64Literal(1 / (2 * (10 - i) + 1)));
 
@@ -130,30 +131,7 @@ fn phase3(t: u32, e: u32) {
 
 `;
 
-/**
- * The shader of one phase (a shader each, not a branch on the phase: SwiftShader runs every
- * phase's code under a branch whatever the lanes take).
- */
-function auxLossShader(phase: number): string {
-  const perCell = phase === 1 || phase === 3;
-  return `${AUX_LOSS_COMMON}
-@compute @workgroup_size(64)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-  // every binding used (the layout is the shader's: a phase that does not touch one would drop it)
-  _ = &x; _ = &maskw; _ = &counts; _ = &grad; _ = &out; _ = &scratch;
-  let i = gid.x + gid.y * nwg.x * 64u;
-${
-  perCell
-    ? `  if (i >= P[0] * P[1]) { return; }
-  let t = i / P[1];
-  if (masked(t)) { return; }
-  phase${phase}(t, i - t * P[1]);`
-    : `  if (i >= P[0]) { return; }
-  ${phase === 0 ? 'phase0(i);' : 'if (!masked(i)) { phase2(i); }'}`
-}
-}
-`;
-}
-
 /** The four phases' shaders (AUX_LOSS_COMMON). */
-export const AUX_LOSS = [0, 1, 2, 3].map(auxLossShader);
+export const AUX_LOSS = ['phase0(t);', 'if (!masked(t)) { phase1(t, e); }', 'if (!masked(t)) { phase2(t); }', 'if (!masked(t)) { phase3(t, e); }'].map(
+  (call, phase) => AUX_LOSS_COMMON + phaseMain(['x', 'maskw', 'counts', 'grad', 'out', 'scratch'], phase % 2 === 1, call),
+);

@@ -13,7 +13,7 @@
  */
 import { LN } from './aux-loss.js';
 import { F32_FAST, F64, F64_ACC, f64Literal } from './f64.js';
-import { CONVERT } from './shaders.js';
+import { CONVERT, phaseMain } from './shaders.js';
 
 /**
  * What route and routeBackward share (the shader binds P, logits and scratch): the logits' bits
@@ -53,11 +53,39 @@ fn ld64(i: u32) -> vec2<u32> { return vec2<u32>(scratch[i], scratch[i + 1u]); }
 fn st64(i: u32, v: vec2<u32>) { scratch[i] = v.x; scratch[i + 1u] = v.y; }
 `;
 
-/** The fast pass's entry for one phase (a shader a phase: SwiftShader pays for every phase under a branch). */
-function fastMain(phase: number): string {
-  if (phase === 5) return '  if (i == 0u) { phase5(); }';
-  if (phase === 1 || phase === 3) return `  if (i >= P[0] * P[1]) { return; }\n  let t = i / P[1];\n  phase${phase}_fast(t, i - t * P[1]);`;
-  return `  if (i >= P[0]) { return; }\n  ${['phase0', '', 'phase2_fast', '', 'phase4'][phase]}(i);`;
+/** What each phase of route's two passes runs for its thread (phaseMain's `t`, `e`). */
+const FAST_CALLS = ['phase0(t);', 'phase1_fast(t, e);', 'phase2_fast(t);', 'phase3_fast(t, e);', 'phase4(t);', 'if (t == 0u) { phase5(); }'];
+const EXACT_CALLS = ['', 'phase1(t, e);', 'phase2(t);', 'phase3(t, e);', 'phase4(t);'];
+const ROUTE_BINDINGS = ['logits', 'maskw', 'scores', 'indices', 'weights', 'scratch', 'flag'];
+
+/**
+ * The exact pass's entry for one phase: over every token (or cell), or (P[16] == 2) over the
+ * rows the fast pass listed (their count at flag[7], the rows from flag[12]).
+ */
+function exactMain(phase: number): string {
+  const perCell = phase % 2 === 1;
+  return /* wgsl */ `
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  ${ROUTE_BINDINGS.map((b) => `_ = &${b};`).join(' ')}
+  let i = gid.x + gid.y * nwg.x * 64u;
+  let listed = P[16] == 2u;
+  var n = P[0];
+  if (listed) { n = flag[7]; }
+${
+  perCell
+    ? `  if (i >= n * P[1]) { return; }
+  let li = i / P[1];
+  let e = i - li * P[1];
+  var t = li;
+  if (listed) { t = flag[12u + li]; }`
+    : `  if (i >= n) { return; }
+  var t = i;
+  if (listed) { t = flag[12u + i]; }`
+}
+  ${EXACT_CALLS[phase]}
+}
+`;
 }
 
 /**
@@ -78,7 +106,7 @@ function fastMain(phase: number): string {
  * Separate shaders (the fast one's phases 1 and 3 for softmax or sigmoid: `sigmoid`), not
  * branches: SwiftShader runs both sides of a branch whatever its lanes take.
  */
-export function routeShader(pass: 'exact' | 'fast', sigmoid = false, phase = 0): string {
+export function routeShader(pass: 'exact' | 'fast', sigmoid = false, phase = 1): string {
   const fast = pass === 'fast';
   const softmaxWeights = fast
     ? `      // the picks' exps (the scores' exps, as in the exact pass) over their sum
@@ -120,7 +148,7 @@ ${F64_ACC}
 ${fast ? F32_FAST : ''}
 const BIAS = 19u;
 
-// Phases (P[15], one dispatch each): 0 per token: the finiteness flag and the row's maximum; 1
+// Phases (one dispatch each, a shader each: phaseMain, exactMain): 0 per token: the finiteness flag and the row's maximum; 1
 // per (token, expert): the exp; 2 per token: softmax's sum of the exps, in expert order; 3 per
 // (token, expert): the score; 4 per token: keys, groups, top-k, weights, normalisation (5, the
 // fast pass: one thread, the list's workgroup counts). Each value goes through the same
@@ -131,35 +159,7 @@ fn is_softmax() -> bool { return P[3] == 0u || P[3] == 2u; }
 fn at_max(t: u32) -> u32 { return t * P[14] + 4u * P[1] + 2u * P[2]; }
 
 ${fast ? PHASE0 + FAST_PHASES + (sigmoid ? PHASE1_SIGMOID + PHASE3_SIGMOID : PHASE1_SOFTMAX + PHASE3_SOFTMAX) : EXACT_PHASES}${phase4(softmaxWeights, skipMarked, tail)}
-@compute @workgroup_size(64)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-  let i = gid.x + gid.y * nwg.x * 64u;
-  let phase = P[15];
-${
-  fast
-    ? `  // every binding used (the layout is the shader's)
-  _ = &logits; _ = &maskw; _ = &scores; _ = &indices; _ = &weights; _ = &scratch; _ = &flag;
-${fastMain(phase)}`
-    : `  // P[16] == 2: the rows of the fast pass's list
-  let listed = P[16] == 2u;
-  if (phase == 1u || phase == 3u) {
-    var n = P[0];
-    if (listed) { n = flag[7]; }
-    if (i >= n * P[1]) { return; }
-    let li = i / P[1];
-    var t = li;
-    if (listed) { t = flag[12u + li]; }
-    if (phase == 1u) { phase1(t, i - li * P[1]); } else { phase3(t, i - li * P[1]); }
-    return;
-  }
-  var t = i;
-  if (listed) {
-    if (i >= flag[7]) { return; }
-    t = flag[12u + i];
-  } else if (i >= P[0]) { return; }
-  if (phase == 2u) { phase2(t); } else if (phase == 4u) { phase4(t); }`
-}
-}
+${fast ? phaseMain(ROUTE_BINDINGS, phase % 2 === 1 && phase < 5, FAST_CALLS[phase]) : exactMain(phase)}
 `;
 }
 
@@ -534,7 +534,7 @@ export function routeMargins(e: number, k: number): [number, number] | undefined
 /**
  * routeBackward on the GPU: the core's `route_backward` row by row (routing.rs `BackwardRow`),
  * every step in software float64 as the core computes it, each sum from -0 (Rust's `sum()`) in
- * the core's order, the result rounded once to float32. Phases (P[15]): 0 per token: the
+ * the core's order, the result rounded once to float32. Phases (a shader each): 0 per token: the
  * finiteness flag and the row's maximum; 1 per (token, expert): the unbiased scores' exps,
  * sigmoids or sqrt(softplus); 2 per token: softmax's sum; 3 per (token, expert): softmax's
  * division; 4 per token: the picks' weights and their gradient, the scores' gradient, softmax's
@@ -546,7 +546,7 @@ export function routeMargins(e: number, k: number): [number, number] | undefined
  *      hasGradScores]. Scratch row: s [2E], gs [2E], gx [2E], u [2k], gu [2k], max, sum, dot
  * [2 each], after word 0: the non-finite flag (every thread that finds one writes 1).
  */
-export const ROUTE_BACKWARD = `
+const ROUTE_BACKWARD_COMMON = `
 @group(0) @binding(0) var<storage, read> P: array<u32>;
 @group(0) @binding(1) var<storage, read> logits: array<u32>;
 @group(0) @binding(2) var<storage, read> maskw: array<u32>;
@@ -707,20 +707,6 @@ fn phase5(t: u32, e: u32) {
   out[i] = f_to_f32(gx);
 }
 
-@compute @workgroup_size(64)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-  let i = gid.x + gid.y * nwg.x * 64u;
-  let phase = P[15];
-  if (phase == 1u || phase == 3u || phase == 5u) {
-    if (i >= P[0] * P[1]) { return; }
-    let t = i / P[1];
-    let e = i - t * P[1];
-    if (phase == 1u) { phase1(t, e); } else if (phase == 3u) { phase3(t, e); } else { phase5(t, e); }
-    return;
-  }
-  if (i >= P[0]) { return; }
-  if (phase == 0u) { phase0(i); } else if (phase == 2u) { phase2(i); } else { phase4(i); }
-}
 `;
 
 /** tokensPerExpert of route's picks: one thread per pick adds 1 to its expert's count (integer atomics: the counts do not depend on the order; -1 is not counted). P = [T * k, E]. */
@@ -738,6 +724,11 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 `;
 
 /** route's exact shader, and the fast pass's a phase for softmax and for sigmoid (routeShader). */
-export const ROUTE = routeShader('exact');
+export const ROUTE = [1, 2, 3, 4].map((phase) => routeShader('exact', false, phase));
 export const ROUTE_FAST = [0, 1, 2, 3, 4, 5].map((phase) => routeShader('fast', false, phase));
 export const ROUTE_FAST_SIGMOID = [0, 1, 2, 3, 4, 5].map((phase) => routeShader('fast', true, phase));
+
+/** routeBackward's shader of each phase (ROUTE_BACKWARD_COMMON and phaseMain). */
+export const ROUTE_BACKWARD = ['phase0(t);', 'phase1(t, e);', 'phase2(t);', 'phase3(t, e);', 'phase4(t);', 'phase5(t, e);'].map(
+  (call, phase) => ROUTE_BACKWARD_COMMON + phaseMain(['logits', 'maskw', 'indices', 'gw', 'gsc', 'out', 'scratch'], phase % 2 === 1, call),
+);
