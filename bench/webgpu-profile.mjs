@@ -3,7 +3,9 @@
  * Where a webgpu op's time goes (issue 21): the GPU time of every shader dispatch, from WebGPU
  * timestamp queries, next to the op's wall time, for a device pipeline route -> indicesToMultihot
  * -> permute -> unpermute and the two backward passes, and the grouped experts forward and
- * backward (2048 rows, dim 256, inter 256, E = 8: each GEMM launch, each activation pass), in Node through Dawn. The backend is not
+ * backward (2048 rows, dim 256, inter 256, E = 8: each GEMM launch, each activation pass), route
+ * as DeepSeek-V3 sets it (sigmoid with a bias, groups, normalised, scaled), routeBackward at both
+ * routes' picks, zLoss and the load-balancing loss from the logits, in Node through Dawn. The backend is not
  * changed: this script asks the adapter for `timestamp-query`, and wraps `beginComputePass` so
  * that each pass writes its start and end; a pass is named by its label (ts/webgpu/gpu.ts labels
  * it with the shader's key, or a step of it: `route phase 1`). Dawn's timestamp quantization is
@@ -131,6 +133,29 @@ const ex = (() => {
     o: { activation: 'swiglu', permutedProbs: moe.upload(api.tensor('float32', [N], values(N, 0.125))) },
   };
 })();
+// route as DeepSeek-V3 configures it (sigmoid with a bias, groups, normalised, scaled), its backward, the losses on the logits
+const groups = E % 8 === 0 ? 8 : 1;
+const deepSeek = {
+  topk: k,
+  scoreFunction: 'sigmoid_with_bias',
+  expertBias: api.tensor(
+    'float32',
+    [E],
+    Float32Array.from({ length: E }, () => g() - 0.5),
+  ),
+  numGroups: groups,
+  topkGroups: Math.max(1, groups / 2),
+  normTopkProb: true,
+  routeScale: 2.5,
+};
+const rd = await moe.gpu.route(logits, deepSeek);
+const gw = moe.upload(
+  api.tensor(
+    'float32',
+    [T, k],
+    Float32Array.from({ length: T * k }, () => g() - 0.5),
+  ),
+);
 const free = (o) => {
   if (typeof o.dispose === 'function') o.dispose();
   else for (const t of Object.values(o)) t.dispose();
@@ -145,6 +170,11 @@ const ops = {
   // the grouped experts of bench/webgpu-bench.mjs benchExperts' shape (2048 rows, dim 256, inter 256, E = 8)
   expertsForward: () => moe.gpu.expertsForward(ex.x, ex.tpe, ex.w, ex.o),
   expertsBackward: () => moe.gpu.expertsBackward(ex.x, ex.x, ex.tpe, ex.w, ex.o),
+  routeDeepSeek: () => moe.gpu.route(logits, deepSeek),
+  routeBackward: () => moe.gpu.routeBackward(gw, logits, ro.indices, { topk: k }),
+  routeBackwardDeepSeek: () => moe.gpu.routeBackward(gw, logits, rd.indices, deepSeek),
+  zLoss: async () => (await moe.gpu.zLoss(logits, { coeff: 1e-3 })).gradLogits,
+  switchFromLogits: async () => (await moe.gpu.switchLoadBalancingLossFromLogits(logits, ro.tokensPerExpert, { topk: k })).gradLogits,
 };
 const rows = [];
 const median = (a) => [...a].sort((u, v) => u - v)[Math.floor(a.length / 2)];
