@@ -63,6 +63,30 @@ describe.skipIf(!moe || !isWebGpuBackend(moe))('webgpu buffer cache', { timeout:
     expect(gpu.memory().cachedBytes).toBeGreaterThan(0);
   });
 
+  it("routeBackward over the picks alone: a reused output buffer's old values never show off the picks", async () => {
+    const [T, E, k] = [29, 12, 3];
+    const random = rng(5);
+    const logits = tensor(
+      'float32',
+      [T, E],
+      Float32Array.from({ length: T * E }, () => random() * 8 - 4),
+    );
+    const gw = tensor(
+      'float32',
+      [T, k],
+      Float32Array.from({ length: T * k }, () => random() * 2 - 1),
+    );
+    for (const o of [{ topk: k }, { topk: k, scoreFunction: 'sigmoid', normTopkProb: true }]) {
+      // buffers of the output's size, full of non-zero bits, back in the cache
+      for (let i = 0; i < 3; i++) gpu.upload(tensor('float32', [T, E], new Float32Array(T * E).fill(7.5))).dispose();
+      const dl = gpu.upload(logits);
+      const r = await gpu.gpu.route(dl, o);
+      const got = await gpu.gpu.routeBackward(gpu.upload(gw), dl, r.indices, o);
+      same((await gpu.toHost(got)).gradLogits, wasm.routeBackward(gw, logits, wasm.route(logits, o).indices, o).gradLogits, `routeBackward ${o.scoreFunction ?? 'softmax'}`);
+      for (const t of [dl, got.gradLogits, ...Object.values(r)]) t.dispose();
+    }
+  });
+
   it("keeps the inverse of a device sortedIndices with it: later ops on it agree with wasm, its bytes are live until the tensor's dispose()", async () => {
     const [T, E, k, H] = [37, 5, 2, 8];
     const r = randomRouting({ numTokens: T, numExperts: E, topk: k, hidden: H, dtype: 'float32' }, rng(11));

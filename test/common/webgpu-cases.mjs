@@ -1172,6 +1172,8 @@ export function webgpuCases(ctx) {
         { topk: 3, scoreFunction: 'sqrtsoftplus', normTopkProb: true, routeScale: 0.75 },
         { topk: 1, tokenMask: mask },
         { topk: 16, scoreFunction: 'sigmoid' },
+        // sigmoid's masked rows and the experts no pick reaches (their scores are not computed)
+        { topk: 2, scoreFunction: 'sigmoid_with_bias', expertBias: bias, tokenMask: mask, routeScale: 1.5 },
       ]) {
         const od = { ...o };
         if (o.tokenMask) od.tokenMask = m.upload(o.tokenMask);

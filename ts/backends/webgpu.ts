@@ -985,7 +985,10 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         // s, gs, gx [2E each], u, gu [2k each], max, sum, dot [2 each] (ts/webgpu/route.ts)
         const stride = 6 * e + 4 * k + 6;
         const params = [t, e, k, code, onLogits ? 1 : 0, 0, 0, 0, 0, o.normTopkProb === true && k > 1 ? 1 : 0, mask ? 1 : 0, rs[0], rs[1], DTYPE_CODES[lm.dtype], stride, 0, withScores ? 1 : 0];
-        const gradLogits = c.out('float32', [t, e], 'gradLogits', true);
+        // the gradient reaches the picks alone (softmax over the picks' logits without scores; sigmoid and
+        // sqrtsoftplus without gradScores): phases 1 and 5 over the picks (ROUTE_BACKWARD[6, 7]), the rest of the output +0 as cleared
+        const picksOnly = !withScores && (!onLogits ? code !== 0 && code !== 2 : true);
+        const gradLogits = c.out('float32', [t, e], 'gradLogits', !picksOnly);
         // word 0: the non-finite flag (a new scratch buffer is zeroed)
         const scratch = c.tmp(4 * (stride * t + 1), 'routeBackward scratch');
         const maskBuf = mask ? c.buf(o.tokenMask, 'tokenMask') : c.tmp(4, 'tokenMask');
@@ -1003,7 +1006,9 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
           if ((phase === 1 || phase === 2 || phase === 3) && !needScores) continue;
           if ((phase === 2 || phase === 3) && code !== 0 && code !== 2) continue;
           params[15] = phase;
-          c.run(`route_backward_${phase}`, ROUTE_BACKWARD[phase], params, bufs, threads, `routeBackward phase ${phase}`);
+          const picks = picksOnly && (phase === 1 || phase === 5);
+          const at = picks ? (phase === 1 ? 6 : 7) : phase;
+          c.run(`route_backward_${at}`, ROUTE_BACKWARD[at], params, bufs, picks ? t * k : threads, `routeBackward phase ${phase}${picks ? ' (picks)' : ''}`);
         }
         // non-finite logits: the host path, for the core's RangeError
         if (t > 0 && new Uint32Array((await gpu.read('routeBackward', scratch, 4)).buffer)[0] !== 0) {

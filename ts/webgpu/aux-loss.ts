@@ -133,5 +133,5 @@ fn phase3(t: u32, e: u32) {
 
 /** The four phases' shaders (AUX_LOSS_COMMON). */
 export const AUX_LOSS = ['phase0(t);', 'if (!masked(t)) { phase1(t, e); }', 'if (!masked(t)) { phase2(t); }', 'if (!masked(t)) { phase3(t, e); }'].map(
-  (call, phase) => AUX_LOSS_COMMON + phaseMain(['x', 'maskw', 'counts', 'grad', 'out', 'scratch'], phase % 2 === 1, call),
+  (call, phase) => AUX_LOSS_COMMON + phaseMain(['x', 'maskw', 'counts', 'grad', 'out', 'scratch'], phase % 2 === 1 ? 'cells' : 'tokens', call),
 );

@@ -159,7 +159,7 @@ fn is_softmax() -> bool { return P[3] == 0u || P[3] == 2u; }
 fn at_max(t: u32) -> u32 { return t * P[14] + 4u * P[1] + 2u * P[2]; }
 
 ${fast ? PHASE0 + FAST_PHASES + (sigmoid ? PHASE1_SIGMOID + PHASE3_SIGMOID : PHASE1_SOFTMAX + PHASE3_SOFTMAX) : EXACT_PHASES}${phase4(softmaxWeights, skipMarked, tail)}
-${fast ? phaseMain(ROUTE_BINDINGS, phase % 2 === 1 && phase < 5, FAST_CALLS[phase]) : exactMain(phase)}
+${fast ? phaseMain(ROUTE_BINDINGS, phase % 2 === 1 && phase < 5 ? 'cells' : 'tokens', FAST_CALLS[phase]) : exactMain(phase)}
 `;
 }
 
@@ -728,7 +728,23 @@ export const ROUTE = [1, 2, 3, 4].map((phase) => routeShader('exact', false, pha
 export const ROUTE_FAST = [0, 1, 2, 3, 4, 5].map((phase) => routeShader('fast', false, phase));
 export const ROUTE_FAST_SIGMOID = [0, 1, 2, 3, 4, 5].map((phase) => routeShader('fast', true, phase));
 
-/** routeBackward's shader of each phase (ROUTE_BACKWARD_COMMON and phaseMain). */
-export const ROUTE_BACKWARD = ['phase0(t);', 'phase1(t, e);', 'phase2(t);', 'phase3(t, e);', 'phase4(t);', 'phase5(t, e);'].map(
-  (call, phase) => ROUTE_BACKWARD_COMMON + phaseMain(['logits', 'maskw', 'indices', 'gw', 'gsc', 'out', 'scratch'], phase % 2 === 1, call),
-);
+/**
+ * routeBackward's shader of each phase (ROUTE_BACKWARD_COMMON and phaseMain), and (6, 7) phases 1
+ * and 5 over the picks alone, where the gradient reaches only them: softmax selecting on the
+ * logits without gradScores (gx is +0 off the picks), sigmoid and sqrtsoftplus without
+ * gradScores (gs is +0 off the picks, times a finite non-negative derivative: +0); a cleared
+ * output holds those +0s, and T k threads compute the rest instead of T E.
+ */
+const PICK = (call: string) => `let p = indices[t * P[2] + j]; if (p >= 0) { let e = u32(p); ${call} }`;
+export const ROUTE_BACKWARD = (
+  [
+    ['tokens', 'phase0(t);'],
+    ['cells', 'phase1(t, e);'],
+    ['tokens', 'phase2(t);'],
+    ['cells', 'phase3(t, e);'],
+    ['tokens', 'phase4(t);'],
+    ['cells', 'phase5(t, e);'],
+    ['picks', PICK('phase1(t, e);')],
+    ['picks', PICK('phase5(t, e);')],
+  ] as const
+).map(([over, call]) => ROUTE_BACKWARD_COMMON + phaseMain(['logits', 'maskw', 'indices', 'gw', 'gsc', 'out', 'scratch'], over, call));

@@ -29,25 +29,25 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 
 /**
  * The entry point of one phase of a shader in phases (route, routeBackward, the aux losses):
- * `call` over tokens `t < P[0]`, or over (token, expert) cells `t < P[0]`, `e < P[1]`
- * (`perCell`), with every binding in `bindings` touched (a shader's layout keeps only what it
+ * `call` over tokens `t < P[0]`, over (token, expert) cells `t < P[0]`, `e < P[1]`, or over
+ * (token, pick) pairs `t < P[0]`, `j < P[2]` (`over`), with every binding in `bindings` touched (a shader's layout keeps only what it
  * uses, and the phases share one bind group). A shader a phase, not one branching on the phase:
  * SwiftShader pays for every phase's code under such a branch at every dispatch, whatever the
  * lanes take (route's phase 1 at T=2048, E=64: 573 ms in one shader, 53 ms alone).
  */
-export function phaseMain(bindings: readonly string[], perCell: boolean, call: string): string {
+export function phaseMain(bindings: readonly string[], over: 'tokens' | 'cells' | 'picks', call: string): string {
   return /* wgsl */ `
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
   ${bindings.map((b) => `_ = &${b};`).join(' ')}
   let i = gid.x + gid.y * nwg.x * 64u;
 ${
-  perCell
-    ? `  if (i >= P[0] * P[1]) { return; }
-  let t = i / P[1];
-  let e = i - t * P[1];`
-    : `  if (i >= P[0]) { return; }
+  over === 'tokens'
+    ? `  if (i >= P[0]) { return; }
   let t = i;`
+    : `  if (i >= P[0] * P[${over === 'cells' ? 1 : 2}]) { return; }
+  let t = i / P[${over === 'cells' ? 1 : 2}];
+  let ${over === 'cells' ? 'e' : 'j'} = i - t * P[${over === 'cells' ? 1 : 2}];`
 }
   ${call}
 }
