@@ -103,8 +103,9 @@ ${
  *   expert), n, workgroups (x, y, z) per row, 0, rows [T], a mark per row [T]]) and the exact
  *   pass redoes the whole row, dispatched from that list.
  *
- * Separate shaders (the fast one's phases 1 and 3 for softmax or sigmoid: `sigmoid`), not
- * branches: SwiftShader runs both sides of a branch whatever its lanes take.
+ * One shader a phase (`phase`: phaseMain, exactMain), the fast pass's phases 1 and 3 for softmax
+ * or for sigmoid (`sigmoid`), not branches: SwiftShader runs both sides of a branch whatever its
+ * lanes take.
  */
 export function routeShader(pass: 'exact' | 'fast', sigmoid = false, phase = 1): string {
   const fast = pass === 'fast';
