@@ -648,8 +648,9 @@ fn fix64(b: u32) -> vec2<u32> {
 }
 /**
  * 2^(j/64) e^r for j = k & 63 and r = R 2^-64 (R: X - k ln2/64 in 64-bit fixed point, modulo
- * 2^64, |r| <= ln2/128 + 2^-14): Y with 63 fraction bits, in [0.99, 2) (its leading one at bit
- * 63 or 62); the exp is Y 2^(k >> 6) 2^-63. e^r - 1 = r + r^2/2 + r^3/6 in fixed point and
+ * 2^64, |r| <= ln2/128 + 2^-13: k rounded from a float32 estimate of the argument, within 0.008
+ * of a step of the nearest for |x| <= 700): Y with 63 fraction bits, in [0.99, 2) (its leading
+ * one at bit 63 or 62); the exp is Y 2^(k >> 6) 2^-63. e^r - 1 = r + r^2/2 + r^3/6 in fixed point and
  * r^4/24 + r^5/120 in float32 (their error below 2^-55; the terms left out below 2^-54), 2^(j/64)
  * from a table rounded to 2^-64: relative error below 2^-51 (the reduction's own error, |k|
  * times the rounding of ln2/64, is the caller's).
