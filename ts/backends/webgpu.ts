@@ -897,7 +897,6 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         let flagRead: Promise<Uint8Array> | undefined;
         for (const [phase, threads] of routePhases(5, t, e)) {
           if (phase === 2 && !softmax) continue;
-          params[15] = phase;
           // (phase 0 is always a fast shader's: the exact one only reads the flag's buffer)
           run(phase, threads, !margins && phase > 0);
           if (phase === 0 && t > 0) {
@@ -908,12 +907,10 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         }
         if (margins) {
           // the list's workgroup counts, then the listed rows again, exactly (no workgroups where there are none)
-          params[15] = 5;
           run(5, 1, false);
           params[16] = 2;
           for (const phase of [1, 2, 3, 4]) {
             if (phase === 2 && !softmax) continue;
-            params[15] = phase;
             gpu.dispatchIndirect('route', `route_${phase}`, ROUTE[phase - 1], params, bufs, flag, `route phase ${phase} exact`, phase % 2 === 1 ? 16 : 32);
           }
         }
@@ -1005,7 +1002,6 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
         for (const [phase, threads] of routePhases(6, t, e)) {
           if ((phase === 1 || phase === 2 || phase === 3) && !needScores) continue;
           if ((phase === 2 || phase === 3) && code !== 0 && code !== 2) continue;
-          params[15] = phase;
           const picks = picksOnly && (phase === 1 || phase === 5);
           const at = picks ? (phase === 1 ? 6 : 7) : phase;
           c.run(`route_backward_${at}`, ROUTE_BACKWARD[at], params, bufs, picks ? t * k : threads, `routeBackward phase ${phase}${picks ? ' (picks)' : ''}`);

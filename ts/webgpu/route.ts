@@ -7,8 +7,8 @@
  *
  * P = [T, E, k, scoreFunction (0 softmax, 1 sigmoid, 2 softmax_with_bias, 3 sigmoid_with_bias),
  *      softmaxBeforeTopk, hasBias, numGroups, topkGroups, top2GroupScore, normalise, hasMask,
- *      routeScale lo, routeScale hi, logits dtype (0 f32, 1 bf16, 2 f16), scratch stride, phase,
- *      pass (0 exact, 1 fast, 2 exact over the fast pass's list), the fast pass's margins for the
+ *      routeScale lo, routeScale hi, logits dtype (0 f32, 1 bf16, 2 f16), scratch stride, 0 (unused:
+ *      a shader a phase), pass (0 exact, 1 fast, 2 exact over the fast pass's list), the fast pass's margins for the
  *      scores and the weights, expertBias bits [E]...].
  */
 import { LN } from './aux-loss.js';
@@ -543,7 +543,7 @@ export function routeMargins(e: number, k: number): [number, number] | undefined
  * token or a row of -1s).
  *
  * P = [T, E, k, scoreFunction, onLogits (softmax selecting on the logits), 0, 0, 0, 0,
- *      normalise, hasMask, routeScale lo, routeScale hi, logits dtype, scratch stride, phase,
+ *      normalise, hasMask, routeScale lo, routeScale hi, logits dtype, scratch stride, 0 (unused),
  *      hasGradScores]. Scratch row: s [2E], gs [2E], gx [2E], u [2k], gu [2k], max, sum, dot
  * [2 each], after word 0: the non-finite flag (every thread that finds one writes 1).
  */
