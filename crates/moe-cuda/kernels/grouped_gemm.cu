@@ -103,6 +103,40 @@ static __device__ __forceinline__ void tma_prefetch(const GgTensorMap* map) {
     asm volatile("prefetch.tensormap [%0];" ::"l"((u64)map) : "memory");
 }
 
+// The 2-CTA cluster kernels (`_mc`): this CTA's rank in its cluster, the cluster's index and
+// how many clusters the grid has, a barrier over every thread of the cluster, an arrival on the
+// barrier at the same shared-memory offset in CTA `rank` of the cluster, and a TMA load written
+// to the same offset in every CTA of `mask` (each one's barrier at `bar`'s offset gets the bytes).
+static __device__ __forceinline__ u32 cluster_rank() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+static __device__ __forceinline__ int cluster_index() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%clusterid.x;" : "=r"(r));
+    return (int)r;
+}
+static __device__ __forceinline__ int cluster_count() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%nclusterid.x;" : "=r"(r));
+    return (int)r;
+}
+static __device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;" ::: "memory");
+}
+static __device__ __forceinline__ void mbar_arrive_remote(u32 bar, u32 rank) {
+    asm volatile("{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, %0, %1;\nmbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\n}" ::"r"(bar),
+                 "r"(rank)
+                 : "memory");
+}
+static __device__ __forceinline__ void tma_load_3d_mc(u32 dst, const GgTensorMap* map, int c0, int c1, int c2, u32 bar, u16 mask) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%2, %3, %4}], [%5], %6;" ::"r"(dst),
+        "l"((u64)map), "r"(c0), "r"(c1), "r"(c2), "r"(bar), "h"(mask)
+        : "memory");
+}
+
 // The epilogue's row copies shared -> global by the TMA engine (bulk copies, no tensor map).
 static __device__ __forceinline__ void bulk_store(u64 dst, u32 src, u32 bytes) {
     asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst), "r"(src), "r"(bytes) : "memory");
@@ -191,6 +225,49 @@ static __device__ __forceinline__ GgTile gg_tile(const int* tile_start, const in
     return r;
 }
 
+// The cluster kernels' tile t: each expert's tiles (m_tiles x n_tiles, rounded up to an even
+// count: `tile_start` counts them so) in groups of `group_n` column tiles as in gg_tile, but
+// within a group row tiles 2j and 2j + 1 of a column come one after the other (a pair of tiles
+// t = 2q, 2q + 1 then needs the same B tile, which the two CTAs of a cluster load half each
+// and multicast); the rows of a last odd row tile follow one column after another. The padding
+// tile (an odd count's last) has n0 = -1.
+template <int BN>
+static __device__ __forceinline__ GgTile gg_tile_mc(const int* tile_start, const int* row_start, int num_experts, int n_tiles, int m_total,
+                                                    int t, int group_n) {
+    int lo = 0, hi = num_experts - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (tile_start[mid] <= t) lo = mid; else hi = mid - 1;
+    }
+    const int u = t - tile_start[lo];
+    const int m_tiles = (row_start[lo + 1] - row_start[lo] + GG_BM - 1) / GG_BM;
+    GgTile r;
+    r.e = lo;
+    if (u >= m_tiles * n_tiles) {
+        r.row0 = row_start[lo];
+        r.rows = 0;
+        r.n0 = -1;
+        return r;
+    }
+    const int g = u / (m_tiles * group_n);
+    const int u_in = u - g * m_tiles * group_n;
+    const int gs = min(group_n, n_tiles - g * group_n);
+    const int paired_rows = m_tiles & ~1;
+    int m, nn;
+    if (u_in < paired_rows * gs) {
+        const int j = u_in / (2 * gs), rem = u_in - j * 2 * gs;
+        m = 2 * j + (rem & 1);
+        nn = rem >> 1;
+    } else {
+        m = paired_rows;
+        nn = u_in - paired_rows * gs;
+    }
+    r.row0 = row_start[lo] + m * GG_BM;
+    r.n0 = (g * group_n + nn) * BN;
+    r.rows = min(min(GG_BM, row_start[lo + 1] - r.row0), m_total - r.row0);
+    return r;
+}
+
 // Row stride of the epilogue's staging rows (EPI_STAGED, EPI_RING): a row of 256 bf16 plus 16 bytes, so that
 // the accumulator layout's stores (8 rows x 4 words a warp) fall in 32 distinct banks.
 #define GG_C_ROW 528
@@ -239,6 +316,7 @@ struct GgShared {
     u32 base;  // the first stage's shared address
     u64* bars;
     u32 full0, empty0;  // the shared addresses of full[0] and empty[0]
+    u32 peer;  // the cluster kernels: the other CTA's rank (its consumers release our stages too); else ~0
 };
 
 template <int STAGES, u32 STAGE_BYTES, u32 C_BYTES>
@@ -250,15 +328,17 @@ static __device__ __forceinline__ GgShared gg_shared_layout() {
     sh.bars = (u64*)(gg_shared + (sh.base - raw) + STAGES * STAGE_BYTES + C_BYTES);
     sh.full0 = gg_smem(sh.bars);
     sh.empty0 = sh.full0 + 8 * STAGES;
+    sh.peer = ~0u;
     return sh;
 }
 
-// One thread: the stages' barriers initialised and made visible.
+// One thread: the stages' barriers initialised and made visible. `empty` takes one arrival per
+// consumer warp: 8, or 16 in a 2-CTA cluster (the stage is written by both CTAs' loads).
 template <int STAGES>
-static __device__ __forceinline__ void gg_init_barriers(const GgShared& sh) {
+static __device__ __forceinline__ void gg_init_barriers(const GgShared& sh, u32 consumer_warps = 8) {
     for (int s = 0; s < STAGES; s++) {
         mbar_init(sh.full0 + 8 * s, 1);
-        mbar_init(sh.empty0 + 8 * s, 8);  // one arrival per consumer warp
+        mbar_init(sh.empty0 + 8 * s, consumer_warps);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
 }
@@ -311,11 +391,15 @@ struct GgWarp {
     int pending = -1;
 };
 
-// A consumer warp gives stage `prev` (if any) back to the producer.
+// A consumer warp gives stage `prev` (if any) back to the producer, and in a cluster to the
+// other CTA's producer too (whose multicast loads write our stage; our own arrival first).
 static __device__ __forceinline__ void gg_release(const GgShared& sh, int prev, int lane) {
     if (prev >= 0) {
         __syncwarp();
-        if (lane == 0) mbar_arrive(sh.empty0 + 8 * prev);
+        if (lane == 0) {
+            mbar_arrive(sh.empty0 + 8 * prev);
+            if (sh.peer != ~0u) mbar_arrive_remote(sh.empty0 + 8 * prev, sh.peer);
+        }
     }
 }
 
@@ -431,7 +515,13 @@ static __device__ __forceinline__ void gg_mma_step(float* acc, int kb, u32 a_add
 // HALF (EPI_RING only): a tile of at most 64 rows (an expert's last) is multiplied as two
 // 64 x 128 halves, one a warpgroup (wgmma m64n128k16), instead of 128 x 256 with the second
 // warpgroup's rows thrown away.
-template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, int EPI, bool HALF = false>
+// MC (a launch in clusters of 2 CTAs, BN = 256): the cluster takes pairs of tiles (gg_tile_mc's
+// order), one a CTA; where the two need the same B tile (rows 2j and 2j + 1 of a column of one
+// expert, or the padding tile), each CTA's producer loads half of it and multicasts it to both,
+// so each loads 32 KiB of a 48 KiB stage from L2 instead of 48; else each loads its own. The
+// two CTAs go through the same stages in step: every stage is released by the consumers of both
+// (16 arrivals), and neither CTA exits before the other is done with its shared memory.
+template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, int EPI, bool HALF = false, bool MC = false>
 static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const GgTensorMap* map_b, void* out, const int* counts,
                                                int num_experts, int m_total, int n, int k, int group_n) {
     constexpr u32 A_BYTES = GG_BM * GG_BK * 2;
@@ -440,7 +530,10 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
     // EPI_STAGED: each consumer warpgroup's 64 x BN output rows staged after the stages
     constexpr u32 C_BYTES = EPI == GG_EPI_STAGED ? 2 * 64 * GG_C_ROW : 0;
     static_assert(EPI == GG_EPI_REG || (BN == 256 && !OUT_F32), "the bulk epilogues are for 256-column bf16 tiles");
-    const GgShared sh = gg_shared_layout<STAGES, STAGE_BYTES, C_BYTES>();
+    static_assert(!MC || (BN == 256 && !HALF), "the cluster kernels have 256-column tiles");
+    GgShared sh = gg_shared_layout<STAGES, STAGE_BYTES, C_BYTES>();
+    const u32 rank = MC ? cluster_rank() : 0;
+    if constexpr (MC) sh.peer = rank ^ 1u;
     int* tile_start = (int*)(sh.bars + 2 * STAGES);
     int* row_start = tile_start + num_experts + 1;
     const int n_tiles = (n + BN - 1) / BN;
@@ -450,7 +543,8 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
     for (int c0 = 0; c0 < num_experts; c0 += GG_THREADS) {
         const int e = c0 + (int)threadIdx.x;
         const int cnt = e < num_experts ? max(__ldg(counts + e), 0) : 0;
-        const int tiles = (cnt + GG_BM - 1) / GG_BM * n_tiles;
+        int tiles = (cnt + GG_BM - 1) / GG_BM * n_tiles;
+        if constexpr (MC) tiles = (tiles + 1) & ~1;  // (gg_tile_mc: pairs never straddle experts)
         int rows_total, tiles_total;
         const int r = block_exclusive_scan(cnt, &rows_total);
         const int t = block_exclusive_scan(tiles, &tiles_total);
@@ -464,12 +558,34 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
     if (threadIdx.x == 0) {
         row_start[num_experts] = rows_carry;
         tile_start[num_experts] = tiles_carry;
-        gg_init_barriers<STAGES>(sh);
+        gg_init_barriers<STAGES>(sh, MC ? 16 : 8);
     }
     __syncthreads();
+    // (the cluster kernels: the other CTA's barriers are initialised before any arrival or load)
+    if constexpr (MC) cluster_sync();
 
     const int num_kb = (k + GG_BK - 1) / GG_BK;
     const int total = tile_start[num_experts];
+    // the block's work items: its tiles, or (MC) its cluster's pairs of tiles, of which it takes
+    // tile 2q + rank; `paired`: both need the same B tile
+    const int first = MC ? cluster_index() : (int)blockIdx.x, step = MC ? cluster_count() : (int)gridDim.x;
+    const int items = MC ? total / 2 : total;
+    auto tile_of = [&](int q, bool* paired) {
+        if constexpr (MC) {
+            GgTile t0 = gg_tile_mc<BN>(tile_start, row_start, num_experts, n_tiles, m_total, 2 * q, group_n);
+            GgTile t1 = gg_tile_mc<BN>(tile_start, row_start, num_experts, n_tiles, m_total, 2 * q + 1, group_n);
+            if (t1.n0 < 0) {
+                // the padding tile: tile 2q's rows again, nothing stored
+                t1 = t0;
+                t1.rows = 0;
+            }
+            *paired = t0.e == t1.e && t0.n0 == t1.n0;
+            return rank ? t1 : t0;
+        } else {
+            *paired = false;
+            return gg_tile<BN>(tile_start, row_start, num_experts, n_tiles, m_total, q, group_n);
+        }
+    };
     const int wg = (int)threadIdx.x / 128;
     if (wg == 0) {
         // the producer: one thread issues every TMA load
@@ -478,11 +594,31 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
             tma_prefetch(map_a);
             tma_prefetch(map_b);
             GgRing<STAGES> ring;
-            for (int t = blockIdx.x; t < total; t += gridDim.x) {
-                const GgTile tl = gg_tile<BN>(tile_start, row_start, num_experts, n_tiles, m_total, t, group_n);
+            for (int q = first; q < items; q += step) {
+                bool paired;
+                const GgTile tl = tile_of(q, &paired);
                 gg_produce<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, [&](int kb, u32 full, u32 a_dst, u32 b_dst) {
                     tma_load_2d(a_dst, map_a, kb * GG_BK, tl.row0, full);
-                    if constexpr (B_KMAJOR) {
+                    if constexpr (MC) {
+                        // B in halves of 128 columns (MC's `nt` map: boxes of 64 k x 128 n)
+                        const u16 both = 3;
+#pragma unroll
+                        for (int h = 0; h < 2; h++) {
+                            if (paired && h != (int)rank) continue;  // the other CTA loads this half
+                            const u32 dst = b_dst + h * 16384;
+                            if constexpr (B_KMAJOR) {
+                                if (paired) tma_load_3d_mc(dst, map_b, kb * GG_BK, tl.n0 + 128 * h, tl.e, full, both);
+                                else tma_load_3d(dst, map_b, kb * GG_BK, tl.n0 + 128 * h, tl.e, full);
+                            } else {
+#pragma unroll
+                                for (int j = 0; j < 2; j++) {
+                                    const int n0 = tl.n0 + 128 * h + 64 * j;
+                                    if (paired) tma_load_3d_mc(dst + j * 8192, map_b, n0, kb * GG_BK, tl.e, full, both);
+                                    else tma_load_3d(dst + j * 8192, map_b, n0, kb * GG_BK, tl.e, full);
+                                }
+                            }
+                        }
+                    } else if constexpr (B_KMAJOR) {
                         tma_load_3d(b_dst, map_b, kb * GG_BK, tl.n0, tl.e, full);
                     } else {
 #pragma unroll
@@ -502,8 +638,9 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
 #pragma unroll
         for (int i = 0; i < BN / 2; i++) acc[i] = 0.0f;
         GgRing<STAGES> ring;
-        for (int t = blockIdx.x; t < total; t += gridDim.x) {
-            const GgTile tl = gg_tile<BN>(tile_start, row_start, num_experts, n_tiles, m_total, t, group_n);
+        for (int q = first; q < items; q += step) {
+            bool paired;
+            const GgTile tl = tile_of(q, &paired);
             // (two separate k-loops: a wgmma under a branch inside one loop gets serialised, C7520)
             const bool half = HALF && tl.rows <= 64;
             if (half) {
@@ -522,6 +659,9 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
             if (w.warp == 0) bulk_wait_all();
         }
     }
+    // (every thread: the other CTA's loads into this one's stages and its consumers' arrivals on
+    // this one's barriers are over before either exits)
+    if constexpr (MC) cluster_sync();
 }
 
 
@@ -644,7 +784,7 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap*, const G
     __trap();
 }
 
-template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, int EPI, bool HALF = false>
+template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, int EPI, bool HALF = false, bool MC = false>
 static __device__ __forceinline__ void gg_body(const GgTensorMap*, const GgTensorMap*, void*, const int*, int, int, int, int, int) {
     __trap();
 }
@@ -669,6 +809,19 @@ extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_b
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_bulk(GG_ARGS) { gg_body<256, true, false, 3, GG_EPI_STAGED>(GG_PASS); }
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_ring(GG_ARGS) { gg_body<256, false, false, 4, GG_EPI_RING>(GG_PASS); }
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_ring(GG_ARGS) { gg_body<256, true, false, 4, GG_EPI_RING>(GG_PASS); }
+// In clusters of 2 CTAs (a compile-time cluster shape: the grid is a multiple of 2); plain
+// declarations where the architecture has no clusters (before sm_90).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+#define GG_CLUSTER2 __cluster_dims__(2, 1, 1)
+#else
+#define GG_CLUSTER2
+#endif
+extern "C" __global__ void GG_CLUSTER2 __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_mc(GG_ARGS) {
+    gg_body<256, false, false, 3, GG_EPI_STAGED, false, true>(GG_PASS);
+}
+extern "C" __global__ void GG_CLUSTER2 __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_mc(GG_ARGS) {
+    gg_body<256, true, false, 3, GG_EPI_STAGED, false, true>(GG_PASS);
+}
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_ring_half(GG_ARGS) {
     gg_body<256, false, false, 4, GG_EPI_RING, true>(GG_PASS);
 }

@@ -61,13 +61,18 @@ pub enum TileN {
     /// 64 x 128 halves, one a consumer warpgroup, instead of 128 x 256 with half the rows
     /// thrown away.
     N256RingHalf,
+    /// [`TileN::N256Bulk`] in clusters of 2 CTAs: a cluster takes two row tiles of one column
+    /// (or an expert's padding tile) at a time, each CTA loads half of their common B tile and
+    /// multicasts it to both, so a CTA reads 32 KiB of each 48 KiB stage from L2 instead of 48.
+    /// The token-side GEMMs only; the weight gradients run [`TileN::N256Bulk`]'s kernel.
+    N256Mc,
 }
 
 impl TileN {
     pub fn columns(self) -> usize {
         match self {
             TileN::N128 => 128,
-            TileN::N256 | TileN::N256Bulk | TileN::N256Ring | TileN::N256RingHalf => 256,
+            TileN::N256 | TileN::N256Bulk | TileN::N256Ring | TileN::N256RingHalf | TileN::N256Mc => 256,
         }
     }
 
@@ -75,14 +80,14 @@ impl TileN {
         match self {
             TileN::N128 => 6,
             TileN::N256 | TileN::N256Ring | TileN::N256RingHalf => 4,
-            TileN::N256Bulk => 3,
+            TileN::N256Bulk | TileN::N256Mc => 3,
         }
     }
 
     /// Bytes of the epilogue's staging buffer (kernels/grouped_gemm.cu's C_BYTES).
     fn staging(self) -> usize {
         match self {
-            TileN::N256Bulk => 2 * 64 * 528,
+            TileN::N256Bulk | TileN::N256Mc => 2 * 64 * 528,
             _ => 0,
         }
     }
@@ -94,6 +99,15 @@ impl TileN {
             TileN::N256Bulk => "128x256 bulk-store",
             TileN::N256Ring => "128x256 ring-store",
             TileN::N256RingHalf => "128x256 ring-store, half tails",
+            TileN::N256Mc => "128x256 bulk-store, 2-CTA multicast",
+        }
+    }
+
+    /// CTAs a cluster of the kernel (its `__cluster_dims__`).
+    fn cluster(self) -> usize {
+        match self {
+            TileN::N256Mc => 2,
+            _ => 1,
         }
     }
 }
@@ -117,6 +131,8 @@ unsafe impl DeviceRepr for TensorMap {}
 struct Kernels {
     _module: Arc<CudaModule>,
     functions: HashMap<String, CudaFunction>,
+    /// The cluster kernels' co-resident clusters by (kernel, dynamic shared memory).
+    clusters: Mutex<HashMap<(String, usize), usize>>,
 }
 
 /// The sm_90a module per context (by the context's address), loaded at first use.
@@ -165,7 +181,7 @@ fn kernels(dev: &Device) -> Result<Arc<Kernels>> {
             .map_err(|e| Error::driver(format!("allowing {dynamic} bytes of dynamic shared memory to {name}"), e))?;
         functions.insert(name, f);
     }
-    let k = Arc::new(Kernels { _module: module, functions });
+    let k = Arc::new(Kernels { _module: module, functions, clusters: Mutex::new(HashMap::new()) });
     loaded.push((key, k.clone()));
     Ok(k)
 }
@@ -180,12 +196,13 @@ pub fn group_n() -> i32 {
 
 /// The 256-column bf16 kernel the experts use: [`TileN::N256Bulk`] by default;
 /// `MOE_DISPATCH_GG_EPILOGUE=ring` picks [`TileN::N256Ring`], `ring-half`
-/// [`TileN::N256RingHalf`] (for measurements).
+/// [`TileN::N256RingHalf`], `mc` [`TileN::N256Mc`] (for measurements).
 pub fn experts_tile() -> TileN {
     static TILE: std::sync::OnceLock<TileN> = std::sync::OnceLock::new();
     *TILE.get_or_init(|| match std::env::var("MOE_DISPATCH_GG_EPILOGUE").as_deref() {
         Ok("ring") => TileN::N256Ring,
         Ok("ring-half") => TileN::N256RingHalf,
+        Ok("mc") => TileN::N256Mc,
         _ => TileN::N256Bulk,
     })
 }
@@ -269,10 +286,13 @@ pub fn launch(
         (WeightLayout::NK, TileN::N256Ring, DType::BF16) => "grouped_gemm_nt_n256_bf16_ring",
         (WeightLayout::KN, TileN::N256RingHalf, DType::BF16) => "grouped_gemm_nn_n256_bf16_ring_half",
         (WeightLayout::NK, TileN::N256RingHalf, DType::BF16) => "grouped_gemm_nt_n256_bf16_ring_half",
+        (WeightLayout::KN, TileN::N256Mc, DType::BF16) => "grouped_gemm_nn_n256_bf16_mc",
+        (WeightLayout::NK, TileN::N256Mc, DType::BF16) => "grouped_gemm_nt_n256_bf16_mc",
         _ => return Err(Error::Cuda(format!("grouped GEMM: no kernel for {layout:?}, {tile:?}, {} output", out_dtype.name()))),
     };
-    // persistent: one block per SM, or fewer when there are fewer tiles than that at most
-    let max_tiles = (m / TILE_M + experts).saturating_mul(n.div_ceil(tile.columns()));
+    // persistent: one block per SM, or fewer when there are fewer tiles than that at most (the
+    // cluster kernel's padding: one tile an expert)
+    let max_tiles = (m / TILE_M + experts).saturating_mul(n.div_ceil(tile.columns())) + if tile.cluster() > 1 { experts } else { 0 };
     run_kernel(dev, "grouped GEMM", name, tile, max_tiles, out, counts, sizes, || {
         let (m64, n64, k64, e64) = (m as u64, n as u64, k as u64, experts as u64);
         // A: [m, k], box 64 (k) x 128 (rows)
@@ -280,9 +300,10 @@ pub fn launch(
         let map_b = match layout {
             // [E, k, n]: boxes of 64 (n) x 64 (k), BN / 64 of them a step
             WeightLayout::KN => tensor_map("the weights", w, &[n64, k64, e64], &[n64 * 2, n64 * k64 * 2], &[64, TILE_K as u32, 1])?,
-            // [E, n, k]: one box of 64 (k) x BN (n) a step
+            // [E, n, k]: one box of 64 (k) x BN (n) a step; the cluster kernel loads halves of 128
             WeightLayout::NK => {
-                tensor_map("the weights", w, &[k64, n64, e64], &[k64 * 2, n64 * k64 * 2], &[TILE_K as u32, tile.columns() as u32, 1])?
+                let box_n = if tile.cluster() > 1 { 128 } else { tile.columns() as u32 };
+                tensor_map("the weights", w, &[k64, n64, e64], &[k64 * 2, n64 * k64 * 2], &[TILE_K as u32, box_n, 1])?
             }
         };
         Ok((map_a, map_b))
@@ -317,6 +338,8 @@ pub fn launch_wgrad(
         return dev_zero(dev, dw, experts * ko * n * out_dtype.size());
     }
     let sizes = checked_sizes("grouped weight gradient", "ko", x | dy | dw, experts, m, n, ko)?;
+    // (no cluster kernel for the weight gradients yet: the bulk one)
+    let tile = if tile == TileN::N256Mc { TileN::N256Bulk } else { tile };
     let name = match (out_dtype, tile) {
         (DType::F32, TileN::N256) => "grouped_gemm_wgrad_f32",
         (DType::BF16, TileN::N256) => "grouped_gemm_wgrad_bf16",
@@ -386,7 +409,14 @@ fn run_kernel(
         return Err(Error::Cuda(format!("{what}: {experts} experts need {smem} bytes of shared memory, the kernel may have {limit}")));
     }
     let (map_a, map_b) = maps()?;
-    let grid = dev.sm_count().min(tiles).max(1) as u32;
+    let grid = if tile.cluster() > 1 {
+        // whole clusters, no more than can run at once (the persistent blocks wait on each other)
+        let size = tile.cluster();
+        let most = max_clusters(&kernels, dev, name, f, smem, size)?;
+        (dev.sm_count() / size).min(most).min(tiles.div_ceil(size)).max(1) * size
+    } else {
+        dev.sm_count().min(tiles).max(1)
+    } as u32;
     let stream = dev.stream();
     let group = group_n();
     let Sizes { experts: ei, m: mi, n: ni, k: ki } = sizes;
@@ -397,6 +427,38 @@ fn run_kernel(
     // ko) in order and type.
     unsafe { b.launch(cfg) }.map_err(|e| Error::driver(format!("launching {name} on {grid} blocks"), e))?;
     Ok(())
+}
+
+/// How many clusters of `size` CTAs of kernel `f` (with `smem` bytes of dynamic shared memory)
+/// the device runs at once (cuOccupancyMaxActiveClusters), remembered per kernel and size.
+fn max_clusters(kernels: &Kernels, dev: &Device, name: &str, f: &CudaFunction, smem: usize, size: usize) -> Result<usize> {
+    let mut known = kernels.clusters.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(&c) = known.get(&(name.to_string(), smem)) {
+        return Ok(c);
+    }
+    let config = sys::CUlaunchConfig {
+        gridDimX: (dev.sm_count() / size * size).max(size) as u32,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: THREADS,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: smem as u32,
+        hStream: dev.stream().cu_stream(),
+        attrs: std::ptr::null_mut(),
+        numAttrs: 0,
+    };
+    let mut clusters: std::ffi::c_int = 0;
+    // SAFETY: `f` is a loaded function of this context; the config's attribute list is empty
+    // (the kernel's cluster shape is compiled in).
+    let r = unsafe { sys::cuOccupancyMaxActiveClusters(&mut clusters, f.cu_function(), &config) };
+    if r != sys::CUresult::CUDA_SUCCESS || clusters < 1 {
+        return Err(Error::Cuda(format!(
+            "{name}: no cluster of {size} blocks with {smem} bytes of shared memory fits the device ({r:?}, {clusters})"
+        )));
+    }
+    known.insert((name.to_string(), smem), clusters as usize);
+    Ok(clusters as usize)
 }
 
 fn dev_zero(dev: &Device, ptr: u64, bytes: usize) -> Result<()> {

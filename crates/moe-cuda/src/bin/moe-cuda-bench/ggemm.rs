@@ -17,9 +17,10 @@
 //!    on the small cases and at both shapes (dW1 = x^T dh, dW2 = a^T dy) against cuBLAS's
 //!    per-expert GEMMs (side by side, as the experts' backward runs them); `--no-wgrad` skips it.
 //!
-//! Options: `--iters N`, `--tile 128,256,bulk,ring,ring-half` (kernels: 128 or 256 columns, 256
+//! Options: `--iters N`, `--tile 128,256,bulk,ring,ring-half,mc` (kernels: 128 or 256 columns, 256
 //! with the bulk-copy epilogue through a staging buffer or through the ring's stages, the latter
-//! also with tails of <= 64 rows as two 64 x 128 halves; default all five), `--shapes a,b`, `--out FILE`,
+//! also with tails of <= 64 rows as two 64 x 128 halves, and the staged one in 2-CTA clusters
+//! sharing B tiles by multicast; default all six), `--shapes a,b`, `--out FILE`,
 //! `--small-only`, `--no-small` (the shapes only: for a profiler). Exit code 1 when a check fails.
 
 use half::bf16;
@@ -93,6 +94,9 @@ fn small_cases() -> Vec<Case> {
         Case { name: "70 experts, random counts", counts: mixed, spare: 0, k: 72, n: 264 },
         Case { name: "400 experts (more than the block's threads)", counts: many, spare: 5, k: 64, n: 136 },
         Case { name: "one expert, 1 row, K = 8", counts: vec![1], spare: 0, k: 8, n: 8 },
+        // (the cluster kernel: an odd count of row tiles, whose last row's tiles go unpaired, and
+        // more column tiles than a raster group, with an odd count of tiles padded)
+        Case { name: "odd row tiles, 9 column tiles", counts: vec![300, 0, 129], spare: 2, k: 64, n: 2304 },
     ]
 }
 
@@ -362,7 +366,7 @@ fn compare_bf16(a: &[u16], b: &[u16]) -> (usize, f64, Option<usize>) {
 
 pub fn bench(args: &[String]) -> i32 {
     let (mut tiles, mut small_only, mut small, mut wgrad) =
-        (vec![TileN::N128, TileN::N256, TileN::N256Bulk, TileN::N256Ring, TileN::N256RingHalf], false, true, true);
+        (vec![TileN::N128, TileN::N256, TileN::N256Bulk, TileN::N256Ring, TileN::N256RingHalf, TileN::N256Mc], false, true, true);
     let opts = ShapeOptions::parse(args, |flag, value| match (flag, value) {
         ("--tile", Some(v)) => {
             tiles = v
@@ -373,6 +377,7 @@ pub fn bench(args: &[String]) -> i32 {
                     "bulk" => Some(TileN::N256Bulk),
                     "ring" => Some(TileN::N256Ring),
                     "ring-half" => Some(TileN::N256RingHalf),
+                    "mc" => Some(TileN::N256Mc),
                     _ => None,
                 })
                 .collect();
