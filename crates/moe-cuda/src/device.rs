@@ -755,11 +755,22 @@ pub fn kernel_names(source: &str) -> Vec<String> {
 /// The kernel name (a pattern with `##` inside macros) of a line `extern "C" __global__ void
 /// [__launch_bounds__(..)] NAME(`.
 fn kernel_declared(line: &str) -> Option<String> {
-    let rest = line.strip_prefix("extern \"C\" __global__ void ")?.trim_start();
-    let rest = match rest.strip_prefix("__launch_bounds__(") {
-        Some(r) => r.split_once(')').map_or("", |(_, after)| after.trim_start()),
-        None => rest,
-    };
+    let mut rest = line.strip_prefix("extern \"C\" __global__ void ")?.trim_start();
+    // attributes before the name: `__launch_bounds__(..)`, `__cluster_dims__(..)`, or a macro
+    // standing for one (a name in capitals followed by a space, like GG_CLUSTER2)
+    loop {
+        if let Some(r) = rest.strip_prefix("__launch_bounds__(").or_else(|| rest.strip_prefix("__cluster_dims__(")) {
+            rest = r.split_once(')').map_or("", |(_, after)| after.trim_start());
+            continue;
+        }
+        let word: &str = &rest[..rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rest.len())];
+        let upper = !word.is_empty() && word.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+        if upper && rest[word.len()..].starts_with(char::is_whitespace) {
+            rest = rest[word.len()..].trim_start();
+            continue;
+        }
+        break;
+    }
     let name: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '#').collect();
     (!name.is_empty() && rest[name.len()..].trim_start().starts_with('(')).then_some(name)
 }
@@ -819,6 +830,14 @@ mod tests {
             assert!(routing.contains(&n.to_string()), "{routing:?}");
         }
         assert!(!kernel_names(compile::PERMUTE.source).iter().any(|n| n.contains('#')));
+        // attributes before the name: launch bounds, a cluster shape, a macro standing for one
+        let gg = kernel_names(compile::GROUPED_GEMM.source);
+        for n in ["grouped_gemm_nn_n256_bf16_bulk", "grouped_gemm_nn_n256_bf16_mc", "grouped_gemm_nt_n256_bf16_mc", "grouped_gemm_wgrad_bf16_ring"] {
+            assert!(gg.contains(&n.to_string()), "{gg:?}");
+        }
+        let src = "extern \"C\" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(384, 1) k_one(int a) {}\n\
+                   extern \"C\" __global__ void ATTR_X k_two(int a) {}\nextern \"C\" __global__ void lower k_three(int a) {}";
+        assert_eq!(kernel_names(src), vec!["k_one".to_string(), "k_two".to_string()]);
     }
 
     #[test]
