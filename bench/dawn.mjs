@@ -68,6 +68,10 @@ export async function installDawn(args, script) {
  * - `tinyCall`: a device-input unpermute at T=4 H=8 (facts: nothing read back), the op's promise
  *   (JS, the core's dtype/shape check, 5 passes, the submit, the error scopes),
  * - `tinyToSync`: the same call to a synchronize,
+ * - `direct2` / `indirect2`: a shader writing 3 words, dispatched twice in one pass (the second
+ *   time on another buffer), directly or the second time indirectly from the words the first
+ *   wrote (as the backend's list passes are), submitted, to `onSubmittedWorkDone()`: their
+ *   difference is what an indirect dispatch costs on this adapter,
  * and `tinyQueued`: 20 such calls back to back and one synchronize, per call. What a call costs
  * whatever its size: at T=4096 H=1024 the H200 runs unpermute's shaders in ~0.07 ms.
  */
@@ -80,6 +84,33 @@ export async function dawnFixedCosts(random, moe, rounds = 200) {
   const p = await moe.gpu.permute(inputs[0], mh.routingMap, { probs: mh.probs });
   const unpermute = () => moe.gpu.unpermute(p.permutedTokens, p.sortedIndices, [T, H], { probs: p.permutedProbs });
   const src = dev.createBuffer({ size: 4, usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC });
+  // a shader writing workgroup counts (1, 1, 1) into its buffer; args (read indirectly) and other
+  const writer = dev.createComputePipeline({
+    layout: 'auto',
+    compute: {
+      module: dev.createShaderModule({
+        code: '@group(0) @binding(0) var<storage, read_write> a: array<u32>;\n@compute @workgroup_size(64) fn main(@builtin(global_invocation_id) g: vec3u) { if (g.x < 3u) { a[g.x] = 1u; } }',
+      }),
+      entryPoint: 'main',
+    },
+  });
+  const args = dev.createBuffer({ size: 16, usage: GPUBufferUsage.STORAGE | GPUBufferUsage.INDIRECT });
+  const other = dev.createBuffer({ size: 16, usage: GPUBufferUsage.STORAGE });
+  const groupOf = (buffer) => dev.createBindGroup({ layout: writer.getBindGroupLayout(0), entries: [{ binding: 0, resource: { buffer } }] });
+  const [argsGroup, otherGroup] = [groupOf(args), groupOf(other)];
+  const twice = (indirect) => {
+    const enc = dev.createCommandEncoder();
+    const pass = enc.beginComputePass();
+    pass.setPipeline(writer);
+    pass.setBindGroup(0, argsGroup);
+    pass.dispatchWorkgroups(1);
+    pass.setBindGroup(0, otherGroup);
+    if (indirect) pass.dispatchWorkgroupsIndirect(args, 0);
+    else pass.dispatchWorkgroups(1);
+    pass.end();
+    dev.queue.submit([enc.finish()]);
+    return dev.queue.onSubmittedWorkDone();
+  };
   const staging = dev.createBuffer({ size: 4, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
   const steps = {
     tick: () => new Promise((res) => setImmediate(res)),
@@ -106,6 +137,8 @@ export async function dawnFixedCosts(random, moe, rounds = 200) {
       await moe.synchronize();
       o.dispose();
     },
+    direct2: () => twice(false),
+    indirect2: () => twice(true),
   };
   const times = Object.fromEntries(Object.keys(steps).map((s) => [s, []]));
   for (let i = 0; i < rounds + 10; i++) {
@@ -127,8 +160,7 @@ export async function dawnFixedCosts(random, moe, rounds = 200) {
   }
   ms.tinyQueued = median(queued);
   for (const t of [...inputs, mh.routingMap, mh.probs, p.permutedTokens, p.permutedProbs, p.sortedIndices, p.tokensPerExpert]) t?.dispose();
-  src.destroy();
-  staging.destroy();
+  for (const b of [src, staging, args, other]) b.destroy();
   return { what: "Dawn's fixed cost of a call (bench/dawn.mjs dawnFixedCosts): medians in ms; tiny*: a device-input unpermute at T=4 H=8", rounds, ms };
 }
 
