@@ -832,7 +832,12 @@ mod tests {
         assert!(!kernel_names(compile::PERMUTE.source).iter().any(|n| n.contains('#')));
         // attributes before the name: launch bounds, a cluster shape, a macro standing for one
         let gg = kernel_names(compile::GROUPED_GEMM.source);
-        for n in ["grouped_gemm_nn_n256_bf16_bulk", "grouped_gemm_nn_n256_bf16_mc", "grouped_gemm_nt_n256_bf16_mc", "grouped_gemm_wgrad_bf16_ring"] {
+        for n in [
+            "grouped_gemm_nn_n256_bf16_bulk",
+            "grouped_gemm_nn_n256_bf16_mc",
+            "grouped_gemm_nt_n256_bf16_mc",
+            "grouped_gemm_wgrad_bf16_ring",
+        ] {
             assert!(gg.contains(&n.to_string()), "{gg:?}");
         }
         let src = "extern \"C\" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(384, 1) k_one(int a) {}\n\
