@@ -21,8 +21,10 @@ export function dawnArgs(iters) {
       experts: { type: 'string', default: '64' },
       topk: { type: 'string', default: '4' },
       ops: { type: 'string' },
+      lists: { type: 'string', default: 'auto' },
     },
   });
+  if (!['auto', 'indirect', 'direct'].includes(args.lists)) throw new RangeError(`--lists: expected 'auto', 'indirect' or 'direct', got '${args.lists}'`);
   const shape = { T: Number(args.tokens), H: Number(args.hidden), E: Number(args.experts), k: Number(args.topk), iters: Number(args.iters) };
   for (const [key, v] of Object.entries(shape)) if (!Number.isInteger(v) || v < 1) throw new RangeError(`--${key}: expected an integer >= 1, got ${v}`);
   return { args, shape };
@@ -174,4 +176,17 @@ export function fixedCostsLine(b) {
 /** dist/ as a URL to import its modules from. */
 export function distUrl(args) {
   return pathToFileURL(`${resolve(args.dist)}/`).href;
+}
+
+/**
+ * `--lists auto|direct|indirect`: how the list passes (the soft float64 passes, route's exact
+ * pass) are dispatched (`passes.lists` of dist's webgpu/gpu.js: auto, its default, is direct on
+ * a GPU and indirect on a software adapter; a build without the setting takes only auto).
+ * Returns the setting.
+ */
+export async function applyLists(args) {
+  const passes = (await import(new URL('webgpu/gpu.js', distUrl(args)).href)).passes;
+  if (passes && 'lists' in passes) passes.lists = args.lists;
+  else if (args.lists !== 'auto') throw new Error(`--lists ${args.lists}: ${args.dist} has no passes.lists`);
+  return args.lists;
 }

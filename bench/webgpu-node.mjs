@@ -11,11 +11,11 @@
  * and exits 2. On the GPU machine `gpu-run.sh` (WEBGPU=1) carries the package's Linux build and
  * Debian's Vulkan loader (`libvulkan1`). Needs a build (npm run build).
  *
- *   node bench/webgpu-node.mjs [--webgpu DIR] [--iters N] [--out FILE] [--tokens T --hidden H --experts E --topk K]
+ *   node bench/webgpu-node.mjs [--webgpu DIR] [--iters N] [--out FILE] [--tokens T --hidden H --experts E --topk K] [--lists auto|indirect|direct]
  */
 import { writeFileSync } from 'node:fs';
 
-import { dawnArgs, dawnFixedCosts, distUrl, fixedCostsLine, installDawn } from './dawn.mjs';
+import { applyLists, dawnArgs, dawnFixedCosts, distUrl, fixedCostsLine, installDawn } from './dawn.mjs';
 import { timeQueued, timeSync } from './timing.mjs';
 import { benchWebGpu } from './webgpu-bench.mjs';
 
@@ -32,6 +32,7 @@ await installDawn(args, 'webgpu-node');
 const dist = distUrl(args);
 const api = await import(new URL('index.js', dist).href);
 const random = await import(new URL('random.js', dist).href);
+const lists = await applyLists(args);
 const info = await api.backendInfo();
 const webgpu = info.find((i) => i.name === 'webgpu');
 if (!webgpu?.available) {
@@ -170,5 +171,5 @@ for (const r of ratios) {
     `${r.op.padEnd(20)} ${r.dtype.padEnd(9)} ${r.routing.padEnd(6)} webgpu ${r.webgpuGbPerSecond.toFixed(1)} GB/s, cuda ${r.cudaGbPerSecond?.toFixed(1) ?? '-'} GB/s (${pct(r.ratioToCuda)}); queued ${r.queuedWebgpuGbPerSecond.toFixed(1)} vs ${r.queuedCudaGbPerSecond?.toFixed(1) ?? '-'} GB/s (${pct(r.queuedRatioToCuda)}); same bits as wasm: ${r.sameBitsAsWasm}`,
   );
 }
-write({ kind: 'webgpu-node', available: true, adapter, device: webgpu.device, cuda: cudaInfo?.device ?? null, shape, baseline, rows, ratios, experts });
+write({ kind: 'webgpu-node', available: true, adapter, device: webgpu.device, cuda: cudaInfo?.device ?? null, lists, shape, baseline, rows, ratios, experts });
 if (ratios.some((r) => r.sameBitsAsWasm === false) || experts.some((r) => r.sameBitsAsWasm === false)) process.exitCode = 1;

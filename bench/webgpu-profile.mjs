@@ -17,7 +17,7 @@
  * round trip, the error scopes, a 4-byte read, a tiny op: Dawn's fixed cost of a call.
  *
  *   node bench/webgpu-profile.mjs --webgpu DIR [--dist dist] [--out FILE] [--iters N]
- *     [--ops route,permute,...]
+ *     [--ops route,permute,...] [--lists auto|indirect|direct] (how the list passes are dispatched; auto: direct on a GPU)
  *     [--tokens T --hidden H --experts E --topk K]
  *
  * gpu-run.sh remote with WEBGPU=1 runs it on the GPU machine. Where Dawn finds no adapter, or
@@ -26,7 +26,7 @@
  */
 import { writeFileSync } from 'node:fs';
 
-import { DAWN_FLAGS, dawnArgs, dawnFixedCosts, distUrl, fixedCostsLine, installDawn } from './dawn.mjs';
+import { applyLists, DAWN_FLAGS, dawnArgs, dawnFixedCosts, distUrl, fixedCostsLine, installDawn } from './dawn.mjs';
 
 const { args, shape } = dawnArgs(20);
 await installDawn(args, 'webgpu-profile');
@@ -96,6 +96,7 @@ const record = (on) => {
   if (gpuPasses) gpuPasses.perDispatch = on;
 };
 const random = await import(new URL('random.js', dist).href);
+const lists = await applyLists(args);
 const moe = await api.createBackend({ prefer: 'webgpu' });
 if (moe.name !== 'webgpu') {
   console.error(`webgpu-profile: no webgpu backend here: ${(await api.backendInfo()).find((i) => i.name === 'webgpu')?.reason}`);
@@ -235,6 +236,7 @@ const result = {
   kind: 'webgpu-profile',
   adapter: moe.adapter,
   dawnFlags: DAWN_FLAGS,
+  lists,
   shape,
   note: "wallMs: median call to a synchronize; plainWallMs: the same without timestamp writes (interleaved); toSubmitMs: the call's start to its last queue.submit (JS, checks, encoding, the submit), toResolveMs: that submit to the op's promise (the error scopes' round), toSyncMs: the promise to the synchronize's end; plainToSubmitMs: toSubmitMs of the plain calls (an op's dispatches in one compute pass, as the backend queues them; the timed calls give each dispatch a pass of its own to time it); gpuMs: the sum of the medians of its compute passes (timestamp queries), by shader key (clears and copies between passes not counted)",
   baseline,

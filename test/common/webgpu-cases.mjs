@@ -966,6 +966,56 @@ export function webgpuCases(ctx) {
     },
   );
 
+  add("the list passes (software float64 where the fast pass cannot decide) dispatched directly and indirectly: the same bits, lists longer than the direct dispatch's 256 workgroups", async () => {
+    const m = moe;
+    const { passes } = await ctx.f64();
+    const before = passes.lists;
+    // 20,000 slots whose dot product 1 + 2^-24 is a float32 midpoint, 20,000 swiglu items whose
+    // gate's exp is out of the fast pass's range, 4,096 x 8 route cells on rows at float32 rounding
+    // boundaries: every one listed, more than 256 workgroups of 64 threads (the direct dispatch
+    // strides over them); each one's value is the second pass's alone
+    const n = 20000;
+    const H = 4;
+    const midpoints = tensor(
+      'float32',
+      [n, H],
+      Float32Array.from({ length: n * H }, (_, i) => (i % H === 0 ? 1 : i % H === 1 ? 2 ** -24 : 0)),
+    );
+    const ones = tensor('float32', [n, H], new Float32Array(n * H).fill(1));
+    const sorted = tensor(
+      'int32',
+      [n],
+      Int32Array.from({ length: n }, (_, i) => i),
+    );
+    const probs = tensor('float32', [n], new Float32Array(n).fill(0.5));
+    const gates = tensor(
+      'float32',
+      [n, 2],
+      Float32Array.from({ length: 2 * n }, (_, i) => (i % 2 === 0 ? -100 - (i % 7) : 1 + (i % 5))),
+    );
+    const HARD = [-14.30414867401123, -1.694751501083374, -3.8027923107147217, -3.0136024951934814];
+    const logits = tensor(
+      'float32',
+      [4096, 8],
+      Float32Array.from({ length: 4096 * 8 }, (_, i) => (i % 8 === 0 ? 0 : i % 8 === 1 ? HARD[(i >> 3) % 4] : -1000 - (i % 8))),
+    );
+    try {
+      for (const lists of ['direct', 'indirect']) {
+        passes.lists = lists;
+        await same(
+          'unpermuteBackward',
+          await m.gpu.unpermuteBackward(m.upload(ones), m.upload(midpoints), sorted, { probs: m.upload(probs) }),
+          wasm.unpermuteBackward(ones, midpoints, sorted, { probs }),
+          `${lists}: slot dots at a midpoint`,
+        );
+        await same('activation', await m.gpu.activation(m.upload(gates), { kind: 'swiglu' }), wasm.activation(gates, { kind: 'swiglu' }), `${lists}: swiglu out of the fast range`);
+        await same('route', await m.gpu.route(m.upload(logits), { topk: 2 }), wasm.route(logits, { topk: 2 }), `${lists}: rows at rounding boundaries`);
+      }
+    } finally {
+      passes.lists = before;
+    }
+  });
+
   add('ops without a shader run on wasm inside (dropTokens) with webgpu tensors; route and losses on wide logits', async () => {
     const m = moe;
     const random = rng(77);

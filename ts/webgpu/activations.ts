@@ -116,16 +116,18 @@ fn flat(gid: vec3<u32>, nwg: vec3<u32>) -> u32 { return gid.x + gid.y * nwg.x * 
  * (`[x, y, z, n, items...]`, zeroed before the fast pass) at `binding`. The fast pass runs every
  * item and appends those whose expf or fdiv it could not decide to L, counting the workgroups of
  * 64 they need in L[0] (L[0..3] is the soft pass's indirect dispatch); the soft pass, dispatched
- * from L, runs the listed items again in software float64 (each item writes only its own
+ * from L (or directly on at most 256 workgroups: `passes.lists`), runs the listed items again in software float64 (each item writes only its own
  * outputs, so the order of the list does not matter).
  */
 function itemMain(pass: Pass, binding: number, count: string): string {
+  // (the soft pass strides over the list: dispatched from L[0..3] a thread an item, or on fewer
+  // workgroups directly: `passes.lists`)
   if (pass === 'soft')
     return `@group(0) @binding(${binding}) var<storage, read> L: array<u32>;
 @compute @workgroup_size(64)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
-  if (gid.x >= L[3]) { return; }
-  item(L[4u + gid.x]);
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+  let n = L[3];
+  for (var j = gid.x; j < n; j += nwg.x * 64u) { item(L[4u + j]); }
 }
 `;
   return `@group(0) @binding(${binding}) var<storage, read_write> L: array<atomic<u32>>;

@@ -60,7 +60,9 @@ const ROUTE_BINDINGS = ['logits', 'maskw', 'scores', 'indices', 'weights', 'scra
 
 /**
  * The exact pass's entry for one phase: over every token (or cell), or (P[16] == 2) over the
- * rows the fast pass listed (their count at flag[7], the rows from flag[12]).
+ * rows the fast pass listed (their count at flag[7], the rows from flag[12]), striding over
+ * them (dispatched from the list a thread a row or cell, or directly on fewer workgroups:
+ * `passes.lists`).
  */
 function exactMain(phase: number): string {
   const perCell = phase % 2 === 1;
@@ -68,22 +70,22 @@ function exactMain(phase: number): string {
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
   ${ROUTE_BINDINGS.map((b) => `_ = &${b};`).join(' ')}
-  let i = gid.x + gid.y * nwg.x * 64u;
   let listed = P[16] == 2u;
   var n = P[0];
   if (listed) { n = flag[7]; }
+${perCell ? '  let m = n * P[1];' : '  let m = n;'}
+  for (var i = gid.x + gid.y * nwg.x * 64u; i < m; i += nwg.x * nwg.y * 64u) {
 ${
   perCell
-    ? `  if (i >= n * P[1]) { return; }
-  let li = i / P[1];
-  let e = i - li * P[1];
-  var t = li;
-  if (listed) { t = flag[12u + li]; }`
-    : `  if (i >= n) { return; }
-  var t = i;
-  if (listed) { t = flag[12u + i]; }`
+    ? `    let li = i / P[1];
+    let e = i - li * P[1];
+    var t = li;
+    if (listed) { t = flag[12u + li]; }`
+    : `    var t = i;
+    if (listed) { t = flag[12u + i]; }`
 }
-  ${EXACT_CALLS[phase]}
+    ${EXACT_CALLS[phase]}
+  }
 }
 `;
 }

@@ -659,11 +659,13 @@ fn dot_b(i: u32) -> u32 { return bitcast<u32>(ld_x(i)); }
   if (pass === 'soft')
     return `${common}@group(0) @binding(5) var<storage, read> L: array<u32>;
 @compute @workgroup_size(64)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
-  if (gid.x >= L[3]) { return; }
-  let i = L[4u + gid.x];
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
   let h = P[1];
-  out[i] = f_to_f32(dot_row(u32(sorted[i]) * h, i * h, h));
+  let n = L[3];
+  for (var j = gid.x; j < n; j += nwg.x * 64u) {
+    let i = L[4u + j];
+    out[i] = f_to_f32(dot_row(u32(sorted[i]) * h, i * h, h));
+  }
 }
 `;
   return `${common}@group(0) @binding(5) var<storage, read_write> L: array<atomic<u32>>;

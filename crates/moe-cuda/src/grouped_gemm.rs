@@ -429,6 +429,19 @@ fn run_kernel(
     Ok(())
 }
 
+/// The cluster kernel of `tile` (bf16 output, [`WeightLayout::KN`]): how many of its clusters
+/// run at once with `experts` experts' shared memory (None: `tile` has no clusters). For the
+/// benchmark's report: a grid of fewer blocks than SMs would explain a slow cluster kernel.
+pub fn co_resident_clusters(dev: &Device, tile: TileN, experts: usize) -> Result<Option<usize>> {
+    if tile.cluster() < 2 {
+        return Ok(None);
+    }
+    let kernels = kernels(dev)?;
+    let name = "grouped_gemm_nn_n256_bf16_mc";
+    let f = kernels.functions.get(name).ok_or_else(|| Error::Cuda(format!("kernel {name} is not in kernels/grouped_gemm.cu")))?;
+    max_clusters(&kernels, dev, name, f, shared_bytes(tile, experts), tile.cluster()).map(Some)
+}
+
 /// How many clusters of `size` CTAs of kernel `f` (with `smem` bytes of dynamic shared memory)
 /// the device runs at once (cuOccupancyMaxActiveClusters), remembered per kernel and size.
 fn max_clusters(kernels: &Kernels, dev: &Device, name: &str, f: &CudaFunction, smem: usize, size: usize) -> Result<usize> {

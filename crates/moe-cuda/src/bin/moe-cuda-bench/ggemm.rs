@@ -437,6 +437,12 @@ fn run(dev: &Device, opts: &ShapeOptions, tiles: &[TileN], small_only: bool, sma
         dev.sm_count(),
         grouped_gemm::arch(dev)?
     );
+    // the cluster kernel's grid: its co-resident clusters (with 64 experts' shared memory)
+    for &tile in tiles.iter() {
+        if let Some(c) = grouped_gemm::co_resident_clusters(dev, tile, 64)? {
+            println!("{}: {c} clusters of 2 blocks run at once ({} blocks of {} SMs)", tile.name(), 2 * c, dev.sm_count());
+        }
+    }
     let mut failures = 0;
     for &tile in tiles.iter().filter(|_| small) {
         println!("small checks, tile {}:", tile.name());
