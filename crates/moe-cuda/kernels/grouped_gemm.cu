@@ -105,7 +105,9 @@ static __device__ __forceinline__ void tma_prefetch(const GgTensorMap* map) {
 
 // The 2-CTA cluster kernels (`_mc`): this CTA's rank in its cluster, the cluster's index and
 // how many clusters the grid has, a barrier over every thread of the cluster, an arrival on the
-// barrier at the same shared-memory offset in CTA `rank` of the cluster, and a TMA load written
+// barrier at the same shared-memory offset in CTA `rank` of the cluster (the default .release.cta
+// semantics, as a consumer's release of a stage needs: the stage's reads are complete; the first
+// run had .release.cluster), and a TMA load written
 // to the same offset in every CTA of `mask` (each one's barrier at `bar`'s offset gets the bytes).
 static __device__ __forceinline__ u32 cluster_rank() {
     u32 r;
@@ -126,7 +128,7 @@ static __device__ __forceinline__ void cluster_sync() {
     asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;" ::: "memory");
 }
 static __device__ __forceinline__ void mbar_arrive_remote(u32 bar, u32 rank) {
-    asm volatile("{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, %0, %1;\nmbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\n}" ::"r"(bar),
+    asm volatile("{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, %0, %1;\nmbarrier.arrive.shared::cluster.b64 _, [ra];\n}" ::"r"(bar),
                  "r"(rank)
                  : "memory");
 }
