@@ -8,6 +8,8 @@
 # run, not a substitute for one.
 #
 #   bash scripts/check-kernels.sh [ARCH ...]  (default sm_90a sm_90) ptxas's report: .cache/nvrtc/ptxas-ARCH.log
+# MOE_DISPATCH_CUBIN_OUT=DIR keeps the CUBINs (DIR/FILE.ARCH.cubin): scripts/cubin-diff.py compares two
+# builds kernel by kernel (a refactor whose machine code is unchanged needs no device run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # sm_90a (the grouped GEMM's wgmma kernels) and sm_90 (what the backend's module load compiles

@@ -206,14 +206,21 @@ struct GgTile {
     int e, row0, rows, n0;
 };
 
-template <int BN>
-static __device__ __forceinline__ GgTile gg_tile(const int* tile_start, const int* row_start, int num_experts, int n_tiles, int m_total,
-                                                 int t, int group_n) {
+// The expert of tile t: the last e with tile_start[e] <= t (experts without tiles share the next
+// one's start and are passed over).
+static __device__ __forceinline__ int gg_expert_of(const int* tile_start, int num_experts, int t) {
     int lo = 0, hi = num_experts - 1;
     while (lo < hi) {
         const int mid = (lo + hi + 1) >> 1;
         if (tile_start[mid] <= t) lo = mid; else hi = mid - 1;
     }
+    return lo;
+}
+
+template <int BN>
+static __device__ __forceinline__ GgTile gg_tile(const int* tile_start, const int* row_start, int num_experts, int n_tiles, int m_total,
+                                                 int t, int group_n) {
+    const int lo = gg_expert_of(tile_start, num_experts, t);
     const int u = t - tile_start[lo];
     const int m_tiles = (tile_start[lo + 1] - tile_start[lo]) / n_tiles;
     const int g = u / (m_tiles * group_n);
@@ -236,11 +243,7 @@ static __device__ __forceinline__ GgTile gg_tile(const int* tile_start, const in
 template <int BN>
 static __device__ __forceinline__ GgTile gg_tile_mc(const int* tile_start, const int* row_start, int num_experts, int n_tiles, int m_total,
                                                     int t, int group_n) {
-    int lo = 0, hi = num_experts - 1;
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) >> 1;
-        if (tile_start[mid] <= t) lo = mid; else hi = mid - 1;
-    }
+    const int lo = gg_expert_of(tile_start, num_experts, t);
     const int u = t - tile_start[lo];
     const int m_tiles = (row_start[lo + 1] - row_start[lo] + GG_BM - 1) / GG_BM;
     GgTile r;

@@ -112,7 +112,16 @@ fn compile_only(arch: &str) -> i32 {
         let t0 = Instant::now();
         match compile::compile_cubin(src, arch) {
             Ok(cubin) => {
-                println!("kernels/{} -> {} bytes of CUBIN for {arch} in {:.2} s", src.file, cubin.len(), t0.elapsed().as_secs_f64())
+                println!("kernels/{} -> {} bytes of CUBIN for {arch} in {:.2} s", src.file, cubin.len(), t0.elapsed().as_secs_f64());
+                // MOE_DISPATCH_CUBIN_OUT=DIR: the cubins kept (DIR/FILE.ARCH.cubin), to compare a
+                // kernel's machine code across a change: scripts/cubin-diff.py)
+                if let Ok(dir) = std::env::var("MOE_DISPATCH_CUBIN_OUT") {
+                    let path = std::path::Path::new(&dir).join(format!("{}.{arch}.cubin", src.file));
+                    if let Err(e) = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&path, &cubin)) {
+                        println!("writing {}: {e}", path.display());
+                        rc = 1;
+                    }
+                }
             }
             Err(e) => {
                 println!("kernels/{}: {e}", src.file);
