@@ -827,6 +827,14 @@ extern "C" __global__ void GG_CLUSTER2 __launch_bounds__(384, 1) grouped_gemm_nn
 extern "C" __global__ void GG_CLUSTER2 __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_mc(GG_ARGS) {
     gg_body<256, true, false, 3, GG_EPI_STAGED, false, true>(GG_PASS);
 }
+// (4 stages, the accumulators stored from the registers: a deeper ring for the lock step's
+// cross-CTA releases)
+extern "C" __global__ void GG_CLUSTER2 __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_mc4(GG_ARGS) {
+    gg_body<256, false, false, 4, GG_EPI_REG, false, true>(GG_PASS);
+}
+extern "C" __global__ void GG_CLUSTER2 __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_mc4(GG_ARGS) {
+    gg_body<256, true, false, 4, GG_EPI_REG, false, true>(GG_PASS);
+}
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_ring_half(GG_ARGS) {
     gg_body<256, false, false, 4, GG_EPI_RING, true>(GG_PASS);
 }

@@ -66,20 +66,23 @@ pub enum TileN {
     /// multicasts it to both, so a CTA reads 32 KiB of each 48 KiB stage from L2 instead of 48.
     /// The token-side GEMMs only; the weight gradients run [`TileN::N256Bulk`]'s kernel.
     N256Mc,
+    /// [`TileN::N256Mc`] with 4 stages and the accumulators stored from the registers (no staging
+    /// buffer): a deeper ring for the cluster's lock step (not yet run on a GPU).
+    N256Mc4,
 }
 
 impl TileN {
     pub fn columns(self) -> usize {
         match self {
             TileN::N128 => 128,
-            TileN::N256 | TileN::N256Bulk | TileN::N256Ring | TileN::N256RingHalf | TileN::N256Mc => 256,
+            TileN::N256 | TileN::N256Bulk | TileN::N256Ring | TileN::N256RingHalf | TileN::N256Mc | TileN::N256Mc4 => 256,
         }
     }
 
     fn stages(self) -> usize {
         match self {
             TileN::N128 => 6,
-            TileN::N256 | TileN::N256Ring | TileN::N256RingHalf => 4,
+            TileN::N256 | TileN::N256Ring | TileN::N256RingHalf | TileN::N256Mc4 => 4,
             TileN::N256Bulk | TileN::N256Mc => 3,
         }
     }
@@ -100,13 +103,14 @@ impl TileN {
             TileN::N256Ring => "128x256 ring-store",
             TileN::N256RingHalf => "128x256 ring-store, half tails",
             TileN::N256Mc => "128x256 bulk-store, 2-CTA multicast",
+            TileN::N256Mc4 => "128x256, 4 stages, 2-CTA multicast",
         }
     }
 
     /// CTAs a cluster of the kernel (its `__cluster_dims__`).
     fn cluster(self) -> usize {
         match self {
-            TileN::N256Mc => 2,
+            TileN::N256Mc | TileN::N256Mc4 => 2,
             _ => 1,
         }
     }
@@ -196,13 +200,14 @@ pub fn group_n() -> i32 {
 
 /// The 256-column bf16 kernel the experts use: [`TileN::N256Bulk`] by default;
 /// `MOE_DISPATCH_GG_EPILOGUE=ring` picks [`TileN::N256Ring`], `ring-half`
-/// [`TileN::N256RingHalf`], `mc` [`TileN::N256Mc`] (for measurements).
+/// [`TileN::N256RingHalf`], `mc` [`TileN::N256Mc`], `mc4` [`TileN::N256Mc4`] (for measurements).
 pub fn experts_tile() -> TileN {
     static TILE: std::sync::OnceLock<TileN> = std::sync::OnceLock::new();
     *TILE.get_or_init(|| match std::env::var("MOE_DISPATCH_GG_EPILOGUE").as_deref() {
         Ok("ring") => TileN::N256Ring,
         Ok("ring-half") => TileN::N256RingHalf,
         Ok("mc") => TileN::N256Mc,
+        Ok("mc4") => TileN::N256Mc4,
         _ => TileN::N256Bulk,
     })
 }
@@ -288,6 +293,8 @@ pub fn launch(
         (WeightLayout::NK, TileN::N256RingHalf, DType::BF16) => "grouped_gemm_nt_n256_bf16_ring_half",
         (WeightLayout::KN, TileN::N256Mc, DType::BF16) => "grouped_gemm_nn_n256_bf16_mc",
         (WeightLayout::NK, TileN::N256Mc, DType::BF16) => "grouped_gemm_nt_n256_bf16_mc",
+        (WeightLayout::KN, TileN::N256Mc4, DType::BF16) => "grouped_gemm_nn_n256_bf16_mc4",
+        (WeightLayout::NK, TileN::N256Mc4, DType::BF16) => "grouped_gemm_nt_n256_bf16_mc4",
         _ => return Err(Error::Cuda(format!("grouped GEMM: no kernel for {layout:?}, {tile:?}, {} output", out_dtype.name()))),
     };
     // persistent: one block per SM, or fewer when there are fewer tiles than that at most (the
@@ -339,7 +346,11 @@ pub fn launch_wgrad(
     }
     let sizes = checked_sizes("grouped weight gradient", "ko", x | dy | dw, experts, m, n, ko)?;
     // (no cluster kernel for the weight gradients yet: the bulk one)
-    let tile = if tile == TileN::N256Mc { TileN::N256Bulk } else { tile };
+    let tile = match tile {
+        TileN::N256Mc => TileN::N256Bulk,
+        TileN::N256Mc4 => TileN::N256,
+        t => t,
+    };
     let name = match (out_dtype, tile) {
         (DType::F32, TileN::N256) => "grouped_gemm_wgrad_f32",
         (DType::BF16, TileN::N256) => "grouped_gemm_wgrad_bf16",
@@ -437,7 +448,7 @@ pub fn co_resident_clusters(dev: &Device, tile: TileN, experts: usize) -> Result
         return Ok(None);
     }
     let kernels = kernels(dev)?;
-    let name = "grouped_gemm_nn_n256_bf16_mc";
+    let name = if tile == TileN::N256Mc4 { "grouped_gemm_nn_n256_bf16_mc4" } else { "grouped_gemm_nn_n256_bf16_mc" };
     let f = kernels.functions.get(name).ok_or_else(|| Error::Cuda(format!("kernel {name} is not in kernels/grouped_gemm.cu")))?;
     max_clusters(&kernels, dev, name, f, shared_bytes(tile, experts), tile.cluster()).map(Some)
 }

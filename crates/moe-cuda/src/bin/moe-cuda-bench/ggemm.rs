@@ -17,10 +17,10 @@
 //!    on the small cases and at both shapes (dW1 = x^T dh, dW2 = a^T dy) against cuBLAS's
 //!    per-expert GEMMs (side by side, as the experts' backward runs them); `--no-wgrad` skips it.
 //!
-//! Options: `--iters N`, `--tile 128,256,bulk,ring,ring-half,mc` (kernels: 128 or 256 columns, 256
+//! Options: `--iters N`, `--tile 128,256,bulk,ring,ring-half,mc,mc4` (kernels: 128 or 256 columns, 256
 //! with the bulk-copy epilogue through a staging buffer or through the ring's stages, the latter
 //! also with tails of <= 64 rows as two 64 x 128 halves, and the staged one in 2-CTA clusters
-//! sharing B tiles by multicast; default all six), `--shapes a,b`, `--out FILE`,
+//! sharing B tiles by multicast, and that with 4 stages and register stores; default all seven), `--shapes a,b`, `--out FILE`,
 //! `--small-only`, `--no-small` (the shapes only: for a profiler). Exit code 1 when a check fails.
 
 use half::bf16;
@@ -366,7 +366,7 @@ fn compare_bf16(a: &[u16], b: &[u16]) -> (usize, f64, Option<usize>) {
 
 pub fn bench(args: &[String]) -> i32 {
     let (mut tiles, mut small_only, mut small, mut wgrad) =
-        (vec![TileN::N128, TileN::N256, TileN::N256Bulk, TileN::N256Ring, TileN::N256RingHalf, TileN::N256Mc], false, true, true);
+        (vec![TileN::N128, TileN::N256, TileN::N256Bulk, TileN::N256Ring, TileN::N256RingHalf, TileN::N256Mc, TileN::N256Mc4], false, true, true);
     let opts = ShapeOptions::parse(args, |flag, value| match (flag, value) {
         ("--tile", Some(v)) => {
             tiles = v
@@ -378,6 +378,7 @@ pub fn bench(args: &[String]) -> i32 {
                     "ring" => Some(TileN::N256Ring),
                     "ring-half" => Some(TileN::N256RingHalf),
                     "mc" => Some(TileN::N256Mc),
+                    "mc4" => Some(TileN::N256Mc4),
                     _ => None,
                 })
                 .collect();
