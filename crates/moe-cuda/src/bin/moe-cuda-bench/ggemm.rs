@@ -365,8 +365,12 @@ fn compare_bf16(a: &[u16], b: &[u16]) -> (usize, f64, Option<usize>) {
 }
 
 pub fn bench(args: &[String]) -> i32 {
-    let (mut tiles, mut small_only, mut small, mut wgrad) =
-        (vec![TileN::N128, TileN::N256, TileN::N256Bulk, TileN::N256Ring, TileN::N256RingHalf, TileN::N256Mc, TileN::N256Mc4], false, true, true);
+    let (mut tiles, mut small_only, mut small, mut wgrad) = (
+        vec![TileN::N128, TileN::N256, TileN::N256Bulk, TileN::N256Ring, TileN::N256RingHalf, TileN::N256Mc, TileN::N256Mc4],
+        false,
+        true,
+        true,
+    );
     let opts = ShapeOptions::parse(args, |flag, value| match (flag, value) {
         ("--tile", Some(v)) => {
             tiles = v
