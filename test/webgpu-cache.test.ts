@@ -8,7 +8,7 @@ import { describe, expect, it } from 'vitest';
 
 import { backendInfo, createBackend, isWebGpuBackend, tensor, type Tensor } from '../ts/index.js';
 import { randomRouting, rng } from '../ts/random.js';
-import { sizeClass } from '../ts/webgpu/gpu.js';
+import { sizeClass, softwareAdapter } from '../ts/webgpu/gpu.js';
 import { bitsOf } from './util.js';
 
 describe('webgpu buffer size classes', () => {
@@ -23,6 +23,21 @@ describe('webgpu buffer size classes', () => {
     expect(sizeClass(1)).toBe(256);
     expect(sizeClass(1 << 20)).toBe(1 << 20);
     expect(sizeClass((1 << 20) + 4)).toBe((1 << 20) + (1 << 17));
+  });
+});
+
+describe('webgpu list passes: software adapters (indirect dispatch) from GPUs (direct)', () => {
+  it('tells them apart by the adapter description', () => {
+    for (const d of [
+      'WebGPU adapter google / swiftshader',
+      'WebGPU adapter google / swiftshader / swiftshader-device-subzero- / SwiftShader driver 5.0.0',
+      'WebGPU adapter mesa / llvmpipe (LLVM 19.1.7, 256 bits)',
+      'WebGPU adapter microsoft / Microsoft Basic Render Driver',
+      'WebGPU adapter (no adapter info) (fallback adapter)',
+    ])
+      expect(softwareAdapter(d), d).toBe(true);
+    for (const d of ['WebGPU adapter nvidia / nvidia-h200 / NVIDIA: 580.159.04 580.159.4.0', 'WebGPU adapter apple / metal-3', 'WebGPU adapter (no adapter info)'])
+      expect(softwareAdapter(d), d).toBe(false);
   });
 });
 

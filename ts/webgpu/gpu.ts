@@ -38,9 +38,13 @@ export const passes: { perDispatch: boolean; lists: ListDispatch } = { perDispat
  */
 export type ListDispatch = 'auto' | 'direct' | 'indirect';
 
-/** Whether `describeAdapter`'s description is of a software adapter (SwiftShader, a fallback adapter). */
+/**
+ * Whether `describeAdapter`'s description is of a software adapter: SwiftShader (Chromium's),
+ * Mesa's llvmpipe / lavapipe, Windows' WARP (Microsoft Basic Render Driver), or one the browser
+ * calls a fallback adapter.
+ */
 export function softwareAdapter(description: string): boolean {
-  return /swiftshader|fallback adapter/i.test(description);
+  return /swiftshader|llvmpipe|lavapipe|microsoft basic render|fallback adapter/i.test(description);
 }
 
 /** A step of an op's command buffer: a compute dispatch, or a copy (which ends the pass before it). */
