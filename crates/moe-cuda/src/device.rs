@@ -808,38 +808,42 @@ mod tests {
 
     #[test]
     fn kernel_names_of_plain_declarations() {
-        let plan = kernel_names(compile::PLAN.source);
-        for n in [
-            "plan_chunk_count",
-            "plan_chunk_scan",
-            "plan_expert_offsets",
-            "plan_rows",
-            "plan_small_count_w1_c256",
-            "plan_small_rows_w1_c256",
-            "plan_fill",
-            "scan_exclusive",
-            "plan_row_fill",
-            "gather_slot_probs",
-            "permute_fused_w16",
-            "permute_fused_w2",
-        ] {
-            assert!(plan.contains(&n.to_string()), "{plan:?}");
+        /// Every name of `want` is among the kernels of `source`.
+        fn has_all(source: &str, want: &[&str]) {
+            let names = kernel_names(source);
+            for n in want {
+                assert!(names.contains(&n.to_string()), "{n} not in {names:?}");
+            }
         }
-        let routing = kernel_names(compile::ROUTING.source);
-        for n in ["route_kernel", "topk_kernel", "route_kernel_r1", "route_kernel_r16", "topk_kernel_r8"] {
-            assert!(routing.contains(&n.to_string()), "{routing:?}");
-        }
+        has_all(
+            compile::PLAN.source,
+            &[
+                "plan_chunk_count",
+                "plan_chunk_scan",
+                "plan_expert_offsets",
+                "plan_rows",
+                "plan_small_count_w1_c256",
+                "plan_small_rows_w1_c256",
+                "plan_fill",
+                "scan_exclusive",
+                "plan_row_fill",
+                "gather_slot_probs",
+                "permute_fused_w16",
+                "permute_fused_w2",
+            ],
+        );
+        has_all(compile::ROUTING.source, &["route_kernel", "topk_kernel", "route_kernel_r1", "route_kernel_r16", "topk_kernel_r8"]);
         assert!(!kernel_names(compile::PERMUTE.source).iter().any(|n| n.contains('#')));
         // attributes before the name: launch bounds, a cluster shape, a macro standing for one
-        let gg = kernel_names(compile::GROUPED_GEMM.source);
-        for n in [
-            "grouped_gemm_nn_n256_bf16_bulk",
-            "grouped_gemm_nn_n256_bf16_mc",
-            "grouped_gemm_nt_n256_bf16_mc",
-            "grouped_gemm_wgrad_bf16_ring",
-        ] {
-            assert!(gg.contains(&n.to_string()), "{gg:?}");
-        }
+        has_all(
+            compile::GROUPED_GEMM.source,
+            &[
+                "grouped_gemm_nn_n256_bf16_bulk",
+                "grouped_gemm_nn_n256_bf16_mc",
+                "grouped_gemm_nt_n256_bf16_mc4",
+                "grouped_gemm_wgrad_bf16_ring",
+            ],
+        );
         let src = "extern \"C\" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(384, 1) k_one(int a) {}\n\
                    extern \"C\" __global__ void ATTR_X k_two(int a) {}\nextern \"C\" __global__ void lower k_three(int a) {}";
         assert_eq!(kernel_names(src), vec!["k_one".to_string(), "k_two".to_string()]);
