@@ -968,7 +968,7 @@ export function webgpuCases(ctx) {
 
   add("the list passes (software float64 where the fast pass cannot decide) dispatched directly and indirectly: the same bits, lists longer than the direct dispatch's 256 workgroups", async () => {
     const m = moe;
-    const { passes } = await ctx.f64();
+    const { passes, LIST_GROUPS } = await ctx.f64();
     const before = passes.lists;
     // 20,000 slots whose dot product 1 + 2^-24 is a float32 midpoint, 20,000 swiglu items whose
     // gate's exp is out of the fast pass's range, 4,096 x 8 route cells on rows at float32 rounding
@@ -976,6 +976,8 @@ export function webgpuCases(ctx) {
     // strides over them); each one's value is the second pass's alone
     const n = 20000;
     const H = 4;
+    // (longer than a direct list pass's threads, or the striding is not exercised)
+    check.ok(n > LIST_GROUPS * 64, `${n} items over ${LIST_GROUPS} workgroups of 64`);
     const midpoints = tensor(
       'float32',
       [n, H],

@@ -321,7 +321,7 @@ export class OpCall {
     if (items === 0) return;
     const list = this.tmp(16 + 4 * items, 'the items to redo');
     this.run(key, shader('fast'), params, [...buffers, list], threads, label);
-    this.gpu.dispatchIndirect(this.op, `${key}_soft`, shader('soft'), params, [...buffers, list], list, Math.min(256, Math.ceil(items / 64)), `${label} soft`);
+    this.gpu.dispatchIndirect(this.op, `${key}_soft`, shader('soft'), params, [...buffers, list], list, items, `${label} soft`);
   }
 
   /** Exclusive scan of `m` u32 values into `out`, or a new scratch `[m + 1]` buffer (one workgroup). */
@@ -911,8 +911,7 @@ export function webgpuBackend(base: Backend, gpu: Gpu, binding: Binding): WebGpu
           params[16] = 2;
           for (const phase of [1, 2, 3, 4]) {
             if (phase === 2 && !softmax) continue;
-            const direct = Math.min(256, Math.ceil(((phase % 2 === 1 ? e : 1) * t) / 64));
-            gpu.dispatchIndirect('route', `route_${phase}`, ROUTE[phase - 1], params, bufs, flag, direct, `route phase ${phase} exact`, phase % 2 === 1 ? 16 : 32);
+            gpu.dispatchIndirect('route', `route_${phase}`, ROUTE[phase - 1], params, bufs, flag, phase % 2 === 1 ? t * e : t, `route phase ${phase} exact`, phase % 2 === 1 ? 16 : 32);
           }
         }
         c.run('count_picks', COUNT_PICKS, [t * k, e], [indices.bufferFor(gpu, 'i'), tpe.bufferFor(gpu, 'c')], t * k);

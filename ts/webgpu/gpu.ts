@@ -29,7 +29,7 @@ export const passes: { perDispatch: boolean; lists: ListDispatch } = { perDispat
  * How the list passes (the soft float64 passes, route's exact pass over listed rows: shaders
  * that stride over a list the pass before wrote) are dispatched: `indirect`, from the workgroup
  * counts the pass before wrote (no workgroups where the list is empty); `direct`, on
- * min(256, what the whole list could need) workgroups; `auto` (the default): indirect on a
+ * min(LIST_GROUPS = 256, what the whole list could need) workgroups; `auto` (the default): indirect on a
  * software adapter, direct on a GPU. Measured (bench/dawn.mjs direct2 / indirect2): through
  * Dawn on the H200 an indirect dispatch costs 0.53-0.62 ms of wall clock against 0.07-0.11 for
  * a direct one (route 1.47 -> 0.87 ms a call); on SwiftShader 0.04 ms more, while a direct
@@ -37,6 +37,9 @@ export const passes: { perDispatch: boolean; lists: ListDispatch } = { perDispat
  * branch: route 1.9 -> 9.8 ms at T=16).
  */
 export type ListDispatch = 'auto' | 'direct' | 'indirect';
+
+/** The most workgroups of a list pass dispatched directly. */
+export const LIST_GROUPS = 256;
 
 /**
  * Whether `describeAdapter`'s description is of a software adapter: SwiftShader (Chromium's),
@@ -382,12 +385,14 @@ export class Gpu {
   /**
    * Queues one dispatch of shader `key` whose workgroup counts the GPU wrote: the three u32 at
    * `offset` in `indirect` (which the shader may also read, at a binding of `buffers`); or
-   * (`passes.lists`) a direct dispatch of `direct` workgroups (the list shaders stride over
-   * their lists, so either covers the list).
+   * (`passes.lists`) a direct dispatch of enough workgroups of 64 for `most` invocations, the
+   * most the list could need, at most LIST_GROUPS of them (the list shaders stride over their
+   * lists, so either covers the list).
    */
-  dispatchIndirect(op: string, key: string, code: string, params: ArrayLike<number>, buffers: GPUBuffer[], indirect: GPUBuffer, direct: number, label = key, offset = 0): void {
+  dispatchIndirect(op: string, key: string, code: string, params: ArrayLike<number>, buffers: GPUBuffer[], indirect: GPUBuffer, most: number, label = key, offset = 0): void {
     const directly = passes.lists === 'direct' || (passes.lists === 'auto' && !this.software);
-    this.pass(op, key, code, params, buffers, label, (pass) => (directly ? pass.dispatchWorkgroups(Math.max(1, Math.min(direct, this.maxGroups))) : pass.dispatchWorkgroupsIndirect(indirect, offset)));
+    const groups = Math.max(1, Math.min(Math.ceil(most / 64), LIST_GROUPS, this.maxGroups));
+    this.pass(op, key, code, params, buffers, label, (pass) => (directly ? pass.dispatchWorkgroups(groups) : pass.dispatchWorkgroupsIndirect(indirect, offset)));
   }
 
   /** One dispatch of the op's command buffer: shader `key`, `params` at binding 0 and `buffers` after it, its dispatch by `dispatch`. */

@@ -251,6 +251,29 @@ fn tensor_map(what: &str, ptr: u64, dims: &[u64], strides: &[u64], box_dims: &[u
     Ok(TensorMap(words))
 }
 
+/// The token-side kernel of `layout`, `tile` and `out_dtype` in kernels/grouped_gemm.cu, if any.
+fn kernel_name(layout: WeightLayout, tile: TileN, out_dtype: DType) -> Option<&'static str> {
+    Some(match (layout, tile, out_dtype) {
+        (WeightLayout::KN, TileN::N128, DType::BF16) => "grouped_gemm_nn_n128_bf16",
+        (WeightLayout::KN, TileN::N256, DType::BF16) => "grouped_gemm_nn_n256_bf16",
+        (WeightLayout::NK, TileN::N128, DType::BF16) => "grouped_gemm_nt_n128_bf16",
+        (WeightLayout::NK, TileN::N256, DType::BF16) => "grouped_gemm_nt_n256_bf16",
+        (WeightLayout::KN, TileN::N256, DType::F32) => "grouped_gemm_nn_n256_f32",
+        (WeightLayout::NK, TileN::N256, DType::F32) => "grouped_gemm_nt_n256_f32",
+        (WeightLayout::KN, TileN::N256Bulk, DType::BF16) => "grouped_gemm_nn_n256_bf16_bulk",
+        (WeightLayout::NK, TileN::N256Bulk, DType::BF16) => "grouped_gemm_nt_n256_bf16_bulk",
+        (WeightLayout::KN, TileN::N256Ring, DType::BF16) => "grouped_gemm_nn_n256_bf16_ring",
+        (WeightLayout::NK, TileN::N256Ring, DType::BF16) => "grouped_gemm_nt_n256_bf16_ring",
+        (WeightLayout::KN, TileN::N256RingHalf, DType::BF16) => "grouped_gemm_nn_n256_bf16_ring_half",
+        (WeightLayout::NK, TileN::N256RingHalf, DType::BF16) => "grouped_gemm_nt_n256_bf16_ring_half",
+        (WeightLayout::KN, TileN::N256Mc, DType::BF16) => "grouped_gemm_nn_n256_bf16_mc",
+        (WeightLayout::NK, TileN::N256Mc, DType::BF16) => "grouped_gemm_nt_n256_bf16_mc",
+        (WeightLayout::KN, TileN::N256Mc4, DType::BF16) => "grouped_gemm_nn_n256_bf16_mc4",
+        (WeightLayout::NK, TileN::N256Mc4, DType::BF16) => "grouped_gemm_nt_n256_bf16_mc4",
+        _ => return None,
+    })
+}
+
 /// One grouped GEMM on raw device addresses (see the module's doc): `x [m, k]` bf16, `w` bf16
 /// `[experts, k, n]` ([`WeightLayout::KN`]) or `[experts, n, k]` ([`WeightLayout::NK`]),
 /// `counts [experts]` int32 on the device, `out [m, n]` of `out_dtype` (bf16, or f32 with
@@ -278,25 +301,8 @@ pub fn launch(
         return Err(Error::Cuda("grouped GEMM with k = 0: nothing to multiply (a bug in the caller)".into()));
     }
     let sizes = checked_sizes("grouped GEMM", "k", x | w | out, experts, m, n, k)?;
-    let name = match (layout, tile, out_dtype) {
-        (WeightLayout::KN, TileN::N128, DType::BF16) => "grouped_gemm_nn_n128_bf16",
-        (WeightLayout::KN, TileN::N256, DType::BF16) => "grouped_gemm_nn_n256_bf16",
-        (WeightLayout::NK, TileN::N128, DType::BF16) => "grouped_gemm_nt_n128_bf16",
-        (WeightLayout::NK, TileN::N256, DType::BF16) => "grouped_gemm_nt_n256_bf16",
-        (WeightLayout::KN, TileN::N256, DType::F32) => "grouped_gemm_nn_n256_f32",
-        (WeightLayout::NK, TileN::N256, DType::F32) => "grouped_gemm_nt_n256_f32",
-        (WeightLayout::KN, TileN::N256Bulk, DType::BF16) => "grouped_gemm_nn_n256_bf16_bulk",
-        (WeightLayout::NK, TileN::N256Bulk, DType::BF16) => "grouped_gemm_nt_n256_bf16_bulk",
-        (WeightLayout::KN, TileN::N256Ring, DType::BF16) => "grouped_gemm_nn_n256_bf16_ring",
-        (WeightLayout::NK, TileN::N256Ring, DType::BF16) => "grouped_gemm_nt_n256_bf16_ring",
-        (WeightLayout::KN, TileN::N256RingHalf, DType::BF16) => "grouped_gemm_nn_n256_bf16_ring_half",
-        (WeightLayout::NK, TileN::N256RingHalf, DType::BF16) => "grouped_gemm_nt_n256_bf16_ring_half",
-        (WeightLayout::KN, TileN::N256Mc, DType::BF16) => "grouped_gemm_nn_n256_bf16_mc",
-        (WeightLayout::NK, TileN::N256Mc, DType::BF16) => "grouped_gemm_nt_n256_bf16_mc",
-        (WeightLayout::KN, TileN::N256Mc4, DType::BF16) => "grouped_gemm_nn_n256_bf16_mc4",
-        (WeightLayout::NK, TileN::N256Mc4, DType::BF16) => "grouped_gemm_nt_n256_bf16_mc4",
-        _ => return Err(Error::Cuda(format!("grouped GEMM: no kernel for {layout:?}, {tile:?}, {} output", out_dtype.name()))),
-    };
+    let name = kernel_name(layout, tile, out_dtype)
+        .ok_or_else(|| Error::Cuda(format!("grouped GEMM: no kernel for {layout:?}, {tile:?}, {} output", out_dtype.name())))?;
     // persistent: one block per SM, or fewer when there are fewer tiles than that at most (the
     // cluster kernel's padding: one tile an expert)
     let max_tiles = (m / TILE_M + experts).saturating_mul(n.div_ceil(tile.columns())) + if tile.cluster() > 1 { experts } else { 0 };
@@ -448,7 +454,7 @@ pub fn co_resident_clusters(dev: &Device, tile: TileN, experts: usize) -> Result
         return Ok(None);
     }
     let kernels = kernels(dev)?;
-    let name = if tile == TileN::N256Mc4 { "grouped_gemm_nn_n256_bf16_mc4" } else { "grouped_gemm_nn_n256_bf16_mc" };
+    let name = kernel_name(WeightLayout::KN, tile, DType::BF16).ok_or_else(|| Error::Cuda(format!("no bf16 kernel for {tile:?}")))?;
     let f = kernels.functions.get(name).ok_or_else(|| Error::Cuda(format!("kernel {name} is not in kernels/grouped_gemm.cu")))?;
     max_clusters(&kernels, dev, name, f, shared_bytes(tile, experts), tile.cluster()).map(Some)
 }
@@ -538,4 +544,30 @@ pub fn grouped_gemm_device(
 /// The address of a buffer (for [`launch`]).
 pub fn address(dev: &Device, buf: &Buffer) -> u64 {
     buf.device_ptr(dev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kernel `kernel_name` names is declared in kernels/grouped_gemm.cu, and the 256-column
+    /// bf16 tiles have one for both layouts.
+    #[test]
+    fn kernel_names_exist() {
+        let declared = crate::device::kernel_names(SOURCE.source);
+        let tiles = [TileN::N128, TileN::N256, TileN::N256Bulk, TileN::N256Ring, TileN::N256RingHalf, TileN::N256Mc, TileN::N256Mc4];
+        let mut found = 0;
+        for layout in [WeightLayout::KN, WeightLayout::NK] {
+            for tile in tiles {
+                for dtype in [DType::BF16, DType::F32] {
+                    if let Some(name) = kernel_name(layout, tile, dtype) {
+                        assert!(declared.iter().any(|d| d == name), "{name} ({layout:?}, {tile:?}, {dtype:?}) is not in {declared:?}");
+                        found += 1;
+                    }
+                }
+                assert!(kernel_name(layout, tile, DType::BF16).is_some(), "{layout:?} {tile:?} has no bf16 kernel");
+            }
+        }
+        assert_eq!(found, 16);
+    }
 }
