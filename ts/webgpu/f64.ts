@@ -453,12 +453,15 @@ fn dot_row(ia: u32, ib: u32, h: u32) -> vec2<u32> {
 }
 `;
 
-/** A test harness of `F64_DOT`: `out[i]` = the float64 bits of row i's dot (float32 bits `a`, `b` `[rows, h]`). P = [rows, h]. */
-export const F64_DOT_CHECK = `
-@group(0) @binding(0) var<storage, read> P: array<u32>;
+/** The bindings of the test harnesses over float32 bits: P, inputs a and b, 64-bit results out. */
+const CHECK_IO = `@group(0) @binding(0) var<storage, read> P: array<u32>;
 @group(0) @binding(1) var<storage, read> a: array<u32>;
 @group(0) @binding(2) var<storage, read> b: array<u32>;
-@group(0) @binding(3) var<storage, read_write> out: array<vec2<u32>>;
+@group(0) @binding(3) var<storage, read_write> out: array<vec2<u32>>;`;
+
+/** A test harness of `F64_DOT`: `out[i]` = the float64 bits of row i's dot (float32 bits `a`, `b` `[rows, h]`). P = [rows, h]. */
+export const F64_DOT_CHECK = `
+${CHECK_IO}
 ${F64}
 ${F64_DOT}
 fn dot_a(i: u32) -> u32 { return a[i]; }
@@ -804,10 +807,7 @@ fn fdiv(a: f32, b: f32) -> f32 { return fdiv_slow(a, b); }
  * compares them with the core's exp and with BigInt).
  */
 export const FIXED_CHECK = `
-@group(0) @binding(0) var<storage, read> P: array<u32>;
-@group(0) @binding(1) var<storage, read> a: array<u32>;
-@group(0) @binding(2) var<storage, read> b: array<u32>;
-@group(0) @binding(3) var<storage, read_write> out: array<vec2<u32>>;
+${CHECK_IO}
 ${U64}
 ${F32_FAST}
 @compute @workgroup_size(64)
@@ -823,10 +823,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
  * fdiv_fast(a, b) (out[2i] the bits, out[2i + 1] 1 where undecided), 2: expf_slow(a), 3: fdiv_slow(a, b).
  */
 export const F32_FAST_CHECK = `
-@group(0) @binding(0) var<storage, read> P: array<u32>;
-@group(0) @binding(1) var<storage, read> a: array<u32>;
-@group(0) @binding(2) var<storage, read> b: array<u32>;
-@group(0) @binding(3) var<storage, read_write> out: array<vec2<u32>>;
+${CHECK_IO}
 ${F64}
 ${F32_FAST}
 ${F32_SOFT}
