@@ -662,12 +662,12 @@ export function webgpuCases(ctx) {
     }
   });
 
-  add('the exclusive scan (SCAN: one workgroup, a run of values a thread) at every length around its split points', async () => {
+  add('the exclusive scan (SCAN: one workgroup, rounds of 2048 values, runs of 8 a thread) at every length around its split points', async () => {
     const { Gpu, SCAN } = await ctx.f64();
     const gpu = new Gpu(await (await globalThis.navigator.gpu.requestAdapter()).requestDevice(), 'test');
     const random = rng(91);
-    // lengths around 256 threads' runs of 1, 2, 4, 64 values, the plan's 16384 counts and past them; counts up to 2^20
-    for (const m of [0, 1, 2, 255, 256, 257, 511, 512, 513, 1023, 1024, 1025, 16383, 16384, 16385, 70001]) {
+    // lengths around a thread's run of 8 values, the 256 threads' round of 2048, two rounds, the plan's 16384 counts and past them; counts up to 2^20
+    for (const m of [0, 1, 2, 7, 8, 9, 255, 256, 257, 2047, 2048, 2049, 4095, 4096, 4097, 16383, 16384, 16385, 70001]) {
       const a = Uint32Array.from({ length: m }, (_, i) => (i % 7 === 3 ? 0 : Math.floor(random() * 2 ** (i % 3 === 0 ? 20 : 4))));
       const want = new Uint32Array(m + 1);
       for (let i = 0; i < m; i++) want[i + 1] = want[i] + a[i];
