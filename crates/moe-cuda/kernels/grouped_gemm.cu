@@ -835,6 +835,14 @@ extern "C" __global__ void GG_CLUSTER2 __launch_bounds__(384, 1) grouped_gemm_nn
 extern "C" __global__ void GG_CLUSTER2 __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_mc4(GG_ARGS) {
     gg_body<256, true, false, 4, GG_EPI_REG, false, true>(GG_PASS);
 }
+// (the ring-store epilogue: 4 stages, two of them the epilogue's after each tile's k-steps; the
+// two CTAs skip the same stages, their tiles having the same k-steps)
+extern "C" __global__ void GG_CLUSTER2 __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_mcring(GG_ARGS) {
+    gg_body<256, false, false, 4, GG_EPI_RING, false, true>(GG_PASS);
+}
+extern "C" __global__ void GG_CLUSTER2 __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_mcring(GG_ARGS) {
+    gg_body<256, true, false, 4, GG_EPI_RING, false, true>(GG_PASS);
+}
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_ring_half(GG_ARGS) {
     gg_body<256, false, false, 4, GG_EPI_RING, true>(GG_PASS);
 }

@@ -67,22 +67,44 @@ pub enum TileN {
     /// The token-side GEMMs only; the weight gradients run [`TileN::N256Bulk`]'s kernel.
     N256Mc,
     /// [`TileN::N256Mc`] with 4 stages and the accumulators stored from the registers (no staging
-    /// buffer): a deeper ring for the cluster's lock step (not yet run on a GPU).
+    /// buffer): a deeper ring for the cluster's lock step.
     N256Mc4,
+    /// [`TileN::N256Mc`] with [`TileN::N256Ring`]'s epilogue: 4 stages, the rows staged in two
+    /// stages of the ring and bulk-copied out (both CTAs skip the same stages: their tiles have
+    /// the same k-steps).
+    N256McRing,
 }
 
 impl TileN {
+    /// Every kernel choice, with its short name (`moe-cuda-bench ggemm --tile`,
+    /// `MOE_DISPATCH_GG_EPILOGUE`).
+    pub const ALL: [(TileN, &'static str); 8] = [
+        (TileN::N128, "128"),
+        (TileN::N256, "256"),
+        (TileN::N256Bulk, "bulk"),
+        (TileN::N256Ring, "ring"),
+        (TileN::N256RingHalf, "ring-half"),
+        (TileN::N256Mc, "mc"),
+        (TileN::N256Mc4, "mc4"),
+        (TileN::N256McRing, "mcring"),
+    ];
+
+    /// The tile of a short name of [`TileN::ALL`].
+    pub fn from_short(name: &str) -> Option<TileN> {
+        TileN::ALL.iter().find(|(_, n)| *n == name).map(|(t, _)| *t)
+    }
+
     pub fn columns(self) -> usize {
         match self {
             TileN::N128 => 128,
-            TileN::N256 | TileN::N256Bulk | TileN::N256Ring | TileN::N256RingHalf | TileN::N256Mc | TileN::N256Mc4 => 256,
+            _ => 256,
         }
     }
 
     fn stages(self) -> usize {
         match self {
             TileN::N128 => 6,
-            TileN::N256 | TileN::N256Ring | TileN::N256RingHalf | TileN::N256Mc4 => 4,
+            TileN::N256 | TileN::N256Ring | TileN::N256RingHalf | TileN::N256Mc4 | TileN::N256McRing => 4,
             TileN::N256Bulk | TileN::N256Mc => 3,
         }
     }
@@ -104,13 +126,14 @@ impl TileN {
             TileN::N256RingHalf => "128x256 ring-store, half tails",
             TileN::N256Mc => "128x256 bulk-store, 2-CTA multicast",
             TileN::N256Mc4 => "128x256, 4 stages, 2-CTA multicast",
+            TileN::N256McRing => "128x256 ring-store, 2-CTA multicast",
         }
     }
 
     /// CTAs a cluster of the kernel (its `__cluster_dims__`).
     fn cluster(self) -> usize {
         match self {
-            TileN::N256Mc | TileN::N256Mc4 => 2,
+            TileN::N256Mc | TileN::N256Mc4 | TileN::N256McRing => 2,
             _ => 1,
         }
     }
@@ -199,16 +222,16 @@ pub fn group_n() -> i32 {
 }
 
 /// The 256-column bf16 kernel the experts use: [`TileN::N256Bulk`] by default;
-/// `MOE_DISPATCH_GG_EPILOGUE=ring` picks [`TileN::N256Ring`], `ring-half`
-/// [`TileN::N256RingHalf`], `mc` [`TileN::N256Mc`], `mc4` [`TileN::N256Mc4`] (for measurements).
+/// `MOE_DISPATCH_GG_EPILOGUE` names another by its short name of [`TileN::ALL`] (`ring`,
+/// `ring-half`, `mc`, `mc4`, `mcring`: for measurements; a 128-column or unknown name is the default).
 pub fn experts_tile() -> TileN {
     static TILE: std::sync::OnceLock<TileN> = std::sync::OnceLock::new();
-    *TILE.get_or_init(|| match std::env::var("MOE_DISPATCH_GG_EPILOGUE").as_deref() {
-        Ok("ring") => TileN::N256Ring,
-        Ok("ring-half") => TileN::N256RingHalf,
-        Ok("mc") => TileN::N256Mc,
-        Ok("mc4") => TileN::N256Mc4,
-        _ => TileN::N256Bulk,
+    *TILE.get_or_init(|| {
+        std::env::var("MOE_DISPATCH_GG_EPILOGUE")
+            .ok()
+            .and_then(|v| TileN::from_short(&v))
+            .filter(|t| t.columns() == 256 && kernel_name(WeightLayout::KN, *t, DType::BF16).is_some())
+            .unwrap_or(TileN::N256Bulk)
     })
 }
 
@@ -270,6 +293,8 @@ fn kernel_name(layout: WeightLayout, tile: TileN, out_dtype: DType) -> Option<&'
         (WeightLayout::NK, TileN::N256Mc, DType::BF16) => "grouped_gemm_nt_n256_bf16_mc",
         (WeightLayout::KN, TileN::N256Mc4, DType::BF16) => "grouped_gemm_nn_n256_bf16_mc4",
         (WeightLayout::NK, TileN::N256Mc4, DType::BF16) => "grouped_gemm_nt_n256_bf16_mc4",
+        (WeightLayout::KN, TileN::N256McRing, DType::BF16) => "grouped_gemm_nn_n256_bf16_mcring",
+        (WeightLayout::NK, TileN::N256McRing, DType::BF16) => "grouped_gemm_nt_n256_bf16_mcring",
         _ => return None,
     })
 }
@@ -355,6 +380,7 @@ pub fn launch_wgrad(
     let tile = match tile {
         TileN::N256Mc => TileN::N256Bulk,
         TileN::N256Mc4 => TileN::N256,
+        TileN::N256McRing => TileN::N256Ring,
         t => t,
     };
     let name = match (out_dtype, tile) {
@@ -555,10 +581,9 @@ mod tests {
     #[test]
     fn kernel_names_exist() {
         let declared = crate::device::kernel_names(SOURCE.source);
-        let tiles = [TileN::N128, TileN::N256, TileN::N256Bulk, TileN::N256Ring, TileN::N256RingHalf, TileN::N256Mc, TileN::N256Mc4];
         let mut found = 0;
         for layout in [WeightLayout::KN, WeightLayout::NK] {
-            for tile in tiles {
+            for (tile, _) in TileN::ALL {
                 for dtype in [DType::BF16, DType::F32] {
                     if let Some(name) = kernel_name(layout, tile, dtype) {
                         assert!(declared.iter().any(|d| d == name), "{name} ({layout:?}, {tile:?}, {dtype:?}) is not in {declared:?}");
@@ -568,6 +593,11 @@ mod tests {
                 assert!(kernel_name(layout, tile, DType::BF16).is_some(), "{layout:?} {tile:?} has no bf16 kernel");
             }
         }
-        assert_eq!(found, 16);
+        assert_eq!(found, 18);
+        // the short names are distinct and name their own tiles
+        for (tile, short) in TileN::ALL {
+            assert_eq!(TileN::from_short(short), Some(tile), "{short}");
+        }
+        assert_eq!(TileN::from_short("nope"), None);
     }
 }

@@ -17,10 +17,11 @@
 //!    on the small cases and at both shapes (dW1 = x^T dh, dW2 = a^T dy) against cuBLAS's
 //!    per-expert GEMMs (side by side, as the experts' backward runs them); `--no-wgrad` skips it.
 //!
-//! Options: `--iters N`, `--tile 128,256,bulk,ring,ring-half,mc,mc4` (kernels: 128 or 256 columns, 256
-//! with the bulk-copy epilogue through a staging buffer or through the ring's stages, the latter
-//! also with tails of <= 64 rows as two 64 x 128 halves, and the staged one in 2-CTA clusters
-//! sharing B tiles by multicast, and that with 4 stages and register stores; default all seven), `--shapes a,b`, `--out FILE`,
+//! Options: `--iters N`, `--tile 128,256,bulk,ring,ring-half,mc,mc4,mcring` (kernels, by
+//! `TileN::ALL`'s short names: 128 or 256 columns, 256 with the bulk-copy epilogue through a
+//! staging buffer or through the ring's stages, the latter also with tails of <= 64 rows as two
+//! 64 x 128 halves, and in 2-CTA clusters sharing B tiles by multicast: the staged one, with 4
+//! stages and register stores, with the ring's epilogue; default all eight), `--shapes a,b`, `--out FILE`,
 //! `--small-only`, `--no-small` (the shapes only: for a profiler). Exit code 1 when a check fails.
 
 use half::bf16;
@@ -365,27 +366,15 @@ fn compare_bf16(a: &[u16], b: &[u16]) -> (usize, f64, Option<usize>) {
 }
 
 pub fn bench(args: &[String]) -> i32 {
-    let (mut tiles, mut small_only, mut small, mut wgrad) = (
-        vec![TileN::N128, TileN::N256, TileN::N256Bulk, TileN::N256Ring, TileN::N256RingHalf, TileN::N256Mc, TileN::N256Mc4],
-        false,
-        true,
-        true,
-    );
+    let (mut tiles, mut small_only, mut small, mut wgrad) = (TileN::ALL.iter().map(|(t, _)| *t).collect::<Vec<_>>(), false, true, true);
     let opts = ShapeOptions::parse(args, |flag, value| match (flag, value) {
         ("--tile", Some(v)) => {
-            tiles = v
-                .split(',')
-                .filter_map(|t| match t {
-                    "128" => Some(TileN::N128),
-                    "256" => Some(TileN::N256),
-                    "bulk" => Some(TileN::N256Bulk),
-                    "ring" => Some(TileN::N256Ring),
-                    "ring-half" => Some(TileN::N256RingHalf),
-                    "mc" => Some(TileN::N256Mc),
-                    "mc4" => Some(TileN::N256Mc4),
-                    _ => None,
-                })
-                .collect();
+            tiles = v.split(',').filter_map(TileN::from_short).collect();
+            if tiles.len() != v.split(',').count() {
+                let names: Vec<_> = TileN::ALL.iter().map(|(_, n)| *n).collect();
+                eprintln!("ggemm: --tile: expected names of {}, got {v}", names.join(", "));
+                tiles.clear();
+            }
             Some(2)
         }
         ("--no-wgrad", _) => {
@@ -406,6 +395,10 @@ pub fn bench(args: &[String]) -> i32 {
         Ok(o) => o,
         Err(rc) => return rc,
     };
+    if tiles.is_empty() {
+        println!("ggemm: no kernel to run (--tile)");
+        return 2;
+    }
     let dev = match global_device() {
         Ok(d) => d,
         Err(rc) => return rc,
