@@ -103,15 +103,6 @@ static __device__ __forceinline__ void tma_prefetch(const GgTensorMap* map) {
     asm volatile("prefetch.tensormap [%0];" ::"l"((u64)map) : "memory");
 }
 
-// A box of the tensor map fetched from global memory into L2 only (no shared memory, no barrier):
-// the producer's look-ahead past the ring's stages.
-static __device__ __forceinline__ void tma_prefetch_l2_2d(const GgTensorMap* map, int c0, int c1) {
-    asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];" ::"l"((u64)map), "r"(c0), "r"(c1) : "memory");
-}
-static __device__ __forceinline__ void tma_prefetch_l2_3d(const GgTensorMap* map, int c0, int c1, int c2) {
-    asm volatile("cp.async.bulk.prefetch.tensor.3d.L2.global.tile [%0, {%1, %2, %3}];" ::"l"((u64)map), "r"(c0), "r"(c1), "r"(c2) : "memory");
-}
-
 // The 2-CTA cluster kernels (`_mc`): this CTA's rank in its cluster, the cluster's index and
 // how many clusters the grid has, a barrier over every thread of the cluster, an arrival on the
 // barrier at the same shared-memory offset in CTA `rank` of the cluster (the default .release.cta
@@ -526,21 +517,6 @@ static __device__ __forceinline__ void gg_mma_step(float* acc, int kb, u32 a_add
     }
 }
 
-// The boxes of k-step kb of tile `tl` (A's 128 rows; B's columns n0 .. n0 + BN - 1 of expert e,
-// in the map's boxes: MC's `nt` map has boxes of 128 n) fetched into L2 (`prefetch` > 0: the
-// producer's look-ahead of that many k-steps past the loads it issues).
-template <int BN, bool B_KMAJOR, bool MC>
-static __device__ __forceinline__ void gg_prefetch_step(const GgTensorMap* map_a, const GgTensorMap* map_b, const GgTile& tl, int kb) {
-    tma_prefetch_l2_2d(map_a, kb * GG_BK, tl.row0);
-    if constexpr (B_KMAJOR) {
-#pragma unroll
-        for (int h = 0; h < (MC ? 2 : 1); h++) tma_prefetch_l2_3d(map_b, kb * GG_BK, tl.n0 + 128 * h, tl.e);
-    } else {
-#pragma unroll
-        for (int j = 0; j < BN / 64; j++) tma_prefetch_l2_3d(map_b, tl.n0 + 64 * j, kb * GG_BK, tl.e);
-    }
-}
-
 // HALF (EPI_RING only): a tile of at most 64 rows (an expert's last) is multiplied as two
 // 64 x 128 halves, one a warpgroup (wgmma m64n128k16), instead of 128 x 256 with the second
 // warpgroup's rows thrown away.
@@ -552,7 +528,7 @@ static __device__ __forceinline__ void gg_prefetch_step(const GgTensorMap* map_a
 // (16 arrivals), and neither CTA exits before the other is done with its shared memory.
 template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, int EPI, bool HALF = false, bool MC = false>
 static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const GgTensorMap* map_b, void* out, const int* counts,
-                                               int num_experts, int m_total, int n, int k, int group_n, int prefetch) {
+                                               int num_experts, int m_total, int n, int k, int group_n) {
     constexpr u32 A_BYTES = GG_BM * GG_BK * 2;
     constexpr u32 B_BYTES = BN * GG_BK * 2;
     constexpr u32 STAGE_BYTES = A_BYTES + B_BYTES;
@@ -623,19 +599,10 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
             tma_prefetch(map_a);
             tma_prefetch(map_b);
             GgRing<STAGES> ring;
-            bool paired = false;
-            GgTile tl = first < items ? tile_of(first, &paired) : GgTile{};
             for (int q = first; q < items; q += step) {
-                // (the next tile: its first k-steps are prefetched during this one's last)
-                bool next_paired = false;
-                const bool has_next = q + step < items;
-                const GgTile nx = has_next ? tile_of(q + step, &next_paired) : tl;
+                bool paired;
+                const GgTile tl = tile_of(q, &paired);
                 gg_produce<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, [&](int kb, u32 full, u32 a_dst, u32 b_dst) {
-                    if (prefetch > 0) {
-                        const int pk = kb + prefetch;
-                        if (pk < num_kb) gg_prefetch_step<BN, B_KMAJOR, MC>(map_a, map_b, tl, pk);
-                        else if (has_next && pk - num_kb < num_kb) gg_prefetch_step<BN, B_KMAJOR, MC>(map_a, map_b, nx, pk - num_kb);
-                    }
                     tma_load_2d(a_dst, map_a, kb * GG_BK, tl.row0, full);
                     if constexpr (MC) {
                         // B in halves of 128 columns (MC's `nt` map: boxes of 64 k x 128 n)
@@ -664,8 +631,6 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
                     }
                 });
                 if constexpr (EPI == GG_EPI_RING) gg_skip_for_epilogue<STAGES>(sh, ring);
-                tl = nx;
-                paired = next_paired;
             }
         }
     } else {
@@ -825,7 +790,7 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap*, const G
 }
 
 template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, int EPI, bool HALF = false, bool MC = false>
-static __device__ __forceinline__ void gg_body(const GgTensorMap*, const GgTensorMap*, void*, const int*, int, int, int, int, int, int) {
+static __device__ __forceinline__ void gg_body(const GgTensorMap*, const GgTensorMap*, void*, const int*, int, int, int, int, int) {
     __trap();
 }
 
@@ -834,11 +799,10 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap*, const GgTenso
 // Stages of the shared-memory ring: 4 of 48 KiB with BN = 256, 6 of 32 KiB with BN = 128, 3 of
 // 48 KiB with BN = 256 and the staged bulk epilogue (its 66 KiB staging buffer), 4 with the
 // bulk epilogue through the ring; grouped_gemm.rs computes the same shared-memory sizes.
-// `prefetch`: the producer's L2 look-ahead in k-steps (0: none; gg_prefetch_step).
 #define GG_ARGS                                                                                                                   \
     const __grid_constant__ GgTensorMap map_a, const __grid_constant__ GgTensorMap map_b, void* out, const int* counts, int num_experts, \
-        int m_total, int n, int k, int group_n, int prefetch
-#define GG_PASS &map_a, &map_b, out, counts, num_experts, m_total, n, k, group_n, prefetch
+        int m_total, int n, int k, int group_n
+#define GG_PASS &map_a, &map_b, out, counts, num_experts, m_total, n, k, group_n
 
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n128_bf16(GG_ARGS) { gg_body<128, false, false, 6, GG_EPI_REG>(GG_PASS); }
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16(GG_ARGS) { gg_body<256, false, false, 4, GG_EPI_REG>(GG_PASS); }
@@ -887,7 +851,7 @@ extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_r
 }
 
 // dw [E, KO, N] = x^T dy per expert: map_a over x [M, KO], map_b over dy [M, N]; the launch's k is
-// KO (x's columns), n is N (dy's columns); (no L2 prefetch in the weight gradients: `prefetch` unused)
+// KO (x's columns), n is N (dy's columns)
 #define GG_WPASS &map_a, &map_b, out, counts, num_experts, m_total, k, n, group_n
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_f32(GG_ARGS) { gg_wgrad_body<true, GG_EPI_REG>(GG_WPASS); }
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16(GG_ARGS) { gg_wgrad_body<false, GG_EPI_REG>(GG_WPASS); }

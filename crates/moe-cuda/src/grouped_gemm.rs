@@ -221,30 +221,6 @@ pub fn group_n() -> i32 {
     *GROUP.get_or_init(|| std::env::var("MOE_DISPATCH_GG_GROUP").ok().and_then(|v| v.parse::<i32>().ok()).filter(|&g| g >= 1).unwrap_or(8))
 }
 
-/// The token-side kernels' L2 look-ahead (kernels/grouped_gemm.cu's `prefetch`): the producer
-/// fetches the A and B boxes of the k-step this many steps past each load it issues into L2
-/// (into the next tile's first steps near a tile's end), so that the ring's stages wait on L2
-/// rather than on DRAM. 0 (none) by default; `MOE_DISPATCH_GG_PREFETCH` or
-/// [`set_prefetch_steps`] sets it (for measurements).
-pub fn prefetch_steps() -> i32 {
-    let v = PREFETCH.load(std::sync::atomic::Ordering::Relaxed);
-    if v >= 0 {
-        return v;
-    }
-    let from_env = std::env::var("MOE_DISPATCH_GG_PREFETCH").ok().and_then(|v| v.parse::<i32>().ok()).filter(|&p| p >= 0).unwrap_or(0);
-    // (a concurrent set_prefetch_steps wins)
-    let _ = PREFETCH.compare_exchange(-1, from_env, std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed);
-    PREFETCH.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-/// Sets [`prefetch_steps`] for the launches that follow (negative values are taken as 0).
-pub fn set_prefetch_steps(steps: i32) {
-    PREFETCH.store(steps.max(0), std::sync::atomic::Ordering::Relaxed);
-}
-
-/// [`prefetch_steps`]'s value; -1 until read from the environment or set.
-static PREFETCH: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
-
 /// The 256-column bf16 kernel the experts use: [`TileN::N256Bulk`] by default;
 /// `MOE_DISPATCH_GG_EPILOGUE` names another by its short name of [`TileN::ALL`] (`ring`,
 /// `ring-half`, `mc`, `mc4`, `mcring`: for measurements; a 128-column or unknown name is the default).
@@ -488,10 +464,9 @@ fn run_kernel(
     } as u32;
     let stream = dev.stream();
     let group = group_n();
-    let prefetch = prefetch_steps();
     let Sizes { experts: ei, m: mi, n: ni, k: ki } = sizes;
     let mut b = stream.launch_builder(f);
-    b.arg(&map_a).arg(&map_b).arg(&out).arg(&counts).arg(&ei).arg(&mi).arg(&ni).arg(&ki).arg(&group).arg(&prefetch);
+    b.arg(&map_a).arg(&map_b).arg(&out).arg(&counts).arg(&ei).arg(&mi).arg(&ni).arg(&ki).arg(&group);
     let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
     // SAFETY: the arguments match the kernel's parameters (GG_ARGS; the weight gradients' k is
     // ko) in order and type.

@@ -21,9 +21,7 @@
 //! `TileN::ALL`'s short names: 128 or 256 columns, 256 with the bulk-copy epilogue through a
 //! staging buffer or through the ring's stages, the latter also with tails of <= 64 rows as two
 //! 64 x 128 halves, and in 2-CTA clusters sharing B tiles by multicast: the staged one, with 4
-//! stages and register stores, with the ring's epilogue; default all eight), `--prefetch 0,8`
-//! (the token-side kernels' L2 look-ahead in k-steps, each value with each kernel; default
-//! `MOE_DISPATCH_GG_PREFETCH`, else 0), `--shapes a,b`, `--out FILE`,
+//! stages and register stores, with the ring's epilogue; default all eight), `--shapes a,b`, `--out FILE`,
 //! `--small-only`, `--no-small` (the shapes only: for a profiler). Exit code 1 when a check fails.
 
 use half::bf16;
@@ -84,15 +82,6 @@ fn run_twice(dev: &Device, what: &str, bytes: usize, launch: impl Fn(u64) -> R<(
         runs.push(dev.download_new(what, &out, bytes)?);
     }
     Ok(runs)
-}
-
-/// How a kernel's label names its L2 look-ahead (none where 0).
-fn prefetch_label(pf: i32) -> String {
-    if pf > 0 {
-        format!(", L2 prefetch {pf}")
-    } else {
-        String::new()
-    }
 }
 
 fn small_cases() -> Vec<Case> {
@@ -377,7 +366,6 @@ fn compare_bf16(a: &[u16], b: &[u16]) -> (usize, f64, Option<usize>) {
 }
 
 pub fn bench(args: &[String]) -> i32 {
-    let mut prefetches = vec![grouped_gemm::prefetch_steps()];
     let (mut tiles, mut small_only, mut small, mut wgrad) = (TileN::ALL.iter().map(|(t, _)| *t).collect::<Vec<_>>(), false, true, true);
     let opts = ShapeOptions::parse(args, |flag, value| match (flag, value) {
         ("--tile", Some(v)) => {
@@ -386,14 +374,6 @@ pub fn bench(args: &[String]) -> i32 {
                 let names: Vec<_> = TileN::ALL.iter().map(|(_, n)| *n).collect();
                 eprintln!("ggemm: --tile: expected names of {}, got {v}", names.join(", "));
                 tiles.clear();
-            }
-            Some(2)
-        }
-        ("--prefetch", Some(v)) => {
-            prefetches = v.split(',').filter_map(|p| p.parse::<i32>().ok().filter(|&p| p >= 0)).collect();
-            if prefetches.len() != v.split(',').count() {
-                eprintln!("ggemm: --prefetch: expected k-step counts >= 0, got {v}");
-                prefetches.clear();
             }
             Some(2)
         }
@@ -415,8 +395,8 @@ pub fn bench(args: &[String]) -> i32 {
         Ok(o) => o,
         Err(rc) => return rc,
     };
-    if tiles.is_empty() || prefetches.is_empty() {
-        println!("ggemm: no kernel to run (--tile, --prefetch)");
+    if tiles.is_empty() {
+        println!("ggemm: no kernel to run (--tile)");
         return 2;
     }
     let dev = match global_device() {
@@ -427,7 +407,7 @@ pub fn bench(args: &[String]) -> i32 {
         println!("{e}");
         return 1;
     }
-    match run(dev, &opts, &tiles, &prefetches, small_only, small, wgrad) {
+    match run(dev, &opts, &tiles, small_only, small, wgrad) {
         Ok((json, failures)) => {
             opts.write(&json);
             if failures > 0 {
@@ -444,15 +424,7 @@ pub fn bench(args: &[String]) -> i32 {
     }
 }
 
-fn run(
-    dev: &Device,
-    opts: &ShapeOptions,
-    tiles: &[TileN],
-    prefetches: &[i32],
-    small_only: bool,
-    small: bool,
-    wgrad: bool,
-) -> R<(String, usize)> {
+fn run(dev: &Device, opts: &ShapeOptions, tiles: &[TileN], small_only: bool, small: bool, wgrad: bool) -> R<(String, usize)> {
     use std::io::Write;
     let iters = opts.iters;
     let info = dev.info();
@@ -474,12 +446,9 @@ fn run(
     }
     let mut failures = 0;
     for &tile in tiles.iter().filter(|_| small) {
-        for &pf in prefetches {
-            grouped_gemm::set_prefetch_steps(pf);
-            println!("small checks, tile {}{}:", tile.name(), prefetch_label(pf));
-            let _ = std::io::stdout().flush();
-            failures += small_checks(dev, tile)?;
-        }
+        println!("small checks, tile {}:", tile.name());
+        let _ = std::io::stdout().flush();
+        failures += small_checks(dev, tile)?;
     }
     if wgrad && small {
         println!("small checks, weight gradients (tile 128x256):");
@@ -543,9 +512,7 @@ fn run(
             );
             let _ = std::io::stdout().flush();
             let mut best = f64::INFINITY;
-            for (tile, pf) in tiles.iter().flat_map(|&t| prefetches.iter().map(move |&p| (t, p))) {
-                grouped_gemm::set_prefetch_steps(pf);
-                let label = format!("{}{}", tile.name(), prefetch_label(pf));
+            for &tile in tiles {
                 let o1 = dev.alloc("ours", m * g.n * 2)?;
                 let o2 = dev.alloc("ours", m * g.n * 2)?;
                 let ours = |o: &Buffer| {
@@ -582,7 +549,7 @@ fn run(
                 println!(
                     "  {:<10} ours, {:<18}: {ms:.3} ms, {tf:.0} TFLOP/s ({:.1}% of bf16 rate, {:.2}x cuBLAS); {} vs cuBLAS: max rel diff {max_rel:.2e}, {bad} outside tolerance{}; run to run {}",
                     g.name,
-                    label,
+                    tile.name(),
                     100.0 * tf / peak,
                     c_ms / ms,
                     if ok { "ok" } else { "FAIL" },
@@ -591,10 +558,10 @@ fn run(
                 );
                 let _ = std::io::stdout().flush();
                 rows.push(format!(
-                    "{{\"shape\": {:?}, \"gemm\": {:?}, \"kernel\": {:?}, \"prefetch\": {pf}, \"m\": {m}, \"k\": {}, \"n\": {}, \"experts\": {e}, \"oursMs\": {ms}, \"oursTflops\": {tf}, \"oursPctOfBf16\": {}, \"cublasMs\": {c_ms}, \"cublasTflops\": {c_tf}, \"cublasPctOfBf16\": {}, \"maxRelDiff\": {max_rel}, \"outsideTolerance\": {bad}, \"runToRunIdentical\": {same}}}",
+                    "{{\"shape\": {:?}, \"gemm\": {:?}, \"kernel\": {:?}, \"m\": {m}, \"k\": {}, \"n\": {}, \"experts\": {e}, \"oursMs\": {ms}, \"oursTflops\": {tf}, \"oursPctOfBf16\": {}, \"cublasMs\": {c_ms}, \"cublasTflops\": {c_tf}, \"cublasPctOfBf16\": {}, \"maxRelDiff\": {max_rel}, \"outsideTolerance\": {bad}, \"runToRunIdentical\": {same}}}",
                     s.name,
                     g.name,
-                    label,
+                    tile.name(),
                     g.k,
                     g.n,
                     100.0 * tf / peak,
