@@ -222,16 +222,19 @@ pub fn group_n() -> i32 {
 }
 
 /// The 256-column bf16 kernel the experts use: [`TileN::N256Bulk`] by default;
-/// `MOE_DISPATCH_GG_EPILOGUE` names another by its short name of [`TileN::ALL`] (`ring`,
-/// `ring-half`, `mc`, `mc4`, `mcring`: for measurements; a 128-column or unknown name is the default).
+/// `MOE_DISPATCH_GG_EPILOGUE` names another by its short name of [`TileN::ALL`] (`256`, `ring`,
+/// `ring-half`, `mc`, `mc4`, `mcring`: for measurements; any other value is the default, with a
+/// warning on stderr naming the values it takes).
 pub fn experts_tile() -> TileN {
     static TILE: std::sync::OnceLock<TileN> = std::sync::OnceLock::new();
     *TILE.get_or_init(|| {
-        std::env::var("MOE_DISPATCH_GG_EPILOGUE")
-            .ok()
-            .and_then(|v| TileN::from_short(&v))
-            .filter(|t| t.columns() == 256 && kernel_name(WeightLayout::KN, *t, DType::BF16).is_some())
-            .unwrap_or(TileN::N256Bulk)
+        let Ok(v) = std::env::var("MOE_DISPATCH_GG_EPILOGUE") else { return TileN::N256Bulk };
+        let usable = |t: &TileN| t.columns() == 256;
+        TileN::from_short(&v).filter(usable).unwrap_or_else(|| {
+            let names: Vec<_> = TileN::ALL.iter().filter(|(t, _)| usable(t)).map(|(_, n)| *n).collect();
+            eprintln!("moe-dispatch: MOE_DISPATCH_GG_EPILOGUE={v:?}: expected one of {}; using bulk", names.join(", "));
+            TileN::N256Bulk
+        })
     })
 }
 
