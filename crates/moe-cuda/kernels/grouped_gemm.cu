@@ -526,7 +526,7 @@ static __device__ __forceinline__ void gg_mma_step(float* acc, int kb, u32 a_add
 // so each loads 32 KiB of a 48 KiB stage from L2 instead of 48; else each loads its own. The
 // two CTAs go through the same stages in step: every stage is released by the consumers of both
 // (16 arrivals), and neither CTA exits before the other is done with its shared memory.
-template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, int EPI, bool HALF = false, bool MC = false, bool PP = false>
+template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, int EPI, bool HALF = false, bool MC = false>
 static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const GgTensorMap* map_b, void* out, const int* counts,
                                                int num_experts, int m_total, int n, int k, int group_n) {
     constexpr u32 A_BYTES = GG_BM * GG_BK * 2;
@@ -536,7 +536,6 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
     constexpr u32 C_BYTES = EPI == GG_EPI_STAGED ? 2 * 64 * GG_C_ROW : 0;
     static_assert(EPI == GG_EPI_REG || (BN == 256 && !OUT_F32), "the bulk epilogues are for 256-column bf16 tiles");
     static_assert(!MC || (BN == 256 && !HALF), "the cluster kernels have 256-column tiles");
-    static_assert(!PP || (BN == 128 && EPI == GG_EPI_REG && !HALF && !MC), "the ping-pong kernels: 128 x 128 tiles, register stores");
     GgShared sh = gg_shared_layout<STAGES, STAGE_BYTES, C_BYTES>();
     const u32 rank = MC ? cluster_rank() : 0;
     if constexpr (MC) sh.peer = rank ^ 1u;
@@ -564,7 +563,7 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
     if (threadIdx.x == 0) {
         row_start[num_experts] = rows_carry;
         tile_start[num_experts] = tiles_carry;
-        gg_init_barriers<STAGES>(sh, MC ? 16 : PP ? 4 : 8);
+        gg_init_barriers<STAGES>(sh, MC ? 16 : 8);
     }
     __syncthreads();
     // (the cluster kernels: the other CTA's barriers are initialised before any arrival or load)
@@ -595,7 +594,7 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
     const int wg = (int)threadIdx.x / 128;
     if (wg == 0) {
         // the producer: one thread issues every TMA load
-        if constexpr (BN == 256 || PP) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+        if constexpr (BN == 256) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
         if (threadIdx.x == 0) {
             tma_prefetch(map_a);
             tma_prefetch(map_b);
@@ -636,46 +635,17 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
         }
     } else {
         // the consumers: warpgroup c multiplies rows 64c .. 64c + 63 of each tile
-        if constexpr (BN == 256 || PP) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+        if constexpr (BN == 256) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
         const int c = wg - 1;
         const int tid = (int)threadIdx.x - 128 * wg;
         GgWarp w{c, tid >> 5, tid & 31};
-        constexpr int ACC = PP ? BN : BN / 2;
-        float acc[ACC];
+        float acc[BN / 2];
 #pragma unroll
-        for (int i = 0; i < ACC; i++) acc[i] = 0.0f;
+        for (int i = 0; i < BN / 2; i++) acc[i] = 0.0f;
         GgRing<STAGES> ring;
-        int mine = 0;  // (PP: the block's tiles alternate between the warpgroups)
         for (int q = first; q < items; q += step) {
             bool paired;
             const GgTile tl = tile_of(q, &paired);
-            if constexpr (PP) {
-                // ping-pong: warpgroup c takes every other tile of the block, all 128 rows (acc[0 .. 63]
-                // rows 0 .. 63, acc[64 .. 127] rows 64 .. 127), and passes over the other's stages in
-                // the ring; one's epilogue runs while the other's k-steps do. The k-steps alternate:
-                // a warpgroup starts its tile's once the other has waited for all of its tile's
-                // stages (named barriers 5: 0 -> 1, 6: 1 -> 0), so no wait on a stage's `full`
-                // runs more than one phase ahead of it (the parity wait cannot tell phases apart
-                // further than that)
-                const int i = mine++;
-                if ((i & 1) != c) {
-                    for (int kb = 0; kb < num_kb; kb++) ring.advance();
-                    continue;
-                }
-                if (i > 0) asm volatile("bar.sync %0, 256;" ::"r"(c == 0 ? 6 : 5) : "memory");
-                gg_consume<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w, [&](int kb, u32 a_addr, u32 b_addr) {
-                    const u32 a0 = a_addr - c * (64 * 128);
-                    gg_mma_step<128, B_KMAJOR>(acc, kb, a0, b_addr);
-                    gg_mma_step<128, B_KMAJOR>(acc + 64, kb, a0 + 64 * 128, b_addr);
-                });
-                if (q + step < items) asm volatile("bar.arrive %0, 256;" ::"r"(c == 0 ? 5 : 6) : "memory");
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    GgWarp wh{h, w.warp, w.lane};
-                    gg_epilogue<BN, OUT_F32, GG_EPI_REG, STAGES, STAGE_BYTES>(acc + 64 * h, out, 0, tl.row0, tl.rows, tl.n0, n, sh, ring, wh);
-                }
-                continue;
-            }
             // (two separate k-loops: a wgmma under a branch inside one loop gets serialised, C7520)
             const bool half = HALF && tl.rows <= 64;
             if (half) {
@@ -819,7 +789,7 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap*, const G
     __trap();
 }
 
-template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, int EPI, bool HALF = false, bool MC = false, bool PP = false>
+template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, int EPI, bool HALF = false, bool MC = false>
 static __device__ __forceinline__ void gg_body(const GgTensorMap*, const GgTensorMap*, void*, const int*, int, int, int, int, int) {
     __trap();
 }
@@ -835,14 +805,6 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap*, const GgTenso
 #define GG_PASS &map_a, &map_b, out, counts, num_experts, m_total, n, k, group_n
 
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n128_bf16(GG_ARGS) { gg_body<128, false, false, 6, GG_EPI_REG>(GG_PASS); }
-// Ping-pong: 128 x 128 tiles, each a whole tile of one consumer warpgroup, the two warpgroups
-// taking the block's tiles in turn (6 stages of 32 KiB; accumulators stored from the registers).
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n128_bf16_pp(GG_ARGS) {
-    gg_body<128, false, false, 6, GG_EPI_REG, false, false, true>(GG_PASS);
-}
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n128_bf16_pp(GG_ARGS) {
-    gg_body<128, true, false, 6, GG_EPI_REG, false, false, true>(GG_PASS);
-}
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16(GG_ARGS) { gg_body<256, false, false, 4, GG_EPI_REG>(GG_PASS); }
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n128_bf16(GG_ARGS) { gg_body<128, true, false, 6, GG_EPI_REG>(GG_PASS); }
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16(GG_ARGS) { gg_body<256, true, false, 4, GG_EPI_REG>(GG_PASS); }

@@ -73,16 +73,12 @@ pub enum TileN {
     /// stages of the ring and bulk-copied out (both CTAs skip the same stages: their tiles have
     /// the same k-steps). Its weight gradients run [`TileN::N256Bulk`]'s kernel.
     N256McRing,
-    /// 128 columns in ping-pong: each consumer warpgroup multiplies whole 128 x 128 tiles, the
-    /// two taking the block's tiles in turn, so that one's epilogue (register stores) runs under
-    /// the other's k-steps; 6 stages. The token-side GEMMs only.
-    N128Pp,
 }
 
 impl TileN {
     /// Every kernel choice, with its short name (`moe-cuda-bench ggemm --tile`,
     /// `MOE_DISPATCH_GG_EPILOGUE`).
-    pub const ALL: [(TileN, &'static str); 9] = [
+    pub const ALL: [(TileN, &'static str); 8] = [
         (TileN::N128, "128"),
         (TileN::N256, "256"),
         (TileN::N256Bulk, "bulk"),
@@ -91,7 +87,6 @@ impl TileN {
         (TileN::N256Mc, "mc"),
         (TileN::N256Mc4, "mc4"),
         (TileN::N256McRing, "mcring"),
-        (TileN::N128Pp, "pp"),
     ];
 
     /// The tile of a short name of [`TileN::ALL`].
@@ -101,14 +96,14 @@ impl TileN {
 
     pub fn columns(self) -> usize {
         match self {
-            TileN::N128 | TileN::N128Pp => 128,
+            TileN::N128 => 128,
             _ => 256,
         }
     }
 
     fn stages(self) -> usize {
         match self {
-            TileN::N128 | TileN::N128Pp => 6,
+            TileN::N128 => 6,
             TileN::N256 | TileN::N256Ring | TileN::N256RingHalf | TileN::N256Mc4 | TileN::N256McRing => 4,
             TileN::N256Bulk | TileN::N256Mc => 3,
         }
@@ -132,7 +127,6 @@ impl TileN {
             TileN::N256Mc => "128x256 bulk-store, 2-CTA multicast",
             TileN::N256Mc4 => "128x256, 4 stages, 2-CTA multicast",
             TileN::N256McRing => "128x256 ring-store, 2-CTA multicast",
-            TileN::N128Pp => "128x128 ping-pong",
         }
     }
 
@@ -304,8 +298,6 @@ fn kernel_name(layout: WeightLayout, tile: TileN, out_dtype: DType) -> Option<&'
         (WeightLayout::NK, TileN::N256Mc4, DType::BF16) => "grouped_gemm_nt_n256_bf16_mc4",
         (WeightLayout::KN, TileN::N256McRing, DType::BF16) => "grouped_gemm_nn_n256_bf16_mcring",
         (WeightLayout::NK, TileN::N256McRing, DType::BF16) => "grouped_gemm_nt_n256_bf16_mcring",
-        (WeightLayout::KN, TileN::N128Pp, DType::BF16) => "grouped_gemm_nn_n128_bf16_pp",
-        (WeightLayout::NK, TileN::N128Pp, DType::BF16) => "grouped_gemm_nt_n128_bf16_pp",
         _ => return None,
     })
 }
@@ -606,7 +598,7 @@ mod tests {
                 assert!(kernel_name(layout, tile, DType::BF16).is_some(), "{layout:?} {tile:?} has no bf16 kernel");
             }
         }
-        assert_eq!(found, 20);
+        assert_eq!(found, 18);
         // the short names are distinct and name their own tiles
         for (tile, short) in TileN::ALL {
             assert_eq!(TileN::from_short(short), Some(tile), "{short}");
