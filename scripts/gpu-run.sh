@@ -15,6 +15,8 @@
 # SUITE_FILES="a b" (only test/gpu/a.test.mjs, b.test.mjs), SUITE_TIMEOUT=S (the suite's time limit, 420 s), SKIP_TORCH=1, SKIP_TRAIN=1 (the training-step benchmarks: Rust-driven and PyTorch's),
 # TRAIN_AB="NAME=value" (the training steps again with that environment setting; the training results go into one train.json),
 # WEBGPU_LISTS=1 (with WEBGPU: webgpu-node and webgpu-profile again with --lists indirect: auto dispatches them directly on a GPU),
+# WEBGPU_SHAPE="--tokens 6144" (with WEBGPU: webgpu-node's and webgpu-profile's shape options, each of their runs; the
+# default T=4096, H=1024, E=64, k=4; Dawn crashed with 256 MB buffers: keep the largest below 128 MB),
 # GGEMM=1 (moe-cuda-bench ggemm: the grouped GEMM's checks and timings),
 # ACTMEM_AB="NAME=value" (with ACTMEM: the grouped path again with that setting, each round),
 # ACTMEM=1 (issue 19: the layer's forward + backward time and activation memory, ours on cuBLAS and on our
@@ -325,21 +327,21 @@ PY
     say "webgpu in Node through Dawn, next to cuda (bench/webgpu-node.mjs)"
     # the GPU suite's webgpu-dawn.test.mjs (above): its adapter, its counts and any failure
     grep -E '^# webgpu|^(not )?ok [0-9]+ - (webgpu|Dawn)' "$OUT/gpu-suite.tap" 2>/dev/null | head -5
-    timeout 240 "$node" "$BUNDLE/bench/webgpu-node.mjs" --webgpu "$BUNDLE/webgpu/package" --dist "$BUNDLE/dist" --out "$OUT/webgpu-node.json"; echo "  exit code $?"
+    timeout 240 "$node" "$BUNDLE/bench/webgpu-node.mjs" --webgpu "$BUNDLE/webgpu/package" --dist "$BUNDLE/dist" ${WEBGPU_SHAPE:-} --out "$OUT/webgpu-node.json"; echo "  exit code $?"
     say "webgpu: each shader's GPU time (timestamp queries), bench/webgpu-profile.mjs"
-    timeout 240 "$node" "$BUNDLE/bench/webgpu-profile.mjs" --webgpu "$BUNDLE/webgpu/package" --dist "$BUNDLE/dist" --out "$OUT/webgpu-profile.json"; echo "  exit code $?"
+    timeout 240 "$node" "$BUNDLE/bench/webgpu-profile.mjs" --webgpu "$BUNDLE/webgpu/package" --dist "$BUNDLE/dist" ${WEBGPU_SHAPE:-} --out "$OUT/webgpu-profile.json"; echo "  exit code $?"
     if [[ -n "${WEBGPU_LISTS:-}" ]]; then
       # WEBGPU_LISTS=1: both again with the list passes dispatched indirectly (--lists indirect; auto is direct on a GPU)
       say "webgpu: the list passes dispatched indirectly (webgpu-node-indirect.json, webgpu-profile-indirect.json)"
-      timeout 240 "$node" "$BUNDLE/bench/webgpu-node.mjs" --webgpu "$BUNDLE/webgpu/package" --dist "$BUNDLE/dist" --lists indirect --out "$OUT/webgpu-node-indirect.json"; echo "  exit code $?"
-      timeout 240 "$node" "$BUNDLE/bench/webgpu-profile.mjs" --webgpu "$BUNDLE/webgpu/package" --dist "$BUNDLE/dist" --lists indirect --out "$OUT/webgpu-profile-indirect.json"; echo "  exit code $?"
+      timeout 240 "$node" "$BUNDLE/bench/webgpu-node.mjs" --webgpu "$BUNDLE/webgpu/package" --dist "$BUNDLE/dist" --lists indirect ${WEBGPU_SHAPE:-} --out "$OUT/webgpu-node-indirect.json"; echo "  exit code $?"
+      timeout 240 "$node" "$BUNDLE/bench/webgpu-profile.mjs" --webgpu "$BUNDLE/webgpu/package" --dist "$BUNDLE/dist" --lists indirect ${WEBGPU_SHAPE:-} --out "$OUT/webgpu-profile-indirect.json"; echo "  exit code $?"
     fi
     if [[ -d "$BUNDLE/dist-ab" ]]; then
       # WEBGPU_AB: the other revision, then this one again (A B A on one machine)
       for run in ab:dist-ab 2:dist; do
         say "webgpu A/B: ${run#*:} (webgpu-node-${run%%:*}.json, webgpu-profile-${run%%:*}.json)"
-        timeout 240 "$node" "$BUNDLE/bench/webgpu-node.mjs" --webgpu "$BUNDLE/webgpu/package" --dist "$BUNDLE/${run#*:}" --out "$OUT/webgpu-node-${run%%:*}.json"; echo "  exit code $?"
-        timeout 240 "$node" "$BUNDLE/bench/webgpu-profile.mjs" --webgpu "$BUNDLE/webgpu/package" --dist "$BUNDLE/${run#*:}" --out "$OUT/webgpu-profile-${run%%:*}.json"; echo "  exit code $?"
+        timeout 240 "$node" "$BUNDLE/bench/webgpu-node.mjs" --webgpu "$BUNDLE/webgpu/package" --dist "$BUNDLE/${run#*:}" ${WEBGPU_SHAPE:-} --out "$OUT/webgpu-node-${run%%:*}.json"; echo "  exit code $?"
+        timeout 240 "$node" "$BUNDLE/bench/webgpu-profile.mjs" --webgpu "$BUNDLE/webgpu/package" --dist "$BUNDLE/${run#*:}" ${WEBGPU_SHAPE:-} --out "$OUT/webgpu-profile-${run%%:*}.json"; echo "  exit code $?"
       done
       say "webgpu A/B side by side (bench/webgpu-ab.mjs: REV | this tree | again; webgpu-ab.json)"
       "$node" "$BUNDLE/bench/webgpu-ab.mjs" --dir "$OUT" --out "$OUT/webgpu-ab.json"; echo "  exit code $?"
