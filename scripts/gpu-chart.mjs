@@ -3,13 +3,17 @@
  * Draws the README's GPU pictures from a committed GPU run (bench/results/<date>-gpu.json,
  * key `session2`): docs/images/gpu-dispatch.svg (permute / unpermute bandwidth against a device
  * copy and the reference's PyTorch path) and docs/images/gpu-layer.svg (the dispatch + experts
- * layer, forward + backward, against PyTorch). Plain SVG, no dependencies.
+ * layer, forward + backward, against PyTorch). Plain SVG, no dependencies. `--layer FILE#KEY.PATH`
+ * draws the layer from a later run instead: an actmem summary (bench/actmem-gpu.py --combine:
+ * per shape, `dims` and `ours-cublas` / `torch-bf16` with `layerMs`) at that key of that file.
  *
- *   node scripts/gpu-chart.mjs [bench/results/2026-11-23-gpu.json]
+ *   node scripts/gpu-chart.mjs [bench/results/2026-11-23-gpu.json] [--layer FILE#KEY.PATH]
  */
 import { readFileSync, writeFileSync } from 'node:fs';
+import { parseArgs } from 'node:util';
 
-const file = process.argv[2] ?? 'bench/results/2026-11-23-gpu.json';
+const { values: opts, positionals } = parseArgs({ options: { layer: { type: 'string' } }, allowPositionals: true });
+const file = positionals[0] ?? 'bench/results/2026-11-23-gpu.json';
 const run = JSON.parse(readFileSync(file, 'utf8')).session2;
 if (!run) throw new Error(`${file} has no session2 run`);
 
@@ -69,13 +73,32 @@ for (const [shape, dims] of [
 }
 writeFileSync('docs/images/gpu-dispatch.svg', bars('Dispatch on an H100: effective bandwidth (bytes read + written)', `higher is better; ${run.machine}`, groups, max));
 
-const layer = run.experts.map((e) => ({
+/** The layer's rows: session2's, or (`--layer`) an actmem summary's. */
+function layerRows() {
+  if (!opts.layer) {
+    return run.experts.map((e) => ({ shape: e.shape, dims: e.dims, ours: e.layerForwardBackwardMs, torch: e.torchLayerForwardBackwardMs, source: file }));
+  }
+  const [path, key] = opts.layer.split('#');
+  let at = JSON.parse(readFileSync(path, 'utf8'));
+  for (const part of (key ?? '').split('.').filter(Boolean)) {
+    at = at?.[part];
+    if (at === undefined) throw new RangeError(`--layer: ${path} has no ${key}`);
+  }
+  return Object.entries(at).map(([shape, s]) => {
+    const ours = s['ours-cublas']?.layerMs;
+    const torch = s['torch-bf16']?.layerMs;
+    if (typeof ours !== 'number' || typeof torch !== 'number') throw new RangeError(`--layer: ${key}.${shape} has no ours-cublas / torch-bf16 layerMs`);
+    return { shape, dims: s.dims, ours, torch, source: `${path} ${key}` };
+  });
+}
+const lrows = layerRows();
+const layer = lrows.map((e) => ({
   title: `${e.shape}: ${e.dims}`,
   bars: [
-    { label: 'moe-dispatch (cuBLAS, saveForBackward)', value: e.layerForwardBackwardMs, color: OURS, text: `${e.layerForwardBackwardMs.toFixed(1)} ms` },
-    { label: 'PyTorch (reference permute, _grouped_mm)', value: e.torchLayerForwardBackwardMs, color: REF, text: `${e.torchLayerForwardBackwardMs.toFixed(1)} ms` },
+    { label: 'moe-dispatch (cuBLAS, saveForBackward)', value: e.ours, color: OURS, text: `${e.ours.toFixed(1)} ms` },
+    { label: 'PyTorch (reference permute, _grouped_mm)', value: e.torch, color: REF, text: `${e.torch.toFixed(1)} ms  (${(e.torch / e.ours).toFixed(2)}x ours)` },
   ],
 }));
-const lmax = Math.max(...run.experts.flatMap((e) => [e.layerForwardBackwardMs, e.torchLayerForwardBackwardMs]));
-writeFileSync('docs/images/gpu-layer.svg', bars('MoE layer (permute, experts, unpermute), forward + backward, on an H100', 'lower is better', layer, lmax));
+const lmax = Math.max(...lrows.flatMap((e) => [e.ours, e.torch]));
+writeFileSync('docs/images/gpu-layer.svg', bars('MoE layer (permute, experts, unpermute), forward + backward, on an H100', `lower is better; ${lrows[0].source}`, layer, lmax));
 console.log('wrote docs/images/gpu-dispatch.svg and docs/images/gpu-layer.svg');
