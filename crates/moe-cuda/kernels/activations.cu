@@ -19,97 +19,13 @@
 // Kernel names are plain `extern "C" __global__ void NAME(` lines, so that kernel_names()
 // (crates/moe-cuda/src/device.rs) lists every one.
 
-// Activation kinds: the order of moe_core::activations::ActivationKind::ALL.
-#define ACT_SWIGLU 0
-#define ACT_QUICK_GEGLU 1
-#define ACT_SWIGLU_OAI 2
-#define ACT_SWIGLU_CLAMPED 3
-#define ACT_RELU2 4
+// Activation kinds, ActOpts and the per-column activation (act_unit): kernels/common.cuh (the
+// grouped GEMM's fused epilogue applies the same code).
 
 // The act_*_fast_* kernels compute exp in float32 (CUDA's expf, within 2 ulp) instead of the
 // core's f64 exp. The grouped experts use them: their results agree with the CPU to a tolerance
 // anyway (cuBLAS sums in another order), and they carry no f64 code (fewer registers, more
 // warps: these passes are memory-bound). The activation ops never use them.
-
-struct ActOpts {
-    int kind;
-    bool fast;
-    float alpha;
-    float limit;
-    float linear_offset;
-};
-
-static __device__ __forceinline__ float act_expf(float x, bool fast) { return fast ? expf(x) : (float)det_exp((double)x); }
-
-static __device__ __forceinline__ float act_sigmoid(float v, bool fast) { return 1.0f / (1.0f + act_expf(-v, fast)); }
-
-static __device__ __forceinline__ float act_silu(float v, bool fast) { return v / (1.0f + act_expf(-v, fast)); }
-
-// min(v, limit), NaN stays NaN.
-static __device__ __forceinline__ float clamp_max(float v, float limit) { return v > limit ? limit : v; }
-
-// clamp(v, -limit, limit), NaN stays NaN.
-static __device__ __forceinline__ float clamp_sym(float v, float limit) {
-    if (v > limit) return limit;
-    if (v < -limit) return -limit;
-    return v;
-}
-
-// The unweighted activation of one output column (moe_core's `unit`).
-static __device__ __forceinline__ float act_unit(const ActOpts& o, float gate, float up) {
-    switch (o.kind) {
-        case ACT_SWIGLU:
-            return act_silu(gate, o.fast) * up;
-        case ACT_QUICK_GEGLU:
-        case ACT_SWIGLU_OAI: {
-            const float g = clamp_max(gate, o.limit);
-            const float u = clamp_sym(up, o.limit);
-            return g * act_sigmoid(o.alpha * g, o.fast) * (u + o.linear_offset);
-        }
-        case ACT_SWIGLU_CLAMPED:
-            return act_silu(clamp_max(gate, o.limit), o.fast) * clamp_sym(up, o.limit);
-        default: {
-            const float r = gate <= 0.0f ? 0.0f : gate;
-            return r * r;
-        }
-    }
-}
-
-// Gradients of gw * unit(gate, up) (moe_core's `unit_grad`).
-static __device__ __forceinline__ void act_unit_grad(const ActOpts& o, float gate, float up, float gw, float& d_gate, float& d_up) {
-    switch (o.kind) {
-        case ACT_SWIGLU: {
-            const float d = 1.0f + act_expf(-gate, o.fast);
-            const float s = 1.0f / d;
-            d_gate = gw * s * (1.0f + gate * (1.0f - s)) * up;
-            d_up = gw * (gate / d);
-            return;
-        }
-        case ACT_QUICK_GEGLU:
-        case ACT_SWIGLU_OAI: {
-            const float g = clamp_max(gate, o.limit);
-            const float u = clamp_sym(up, o.limit);
-            const float z = o.alpha * g;
-            const float s = act_sigmoid(z, o.fast);
-            d_gate = gate <= o.limit ? gw * s * (1.0f + z * (1.0f - s)) * (u + o.linear_offset) : 0.0f;
-            d_up = (up >= -o.limit && up <= o.limit) ? gw * (g * s) : 0.0f;
-            return;
-        }
-        case ACT_SWIGLU_CLAMPED: {
-            const float g = clamp_max(gate, o.limit);
-            const float u = clamp_sym(up, o.limit);
-            const float d = 1.0f + act_expf(-g, o.fast);
-            const float s = 1.0f / d;
-            d_gate = gate <= o.limit ? gw * s * (1.0f + g * (1.0f - s)) * u : 0.0f;
-            d_up = (up >= -o.limit && up <= o.limit) ? gw * (g / d) : 0.0f;
-            return;
-        }
-        default:
-            d_gate = gate > 0.0f ? gw * 2.0f * gate : 0.0f;
-            d_up = 0.0f;
-            return;
-    }
-}
 
 // Where the gate and up values of output column j sit in an input row: halves (gate at j, up at
 // inter + j), interleaved pairs (2j, 2j + 1), or single (relu2: j; up unused, 0).
@@ -125,18 +41,6 @@ static __device__ __forceinline__ void act_pair(int kind, const typename T::S* r
         gate = T::to_f32(row[j]);
         up = T::to_f32(row[inter + j]);
     }
-}
-
-// `fast` is a constant in each kernel, so the branch on it folds away after inlining.
-static __device__ __forceinline__ ActOpts act_opts(int kind, double alpha, double limit, double linear_offset, bool fast) {
-    // The options are float32 values passed as doubles: the conversions back are exact.
-    ActOpts o;
-    o.kind = kind;
-    o.fast = fast;
-    o.alpha = (float)alpha;
-    o.limit = (float)limit;
-    o.linear_offset = (float)linear_offset;
-    return o;
 }
 
 // Forward: blockIdx.y (grid-stride) walks groups of ACT_ROWS rows; blockIdx.x and the threads

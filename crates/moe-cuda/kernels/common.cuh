@@ -168,3 +168,104 @@ static __device__ double det_ln_1p(double y) {
     return u == 1.0 ? y : det_ln(u) * (y / (u - 1.0));
 }
 
+// ---- The experts' activations (kernels/activations.cu; the grouped GEMM's fused epilogue in
+// kernels/grouped_gemm.cu applies the same code, for the same bits) ----
+
+// Activation kinds: the order of moe_core::activations::ActivationKind::ALL.
+#define ACT_SWIGLU 0
+#define ACT_QUICK_GEGLU 1
+#define ACT_SWIGLU_OAI 2
+#define ACT_SWIGLU_CLAMPED 3
+#define ACT_RELU2 4
+
+struct ActOpts {
+    int kind;
+    bool fast;
+    float alpha;
+    float limit;
+    float linear_offset;
+};
+
+static __device__ __forceinline__ float act_expf(float x, bool fast) { return fast ? expf(x) : (float)det_exp((double)x); }
+
+static __device__ __forceinline__ float act_sigmoid(float v, bool fast) { return 1.0f / (1.0f + act_expf(-v, fast)); }
+
+static __device__ __forceinline__ float act_silu(float v, bool fast) { return v / (1.0f + act_expf(-v, fast)); }
+
+// min(v, limit), NaN stays NaN.
+static __device__ __forceinline__ float clamp_max(float v, float limit) { return v > limit ? limit : v; }
+
+// clamp(v, -limit, limit), NaN stays NaN.
+static __device__ __forceinline__ float clamp_sym(float v, float limit) {
+    if (v > limit) return limit;
+    if (v < -limit) return -limit;
+    return v;
+}
+
+// The unweighted activation of one output column (moe_core's `unit`).
+static __device__ __forceinline__ float act_unit(const ActOpts& o, float gate, float up) {
+    switch (o.kind) {
+        case ACT_SWIGLU:
+            return act_silu(gate, o.fast) * up;
+        case ACT_QUICK_GEGLU:
+        case ACT_SWIGLU_OAI: {
+            const float g = clamp_max(gate, o.limit);
+            const float u = clamp_sym(up, o.limit);
+            return g * act_sigmoid(o.alpha * g, o.fast) * (u + o.linear_offset);
+        }
+        case ACT_SWIGLU_CLAMPED:
+            return act_silu(clamp_max(gate, o.limit), o.fast) * clamp_sym(up, o.limit);
+        default: {
+            const float r = gate <= 0.0f ? 0.0f : gate;
+            return r * r;
+        }
+    }
+}
+
+// Gradients of gw * unit(gate, up) (moe_core's `unit_grad`).
+static __device__ __forceinline__ void act_unit_grad(const ActOpts& o, float gate, float up, float gw, float& d_gate, float& d_up) {
+    switch (o.kind) {
+        case ACT_SWIGLU: {
+            const float d = 1.0f + act_expf(-gate, o.fast);
+            const float s = 1.0f / d;
+            d_gate = gw * s * (1.0f + gate * (1.0f - s)) * up;
+            d_up = gw * (gate / d);
+            return;
+        }
+        case ACT_QUICK_GEGLU:
+        case ACT_SWIGLU_OAI: {
+            const float g = clamp_max(gate, o.limit);
+            const float u = clamp_sym(up, o.limit);
+            const float z = o.alpha * g;
+            const float s = act_sigmoid(z, o.fast);
+            d_gate = gate <= o.limit ? gw * s * (1.0f + z * (1.0f - s)) * (u + o.linear_offset) : 0.0f;
+            d_up = (up >= -o.limit && up <= o.limit) ? gw * (g * s) : 0.0f;
+            return;
+        }
+        case ACT_SWIGLU_CLAMPED: {
+            const float g = clamp_max(gate, o.limit);
+            const float u = clamp_sym(up, o.limit);
+            const float d = 1.0f + act_expf(-g, o.fast);
+            const float s = 1.0f / d;
+            d_gate = gate <= o.limit ? gw * s * (1.0f + g * (1.0f - s)) * u : 0.0f;
+            d_up = (up >= -o.limit && up <= o.limit) ? gw * (g / d) : 0.0f;
+            return;
+        }
+        default:
+            d_gate = gate > 0.0f ? gw * 2.0f * gate : 0.0f;
+            d_up = 0.0f;
+            return;
+    }
+}
+
+// `fast` is a constant in each kernel, so the branch on it folds away after inlining.
+static __device__ __forceinline__ ActOpts act_opts(int kind, double alpha, double limit, double linear_offset, bool fast) {
+    // The options are float32 values passed as doubles: the conversions back are exact.
+    ActOpts o;
+    o.kind = kind;
+    o.fast = fast;
+    o.alpha = (float)alpha;
+    o.limit = (float)limit;
+    o.linear_offset = (float)linear_offset;
+    return o;
+}

@@ -57,6 +57,17 @@ struct __align__(64) GgTensorMap {
 #define GG_EPI_STAGED 1
 #define GG_EPI_RING 2
 
+// The first GEMM's fused activation (`_act` kernels): `out` holds h = x W1 [m, 2 inter] as the
+// plain kernel stores it, and the epilogue also stores a [m, inter] = act(gate, up) * probs[row]
+// at `a`, from h's bf16 values with kernels/common.cuh's act_unit (the activation kernel's code:
+// the same bits as h through act_fwd_fast). `[gate | up]` halves only (swiglu, swiglu_oai,
+// swiglu_clamped); probs may be null (no weighting).
+struct GgAct {
+    u16* a;
+    const float* probs;
+    ActOpts o;
+};
+
 #ifdef GG_WGMMA
 
 static __device__ __forceinline__ u32 gg_smem(const void* p) { return (u32)__cvta_generic_to_shared(p); }
@@ -500,6 +511,37 @@ static __device__ __forceinline__ void gg_epilogue(const float* acc, void* out, 
     }
 }
 
+// The fused activation's epilogue (GgAct) of consumer warpgroup w.c: its accumulators are the
+// gate columns n0 .. n0 + 127 (acc[4j + 2h + {0, 1}], j < 16) and the up columns inter + n0 ..
+// (the same j + 16) of its 64 rows, so each thread holds the gate and up of its own output
+// columns: h's two halves stored as bf16 (row stride 2 inter), then a = act(gate, up) * prob.
+// `n` is inter (even: a column pair never straddles it).
+static __device__ __forceinline__ void gg_epilogue_act(const float* acc, u16* h, const GgAct& act, int row0, int rows, int n0, int n, const GgWarp& w) {
+    const int r_base = w.c * 64 + w.warp * 16 + (w.lane >> 2);
+    const int col_base = n0 + 2 * (w.lane & 3);
+#pragma unroll
+    for (int hh = 0; hh < 2; hh++) {
+        const int r = r_base + 8 * hh;
+        if (r >= rows) continue;
+        const long long row = (long long)(row0 + r);
+        const float p = act.probs ? act.probs[row] : 1.0f;
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            const int col = col_base + 8 * j;
+            if (col < n) {
+                const u16 g0 = BF16::from_f32(acc[4 * j + 2 * hh]), g1 = BF16::from_f32(acc[4 * j + 2 * hh + 1]);
+                const u16 u0 = BF16::from_f32(acc[4 * (j + 16) + 2 * hh]), u1 = BF16::from_f32(acc[4 * (j + 16) + 2 * hh + 1]);
+                *(u32*)(h + row * 2 * n + col) = (u32)g0 | ((u32)g1 << 16);
+                *(u32*)(h + row * 2 * n + n + col) = (u32)u0 | ((u32)u1 << 16);
+                const float a0 = act_unit(act.o, BF16::to_f32(g0), BF16::to_f32(u0));
+                const float a1 = act_unit(act.o, BF16::to_f32(g1), BF16::to_f32(u1));
+                const u16 b0 = BF16::from_f32(act.probs ? a0 * p : a0), b1 = BF16::from_f32(act.probs ? a1 * p : a1);
+                *(u32*)(act.a + row * n + col) = (u32)b0 | ((u32)b1 << 16);
+            }
+        }
+    }
+}
+
 // One k-step of a warpgroup's wgmmas: D[64 x N] (+)= A[64 x 64] B[64 x N], A K-major at a_addr
 // (its 64 rows of 128 bytes), B at b_addr: K-major rows of 64 k values (128 bytes), 8-row groups
 // 1024 bytes apart; or N-major rows of 64 n values, one 8 KiB box per 64 columns (LBO), 8-row (k)
@@ -526,9 +568,9 @@ static __device__ __forceinline__ void gg_mma_step(float* acc, int kb, u32 a_add
 // so each loads 32 KiB of a 48 KiB stage from L2 instead of 48; else each loads its own. The
 // two CTAs go through the same stages in step: every stage is released by the consumers of both
 // (16 arrivals), and neither CTA exits before the other is done with its shared memory.
-template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, int EPI, bool HALF = false, bool MC = false>
+template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, int EPI, bool HALF = false, bool MC = false, bool ACT = false>
 static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const GgTensorMap* map_b, void* out, const int* counts,
-                                               int num_experts, int m_total, int n, int k, int group_n) {
+                                               int num_experts, int m_total, int n, int k, int group_n, const GgAct* act = nullptr) {
     constexpr u32 A_BYTES = GG_BM * GG_BK * 2;
     constexpr u32 B_BYTES = BN * GG_BK * 2;
     constexpr u32 STAGE_BYTES = A_BYTES + B_BYTES;
@@ -536,12 +578,16 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
     constexpr u32 C_BYTES = EPI == GG_EPI_STAGED ? 2 * 64 * GG_C_ROW : 0;
     static_assert(EPI == GG_EPI_REG || (BN == 256 && !OUT_F32), "the bulk epilogues are for 256-column bf16 tiles");
     static_assert(!MC || (BN == 256 && !HALF), "the cluster kernels have 256-column tiles");
+    static_assert(!ACT || (BN == 256 && !B_KMAJOR && !OUT_F32 && EPI == GG_EPI_REG && !HALF && !MC), "the fused activation: x W1, 128 x 256 tiles, register stores");
+    // (ACT: a tile's 256 accumulator columns are 128 gate and 128 up columns; `n` is inter, the
+    // output's columns, and tiles step over it 128 at a time)
+    constexpr int TN = ACT ? BN / 2 : BN;
     GgShared sh = gg_shared_layout<STAGES, STAGE_BYTES, C_BYTES>();
     const u32 rank = MC ? cluster_rank() : 0;
     if constexpr (MC) sh.peer = rank ^ 1u;
     int* tile_start = (int*)(sh.bars + 2 * STAGES);
     int* row_start = tile_start + num_experts + 1;
-    const int n_tiles = (n + BN - 1) / BN;
+    const int n_tiles = (n + TN - 1) / TN;
 
     // counts -> row offsets and tile offsets (exclusive prefix sums, in chunks of the block)
     int rows_carry = 0, tiles_carry = 0;
@@ -588,7 +634,7 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
             return rank ? t1 : t0;
         } else {
             *paired = false;
-            return gg_tile<BN>(tile_start, row_start, num_experts, n_tiles, m_total, q, group_n);
+            return gg_tile<TN>(tile_start, row_start, num_experts, n_tiles, m_total, q, group_n);
         }
     };
     const int wg = (int)threadIdx.x / 128;
@@ -627,7 +673,11 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
                         tma_load_3d(b_dst, map_b, kb * GG_BK, tl.n0, tl.e, full);
                     } else {
 #pragma unroll
-                        for (int j = 0; j < BN / 64; j++) tma_load_3d(b_dst + j * 8192, map_b, tl.n0 + 64 * j, kb * GG_BK, tl.e, full);
+                        for (int j = 0; j < BN / 64; j++) {
+                            // (ACT: the gate columns n0 .., then the up columns inter + n0 ..)
+                            const int col = ACT ? (j < BN / 128 ? tl.n0 + 64 * j : n + tl.n0 + 64 * (j - BN / 128)) : tl.n0 + 64 * j;
+                            tma_load_3d(b_dst + j * 8192, map_b, col, kb * GG_BK, tl.e, full);
+                        }
                     }
                 });
                 if constexpr (EPI == GG_EPI_RING) gg_skip_for_epilogue<STAGES>(sh, ring);
@@ -658,7 +708,8 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
                 gg_consume<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w,
                                                          [&](int kb, u32 a_addr, u32 b_addr) { gg_mma_step<BN, B_KMAJOR>(acc, kb, a_addr, b_addr); });
             }
-            gg_epilogue<BN, OUT_F32, EPI, STAGES, STAGE_BYTES>(acc, out, 0, tl.row0, tl.rows, tl.n0, n, sh, ring, w, half);
+            if constexpr (ACT) gg_epilogue_act(acc, (u16*)out, *act, tl.row0, tl.rows, tl.n0, n, w);
+            else gg_epilogue<BN, OUT_F32, EPI, STAGES, STAGE_BYTES>(acc, out, 0, tl.row0, tl.rows, tl.n0, n, sh, ring, w, half);
         }
         if constexpr (EPI != GG_EPI_REG) {
             if (w.warp == 0) bulk_wait_all();
@@ -789,8 +840,9 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap*, const G
     __trap();
 }
 
-template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, int EPI, bool HALF = false, bool MC = false>
-static __device__ __forceinline__ void gg_body(const GgTensorMap*, const GgTensorMap*, void*, const int*, int, int, int, int, int) {
+template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, int EPI, bool HALF = false, bool MC = false, bool ACT = false>
+static __device__ __forceinline__ void gg_body(const GgTensorMap*, const GgTensorMap*, void*, const int*, int, int, int, int, int,
+                                               const GgAct* = nullptr) {
     __trap();
 }
 
@@ -848,6 +900,14 @@ extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_r
 }
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_ring_half(GG_ARGS) {
     gg_body<256, true, false, 4, GG_EPI_RING, true>(GG_PASS);
+}
+
+// The first GEMM with the activation fused (GgAct): out = h [m, 2 n] (n = inter), a [m, n]; the
+// options as the activation kernels take them (float32 values passed as doubles).
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_act(GG_ARGS, u16* act_out, const float* probs, int kind,
+                                                                                   double alpha, double limit, double linear_offset) {
+    const GgAct act{act_out, probs, act_opts(kind, alpha, limit, linear_offset, true)};
+    gg_body<256, false, false, 4, GG_EPI_REG, false, false, true>(GG_PASS, &act);
 }
 
 // dw [E, KO, N] = x^T dy per expert: map_a over x [M, KO], map_b over dy [M, N]; the launch's k is

@@ -841,6 +841,7 @@ mod tests {
                 "grouped_gemm_nn_n256_bf16_bulk",
                 "grouped_gemm_nn_n256_bf16_mc",
                 "grouped_gemm_nt_n256_bf16_mc4",
+                "grouped_gemm_nn_n256_bf16_act",
                 "grouped_gemm_wgrad_bf16_ring",
             ],
         );

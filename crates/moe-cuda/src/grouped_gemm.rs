@@ -334,7 +334,7 @@ pub fn launch(
     // persistent: one block per SM, or fewer when there are fewer tiles than that at most (the
     // cluster kernel's padding: one tile an expert)
     let max_tiles = (m / TILE_M + experts).saturating_mul(n.div_ceil(tile.columns())) + if tile.cluster() > 1 { experts } else { 0 };
-    run_kernel(dev, "grouped GEMM", name, tile, max_tiles, out, counts, sizes, || {
+    run_kernel(dev, "grouped GEMM", name, tile, max_tiles, out, counts, sizes, None, || {
         let (m64, n64, k64, e64) = (m as u64, n as u64, k as u64, experts as u64);
         // A: [m, k], box 64 (k) x 128 (rows)
         let map_a = tensor_map("the tokens", x, &[k64, m64], &[k64 * 2], &[TILE_K as u32, TILE_M as u32])?;
@@ -347,6 +347,76 @@ pub fn launch(
                 tensor_map("the weights", w, &[k64, n64, e64], &[k64 * 2, n64 * k64 * 2], &[TILE_K as u32, box_n, 1])?
             }
         };
+        Ok((map_a, map_b))
+    })
+}
+
+/// The `_act` kernel's parameters after GG_ARGS: the activation's output, the probs (0: none),
+/// the options as the activation kernels take them.
+struct ActArgs {
+    a: u64,
+    probs: u64,
+    kind: i32,
+    alpha: f64,
+    limit: f64,
+    offset: f64,
+}
+
+/// The first expert GEMM with the activation fused into its epilogue: `h [m, 2 inter] = x W1`
+/// (bf16, as [`launch`] stores it with [`WeightLayout::KN`]: `x [m, k]`, `w [experts, k, 2 inter]`)
+/// and `a [m, inter] = act(gate, up) * probs[row]` (bf16; `probs` [m] f32 on the device, or 0 for
+/// none), with the same bits as [`launch`] followed by the activation kernel in
+/// [`crate::activations::ExpMath::Fast`]. `[gate | up]` kinds only (swiglu, swiglu_oai,
+/// swiglu_clamped); `k` and `inter` multiples of 8. Queued on the device's stream.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_act(
+    dev: &Device,
+    x: u64,
+    w: u64,
+    counts: u64,
+    h: u64,
+    a: u64,
+    probs: u64,
+    options: &moe_core::activations::ActivationOptions,
+    experts: usize,
+    m: usize,
+    inter: usize,
+    k: usize,
+) -> Result<()> {
+    use moe_core::activations::ActivationKind;
+    if !matches!(options.kind, ActivationKind::Swiglu | ActivationKind::SwigluOai | ActivationKind::SwigluClamped) {
+        return Err(Error::Cuda(format!(
+            "grouped GEMM with the activation: {} is not a [gate | up] kind (swiglu, swiglu_oai, swiglu_clamped)",
+            options.kind.name()
+        )));
+    }
+    if m == 0 || inter == 0 || experts == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        return Err(Error::Cuda("grouped GEMM with k = 0: nothing to multiply (a bug in the caller)".into()));
+    }
+    if probs % 4 != 0 {
+        return Err(Error::Cuda("grouped GEMM with the activation: probs must be 4-byte aligned".into()));
+    }
+    let sizes = checked_sizes("grouped GEMM with the activation", "k", x | w | h | a, experts, m, inter, k)?;
+    let tile = TileN::N256;
+    let name = "grouped_gemm_nn_n256_bf16_act";
+    // (tiles of 128 output columns: 128 gate and 128 up columns of h)
+    let max_tiles = (m / TILE_M + experts).saturating_mul(inter.div_ceil(128));
+    let act = ActArgs {
+        a,
+        probs,
+        kind: crate::activations::kind_code(options.kind),
+        alpha: options.alpha as f64,
+        limit: options.limit as f64,
+        offset: options.linear_offset as f64,
+    };
+    run_kernel(dev, "grouped GEMM with the activation", name, tile, max_tiles, h, counts, sizes, Some(&act), || {
+        let (m64, n64, k64, e64) = (m as u64, 2 * inter as u64, k as u64, experts as u64);
+        let map_a = tensor_map("the tokens", x, &[k64, m64], &[k64 * 2], &[TILE_K as u32, TILE_M as u32])?;
+        // [E, k, 2 inter]: boxes of 64 (n) x 64 (k), gate and up columns
+        let map_b = tensor_map("the weights", w, &[n64, k64, e64], &[n64 * 2, n64 * k64 * 2], &[64, TILE_K as u32, 1])?;
         Ok((map_a, map_b))
     })
 }
@@ -398,7 +468,7 @@ pub fn launch_wgrad(
     };
     let tiles = experts.saturating_mul(ko.div_ceil(TILE_M)).saturating_mul(n.div_ceil(256));
     // (the kernel's k is ko, its n is n)
-    run_kernel(dev, "grouped weight gradient", name, tile, tiles, dw, counts, sizes, || {
+    run_kernel(dev, "grouped weight gradient", name, tile, tiles, dw, counts, sizes, None, || {
         let (m64, n64, k64) = (m as u64, n as u64, ko as u64);
         // x^T and dy: boxes of 64 columns x 64 rows
         let map_a = tensor_map("the weight gradient's x", x, &[k64, m64], &[k64 * 2], &[64, TILE_K as u32])?;
@@ -444,6 +514,7 @@ fn run_kernel(
     out: u64,
     counts: u64,
     sizes: Sizes,
+    act: Option<&ActArgs>,
     maps: impl FnOnce() -> Result<(TensorMap, TensorMap)>,
 ) -> Result<()> {
     let kernels = kernels(dev)?;
@@ -470,9 +541,12 @@ fn run_kernel(
     let Sizes { experts: ei, m: mi, n: ni, k: ki } = sizes;
     let mut b = stream.launch_builder(f);
     b.arg(&map_a).arg(&map_b).arg(&out).arg(&counts).arg(&ei).arg(&mi).arg(&ni).arg(&ki).arg(&group);
+    if let Some(a) = act {
+        b.arg(&a.a).arg(&a.probs).arg(&a.kind).arg(&a.alpha).arg(&a.limit).arg(&a.offset);
+    }
     let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
     // SAFETY: the arguments match the kernel's parameters (GG_ARGS; the weight gradients' k is
-    // ko) in order and type.
+    // ko; the `_act` kernel's after them) in order and type.
     unsafe { b.launch(cfg) }.map_err(|e| Error::driver(format!("launching {name} on {grid} blocks"), e))?;
     Ok(())
 }

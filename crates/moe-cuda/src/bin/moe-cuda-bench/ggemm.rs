@@ -230,6 +230,124 @@ fn small_checks(dev: &Device, tile: TileN) -> R<usize> {
     Ok(failures)
 }
 
+/// The first GEMM with the activation fused (`grouped_gemm::launch_act`) against the plain kernel
+/// followed by the activation kernel (ExpMath::Fast), which the layer runs today: h and a equal
+/// byte for byte on every row of the experts, the spare rows untouched, run to run identical; for
+/// each `[gate | up]` kind, with and without probs, on the small cases (inter: the case's n / 2
+/// down to a multiple of 8, at least 8: column tiles cut short). Returns the failures.
+fn act_checks(dev: &Device) -> R<usize> {
+    use moe_core::activations::{ActivationKind, ActivationOptions};
+    use moe_cuda::activations::{launch_activation, ExpMath};
+    let mut failures = 0;
+    for (ci, case) in small_cases().iter().enumerate() {
+        let (e, rows, m) = case.sizes();
+        let k = case.k;
+        let inter = (case.n / 2 / 8 * 8).max(8);
+        let width = 2 * inter;
+        let d_x = dev.upload("x", &random_bf16(m * k, 3000 + ci as u64, 1.0))?;
+        let d_w = dev.upload("w", &random_bf16(e * k * width, 4000 + ci as u64, 1.0))?;
+        let d_counts = dev.upload("counts", &case.counts)?;
+        let probs: Vec<f32> = (0..m).map(|i| 0.05 + (i % 17) as f32 / 17.0).collect();
+        let d_probs = dev.upload("probs", &probs)?;
+        let p = |b: &Buffer| b.device_ptr(dev);
+        // the plain GEMM's h, for every kind
+        let h_ref = dev.alloc("h", m * width * 2)?;
+        dev.memset_u32("h", &h_ref, 0xffff_ffff, (m * width * 2).div_ceil(4))?;
+        grouped_gemm::launch(dev, p(&d_x), p(&d_w), WeightLayout::KN, p(&d_counts), p(&h_ref), DType::BF16, e, m, width, k, TileN::N256)?;
+        let want_h: Vec<u16> = dev.download_new("h", &h_ref, m * width)?;
+        for kind in [ActivationKind::Swiglu, ActivationKind::SwigluOai, ActivationKind::SwigluClamped] {
+            let opts = ActivationOptions::new(kind);
+            for with_probs in [false, true] {
+                let a_ref = dev.alloc("a", m * inter * 2)?;
+                let pr = with_probs.then_some(&d_probs);
+                launch_activation(dev, &opts, ExpMath::Fast, DType::BF16, &h_ref, m, width, pr, DType::BF16, &a_ref)?;
+                let want_a: Vec<u16> = dev.download_new("a", &a_ref, m * inter)?;
+                let mut runs = Vec::new();
+                for _ in 0..2 {
+                    let (h, a) = (dev.alloc("h", m * width * 2)?, dev.alloc("a", m * inter * 2)?);
+                    dev.memset_u32("h", &h, 0xffff_ffff, (m * width * 2).div_ceil(4))?;
+                    dev.memset_u32("a", &a, 0xffff_ffff, (m * inter * 2).div_ceil(4))?;
+                    let probs_ptr = if with_probs { p(&d_probs) } else { 0 };
+                    grouped_gemm::launch_act(dev, p(&d_x), p(&d_w), p(&d_counts), p(&h), p(&a), probs_ptr, &opts, e, m, inter, k)?;
+                    runs.push((dev.download_new::<u16>("h", &h, m * width)?, dev.download_new::<u16>("a", &a, m * inter)?));
+                }
+                let (h, a) = &runs[0];
+                let h_same = h[..rows * width] == want_h[..rows * width];
+                let a_same = a[..rows * inter] == want_a[..rows * inter];
+                let untouched = h[rows * width..].iter().all(|&v| v == 0xffff) && a[rows * inter..].iter().all(|&v| v == 0xffff);
+                let repeat = runs[0] == runs[1];
+                let ok = h_same && a_same && untouched && repeat;
+                if !ok {
+                    failures += 1;
+                }
+                let first_a = (0..rows * inter).find(|&i| a[i] != want_a[i]);
+                println!(
+                    "  {}  fused activation {} {}: {} [E={e}, M={m}, K={k}, inter={inter}]: h {}, a {}{}, spare rows {}, run to run {}",
+                    if ok { "ok  " } else { "FAIL" },
+                    kind.name(),
+                    if with_probs { "with probs" } else { "no probs" },
+                    case.name,
+                    if h_same { "equal" } else { "DIFFERENT" },
+                    if a_same { "equal" } else { "DIFFERENT" },
+                    first_a
+                        .map(|i| format!(" (first at row {} col {}: {} against {})", i / inter, i % inter, f(a[i]), f(want_a[i])))
+                        .unwrap_or_default(),
+                    if untouched { "untouched" } else { "WRITTEN" },
+                    if repeat { "identical" } else { "DIFFERENT" },
+                );
+            }
+        }
+    }
+    Ok(failures)
+}
+
+/// x W1 and swiglu with probs as the layer runs them today (the bulk kernel, then the activation
+/// kernel in ExpMath::Fast) against the first GEMM with the activation fused: both timed, h and a
+/// compared byte for byte; prints a line, returns its JSON row.
+#[allow(clippy::too_many_arguments)]
+fn fused_act_timing(
+    dev: &Device,
+    iters: usize,
+    shape: &str,
+    x: &Buffer,
+    w: &Buffer,
+    counts: &Buffer,
+    e: usize,
+    m: usize,
+    k: usize,
+    inter: usize,
+) -> R<String> {
+    use moe_core::activations::{ActivationKind, ActivationOptions};
+    use moe_cuda::activations::{launch_activation, ExpMath};
+    let width = 2 * inter;
+    let opts = ActivationOptions::new(ActivationKind::Swiglu);
+    let probs: Vec<f32> = (0..m).map(|i| 0.05 + (i % 17) as f32 / 17.0).collect();
+    let d_probs = dev.upload("probs", &probs)?;
+    let p = |b: &Buffer| b.device_ptr(dev);
+    let (h1, a1) = (dev.alloc("h", m * width * 2)?, dev.alloc("a", m * inter * 2)?);
+    let (h2, a2) = (dev.alloc("h", m * width * 2)?, dev.alloc("a", m * inter * 2)?);
+    let unfused = || -> R<()> {
+        grouped_gemm::launch(dev, p(x), p(w), WeightLayout::KN, p(counts), p(&h1), DType::BF16, e, m, width, k, TileN::N256Bulk)?;
+        launch_activation(dev, &opts, ExpMath::Fast, DType::BF16, &h1, m, width, Some(&d_probs), DType::BF16, &a1)?;
+        Ok(())
+    };
+    let fused = || -> R<()> { grouped_gemm::launch_act(dev, p(x), p(w), p(counts), p(&h2), p(&a2), p(&d_probs), &opts, e, m, inter, k) };
+    unfused()?;
+    fused()?;
+    let same = dev.download_new::<u16>("h", &h1, m * width)? == dev.download_new::<u16>("h", &h2, m * width)?
+        && dev.download_new::<u16>("a", &a1, m * inter)? == dev.download_new::<u16>("a", &a2, m * inter)?;
+    let (u_ms, _) = time_ms(dev, iters, unfused)?;
+    let (f_ms, _) = time_ms(dev, iters, fused)?;
+    println!(
+        "  x @ W1 + swiglu (probs): bulk kernel + activation kernel {u_ms:.3} ms, fused {f_ms:.3} ms ({:.2}x); h and a {}",
+        u_ms / f_ms,
+        if same { "equal" } else { "DIFFERENT" }
+    );
+    Ok(format!(
+        "{{\"shape\": {shape:?}, \"gemm\": \"x @ W1 + swiglu (probs)\", \"unfusedMs\": {u_ms}, \"fusedMs\": {f_ms}, \"sameBits\": {same}}}"
+    ))
+}
+
 /// The weight-gradient kernel on the small cases: dw[e] = x_e^T dy_e (x [M, K], dy [M, N]) against
 /// the host, every element of dw (experts with no rows: zeros), run twice; returns the failures.
 fn wgrad_checks(dev: &Device) -> R<usize> {
@@ -455,6 +573,11 @@ fn run(dev: &Device, opts: &ShapeOptions, tiles: &[TileN], small_only: bool, sma
         let _ = std::io::stdout().flush();
         failures += wgrad_checks(dev)?;
     }
+    if small {
+        println!("small checks, the first GEMM with the activation fused:");
+        let _ = std::io::stdout().flush();
+        failures += act_checks(dev)?;
+    }
     if small_only {
         return Ok((format!("{{\"device\": {:?}, \"smallCheckFailures\": {failures}}}", info.name), failures));
     }
@@ -567,6 +690,9 @@ fn run(dev: &Device, opts: &ShapeOptions, tiles: &[TileN], small_only: bool, sma
                     100.0 * tf / peak,
                     100.0 * c_tf / peak
                 ));
+            }
+            if g.name == "x @ W1" {
+                rows.push(fused_act_timing(dev, iters, s.name, &x, w, &d_counts, e, m, g.k, inter)?);
             }
             let slot = if g.forward { 0 } else { 1 };
             sums[slot][0] += flops;
