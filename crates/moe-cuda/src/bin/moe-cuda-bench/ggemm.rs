@@ -22,7 +22,9 @@
 //! staging buffer or through the ring's stages, the latter also with tails of <= 64 rows as two
 //! 64 x 128 halves, and in 2-CTA clusters sharing B tiles by multicast: the staged one, with 4
 //! stages and register stores, with the ring's epilogue; default all eight), `--shapes a,b`, `--out FILE`,
-//! `--small-only`, `--no-small` (the shapes only: for a profiler). Exit code 1 when a check fails.
+//! `--small-only`, `--no-small` (the shapes only: for a profiler), `--act` (the first GEMM with the
+//! activation fused, `launch_act`: its small checks against the plain kernel + activation kernel,
+//! and x W1 + swiglu both ways at the shapes). Exit code 1 when a check fails.
 
 use half::bf16;
 use moe_core::tensor::DType;
@@ -484,6 +486,7 @@ fn compare_bf16(a: &[u16], b: &[u16]) -> (usize, f64, Option<usize>) {
 }
 
 pub fn bench(args: &[String]) -> i32 {
+    let mut act = false;
     let (mut tiles, mut small_only, mut small, mut wgrad) = (TileN::ALL.iter().map(|(t, _)| *t).collect::<Vec<_>>(), false, true, true);
     let opts = ShapeOptions::parse(args, |flag, value| match (flag, value) {
         ("--tile", Some(v)) => {
@@ -497,6 +500,10 @@ pub fn bench(args: &[String]) -> i32 {
         }
         ("--no-wgrad", _) => {
             wgrad = false;
+            Some(1)
+        }
+        ("--act", _) => {
+            act = true;
             Some(1)
         }
         ("--small-only", _) => {
@@ -525,7 +532,7 @@ pub fn bench(args: &[String]) -> i32 {
         println!("{e}");
         return 1;
     }
-    match run(dev, &opts, &tiles, small_only, small, wgrad) {
+    match run(dev, &opts, &tiles, small_only, small, wgrad, act) {
         Ok((json, failures)) => {
             opts.write(&json);
             if failures > 0 {
@@ -542,7 +549,7 @@ pub fn bench(args: &[String]) -> i32 {
     }
 }
 
-fn run(dev: &Device, opts: &ShapeOptions, tiles: &[TileN], small_only: bool, small: bool, wgrad: bool) -> R<(String, usize)> {
+fn run(dev: &Device, opts: &ShapeOptions, tiles: &[TileN], small_only: bool, small: bool, wgrad: bool, act: bool) -> R<(String, usize)> {
     use std::io::Write;
     let iters = opts.iters;
     let info = dev.info();
@@ -573,7 +580,7 @@ fn run(dev: &Device, opts: &ShapeOptions, tiles: &[TileN], small_only: bool, sma
         let _ = std::io::stdout().flush();
         failures += wgrad_checks(dev)?;
     }
-    if small {
+    if act && small {
         println!("small checks, the first GEMM with the activation fused:");
         let _ = std::io::stdout().flush();
         failures += act_checks(dev)?;
@@ -691,7 +698,7 @@ fn run(dev: &Device, opts: &ShapeOptions, tiles: &[TileN], small_only: bool, sma
                     100.0 * c_tf / peak
                 ));
             }
-            if g.name == "x @ W1" {
+            if act && g.name == "x @ W1" {
                 rows.push(fused_act_timing(dev, iters, s.name, &x, w, &d_counts, e, m, g.k, inter)?);
             }
             let slot = if g.forward { 0 } else { 1 };
