@@ -7,7 +7,8 @@
 //! `tokensPerExpert` whose sum the GPU already knows: permute's, [`Facts::counts_total`]) and
 //! chosen with `MOE_DISPATCH_EXPERTS_GEMM=grouped` (the default is cuBLAS, `cublas`, until the
 //! kernel is measured faster in the layer: docs/gpu-report.md). The activation passes are the
-//! cuBLAS path's (`ExpMath::Fast`, the same kernels), and the GEMMs sum over K in the same order
+//! cuBLAS path's (`ExpMath::Fast`, the same kernels; or, with `MOE_DISPATCH_GG_FUSE=act`, the
+//! forward's in the first GEMM's epilogue, the same code and bits), and the GEMMs sum over K in the same order
 //! as cuBLAS does at these shapes (the kernel's outputs were bit-identical to cuBLAS's in
 //! `moe-cuda-bench ggemm`), so both paths agree with the cpu backend to the same tolerance.
 //!
@@ -136,6 +137,44 @@ fn wgrad(
     )
 }
 
+/// Whether the first GEMM takes the activation into its epilogue (`MOE_DISPATCH_GG_FUSE=act`,
+/// read once; for `[gate | up]` kinds: [`grouped_gemm::launch_act`]). Off by default until it is
+/// measured faster in the layer.
+pub fn fused_activation_selected() -> bool {
+    static SELECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SELECTED.get_or_init(|| std::env::var("MOE_DISPATCH_GG_FUSE").is_ok_and(|v| v == "act"))
+}
+
+/// `h = x W1` and `a = act(h) * probs` (bf16 buffers of `[n, width]` and `[n, inter]`): the first
+/// GEMM with the activation in its epilogue where [`fused_activation_selected`] and the kind has
+/// `[gate | up]` halves, else the GEMM then the activation kernel (the same bits either way).
+fn up_and_activation(dev: &Device, p: &GroupedPlan, inp: &DeviceExpertsInputs, act: &ActivationOptions) -> Result<(Buffer, Buffer)> {
+    use moe_core::activations::ActivationKind;
+    let h = dev.alloc("the up-projection", p.n * p.width * 2)?;
+    let a = dev.alloc("the activation", p.n * p.inter * 2)?;
+    let halves = matches!(act.kind, ActivationKind::Swiglu | ActivationKind::SwigluOai | ActivationKind::SwigluClamped);
+    if fused_activation_selected() && halves {
+        grouped_gemm::launch_act(
+            dev,
+            ptr(dev, &inp.tokens.buf),
+            ptr(dev, &inp.gate_and_up.buf),
+            ptr(dev, &inp.tokens_per_expert.buf),
+            ptr(dev, &h),
+            ptr(dev, &a),
+            inp.probs.map_or(0, |t| ptr(dev, &t.buf)),
+            act,
+            p.experts,
+            p.n,
+            p.inter,
+            p.dim,
+        )?;
+    } else {
+        gemm(dev, p, &inp.tokens.buf, inp.gate_and_up, WeightLayout::KN, inp.tokens_per_expert, &h, p.width, p.dim)?;
+        launch_activation(dev, act, ExpMath::Fast, DType::BF16, &h, p.n, p.width, inp.probs.map(|t| &t.buf), DType::BF16, &a)?;
+    }
+    Ok((h, a))
+}
+
 /// The forward on the grouped GEMM: `h = x W1`, the activation (weighted by the probs), `y = a W2`;
 /// with `save`, h and a for the backward (no host counts: none were read).
 pub fn forward_grouped(
@@ -146,10 +185,7 @@ pub fn forward_grouped(
     save: bool,
 ) -> Result<(DeviceTensor, Option<ExpertsSaved>)> {
     let dt = DType::BF16;
-    let h = dev.alloc("the up-projection", p.n * p.width * 2)?;
-    gemm(dev, p, &inp.tokens.buf, inp.gate_and_up, WeightLayout::KN, inp.tokens_per_expert, &h, p.width, p.dim)?;
-    let a = dev.alloc("the activation", p.n * p.inter * 2)?;
-    launch_activation(dev, act, ExpMath::Fast, dt, &h, p.n, p.width, inp.probs.map(|t| &t.buf), dt, &a)?;
+    let (h, a) = up_and_activation(dev, p, inp, act)?;
     let out = DeviceTensor::alloc(dev, "the output", dt, vec![p.n, p.dim])?;
     gemm(dev, p, &a, inp.down, WeightLayout::KN, inp.tokens_per_expert, &out.buf, p.dim, p.inter)?;
     let saved = save.then(|| ExpertsSaved {
@@ -177,10 +213,7 @@ pub fn backward_grouped(
     let (h, a) = match saved {
         Some(sv) => (&sv.up_projection.buf, &sv.activation.buf),
         None => {
-            h_own = dev.alloc("the up-projection", p.n * p.width * 2)?;
-            gemm(dev, p, &inp.tokens.buf, inp.gate_and_up, WeightLayout::KN, counts, &h_own, p.width, p.dim)?;
-            a_own = dev.alloc("the activation", p.n * p.inter * 2)?;
-            launch_activation(dev, act, ExpMath::Fast, dt, &h_own, p.n, p.width, inp.probs.map(|t| &t.buf), dt, &a_own)?;
+            (h_own, a_own) = up_and_activation(dev, p, inp, act)?;
             (&h_own, &a_own)
         }
     };
