@@ -100,6 +100,11 @@ impl ActivationKind {
         self.layout() != Layout::Single
     }
 
+    /// Whether the input row is `[gate | up]` halves (gate of column `j` at `j`, up at `inter + j`).
+    pub fn has_halves(self) -> bool {
+        self.layout() == Layout::Halves
+    }
+
     fn takes_alpha(self) -> bool {
         matches!(self, ActivationKind::QuickGeglu | ActivationKind::SwigluOai)
     }
@@ -564,6 +569,9 @@ mod tests {
 
     #[test]
     fn layouts_and_clamps() {
+        // the halves kinds (the grouped GEMM's fused epilogue takes exactly these)
+        let halves_kinds: Vec<_> = ActivationKind::ALL.into_iter().filter(|k| k.has_halves()).collect();
+        assert_eq!(halves_kinds, [ActivationKind::Swiglu, ActivationKind::SwigluOai, ActivationKind::SwigluClamped]);
         // gate 8 (clamped to 7), up -9 (clamped to -7) and gate -1, up 2.
         let halves = [8.0f32, -1.0, -9.0, 2.0];
         let interleaved = [8.0f32, -9.0, -1.0, 2.0];

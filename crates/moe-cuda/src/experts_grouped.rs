@@ -146,14 +146,12 @@ pub fn fused_activation_selected() -> bool {
 }
 
 /// `h = x W1` and `a = act(h) * probs` (bf16 buffers of `[n, width]` and `[n, inter]`): the first
-/// GEMM with the activation in its epilogue where [`fused_activation_selected`] and the kind has
-/// `[gate | up]` halves, else the GEMM then the activation kernel (the same bits either way).
+/// GEMM with the activation in its epilogue where [`fused_activation_selected`] and
+/// [`grouped_gemm::fuses_activation`], else the GEMM then the activation kernel (the same bits either way).
 fn up_and_activation(dev: &Device, p: &GroupedPlan, inp: &DeviceExpertsInputs, act: &ActivationOptions) -> Result<(Buffer, Buffer)> {
-    use moe_core::activations::ActivationKind;
     let h = dev.alloc("the up-projection", p.n * p.width * 2)?;
     let a = dev.alloc("the activation", p.n * p.inter * 2)?;
-    let halves = matches!(act.kind, ActivationKind::Swiglu | ActivationKind::SwigluOai | ActivationKind::SwigluClamped);
-    if fused_activation_selected() && halves {
+    if fused_activation_selected() && grouped_gemm::fuses_activation(act.kind) {
         grouped_gemm::launch_act(
             dev,
             ptr(dev, &inp.tokens.buf),

@@ -362,12 +362,18 @@ struct ActArgs {
     offset: f64,
 }
 
+/// Whether [`launch_act`] takes activation `kind`: the kinds with `[gate | up]` halves (swiglu,
+/// swiglu_oai, swiglu_clamped), whose gate and up columns its tiles load side by side.
+pub fn fuses_activation(kind: moe_core::activations::ActivationKind) -> bool {
+    kind.has_halves()
+}
+
 /// The first expert GEMM with the activation fused into its epilogue: `h [m, 2 inter] = x W1`
 /// (bf16, as [`launch`] stores it with [`WeightLayout::KN`]: `x [m, k]`, `w [experts, k, 2 inter]`)
 /// and `a [m, inter] = act(gate, up) * probs[row]` (bf16; `probs` [m] f32 on the device, or 0 for
 /// none), with the same bits as [`launch`] followed by the activation kernel in
-/// [`crate::activations::ExpMath::Fast`]. `[gate | up]` kinds only (swiglu, swiglu_oai,
-/// swiglu_clamped); `k` and `inter` multiples of 8. Queued on the device's stream.
+/// [`crate::activations::ExpMath::Fast`]. The kinds of [`fuses_activation`] only; `k` and
+/// `inter` multiples of 8. Queued on the device's stream.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_act(
     dev: &Device,
@@ -383,8 +389,7 @@ pub fn launch_act(
     inter: usize,
     k: usize,
 ) -> Result<()> {
-    use moe_core::activations::ActivationKind;
-    if !matches!(options.kind, ActivationKind::Swiglu | ActivationKind::SwigluOai | ActivationKind::SwigluClamped) {
+    if !fuses_activation(options.kind) {
         return Err(Error::Cuda(format!(
             "grouped GEMM with the activation: {} is not a [gate | up] kind (swiglu, swiglu_oai, swiglu_clamped)",
             options.kind.name()

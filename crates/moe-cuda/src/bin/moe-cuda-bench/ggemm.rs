@@ -232,6 +232,12 @@ fn small_checks(dev: &Device, tile: TileN) -> R<usize> {
     Ok(failures)
 }
 
+/// The probs of the fused activation's checks and timings: `m` values in [0.05, 1), none alike
+/// in any run of 17 rows.
+fn act_probs(m: usize) -> Vec<f32> {
+    (0..m).map(|i| 0.05 + (i % 17) as f32 / 17.0).collect()
+}
+
 /// The first GEMM with the activation fused (`grouped_gemm::launch_act`) against the plain kernel
 /// followed by the activation kernel (ExpMath::Fast), which the layer runs today: h and a equal
 /// byte for byte on every row of the experts, the spare rows untouched, run to run identical; for
@@ -249,8 +255,7 @@ fn act_checks(dev: &Device) -> R<usize> {
         let d_x = dev.upload("x", &random_bf16(m * k, 3000 + ci as u64, 1.0))?;
         let d_w = dev.upload("w", &random_bf16(e * k * width, 4000 + ci as u64, 1.0))?;
         let d_counts = dev.upload("counts", &case.counts)?;
-        let probs: Vec<f32> = (0..m).map(|i| 0.05 + (i % 17) as f32 / 17.0).collect();
-        let d_probs = dev.upload("probs", &probs)?;
+        let d_probs = dev.upload("probs", &act_probs(m))?;
         let p = |b: &Buffer| b.device_ptr(dev);
         // the plain GEMM's h, for every kind
         let h_ref = dev.alloc("h", m * width * 2)?;
@@ -323,8 +328,7 @@ fn fused_act_timing(
     use moe_cuda::activations::{launch_activation, ExpMath};
     let width = 2 * inter;
     let opts = ActivationOptions::new(ActivationKind::Swiglu);
-    let probs: Vec<f32> = (0..m).map(|i| 0.05 + (i % 17) as f32 / 17.0).collect();
-    let d_probs = dev.upload("probs", &probs)?;
+    let d_probs = dev.upload("probs", &act_probs(m))?;
     let p = |b: &Buffer| b.device_ptr(dev);
     let (h1, a1) = (dev.alloc("h", m * width * 2)?, dev.alloc("a", m * inter * 2)?);
     let (h2, a2) = (dev.alloc("h", m * width * 2)?, dev.alloc("a", m * inter * 2)?);
