@@ -58,10 +58,13 @@ struct __align__(64) GgTensorMap {
 #define GG_EPI_RING 2
 
 // The first GEMM's fused activation (`_act` kernels): `out` holds h = x W1 [m, 2 inter] as the
-// plain kernel stores it, and the epilogue also stores a [m, inter] = act(gate, up) * probs[row]
-// at `a`, from h's bf16 values with kernels/common.cuh's act_unit (the activation kernel's code:
-// the same bits as h through act_fwd_fast). `[gate | up]` halves only (swiglu, swiglu_oai,
-// swiglu_clamped); probs may be null (no weighting).
+// plain kernel stores it, and a [m, inter] = act(gate, up) * probs[row] is stored at `a`, from
+// h's bf16 values with kernels/common.cuh's act_unit (the activation kernel's code: the same bits
+// as h through act_fwd_fast). `[gate | up]` halves only (swiglu, swiglu_oai, swiglu_clamped);
+// probs may be null (no weighting). The consumers stage h in shared memory as the bulk epilogue
+// does; the producer warpgroup's three idle warps (warps 1-3; warp 0 issues the loads) compute
+// a from the staged rows while the consumers go on with the next tile's k-steps (gg_act_warps),
+// so the activation's arithmetic is off the tensor cores' path.
 struct GgAct {
     u16* a;
     const float* probs;
@@ -295,8 +298,8 @@ static __device__ __forceinline__ GgTile gg_tile_mc(const int* tile_start, const
 // tile of at most 64 rows: the warpgroups split the columns), rows 0 .. 63 and columns
 // 128c .. 128c + 127 (acc[0 .. 63]). `dst` is the tile's first element, `n` the output's row
 // length, `n_left` the output's columns from the tile's first.
-static __device__ __forceinline__ void gg_stage_rows(const float* acc, u32 c_smem, int c, int warp, int lane, int rows, u64 dst, int n,
-                                                     int n_left, bool half) {
+// (the bf16 values alone: gg_stage_write)
+static __device__ __forceinline__ void gg_stage_write(const float* acc, u32 c_smem, int warp, int lane, bool half) {
     const int r_loc = warp * 16 + (lane >> 2);
     const int jn = half ? 16 : 32;
 #pragma unroll
@@ -310,6 +313,11 @@ static __device__ __forceinline__ void gg_stage_rows(const float* acc, u32 c_sme
             }
         }
     }
+}
+
+static __device__ __forceinline__ void gg_stage_rows(const float* acc, u32 c_smem, int c, int warp, int lane, int rows, u64 dst, int n,
+                                                     int n_left, bool half) {
+    gg_stage_write(acc, c_smem, warp, lane, half);
     fence_async_shared();
     bar_warpgroup(1 + c);
     if (warp == 0) {
@@ -511,32 +519,64 @@ static __device__ __forceinline__ void gg_epilogue(const float* acc, void* out, 
     }
 }
 
-// The fused activation's epilogue (GgAct) of consumer warpgroup w.c: its accumulators are the
-// gate columns n0 .. n0 + 127 (acc[4j + 2h + {0, 1}], j < 16) and the up columns inter + n0 ..
-// (the same j + 16) of its 64 rows, so each thread holds the gate and up of its own output
-// columns: h's two halves stored as bf16 (row stride 2 inter), then a = act(gate, up) * prob.
-// `n` is inter (even: a column pair never straddles it).
-static __device__ __forceinline__ void gg_epilogue_act(const float* acc, u16* h, const GgAct& act, int row0, int rows, int n0, int n, const GgWarp& w) {
-    const int r_base = w.c * 64 + w.warp * 16 + (w.lane >> 2);
-    const int col_base = n0 + 2 * (w.lane & 3);
+// The fused activation's epilogue of consumer warpgroup w.c (GgAct): its accumulators are the
+// gate columns n0 .. n0 + 127 and the up columns inter + n0 .. of its 64 rows (tile columns 0 ..
+// 127 and 128 .. 255), staged as bf16 in its buffer after the stages once the act warps have
+// read the buffer's previous tile (act_free[c]: parity `par ^ 1`, so the first tile does not
+// wait) and the previous copies have; then h's two halves of each row copied out (warp 0, bulk
+// copies) and the buffer handed to the act warps (act_full[c]: every thread arrives after its
+// own writes). `n` is inter.
+static __device__ __forceinline__ void gg_epilogue_act(const float* acc, u16* h, u32 c_smem, u32 act_full, u32 act_free, u32 par, int row0,
+                                                       int rows, int n0, int n, const GgWarp& w) {
+    if (w.warp == 0) bulk_wait_read();
+    mbar_wait(act_free, par ^ 1);
+    bar_warpgroup(1 + w.c);
+    gg_stage_write(acc, c_smem, w.warp, w.lane, false);
+    fence_async_shared();
+    bar_warpgroup(1 + w.c);
+    if (w.warp == 0) {
+        const int cols = min(128, n - n0);
+        const u64 dst = (u64)h + ((u64)row0 * (u64)(2 * n) + (u64)n0) * 2;
 #pragma unroll
-    for (int hh = 0; hh < 2; hh++) {
-        const int r = r_base + 8 * hh;
-        if (r >= rows) continue;
-        const long long row = (long long)(row0 + r);
-        const float p = act.probs ? act.probs[row] : 1.0f;
+        for (int i = 0; i < 2; i++) {
+            const int r = w.lane + 32 * i;
+            if (64 * w.c + r < rows && cols > 0) {
+                const u64 row = dst + (u64)(64 * w.c + r) * (u64)(4 * n);
+                bulk_store(row, c_smem + r * GG_C_ROW, (u32)cols * 2);
+                bulk_store(row + (u64)n * 2, c_smem + r * GG_C_ROW + 256, (u32)cols * 2);
+            }
+        }
+        bulk_commit();
+    }
+    mbar_arrive(act_full);
+}
+
+// The act warps (the producer warpgroup's warps 1-3, `aw` = 0 .. 2): for each tile of the block
+// and each consumer warpgroup c, once act_full[c] says its staged rows are there (parity `par`),
+// a = act(gate, up) * probs[row] for the rows aw, aw + 3, ... of its 64 (those below the tile's
+// `rows`), 64 column pairs a row (a lane takes columns 2 lane and 64 + 2 lane: a warp's stores
+// are 128 contiguous bytes), from the staged bf16 values; then act_free[c] (every thread
+// arrives after its reads). The probs of a warp's rows are loaded once a tile, a lane each.
+static __device__ __forceinline__ void gg_act_rows(const GgAct& act, u32 c_smem, int row0, int rows, int n0, int n, int aw, int lane) {
+    const int cols = min(128, n - n0);
+    float p_lane = 1.0f;
+    if (act.probs != nullptr && lane < 22 && aw + 3 * lane < rows) p_lane = __ldg(act.probs + row0 + aw + 3 * lane);
+    for (int i = 0; i < 22; i++) {
+        const int r = aw + 3 * i;
+        if (r >= rows) break;
+        const float p = __shfl_sync(0xffffffffu, p_lane, i);
+        u16* out = act.a + (long long)(row0 + r) * n + n0;
 #pragma unroll
-        for (int j = 0; j < 16; j++) {
-            const int col = col_base + 8 * j;
-            if (col < n) {
-                const u16 g0 = BF16::from_f32(acc[4 * j + 2 * hh]), g1 = BF16::from_f32(acc[4 * j + 2 * hh + 1]);
-                const u16 u0 = BF16::from_f32(acc[4 * (j + 16) + 2 * hh]), u1 = BF16::from_f32(acc[4 * (j + 16) + 2 * hh + 1]);
-                *(u32*)(h + row * 2 * n + col) = (u32)g0 | ((u32)g1 << 16);
-                *(u32*)(h + row * 2 * n + n + col) = (u32)u0 | ((u32)u1 << 16);
-                const float a0 = act_unit(act.o, BF16::to_f32(g0), BF16::to_f32(u0));
-                const float a1 = act_unit(act.o, BF16::to_f32(g1), BF16::to_f32(u1));
+        for (int hh = 0; hh < 2; hh++) {
+            const int col = 2 * lane + 64 * hh;
+            if (col < cols) {
+                u32 g, u;
+                asm volatile("ld.shared.u32 %0, [%1];" : "=r"(g) : "r"(c_smem + r * GG_C_ROW + col * 2));
+                asm volatile("ld.shared.u32 %0, [%1];" : "=r"(u) : "r"(c_smem + r * GG_C_ROW + 256 + col * 2));
+                const float a0 = act_unit(act.o, BF16::to_f32((u16)(g & 0xffffu)), BF16::to_f32((u16)(u & 0xffffu)));
+                const float a1 = act_unit(act.o, BF16::to_f32((u16)(g >> 16)), BF16::to_f32((u16)(u >> 16)));
                 const u16 b0 = BF16::from_f32(act.probs ? a0 * p : a0), b1 = BF16::from_f32(act.probs ? a1 * p : a1);
-                *(u32*)(act.a + row * n + col) = (u32)b0 | ((u32)b1 << 16);
+                *(u32*)(out + col) = (u32)b0 | ((u32)b1 << 16);
             }
         }
     }
@@ -578,14 +618,17 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
     constexpr u32 C_BYTES = EPI == GG_EPI_STAGED ? 2 * 64 * GG_C_ROW : 0;
     static_assert(EPI == GG_EPI_REG || (BN == 256 && !OUT_F32), "the bulk epilogues are for 256-column bf16 tiles");
     static_assert(!MC || (BN == 256 && !HALF), "the cluster kernels have 256-column tiles");
-    static_assert(!ACT || (BN == 256 && !B_KMAJOR && !OUT_F32 && EPI == GG_EPI_REG && !HALF && !MC), "the fused activation: x W1, 128 x 256 tiles, register stores");
+    static_assert(!ACT || (BN == 256 && !B_KMAJOR && !OUT_F32 && EPI == GG_EPI_STAGED && !HALF && !MC),
+                  "the fused activation: x W1, 128 x 256 tiles, the staged epilogue");
     // (ACT: a tile's 256 accumulator columns are 128 gate and 128 up columns; `n` is inter, the
     // output's columns, and tiles step over it 128 at a time)
     constexpr int TN = ACT ? BN / 2 : BN;
     GgShared sh = gg_shared_layout<STAGES, STAGE_BYTES, C_BYTES>();
     const u32 rank = MC ? cluster_rank() : 0;
     if constexpr (MC) sh.peer = rank ^ 1u;
-    int* tile_start = (int*)(sh.bars + 2 * STAGES);
+    // (ACT: act_full[2], act_free[2] after the stages' barriers)
+    const u32 act_full0 = sh.full0 + 16 * STAGES, act_free0 = act_full0 + 16;
+    int* tile_start = (int*)(sh.bars + 2 * STAGES + (ACT ? 4 : 0));
     int* row_start = tile_start + num_experts + 1;
     const int n_tiles = (n + TN - 1) / TN;
 
@@ -609,6 +652,12 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
     if (threadIdx.x == 0) {
         row_start[num_experts] = rows_carry;
         tile_start[num_experts] = tiles_carry;
+        if constexpr (ACT) {
+            for (int c = 0; c < 2; c++) {
+                mbar_init(act_full0 + 8 * c, 128);
+                mbar_init(act_free0 + 8 * c, 96);
+            }
+        }
         gg_init_barriers<STAGES>(sh, MC ? 16 : 8);
     }
     __syncthreads();
@@ -639,8 +688,28 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
     };
     const int wg = (int)threadIdx.x / 128;
     if (wg == 0) {
-        // the producer: one thread issues every TMA load
-        if constexpr (BN == 256) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+        // the producer: one thread issues every TMA load (ACT: warps 1-3 are the act warps, with
+        // more registers for it: 56 here and 224 for the consumers, the same total)
+        if constexpr (ACT) asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
+        else if constexpr (BN == 256) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+        if constexpr (ACT) {
+            if (threadIdx.x >= 32) {
+                const int aw = (int)threadIdx.x / 32 - 1, lane = (int)threadIdx.x % 32;
+                u32 par = 0;
+                for (int q = first; q < items; q += step) {
+                    bool paired;
+                    const GgTile tl = tile_of(q, &paired);
+#pragma unroll 1
+                    for (int c = 0; c < 2; c++) {
+                        mbar_wait(act_full0 + 8 * c, par);
+                        gg_act_rows(*act, sh.base + STAGES * STAGE_BYTES + c * (64 * GG_C_ROW), tl.row0 + 64 * c, min(64, tl.rows - 64 * c), tl.n0, n,
+                                    aw, lane);
+                        mbar_arrive(act_free0 + 8 * c);
+                    }
+                    par ^= 1;
+                }
+            }
+        }
         if (threadIdx.x == 0) {
             tma_prefetch(map_a);
             tma_prefetch(map_b);
@@ -685,7 +754,8 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
         }
     } else {
         // the consumers: warpgroup c multiplies rows 64c .. 64c + 63 of each tile
-        if constexpr (BN == 256) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+        if constexpr (ACT) asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
+        else if constexpr (BN == 256) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
         const int c = wg - 1;
         const int tid = (int)threadIdx.x - 128 * wg;
         GgWarp w{c, tid >> 5, tid & 31};
@@ -693,6 +763,7 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
 #pragma unroll
         for (int i = 0; i < BN / 2; i++) acc[i] = 0.0f;
         GgRing<STAGES> ring;
+        u32 act_par = 0;
         for (int q = first; q < items; q += step) {
             bool paired;
             const GgTile tl = tile_of(q, &paired);
@@ -708,8 +779,11 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
                 gg_consume<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w,
                                                          [&](int kb, u32 a_addr, u32 b_addr) { gg_mma_step<BN, B_KMAJOR>(acc, kb, a_addr, b_addr); });
             }
-            if constexpr (ACT) gg_epilogue_act(acc, (u16*)out, *act, tl.row0, tl.rows, tl.n0, n, w);
-            else gg_epilogue<BN, OUT_F32, EPI, STAGES, STAGE_BYTES>(acc, out, 0, tl.row0, tl.rows, tl.n0, n, sh, ring, w, half);
+            if constexpr (ACT) {
+                gg_epilogue_act(acc, (u16*)out, sh.base + STAGES * STAGE_BYTES + c * (64 * GG_C_ROW), act_full0 + 8 * c, act_free0 + 8 * c, act_par,
+                                tl.row0, tl.rows, tl.n0, n, w);
+                act_par ^= 1;
+            } else gg_epilogue<BN, OUT_F32, EPI, STAGES, STAGE_BYTES>(acc, out, 0, tl.row0, tl.rows, tl.n0, n, sh, ring, w, half);
         }
         if constexpr (EPI != GG_EPI_REG) {
             if (w.warp == 0) bulk_wait_all();
@@ -907,7 +981,7 @@ extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_r
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_act(GG_ARGS, u16* act_out, const float* probs, int kind,
                                                                                    double alpha, double limit, double linear_offset) {
     const GgAct act{act_out, probs, act_opts(kind, alpha, limit, linear_offset, true)};
-    gg_body<256, false, false, 4, GG_EPI_REG, false, false, true>(GG_PASS, &act);
+    gg_body<256, false, false, 3, GG_EPI_STAGED, false, false, true>(GG_PASS, &act);
 }
 
 // dw [E, KO, N] = x^T dy per expert: map_a over x [M, KO], map_b over dy [M, N]; the launch's k is
