@@ -35,7 +35,8 @@
 # NCU=layer: the layer's only; NCU=detail: ncu's sections for the layer's kernels matching NCU_KERNELS;
 # NCU_SHAPE: the layer's shape (fine-grained; or mixtral), NCU_PATHS: "cublas grouped" or one of them;
 # NCU_METRICS: more metrics for NCU=detail, e.g. "regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio";
-# NCU=source: stall samples per SASS line of one grouped GEMM launch (NCU_KERNELS), the top 25 lines in the log)
+# NCU=source: stall samples per SASS line of one grouped GEMM launch (NCU_KERNELS; NCU_ARGS: more ggemm options, e.g.
+# "--act" with NCU_KERNELS=grouped_gemm_nn_n256_bf16_act for the fused first GEMM), the top 25 lines in the log)
 # (SOAK_SMALL / SOAK_LARGE set the soak's counts), SKIP_EP=1 (the expert-parallel launcher over
 # NCCL, one process per GPU: scripts/ep-launch.mjs). MOE_GPU_BUNDLE=DIR packs into / runs from
 # another folder than .gpu-bundle (a helper's own bundle beside the lead's; git-ignore it).
@@ -159,7 +160,7 @@ ncu_step() {
     # kernels), its lines by stall samples
     say "ncu: stall samples per SASS line of ${NCU_KERNELS:=grouped_gemm_nn_n256_bf16_bulk} (moe-cuda-bench ggemm, fine-grained)"
     timeout 300 "$ncu" --clock-control none --cache-control none -k "regex:$NCU_KERNELS" -c 1 --section SourceCounters --page source \
-      --print-source sass --csv "$BUNDLE/bin/moe-cuda-bench" ggemm --no-small --no-wgrad --tile "${NCU_TILE:-bulk}" --shapes fine-grained --iters 1 \
+      --print-source sass --csv "$BUNDLE/bin/moe-cuda-bench" ggemm --no-small --no-wgrad --tile "${NCU_TILE:-bulk}" --shapes fine-grained --iters 1 ${NCU_ARGS:-} \
       > "$raw/source.csv" 2> "$raw/source.err"
     echo "  exit code $?"
     python3 "$BUNDLE/bench/ncu-summary.py" "$raw/source.csv" --source

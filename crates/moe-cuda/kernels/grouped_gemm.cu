@@ -557,7 +557,12 @@ static __device__ __forceinline__ void gg_epilogue_act(const float* acc, u16* h,
 // `rows`), 64 column pairs a row (a lane takes columns 2 lane and 64 + 2 lane: a warp's stores
 // are 128 contiguous bytes), from the staged bf16 values; then act_free[c] (every thread
 // arrives after its reads). The probs of a warp's rows are loaded once a tile, a lane each.
-static __device__ __forceinline__ void gg_act_rows(const GgAct& act, u32 c_smem, int row0, int rows, int n0, int n, int aw, int lane) {
+// KIND: the activation as a constant (gg_act_rows's switch), so that act_unit's switch folds
+// and the loop is one kind's straight-line code.
+template <int KIND>
+static __device__ __forceinline__ void gg_act_rows_of(const GgAct& act, u32 c_smem, int row0, int rows, int n0, int n, int aw, int lane) {
+    ActOpts o = act.o;
+    o.kind = KIND;
     const int cols = min(128, n - n0);
     float p_lane = 1.0f;
     if (act.probs != nullptr && lane < 22 && aw + 3 * lane < rows) p_lane = __ldg(act.probs + row0 + aw + 3 * lane);
@@ -573,12 +578,26 @@ static __device__ __forceinline__ void gg_act_rows(const GgAct& act, u32 c_smem,
                 u32 g, u;
                 asm volatile("ld.shared.u32 %0, [%1];" : "=r"(g) : "r"(c_smem + r * GG_C_ROW + col * 2));
                 asm volatile("ld.shared.u32 %0, [%1];" : "=r"(u) : "r"(c_smem + r * GG_C_ROW + 256 + col * 2));
-                const float a0 = act_unit(act.o, BF16::to_f32((u16)(g & 0xffffu)), BF16::to_f32((u16)(u & 0xffffu)));
-                const float a1 = act_unit(act.o, BF16::to_f32((u16)(g >> 16)), BF16::to_f32((u16)(u >> 16)));
+                const float a0 = act_unit(o, BF16::to_f32((u16)(g & 0xffffu)), BF16::to_f32((u16)(u & 0xffffu)));
+                const float a1 = act_unit(o, BF16::to_f32((u16)(g >> 16)), BF16::to_f32((u16)(u >> 16)));
                 const u16 b0 = BF16::from_f32(act.probs ? a0 * p : a0), b1 = BF16::from_f32(act.probs ? a1 * p : a1);
                 *(u32*)(out + col) = (u32)b0 | ((u32)b1 << 16);
             }
         }
+    }
+}
+
+static __device__ __forceinline__ void gg_act_rows(const GgAct& act, u32 c_smem, int row0, int rows, int n0, int n, int aw, int lane) {
+    switch (act.o.kind) {
+        case ACT_SWIGLU:
+            gg_act_rows_of<ACT_SWIGLU>(act, c_smem, row0, rows, n0, n, aw, lane);
+            return;
+        case ACT_SWIGLU_OAI:
+            gg_act_rows_of<ACT_SWIGLU_OAI>(act, c_smem, row0, rows, n0, n, aw, lane);
+            return;
+        default:  // (launch_act takes the [gate | up] kinds only)
+            gg_act_rows_of<ACT_SWIGLU_CLAMPED>(act, c_smem, row0, rows, n0, n, aw, lane);
+            return;
     }
 }
 
