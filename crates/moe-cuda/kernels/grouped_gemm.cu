@@ -61,10 +61,10 @@ struct __align__(64) GgTensorMap {
 // plain kernel stores it, and a [m, inter] = act(gate, up) * probs[row] is stored at `a`, from
 // h's bf16 values with kernels/common.cuh's act_unit (the activation kernel's code: the same bits
 // as h through act_fwd_fast). `[gate | up]` halves only (swiglu, swiglu_oai, swiglu_clamped);
-// probs may be null (no weighting). The consumers stage h in shared memory as the bulk epilogue
-// does; the producer warpgroup's three idle warps (warps 1-3; warp 0 issues the loads) compute
-// a from the staged rows while the consumers go on with the next tile's k-steps (gg_act_warps),
-// so the activation's arithmetic is off the tensor cores' path.
+// probs may be null (no weighting). Each consumer warpgroup stages its h rows in shared memory as
+// the bulk epilogue does, and computes a from them during the next tile's k-steps, a column pair a
+// thread between issuing a k-step's wgmmas and waiting for the previous ones (gg_act_pair), so the
+// activation's arithmetic runs while the tensor cores work.
 struct GgAct {
     u16* a;
     const float* probs;
@@ -438,10 +438,16 @@ static __device__ __forceinline__ void gg_release_pending(const GgShared& sh, Gg
 
 // Consumer warpgroup w.c's k-steps of one tile: for each, waits for the ring's stage to be full
 // and calls `mma(kb, a_addr, b_addr)` (the warpgroup's A part: 64 rows, 8 KiB; B) to issue its
-// wgmmas; once the next k-step's group is issued, the previous stage goes back to the producer.
+// wgmmas, then `beside(kb)` (work of the warpgroup's own while they run: none by default);
+// once the next k-step's group is issued, the previous stage goes back to the producer.
 // On return every wgmma has completed and every stage is released (the pending one too).
-template <int STAGES, u32 A_BYTES, u32 STAGE_BYTES, class Mma>
-static __device__ __forceinline__ void gg_consume(const GgShared& sh, GgRing<STAGES>& ring, int num_kb, GgWarp& w, Mma mma) {
+struct GgNothing {
+    __device__ __forceinline__ void operator()(int) const {}
+};
+
+template <int STAGES, u32 A_BYTES, u32 STAGE_BYTES, class Mma, class Beside = GgNothing>
+static __device__ __forceinline__ void gg_consume(const GgShared& sh, GgRing<STAGES>& ring, int num_kb, GgWarp& w, Mma mma,
+                                                  Beside beside = GgNothing()) {
     int prev = -1;
     for (int kb = 0; kb < num_kb; kb++) {
         mbar_wait(sh.full0 + 8 * ring.stage, ring.phase);
@@ -450,6 +456,7 @@ static __device__ __forceinline__ void gg_consume(const GgShared& sh, GgRing<STA
         mma(kb, a_addr, b_addr);
         wgmma_commit();
         if (kb == 0) gg_release_pending(sh, w);
+        beside(kb);
         // the previous k-step's group is done: its stage goes back to the producer
         wgmma_wait<1>();
         gg_release(sh, prev, w.lane);
@@ -521,15 +528,11 @@ static __device__ __forceinline__ void gg_epilogue(const float* acc, void* out, 
 
 // The fused activation's epilogue of consumer warpgroup w.c (GgAct): its accumulators are the
 // gate columns n0 .. n0 + 127 and the up columns inter + n0 .. of its 64 rows (tile columns 0 ..
-// 127 and 128 .. 255), staged as bf16 in its buffer after the stages once the act warps have
-// read the buffer's previous tile (act_free[c]: parity `par ^ 1`, so the first tile does not
-// wait) and the previous copies have; then h's two halves of each row copied out (warp 0, bulk
-// copies) and the buffer handed to the act warps (act_full[c]: every thread arrives after its
-// own writes). `n` is inter.
-static __device__ __forceinline__ void gg_epilogue_act(const float* acc, u16* h, u32 c_smem, u32 act_full, u32 act_free, u32 par, int row0,
-                                                       int rows, int n0, int n, const GgWarp& w) {
+// 127 and 128 .. 255), staged as bf16 in its buffer after the stages once its previous copies
+// have read the buffer and every thread has done with the previous tile's rows there (the
+// barrier); then h's two halves of each row copied out (warp 0, bulk copies). `n` is inter.
+static __device__ __forceinline__ void gg_epilogue_act(const float* acc, u16* h, u32 c_smem, int row0, int rows, int n0, int n, const GgWarp& w) {
     if (w.warp == 0) bulk_wait_read();
-    mbar_wait(act_free, par ^ 1);
     bar_warpgroup(1 + w.c);
     gg_stage_write(acc, c_smem, w.warp, w.lane, false);
     fence_async_shared();
@@ -548,57 +551,38 @@ static __device__ __forceinline__ void gg_epilogue_act(const float* acc, u16* h,
         }
         bulk_commit();
     }
-    mbar_arrive(act_full);
 }
 
-// The act warps (the producer warpgroup's warps 1-3, `aw` = 0 .. 2): for each tile of the block
-// and each consumer warpgroup c, once act_full[c] says its staged rows are there (parity `par`),
-// a = act(gate, up) * probs[row] for the rows aw, aw + 3, ... of its 64 (those below the tile's
-// `rows`), 64 column pairs a row (a lane takes columns 2 lane and 64 + 2 lane: a warp's stores
-// are 128 contiguous bytes), from the staged bf16 values; then act_free[c] (every thread
-// arrives after its reads). The probs of a warp's rows are loaded once a tile, a lane each.
-// KIND: the activation as a constant (gg_act_rows's switch), so that act_unit's switch folds
-// and the loop is one kind's straight-line code.
-template <int KIND>
-static __device__ __forceinline__ void gg_act_rows_of(const GgAct& act, u32 c_smem, int row0, int rows, int n0, int n, int aw, int lane) {
-    ActOpts o = act.o;
-    o.kind = KIND;
-    const int cols = min(128, n - n0);
-    float p_lane = 1.0f;
-    if (act.probs != nullptr && lane < 22 && aw + 3 * lane < rows) p_lane = __ldg(act.probs + row0 + aw + 3 * lane);
-    for (int i = 0; i < 22; i++) {
-        const int r = aw + 3 * i;
-        if (r >= rows) break;
-        const float p = __shfl_sync(0xffffffffu, p_lane, i);
-        u16* out = act.a + (long long)(row0 + r) * n + n0;
-#pragma unroll
-        for (int hh = 0; hh < 2; hh++) {
-            const int col = 2 * lane + 64 * hh;
-            if (col < cols) {
-                u32 g, u;
-                asm volatile("ld.shared.u32 %0, [%1];" : "=r"(g) : "r"(c_smem + r * GG_C_ROW + col * 2));
-                asm volatile("ld.shared.u32 %0, [%1];" : "=r"(u) : "r"(c_smem + r * GG_C_ROW + 256 + col * 2));
-                const float a0 = act_unit(o, BF16::to_f32((u16)(g & 0xffffu)), BF16::to_f32((u16)(u & 0xffffu)));
-                const float a1 = act_unit(o, BF16::to_f32((u16)(g >> 16)), BF16::to_f32((u16)(u >> 16)));
-                const u16 b0 = BF16::from_f32(act.probs ? a0 * p : a0), b1 = BF16::from_f32(act.probs ? a1 * p : a1);
-                *(u32*)(out + col) = (u32)b0 | ((u32)b1 << 16);
-            }
-        }
-    }
-}
+// A consumer warpgroup's staged tile whose `a` is still to compute: its rows row0 .. row0 +
+// rows - 1 (rows <= 0: none), output columns n0 .. (gg_act_pair).
+struct GgActTile {
+    int row0, rows, n0;
+};
 
-static __device__ __forceinline__ void gg_act_rows(const GgAct& act, u32 c_smem, int row0, int rows, int n0, int n, int aw, int lane) {
-    switch (act.o.kind) {
-        case ACT_SWIGLU:
-            gg_act_rows_of<ACT_SWIGLU>(act, c_smem, row0, rows, n0, n, aw, lane);
-            return;
-        case ACT_SWIGLU_OAI:
-            gg_act_rows_of<ACT_SWIGLU_OAI>(act, c_smem, row0, rows, n0, n, aw, lane);
-            return;
-        default:  // (launch_act takes the [gate | up] kinds only)
-            gg_act_rows_of<ACT_SWIGLU_CLAMPED>(act, c_smem, row0, rows, n0, n, aw, lane);
-            return;
+// Item j (0 .. 31) of the activation of warpgroup-staged tile `t`: thread `tid` (0 .. 127) takes
+// column pair p = tid + 128 j, row p / 64, columns 2 (p % 64) and + 1 of the tile's 128, from the
+// staged bf16 gate (columns 0 .. 127 of the staged row) and up (128 .. 255) values; a = act(gate,
+// up) * probs[row] (act_unit, as the activation kernel) stored as a bf16 pair (a warp's 32 pairs are
+// one row's 128 contiguous bytes).
+static __device__ __forceinline__ void gg_act_pair(const GgAct& act, u32 c_smem, const GgActTile& t, int n, int j, int tid) {
+    const int p = tid + 128 * j, r = p >> 6, col = 2 * (p & 63);
+    if (r >= t.rows || col >= n - t.n0) return;
+    u32 g, u;
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(g) : "r"(c_smem + r * GG_C_ROW + col * 2));
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(u) : "r"(c_smem + r * GG_C_ROW + 256 + col * 2));
+    const long long row = (long long)(t.row0 + r);
+    const float a0 = act_unit(act.o, BF16::to_f32((u16)(g & 0xffffu)), BF16::to_f32((u16)(u & 0xffffu)));
+    const float a1 = act_unit(act.o, BF16::to_f32((u16)(g >> 16)), BF16::to_f32((u16)(u >> 16)));
+    u16 b0, b1;
+    if (act.probs != nullptr) {
+        const float pr = __ldg(act.probs + row);
+        b0 = BF16::from_f32(a0 * pr);
+        b1 = BF16::from_f32(a1 * pr);
+    } else {
+        b0 = BF16::from_f32(a0);
+        b1 = BF16::from_f32(a1);
     }
+    *(u32*)(act.a + row * n + t.n0 + col) = (u32)b0 | ((u32)b1 << 16);
 }
 
 // One k-step of a warpgroup's wgmmas: D[64 x N] (+)= A[64 x 64] B[64 x N], A K-major at a_addr
@@ -639,15 +623,14 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
     static_assert(!MC || (BN == 256 && !HALF), "the cluster kernels have 256-column tiles");
     static_assert(!ACT || (BN == 256 && !B_KMAJOR && !OUT_F32 && EPI == GG_EPI_STAGED && !HALF && !MC),
                   "the fused activation: x W1, 128 x 256 tiles, the staged epilogue");
+    static_assert(!ACT || GG_BM * BN / 2 / 2 == 32 * 256, "the fused activation: 32 column pairs a consumer thread a tile");
     // (ACT: a tile's 256 accumulator columns are 128 gate and 128 up columns; `n` is inter, the
     // output's columns, and tiles step over it 128 at a time)
     constexpr int TN = ACT ? BN / 2 : BN;
     GgShared sh = gg_shared_layout<STAGES, STAGE_BYTES, C_BYTES>();
     const u32 rank = MC ? cluster_rank() : 0;
     if constexpr (MC) sh.peer = rank ^ 1u;
-    // (ACT: act_full[2], act_free[2] after the stages' barriers)
-    const u32 act_full0 = sh.full0 + 16 * STAGES, act_free0 = act_full0 + 16;
-    int* tile_start = (int*)(sh.bars + 2 * STAGES + (ACT ? 4 : 0));
+    int* tile_start = (int*)(sh.bars + 2 * STAGES);
     int* row_start = tile_start + num_experts + 1;
     const int n_tiles = (n + TN - 1) / TN;
 
@@ -671,12 +654,6 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
     if (threadIdx.x == 0) {
         row_start[num_experts] = rows_carry;
         tile_start[num_experts] = tiles_carry;
-        if constexpr (ACT) {
-            for (int c = 0; c < 2; c++) {
-                mbar_init(act_full0 + 8 * c, 128);
-                mbar_init(act_free0 + 8 * c, 96);
-            }
-        }
         gg_init_barriers<STAGES>(sh, MC ? 16 : 8);
     }
     __syncthreads();
@@ -707,28 +684,8 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
     };
     const int wg = (int)threadIdx.x / 128;
     if (wg == 0) {
-        // the producer: one thread issues every TMA load (ACT: warps 1-3 are the act warps, with
-        // more registers for it: 56 here and 224 for the consumers, the same total)
-        if constexpr (ACT) asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n" ::: "memory");
-        else if constexpr (BN == 256) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-        if constexpr (ACT) {
-            if (threadIdx.x >= 32) {
-                const int aw = (int)threadIdx.x / 32 - 1, lane = (int)threadIdx.x % 32;
-                u32 par = 0;
-                for (int q = first; q < items; q += step) {
-                    bool paired;
-                    const GgTile tl = tile_of(q, &paired);
-#pragma unroll 1
-                    for (int c = 0; c < 2; c++) {
-                        mbar_wait(act_full0 + 8 * c, par);
-                        gg_act_rows(*act, sh.base + STAGES * STAGE_BYTES + c * (64 * GG_C_ROW), tl.row0 + 64 * c, min(64, tl.rows - 64 * c), tl.n0, n,
-                                    aw, lane);
-                        mbar_arrive(act_free0 + 8 * c);
-                    }
-                    par ^= 1;
-                }
-            }
-        }
+        // the producer: one thread issues every TMA load
+        if constexpr (BN == 256) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
         if (threadIdx.x == 0) {
             tma_prefetch(map_a);
             tma_prefetch(map_b);
@@ -773,8 +730,7 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
         }
     } else {
         // the consumers: warpgroup c multiplies rows 64c .. 64c + 63 of each tile
-        if constexpr (ACT) asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n" ::: "memory");
-        else if constexpr (BN == 256) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+        if constexpr (BN == 256) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
         const int c = wg - 1;
         const int tid = (int)threadIdx.x - 128 * wg;
         GgWarp w{c, tid >> 5, tid & 31};
@@ -782,7 +738,9 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
 #pragma unroll
         for (int i = 0; i < BN / 2; i++) acc[i] = 0.0f;
         GgRing<STAGES> ring;
-        u32 act_par = 0;
+        // (ACT: this warpgroup's staged tile whose `a` is computed during the next tile's k-steps)
+        const u32 c_smem = sh.base + STAGES * STAGE_BYTES + c * (64 * GG_C_ROW);
+        GgActTile pend{0, 0, 0};
         for (int q = first; q < items; q += step) {
             bool paired;
             const GgTile tl = tile_of(q, &paired);
@@ -794,15 +752,29 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
                 gg_consume<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w, [&](int kb, u32 a_addr, u32 b_addr) {
                     gg_mma_step<128, B_KMAJOR>(acc, kb, a_addr - c * (64 * 128), b_addr + c * 16384);
                 });
+            } else if constexpr (ACT) {
+                // (the previous tile's activation, a column pair a thread a k-step, while the wgmmas run)
+                gg_consume<STAGES, A_BYTES, STAGE_BYTES>(
+                    sh, ring, num_kb, w, [&](int kb, u32 a_addr, u32 b_addr) { gg_mma_step<BN, B_KMAJOR>(acc, kb, a_addr, b_addr); },
+                    [&](int kb) {
+                        if (kb < 32) gg_act_pair(*act, c_smem, pend, n, kb, tid);
+                    });
             } else {
                 gg_consume<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w,
                                                          [&](int kb, u32 a_addr, u32 b_addr) { gg_mma_step<BN, B_KMAJOR>(acc, kb, a_addr, b_addr); });
             }
             if constexpr (ACT) {
-                gg_epilogue_act(acc, (u16*)out, sh.base + STAGES * STAGE_BYTES + c * (64 * GG_C_ROW), act_full0 + 8 * c, act_free0 + 8 * c, act_par,
-                                tl.row0, tl.rows, tl.n0, n, w);
-                act_par ^= 1;
-            } else gg_epilogue<BN, OUT_F32, EPI, STAGES, STAGE_BYTES>(acc, out, 0, tl.row0, tl.rows, tl.n0, n, sh, ring, w, half);
+                // (what the k-steps left of the previous tile's activation, before its rows are overwritten)
+                for (int j = num_kb; j < 32; j++) gg_act_pair(*act, c_smem, pend, n, j, tid);
+                gg_epilogue_act(acc, (u16*)out, c_smem, tl.row0, tl.rows, tl.n0, n, w);
+                pend = GgActTile{tl.row0 + 64 * c, min(64, tl.rows - 64 * c), tl.n0};
+            } else {
+                gg_epilogue<BN, OUT_F32, EPI, STAGES, STAGE_BYTES>(acc, out, 0, tl.row0, tl.rows, tl.n0, n, sh, ring, w, half);
+            }
+        }
+        // (ACT: the last tile's activation)
+        if constexpr (ACT) {
+            for (int j = 0; j < 32; j++) gg_act_pair(*act, c_smem, pend, n, j, tid);
         }
         if constexpr (EPI != GG_EPI_REG) {
             if (w.warp == 0) bulk_wait_all();

@@ -238,9 +238,6 @@ pub fn experts_tile() -> TileN {
     })
 }
 
-/// The fused activation's kernel: its act_full[2] and act_free[2] barriers after the stages'.
-const ACT_BARRIER_BYTES: usize = 4 * 8;
-
 /// Bytes of dynamic shared memory of a launch (kernels/grouped_gemm.cu's layout: alignment
 /// slack, the stages, the barriers, the per-expert tile and row offsets).
 pub fn shared_bytes(tile: TileN, experts: usize) -> usize {
@@ -377,8 +374,8 @@ pub fn fuses_activation(kind: moe_core::activations::ActivationKind) -> bool {
 /// none), with the same bits as [`launch`] followed by the activation kernel in
 /// [`crate::activations::ExpMath::Fast`]. The kinds of [`fuses_activation`] only; `k` and
 /// `inter` multiples of 8. Queued on the device's stream. The consumers stage h in shared memory
-/// and copy it out as the bulk kernel does; three warps of the producer warpgroup compute `a`
-/// from the staged rows while the next tile's k-steps run.
+/// and copy it out as the bulk kernel does, and compute a tile's `a` from its staged rows while
+/// the next tile's wgmmas run.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_act(
     dev: &Device,
@@ -410,7 +407,7 @@ pub fn launch_act(
         return Err(Error::Cuda("grouped GEMM with the activation: probs must be 4-byte aligned".into()));
     }
     let sizes = checked_sizes("grouped GEMM with the activation", "k", x | w | h | a, experts, m, inter, k)?;
-    // (the bulk kernel's stages and staging buffer, and two barrier pairs more: ACT_BARRIER_BYTES)
+    // (the bulk kernel's stages and staging buffer)
     let tile = TileN::N256Bulk;
     let name = "grouped_gemm_nn_n256_bf16_act";
     // (tiles of 128 output columns: 128 gate and 128 up columns of h)
@@ -531,7 +528,7 @@ fn run_kernel(
     let kernels = kernels(dev)?;
     let f = kernels.functions.get(name).ok_or_else(|| Error::Cuda(format!("kernel {name} is not in kernels/grouped_gemm.cu")))?;
     let experts = sizes.experts as usize;
-    let smem = shared_bytes(tile, experts) + if act.is_some() { ACT_BARRIER_BYTES } else { 0 };
+    let smem = shared_bytes(tile, experts);
     let limit = f
         .get_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)
         .map_err(|e| Error::driver("reading the shared memory limit", e))? as usize;
