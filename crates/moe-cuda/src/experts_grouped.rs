@@ -139,8 +139,8 @@ fn wgrad(
 
 /// Whether the first GEMM takes the activation into its epilogue (`MOE_DISPATCH_GG_FUSE=act`,
 /// read once; for `[gate | up]` kinds: [`grouped_gemm::launch_act`]). Off by default: measured
-/// level with the GEMM + activation kernel, not faster (0.89-0.99x on the H100 and H200,
-/// docs/gpu-report.md "Nineteenth session").
+/// no faster than the GEMM + activation kernel (0.86-0.99x on the H100 and H200 over three
+/// designs, docs/gpu-report.md "Nineteenth session").
 pub fn fused_activation_selected() -> bool {
     static SELECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *SELECTED.get_or_init(|| std::env::var("MOE_DISPATCH_GG_FUSE").is_ok_and(|v| v == "act"))
