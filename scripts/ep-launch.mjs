@@ -10,13 +10,19 @@
  *
  *   node scripts/ep-launch.mjs [--ranks N] [--tokens T] [--hidden H] [--inter I] [--experts E]
  *        [--topk k] [--dtype bfloat16|float32] [--rendezvous file|tcp] [--timeout-ms MS]
- *        [--repeat R] [--seed S] [--out FILE] [--dist DIR] [--stand-in cpu]
+ *        [--repeat R] [--seed S] [--out FILE] [--dist DIR] [--stand-in cpu] [--device] [--bench ITERS]
  *
  * N defaults to the GPUs nvidia-smi lists (1 if it cannot say). T is tokens per rank. With one
  * rank the result must equal the single-GPU layer bit for bit; with more, within the rounding of
  * one merge (ts/ep.ts: each rank's partial sum is rounded to the dtype once). Every repeat must
  * give the same bits (determinism). The dispatch/combine times are wall-clock, host tensors in
- * and out (upload, NCCL, download): not the bandwidth benchmark, which needs device buffers.
+ * and out (upload, NCCL, download), unless `--device`: the tokens, routing and weights are then
+ * device tensors and the rows move GPU to GPU (the group's allToAllVDevice). `--bench ITERS`
+ * (implies --device) then times dispatch and combine alone, ITERS calls each after a warm-up, each
+ * to a synchronize, against NCCL's own all-to-all of the same rows (allToAllVDevice with the same
+ * counts), and reports each rank's bandwidth (bytes of the rows it sends a second) and the
+ * ratio `ratioToNcclAllToAll` (NCCL's time over ours). Issue 20's shape: --tokens 8192 --hidden
+ * 7168 --experts 256 --topk 8.
  * `--stand-in cpu` (with --ranks 1) runs the same steps on the cpu backend with an in-process group
  * instead of CUDA and NCCL: a check of this script on a machine with no GPU.
  */
@@ -134,6 +140,7 @@ async function launch() {
     equivalent: results.every((r) => !r.error && r.equivalent),
     bitIdentical: results.every((r) => !r.error && r.bitIdentical),
     deterministic: results.every((r) => !r.error && r.deterministic),
+    bench: results.some((r) => r.bench) ? results.map((r) => ({ rank: r.rank, ...r.bench })) : undefined,
     wallMs: Math.round(performance.now() - started),
     results,
   };
@@ -169,12 +176,15 @@ async function worker() {
     const dtype = arg('dtype', 'bfloat16');
     if (dtype !== 'bfloat16' && dtype !== 'float32') throw new RangeError(`--dtype: bfloat16 or float32, got ${dtype}`);
     const repeat = Math.max(1, num('repeat', 2));
+    const benchIters = num('bench', 0);
+    const onDevice = benchIters > 0 || args.includes('--device');
     const seed = num('seed', 20);
-    result.shapes = { tokensPerRank: T, hidden: H, inter: I, experts: E, topk: k, dtype, activation: 'swiglu' };
+    result.shapes = { tokensPerRank: T, hidden: H, inter: I, experts: E, topk: k, dtype, activation: 'swiglu', tensors: onDevice ? 'device' : 'host' };
     result.nccl = lib.ncclInfo();
     // --stand-in cpu: the cpu backend and an in-process group of one (checks this script where there is no GPU; ranks 1 only)
     const standIn = arg('stand-in');
     if (standIn && (standIn !== 'cpu' || size !== 1)) throw new RangeError('--stand-in: only cpu, with --ranks 1');
+    if (standIn && onDevice) throw new RangeError('--device / --bench: device tensors need the cuda backend (no --stand-in)');
     const moe = await lib.createBackend({ prefer: standIn ?? 'cuda' });
     if (moe.name !== (standIn ?? 'cuda')) throw new Error(`no cuda backend in this process (got ${moe.name}): ${(await lib.backendInfo()).find((i) => i.name === 'cuda')?.reason}`);
 
@@ -189,8 +199,15 @@ async function worker() {
       gateAndUpProjs: rowsOf(weights.gateAndUpProjs, range.start, range.end),
       downProjs: rowsOf(weights.downProjs, range.start, range.end),
     };
-    const x = rowsOf(all.tokens, rank * T, (rank + 1) * T);
-    const routing = { indices: rowsOf(all.indices, rank * T, (rank + 1) * T), weights: rowsOf(all.weights, rank * T, (rank + 1) * T) };
+    const hostX = rowsOf(all.tokens, rank * T, (rank + 1) * T);
+    const hostRouting = { indices: rowsOf(all.indices, rank * T, (rank + 1) * T), weights: rowsOf(all.weights, rank * T, (rank + 1) * T) };
+    // --device: everything this rank gives dispatch and its experts on the GPU
+    const up = (t) => (onDevice ? moe.upload(t) : t);
+    const x = up(hostX);
+    const routing = { indices: up(hostRouting.indices), weights: up(hostRouting.weights) };
+    const localW = { gateAndUpProjs: up(local.gateAndUpProjs), downProjs: up(local.downProjs) };
+    const sync = () => onDevice && moe.synchronize();
+    const toHost = (t) => (onDevice ? t.download() : t);
 
     // The single-GPU layer over every token (this rank's GPU), then this rank's rows of it.
     const mh = moe.indicesToMultihot(all.indices, all.weights, E);
@@ -203,16 +220,22 @@ async function worker() {
     result.joinMs = Math.round(performance.now() - t0);
     const outputs = [];
     const times = [];
+    let last;
     for (let i = 0; i < repeat; i++) {
+      sync();
       const a = performance.now();
       const d = await lib.dispatch(group, moe, x, routing, { numExperts: E });
+      sync();
       const b = performance.now();
-      const y = moe.expertsForward(d.permutedTokens, d.tokensPerExpert, local, { activation: 'swiglu', permutedProbs: d.permutedProbs });
+      const y = moe.expertsForward(d.permutedTokens, d.tokensPerExpert, localW, { activation: 'swiglu', permutedProbs: d.permutedProbs });
+      sync();
       const c = performance.now();
-      outputs.push(await lib.combine(group, moe, y, d.handle, { weighted: false }));
+      outputs.push(toHost(await lib.combine(group, moe, y, d.handle, { weighted: false })));
       const e = performance.now();
       times.push({ dispatchMs: b - a, expertsMs: c - b, combineMs: e - c, sentTokens: d.handle.sendCounts, receivedTokens: d.handle.recvCounts });
+      last = { d, y };
     }
+    if (benchIters > 0) result.bench = await bench(lib, moe, group, x, routing, E, last, benchIters, sync);
     await group.destroy();
     const out = outputs[0];
     result.deterministic = outputs.every((o) => bitsEqual(o, out));
@@ -240,6 +263,56 @@ async function worker() {
   }
   console.log(`${PREFIX}${JSON.stringify(result)}`);
   process.exit(0);
+}
+
+/**
+ * `--bench`: dispatch and combine alone (device tensors), and NCCL's all-to-all of the same rows
+ * (dispatch's counts out and back; combine's the other way), `iters` calls each after 2 warm-up
+ * calls, each call to a synchronize; medians.
+ */
+async function bench(lib, moe, group, x, routing, E, last, iters, sync) {
+  const { d, y } = last;
+  const h = d.handle;
+  const rowBytes = h.hidden * (h.dtype === 'float32' ? 4 : 2);
+  const sent = h.sendCounts.reduce((a, b) => a + b, 0);
+  const received = h.recvCounts.reduce((a, b) => a + b, 0);
+  const median = (v) => [...v].sort((a, b) => a - b)[Math.floor(v.length / 2)];
+  const time = async (f) => {
+    const ms = [];
+    for (let i = 0; i < iters + 2; i++) {
+      sync();
+      const a = performance.now();
+      const r = await f();
+      sync();
+      if (i >= 2) ms.push(performance.now() - a);
+      for (const t of Array.isArray(r) ? r : [r]) if (lib.isDeviceTensor(t)) t.dispose();
+    }
+    return median(ms);
+  };
+  const dispatchMs = await time(async () => {
+    const r = await lib.dispatch(group, moe, x, routing, { numExperts: E });
+    return [r.permutedTokens, r.permutedProbs, r.tokensPerExpert];
+  });
+  const combineMs = await time(() => lib.combine(group, moe, y, h, { weighted: false }));
+  // the same rows through NCCL alone: a tensor of what dispatch sends, exchanged with its counts, and back
+  const rowsOut = moe.upload(lib.uniformTensor(h.dtype, [sent, h.hidden], 5, 1));
+  const rowsBack = moe.upload(lib.uniformTensor(h.dtype, [received, h.hidden], 6, 1));
+  const ncclDispatchMs = await time(() => group.allToAllVDevice(rowsOut, h.sendCounts, h.recvCounts, 'bench'));
+  const ncclCombineMs = await time(() => group.allToAllVDevice(rowsBack, h.recvCounts, h.sendCounts, 'bench'));
+  rowsOut.dispose();
+  rowsBack.dispose();
+  const gbps = (rows, ms) => (rows * rowBytes) / (ms * 1e6);
+  return {
+    iters,
+    rowBytes,
+    sentRows: sent,
+    receivedRows: received,
+    dispatchMs,
+    combineMs,
+    ncclAllToAllMs: { dispatch: ncclDispatchMs, combine: ncclCombineMs },
+    gbPerSecond: { dispatch: gbps(sent, dispatchMs), combine: gbps(received, combineMs), ncclDispatch: gbps(sent, ncclDispatchMs), ncclCombine: gbps(received, ncclCombineMs) },
+    ratioToNcclAllToAll: { dispatch: ncclDispatchMs / dispatchMs, combine: ncclCombineMs / combineMs },
+  };
 }
 
 function bf16(bits) {

@@ -38,7 +38,8 @@
 # NCU=source: stall samples per SASS line of one grouped GEMM launch (NCU_KERNELS; NCU_ARGS: more ggemm options, e.g.
 # "--act" with NCU_KERNELS=grouped_gemm_nn_n256_bf16_act for the fused first GEMM), the top 25 lines in the log)
 # (SOAK_SMALL / SOAK_LARGE set the soak's counts), SKIP_EP=1 (the expert-parallel launcher over
-# NCCL, one process per GPU: scripts/ep-launch.mjs). MOE_GPU_BUNDLE=DIR packs into / runs from
+# NCCL, one process per GPU: scripts/ep-launch.mjs; EP_BENCH=ITERS adds its bandwidth benchmark on device tensors at
+# issue 20's shape into ep-bench.json). MOE_GPU_BUNDLE=DIR packs into / runs from
 # another folder than .gpu-bundle (a helper's own bundle beside the lead's; git-ignore it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -293,6 +294,13 @@ remote() {
     say "expert parallelism over NCCL: one process per GPU, dispatch -> experts -> combine against the single-GPU layer"
     timeout 300 "$node" "$BUNDLE/scripts/ep-launch.mjs" --out "$OUT/ep-launch.json" > /dev/null; echo "  exit code $?"
     grep -E '"(ranks|equivalent|bitIdentical|deterministic|wallMs)"' "$OUT/ep-launch.json" 2>/dev/null | head -5
+    if [[ -n "${EP_BENCH:-}" ]]; then
+      # EP_BENCH=ITERS: device tensors at issue 20's shape, dispatch / combine against NCCL's all-to-all of the same rows
+      say "expert parallelism: the bandwidth benchmark (device tensors, T=8192 a rank, H=7168, E=256, k=8, bf16)"
+      timeout 400 "$node" "$BUNDLE/scripts/ep-launch.mjs" --bench "$EP_BENCH" --tokens 8192 --hidden 7168 --experts 256 --topk 8 --inter 64 \
+        --repeat 2 --out "$OUT/ep-bench.json" > /dev/null; echo "  exit code $?"
+      python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(json.dumps({k: d.get(k) for k in ('ranks','equivalent','bitIdentical','deterministic')})); [print(json.dumps(b)) for b in d.get('bench') or []]; [print(r.get('error')) for r in d['results'] if r.get('error')]" "$OUT/ep-bench.json" 2>&1 | head -12
+    fi
   fi
   if [[ -z "${SKIP_SOAK:-}" ]]; then
     say "soak: device memory, 100k small + 1k large ops on device tensors"

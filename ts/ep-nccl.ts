@@ -22,10 +22,11 @@
  */
 import { hostname } from 'node:os';
 
-import { rethrowNative } from './device.js';
+import { type DeviceTensor, isDeviceTensor, type NativeCudaTensor, nativeHandle, rethrowNative, wrapDevice } from './device.js';
 import { ExpertParallelTimeoutError, type ExpertParallelGroup } from './ep.js';
 import { loadNative } from './backends/native.js';
 import { parseRendezvous, rankList, rendezvous, type RendezvousAddress } from './rendezvous.js';
+import type { TokenDType } from './tensor.js';
 
 export interface ExpertParallelGroupOptions {
   /** This process's rank, `0 <= rank < size`. */
@@ -69,6 +70,7 @@ interface NativeComm {
   waitReady(timeoutMs: number): Promise<void>;
   allGather(values: Int32Array, timeoutMs: number): Promise<Int32Array>;
   allToAllV(send: Uint8Array, sendBytes: number[], recvBytes: number[], timeoutMs: number): Promise<Uint8Array>;
+  allToAllVDevice(send: NativeCudaTensor, sendRows: number[], recvRows: number[], timeoutMs: number): Promise<NativeCudaTensor>;
   destroy(timeoutMs: number): Promise<void>;
   abort(): void;
 }
@@ -353,6 +355,33 @@ class NcclGroup implements NcclExpertParallelGroup {
           o += b;
           return part;
         });
+      }).then(resolve, reject);
+    });
+  }
+
+  allToAllVDevice<D extends TokenDType>(send: DeviceTensor<D>, sendRows: readonly number[], recvRows: readonly number[], label?: string): Promise<DeviceTensor<D>> {
+    return new Promise<DeviceTensor<D>>((resolve, reject) => {
+      const l = labelArg(label, 'allToAllVDevice');
+      const n = this.size;
+      const op = at(l, 'allToAllVDevice');
+      if (!isDeviceTensor(send)) throw new TypeError(`${op}: send: expected a device tensor [rows, hidden] (a cuda backend's), got ${describe(send)}`);
+      if (send.disposed) throw new TypeError(`${op}: send: expected a device tensor that is not disposed, got one whose dispose() was called`);
+      for (const [name, rows] of [
+        ['sendRows', sendRows],
+        ['recvRows', recvRows],
+      ] as const) {
+        if (!Array.isArray(rows)) throw new TypeError(`${op}: ${name}: expected an array of ${n} row counts, got ${describe(rows)}`);
+        if (rows.length !== n) throw new RangeError(`${op}: ${name}: expected one count per rank (${n}), got ${rows.length}`);
+        rows.forEach((r, j) => {
+          integer(r, `${op}: ${name}[${j}]`, 0);
+        });
+      }
+      const handle = nativeHandle(send);
+      const [sent, want] = [[...sendRows], [...recvRows]];
+      this.#run(l, 'allToAllVDevice', async () => {
+        // (send stays referenced here until NCCL has read it)
+        const got = await this.#comm.allToAllVDevice(handle, sent, want, this.#timeoutMs);
+        return wrapDevice<D>(got);
       }).then(resolve, reject);
     });
   }

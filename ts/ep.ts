@@ -43,6 +43,7 @@
 import type { Backend } from './backend.js';
 import type { TopKRouting } from './dispatcher.js';
 import type { ExpertRange } from './ops/layout.js';
+import { type AnyTensor, type DeviceTensor, isDeviceTensor } from './device.js';
 import { checkTensor, type IndexDType, type Tensor, type TokenDType } from './tensor.js';
 import { checkBool, checkOptions, TOKENS } from './wire.js';
 
@@ -68,6 +69,15 @@ export interface ExpertParallelGroup {
    * `s` sent here.
    */
   allToAllV(send: readonly Uint8Array[], recvBytes: readonly number[], label?: string): Promise<Uint8Array[]>;
+  /**
+   * Optional (the NCCL group has it): all-to-all-v of device rows, GPU to GPU. `send` is a
+   * `[rows, hidden]` device tensor whose first `sendRows[0]` rows go to rank 0, the next
+   * `sendRows[1]` to rank 1, ...; resolves to a new `[sum recvRows, hidden]` device tensor of
+   * what ranks 0, 1, ... sent here. `send` must stay undisposed until it settles. With it,
+   * dispatch, combine and their backward passes take the cuda backend's device tensors and
+   * move their rows without host copies.
+   */
+  allToAllVDevice?<D extends TokenDType>(send: DeviceTensor<D>, sendRows: readonly number[], recvRows: readonly number[], label?: string): Promise<DeviceTensor<D>>;
 }
 
 /** A collective that did not complete because ranks never joined it; the group is aborted. */
@@ -351,6 +361,26 @@ export interface DispatchResult<D extends TokenDType = TokenDType> {
   handle: DispatchHandle;
 }
 
+/** dispatch's result on device tokens (a group with `allToAllVDevice`, the cuda backend): device tensors. */
+export interface DeviceDispatchResult<D extends TokenDType = TokenDType> {
+  permutedTokens: DeviceTensor<D>;
+  permutedProbs: DeviceTensor<'float32'>;
+  tokensPerExpert: DeviceTensor<'int32'>;
+  handle: DispatchHandle;
+}
+
+/** combineBackward's result on device tensors. */
+export interface DeviceCombineGrads<D extends TokenDType = TokenDType> {
+  gradExpertOutputs: DeviceTensor<D>;
+  gradPermutedProbs?: DeviceTensor<'float32'>;
+}
+
+/** dispatchBackward's result on device tensors: the token gradients on the device, the weights' (small) on the host. */
+export interface DeviceDispatchGrads<D extends TokenDType = TokenDType> {
+  gradTokens: DeviceTensor<D>;
+  gradWeights: Tensor<'float32'>;
+}
+
 export interface CombineGrads<D extends TokenDType = TokenDType> {
   /** `[numSlots, hidden]`: the gradient of combine's `expertOutputs`. */
   gradExpertOutputs: Tensor<D>;
@@ -376,23 +406,27 @@ interface State {
   readonly owner: Int32Array;
   /** `[numTokens, size]`: which ranks each token went to, and the send permutation's slots (tokens grouped by rank). */
   readonly sendMap: Tensor<'bool'>;
-  readonly sendSorted: Tensor<'int32'>;
+  readonly sendSorted: AnyTensor<'int32'>;
+  /** sendSorted's values on the host. */
+  readonly sendSortedHost: ArrayLike<number>;
+  /** Whether the rows move as device tensors (allToAllVDevice): every tensor argument is then a device tensor. */
+  readonly device: boolean;
   /** `[numTokens * k]`: the global expert of each pick (-1 masked). */
   readonly picks: Int32Array;
   /** `[numReceived * k]`: the local expert of each received token's picks (-1: not here). */
   readonly recvPicks: Int32Array;
   readonly numReceived: number;
   readonly recvMap: Tensor<'bool'>;
-  readonly recvSorted: Tensor<'int32'>;
-  readonly permutedProbs: Tensor<'float32'>;
-  combined?: { expertOutputs: Tensor<TokenDType>; weighted: boolean };
+  readonly recvSorted: AnyTensor<'int32'>;
+  readonly permutedProbs: AnyTensor<'float32'>;
+  combined?: { expertOutputs: AnyTensor<TokenDType>; weighted: boolean };
 }
 
 const STATES = new WeakMap<DispatchHandle, State>();
 const DTYPE_CODE: Record<TokenDType, number> = { float32: 0, bfloat16: 1, float16: 2 };
 const ELEMENT_BYTES: Record<TokenDType, number> = { float32: 4, bfloat16: 2, float16: 2 };
-/** The all-gathered header before the counts: numExperts, k, hidden, dtype. */
-const HEADER = ['numExperts', 'topk (routing.indices.shape[1])', 'hidden (tokens.shape[1])', 'tokens.dtype'] as const;
+/** The all-gathered header before the counts: numExperts, k, hidden, dtype, where the tokens live (0 host, 1 device). */
+const HEADER = ['numExperts', 'topk (routing.indices.shape[1])', 'hidden (tokens.shape[1])', 'tokens.dtype', 'where the tokens live (0: host, 1: device)'] as const;
 
 /** Runs argument checks, prefixing their TypeError/RangeError with the op. */
 export function checked<T>(op: string, f: () => T): T {
@@ -431,14 +465,37 @@ function stateOf(group: ExpertParallelGroup, handle: unknown): State {
   return s;
 }
 
-/** A `[rows, hidden]` tensor of the handle's dtype. */
-function checkRows<D extends TokenDType>(value: unknown, arg: string, dtype: TokenDType, rows: number, hidden: number, what: string): Tensor<D> {
-  const t = checkTensor(value, arg, TOKENS);
+/** A `[rows, hidden]` tensor of the handle's dtype, on the device exactly when the dispatch's tokens were (`device`). */
+function checkRows<D extends TokenDType>(value: unknown, arg: string, dtype: TokenDType, rows: number, hidden: number, what: string, device = false): Tensor<D> {
+  if (device !== isDeviceTensor(value)) {
+    throw new TypeError(
+      device
+        ? `${arg}: expected a device tensor (dispatch's tokens were on the device), got ${isTensorLike(value) ? 'a host tensor' : describe(value)}`
+        : `${arg}: expected a host tensor (dispatch's tokens were on the host), got a device tensor`,
+    );
+  }
+  const t: { dtype: string; shape: readonly number[] } = device ? deviceMeta(value as DeviceTensor, arg) : checkTensor(value, arg, TOKENS);
   if (t.dtype !== dtype) throw new TypeError(`${arg}.dtype: expected ${dtype} (the dtype of the dispatched tokens), got ${t.dtype}`);
   if (t.shape.length !== 2 || t.shape[0] !== rows || t.shape[1] !== hidden) {
     throw new RangeError(`${arg}.shape: expected [${rows}, ${hidden}] (${what}), got [${t.shape.join(', ')}]`);
   }
-  return t as Tensor<D>;
+  return (device ? value : t) as Tensor<D>;
+}
+
+function isTensorLike(value: unknown): boolean {
+  return typeof value === 'object' && value !== null && 'data' in value && 'shape' in value;
+}
+
+/** A device tensor's dtype and shape (a disposed one is a TypeError naming `arg`). */
+function deviceMeta(t: DeviceTensor, arg: string): { dtype: TokenDType; shape: readonly number[] } {
+  if (t.disposed) throw new TypeError(`${arg}: expected a device tensor that is not disposed, got one whose dispose() was called`);
+  if (!(TOKENS as readonly string[]).includes(t.dtype)) throw new TypeError(`${arg}.dtype: expected one of ${TOKENS.join(', ')}, got ${t.dtype}`);
+  return { dtype: t.dtype as TokenDType, shape: t.shape };
+}
+
+/** A host tensor, downloading a device one (the routing's picks and weights, the probs' gradient: small). */
+function onHost<T>(value: T): T {
+  return (isDeviceTensor(value) ? value.download() : value) as T;
 }
 
 function bytesOf(data: ArrayBufferView): Uint8Array {
@@ -512,25 +569,110 @@ function picksOf(indices: Tensor<IndexDType>, numExperts: number): Int32Array {
 }
 
 /**
+ * Sends `rows [sum sendCounts, hidden]` to the ranks (its first `sendCounts[0]` rows to rank 0,
+ * the next `sendCounts[1]` to rank 1, ...), each rank's rows followed by that rank's `extraSend`
+ * parts (host bytes, `extras[i]` bytes a row); returns the rows received (rank order) and each
+ * extra part, concatenated over the ranks. Host rows travel in one message per rank with their
+ * extras; device rows (a device tensor) through the group's `allToAllVDevice`, GPU to GPU, and
+ * their extras, if any, in a host exchange of their own.
+ */
+async function exchangeRows<D extends TokenDType>(
+  g: ExpertParallelGroup,
+  rows: AnyTensor<D>,
+  dtype: D,
+  hidden: number,
+  sendCounts: readonly number[],
+  recvCounts: readonly number[],
+  extras: readonly number[],
+  extraSend: readonly (readonly Uint8Array[])[],
+  label: string,
+): Promise<{ rows: AnyTensor<D>; extras: Uint8Array[] }> {
+  const rowBytes = hidden * ELEMENT_BYTES[dtype];
+  const extraRow = extras.reduce((a, b) => a + b, 0);
+  const received = recvCounts.reduce((a, c) => a + c, 0);
+  const withExtras = (j: number, n: number, head: Uint8Array | undefined, headBytes: number): Uint8Array => {
+    const msg = new Uint8Array(n * (headBytes + extraRow));
+    if (head) msg.set(head);
+    let at = n * headBytes;
+    for (const part of extraSend[j] ?? []) {
+      msg.set(part, at);
+      at += part.byteLength;
+    }
+    return msg;
+  };
+  if (isDeviceTensor(rows)) {
+    const got = await g.allToAllVDevice!(rows, sendCounts, recvCounts, label);
+    if (!isDeviceTensor(got) || got.dtype !== dtype || got.shape.length !== 2 || got.shape[0] !== received || got.shape[1] !== hidden) {
+      throw new Error(
+        `${label}: the group's allToAllVDevice returned ${isDeviceTensor(got) ? `a ${got.dtype} [${got.shape.join(', ')}] tensor` : describe(got)} instead of ${dtype} [${received}, ${hidden}]`,
+      );
+    }
+    if (extras.length === 0) return { rows: got, extras: [] };
+    const send = sendCounts.map((n, j) => withExtras(j, n, undefined, 0));
+    const recv = await exchange(
+      g,
+      send,
+      recvCounts.map((n) => n * extraRow),
+      label,
+    );
+    return { rows: got, extras: gatherParts(recv, recvCounts, 0, extras).extras };
+  }
+  const bytes = bytesOf((rows as Tensor<D>).data);
+  const parts = splitRows(bytes, sendCounts, rowBytes);
+  const send = extras.length === 0 ? parts : sendCounts.map((n, j) => withExtras(j, n, parts[j], rowBytes));
+  const recv = await exchange(
+    g,
+    send,
+    recvCounts.map((n) => n * (rowBytes + extraRow)),
+    label,
+  );
+  const got = gatherParts(recv, recvCounts, rowBytes, extras);
+  return { rows: tokensOf(dtype, received, hidden, got.rows), extras: got.extras };
+}
+
+/**
  * Sends this rank's `tokens [T, H]` to the ranks holding their experts and returns what this
  * rank received, grouped by its local experts. `routing` is the top-k picks (TokenDispatcher's
  * `{ indices, weights }`): `indices [T, k]` int32/int64 global expert ids (-1 = masked: not
  * dispatched), `weights [T, k]` float32. Every rank of the group must call it (concurrently, with
  * the same numExperts, k, hidden and dtype); a token whose experts live on several ranks goes to
  * each of them once, and a token with no pick goes nowhere.
+ *
+ * Device tokens (the cuda backend's, with a group that has `allToAllVDevice`: the NCCL group) stay
+ * on the GPU: the rows are permuted, exchanged and permuted again there, and the results are
+ * device tensors; only the picks and weights (read back if they are device tensors) and the
+ * counts go through the host. Every rank must then pass device tokens.
  */
-export async function dispatch<D extends TokenDType>(group: ExpertParallelGroup, backend: Backend, tokens: Tensor<D>, routing: TopKRouting, options: DispatchOptions): Promise<DispatchResult<D>> {
+export async function dispatch<D extends TokenDType>(
+  group: ExpertParallelGroup,
+  backend: Backend,
+  tokens: DeviceTensor<D>,
+  routing: TopKRouting | { indices: AnyTensor<IndexDType>; weights: AnyTensor<'float32'> },
+  options: DispatchOptions,
+): Promise<DeviceDispatchResult<D>>;
+export async function dispatch<D extends TokenDType>(group: ExpertParallelGroup, backend: Backend, tokens: Tensor<D>, routing: TopKRouting, options: DispatchOptions): Promise<DispatchResult<D>>;
+export async function dispatch<D extends TokenDType>(
+  group: ExpertParallelGroup,
+  backend: Backend,
+  tokens: AnyTensor<D>,
+  routing: TopKRouting | { indices: AnyTensor<IndexDType>; weights: AnyTensor<'float32'> },
+  options: DispatchOptions,
+): Promise<DispatchResult<D> | DeviceDispatchResult<D>> {
   const op = 'dispatch';
   const a = checked(op, () => {
     const g = checkGroup(group);
     const moe = checkBackend(backend);
-    const x = checkTensor(tokens, 'tokens', TOKENS) as Tensor<D>;
+    const device = isDeviceTensor(tokens);
+    if (device && typeof g.allToAllVDevice !== 'function') {
+      throw new TypeError('tokens: a device tensor needs a group that moves device memory (createExpertParallelGroup, over NCCL); this group moves host bytes: pass host tensors (download())');
+    }
+    const x = device ? deviceMeta(tokens as DeviceTensor, 'tokens') : checkTensor(tokens, 'tokens', TOKENS);
     if (x.shape.length !== 2) throw new RangeError(`tokens.shape: expected [numTokens, hidden], got [${x.shape.join(', ')}]`);
     if (typeof routing !== 'object' || routing === null || !('indices' in routing) || !('weights' in routing)) {
       throw new TypeError(`routing: expected { indices, weights } (top-k picks [numTokens, k]), got ${describe(routing)}`);
     }
-    const indices = checkTensor(routing.indices, 'routing.indices', ['int32', 'int64'] as const);
-    const weights = checkTensor(routing.weights, 'routing.weights', ['float32'] as const);
+    const indices = checkTensor(onHost(routing.indices), 'routing.indices', ['int32', 'int64'] as const);
+    const weights = checkTensor(onHost(routing.weights), 'routing.weights', ['float32'] as const);
     if (indices.shape.length !== 2 || indices.shape[0] !== x.shape[0]) {
       throw new RangeError(`routing.indices.shape: expected [${x.shape[0]}, k] ([numTokens of tokens, k]), got [${indices.shape.join(', ')}]`);
     }
@@ -540,10 +682,10 @@ export async function dispatch<D extends TokenDType>(group: ExpertParallelGroup,
     const o = checkOptions<DispatchOptions>(options, op, ['numExperts']);
     if (o.numExperts === undefined) throw new TypeError('options.numExperts: expected a number (required), got undefined');
     const numExperts = sizeArg(o.numExperts, 'options.numExperts', 1);
-    return { g, moe, x, indices, weights: weights.data, numExperts, picks: picksOf(indices, numExperts) };
+    return { g, moe, device, dtype: x.dtype as D, shape: x.shape, indices, weights: weights.data, numExperts, picks: picksOf(indices, numExperts) };
   });
-  const { g, moe, x, picks, weights, numExperts: E } = a;
-  const [T, H] = x.shape;
+  const { g, moe, device, dtype, picks, weights, numExperts: E } = a;
+  const [T, H] = a.shape;
   const k = a.indices.shape[1];
   const N = g.size;
   const ranges = Array.from({ length: N }, (_, j) => moe.expertRangeForRank(E, N, j));
@@ -556,11 +698,11 @@ export async function dispatch<D extends TokenDType>(group: ExpertParallelGroup,
   const sendMap = new Uint8Array(T * N);
   for (let i = 0; i < T * k; i++) if (picks[i] >= 0) sendMap[Math.floor(i / k) * N + owner[picks[i]]] = 1;
   const sendMapT: Tensor<'bool'> = { dtype: 'bool', shape: [T, N], data: sendMap };
-  const byRank = moe.permute(x, sendMapT);
-  const sendCounts = Array.from(byRank.tokensPerExpert.data);
+  const byRank = moe.permute(tokens as Tensor<D>, sendMapT);
+  const sendCounts = Array.from(onHost(byRank.tokensPerExpert).data);
 
   // Every rank's header and counts: what each rank receives, and a check that the ranks agree.
-  const header = Int32Array.from([E, k, H, DTYPE_CODE[x.dtype], ...sendCounts]);
+  const header = Int32Array.from([E, k, H, DTYPE_CODE[dtype], device ? 1 : 0, ...sendCounts]);
   const all = await g.allGather(header, op);
   if (!Array.isArray(all) || all.length !== N || all.some((h) => !(h instanceof Int32Array) || h.length !== HEADER.length + N)) {
     throw new Error(`${op}: the group's allGather returned ${describe(all)} instead of ${N} Int32Arrays of ${HEADER.length + N} values`);
@@ -574,17 +716,12 @@ export async function dispatch<D extends TokenDType>(group: ExpertParallelGroup,
   }
   const recvCounts = all.map((h) => h[HEADER.length + g.rank]);
 
-  // One message per rank: the rows, then their picks as that rank's local expert ids (int32, -1 elsewhere) and the weights (float32).
-  const bpe = ELEMENT_BYTES[x.dtype];
-  const rowBytes = H * bpe;
-  const sorted = byRank.sortedIndices.data;
-  const rowsBytes = bytesOf(byRank.permutedTokens.data);
-  const send: Uint8Array[] = [];
+  // After each rank's rows: their picks as that rank's local expert ids (int32, -1 elsewhere) and the weights (float32).
+  const sorted = onHost(byRank.sortedIndices).data;
+  const extraSend: Uint8Array[][] = [];
   let off = 0;
   for (let j = 0; j < N; j++) {
     const n = sendCounts[j];
-    const msg = new Uint8Array(n * (rowBytes + 8 * k));
-    msg.set(rowsBytes.subarray(off * rowBytes, (off + n) * rowBytes));
     const local = new Int32Array(n * k).fill(-1);
     const w = new Float32Array(n * k);
     const { start } = ranges[j];
@@ -598,28 +735,19 @@ export async function dispatch<D extends TokenDType>(group: ExpertParallelGroup,
         }
       }
     }
-    msg.set(bytesOf(local), n * rowBytes);
-    msg.set(bytesOf(w), n * (rowBytes + 4 * k));
-    send.push(msg);
+    extraSend.push([bytesOf(local), bytesOf(w)]);
     off += n;
   }
-  const recv = await exchange(
-    g,
-    send,
-    recvCounts.map((n) => n * (rowBytes + 8 * k)),
-    op,
-  );
+  const got = await exchangeRows(g, byRank.permutedTokens as AnyTensor<D>, dtype, H, sendCounts, recvCounts, [4 * k, 4 * k], extraSend, op);
 
   // What arrived, in source-rank order, permuted by local expert.
   const R = recvCounts.reduce((s, c) => s + c, 0);
-  const parts = gatherParts(recv, recvCounts, rowBytes, [4 * k, 4 * k]);
-  const recvTokens = tokensOf(x.dtype, R, H, parts.rows);
-  const recvPicks = new Int32Array(parts.extras[0].buffer);
-  const recvWeights = new Float32Array(parts.extras[1].buffer);
+  const recvPicks = new Int32Array(got.extras[0].buffer);
+  const recvWeights = new Float32Array(got.extras[1].buffer);
   const range = ranges[g.rank];
   const L = range.end - range.start;
   const { routingMap: recvMap, probs } = moe.indicesToMultihot({ dtype: 'int32', shape: [R, k], data: recvPicks }, { dtype: 'float32', shape: [R, k], data: recvWeights }, L);
-  const perm = moe.permute(recvTokens, recvMap, { probs });
+  const perm = moe.permute(got.rows as Tensor<D>, recvMap, { probs });
   const permutedProbs = perm.permutedProbs!;
   const handle: DispatchHandle = Object.freeze({
     rank: g.rank,
@@ -628,7 +756,7 @@ export async function dispatch<D extends TokenDType>(group: ExpertParallelGroup,
     topk: k,
     numTokens: T,
     hidden: H,
-    dtype: x.dtype,
+    dtype,
     expertRange: Object.freeze({ ...range }),
     sendCounts: Object.freeze(sendCounts),
     recvCounts: Object.freeze(recvCounts),
@@ -640,14 +768,17 @@ export async function dispatch<D extends TokenDType>(group: ExpertParallelGroup,
     owner,
     sendMap: sendMapT,
     sendSorted: byRank.sortedIndices,
+    sendSortedHost: sorted,
+    device,
     picks,
     recvPicks,
     numReceived: R,
     recvMap,
     recvSorted: perm.sortedIndices,
-    permutedProbs: { dtype: 'float32', shape: [...permutedProbs.shape], data: permutedProbs.data.slice() },
+    // (a device tensor is never written in place; a host one is copied: the caller may)
+    permutedProbs: isDeviceTensor(permutedProbs) ? permutedProbs : { dtype: 'float32', shape: [...permutedProbs.shape], data: permutedProbs.data.slice() },
   });
-  return { permutedTokens: perm.permutedTokens, permutedProbs, tokensPerExpert: perm.tokensPerExpert, handle };
+  return { permutedTokens: perm.permutedTokens, permutedProbs, tokensPerExpert: perm.tokensPerExpert, handle } as DispatchResult<D> | DeviceDispatchResult<D>;
 }
 
 /**
@@ -655,33 +786,40 @@ export async function dispatch<D extends TokenDType>(group: ExpertParallelGroup,
  * experts; the dispatched dtype) back to the tokens' ranks and merges them: each token's row is
  * the sum of its experts' outputs weighted by their probs (`weighted: false`: as they are), in
  * the token order of dispatch's `tokens`. Tokens no expert picked get zeros. The merge order is
- * fixed (see the module's header): bit-identical from run to run.
+ * fixed (see the module's header): bit-identical from run to run. A device dispatch takes and
+ * returns device tensors.
  */
-export async function combine<D extends TokenDType>(group: ExpertParallelGroup, backend: Backend, expertOutputs: Tensor<D>, handle: DispatchHandle, options?: CombineOptions): Promise<Tensor<D>> {
+export async function combine<D extends TokenDType>(
+  group: ExpertParallelGroup,
+  backend: Backend,
+  expertOutputs: DeviceTensor<D>,
+  handle: DispatchHandle,
+  options?: CombineOptions,
+): Promise<DeviceTensor<D>>;
+export async function combine<D extends TokenDType>(group: ExpertParallelGroup, backend: Backend, expertOutputs: Tensor<D>, handle: DispatchHandle, options?: CombineOptions): Promise<Tensor<D>>;
+export async function combine<D extends TokenDType>(
+  group: ExpertParallelGroup,
+  backend: Backend,
+  expertOutputs: AnyTensor<D>,
+  handle: DispatchHandle,
+  options?: CombineOptions,
+): Promise<AnyTensor<D>> {
   const op = 'combine';
   const { s, moe, y, weighted } = checked(op, () => {
     const g = checkGroup(group);
     const moe = checkBackend(backend);
     const s = stateOf(g, handle);
     const h = s.handle;
-    const y = checkRows<D>(expertOutputs, 'expertOutputs', h.dtype, h.numSlots, h.hidden, "dispatch's permutedTokens");
+    const y = checkRows<D>(expertOutputs, 'expertOutputs', h.dtype, h.numSlots, h.hidden, "dispatch's permutedTokens", s.device);
     const o = checkOptions<CombineOptions>(options, op, ['weighted']);
     return { s, moe, y, weighted: checkBool(o.weighted, 'options.weighted') ?? true };
   });
   const h = s.handle;
-  const rowBytes = h.hidden * ELEMENT_BYTES[h.dtype];
   // One row per received token: its local experts' outputs merged in expert order.
-  const partial = moe.unpermute(y, s.recvSorted, [s.numReceived, h.hidden], weighted ? { probs: s.permutedProbs } : undefined);
-  const recv = await exchange(
-    s.group,
-    splitRows(bytesOf(partial.data), h.recvCounts, rowBytes),
-    h.sendCounts.map((n) => n * rowBytes),
-    op,
-  );
+  const partial = moe.unpermute(y, s.recvSorted as Tensor<'int32'>, [s.numReceived, h.hidden], weighted ? { probs: s.permutedProbs as Tensor<'float32'> } : undefined);
+  const back = await exchangeRows(s.group, partial as AnyTensor<D>, h.dtype as D, h.hidden, h.recvCounts, h.sendCounts, [], [], op);
   // The rows come back grouped by rank as the send permutation sent them: its unpermute sums each token's rows in rank order.
-  const sent = h.sendCounts.reduce((a, c) => a + c, 0);
-  const rows = tokensOf(h.dtype, sent, h.hidden, gatherParts(recv, h.sendCounts, rowBytes, []).rows);
-  const out = moe.unpermute(rows, s.sendSorted, [h.numTokens, h.hidden]) as Tensor<D>;
+  const out = moe.unpermute(back.rows as Tensor<D>, s.sendSorted as Tensor<'int32'>, [h.numTokens, h.hidden]) as Tensor<D>;
   s.combined = { expertOutputs: y, weighted };
   return out;
 }
@@ -690,31 +828,36 @@ export async function combine<D extends TokenDType>(group: ExpertParallelGroup, 
  * Backward of combine: `gradOutput [numTokens, hidden]` (the gradient of combine's output) to
  * the gradient of its `expertOutputs` on the ranks that computed them, and (weighted combines)
  * of dispatch's `permutedProbs`. Each slot's gradients equal the one-rank `unpermuteBackward`'s
- * bit for bit.
+ * bit for bit. A device dispatch takes and returns device tensors.
  */
-export async function combineBackward<D extends TokenDType>(group: ExpertParallelGroup, backend: Backend, gradOutput: Tensor<D>, handle: DispatchHandle): Promise<CombineGrads<D>> {
+export async function combineBackward<D extends TokenDType>(group: ExpertParallelGroup, backend: Backend, gradOutput: DeviceTensor<D>, handle: DispatchHandle): Promise<DeviceCombineGrads<D>>;
+export async function combineBackward<D extends TokenDType>(group: ExpertParallelGroup, backend: Backend, gradOutput: Tensor<D>, handle: DispatchHandle): Promise<CombineGrads<D>>;
+export async function combineBackward<D extends TokenDType>(
+  group: ExpertParallelGroup,
+  backend: Backend,
+  gradOutput: AnyTensor<D>,
+  handle: DispatchHandle,
+): Promise<CombineGrads<D> | DeviceCombineGrads<D>> {
   const op = 'combineBackward';
   const { s, moe, grad, combined } = checked(op, () => {
     const g = checkGroup(group);
     const moe = checkBackend(backend);
     const s = stateOf(g, handle);
     const h = s.handle;
-    const grad = checkRows<D>(gradOutput, 'gradOutput', h.dtype, h.numTokens, h.hidden, "combine's output");
+    const grad = checkRows<D>(gradOutput, 'gradOutput', h.dtype, h.numTokens, h.hidden, "combine's output", s.device);
     if (!s.combined) throw new Error(`${op}: call combine with this handle first`);
     return { s, moe, grad, combined: s.combined };
   });
   const h = s.handle;
-  const rowBytes = h.hidden * ELEMENT_BYTES[h.dtype];
   // Each token's gradient goes where the token went (the same send permutation).
   const byRank = moe.permute(grad, s.sendMap);
-  const recv = await exchange(
-    s.group,
-    splitRows(bytesOf(byRank.permutedTokens.data), h.sendCounts, rowBytes),
-    h.recvCounts.map((n) => n * rowBytes),
-    op,
+  const got = await exchangeRows(s.group, byRank.permutedTokens as AnyTensor<D>, h.dtype as D, h.hidden, h.sendCounts, h.recvCounts, [], [], op);
+  const ub = moe.unpermuteBackward(
+    got.rows as Tensor<D>,
+    combined.expertOutputs as Tensor<D>,
+    s.recvSorted as Tensor<'int32'>,
+    combined.weighted ? { probs: s.permutedProbs as Tensor<'float32'> } : undefined,
   );
-  const received = tokensOf(h.dtype, s.numReceived, h.hidden, gatherParts(recv, h.recvCounts, rowBytes, []).rows);
-  const ub = moe.unpermuteBackward(received, combined.expertOutputs, s.recvSorted, combined.weighted ? { probs: s.permutedProbs } : undefined);
   const out: CombineGrads<D> = { gradExpertOutputs: ub.gradPermuted as Tensor<D> };
   if (combined.weighted) out.gradPermutedProbs = ub.gradProbs!;
   return out;
@@ -724,69 +867,77 @@ export async function combineBackward<D extends TokenDType>(group: ExpertParalle
  * Backward of dispatch: `gradPermuted [numSlots, hidden]` (the gradient of dispatch's
  * `permutedTokens` on this rank) and optionally the gradient of its `permutedProbs`, to the
  * gradients of the tokens and routing weights on the ranks they came from. A token's gradient
- * is the sum over its slots, per rank in expert order, then over the ranks in rank order.
+ * is the sum over its slots, per rank in expert order, then over the ranks in rank order. A
+ * device dispatch takes a device `gradPermuted` and returns the token gradients on the device
+ * (the weights' gradient, `[numTokens, k]`, on the host).
  */
+export async function dispatchBackward<D extends TokenDType>(
+  group: ExpertParallelGroup,
+  backend: Backend,
+  gradPermuted: DeviceTensor<D>,
+  handle: DispatchHandle,
+  options?: { gradPermutedProbs?: AnyTensor<'float32'> },
+): Promise<DeviceDispatchGrads<D>>;
 export async function dispatchBackward<D extends TokenDType>(
   group: ExpertParallelGroup,
   backend: Backend,
   gradPermuted: Tensor<D>,
   handle: DispatchHandle,
   options?: DispatchBackwardOptions,
-): Promise<DispatchGrads<D>> {
+): Promise<DispatchGrads<D>>;
+export async function dispatchBackward<D extends TokenDType>(
+  group: ExpertParallelGroup,
+  backend: Backend,
+  gradPermuted: AnyTensor<D>,
+  handle: DispatchHandle,
+  options?: { gradPermutedProbs?: AnyTensor<'float32'> },
+): Promise<DispatchGrads<D> | DeviceDispatchGrads<D>> {
   const op = 'dispatchBackward';
   const { s, moe, grad, gradProbs } = checked(op, () => {
     const g = checkGroup(group);
     const moe = checkBackend(backend);
     const s = stateOf(g, handle);
     const h = s.handle;
-    const grad = checkRows<D>(gradPermuted, 'gradPermuted', h.dtype, h.numSlots, h.hidden, "dispatch's permutedTokens");
-    const o = checkOptions<DispatchBackwardOptions>(options, op, ['gradPermutedProbs']);
-    let gradProbs: Tensor<'float32'> | undefined;
+    const grad = checkRows<D>(gradPermuted, 'gradPermuted', h.dtype, h.numSlots, h.hidden, "dispatch's permutedTokens", s.device);
+    const o = checkOptions<DispatchBackwardOptions>(options as DispatchBackwardOptions, op, ['gradPermutedProbs']);
+    let gradProbs: AnyTensor<'float32'> | undefined;
     if (o.gradPermutedProbs !== undefined) {
-      gradProbs = checkTensor(o.gradPermutedProbs, 'options.gradPermutedProbs', ['float32'] as const);
-      if (gradProbs.shape.length !== 1 || gradProbs.shape[0] !== h.numSlots) {
-        throw new RangeError(`options.gradPermutedProbs.shape: expected [${h.numSlots}] (dispatch's permutedProbs), got [${gradProbs.shape.join(', ')}]`);
+      const meta = isDeviceTensor(o.gradPermutedProbs)
+        ? deviceMetaOf(o.gradPermutedProbs, 'options.gradPermutedProbs', 'float32')
+        : checkTensor(o.gradPermutedProbs, 'options.gradPermutedProbs', ['float32'] as const);
+      if (meta.shape.length !== 1 || meta.shape[0] !== h.numSlots) {
+        throw new RangeError(`options.gradPermutedProbs.shape: expected [${h.numSlots}] (dispatch's permutedProbs), got [${meta.shape.join(', ')}]`);
       }
+      gradProbs = o.gradPermutedProbs;
     }
     return { s, moe, grad, gradProbs };
   });
   const h = s.handle;
   const { topk: k, hidden: H } = h;
-  const rowBytes = H * ELEMENT_BYTES[h.dtype];
   const L = h.expertRange.end - h.expertRange.start;
   // Each received token's gradient: its local slots summed in expert order; its picks' prob gradients.
-  const pb = moe.permuteBackward(grad, s.recvSorted, s.numReceived, gradProbs ? { gradPermutedProbs: gradProbs, routingMap: s.recvMap } : undefined);
+  const pb = moe.permuteBackward(grad, s.recvSorted as Tensor<'int32'>, s.numReceived, gradProbs ? { gradPermutedProbs: gradProbs as Tensor<'float32'>, routingMap: s.recvMap } : undefined);
   const pickGrads = new Float32Array(s.numReceived * k);
   if (pb.gradProbs) {
-    const dense = pb.gradProbs.data;
+    const dense = onHost(pb.gradProbs).data;
     for (let i = 0; i < s.numReceived * k; i++) {
       const l = s.recvPicks[i];
       if (l >= 0) pickGrads[i] = dense[Math.floor(i / k) * L + l];
     }
   }
-  const tokenBytes = bytesOf(pb.gradTokens.data);
   const pickBytes = bytesOf(pickGrads);
   let off = 0;
-  const send = h.recvCounts.map((n) => {
-    const msg = new Uint8Array(n * (rowBytes + 4 * k));
-    msg.set(tokenBytes.subarray(off * rowBytes, (off + n) * rowBytes));
-    msg.set(pickBytes.subarray(off * 4 * k, (off + n) * 4 * k), n * rowBytes);
+  const extraSend = h.recvCounts.map((n) => {
+    const part = [pickBytes.subarray(off * 4 * k, (off + n) * 4 * k)];
     off += n;
-    return msg;
+    return part;
   });
-  const recv = await exchange(
-    s.group,
-    send,
-    h.sendCounts.map((n) => n * (rowBytes + 4 * k)),
-    op,
-  );
-  const parts = gatherParts(recv, h.sendCounts, rowBytes, [4 * k]);
-  const sent = h.sendCounts.reduce((a, c) => a + c, 0);
+  const got = await exchangeRows(s.group, pb.gradTokens as AnyTensor<D>, h.dtype as D, H, h.recvCounts, h.sendCounts, [4 * k], extraSend, op);
   // The rows are the send permutation's slots: its backward sums each token's rows in rank order.
-  const gradTokens = moe.permuteBackward(tokensOf(h.dtype, sent, H, parts.rows), s.sendSorted, h.numTokens).gradTokens as Tensor<D>;
-  const back = new Float32Array(parts.extras[0].buffer);
+  const gradTokens = moe.permuteBackward(got.rows as Tensor<D>, s.sendSorted as Tensor<'int32'>, h.numTokens).gradTokens as Tensor<D>;
+  const back = new Float32Array(got.extras[0].buffer, got.extras[0].byteOffset, got.extras[0].byteLength / 4);
   const gradWeights = new Float32Array(h.numTokens * k);
-  const sorted = s.sendSorted.data;
+  const sorted = s.sendSortedHost;
   let slot = 0;
   h.sendCounts.forEach((n, j) => {
     for (let i = 0; i < n; i++, slot++) {
@@ -798,4 +949,11 @@ export async function dispatchBackward<D extends TokenDType>(
     }
   });
   return { gradTokens, gradWeights: { dtype: 'float32', shape: [h.numTokens, k], data: gradWeights } };
+}
+
+/** A device tensor's shape, checked to be `dtype` and not disposed. */
+function deviceMetaOf(t: DeviceTensor, arg: string, dtype: string): { shape: readonly number[] } {
+  if (t.disposed) throw new TypeError(`${arg}: expected a device tensor that is not disposed, got one whose dispose() was called`);
+  if (t.dtype !== dtype) throw new TypeError(`${arg}.dtype: expected ${dtype}, got ${t.dtype}`);
+  return { shape: t.shape };
 }

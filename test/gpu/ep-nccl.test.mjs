@@ -4,7 +4,8 @@
 // group equal, bit for bit, the same calls through an in-process group and the single-GPU path
 // (permute -> expertsForward -> unpermute and their backward passes); the launcher
 // (scripts/ep-launch.mjs) with one rank passes its equivalence check; a group of two whose
-// rank 1 never joins rejects on rank 0 within timeoutMs (+ slack) naming rank 1; bad arguments.
+// rank 1 never joins rejects on rank 0 within timeoutMs (+ slack) naming rank 1; bad arguments;
+// device tensors through the group's allToAllVDevice (rows GPU to GPU) == the host tensors' path.
 // Where CUDA or NCCL is unavailable every test skips with the reason (also in stand-in runs:
 // NCCL needs the cuda backend's GPU). Plain node:test, no node_modules; see cuda.test.mjs.
 import assert from 'node:assert/strict';
@@ -149,14 +150,78 @@ describe('NCCL: dispatch/combine with one rank', () => {
     });
   }
 
+  for (const dtype of ['float32', 'bfloat16']) {
+    test(`${dtype}, device tensors: the rows GPU to GPU (allToAllVDevice) == the same calls on host tensors, bit for bit`, { skip: ncclSkip }, async () => {
+      const [T, E, k, H, I] = [300, 8, 3, 64, 32];
+      const r = rng(dtype === 'float32' ? 303 : 404);
+      const problem = randomRouting({ numTokens: T, numExperts: E, topk: k, hidden: H, dtype }, r, 0.1);
+      const p = {
+        T,
+        E,
+        k,
+        H,
+        x: problem.tokens,
+        routing: { indices: problem.indices, weights: problem.weights },
+        weights: { gateAndUpProjs: lib.uniformTensor(dtype, [E, H, 2 * I], 7, 0.125), downProjs: lib.uniformTensor(dtype, [E, I, H], 8, 0.2) },
+        grad: lib.uniformTensor(dtype, [T, H], 9, 1),
+      };
+      const up = (t) => cuda.upload(t);
+      // every tensor on the device (the routing too: dispatch reads the picks back)
+      const pd = {
+        ...p,
+        x: up(p.x),
+        routing: { indices: up(p.routing.indices), weights: up(p.routing.weights) },
+        weights: { gateAndUpProjs: up(p.weights.gateAndUpProjs), downProjs: up(p.weights.downProjs) },
+        grad: up(p.grad),
+      };
+      const group = await lib.createExpertParallelGroup({ rank: 0, size: 1, rendezvous: freshPath(), timeoutMs: 30_000 });
+      const onHost = await epRun(group, cuda, p);
+      const onDevice = await epRun(group, cuda, pd);
+      const again = await epRun(group, cuda, pd);
+      for (const key of ['permutedTokens', 'permutedProbs', 'tokensPerExpert', 'output', 'gradExpertOutputs', 'gradPermutedProbs', 'gradTokens']) {
+        assert.ok(lib.isDeviceTensor(onDevice[key]), `${key} stays on the device`);
+      }
+      assert.ok(!lib.isDeviceTensor(onDevice.gradWeights), "the routing weights' gradient comes back on the host");
+      for (const [key, want] of Object.entries(onHost)) {
+        assertSameBits(onDevice[key], want, `device vs host tensors: ${key}`);
+        assertSameBits(again[key], onDevice[key], `device, run to run: ${key}`);
+      }
+      assert.ok(bitsDiffer(onDevice.output.download(), tensor(dtype, [T, H])), 'output is not zero');
+
+      // the exchange itself: rows back to this rank, the same bits; a wrong count is a RangeError and the group stays usable
+      const rows = up(lib.uniformTensor(dtype, [5, H], 11, 1));
+      const back = await group.allToAllVDevice(rows, [5], [5], 'probe');
+      assert.ok(lib.isDeviceTensor(back));
+      assertSameBits(back, rows.download(), 'allToAllVDevice to itself');
+      await assert.rejects(group.allToAllVDevice(rows, [5], [4], 'probe'), (e) => e instanceof RangeError && /rank 0 expects \d+ bytes from rank 0, which sends \d+/.test(e.message));
+      await assert.rejects(group.allToAllVDevice(rows, [4], [4]), (e) => e instanceof RangeError && /sendRows: they add up to 4 rows, send has 5/.test(e.message));
+      await assert.rejects(group.allToAllVDevice(p.x, [T], [T]), (e) => e instanceof TypeError && /send: expected a device tensor/.test(e.message));
+      // a handle from a device dispatch wants device tensors after it
+      const d = await lib.dispatch(group, cuda, pd.x, pd.routing, { numExperts: E });
+      await assert.rejects(
+        lib.combine(group, cuda, d.permutedTokens.download(), d.handle),
+        (e) => e instanceof TypeError && /combine: expertOutputs: expected a device tensor \(dispatch's tokens were on the device\), got a host tensor/.test(e.message),
+      );
+      await group.destroy();
+      // device tokens need a group that moves device memory
+      const [inProcess] = lib.createInProcessGroup(1);
+      await assert.rejects(
+        lib.dispatch(inProcess, cuda, pd.x, pd.routing, { numExperts: E }),
+        (e) => e instanceof TypeError && /dispatch: tokens: a device tensor needs a group that moves device memory/.test(e.message),
+      );
+    });
+  }
+
   test('the launcher with one rank (file and tcp rendezvous): equivalent to the single-GPU layer, bit for bit, run to run', { skip: ncclSkip }, () => {
     const script = fileURLToPath(new URL('../../scripts/ep-launch.mjs', import.meta.url));
     assert.ok(existsSync(script), `${script} is missing (gpu-run.sh pack copies it into the bundle)`);
+    // (the file rendezvous with host tensors; tcp with device tensors and the bandwidth benchmark's steps)
     for (const kind of ['file', 'tcp']) {
       const out = join(dir, `launch-${kind}.json`);
+      const extra = kind === 'tcp' ? ['--bench', '3'] : [];
       const run = spawnSync(
         process.execPath,
-        [script, '--ranks', '1', '--rendezvous', kind, '--tokens', '256', '--hidden', '128', '--inter', '64', '--experts', '8', '--topk', '2', '--timeout-ms', '60000', '--out', out],
+        [script, '--ranks', '1', '--rendezvous', kind, '--tokens', '256', '--hidden', '128', '--inter', '64', '--experts', '8', '--topk', '2', '--timeout-ms', '60000', '--out', out, ...extra],
         {
           encoding: 'utf8',
           timeout: 120_000,
@@ -171,6 +236,14 @@ describe('NCCL: dispatch/combine with one rank', () => {
       assert.equal(report.bitIdentical, true);
       assert.equal(report.deterministic, true);
       assert.equal(report.nccl.available, true);
+      assert.equal(report.shapes.tensors, kind === 'tcp' ? 'device' : 'host');
+      if (kind === 'tcp') {
+        const [b] = report.bench;
+        assert.equal(b.sentRows, report.results[0].times[0].sentTokens[0]);
+        for (const v of [b.dispatchMs, b.combineMs, b.ncclAllToAllMs.dispatch, b.ncclAllToAllMs.combine, b.ratioToNcclAllToAll.dispatch, b.ratioToNcclAllToAll.combine]) {
+          assert.ok(Number.isFinite(v) && v > 0, `bench: ${JSON.stringify(b)}`);
+        }
+      }
     }
   });
 });

@@ -692,6 +692,26 @@ impl Comm {
         recv_bytes: &[usize],
         timeout: Duration,
     ) -> Result<()> {
+        let (sp, rp) = (send.device_ptr(dev), recv.device_ptr(dev));
+        // SAFETY: both addresses are the starts of live buffers of the lengths given.
+        unsafe { self.all_to_all_v_raw(dev, (sp, send.bytes()), send_bytes, (rp, recv.bytes()), recv_bytes, timeout) }
+    }
+
+    /// [`Comm::all_to_all_v_device`] on raw device memory: `send` and `recv` are (address, bytes).
+    ///
+    /// # Safety
+    /// Both ranges must be device memory of this process's context that stays allocated (and,
+    /// for `recv`, unread and unwritten by anything else) until this returns; after a timeout or
+    /// an abort NCCL may still touch them, so they must then be leaked.
+    pub unsafe fn all_to_all_v_raw(
+        &mut self,
+        dev: &Device,
+        send: (u64, usize),
+        send_bytes: &[usize],
+        recv: (u64, usize),
+        recv_bytes: &[usize],
+        timeout: Duration,
+    ) -> Result<()> {
         let what = "allToAllV";
         self.ready(what)?;
         let n = self.size;
@@ -703,17 +723,13 @@ impl Comm {
             )));
         }
         let (st, rt) = (send_bytes.iter().sum::<usize>(), recv_bytes.iter().sum::<usize>());
-        if send.bytes() < st || recv.bytes() < rt {
-            return Err(NcclError::range(format!(
-                "{what}: buffers of {} and {} bytes for {st} bytes out and {rt} in",
-                send.bytes(),
-                recv.bytes()
-            )));
+        if send.1 < st || recv.1 < rt {
+            return Err(NcclError::range(format!("{what}: buffers of {} and {} bytes for {st} bytes out and {rt} in", send.1, recv.1)));
         }
         let start = Instant::now();
         let deadline = start + timeout;
         self.stream.join(dev.stream()).map_err(|e| NcclError::cuda(format!("{what}: ordering NCCL after the device's stream"), e))?;
-        let (sp, rp) = (send.device_ptr(dev), recv.device_ptr(dev));
+        let (sp, rp) = (send.0, recv.0);
         let cu = self.stream.cu_stream();
         // SAFETY: group calls on a live communicator; every pointer is inside a buffer checked
         // above, alive until the wait ends (or leaked by the caller on a timeout).
@@ -825,6 +841,51 @@ impl Comm {
                     .collect())
             }
             Err(e) => Err(leak_on_abort(e, [sbuf, rbuf])),
+        }
+    }
+
+    /// All-to-all-v of rows already on the device: `send_bytes[j]` bytes from `send` (consecutive,
+    /// rank order; the range (address, bytes) of a live device tensor) go to rank `j`; returns a
+    /// new buffer holding what each rank `s` sent here (`recv_bytes[s]` bytes, rank order). The
+    /// byte counts are all-gathered and checked first, as [`Comm::all_to_all_v_host`] does. On a
+    /// timeout or abort the receive buffer is leaked (NCCL may still write it).
+    ///
+    /// # Safety
+    /// `send` must stay allocated and unwritten until this returns (after a timeout or abort,
+    /// for as long as the process lives).
+    pub unsafe fn all_to_all_v_rows(
+        &mut self,
+        dev: &Device,
+        send: (u64, usize),
+        send_bytes: &[usize],
+        recv_bytes: &[usize],
+        timeout: Duration,
+    ) -> Result<Buffer> {
+        let what = "allToAllV";
+        self.ready(what)?;
+        let n = self.size;
+        if send_bytes.len() != n || recv_bytes.len() != n {
+            return Err(NcclError::range(format!(
+                "{what}: {} send and {} receive counts for {n} ranks",
+                send_bytes.len(),
+                recv_bytes.len()
+            )));
+        }
+        let start = Instant::now();
+        let counts: Vec<u64> = send_bytes.iter().chain(recv_bytes.iter()).map(|&b| b as u64).collect();
+        let table = self.all_gather_bytes(dev, bytemuck::cast_slice(&counts), timeout)?;
+        let table: Vec<Vec<u64>> = table
+            .chunks_exact(16 * n)
+            .map(|row| row.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect())
+            .collect();
+        check_exchange(&table, n)?;
+        let total: usize = recv_bytes.iter().sum();
+        let rbuf = alloc(dev, "allToAllV's receive buffer", total)?;
+        let rest = timeout.saturating_sub(start.elapsed());
+        let rp = rbuf.device_ptr(dev);
+        match self.all_to_all_v_raw(dev, send, send_bytes, (rp, total), recv_bytes, rest) {
+            Ok(()) => Ok(rbuf),
+            Err(e) => Err(leak_on_abort(e, [rbuf])),
         }
     }
 

@@ -4,7 +4,8 @@
 //! once) and the communicator's methods, whose waits run on libuv's worker threads so that the
 //! event loop stays free (rank 0's rendezvous server keeps answering while it waits):
 //! `waitReady(timeoutMs)`, `allGather(values, timeoutMs)`, `allToAllV(send, sendBytes,
-//! recvBytes, timeoutMs)`, `destroy(timeoutMs)`, and `abort()`. Only conversions here.
+//! recvBytes, timeoutMs)`, `allToAllVDevice(send, sendRows, recvRows, timeoutMs)` (device
+//! tensors, no host copies), `destroy(timeoutMs)`, and `abort()`. Only conversions here.
 //!
 //! Errors carry `code`: "TypeError"/"RangeError" (arguments), "NcclUnavailable", "NcclError",
 //! "NcclTimeout" (not complete within the timeout: the communicator was aborted), "NcclAborted".
@@ -16,10 +17,13 @@ use std::time::Duration;
 
 use moe_core::ErrorKind;
 use moe_cuda::nccl::{self, Comm, NcclError, UniqueId};
+use moe_cuda::tensor::DeviceTensor;
 use moe_cuda::Device as Gpu;
 use napi::bindgen_prelude::{AsyncTask, Buffer, Int32Array, JsObjectValue, JsValue, ToNapiValue, TypeName, Undefined};
 use napi::{Env, Status, Task};
 use napi_derive::napi;
+
+use crate::cuda::CudaTensor;
 
 /// What `ncclInfo()` returns: whether libnccl.so.2 loads here (no GPU is opened).
 #[napi(object)]
@@ -229,6 +233,56 @@ impl NcclComm {
                 c.all_to_all_v_host(dev, &parts, &recv, t).map(|r| r.concat())
             },
             <Buffer as From<Vec<u8>>>::from,
+        ))
+    }
+
+    /// All-to-all-v of device rows: `send` is a `[rows, hidden]` device tensor whose first
+    /// `sendRows[0]` rows go to rank 0, the next `sendRows[1]` to rank 1, ...; resolves to a new
+    /// `[sum recvRows, hidden]` device tensor of `send`'s dtype holding what ranks 0, 1, ... sent
+    /// here (`recvRows[s]` rows each), over NCCL on the device (nothing crosses to the host). The
+    /// row counts are all-gathered and checked first. `send` must not be disposed before the
+    /// promise settles.
+    #[napi(ts_return_type = "Promise<NativeCudaTensor>")]
+    pub fn all_to_all_v_device(
+        &self,
+        send: &CudaTensor,
+        send_rows: Vec<f64>,
+        recv_rows: Vec<f64>,
+        timeout_ms: f64,
+    ) -> napi::Result<AsyncTask<CommTask<DeviceTensor, CudaTensor>>, String> {
+        let (t, dtype, hidden, range, sizes, recv) = guarded(|| {
+            let t = timeout(timeout_ms)?;
+            let x = send.get("send").map_err(|e| NcclError::Argument(ErrorKind::TypeError, e.to_string()))?;
+            if x.shape.len() != 2 {
+                return Err(NcclError::Argument(ErrorKind::RangeError, format!("send.shape: expected [rows, hidden], got {:?}", x.shape)));
+            }
+            let (rows, hidden) = (x.shape[0], x.shape[1]);
+            let row_bytes = hidden * x.dtype.size();
+            let rows_of = |v: &[f64], arg: &str| {
+                v.iter().enumerate().map(|(j, &r)| count(r, &format!("{arg}[{j}]"), 0.0)).collect::<nccl::Result<Vec<_>>>()
+            };
+            let (sent, wanted) = (rows_of(&send_rows, "sendRows")?, rows_of(&recv_rows, "recvRows")?);
+            if sent.iter().sum::<usize>() != rows {
+                return Err(NcclError::Argument(
+                    ErrorKind::RangeError,
+                    format!("sendRows: they add up to {} rows, send has {rows}", sent.iter().sum::<usize>()),
+                ));
+            }
+            let dev = Gpu::global().map_err(|e| NcclError::Unavailable(e.to_string()))?;
+            let range = (x.buf.device_ptr(dev), x.buf.bytes());
+            let sizes: Vec<usize> = sent.iter().map(|&r| r * row_bytes).collect();
+            let recv: Vec<usize> = wanted.iter().map(|&r| r * row_bytes).collect();
+            Ok((t, x.dtype, hidden, range, sizes, recv))
+        })?;
+        Ok(self.task(
+            move |c, dev| {
+                let total: usize = recv.iter().sum();
+                // SAFETY: `range` is `send`'s live buffer, which the caller keeps until the promise settles.
+                let buf = unsafe { c.all_to_all_v_rows(dev, range, &sizes, &recv, t)? };
+                let rows = if hidden == 0 { 0 } else { total / (hidden * dtype.size()) };
+                Ok(DeviceTensor { dtype, shape: vec![rows, hidden], buf, plan: None, facts: Default::default() })
+            },
+            CudaTensor::wrap,
         ))
     }
 
