@@ -5,7 +5,7 @@
  * (`createExpertParallelGroup`), and runs dispatch -> its experts (expertsForward, swiglu, the
  * probs applied by the experts as MoELayer does) -> combine on its share of the tokens, then
  * checks the result against the single-GPU layer (the same tokens, routing and weights through
- * permute -> expertsForward -> unpermute on its own GPU). Prints one JSON object (and writes it
+ * permute -> expertsForward -> unpermute on its own GPU; on device tensors with --device). Prints one JSON object (and writes it
  * with --out); exit code 0 when every rank is equivalent.
  *
  *   node scripts/ep-launch.mjs [--ranks N] [--tokens T] [--hidden H] [--inter I] [--experts E]
@@ -209,11 +209,16 @@ async function worker() {
     const sync = () => onDevice && moe.synchronize();
     const toHost = (t) => (onDevice ? t.download() : t);
 
-    // The single-GPU layer over every token (this rank's GPU), then this rank's rows of it.
-    const mh = moe.indicesToMultihot(all.indices, all.weights, E);
-    const perm = moe.permute(all.tokens, mh.routingMap, { probs: mh.probs });
-    const yAll = moe.expertsForward(perm.permutedTokens, perm.tokensPerExpert, weights, { activation: 'swiglu', permutedProbs: perm.permutedProbs });
-    const single = rowsOf(moe.unpermute(yAll, perm.sortedIndices, [T * size, H]), rank * T, (rank + 1) * T);
+    // The single-GPU layer over every token (this rank's GPU), then this rank's rows of it; with
+    // --device on device tensors too (the experts on device tensors take the fast exp, on host
+    // tensors the core's bits: the two differ in the last bit, so each path is checked against its own)
+    const U = (t) => (onDevice ? moe.upload(t) : t);
+    const mh = moe.indicesToMultihot(U(all.indices), U(all.weights), E);
+    const perm = moe.permute(U(all.tokens), mh.routingMap, { probs: mh.probs });
+    const wAll = { gateAndUpProjs: U(weights.gateAndUpProjs), downProjs: U(weights.downProjs) };
+    const yAll = moe.expertsForward(perm.permutedTokens, perm.tokensPerExpert, wAll, { activation: 'swiglu', permutedProbs: perm.permutedProbs });
+    const merged = moe.unpermute(yAll, perm.sortedIndices, [T * size, H]);
+    const single = rowsOf(onDevice ? merged.download() : merged, rank * T, (rank + 1) * T);
 
     const t0 = performance.now();
     const group = standIn ? Object.assign(lib.createInProcessGroup(1)[0], { destroy: async () => {} }) : await lib.createExpertParallelGroup({ rank, size, rendezvous, timeoutMs });
