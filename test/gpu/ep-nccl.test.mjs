@@ -82,6 +82,22 @@ describe('NCCL: the library and a group of one', () => {
   });
 });
 
+/** A routing problem and swiglu experts' weights (T=300, E=8, k=3, H=64, inter 32), host tensors. */
+function problemOf(dtype, seed) {
+  const [T, E, k, H, I] = [300, 8, 3, 64, 32];
+  const problem = randomRouting({ numTokens: T, numExperts: E, topk: k, hidden: H, dtype }, rng(seed), 0.1);
+  return {
+    T,
+    E,
+    k,
+    H,
+    x: problem.tokens,
+    routing: { indices: problem.indices, weights: problem.weights },
+    weights: { gateAndUpProjs: lib.uniformTensor(dtype, [E, H, 2 * I], 7, 0.125), downProjs: lib.uniformTensor(dtype, [E, I, H], 8, 0.2) },
+    grad: lib.uniformTensor(dtype, [T, H], 9, 1),
+  };
+}
+
 /** One rank's dispatch -> experts -> combine -> combineBackward -> dispatchBackward on `group`. */
 async function epRun(group, moe, p) {
   const d = await lib.dispatch(group, moe, p.x, p.routing, { numExperts: p.E });
@@ -121,19 +137,8 @@ function singleRun(moe, p) {
 describe('NCCL: dispatch/combine with one rank', () => {
   for (const dtype of ['float32', 'bfloat16']) {
     test(`${dtype}: through a one-rank NCCL group == an in-process group == the single-GPU path, bit for bit (forward and backward)`, { skip: ncclSkip }, async () => {
-      const [T, E, k, H, I] = [300, 8, 3, 64, 32];
-      const r = rng(dtype === 'float32' ? 101 : 202);
-      const problem = randomRouting({ numTokens: T, numExperts: E, topk: k, hidden: H, dtype }, r, 0.1);
-      const p = {
-        T,
-        E,
-        k,
-        H,
-        x: problem.tokens,
-        routing: { indices: problem.indices, weights: problem.weights },
-        weights: { gateAndUpProjs: lib.uniformTensor(dtype, [E, H, 2 * I], 7, 0.125), downProjs: lib.uniformTensor(dtype, [E, I, H], 8, 0.2) },
-        grad: lib.uniformTensor(dtype, [T, H], 9, 1),
-      };
+      const p = problemOf(dtype, dtype === 'float32' ? 101 : 202);
+      const { T, H } = p;
       const group = await lib.createExpertParallelGroup({ rank: 0, size: 1, rendezvous: freshPath(), timeoutMs: 30_000 });
       const viaNccl = await epRun(group, cuda, p);
       const viaNcclAgain = await epRun(group, cuda, p);
@@ -156,19 +161,8 @@ describe('NCCL: dispatch/combine with one rank', () => {
     // exp (ExpMath::Fast), those on host tensors the core's bits, so the two differ in the last bit;
     // the layout (permutedTokens, permutedProbs, tokensPerExpert) equals the host tensors' as well)
     test(`${dtype}, device tensors: the rows GPU to GPU (allToAllVDevice) == the single-GPU path on device tensors, bit for bit`, { skip: ncclSkip }, async () => {
-      const [T, E, k, H, I] = [300, 8, 3, 64, 32];
-      const r = rng(dtype === 'float32' ? 303 : 404);
-      const problem = randomRouting({ numTokens: T, numExperts: E, topk: k, hidden: H, dtype }, r, 0.1);
-      const p = {
-        T,
-        E,
-        k,
-        H,
-        x: problem.tokens,
-        routing: { indices: problem.indices, weights: problem.weights },
-        weights: { gateAndUpProjs: lib.uniformTensor(dtype, [E, H, 2 * I], 7, 0.125), downProjs: lib.uniformTensor(dtype, [E, I, H], 8, 0.2) },
-        grad: lib.uniformTensor(dtype, [T, H], 9, 1),
-      };
+      const p = problemOf(dtype, dtype === 'float32' ? 303 : 404);
+      const { T, E, H } = p;
       const up = (t) => cuda.upload(t);
       // every tensor on the device (the routing too: dispatch reads the picks back)
       const pd = {

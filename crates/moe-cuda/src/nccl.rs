@@ -815,14 +815,8 @@ impl Comm {
             return Err(NcclError::range(format!("{what}: recvBytes: expected one count per rank ({n}), got {}", recv_bytes.len())));
         }
         let start = Instant::now();
-        let counts: Vec<u64> = send.iter().map(|b| b.len() as u64).chain(recv_bytes.iter().map(|&b| b as u64)).collect();
-        let table = self.all_gather_bytes(dev, bytemuck::cast_slice(&counts), timeout)?;
-        let table: Vec<Vec<u64>> = table
-            .chunks_exact(16 * n)
-            .map(|row| row.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect())
-            .collect();
-        check_exchange(&table, n)?;
         let send_bytes: Vec<usize> = send.iter().map(|b| b.len()).collect();
+        self.agree_on_counts(dev, &send_bytes, recv_bytes, timeout)?;
         let flat: Vec<u8> = send.concat();
         let sbuf = upload(dev, "allToAllV's send buffer", &flat)?;
         let rbuf = alloc(dev, "allToAllV's receive buffer", recv_bytes.iter().sum())?;
@@ -844,6 +838,27 @@ impl Comm {
         }
     }
 
+    /// Every rank's byte counts of one all-to-all-v (`send_bytes` to each rank, `recv_bytes` from
+    /// each), all-gathered and checked against each other ([`check_exchange`]): a mismatch is the
+    /// same RangeError on every rank instead of a hang.
+    fn agree_on_counts(&mut self, dev: &Device, send_bytes: &[usize], recv_bytes: &[usize], timeout: Duration) -> Result<()> {
+        let n = self.size;
+        if send_bytes.len() != n || recv_bytes.len() != n {
+            return Err(NcclError::range(format!(
+                "allToAllV: {} send and {} receive counts for {n} ranks",
+                send_bytes.len(),
+                recv_bytes.len()
+            )));
+        }
+        let counts: Vec<u64> = send_bytes.iter().chain(recv_bytes.iter()).map(|&b| b as u64).collect();
+        let table = self.all_gather_bytes(dev, bytemuck::cast_slice(&counts), timeout)?;
+        let table: Vec<Vec<u64>> = table
+            .chunks_exact(16 * n)
+            .map(|row| row.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect())
+            .collect();
+        check_exchange(&table, n)
+    }
+
     /// All-to-all-v of rows already on the device: `send_bytes[j]` bytes from `send` (consecutive,
     /// rank order; the range (address, bytes) of a live device tensor) go to rank `j`; returns a
     /// new buffer holding what each rank `s` sent here (`recv_bytes[s]` bytes, rank order). The
@@ -861,24 +876,9 @@ impl Comm {
         recv_bytes: &[usize],
         timeout: Duration,
     ) -> Result<Buffer> {
-        let what = "allToAllV";
-        self.ready(what)?;
-        let n = self.size;
-        if send_bytes.len() != n || recv_bytes.len() != n {
-            return Err(NcclError::range(format!(
-                "{what}: {} send and {} receive counts for {n} ranks",
-                send_bytes.len(),
-                recv_bytes.len()
-            )));
-        }
+        self.ready("allToAllV")?;
         let start = Instant::now();
-        let counts: Vec<u64> = send_bytes.iter().chain(recv_bytes.iter()).map(|&b| b as u64).collect();
-        let table = self.all_gather_bytes(dev, bytemuck::cast_slice(&counts), timeout)?;
-        let table: Vec<Vec<u64>> = table
-            .chunks_exact(16 * n)
-            .map(|row| row.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect())
-            .collect();
-        check_exchange(&table, n)?;
+        self.agree_on_counts(dev, send_bytes, recv_bytes, timeout)?;
         let total: usize = recv_bytes.iter().sum();
         let rbuf = alloc(dev, "allToAllV's receive buffer", total)?;
         let rest = timeout.saturating_sub(start.elapsed());
