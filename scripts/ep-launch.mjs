@@ -10,7 +10,7 @@
  *
  *   node scripts/ep-launch.mjs [--ranks N] [--tokens T] [--hidden H] [--inter I] [--experts E]
  *        [--topk k] [--dtype bfloat16|float32] [--rendezvous file|tcp] [--timeout-ms MS]
- *        [--repeat R] [--seed S] [--out FILE] [--dist DIR] [--stand-in cpu] [--device] [--bench ITERS]
+ *        [--repeat R] [--seed S] [--out FILE] [--dist DIR] [--stand-in cpu] [--device] [--bench ITERS] [--profile]
  *
  * N defaults to the GPUs nvidia-smi lists (1 if it cannot say). T is tokens per rank. With one
  * rank the result must equal the single-GPU layer bit for bit; with more, within the rounding of
@@ -22,7 +22,9 @@
  * to a synchronize, against NCCL's own all-to-all of the same rows (allToAllVDevice with the same
  * counts), and reports each rank's bandwidth (bytes of the rows it sends a second) and the
  * ratio `ratioToNcclAllToAll` (NCCL's time over ours). Issue 20's shape: --tokens 8192 --hidden
- * 7168 --experts 256 --topk 8.
+ * 7168 --experts 256 --topk 8. `--profile` (with --bench): the JavaScript CPU profile of the timed
+ * dispatch calls (node:inspector), its functions by self time in the report (`bench.profile`):
+ * where a dispatch's wall clock goes that the GPU does not explain.
  * `--stand-in cpu` (with --ranks 1) runs the same steps on the cpu backend with an in-process group
  * instead of CUDA and NCCL: a check of this script on a machine with no GPU.
  */
@@ -294,10 +296,12 @@ async function bench(lib, moe, group, x, routing, E, last, iters, sync) {
     }
     return median(ms);
   };
-  const dispatchMs = await time(async () => {
+  const dispatchOnce = async () => {
     const r = await lib.dispatch(group, moe, x, routing, { numExperts: E });
     return [r.permutedTokens, r.permutedProbs, r.tokensPerExpert];
-  });
+  };
+  const dispatchMs = await time(dispatchOnce);
+  const profile = args.includes('--profile') ? await profiled(() => time(dispatchOnce)) : undefined;
   const combineMs = await time(() => lib.combine(group, moe, y, h, { weighted: false }));
   // the same rows through NCCL alone: a tensor of what dispatch sends, exchanged with its counts, and back
   const rowsOut = moe.upload(lib.uniformTensor(h.dtype, [sent, h.hidden], 5, 1));
@@ -317,7 +321,39 @@ async function bench(lib, moe, group, x, routing, E, last, iters, sync) {
     ncclAllToAllMs: { dispatch: ncclDispatchMs, combine: ncclCombineMs },
     gbPerSecond: { dispatch: gbps(sent, dispatchMs), combine: gbps(received, combineMs), ncclDispatch: gbps(sent, ncclDispatchMs), ncclCombine: gbps(received, ncclCombineMs) },
     ratioToNcclAllToAll: { dispatch: ncclDispatchMs / dispatchMs, combine: ncclCombineMs / combineMs },
+    profile,
   };
+}
+
+/**
+ * Runs `f` under the V8 CPU profiler (node:inspector) and returns the profile's functions by self
+ * time (the top 25: name, file:line, ms) and the total sampled time; `(idle)` is time waiting
+ * (for the GPU, NCCL's worker threads, the event loop).
+ */
+async function profiled(f) {
+  const { Session } = await import('node:inspector/promises');
+  const session = new Session();
+  session.connect();
+  await session.post('Profiler.enable');
+  await session.post('Profiler.setSamplingInterval', { interval: 100 });
+  await session.post('Profiler.start');
+  let profile;
+  try {
+    await f();
+  } finally {
+    ({ profile } = await session.post('Profiler.stop'));
+    session.disconnect();
+  }
+  const byNode = new Map(profile.nodes.map((n) => [n.id, n]));
+  const self = new Map();
+  profile.samples.forEach((id, i) => {
+    const { functionName, url, lineNumber } = byNode.get(id).callFrame;
+    const key = `${functionName || '(anonymous)'} ${url.split('/').slice(-2).join('/')}:${lineNumber + 1}`;
+    self.set(key, (self.get(key) ?? 0) + (profile.timeDeltas[i] ?? 0) / 1000);
+  });
+  const total = [...self.values()].reduce((a, b) => a + b, 0);
+  const top = [...self.entries()].sort((a, b) => b[1] - a[1]).slice(0, 25);
+  return { sampledMs: total, top: top.map(([where, ms]) => ({ where, ms: Math.round(ms * 1000) / 1000 })) };
 }
 
 function bf16(bits) {

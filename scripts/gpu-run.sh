@@ -298,7 +298,7 @@ remote() {
       # EP_BENCH=ITERS: device tensors at issue 20's shape, dispatch / combine against NCCL's all-to-all of the same rows
       say "expert parallelism: the bandwidth benchmark (device tensors, T=8192 a rank, H=7168, E=256, k=8, bf16)"
       timeout 400 "$node" "$BUNDLE/scripts/ep-launch.mjs" --bench "$EP_BENCH" --tokens 8192 --hidden 7168 --experts 256 --topk 8 --inter 64 \
-        --repeat 2 --out "$OUT/ep-bench.json" > /dev/null; echo "  exit code $?"
+        --repeat 2 --profile --out "$OUT/ep-bench.json" > /dev/null; echo "  exit code $?"
       python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(json.dumps({k: d.get(k) for k in ('ranks','equivalent','bitIdentical','deterministic')})); [print(json.dumps(b)) for b in d.get('bench') or []]; [print(r.get('error')) for r in d['results'] if r.get('error')]" "$OUT/ep-bench.json" 2>&1 | head -12
     fi
   fi
