@@ -509,6 +509,10 @@ describe.each(backendRows)('expert parallelism on %s', (_name, b) => {
       expect(() => createInProcessGroup(2, { timeout: 5 } as never)).toThrow(/^options.timeout: not an option of createInProcessGroup/);
       expect(() => createInProcessGroup(2, { timeoutMs: -1 })).toThrow(RangeError);
       expect(() => createInProcessGroup(2, { timeoutMs: 'soon' as never })).toThrow(/^options.timeoutMs: expected a number, got string/);
+      expect(() => createInProcessGroup(2, { device: {} as never })).toThrow(TypeError);
+      expect(() => createInProcessGroup(2, { device: { upload: 'no' } as never })).toThrow(/^options.device: expected a cuda backend \(its upload\(\)\), got object/);
+      // only a group given a cuda backend moves device tensors
+      expect(createInProcessGroup(2)[0].allToAllVDevice).toBeUndefined();
       expect(createInProcessGroup(3).map((g) => [g.rank, g.size])).toEqual([
         [0, 3],
         [1, 3],

@@ -91,6 +91,11 @@ export class ExpertParallelTimeoutError extends Error {
   }
 }
 
+/** What an in-process group needs to move device tensors: the cuda backend (its `upload`). */
+export interface DeviceUpload {
+  upload<D extends TokenDType>(tensor: Tensor<D>): DeviceTensor<D>;
+}
+
 export interface InProcessGroupOptions {
   /**
    * How long a collective waits for the ranks that have not made their call yet, from the
@@ -99,6 +104,13 @@ export interface InProcessGroupOptions {
    * later call rejects too.
    */
   timeoutMs?: number;
+  /**
+   * A cuda backend: the group then also moves device tensors (`allToAllVDevice`, through the
+   * host: each rank's rows downloaded, exchanged, uploaded), so dispatch, combine and their
+   * backward passes take device tensors with in-process ranks: the device path with several
+   * ranks on one GPU, as a test (NCCL needs a GPU per rank).
+   */
+  device?: DeviceUpload;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -245,11 +257,45 @@ function labelArg(label: unknown, op: Collective): string {
 /** One rank of an in-process group. */
 class InProcessRank implements ExpertParallelGroup {
   readonly #hub: Hub;
+  allToAllVDevice?: ExpertParallelGroup['allToAllVDevice'];
   constructor(
     hub: Hub,
     readonly rank: number,
+    device?: DeviceUpload,
   ) {
     this.#hub = hub;
+    if (device) this.allToAllVDevice = (send, sendRows, recvRows, label) => this.#allToAllVDevice(device, send, sendRows, recvRows, label);
+  }
+
+  /** allToAllVDevice through the host: `send` downloaded, its rows exchanged as bytes, what arrives uploaded. */
+  async #allToAllVDevice<D extends TokenDType>(device: DeviceUpload, send: DeviceTensor<D>, sendRows: readonly number[], recvRows: readonly number[], label?: string): Promise<DeviceTensor<D>> {
+    const l = labelArg(label, 'allToAllV');
+    const op = `${at(l, 'allToAllV')} (device rows)`;
+    const n = this.#hub.size;
+    if (!isDeviceTensor(send)) throw new TypeError(`${op}: send: expected a device tensor [rows, hidden], got ${describe(send)}`);
+    const meta = deviceMeta(send, `${op}: send`);
+    if (meta.shape.length !== 2) throw new RangeError(`${op}: send.shape: expected [rows, hidden], got [${meta.shape.join(', ')}]`);
+    for (const [name, rows] of [
+      ['sendRows', sendRows],
+      ['recvRows', recvRows],
+    ] as const) {
+      if (!Array.isArray(rows)) throw new TypeError(`${op}: ${name}: expected an array of ${n} row counts, got ${describe(rows)}`);
+      if (rows.length !== n) throw new RangeError(`${op}: ${name}: expected one count per rank (${n}), got ${rows.length}`);
+      rows.forEach((r, j) => {
+        sizeArg(r, `${op}: ${name}[${j}]`, 0);
+      });
+    }
+    const [total, hidden] = meta.shape;
+    if (sendRows.reduce((a, b) => a + b, 0) !== total) throw new RangeError(`${op}: sendRows: they add up to ${sendRows.reduce((a, b) => a + b, 0)} rows, send has ${total}`);
+    const rowBytes = hidden * ELEMENT_BYTES[meta.dtype];
+    const host = send.download() as Tensor<D>;
+    const recv = await this.allToAllV(
+      splitRows(bytesOf(host.data), sendRows, rowBytes),
+      recvRows.map((r) => r * rowBytes),
+      l,
+    );
+    const rows = recvRows.reduce((a, b) => a + b, 0);
+    return device.upload(tokensOf(meta.dtype as D, rows, hidden, gatherParts(recv, recvRows, rowBytes, []).rows));
   }
 
   get size(): number {
@@ -292,7 +338,10 @@ class InProcessRank implements ExpertParallelGroup {
  */
 export function createInProcessGroup(size: number, options?: InProcessGroupOptions): ExpertParallelGroup[] {
   const n = sizeArg(size, 'size', 1);
-  const o = checkOptions<InProcessGroupOptions>(options, 'createInProcessGroup', ['timeoutMs']);
+  const o = checkOptions<InProcessGroupOptions>(options, 'createInProcessGroup', ['timeoutMs', 'device']);
+  if (o.device !== undefined && (typeof o.device !== 'object' || o.device === null || typeof o.device.upload !== 'function')) {
+    throw new TypeError(`options.device: expected a cuda backend (its upload()), got ${describe(o.device)}`);
+  }
   let timeoutMs = 30_000;
   if (o.timeoutMs !== undefined) {
     if (typeof o.timeoutMs !== 'number') throw new TypeError(`options.timeoutMs: expected a number, got ${describe(o.timeoutMs)}`);
@@ -302,7 +351,7 @@ export function createInProcessGroup(size: number, options?: InProcessGroupOptio
     timeoutMs = o.timeoutMs;
   }
   const hub = new Hub(n, timeoutMs);
-  return Array.from({ length: n }, (_, r) => new InProcessRank(hub, r));
+  return Array.from({ length: n }, (_, r) => new InProcessRank(hub, r, o.device));
 }
 
 // ---------------------------------------------------------------------------------------

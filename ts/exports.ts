@@ -75,6 +75,7 @@ export {
   type DeviceCombineGrads,
   type DeviceDispatchGrads,
   type DeviceDispatchResult,
+  type DeviceUpload,
   type DispatchBackwardOptions,
   type DispatchGrads,
   type DispatchHandle,

@@ -16,7 +16,7 @@ import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 
-import { assertSameBits, cuda, distModule, host, lib, randomRouting, rng, skip, standIn, tensor } from './common.mjs';
+import { assertSameBits, cuda, cudaOnly, distModule, host, lib, randomRouting, rng, skip, standIn, tensor } from './common.mjs';
 
 const { freePort } = await distModule('rendezvous.js');
 
@@ -253,6 +253,78 @@ function bitsDiffer(a, b) {
   const y = new Uint8Array(b.data.buffer, b.data.byteOffset, b.data.byteLength);
   return x.some((v, i) => v !== y[i]);
 }
+
+describe('device tensors with several in-process ranks on one GPU (createInProcessGroup with device: cuda)', () => {
+  // NCCL needs a GPU per rank; an in-process group moves device rows through the host, so the
+  // device path's layout with 2 and 4 ranks runs here: each rank's permutedTokens, permutedProbs
+  // and tokensPerExpert equal the host tensors' bit for bit; the combined output equals the
+  // single-GPU path on device tensors within one merge's rounding (bit for bit with one rank);
+  // every gradient run to run the same bits.
+  for (const ranks of [1, 2, 4]) {
+    test(`bfloat16, ${ranks} rank(s)`, { skip: cudaOnly }, async () => {
+      const p = problemOf('bfloat16', 500 + ranks);
+      const { T, E, k, H } = p;
+      const per = T / 4;
+      const rowsOf = (t, r) => lib.tensor(t.dtype, [per, ...t.shape.slice(1)], t.data.slice(r * per * (t.data.length / t.shape[0]), (r + 1) * per * (t.data.length / t.shape[0])));
+      const local = (r) => {
+        const { start, end } = cuda.expertRangeForRank(E, ranks, r);
+        const w = (t) => lib.tensor(t.dtype, [end - start, ...t.shape.slice(1)], t.data.slice(start * (t.data.length / E), end * (t.data.length / E)));
+        return { gateAndUpProjs: w(p.weights.gateAndUpProjs), downProjs: w(p.weights.downProjs) };
+      };
+      const share = (r, onDevice) => {
+        const u = (t) => (onDevice ? cuda.upload(t) : t);
+        const w = local(r);
+        return {
+          x: u(rowsOf(p.x, r)),
+          routing: { indices: u(rowsOf(p.routing.indices, r)), weights: u(rowsOf(p.routing.weights, r)) },
+          weights: { gateAndUpProjs: u(w.gateAndUpProjs), downProjs: u(w.downProjs) },
+          grad: u(rowsOf(p.grad, r)),
+        };
+      };
+      // (the first `ranks` quarters of the problem's tokens, one quarter a rank)
+      const runAll = async (onDevice) => {
+        const groups = lib.createInProcessGroup(ranks, onDevice ? { device: cuda, timeoutMs: 60_000 } : { timeoutMs: 60_000 });
+        return Promise.all(groups.map((g, r) => epRun(g, cuda, { ...share(r, onDevice), E })));
+      };
+      const dev = await runAll(true);
+      const again = await runAll(true);
+      const hostRuns = await runAll(false);
+      for (let r = 0; r < ranks; r++) {
+        for (const key of ['permutedTokens', 'permutedProbs', 'tokensPerExpert']) assertSameBits(dev[r][key], hostRuns[r][key], `rank ${r}: device vs host tensors: ${key}`);
+        for (const [key, v] of Object.entries(dev[r])) assertSameBits(again[r][key], host(v), `rank ${r}, run to run: ${key}`);
+      }
+      // the single-GPU path on device tensors over the same tokens and all experts
+      const all = (t) => lib.tensor(t.dtype, [ranks * per, ...t.shape.slice(1)], t.data.slice(0, ranks * per * (t.data.length / t.shape[0])));
+      const single = singleRun(cuda, {
+        T: ranks * per,
+        E,
+        k,
+        H,
+        x: cuda.upload(all(p.x)),
+        routing: { indices: cuda.upload(all(p.routing.indices)), weights: cuda.upload(all(p.routing.weights)) },
+        weights: { gateAndUpProjs: cuda.upload(p.weights.gateAndUpProjs), downProjs: cuda.upload(p.weights.downProjs) },
+        grad: cuda.upload(all(p.grad)),
+      });
+      const want = host(single.output);
+      const bf = (b) => new Float32Array(new Uint32Array([b << 16]).buffer)[0];
+      let worst = 0;
+      for (let r = 0; r < ranks; r++) {
+        const got = host(dev[r].output);
+        if (ranks === 1) assertSameBits(got, want, 'one rank: the single-GPU path, bit for bit');
+        for (let t = 0; t < per; t++) {
+          let rowMax = 0;
+          for (let h = 0; h < H; h++) rowMax = Math.max(rowMax, Math.abs(bf(want.data[(r * per + t) * H + h])));
+          for (let h = 0; h < H; h++) {
+            const d = Math.abs(bf(got.data[t * H + h]) - bf(want.data[(r * per + t) * H + h]));
+            worst = Math.max(worst, rowMax > 0 ? d / (2 ** -7 * ranks * rowMax) : d > 0 ? Infinity : 0);
+          }
+        }
+      }
+      assert.ok(worst <= 1, `combined output within one merge's rounding of the single-GPU path: worst ${worst}`);
+      assert.ok(bitsDiffer(want, lib.tensor('bfloat16', [ranks * per, H])), 'output is not zero');
+    });
+  }
+});
 
 describe('NCCL: a rank that never joins', () => {
   for (const kind of ['file', 'tcp']) {
