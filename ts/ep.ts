@@ -542,6 +542,15 @@ function deviceMeta(t: DeviceTensor, arg: string): { dtype: TokenDType; shape: r
   return { dtype: t.dtype as TokenDType, shape: t.shape };
 }
 
+/**
+ * Frees the device tensors among `ts` now (host tensors and undefined are left alone): the
+ * device path's temporaries (send and receive rows), so that a step's device memory goes back
+ * to the pool at once instead of when the garbage collector finds them.
+ */
+function release(...ts: unknown[]): void {
+  for (const t of ts) if (isDeviceTensor(t)) t.dispose();
+}
+
 /** A host tensor, downloading a device one (the routing's picks and weights, the probs' gradient: small). */
 function onHost<T>(value: T): T {
   return (isDeviceTensor(value) ? value.download() : value) as T;
@@ -788,6 +797,7 @@ export async function dispatch<D extends TokenDType>(
     off += n;
   }
   const got = await exchangeRows(g, byRank.permutedTokens as AnyTensor<D>, dtype, H, sendCounts, recvCounts, [4 * k, 4 * k], extraSend, op);
+  release(byRank.permutedTokens, byRank.tokensPerExpert);
 
   // What arrived, in source-rank order, permuted by local expert.
   const R = recvCounts.reduce((s, c) => s + c, 0);
@@ -797,6 +807,7 @@ export async function dispatch<D extends TokenDType>(
   const L = range.end - range.start;
   const { routingMap: recvMap, probs } = moe.indicesToMultihot({ dtype: 'int32', shape: [R, k], data: recvPicks }, { dtype: 'float32', shape: [R, k], data: recvWeights }, L);
   const perm = moe.permute(got.rows as Tensor<D>, recvMap, { probs });
+  release(got.rows);
   const permutedProbs = perm.permutedProbs!;
   const handle: DispatchHandle = Object.freeze({
     rank: g.rank,
@@ -867,8 +878,10 @@ export async function combine<D extends TokenDType>(
   // One row per received token: its local experts' outputs merged in expert order.
   const partial = moe.unpermute(y, s.recvSorted as Tensor<'int32'>, [s.numReceived, h.hidden], weighted ? { probs: s.permutedProbs as Tensor<'float32'> } : undefined);
   const back = await exchangeRows(s.group, partial as AnyTensor<D>, h.dtype as D, h.hidden, h.recvCounts, h.sendCounts, [], [], op);
+  release(partial);
   // The rows come back grouped by rank as the send permutation sent them: its unpermute sums each token's rows in rank order.
   const out = moe.unpermute(back.rows as Tensor<D>, s.sendSorted as Tensor<'int32'>, [h.numTokens, h.hidden]) as Tensor<D>;
+  release(back.rows);
   s.combined = { expertOutputs: y, weighted };
   return out;
 }
@@ -901,12 +914,14 @@ export async function combineBackward<D extends TokenDType>(
   // Each token's gradient goes where the token went (the same send permutation).
   const byRank = moe.permute(grad, s.sendMap);
   const got = await exchangeRows(s.group, byRank.permutedTokens as AnyTensor<D>, h.dtype as D, h.hidden, h.sendCounts, h.recvCounts, [], [], op);
+  release(byRank.permutedTokens, byRank.sortedIndices, byRank.tokensPerExpert);
   const ub = moe.unpermuteBackward(
     got.rows as Tensor<D>,
     combined.expertOutputs as Tensor<D>,
     s.recvSorted as Tensor<'int32'>,
     combined.weighted ? { probs: s.permutedProbs as Tensor<'float32'> } : undefined,
   );
+  release(got.rows);
   const out: CombineGrads<D> = { gradExpertOutputs: ub.gradPermuted as Tensor<D> };
   if (combined.weighted) out.gradPermutedProbs = ub.gradProbs!;
   return out;
@@ -982,8 +997,10 @@ export async function dispatchBackward<D extends TokenDType>(
     return part;
   });
   const got = await exchangeRows(s.group, pb.gradTokens as AnyTensor<D>, h.dtype as D, H, h.recvCounts, h.sendCounts, [4 * k], extraSend, op);
+  release(pb.gradTokens, pb.gradProbs);
   // The rows are the send permutation's slots: its backward sums each token's rows in rank order.
   const gradTokens = moe.permuteBackward(got.rows as Tensor<D>, s.sendSorted as Tensor<'int32'>, h.numTokens).gradTokens as Tensor<D>;
+  release(got.rows);
   const back = new Float32Array(got.extras[0].buffer, got.extras[0].byteOffset, got.extras[0].byteLength / 4);
   const gradWeights = new Float32Array(h.numTokens * k);
   const sorted = s.sendSortedHost;
