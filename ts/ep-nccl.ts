@@ -22,8 +22,8 @@
  */
 import { hostname } from 'node:os';
 
-import { type DeviceTensor, isDeviceTensor, type NativeCudaTensor, nativeHandle, rethrowNative, wrapDevice } from './device.js';
-import { ExpertParallelTimeoutError, type ExpertParallelGroup } from './ep.js';
+import { type DeviceTensor, type NativeCudaTensor, nativeHandle, rethrowNative, wrapDevice } from './device.js';
+import { checkDeviceRows, ExpertParallelTimeoutError, type ExpertParallelGroup } from './ep.js';
 import { loadNative } from './backends/native.js';
 import { parseRendezvous, rankList, rendezvous, type RendezvousAddress } from './rendezvous.js';
 import type { TokenDType } from './tensor.js';
@@ -362,20 +362,7 @@ class NcclGroup implements NcclExpertParallelGroup {
   allToAllVDevice<D extends TokenDType>(send: DeviceTensor<D>, sendRows: readonly number[], recvRows: readonly number[], label?: string): Promise<DeviceTensor<D>> {
     return new Promise<DeviceTensor<D>>((resolve, reject) => {
       const l = labelArg(label, 'allToAllVDevice');
-      const n = this.size;
-      const op = at(l, 'allToAllVDevice');
-      if (!isDeviceTensor(send)) throw new TypeError(`${op}: send: expected a device tensor [rows, hidden] (a cuda backend's), got ${describe(send)}`);
-      if (send.disposed) throw new TypeError(`${op}: send: expected a device tensor that is not disposed, got one whose dispose() was called`);
-      for (const [name, rows] of [
-        ['sendRows', sendRows],
-        ['recvRows', recvRows],
-      ] as const) {
-        if (!Array.isArray(rows)) throw new TypeError(`${op}: ${name}: expected an array of ${n} row counts, got ${describe(rows)}`);
-        if (rows.length !== n) throw new RangeError(`${op}: ${name}: expected one count per rank (${n}), got ${rows.length}`);
-        rows.forEach((r, j) => {
-          integer(r, `${op}: ${name}[${j}]`, 0);
-        });
-      }
+      checkDeviceRows(at(l, 'allToAllVDevice'), this.size, send, sendRows, recvRows);
       const handle = nativeHandle(send);
       const [sent, want] = [[...sendRows], [...recvRows]];
       this.#run(l, 'allToAllVDevice', async () => {

@@ -91,6 +91,30 @@ export class ExpertParallelTimeoutError extends Error {
   }
 }
 
+/**
+ * allToAllVDevice's arguments (for a group's implementation): `send` a live `[rows, hidden]`
+ * device tensor, `sendRows` / `recvRows` one count per rank (`size`), `sendRows` adding up to
+ * `rows`; its dtype and shape, or a TypeError / RangeError starting with `op`.
+ */
+export function checkDeviceRows(op: string, size: number, send: unknown, sendRows: unknown, recvRows: unknown): { dtype: TokenDType; shape: readonly number[] } {
+  if (!isDeviceTensor(send)) throw new TypeError(`${op}: send: expected a device tensor [rows, hidden] (a cuda backend's), got ${describe(send)}`);
+  const meta = deviceMeta(send, `${op}: send`);
+  if (meta.shape.length !== 2) throw new RangeError(`${op}: send.shape: expected [rows, hidden], got [${meta.shape.join(', ')}]`);
+  for (const [name, rows] of [
+    ['sendRows', sendRows],
+    ['recvRows', recvRows],
+  ] as const) {
+    if (!Array.isArray(rows)) throw new TypeError(`${op}: ${name}: expected an array of ${size} row counts, got ${describe(rows)}`);
+    if (rows.length !== size) throw new RangeError(`${op}: ${name}: expected one count per rank (${size}), got ${rows.length}`);
+    rows.forEach((r, j) => {
+      sizeArg(r, `${op}: ${name}[${j}]`, 0);
+    });
+  }
+  const sum = (sendRows as number[]).reduce((a, b) => a + b, 0);
+  if (sum !== meta.shape[0]) throw new RangeError(`${op}: sendRows: they add up to ${sum} rows, send has ${meta.shape[0]}`);
+  return meta;
+}
+
 /** What an in-process group needs to move device tensors: the cuda backend (its `upload`). */
 export interface DeviceUpload {
   upload<D extends TokenDType>(tensor: Tensor<D>): DeviceTensor<D>;
@@ -270,23 +294,9 @@ class InProcessRank implements ExpertParallelGroup {
   /** allToAllVDevice through the host: `send` downloaded, its rows exchanged as bytes, what arrives uploaded. */
   async #allToAllVDevice<D extends TokenDType>(device: DeviceUpload, send: DeviceTensor<D>, sendRows: readonly number[], recvRows: readonly number[], label?: string): Promise<DeviceTensor<D>> {
     const l = labelArg(label, 'allToAllV');
-    const op = `${at(l, 'allToAllV')} (device rows)`;
-    const n = this.#hub.size;
-    if (!isDeviceTensor(send)) throw new TypeError(`${op}: send: expected a device tensor [rows, hidden], got ${describe(send)}`);
-    const meta = deviceMeta(send, `${op}: send`);
-    if (meta.shape.length !== 2) throw new RangeError(`${op}: send.shape: expected [rows, hidden], got [${meta.shape.join(', ')}]`);
-    for (const [name, rows] of [
-      ['sendRows', sendRows],
-      ['recvRows', recvRows],
-    ] as const) {
-      if (!Array.isArray(rows)) throw new TypeError(`${op}: ${name}: expected an array of ${n} row counts, got ${describe(rows)}`);
-      if (rows.length !== n) throw new RangeError(`${op}: ${name}: expected one count per rank (${n}), got ${rows.length}`);
-      rows.forEach((r, j) => {
-        sizeArg(r, `${op}: ${name}[${j}]`, 0);
-      });
-    }
-    const [total, hidden] = meta.shape;
-    if (sendRows.reduce((a, b) => a + b, 0) !== total) throw new RangeError(`${op}: sendRows: they add up to ${sendRows.reduce((a, b) => a + b, 0)} rows, send has ${total}`);
+    const op = `${l === 'allToAllV' ? '' : `${l}: `}allToAllVDevice`;
+    const meta = checkDeviceRows(op, this.#hub.size, send, sendRows, recvRows);
+    const hidden = meta.shape[1];
     const rowBytes = hidden * ELEMENT_BYTES[meta.dtype];
     const host = send.download() as Tensor<D>;
     const recv = await this.allToAllV(
