@@ -214,13 +214,12 @@ async function worker() {
     // The single-GPU layer over every token (this rank's GPU), then this rank's rows of it; with
     // --device on device tensors too (the experts on device tensors take the fast exp, on host
     // tensors the core's bits: the two differ in the last bit, so each path is checked against its own)
-    const U = (t) => (onDevice ? moe.upload(t) : t);
-    const mh = moe.indicesToMultihot(U(all.indices), U(all.weights), E);
-    const perm = moe.permute(U(all.tokens), mh.routingMap, { probs: mh.probs });
-    const wAll = { gateAndUpProjs: U(weights.gateAndUpProjs), downProjs: U(weights.downProjs) };
+    const mh = moe.indicesToMultihot(up(all.indices), up(all.weights), E);
+    const perm = moe.permute(up(all.tokens), mh.routingMap, { probs: mh.probs });
+    const wAll = { gateAndUpProjs: up(weights.gateAndUpProjs), downProjs: up(weights.downProjs) };
     const yAll = moe.expertsForward(perm.permutedTokens, perm.tokensPerExpert, wAll, { activation: 'swiglu', permutedProbs: perm.permutedProbs });
     const merged = moe.unpermute(yAll, perm.sortedIndices, [T * size, H]);
-    const single = rowsOf(onDevice ? merged.download() : merged, rank * T, (rank + 1) * T);
+    const single = rowsOf(toHost(merged), rank * T, (rank + 1) * T);
 
     const t0 = performance.now();
     const group = standIn ? Object.assign(lib.createInProcessGroup(1)[0], { destroy: async () => {} }) : await lib.createExpertParallelGroup({ rank, size, rendezvous, timeoutMs });

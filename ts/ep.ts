@@ -140,7 +140,7 @@ export interface InProcessGroupOptions {
 // ---------------------------------------------------------------------------------------
 // The in-process group: N ranks in one process exchanging buffers.
 
-type Collective = 'allGather' | 'allToAllV';
+type Collective = 'allGather' | 'allToAllV' | 'allToAllVDevice';
 
 interface Arrival {
   op: Collective;
@@ -293,9 +293,8 @@ class InProcessRank implements ExpertParallelGroup {
 
   /** allToAllVDevice through the host: `send` downloaded, its rows exchanged as bytes, what arrives uploaded. */
   async #allToAllVDevice<D extends TokenDType>(device: DeviceUpload, send: DeviceTensor<D>, sendRows: readonly number[], recvRows: readonly number[], label?: string): Promise<DeviceTensor<D>> {
-    const l = labelArg(label, 'allToAllV');
-    const op = `${l === 'allToAllV' ? '' : `${l}: `}allToAllVDevice`;
-    const meta = checkDeviceRows(op, this.#hub.size, send, sendRows, recvRows);
+    const l = labelArg(label, 'allToAllVDevice');
+    const meta = checkDeviceRows(at(l, 'allToAllVDevice'), this.#hub.size, send, sendRows, recvRows);
     const hidden = meta.shape[1];
     const rowBytes = hidden * ELEMENT_BYTES[meta.dtype];
     const host = send.download() as Tensor<D>;
@@ -545,10 +544,10 @@ function isTensorLike(value: unknown): boolean {
   return typeof value === 'object' && value !== null && 'data' in value && 'shape' in value;
 }
 
-/** A device tensor's dtype and shape (a disposed one is a TypeError naming `arg`). */
-function deviceMeta(t: DeviceTensor, arg: string): { dtype: TokenDType; shape: readonly number[] } {
+/** A device tensor's dtype (one of `dtypes`) and shape (a disposed one is a TypeError naming `arg`). */
+function deviceMeta(t: DeviceTensor, arg: string, dtypes: readonly string[] = TOKENS): { dtype: TokenDType; shape: readonly number[] } {
   if (t.disposed) throw new TypeError(`${arg}: expected a device tensor that is not disposed, got one whose dispose() was called`);
-  if (!(TOKENS as readonly string[]).includes(t.dtype)) throw new TypeError(`${arg}.dtype: expected one of ${TOKENS.join(', ')}, got ${t.dtype}`);
+  if (!dtypes.includes(t.dtype)) throw new TypeError(`${arg}.dtype: expected ${dtypes.length === 1 ? dtypes[0] : `one of ${dtypes.join(', ')}`}, got ${t.dtype}`);
   return { dtype: t.dtype as TokenDType, shape: t.shape };
 }
 
@@ -988,7 +987,7 @@ export async function dispatchBackward<D extends TokenDType>(
     let gradProbs: AnyTensor<'float32'> | undefined;
     if (o.gradPermutedProbs !== undefined) {
       const meta = isDeviceTensor(o.gradPermutedProbs)
-        ? deviceMetaOf(o.gradPermutedProbs, 'options.gradPermutedProbs', 'float32')
+        ? deviceMeta(o.gradPermutedProbs, 'options.gradPermutedProbs', ['float32'])
         : checkTensor(o.gradPermutedProbs, 'options.gradPermutedProbs', ['float32'] as const);
       if (meta.shape.length !== 1 || meta.shape[0] !== h.numSlots) {
         throw new RangeError(`options.gradPermutedProbs.shape: expected [${h.numSlots}] (dispatch's permutedProbs), got [${meta.shape.join(', ')}]`);
@@ -1041,11 +1040,4 @@ export async function dispatchBackward<D extends TokenDType>(
     }
   });
   return { gradTokens, gradWeights: { dtype: 'float32', shape: [h.numTokens, k], data: gradWeights } };
-}
-
-/** A device tensor's shape, checked to be `dtype` and not disposed. */
-function deviceMetaOf(t: DeviceTensor, arg: string, dtype: string): { shape: readonly number[] } {
-  if (t.disposed) throw new TypeError(`${arg}: expected a device tensor that is not disposed, got one whose dispose() was called`);
-  if (t.dtype !== dtype) throw new TypeError(`${arg}.dtype: expected ${dtype}, got ${t.dtype}`);
-  return { shape: t.shape };
 }
