@@ -71,6 +71,20 @@ struct GgAct {
     ActOpts o;
 };
 
+// The first GEMM gathering its rows on load (`_gather` kernels): row r of the expert-major A is
+// row `rows_of[r]` of `x` [x_rows, k] (the tokens in their own order: permute's sortedIndices),
+// so the permuted copy of the tokens is never made. An index outside [0, x_rows) reads zeros.
+// The producer warpgroup's 128 threads copy A's rows with cp.async (16 bytes a thread, 8 threads
+// a 128-byte row segment, the 128-byte swizzle by hand, as the TMA would write them); its first
+// thread still loads B by TMA. A stage's `full` barrier then takes 129 arrivals: the TMA's
+// expect_tx and, one k-step later, each copying thread's, after its copies have landed
+// (cp.async.wait_group 1) and been fenced to the async proxy that wgmma reads through.
+struct GgGather {
+    const u16* x;
+    const int* rows_of;
+    int x_rows;
+};
+
 #ifdef GG_WGMMA
 
 static __device__ __forceinline__ u32 gg_smem(const void* p) { return (u32)__cvta_generic_to_shared(p); }
@@ -111,6 +125,16 @@ static __device__ __forceinline__ void tma_load_3d(u32 dst, const GgTensorMap* m
         "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];" ::"r"(dst),
         "l"((u64)map), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
         : "memory");
+}
+
+// 16 bytes global -> shared, or (src_bytes 0) 16 zero bytes; cp.async's groups.
+static __device__ __forceinline__ void cp_async_16(u32 dst, const void* src, u32 src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+static __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+static __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
 static __device__ __forceinline__ void tma_prefetch(const GgTensorMap* map) {
@@ -357,11 +381,12 @@ static __device__ __forceinline__ GgShared gg_shared_layout() {
 }
 
 // One thread: the stages' barriers initialised and made visible. `empty` takes one arrival per
-// consumer warp: 8, or 16 in a 2-CTA cluster (the stage is written by both CTAs' loads).
+// consumer warp: 8, or 16 in a 2-CTA cluster (the stage is written by both CTAs' loads); `full`
+// one (the TMA's expect_tx), or `full_arrivals` (the gather kernels: 129).
 template <int STAGES>
-static __device__ __forceinline__ void gg_init_barriers(const GgShared& sh, u32 consumer_warps = 8) {
+static __device__ __forceinline__ void gg_init_barriers(const GgShared& sh, u32 consumer_warps = 8, u32 full_arrivals = 1) {
     for (int s = 0; s < STAGES; s++) {
-        mbar_init(sh.full0 + 8 * s, 1);
+        mbar_init(sh.full0 + 8 * s, full_arrivals);
         mbar_init(sh.empty0 + 8 * s, consumer_warps);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -404,6 +429,71 @@ static __device__ __forceinline__ void gg_skip_for_epilogue(const GgShared& sh, 
         mbar_wait(sh.empty0 + 8 * ring.stage, ring.phase ^ 1);
         mbar_arrive(sh.full0 + 8 * ring.stage);
         ring.advance();
+    }
+}
+
+// The gather kernels' producer ring: the next stage to fill, and the oldest filled stage whose
+// copies its threads have not yet signalled (`waiting`): a stage is signalled one k-step late,
+// after the next one's copies are issued, so that a thread waits for its copies only while newer
+// ones are in flight.
+template <int STAGES>
+struct GgGatherRing {
+    GgRing<STAGES> fill, signal;
+    bool waiting = false;
+};
+
+// A producer thread's copies of the oldest waiting stage have landed: fenced to the async proxy
+// (wgmma reads the stage through it), then its arrival on the stage's `full` barrier. `N`: the
+// newer cp.async groups that may stay in flight.
+template <int N, int STAGES>
+static __device__ __forceinline__ void gg_gather_signal(const GgShared& sh, GgGatherRing<STAGES>& gr) {
+    cp_async_wait<N>();
+    fence_async_shared();
+    mbar_arrive(sh.full0 + 8 * gr.signal.stage);
+    gr.signal.advance();
+    gr.waiting = false;
+}
+
+// One tile's k-steps in the gather kernels, by every thread of the producer warpgroup (`ptid`
+// 0 .. 127): thread ptid copies the 16 bytes at column 8 (ptid % 8) of a k-step's 64 columns of
+// tile rows ptid / 8 + 16 i (i < 8; so a warp's copy instruction reads four whole 128-byte row
+// segments) from x's row rows_of[row0 + r] to where the TMA's 128-byte swizzle would put them
+// (the 16-byte piece c of row r at r * 128 + 16 (c ^ r % 8)); rows past the tile's `rows`, an
+// index outside x and columns past k are zeros. Thread 0 also arms the stage's `full` barrier
+// for B's bytes and calls `load_b(kb, full, b_dst)` to issue B's TMA loads.
+template <int STAGES, u32 A_BYTES, u32 STAGE_BYTES, class LoadB>
+static __device__ __forceinline__ void gg_produce_gather(const GgShared& sh, GgGatherRing<STAGES>& gr, const GgGather& g, const GgTile& tl,
+                                                         int k, int num_kb, int ptid, LoadB load_b) {
+    const int chunk = ptid & 7, r0 = ptid >> 3;
+    const u32 swizzled = (u32)((chunk ^ (r0 & 7)) << 4);
+    // each row's start in x in 16-byte pieces (x < 64 GiB: grouped_gemm.rs checks), or ~0: zeros
+    u32 src[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        const int r = r0 + 16 * i;
+        const int s = r < tl.rows ? __ldg(g.rows_of + tl.row0 + r) : -1;
+        src[i] = (unsigned)s < (unsigned)g.x_rows ? (u32)s * (u32)(k >> 3) : ~0u;
+    }
+    const uint4* x = (const uint4*)g.x;
+    for (int kb = 0; kb < num_kb; kb++) {
+        const u32 full = sh.full0 + 8 * gr.fill.stage;
+        mbar_wait(sh.empty0 + 8 * gr.fill.stage, gr.fill.phase ^ 1);
+        const u32 a_dst = sh.base + gr.fill.stage * STAGE_BYTES;
+        if (ptid == 0) {
+            mbar_expect_tx(full, STAGE_BYTES - A_BYTES);
+            load_b(kb, full, a_dst + A_BYTES);
+        }
+        const u32 piece = (u32)(kb * (GG_BK / 8) + chunk);
+        const bool in_k = 8 * (int)piece < k;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const bool ok = in_k && src[i] != ~0u;
+            cp_async_16(a_dst + (u32)(r0 + 16 * i) * 128u + swizzled, x + (ok ? src[i] + piece : 0u), ok ? 16u : 0u);
+        }
+        cp_async_commit();
+        gr.fill.advance();
+        if (gr.waiting) gg_gather_signal<1>(sh, gr);
+        gr.waiting = true;
     }
 }
 
@@ -611,9 +701,11 @@ static __device__ __forceinline__ void gg_mma_step(float* acc, int kb, u32 a_add
 // so each loads 32 KiB of a 48 KiB stage from L2 instead of 48; else each loads its own. The
 // two CTAs go through the same stages in step: every stage is released by the consumers of both
 // (16 arrivals), and neither CTA exits before the other is done with its shared memory.
-template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, int EPI, bool HALF = false, bool MC = false, bool ACT = false>
+template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, int EPI, bool HALF = false, bool MC = false, bool ACT = false,
+          bool GATHER = false>
 static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const GgTensorMap* map_b, void* out, const int* counts,
-                                               int num_experts, int m_total, int n, int k, int group_n, const GgAct* act = nullptr) {
+                                               int num_experts, int m_total, int n, int k, int group_n, const GgAct* act = nullptr,
+                                               const GgGather* gather = nullptr) {
     constexpr u32 A_BYTES = GG_BM * GG_BK * 2;
     constexpr u32 B_BYTES = BN * GG_BK * 2;
     constexpr u32 STAGE_BYTES = A_BYTES + B_BYTES;
@@ -624,6 +716,8 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
     static_assert(!ACT || (BN == 256 && !B_KMAJOR && !OUT_F32 && EPI == GG_EPI_STAGED && !HALF && !MC),
                   "the fused activation: x W1, 128 x 256 tiles, the staged epilogue");
     static_assert(!ACT || GG_BM * BN / 2 / 2 == 32 * 256, "the fused activation: 32 column pairs a consumer thread a tile");
+    static_assert(!GATHER || (BN == 256 && !B_KMAJOR && !OUT_F32 && EPI == GG_EPI_STAGED && !HALF && !MC && !ACT),
+                  "the gather on load: x W1, 128 x 256 tiles, the staged epilogue");
     // (ACT: a tile's 256 accumulator columns are 128 gate and 128 up columns; `n` is inter, the
     // output's columns, and tiles step over it 128 at a time)
     constexpr int TN = ACT ? BN / 2 : BN;
@@ -654,7 +748,7 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
     if (threadIdx.x == 0) {
         row_start[num_experts] = rows_carry;
         tile_start[num_experts] = tiles_carry;
-        gg_init_barriers<STAGES>(sh, MC ? 16 : 8);
+        gg_init_barriers<STAGES>(sh, MC ? 16 : 8, GATHER ? 129 : 1);
     }
     __syncthreads();
     // (the cluster kernels: the other CTA's barriers are initialised before any arrival or load)
@@ -686,7 +780,51 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
     if (wg == 0) {
         // the producer: one thread issues every TMA load
         if constexpr (BN == 256) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-        if (threadIdx.x == 0) {
+        // B's k-step kb of tile tl into b_dst, by TMA
+        auto load_b = [&](const GgTile& tl, bool paired, int kb, u32 full, u32 b_dst) {
+            if constexpr (MC) {
+                // B in halves of 128 columns (MC's `nt` map: boxes of 64 k x 128 n)
+                const u16 both = 3;
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    if (paired && h != (int)rank) continue;  // the other CTA loads this half
+                    const u32 dst = b_dst + h * 16384;
+                    if constexpr (B_KMAJOR) {
+                        if (paired) tma_load_3d_mc(dst, map_b, kb * GG_BK, tl.n0 + 128 * h, tl.e, full, both);
+                        else tma_load_3d(dst, map_b, kb * GG_BK, tl.n0 + 128 * h, tl.e, full);
+                    } else {
+#pragma unroll
+                        for (int j = 0; j < 2; j++) {
+                            const int n0 = tl.n0 + 128 * h + 64 * j;
+                            if (paired) tma_load_3d_mc(dst + j * 8192, map_b, n0, kb * GG_BK, tl.e, full, both);
+                            else tma_load_3d(dst + j * 8192, map_b, n0, kb * GG_BK, tl.e, full);
+                        }
+                    }
+                }
+            } else if constexpr (B_KMAJOR) {
+                tma_load_3d(b_dst, map_b, kb * GG_BK, tl.n0, tl.e, full);
+            } else {
+#pragma unroll
+                for (int j = 0; j < BN / 64; j++) {
+                    // (ACT: the gate columns n0 .., then the up columns inter + n0 ..)
+                    const int col = ACT ? (j < BN / 128 ? tl.n0 + 64 * j : n + tl.n0 + 64 * (j - BN / 128)) : tl.n0 + 64 * j;
+                    tma_load_3d(b_dst + j * 8192, map_b, col, kb * GG_BK, tl.e, full);
+                }
+            }
+        };
+        if constexpr (GATHER) {
+            // every producer thread copies A's rows; the first also loads B
+            const int ptid = (int)threadIdx.x;
+            if (ptid == 0) tma_prefetch(map_b);
+            GgGatherRing<STAGES> gr;
+            for (int q = first; q < items; q += step) {
+                bool paired;
+                const GgTile tl = tile_of(q, &paired);
+                gg_produce_gather<STAGES, A_BYTES, STAGE_BYTES>(sh, gr, *gather, tl, k, num_kb, ptid,
+                                                                [&](int kb, u32 full, u32 b_dst) { load_b(tl, paired, kb, full, b_dst); });
+            }
+            if (gr.waiting) gg_gather_signal<0>(sh, gr);
+        } else if (threadIdx.x == 0) {
             tma_prefetch(map_a);
             tma_prefetch(map_b);
             GgRing<STAGES> ring;
@@ -695,35 +833,7 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
                 const GgTile tl = tile_of(q, &paired);
                 gg_produce<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, [&](int kb, u32 full, u32 a_dst, u32 b_dst) {
                     tma_load_2d(a_dst, map_a, kb * GG_BK, tl.row0, full);
-                    if constexpr (MC) {
-                        // B in halves of 128 columns (MC's `nt` map: boxes of 64 k x 128 n)
-                        const u16 both = 3;
-#pragma unroll
-                        for (int h = 0; h < 2; h++) {
-                            if (paired && h != (int)rank) continue;  // the other CTA loads this half
-                            const u32 dst = b_dst + h * 16384;
-                            if constexpr (B_KMAJOR) {
-                                if (paired) tma_load_3d_mc(dst, map_b, kb * GG_BK, tl.n0 + 128 * h, tl.e, full, both);
-                                else tma_load_3d(dst, map_b, kb * GG_BK, tl.n0 + 128 * h, tl.e, full);
-                            } else {
-#pragma unroll
-                                for (int j = 0; j < 2; j++) {
-                                    const int n0 = tl.n0 + 128 * h + 64 * j;
-                                    if (paired) tma_load_3d_mc(dst + j * 8192, map_b, n0, kb * GG_BK, tl.e, full, both);
-                                    else tma_load_3d(dst + j * 8192, map_b, n0, kb * GG_BK, tl.e, full);
-                                }
-                            }
-                        }
-                    } else if constexpr (B_KMAJOR) {
-                        tma_load_3d(b_dst, map_b, kb * GG_BK, tl.n0, tl.e, full);
-                    } else {
-#pragma unroll
-                        for (int j = 0; j < BN / 64; j++) {
-                            // (ACT: the gate columns n0 .., then the up columns inter + n0 ..)
-                            const int col = ACT ? (j < BN / 128 ? tl.n0 + 64 * j : n + tl.n0 + 64 * (j - BN / 128)) : tl.n0 + 64 * j;
-                            tma_load_3d(b_dst + j * 8192, map_b, col, kb * GG_BK, tl.e, full);
-                        }
-                    }
+                    load_b(tl, paired, kb, full, b_dst);
                 });
                 if constexpr (EPI == GG_EPI_RING) gg_skip_for_epilogue<STAGES>(sh, ring);
             }
@@ -905,9 +1015,10 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap*, const G
     __trap();
 }
 
-template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, int EPI, bool HALF = false, bool MC = false, bool ACT = false>
+template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, int EPI, bool HALF = false, bool MC = false, bool ACT = false,
+          bool GATHER = false>
 static __device__ __forceinline__ void gg_body(const GgTensorMap*, const GgTensorMap*, void*, const int*, int, int, int, int, int,
-                                               const GgAct* = nullptr) {
+                                               const GgAct* = nullptr, const GgGather* = nullptr) {
     __trap();
 }
 
@@ -973,6 +1084,13 @@ extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_a
                                                                                    double alpha, double limit, double linear_offset) {
     const GgAct act{act_out, probs, act_opts(kind, alpha, limit, linear_offset, true)};
     gg_body<256, false, false, 3, GG_EPI_STAGED, false, false, true>(GG_PASS, &act);
+}
+
+// The first GEMM gathering its rows on load (GgGather): out [m, n] = x[rows_of[r]] @ W[e] for the
+// expert-major rows r; map_a is unused (any map), x [x_rows, k].
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_gather(GG_ARGS, const u16* x, const int* rows_of, int x_rows) {
+    const GgGather gather{x, rows_of, x_rows};
+    gg_body<256, false, false, 3, GG_EPI_STAGED, false, false, false, true>(GG_PASS, nullptr, &gather);
 }
 
 // dw [E, KO, N] = x^T dy per expert: map_a over x [M, KO], map_b over dy [M, N]; the launch's k is

@@ -334,7 +334,7 @@ pub fn launch(
     // persistent: one block per SM, or fewer when there are fewer tiles than that at most (the
     // cluster kernel's padding: one tile an expert)
     let max_tiles = (m / TILE_M + experts).saturating_mul(n.div_ceil(tile.columns())) + if tile.cluster() > 1 { experts } else { 0 };
-    run_kernel(dev, "grouped GEMM", name, tile, max_tiles, out, counts, sizes, None, || {
+    run_kernel(dev, "grouped GEMM", name, tile, max_tiles, out, counts, sizes, Extra::None, || {
         let (m64, n64, k64, e64) = (m as u64, n as u64, k as u64, experts as u64);
         // A: [m, k], box 64 (k) x 128 (rows)
         let map_a = tensor_map("the tokens", x, &[k64, m64], &[k64 * 2], &[TILE_K as u32, TILE_M as u32])?;
@@ -360,6 +360,21 @@ struct ActArgs {
     alpha: f64,
     limit: f64,
     offset: f64,
+}
+
+/// The `_gather` kernel's parameters after GG_ARGS: the rows' source `x [x_rows, k]` and the
+/// source row of each expert-major row.
+struct GatherArgs {
+    x: u64,
+    rows_of: u64,
+    x_rows: i32,
+}
+
+/// A kernel's parameters after GG_ARGS, if any.
+enum Extra<'a> {
+    None,
+    Act(&'a ActArgs),
+    Gather(&'a GatherArgs),
 }
 
 /// Whether [`launch_act`] takes activation `kind`: the kinds with `[gate | up]` halves (swiglu,
@@ -420,10 +435,60 @@ pub fn launch_act(
         limit: options.limit as f64,
         offset: options.linear_offset as f64,
     };
-    run_kernel(dev, "grouped GEMM with the activation", name, tile, max_tiles, h, counts, sizes, Some(&act), || {
+    run_kernel(dev, "grouped GEMM with the activation", name, tile, max_tiles, h, counts, sizes, Extra::Act(&act), || {
         let (m64, n64, k64, e64) = (m as u64, 2 * inter as u64, k as u64, experts as u64);
         let map_a = tensor_map("the tokens", x, &[k64, m64], &[k64 * 2], &[TILE_K as u32, TILE_M as u32])?;
         // [E, k, 2 inter]: boxes of 64 (n) x 64 (k), gate and up columns
+        let map_b = tensor_map("the weights", w, &[n64, k64, e64], &[n64 * 2, n64 * k64 * 2], &[64, TILE_K as u32, 1])?;
+        Ok((map_a, map_b))
+    })
+}
+
+/// The first expert GEMM gathering its rows on load: `out [m, n] = x[rows_of[r]] @ w[e]` for the
+/// expert-major rows r (expert e's `counts[e]` rows after the rows of experts 0 .. e-1), bf16,
+/// `w [experts, k, n]` ([`WeightLayout::KN`]); `x [x_rows, k]` the tokens in their own order and
+/// `rows_of [m]` int32 the token of each row (permute's sortedIndices), so the permuted copy of
+/// x is never made. The same bits as [`launch`] on the gathered rows with [`TileN::N256Bulk`]
+/// (the same tiles, k-steps and epilogue; only the A operand's loads differ). An index outside
+/// `[0, x_rows)` reads a row of zeros. `k` and `n` multiples of 8; queued on the device's stream.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_gather(
+    dev: &Device,
+    x: u64,
+    x_rows: usize,
+    rows_of: u64,
+    w: u64,
+    counts: u64,
+    out: u64,
+    experts: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Result<()> {
+    const WHAT: &str = "grouped GEMM gathering its rows";
+    if m == 0 || n == 0 || experts == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        return Err(Error::Cuda(format!("{WHAT}: k = 0: nothing to multiply (a bug in the caller)")));
+    }
+    if rows_of % 4 != 0 {
+        return Err(Error::Cuda(format!("{WHAT}: the row indices must be 4-byte aligned")));
+    }
+    // (the kernel addresses x in 16-byte pieces with 32-bit offsets)
+    if (x_rows as u128) * (k as u128) * 2 >= 1u128 << 36 {
+        return Err(Error::Cuda(format!("{WHAT}: x [{x_rows}, {k}] is 64 GiB or more (the kernel's limit)")));
+    }
+    let x_rows_i = i32::try_from(x_rows).map_err(|_| Error::Cuda(format!("{WHAT}: x_rows = {x_rows} exceeds int32")))?;
+    let sizes = checked_sizes(WHAT, "k", x | w | out, experts, m, n, k)?;
+    let tile = TileN::N256Bulk;
+    let name = "grouped_gemm_nn_n256_bf16_gather";
+    let max_tiles = (m / TILE_M + experts).saturating_mul(n.div_ceil(tile.columns()));
+    let gather = GatherArgs { x, rows_of, x_rows: x_rows_i };
+    run_kernel(dev, WHAT, name, tile, max_tiles, out, counts, sizes, Extra::Gather(&gather), || {
+        let (n64, k64, e64) = (n as u64, k as u64, experts as u64);
+        // (A's map is not read by the kernel: one over x, valid as any)
+        let map_a = tensor_map("the tokens", x, &[k64, x_rows.max(1) as u64], &[k64 * 2], &[TILE_K as u32, TILE_M as u32])?;
         let map_b = tensor_map("the weights", w, &[n64, k64, e64], &[n64 * 2, n64 * k64 * 2], &[64, TILE_K as u32, 1])?;
         Ok((map_a, map_b))
     })
@@ -476,7 +541,7 @@ pub fn launch_wgrad(
     };
     let tiles = experts.saturating_mul(ko.div_ceil(TILE_M)).saturating_mul(n.div_ceil(256));
     // (the kernel's k is ko, its n is n)
-    run_kernel(dev, "grouped weight gradient", name, tile, tiles, dw, counts, sizes, None, || {
+    run_kernel(dev, "grouped weight gradient", name, tile, tiles, dw, counts, sizes, Extra::None, || {
         let (m64, n64, k64) = (m as u64, n as u64, ko as u64);
         // x^T and dy: boxes of 64 columns x 64 rows
         let map_a = tensor_map("the weight gradient's x", x, &[k64, m64], &[k64 * 2], &[64, TILE_K as u32])?;
@@ -522,7 +587,7 @@ fn run_kernel(
     out: u64,
     counts: u64,
     sizes: Sizes,
-    act: Option<&ActArgs>,
+    extra: Extra,
     maps: impl FnOnce() -> Result<(TensorMap, TensorMap)>,
 ) -> Result<()> {
     let kernels = kernels(dev)?;
@@ -549,12 +614,18 @@ fn run_kernel(
     let Sizes { experts: ei, m: mi, n: ni, k: ki } = sizes;
     let mut b = stream.launch_builder(f);
     b.arg(&map_a).arg(&map_b).arg(&out).arg(&counts).arg(&ei).arg(&mi).arg(&ni).arg(&ki).arg(&group);
-    if let Some(a) = act {
-        b.arg(&a.a).arg(&a.probs).arg(&a.kind).arg(&a.alpha).arg(&a.limit).arg(&a.offset);
+    match extra {
+        Extra::None => {}
+        Extra::Act(a) => {
+            b.arg(&a.a).arg(&a.probs).arg(&a.kind).arg(&a.alpha).arg(&a.limit).arg(&a.offset);
+        }
+        Extra::Gather(g) => {
+            b.arg(&g.x).arg(&g.rows_of).arg(&g.x_rows);
+        }
     }
     let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
     // SAFETY: the arguments match the kernel's parameters (GG_ARGS; the weight gradients' k is
-    // ko; the `_act` kernel's after them) in order and type.
+    // ko; the `_act` and `_gather` kernels' after them) in order and type.
     unsafe { b.launch(cfg) }.map_err(|e| Error::driver(format!("launching {name} on {grid} blocks"), e))?;
     Ok(())
 }
@@ -681,6 +752,10 @@ mod tests {
             }
         }
         assert_eq!(found, 18);
+        // the fused kernels, launched by name
+        for name in ["grouped_gemm_nn_n256_bf16_act", "grouped_gemm_nn_n256_bf16_gather"] {
+            assert!(declared.iter().any(|d| d == name), "{name} is not in {declared:?}");
+        }
         // the short names are distinct and name their own tiles
         for (tile, short) in TileN::ALL {
             assert_eq!(TileN::from_short(short), Some(tile), "{short}");

@@ -24,7 +24,10 @@
 //! stages and register stores, with the ring's epilogue; default all eight), `--shapes a,b`, `--out FILE`,
 //! `--small-only`, `--no-small` (the shapes only: for a profiler), `--act` (the first GEMM with the
 //! activation fused, `launch_act`: its small checks against the plain kernel + activation kernel,
-//! and x W1 + swiglu both ways at the shapes). Exit code 1 when a check fails.
+//! and x W1 + swiglu both ways at the shapes), `--gather` (the first GEMM gathering its rows on
+//! load, `launch_gather`: its small checks against the bulk kernel on rows the host gathered, and
+//! x W1 at the shapes from the tokens in their own order against permute's kernel + the bulk
+//! kernel). Exit code 1 when a check fails.
 
 use half::bf16;
 use moe_core::tensor::DType;
@@ -354,6 +357,144 @@ fn fused_act_timing(
     ))
 }
 
+/// The first GEMM gathering its rows on load (`grouped_gemm::launch_gather`) against the bulk
+/// kernel on the rows gathered by the host (the permuted copy the layer makes today): the outputs
+/// equal byte for byte, the spare rows untouched, run to run identical. Each small case's rows
+/// come from `x` of about half as many rows (so rows repeat, as a token's k picks do) in a random
+/// order, two of them through an index outside x (-1 and x_rows + 7: rows of zeros). Returns the
+/// failures.
+fn gather_checks(dev: &Device) -> R<usize> {
+    let mut failures = 0;
+    for (ci, case) in small_cases().iter().enumerate() {
+        let (e, rows, m) = case.sizes();
+        let (k, n) = (case.k, case.n);
+        let x_rows = rows / 2 + 5;
+        let x = random_bf16(x_rows * k, 5000 + ci as u64, 1.0);
+        let mut rng = Rng(6000 + ci as u64);
+        let mut rows_of: Vec<i32> = (0..m).map(|_| rng.below(x_rows) as i32).collect();
+        if rows >= 4 {
+            rows_of[1] = -1;
+            rows_of[rows - 2] = x_rows as i32 + 7;
+        }
+        let mut gathered = vec![0u16; m * k];
+        for (r, &src) in rows_of.iter().enumerate() {
+            if (0..x_rows as i32).contains(&src) {
+                let src = src as usize;
+                gathered[r * k..(r + 1) * k].copy_from_slice(&x[src * k..(src + 1) * k]);
+            }
+        }
+        let d_x = dev.upload("x", &x)?;
+        let d_gathered = dev.upload("the gathered rows", &gathered)?;
+        let d_rows = dev.upload("rows_of", &rows_of)?;
+        let d_w = dev.upload("w", &random_bf16(e * k * n, 7000 + ci as u64, 1.0))?;
+        let d_counts = dev.upload("counts", &case.counts)?;
+        let p = |b: &Buffer| b.device_ptr(dev);
+        let bytes = (m * n * 2).next_multiple_of(4);
+        let want = run_twice(dev, "out", bytes, |out| {
+            grouped_gemm::launch(
+                dev,
+                p(&d_gathered),
+                p(&d_w),
+                WeightLayout::KN,
+                p(&d_counts),
+                out,
+                DType::BF16,
+                e,
+                m,
+                n,
+                k,
+                TileN::N256Bulk,
+            )
+        })?;
+        let runs = run_twice(dev, "out", bytes, |out| {
+            grouped_gemm::launch_gather(dev, p(&d_x), x_rows, p(&d_rows), p(&d_w), p(&d_counts), out, e, m, n, k)
+        })?;
+        let same = runs[0] == want[0];
+        let repeat = runs[0] == runs[1];
+        let untouched = runs[0][rows * n * 2..m * n * 2].iter().all(|&b| b == 0xff);
+        let ok = same && repeat && untouched;
+        if !ok {
+            failures += 1;
+        }
+        let first = (0..m * n).find(|&i| runs[0][2 * i..2 * i + 2] != want[0][2 * i..2 * i + 2]);
+        println!(
+            "  {}  gather on load: {} [E={e}, M={m}, K={k}, N={n}, x rows {x_rows}]: against the bulk kernel on the gathered rows {}{}, spare rows {}, run to run {}",
+            if ok { "ok  " } else { "FAIL" },
+            case.name,
+            if same { "equal" } else { "DIFFERENT" },
+            first.map(|i| format!(" (first at row {} col {})", i / n, i % n)).unwrap_or_default(),
+            if untouched { "untouched" } else { "WRITTEN" },
+            if repeat { "identical" } else { "DIFFERENT" },
+        );
+    }
+    Ok(failures)
+}
+
+/// x W1 as the layer runs it today (permute's kernel makes the expert-major copy of the tokens,
+/// then the bulk kernel) against the GEMM gathering its rows on load, at a shape: `x_rows` tokens
+/// of `k`, `rows_of` the routing's expert-major tokens. Both timed (and the bulk kernel alone), the
+/// outputs compared byte for byte; prints a line, returns its JSON row.
+#[allow(clippy::too_many_arguments)]
+fn gather_timing(
+    dev: &Device,
+    iters: usize,
+    shape: &str,
+    x_rows: usize,
+    rows_of: &[i32],
+    w: &Buffer,
+    counts: &[i32],
+    d_counts: &Buffer,
+    e: usize,
+    k: usize,
+    n: usize,
+) -> R<String> {
+    use moe_core::permute::DispatchPlan;
+    use moe_cuda::permute::{launch_permute, DevicePlan, PermuteKernel};
+    let m = rows_of.len();
+    let plan = DispatchPlan {
+        num_tokens: x_rows,
+        num_experts: e,
+        sorted_indices: rows_of.to_vec(),
+        tokens_per_expert: counts.iter().map(|&c| c as usize).collect(),
+    };
+    let d_plan = DevicePlan::upload(dev, &plan)?;
+    let x = dev.upload("x", &random_bf16(x_rows * k, 400, 1.0))?;
+    let d_rows = dev.upload("rows_of", rows_of)?;
+    let permuted = dev.alloc("the permuted tokens", m * k * 2)?;
+    let (o1, o2) = (dev.alloc("out", m * n * 2)?, dev.alloc("out", m * n * 2)?);
+    let p = |b: &Buffer| b.device_ptr(dev);
+    let bulk =
+        || grouped_gemm::launch(dev, p(&permuted), p(w), WeightLayout::KN, p(d_counts), p(&o1), DType::BF16, e, m, n, k, TileN::N256Bulk);
+    let copy_then_bulk = || -> R<()> {
+        launch_permute(dev, PermuteKernel::Scatter, &x, k * 2, &d_plan, None, None, &permuted, None)?;
+        bulk()
+    };
+    let gather = || grouped_gemm::launch_gather(dev, p(&x), x_rows, p(&d_rows), p(w), p(d_counts), p(&o2), e, m, n, k);
+    copy_then_bulk()?;
+    gather()?;
+    let same = dev.download_new::<u16>("out", &o1, m * n)? == dev.download_new::<u16>("out", &o2, m * n)?;
+    let (c_ms, _) = time_ms(dev, iters, copy_then_bulk)?;
+    let (b_ms, _) = time_ms(dev, iters, bulk)?;
+    let (g_ms, _) = time_ms(dev, iters, gather)?;
+    let again = {
+        let o3 = dev.alloc("out", m * n * 2)?;
+        grouped_gemm::launch_gather(dev, p(&x), x_rows, p(&d_rows), p(w), p(d_counts), p(&o3), e, m, n, k)?;
+        dev.download_new::<u16>("out", &o3, m * n)? == dev.download_new::<u16>("out", &o2, m * n)?
+    };
+    println!(
+        "  x @ W1 gathering its rows: permute + bulk kernel {c_ms:.3} ms (bulk alone {b_ms:.3}), gather on load {g_ms:.3} ms ({:.2}x the pair, {:.2}x the bulk kernel alone); outputs {}, run to run {}; the permuted copy saved: {:.1} MiB",
+        c_ms / g_ms,
+        b_ms / g_ms,
+        if same { "equal" } else { "DIFFERENT" },
+        if again { "identical" } else { "DIFFERENT" },
+        (m * k * 2) as f64 / (1u64 << 20) as f64
+    );
+    Ok(format!(
+        "{{\"shape\": {shape:?}, \"gemm\": \"x @ W1 gathering its rows\", \"permuteAndBulkMs\": {c_ms}, \"bulkMs\": {b_ms}, \"gatherMs\": {g_ms}, \"sameBits\": {same}, \"runToRunIdentical\": {again}, \"permutedCopyBytes\": {}}}",
+        m * k * 2
+    ))
+}
+
 /// The weight-gradient kernel on the small cases: dw[e] = x_e^T dy_e (x [M, K], dy [M, N]) against
 /// the host, every element of dw (experts with no rows: zeros), run twice; returns the failures.
 fn wgrad_checks(dev: &Device) -> R<usize> {
@@ -412,12 +553,13 @@ fn wgrad_checks(dev: &Device) -> R<usize> {
     Ok(failures)
 }
 
-/// Counts of a random top-k routing (k distinct experts a token).
-fn routing_counts(tokens: usize, experts: usize, topk: usize, seed: u64) -> Vec<i32> {
+/// A random top-k routing (k distinct experts a token): the counts of each expert and the token of
+/// each expert-major row (experts in turn, tokens ascending: permute's sortedIndices).
+fn routing(tokens: usize, experts: usize, topk: usize, seed: u64) -> (Vec<i32>, Vec<i32>) {
     let mut rng = Rng(seed);
-    let mut counts = vec![0i32; experts];
+    let mut rows: Vec<Vec<i32>> = vec![Vec::new(); experts];
     let mut picked = Vec::with_capacity(topk);
-    for _ in 0..tokens {
+    for t in 0..tokens {
         picked.clear();
         while picked.len() < topk {
             let x = rng.below(experts);
@@ -426,10 +568,10 @@ fn routing_counts(tokens: usize, experts: usize, topk: usize, seed: u64) -> Vec<
             }
         }
         for &x in &picked {
-            counts[x] += 1;
+            rows[x].push(t as i32);
         }
     }
-    counts
+    (rows.iter().map(|r| r.len() as i32).collect(), rows.concat())
 }
 
 /// The cuBLAS problems of a GEMM per expert with rows: `problem(c, r0, ex)` is expert ex's, its
@@ -490,7 +632,7 @@ fn compare_bf16(a: &[u16], b: &[u16]) -> (usize, f64, Option<usize>) {
 }
 
 pub fn bench(args: &[String]) -> i32 {
-    let mut act = false;
+    let (mut act, mut gather) = (false, false);
     let (mut tiles, mut small_only, mut small, mut wgrad) = (TileN::ALL.iter().map(|(t, _)| *t).collect::<Vec<_>>(), false, true, true);
     let opts = ShapeOptions::parse(args, |flag, value| match (flag, value) {
         ("--tile", Some(v)) => {
@@ -508,6 +650,10 @@ pub fn bench(args: &[String]) -> i32 {
         }
         ("--act", _) => {
             act = true;
+            Some(1)
+        }
+        ("--gather", _) => {
+            gather = true;
             Some(1)
         }
         ("--small-only", _) => {
@@ -536,7 +682,7 @@ pub fn bench(args: &[String]) -> i32 {
         println!("{e}");
         return 1;
     }
-    match run(dev, &opts, &tiles, small_only, small, wgrad, act) {
+    match run(dev, &opts, &tiles, small_only, small, wgrad, Fusions { act, gather }) {
         Ok((json, failures)) => {
             opts.write(&json);
             if failures > 0 {
@@ -553,7 +699,22 @@ pub fn bench(args: &[String]) -> i32 {
     }
 }
 
-fn run(dev: &Device, opts: &ShapeOptions, tiles: &[TileN], small_only: bool, small: bool, wgrad: bool, act: bool) -> R<(String, usize)> {
+/// The fused kernels a run checks and times beside the plain ones (`--act`, `--gather`).
+struct Fusions {
+    act: bool,
+    gather: bool,
+}
+
+fn run(
+    dev: &Device,
+    opts: &ShapeOptions,
+    tiles: &[TileN],
+    small_only: bool,
+    small: bool,
+    wgrad: bool,
+    fusions: Fusions,
+) -> R<(String, usize)> {
+    let Fusions { act, gather } = fusions;
     use std::io::Write;
     let iters = opts.iters;
     let info = dev.info();
@@ -589,6 +750,11 @@ fn run(dev: &Device, opts: &ShapeOptions, tiles: &[TileN], small_only: bool, sma
         let _ = std::io::stdout().flush();
         failures += act_checks(dev)?;
     }
+    if gather && small {
+        println!("small checks, the first GEMM gathering its rows on load:");
+        let _ = std::io::stdout().flush();
+        failures += gather_checks(dev)?;
+    }
     if small_only {
         return Ok((format!("{{\"device\": {:?}, \"smallCheckFailures\": {failures}}}", info.name), failures));
     }
@@ -600,7 +766,7 @@ fn run(dev: &Device, opts: &ShapeOptions, tiles: &[TileN], small_only: bool, sma
         let (t, e, topk, dim, inter) = (s.tokens, s.experts, s.topk, s.dim, s.inter);
         let width = 2 * inter;
         let m = t * topk;
-        let counts = routing_counts(t, e, topk, 0x5eed ^ e as u64);
+        let (counts, rows_of) = routing(t, e, topk, 0x5eed ^ e as u64);
         let d_counts = dev.upload("counts", &counts)?;
         let w1 = dev.upload("W1", &random_bf16(e * dim * width, 11, 1.0 / (dim as f32).sqrt()))?;
         let w2 = dev.upload("W2", &random_bf16(e * inter * dim, 12, 1.0 / (inter as f32).sqrt()))?;
@@ -704,6 +870,9 @@ fn run(dev: &Device, opts: &ShapeOptions, tiles: &[TileN], small_only: bool, sma
             }
             if act && g.name == "x @ W1" {
                 rows.push(fused_act_timing(dev, iters, s.name, &x, w, &d_counts, e, m, g.k, inter)?);
+            }
+            if gather && g.name == "x @ W1" {
+                rows.push(gather_timing(dev, iters, s.name, t, &rows_of, w, &counts, &d_counts, e, g.k, g.n)?);
             }
             let slot = if g.forward { 0 } else { 1 };
             sums[slot][0] += flops;
