@@ -917,9 +917,15 @@ static __device__ __forceinline__ void gg_wgrad_tile(int t, int m_tiles, int n_t
     *n0 = (g * group_n + u_in % gs) * 256;
 }
 
-template <bool OUT_F32, int EPI>
+// GATHER (GgGather): x's rows are gathered on load as in the token-side `_gather` kernel: row r of
+// the expert-major rows is x's row rows_of[r], so dW1 = x^T dh needs no permuted copy of the tokens.
+// The producer warpgroup's thread ptid copies, each k-step, the 16-byte pieces ptid % 8 of both A
+// boxes (x's columns m0 .. m0 + 127) of rows ptid / 8 + 16 q (q < 4), rows past the expert's end
+// and columns past ko as zeros; the next k-step's indices are loaded while its copies land.
+template <bool OUT_F32, int EPI, bool GATHER = false>
 static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, const GgTensorMap* map_b, void* out, const int* counts,
-                                                     int num_experts, int m_total, int ko, int n, int group_n) {
+                                                     int num_experts, int m_total, int ko, int n, int group_n,
+                                                     const GgGather* gather = nullptr) {
     constexpr int BN = 256, STAGES = EPI == GG_EPI_STAGED ? 3 : 4;
     constexpr u32 C_BYTES = EPI == GG_EPI_STAGED ? 2 * 64 * GG_C_ROW : 0;
     static_assert(EPI == GG_EPI_REG || !OUT_F32, "the bulk epilogues are for bf16 output");
@@ -939,7 +945,7 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, c
     }
     if (threadIdx.x == 0) {
         row_start[num_experts] = min(rows_carry, m_total);
-        gg_init_barriers<STAGES>(sh);
+        gg_init_barriers<STAGES>(sh, 8, GATHER ? 129 : 1);
     }
     __syncthreads();
     const int m_tiles = (ko + GG_BM - 1) / GG_BM, n_tiles = (n + BN - 1) / BN;
@@ -947,7 +953,54 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, c
     const int wg = (int)threadIdx.x / 128;
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-        if (threadIdx.x == 0) {
+        if constexpr (GATHER) {
+            const int ptid = (int)threadIdx.x;
+            const int chunk = ptid & 7, j0 = ptid >> 3;
+            const u32 swizzled = (u32)((chunk ^ (j0 & 7)) << 4);
+            const uint4* x = (const uint4*)gather->x;
+            const u32 row_pieces = (u32)(ko >> 3);
+            if (ptid == 0) tma_prefetch(map_b);
+            GgGatherRing<STAGES> gr;
+            for (int t = blockIdx.x; t < total; t += gridDim.x) {
+                int e, m0, n0;
+                gg_wgrad_tile(t, m_tiles, n_tiles, group_n, &e, &m0, &n0);
+                const int r0 = row_start[e], r1 = row_start[e + 1], num_kb = (r1 - r0 + GG_BK - 1) / GG_BK;
+                // the x row (in 16-byte pieces) of rows r0 + 64 kb + j0 + 16 q, or ~0: zeros
+                u32 src[4];
+                auto rows_at = [&](int kb) {
+#pragma unroll
+                    for (int q = 0; q < 4; q++) {
+                        const int r = r0 + kb * GG_BK + j0 + 16 * q;
+                        const int v = r < r1 ? __ldg(gather->rows_of + r) : -1;
+                        src[q] = (unsigned)v < (unsigned)gather->x_rows ? (u32)v * row_pieces : ~0u;
+                    }
+                };
+                rows_at(0);
+                for (int kb = 0; kb < num_kb; kb++) {
+                    const u32 full = sh.full0 + 8 * gr.fill.stage;
+                    mbar_wait(sh.empty0 + 8 * gr.fill.stage, gr.fill.phase ^ 1);
+                    const u32 a_dst = sh.base + gr.fill.stage * STAGE_BYTES, b_dst = a_dst + A_BYTES;
+                    if (ptid == 0) {
+                        mbar_expect_tx(full, B_BYTES);
+#pragma unroll
+                        for (int j = 0; j < BN / 64; j++) tma_load_2d(b_dst + j * 8192, map_b, n0 + 64 * j, r0 + kb * GG_BK, full);
+                    }
+#pragma unroll
+                    for (int i = 0; i < 8; i++) {
+                        const int q = i & 3, box = i >> 2;
+                        const u32 piece = (u32)(m0 / 8 + 8 * box + chunk);
+                        const bool ok = src[q] != ~0u && 8 * (int)piece < ko;
+                        cp_async_16(a_dst + box * 8192 + (u32)(j0 + 16 * q) * 128u + swizzled, x + (ok ? src[q] + piece : 0u), ok ? 16u : 0u);
+                    }
+                    cp_async_commit();
+                    gr.fill.advance();
+                    if (kb + 1 < num_kb) rows_at(kb + 1);
+                    if (gr.waiting) gg_gather_signal<1>(sh, gr);
+                    gr.waiting = true;
+                }
+            }
+            if (gr.waiting) gg_gather_signal<0>(sh, gr);
+        } else if (threadIdx.x == 0) {
             tma_prefetch(map_a);
             tma_prefetch(map_b);
             GgRing<STAGES> ring;
@@ -1010,8 +1063,9 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, c
 
 #else  // not sm_90a: the kernels exist (compile::ALL loads every file) and trap if launched
 
-template <bool OUT_F32, int EPI>
-static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap*, const GgTensorMap*, void*, const int*, int, int, int, int, int) {
+template <bool OUT_F32, int EPI, bool GATHER = false>
+static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap*, const GgTensorMap*, void*, const int*, int, int, int, int, int,
+                                                     const GgGather* = nullptr) {
     __trap();
 }
 
@@ -1100,3 +1154,8 @@ extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_f32(GG_A
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16(GG_ARGS) { gg_wgrad_body<false, GG_EPI_REG>(GG_WPASS); }
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16_bulk(GG_ARGS) { gg_wgrad_body<false, GG_EPI_STAGED>(GG_WPASS); }
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16_ring(GG_ARGS) { gg_wgrad_body<false, GG_EPI_RING>(GG_WPASS); }
+// dW1 = x^T dh gathering x's rows on load (GgGather; map_a unused)
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16_gather(GG_ARGS, const u16* x, const int* rows_of, int x_rows) {
+    const GgGather gather{x, rows_of, x_rows};
+    gg_wgrad_body<false, GG_EPI_STAGED, true>(GG_WPASS, &gather);
+}

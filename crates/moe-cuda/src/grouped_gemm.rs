@@ -472,19 +472,11 @@ pub fn launch_gather(
     if k == 0 {
         return Err(Error::Cuda(format!("{WHAT}: k = 0: nothing to multiply (a bug in the caller)")));
     }
-    if rows_of % 4 != 0 {
-        return Err(Error::Cuda(format!("{WHAT}: the row indices must be 4-byte aligned")));
-    }
-    // (the kernel addresses x in 16-byte pieces with 32-bit offsets)
-    if (x_rows as u128) * (k as u128) * 2 >= 1u128 << 36 {
-        return Err(Error::Cuda(format!("{WHAT}: x [{x_rows}, {k}] is 64 GiB or more (the kernel's limit)")));
-    }
-    let x_rows_i = i32::try_from(x_rows).map_err(|_| Error::Cuda(format!("{WHAT}: x_rows = {x_rows} exceeds int32")))?;
+    let gather = gather_args(WHAT, x, x_rows, rows_of, k)?;
     let sizes = checked_sizes(WHAT, "k", x | w | out, experts, m, n, k)?;
     let tile = TileN::N256Bulk;
     let name = "grouped_gemm_nn_n256_bf16_gather";
     let max_tiles = (m / TILE_M + experts).saturating_mul(n.div_ceil(tile.columns()));
-    let gather = GatherArgs { x, rows_of, x_rows: x_rows_i };
     run_kernel(dev, WHAT, name, tile, max_tiles, out, counts, sizes, Extra::Gather(&gather), || {
         let (n64, k64, e64) = (n as u64, k as u64, experts as u64);
         // (A's map is not read by the kernel: one over x, valid as any)
@@ -630,6 +622,58 @@ fn run_kernel(
     Ok(())
 }
 
+/// [`launch_wgrad`] gathering x's rows on load: `dw [experts, ko, n] = x[rows_of[rows of e]]^T @
+/// dy[rows of e]` (bf16 output), `x [x_rows, ko]` the tokens in their own order, `rows_of [m]`
+/// int32 the token of each expert-major row (as [`launch_gather`] takes them); the same bits as
+/// [`launch_wgrad`] with [`TileN::N256Bulk`] on the gathered rows. An index outside
+/// `[0, x_rows)` reads a row of zeros.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_wgrad_gather(
+    dev: &Device,
+    x: u64,
+    x_rows: usize,
+    rows_of: u64,
+    dy: u64,
+    counts: u64,
+    dw: u64,
+    experts: usize,
+    m: usize,
+    ko: usize,
+    n: usize,
+) -> Result<()> {
+    const WHAT: &str = "grouped weight gradient gathering its rows";
+    if ko == 0 || n == 0 || experts == 0 {
+        return Ok(());
+    }
+    if m == 0 {
+        return dev_zero(dev, dw, experts * ko * n * 2);
+    }
+    let gather = gather_args(WHAT, x, x_rows, rows_of, ko)?;
+    let sizes = checked_sizes(WHAT, "ko", x | dy | dw, experts, m, n, ko)?;
+    let tile = TileN::N256Bulk;
+    let tiles = experts.saturating_mul(ko.div_ceil(TILE_M)).saturating_mul(n.div_ceil(256));
+    run_kernel(dev, WHAT, "grouped_gemm_wgrad_bf16_gather", tile, tiles, dw, counts, sizes, Extra::Gather(&gather), || {
+        let (m64, n64, k64) = (m as u64, n as u64, ko as u64);
+        // (A's map is not read by the kernel: one over x, valid as any)
+        let map_a = tensor_map("the weight gradient's x", x, &[k64, x_rows.max(1) as u64], &[k64 * 2], &[64, TILE_K as u32])?;
+        let map_b = tensor_map("the weight gradient's dy", dy, &[n64, m64], &[n64 * 2], &[64, TILE_K as u32])?;
+        Ok((map_a, map_b))
+    })
+}
+
+/// The `_gather` kernels' arguments after checking them: `rows_of` 4-byte aligned, x under the
+/// kernels' 64 GiB (they address it in 16-byte pieces with 32-bit offsets), `x_rows` an int32.
+fn gather_args(what: &str, x: u64, x_rows: usize, rows_of: u64, k: usize) -> Result<GatherArgs> {
+    if rows_of % 4 != 0 {
+        return Err(Error::Cuda(format!("{what}: the row indices must be 4-byte aligned")));
+    }
+    if (x_rows as u128) * (k as u128) * 2 >= 1u128 << 36 {
+        return Err(Error::Cuda(format!("{what}: x [{x_rows}, {k}] is 64 GiB or more (the kernel's limit)")));
+    }
+    let x_rows = i32::try_from(x_rows).map_err(|_| Error::Cuda(format!("{what}: x_rows = {x_rows} exceeds int32")))?;
+    Ok(GatherArgs { x, rows_of, x_rows })
+}
+
 /// The cluster kernel of `tile` (bf16 output, [`WeightLayout::KN`]): how many of its clusters
 /// run at once with `experts` experts' shared memory (None: `tile` has no clusters). For the
 /// benchmark's report: a grid of fewer blocks than SMs would explain a slow cluster kernel.
@@ -753,7 +797,7 @@ mod tests {
         }
         assert_eq!(found, 18);
         // the fused kernels, launched by name
-        for name in ["grouped_gemm_nn_n256_bf16_act", "grouped_gemm_nn_n256_bf16_gather"] {
+        for name in ["grouped_gemm_nn_n256_bf16_act", "grouped_gemm_nn_n256_bf16_gather", "grouped_gemm_wgrad_bf16_gather"] {
             assert!(declared.iter().any(|d| d == name), "{name} is not in {declared:?}");
         }
         // the short names are distinct and name their own tiles

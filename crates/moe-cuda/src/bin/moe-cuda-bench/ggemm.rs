@@ -24,10 +24,10 @@
 //! stages and register stores, with the ring's epilogue; default all eight), `--shapes a,b`, `--out FILE`,
 //! `--small-only`, `--no-small` (the shapes only: for a profiler), `--act` (the first GEMM with the
 //! activation fused, `launch_act`: its small checks against the plain kernel + activation kernel,
-//! and x W1 + swiglu both ways at the shapes), `--gather` (the first GEMM gathering its rows on
-//! load, `launch_gather`: its small checks against the bulk kernel on rows the host gathered, and
-//! x W1 at the shapes from the tokens in their own order against permute's kernel + the bulk
-//! kernel). Exit code 1 when a check fails.
+//! and x W1 + swiglu both ways at the shapes), `--gather` (the kernels gathering their rows on
+//! load, `launch_gather` and `launch_wgrad_gather`: their small checks against the bulk kernels on
+//! rows the host gathered, and x W1 and x^T dh at the shapes from the tokens in their own order
+//! against permute's kernel + the bulk kernels). Exit code 1 when a check fails.
 
 use half::bf16;
 use moe_core::tensor::DType;
@@ -357,77 +357,174 @@ fn fused_act_timing(
     ))
 }
 
-/// The first GEMM gathering its rows on load (`grouped_gemm::launch_gather`) against the bulk
-/// kernel on the rows gathered by the host (the permuted copy the layer makes today): the outputs
-/// equal byte for byte, the spare rows untouched, run to run identical. Each small case's rows
-/// come from `x` of about half as many rows (so rows repeat, as a token's k picks do) in a random
-/// order, two of them through an index outside x (-1 and x_rows + 7: rows of zeros). Returns the
-/// failures.
+/// A small case's rows to gather: `x [x_rows, k]` of about half as many rows as the case has (so
+/// rows repeat, as a token's k picks do), the source of each of the `m` rows in a random order,
+/// two of them outside x (-1 and x_rows + 7: rows of zeros), and the rows gathered on the host.
+struct GatherCase {
+    x_rows: usize,
+    x: Vec<u16>,
+    rows_of: Vec<i32>,
+    gathered: Vec<u16>,
+}
+
+fn gather_case(ci: usize, rows: usize, m: usize, k: usize) -> GatherCase {
+    let x_rows = rows / 2 + 5;
+    let x = random_bf16(x_rows * k, 5000 + ci as u64, 1.0);
+    let mut rng = Rng(6000 + ci as u64);
+    let mut rows_of: Vec<i32> = (0..m).map(|_| rng.below(x_rows) as i32).collect();
+    if rows >= 4 {
+        rows_of[1] = -1;
+        rows_of[rows - 2] = x_rows as i32 + 7;
+    }
+    let mut gathered = vec![0u16; m * k];
+    for (r, &src) in rows_of.iter().enumerate() {
+        if (0..x_rows as i32).contains(&src) {
+            let src = src as usize;
+            gathered[r * k..(r + 1) * k].copy_from_slice(&x[src * k..(src + 1) * k]);
+        }
+    }
+    GatherCase { x_rows, x, rows_of, gathered }
+}
+
+/// The kernels gathering their rows on load against the bulk kernels on the rows gathered by
+/// the host (the permuted copy the layer makes today), on the small cases: the first GEMM
+/// (`launch_gather`, x W1: the spare rows untouched) and the weight gradient
+/// (`launch_wgrad_gather`, x^T dh: every element of dw), each equal byte for byte and run to run
+/// identical. Returns the failures.
 fn gather_checks(dev: &Device) -> R<usize> {
     let mut failures = 0;
     for (ci, case) in small_cases().iter().enumerate() {
         let (e, rows, m) = case.sizes();
         let (k, n) = (case.k, case.n);
-        let x_rows = rows / 2 + 5;
-        let x = random_bf16(x_rows * k, 5000 + ci as u64, 1.0);
-        let mut rng = Rng(6000 + ci as u64);
-        let mut rows_of: Vec<i32> = (0..m).map(|_| rng.below(x_rows) as i32).collect();
-        if rows >= 4 {
-            rows_of[1] = -1;
-            rows_of[rows - 2] = x_rows as i32 + 7;
-        }
-        let mut gathered = vec![0u16; m * k];
-        for (r, &src) in rows_of.iter().enumerate() {
-            if (0..x_rows as i32).contains(&src) {
-                let src = src as usize;
-                gathered[r * k..(r + 1) * k].copy_from_slice(&x[src * k..(src + 1) * k]);
-            }
-        }
-        let d_x = dev.upload("x", &x)?;
-        let d_gathered = dev.upload("the gathered rows", &gathered)?;
-        let d_rows = dev.upload("rows_of", &rows_of)?;
+        let g = gather_case(ci, rows, m, k);
+        let x_rows = g.x_rows;
+        let d_x = dev.upload("x", &g.x)?;
+        let d_gathered = dev.upload("the gathered rows", &g.gathered)?;
+        let d_rows = dev.upload("rows_of", &g.rows_of)?;
         let d_w = dev.upload("w", &random_bf16(e * k * n, 7000 + ci as u64, 1.0))?;
+        let d_dy = dev.upload("dy", &random_bf16(m * n, 8000 + ci as u64, 1.0))?;
         let d_counts = dev.upload("counts", &case.counts)?;
         let p = |b: &Buffer| b.device_ptr(dev);
+        let bulk = TileN::N256Bulk;
         let bytes = (m * n * 2).next_multiple_of(4);
         let want = run_twice(dev, "out", bytes, |out| {
-            grouped_gemm::launch(
-                dev,
-                p(&d_gathered),
-                p(&d_w),
-                WeightLayout::KN,
-                p(&d_counts),
-                out,
-                DType::BF16,
-                e,
-                m,
-                n,
-                k,
-                TileN::N256Bulk,
-            )
+            grouped_gemm::launch(dev, p(&d_gathered), p(&d_w), WeightLayout::KN, p(&d_counts), out, DType::BF16, e, m, n, k, bulk)
         })?;
         let runs = run_twice(dev, "out", bytes, |out| {
             grouped_gemm::launch_gather(dev, p(&d_x), x_rows, p(&d_rows), p(&d_w), p(&d_counts), out, e, m, n, k)
         })?;
-        let same = runs[0] == want[0];
-        let repeat = runs[0] == runs[1];
         let untouched = runs[0][rows * n * 2..m * n * 2].iter().all(|&b| b == 0xff);
-        let ok = same && repeat && untouched;
-        if !ok {
-            failures += 1;
+        let dw_bytes = (e * k * n * 2).next_multiple_of(4);
+        let want_dw = run_twice(dev, "dw", dw_bytes, |dw| {
+            grouped_gemm::launch_wgrad(dev, p(&d_gathered), p(&d_dy), p(&d_counts), dw, DType::BF16, e, m, k, n, bulk)
+        })?;
+        let runs_dw = run_twice(dev, "dw", dw_bytes, |dw| {
+            grouped_gemm::launch_wgrad_gather(dev, p(&d_x), x_rows, p(&d_rows), p(&d_dy), p(&d_counts), dw, e, m, k, n)
+        })?;
+        for (what, runs, want, extra_ok) in [("x W1", &runs, &want, untouched), ("x^T dh", &runs_dw, &want_dw, true)] {
+            let same = runs[0] == want[0];
+            let repeat = runs[0] == runs[1];
+            let ok = same && repeat && extra_ok;
+            if !ok {
+                failures += 1;
+            }
+            let first = (0..runs[0].len() / 2).find(|&i| runs[0][2 * i..2 * i + 2] != want[0][2 * i..2 * i + 2]);
+            println!(
+                "  {}  gather on load, {what}: {} [E={e}, M={m}, K={k}, N={n}, x rows {x_rows}]: against the bulk kernel on the gathered rows {}{}{}, run to run {}",
+                if ok { "ok  " } else { "FAIL" },
+                case.name,
+                if same { "equal" } else { "DIFFERENT" },
+                first.map(|i| format!(" (first at element {i})")).unwrap_or_default(),
+                if extra_ok { "" } else { ", spare rows WRITTEN" },
+                if repeat { "identical" } else { "DIFFERENT" },
+            );
         }
-        let first = (0..m * n).find(|&i| runs[0][2 * i..2 * i + 2] != want[0][2 * i..2 * i + 2]);
-        println!(
-            "  {}  gather on load: {} [E={e}, M={m}, K={k}, N={n}, x rows {x_rows}]: against the bulk kernel on the gathered rows {}{}, spare rows {}, run to run {}",
-            if ok { "ok  " } else { "FAIL" },
-            case.name,
-            if same { "equal" } else { "DIFFERENT" },
-            first.map(|i| format!(" (first at row {} col {})", i / n, i % n)).unwrap_or_default(),
-            if untouched { "untouched" } else { "WRITTEN" },
-            if repeat { "identical" } else { "DIFFERENT" },
-        );
     }
     Ok(failures)
+}
+
+/// dW1 = x^T dh as the layer runs it today (the bulk weight-gradient kernel on the permuted copy of
+/// the tokens, which permute's kernel makes: timed with and without that copy) against the kernel
+/// gathering x's rows on load, at a shape; outputs compared byte for byte; prints a line, returns
+/// its JSON row.
+#[allow(clippy::too_many_arguments)]
+fn wgrad_gather_timing(
+    dev: &Device,
+    iters: usize,
+    shape: &str,
+    x_rows: usize,
+    rows_of: &[i32],
+    counts: &[i32],
+    d_counts: &Buffer,
+    e: usize,
+    ko: usize,
+    n: usize,
+) -> R<String> {
+    let m = rows_of.len();
+    let (x, d_plan, permuted) = permuted_tokens(dev, x_rows, rows_of, counts, e, ko)?;
+    let dy = dev.upload("dh", &random_bf16(m * n, 401, 1.0))?;
+    let d_rows = dev.upload("rows_of", rows_of)?;
+    let (o1, o2) = (dev.alloc("dw", e * ko * n * 2)?, dev.alloc("dw", e * ko * n * 2)?);
+    let p = |b: &Buffer| b.device_ptr(dev);
+    let bulk = || grouped_gemm::launch_wgrad(dev, p(&permuted), p(&dy), p(d_counts), p(&o1), DType::BF16, e, m, ko, n, TileN::N256Bulk);
+    let copy_then_bulk = || -> R<()> {
+        moe_cuda::permute::launch_permute(
+            dev,
+            moe_cuda::permute::PermuteKernel::Scatter,
+            &x,
+            ko * 2,
+            &d_plan,
+            None,
+            None,
+            &permuted,
+            None,
+        )?;
+        bulk()
+    };
+    let gather = || grouped_gemm::launch_wgrad_gather(dev, p(&x), x_rows, p(&d_rows), p(&dy), p(d_counts), p(&o2), e, m, ko, n);
+    copy_then_bulk()?;
+    gather()?;
+    let first: Vec<u16> = dev.download_new("dw", &o2, e * ko * n)?;
+    let same = dev.download_new::<u16>("dw", &o1, e * ko * n)? == first;
+    let (c_ms, _) = time_ms(dev, iters, copy_then_bulk)?;
+    let (b_ms, _) = time_ms(dev, iters, bulk)?;
+    let (g_ms, _) = time_ms(dev, iters, gather)?;
+    let again = dev.download_new::<u16>("dw", &o2, e * ko * n)? == first;
+    println!(
+        "  x^T @ dh gathering x's rows: permute + bulk kernel {c_ms:.3} ms (bulk alone {b_ms:.3}), gather on load {g_ms:.3} ms ({:.2}x the pair, {:.2}x the bulk kernel alone); dw {}, run to run {}",
+        c_ms / g_ms,
+        b_ms / g_ms,
+        if same { "equal" } else { "DIFFERENT" },
+        if again { "identical" } else { "DIFFERENT" },
+    );
+    Ok(format!(
+        "{{\"shape\": {shape:?}, \"gemm\": \"x^T @ dh gathering x's rows\", \"permuteAndBulkMs\": {c_ms}, \"bulkMs\": {b_ms}, \"gatherMs\": {g_ms}, \"sameBits\": {same}, \"runToRunIdentical\": {again}}}"
+    ))
+}
+
+/// Random tokens `x [x_rows, k]` on the device, the plan of the routing `rows_of` / `counts` on the
+/// device, and x's permuted copy made by permute's kernel (as the layer makes it).
+fn permuted_tokens(
+    dev: &Device,
+    x_rows: usize,
+    rows_of: &[i32],
+    counts: &[i32],
+    e: usize,
+    k: usize,
+) -> R<(Buffer, moe_cuda::permute::DevicePlan, Buffer)> {
+    use moe_core::permute::DispatchPlan;
+    use moe_cuda::permute::{launch_permute, DevicePlan, PermuteKernel};
+    let plan = DispatchPlan {
+        num_tokens: x_rows,
+        num_experts: e,
+        sorted_indices: rows_of.to_vec(),
+        tokens_per_expert: counts.iter().map(|&c| c as usize).collect(),
+    };
+    let d_plan = DevicePlan::upload(dev, &plan)?;
+    let x = dev.upload("x", &random_bf16(x_rows * k, 400, 1.0))?;
+    let permuted = dev.alloc("the permuted tokens", rows_of.len() * k * 2)?;
+    launch_permute(dev, PermuteKernel::Scatter, &x, k * 2, &d_plan, None, None, &permuted, None)?;
+    Ok((x, d_plan, permuted))
 }
 
 /// x W1 as the layer runs it today (permute's kernel makes the expert-major copy of the tokens,
@@ -448,19 +545,10 @@ fn gather_timing(
     k: usize,
     n: usize,
 ) -> R<String> {
-    use moe_core::permute::DispatchPlan;
-    use moe_cuda::permute::{launch_permute, DevicePlan, PermuteKernel};
+    use moe_cuda::permute::{launch_permute, PermuteKernel};
     let m = rows_of.len();
-    let plan = DispatchPlan {
-        num_tokens: x_rows,
-        num_experts: e,
-        sorted_indices: rows_of.to_vec(),
-        tokens_per_expert: counts.iter().map(|&c| c as usize).collect(),
-    };
-    let d_plan = DevicePlan::upload(dev, &plan)?;
-    let x = dev.upload("x", &random_bf16(x_rows * k, 400, 1.0))?;
+    let (x, d_plan, permuted) = permuted_tokens(dev, x_rows, rows_of, counts, e, k)?;
     let d_rows = dev.upload("rows_of", rows_of)?;
-    let permuted = dev.alloc("the permuted tokens", m * k * 2)?;
     let (o1, o2) = (dev.alloc("out", m * n * 2)?, dev.alloc("out", m * n * 2)?);
     let p = |b: &Buffer| b.device_ptr(dev);
     let bulk =
@@ -954,6 +1042,9 @@ fn run(
                     100.0 * tf / peak,
                     100.0 * c_tf / peak
                 ));
+            }
+            if gather && wi == 0 {
+                rows.push(wgrad_gather_timing(dev, iters, s.name, t, &rows_of, &counts, &d_counts, e, ko, nn)?);
             }
             if best.is_finite() {
                 wsum[0] += flops;
