@@ -921,7 +921,7 @@ static __device__ __forceinline__ void gg_wgrad_tile(int t, int m_tiles, int n_t
 // the expert-major rows is x's row rows_of[r], so dW1 = x^T dh needs no permuted copy of the tokens.
 // The producer warpgroup's thread ptid copies, each k-step, the 16-byte pieces ptid % 8 of both A
 // boxes (x's columns m0 .. m0 + 127) of rows ptid / 8 + 16 q (q < 4), rows past the expert's end
-// and columns past ko as zeros; the next k-step's indices are loaded while its copies land.
+// and columns past ko as zeros; each k-step's indices are loaded two k-steps ahead.
 template <bool OUT_F32, int EPI, bool GATHER = false>
 static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, const GgTensorMap* map_b, void* out, const int* counts,
                                                      int num_experts, int m_total, int ko, int n, int group_n,
@@ -965,17 +965,20 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, c
                 int e, m0, n0;
                 gg_wgrad_tile(t, m_tiles, n_tiles, group_n, &e, &m0, &n0);
                 const int r0 = row_start[e], r1 = row_start[e + 1], num_kb = (r1 - r0 + GG_BK - 1) / GG_BK;
-                // the x row (in 16-byte pieces) of rows r0 + 64 kb + j0 + 16 q, or ~0: zeros
-                u32 src[4];
-                auto rows_at = [&](int kb) {
+                // the x row (in 16-byte pieces) of rows r0 + 64 kb + j0 + 16 q, or ~0: zeros; for
+                // this k-step (src), the next (next) and the one after (far: loaded two k-steps
+                // ahead, so that the loads' latency is not in the copies' way)
+                u32 src[4], next[4], far[4];
+                auto rows_at = [&](int kb, u32* dst) {
 #pragma unroll
                     for (int q = 0; q < 4; q++) {
                         const int r = r0 + kb * GG_BK + j0 + 16 * q;
                         const int v = r < r1 ? __ldg(gather->rows_of + r) : -1;
-                        src[q] = (unsigned)v < (unsigned)gather->x_rows ? (u32)v * row_pieces : ~0u;
+                        dst[q] = (unsigned)v < (unsigned)gather->x_rows ? (u32)v * row_pieces : ~0u;
                     }
                 };
-                rows_at(0);
+                rows_at(0, src);
+                rows_at(1, next);
                 for (int kb = 0; kb < num_kb; kb++) {
                     const u32 full = sh.full0 + 8 * gr.fill.stage;
                     mbar_wait(sh.empty0 + 8 * gr.fill.stage, gr.fill.phase ^ 1);
@@ -994,7 +997,12 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, c
                     }
                     cp_async_commit();
                     gr.fill.advance();
-                    if (kb + 1 < num_kb) rows_at(kb + 1);
+                    rows_at(kb + 2, far);
+#pragma unroll
+                    for (int q = 0; q < 4; q++) {
+                        src[q] = next[q];
+                        next[q] = far[q];
+                    }
                     if (gr.waiting) gg_gather_signal<1>(sh, gr);
                     gr.waiting = true;
                 }
