@@ -77,8 +77,9 @@ struct GgAct {
 // The producer warpgroup's 128 threads copy A's rows with cp.async (16 bytes a thread, 8 threads
 // a 128-byte row segment, the 128-byte swizzle by hand, as the TMA would write them); its first
 // thread still loads B by TMA. A stage's `full` barrier then takes 129 arrivals: the TMA's
-// expect_tx and, one k-step later, each copying thread's, after its copies have landed
-// (cp.async.wait_group 1) and been fenced to the async proxy that wgmma reads through.
+// expect_tx and each copying thread's cp.async.mbarrier.arrive, which the hardware makes once
+// the thread's copies have landed (the consumers read the stage after their wait on `full`, as
+// for the TMA's bytes).
 struct GgGather {
     const u16* x;
     const int* rows_of;
@@ -127,14 +128,15 @@ static __device__ __forceinline__ void tma_load_3d(u32 dst, const GgTensorMap* m
         : "memory");
 }
 
-// 16 bytes global -> shared, or (src_bytes 0) 16 zero bytes; cp.async's groups.
+// 16 bytes global -> shared, or (src_bytes 0) 16 zero bytes.
 static __device__ __forceinline__ void cp_async_16(u32 dst, const void* src, u32 src_bytes) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
 }
-static __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-static __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+static __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+// An arrival on `bar` once every cp.async this thread issued before has landed (counted as one of
+// the barrier's expected arrivals: .noinc).
+static __device__ __forceinline__ void cp_async_arrive(u32 bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
 }
 
 static __device__ __forceinline__ void tma_prefetch(const GgTensorMap* map) {
@@ -432,37 +434,18 @@ static __device__ __forceinline__ void gg_skip_for_epilogue(const GgShared& sh, 
     }
 }
 
-// The gather kernels' producer ring: the next stage to fill, and the oldest filled stage whose
-// copies its threads have not yet signalled (`waiting`): a stage is signalled one k-step late,
-// after the next one's copies are issued, so that a thread waits for its copies only while newer
-// ones are in flight.
-template <int STAGES>
-struct GgGatherRing {
-    GgRing<STAGES> fill, signal;
-    bool waiting = false;
-};
-
-// A producer thread's copies of the oldest waiting stage have landed: fenced to the async proxy
-// (wgmma reads the stage through it), then its arrival on the stage's `full` barrier. `N`: the
-// newer cp.async groups that may stay in flight.
-template <int N, int STAGES>
-static __device__ __forceinline__ void gg_gather_signal(const GgShared& sh, GgGatherRing<STAGES>& gr) {
-    cp_async_wait<N>();
-    fence_async_shared();
-    mbar_arrive(sh.full0 + 8 * gr.signal.stage);
-    gr.signal.advance();
-    gr.waiting = false;
-}
-
 // One tile's k-steps in the gather kernels, by every thread of the producer warpgroup (`ptid`
 // 0 .. 127): thread ptid copies the 16 bytes at column 8 (ptid % 8) of a k-step's 64 columns of
 // tile rows ptid / 8 + 16 i (i < 8; so a warp's copy instruction reads four whole 128-byte row
 // segments) from x's row rows_of[row0 + r] to where the TMA's 128-byte swizzle would put them
 // (the 16-byte piece c of row r at r * 128 + 16 (c ^ r % 8)); rows past the tile's `rows`, an
 // index outside x and columns past k are zeros. Thread 0 also arms the stage's `full` barrier
-// for B's bytes and calls `load_b(kb, full, b_dst)` to issue B's TMA loads.
+// for B's bytes and calls `load_b(kb, full, b_dst)` to issue B's TMA loads. Each thread's
+// copies arrive on the stage's `full` barrier when they land (cp.async.mbarrier.arrive), so the
+// producer never waits for them: it runs ahead of the consumers as far as the stages allow, as
+// the TMA's producer does.
 template <int STAGES, u32 A_BYTES, u32 STAGE_BYTES, class LoadB>
-static __device__ __forceinline__ void gg_produce_gather(const GgShared& sh, GgGatherRing<STAGES>& gr, const GgGather& g, const GgTile& tl,
+static __device__ __forceinline__ void gg_produce_gather(const GgShared& sh, GgRing<STAGES>& ring, const GgGather& g, const GgTile& tl,
                                                          int k, int num_kb, int ptid, LoadB load_b) {
     const int chunk = ptid & 7, r0 = ptid >> 3;
     const u32 swizzled = (u32)((chunk ^ (r0 & 7)) << 4);
@@ -476,9 +459,9 @@ static __device__ __forceinline__ void gg_produce_gather(const GgShared& sh, GgG
     }
     const uint4* x = (const uint4*)g.x;
     for (int kb = 0; kb < num_kb; kb++) {
-        const u32 full = sh.full0 + 8 * gr.fill.stage;
-        mbar_wait(sh.empty0 + 8 * gr.fill.stage, gr.fill.phase ^ 1);
-        const u32 a_dst = sh.base + gr.fill.stage * STAGE_BYTES;
+        const u32 full = sh.full0 + 8 * ring.stage;
+        mbar_wait(sh.empty0 + 8 * ring.stage, ring.phase ^ 1);
+        const u32 a_dst = sh.base + ring.stage * STAGE_BYTES;
         if (ptid == 0) {
             mbar_expect_tx(full, STAGE_BYTES - A_BYTES);
             load_b(kb, full, a_dst + A_BYTES);
@@ -490,10 +473,8 @@ static __device__ __forceinline__ void gg_produce_gather(const GgShared& sh, GgG
             const bool ok = in_k && src[i] != ~0u;
             cp_async_16(a_dst + (u32)(r0 + 16 * i) * 128u + swizzled, x + (ok ? src[i] + piece : 0u), ok ? 16u : 0u);
         }
-        cp_async_commit();
-        gr.fill.advance();
-        if (gr.waiting) gg_gather_signal<1>(sh, gr);
-        gr.waiting = true;
+        cp_async_arrive(full);
+        ring.advance();
     }
 }
 
@@ -816,14 +797,14 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
             // every producer thread copies A's rows; the first also loads B
             const int ptid = (int)threadIdx.x;
             if (ptid == 0) tma_prefetch(map_b);
-            GgGatherRing<STAGES> gr;
+            GgRing<STAGES> ring;
             for (int q = first; q < items; q += step) {
                 bool paired;
                 const GgTile tl = tile_of(q, &paired);
-                gg_produce_gather<STAGES, A_BYTES, STAGE_BYTES>(sh, gr, *gather, tl, k, num_kb, ptid,
+                gg_produce_gather<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, *gather, tl, k, num_kb, ptid,
                                                                 [&](int kb, u32 full, u32 b_dst) { load_b(tl, paired, kb, full, b_dst); });
             }
-            if (gr.waiting) gg_gather_signal<0>(sh, gr);
+            cp_async_wait_all();
         } else if (threadIdx.x == 0) {
             tma_prefetch(map_a);
             tma_prefetch(map_b);
@@ -960,7 +941,7 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, c
             const uint4* x = (const uint4*)gather->x;
             const u32 row_pieces = (u32)(ko >> 3);
             if (ptid == 0) tma_prefetch(map_b);
-            GgGatherRing<STAGES> gr;
+            GgRing<STAGES> ring;
             for (int t = blockIdx.x; t < total; t += gridDim.x) {
                 int e, m0, n0;
                 gg_wgrad_tile(t, m_tiles, n_tiles, group_n, &e, &m0, &n0);
@@ -980,9 +961,9 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, c
                 rows_at(0, src);
                 rows_at(1, next);
                 for (int kb = 0; kb < num_kb; kb++) {
-                    const u32 full = sh.full0 + 8 * gr.fill.stage;
-                    mbar_wait(sh.empty0 + 8 * gr.fill.stage, gr.fill.phase ^ 1);
-                    const u32 a_dst = sh.base + gr.fill.stage * STAGE_BYTES, b_dst = a_dst + A_BYTES;
+                    const u32 full = sh.full0 + 8 * ring.stage;
+                    mbar_wait(sh.empty0 + 8 * ring.stage, ring.phase ^ 1);
+                    const u32 a_dst = sh.base + ring.stage * STAGE_BYTES, b_dst = a_dst + A_BYTES;
                     if (ptid == 0) {
                         mbar_expect_tx(full, B_BYTES);
 #pragma unroll
@@ -995,19 +976,17 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, c
                         const bool ok = src[q] != ~0u && 8 * (int)piece < ko;
                         cp_async_16(a_dst + box * 8192 + (u32)(j0 + 16 * q) * 128u + swizzled, x + (ok ? src[q] + piece : 0u), ok ? 16u : 0u);
                     }
-                    cp_async_commit();
-                    gr.fill.advance();
+                    cp_async_arrive(full);
+                    ring.advance();
                     rows_at(kb + 2, far);
 #pragma unroll
                     for (int q = 0; q < 4; q++) {
                         src[q] = next[q];
                         next[q] = far[q];
                     }
-                    if (gr.waiting) gg_gather_signal<1>(sh, gr);
-                    gr.waiting = true;
                 }
             }
-            if (gr.waiting) gg_gather_signal<0>(sh, gr);
+            cp_async_wait_all();
         } else if (threadIdx.x == 0) {
             tma_prefetch(map_a);
             tma_prefetch(map_b);
