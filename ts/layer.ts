@@ -30,7 +30,7 @@ import { checked, checkGroup, combine, combineBackward, dispatch, dispatchBackwa
 import type { ActivationKind } from './ops/activations.js';
 import type { ExpertBiases, ExpertWeights } from './ops/experts.js';
 import type { RouteOptions, ScoreFunction } from './ops/routing.js';
-import { checkTensor, type Tensor, type TokenDType } from './tensor.js';
+import { checkTensor, tensor, type Tensor, type TokenDType } from './tensor.js';
 import { checkOptions } from './wire.js';
 import { fromPretrained, genericKeys, LayerClass, loadWithKeys, savePretrained, type ExpertKeyFormat, type FromPretrainedOptions, type PretrainedSource, type SavePretrainedOptions } from './hf.js';
 
@@ -196,6 +196,12 @@ interface LocalDispatch {
   permutedProbs: Tensor<'float32'>;
   /** On the GPU: what expertsForward kept for its backward. */
   expertsSaved?: ExpertsSaved;
+  /**
+   * On the GPU, where the experts gather their rows on load (`CudaBackend.expertsGatherOnLoad`):
+   * permute made the plan only (`permutedTokens` has no columns) and the experts read the input's
+   * rows through `sortedIndices`, forward and backward.
+   */
+  gathered?: boolean;
   /** Rows of this rank's experts in the permuted order. */
   localRows: [number, number];
 }
@@ -461,6 +467,8 @@ export class MoELayer {
   pretrained?: PretrainedInfo;
   #saved?: Saved;
   #disposed = false;
+  /** The gathering forward's permute input: `[N, 0]` rows of the layer's dtype on the GPU (made once per N). */
+  #noColumns?: DeviceTensor<TokenDType>;
 
   constructor(
     readonly backend: Backend,
@@ -684,6 +692,8 @@ export class MoELayer {
   dispose(): void {
     this.#free();
     this.#disposed = true;
+    this.#noColumns?.dispose();
+    this.#noColumns = undefined;
     for (const t of Object.values(this.weights)) if (t !== undefined && isDeviceTensor(t)) t.dispose();
   }
 
@@ -796,21 +806,42 @@ export class MoELayer {
     return { m, temps, logits, routed: this.backend.route(logits, this.routeOptions) };
   }
 
+  /** Whether this forward's experts gather their rows on load (on the GPU, one rank, where the backend says they do for this layer's dtype and no expert biases). */
+  #gathersOnLoad(): boolean {
+    if (!this.onDevice || this.epSize !== 1 || this.dtype !== 'bfloat16' || this.expertBiases !== undefined) return false;
+    return (this.backend as CudaBackend).expertsGatherOnLoad();
+  }
+
+  /** `[n, 0]` rows of the layer's dtype on the GPU: permute's input when it is to make the plan only. */
+  #noColumnsOf(n: number): DeviceTensor<TokenDType> {
+    if (this.#noColumns?.shape[0] !== n) {
+      this.#noColumns?.dispose();
+      this.#noColumns = (this.backend as CudaBackend).upload(tensor(this.dtype, [n, 0]));
+    }
+    return this.#noColumns;
+  }
+
   /** Dispatch, experts, combine on this process's tokens (every expert here, or with epSize this rank's share of every token's). */
   #dispatchLocal(input: AnyTensor, { temps, routed }: Routing): Dispatched {
     const moe = this.backend;
     const N = input.shape[0];
     const { routingMap, probs } = moe.indicesToMultihot(routed.indices, routed.weights, this.numExperts);
     temps.push(probs);
+    // where the experts gather their rows on load, permute makes the plan only (rows of no columns)
+    const gathered = this.#gathersOnLoad();
     // every token has its k picks: N k slots (given, so the GPU's plan needs no read-back)
-    const perm = moe.permute(input as Tensor<TokenDType>, routingMap, { probs, numOutTokens: N * this.topk });
+    const perm = moe.permute((gathered ? this.#noColumnsOf(N) : input) as Tensor<TokenDType>, routingMap, { probs, numOutTokens: N * this.topk });
     const local = this.epSize === 1;
     const [r0, r1] = local ? [0, perm.permutedTokens.shape[0]] : this.#localRows(perm.tokensPerExpert);
     const options = { ...this.#activationOptions(), permutedProbs: local ? perm.permutedProbs! : rows(perm.permutedProbs!, r0, r1), biases: this.expertBiases };
     let y: AnyTensor;
     let expertsSaved: ExpertsSaved | undefined;
     if (this.onDevice) {
-      const r = (moe as CudaBackend).expertsForward(perm.permutedTokens, perm.tokensPerExpert, this.expertWeights as DeviceExpertWeights, { ...options, saveForBackward: true }) as {
+      const r = (moe as CudaBackend).expertsForward(gathered ? (input as AnyTensor<TokenDType>) : perm.permutedTokens, perm.tokensPerExpert, this.expertWeights as DeviceExpertWeights, {
+        ...options,
+        saveForBackward: true,
+        ...(gathered ? { gatherIndices: perm.sortedIndices } : {}),
+      }) as {
         output: DeviceTensor;
         saved?: ExpertsSaved;
       };
@@ -837,6 +868,7 @@ export class MoELayer {
       permutedProbs: perm.permutedProbs!,
       expertsSaved,
       localRows: [r0, r1],
+      gathered,
     };
     // with epSize, each rank's output is its experts' share: the shared expert is added once, on rank 0
     return { output, tokensPerExpert: perm.tokensPerExpert, saved, withShared: this.epRank === 0 };
@@ -994,14 +1026,24 @@ export class MoELayer {
     const slots = d.permutedTokens.shape[0];
     // without probs unpermuteBackward is a gather of g2: of its permutedTokens argument it reads the
     // shape and dtype only, which the permuted tokens share with the experts' output (so the
-    // forward need not keep that output: [slots, dim] less activation memory)
-    const gradY = moe.unpermuteBackward(g2, d.permutedTokens as Tensor<TokenDType>, d.sortedIndices).gradPermuted;
+    // forward need not keep that output: [slots, dim] less activation memory). Where the experts
+    // gathered their rows (permutedTokens has no columns), the same gather is permute's copy of g2
+    // by the routing map: its rows in sortedIndices' order.
+    let gradY: Tensor<TokenDType>;
+    if (d.gathered) {
+      const p = moe.permute(g2 as Tensor<TokenDType>, d.routingMap, { numOutTokens: slots });
+      temps.push(p.sortedIndices, p.tokensPerExpert);
+      gradY = p.permutedTokens as Tensor<TokenDType>;
+    } else {
+      gradY = moe.unpermuteBackward(g2, d.permutedTokens as Tensor<TokenDType>, d.sortedIndices).gradPermuted;
+    }
     temps.push(gradY);
     const options = { ...this.#activationOptions(), permutedProbs: local ? d.permutedProbs : rows(d.permutedProbs, r0, r1), biases: this.expertBiases };
     const eg = dev
-      ? ((moe as CudaBackend).expertsBackward(gradY, d.permutedTokens, d.tokensPerExpert, this.expertWeights as DeviceExpertWeights, {
+      ? ((moe as CudaBackend).expertsBackward(gradY, d.gathered ? (s.x as AnyTensor<TokenDType>) : d.permutedTokens, d.tokensPerExpert, this.expertWeights as DeviceExpertWeights, {
           ...options,
           ...(d.expertsSaved ? { saved: d.expertsSaved } : {}),
+          ...(d.gathered ? { gatherIndices: d.sortedIndices } : {}),
         }) as unknown as ReturnType<Backend['expertsBackward']>)
       : moe.expertsBackward(
           local ? gradY : rows(gradY, r0, r1),

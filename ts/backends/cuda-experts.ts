@@ -21,6 +21,18 @@ export interface DeviceExpertWeights<D extends TokenDType = TokenDType> {
 export interface DeviceExpertsOptions extends Omit<ExpertsOptions, 'permutedProbs' | 'biases'> {
   permutedProbs?: AnyTensor<'float32'>;
   biases?: { gateUpProjBias?: AnyTensor<TokenDType>; downProjBias?: AnyTensor<TokenDType> };
+  /**
+   * The experts' rows gathered from the tokens (int32 `[N]`, e.g. permute's `sortedIndices`):
+   * `permutedTokens` is then the tokens in their own order, `[numTokens, hidden]`, and row r of
+   * the experts' input is `permutedTokens[gatherIndices[r]]` (`tokensPerExpert` and
+   * `permutedProbs` are of the N rows; the backward's `gradTokens` is the gradient of those N
+   * rows). On our Hopper grouped GEMM with `MOE_DISPATCH_GG_FUSE=gather` the GEMMs read the rows
+   * through the indices, so the permuted copy of the tokens is never made; elsewhere the rows are
+   * copied out first (the same results). Indices that permute made for these tokens are taken as
+   * they are; others are read back and checked (a RangeError names the first outside
+   * `[0, numTokens)`).
+   */
+  gatherIndices?: AnyTensor<'int32'>;
 }
 
 /**
@@ -95,12 +107,17 @@ type H = NativeCudaTensor;
 
 /** The addon functions this family calls (crates/moe-node/src/cuda_experts.rs): the CPU ops' argument objects on device tensors, and what the GPU adds. */
 interface ExpertsAddon {
-  cudaExpertsForwardDevice(args: OnDevice<Omit<ExpertsForwardArgs, 'out'>> & { saveForBackward?: boolean }): { output: H; upProjection?: H; activation?: H; counts?: number[] };
-  cudaExpertsBackwardDevice: DeviceFn<'expertsBackward', { saved?: SavedArg }>;
+  cudaExpertsForwardDevice(args: OnDevice<Omit<ExpertsForwardArgs, 'out'>> & { saveForBackward?: boolean; gatherIndices?: H }): {
+    output: H;
+    upProjection?: H;
+    activation?: H;
+    counts?: number[];
+  };
+  cudaExpertsBackwardDevice: DeviceFn<'expertsBackward', { saved?: SavedArg; gatherIndices?: H }>;
   cudaMatmulDevice: DeviceFn<'matmul'>;
 }
 
-const KNOWN: readonly (keyof ExpertsOptions)[] = ['activation', 'permutedProbs', 'biases', 'alpha', 'limit', 'linearOffset'];
+const KNOWN: readonly (keyof DeviceExpertsOptions)[] = ['activation', 'permutedProbs', 'biases', 'alpha', 'limit', 'linearOffset', 'gatherIndices'];
 const FORWARD_KNOWN = [...KNOWN, 'saveForBackward'];
 const BACKWARD_KNOWN = [...KNOWN, 'saved'];
 
@@ -112,8 +129,16 @@ function deviceArgs(h: Handles, permutedTokens: unknown, tokensPerExpert: unknow
 function deviceOptions(options: unknown): unknown[] {
   if (typeof options !== 'object' || options === null) return [];
   const o = options as DeviceExpertsForwardOptions & DeviceExpertsBackwardOptions;
-  // saveForBackward and saved exist on the GPU only: they take the device path
-  return [o.permutedProbs, o.biases?.gateUpProjBias, o.biases?.downProjBias, o.saved?.upProjection, o.saved?.activation, o.saveForBackward ? (o.saved ?? DEVICE_PATH) : undefined];
+  // saveForBackward, saved and gatherIndices exist on the GPU only: they take the device path
+  return [
+    o.permutedProbs,
+    o.biases?.gateUpProjBias,
+    o.biases?.downProjBias,
+    o.saved?.upProjection,
+    o.saved?.activation,
+    o.saveForBackward ? (o.saved ?? DEVICE_PATH) : undefined,
+    o.gatherIndices === undefined ? undefined : DEVICE_PATH,
+  ];
 }
 
 /** A marker that sends a call down the device path (see deviceOptions). */
@@ -137,6 +162,12 @@ function savedArg(h: Handles, options: unknown): { saved?: SavedArg } {
   return { saved: arg };
 }
 
+/** The device functions' `gatherIndices` (int32 on the device; a host tensor is uploaded). */
+function gatherArg(h: Handles, options: unknown): { gatherIndices?: H } {
+  const g = h.opt(optionValue(options, 'gatherIndices'), 'options.gatherIndices', ['int32']);
+  return g === undefined ? {} : { gatherIndices: g };
+}
+
 function weightValues(weights: unknown): unknown[] {
   if (typeof weights !== 'object' || weights === null) return [];
   const w = weights as DeviceExpertWeights;
@@ -157,7 +188,7 @@ export const expertsGpu: GpuFamily = {
         noDeviceOut('expertsForward', options);
         return call('expertsForward', (h) => {
           const save = checkBool((options as DeviceExpertsForwardOptions | undefined)?.saveForBackward, 'options.saveForBackward');
-          const out = gpu.cudaExpertsForwardDevice({ ...deviceArgs(h, permutedTokens, tokensPerExpert, weights, options, 'expertsForward'), saveForBackward: save });
+          const out = gpu.cudaExpertsForwardDevice({ ...deviceArgs(h, permutedTokens, tokensPerExpert, weights, options, 'expertsForward'), saveForBackward: save, ...gatherArg(h, options) });
           const output = wrapDevice(out.output);
           if (!save) return output;
           // inputs that run on the CPU core instead (mixed dtypes) keep nothing: the backward recomputes
@@ -174,7 +205,7 @@ export const expertsGpu: GpuFamily = {
         return call('expertsBackward', (h) => {
           const gh = h.of(gradOutput, 'gradOutput', TOKENS);
           const args = deviceArgs(h, permutedTokens, tokensPerExpert, weights, options, 'expertsBackward');
-          const out = wrapResult(gpu.cudaExpertsBackwardDevice({ gradOutput: gh, ...args, ...savedArg(h, options) }));
+          const out = wrapResult(gpu.cudaExpertsBackwardDevice({ gradOutput: gh, ...args, ...savedArg(h, options), ...gatherArg(h, options) }));
           return expertsGrads(out as unknown as ExpertsGradsOut<DeviceTensor>, args.upProjs !== undefined);
         });
       },

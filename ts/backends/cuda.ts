@@ -62,6 +62,7 @@ export interface CudaExports {
   cudaTopk: Binding['topk'];
   cudaUpload(tensor: ReturnType<typeof wire>): NativeCudaTensor;
   cudaSynchronize(): void;
+  cudaExpertsGatherOnLoad(): boolean;
   cudaMemory(): CudaMemory;
   cudaReleaseCachedMemory(): void;
   // Device tensors: the same argument objects with device handles (caller-owned outputs are the host path's).
@@ -186,6 +187,13 @@ export interface CudaBackend
   upload<D extends DType>(tensor: Tensor<D>): DeviceTensor<D>;
   /** Waits until every queued kernel has finished. */
   synchronize(): void;
+  /**
+   * Whether `expertsForward` / `expertsBackward` with `gatherIndices` read the experts' rows
+   * through the indices on this GPU (our Hopper grouped GEMM: `MOE_DISPATCH_EXPERTS_GEMM=grouped`
+   * and `MOE_DISPATCH_GG_FUSE=gather`; bfloat16 tokens and weights, no expert biases), so that no
+   * permuted copy of the tokens is made. `MoELayer` asks it to leave that copy out.
+   */
+  expertsGatherOnLoad(): boolean;
   /** Device memory held by this process's tensors, the pool's cached memory, and the GPU's free and total memory. */
   memory(): CudaMemory;
   /**
@@ -256,6 +264,13 @@ export function cudaBackend(base: Backend, addon: CudaExports): CudaBackend {
         addon.cudaSynchronize();
       } catch (e) {
         rethrowNative('synchronize', e);
+      }
+    },
+    expertsGatherOnLoad(): boolean {
+      try {
+        return addon.cudaExpertsGatherOnLoad();
+      } catch (e) {
+        rethrowNative('expertsGatherOnLoad', e);
       }
     },
     memory(): CudaMemory {

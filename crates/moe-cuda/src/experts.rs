@@ -29,7 +29,7 @@ use crate::activations::{launch_activation, launch_activation_backward, ExpMath}
 use crate::blas::{gemm, gemm_grouped, gemm_problem, gemm_row_blocks, mark, Operand, Output, Problem, SideBySide};
 use crate::device::{Arg, Buffer, Device};
 use crate::error::{Error, Result};
-use crate::experts_grouped::{backward_grouped, forward_grouped, grouped_plan};
+use crate::experts_grouped::{backward_grouped, forward_grouped, gather_selected, grouped_plan, grouped_plan_rows, Gather};
 use crate::permute::row_launch;
 use crate::switch::Switch;
 use crate::tensor::{tensor_ref, upload_owned_opt, DeviceArg, DeviceTensor};
@@ -497,7 +497,7 @@ pub fn experts_forward_device_saving(
     save: bool,
 ) -> Result<(DeviceTensor, Option<ExpertsSaved>)> {
     if let Some(g) = grouped_plan(dev, inp, act, None) {
-        return forward_grouped(dev, &g, inp, act, save);
+        return forward_grouped(dev, &g, inp, None, act, save);
     }
     let Some(p) = plan(dev, inp, act, None, None)? else {
         let out = on_host(dev, inp, |i| Ok(experts_forward(i, act)?))?;
@@ -560,6 +560,92 @@ pub fn experts_forward_device_saving(
     Ok((out, saved))
 }
 
+/// The experts' rows as `gatherIndices` names them: `inp.tokens [T, dim]` holds the tokens in their
+/// own order and row r of the experts' input is `tokens[rows[r]]` (`rows`: int32 `[N]`, permute's
+/// sortedIndices; the counts and probs are of the N rows). Indices from permute on these tokens
+/// (their plan says so) are taken as they are; others are read back and checked (each in
+/// `[0, T)`, else a RangeError naming the first bad one).
+fn checked_gather<'a>(dev: &Device, tokens: &DeviceTensor, rows: &'a DeviceTensor) -> Result<Gather<'a>> {
+    let bad = |e: moe_core::Error| Err(Error::Core(e));
+    if rows.dtype != DType::I32 {
+        return bad(moe_core::Error::type_error("gatherIndices", "an int32 device tensor (permute's sortedIndices)", rows.dtype.name()));
+    }
+    if rows.shape.len() != 1 {
+        return bad(moe_core::Error::range("gatherIndices", format!("expected a 1-D tensor [numRows], got shape {:?}", rows.shape)));
+    }
+    if tokens.shape.len() != 2 {
+        return bad(moe_core::Error::range(
+            "permutedTokens",
+            format!("with gatherIndices: expected the tokens in their own order, [numTokens, hidden], got shape {:?}", tokens.shape),
+        ));
+    }
+    let (t, n) = (tokens.shape[0], rows.numel());
+    let known = rows.plan.as_ref().is_some_and(|p| p.num_tokens == t && p.num_slots == n);
+    if !known && n > 0 {
+        let idx: Vec<i32> = dev.download_new("gatherIndices", &rows.buf, n)?;
+        if let Some((i, v)) = idx.iter().enumerate().find(|(_, &v)| v < 0 || v as usize >= t) {
+            return bad(moe_core::Error::range(
+                "gatherIndices",
+                format!("element {i} = {v} is outside [0, {t}) (a row of permutedTokens, the tokens in their own order)"),
+            ));
+        }
+    }
+    Ok(Gather { rows, x_rows: t })
+}
+
+/// The rows `g` names, copied out (`[N, dim]`): for the paths that do not gather on load.
+fn gathered_rows(dev: &Device, tokens: &DeviceTensor, g: Gather) -> Result<DeviceTensor> {
+    let n = g.rows.numel();
+    let dim = tokens.shape[1];
+    let out = DeviceTensor::alloc(dev, "the gathered rows", tokens.dtype, vec![n, dim])?;
+    crate::permute::launch_gather_rows(dev, &tokens.buf, dim * tokens.dtype.size(), &g.rows.buf, n, &out.buf)?;
+    Ok(out)
+}
+
+/// [`experts_forward_device_saving`] with the experts' rows gathered from the tokens
+/// (`gatherIndices`, see [`checked_gather`]): on the grouped GEMM with
+/// [`gather_selected`] the first GEMM reads them through the indices and the permuted copy of
+/// the tokens is never made; elsewhere the rows are copied out first (the same results).
+pub fn experts_forward_device_gathering(
+    dev: &Device,
+    inp: &DeviceExpertsInputs,
+    rows: &DeviceTensor,
+    act: &ActivationOptions,
+    save: bool,
+) -> Result<(DeviceTensor, Option<ExpertsSaved>)> {
+    let g = checked_gather(dev, inp.tokens, rows)?;
+    if gather_selected() {
+        if let Some(p) = grouped_plan_rows(dev, inp, Some(rows.numel()), act, None) {
+            return forward_grouped(dev, &p, inp, Some(g), act, save);
+        }
+    }
+    let permuted = gathered_rows(dev, inp.tokens, g)?;
+    experts_forward_device_saving(dev, &DeviceExpertsInputs { tokens: &permuted, ..*inp }, act, save)
+}
+
+/// [`experts_backward_device_saved`] with the experts' rows gathered from the tokens (as
+/// [`experts_forward_device_gathering`]): `gradTokens` is the gradient of the N gathered rows.
+pub fn experts_backward_device_gathering(
+    dev: &Device,
+    grad_output: &DeviceTensor,
+    inp: &DeviceExpertsInputs,
+    rows: &DeviceTensor,
+    act: &ActivationOptions,
+    saved: Option<SavedRef>,
+) -> Result<DeviceExpertsGrads> {
+    let g = checked_gather(dev, inp.tokens, rows)?;
+    if gather_selected() {
+        if let Some(p) = grouped_plan_rows(dev, inp, Some(rows.numel()), act, Some(grad_output)) {
+            if let Some(sv) = saved {
+                check_saved(sv, DType::BF16, DType::BF16, p.rows(), p.width(), p.inter())?;
+            }
+            return backward_grouped(dev, &p, grad_output, inp, Some(g), act, saved);
+        }
+    }
+    let permuted = gathered_rows(dev, inp.tokens, g)?;
+    experts_backward_device_saved(dev, grad_output, &DeviceExpertsInputs { tokens: &permuted, ..*inp }, act, saved)
+}
+
 /// Backward of [`experts_forward_device`]: the up-projection and activation are recomputed (as
 /// the core does), then per expert `dW2 = a^T g`, `da = g W2^T`, `dh` through the activation,
 /// `dW1 = x^T dh`, `dx = dh W1^T`; bias gradients are per-expert column sums.
@@ -587,7 +673,7 @@ pub fn experts_backward_device_saved(
         if let Some(sv) = saved {
             check_saved(sv, DType::BF16, DType::BF16, g.rows(), g.width(), g.inter())?;
         }
-        return backward_grouped(dev, &g, grad_output, inp, act, saved);
+        return backward_grouped(dev, &g, grad_output, inp, None, act, saved);
     }
     let Some(p) = plan(dev, inp, act, Some(grad_output), saved.and_then(|s| s.counts))? else {
         let g = grad_output.download(dev, "gradOutput")?;

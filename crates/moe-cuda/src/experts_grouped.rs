@@ -62,10 +62,27 @@ pub fn grouped_plan(
     act: &ActivationOptions,
     grad_output: Option<&DeviceTensor>,
 ) -> Option<GroupedPlan> {
+    grouped_plan_rows(dev, inp, None, act, grad_output)
+}
+
+/// [`grouped_plan`], or with `gather` (`Some(rows)`: [`Gather`]'s rows) the plan of the experts
+/// reading `rows` rows gathered from the tokens (`inp.tokens` then holds the tokens in their own
+/// order).
+pub fn grouped_plan_rows(
+    dev: &Device,
+    inp: &DeviceExpertsInputs,
+    gather: Option<usize>,
+    act: &ActivationOptions,
+    grad_output: Option<&DeviceTensor>,
+) -> Option<GroupedPlan> {
     if !grouped_selected() || inp.gate_up_bias.is_some() || inp.down_bias.is_some() {
         return None;
     }
-    let meta = inp.named().map(DeviceArg::meta);
+    let gathered_shape = gather.map(|rows| [rows, inp.tokens.shape.get(1).copied().unwrap_or(0)]);
+    let mut meta = inp.named().map(DeviceArg::meta);
+    if let Some(shape) = &gathered_shape {
+        meta.tokens = moe_core::tensor::Meta::shape_only("permutedTokens", inp.tokens.dtype, shape);
+    }
     let checked = match grad_output {
         Some(g) => check_experts_backward(g.meta("gradOutput"), &meta, act),
         None => check_experts(&meta, act),
@@ -137,22 +154,76 @@ fn wgrad(
     )
 }
 
+/// The experts' rows gathered from the tokens on load (the `_gather` kernels): row r of the
+/// experts' input is `tokens[rows[r]]`, `tokens [x_rows, dim]` in their own order, `rows` int32
+/// on the GPU (checked by the caller: every index below `x_rows`).
+#[derive(Clone, Copy)]
+pub struct Gather<'a> {
+    pub rows: &'a DeviceTensor,
+    pub x_rows: usize,
+}
+
+/// Whether the experts gather their rows on load where the layer asks them to
+/// (`MOE_DISPATCH_GG_FUSE=gather`, read once; `act,gather` takes both fusions): the grouped
+/// path's first GEMM and weight gradient read the tokens through the permutation
+/// ([`grouped_gemm::launch_gather`], [`grouped_gemm::launch_wgrad_gather`]), so the permuted
+/// copy of the tokens is never made. Off by default.
+pub fn gather_selected() -> bool {
+    static SELECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SELECTED.get_or_init(|| fuse_selected("gather"))
+}
+
+/// Whether experts given `gatherIndices` on `dev` gather on load (the grouped GEMM selected, the
+/// gather fusion selected, a Hopper GPU) for bf16 tokens and weights without expert biases: the
+/// layer then leaves the permuted copy of the tokens unmade. Elsewhere `gatherIndices` still
+/// works, by copying the rows out first.
+pub fn gathers_on_load(dev: &Device) -> bool {
+    grouped_selected() && gather_selected() && grouped_gemm::arch(dev).is_ok()
+}
+
+/// Whether `MOE_DISPATCH_GG_FUSE` (a comma-separated list) names the fusion `name`.
+fn fuse_selected(name: &str) -> bool {
+    std::env::var("MOE_DISPATCH_GG_FUSE").is_ok_and(|v| v.split(',').any(|f| f.trim() == name))
+}
+
 /// Whether the first GEMM takes the activation into its epilogue (`MOE_DISPATCH_GG_FUSE=act`,
 /// read once; for `[gate | up]` kinds: [`grouped_gemm::launch_act`]). Off by default: measured
 /// no faster than the GEMM + activation kernel (0.86-0.99x on the H100 and H200 over three
 /// designs, docs/gpu-report.md "Nineteenth session").
 pub fn fused_activation_selected() -> bool {
     static SELECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SELECTED.get_or_init(|| std::env::var("MOE_DISPATCH_GG_FUSE").is_ok_and(|v| v == "act"))
+    *SELECTED.get_or_init(|| fuse_selected("act"))
 }
 
 /// `h = x W1` and `a = act(h) * probs` (bf16 buffers of `[n, width]` and `[n, inter]`): the first
 /// GEMM with the activation in its epilogue where [`fused_activation_selected`] and
 /// [`grouped_gemm::fuses_activation`], else the GEMM then the activation kernel (the same bits either way).
-fn up_and_activation(dev: &Device, p: &GroupedPlan, inp: &DeviceExpertsInputs, act: &ActivationOptions) -> Result<(Buffer, Buffer)> {
+fn up_and_activation(
+    dev: &Device,
+    p: &GroupedPlan,
+    inp: &DeviceExpertsInputs,
+    gather: Option<Gather>,
+    act: &ActivationOptions,
+) -> Result<(Buffer, Buffer)> {
     let h = dev.alloc("the up-projection", p.n * p.width * 2)?;
     let a = dev.alloc("the activation", p.n * p.inter * 2)?;
-    if fused_activation_selected() && grouped_gemm::fuses_activation(act.kind) {
+    if let Some(g) = gather {
+        // (the activation fusion does not gather: its kernel after the gathering GEMM)
+        grouped_gemm::launch_gather(
+            dev,
+            ptr(dev, &inp.tokens.buf),
+            g.x_rows,
+            ptr(dev, &g.rows.buf),
+            ptr(dev, &inp.gate_and_up.buf),
+            ptr(dev, &inp.tokens_per_expert.buf),
+            ptr(dev, &h),
+            p.experts,
+            p.n,
+            p.width,
+            p.dim,
+        )?;
+        launch_activation(dev, act, ExpMath::Fast, DType::BF16, &h, p.n, p.width, inp.probs.map(|t| &t.buf), DType::BF16, &a)?;
+    } else if fused_activation_selected() && grouped_gemm::fuses_activation(act.kind) {
         grouped_gemm::launch_act(
             dev,
             ptr(dev, &inp.tokens.buf),
@@ -174,17 +245,19 @@ fn up_and_activation(dev: &Device, p: &GroupedPlan, inp: &DeviceExpertsInputs, a
     Ok((h, a))
 }
 
-/// The forward on the grouped GEMM: `h = x W1`, the activation (weighted by the probs), `y = a W2`;
-/// with `save`, h and a for the backward (no host counts: none were read).
+/// The forward on the grouped GEMM: `h = x W1` (x's rows gathered on load with `gather`), the
+/// activation (weighted by the probs), `y = a W2`; with `save`, h and a for the backward (no host
+/// counts: none were read).
 pub fn forward_grouped(
     dev: &Device,
     p: &GroupedPlan,
     inp: &DeviceExpertsInputs,
+    gather: Option<Gather>,
     act: &ActivationOptions,
     save: bool,
 ) -> Result<(DeviceTensor, Option<ExpertsSaved>)> {
     let dt = DType::BF16;
-    let (h, a) = up_and_activation(dev, p, inp, act)?;
+    let (h, a) = up_and_activation(dev, p, inp, gather, act)?;
     let out = DeviceTensor::alloc(dev, "the output", dt, vec![p.n, p.dim])?;
     gemm(dev, p, &a, inp.down, WeightLayout::KN, inp.tokens_per_expert, &out.buf, p.dim, p.inter)?;
     let saved = save.then(|| ExpertsSaved {
@@ -196,13 +269,15 @@ pub fn forward_grouped(
 }
 
 /// The backward on the grouped GEMM: `dW2 = a^T g`, `da = g W2^T`, `dh` through the activation
-/// (and the probs' gradient), `dW1 = x^T dh`, `dx = dh W1^T`; h and a from `saved` (checked by
-/// the caller) or recomputed.
+/// (and the probs' gradient), `dW1 = x^T dh` (x's rows gathered on load with `gather`),
+/// `dx = dh W1^T` (the gradient of the experts' rows, expert-major, either way); h and a from
+/// `saved` (checked by the caller) or recomputed.
 pub fn backward_grouped(
     dev: &Device,
     p: &GroupedPlan,
     grad_output: &DeviceTensor,
     inp: &DeviceExpertsInputs,
+    gather: Option<Gather>,
     act: &ActivationOptions,
     saved: Option<SavedRef>,
 ) -> Result<DeviceExpertsGrads> {
@@ -212,7 +287,7 @@ pub fn backward_grouped(
     let (h, a) = match saved {
         Some(sv) => (&sv.up_projection.buf, &sv.activation.buf),
         None => {
-            (h_own, a_own) = up_and_activation(dev, p, inp, act)?;
+            (h_own, a_own) = up_and_activation(dev, p, inp, gather, act)?;
             (&h_own, &a_own)
         }
     };
@@ -239,7 +314,22 @@ pub fn backward_grouped(
     )?;
     drop(da);
     let grad_w1 = DeviceTensor::alloc(dev, "gradGateAndUpProjs", dt, inp.gate_and_up.shape.clone())?;
-    wgrad(dev, p, &inp.tokens.buf, &dh, counts, &grad_w1, p.dim, p.width)?;
+    match gather {
+        Some(g) => grouped_gemm::launch_wgrad_gather(
+            dev,
+            ptr(dev, &inp.tokens.buf),
+            g.x_rows,
+            ptr(dev, &g.rows.buf),
+            ptr(dev, &dh),
+            ptr(dev, &counts.buf),
+            ptr(dev, &grad_w1.buf),
+            p.experts,
+            p.n,
+            p.dim,
+            p.width,
+        )?,
+        None => wgrad(dev, p, &inp.tokens.buf, &dh, counts, &grad_w1, p.dim, p.width)?,
+    }
     let grad_tokens = DeviceTensor::alloc(dev, "gradTokens", dt, vec![p.n, p.dim])?;
     gemm(dev, p, &dh, inp.gate_and_up, WeightLayout::NK, counts, &grad_tokens.buf, p.dim, p.width)?;
     Ok(DeviceExpertsGrads {

@@ -147,6 +147,34 @@ pub fn launch_permute(
     }
 }
 
+/// `out [n, row_bytes] = tokens[rows[i]]` for the `n` int32 `rows` (each a row of `tokens`: the
+/// caller checked them), the slot-major gather kernel without probs: the experts' permuted rows
+/// where they were asked to gather and cannot (crate::experts).
+pub fn launch_gather_rows(dev: &Device, tokens: &Buffer, row_bytes: usize, rows: &Buffer, n: usize, out: &Buffer) -> Result<()> {
+    if n == 0 || row_bytes == 0 {
+        return Ok(());
+    }
+    let w = word_bytes(row_bytes);
+    let words = (row_bytes / w) as i64;
+    let (threads, col_blocks) = row_launch((words as usize).div_ceil(PERMUTE_UNROLL))?;
+    let s = dev.stream();
+    dev.launch(
+        &format!("permute_gather_w{w}"),
+        (n as u32, col_blocks),
+        threads,
+        &[
+            Arg::U64(tokens.ptr(s)),
+            Arg::U64(out.ptr(s)),
+            Arg::I64(words),
+            Arg::U64(rows.ptr(s)),
+            Arg::U64(0),
+            Arg::U64(0),
+            Arg::U64(0),
+            Arg::I32(0),
+        ],
+    )
+}
+
 /// Elements per thread of the unpermute kernel: the widest of 16/8/4/2-byte words whose
 /// element count divides `hidden`.
 pub fn unpermute_vec(dtype: DType, hidden: usize) -> usize {

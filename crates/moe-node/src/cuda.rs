@@ -154,6 +154,12 @@ pub fn cuda_upload(tensor: WireTensor) -> napi::Result<CudaTensor, String> {
     run(|dev| Ok(CudaTensor::wrap(DeviceTensor::upload(dev, &view("tensor", &tensor)?)?)))
 }
 
+/// Whether the experts gather their rows on load (`moe_cuda::experts_grouped::gathers_on_load`).
+#[napi]
+pub fn cuda_experts_gather_on_load() -> napi::Result<bool, String> {
+    run(|dev| Ok(moe_cuda::experts_grouped::gathers_on_load(dev)))
+}
+
 /// Waits for every queued kernel.
 #[napi]
 pub fn cuda_synchronize() -> napi::Result<(), String> {

@@ -1,7 +1,8 @@
 //! The grouped experts and matmul on device tensors (crates/moe-cuda/src/experts.rs): the
 //! argument objects of `expertsForward` / `expertsBackward` / `matmul` (the op table's fields and
 //! groups, read in its order: the activation's options and the experts' tensors are the same
-//! groups), with device tensors, and what the GPU adds (`saveForBackward`, `saved`).
+//! groups), with device tensors, and what the GPU adds (`saveForBackward`, `saved`,
+//! `gatherIndices`: the experts' rows gathered from the tokens in their own order).
 
 use moe_bind::ops::{ActArgs, ExpertsArgs};
 use moe_bind::{ArgTs, Flag, Kind, Obj};
@@ -68,8 +69,12 @@ impl<'e> Kind<Args<'e>> for Saved {
 cuda_fns! {
     /// `expertsForward` on device tensors (cuBLAS GEMMs per expert); with saveForBackward also
     /// the up-projection and the weighted activation (`upProjection`, `activation`).
-    cudaExpertsForwardDevice(options: ActArgs, inputs: ExpertsArgs<Device>, saveForBackward: Flag) -> DeviceOut |dev| {
-        let (out, saved) = experts::experts_forward_device_saving(dev, &inputs.into(), &options, saveForBackward)?;
+    cudaExpertsForwardDevice(options: ActArgs, inputs: ExpertsArgs<Device>, saveForBackward: Flag, gatherIndices: Option<Device>) -> DeviceOut |dev| {
+        let inputs = inputs.into();
+        let (out, saved) = match gatherIndices {
+            Some(rows) => experts::experts_forward_device_gathering(dev, &inputs, &rows, &options, saveForBackward)?,
+            None => experts::experts_forward_device_saving(dev, &inputs, &options, saveForBackward)?,
+        };
         let (up, act, counts) = match saved {
             Some(s) => (Some(s.up_projection), Some(s.activation), s.counts),
             None => (None, None, None),
@@ -77,8 +82,12 @@ cuda_fns! {
         Ok(device_out!(output: out, upProjection: up, activation: act, counts: counts))
     }
     /// `expertsBackward` on device tensors (`saved`: what the forward kept).
-    cudaExpertsBackwardDevice(options: ActArgs, gradOutput: Device, inputs: ExpertsArgs<Device>, saved: Saved) -> DeviceOut |dev| {
-        let g: DeviceExpertsGrads = experts::experts_backward_device_saved(dev, &gradOutput, &inputs.into(), &options, saved)?;
+    cudaExpertsBackwardDevice(options: ActArgs, gradOutput: Device, inputs: ExpertsArgs<Device>, saved: Saved, gatherIndices: Option<Device>) -> DeviceOut |dev| {
+        let inputs = inputs.into();
+        let g: DeviceExpertsGrads = match gatherIndices {
+            Some(rows) => experts::experts_backward_device_gathering(dev, &gradOutput, &inputs, &rows, &options, saved)?,
+            None => experts::experts_backward_device_saved(dev, &gradOutput, &inputs, &options, saved)?,
+        };
         Ok(device_out!(
             gradTokens: g.grad_tokens, gradGateAndUpProjs: g.grad_gate_and_up, gradDownProjs: g.grad_down,
             gradGateUpProjBias: g.grad_gate_up_bias, gradDownProjBias: g.grad_down_bias, gradProbs: g.grad_probs,
