@@ -132,11 +132,14 @@ for (const name of names) {
   const m = mem[mem.length - 1];
   const activationBytes = gpu ? m.after - m.before : null;
   // what the layer keeps for the backward, by its shapes (layer.ts #dispatchLocal / #finishForward;
-  // expertsForward's saved h and a): the measured savedBytes less these is `savedUnaccountedBytes`
+  // expertsForward's saved h and a): the measured savedBytes less these is `savedUnaccountedBytes`.
+  // Where the experts gather their rows on load the permuted copy is not made (its [N, 0] stand-in
+  // holds a 1-byte buffer).
+  const gathers = gpu && moe.expertsGatherOnLoad();
   const expectedSaved = {
     routingMap: T * E * SIZE.bool,
     sortedIndices: N * SIZE.int32,
-    permutedTokens: N * dim * SIZE.bfloat16,
+    permutedTokens: gathers ? 1 : N * dim * SIZE.bfloat16,
     tokensPerExpert: E * SIZE.int32,
     permutedProbs: N * SIZE.float32,
     upProjection: N * 2 * inter * SIZE.bfloat16,
@@ -160,7 +163,8 @@ for (const name of names) {
     savedBytes: gpu ? activationBytes - m.outputBytes : null,
     expectedSaved,
     savedUnaccountedBytes: gpu ? activationBytes - m.outputBytes - expectedSum : null,
-    permutedCopyBytes: expectedSaved.permutedTokens,
+    gathersOnLoad: gathers,
+    permutedCopyBytes: N * dim * SIZE.bfloat16,
     baselineBytes: m.before,
     peakBytes: m.peak,
     peakAboveStartBytes: gpu ? m.peak - m.before : null,
@@ -173,7 +177,7 @@ for (const name of names) {
   rows.push(row);
   const gib = (b) => (b === null ? 'n/a' : `${(b / 2 ** 30).toFixed(3)} GiB`);
   console.log(
-    `${name.padStart(13)} ours (${gemm}): forward + backward ${ms.toFixed(3)} ms (min ${times[0].toFixed(3)}, ${syncs ?? 'n/a'} waits); activations ${gib(activationBytes)} (outputs ${gib(row.outputBytes)}, saved ${gib(row.savedBytes)}, unaccounted ${row.savedUnaccountedBytes ?? 'n/a'} B; the permuted copy ${gib(row.permutedCopyBytes)}); peak ${gib(row.peakBytes)} (${gib(row.peakAboveStartBytes)} above the start); repeats agree ${row.memoryRepeatsAgree}, leak ${row.leakBytes ?? 'n/a'} B; aux ${aux}`,
+    `${name.padStart(13)} ours (${gemm}): forward + backward ${ms.toFixed(3)} ms (min ${times[0].toFixed(3)}, ${syncs ?? 'n/a'} waits); activations ${gib(activationBytes)} (outputs ${gib(row.outputBytes)}, saved ${gib(row.savedBytes)}, unaccounted ${row.savedUnaccountedBytes ?? 'n/a'} B; the permuted copy ${gib(row.permutedCopyBytes)}${gathers ? ', not made: gathered on load' : ''}); peak ${gib(row.peakBytes)} (${gib(row.peakAboveStartBytes)} above the start); repeats agree ${row.memoryRepeatsAgree}, leak ${row.leakBytes ?? 'n/a'} B; aux ${aux}`,
   );
   layer.dispose();
   dispose([x, g]);
