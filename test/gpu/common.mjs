@@ -161,6 +161,24 @@ export const standIn = process.env.MOE_GPU_SUITE_STANDIN;
 export const skip = cudaInfo?.available || standIn ? false : `CUDA unavailable: ${cudaInfo?.reason ?? 'backendInfo() does not list cuda'}`;
 /** false, or why the device-tensor tests cannot run. */
 export const cudaOnly = standIn ? `stand-in run (${standIn} in cuda's place)` : skip;
+/** The grouped GEMM's tests' skip reason (node:test `skip`): no cuda backend, or not a Hopper GPU. */
+export const skipGrouped = cudaOnly || (hopper ? false : `the grouped GEMM needs a Hopper GPU (sm_90), this is ${cudaInfo?.device}`);
+
+/** float32 values uniform in [-scale, scale) from `random` (rng). */
+export function uniformF32(shape, random, scale = 1) {
+  const n = shape.reduce((a, b) => a * b, 1);
+  return tensor(
+    'float32',
+    shape,
+    Float32Array.from({ length: n }, () => (random() * 2 - 1) * scale),
+  );
+}
+
+/** uniformF32's values rounded to bfloat16. */
+export function uniformBF16(shape, random, scale = 1) {
+  return tensor('bfloat16', shape, Uint16Array.from(uniformF32(shape, random, scale).data, toBFloat16Bits));
+}
+
 /** The backend under test (cuda, or the stand-in); undefined when skipped. */
 export const cuda = skip ? undefined : await lib.createBackend({ prefer: standIn ?? 'cuda' });
 

@@ -11,27 +11,7 @@ process.env.MOE_DISPATCH_GG_FUSE = 'gather';
 
 const assert = (await import('node:assert/strict')).default;
 const { describe, test } = await import('node:test');
-const { cuda, cudaInfo, cudaOnly, hopper, host, rng, tensor, toBFloat16Bits } = await import('./common.mjs');
-
-const skipGrouped = cudaOnly || (hopper ? false : `the grouped GEMM needs a Hopper GPU (sm_90), this is ${cudaInfo?.device}`);
-
-function bf16(shape, random, scale = 1) {
-  const n = shape.reduce((a, b) => a * b, 1);
-  return tensor(
-    'bfloat16',
-    shape,
-    Uint16Array.from({ length: n }, () => toBFloat16Bits((random() * 2 - 1) * scale)),
-  );
-}
-
-function f32(shape, random, scale = 1) {
-  const n = shape.reduce((a, b) => a * b, 1);
-  return tensor(
-    'float32',
-    shape,
-    Float32Array.from({ length: n }, () => (random() * 2 - 1) * scale),
-  );
-}
+const { cuda, host, rng, skipGrouped, tensor, uniformBF16: bf16, uniformF32: f32 } = await import('./common.mjs');
 
 /** Where two tensors' bits first differ, or -1. */
 function firstDiff(a, b) {

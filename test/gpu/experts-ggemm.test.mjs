@@ -8,22 +8,7 @@ process.env.MOE_DISPATCH_EXPERTS_GEMM = 'grouped';
 
 const assert = (await import('node:assert/strict')).default;
 const { describe, test } = await import('node:test');
-const { cpu, cuda, cudaInfo, cudaOnly, hopper, host, rng, tensor, toBFloat16Bits } = await import('./common.mjs');
-
-const skipGrouped = cudaOnly || (hopper ? false : `the grouped GEMM needs a Hopper GPU (sm_90), this is ${cudaInfo?.device}`);
-
-function f32(shape, random, scale = 1) {
-  const n = shape.reduce((a, b) => a * b, 1);
-  return tensor(
-    'float32',
-    shape,
-    Float32Array.from({ length: n }, () => (random() * 2 - 1) * scale),
-  );
-}
-
-function bf16(shape, random, scale = 1) {
-  return tensor('bfloat16', shape, Uint16Array.from(f32(shape, random, scale).data, toBFloat16Bits));
-}
+const { cpu, cuda, host, rng, skipGrouped, uniformBF16: bf16, uniformF32: f32 } = await import('./common.mjs');
 
 function values(t) {
   const h = host(t);
