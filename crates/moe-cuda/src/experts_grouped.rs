@@ -183,7 +183,12 @@ pub fn gathers_on_load(dev: &Device) -> bool {
 
 /// Whether `MOE_DISPATCH_GG_FUSE` (a comma-separated list) names the fusion `name`.
 fn fuse_selected(name: &str) -> bool {
-    std::env::var("MOE_DISPATCH_GG_FUSE").is_ok_and(|v| v.split(',').any(|f| f.trim() == name))
+    std::env::var("MOE_DISPATCH_GG_FUSE").is_ok_and(|v| names_fusion(&v, name))
+}
+
+/// Whether the comma-separated `list` names `name` (spaces around the names allowed).
+fn names_fusion(list: &str, name: &str) -> bool {
+    list.split(',').any(|f| f.trim() == name)
 }
 
 /// Whether the first GEMM takes the activation into its epilogue (`MOE_DISPATCH_GG_FUSE=act`,
@@ -340,4 +345,19 @@ pub fn backward_grouped(
         grad_down_bias: None,
         grad_probs,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::names_fusion;
+
+    #[test]
+    fn fusion_lists() {
+        assert!(names_fusion("gather", "gather"));
+        assert!(names_fusion("act,gather", "gather") && names_fusion("act,gather", "act"));
+        assert!(names_fusion(" act , gather ", "gather"));
+        assert!(!names_fusion("gathers", "gather"));
+        assert!(!names_fusion("act", "gather"));
+        assert!(!names_fusion("", "act"));
+    }
 }
