@@ -768,12 +768,18 @@ export async function dispatch<D extends TokenDType>(
     owner.fill(j, start, end);
   });
 
-  // The tokens grouped by destination rank, each once per rank: a permute by a [T, N] map.
+  // The tokens grouped by destination rank, each once per rank: a permute by a [T, N] map. Its
+  // counts and order (rank by rank, tokens ascending: permute's sortedIndices) are known here, so
+  // nothing of the permute is read back (device tokens: its kernels are only queued).
   const sendMap = new Uint8Array(T * N);
   for (let i = 0; i < T * k; i++) if (picks[i] >= 0) sendMap[Math.floor(i / k) * N + owner[picks[i]]] = 1;
   const sendMapT: Tensor<'bool'> = { dtype: 'bool', shape: [T, N], data: sendMap };
-  const byRank = moe.permute(tokens as Tensor<D>, sendMapT);
-  const sendCounts = Array.from(onHost(byRank.tokensPerExpert).data);
+  const sendCounts = new Array<number>(N).fill(0);
+  for (let i = 0; i < T * N; i++) sendCounts[i % N] += sendMap[i];
+  const sorted = new Int32Array(sendCounts.reduce((a, c) => a + c, 0));
+  const at = sendCounts.map((_, j) => sendCounts.slice(0, j).reduce((a, c) => a + c, 0));
+  for (let t = 0; t < T; t++) for (let j = 0; j < N; j++) if (sendMap[t * N + j]) sorted[at[j]++] = t;
+  const byRank = moe.permute(tokens as Tensor<D>, sendMapT, { numOutTokens: sorted.length });
 
   // Every rank's header and counts: what each rank receives, and a check that the ranks agree.
   const header = Int32Array.from([E, k, H, DTYPE_CODE[dtype], device ? 1 : 0, ...sendCounts]);
@@ -791,7 +797,6 @@ export async function dispatch<D extends TokenDType>(
   const recvCounts = all.map((h) => h[HEADER.length + g.rank]);
 
   // After each rank's rows: their picks as that rank's local expert ids (int32, -1 elsewhere) and the weights (float32).
-  const sorted = onHost(byRank.sortedIndices).data;
   const extraSend: Uint8Array[][] = [];
   let off = 0;
   for (let j = 0; j < N; j++) {
@@ -826,7 +831,10 @@ export async function dispatch<D extends TokenDType>(
   const picksT: Tensor<'int32'> = { dtype: 'int32', shape: [R, k], data: recvPicks };
   const weightsT: Tensor<'float32'> = { dtype: 'float32', shape: [R, k], data: recvWeights };
   const { routingMap: recvMap, probs } = device ? moe.indicesToMultihot(uploadOf(moe)(picksT), uploadOf(moe)(weightsT), L) : moe.indicesToMultihot(picksT, weightsT, L);
-  const perm = moe.permute(got.rows as Tensor<D>, recvMap, { probs });
+  // (every received pick a slot: their count given, as for the send side)
+  let picked = 0;
+  for (let i = 0; i < recvPicks.length; i++) if (recvPicks[i] >= 0) picked++;
+  const perm = moe.permute(got.rows as Tensor<D>, recvMap, { probs, numOutTokens: picked });
   release(got.rows);
   const permutedProbs = perm.permutedProbs!;
   const handle: DispatchHandle = Object.freeze({
