@@ -681,6 +681,7 @@ export class MoELayer {
       }
     }
     this.#free();
+    this.#freeNoColumns();
     return this;
   }
 
@@ -692,8 +693,7 @@ export class MoELayer {
   dispose(): void {
     this.#free();
     this.#disposed = true;
-    this.#noColumns?.dispose();
-    this.#noColumns = undefined;
+    this.#freeNoColumns();
     for (const t of Object.values(this.weights)) if (t !== undefined && isDeviceTensor(t)) t.dispose();
   }
 
@@ -815,10 +815,15 @@ export class MoELayer {
   /** `[n, 0]` rows of the layer's dtype on the GPU: permute's input when it is to make the plan only. */
   #noColumnsOf(n: number): DeviceTensor<TokenDType> {
     if (this.#noColumns?.shape[0] !== n) {
-      this.#noColumns?.dispose();
+      this.#freeNoColumns();
       this.#noColumns = (this.backend as CudaBackend).upload(tensor(this.dtype, [n, 0]));
     }
     return this.#noColumns;
+  }
+
+  #freeNoColumns(): void {
+    this.#noColumns?.dispose();
+    this.#noColumns = undefined;
   }
 
   /** Dispatch, experts, combine on this process's tokens (every expert here, or with epSize this rank's share of every token's). */
