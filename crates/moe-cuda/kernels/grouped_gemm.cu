@@ -759,7 +759,8 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
     };
     const int wg = (int)threadIdx.x / 128;
     if (wg == 0) {
-        // the producer: one thread issues every TMA load
+        // the producer: one thread issues every TMA load (GATHER: every thread of the warpgroup
+        // copies A's rows, the first also loads B)
         if constexpr (BN == 256) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
         // B's k-step kb of tile tl into b_dst, by TMA
         auto load_b = [&](const GgTile& tl, bool paired, int kb, u32 full, u32 b_dst) {
