@@ -179,6 +179,40 @@ describe.each(backendRows)('experts on %s', (_name, moe) => {
     expect(Array.from(out.data as Uint16Array)).toEqual(Array.from(want.data as Float32Array, bf16Bits));
   });
 
+  it('gatherIndices: the rows of the tokens in their own order, the same bits as on the gathered copy; bad indices name it', () => {
+    const pr = problem('swiglu', 41, [3, 0, 2], 6, 5, true);
+    const T = 4;
+    const rand = rng(3);
+    const xs = Float32Array.from({ length: T * pr.dim }, () => Math.fround(rand() * 2 - 1));
+    const idx = [2, 0, 3, 3, 1]; // rows repeat, as a token's k picks do
+    const gathered = f32(
+      [idx.length, pr.dim],
+      idx.flatMap((t) => Array.from(xs.subarray(t * pr.dim, (t + 1) * pr.dim))),
+    );
+    const x = f32([T, pr.dim], xs);
+    const o = { ...optionsOf(pr), gatherIndices: i32(idx) };
+    expect(bitsOf(moe.expertsForward(x, i32(pr.counts), weightsOf(pr), o))).toEqual(bitsOf(moe.expertsForward(gathered, i32(pr.counts), weightsOf(pr), optionsOf(pr))));
+    const g = f32(
+      [idx.length, pr.dim],
+      Array.from({ length: idx.length * pr.dim }, () => rand() - 0.5),
+    );
+    const got = moe.expertsBackward(g, x, i32(pr.counts), weightsOf(pr), o);
+    const want = moe.expertsBackward(g, gathered, i32(pr.counts), weightsOf(pr), optionsOf(pr));
+    expect([...got.gradTokens.shape]).toEqual([idx.length, pr.dim]);
+    for (const key of ['gradTokens', 'gradGateAndUpProjs', 'gradDownProjs', 'gradProbs'] as const) expect(bitsOf(got[key]!), key).toEqual(bitsOf(want[key]!));
+    expect(bitsOf(got.gradBiases!.gateUpProjBias!)).toEqual(bitsOf(want.gradBiases!.gateUpProjBias!));
+    expectThrows(
+      () => moe.expertsForward(x, i32(pr.counts), weightsOf(pr), { ...o, gatherIndices: i32([2, 4, 0, 0, 1]) }),
+      RangeError,
+      /^expertsForward: gatherIndices: element 1 = 4 is outside \[0, 4\)/,
+    );
+    expectThrows(() => moe.expertsBackward(g, x, i32(pr.counts), weightsOf(pr), { ...o, gatherIndices: i32([2, 0, -1, 0, 1]) }), RangeError, /^expertsBackward: gatherIndices: element 2 = -1/);
+    expectThrows(() => moe.expertsForward(x, i32(pr.counts), weightsOf(pr), { ...o, gatherIndices: f32([5], [0, 0, 0, 0, 0]) as never }), TypeError, /^expertsForward: options\.gatherIndices\.dtype/);
+    expectThrows(() => moe.expertsForward(x, i32(pr.counts), weightsOf(pr), { ...o, gatherIndices: tensor('int32', [5, 1]) }), RangeError, /^expertsForward: options\.gatherIndices\.shape/);
+    // the gathered rows must still be the counts' N: one index short is the core's shape error
+    expectThrows(() => moe.expertsForward(x, i32(pr.counts), weightsOf(pr), { ...o, gatherIndices: i32([2, 0, 3, 3]) }), RangeError, /^expertsForward: /);
+  });
+
   it('matmul: plain and transposed views, against float64', () => {
     const rand = rng(8);
     const [m, k, n] = [9, 300, 7];

@@ -1190,6 +1190,38 @@ export function webgpuCases(ctx) {
     }
   });
 
+  // gatherIndices (the experts reading the tokens in their own order through permute's
+  // sortedIndices): the webgpu backend takes the host path for it, whose adapter gathers the rows;
+  // the same bits as the experts on permute's own rows, forward and backward.
+  add("the grouped experts with gatherIndices: the same bits as on permute's rows", async () => {
+    const m = moe;
+    const random = rng(779);
+    for (const dtype of DTYPES) {
+      const [T, E, k, dim, inter] = [40, 3, 2, 24, 16];
+      const r = randomRouting({ numTokens: T, numExperts: E, topk: k, hidden: dim, dtype }, random);
+      const { routingMap, probs } = wasm.indicesToMultihot(r.indices, r.weights, E);
+      const hp = wasm.permute(r.tokens, routingMap, { probs });
+      const n = hp.permutedTokens.shape[0];
+      const weights = { gateAndUpProjs: randomScaled(dtype, [E, dim, 2 * inter], 0.5 / Math.sqrt(dim), random), downProjs: randomScaled(dtype, [E, inter, dim], 0.5 / Math.sqrt(inter), random) };
+      const dw = { gateAndUpProjs: m.upload(weights.gateAndUpProjs), downProjs: m.upload(weights.downProjs) };
+      const o = { activation: 'swiglu', permutedProbs: hp.permutedProbs };
+      const od = { activation: 'swiglu', permutedProbs: m.upload(hp.permutedProbs), gatherIndices: m.upload(hp.sortedIndices) };
+      const x = m.upload(r.tokens);
+      const y = await m.gpu.expertsForward(x, m.upload(hp.tokensPerExpert), dw, od);
+      await same('expertsForward', y, wasm.expertsForward(hp.permutedTokens, hp.tokensPerExpert, weights, o), `${dtype} gatherIndices`);
+      const g = randomTokens(dtype, n, dim, random);
+      const grads = await m.gpu.expertsBackward(m.upload(g), x, m.upload(hp.tokensPerExpert), dw, od);
+      await same('expertsBackward', grads, wasm.expertsBackward(g, hp.permutedTokens, hp.tokensPerExpert, weights, o), `${dtype} gatherIndices`);
+      // and the wasm backend itself, on host tensors
+      await same(
+        'expertsForward',
+        wasm.expertsForward(r.tokens, hp.tokensPerExpert, weights, { ...o, gatherIndices: hp.sortedIndices }),
+        wasm.expertsForward(hp.permutedTokens, hp.tokensPerExpert, weights, o),
+        `${dtype} wasm gatherIndices`,
+      );
+    }
+  });
+
   // routeBackward at route's device picks (vouched for by their facts), every score function and
   // option that changes its arithmetic, with and without gradScores; host picks take the wasm path.
   add("routeBackward at route's picks, every score function, against wasm", async () => {

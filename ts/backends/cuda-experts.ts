@@ -18,19 +18,15 @@ export interface DeviceExpertWeights<D extends TokenDType = TokenDType> {
   downProjs: AnyTensor<D>;
 }
 
-export interface DeviceExpertsOptions extends Omit<ExpertsOptions, 'permutedProbs' | 'biases'> {
+export interface DeviceExpertsOptions extends Omit<ExpertsOptions, 'permutedProbs' | 'biases' | 'gatherIndices'> {
   permutedProbs?: AnyTensor<'float32'>;
   biases?: { gateUpProjBias?: AnyTensor<TokenDType>; downProjBias?: AnyTensor<TokenDType> };
   /**
-   * The experts' rows gathered from the tokens (int32 `[N]`, e.g. permute's `sortedIndices`):
-   * `permutedTokens` is then the tokens in their own order, `[numTokens, hidden]`, and row r of
-   * the experts' input is `permutedTokens[gatherIndices[r]]` (`tokensPerExpert` and
-   * `permutedProbs` are of the N rows; the backward's `gradTokens` is the gradient of those N
-   * rows). On our Hopper grouped GEMM with `MOE_DISPATCH_GG_FUSE=gather` the GEMMs read the rows
-   * through the indices, so the permuted copy of the tokens is never made; elsewhere the rows are
-   * copied out first (the same results). Indices that permute made for these tokens are taken as
-   * they are; others are read back and checked (a RangeError names the first outside
-   * `[0, numTokens)`).
+   * ExpertsOptions.gatherIndices, on the GPU: on our Hopper grouped GEMM with
+   * `MOE_DISPATCH_GG_FUSE=gather` the GEMMs read the rows through the indices, so the permuted
+   * copy of the tokens is never made; elsewhere the rows are copied out first (the same results).
+   * Indices that permute made for these tokens are taken as they are; others are read back and
+   * checked (a RangeError names the first outside `[0, numTokens)`).
    */
   gatherIndices?: AnyTensor<'int32'>;
 }

@@ -3,7 +3,7 @@
  * the interface, and its adapter over a binding. All the arithmetic and every format check
  * is the Rust core's.
  */
-import type { DType, Tensor, TokenDType } from '../tensor.js';
+import { checkTensor, type DType, type Tensor, type TokenDType } from '../tensor.js';
 import type { Binding, CheckpointSource as SourceWire, LoadedExperts as LoadedWire } from '../generated/binding.js';
 import { checkBool, checkDisjoint, checkNumber, checkOptions, INDICES, optWire, TOKENS, WIRE, wire, type Call, type TensorArgs, type WireTensor } from '../wire.js';
 import type { ActivationKind } from './activations.js';
@@ -35,6 +35,16 @@ export interface ExpertsOptions {
   alpha?: number;
   limit?: number;
   linearOffset?: number;
+  /**
+   * The experts' rows gathered from the tokens (int32 `[N]`, e.g. permute's `sortedIndices`):
+   * `permutedTokens` is then the tokens in their own order, `[numTokens, hidden]`, and row r of the
+   * experts' input is `permutedTokens[gatherIndices[r]]`; `tokensPerExpert`, `permutedProbs`, the
+   * output and the backward's `gradTokens` are of the N rows. The same bits as the call on the
+   * gathered rows (permute's `permutedTokens` for its `sortedIndices`). An index outside
+   * `[0, numTokens)` is a RangeError naming it. The host backends copy the rows out; the cuda
+   * backend's grouped GEMM can read them through the indices (no copy: `CudaBackend.expertsGatherOnLoad`).
+   */
+  gatherIndices?: Tensor<'int32'>;
 }
 
 /** expertsForward's options: {@link ExpertsOptions} and a caller-owned output. */
@@ -212,7 +222,36 @@ export type ExpertsBinding = Pick<
   'matmul' | 'expertsForward' | 'expertsBackward' | 'safetensorsSave' | 'safetensorsLoad' | 'checkpointInfo' | 'loadExperts' | 'stackExperts' | 'unstackExperts'
 >;
 
-const EXPERTS_KNOWN: readonly (keyof ExpertsOptions)[] = ['activation', 'permutedProbs', 'biases', 'alpha', 'limit', 'linearOffset'];
+const EXPERTS_KNOWN: readonly (keyof ExpertsOptions)[] = ['activation', 'permutedProbs', 'biases', 'alpha', 'limit', 'linearOffset', 'gatherIndices'];
+
+/**
+ * The rows of `tokens` (`[T, hidden]`, host) that `gatherIndices` (int32 `[N]`) names, in its
+ * order: the experts' input where the backend does not gather on load (ExpertsOptions.gatherIndices).
+ */
+export function gatheredRows(tokens: unknown, gatherIndices: unknown): Tensor<TokenDType> {
+  const x = checkTensor(tokens, 'permutedTokens', TOKENS);
+  const idx = checkTensor(gatherIndices, 'options.gatherIndices', ['int32']);
+  if (x.shape.length !== 2) {
+    throw new RangeError(`permutedTokens.shape: with gatherIndices, expected the tokens in their own order, [numTokens, hidden], got [${x.shape.join(', ')}]`);
+  }
+  if (idx.shape.length !== 1) throw new RangeError(`options.gatherIndices.shape: expected [numRows], got [${idx.shape.join(', ')}]`);
+  const [t, h] = x.shape;
+  const n = idx.shape[0];
+  const src = x.data as Float32Array | Uint16Array;
+  const out = new (src.constructor as Float32ArrayConstructor | Uint16ArrayConstructor)(n * h);
+  for (let r = 0; r < n; r++) {
+    const v = idx.data[r];
+    if (v < 0 || v >= t) throw new RangeError(`gatherIndices: element ${r} = ${v} is outside [0, ${t}) (a row of permutedTokens, the tokens in their own order)`);
+    out.set(src.subarray(v * h, (v + 1) * h), r * h);
+  }
+  return { dtype: x.dtype, shape: [n, h], data: out } as Tensor<TokenDType>;
+}
+
+/** `permutedTokens` as the experts read it: the tokens as given, or the rows `options.gatherIndices` names (a host copy). */
+function expertRows(permutedTokens: unknown, options: unknown): unknown {
+  const g = typeof options === 'object' && options !== null ? (options as ExpertsOptions).gatherIndices : undefined;
+  return g === undefined ? permutedTokens : gatheredRows(permutedTokens, g);
+}
 const FORWARD_KNOWN: readonly (keyof ExpertsForwardOptions)[] = [...EXPERTS_KNOWN, 'out'];
 
 function kindOf(value: unknown, arg: string): ActivationKind | undefined {
@@ -389,6 +428,7 @@ export function expertsOps(call: Call<ExpertsBinding>): ExpertsOps {
     expertsForward(permutedTokens, tokensPerExpert, weights, options) {
       return call('expertsForward', (b) => {
         const args = expertArgs(WIRE, permutedTokens, tokensPerExpert, weights, options, 'expertsForward', FORWARD_KNOWN);
+        args.permutedTokens = wire(expertRows(permutedTokens, options), 'permutedTokens', TOKENS);
         const o = (options ?? {}) as ExpertsForwardOptions; // an object: checked by expertArgs
         const out = optWire(o.out, 'out', TOKENS);
         const w = weights as ExpertWeights;
@@ -410,6 +450,7 @@ export function expertsOps(call: Call<ExpertsBinding>): ExpertsOps {
     expertsBackward(gradOutput, permutedTokens, tokensPerExpert, weights, options) {
       return call('expertsBackward', (b) => {
         const args = expertArgs(WIRE, permutedTokens, tokensPerExpert, weights, options, 'expertsBackward');
+        args.permutedTokens = wire(expertRows(permutedTokens, options), 'permutedTokens', TOKENS);
         return expertsGrads(b.expertsBackward({ gradOutput: wire(gradOutput, 'gradOutput', TOKENS), ...args }), args.upProjs !== undefined);
       }) as ExpertsGrads<never>;
     },
