@@ -1152,6 +1152,16 @@ export function webgpuCases(ctx) {
     }
   });
 
+  /** A routed swiglu experts problem on the host (wasm's routing and permute) and its weights, also uploaded. */
+  function routedExperts(dtype, [T, E, k, dim, inter], random) {
+    const r = randomRouting({ numTokens: T, numExperts: E, topk: k, hidden: dim, dtype }, random);
+    const { routingMap, probs } = wasm.indicesToMultihot(r.indices, r.weights, E);
+    const hp = wasm.permute(r.tokens, routingMap, { probs });
+    const weights = { gateAndUpProjs: randomScaled(dtype, [E, dim, 2 * inter], 0.5 / Math.sqrt(dim), random), downProjs: randomScaled(dtype, [E, inter, dim], 0.5 / Math.sqrt(inter), random) };
+    const dw = { gateAndUpProjs: moe.upload(weights.gateAndUpProjs), downProjs: moe.upload(weights.downProjs) };
+    return { r, hp, n: hp.permutedTokens.shape[0], weights, dw };
+  }
+
   // The experts in a device pipeline: permute's tokensPerExpert is vouched for by its facts, so the
   // GEMMs' tile tables are written on the GPU from it and nothing is read back.
   add("the grouped experts on permute's device counts: nothing read back, the same bits", async () => {
@@ -1159,15 +1169,10 @@ export function webgpuCases(ctx) {
     const random = rng(777);
     for (const dtype of DTYPES) {
       // experts of ~100 rows (two row tiles), dim over one 64-wide column tile
-      const [T, E, k, dim, inter] = [150, 3, 2, 70, 40];
-      const r = randomRouting({ numTokens: T, numExperts: E, topk: k, hidden: dim, dtype }, random);
-      const { routingMap, probs } = wasm.indicesToMultihot(r.indices, r.weights, E);
-      const hp = wasm.permute(r.tokens, routingMap, { probs });
+      const [E, dim, inter] = [3, 70, 40];
+      const { r, hp, n, weights, dw } = routedExperts(dtype, [150, E, 2, dim, inter], random);
       const dmh = await m.gpu.indicesToMultihot(m.upload(r.indices), m.upload(r.weights), E);
       const dp = await m.gpu.permute(m.upload(r.tokens), dmh.routingMap, { probs: dmh.probs });
-      const n = hp.permutedTokens.shape[0];
-      const weights = { gateAndUpProjs: randomScaled(dtype, [E, dim, 2 * inter], 0.5 / Math.sqrt(dim), random), downProjs: randomScaled(dtype, [E, inter, dim], 0.5 / Math.sqrt(inter), random) };
-      const dw = { gateAndUpProjs: m.upload(weights.gateAndUpProjs), downProjs: m.upload(weights.downProjs) };
       const biases = { gateUpProjBias: randomTokens(dtype, E, 2 * inter, random), downProjBias: randomTokens(dtype, E, dim, random) };
       const db = { gateUpProjBias: m.upload(biases.gateUpProjBias), downProjBias: m.upload(biases.downProjBias) };
       const g = randomTokens(dtype, n, dim, random);
@@ -1197,13 +1202,8 @@ export function webgpuCases(ctx) {
     const m = moe;
     const random = rng(779);
     for (const dtype of DTYPES) {
-      const [T, E, k, dim, inter] = [40, 3, 2, 24, 16];
-      const r = randomRouting({ numTokens: T, numExperts: E, topk: k, hidden: dim, dtype }, random);
-      const { routingMap, probs } = wasm.indicesToMultihot(r.indices, r.weights, E);
-      const hp = wasm.permute(r.tokens, routingMap, { probs });
-      const n = hp.permutedTokens.shape[0];
-      const weights = { gateAndUpProjs: randomScaled(dtype, [E, dim, 2 * inter], 0.5 / Math.sqrt(dim), random), downProjs: randomScaled(dtype, [E, inter, dim], 0.5 / Math.sqrt(inter), random) };
-      const dw = { gateAndUpProjs: m.upload(weights.gateAndUpProjs), downProjs: m.upload(weights.downProjs) };
+      const dim = 24;
+      const { r, hp, n, weights, dw } = routedExperts(dtype, [40, 3, 2, dim, 16], random);
       const o = { activation: 'swiglu', permutedProbs: hp.permutedProbs };
       const od = { activation: 'swiglu', permutedProbs: m.upload(hp.permutedProbs), gatherIndices: m.upload(hp.sortedIndices) };
       const x = m.upload(r.tokens);

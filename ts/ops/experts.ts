@@ -1,7 +1,7 @@
 /**
  * Grouped experts (forward and backward), matmul, and expert checkpoints in safetensors:
  * the interface, and its adapter over a binding. All the arithmetic and every format check
- * is the Rust core's.
+ * is the Rust core's (the adapter's own: copying out the rows `gatherIndices` names).
  */
 import { checkTensor, type DType, type Tensor, type TokenDType } from '../tensor.js';
 import type { Binding, CheckpointSource as SourceWire, LoadedExperts as LoadedWire } from '../generated/binding.js';
@@ -223,6 +223,7 @@ export type ExpertsBinding = Pick<
 >;
 
 const EXPERTS_KNOWN: readonly (keyof ExpertsOptions)[] = ['activation', 'permutedProbs', 'biases', 'alpha', 'limit', 'linearOffset', 'gatherIndices'];
+const FORWARD_KNOWN: readonly (keyof ExpertsForwardOptions)[] = [...EXPERTS_KNOWN, 'out'];
 
 /**
  * The rows of `tokens` (`[T, hidden]`, host) that `gatherIndices` (int32 `[N]`) names, in its
@@ -252,7 +253,6 @@ function expertRows(permutedTokens: unknown, options: unknown): unknown {
   const g = typeof options === 'object' && options !== null ? (options as ExpertsOptions).gatherIndices : undefined;
   return g === undefined ? permutedTokens : gatheredRows(permutedTokens, g);
 }
-const FORWARD_KNOWN: readonly (keyof ExpertsForwardOptions)[] = [...EXPERTS_KNOWN, 'out'];
 
 function kindOf(value: unknown, arg: string): ActivationKind | undefined {
   if (value !== undefined && typeof value !== 'string') throw new TypeError(`${arg}: expected a string, got ${typeof value}`);
