@@ -777,7 +777,8 @@ export async function dispatch<D extends TokenDType>(
   const sendCounts = new Array<number>(N).fill(0);
   for (let i = 0; i < T * N; i++) sendCounts[i % N] += sendMap[i];
   const sorted = new Int32Array(sendCounts.reduce((a, c) => a + c, 0));
-  const at = sendCounts.map((_, j) => sendCounts.slice(0, j).reduce((a, c) => a + c, 0));
+  const at: number[] = [];
+  for (let j = 0, start = 0; j < N; start += sendCounts[j++]) at.push(start);
   for (let t = 0; t < T; t++) for (let j = 0; j < N; j++) if (sendMap[t * N + j]) sorted[at[j]++] = t;
   const byRank = moe.permute(tokens as Tensor<D>, sendMapT, { numOutTokens: sorted.length });
 

@@ -427,8 +427,7 @@ export function expertsOps(call: Call<ExpertsBinding>): ExpertsOps {
     },
     expertsForward(permutedTokens, tokensPerExpert, weights, options) {
       return call('expertsForward', (b) => {
-        const args = expertArgs(WIRE, permutedTokens, tokensPerExpert, weights, options, 'expertsForward', FORWARD_KNOWN);
-        args.permutedTokens = wire(expertRows(permutedTokens, options), 'permutedTokens', TOKENS);
+        const args = expertArgs(WIRE, expertRows(permutedTokens, options), tokensPerExpert, weights, options, 'expertsForward', FORWARD_KNOWN);
         const o = (options ?? {}) as ExpertsForwardOptions; // an object: checked by expertArgs
         const out = optWire(o.out, 'out', TOKENS);
         const w = weights as ExpertWeights;
@@ -449,8 +448,7 @@ export function expertsOps(call: Call<ExpertsBinding>): ExpertsOps {
     },
     expertsBackward(gradOutput, permutedTokens, tokensPerExpert, weights, options) {
       return call('expertsBackward', (b) => {
-        const args = expertArgs(WIRE, permutedTokens, tokensPerExpert, weights, options, 'expertsBackward');
-        args.permutedTokens = wire(expertRows(permutedTokens, options), 'permutedTokens', TOKENS);
+        const args = expertArgs(WIRE, expertRows(permutedTokens, options), tokensPerExpert, weights, options, 'expertsBackward');
         return expertsGrads(b.expertsBackward({ gradOutput: wire(gradOutput, 'gradOutput', TOKENS), ...args }), args.upProjs !== undefined);
       }) as ExpertsGrads<never>;
     },
