@@ -18,6 +18,8 @@
 # WEBGPU_SHAPE="--tokens 6144" (with WEBGPU: webgpu-node's and webgpu-profile's shape options, each of their runs; the
 # default T=4096, H=1024, E=64, k=4; Dawn crashed with 256 MB buffers: keep the largest below 128 MB),
 # GGEMM=1 (moe-cuda-bench ggemm: the grouped GEMM's checks and timings),
+# ACT=1 (moe-cuda-bench act: the activation kernels' loops specialised to the kind against the generic loop and
+# one column a thread, byte for byte, then the experts' bf16 passes timed both ways; ACT_ARGS: its options),
 # ACTMEM_AB="NAME=value" (with ACTMEM: the grouped path again with that setting, each round),
 # ACTMEM=1 (issue 19: the layer's forward + backward time and activation memory, ours on cuBLAS and on our
 # grouped GEMM, bench/actmem-gpu.mjs, and PyTorch's, bench/actmem-gpu.py, interleaved ACTMEM_ROUNDS times
@@ -360,6 +362,10 @@ PY
     # our grouped GEMM (issue 19): its correctness checks (host reference, cuBLAS, run to run) and timings
     say "moe-cuda-bench ggemm"
     timeout 300 "$BUNDLE/bin/moe-cuda-bench" ggemm ${GGEMM_ARGS:---iters 3} --out "$OUT/ggemm.json"; echo "  exit code $?"
+  fi
+  if [[ -n "${ACT:-}" ]]; then
+    say "moe-cuda-bench act (activation kernels: checks, then timings)"
+    timeout 300 "$BUNDLE/bin/moe-cuda-bench" act ${ACT_ARGS:---iters 20} --out "$OUT/act.json"; echo "  exit code $?"
   fi
   if [[ -n "${NCU:-}" ]]; then
     ncu_step

@@ -379,8 +379,46 @@ extern "C" __global__ void act_fwd_fast_f16_f16(ACT_FWD_PARAMS) { ACT_FWD_BODY(F
 extern "C" __global__ void act_fwd_fast_f32_bf16(ACT_FWD_PARAMS) { ACT_FWD_BODY(F32, BF16, true); }
 extern "C" __global__ void act_fwd_fast_f32_f16(ACT_FWD_PARAMS) { ACT_FWD_BODY(F32, F16, true); }
 
-#define ACT_FWDV_BODY(TI, TO, FAST) \
-    act_fwd_vec<TI, TO>((const TI::S*)x, rows, width, inter, probs, act_opts(kind, alpha, limit, linear_offset, FAST), (TO::S*)out)
+// The vectorised kernels run one loop per activation kind: in each, `ko.kind` is a compile-time
+// constant, so act_pairs, act_unit and act_unit_grad fold their switches over the kinds and the
+// loop is straight-line code (the generic loop branches over the kinds per element). The same
+// operations, so the same bits. A kind with the ACT_GENERIC flag (the host's
+// MOE_DISPATCH_ACT_BY_KIND=off, for comparisons) runs the generic loop with the kind as a
+// run-time value, as before the split.
+#define ACT_GENERIC 16
+template <int KIND>
+static __device__ __forceinline__ ActOpts act_kind(ActOpts o) {
+    o.kind = KIND;
+    return o;
+}
+static __device__ __forceinline__ ActOpts act_generic(ActOpts o) {
+    o.kind &= ~ACT_GENERIC;
+    return o;
+}
+#define ACT_KIND_CASE(K, o, ko, ...)             \
+    case K: {                                    \
+        const ActOpts ko = act_kind<K>(o);       \
+        __VA_ARGS__;                             \
+        break;                                   \
+    }
+#define ACT_BY_KIND(o, ko, ...)                                  \
+    switch ((o).kind) {                                          \
+        ACT_KIND_CASE(ACT_SWIGLU, o, ko, __VA_ARGS__)            \
+        ACT_KIND_CASE(ACT_QUICK_GEGLU, o, ko, __VA_ARGS__)       \
+        ACT_KIND_CASE(ACT_SWIGLU_OAI, o, ko, __VA_ARGS__)        \
+        ACT_KIND_CASE(ACT_SWIGLU_CLAMPED, o, ko, __VA_ARGS__)    \
+        ACT_KIND_CASE(ACT_RELU2, o, ko, __VA_ARGS__)             \
+        default: {                                               \
+            const ActOpts ko = act_generic(o);                   \
+            __VA_ARGS__;                                         \
+        }                                                        \
+    }
+
+#define ACT_FWDV_BODY(TI, TO, FAST)                                                                                 \
+    {                                                                                                               \
+        const ActOpts o = act_opts(kind, alpha, limit, linear_offset, FAST);                                        \
+        ACT_BY_KIND(o, ko, act_fwd_vec<TI, TO>((const TI::S*)x, rows, width, inter, probs, ko, (TO::S*)out))        \
+    }
 
 extern "C" __global__ void act_fwdv_f32_f32(ACT_FWD_PARAMS) { ACT_FWDV_BODY(F32, F32, false); }
 extern "C" __global__ void act_fwdv_bf16_bf16(ACT_FWD_PARAMS) { ACT_FWDV_BODY(BF16, BF16, false); }
@@ -409,8 +447,11 @@ extern "C" __global__ void act_bwd_fast_f16_f16(ACT_BWD_PARAMS) { ACT_BWD_BODY(F
 extern "C" __global__ void act_bwd_fast_f32_bf16(ACT_BWD_PARAMS) { ACT_BWD_BODY(F32, BF16, true); }
 extern "C" __global__ void act_bwd_fast_f32_f16(ACT_BWD_PARAMS) { ACT_BWD_BODY(F32, F16, true); }
 
-#define ACT_BWDV_BODY(TI, TO, FAST) \
-    act_bwd_vec<TI, TO>((const TI::S*)grad, (const TI::S*)x, rows, width, inter, probs, act_opts(kind, alpha, limit, linear_offset, FAST), (TO::S*)grad_in)
+#define ACT_BWDV_BODY(TI, TO, FAST)                                                                                          \
+    {                                                                                                                        \
+        const ActOpts o = act_opts(kind, alpha, limit, linear_offset, FAST);                                                 \
+        ACT_BY_KIND(o, ko, act_bwd_vec<TI, TO>((const TI::S*)grad, (const TI::S*)x, rows, width, inter, probs, ko, (TO::S*)grad_in)) \
+    }
 
 extern "C" __global__ void act_bwdv_f32_f32(ACT_BWD_PARAMS) { ACT_BWDV_BODY(F32, F32, false); }
 extern "C" __global__ void act_bwdv_bf16_bf16(ACT_BWD_PARAMS) { ACT_BWDV_BODY(BF16, BF16, false); }
@@ -423,8 +464,11 @@ extern "C" __global__ void act_bwdv_fast_f16_f16(ACT_BWD_PARAMS) { ACT_BWDV_BODY
 extern "C" __global__ void act_bwdv_fast_f32_bf16(ACT_BWD_PARAMS) { ACT_BWDV_BODY(F32, BF16, true); }
 extern "C" __global__ void act_bwdv_fast_f32_f16(ACT_BWD_PARAMS) { ACT_BWDV_BODY(F32, F16, true); }
 
-#define ACT_BWDGV_BODY(TI, TO) \
-    act_bwd_gp_vec<TI, TO>((const TI::S*)grad, (const TI::S*)x, rows, width, inter, probs, act_opts(kind, alpha, limit, linear_offset, true), (TO::S*)grad_in, grad_probs)
+#define ACT_BWDGV_BODY(TI, TO)                                                                                                        \
+    {                                                                                                                                 \
+        const ActOpts o = act_opts(kind, alpha, limit, linear_offset, true);                                                          \
+        ACT_BY_KIND(o, ko, act_bwd_gp_vec<TI, TO>((const TI::S*)grad, (const TI::S*)x, rows, width, inter, probs, ko, (TO::S*)grad_in, grad_probs)) \
+    }
 
 extern "C" __global__ void act_bwdgv_fast_f32_f32(ACT_BWD_PARAMS, float *grad_probs) { ACT_BWDGV_BODY(F32, F32); }
 extern "C" __global__ void act_bwdgv_fast_bf16_bf16(ACT_BWD_PARAMS, float *grad_probs) { ACT_BWDGV_BODY(BF16, BF16); }

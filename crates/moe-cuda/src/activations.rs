@@ -81,6 +81,26 @@ pub fn set_fused_probs_gradient(mode: Option<bool>) {
     FUSED.set(mode);
 }
 
+/// The vectorised kernels run a loop specialised to the activation kind (kernels/activations.cu's
+/// `ACT_BY_KIND`: straight-line code, the same bits); `MOE_DISPATCH_ACT_BY_KIND=off` or
+/// [`set_by_kind`]`(Some(false))` passes the kind with the `ACT_GENERIC` flag, so they run the
+/// generic loop that branches over the kinds per element (for comparisons).
+static BY_KIND: Switch = Switch::new("MOE_DISPATCH_ACT_BY_KIND");
+
+/// Overrides whether the vectorised kernels take their loop specialised to the kind:
+/// `Some(false)` the generic loop, `Some(true)` or `None` (the default) the specialised one.
+pub fn set_by_kind(mode: Option<bool>) {
+    BY_KIND.set(mode);
+}
+
+/// kernels/activations.cu's `ACT_GENERIC`: a kind with this flag takes the generic loop.
+const ACT_GENERIC: i32 = 16;
+
+/// The kind argument of a vectorised kernel (with the generic flag when [`BY_KIND`] is off).
+fn vector_kind(options: &ActivationOptions) -> Arg {
+    Arg::I32(kind_code(options.kind) | if BY_KIND.on() { 0 } else { ACT_GENERIC })
+}
+
 /// `act_bwd_fast_*` -> `act_bwdgv_fast_*` (the vectorised backward with the probs gradient).
 fn fused_name(name: &str) -> String {
     name.replacen("act_bwd_fast_", "act_bwdgv_fast_", 1)
@@ -246,9 +266,9 @@ pub fn launch_activation(
     let s = dev.stream();
     let [kind, alpha, limit, offset] = option_args(options);
     let (xp, outp) = (x.ptr(s), out.ptr(s));
-    let (name, grid) = match vector_grid(x_dtype, rows, inter, &[xp, outp]) {
-        Some(g) => (vectorised_name(&name), (g, 1)),
-        None => (name, row_grid(rows.div_ceil(ACT_ROWS), inter)),
+    let (name, grid, kind) = match vector_grid(x_dtype, rows, inter, &[xp, outp]) {
+        Some(g) => (vectorised_name(&name), (g, 1), vector_kind(options)),
+        None => (name, row_grid(rows.div_ceil(ACT_ROWS), inter), kind),
     };
     dev.launch(
         &name,
@@ -300,7 +320,7 @@ pub fn launch_activation_backward(
     let [kind, alpha, limit, offset] = option_args(options);
     let (gradp, xp, gip) = (grad.ptr(s), x.ptr(s), grad_in.ptr(s));
     let vector = vector_grid(dtype, rows, inter, &[gradp, xp, gip]);
-    let args = |probs_ptr: u64| {
+    let args = |probs_ptr: u64, kind: Arg| {
         vec![
             Arg::U64(gradp),
             Arg::U64(xp),
@@ -320,15 +340,15 @@ pub fn launch_activation_backward(
         check_buffer("activationBackward's gradProbs", gp, rows, 4)?;
         let groups = inter / (16 / dtype.size());
         let threads = groups.next_multiple_of(32).min(THREADS as usize) as u32;
-        let mut a = args(p.ptr(s));
+        let mut a = args(p.ptr(s), vector_kind(options));
         a.push(Arg::U64(gp.ptr(s)));
         return dev.launch(&fused_name(&name), (rows.min(MAX_BLOCKS) as u32, 1), threads, &a);
     }
-    let (vname, grid) = match vector {
-        Some(g) => (vectorised_name(&name), (g, 1)),
-        None => (name, row_grid(rows, inter)),
+    let (vname, grid, vkind) = match vector {
+        Some(g) => (vectorised_name(&name), (g, 1), vector_kind(options)),
+        None => (name, row_grid(rows, inter), kind),
     };
-    dev.launch(&vname, grid, THREADS, &args(probs.map_or(0, |p| p.ptr(s))))?;
+    dev.launch(&vname, grid, THREADS, &args(probs.map_or(0, |p| p.ptr(s)), vkind))?;
     if let (Some(_), Some(gp)) = (probs, grad_probs) {
         check_buffer("activationBackward's gradProbs", gp, rows, 4)?;
         let name = grad_probs_kernel(dtype)
@@ -767,6 +787,9 @@ mod tests {
         {
             assert!(compile::COMMON.contains(&format!("#define {name} {code}\n")), "{name}");
         }
+        // the generic loop's flag, and no kind code that carries it
+        assert!(src.contains(&format!("#define ACT_GENERIC {ACT_GENERIC}\n")));
+        assert!(ActivationKind::ALL.into_iter().all(|k| kind_code(k) & ACT_GENERIC == 0));
         assert!(src.contains(&format!("#define LOSS_SWITCH {MODE_SWITCH}\n")) && src.contains(&format!("#define LOSS_Z {MODE_Z}\n")));
         assert_eq!(inter_of(ActivationKind::Relu2, 5), Some(5));
         assert_eq!(inter_of(ActivationKind::Swiglu, 5), None);

@@ -5,6 +5,10 @@
 //!   moe-cuda-bench run [--iters N] [--out FILE] [--shapes deepseek,mixtral]
 //!   moe-cuda-bench experts [--iters N] [--out FILE] [--shapes mixtral,fine-grained]
 //!   moe-cuda-bench ggemm [--iters N] [--out FILE] [--shapes ...] [--tile 128,256,bulk] [--small-only] [--no-small]
+//!   moe-cuda-bench act [--iters N] [--out FILE] [--shapes mixtral,fine-grained]
+//!
+//! `act`: see act.rs beside this file (the activation kernels' variants byte for byte, and the
+//! experts' bf16 passes timed).
 //!
 //! `ggemm`: see ggemm.rs beside this file (our Hopper grouped GEMM against a host reference and
 //! the cuBLAS per-expert path, and timed).
@@ -33,6 +37,7 @@ use moe_cuda::permute::{launch_permute, launch_unpermute, DevicePlan, PermuteKer
 use moe_cuda::DeviceTensor;
 use moe_cuda::{compile, Device};
 
+mod act;
 mod experts;
 mod ggemm;
 mod train;
@@ -77,8 +82,9 @@ fn main() {
         Some("experts") => experts(&args[1..]),
         Some("train") => train(&args[1..]),
         Some("ggemm") => ggemm::bench(&args[1..]),
+        Some("act") => act::bench(&args[1..]),
         _ => {
-            eprintln!("usage: moe-cuda-bench info | compile [ARCH] | run [--iters N] [--out FILE] [--shapes deepseek,mixtral] | experts [--iters N] [--out FILE] [--shapes mixtral,fine-grained] | train [--iters N] [--out FILE] [--shapes mixtral,fine-grained] | ggemm [--iters N] [--out FILE] [--shapes mixtral,fine-grained] [--tile 128,256,bulk] [--small-only] [--no-small]");
+            eprintln!("usage: moe-cuda-bench info | compile [ARCH] | run [--iters N] [--out FILE] [--shapes deepseek,mixtral] | experts [--iters N] [--out FILE] [--shapes mixtral,fine-grained] | train [--iters N] [--out FILE] [--shapes mixtral,fine-grained] | ggemm [--iters N] [--out FILE] [--shapes mixtral,fine-grained] [--tile 128,256,bulk] [--small-only] [--no-small] | act [--iters N] [--out FILE] [--shapes mixtral,fine-grained]");
             2
         }
     };
