@@ -93,6 +93,22 @@ pub fn set_by_kind(mode: Option<bool>) {
     BY_KIND.set(mode);
 }
 
+/// The one-pass backward with the probs gradient takes a block a row; by default its grid has
+/// a block for every row (up to MAX_BLOCKS), each doing one row. [`set_probs_gradient_blocks`]
+/// caps the grid (each block then walks rows `blockIdx.x + i * gridDim.x`: the same bits), for
+/// comparisons.
+static GP_BLOCKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Caps the one-pass backward's grid at `blocks` (None: a block a row, the default).
+pub fn set_probs_gradient_blocks(blocks: Option<usize>) {
+    GP_BLOCKS.store(blocks.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+}
+
+fn probs_gradient_grid(rows: usize) -> u32 {
+    let cap = GP_BLOCKS.load(std::sync::atomic::Ordering::Relaxed);
+    rows.min(if cap == 0 { MAX_BLOCKS } else { cap.min(MAX_BLOCKS) }) as u32
+}
+
 /// kernels/activations.cu's `ACT_GENERIC`: a kind with this flag takes the generic loop.
 const ACT_GENERIC: i32 = 16;
 
@@ -342,7 +358,7 @@ pub fn launch_activation_backward(
         let threads = groups.next_multiple_of(32).min(THREADS as usize) as u32;
         let mut a = args(p.ptr(s), vector_kind(options));
         a.push(Arg::U64(gp.ptr(s)));
-        return dev.launch(&fused_name(&name), (rows.min(MAX_BLOCKS) as u32, 1), threads, &a);
+        return dev.launch(&fused_name(&name), (probs_gradient_grid(rows), 1), threads, &a);
     }
     let (vname, grid, vkind) = match vector {
         Some(g) => (vectorised_name(&name), (g, 1), vector_kind(options)),

@@ -14,7 +14,8 @@ use half::bf16;
 use moe_core::activations::{ActivationKind, ActivationOptions, DEFAULT_ALPHA, DEFAULT_LIMIT, DEFAULT_LINEAR_OFFSET};
 use moe_core::tensor::DType;
 use moe_cuda::activations::{
-    launch_activation, launch_activation_backward, set_by_kind, set_fused_probs_gradient, set_vectorised, ExpMath,
+    launch_activation, launch_activation_backward, set_by_kind, set_fused_probs_gradient, set_probs_gradient_blocks, set_vectorised,
+    ExpMath,
 };
 use moe_cuda::{Buffer, Device};
 
@@ -38,6 +39,7 @@ impl Variant {
 }
 
 fn restore() {
+    set_probs_gradient_blocks(None);
     set_vectorised(None);
     set_by_kind(None);
     set_fused_probs_gradient(None);
@@ -151,10 +153,15 @@ fn check(dev: &Device) -> moe_cuda::Result<(usize, usize)> {
                                 p.backward(2)
                             })
                             .collect::<moe_cuda::Result<_>>()?;
+                        // and with the grid capped below the rows (blocks walking several rows)
+                        Variant::ByKind.select();
+                        set_probs_gradient_blocks(Some(rows.div_ceil(3)));
+                        let capped = p.backward(2)?;
+                        set_probs_gradient_blocks(None);
                         cases += 1;
-                        if runs[0] != runs[1] {
+                        if runs[0] != runs[1] || runs[0] != capped {
                             failures += 1;
-                            println!("  act check FAILED: {label} one-pass backward with the probs gradient: specialised / generic differ");
+                            println!("  act check FAILED: {label} one-pass backward with the probs gradient: specialised / generic / capped grid differ");
                         }
                     }
                     restore();
@@ -195,7 +202,19 @@ fn time_shape(dev: &Device, name: &str, rows: usize, inter: usize, iters: usize)
             ms[i][2].push(time_ms(dev, iters, || bwd(Some(&gp)))?.0);
         }
     }
+    // the one-pass backward with its grid capped at 8 and 16 blocks an SM (blocks walking rows)
+    let sms = dev.sm_count().max(1);
+    let mut capped: Vec<(usize, Vec<f64>)> = [8, 16].iter().map(|b| (b * sms, Vec::new())).collect();
+    Variant::ByKind.select();
+    set_fused_probs_gradient(Some(true));
+    for _round in 0..3 {
+        for (blocks, times) in capped.iter_mut() {
+            set_probs_gradient_blocks(Some(*blocks));
+            times.push(time_ms(dev, iters, || bwd(Some(&gp)))?.0);
+        }
+    }
     restore();
+    let capped: Vec<(usize, f64)> = capped.into_iter().map(|(b, t)| (b, median(t))).collect();
     let m: Vec<[f64; 3]> = ms.iter().map(|r| [median(r[0].clone()), median(r[1].clone()), median(r[2].clone())]).collect();
     println!(
         "{name:>13} {rows} x {inter} bf16 swiglu, fast exp, probs: forward {:.3} ms ({:.0} GB/s) / generic {:.3} ms; backward {:.3} ms ({:.0} GB/s) / generic {:.3}; backward + probs gradient in one pass {:.3} ms ({:.0} GB/s) / generic {:.3} ms",
@@ -209,15 +228,18 @@ fn time_shape(dev: &Device, name: &str, rows: usize, inter: usize, iters: usize)
         bwd_gb / (m[0][2] * 1e-3),
         m[1][2]
     );
+    let capped_text: Vec<String> = capped.iter().map(|(b, ms)| format!("{b} blocks {ms:.3} ms")).collect();
+    println!("{name:>13} the one-pass backward with its grid capped: {}", capped_text.join(", "));
     let list = |v: &[f64]| v.iter().map(|x| format!("{x}")).collect::<Vec<_>>().join(", ");
     Ok(format!(
-        "{{\"shape\": {name:?}, \"rows\": {rows}, \"inter\": {inter}, \"forwardMs\": {}, \"forwardGenericMs\": {}, \"backwardMs\": {}, \"backwardGenericMs\": {}, \"backwardWithProbsGradMs\": {}, \"backwardWithProbsGradGenericMs\": {}, \"forwardBytes\": {}, \"backwardBytes\": {}, \"rounds\": {{\"forward\": [{}], \"forwardGeneric\": [{}], \"backward\": [{}], \"backwardGeneric\": [{}], \"backwardWithProbsGrad\": [{}], \"backwardWithProbsGradGeneric\": [{}]}}}}",
+        "{{\"shape\": {name:?}, \"rows\": {rows}, \"inter\": {inter}, \"forwardMs\": {}, \"forwardGenericMs\": {}, \"backwardMs\": {}, \"backwardGenericMs\": {}, \"backwardWithProbsGradMs\": {}, \"backwardWithProbsGradGenericMs\": {}, \"backwardWithProbsGradCappedMs\": {{{}}}, \"forwardBytes\": {}, \"backwardBytes\": {}, \"rounds\": {{\"forward\": [{}], \"forwardGeneric\": [{}], \"backward\": [{}], \"backwardGeneric\": [{}], \"backwardWithProbsGrad\": [{}], \"backwardWithProbsGradGeneric\": [{}]}}}}",
         m[0][0],
         m[1][0],
         m[0][1],
         m[1][1],
         m[0][2],
         m[1][2],
+        capped.iter().map(|(b, ms)| format!("\"{b}\": {ms}")).collect::<Vec<_>>().join(", "),
         fwd_gb * 1e9,
         bwd_gb * 1e9,
         list(&ms[0][0]),
