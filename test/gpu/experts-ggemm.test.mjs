@@ -35,16 +35,25 @@ function sameBits(a, b) {
 }
 
 describe('experts on the grouped GEMM (permute on the GPU first)', () => {
-  for (const { kind, T, dim, inter, E, k, empty } of [
-    { kind: 'swiglu', T: 300, dim: 64, inter: 48, E: 8, k: 2, empty: false },
+  // every activation kind; an empty expert; one expert holding every token (the others empty);
+  // row counts off the 128-row tile
+  for (const { kind, T, dim, inter, E, k, empty = false, all = false } of [
+    { kind: 'swiglu', T: 300, dim: 64, inter: 48, E: 8, k: 2 },
     { kind: 'swiglu', T: 257, dim: 128, inter: 136, E: 12, k: 3, empty: true },
     { kind: 'relu2', T: 190, dim: 72, inter: 64, E: 5, k: 1, empty: true },
+    { kind: 'quick_geglu', T: 211, dim: 64, inter: 40, E: 6, k: 2 },
+    { kind: 'swiglu_oai', T: 160, dim: 96, inter: 56, E: 4, k: 2 },
+    { kind: 'swiglu_clamped', T: 129, dim: 64, inter: 72, E: 7, k: 3, empty: true },
+    { kind: 'swiglu', T: 300, dim: 64, inter: 48, E: 8, k: 1, all: true },
   ]) {
-    test(`${kind} T=${T} dim=${dim} inter=${inter} E=${E} k=${k}${empty ? ', an expert with no tokens' : ''}`, { skip: skipGrouped }, () => {
+    const what = empty ? ', an expert with no tokens' : all ? ', one expert holding every token' : '';
+    test(`${kind} T=${T} dim=${dim} inter=${inter} E=${E} k=${k}${what}`, { skip: skipGrouped }, () => {
       const random = rng(T + dim + E);
-      const width = kind === 'swiglu' ? 2 * inter : inter;
+      const gated = kind !== 'relu2';
+      const width = gated ? 2 * inter : inter;
       const logits = f32([T, E], random, 3);
       if (empty) for (let t = 0; t < T; t++) logits.data[t * E + E - 1] = -100;
+      if (all) for (let t = 0; t < T; t++) logits.data[t * E] = 100;
       const x = bf16([T, dim], random);
       const w1 = bf16([E, dim, width], random, 1 / Math.sqrt(dim));
       const w2 = bf16([E, inter, dim], random, 1 / Math.sqrt(inter));
@@ -54,7 +63,8 @@ describe('experts on the grouped GEMM (permute on the GPU first)', () => {
       const perm = cuda.permute(cuda.upload(x), mh.routingMap, { probs: mh.probs, numOutTokens: T * k });
       const counts = perm.tokensPerExpert.download();
       if (empty) assert.equal(counts.data[E - 1], 0, 'the last expert gets no token');
-      const wkey = kind === 'swiglu' ? 'gateAndUpProjs' : 'upProjs';
+      if (all) assert.deepEqual(Array.from(counts.data), [T, ...new Array(E - 1).fill(0)], 'expert 0 gets every token');
+      const wkey = gated ? 'gateAndUpProjs' : 'upProjs';
       const weights = { [wkey]: cuda.upload(w1), downProjs: cuda.upload(w2) };
       const options = { activation: kind, permutedProbs: perm.permutedProbs };
       const sync0 = cuda.transfers().synchronizations;
@@ -76,18 +86,24 @@ describe('experts on the grouped GEMM (permute on the GPU first)', () => {
       const tol = 3e-2;
       assertClose(fwd.output, want, tol, 'output vs cpu');
       assertClose(fwd.output, fwdB, tol, 'output vs cuBLAS');
-      const gradKey = kind === 'swiglu' ? 'gradGateAndUpProjs' : 'gradUpProjs';
+      const gradKey = gated ? 'gradGateAndUpProjs' : 'gradUpProjs';
       for (const key of ['gradTokens', gradKey, 'gradDownProjs', 'gradProbs']) {
         assertClose(bwd[key], wantB[key], tol, `${key} vs cpu`);
         assertClose(bwd[key], bwdB[key], tol, `${key} vs cuBLAS`);
       }
-      if (empty) {
+      if (empty || all) {
+        // the experts without rows: the last one, or every one but expert 0
         const dw = values(bwd.gradDownProjs);
         const per = inter * dim;
         assert.ok(
-          dw.slice((E - 1) * per).every((v) => v === 0),
-          "the empty expert's weight gradient is zeros",
+          dw.slice((all ? 1 : E - 1) * per).every((v) => v === 0),
+          "the empty experts' weight gradients are zeros",
         );
+        if (all)
+          assert.ok(
+            dw.slice(0, per).some((v) => v !== 0),
+            "expert 0's weight gradient is not zeros",
+          );
       }
       console.log(
         `# ${kind} T=${T}: bit-identical to cuBLAS: output ${sameBits(fwd.output, fwdB)}, ${['gradTokens', gradKey, 'gradDownProjs'].map((key) => `${key} ${sameBits(bwd[key], bwdB[key])}`).join(', ')}`,

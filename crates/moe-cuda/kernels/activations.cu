@@ -382,9 +382,9 @@ extern "C" __global__ void act_fwd_fast_f32_f16(ACT_FWD_PARAMS) { ACT_FWD_BODY(F
 // The vectorised kernels run one loop per activation kind: in each, `ko.kind` is a compile-time
 // constant, so act_pairs, act_unit and act_unit_grad fold their switches over the kinds and the
 // loop is straight-line code (the generic loop branches over the kinds per element). The same
-// operations, so the same bits. A kind with the ACT_GENERIC flag (the host's
-// MOE_DISPATCH_ACT_BY_KIND=off, for comparisons) runs the generic loop with the kind as a
-// run-time value, as before the split.
+// operations, so the same bits. A kind with the ACT_GENERIC flag runs the generic loop with the
+// kind as a run-time value, as before the split: the host passes it unless
+// MOE_DISPATCH_ACT_BY_KIND=on (opt-in until a GPU run has checked and timed the split).
 #define ACT_GENERIC 16
 template <int KIND>
 static __device__ __forceinline__ ActOpts act_kind(ActOpts o) {

@@ -81,14 +81,15 @@ pub fn set_fused_probs_gradient(mode: Option<bool>) {
     FUSED.set(mode);
 }
 
-/// The vectorised kernels run a loop specialised to the activation kind (kernels/activations.cu's
-/// `ACT_BY_KIND`: straight-line code, the same bits); `MOE_DISPATCH_ACT_BY_KIND=off` or
-/// [`set_by_kind`]`(Some(false))` passes the kind with the `ACT_GENERIC` flag, so they run the
-/// generic loop that branches over the kinds per element (for comparisons).
-static BY_KIND: Switch = Switch::new("MOE_DISPATCH_ACT_BY_KIND");
+/// Whether the vectorised kernels run their loop specialised to the activation kind
+/// (kernels/activations.cu's `ACT_BY_KIND`: straight-line code, the same bits). Opt-in
+/// (`MOE_DISPATCH_ACT_BY_KIND=on` or [`set_by_kind`]`(Some(true))`) until a GPU run has checked
+/// and timed it (`moe-cuda-bench act`); by default the kind goes with the `ACT_GENERIC` flag, so
+/// they run the generic loop that branches over the kinds per element, as before the split.
+static BY_KIND: Switch = Switch::opt_in("MOE_DISPATCH_ACT_BY_KIND");
 
 /// Overrides whether the vectorised kernels take their loop specialised to the kind:
-/// `Some(false)` the generic loop, `Some(true)` or `None` (the default) the specialised one.
+/// `Some(true)` the specialised loop, `Some(false)` or `None` (the default) the generic one.
 pub fn set_by_kind(mode: Option<bool>) {
     BY_KIND.set(mode);
 }
