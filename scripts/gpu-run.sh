@@ -18,6 +18,7 @@
 # WEBGPU_SHAPE="--tokens 6144" (with WEBGPU: webgpu-node's and webgpu-profile's shape options, each of their runs; the
 # default T=4096, H=1024, E=64, k=4; Dawn crashed with 256 MB buffers: keep the largest below 128 MB),
 # GGEMM=1 (moe-cuda-bench ggemm: the grouped GEMM's checks and timings),
+# EP_PERMUTES=1 (bench/ep-permutes.mjs: EP dispatch's two permutes alone at issue 20's shape, with and without numOutTokens),
 # ACT=1 (moe-cuda-bench act: the activation kernels' loops specialised to the kind against the generic loop and
 # one column a thread, byte for byte, then the experts' bf16 passes timed both ways; ACT_ARGS: its options),
 # ACTMEM_AB="NAME=value" (with ACTMEM: the grouped path again with that setting, each round),
@@ -82,7 +83,7 @@ pack() {
   cp "$golden"/permute.json "$golden"/unpermute.json "$golden"/route.json "$BUNDLE/golden/"
   cp target/release/moe-cuda-bench "$BUNDLE/bin/"
   cp bench/gpu_torch_ref.py bench/gpu_torch_experts.py bench/gpu_torch_train.py bench/train-gpu.mjs "$BUNDLE/bench/"
-  cp bench/actmem-gpu.mjs bench/actmem-gpu.py bench/ncu-summary.py bench/hbm-rw.py "$BUNDLE/bench/"
+  cp bench/actmem-gpu.mjs bench/actmem-gpu.py bench/ncu-summary.py bench/hbm-rw.py bench/ep-permutes.mjs "$BUNDLE/bench/"
   # WEBGPU=1: the webgpu backend in Node through Dawn (issue 21): the `webgpu` npm package's Linux
   # build (xz) and Debian's Vulkan loader, kept between packs; bench/webgpu-node.mjs and its page code
   # (the suite's test/gpu/webgpu-dawn.test.mjs and its cases, test/common/webgpu-cases.mjs, come with test/)
@@ -362,6 +363,10 @@ PY
     # our grouped GEMM (issue 19): its correctness checks (host reference, cuBLAS, run to run) and timings
     say "moe-cuda-bench ggemm"
     timeout 300 "$BUNDLE/bin/moe-cuda-bench" ggemm ${GGEMM_ARGS:---iters 3} --out "$OUT/ggemm.json"; echo "  exit code $?"
+  fi
+  if [[ -n "${EP_PERMUTES:-}" ]]; then
+    say "EP dispatch's permutes alone (bench/ep-permutes.mjs)"
+    timeout 120 "$node" "$BUNDLE/bench/ep-permutes.mjs" "$BUNDLE/dist" | tee "$OUT/ep-permutes.txt"; echo "  exit code $?"
   fi
   if [[ -n "${ACT:-}" ]]; then
     say "moe-cuda-bench act (activation kernels: checks, then timings)"
