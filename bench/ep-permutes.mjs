@@ -11,7 +11,7 @@ import { resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
 const dist = resolve(process.argv[2] ?? 'dist');
 const lib = await import(pathToFileURL(resolve(dist, 'index.js')).href);
-const moe = await lib.createBackend('cuda');
+const moe = await lib.createBackend({ prefer: 'cuda' });
 const T = 8192,
   H = 7168,
   N = 1;
