@@ -379,12 +379,15 @@ extern "C" __global__ void act_fwd_fast_f16_f16(ACT_FWD_PARAMS) { ACT_FWD_BODY(F
 extern "C" __global__ void act_fwd_fast_f32_bf16(ACT_FWD_PARAMS) { ACT_FWD_BODY(F32, BF16, true); }
 extern "C" __global__ void act_fwd_fast_f32_f16(ACT_FWD_PARAMS) { ACT_FWD_BODY(F32, F16, true); }
 
-// The vectorised kernels run one loop per activation kind: in each, `ko.kind` is a compile-time
-// constant, so act_pairs, act_unit and act_unit_grad fold their switches over the kinds and the
-// loop is straight-line code (the generic loop branches over the kinds per element). The same
-// operations, so the same bits. A kind with the ACT_GENERIC flag runs the generic loop with the
-// kind as a run-time value, as before the split: the host passes it unless
-// MOE_DISPATCH_ACT_BY_KIND=on (opt-in until a GPU run has checked and timed the split).
+// The experts' fast bf16 passes (act_fwdv_fast_bf16_bf16, act_bwdv_fast_bf16_bf16,
+// act_bwdgv_fast_bf16_bf16) can run one loop per activation kind: in each, `ko.kind` is a
+// compile-time constant, so act_pairs, act_unit and act_unit_grad fold their switches over the
+// kinds and the loop is straight-line code (the generic loop branches over the kinds per
+// element). The same operations, so the same bits. A kind with the ACT_GENERIC flag runs the
+// generic loop with the kind as a run-time value, as before the split: the host passes it unless
+// MOE_DISPATCH_ACT_BY_KIND=on (opt-in until a GPU run has checked and timed the split). The
+// other vectorised kernels only clear the flag (each split kernel's six loops cost compile time
+// and machine code: splitting all 30 doubled this file's NVRTC time, 12 -> 24 s).
 #define ACT_GENERIC 16
 template <int KIND>
 static __device__ __forceinline__ ActOpts act_kind(ActOpts o) {
@@ -413,23 +416,30 @@ static __device__ __forceinline__ ActOpts act_generic(ActOpts o) {
             __VA_ARGS__;                                         \
         }                                                        \
     }
-
-#define ACT_FWDV_BODY(TI, TO, FAST)                                                                                 \
-    {                                                                                                               \
-        const ActOpts o = act_opts(kind, alpha, limit, linear_offset, FAST);                                        \
-        ACT_BY_KIND(o, ko, act_fwd_vec<TI, TO>((const TI::S*)x, rows, width, inter, probs, ko, (TO::S*)out))        \
+// The kernels without the split (every one but the experts' fast bf16 passes: each split
+// loop adds compile time and machine code) take the generic loop, the flag cleared.
+#define ACT_GENERIC_ONLY(o, ko, ...)       \
+    {                                      \
+        const ActOpts ko = act_generic(o); \
+        __VA_ARGS__;                       \
     }
 
-extern "C" __global__ void act_fwdv_f32_f32(ACT_FWD_PARAMS) { ACT_FWDV_BODY(F32, F32, false); }
-extern "C" __global__ void act_fwdv_bf16_bf16(ACT_FWD_PARAMS) { ACT_FWDV_BODY(BF16, BF16, false); }
-extern "C" __global__ void act_fwdv_f16_f16(ACT_FWD_PARAMS) { ACT_FWDV_BODY(F16, F16, false); }
-extern "C" __global__ void act_fwdv_f32_bf16(ACT_FWD_PARAMS) { ACT_FWDV_BODY(F32, BF16, false); }
-extern "C" __global__ void act_fwdv_f32_f16(ACT_FWD_PARAMS) { ACT_FWDV_BODY(F32, F16, false); }
-extern "C" __global__ void act_fwdv_fast_f32_f32(ACT_FWD_PARAMS) { ACT_FWDV_BODY(F32, F32, true); }
-extern "C" __global__ void act_fwdv_fast_bf16_bf16(ACT_FWD_PARAMS) { ACT_FWDV_BODY(BF16, BF16, true); }
-extern "C" __global__ void act_fwdv_fast_f16_f16(ACT_FWD_PARAMS) { ACT_FWDV_BODY(F16, F16, true); }
-extern "C" __global__ void act_fwdv_fast_f32_bf16(ACT_FWD_PARAMS) { ACT_FWDV_BODY(F32, BF16, true); }
-extern "C" __global__ void act_fwdv_fast_f32_f16(ACT_FWD_PARAMS) { ACT_FWDV_BODY(F32, F16, true); }
+#define ACT_FWDV_BODY(TI, TO, FAST, MODE)                                                                                 \
+    {                                                                                                               \
+        const ActOpts o = act_opts(kind, alpha, limit, linear_offset, FAST);                                        \
+        MODE(o, ko, act_fwd_vec<TI, TO>((const TI::S*)x, rows, width, inter, probs, ko, (TO::S*)out))        \
+    }
+
+extern "C" __global__ void act_fwdv_f32_f32(ACT_FWD_PARAMS) { ACT_FWDV_BODY(F32, F32, false, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_fwdv_bf16_bf16(ACT_FWD_PARAMS) { ACT_FWDV_BODY(BF16, BF16, false, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_fwdv_f16_f16(ACT_FWD_PARAMS) { ACT_FWDV_BODY(F16, F16, false, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_fwdv_f32_bf16(ACT_FWD_PARAMS) { ACT_FWDV_BODY(F32, BF16, false, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_fwdv_f32_f16(ACT_FWD_PARAMS) { ACT_FWDV_BODY(F32, F16, false, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_fwdv_fast_f32_f32(ACT_FWD_PARAMS) { ACT_FWDV_BODY(F32, F32, true, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_fwdv_fast_bf16_bf16(ACT_FWD_PARAMS) { ACT_FWDV_BODY(BF16, BF16, true, ACT_BY_KIND); }
+extern "C" __global__ void act_fwdv_fast_f16_f16(ACT_FWD_PARAMS) { ACT_FWDV_BODY(F16, F16, true, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_fwdv_fast_f32_bf16(ACT_FWD_PARAMS) { ACT_FWDV_BODY(F32, BF16, true, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_fwdv_fast_f32_f16(ACT_FWD_PARAMS) { ACT_FWDV_BODY(F32, F16, true, ACT_GENERIC_ONLY); }
 
 #define ACT_BWD_PARAMS \
     const void *grad, const void *x, i64 rows, i64 width, i64 inter, const float *probs, int kind, double alpha, double limit, double linear_offset, void *grad_in
@@ -447,34 +457,34 @@ extern "C" __global__ void act_bwd_fast_f16_f16(ACT_BWD_PARAMS) { ACT_BWD_BODY(F
 extern "C" __global__ void act_bwd_fast_f32_bf16(ACT_BWD_PARAMS) { ACT_BWD_BODY(F32, BF16, true); }
 extern "C" __global__ void act_bwd_fast_f32_f16(ACT_BWD_PARAMS) { ACT_BWD_BODY(F32, F16, true); }
 
-#define ACT_BWDV_BODY(TI, TO, FAST)                                                                                          \
+#define ACT_BWDV_BODY(TI, TO, FAST, MODE)                                                                                          \
     {                                                                                                                        \
         const ActOpts o = act_opts(kind, alpha, limit, linear_offset, FAST);                                                 \
-        ACT_BY_KIND(o, ko, act_bwd_vec<TI, TO>((const TI::S*)grad, (const TI::S*)x, rows, width, inter, probs, ko, (TO::S*)grad_in)) \
+        MODE(o, ko, act_bwd_vec<TI, TO>((const TI::S*)grad, (const TI::S*)x, rows, width, inter, probs, ko, (TO::S*)grad_in)) \
     }
 
-extern "C" __global__ void act_bwdv_f32_f32(ACT_BWD_PARAMS) { ACT_BWDV_BODY(F32, F32, false); }
-extern "C" __global__ void act_bwdv_bf16_bf16(ACT_BWD_PARAMS) { ACT_BWDV_BODY(BF16, BF16, false); }
-extern "C" __global__ void act_bwdv_f16_f16(ACT_BWD_PARAMS) { ACT_BWDV_BODY(F16, F16, false); }
-extern "C" __global__ void act_bwdv_f32_bf16(ACT_BWD_PARAMS) { ACT_BWDV_BODY(F32, BF16, false); }
-extern "C" __global__ void act_bwdv_f32_f16(ACT_BWD_PARAMS) { ACT_BWDV_BODY(F32, F16, false); }
-extern "C" __global__ void act_bwdv_fast_f32_f32(ACT_BWD_PARAMS) { ACT_BWDV_BODY(F32, F32, true); }
-extern "C" __global__ void act_bwdv_fast_bf16_bf16(ACT_BWD_PARAMS) { ACT_BWDV_BODY(BF16, BF16, true); }
-extern "C" __global__ void act_bwdv_fast_f16_f16(ACT_BWD_PARAMS) { ACT_BWDV_BODY(F16, F16, true); }
-extern "C" __global__ void act_bwdv_fast_f32_bf16(ACT_BWD_PARAMS) { ACT_BWDV_BODY(F32, BF16, true); }
-extern "C" __global__ void act_bwdv_fast_f32_f16(ACT_BWD_PARAMS) { ACT_BWDV_BODY(F32, F16, true); }
+extern "C" __global__ void act_bwdv_f32_f32(ACT_BWD_PARAMS) { ACT_BWDV_BODY(F32, F32, false, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_bwdv_bf16_bf16(ACT_BWD_PARAMS) { ACT_BWDV_BODY(BF16, BF16, false, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_bwdv_f16_f16(ACT_BWD_PARAMS) { ACT_BWDV_BODY(F16, F16, false, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_bwdv_f32_bf16(ACT_BWD_PARAMS) { ACT_BWDV_BODY(F32, BF16, false, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_bwdv_f32_f16(ACT_BWD_PARAMS) { ACT_BWDV_BODY(F32, F16, false, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_bwdv_fast_f32_f32(ACT_BWD_PARAMS) { ACT_BWDV_BODY(F32, F32, true, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_bwdv_fast_bf16_bf16(ACT_BWD_PARAMS) { ACT_BWDV_BODY(BF16, BF16, true, ACT_BY_KIND); }
+extern "C" __global__ void act_bwdv_fast_f16_f16(ACT_BWD_PARAMS) { ACT_BWDV_BODY(F16, F16, true, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_bwdv_fast_f32_bf16(ACT_BWD_PARAMS) { ACT_BWDV_BODY(F32, BF16, true, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_bwdv_fast_f32_f16(ACT_BWD_PARAMS) { ACT_BWDV_BODY(F32, F16, true, ACT_GENERIC_ONLY); }
 
-#define ACT_BWDGV_BODY(TI, TO)                                                                                                        \
+#define ACT_BWDGV_BODY(TI, TO, MODE)                                                                                                        \
     {                                                                                                                                 \
         const ActOpts o = act_opts(kind, alpha, limit, linear_offset, true);                                                          \
-        ACT_BY_KIND(o, ko, act_bwd_gp_vec<TI, TO>((const TI::S*)grad, (const TI::S*)x, rows, width, inter, probs, ko, (TO::S*)grad_in, grad_probs)) \
+        MODE(o, ko, act_bwd_gp_vec<TI, TO>((const TI::S*)grad, (const TI::S*)x, rows, width, inter, probs, ko, (TO::S*)grad_in, grad_probs)) \
     }
 
-extern "C" __global__ void act_bwdgv_fast_f32_f32(ACT_BWD_PARAMS, float *grad_probs) { ACT_BWDGV_BODY(F32, F32); }
-extern "C" __global__ void act_bwdgv_fast_bf16_bf16(ACT_BWD_PARAMS, float *grad_probs) { ACT_BWDGV_BODY(BF16, BF16); }
-extern "C" __global__ void act_bwdgv_fast_f16_f16(ACT_BWD_PARAMS, float *grad_probs) { ACT_BWDGV_BODY(F16, F16); }
-extern "C" __global__ void act_bwdgv_fast_f32_bf16(ACT_BWD_PARAMS, float *grad_probs) { ACT_BWDGV_BODY(F32, BF16); }
-extern "C" __global__ void act_bwdgv_fast_f32_f16(ACT_BWD_PARAMS, float *grad_probs) { ACT_BWDGV_BODY(F32, F16); }
+extern "C" __global__ void act_bwdgv_fast_f32_f32(ACT_BWD_PARAMS, float *grad_probs) { ACT_BWDGV_BODY(F32, F32, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_bwdgv_fast_bf16_bf16(ACT_BWD_PARAMS, float *grad_probs) { ACT_BWDGV_BODY(BF16, BF16, ACT_BY_KIND); }
+extern "C" __global__ void act_bwdgv_fast_f16_f16(ACT_BWD_PARAMS, float *grad_probs) { ACT_BWDGV_BODY(F16, F16, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_bwdgv_fast_f32_bf16(ACT_BWD_PARAMS, float *grad_probs) { ACT_BWDGV_BODY(F32, BF16, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_bwdgv_fast_f32_f16(ACT_BWD_PARAMS, float *grad_probs) { ACT_BWDGV_BODY(F32, F16, ACT_GENERIC_ONLY); }
 
 #define ACT_GPROBS_PARAMS \
     const void *grad, const void *x, i64 rows, i64 width, i64 inter, int kind, double alpha, double limit, double linear_offset, float *grad_probs
