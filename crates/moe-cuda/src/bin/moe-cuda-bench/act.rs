@@ -6,7 +6,9 @@
 //! (`set_by_kind(Some(false))`) and against the one-column kernels, for every activation kind,
 //! both exp maths and three dtype pairs: the forward (with and without probs), the backward (with
 //! probs and its gradient, and without), and the one-pass backward with the probs gradient
-//! (against its generic loop: the two-pass gradient sums in another order). Then times the bf16
+//! (against its generic loop: the two-pass gradient sums in another order). Only the fast bf16
+//! kernels are split by kind; for the others the comparison checks that the generic flag is
+//! cleared (the same kernel both ways). Then times the bf16
 //! passes of the experts (fast exp, probs) at the experts' shapes, specialised against generic,
 //! interleaved. Exit code 1 when a check fails.
 
