@@ -22,7 +22,7 @@ use moe_cuda::activations::{
 use moe_cuda::{Buffer, Device};
 
 use crate::experts::EXPERT_SHAPES;
-use crate::{global_device, median, time_ms, Rng, ShapeOptions};
+use crate::{finish, global_device, median, time_ms, Rng, ShapeOptions};
 
 /// The three ways a vectorised pass can run: the specialised loop, the generic loop, one column
 /// a thread.
@@ -282,20 +282,6 @@ pub fn bench(args: &[String]) -> i32 {
             failures,
         ))
     })();
-    match result {
-        Ok((json, failures)) => {
-            opts.write(&json);
-            if failures > 0 {
-                println!("{failures} check(s) failed");
-                1
-            } else {
-                0
-            }
-        }
-        Err(e) => {
-            restore();
-            println!("act bench failed: {e}");
-            1
-        }
-    }
+    restore();
+    finish(&opts, "act bench", result)
 }

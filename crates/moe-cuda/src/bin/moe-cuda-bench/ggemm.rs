@@ -38,7 +38,7 @@ use moe_cuda::{Buffer, Device};
 use rayon::prelude::*;
 
 use crate::experts::{bf16_peak, EXPERT_SHAPES};
-use crate::{global_device, time_ms, Rng, ShapeOptions};
+use crate::{finish, global_device, time_ms, Rng, ShapeOptions};
 
 type R<T> = moe_cuda::Result<T>;
 
@@ -770,21 +770,7 @@ pub fn bench(args: &[String]) -> i32 {
         println!("{e}");
         return 1;
     }
-    match run(dev, &opts, &tiles, small_only, small, wgrad, Fusions { act, gather }) {
-        Ok((json, failures)) => {
-            opts.write(&json);
-            if failures > 0 {
-                println!("{failures} check(s) failed");
-                1
-            } else {
-                0
-            }
-        }
-        Err(e) => {
-            println!("ggemm failed: {e}");
-            1
-        }
-    }
+    finish(&opts, "ggemm", run(dev, &opts, &tiles, small_only, small, wgrad, Fusions { act, gather }))
 }
 
 /// The fused kernels a run checks and times beside the plain ones (`--act`, `--gather`).

@@ -245,6 +245,26 @@ impl ShapeOptions {
     }
 }
 
+/// A checking command's exit code: its JSON written (`--out` or printed) and 0, or 1 after
+/// printing how many checks failed, or 1 after printing the error that stopped it.
+fn finish(opts: &ShapeOptions, what: &str, result: moe_cuda::Result<(String, usize)>) -> i32 {
+    match result {
+        Ok((json, failures)) => {
+            opts.write(&json);
+            if failures > 0 {
+                println!("{failures} check(s) failed");
+                1
+            } else {
+                0
+            }
+        }
+        Err(e) => {
+            println!("{what} failed: {e}");
+            1
+        }
+    }
+}
+
 /// The process's device, or the exit code 1 after printing why there is none.
 fn global_device() -> Result<&'static Device, i32> {
     Device::global().map_err(|e| {
