@@ -18,6 +18,8 @@
 # WEBGPU_SHAPE="--tokens 6144" (with WEBGPU: webgpu-node's and webgpu-profile's shape options, each of their runs; the
 # default T=4096, H=1024, E=64, k=4; Dawn crashed with 256 MB buffers: keep the largest below 128 MB),
 # GGEMM=1 (moe-cuda-bench ggemm: the grouped GEMM's checks and timings),
+# CLOCKS=1 (the SM clock and power draw, nvidia-smi every 20 ms, during moe-cuda-bench ggemm's token-side GEMMs at
+# CLOCKS_SHAPES (default mixtral), 50 iterations each; bench/clock-phases.py gives each GEMM's (cuBLAS's, then ours) into clocks.json),
 # EP_PERMUTES=1 (bench/ep-permutes.mjs: EP dispatch's two permutes alone at issue 20's shape, with and without numOutTokens),
 # ACT=1 (moe-cuda-bench act: the activation kernels' loops specialised to the kind against the generic loop and
 # one column a thread, byte for byte, then the experts' bf16 passes timed both ways; ACT_ARGS: its options),
@@ -83,7 +85,7 @@ pack() {
   cp "$golden"/permute.json "$golden"/unpermute.json "$golden"/route.json "$BUNDLE/golden/"
   cp target/release/moe-cuda-bench "$BUNDLE/bin/"
   cp bench/gpu_torch_ref.py bench/gpu_torch_experts.py bench/gpu_torch_train.py bench/train-gpu.mjs "$BUNDLE/bench/"
-  cp bench/actmem-gpu.mjs bench/actmem-gpu.py bench/ncu-summary.py bench/hbm-rw.py bench/ep-permutes.mjs "$BUNDLE/bench/"
+  cp bench/actmem-gpu.mjs bench/actmem-gpu.py bench/ncu-summary.py bench/hbm-rw.py bench/ep-permutes.mjs bench/clock-phases.py "$BUNDLE/bench/"
   # WEBGPU=1: the webgpu backend in Node through Dawn (issue 21): the `webgpu` npm package's Linux
   # build (xz) and Debian's Vulkan loader, kept between packs; bench/webgpu-node.mjs and its page code
   # (the suite's test/gpu/webgpu-dawn.test.mjs and its cases, test/common/webgpu-cases.mjs, come with test/)
@@ -363,6 +365,17 @@ PY
     # our grouped GEMM (issue 19): its correctness checks (host reference, cuBLAS, run to run) and timings
     say "moe-cuda-bench ggemm"
     timeout 300 "$BUNDLE/bin/moe-cuda-bench" ggemm ${GGEMM_ARGS:---iters 3} --out "$OUT/ggemm.json"; echo "  exit code $?"
+  fi
+  if [[ -n "${CLOCKS:-}" ]]; then
+    # issue 19: does our GEMM run at a lower clock than cuBLAS's at the same work (power)? In the
+    # Mixtral-like x W1, permute + our kernel ran faster than our kernel alone, back to back
+    say "SM clock and power during the token-side GEMMs (bench/clock-phases.py)"
+    nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv,noheader -lms 20 > "$OUT/smi.csv" &
+    local smi=$!
+    timeout 300 "$BUNDLE/bin/moe-cuda-bench" ggemm --shapes "${CLOCKS_SHAPES:-mixtral}" --no-small --no-wgrad --tile bulk --iters 50 \
+      | while IFS= read -r line; do echo "$(date '+%Y/%m/%d %H:%M:%S.%N') $line"; done > "$OUT/clocks-bench.log"
+    kill "$smi" 2>/dev/null
+    python3 "$BUNDLE/bench/clock-phases.py" "$OUT/smi.csv" "$OUT/clocks-bench.log" --json "$OUT/clocks.json"; echo "  exit code $?"
   fi
   if [[ -n "${EP_PERMUTES:-}" ]]; then
     say "EP dispatch's permutes alone (bench/ep-permutes.mjs)"
