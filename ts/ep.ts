@@ -466,7 +466,7 @@ interface State {
   readonly sendMap: Tensor<'bool'>;
   readonly sendSorted: AnyTensor<'int32'>;
   /** sendSorted's values on the host. */
-  readonly sendSortedHost: ArrayLike<number>;
+  readonly sendSortedHost: Int32Array;
   /** Whether the rows move as device tensors (allToAllVDevice): every tensor argument is then a device tensor. */
   readonly device: boolean;
   /** `[numTokens * k]`: the global expert of each pick (-1 masked). */
@@ -679,6 +679,29 @@ function rankExtras(tokens: Int32Array, picks: Int32Array, weights: Float32Array
     }
   }
   return { local, w };
+}
+
+/** Each received pick's prob gradient from permuteBackward's dense [R, L] gradient (0 for a pick of another rank). */
+function pickGradients(recvPicks: Int32Array, dense: Float32Array, k: number, L: number): Float32Array {
+  const out = new Float32Array(recvPicks.length);
+  for (let r = 0; r < recvPicks.length / k; r++) {
+    for (let c = 0; c < k; c++) {
+      const l = recvPicks[r * k + c];
+      if (l >= 0) out[r * k + c] = dense[r * L + l];
+    }
+  }
+  return out;
+}
+
+/** The prob gradients `back` of rank `rank`'s picks, for its tokens `tokens` in slot order, into the tokens' rows of `gradWeights`. */
+function scatterPickGradients(tokens: Int32Array, back: Float32Array, picks: Int32Array, owner: Int32Array, rank: number, k: number, gradWeights: Float32Array): void {
+  for (let i = 0; i < tokens.length; i++) {
+    const t = tokens[i];
+    for (let c = 0; c < k; c++) {
+      const e = picks[t * k + c];
+      if (e >= 0 && owner[e] === rank) gradWeights[t * k + c] = back[i * k + c];
+    }
+  }
 }
 
 function countPicked(picks: Int32Array): number {
@@ -1037,14 +1060,7 @@ export async function dispatchBackward<D extends TokenDType>(
     s.numReceived,
     gradProbs ? { gradPermutedProbs: gradProbs as Tensor<'float32'>, routingMap: s.recvMap as Tensor<'bool'> } : undefined,
   );
-  const pickGrads = new Float32Array(s.numReceived * k);
-  if (pb.gradProbs) {
-    const dense = onHost(pb.gradProbs).data;
-    for (let i = 0; i < s.numReceived * k; i++) {
-      const l = s.recvPicks[i];
-      if (l >= 0) pickGrads[i] = dense[Math.floor(i / k) * L + l];
-    }
-  }
+  const pickGrads = pb.gradProbs ? pickGradients(s.recvPicks, onHost(pb.gradProbs).data as Float32Array, k, L) : new Float32Array(s.numReceived * k);
   const pickBytes = bytesOf(pickGrads);
   let off = 0;
   const extraSend = h.recvCounts.map((n) => {
@@ -1059,16 +1075,8 @@ export async function dispatchBackward<D extends TokenDType>(
   release(got.rows);
   const back = new Float32Array(got.extras[0].buffer, got.extras[0].byteOffset, got.extras[0].byteLength / 4);
   const gradWeights = new Float32Array(h.numTokens * k);
-  const sorted = s.sendSortedHost;
-  let slot = 0;
-  h.sendCounts.forEach((n, j) => {
-    for (let i = 0; i < n; i++, slot++) {
-      const t = sorted[slot];
-      for (let c = 0; c < k; c++) {
-        const e = s.picks[t * k + c];
-        if (e >= 0 && s.owner[e] === j) gradWeights[t * k + c] = back[slot * k + c];
-      }
-    }
-  });
+  for (let j = 0, off = 0; j < h.sendCounts.length; off += h.sendCounts[j++]) {
+    scatterPickGradients(s.sendSortedHost.subarray(off, off + h.sendCounts[j]), back.subarray(off * k), s.picks, s.owner, j, k, gradWeights);
+  }
   return { gradTokens, gradWeights: { dtype: 'float32', shape: [h.numTokens, k], data: gradWeights } };
 }
