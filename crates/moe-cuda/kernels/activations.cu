@@ -300,6 +300,42 @@ static __device__ __forceinline__ void act_bwd_gp_vec(const typename TI::S* grad
     }
 }
 
+// act_bwd_gp_vec with a warp a row (act_bwdgw_fast_bf16_bf16: MOE_DISPATCH_ACT_GP_WARP=on, for
+// comparisons): no block barrier a row. The warp replays the block's tree exactly: the block's
+// size is `groups` rounded up to a warp, at most 256 (activations.rs launches act_bwd_gp_vec so);
+// lane l of virtual warp w sums the columns thread 32 w + l would, in the same order, the warp's
+// shuffles add them as that warp's would, and lane 0 adds the virtual warps' sums in order from
+// 0.0: the same bits as the block kernel.
+template <typename TI, typename TO>
+static __device__ __forceinline__ void act_bwd_gp_warp(const typename TI::S* grad, const typename TI::S* x, i64 rows, i64 width, i64 inter, const float* probs, const ActOpts o,
+                                                       typename TO::S* grad_in, float* grad_probs) {
+    constexpr int V = 16 / sizeof(typename TI::S);
+    const int groups = (int)(inter / V);
+    const int block = min((groups + 31) / 32 * 32, 256);
+    const int lane = threadIdx.x & 31;
+    const i64 first = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5, step = ((i64)gridDim.x * blockDim.x) >> 5;
+    for (i64 r = first; r < rows; r += step) {
+        const float p = probs[r];
+        double total = 0.0;
+        for (int w = 0; w < block / 32; w++) {
+            double sum = 0.0;
+            for (int gi = 32 * w + lane; gi < groups; gi += block) {
+                const i64 j = (i64)gi * V;
+                float gate[V], up[V], g[V], d_gate[V], d_up[V];
+                act_pairs<TI, V>(o.kind, x + r * width, inter, j, gate, up);
+                load_f32<TI, V>(grad + r * inter + j, g);
+#pragma unroll
+                for (int u = 0; u < V; u++) sum += (double)(act_unit_and_grad(o, gate[u], up[u], g[u] * p, d_gate[u], d_up[u]) * g[u]);
+                store_pairs<TO, V>(o.kind, grad_in + r * width, inter, j, d_gate, d_up);
+            }
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) sum += __shfl_down_sync(0xffffffffu, sum, off);
+            total += sum;
+        }
+        if (lane == 0) grad_probs[r] = (float)total;
+    }
+}
+
 // The probs gradient: per row, sum_j f64(unit * grad[j]) in column order from 0.0. A block owns
 // 32 rows and walks them in tiles of GP_COLS columns, double-buffered in shared memory: while its
 // GP_PRODUCERS producer warps compute tile t's 32 x GP_COLS products (coalesced loads, lane l on
@@ -485,6 +521,14 @@ extern "C" __global__ void act_bwdgv_fast_bf16_bf16(ACT_BWD_PARAMS, float *grad_
 extern "C" __global__ void act_bwdgv_fast_f16_f16(ACT_BWD_PARAMS, float *grad_probs) { ACT_BWDGV_BODY(F16, F16, ACT_GENERIC_ONLY); }
 extern "C" __global__ void act_bwdgv_fast_f32_bf16(ACT_BWD_PARAMS, float *grad_probs) { ACT_BWDGV_BODY(F32, BF16, ACT_GENERIC_ONLY); }
 extern "C" __global__ void act_bwdgv_fast_f32_f16(ACT_BWD_PARAMS, float *grad_probs) { ACT_BWDGV_BODY(F32, F16, ACT_GENERIC_ONLY); }
+
+#define ACT_BWDGW_BODY(TI, TO, MODE)                                                                                                      \
+    {                                                                                                                                   \
+        const ActOpts o = act_opts(kind, alpha, limit, linear_offset, true);                                                            \
+        MODE(o, ko, act_bwd_gp_warp<TI, TO>((const TI::S*)grad, (const TI::S*)x, rows, width, inter, probs, ko, (TO::S*)grad_in, grad_probs)) \
+    }
+
+extern "C" __global__ void act_bwdgw_fast_bf16_bf16(ACT_BWD_PARAMS, float *grad_probs) { ACT_BWDGW_BODY(BF16, BF16, ACT_BY_KIND); }
 
 #define ACT_GPROBS_PARAMS \
     const void *grad, const void *x, i64 rows, i64 width, i64 inter, int kind, double alpha, double limit, double linear_offset, float *grad_probs

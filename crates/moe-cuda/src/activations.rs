@@ -105,6 +105,21 @@ pub fn set_probs_gradient_blocks(blocks: Option<usize>) {
     GP_BLOCKS.store(blocks.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
 }
 
+/// The one-pass backward with a warp a row instead of a block (`act_bwdgw_fast_bf16_bf16`: the
+/// block kernel's summation tree replayed by one warp, the same bits, no block barrier a row):
+/// bf16 only, opt-in (`MOE_DISPATCH_ACT_GP_WARP=on` or [`set_probs_gradient_warp`]`(Some(true))`)
+/// until a GPU run has checked and timed it (`moe-cuda-bench act`).
+static GP_WARP: Switch = Switch::opt_in("MOE_DISPATCH_ACT_GP_WARP");
+
+/// Overrides whether the one-pass backward (bf16) takes a warp a row: `Some(true)` yes,
+/// `Some(false)` or `None` (the default) a block a row.
+pub fn set_probs_gradient_warp(mode: Option<bool>) {
+    GP_WARP.set(mode);
+}
+
+/// The warp-a-row one-pass backward's kernel (bf16 in and out).
+const GP_WARP_KERNEL: &str = "act_bwdgw_fast_bf16_bf16";
+
 fn probs_gradient_grid(rows: usize) -> u32 {
     let cap = GP_BLOCKS.load(std::sync::atomic::Ordering::Relaxed);
     rows.min(if cap == 0 { MAX_BLOCKS } else { cap.min(MAX_BLOCKS) }) as u32
@@ -359,6 +374,11 @@ pub fn launch_activation_backward(
         let threads = groups.next_multiple_of(32).min(THREADS as usize) as u32;
         let mut a = args(p.ptr(s), vector_kind(options));
         a.push(Arg::U64(gp.ptr(s)));
+        if GP_WARP.on() && dtype == DType::BF16 && grad_in_dtype == DType::BF16 {
+            // a warp a row, 8 rows a block of 256 threads
+            let warps = THREADS as usize / 32;
+            return dev.launch(GP_WARP_KERNEL, (probs_gradient_grid(rows.div_ceil(warps)), 1), THREADS, &a);
+        }
         return dev.launch(&fused_name(&name), (probs_gradient_grid(rows), 1), threads, &a);
     }
     let (vname, grid, vkind) = match vector {
@@ -763,6 +783,7 @@ mod tests {
             names.push(grad_probs_kernel(*d).unwrap());
             names.push(with_math(grad_probs_kernel(*d).unwrap(), ExpMath::Fast));
         }
+        names.push(GP_WARP_KERNEL.to_string());
         for n in ["loss_switch_rows", "loss_switch_total", "loss_switch_grad", "loss_logits_rows", "loss_logits_total", "loss_logits_grad"]
         {
             names.push(n.to_string());

@@ -6,7 +6,8 @@
 //! (`set_by_kind(Some(false))`) and against the one-column kernels, for every activation kind,
 //! both exp maths and three dtype pairs: the forward (with and without probs), the backward (with
 //! probs and its gradient, and without), and the one-pass backward with the probs gradient
-//! (against its generic loop: the two-pass gradient sums in another order). Only the fast bf16
+//! (against its generic loop, its grid capped, and a warp a row: the two-pass gradient sums in
+//! another order). Only the fast bf16
 //! kernels are split by kind; for the others the comparison checks that the generic flag is
 //! cleared (the same kernel both ways). Then times the bf16
 //! passes of the experts (fast exp, probs) at the experts' shapes, specialised against generic,
@@ -16,8 +17,8 @@ use half::bf16;
 use moe_core::activations::{ActivationKind, ActivationOptions, DEFAULT_ALPHA, DEFAULT_LIMIT, DEFAULT_LINEAR_OFFSET};
 use moe_core::tensor::DType;
 use moe_cuda::activations::{
-    launch_activation, launch_activation_backward, set_by_kind, set_fused_probs_gradient, set_probs_gradient_blocks, set_vectorised,
-    ExpMath,
+    launch_activation, launch_activation_backward, set_by_kind, set_fused_probs_gradient, set_probs_gradient_blocks,
+    set_probs_gradient_warp, set_vectorised, ExpMath,
 };
 use moe_cuda::{Buffer, Device};
 
@@ -42,6 +43,7 @@ impl Variant {
 
 fn restore() {
     set_probs_gradient_blocks(None);
+    set_probs_gradient_warp(None);
     set_vectorised(None);
     set_by_kind(None);
     set_fused_probs_gradient(None);
@@ -160,10 +162,19 @@ fn check(dev: &Device) -> moe_cuda::Result<(usize, usize)> {
                         set_probs_gradient_blocks(Some(rows.div_ceil(3)));
                         let capped = p.backward(2)?;
                         set_probs_gradient_blocks(None);
+                        // a warp a row (bf16; elsewhere the block kernel again), specialised and generic
+                        set_probs_gradient_warp(Some(true));
+                        let warp = p.backward(2)?;
+                        // (the generic loop with one block: its 8 warps walk every row)
+                        Variant::Generic.select();
+                        set_probs_gradient_blocks(Some(1));
+                        let warp_generic = p.backward(2)?;
+                        set_probs_gradient_blocks(None);
+                        set_probs_gradient_warp(None);
                         cases += 1;
-                        if runs[0] != runs[1] || runs[0] != capped {
+                        if runs[0] != runs[1] || runs[0] != capped || runs[0] != warp || runs[0] != warp_generic {
                             failures += 1;
-                            println!("  act check FAILED: {label} one-pass backward with the probs gradient: specialised / generic / capped grid differ");
+                            println!("  act check FAILED: {label} one-pass backward with the probs gradient: specialised / generic / capped grid / a warp a row differ");
                         }
                     }
                     restore();
@@ -215,7 +226,14 @@ fn time_shape(dev: &Device, name: &str, rows: usize, inter: usize, iters: usize)
             times.push(time_ms(dev, iters, || bwd(Some(&gp)))?.0);
         }
     }
+    // and a warp a row (8 rows a block), the specialised loop
+    let mut warp = Vec::new();
+    set_probs_gradient_warp(Some(true));
+    for _round in 0..3 {
+        warp.push(time_ms(dev, iters, || bwd(Some(&gp)))?.0);
+    }
     restore();
+    let warp = median(warp);
     let capped: Vec<(usize, f64)> = capped.into_iter().map(|(b, t)| (b, median(t))).collect();
     let m: Vec<[f64; 3]> = ms.iter().map(|r| [median(r[0].clone()), median(r[1].clone()), median(r[2].clone())]).collect();
     println!(
@@ -231,10 +249,10 @@ fn time_shape(dev: &Device, name: &str, rows: usize, inter: usize, iters: usize)
         m[1][2]
     );
     let capped_text: Vec<String> = capped.iter().map(|(b, ms)| format!("{b} blocks {ms:.3} ms")).collect();
-    println!("{name:>13} the one-pass backward with its grid capped: {}", capped_text.join(", "));
+    println!("{name:>13} the one-pass backward with its grid capped: {}; a warp a row: {warp:.3} ms", capped_text.join(", "));
     let list = |v: &[f64]| v.iter().map(|x| format!("{x}")).collect::<Vec<_>>().join(", ");
     Ok(format!(
-        "{{\"shape\": {name:?}, \"rows\": {rows}, \"inter\": {inter}, \"forwardMs\": {}, \"forwardGenericMs\": {}, \"backwardMs\": {}, \"backwardGenericMs\": {}, \"backwardWithProbsGradMs\": {}, \"backwardWithProbsGradGenericMs\": {}, \"backwardWithProbsGradCappedMs\": {{{}}}, \"forwardBytes\": {}, \"backwardBytes\": {}, \"rounds\": {{\"forward\": [{}], \"forwardGeneric\": [{}], \"backward\": [{}], \"backwardGeneric\": [{}], \"backwardWithProbsGrad\": [{}], \"backwardWithProbsGradGeneric\": [{}]}}}}",
+        "{{\"shape\": {name:?}, \"rows\": {rows}, \"inter\": {inter}, \"forwardMs\": {}, \"forwardGenericMs\": {}, \"backwardMs\": {}, \"backwardGenericMs\": {}, \"backwardWithProbsGradMs\": {}, \"backwardWithProbsGradGenericMs\": {}, \"backwardWithProbsGradCappedMs\": {{{}}}, \"backwardWithProbsGradWarpMs\": {warp}, \"forwardBytes\": {}, \"backwardBytes\": {}, \"rounds\": {{\"forward\": [{}], \"forwardGeneric\": [{}], \"backward\": [{}], \"backwardGeneric\": [{}], \"backwardWithProbsGrad\": [{}], \"backwardWithProbsGradGeneric\": [{}]}}}}",
         m[0][0],
         m[1][0],
         m[0][1],
