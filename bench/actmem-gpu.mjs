@@ -49,9 +49,13 @@ const SHAPES = {
 };
 const names = arg('shapes', standIn ? 'tiny' : 'fine-grained,mixtral').split(',');
 // the grouped path's epilogue, when one other than the default is picked (MOE_DISPATCH_GG_EPILOGUE),
-// and its fusions (MOE_DISPATCH_GG_FUSE: `act`, `gather`, a comma-separated list)
+// its fusions (MOE_DISPATCH_GG_FUSE: `act`, `gather`, a comma-separated list), and the opt-in
+// activation kernels (MOE_DISPATCH_ACT_BY_KIND=on, MOE_DISPATCH_ACT_GP_WARP=on)
 const epilogue =
-  (process.env.MOE_DISPATCH_GG_EPILOGUE ? `-${process.env.MOE_DISPATCH_GG_EPILOGUE}` : '') + (process.env.MOE_DISPATCH_GG_FUSE ? `-fuse-${process.env.MOE_DISPATCH_GG_FUSE.replaceAll(',', '-')}` : '');
+  (process.env.MOE_DISPATCH_GG_EPILOGUE ? `-${process.env.MOE_DISPATCH_GG_EPILOGUE}` : '') +
+  (process.env.MOE_DISPATCH_GG_FUSE ? `-fuse-${process.env.MOE_DISPATCH_GG_FUSE.replaceAll(',', '-')}` : '') +
+  (process.env.MOE_DISPATCH_ACT_BY_KIND === 'on' ? '-act-by-kind' : '') +
+  (process.env.MOE_DISPATCH_ACT_GP_WARP === 'on' ? '-act-gp-warp' : '');
 const gemm = standIn ? standIn : process.env.MOE_DISPATCH_EXPERTS_GEMM === 'grouped' ? `grouped${epilogue}` : 'cublas';
 
 const moe = await createBackend({ prefer: standIn ?? 'cuda' });
