@@ -621,22 +621,32 @@ function gatherParts(recv: Uint8Array[], counts: readonly number[], rowBytes: nu
 
 function picksOf(indices: Tensor<IndexDType>, numExperts: number): Int32Array {
   const [T, k] = indices.shape;
-  const picks = new Int32Array(T * k);
+  const data = indices.data;
+  return data instanceof Int32Array ? checkedPicks(data.slice(), T, k, numExperts) : checkedPicks(int64Picks(data as BigInt64Array), T, k, numExperts, data as BigInt64Array);
+}
+
+/** int64 picks as int32 (a value outside int32 becomes one outside the experts, named by checkedPicks). */
+function int64Picks(data: BigInt64Array): Int32Array {
+  const picks = new Int32Array(data.length);
+  for (let i = 0; i < data.length; i++) {
+    const v = data[i];
+    picks[i] = v >= -2147483648n && v <= 2147483647n ? Number(v) : -2;
+  }
+  return picks;
+}
+
+/** Checks every pick of `picks [T, k]` (in [0, numExperts) or -1, a masked pick; no expert twice in a row); returns them. */
+function checkedPicks(picks: Int32Array, T: number, k: number, numExperts: number, original?: ArrayLike<number | bigint>): Int32Array {
   const seen = new Int32Array(numExperts).fill(-1);
-  const data = indices.data as ArrayLike<number | bigint>;
   for (let t = 0; t < T; t++) {
     for (let c = 0; c < k; c++) {
-      const v = Number(data[t * k + c]);
-      if (v === -1) {
-        picks[t * k + c] = -1;
-        continue;
-      }
-      if (!Number.isInteger(v) || v < 0 || v >= numExperts) {
-        throw new RangeError(`routing.indices: element [${t}][${c}] = ${v} is outside [0, numExperts = ${numExperts}) (and not -1, a masked pick)`);
+      const v = picks[t * k + c];
+      if (v === -1) continue;
+      if (v < 0 || v >= numExperts) {
+        throw new RangeError(`routing.indices: element [${t}][${c}] = ${original ? original[t * k + c] : v} is outside [0, numExperts = ${numExperts}) (and not -1, a masked pick)`);
       }
       if (seen[v] === t) throw new RangeError(`routing.indices: row ${t} lists expert ${v} more than once`);
       seen[v] = t;
-      picks[t * k + c] = v;
     }
   }
   return picks;
