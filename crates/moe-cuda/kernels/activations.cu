@@ -268,6 +268,22 @@ static __device__ __forceinline__ float act_unit_and_grad(const ActOpts& o, floa
 // the warps' sums in order. Deterministic, but not the core's column order: the f64 sums may
 // differ in their last bits, the f32 results almost never. It reads h and the gradient once
 // where the separate kernels read them twice.
+// Column group gi (V columns) of row r of the one-pass backward: its gate and up gradients
+// stored, and `sum` plus their f64(unit * grad) products in column order returned.
+template <typename TI, typename TO>
+static __device__ __forceinline__ double act_gp_group(const typename TI::S* grad, const typename TI::S* x, i64 r, i64 width, i64 inter, int gi, float p, const ActOpts& o,
+                                                      typename TO::S* grad_in, double sum) {
+    constexpr int V = 16 / sizeof(typename TI::S);
+    const i64 j = (i64)gi * V;
+    float gate[V], up[V], g[V], d_gate[V], d_up[V];
+    act_pairs<TI, V>(o.kind, x + r * width, inter, j, gate, up);
+    load_f32<TI, V>(grad + r * inter + j, g);
+#pragma unroll
+    for (int u = 0; u < V; u++) sum += (double)(act_unit_and_grad(o, gate[u], up[u], g[u] * p, d_gate[u], d_up[u]) * g[u]);
+    store_pairs<TO, V>(o.kind, grad_in + r * width, inter, j, d_gate, d_up);
+    return sum;
+}
+
 template <typename TI, typename TO>
 static __device__ __forceinline__ void act_bwd_gp_vec(const typename TI::S* grad, const typename TI::S* x, i64 rows, i64 width, i64 inter, const float* probs, const ActOpts o,
                                                       typename TO::S* grad_in, float* grad_probs) {
@@ -278,15 +294,7 @@ static __device__ __forceinline__ void act_bwd_gp_vec(const typename TI::S* grad
     for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
         const float p = probs[r];
         double sum = 0.0;
-        for (int gi = threadIdx.x; gi < groups; gi += blockDim.x) {
-            const i64 j = (i64)gi * V;
-            float gate[V], up[V], g[V], d_gate[V], d_up[V];
-            act_pairs<TI, V>(o.kind, x + r * width, inter, j, gate, up);
-            load_f32<TI, V>(grad + r * inter + j, g);
-#pragma unroll
-            for (int u = 0; u < V; u++) sum += (double)(act_unit_and_grad(o, gate[u], up[u], g[u] * p, d_gate[u], d_up[u]) * g[u]);
-            store_pairs<TO, V>(o.kind, grad_in + r * width, inter, j, d_gate, d_up);
-        }
+        for (int gi = threadIdx.x; gi < groups; gi += blockDim.x) sum = act_gp_group<TI, TO>(grad, x, r, width, inter, gi, p, o, grad_in, sum);
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) sum += __shfl_down_sync(0xffffffffu, sum, off);
         if (lane == 0) warp_sums[warp] = sum;
@@ -319,15 +327,7 @@ static __device__ __forceinline__ void act_bwd_gp_warp(const typename TI::S* gra
         double total = 0.0;
         for (int w = 0; w < block / 32; w++) {
             double sum = 0.0;
-            for (int gi = 32 * w + lane; gi < groups; gi += block) {
-                const i64 j = (i64)gi * V;
-                float gate[V], up[V], g[V], d_gate[V], d_up[V];
-                act_pairs<TI, V>(o.kind, x + r * width, inter, j, gate, up);
-                load_f32<TI, V>(grad + r * inter + j, g);
-#pragma unroll
-                for (int u = 0; u < V; u++) sum += (double)(act_unit_and_grad(o, gate[u], up[u], g[u] * p, d_gate[u], d_up[u]) * g[u]);
-                store_pairs<TO, V>(o.kind, grad_in + r * width, inter, j, d_gate, d_up);
-            }
+            for (int gi = 32 * w + lane; gi < groups; gi += block) sum = act_gp_group<TI, TO>(grad, x, r, width, inter, gi, p, o, grad_in, sum);
 #pragma unroll
             for (int off = 16; off > 0; off >>= 1) sum += __shfl_down_sync(0xffffffffu, sum, off);
             total += sum;
