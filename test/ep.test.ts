@@ -533,6 +533,22 @@ describe.each(backendRows)('expert parallelism on %s', (_name, b) => {
         [[g, b, x, routing, { numExperts: 4, topk: 2 }], TypeError, /^dispatch: options.topk: not an option of dispatch/],
         [[g, b, x, routing, { numExperts: 2 }], RangeError, /^dispatch: routing.indices: element \[1\]\[0\] = 2 is outside \[0, numExperts = 2\)/],
         [[g, b, x, { indices: { ...indices, data: Int32Array.from([1, 1, 0, 2]) }, weights }, { numExperts: 4 }], RangeError, /^dispatch: routing.indices: row 0 lists expert 1 more than once/],
+        // int64 picks: one past int32 is named by its exact value, one of -2 as it is
+        [
+          [g, b, x, { indices: { dtype: 'int64', shape: [2, 2], data: BigInt64Array.from([0n, 1n, 9007199254740993n, 2n]) }, weights }, { numExperts: 4 }],
+          RangeError,
+          /^dispatch: routing.indices: element \[1\]\[0\] = 9007199254740993 is outside \[0, numExperts = 4\)/,
+        ],
+        [
+          [g, b, x, { indices: { dtype: 'int64', shape: [2, 2], data: BigInt64Array.from([0n, -2n, 3n, 2n]) }, weights }, { numExperts: 4 }],
+          RangeError,
+          /^dispatch: routing.indices: element \[0\]\[1\] = -2 is outside/,
+        ],
+        [
+          [g, b, x, { indices: { dtype: 'int64', shape: [2, 2], data: BigInt64Array.from([3n, 3n, 0n, 2n]) }, weights }, { numExperts: 4 }],
+          RangeError,
+          /^dispatch: routing.indices: row 0 lists expert 3 more than once/,
+        ],
         [[{ rank: 0 }, b, x, routing, { numExperts: 4 }], TypeError, /^dispatch: group: expected an ExpertParallelGroup/],
         [[g, {}, x, routing, { numExperts: 4 }], TypeError, /^dispatch: backend: expected a Backend/],
       ];
