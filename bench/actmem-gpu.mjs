@@ -50,13 +50,12 @@ const SHAPES = {
 const names = arg('shapes', standIn ? 'tiny' : 'fine-grained,mixtral').split(',');
 // the grouped path's epilogue, when one other than the default is picked (MOE_DISPATCH_GG_EPILOGUE),
 // its fusions (MOE_DISPATCH_GG_FUSE: `act`, `gather`, a comma-separated list), and the opt-in
-// activation kernels (MOE_DISPATCH_ACT_BY_KIND=on, MOE_DISPATCH_ACT_GP_WARP=on)
-const epilogue =
-  (process.env.MOE_DISPATCH_GG_EPILOGUE ? `-${process.env.MOE_DISPATCH_GG_EPILOGUE}` : '') +
-  (process.env.MOE_DISPATCH_GG_FUSE ? `-fuse-${process.env.MOE_DISPATCH_GG_FUSE.replaceAll(',', '-')}` : '') +
-  (process.env.MOE_DISPATCH_ACT_BY_KIND === 'on' ? '-act-by-kind' : '') +
-  (process.env.MOE_DISPATCH_ACT_GP_WARP === 'on' ? '-act-gp-warp' : '');
-const gemm = standIn ? standIn : process.env.MOE_DISPATCH_EXPERTS_GEMM === 'grouped' ? `grouped${epilogue}` : 'cublas';
+// activation kernels' settings other than the defaults (MOE_DISPATCH_ACT_BY_KIND=off: the generic
+// loop; MOE_DISPATCH_ACT_GP_WARP=on|off: the one-pass backward a warp a row always / never)
+const env = process.env;
+const activation = (env.MOE_DISPATCH_ACT_BY_KIND === 'off' ? '-act-generic' : '') + (['on', 'off'].includes(env.MOE_DISPATCH_ACT_GP_WARP) ? `-act-gp-warp-${env.MOE_DISPATCH_ACT_GP_WARP}` : '');
+const epilogue = (env.MOE_DISPATCH_GG_EPILOGUE ? `-${env.MOE_DISPATCH_GG_EPILOGUE}` : '') + (env.MOE_DISPATCH_GG_FUSE ? `-fuse-${env.MOE_DISPATCH_GG_FUSE.replaceAll(',', '-')}` : '');
+const gemm = standIn ? standIn : `${env.MOE_DISPATCH_EXPERTS_GEMM === 'grouped' ? `grouped${epilogue}` : 'cublas'}${activation}`;
 
 const moe = await createBackend({ prefer: standIn ?? 'cuda' });
 if (moe.name !== (standIn ?? 'cuda')) {

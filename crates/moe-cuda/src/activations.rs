@@ -21,7 +21,7 @@ use moe_core::tensor::DType;
 
 use crate::device::{Arg, Buffer, Device};
 use crate::error::{Error, Result};
-use crate::switch::Switch;
+use crate::switch::{Choice, Switch};
 use crate::tensor::{on_host, opt_meta, upload_owned_opt, DeviceTensor};
 
 /// Threads per block of the element-wise and per-row kernels.
@@ -82,14 +82,19 @@ pub fn set_fused_probs_gradient(mode: Option<bool>) {
 }
 
 /// Whether the vectorised kernels run their loop specialised to the activation kind
-/// (kernels/activations.cu's `ACT_BY_KIND`: straight-line code, the same bits). Opt-in
-/// (`MOE_DISPATCH_ACT_BY_KIND=on` or [`set_by_kind`]`(Some(true))`) until a GPU run has checked
-/// and timed it (`moe-cuda-bench act`); by default the kind goes with the `ACT_GENERIC` flag, so
-/// they run the generic loop that branches over the kinds per element, as before the split.
-static BY_KIND: Switch = Switch::opt_in("MOE_DISPATCH_ACT_BY_KIND");
+/// (kernels/activations.cu's `ACT_BY_KIND`: straight-line code, the same bits): by default yes;
+/// `MOE_DISPATCH_ACT_BY_KIND=off` (or [`set_by_kind`]`(Some(false))`) passes the kind with the
+/// `ACT_GENERIC` flag, so they run the generic loop that branches over the kinds per element (as
+/// before the split; for comparisons). On an H100 (`moe-cuda-bench act`, swiglu, fast exp, probs)
+/// the specialised loop took the forward from 0.532 to 0.479 ms, the backward from 0.894 to 0.793
+/// and the one-pass backward with the probs gradient from 1.116 to 0.813 ms at the Mixtral-like
+/// shape (16384 x 14336), and 0.165 -> 0.150, 0.273 -> 0.239, 0.434 -> 0.297 ms fine-grained
+/// (49152 x 1408), byte for byte the same in 405 of 405 checks
+/// (bench/results/2026-12-05-activations-h100.json).
+static BY_KIND: Switch = Switch::new("MOE_DISPATCH_ACT_BY_KIND");
 
 /// Overrides whether the vectorised kernels take their loop specialised to the kind:
-/// `Some(true)` the specialised loop, `Some(false)` or `None` (the default) the generic one.
+/// `Some(true)` or `None` (the default) the specialised loop, `Some(false)` the generic one.
 pub fn set_by_kind(mode: Option<bool>) {
     BY_KIND.set(mode);
 }
@@ -106,15 +111,28 @@ pub fn set_probs_gradient_blocks(blocks: Option<usize>) {
 }
 
 /// The one-pass backward with a warp a row instead of a block (`act_bwdgw_fast_bf16_bf16`: the
-/// block kernel's summation tree replayed by one warp, the same bits, no block barrier a row):
-/// bf16 only, opt-in (`MOE_DISPATCH_ACT_GP_WARP=on` or [`set_probs_gradient_warp`]`(Some(true))`)
-/// until a GPU run has checked and timed it (`moe-cuda-bench act`).
-static GP_WARP: Switch = Switch::opt_in("MOE_DISPATCH_ACT_GP_WARP");
+/// block kernel's summation tree replayed by one warp, the same bits, no block barrier a row),
+/// bf16 only: by default (auto) where a row's activation is at most [`GP_WARP_MAX_INTER`] wide;
+/// `MOE_DISPATCH_ACT_GP_WARP=on` always, `off` never (or [`set_probs_gradient_warp`]). On an
+/// H100 (`moe-cuda-bench act`) a warp a row took 0.267 ms against the block's 0.297 at the
+/// fine-grained shape (49152 rows of 1408) and 0.851 against 0.813 at the Mixtral-like one (16384
+/// rows of 14336: a warp then walks 56 column groups a lane, the block 7 a thread).
+static GP_WARP: Choice = Choice::new("MOE_DISPATCH_ACT_GP_WARP");
 
-/// Overrides whether the one-pass backward (bf16) takes a warp a row: `Some(true)` yes,
-/// `Some(false)` or `None` (the default) a block a row.
+/// The widest activation row (columns of `a`) that the auto rule of [`GP_WARP`] gives a warp: the
+/// two measured widths are 1408 (the warp faster) and 14336 (the block faster); the real models'
+/// experts (768-2880 for Qwen-MoE, OLMoE, DeepSeek-V3, GPT-OSS) are on the warp's side.
+pub const GP_WARP_MAX_INTER: usize = 4096;
+
+/// Overrides whether the one-pass backward (bf16) takes a warp a row: `Some(true)` always,
+/// `Some(false)` never (a block a row), `None` (the default) by [`GP_WARP_MAX_INTER`].
 pub fn set_probs_gradient_warp(mode: Option<bool>) {
     GP_WARP.set(mode);
+}
+
+/// Whether the one-pass backward over rows of `inter` activation columns takes a warp a row.
+fn probs_gradient_warp(inter: usize) -> bool {
+    GP_WARP.get().unwrap_or(inter <= GP_WARP_MAX_INTER)
 }
 
 /// The warp-a-row one-pass backward's kernel (bf16 in and out).
@@ -374,7 +392,7 @@ pub fn launch_activation_backward(
         let threads = groups.next_multiple_of(32).min(THREADS as usize) as u32;
         let mut a = args(p.ptr(s), vector_kind(options));
         a.push(Arg::U64(gp.ptr(s)));
-        if GP_WARP.on() && dtype == DType::BF16 && grad_in_dtype == DType::BF16 {
+        if probs_gradient_warp(inter) && dtype == DType::BF16 && grad_in_dtype == DType::BF16 {
             // a warp a row, 8 rows a block of 256 threads
             let warps = THREADS as usize / 32;
             return dev.launch(GP_WARP_KERNEL, (probs_gradient_grid(rows.div_ceil(warps)), 1), THREADS, &a);

@@ -31,7 +31,7 @@ use crate::device::{Arg, Buffer, Device};
 use crate::error::{Error, Result};
 use crate::experts_grouped::{backward_grouped, forward_grouped, gather_selected, grouped_plan, grouped_plan_rows, Gather};
 use crate::permute::row_launch;
-use crate::switch::Switch;
+use crate::switch::{Choice, Switch};
 use crate::tensor::{tensor_ref, upload_owned_opt, DeviceArg, DeviceTensor};
 
 /// The device tensors of a grouped-experts call (the core's [`ExpertsInputs`] on the GPU).
@@ -214,38 +214,15 @@ fn up_projection(dev: &Device, p: &Plan, inp: &DeviceExpertsInputs) -> Result<Bu
 /// (mixtral experts forward 22.9 ms vs 9.6, fine-grained 3.5 ms vs 2.3:
 /// bench/results/2026-11-23-gpu.json).
 pub fn use_grouped(active_experts: usize) -> bool {
-    let mode = match GROUPED.load(std::sync::atomic::Ordering::Relaxed) {
-        UNSET => {
-            let m = match std::env::var("MOE_DISPATCH_GROUPED_GEMM").as_deref() {
-                Ok("on") | Ok("1") => ON,
-                Ok("off") | Ok("0") => OFF,
-                _ => AUTO,
-            };
-            GROUPED.store(m, std::sync::atomic::Ordering::Relaxed);
-            m
-        }
-        m => m,
-    };
     let _ = active_experts; // the auto rule may use it once a grouped call pays
-    mode == ON
+    GROUPED.get() == Some(true)
 }
 
-const UNSET: u8 = 0;
-const AUTO: u8 = 1;
-const ON: u8 = 2;
-const OFF: u8 = 3;
-static GROUPED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(UNSET);
+static GROUPED: Choice = Choice::new("MOE_DISPATCH_GROUPED_GEMM");
 
 /// Overrides the grouped-GEMM choice: `Some(true)` always, `Some(false)` never, `None` auto.
 pub fn set_grouped_gemm(mode: Option<bool>) {
-    GROUPED.store(
-        match mode {
-            Some(true) => ON,
-            Some(false) => OFF,
-            None => AUTO,
-        },
-        std::sync::atomic::Ordering::Relaxed,
-    );
+    GROUPED.set(mode);
 }
 
 /// One step's GEMM for every expert with tokens: `f(e, r0, count)` gives expert e's problem.

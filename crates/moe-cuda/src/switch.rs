@@ -48,6 +48,55 @@ impl Switch {
     }
 }
 
+/// A setting with three states: on, off, or auto (the caller's rule decides), read once from its
+/// environment variable (`on` / `1`, `off` / `0`, anything else or unset: auto) and overridable
+/// from code.
+pub(crate) struct Choice {
+    cell: AtomicU8,
+    var: &'static str,
+}
+
+const AUTO: u8 = 3;
+
+impl Choice {
+    pub(crate) const fn new(var: &'static str) -> Self {
+        Choice { cell: AtomicU8::new(UNSET), var }
+    }
+
+    /// `Some(true)` on, `Some(false)` off, `None` auto (the environment is read the first time).
+    pub(crate) fn get(&self) -> Option<bool> {
+        let mode = match self.cell.load(Ordering::Relaxed) {
+            UNSET => {
+                let m = match std::env::var(self.var).as_deref() {
+                    Ok("on" | "1") => ON,
+                    Ok("off" | "0") => OFF,
+                    _ => AUTO,
+                };
+                self.cell.store(m, Ordering::Relaxed);
+                m
+            }
+            m => m,
+        };
+        match mode {
+            ON => Some(true),
+            OFF => Some(false),
+            _ => None,
+        }
+    }
+
+    /// `Some(true)` on, `Some(false)` off, `None` auto.
+    pub(crate) fn set(&self, mode: Option<bool>) {
+        self.cell.store(
+            match mode {
+                Some(true) => ON,
+                Some(false) => OFF,
+                None => AUTO,
+            },
+            Ordering::Relaxed,
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,5 +143,23 @@ mod tests {
         assert!(s.on());
         s.set(None);
         assert!(!s.on());
+    }
+
+    #[test]
+    fn a_choice_reads_on_off_and_auto() {
+        std::env::set_var("MOE_DISPATCH_TEST_CHOICE_ON", "on");
+        std::env::set_var("MOE_DISPATCH_TEST_CHOICE_ZERO", "0");
+        std::env::set_var("MOE_DISPATCH_TEST_CHOICE_OTHER", "auto");
+        assert_eq!(Choice::new("MOE_DISPATCH_TEST_CHOICE_ON").get(), Some(true));
+        assert_eq!(Choice::new("MOE_DISPATCH_TEST_CHOICE_ZERO").get(), Some(false));
+        assert_eq!(Choice::new("MOE_DISPATCH_TEST_CHOICE_OTHER").get(), None);
+        let c = Choice::new("MOE_DISPATCH_TEST_CHOICE_NEVER_SET");
+        assert_eq!(c.get(), None);
+        c.set(Some(false));
+        assert_eq!(c.get(), Some(false));
+        c.set(Some(true));
+        assert_eq!(c.get(), Some(true));
+        c.set(None);
+        assert_eq!(c.get(), None);
     }
 }

@@ -38,6 +38,8 @@ impl Variant {
     fn select(self) {
         set_vectorised(Some(!matches!(self, Variant::Column)));
         set_by_kind(Some(matches!(self, Variant::ByKind)));
+        // the one-pass backward a block a row, unless a case asks for a warp a row
+        set_probs_gradient_warp(Some(false));
     }
 }
 
@@ -167,6 +169,7 @@ fn check(dev: &Device) -> moe_cuda::Result<(usize, usize)> {
                         let warp = p.backward(2)?;
                         // (the generic loop with one block: its 8 warps walk every row)
                         Variant::Generic.select();
+                        set_probs_gradient_warp(Some(true));
                         set_probs_gradient_blocks(Some(1));
                         let warp_generic = p.backward(2)?;
                         set_probs_gradient_blocks(None);
@@ -226,8 +229,9 @@ fn time_shape(dev: &Device, name: &str, rows: usize, inter: usize, iters: usize)
             times.push(time_ms(dev, iters, || bwd(Some(&gp)))?.0);
         }
     }
-    // and a warp a row (8 rows a block), the specialised loop
+    // and a warp a row (8 rows a block, a block for every 8 rows), the specialised loop
     let mut warp = Vec::new();
+    set_probs_gradient_blocks(None);
     set_probs_gradient_warp(Some(true));
     for _round in 0..3 {
         warp.push(time_ms(dev, iters, || bwd(Some(&gp)))?.0);
