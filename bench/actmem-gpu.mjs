@@ -21,6 +21,8 @@
  *   routing map, sortedIndices, the permuted tokens, the counts, the permuted probs, the experts'
  *   output, their up-projection and activation, the aux loss's gradient and its lazy value).
  *   The input x and the weights exist before and are not counted.
+ * - hostMs: the median of the same clock stopped when backward returns, before the synchronize:
+ *   the host's time to queue the step (with its own waits); near layerMs, the host holds the GPU up.
  * - peakBytes: `peakMemory()` over the forward + backward from a reset just before it (every
  *   buffer of the process, weights and input included); peakAboveStartBytes = peak minus the
  *   bytes held at the reset. gradBytes: the backward's results (gradInput + the weights' gradients).
@@ -102,10 +104,12 @@ for (const name of names) {
   sync();
   const s0 = gpu ? moe.transfers().synchronizations : 0;
   const times = [];
+  const hostTimes = [];
   for (let i = 0; i < iters; i++) {
     sync();
     const a = performance.now();
     const { f, b } = fwdBwd();
+    hostTimes.push(performance.now() - a);
     sync();
     times.push(performance.now() - a);
     dispose([...outputsOf(f), ...resultsOf(b)]);
@@ -150,13 +154,16 @@ for (const name of names) {
   };
   const expectedSum = Object.values(expectedSaved).reduce((a, b) => a + b, 0);
   times.sort((a, b) => a - b);
+  hostTimes.sort((a, b) => a - b);
   const ms = times[Math.floor(times.length / 2)];
+  const hostMs = hostTimes[Math.floor(hostTimes.length / 2)];
   const row = {
     shape: name,
     dims: `T=${T} dim=${dim} inter=${inter} E=${E} k=${k} bf16 weights`,
     gemm,
     layerMs: ms,
     layerMsMin: times[0],
+    hostMs,
     layerMsMax: times[times.length - 1],
     iters,
     synchronizationsPerFwdBwd: syncs,
@@ -179,7 +186,7 @@ for (const name of names) {
   rows.push(row);
   const gib = (b) => (b === null ? 'n/a' : `${(b / 2 ** 30).toFixed(3)} GiB`);
   console.log(
-    `${name.padStart(13)} ours (${gemm}): forward + backward ${ms.toFixed(3)} ms (min ${times[0].toFixed(3)}, ${syncs ?? 'n/a'} waits); activations ${gib(activationBytes)} (outputs ${gib(row.outputBytes)}, saved ${gib(row.savedBytes)}, unaccounted ${row.savedUnaccountedBytes ?? 'n/a'} B; the permuted copy ${gib(row.permutedCopyBytes)}${gathers ? ', not made: gathered on load' : ''}); peak ${gib(row.peakBytes)} (${gib(row.peakAboveStartBytes)} above the start); repeats agree ${row.memoryRepeatsAgree}, leak ${row.leakBytes ?? 'n/a'} B; aux ${aux}`,
+    `${name.padStart(13)} ours (${gemm}): forward + backward ${ms.toFixed(3)} ms (min ${times[0].toFixed(3)}, ${syncs ?? 'n/a'} waits, the host done queueing at ${hostMs.toFixed(3)}); activations ${gib(activationBytes)} (outputs ${gib(row.outputBytes)}, saved ${gib(row.savedBytes)}, unaccounted ${row.savedUnaccountedBytes ?? 'n/a'} B; the permuted copy ${gib(row.permutedCopyBytes)}${gathers ? ', not made: gathered on load' : ''}); peak ${gib(row.peakBytes)} (${gib(row.peakAboveStartBytes)} above the start); repeats agree ${row.memoryRepeatsAgree}, leak ${row.leakBytes ?? 'n/a'} B; aux ${aux}`,
   );
   layer.dispose();
   dispose([x, g]);

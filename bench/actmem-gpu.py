@@ -201,7 +201,7 @@ def combine(folder, out_path):
             s = summary.setdefault(r["shape"], {"dims": r["dims"]}).setdefault(who, {"layerMsRounds": []})
             s["layerMsRounds"].append(r["layerMs"])
             for f in ("activationBytes", "outputBytes", "savedBytes", "savedTensorsBytes", "peakBytes", "peakAboveStartBytes", "gradBytes",
-                      "permutedCopyBytes", "synchronizationsPerFwdBwd", "savedUnaccountedBytes", "memoryRepeatsAgree", "leakBytes"):
+                      "permutedCopyBytes", "synchronizationsPerFwdBwd", "savedUnaccountedBytes", "memoryRepeatsAgree", "leakBytes", "hostMs"):
                 if f in r:
                     s.setdefault(f, [])
                     if r[f] not in s[f]:

@@ -17,7 +17,7 @@
 # WEBGPU_LISTS=1 (with WEBGPU: webgpu-node and webgpu-profile again with --lists indirect: auto dispatches them directly on a GPU),
 # WEBGPU_SHAPE="--tokens 6144" (with WEBGPU: webgpu-node's and webgpu-profile's shape options, each of their runs; the
 # default T=4096, H=1024, E=64, k=4; Dawn crashed with 256 MB buffers: keep the largest below 128 MB),
-# GGEMM=1 (moe-cuda-bench ggemm: the grouped GEMM's checks and timings),
+# GGEMM=1 (moe-cuda-bench ggemm: the grouped GEMM's checks and timings; GGEMM_GROUPS="4 8 16": once a raster group),
 # CLOCKS=1 (the SM clock and power draw, nvidia-smi every 20 ms, during moe-cuda-bench ggemm's token-side GEMMs at
 # CLOCKS_SHAPES (default mixtral), 50 iterations each; bench/clock-phases.py gives each GEMM's (cuBLAS's, then ours) into clocks.json),
 # EP_PERMUTES=1 (bench/ep-permutes.mjs: EP dispatch's two permutes alone at issue 20's shape, with and without numOutTokens),
@@ -364,8 +364,16 @@ PY
   fi
   if [[ -n "${GGEMM:-}" ]]; then
     # our grouped GEMM (issue 19): its correctness checks (host reference, cuBLAS, run to run) and timings
-    say "moe-cuda-bench ggemm"
-    timeout 300 "$BUNDLE/bin/moe-cuda-bench" ggemm ${GGEMM_ARGS:---iters 3} --out "$OUT/ggemm.json"; echo "  exit code $?"
+    # GGEMM_GROUPS="4 8 16": once for each raster group (MOE_DISPATCH_GG_GROUP), the output in log.txt only
+    if [[ -n "${GGEMM_GROUPS:-}" ]]; then
+      for group in $GGEMM_GROUPS; do
+        say "moe-cuda-bench ggemm, MOE_DISPATCH_GG_GROUP=$group"
+        MOE_DISPATCH_GG_GROUP="$group" timeout 300 "$BUNDLE/bin/moe-cuda-bench" ggemm ${GGEMM_ARGS:---iters 3}; echo "  exit code $?"
+      done
+    else
+      say "moe-cuda-bench ggemm"
+      timeout 300 "$BUNDLE/bin/moe-cuda-bench" ggemm ${GGEMM_ARGS:---iters 3} --out "$OUT/ggemm.json"; echo "  exit code $?"
+    fi
   fi
   if [[ -n "${CLOCKS:-}" ]]; then
     # issue 19: does our GEMM run at a lower clock than cuBLAS's at the same work (power)? In the
