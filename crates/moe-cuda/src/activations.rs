@@ -114,9 +114,10 @@ pub fn set_probs_gradient_blocks(blocks: Option<usize>) {
 /// block kernel's summation tree replayed by one warp, the same bits, no block barrier a row),
 /// bf16 only: by default (auto) where a row's activation is at most [`GP_WARP_MAX_INTER`] wide;
 /// `MOE_DISPATCH_ACT_GP_WARP=on` always, `off` never (or [`set_probs_gradient_warp`]). On an
-/// H100 (`moe-cuda-bench act`) a warp a row took 0.267 ms against the block's 0.297 at the
-/// fine-grained shape (49152 rows of 1408) and 0.851 against 0.813 at the Mixtral-like one (16384
-/// rows of 14336: a warp then walks 56 column groups a lane, the block 7 a thread).
+/// H100 (`moe-cuda-bench act`) a warp a row took 0.273 ms against the block's 0.295 at the
+/// fine-grained shape (49152 rows of 1408) and 0.860 against 0.823 at the Mixtral-like one (16384
+/// rows of 14336: a warp then walks 56 column groups a lane, the block 7 a thread;
+/// bench/results/2026-12-05-activations-h100-run2.json).
 static GP_WARP: Choice = Choice::new("MOE_DISPATCH_ACT_GP_WARP");
 
 /// The widest activation row (columns of `a`) that the auto rule of [`GP_WARP`] gives a warp: the
