@@ -17,7 +17,8 @@
 # WEBGPU_LISTS=1 (with WEBGPU: webgpu-node and webgpu-profile again with --lists indirect: auto dispatches them directly on a GPU),
 # WEBGPU_SHAPE="--tokens 6144" (with WEBGPU: webgpu-node's and webgpu-profile's shape options, each of their runs; the
 # default T=4096, H=1024, E=64, k=4; Dawn crashed with 256 MB buffers: keep the largest below 128 MB),
-# GGEMM=1 (moe-cuda-bench ggemm: the grouped GEMM's checks and timings; GGEMM_GROUPS="4 8 16": once a raster group),
+# GGEMM=1 (moe-cuda-bench ggemm: the grouped GEMM's checks and timings; GGEMM_GROUPS="4 8 16": once a raster group,
+# a process each; GGEMM_ARGS="... --groups 4,8" times the raster groups interleaved in one process instead),
 # CLOCKS=1 (the SM clock and power draw, nvidia-smi every 20 ms, during moe-cuda-bench ggemm's token-side GEMMs at
 # CLOCKS_SHAPES (default mixtral), 50 iterations each; bench/clock-phases.py gives each GEMM's (cuBLAS's, then ours) into clocks.json),
 # EP_PERMUTES=1 (bench/ep-permutes.mjs: EP dispatch's two permutes alone at issue 20's shape, with and without numOutTokens),

@@ -215,10 +215,23 @@ fn kernels(dev: &Device) -> Result<Arc<Kernels>> {
 
 /// Column tiles per raster group (kernels/grouped_gemm.cu's `group_n`): within an expert, the
 /// row tiles of `group_n` column tiles run before the next group's. 8 by default;
-/// `MOE_DISPATCH_GG_GROUP` sets it (for measurements).
+/// `MOE_DISPATCH_GG_GROUP` or [`set_group_n`] sets it (for measurements: the order of the tiles,
+/// not their sums, so the same bits).
 pub fn group_n() -> i32 {
     static GROUP: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
-    *GROUP.get_or_init(|| std::env::var("MOE_DISPATCH_GG_GROUP").ok().and_then(|v| v.parse::<i32>().ok()).filter(|&g| g >= 1).unwrap_or(8))
+    match GROUP_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
+        g if g >= 1 => g,
+        _ => *GROUP.get_or_init(|| {
+            std::env::var("MOE_DISPATCH_GG_GROUP").ok().and_then(|v| v.parse::<i32>().ok()).filter(|&g| g >= 1).unwrap_or(8)
+        }),
+    }
+}
+
+static GROUP_OVERRIDE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// Overrides [`group_n`]: `Some(g)` (g >= 1) column tiles a group, `None` the default.
+pub fn set_group_n(group: Option<i32>) {
+    GROUP_OVERRIDE.store(group.filter(|&g| g >= 1).unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
 }
 
 /// The 256-column bf16 kernel the experts use: [`TileN::N256Bulk`] by default;

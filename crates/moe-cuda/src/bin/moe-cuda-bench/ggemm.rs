@@ -27,7 +27,10 @@
 //! and x W1 + swiglu both ways at the shapes), `--gather` (the kernels gathering their rows on
 //! load, `launch_gather` and `launch_wgrad_gather`: their small checks against the bulk kernels on
 //! rows the host gathered, and x W1 and x^T dh at the shapes from the tokens in their own order
-//! against permute's kernel + the bulk kernels). Exit code 1 when a check fails.
+//! against permute's kernel + the bulk kernels), `--groups 4,8` (at the shapes, each kernel timed
+//! again with each of these raster groups, `grouped_gemm::set_group_n`, in interleaved rounds in
+//! this one process, its bytes checked against the default group's). Exit code 1 when a check
+//! fails.
 
 use half::bf16;
 use moe_core::tensor::DType;
@@ -721,6 +724,7 @@ fn compare_bf16(a: &[u16], b: &[u16]) -> (usize, f64, Option<usize>) {
 
 pub fn bench(args: &[String]) -> i32 {
     let (mut act, mut gather) = (false, false);
+    let mut groups: Vec<i32> = Vec::new();
     let (mut tiles, mut small_only, mut small, mut wgrad) = (TileN::ALL.iter().map(|(t, _)| *t).collect::<Vec<_>>(), false, true, true);
     let opts = ShapeOptions::parse(args, |flag, value| match (flag, value) {
         ("--tile", Some(v)) => {
@@ -729,6 +733,14 @@ pub fn bench(args: &[String]) -> i32 {
                 let names: Vec<_> = TileN::ALL.iter().map(|(_, n)| *n).collect();
                 eprintln!("ggemm: --tile: expected names of {}, got {v}", names.join(", "));
                 tiles.clear();
+            }
+            Some(2)
+        }
+        ("--groups", Some(v)) => {
+            groups = v.split(',').filter_map(|g| g.parse::<i32>().ok().filter(|&g| g >= 1)).collect();
+            if groups.len() != v.split(',').count() {
+                eprintln!("ggemm: --groups: expected column tiles a raster group, integers >= 1 separated by commas, got {v}");
+                return None;
             }
             Some(2)
         }
@@ -770,13 +782,72 @@ pub fn bench(args: &[String]) -> i32 {
         println!("{e}");
         return 1;
     }
-    finish(&opts, "ggemm", run(dev, &opts, &tiles, small_only, small, wgrad, Fusions { act, gather }))
+    let result = run(dev, &opts, &tiles, small_only, small, wgrad, Fusions { act, gather, groups });
+    grouped_gemm::set_group_n(None);
+    finish(&opts, "ggemm", result)
 }
 
-/// The fused kernels a run checks and times beside the plain ones (`--act`, `--gather`).
+/// The fused kernels a run checks and times beside the plain ones (`--act`, `--gather`), and the
+/// raster groups it times each kernel with (`--groups`).
 struct Fusions {
     act: bool,
     gather: bool,
+    groups: Vec<i32>,
+}
+
+/// One kernel at the shapes timed with each raster group of `groups`, three interleaved rounds
+/// (medians), its output (`bytes` bf16 values into `out`) checked against `reference` (the default
+/// group's) each time: (the log's text, the JSON field, whether every group gave the same bytes).
+fn time_groups(
+    dev: &Device,
+    iters: usize,
+    groups: &[i32],
+    out: &Buffer,
+    len: usize,
+    reference: &[u16],
+    launch: impl Fn(&Buffer) -> R<()>,
+) -> R<(String, String, bool)> {
+    let mut ms: Vec<Vec<f64>> = vec![Vec::new(); groups.len()];
+    let mut same = true;
+    for _round in 0..3 {
+        for (i, &g) in groups.iter().enumerate() {
+            grouped_gemm::set_group_n(Some(g));
+            launch(out)?;
+            let got: Vec<u16> = dev.download_new("ours (raster group)", out, len)?;
+            same &= got == reference;
+            ms[i].push(time_ms(dev, iters, || launch(out))?.0);
+        }
+    }
+    grouped_gemm::set_group_n(None);
+    let med: Vec<f64> = ms.into_iter().map(crate::median).collect();
+    let text = groups.iter().zip(&med).map(|(g, m)| format!("{g}: {m:.3} ms")).collect::<Vec<_>>().join(", ");
+    let json = groups.iter().zip(&med).map(|(g, m)| format!("\"{g}\": {m}")).collect::<Vec<_>>().join(", ");
+    Ok((text, format!("\"groupsMs\": {{{json}}}, \"groupsIdentical\": {same}"), same))
+}
+
+/// [`time_groups`] where `--groups` asked for it: prints the line, counts a failure when a group
+/// changed the bytes, and returns the JSON fields to add (with their leading comma), or "".
+#[allow(clippy::too_many_arguments)]
+fn raster_groups(
+    dev: &Device,
+    iters: usize,
+    groups: &[i32],
+    out: &Buffer,
+    len: usize,
+    reference: &[u16],
+    failures: &mut usize,
+    what: &str,
+    launch: impl Fn(&Buffer) -> R<()>,
+) -> R<String> {
+    if groups.is_empty() {
+        return Ok(String::new());
+    }
+    let (text, json, same) = time_groups(dev, iters, groups, out, len, reference, launch)?;
+    if !same {
+        *failures += 1;
+    }
+    println!("  {what:<10} raster groups (column tiles a group): {text}; bytes as the default's: {}", if same { "yes" } else { "NO" });
+    Ok(format!(", {json}"))
 }
 
 fn run(
@@ -788,7 +859,7 @@ fn run(
     wgrad: bool,
     fusions: Fusions,
 ) -> R<(String, usize)> {
-    let Fusions { act, gather } = fusions;
+    let Fusions { act, gather, groups } = fusions;
     use std::io::Write;
     let iters = opts.iters;
     let info = dev.info();
@@ -931,8 +1002,9 @@ fn run(
                     if same { "identical" } else { "DIFFERENT" },
                 );
                 let _ = std::io::stdout().flush();
+                let group_field = raster_groups(dev, iters, &groups, &o2, m * g.n, &a, &mut failures, g.name, ours)?;
                 rows.push(format!(
-                    "{{\"shape\": {:?}, \"gemm\": {:?}, \"kernel\": {:?}, \"m\": {m}, \"k\": {}, \"n\": {}, \"experts\": {e}, \"oursMs\": {ms}, \"oursTflops\": {tf}, \"oursPctOfBf16\": {}, \"cublasMs\": {c_ms}, \"cublasTflops\": {c_tf}, \"cublasPctOfBf16\": {}, \"maxRelDiff\": {max_rel}, \"outsideTolerance\": {bad}, \"runToRunIdentical\": {same}}}",
+                    "{{\"shape\": {:?}, \"gemm\": {:?}, \"kernel\": {:?}, \"m\": {m}, \"k\": {}, \"n\": {}, \"experts\": {e}, \"oursMs\": {ms}, \"oursTflops\": {tf}, \"oursPctOfBf16\": {}, \"cublasMs\": {c_ms}, \"cublasTflops\": {c_tf}, \"cublasPctOfBf16\": {}, \"maxRelDiff\": {max_rel}, \"outsideTolerance\": {bad}, \"runToRunIdentical\": {same}{group_field}}}",
                     s.name,
                     g.name,
                     tile.name(),
@@ -1021,8 +1093,9 @@ fn run(
                     if same { "identical" } else { "DIFFERENT" },
                 );
                 let _ = std::io::stdout().flush();
+                let group_field = raster_groups(dev, iters, &groups, &o2, e * ko * nn, &a, &mut failures, name, ours)?;
                 rows.push(format!(
-                    "{{\"shape\": {:?}, \"gemm\": {name:?}, \"kernel\": {:?}, \"m\": {m}, \"k\": {ko}, \"n\": {nn}, \"experts\": {e}, \"oursMs\": {ms}, \"oursTflops\": {tf}, \"oursPctOfBf16\": {}, \"cublasMs\": {c_ms}, \"cublasTflops\": {c_tf}, \"cublasPctOfBf16\": {}, \"maxRelDiff\": {max_rel}, \"outsideTolerance\": {bad}, \"runToRunIdentical\": {same}}}",
+                    "{{\"shape\": {:?}, \"gemm\": {name:?}, \"kernel\": {:?}, \"m\": {m}, \"k\": {ko}, \"n\": {nn}, \"experts\": {e}, \"oursMs\": {ms}, \"oursTflops\": {tf}, \"oursPctOfBf16\": {}, \"cublasMs\": {c_ms}, \"cublasTflops\": {c_tf}, \"cublasPctOfBf16\": {}, \"maxRelDiff\": {max_rel}, \"outsideTolerance\": {bad}, \"runToRunIdentical\": {same}{group_field}}}",
                     s.name,
                     format!("wgrad {}", tile.name()),
                     100.0 * tf / peak,
