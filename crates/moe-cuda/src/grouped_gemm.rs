@@ -819,4 +819,19 @@ mod tests {
         }
         assert_eq!(TileN::from_short("nope"), None);
     }
+
+    /// The raster group's override wins over the default and gives it back; a group below 1 is
+    /// no override. (The one test that sets it: tests of one binary share the process.)
+    #[test]
+    fn raster_group_override() {
+        let default = group_n();
+        assert!(default >= 1);
+        set_group_n(Some(4));
+        assert_eq!(group_n(), 4);
+        set_group_n(Some(0));
+        assert_eq!(group_n(), default);
+        set_group_n(Some(16));
+        set_group_n(None);
+        assert_eq!(group_n(), default);
+    }
 }
