@@ -832,6 +832,21 @@ mod tests {
         assert_eq!(grad_probs_kernel(DType::Bool), None);
     }
 
+    /// The one-pass backward's warp-a-row choice: by row width by default, forced either way.
+    /// (The one test that sets it: tests of one binary share the process.)
+    #[test]
+    fn probs_gradient_warp_by_width() {
+        set_probs_gradient_warp(None);
+        assert!(probs_gradient_warp(1408) && probs_gradient_warp(GP_WARP_MAX_INTER));
+        assert!(!probs_gradient_warp(GP_WARP_MAX_INTER + 8) && !probs_gradient_warp(14336));
+        set_probs_gradient_warp(Some(true));
+        assert!(probs_gradient_warp(14336));
+        set_probs_gradient_warp(Some(false));
+        assert!(!probs_gradient_warp(1408));
+        set_probs_gradient_warp(None);
+        assert!(probs_gradient_warp(1408));
+    }
+
     #[test]
     fn kind_codes_follow_the_core_order() {
         for (i, k) in ActivationKind::ALL.into_iter().enumerate() {
