@@ -796,7 +796,7 @@ struct Fusions {
 }
 
 /// One kernel at the shapes timed with each raster group of `groups`, three interleaved rounds
-/// (medians), its output (`bytes` bf16 values into `out`) checked against `reference` (the default
+/// (medians), its output (`len` bf16 values into `out`) checked against `reference` (the default
 /// group's) each time: (the log's text, the JSON field, whether every group gave the same bytes).
 fn time_groups(
     dev: &Device,
