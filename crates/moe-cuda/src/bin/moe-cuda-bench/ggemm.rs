@@ -795,38 +795,11 @@ struct Fusions {
     groups: Vec<i32>,
 }
 
-/// One kernel at the shapes timed with each raster group of `groups`, three interleaved rounds
-/// (medians), its output (`len` bf16 values into `out`) checked against `reference` (the default
-/// group's) each time: (the log's text, the JSON field, whether every group gave the same bytes).
-fn time_groups(
-    dev: &Device,
-    iters: usize,
-    groups: &[i32],
-    out: &Buffer,
-    len: usize,
-    reference: &[u16],
-    launch: impl Fn(&Buffer) -> R<()>,
-) -> R<(String, String, bool)> {
-    let mut ms: Vec<Vec<f64>> = vec![Vec::new(); groups.len()];
-    let mut same = true;
-    for _round in 0..3 {
-        for (i, &g) in groups.iter().enumerate() {
-            grouped_gemm::set_group_n(Some(g));
-            launch(out)?;
-            let got: Vec<u16> = dev.download_new("ours (raster group)", out, len)?;
-            same &= got == reference;
-            ms[i].push(time_ms(dev, iters, || launch(out))?.0);
-        }
-    }
-    grouped_gemm::set_group_n(None);
-    let med: Vec<f64> = ms.into_iter().map(crate::median).collect();
-    let text = groups.iter().zip(&med).map(|(g, m)| format!("{g}: {m:.3} ms")).collect::<Vec<_>>().join(", ");
-    let json = groups.iter().zip(&med).map(|(g, m)| format!("\"{g}\": {m}")).collect::<Vec<_>>().join(", ");
-    Ok((text, format!("\"groupsMs\": {{{json}}}, \"groupsIdentical\": {same}"), same))
-}
-
-/// [`time_groups`] where `--groups` asked for it: prints the line, counts a failure when a group
-/// changed the bytes, and returns the JSON fields to add (with their leading comma), or "".
+/// Where `--groups` asked for it (else ""): one kernel at the shapes timed again with each raster
+/// group of `groups`, three interleaved rounds (medians), its output (`len` bf16 values into
+/// `out`) checked against `reference` (the default group's) each time; prints the line, counts a
+/// failure when a group changed the bytes, and returns the JSON fields to add (with their leading
+/// comma).
 #[allow(clippy::too_many_arguments)]
 fn raster_groups(
     dev: &Device,
@@ -842,12 +815,26 @@ fn raster_groups(
     if groups.is_empty() {
         return Ok(String::new());
     }
-    let (text, json, same) = time_groups(dev, iters, groups, out, len, reference, launch)?;
+    let mut ms: Vec<Vec<f64>> = vec![Vec::new(); groups.len()];
+    let mut same = true;
+    for _round in 0..3 {
+        for (i, &g) in groups.iter().enumerate() {
+            grouped_gemm::set_group_n(Some(g));
+            launch(out)?;
+            let got: Vec<u16> = dev.download_new("ours (raster group)", out, len)?;
+            same &= got == reference;
+            ms[i].push(time_ms(dev, iters, || launch(out))?.0);
+        }
+    }
+    grouped_gemm::set_group_n(None);
     if !same {
         *failures += 1;
     }
+    let med: Vec<f64> = ms.into_iter().map(crate::median).collect();
+    let text = groups.iter().zip(&med).map(|(g, m)| format!("{g}: {m:.3} ms")).collect::<Vec<_>>().join(", ");
     println!("  {what:<10} raster groups (column tiles a group): {text}; bytes as the default's: {}", if same { "yes" } else { "NO" });
-    Ok(format!(", {json}"))
+    let json = groups.iter().zip(&med).map(|(g, m)| format!("\"{g}\": {m}")).collect::<Vec<_>>().join(", ");
+    Ok(format!(", \"groupsMs\": {{{json}}}, \"groupsIdentical\": {same}"))
 }
 
 fn run(
