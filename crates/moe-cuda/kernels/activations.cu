@@ -261,13 +261,6 @@ static __device__ __forceinline__ float act_unit_and_grad(const ActOpts& o, floa
     return act_unit(o, gate, up);
 }
 
-// The vectorised backward with the probs gradient in the same pass (act_bwdgv_fast_*: the grouped
-// experts only, which compare to a tolerance): a block per row (grid stride), V columns a thread
-// as in act_bwd_vec, and the row's sum of f64(unit * grad) (the products of act_grad_probs) added
-// up in a fixed tree: each thread its columns in order, then the warps (shuffles), then thread 0
-// the warps' sums in order. Deterministic, but not the core's column order: the f64 sums may
-// differ in their last bits, the f32 results almost never. It reads h and the gradient once
-// where the separate kernels read them twice.
 // Column group gi (V columns) of row r of the one-pass backward: its gate and up gradients
 // stored, and `sum` plus their f64(unit * grad) products in column order returned.
 template <typename TI, typename TO>
@@ -284,6 +277,13 @@ static __device__ __forceinline__ double act_gp_group(const typename TI::S* grad
     return sum;
 }
 
+// The vectorised backward with the probs gradient in the same pass (act_bwdgv_fast_*: the grouped
+// experts only, which compare to a tolerance): a block per row (grid stride), V columns a thread
+// as in act_bwd_vec, and the row's sum of f64(unit * grad) (the products of act_grad_probs) added
+// up in a fixed tree: each thread its columns in order, then the warps (shuffles), then thread 0
+// the warps' sums in order. Deterministic, but not the core's column order: the f64 sums may
+// differ in their last bits, the f32 results almost never. It reads h and the gradient once
+// where the separate kernels read them twice.
 template <typename TI, typename TO>
 static __device__ __forceinline__ void act_bwd_gp_vec(const typename TI::S* grad, const typename TI::S* x, i64 rows, i64 width, i64 inter, const float* probs, const ActOpts o,
                                                       typename TO::S* grad_in, float* grad_probs) {
@@ -308,8 +308,8 @@ static __device__ __forceinline__ void act_bwd_gp_vec(const typename TI::S* grad
     }
 }
 
-// act_bwd_gp_vec with a warp a row (act_bwdgw_fast_bf16_bf16: MOE_DISPATCH_ACT_GP_WARP=on, for
-// comparisons): no block barrier a row. The warp replays the block's tree exactly: the block's
+// act_bwd_gp_vec with a warp a row (act_bwdgw_fast_bf16_bf16; activations.rs takes it for rows
+// of at most GP_WARP_MAX_INTER columns): no block barrier a row. The warp replays the block's tree exactly: the block's
 // size is `groups` rounded up to a warp, at most 256 (activations.rs launches act_bwd_gp_vec so);
 // lane l of virtual warp w sums the columns thread 32 w + l would, in the same order, the warp's
 // shuffles add them as that warp's would, and lane 0 adds the virtual warps' sums in order from
@@ -420,10 +420,10 @@ extern "C" __global__ void act_fwd_fast_f32_f16(ACT_FWD_PARAMS) { ACT_FWD_BODY(F
 // compile-time constant, so act_pairs, act_unit and act_unit_grad fold their switches over the
 // kinds and the loop is straight-line code (the generic loop branches over the kinds per
 // element). The same operations, so the same bits. A kind with the ACT_GENERIC flag runs the
-// generic loop with the kind as a run-time value, as before the split: the host passes it unless
-// MOE_DISPATCH_ACT_BY_KIND=on (opt-in until a GPU run has checked and timed the split). The
-// other vectorised kernels only clear the flag (each split kernel's six loops cost compile time
-// and machine code: splitting all 30 doubled this file's NVRTC time, 12 -> 24 s).
+// generic loop with the kind as a run-time value, as before the split: the host passes it with
+// MOE_DISPATCH_ACT_BY_KIND=off (for comparisons). The other vectorised kernels only clear the
+// flag (each split kernel's six loops cost compile time and machine code: splitting all 30
+// doubled this file's NVRTC time, 12 -> 24 s).
 #define ACT_GENERIC 16
 template <int KIND>
 static __device__ __forceinline__ ActOpts act_kind(ActOpts o) {
@@ -452,8 +452,7 @@ static __device__ __forceinline__ ActOpts act_generic(ActOpts o) {
             __VA_ARGS__;                                         \
         }                                                        \
     }
-// The kernels without the split (every one but the experts' fast bf16 passes: each split
-// loop adds compile time and machine code) take the generic loop, the flag cleared.
+// The kernels without the split take the generic loop, the flag cleared.
 #define ACT_GENERIC_ONLY(o, ko, ...)       \
     {                                      \
         const ActOpts ko = act_generic(o); \
@@ -510,11 +509,13 @@ extern "C" __global__ void act_bwdv_fast_f16_f16(ACT_BWD_PARAMS) { ACT_BWDV_BODY
 extern "C" __global__ void act_bwdv_fast_f32_bf16(ACT_BWD_PARAMS) { ACT_BWDV_BODY(F32, BF16, true, ACT_GENERIC_ONLY); }
 extern "C" __global__ void act_bwdv_fast_f32_f16(ACT_BWD_PARAMS) { ACT_BWDV_BODY(F32, F16, true, ACT_GENERIC_ONLY); }
 
-#define ACT_BWDGV_BODY(TI, TO, MODE)                                                                                                        \
-    {                                                                                                                                 \
-        const ActOpts o = act_opts(kind, alpha, limit, linear_offset, true);                                                          \
-        MODE(o, ko, act_bwd_gp_vec<TI, TO>((const TI::S*)grad, (const TI::S*)x, rows, width, inter, probs, ko, (TO::S*)grad_in, grad_probs)) \
+// The one-pass backward's bodies: FN is act_bwd_gp_vec (a block a row) or act_bwd_gp_warp.
+#define ACT_BWDG_BODY(FN, TI, TO, MODE)                                                                                          \
+    {                                                                                                                      \
+        const ActOpts o = act_opts(kind, alpha, limit, linear_offset, true);                                               \
+        MODE(o, ko, FN<TI, TO>((const TI::S*)grad, (const TI::S*)x, rows, width, inter, probs, ko, (TO::S*)grad_in, grad_probs)) \
     }
+#define ACT_BWDGV_BODY(TI, TO, MODE) ACT_BWDG_BODY(act_bwd_gp_vec, TI, TO, MODE)
 
 extern "C" __global__ void act_bwdgv_fast_f32_f32(ACT_BWD_PARAMS, float *grad_probs) { ACT_BWDGV_BODY(F32, F32, ACT_GENERIC_ONLY); }
 extern "C" __global__ void act_bwdgv_fast_bf16_bf16(ACT_BWD_PARAMS, float *grad_probs) { ACT_BWDGV_BODY(BF16, BF16, ACT_BY_KIND); }
@@ -522,13 +523,7 @@ extern "C" __global__ void act_bwdgv_fast_f16_f16(ACT_BWD_PARAMS, float *grad_pr
 extern "C" __global__ void act_bwdgv_fast_f32_bf16(ACT_BWD_PARAMS, float *grad_probs) { ACT_BWDGV_BODY(F32, BF16, ACT_GENERIC_ONLY); }
 extern "C" __global__ void act_bwdgv_fast_f32_f16(ACT_BWD_PARAMS, float *grad_probs) { ACT_BWDGV_BODY(F32, F16, ACT_GENERIC_ONLY); }
 
-#define ACT_BWDGW_BODY(TI, TO, MODE)                                                                                                      \
-    {                                                                                                                                   \
-        const ActOpts o = act_opts(kind, alpha, limit, linear_offset, true);                                                            \
-        MODE(o, ko, act_bwd_gp_warp<TI, TO>((const TI::S*)grad, (const TI::S*)x, rows, width, inter, probs, ko, (TO::S*)grad_in, grad_probs)) \
-    }
-
-extern "C" __global__ void act_bwdgw_fast_bf16_bf16(ACT_BWD_PARAMS, float *grad_probs) { ACT_BWDGW_BODY(BF16, BF16, ACT_BY_KIND); }
+extern "C" __global__ void act_bwdgw_fast_bf16_bf16(ACT_BWD_PARAMS, float *grad_probs) { ACT_BWDG_BODY(act_bwd_gp_warp, BF16, BF16, ACT_BY_KIND); }
 
 #define ACT_GPROBS_PARAMS \
     const void *grad, const void *x, i64 rows, i64 width, i64 inter, int kind, double alpha, double limit, double linear_offset, float *grad_probs
