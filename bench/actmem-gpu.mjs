@@ -50,14 +50,17 @@ const SHAPES = {
   tiny: { batch: 96, layer: { dim: 64, inter: 48, numExperts: 8, topk: 2, activation: 'swiglu', dtype: 'bfloat16', auxLossCoeff: 0.01 } },
 };
 const names = arg('shapes', standIn ? 'tiny' : 'fine-grained,mixtral').split(',');
-// the grouped path's epilogue, when one other than the default is picked (MOE_DISPATCH_GG_EPILOGUE),
-// its fusions (MOE_DISPATCH_GG_FUSE: `act`, `gather`, a comma-separated list), and the opt-in
-// activation kernels' settings other than the defaults (MOE_DISPATCH_ACT_BY_KIND=off: the generic
-// loop; MOE_DISPATCH_ACT_GP_WARP=on|off: the one-pass backward a warp a row always / never)
+// the settings other than the path (MOE_DISPATCH_EXPERTS_GEMM) this process runs with: every other
+// MOE_DISPATCH_* variable but the locations, as `-name-value` (MOE_DISPATCH_GG_EPILOGUE=ring-half: `-gg-epilogue-ring-half`),
+// so that an A/B's rows are told apart
 const env = process.env;
-const activation = (env.MOE_DISPATCH_ACT_BY_KIND === 'off' ? '-act-generic' : '') + (['on', 'off'].includes(env.MOE_DISPATCH_ACT_GP_WARP) ? `-act-gp-warp-${env.MOE_DISPATCH_ACT_GP_WARP}` : '');
-const epilogue = (env.MOE_DISPATCH_GG_EPILOGUE ? `-${env.MOE_DISPATCH_GG_EPILOGUE}` : '') + (env.MOE_DISPATCH_GG_FUSE ? `-fuse-${env.MOE_DISPATCH_GG_FUSE.replaceAll(',', '-')}` : '');
-const gemm = standIn ? standIn : `${env.MOE_DISPATCH_EXPERTS_GEMM === 'grouped' ? `grouped${epilogue}` : 'cublas'}${activation}`;
+const NOT_SETTINGS = ['EXPERTS_GEMM', 'CACHE_DIR', 'CUBIN_OUT', 'NATIVE', 'CUDA', 'CUDA_DEVICE', 'NCCL'].map((k) => `MOE_DISPATCH_${k}`);
+const settings = Object.keys(env)
+  .filter((k) => k.startsWith('MOE_DISPATCH_') && !NOT_SETTINGS.includes(k))
+  .sort()
+  .map((k) => `-${k.slice('MOE_DISPATCH_'.length).toLowerCase().replaceAll('_', '-')}-${env[k].replaceAll(',', '-')}`)
+  .join('');
+const gemm = standIn ? standIn : `${env.MOE_DISPATCH_EXPERTS_GEMM === 'grouped' ? 'grouped' : 'cublas'}${settings}`;
 
 const moe = await createBackend({ prefer: standIn ?? 'cuda' });
 if (moe.name !== (standIn ?? 'cuda')) {

@@ -25,7 +25,7 @@
 # ACT=1 (moe-cuda-bench act: the activation kernels' loops specialised to the kind against the generic loop and
 # one column a thread, byte for byte, then the experts' bf16 passes timed both ways; ACT_ARGS: its options),
 # ACTMEM_AB="NAME=value ..." (with ACTMEM: the grouped path again with those settings, each round; with
-# MOE_DISPATCH_EXPERTS_GEMM=cublas among them, the cuBLAS path),
+# MOE_DISPATCH_EXPERTS_GEMM=cublas among them, the cuBLAS path; several variants separated by ';'),
 # ACTMEM=1 (issue 19: the layer's forward + backward time and activation memory, ours on cuBLAS and on our
 # grouped GEMM, bench/actmem-gpu.mjs, and PyTorch's, bench/actmem-gpu.py, interleaved ACTMEM_ROUNDS times
 # (default 2) into one actmem.json),
@@ -406,12 +406,16 @@ PY
       say "activation memory, round $round: ours (cuBLAS), ours (grouped GEMM), PyTorch"
       timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" --out "$OUT/actmem-ours-cublas-$round.json"; echo "  exit code $?"
       MOE_DISPATCH_EXPERTS_GEMM=grouped timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" --out "$OUT/actmem-ours-grouped-$round.json"; echo "  exit code $?"
-      # ACTMEM_AB="NAME=value": the grouped path again with that setting (MOE_DISPATCH_GG_EPILOGUE=ring-half: its rows are
-      # named grouped-ring-half; MOE_DISPATCH_EXPERTS_GEMM=cublas among them: the cuBLAS path with the others)
+      # ACTMEM_AB="NAME=value ...": the grouped path again with those settings (its rows are named by them:
+      # MOE_DISPATCH_GG_EPILOGUE=ring-half gives grouped-gg-epilogue-ring-half; MOE_DISPATCH_EXPERTS_GEMM=cublas among
+      # them: the cuBLAS path with the others); several variants separated by ';', each run in turn
       if [[ -n "${ACTMEM_AB:-}" ]]; then
-        # shellcheck disable=SC2086 # (one or more NAME=value words)
-        env MOE_DISPATCH_EXPERTS_GEMM=grouped $ACTMEM_AB timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" \
-          --out "$OUT/actmem-ours-grouped-ab-$round.json"; echo "  exit code $?"
+        IFS=';' read -ra variants <<<"$ACTMEM_AB"
+        for v in "${!variants[@]}"; do
+          # shellcheck disable=SC2086 # (one or more NAME=value words)
+          env MOE_DISPATCH_EXPERTS_GEMM=grouped ${variants[$v]} timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" \
+            --out "$OUT/actmem-ours-grouped-ab$v-$round.json"; echo "  exit code $?"
+        done
       fi
       PYTHONUNBUFFERED=1 timeout 200 python3 "$BUNDLE/bench/actmem-gpu.py" --out "$OUT/actmem-torch-$round.json"; echo "  exit code $?"
     done

@@ -4,7 +4,7 @@
 // off, sizes that take the four-element loop and sizes that do not; non-finite gradients (nothing
 // written; 'error' throws the host's message, 'skip' counts); dispose frees the optimizer's GPU
 // memory. And the layer's element steps (cast, logitsEpilogue, add3, columnSums, gatherPicks)
-// against their host definitions in ts/numeric.ts.
+// against their host definitions in ts/numeric.ts; matmulMixed against the widened GEMM in float64.
 //
 // Plain JavaScript on node:test; skips with the reason where CUDA is unavailable (these need
 // device tensors: no stand-in run).
@@ -13,7 +13,7 @@ import { resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { describe, test } from 'node:test';
 
-import { assertSameBits, cpu, cuda, cudaOnly, lib, rng, skip, tensor } from './common.mjs';
+import { assertSameBits, cpu, cuda, cudaOnly, host, lib, rng, skip, tensor } from './common.mjs';
 
 if (skip) console.log(`# ${skip}`);
 
@@ -210,6 +210,72 @@ describe('the layer element steps on the GPU = ts/numeric.ts', { skip: cudaOnly 
       Float32Array.from(idx, (e, i) => (e < 0 ? 0 : dense.data[Math.floor(i / k) * E + e])),
     );
     assertSameBits(cuda.gatherPicks(cuda.upload(dense), cuda.upload(indices)), want, 'gatherPicks');
+  });
+  test('matmulMixed: the widened GEMM within float32 summation error, every layout, both splits; non-finite values as the widened GEMM', () => {
+    // a float32 operand with full 24-bit significands (the low parts matter) and a bfloat16 one
+    const full = (n) => Float32Array.from({ length: n }, (_, i) => Math.fround((random() * 2 - 1) * 2 ** ((i % 7) - 3) * (1 + 2 ** -20)));
+    const at = (t, trans, r, c) => (trans ? t.data[c * t.shape[1] + r] : t.data[r * t.shape[1] + c]);
+    const F = 300;
+    // [f is A, m, k, n]: the other operand larger than the result (split along M or N), or not (along K)
+    const shapes = [
+      [true, 5, F, 40],
+      [true, F, 5, 40],
+      [false, 40, F, 5],
+      [false, 40, 5, F],
+    ];
+    for (const [fIsA, M, K, N] of shapes) {
+      for (const transA of [false, true]) {
+        for (const transB of [false, true]) {
+          const aShape = transA ? [K, M] : [M, K];
+          const bShape = transB ? [N, K] : [K, N];
+          const make = (isF, shape) => {
+            const n = shape[0] * shape[1];
+            return isF ? tensor('float32', shape, full(n)) : numeric.fromValues('bfloat16', shape, values(random, n, 2));
+          };
+          const a = make(fIsA, aShape);
+          const b = make(!fIsA, bShape);
+          // one non-finite float32 value: its row (A) or column (B) of the result is inf or NaN as in the widened GEMM
+          const f = fIsA ? a : b;
+          f.data[7] = Number.POSITIVE_INFINITY;
+          f.data[11] = Number.NaN;
+          const av = numeric.valuesF32(a);
+          const bv = numeric.valuesF32(b);
+          const A = { data: av, shape: aShape };
+          const B = { data: bv, shape: bShape };
+          const got = host(cuda.matmulMixed(cuda.upload(a), cuda.upload(b), { transA, transB }));
+          assert.deepEqual(got.shape, [M, N]);
+          const what = `f ${fIsA ? 'A' : 'B'} [${M}, ${K}, ${N}] transA ${transA} transB ${transB}`;
+          let worst = 0;
+          for (let i = 0; i < M; i++) {
+            for (let j = 0; j < N; j++) {
+              let sum = 0;
+              let mag = 0;
+              for (let q = 0; q < K; q++) {
+                const p = at(A, transA, i, q) * at(B, transB, q, j);
+                sum += p;
+                mag += Math.abs(p);
+              }
+              const g = got.data[i * N + j];
+              if (!Number.isFinite(sum)) {
+                assert.ok(Object.is(g, Math.fround(sum)), `${what}: [${i}, ${j}] = ${g}, the widened GEMM's ${sum}`);
+                continue;
+              }
+              const err = Math.abs(g - sum) / (mag || 1);
+              worst = Math.max(worst, err);
+            }
+          }
+          // float32 sums of exact products: a few units of 2^-24 of the magnitudes' sum (the hi part alone is off by ~2^-8)
+          assert.ok(worst <= 2 ** -18, `${what}: relative error ${worst}`);
+        }
+      }
+    }
+    const f32 = cuda.upload(tensor('float32', [2, 3], [1, 2, 3, 4, 5, 6]));
+    assert.throws(() => cuda.matmulMixed(f32, cuda.upload(tensor('float32', [3, 2], [1, 2, 3, 4, 5, 6]))), /matmulMixed: b\.dtype: expected bfloat16/);
+    assert.throws(() => cuda.matmulMixed(f32, cuda.upload(numeric.fromValues('bfloat16', [2, 2], [1, 2, 3, 4]))), /matmulMixed: b\.shape: .*inner dimensions differ/);
+    assert.throws(() => cuda.matmulMixed(f32, cuda.upload(numeric.fromValues('float16', [3, 2], [1, 2, 3, 4, 5, 6]))), /matmulMixed: b\.dtype: expected float32 or bfloat16, got float16/);
+    // an empty K: zeros
+    const z = host(cuda.matmulMixed(cuda.upload(tensor('float32', [2, 0], [])), cuda.upload(numeric.fromValues('bfloat16', [0, 3], []))));
+    assert.deepEqual(Array.from(z.data), [0, 0, 0, 0, 0, 0]);
   });
   test('argument errors name the argument', () => {
     assert.throws(() => cuda.cast(cuda.upload(tensor('float32', [2], [1, 2])), 'int32'), /cast: dtype: expected 'float32', 'bfloat16' or 'float16', got "int32"/);

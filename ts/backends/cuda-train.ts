@@ -52,6 +52,11 @@ export interface CudaTrainOps {
   cast<D extends TokenDType>(tensor: DeviceTensor<TokenDType>, dtype: D): DeviceTensor<D>;
   /** `a @ b` of 16-bit (or float32) operands of one dtype with a float32 result: one GEMM accumulating in float32, the output not rounded to the operands' dtype. */
   matmulToFloat32(a: DeviceTensor<TokenDType>, b: DeviceTensor<TokenDType>, options?: { transA?: boolean; transB?: boolean }): DeviceTensor<'float32'>;
+  /**
+   * `a @ b` of one float32 and one bfloat16 operand with a float32 result: the widened float32 GEMM's products, exactly, summed in
+   * float32 on the tensor cores (the float32 operand as three bfloat16 parts that add up to it; the router's backward in a bfloat16 layer).
+   */
+  matmulMixed(a: DeviceTensor<'float32' | 'bfloat16'>, b: DeviceTensor<'float32' | 'bfloat16'>, options?: { transA?: boolean; transB?: boolean }): DeviceTensor<'float32'>;
   /** The shared expert's sigmoid gate (MoELayer): from the gate GEMM's float32 result `[N, 1]` and the shared MLP's output, the gate logits `[N]` (rounded to out's dtype) and the gated contribution; ts/numeric.ts `sharedGateForward` on the host. */
   sharedGateForward<D extends TokenDType>(raw: DeviceTensor<'float32'>, out: DeviceTensor<D>): { gateLogits: DeviceTensor<'float32'>; contribution: DeviceTensor<D> };
   /** Its backward: the MLP output's gradient and the gate logits' `[N, 1]` (ts/numeric.ts `sharedGateBackward`). */
@@ -84,6 +89,7 @@ interface TrainAddon {
   cudaSharedGateForward(raw: H, out: H): { gateLogits: H; contribution: H };
   cudaSharedGateBackward(g: H, out: H, gateLogits: H): { gradOut: H; gradGateLogits: H };
   cudaMatmulF32Out(a: H, b: H, transA?: boolean, transB?: boolean): H;
+  cudaMatmulMixed(a: H, b: H, transA?: boolean, transB?: boolean): H;
   cudaLogitsEpilogue(raw: H, bias: H | undefined | null, roundTo: string): H;
   cudaAdd3(a: H, b: H, c: H | undefined | null, dtype: string): H;
   cudaColumnSums(g: H, dtype: string): H;
@@ -196,6 +202,14 @@ export const trainGpu: GpuFamily = {
           live(a, b);
           const o = checkOptions<{ transA?: boolean; transB?: boolean }>(options, 'matmulToFloat32', ['transA', 'transB']);
           return wrapDevice<'float32'>(gpu.cudaMatmulF32Out(h.of(a, 'a', TOKENS), h.of(b, 'b', TOKENS), checkBool(o.transA, 'options.transA'), checkBool(o.transB, 'options.transB')));
+        });
+      },
+      matmulMixed(a, b, options) {
+        return call('matmulMixed', (h) => {
+          live(a, b);
+          const o = checkOptions<{ transA?: boolean; transB?: boolean }>(options, 'matmulMixed', ['transA', 'transB']);
+          const kinds = ['float32', 'bfloat16'] as const;
+          return wrapDevice<'float32'>(gpu.cudaMatmulMixed(h.of(a, 'a', kinds), h.of(b, 'b', kinds), checkBool(o.transA, 'options.transA'), checkBool(o.transB, 'options.transB')));
         });
       },
       sharedGateForward(raw, out) {

@@ -329,6 +329,66 @@ extern "C" __global__ void column_sums_F32(const float* g, long long rows, int c
 extern "C" __global__ void column_sums_BF16(const float* g, long long rows, int cols, u16* out) { column_sums_impl<BF16>(g, rows, cols, out); }
 extern "C" __global__ void column_sums_F16(const float* g, long long rows, int cols, u16* out) { column_sums_impl<F16>(g, rows, cols, out); }
 
+// A float32 operand as three bfloat16 parts, for matmul_mixed (crates/moe-cuda/src/train.rs): a
+// GEMM of a float32 and a bfloat16 operand on the tensor cores, with the widened GEMM's exact
+// products. Each kernel moves the element (r, c) of a row-major rows x cols matrix; its three
+// parts j = 0, 1, 2 go to out[r * rs + j * js + c] (rs, js: rows of 3 cols, parts cols apart, or
+// parts rows * cols apart):
+// * split3_bf16: hi = v's top 16 bits (truncated, so never rounded past the largest bfloat16),
+//                mid = the top 16 bits of v - hi, lo = those of v - hi - mid. Each difference is
+//                exact and at most 8 significant bits are left for lo, so hi + mid + lo = v
+//                exactly (v normal, its low parts too). A non-finite v: hi = v (a NaN as the
+//                quiet NaN 0x7fc0), mid = lo = 0.
+// * repeat3_u16: the other operand, three times (its rows or columns): part j = x.
+// * sum3_f32:    out[r, c] = (p0 + p1) + p2, the three parts' products added in that order.
+static __device__ __forceinline__ u16 bf16_top(float v) { return (u16)(__float_as_uint(v) >> 16); }
+static __device__ __forceinline__ float bf16_value(u16 h) { return __uint_as_float((u32)h << 16); }
+
+extern "C" __global__ void split3_bf16(const float* __restrict__ x, long long rows, long long cols, long long rs, long long js,
+                                       u16* __restrict__ out) {
+    const long long n = rows * cols;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const long long r = i / cols, c = i - r * cols;
+        const float v = x[i];
+        u16 hi, mid = 0, lo = 0;
+        if (isfinite(v)) {
+            hi = bf16_top(v);
+            const float r1 = __fsub_rn(v, bf16_value(hi));
+            mid = bf16_top(r1);
+            lo = bf16_top(__fsub_rn(r1, bf16_value(mid)));
+        } else {
+            hi = isnan(v) ? (u16)0x7fc0 : bf16_top(v);
+        }
+        u16* o = out + r * rs + c;
+        o[0] = hi;
+        o[js] = mid;
+        o[2 * js] = lo;
+    }
+}
+
+extern "C" __global__ void repeat3_u16(const u16* __restrict__ x, long long rows, long long cols, long long rs, long long js,
+                                       u16* __restrict__ out) {
+    const long long n = rows * cols;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const long long r = i / cols, c = i - r * cols;
+        const u16 v = x[i];
+        u16* o = out + r * rs + c;
+        o[0] = v;
+        o[js] = v;
+        o[2 * js] = v;
+    }
+}
+
+extern "C" __global__ void sum3_f32(const float* __restrict__ p, long long rows, long long cols, long long rs, long long js,
+                                    float* __restrict__ out) {
+    const long long n = rows * cols;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const long long r = i / cols, c = i - r * cols;
+        const float* q = p + r * rs + c;
+        out[i] = __fadd_rn(__fadd_rn(q[0], q[js]), q[2 * js]);
+    }
+}
+
 // mse_<T>: the mean squared error of y against a target (both T), for a trainer: d = f64(y) -
 // f64(t) (exact); grad[i] = T(f32(2 d / n)); partials[c] = chunk c's sum of d^2 in f64, in
 // sum_squares's order (chunk_lane_sum: thread i's runs of 8 elements, then the halving tree).

@@ -13,8 +13,10 @@
 
 use moe_core::tensor::DType;
 
+use crate::blas::{gemm, Operand, Output};
 use crate::device::{Arg, Device};
 use crate::error::{Error, Result};
+use crate::switch::Switch;
 use crate::tensor::DeviceTensor;
 
 /// Elements a chunk of the gradient norm's first level (SQ_CHUNK in kernels/train.cu).
@@ -485,6 +487,107 @@ pub fn matmul_f32_out(dev: &Device, a: &DeviceTensor, b: &DeviceTensor, trans_a:
         return Err(Error::Core(moe_core::Error::type_error("b.dtype", format!("{} (a's dtype)", a.dtype.name()), b.dtype.name())));
     }
     crate::experts::gemm_to_new(dev, a, b, (trans_a, trans_b), sizes, DType::F32)
+}
+
+/// Whether [`matmul_mixed`] splits its float32 operand (on by default; `MOE_DISPATCH_MATMUL_MIXED=off`
+/// or [`set_matmul_mixed`]`(Some(false))`: the bfloat16 operand widened and one float32 GEMM, for
+/// comparisons).
+static MATMUL_MIXED: Switch = Switch::new("MOE_DISPATCH_MATMUL_MIXED");
+
+/// Overrides whether [`matmul_mixed`] splits its float32 operand (`None`: the default, on).
+pub fn set_matmul_mixed(mode: Option<bool>) {
+    MATMUL_MIXED.set(mode);
+}
+
+/// `a @ b` where one operand is float32 and the other bfloat16 (each optionally transposed), with
+/// a float32 result: the float32 operand as three bfloat16 parts whose sum is it exactly
+/// (kernels/train.cu `split3_bf16`), so one tensor-core GEMM of bfloat16 operands forms the widened
+/// float32 GEMM's products exactly (a part times a bfloat16 fits a float32) and sums them in
+/// float32, where the widened GEMM runs on the CUDA cores (the router's backward: its weight's
+/// gradient `x^T g` and the input's part `g W^T`, g float32).
+///
+/// The parts go where they cost least: along K (a GEMM of depth 3K, the bfloat16 operand repeated
+/// three times: `repeat3_u16`) where the bfloat16 operand is no bigger than the result, else
+/// along the float32 operand's other dimension (a result three times as big, its parts then
+/// added, `(p0 + p1) + p2`: `sum3_f32`). Shapes: the core's matmul checks; dtypes: one float32
+/// and one bfloat16 operand.
+pub fn matmul_mixed(dev: &Device, a: &DeviceTensor, b: &DeviceTensor, trans_a: bool, trans_b: bool) -> Result<DeviceTensor> {
+    let (m, k, n) = moe_core::experts::check_matmul(a.meta("a"), b.meta("b"), trans_a, trans_b)?;
+    let f_is_a = match (a.dtype, b.dtype) {
+        (DType::F32, DType::BF16) => true,
+        (DType::BF16, DType::F32) => false,
+        (DType::F32, other) | (DType::BF16, other) => {
+            let want = if a.dtype == DType::F32 { "bfloat16" } else { "float32" };
+            return Err(Error::Core(moe_core::Error::type_error(
+                "b.dtype",
+                format!("{want} (one float32 and one bfloat16 operand)"),
+                other.name(),
+            )));
+        }
+        (other, _) => {
+            return Err(Error::Core(moe_core::Error::type_error("a.dtype", "float32 or bfloat16 (one of each)", other.name())));
+        }
+    };
+    let (f, other, f_trans, other_trans) = if f_is_a { (a, b, trans_a, trans_b) } else { (b, a, trans_b, trans_a) };
+    if m == 0 || n == 0 {
+        return DeviceTensor::alloc(dev, "output", DType::F32, vec![m, n]);
+    }
+    if k == 0 {
+        return zeros_f32(dev, "output", vec![m, n]);
+    }
+    if !MATMUL_MIXED.on() {
+        // the widened GEMM (CUDA cores), for comparisons
+        let wide = cast(dev, other, DType::F32)?;
+        let (wa, wb) = if f_is_a { (a, &wide) } else { (&wide, b) };
+        return crate::experts::gemm_to_new(dev, wa, wb, (trans_a, trans_b), (m, k, n), DType::F32);
+    }
+    let split_k = other.numel() <= m * n;
+    // Where part j of an operand stored [rows, cols] goes: `stack_rows` puts the parts one
+    // matrix after another ([3 rows, cols]), else side by side in each row ([rows, 3 cols]);
+    // either way the split dimension's index i becomes j * len + i.
+    let layout = |t: &DeviceTensor, stack_rows: bool| {
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        if stack_rows {
+            (rows, cols, cols, rows * cols)
+        } else {
+            (rows, cols, 3 * cols, cols)
+        }
+    };
+    // An operand's storage rows are its logical first dimension unless transposed: A [m, k], B [k, n].
+    let k_is_rows = |is_a: bool, trans: bool| if is_a { trans } else { !trans };
+    let s = dev.stream();
+    let launch3 = |name: &str, src: u64, (rows, cols, rs, js): (usize, usize, usize, usize), dst: u64| {
+        let count = rows * cols;
+        dev.launch(
+            name,
+            (grid(dev, count), 1),
+            256,
+            &[Arg::U64(src), Arg::I64(rows as i64), Arg::I64(cols as i64), Arg::I64(rs as i64), Arg::I64(js as i64), Arg::U64(dst)],
+        )
+    };
+    let f_k_rows = k_is_rows(f_is_a, f_trans);
+    // split along K, or along f's other dimension (M of A, N of B)
+    let f_layout = layout(f, if split_k { f_k_rows } else { !f_k_rows });
+    let parts = dev.alloc("the float32 operand's bfloat16 parts", 3 * f.numel() * 2)?;
+    launch3("split3_bf16", f.buf.ptr(s), f_layout, parts.ptr(s))?;
+    let f_op = Operand { ptr: parts.ptr(s), dtype: DType::BF16, trans: f_trans };
+    let out = DeviceTensor::alloc(dev, "output", DType::F32, vec![m, n])?;
+    if split_k {
+        let copies = dev.alloc("the bfloat16 operand, three times", 3 * other.numel() * 2)?;
+        launch3("repeat3_u16", other.buf.ptr(s), layout(other, k_is_rows(!f_is_a, other_trans)), copies.ptr(s))?;
+        let o_op = Operand { ptr: copies.ptr(s), dtype: DType::BF16, trans: other_trans };
+        let (a_op, b_op) = if f_is_a { (f_op, o_op) } else { (o_op, f_op) };
+        gemm(dev, m, n, 3 * k, a_op, b_op, Output { ptr: out.buf.ptr(s), dtype: DType::F32 }, 0.0)?;
+        return Ok(out);
+    }
+    // the result's three parts: [3m, n] (A's parts are its rows j * m + i), [m, 3n] (B's)
+    let (pm, pn, sum_layout) = if f_is_a { (3 * m, n, (m, n, n, m * n)) } else { (m, 3 * n, (m, n, 3 * n, n)) };
+    let partial = dev.alloc("the parts' products", pm * pn * 4)?;
+    let o_op = Operand { ptr: other.buf.ptr(s), dtype: DType::BF16, trans: other_trans };
+    let (a_op, b_op) = if f_is_a { (f_op, o_op) } else { (o_op, f_op) };
+    gemm(dev, pm, pn, k, a_op, b_op, Output { ptr: partial.ptr(s), dtype: DType::F32 }, 0.0)?;
+    launch3("sum3_f32", partial.ptr(s), sum_layout, out.buf.ptr(s))?;
+    Ok(out)
 }
 
 fn rows_dim(t: &DeviceTensor, what: &str) -> Result<(usize, usize)> {

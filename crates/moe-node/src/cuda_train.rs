@@ -262,6 +262,12 @@ pub fn cuda_matmul_f32_out(
     })
 }
 
+/// `a @ b` of a float32 and a bfloat16 operand, float32 result (moe_cuda::train::matmul_mixed).
+#[napi]
+pub fn cuda_matmul_mixed(a: &CudaTensor, b: &CudaTensor, trans_a: Option<bool>, trans_b: Option<bool>) -> napi::Result<CudaTensor, String> {
+    run(|dev| Ok(CudaTensor::wrap(train::matmul_mixed(dev, a.get("a")?, b.get("b")?, trans_a.unwrap_or(false), trans_b.unwrap_or(false))?)))
+}
+
 /// What `cudaSharedGateForward` returns.
 #[napi(object, object_from_js = false)]
 pub struct SharedGateOut {
