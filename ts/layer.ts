@@ -1075,6 +1075,16 @@ export class MoELayer {
     return { gradTokens: db.gradTokens, gradWeights: db.gradWeights, experts: eg };
   }
 
+  /**
+   * `a @ b` in float32 from the widened operands, one of them a float32 gradient (the router's and the shared gate's backward): on the GPU
+   * with a bfloat16 operand one tensor-core GEMM with the same exact products (the cuda backend's `matmulMixed`), else the float32 GEMM.
+   */
+  #widenedMatmul(a: AnyTensor, b: AnyTensor, options: { transA?: boolean; transB?: boolean }, m: LayerMath, temps: AnyTensor[]): Tensor<'float32'> {
+    const mixed = this.onDevice && a.dtype !== b.dtype && [a.dtype, b.dtype].every((d) => d === 'float32' || d === 'bfloat16');
+    if (mixed) return (this.backend as CudaBackend).matmulMixed(a as DeviceTensor<'float32' | 'bfloat16'>, b as DeviceTensor<'float32' | 'bfloat16'>, options) as unknown as Tensor<'float32'>;
+    return this.backend.matmul(m.toF32(a, temps) as Tensor<'float32'>, m.toF32(b, temps) as Tensor<'float32'>, options);
+  }
+
   /** The router (the routing weights' gradient and the aux losses'), the shared expert, the input's gradient and the parameters'. */
   #finishBackward({ s, g2, m, temps }: Backward, e: DispatchedGrads): MoEGrads | DeviceMoEGrads {
     const moe = this.backend;
@@ -1090,12 +1100,11 @@ export class MoELayer {
       gradLogits = m.add3(gradLogits, extra[0], extra[1], 'float32', temps);
     }
     temps.push(gradLogits);
-    const xf = m.toF32(s.x, temps);
     const w = this.weights;
-    const gw = moe.matmul(xf as Tensor<'float32'>, gradLogits as Tensor<'float32'>, { transA: true });
+    const gw = this.#widenedMatmul(s.x, gradLogits, { transA: true }, m, temps);
     const grads: Partial<MoEWeights> = { routerWeight: m.cast(gw, this.routerDtype, temps) as Tensor<TokenDType> };
     if (w.routerBias) grads.routerBias = m.columnSums(gradLogits, this.routerDtype) as Tensor<TokenDType>;
-    const viaRouter = moe.matmul(gradLogits as Tensor<'float32'>, m.toF32(w.routerWeight, temps) as Tensor<'float32'>, { transB: true });
+    const viaRouter = this.#widenedMatmul(gradLogits, w.routerWeight, { transB: true }, m, temps);
     temps.push(viaRouter, e.gradTokens);
 
     // The shared expert and its gate.
@@ -1151,8 +1160,8 @@ export class MoELayer {
       temps.push(sg.gradOut, sg.gradGateLogits);
       gradOut = sg.gradOut;
       const dgl = sg.gradGateLogits as Tensor<'float32'>;
-      grads.sharedExpertGate = m.cast(moe.matmul(m.toF32(x, temps) as Tensor<'float32'>, dgl, { transA: true }), this.dtype, temps) as Tensor<TokenDType>;
-      viaGate = moe.matmul(dgl, m.toF32(w.sharedExpertGate, temps) as Tensor<'float32'>, { transB: true });
+      grads.sharedExpertGate = m.cast(this.#widenedMatmul(x, dgl, { transA: true }, m, temps), this.dtype, temps) as Tensor<TokenDType>;
+      viaGate = this.#widenedMatmul(dgl, w.sharedExpertGate, { transB: true }, m, temps);
       temps.push(viaGate);
     }
     const counts: Tensor<'int32'> = { dtype: 'int32', shape: [1], data: Int32Array.of(N) };
