@@ -22,7 +22,7 @@
 // computed and not stored. The blocks are persistent (one per SM): block b takes tiles b,
 // b + grid, ...; tile t is found from per-expert tile offsets that every block computes from
 // `counts` at its start (integer prefix sums in shared memory). Within an expert, tiles run
-// in groups of `group_n` column tiles (a launch argument, 8 by default), all row tiles of a group before the next group, so that
+// in groups of `group_n` column tiles (a launch argument: grouped_gemm.rs `group_n`), all row tiles of a group before the next group, so that
 // the blocks working at one time share the expert's B columns in L2.
 //
 // Deterministic: every output element is written once by one thread, its sum over K in one

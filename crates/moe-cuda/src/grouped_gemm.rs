@@ -214,22 +214,26 @@ fn kernels(dev: &Device) -> Result<Arc<Kernels>> {
 }
 
 /// Column tiles per raster group (kernels/grouped_gemm.cu's `group_n`): within an expert, the
-/// row tiles of `group_n` column tiles run before the next group's. 8 by default;
-/// `MOE_DISPATCH_GG_GROUP` or [`set_group_n`] sets it (for measurements: the order of the tiles,
-/// not their sums, so the same bits).
-pub fn group_n() -> i32 {
-    static GROUP: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+/// row tiles of `group_n` column tiles run before the next group's. By default 2 for the
+/// token-side GEMMs and 4 for the weight gradients (`weight_gradient`): an H100 timing every
+/// kernel with groups 1, 2, 4 and 8 in interleaved rounds (2026-12-06) had the Mixtral-like
+/// token-side GEMMs 3-8% faster at 1 or 2 than at 8 (the old default), the fine-grained 2-6%, and
+/// the Mixtral-like `a^T dy` weight gradient 5% slower at 2 and 28% slower at 1 than at 4 or 8
+/// (docs/gpu-report.md, twenty-third session). `MOE_DISPATCH_GG_GROUP` or [`set_group_n`] sets
+/// both (for measurements: the order of the tiles, not their sums, so the same bits).
+pub fn group_n(weight_gradient: bool) -> i32 {
+    static GROUP: std::sync::OnceLock<Option<i32>> = std::sync::OnceLock::new();
     match GROUP_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
         g if g >= 1 => g,
-        _ => *GROUP.get_or_init(|| {
-            std::env::var("MOE_DISPATCH_GG_GROUP").ok().and_then(|v| v.parse::<i32>().ok()).filter(|&g| g >= 1).unwrap_or(8)
-        }),
+        _ => GROUP
+            .get_or_init(|| std::env::var("MOE_DISPATCH_GG_GROUP").ok().and_then(|v| v.parse::<i32>().ok()).filter(|&g| g >= 1))
+            .unwrap_or(if weight_gradient { 4 } else { 2 }),
     }
 }
 
 static GROUP_OVERRIDE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
-/// Overrides [`group_n`]: `Some(g)` (g >= 1) column tiles a group, `None` the default.
+/// Overrides [`group_n`]: `Some(g)` (g >= 1) column tiles a group for every kernel, `None` the defaults.
 pub fn set_group_n(group: Option<i32>) {
     GROUP_OVERRIDE.store(group.filter(|&g| g >= 1).unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
 }
@@ -615,7 +619,8 @@ fn run_kernel(
         dev.sm_count().min(tiles).max(1)
     } as u32;
     let stream = dev.stream();
-    let group = group_n();
+    // (the weight gradients' kernels are the `grouped_gemm_wgrad_*` ones)
+    let group = group_n(name.starts_with("grouped_gemm_wgrad_"));
     let Sizes { experts: ei, m: mi, n: ni, k: ki } = sizes;
     let mut b = stream.launch_builder(f);
     b.arg(&map_a).arg(&map_b).arg(&out).arg(&counts).arg(&ei).arg(&mi).arg(&ni).arg(&ki).arg(&group);
@@ -824,14 +829,14 @@ mod tests {
     /// no override. (The one test that sets it: tests of one binary share the process.)
     #[test]
     fn raster_group_override() {
-        let default = group_n();
-        assert!(default >= 1);
+        let (token, weight) = (group_n(false), group_n(true));
+        assert!(token >= 1 && weight >= 1);
         set_group_n(Some(4));
-        assert_eq!(group_n(), 4);
+        assert_eq!((group_n(false), group_n(true)), (4, 4));
         set_group_n(Some(0));
-        assert_eq!(group_n(), default);
+        assert_eq!((group_n(false), group_n(true)), (token, weight));
         set_group_n(Some(16));
         set_group_n(None);
-        assert_eq!(group_n(), default);
+        assert_eq!((group_n(false), group_n(true)), (token, weight));
     }
 }
