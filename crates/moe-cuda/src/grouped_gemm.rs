@@ -218,8 +218,9 @@ fn kernels(dev: &Device) -> Result<Arc<Kernels>> {
 /// token-side GEMMs and 4 for the weight gradients (`weight_gradient`): an H100 timing every
 /// kernel with groups 1, 2, 4 and 8 in interleaved rounds (2026-12-06) had the Mixtral-like
 /// token-side GEMMs 3-8% faster at 1 or 2 than at 8 (the old default), the fine-grained 2-6%, and
-/// the Mixtral-like `a^T dy` weight gradient 5% slower at 2 and 28% slower at 1 than at 4 or 8
-/// (docs/gpu-report.md, twenty-third session). `MOE_DISPATCH_GG_GROUP` or [`set_group_n`] sets
+/// the Mixtral-like `a^T dy` weight gradient 5% slower at 2 and 28% slower at 1 than at 4 or 8;
+/// these defaults make the six GEMMs together 4.1% (Mixtral-like) and 3.3% (fine-grained) faster
+/// than 8 (docs/gpu-report.md, twenty-third session). `MOE_DISPATCH_GG_GROUP` or [`set_group_n`] sets
 /// both (for measurements: the order of the tiles, not their sums, so the same bits).
 pub fn group_n(weight_gradient: bool) -> i32 {
     static GROUP: std::sync::OnceLock<Option<i32>> = std::sync::OnceLock::new();
