@@ -344,11 +344,20 @@ extern "C" __global__ void column_sums_F16(const float* g, long long rows, int c
 static __device__ __forceinline__ u16 bf16_top(float v) { return (u16)(__float_as_uint(v) >> 16); }
 static __device__ __forceinline__ float bf16_value(u16 h) { return __uint_as_float((u32)h << 16); }
 
-extern "C" __global__ void split3_bf16(const float* __restrict__ x, long long rows, long long cols, long long rs, long long js,
-                                       u16* __restrict__ out) {
+// f(i, o) for each element i of a row-major rows x cols matrix, o = its place r * rs + c in the
+// three-part layout (grid-stride).
+template <typename F>
+__device__ __forceinline__ void each_of_three(long long rows, long long cols, long long rs, F f) {
     const long long n = rows * cols;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        const long long r = i / cols, c = i - r * cols;
+        const long long r = i / cols;
+        f(i, r * rs + (i - r * cols));
+    }
+}
+
+extern "C" __global__ void split3_bf16(const float* __restrict__ x, long long rows, long long cols, long long rs, long long js,
+                                       u16* __restrict__ out) {
+    each_of_three(rows, cols, rs, [&](long long i, long long o) {
         const float v = x[i];
         u16 hi, mid = 0, lo = 0;
         if (isfinite(v)) {
@@ -359,34 +368,25 @@ extern "C" __global__ void split3_bf16(const float* __restrict__ x, long long ro
         } else {
             hi = isnan(v) ? (u16)0x7fc0 : bf16_top(v);
         }
-        u16* o = out + r * rs + c;
-        o[0] = hi;
-        o[js] = mid;
-        o[2 * js] = lo;
-    }
+        out[o] = hi;
+        out[o + js] = mid;
+        out[o + 2 * js] = lo;
+    });
 }
 
 extern "C" __global__ void repeat3_u16(const u16* __restrict__ x, long long rows, long long cols, long long rs, long long js,
                                        u16* __restrict__ out) {
-    const long long n = rows * cols;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        const long long r = i / cols, c = i - r * cols;
+    each_of_three(rows, cols, rs, [&](long long i, long long o) {
         const u16 v = x[i];
-        u16* o = out + r * rs + c;
-        o[0] = v;
-        o[js] = v;
-        o[2 * js] = v;
-    }
+        out[o] = v;
+        out[o + js] = v;
+        out[o + 2 * js] = v;
+    });
 }
 
 extern "C" __global__ void sum3_f32(const float* __restrict__ p, long long rows, long long cols, long long rs, long long js,
                                     float* __restrict__ out) {
-    const long long n = rows * cols;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        const long long r = i / cols, c = i - r * cols;
-        const float* q = p + r * rs + c;
-        out[i] = __fadd_rn(__fadd_rn(q[0], q[js]), q[2 * js]);
-    }
+    each_of_three(rows, cols, rs, [&](long long i, long long o) { out[i] = __fadd_rn(__fadd_rn(p[o], p[o + js]), p[o + 2 * js]); });
 }
 
 // mse_<T>: the mean squared error of y against a target (both T), for a trainer: d = f64(y) -
