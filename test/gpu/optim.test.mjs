@@ -266,6 +266,34 @@ describe('the layer element steps on the GPU = ts/numeric.ts', { skip: cudaOnly 
           }
           // float32 sums of exact products: a few units of 2^-24 of the magnitudes' sum (the hi part alone is off by ~2^-8)
           assert.ok(worst <= 2 ** -18, `${what}: relative error ${worst}`);
+          // Exactness (what the bound above cannot see: a lost low part is ~2^-16 of a value): a bfloat16 operand with one
+          // power of two a dot product, zeros elsewhere, makes each result one product, exact in float32, so the three
+          // parts must give the float32 operand's values scaled, bit for bit.
+          const fx = tensor('float32', fIsA ? aShape : bShape, full(K * (fIsA ? M : N)));
+          const pick = (i) => (i * 7) % K;
+          const scale = (i) => 2 ** ((i % 5) - 2);
+          // the other operand's logical [r, q] entry: row (A) or column (B) r has scale(r) at q = pick(r)
+          const sel = (r, q) => (q === pick(r) ? scale(r) : 0);
+          const oShape = fIsA ? bShape : aShape;
+          const oTrans = fIsA ? transB : transA;
+          const oVals = new Float32Array(oShape[0] * oShape[1]);
+          for (let i = 0; i < oShape[0]; i++) {
+            for (let j = 0; j < oShape[1]; j++) {
+              // stored [i, j]: B [K, N] (or [N, K] transposed), A [M, K] (or [K, M])
+              const [r, q] = fIsA ? (oTrans ? [i, j] : [j, i]) : oTrans ? [j, i] : [i, j];
+              oVals[i * oShape[1] + j] = sel(r, q);
+            }
+          }
+          const o = numeric.fromValues('bfloat16', oShape, oVals);
+          const exact = host(cuda.matmulMixed(cuda.upload(fIsA ? fx : o), cuda.upload(fIsA ? o : fx), { transA, transB }));
+          const F = { data: fx.data, shape: fx.shape };
+          const wantExact = new Float32Array(M * N);
+          for (let i = 0; i < M; i++) {
+            for (let j = 0; j < N; j++) {
+              wantExact[i * N + j] = fIsA ? at(F, transA, i, pick(j)) * scale(j) : scale(i) * at(F, transB, pick(i), j);
+            }
+          }
+          assertSameBits(exact, tensor('float32', [M, N], wantExact), `${what}: one exact product a result`);
         }
       }
     }
