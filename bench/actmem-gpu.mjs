@@ -26,6 +26,11 @@
  * - peakBytes: `peakMemory()` over the forward + backward from a reset just before it (every
  *   buffer of the process, weights and input included); peakAboveStartBytes = peak minus the
  *   bytes held at the reset. gradBytes: the backward's results (gradInput + the weights' gradients).
+ * - timeline (`--timeline N`, default $ACTMEM_TIMELINE or 0; the GPU only): N more forward +
+ *   backward steps, each recorded with the cuda backend's `timeline` (every kernel, cuBLAS call,
+ *   memset and copy between two timing events, and the host's waits); the step with the median
+ *   wall clock is summarised (`summarizeTimeline`: busy, gaps, the gaps' part waiting for the
+ *   host, GEMMs and the rest, each kernel name's time) and its spans kept (`timelineSpans`).
  * `--stand-in cpu` runs the same steps on the cpu backend at a tiny shape (no memory figures):
  * a check of this script where there is no GPU.
  */
@@ -39,10 +44,12 @@ const arg = (name, dflt) => {
   return i >= 0 ? args[i + 1] : dflt;
 };
 const dist = resolve(arg('dist', new URL('../dist/', import.meta.url).pathname));
-const { MoELayer, TRAIN_SHAPES, backendInfo, createBackend, uniformTensor } = await import(pathToFileURL(resolve(dist, 'index.js')).href);
+const { MoELayer, TRAIN_SHAPES, backendInfo, createBackend, summarizeTimeline, uniformTensor } = await import(pathToFileURL(resolve(dist, 'index.js')).href);
 const iters = Number(arg('iters', '20'));
 const warmup = Number(arg('warmup', '3'));
 const standIn = arg('stand-in');
+const timelineSteps = Number(arg('timeline', process.env.ACTMEM_TIMELINE ?? '0'));
+if (!(Number.isInteger(timelineSteps) && timelineSteps >= 0)) throw new RangeError(`--timeline: expected a count of steps (0 or more), got ${arg('timeline')}`);
 if (standIn !== undefined && standIn !== 'cpu') throw new RangeError('--stand-in: only cpu');
 const SHAPES = {
   ...TRAIN_SHAPES,
@@ -138,6 +145,29 @@ for (const name of names) {
     sync();
     mem.push({ before, after, outputBytes, peak, gradBytes, afterBackward, afterDispose: live() });
   }
+  // the timeline of `timelineSteps` more steps; the median one by its wall clock is kept
+  let timeline = null;
+  let timelineSpans = null;
+  if (gpu && timelineSteps > 0) {
+    const recorded = [];
+    for (let i = 0; i < timelineSteps; i++) {
+      const { result, timeline: t } = moe.timeline(fwdBwd);
+      dispose([...outputsOf(result.f), ...resultsOf(result.b)]);
+      recorded.push({ t, sum: summarizeTimeline(t) });
+    }
+    recorded.sort((a, b) => a.sum.wallMs - b.sum.wallMs);
+    const mid = recorded[Math.floor(recorded.length / 2)];
+    const top = mid.sum.byName.slice(0, 30).map((e) => ({ ...e, ms: Number(e.ms.toFixed(4)) }));
+    timeline = { ...mid.sum, byName: top, spans: mid.t.spans.length, waits: mid.t.waits, wallsMs: recorded.map((r) => Number(r.sum.wallMs.toFixed(4))) };
+    timelineSpans = mid.t.spans.map((x) => [x.name, Number(x.startMs.toFixed(4)), Number(x.endMs.toFixed(4)), Number(x.queuedMs.toFixed(4))]);
+    const f3 = (v) => v.toFixed(3);
+    console.log(
+      `${name.padStart(13)} timeline (${gemm}, median of ${timelineSteps}): GPU wall ${f3(timeline.wallMs)} ms, busy ${f3(timeline.busyMs)}, gaps ${f3(timeline.gapMs)} (waiting for the host ${f3(timeline.hostBoundMs)}), GEMMs ${f3(timeline.gemmMs)}, the rest ${f3(timeline.otherMs)}, ${timeline.spans} spans, ${timeline.waits.length} waits; longest: ${top
+        .slice(0, 12)
+        .map((e) => `${e.name} ${f3(e.ms)}${e.count > 1 ? ` (${e.count})` : ''}`)
+        .join(', ')}`,
+    );
+  }
   const m = mem[mem.length - 1];
   const activationBytes = gpu ? m.after - m.before : null;
   // what the layer keeps for the backward, by its shapes (layer.ts #dispatchLocal / #finishForward;
@@ -185,6 +215,8 @@ for (const name of names) {
     leakBytes: gpu ? m.afterDispose - m.before : null,
     memoryRepeats: mem,
     auxLoss: aux,
+    timeline,
+    timelineSpans,
   };
   rows.push(row);
   const gib = (b) => (b === null ? 'n/a' : `${(b / 2 ** 30).toFixed(3)} GiB`);

@@ -201,8 +201,8 @@ def combine(folder, out_path):
             s = summary.setdefault(r["shape"], {"dims": r["dims"]}).setdefault(who, {"layerMsRounds": []})
             s["layerMsRounds"].append(r["layerMs"])
             for f in ("activationBytes", "outputBytes", "savedBytes", "savedTensorsBytes", "peakBytes", "peakAboveStartBytes", "gradBytes",
-                      "permutedCopyBytes", "synchronizationsPerFwdBwd", "savedUnaccountedBytes", "memoryRepeatsAgree", "leakBytes", "hostMs"):
-                if f in r:
+                      "permutedCopyBytes", "synchronizationsPerFwdBwd", "savedUnaccountedBytes", "memoryRepeatsAgree", "leakBytes", "hostMs", "timeline"):
+                if r.get(f) is not None:
                     s.setdefault(f, [])
                     if r[f] not in s[f]:
                         s[f].append(r[f])

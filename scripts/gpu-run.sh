@@ -28,7 +28,8 @@
 # MOE_DISPATCH_EXPERTS_GEMM=cublas among them, the cuBLAS path; several variants separated by ';'),
 # ACTMEM=1 (issue 19: the layer's forward + backward time and activation memory, ours on cuBLAS and on our
 # grouped GEMM, bench/actmem-gpu.mjs, and PyTorch's, bench/actmem-gpu.py, interleaved ACTMEM_ROUNDS times
-# (default 2) into one actmem.json),
+# (default 2) into one actmem.json; ACTMEM_TIMELINE=N: each of our processes also records N steps with the
+# cuda backend's timeline and keeps the median one: where the GPU's time goes between kernels, gaps and host),
 # WEBGPU=1 (pack and remote: the webgpu backend in Node through Dawn: the GPU suite's webgpu-dawn.test.mjs
 # against wasm, MOE_WEBGPU_DAWN set before the suite; then next to cuda, bench/webgpu-node.mjs, and each
 # shader's GPU time, bench/webgpu-profile.mjs)

@@ -13,7 +13,8 @@ import { makeEntry, type CreateBackendOptions } from './entry.js';
 import './node-files.js'; // Node's fs for the wasm loader and fromPretrained (platform.ts)
 
 export * from './exports.js';
-export { isCudaBackend, type CudaMemory, type DevicePermuteBackwardOptions } from './backends/cuda.js';
+export { isCudaBackend, type CudaMemory, type CudaTimeline, type CudaTimelineSpan, type DevicePermuteBackwardOptions } from './backends/cuda.js';
+export { isGemmSpan, summarizeTimeline, type TimelineEntry, type TimelineSummary } from './timeline.js';
 
 async function load(name: BackendName, options: CreateBackendOptions): Promise<CudaLoaded> {
   switch (name) {

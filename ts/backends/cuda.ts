@@ -65,6 +65,8 @@ export interface CudaExports {
   cudaExpertsGatherOnLoad(): boolean;
   cudaMemory(): CudaMemory;
   cudaReleaseCachedMemory(): void;
+  cudaTimelineStart(): void;
+  cudaTimelineStop(): CudaTimeline;
   // Device tensors: the same argument objects with device handles (caller-owned outputs are the host path's).
   cudaPermuteDevice: DeviceFn<'permute'>;
   cudaUnpermuteDevice: (args: OnDevice<UnpermuteArgs>) => NativeCudaTensor;
@@ -82,6 +84,23 @@ export interface CudaMemory {
   cachedBytes: number;
   freeBytes: number;
   totalBytes: number;
+}
+
+/** One piece of work queued on the GPU's stream, in ms from the timeline's start (`CudaBackend.timeline`). */
+export interface CudaTimelineSpan {
+  /** The kernel's name; `cublas: ...`, `memset ...`, `copy ...` for the other work. */
+  name: string;
+  /** When the GPU reached its start and its end. */
+  startMs: number;
+  endMs: number;
+  /** When the host queued it (the host's clock from the timeline's start): a span starting just after it was queued waited for the host. */
+  queuedMs: number;
+}
+
+/** What `CudaBackend.timeline` recorded: the spans in the order queued, and the host's waits for the GPU (the host's clock). */
+export interface CudaTimeline {
+  spans: CudaTimelineSpan[];
+  waits: { what: string; startMs: number; endMs: number }[];
 }
 
 /** A loaded backend plus what `backendInfo()` adds for it. */
@@ -204,6 +223,15 @@ export interface CudaBackend
    * released (docs/gpu-report.md): call it when the shapes a process runs change.
    */
   releaseCachedMemory(): void;
+  /**
+   * Runs `run` (synchronous: a forward, a backward, a training step) and records a timeline of
+   * the work it queues on the GPU: every kernel, cuBLAS call, memset and copy between two timing
+   * events, with when the host queued it, and every wait of the host. Waits for the GPU before and
+   * after. Where a step's time goes in a real run (ncu times each kernel alone on a resting GPU);
+   * the events add about a microsecond a span. Work on the side streams (the weight gradients
+   * beside the token-side GEMMs) shows as the main stream's wait for it. Not nestable.
+   */
+  timeline<T>(run: () => T): { result: T; timeline: CudaTimeline };
   permute<D extends TokenDType>(tokens: Tensor<D>, routingMap: Tensor<'bool'>, options?: PermuteOptions): ReturnType<Backend['permute']> & { permutedTokens: Tensor<D> };
   permute<D extends TokenDType>(tokens: AnyTensor<D>, routingMap: AnyTensor<'bool'>, options?: DevicePermuteOptions): DevicePermuteResult<D>;
   unpermute<D extends TokenDType>(permutedTokens: Tensor<D>, sortedIndices: Tensor<IndexDType>, restoreShape: readonly [number, number], options?: UnpermuteOptions): Tensor<D>;
@@ -286,6 +314,32 @@ export function cudaBackend(base: Backend, addon: CudaExports): CudaBackend {
       } catch (e) {
         rethrowNative('releaseCachedMemory', e);
       }
+    },
+    timeline<T>(run: () => T): { result: T; timeline: CudaTimeline } {
+      if (typeof run !== 'function') throw new TypeError(`timeline: run: expected a function, got ${typeof run}`);
+      try {
+        addon.cudaTimelineStart();
+      } catch (e) {
+        rethrowNative('timeline', e);
+      }
+      let result: T;
+      try {
+        result = run();
+      } catch (e) {
+        addon.cudaTimelineStop();
+        throw e;
+      }
+      const timeline = (() => {
+        try {
+          return addon.cudaTimelineStop();
+        } catch (e) {
+          rethrowNative('timeline', e);
+        }
+      })();
+      if (typeof (result as { then?: unknown } | null)?.then === 'function') {
+        throw new TypeError('timeline: run returned a promise: it must queue its work synchronously (what ran after its first await was not recorded)');
+      }
+      return { result, timeline };
     },
     permute(tokens: unknown, routingMap: unknown, options?: unknown) {
       if (!anyDevice(tokens, routingMap, optionValue(options, 'probs'))) return base.permute(tokens as Tensor<TokenDType>, routingMap as Tensor<'bool'>, options as PermuteOptions);

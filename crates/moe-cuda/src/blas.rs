@@ -73,7 +73,7 @@ pub fn gemm(dev: &Device, m: usize, n: usize, k: usize, a: Operand, b: Operand, 
     if m == 0 || n == 0 {
         return Ok(());
     }
-    gemm_with(dev.blas()?, m, n, k, a, b, c, beta)
+    dev.span(|| format!("cublas: gemm [{m}, {k}] x [{k}, {n}]"), || gemm_with(dev.blas()?, m, n, k, a, b, c, beta))
 }
 
 /// [`gemm`] on a given handle (and so on its stream).

@@ -42,6 +42,8 @@ pub struct Device {
     counters: std::sync::Mutex<Option<Buffer>>,
     /// Streaming multiprocessors of the device.
     sms: usize,
+    /// The timeline being recorded, if any ([`Device::timeline_start`]).
+    timeline: crate::timeline::Recorder,
 }
 
 /// Bytes of one [`HostWords`] slot.
@@ -176,6 +178,7 @@ impl Device {
             host_slots: std::sync::Mutex::new(Vec::new()),
             counters: std::sync::Mutex::new(None),
             sms,
+            timeline: Default::default(),
         })
     }
 
@@ -256,8 +259,13 @@ impl Device {
         let buf = self.alloc(what, bytes.len())?;
         count_transfer(&TO_DEVICE, bytes.len());
         if !bytes.is_empty() {
-            unsafe { drv::memcpy_htod_async(buf.ptr(&self.stream), bytes, self.stream.cu_stream()) }
-                .map_err(|e| Error::driver(format!("copying {what} to the GPU"), e))?;
+            self.span(
+                || format!("copy to the GPU: {what}"),
+                || {
+                    unsafe { drv::memcpy_htod_async(buf.ptr(&self.stream), bytes, self.stream.cu_stream()) }
+                        .map_err(|e| Error::driver(format!("copying {what} to the GPU"), e))
+                },
+            )?;
         }
         Ok(buf)
     }
@@ -311,7 +319,27 @@ impl Device {
     /// Waits for the stream; errors of earlier launches surface here.
     pub fn synchronize(&self, what: &str) -> Result<()> {
         SYNCS.fetch_add(1, Ordering::Relaxed);
-        self.stream.synchronize().map_err(|e| Error::driver(format!("running the kernels for {what}"), e))
+        let start = std::time::Instant::now();
+        let r = self.stream.synchronize().map_err(|e| Error::driver(format!("running the kernels for {what}"), e));
+        self.timeline.waited(what, start);
+        r
+    }
+
+    /// Starts recording a timeline of the work queued on the device's stream (see
+    /// [`crate::timeline`]); an error if one is recording already.
+    pub fn timeline_start(&self) -> Result<()> {
+        self.timeline.start(&self.stream)
+    }
+
+    /// Stops the timeline and returns it (waits for the GPU); empty where none was recording.
+    pub fn timeline_stop(&self) -> Result<crate::timeline::Timeline> {
+        self.timeline.stop(&self.stream)
+    }
+
+    /// Runs `f`, which queues work on the device's stream, as one span of the timeline when one
+    /// is recording (the name is made only then).
+    pub(crate) fn span<T>(&self, name: impl FnOnce() -> String, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.timeline.span(&self.stream, name, f)
     }
 
     /// The device's memory pool: (bytes it holds from the driver, bytes of them in live
@@ -410,11 +438,16 @@ impl Device {
         if words == 0 {
             return Ok(());
         }
-        let r = unsafe { sys::cuMemsetD32Async(buf.ptr(&self.stream), value, words, self.stream.cu_stream()) };
-        if r != sys::CUresult::CUDA_SUCCESS {
-            return Err(Error::driver(format!("clearing {what}"), drv::DriverError(r)));
-        }
-        Ok(())
+        self.span(
+            || format!("memset {what}"),
+            || {
+                let r = unsafe { sys::cuMemsetD32Async(buf.ptr(&self.stream), value, words, self.stream.cu_stream()) };
+                if r != sys::CUresult::CUDA_SUCCESS {
+                    return Err(Error::driver(format!("clearing {what}"), drv::DriverError(r)));
+                }
+                Ok(())
+            },
+        )
     }
 
     /// Marks the point of the stream after which element `index` (an i32) of `buf` may be read,
@@ -445,11 +478,16 @@ impl Device {
         if bytes == 0 {
             return Ok(());
         }
-        let r = unsafe { sys::cuMemsetD8Async(buf.ptr(&self.stream) + offset as u64, 0, bytes, self.stream.cu_stream()) };
-        if r != sys::CUresult::CUDA_SUCCESS {
-            return Err(Error::driver(format!("clearing {what}"), drv::DriverError(r)));
-        }
-        Ok(())
+        self.span(
+            || format!("memset {what}"),
+            || {
+                let r = unsafe { sys::cuMemsetD8Async(buf.ptr(&self.stream) + offset as u64, 0, bytes, self.stream.cu_stream()) };
+                if r != sys::CUresult::CUDA_SUCCESS {
+                    return Err(Error::driver(format!("clearing {what}"), drv::DriverError(r)));
+                }
+                Ok(())
+            },
+        )
     }
 
     /// Reads the first `N` elements of a buffer (waits for the stream: a synchronisation).
@@ -472,8 +510,13 @@ impl Device {
         if bytes > dst.bytes || bytes > src.bytes {
             return Err(Error::Cuda(format!("copy of {bytes} bytes exceeds a buffer (a bug in moe-dispatch)")));
         }
-        unsafe { drv::memcpy_dtod_async(dst.ptr(&self.stream), src.ptr(&self.stream), bytes, self.stream.cu_stream()) }
-            .map_err(|e| Error::driver("device-to-device copy", e))
+        self.span(
+            || "copy (device to device)".into(),
+            || {
+                unsafe { drv::memcpy_dtod_async(dst.ptr(&self.stream), src.ptr(&self.stream), bytes, self.stream.cu_stream()) }
+                    .map_err(|e| Error::driver("device-to-device copy", e))
+            },
+        )
     }
 
     /// Launches kernel `name` with raw 8-byte or 4-byte arguments.
@@ -506,8 +549,14 @@ impl Device {
             };
         }
         let cfg = LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block.0, block.1, 1), shared_mem_bytes: shared };
-        unsafe { builder.launch(cfg) }.map_err(|e| Error::driver(format!("launching {name} on grid {grid:?} x {block:?}"), e))?;
-        Ok(())
+        self.span(
+            || name.to_string(),
+            || {
+                unsafe { builder.launch(cfg) }
+                    .map(drop)
+                    .map_err(|e| Error::driver(format!("launching {name} on grid {grid:?} x {block:?}"), e))
+            },
+        )
     }
 }
 
@@ -523,7 +572,9 @@ impl PendingRead {
     /// Waits for the marked point of the stream, then reads the value (on the second stream).
     pub fn finish(self, dev: &Device) -> Result<i32> {
         SYNCS.fetch_add(1, Ordering::Relaxed);
+        let start = std::time::Instant::now();
         self.event.synchronize().map_err(|e| Error::driver(format!("waiting for {}", self.what), e))?;
+        dev.timeline.waited(&self.what, start);
         let mut out = [0i32; 1];
         let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
         count_transfer(&TO_HOST, dst.len());

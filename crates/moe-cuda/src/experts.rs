@@ -334,6 +334,14 @@ pub fn set_side_by_side(mode: Option<bool>) {
 /// four plain handles without the SM target gave nothing); else one cuBLAS call each on the
 /// device's stream.
 pub fn run_gemms(dev: &Device, problems: &[Problem], a: (DType, bool), b: (DType, bool), c: DType) -> Result<()> {
+    let name = || {
+        let (k, n) = problems.first().map_or((0, 0), |q| (q.k, q.n));
+        format!("cublas: experts' GEMMs{} (n {n}, k {k})", if a.1 { ", A^T" } else { "" })
+    };
+    dev.span(name, || run_gemms_now(dev, problems, a, b, c))
+}
+
+fn run_gemms_now(dev: &Device, problems: &[Problem], a: (DType, bool), b: (DType, bool), c: DType) -> Result<()> {
     if use_grouped(problems.len()) {
         return gemm_grouped(dev, problems, a.0, a.1, b.0, b.1, c);
     }
@@ -802,7 +810,7 @@ pub fn experts_backward_device_saved(
                 let mut queue = side.queue(dev)?;
                 queue.push(&after_a, &dw2, (dt, true), (dt, false), dt)?;
                 queue.push(&after_dh, &dw1, (dt, true), (dt, false), dt)?;
-                queue.join()?;
+                dev.span(|| "waiting for the weight gradients beside".into(), || queue.join())?;
             }
             _ => run_gemms(dev, &dw1, (dt, true), (dt, false), dt)?,
         }

@@ -637,7 +637,10 @@ fn run_kernel(
     let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
     // SAFETY: the arguments match the kernel's parameters (GG_ARGS; the weight gradients' k is
     // ko; the `_act` and `_gather` kernels' after them) in order and type.
-    unsafe { b.launch(cfg) }.map_err(|e| Error::driver(format!("launching {name} on {grid} blocks"), e))?;
+    dev.span(
+        || name.to_string(),
+        || unsafe { b.launch(cfg) }.map(drop).map_err(|e| Error::driver(format!("launching {name} on {grid} blocks"), e)),
+    )?;
     Ok(())
 }
 

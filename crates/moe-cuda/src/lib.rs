@@ -27,6 +27,7 @@ pub mod nccl;
 pub mod permute;
 mod switch;
 pub mod tensor;
+pub mod timeline;
 pub mod train;
 
 pub use device::{Buffer, Device, DeviceInfo};

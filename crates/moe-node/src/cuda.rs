@@ -376,6 +376,52 @@ pub fn cuda_memory() -> napi::Result<CudaMemory, String> {
     })
 }
 
+/// One span of a timeline (`moe_cuda::timeline::Span`): ms from the timeline's start.
+#[napi(object)]
+pub struct CudaTimelineSpan {
+    pub name: String,
+    pub start_ms: f64,
+    pub end_ms: f64,
+    pub queued_ms: f64,
+}
+
+/// A wait of the host for the GPU, on the host's clock (ms from the timeline's start).
+#[napi(object)]
+pub struct CudaTimelineWait {
+    pub what: String,
+    pub start_ms: f64,
+    pub end_ms: f64,
+}
+
+/// `cudaTimelineStop()`'s result.
+#[napi(object)]
+pub struct CudaTimeline {
+    pub spans: Vec<CudaTimelineSpan>,
+    pub waits: Vec<CudaTimelineWait>,
+}
+
+/// Starts recording a timeline of the work queued on the GPU (`moe_cuda::timeline`).
+#[napi]
+pub fn cuda_timeline_start() -> napi::Result<(), String> {
+    run(|dev| dev.timeline_start())
+}
+
+/// Stops the timeline and returns it (waits for the GPU).
+#[napi]
+pub fn cuda_timeline_stop() -> napi::Result<CudaTimeline, String> {
+    run(|dev| {
+        let t = dev.timeline_stop()?;
+        Ok(CudaTimeline {
+            spans: t
+                .spans
+                .into_iter()
+                .map(|s| CudaTimelineSpan { name: s.name, start_ms: s.start_ms, end_ms: s.end_ms, queued_ms: s.queued_ms })
+                .collect(),
+            waits: t.waits.into_iter().map(|w| CudaTimelineWait { what: w.what, start_ms: w.start_ms, end_ms: w.end_ms }).collect(),
+        })
+    })
+}
+
 /// Returns the memory pool's cached memory (freed buffers kept for the next ones) to the driver.
 #[napi]
 pub fn cuda_release_cached_memory() -> napi::Result<(), String> {
