@@ -165,6 +165,17 @@ export const cudaOnly = standIn ? `stand-in run (${standIn} in cuda's place)` : 
 export const skipGrouped = cudaOnly || (hopper ? false : `the grouped GEMM needs a Hopper GPU (sm_90), this is ${cudaInfo?.device}`);
 
 /** float32 values uniform in [-scale, scale) from `random` (rng). */
+/** A tensor of `dtype` with values uniform in [-scale, scale) from seed `seed` (rounded to the dtype). */
+export function randomTensor(dtype, shape, seed, scale) {
+  const r = rng(seed);
+  const n = shape.reduce((a, b) => a * b, 1);
+  return tensor(
+    dtype,
+    shape,
+    Array.from({ length: n }, () => (r() * 2 - 1) * scale),
+  );
+}
+
 export function uniformF32(shape, random, scale = 1) {
   const n = shape.reduce((a, b) => a * b, 1);
   return tensor(

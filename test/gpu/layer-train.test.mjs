@@ -11,7 +11,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 
-import { cpu, cuda, cudaOnly, hopper, lib, rng, skip, tensor } from './common.mjs';
+import { cpu, cuda, cudaOnly, hopper, lib, randomTensor, skip } from './common.mjs';
 
 if (skip) console.log(`# ${skip}`);
 
@@ -38,16 +38,6 @@ const KINDS = [
 
 const SHAPE = { dim: 64, inter: 48, numExperts: 16, topk: 4 };
 const T = 256;
-
-function randomTensor(dtype, shape, seed, scale) {
-  const r = rng(seed);
-  const n = shape.reduce((a, b) => a * b, 1);
-  return tensor(
-    dtype,
-    shape,
-    Array.from({ length: n }, () => (r() * 2 - 1) * scale),
-  );
-}
 
 function values(t) {
   const h = lib.isDeviceTensor(t) ? t.download() : t;

@@ -9,21 +9,11 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 
-import { assertSameBits, cuda, cudaOnly, host, lib, rng, skip, tensor } from './common.mjs';
+import { assertSameBits, cuda, cudaOnly, host, lib, randomTensor, skip } from './common.mjs';
 
 if (skip) console.log(`# ${skip}`);
 
 const { MoELayer, summarizeTimeline, isGemmSpan } = lib;
-
-function randomTensor(dtype, shape, seed, scale) {
-  const random = rng(seed);
-  const n = shape.reduce((a, b) => a * b, 1);
-  return tensor(
-    dtype,
-    shape,
-    Array.from({ length: n }, () => (random() * 2 - 1) * scale),
-  );
-}
 
 describe('timeline: a layer step on the GPU', { skip: cudaOnly }, () => {
   const options = { dim: 256, inter: 128, numExperts: 16, topk: 4, activation: 'swiglu', dtype: 'bfloat16', auxLossCoeff: 0.01, seed: 5 };
