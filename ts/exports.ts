@@ -4,6 +4,7 @@
  * only one of them has (test/entries.test.ts keeps the two lists in step).
  */
 export * from './tensor.js';
+export { isGemmSpan, summarizeTimeline, type TimelineEntry, type TimelineSummary } from './timeline.js';
 export type { Backend, BackendInfo, BackendName, MultihotToIndicesOptions, PermuteBackwardOptions, PermuteOptions, PermuteResult, UnpermuteOptions } from './backend.js';
 export type { ActivationGrads, ActivationKind, ActivationOptions } from './ops/activations.js';
 export type { RouteOptions, RouteResult, ScoreFunction, SwitchLoadBalancingLossOptions, ZLossOptions } from './ops/routing.js';

@@ -14,7 +14,6 @@ import './node-files.js'; // Node's fs for the wasm loader and fromPretrained (p
 
 export * from './exports.js';
 export { isCudaBackend, type CudaMemory, type CudaTimeline, type CudaTimelineSpan, type DevicePermuteBackwardOptions } from './backends/cuda.js';
-export { isGemmSpan, summarizeTimeline, type TimelineEntry, type TimelineSummary } from './timeline.js';
 
 async function load(name: BackendName, options: CreateBackendOptions): Promise<CudaLoaded> {
   switch (name) {
