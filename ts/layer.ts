@@ -222,9 +222,18 @@ interface Routing {
   temps: AnyTensor[];
   logits: Tensor<'float32'>;
   routed: ReturnType<Backend['route']>;
+  losses: Losses;
 }
 
-/** A forward's dispatch part: the routed experts' output `[N, dim]`, the counts the aux loss takes, what backward needs. */
+/** The aux and z losses of a forward: the values (lazy on the GPU) and the gradients backward adds. */
+interface Losses {
+  aux: { readonly loss: number };
+  z: { readonly loss: number };
+  auxGrad: Saved['auxGrad'];
+  zGrad: AnyTensor | undefined;
+}
+
+/** A forward's dispatch part: the routed experts' output `[N, dim]`, the counts per expert (the host result's), what backward needs. */
 interface Dispatched {
   output: AnyTensor;
   tokensPerExpert: Tensor<'int32'>;
@@ -768,7 +777,22 @@ export class MoELayer {
     const input = this.#input(x);
     this.#free();
     const r = this.#route(input);
-    return this.#finishForward(x, input, r, this.#dispatchLocal(input, r));
+    return this.#finishForward(
+      x,
+      input,
+      r,
+      this.#keepingLosses(r, () => this.#dispatchLocal(input, r)),
+    );
+  }
+
+  /** `dispatch()`, freeing the losses' device tensors (computed before it) should it throw. */
+  #keepingLosses<T>(r: Routing, dispatch: () => T): T {
+    try {
+      return dispatch();
+    } catch (e) {
+      for (const t of [r.losses.auxGrad?.gradScores, r.losses.auxGrad?.gradLogits, r.losses.zGrad]) if (t && isDeviceTensor(t)) t.dispose();
+      throw e;
+    }
   }
 
   /**
@@ -803,7 +827,29 @@ export class MoELayer {
     const m = this.#math;
     const temps: AnyTensor[] = [];
     const logits = this.#logits(input, m, temps);
-    return { m, temps, logits, routed: this.backend.route(logits, this.routeOptions) };
+    const routed = this.backend.route(logits, this.routeOptions);
+    // the losses right after route, before the dispatch: they need only the routing (every token
+    // keeps its k picks, so route's counts are the dispatch's), and on the GPU their kernels run
+    // while the host queues the dispatch's (the step's start, where the GPU waits for the host)
+    return { m, temps, logits, routed, losses: this.#losses(logits, routed) };
+  }
+
+  /** The aux and z losses of the routing (see `Losses`). */
+  #losses(logits: Tensor<'float32'>, routed: ReturnType<Backend['route']>): Losses {
+    // the loss values stay where they are computed until read (on the GPU: `lazyLoss`, read by a getter)
+    const lazy = this.onDevice ? { lazyLoss: true } : {};
+    const out: Losses = { aux: { loss: 0 }, z: { loss: 0 }, auxGrad: undefined, zGrad: undefined };
+    if (this.auxLossCoeff > 0) {
+      const a = this.#auxLoss(logits, routed.scores, routed.tokensPerExpert, lazy);
+      out.aux = a;
+      out.auxGrad = a.gradScores ? { gradScores: a.gradScores } : { gradLogits: a.gradLogits! };
+    }
+    if (this.zLossCoeff > 0) {
+      const r = this.backend.zLoss(logits, { coeff: this.zLossCoeff, ...lazy });
+      out.z = r;
+      out.zGrad = r.gradLogits;
+    }
+    return out;
   }
 
   /** Whether this forward's experts gather their rows on load (on the GPU, one rank, where the backend says they do for this layer's dtype and no expert biases). */
@@ -891,9 +937,8 @@ export class MoELayer {
     return { output, tokensPerExpert: routed.tokensPerExpert as Tensor<'int32'>, saved, withShared: true };
   }
 
-  /** The shared expert, the aux losses, what backward keeps, and the result. */
-  #finishForward(x: Tensor | DeviceTensor, input: AnyTensor, { m, temps, logits, routed }: Routing, d: Dispatched): MoEForward | DeviceMoEForward {
-    const moe = this.backend;
+  /** The shared expert, what backward keeps (the losses with it), and the result. */
+  #finishForward(x: Tensor | DeviceTensor, input: AnyTensor, { m, temps, logits, routed, losses }: Routing, d: Dispatched): MoEForward | DeviceMoEForward {
     let output = d.output;
     let shared: Saved['shared'];
     if (this.sharedExpert && d.withShared) {
@@ -902,22 +947,7 @@ export class MoELayer {
       temps.push(output);
       output = m.add3(output, sh.contribution, undefined, this.dtype, temps);
     }
-    // the loss values stay where they are computed until read (on the GPU: `lazyLoss`, read by a getter)
-    const lazy = this.onDevice ? { lazyLoss: true } : {};
-    let aux: { loss: number } = { loss: 0 };
-    let z: { loss: number } = { loss: 0 };
-    let auxGrad: Saved['auxGrad'];
-    if (this.auxLossCoeff > 0) {
-      const a = this.#auxLoss(logits, routed.scores, d.tokensPerExpert, lazy);
-      aux = a;
-      auxGrad = a.gradScores ? { gradScores: a.gradScores } : { gradLogits: a.gradLogits! };
-    }
-    let zGrad: AnyTensor | undefined;
-    if (this.zLossCoeff > 0) {
-      const r = moe.zLoss(logits, { coeff: this.zLossCoeff, ...lazy });
-      z = r;
-      zGrad = r.gradLogits;
-    }
+    const { aux, z, auxGrad, zGrad } = losses;
     this.#saved = { shape: [...x.shape], x: input as Tensor<TokenDType>, logits, indices: routed.indices, dispatch: d.saved, shared, auxGrad, zGrad };
     m.free(temps);
     if (this.onDevice) {
