@@ -326,7 +326,11 @@ export function cudaBackend(base: Backend, addon: CudaExports): CudaBackend {
       try {
         result = run();
       } catch (e) {
-        addon.cudaTimelineStop();
+        try {
+          addon.cudaTimelineStop();
+        } catch {
+          // the run's own error is the one to report
+        }
         throw e;
       }
       const timeline = (() => {

@@ -64,7 +64,7 @@ struct Recording {
     depth: usize,
 }
 
-/// The device's recorder: off (one relaxed load a launch) until started.
+/// The device's recorder: off (one atomic load a launch) until started.
 #[derive(Default)]
 pub(crate) struct Recorder {
     on: AtomicBool,
