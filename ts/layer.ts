@@ -781,12 +781,12 @@ export class MoELayer {
       x,
       input,
       r,
-      this.#keepingLosses(r, () => this.#dispatchLocal(input, r)),
+      this.#dispatchOrFreeLosses(r, () => this.#dispatchLocal(input, r)),
     );
   }
 
   /** `dispatch()`, freeing the losses' device tensors (computed before it) should it throw. */
-  #keepingLosses<T>(r: Routing, dispatch: () => T): T {
+  #dispatchOrFreeLosses<T>(r: Routing, dispatch: () => T): T {
     try {
       return dispatch();
     } catch (e) {
