@@ -233,10 +233,9 @@ interface Losses {
   zGrad: AnyTensor | undefined;
 }
 
-/** A forward's dispatch part: the routed experts' output `[N, dim]`, the counts per expert (the host result's), what backward needs. */
+/** A forward's dispatch part: the routed experts' output `[N, dim]` and what backward needs (the counts per expert are route's). */
 interface Dispatched {
   output: AnyTensor;
-  tokensPerExpert: Tensor<'int32'>;
   saved: LocalDispatch | GroupDispatch;
   /** Whether this rank adds the shared expert (with epSize and forward: rank 0 only). */
   withShared: boolean;
@@ -922,7 +921,7 @@ export class MoELayer {
       gathered,
     };
     // with epSize, each rank's output is its experts' share: the shared expert is added once, on rank 0
-    return { output, tokensPerExpert: perm.tokensPerExpert, saved, withShared: this.epRank === 0 };
+    return { output, saved, withShared: this.epRank === 0 };
   }
 
   /** Dispatch, experts, combine across the ranks of `group` (ts/ep.ts). */
@@ -934,7 +933,7 @@ export class MoELayer {
     // the experts weighted their outputs by the probs: combine sums them as they are
     const output = await combine(group, moe, y, d.handle, { weighted: false });
     const saved: GroupDispatch = { kind: 'group', group, handle: d.handle, permutedTokens: d.permutedTokens, tokensPerExpert: d.tokensPerExpert, permutedProbs: d.permutedProbs };
-    return { output, tokensPerExpert: routed.tokensPerExpert as Tensor<'int32'>, saved, withShared: true };
+    return { output, saved, withShared: true };
   }
 
   /** The shared expert, what backward keeps (the losses with it), and the result. */
@@ -965,7 +964,7 @@ export class MoELayer {
       scores: routed.scores,
       auxLoss: aux.loss,
       zLoss: z.loss,
-      tokensPerExpert: Int32Array.from(d.tokensPerExpert.data),
+      tokensPerExpert: Int32Array.from(routed.tokensPerExpert.data),
     };
   }
 
