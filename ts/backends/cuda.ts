@@ -50,6 +50,8 @@ export interface CudaInfo {
   driverVersion?: string | null;
   totalMemory?: number | null;
   kernels?: string | null;
+  /** Whether kernels are queued as programmatic dependent launches (Hopper and later, unless `MOE_DISPATCH_PDL=off`). */
+  programmaticLaunch?: boolean | null;
 }
 
 /** The addon's GPU exports (crates/moe-node/src/cuda.rs): the ops' argument objects, as the CPU bindings take them. */
@@ -133,7 +135,14 @@ function probe(): CudaLoaded {
   const gpu = addon as Binding & CudaExports;
   // the ops whose host calls run on the GPU take the CPU ops' argument objects as they are
   const binding: Binding = { ...addon, permute: gpu.cudaPermute, unpermute: gpu.cudaUnpermute, route: gpu.cudaRoute, topk: gpu.cudaTopk };
-  const device = [info.device, info.computeCapability && `compute capability ${info.computeCapability}`, info.driverVersion && `driver CUDA ${info.driverVersion}`].filter(Boolean).join(', ');
+  const device = [
+    info.device,
+    info.computeCapability && `compute capability ${info.computeCapability}`,
+    info.driverVersion && `driver CUDA ${info.driverVersion}`,
+    info.programmaticLaunch && 'programmatic dependent launch',
+  ]
+    .filter(Boolean)
+    .join(', ');
   const extend = (backend: Backend) => cudaBackend(backend, gpu) as unknown as Backend;
   return { binding, extend, info: { device, gpuOps: gpuOps(addon), kernels: info.kernels ?? undefined } };
 }

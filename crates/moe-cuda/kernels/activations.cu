@@ -404,16 +404,16 @@ static __device__ __forceinline__ void act_grad_probs(const typename T::S* grad,
 #define ACT_FWD_BODY(TI, TO, FAST) \
     act_fwd<TI, TO>((const TI::S*)x, rows, width, inter, probs, act_opts(kind, alpha, limit, linear_offset, FAST), (TO::S*)out)
 
-extern "C" __global__ void act_fwd_f32_f32(ACT_FWD_PARAMS) { ACT_FWD_BODY(F32, F32, false); }
-extern "C" __global__ void act_fwd_bf16_bf16(ACT_FWD_PARAMS) { ACT_FWD_BODY(BF16, BF16, false); }
-extern "C" __global__ void act_fwd_f16_f16(ACT_FWD_PARAMS) { ACT_FWD_BODY(F16, F16, false); }
-extern "C" __global__ void act_fwd_f32_bf16(ACT_FWD_PARAMS) { ACT_FWD_BODY(F32, BF16, false); }
-extern "C" __global__ void act_fwd_f32_f16(ACT_FWD_PARAMS) { ACT_FWD_BODY(F32, F16, false); }
-extern "C" __global__ void act_fwd_fast_f32_f32(ACT_FWD_PARAMS) { ACT_FWD_BODY(F32, F32, true); }
-extern "C" __global__ void act_fwd_fast_bf16_bf16(ACT_FWD_PARAMS) { ACT_FWD_BODY(BF16, BF16, true); }
-extern "C" __global__ void act_fwd_fast_f16_f16(ACT_FWD_PARAMS) { ACT_FWD_BODY(F16, F16, true); }
-extern "C" __global__ void act_fwd_fast_f32_bf16(ACT_FWD_PARAMS) { ACT_FWD_BODY(F32, BF16, true); }
-extern "C" __global__ void act_fwd_fast_f32_f16(ACT_FWD_PARAMS) { ACT_FWD_BODY(F32, F16, true); }
+extern "C" __global__ void act_fwd_f32_f32(ACT_FWD_PARAMS) { MOE_PDL_ENTRY(); ACT_FWD_BODY(F32, F32, false); }
+extern "C" __global__ void act_fwd_bf16_bf16(ACT_FWD_PARAMS) { MOE_PDL_ENTRY(); ACT_FWD_BODY(BF16, BF16, false); }
+extern "C" __global__ void act_fwd_f16_f16(ACT_FWD_PARAMS) { MOE_PDL_ENTRY(); ACT_FWD_BODY(F16, F16, false); }
+extern "C" __global__ void act_fwd_f32_bf16(ACT_FWD_PARAMS) { MOE_PDL_ENTRY(); ACT_FWD_BODY(F32, BF16, false); }
+extern "C" __global__ void act_fwd_f32_f16(ACT_FWD_PARAMS) { MOE_PDL_ENTRY(); ACT_FWD_BODY(F32, F16, false); }
+extern "C" __global__ void act_fwd_fast_f32_f32(ACT_FWD_PARAMS) { MOE_PDL_ENTRY(); ACT_FWD_BODY(F32, F32, true); }
+extern "C" __global__ void act_fwd_fast_bf16_bf16(ACT_FWD_PARAMS) { MOE_PDL_ENTRY(); ACT_FWD_BODY(BF16, BF16, true); }
+extern "C" __global__ void act_fwd_fast_f16_f16(ACT_FWD_PARAMS) { MOE_PDL_ENTRY(); ACT_FWD_BODY(F16, F16, true); }
+extern "C" __global__ void act_fwd_fast_f32_bf16(ACT_FWD_PARAMS) { MOE_PDL_ENTRY(); ACT_FWD_BODY(F32, BF16, true); }
+extern "C" __global__ void act_fwd_fast_f32_f16(ACT_FWD_PARAMS) { MOE_PDL_ENTRY(); ACT_FWD_BODY(F32, F16, true); }
 
 // The experts' fast bf16 passes (act_fwdv_fast_bf16_bf16, act_bwdv_fast_bf16_bf16,
 // act_bwdgv_fast_bf16_bf16) can run one loop per activation kind: in each, `ko.kind` is a
@@ -465,32 +465,32 @@ static __device__ __forceinline__ ActOpts act_generic(ActOpts o) {
         MODE(o, ko, act_fwd_vec<TI, TO>((const TI::S*)x, rows, width, inter, probs, ko, (TO::S*)out))        \
     }
 
-extern "C" __global__ void act_fwdv_f32_f32(ACT_FWD_PARAMS) { ACT_FWDV_BODY(F32, F32, false, ACT_GENERIC_ONLY); }
-extern "C" __global__ void act_fwdv_bf16_bf16(ACT_FWD_PARAMS) { ACT_FWDV_BODY(BF16, BF16, false, ACT_GENERIC_ONLY); }
-extern "C" __global__ void act_fwdv_f16_f16(ACT_FWD_PARAMS) { ACT_FWDV_BODY(F16, F16, false, ACT_GENERIC_ONLY); }
-extern "C" __global__ void act_fwdv_f32_bf16(ACT_FWD_PARAMS) { ACT_FWDV_BODY(F32, BF16, false, ACT_GENERIC_ONLY); }
-extern "C" __global__ void act_fwdv_f32_f16(ACT_FWD_PARAMS) { ACT_FWDV_BODY(F32, F16, false, ACT_GENERIC_ONLY); }
-extern "C" __global__ void act_fwdv_fast_f32_f32(ACT_FWD_PARAMS) { ACT_FWDV_BODY(F32, F32, true, ACT_GENERIC_ONLY); }
-extern "C" __global__ void act_fwdv_fast_bf16_bf16(ACT_FWD_PARAMS) { ACT_FWDV_BODY(BF16, BF16, true, ACT_BY_KIND); }
-extern "C" __global__ void act_fwdv_fast_f16_f16(ACT_FWD_PARAMS) { ACT_FWDV_BODY(F16, F16, true, ACT_GENERIC_ONLY); }
-extern "C" __global__ void act_fwdv_fast_f32_bf16(ACT_FWD_PARAMS) { ACT_FWDV_BODY(F32, BF16, true, ACT_GENERIC_ONLY); }
-extern "C" __global__ void act_fwdv_fast_f32_f16(ACT_FWD_PARAMS) { ACT_FWDV_BODY(F32, F16, true, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_fwdv_f32_f32(ACT_FWD_PARAMS) { MOE_PDL_ENTRY(); ACT_FWDV_BODY(F32, F32, false, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_fwdv_bf16_bf16(ACT_FWD_PARAMS) { MOE_PDL_ENTRY(); ACT_FWDV_BODY(BF16, BF16, false, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_fwdv_f16_f16(ACT_FWD_PARAMS) { MOE_PDL_ENTRY(); ACT_FWDV_BODY(F16, F16, false, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_fwdv_f32_bf16(ACT_FWD_PARAMS) { MOE_PDL_ENTRY(); ACT_FWDV_BODY(F32, BF16, false, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_fwdv_f32_f16(ACT_FWD_PARAMS) { MOE_PDL_ENTRY(); ACT_FWDV_BODY(F32, F16, false, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_fwdv_fast_f32_f32(ACT_FWD_PARAMS) { MOE_PDL_ENTRY(); ACT_FWDV_BODY(F32, F32, true, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_fwdv_fast_bf16_bf16(ACT_FWD_PARAMS) { MOE_PDL_ENTRY(); ACT_FWDV_BODY(BF16, BF16, true, ACT_BY_KIND); }
+extern "C" __global__ void act_fwdv_fast_f16_f16(ACT_FWD_PARAMS) { MOE_PDL_ENTRY(); ACT_FWDV_BODY(F16, F16, true, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_fwdv_fast_f32_bf16(ACT_FWD_PARAMS) { MOE_PDL_ENTRY(); ACT_FWDV_BODY(F32, BF16, true, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_fwdv_fast_f32_f16(ACT_FWD_PARAMS) { MOE_PDL_ENTRY(); ACT_FWDV_BODY(F32, F16, true, ACT_GENERIC_ONLY); }
 
 #define ACT_BWD_PARAMS \
     const void *grad, const void *x, i64 rows, i64 width, i64 inter, const float *probs, int kind, double alpha, double limit, double linear_offset, void *grad_in
 #define ACT_BWD_BODY(TI, TO, FAST) \
     act_bwd<TI, TO>((const TI::S*)grad, (const TI::S*)x, rows, width, inter, probs, act_opts(kind, alpha, limit, linear_offset, FAST), (TO::S*)grad_in)
 
-extern "C" __global__ void act_bwd_f32_f32(ACT_BWD_PARAMS) { ACT_BWD_BODY(F32, F32, false); }
-extern "C" __global__ void act_bwd_bf16_bf16(ACT_BWD_PARAMS) { ACT_BWD_BODY(BF16, BF16, false); }
-extern "C" __global__ void act_bwd_f16_f16(ACT_BWD_PARAMS) { ACT_BWD_BODY(F16, F16, false); }
-extern "C" __global__ void act_bwd_f32_bf16(ACT_BWD_PARAMS) { ACT_BWD_BODY(F32, BF16, false); }
-extern "C" __global__ void act_bwd_f32_f16(ACT_BWD_PARAMS) { ACT_BWD_BODY(F32, F16, false); }
-extern "C" __global__ void act_bwd_fast_f32_f32(ACT_BWD_PARAMS) { ACT_BWD_BODY(F32, F32, true); }
-extern "C" __global__ void act_bwd_fast_bf16_bf16(ACT_BWD_PARAMS) { ACT_BWD_BODY(BF16, BF16, true); }
-extern "C" __global__ void act_bwd_fast_f16_f16(ACT_BWD_PARAMS) { ACT_BWD_BODY(F16, F16, true); }
-extern "C" __global__ void act_bwd_fast_f32_bf16(ACT_BWD_PARAMS) { ACT_BWD_BODY(F32, BF16, true); }
-extern "C" __global__ void act_bwd_fast_f32_f16(ACT_BWD_PARAMS) { ACT_BWD_BODY(F32, F16, true); }
+extern "C" __global__ void act_bwd_f32_f32(ACT_BWD_PARAMS) { MOE_PDL_ENTRY(); ACT_BWD_BODY(F32, F32, false); }
+extern "C" __global__ void act_bwd_bf16_bf16(ACT_BWD_PARAMS) { MOE_PDL_ENTRY(); ACT_BWD_BODY(BF16, BF16, false); }
+extern "C" __global__ void act_bwd_f16_f16(ACT_BWD_PARAMS) { MOE_PDL_ENTRY(); ACT_BWD_BODY(F16, F16, false); }
+extern "C" __global__ void act_bwd_f32_bf16(ACT_BWD_PARAMS) { MOE_PDL_ENTRY(); ACT_BWD_BODY(F32, BF16, false); }
+extern "C" __global__ void act_bwd_f32_f16(ACT_BWD_PARAMS) { MOE_PDL_ENTRY(); ACT_BWD_BODY(F32, F16, false); }
+extern "C" __global__ void act_bwd_fast_f32_f32(ACT_BWD_PARAMS) { MOE_PDL_ENTRY(); ACT_BWD_BODY(F32, F32, true); }
+extern "C" __global__ void act_bwd_fast_bf16_bf16(ACT_BWD_PARAMS) { MOE_PDL_ENTRY(); ACT_BWD_BODY(BF16, BF16, true); }
+extern "C" __global__ void act_bwd_fast_f16_f16(ACT_BWD_PARAMS) { MOE_PDL_ENTRY(); ACT_BWD_BODY(F16, F16, true); }
+extern "C" __global__ void act_bwd_fast_f32_bf16(ACT_BWD_PARAMS) { MOE_PDL_ENTRY(); ACT_BWD_BODY(F32, BF16, true); }
+extern "C" __global__ void act_bwd_fast_f32_f16(ACT_BWD_PARAMS) { MOE_PDL_ENTRY(); ACT_BWD_BODY(F32, F16, true); }
 
 #define ACT_BWDV_BODY(TI, TO, FAST, MODE)                                                                                          \
     {                                                                                                                        \
@@ -498,16 +498,16 @@ extern "C" __global__ void act_bwd_fast_f32_f16(ACT_BWD_PARAMS) { ACT_BWD_BODY(F
         MODE(o, ko, act_bwd_vec<TI, TO>((const TI::S*)grad, (const TI::S*)x, rows, width, inter, probs, ko, (TO::S*)grad_in)) \
     }
 
-extern "C" __global__ void act_bwdv_f32_f32(ACT_BWD_PARAMS) { ACT_BWDV_BODY(F32, F32, false, ACT_GENERIC_ONLY); }
-extern "C" __global__ void act_bwdv_bf16_bf16(ACT_BWD_PARAMS) { ACT_BWDV_BODY(BF16, BF16, false, ACT_GENERIC_ONLY); }
-extern "C" __global__ void act_bwdv_f16_f16(ACT_BWD_PARAMS) { ACT_BWDV_BODY(F16, F16, false, ACT_GENERIC_ONLY); }
-extern "C" __global__ void act_bwdv_f32_bf16(ACT_BWD_PARAMS) { ACT_BWDV_BODY(F32, BF16, false, ACT_GENERIC_ONLY); }
-extern "C" __global__ void act_bwdv_f32_f16(ACT_BWD_PARAMS) { ACT_BWDV_BODY(F32, F16, false, ACT_GENERIC_ONLY); }
-extern "C" __global__ void act_bwdv_fast_f32_f32(ACT_BWD_PARAMS) { ACT_BWDV_BODY(F32, F32, true, ACT_GENERIC_ONLY); }
-extern "C" __global__ void act_bwdv_fast_bf16_bf16(ACT_BWD_PARAMS) { ACT_BWDV_BODY(BF16, BF16, true, ACT_BY_KIND); }
-extern "C" __global__ void act_bwdv_fast_f16_f16(ACT_BWD_PARAMS) { ACT_BWDV_BODY(F16, F16, true, ACT_GENERIC_ONLY); }
-extern "C" __global__ void act_bwdv_fast_f32_bf16(ACT_BWD_PARAMS) { ACT_BWDV_BODY(F32, BF16, true, ACT_GENERIC_ONLY); }
-extern "C" __global__ void act_bwdv_fast_f32_f16(ACT_BWD_PARAMS) { ACT_BWDV_BODY(F32, F16, true, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_bwdv_f32_f32(ACT_BWD_PARAMS) { MOE_PDL_ENTRY(); ACT_BWDV_BODY(F32, F32, false, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_bwdv_bf16_bf16(ACT_BWD_PARAMS) { MOE_PDL_ENTRY(); ACT_BWDV_BODY(BF16, BF16, false, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_bwdv_f16_f16(ACT_BWD_PARAMS) { MOE_PDL_ENTRY(); ACT_BWDV_BODY(F16, F16, false, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_bwdv_f32_bf16(ACT_BWD_PARAMS) { MOE_PDL_ENTRY(); ACT_BWDV_BODY(F32, BF16, false, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_bwdv_f32_f16(ACT_BWD_PARAMS) { MOE_PDL_ENTRY(); ACT_BWDV_BODY(F32, F16, false, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_bwdv_fast_f32_f32(ACT_BWD_PARAMS) { MOE_PDL_ENTRY(); ACT_BWDV_BODY(F32, F32, true, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_bwdv_fast_bf16_bf16(ACT_BWD_PARAMS) { MOE_PDL_ENTRY(); ACT_BWDV_BODY(BF16, BF16, true, ACT_BY_KIND); }
+extern "C" __global__ void act_bwdv_fast_f16_f16(ACT_BWD_PARAMS) { MOE_PDL_ENTRY(); ACT_BWDV_BODY(F16, F16, true, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_bwdv_fast_f32_bf16(ACT_BWD_PARAMS) { MOE_PDL_ENTRY(); ACT_BWDV_BODY(F32, BF16, true, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_bwdv_fast_f32_f16(ACT_BWD_PARAMS) { MOE_PDL_ENTRY(); ACT_BWDV_BODY(F32, F16, true, ACT_GENERIC_ONLY); }
 
 // The one-pass backward's bodies: FN is act_bwd_gp_vec (a block a row) or act_bwd_gp_warp.
 #define ACT_BWDG_BODY(FN, TI, TO, MODE)                                                                                          \
@@ -517,25 +517,25 @@ extern "C" __global__ void act_bwdv_fast_f32_f16(ACT_BWD_PARAMS) { ACT_BWDV_BODY
     }
 #define ACT_BWDGV_BODY(TI, TO, MODE) ACT_BWDG_BODY(act_bwd_gp_vec, TI, TO, MODE)
 
-extern "C" __global__ void act_bwdgv_fast_f32_f32(ACT_BWD_PARAMS, float *grad_probs) { ACT_BWDGV_BODY(F32, F32, ACT_GENERIC_ONLY); }
-extern "C" __global__ void act_bwdgv_fast_bf16_bf16(ACT_BWD_PARAMS, float *grad_probs) { ACT_BWDGV_BODY(BF16, BF16, ACT_BY_KIND); }
-extern "C" __global__ void act_bwdgv_fast_f16_f16(ACT_BWD_PARAMS, float *grad_probs) { ACT_BWDGV_BODY(F16, F16, ACT_GENERIC_ONLY); }
-extern "C" __global__ void act_bwdgv_fast_f32_bf16(ACT_BWD_PARAMS, float *grad_probs) { ACT_BWDGV_BODY(F32, BF16, ACT_GENERIC_ONLY); }
-extern "C" __global__ void act_bwdgv_fast_f32_f16(ACT_BWD_PARAMS, float *grad_probs) { ACT_BWDGV_BODY(F32, F16, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_bwdgv_fast_f32_f32(ACT_BWD_PARAMS, float *grad_probs) { MOE_PDL_ENTRY(); ACT_BWDGV_BODY(F32, F32, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_bwdgv_fast_bf16_bf16(ACT_BWD_PARAMS, float *grad_probs) { MOE_PDL_ENTRY(); ACT_BWDGV_BODY(BF16, BF16, ACT_BY_KIND); }
+extern "C" __global__ void act_bwdgv_fast_f16_f16(ACT_BWD_PARAMS, float *grad_probs) { MOE_PDL_ENTRY(); ACT_BWDGV_BODY(F16, F16, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_bwdgv_fast_f32_bf16(ACT_BWD_PARAMS, float *grad_probs) { MOE_PDL_ENTRY(); ACT_BWDGV_BODY(F32, BF16, ACT_GENERIC_ONLY); }
+extern "C" __global__ void act_bwdgv_fast_f32_f16(ACT_BWD_PARAMS, float *grad_probs) { MOE_PDL_ENTRY(); ACT_BWDGV_BODY(F32, F16, ACT_GENERIC_ONLY); }
 
-extern "C" __global__ void act_bwdgw_fast_bf16_bf16(ACT_BWD_PARAMS, float *grad_probs) { ACT_BWDG_BODY(act_bwd_gp_warp, BF16, BF16, ACT_BY_KIND); }
+extern "C" __global__ void act_bwdgw_fast_bf16_bf16(ACT_BWD_PARAMS, float *grad_probs) { MOE_PDL_ENTRY(); ACT_BWDG_BODY(act_bwd_gp_warp, BF16, BF16, ACT_BY_KIND); }
 
 #define ACT_GPROBS_PARAMS \
     const void *grad, const void *x, i64 rows, i64 width, i64 inter, int kind, double alpha, double limit, double linear_offset, float *grad_probs
 #define ACT_GPROBS_BODY(T, FAST) \
     act_grad_probs<T>((const T::S*)grad, (const T::S*)x, rows, width, inter, act_opts(kind, alpha, limit, linear_offset, FAST), grad_probs)
 
-extern "C" __global__ void act_grad_probs_f32(ACT_GPROBS_PARAMS) { ACT_GPROBS_BODY(F32, false); }
-extern "C" __global__ void act_grad_probs_bf16(ACT_GPROBS_PARAMS) { ACT_GPROBS_BODY(BF16, false); }
-extern "C" __global__ void act_grad_probs_f16(ACT_GPROBS_PARAMS) { ACT_GPROBS_BODY(F16, false); }
-extern "C" __global__ void act_grad_probs_fast_f32(ACT_GPROBS_PARAMS) { ACT_GPROBS_BODY(F32, true); }
-extern "C" __global__ void act_grad_probs_fast_bf16(ACT_GPROBS_PARAMS) { ACT_GPROBS_BODY(BF16, true); }
-extern "C" __global__ void act_grad_probs_fast_f16(ACT_GPROBS_PARAMS) { ACT_GPROBS_BODY(F16, true); }
+extern "C" __global__ void act_grad_probs_f32(ACT_GPROBS_PARAMS) { MOE_PDL_ENTRY(); ACT_GPROBS_BODY(F32, false); }
+extern "C" __global__ void act_grad_probs_bf16(ACT_GPROBS_PARAMS) { MOE_PDL_ENTRY(); ACT_GPROBS_BODY(BF16, false); }
+extern "C" __global__ void act_grad_probs_f16(ACT_GPROBS_PARAMS) { MOE_PDL_ENTRY(); ACT_GPROBS_BODY(F16, false); }
+extern "C" __global__ void act_grad_probs_fast_f32(ACT_GPROBS_PARAMS) { MOE_PDL_ENTRY(); ACT_GPROBS_BODY(F32, true); }
+extern "C" __global__ void act_grad_probs_fast_bf16(ACT_GPROBS_PARAMS) { MOE_PDL_ENTRY(); ACT_GPROBS_BODY(BF16, true); }
+extern "C" __global__ void act_grad_probs_fast_f16(ACT_GPROBS_PARAMS) { MOE_PDL_ENTRY(); ACT_GPROBS_BODY(F16, true); }
 
 // ---------------------------------------------------------------------------------------
 // Aux losses (moe_core::aux_loss).
@@ -618,7 +618,7 @@ static __device__ double loss_switch_factor(i64 cols, double coeff, double topk,
 
 // Switch loss on probs, per row: the finiteness check of the whole row, and for valid rows
 // sum_e probs[t, e] * counts[e] in column order (Rust's sum: from -0.0).
-extern "C" __global__ void loss_switch_rows(const float* probs, const int* counts, const u8* mask, i64 rows, i64 cols, double* partial, unsigned long long* result) {
+extern "C" __global__ void loss_switch_rows(const float* probs, const int* counts, const u8* mask, i64 rows, i64 cols, double* partial, unsigned long long* result) { MOE_PDL_ENTRY();
     const i64 step = (i64)gridDim.x * (i64)blockDim.x;
     for (i64 t = (i64)blockIdx.x * (i64)blockDim.x + (i64)threadIdx.x; t < rows; t += step) {
         const float* row = probs + t * cols;
@@ -636,7 +636,7 @@ extern "C" __global__ void loss_switch_rows(const float* probs, const int* count
 
 // Switch loss on probs, the total (one block): total over valid rows in token order from 0.0,
 // the factor, the loss.
-extern "C" __global__ void __launch_bounds__(LOSS_TOTAL_THREADS) loss_switch_total(const double* partial, const int* counts, const u8* mask, i64 rows, i64 cols, double topk, double coeff, double num_tokens, unsigned long long* result) {
+extern "C" __global__ void __launch_bounds__(LOSS_TOTAL_THREADS) loss_switch_total(const double* partial, const int* counts, const u8* mask, i64 rows, i64 cols, double topk, double coeff, double num_tokens, unsigned long long* result) { MOE_PDL_ENTRY();
     unsigned long long flags = 0;
     const u64 valid_rows = loss_check_block(mask, rows, counts, cols, &flags);
     const double factor = loss_switch_factor(cols, coeff, topk, num_tokens, valid_rows);
@@ -648,7 +648,7 @@ extern "C" __global__ void __launch_bounds__(LOSS_TOTAL_THREADS) loss_switch_tot
 }
 
 // Switch loss on probs, the gradient: counts[e] * factor rounded to f32 in valid rows, 0 elsewhere.
-extern "C" __global__ void loss_switch_grad(const int* counts, const u8* mask, i64 rows, i64 cols, const unsigned long long* result, float* grad) {
+extern "C" __global__ void loss_switch_grad(const int* counts, const u8* mask, i64 rows, i64 cols, const unsigned long long* result, float* grad) { MOE_PDL_ENTRY();
     const double factor = __longlong_as_double((long long)result[1]);
     const i64 total = rows * cols;
     const i64 step = (i64)gridDim.x * (i64)blockDim.x;
@@ -663,7 +663,7 @@ extern "C" __global__ void loss_switch_grad(const int* counts, const u8* mask, i
 // softmax statistics (the core's `row_stats`): stats[3t] = max, [3t + 1] = sum of exp(x - max)
 // (from 0.0), [3t + 2] = the row's value: weighted / sum for the Switch loss (weighted = sum of
 // exp(x - max) * counts[e], from 0.0), max + ln(sum) (the logsumexp) for the z-loss.
-extern "C" __global__ void loss_logits_rows(const float* logits, const int* counts, const u8* mask, i64 rows, i64 cols, int mode, double* stats, unsigned long long* result) {
+extern "C" __global__ void loss_logits_rows(const float* logits, const int* counts, const u8* mask, i64 rows, i64 cols, int mode, double* stats, unsigned long long* result) { MOE_PDL_ENTRY();
     const i64 step = (i64)gridDim.x * (i64)blockDim.x;
     for (i64 t = (i64)blockIdx.x * (i64)blockDim.x + (i64)threadIdx.x; t < rows; t += step) {
         const float* row = logits + t * cols;
@@ -692,7 +692,7 @@ extern "C" __global__ void loss_logits_rows(const float* logits, const int* coun
 // Losses on logits, the total (one block), in token order from -0.0 (Rust's sum):
 // Switch: total = sum of weighted / sum, loss = total * factor, result[1] = factor;
 // z: total = sum of lse^2, loss = coeff * total / N, result[1] = N.
-extern "C" __global__ void __launch_bounds__(LOSS_TOTAL_THREADS) loss_logits_total(const double* stats, const int* counts, const u8* mask, i64 rows, i64 cols, int mode, double topk, double coeff, double num_tokens, unsigned long long* result) {
+extern "C" __global__ void __launch_bounds__(LOSS_TOTAL_THREADS) loss_logits_total(const double* stats, const int* counts, const u8* mask, i64 rows, i64 cols, int mode, double topk, double coeff, double num_tokens, unsigned long long* result) { MOE_PDL_ENTRY();
     unsigned long long flags = 0;
     const u64 valid_rows = loss_check_block(mask, rows, mode == LOSS_SWITCH ? counts : 0, cols, &flags);
     // A row with a non-finite value has no stats: the host runs the core, which reports it.
@@ -720,7 +720,7 @@ extern "C" __global__ void __launch_bounds__(LOSS_TOTAL_THREADS) loss_logits_tot
 // Switch: p * (counts[e] * factor - value * factor) with p = exp(x - max) / sum;
 // z: (2 * coeff / N * lse / sum) * exp(x - max).
 extern "C" __global__ void loss_logits_grad(const float* logits, const int* counts, const u8* mask, i64 rows, i64 cols, int mode, double coeff, const double* stats,
-                                            const unsigned long long* result, float* grad) {
+                                            const unsigned long long* result, float* grad) { MOE_PDL_ENTRY();
     const double scalar = __longlong_as_double((long long)result[1]);
     const bool bad_values = (result[2] & LOSS_BAD_VALUE) != 0;
     const i64 total = rows * cols;

@@ -11,6 +11,23 @@
 // * moe_core::detmath (det_exp, det_ln, det_ln_1p) line for line: + - * / floor and bit
 //   operations only, so with --fmad=false the GPU gets the core's bits.
 
+// Programmatic dependent launch (Hopper and later; crates/moe-cuda/src/device.rs `launch_params`):
+// the host may launch a kernel before the one before it on the stream has finished, so that its
+// blocks are scheduled while that one's last blocks run. Every kernel's body starts with
+// MOE_PDL_ENTRY() (a host test checks it: compile.rs `every_kernel_enters_through_pdl`): it waits
+// until the kernel before has finished and its memory is visible (griddepcontrol.wait; at once
+// where the launch was an ordinary one), then lets the next kernel launch (its blocks in turn
+// wait at their own entry). Waiting first, in every block, before any memory access, keeps the
+// stream's order as it was: no kernel reads or writes before its predecessor is done, and each
+// predecessor finished only after its own predecessor did. Nothing before sm_90.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define MOE_PDL_ENTRY() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
+#else
+#define MOE_PDL_ENTRY() \
+    do {                \
+    } while (0)
+#endif
+
 typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;

@@ -79,24 +79,24 @@ __device__ __forceinline__ void convert_impl(const float* __restrict__ in, typen
 
 #define EXPERTS_KERNELS(NAME, T)                                                                                              \
     extern "C" __global__ void __launch_bounds__(256) experts_add_bias_##NAME(float* h, long long width, const T::S* bias,   \
-                                                                              const int* offsets, int num_experts) {        \
+                                                                              const int* offsets, int num_experts) { MOE_PDL_ENTRY();        \
         add_bias_impl<T>(h, width, bias, offsets, num_experts);                                                              \
     }                                                                                                                        \
     extern "C" __global__ void __launch_bounds__(256) experts_epilogue_##NAME(const float* yf, T::S* y, long long width,     \
                                                                               const T::S* bias, const float* probs,          \
-                                                                              const int* offsets, int num_experts) {        \
+                                                                              const int* offsets, int num_experts) { MOE_PDL_ENTRY();        \
         epilogue_impl<T>(yf, y, width, bias, probs, offsets, num_experts);                                                   \
     }                                                                                                                        \
     extern "C" __global__ void __launch_bounds__(256) experts_colsum_##NAME(const T::S* x, long long width, const float* probs, \
-                                                                            const int* offsets, float* out) {               \
+                                                                            const int* offsets, float* out) { MOE_PDL_ENTRY();               \
         colsum_impl<T>(x, width, probs, offsets, out);                                                                       \
     }                                                                                                                        \
     extern "C" __global__ void __launch_bounds__(256) experts_row_dot_##NAME(const T::S* g, long long rows, long long width,  \
                                                                              const T::S* bias, const int* offsets,           \
-                                                                             int num_experts, float* out) {                 \
+                                                                             int num_experts, float* out) { MOE_PDL_ENTRY();                 \
         row_dot_impl<T>(g, rows, width, bias, offsets, num_experts, out);                                                    \
     }                                                                                                                        \
-    extern "C" __global__ void __launch_bounds__(256) convert_f32_to_##NAME(const float* in, T::S* out, long long n) {       \
+    extern "C" __global__ void __launch_bounds__(256) convert_f32_to_##NAME(const float* in, T::S* out, long long n) { MOE_PDL_ENTRY();       \
         convert_impl<T>(in, out, n);                                                                                         \
     }
 
@@ -104,7 +104,7 @@ EXPERTS_KERNELS(f32, F32)
 EXPERTS_KERNELS(bf16, BF16)
 EXPERTS_KERNELS(f16, F16)
 
-extern "C" __global__ void experts_add_probs_grad(float* __restrict__ dp, const float* __restrict__ gp, long long rows) {
+extern "C" __global__ void experts_add_probs_grad(float* __restrict__ dp, const float* __restrict__ gp, long long rows) { MOE_PDL_ENTRY();
     const long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (r < rows) dp[r] = (float)((double)dp[r] + (double)gp[r]);
 }

@@ -1074,16 +1074,16 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap*, const GgTenso
         int m_total, int n, int k, int group_n
 #define GG_PASS &map_a, &map_b, out, counts, num_experts, m_total, n, k, group_n
 
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n128_bf16(GG_ARGS) { gg_body<128, false, false, 6, GG_EPI_REG>(GG_PASS); }
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16(GG_ARGS) { gg_body<256, false, false, 4, GG_EPI_REG>(GG_PASS); }
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n128_bf16(GG_ARGS) { gg_body<128, true, false, 6, GG_EPI_REG>(GG_PASS); }
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16(GG_ARGS) { gg_body<256, true, false, 4, GG_EPI_REG>(GG_PASS); }
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_f32(GG_ARGS) { gg_body<256, false, true, 4, GG_EPI_REG>(GG_PASS); }
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_f32(GG_ARGS) { gg_body<256, true, true, 4, GG_EPI_REG>(GG_PASS); }
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_bulk(GG_ARGS) { gg_body<256, false, false, 3, GG_EPI_STAGED>(GG_PASS); }
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_bulk(GG_ARGS) { gg_body<256, true, false, 3, GG_EPI_STAGED>(GG_PASS); }
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_ring(GG_ARGS) { gg_body<256, false, false, 4, GG_EPI_RING>(GG_PASS); }
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_ring(GG_ARGS) { gg_body<256, true, false, 4, GG_EPI_RING>(GG_PASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n128_bf16(GG_ARGS) { MOE_PDL_ENTRY(); gg_body<128, false, false, 6, GG_EPI_REG>(GG_PASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16(GG_ARGS) { MOE_PDL_ENTRY(); gg_body<256, false, false, 4, GG_EPI_REG>(GG_PASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n128_bf16(GG_ARGS) { MOE_PDL_ENTRY(); gg_body<128, true, false, 6, GG_EPI_REG>(GG_PASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16(GG_ARGS) { MOE_PDL_ENTRY(); gg_body<256, true, false, 4, GG_EPI_REG>(GG_PASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_f32(GG_ARGS) { MOE_PDL_ENTRY(); gg_body<256, false, true, 4, GG_EPI_REG>(GG_PASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_f32(GG_ARGS) { MOE_PDL_ENTRY(); gg_body<256, true, true, 4, GG_EPI_REG>(GG_PASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_bulk(GG_ARGS) { MOE_PDL_ENTRY(); gg_body<256, false, false, 3, GG_EPI_STAGED>(GG_PASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_bulk(GG_ARGS) { MOE_PDL_ENTRY(); gg_body<256, true, false, 3, GG_EPI_STAGED>(GG_PASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_ring(GG_ARGS) { MOE_PDL_ENTRY(); gg_body<256, false, false, 4, GG_EPI_RING>(GG_PASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_ring(GG_ARGS) { MOE_PDL_ENTRY(); gg_body<256, true, false, 4, GG_EPI_RING>(GG_PASS); }
 // In clusters of 2 CTAs (a compile-time cluster shape: the grid is a multiple of 2); plain
 // declarations where the architecture has no clusters (before sm_90).
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
@@ -1091,46 +1091,46 @@ extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_r
 #else
 #define GG_CLUSTER2
 #endif
-extern "C" __global__ void GG_CLUSTER2 __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_mc(GG_ARGS) {
+extern "C" __global__ void GG_CLUSTER2 __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_mc(GG_ARGS) { MOE_PDL_ENTRY();
     gg_body<256, false, false, 3, GG_EPI_STAGED, false, true>(GG_PASS);
 }
-extern "C" __global__ void GG_CLUSTER2 __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_mc(GG_ARGS) {
+extern "C" __global__ void GG_CLUSTER2 __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_mc(GG_ARGS) { MOE_PDL_ENTRY();
     gg_body<256, true, false, 3, GG_EPI_STAGED, false, true>(GG_PASS);
 }
 // (4 stages, the accumulators stored from the registers: a deeper ring for the lock step's
 // cross-CTA releases)
-extern "C" __global__ void GG_CLUSTER2 __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_mc4(GG_ARGS) {
+extern "C" __global__ void GG_CLUSTER2 __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_mc4(GG_ARGS) { MOE_PDL_ENTRY();
     gg_body<256, false, false, 4, GG_EPI_REG, false, true>(GG_PASS);
 }
-extern "C" __global__ void GG_CLUSTER2 __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_mc4(GG_ARGS) {
+extern "C" __global__ void GG_CLUSTER2 __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_mc4(GG_ARGS) { MOE_PDL_ENTRY();
     gg_body<256, true, false, 4, GG_EPI_REG, false, true>(GG_PASS);
 }
 // (the ring-store epilogue: 4 stages, two of them the epilogue's after each tile's k-steps; the
 // two CTAs skip the same stages, their tiles having the same k-steps)
-extern "C" __global__ void GG_CLUSTER2 __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_mcring(GG_ARGS) {
+extern "C" __global__ void GG_CLUSTER2 __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_mcring(GG_ARGS) { MOE_PDL_ENTRY();
     gg_body<256, false, false, 4, GG_EPI_RING, false, true>(GG_PASS);
 }
-extern "C" __global__ void GG_CLUSTER2 __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_mcring(GG_ARGS) {
+extern "C" __global__ void GG_CLUSTER2 __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_mcring(GG_ARGS) { MOE_PDL_ENTRY();
     gg_body<256, true, false, 4, GG_EPI_RING, false, true>(GG_PASS);
 }
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_ring_half(GG_ARGS) {
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_ring_half(GG_ARGS) { MOE_PDL_ENTRY();
     gg_body<256, false, false, 4, GG_EPI_RING, true>(GG_PASS);
 }
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_ring_half(GG_ARGS) {
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_ring_half(GG_ARGS) { MOE_PDL_ENTRY();
     gg_body<256, true, false, 4, GG_EPI_RING, true>(GG_PASS);
 }
 
 // The first GEMM with the activation fused (GgAct): out = h [m, 2 n] (n = inter), a [m, n]; the
 // options as the activation kernels take them (float32 values passed as doubles).
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_act(GG_ARGS, u16* act_out, const float* probs, int kind,
-                                                                                   double alpha, double limit, double linear_offset) {
+                                                                                   double alpha, double limit, double linear_offset) { MOE_PDL_ENTRY();
     const GgAct act{act_out, probs, act_opts(kind, alpha, limit, linear_offset, true)};
     gg_body<256, false, false, 3, GG_EPI_STAGED, false, false, true>(GG_PASS, &act);
 }
 
 // The first GEMM gathering its rows on load (GgGather): out [m, n] = x[rows_of[r]] @ W[e] for the
 // expert-major rows r; map_a is unused (any map), x [x_rows, k].
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_gather(GG_ARGS, const u16* x, const int* rows_of, int x_rows) {
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_gather(GG_ARGS, const u16* x, const int* rows_of, int x_rows) { MOE_PDL_ENTRY();
     const GgGather gather{x, rows_of, x_rows};
     gg_body<256, false, false, 3, GG_EPI_STAGED, false, false, false, true>(GG_PASS, nullptr, &gather);
 }
@@ -1138,12 +1138,12 @@ extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_g
 // dw [E, KO, N] = x^T dy per expert: map_a over x [M, KO], map_b over dy [M, N]; the launch's k is
 // KO (x's columns), n is N (dy's columns)
 #define GG_WPASS &map_a, &map_b, out, counts, num_experts, m_total, k, n, group_n
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_f32(GG_ARGS) { gg_wgrad_body<true, GG_EPI_REG>(GG_WPASS); }
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16(GG_ARGS) { gg_wgrad_body<false, GG_EPI_REG>(GG_WPASS); }
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16_bulk(GG_ARGS) { gg_wgrad_body<false, GG_EPI_STAGED>(GG_WPASS); }
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16_ring(GG_ARGS) { gg_wgrad_body<false, GG_EPI_RING>(GG_WPASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_f32(GG_ARGS) { MOE_PDL_ENTRY(); gg_wgrad_body<true, GG_EPI_REG>(GG_WPASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16(GG_ARGS) { MOE_PDL_ENTRY(); gg_wgrad_body<false, GG_EPI_REG>(GG_WPASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16_bulk(GG_ARGS) { MOE_PDL_ENTRY(); gg_wgrad_body<false, GG_EPI_STAGED>(GG_WPASS); }
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16_ring(GG_ARGS) { MOE_PDL_ENTRY(); gg_wgrad_body<false, GG_EPI_RING>(GG_WPASS); }
 // dW1 = x^T dh gathering x's rows on load (GgGather; map_a unused)
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16_gather(GG_ARGS, const u16* x, const int* rows_of, int x_rows) {
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16_gather(GG_ARGS, const u16* x, const int* rows_of, int x_rows) { MOE_PDL_ENTRY();
     const GgGather gather{x, rows_of, x_rows};
     gg_wgrad_body<false, GG_EPI_STAGED, true>(GG_WPASS, &gather);
 }

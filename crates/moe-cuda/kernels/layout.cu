@@ -28,7 +28,7 @@
 
 // One block per token: clears its rows of map / dense, then writes each listed expert.
 // err[0] = 1 when an index is neither -1 nor in [0, E), or a row lists an expert twice.
-extern "C" __global__ void __launch_bounds__(256) multihot_from_indices(const int* __restrict__ idx, const u32* __restrict__ probs, int T, int K, int E, u8* __restrict__ map, u32* __restrict__ dense, u32* __restrict__ err) {
+extern "C" __global__ void __launch_bounds__(256) multihot_from_indices(const int* __restrict__ idx, const u32* __restrict__ probs, int T, int K, int E, u8* __restrict__ map, u32* __restrict__ dense, u32* __restrict__ err) { MOE_PDL_ENTRY();
     const int t = blockIdx.x;
     if (t >= T) return;
     const i64 row = (i64)t * E;
@@ -54,7 +54,7 @@ extern "C" __global__ void __launch_bounds__(256) multihot_from_indices(const in
 }
 
 // One warp per token (blockDim 128): atomicMax of the row counts into max_out[0].
-extern "C" __global__ void multihot_row_max(const u8* __restrict__ map, int T, int E, u32* __restrict__ max_out) {
+extern "C" __global__ void multihot_row_max(const u8* __restrict__ map, int T, int E, u32* __restrict__ max_out) { MOE_PDL_ENTRY();
     const int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (t >= T) return;
@@ -66,7 +66,7 @@ extern "C" __global__ void multihot_row_max(const u8* __restrict__ map, int T, i
 
 // One warp per token (blockDim 128): its experts in ascending id, then -1 (prob 0); the prob of
 // a listed expert is dense[t, e] (1.0 without dense probs).
-extern "C" __global__ void multihot_to_indices_fill(const u8* __restrict__ map, const u32* __restrict__ dense, int T, int E, int K, int* __restrict__ out_idx, u32* __restrict__ out_probs) {
+extern "C" __global__ void multihot_to_indices_fill(const u8* __restrict__ map, const u32* __restrict__ dense, int T, int E, int K, int* __restrict__ out_idx, u32* __restrict__ out_probs) { MOE_PDL_ENTRY();
     const int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (t >= T) return;
@@ -97,7 +97,7 @@ extern "C" __global__ void multihot_to_indices_fill(const u8* __restrict__ map, 
 // padRoutingMap, the slot experts of permute backward).
 
 // Thread (chunk, c): selected rows of column c in the chunk.
-extern "C" __global__ void layout_chunk_count(const u8* __restrict__ map, int T, int C, int* __restrict__ chunk_counts) {
+extern "C" __global__ void layout_chunk_count(const u8* __restrict__ map, int T, int C, int* __restrict__ chunk_counts) { MOE_PDL_ENTRY();
     const int chunk = blockIdx.x;
     const int c = blockIdx.y * blockDim.x + threadIdx.x;
     if (c >= C) return;
@@ -109,7 +109,7 @@ extern "C" __global__ void layout_chunk_count(const u8* __restrict__ map, int T,
 }
 
 // Thread c: chunk_counts[., c] becomes its exclusive prefix over chunks; counts[c] the total.
-extern "C" __global__ void layout_chunk_scan(int* __restrict__ chunk_counts, int num_chunks, int C, int* __restrict__ counts) {
+extern "C" __global__ void layout_chunk_scan(int* __restrict__ chunk_counts, int num_chunks, int C, int* __restrict__ counts) { MOE_PDL_ENTRY();
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     int acc = 0;
@@ -122,7 +122,7 @@ extern "C" __global__ void layout_chunk_scan(int* __restrict__ chunk_counts, int
 }
 
 // One block of 1024 threads: out[i] = sum of in[0..i) for i in 0..=n.
-extern "C" __global__ void __launch_bounds__(1024) layout_scan_exclusive(const int* __restrict__ in, int n, int* __restrict__ out) {
+extern "C" __global__ void __launch_bounds__(1024) layout_scan_exclusive(const int* __restrict__ in, int n, int* __restrict__ out) { MOE_PDL_ENTRY();
     int carry = 0;
     for (int base = 0; base < n; base += blockDim.x) {
         const int i = base + threadIdx.x;
@@ -140,7 +140,7 @@ extern "C" __global__ void __launch_bounds__(1024) layout_scan_exclusive(const i
 
 // Thread (chunk, e): copies its column of the chunk (as 0/1) and routes the unselected tokens
 // whose rank among the unselected tokens of e is below need(e) = (m - c % m) % m.
-extern "C" __global__ void pad_routing_fill(const u8* __restrict__ map, int T, int E, const int* __restrict__ chunk_base, const int* __restrict__ counts, i64 pad_multiple, u8* __restrict__ out) {
+extern "C" __global__ void pad_routing_fill(const u8* __restrict__ map, int T, int E, const int* __restrict__ chunk_base, const int* __restrict__ counts, i64 pad_multiple, u8* __restrict__ out) { MOE_PDL_ENTRY();
     const int chunk = blockIdx.x;
     const int e = blockIdx.y * blockDim.x + threadIdx.x;
     if (e >= E) return;
@@ -177,7 +177,7 @@ static __device__ __forceinline__ u32 drop_key(u32 b) {
 // `capacity` tokens of the order (drop_key(probs[t, e]), t). A radix select (4 passes of 8 bits,
 // integer histograms) finds the key K of the capacity-th token; tokens with a smaller key are
 // kept, and of those with key K the first `capacity - #smaller` by token id (a block scan).
-extern "C" __global__ void __launch_bounds__(1024) drop_mask_probs(const u32* __restrict__ probs, int T, int E, int capacity, u8* __restrict__ mask) {
+extern "C" __global__ void __launch_bounds__(1024) drop_mask_probs(const u32* __restrict__ probs, int T, int E, int capacity, u8* __restrict__ mask) { MOE_PDL_ENTRY();
     __shared__ int hist[256];
     __shared__ u32 s_prefix;
     __shared__ int s_remaining;
@@ -227,7 +227,7 @@ extern "C" __global__ void __launch_bounds__(1024) drop_mask_probs(const u32* __
 
 // One block per expert (blockDim 1024), 0 < capacity < T: the first `capacity` tokens of the
 // order "routed tokens ascending, then unrouted tokens ascending".
-extern "C" __global__ void __launch_bounds__(1024) drop_mask_position(const u8* __restrict__ map, int T, int E, int capacity, u8* __restrict__ mask) {
+extern "C" __global__ void __launch_bounds__(1024) drop_mask_position(const u8* __restrict__ map, int T, int E, int capacity, u8* __restrict__ mask) { MOE_PDL_ENTRY();
     const int e = blockIdx.x;
     int routed = 0;
     for (int base = 0; base < T; base += blockDim.x) {
@@ -262,7 +262,7 @@ static __device__ __forceinline__ u32 times_zero_bits(u32 b) {
 
 // Elementwise: the capacity mask is `mask` (mode 2), all ones (mode 1) or all zeros (mode 0);
 // the output map is the mask (pad) or map AND mask; the output probs are kept or times zero.
-extern "C" __global__ void drop_apply(const u8* __restrict__ map, const u32* __restrict__ probs, const u8* __restrict__ mask, i64 n, int mode, int pad, u8* __restrict__ out_map, u32* __restrict__ out_probs) {
+extern "C" __global__ void drop_apply(const u8* __restrict__ map, const u32* __restrict__ probs, const u8* __restrict__ mask, i64 n, int mode, int pad, u8* __restrict__ out_map, u32* __restrict__ out_probs) { MOE_PDL_ENTRY();
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
         const bool m = mode == 2 ? __ldg(mask + i) != 0 : mode == 1;
         const bool keep = pad ? m : (m && __ldg(map + i) != 0);
@@ -305,13 +305,13 @@ __device__ __forceinline__ void chunk_copy_impl(const W* __restrict__ src, W* __
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256) chunk_copy_w16(const uint4* src, uint4* dst, i64 words_per_row, const int* out_start, const int* src_start, int C) { chunk_copy_impl<uint4>(src, dst, words_per_row, out_start, src_start, C); }
-extern "C" __global__ void __launch_bounds__(256) chunk_copy_w8(const uint2* src, uint2* dst, i64 words_per_row, const int* out_start, const int* src_start, int C) { chunk_copy_impl<uint2>(src, dst, words_per_row, out_start, src_start, C); }
-extern "C" __global__ void __launch_bounds__(256) chunk_copy_w4(const u32* src, u32* dst, i64 words_per_row, const int* out_start, const int* src_start, int C) { chunk_copy_impl<u32>(src, dst, words_per_row, out_start, src_start, C); }
-extern "C" __global__ void __launch_bounds__(256) chunk_copy_w2(const u16* src, u16* dst, i64 words_per_row, const int* out_start, const int* src_start, int C) { chunk_copy_impl<u16>(src, dst, words_per_row, out_start, src_start, C); }
+extern "C" __global__ void __launch_bounds__(256) chunk_copy_w16(const uint4* src, uint4* dst, i64 words_per_row, const int* out_start, const int* src_start, int C) { MOE_PDL_ENTRY(); chunk_copy_impl<uint4>(src, dst, words_per_row, out_start, src_start, C); }
+extern "C" __global__ void __launch_bounds__(256) chunk_copy_w8(const uint2* src, uint2* dst, i64 words_per_row, const int* out_start, const int* src_start, int C) { MOE_PDL_ENTRY(); chunk_copy_impl<uint2>(src, dst, words_per_row, out_start, src_start, C); }
+extern "C" __global__ void __launch_bounds__(256) chunk_copy_w4(const u32* src, u32* dst, i64 words_per_row, const int* out_start, const int* src_start, int C) { MOE_PDL_ENTRY(); chunk_copy_impl<u32>(src, dst, words_per_row, out_start, src_start, C); }
+extern "C" __global__ void __launch_bounds__(256) chunk_copy_w2(const u16* src, u16* dst, i64 words_per_row, const int* out_start, const int* src_start, int C) { MOE_PDL_ENTRY(); chunk_copy_impl<u16>(src, dst, words_per_row, out_start, src_start, C); }
 
 // One thread per output row: the probs move with their rows (raw bits).
-extern "C" __global__ void chunk_probs(const u32* __restrict__ src, u32* __restrict__ dst, int N, const int* __restrict__ out_start, const int* __restrict__ src_start, int C) {
+extern "C" __global__ void chunk_probs(const u32* __restrict__ src, u32* __restrict__ dst, int N, const int* __restrict__ out_start, const int* __restrict__ src_start, int C) { MOE_PDL_ENTRY();
     const int r = blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= N) return;
     dst[r] = __ldg(src + chunk_source_row(out_start, src_start, C, r));
@@ -334,7 +334,7 @@ static __device__ __forceinline__ int grouped_local(const int* __restrict__ idx,
 }
 
 // Thread c: slots of each local expert in chunk c (chunk_counts [chunks, L], zeroed before).
-extern "C" __global__ void grouped_count(const int* __restrict__ idx, const u8* __restrict__ token_mask, int N, int K, i64 start, i64 end, int L, int per_chunk, int chunks, int* __restrict__ chunk_counts, u32* __restrict__ err) {
+extern "C" __global__ void grouped_count(const int* __restrict__ idx, const u8* __restrict__ token_mask, int N, int K, i64 start, i64 end, int L, int per_chunk, int chunks, int* __restrict__ chunk_counts, u32* __restrict__ err) { MOE_PDL_ENTRY();
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= chunks) return;
     const int s0 = c * per_chunk;
@@ -370,15 +370,15 @@ __device__ __forceinline__ void grouped_fill_impl(const int* __restrict__ idx, c
 #define GROUPED_FILL_ARGS const int* idx, const u8* token_mask, const E_S* weights, int N, int K, i64 start, i64 end, int L, int per_chunk, int chunks, int* chunk_base, const int* offs, int* token_ids, int* slot_ids, float* sorted_weights, u32* err
 #define GROUPED_FILL_CALL idx, token_mask, weights, N, K, start, end, L, per_chunk, chunks, chunk_base, offs, token_ids, slot_ids, sorted_weights, err
 #define E_S float
-extern "C" __global__ void grouped_fill_f32(GROUPED_FILL_ARGS) { grouped_fill_impl<F32>(GROUPED_FILL_CALL); }
+extern "C" __global__ void grouped_fill_f32(GROUPED_FILL_ARGS) { MOE_PDL_ENTRY(); grouped_fill_impl<F32>(GROUPED_FILL_CALL); }
 #undef E_S
 #define E_S u16
-extern "C" __global__ void grouped_fill_bf16(GROUPED_FILL_ARGS) { grouped_fill_impl<BF16>(GROUPED_FILL_CALL); }
-extern "C" __global__ void grouped_fill_f16(GROUPED_FILL_ARGS) { grouped_fill_impl<F16>(GROUPED_FILL_CALL); }
+extern "C" __global__ void grouped_fill_bf16(GROUPED_FILL_ARGS) { MOE_PDL_ENTRY(); grouped_fill_impl<BF16>(GROUPED_FILL_CALL); }
+extern "C" __global__ void grouped_fill_f16(GROUPED_FILL_ARGS) { MOE_PDL_ENTRY(); grouped_fill_impl<F16>(GROUPED_FILL_CALL); }
 #undef E_S
 
 // offsets[l] = offs[l + 1]: the inclusive cumulative sum (the end of each expert's group).
-extern "C" __global__ void grouped_offsets(const int* __restrict__ offs, int L, int* __restrict__ out) {
+extern "C" __global__ void grouped_offsets(const int* __restrict__ offs, int L, int* __restrict__ out) { MOE_PDL_ENTRY();
     const int l = blockIdx.x * blockDim.x + threadIdx.x;
     if (l < L) out[l] = __ldg(offs + l + 1);
 }
@@ -389,7 +389,7 @@ extern "C" __global__ void grouped_offsets(const int* __restrict__ offs, int L, 
 // The expert of slot i: i / capacity with drop-and-pad, else from the routing map's expert
 // offsets. One thread per slot: err[0] = 1 when (plain mode) routingMap does not route the
 // slot's token to its expert; with `dense` ([T, E] f32), weights[i] = dense[token, expert].
-extern "C" __global__ void slot_expert_check(const int* __restrict__ sorted, int n, const int* __restrict__ offsets, int E, int capacity, int drop_and_pad, const u8* __restrict__ map, const u32* __restrict__ dense, u32* __restrict__ weights, u32* __restrict__ err) {
+extern "C" __global__ void slot_expert_check(const int* __restrict__ sorted, int n, const int* __restrict__ offsets, int E, int capacity, int drop_and_pad, const u8* __restrict__ map, const u32* __restrict__ dense, u32* __restrict__ weights, u32* __restrict__ err) { MOE_PDL_ENTRY();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     const int e = drop_and_pad ? i / capacity : expert_of(offsets, E, i);
@@ -400,7 +400,7 @@ extern "C" __global__ void slot_expert_check(const int* __restrict__ sorted, int
 
 // One thread per token t (which owns row t of `dense`, zeroed before): for each of its slots i
 // in ascending slot order, dense[t, expert of i] += g[i] (f32, rounded at each step).
-extern "C" __global__ void probs_grad_scatter(const int* __restrict__ row_ptr, const int* __restrict__ slots, int T, const float* __restrict__ g, int E, int capacity, int drop_and_pad, const int* __restrict__ offsets, float* __restrict__ dense) {
+extern "C" __global__ void probs_grad_scatter(const int* __restrict__ row_ptr, const int* __restrict__ slots, int T, const float* __restrict__ g, int E, int capacity, int drop_and_pad, const int* __restrict__ offsets, float* __restrict__ dense) { MOE_PDL_ENTRY();
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= T) return;
     const int beg = __ldg(row_ptr + t), end = __ldg(row_ptr + t + 1);
@@ -424,9 +424,9 @@ __device__ __forceinline__ void unpermute_bwd_scale_impl(const typename E::S* __
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256) unpermute_bwd_scale_f32(const float* g, const int* sorted, const float* w, float* out, i64 hidden) { unpermute_bwd_scale_impl<F32>(g, sorted, w, out, hidden); }
-extern "C" __global__ void __launch_bounds__(256) unpermute_bwd_scale_bf16(const u16* g, const int* sorted, const float* w, u16* out, i64 hidden) { unpermute_bwd_scale_impl<BF16>(g, sorted, w, out, hidden); }
-extern "C" __global__ void __launch_bounds__(256) unpermute_bwd_scale_f16(const u16* g, const int* sorted, const float* w, u16* out, i64 hidden) { unpermute_bwd_scale_impl<F16>(g, sorted, w, out, hidden); }
+extern "C" __global__ void __launch_bounds__(256) unpermute_bwd_scale_f32(const float* g, const int* sorted, const float* w, float* out, i64 hidden) { MOE_PDL_ENTRY(); unpermute_bwd_scale_impl<F32>(g, sorted, w, out, hidden); }
+extern "C" __global__ void __launch_bounds__(256) unpermute_bwd_scale_bf16(const u16* g, const int* sorted, const float* w, u16* out, i64 hidden) { MOE_PDL_ENTRY(); unpermute_bwd_scale_impl<BF16>(g, sorted, w, out, hidden); }
+extern "C" __global__ void __launch_bounds__(256) unpermute_bwd_scale_f16(const u16* g, const int* sorted, const float* w, u16* out, i64 hidden) { MOE_PDL_ENTRY(); unpermute_bwd_scale_impl<F16>(g, sorted, w, out, hidden); }
 
 // One warp per slot i (blockDim 128): out[i] = f32(sum over h, ascending, from -0.0, of the
 // exact f64 products gradOutput[sorted[i], h] * permuted[i, h]). Lanes load 32 columns at a
@@ -450,6 +450,6 @@ __device__ __forceinline__ void slot_dot_impl(const typename E::S* __restrict__ 
     if (lane == 0) out[i] = __double2float_rn(acc);
 }
 
-extern "C" __global__ void slot_dot_f32(const float* g, const float* x, const int* sorted, int n, i64 hidden, float* out) { slot_dot_impl<F32>(g, x, sorted, n, hidden, out); }
-extern "C" __global__ void slot_dot_bf16(const u16* g, const u16* x, const int* sorted, int n, i64 hidden, float* out) { slot_dot_impl<BF16>(g, x, sorted, n, hidden, out); }
-extern "C" __global__ void slot_dot_f16(const u16* g, const u16* x, const int* sorted, int n, i64 hidden, float* out) { slot_dot_impl<F16>(g, x, sorted, n, hidden, out); }
+extern "C" __global__ void slot_dot_f32(const float* g, const float* x, const int* sorted, int n, i64 hidden, float* out) { MOE_PDL_ENTRY(); slot_dot_impl<F32>(g, x, sorted, n, hidden, out); }
+extern "C" __global__ void slot_dot_bf16(const u16* g, const u16* x, const int* sorted, int n, i64 hidden, float* out) { MOE_PDL_ENTRY(); slot_dot_impl<BF16>(g, x, sorted, n, hidden, out); }
+extern "C" __global__ void slot_dot_f16(const u16* g, const u16* x, const int* sorted, int n, i64 hidden, float* out) { MOE_PDL_ENTRY(); slot_dot_impl<F16>(g, x, sorted, n, hidden, out); }

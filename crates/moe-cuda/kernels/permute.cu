@@ -106,14 +106,14 @@ __device__ __forceinline__ void permute_gather_impl(
     extern "C" __global__ void __launch_bounds__(256) permute_scatter_w##BYTES(                        \
         const Word<BYTES>::T* tokens, Word<BYTES>::T* out, long long words_per_row,                    \
         const int* row_ptr, const int* slots, const float* dense_probs, float* out_probs,              \
-        const int* expert_offsets, int num_experts) {                                                  \
+        const int* expert_offsets, int num_experts) { MOE_PDL_ENTRY();                                                  \
         permute_scatter_impl<Word<BYTES>::T, PERMUTE_UNROLL>(tokens, out, words_per_row, row_ptr,      \
             slots, dense_probs, out_probs, expert_offsets, num_experts);                               \
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(256) permute_gather_w##BYTES(                         \
         const Word<BYTES>::T* tokens, Word<BYTES>::T* out, long long words_per_row,                    \
         const int* sorted_indices, const float* dense_probs, float* out_probs,                         \
-        const int* expert_offsets, int num_experts) {                                                  \
+        const int* expert_offsets, int num_experts) { MOE_PDL_ENTRY();                                                  \
         permute_gather_impl<Word<BYTES>::T, PERMUTE_UNROLL>(tokens, out, words_per_row,                \
             sorted_indices, dense_probs, out_probs, expert_offsets, num_experts);                      \
     }
@@ -185,7 +185,7 @@ __device__ __forceinline__ void unpermute_impl(
 #define UNPERMUTE_KERNEL(NAME, E, VEC)                                                                 \
     extern "C" __global__ void __launch_bounds__(256) unpermute_##NAME##_v##VEC(                       \
         const E::S* permuted, E::S* out, long long hidden, const int* row_ptr, const int* slots,        \
-        const float* weights) {                                                                        \
+        const float* weights) { MOE_PDL_ENTRY();                                                                        \
         unpermute_impl<E, VEC, UNPERMUTE_GROUP>(permuted, out, hidden, row_ptr, slots, weights);       \
     }
 

@@ -28,7 +28,7 @@
 
 #define PLAN_CHUNK 64
 
-extern "C" __global__ void plan_chunk_count(const u8* __restrict__ map, int T, int E, int* __restrict__ chunk_counts) {
+extern "C" __global__ void plan_chunk_count(const u8* __restrict__ map, int T, int E, int* __restrict__ chunk_counts) { MOE_PDL_ENTRY();
     const int chunk = blockIdx.x;
     const int e = blockIdx.y * blockDim.x + threadIdx.x;
     if (e >= E) return;
@@ -47,7 +47,7 @@ extern "C" __global__ void plan_chunk_count(const u8* __restrict__ map, int T, i
 // loading 16 routing bytes at once (a byte a thread took 28 us for DeepSeek-V3's 4 MB map under
 // ncu); per-thread counts of its 16 experts, summed over the block's row groups in shared memory
 // (dynamic: 256 / (E / 16) * E ints = 16 KiB).
-extern "C" __global__ void __launch_bounds__(256) plan_chunk_count_v(const u8* __restrict__ map, int T, int E, int* __restrict__ chunk_counts) {
+extern "C" __global__ void __launch_bounds__(256) plan_chunk_count_v(const u8* __restrict__ map, int T, int E, int* __restrict__ chunk_counts) { MOE_PDL_ENTRY();
     extern __shared__ int part[];
     const int lanes = E >> 4;
     const int groups = blockDim.x / lanes;
@@ -101,7 +101,7 @@ static __device__ __forceinline__ int warp_chunk_prefix(int* __restrict__ chunk_
 // One warp per expert: chunk_counts[c, e] becomes the tokens of e in chunks before c;
 // counts_out[e] the selected tokens of e, tokens_per_expert[e] its slots.
 extern "C" __global__ void plan_chunk_scan(int* __restrict__ chunk_counts, int num_chunks, int E, int capacity, int drop_and_pad,
-                                           int* __restrict__ counts_out, int* __restrict__ tokens_per_expert) {
+                                           int* __restrict__ counts_out, int* __restrict__ tokens_per_expert) { MOE_PDL_ENTRY();
     const int lane = threadIdx.x & 31;
     const int e = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (e >= E) return;
@@ -113,7 +113,7 @@ extern "C" __global__ void plan_chunk_scan(int* __restrict__ chunk_counts, int n
 }
 
 // One block of 1024 threads: expert_offsets = the exclusive prefix of tokens_per_expert.
-extern "C" __global__ void __launch_bounds__(1024) plan_expert_offsets(const int* __restrict__ tokens_per_expert, int E, int* __restrict__ expert_offsets) {
+extern "C" __global__ void __launch_bounds__(1024) plan_expert_offsets(const int* __restrict__ tokens_per_expert, int E, int* __restrict__ expert_offsets) { MOE_PDL_ENTRY();
     int carry = 0;
     for (int base = 0; base < E; base += blockDim.x) {
         const int e = base + threadIdx.x;
@@ -133,7 +133,7 @@ extern "C" __global__ void __launch_bounds__(1024) plan_expert_offsets(const int
 // bounds: row_ptr is clamped to N, and a slot at or past N is listed as -1 (permute skips it).
 extern "C" __global__ void __launch_bounds__(256) plan_rows(
     const u8* __restrict__ map, int T, int E, const int* __restrict__ chunk_base, const int* __restrict__ expert_offsets, int N,
-    int* __restrict__ sorted_indices, int* __restrict__ row_ptr, int* __restrict__ slots, int vec) {
+    int* __restrict__ sorted_indices, int* __restrict__ row_ptr, int* __restrict__ slots, int vec) { MOE_PDL_ENTRY();
     extern __shared__ u32 bits[];
     __shared__ int row_start[PLAN_CHUNK];
     __shared__ int part[8];
@@ -387,12 +387,12 @@ static __device__ __forceinline__ void plan_small_rows_impl(const u8* __restrict
 
 #define PLAN_SMALL_KERNELS(W, C)                                                                               \
     extern "C" __global__ void __launch_bounds__(C) plan_small_count_w##W##_c##C(                             \
-        const u8* map, int T, int E, int* chunk_counts, unsigned* ticket, int* tokens_per_expert, int* expert_offsets) { \
+        const u8* map, int T, int E, int* chunk_counts, unsigned* ticket, int* tokens_per_expert, int* expert_offsets) { MOE_PDL_ENTRY(); \
         plan_small_count_impl<W, C>(map, T, E, chunk_counts, ticket, tokens_per_expert, expert_offsets);      \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(C) plan_small_rows_w##W##_c##C(                              \
         const u8* map, int T, int E, const int* chunk_base, const int* expert_offsets, int N, int* sorted_indices, \
-        int* row_ptr, int* slots) {                                                                            \
+        int* row_ptr, int* slots) { MOE_PDL_ENTRY();                                                                            \
         plan_small_rows_impl<W, C>(map, T, E, chunk_base, expert_offsets, N, sorted_indices, row_ptr, slots); \
     }
 
@@ -405,7 +405,7 @@ PLAN_SMALL_KERNELS(1, 256)
 extern "C" __global__ void plan_fill(
     const u8* __restrict__ map, int T, int E, const int* __restrict__ chunk_base, const int* __restrict__ counts,
     const int* __restrict__ expert_offsets, int capacity, int drop_and_pad, int N,
-    int* __restrict__ sorted_indices, int* __restrict__ slot_of, int* __restrict__ row_counts) {
+    int* __restrict__ sorted_indices, int* __restrict__ slot_of, int* __restrict__ row_counts) { MOE_PDL_ENTRY();
     const int chunk = blockIdx.x;
     const int e = blockIdx.y * blockDim.x + threadIdx.x;
     if (e >= E) return;
@@ -437,7 +437,7 @@ extern "C" __global__ void plan_fill(
 }
 
 // One block of 1024 threads: out[i] = sum of in[0..i) for i in 0..=n.
-extern "C" __global__ void __launch_bounds__(1024) scan_exclusive(const int* __restrict__ in, int n, int* __restrict__ out) {
+extern "C" __global__ void __launch_bounds__(1024) scan_exclusive(const int* __restrict__ in, int n, int* __restrict__ out) { MOE_PDL_ENTRY();
     int carry = 0;
     for (int base = 0; base < n; base += blockDim.x) {
         const int i = base + threadIdx.x;
@@ -450,7 +450,7 @@ extern "C" __global__ void __launch_bounds__(1024) scan_exclusive(const int* __r
 }
 
 // One warp per token (blockDim 128 = 4 tokens a block).
-extern "C" __global__ void plan_row_fill(const int* __restrict__ slot_of, int T, int E, const int* __restrict__ row_ptr, int* __restrict__ slots) {
+extern "C" __global__ void plan_row_fill(const int* __restrict__ slot_of, int T, int E, const int* __restrict__ row_ptr, int* __restrict__ slots) { MOE_PDL_ENTRY();
     const int t = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (t >= T) return;
@@ -466,7 +466,7 @@ extern "C" __global__ void plan_row_fill(const int* __restrict__ slot_of, int T,
 
 // weights[s] = dense[sorted[s], expert of s] (the expert from the offsets), one thread a slot.
 extern "C" __global__ void gather_slot_probs(const float* __restrict__ dense, const int* __restrict__ sorted_indices,
-                                             const int* __restrict__ expert_offsets, int E, int N, float* __restrict__ out) {
+                                             const int* __restrict__ expert_offsets, int E, int N, float* __restrict__ out) { MOE_PDL_ENTRY();
     const int s = blockIdx.x * blockDim.x + threadIdx.x;
     if (s >= N) return;
     out[s] = __ldg(dense + (i64)__ldg(sorted_indices + s) * E + expert_of(expert_offsets, E, s));
@@ -687,7 +687,7 @@ static __device__ __forceinline__ void permute_fused_impl(const u8* __restrict__
     extern "C" __global__ void __launch_bounds__(FUSED_THREADS, 2) permute_fused_w##BYTES(                                 \
         const u8* map, int T, int E, int chunk, const Word<BYTES>::T* tokens, Word<BYTES>::T* out, int words_per_row,      \
         const float* dense_probs, float* out_probs, int N, int* sorted_indices, int* row_ptr, int* slots,                  \
-        int* tokens_per_expert, int* expert_offsets) {                                                                     \
+        int* tokens_per_expert, int* expert_offsets) { MOE_PDL_ENTRY();                                                                     \
         permute_fused_impl<Word<BYTES>::T>(map, T, E, chunk, tokens, out, words_per_row, dense_probs, out_probs, N,        \
                                            sorted_indices, row_ptr, slots, tokens_per_expert, expert_offsets);             \
     }

@@ -312,7 +312,7 @@ extern "C" __global__ void route_kernel(
     const float* __restrict__ logits, const float* __restrict__ bias, const u8* __restrict__ mask,
     int T, int E, int k, int sf, int softmax_before_topk, int groups, int topk_groups, int top2, int normalise,
     double route_scale, float* __restrict__ weights, int* __restrict__ indices, float* __restrict__ scores,
-    u64* __restrict__ err, int* __restrict__ tpe) {
+    u64* __restrict__ err, int* __restrict__ tpe) { MOE_PDL_ENTRY();
     extern __shared__ double smem[];
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     const int t = blockIdx.x * (blockDim.x >> 5) + w;
@@ -424,7 +424,7 @@ extern "C" __global__ void route_kernel(
 // topk: the k largest of each row of values [T, E], one warp per row (shared: 4E + 4k bytes a
 // warp). err[0] becomes 0 when a value is NaN (as route's).
 extern "C" __global__ void topk_kernel(const float* __restrict__ values, int T, int E, int k, float* __restrict__ out_values,
-                                       int* __restrict__ out_indices, u64* __restrict__ err) {
+                                       int* __restrict__ out_indices, u64* __restrict__ err) { MOE_PDL_ENTRY();
     extern __shared__ double smem[];
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     const int t = blockIdx.x * (blockDim.x >> 5) + w;
@@ -789,12 +789,12 @@ __device__ __forceinline__ void route_reg_loop(
     extern "C" __global__ void __launch_bounds__(128, 8) route_kernel_r##PER(                                \
         const float* logits, const float* bias, const u8* mask, int T, int E, int k, int sf,                 \
         int softmax_before_topk, int groups, int topk_groups, int top2, int normalise, double route_scale,   \
-        float* weights, int* indices, float* scores, u64* err, int* tpe) {                                   \
+        float* weights, int* indices, float* scores, u64* err, int* tpe) { MOE_PDL_ENTRY();                                   \
         route_reg_loop<PER>(logits, bias, mask, T, E, k, sf, softmax_before_topk, groups, topk_groups, top2,  \
                             normalise, route_scale, weights, indices, scores, err, tpe);                     \
     }                                                                                                        \
     extern "C" __global__ void topk_kernel_r##PER(const float* values, int T, int E, int k, float* out_values, \
-                                                   int* out_indices, u64* err) {                             \
+                                                   int* out_indices, u64* err) { MOE_PDL_ENTRY();                             \
         topk_reg_impl<PER>(values, T, E, k, out_values, out_indices, err);                                   \
     }
 
@@ -854,7 +854,7 @@ extern "C" __global__ void __launch_bounds__(32 * RB_WARPS) route_backward_kerne
                                                  const float* __restrict__ grad_weights, const float* __restrict__ grad_scores,
                                                  const u8* __restrict__ mask, int T, int E, int k, int sf, int on_logits,
                                                  int normalise, double scale, double* __restrict__ sbuf, float* __restrict__ grad,
-                                                 u64* __restrict__ err) {
+                                                 u64* __restrict__ err) { MOE_PDL_ENTRY();
     const int t = blockIdx.x * RB_WARPS + (int)(threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (t >= T) return;  // the whole warp

@@ -101,7 +101,7 @@ __device__ __forceinline__ void sum_squares_impl(const typename T::S* __restrict
 }
 
 #define SUM_SQUARES(T)                                                                                                       \
-    extern "C" __global__ void sum_squares_##T(const T::S* g, long long n, double* partials, int vec) { sum_squares_impl<T>(g, n, partials, vec); }
+    extern "C" __global__ void sum_squares_##T(const T::S* g, long long n, double* partials, int vec) { MOE_PDL_ENTRY(); sum_squares_impl<T>(g, n, partials, vec); }
 SUM_SQUARES(F32)
 SUM_SQUARES(BF16)
 SUM_SQUARES(F16)
@@ -114,7 +114,7 @@ __device__ __forceinline__ double partials_lane_sum(const double* __restrict__ p
 }
 
 extern "C" __global__ void adamw_finish(const double* __restrict__ partials, long long n, double* __restrict__ state, double lr,
-                                        double beta1, double beta2, double eps, double weight_decay, double max_norm) {
+                                        double beta1, double beta2, double eps, double weight_decay, double max_norm) { MOE_PDL_ENTRY();
     const double total = lane_tree_sum<FIN_THREADS>(partials_lane_sum(partials, n));
     if (threadIdx.x != 0) return;
     const double norm = sqrt(total);
@@ -224,7 +224,7 @@ __device__ __forceinline__ void adamw_update_impl(float* __restrict__ p, float* 
 
 #define ADAMW_UPDATE(G, L)                                                                                                    \
     extern "C" __global__ void adamw_update_##G##_##L(float* p, float* m, float* v, const G::S* grad, L::S* low, long long n, \
-                                                      const double* state, int decay_on, int vec4) {                          \
+                                                      const double* state, int decay_on, int vec4) { MOE_PDL_ENTRY();                          \
         adamw_update_impl<G, L>(p, m, v, grad, low, n, state, decay_on, vec4);                                                              \
     }
 ADAMW_UPDATE(F32, F32)
@@ -242,21 +242,21 @@ template <typename T>
 __device__ __forceinline__ void widen_impl(const typename T::S* __restrict__ x, float* __restrict__ out, long long n) {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) out[i] = T::to_f32(x[i]);
 }
-extern "C" __global__ void widen_BF16(const u16* x, float* out, long long n) { widen_impl<BF16>(x, out, n); }
-extern "C" __global__ void widen_F16(const u16* x, float* out, long long n) { widen_impl<F16>(x, out, n); }
+extern "C" __global__ void widen_BF16(const u16* x, float* out, long long n) { MOE_PDL_ENTRY(); widen_impl<BF16>(x, out, n); }
+extern "C" __global__ void widen_F16(const u16* x, float* out, long long n) { MOE_PDL_ENTRY(); widen_impl<F16>(x, out, n); }
 
 // narrow_<T>: out[i] = T(x[i]) (rounded once, as the core rounds).
 template <typename T>
 __device__ __forceinline__ void narrow_impl(const float* __restrict__ x, typename T::S* __restrict__ out, long long n) {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) out[i] = T::from_f32(x[i]);
 }
-extern "C" __global__ void narrow_BF16(const float* x, u16* out, long long n) { narrow_impl<BF16>(x, out, n); }
-extern "C" __global__ void narrow_F16(const float* x, u16* out, long long n) { narrow_impl<F16>(x, out, n); }
+extern "C" __global__ void narrow_BF16(const float* x, u16* out, long long n) { MOE_PDL_ENTRY(); narrow_impl<BF16>(x, out, n); }
+extern "C" __global__ void narrow_F16(const float* x, u16* out, long long n) { MOE_PDL_ENTRY(); narrow_impl<F16>(x, out, n); }
 
 // gather_picks: out[t, j] = dense[t, idx[t, j]] (0 where idx is -1): the gradient of route's
 // weights [T, k] from the dense [T, E] one that permute's backward gives.
 extern "C" __global__ void gather_picks(const float* __restrict__ dense, const int* __restrict__ idx, long long rows, int E, int k,
-                                        float* __restrict__ out) {
+                                        float* __restrict__ out) { MOE_PDL_ENTRY();
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= rows * k) return;
     const int e = idx[i];
@@ -282,7 +282,7 @@ __device__ __forceinline__ void logits_epilogue_impl(const float* __restrict__ r
     }
 }
 #define LOGITS_EPILOGUE(B, R)                                                                                                 \
-    extern "C" __global__ void logits_epilogue_##B##_##R(const float* raw, const B::S* bias, long long rows, int cols, float* out) { \
+    extern "C" __global__ void logits_epilogue_##B##_##R(const float* raw, const B::S* bias, long long rows, int cols, float* out) { MOE_PDL_ENTRY(); \
         logits_epilogue_impl<B, R>(raw, bias, rows, cols, out);                                                                 \
     }
 LOGITS_EPILOGUE(F32, F32)
@@ -305,7 +305,7 @@ __device__ __forceinline__ void add3_impl(const typename A::S* __restrict__ a, c
     }
 }
 #define ADD3(A, B, C, O)                                                                                                           \
-    extern "C" __global__ void add3_##A##_##B##_##C##_##O(const A::S* a, const B::S* b, const C::S* c, O::S* out, long long n) { \
+    extern "C" __global__ void add3_##A##_##B##_##C##_##O(const A::S* a, const B::S* b, const C::S* c, O::S* out, long long n) { MOE_PDL_ENTRY(); \
         add3_impl<A, B, C, O>(a, b, c, out, n);                                                                                    \
     }
 // the layer's sums: the routed output and the shared expert's part (T + T -> T); the input
@@ -325,9 +325,9 @@ __device__ __forceinline__ void column_sums_impl(const float* __restrict__ g, lo
     for (long long i = 0; i < rows; i++) s += (double)g[i * cols + j];
     out[j] = O::from_f32((float)s);
 }
-extern "C" __global__ void column_sums_F32(const float* g, long long rows, int cols, float* out) { column_sums_impl<F32>(g, rows, cols, out); }
-extern "C" __global__ void column_sums_BF16(const float* g, long long rows, int cols, u16* out) { column_sums_impl<BF16>(g, rows, cols, out); }
-extern "C" __global__ void column_sums_F16(const float* g, long long rows, int cols, u16* out) { column_sums_impl<F16>(g, rows, cols, out); }
+extern "C" __global__ void column_sums_F32(const float* g, long long rows, int cols, float* out) { MOE_PDL_ENTRY(); column_sums_impl<F32>(g, rows, cols, out); }
+extern "C" __global__ void column_sums_BF16(const float* g, long long rows, int cols, u16* out) { MOE_PDL_ENTRY(); column_sums_impl<BF16>(g, rows, cols, out); }
+extern "C" __global__ void column_sums_F16(const float* g, long long rows, int cols, u16* out) { MOE_PDL_ENTRY(); column_sums_impl<F16>(g, rows, cols, out); }
 
 // A float32 operand as three bfloat16 parts, for matmul_mixed (crates/moe-cuda/src/train.rs): a
 // GEMM of a float32 and a bfloat16 operand on the tensor cores, with the widened GEMM's exact
@@ -356,7 +356,7 @@ __device__ __forceinline__ void each_of_three(long long rows, long long cols, lo
 }
 
 extern "C" __global__ void split3_bf16(const float* __restrict__ x, long long rows, long long cols, long long rs, long long js,
-                                       u16* __restrict__ out) {
+                                       u16* __restrict__ out) { MOE_PDL_ENTRY();
     each_of_three(rows, cols, rs, [&](long long i, long long o) {
         const float v = x[i];
         u16 hi, mid = 0, lo = 0;
@@ -375,7 +375,7 @@ extern "C" __global__ void split3_bf16(const float* __restrict__ x, long long ro
 }
 
 extern "C" __global__ void repeat3_u16(const u16* __restrict__ x, long long rows, long long cols, long long rs, long long js,
-                                       u16* __restrict__ out) {
+                                       u16* __restrict__ out) { MOE_PDL_ENTRY();
     each_of_three(rows, cols, rs, [&](long long i, long long o) {
         const u16 v = x[i];
         out[o] = v;
@@ -385,7 +385,7 @@ extern "C" __global__ void repeat3_u16(const u16* __restrict__ x, long long rows
 }
 
 extern "C" __global__ void sum3_f32(const float* __restrict__ p, long long rows, long long cols, long long rs, long long js,
-                                    float* __restrict__ out) {
+                                    float* __restrict__ out) { MOE_PDL_ENTRY();
     each_of_three(rows, cols, rs, [&](long long i, long long o) { out[i] = __fadd_rn(__fadd_rn(p[o], p[o + js]), p[o + 2 * js]); });
 }
 
@@ -404,11 +404,11 @@ __device__ __forceinline__ void mse_impl(const typename T::S* __restrict__ y, co
     const double total = lane_tree_sum<SQ_THREADS>(acc);
     if (threadIdx.x == 0) partials[blockIdx.x] = total;
 }
-extern "C" __global__ void mse_F32(const float* y, const float* t, long long n, float* grad, double* partials) { mse_impl<F32>(y, t, n, grad, partials); }
-extern "C" __global__ void mse_BF16(const u16* y, const u16* t, long long n, u16* grad, double* partials) { mse_impl<BF16>(y, t, n, grad, partials); }
-extern "C" __global__ void mse_F16(const u16* y, const u16* t, long long n, u16* grad, double* partials) { mse_impl<F16>(y, t, n, grad, partials); }
+extern "C" __global__ void mse_F32(const float* y, const float* t, long long n, float* grad, double* partials) { MOE_PDL_ENTRY(); mse_impl<F32>(y, t, n, grad, partials); }
+extern "C" __global__ void mse_BF16(const u16* y, const u16* t, long long n, u16* grad, double* partials) { MOE_PDL_ENTRY(); mse_impl<BF16>(y, t, n, grad, partials); }
+extern "C" __global__ void mse_F16(const u16* y, const u16* t, long long n, u16* grad, double* partials) { MOE_PDL_ENTRY(); mse_impl<F16>(y, t, n, grad, partials); }
 
-extern "C" __global__ void mse_finish(const double* __restrict__ partials, long long chunks, long long n, double* __restrict__ out) {
+extern "C" __global__ void mse_finish(const double* __restrict__ partials, long long chunks, long long n, double* __restrict__ out) { MOE_PDL_ENTRY();
     const double total = lane_tree_sum<FIN_THREADS>(partials_lane_sum(partials, chunks));
     if (threadIdx.x == 0) out[0] = n > 0 ? total / (double)n : 0.0;
 }
@@ -456,11 +456,11 @@ __device__ __forceinline__ void shared_gate_bwd_impl(const typename T::S* __rest
 
 #define SHARED_GATE(T)                                                                                                                 \
     extern "C" __global__ void shared_gate_fwd_##T(const float* raw, const T::S* out, long long rows, int dim, float* gl_out,        \
-                                                    T::S* contribution) {                                                             \
+                                                    T::S* contribution) { MOE_PDL_ENTRY();                                                             \
         shared_gate_fwd_impl<T>(raw, out, rows, dim, gl_out, contribution);                                                           \
     }                                                                                                                                  \
     extern "C" __global__ void shared_gate_bwd_##T(const T::S* g, const T::S* out, const float* gl, long long rows, int dim,          \
-                                                    T::S* grad_out, float* dgl) {                                                     \
+                                                    T::S* grad_out, float* dgl) { MOE_PDL_ENTRY();                                                     \
         shared_gate_bwd_impl<T>(g, out, gl, rows, dim, grad_out, dgl);                                                                \
     }
 SHARED_GATE(F32)

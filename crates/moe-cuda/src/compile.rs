@@ -259,4 +259,47 @@ mod tests {
         assert_ne!(a, cache_key(&other, "sm_90"));
         assert_eq!(a, cache_key(&PERMUTE, "sm_90"));
     }
+
+    /// Every kernel definition of every file: the text after its declaration's opening brace
+    /// (comments skipped) and the declaration's first line.
+    fn kernel_bodies(source: &str) -> Vec<(String, &str)> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        while let Some(i) = source[at..].find("extern \"C\" __global__") {
+            let start = at + i;
+            let line_start = source[..start].rfind('\n').map_or(0, |n| n + 1);
+            at = start + 1;
+            if source[line_start..start].trim_start().starts_with("//") {
+                continue;
+            }
+            let open = start + source[start..].find('{').expect("a kernel without a body");
+            let head = source[start..].lines().next().unwrap_or("").to_string();
+            out.push((head, &source[open + 1..]));
+        }
+        out
+    }
+
+    /// The programmatic dependent launches' rule (kernels/common.cuh, MOE_PDL_ENTRY): a kernel
+    /// so launched may start before the one before it has finished, so each one's first
+    /// statement waits for it; a kernel that did anything before (or never waited, in any block)
+    /// could read what is not yet written, or let the next kernel run ahead of the one before.
+    #[test]
+    fn every_kernel_enters_through_pdl() {
+        let mut kernels = 0;
+        for src in ALL {
+            for (head, body) in kernel_bodies(src.source) {
+                assert!(
+                    body.trim_start().starts_with("MOE_PDL_ENTRY();"),
+                    "kernels/{}: `{head}` does not start with MOE_PDL_ENTRY();",
+                    src.file
+                );
+                kernels += 1;
+            }
+        }
+        // as many as the files declare (kernel_names expands the macros' instantiations)
+        assert!(kernels >= 150, "found {kernels} kernel definitions");
+        let bad = "extern \"C\" __global__ void k(int* x) { x[0] = 1; MOE_PDL_ENTRY(); }";
+        assert!(!kernel_bodies(bad)[0].1.trim_start().starts_with("MOE_PDL_ENTRY();"));
+        assert!(COMMON.contains("#define MOE_PDL_ENTRY() asm volatile(\"griddepcontrol.wait;"));
+    }
 }

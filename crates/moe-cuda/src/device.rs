@@ -7,9 +7,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use cudarc::driver::{
-    result as drv, sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{result as drv, sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig};
 use cudarc::nvrtc::Ptx;
 
 use crate::compile::{self, panic_message, KernelSource, Origin};
@@ -92,6 +90,8 @@ pub struct DeviceInfo {
     pub total_memory: usize,
     /// Where the kernels came from in this process (disk cache, or compiled, with the time).
     pub kernels: String,
+    /// Whether kernels are queued as programmatic dependent launches ([`programmatic_launch`]).
+    pub programmatic_launch: bool,
 }
 
 /// Word of [`Device::zeroed_counters`]: the plan kernels' ticket.
@@ -211,6 +211,7 @@ impl Device {
             driver_version: format!("{}.{}", self.driver_version / 1000, (self.driver_version % 1000) / 10),
             total_memory: self.total_memory,
             kernels: self.kernels_origin.to_string(),
+            programmatic_launch: programmatic_launch(self),
         }
     }
 
@@ -539,25 +540,97 @@ impl Device {
             return Ok(());
         }
         let f = self.function(name)?;
-        let mut builder = self.stream.launch_builder(f);
+        let mut params = Params::default();
         for a in args {
             match a {
-                Arg::U64(v) => builder.arg(v),
-                Arg::I64(v) => builder.arg(v),
-                Arg::I32(v) => builder.arg(v),
-                Arg::F64(v) => builder.arg(v),
+                Arg::U64(v) => params.push(v),
+                Arg::I64(v) => params.push(v),
+                Arg::I32(v) => params.push(v),
+                Arg::F64(v) => params.push(v),
             };
         }
         let cfg = LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block.0, block.1, 1), shared_mem_bytes: shared };
         self.span(
             || name.to_string(),
             || {
-                unsafe { builder.launch(cfg) }
-                    .map(drop)
+                self.launch_params(f, cfg, &mut params)
                     .map_err(|e| Error::driver(format!("launching {name} on grid {grid:?} x {block:?}"), e))
             },
         )
     }
+
+    /// Queues `f` on the device's stream with `params` (in the kernel's parameter order and
+    /// types: the caller's promise), as a programmatic dependent launch where
+    /// [`programmatic_launch`] is on: the kernel's blocks may be scheduled before the kernel
+    /// before it has finished, and each waits at its entry (`MOE_PDL_ENTRY()` in
+    /// kernels/common.cuh, the first statement of every kernel) until it has.
+    pub(crate) fn launch_params(
+        &self,
+        f: &CudaFunction,
+        cfg: LaunchConfig,
+        params: &mut Params,
+    ) -> std::result::Result<(), drv::DriverError> {
+        self.ctx.bind_to_thread()?;
+        let mut pointers = params.pointers();
+        // SAFETY: zeroed is a valid bit pattern for this C struct; id and value set below.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let pdl = programmatic_launch(self);
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: if pdl { &mut attr } else { std::ptr::null_mut() },
+            numAttrs: u32::from(pdl),
+        };
+        // SAFETY: `pointers` point into `params`, alive for the call; the driver copies the
+        // values before returning. The parameters' order and types are the caller's promise.
+        unsafe { sys::cuLaunchKernelEx(&config, f.cu_function(), pointers.as_mut_ptr(), std::ptr::null_mut()) }.result()
+    }
+}
+
+/// A kernel's parameters by value, in order: each one's bytes in storage of its own (8-byte
+/// aligned), for [`Device::launch_params`].
+#[derive(Default)]
+pub(crate) struct Params {
+    values: Vec<Vec<u64>>,
+}
+
+impl Params {
+    /// Appends `v` (a kernel parameter type: its bytes are what the kernel reads).
+    pub(crate) fn push<T: cudarc::driver::DeviceRepr>(&mut self, v: &T) -> &mut Self {
+        let bytes = std::mem::size_of::<T>();
+        let mut words = vec![0u64; bytes.div_ceil(8)];
+        // SAFETY: `words` holds at least `bytes` bytes; T is plain data (DeviceRepr).
+        unsafe { std::ptr::copy_nonoverlapping(v as *const T as *const u8, words.as_mut_ptr() as *mut u8, bytes) };
+        self.values.push(words);
+        self
+    }
+
+    fn pointers(&mut self) -> Vec<*mut std::ffi::c_void> {
+        self.values.iter_mut().map(|w| w.as_mut_ptr() as *mut std::ffi::c_void).collect()
+    }
+}
+
+static PDL: crate::switch::Switch = crate::switch::Switch::new("MOE_DISPATCH_PDL");
+
+/// Whether this device's kernels are launched as programmatic dependent launches
+/// ([`Device::launch_params`]): on Hopper and later (compute capability 9.0+) unless
+/// `MOE_DISPATCH_PDL=off` or [`set_programmatic_launch`] turned it off.
+pub fn programmatic_launch(dev: &Device) -> bool {
+    dev.compute_capability.0 >= 9 && PDL.on()
+}
+
+/// Overrides [`programmatic_launch`]: `Some(false)` never, `Some(true)` or `None` (the default)
+/// where the device supports it (the benchmark's A/B in one process).
+pub fn set_programmatic_launch(mode: Option<bool>) {
+    PDL.set(mode);
 }
 
 /// A value of a buffer to read once the work before [`Device::read_later`] has run. The buffer

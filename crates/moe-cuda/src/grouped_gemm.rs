@@ -24,12 +24,12 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{sys, CudaFunction, CudaModule, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{sys, CudaFunction, CudaModule, DeviceRepr, LaunchConfig};
 use cudarc::nvrtc::Ptx;
 use moe_core::tensor::DType;
 
 use crate::compile::{self, KernelSource};
-use crate::device::{Buffer, Device};
+use crate::device::{Buffer, Device, Params};
 use crate::error::{Error, Result};
 use crate::tensor::DeviceTensor;
 
@@ -619,27 +619,26 @@ fn run_kernel(
     } else {
         dev.sm_count().min(tiles).max(1)
     } as u32;
-    let stream = dev.stream();
     // (the weight gradients' kernels are the `grouped_gemm_wgrad_*` ones)
     let group = group_n(name.starts_with("grouped_gemm_wgrad_"));
     let Sizes { experts: ei, m: mi, n: ni, k: ki } = sizes;
-    let mut b = stream.launch_builder(f);
-    b.arg(&map_a).arg(&map_b).arg(&out).arg(&counts).arg(&ei).arg(&mi).arg(&ni).arg(&ki).arg(&group);
+    let mut b = Params::default();
+    b.push(&map_a).push(&map_b).push(&out).push(&counts).push(&ei).push(&mi).push(&ni).push(&ki).push(&group);
     match extra {
         Extra::None => {}
         Extra::Act(a) => {
-            b.arg(&a.a).arg(&a.probs).arg(&a.kind).arg(&a.alpha).arg(&a.limit).arg(&a.offset);
+            b.push(&a.a).push(&a.probs).push(&a.kind).push(&a.alpha).push(&a.limit).push(&a.offset);
         }
         Extra::Gather(g) => {
-            b.arg(&g.x).arg(&g.rows_of).arg(&g.x_rows);
+            b.push(&g.x).push(&g.rows_of).push(&g.x_rows);
         }
     }
     let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
-    // SAFETY: the arguments match the kernel's parameters (GG_ARGS; the weight gradients' k is
-    // ko; the `_act` and `_gather` kernels' after them) in order and type.
+    // (the arguments match the kernel's parameters (GG_ARGS; the weight gradients' k is ko; the
+    // `_act` and `_gather` kernels' after them) in order and type)
     dev.span(
         || name.to_string(),
-        || unsafe { b.launch(cfg) }.map(drop).map_err(|e| Error::driver(format!("launching {name} on {grid} blocks"), e)),
+        || dev.launch_params(f, cfg, &mut b).map_err(|e| Error::driver(format!("launching {name} on {grid} blocks"), e)),
     )?;
     Ok(())
 }

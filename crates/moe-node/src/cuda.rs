@@ -35,6 +35,9 @@ pub struct CudaInfo {
     pub total_memory: Option<f64>,
     /// Where this process got its kernels: "disk cache", or "compiled by NVRTC in 1.20 s".
     pub kernels: Option<String>,
+    /// Whether kernels are queued as programmatic dependent launches (Hopper and later, unless
+    /// `MOE_DISPATCH_PDL=off`): each may be scheduled before the one before it has finished.
+    pub programmatic_launch: Option<bool>,
 }
 
 /// Opens the GPU at the first call (compiling the kernels if the disk cache has none); later
@@ -50,6 +53,7 @@ pub fn cuda_info() -> CudaInfo {
             driver_version: Some(i.driver_version),
             total_memory: Some(i.total_memory as f64),
             kernels: Some(i.kernels),
+            programmatic_launch: Some(i.programmatic_launch),
         },
         Ok(Err(reason)) => unavailable(reason),
         Err(e) => unavailable(e.reason.clone()),
@@ -65,6 +69,7 @@ fn unavailable(reason: String) -> CudaInfo {
         driver_version: None,
         total_memory: None,
         kernels: None,
+        programmatic_launch: None,
     }
 }
 

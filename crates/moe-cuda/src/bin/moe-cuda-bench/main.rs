@@ -696,6 +696,47 @@ fn bench_shape(dev: &Device, s: &Shape, iters: usize, host_rows: bool) -> moe_cu
             .map(|_| ())
         })?,
     );
+    // programmatic dependent launches on and off, interleaved (3 rounds, best medians): the
+    // device permute with numOutTokens given (route's picks: the plan's kernels, then permute's)
+    // timed one call between events, and back to back (`iters` calls queued, one pair of events:
+    // the host ahead of the GPU, as in a layer step), beside the copy timed both ways
+    let mut pdl_times: Vec<(bool, [f64; 4])> = Vec::new();
+    for _ in 0..3 {
+        for pdl in [true, false] {
+            moe_cuda::device::set_programmatic_launch(Some(pdl));
+            let call = || permute_device(dev, &dt_tokens, &dt_map, Some(&dt_dense), known).map(|_| ());
+            let one = time_ms(dev, iters, call)?.0;
+            let b2b = back_to_back_ms(dev, iters, call)?;
+            let copy_one = time_ms(dev, iters, || dev.copy(&d_copy_dst, &d_copy_src, copy_bytes))?.0;
+            let copy_b2b = back_to_back_ms(dev, iters, || dev.copy(&d_copy_dst, &d_copy_src, copy_bytes))?;
+            pdl_times.push((pdl, [one, b2b, copy_one, copy_b2b]));
+        }
+    }
+    moe_cuda::device::set_programmatic_launch(None);
+    let pdl_on = moe_cuda::device::programmatic_launch(dev);
+    let best = |pdl: bool, i: usize| pdl_times.iter().filter(|(p, _)| *p == pdl).map(|(_, m)| m[i]).fold(f64::INFINITY, f64::min);
+    for pdl in [true, false] {
+        let tag = if pdl { "PDL on" } else { "PDL off" };
+        let (copy_one, copy_b2b) = (best(pdl, 2), best(pdl, 3));
+        for (op, ms, base) in [
+            (format!("copy (same bytes), one call, {tag}"), copy_one, copy_one),
+            (format!("copy (same bytes), back to back, {tag}"), copy_b2b, copy_b2b),
+            (format!("device permute+probs (plan+kernel, numOutTokens given), one call, {tag}"), best(pdl, 0), copy_one),
+            (format!("device permute+probs (plan+kernel, numOutTokens given), back to back, {tag}"), best(pdl, 1), copy_b2b),
+        ] {
+            let op = if pdl && !pdl_on { format!("{op} (not supported here: as off)") } else { op };
+            rows.push(Row {
+                shape: s.name,
+                op,
+                ms,
+                ms_min: ms,
+                bytes,
+                gbps: bytes as f64 / ms / 1e6,
+                ratio: base / ms,
+                dims: dims.clone(),
+            });
+        }
+    }
     drop((dperm, dt_tokens, dt_map, dt_dense, dmap));
     if !host_rows {
         return Ok((rows, checks));
