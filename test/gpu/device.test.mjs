@@ -83,13 +83,13 @@ function disposeAll(...xs) {
 // Device tensors
 
 describe('programmatic dependent launch', () => {
-  // on Hopper and later every kernel is queued as one (MOE_DISPATCH_PDL=off turns it off:
-  // pdl-off.test.mjs runs the core suites so); the rest of the suite checks the results with it
+  // opt-in (MOE_DISPATCH_PDL=on: pdl-on.test.mjs runs this file and the layer's suite so, every
+  // result checked against the cpu backend); the GPU must be a Hopper or later
   const pdl = /programmatic dependent launch/.test(cudaInfo?.device ?? '');
   const capability = Number(/compute capability (\d+)\./.exec(cudaInfo?.device ?? '')?.[1] ?? 0);
-  test('is on exactly where the GPU has it and MOE_DISPATCH_PDL does not turn it off', { skip }, () => {
-    const off = ['off', '0'].includes(process.env.MOE_DISPATCH_PDL ?? '');
-    assert.equal(pdl, capability >= 9 && !off, `${cudaInfo.device} (MOE_DISPATCH_PDL=${process.env.MOE_DISPATCH_PDL ?? ''})`);
+  test('is on exactly where the GPU has it and MOE_DISPATCH_PDL asks for it', { skip }, () => {
+    const on = ['on', '1'].includes(process.env.MOE_DISPATCH_PDL ?? '');
+    assert.equal(pdl, capability >= 9 && on, `${cudaInfo.device} (MOE_DISPATCH_PDL=${process.env.MOE_DISPATCH_PDL ?? ''})`);
   });
 });
 

@@ -7,8 +7,10 @@ import { describe, test } from 'node:test';
 
 import { bytesOf, cpu, cuda, cudaInfo, cudaOnly, host, lib, randomRouting, rng, tensor } from './common.mjs';
 
-/** Ops that take no tensor (numbers, shapes, meshes, file sources). */
+/** Ops that take no tensor (numbers, shapes, meshes, file sources, a function to record). */
 const NO_TENSOR = new Set([
+  'expertsGatherOnLoad',
+  'timeline',
   'getCapacity',
   'expertRangeForRank',
   'shouldLoadExpert',

@@ -50,7 +50,7 @@ export interface CudaInfo {
   driverVersion?: string | null;
   totalMemory?: number | null;
   kernels?: string | null;
-  /** Whether kernels are queued as programmatic dependent launches (Hopper and later, unless `MOE_DISPATCH_PDL=off`). */
+  /** Whether kernels are queued as programmatic dependent launches (Hopper and later, with `MOE_DISPATCH_PDL=on`). */
   programmaticLaunch?: boolean | null;
 }
 

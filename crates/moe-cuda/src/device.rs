@@ -618,17 +618,20 @@ impl Params {
     }
 }
 
-static PDL: crate::switch::Switch = crate::switch::Switch::new("MOE_DISPATCH_PDL");
+static PDL: crate::switch::Switch = crate::switch::Switch::opt_in("MOE_DISPATCH_PDL");
 
 /// Whether this device's kernels are launched as programmatic dependent launches
-/// ([`Device::launch_params`]): on Hopper and later (compute capability 9.0+) unless
-/// `MOE_DISPATCH_PDL=off` or [`set_programmatic_launch`] turned it off.
+/// ([`Device::launch_params`]): on Hopper and later (compute capability 9.0+) with
+/// `MOE_DISPATCH_PDL=on` or [`set_programmatic_launch`]`(Some(true))`. Off by default: on an H100
+/// it made the layer no faster on cuBLAS and 4% slower on our grouped GEMM (fine-grained 6.09
+/// against 5.85 ms, Mixtral-like 28.35 against 27.73), though the dispatch back to back gained 3%
+/// (docs/gpu-report.md, twenty-fifth session).
 pub fn programmatic_launch(dev: &Device) -> bool {
     dev.compute_capability.0 >= 9 && PDL.on()
 }
 
-/// Overrides [`programmatic_launch`]: `Some(false)` never, `Some(true)` or `None` (the default)
-/// where the device supports it (the benchmark's A/B in one process).
+/// Overrides [`programmatic_launch`]: `Some(true)` where the device supports it, `Some(false)` or
+/// `None` (the default) never (the benchmark's A/B in one process).
 pub fn set_programmatic_launch(mode: Option<bool>) {
     PDL.set(mode);
 }

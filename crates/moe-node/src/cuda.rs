@@ -35,8 +35,8 @@ pub struct CudaInfo {
     pub total_memory: Option<f64>,
     /// Where this process got its kernels: "disk cache", or "compiled by NVRTC in 1.20 s".
     pub kernels: Option<String>,
-    /// Whether kernels are queued as programmatic dependent launches (Hopper and later, unless
-    /// `MOE_DISPATCH_PDL=off`): each may be scheduled before the one before it has finished.
+    /// Whether kernels are queued as programmatic dependent launches (Hopper and later, with
+    /// `MOE_DISPATCH_PDL=on`): each may be scheduled before the one before it has finished.
     pub programmatic_launch: Option<bool>,
 }
 

@@ -701,6 +701,8 @@ fn bench_shape(dev: &Device, s: &Shape, iters: usize, host_rows: bool) -> moe_cu
     // timed one call between events, and back to back (`iters` calls queued, one pair of events:
     // the host ahead of the GPU, as in a layer step), beside the copy timed both ways
     let mut pdl_times: Vec<(bool, [f64; 4])> = Vec::new();
+    moe_cuda::device::set_programmatic_launch(Some(true));
+    let pdl_on = moe_cuda::device::programmatic_launch(dev);
     for _ in 0..3 {
         for pdl in [true, false] {
             moe_cuda::device::set_programmatic_launch(Some(pdl));
@@ -713,7 +715,6 @@ fn bench_shape(dev: &Device, s: &Shape, iters: usize, host_rows: bool) -> moe_cu
         }
     }
     moe_cuda::device::set_programmatic_launch(None);
-    let pdl_on = moe_cuda::device::programmatic_launch(dev);
     let best = |pdl: bool, i: usize| pdl_times.iter().filter(|(p, _)| *p == pdl).map(|(_, m)| m[i]).fold(f64::INFINITY, f64::min);
     for pdl in [true, false] {
         let tag = if pdl { "PDL on" } else { "PDL off" };
