@@ -553,15 +553,15 @@ impl Device {
         self.span(
             || name.to_string(),
             || {
-                self.launch_params(f, cfg, &mut params)
+                self.launch_params(f, cfg, &mut params, true)
                     .map_err(|e| Error::driver(format!("launching {name} on grid {grid:?} x {block:?}"), e))
             },
         )
     }
 
     /// Queues `f` on the device's stream with `params` (in the kernel's parameter order and
-    /// types: the caller's promise), as a programmatic dependent launch where
-    /// [`programmatic_launch`] is on: the kernel's blocks may be scheduled before the kernel
+    /// types: the caller's promise), as a programmatic dependent launch where `pdl` and
+    /// [`programmatic_launch`] are on: the kernel's blocks may be scheduled before the kernel
     /// before it has finished, and each waits at its entry (`MOE_PDL_ENTRY()` in
     /// kernels/common.cuh, the first statement of every kernel) until it has.
     pub(crate) fn launch_params(
@@ -569,6 +569,7 @@ impl Device {
         f: &CudaFunction,
         cfg: LaunchConfig,
         params: &mut Params,
+        pdl: bool,
     ) -> std::result::Result<(), drv::DriverError> {
         self.ctx.bind_to_thread()?;
         let mut pointers = params.pointers();
@@ -576,7 +577,7 @@ impl Device {
         let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
         attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
         attr.value.programmaticStreamSerializationAllowed = 1;
-        let pdl = programmatic_launch(self);
+        let pdl = pdl && programmatic_launch(self);
         let config = sys::CUlaunchConfig {
             gridDimX: cfg.grid_dim.0,
             gridDimY: cfg.grid_dim.1,
@@ -622,9 +623,10 @@ static PDL: crate::switch::Switch = crate::switch::Switch::opt_in("MOE_DISPATCH_
 
 /// Whether this device's kernels are launched as programmatic dependent launches
 /// ([`Device::launch_params`]): on Hopper and later (compute capability 9.0+) with
-/// `MOE_DISPATCH_PDL=on` or [`set_programmatic_launch`]`(Some(true))`. Off by default: on an H100
-/// it made the layer no faster on cuBLAS and 4% slower on our grouped GEMM (fine-grained 6.09
-/// against 5.85 ms, Mixtral-like 28.35 against 27.73), though the dispatch back to back gained 3%
+/// `MOE_DISPATCH_PDL=on` or [`set_programmatic_launch`]`(Some(true))`; our grouped GEMM's kernels
+/// never (they ran slower so). Off by default: on two H100s the layer on cuBLAS was within the
+/// rounds' spread with it (-1.8% to +0.8%), on our grouped GEMM 1-4% slower (its GEMM kernels
+/// launched so, before they were excluded), though the dispatch back to back gained 3%
 /// (docs/gpu-report.md, twenty-fifth session).
 pub fn programmatic_launch(dev: &Device) -> bool {
     dev.compute_capability.0 >= 9 && PDL.on()
