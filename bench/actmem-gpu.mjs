@@ -67,7 +67,9 @@ const settings = Object.keys(env)
   .sort()
   .map((k) => `-${k.slice('MOE_DISPATCH_'.length).toLowerCase().replaceAll('_', '-')}-${env[k].replaceAll(',', '-')}`)
   .join('');
-const gemm = standIn ? standIn : `${env.MOE_DISPATCH_EXPERTS_GEMM === 'grouped' ? 'grouped' : 'cublas'}${settings}`;
+// the path: `auto` (the default: our grouped GEMM's forward with many experts, cuBLAS elsewhere), `cublas`, `grouped`
+const path = ['grouped', 'cublas'].includes(env.MOE_DISPATCH_EXPERTS_GEMM) ? env.MOE_DISPATCH_EXPERTS_GEMM : 'auto';
+const gemm = standIn ? standIn : `${path}${settings}`;
 
 const moe = await createBackend({ prefer: standIn ?? 'cuda' });
 if (moe.name !== (standIn ?? 'cuda')) {

@@ -182,7 +182,7 @@ def run(args):
 
 
 def combine(folder, out_path):
-    """gpu-run.sh's parts (actmem-ours-cublas-R.json, actmem-ours-grouped-R.json, actmem-torch-R.json)
+    """gpu-run.sh's parts (actmem-ours-auto-R.json, actmem-ours-cublas-R.json, actmem-ours-grouped-R.json, actmem-torch-R.json)
     into one file: every part under `runs`, and `summary` by shape: the medians over the rounds of
     each round's median time, and the memory figures (the same every round, else a list)."""
     runs = {}
@@ -214,7 +214,7 @@ def combine(folder, out_path):
             for f, v in list(s.items()):
                 if f != "layerMsRounds" and isinstance(v, list) and len(v) == 1:
                     s[f] = v[0]
-        for who in ("ours-cublas", "ours-grouped"):
+        for who in ("ours-auto", "ours-cublas", "ours-grouped"):
             if who in shape and "torch-bf16" in shape:
                 shape[f"{who}SpeedupVsTorch"] = shape["torch-bf16"]["layerMs"] / shape[who]["layerMs"]
     with open(out_path, "w") as f:

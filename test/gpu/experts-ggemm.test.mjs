@@ -1,9 +1,10 @@
-// The GPU suite, the experts on our own grouped GEMM (MOE_DISPATCH_EXPERTS_GEMM=grouped; cuBLAS is
-// the default): crates/moe-cuda/src/experts_grouped.rs, Hopper only. The path is taken where the
-// GPU knows the counts' sum (permute's tokensPerExpert), so the tests dispatch on the GPU first;
-// the same call with an uploaded copy of the counts takes the cuBLAS path. Both must agree with
-// the cpu backend to the experts' tolerance (and with each other), the grouped one without
-// waiting for the GPU. Then the layer suite again on this path (its bf16 layers take it).
+// The GPU suite, the experts on our own grouped GEMM (MOE_DISPATCH_EXPERTS_GEMM=grouped; the default,
+// auto, takes it for the forward of many experts only: experts-auto.test.mjs):
+// crates/moe-cuda/src/experts_grouped.rs, Hopper only. The path is taken where the GPU knows the
+// counts' sum (permute's tokensPerExpert), so the tests dispatch on the GPU first; the same call
+// with an uploaded copy of the counts takes the cuBLAS path. Both must agree with the cpu backend
+// to the experts' tolerance (and with each other), the grouped one without waiting for the GPU.
+// Then the layer suite again on this path (its bf16 layers take it).
 process.env.MOE_DISPATCH_EXPERTS_GEMM = 'grouped';
 
 const assert = (await import('node:assert/strict')).default;

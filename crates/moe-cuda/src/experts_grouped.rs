@@ -4,9 +4,12 @@
 //! synchronisation, no pointer arrays uploaded).
 //!
 //! Taken where it applies (bf16 tokens and weights, no expert biases, sizes multiples of 8, a
-//! `tokensPerExpert` whose sum the GPU already knows: permute's, [`Facts::counts_total`]) and
-//! chosen with `MOE_DISPATCH_EXPERTS_GEMM=grouped` (the default is cuBLAS, `cublas`, until the
-//! kernel is measured faster in the layer: docs/gpu-report.md). The activation passes are the
+//! `tokensPerExpert` whose sum the GPU already knows: permute's, [`Facts::counts_total`]) as
+//! `MOE_DISPATCH_EXPERTS_GEMM` says ([`experts_gemm`]): `grouped`, forward and backward; `auto`
+//! (the default), the forward where the experts are many ([`AUTO_MIN_EXPERTS`]) and the backward
+//! on cuBLAS, whose GEMMs are sized by the counts the forward read ahead
+//! ([`crate::device::Device::read_ahead`]: the host waits for none); `cublas`, never. The
+//! activation passes are the
 //! cuBLAS path's (`ExpMath::Fast`, the same kernels; or, with `MOE_DISPATCH_GG_FUSE=act`, the
 //! forward's in the first GEMM's epilogue, the same code and bits), and the GEMMs sum over K in the same order
 //! as cuBLAS does at these shapes (the kernel's outputs were bit-identical to cuBLAS's in
@@ -25,11 +28,39 @@ use crate::experts::{DeviceExpertsGrads, DeviceExpertsInputs, ExpertsSaved, Save
 use crate::grouped_gemm::{self, WeightLayout};
 use crate::tensor::{DeviceArg, DeviceTensor};
 
-/// The GEMMs the experts use on the GPU (`MOE_DISPATCH_EXPERTS_GEMM`: `cublas`, the default, or
-/// `grouped`), read once.
+/// The GEMMs the experts use on a Hopper GPU (`MOE_DISPATCH_EXPERTS_GEMM`, read once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertsGemm {
+    /// cuBLAS, forward and backward (`cublas`).
+    Cublas,
+    /// Our grouped GEMM, forward and backward (`grouped`).
+    Grouped,
+    /// Our grouped GEMM for the forward where the experts are many ([`AUTO_MIN_EXPERTS`]), cuBLAS
+    /// for the backward (anything else, or unset: the default). In the layer on an H100 our
+    /// forward GEMMs took 1.44-1.49 ms at the fine-grained shape (64 experts) against the cuBLAS
+    /// path's row blocks' 1.57-1.59, and the host waits for no counts before them; at the
+    /// Mixtral-like shape (8 experts) cuBLAS's were faster (7.88 against 8.33 ms), and in the
+    /// backward cuBLAS's weight gradients beside its token-side GEMMs beat our six GEMMs one
+    /// after another (docs/gpu-report.md, twenty-fourth and twenty-fifth sessions).
+    Auto,
+}
+
+/// The fewest experts for which [`ExpertsGemm::Auto`] takes our grouped GEMM in the forward.
+pub const AUTO_MIN_EXPERTS: usize = 32;
+
+/// [`ExpertsGemm`] as `MOE_DISPATCH_EXPERTS_GEMM` sets it (`cublas`, `grouped`, else `auto`).
+pub fn experts_gemm() -> ExpertsGemm {
+    static SELECTED: std::sync::OnceLock<ExpertsGemm> = std::sync::OnceLock::new();
+    *SELECTED.get_or_init(|| match std::env::var("MOE_DISPATCH_EXPERTS_GEMM").as_deref() {
+        Ok("cublas") => ExpertsGemm::Cublas,
+        Ok("grouped") => ExpertsGemm::Grouped,
+        _ => ExpertsGemm::Auto,
+    })
+}
+
+/// Whether the experts run forward and backward on our grouped GEMM (`MOE_DISPATCH_EXPERTS_GEMM=grouped`).
 pub fn grouped_selected() -> bool {
-    static SELECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SELECTED.get_or_init(|| std::env::var("MOE_DISPATCH_EXPERTS_GEMM").is_ok_and(|v| v == "grouped"))
+    experts_gemm() == ExpertsGemm::Grouped
 }
 
 /// The sizes of a problem the grouped path takes.
@@ -75,7 +106,9 @@ pub fn grouped_plan_rows(
     act: &ActivationOptions,
     grad_output: Option<&DeviceTensor>,
 ) -> Option<GroupedPlan> {
-    if !grouped_selected() || inp.gate_up_bias.is_some() || inp.down_bias.is_some() {
+    let mode = experts_gemm();
+    let auto = mode == ExpertsGemm::Auto;
+    if mode == ExpertsGemm::Cublas || (auto && grad_output.is_some()) || inp.gate_up_bias.is_some() || inp.down_bias.is_some() {
         return None;
     }
     let gathered_shape = gather.map(|rows| [rows, inp.tokens.shape.get(1).copied().unwrap_or(0)]);
@@ -91,7 +124,8 @@ pub fn grouped_plan_rows(
     let bf16 = [Some(inp.tokens), Some(inp.gate_and_up), Some(inp.down), grad_output].into_iter().flatten().all(|t| t.dtype == DType::BF16);
     let sizes = [dim, width, inter].iter().all(|&d| d % 8 == 0 && d > 0) && i32::try_from(n.max(dim).max(width)).is_ok();
     let known = inp.tokens_per_expert.facts.counts_total == Some(n);
-    (bf16 && sizes && known && n > 0 && grouped_gemm::arch(dev).is_ok()).then_some(GroupedPlan { n, dim, width, inter, experts })
+    let many = !auto || experts >= AUTO_MIN_EXPERTS;
+    (bf16 && sizes && known && many && n > 0 && grouped_gemm::arch(dev).is_ok()).then_some(GroupedPlan { n, dim, width, inter, experts })
 }
 
 fn ptr(dev: &Device, b: &Buffer) -> u64 {
@@ -252,7 +286,8 @@ fn up_and_activation(
 
 /// The forward on the grouped GEMM: `h = x W1` (x's rows gathered on load with `gather`), the
 /// activation (weighted by the probs), `y = a W2`; with `save`, h and a for the backward (no host
-/// counts: none were read).
+/// counts: none were read; on the `auto` path, whose backward runs on cuBLAS, the counts are read
+/// ahead for it).
 pub fn forward_grouped(
     dev: &Device,
     p: &GroupedPlan,
@@ -262,6 +297,9 @@ pub fn forward_grouped(
     save: bool,
 ) -> Result<(DeviceTensor, Option<ExpertsSaved>)> {
     let dt = DType::BF16;
+    if save && experts_gemm() == ExpertsGemm::Auto {
+        dev.read_ahead("tokensPerExpert", &inp.tokens_per_expert.buf)?;
+    }
     let (h, a) = up_and_activation(dev, p, inp, gather, act)?;
     let out = DeviceTensor::alloc(dev, "the output", dt, vec![p.n, p.dim])?;
     gemm(dev, p, &a, inp.down, WeightLayout::KN, inp.tokens_per_expert, &out.buf, p.dim, p.inter)?;

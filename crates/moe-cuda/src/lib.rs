@@ -25,6 +25,7 @@ pub mod host;
 pub mod layout;
 pub mod nccl;
 pub mod permute;
+pub mod read_ahead;
 mod switch;
 pub mod tensor;
 pub mod timeline;

@@ -1,0 +1,110 @@
+// The GPU suite, the experts' default path (MOE_DISPATCH_EXPERTS_GEMM unset: `auto`,
+// crates/moe-cuda/src/experts_grouped.rs ExpertsGemm::Auto): on a Hopper GPU, with many experts
+// (experts_grouped::AUTO_MIN_EXPERTS = 32) and the counts permute made, the forward runs on our
+// grouped GEMM without reading the counts, and queues their copy to the host for the backward,
+// which runs on cuBLAS and takes them without waiting for the GPU's queue (one wait, on that
+// copy); with fewer experts both run on cuBLAS. Each result must agree with the cpu backend and
+// with the cuBLAS path (the counts uploaded: the GPU does not know their sum) to the experts'
+// tolerance. layer-cublas.test.mjs runs the layer's suite on cuBLAS alone.
+//
+// Plain JavaScript on node:test; skips with the reason where CUDA is unavailable.
+import assert from 'node:assert/strict';
+import { describe, test } from 'node:test';
+
+import { cpu, cuda, cudaOnly, host, rng, skip, skipGrouped, uniformBF16 as bf16, uniformF32 as f32 } from './common.mjs';
+if (skip) console.log(`# ${skip}`);
+
+function values(t) {
+  const h = host(t);
+  if (h.dtype === 'bfloat16') return Array.from(h.data, (b) => new Float32Array(new Uint32Array([b << 16]).buffer)[0]);
+  return Array.from(h.data);
+}
+
+/** max |got - want| <= tol * max(1, max |want|). */
+function assertClose(got, want, tol, what) {
+  const a = values(got);
+  const b = values(want);
+  assert.equal(a.length, b.length, `${what}: length`);
+  let scale = 1;
+  for (const v of b) scale = Math.max(scale, Math.abs(v));
+  let worst = 0;
+  for (let i = 0; i < a.length; i++) worst = Math.max(worst, Math.abs(a[i] - b[i]));
+  assert.ok(worst <= tol * scale, `${what}: differs by ${worst} (allowed ${tol * scale})`);
+}
+
+describe('the experts on the default (auto) path', { skip: cudaOnly || (process.env.MOE_DISPATCH_EXPERTS_GEMM ? 'MOE_DISPATCH_EXPERTS_GEMM is set' : false) }, () => {
+  for (const { kind, T, dim, inter, E, k } of [
+    { kind: 'swiglu', T: 700, dim: 128, inter: 96, E: 64, k: 6 },
+    { kind: 'relu2', T: 333, dim: 64, inter: 72, E: 32, k: 2 },
+    { kind: 'swiglu', T: 300, dim: 64, inter: 48, E: 8, k: 2 },
+  ]) {
+    const grouped = !skipGrouped && E >= 32;
+    test(`${kind} T=${T} dim=${dim} inter=${inter} E=${E} k=${k}: the forward on ${grouped ? 'our grouped GEMM' : 'cuBLAS'}, the backward on cuBLAS`, () => {
+      const random = rng(T + dim + E);
+      const gated = kind !== 'relu2';
+      const width = gated ? 2 * inter : inter;
+      const x = bf16([T, dim], random);
+      const w1 = bf16([E, dim, width], random, 1 / Math.sqrt(dim));
+      const w2 = bf16([E, inter, dim], random, 1 / Math.sqrt(inter));
+      const routed = cuda.route(cuda.upload(f32([T, E], random, 3)), { topk: k });
+      const mh = cuda.indicesToMultihot(routed.indices, routed.weights, E);
+      const perm = cuda.permute(cuda.upload(x), mh.routingMap, { probs: mh.probs, numOutTokens: T * k });
+      const wkey = gated ? 'gateAndUpProjs' : 'upProjs';
+      const weights = { [wkey]: cuda.upload(w1), downProjs: cuda.upload(w2) };
+      const options = { activation: kind, permutedProbs: perm.permutedProbs };
+      const grad = cuda.upload(bf16([T * k, dim], random, 0.1));
+      cuda.synchronize();
+      const sync0 = cuda.transfers().synchronizations;
+      const { result, timeline } = cuda.timeline(() => {
+        const fwd = cuda.expertsForward(perm.permutedTokens, perm.tokensPerExpert, weights, { ...options, saveForBackward: true });
+        const forwardWaits = cuda.transfers().synchronizations - sync0;
+        const bwd = cuda.expertsBackward(grad, perm.permutedTokens, perm.tokensPerExpert, weights, { ...options, saved: fwd.saved });
+        return { fwd, bwd, forwardWaits };
+      });
+      const { fwd, bwd, forwardWaits } = result;
+      const names = timeline.spans.map((s) => s.name);
+      const ours = names.filter((n) => n.startsWith('grouped_gemm_'));
+      const theirs = names.filter((n) => n.startsWith("cublas: experts' GEMMs"));
+      if (grouped) {
+        assert.equal(forwardWaits, 0, 'the forward reads nothing back');
+        assert.equal(fwd.saved.counts, undefined, 'no host counts were read in the forward');
+        assert.equal(ours.length, 2, `the forward's two GEMMs are ours: ${names.join(', ')}`);
+        assert.ok(
+          names.some((n) => /copy to the host, ahead: tokensPerExpert/.test(n)),
+          `the counts' copy is queued ahead: ${names.join(', ')}`,
+        );
+        assert.deepEqual(
+          timeline.waits.map((w) => w.what),
+          ['tokensPerExpert (read ahead)'],
+          'the one wait: the backward takes the counts read ahead',
+        );
+      } else {
+        assert.equal(forwardWaits, 1, 'the forward on cuBLAS reads the counts');
+        assert.equal(ours.length, 0, `no grouped GEMM: ${names.join(', ')}`);
+      }
+      assert.ok(theirs.length >= 2, `the backward's GEMMs are cuBLAS's: ${names.join(', ')}`);
+      // the cuBLAS path (the counts uploaded) and the cpu backend
+      const counts = perm.tokensPerExpert.download();
+      const uploaded = cuda.upload(counts);
+      const fwdB = cuda.expertsForward(perm.permutedTokens, uploaded, weights, options);
+      const bwdB = cuda.expertsBackward(grad, perm.permutedTokens, uploaded, weights, options);
+      const hw = { [wkey]: w1, downProjs: w2 };
+      const hx = perm.permutedTokens.download();
+      const ho = { activation: kind, permutedProbs: perm.permutedProbs.download() };
+      const want = cpu.expertsForward(hx, counts, hw, ho);
+      const wantB = cpu.expertsBackward(grad.download(), hx, counts, hw, ho);
+      const tol = 3e-2;
+      assertClose(fwd.output, want, tol, 'output vs cpu');
+      assertClose(fwd.output, fwdB, tol, 'output vs cuBLAS');
+      for (const key of ['gradTokens', gated ? 'gradGateAndUpProjs' : 'gradUpProjs', 'gradDownProjs', 'gradProbs']) {
+        assertClose(bwd[key], wantB[key], tol, `${key} vs cpu`);
+        assertClose(bwd[key], bwdB[key], tol, `${key} vs cuBLAS`);
+      }
+      // a second backward with the same counts reads them again (the read-ahead was used up)
+      const sync1 = cuda.transfers().synchronizations;
+      const again = cuda.expertsBackward(grad, perm.permutedTokens, perm.tokensPerExpert, weights, { ...options, saved: fwd.saved });
+      assert.equal(cuda.transfers().synchronizations - sync1, 1, 'one read of the counts');
+      assertClose(again.gradTokens, bwd.gradTokens, 0, 'the same gradTokens again');
+    });
+  }
+});
