@@ -67,8 +67,8 @@ const settings = Object.keys(env)
   .sort()
   .map((k) => `-${k.slice('MOE_DISPATCH_'.length).toLowerCase().replaceAll('_', '-')}-${env[k].replaceAll(',', '-')}`)
   .join('');
-// the path: `auto` (the default: our grouped GEMM's forward with many experts, cuBLAS elsewhere), `cublas`, `grouped`
-const path = ['grouped', 'cublas'].includes(env.MOE_DISPATCH_EXPERTS_GEMM) ? env.MOE_DISPATCH_EXPERTS_GEMM : 'auto';
+// the path: `cublas` (the default), `grouped`, `auto` (our grouped GEMM's forward with many experts, cuBLAS elsewhere)
+const path = ['grouped', 'auto'].includes(env.MOE_DISPATCH_EXPERTS_GEMM) ? env.MOE_DISPATCH_EXPERTS_GEMM : 'cublas';
 const gemm = standIn ? standIn : `${path}${settings}`;
 
 const moe = await createBackend({ prefer: standIn ?? 'cuda' });

@@ -1,5 +1,5 @@
-// The GPU suite, the experts on our own grouped GEMM (MOE_DISPATCH_EXPERTS_GEMM=grouped; the default,
-// auto, takes it for the forward of many experts only: experts-auto.test.mjs):
+// The GPU suite, the experts on our own grouped GEMM (MOE_DISPATCH_EXPERTS_GEMM=grouped; cuBLAS is
+// the default; `auto` takes ours for the forward of many experts only: experts-auto.test.mjs):
 // crates/moe-cuda/src/experts_grouped.rs, Hopper only. The path is taken where the GPU knows the
 // counts' sum (permute's tokensPerExpert), so the tests dispatch on the GPU first; the same call
 // with an uploaded copy of the counts takes the cuBLAS path. Both must agree with the cpu backend

@@ -153,7 +153,7 @@ describe('MoELayer on device tensors = the cpu layer (to the GEMMs tolerance)', 
       // an activation is 2 MB (2048 x 512 bf16): a step's copies are small words only
       assert.ok(moved.toDeviceBytes < 64 * 1024 && moved.toHostBytes < 64 * 1024, JSON.stringify(moved));
       // the host waits for the GPU twice a step: route's check of the logits' values, and the
-      // expert GEMMs' counts (the backward takes the forward's; on the default path with these 32
+      // expert GEMMs' counts (the backward takes the forward's; on the auto path with these 32
       // experts the forward runs on our grouped GEMM and the backward waits for the counts' copy
       // the forward queued, experts-auto.test.mjs); the ops on route's outputs skip their checks,
       // the losses are not read (lazyLoss), the optimizer ('skip') reads nothing (on the grouped

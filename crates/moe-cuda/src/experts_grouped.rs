@@ -5,10 +5,11 @@
 //!
 //! Taken where it applies (bf16 tokens and weights, no expert biases, sizes multiples of 8, a
 //! `tokensPerExpert` whose sum the GPU already knows: permute's, [`Facts::counts_total`]) as
-//! `MOE_DISPATCH_EXPERTS_GEMM` says ([`experts_gemm`]): `grouped`, forward and backward; `auto`
-//! (the default), the forward where the experts are many ([`AUTO_MIN_EXPERTS`]) and the backward
-//! on cuBLAS, whose GEMMs are sized by the counts the forward read ahead
-//! ([`crate::device::Device::read_ahead`]: the host waits for none); `cublas`, never. The
+//! `MOE_DISPATCH_EXPERTS_GEMM` says ([`experts_gemm`]): `grouped`, forward and backward; `auto`,
+//! the forward where the experts are many ([`AUTO_MIN_EXPERTS`]) and the backward on cuBLAS,
+//! whose GEMMs are sized by the counts the forward read ahead
+//! ([`crate::device::Device::read_ahead`]: the host waits for no queue to drain); `cublas` (the
+//! default: the other two measured no faster in the layer), never. The
 //! activation passes are the
 //! cuBLAS path's (`ExpMath::Fast`, the same kernels; or, with `MOE_DISPATCH_GG_FUSE=act`, the
 //! forward's in the first GEMM's epilogue, the same code and bits), and the GEMMs sum over K in the same order
@@ -31,30 +32,33 @@ use crate::tensor::{DeviceArg, DeviceTensor};
 /// The GEMMs the experts use on a Hopper GPU (`MOE_DISPATCH_EXPERTS_GEMM`, read once).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExpertsGemm {
-    /// cuBLAS, forward and backward (`cublas`).
+    /// cuBLAS, forward and backward (`cublas`, anything else, or unset: the default).
     Cublas,
     /// Our grouped GEMM, forward and backward (`grouped`).
     Grouped,
     /// Our grouped GEMM for the forward where the experts are many ([`AUTO_MIN_EXPERTS`]), cuBLAS
-    /// for the backward (anything else, or unset: the default). In the layer on an H100 our
-    /// forward GEMMs took 1.44-1.49 ms at the fine-grained shape (64 experts) against the cuBLAS
-    /// path's row blocks' 1.57-1.59, and the host waits for no counts before them; at the
-    /// Mixtral-like shape (8 experts) cuBLAS's were faster (7.88 against 8.33 ms), and in the
-    /// backward cuBLAS's weight gradients beside its token-side GEMMs beat our six GEMMs one
-    /// after another (docs/gpu-report.md, twenty-fourth and twenty-fifth sessions).
+    /// for the backward (`auto`). In the layer on an H100 our forward GEMMs took 1.44 ms at the
+    /// fine-grained shape (64 experts) against the cuBLAS path's row blocks' 1.55-1.57, and the
+    /// host waits for no queue to drain before them; but the layer's step was no faster (5.924
+    /// against 5.910 ms: the host, no longer held back in the forward, reaches the backward before
+    /// the GPU has copied the counts, waits there, and then queues the backward's many cuBLAS
+    /// calls while the GPU catches up), so it is opt-in (docs/gpu-report.md, twenty-fifth
+    /// session). With few experts (Mixtral-like, 8) cuBLAS's forward GEMMs are the faster ones
+    /// (7.88 against 8.33 ms), and in the backward cuBLAS's weight gradients beside its
+    /// token-side GEMMs beat our six GEMMs one after another.
     Auto,
 }
 
 /// The fewest experts for which [`ExpertsGemm::Auto`] takes our grouped GEMM in the forward.
 pub const AUTO_MIN_EXPERTS: usize = 32;
 
-/// [`ExpertsGemm`] as `MOE_DISPATCH_EXPERTS_GEMM` sets it (`cublas`, `grouped`, else `auto`).
+/// [`ExpertsGemm`] as `MOE_DISPATCH_EXPERTS_GEMM` sets it (`grouped`, `auto`, else `cublas`).
 pub fn experts_gemm() -> ExpertsGemm {
     static SELECTED: std::sync::OnceLock<ExpertsGemm> = std::sync::OnceLock::new();
     *SELECTED.get_or_init(|| match std::env::var("MOE_DISPATCH_EXPERTS_GEMM").as_deref() {
-        Ok("cublas") => ExpertsGemm::Cublas,
         Ok("grouped") => ExpertsGemm::Grouped,
-        _ => ExpertsGemm::Auto,
+        Ok("auto") => ExpertsGemm::Auto,
+        _ => ExpertsGemm::Cublas,
     })
 }
 
