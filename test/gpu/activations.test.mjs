@@ -173,6 +173,11 @@ const LOSS_SHAPES = [
   { rows: 5, cols: 3 },
   { rows: 64, cols: 8 },
   { rows: 300, cols: 64 },
+  // the totals add in chunks of 2048 rows through two shared-memory buffers (kernels/activations.cu
+  // loss_ordered_total): one whole chunk, a chunk and one row, several with a partial last one
+  { rows: 2048, cols: 4 },
+  { rows: 2049, cols: 3 },
+  { rows: 9000, cols: 6 },
 ];
 
 function randomMask(kind, rows, random) {
