@@ -590,35 +590,25 @@ static __device__ u64 loss_check_block(const u8* mask, i64 rows, const int* coun
 
 // The loss's total as the core adds it: `init`, then value(t) for t = 0, 1, ..., rows - 1 in
 // order, each addition rounded in f64. A row that value() leaves out gives -0.0 (x + -0.0 == x
-// for every x, the sign of a zero included). The values go through shared memory a chunk at a
-// time and thread 0 adds them (its loads no longer wait on global memory one by one: the
-// one-thread loop took 0.34 ms at 8192 rows on an H200, one buffer 0.06-0.09 ms in a layer's
-// step); two buffers, so that warps 1.. stage the next chunk while thread 0 adds this one (warp
-// 0 stages nothing: its other lanes would share thread 0's issue slots). The total is thread 0's.
+// for every x, the sign of a zero included). The block loads each chunk of values into shared
+// memory at once; thread 0 adds them (its loads no longer wait on global memory one by one: the
+// one-thread loop took 0.34 ms at 8192 rows on an H200, this 0.06 ms; ncu). The total is thread 0's.
+// Two buffers (warps 1.. staging the next chunk while thread 0 adds this one) measured no faster
+// in a layer's step (0.071-0.086 ms against 0.071-0.090 on H100s): the chain of dependent f64
+// additions is the time (docs/gpu-report.md, twenty-fifth session).
 template <class Value>
 static __device__ double loss_ordered_total(i64 rows, double init, Value value) {
-    __shared__ double chunk[2][LOSS_TOTAL_CHUNK];
-    const int stagers = (int)blockDim.x - 32;
-    const int me = (int)threadIdx.x - 32;  // < 0 in warp 0
-    auto stage = [&](i64 c0, double* to) {
-        const int n = (int)min((i64)LOSS_TOTAL_CHUNK, rows - c0);
-        for (int i = me; i < n; i += stagers) to[i] = value(c0 + i);
-    };
+    __shared__ double chunk[LOSS_TOTAL_CHUNK];
     double total = init;
-    if (me >= 0 && rows > 0) stage(0, chunk[0]);
-    __syncthreads();
-    int buf = 0;
     for (i64 c0 = 0; c0 < rows; c0 += LOSS_TOTAL_CHUNK) {
+        const int n = (int)min((i64)LOSS_TOTAL_CHUNK, rows - c0);
+        for (int i = threadIdx.x; i < n; i += blockDim.x) chunk[i] = value(c0 + i);
+        __syncthreads();
         if (threadIdx.x == 0) {
-            const int n = (int)min((i64)LOSS_TOTAL_CHUNK, rows - c0);
-            const double* from = chunk[buf];
 #pragma unroll 8
-            for (int i = 0; i < n; i++) total = __dadd_rn(total, from[i]);
-        } else if (me >= 0 && c0 + LOSS_TOTAL_CHUNK < rows) {
-            stage(c0 + LOSS_TOTAL_CHUNK, chunk[buf ^ 1]);
+            for (int i = 0; i < n; i++) total = __dadd_rn(total, chunk[i]);
         }
         __syncthreads();
-        buf ^= 1;
     }
     return total;
 }
