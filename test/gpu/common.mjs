@@ -190,6 +190,62 @@ export function uniformBF16(shape, random, scale = 1) {
   return tensor('bfloat16', shape, Uint16Array.from(uniformF32(shape, random, scale).data, toBFloat16Bits));
 }
 
+/** A float tensor's values (host or device; bfloat16 and float16 widened) as float64. */
+export function floatValues(t) {
+  t = host(t);
+  if (t.dtype === 'bfloat16') return Float64Array.from(t.data, lib.fromBFloat16Bits);
+  if (t.dtype === 'float16') return Float64Array.from(t.data, lib.fromFloat16Bits);
+  return Float64Array.from(t.data);
+}
+
+/** max |got - want| <= tol * max(1, max |want|), and the same dtype and shape (`got` and `want` host or device). */
+export function assertClose(got, want, tol, what) {
+  got = host(got);
+  want = host(want);
+  assert.equal(got.dtype, want.dtype, `${what}: dtype`);
+  assert.deepEqual([...got.shape], [...want.shape], `${what}: shape`);
+  const a = floatValues(got);
+  const b = floatValues(want);
+  let scale = 1;
+  for (const v of b) scale = Math.max(scale, Math.abs(v));
+  let worst = 0;
+  let at = -1;
+  for (let i = 0; i < a.length; i++) {
+    const d = Math.abs(a[i] - b[i]);
+    if (!(d <= worst)) {
+      worst = d;
+      at = i;
+    }
+  }
+  assert.ok(worst <= tol * scale, `${what}: element ${at} differs by ${worst} (got ${a[at]}, want ${b[at]}; allowed ${tol * scale})`);
+}
+
+/**
+ * The grouped experts' forward and backward on device tensors (`fwd`, `bwd`: permute's rows and
+ * counts, `perm`) against the same calls with the counts uploaded (the GPU does not know their
+ * sum: the cuBLAS path) and against the cpu backend (`hostWeights`: the weights as host tensors),
+ * every output and gradient to `tol`. Returns the cuBLAS path's results.
+ */
+export function assertExpertsAgree({ fwd, bwd, perm, weights, hostWeights, grad, kind, tol = 3e-2 }) {
+  const counts = perm.tokensPerExpert.download();
+  const uploaded = cuda.upload(counts);
+  const options = { activation: kind, permutedProbs: perm.permutedProbs };
+  const fwdB = cuda.expertsForward(perm.permutedTokens, uploaded, weights, options);
+  const bwdB = cuda.expertsBackward(grad, perm.permutedTokens, uploaded, weights, options);
+  const hx = perm.permutedTokens.download();
+  const ho = { activation: kind, permutedProbs: perm.permutedProbs.download() };
+  const want = cpu.expertsForward(hx, counts, hostWeights, ho);
+  const wantB = cpu.expertsBackward(grad.download(), hx, counts, hostWeights, ho);
+  assertClose(fwd.output, want, tol, 'output vs cpu');
+  assertClose(fwd.output, fwdB, tol, 'output vs cuBLAS');
+  const gradKey = 'gradGateAndUpProjs' in wantB ? 'gradGateAndUpProjs' : 'gradUpProjs';
+  for (const key of ['gradTokens', gradKey, 'gradDownProjs', 'gradProbs']) {
+    assertClose(bwd[key], wantB[key], tol, `${key} vs cpu`);
+    assertClose(bwd[key], bwdB[key], tol, `${key} vs cuBLAS`);
+  }
+  return { fwdB, bwdB };
+}
+
 /** The backend under test (cuda, or the stand-in); undefined when skipped. */
 export const cuda = skip ? undefined : await lib.createBackend({ prefer: standIn ?? 'cuda' });
 

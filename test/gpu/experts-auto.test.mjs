@@ -13,26 +13,8 @@ process.env.MOE_DISPATCH_EXPERTS_GEMM = 'auto';
 
 const assert = (await import('node:assert/strict')).default;
 const { describe, test } = await import('node:test');
-const { cpu, cuda, cudaOnly, host, rng, skip, skipGrouped, uniformBF16: bf16, uniformF32: f32 } = await import('./common.mjs');
+const { assertClose, assertExpertsAgree, cuda, cudaOnly, rng, skip, skipGrouped, uniformBF16: bf16, uniformF32: f32 } = await import('./common.mjs');
 if (skip) console.log(`# ${skip}`);
-
-function values(t) {
-  const h = host(t);
-  if (h.dtype === 'bfloat16') return Array.from(h.data, (b) => new Float32Array(new Uint32Array([b << 16]).buffer)[0]);
-  return Array.from(h.data);
-}
-
-/** max |got - want| <= tol * max(1, max |want|). */
-function assertClose(got, want, tol, what) {
-  const a = values(got);
-  const b = values(want);
-  assert.equal(a.length, b.length, `${what}: length`);
-  let scale = 1;
-  for (const v of b) scale = Math.max(scale, Math.abs(v));
-  let worst = 0;
-  for (let i = 0; i < a.length; i++) worst = Math.max(worst, Math.abs(a[i] - b[i]));
-  assert.ok(worst <= tol * scale, `${what}: differs by ${worst} (allowed ${tol * scale})`);
-}
 
 describe('the experts on the auto path', { skip: cudaOnly }, () => {
   for (const { kind, T, dim, inter, E, k } of [
@@ -85,23 +67,7 @@ describe('the experts on the auto path', { skip: cudaOnly }, () => {
         assert.equal(ours.length, 0, `no grouped GEMM: ${names.join(', ')}`);
       }
       assert.ok(theirs.length >= 2, `the backward's GEMMs are cuBLAS's: ${names.join(', ')}`);
-      // the cuBLAS path (the counts uploaded) and the cpu backend
-      const counts = perm.tokensPerExpert.download();
-      const uploaded = cuda.upload(counts);
-      const fwdB = cuda.expertsForward(perm.permutedTokens, uploaded, weights, options);
-      const bwdB = cuda.expertsBackward(grad, perm.permutedTokens, uploaded, weights, options);
-      const hw = { [wkey]: w1, downProjs: w2 };
-      const hx = perm.permutedTokens.download();
-      const ho = { activation: kind, permutedProbs: perm.permutedProbs.download() };
-      const want = cpu.expertsForward(hx, counts, hw, ho);
-      const wantB = cpu.expertsBackward(grad.download(), hx, counts, hw, ho);
-      const tol = 3e-2;
-      assertClose(fwd.output, want, tol, 'output vs cpu');
-      assertClose(fwd.output, fwdB, tol, 'output vs cuBLAS');
-      for (const key of ['gradTokens', gated ? 'gradGateAndUpProjs' : 'gradUpProjs', 'gradDownProjs', 'gradProbs']) {
-        assertClose(bwd[key], wantB[key], tol, `${key} vs cpu`);
-        assertClose(bwd[key], bwdB[key], tol, `${key} vs cuBLAS`);
-      }
+      assertExpertsAgree({ fwd, bwd, perm, weights, hostWeights: { [wkey]: w1, downProjs: w2 }, grad, kind });
       // a second backward with the same counts: on cuBLAS's forward the saved counts serve again;
       // after ours they are read back (the read-ahead was used up)
       const sync1 = cuda.transfers().synchronizations;

@@ -9,25 +9,7 @@ process.env.MOE_DISPATCH_EXPERTS_GEMM = 'grouped';
 
 const assert = (await import('node:assert/strict')).default;
 const { describe, test } = await import('node:test');
-const { cpu, cuda, host, rng, skipGrouped, uniformBF16: bf16, uniformF32: f32 } = await import('./common.mjs');
-
-function values(t) {
-  const h = host(t);
-  if (h.dtype === 'bfloat16') return Array.from(h.data, (b) => new Float32Array(new Uint32Array([b << 16]).buffer)[0]);
-  return Array.from(h.data);
-}
-
-/** max |got - want| <= tol * max(1, max |want|). */
-function assertClose(got, want, tol, what) {
-  const a = values(got);
-  const b = values(want);
-  assert.equal(a.length, b.length, `${what}: length`);
-  let scale = 1;
-  for (const v of b) scale = Math.max(scale, Math.abs(v));
-  let worst = 0;
-  for (let i = 0; i < a.length; i++) worst = Math.max(worst, Math.abs(a[i] - b[i]));
-  assert.ok(worst <= tol * scale, `${what}: differs by ${worst} (allowed ${tol * scale})`);
-}
+const { assertExpertsAgree, cuda, floatValues: values, host, rng, skipGrouped, uniformBF16: bf16, uniformF32: f32 } = await import('./common.mjs');
 
 function sameBits(a, b) {
   const x = host(a).data;
@@ -74,24 +56,9 @@ describe('experts on the grouped GEMM (permute on the GPU first)', () => {
       const bwd = cuda.expertsBackward(grad, perm.permutedTokens, perm.tokensPerExpert, weights, { ...options, saved: fwd.saved });
       assert.equal(cuda.transfers().synchronizations, sync0, 'the grouped path reads nothing back (no counts)');
       assert.equal(fwd.saved.counts, undefined, 'no host counts were read');
-      // the cuBLAS path: the same counts uploaded (the GPU does not know their sum)
-      const uploaded = cuda.upload(counts);
-      const fwdB = cuda.expertsForward(perm.permutedTokens, uploaded, weights, options);
-      const bwdB = cuda.expertsBackward(grad, perm.permutedTokens, uploaded, weights, options);
-      // the cpu backend
-      const hw = { [wkey]: w1, downProjs: w2 };
-      const hx = perm.permutedTokens.download();
-      const ho = { activation: kind, permutedProbs: perm.permutedProbs.download() };
-      const want = cpu.expertsForward(hx, counts, hw, ho);
-      const wantB = cpu.expertsBackward(grad.download(), hx, counts, hw, ho);
-      const tol = 3e-2;
-      assertClose(fwd.output, want, tol, 'output vs cpu');
-      assertClose(fwd.output, fwdB, tol, 'output vs cuBLAS');
+      // the cuBLAS path (the counts uploaded: the GPU does not know their sum) and the cpu backend
+      const { fwdB, bwdB } = assertExpertsAgree({ fwd, bwd, perm, weights, hostWeights: { [wkey]: w1, downProjs: w2 }, grad, kind });
       const gradKey = gated ? 'gradGateAndUpProjs' : 'gradUpProjs';
-      for (const key of ['gradTokens', gradKey, 'gradDownProjs', 'gradProbs']) {
-        assertClose(bwd[key], wantB[key], tol, `${key} vs cpu`);
-        assertClose(bwd[key], bwdB[key], tol, `${key} vs cuBLAS`);
-      }
       if (empty || all) {
         // the experts without rows: the last one, or every one but expert 0
         const dw = values(bwd.gradDownProjs);

@@ -7,16 +7,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 
-import { assertSameBits, cpu, cuda, cudaOnly, host, lib, outcome, rng, tensor, toBFloat16Bits, toFloat16Bits } from './common.mjs';
-
-const { fromBFloat16Bits, fromFloat16Bits } = lib;
-
-function values(t) {
-  t = host(t);
-  if (t.dtype === 'bfloat16') return Float64Array.from(t.data, fromBFloat16Bits);
-  if (t.dtype === 'float16') return Float64Array.from(t.data, fromFloat16Bits);
-  return Float64Array.from(t.data);
-}
+import { assertClose, assertSameBits, cpu, cuda, cudaOnly, host, lib, outcome, rng, tensor, toBFloat16Bits, toFloat16Bits } from './common.mjs';
 
 function floatTensor(dtype, shape, r, scale = 1) {
   const n = shape.reduce((a, b) => a * b, 1);
@@ -24,27 +15,6 @@ function floatTensor(dtype, shape, r, scale = 1) {
   if (dtype === 'bfloat16') return tensor(dtype, shape, Uint16Array.from(v, toBFloat16Bits));
   if (dtype === 'float16') return tensor(dtype, shape, Uint16Array.from(v, toFloat16Bits));
   return tensor(dtype, shape, Float32Array.from(v));
-}
-
-/** max |got - want| <= tol * max(1, max |want|), and the same dtype and shape. */
-function assertClose(got, want, tol, what) {
-  got = host(got);
-  assert.equal(got.dtype, want.dtype, `${what}: dtype`);
-  assert.deepEqual([...got.shape], [...want.shape], `${what}: shape`);
-  const a = values(got);
-  const b = values(want);
-  let scale = 1;
-  for (const v of b) scale = Math.max(scale, Math.abs(v));
-  let worst = 0;
-  let at = -1;
-  for (let i = 0; i < a.length; i++) {
-    const d = Math.abs(a[i] - b[i]);
-    if (!(d <= worst)) {
-      worst = d;
-      at = i;
-    }
-  }
-  assert.ok(worst <= tol * scale, `${what}: element ${at} differs by ${worst} (cuda ${a[at]}, cpu ${b[at]}; allowed ${tol * scale})`);
 }
 
 const TOL = { float32: 2e-5, bfloat16: 3e-2, float16: 5e-3 };
