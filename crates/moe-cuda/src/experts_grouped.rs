@@ -9,8 +9,7 @@
 //! the forward where the experts are many ([`AUTO_MIN_EXPERTS`]) and the backward on cuBLAS,
 //! whose GEMMs are sized by the counts the forward read ahead
 //! ([`crate::device::Device::read_ahead`]: the host waits for no queue to drain); `cublas` (the
-//! default: the other two measured no faster in the layer), never. The
-//! activation passes are the
+//! default: the other two measured no faster in the layer), never. The activation passes are the
 //! cuBLAS path's (`ExpMath::Fast`, the same kernels; or, with `MOE_DISPATCH_GG_FUSE=act`, the
 //! forward's in the first GEMM's epilogue, the same code and bits), and the GEMMs sum over K in the same order
 //! as cuBLAS does at these shapes (the kernel's outputs were bit-identical to cuBLAS's in
