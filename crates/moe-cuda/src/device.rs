@@ -322,9 +322,19 @@ impl Device {
 
     /// Waits for the stream; errors of earlier launches surface here.
     pub fn synchronize(&self, what: &str) -> Result<()> {
+        self.host_wait(what, || self.stream.synchronize()).map_err(|e| Error::driver(format!("running the kernels for {what}"), e))
+    }
+
+    /// One wait of the host for the GPU (`wait`: a stream's or an event's synchronize): counted
+    /// ([`synchronizations`]) and noted in the timeline being recorded, if any, as `what`.
+    pub(crate) fn host_wait(
+        &self,
+        what: &str,
+        wait: impl FnOnce() -> std::result::Result<(), drv::DriverError>,
+    ) -> std::result::Result<(), drv::DriverError> {
         SYNCS.fetch_add(1, Ordering::Relaxed);
         let start = std::time::Instant::now();
-        let r = self.stream.synchronize().map_err(|e| Error::driver(format!("running the kernels for {what}"), e));
+        let r = wait();
         self.timeline.waited(what, start);
         r
     }
@@ -337,11 +347,6 @@ impl Device {
     /// Makes the device's context current on this thread.
     pub(crate) fn bind(&self) -> Result<()> {
         self.ctx.bind_to_thread().map_err(|e| Error::driver("binding the context", e))
-    }
-
-    /// Notes a host wait that began at `start` in the timeline being recorded, if any.
-    pub(crate) fn note_wait(&self, what: &str, start: std::time::Instant) {
-        self.timeline.waited(what, start);
     }
 
     /// Starts recording a timeline of the work queued on the device's stream (see
@@ -568,49 +573,43 @@ impl Device {
             };
         }
         let cfg = LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block.0, block.1, 1), shared_mem_bytes: shared };
-        self.span(
-            || name.to_string(),
-            || {
-                self.launch_params(f, cfg, &mut params, true)
-                    .map_err(|e| Error::driver(format!("launching {name} on grid {grid:?} x {block:?}"), e))
-            },
-        )
+        self.launch_params(name, f, cfg, &mut params, true)
     }
 
-    /// Queues `f` on the device's stream with `params` (in the kernel's parameter order and
-    /// types: the caller's promise), as a programmatic dependent launch where `pdl` and
-    /// [`programmatic_launch`] are on: the kernel's blocks may be scheduled before the kernel
-    /// before it has finished, and each waits at its entry (`MOE_PDL_ENTRY()` in
-    /// kernels/common.cuh, the first statement of every kernel) until it has.
-    pub(crate) fn launch_params(
-        &self,
-        f: &CudaFunction,
-        cfg: LaunchConfig,
-        params: &mut Params,
-        pdl: bool,
-    ) -> std::result::Result<(), drv::DriverError> {
-        self.ctx.bind_to_thread()?;
-        let mut pointers = params.pointers();
-        // SAFETY: zeroed is a valid bit pattern for this C struct; id and value set below.
-        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
-        let pdl = pdl && programmatic_launch(self);
-        let config = sys::CUlaunchConfig {
-            gridDimX: cfg.grid_dim.0,
-            gridDimY: cfg.grid_dim.1,
-            gridDimZ: cfg.grid_dim.2,
-            blockDimX: cfg.block_dim.0,
-            blockDimY: cfg.block_dim.1,
-            blockDimZ: cfg.block_dim.2,
-            sharedMemBytes: cfg.shared_mem_bytes,
-            hStream: self.stream.cu_stream(),
-            attrs: if pdl { &mut attr } else { std::ptr::null_mut() },
-            numAttrs: u32::from(pdl),
+    /// Queues kernel `name` (`f`) on the device's stream with `params` (in the kernel's parameter
+    /// order and types: the caller's promise), as one span of the timeline, and as a programmatic
+    /// dependent launch where `pdl` and [`programmatic_launch`] are on: the kernel's blocks may be
+    /// scheduled before the kernel before it has finished, and each waits at its entry
+    /// (`MOE_PDL_ENTRY()` in kernels/common.cuh, the first statement of every kernel) until it has.
+    pub(crate) fn launch_params(&self, name: &str, f: &CudaFunction, cfg: LaunchConfig, params: &mut Params, pdl: bool) -> Result<()> {
+        let mut launch = || -> std::result::Result<(), drv::DriverError> {
+            self.ctx.bind_to_thread()?;
+            let mut pointers = params.pointers();
+            // SAFETY: zeroed is a valid bit pattern for this C struct; id and value set below.
+            let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attr.value.programmaticStreamSerializationAllowed = 1;
+            let pdl = pdl && programmatic_launch(self);
+            let config = sys::CUlaunchConfig {
+                gridDimX: cfg.grid_dim.0,
+                gridDimY: cfg.grid_dim.1,
+                gridDimZ: cfg.grid_dim.2,
+                blockDimX: cfg.block_dim.0,
+                blockDimY: cfg.block_dim.1,
+                blockDimZ: cfg.block_dim.2,
+                sharedMemBytes: cfg.shared_mem_bytes,
+                hStream: self.stream.cu_stream(),
+                attrs: if pdl { &mut attr } else { std::ptr::null_mut() },
+                numAttrs: u32::from(pdl),
+            };
+            // SAFETY: `pointers` point into `params`, alive for the call; the driver copies the
+            // values before returning. The parameters' order and types are the caller's promise.
+            unsafe { sys::cuLaunchKernelEx(&config, f.cu_function(), pointers.as_mut_ptr(), std::ptr::null_mut()) }.result()
         };
-        // SAFETY: `pointers` point into `params`, alive for the call; the driver copies the
-        // values before returning. The parameters' order and types are the caller's promise.
-        unsafe { sys::cuLaunchKernelEx(&config, f.cu_function(), pointers.as_mut_ptr(), std::ptr::null_mut()) }.result()
+        self.span(
+            || name.to_string(),
+            || launch().map_err(|e| Error::driver(format!("launching {name} on grid {:?} x {:?}", cfg.grid_dim, cfg.block_dim), e)),
+        )
     }
 }
 
@@ -667,10 +666,7 @@ pub struct PendingRead {
 impl PendingRead {
     /// Waits for the marked point of the stream, then reads the value (on the second stream).
     pub fn finish(self, dev: &Device) -> Result<i32> {
-        SYNCS.fetch_add(1, Ordering::Relaxed);
-        let start = std::time::Instant::now();
-        self.event.synchronize().map_err(|e| Error::driver(format!("waiting for {}", self.what), e))?;
-        dev.timeline.waited(&self.what, start);
+        dev.host_wait(&self.what, || self.event.synchronize()).map_err(|e| Error::driver(format!("waiting for {}", self.what), e))?;
         let mut out = [0i32; 1];
         let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
         count_transfer(&TO_HOST, dst.len());
@@ -698,7 +694,7 @@ static PEAK_BYTES: AtomicUsize = AtomicUsize::new(0);
 static TO_DEVICE: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
 static TO_HOST: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
 /// The host's waits for the GPU so far (a stream's synchronize, or an event's).
-pub(crate) static SYNCS: AtomicUsize = AtomicUsize::new(0);
+static SYNCS: AtomicUsize = AtomicUsize::new(0);
 
 /// Counts a copy of `bytes` bytes to the host ([`transfers`]).
 pub(crate) fn count_transfer_to_host(bytes: usize) {

@@ -639,11 +639,7 @@ fn run_kernel(
     // dependent launch: with it these kernels ran slower on an H100, even with events between
     // the kernels (Mixtral-like weight gradients 10.13 against 9.49 ms; docs/gpu-report.md,
     // twenty-fifth session); the kernels after them still may be.
-    dev.span(
-        || name.to_string(),
-        || dev.launch_params(f, cfg, &mut b, false).map_err(|e| Error::driver(format!("launching {name} on {grid} blocks"), e)),
-    )?;
-    Ok(())
+    dev.launch_params(name, f, cfg, &mut b, false)
 }
 
 /// [`launch_wgrad`] gathering x's rows on load: `dw [experts, ko, n] = x[rows_of[rows of e]]^T @

@@ -13,11 +13,10 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::time::Instant;
 
 use cudarc::driver::{result as drv, sys, CudaEvent};
 
-use crate::device::{count_transfer_to_host, Buffer, Device, SYNCS};
+use crate::device::{count_transfer_to_host, Buffer, Device};
 use crate::error::{Error, Result};
 
 /// Bytes of one page-locked block: up to 4096 int32 counts.
@@ -34,29 +33,33 @@ struct Entry {
     event: CudaEvent,
 }
 
-/// The device's read-aheads and its spare page-locked blocks (never freed: a few, reused).
+/// The device's read-aheads and its spare page-locked blocks (never freed: a few, reused), each
+/// with the event of the copy that last wrote it while that copy may still be running.
 #[derive(Default)]
 pub(crate) struct ReadAheads {
     entries: Mutex<VecDeque<Entry>>,
-    spare: Mutex<Vec<usize>>,
+    spare: Mutex<Vec<(usize, Option<CudaEvent>)>>,
 }
 
 impl ReadAheads {
+    /// A block no copy still writes (none is waited for: one whose copy runs stays aside), else
+    /// a new one.
     fn block(&self, dev: &Device) -> Option<usize> {
-        if let Some(b) = self.spare.lock().unwrap_or_else(|p| p.into_inner()).pop() {
-            return Some(b);
+        {
+            let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = spare.iter().position(|(_, copy)| copy.as_ref().is_none_or(CudaEvent::is_complete)) {
+                return Some(spare.swap_remove(i).0);
+            }
         }
         dev.bind().ok()?;
         // SAFETY: a plain page-locked allocation of BLOCK bytes, kept for the process.
         unsafe { drv::malloc_host(BLOCK, 0) }.ok().map(|p| p as usize)
     }
 
-    /// Gives an entry's block back once its copy is over (the event waited for: at once where
-    /// it is long done, as for an entry that newer ones pushed out).
-    fn retire(&self, e: Entry) {
-        if e.event.synchronize().is_ok() {
-            self.spare.lock().unwrap_or_else(|p| p.into_inner()).push(e.host);
-        }
+    /// Puts an entry's block aside for reuse (`done`: its copy is known to be over).
+    fn retire(&self, e: Entry, done: bool) {
+        let copy = (!done).then_some(e.event);
+        self.spare.lock().unwrap_or_else(|p| p.into_inner()).push((e.host, copy));
     }
 }
 
@@ -78,14 +81,15 @@ impl Device {
         let copied = self.span(
             || format!("copy to the host, ahead: {what}"),
             || {
-                // SAFETY: `host` holds BLOCK >= bytes page-locked bytes, kept until the entry retires
-                // (after the copy's event).
+                // SAFETY: `host` holds BLOCK >= bytes page-locked bytes, reused only once this copy's
+                // event has completed.
                 let r = unsafe { sys::cuMemcpyDtoHAsync_v2(host as *mut _, buf.ptr(stream), bytes, stream.cu_stream()) };
                 r.result().map_err(|e| Error::driver(format!("copying {what} to the host"), e))
             },
         );
         if let Err(e) = copied {
-            ra.spare.lock().unwrap_or_else(|p| p.into_inner()).push(host);
+            // (a copy that failed to queue never writes the block)
+            ra.spare.lock().unwrap_or_else(|p| p.into_inner()).push((host, None));
             return Err(e);
         }
         let event = stream
@@ -101,7 +105,7 @@ impl Device {
             }
         };
         if let Some(e) = old {
-            ra.retire(e);
+            ra.retire(e, false);
         }
         Ok(true)
     }
@@ -120,17 +124,15 @@ impl Device {
         };
         let Some(e) = entry else { return Ok(None) };
         if e.bytes != len * std::mem::size_of::<T>() {
-            ra.retire(e);
+            ra.retire(e, false);
             return Ok(None);
         }
-        SYNCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let start = Instant::now();
-        e.event.synchronize().map_err(|err| Error::driver(format!("waiting for {what} (read ahead)"), err))?;
-        self.note_wait(&format!("{what} (read ahead)"), start);
+        let label = format!("{what} (read ahead)");
+        self.host_wait(&label, || e.event.synchronize()).map_err(|err| Error::driver(format!("waiting for {label}"), err))?;
         let mut out: Vec<T> = vec![T::zeroed(); len];
         // SAFETY: the copy into `host` is over (its event); `bytes` bytes were written there.
         unsafe { std::ptr::copy_nonoverlapping(e.host as *const u8, out.as_mut_ptr() as *mut u8, e.bytes) };
-        ra.retire(e);
+        ra.retire(e, true);
         Ok(Some(out))
     }
 }
