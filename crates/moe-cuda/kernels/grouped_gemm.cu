@@ -204,17 +204,6 @@ static __device__ __forceinline__ u64 gg_desc(u32 addr, u32 lbo, u32 sbo) {
     return (u64)((addr & 0x3FFFF) >> 4) | ((u64)((lbo & 0x3FFFF) >> 4) << 16) | ((u64)((sbo & 0x3FFFF) >> 4) << 32) | (1ull << 62);
 }
 
-// The descriptor of a K-major operand whose rows are one k-step of BK values: 128-byte rows with
-// the 128-byte swizzle (BK = 64), or 64-byte rows with the 64-byte swizzle (BK = 32: mode 2 in
-// bits 62-63); 8-row groups 8 rows apart (SBO), the leading offset unused (a k16 slice lies
-// within a row).
-template <int BK>
-static __device__ __forceinline__ u64 gg_desc_kmajor(u32 addr) {
-    static_assert(BK == 64 || BK == 32, "k-steps of 64 or 32");
-    if constexpr (BK == 64) return gg_desc(addr, 16, 1024);
-    else return (gg_desc(addr, 16, 512) & ~(3ull << 62)) | (2ull << 62);
-}
-
 // The operands of a wgmma's accumulators: d[i] .. d[i + 7] and d[i] .. d[i + 63], read and
 // written ("+f"); GG_D0_63: the names of the first 64 (%0 .. %63) in the instruction.
 #define GG_D8(i) \
@@ -519,8 +508,7 @@ static __device__ __forceinline__ void gg_release_pending(const GgShared& sh, Gg
 }
 
 // Consumer warpgroup w.c's k-steps of one tile: for each, waits for the ring's stage to be full
-// and calls `mma(kb, a_addr, b_addr)` (the warpgroup's A part, the second half of A for
-// warpgroup 1: 64 rows; B) to issue its
+// and calls `mma(kb, a_addr, b_addr)` (the warpgroup's A part: 64 rows, 8 KiB; B) to issue its
 // wgmmas, then `beside(kb)` (work of the warpgroup's own while they run: none by default);
 // once the next k-step's group is issued, the previous stage goes back to the producer.
 // On return every wgmma has completed and every stage is released (the pending one too).
@@ -534,7 +522,7 @@ static __device__ __forceinline__ void gg_consume(const GgShared& sh, GgRing<STA
     int prev = -1;
     for (int kb = 0; kb < num_kb; kb++) {
         mbar_wait(sh.full0 + 8 * ring.stage, ring.phase);
-        const u32 a_addr = sh.base + ring.stage * STAGE_BYTES + w.c * (A_BYTES / 2);
+        const u32 a_addr = sh.base + ring.stage * STAGE_BYTES + w.c * (64 * 128);
         const u32 b_addr = sh.base + ring.stage * STAGE_BYTES + A_BYTES;
         mma(kb, a_addr, b_addr);
         wgmma_commit();
@@ -668,18 +656,17 @@ static __device__ __forceinline__ void gg_act_pair(const GgAct& act, u32 c_smem,
     *(u32*)(act.a + row * n + t.n0 + col) = (u32)b0 | ((u32)b1 << 16);
 }
 
-// One k-step of a warpgroup's wgmmas: D[64 x N] (+)= A[64 x BK] B[BK x N], A K-major at a_addr
-// (its 64 rows of 2 BK bytes), B at b_addr: K-major rows of BK k values, 8-row groups 8 rows
-// apart; or N-major rows of 64 n values, one box of BK rows per 64 columns (LBO), 8-row (k)
-// groups 1024 bytes apart (SBO), a k16 slice of 16 rows = 2048 bytes. The first k-step
-// overwrites D.
-template <int N, bool B_KMAJOR, int BK = GG_BK>
+// One k-step of a warpgroup's wgmmas: D[64 x N] (+)= A[64 x 64] B[64 x N], A K-major at a_addr
+// (its 64 rows of 128 bytes), B at b_addr: K-major rows of 64 k values (128 bytes), 8-row groups
+// 1024 bytes apart; or N-major rows of 64 n values, one 8 KiB box per 64 columns (LBO), 8-row (k)
+// groups 1024 bytes apart (SBO), a k-step of 16 rows = 2048 bytes. The first k-step overwrites D.
+template <int N, bool B_KMAJOR>
 static __device__ __forceinline__ void gg_mma_step(float* acc, int kb, u32 a_addr, u32 b_addr) {
     wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < BK / 16; ks++) {
-        const u64 da = gg_desc_kmajor<BK>(a_addr + ks * 32);
-        const u64 db = B_KMAJOR ? gg_desc_kmajor<BK>(b_addr + ks * 32) : gg_desc(b_addr + ks * 2048, BK * 128, 1024);
+    for (int ks = 0; ks < GG_BK / 16; ks++) {
+        const u64 da = gg_desc(a_addr + ks * 32, 16, 1024);
+        const u64 db = B_KMAJOR ? gg_desc(b_addr + ks * 32, 16, 1024) : gg_desc(b_addr + ks * 2048, 8192, 1024);
         const int accumulate = (kb > 0 || ks > 0) ? 1 : 0;
         if constexpr (N == 256) wgmma_m64n256k16<0, B_KMAJOR ? 0 : 1>(acc, da, db, accumulate);
         else wgmma_m64n128k16<0, B_KMAJOR ? 0 : 1>(acc, da, db, accumulate);
@@ -695,17 +682,13 @@ static __device__ __forceinline__ void gg_mma_step(float* acc, int kb, u32 a_add
 // so each loads 32 KiB of a 48 KiB stage from L2 instead of 48; else each loads its own. The
 // two CTAs go through the same stages in step: every stage is released by the consumers of both
 // (16 arrivals), and neither CTA exits before the other is done with its shared memory.
-// BK: K columns a k-step, 64 (128-byte rows, the 128-byte swizzle) or 32 (the K-major operands'
-// rows 64 bytes with the 64-byte swizzle, N-major boxes of 32 rows: stages half the size, twice
-// as many of them; the plain kernels only).
 template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, int EPI, bool HALF = false, bool MC = false, bool ACT = false,
-          bool GATHER = false, int BK = GG_BK>
+          bool GATHER = false>
 static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const GgTensorMap* map_b, void* out, const int* counts,
                                                int num_experts, int m_total, int n, int k, int group_n, const GgAct* act = nullptr,
                                                const GgGather* gather = nullptr) {
-    static_assert(BK == GG_BK || (BK == 32 && BN == 256 && !HALF && !MC && !ACT && !GATHER), "k-steps of 32: the plain 256-column kernels");
-    constexpr u32 A_BYTES = GG_BM * BK * 2;
-    constexpr u32 B_BYTES = BN * BK * 2;
+    constexpr u32 A_BYTES = GG_BM * GG_BK * 2;
+    constexpr u32 B_BYTES = BN * GG_BK * 2;
     constexpr u32 STAGE_BYTES = A_BYTES + B_BYTES;
     // EPI_STAGED: each consumer warpgroup's 64 x BN output rows staged after the stages
     constexpr u32 C_BYTES = EPI == GG_EPI_STAGED ? 2 * 64 * GG_C_ROW : 0;
@@ -752,7 +735,7 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
     // (the cluster kernels: the other CTA's barriers are initialised before any arrival or load)
     if constexpr (MC) cluster_sync();
 
-    const int num_kb = (k + BK - 1) / BK;
+    const int num_kb = (k + GG_BK - 1) / GG_BK;
     const int total = tile_start[num_experts];
     // the block's work items: its tiles, or (MC) its cluster's pairs of tiles, of which it takes
     // tile 2q + rank; `paired`: both need the same B tile
@@ -801,13 +784,13 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
                     }
                 }
             } else if constexpr (B_KMAJOR) {
-                tma_load_3d(b_dst, map_b, kb * BK, tl.n0, tl.e, full);
+                tma_load_3d(b_dst, map_b, kb * GG_BK, tl.n0, tl.e, full);
             } else {
 #pragma unroll
                 for (int j = 0; j < BN / 64; j++) {
                     // (ACT: the gate columns n0 .., then the up columns inter + n0 ..)
                     const int col = ACT ? (j < BN / 128 ? tl.n0 + 64 * j : n + tl.n0 + 64 * (j - BN / 128)) : tl.n0 + 64 * j;
-                    tma_load_3d(b_dst + j * (BK * 128), map_b, col, kb * BK, tl.e, full);
+                    tma_load_3d(b_dst + j * 8192, map_b, col, kb * GG_BK, tl.e, full);
                 }
             }
         };
@@ -831,7 +814,7 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
                 bool paired;
                 const GgTile tl = tile_of(q, &paired);
                 gg_produce<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, [&](int kb, u32 full, u32 a_dst, u32 b_dst) {
-                    tma_load_2d(a_dst, map_a, kb * BK, tl.row0, full);
+                    tma_load_2d(a_dst, map_a, kb * GG_BK, tl.row0, full);
                     load_b(tl, paired, kb, full, b_dst);
                 });
                 if constexpr (EPI == GG_EPI_RING) gg_skip_for_epilogue<STAGES>(sh, ring);
@@ -870,7 +853,7 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
                     });
             } else {
                 gg_consume<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w,
-                                                         [&](int kb, u32 a_addr, u32 b_addr) { gg_mma_step<BN, B_KMAJOR, BK>(acc, kb, a_addr, b_addr); });
+                                                         [&](int kb, u32 a_addr, u32 b_addr) { gg_mma_step<BN, B_KMAJOR>(acc, kb, a_addr, b_addr); });
             }
             if constexpr (ACT) {
                 // (what the k-steps left of the previous tile's activation, before its rows are overwritten)
@@ -921,19 +904,15 @@ static __device__ __forceinline__ void gg_wgrad_tile(int t, int m_tiles, int n_t
 // The producer warpgroup's thread ptid copies, each k-step, the 16-byte pieces ptid % 8 of both A
 // boxes (x's columns m0 .. m0 + 127) of rows ptid / 8 + 16 q (q < 4), rows past the expert's end
 // and columns past ko as zeros; each k-step's indices are loaded two k-steps ahead.
-template <bool OUT_F32, int EPI, bool GATHER = false, int BK = GG_BK>
+template <bool OUT_F32, int EPI, bool GATHER = false>
 static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, const GgTensorMap* map_b, void* out, const int* counts,
                                                      int num_experts, int m_total, int ko, int n, int group_n,
                                                      const GgGather* gather = nullptr) {
-    // (BK = 32: k-steps of 32 rows, 24 KiB stages, twice as many of them in the same shared memory)
-    static_assert(BK == GG_BK || (BK == 32 && !GATHER && EPI == GG_EPI_STAGED), "k-steps of 32 rows: the staged kernel without gathering");
-    constexpr int BN = 256, STAGES = (EPI == GG_EPI_STAGED ? 3 : 4) * (GG_BK / BK);
+    constexpr int BN = 256, STAGES = EPI == GG_EPI_STAGED ? 3 : 4;
     constexpr u32 C_BYTES = EPI == GG_EPI_STAGED ? 2 * 64 * GG_C_ROW : 0;
     static_assert(EPI == GG_EPI_REG || !OUT_F32, "the bulk epilogues are for bf16 output");
-    // a box: 64 columns x BK rows of 128 bytes
-    constexpr int BOX = BK * 128;
-    constexpr u32 A_BYTES = GG_BM * BK * 2;
-    constexpr u32 B_BYTES = BN * BK * 2;
+    constexpr u32 A_BYTES = GG_BM * GG_BK * 2;
+    constexpr u32 B_BYTES = BN * GG_BK * 2;
     constexpr u32 STAGE_BYTES = A_BYTES + B_BYTES;
     const GgShared sh = gg_shared_layout<STAGES, STAGE_BYTES, C_BYTES>();
     int* row_start = (int*)(sh.bars + 2 * STAGES);
@@ -1016,12 +995,12 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, c
             for (int t = blockIdx.x; t < total; t += gridDim.x) {
                 int e, m0, n0;
                 gg_wgrad_tile(t, m_tiles, n_tiles, group_n, &e, &m0, &n0);
-                const int r0 = row_start[e], num_kb = (row_start[e + 1] - r0 + BK - 1) / BK;
+                const int r0 = row_start[e], num_kb = (row_start[e + 1] - r0 + GG_BK - 1) / GG_BK;
                 gg_produce<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, [&](int kb, u32 full, u32 a_dst, u32 b_dst) {
-                    tma_load_2d(a_dst, map_a, m0, r0 + kb * BK, full);
-                    tma_load_2d(a_dst + BOX, map_a, m0 + 64, r0 + kb * BK, full);
+                    tma_load_2d(a_dst, map_a, m0, r0 + kb * GG_BK, full);
+                    tma_load_2d(a_dst + 8192, map_a, m0 + 64, r0 + kb * GG_BK, full);
 #pragma unroll
-                    for (int j = 0; j < BN / 64; j++) tma_load_2d(b_dst + j * BOX, map_b, n0 + 64 * j, r0 + kb * BK, full);
+                    for (int j = 0; j < BN / 64; j++) tma_load_2d(b_dst + j * 8192, map_b, n0 + 64 * j, r0 + kb * GG_BK, full);
                 });
                 if constexpr (EPI == GG_EPI_RING) gg_skip_for_epilogue<STAGES>(sh, ring);
             }
@@ -1037,17 +1016,17 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, c
             int e, m0, n0;
             gg_wgrad_tile(t, m_tiles, n_tiles, group_n, &e, &m0, &n0);
             const int r0 = row_start[e], rows = row_start[e + 1] - r0;
-            const int num_kb = (rows + BK - 1) / BK;
+            const int num_kb = (rows + GG_BK - 1) / GG_BK;
 #pragma unroll
             for (int i = 0; i < BN / 2; i++) acc[i] = 0.0f;
             gg_consume<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w, [&](int kb, u32 a_addr, u32 b_addr) {
-                const int valid = rows - kb * BK;
-                if (valid < BK) {
-                    // zero rows valid .. BK - 1 of this warpgroup's A box and of B boxes c and c + 2
-                    const int lines = (BK - valid) * 8;  // 16-byte pieces a box
+                const int valid = rows - kb * GG_BK;
+                if (valid < GG_BK) {
+                    // zero rows valid .. 63 of this warpgroup's A box and of B boxes c and c + 2
+                    const int lines = (GG_BK - valid) * 8;  // 16-byte pieces a box
                     for (int i = tid; i < 3 * lines; i += 128) {
                         const int box = i / lines, piece = i % lines;
-                        const u32 at = (box == 0 ? a_addr : b_addr + (c + 2 * (box - 1)) * BOX) + (valid * 128 + piece * 16);
+                        const u32 at = (box == 0 ? a_addr : b_addr + (c + 2 * (box - 1)) * 8192) + (valid * 128 + piece * 16);
                         asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};" ::"r"(at), "r"(0) : "memory");
                     }
                     fence_async_shared();
@@ -1055,10 +1034,10 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, c
                 }
                 wgmma_fence();
 #pragma unroll
-                for (int ks = 0; ks < BK / 16; ks++) {
+                for (int ks = 0; ks < GG_BK / 16; ks++) {
                     // M-major A and N-major B: a k-step is 16 rows (2048 bytes) of each box
-                    const u64 da = gg_desc(a_addr + ks * 2048, BOX, 1024);
-                    const u64 db = gg_desc(b_addr + ks * 2048, BOX, 1024);
+                    const u64 da = gg_desc(a_addr + ks * 2048, 8192, 1024);
+                    const u64 db = gg_desc(b_addr + ks * 2048, 8192, 1024);
                     wgmma_m64n256k16<1, 1>(acc, da, db, 1);
                 }
             });
@@ -1072,14 +1051,14 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, c
 
 #else  // not sm_90a: the kernels exist (compile::ALL loads every file) and trap if launched
 
-template <bool OUT_F32, int EPI, bool GATHER = false, int BK = GG_BK>
+template <bool OUT_F32, int EPI, bool GATHER = false>
 static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap*, const GgTensorMap*, void*, const int*, int, int, int, int, int,
                                                      const GgGather* = nullptr) {
     __trap();
 }
 
 template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, int EPI, bool HALF = false, bool MC = false, bool ACT = false,
-          bool GATHER = false, int BK = GG_BK>
+          bool GATHER = false>
 static __device__ __forceinline__ void gg_body(const GgTensorMap*, const GgTensorMap*, void*, const int*, int, int, int, int, int,
                                                const GgAct* = nullptr, const GgGather* = nullptr) {
     __trap();
@@ -1103,14 +1082,6 @@ extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_f32(GG
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_f32(GG_ARGS) { MOE_PDL_ENTRY(); gg_body<256, true, true, 4, GG_EPI_REG>(GG_PASS); }
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_bulk(GG_ARGS) { MOE_PDL_ENTRY(); gg_body<256, false, false, 3, GG_EPI_STAGED>(GG_PASS); }
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_bulk(GG_ARGS) { MOE_PDL_ENTRY(); gg_body<256, true, false, 3, GG_EPI_STAGED>(GG_PASS); }
-// (k-steps of 32: 6 stages of 24 KiB and the staging buffer; A's and `nt` B's boxes 32 K columns
-// of 64 bytes with the 64-byte swizzle, `nn` B's 64 columns x 32 rows)
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_bulk_k32(GG_ARGS) { MOE_PDL_ENTRY();
-    gg_body<256, false, false, 6, GG_EPI_STAGED, false, false, false, false, 32>(GG_PASS);
-}
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_bulk_k32(GG_ARGS) { MOE_PDL_ENTRY();
-    gg_body<256, true, false, 6, GG_EPI_STAGED, false, false, false, false, 32>(GG_PASS);
-}
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_ring(GG_ARGS) { MOE_PDL_ENTRY(); gg_body<256, false, false, 4, GG_EPI_RING>(GG_PASS); }
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_ring(GG_ARGS) { MOE_PDL_ENTRY(); gg_body<256, true, false, 4, GG_EPI_RING>(GG_PASS); }
 // In clusters of 2 CTAs (a compile-time cluster shape: the grid is a multiple of 2); plain
@@ -1171,10 +1142,6 @@ extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_f32(GG_A
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16(GG_ARGS) { MOE_PDL_ENTRY(); gg_wgrad_body<false, GG_EPI_REG>(GG_WPASS); }
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16_bulk(GG_ARGS) { MOE_PDL_ENTRY(); gg_wgrad_body<false, GG_EPI_STAGED>(GG_WPASS); }
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16_ring(GG_ARGS) { MOE_PDL_ENTRY(); gg_wgrad_body<false, GG_EPI_RING>(GG_WPASS); }
-// (k-steps of 32 rows: 6 stages of 24 KiB and the staging buffer; the TMA boxes are 64 x 32)
-extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16_bulk_k32(GG_ARGS) { MOE_PDL_ENTRY();
-    gg_wgrad_body<false, GG_EPI_STAGED, false, 32>(GG_WPASS);
-}
 // dW1 = x^T dh gathering x's rows on load (GgGather; map_a unused)
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16_gather(GG_ARGS, const u16* x, const int* rows_of, int x_rows) { MOE_PDL_ENTRY();
     const GgGather gather{x, rows_of, x_rows};

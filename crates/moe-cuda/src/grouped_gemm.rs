@@ -73,16 +73,12 @@ pub enum TileN {
     /// stages of the ring and bulk-copied out (both CTAs skip the same stages: their tiles have
     /// the same k-steps). Its weight gradients run [`TileN::N256Bulk`]'s kernel.
     N256McRing,
-    /// [`TileN::N256Bulk`] in k-steps of 32 (K columns, or the weight gradients' token rows): 6
-    /// stages of 24 KiB in the shared memory of 3 of 48, so the loads run further ahead of the
-    /// tensor cores (the K-major operands' rows are 64 bytes, with the 64-byte swizzle).
-    N256BulkK32,
 }
 
 impl TileN {
     /// Every kernel choice, with its short name (`moe-cuda-bench ggemm --tile`,
     /// `MOE_DISPATCH_GG_EPILOGUE`).
-    pub const ALL: [(TileN, &'static str); 9] = [
+    pub const ALL: [(TileN, &'static str); 8] = [
         (TileN::N128, "128"),
         (TileN::N256, "256"),
         (TileN::N256Bulk, "bulk"),
@@ -91,7 +87,6 @@ impl TileN {
         (TileN::N256Mc, "mc"),
         (TileN::N256Mc4, "mc4"),
         (TileN::N256McRing, "mcring"),
-        (TileN::N256BulkK32, "bulk-k32"),
     ];
 
     /// The tile of a short name of [`TileN::ALL`].
@@ -106,29 +101,18 @@ impl TileN {
         }
     }
 
-    /// The kernels' shared-memory ring: (stages, K columns or the weight gradients' token rows a
-    /// k-step).
-    fn ring(self) -> (usize, usize) {
+    fn stages(self) -> usize {
         match self {
-            TileN::N128 => (6, TILE_K),
-            TileN::N256 | TileN::N256Ring | TileN::N256RingHalf | TileN::N256Mc4 | TileN::N256McRing => (4, TILE_K),
-            TileN::N256Bulk | TileN::N256Mc => (3, TILE_K),
-            TileN::N256BulkK32 => (6, 32),
-        }
-    }
-
-    /// The TMA's swizzle of a K-major box: rows of one k-step of bf16, 128 or 64 bytes.
-    fn k_major_swizzle(self) -> sys::CUtensorMapSwizzle {
-        match self.ring().1 {
-            32 => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_64B,
-            _ => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            TileN::N128 => 6,
+            TileN::N256 | TileN::N256Ring | TileN::N256RingHalf | TileN::N256Mc4 | TileN::N256McRing => 4,
+            TileN::N256Bulk | TileN::N256Mc => 3,
         }
     }
 
     /// Bytes of the epilogue's staging buffer (kernels/grouped_gemm.cu's C_BYTES).
     fn staging(self) -> usize {
         match self {
-            TileN::N256Bulk | TileN::N256Mc | TileN::N256BulkK32 => 2 * 64 * 528,
+            TileN::N256Bulk | TileN::N256Mc => 2 * 64 * 528,
             _ => 0,
         }
     }
@@ -143,7 +127,6 @@ impl TileN {
             TileN::N256Mc => "128x256 bulk-store, 2-CTA multicast",
             TileN::N256Mc4 => "128x256, 4 stages, 2-CTA multicast",
             TileN::N256McRing => "128x256 ring-store, 2-CTA multicast",
-            TileN::N256BulkK32 => "128x256 bulk-store, k-steps of 32",
         }
     }
 
@@ -274,28 +257,15 @@ pub fn experts_tile() -> TileN {
 }
 
 /// Bytes of dynamic shared memory of a launch (kernels/grouped_gemm.cu's layout: alignment
-/// slack, the stages, the staging buffer, the barriers, the per-expert tile and row offsets).
+/// slack, the stages, the barriers, the per-expert tile and row offsets).
 pub fn shared_bytes(tile: TileN, experts: usize) -> usize {
-    let (stages, k_step) = tile.ring();
-    let stage = (TILE_M + tile.columns()) * k_step * 2;
-    1024 + stages * stage + tile.staging() + 16 * stages + 8 * (experts + 1)
+    let stage = (TILE_M + tile.columns()) * TILE_K * 2;
+    1024 + tile.stages() * stage + tile.staging() + 16 * tile.stages() + 8 * (experts + 1)
 }
 
 /// A 2-D or 3-D tiled tensor map of bf16 with the 128-byte swizzle (`dims` and `box_dims`
 /// innermost first; `strides`: bytes of each dimension but the first).
 fn tensor_map(what: &str, ptr: u64, dims: &[u64], strides: &[u64], box_dims: &[u32]) -> Result<TensorMap> {
-    tensor_map_swizzled(what, ptr, dims, strides, box_dims, sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B)
-}
-
-/// [`tensor_map`] with another swizzle (a box's innermost extent: at most the swizzle's bytes).
-fn tensor_map_swizzled(
-    what: &str,
-    ptr: u64,
-    dims: &[u64],
-    strides: &[u64],
-    box_dims: &[u32],
-    swizzle: sys::CUtensorMapSwizzle,
-) -> Result<TensorMap> {
     let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
     let elem = vec![1u32; dims.len()];
     // SAFETY: the arrays hold `dims.len()` (strides: one fewer) entries, as the call reads them.
@@ -310,7 +280,7 @@ fn tensor_map_swizzled(
             box_dims.as_ptr(),
             elem.as_ptr(),
             sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            swizzle,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
             sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
             sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
         )
@@ -336,8 +306,6 @@ fn kernel_name(layout: WeightLayout, tile: TileN, out_dtype: DType) -> Option<&'
         (WeightLayout::NK, TileN::N256, DType::F32) => "grouped_gemm_nt_n256_f32",
         (WeightLayout::KN, TileN::N256Bulk, DType::BF16) => "grouped_gemm_nn_n256_bf16_bulk",
         (WeightLayout::NK, TileN::N256Bulk, DType::BF16) => "grouped_gemm_nt_n256_bf16_bulk",
-        (WeightLayout::KN, TileN::N256BulkK32, DType::BF16) => "grouped_gemm_nn_n256_bf16_bulk_k32",
-        (WeightLayout::NK, TileN::N256BulkK32, DType::BF16) => "grouped_gemm_nt_n256_bf16_bulk_k32",
         (WeightLayout::KN, TileN::N256Ring, DType::BF16) => "grouped_gemm_nn_n256_bf16_ring",
         (WeightLayout::NK, TileN::N256Ring, DType::BF16) => "grouped_gemm_nt_n256_bf16_ring",
         (WeightLayout::KN, TileN::N256RingHalf, DType::BF16) => "grouped_gemm_nn_n256_bf16_ring_half",
@@ -386,16 +354,15 @@ pub fn launch(
     let max_tiles = (m / TILE_M + experts).saturating_mul(n.div_ceil(tile.columns())) + if tile.cluster() > 1 { experts } else { 0 };
     run_kernel(dev, "grouped GEMM", name, tile, max_tiles, out, counts, sizes, Extra::None, || {
         let (m64, n64, k64, e64) = (m as u64, n as u64, k as u64, experts as u64);
-        let (step, swizzle) = (tile.ring().1 as u32, tile.k_major_swizzle());
-        // A: [m, k], box `step` (k) x 128 (rows)
-        let map_a = tensor_map_swizzled("the tokens", x, &[k64, m64], &[k64 * 2], &[step, TILE_M as u32], swizzle)?;
+        // A: [m, k], box 64 (k) x 128 (rows)
+        let map_a = tensor_map("the tokens", x, &[k64, m64], &[k64 * 2], &[TILE_K as u32, TILE_M as u32])?;
         let map_b = match layout {
-            // [E, k, n]: boxes of 64 (n) x `step` (k), BN / 64 of them a step
-            WeightLayout::KN => tensor_map("the weights", w, &[n64, k64, e64], &[n64 * 2, n64 * k64 * 2], &[64, step, 1])?,
-            // [E, n, k]: one box of `step` (k) x BN (n) a step; the cluster kernel loads halves of 128
+            // [E, k, n]: boxes of 64 (n) x 64 (k), BN / 64 of them a step
+            WeightLayout::KN => tensor_map("the weights", w, &[n64, k64, e64], &[n64 * 2, n64 * k64 * 2], &[64, TILE_K as u32, 1])?,
+            // [E, n, k]: one box of 64 (k) x BN (n) a step; the cluster kernel loads halves of 128
             WeightLayout::NK => {
                 let box_n = if tile.cluster() > 1 { 128 } else { tile.columns() as u32 };
-                tensor_map_swizzled("the weights", w, &[k64, n64, e64], &[k64 * 2, n64 * k64 * 2], &[step, box_n, 1], swizzle)?
+                tensor_map("the weights", w, &[k64, n64, e64], &[k64 * 2, n64 * k64 * 2], &[TILE_K as u32, box_n, 1])?
             }
         };
         Ok((map_a, map_b))
@@ -578,7 +545,6 @@ pub fn launch_wgrad(
         (DType::F32, TileN::N256) => "grouped_gemm_wgrad_f32",
         (DType::BF16, TileN::N256) => "grouped_gemm_wgrad_bf16",
         (DType::BF16, TileN::N256Bulk) => "grouped_gemm_wgrad_bf16_bulk",
-        (DType::BF16, TileN::N256BulkK32) => "grouped_gemm_wgrad_bf16_bulk_k32",
         // (the weight gradients' tiles are over the weights, whole whatever the counts)
         (DType::BF16, TileN::N256Ring | TileN::N256RingHalf) => "grouped_gemm_wgrad_bf16_ring",
         (other, _) => return Err(Error::Cuda(format!("grouped weight gradient: no kernel for {tile:?} with {} output", other.name()))),
@@ -587,10 +553,9 @@ pub fn launch_wgrad(
     // (the kernel's k is ko, its n is n)
     run_kernel(dev, "grouped weight gradient", name, tile, tiles, dw, counts, sizes, Extra::None, || {
         let (m64, n64, k64) = (m as u64, n as u64, ko as u64);
-        // x^T and dy: boxes of 64 columns x a k-step's rows
-        let rows = tile.ring().1 as u32;
-        let map_a = tensor_map("the weight gradient's x", x, &[k64, m64], &[k64 * 2], &[64, rows])?;
-        let map_b = tensor_map("the weight gradient's dy", dy, &[n64, m64], &[n64 * 2], &[64, rows])?;
+        // x^T and dy: boxes of 64 columns x 64 rows
+        let map_a = tensor_map("the weight gradient's x", x, &[k64, m64], &[k64 * 2], &[64, TILE_K as u32])?;
+        let map_b = tensor_map("the weight gradient's dy", dy, &[n64, m64], &[n64 * 2], &[64, TILE_K as u32])?;
         Ok((map_a, map_b))
     })
 }

@@ -612,13 +612,9 @@ fn wgrad_checks(dev: &Device) -> R<usize> {
             }
             r0 += c as usize;
         }
-        for (od, tile) in [
-            (DType::BF16, TileN::N256),
-            (DType::F32, TileN::N256),
-            (DType::BF16, TileN::N256Bulk),
-            (DType::BF16, TileN::N256Ring),
-            (DType::BF16, TileN::N256BulkK32),
-        ] {
+        for (od, tile) in
+            [(DType::BF16, TileN::N256), (DType::F32, TileN::N256), (DType::BF16, TileN::N256Bulk), (DType::BF16, TileN::N256Ring)]
+        {
             let size = od.size();
             let bytes = (e * ko * n * size).next_multiple_of(4);
             let p = |buf: &Buffer| buf.device_ptr(dev);
