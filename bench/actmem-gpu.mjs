@@ -2,9 +2,10 @@
  * The MoE layer's forward + backward and its activation memory on the GPU (issue 19), ours:
  * `MoELayer` uploaded to the cuda backend at the training shapes (`TRAIN_SHAPES`: bf16 weights,
  * swiglu, softmax top-k router, Switch aux loss 0.01), `forward(x)` then `backward(g)` with the
- * output's gradient g given; no optimizer. The experts' GEMMs are cuBLAS, or our grouped GEMM
- * when the process runs with `MOE_DISPATCH_EXPERTS_GEMM=grouped` (read once a process: run it
- * once per path). Its PyTorch peer is bench/actmem-gpu.py; `gpu-run.sh remote` with ACTMEM=1 runs
+ * output's gradient g given; no optimizer. The experts' GEMMs take the default path (`auto`: our
+ * grouped GEMM with 32 experts or more on a Hopper GPU, cuBLAS with fewer), or cuBLAS or our grouped
+ * GEMM when the process runs with `MOE_DISPATCH_EXPERTS_GEMM=cublas` / `grouped` (read once a
+ * process: run it once per path). Its PyTorch peer is bench/actmem-gpu.py; `gpu-run.sh remote` with ACTMEM=1 runs
  * both, interleaved, into one actmem.json.
  *
  *   node bench/actmem-gpu.mjs [--iters N] [--warmup N] [--shapes fine-grained,mixtral] [--out FILE]
@@ -67,8 +68,8 @@ const settings = Object.keys(env)
   .sort()
   .map((k) => `-${k.slice('MOE_DISPATCH_'.length).toLowerCase().replaceAll('_', '-')}-${env[k].replaceAll(',', '-')}`)
   .join('');
-// the path: `cublas` (the default), `grouped`, `auto` (our grouped GEMM's forward with many experts, cuBLAS elsewhere)
-const path = ['grouped', 'auto'].includes(env.MOE_DISPATCH_EXPERTS_GEMM) ? env.MOE_DISPATCH_EXPERTS_GEMM : 'cublas';
+// the path: `auto` (the default: our grouped GEMM with many experts, cuBLAS with fewer), `cublas`, `grouped`
+const path = ['grouped', 'cublas'].includes(env.MOE_DISPATCH_EXPERTS_GEMM) ? env.MOE_DISPATCH_EXPERTS_GEMM : 'auto';
 const gemm = standIn ? standIn : `${path}${settings}`;
 
 const moe = await createBackend({ prefer: standIn ?? 'cuda' });

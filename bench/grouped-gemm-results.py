@@ -8,7 +8,7 @@ DIR holds what `bash scripts/gpu-run.sh remote` wrote with GGEMM=1 and ACTMEM=1.
 the issue's fields: the GEMMs' percentage of the run's measured bf16 rate, FLOP-weighted (forward =
 x W1 + a W2; backward = the input gradients + the weight gradients), ours and cuBLAS's; the layer's
 forward + backward on each of our paths and PyTorch's; the activation bytes. `layerMs` is our
-fastest path in that run, named by `layerPath`.
+default path's (`ours-auto`; in runs before it, the fastest path's), named by `layerPath`.
 """
 
 import argparse
@@ -53,7 +53,8 @@ def main():
         torch = layer.get("torch-bf16")
         if not ours or torch is None:
             sys.exit(f"actmem.json's {shape} lacks our layer or torch-bf16")
-        best = min(ours, key=lambda k: ours[k]["layerMs"])
+        # the default path (auto) where the run has it, else the fastest of ours
+        best = "ours-auto" if "ours-auto" in ours else min(ours, key=lambda k: ours[k]["layerMs"])
         shapes.append(
             {
                 "shape": shape,

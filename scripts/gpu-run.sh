@@ -401,12 +401,12 @@ PY
   fi
   if [[ -n "${ACTMEM:-}" ]]; then
     # issue 19: the layer's forward + backward and its activation memory (what the forward keeps
-    # for the backward): ours on cuBLAS (the default), on the auto path, on our grouped GEMM (the path is read once a process),
+    # for the backward): ours on the default path (auto: our grouped GEMM with >= 32 experts, cuBLAS with fewer), on cuBLAS, on our grouped GEMM (the path is read once a process),
     # PyTorch's (torch._grouped_mm), interleaved round by round; the parts go into one actmem.json
     for round in $(seq 1 "${ACTMEM_ROUNDS:-2}"); do
-      say "activation memory, round $round: ours (cuBLAS), ours (auto: our forward with many experts), ours (grouped GEMM), PyTorch"
-      timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" --out "$OUT/actmem-ours-cublas-$round.json"; echo "  exit code $?"
-      MOE_DISPATCH_EXPERTS_GEMM=auto timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" --out "$OUT/actmem-ours-auto-$round.json"; echo "  exit code $?"
+      say "activation memory, round $round: ours (auto: the default), ours (cuBLAS), ours (grouped GEMM), PyTorch"
+      timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" --out "$OUT/actmem-ours-auto-$round.json"; echo "  exit code $?"
+      MOE_DISPATCH_EXPERTS_GEMM=cublas timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" --out "$OUT/actmem-ours-cublas-$round.json"; echo "  exit code $?"
       MOE_DISPATCH_EXPERTS_GEMM=grouped timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" --out "$OUT/actmem-ours-grouped-$round.json"; echo "  exit code $?"
       # ACTMEM_AB="NAME=value ...": the grouped path again with those settings (its rows are named by them:
       # MOE_DISPATCH_GG_EPILOGUE=ring-half gives grouped-gg-epilogue-ring-half; MOE_DISPATCH_EXPERTS_GEMM=cublas among

@@ -1,29 +1,29 @@
-// The GPU suite, the experts' `auto` path (MOE_DISPATCH_EXPERTS_GEMM=auto,
-// crates/moe-cuda/src/experts_grouped.rs ExpertsGemm::Auto; cuBLAS is the default): on a Hopper
-// GPU, with many experts (experts_grouped::AUTO_MIN_EXPERTS = 32) and the counts permute made, the
-// forward runs on our grouped GEMM without reading the counts, and queues their copy to the host
-// for the backward, which runs on cuBLAS and takes them waiting for that copy only (one wait);
-// with fewer experts both run on cuBLAS. Each result must agree with the cpu backend and with the
-// cuBLAS path (the counts uploaded: the GPU does not know their sum) to the experts' tolerance.
-// Then the layer's suite on this path. The environment is read once per process: node --test
-// runs each file in its own.
+// The GPU suite, the experts' default path (`auto`: MOE_DISPATCH_EXPERTS_GEMM unset,
+// crates/moe-cuda/src/experts_grouped.rs ExpertsGemm::Auto): on a Hopper GPU, with many experts
+// (experts_grouped::AUTO_MIN_EXPERTS = 32) and the counts permute made, the forward and the
+// backward run on our grouped GEMM, which reads the counts on the GPU (no wait for the GPU in
+// either); with fewer experts both run on cuBLAS (the forward reads the counts once, the
+// backward takes the forward's). Each result must agree with the cpu backend and with the cuBLAS
+// path (the counts uploaded: the GPU does not know their sum) to the experts' tolerance. Then the
+// layer's suite on the default path. The environment is read once per process: node --test runs
+// each file in its own.
 //
 // Plain JavaScript on node:test; skips with the reason where CUDA is unavailable.
-process.env.MOE_DISPATCH_EXPERTS_GEMM = 'auto';
+delete process.env.MOE_DISPATCH_EXPERTS_GEMM;
 
 const assert = (await import('node:assert/strict')).default;
 const { describe, test } = await import('node:test');
 const { assertClose, assertExpertsAgree, cuda, cudaOnly, rng, skip, skipGrouped, uniformBF16: bf16, uniformF32: f32 } = await import('./common.mjs');
 if (skip) console.log(`# ${skip}`);
 
-describe('the experts on the auto path', { skip: cudaOnly }, () => {
+describe('the experts on the default (auto) path', { skip: cudaOnly }, () => {
   for (const { kind, T, dim, inter, E, k } of [
     { kind: 'swiglu', T: 700, dim: 128, inter: 96, E: 64, k: 6 },
     { kind: 'relu2', T: 333, dim: 64, inter: 72, E: 32, k: 2 },
     { kind: 'swiglu', T: 300, dim: 64, inter: 48, E: 8, k: 2 },
   ]) {
     const grouped = !skipGrouped && E >= 32;
-    test(`${kind} T=${T} dim=${dim} inter=${inter} E=${E} k=${k}: the forward on ${grouped ? 'our grouped GEMM' : 'cuBLAS'}, the backward on cuBLAS`, () => {
+    test(`${kind} T=${T} dim=${dim} inter=${inter} E=${E} k=${k}: forward and backward on ${grouped ? 'our grouped GEMM' : 'cuBLAS'}`, () => {
       const random = rng(T + dim + E);
       const gated = kind !== 'relu2';
       const width = gated ? 2 * inter : inter;
@@ -52,27 +52,20 @@ describe('the experts on the auto path', { skip: cudaOnly }, () => {
       if (grouped) {
         assert.equal(forwardWaits, 0, 'the forward reads nothing back');
         assert.equal(fwd.saved.counts, undefined, 'no host counts were read in the forward');
-        assert.equal(ours.length, 2, `the forward's two GEMMs are ours: ${names.join(', ')}`);
-        assert.ok(
-          names.some((n) => /copy to the host, ahead: tokensPerExpert/.test(n)),
-          `the counts' copy is queued ahead: ${names.join(', ')}`,
-        );
-        assert.deepEqual(
-          timeline.waits.map((w) => w.what),
-          ['tokensPerExpert (read ahead)'],
-          'the one wait: the backward takes the counts read ahead',
-        );
+        assert.deepEqual(timeline.waits, [], 'neither waits for the GPU');
+        assert.equal(ours.length, 6, `the forward's two GEMMs and the backward's four are ours: ${names.join(', ')}`);
+        assert.equal(theirs.length, 0, `no cuBLAS GEMM: ${names.join(', ')}`);
       } else {
         assert.equal(forwardWaits, 1, 'the forward on cuBLAS reads the counts');
+        assert.equal(timeline.waits.length, 1, "the backward takes the forward's counts");
         assert.equal(ours.length, 0, `no grouped GEMM: ${names.join(', ')}`);
+        assert.ok(theirs.length >= 4, `the GEMMs are cuBLAS's: ${names.join(', ')}`);
       }
-      assert.ok(theirs.length >= 2, `the backward's GEMMs are cuBLAS's: ${names.join(', ')}`);
       assertExpertsAgree({ fwd, bwd, perm, weights, hostWeights: { [wkey]: w1, downProjs: w2 }, grad, kind });
-      // a second backward with the same counts: on cuBLAS's forward the saved counts serve again;
-      // after ours they are read back (the read-ahead was used up)
+      // a second backward with the same inputs: the same bits, and no wait either way
       const sync1 = cuda.transfers().synchronizations;
       const again = cuda.expertsBackward(grad, perm.permutedTokens, perm.tokensPerExpert, weights, { ...options, saved: fwd.saved });
-      assert.equal(cuda.transfers().synchronizations - sync1, grouped ? 1 : 0, grouped ? 'one read of the counts' : 'the saved counts serve');
+      assert.equal(cuda.transfers().synchronizations - sync1, 0, grouped ? 'the counts are read on the GPU' : 'the saved counts serve');
       assertClose(again.gradTokens, bwd.gradTokens, 0, 'the same gradTokens again');
     });
   }

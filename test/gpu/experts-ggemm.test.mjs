@@ -1,5 +1,6 @@
-// The GPU suite, the experts on our own grouped GEMM (MOE_DISPATCH_EXPERTS_GEMM=grouped; cuBLAS is
-// the default; `auto` takes ours for the forward of many experts only: experts-auto.test.mjs):
+// The GPU suite, the experts on our own grouped GEMM wherever it applies
+// (MOE_DISPATCH_EXPERTS_GEMM=grouped; the default, `auto`, takes it for 32 experts or more only:
+// experts-auto.test.mjs):
 // crates/moe-cuda/src/experts_grouped.rs, Hopper only. The path is taken where the GPU knows the
 // counts' sum (permute's tokensPerExpert), so the tests dispatch on the GPU first; the same call
 // with an uploaded copy of the counts takes the cuBLAS path. Both must agree with the cpu backend
@@ -9,7 +10,7 @@ process.env.MOE_DISPATCH_EXPERTS_GEMM = 'grouped';
 
 const assert = (await import('node:assert/strict')).default;
 const { describe, test } = await import('node:test');
-const { assertExpertsAgree, cuda, floatValues: values, host, rng, skipGrouped, uniformBF16: bf16, uniformF32: f32 } = await import('./common.mjs');
+const { assertExpertsAgree, cpu, cuda, floatValues: values, host, rng, skipGrouped, uniformBF16: bf16, uniformF32: f32 } = await import('./common.mjs');
 
 function sameBits(a, b) {
   const x = host(a).data;
@@ -80,6 +81,42 @@ describe('experts on the grouped GEMM (permute on the GPU first)', () => {
       assert.ok(sameBits(again, fwd.output), 'the same bits run to run');
     });
   }
+});
+
+// The GEMMs' epilogues round to bf16 in hardware, and a thread that meets a NaN converts all of
+// its values again the exact way (kernels/grouped_gemm.cu GgFast / GgExact): a NaN in a token
+// makes its rows NaN, and the finite rows that share the NaN rows' threads and tiles stay right.
+describe('the grouped GEMM with a NaN among the tokens', () => {
+  test('swiglu T=300 dim=64 inter=48 E=8 k=2: NaN where cpu has NaN, the rest as cpu', { skip: skipGrouped }, () => {
+    const [T, dim, inter, E, k] = [300, 64, 48, 8, 2];
+    const random = rng(4242);
+    const logits = f32([T, E], random, 3);
+    const x = bf16([T, dim], random);
+    x.data[3 * dim] = 0x7fc0; // token 3: a NaN
+    const w1 = bf16([E, dim, 2 * inter], random, 1 / Math.sqrt(dim));
+    const w2 = bf16([E, inter, dim], random, 1 / Math.sqrt(inter));
+    const routed = cuda.route(cuda.upload(logits), { topk: k });
+    const mh = cuda.indicesToMultihot(routed.indices, routed.weights, E);
+    const perm = cuda.permute(cuda.upload(x), mh.routingMap, { probs: mh.probs, numOutTokens: T * k });
+    const weights = { gateAndUpProjs: cuda.upload(w1), downProjs: cuda.upload(w2) };
+    const got = values(cuda.expertsForward(perm.permutedTokens, perm.tokensPerExpert, weights, { activation: 'swiglu', permutedProbs: perm.permutedProbs }));
+    const want = values(
+      cpu.expertsForward(
+        perm.permutedTokens.download(),
+        perm.tokensPerExpert.download(),
+        { gateAndUpProjs: w1, downProjs: w2 },
+        { activation: 'swiglu', permutedProbs: perm.permutedProbs.download() },
+      ),
+    );
+    const nan = want.reduce((n, v) => n + (Number.isNaN(v) ? 1 : 0), 0);
+    assert.equal(nan, k * dim, "token 3's k rows are NaN on cpu");
+    let scale = 1;
+    for (const v of want) if (Number.isFinite(v)) scale = Math.max(scale, Math.abs(v));
+    for (let i = 0; i < want.length; i++) {
+      if (Number.isNaN(want[i])) assert.ok(Number.isNaN(got[i]), `element ${i}: NaN on cpu, ${got[i]} here`);
+      else assert.ok(Math.abs(got[i] - want[i]) <= 3e-2 * scale, `element ${i}: ${got[i]} here, ${want[i]} on cpu`);
+    }
+  });
 });
 
 await import('./layer-train.test.mjs');

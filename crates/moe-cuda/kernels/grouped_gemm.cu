@@ -90,6 +90,26 @@ struct GgGather {
 
 static __device__ __forceinline__ u32 gg_smem(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 
+// The epilogues' conversion of two accumulators to bf16 (lo in the low half). `Exact`:
+// BF16::from_f32 (common.cuh: round to nearest even; a NaN keeps its top payload bits, quieted),
+// about eight integer instructions a value. `Fast`: one hardware conversion a pair, the same bits
+// for every number (round to nearest even, overflow to infinity, subnormals kept), but a NaN comes
+// out as the canonical one: it notes in `nan` that a NaN was met, and the caller then converts
+// its values again the exact way. An epilogue converts 128 values a thread while the tensor cores
+// wait for it.
+struct GgExact {
+    __device__ __forceinline__ u32 operator()(float lo, float hi) const { return (u32)BF16::from_f32(lo) | ((u32)BF16::from_f32(hi) << 16); }
+};
+struct GgFast {
+    bool nan = false;
+    __device__ __forceinline__ u32 operator()(float lo, float hi) {
+        u32 r;
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        nan |= (lo != lo) | (hi != hi);
+        return r;
+    }
+};
+
 static __device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
 }
@@ -325,7 +345,8 @@ static __device__ __forceinline__ GgTile gg_tile_mc(const int* tile_start, const
 // 128c .. 128c + 127 (acc[0 .. 63]). `dst` is the tile's first element, `n` the output's row
 // length, `n_left` the output's columns from the tile's first.
 // (the bf16 values alone: gg_stage_write)
-static __device__ __forceinline__ void gg_stage_write(const float* acc, u32 c_smem, int warp, int lane, bool half) {
+template <class Convert>
+static __device__ __forceinline__ void gg_stage_values(const float* acc, u32 c_smem, int warp, int lane, bool half, Convert& convert) {
     const int r_loc = warp * 16 + (lane >> 2);
     const int jn = half ? 16 : 32;
 #pragma unroll
@@ -334,10 +355,20 @@ static __device__ __forceinline__ void gg_stage_write(const float* acc, u32 c_sm
             const u32 col = 8 * j + 2 * (lane & 3);
 #pragma unroll
             for (int h = 0; h < 2; h++) {
-                const u32 v = (u32)BF16::from_f32(acc[4 * j + 2 * h]) | ((u32)BF16::from_f32(acc[4 * j + 2 * h + 1]) << 16);
+                const u32 v = convert(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
                 asm volatile("st.shared.u32 [%0], %1;" ::"r"(c_smem + (r_loc + 8 * h) * GG_C_ROW + col * 2), "r"(v) : "memory");
             }
         }
+    }
+}
+
+static __device__ __forceinline__ void gg_stage_write(const float* acc, u32 c_smem, int warp, int lane, bool half) {
+    GgFast fast;
+    gg_stage_values(acc, c_smem, warp, lane, half, fast);
+    if (fast.nan) {
+        // (a NaN among this thread's values: all of them again, the exact way)
+        GgExact exact;
+        gg_stage_values(acc, c_smem, warp, lane, half, exact);
     }
 }
 
@@ -539,6 +570,32 @@ static __device__ __forceinline__ void gg_consume(const GgShared& sh, GgRing<STA
     gg_release_pending(sh, w);
 }
 
+// EPI_REG's stores: consumer warpgroup w.c's accumulators straight from the registers (as
+// gg_epilogue describes), bf16 values converted by `convert` (GgFast, GgExact).
+template <int BN, bool OUT_F32, class Convert>
+static __device__ __forceinline__ void gg_store_values(const float* acc, void* out, long long plane, int row0, int rows, int n0, int n,
+                                                       const GgWarp& w, Convert& convert) {
+    const int r_base = w.c * 64 + w.warp * 16 + (w.lane >> 2);
+    const int col_base = n0 + 2 * (w.lane & 3);
+#pragma unroll
+    for (int j = 0; j < BN / 8; j++) {
+        const int col = col_base + 8 * j;
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int r = r_base + 8 * h;
+            if (col < n && r < rows) {
+                const long long o = plane + (long long)(row0 + r) * n + col;
+                const float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
+                if constexpr (OUT_F32) {
+                    *(float2*)((float*)out + o) = make_float2(v0, v1);
+                } else {
+                    *(u32*)((u16*)out + o) = convert(v0, v1);
+                }
+            }
+        }
+    }
+}
+
 // The epilogue of consumer warpgroup w.c: its 64 x BN accumulators stored as rows row0 + 64c ..
 // row0 + 64c + 63 (those below `rows`, counted from row0), columns n0 .. n0 + BN - 1 (those
 // below n) of the [., n] row-major output that starts `plane` elements into `out`: straight from
@@ -576,24 +633,12 @@ static __device__ __forceinline__ void gg_epilogue(const float* acc, void* out, 
         else gg_release(sh, mine, lane);
         return;
     }
-    const int r_base = c * 64 + warp * 16 + (lane >> 2);
-    const int col_base = n0 + 2 * (lane & 3);
-#pragma unroll
-    for (int j = 0; j < BN / 8; j++) {
-        const int col = col_base + 8 * j;
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int r = r_base + 8 * h;
-            if (col < n && r < rows) {
-                const long long o = plane + (long long)(row0 + r) * n + col;
-                const float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
-                if constexpr (OUT_F32) {
-                    *(float2*)((float*)out + o) = make_float2(v0, v1);
-                } else {
-                    *(u32*)((u16*)out + o) = (u32)BF16::from_f32(v0) | ((u32)BF16::from_f32(v1) << 16);
-                }
-            }
-        }
+    GgFast fast;
+    gg_store_values<BN, OUT_F32>(acc, out, plane, row0, rows, n0, n, w, fast);
+    if (!OUT_F32 && fast.nan) {
+        // (a NaN among this thread's values: all of them again, the exact way)
+        GgExact exact;
+        gg_store_values<BN, OUT_F32>(acc, out, plane, row0, rows, n0, n, w, exact);
     }
 }
 

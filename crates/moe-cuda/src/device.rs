@@ -42,8 +42,6 @@ pub struct Device {
     sms: usize,
     /// The timeline being recorded, if any ([`Device::timeline_start`]).
     timeline: crate::timeline::Recorder,
-    /// Small buffers copied to the host ahead of need ([`Device::read_ahead`]).
-    read_aheads: crate::read_ahead::ReadAheads,
 }
 
 /// Bytes of one [`HostWords`] slot.
@@ -181,7 +179,6 @@ impl Device {
             counters: std::sync::Mutex::new(None),
             sms,
             timeline: Default::default(),
-            read_aheads: Default::default(),
         })
     }
 
@@ -337,16 +334,6 @@ impl Device {
         let r = wait();
         self.timeline.waited(what, start);
         r
-    }
-
-    /// The read-aheads ([`crate::read_ahead`]).
-    pub(crate) fn read_aheads(&self) -> &crate::read_ahead::ReadAheads {
-        &self.read_aheads
-    }
-
-    /// Makes the device's context current on this thread.
-    pub(crate) fn bind(&self) -> Result<()> {
-        self.ctx.bind_to_thread().map_err(|e| Error::driver("binding the context", e))
     }
 
     /// Starts recording a timeline of the work queued on the device's stream (see
@@ -695,11 +682,6 @@ static TO_DEVICE: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
 static TO_HOST: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
 /// The host's waits for the GPU so far (a stream's synchronize, or an event's).
 static SYNCS: AtomicUsize = AtomicUsize::new(0);
-
-/// Counts a copy of `bytes` bytes to the host ([`transfers`]).
-pub(crate) fn count_transfer_to_host(bytes: usize) {
-    count_transfer(&TO_HOST, bytes);
-}
 
 fn count_transfer(c: &[AtomicUsize; 2], bytes: usize) {
     c[0].fetch_add(1, Ordering::Relaxed);

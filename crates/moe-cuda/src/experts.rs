@@ -138,16 +138,11 @@ fn plan(
         let c: Vec<i64> = c.iter().map(|&v| i64::from(v)).collect();
         expert_offsets(&c, n, "tokensPerExpert", "permutedTokens").ok()
     };
-    // the forward's counts where they fit these inputs, else tokensPerExpert as read ahead (the
-    // forward on our grouped GEMM queued the copy), else read back
+    // the forward's counts where they fit these inputs, else read back
     let offsets = match known.filter(|k| k.len() == experts).and_then(offsets_of) {
         Some(o) => o,
         None => {
-            let buf = &inp.tokens_per_expert.buf;
-            let counts: Vec<i32> = match dev.take_read_ahead("tokensPerExpert", buf, experts)? {
-                Some(c) => c,
-                None => dev.download_new("tokensPerExpert", buf, experts)?,
-            };
+            let counts: Vec<i32> = dev.download_new("tokensPerExpert", &inp.tokens_per_expert.buf, experts)?;
             let Some(o) = offsets_of(&counts) else { return Ok(None) };
             o
         }

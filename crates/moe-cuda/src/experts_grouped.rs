@@ -5,11 +5,9 @@
 //!
 //! Taken where it applies (bf16 tokens and weights, no expert biases, sizes multiples of 8, a
 //! `tokensPerExpert` whose sum the GPU already knows: permute's, [`Facts::counts_total`]) as
-//! `MOE_DISPATCH_EXPERTS_GEMM` says ([`experts_gemm`]): `grouped`, forward and backward; `auto`,
-//! the forward where the experts are many ([`AUTO_MIN_EXPERTS`]) and the backward on cuBLAS,
-//! whose GEMMs are sized by the counts the forward read ahead
-//! ([`crate::device::Device::read_ahead`]: the host waits for no queue to drain); `cublas` (the
-//! default: the other two measured no faster in the layer), never. The activation passes are the
+//! `MOE_DISPATCH_EXPERTS_GEMM` says ([`experts_gemm`]): `auto` (the default), forward and
+//! backward where the experts are many ([`AUTO_MIN_EXPERTS`]); `grouped`, wherever it applies;
+//! `cublas`, never. The activation passes are the
 //! cuBLAS path's (`ExpMath::Fast`, the same kernels; or, with `MOE_DISPATCH_GG_FUSE=act`, the
 //! forward's in the first GEMM's epilogue, the same code and bits), and the GEMMs sum over K in the same order
 //! as cuBLAS does at these shapes (the kernel's outputs were bit-identical to cuBLAS's in
@@ -31,33 +29,34 @@ use crate::tensor::{DeviceArg, DeviceTensor};
 /// The GEMMs the experts use on a Hopper GPU (`MOE_DISPATCH_EXPERTS_GEMM`, read once).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExpertsGemm {
-    /// cuBLAS, forward and backward (`cublas`, anything else, or unset: the default).
+    /// cuBLAS, forward and backward (`cublas`).
     Cublas,
-    /// Our grouped GEMM, forward and backward (`grouped`).
+    /// Our grouped GEMM, forward and backward, wherever it applies (`grouped`).
     Grouped,
-    /// Our grouped GEMM for the forward where the experts are many ([`AUTO_MIN_EXPERTS`]), cuBLAS
-    /// for the backward (`auto`). In the layer on an H100 our forward GEMMs took 1.44 ms at the
-    /// fine-grained shape (64 experts) against the cuBLAS path's row blocks' 1.55-1.57, and the
-    /// host waits for no queue to drain before them; but the layer's step was no faster (5.924
-    /// against 5.910 ms: the host, no longer held back in the forward, reaches the backward before
-    /// the GPU has copied the counts, waits there, and then queues the backward's many cuBLAS
-    /// calls while the GPU catches up), so it is opt-in (docs/gpu-report.md, twenty-fifth
-    /// session). With few experts (Mixtral-like, 8) cuBLAS's forward GEMMs are the faster ones
-    /// (7.88 against 8.33 ms), and in the backward cuBLAS's weight gradients beside its
-    /// token-side GEMMs beat our six GEMMs one after another.
+    /// Our grouped GEMM, forward and backward, where the experts are many ([`AUTO_MIN_EXPERTS`]),
+    /// cuBLAS with fewer (`auto`, unset: the default). On an H100 with the epilogues' hardware
+    /// bf16 conversion (twenty-sixth session) the layer's forward + backward took 5.638 ms on our
+    /// grouped GEMM at the fine-grained shape (64 experts) against 5.928 on cuBLAS, and 27.335
+    /// against 26.427 at the Mixtral-like one (8 experts), where cuBLAS's weight gradients beside
+    /// its token-side GEMMs beat our six GEMMs one after another (docs/gpu-report.md).
     Auto,
 }
 
-/// The fewest experts for which [`ExpertsGemm::Auto`] takes our grouped GEMM in the forward.
+/// The fewest experts for which [`ExpertsGemm::Auto`] takes our grouped GEMM.
 pub const AUTO_MIN_EXPERTS: usize = 32;
 
-/// [`ExpertsGemm`] as `MOE_DISPATCH_EXPERTS_GEMM` sets it (`grouped`, `auto`, else `cublas`).
+/// [`ExpertsGemm`] as `MOE_DISPATCH_EXPERTS_GEMM` sets it (`cublas`, `grouped`, `auto`; unset:
+/// `auto`; another value: `auto`, with a warning on stderr naming the values it takes).
 pub fn experts_gemm() -> ExpertsGemm {
     static SELECTED: std::sync::OnceLock<ExpertsGemm> = std::sync::OnceLock::new();
     *SELECTED.get_or_init(|| match std::env::var("MOE_DISPATCH_EXPERTS_GEMM").as_deref() {
+        Ok("cublas") => ExpertsGemm::Cublas,
         Ok("grouped") => ExpertsGemm::Grouped,
-        Ok("auto") => ExpertsGemm::Auto,
-        _ => ExpertsGemm::Cublas,
+        Ok("auto") | Err(_) => ExpertsGemm::Auto,
+        Ok(other) => {
+            eprintln!("moe-dispatch: MOE_DISPATCH_EXPERTS_GEMM={other:?}: expected cublas, grouped or auto; using auto");
+            ExpertsGemm::Auto
+        }
     })
 }
 
@@ -110,8 +109,7 @@ pub fn grouped_plan_rows(
     grad_output: Option<&DeviceTensor>,
 ) -> Option<GroupedPlan> {
     let mode = experts_gemm();
-    let auto = mode == ExpertsGemm::Auto;
-    if mode == ExpertsGemm::Cublas || (auto && grad_output.is_some()) || inp.gate_up_bias.is_some() || inp.down_bias.is_some() {
+    if mode == ExpertsGemm::Cublas || inp.gate_up_bias.is_some() || inp.down_bias.is_some() {
         return None;
     }
     let gathered_shape = gather.map(|rows| [rows, inp.tokens.shape.get(1).copied().unwrap_or(0)]);
@@ -127,7 +125,7 @@ pub fn grouped_plan_rows(
     let bf16 = [Some(inp.tokens), Some(inp.gate_and_up), Some(inp.down), grad_output].into_iter().flatten().all(|t| t.dtype == DType::BF16);
     let sizes = [dim, width, inter].iter().all(|&d| d % 8 == 0 && d > 0) && i32::try_from(n.max(dim).max(width)).is_ok();
     let known = inp.tokens_per_expert.facts.counts_total == Some(n);
-    let many = !auto || experts >= AUTO_MIN_EXPERTS;
+    let many = mode == ExpertsGemm::Grouped || experts >= AUTO_MIN_EXPERTS;
     (bf16 && sizes && known && many && n > 0 && grouped_gemm::arch(dev).is_ok()).then_some(GroupedPlan { n, dim, width, inter, experts })
 }
 
@@ -289,8 +287,7 @@ fn up_and_activation(
 
 /// The forward on the grouped GEMM: `h = x W1` (x's rows gathered on load with `gather`), the
 /// activation (weighted by the probs), `y = a W2`; with `save`, h and a for the backward (no host
-/// counts: none were read; on the `auto` path, whose backward runs on cuBLAS, the counts are read
-/// ahead for it).
+/// counts: none were read).
 pub fn forward_grouped(
     dev: &Device,
     p: &GroupedPlan,
@@ -300,9 +297,6 @@ pub fn forward_grouped(
     save: bool,
 ) -> Result<(DeviceTensor, Option<ExpertsSaved>)> {
     let dt = DType::BF16;
-    if save && experts_gemm() == ExpertsGemm::Auto {
-        dev.read_ahead("tokensPerExpert", &inp.tokens_per_expert.buf)?;
-    }
     let (h, a) = up_and_activation(dev, p, inp, gather, act)?;
     let out = DeviceTensor::alloc(dev, "the output", dt, vec![p.n, p.dim])?;
     gemm(dev, p, &a, inp.down, WeightLayout::KN, inp.tokens_per_expert, &out.buf, p.dim, p.inter)?;

@@ -25,7 +25,6 @@ pub mod host;
 pub mod layout;
 pub mod nccl;
 pub mod permute;
-pub mod read_ahead;
 mod switch;
 pub mod tensor;
 pub mod timeline;

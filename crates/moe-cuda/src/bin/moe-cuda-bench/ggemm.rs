@@ -69,6 +69,8 @@ struct Case {
     spare: usize,
     k: usize,
     n: usize,
+    /// a NaN and an infinity among x's values (`specials`): the plain and weight-gradient checks
+    specials: bool,
 }
 
 impl Case {
@@ -97,16 +99,29 @@ fn small_cases() -> Vec<Case> {
     let many: Vec<i32> = (0..400).map(|_| rng.below(9) as i32).collect();
     let mixed: Vec<i32> = (0..70).map(|i| if i % 7 == 0 { 0 } else { rng.below(300) as i32 }).collect();
     vec![
-        Case { name: "mixed counts, K and N off the tile", counts: vec![0, 1, 127, 129, 300], spare: 3, k: 200, n: 200 },
-        Case { name: "one expert holds every row", counts: vec![0, 700, 0], spare: 0, k: 128, n: 512 },
-        Case { name: "every expert empty", counts: vec![0, 0, 0, 0], spare: 40, k: 64, n: 64 },
-        Case { name: "70 experts, random counts", counts: mixed, spare: 0, k: 72, n: 264 },
-        Case { name: "400 experts (more than the block's threads)", counts: many, spare: 5, k: 64, n: 136 },
-        Case { name: "one expert, 1 row, K = 8", counts: vec![1], spare: 0, k: 8, n: 8 },
+        Case { name: "mixed counts, K and N off the tile", counts: vec![0, 1, 127, 129, 300], spare: 3, k: 200, n: 200, specials: false },
+        Case { name: "one expert holds every row", counts: vec![0, 700, 0], spare: 0, k: 128, n: 512, specials: false },
+        Case { name: "every expert empty", counts: vec![0, 0, 0, 0], spare: 40, k: 64, n: 64, specials: false },
+        Case { name: "70 experts, random counts", counts: mixed, spare: 0, k: 72, n: 264, specials: false },
+        Case { name: "400 experts (more than the block's threads)", counts: many, spare: 5, k: 64, n: 136, specials: false },
+        Case { name: "one expert, 1 row, K = 8", counts: vec![1], spare: 0, k: 8, n: 8, specials: false },
         // (the cluster kernel: an odd count of row tiles, whose last row's tiles go unpaired, and
         // more column tiles than a raster group, with an odd count of tiles padded)
-        Case { name: "odd row tiles, 9 column tiles", counts: vec![300, 0, 129], spare: 2, k: 64, n: 2304 },
+        Case { name: "odd row tiles, 9 column tiles", counts: vec![300, 0, 129], spare: 2, k: 64, n: 2304, specials: false },
+        // (the epilogues convert to bf16 in hardware and, where a thread meets a NaN, convert all of
+        // its values again the exact way: NaN and infinite outputs, and finite ones beside them)
+        Case { name: "a NaN and an infinity in x", counts: vec![5, 130, 0, 70], spare: 1, k: 64, n: 264, specials: true },
     ]
+}
+
+/// x [m, width] of a case with `specials`: a NaN at row 7, column 0 and +infinity at row 140,
+/// column 1 (rows of the second and fourth experts of its counts).
+fn with_specials(case: &Case, mut x: Vec<u16>, width: usize) -> Vec<u16> {
+    if case.specials {
+        x[7 * width] = 0x7fc0;
+        x[140 * width + 1] = 0x7f80;
+    }
+    x
 }
 
 /// An element outside the tolerance: where, ours, the host's and the tolerance.
@@ -134,11 +149,21 @@ impl HostCheck {
         let got = &runs[0];
         let (mut bad, mut max_rel, mut first) = (0usize, 0f64, None);
         for (i, &(r, a)) in reference.iter().enumerate() {
+            let bits = u16::from_le_bytes([got[2 * i], got[2 * i + 1]]);
             let g = if od == DType::F32 {
                 f32::from_le_bytes([got[4 * i], got[4 * i + 1], got[4 * i + 2], got[4 * i + 3]]) as f64
             } else {
-                f(u16::from_le_bytes([got[2 * i], got[2 * i + 1]]))
+                f(bits)
             };
+            if !r.is_finite() {
+                // a NaN (bf16: quiet, as BF16::from_f32 leaves every NaN) or the same infinity
+                let ok = if r.is_nan() { g.is_nan() && (od == DType::F32 || bits & 0x7fc0 == 0x7fc0) } else { g == r };
+                if !ok {
+                    bad += 1;
+                    first.get_or_insert(Mismatch { index: i, got: g, want: r, tolerance: 0.0 });
+                }
+                continue;
+            }
             let tol = if od == DType::F32 { 1e-5 * a + 1e-6 } else { r.abs() / 256.0 * 1.001 + 1e-5 * a + 1e-6 };
             let err = (g - r).abs();
             if r != 0.0 {
@@ -175,7 +200,7 @@ fn small_checks(dev: &Device, tile: TileN) -> R<usize> {
     for (ci, case) in small_cases().iter().enumerate() {
         let (e, rows, m) = case.sizes();
         let (k, n) = (case.k, case.n);
-        let x = random_bf16(m * k, 1000 + ci as u64, 1.0);
+        let x = with_specials(case, random_bf16(m * k, 1000 + ci as u64, 1.0), k);
         let w = random_bf16(e * k * n, 2000 + ci as u64, 1.0);
         let d_x = dev.upload("x", &x)?;
         let d_w = dev.upload("w", &w)?;
@@ -593,7 +618,7 @@ fn wgrad_checks(dev: &Device) -> R<usize> {
     for (ci, case) in small_cases().iter().enumerate() {
         let (e, _, m) = case.sizes();
         let (ko, n) = (case.k, case.n);
-        let x = random_bf16(m * ko, 3000 + ci as u64, 1.0);
+        let x = with_specials(case, random_bf16(m * ko, 3000 + ci as u64, 1.0), ko);
         let dy = random_bf16(m * n, 4000 + ci as u64, 1.0);
         let (d_x, d_dy, d_counts) = (dev.upload("x", &x)?, dev.upload("dy", &dy)?, dev.upload("counts", &case.counts)?);
         let mut reference = vec![(0f64, 0f64); e * ko * n];
