@@ -108,6 +108,8 @@ fn small_cases() -> Vec<Case> {
         // (the cluster kernel: an odd count of row tiles, whose last row's tiles go unpaired, and
         // more column tiles than a raster group, with an odd count of tiles padded)
         Case { name: "odd row tiles, 9 column tiles", counts: vec![300, 0, 129], spare: 2, k: 64, n: 2304, specials: false },
+        // (a last column tile of exactly 128 columns: the kernels multiply it 64 x 128 a warpgroup)
+        Case { name: "N = 384: a last column tile of 128", counts: vec![130, 7, 64], spare: 0, k: 72, n: 384, specials: false },
         // (the epilogues convert to bf16 in hardware and, where a thread meets a NaN, convert all of
         // its values again the exact way: NaN and infinite outputs, and finite ones beside them)
         Case { name: "a NaN and an infinity in x", counts: vec![5, 130, 0, 70], spare: 1, k: 64, n: 264, specials: true },
