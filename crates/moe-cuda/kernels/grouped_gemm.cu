@@ -56,6 +56,13 @@ struct __align__(64) GgTensorMap {
 #define GG_EPI_REG 0
 #define GG_EPI_STAGED 1
 #define GG_EPI_RING 2
+// EPI_TMA: a staging buffer of its own (2 x 32 KiB: each consumer warpgroup's 64 rows as four
+// 64 x 64 boxes of 128-byte rows in the 128-byte swizzle) stored by four TMA tensor stores a
+// warpgroup (`map_out`, GgOut) instead of 64 bulk row copies: 8 TMA instructions a tile where the
+// row copies take 128, so the TMA unit is back sooner to the next tile's loads. A warpgroup whose
+// 64 rows run past the expert's end (a tensor store writes whole boxes, clipped only at the
+// tensor's bounds) stores from the registers instead.
+#define GG_EPI_TMA 3
 
 // The first GEMM's fused activation (`_act` kernels): `out` holds h = x W1 [m, 2 inter] as the
 // plain kernel stores it, and a [m, inter] = act(gate, up) * probs[row] is stored at `a`, from
@@ -84,6 +91,16 @@ struct GgGather {
     const u16* x;
     const int* rows_of;
     int x_rows;
+};
+
+// EPI_TMA's output: a 3-D tensor map over it ({columns, rows, z}, boxes 64 x 64 x 1, the 128-byte
+// swizzle), the z of this launch's tiles' outputs (the weight gradients: the expert), and whether
+// the map's bounds end every tile's rows (the weight gradients' [E, KO, N]: rows past KO are
+// clipped) or rows past an expert's end belong to the next expert (the token side's [1, M, N]).
+struct GgOut {
+    const GgTensorMap* map;
+    int z;
+    bool rows_clipped;
 };
 
 #ifdef GG_WGMMA
@@ -204,6 +221,12 @@ static __device__ __forceinline__ void bulk_store(u64 dst, u32 src, u32 bytes) {
     asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst), "r"(src), "r"(bytes) : "memory");
 }
 static __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+// A box from shared memory to the tensor of `map` at {c0, c1, c2} (a bulk group of this thread's).
+static __device__ __forceinline__ void tma_store_3d(const GgTensorMap* map, u32 src, int c0, int c1, int c2) {
+    asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%1, %2, %3}], [%4];" ::"l"((u64)map), "r"(c0), "r"(c1), "r"(c2),
+                 "r"(src)
+                 : "memory");
+}
 // This thread's bulk copies have read their shared-memory sources.
 static __device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
 static __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
@@ -369,6 +392,23 @@ static __device__ __forceinline__ void gg_stage_write(const float* acc, u32 c_sm
         // (a NaN among this thread's values: all of them again, the exact way)
         GgExact exact;
         gg_stage_values(acc, c_smem, warp, lane, half, exact);
+    }
+}
+
+// EPI_TMA's staging: consumer warpgroup's 64 x 256 bf16 values as four 64 x 64 boxes of 8 KiB,
+// row r's 16-byte piece p at r * 128 + 16 (p ^ r % 8) (the TMA's 128-byte swizzle; the 8 rows of
+// a warp's store then fall in distinct banks).
+template <class Convert>
+static __device__ __forceinline__ void gg_stage_swizzled(const float* acc, u32 c_smem, int warp, int lane, Convert& convert) {
+    const int r0 = warp * 16 + (lane >> 2);
+#pragma unroll
+    for (int j = 0; j < 32; j++) {
+        const u32 piece = (u32)((j & 7) ^ (r0 & 7));
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const u32 at = c_smem + (u32)(j >> 3) * 8192u + (u32)(r0 + 8 * h) * 128u + (piece << 4) + 4u * (u32)(lane & 3);
+            asm volatile("st.shared.u32 [%0], %1;" ::"r"(at), "r"(convert(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1])) : "memory");
+        }
     }
 }
 
@@ -605,11 +645,38 @@ static __device__ __forceinline__ void gg_store_values(const float* acc, void* o
 // back to the producer at once, this one when the copies have read it).
 // The accumulator layout of m64nNk16: acc[4j + 2h + {0,1}] is row 16 warp + lane / 4 + 8h,
 // columns 8j + 2 (lane % 4) + {0, 1}.
+// EPI_TMA: `to` (GgOut) the output's tensor map.
 template <int BN, bool OUT_F32, int EPI, int STAGES, u32 STAGE_BYTES>
 static __device__ __forceinline__ void gg_epilogue(const float* acc, void* out, long long plane, int row0, int rows, int n0, int n,
-                                                   const GgShared& sh, GgRing<STAGES>& ring, GgWarp& w, bool half = false) {
+                                                   const GgShared& sh, GgRing<STAGES>& ring, GgWarp& w, bool half = false,
+                                                   const GgOut* to = nullptr) {
     const int c = w.c, warp = w.warp, lane = w.lane;
     const u64 dst = (u64)out + ((u64)plane + (u64)row0 * (u64)n + (u64)n0) * 2;
+    if constexpr (EPI == GG_EPI_TMA) {
+        // (the branch is the warpgroup's: its rows, or the launch's map)
+        if (to->rows_clipped || rows >= 64 * c + 64) {
+            if (rows <= 64 * c) return;  // (the weight gradients' last row tile: none of its rows are this warpgroup's)
+            const u32 c_smem = sh.base + STAGES * STAGE_BYTES + c * 32768u;
+            if (warp == 0) bulk_wait_read();  // the previous tile's stores have read the buffer
+            bar_warpgroup(1 + c);
+            GgFast fast;
+            gg_stage_swizzled(acc, c_smem, warp, lane, fast);
+            if (fast.nan) {
+                GgExact exact;
+                gg_stage_swizzled(acc, c_smem, warp, lane, exact);
+            }
+            fence_async_shared();
+            bar_warpgroup(1 + c);
+            if (warp == 0 && lane == 0) {
+#pragma unroll
+                for (int b = 0; b < 4; b++) {
+                    if (n0 + 64 * b < n) tma_store_3d(to->map, c_smem + b * 8192u, n0 + 64 * b, row0 + 64 * c, to->z);
+                }
+                bulk_commit();
+            }
+            return;
+        }
+    }
     if constexpr (EPI == GG_EPI_STAGED) {
         const u32 c_smem = sh.base + STAGES * STAGE_BYTES + c * (64 * GG_C_ROW);
         if (warp == 0) bulk_wait_read();  // the previous tile's copies have read the buffer
@@ -731,13 +798,14 @@ template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, int EPI, bool HALF = 
           bool GATHER = false>
 static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const GgTensorMap* map_b, void* out, const int* counts,
                                                int num_experts, int m_total, int n, int k, int group_n, const GgAct* act = nullptr,
-                                               const GgGather* gather = nullptr) {
+                                               const GgGather* gather = nullptr, const GgOut* to = nullptr) {
     constexpr u32 A_BYTES = GG_BM * GG_BK * 2;
     constexpr u32 B_BYTES = BN * GG_BK * 2;
     constexpr u32 STAGE_BYTES = A_BYTES + B_BYTES;
     // EPI_STAGED: each consumer warpgroup's 64 x BN output rows staged after the stages
-    constexpr u32 C_BYTES = EPI == GG_EPI_STAGED ? 2 * 64 * GG_C_ROW : 0;
+    constexpr u32 C_BYTES = EPI == GG_EPI_STAGED ? 2 * 64 * GG_C_ROW : EPI == GG_EPI_TMA ? 2 * 32768 : 0;
     static_assert(EPI == GG_EPI_REG || (BN == 256 && !OUT_F32), "the bulk epilogues are for 256-column bf16 tiles");
+    static_assert(EPI != GG_EPI_TMA || (!HALF && !MC && !ACT && !GATHER), "the TMA-store epilogue: the plain kernels");
     static_assert(!MC || (BN == 256 && !HALF), "the cluster kernels have 256-column tiles");
     static_assert(!ACT || (BN == 256 && !B_KMAJOR && !OUT_F32 && EPI == GG_EPI_STAGED && !HALF && !MC),
                   "the fused activation: x W1, 128 x 256 tiles, the staged epilogue");
@@ -906,7 +974,7 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
                 gg_epilogue_act(acc, (u16*)out, c_smem, tl.row0, tl.rows, tl.n0, n, w);
                 pend = GgActTile{tl.row0 + 64 * c, min(64, tl.rows - 64 * c), tl.n0};
             } else {
-                gg_epilogue<BN, OUT_F32, EPI, STAGES, STAGE_BYTES>(acc, out, 0, tl.row0, tl.rows, tl.n0, n, sh, ring, w, half);
+                gg_epilogue<BN, OUT_F32, EPI, STAGES, STAGE_BYTES>(acc, out, 0, tl.row0, tl.rows, tl.n0, n, sh, ring, w, half, to);
             }
         }
         // (ACT: the last tile's activation)
@@ -952,9 +1020,10 @@ static __device__ __forceinline__ void gg_wgrad_tile(int t, int m_tiles, int n_t
 template <bool OUT_F32, int EPI, bool GATHER = false>
 static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, const GgTensorMap* map_b, void* out, const int* counts,
                                                      int num_experts, int m_total, int ko, int n, int group_n,
-                                                     const GgGather* gather = nullptr) {
-    constexpr int BN = 256, STAGES = EPI == GG_EPI_STAGED ? 3 : 4;
-    constexpr u32 C_BYTES = EPI == GG_EPI_STAGED ? 2 * 64 * GG_C_ROW : 0;
+                                                     const GgGather* gather = nullptr, const GgOut* to = nullptr) {
+    constexpr int BN = 256, STAGES = EPI == GG_EPI_STAGED || EPI == GG_EPI_TMA ? 3 : 4;
+    constexpr u32 C_BYTES = EPI == GG_EPI_STAGED ? 2 * 64 * GG_C_ROW : EPI == GG_EPI_TMA ? 2 * 32768 : 0;
+    static_assert(EPI != GG_EPI_TMA || !GATHER, "the TMA-store epilogue: the plain weight gradients");
     static_assert(EPI == GG_EPI_REG || !OUT_F32, "the bulk epilogues are for bf16 output");
     constexpr u32 A_BYTES = GG_BM * GG_BK * 2;
     constexpr u32 B_BYTES = BN * GG_BK * 2;
@@ -1086,7 +1155,14 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, c
                     wgmma_m64n256k16<1, 1>(acc, da, db, 1);
                 }
             });
-            gg_epilogue<BN, OUT_F32, EPI, STAGES, STAGE_BYTES>(acc, out, (long long)e * ko * n, m0, ko - m0, n0, n, sh, ring, w);
+            if constexpr (EPI == GG_EPI_TMA) {
+                // (the expert's plane of dw; rows past ko clipped at the map's bounds)
+                const GgOut here{to->map, e, true};
+                gg_epilogue<BN, OUT_F32, EPI, STAGES, STAGE_BYTES>(acc, out, (long long)e * ko * n, m0, ko - m0, n0, n, sh, ring, w, false,
+                                                                   &here);
+            } else {
+                gg_epilogue<BN, OUT_F32, EPI, STAGES, STAGE_BYTES>(acc, out, (long long)e * ko * n, m0, ko - m0, n0, n, sh, ring, w);
+            }
         }
         if constexpr (EPI != GG_EPI_REG) {
             if (w.warp == 0) bulk_wait_all();
@@ -1098,14 +1174,14 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, c
 
 template <bool OUT_F32, int EPI, bool GATHER = false>
 static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap*, const GgTensorMap*, void*, const int*, int, int, int, int, int,
-                                                     const GgGather* = nullptr) {
+                                                     const GgGather* = nullptr, const GgOut* = nullptr) {
     __trap();
 }
 
 template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, int EPI, bool HALF = false, bool MC = false, bool ACT = false,
           bool GATHER = false>
 static __device__ __forceinline__ void gg_body(const GgTensorMap*, const GgTensorMap*, void*, const int*, int, int, int, int, int,
-                                               const GgAct* = nullptr, const GgGather* = nullptr) {
+                                               const GgAct* = nullptr, const GgGather* = nullptr, const GgOut* = nullptr) {
     __trap();
 }
 
@@ -1127,6 +1203,15 @@ extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_f32(GG
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_f32(GG_ARGS) { MOE_PDL_ENTRY(); gg_body<256, true, true, 4, GG_EPI_REG>(GG_PASS); }
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_bulk(GG_ARGS) { MOE_PDL_ENTRY(); gg_body<256, false, false, 3, GG_EPI_STAGED>(GG_PASS); }
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_bulk(GG_ARGS) { MOE_PDL_ENTRY(); gg_body<256, true, false, 3, GG_EPI_STAGED>(GG_PASS); }
+// (EPI_TMA: `map_out` over out as [1, m, n], boxes 64 x 64 x 1, the 128-byte swizzle)
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_tma(GG_ARGS, const __grid_constant__ GgTensorMap map_out) { MOE_PDL_ENTRY();
+    const GgOut to{&map_out, 0, false};
+    gg_body<256, false, false, 3, GG_EPI_TMA>(GG_PASS, nullptr, nullptr, &to);
+}
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_tma(GG_ARGS, const __grid_constant__ GgTensorMap map_out) { MOE_PDL_ENTRY();
+    const GgOut to{&map_out, 0, false};
+    gg_body<256, true, false, 3, GG_EPI_TMA>(GG_PASS, nullptr, nullptr, &to);
+}
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_ring(GG_ARGS) { MOE_PDL_ENTRY(); gg_body<256, false, false, 4, GG_EPI_RING>(GG_PASS); }
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nt_n256_bf16_ring(GG_ARGS) { MOE_PDL_ENTRY(); gg_body<256, true, false, 4, GG_EPI_RING>(GG_PASS); }
 // In clusters of 2 CTAs (a compile-time cluster shape: the grid is a multiple of 2); plain
@@ -1187,6 +1272,11 @@ extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_f32(GG_A
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16(GG_ARGS) { MOE_PDL_ENTRY(); gg_wgrad_body<false, GG_EPI_REG>(GG_WPASS); }
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16_bulk(GG_ARGS) { MOE_PDL_ENTRY(); gg_wgrad_body<false, GG_EPI_STAGED>(GG_WPASS); }
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16_ring(GG_ARGS) { MOE_PDL_ENTRY(); gg_wgrad_body<false, GG_EPI_RING>(GG_WPASS); }
+// (EPI_TMA: `map_out` over dw [E, ko, n], boxes 64 x 64 x 1, the 128-byte swizzle)
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16_tma(GG_ARGS, const __grid_constant__ GgTensorMap map_out) { MOE_PDL_ENTRY();
+    const GgOut to{&map_out, 0, true};
+    gg_wgrad_body<false, GG_EPI_TMA>(GG_WPASS, nullptr, &to);
+}
 // dW1 = x^T dh gathering x's rows on load (GgGather; map_a unused)
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16_gather(GG_ARGS, const u16* x, const int* rows_of, int x_rows) { MOE_PDL_ENTRY();
     const GgGather gather{x, rows_of, x_rows};

@@ -73,12 +73,18 @@ pub enum TileN {
     /// stages of the ring and bulk-copied out (both CTAs skip the same stages: their tiles have
     /// the same k-steps). Its weight gradients run [`TileN::N256Bulk`]'s kernel.
     N256McRing,
+    /// [`TileN::N256Bulk`] with the staged rows stored by TMA tensor stores (a staging buffer of
+    /// 64 KiB in the 128-byte swizzle, four 64 x 64 boxes a consumer warpgroup, through a tensor
+    /// map over the output): 8 TMA instructions a tile instead of 128 row copies. A warpgroup
+    /// whose rows run past its expert's end stores from the registers. Token side and weight
+    /// gradients (bf16 output).
+    N256Tma,
 }
 
 impl TileN {
     /// Every kernel choice, with its short name (`moe-cuda-bench ggemm --tile`,
     /// `MOE_DISPATCH_GG_EPILOGUE`).
-    pub const ALL: [(TileN, &'static str); 8] = [
+    pub const ALL: [(TileN, &'static str); 9] = [
         (TileN::N128, "128"),
         (TileN::N256, "256"),
         (TileN::N256Bulk, "bulk"),
@@ -87,6 +93,7 @@ impl TileN {
         (TileN::N256Mc, "mc"),
         (TileN::N256Mc4, "mc4"),
         (TileN::N256McRing, "mcring"),
+        (TileN::N256Tma, "tma-store"),
     ];
 
     /// The tile of a short name of [`TileN::ALL`].
@@ -105,7 +112,7 @@ impl TileN {
         match self {
             TileN::N128 => 6,
             TileN::N256 | TileN::N256Ring | TileN::N256RingHalf | TileN::N256Mc4 | TileN::N256McRing => 4,
-            TileN::N256Bulk | TileN::N256Mc => 3,
+            TileN::N256Bulk | TileN::N256Mc | TileN::N256Tma => 3,
         }
     }
 
@@ -113,6 +120,7 @@ impl TileN {
     fn staging(self) -> usize {
         match self {
             TileN::N256Bulk | TileN::N256Mc => 2 * 64 * 528,
+            TileN::N256Tma => 2 * 32768,
             _ => 0,
         }
     }
@@ -127,6 +135,7 @@ impl TileN {
             TileN::N256Mc => "128x256 bulk-store, 2-CTA multicast",
             TileN::N256Mc4 => "128x256, 4 stages, 2-CTA multicast",
             TileN::N256McRing => "128x256 ring-store, 2-CTA multicast",
+            TileN::N256Tma => "128x256 TMA-store",
         }
     }
 
@@ -316,6 +325,8 @@ fn kernel_name(layout: WeightLayout, tile: TileN, out_dtype: DType) -> Option<&'
         (WeightLayout::NK, TileN::N256Mc4, DType::BF16) => "grouped_gemm_nt_n256_bf16_mc4",
         (WeightLayout::KN, TileN::N256McRing, DType::BF16) => "grouped_gemm_nn_n256_bf16_mcring",
         (WeightLayout::NK, TileN::N256McRing, DType::BF16) => "grouped_gemm_nt_n256_bf16_mcring",
+        (WeightLayout::KN, TileN::N256Tma, DType::BF16) => "grouped_gemm_nn_n256_bf16_tma",
+        (WeightLayout::NK, TileN::N256Tma, DType::BF16) => "grouped_gemm_nt_n256_bf16_tma",
         _ => return None,
     })
 }
@@ -352,7 +363,12 @@ pub fn launch(
     // persistent: one block per SM, or fewer when there are fewer tiles than that at most (the
     // cluster kernel's padding: one tile an expert)
     let max_tiles = (m / TILE_M + experts).saturating_mul(n.div_ceil(tile.columns())) + if tile.cluster() > 1 { experts } else { 0 };
-    run_kernel(dev, "grouped GEMM", name, tile, max_tiles, out, counts, sizes, Extra::None, || {
+    // (the TMA-store kernels: out as [1, m, n])
+    let extra = match tile {
+        TileN::N256Tma => Extra::Out(out_map(out, 1, m, n)?),
+        _ => Extra::None,
+    };
+    run_kernel(dev, "grouped GEMM", name, tile, max_tiles, out, counts, sizes, extra, || {
         let (m64, n64, k64, e64) = (m as u64, n as u64, k as u64, experts as u64);
         // A: [m, k], box 64 (k) x 128 (rows)
         let map_a = tensor_map("the tokens", x, &[k64, m64], &[k64 * 2], &[TILE_K as u32, TILE_M as u32])?;
@@ -393,6 +409,16 @@ enum Extra<'a> {
     None,
     Act(&'a ActArgs),
     Gather(&'a GatherArgs),
+    /// The TMA-store kernels' `map_out` ([`out_map`]).
+    Out(TensorMap),
+}
+
+/// The TMA-store kernels' map over a bf16 output `[planes, rows, cols]` (the token side: one plane
+/// of `[m, n]`; the weight gradients: an expert's `[ko, n]` a plane), boxes of 64 x 64 x 1 in the
+/// 128-byte swizzle, as the kernels stage them.
+fn out_map(out: u64, planes: usize, rows: usize, cols: usize) -> Result<TensorMap> {
+    let (p, r, c) = (planes as u64, rows as u64, cols as u64);
+    tensor_map("the output", out, &[c, r, p], &[c * 2, r * c * 2], &[64, 64, 1])
 }
 
 /// Whether [`launch_act`] takes activation `kind`: the kinds with `[gate | up]` halves (swiglu,
@@ -547,11 +573,17 @@ pub fn launch_wgrad(
         (DType::BF16, TileN::N256Bulk) => "grouped_gemm_wgrad_bf16_bulk",
         // (the weight gradients' tiles are over the weights, whole whatever the counts)
         (DType::BF16, TileN::N256Ring | TileN::N256RingHalf) => "grouped_gemm_wgrad_bf16_ring",
+        (DType::BF16, TileN::N256Tma) => "grouped_gemm_wgrad_bf16_tma",
         (other, _) => return Err(Error::Cuda(format!("grouped weight gradient: no kernel for {tile:?} with {} output", other.name()))),
     };
     let tiles = experts.saturating_mul(ko.div_ceil(TILE_M)).saturating_mul(n.div_ceil(256));
+    // (the TMA-store kernel: dw as [experts, ko, n])
+    let extra = match tile {
+        TileN::N256Tma => Extra::Out(out_map(dw, experts, ko, n)?),
+        _ => Extra::None,
+    };
     // (the kernel's k is ko, its n is n)
-    run_kernel(dev, "grouped weight gradient", name, tile, tiles, dw, counts, sizes, Extra::None, || {
+    run_kernel(dev, "grouped weight gradient", name, tile, tiles, dw, counts, sizes, extra, || {
         let (m64, n64, k64) = (m as u64, n as u64, ko as u64);
         // x^T and dy: boxes of 64 columns x 64 rows
         let map_a = tensor_map("the weight gradient's x", x, &[k64, m64], &[k64 * 2], &[64, TILE_K as u32])?;
@@ -631,6 +663,9 @@ fn run_kernel(
         }
         Extra::Gather(g) => {
             b.push(&g.x).push(&g.rows_of).push(&g.x_rows);
+        }
+        Extra::Out(map) => {
+            b.push(&map);
         }
     }
     let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };

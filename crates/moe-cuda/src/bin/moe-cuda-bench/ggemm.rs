@@ -17,11 +17,12 @@
 //!    on the small cases and at both shapes (dW1 = x^T dh, dW2 = a^T dy) against cuBLAS's
 //!    per-expert GEMMs (side by side, as the experts' backward runs them); `--no-wgrad` skips it.
 //!
-//! Options: `--iters N`, `--tile 128,256,bulk,ring,ring-half,mc,mc4,mcring` (kernels, by
+//! Options: `--iters N`, `--tile 128,256,bulk,ring,ring-half,mc,mc4,mcring,tma-store` (kernels, by
 //! `TileN::ALL`'s short names: 128 or 256 columns, 256 with the bulk-copy epilogue through a
 //! staging buffer or through the ring's stages, the latter also with tails of <= 64 rows as two
 //! 64 x 128 halves, and in 2-CTA clusters sharing B tiles by multicast: the staged one, with 4
-//! stages and register stores, with the ring's epilogue; default all eight), `--shapes a,b`, `--out FILE`,
+//! stages and register stores, with the ring's epilogue; the staged rows stored by TMA tensor
+//! stores; default all nine), `--shapes a,b`, `--out FILE`,
 //! `--small-only`, `--no-small` (the shapes only: for a profiler), `--act` (the first GEMM with the
 //! activation fused, `launch_act`: its small checks against the plain kernel + activation kernel,
 //! and x W1 + swiglu both ways at the shapes), `--gather` (the kernels gathering their rows on
@@ -639,9 +640,13 @@ fn wgrad_checks(dev: &Device) -> R<usize> {
             }
             r0 += c as usize;
         }
-        for (od, tile) in
-            [(DType::BF16, TileN::N256), (DType::F32, TileN::N256), (DType::BF16, TileN::N256Bulk), (DType::BF16, TileN::N256Ring)]
-        {
+        for (od, tile) in [
+            (DType::BF16, TileN::N256),
+            (DType::F32, TileN::N256),
+            (DType::BF16, TileN::N256Bulk),
+            (DType::BF16, TileN::N256Ring),
+            (DType::BF16, TileN::N256Tma),
+        ] {
             let size = od.size();
             let bytes = (e * ko * n * size).next_multiple_of(4);
             let p = |buf: &Buffer| buf.device_ptr(dev);
