@@ -850,9 +850,14 @@ mod tests {
                 assert!(kernel_name(layout, tile, DType::BF16).is_some(), "{layout:?} {tile:?} has no bf16 kernel");
             }
         }
-        assert_eq!(found, 18);
-        // the fused kernels, launched by name
-        for name in ["grouped_gemm_nn_n256_bf16_act", "grouped_gemm_nn_n256_bf16_gather", "grouped_gemm_wgrad_bf16_gather"] {
+        assert_eq!(found, 20);
+        // the fused kernels and the weight gradients' TMA-store kernel, launched by name
+        for name in [
+            "grouped_gemm_nn_n256_bf16_act",
+            "grouped_gemm_nn_n256_bf16_gather",
+            "grouped_gemm_wgrad_bf16_gather",
+            "grouped_gemm_wgrad_bf16_tma",
+        ] {
             assert!(declared.iter().any(|d| d == name), "{name} is not in {declared:?}");
         }
         // the short names are distinct and name their own tiles
