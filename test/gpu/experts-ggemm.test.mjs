@@ -99,7 +99,10 @@ describe('the grouped GEMM with a NaN among the tokens', () => {
     const mh = cuda.indicesToMultihot(routed.indices, routed.weights, E);
     const perm = cuda.permute(cuda.upload(x), mh.routingMap, { probs: mh.probs, numOutTokens: T * k });
     const weights = { gateAndUpProjs: cuda.upload(w1), downProjs: cuda.upload(w2) };
-    const got = values(cuda.expertsForward(perm.permutedTokens, perm.tokensPerExpert, weights, { activation: 'swiglu', permutedProbs: perm.permutedProbs }));
+    const sync0 = cuda.transfers().synchronizations;
+    const out = cuda.expertsForward(perm.permutedTokens, perm.tokensPerExpert, weights, { activation: 'swiglu', permutedProbs: perm.permutedProbs });
+    assert.equal(cuda.transfers().synchronizations, sync0, 'the grouped path: no counts read back');
+    const got = values(out);
     const want = values(
       cpu.expertsForward(
         perm.permutedTokens.download(),
