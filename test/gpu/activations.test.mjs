@@ -173,7 +173,7 @@ const LOSS_SHAPES = [
   { rows: 5, cols: 3 },
   { rows: 64, cols: 8 },
   { rows: 300, cols: 64 },
-  // the totals add in chunks of 2048 rows through two shared-memory buffers (kernels/activations.cu
+  // the totals add in chunks of 2048 rows staged in shared memory (kernels/activations.cu
   // loss_ordered_total): one whole chunk, a chunk and one row, several with a partial last one
   { rows: 2048, cols: 4 },
   { rows: 2049, cols: 3 },

@@ -670,7 +670,7 @@ fn run_kernel(
     }
     let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
     // (the arguments match the kernel's parameters (GG_ARGS; the weight gradients' k is ko; the
-    // `_act` and `_gather` kernels' after them) in order and type). Never a programmatic
+    // `_act`, `_gather` and `_tma` kernels' after them) in order and type). Never a programmatic
     // dependent launch: with it these kernels ran slower on an H100, even with events between
     // the kernels (Mixtral-like weight gradients 10.13 against 9.49 ms; docs/gpu-report.md,
     // twenty-fifth session); the kernels after them still may be.
