@@ -61,7 +61,8 @@ struct __align__(64) GgTensorMap {
 // warpgroup (`map_out`, GgOut) instead of 64 bulk row copies: 8 TMA instructions a tile where the
 // row copies take 128, so the TMA unit is back sooner to the next tile's loads. A warpgroup whose
 // 64 rows run past the expert's end (a tensor store writes whole boxes, clipped only at the
-// tensor's bounds) stores from the registers instead.
+// tensor's bounds) stores from the registers instead. The experts' default (grouped_gemm.rs
+// experts_tile): 2-13% faster than EPI_STAGED on an H100, the weight gradients most.
 #define GG_EPI_TMA 3
 
 // The first GEMM's fused activation (`_act` kernels): `out` holds h = x W1 [m, 2 inter] as the

@@ -248,19 +248,20 @@ pub fn set_group_n(group: Option<i32>) {
     GROUP_OVERRIDE.store(group.filter(|&g| g >= 1).unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
 }
 
-/// The 256-column bf16 kernel the experts use: [`TileN::N256Bulk`] by default;
-/// `MOE_DISPATCH_GG_EPILOGUE` names another by its short name of [`TileN::ALL`] (`256`, `ring`,
-/// `ring-half`, `mc`, `mc4`, `mcring`: for measurements; any other value is the default, with a
-/// warning on stderr naming the values it takes).
+/// The 256-column bf16 kernel the experts use: [`TileN::N256Tma`] by default (TMA tensor stores:
+/// 2-13% faster than [`TileN::N256Bulk`]'s row copies on an H100, docs/gpu-report.md
+/// "Twenty-seventh session"); `MOE_DISPATCH_GG_EPILOGUE` names another by its short name of
+/// [`TileN::ALL`] (`bulk`, `256`, `ring`, `ring-half`, `mc`, `mc4`, `mcring`: for measurements;
+/// any other value is the default, with a warning on stderr naming the values it takes).
 pub fn experts_tile() -> TileN {
     static TILE: std::sync::OnceLock<TileN> = std::sync::OnceLock::new();
     *TILE.get_or_init(|| {
-        let Ok(v) = std::env::var("MOE_DISPATCH_GG_EPILOGUE") else { return TileN::N256Bulk };
+        let Ok(v) = std::env::var("MOE_DISPATCH_GG_EPILOGUE") else { return TileN::N256Tma };
         let usable = |t: &TileN| t.columns() == 256;
         TileN::from_short(&v).filter(usable).unwrap_or_else(|| {
             let names: Vec<_> = TileN::ALL.iter().filter(|(t, _)| usable(t)).map(|(_, n)| *n).collect();
-            eprintln!("moe-dispatch: MOE_DISPATCH_GG_EPILOGUE={v:?}: expected one of {}; using bulk", names.join(", "));
-            TileN::N256Bulk
+            eprintln!("moe-dispatch: MOE_DISPATCH_GG_EPILOGUE={v:?}: expected one of {}; using tma-store", names.join(", "));
+            TileN::N256Tma
         })
     })
 }
