@@ -595,18 +595,38 @@ static __device__ u64 loss_check_block(const u8* mask, i64 rows, const int* coun
 // one-thread loop took 0.34 ms at 8192 rows on an H200, this 0.06 ms; ncu). The total is thread 0's.
 // Two buffers (warps 1.. staging the next chunk while thread 0 adds this one) measured no faster
 // in a layer's step (0.071-0.086 ms against 0.071-0.090 on H100s): the chain of dependent f64
-// additions is the time (docs/gpu-report.md, twenty-fifth session).
+// additions is the time (docs/gpu-report.md, twenty-fifth session). Thread 0's loads of the next
+// eight values are issued before it adds the current eight, so a shared-memory load's latency no
+// longer sits in the chain once every eight additions; the chunk is padded with -0.0 to whole
+// groups of eight plus one (the group loaded ahead at the end), which adds nothing.
+#define LOSS_TOTAL_GROUP 8
 template <class Value>
 static __device__ double loss_ordered_total(i64 rows, double init, Value value) {
-    __shared__ double chunk[LOSS_TOTAL_CHUNK];
+    __shared__ __align__(16) double chunk[LOSS_TOTAL_CHUNK + LOSS_TOTAL_GROUP];
     double total = init;
     for (i64 c0 = 0; c0 < rows; c0 += LOSS_TOTAL_CHUNK) {
         const int n = (int)min((i64)LOSS_TOTAL_CHUNK, rows - c0);
-        for (int i = threadIdx.x; i < n; i += blockDim.x) chunk[i] = value(c0 + i);
+        const int groups = (n + LOSS_TOTAL_GROUP - 1) / LOSS_TOTAL_GROUP;
+        const int padded = (groups + 1) * LOSS_TOTAL_GROUP;
+        for (int i = threadIdx.x; i < padded; i += blockDim.x) chunk[i] = i < n ? value(c0 + i) : -0.0;
         __syncthreads();
         if (threadIdx.x == 0) {
-#pragma unroll 8
-            for (int i = 0; i < n; i++) total = __dadd_rn(total, chunk[i]);
+            const double2* c2 = reinterpret_cast<const double2*>(chunk);
+            double2 cur[LOSS_TOTAL_GROUP / 2];
+#pragma unroll
+            for (int j = 0; j < LOSS_TOTAL_GROUP / 2; j++) cur[j] = c2[j];
+            for (int g = 0; g < groups; g++) {
+                double2 next[LOSS_TOTAL_GROUP / 2];
+#pragma unroll
+                for (int j = 0; j < LOSS_TOTAL_GROUP / 2; j++) next[j] = c2[(g + 1) * (LOSS_TOTAL_GROUP / 2) + j];
+#pragma unroll
+                for (int j = 0; j < LOSS_TOTAL_GROUP / 2; j++) {
+                    total = __dadd_rn(total, cur[j].x);
+                    total = __dadd_rn(total, cur[j].y);
+                }
+#pragma unroll
+                for (int j = 0; j < LOSS_TOTAL_GROUP / 2; j++) cur[j] = next[j];
+            }
         }
         __syncthreads();
     }
