@@ -806,13 +806,13 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
     // EPI_STAGED: each consumer warpgroup's 64 x BN output rows staged after the stages
     constexpr u32 C_BYTES = EPI == GG_EPI_STAGED ? 2 * 64 * GG_C_ROW : EPI == GG_EPI_TMA ? 2 * 32768 : 0;
     static_assert(EPI == GG_EPI_REG || (BN == 256 && !OUT_F32), "the bulk epilogues are for 256-column bf16 tiles");
-    static_assert(EPI != GG_EPI_TMA || (!HALF && !MC && !ACT && !GATHER), "the TMA-store epilogue: the plain kernels");
+    static_assert(EPI != GG_EPI_TMA || (!HALF && !MC && !ACT), "the TMA-store epilogue: the plain and gathering kernels");
     static_assert(!MC || (BN == 256 && !HALF), "the cluster kernels have 256-column tiles");
     static_assert(!ACT || (BN == 256 && !B_KMAJOR && !OUT_F32 && EPI == GG_EPI_STAGED && !HALF && !MC),
                   "the fused activation: x W1, 128 x 256 tiles, the staged epilogue");
     static_assert(!ACT || GG_BM * BN / 2 / 2 == 32 * 256, "the fused activation: 32 column pairs a consumer thread a tile");
-    static_assert(!GATHER || (BN == 256 && !B_KMAJOR && !OUT_F32 && EPI == GG_EPI_STAGED && !HALF && !MC && !ACT),
-                  "the gather on load: x W1, 128 x 256 tiles, the staged epilogue");
+    static_assert(!GATHER || (BN == 256 && !B_KMAJOR && !OUT_F32 && (EPI == GG_EPI_STAGED || EPI == GG_EPI_TMA) && !HALF && !MC && !ACT),
+                  "the gather on load: x W1, 128 x 256 tiles, the staged or TMA-store epilogue");
     // (ACT: a tile's 256 accumulator columns are 128 gate and 128 up columns; `n` is inter, the
     // output's columns, and tiles step over it 128 at a time)
     constexpr int TN = ACT ? BN / 2 : BN;
@@ -1024,7 +1024,6 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, c
                                                      const GgGather* gather = nullptr, const GgOut* to = nullptr) {
     constexpr int BN = 256, STAGES = EPI == GG_EPI_STAGED || EPI == GG_EPI_TMA ? 3 : 4;
     constexpr u32 C_BYTES = EPI == GG_EPI_STAGED ? 2 * 64 * GG_C_ROW : EPI == GG_EPI_TMA ? 2 * 32768 : 0;
-    static_assert(EPI != GG_EPI_TMA || !GATHER, "the TMA-store epilogue: the plain weight gradients");
     static_assert(EPI == GG_EPI_REG || !OUT_F32, "the bulk epilogues are for bf16 output");
     constexpr u32 A_BYTES = GG_BM * GG_BK * 2;
     constexpr u32 B_BYTES = BN * GG_BK * 2;
@@ -1265,6 +1264,13 @@ extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_g
     const GgGather gather{x, rows_of, x_rows};
     gg_body<256, false, false, 3, GG_EPI_STAGED, false, false, false, true>(GG_PASS, nullptr, &gather);
 }
+// ... with the TMA-store epilogue (`map_out` over out as [1, m, n], as the `_tma` kernels')
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_gather_tma(GG_ARGS, const __grid_constant__ GgTensorMap map_out, const u16* x,
+                                                                                          const int* rows_of, int x_rows) { MOE_PDL_ENTRY();
+    const GgGather gather{x, rows_of, x_rows};
+    const GgOut to{&map_out, 0, false};
+    gg_body<256, false, false, 3, GG_EPI_TMA, false, false, false, true>(GG_PASS, nullptr, &gather, &to);
+}
 
 // dw [E, KO, N] = x^T dy per expert: map_a over x [M, KO], map_b over dy [M, N]; the launch's k is
 // KO (x's columns), n is N (dy's columns)
@@ -1282,4 +1288,11 @@ extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16_tma
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16_gather(GG_ARGS, const u16* x, const int* rows_of, int x_rows) { MOE_PDL_ENTRY();
     const GgGather gather{x, rows_of, x_rows};
     gg_wgrad_body<false, GG_EPI_STAGED, true>(GG_WPASS, &gather);
+}
+// ... with the TMA-store epilogue (`map_out` over dw [E, ko, n])
+extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16_gather_tma(GG_ARGS, const __grid_constant__ GgTensorMap map_out, const u16* x,
+                                                                                        const int* rows_of, int x_rows) { MOE_PDL_ENTRY();
+    const GgGather gather{x, rows_of, x_rows};
+    const GgOut to{&map_out, 0, true};
+    gg_wgrad_body<false, GG_EPI_TMA, true>(GG_WPASS, &gather, &to);
 }

@@ -261,6 +261,7 @@ fn up_and_activation(
             p.n,
             p.width,
             p.dim,
+            grouped_gemm::gather_tile(grouped_gemm::experts_tile()),
         )?;
         launch_activation(dev, act, ExpMath::Fast, DType::BF16, &h, p.n, p.width, inp.probs.map(|t| &t.buf), DType::BF16, &a)?;
     } else if fused_activation_selected() && grouped_gemm::fuses_activation(act.kind) {
@@ -367,6 +368,7 @@ pub fn backward_grouped(
             p.n,
             p.dim,
             p.width,
+            grouped_gemm::gather_tile(grouped_gemm::experts_tile()),
         )?,
         None => wgrad(dev, p, &inp.tokens.buf, &dh, counts, &grad_w1, p.dim, p.width)?,
     }

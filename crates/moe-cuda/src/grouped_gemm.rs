@@ -412,6 +412,8 @@ enum Extra<'a> {
     Gather(&'a GatherArgs),
     /// The TMA-store kernels' `map_out` ([`out_map`]).
     Out(TensorMap),
+    /// The gathering TMA-store kernels': `map_out`, then the gather's arguments.
+    GatherOut(&'a GatherArgs, TensorMap),
 }
 
 /// The TMA-store kernels' map over a bf16 output `[planes, rows, cols]` (the token side: one plane
@@ -493,9 +495,10 @@ pub fn launch_act(
 /// expert-major rows r (expert e's `counts[e]` rows after the rows of experts 0 .. e-1), bf16,
 /// `w [experts, k, n]` ([`WeightLayout::KN`]); `x [x_rows, k]` the tokens in their own order and
 /// `rows_of [m]` int32 the token of each row (permute's sortedIndices), so the permuted copy of
-/// x is never made. The same bits as [`launch`] on the gathered rows with [`TileN::N256Bulk`]
-/// (the same tiles, k-steps and epilogue; only the A operand's loads differ). An index outside
-/// `[0, x_rows)` reads a row of zeros. `k` and `n` multiples of 8; queued on the device's stream.
+/// x is never made. The same bits as [`launch`] on the gathered rows with `tile` (the same
+/// tiles, k-steps and epilogue; only the A operand's loads differ): [`TileN::N256Bulk`] or
+/// [`TileN::N256Tma`] ([`gather_tile`] picks one for any tile). An index outside `[0, x_rows)`
+/// reads a row of zeros. `k` and `n` multiples of 8; queued on the device's stream.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_gather(
     dev: &Device,
@@ -509,6 +512,7 @@ pub fn launch_gather(
     m: usize,
     n: usize,
     k: usize,
+    tile: TileN,
 ) -> Result<()> {
     const WHAT: &str = "grouped GEMM gathering its rows";
     if m == 0 || n == 0 || experts == 0 {
@@ -519,10 +523,13 @@ pub fn launch_gather(
     }
     let gather = gather_args(WHAT, x, x_rows, rows_of, k)?;
     let sizes = checked_sizes(WHAT, "k", x | w | out, experts, m, n, k)?;
-    let tile = TileN::N256Bulk;
-    let name = "grouped_gemm_nn_n256_bf16_gather";
+    let (name, extra) = match tile {
+        TileN::N256Bulk => ("grouped_gemm_nn_n256_bf16_gather", Extra::Gather(&gather)),
+        TileN::N256Tma => ("grouped_gemm_nn_n256_bf16_gather_tma", Extra::GatherOut(&gather, out_map(out, 1, m, n)?)),
+        other => return Err(Error::Cuda(format!("{WHAT}: no gathering kernel for {other:?} (bulk or tma-store)"))),
+    };
     let max_tiles = (m / TILE_M + experts).saturating_mul(n.div_ceil(tile.columns()));
-    run_kernel(dev, WHAT, name, tile, max_tiles, out, counts, sizes, Extra::Gather(&gather), || {
+    run_kernel(dev, WHAT, name, tile, max_tiles, out, counts, sizes, extra, || {
         let (n64, k64, e64) = (n as u64, k as u64, experts as u64);
         // (A's map is not read by the kernel: one over x, valid as any)
         let map_a = tensor_map("the tokens", x, &[k64, x_rows.max(1) as u64], &[k64 * 2], &[TILE_K as u32, TILE_M as u32])?;
@@ -668,6 +675,9 @@ fn run_kernel(
         Extra::Out(map) => {
             b.push(&map);
         }
+        Extra::GatherOut(g, map) => {
+            b.push(&map).push(&g.x).push(&g.rows_of).push(&g.x_rows);
+        }
     }
     let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
     // (the arguments match the kernel's parameters (GG_ARGS; the weight gradients' k is ko; the
@@ -681,7 +691,8 @@ fn run_kernel(
 /// [`launch_wgrad`] gathering x's rows on load: `dw [experts, ko, n] = x[rows_of[rows of e]]^T @
 /// dy[rows of e]` (bf16 output), `x [x_rows, ko]` the tokens in their own order, `rows_of [m]`
 /// int32 the token of each expert-major row (as [`launch_gather`] takes them); the same bits as
-/// [`launch_wgrad`] with [`TileN::N256Bulk`] on the gathered rows. An index outside
+/// [`launch_wgrad`] with `tile` ([`TileN::N256Bulk`] or [`TileN::N256Tma`]) on the gathered
+/// rows. An index outside
 /// `[0, x_rows)` reads a row of zeros.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_wgrad_gather(
@@ -696,6 +707,7 @@ pub fn launch_wgrad_gather(
     m: usize,
     ko: usize,
     n: usize,
+    tile: TileN,
 ) -> Result<()> {
     const WHAT: &str = "grouped weight gradient gathering its rows";
     if ko == 0 || n == 0 || experts == 0 {
@@ -706,15 +718,30 @@ pub fn launch_wgrad_gather(
     }
     let gather = gather_args(WHAT, x, x_rows, rows_of, ko)?;
     let sizes = checked_sizes(WHAT, "ko", x | dy | dw, experts, m, n, ko)?;
-    let tile = TileN::N256Bulk;
+    let (name, extra) = match tile {
+        TileN::N256Bulk => ("grouped_gemm_wgrad_bf16_gather", Extra::Gather(&gather)),
+        TileN::N256Tma => ("grouped_gemm_wgrad_bf16_gather_tma", Extra::GatherOut(&gather, out_map(dw, experts, ko, n)?)),
+        other => return Err(Error::Cuda(format!("{WHAT}: no gathering kernel for {other:?} (bulk or tma-store)"))),
+    };
     let tiles = experts.saturating_mul(ko.div_ceil(TILE_M)).saturating_mul(n.div_ceil(256));
-    run_kernel(dev, WHAT, "grouped_gemm_wgrad_bf16_gather", tile, tiles, dw, counts, sizes, Extra::Gather(&gather), || {
+    run_kernel(dev, WHAT, name, tile, tiles, dw, counts, sizes, extra, || {
         let (m64, n64, k64) = (m as u64, n as u64, ko as u64);
         // (A's map is not read by the kernel: one over x, valid as any)
         let map_a = tensor_map("the weight gradient's x", x, &[k64, x_rows.max(1) as u64], &[k64 * 2], &[64, TILE_K as u32])?;
         let map_b = tensor_map("the weight gradient's dy", dy, &[n64, m64], &[n64 * 2], &[64, TILE_K as u32])?;
         Ok((map_a, map_b))
     })
+}
+
+/// The gathering kernel for the experts' `tile` ([`experts_tile`]): the TMA-store one with
+/// [`TileN::N256Tma`], the bulk one with any other (the gathering kernels have those two
+/// epilogues).
+pub fn gather_tile(tile: TileN) -> TileN {
+    if tile == TileN::N256Tma {
+        TileN::N256Tma
+    } else {
+        TileN::N256Bulk
+    }
 }
 
 /// The `_gather` kernels' arguments after checking them: `rows_of` 4-byte aligned, x under the

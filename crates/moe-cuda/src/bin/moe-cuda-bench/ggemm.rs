@@ -436,39 +436,41 @@ fn gather_checks(dev: &Device) -> R<usize> {
         let d_dy = dev.upload("dy", &random_bf16(m * n, 8000 + ci as u64, 1.0))?;
         let d_counts = dev.upload("counts", &case.counts)?;
         let p = |b: &Buffer| b.device_ptr(dev);
-        let bulk = TileN::N256Bulk;
-        let bytes = (m * n * 2).next_multiple_of(4);
-        let want = run_twice(dev, "out", bytes, |out| {
-            grouped_gemm::launch(dev, p(&d_gathered), p(&d_w), WeightLayout::KN, p(&d_counts), out, DType::BF16, e, m, n, k, bulk)
-        })?;
-        let runs = run_twice(dev, "out", bytes, |out| {
-            grouped_gemm::launch_gather(dev, p(&d_x), x_rows, p(&d_rows), p(&d_w), p(&d_counts), out, e, m, n, k)
-        })?;
-        let untouched = runs[0][rows * n * 2..m * n * 2].iter().all(|&b| b == 0xff);
-        let dw_bytes = (e * k * n * 2).next_multiple_of(4);
-        let want_dw = run_twice(dev, "dw", dw_bytes, |dw| {
-            grouped_gemm::launch_wgrad(dev, p(&d_gathered), p(&d_dy), p(&d_counts), dw, DType::BF16, e, m, k, n, bulk)
-        })?;
-        let runs_dw = run_twice(dev, "dw", dw_bytes, |dw| {
-            grouped_gemm::launch_wgrad_gather(dev, p(&d_x), x_rows, p(&d_rows), p(&d_dy), p(&d_counts), dw, e, m, k, n)
-        })?;
-        for (what, runs, want, extra_ok) in [("x W1", &runs, &want, untouched), ("x^T dh", &runs_dw, &want_dw, true)] {
-            let same = runs[0] == want[0];
-            let repeat = runs[0] == runs[1];
-            let ok = same && repeat && extra_ok;
-            if !ok {
-                failures += 1;
-            }
-            let first = (0..runs[0].len() / 2).find(|&i| runs[0][2 * i..2 * i + 2] != want[0][2 * i..2 * i + 2]);
-            println!(
-                "  {}  gather on load, {what}: {} [E={e}, M={m}, K={k}, N={n}, x rows {x_rows}]: against the bulk kernel on the gathered rows {}{}{}, run to run {}",
+        for tile in [TileN::N256Bulk, TileN::N256Tma] {
+            let bytes = (m * n * 2).next_multiple_of(4);
+            let want = run_twice(dev, "out", bytes, |out| {
+                grouped_gemm::launch(dev, p(&d_gathered), p(&d_w), WeightLayout::KN, p(&d_counts), out, DType::BF16, e, m, n, k, tile)
+            })?;
+            let runs = run_twice(dev, "out", bytes, |out| {
+                grouped_gemm::launch_gather(dev, p(&d_x), x_rows, p(&d_rows), p(&d_w), p(&d_counts), out, e, m, n, k, tile)
+            })?;
+            let untouched = runs[0][rows * n * 2..m * n * 2].iter().all(|&b| b == 0xff);
+            let dw_bytes = (e * k * n * 2).next_multiple_of(4);
+            let want_dw = run_twice(dev, "dw", dw_bytes, |dw| {
+                grouped_gemm::launch_wgrad(dev, p(&d_gathered), p(&d_dy), p(&d_counts), dw, DType::BF16, e, m, k, n, tile)
+            })?;
+            let runs_dw = run_twice(dev, "dw", dw_bytes, |dw| {
+                grouped_gemm::launch_wgrad_gather(dev, p(&d_x), x_rows, p(&d_rows), p(&d_dy), p(&d_counts), dw, e, m, k, n, tile)
+            })?;
+            for (what, runs, want, extra_ok) in [("x W1", &runs, &want, untouched), ("x^T dh", &runs_dw, &want_dw, true)] {
+                let same = runs[0] == want[0];
+                let repeat = runs[0] == runs[1];
+                let ok = same && repeat && extra_ok;
+                if !ok {
+                    failures += 1;
+                }
+                let first = (0..runs[0].len() / 2).find(|&i| runs[0][2 * i..2 * i + 2] != want[0][2 * i..2 * i + 2]);
+                println!(
+                "  {}  gather on load, {what}, {}: {} [E={e}, M={m}, K={k}, N={n}, x rows {x_rows}]: against the same epilogue's kernel on the gathered rows {}{}{}, run to run {}",
                 if ok { "ok  " } else { "FAIL" },
+                tile.name(),
                 case.name,
                 if same { "equal" } else { "DIFFERENT" },
                 first.map(|i| format!(" (first at element {i})")).unwrap_or_default(),
                 if extra_ok { "" } else { ", spare rows WRITTEN" },
                 if repeat { "identical" } else { "DIFFERENT" },
             );
+            }
         }
     }
     Ok(failures)
@@ -490,6 +492,7 @@ fn wgrad_gather_timing(
     e: usize,
     ko: usize,
     n: usize,
+    tile: TileN,
 ) -> R<String> {
     let m = rows_of.len();
     let (x, d_plan, permuted) = permuted_tokens(dev, x_rows, rows_of, counts, e, ko)?;
@@ -497,7 +500,7 @@ fn wgrad_gather_timing(
     let d_rows = dev.upload("rows_of", rows_of)?;
     let (o1, o2) = (dev.alloc("dw", e * ko * n * 2)?, dev.alloc("dw", e * ko * n * 2)?);
     let p = |b: &Buffer| b.device_ptr(dev);
-    let bulk = || grouped_gemm::launch_wgrad(dev, p(&permuted), p(&dy), p(d_counts), p(&o1), DType::BF16, e, m, ko, n, TileN::N256Bulk);
+    let bulk = || grouped_gemm::launch_wgrad(dev, p(&permuted), p(&dy), p(d_counts), p(&o1), DType::BF16, e, m, ko, n, tile);
     let copy_then_bulk = || -> R<()> {
         moe_cuda::permute::launch_permute(
             dev,
@@ -512,7 +515,7 @@ fn wgrad_gather_timing(
         )?;
         bulk()
     };
-    let gather = || grouped_gemm::launch_wgrad_gather(dev, p(&x), x_rows, p(&d_rows), p(&dy), p(d_counts), p(&o2), e, m, ko, n);
+    let gather = || grouped_gemm::launch_wgrad_gather(dev, p(&x), x_rows, p(&d_rows), p(&dy), p(d_counts), p(&o2), e, m, ko, n, tile);
     copy_then_bulk()?;
     gather()?;
     let first: Vec<u16> = dev.download_new("dw", &o2, e * ko * n)?;
@@ -522,14 +525,16 @@ fn wgrad_gather_timing(
     let (g_ms, _) = time_ms(dev, iters, gather)?;
     let again = dev.download_new::<u16>("dw", &o2, e * ko * n)? == first;
     println!(
-        "  x^T @ dh gathering x's rows: permute + bulk kernel {c_ms:.3} ms (bulk alone {b_ms:.3}), gather on load {g_ms:.3} ms ({:.2}x the pair, {:.2}x the bulk kernel alone); dw {}, run to run {}",
+        "  x^T @ dh gathering x's rows, {}: permute + kernel {c_ms:.3} ms (the kernel alone {b_ms:.3}), gather on load {g_ms:.3} ms ({:.2}x the pair, {:.2}x the kernel alone); dw {}, run to run {}",
+        tile.name(),
         c_ms / g_ms,
         b_ms / g_ms,
         if same { "equal" } else { "DIFFERENT" },
         if again { "identical" } else { "DIFFERENT" },
     );
     Ok(format!(
-        "{{\"shape\": {shape:?}, \"gemm\": \"x^T @ dh gathering x's rows\", \"permuteAndBulkMs\": {c_ms}, \"bulkMs\": {b_ms}, \"gatherMs\": {g_ms}, \"sameBits\": {same}, \"runToRunIdentical\": {again}}}"
+        "{{\"shape\": {shape:?}, \"gemm\": \"x^T @ dh gathering x's rows\", \"kernel\": {:?}, \"permuteAndBulkMs\": {c_ms}, \"bulkMs\": {b_ms}, \"gatherMs\": {g_ms}, \"sameBits\": {same}, \"runToRunIdentical\": {again}}}",
+        tile.name()
     ))
 }
 
@@ -575,6 +580,7 @@ fn gather_timing(
     e: usize,
     k: usize,
     n: usize,
+    tile: TileN,
 ) -> R<String> {
     use moe_cuda::permute::{launch_permute, PermuteKernel};
     let m = rows_of.len();
@@ -582,13 +588,12 @@ fn gather_timing(
     let d_rows = dev.upload("rows_of", rows_of)?;
     let (o1, o2) = (dev.alloc("out", m * n * 2)?, dev.alloc("out", m * n * 2)?);
     let p = |b: &Buffer| b.device_ptr(dev);
-    let bulk =
-        || grouped_gemm::launch(dev, p(&permuted), p(w), WeightLayout::KN, p(d_counts), p(&o1), DType::BF16, e, m, n, k, TileN::N256Bulk);
+    let bulk = || grouped_gemm::launch(dev, p(&permuted), p(w), WeightLayout::KN, p(d_counts), p(&o1), DType::BF16, e, m, n, k, tile);
     let copy_then_bulk = || -> R<()> {
         launch_permute(dev, PermuteKernel::Scatter, &x, k * 2, &d_plan, None, None, &permuted, None)?;
         bulk()
     };
-    let gather = || grouped_gemm::launch_gather(dev, p(&x), x_rows, p(&d_rows), p(w), p(d_counts), p(&o2), e, m, n, k);
+    let gather = || grouped_gemm::launch_gather(dev, p(&x), x_rows, p(&d_rows), p(w), p(d_counts), p(&o2), e, m, n, k, tile);
     copy_then_bulk()?;
     gather()?;
     let same = dev.download_new::<u16>("out", &o1, m * n)? == dev.download_new::<u16>("out", &o2, m * n)?;
@@ -597,11 +602,12 @@ fn gather_timing(
     let (g_ms, _) = time_ms(dev, iters, gather)?;
     let again = {
         let o3 = dev.alloc("out", m * n * 2)?;
-        grouped_gemm::launch_gather(dev, p(&x), x_rows, p(&d_rows), p(w), p(d_counts), p(&o3), e, m, n, k)?;
+        grouped_gemm::launch_gather(dev, p(&x), x_rows, p(&d_rows), p(w), p(d_counts), p(&o3), e, m, n, k, tile)?;
         dev.download_new::<u16>("out", &o3, m * n)? == dev.download_new::<u16>("out", &o2, m * n)?
     };
     println!(
-        "  x @ W1 gathering its rows: permute + bulk kernel {c_ms:.3} ms (bulk alone {b_ms:.3}), gather on load {g_ms:.3} ms ({:.2}x the pair, {:.2}x the bulk kernel alone); outputs {}, run to run {}; the permuted copy saved: {:.1} MiB",
+        "  x @ W1 gathering its rows, {}: permute + kernel {c_ms:.3} ms (the kernel alone {b_ms:.3}), gather on load {g_ms:.3} ms ({:.2}x the pair, {:.2}x the kernel alone); outputs {}, run to run {}; the permuted copy saved: {:.1} MiB",
+        tile.name(),
         c_ms / g_ms,
         b_ms / g_ms,
         if same { "equal" } else { "DIFFERENT" },
@@ -609,7 +615,8 @@ fn gather_timing(
         (m * k * 2) as f64 / (1u64 << 20) as f64
     );
     Ok(format!(
-        "{{\"shape\": {shape:?}, \"gemm\": \"x @ W1 gathering its rows\", \"permuteAndBulkMs\": {c_ms}, \"bulkMs\": {b_ms}, \"gatherMs\": {g_ms}, \"sameBits\": {same}, \"runToRunIdentical\": {again}, \"permutedCopyBytes\": {}}}",
+        "{{\"shape\": {shape:?}, \"gemm\": \"x @ W1 gathering its rows\", \"kernel\": {:?}, \"permuteAndBulkMs\": {c_ms}, \"bulkMs\": {b_ms}, \"gatherMs\": {g_ms}, \"sameBits\": {same}, \"runToRunIdentical\": {again}, \"permutedCopyBytes\": {}}}",
+        tile.name(),
         m * k * 2
     ))
 }
@@ -1037,7 +1044,9 @@ fn run(
                 rows.push(fused_act_timing(dev, iters, s.name, &x, w, &d_counts, e, m, g.k, inter)?);
             }
             if gather && g.name == "x @ W1" {
-                rows.push(gather_timing(dev, iters, s.name, t, &rows_of, w, &counts, &d_counts, e, g.k, g.n)?);
+                for tile in [TileN::N256Bulk, TileN::N256Tma] {
+                    rows.push(gather_timing(dev, iters, s.name, t, &rows_of, w, &counts, &d_counts, e, g.k, g.n, tile)?);
+                }
             }
             let slot = if g.forward { 0 } else { 1 };
             sums[slot][0] += flops;
@@ -1122,7 +1131,9 @@ fn run(
                 ));
             }
             if gather && wi == 0 {
-                rows.push(wgrad_gather_timing(dev, iters, s.name, t, &rows_of, &counts, &d_counts, e, ko, nn)?);
+                for tile in [TileN::N256Bulk, TileN::N256Tma] {
+                    rows.push(wgrad_gather_timing(dev, iters, s.name, t, &rows_of, &counts, &d_counts, e, ko, nn, tile)?);
+                }
             }
             if best.is_finite() {
                 wsum[0] += flops;
