@@ -1,5 +1,6 @@
 // The experts gathering their rows on load (MOE_DISPATCH_GG_FUSE=gather on our grouped GEMM:
-// grouped_gemm_nn_n256_bf16_gather for x W1, grouped_gemm_wgrad_bf16_gather for dW1 = x^T dh),
+// grouped_gemm_nn_n256_bf16_gather_tma for x W1; dW1 = x^T dh on the rows copied out for it, or
+// with `gather,gather-wgrad` (experts-ggemm-gather-wgrad.test.mjs) grouped_gemm_wgrad_bf16_gather_tma),
 // through `gatherIndices`: the tokens in their own order and permute's sortedIndices in place of
 // the permuted copy. The same bits as the grouped path on the permuted copy, forward and
 // backward; indices that permute did not make are checked (one read-back); without a Hopper GPU
@@ -7,7 +8,8 @@
 // the grouped-GEMM experts suite and the layer suite, whose bf16 layers now leave the permuted
 // copy unmade. The environment is read once per process: node --test runs each file in its own.
 process.env.MOE_DISPATCH_EXPERTS_GEMM = 'grouped';
-process.env.MOE_DISPATCH_GG_FUSE = 'gather';
+// (a file that imports this one may have named more fusions, gather among them)
+if (!(process.env.MOE_DISPATCH_GG_FUSE ?? '').split(',').includes('gather')) process.env.MOE_DISPATCH_GG_FUSE = 'gather';
 
 const assert = (await import('node:assert/strict')).default;
 const { describe, test } = await import('node:test');

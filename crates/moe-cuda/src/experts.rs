@@ -579,7 +579,7 @@ fn checked_gather<'a>(dev: &Device, tokens: &DeviceTensor, rows: &'a DeviceTenso
 }
 
 /// The rows `g` names, copied out (`[N, dim]`): for the paths that do not gather on load.
-fn gathered_rows(dev: &Device, tokens: &DeviceTensor, g: Gather) -> Result<DeviceTensor> {
+pub(crate) fn gathered_rows(dev: &Device, tokens: &DeviceTensor, g: Gather) -> Result<DeviceTensor> {
     let n = g.rows.numel();
     let dim = tokens.shape[1];
     let out = DeviceTensor::alloc(dev, "the gathered rows", tokens.dtype, vec![n, dim])?;

@@ -200,9 +200,10 @@ pub struct Gather<'a> {
 
 /// Whether the experts gather their rows on load where the layer asks them to
 /// (`MOE_DISPATCH_GG_FUSE=gather`, read once; `act,gather` takes both fusions): the grouped
-/// path's first GEMM and weight gradient read the tokens through the permutation
-/// ([`grouped_gemm::launch_gather`], [`grouped_gemm::launch_wgrad_gather`]), so the permuted
-/// copy of the tokens is never made. Off by default.
+/// path's first GEMM reads the tokens through the permutation ([`grouped_gemm::launch_gather`]),
+/// so the forward makes and keeps no permuted copy of the tokens; the backward's weight gradient
+/// copies the rows out for the while it runs (or gathers on load too: [`wgrad_gather_selected`]).
+/// Off by default.
 pub fn gather_selected() -> bool {
     static SELECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *SELECTED.get_or_init(|| fuse_selected("gather"))
@@ -224,6 +225,17 @@ fn fuse_selected(name: &str) -> bool {
 /// Whether the comma-separated `list` names `name` (spaces around the names allowed).
 fn names_fusion(list: &str, name: &str) -> bool {
     list.split(',').any(|f| f.trim() == name)
+}
+
+/// Whether the gathering experts' weight gradient `dW1 = x^T dh` also gathers x's rows on load
+/// ([`grouped_gemm::launch_wgrad_gather`]; `MOE_DISPATCH_GG_FUSE=gather,gather-wgrad`, read once).
+/// Off by default: with `gather` alone the backward copies the rows out for the plain kernel and
+/// drops the copy after it (the forward still keeps none), which ran faster on an H100 (the copy +
+/// TMA-store kernel 0.935 ms against the gathering kernel's 1.032 at the fine-grained shape;
+/// docs/gpu-report.md, twenty-seventh session).
+pub fn wgrad_gather_selected() -> bool {
+    static SELECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SELECTED.get_or_init(|| fuse_selected("gather-wgrad"))
 }
 
 /// Whether the first GEMM takes the activation into its epilogue (`MOE_DISPATCH_GG_FUSE=act`,
@@ -356,7 +368,7 @@ pub fn backward_grouped(
     drop(da);
     let grad_w1 = DeviceTensor::alloc(dev, "gradGateAndUpProjs", dt, inp.gate_and_up.shape.clone())?;
     match gather {
-        Some(g) => grouped_gemm::launch_wgrad_gather(
+        Some(g) if wgrad_gather_selected() => grouped_gemm::launch_wgrad_gather(
             dev,
             ptr(dev, &inp.tokens.buf),
             g.x_rows,
@@ -370,6 +382,13 @@ pub fn backward_grouped(
             p.width,
             grouped_gemm::gather_tile(grouped_gemm::experts_tile()),
         )?,
+        Some(g) => {
+            // the rows copied out for the plain kernel, and dropped after it: the forward kept no
+            // copy, and the copy + the plain kernel ran faster than the gathering kernel
+            // (docs/gpu-report.md, twenty-seventh session)
+            let x = crate::experts::gathered_rows(dev, inp.tokens, g)?;
+            wgrad(dev, p, &x.buf, &dh, counts, &grad_w1, p.dim, p.width)?;
+        }
         None => wgrad(dev, p, &inp.tokens.buf, &dh, counts, &grad_w1, p.dim, p.width)?,
     }
     let grad_tokens = DeviceTensor::alloc(dev, "gradTokens", dt, vec![p.n, p.dim])?;
