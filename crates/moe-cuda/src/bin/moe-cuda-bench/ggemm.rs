@@ -26,9 +26,10 @@
 //! `--small-only`, `--no-small` (the shapes only: for a profiler), `--act` (the first GEMM with the
 //! activation fused, `launch_act`: its small checks against the plain kernel + activation kernel,
 //! and x W1 + swiglu both ways at the shapes), `--gather` (the kernels gathering their rows on
-//! load, `launch_gather` and `launch_wgrad_gather`: their small checks against the bulk kernels on
-//! rows the host gathered, and x W1 and x^T dh at the shapes from the tokens in their own order
-//! against permute's kernel + the bulk kernels), `--groups 4,8` (at the shapes, each kernel timed
+//! load, `launch_gather` and `launch_wgrad_gather`, bulk and TMA-store epilogues: their small
+//! checks against the same epilogue's plain kernel on rows the host gathered, and x W1 and x^T dh
+//! at the shapes from the tokens in their own order against permute's kernel + the plain kernel),
+//! `--groups 4,8` (at the shapes, each kernel timed
 //! again with each of these raster groups, `grouped_gemm::set_group_n`, in interleaved rounds in
 //! this one process, its bytes checked against the default group's). Exit code 1 when a check
 //! fails.
