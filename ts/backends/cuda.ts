@@ -218,8 +218,10 @@ export interface CudaBackend
   /**
    * Whether `expertsForward` / `expertsBackward` with `gatherIndices` read the experts' rows
    * through the indices on this GPU (our Hopper grouped GEMM: `MOE_DISPATCH_EXPERTS_GEMM=grouped`
-   * and `MOE_DISPATCH_GG_FUSE=gather`; bfloat16 tokens and weights, no expert biases), so that no
-   * permuted copy of the tokens is made. `MoELayer` asks it to leave that copy out.
+   * and `MOE_DISPATCH_GG_FUSE=gather`; bfloat16 tokens and weights, no expert biases), so that the
+   * forward makes and keeps no permuted copy of the tokens (the backward's dW1 copies its rows out
+   * while it runs, or gathers too with `gather,gather-wgrad`). `MoELayer` asks it to leave
+   * that copy out.
    */
   expertsGatherOnLoad(): boolean;
   /** Device memory held by this process's tensors, the pool's cached memory, and the GPU's free and total memory. */

@@ -202,7 +202,8 @@ pub struct Gather<'a> {
 /// (`MOE_DISPATCH_GG_FUSE=gather`, read once; `act,gather` takes both fusions): the grouped
 /// path's first GEMM reads the tokens through the permutation ([`grouped_gemm::launch_gather`]),
 /// so the forward makes and keeps no permuted copy of the tokens; the backward's weight gradient
-/// copies the rows out for the while it runs (or gathers on load too: [`wgrad_gather_selected`]).
+/// copies the rows out for its kernel and drops them after it (or gathers on load too:
+/// [`wgrad_gather_selected`]).
 /// Off by default.
 pub fn gather_selected() -> bool {
     static SELECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
