@@ -29,7 +29,9 @@
 # ACTMEM=1 (issue 19: the layer's forward + backward time and activation memory, ours on cuBLAS and on our
 # grouped GEMM, bench/actmem-gpu.mjs, and PyTorch's, bench/actmem-gpu.py, interleaved ACTMEM_ROUNDS times
 # (default 2) into one actmem.json; ACTMEM_TIMELINE=N: each of our processes also records N steps with the
-# cuda backend's timeline and keeps the median one: where the GPU's time goes between kernels, gaps and host),
+# cuda backend's timeline and keeps the median one: where the GPU's time goes between kernels, gaps and host;
+# ACTMEM_CLOCKS=1: nvidia-smi every 50 ms through the rounds (clock, power, temperature, throttle reasons) and a
+# stamp after each process: bench/clock-phases.py gives each process's clock and power-cap share, actmem-clocks.json),
 # WEBGPU=1 (pack and remote: the webgpu backend in Node through Dawn: the GPU suite's webgpu-dawn.test.mjs
 # against wasm, MOE_WEBGPU_DAWN set before the suite; then next to cuda, bench/webgpu-node.mjs, and each
 # shader's GPU time, bench/webgpu-profile.mjs)
@@ -403,11 +405,24 @@ PY
     # issue 19: the layer's forward + backward and its activation memory (what the forward keeps
     # for the backward): ours on the default path (auto: our grouped GEMM with >= 32 experts, cuBLAS with fewer), on cuBLAS, on our grouped GEMM (the path is read once a process),
     # PyTorch's (torch._grouped_mm), interleaved round by round; the parts go into one actmem.json
+    # ACTMEM_CLOCKS=1: the clock, power and throttle reasons every 50 ms, and a stamp after each process
+    # (bench/clock-phases.py names each phase by the stamp that ends it)
+    local smi_pid=""
+    stamp() { [[ -n "${ACTMEM_CLOCKS:-}" ]] && echo "$(date '+%Y/%m/%d %H:%M:%S.%N') $*" >> "$OUT/actmem-stamps.log"; return 0; }
+    if [[ -n "${ACTMEM_CLOCKS:-}" ]]; then
+      nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active --format=csv,noheader -lms 50 \
+        > "$OUT/actmem-smi.csv" &
+      smi_pid=$!
+      stamp "start"
+    fi
     for round in $(seq 1 "${ACTMEM_ROUNDS:-2}"); do
       say "activation memory, round $round: ours (auto: the default), ours (cuBLAS), ours (grouped GEMM), PyTorch"
       timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" --out "$OUT/actmem-ours-auto-$round.json"; echo "  exit code $?"
+      stamp "ours-auto, round $round"
       MOE_DISPATCH_EXPERTS_GEMM=cublas timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" --out "$OUT/actmem-ours-cublas-$round.json"; echo "  exit code $?"
+      stamp "ours-cublas, round $round"
       MOE_DISPATCH_EXPERTS_GEMM=grouped timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" --out "$OUT/actmem-ours-grouped-$round.json"; echo "  exit code $?"
+      stamp "ours-grouped, round $round"
       # ACTMEM_AB="NAME=value ...": the grouped path again with those settings (its rows are named by them:
       # MOE_DISPATCH_GG_EPILOGUE=ring-half gives grouped-gg-epilogue-ring-half; MOE_DISPATCH_EXPERTS_GEMM=cublas among
       # them: the cuBLAS path with the others); several variants separated by ';', each run in turn
@@ -417,10 +432,19 @@ PY
           # shellcheck disable=SC2086 # (one or more NAME=value words)
           env MOE_DISPATCH_EXPERTS_GEMM=grouped ${variants[$v]} timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" \
             --out "$OUT/actmem-ours-grouped-ab$v-$round.json"; echo "  exit code $?"
+          stamp "ours-grouped ${variants[$v]}, round $round"
         done
       fi
       PYTHONUNBUFFERED=1 timeout 200 python3 "$BUNDLE/bench/actmem-gpu.py" --out "$OUT/actmem-torch-$round.json"; echo "  exit code $?"
+      stamp "torch, round $round"
     done
+    if [[ -n "$smi_pid" ]]; then
+      kill "$smi_pid" 2>/dev/null
+      say "the clock and power cap of each process (bench/clock-phases.py)"
+      python3 "$BUNDLE/bench/clock-phases.py" "$OUT/actmem-smi.csv" "$OUT/actmem-stamps.log" --json "$OUT/actmem-clocks.json"; echo "  exit code $?"
+      # (the device tool brings back a few files: the summary keeps what they said)
+      rm -f "$OUT/actmem-smi.csv" "$OUT/actmem-stamps.log"
+    fi
     python3 "$BUNDLE/bench/actmem-gpu.py" --combine "$OUT" --out "$OUT/actmem.json"; echo "  exit code $?"
   fi
   if [[ -z "${SKIP_TRAIN:-}" ]]; then
