@@ -161,17 +161,17 @@ ncu_step() {
   if [[ "$NCU" != layer && "$NCU" != detail && "$NCU" != source ]]; then
     say "ncu: the grouped GEMM kernels at the experts' shapes (metrics: $metrics)"
     timeout 400 "$ncu" --clock-control none --cache-control none -k regex:grouped_gemm --metrics "$metrics" --csv \
-      "$BUNDLE/bin/moe-cuda-bench" ggemm --no-small --tile bulk --iters 1 > "$raw/ggemm.csv" 2> "$raw/ggemm.err"
+      "$BUNDLE/bin/moe-cuda-bench" ggemm --no-small --tile tma-store --iters 1 > "$raw/ggemm.csv" 2> "$raw/ggemm.err"
     echo "  exit code $?"
     python3 "$BUNDLE/bench/ncu-summary.py" "$raw/ggemm.csv" --json "$raw/ggemm.json" --min-us 50
   fi
   if [[ "$NCU" == source ]]; then
     # where the warps of one grouped GEMM launch stall, per SASS line (ncu's warp-state sampling):
-    # the fine-grained forward x W1 (NCU_KERNELS picks another kernel, NCU_TILE=ring the ring-store
-    # kernels), its lines by stall samples
-    say "ncu: stall samples per SASS line of ${NCU_KERNELS:=grouped_gemm_nn_n256_bf16_bulk} (moe-cuda-bench ggemm, fine-grained)"
+    # the fine-grained forward x W1 on the default epilogue (NCU_KERNELS picks another kernel,
+    # NCU_TILE=bulk / ring those kernels), its lines by stall samples
+    say "ncu: stall samples per SASS line of ${NCU_KERNELS:=grouped_gemm_nn_n256_bf16_tma} (moe-cuda-bench ggemm, fine-grained)"
     timeout 300 "$ncu" --clock-control none --cache-control none -k "regex:$NCU_KERNELS" -c 1 --section SourceCounters --page source \
-      --print-source sass --csv "$BUNDLE/bin/moe-cuda-bench" ggemm --no-small --no-wgrad --tile "${NCU_TILE:-bulk}" --shapes fine-grained --iters 1 ${NCU_ARGS:-} \
+      --print-source sass --csv "$BUNDLE/bin/moe-cuda-bench" ggemm --no-small --no-wgrad --tile "${NCU_TILE:-tma-store}" --shapes fine-grained --iters 1 ${NCU_ARGS:-} \
       > "$raw/source.csv" 2> "$raw/source.err"
     echo "  exit code $?"
     python3 "$BUNDLE/bench/ncu-summary.py" "$raw/source.csv" --source
