@@ -9,6 +9,9 @@ the issue's fields: the GEMMs' percentage of the run's measured bf16 rate, FLOP-
 x W1 + a W2; backward = the input gradients + the weight gradients), ours and cuBLAS's; the layer's
 forward + backward on each of our paths and PyTorch's; the activation bytes. `layerMs` is our
 default path's (`ours-auto`; in runs before it, the fastest path's), named by `layerPath`.
+Where the ggemm run timed several kernels (`--tile tma-store,bulk`), `--kernel TEXT` picks the
+rows whose kernel name contains TEXT (e.g. "TMA-store": the experts' default since the
+twenty-seventh session); without it such a file is an error naming the kernels it holds.
 """
 
 import argparse
@@ -38,12 +41,23 @@ def main():
     p.add_argument("--machine", required=True)
     p.add_argument("--commit", required=True)
     p.add_argument("--command", required=True)
+    p.add_argument("--kernel", help="the rows of the kernel whose name contains this (where several were timed)")
     a = p.parse_args()
     with open(os.path.join(a.dir, "ggemm.json")) as f:
         ggemm = json.load(f)
     with open(os.path.join(a.dir, "actmem.json")) as f:
         actmem = json.load(f)["summary"]
     rate = ggemm["bf16PeakTflops"]
+    if a.kernel:
+        ggemm["rows"] = [r for r in ggemm["rows"] if a.kernel in r.get("kernel", "")]
+        if not ggemm["rows"]:
+            sys.exit(f"ggemm.json has no rows of a kernel named like {a.kernel!r}")
+    per_gemm = {}
+    for r in ggemm["rows"]:
+        per_gemm.setdefault((r["shape"], r["gemm"]), set()).add(r.get("kernel"))
+    several = sorted({k for ks in per_gemm.values() if len(ks) > 1 for k in ks})
+    if several:
+        sys.exit(f"ggemm.json times several kernels a GEMM ({', '.join(several)}): pick one with --kernel")
     shapes = []
     for shape, layer in actmem.items():
         rows = [r for r in ggemm["rows"] if r["shape"] == shape]
@@ -101,6 +115,7 @@ def main():
         "device": ggemm["device"],
         "commit": a.commit,
         "command": a.command,
+        **({"kernel": a.kernel} if a.kernel else {}),
         "bf16PeakTflops": round(rate, 1),
         "shapes": shapes,
     }
