@@ -30,6 +30,9 @@
 # grouped GEMM, bench/actmem-gpu.mjs, and PyTorch's, bench/actmem-gpu.py, interleaved ACTMEM_ROUNDS times
 # (default 2) into one actmem.json; ACTMEM_TIMELINE=N: each of our processes also records N steps with the
 # cuda backend's timeline and keeps the median one: where the GPU's time goes between kernels, gaps and host;
+# HOSTPROF=1: one process of bench/actmem-gpu.mjs (fine-grained, 40 steps) under `node --cpu-prof` (every 50 us),
+# summarised by bench/cpuprof-summary.py (self and inclusive time a function, over the steps: hostprof.json; the
+# raw profile is not kept): where the host's ~20 us a launch go at the step's start, where the GPU waits for it;
 # ACTMEM_CLOCKS=1: nvidia-smi every 50 ms through the rounds (clock, power, temperature, throttle reasons) and a
 # stamp after each process: bench/clock-phases.py gives each process's clock and power-cap share, actmem-clocks.json),
 # WEBGPU=1 (pack and remote: the webgpu backend in Node through Dawn: the GPU suite's webgpu-dawn.test.mjs
@@ -90,7 +93,7 @@ pack() {
   cp "$golden"/permute.json "$golden"/unpermute.json "$golden"/route.json "$BUNDLE/golden/"
   cp target/release/moe-cuda-bench "$BUNDLE/bin/"
   cp bench/gpu_torch_ref.py bench/gpu_torch_experts.py bench/gpu_torch_train.py bench/train-gpu.mjs "$BUNDLE/bench/"
-  cp bench/actmem-gpu.mjs bench/actmem-gpu.py bench/ncu-summary.py bench/hbm-rw.py bench/ep-permutes.mjs bench/clock-phases.py "$BUNDLE/bench/"
+  cp bench/actmem-gpu.mjs bench/actmem-gpu.py bench/ncu-summary.py bench/hbm-rw.py bench/ep-permutes.mjs bench/clock-phases.py bench/cpuprof-summary.py "$BUNDLE/bench/"
   # WEBGPU=1: the webgpu backend in Node through Dawn (issue 21): the `webgpu` npm package's Linux
   # build (xz) and Debian's Vulkan loader, kept between packs; bench/webgpu-node.mjs and its page code
   # (the suite's test/gpu/webgpu-dawn.test.mjs and its cases, test/common/webgpu-cases.mjs, come with test/)
@@ -400,6 +403,17 @@ PY
   fi
   if [[ -n "${NCU:-}" ]]; then
     ncu_step
+  fi
+  if [[ -n "${HOSTPROF:-}" ]]; then
+    say "the host's time in the layer's steps (node --cpu-prof, bench/cpuprof-summary.py)"
+    rm -rf "$OUT/prof" && mkdir -p "$OUT/prof"
+    timeout 200 "$node" --cpu-prof --cpu-prof-dir "$OUT/prof" --cpu-prof-interval 50 "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" \
+      --shapes fine-grained --iters 40 --out "$OUT/prof/actmem.json" | grep "forward + backward"; echo "  exit code $?"
+    for f in "$OUT"/prof/*.cpuprofile; do
+      python3 "$BUNDLE/bench/cpuprof-summary.py" "$f" --within forward --top 25 --json "$OUT/hostprof.json"; echo "  exit code $?"
+      python3 "$BUNDLE/bench/cpuprof-summary.py" "$f" --within backward --top 15 | head -18
+    done
+    rm -rf "$OUT/prof"
   fi
   if [[ -n "${ACTMEM:-}" ]]; then
     # issue 19: the layer's forward + backward and its activation memory (what the forward keeps
