@@ -228,6 +228,11 @@ fn names_fusion(list: &str, name: &str) -> bool {
     list.split(',').any(|f| f.trim() == name)
 }
 
+/// The gathering kernels' epilogue for the experts: the twin of [`grouped_gemm::experts_tile`]'s.
+fn gather_kernel_tile() -> grouped_gemm::TileN {
+    grouped_gemm::gather_tile(grouped_gemm::experts_tile())
+}
+
 /// Whether the gathering experts' weight gradient `dW1 = x^T dh` also gathers x's rows on load
 /// ([`grouped_gemm::launch_wgrad_gather`]; `MOE_DISPATCH_GG_FUSE=gather,gather-wgrad`, read once).
 /// Off by default: with `gather` alone the backward copies the rows out for the plain kernel and
@@ -274,7 +279,7 @@ fn up_and_activation(
             p.n,
             p.width,
             p.dim,
-            grouped_gemm::gather_tile(grouped_gemm::experts_tile()),
+            gather_kernel_tile(),
         )?;
         launch_activation(dev, act, ExpMath::Fast, DType::BF16, &h, p.n, p.width, inp.probs.map(|t| &t.buf), DType::BF16, &a)?;
     } else if fused_activation_selected() && grouped_gemm::fuses_activation(act.kind) {
@@ -381,7 +386,7 @@ pub fn backward_grouped(
             p.n,
             p.dim,
             p.width,
-            grouped_gemm::gather_tile(grouped_gemm::experts_tile()),
+            gather_kernel_tile(),
         )?,
         Some(g) => {
             // the rows copied out for the plain kernel, and dropped after it: the forward kept no
