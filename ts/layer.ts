@@ -23,7 +23,7 @@
 import type { Backend } from './backend.js';
 import { TokenDispatcher } from './dispatcher.js';
 import { add3, castTo, columnSums, fromValues, gatherPicks, logitsEpilogue, placeRows, reshape, rows, sharedGateBackward, sharedGateForward, toF32, valuesF32 } from './numeric.js';
-import type { CudaBackend } from './backends/cuda.js';
+import type { CudaBackend, DeviceRouteOptions } from './backends/cuda.js';
 import type { DeviceExpertWeights, ExpertsSaved } from './backends/cuda-experts.js';
 import { isDeviceTensor, type AnyTensor, type DeviceTensor } from './device.js';
 import { checked, checkGroup, combine, combineBackward, dispatch, dispatchBackward, type DispatchHandle, type ExpertParallelGroup } from './ep.js';
@@ -223,12 +223,15 @@ interface Routing {
   logits: Tensor<'float32'>;
   routed: ReturnType<Backend['route']>;
   losses: Losses;
+  /** On the GPU: route's check of the values, read at the forward's end (`lazyCheck`). */
+  check?: () => void;
 }
 
 /** The aux and z losses of a forward: the values (lazy on the GPU) and the gradients backward adds. */
 interface Losses {
-  aux: { readonly loss: number };
-  z: { readonly loss: number };
+  /** (`dispose`: a lazy loss's words freed unread, where the forward fails after computing it) */
+  aux: { readonly loss: number; dispose?: () => void };
+  z: { readonly loss: number; dispose?: () => void };
   auxGrad: Saved['auxGrad'];
   zGrad: AnyTensor | undefined;
 }
@@ -776,12 +779,32 @@ export class MoELayer {
     const input = this.#input(x);
     this.#free();
     const r = this.#route(input);
-    return this.#finishForward(
-      x,
-      input,
-      r,
-      this.#dispatchOrFreeLosses(r, () => this.#dispatchLocal(input, r)),
-    );
+    let d: Dispatched;
+    try {
+      d = this.#dispatchOrFreeLosses(r, () => this.#dispatchLocal(input, r));
+    } catch (e) {
+      r.check?.(); // route's error first, where the logits were not finite
+      throw e;
+    }
+    return this.#checked(r, this.#finishForward(x, input, r, d));
+  }
+
+  /**
+   * The forward's result once route's check of the values passed (on the GPU it is read here, at
+   * the end, so that nothing between route and the experts' GEMMs waits for the GPU); where it
+   * fails, everything the forward made is freed and route's error thrown.
+   */
+  #checked<F extends MoEForward | DeviceMoEForward>(r: Routing, f: F): F {
+    try {
+      r.check?.();
+    } catch (e) {
+      this.#free();
+      for (const t of [f.output, f.indices, f.weights, f.logits, f.scores, f.tokensPerExpert]) if (isDeviceTensor(t)) t.dispose();
+      r.losses.aux.dispose?.();
+      r.losses.z.dispose?.();
+      throw e;
+    }
+    return f;
   }
 
   /** `dispatch()`, freeing the losses' device tensors (computed before it) should it throw. */
@@ -790,6 +813,8 @@ export class MoELayer {
       return dispatch();
     } catch (e) {
       for (const t of [r.losses.auxGrad?.gradScores, r.losses.auxGrad?.gradLogits, r.losses.zGrad]) if (t && isDeviceTensor(t)) t.dispose();
+      r.losses.aux.dispose?.();
+      r.losses.z.dispose?.();
       throw e;
     }
   }
@@ -826,11 +851,20 @@ export class MoELayer {
     const m = this.#math;
     const temps: AnyTensor[] = [];
     const logits = this.#logits(input, m, temps);
-    const routed = this.backend.route(logits, this.routeOptions);
+    // on the GPU route's check of the values is read at the forward's end (`#checked`)
+    let routed: ReturnType<Backend['route']>;
+    let check: (() => void) | undefined;
+    if (this.onDevice) {
+      const r = (this.backend as CudaBackend).route(logits as unknown as DeviceTensor<'float32'>, { ...this.routeOptions, lazyCheck: true } as DeviceRouteOptions);
+      check = r.check;
+      routed = r as unknown as ReturnType<Backend['route']>;
+    } else {
+      routed = this.backend.route(logits, this.routeOptions);
+    }
     // the losses right after route, before the dispatch: they need only the routing (every token
     // keeps its k picks, so route's counts are the dispatch's), and on the GPU their kernels run
     // while the host queues the dispatch's (the step's start, where the GPU waits for the host)
-    return { m, temps, logits, routed, losses: this.#losses(logits, routed) };
+    return { m, temps, logits, routed, losses: this.#losses(logits, routed), check };
   }
 
   /** The aux and z losses of the routing (see `Losses`). */
@@ -979,6 +1013,8 @@ export class MoELayer {
       s.auxGrad?.gradScores,
       s.auxGrad?.gradLogits,
       s.zGrad,
+      s.shared?.out,
+      s.shared?.gateLogits,
     ];
     for (const t of own) if (t && isDeviceTensor(t)) t.dispose();
   }
@@ -989,7 +1025,7 @@ export class MoELayer {
     scores: Tensor<'float32'>,
     tpe: Tensor<'int32'>,
     lazy: { lazyLoss?: boolean },
-  ): { readonly loss: number; gradScores?: Tensor<'float32'>; gradLogits?: Tensor<'float32'> } {
+  ): { readonly loss: number; dispose?: () => void; gradScores?: Tensor<'float32'>; gradLogits?: Tensor<'float32'> } {
     const moe = this.backend;
     // `loss` is read through the op's result (a getter on the GPU with lazyLoss)
     if (this.auxLossConvention === 'hf') {
@@ -998,6 +1034,7 @@ export class MoELayer {
         get loss() {
           return r.loss;
         },
+        dispose: () => (r as { dispose?: () => void }).dispose?.(),
         gradLogits: r.gradLogits,
       };
     }
@@ -1006,6 +1043,7 @@ export class MoELayer {
       get loss() {
         return r.loss;
       },
+      dispose: () => (r as { dispose?: () => void }).dispose?.(),
       gradScores: r.gradProbs,
     };
   }

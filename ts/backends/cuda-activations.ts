@@ -131,6 +131,8 @@ export const activationsGpu: GpuFamily = {
           return value;
         },
       });
+      // (not enumerable) frees the words unread, where the loss is not wanted after all (a forward that failed)
+      Object.defineProperty(result, 'dispose', { value: () => value === undefined && words.dispose() });
       return result;
     };
     /** A Switch loss whose int64 counts do not fit in int32: the host op, its gradient uploaded. */

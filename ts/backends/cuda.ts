@@ -72,7 +72,7 @@ export interface CudaExports {
   // Device tensors: the same argument objects with device handles (caller-owned outputs are the host path's).
   cudaPermuteDevice: DeviceFn<'permute'>;
   cudaUnpermuteDevice: (args: OnDevice<UnpermuteArgs>) => NativeCudaTensor;
-  cudaRouteDevice: DeviceFn<'route'>;
+  cudaRouteDevice: (args: Parameters<DeviceFn<'route', { lazyCheck: boolean }>>[0]) => ReturnType<DeviceFn<'route'>> & { check?: NativeRouteCheck };
   cudaTopkDevice: DeviceFn<'topk'>;
   cudaPermuteBackwardDevice: DeviceFn<'permuteBackward'>;
   cudaUnpermuteBackwardDevice: DeviceFn<'unpermuteBackward'>;
@@ -175,6 +175,14 @@ export interface DeviceUnpermuteOptions extends Omit<UnpermuteOptions, 'probs' |
 export interface DeviceRouteOptions extends Omit<RouteOptions, 'expertBias' | 'tokenMask'> {
   expertBias?: AnyTensor<'float32'>;
   tokenMask?: AnyTensor<'bool'>;
+  /**
+   * Device logits only: return without waiting for the route kernel's check of the values (a
+   * non-finite logit or bias), which the result's `check()` reads later. The kernel picks k
+   * distinct experts a row whatever the values, so work queued on the results before `check()`
+   * is safe, but the results are to be trusted only once `check()` has returned. route otherwise
+   * waits for the GPU once, right after its kernel; the layer's forward checks at its end.
+   */
+  lazyCheck?: boolean;
 }
 
 /** routeBackward's options with device tensors allowed. */
@@ -187,6 +195,12 @@ export interface DeviceRouteResult {
   indices: DeviceTensor<'int32'>;
   scores: DeviceTensor<'float32'>;
   tokensPerExpert: DeviceTensor<'int32'>;
+  /**
+   * With `lazyCheck`: waits for the route kernel (not the work queued after it) and throws the
+   * error route without lazyCheck throws for these arguments (the core's, naming the first
+   * non-finite logit or bias), if any. Idempotent: later calls return (or throw) the same.
+   */
+  check?: () => void;
 }
 
 /**
@@ -396,10 +410,16 @@ export function cudaBackend(base: Backend, addon: CudaExports): CudaBackend {
     },
     route(logits: unknown, options: unknown) {
       if (!anyDevice(logits, optionValue(options, 'expertBias'), optionValue(options, 'tokenMask'))) return base.route(logits as Tensor<TokenDType>, options as RouteOptions);
-      return call('route', (h) => {
-        const o = checkOptions<DeviceRouteOptions>(options, 'route', ROUTE_KEYS);
-        return wrapResult(addon.cudaRouteDevice({ logits: h.of(logits, 'logits', TOKENS), ...routeArgs(o, h) }));
-      });
+      const run = (lazy: boolean | undefined) =>
+        call('route', (h) => {
+          const o = checkOptions<DeviceRouteOptions>(options, 'route', [...ROUTE_KEYS, 'lazyCheck']);
+          const lazyCheck = lazy ?? checkBool(o.lazyCheck, 'lazyCheck') ?? false;
+          const { check, ...out } = addon.cudaRouteDevice({ logits: h.of(logits, 'logits', TOKENS), ...routeArgs(o, h), lazyCheck });
+          const result = wrapResult(out);
+          if (lazyCheck) result.check = lazyRouteCheck(check, () => run(false));
+          return result;
+        });
+      return run(undefined);
     },
     permuteBackward(gradPermuted: unknown, sortedIndices: unknown, numTokens: number, options?: unknown) {
       if (!anyDevice(gradPermuted, sortedIndices, optionValue(options, 'gradPermutedProbs'), optionValue(options, 'routingMap'))) {
@@ -497,4 +517,42 @@ function viaHost(op: string, f: (...args: unknown[]) => unknown, args: unknown[]
 /** Whether a backend is the cuda backend (and so takes device tensors). */
 export function isCudaBackend(backend: Backend | CudaBackend): backend is CudaBackend {
   return backend.name === 'cuda' && typeof (backend as Partial<CudaBackend>).upload === 'function';
+}
+
+/** The addon's `CudaRouteCheck` (crates/moe-node/src/cuda.rs): route's check of the values, read once. */
+interface NativeRouteCheck {
+  flagged(): boolean;
+}
+
+/**
+ * A lazy route's `check()`: reads the kernel's check once (`native`; absent where route checked
+ * already, on the GPU or the host); where a value was flagged, `eager()` (route without
+ * lazyCheck on the same arguments) throws the core's error, which every later call throws again.
+ */
+function lazyRouteCheck(native: NativeRouteCheck | undefined, eager: () => unknown): () => void {
+  let error: unknown;
+  let pending = native;
+  return () => {
+    if (pending !== undefined) {
+      const check = pending;
+      pending = undefined;
+      let flagged: boolean;
+      try {
+        flagged = check.flagged();
+      } catch (e) {
+        rethrowNative('route', e);
+      }
+      if (flagged) {
+        try {
+          const r = eager() as Record<string, { dispose(): void }>;
+          // (the GPU flagged a value the core accepted: a bug; say so rather than go on with the lazy results)
+          for (const t of Object.values(r)) t.dispose();
+          error = new Error('route: the GPU flagged a value of the arguments that the core accepts (a bug in moe-dispatch)');
+        } catch (e) {
+          error = e;
+        }
+      }
+    }
+    if (error !== undefined) throw error;
+  };
 }

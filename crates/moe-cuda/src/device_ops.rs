@@ -988,8 +988,27 @@ fn score_code(sf: ScoreFunction) -> i32 {
     ScoreFunction::ALL.iter().position(|&f| f == sf).unwrap_or(0) as i32
 }
 
+/// How route runs on the GPU, where it can: the core's checks passed, float32 logits, at least
+/// one token, and a kernel whose shared memory fits; (warps a block, shared bytes a warp).
+fn route_on_gpu(
+    logits: &DeviceTensor,
+    expert_bias: Option<&DeviceTensor>,
+    token_mask: Option<&DeviceTensor>,
+    options: RouteOptions,
+) -> Option<(RouteCheck, usize, usize)> {
+    let checked = check_route(logits.meta("logits"), opt_meta(expert_bias, "expertBias"), opt_meta(token_mask, "tokenMask"), &options);
+    // the kernels take float32 logits (16-bit device logits: the host path) and int32 sizes;
+    // no tokens: the host path, which still checks the bias's values as the core does
+    let c = checked.ok().filter(|c| logits.dtype == DType::F32 && c.num_tokens > 0 && i32::try_from(c.num_tokens).is_ok())?;
+    let (warps, stride) = route_launch(c.num_experts, c.groups, options.topk, options.score_function);
+    // too many experts for one warp's shared memory: the CPU core routes (explicitly)
+    (warps > 0).then_some((c, warps, stride))
+}
+
 /// route on device tensors: one fused kernel (kernels/routing.cu). Results match the core's
-/// bit for bit (same exp/ln, same summation order).
+/// bit for bit (same exp/ln, same summation order). Waits for the kernel to read its check of
+/// the values (a non-finite logit or bias: the host path, which gives the core's error);
+/// [`route_device_lazy`] leaves that read for later.
 pub fn route_device(
     dev: &Device,
     logits: &DeviceTensor,
@@ -997,28 +1016,81 @@ pub fn route_device(
     token_mask: Option<&DeviceTensor>,
     options: RouteOptions,
 ) -> Result<DeviceRouted> {
-    let checked = check_route(logits.meta("logits"), opt_meta(expert_bias, "expertBias"), opt_meta(token_mask, "tokenMask"), &options);
-    // the kernels take float32 logits (16-bit device logits: the host path) and int32 sizes;
-    // no tokens: the host path, which still checks the bias's values as the core does
-    let Some(c) = checked.ok().filter(|c| logits.dtype == DType::F32 && c.num_tokens > 0 && i32::try_from(c.num_tokens).is_ok()) else {
+    let Some((c, warps, stride)) = route_on_gpu(logits, expert_bias, token_mask, options) else {
         return route_host_fallback(dev, logits, expert_bias, token_mask, options);
     };
-    let (e, groups, topk_groups, top2) = (c.num_experts, c.groups, c.topk_groups, c.top2_group_score);
-    let k = options.topk;
-    let (warps, stride) = route_launch(e, groups, k, options.score_function);
-    if warps == 0 {
-        // Too many experts for one warp's shared memory: the CPU core routes (explicitly).
-        return route_host_fallback(dev, logits, expert_bias, token_mask, options);
-    }
-    let (mut out, err) = launch_route(dev, logits, expert_bias, token_mask, options, (groups, topk_groups, top2), warps, stride)?;
+    let (mut out, err) =
+        launch_route(dev, logits, expert_bias, token_mask, options, (c.groups, c.topk_groups, c.top2_group_score), warps, stride)?;
     if err.any_set(dev, "route's checks")? {
         return route_host_fallback(dev, logits, expert_bias, token_mask, options);
     }
-    // checked: finite logits, so each row's picks are k distinct experts (the ops that take
-    // these indices with these logits need not check them again)
-    out.indices.facts.picks =
-        Some(Picks { experts: e, logits: logits.buf.id(), mask: token_mask.map(|m| m.buf.id()), full: token_mask.is_none() });
+    mark_picks(&mut out, logits, token_mask, c.num_experts);
     Ok(out)
+}
+
+/// Notes on the indices that each row's picks are k distinct experts, from these logits (the
+/// ops that take these indices with these logits need not check them again).
+fn mark_picks(out: &mut DeviceRouted, logits: &DeviceTensor, token_mask: Option<&DeviceTensor>, experts: usize) {
+    out.indices.facts.picks =
+        Some(Picks { experts, logits: logits.buf.id(), mask: token_mask.map(|m| m.buf.id()), full: token_mask.is_none() });
+}
+
+/// Route's check of the values, read later ([`route_device_lazy`]): the kernel's error words
+/// (mapped host memory) and an event after the kernel.
+pub struct PendingRouteCheck<'d> {
+    words: HostWords<'d>,
+    done: cudarc::driver::CudaEvent,
+}
+
+impl PendingRouteCheck<'_> {
+    /// Whether the route kernel found a non-finite logit or bias (route without `lazy` then
+    /// gives the core's error). Waits for the route kernel only, not for the work queued after
+    /// it (one host wait, counted).
+    pub fn flagged(&self, dev: &Device) -> Result<bool> {
+        dev.host_wait("route's checks", || self.done.synchronize()).map_err(|e| Error::driver("waiting for route's checks", e))?;
+        Ok(self.words.read(0) != u64::MAX || self.words.read(1) != u64::MAX)
+    }
+}
+
+/// route on device tensors without waiting for the kernel's check of the values: the results
+/// and, where the kernel ran, its check to read later ([`PendingRouteCheck::flagged`]; `None`:
+/// checked already, by [`route_device`] or on the host). Only the register kernels run lazily:
+/// whatever the values (a NaN key orders below every number), they pick k distinct experts in
+/// range a row and count them, so the work queued on the results before the check reads and
+/// writes nothing out of bounds; the values are not to be trusted until the check says so. The
+/// layer's forward reads the check at its end: no wait between route and the experts' GEMMs.
+pub fn route_device_lazy<'d>(
+    dev: &'d Device,
+    logits: &DeviceTensor,
+    expert_bias: Option<&DeviceTensor>,
+    token_mask: Option<&DeviceTensor>,
+    options: RouteOptions,
+) -> Result<(DeviceRouted, Option<PendingRouteCheck<'d>>)> {
+    // (`MOE_DISPATCH_ROUTE_CHECK=eager`: route_device's wait, for A/B measurements)
+    static EAGER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let eager = *EAGER.get_or_init(|| matches!(std::env::var("MOE_DISPATCH_ROUTE_CHECK").as_deref(), Ok("eager")));
+    let lazy = route_on_gpu(logits, expert_bias, token_mask, options)
+        .filter(|(c, _, _)| !eager && register_route(c.num_experts, c.groups, options.topk));
+    // (mapped host words only: a read-back copy would wait for the whole stream)
+    let Some(((c, warps, stride), words)) = lazy.and_then(|l| Some((l, dev.host_words::<2>(u64::MAX)?))) else {
+        return Ok((route_device(dev, logits, expert_bias, token_mask, options)?, None));
+    };
+    let err = ErrWords::Host(words);
+    let mut out = launch_route_with(
+        dev,
+        logits,
+        expert_bias,
+        token_mask,
+        options,
+        (c.groups, c.topk_groups, c.top2_group_score),
+        warps,
+        stride,
+        &err,
+    )?;
+    let done = crate::blas::mark(dev)?;
+    let ErrWords::Host(words) = err else { unreachable!("made as host words above") };
+    mark_picks(&mut out, logits, token_mask, c.num_experts);
+    Ok((out, Some(PendingRouteCheck { words, done })))
 }
 
 /// The route kernels alone (no readback of the error word, which is returned): for the
@@ -1030,10 +1102,28 @@ pub fn launch_route<'d>(
     expert_bias: Option<&DeviceTensor>,
     token_mask: Option<&DeviceTensor>,
     options: RouteOptions,
-    (groups, topk_groups, top2): (usize, usize, bool),
+    shape: (usize, usize, bool),
     warps: usize,
     stride: usize,
 ) -> Result<(DeviceRouted, ErrWords<'d>)> {
+    let err = ErrWords::new(dev)?;
+    let out = launch_route_with(dev, logits, expert_bias, token_mask, options, shape, warps, stride, &err)?;
+    Ok((out, err))
+}
+
+/// The route kernel, its error words given.
+#[allow(clippy::too_many_arguments)]
+fn launch_route_with(
+    dev: &Device,
+    logits: &DeviceTensor,
+    expert_bias: Option<&DeviceTensor>,
+    token_mask: Option<&DeviceTensor>,
+    options: RouteOptions,
+    (groups, topk_groups, top2): (usize, usize, bool),
+    warps: usize,
+    stride: usize,
+    err: &ErrWords,
+) -> Result<DeviceRouted> {
     let (t, e, k) = (logits.shape[0], logits.shape[1], options.topk);
     let weights = DeviceTensor::alloc(dev, "weights", DType::F32, vec![t, k])?;
     let indices = DeviceTensor::alloc(dev, "indices", DType::I32, vec![t, k])?;
@@ -1043,7 +1133,6 @@ pub fn launch_route<'d>(
     // (counting through a last-block ticket instead, with no memset, made the op slower on the
     // same machine: 0.075-0.076 against 0.071 ms)
     dev.memset_u32("tokensPerExpert", &tpe.buf, 0, e)?;
-    let err = ErrWords::new(dev)?;
     let s = dev.stream();
     let normalise = options.norm_topk_prob && k > 1;
     let (name, blocks) = match reg_per(e) {
@@ -1077,7 +1166,7 @@ pub fn launch_route<'d>(
             Arg::U64(tpe.buf.ptr(s)),
         ],
     )?;
-    Ok((DeviceRouted { weights, indices, scores, tokens_per_expert: tpe }, err))
+    Ok(DeviceRouted { weights, indices, scores, tokens_per_expert: tpe })
 }
 
 fn route_host_fallback(

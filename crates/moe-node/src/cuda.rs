@@ -153,6 +153,27 @@ impl CudaTensor {
     }
 }
 
+/// route's check of the values, read after the route kernel has run (`cudaRouteDevice` with
+/// `lazyCheck`): `flagged()` waits for that kernel only, once.
+#[napi]
+pub struct CudaRouteCheck {
+    inner: Option<device_ops::PendingRouteCheck<'static>>,
+}
+
+#[napi]
+impl CudaRouteCheck {
+    /// Whether the route kernel found a non-finite logit or bias (route without lazyCheck then
+    /// throws the core's error). Read once: later calls are a TypeError.
+    #[napi]
+    pub fn flagged(&mut self) -> napi::Result<bool, String> {
+        let check = self.inner.take();
+        guarded(|| {
+            let c = check.ok_or_else(|| moe_core::Error::type_error("check", "a route check not read yet", "one read already"))?;
+            c.flagged(Gpu::global()?)
+        })
+    }
+}
+
 /// Copies a host tensor to the GPU. `name` names it in errors.
 #[napi]
 pub fn cuda_upload(tensor: WireTensor) -> napi::Result<CudaTensor, String> {
@@ -209,6 +230,8 @@ pub enum Field {
     Num(f64),
     /// A host array (read back by the op, e.g. the per-expert counts), as an array of numbers.
     Ints(Vec<i32>),
+    /// route's check of the values, to read later (`lazyCheck`).
+    Check(device_ops::PendingRouteCheck<'static>),
 }
 
 /// A value of a device result object: a device tensor, an optional one, or a number.
@@ -240,6 +263,12 @@ impl IntoField for Option<Vec<i32>> {
     }
 }
 
+impl IntoField for Option<device_ops::PendingRouteCheck<'static>> {
+    fn into_field(self) -> Option<Field> {
+        self.map(Field::Check)
+    }
+}
+
 impl IntoField for usize {
     fn into_field(self) -> Option<Field> {
         Some(Field::Num(self as f64))
@@ -261,6 +290,7 @@ impl ToNapiValue for DeviceOut {
                 Field::Tensor(t) => o.set(k, CudaTensor::wrap(t))?,
                 Field::Num(n) => o.set(k, n)?,
                 Field::Ints(v) => o.set(k, v)?,
+                Field::Check(c) => o.set(k, CudaRouteCheck { inner: Some(c) })?,
             }
         }
         Object::to_napi_value(env, o)
@@ -311,10 +341,15 @@ cuda_fns! {
         let out = device_ops::unpermute_device(dev, &permutedTokens, &sortedIndices, restore, probs.as_deref(), routingMap.as_deref(), options)?;
         Ok(CudaTensor::wrap(out))
     }
-    /// `route` on device tensors (one fused kernel).
-    cudaRouteDevice(options: RouteArgs, logits: Device, expertBias: Option<Device>, tokenMask: Option<Device>) -> DeviceOut |dev| {
-        let out = device_ops::route_device(dev, &logits, expertBias.as_deref(), tokenMask.as_deref(), options)?;
-        Ok(device_out!(weights: out.weights, indices: out.indices, scores: out.scores, tokensPerExpert: out.tokens_per_expert))
+    /// `route` on device tensors (one fused kernel). With `lazyCheck`, the kernel's check of the
+    /// values is not waited for: `check` (a `CudaRouteCheck`) reads it later, where the kernel ran.
+    cudaRouteDevice(options: RouteArgs, logits: Device, expertBias: Option<Device>, tokenMask: Option<Device>, lazyCheck: Flag) -> DeviceOut |dev| {
+        let (out, check) = if lazyCheck {
+            device_ops::route_device_lazy(dev, &logits, expertBias.as_deref(), tokenMask.as_deref(), options)?
+        } else {
+            (device_ops::route_device(dev, &logits, expertBias.as_deref(), tokenMask.as_deref(), options)?, None)
+        };
+        Ok(device_out!(weights: out.weights, indices: out.indices, scores: out.scores, tokensPerExpert: out.tokens_per_expert, check: check))
     }
     /// `topk` on device tensors.
     cudaTopkDevice(values: Device, k: Size) -> DeviceOut |dev| {

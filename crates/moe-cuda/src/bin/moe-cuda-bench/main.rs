@@ -556,6 +556,9 @@ fn bench_shape(dev: &Device, s: &Shape, iters: usize, host_rows: bool) -> moe_cu
         });
     };
     row("copy (same bytes)", (copy_ms, copy_min));
+    // the permute's writes alone (N rows, no reads): how close to the copy's time any permute
+    // can come, its traffic being mostly writes (DeepSeek-V3: 1.88 GB written for 0.24 GB read)
+    row("memset of the permuted rows (writes alone)", time_ms(dev, iters, || dev.memset_u32("permutedTokens", &d_perm, 0, n * h / 2))?);
     row(
         "permute+probs scatter",
         time_ms(dev, iters, || {
