@@ -32,10 +32,14 @@
  *   memset and copy between two timing events, and the host's waits); the step with the median
  *   wall clock is summarised (`summarizeTimeline`: busy, gaps, the gaps' part waiting for the
  *   host, GEMMs and the rest, each kernel name's time) and its spans kept (`timelineSpans`).
+ * - `--cpu-profile FILE` (one shape): the host's timed steps alone (not the warm-up, whose first
+ *   calls open cuBLAS and load kernels) recorded by V8's sampling profiler (every 50 us, through
+ *   node:inspector) into FILE, a .cpuprofile for bench/cpuprof-summary.py.
  * `--stand-in cpu` runs the same steps on the cpu backend at a tiny shape (no memory figures):
  * a check of this script where there is no GPU.
  */
 import { writeFileSync } from 'node:fs';
+import { Session } from 'node:inspector';
 import { resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
 
@@ -58,6 +62,36 @@ const SHAPES = {
   tiny: { batch: 96, layer: { dim: 64, inter: 48, numExperts: 8, topk: 2, activation: 'swiglu', dtype: 'bfloat16', auxLossCoeff: 0.01 } },
 };
 const names = arg('shapes', standIn ? 'tiny' : 'fine-grained,mixtral').split(',');
+const cpuProfile = arg('cpu-profile');
+if (cpuProfile !== undefined && names.length !== 1) throw new RangeError(`--cpu-profile: profiles one shape's steps; got --shapes ${names.join(',')}`);
+
+/** V8's sampling profiler on this thread (node:inspector; its calls answer synchronously): start(), then stop() gives the profile. */
+function profiler() {
+  const session = new Session();
+  session.connect();
+  const post = (method, params) => {
+    let out;
+    let error;
+    session.post(method, params, (e, r) => {
+      error = e;
+      out = r;
+    });
+    if (error) throw error;
+    return out;
+  };
+  return {
+    start() {
+      post('Profiler.enable');
+      post('Profiler.setSamplingInterval', { interval: 50 });
+      post('Profiler.start');
+    },
+    stop() {
+      const { profile } = post('Profiler.stop');
+      session.disconnect();
+      return profile;
+    },
+  };
+}
 // the settings other than the path (MOE_DISPATCH_EXPERTS_GEMM) this process runs with: every other
 // MOE_DISPATCH_* variable but the locations, as `-name-value` (MOE_DISPATCH_GG_EPILOGUE=ring-half: `-gg-epilogue-ring-half`),
 // so that an A/B's rows are told apart
@@ -118,6 +152,8 @@ for (const name of names) {
   const s0 = gpu ? moe.transfers().synchronizations : 0;
   const times = [];
   const hostTimes = [];
+  const prof = cpuProfile === undefined ? undefined : profiler();
+  prof?.start();
   for (let i = 0; i < iters; i++) {
     sync();
     const a = performance.now();
@@ -127,6 +163,7 @@ for (const name of names) {
     times.push(performance.now() - a);
     dispose([...outputsOf(f), ...resultsOf(b)]);
   }
+  if (prof) writeFileSync(cpuProfile, JSON.stringify(prof.stop()));
   // the host's waits a forward + backward, less the timing's own two synchronize calls
   const syncs = gpu ? (moe.transfers().synchronizations - s0) / iters - 2 : null;
   // the memory, three times (the same numbers each time: a difference is reported)

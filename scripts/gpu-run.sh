@@ -30,8 +30,8 @@
 # grouped GEMM, bench/actmem-gpu.mjs, and PyTorch's, bench/actmem-gpu.py, interleaved ACTMEM_ROUNDS times
 # (default 2) into one actmem.json; ACTMEM_TIMELINE=N: each of our processes also records N steps with the
 # cuda backend's timeline and keeps the median one: where the GPU's time goes between kernels, gaps and host;
-# HOSTPROF=1: one process of bench/actmem-gpu.mjs (fine-grained, 40 steps) under `node --cpu-prof` (every 50 us),
-# summarised by bench/cpuprof-summary.py (self and inclusive time a function, over the steps: hostprof.json; the
+# HOSTPROF=1: one process of bench/actmem-gpu.mjs (fine-grained, 40 steps), its timed steps under V8's profiler
+# (`--cpu-profile`, every 50 us; not the warm-up, whose first calls open cuBLAS), summarised by bench/cpuprof-summary.py (self and inclusive time a function, over the steps: hostprof.json; the
 # raw profile is not kept): where the host's ~20 us a launch go at the step's start, where the GPU waits for it;
 # ACTMEM_CLOCKS=1: nvidia-smi every 50 ms through the rounds (clock, power, temperature, throttle reasons) and a
 # stamp after each process: bench/clock-phases.py gives each process's clock and power-cap share, actmem-clocks.json),
@@ -407,12 +407,11 @@ PY
   if [[ -n "${HOSTPROF:-}" ]]; then
     say "the host's time in the layer's steps (node --cpu-prof, bench/cpuprof-summary.py)"
     rm -rf "$OUT/prof" && mkdir -p "$OUT/prof"
-    timeout 200 "$node" --cpu-prof --cpu-prof-dir "$OUT/prof" --cpu-prof-interval 50 "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" \
-      --shapes fine-grained --iters 40 --out "$OUT/prof/actmem.json" | grep "forward + backward"; echo "  exit code $?"
-    for f in "$OUT"/prof/*.cpuprofile; do
-      python3 "$BUNDLE/bench/cpuprof-summary.py" "$f" --within forward --top 25 --json "$OUT/hostprof.json"; echo "  exit code $?"
-      python3 "$BUNDLE/bench/cpuprof-summary.py" "$f" --within backward --top 15 | head -18
-    done
+    # (the timed steps alone: the warm-up's first calls open cuBLAS and load kernels)
+    timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" --shapes fine-grained --iters 40 \
+      --cpu-profile "$OUT/prof/steps.cpuprofile" --out "$OUT/prof/actmem.json" | grep "forward + backward"; echo "  exit code $?"
+    python3 "$BUNDLE/bench/cpuprof-summary.py" "$OUT/prof/steps.cpuprofile" --within forward --top 25 --json "$OUT/hostprof.json"; echo "  exit code $?"
+    python3 "$BUNDLE/bench/cpuprof-summary.py" "$OUT/prof/steps.cpuprofile" --within backward --top 15 | head -18
     rm -rf "$OUT/prof"
   fi
   if [[ -n "${ACTMEM:-}" ]]; then
