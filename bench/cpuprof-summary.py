@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Where the host's time goes, from a V8 CPU profile (`node --cpu-prof`).
+"""Where the host's time goes, from a V8 CPU profile (`node --cpu-prof`, or bench/actmem-gpu.mjs
+`--cpu-profile`).
 
-gpu-run.sh `HOSTPROF=1` profiles one process of `bench/actmem-gpu.mjs` (the layer's forward +
-backward on the GPU, sampled every 50 us) and keeps this summary instead of the raw profile: each
+gpu-run.sh `HOSTPROF=1` profiles the timed steps of one process of `bench/actmem-gpu.mjs` (the
+layer's forward + backward on the GPU, sampled every 50 us) and keeps this summary instead of the raw profile: each
 function's self time (the samples that stopped in it: for a native binding, the Rust side of the
 call and the driver below it) and inclusive time (the samples with it anywhere on the stack),
 summed over the profile, the largest first. `--within NAME`: only the samples with a function of
@@ -20,6 +21,10 @@ def label(frame):
     """A function's name and place: `name (file:line)`, the file's last two path parts."""
     name = frame.get("functionName") or "(anonymous)"
     url = frame.get("url") or ""
+    if not url and name.lower().startswith("cuda"):
+        # napi-rs enters every exported function through one native callback, which V8 names
+        # after one of them: these samples are the addon's calls, whichever
+        return "(the addon's native calls: Rust, the driver)"
     if not url:
         return name
     tail = "/".join(url.split("/")[-2:])
