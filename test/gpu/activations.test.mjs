@@ -173,10 +173,12 @@ const LOSS_SHAPES = [
   { rows: 5, cols: 3 },
   { rows: 64, cols: 8 },
   { rows: 300, cols: 64 },
-  // the totals add in chunks of 2048 rows staged in shared memory (kernels/activations.cu
-  // loss_ordered_total): one whole chunk, a chunk and one row, several with a partial last one
-  { rows: 2048, cols: 4 },
-  { rows: 2049, cols: 3 },
+  // the totals add blocks of 64 rows (the core's TOTAL_BLOCK), staged in chunks of 4096 rows in
+  // shared memory (kernels/activations.cu loss_ordered_total): a block and one row, one whole
+  // chunk, a chunk and one row, several with a partial last block
+  { rows: 65, cols: 5 },
+  { rows: 4096, cols: 4 },
+  { rows: 4097, cols: 3 },
   { rows: 9000, cols: 6 },
 ];
 

@@ -21,7 +21,7 @@ import type { Transfers } from '../device.js';
 import { checkTensor, isTensor, type DType, type Tensor, type TokenDType } from '../tensor.js';
 import { Gpu, describeAdapter, navigatorGpu, type GPUBuffer } from '../webgpu/gpu.js';
 import { activationBackward as actBackward, activationCode, activationForward as actForward, activationGradProbs as actGradProbs, activationParams, type Pass } from '../webgpu/activations.js';
-import { AUX_LOSS } from '../webgpu/aux-loss.js';
+import { AUX_LOSS, blockedTotal } from '../webgpu/aux-loss.js';
 import { F64, F64_ACC, F64_DOT } from '../webgpu/f64.js';
 import { COUNT_PICKS, ROUTE, ROUTE_BACKWARD, ROUTE_FAST, ROUTE_FAST_SIGMOID, routeMargins } from '../webgpu/route.js';
 import * as S from '../webgpu/shaders.js';
@@ -1204,8 +1204,8 @@ const IDENTIFIER = /^[A-Za-z_$][\w$]*$/;
 
 /**
  * The aux losses (mode 0: switchLoadBalancingLoss on probs, 1: from logits, 2: zLoss): rows on
- * the GPU, the per-row terms added on the host in token order (JavaScript numbers are IEEE
- * float64, as the core's sums), the loss scaled as the core scales it.
+ * the GPU, the per-row terms added on the host in the core's blocks of tokens (JavaScript numbers
+ * are IEEE float64, as the core's sums), the loss scaled as the core scales it.
  */
 function auxLoss(
   ctx: { gpu: Gpu; base: Backend; gpuOp(op: string, args: unknown[], f: (c: OpCall) => Promise<unknown>): Promise<unknown> },
@@ -1265,9 +1265,8 @@ function auxLoss(
     }
     const rows = new Float64Array(read.buffer, 8, t);
     const m = mask?.data as Uint8Array | undefined;
-    // mode 0: `total = 0.0; total += row sums`; modes 1, 2: Rust's f64 sum() (from -0.0)
-    let total = mode === 0 ? 0 : -0;
-    for (let i = 0; i < t; i++) if (m?.[i] !== 0) total += rows[i];
+    // mode 0: from 0.0; modes 1, 2: from -0.0 (Rust's f64 sum())
+    const total = blockedTotal(rows, m, mode === 0 ? 0 : -0);
     const loss = mode === 2 ? (coeff * total) / n : total * factor;
     return mode === 0 ? { loss, gradProbs: grad } : { loss, gradLogits: grad };
   });

@@ -1,14 +1,33 @@
 /**
  * The aux losses on the GPU (crates/moe-core/src/aux_loss.rs step for step): each row's
  * statistics in software float64 (f64.ts: the core's exp, and its ln ported here) and its
- * gradient row; the per-row terms come back to the host, which adds them in token order in
- * JavaScript (IEEE float64, the core's order) and scales the loss.
+ * gradient row; the per-row terms come back to the host, which adds them in JavaScript (IEEE
+ * float64) in the core's order (`blockedTotal`) and scales the loss.
  *
  * P = [T, E, mode (0 switch on probs, 1 switch from logits, 2 z-loss), hasMask, factor lo, hi,
  *      2 * coeff / n lo, hi].
  */
 import { F64, f64Literal } from './f64.js';
 import { phaseMain } from './shaders.js';
+
+/** Tokens a block of a loss's total: the core's `aux_loss::TOTAL_BLOCK`. */
+export const TOTAL_BLOCK = 64;
+
+/**
+ * A loss's total as the core adds it (`aux_loss::blocked_total`): the unmasked rows' terms in
+ * token order within blocks of TOTAL_BLOCK tokens, each block's sum and the total from `init`
+ * (+0 for the Switch loss on probs, -0 for the others), the blocks' sums in block order.
+ */
+export function blockedTotal(terms: Float64Array, mask: Uint8Array | undefined, init: number): number {
+  let total = init;
+  for (let b0 = 0; b0 < terms.length; b0 += TOTAL_BLOCK) {
+    let block = init;
+    const b1 = Math.min(b0 + TOTAL_BLOCK, terms.length);
+    for (let t = b0; t < b1; t++) if (mask?.[t] !== 0) block += terms[t];
+    total += block;
+  }
+  return total;
+}
 
 const POLY = Array.from({ length: 10 }, (_, i) => f64Literal(1 / (2 * (10 - i) + 1)));
 

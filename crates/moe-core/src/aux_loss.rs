@@ -151,6 +151,28 @@ fn counts(tokens_per_expert: &TensorRef) -> Result<Vec<f64>> {
     Ok(tokens_per_expert.indices()?.iter().map(|&v| v as f64).collect())
 }
 
+/// Tokens a block of the losses' totals. A loss's per-row terms are added in token order within
+/// blocks of this many consecutive tokens (masked rows left out), and the blocks' sums in block
+/// order: every backend gives these bits, and the GPUs add the blocks side by side (one chain
+/// of 8192 dependent additions took 0.06 ms of each training step on an H100; 64 chains of 128
+/// and one of 128, about 2 us).
+pub const TOTAL_BLOCK: usize = 64;
+
+/// A loss's total: `term(t)` for the valid rows, in [`TOTAL_BLOCK`]s as it says, each block's sum
+/// and the total starting at `init` (0.0 for the Switch loss on probs, -0.0, Rust's `sum()`, for
+/// the others: the same bits as the plain token-order sums had for an empty or all-zero total).
+pub fn blocked_total(rows: usize, mask: Option<&[u8]>, init: f64, term: impl Fn(usize) -> f64) -> f64 {
+    let mut total = init;
+    for b0 in (0..rows).step_by(TOTAL_BLOCK) {
+        let mut block = init;
+        for t in (b0..(b0 + TOTAL_BLOCK).min(rows)).filter(|&t| valid(mask, t)) {
+            block += term(t);
+        }
+        total += block;
+    }
+    total
+}
+
 /// The factor `E * coeff / (k * N * N)` of the Switch loss (options checked by [`check_switch_loss`]).
 fn switch_factor(options: &SwitchLossOptions, num_experts: usize, valid_rows: usize) -> f64 {
     let n = options.num_tokens.unwrap_or(valid_rows.max(1)) as f64;
@@ -171,11 +193,7 @@ pub fn switch_load_balancing_loss(
     let c = counts(tokens_per_expert)?;
     let (mask, valid_rows) = row_mask(token_mask, rows);
     let factor = switch_factor(&options, cols, valid_rows);
-    let mut total = 0.0;
-    for t in (0..rows).filter(|&t| valid(mask, t)) {
-        let row = &p[t * cols..(t + 1) * cols];
-        total += row.iter().zip(&c).map(|(&v, &n)| v as f64 * n).sum::<f64>();
-    }
+    let total = blocked_total(rows, mask, 0.0, |t| p[t * cols..(t + 1) * cols].iter().zip(&c).map(|(&v, &n)| v as f64 * n).sum::<f64>());
     let g: Vec<f32> = c.iter().map(|&n| (n * factor) as f32).collect();
     let grad = masked_rows(rows, cols, cols, 4, mask, |_, out: &mut [f32]| out.copy_from_slice(&g));
     Ok(Loss { loss: total * factor, grad: Tensor::f32(vec![rows, cols], grad) })
@@ -222,8 +240,8 @@ pub fn switch_load_balancing_loss_from_logits(
     let (mask, valid_rows) = row_mask(token_mask, rows);
     let factor = switch_factor(&options, cols, valid_rows);
     let stats = all_row_stats(&x, rows, cols, mask, Some(&c));
-    // sum_t sum_e p_te * count_e, in token order.
-    let total: f64 = (0..rows).filter(|&t| valid(mask, t)).map(|t| stats[t].weighted / stats[t].sum).sum();
+    // sum_t sum_e p_te * count_e, in blocks of tokens
+    let total = blocked_total(rows, mask, -0.0, |t| stats[t].weighted / stats[t].sum);
     let grad = masked_rows(rows, cols, cols, 8, mask, |t, out: &mut [f32]| {
         let s = stats[t];
         let mean_g = s.weighted / s.sum * factor;
@@ -244,7 +262,7 @@ pub fn z_loss(logits: &TensorRef, token_mask: Option<&TensorRef>, coeff: f64) ->
     let n = valid_rows.max(1) as f64;
     let stats = all_row_stats(&x, rows, cols, mask, None);
     let lse = |s: &RowStats| s.max + ln(s.sum);
-    let total: f64 = (0..rows).filter(|&t| valid(mask, t)).map(|t| lse(&stats[t]).powi(2)).sum();
+    let total = blocked_total(rows, mask, -0.0, |t| lse(&stats[t]).powi(2));
     let grad = masked_rows(rows, cols, cols, 8, mask, |t, out: &mut [f32]| {
         let s = stats[t];
         let scale = 2.0 * coeff / n * lse(&s) / s.sum;
@@ -262,6 +280,35 @@ mod tests {
 
     fn f32s(t: &Tensor) -> &[f32] {
         t.data.as_f32().expect("f32 data")
+    }
+
+    #[test]
+    fn totals_add_blocks_of_tokens() {
+        // terms of very different sizes, so that the order of the additions shows in the bits
+        let rows = 3 * TOTAL_BLOCK + 17;
+        let probs: Vec<f32> = (0..rows).map(|t| if t % 7 == 0 { 1.0e8 + t as f32 } else { 0.1 + (t % 13) as f32 * 1.0e-3 }).collect();
+        let mut mask = vec![1u8; rows];
+        mask[5] = 0;
+        mask[TOTAL_BLOCK + 3] = 0;
+        let p = TensorRef::of("probs", vec![rows, 1], &probs).unwrap();
+        let c = TensorRef::of("tokensPerExpert", vec![1], &[3i32][..]).unwrap();
+        let m = TensorRef::new("tokenMask", crate::DType::Bool, vec![rows], &mask).unwrap();
+        let got = switch_load_balancing_loss(&p, &c, Some(&m), opts(1, 1.0)).unwrap().loss;
+        let term = |t: usize| probs[t] as f64 * 3.0;
+        let mut blocked = 0.0;
+        for (b, block) in mask.chunks(TOTAL_BLOCK).enumerate() {
+            let mut s = 0.0;
+            for (i, &m) in block.iter().enumerate() {
+                if m != 0 {
+                    s += term(b * TOTAL_BLOCK + i);
+                }
+            }
+            blocked += s;
+        }
+        let sequential = (0..rows).filter(|&t| mask[t] != 0).fold(0.0, |a, t| a + term(t));
+        assert_ne!(blocked.to_bits(), sequential.to_bits(), "the test's terms must tell the orders apart");
+        let valid = (rows - 2) as f64;
+        assert_eq!(got.to_bits(), (blocked * (1.0 / (valid * valid))).to_bits());
     }
 
     const LOGITS: [f32; 8] = [0.5, -1.0, 2.0, 0.25, -0.5, 1.5, 0.0, -2.0];

@@ -557,7 +557,7 @@ static __device__ __forceinline__ bool finite_f32(float v) { return (__float_as_
 
 // The totals below run in one block of LOSS_TOTAL_THREADS threads (the launch in activations.rs).
 #define LOSS_TOTAL_THREADS 256
-#define LOSS_TOTAL_CHUNK 2048
+#define LOSS_TOTAL_CHUNK 4096  // (a multiple of LOSS_TOTAL_BLOCK; at most LOSS_TOTAL_THREADS blocks)
 
 // The block's count of the valid rows, and its check of the mask bytes (the core's `row_mask`)
 // and of the counts (none negative): integer reductions, any order gives the same result.
@@ -588,46 +588,33 @@ static __device__ u64 loss_check_block(const u8* mask, i64 rows, const int* coun
     return s_valid;
 }
 
-// The loss's total as the core adds it: `init`, then value(t) for t = 0, 1, ..., rows - 1 in
-// order, each addition rounded in f64. A row that value() leaves out gives -0.0 (x + -0.0 == x
-// for every x, the sign of a zero included). The block loads each chunk of values into shared
-// memory at once; thread 0 adds them (its loads no longer wait on global memory one by one: the
-// one-thread loop took 0.34 ms at 8192 rows on an H200, this 0.06 ms; ncu). The total is thread 0's.
-// Two buffers (warps 1.. staging the next chunk while thread 0 adds this one) measured no faster
-// in a layer's step (0.071-0.086 ms against 0.071-0.090 on H100s): the chain of dependent f64
-// additions is the time (docs/gpu-report.md, twenty-fifth session). Thread 0's loads of the next
-// eight values are issued before it adds the current eight, so a shared-memory load's latency no
-// longer sits in the chain once every eight additions; the chunk is padded with -0.0 to whole
-// groups of eight plus one (the group loaded ahead at the end), which adds nothing.
-#define LOSS_TOTAL_GROUP 8
+// The loss's total as the core adds it (moe-core `aux_loss::blocked_total`): value(t) for the
+// rows in blocks of LOSS_TOTAL_BLOCK consecutive rows (the core's TOTAL_BLOCK), each block's sum
+// from `init` in row order, the blocks' sums added to `init` in block order, each addition
+// rounded in f64. A row that value() leaves out gives -0.0 (x + -0.0 == x for every x, the sign
+// of a zero included). The block stages a chunk of rows in shared memory; thread b adds block b
+// of it, then thread 0 adds the chunk's block sums to the total. (Before the blocks, one chain of
+// 8192 dependent additions in token order: 0.058-0.068 ms of a fine-grained step on an H100.)
+#define LOSS_TOTAL_BLOCK 64
 template <class Value>
 static __device__ double loss_ordered_total(i64 rows, double init, Value value) {
-    __shared__ __align__(16) double chunk[LOSS_TOTAL_CHUNK + LOSS_TOTAL_GROUP];
+    __shared__ double chunk[LOSS_TOTAL_CHUNK];
+    __shared__ double sums[LOSS_TOTAL_CHUNK / LOSS_TOTAL_BLOCK];
     double total = init;
     for (i64 c0 = 0; c0 < rows; c0 += LOSS_TOTAL_CHUNK) {
         const int n = (int)min((i64)LOSS_TOTAL_CHUNK, rows - c0);
-        const int groups = (n + LOSS_TOTAL_GROUP - 1) / LOSS_TOTAL_GROUP;
-        const int padded = (groups + 1) * LOSS_TOTAL_GROUP;
-        for (int i = threadIdx.x; i < padded; i += blockDim.x) chunk[i] = i < n ? value(c0 + i) : -0.0;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) chunk[i] = value(c0 + i);
         __syncthreads();
-        if (threadIdx.x == 0) {
-            const double2* c2 = reinterpret_cast<const double2*>(chunk);
-            double2 cur[LOSS_TOTAL_GROUP / 2];
-#pragma unroll
-            for (int j = 0; j < LOSS_TOTAL_GROUP / 2; j++) cur[j] = c2[j];
-            for (int g = 0; g < groups; g++) {
-                double2 next[LOSS_TOTAL_GROUP / 2];
-#pragma unroll
-                for (int j = 0; j < LOSS_TOTAL_GROUP / 2; j++) next[j] = c2[(g + 1) * (LOSS_TOTAL_GROUP / 2) + j];
-#pragma unroll
-                for (int j = 0; j < LOSS_TOTAL_GROUP / 2; j++) {
-                    total = __dadd_rn(total, cur[j].x);
-                    total = __dadd_rn(total, cur[j].y);
-                }
-#pragma unroll
-                for (int j = 0; j < LOSS_TOTAL_GROUP / 2; j++) cur[j] = next[j];
-            }
+        const int blocks = (n + LOSS_TOTAL_BLOCK - 1) / LOSS_TOTAL_BLOCK;
+        if ((int)threadIdx.x < blocks) {
+            const int b0 = (int)threadIdx.x * LOSS_TOTAL_BLOCK, b1 = min(b0 + LOSS_TOTAL_BLOCK, n);
+            double sum = init;
+            for (int i = b0; i < b1; i++) sum = __dadd_rn(sum, chunk[i]);
+            sums[threadIdx.x] = sum;
         }
+        __syncthreads();
+        if (threadIdx.x == 0)
+            for (int b = 0; b < blocks; b++) total = __dadd_rn(total, sums[b]);
         __syncthreads();
     }
     return total;

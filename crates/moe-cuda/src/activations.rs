@@ -821,6 +821,25 @@ mod tests {
     }
 
     #[test]
+    fn loss_totals_add_the_cores_blocks() {
+        // the kernels' blocks are the core's (the totals' bits depend on them), and a chunk of
+        // rows holds whole blocks, at most one a thread
+        let define = |name: &str| -> usize {
+            let line = compile::ACTIVATIONS
+                .source
+                .lines()
+                .find(|l| l.starts_with(&format!("#define {name} ")))
+                .unwrap_or_else(|| panic!("{name}"));
+            line.split_whitespace().nth(2).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{line}"))
+        };
+        let (block, chunk, threads) = (define("LOSS_TOTAL_BLOCK"), define("LOSS_TOTAL_CHUNK"), define("LOSS_TOTAL_THREADS"));
+        assert_eq!(block, moe_core::aux_loss::TOTAL_BLOCK);
+        assert_eq!(chunk % block, 0);
+        assert!(chunk / block <= threads);
+        assert_eq!(threads, LOSS_TOTAL_THREADS as usize);
+    }
+
+    #[test]
     fn dtype_pairs() {
         assert_eq!(forward_kernel(DType::F32, DType::BF16).as_deref(), Some("act_fwd_f32_bf16"));
         assert_eq!(forward_kernel(DType::BF16, DType::BF16).as_deref(), Some("act_fwd_bf16_bf16"));
