@@ -581,8 +581,15 @@ static __device__ u64 loss_check_block(const u8* mask, i64 rows, const int* coun
     if (counts != 0)
         for (i64 e = threadIdx.x; e < cols; e += blockDim.x)
             if (counts[e] < 0) f |= LOSS_BAD_COUNT;
-    atomicAdd(&s_valid, (unsigned long long)n);
-    if (f) atomicOr(&s_flags, f);
+    // one shared atomic a warp (256 on one word cost several microseconds)
+    for (int o = 16; o > 0; o >>= 1) {
+        n += __shfl_xor_sync(0xffffffffu, n, o);
+        f |= __shfl_xor_sync(0xffffffffu, f, o);
+    }
+    if ((threadIdx.x & 31) == 0) {
+        atomicAdd(&s_valid, (unsigned long long)n);
+        if (f) atomicOr(&s_flags, f);
+    }
     __syncthreads();
     *flags |= s_flags;
     return s_valid;
@@ -596,25 +603,38 @@ static __device__ u64 loss_check_block(const u8* mask, i64 rows, const int* coun
 // of it, then thread 0 adds the chunk's block sums to the total. (Before the blocks, one chain of
 // 8192 dependent additions in token order: 0.058-0.068 ms of a fine-grained step on an H100.)
 #define LOSS_TOTAL_BLOCK 64
+// A chunk's row i sits at chunk[(i / LOSS_TOTAL_BLOCK) * LOSS_TOTAL_PITCH + i % LOSS_TOTAL_BLOCK]:
+// a block's rows in a run, the runs one double apart, so that the threads adding the blocks read
+// different banks (with a pitch of 64 every thread of a warp read the same bank).
+#define LOSS_TOTAL_PITCH (LOSS_TOTAL_BLOCK + 1)
 template <class Value>
 static __device__ double loss_ordered_total(i64 rows, double init, Value value) {
-    __shared__ double chunk[LOSS_TOTAL_CHUNK];
+    __shared__ double chunk[(LOSS_TOTAL_CHUNK / LOSS_TOTAL_BLOCK) * LOSS_TOTAL_PITCH];
     __shared__ double sums[LOSS_TOTAL_CHUNK / LOSS_TOTAL_BLOCK];
     double total = init;
     for (i64 c0 = 0; c0 < rows; c0 += LOSS_TOTAL_CHUNK) {
         const int n = (int)min((i64)LOSS_TOTAL_CHUNK, rows - c0);
-        for (int i = threadIdx.x; i < n; i += blockDim.x) chunk[i] = value(c0 + i);
+#pragma unroll 8
+        for (int i = threadIdx.x; i < n; i += LOSS_TOTAL_THREADS) chunk[(i / LOSS_TOTAL_BLOCK) * LOSS_TOTAL_PITCH + i % LOSS_TOTAL_BLOCK] = value(c0 + i);
         __syncthreads();
         const int blocks = (n + LOSS_TOTAL_BLOCK - 1) / LOSS_TOTAL_BLOCK;
         if ((int)threadIdx.x < blocks) {
-            const int b0 = (int)threadIdx.x * LOSS_TOTAL_BLOCK, b1 = min(b0 + LOSS_TOTAL_BLOCK, n);
+            const double* run = chunk + threadIdx.x * LOSS_TOTAL_PITCH;
+            const int len = min(LOSS_TOTAL_BLOCK, n - (int)threadIdx.x * LOSS_TOTAL_BLOCK);
             double sum = init;
-            for (int i = b0; i < b1; i++) sum = __dadd_rn(sum, chunk[i]);
+            if (len == LOSS_TOTAL_BLOCK) {
+#pragma unroll 16
+                for (int i = 0; i < LOSS_TOTAL_BLOCK; i++) sum = __dadd_rn(sum, run[i]);
+            } else {
+                for (int i = 0; i < len; i++) sum = __dadd_rn(sum, run[i]);
+            }
             sums[threadIdx.x] = sum;
         }
         __syncthreads();
-        if (threadIdx.x == 0)
+        if (threadIdx.x == 0) {
+#pragma unroll 8
             for (int b = 0; b < blocks; b++) total = __dadd_rn(total, sums[b]);
+        }
         __syncthreads();
     }
     return total;
