@@ -405,7 +405,7 @@ PY
     ncu_step
   fi
   if [[ -n "${HOSTPROF:-}" ]]; then
-    say "the host's time in the layer's steps (node --cpu-prof, bench/cpuprof-summary.py)"
+    say "the host's time in the layer's steps (V8's profiler over the timed steps, bench/cpuprof-summary.py)"
     rm -rf "$OUT/prof" && mkdir -p "$OUT/prof"
     # (the timed steps alone: the warm-up's first calls open cuBLAS and load kernels)
     timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" --shapes fine-grained --iters 40 \
