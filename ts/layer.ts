@@ -229,11 +229,18 @@ interface Routing {
 
 /** The aux and z losses of a forward: the values (lazy on the GPU) and the gradients backward adds. */
 interface Losses {
-  /** (`dispose`: a lazy loss's words freed unread, where the forward fails after computing it) */
+  /** (`dispose`: a lazy loss's words freed unread: `freeLosses`) */
   aux: { readonly loss: number; dispose?: () => void };
   z: { readonly loss: number; dispose?: () => void };
   auxGrad: Saved['auxGrad'];
   zGrad: AnyTensor | undefined;
+}
+
+/** A forward's losses freed (their gradients on the GPU, the lazy values' words unread): a forward that fails after computing them. */
+function freeLosses(l: Losses): void {
+  for (const t of [l.auxGrad?.gradScores, l.auxGrad?.gradLogits, l.zGrad]) if (t && isDeviceTensor(t)) t.dispose();
+  l.aux.dispose?.();
+  l.z.dispose?.();
 }
 
 /** A forward's dispatch part: the routed experts' output `[N, dim]` and what backward needs (the counts per expert are route's). */
@@ -800,8 +807,7 @@ export class MoELayer {
     } catch (e) {
       this.#free();
       for (const t of [f.output, f.indices, f.weights, f.logits, f.scores, f.tokensPerExpert]) if (isDeviceTensor(t)) t.dispose();
-      r.losses.aux.dispose?.();
-      r.losses.z.dispose?.();
+      freeLosses(r.losses);
       throw e;
     }
     return f;
@@ -812,9 +818,7 @@ export class MoELayer {
     try {
       return dispatch();
     } catch (e) {
-      for (const t of [r.losses.auxGrad?.gradScores, r.losses.auxGrad?.gradLogits, r.losses.zGrad]) if (t && isDeviceTensor(t)) t.dispose();
-      r.losses.aux.dispose?.();
-      r.losses.z.dispose?.();
+      freeLosses(r.losses);
       throw e;
     }
   }

@@ -581,7 +581,7 @@ static __device__ u64 loss_check_block(const u8* mask, i64 rows, const int* coun
     if (counts != 0)
         for (i64 e = threadIdx.x; e < cols; e += blockDim.x)
             if (counts[e] < 0) f |= LOSS_BAD_COUNT;
-    // one shared atomic a warp (256 on one word cost several microseconds)
+    // one shared atomic a warp, not one a thread on the same word
     for (int o = 16; o > 0; o >>= 1) {
         n += __shfl_xor_sync(0xffffffffu, n, o);
         f |= __shfl_xor_sync(0xffffffffu, f, o);
