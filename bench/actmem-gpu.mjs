@@ -9,7 +9,8 @@
  * both, interleaved, into one actmem.json.
  *
  *   node bench/actmem-gpu.mjs [--iters N] [--warmup N] [--shapes fine-grained,mixtral] [--out FILE]
- *                             [--dist DIR] [--stand-in cpu]
+ *                             [--dist DIR] [--stand-in cpu] [--timeline N] [--cpu-profile FILE]
+ *                             [--host-costs N] [--label NAME]
  *
  * Per shape:
  * - layerMs: the median over `iters` of one forward + backward, wall clock from a synchronised
@@ -35,11 +36,19 @@
  * - `--cpu-profile FILE` (one shape): the host's timed steps alone (not the warm-up, whose first
  *   calls open cuBLAS and load kernels) recorded by V8's sampling profiler (every 50 us, through
  *   node:inspector) into FILE, a .cpuprofile for bench/cpuprof-summary.py.
+ * - hostCosts (`--host-costs N`): the layer is built over the backend behind a Proxy
+ *   that clocks each backend method the layer calls (wall time from the call to its return: JS
+ *   checks, the addon, the driver; a nested call counts in its caller too), and N more steps are
+ *   clocked so, after the timed ones (which run without it: the proxy is off until then): per
+ *   method and phase (forward / backward), calls a step and microseconds a call, the whole phase's
+ *   host time a step beside them (and the garbage collector's share), sorted by time a step. Where the GPU waits for the host (the
+ *   step's start) these say which calls to make cheaper.
  * `--stand-in cpu` runs the same steps on the cpu backend at a tiny shape (no memory figures):
  * a check of this script where there is no GPU.
  */
 import { writeFileSync } from 'node:fs';
 import { Session } from 'node:inspector';
+import { PerformanceObserver } from 'node:perf_hooks';
 import { resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
 
@@ -63,6 +72,8 @@ const SHAPES = {
 };
 const names = arg('shapes', standIn ? 'tiny' : 'fine-grained,mixtral').split(',');
 const cpuProfile = arg('cpu-profile');
+const hostCostSteps = Number(arg('host-costs', '0'));
+if (!(Number.isInteger(hostCostSteps) && hostCostSteps >= 0)) throw new RangeError(`--host-costs: expected a count of steps (0 or more), got ${arg('host-costs')}`);
 if (cpuProfile !== undefined && names.length !== 1) throw new RangeError(`--cpu-profile: profiles one shape's steps; got --shapes ${names.join(',')}`);
 
 /** V8's sampling profiler on this thread (node:inspector; its calls answer synchronously): start(), then stop() gives the profile. */
@@ -104,7 +115,9 @@ const settings = Object.keys(env)
   .join('');
 // the path: `auto` (the default: our grouped GEMM with many experts, cuBLAS with fewer), `cublas`, `grouped`
 const path = ['grouped', 'cublas'].includes(env.MOE_DISPATCH_EXPERTS_GEMM) ? env.MOE_DISPATCH_EXPERTS_GEMM : 'auto';
-const gemm = standIn ? standIn : `${path}${settings}`;
+// --label NAME: appended to the row's name (another revision's TypeScript: gpu-run.sh's AB_REV)
+const label = arg('label');
+const gemm = `${standIn ? standIn : `${path}${settings}`}${label ? `-${label}` : ''}`;
 
 const moe = await createBackend({ prefer: standIn ?? 'cuda' });
 if (moe.name !== (standIn ?? 'cuda')) {
@@ -113,6 +126,37 @@ if (moe.name !== (standIn ?? 'cuda')) {
 const gpu = !standIn;
 const sync = () => gpu && moe.synchronize();
 const live = () => (gpu ? moe.memory().liveBytes : null);
+/**
+ * `backend` behind a Proxy whose methods add their wall time to `costs` while `costs.on`
+ * (`costs.phase` names the part of the step): key `phase method`, `{ calls, ms }`.
+ */
+function clocked(backend, costs) {
+  const wrapped = new Map();
+  return new Proxy(backend, {
+    get(target, key) {
+      const v = Reflect.get(target, key, target);
+      if (typeof v !== 'function') return v;
+      let w = wrapped.get(key);
+      if (!w) {
+        w = (...a) => {
+          if (!costs.on) return v.apply(target, a);
+          const t0 = performance.now();
+          try {
+            return v.apply(target, a);
+          } finally {
+            const name = `${costs.phase} ${String(key)}`;
+            costs.by[name] ??= { calls: 0, ms: 0 };
+            const c = costs.by[name];
+            c.calls++;
+            c.ms += performance.now() - t0;
+          }
+        };
+        wrapped.set(key, w);
+      }
+      return w;
+    },
+  });
+}
 const bytesOf = (ts) => (gpu ? ts.reduce((a, t) => a + t.byteLength, 0) : null);
 const SIZE = { bfloat16: 2, float16: 2, float32: 4, int32: 4, bool: 1 };
 
@@ -127,7 +171,8 @@ for (const name of names) {
     gateAndUpProjs: uniformTensor('bfloat16', [E, dim, 2 * inter], 2, 1 / Math.sqrt(dim)),
     downProjs: uniformTensor('bfloat16', [E, inter, dim], 3, 1 / Math.sqrt(inter)),
   };
-  let layer = new MoELayer(moe, { ...options, weights });
+  const costs = { on: false, phase: '', by: {} };
+  let layer = new MoELayer(hostCostSteps > 0 ? clocked(moe, costs) : moe, { ...options, weights });
   if (gpu) layer = layer.upload();
   const x0 = uniformTensor('bfloat16', [T, dim], 4, 1);
   const g0 = uniformTensor('bfloat16', [T, dim], 5, 1 / Math.sqrt(T * dim));
@@ -208,6 +253,43 @@ for (const name of names) {
         .join(', ')}`,
     );
   }
+  // the host's time a backend method (--host-costs): N more steps through the clocking proxy
+  let hostCosts = null;
+  if (hostCostSteps > 0) {
+    const phaseMs = { forward: 0, backward: 0 };
+    // the garbage collector's time over these steps (its entries arrive asynchronously: read after a turn)
+    let gcMs = 0;
+    const gcObserver = new PerformanceObserver((list) => {
+      for (const e of list.getEntries()) gcMs += e.duration;
+    });
+    gcObserver.observe({ entryTypes: ['gc'] });
+    for (let i = 0; i < hostCostSteps; i++) {
+      sync();
+      costs.on = true;
+      costs.phase = 'forward';
+      let t0 = performance.now();
+      const f = layer.forward(x);
+      phaseMs.forward += performance.now() - t0;
+      costs.phase = 'backward';
+      t0 = performance.now();
+      const b = layer.backward(g);
+      phaseMs.backward += performance.now() - t0;
+      costs.on = false;
+      sync();
+      dispose([...outputsOf(f), ...resultsOf(b)]);
+    }
+    await new Promise((r) => setImmediate(r));
+    gcObserver.disconnect();
+    const us = (v) => Number(((v * 1000) / hostCostSteps).toFixed(1));
+    const methods = Object.entries(costs.by)
+      .map(([key, c]) => ({ phase: key.split(' ')[0], method: key.split(' ')[1], callsPerStep: c.calls / hostCostSteps, usPerCall: Number(((c.ms * 1000) / c.calls).toFixed(1)), usPerStep: us(c.ms) }))
+      .sort((a, b) => b.usPerStep - a.usPerStep);
+    hostCosts = { steps: hostCostSteps, forwardUs: us(phaseMs.forward), backwardUs: us(phaseMs.backward), gcUs: us(gcMs), methods };
+    console.log(
+      `${name.padStart(13)} host costs (${gemm}, ${hostCostSteps} steps): forward ${hostCosts.forwardUs} us, backward ${hostCosts.backwardUs} us a step (the GC ${hostCosts.gcUs} us of them); by method (us a step, calls, us a call):`,
+    );
+    for (const r of methods) console.log(`  ${r.phase.padEnd(8)} ${r.method.padEnd(36)} ${String(r.usPerStep).padStart(8)} ${String(r.callsPerStep).padStart(4)} x ${r.usPerCall}`);
+  }
   const m = mem[mem.length - 1];
   const activationBytes = gpu ? m.after - m.before : null;
   // what the layer keeps for the backward, by its shapes (layer.ts #dispatchLocal / #finishForward;
@@ -257,6 +339,7 @@ for (const name of names) {
     auxLoss: aux,
     timeline,
     timelineSpans,
+    hostCosts,
   };
   rows.push(row);
   const gib = (b) => (b === null ? 'n/a' : `${(b / 2 ** 30).toFixed(3)} GiB`);

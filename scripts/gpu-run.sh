@@ -38,6 +38,11 @@
 # WEBGPU=1 (pack and remote: the webgpu backend in Node through Dawn: the GPU suite's webgpu-dawn.test.mjs
 # against wasm, MOE_WEBGPU_DAWN set before the suite; then next to cuda, bench/webgpu-node.mjs, and each
 # shader's GPU time, bench/webgpu-profile.mjs)
+# AB_REV=REV (pack: REV's TypeScript built into dist-ab, as WEBGPU_AB below; remote with ACTMEM: each round also runs
+# the grouped path on dist-ab, rows labelled grouped-rev-REV: a TypeScript change A/B'd in one run),
+# HOSTCOSTS=N (bench/actmem-gpu.mjs --host-costs N, fine-grained, grouped path: the host's time a backend method a step,
+# forward and backward, into hostcosts.json; on dist-ab too where AB_REV packed it; then `moe-cuda-bench host` (the
+# device entries from Rust: hostcosts-rust.json) and bench/napi-costs.mjs (the addon's functions and the facade's: hostcosts-napi.json)),
 # WEBGPU_AB=REV (with WEBGPU: pack builds REV's TypeScript into dist-ab (a git worktree; the wasm and
 # native builds are this tree's), and remote runs webgpu-node.mjs and webgpu-profile.mjs on dist-ab
 # and then on dist again: webgpu-node-ab.json, webgpu-profile-ab.json, webgpu-node-2.json,
@@ -93,7 +98,7 @@ pack() {
   cp "$golden"/permute.json "$golden"/unpermute.json "$golden"/route.json "$BUNDLE/golden/"
   cp target/release/moe-cuda-bench "$BUNDLE/bin/"
   cp bench/gpu_torch_ref.py bench/gpu_torch_experts.py bench/gpu_torch_train.py bench/train-gpu.mjs "$BUNDLE/bench/"
-  cp bench/actmem-gpu.mjs bench/actmem-gpu.py bench/ncu-summary.py bench/hbm-rw.py bench/ep-permutes.mjs bench/clock-phases.py bench/cpuprof-summary.py "$BUNDLE/bench/"
+  cp bench/actmem-gpu.mjs bench/actmem-gpu.py bench/ncu-summary.py bench/hbm-rw.py bench/ep-permutes.mjs bench/clock-phases.py bench/cpuprof-summary.py bench/napi-costs.mjs "$BUNDLE/bench/"
   # WEBGPU=1: the webgpu backend in Node through Dawn (issue 21): the `webgpu` npm package's Linux
   # build (xz) and Debian's Vulkan loader, kept between packs; bench/webgpu-node.mjs and its page code
   # (the suite's test/gpu/webgpu-dawn.test.mjs and its cases, test/common/webgpu-cases.mjs, come with test/)
@@ -117,17 +122,19 @@ pack() {
     fi
   fi
   rm -rf "$BUNDLE/dist-ab"
-  if [[ -n "${WEBGPU_AB:-}" ]]; then
+  local ab_rev="${AB_REV:-${WEBGPU_AB:-}}"
+  if [[ -n "$ab_rev" ]]; then
     # another revision's TypeScript beside dist (its imports of ../pkg and ../native find this tree's)
     local wt
     wt="$(mktemp -d)/ab"
-    git worktree add --detach --quiet "$wt" "$WEBGPU_AB"
+    git worktree add --detach --quiet "$wt" "$ab_rev"
     ln -s "$PWD/node_modules" "$wt/node_modules"
     ln -s "$PWD/pkg" "$wt/pkg"
     (cd "$wt" && npx tsc -p tsconfig.json)
     cp -r "$wt/dist" "$BUNDLE/dist-ab"
+    git rev-parse --short "$ab_rev" > "$BUNDLE/dist-ab/REV"
     git worktree remove --force "$wt"
-    say "dist-ab: the TypeScript of $WEBGPU_AB ($(git rev-parse --short "$WEBGPU_AB"))"
+    say "dist-ab: the TypeScript of $ab_rev ($(cat "$BUNDLE/dist-ab/REV"))"
   fi
   # the same module resolution as in the repo: dist/ imports are relative, so the bundle is a
   # small copy of the repo's layout
@@ -404,6 +411,19 @@ PY
   if [[ -n "${NCU:-}" ]]; then
     ncu_step
   fi
+  if [[ -n "${HOSTCOSTS:-}" ]]; then
+    # the host's time a backend method (the step's start is where the GPU waits for the host)
+    say "host costs a backend method (bench/actmem-gpu.mjs --host-costs $HOSTCOSTS, fine-grained, grouped)"
+    MOE_DISPATCH_EXPERTS_GEMM=grouped timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" --shapes fine-grained \
+      --iters 5 --host-costs "$HOSTCOSTS" --out "$OUT/hostcosts.json"; echo "  exit code $?"
+    if [[ -d "$BUNDLE/dist-ab" ]]; then
+      MOE_DISPATCH_EXPERTS_GEMM=grouped timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist-ab" --shapes fine-grained \
+        --iters 5 --host-costs "$HOSTCOSTS" --label "rev-$(cat "$BUNDLE/dist-ab/REV")" --out "$OUT/hostcosts-rev.json"; echo "  exit code $?"
+    fi
+    # the same device entries from Rust, and at the N-API boundary (the addon's functions, the facade's methods)
+    timeout 120 "$BUNDLE/bin/moe-cuda-bench" host --out "$OUT/hostcosts-rust.json"; echo "  exit code $?"
+    timeout 120 "$node" "$BUNDLE/bench/napi-costs.mjs" --dist "$BUNDLE/dist" --out "$OUT/hostcosts-napi.json"; echo "  exit code $?"
+  fi
   if [[ -n "${HOSTPROF:-}" ]]; then
     say "the host's time in the layer's steps (V8's profiler over the timed steps, bench/cpuprof-summary.py)"
     rm -rf "$OUT/prof" && mkdir -p "$OUT/prof"
@@ -436,6 +456,12 @@ PY
       stamp "ours-cublas, round $round"
       MOE_DISPATCH_EXPERTS_GEMM=grouped timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" --out "$OUT/actmem-ours-grouped-$round.json"; echo "  exit code $?"
       stamp "ours-grouped, round $round"
+      # AB_REV (pack): the grouped path on that revision's TypeScript too (rows named grouped-rev-REV)
+      if [[ -d "$BUNDLE/dist-ab" ]]; then
+        MOE_DISPATCH_EXPERTS_GEMM=grouped timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist-ab" \
+          --label "rev-$(cat "$BUNDLE/dist-ab/REV")" --out "$OUT/actmem-ours-grouped-rev-$round.json"; echo "  exit code $?"
+        stamp "ours-grouped on dist-ab, round $round"
+      fi
       # ACTMEM_AB="NAME=value ...": the grouped path again with those settings (its rows are named by them:
       # MOE_DISPATCH_GG_EPILOGUE=ring-half gives grouped-gg-epilogue-ring-half; MOE_DISPATCH_EXPERTS_GEMM=cublas among
       # them: the cuBLAS path with the others); several variants separated by ';', each run in turn

@@ -222,7 +222,6 @@ interface Routing {
   temps: AnyTensor[];
   logits: Tensor<'float32'>;
   routed: ReturnType<Backend['route']>;
-  losses: Losses;
   /** On the GPU: route's check of the values, read at the forward's end (`lazyCheck`). */
   check?: () => void;
 }
@@ -788,12 +787,13 @@ export class MoELayer {
     const r = this.#route(input);
     let d: Dispatched;
     try {
-      d = this.#dispatchOrFreeLosses(r, () => this.#dispatchLocal(input, r));
+      d = this.#dispatchLocal(input, r);
     } catch (e) {
       r.check?.(); // route's error first, where the logits were not finite
       throw e;
     }
-    return this.#checked(r, this.#finishForward(x, input, r, d));
+    const losses = this.#losses(r);
+    return this.#checked(losses, r, this.#finishForward(x, input, r, d, losses));
   }
 
   /**
@@ -801,26 +801,16 @@ export class MoELayer {
    * the end, so that nothing between route and the experts' GEMMs waits for the GPU); where it
    * fails, everything the forward made is freed and route's error thrown.
    */
-  #checked<F extends MoEForward | DeviceMoEForward>(r: Routing, f: F): F {
+  #checked<F extends MoEForward | DeviceMoEForward>(losses: Losses, r: Routing, f: F): F {
     try {
       r.check?.();
     } catch (e) {
       this.#free();
       for (const t of [f.output, f.indices, f.weights, f.logits, f.scores, f.tokensPerExpert]) if (isDeviceTensor(t)) t.dispose();
-      freeLosses(r.losses);
+      freeLosses(losses);
       throw e;
     }
     return f;
-  }
-
-  /** `dispatch()`, freeing the losses' device tensors (computed before it) should it throw. */
-  #dispatchOrFreeLosses<T>(r: Routing, dispatch: () => T): T {
-    try {
-      return dispatch();
-    } catch (e) {
-      freeLosses(r.losses);
-      throw e;
-    }
   }
 
   /**
@@ -838,7 +828,8 @@ export class MoELayer {
     const input = this.#input(x);
     this.#free();
     const r = this.#route(input);
-    return this.#finishForward(x, input, r, await this.#dispatchGroup(group, input as Tensor<TokenDType>, r)) as MoEForward;
+    const d = await this.#dispatchGroup(group, input as Tensor<TokenDType>, r);
+    return this.#finishForward(x, input, r, d, this.#losses(r)) as MoEForward;
   }
 
   #checkGroup(group: ExpertParallelGroup, op: string): void {
@@ -865,14 +856,17 @@ export class MoELayer {
     } else {
       routed = this.backend.route(logits, this.routeOptions);
     }
-    // the losses right after route, before the dispatch: they need only the routing (every token
-    // keeps its k picks, so route's counts are the dispatch's), and on the GPU their kernels run
-    // while the host queues the dispatch's (the step's start, where the GPU waits for the host)
-    return { m, temps, logits, routed, losses: this.#losses(logits, routed), check };
+    return { m, temps, logits, routed, check };
   }
 
-  /** The aux and z losses of the routing (see `Losses`). */
-  #losses(logits: Tensor<'float32'>, routed: ReturnType<Backend['route']>): Losses {
+  /**
+   * The aux and z losses of the routing (see `Losses`). The forward computes them after the
+   * dispatch and the experts: they need only the routing (every token keeps its k picks, so
+   * route's counts are the dispatch's), and on the GPU the step's start is where the GPU waits
+   * for the host, so the host queues the first expert GEMM before the losses' calls (their
+   * kernels then run after the experts', while the host is ahead).
+   */
+  #losses({ logits, routed }: Routing): Losses {
     // the loss values stay where they are computed until read (on the GPU: `lazyLoss`, read by a getter)
     const lazy = this.onDevice ? { lazyLoss: true } : {};
     const out: Losses = { aux: { loss: 0 }, z: { loss: 0 }, auxGrad: undefined, zGrad: undefined };
@@ -975,7 +969,7 @@ export class MoELayer {
   }
 
   /** The shared expert, what backward keeps (the losses with it), and the result. */
-  #finishForward(x: Tensor | DeviceTensor, input: AnyTensor, { m, temps, logits, routed, losses }: Routing, d: Dispatched): MoEForward | DeviceMoEForward {
+  #finishForward(x: Tensor | DeviceTensor, input: AnyTensor, { m, temps, logits, routed }: Routing, d: Dispatched, losses: Losses): MoEForward | DeviceMoEForward {
     let output = d.output;
     let shared: Saved['shared'];
     if (this.sharedExpert && d.withShared) {

@@ -6,6 +6,10 @@
 //!   moe-cuda-bench experts [--iters N] [--out FILE] [--shapes mixtral,fine-grained]
 //!   moe-cuda-bench ggemm [--iters N] [--out FILE] [--shapes ...] [--tile 128,256,bulk] [--small-only] [--no-small]
 //!   moe-cuda-bench act [--iters N] [--out FILE] [--shapes mixtral,fine-grained]
+//!   moe-cuda-bench host [--calls N] [--out FILE]
+//!
+//! `host`: see host.rs beside this file (the host's time a call of the backend's building blocks,
+//! from Rust).
 //!
 //! `act`: see act.rs beside this file (the activation kernels' variants byte for byte, and the
 //! experts' bf16 passes timed).
@@ -40,6 +44,7 @@ use moe_cuda::{compile, Device};
 mod act;
 mod experts;
 mod ggemm;
+mod host;
 mod train;
 
 struct Shape {
@@ -83,8 +88,9 @@ fn main() {
         Some("train") => train(&args[1..]),
         Some("ggemm") => ggemm::bench(&args[1..]),
         Some("act") => act::bench(&args[1..]),
+        Some("host") => host::bench(&args[1..]),
         _ => {
-            eprintln!("usage: moe-cuda-bench info | compile [ARCH] | run [--iters N] [--out FILE] [--shapes deepseek,mixtral] | experts [--iters N] [--out FILE] [--shapes mixtral,fine-grained] | train [--iters N] [--out FILE] [--shapes mixtral,fine-grained] | ggemm [--iters N] [--out FILE] [--shapes mixtral,fine-grained] [--tile 128,256,bulk] [--small-only] [--no-small] | act [--iters N] [--out FILE] [--shapes mixtral,fine-grained]");
+            eprintln!("usage: moe-cuda-bench info | compile [ARCH] | run [--iters N] [--out FILE] [--shapes deepseek,mixtral] | experts [--iters N] [--out FILE] [--shapes mixtral,fine-grained] | train [--iters N] [--out FILE] [--shapes mixtral,fine-grained] | ggemm [--iters N] [--out FILE] [--shapes mixtral,fine-grained] [--tile 128,256,bulk] [--small-only] [--no-small] | act [--iters N] [--out FILE] [--shapes mixtral,fine-grained] | host [--calls N] [--out FILE]");
             2
         }
     };
