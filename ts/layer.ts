@@ -1150,6 +1150,26 @@ export class MoELayer {
     return this.backend.matmul(m.toF32(a, temps) as Tensor<'float32'>, m.toF32(b, temps) as Tensor<'float32'>, options);
   }
 
+  /**
+   * The input's gradient: `dtype(f32((experts' + router's) + shared expert's))` (add3), the router's
+   * part `gradLogits @ routerWeight^T` in float32. On the GPU, without a shared expert, one GEMM
+   * whose epilogue adds the experts' part (`matmulMixed`'s addend: the same arithmetic, no float32
+   * product written and read back).
+   */
+  #inputGrad(gradTokens: AnyTensor, gradLogits: AnyTensor, sharedGradX: AnyTensor | undefined, m: LayerMath, temps: AnyTensor[]): AnyTensor {
+    const w = this.weights;
+    if (this.onDevice && sharedGradX === undefined && gradLogits.dtype === 'float32' && w.routerWeight.dtype === 'bfloat16') {
+      const cuda = this.backend as CudaBackend;
+      return cuda.matmulMixed(gradLogits as DeviceTensor<'float32'>, w.routerWeight as unknown as DeviceTensor<'bfloat16'>, {
+        transB: true,
+        addend: gradTokens as DeviceTensor<TokenDType>,
+      });
+    }
+    const viaRouter = this.#widenedMatmul(gradLogits, w.routerWeight, { transB: true }, m, temps);
+    temps.push(viaRouter);
+    return m.add3(gradTokens, viaRouter, sharedGradX, this.dtype, []);
+  }
+
   /** The router (the routing weights' gradient and the aux losses'), the shared expert, the input's gradient and the parameters'. */
   #finishBackward({ s, g2, m, temps }: Backward, e: DispatchedGrads): MoEGrads | DeviceMoEGrads {
     const moe = this.backend;
@@ -1169,8 +1189,7 @@ export class MoELayer {
     const gw = this.#widenedMatmul(s.x, gradLogits, { transA: true }, m, temps);
     const grads: Partial<MoEWeights> = { routerWeight: m.cast(gw, this.routerDtype, temps) as Tensor<TokenDType> };
     if (w.routerBias) grads.routerBias = m.columnSums(gradLogits, this.routerDtype) as Tensor<TokenDType>;
-    const viaRouter = this.#widenedMatmul(gradLogits, w.routerWeight, { transB: true }, m, temps);
-    temps.push(viaRouter, e.gradTokens);
+    temps.push(e.gradTokens);
 
     // The shared expert and its gate.
     let sharedGradX: AnyTensor | undefined;
@@ -1179,7 +1198,7 @@ export class MoELayer {
       sharedGradX = sg.gradX;
       Object.assign(grads, sg.grads);
     }
-    const gradX = m.add3(e.gradTokens, viaRouter, sharedGradX, this.dtype, []);
+    const gradX = this.#inputGrad(e.gradTokens, gradLogits, sharedGradX, m, temps);
 
     const eg = e.experts;
     grads.downProjs = eg.gradDownProjs;

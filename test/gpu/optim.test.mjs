@@ -305,6 +305,85 @@ describe('the layer element steps on the GPU = ts/numeric.ts', { skip: cudaOnly 
     const z = host(cuda.matmulMixed(cuda.upload(tensor('float32', [2, 0], [])), cuda.upload(numeric.fromValues('bfloat16', [0, 3], []))));
     assert.deepEqual(Array.from(z.data), [0, 0, 0, 0, 0, 0]);
   });
+  test("matmulMixed with an addend: add3(addend, the product)'s bits where the product is exact, both splits, every addend dtype; run to run the same bits; its errors", () => {
+    // the other operand one power of two a dot product (zeros elsewhere): every result is one
+    // product, exact in float32, so any GEMM gives it and the addition's rounding is what is tested
+    const full = (n) => Float32Array.from({ length: n }, (_, i) => Math.fround((random() * 2 - 1) * 2 ** ((i % 9) - 4) * (1 + 2 ** -20)));
+    const F = 300;
+    // [f is A, m, k, n]: split along K (one GEMM: cuBLASLt adds the addend) or along M / N (add3 after the parts' sum)
+    for (const [fIsA, M, K, N] of [
+      [false, 40, 5, F],
+      [true, F, 5, 40],
+      [true, 5, F, 40],
+      [false, 40, F, 5],
+    ]) {
+      for (const transB of [false, true]) {
+        const fShape = fIsA ? [M, K] : transB ? [N, K] : [K, N];
+        const oShape = fIsA ? (transB ? [N, K] : [K, N]) : [M, K];
+        const fx = tensor('float32', fShape, full(fShape[0] * fShape[1]));
+        // the other operand's logical row (A) / column (B) r holds 2^((r % 5) - 2) at q = (7 r) % K
+        const oVals = new Float32Array(oShape[0] * oShape[1]);
+        const want = new Float32Array(M * N);
+        for (let i = 0; i < M; i++) {
+          for (let j = 0; j < N; j++) {
+            const r = fIsA ? j : i;
+            const q = (r * 7) % K;
+            const s = 2 ** ((r % 5) - 2);
+            // f's logical [i, q] (A) or [q, j] (B), times s
+            want[i * N + j] = fIsA ? fx.data[i * K + q] * s : s * (transB ? fx.data[j * K + q] : fx.data[q * N + j]);
+          }
+        }
+        for (let r = 0; r < (fIsA ? N : M); r++) {
+          const q = (r * 7) % K;
+          const s = 2 ** ((r % 5) - 2);
+          // A [M, K] stored row-major; B [K, N], or [N, K] transposed
+          const at = fIsA ? (transB ? r * K + q : q * N + r) : r * K + q;
+          oVals[at] = s;
+        }
+        const o = numeric.fromValues('bfloat16', oShape, oVals);
+        const [a, b] = fIsA ? [fx, o] : [o, fx];
+        const product = tensor('float32', [M, N], want);
+        for (const dtype of ['bfloat16', 'float16', 'float32']) {
+          const addend = numeric.fromValues(dtype, [M, N], values(random, M * N, 4));
+          const what = `f ${fIsA ? 'A' : 'B'} [${M}, ${K}, ${N}] transB ${transB} addend ${dtype}`;
+          const [da, db, dc] = [cuda.upload(a), cuda.upload(b), cuda.upload(addend)];
+          const got = cuda.matmulMixed(da, db, { transB, addend: dc });
+          assert.equal(got.dtype, dtype, `${what}: the addend's dtype`);
+          assertSameBits(host(got), numeric.add3(addend, product, undefined, dtype), what);
+          assertSameBits(host(cuda.matmulMixed(da, db, { transB, addend: dc })), host(got), `${what}: run to run`);
+          for (const t of [da, db, dc, got]) t.dispose();
+        }
+      }
+    }
+    // a general product (the layer's: float32 [T, E] times a bfloat16 [E, dim] transposed, split along K): against
+    // add3(addend, the float32 product) the two GEMMs' sums may differ in float32's last bits, so the bfloat16
+    // results are the same or neighbours (one unit in the last place, 2^-7 of the value at most)
+    const gl = cuda.upload(tensor('float32', [256, 24], full(256 * 24)));
+    const wr = cuda.upload(numeric.fromValues('bfloat16', [96, 24], values(random, 96 * 24, 2)));
+    const c = cuda.upload(numeric.fromValues('bfloat16', [256, 96], values(random, 256 * 96, 1)));
+    const fused = numeric.valuesF32(host(cuda.matmulMixed(gl, wr, { transB: true, addend: c })));
+    const separate = numeric.valuesF32(host(cuda.add3(c, cuda.matmulMixed(gl, wr, { transB: true }), undefined, 'bfloat16')));
+    let same = 0;
+    for (let i = 0; i < fused.length; i++) {
+      const bound = 2 ** -7 * Math.max(Math.abs(fused[i]), Math.abs(separate[i])) + 2 ** -12;
+      assert.ok(Math.abs(fused[i] - separate[i]) <= bound, `[${i}]: ${fused[i]} against add3's ${separate[i]}`);
+      if (Object.is(fused[i], separate[i])) same++;
+    }
+    assert.ok(same > fused.length / 2, `most results the same bits (${same} of ${fused.length})`);
+    // errors: the addend's shape and dtype are named
+    const f32 = cuda.upload(tensor('float32', [2, 3], [1, 2, 3, 4, 5, 6]));
+    const w = cuda.upload(numeric.fromValues('bfloat16', [3, 4], values(random, 12)));
+    assert.throws(
+      () => cuda.matmulMixed(f32, w, { addend: cuda.upload(numeric.fromValues('bfloat16', [4, 2], values(random, 8))) }),
+      /matmulMixed: addend\.shape: expected \[2, 4\] \(the product's\), got \[4, 2\]/,
+    );
+    assert.throws(() => cuda.matmulMixed(f32, w, { addend: cuda.upload(tensor('int32', [2, 4], new Int32Array(8))) }), /matmulMixed: options\.addend\.dtype: expected/);
+    assert.throws(() => cuda.matmulMixed(f32, w, { addend: 3 }), TypeError);
+    // an empty K with an addend: the addend's values (add3 of zeros)
+    const c2 = numeric.fromValues('bfloat16', [2, 3], [1.5, -2, 0.25, 3, -0, 7]);
+    const k0 = host(cuda.matmulMixed(cuda.upload(tensor('float32', [2, 0], [])), cuda.upload(numeric.fromValues('bfloat16', [0, 3], [])), { addend: cuda.upload(c2) }));
+    assertSameBits(k0, numeric.add3(c2, tensor('float32', [2, 3], new Float32Array(6)), undefined, 'bfloat16'), 'an empty K');
+  });
   test('argument errors name the argument', () => {
     assert.throws(() => cuda.cast(cuda.upload(tensor('float32', [2], [1, 2])), 'int32'), /cast: dtype: expected 'float32', 'bfloat16' or 'float16', got "int32"/);
     assert.throws(() => cuda.add3(cuda.upload(tensor('float32', [2], [1, 2])), cuda.upload(tensor('float32', [3], [1, 2, 3])), undefined, 'float32'), /add3: b\.shape: expected \[2\], got \[3\]/);

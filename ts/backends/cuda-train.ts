@@ -57,6 +57,16 @@ export interface CudaTrainOps {
    * float32 on the tensor cores (the float32 operand as three bfloat16 parts that add up to it; the router's backward in a bfloat16 layer).
    */
   matmulMixed(a: DeviceTensor<'float32' | 'bfloat16'>, b: DeviceTensor<'float32' | 'bfloat16'>, options?: { transA?: boolean; transB?: boolean }): DeviceTensor<'float32'>;
+  /**
+   * `matmulMixed` with `options.addend` (`[m, n]`) added: `addend.dtype(f32(addend + a @ b))`, `add3(addend, a @ b)`'s
+   * arithmetic on the float32 product (the layer's input gradient: the experts' part plus the router's). Where the
+   * product is one GEMM, cuBLASLt adds the addend in its epilogue (no float32 product written and read back).
+   */
+  matmulMixed<D extends TokenDType>(
+    a: DeviceTensor<'float32' | 'bfloat16'>,
+    b: DeviceTensor<'float32' | 'bfloat16'>,
+    options: { transA?: boolean; transB?: boolean; addend: DeviceTensor<D> },
+  ): DeviceTensor<D>;
   /** The shared expert's sigmoid gate (MoELayer): from the gate GEMM's float32 result `[N, 1]` and the shared MLP's output, the gate logits `[N]` (rounded to out's dtype) and the gated contribution; ts/numeric.ts `sharedGateForward` on the host. */
   sharedGateForward<D extends TokenDType>(raw: DeviceTensor<'float32'>, out: DeviceTensor<D>): { gateLogits: DeviceTensor<'float32'>; contribution: DeviceTensor<D> };
   /** Its backward: the MLP output's gradient and the gate logits' `[N, 1]` (ts/numeric.ts `sharedGateBackward`). */
@@ -89,7 +99,7 @@ interface TrainAddon {
   cudaSharedGateForward(raw: H, out: H): { gateLogits: H; contribution: H };
   cudaSharedGateBackward(g: H, out: H, gateLogits: H): { gradOut: H; gradGateLogits: H };
   cudaMatmulF32Out(a: H, b: H, transA?: boolean, transB?: boolean): H;
-  cudaMatmulMixed(a: H, b: H, transA?: boolean, transB?: boolean): H;
+  cudaMatmulMixed(a: H, b: H, transA?: boolean, transB?: boolean, addend?: H): H;
   cudaLogitsEpilogue(raw: H, bias: H | undefined | null, roundTo: string): H;
   cudaAdd3(a: H, b: H, c: H | undefined | null, dtype: string): H;
   cudaColumnSums(g: H, dtype: string): H;
@@ -204,12 +214,16 @@ export const trainGpu: GpuFamily = {
           return wrapDevice<'float32'>(gpu.cudaMatmulF32Out(h.of(a, 'a', TOKENS), h.of(b, 'b', TOKENS), checkBool(o.transA, 'options.transA'), checkBool(o.transB, 'options.transB')));
         });
       },
-      matmulMixed(a, b, options) {
+      matmulMixed(a: DeviceTensor<'float32' | 'bfloat16'>, b: DeviceTensor<'float32' | 'bfloat16'>, options?: { transA?: boolean; transB?: boolean; addend?: DeviceTensor }) {
         return call('matmulMixed', (h) => {
           live(a, b);
-          const o = checkOptions<{ transA?: boolean; transB?: boolean }>(options, 'matmulMixed', ['transA', 'transB']);
+          const o = checkOptions<{ transA?: boolean; transB?: boolean; addend?: DeviceTensor }>(options, 'matmulMixed', ['transA', 'transB', 'addend']);
           const kinds = ['float32', 'bfloat16'] as const;
-          return wrapDevice<'float32'>(gpu.cudaMatmulMixed(h.of(a, 'a', kinds), h.of(b, 'b', kinds), checkBool(o.transA, 'options.transA'), checkBool(o.transB, 'options.transB')));
+          const addend = o.addend === undefined ? undefined : h.of(o.addend, 'options.addend', TOKENS);
+          // (the overloads' result: float32, or the addend's dtype)
+          return wrapDevice(
+            gpu.cudaMatmulMixed(h.of(a, 'a', kinds), h.of(b, 'b', kinds), checkBool(o.transA, 'options.transA'), checkBool(o.transB, 'options.transB'), addend),
+          ) as DeviceTensor<'float32'>;
         });
       },
       sharedGateForward(raw, out) {

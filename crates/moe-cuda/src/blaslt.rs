@@ -6,7 +6,9 @@
 //! Products are row-major as in [`crate::blas::gemm`] (`C [m, n] = op(A) [m, k] @ op(B) [k, n]`,
 //! f32 accumulation), mapped to cuBLASLt's column-major view by swapping the operands.
 
+use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex};
 
 use cudarc::cublaslt::sys as lt;
 use moe_core::tensor::DType;
@@ -23,7 +25,23 @@ const WORKSPACE: usize = 32 << 20;
 pub struct Lt {
     handle: lt::cublasLtHandle_t,
     workspace: Buffer,
+    /// [`Lt::matmul_plus`]'s descriptors and algorithm by product shape and dtypes, made once
+    /// (`None`: cuBLASLt offers no algorithm for them).
+    plans: Mutex<HashMap<PlanKey, Option<Arc<Plan>>>>,
 }
+
+/// A product's shape and dtypes: `(m, n, k, A, B, C)`.
+type PlanKey = (usize, usize, usize, (DType, bool), (DType, bool), DType);
+
+/// The descriptors of one product and the heuristic's first algorithm for them.
+struct Plan {
+    d: Descs,
+    algo: Candidate,
+}
+
+// The descriptors are read-only after creation and used with the device's order.
+unsafe impl Send for Plan {}
+unsafe impl Sync for Plan {}
 
 // The handle is used from one thread at a time (callers hold the device's order).
 unsafe impl Send for Lt {}
@@ -171,7 +189,7 @@ impl Lt {
             Err(panic) => return Err(Error::Unavailable(format!("libcublasLt failed to load: {}", panic_message(&panic)))),
         };
         let workspace = dev.alloc("the cuBLASLt workspace", WORKSPACE)?;
-        Ok(Lt { handle, workspace })
+        Ok(Lt { handle, workspace, plans: Mutex::new(HashMap::new()) })
     }
 
     /// Up to `count` algorithms for the product, cuBLASLt's heuristic's order (best first).
@@ -186,7 +204,10 @@ impl Lt {
         c: DType,
         count: usize,
     ) -> Result<Vec<Candidate>> {
-        let d = descs(m, n, k, a, b, c)?;
+        self.candidates_for(&descs(m, n, k, a, b, c)?, count)
+    }
+
+    fn candidates_for(&self, d: &Descs, count: usize) -> Result<Vec<Candidate>> {
         let mut pref = std::ptr::null_mut();
         check("cublasLtMatmulPreferenceCreate", unsafe { lt::cublasLtMatmulPreferenceCreate(&mut pref) })?;
         let ws = WORKSPACE as u64;
@@ -260,9 +281,41 @@ impl Lt {
         problems.iter().filter(|q| q.m > 0 && q.n > 0).try_for_each(|q| self.matmul(dev, &descs(q.m, q.n, q.k, a, b, c)?, q, algo))
     }
 
+    /// `D = addend + op(A) op(B)` for `q` (`q.c` is D, a new buffer; `addend` another [m, n]
+    /// matrix of C's dtype): cuBLASLt's epilogue adds the float32 accumulator and the addend
+    /// widened in float32 (beta 1) and rounds the sum once to C's dtype. The heuristic's first
+    /// algorithm for the shape, and its descriptors, are made at the first call and kept.
+    /// `Ok(false)`, nothing queued, where cuBLASLt offers no algorithm for these dtypes.
+    pub fn matmul_plus(&self, dev: &Device, q: &Problem, addend: u64, a: (DType, bool), b: (DType, bool), c: DType) -> Result<bool> {
+        if q.m == 0 || q.n == 0 {
+            return Ok(true);
+        }
+        let key = (q.m, q.n, q.k, a, b, c);
+        let known = self.plans.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned();
+        let plan = match known {
+            Some(p) => p,
+            None => {
+                let d = descs(q.m, q.n, q.k, a, b, c)?;
+                // (a heuristic that fails or offers nothing: no algorithm for these dtypes)
+                let p = self.candidates_for(&d, 1).ok().and_then(|c| c.first().copied()).map(|algo| Arc::new(Plan { d, algo }));
+                self.plans.lock().unwrap_or_else(|p| p.into_inner()).insert(key, p.clone());
+                p
+            }
+        };
+        let Some(plan) = plan else { return Ok(false) };
+        self.matmul_with(dev, &plan.d, q, addend, 1.0, &plan.algo)?;
+        Ok(true)
+    }
+
     /// One `cublasLtMatmul` of `q` (C overwritten) described by `d`, on the device's stream.
     fn matmul(&self, dev: &Device, d: &Descs, q: &Problem, algo: &Candidate) -> Result<()> {
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        self.matmul_with(dev, d, q, q.c, 0.0, algo)
+    }
+
+    /// One `cublasLtMatmul`: `q.c = beta * addend + op(A) op(B)` (addend of C's layout; with
+    /// beta 0 it is not read).
+    fn matmul_with(&self, dev: &Device, d: &Descs, q: &Problem, addend: u64, beta: f32, algo: &Candidate) -> Result<()> {
+        let alpha = 1.0f32;
         check("cublasLtMatmul", unsafe {
             lt::cublasLtMatmul(
                 self.handle,
@@ -273,7 +326,7 @@ impl Lt {
                 q.a as *const _,
                 d.b,
                 &beta as *const f32 as *const _,
-                q.c as *const _,
+                addend as *const _,
                 d.c,
                 q.c as *mut _,
                 d.c,

@@ -33,6 +33,9 @@ pub struct Device {
     /// Streams with a cuBLAS handle each, sized for a share of the SMs, for many small GEMMs side
     /// by side (see [`crate::blas::SideBySide`]); opened at first use.
     side_blas: OnceLock<Result<crate::blas::SideBySide>>,
+    /// cuBLASLt (a GEMM whose result adds another matrix: [`crate::blaslt::Lt::matmul_plus`]);
+    /// opened at first use.
+    lt: OnceLock<Result<crate::blaslt::Lt>>,
     /// Free slots of mapped page-locked host memory for [`Device::host_words`]: (host address,
     /// device address) of [`HOST_SLOT`] bytes each, carved from 4 KiB allocations never freed.
     host_slots: std::sync::Mutex<Vec<(usize, u64)>>,
@@ -175,6 +178,7 @@ impl Device {
             _modules: modules,
             blas: OnceLock::new(),
             side_blas: OnceLock::new(),
+            lt: OnceLock::new(),
             host_slots: std::sync::Mutex::new(Vec::new()),
             counters: std::sync::Mutex::new(None),
             sms,
@@ -222,6 +226,11 @@ impl Device {
     /// The device's cuBLAS handle, opened at first use; a failure to open is remembered.
     pub fn blas(&self) -> Result<&cudarc::cublas::CudaBlas> {
         self.blas.get_or_init(|| crate::blas::open(self)).as_ref().map_err(|e| e.clone())
+    }
+
+    /// The device's cuBLASLt handle, opened at first use; a failure to open is remembered.
+    pub fn lt(&self) -> Result<&crate::blaslt::Lt> {
+        self.lt.get_or_init(|| crate::blaslt::Lt::open(self)).as_ref().map_err(|e| e.clone())
     }
 
     /// The side-by-side GEMM streams, opened at first use; a failure to open is remembered.

@@ -13,7 +13,7 @@
 
 use moe_core::tensor::DType;
 
-use crate::blas::{gemm, Operand, Output};
+use crate::blas::{gemm, Operand, Output, Problem};
 use crate::device::{Arg, Device};
 use crate::error::{Error, Result};
 use crate::switch::Switch;
@@ -512,7 +512,40 @@ pub fn set_matmul_mixed(mode: Option<bool>) {
 /// added, `(p0 + p1) + p2`: `sum3_f32`). Shapes: the core's matmul checks; dtypes: one float32
 /// and one bfloat16 operand.
 pub fn matmul_mixed(dev: &Device, a: &DeviceTensor, b: &DeviceTensor, trans_a: bool, trans_b: bool) -> Result<DeviceTensor> {
+    matmul_mixed_plus(dev, a, b, trans_a, trans_b, None)
+}
+
+/// [`matmul_mixed`] with `addend` (`[m, n]`, float32, bfloat16 or float16) added:
+/// `addend.dtype(f32(addend + a @ b))`, [`add3`]`(addend, a @ b)`'s bits for the product's float32
+/// result (the layer's input gradient: the experts' part plus the router's). Where the product is
+/// one GEMM (the parts along K), cuBLASLt's epilogue adds the addend and rounds once (no float32
+/// result written and read back: [`crate::blaslt::Lt::matmul_plus`]); elsewhere, or without
+/// cuBLASLt, the float32 result and `add3`. The GEMM is not the float32-result GEMM's kernel, so
+/// its sums may differ from [`matmul_mixed`]'s in the last bits, as any two GEMMs' (run to run, the
+/// same bits).
+pub fn matmul_mixed_plus(
+    dev: &Device,
+    a: &DeviceTensor,
+    b: &DeviceTensor,
+    trans_a: bool,
+    trans_b: bool,
+    addend: Option<&DeviceTensor>,
+) -> Result<DeviceTensor> {
     let (m, k, n) = moe_core::experts::check_matmul(a.meta("a"), b.meta("b"), trans_a, trans_b)?;
+    if let Some(c) = addend {
+        float_tag(c, "addend")?;
+        if c.shape != [m, n] {
+            return Err(Error::Core(moe_core::Error::range(
+                "addend.shape",
+                format!("expected [{m}, {n}] (the product's), got {:?}", c.shape),
+            )));
+        }
+    }
+    // the float32 product, then the addend added by add3 (where the GEMM does not add it)
+    let plus = |product: DeviceTensor| match addend {
+        Some(c) => add3(dev, c, &product, None, c.dtype),
+        None => Ok(product),
+    };
     let f_is_a = match (a.dtype, b.dtype) {
         (DType::F32, DType::BF16) => true,
         (DType::BF16, DType::F32) => false,
@@ -530,16 +563,16 @@ pub fn matmul_mixed(dev: &Device, a: &DeviceTensor, b: &DeviceTensor, trans_a: b
     };
     let (f, other, f_trans, other_trans) = if f_is_a { (a, b, trans_a, trans_b) } else { (b, a, trans_b, trans_a) };
     if m == 0 || n == 0 {
-        return DeviceTensor::alloc(dev, "output", DType::F32, vec![m, n]);
+        return plus(DeviceTensor::alloc(dev, "output", DType::F32, vec![m, n])?);
     }
     if k == 0 {
-        return zeros_f32(dev, "output", vec![m, n]);
+        return plus(zeros_f32(dev, "output", vec![m, n])?);
     }
     if !MATMUL_MIXED.on() {
         // the widened GEMM (CUDA cores), for comparisons
         let wide = cast(dev, other, DType::F32)?;
         let (wa, wb) = if f_is_a { (a, &wide) } else { (&wide, b) };
-        return crate::experts::gemm_to_new(dev, wa, wb, (trans_a, trans_b), (m, k, n), DType::F32);
+        return plus(crate::experts::gemm_to_new(dev, wa, wb, (trans_a, trans_b), (m, k, n), DType::F32)?);
     }
     let split_k = other.numel() <= m * n;
     // Where part j of an operand stored [rows, cols] goes: `stack_rows` puts the parts one
@@ -571,15 +604,27 @@ pub fn matmul_mixed(dev: &Device, a: &DeviceTensor, b: &DeviceTensor, trans_a: b
     let parts = dev.alloc("the float32 operand's bfloat16 parts", 3 * f.numel() * 2)?;
     launch3("split3_bf16", f.buf.ptr(s), f_layout, parts.ptr(s))?;
     let f_op = Operand { ptr: parts.ptr(s), dtype: DType::BF16, trans: f_trans };
-    let out = DeviceTensor::alloc(dev, "output", DType::F32, vec![m, n])?;
     if split_k {
         let copies = dev.alloc("the bfloat16 operand, three times", 3 * other.numel() * 2)?;
         launch3("repeat3_u16", other.buf.ptr(s), layout(other, k_is_rows(!f_is_a, other_trans)), copies.ptr(s))?;
         let o_op = Operand { ptr: copies.ptr(s), dtype: DType::BF16, trans: other_trans };
         let (a_op, b_op) = if f_is_a { (f_op, o_op) } else { (o_op, f_op) };
+        if let (Some(c), Ok(lt)) = (addend, dev.lt()) {
+            let out = DeviceTensor::alloc(dev, "output", c.dtype, vec![m, n])?;
+            let q = Problem { m, n, k: 3 * k, a: a_op.ptr, b: b_op.ptr, c: out.buf.ptr(s) };
+            let added = dev.span(
+                || format!("cublasLt: gemm [{m}, {}] x [{}, {n}] + addend", 3 * k, 3 * k),
+                || lt.matmul_plus(dev, &q, c.buf.ptr(s), (DType::BF16, a_op.trans), (DType::BF16, b_op.trans), c.dtype),
+            )?;
+            if added {
+                return Ok(out);
+            }
+        }
+        let out = DeviceTensor::alloc(dev, "output", DType::F32, vec![m, n])?;
         gemm(dev, m, n, 3 * k, a_op, b_op, Output { ptr: out.buf.ptr(s), dtype: DType::F32 }, 0.0)?;
-        return Ok(out);
+        return plus(out);
     }
+    let out = DeviceTensor::alloc(dev, "output", DType::F32, vec![m, n])?;
     // the result's three parts: [3m, n] (A's parts are its rows j * m + i), [m, 3n] (B's)
     let (pm, pn, sum_layout) = if f_is_a { (3 * m, n, (m, n, n, m * n)) } else { (m, 3 * n, (m, n, 3 * n, n)) };
     let partial = dev.alloc("the parts' products", pm * pn * 4)?;
@@ -587,7 +632,7 @@ pub fn matmul_mixed(dev: &Device, a: &DeviceTensor, b: &DeviceTensor, trans_a: b
     let (a_op, b_op) = if f_is_a { (f_op, o_op) } else { (o_op, f_op) };
     gemm(dev, pm, pn, k, a_op, b_op, Output { ptr: partial.ptr(s), dtype: DType::F32 }, 0.0)?;
     launch3("sum3_f32", partial.ptr(s), sum_layout, out.buf.ptr(s))?;
-    Ok(out)
+    plus(out)
 }
 
 fn rows_dim(t: &DeviceTensor, what: &str) -> Result<(usize, usize)> {

@@ -262,10 +262,27 @@ pub fn cuda_matmul_f32_out(
     })
 }
 
-/// `a @ b` of a float32 and a bfloat16 operand, float32 result (moe_cuda::train::matmul_mixed).
+/// `a @ b` of a float32 and a bfloat16 operand, float32 result (moe_cuda::train::matmul_mixed);
+/// with `addend`, `addend.dtype(addend + a @ b)` (moe_cuda::train::matmul_mixed_plus).
 #[napi]
-pub fn cuda_matmul_mixed(a: &CudaTensor, b: &CudaTensor, trans_a: Option<bool>, trans_b: Option<bool>) -> napi::Result<CudaTensor, String> {
-    run(|dev| Ok(CudaTensor::wrap(train::matmul_mixed(dev, a.get("a")?, b.get("b")?, trans_a.unwrap_or(false), trans_b.unwrap_or(false))?)))
+pub fn cuda_matmul_mixed(
+    a: &CudaTensor,
+    b: &CudaTensor,
+    trans_a: Option<bool>,
+    trans_b: Option<bool>,
+    addend: Option<&CudaTensor>,
+) -> napi::Result<CudaTensor, String> {
+    run(|dev| {
+        let addend = addend.map(|c| c.get("addend")).transpose()?;
+        Ok(CudaTensor::wrap(train::matmul_mixed_plus(
+            dev,
+            a.get("a")?,
+            b.get("b")?,
+            trans_a.unwrap_or(false),
+            trans_b.unwrap_or(false),
+            addend,
+        )?))
+    })
 }
 
 /// What `cudaSharedGateForward` returns.
