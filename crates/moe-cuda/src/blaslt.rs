@@ -24,7 +24,8 @@ const WORKSPACE: usize = 32 << 20;
 /// A cuBLASLt handle and its workspace on a device's stream.
 pub struct Lt {
     handle: lt::cublasLtHandle_t,
-    workspace: Buffer,
+    /// [`WORKSPACE`] bytes ([`Lt::open`]), or none ([`Lt::open_bare`]: algorithms that need none).
+    workspace: Option<Buffer>,
     /// [`Lt::matmul_plus`]'s descriptors and algorithm by product shape and dtypes, made once
     /// (`None`: cuBLASLt offers no algorithm for them).
     plans: Mutex<HashMap<PlanKey, Option<Arc<Plan>>>>,
@@ -176,8 +177,17 @@ fn config_attr(algo: &lt::cublasLtMatmulAlgo_t, attr: lt::cublasLtMatmulAlgoConf
 }
 
 impl Lt {
-    /// Opens cuBLASLt (errors say why: library missing, handle creation failed).
+    /// Opens cuBLASLt with a workspace of [`WORKSPACE`] bytes (the benchmarks' choice among
+    /// algorithms; errors say why: library missing, handle creation failed).
     pub fn open(dev: &Device) -> Result<Lt> {
+        let mut lt = Lt::open_bare()?;
+        lt.workspace = Some(dev.alloc("the cuBLASLt workspace", WORKSPACE)?);
+        Ok(lt)
+    }
+
+    /// Opens cuBLASLt with no workspace: its heuristic offers the algorithms that need none (no
+    /// split-K partial sums), and the handle holds no device memory ([`Device::lt`]).
+    pub fn open_bare() -> Result<Lt> {
         if !unsafe { lt::is_culib_present() } {
             return Err(Error::Unavailable("libcublasLt.so.13 not found".into()));
         }
@@ -188,8 +198,12 @@ impl Lt {
             Ok(r) => r?,
             Err(panic) => return Err(Error::Unavailable(format!("libcublasLt failed to load: {}", panic_message(&panic)))),
         };
-        let workspace = dev.alloc("the cuBLASLt workspace", WORKSPACE)?;
-        Ok(Lt { handle, workspace, plans: Mutex::new(HashMap::new()) })
+        Ok(Lt { handle, workspace: None, plans: Mutex::new(HashMap::new()) })
+    }
+
+    /// The workspace's bytes and address (0 and null without one).
+    fn workspace(&self, dev: &Device) -> (usize, u64) {
+        self.workspace.as_ref().map_or((0, 0), |w| (WORKSPACE, w.device_ptr(dev)))
     }
 
     /// Up to `count` algorithms for the product, cuBLASLt's heuristic's order (best first).
@@ -210,7 +224,7 @@ impl Lt {
     fn candidates_for(&self, d: &Descs, count: usize) -> Result<Vec<Candidate>> {
         let mut pref = std::ptr::null_mut();
         check("cublasLtMatmulPreferenceCreate", unsafe { lt::cublasLtMatmulPreferenceCreate(&mut pref) })?;
-        let ws = WORKSPACE as u64;
+        let ws = self.workspace.as_ref().map_or(0, |_| WORKSPACE as u64);
         let mut results = vec![unsafe { std::mem::zeroed::<lt::cublasLtMatmulHeuristicResult_t>() }; count.max(1)];
         let mut returned = 0i32;
         let status = unsafe {
@@ -316,6 +330,7 @@ impl Lt {
     /// beta 0 it is not read).
     fn matmul_with(&self, dev: &Device, d: &Descs, q: &Problem, addend: u64, beta: f32, algo: &Candidate) -> Result<()> {
         let alpha = 1.0f32;
+        let (ws_bytes, ws_ptr) = self.workspace(dev);
         check("cublasLtMatmul", unsafe {
             lt::cublasLtMatmul(
                 self.handle,
@@ -331,8 +346,8 @@ impl Lt {
                 q.c as *mut _,
                 d.c,
                 &algo.algo,
-                self.workspace.device_ptr(dev) as *mut _,
-                WORKSPACE,
+                ws_ptr as *mut _,
+                ws_bytes,
                 dev.stream().cu_stream() as lt::cudaStream_t,
             )
         })

@@ -228,9 +228,10 @@ impl Device {
         self.blas.get_or_init(|| crate::blas::open(self)).as_ref().map_err(|e| e.clone())
     }
 
-    /// The device's cuBLASLt handle, opened at first use; a failure to open is remembered.
+    /// The device's cuBLASLt handle (no workspace: it holds no device memory), opened at first
+    /// use; a failure to open is remembered.
     pub fn lt(&self) -> Result<&crate::blaslt::Lt> {
-        self.lt.get_or_init(|| crate::blaslt::Lt::open(self)).as_ref().map_err(|e| e.clone())
+        self.lt.get_or_init(crate::blaslt::Lt::open_bare).as_ref().map_err(|e| e.clone())
     }
 
     /// The side-by-side GEMM streams, opened at first use; a failure to open is remembered.
