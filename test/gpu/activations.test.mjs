@@ -173,6 +173,10 @@ const LOSS_SHAPES = [
   { rows: 5, cols: 3 },
   { rows: 64, cols: 8 },
   { rows: 300, cols: 64 },
+  // a row a warp, its columns 32 at a time (kernels/activations.cu LOSS_WARP_ROWS): a partial
+  // second and fourth group
+  { rows: 40, cols: 33 },
+  { rows: 17, cols: 100 },
   // the totals add blocks of 64 rows (the core's TOTAL_BLOCK), staged in chunks of 4096 rows in
   // shared memory (kernels/activations.cu loss_ordered_total): a block and one row, one whole
   // chunk, a chunk and one row, several with a partial last block

@@ -646,21 +646,41 @@ static __device__ double loss_switch_factor(i64 cols, double coeff, double topk,
     return (double)cols * coeff / (topk * n * n);
 }
 
+// The loss kernels' rows go one a warp: the lanes load a row's columns side by side (lane e % 32
+// holds column e) and form their terms, and every lane adds the row's terms in column order (the
+// same values in the same order: each lane holds the same sum), taking each from its lane by a
+// shuffle. (One thread a row left 256 warps for 8192 rows, each loading its row alone: 0.017 ms
+// for the Switch loss's rows at T = 8192, E = 64 on an H100, ncu.)
+#define LOSS_WARP_ROWS(t, rows)                                                                              \
+    for (i64 t = (((i64)blockIdx.x * blockDim.x) >> 5) + (threadIdx.x >> 5), step_ = ((i64)gridDim.x * blockDim.x) >> 5; \
+         t < rows; t += step_)
+
+// `sum` plus the 32 lanes' `term`s of the columns e0 .. e0 + n - 1 in column order (every lane).
+static __device__ __forceinline__ double loss_add_in_order(double sum, double term, int n) {
+    for (int j = 0; j < n; j++) sum += __shfl_sync(0xffffffffu, term, j);
+    return sum;
+}
+
 // Switch loss on probs, per row: the finiteness check of the whole row, and for valid rows
 // sum_e probs[t, e] * counts[e] in column order (Rust's sum: from -0.0).
 extern "C" __global__ void loss_switch_rows(const float* probs, const int* counts, const u8* mask, i64 rows, i64 cols, double* partial, unsigned long long* result) { MOE_PDL_ENTRY();
-    const i64 step = (i64)gridDim.x * (i64)blockDim.x;
-    for (i64 t = (i64)blockIdx.x * (i64)blockDim.x + (i64)threadIdx.x; t < rows; t += step) {
+    const int lane = threadIdx.x & 31;
+    LOSS_WARP_ROWS(t, rows) {
         const float* row = probs + t * cols;
         bool bad = false;
         double s = -0.0;
-        for (i64 e = 0; e < cols; e++) {
-            const float v = row[e];
-            bad |= !finite_f32(v);
-            s += (double)v * (double)counts[e];
+        for (i64 e0 = 0; e0 < cols; e0 += 32) {
+            const i64 e = e0 + lane;
+            double term = 0.0;
+            if (e < cols) {
+                const float v = row[e];
+                bad |= !finite_f32(v);
+                term = (double)v * (double)counts[e];
+            }
+            s = loss_add_in_order(s, term, (int)min((i64)32, cols - e0));
         }
-        if (bad) atomicOr(&result[2], LOSS_BAD_VALUE);
-        partial[t] = s;
+        if (__any_sync(0xffffffffu, bad) && lane == 0) atomicOr(&result[2], LOSS_BAD_VALUE);
+        if (lane == 0) partial[t] = s;
     }
 }
 
@@ -677,15 +697,14 @@ extern "C" __global__ void __launch_bounds__(LOSS_TOTAL_THREADS) loss_switch_tot
     if (flags) atomicOr(&result[2], flags);
 }
 
-// Switch loss on probs, the gradient: counts[e] * factor rounded to f32 in valid rows, 0 elsewhere.
+// Switch loss on probs, the gradient: counts[e] * factor rounded to f32 in valid rows, 0 elsewhere
+// (a warp a row, the lanes along its columns).
 extern "C" __global__ void loss_switch_grad(const int* counts, const u8* mask, i64 rows, i64 cols, const unsigned long long* result, float* grad) { MOE_PDL_ENTRY();
     const double factor = __longlong_as_double((long long)result[1]);
-    const i64 total = rows * cols;
-    const i64 step = (i64)gridDim.x * (i64)blockDim.x;
-    for (i64 i = (i64)blockIdx.x * (i64)blockDim.x + (i64)threadIdx.x; i < total; i += step) {
-        const i64 t = i / cols;
-        const i64 e = i - t * cols;
-        grad[i] = loss_valid(mask, t) ? (float)((double)counts[e] * factor) : 0.0f;
+    const int lane = threadIdx.x & 31;
+    LOSS_WARP_ROWS(t, rows) {
+        const bool valid = loss_valid(mask, t);
+        for (i64 e = lane; e < cols; e += 32) grad[t * cols + e] = valid ? (float)((double)counts[e] * factor) : 0.0f;
     }
 }
 
@@ -694,25 +713,31 @@ extern "C" __global__ void loss_switch_grad(const int* counts, const u8* mask, i
 // (from 0.0), [3t + 2] = the row's value: weighted / sum for the Switch loss (weighted = sum of
 // exp(x - max) * counts[e], from 0.0), max + ln(sum) (the logsumexp) for the z-loss.
 extern "C" __global__ void loss_logits_rows(const float* logits, const int* counts, const u8* mask, i64 rows, i64 cols, int mode, double* stats, unsigned long long* result) { MOE_PDL_ENTRY();
-    const i64 step = (i64)gridDim.x * (i64)blockDim.x;
-    for (i64 t = (i64)blockIdx.x * (i64)blockDim.x + (i64)threadIdx.x; t < rows; t += step) {
+    const int lane = threadIdx.x & 31;
+    LOSS_WARP_ROWS(t, rows) {
         const float* row = logits + t * cols;
         bool bad = false;
         float m = -__int_as_float(0x7f800000);
-        for (i64 e = 0; e < cols; e++) {
+        for (i64 e = lane; e < cols; e += 32) {
             const float v = row[e];
             bad |= !finite_f32(v);
-            m = fmaxf(m, v);
+            m = fmaxf(m, v);  // finite values (else the row is skipped): any order
         }
-        if (bad) atomicOr(&result[2], LOSS_BAD_VALUE);
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+        bad = __any_sync(0xffffffffu, bad);
+        if (bad && lane == 0) atomicOr(&result[2], LOSS_BAD_VALUE);
         if (bad || !loss_valid(mask, t)) continue;
         const double max = (double)m;
         double sum = 0.0, weighted = 0.0;
-        for (i64 e = 0; e < cols; e++) {
-            const double p = det_exp((double)row[e] - max);
-            sum += p;
-            if (mode == LOSS_SWITCH) weighted += p * (double)counts[e];
+        for (i64 e0 = 0; e0 < cols; e0 += 32) {
+            const i64 e = e0 + lane;
+            const double p = e < cols ? det_exp((double)row[e] - max) : 0.0;
+            const int n = (int)min((i64)32, cols - e0);
+            sum = loss_add_in_order(sum, p, n);
+            if (mode == LOSS_SWITCH) weighted = loss_add_in_order(weighted, e < cols ? p * (double)counts[e] : 0.0, n);
         }
+        if (lane != 0) continue;
         stats[3 * t] = max;
         stats[3 * t + 1] = sum;
         stats[3 * t + 2] = mode == LOSS_SWITCH ? weighted / sum : max + det_ln(sum);
@@ -753,26 +778,27 @@ extern "C" __global__ void loss_logits_grad(const float* logits, const int* coun
                                             const unsigned long long* result, float* grad) { MOE_PDL_ENTRY();
     const double scalar = __longlong_as_double((long long)result[1]);
     const bool bad_values = (result[2] & LOSS_BAD_VALUE) != 0;
-    const i64 total = rows * cols;
-    const i64 step = (i64)gridDim.x * (i64)blockDim.x;
-    for (i64 i = (i64)blockIdx.x * (i64)blockDim.x + (i64)threadIdx.x; i < total; i += step) {
-        const i64 t = i / cols;
-        const i64 e = i - t * cols;
+    const int lane = threadIdx.x & 31;
+    // a warp a row, the lanes along its columns
+    LOSS_WARP_ROWS(t, rows) {
+        float* out = grad + t * cols;
         if (bad_values || !loss_valid(mask, t)) {
-            grad[i] = 0.0f;
+            for (i64 e = lane; e < cols; e += 32) out[e] = 0.0f;
             continue;
         }
         const double max = stats[3 * t];
         const double sum = stats[3 * t + 1];
         const double value = stats[3 * t + 2];
-        const double ex = det_exp((double)logits[i] - max);
-        if (mode == LOSS_SWITCH) {
-            const double mean_g = value * scalar;
-            const double p = ex / sum;
-            grad[i] = (float)(p * ((double)counts[e] * scalar - mean_g));
-        } else {
-            const double scale = 2.0 * coeff / scalar * value / sum;
-            grad[i] = (float)(scale * ex);
+        for (i64 e = lane; e < cols; e += 32) {
+            const double ex = det_exp((double)logits[t * cols + e] - max);
+            if (mode == LOSS_SWITCH) {
+                const double mean_g = value * scalar;
+                const double p = ex / sum;
+                out[e] = (float)(p * ((double)counts[e] * scalar - mean_g));
+            } else {
+                const double scale = 2.0 * coeff / scalar * value / sum;
+                out[e] = (float)(scale * ex);
+            }
         }
     }
 }

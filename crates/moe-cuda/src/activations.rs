@@ -36,6 +36,11 @@ fn blocks(items: usize) -> u32 {
     items.div_ceil(THREADS as usize).min(MAX_BLOCKS) as u32
 }
 
+/// The grid of the loss kernels that take a row a warp (`LOSS_WARP_ROWS`: grid-stride over rows).
+fn warp_rows(rows: usize) -> u32 {
+    blocks(rows.saturating_mul(32))
+}
+
 /// Rows a thread of the forward kernels loads together (ACT_ROWS in kernels/activations.cu):
 /// their grids cover `rows / ACT_ROWS` row groups (the backward kernels take one row at a time).
 const ACT_ROWS: usize = 4;
@@ -599,7 +604,7 @@ pub fn switch_load_balancing_loss_device_lazy(
     let (x, c, m) = (probs.buf.ptr(s), tokens_per_expert.buf.ptr(s), token_mask.map_or(0, |m| m.buf.ptr(s)));
     dev.launch(
         "loss_switch_rows",
-        (blocks(rows), 1),
+        (warp_rows(rows), 1),
         THREADS,
         &[Arg::U64(x), Arg::U64(c), Arg::U64(m), i64_arg(rows), i64_arg(cols), Arg::U64(partial.ptr(s)), Arg::U64(r)],
     )?;
@@ -621,7 +626,7 @@ pub fn switch_load_balancing_loss_device_lazy(
     )?;
     dev.launch(
         "loss_switch_grad",
-        (blocks(rows.saturating_mul(cols)), 1),
+        (warp_rows(rows), 1),
         THREADS,
         &[Arg::U64(c), Arg::U64(m), i64_arg(rows), i64_arg(cols), Arg::U64(r), Arg::U64(grad.buf.ptr(s))],
     )?;
@@ -704,7 +709,7 @@ fn logits_loss(
     let (x, c, m) = (logits.buf.ptr(s), counts.map_or(0, |c| c.buf.ptr(s)), token_mask.map_or(0, |m| m.buf.ptr(s)));
     dev.launch(
         "loss_logits_rows",
-        (blocks(rows), 1),
+        (warp_rows(rows), 1),
         THREADS,
         &[Arg::U64(x), Arg::U64(c), Arg::U64(m), i64_arg(rows), i64_arg(cols), Arg::I32(a.mode), Arg::U64(stats.ptr(s)), Arg::U64(r)],
     )?;
@@ -727,7 +732,7 @@ fn logits_loss(
     )?;
     dev.launch(
         "loss_logits_grad",
-        (blocks(rows.saturating_mul(cols)), 1),
+        (warp_rows(rows), 1),
         THREADS,
         &[
             Arg::U64(x),
