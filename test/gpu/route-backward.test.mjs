@@ -38,7 +38,7 @@ const PROBLEMS = [];
   const pick = (xs) => xs[Math.floor(random() * xs.length)];
   for (let i = 0; i < 60; i++) {
     const sf = FNS[i % FNS.length];
-    const E = pick([2, 4, 8, 16, 64, 256]);
+    const E = pick([2, 4, 8, 16, 40, 64, 100, 256]);
     const T = pick([0, 1, 7, 64, 300, 2048]);
     const groupable = sf !== 'softmax' && sf !== 'sqrtsoftplus';
     const divisors = [2, 4, 8].filter((g) => E % g === 0 && E / g >= 2);
