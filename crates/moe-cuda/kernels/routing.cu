@@ -809,12 +809,9 @@ ROUTE_REG_KERNELS(16)
 // routeBackward: d loss / d logits given route's picks, moe_core::routing::route_backward's
 // arithmetic and order exactly (f64, the core's exp; every sum in the core's order, from -0.0
 // as Rust's f64 `sum()` starts; the accumulators it fills with 0.0 from +0.0), one warp a token:
-// the lanes compute the per-expert terms (the exps, sigmoids, the sums' terms, the outputs),
-// expert e on lane e % 32, and every lane adds up the row's sums over the experts in expert order,
-// taking each term from its lane by a shuffle (`rb_ordered_sum`: the same values in the same
-// order, so each lane holds the same sum). (The sums' terms had been formed by every lane in
-// turn, each waiting for its gradScores load: 16% of the kernel's stall samples on one
-// conversion after that load, ncu, an H100.) The row's f64 scores sit in `sbuf`,
+// the lanes compute the per-expert terms (the exps, sigmoids, the outputs), expert e on lane
+// e % 32, and every lane adds up the row's sums over the experts in expert order (the same
+// values in the same order: each lane holds the same sum). The row's f64 scores sit in `sbuf`,
 // token t's expert e at sbuf[t * E + e]; the k picks' weights in registers (k <= RB_MAX_K),
 // computed by every lane alike. (One thread a token kept 4 warps an SM busy: 0.095 ms at
 // T=8192, E=64 on an H200, ncu, at 6% occupancy.)
@@ -852,19 +849,6 @@ struct RouteBackwardRow {
         return g;
     }
 };
-
-// -0.0 plus term(e) for e = 0 .. E - 1 in order, every lane of the warp (lane e % 32 forms term(e)).
-template <typename Term>
-static __device__ __forceinline__ double rb_ordered_sum(int E, int lane, Term term) {
-    double acc = -0.0;
-    for (int e0 = 0; e0 < E; e0 += 32) {
-        const int e = e0 + lane;
-        const double v = e < E ? term(e) : 0.0;
-        const int n = min(32, E - e0);
-        for (int j = 0; j < n; j++) acc += __shfl_sync(0xffffffffu, v, j);
-    }
-    return acc;
-}
 
 extern "C" __global__ void __launch_bounds__(32 * RB_WARPS) route_backward_kernel(const float* __restrict__ logits, const int* __restrict__ indices,
                                                  const float* __restrict__ grad_weights, const float* __restrict__ grad_scores,
@@ -914,7 +898,10 @@ extern "C" __global__ void __launch_bounds__(32 * RB_WARPS) route_backward_kerne
             const double m = (double)mf;
             for (int e = lane; e < E; e += 32) s[e] = det_exp((double)x[e] - m);
             __syncwarp();
-            const double sum = rb_ordered_sum(E, lane, [&](int e) { return s[e]; });
+            double sum = -0.0;
+#pragma unroll 8
+            for (int e = 0; e < E; e++) sum += s[e];
+            __syncwarp();
             for (int e = lane; e < E; e += 32) s[e] /= sum;
         } else if (sf == SF_SIGMOID || sf == SF_SIGMOID_WITH_BIAS) {
             for (int e = lane; e < E; e += 32) s[e] = sigmoid64((double)x[e]);
@@ -956,14 +943,17 @@ extern "C" __global__ void __launch_bounds__(32 * RB_WARPS) route_backward_kerne
 
     RouteBackwardRow r{grad_scores ? grad_scores + (i64)t * E : nullptr, picks, gu, s, k, on_logits != 0, normalise != 0, 0.0, 1.0};
     if (r.gsc && r.normalise) {
-        double denom = rb_ordered_sum(E, lane, [&](int e) { return r.score(e); });
+        double denom = -0.0;
+        for (int e = 0; e < E; e++) denom += r.score(e);
         denom += 1e-20;
-        r.dot_sc = rb_ordered_sum(E, lane, [&](int e) { return (double)r.gsc[e] * (r.score(e) / denom); });
+        double dot = -0.0;
+        for (int e = 0; e < E; e++) dot += (double)r.gsc[e] * (r.score(e) / denom);
+        r.dot_sc = dot;
         r.denom_sc = denom;
     }
     double dot_s = -0.0;
     if (need_scores && (sf == SF_SOFTMAX || sf == SF_SOFTMAX_WITH_BIAS))
-        dot_s = rb_ordered_sum(E, lane, [&](int e) { return r.grad_score(e) * r.score(e); });
+        for (int e = 0; e < E; e++) dot_s += r.grad_score(e) * r.score(e);
 
     for (int e = lane; e < E; e += 32) {
         double g = 0.0;
