@@ -25,7 +25,7 @@ const arg = (name, dflt) => {
 const dist = resolve(arg('dist', new URL('../dist/', import.meta.url).pathname));
 const calls = Number(arg('calls', '200'));
 if (!(Number.isInteger(calls) && calls > 0)) throw new RangeError(`--calls: expected a count (1 or more), got ${arg('calls')}`);
-const { createBackend, uniformTensor, tensor } = await import(pathToFileURL(resolve(dist, 'index.js')).href);
+const { backendInfo, createBackend, uniformTensor, tensor } = await import(pathToFileURL(resolve(dist, 'index.js')).href);
 const { loadNative } = await import(pathToFileURL(resolve(dist, 'backends/native.js')).href);
 const { nativeHandle } = await import(pathToFileURL(resolve(dist, 'device.js')).href);
 
@@ -108,5 +108,5 @@ await row('facade: permute, plan only', () => moe.permute(noColumns, routingMap,
 await row('facade: permute with probs (plan, scatter)', () => moe.permute(x, routingMap, { probs, numOutTokens: T * k }));
 obs.disconnect();
 const out = arg('out');
-if (out) writeFileSync(out, JSON.stringify({ calls, device: moe.info?.()?.device ?? null, rows }));
+if (out) writeFileSync(out, JSON.stringify({ calls, device: (await backendInfo()).find((i) => i.name === 'cuda')?.device ?? null, rows }));
 for (const t of [x, w, logits, routingMap, probs, noColumns, ...Object.values(routed)]) t.dispose?.();

@@ -75,7 +75,7 @@ pub fn bench(args: &[String]) -> i32 {
     };
     match rows(dev, calls) {
         Ok(rows) => {
-            println!("host time a call (mean of {calls} calls after 10; no waits between them), fine-grained shape:");
+            println!("host time a call (mean of {calls} calls after as many; a quarter of that for permute; no waits between them), fine-grained shape:");
             for r in &rows {
                 println!("  {:<64} {:>3} launch(es) {:>8.1} us", r.what, r.launches, r.us);
             }
