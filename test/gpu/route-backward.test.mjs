@@ -67,6 +67,29 @@ const PROBLEMS = [];
       seed: i + 1,
     });
   }
+  // more experts than the kernel's rows fit in shared memory (E > 1013: the scores in a scratch
+  // buffer, gradScores and gradWeights read where they are), with and without gradScores, and
+  // softmax on the picked logits without them (no scores at all)
+  for (const [i, [sf, withScores, extra]] of [
+    ['softmax', true, { normTopkProb: true }],
+    ['sigmoid', false, { normTopkProb: true, routeScale: 2.5 }],
+    ['softmax', false, {}],
+    ['softmax', true, { softmaxBeforeTopk: true }],
+  ].entries()) {
+    const E = 1100,
+      T = 37;
+    const options = { topk: 6, scoreFunction: sf, ...extra };
+    PROBLEMS.push({
+      T,
+      E,
+      options,
+      logits: f32([T, E], uniform(random, T * E, -8, 8)),
+      gradWeights: f32([T, 6], uniform(random, T * 6, -1, 1)),
+      gradScores: withScores ? f32([T, E], uniform(random, T * E, -1, 1)) : undefined,
+      dtype: 'float32',
+      seed: 61 + i,
+    });
+  }
 }
 
 function label(p) {

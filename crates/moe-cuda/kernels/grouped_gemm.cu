@@ -65,6 +65,13 @@ struct __align__(64) GgTensorMap {
 // experts_tile): 2-13% faster than EPI_STAGED on an H100, the weight gradients most.
 #define GG_EPI_TMA 3
 
+// The launch's `flags`. GG_IDLE_TAILS: in a tile of at most 64 rows (an expert's last) the second
+// consumer warpgroup, whose 64 rows are all past the expert's end, issues no wgmma and stores
+// nothing (without it, it multiplies rows that are not stored, and the tensor cores are shared
+// by both warpgroups' k-steps); the stored rows' bits are the same either way. Token-side
+// kernels without HALF, MC, ACT or EPI_RING (whose epilogues both warpgroups take part in).
+#define GG_IDLE_TAILS 1
+
 // The first GEMM's fused activation (`_act` kernels): `out` holds h = x W1 [m, 2 inter] as the
 // plain kernel stores it, and a [m, inter] = act(gate, up) * probs[row] is stored at `a`, from
 // h's bf16 values with kernels/common.cuh's act_unit (the activation kernel's code: the same bits
@@ -611,6 +618,19 @@ static __device__ __forceinline__ void gg_consume(const GgShared& sh, GgRing<STA
     gg_release_pending(sh, w);
 }
 
+// A consumer warpgroup with no rows in a tile (GG_IDLE_TAILS): each k-step's stage given back
+// once it is full (not before: an early arrival would count towards the stage's next use), no
+// wgmma; the other warpgroup's k-steps then have the tensor cores to themselves.
+template <int STAGES>
+static __device__ __forceinline__ void gg_pass(const GgShared& sh, GgRing<STAGES>& ring, int num_kb, GgWarp& w) {
+    for (int kb = 0; kb < num_kb; kb++) {
+        mbar_wait(sh.full0 + 8 * ring.stage, ring.phase);
+        gg_release(sh, ring.stage, w.lane);
+        ring.advance();
+    }
+    gg_release_pending(sh, w);
+}
+
 // EPI_REG's stores: consumer warpgroup w.c's accumulators straight from the registers (as
 // gg_epilogue describes), bf16 values converted by `convert` (GgFast, GgExact).
 template <int BN, bool OUT_F32, class Convert>
@@ -798,7 +818,7 @@ static __device__ __forceinline__ void gg_mma_step(float* acc, int kb, u32 a_add
 template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, int EPI, bool HALF = false, bool MC = false, bool ACT = false,
           bool GATHER = false>
 static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const GgTensorMap* map_b, void* out, const int* counts,
-                                               int num_experts, int m_total, int n, int k, int group_n, const GgAct* act = nullptr,
+                                               int num_experts, int m_total, int n, int k, int group_n, int flags, const GgAct* act = nullptr,
                                                const GgGather* gather = nullptr, const GgOut* to = nullptr) {
     constexpr u32 A_BYTES = GG_BM * GG_BK * 2;
     constexpr u32 B_BYTES = BN * GG_BK * 2;
@@ -816,6 +836,8 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
     // (ACT: a tile's 256 accumulator columns are 128 gate and 128 up columns; `n` is inter, the
     // output's columns, and tiles step over it 128 at a time)
     constexpr int TN = ACT ? BN / 2 : BN;
+    // (GG_IDLE_TAILS: the kernels whose warpgroups' epilogues are their own)
+    constexpr bool IDLE_TAILS = !HALF && !MC && !ACT && EPI != GG_EPI_RING;
     GgShared sh = gg_shared_layout<STAGES, STAGE_BYTES, C_BYTES>();
     const u32 rank = MC ? cluster_rank() : 0;
     if constexpr (MC) sh.peer = rank ^ 1u;
@@ -952,6 +974,11 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
             const GgTile tl = tile_of(q, &paired);
             // (two separate k-loops: a wgmma under a branch inside one loop gets serialised, C7520)
             const bool half = HALF && tl.rows <= 64;
+            if (IDLE_TAILS && c == 1 && tl.rows <= 64 && (flags & GG_IDLE_TAILS)) {
+                // none of the tile's rows are this warpgroup's: its stages pass by unread, nothing stored
+                gg_pass<STAGES>(sh, ring, num_kb, w);
+                continue;
+            }
             if (half) {
                 // both warpgroups: the first 64 rows of A; B's columns 128c .. 128c + 127 (16 KiB
                 // on: 128 K-major rows, or two 64-column boxes)
@@ -1020,7 +1047,7 @@ static __device__ __forceinline__ void gg_wgrad_tile(int t, int m_tiles, int n_t
 // and columns past ko as zeros; each k-step's indices are loaded two k-steps ahead.
 template <bool OUT_F32, int EPI, bool GATHER = false>
 static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, const GgTensorMap* map_b, void* out, const int* counts,
-                                                     int num_experts, int m_total, int ko, int n, int group_n,
+                                                     int num_experts, int m_total, int ko, int n, int group_n, int /* flags */,
                                                      const GgGather* gather = nullptr, const GgOut* to = nullptr) {
     constexpr int BN = 256, STAGES = EPI == GG_EPI_STAGED || EPI == GG_EPI_TMA ? 3 : 4;
     constexpr u32 C_BYTES = EPI == GG_EPI_STAGED ? 2 * 64 * GG_C_ROW : EPI == GG_EPI_TMA ? 2 * 32768 : 0;
@@ -1173,14 +1200,14 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, c
 #else  // not sm_90a: the kernels exist (compile::ALL loads every file) and trap if launched
 
 template <bool OUT_F32, int EPI, bool GATHER = false>
-static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap*, const GgTensorMap*, void*, const int*, int, int, int, int, int,
+static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap*, const GgTensorMap*, void*, const int*, int, int, int, int, int, int,
                                                      const GgGather* = nullptr, const GgOut* = nullptr) {
     __trap();
 }
 
 template <int BN, bool B_KMAJOR, bool OUT_F32, int STAGES, int EPI, bool HALF = false, bool MC = false, bool ACT = false,
           bool GATHER = false>
-static __device__ __forceinline__ void gg_body(const GgTensorMap*, const GgTensorMap*, void*, const int*, int, int, int, int, int,
+static __device__ __forceinline__ void gg_body(const GgTensorMap*, const GgTensorMap*, void*, const int*, int, int, int, int, int, int,
                                                const GgAct* = nullptr, const GgGather* = nullptr, const GgOut* = nullptr) {
     __trap();
 }
@@ -1192,8 +1219,8 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap*, const GgTenso
 // bulk epilogue through the ring; grouped_gemm.rs computes the same shared-memory sizes.
 #define GG_ARGS                                                                                                                   \
     const __grid_constant__ GgTensorMap map_a, const __grid_constant__ GgTensorMap map_b, void* out, const int* counts, int num_experts, \
-        int m_total, int n, int k, int group_n
-#define GG_PASS &map_a, &map_b, out, counts, num_experts, m_total, n, k, group_n
+        int m_total, int n, int k, int group_n, int flags
+#define GG_PASS &map_a, &map_b, out, counts, num_experts, m_total, n, k, group_n, flags
 
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n128_bf16(GG_ARGS) { MOE_PDL_ENTRY(); gg_body<128, false, false, 6, GG_EPI_REG>(GG_PASS); }
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16(GG_ARGS) { MOE_PDL_ENTRY(); gg_body<256, false, false, 4, GG_EPI_REG>(GG_PASS); }
@@ -1274,7 +1301,7 @@ extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_nn_n256_bf16_g
 
 // dw [E, KO, N] = x^T dy per expert: map_a over x [M, KO], map_b over dy [M, N]; the launch's k is
 // KO (x's columns), n is N (dy's columns)
-#define GG_WPASS &map_a, &map_b, out, counts, num_experts, m_total, k, n, group_n
+#define GG_WPASS &map_a, &map_b, out, counts, num_experts, m_total, k, n, group_n, flags
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_f32(GG_ARGS) { MOE_PDL_ENTRY(); gg_wgrad_body<true, GG_EPI_REG>(GG_WPASS); }
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16(GG_ARGS) { MOE_PDL_ENTRY(); gg_wgrad_body<false, GG_EPI_REG>(GG_WPASS); }
 extern "C" __global__ void __launch_bounds__(384, 1) grouped_gemm_wgrad_bf16_bulk(GG_ARGS) { MOE_PDL_ENTRY(); gg_wgrad_body<false, GG_EPI_STAGED>(GG_WPASS); }

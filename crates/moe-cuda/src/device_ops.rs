@@ -1289,15 +1289,21 @@ pub fn route_backward_device(
     let grad = DeviceTensor::alloc(dev, "gradLogits", DType::F32, vec![t, e])?;
     let on_logits = options.score_function == ScoreFunction::Softmax && !options.softmax_before_topk;
     let need_scores = grad_scores.is_some() || !on_logits;
-    let scratch = dev.alloc("routeBackward's scores", if need_scores { 8 * t * e } else { 8 })?;
+    // a warp a token, RB_WARPS (4) warps a block; each warp's row of scores, gradScores and
+    // gradWeights in shared memory where they fit in 48 KiB (E <= 1013), else the scores in a
+    // scratch buffer of [T, E] f64 (the kernel's `sbuf`) and the rest read where they are
+    const BLOCK: usize = 128;
+    let shared = (BLOCK / 32) * (12 * e + 4 * ROUTE_BACKWARD_MAX_K);
+    let in_shared = shared <= 48 * 1024;
+    // (the kernel takes a null `sbuf` for the shared-memory layout)
+    let scratch = (!in_shared).then(|| dev.alloc("routeBackward's scores", if need_scores { 8 * t * e } else { 8 })).transpose()?;
     let err = ErrWords::new(dev)?;
     let s = dev.stream();
-    // a warp a token, RB_WARPS (4) warps a block
-    const BLOCK: usize = 128;
-    dev.launch(
+    dev.launch_shared(
         "route_backward_kernel",
         (t.div_ceil(BLOCK / 32) as u32, 1),
         BLOCK as u32,
+        if in_shared { shared as u32 } else { 0 },
         &[
             Arg::U64(logits.buf.ptr(s)),
             Arg::U64(indices.buf.ptr(s)),
@@ -1311,7 +1317,7 @@ pub fn route_backward_device(
             Arg::I32(on_logits as i32),
             Arg::I32((options.norm_topk_prob && k > 1) as i32),
             Arg::F64(options.route_scale),
-            Arg::U64(scratch.ptr(s)),
+            Arg::U64(scratch.as_ref().map_or(0, |b| b.ptr(s))),
             Arg::U64(grad.buf.ptr(s)),
             Arg::U64(err.ptr(s)),
         ],

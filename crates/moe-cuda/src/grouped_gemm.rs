@@ -248,6 +248,41 @@ pub fn set_group_n(group: Option<i32>) {
     GROUP_OVERRIDE.store(group.filter(|&g| g >= 1).unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
 }
 
+/// The launches' `flags` (kernels/grouped_gemm.cu): `GG_IDLE_TAILS` (1), in a tile of at most 64
+/// rows the second consumer warpgroup, whose rows all lie past the expert's end, issues no wgmma
+/// (the kernels it applies to say so; the others ignore it). On by default;
+/// `MOE_DISPATCH_GG_TAILS=full` (or [`set_idle_tails`]`(Some(false))`) has that warpgroup multiply
+/// the rows it does not store, as before, for measurements: the stored bits are the same.
+pub fn launch_flags() -> i32 {
+    static TAILS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let idle = match TAILS_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => *TAILS.get_or_init(|| match std::env::var("MOE_DISPATCH_GG_TAILS").as_deref() {
+            Err(_) | Ok("idle") => true,
+            Ok("full") => false,
+            Ok(v) => {
+                eprintln!("moe-dispatch: MOE_DISPATCH_GG_TAILS={v:?}: expected idle or full; using idle");
+                true
+            }
+        }),
+    };
+    i32::from(idle)
+}
+
+static TAILS_OVERRIDE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Overrides [`launch_flags`]' idle tails: `Some(true)` on, `Some(false)` off, `None` the
+/// environment's choice.
+pub fn set_idle_tails(idle: Option<bool>) {
+    let v = match idle {
+        None => 0,
+        Some(true) => 1,
+        Some(false) => 2,
+    };
+    TAILS_OVERRIDE.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// The 256-column bf16 kernel the experts use: [`TileN::N256Tma`] by default (TMA tensor stores:
 /// 2-13% faster than [`TileN::N256Bulk`]'s row copies on an H100, docs/gpu-report.md
 /// "Twenty-seventh session"); `MOE_DISPATCH_GG_EPILOGUE` names another by its short name of
@@ -663,7 +698,8 @@ fn run_kernel(
     let group = group_n(name.starts_with("grouped_gemm_wgrad_"));
     let Sizes { experts: ei, m: mi, n: ni, k: ki } = sizes;
     let mut b = Params::default();
-    b.push(&map_a).push(&map_b).push(&out).push(&counts).push(&ei).push(&mi).push(&ni).push(&ki).push(&group);
+    let flags = launch_flags();
+    b.push(&map_a).push(&map_b).push(&out).push(&counts).push(&ei).push(&mi).push(&ni).push(&ki).push(&group).push(&flags);
     match extra {
         Extra::None => {}
         Extra::Act(a) => {
@@ -680,7 +716,7 @@ fn run_kernel(
         }
     }
     let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 };
-    // (the arguments match the kernel's parameters (GG_ARGS; the weight gradients' k is ko; the
+    // (the arguments match the kernel's parameters (GG_ARGS, `flags` last; the weight gradients' k is ko; the
     // `_act`, `_gather` and `_tma` kernels' after them) in order and type). Never a programmatic
     // dependent launch: with it these kernels ran slower on an H100, even with events between
     // the kernels (Mixtral-like weight gradients 10.13 against 9.49 ms; docs/gpu-report.md,
@@ -908,5 +944,21 @@ mod tests {
         set_group_n(Some(16));
         set_group_n(None);
         assert_eq!((group_n(false), group_n(true)), (token, weight));
+    }
+
+    /// The idle tails' override sets the launches' flag both ways and gives the environment's
+    /// choice back (idle where MOE_DISPATCH_GG_TAILS is unset). (The one test that sets it.)
+    #[test]
+    fn idle_tails_override() {
+        let default = launch_flags();
+        if std::env::var_os("MOE_DISPATCH_GG_TAILS").is_none() {
+            assert_eq!(default, 1);
+        }
+        set_idle_tails(Some(false));
+        assert_eq!(launch_flags(), 0);
+        set_idle_tails(Some(true));
+        assert_eq!(launch_flags(), 1);
+        set_idle_tails(None);
+        assert_eq!(launch_flags(), default);
     }
 }

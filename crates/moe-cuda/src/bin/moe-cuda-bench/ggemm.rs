@@ -31,8 +31,10 @@
 //! at the shapes from the tokens in their own order against permute's kernel + the plain kernel),
 //! `--groups 4,8` (at the shapes, each kernel timed
 //! again with each of these raster groups, `grouped_gemm::set_group_n`, in interleaved rounds in
-//! this one process, its bytes checked against the default group's). Exit code 1 when a check
-//! fails.
+//! this one process, its bytes checked against the default group's), `--tails` (at the shapes,
+//! each token-side kernel timed with its second warpgroup idle in tiles of at most 64 rows, the
+//! default, and multiplying those rows as before, `grouped_gemm::set_idle_tails`, interleaved the
+//! same way, the bytes checked against each other). Exit code 1 when a check fails.
 
 use half::bf16;
 use moe_core::tensor::DType;
@@ -765,6 +767,7 @@ fn compare_bf16(a: &[u16], b: &[u16]) -> (usize, f64, Option<usize>) {
 pub fn bench(args: &[String]) -> i32 {
     let (mut act, mut gather) = (false, false);
     let mut groups: Vec<i32> = Vec::new();
+    let mut tails = false;
     let (mut tiles, mut small_only, mut small, mut wgrad) = (TileN::ALL.iter().map(|(t, _)| *t).collect::<Vec<_>>(), false, true, true);
     let opts = ShapeOptions::parse(args, |flag, value| match (flag, value) {
         ("--tile", Some(v)) => {
@@ -783,6 +786,10 @@ pub fn bench(args: &[String]) -> i32 {
                 return None;
             }
             Some(2)
+        }
+        ("--tails", _) => {
+            tails = true;
+            Some(1)
         }
         ("--no-wgrad", _) => {
             wgrad = false;
@@ -822,29 +829,77 @@ pub fn bench(args: &[String]) -> i32 {
         println!("{e}");
         return 1;
     }
-    let result = run(dev, &opts, &tiles, small_only, small, wgrad, Fusions { act, gather, groups });
+    let result = run(
+        dev,
+        &opts,
+        &tiles,
+        small_only,
+        small,
+        wgrad,
+        Fusions {
+            act,
+            gather,
+            settings: [(!groups.is_empty()).then(|| Settings::groups(groups)), tails.then(Settings::tails)].into_iter().flatten().collect(),
+        },
+    );
     grouped_gemm::set_group_n(None);
+    grouped_gemm::set_idle_tails(None);
     finish(&opts, "ggemm", result)
 }
 
 /// The fused kernels a run checks and times beside the plain ones (`--act`, `--gather`), and the
-/// raster groups it times each kernel with (`--groups`).
+/// settings it times each kernel with (`--groups`, `--tails`).
 struct Fusions {
     act: bool,
     gather: bool,
-    groups: Vec<i32>,
+    settings: Vec<Settings>,
 }
 
-/// Where `--groups` asked for it (else ""): one kernel at the shapes timed again with each raster
-/// group of `groups`, three interleaved rounds (medians), its output (`len` bf16 values into
-/// `out`) checked against `reference` (the default group's) each time; prints the line, counts a
-/// failure when a group changed the bytes, and returns the JSON fields to add (with their leading
-/// comma).
+/// Settings of the launches that change how the work is done, not its sums: each kernel at the
+/// shapes timed again with each (`--groups`: raster groups; `--tails`: idle or full tails, the
+/// token-side kernels only).
+struct Settings {
+    /// the JSON keys' stem (`groupsMs`, `groupsIdentical`) and the printed line's words
+    key: &'static str,
+    words: &'static str,
+    labels: Vec<String>,
+    token_side_only: bool,
+    /// `Some(i)` puts setting i in place, `None` the default back
+    apply: Box<dyn Fn(Option<usize>)>,
+}
+
+impl Settings {
+    fn groups(groups: Vec<i32>) -> Settings {
+        Settings {
+            key: "groups",
+            words: "raster groups (column tiles a group)",
+            labels: groups.iter().map(|g| g.to_string()).collect(),
+            token_side_only: false,
+            apply: Box::new(move |i| grouped_gemm::set_group_n(i.map(|i| groups[i]))),
+        }
+    }
+    fn tails() -> Settings {
+        Settings {
+            key: "tails",
+            words: "tails of <= 64 rows",
+            labels: vec!["idle".into(), "full".into()],
+            token_side_only: true,
+            apply: Box::new(|i| grouped_gemm::set_idle_tails(i.map(|i| i == 0))),
+        }
+    }
+}
+
+/// The kernel at the shapes timed again with each of `settings`' settings that apply to it (a
+/// weight gradient: `weight`), three interleaved rounds (medians), its output (`len` bf16 values
+/// into `out`) checked against `reference` (the default's) each time; prints a line a kind of
+/// setting, counts a failure when a setting changed the bytes, and returns the JSON fields to add
+/// (each with its leading comma); "" where none applies.
 #[allow(clippy::too_many_arguments)]
-fn raster_groups(
+fn settings_timing(
     dev: &Device,
     iters: usize,
-    groups: &[i32],
+    settings: &[Settings],
+    weight: bool,
     out: &Buffer,
     len: usize,
     reference: &[u16],
@@ -852,29 +907,30 @@ fn raster_groups(
     what: &str,
     launch: impl Fn(&Buffer) -> R<()>,
 ) -> R<String> {
-    if groups.is_empty() {
-        return Ok(String::new());
-    }
-    let mut ms: Vec<Vec<f64>> = vec![Vec::new(); groups.len()];
-    let mut same = true;
-    for _round in 0..3 {
-        for (i, &g) in groups.iter().enumerate() {
-            grouped_gemm::set_group_n(Some(g));
-            launch(out)?;
-            let got: Vec<u16> = dev.download_new("ours (raster group)", out, len)?;
-            same &= got == reference;
-            ms[i].push(time_ms(dev, iters, || launch(out))?.0);
+    let mut fields = String::new();
+    for st in settings.iter().filter(|st| !(weight && st.token_side_only)) {
+        let mut ms: Vec<Vec<f64>> = vec![Vec::new(); st.labels.len()];
+        let mut same = true;
+        for _round in 0..3 {
+            for (i, times) in ms.iter_mut().enumerate() {
+                (st.apply)(Some(i));
+                launch(out)?;
+                let got: Vec<u16> = dev.download_new("ours (a setting)", out, len)?;
+                same &= got == reference;
+                times.push(time_ms(dev, iters, || launch(out))?.0);
+            }
         }
+        (st.apply)(None);
+        if !same {
+            *failures += 1;
+        }
+        let med: Vec<f64> = ms.into_iter().map(crate::median).collect();
+        let text = st.labels.iter().zip(&med).map(|(l, m)| format!("{l}: {m:.3} ms")).collect::<Vec<_>>().join(", ");
+        println!("  {what:<10} {}: {text}; bytes as the default's: {}", st.words, if same { "yes" } else { "NO" });
+        let json = st.labels.iter().zip(&med).map(|(l, m)| format!("\"{l}\": {m}")).collect::<Vec<_>>().join(", ");
+        fields += &format!(", \"{0}Ms\": {{{json}}}, \"{0}Identical\": {same}", st.key);
     }
-    grouped_gemm::set_group_n(None);
-    if !same {
-        *failures += 1;
-    }
-    let med: Vec<f64> = ms.into_iter().map(crate::median).collect();
-    let text = groups.iter().zip(&med).map(|(g, m)| format!("{g}: {m:.3} ms")).collect::<Vec<_>>().join(", ");
-    println!("  {what:<10} raster groups (column tiles a group): {text}; bytes as the default's: {}", if same { "yes" } else { "NO" });
-    let json = groups.iter().zip(&med).map(|(g, m)| format!("\"{g}\": {m}")).collect::<Vec<_>>().join(", ");
-    Ok(format!(", \"groupsMs\": {{{json}}}, \"groupsIdentical\": {same}"))
+    Ok(fields)
 }
 
 fn run(
@@ -886,7 +942,7 @@ fn run(
     wgrad: bool,
     fusions: Fusions,
 ) -> R<(String, usize)> {
-    let Fusions { act, gather, groups } = fusions;
+    let Fusions { act, gather, settings } = fusions;
     use std::io::Write;
     let iters = opts.iters;
     let info = dev.info();
@@ -1029,7 +1085,7 @@ fn run(
                     if same { "identical" } else { "DIFFERENT" },
                 );
                 let _ = std::io::stdout().flush();
-                let group_field = raster_groups(dev, iters, &groups, &o2, m * g.n, &a, &mut failures, g.name, ours)?;
+                let group_field = settings_timing(dev, iters, &settings, false, &o2, m * g.n, &a, &mut failures, g.name, ours)?;
                 rows.push(format!(
                     "{{\"shape\": {:?}, \"gemm\": {:?}, \"kernel\": {:?}, \"m\": {m}, \"k\": {}, \"n\": {}, \"experts\": {e}, \"oursMs\": {ms}, \"oursTflops\": {tf}, \"oursPctOfBf16\": {}, \"cublasMs\": {c_ms}, \"cublasTflops\": {c_tf}, \"cublasPctOfBf16\": {}, \"maxRelDiff\": {max_rel}, \"outsideTolerance\": {bad}, \"runToRunIdentical\": {same}{group_field}}}",
                     s.name,
@@ -1122,7 +1178,7 @@ fn run(
                     if same { "identical" } else { "DIFFERENT" },
                 );
                 let _ = std::io::stdout().flush();
-                let group_field = raster_groups(dev, iters, &groups, &o2, e * ko * nn, &a, &mut failures, name, ours)?;
+                let group_field = settings_timing(dev, iters, &settings, true, &o2, e * ko * nn, &a, &mut failures, name, ours)?;
                 rows.push(format!(
                     "{{\"shape\": {:?}, \"gemm\": {name:?}, \"kernel\": {:?}, \"m\": {m}, \"k\": {ko}, \"n\": {nn}, \"experts\": {e}, \"oursMs\": {ms}, \"oursTflops\": {tf}, \"oursPctOfBf16\": {}, \"cublasMs\": {c_ms}, \"cublasTflops\": {c_tf}, \"cublasPctOfBf16\": {}, \"maxRelDiff\": {max_rel}, \"outsideTolerance\": {bad}, \"runToRunIdentical\": {same}{group_field}}}",
                     s.name,
