@@ -838,6 +838,15 @@ pub fn unpermute_backward_device(
     };
     match weights {
         None => {
+            // the plan permute made these sortedIndices with (its token CSR lists every slot once,
+            // drop-and-pad's filled slots too: permute's own copy writes every row through it):
+            // permute's token-major kernel, each row of gradOutput read once and written to its
+            // slots, the bytes the gather below writes (which reads a token's row once a slot:
+            // 0.115 ms against permute's 0.088 at T=8192, k=6, dim 2048 bf16 on an H100, ncu)
+            if let Some(plan) = sorted_indices.plan.as_ref().filter(|p| p.num_tokens == num_tokens && p.num_slots == n) {
+                ops::launch_permute(dev, PermuteKernel::Scatter, &grad_output.buf, row_bytes, plan, None, None, &out.buf, None)?;
+                return Ok((out, None));
+            }
             if n > 0 && row_bytes > 0 {
                 let w = ops::word_bytes(row_bytes);
                 let words = (row_bytes / w) as i64;
