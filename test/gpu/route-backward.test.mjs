@@ -67,7 +67,7 @@ const PROBLEMS = [];
       seed: i + 1,
     });
   }
-  // more experts than the kernel's rows fit in shared memory (E > 1013: the scores in a scratch
+  // more experts than the kernel's rows fit in shared memory (E > 608: the scores in a scratch
   // buffer, gradScores and gradWeights read where they are), with and without gradScores, and
   // softmax on the picked logits without them (no scores at all)
   for (const [i, [sf, withScores, extra]] of [

@@ -813,10 +813,12 @@ ROUTE_REG_KERNELS(16)
 // e % 32, and every lane adds up the row's sums over the experts in expert order (the same
 // values in the same order: each lane holds the same sum). The row's f64 scores sit in `sbuf`,
 // token t's expert e at sbuf[t * E + e], or (sbuf null: the launch's dynamic shared memory,
-// RB_WARPS * (12 E + 4 RB_MAX_K) bytes) in the warp's part of shared memory, where the row's
+// RB_WARPS * (20 E + 4 RB_MAX_K) bytes) in the warp's part of shared memory, where the row's
 // gradScores and gradWeights are copied too, asynchronously, at the kernel's start (their loads
 // then overlap the logits' checks and the softmax instead of waiting in the sums: the kernel is
-// latency-bound); the k picks' weights in registers (k <= RB_MAX_K), computed by every lane alike. (One thread a token kept 4 warps an SM busy: 0.095 ms at
+// latency-bound), and each expert's pick gradient is laid out (`pg`: one read an expert where
+// the sums searched the k picks); the k picks' weights in registers (k <= RB_MAX_K), computed by
+// every lane alike. (One thread a token kept 4 warps an SM busy: 0.095 ms at
 // T=8192, E=64 on an H200, ncu, at 6% occupancy.)
 //
 // err[0] (u64 max from the host) is lowered when a logit is not finite or a row of picks is
@@ -846,6 +848,7 @@ struct RouteBackwardRow {
     const int* picks;
     const double* gu;  // d loss / d u_j (after the normalisation)
     const double* s;   // this row's scores
+    const double* pg;  // (shared layout, !on_logits) pg[e]: 0.0 + gu[j] where picks[j] == e, else 0.0
     int k;
     bool on_logits, normalise;
     double dot_sc, denom_sc;  // gradScores' normalisation terms
@@ -856,7 +859,9 @@ struct RouteBackwardRow {
     // plus gradScores (through the scores' normalisation).
     __device__ __forceinline__ double grad_score(int e) const {
         double g = 0.0;
-        if (!on_logits) {
+        if (!on_logits && pg) {
+            g = pg[e];
+        } else if (!on_logits) {
             for (int j = 0; j < k; j++)
                 if (picks[j] == e) {
                     g += gu[j];
@@ -882,8 +887,8 @@ extern "C" __global__ void __launch_bounds__(32 * RB_WARPS) route_backward_kerne
     const float* gsc = grad_scores ? grad_scores + (i64)t * E : nullptr;
     const float* gw = grad_weights + (i64)t * k;
     if (!sbuf) {
-        float* gs_sh = (float*)(rb_shared + RB_WARPS * E) + wl * E;
-        float* gw_sh = (float*)(rb_shared + RB_WARPS * E) + RB_WARPS * E + wl * RB_MAX_K;
+        float* gs_sh = (float*)(rb_shared + 2 * RB_WARPS * E) + wl * E;
+        float* gw_sh = (float*)(rb_shared + 2 * RB_WARPS * E) + RB_WARPS * E + wl * RB_MAX_K;
         if (gsc) {
             for (int e = lane; e < E; e += 32) rb_copy4(gs_sh + e, gsc + e);
             gsc = gs_sh;
@@ -977,7 +982,16 @@ extern "C" __global__ void __launch_bounds__(32 * RB_WARPS) route_backward_kerne
     if (on_logits)
         for (int j = 0; j < k; j++) dot_l += gu[j] * u[j];
 
-    RouteBackwardRow r{gsc, picks, gu, s, k, on_logits != 0, normalise != 0, 0.0, 1.0};
+    // (shared layout: pg after the scores)
+    double* pg = nullptr;
+    if (!sbuf && !on_logits) {
+        pg = rb_shared + RB_WARPS * E + (i64)wl * E;
+        for (int e = lane; e < E; e += 32) pg[e] = 0.0;
+        __syncwarp();
+        for (int j = lane; j < k; j += 32) pg[picks[j]] = 0.0 + gu[j];  // (distinct picks)
+        __syncwarp();
+    }
+    RouteBackwardRow r{gsc, picks, gu, s, pg, k, on_logits != 0, normalise != 0, 0.0, 1.0};
     if (r.gsc && r.normalise) {
         double denom = -0.0;
         for (int e = 0; e < E; e++) denom += r.score(e);

@@ -1299,10 +1299,11 @@ pub fn route_backward_device(
     let on_logits = options.score_function == ScoreFunction::Softmax && !options.softmax_before_topk;
     let need_scores = grad_scores.is_some() || !on_logits;
     // a warp a token, RB_WARPS (4) warps a block; each warp's row of scores, gradScores and
-    // gradWeights in shared memory where they fit in 48 KiB (E <= 1013), else the scores in a
+    // gradWeights (and the picks' gradients by expert) in shared memory where they fit in 48 KiB
+    // (E <= 608), else the scores in a
     // scratch buffer of [T, E] f64 (the kernel's `sbuf`) and the rest read where they are
     const BLOCK: usize = 128;
-    let shared = (BLOCK / 32) * (12 * e + 4 * ROUTE_BACKWARD_MAX_K);
+    let shared = (BLOCK / 32) * (20 * e + 4 * ROUTE_BACKWARD_MAX_K);
     let in_shared = shared <= 48 * 1024;
     // (the kernel takes a null `sbuf` for the shared-memory layout)
     let scratch = (!in_shared).then(|| dev.alloc("routeBackward's scores", if need_scores { 8 * t * e } else { 8 })).transpose()?;
