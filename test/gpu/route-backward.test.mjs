@@ -67,9 +67,8 @@ const PROBLEMS = [];
       seed: i + 1,
     });
   }
-  // more experts than the kernel's rows fit in shared memory (E > 608: the scores in a scratch
-  // buffer, gradScores and gradWeights read where they are), with and without gradScores, and
-  // softmax on the picked logits without them (no scores at all)
+  // many experts (E = 1100: a row is 35 warp steps), with and without gradScores, and softmax on
+  // the picked logits without them (no scores at all)
   for (const [i, [sf, withScores, extra]] of [
     ['softmax', true, { normTopkProb: true }],
     ['sigmoid', false, { normTopkProb: true, routeScale: 2.5 }],

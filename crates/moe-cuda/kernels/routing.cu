@@ -812,13 +812,8 @@ ROUTE_REG_KERNELS(16)
 // the lanes compute the per-expert terms (the exps, sigmoids, the outputs), expert e on lane
 // e % 32, and every lane adds up the row's sums over the experts in expert order (the same
 // values in the same order: each lane holds the same sum). The row's f64 scores sit in `sbuf`,
-// token t's expert e at sbuf[t * E + e], or (sbuf null: the launch's dynamic shared memory,
-// RB_WARPS * (20 E + 4 RB_MAX_K) bytes) in the warp's part of shared memory, where the row's
-// gradScores and gradWeights are copied too, asynchronously, at the kernel's start (their loads
-// then overlap the logits' checks and the softmax instead of waiting in the sums: the kernel is
-// latency-bound), and each expert's pick gradient is laid out (`pg`: one read an expert where
-// the sums searched the k picks); the k picks' weights in registers (k <= RB_MAX_K), computed by
-// every lane alike. (One thread a token kept 4 warps an SM busy: 0.095 ms at
+// token t's expert e at sbuf[t * E + e]; the k picks' weights in registers (k <= RB_MAX_K),
+// computed by every lane alike. (One thread a token kept 4 warps an SM busy: 0.095 ms at
 // T=8192, E=64 on an H200, ncu, at 6% occupancy.)
 //
 // err[0] (u64 max from the host) is lowered when a logit is not finite or a row of picks is
@@ -828,27 +823,11 @@ ROUTE_REG_KERNELS(16)
 #define RB_MAX_K 32
 #define RB_WARPS 4
 
-// 4 bytes global -> shared without waiting for them (cp.async where the architecture has it),
-// and the wait for this thread's copies.
-static __device__ __forceinline__ void rb_copy4(float* dst, const float* src) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"((unsigned)__cvta_generic_to_shared(dst)), "l"(src) : "memory");
-#else
-    *dst = *src;
-#endif
-}
-static __device__ __forceinline__ void rb_copy_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_all;" ::: "memory");
-#endif
-}
-
 struct RouteBackwardRow {
     const float* gsc;  // this row of gradScores, or null
     const int* picks;
     const double* gu;  // d loss / d u_j (after the normalisation)
     const double* s;   // this row's scores
-    const double* pg;  // (shared layout, !on_logits) pg[e]: 0.0 + gu[j] where picks[j] == e, else 0.0
     int k;
     bool on_logits, normalise;
     double dot_sc, denom_sc;  // gradScores' normalisation terms
@@ -859,9 +838,7 @@ struct RouteBackwardRow {
     // plus gradScores (through the scores' normalisation).
     __device__ __forceinline__ double grad_score(int e) const {
         double g = 0.0;
-        if (!on_logits && pg) {
-            g = pg[e];
-        } else if (!on_logits) {
+        if (!on_logits) {
             for (int j = 0; j < k; j++)
                 if (picks[j] == e) {
                     g += gu[j];
@@ -878,24 +855,9 @@ extern "C" __global__ void __launch_bounds__(32 * RB_WARPS) route_backward_kerne
                                                  const u8* __restrict__ mask, int T, int E, int k, int sf, int on_logits,
                                                  int normalise, double scale, double* __restrict__ sbuf, float* __restrict__ grad,
                                                  u64* __restrict__ err) { MOE_PDL_ENTRY();
-    extern __shared__ double rb_shared[];
     const int t = blockIdx.x * RB_WARPS + (int)(threadIdx.x >> 5);
-    const int lane = threadIdx.x & 31, wl = (int)(threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
     if (t >= T) return;  // the whole warp
-    // the row's scores, gradScores and gradWeights (shared: copied now, read after rb_copy_wait)
-    double* s = sbuf ? sbuf + (i64)t * E : rb_shared + (i64)wl * E;
-    const float* gsc = grad_scores ? grad_scores + (i64)t * E : nullptr;
-    const float* gw = grad_weights + (i64)t * k;
-    if (!sbuf) {
-        float* gs_sh = (float*)(rb_shared + 2 * RB_WARPS * E) + wl * E;
-        float* gw_sh = (float*)(rb_shared + 2 * RB_WARPS * E) + RB_WARPS * E + wl * RB_MAX_K;
-        if (gsc) {
-            for (int e = lane; e < E; e += 32) rb_copy4(gs_sh + e, gsc + e);
-            gsc = gs_sh;
-        }
-        for (int j = lane; j < k; j += 32) rb_copy4(gw_sh + j, gw + j);
-        gw = gw_sh;
-    }
     const float* x = logits + (i64)t * E;
     float* out = grad + (i64)t * E;
     const int* row = indices + (i64)t * k;
@@ -917,17 +879,16 @@ extern "C" __global__ void __launch_bounds__(32 * RB_WARPS) route_backward_kerne
         }
     }
     if (bad) {
-        rb_copy_wait();
         if (lane == 0) atomicMin(err, (u64)t);
         return;
     }
     if (!live) {
-        rb_copy_wait();
         for (int e = lane; e < E; e += 32) out[e] = 0.0f;
         return;
     }
 
     const bool need_scores = grad_scores != nullptr || !on_logits;
+    double* s = sbuf + (i64)t * E;
     if (need_scores) {
         if (sf == SF_SOFTMAX || sf == SF_SOFTMAX_WITH_BIAS) {
             float mf = -__int_as_float(0x7f800000);
@@ -965,9 +926,7 @@ extern "C" __global__ void __launch_bounds__(32 * RB_WARPS) route_backward_kerne
     } else {
         for (int j = 0; j < k; j++) u[j] = s[picks[j]];
     }
-    // (every lane's copies have landed, and the warp sees them)
-    rb_copy_wait();
-    __syncwarp();
+    const float* gw = grad_weights + (i64)t * k;
     for (int j = 0; j < k; j++) gu[j] = (double)gw[j] * scale;
     if (normalise) {
         double denom = -0.0;
@@ -982,16 +941,7 @@ extern "C" __global__ void __launch_bounds__(32 * RB_WARPS) route_backward_kerne
     if (on_logits)
         for (int j = 0; j < k; j++) dot_l += gu[j] * u[j];
 
-    // (shared layout: pg after the scores)
-    double* pg = nullptr;
-    if (!sbuf && !on_logits) {
-        pg = rb_shared + RB_WARPS * E + (i64)wl * E;
-        for (int e = lane; e < E; e += 32) pg[e] = 0.0;
-        __syncwarp();
-        for (int j = lane; j < k; j += 32) pg[picks[j]] = 0.0 + gu[j];  // (distinct picks)
-        __syncwarp();
-    }
-    RouteBackwardRow r{gsc, picks, gu, s, pg, k, on_logits != 0, normalise != 0, 0.0, 1.0};
+    RouteBackwardRow r{grad_scores ? grad_scores + (i64)t * E : nullptr, picks, gu, s, k, on_logits != 0, normalise != 0, 0.0, 1.0};
     if (r.gsc && r.normalise) {
         double denom = -0.0;
         for (int e = 0; e < E; e++) denom += r.score(e);

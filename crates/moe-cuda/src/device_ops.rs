@@ -841,8 +841,9 @@ pub fn unpermute_backward_device(
             // the plan permute made these sortedIndices with (its token CSR lists every slot once,
             // drop-and-pad's filled slots too: permute's own copy writes every row through it):
             // permute's token-major kernel, each row of gradOutput read once and written to its
-            // slots, the bytes the gather below writes (which reads a token's row once a slot:
-            // 0.115 ms against permute's 0.088 at T=8192, k=6, dim 2048 bf16 on an H100, ncu)
+            // slots, the bytes the gather below writes (which reads a token's row once a slot):
+            // 0.083-0.085 ms in the fine-grained layer's step on an H100 where the gather took
+            // 0.118 (T=8192, k=6, dim 2048 bf16; docs/gpu-report.md, thirtieth session)
             if let Some(plan) = sorted_indices.plan.as_ref().filter(|p| p.num_tokens == num_tokens && p.num_slots == n) {
                 ops::launch_permute(dev, PermuteKernel::Scatter, &grad_output.buf, row_bytes, plan, None, None, &out.buf, None)?;
                 return Ok((out, None));
@@ -1298,22 +1299,15 @@ pub fn route_backward_device(
     let grad = DeviceTensor::alloc(dev, "gradLogits", DType::F32, vec![t, e])?;
     let on_logits = options.score_function == ScoreFunction::Softmax && !options.softmax_before_topk;
     let need_scores = grad_scores.is_some() || !on_logits;
-    // a warp a token, RB_WARPS (4) warps a block; each warp's row of scores, gradScores and
-    // gradWeights (and the picks' gradients by expert) in shared memory where they fit in 48 KiB
-    // (E <= 608), else the scores in a
-    // scratch buffer of [T, E] f64 (the kernel's `sbuf`) and the rest read where they are
-    const BLOCK: usize = 128;
-    let shared = (BLOCK / 32) * (20 * e + 4 * ROUTE_BACKWARD_MAX_K);
-    let in_shared = shared <= 48 * 1024;
-    // (the kernel takes a null `sbuf` for the shared-memory layout)
-    let scratch = (!in_shared).then(|| dev.alloc("routeBackward's scores", if need_scores { 8 * t * e } else { 8 })).transpose()?;
+    let scratch = dev.alloc("routeBackward's scores", if need_scores { 8 * t * e } else { 8 })?;
     let err = ErrWords::new(dev)?;
     let s = dev.stream();
-    dev.launch_shared(
+    // a warp a token, RB_WARPS (4) warps a block
+    const BLOCK: usize = 128;
+    dev.launch(
         "route_backward_kernel",
         (t.div_ceil(BLOCK / 32) as u32, 1),
         BLOCK as u32,
-        if in_shared { shared as u32 } else { 0 },
         &[
             Arg::U64(logits.buf.ptr(s)),
             Arg::U64(indices.buf.ptr(s)),
@@ -1327,7 +1321,7 @@ pub fn route_backward_device(
             Arg::I32(on_logits as i32),
             Arg::I32((options.norm_topk_prob && k > 1) as i32),
             Arg::F64(options.route_scale),
-            Arg::U64(scratch.as_ref().map_or(0, |b| b.ptr(s))),
+            Arg::U64(scratch.ptr(s)),
             Arg::U64(grad.buf.ptr(s)),
             Arg::U64(err.ptr(s)),
         ],
