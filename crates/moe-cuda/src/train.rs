@@ -609,7 +609,8 @@ pub fn matmul_mixed_plus(
         launch3("repeat3_u16", other.buf.ptr(s), layout(other, k_is_rows(!f_is_a, other_trans)), copies.ptr(s))?;
         let o_op = Operand { ptr: copies.ptr(s), dtype: DType::BF16, trans: other_trans };
         let (a_op, b_op) = if f_is_a { (f_op, o_op) } else { (o_op, f_op) };
-        if let (Some(c), Ok(lt)) = (addend, dev.lt()) {
+        // (cuBLASLt opened only where a product has an addend; where it cannot be, add3 below)
+        if let Some((c, lt)) = addend.and_then(|c| dev.lt().ok().map(|lt| (c, lt))) {
             let out = DeviceTensor::alloc(dev, "output", c.dtype, vec![m, n])?;
             let q = Problem { m, n, k: 3 * k, a: a_op.ptr, b: b_op.ptr, c: out.buf.ptr(s) };
             let added = dev.span(
