@@ -330,12 +330,6 @@ impl SideBySide {
         Ok(SideBySide { lanes, sms, shape: std::sync::Mutex::new((0, -1)) })
     }
 
-    /// The first side stream (of the greatest priority unless `MOE_DISPATCH_GEMM_PRIORITY=normal`),
-    /// for kernels of ours that run beside the device's stream.
-    pub(crate) fn first_stream(&self) -> &std::sync::Arc<cudarc::driver::CudaStream> {
-        &self.lanes[0].0
-    }
-
     /// The lanes in use, their handles told the SM target the settings ask for.
     fn lanes_in_use(&self) -> Result<&[(std::sync::Arc<cudarc::driver::CudaStream>, CudaBlas)]> {
         let n = side_streams().clamp(1, self.lanes.len());

@@ -579,20 +579,6 @@ impl Device {
     /// scheduled before the kernel before it has finished, and each waits at its entry
     /// (`MOE_PDL_ENTRY()` in kernels/common.cuh, the first statement of every kernel) until it has.
     pub(crate) fn launch_params(&self, name: &str, f: &CudaFunction, cfg: LaunchConfig, params: &mut Params, pdl: bool) -> Result<()> {
-        self.launch_params_on(&self.stream, name, f, cfg, params, pdl)
-    }
-
-    /// [`Device::launch_params`] on `stream`: the device's stream (as one span of the timeline)
-    /// or a side stream (no span: the timeline sees the device's stream only).
-    pub(crate) fn launch_params_on(
-        &self,
-        stream: &CudaStream,
-        name: &str,
-        f: &CudaFunction,
-        cfg: LaunchConfig,
-        params: &mut Params,
-        pdl: bool,
-    ) -> Result<()> {
         let mut launch = || -> std::result::Result<(), drv::DriverError> {
             self.ctx.bind_to_thread()?;
             let mut pointers = params.pointers();
@@ -609,7 +595,7 @@ impl Device {
                 blockDimY: cfg.block_dim.1,
                 blockDimZ: cfg.block_dim.2,
                 sharedMemBytes: cfg.shared_mem_bytes,
-                hStream: stream.cu_stream(),
+                hStream: self.stream.cu_stream(),
                 attrs: if pdl { &mut attr } else { std::ptr::null_mut() },
                 numAttrs: u32::from(pdl),
             };
@@ -617,13 +603,10 @@ impl Device {
             // values before returning. The parameters' order and types are the caller's promise.
             unsafe { sys::cuLaunchKernelEx(&config, f.cu_function(), pointers.as_mut_ptr(), std::ptr::null_mut()) }.result()
         };
-        let mut launched =
-            || launch().map_err(|e| Error::driver(format!("launching {name} on grid {:?} x {:?}", cfg.grid_dim, cfg.block_dim), e));
-        if std::ptr::eq(stream, &*self.stream) {
-            self.span(|| name.to_string(), launched)
-        } else {
-            launched()
-        }
+        self.span(
+            || name.to_string(),
+            || launch().map_err(|e| Error::driver(format!("launching {name} on grid {:?} x {:?}", cfg.grid_dim, cfg.block_dim), e)),
+        )
     }
 }
 

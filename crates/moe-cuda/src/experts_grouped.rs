@@ -23,7 +23,7 @@ use crate::activations::{launch_activation, launch_activation_backward, ExpMath}
 use crate::device::{Buffer, Device};
 use crate::error::Result;
 use crate::experts::{DeviceExpertsGrads, DeviceExpertsInputs, ExpertsSaved, SavedRef};
-use crate::grouped_gemm::{self, Place, WeightLayout};
+use crate::grouped_gemm::{self, WeightLayout};
 use crate::tensor::{DeviceArg, DeviceTensor};
 
 /// The GEMMs the experts use on a Hopper GPU (`MOE_DISPATCH_EXPERTS_GEMM`, read once).
@@ -167,7 +167,6 @@ fn gemm(
 fn wgrad(
     dev: &Device,
     p: &GroupedPlan,
-    place: Place,
     x: &Buffer,
     dy: &Buffer,
     counts: &DeviceTensor,
@@ -175,9 +174,8 @@ fn wgrad(
     rows: usize,
     cols: usize,
 ) -> Result<()> {
-    grouped_gemm::launch_wgrad_at(
+    grouped_gemm::launch_wgrad(
         dev,
-        place,
         ptr(dev, x),
         ptr(dev, dy),
         ptr(dev, &counts.buf),
@@ -189,57 +187,6 @@ fn wgrad(
         cols,
         grouped_gemm::experts_tile(),
     )
-}
-
-/// Whether the backward runs dW2's GEMM beside the activation's backward, and on how many SMs
-/// the latter then runs alone (`MOE_DISPATCH_GG_BESIDE=<SMs>`, read once; unset, `off` or `0`:
-/// one kernel after another). The side stream is the side-by-side GEMMs' first
-/// ([`crate::blas::SideBySide`], the device's greatest priority, so that the GEMM's blocks are
-/// placed first and the activation's fill the SMs it leaves).
-fn beside_activation(dev: &Device) -> Option<(&cudarc::driver::CudaStream, usize)> {
-    static LEFT: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    let left = (*LEFT.get_or_init(|| match std::env::var("MOE_DISPATCH_GG_BESIDE").as_deref() {
-        Err(_) | Ok("off") | Ok("0") => None,
-        Ok(v) => match v.parse::<usize>() {
-            Ok(n) => Some(n),
-            Err(_) => {
-                eprintln!("moe-dispatch: MOE_DISPATCH_GG_BESIDE={v:?}: expected a number of SMs, off or 0; using off");
-                None
-            }
-        },
-    }))?;
-    (left < dev.sm_count()).then_some(())?;
-    dev.side_blas().ok().map(|side| (&**side.first_stream(), left))
-}
-
-/// A side stream ordered after the device's stream's work so far, which the device's stream
-/// waits for at [`Joined::join`], or when this is dropped (an early return: nothing later on the
-/// device's stream, a free included, overtakes what was queued on the side stream).
-struct Joined<'a> {
-    dev: &'a Device,
-    side: &'a cudarc::driver::CudaStream,
-    joined: bool,
-}
-
-impl<'a> Joined<'a> {
-    fn after(dev: &'a Device, side: &'a cudarc::driver::CudaStream) -> Result<Joined<'a>> {
-        let now = crate::blas::mark(dev)?;
-        side.wait(&now).map_err(|e| crate::error::Error::driver("ordering the side stream", e))?;
-        Ok(Joined { dev, side, joined: false })
-    }
-
-    fn join(mut self) -> Result<()> {
-        self.joined = true;
-        self.dev.stream().join(self.side).map_err(|e| crate::error::Error::driver("joining the side stream", e))
-    }
-}
-
-impl Drop for Joined<'_> {
-    fn drop(&mut self) {
-        if !self.joined {
-            let _ = self.dev.stream().join(self.side);
-        }
-    }
 }
 
 /// The experts' rows gathered from the tokens on load (the `_gather` kernels): row r of the
@@ -405,25 +352,9 @@ pub fn backward_grouped(
     };
     let g = &grad_output.buf;
     let grad_w2 = DeviceTensor::alloc(dev, "gradDownProjs", dt, inp.down.shape.clone())?;
-    let beside = beside_activation(dev);
-    if beside.is_none() {
-        wgrad(dev, p, Place::DEVICE, a, g, counts, &grad_w2, p.inter, p.dim)?;
-    }
+    wgrad(dev, p, a, g, counts, &grad_w2, p.inter, p.dim)?;
     let da = dev.alloc("the activation gradient", p.n * p.inter * 2)?;
     gemm(dev, p, g, inp.down, WeightLayout::NK, counts, &da, p.inter, p.dim)?;
-    // dW2 beside the activation's backward: on a side stream after da's GEMM (so that the two
-    // GEMMs do not share the SMs), over all SMs but `left`, which the activation's backward, a
-    // memory-bound pass, has meanwhile; the device's stream waits for it (`_joined`, also on an
-    // early return, before anything it reads can be freed) before dW1's GEMM
-    let joined_w2 = match beside {
-        Some((side, left)) => {
-            let joined = Joined::after(dev, side)?;
-            let place = Place { stream: Some(side), blocks: Some(dev.sm_count().saturating_sub(left).max(1)) };
-            wgrad(dev, p, place, a, g, counts, &grad_w2, p.inter, p.dim)?;
-            Some(joined)
-        }
-        None => None,
-    };
     let dh = dev.alloc("the up-projection gradient", p.n * p.width * 2)?;
     let grad_probs = inp.probs.map(|t| DeviceTensor::alloc(dev, "gradProbs", DType::F32, t.shape.clone())).transpose()?;
     launch_activation_backward(
@@ -441,9 +372,6 @@ pub fn backward_grouped(
         grad_probs.as_ref().map(|t| &t.buf),
     )?;
     drop(da);
-    if let Some(joined) = joined_w2 {
-        dev.span(|| "waiting for dW2 beside".into(), || joined.join())?;
-    }
     let grad_w1 = DeviceTensor::alloc(dev, "gradGateAndUpProjs", dt, inp.gate_and_up.shape.clone())?;
     match gather {
         Some(g) if wgrad_gather_selected() => grouped_gemm::launch_wgrad_gather(
@@ -465,9 +393,9 @@ pub fn backward_grouped(
             // copy, and the copy + the plain kernel ran faster than the gathering kernel
             // (docs/gpu-report.md, twenty-seventh session)
             let x = crate::experts::gathered_rows(dev, inp.tokens, g)?;
-            wgrad(dev, p, Place::DEVICE, &x.buf, &dh, counts, &grad_w1, p.dim, p.width)?;
+            wgrad(dev, p, &x.buf, &dh, counts, &grad_w1, p.dim, p.width)?;
         }
-        None => wgrad(dev, p, Place::DEVICE, &inp.tokens.buf, &dh, counts, &grad_w1, p.dim, p.width)?,
+        None => wgrad(dev, p, &inp.tokens.buf, &dh, counts, &grad_w1, p.dim, p.width)?,
     }
     let grad_tokens = DeviceTensor::alloc(dev, "gradTokens", dt, vec![p.n, p.dim])?;
     gemm(dev, p, &dh, inp.gate_and_up, WeightLayout::NK, counts, &grad_tokens.buf, p.dim, p.width)?;

@@ -24,7 +24,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{sys, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig};
+use cudarc::driver::{sys, CudaFunction, CudaModule, DeviceRepr, LaunchConfig};
 use cudarc::nvrtc::Ptx;
 use moe_core::tensor::DType;
 
@@ -404,7 +404,7 @@ pub fn launch(
         TileN::N256Tma => Extra::Out(out_map(out, 1, m, n)?),
         _ => Extra::None,
     };
-    run_kernel(dev, Place::DEVICE, "grouped GEMM", name, tile, max_tiles, out, counts, sizes, extra, || {
+    run_kernel(dev, "grouped GEMM", name, tile, max_tiles, out, counts, sizes, extra, || {
         let (m64, n64, k64, e64) = (m as u64, n as u64, k as u64, experts as u64);
         // A: [m, k], box 64 (k) x 128 (rows)
         let map_a = tensor_map("the tokens", x, &[k64, m64], &[k64 * 2], &[TILE_K as u32, TILE_M as u32])?;
@@ -517,7 +517,7 @@ pub fn launch_act(
         limit: options.limit as f64,
         offset: options.linear_offset as f64,
     };
-    run_kernel(dev, Place::DEVICE, "grouped GEMM with the activation", name, tile, max_tiles, h, counts, sizes, Extra::Act(&act), || {
+    run_kernel(dev, "grouped GEMM with the activation", name, tile, max_tiles, h, counts, sizes, Extra::Act(&act), || {
         let (m64, n64, k64, e64) = (m as u64, 2 * inter as u64, k as u64, experts as u64);
         let map_a = tensor_map("the tokens", x, &[k64, m64], &[k64 * 2], &[TILE_K as u32, TILE_M as u32])?;
         // [E, k, 2 inter]: boxes of 64 (n) x 64 (k), gate and up columns
@@ -564,7 +564,7 @@ pub fn launch_gather(
         other => return Err(Error::Cuda(format!("{WHAT}: no gathering kernel for {other:?} (bulk or tma-store)"))),
     };
     let max_tiles = (m / TILE_M + experts).saturating_mul(n.div_ceil(tile.columns()));
-    run_kernel(dev, Place::DEVICE, WHAT, name, tile, max_tiles, out, counts, sizes, extra, || {
+    run_kernel(dev, WHAT, name, tile, max_tiles, out, counts, sizes, extra, || {
         let (n64, k64, e64) = (n as u64, k as u64, experts as u64);
         // (A's map is not read by the kernel: one over x, valid as any)
         let map_a = tensor_map("the tokens", x, &[k64, x_rows.max(1) as u64], &[k64 * 2], &[TILE_K as u32, TILE_M as u32])?;
@@ -594,30 +594,11 @@ pub fn launch_wgrad(
     n: usize,
     tile: TileN,
 ) -> Result<()> {
-    launch_wgrad_at(dev, Place::DEVICE, x, dy, counts, dw, out_dtype, experts, m, ko, n, tile)
-}
-
-/// [`launch_wgrad`] at `place`: on a side stream over fewer blocks than SMs, say.
-#[allow(clippy::too_many_arguments)]
-pub fn launch_wgrad_at(
-    dev: &Device,
-    place: Place,
-    x: u64,
-    dy: u64,
-    counts: u64,
-    dw: u64,
-    out_dtype: DType,
-    experts: usize,
-    m: usize,
-    ko: usize,
-    n: usize,
-    tile: TileN,
-) -> Result<()> {
     if ko == 0 || n == 0 || experts == 0 {
         return Ok(());
     }
     if m == 0 {
-        return dev_zero(dev, place, dw, experts * ko * n * out_dtype.size());
+        return dev_zero(dev, dw, experts * ko * n * out_dtype.size());
     }
     let sizes = checked_sizes("grouped weight gradient", "ko", x | dy | dw, experts, m, n, ko)?;
     // (no cluster kernel for the weight gradients yet: the bulk one)
@@ -645,7 +626,7 @@ pub fn launch_wgrad_at(
         _ => Extra::None,
     };
     // (the kernel's k is ko, its n is n)
-    run_kernel(dev, place, "grouped weight gradient", name, tile, tiles, dw, counts, sizes, extra, || {
+    run_kernel(dev, "grouped weight gradient", name, tile, tiles, dw, counts, sizes, extra, || {
         let (m64, n64, k64) = (m as u64, n as u64, ko as u64);
         // x^T and dy: boxes of 64 columns x 64 rows
         let map_a = tensor_map("the weight gradient's x", x, &[k64, m64], &[k64 * 2], &[64, TILE_K as u32])?;
@@ -678,33 +659,12 @@ fn checked_sizes(what: &str, k_name: &str, addresses: u64, experts: usize, m: us
     Ok(Sizes { m: int("m", m)?, n: int("n", n)?, k: int(k_name, k)?, experts: int("experts", experts)? })
 }
 
-/// Where a grouped GEMM's kernel runs: by default ([`Place::DEVICE`]) on the device's stream,
-/// one block per SM; or on `stream` (a side stream: the caller orders it with the device's
-/// stream) over at most `blocks` blocks, which leaves the other SMs to the kernels queued on the
-/// device's stream meanwhile (the experts' weight gradients beside the activation's backward,
-/// [`crate::experts_grouped`]). The static tile order makes fewer blocks give the same bits:
-/// each tile is one block's, whole, whichever block it is.
-#[derive(Clone, Copy, Default)]
-pub struct Place<'a> {
-    pub stream: Option<&'a CudaStream>,
-    pub blocks: Option<usize>,
-}
-
-impl<'a> Place<'a> {
-    pub const DEVICE: Place<'static> = Place { stream: None, blocks: None };
-
-    fn stream(self, dev: &'a Device) -> &'a CudaStream {
-        self.stream.unwrap_or(dev.stream())
-    }
-}
-
 /// Queues kernel `name` on the device's stream: its dynamic shared memory for `tile` and
 /// `sizes.experts` checked against what the kernel may have, then the tensor maps of its two
 /// operands (`maps`), on one block per SM or `tiles` blocks when there are fewer tiles.
 #[allow(clippy::too_many_arguments)]
 fn run_kernel(
     dev: &Device,
-    place: Place,
     what: &str,
     name: &str,
     tile: TileN,
@@ -732,7 +692,7 @@ fn run_kernel(
         let most = max_clusters(&kernels, dev, name, f, smem, size)?;
         (dev.sm_count() / size).min(most).min(tiles.div_ceil(size)).max(1) * size
     } else {
-        place.blocks.unwrap_or(usize::MAX).min(dev.sm_count()).min(tiles).max(1)
+        dev.sm_count().min(tiles).max(1)
     } as u32;
     // (the weight gradients' kernels are the `grouped_gemm_wgrad_*` ones)
     let group = group_n(name.starts_with("grouped_gemm_wgrad_"));
@@ -761,7 +721,7 @@ fn run_kernel(
     // dependent launch: with it these kernels ran slower on an H100, even with events between
     // the kernels (Mixtral-like weight gradients 10.13 against 9.49 ms; docs/gpu-report.md,
     // twenty-fifth session); the kernels after them still may be.
-    dev.launch_params_on(place.stream(dev), name, f, cfg, &mut b, false)
+    dev.launch_params(name, f, cfg, &mut b, false)
 }
 
 /// [`launch_wgrad`] gathering x's rows on load: `dw [experts, ko, n] = x[rows_of[rows of e]]^T @
@@ -790,7 +750,7 @@ pub fn launch_wgrad_gather(
         return Ok(());
     }
     if m == 0 {
-        return dev_zero(dev, Place::DEVICE, dw, experts * ko * n * 2);
+        return dev_zero(dev, dw, experts * ko * n * 2);
     }
     let gather = gather_args(WHAT, x, x_rows, rows_of, ko)?;
     let sizes = checked_sizes(WHAT, "ko", x | dy | dw, experts, m, n, ko)?;
@@ -800,7 +760,7 @@ pub fn launch_wgrad_gather(
         other => return Err(Error::Cuda(format!("{WHAT}: no gathering kernel for {other:?} (bulk or tma-store)"))),
     };
     let tiles = experts.saturating_mul(ko.div_ceil(TILE_M)).saturating_mul(n.div_ceil(256));
-    run_kernel(dev, Place::DEVICE, WHAT, name, tile, tiles, dw, counts, sizes, extra, || {
+    run_kernel(dev, WHAT, name, tile, tiles, dw, counts, sizes, extra, || {
         let (m64, n64, k64) = (m as u64, n as u64, ko as u64);
         // (A's map is not read by the kernel: one over x, valid as any)
         let map_a = tensor_map("the weight gradient's x", x, &[k64, x_rows.max(1) as u64], &[k64 * 2], &[64, TILE_K as u32])?;
@@ -878,10 +838,10 @@ fn max_clusters(kernels: &Kernels, dev: &Device, name: &str, f: &CudaFunction, s
     Ok(clusters as usize)
 }
 
-fn dev_zero(dev: &Device, place: Place, ptr: u64, bytes: usize) -> Result<()> {
+fn dev_zero(dev: &Device, ptr: u64, bytes: usize) -> Result<()> {
     if bytes > 0 {
         // SAFETY: the caller's buffer holds `bytes` bytes at `ptr`.
-        unsafe { cudarc::driver::result::memset_d8_async(ptr, 0, bytes, place.stream(dev).cu_stream()) }
+        unsafe { cudarc::driver::result::memset_d8_async(ptr, 0, bytes, dev.stream().cu_stream()) }
             .map_err(|e| Error::driver("zeroing the weight gradients", e))?;
     }
     Ok(())

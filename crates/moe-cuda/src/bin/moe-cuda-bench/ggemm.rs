@@ -664,38 +664,20 @@ fn wgrad_checks(dev: &Device) -> R<usize> {
                 grouped_gemm::launch_wgrad(dev, p(&d_x), p(&d_dy), p(&d_counts), out, od, e, m, ko, n, tile)
             })?;
             let check = HostCheck::new(&runs, od, &reference);
-            // the default kernel again on a side stream over 3 blocks (the backward's dW2 beside
-            // the activation's backward, MOE_DISPATCH_GG_BESIDE): the same bytes
-            let placed = if tile == grouped_gemm::experts_tile() && od == DType::BF16 {
-                let drv = |what: &'static str| move |e| moe_cuda::Error::driver(what, e);
-                let side = dev.context().new_stream().map_err(drv("a side stream"))?;
-                let placed = run_twice(dev, "dw", bytes, |out| {
-                    side.wait(&dev.stream().record_event(None).map_err(drv("an event"))?).map_err(drv("waiting"))?;
-                    let place = grouped_gemm::Place { stream: Some(&side), blocks: Some(3) };
-                    grouped_gemm::launch_wgrad_at(dev, place, p(&d_x), p(&d_dy), p(&d_counts), out, od, e, m, ko, n, tile)?;
-                    dev.stream().join(&side).map_err(drv("joining"))
-                })?;
-                let same = placed[0] == runs[0];
-                println!("  wgrad {} on a side stream, 3 blocks: {}", tile.name(), if same { "the same bytes" } else { "DIFFERENT BYTES" });
-                same
-            } else {
-                true
-            };
-            let ok = placed
-                && check.report(
-                    format_args!("wgrad {} -> {}: {} [E={e}, M={m}, K={ko}, N={n}]", tile.name(), od.name(), case.name),
-                    |b| {
-                        format!(
-                            " (first: expert {} row {} col {}: got {}, want {})",
-                            b.index / (ko * n),
-                            (b.index / n) % ko,
-                            b.index % n,
-                            b.got,
-                            b.want
-                        )
-                    },
-                    "",
-                );
+            let ok = check.report(
+                format_args!("wgrad {} -> {}: {} [E={e}, M={m}, K={ko}, N={n}]", tile.name(), od.name(), case.name),
+                |b| {
+                    format!(
+                        " (first: expert {} row {} col {}: got {}, want {})",
+                        b.index / (ko * n),
+                        (b.index / n) % ko,
+                        b.index % n,
+                        b.got,
+                        b.want
+                    )
+                },
+                "",
+            );
             if !ok {
                 failures += 1;
             }
