@@ -34,7 +34,10 @@
 //! this one process, its bytes checked against the default group's), `--tails` (at the shapes,
 //! each token-side kernel timed with its second warpgroup idle in tiles of at most 64 rows, the
 //! default, and multiplying those rows as before, `grouped_gemm::set_idle_tails`, interleaved the
-//! same way, the bytes checked against each other). Exit code 1 when a check fails.
+//! same way, the bytes checked against each other), `--rows-per-expert N` (every expert of the
+//! timed shapes N rows instead of a random top-k routing's counts: 768 against 767 at the
+//! fine-grained shape times a partial last tile and weight-gradient k-step against none, the same
+//! multiplications). Exit code 1 when a check fails.
 
 use half::bf16;
 use moe_core::tensor::DType;
@@ -768,6 +771,7 @@ pub fn bench(args: &[String]) -> i32 {
     let (mut act, mut gather) = (false, false);
     let mut groups: Vec<i32> = Vec::new();
     let mut tails = false;
+    let mut rows_per_expert: Option<usize> = None;
     let (mut tiles, mut small_only, mut small, mut wgrad) = (TileN::ALL.iter().map(|(t, _)| *t).collect::<Vec<_>>(), false, true, true);
     let opts = ShapeOptions::parse(args, |flag, value| match (flag, value) {
         ("--tile", Some(v)) => {
@@ -791,6 +795,16 @@ pub fn bench(args: &[String]) -> i32 {
             tails = true;
             Some(1)
         }
+        ("--rows-per-expert", Some(v)) => match v.parse::<usize>() {
+            Ok(r) if r >= 1 => {
+                rows_per_expert = Some(r);
+                Some(2)
+            }
+            _ => {
+                eprintln!("ggemm: --rows-per-expert: expected a row count (1 or more), got {v}");
+                None
+            }
+        },
         ("--no-wgrad", _) => {
             wgrad = false;
             Some(1)
@@ -840,6 +854,7 @@ pub fn bench(args: &[String]) -> i32 {
             act,
             gather,
             settings: [(!groups.is_empty()).then(|| Settings::groups(groups)), tails.then(Settings::tails)].into_iter().flatten().collect(),
+            rows_per_expert,
         },
     );
     grouped_gemm::set_group_n(None);
@@ -847,12 +862,16 @@ pub fn bench(args: &[String]) -> i32 {
     finish(&opts, "ggemm", result)
 }
 
-/// The fused kernels a run checks and times beside the plain ones (`--act`, `--gather`), and the
-/// settings it times each kernel with (`--groups`, `--tails`).
+/// The fused kernels a run checks and times beside the plain ones (`--act`, `--gather`), the
+/// settings it times each kernel with (`--groups`, `--tails`), and the rows of the timed shapes'
+/// experts (`--rows-per-expert N`: N rows each, where a random top-k routing's counts are the
+/// default; 768 against 767 at the fine-grained shape, say, times an expert's partial last tile or
+/// k-step against none at the same multiplications).
 struct Fusions {
     act: bool,
     gather: bool,
     settings: Vec<Settings>,
+    rows_per_expert: Option<usize>,
 }
 
 /// Settings of the launches that change how the work is done, not its sums: each kernel at the
@@ -942,7 +961,7 @@ fn run(
     wgrad: bool,
     fusions: Fusions,
 ) -> R<(String, usize)> {
-    let Fusions { act, gather, settings } = fusions;
+    let Fusions { act, gather, settings, rows_per_expert } = fusions;
     use std::io::Write;
     let iters = opts.iters;
     let info = dev.info();
@@ -993,8 +1012,12 @@ fn run(
         dev.release_cached_memory()?;
         let (t, e, topk, dim, inter) = (s.tokens, s.experts, s.topk, s.dim, s.inter);
         let width = 2 * inter;
-        let m = t * topk;
-        let (counts, rows_of) = routing(t, e, topk, 0x5eed ^ e as u64);
+        let (counts, rows_of) = match rows_per_expert {
+            // (row i of the experts is token i mod T: the gathering kernels' rows)
+            Some(r) => (vec![r as i32; e], (0..e * r).map(|i| (i % t) as i32).collect()),
+            None => routing(t, e, topk, 0x5eed ^ e as u64),
+        };
+        let m = rows_of.len();
         let d_counts = dev.upload("counts", &counts)?;
         let w1 = dev.upload("W1", &random_bf16(e * dim * width, 11, 1.0 / (dim as f32).sqrt()))?;
         let w2 = dev.upload("W2", &random_bf16(e * inter * dim, 12, 1.0 / (inter as f32).sqrt()))?;
