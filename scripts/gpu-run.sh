@@ -17,7 +17,8 @@
 # WEBGPU_LISTS=1 (with WEBGPU: webgpu-node and webgpu-profile again with --lists indirect: auto dispatches them directly on a GPU),
 # WEBGPU_SHAPE="--tokens 6144" (with WEBGPU: webgpu-node's and webgpu-profile's shape options, each of their runs; the
 # default T=4096, H=1024, E=64, k=4; Dawn crashed with 256 MB buffers: keep the largest below 128 MB),
-# GGEMM=1 (moe-cuda-bench ggemm: the grouped GEMM's checks and timings; GGEMM_GROUPS="4 8 16": once a raster group,
+# GGEMM=1 (moe-cuda-bench ggemm: the grouped GEMM's checks and timings; GGEMM_ROWS="768 767": once for each row
+# count an expert, --rows-per-expert, two interleaved rounds into ggemm-rows.json; GGEMM_GROUPS="4 8 16": once a raster group,
 # a process each; GGEMM_ARGS="... --groups 4,8" times the raster groups interleaved in one process instead),
 # CLOCKS=1 (the SM clock and power draw, nvidia-smi every 20 ms, during moe-cuda-bench ggemm's token-side GEMMs at
 # CLOCKS_SHAPES (default mixtral), 50 iterations each; bench/clock-phases.py gives each GEMM's (cuBLAS's, then ours) into clocks.json),
@@ -384,6 +385,25 @@ PY
         say "moe-cuda-bench ggemm, MOE_DISPATCH_GG_GROUP=$group"
         MOE_DISPATCH_GG_GROUP="$group" timeout 300 "$BUNDLE/bin/moe-cuda-bench" ggemm ${GGEMM_ARGS:---iters 3}; echo "  exit code $?"
       done
+    elif [[ -n "${GGEMM_ROWS:-}" ]]; then
+      # GGEMM_ROWS="768 767": once for each row count an expert (--rows-per-expert), two interleaved rounds, a
+      # process each, into one ggemm-rows.json ({"768": [round 1, round 2], ...})
+      local rows_dir
+      rows_dir="$(mktemp -d)"
+      for round in 1 2; do
+        for r in $GGEMM_ROWS; do
+          say "moe-cuda-bench ggemm --rows-per-expert $r, round $round"
+          timeout 300 "$BUNDLE/bin/moe-cuda-bench" ggemm ${GGEMM_ARGS:---iters 3} --rows-per-expert "$r" --out "$rows_dir/$r-$round.json"; echo "  exit code $?"
+        done
+      done
+      python3 - "$rows_dir" "$OUT/ggemm-rows.json" <<'PY'
+import glob, json, os, sys
+out = {}
+for f in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
+    rows, _ = os.path.basename(f)[:-5].split("-")
+    out.setdefault(rows, []).append(json.load(open(f)))
+json.dump(out, open(sys.argv[2], "w"), indent=1)
+PY
     else
       say "moe-cuda-bench ggemm"
       timeout 300 "$BUNDLE/bin/moe-cuda-bench" ggemm ${GGEMM_ARGS:---iters 3} --out "$OUT/ggemm.json"; echo "  exit code $?"
