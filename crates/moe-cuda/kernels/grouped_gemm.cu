@@ -674,18 +674,18 @@ static __device__ __forceinline__ void gg_epilogue(const float* acc, void* out, 
     const int c = w.c, warp = w.warp, lane = w.lane;
     const u64 dst = (u64)out + ((u64)plane + (u64)row0 * (u64)n + (u64)n0) * 2;
     if constexpr (EPI == GG_EPI_TMA) {
-        // (the branch is the warpgroup's: its rows, or the launch's map)
+        // (the branches are the warpgroup's: its rows, or the launch's map)
+        if (rows <= 64 * c) return;  // none of the tile's rows are this warpgroup's (a weight gradient's last row tile, a tail)
+        const u32 c_smem = sh.base + STAGES * STAGE_BYTES + c * 32768u;
+        if (warp == 0) bulk_wait_read();  // the previous tile's stores have read the buffer
+        bar_warpgroup(1 + c);
+        GgFast fast;
+        gg_stage_swizzled(acc, c_smem, warp, lane, fast);
+        if (fast.nan) {
+            GgExact exact;
+            gg_stage_swizzled(acc, c_smem, warp, lane, exact);
+        }
         if (to->rows_clipped || rows >= 64 * c + 64) {
-            if (rows <= 64 * c) return;  // (the weight gradients' last row tile: none of its rows are this warpgroup's)
-            const u32 c_smem = sh.base + STAGES * STAGE_BYTES + c * 32768u;
-            if (warp == 0) bulk_wait_read();  // the previous tile's stores have read the buffer
-            bar_warpgroup(1 + c);
-            GgFast fast;
-            gg_stage_swizzled(acc, c_smem, warp, lane, fast);
-            if (fast.nan) {
-                GgExact exact;
-                gg_stage_swizzled(acc, c_smem, warp, lane, exact);
-            }
             fence_async_shared();
             bar_warpgroup(1 + c);
             if (warp == 0 && lane == 0) {
@@ -697,6 +697,22 @@ static __device__ __forceinline__ void gg_epilogue(const float* acc, void* out, 
             }
             return;
         }
+        // the rows end inside this warpgroup's 64 (an expert's last tile; the rows after belong to
+        // the next expert, which a tensor store of the whole box would overwrite): a warp writes a
+        // staged row at a time, 16 bytes a lane (512 contiguous bytes), read out of the swizzle.
+        // The register stores this replaces wrote 4 bytes a lane, 8 rows a warp instruction.
+        bar_warpgroup(1 + c);
+        const int mine = rows - 64 * c;
+        const int tid = 32 * warp + lane;
+        for (int i = tid; i < mine * 32; i += 128) {
+            const int r = i >> 5, chunk = i & 31;  // 16-byte piece `chunk` (8 columns) of row r
+            if (n0 + 8 * chunk >= n) continue;
+            const u32 at = c_smem + (u32)(chunk >> 3) * 8192u + (u32)r * 128u + ((u32)((chunk & 7) ^ (r & 7)) << 4);
+            uint4 v;
+            asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(at));
+            *(uint4*)(dst + ((u64)(64 * c + r) * (u64)n + (u64)(8 * chunk)) * 2) = v;
+        }
+        return;
     }
     if constexpr (EPI == GG_EPI_STAGED) {
         const u32 c_smem = sh.base + STAGES * STAGE_BYTES + c * (64 * GG_C_ROW);

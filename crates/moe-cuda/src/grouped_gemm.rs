@@ -76,8 +76,9 @@ pub enum TileN {
     /// [`TileN::N256Bulk`] with the staged rows stored by TMA tensor stores (a staging buffer of
     /// 64 KiB in the 128-byte swizzle, four 64 x 64 boxes a consumer warpgroup, through a tensor
     /// map over the output): 8 TMA instructions a tile instead of 128 row copies. A warpgroup
-    /// whose rows run past its expert's end stores from the registers. Token side and weight
-    /// gradients (bf16 output).
+    /// whose rows end inside its 64 (an expert's last tile) writes its staged rows itself, a warp
+    /// a row, 16 bytes a lane (the whole box would overwrite the next expert's rows). Token side
+    /// and weight gradients (bf16 output).
     N256Tma,
 }
 
