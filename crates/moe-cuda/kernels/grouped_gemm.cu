@@ -631,6 +631,34 @@ static __device__ __forceinline__ void gg_pass(const GgShared& sh, GgRing<STAGES
     gg_release_pending(sh, w);
 }
 
+// gg_consume whose last k-step's wgmmas `last(a_addr, b_addr)` issues (num_kb >= 1): the loop
+// runs the others, the last is peeled after it, so each path has a fixed count of wgmmas (a
+// count chosen under a branch inside the loop gets the wgmmas serialised, C7520).
+template <int STAGES, u32 A_BYTES, u32 STAGE_BYTES, class Issue>
+static __device__ __forceinline__ void gg_consume_step(const GgShared& sh, GgRing<STAGES>& ring, int kb, int& prev, GgWarp& w, Issue issue) {
+    mbar_wait(sh.full0 + 8 * ring.stage, ring.phase);
+    const u32 a_addr = sh.base + ring.stage * STAGE_BYTES + w.c * (64 * 128);
+    const u32 b_addr = sh.base + ring.stage * STAGE_BYTES + A_BYTES;
+    issue(a_addr, b_addr);
+    wgmma_commit();
+    if (kb == 0) gg_release_pending(sh, w);
+    wgmma_wait<1>();
+    gg_release(sh, prev, w.lane);
+    prev = ring.stage;
+    ring.advance();
+}
+
+template <int STAGES, u32 A_BYTES, u32 STAGE_BYTES, class Mma, class Last>
+static __device__ __forceinline__ void gg_consume_peeled(const GgShared& sh, GgRing<STAGES>& ring, int num_kb, GgWarp& w, Mma mma,
+                                                         Last last) {
+    int prev = -1;
+    for (int kb = 0; kb + 1 < num_kb; kb++) gg_consume_step<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, kb, prev, w, mma);
+    gg_consume_step<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb - 1, prev, w, last);
+    wgmma_wait<0>();
+    gg_release(sh, prev, w.lane);
+    gg_release_pending(sh, w);
+}
+
 // EPI_REG's stores: consumer warpgroup w.c's accumulators straight from the registers (as
 // gg_epilogue describes), bf16 values converted by `convert` (GgFast, GgExact).
 template <int BN, bool OUT_F32, class Convert>
@@ -1046,6 +1074,19 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
 // the async proxy that wgmma reads through.
 // Tile t of the weight gradients: expert-major; within an expert, groups of `group_n` column
 // tiles, every row (KO) tile of a group before the next group (blocks at work share dy's columns).
+// G 16-row groups (k16 steps) of a weight-gradient k-step: M-major A and N-major B, a group 16
+// rows (2048 bytes) of each box.
+template <int G>
+static __device__ __forceinline__ void gg_wgrad_mma(float* acc, u32 a_addr, u32 b_addr) {
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < G; ks++) {
+        const u64 da = gg_desc(a_addr + ks * 2048, 8192, 1024);
+        const u64 db = gg_desc(b_addr + ks * 2048, 8192, 1024);
+        wgmma_m64n256k16<1, 1>(acc, da, db, 1);
+    }
+}
+
 static __device__ __forceinline__ void gg_wgrad_tile(int t, int m_tiles, int n_tiles, int group_n, int* e, int* m0, int* n0) {
     *e = t / (m_tiles * n_tiles);
     const int u = t - *e * m_tiles * n_tiles;
@@ -1176,28 +1217,53 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, c
             const int num_kb = (rows + GG_BK - 1) / GG_BK;
 #pragma unroll
             for (int i = 0; i < BN / 2; i++) acc[i] = 0.0f;
-            gg_consume<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w, [&](int kb, u32 a_addr, u32 b_addr) {
-                const int valid = rows - kb * GG_BK;
-                if (valid < GG_BK) {
-                    // zero rows valid .. 63 of this warpgroup's A box and of B boxes c and c + 2
-                    const int lines = (GG_BK - valid) * 8;  // 16-byte pieces a box
+            // the k-steps: the last one's 16-row groups that hold the expert's rows only, each
+            // count its own path (gg_consume_peeled); its rows past the expert's end zeroed
+            const int last_rows = rows - (num_kb - 1) * GG_BK;  // 1 .. 64 (num_kb >= 1)
+            auto whole = [&](u32 a_addr, u32 b_addr) { gg_wgrad_mma<GG_BK / 16>(acc, a_addr, b_addr); };
+            auto zero_tail = [&](u32 a_addr, u32 b_addr, int upto) {
+                if (last_rows < upto) {
+                    // zero rows last_rows .. upto - 1 of this warpgroup's A box and of B boxes c and c + 2
+                    const int lines = (upto - last_rows) * 8;  // 16-byte pieces a box
                     for (int i = tid; i < 3 * lines; i += 128) {
                         const int box = i / lines, piece = i % lines;
-                        const u32 at = (box == 0 ? a_addr : b_addr + (c + 2 * (box - 1)) * 8192) + (valid * 128 + piece * 16);
+                        const u32 at = (box == 0 ? a_addr : b_addr + (c + 2 * (box - 1)) * 8192) + (last_rows * 128 + piece * 16);
                         asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};" ::"r"(at), "r"(0) : "memory");
                     }
                     fence_async_shared();
                     asm volatile("bar.sync 3, 256;" ::: "memory");  // both consumer warpgroups (B is shared)
                 }
-                wgmma_fence();
-#pragma unroll
-                for (int ks = 0; ks < GG_BK / 16; ks++) {
-                    // M-major A and N-major B: a k-step is 16 rows (2048 bytes) of each box
-                    const u64 da = gg_desc(a_addr + ks * 2048, 8192, 1024);
-                    const u64 db = gg_desc(b_addr + ks * 2048, 8192, 1024);
-                    wgmma_m64n256k16<1, 1>(acc, da, db, 1);
+            };
+            if (num_kb == 0) {
+                gg_release_pending(sh, w);  // (an expert without rows: zeros, no k-step; as gg_consume would)
+            } else {
+                switch ((last_rows + 15) / 16) {
+                    case 1:
+                        gg_consume_peeled<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w, whole, [&](u32 a, u32 b) {
+                            zero_tail(a, b, 16);
+                            gg_wgrad_mma<1>(acc, a, b);
+                        });
+                        break;
+                    case 2:
+                        gg_consume_peeled<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w, whole, [&](u32 a, u32 b) {
+                            zero_tail(a, b, 32);
+                            gg_wgrad_mma<2>(acc, a, b);
+                        });
+                        break;
+                    case 3:
+                        gg_consume_peeled<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w, whole, [&](u32 a, u32 b) {
+                            zero_tail(a, b, 48);
+                            gg_wgrad_mma<3>(acc, a, b);
+                        });
+                        break;
+                    default:
+                        gg_consume_peeled<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w, whole, [&](u32 a, u32 b) {
+                            zero_tail(a, b, 64);
+                            gg_wgrad_mma<4>(acc, a, b);
+                        });
+                        break;
                 }
-            });
+            }
             if constexpr (EPI == GG_EPI_TMA) {
                 // (the expert's plane of dw; rows past ko clipped at the map's bounds)
                 const GgOut here{to->map, e, true};
