@@ -631,9 +631,8 @@ static __device__ __forceinline__ void gg_pass(const GgShared& sh, GgRing<STAGES
     gg_release_pending(sh, w);
 }
 
-// gg_consume whose last k-step's wgmmas `last(a_addr, b_addr)` issues (num_kb >= 1): the loop
-// runs the others, the last is peeled after it, so each path has a fixed count of wgmmas (a
-// count chosen under a branch inside the loop gets the wgmmas serialised, C7520).
+// One k-step of a consumer warpgroup as gg_consume runs it, its wgmmas issued by `issue(a_addr,
+// b_addr)`; `prev` the stage to give back once the k-step's group is issued.
 template <int STAGES, u32 A_BYTES, u32 STAGE_BYTES, class Issue>
 static __device__ __forceinline__ void gg_consume_step(const GgShared& sh, GgRing<STAGES>& ring, int kb, int& prev, GgWarp& w, Issue issue) {
     mbar_wait(sh.full0 + 8 * ring.stage, ring.phase);
@@ -648,6 +647,11 @@ static __device__ __forceinline__ void gg_consume_step(const GgShared& sh, GgRin
     ring.advance();
 }
 
+// gg_consume whose last k-step's wgmmas `last(a_addr, b_addr)` issues (num_kb >= 1): the loop
+// runs the others (`mma`), the last is peeled after it, so that a caller choosing between
+// versions with different `last`s branches outside the loop, where each path has a fixed count of
+// wgmmas (a count chosen inside the loop, by a variable-length loop or predicated wgmmas, gets
+// every wgmma of the kernel serialised: C7520).
 template <int STAGES, u32 A_BYTES, u32 STAGE_BYTES, class Mma, class Last>
 static __device__ __forceinline__ void gg_consume_peeled(const GgShared& sh, GgRing<STAGES>& ring, int num_kb, GgWarp& w, Mma mma,
                                                          Last last) {
@@ -1063,17 +1067,6 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
 }
 
 
-// The weight gradients: dw[e] [KO, N] = x[rows of e]^T @ dy[rows of e] for every expert (x [M, KO],
-// dy [M, N], expert-major rows as above), reduced over each expert's rows in k-steps of 64 rows.
-// Tiles of 128 (KO) x 256 (N) per expert, E x ceil(KO / 128) x ceil(N / 256) of them whatever
-// the counts (an expert with no rows gets zeros). Both operands are MN-major in shared memory
-// (A = x^T: 64 KO values a row of 128 bytes, one 8 KiB box per consumer warpgroup; B = dy as
-// in `nn`). The last k-step of an expert loads rows of the next expert: before multiplying,
-// the consumers zero those rows of both operands in shared memory (a row is one 128-byte line
-// of each box: the swizzle moves 16-byte pieces within a line only), then fence the writes to
-// the async proxy that wgmma reads through.
-// Tile t of the weight gradients: expert-major; within an expert, groups of `group_n` column
-// tiles, every row (KO) tile of a group before the next group (blocks at work share dy's columns).
 // G 16-row groups (k16 steps) of a weight-gradient k-step: M-major A and N-major B, a group 16
 // rows (2048 bytes) of each box.
 template <int G>
@@ -1087,6 +1080,18 @@ static __device__ __forceinline__ void gg_wgrad_mma(float* acc, u32 a_addr, u32 
     }
 }
 
+// The weight gradients: dw[e] [KO, N] = x[rows of e]^T @ dy[rows of e] for every expert (x [M, KO],
+// dy [M, N], expert-major rows as above), reduced over each expert's rows in k-steps of 64 rows.
+// Tiles of 128 (KO) x 256 (N) per expert, E x ceil(KO / 128) x ceil(N / 256) of them whatever
+// the counts (an expert with no rows gets zeros). Both operands are MN-major in shared memory
+// (A = x^T: 64 KO values a row of 128 bytes, one 8 KiB box per consumer warpgroup; B = dy as
+// in `nn`). The last k-step of an expert loads rows of the next expert: it multiplies only its
+// 16-row groups that hold the expert's rows (gg_consume_peeled), and before that the consumers
+// zero the next expert's rows within them in shared memory (a row is one 128-byte line of each
+// box: the swizzle moves 16-byte pieces within a line only), then fence the writes to the async
+// proxy that wgmma reads through.
+// Tile t of the weight gradients: expert-major; within an expert, groups of `group_n` column
+// tiles, every row (KO) tile of a group before the next group (blocks at work share dy's columns).
 static __device__ __forceinline__ void gg_wgrad_tile(int t, int m_tiles, int n_tiles, int group_n, int* e, int* m0, int* n0) {
     *e = t / (m_tiles * n_tiles);
     const int u = t - *e * m_tiles * n_tiles;
