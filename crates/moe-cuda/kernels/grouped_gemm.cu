@@ -595,24 +595,30 @@ struct GgNothing {
     __device__ __forceinline__ void operator()(int) const {}
 };
 
+// One k-step of a consumer warpgroup: `mma(kb, a_addr, b_addr)` issues its wgmmas, then
+// `beside(kb)`; `prev` is the stage given back once this k-step's group is issued.
+template <int STAGES, u32 A_BYTES, u32 STAGE_BYTES, class Mma, class Beside>
+static __device__ __forceinline__ void gg_consume_step(const GgShared& sh, GgRing<STAGES>& ring, int kb, int& prev, GgWarp& w, Mma mma,
+                                                       Beside beside) {
+    mbar_wait(sh.full0 + 8 * ring.stage, ring.phase);
+    const u32 a_addr = sh.base + ring.stage * STAGE_BYTES + w.c * (64 * 128);
+    const u32 b_addr = sh.base + ring.stage * STAGE_BYTES + A_BYTES;
+    mma(kb, a_addr, b_addr);
+    wgmma_commit();
+    if (kb == 0) gg_release_pending(sh, w);
+    beside(kb);
+    // the previous k-step's group is done: its stage goes back to the producer
+    wgmma_wait<1>();
+    gg_release(sh, prev, w.lane);
+    prev = ring.stage;
+    ring.advance();
+}
+
 template <int STAGES, u32 A_BYTES, u32 STAGE_BYTES, class Mma, class Beside = GgNothing>
 static __device__ __forceinline__ void gg_consume(const GgShared& sh, GgRing<STAGES>& ring, int num_kb, GgWarp& w, Mma mma,
                                                   Beside beside = GgNothing()) {
     int prev = -1;
-    for (int kb = 0; kb < num_kb; kb++) {
-        mbar_wait(sh.full0 + 8 * ring.stage, ring.phase);
-        const u32 a_addr = sh.base + ring.stage * STAGE_BYTES + w.c * (64 * 128);
-        const u32 b_addr = sh.base + ring.stage * STAGE_BYTES + A_BYTES;
-        mma(kb, a_addr, b_addr);
-        wgmma_commit();
-        if (kb == 0) gg_release_pending(sh, w);
-        beside(kb);
-        // the previous k-step's group is done: its stage goes back to the producer
-        wgmma_wait<1>();
-        gg_release(sh, prev, w.lane);
-        prev = ring.stage;
-        ring.advance();
-    }
+    for (int kb = 0; kb < num_kb; kb++) gg_consume_step<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, kb, prev, w, mma, beside);
     wgmma_wait<0>();
     gg_release(sh, prev, w.lane);
     gg_release_pending(sh, w);
@@ -631,23 +637,7 @@ static __device__ __forceinline__ void gg_pass(const GgShared& sh, GgRing<STAGES
     gg_release_pending(sh, w);
 }
 
-// One k-step of a consumer warpgroup as gg_consume runs it, its wgmmas issued by `issue(a_addr,
-// b_addr)`; `prev` the stage to give back once the k-step's group is issued.
-template <int STAGES, u32 A_BYTES, u32 STAGE_BYTES, class Issue>
-static __device__ __forceinline__ void gg_consume_step(const GgShared& sh, GgRing<STAGES>& ring, int kb, int& prev, GgWarp& w, Issue issue) {
-    mbar_wait(sh.full0 + 8 * ring.stage, ring.phase);
-    const u32 a_addr = sh.base + ring.stage * STAGE_BYTES + w.c * (64 * 128);
-    const u32 b_addr = sh.base + ring.stage * STAGE_BYTES + A_BYTES;
-    issue(a_addr, b_addr);
-    wgmma_commit();
-    if (kb == 0) gg_release_pending(sh, w);
-    wgmma_wait<1>();
-    gg_release(sh, prev, w.lane);
-    prev = ring.stage;
-    ring.advance();
-}
-
-// gg_consume whose last k-step's wgmmas `last(a_addr, b_addr)` issues (num_kb >= 1): the loop
+// gg_consume whose last k-step's wgmmas `last(kb, a_addr, b_addr)` issues (num_kb >= 1): the loop
 // runs the others (`mma`), the last is peeled after it, so that a caller choosing between
 // versions with different `last`s branches outside the loop, where each path has a fixed count of
 // wgmmas (a count chosen inside the loop, by a variable-length loop or predicated wgmmas, gets
@@ -656,8 +646,8 @@ template <int STAGES, u32 A_BYTES, u32 STAGE_BYTES, class Mma, class Last>
 static __device__ __forceinline__ void gg_consume_peeled(const GgShared& sh, GgRing<STAGES>& ring, int num_kb, GgWarp& w, Mma mma,
                                                          Last last) {
     int prev = -1;
-    for (int kb = 0; kb + 1 < num_kb; kb++) gg_consume_step<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, kb, prev, w, mma);
-    gg_consume_step<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb - 1, prev, w, last);
+    for (int kb = 0; kb + 1 < num_kb; kb++) gg_consume_step<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, kb, prev, w, mma, GgNothing());
+    gg_consume_step<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb - 1, prev, w, last, GgNothing());
     wgmma_wait<0>();
     gg_release(sh, prev, w.lane);
     gg_release_pending(sh, w);
@@ -1225,7 +1215,7 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, c
             // the k-steps: the last one's 16-row groups that hold the expert's rows only, each
             // count its own path (gg_consume_peeled); its rows past the expert's end zeroed
             const int last_rows = rows - (num_kb - 1) * GG_BK;  // 1 .. 64 (num_kb >= 1)
-            auto whole = [&](u32 a_addr, u32 b_addr) { gg_wgrad_mma<GG_BK / 16>(acc, a_addr, b_addr); };
+            auto whole = [&](int, u32 a_addr, u32 b_addr) { gg_wgrad_mma<GG_BK / 16>(acc, a_addr, b_addr); };
             auto zero_tail = [&](u32 a_addr, u32 b_addr, int upto) {
                 if (last_rows < upto) {
                     // zero rows last_rows .. upto - 1 of this warpgroup's A box and of B boxes c and c + 2
@@ -1244,25 +1234,25 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, c
             } else {
                 switch ((last_rows + 15) / 16) {
                     case 1:
-                        gg_consume_peeled<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w, whole, [&](u32 a, u32 b) {
+                        gg_consume_peeled<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w, whole, [&](int, u32 a, u32 b) {
                             zero_tail(a, b, 16);
                             gg_wgrad_mma<1>(acc, a, b);
                         });
                         break;
                     case 2:
-                        gg_consume_peeled<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w, whole, [&](u32 a, u32 b) {
+                        gg_consume_peeled<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w, whole, [&](int, u32 a, u32 b) {
                             zero_tail(a, b, 32);
                             gg_wgrad_mma<2>(acc, a, b);
                         });
                         break;
                     case 3:
-                        gg_consume_peeled<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w, whole, [&](u32 a, u32 b) {
+                        gg_consume_peeled<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w, whole, [&](int, u32 a, u32 b) {
                             zero_tail(a, b, 48);
                             gg_wgrad_mma<3>(acc, a, b);
                         });
                         break;
                     default:
-                        gg_consume_peeled<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w, whole, [&](u32 a, u32 b) {
+                        gg_consume_peeled<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w, whole, [&](int, u32 a, u32 b) {
                             zero_tail(a, b, 64);
                             gg_wgrad_mma<4>(acc, a, b);
                         });

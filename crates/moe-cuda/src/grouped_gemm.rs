@@ -31,6 +31,7 @@ use moe_core::tensor::DType;
 use crate::compile::{self, KernelSource};
 use crate::device::{Buffer, Device, Params};
 use crate::error::{Error, Result};
+use crate::switch::Switch;
 use crate::tensor::DeviceTensor;
 
 /// The layout of the experts' weights B.
@@ -252,36 +253,18 @@ pub fn set_group_n(group: Option<i32>) {
 /// The launches' `flags` (kernels/grouped_gemm.cu): `GG_IDLE_TAILS` (1), in a tile of at most 64
 /// rows the second consumer warpgroup, whose rows all lie past the expert's end, issues no wgmma
 /// (the kernels it applies to say so; the others ignore it). On by default;
-/// `MOE_DISPATCH_GG_TAILS=full` (or [`set_idle_tails`]`(Some(false))`) has that warpgroup multiply
-/// the rows it does not store, as before, for measurements: the stored bits are the same.
+/// `MOE_DISPATCH_GG_IDLE_TAILS=off` (or [`set_idle_tails`]`(Some(false))`) has that warpgroup
+/// multiply the rows it does not store, as before, for measurements: the stored bits are the same.
 pub fn launch_flags() -> i32 {
-    static TAILS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let idle = match TAILS_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => *TAILS.get_or_init(|| match std::env::var("MOE_DISPATCH_GG_TAILS").as_deref() {
-            Err(_) | Ok("idle") => true,
-            Ok("full") => false,
-            Ok(v) => {
-                eprintln!("moe-dispatch: MOE_DISPATCH_GG_TAILS={v:?}: expected idle or full; using idle");
-                true
-            }
-        }),
-    };
-    i32::from(idle)
+    i32::from(IDLE_TAILS.on())
 }
 
-static TAILS_OVERRIDE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+static IDLE_TAILS: Switch = Switch::new("MOE_DISPATCH_GG_IDLE_TAILS");
 
 /// Overrides [`launch_flags`]' idle tails: `Some(true)` on, `Some(false)` off, `None` the
-/// environment's choice.
+/// default (on).
 pub fn set_idle_tails(idle: Option<bool>) {
-    let v = match idle {
-        None => 0,
-        Some(true) => 1,
-        Some(false) => 2,
-    };
-    TAILS_OVERRIDE.store(v, std::sync::atomic::Ordering::Relaxed);
+    IDLE_TAILS.set(idle);
 }
 
 /// The 256-column bf16 kernel the experts use: [`TileN::N256Tma`] by default (TMA tensor stores:
@@ -947,19 +930,18 @@ mod tests {
         assert_eq!((group_n(false), group_n(true)), (token, weight));
     }
 
-    /// The idle tails' override sets the launches' flag both ways and gives the environment's
-    /// choice back (idle where MOE_DISPATCH_GG_TAILS is unset). (The one test that sets it.)
+    /// The idle tails' override sets the launches' flag both ways and gives the default (on)
+    /// back. (The one test that sets it.)
     #[test]
     fn idle_tails_override() {
-        let default = launch_flags();
-        if std::env::var_os("MOE_DISPATCH_GG_TAILS").is_none() {
-            assert_eq!(default, 1);
+        if std::env::var_os("MOE_DISPATCH_GG_IDLE_TAILS").is_none() {
+            assert_eq!(launch_flags(), 1);
         }
         set_idle_tails(Some(false));
         assert_eq!(launch_flags(), 0);
         set_idle_tails(Some(true));
         assert_eq!(launch_flags(), 1);
         set_idle_tails(None);
-        assert_eq!(launch_flags(), default);
+        assert_eq!(launch_flags(), 1);
     }
 }
