@@ -1070,6 +1070,19 @@ static __device__ __forceinline__ void gg_wgrad_mma(float* acc, u32 a_addr, u32 
     }
 }
 
+// A weight-gradient tile's k-steps whose last holds G 16-row groups of the expert's rows: `whole`
+// issues the full k-steps, the last zeroes the rows past the expert's end within its G groups
+// (`zero_tail(a, b, 16 G)`) and multiplies those groups only. One instance a count, chosen per
+// tile outside the loop (gg_consume_peeled).
+template <int G, int STAGES, u32 A_BYTES, u32 STAGE_BYTES, class Whole, class ZeroTail>
+static __device__ __forceinline__ void gg_wgrad_consume(const GgShared& sh, GgRing<STAGES>& ring, int num_kb, GgWarp& w, Whole whole,
+                                                        ZeroTail zero_tail, float* acc) {
+    gg_consume_peeled<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w, whole, [&](int, u32 a, u32 b) {
+        zero_tail(a, b, 16 * G);
+        gg_wgrad_mma<G>(acc, a, b);
+    });
+}
+
 // The weight gradients: dw[e] [KO, N] = x[rows of e]^T @ dy[rows of e] for every expert (x [M, KO],
 // dy [M, N], expert-major rows as above), reduced over each expert's rows in k-steps of 64 rows.
 // Tiles of 128 (KO) x 256 (N) per expert, E x ceil(KO / 128) x ceil(N / 256) of them whatever
@@ -1233,30 +1246,10 @@ static __device__ __forceinline__ void gg_wgrad_body(const GgTensorMap* map_a, c
                 gg_release_pending(sh, w);  // (an expert without rows: zeros, no k-step; as gg_consume would)
             } else {
                 switch ((last_rows + 15) / 16) {
-                    case 1:
-                        gg_consume_peeled<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w, whole, [&](int, u32 a, u32 b) {
-                            zero_tail(a, b, 16);
-                            gg_wgrad_mma<1>(acc, a, b);
-                        });
-                        break;
-                    case 2:
-                        gg_consume_peeled<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w, whole, [&](int, u32 a, u32 b) {
-                            zero_tail(a, b, 32);
-                            gg_wgrad_mma<2>(acc, a, b);
-                        });
-                        break;
-                    case 3:
-                        gg_consume_peeled<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w, whole, [&](int, u32 a, u32 b) {
-                            zero_tail(a, b, 48);
-                            gg_wgrad_mma<3>(acc, a, b);
-                        });
-                        break;
-                    default:
-                        gg_consume_peeled<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w, whole, [&](int, u32 a, u32 b) {
-                            zero_tail(a, b, 64);
-                            gg_wgrad_mma<4>(acc, a, b);
-                        });
-                        break;
+                    case 1: gg_wgrad_consume<1, STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w, whole, zero_tail, acc); break;
+                    case 2: gg_wgrad_consume<2, STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w, whole, zero_tail, acc); break;
+                    case 3: gg_wgrad_consume<3, STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w, whole, zero_tail, acc); break;
+                    default: gg_wgrad_consume<4, STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w, whole, zero_tail, acc); break;
                 }
             }
             if constexpr (EPI == GG_EPI_TMA) {
