@@ -1,10 +1,10 @@
 // The GPU suite, the experts' default path (`auto`: MOE_DISPATCH_EXPERTS_GEMM unset,
-// crates/moe-cuda/src/experts_grouped.rs ExpertsGemm::Auto): on a Hopper GPU, with many experts
-// (experts_grouped::AUTO_MIN_EXPERTS = 32) and the counts permute made, the forward and the
-// backward run on our grouped GEMM, which reads the counts on the GPU (no wait for the GPU in
-// either); with fewer experts both run on cuBLAS (the forward reads the counts once, the
-// backward takes the forward's). Each result must agree with the cpu backend and with the cuBLAS
-// path (the counts uploaded: the GPU does not know their sum) to the experts' tolerance. Then the
+// crates/moe-cuda/src/experts_grouped.rs ExpertsGemm::Auto): on a Hopper GPU, at any number of
+// experts (64 down to 2), with the counts permute made, the forward and the backward run on our
+// grouped GEMM, which reads the counts on the GPU (no wait for the GPU in either); elsewhere
+// both run on cuBLAS (the forward reads the counts once, the backward takes the forward's).
+// Each result must agree with the cpu backend and with the cuBLAS path (the counts uploaded:
+// the GPU does not know their sum) to the experts' tolerance. Then the
 // layer's suite on the default path. The environment is read once per process: node --test runs
 // each file in its own.
 //
@@ -21,8 +21,9 @@ describe('the experts on the default (auto) path', { skip: cudaOnly }, () => {
     { kind: 'swiglu', T: 700, dim: 128, inter: 96, E: 64, k: 6 },
     { kind: 'relu2', T: 333, dim: 64, inter: 72, E: 32, k: 2 },
     { kind: 'swiglu', T: 300, dim: 64, inter: 48, E: 8, k: 2 },
+    { kind: 'swiglu', T: 129, dim: 32, inter: 40, E: 2, k: 1 },
   ]) {
-    const grouped = !skipGrouped && E >= 32;
+    const grouped = !skipGrouped;
     test(`${kind} T=${T} dim=${dim} inter=${inter} E=${E} k=${k}: forward and backward on ${grouped ? 'our grouped GEMM' : 'cuBLAS'}`, () => {
       const random = rng(T + dim + E);
       const gated = kind !== 'relu2';

@@ -154,7 +154,7 @@ describe('MoELayer on device tensors = the cpu layer (to the GEMMs tolerance)', 
       assert.ok(moved.toDeviceBytes < 64 * 1024 && moved.toHostBytes < 64 * 1024, JSON.stringify(moved));
       // the host waits for the GPU once a step, for route's check of the logits' values, where
       // the experts run on our grouped GEMM, which reads the counts on the GPU (a Hopper GPU, the
-      // default path with these 32 experts, or MOE_DISPATCH_EXPERTS_GEMM=grouped); twice on
+      // default path or MOE_DISPATCH_EXPERTS_GEMM=grouped); twice on
       // cuBLAS, whose GEMMs are sized by the counts (the backward takes the forward's); the ops
       // on route's outputs skip their checks, the losses are not read (lazyLoss), the optimizer
       // ('skip') reads nothing

@@ -5,8 +5,8 @@
 //!
 //! Taken where it applies (bf16 tokens and weights, no expert biases, sizes multiples of 8, a
 //! `tokensPerExpert` whose sum the GPU already knows: permute's, [`Facts::counts_total`]) as
-//! `MOE_DISPATCH_EXPERTS_GEMM` says ([`experts_gemm`]): `auto` (the default), forward and
-//! backward where the experts are many ([`AUTO_MIN_EXPERTS`]); `grouped`, wherever it applies;
+//! `MOE_DISPATCH_EXPERTS_GEMM` says ([`experts_gemm`]): `auto` (the default) and `grouped`,
+//! forward and backward wherever it applies (`grouped` also lets the opt-in gather fusion run);
 //! `cublas`, never. The activation passes are the
 //! cuBLAS path's (`ExpMath::Fast`, the same kernels; or, with `MOE_DISPATCH_GG_FUSE=act`, the
 //! forward's in the first GEMM's epilogue, the same code and bits), and the GEMMs sum over K in the same order
@@ -31,19 +31,17 @@ use crate::tensor::{DeviceArg, DeviceTensor};
 pub enum ExpertsGemm {
     /// cuBLAS, forward and backward (`cublas`).
     Cublas,
-    /// Our grouped GEMM, forward and backward, wherever it applies (`grouped`).
+    /// Our grouped GEMM, forward and backward, wherever it applies, and the opt-in gather
+    /// fusion where it is asked for (`grouped`).
     Grouped,
-    /// Our grouped GEMM, forward and backward, where the experts are many ([`AUTO_MIN_EXPERTS`]),
-    /// cuBLAS with fewer (`auto`, unset: the default). On an H100 with the epilogues' hardware
-    /// bf16 conversion (twenty-sixth session) the layer's forward + backward took 5.638 ms on our
-    /// grouped GEMM at the fine-grained shape (64 experts) against 5.928 on cuBLAS, and 27.335
-    /// against 26.427 at the Mixtral-like one (8 experts), where cuBLAS's weight gradients beside
-    /// its token-side GEMMs beat our six GEMMs one after another (docs/gpu-report.md).
+    /// Our grouped GEMM, forward and backward, wherever it applies, at any number of experts
+    /// (`auto`, unset: the default). Until the thirty-third session `auto` kept cuBLAS below 32
+    /// experts; since the tail fixes of the thirty-first our GEMM was ahead of cuBLAS at the
+    /// Mixtral-like shape (8 experts) in nine H100 rounds of ten (0.2% behind in one), with a
+    /// lower peak (5.64 against 6.11 GB) and no wait for the counts, and 2.0x PyTorch's layer at
+    /// the fine-grained one (64 experts) (docs/gpu-report.md).
     Auto,
 }
-
-/// The fewest experts for which [`ExpertsGemm::Auto`] takes our grouped GEMM.
-pub const AUTO_MIN_EXPERTS: usize = 32;
 
 /// [`ExpertsGemm`] as `MOE_DISPATCH_EXPERTS_GEMM` sets it (`cublas`, `grouped`, `auto`; unset:
 /// `auto`; another value: `auto`, with a warning on stderr naming the values it takes).
@@ -125,8 +123,7 @@ pub fn grouped_plan_rows(
     let bf16 = [Some(inp.tokens), Some(inp.gate_and_up), Some(inp.down), grad_output].into_iter().flatten().all(|t| t.dtype == DType::BF16);
     let sizes = [dim, width, inter].iter().all(|&d| d % 8 == 0 && d > 0) && i32::try_from(n.max(dim).max(width)).is_ok();
     let known = inp.tokens_per_expert.facts.counts_total == Some(n);
-    let many = mode == ExpertsGemm::Grouped || experts >= AUTO_MIN_EXPERTS;
-    (bf16 && sizes && known && many && n > 0 && grouped_gemm::arch(dev).is_ok()).then_some(GroupedPlan { n, dim, width, inter, experts })
+    (bf16 && sizes && known && n > 0 && grouped_gemm::arch(dev).is_ok()).then_some(GroupedPlan { n, dim, width, inter, experts })
 }
 
 fn ptr(dev: &Device, b: &Buffer) -> u64 {

@@ -13,8 +13,8 @@
 //! The kernel file is compiled twice: for the device's own architecture with every other file
 //! (`compile::ALL`, where its kernels are stubs), and here, at the first call, for `sm_90a`
 //! (wgmma, TMA and `setmaxnreg` need the architecture-specific target), cached on disk like
-//! every kernel. Other GPUs get [`Error::Unavailable`]. The experts' default with 32 or more
-//! experts (`crate::experts_grouped`: `MOE_DISPATCH_EXPERTS_GEMM=auto`), with [`experts_tile`]'s
+//! every kernel. Other GPUs get [`Error::Unavailable`]. The experts' default wherever it
+//! applies (`crate::experts_grouped`: `MOE_DISPATCH_EXPERTS_GEMM=auto`), with [`experts_tile`]'s
 //! epilogue; checked against cuBLAS and a host reference and timed by `moe-cuda-bench ggemm`.
 //!
 //! Rows past the sum of the counts are not written; counts that add up to more than M are cut
