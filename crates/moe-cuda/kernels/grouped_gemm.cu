@@ -71,6 +71,12 @@ struct __align__(64) GgTensorMap {
 // by both warpgroups' k-steps); the stored rows' bits are the same either way. Token-side
 // kernels without HALF, MC, ACT or EPI_RING (whose epilogues both warpgroups take part in).
 #define GG_IDLE_TAILS 1
+// GG_NARROW: a column tile whose output ends within its first 128 columns (n0 + 128 >= n: the
+// last column tile where n is not a multiple of 256, e.g. 1408 = 5.5 x 256) multiplies those 128
+// columns only (wgmma m64n128k16, its own k-loop copy chosen per tile) instead of 256, half of them
+// past the output; the stored bits are the same either way. The 256-column kernels without HALF
+// (whose <= 64-row tails are m64n128 already) or ACT (whose tile is 128 gate + 128 up columns).
+#define GG_NARROW 2
 
 // The first GEMM's fused activation (`_act` kernels): `out` holds h = x W1 [m, 2 inter] as the
 // plain kernel stores it, and a [m, inter] = act(gate, up) * probs[row] is stored at `a`, from
@@ -876,6 +882,8 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
     constexpr int TN = ACT ? BN / 2 : BN;
     // (GG_IDLE_TAILS: the kernels whose warpgroups' epilogues are their own)
     constexpr bool IDLE_TAILS = !HALF && !MC && !ACT && EPI != GG_EPI_RING;
+    // (GG_NARROW: the 256-column kernels whose tiles' columns are the output's)
+    constexpr bool NARROW = BN == 256 && !HALF && !ACT;
     GgShared sh = gg_shared_layout<STAGES, STAGE_BYTES, C_BYTES>();
     const u32 rank = MC ? cluster_rank() : 0;
     if constexpr (MC) sh.peer = rank ^ 1u;
@@ -1012,6 +1020,7 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
             const GgTile tl = tile_of(q, &paired);
             // (two separate k-loops: a wgmma under a branch inside one loop gets serialised, C7520)
             const bool half = HALF && tl.rows <= 64;
+            const bool narrow = NARROW && (flags & GG_NARROW) && tl.n0 + 128 >= n;
             if (IDLE_TAILS && c == 1 && tl.rows <= 64 && (flags & GG_IDLE_TAILS)) {
                 // none of the tile's rows are this warpgroup's: its stages pass by unread, nothing stored
                 gg_pass<STAGES>(sh, ring, num_kb, w);
@@ -1023,6 +1032,17 @@ static __device__ __forceinline__ void gg_body(const GgTensorMap* map_a, const G
                 gg_consume<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w, [&](int kb, u32 a_addr, u32 b_addr) {
                     gg_mma_step<128, B_KMAJOR>(acc, kb, a_addr - c * (64 * 128), b_addr + c * 16384);
                 });
+            } else if (narrow) {
+                // the output's last columns, at most 128 of them: m64n128k16 on B's first 128
+                // columns (its first 128 K-major rows, or its first two 64-column boxes); the
+                // accumulators of the columns past the output zeroed (not stored, but stale NaNs
+                // there would send the epilogue's conversion down its exact path)
+                gg_consume<STAGES, A_BYTES, STAGE_BYTES>(sh, ring, num_kb, w,
+                                                         [&](int kb, u32 a_addr, u32 b_addr) { gg_mma_step<128, B_KMAJOR>(acc, kb, a_addr, b_addr); });
+                if constexpr (NARROW) {
+#pragma unroll
+                    for (int i = BN / 4; i < BN / 2; i++) acc[i] = 0.0f;
+                }
             } else if constexpr (ACT) {
                 // (the previous tile's activation, a column pair a thread a k-step, while the wgmmas run)
                 gg_consume<STAGES, A_BYTES, STAGE_BYTES>(

@@ -250,21 +250,32 @@ pub fn set_group_n(group: Option<i32>) {
     GROUP_OVERRIDE.store(group.filter(|&g| g >= 1).unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
 }
 
-/// The launches' `flags` (kernels/grouped_gemm.cu): `GG_IDLE_TAILS` (1), in a tile of at most 64
-/// rows the second consumer warpgroup, whose rows all lie past the expert's end, issues no wgmma
-/// (the kernels it applies to say so; the others ignore it). On by default;
-/// `MOE_DISPATCH_GG_IDLE_TAILS=off` (or [`set_idle_tails`]`(Some(false))`) has that warpgroup
-/// multiply the rows it does not store, as before, for measurements: the stored bits are the same.
+/// The launches' `flags` (kernels/grouped_gemm.cu; the kernels each applies to say so, the
+/// others ignore it), each on by default and turned off for measurements (the stored bits are the
+/// same either way):
+/// - `GG_IDLE_TAILS` (1): in a tile of at most 64 rows the second consumer warpgroup, whose rows
+///   all lie past the expert's end, issues no wgmma; `MOE_DISPATCH_GG_IDLE_TAILS=off` (or
+///   [`set_idle_tails`]`(Some(false))`) has it multiply the rows it does not store, as before;
+/// - `GG_NARROW` (2): a column tile whose output ends within its first 128 columns multiplies
+///   those only (m64n128k16) instead of 256; `MOE_DISPATCH_GG_NARROW=off` (or
+///   [`set_narrow`]`(Some(false))`) multiplies all 256, as before.
 pub fn launch_flags() -> i32 {
-    i32::from(IDLE_TAILS.on())
+    i32::from(IDLE_TAILS.on()) | (i32::from(NARROW.on()) << 1)
 }
 
 static IDLE_TAILS: Switch = Switch::new("MOE_DISPATCH_GG_IDLE_TAILS");
+static NARROW: Switch = Switch::new("MOE_DISPATCH_GG_NARROW");
 
 /// Overrides [`launch_flags`]' idle tails: `Some(true)` on, `Some(false)` off, `None` the
 /// default (on).
 pub fn set_idle_tails(idle: Option<bool>) {
     IDLE_TAILS.set(idle);
+}
+
+/// Overrides [`launch_flags`]' narrow column tiles: `Some(true)` on, `Some(false)` off, `None`
+/// the default (on).
+pub fn set_narrow(narrow: Option<bool>) {
+    NARROW.set(narrow);
 }
 
 /// The 256-column bf16 kernel the experts use: [`TileN::N256Tma`] by default (TMA tensor stores:
@@ -930,18 +941,26 @@ mod tests {
         assert_eq!((group_n(false), group_n(true)), (token, weight));
     }
 
-    /// The idle tails' override sets the launches' flag both ways and gives the default (on)
-    /// back. (The one test that sets it.)
+    /// The idle tails' and narrow tiles' overrides set their own bit of the launches' flags both
+    /// ways, leave the other's alone, and give the defaults (both on) back. (The one test that
+    /// sets them.)
     #[test]
-    fn idle_tails_override() {
-        if std::env::var_os("MOE_DISPATCH_GG_IDLE_TAILS").is_none() {
-            assert_eq!(launch_flags(), 1);
+    fn launch_flag_overrides() {
+        let defaults = ["MOE_DISPATCH_GG_IDLE_TAILS", "MOE_DISPATCH_GG_NARROW"].iter().all(|v| std::env::var_os(v).is_none());
+        if defaults {
+            assert_eq!(launch_flags(), 3);
         }
         set_idle_tails(Some(false));
+        set_narrow(Some(true));
+        assert_eq!(launch_flags(), 2);
+        set_narrow(Some(false));
         assert_eq!(launch_flags(), 0);
         set_idle_tails(Some(true));
         assert_eq!(launch_flags(), 1);
+        set_narrow(Some(true));
+        assert_eq!(launch_flags(), 3);
         set_idle_tails(None);
-        assert_eq!(launch_flags(), 1);
+        set_narrow(None);
+        assert_eq!(launch_flags(), 3);
     }
 }

@@ -34,7 +34,10 @@
 //! this one process, its bytes checked against the default group's), `--tails` (at the shapes,
 //! each token-side kernel timed with its second warpgroup idle in tiles of at most 64 rows, the
 //! default, and multiplying those rows as before, `grouped_gemm::set_idle_tails`, interleaved the
-//! same way, the bytes checked against each other), `--rows-per-expert N` (every expert of the
+//! same way, the bytes checked against each other), `--narrow` (at the shapes, each 256-column
+//! token-side kernel timed with a column tile whose output ends within its first 128 columns
+//! multiplying those only, the default, and all 256 as before, `grouped_gemm::set_narrow`,
+//! interleaved the same way, the bytes checked against each other), `--rows-per-expert N` (every expert of the
 //! timed shapes N rows instead of a random top-k routing's counts: 768 against 767 at the
 //! fine-grained shape times a partial last tile and weight-gradient k-step against none, the same
 //! multiplications). Exit code 1 when a check fails.
@@ -770,7 +773,7 @@ fn compare_bf16(a: &[u16], b: &[u16]) -> (usize, f64, Option<usize>) {
 pub fn bench(args: &[String]) -> i32 {
     let (mut act, mut gather) = (false, false);
     let mut groups: Vec<i32> = Vec::new();
-    let mut tails = false;
+    let (mut tails, mut narrow) = (false, false);
     let mut rows_per_expert: Option<usize> = None;
     let (mut tiles, mut small_only, mut small, mut wgrad) = (TileN::ALL.iter().map(|(t, _)| *t).collect::<Vec<_>>(), false, true, true);
     let opts = ShapeOptions::parse(args, |flag, value| match (flag, value) {
@@ -793,6 +796,10 @@ pub fn bench(args: &[String]) -> i32 {
         }
         ("--tails", _) => {
             tails = true;
+            Some(1)
+        }
+        ("--narrow", _) => {
+            narrow = true;
             Some(1)
         }
         ("--rows-per-expert", Some(v)) => match v.parse::<usize>() {
@@ -853,17 +860,21 @@ pub fn bench(args: &[String]) -> i32 {
         Fusions {
             act,
             gather,
-            settings: [(!groups.is_empty()).then(|| Settings::groups(groups)), tails.then(Settings::tails)].into_iter().flatten().collect(),
+            settings: [(!groups.is_empty()).then(|| Settings::groups(groups)), tails.then(Settings::tails), narrow.then(Settings::narrow)]
+                .into_iter()
+                .flatten()
+                .collect(),
             rows_per_expert,
         },
     );
     grouped_gemm::set_group_n(None);
     grouped_gemm::set_idle_tails(None);
+    grouped_gemm::set_narrow(None);
     finish(&opts, "ggemm", result)
 }
 
 /// The fused kernels a run checks and times beside the plain ones (`--act`, `--gather`), the
-/// settings it times each kernel with (`--groups`, `--tails`), and the rows of the timed shapes'
+/// settings it times each kernel with (`--groups`, `--tails`, `--narrow`), and the rows of the timed shapes'
 /// experts (`--rows-per-expert N`: N rows each, where a random top-k routing's counts are the
 /// default; 768 against 767 at the fine-grained shape, say, times an expert's partial last tile or
 /// k-step against none at the same multiplications).
@@ -875,8 +886,8 @@ struct Fusions {
 }
 
 /// Settings of the launches that change how the work is done, not its sums: each kernel at the
-/// shapes timed again with each (`--groups`: raster groups; `--tails`: idle or full tails, the
-/// token-side kernels only).
+/// shapes timed again with each (`--groups`: raster groups; `--tails`: idle or full tails, and
+/// `--narrow`: narrow or full last column tiles, the token-side kernels only).
 struct Settings {
     /// the JSON keys' stem (`groupsMs`, `groupsIdentical`) and the printed line's words
     key: &'static str,
@@ -897,14 +908,22 @@ impl Settings {
             apply: Box::new(move |i| grouped_gemm::set_group_n(i.map(|i| groups[i]))),
         }
     }
-    fn tails() -> Settings {
+    /// A token-side launch flag on (the default, `on`'s label) against off (`off`'s): `set`
+    /// takes `Some(on)`, or `None` for the default.
+    fn on_off(key: &'static str, words: &'static str, on: &str, off: &str, set: fn(Option<bool>)) -> Settings {
         Settings {
-            key: "tails",
-            words: "tails of <= 64 rows",
-            labels: vec!["idle".into(), "full".into()],
+            key,
+            words,
+            labels: vec![on.into(), off.into()],
             token_side_only: true,
-            apply: Box::new(|i| grouped_gemm::set_idle_tails(i.map(|i| i == 0))),
+            apply: Box::new(move |i| set(i.map(|i| i == 0))),
         }
+    }
+    fn tails() -> Settings {
+        Settings::on_off("tails", "tails of <= 64 rows", "idle", "full", grouped_gemm::set_idle_tails)
+    }
+    fn narrow() -> Settings {
+        Settings::on_off("narrow", "last column tiles of <= 128 columns", "narrow", "full", grouped_gemm::set_narrow)
     }
 }
 
