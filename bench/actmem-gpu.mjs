@@ -3,9 +3,9 @@
  * `MoELayer` uploaded to the cuda backend at the training shapes (`TRAIN_SHAPES`: bf16 weights,
  * swiglu, softmax top-k router, Switch aux loss 0.01), `forward(x)` then `backward(g)` with the
  * output's gradient g given; no optimizer. The experts' GEMMs take the default path (`auto`: our
- * grouped GEMM on a Hopper GPU at any number of experts, cuBLAS before Hopper), or cuBLAS or our grouped
- * GEMM when the process runs with `MOE_DISPATCH_EXPERTS_GEMM=cublas` / `grouped` (read once a
- * process: run it once per path). Its PyTorch peer is bench/actmem-gpu.py; `gpu-run.sh remote` with ACTMEM=1 runs
+ * grouped GEMM on a Hopper GPU at any number of experts, cuBLAS before Hopper; `grouped` is the
+ * same path, labelled so for the A/B variants), or cuBLAS when the process runs with
+ * `MOE_DISPATCH_EXPERTS_GEMM=cublas` (read once a process: run it once per path). Its PyTorch peer is bench/actmem-gpu.py; `gpu-run.sh remote` with ACTMEM=1 runs
  * both, interleaved, into one actmem.json.
  *
  *   node bench/actmem-gpu.mjs [--iters N] [--warmup N] [--shapes fine-grained,mixtral] [--out FILE]

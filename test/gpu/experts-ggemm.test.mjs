@@ -1,5 +1,5 @@
 // The GPU suite, the experts on our own grouped GEMM wherever it applies
-// (MOE_DISPATCH_EXPERTS_GEMM=grouped; the default, `auto`, takes it too, at any number of experts:
+// (MOE_DISPATCH_EXPERTS_GEMM=grouped, which is also the default, unset or `auto`:
 // experts-auto.test.mjs):
 // crates/moe-cuda/src/experts_grouped.rs, Hopper only. The path is taken where the GPU knows the
 // counts' sum (permute's tokensPerExpert), so the tests dispatch on the GPU first; the same call

@@ -231,8 +231,8 @@ export interface CudaBackend
   synchronize(): void;
   /**
    * Whether `expertsForward` / `expertsBackward` with `gatherIndices` read the experts' rows
-   * through the indices on this GPU (our Hopper grouped GEMM: `MOE_DISPATCH_EXPERTS_GEMM=grouped`
-   * and `MOE_DISPATCH_GG_FUSE=gather`; bfloat16 tokens and weights, no expert biases), so that the
+   * through the indices on this GPU (our Hopper grouped GEMM, the default unless
+   * `MOE_DISPATCH_EXPERTS_GEMM=cublas`, and `MOE_DISPATCH_GG_FUSE=gather`; bfloat16 tokens and weights, no expert biases), so that the
    * forward makes and keeps no permuted copy of the tokens (the backward's dW1 copies its rows out
    * while it runs, or gathers too with `gather,gather-wgrad`). `MoELayer` asks it to leave
    * that copy out.

@@ -5,9 +5,8 @@
 //!
 //! Taken where it applies (bf16 tokens and weights, no expert biases, sizes multiples of 8, a
 //! `tokensPerExpert` whose sum the GPU already knows: permute's, [`Facts::counts_total`]) as
-//! `MOE_DISPATCH_EXPERTS_GEMM` says ([`experts_gemm`]): `auto` (the default) and `grouped`,
-//! forward and backward wherever it applies (`grouped` also lets the opt-in gather fusion run);
-//! `cublas`, never. The activation passes are the
+//! `MOE_DISPATCH_EXPERTS_GEMM` says ([`experts_gemm`]): unset, `auto` or `grouped` (one and the
+//! same), forward and backward wherever it applies; `cublas`, never. The activation passes are the
 //! cuBLAS path's (`ExpMath::Fast`, the same kernels; or, with `MOE_DISPATCH_GG_FUSE=act`, the
 //! forward's in the first GEMM's epilogue, the same code and bits), and the GEMMs sum over K in the same order
 //! as cuBLAS does at these shapes (the kernel's outputs were bit-identical to cuBLAS's in
@@ -31,36 +30,29 @@ use crate::tensor::{DeviceArg, DeviceTensor};
 pub enum ExpertsGemm {
     /// cuBLAS, forward and backward (`cublas`).
     Cublas,
-    /// Our grouped GEMM, forward and backward, wherever it applies, and the opt-in gather
-    /// fusion where it is asked for (`grouped`).
-    Grouped,
-    /// Our grouped GEMM, forward and backward, wherever it applies, at any number of experts
-    /// (`auto`, unset: the default). Until the thirty-third session `auto` kept cuBLAS below 32
-    /// experts; since the tail fixes of the thirty-first our GEMM was ahead of cuBLAS at the
-    /// Mixtral-like shape (8 experts) in nine H100 rounds of ten (0.2% behind in one), with a
+    /// Our grouped GEMM, forward and backward, wherever it applies, at any number of experts,
+    /// and the opt-in fusions where they are asked for (`grouped` or `auto`, unset: the default).
+    /// Until the thirty-third session `auto` kept cuBLAS below 32 experts and only `grouped` took
+    /// the gather fusion; since the tail fixes of the thirty-first our GEMM was ahead of cuBLAS at
+    /// the Mixtral-like shape (8 experts) in nine H100 rounds of ten (0.2% behind in one), with a
     /// lower peak (5.64 against 6.11 GB) and no wait for the counts, and 2.0x PyTorch's layer at
     /// the fine-grained one (64 experts) (docs/gpu-report.md).
-    Auto,
+    Grouped,
 }
 
-/// [`ExpertsGemm`] as `MOE_DISPATCH_EXPERTS_GEMM` sets it (`cublas`, `grouped`, `auto`; unset:
-/// `auto`; another value: `auto`, with a warning on stderr naming the values it takes).
+/// [`ExpertsGemm`] as `MOE_DISPATCH_EXPERTS_GEMM` sets it (`cublas`; `grouped` or `auto`, the
+/// same; unset: grouped; another value: grouped, with a warning on stderr naming the values it
+/// takes).
 pub fn experts_gemm() -> ExpertsGemm {
     static SELECTED: std::sync::OnceLock<ExpertsGemm> = std::sync::OnceLock::new();
     *SELECTED.get_or_init(|| match std::env::var("MOE_DISPATCH_EXPERTS_GEMM").as_deref() {
         Ok("cublas") => ExpertsGemm::Cublas,
-        Ok("grouped") => ExpertsGemm::Grouped,
-        Ok("auto") | Err(_) => ExpertsGemm::Auto,
+        Ok("grouped" | "auto") | Err(_) => ExpertsGemm::Grouped,
         Ok(other) => {
-            eprintln!("moe-dispatch: MOE_DISPATCH_EXPERTS_GEMM={other:?}: expected cublas, grouped or auto; using auto");
-            ExpertsGemm::Auto
+            eprintln!("moe-dispatch: MOE_DISPATCH_EXPERTS_GEMM={other:?}: expected cublas, grouped or auto; using grouped");
+            ExpertsGemm::Grouped
         }
     })
-}
-
-/// Whether the experts run forward and backward on our grouped GEMM (`MOE_DISPATCH_EXPERTS_GEMM=grouped`).
-pub fn grouped_selected() -> bool {
-    experts_gemm() == ExpertsGemm::Grouped
 }
 
 /// The sizes of a problem the grouped path takes.
@@ -207,12 +199,12 @@ pub fn gather_selected() -> bool {
     *SELECTED.get_or_init(|| fuse_selected("gather"))
 }
 
-/// Whether experts given `gatherIndices` on `dev` gather on load (the grouped GEMM selected, the
-/// gather fusion selected, a Hopper GPU) for bf16 tokens and weights without expert biases: the
+/// Whether experts given `gatherIndices` on `dev` gather on load (the grouped GEMM not turned off,
+/// the gather fusion selected, a Hopper GPU) for bf16 tokens and weights without expert biases: the
 /// layer then leaves the permuted copy of the tokens unmade. Elsewhere `gatherIndices` still
 /// works, by copying the rows out first.
 pub fn gathers_on_load(dev: &Device) -> bool {
-    grouped_selected() && gather_selected() && grouped_gemm::arch(dev).is_ok()
+    experts_gemm() == ExpertsGemm::Grouped && gather_selected() && grouped_gemm::arch(dev).is_ok()
 }
 
 /// Whether `MOE_DISPATCH_GG_FUSE` (a comma-separated list) names the fusion `name`.
