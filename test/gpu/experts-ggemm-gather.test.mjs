@@ -7,7 +7,9 @@
 // or with counts the GPU does not know the rows are copied out first (the same results). Then
 // the grouped-GEMM experts suite and the layer suite, whose bf16 layers now leave the permuted
 // copy unmade. The environment is read once per process: node --test runs each file in its own.
-process.env.MOE_DISPATCH_EXPERTS_GEMM = 'grouped';
+// (`auto`, the default's name: our grouped GEMM, which takes the fusion with no more said; read
+// once, at the first experts call, after every import: experts-ggemm.test.mjs keeps it)
+process.env.MOE_DISPATCH_EXPERTS_GEMM = 'auto';
 // (a file that imports this one may have named more fusions, gather among them)
 if (!(process.env.MOE_DISPATCH_GG_FUSE ?? '').split(',').includes('gather')) process.env.MOE_DISPATCH_GG_FUSE = 'gather';
 

@@ -6,7 +6,8 @@
 // with an uploaded copy of the counts takes the cuBLAS path. Both must agree with the cpu backend
 // to the experts' tolerance (and with each other), the grouped one without waiting for the GPU.
 // Then the layer suite again on this path (its bf16 layers take it).
-process.env.MOE_DISPATCH_EXPERTS_GEMM = 'grouped';
+// (a file that imports this one may have named the path: `auto`, the same one)
+process.env.MOE_DISPATCH_EXPERTS_GEMM ??= 'grouped';
 
 const assert = (await import('node:assert/strict')).default;
 const { describe, test } = await import('node:test');
