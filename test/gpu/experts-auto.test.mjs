@@ -1,5 +1,5 @@
 // The GPU suite, the experts' default path (`auto`: MOE_DISPATCH_EXPERTS_GEMM unset,
-// crates/moe-cuda/src/experts_grouped.rs ExpertsGemm::Auto): on a Hopper GPU, at any number of
+// crates/moe-cuda/src/experts_grouped.rs ExpertsGemm::Grouped): on a Hopper GPU, at any number of
 // experts (64 down to 2), with the counts permute made, the forward and the backward run on our
 // grouped GEMM, which reads the counts on the GPU (no wait for the GPU in either); elsewhere
 // both run on cuBLAS (the forward reads the counts once, the backward takes the forward's).

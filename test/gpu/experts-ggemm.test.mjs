@@ -6,8 +6,9 @@
 // with an uploaded copy of the counts takes the cuBLAS path. Both must agree with the cpu backend
 // to the experts' tolerance (and with each other), the grouped one without waiting for the GPU.
 // Then the layer suite again on this path (its bf16 layers take it).
-// (a file that imports this one may have named the path: `auto`, the same one)
-process.env.MOE_DISPATCH_EXPERTS_GEMM ??= 'grouped';
+// (a file that imports this one may have named the path `auto`, the same one; anything else,
+// cublas from the caller's environment say, is overridden)
+if (process.env.MOE_DISPATCH_EXPERTS_GEMM !== 'auto') process.env.MOE_DISPATCH_EXPERTS_GEMM = 'grouped';
 
 const assert = (await import('node:assert/strict')).default;
 const { describe, test } = await import('node:test');
