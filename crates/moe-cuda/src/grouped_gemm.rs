@@ -260,8 +260,12 @@ pub fn set_group_n(group: Option<i32>) {
 ///   those only (m64n128k16) instead of 256; `MOE_DISPATCH_GG_NARROW=off` (or
 ///   [`set_narrow`]`(Some(false))`) multiplies all 256, as before.
 pub fn launch_flags() -> i32 {
-    i32::from(IDLE_TAILS.on()) | (i32::from(NARROW.on()) << 1)
+    (if IDLE_TAILS.on() { GG_IDLE_TAILS } else { 0 }) | (if NARROW.on() { GG_NARROW } else { 0 })
 }
+
+/// The flags' bits, as kernels/grouped_gemm.cu defines them.
+const GG_IDLE_TAILS: i32 = 1;
+const GG_NARROW: i32 = 2;
 
 static IDLE_TAILS: Switch = Switch::new("MOE_DISPATCH_GG_IDLE_TAILS");
 static NARROW: Switch = Switch::new("MOE_DISPATCH_GG_NARROW");
