@@ -5,14 +5,16 @@
  * copy and the reference's PyTorch path) and docs/images/gpu-layer.svg (the dispatch + experts
  * layer, forward + backward, against PyTorch). Plain SVG, no dependencies. `--layer FILE#KEY.PATH`
  * draws the layer from a later run instead: an actmem summary (bench/actmem-gpu.py --combine:
- * per shape, `dims` and `ours-cublas` / `torch-bf16` with `layerMs`) at that key of that file.
+ * per shape, `dims` and a path of ours / `torch-bf16` with `layerMs`) at that key of that file;
+ * `--ours PATH` names our path there (`ours-auto`, the default path, unless told: `ours-cublas`
+ * for the runs before the default took our grouped GEMM).
  *
- *   node scripts/gpu-chart.mjs [bench/results/2026-11-23-gpu.json] [--layer FILE#KEY.PATH]
+ *   node scripts/gpu-chart.mjs [bench/results/2026-11-23-gpu.json] [--layer FILE#KEY.PATH] [--ours PATH]
  */
 import { readFileSync, writeFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 
-const { values: opts, positionals } = parseArgs({ options: { layer: { type: 'string' } }, allowPositionals: true });
+const { values: opts, positionals } = parseArgs({ options: { layer: { type: 'string' }, ours: { type: 'string', default: 'ours-auto' } }, allowPositionals: true });
 const file = positionals[0] ?? 'bench/results/2026-11-23-gpu.json';
 const run = JSON.parse(readFileSync(file, 'utf8')).session2;
 if (!run) throw new Error(`${file} has no session2 run`);
@@ -76,7 +78,14 @@ writeFileSync('docs/images/gpu-dispatch.svg', bars('Dispatch on an H100: effecti
 /** The layer's rows: session2's, or (`--layer`) an actmem summary's. */
 function layerRows() {
   if (!opts.layer) {
-    return run.experts.map((e) => ({ shape: e.shape, dims: e.dims, ours: e.layerForwardBackwardMs, torch: e.torchLayerForwardBackwardMs, source: file }));
+    return run.experts.map((e) => ({
+      shape: e.shape,
+      dims: e.dims,
+      ours: e.layerForwardBackwardMs,
+      torch: e.torchLayerForwardBackwardMs,
+      source: file,
+      label: 'moe-dispatch (cuBLAS, saveForBackward)',
+    }));
   }
   const [path, key] = opts.layer.split('#');
   let at = JSON.parse(readFileSync(path, 'utf8'));
@@ -84,18 +93,21 @@ function layerRows() {
     at = at?.[part];
     if (at === undefined) throw new RangeError(`--layer: ${path} has no ${key}`);
   }
-  return Object.entries(at).map(([shape, s]) => {
-    const ours = s['ours-cublas']?.layerMs;
-    const torch = s['torch-bf16']?.layerMs;
-    if (typeof ours !== 'number' || typeof torch !== 'number') throw new RangeError(`--layer: ${key}.${shape} has no ours-cublas / torch-bf16 layerMs`);
-    return { shape, dims: s.dims, ours, torch, source: `${path} ${key}` };
-  });
+  const label = { 'ours-auto': 'moe-dispatch (default path)', 'ours-cublas': 'moe-dispatch (experts on cuBLAS)' }[opts.ours] ?? `moe-dispatch (${opts.ours})`;
+  return Object.entries(at)
+    .filter(([, s]) => s && typeof s === 'object' && 'dims' in s)
+    .map(([shape, s]) => {
+      const ours = s[opts.ours]?.layerMs;
+      const torch = s['torch-bf16']?.layerMs;
+      if (typeof ours !== 'number' || typeof torch !== 'number') throw new RangeError(`--layer: ${key}.${shape} has no ${opts.ours} / torch-bf16 layerMs`);
+      return { shape, dims: s.dims, ours, torch, source: `${path} ${key}`, label };
+    });
 }
 const lrows = layerRows();
 const layer = lrows.map((e) => ({
   title: `${e.shape}: ${e.dims}`,
   bars: [
-    { label: 'moe-dispatch (cuBLAS, saveForBackward)', value: e.ours, color: OURS, text: `${e.ours.toFixed(1)} ms` },
+    { label: e.label, value: e.ours, color: OURS, text: `${e.ours.toFixed(1)} ms` },
     { label: 'PyTorch (reference permute, _grouped_mm)', value: e.torch, color: REF, text: `${e.torch.toFixed(1)} ms  (${(e.torch / e.ours).toFixed(2)}x ours)` },
   ],
 }));
