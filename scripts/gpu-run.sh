@@ -13,7 +13,8 @@
 # Options of pack: --no-build (pack what is built). Of remote: SKIP_SUITE=1 (the GPU suite and
 # `check`), SKIP_SOAK=1, SKIP_BENCH=1, SKIP_EXPERTS=1 (the experts part of the benchmark),
 # SUITE_FILES="a b" (only test/gpu/a.test.mjs, b.test.mjs), SUITE_TIMEOUT=S (the suite's time limit, 420 s), SKIP_TORCH=1, SKIP_TRAIN=1 (the training-step benchmarks: Rust-driven and PyTorch's),
-# TRAIN_AB="NAME=value" (the training steps again with that environment setting; the training results go into one train.json),
+# TRAIN_AB="NAME=value" (the training steps again with that environment setting, each right after the default's; the training results
+# go into one train.json), TRAIN_CLOCKS=1 (the clock, power and throttle reasons through the training processes: train.json "train-clocks"),
 # WEBGPU_LISTS=1 (with WEBGPU: webgpu-node and webgpu-profile again with --lists indirect: auto dispatches them directly on a GPU),
 # WEBGPU_SHAPE="--tokens 6144" (with WEBGPU: webgpu-node's and webgpu-profile's shape options, each of their runs; the
 # default T=4096, H=1024, E=64, k=4; Dawn crashed with 256 MB buffers: keep the largest below 128 MB),
@@ -456,7 +457,8 @@ PY
   fi
   if [[ -n "${ACTMEM:-}" ]]; then
     # issue 19: the layer's forward + backward and its activation memory (what the forward keeps
-    # for the backward): ours on the default path (auto: our grouped GEMM with >= 32 experts, cuBLAS with fewer), on cuBLAS, on our grouped GEMM (the path is read once a process),
+    # for the backward): ours on the default path (our grouped GEMM on a Hopper GPU), on cuBLAS, on our grouped GEMM with
+    # ACTMEM_AB's settings (the path is read once a process),
     # PyTorch's (torch._grouped_mm), interleaved round by round; the parts go into one actmem.json
     # ACTMEM_CLOCKS=1: the clock, power and throttle reasons every 50 ms, and a stamp after each process
     # (bench/clock-phases.py names each phase by the stamp that ends it)
@@ -507,25 +509,49 @@ PY
     python3 "$BUNDLE/bench/actmem-gpu.py" --combine "$OUT" --out "$OUT/actmem.json"; echo "  exit code $?"
   fi
   if [[ -z "${SKIP_TRAIN:-}" ]]; then
-    # the training step (issue 18), Rust-driven and PyTorch's, interleaved: Rust, PyTorch, Rust
-    say "moe-cuda-bench train (routeBackward check, then whole training steps)"
-    timeout 200 "$BUNDLE/bin/moe-cuda-bench" train --iters 10 --out "$OUT/train-rust-1.json"; echo "  exit code $?"
-    say "the training step driven from JavaScript (MoELayer on the GPU + AdamW)"
-    timeout 200 "$node" "$BUNDLE/bench/train-gpu.mjs" --dist "$BUNDLE/dist" --out "$OUT/train-js-1.json"; echo "  exit code $?"
-    say "PyTorch training step (torch._grouped_mm, AdamW fused)"
-    PYTHONUNBUFFERED=1 timeout 200 python3 "$BUNDLE/bench/gpu_torch_train.py" --out "$OUT/train-torch.json"; echo "  exit code $?"
-    say "moe-cuda-bench train, again"
-    timeout 200 "$BUNDLE/bin/moe-cuda-bench" train --iters 10 --out "$OUT/train-rust-2.json"; echo "  exit code $?"
-    say "the JavaScript-driven step, again"
-    timeout 200 "$node" "$BUNDLE/bench/train-gpu.mjs" --dist "$BUNDLE/dist" --out "$OUT/train-js-2.json"; echo "  exit code $?"
-    # TRAIN_AB="NAME=value": both drivers again with that setting, interleaved with the above
-    # (e.g. MOE_DISPATCH_EXPERTS_GEMM=grouped: the experts on our own grouped GEMM)
-    if [[ -n "${TRAIN_AB:-}" ]]; then
-      for round in 1 2; do
-        say "with $TRAIN_AB, round $round: Rust-driven, then JS-driven"
-        env "$TRAIN_AB" timeout 200 "$BUNDLE/bin/moe-cuda-bench" train --iters 10 --out "$OUT/train-rust-ab-$round.json"; echo "  exit code $?"
-        env "$TRAIN_AB" timeout 200 "$node" "$BUNDLE/bench/train-gpu.mjs" --dist "$BUNDLE/dist" --out "$OUT/train-js-ab-$round.json"; echo "  exit code $?"
-      done
+    # the training step (issue 18), Rust-driven, JS-driven and PyTorch's, two rounds: Rust, JS,
+    # PyTorch (round 1 only), then again. TRAIN_AB="NAME=value": each driver again with that
+    # setting right after the default's same run (e.g. MOE_DISPATCH_EXPERTS_GEMM=cublas: the
+    # experts on cuBLAS), so that the pairs see the same GPU. TRAIN_CLOCKS=1: the clock, power and
+    # throttle reasons every 50 ms and a stamp after each process (bench/clock-phases.py: each
+    # process's clock and power-cap share, train.json's "train-clocks")
+    local train_smi=""
+    train_stamp() { [[ -n "${TRAIN_CLOCKS:-}" ]] && echo "$(date '+%Y/%m/%d %H:%M:%S.%N') $*" >> "$OUT/train-stamps.log"; return 0; }
+    if [[ -n "${TRAIN_CLOCKS:-}" ]]; then
+      nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active --format=csv,noheader -lms 50 \
+        > "$OUT/train-smi.csv" &
+      train_smi=$!
+      train_stamp "start"
+    fi
+    # $1: the run's name (train-$1.json); the rest: NAME=value settings for it
+    train_rust() {
+      local name=$1; shift
+      env "$@" timeout 200 "$BUNDLE/bin/moe-cuda-bench" train --iters 10 --out "$OUT/train-$name.json"; echo "  exit code $?"
+      train_stamp "$name"
+    }
+    train_js() {
+      local name=$1; shift
+      env "$@" timeout 200 "$node" "$BUNDLE/bench/train-gpu.mjs" --dist "$BUNDLE/dist" --out "$OUT/train-$name.json"; echo "  exit code $?"
+      train_stamp "$name"
+    }
+    for round in 1 2; do
+      say "moe-cuda-bench train, round $round (routeBackward check, then whole training steps)${TRAIN_AB:+; then with $TRAIN_AB}"
+      train_rust "rust-$round"
+      [[ -n "${TRAIN_AB:-}" ]] && train_rust "rust-ab-$round" "$TRAIN_AB"
+      say "the training step driven from JavaScript (MoELayer on the GPU + AdamW), round $round${TRAIN_AB:+; then with $TRAIN_AB}"
+      train_js "js-$round"
+      [[ -n "${TRAIN_AB:-}" ]] && train_js "js-ab-$round" "$TRAIN_AB"
+      if [[ $round == 1 ]]; then
+        say "PyTorch training step (torch._grouped_mm, AdamW fused)"
+        PYTHONUNBUFFERED=1 timeout 200 python3 "$BUNDLE/bench/gpu_torch_train.py" --out "$OUT/train-torch.json"; echo "  exit code $?"
+        train_stamp "torch"
+      fi
+    done
+    if [[ -n "$train_smi" ]]; then
+      kill "$train_smi" 2>/dev/null
+      say "the clock and power cap of each process (bench/clock-phases.py)"
+      python3 "$BUNDLE/bench/clock-phases.py" "$OUT/train-smi.csv" "$OUT/train-stamps.log" --json "$OUT/train-clocks.json"; echo "  exit code $?"
+      rm -f "$OUT/train-smi.csv" "$OUT/train-stamps.log"
     fi
     # one file for the device tool (it returns a few files a run): { "train-rust-1": ..., ... }
     python3 - "$OUT" <<'PY'
