@@ -455,34 +455,47 @@ PY
     python3 "$BUNDLE/bench/cpuprof-summary.py" "$OUT/prof/steps.cpuprofile" --within backward --top 15 | head -18
     rm -rf "$OUT/prof"
   fi
+  # A part's clocks (ACTMEM_CLOCKS, TRAIN_CLOCKS): `clocks_begin NAME` samples the SM clock, power,
+  # temperature and throttle reasons every 50 ms into $OUT/NAME-smi.csv; `clocks_stamp NAME TEXT`
+  # stamps the end of each process (bench/clock-phases.py names a phase by the stamp that ends it);
+  # `clocks_end NAME` writes each process's clock and power-cap share to $OUT/NAME-clocks.json and
+  # drops the raw files (the device tool brings back a few files: the summary keeps what they said).
+  local clocks_pid=""
+  clocks_begin() {
+    nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active --format=csv,noheader -lms 50 \
+      > "$OUT/$1-smi.csv" &
+    clocks_pid=$!
+    clocks_stamp "$1" start
+  }
+  clocks_stamp() { [[ -n "$clocks_pid" ]] && echo "$(date '+%Y/%m/%d %H:%M:%S.%N') ${*:2}" >> "$OUT/$1-stamps.log"; return 0; }
+  clocks_end() {
+    [[ -n "$clocks_pid" ]] || return 0
+    kill "$clocks_pid" 2>/dev/null
+    clocks_pid=""
+    say "the clock and power cap of each process (bench/clock-phases.py)"
+    python3 "$BUNDLE/bench/clock-phases.py" "$OUT/$1-smi.csv" "$OUT/$1-stamps.log" --json "$OUT/$1-clocks.json"; echo "  exit code $?"
+    rm -f "$OUT/$1-smi.csv" "$OUT/$1-stamps.log"
+  }
   if [[ -n "${ACTMEM:-}" ]]; then
     # issue 19: the layer's forward + backward and its activation memory (what the forward keeps
     # for the backward): ours on the default path (our grouped GEMM on a Hopper GPU), on cuBLAS, on our grouped GEMM with
     # ACTMEM_AB's settings (the path is read once a process),
     # PyTorch's (torch._grouped_mm), interleaved round by round; the parts go into one actmem.json
-    # ACTMEM_CLOCKS=1: the clock, power and throttle reasons every 50 ms, and a stamp after each process
-    # (bench/clock-phases.py names each phase by the stamp that ends it)
-    local smi_pid=""
-    stamp() { [[ -n "${ACTMEM_CLOCKS:-}" ]] && echo "$(date '+%Y/%m/%d %H:%M:%S.%N') $*" >> "$OUT/actmem-stamps.log"; return 0; }
-    if [[ -n "${ACTMEM_CLOCKS:-}" ]]; then
-      nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active --format=csv,noheader -lms 50 \
-        > "$OUT/actmem-smi.csv" &
-      smi_pid=$!
-      stamp "start"
-    fi
+    # ACTMEM_CLOCKS=1: the clock, power and throttle reasons through the rounds (clocks_begin)
+    [[ -n "${ACTMEM_CLOCKS:-}" ]] && clocks_begin actmem
     for round in $(seq 1 "${ACTMEM_ROUNDS:-2}"); do
       # (ours-auto is our grouped GEMM; MOE_DISPATCH_EXPERTS_GEMM=grouped is the same path since the
       # thirty-third session, so it runs only as the label of the A/B variants below)
       say "activation memory, round $round: ours (auto: the default, our grouped GEMM on a Hopper), ours (cuBLAS), PyTorch"
       timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" --out "$OUT/actmem-ours-auto-$round.json"; echo "  exit code $?"
-      stamp "ours-auto, round $round"
+      clocks_stamp actmem "ours-auto, round $round"
       MOE_DISPATCH_EXPERTS_GEMM=cublas timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" --out "$OUT/actmem-ours-cublas-$round.json"; echo "  exit code $?"
-      stamp "ours-cublas, round $round"
+      clocks_stamp actmem "ours-cublas, round $round"
       # AB_REV (pack): the grouped path on that revision's TypeScript too (rows named grouped-rev-REV)
       if [[ -d "$BUNDLE/dist-ab" ]]; then
         MOE_DISPATCH_EXPERTS_GEMM=grouped timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist-ab" \
           --label "rev-$(cat "$BUNDLE/dist-ab/REV")" --out "$OUT/actmem-ours-grouped-rev-$round.json"; echo "  exit code $?"
-        stamp "ours-grouped on dist-ab, round $round"
+        clocks_stamp actmem "ours-grouped on dist-ab, round $round"
       fi
       # ACTMEM_AB="NAME=value ...": the grouped path again with those settings (its rows are named by them:
       # MOE_DISPATCH_GG_EPILOGUE=ring-half gives grouped-gg-epilogue-ring-half; MOE_DISPATCH_EXPERTS_GEMM=cublas among
@@ -493,19 +506,13 @@ PY
           # shellcheck disable=SC2086 # (one or more NAME=value words)
           env MOE_DISPATCH_EXPERTS_GEMM=grouped ${variants[$v]} timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" \
             --out "$OUT/actmem-ours-grouped-ab$v-$round.json"; echo "  exit code $?"
-          stamp "ours-grouped ${variants[$v]}, round $round"
+          clocks_stamp actmem "ours-grouped ${variants[$v]}, round $round"
         done
       fi
       PYTHONUNBUFFERED=1 timeout 200 python3 "$BUNDLE/bench/actmem-gpu.py" --out "$OUT/actmem-torch-$round.json"; echo "  exit code $?"
-      stamp "torch, round $round"
+      clocks_stamp actmem "torch, round $round"
     done
-    if [[ -n "$smi_pid" ]]; then
-      kill "$smi_pid" 2>/dev/null
-      say "the clock and power cap of each process (bench/clock-phases.py)"
-      python3 "$BUNDLE/bench/clock-phases.py" "$OUT/actmem-smi.csv" "$OUT/actmem-stamps.log" --json "$OUT/actmem-clocks.json"; echo "  exit code $?"
-      # (the device tool brings back a few files: the summary keeps what they said)
-      rm -f "$OUT/actmem-smi.csv" "$OUT/actmem-stamps.log"
-    fi
+    clocks_end actmem
     python3 "$BUNDLE/bench/actmem-gpu.py" --combine "$OUT" --out "$OUT/actmem.json"; echo "  exit code $?"
   fi
   if [[ -z "${SKIP_TRAIN:-}" ]]; then
@@ -515,24 +522,17 @@ PY
     # experts on cuBLAS), so that the pairs see the same GPU. TRAIN_CLOCKS=1: the clock, power and
     # throttle reasons every 50 ms and a stamp after each process (bench/clock-phases.py: each
     # process's clock and power-cap share, train.json's "train-clocks")
-    local train_smi=""
-    train_stamp() { [[ -n "${TRAIN_CLOCKS:-}" ]] && echo "$(date '+%Y/%m/%d %H:%M:%S.%N') $*" >> "$OUT/train-stamps.log"; return 0; }
-    if [[ -n "${TRAIN_CLOCKS:-}" ]]; then
-      nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active --format=csv,noheader -lms 50 \
-        > "$OUT/train-smi.csv" &
-      train_smi=$!
-      train_stamp "start"
-    fi
+    [[ -n "${TRAIN_CLOCKS:-}" ]] && clocks_begin train
     # $1: the run's name (train-$1.json); the rest: NAME=value settings for it
     train_rust() {
       local name=$1; shift
       env "$@" timeout 200 "$BUNDLE/bin/moe-cuda-bench" train --iters 10 --out "$OUT/train-$name.json"; echo "  exit code $?"
-      train_stamp "$name"
+      clocks_stamp train "$name"
     }
     train_js() {
       local name=$1; shift
       env "$@" timeout 200 "$node" "$BUNDLE/bench/train-gpu.mjs" --dist "$BUNDLE/dist" --out "$OUT/train-$name.json"; echo "  exit code $?"
-      train_stamp "$name"
+      clocks_stamp train "$name"
     }
     for round in 1 2; do
       say "moe-cuda-bench train, round $round (routeBackward check, then whole training steps)${TRAIN_AB:+; then with $TRAIN_AB}"
@@ -544,15 +544,10 @@ PY
       if [[ $round == 1 ]]; then
         say "PyTorch training step (torch._grouped_mm, AdamW fused)"
         PYTHONUNBUFFERED=1 timeout 200 python3 "$BUNDLE/bench/gpu_torch_train.py" --out "$OUT/train-torch.json"; echo "  exit code $?"
-        train_stamp "torch"
+        clocks_stamp train "torch"
       fi
     done
-    if [[ -n "$train_smi" ]]; then
-      kill "$train_smi" 2>/dev/null
-      say "the clock and power cap of each process (bench/clock-phases.py)"
-      python3 "$BUNDLE/bench/clock-phases.py" "$OUT/train-smi.csv" "$OUT/train-stamps.log" --json "$OUT/train-clocks.json"; echo "  exit code $?"
-      rm -f "$OUT/train-smi.csv" "$OUT/train-stamps.log"
-    fi
+    clocks_end train
     # one file for the device tool (it returns a few files a run): { "train-rust-1": ..., ... }
     python3 - "$OUT" <<'PY'
 import glob, json, os, sys
