@@ -113,7 +113,8 @@ const settings = Object.keys(env)
   .sort()
   .map((k) => `-${k.slice('MOE_DISPATCH_'.length).toLowerCase().replaceAll('_', '-')}-${env[k].replaceAll(',', '-')}`)
   .join('');
-// the path: `auto` (the default: our grouped GEMM with many experts, cuBLAS with fewer), `cublas`, `grouped`
+// the path's label: `auto` (the default: our grouped GEMM on a Hopper GPU), `cublas`, `grouped` (the same
+// path as `auto`, the label of gpu-run.sh's ACTMEM_AB variants)
 const path = ['grouped', 'cublas'].includes(env.MOE_DISPATCH_EXPERTS_GEMM) ? env.MOE_DISPATCH_EXPERTS_GEMM : 'auto';
 // --label NAME: appended to the row's name (another revision's TypeScript: gpu-run.sh's AB_REV)
 const label = arg('label');

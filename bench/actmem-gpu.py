@@ -182,8 +182,8 @@ def run(args):
 
 
 def combine(folder, out_path):
-    """gpu-run.sh's parts (actmem-ours-auto-R.json, actmem-ours-cublas-R.json, actmem-ours-grouped-R.json, actmem-torch-R.json)
-    into one file: every part under `runs`, and `summary` by shape: the medians over the rounds of
+    """gpu-run.sh's parts (actmem-ours-auto-R.json, actmem-ours-cublas-R.json, ACTMEM_AB's
+    actmem-ours-grouped-abV-R.json, actmem-torch-R.json; actmem-clocks.json kept as it is) into one file: every part under `runs`, and `summary` by shape: the medians over the rounds of
     each round's median time, and the memory figures (the same every round, else a list)."""
     runs = {}
     for f in sorted(glob.glob(os.path.join(folder, "actmem-*.json"))):
