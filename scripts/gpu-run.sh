@@ -66,7 +66,9 @@ cd "$(dirname "$0")/.."
 BUNDLE="${MOE_GPU_BUNDLE:-.gpu-bundle}"
 # the Dawn build that WEBGPU=1 carries (an exact version: the npm registry's)
 WEBGPU_VERSION=0.6.2
-say() { printf '\033[1m[gpu-run]\033[0m %s\n' "$*"; }
+# each line with the seconds since the script began: how long each part took there, for planning
+# a run within the device time left (a part's time is the gap to the next line)
+say() { printf '\033[1m[gpu-run %ds]\033[0m %s\n' "$SECONDS" "$*"; }
 
 pack() {
   set -e
