@@ -13,7 +13,7 @@
 # Options of pack: --no-build (pack what is built). Of remote: SKIP_SUITE=1 (the GPU suite and
 # `check`), SKIP_SOAK=1, SKIP_BENCH=1, SKIP_EXPERTS=1 (the experts part of the benchmark),
 # SUITE_FILES="a b" (only test/gpu/a.test.mjs, b.test.mjs), SUITE_TIMEOUT=S (the suite's time limit, 420 s), SKIP_TORCH=1, SKIP_TRAIN=1 (the training-step benchmarks: Rust-driven and PyTorch's),
-# TRAIN_AB="NAME=value" (the training steps again with that environment setting, each right after the default's; the training results
+# TRAIN_AB="NAME=value ..." (the training steps again with those environment settings, each right after the default's; the training results
 # go into one train.json), TRAIN_CLOCKS=1 (the clock, power and throttle reasons through the training processes: train.json "train-clocks"),
 # WEBGPU_LISTS=1 (with WEBGPU: webgpu-node and webgpu-profile again with --lists indirect: auto dispatches them directly on a GPU),
 # WEBGPU_SHAPE="--tokens 6144" (with WEBGPU: webgpu-node's and webgpu-profile's shape options, each of their runs; the
@@ -525,7 +525,8 @@ PY
     # throttle reasons every 50 ms and a stamp after each process (bench/clock-phases.py: each
     # process's clock and power-cap share, train.json's "train-clocks")
     [[ -n "${TRAIN_CLOCKS:-}" ]] && clocks_begin train
-    # $1: the run's name (train-$1.json); the rest: NAME=value settings for it
+    # $1: the run's name (train-$1.json); the rest: NAME=value settings for it (TRAIN_AB split into
+    # words, as ACTMEM_AB's variants: "A=1 B=2" sets both)
     train_rust() {
       local name=$1; shift
       env "$@" timeout 200 "$BUNDLE/bin/moe-cuda-bench" train --iters 10 --out "$OUT/train-$name.json"; echo "  exit code $?"
@@ -536,13 +537,14 @@ PY
       env "$@" timeout 200 "$node" "$BUNDLE/bench/train-gpu.mjs" --dist "$BUNDLE/dist" --out "$OUT/train-$name.json"; echo "  exit code $?"
       clocks_stamp train "$name"
     }
+    # shellcheck disable=SC2086 # (TRAIN_AB: one or more NAME=value words)
     for round in 1 2; do
       say "moe-cuda-bench train, round $round (routeBackward check, then whole training steps)${TRAIN_AB:+; then with $TRAIN_AB}"
       train_rust "rust-$round"
-      [[ -n "${TRAIN_AB:-}" ]] && train_rust "rust-ab-$round" "$TRAIN_AB"
+      [[ -n "${TRAIN_AB:-}" ]] && train_rust "rust-ab-$round" $TRAIN_AB
       say "the training step driven from JavaScript (MoELayer on the GPU + AdamW), round $round${TRAIN_AB:+; then with $TRAIN_AB}"
       train_js "js-$round"
-      [[ -n "${TRAIN_AB:-}" ]] && train_js "js-ab-$round" "$TRAIN_AB"
+      [[ -n "${TRAIN_AB:-}" ]] && train_js "js-ab-$round" $TRAIN_AB
       if [[ $round == 1 ]]; then
         say "PyTorch training step (torch._grouped_mm, AdamW fused)"
         PYTHONUNBUFFERED=1 timeout 200 python3 "$BUNDLE/bench/gpu_torch_train.py" --out "$OUT/train-torch.json"; echo "  exit code $?"
