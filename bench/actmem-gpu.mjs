@@ -8,7 +8,7 @@
  * `MOE_DISPATCH_EXPERTS_GEMM=cublas` (read once a process: run it once per path). Its PyTorch peer is bench/actmem-gpu.py; `gpu-run.sh remote` with ACTMEM=1 runs
  * both, interleaved, into one actmem.json.
  *
- *   node bench/actmem-gpu.mjs [--iters N] [--warmup N] [--shapes fine-grained,mixtral] [--out FILE]
+ *   node bench/actmem-gpu.mjs [--iters N] [--warmup N] [--shapes NAMES] [--out FILE]   (bench/shapes.json's layer shapes; its byDefault ones: fine-grained,mixtral)
  *                             [--dist DIR] [--stand-in cpu] [--timeline N] [--cpu-profile FILE]
  *                             [--host-costs N] [--label NAME]
  *
@@ -52,6 +52,8 @@ import { PerformanceObserver } from 'node:perf_hooks';
 import { resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
 
+import { DEFAULT_LAYER, shapeNames } from './shapes.mjs';
+
 const args = process.argv.slice(2);
 const arg = (name, dflt) => {
   const i = args.indexOf(`--${name}`);
@@ -70,7 +72,7 @@ const SHAPES = {
   // the stand-in's shape (the cpu backend: seconds, not minutes)
   tiny: { batch: 96, layer: { dim: 64, inter: 48, numExperts: 8, topk: 2, activation: 'swiglu', dtype: 'bfloat16', auxLossCoeff: 0.01 } },
 };
-const names = arg('shapes', standIn ? 'tiny' : 'fine-grained,mixtral').split(',');
+const names = shapeNames(arg('shapes', standIn ? 'tiny' : DEFAULT_LAYER), SHAPES);
 const cpuProfile = arg('cpu-profile');
 const hostCostSteps = Number(arg('host-costs', '0'));
 if (!(Number.isInteger(hostCostSteps) && hostCostSteps >= 0)) throw new RangeError(`--host-costs: expected a count of steps (0 or more), got ${arg('host-costs')}`);

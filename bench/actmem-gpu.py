@@ -11,7 +11,7 @@ bench/actmem-gpu.mjs (ours). Two variants a shape:
 * "f32-masters": float32 parameters cast to bf16 inside the forward (gpu_torch_train.py's step):
   the GEMMs then keep the bf16 weight copies for the backward, which the activation delta counts.
 
-    python3 bench/actmem-gpu.py [--out FILE] [--iters N] [--warmup N] [--shapes fine-grained,mixtral]
+    python3 bench/actmem-gpu.py [--out FILE] [--iters N] [--warmup N] [--shapes NAMES] (shapes.json's layer shapes; its byDefault ones: fine-grained,mixtral)
     python3 bench/actmem-gpu.py --combine DIR --out FILE    (gpu-run.sh ACTMEM=1: DIR's actmem-*.json into one file)
 
 Per shape and variant:
@@ -35,7 +35,7 @@ import os
 import statistics
 import time
 
-SHAPES = {"fine-grained": (8192, 2048, 1408, 64, 6), "mixtral": (8192, 4096, 14336, 8, 2)}
+from shapes import DEFAULT_LAYER, LAYER as SHAPES, layer_names
 
 
 def layer(T, dim, inter, E, k, dev, masters):
@@ -166,7 +166,7 @@ def run(args):
 
     dev = torch.device("cuda")
     rows = []
-    for name in args.shapes.split(","):
+    for name in layer_names(args.shapes):
         for variant in ("bf16", "f32-masters"):
             try:
                 rows.append(measure(name, variant, args.iters, args.warmup, dev))
@@ -231,7 +231,7 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--shapes", default="fine-grained,mixtral")
+    ap.add_argument("--shapes", default=DEFAULT_LAYER)
     ap.add_argument("--combine", metavar="DIR")
     args = ap.parse_args()
     if args.combine:

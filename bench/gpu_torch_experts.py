@@ -8,7 +8,7 @@ through autograd:
 * layer: the reference's unfused permute (masked_select + index_select), the grouped experts,
   the reference's unpermute (multiply + scatter_add), forward + backward.
 
-    python3 bench/gpu_torch_experts.py [--out FILE] [--iters N]
+    python3 bench/gpu_torch_experts.py [--out FILE] [--iters N] [--shapes NAMES] (shapes.json's layer shapes)
 """
 import argparse
 import json
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from gpu_torch_ref import time_ms as _time_ms
 
-SHAPES = [("mixtral", 8192, 4096, 14336, 8, 2), ("fine-grained", 8192, 2048, 1408, 64, 6)]
+from shapes import DEFAULT_LAYER, LAYER, layer_names
 
 
 def time_ms(f, iters):
@@ -70,11 +70,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--shapes", default=DEFAULT_LAYER)
     args = ap.parse_args()
     dev = torch.device("cuda")
     rows = []
     have_grouped = hasattr(torch, "_grouped_mm")
-    for name, T, dim, inter, E, k in SHAPES:
+    for name in layer_names(args.shapes):
+        T, dim, inter, E, k = LAYER[name]
         g = torch.Generator(device=dev).manual_seed(3)
         idx = torch.rand(T, E, device=dev, generator=g).topk(k, dim=1).indices
         routing_map = torch.zeros(T, E, dtype=torch.bool, device=dev).scatter_(1, idx, True)

@@ -12,7 +12,7 @@ import json
 
 import torch
 
-SHAPES = [("deepseek", 16384, 7168, 256, 8), ("mixtral", 16384, 4096, 8, 2)]
+from shapes import DISPATCH
 
 
 def permute(tokens, routing_map, probs):
@@ -76,7 +76,7 @@ def main():
     args = ap.parse_args()
     dev = torch.device("cuda")
     rows = []
-    for name, T, H, E, k in SHAPES:
+    for name, (T, H, E, k) in DISPATCH.items():
         g = torch.Generator(device=dev).manual_seed(1)
         scores = torch.rand(T, E, device=dev, generator=g)
         idx = scores.topk(k, dim=1).indices

@@ -8,7 +8,7 @@ softmax scores; the reference permute (masked_select + index_select); swiglu exp
 torch._grouped_mm weighted by the routing probs; unpermute (scatter_add); loss = sum(out * g) +
 aux; backward; torch.nn.utils.clip_grad_norm_(1.0); torch.optim.AdamW(fused=True); zero_grad.
 
-    python3 bench/gpu_torch_train.py [--out FILE] [--iters N] [--shapes fine-grained,mixtral]
+    python3 bench/gpu_torch_train.py [--out FILE] [--iters N] [--shapes NAMES] (shapes.json's layer shapes; its byDefault ones: fine-grained,mixtral)
 
 Prints and writes the median step time (CUDA events), tokens/s and the peak memory of a step
 (torch.cuda.max_memory_allocated, from a reset just before the timed steps).
@@ -19,7 +19,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-SHAPES = {"fine-grained": (8192, 2048, 1408, 64, 6), "mixtral": (8192, 4096, 14336, 8, 2)}
+from shapes import DEFAULT_LAYER, LAYER as SHAPES, layer_names
 AUX_COEFF = 1e-2
 
 
@@ -80,11 +80,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--shapes", default="fine-grained,mixtral")
+    ap.add_argument("--shapes", default=DEFAULT_LAYER)
     args = ap.parse_args()
     dev = torch.device("cuda")
     rows = []
-    for name in args.shapes.split(","):
+    for name in layer_names(args.shapes):
         T, dim, inter, E, k = SHAPES[name]
         step, params, opt = step_fn(T, dim, inter, E, k, dev)
         for _ in range(3):

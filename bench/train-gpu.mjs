@@ -4,7 +4,7 @@
  * device tensors, at the shapes of `moe-cuda-bench train` and bench/gpu_torch_train.py
  * (bf16, swiglu, softmax top-k router, Switch aux loss 0.01, the loss sum(out * g) with g given).
  *
- *   node bench/train-gpu.mjs [--iters N] [--shapes fine-grained,mixtral] [--out FILE] [--dist DIR]
+ *   node bench/train-gpu.mjs [--iters N] [--shapes NAMES] [--out FILE] [--dist DIR]   (bench/shapes.json's layer shapes; its byDefault ones: fine-grained,mixtral)
  *
  * Times each step to a synchronisation (median and minimum, wall clock), the peak device memory
  * of the timed steps (the cuda backend's peakMemory: this process's tensors), and what a step
@@ -14,6 +14,8 @@ import { writeFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
 
+import { DEFAULT_LAYER, shapeNames } from './shapes.mjs';
+
 const args = process.argv.slice(2);
 const arg = (name, dflt) => {
   const i = args.indexOf(`--${name}`);
@@ -22,7 +24,7 @@ const arg = (name, dflt) => {
 const dist = resolve(arg('dist', new URL('../dist/', import.meta.url).pathname));
 const { AdamW, MoELayer, TRAIN_SHAPES, backendInfo, createBackend, uniformTensor } = await import(pathToFileURL(resolve(dist, 'index.js')).href);
 const iters = Number(arg('iters', '10'));
-const names = arg('shapes', 'fine-grained,mixtral').split(',');
+const names = shapeNames(arg('shapes', DEFAULT_LAYER), TRAIN_SHAPES);
 
 const cuda = await createBackend({ prefer: 'cuda' });
 if (cuda.name !== 'cuda') throw new Error(`train-gpu: no cuda backend here (got ${cuda.name})`);

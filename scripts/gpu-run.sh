@@ -35,6 +35,8 @@
 # HOSTPROF=1: one process of bench/actmem-gpu.mjs (fine-grained, 40 steps), its timed steps under V8's profiler
 # (`--cpu-profile`, every 50 us; not the warm-up, whose first calls open cuBLAS), summarised by bench/cpuprof-summary.py (self and inclusive time a function, over the steps: hostprof.json; the
 # raw profile is not kept): where the host's ~20 us a launch go at the step's start, where the GPU waits for it;
+# LAYER_SHAPES="fine-grained,deepseek-v3-ep8" (ACTMEM's and the training step's shapes, bench/shapes.json's layer shapes;
+# default its byDefault ones, fine-grained and mixtral; GGEMM_ARGS and BENCH_ARGS take --shapes themselves),
 # ACTMEM_CLOCKS=1: nvidia-smi every 50 ms through the rounds (clock, power, temperature, throttle reasons) and a
 # stamp after each process: bench/clock-phases.py gives each process's clock and power-cap share, actmem-clocks.json),
 # WEBGPU=1 (pack and remote: the webgpu backend in Node through Dawn: the GPU suite's webgpu-dawn.test.mjs
@@ -101,7 +103,7 @@ pack() {
   local golden="${MOE_GOLDEN_DIR:-test/fixtures/golden}"
   cp "$golden"/permute.json "$golden"/unpermute.json "$golden"/route.json "$BUNDLE/golden/"
   cp target/release/moe-cuda-bench "$BUNDLE/bin/"
-  cp bench/gpu_torch_ref.py bench/gpu_torch_experts.py bench/gpu_torch_train.py bench/train-gpu.mjs "$BUNDLE/bench/"
+  cp bench/shapes.json bench/shapes.py bench/shapes.mjs bench/gpu_torch_ref.py bench/gpu_torch_experts.py bench/gpu_torch_train.py bench/train-gpu.mjs "$BUNDLE/bench/"
   cp bench/actmem-gpu.mjs bench/actmem-gpu.py bench/ncu-summary.py bench/hbm-rw.py bench/ep-permutes.mjs bench/clock-phases.py bench/cpuprof-summary.py bench/napi-costs.mjs "$BUNDLE/bench/"
   # WEBGPU=1: the webgpu backend in Node through Dawn (issue 21): the `webgpu` npm package's Linux
   # build (xz) and Debian's Vulkan loader, kept between packs; bench/webgpu-node.mjs and its page code
@@ -478,6 +480,10 @@ PY
     python3 "$BUNDLE/bench/clock-phases.py" "$OUT/$1-smi.csv" "$OUT/$1-stamps.log" --json "$OUT/$1-clocks.json"; echo "  exit code $?"
     rm -f "$OUT/$1-smi.csv" "$OUT/$1-stamps.log"
   }
+  # LAYER_SHAPES="a,b": ACTMEM's and the training step's shapes (bench/shapes.json's layer shapes;
+  # unset: its byDefault ones), passed to each of their processes as --shapes
+  local LS=()
+  [[ -n "${LAYER_SHAPES:-}" ]] && LS=(--shapes "$LAYER_SHAPES")
   if [[ -n "${ACTMEM:-}" ]]; then
     # issue 19: the layer's forward + backward and its activation memory (what the forward keeps
     # for the backward): ours on the default path (our grouped GEMM on a Hopper GPU), on cuBLAS, on our grouped GEMM with
@@ -489,13 +495,13 @@ PY
       # (ours-auto is our grouped GEMM; MOE_DISPATCH_EXPERTS_GEMM=grouped is the same path since the
       # thirty-third session, so it runs only as the label of the A/B variants below)
       say "activation memory, round $round: ours (auto: the default, our grouped GEMM on a Hopper), ours (cuBLAS), PyTorch"
-      timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" --out "$OUT/actmem-ours-auto-$round.json"; echo "  exit code $?"
+      timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" ${LS+"${LS[@]}"} --out "$OUT/actmem-ours-auto-$round.json"; echo "  exit code $?"
       clocks_stamp actmem "ours-auto, round $round"
-      MOE_DISPATCH_EXPERTS_GEMM=cublas timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" --out "$OUT/actmem-ours-cublas-$round.json"; echo "  exit code $?"
+      MOE_DISPATCH_EXPERTS_GEMM=cublas timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" ${LS+"${LS[@]}"} --out "$OUT/actmem-ours-cublas-$round.json"; echo "  exit code $?"
       clocks_stamp actmem "ours-cublas, round $round"
       # AB_REV (pack): the grouped path on that revision's TypeScript too (rows named grouped-rev-REV)
       if [[ -d "$BUNDLE/dist-ab" ]]; then
-        MOE_DISPATCH_EXPERTS_GEMM=grouped timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist-ab" \
+        MOE_DISPATCH_EXPERTS_GEMM=grouped timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist-ab" ${LS+"${LS[@]}"} \
           --label "rev-$(cat "$BUNDLE/dist-ab/REV")" --out "$OUT/actmem-ours-grouped-rev-$round.json"; echo "  exit code $?"
         clocks_stamp actmem "ours-grouped on dist-ab, round $round"
       fi
@@ -506,12 +512,12 @@ PY
         IFS=';' read -ra variants <<<"$ACTMEM_AB"
         for v in "${!variants[@]}"; do
           # shellcheck disable=SC2086 # (one or more NAME=value words)
-          env MOE_DISPATCH_EXPERTS_GEMM=grouped ${variants[$v]} timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" \
+          env MOE_DISPATCH_EXPERTS_GEMM=grouped ${variants[$v]} timeout 200 "$node" "$BUNDLE/bench/actmem-gpu.mjs" --dist "$BUNDLE/dist" ${LS+"${LS[@]}"} \
             --out "$OUT/actmem-ours-grouped-ab$v-$round.json"; echo "  exit code $?"
           clocks_stamp actmem "ours-grouped ${variants[$v]}, round $round"
         done
       fi
-      PYTHONUNBUFFERED=1 timeout 200 python3 "$BUNDLE/bench/actmem-gpu.py" --out "$OUT/actmem-torch-$round.json"; echo "  exit code $?"
+      PYTHONUNBUFFERED=1 timeout 200 python3 "$BUNDLE/bench/actmem-gpu.py" ${LS+"${LS[@]}"} --out "$OUT/actmem-torch-$round.json"; echo "  exit code $?"
       clocks_stamp actmem "torch, round $round"
     done
     clocks_end actmem
@@ -529,12 +535,12 @@ PY
     # words, as ACTMEM_AB's variants: "A=1 B=2" sets both)
     train_rust() {
       local name=$1; shift
-      env "$@" timeout 200 "$BUNDLE/bin/moe-cuda-bench" train --iters 10 --out "$OUT/train-$name.json"; echo "  exit code $?"
+      env "$@" timeout 200 "$BUNDLE/bin/moe-cuda-bench" train --iters 10 ${LS+"${LS[@]}"} --out "$OUT/train-$name.json"; echo "  exit code $?"
       clocks_stamp train "$name"
     }
     train_js() {
       local name=$1; shift
-      env "$@" timeout 200 "$node" "$BUNDLE/bench/train-gpu.mjs" --dist "$BUNDLE/dist" --out "$OUT/train-$name.json"; echo "  exit code $?"
+      env "$@" timeout 200 "$node" "$BUNDLE/bench/train-gpu.mjs" --dist "$BUNDLE/dist" ${LS+"${LS[@]}"} --out "$OUT/train-$name.json"; echo "  exit code $?"
       clocks_stamp train "$name"
     }
     # shellcheck disable=SC2086 # (TRAIN_AB: one or more NAME=value words)
@@ -547,7 +553,7 @@ PY
       [[ -n "${TRAIN_AB:-}" ]] && train_js "js-ab-$round" $TRAIN_AB
       if [[ $round == 1 ]]; then
         say "PyTorch training step (torch._grouped_mm, AdamW fused)"
-        PYTHONUNBUFFERED=1 timeout 200 python3 "$BUNDLE/bench/gpu_torch_train.py" --out "$OUT/train-torch.json"; echo "  exit code $?"
+        PYTHONUNBUFFERED=1 timeout 200 python3 "$BUNDLE/bench/gpu_torch_train.py" ${LS+"${LS[@]}"} --out "$OUT/train-torch.json"; echo "  exit code $?"
         clocks_stamp train "torch"
       fi
     done

@@ -16,7 +16,7 @@ import { parseArgs } from 'node:util';
 
 import { backendInfo, createBackend, tensor, type Backend, type BackendName, type Tensor, type TokenDType } from './index.js';
 import { randomRouting, rng, type Problem } from './random.js';
-import { progressLine, trainMoE, type TrainShape } from './train.js';
+import { progressLine, TRAIN_SHAPE_NAMES, trainMoE, type TrainShape } from './train.js';
 
 const HELP: Record<string, string> = {
   main: `moe-dispatch <command> [options]
@@ -61,15 +61,16 @@ tensor), routes them (the library's route op) and writes the routing:
   --out FILE.npy          three files: FILE.indices.npy, FILE.weights.npy, FILE.tokensPerExpert.npy
 Without --out it prints a summary (tokens per expert); with --json the summary is JSON.
 Exit code 1 when the file cannot be read or the routing fails, 2 for bad options.`,
-  train: `moe-dispatch train [--backend auto|cuda|cpu|wasm] [--shape tiny|fine-grained|mixtral] [--steps N] [--batch T] [--lr X] [--seed S] [--out FILE] [--json]
+  train: `moe-dispatch train [--backend auto|cuda|cpu|wasm] [--shape tiny|fine-grained|mixtral|deepseek-v3-ep8] [--steps N] [--batch T] [--lr X] [--seed S] [--out FILE] [--json]
 
 Trains an MoE layer to reproduce a fixed random teacher layer of the same shape (mean
 squared error plus the load-balancing loss 0.01), with AdamW, on the best available backend
 (or --backend). Shapes: tiny (dim 16, inter 32, 8 experts, top-2, float32, lr 0.02; the
 default on the CPU backends), fine-grained (8192 tokens a step, dim 2048, inter 1408, 64
-experts, top-6; the default on cuda) and mixtral (8192 tokens, dim 4096, inter 14336, 8
-experts, top-2), both bfloat16 with float32 master weights, lr 1e-3, gradients clipped to
-norm 1. On cuda the layers, the data and the optimizer live on the GPU. Shows a progress bar
+experts, top-6; the default on cuda), mixtral (8192 tokens, dim 4096, inter 14336, 8
+experts, top-2) and deepseek-v3-ep8 (8192 tokens, dim 7168, inter 2048, 32 experts, top-8:
+one eight-way expert-parallel rank's share of DeepSeek-V3's experts), all bfloat16 with
+float32 master weights, lr 1e-3, gradients clipped to norm 1. On cuda the layers, the data and the optimizer live on the GPU. Shows a progress bar
 with the loss and the tokens per expert (on stderr), then tokens/s and the peak device
 memory. Then saves a safetensors checkpoint (Hugging Face expert keys; FILE or a temporary
 file), reloads it and checks that the reloaded layer gives identical outputs. With --json the
@@ -593,7 +594,7 @@ async function train(args: Args): Promise<number> {
   const prefer = (args.backend as string | undefined) ?? 'auto';
   if (!['auto', 'cuda', 'cpu', 'wasm'].includes(prefer)) fail(`--backend: expected auto, cuda, cpu or wasm, got '${prefer}'`, 2);
   const shape = args.shape as string | undefined;
-  if (shape !== undefined && !['tiny', 'fine-grained', 'mixtral'].includes(shape)) fail(`--shape: expected tiny, fine-grained or mixtral, got '${shape}'`, 2);
+  if (shape !== undefined && !(TRAIN_SHAPE_NAMES as readonly string[]).includes(shape)) fail(`--shape: expected one of ${TRAIN_SHAPE_NAMES.join(', ')}, got '${shape}'`, 2);
   const backend = await createBackend({ prefer: prefer as BackendName | 'auto' });
   const steps = intOption(args, 'steps', 100);
   const lr = args.lr === undefined ? undefined : Number(args.lr);

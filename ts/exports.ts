@@ -61,7 +61,7 @@ export {
   type SharedExpertOptions,
 } from './layer.js';
 export { AdamW, type AdamWOptions, type OptimizerStatus } from './optim.js';
-export { mseLoss, TRAIN_SHAPES, uniformTensor } from './training.js';
+export { mseLoss, type RealShape, TRAIN_SHAPES, uniformTensor } from './training.js';
 export { SUPPORTED_MODEL_TYPES, type ExpertKeyFormat, type FromPretrainedOptions, type KeyScheme, type PretrainedSource, type SavePretrainedOptions } from './hf.js';
 export { TokenDispatcher, type TokenDispatcherOptions, type TokenPermutation, type TopKRouting } from './dispatcher.js';
 export {

@@ -8,9 +8,10 @@
  * and checks that the reloaded layer gives the same outputs bit for bit.
  *
  * Shapes: `tiny` (dim 16, 8 experts, float32; the default on the CPU backends), and the real
- * ones `fine-grained` (8192 tokens a step, dim 2048, inter 1408, 64 experts, top-6) and
- * `mixtral` (8192 tokens, dim 4096, inter 14336, 8 experts, top-2), bfloat16 with float32
- * masters (`fine-grained` is the default on cuda).
+ * ones (training.ts's `TRAIN_SHAPES`) `fine-grained` (8192 tokens a step, dim 2048, inter 1408,
+ * 64 experts, top-6), `mixtral` (8192 tokens, dim 4096, inter 14336, 8 experts, top-2) and
+ * `deepseek-v3-ep8` (8192 tokens, dim 7168, inter 2048, 32 experts, top-8: one expert-parallel
+ * rank's share of DeepSeek-V3), bfloat16 with float32 masters (`fine-grained` is the default on cuda).
  *
  * Used by `moe-dispatch train` and `examples/train-moe.mjs`.
  */
@@ -23,14 +24,17 @@ import { isCudaBackend } from './backends/cuda.js';
 import { type AnyTensor, type DeviceTensor, isDeviceTensor } from './device.js';
 import { MoELayer, normalRng, type MoELayerOptions, type MoEWeights } from './layer.js';
 import { AdamW } from './optim.js';
-import { mseLoss, TRAIN_SHAPES, uniformTensor } from './training.js';
+import { mseLoss, type RealShape, TRAIN_SHAPES, uniformTensor } from './training.js';
 import type { Tensor, TokenDType } from './tensor.js';
 
-export type TrainShape = 'tiny' | 'fine-grained' | 'mixtral';
+export type TrainShape = 'tiny' | RealShape;
+
+/** Every shape `trainMoE` takes, by name. */
+export const TRAIN_SHAPE_NAMES: readonly TrainShape[] = ['tiny', ...(Object.keys(TRAIN_SHAPES) as RealShape[])];
 
 export interface TrainOptions {
   steps?: number;
-  /** `tiny` (default on CPU backends), `fine-grained` (default on cuda) or `mixtral`. */
+  /** `tiny` (default on CPU backends), `fine-grained` (default on cuda), `mixtral` or `deepseek-v3-ep8`. */
   shape?: TrainShape;
   /** Tokens per step (default: the shape's: 128 tiny, 8192 otherwise), out of a fixed data set of `batches` batches. */
   batch?: number;
@@ -111,7 +115,7 @@ export function trainMoE(backend: Backend, options: TrainOptions = {}): TrainRes
   const gpu = isCudaBackend(backend);
   const shape: TrainShape = options.shape ?? (gpu ? 'fine-grained' : 'tiny');
   const tiny = shape === 'tiny';
-  if (!tiny && !(shape in TRAIN_SHAPES)) throw new TypeError(`shape: expected 'tiny', 'fine-grained' or 'mixtral', got ${JSON.stringify(shape)}`);
+  if (!TRAIN_SHAPE_NAMES.includes(shape)) throw new TypeError(`shape: expected one of ${TRAIN_SHAPE_NAMES.map((n) => `'${n}'`).join(', ')}, got ${JSON.stringify(shape)}`);
   const steps = options.steps ?? 100;
   const batch = options.batch ?? (tiny ? 128 : TRAIN_SHAPES[shape].batch);
   const batches = options.batches ?? (tiny ? 4 : 2);

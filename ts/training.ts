@@ -13,10 +13,22 @@ import type { Tensor, TokenDType } from './tensor.js';
 
 type AnyToken = AnyTensor<TokenDType>;
 
-/** The real shapes: tokens a step, and the layer. */
-export const TRAIN_SHAPES: Record<'fine-grained' | 'mixtral', { batch: number; layer: MoELayerOptions }> = {
+/** The real shapes' names (bench/shapes.json's layer shapes). */
+export type RealShape = 'fine-grained' | 'mixtral' | 'deepseek-v3-ep8';
+
+/**
+ * The real shapes: tokens a step, and the layer. The same as bench/shapes.json's layer shapes,
+ * which the benchmarks in every language read (test/shapes.test.ts keeps the two equal):
+ * `fine-grained` (DeepSeek-MoE / Qwen-MoE-like experts), `mixtral` (Mixtral 8x7B's), and
+ * `deepseek-v3-ep8`: DeepSeek-V3's experts (dim 7168, inter 2048) as one rank of eight-way expert
+ * parallelism holds them, 32 of the 256 with the 8192 x 8 rows eight ranks of 8192 tokens send it,
+ * routed here by the layer's softmax top-8 over the 32 (the parameters and GEMM work of `mixtral`,
+ * eight times its rows).
+ */
+export const TRAIN_SHAPES: Record<RealShape, { batch: number; layer: MoELayerOptions }> = {
   'fine-grained': { batch: 8192, layer: { dim: 2048, inter: 1408, numExperts: 64, topk: 6, activation: 'swiglu', dtype: 'bfloat16', auxLossCoeff: 0.01 } },
   mixtral: { batch: 8192, layer: { dim: 4096, inter: 14336, numExperts: 8, topk: 2, activation: 'swiglu', dtype: 'bfloat16', auxLossCoeff: 0.01 } },
+  'deepseek-v3-ep8': { batch: 8192, layer: { dim: 7168, inter: 2048, numExperts: 32, topk: 8, activation: 'swiglu', dtype: 'bfloat16', auxLossCoeff: 0.01 } },
 };
 
 /**

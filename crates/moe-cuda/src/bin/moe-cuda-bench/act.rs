@@ -22,7 +22,6 @@ use moe_cuda::activations::{
 };
 use moe_cuda::{Buffer, Device};
 
-use crate::experts::EXPERT_SHAPES;
 use crate::{finish, global_device, median, time_ms, Rng, ShapeOptions};
 
 /// The three ways a vectorised pass can run: the specialised loop, the generic loop, one column
@@ -291,7 +290,7 @@ pub fn bench(args: &[String]) -> i32 {
             cases - failures
         );
         let mut rows = Vec::new();
-        for s in EXPERT_SHAPES.iter().filter(|s| opts.selects(s.name)) {
+        for s in &opts.shapes {
             rows.push(time_shape(dev, s.name, s.tokens * s.topk, s.inter, opts.iters)?);
         }
         Ok((

@@ -30,19 +30,7 @@ use crate::{back_to_back_ms, time_ms, Rng};
 /// One GEMM step of the experts: its problems and the (dtype, transposed) of A and B.
 type Step = (Vec<Problem>, (DType, bool), (DType, bool));
 
-pub struct ExpertShape {
-    pub name: &'static str,
-    pub tokens: usize,
-    pub dim: usize,
-    pub inter: usize,
-    pub experts: usize,
-    pub topk: usize,
-}
-
-pub const EXPERT_SHAPES: &[ExpertShape] = &[
-    ExpertShape { name: "mixtral", tokens: 8192, dim: 4096, inter: 14336, experts: 8, topk: 2 },
-    ExpertShape { name: "fine-grained", tokens: 8192, dim: 2048, inter: 1408, experts: 64, topk: 6 },
-];
+use crate::shapes::ExpertShape;
 
 fn bf16_tensor(dev: &Device, rng: &mut Rng, shape: Vec<usize>, scale: f32) -> moe_cuda::Result<DeviceTensor> {
     let n: usize = shape.iter().product();

@@ -50,7 +50,7 @@ use moe_cuda::grouped_gemm::{self, TileN, WeightLayout};
 use moe_cuda::{Buffer, Device};
 use rayon::prelude::*;
 
-use crate::experts::{bf16_peak, EXPERT_SHAPES};
+use crate::experts::bf16_peak;
 use crate::{finish, global_device, time_ms, Rng, ShapeOptions};
 
 type R<T> = moe_cuda::Result<T>;
@@ -1027,7 +1027,7 @@ fn run(
     let peak = bf16_peak(dev, iters)?;
     println!("bf16 GEMM rate (8192^3, cuBLAS): {peak:.0} TFLOP/s");
     let mut rows: Vec<String> = Vec::new();
-    for s in EXPERT_SHAPES.iter().filter(|s| opts.selects(s.name)) {
+    for s in &opts.shapes {
         dev.release_cached_memory()?;
         let (t, e, topk, dim, inter) = (s.tokens, s.experts, s.topk, s.dim, s.inter);
         let width = 2 * inter;

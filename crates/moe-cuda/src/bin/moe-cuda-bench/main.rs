@@ -45,20 +45,8 @@ mod act;
 mod experts;
 mod ggemm;
 mod host;
+mod shapes;
 mod train;
-
-struct Shape {
-    name: &'static str,
-    tokens: usize,
-    hidden: usize,
-    experts: usize,
-    topk: usize,
-}
-
-const SHAPES: &[Shape] = &[
-    Shape { name: "deepseek", tokens: 16384, hidden: 7168, experts: 256, topk: 8 },
-    Shape { name: "mixtral", tokens: 16384, hidden: 4096, experts: 8, topk: 2 },
-];
 
 struct Rng(u64);
 impl Rng {
@@ -158,7 +146,7 @@ fn per_shape(
     args: &[String],
     what: &str,
     with_peak: bool,
-    row: impl Fn(&Device, &experts::ExpertShape, usize, f64) -> moe_cuda::Result<experts::flat_json::Obj>,
+    row: impl Fn(&Device, &shapes::ExpertShape, usize, f64) -> moe_cuda::Result<experts::flat_json::Obj>,
 ) -> i32 {
     let opts = match ShapeOptions::parse(args, |_, _| None) {
         Ok(o) => o,
@@ -175,7 +163,7 @@ fn per_shape(
             println!("bf16 GEMM rate (8192^3, cuBLAS): {peak:.0} TFLOP/s");
         }
         let mut rows = Vec::new();
-        for s in experts::EXPERT_SHAPES.iter().filter(|s| opts.selects(s.name)) {
+        for &s in &opts.shapes {
             // each shape starts with the memory pool's cached memory released (as a user switching
             // shapes should: on an H200 the fine-grained GEMMs ran at 62-67% of the bf16 rate
             // after the Mixtral-like shape with its memory still in the pool, 72-82% with it
@@ -201,11 +189,11 @@ fn per_shape(
 }
 
 /// The options of the commands over the experts' shapes: `--iters N` (10 by default),
-/// `--out FILE`, `--shapes a,b`.
+/// `--out FILE`, `--shapes a,b` (bench/shapes.json's layer shapes; its byDefault ones when absent).
 struct ShapeOptions {
     iters: usize,
     out: Option<String>,
-    names: Option<Vec<String>>,
+    shapes: Vec<&'static shapes::ExpertShape>,
 }
 
 impl ShapeOptions {
@@ -214,13 +202,14 @@ impl ShapeOptions {
     /// or None when the flag is not one of its own. Err(2), the exit code, after an unknown or
     /// incomplete argument.
     fn parse(args: &[String], mut own: impl FnMut(&str, Option<&String>) -> Option<usize>) -> Result<ShapeOptions, i32> {
-        let mut opts = ShapeOptions { iters: 10, out: None, names: None };
+        let mut opts = ShapeOptions { iters: 10, out: None, shapes: Vec::new() };
+        let mut names: Option<Vec<String>> = None;
         let mut i = 0;
         while i < args.len() {
             match (args[i].as_str(), args.get(i + 1)) {
                 ("--iters", Some(v)) => opts.iters = v.parse().expect("--iters N"),
                 ("--out", Some(v)) => opts.out = Some(v.clone()),
-                ("--shapes", Some(v)) => opts.names = Some(v.split(',').map(String::from).collect()),
+                ("--shapes", Some(v)) => names = Some(v.split(',').map(String::from).collect()),
                 (other, value) => match own(other, value) {
                     Some(taken) => {
                         i += taken;
@@ -234,12 +223,11 @@ impl ShapeOptions {
             }
             i += 2;
         }
+        opts.shapes = shapes::select_layer(names.as_deref()).map_err(|e| {
+            eprintln!("{e}");
+            2
+        })?;
         Ok(opts)
-    }
-
-    /// Whether `--shapes` (all when absent) names the shape `name`.
-    fn selects(&self, name: &str) -> bool {
-        self.names.as_ref().is_none_or(|n| n.iter().any(|x| x == name))
     }
 
     /// Writes `json` to the `--out` file, or prints it.
@@ -335,7 +323,7 @@ fn back_to_back_ms(dev: &Device, iters: usize, mut f: impl FnMut() -> moe_cuda::
 fn run(args: &[String]) -> i32 {
     let mut iters = 20usize;
     let mut out: Option<String> = None;
-    let mut shapes: Vec<&Shape> = SHAPES.iter().collect();
+    let mut shapes: Vec<&shapes::DispatchShape> = shapes::dispatch().iter().collect();
     let mut host_rows = true;
     let mut i = 0;
     while i < args.len() {
@@ -351,7 +339,14 @@ fn run(args: &[String]) -> i32 {
             "--skip-host" => host_rows = false,
             "--shapes" => {
                 let names: Vec<&str> = args[i + 1].split(',').collect();
-                shapes = SHAPES.iter().filter(|s| names.contains(&s.name)).collect();
+                if let Some(bad) = names.iter().find(|n| !shapes::dispatch().iter().any(|s| s.name == **n)) {
+                    eprintln!(
+                        "--shapes: unknown shape {bad:?}; expected a comma list of {}",
+                        shapes::dispatch().iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+                    );
+                    return 2;
+                }
+                shapes = shapes::dispatch().iter().filter(|s| names.contains(&s.name)).collect();
                 i += 1;
             }
             other => {
@@ -462,7 +457,7 @@ impl Row {
 
 type Checks = Vec<(String, bool)>;
 
-fn bench_shape(dev: &Device, s: &Shape, iters: usize, host_rows: bool) -> moe_cuda::Result<(Vec<Row>, Checks)> {
+fn bench_shape(dev: &Device, s: &shapes::DispatchShape, iters: usize, host_rows: bool) -> moe_cuda::Result<(Vec<Row>, Checks)> {
     let (t, h, e, k) = (s.tokens, s.hidden, s.experts, s.topk);
     let t0 = Instant::now();
     let mut rng = Rng(0x5eed ^ (t * 31 + h * 7 + e) as u64);

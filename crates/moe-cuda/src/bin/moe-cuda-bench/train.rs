@@ -32,7 +32,7 @@ use moe_cuda::train::{
 use moe_cuda::{Device, DeviceTensor};
 
 use crate::experts::flat_json;
-use crate::experts::ExpertShape;
+use crate::shapes::ExpertShape;
 use crate::{time_ms, Rng};
 
 /// Aux loss coefficient (as the PyTorch peer).

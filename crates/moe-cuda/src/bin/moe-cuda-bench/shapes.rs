@@ -1,0 +1,103 @@
+//! The benchmarks' shapes, from bench/shapes.json (compiled in): the one place every language's
+//! benchmarks take them from (the PyTorch peers through bench/shapes.py, the JS benches through
+//! bench/shapes.mjs).
+
+use std::sync::OnceLock;
+
+/// A MoE layer's experts: T tokens, each picking `topk` of `experts`, of `dim` -> `inter` -> `dim`.
+pub struct ExpertShape {
+    pub name: &'static str,
+    pub tokens: usize,
+    pub dim: usize,
+    pub inter: usize,
+    pub experts: usize,
+    pub topk: usize,
+    /// run when no `--shapes` is given
+    pub by_default: bool,
+}
+
+/// permute / unpermute alone: T tokens of `hidden`, each picking `topk` of `experts`.
+pub struct DispatchShape {
+    pub name: &'static str,
+    pub tokens: usize,
+    pub hidden: usize,
+    pub experts: usize,
+    pub topk: usize,
+}
+
+const JSON: &str = include_str!("../../../../../bench/shapes.json");
+
+fn parsed() -> &'static serde_json::Value {
+    static V: OnceLock<serde_json::Value> = OnceLock::new();
+    V.get_or_init(|| serde_json::from_str(JSON).expect("bench/shapes.json: not JSON"))
+}
+
+/// `entry[key]` as a usize, or a panic naming the shape and the key (the file is compiled in:
+/// a bad entry is a build's mistake, caught by the first run and by test/shapes.test.ts).
+fn field(entry: &serde_json::Value, key: &str) -> usize {
+    entry[key].as_u64().unwrap_or_else(|| panic!("bench/shapes.json: {}: {key}: expected a whole number", entry["name"])) as usize
+}
+
+fn name(entry: &'static serde_json::Value) -> &'static str {
+    entry["name"].as_str().expect("bench/shapes.json: a shape without a name")
+}
+
+fn list(key: &str) -> &'static [serde_json::Value] {
+    parsed()[key].as_array().unwrap_or_else(|| panic!("bench/shapes.json: {key}: expected a list"))
+}
+
+/// The layer shapes, in the file's order.
+pub fn layer() -> &'static [ExpertShape] {
+    static S: OnceLock<Vec<ExpertShape>> = OnceLock::new();
+    S.get_or_init(|| {
+        list("layer")
+            .iter()
+            .map(|e| ExpertShape {
+                name: name(e),
+                tokens: field(e, "tokens"),
+                dim: field(e, "dim"),
+                inter: field(e, "inter"),
+                experts: field(e, "experts"),
+                topk: field(e, "topk"),
+                by_default: e["byDefault"]
+                    .as_bool()
+                    .unwrap_or_else(|| panic!("bench/shapes.json: {}: byDefault: expected true or false", e["name"])),
+            })
+            .collect()
+    })
+}
+
+/// The dispatch shapes, in the file's order.
+pub fn dispatch() -> &'static [DispatchShape] {
+    static S: OnceLock<Vec<DispatchShape>> = OnceLock::new();
+    S.get_or_init(|| {
+        list("dispatch")
+            .iter()
+            .map(|e| DispatchShape {
+                name: name(e),
+                tokens: field(e, "tokens"),
+                hidden: field(e, "hidden"),
+                experts: field(e, "experts"),
+                topk: field(e, "topk"),
+            })
+            .collect()
+    })
+}
+
+/// The layer shapes a `--shapes` list names (Err naming an unknown one), or the byDefault ones.
+pub fn select_layer(names: Option<&[String]>) -> Result<Vec<&'static ExpertShape>, String> {
+    match names {
+        None => Ok(layer().iter().filter(|s| s.by_default).collect()),
+        Some(names) => names
+            .iter()
+            .map(|n| {
+                layer().iter().find(|s| s.name == n).ok_or_else(|| {
+                    format!(
+                        "--shapes: unknown shape {n:?}; expected a comma list of {}",
+                        layer().iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+                    )
+                })
+            })
+            .collect(),
+    }
+}
