@@ -101,3 +101,24 @@ pub fn select_layer(names: Option<&[String]>) -> Result<Vec<&'static ExpertShape
             .collect(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_file_parses_and_selects() {
+        let names = |v: Vec<&ExpertShape>| v.iter().map(|s| s.name).collect::<Vec<_>>();
+        assert_eq!(names(select_layer(None).unwrap()), ["fine-grained", "mixtral"]);
+        let picked = select_layer(Some(&["deepseek-v3-ep8".to_string(), "mixtral".to_string()])).unwrap();
+        assert_eq!(names(picked.clone()), ["deepseek-v3-ep8", "mixtral"]);
+        let s = picked[0];
+        assert_eq!((s.tokens, s.dim, s.inter, s.experts, s.topk, s.by_default), (8192, 7168, 2048, 32, 8, false));
+        let err = select_layer(Some(&["mixtral".to_string(), "nope".to_string()])).map(|_| ()).unwrap_err();
+        assert_eq!(err, "--shapes: unknown shape \"nope\"; expected a comma list of fine-grained, mixtral, deepseek-v3-ep8");
+        assert_eq!(
+            dispatch().iter().map(|s| (s.name, s.tokens, s.hidden, s.experts, s.topk)).collect::<Vec<_>>(),
+            [("deepseek", 16384, 7168, 256, 8), ("mixtral", 16384, 4096, 8, 2)]
+        );
+    }
+}
