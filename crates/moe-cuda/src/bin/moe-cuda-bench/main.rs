@@ -3,10 +3,14 @@
 //!   moe-cuda-bench info                 is CUDA available here (and why not)
 //!   moe-cuda-bench compile [ARCH]       compile kernels/*.cu with NVRTC only (no GPU needed), default sm_90
 //!   moe-cuda-bench run [--iters N] [--out FILE] [--shapes deepseek,mixtral]
-//!   moe-cuda-bench experts [--iters N] [--out FILE] [--shapes mixtral,fine-grained]
-//!   moe-cuda-bench ggemm [--iters N] [--out FILE] [--shapes ...] [--tile 128,256,bulk] [--small-only] [--no-small]
-//!   moe-cuda-bench act [--iters N] [--out FILE] [--shapes mixtral,fine-grained]
+//!   moe-cuda-bench experts [--iters N] [--out FILE] [--shapes LAYER]
+//!   moe-cuda-bench train [--iters N] [--out FILE] [--shapes LAYER]
+//!   moe-cuda-bench ggemm [--iters N] [--out FILE] [--shapes LAYER] [--tile 128,256,bulk] [--small-only] [--no-small]
+//!   moe-cuda-bench act [--iters N] [--out FILE] [--shapes LAYER]
 //!   moe-cuda-bench host [--calls N] [--out FILE]
+//!
+//! The shapes are bench/shapes.json's (shapes.rs): `run`'s its dispatch shapes, LAYER a comma list
+//! of its layer shapes (fine-grained, mixtral, deepseek-v3-ep8), its byDefault ones when absent.
 //!
 //! `host`: see host.rs beside this file (the host's time a call of the backend's building blocks,
 //! from Rust).
@@ -78,7 +82,7 @@ fn main() {
         Some("act") => act::bench(&args[1..]),
         Some("host") => host::bench(&args[1..]),
         _ => {
-            eprintln!("usage: moe-cuda-bench info | compile [ARCH] | run [--iters N] [--out FILE] [--shapes deepseek,mixtral] | experts [--iters N] [--out FILE] [--shapes mixtral,fine-grained] | train [--iters N] [--out FILE] [--shapes mixtral,fine-grained] | ggemm [--iters N] [--out FILE] [--shapes mixtral,fine-grained] [--tile 128,256,bulk] [--small-only] [--no-small] | act [--iters N] [--out FILE] [--shapes mixtral,fine-grained] | host [--calls N] [--out FILE]");
+            eprintln!("usage: moe-cuda-bench info | compile [ARCH] | run [--iters N] [--out FILE] [--shapes deepseek,mixtral] | experts [--iters N] [--out FILE] [--shapes LAYER] | train [--iters N] [--out FILE] [--shapes LAYER] | ggemm [--iters N] [--out FILE] [--shapes LAYER] [--tile 128,256,bulk] [--small-only] [--no-small] | act [--iters N] [--out FILE] [--shapes LAYER] | host [--calls N] [--out FILE]\n(shapes: bench/shapes.json; LAYER a comma list of its layer shapes, fine-grained, mixtral, deepseek-v3-ep8; its byDefault ones when absent)");
             2
         }
     };
