@@ -82,7 +82,7 @@ fn main() {
         Some("act") => act::bench(&args[1..]),
         Some("host") => host::bench(&args[1..]),
         _ => {
-            eprintln!("usage: moe-cuda-bench info | compile [ARCH] | run [--iters N] [--out FILE] [--shapes deepseek,mixtral] | experts [--iters N] [--out FILE] [--shapes LAYER] | train [--iters N] [--out FILE] [--shapes LAYER] | ggemm [--iters N] [--out FILE] [--shapes LAYER] [--tile 128,256,bulk] [--small-only] [--no-small] | act [--iters N] [--out FILE] [--shapes LAYER] | host [--calls N] [--out FILE]\n(shapes: bench/shapes.json; LAYER a comma list of its layer shapes, fine-grained, mixtral, deepseek-v3-ep8; its byDefault ones when absent)");
+            eprintln!("usage: moe-cuda-bench info | compile [ARCH] | run [--iters N] [--out FILE] [--shapes deepseek,mixtral] | experts [--iters N] [--out FILE] [--shapes LAYER] | train [--iters N] [--out FILE] [--shapes LAYER] | ggemm [--iters N] [--out FILE] [--shapes LAYER] [--tile 128,256,bulk] [--small-only] [--no-small] | act [--iters N] [--out FILE] [--shapes LAYER] | host [--calls N] [--out FILE]\n(shapes: bench/shapes.json; LAYER a comma list of its layer shapes, fine-grained, mixtral, deepseek-v3-ep8; its byDefault ones when absent; none: no shape)");
             2
         }
     };
@@ -327,7 +327,7 @@ fn back_to_back_ms(dev: &Device, iters: usize, mut f: impl FnMut() -> moe_cuda::
 fn run(args: &[String]) -> i32 {
     let mut iters = 20usize;
     let mut out: Option<String> = None;
-    let mut shapes: Vec<&shapes::DispatchShape> = shapes::dispatch().iter().collect();
+    let mut names: Option<Vec<String>> = None;
     let mut host_rows = true;
     let mut i = 0;
     while i < args.len() {
@@ -342,15 +342,7 @@ fn run(args: &[String]) -> i32 {
             }
             "--skip-host" => host_rows = false,
             "--shapes" => {
-                let names: Vec<&str> = args[i + 1].split(',').collect();
-                if let Some(bad) = names.iter().find(|n| !shapes::dispatch().iter().any(|s| s.name == **n)) {
-                    eprintln!(
-                        "--shapes: unknown shape {bad:?}; expected a comma list of {}",
-                        shapes::dispatch().iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
-                    );
-                    return 2;
-                }
-                shapes = shapes::dispatch().iter().filter(|s| names.contains(&s.name)).collect();
+                names = Some(args[i + 1].split(',').map(String::from).collect());
                 i += 1;
             }
             other => {
@@ -360,6 +352,13 @@ fn run(args: &[String]) -> i32 {
         }
         i += 1;
     }
+    let shapes = match shapes::select_dispatch(names.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            return 2;
+        }
+    };
     let t_open = Instant::now();
     let dev = match global_device() {
         Ok(d) => d,

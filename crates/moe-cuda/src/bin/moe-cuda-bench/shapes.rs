@@ -84,22 +84,40 @@ pub fn dispatch() -> &'static [DispatchShape] {
     })
 }
 
-/// The layer shapes a `--shapes` list names (Err naming an unknown one), or the byDefault ones.
-pub fn select_layer(names: Option<&[String]>) -> Result<Vec<&'static ExpertShape>, String> {
+/// The shapes of `all` a `--shapes` list names, in its order (Err naming an unknown one); `none`
+/// names no shape (a command's other parts alone: `run --shapes none` for a profiler), and no list
+/// the `default` ones.
+fn select<T>(
+    all: &'static [T],
+    name_of: fn(&T) -> &'static str,
+    names: Option<&[String]>,
+    default: fn(&T) -> bool,
+) -> Result<Vec<&'static T>, String> {
     match names {
-        None => Ok(layer().iter().filter(|s| s.by_default).collect()),
+        None => Ok(all.iter().filter(|s| default(s)).collect()),
+        Some([only]) if only == "none" => Ok(Vec::new()),
         Some(names) => names
             .iter()
             .map(|n| {
-                layer().iter().find(|s| s.name == n).ok_or_else(|| {
+                all.iter().find(|s| name_of(s) == n).ok_or_else(|| {
                     format!(
-                        "--shapes: unknown shape {n:?}; expected a comma list of {}",
-                        layer().iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+                        "--shapes: unknown shape {n:?}; expected a comma list of {} (or none)",
+                        all.iter().map(name_of).collect::<Vec<_>>().join(", ")
                     )
                 })
             })
             .collect(),
     }
+}
+
+/// The layer shapes a `--shapes` list names, or the byDefault ones (see `select`).
+pub fn select_layer(names: Option<&[String]>) -> Result<Vec<&'static ExpertShape>, String> {
+    select(layer(), |s| s.name, names, |s| s.by_default)
+}
+
+/// The dispatch shapes a `--shapes` list names, or all of them (see `select`).
+pub fn select_dispatch(names: Option<&[String]>) -> Result<Vec<&'static DispatchShape>, String> {
+    select(dispatch(), |s| s.name, names, |_| true)
 }
 
 #[cfg(test)]
@@ -115,7 +133,12 @@ mod tests {
         let s = picked[0];
         assert_eq!((s.tokens, s.dim, s.inter, s.experts, s.topk, s.by_default), (8192, 7168, 2048, 32, 8, false));
         let err = select_layer(Some(&["mixtral".to_string(), "nope".to_string()])).map(|_| ()).unwrap_err();
-        assert_eq!(err, "--shapes: unknown shape \"nope\"; expected a comma list of fine-grained, mixtral, deepseek-v3-ep8");
+        assert_eq!(err, "--shapes: unknown shape \"nope\"; expected a comma list of fine-grained, mixtral, deepseek-v3-ep8 (or none)");
+        assert!(select_layer(Some(&["none".to_string()])).unwrap().is_empty());
+        assert_eq!(select_dispatch(None).unwrap().len(), 2);
+        assert!(select_dispatch(Some(&["none".to_string()])).unwrap().is_empty());
+        let err = select_dispatch(Some(&["qwen".to_string()])).map(|_| ()).unwrap_err();
+        assert_eq!(err, "--shapes: unknown shape \"qwen\"; expected a comma list of deepseek, mixtral (or none)");
         assert_eq!(
             dispatch().iter().map(|s| (s.name, s.tokens, s.hidden, s.experts, s.topk)).collect::<Vec<_>>(),
             [("deepseek", 16384, 7168, 256, 8), ("mixtral", 16384, 4096, 8, 2)]
