@@ -213,6 +213,53 @@ describe.each(backendRows)('experts on %s', (_name, moe) => {
     expectThrows(() => moe.expertsForward(x, i32(pr.counts), weightsOf(pr), { ...o, gatherIndices: i32([2, 0, 3, 3]) }), RangeError, /^expertsForward: /);
   });
 
+  it("gradGatherIndices: the output's gradient gathered from the tokens' (an unweighted unpermute's backward), the same bits as on the gathered rows; bad indices name it", () => {
+    const pr = problem('swiglu', 43, [3, 0, 2], 6, 5, true);
+    const T = 4;
+    const rand = rng(5);
+    const idx = [2, 0, 3, 3, 1];
+    const gt = Float32Array.from({ length: T * pr.dim }, () => Math.fround(rand() - 0.5));
+    const gTokens = f32([T, pr.dim], gt);
+    const gRows = f32(
+      [idx.length, pr.dim],
+      idx.flatMap((t) => Array.from(gt.subarray(t * pr.dim, (t + 1) * pr.dim))),
+    );
+    const x = f32([idx.length, pr.dim], pr.x);
+    const want = moe.expertsBackward(gRows, x, i32(pr.counts), weightsOf(pr), optionsOf(pr));
+    const got = moe.expertsBackward(gTokens, x, i32(pr.counts), weightsOf(pr), { ...optionsOf(pr), gradGatherIndices: i32(idx) });
+    for (const key of ['gradTokens', 'gradGateAndUpProjs', 'gradDownProjs', 'gradProbs'] as const) expect(bitsOf(got[key]!), key).toEqual(bitsOf(want[key]!));
+    expect(bitsOf(got.gradBiases!.downProjBias!)).toEqual(bitsOf(want.gradBiases!.downProjBias!));
+    // with gatherIndices too: both gathers, the same bits as on both gathered copies
+    const xs = f32([T, pr.dim], pr.x.slice(0, T * pr.dim));
+    const xRows = f32(
+      [idx.length, pr.dim],
+      idx.flatMap((t) => Array.from(pr.x.slice(t * pr.dim, (t + 1) * pr.dim))),
+    );
+    const both = moe.expertsBackward(gTokens, xs, i32(pr.counts), weightsOf(pr), { ...optionsOf(pr), gatherIndices: i32(idx), gradGatherIndices: i32(idx) });
+    const wantBoth = moe.expertsBackward(gRows, xRows, i32(pr.counts), weightsOf(pr), optionsOf(pr));
+    for (const key of ['gradTokens', 'gradGateAndUpProjs', 'gradDownProjs', 'gradProbs'] as const) expect(bitsOf(both[key]!), `${key} (both gathers)`).toEqual(bitsOf(wantBoth[key]!));
+    const o = optionsOf(pr);
+    expectThrows(
+      () => moe.expertsBackward(gTokens, x, i32(pr.counts), weightsOf(pr), { ...o, gradGatherIndices: i32([2, 0, 4, 3, 1]) }),
+      RangeError,
+      /^expertsBackward: gradGatherIndices: element 2 = 4 is outside \[0, 4\) \(a row of gradOutput/,
+    );
+    expectThrows(
+      () => moe.expertsBackward(gTokens, x, i32(pr.counts), weightsOf(pr), { ...o, gradGatherIndices: f32([5], [0, 0, 0, 0, 0]) as never }),
+      TypeError,
+      /^expertsBackward: options\.gradGatherIndices\.dtype/,
+    );
+    expectThrows(
+      () => moe.expertsBackward(f32([T * pr.dim], gt), x, i32(pr.counts), weightsOf(pr), { ...o, gradGatherIndices: i32(idx) }),
+      RangeError,
+      /^expertsBackward: gradOutput\.shape: with gradGatherIndices, expected the tokens' gradient in their own order/,
+    );
+    // one index short: the gathered gradient is not the rows' N (the core's shape error)
+    expectThrows(() => moe.expertsBackward(gTokens, x, i32(pr.counts), weightsOf(pr), { ...o, gradGatherIndices: i32([2, 0, 3, 3]) }), RangeError, /^expertsBackward: /);
+    // a forward has no output gradient: the option is unknown there
+    expectThrows(() => moe.expertsForward(x, i32(pr.counts), weightsOf(pr), { ...o, gradGatherIndices: i32(idx) } as never), TypeError, /gradGatherIndices/);
+  });
+
   it('matmul: plain and transposed views, against float64', () => {
     const rand = rng(8);
     const [m, k, n] = [9, 300, 7];

@@ -14,6 +14,7 @@ export type {
   CheckpointTensorInfo,
   ExpertBiases,
   ExpertCheckpointOptions,
+  ExpertsBackwardOptions,
   ExpertsFormat,
   ExpertsForwardOptions,
   ExpertsGrads,

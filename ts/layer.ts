@@ -1094,34 +1094,32 @@ export class MoELayer {
     const local = this.epSize === 1;
     const [r0, r1] = d.localRows;
     const slots = d.permutedTokens.shape[0];
-    // without probs unpermuteBackward is a gather of g2: of its permutedTokens argument it reads the
-    // shape and dtype only, which the permuted tokens share with the experts' output (so the
-    // forward need not keep that output: [slots, dim] less activation memory). Where the experts
-    // gathered their rows (permutedTokens has no columns), the same gather is permute's copy of g2
-    // by the routing map: its rows in sortedIndices' order.
-    let gradY: Tensor<TokenDType>;
-    if (d.gathered) {
-      const p = moe.permute(g2 as Tensor<TokenDType>, d.routingMap, { numOutTokens: slots });
-      temps.push(p.sortedIndices, p.tokensPerExpert);
-      gradY = p.permutedTokens as Tensor<TokenDType>;
-    } else {
-      gradY = moe.unpermuteBackward(g2, d.permutedTokens as Tensor<TokenDType>, d.sortedIndices).gradPermuted;
-    }
-    temps.push(gradY);
+    // the combine was an unweighted unpermute (the experts weighted their rows): the gradient of
+    // the experts' output is a gather of g2 by sortedIndices. On the GPU the experts' backward
+    // gathers it itself (gradGatherIndices) and frees that [slots, dim] copy once its last
+    // reader is queued; elsewhere unpermuteBackward makes it (of its permutedTokens argument
+    // that reads the shape and dtype only, which the permuted tokens share with the experts'
+    // output, so the forward need not keep that output).
     const options = { ...this.#activationOptions(), permutedProbs: local ? d.permutedProbs : rows(d.permutedProbs, r0, r1), biases: this.expertBiases };
-    const eg = dev
-      ? ((moe as CudaBackend).expertsBackward(gradY, d.gathered ? (s.x as AnyTensor<TokenDType>) : d.permutedTokens, d.tokensPerExpert, this.expertWeights as DeviceExpertWeights, {
-          ...options,
-          ...(d.expertsSaved ? { saved: d.expertsSaved } : {}),
-          ...(d.gathered ? { gatherIndices: d.sortedIndices } : {}),
-        }) as unknown as ReturnType<Backend['expertsBackward']>)
-      : moe.expertsBackward(
-          local ? gradY : rows(gradY, r0, r1),
-          local ? d.permutedTokens : rows(d.permutedTokens, r0, r1),
-          local ? d.tokensPerExpert : this.#localCounts(d.tokensPerExpert),
-          this.expertWeights,
-          options,
-        );
+    let eg: ReturnType<Backend['expertsBackward']>;
+    if (dev) {
+      eg = (moe as CudaBackend).expertsBackward(g2, d.gathered ? (s.x as AnyTensor<TokenDType>) : d.permutedTokens, d.tokensPerExpert, this.expertWeights as DeviceExpertWeights, {
+        ...options,
+        gradGatherIndices: d.sortedIndices,
+        ...(d.expertsSaved ? { saved: d.expertsSaved } : {}),
+        ...(d.gathered ? { gatherIndices: d.sortedIndices } : {}),
+      }) as unknown as ReturnType<Backend['expertsBackward']>;
+    } else {
+      const gradY = moe.unpermuteBackward(g2, d.permutedTokens as Tensor<TokenDType>, d.sortedIndices).gradPermuted;
+      temps.push(gradY);
+      eg = moe.expertsBackward(
+        local ? gradY : rows(gradY, r0, r1),
+        local ? d.permutedTokens : rows(d.permutedTokens, r0, r1),
+        local ? d.tokensPerExpert : this.#localCounts(d.tokensPerExpert),
+        this.expertWeights,
+        options,
+      );
+    }
     const gradTokens = local ? eg.gradTokens : placeRows(eg.gradTokens, r0, slots);
     const gradProbs = local ? eg.gradProbs! : placeRows(eg.gradProbs!, r0, slots);
     temps.push(eg.gradTokens, eg.gradProbs!);

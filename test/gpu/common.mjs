@@ -249,6 +249,31 @@ export function assertExpertsAgree({ fwd, bwd, perm, weights, hostWeights, grad,
 /** The backend under test (cuda, or the stand-in); undefined when skipped. */
 export const cuda = skip ? undefined : await lib.createBackend({ prefer: standIn ?? 'cuda' });
 
+/**
+ * A routed experts problem on the GPU: the tokens in their own order (`x [T, dim]`), permute's
+ * outputs on them (with the permuted copy), the weights, the gradient of the experts' rows
+ * (`grad [T k, dim]`) and of the tokens in their own order (`gradTokens [T, dim]`), the options.
+ * `empty`: the last expert gets no tokens.
+ */
+export function routedExperts({ kind, T, dim, inter, E, k, empty }) {
+  const random = rng(7 * T + dim + E);
+  const width = kind === 'swiglu' ? 2 * inter : inter;
+  const logits = uniformF32([T, E], random, 3);
+  if (empty) for (let t = 0; t < T; t++) logits.data[t * E + E - 1] = -100;
+  const routed = cuda.route(cuda.upload(logits), { topk: k });
+  const mh = cuda.indicesToMultihot(routed.indices, routed.weights, E);
+  const x = cuda.upload(uniformBF16([T, dim], random));
+  const perm = cuda.permute(x, mh.routingMap, { probs: mh.probs, numOutTokens: T * k });
+  const wkey = kind === 'swiglu' ? 'gateAndUpProjs' : 'upProjs';
+  const weights = {
+    [wkey]: cuda.upload(uniformBF16([E, dim, width], random, 1 / Math.sqrt(dim))),
+    downProjs: cuda.upload(uniformBF16([E, inter, dim], random, 1 / Math.sqrt(inter))),
+  };
+  const grad = cuda.upload(uniformBF16([T * k, dim], random, 0.1));
+  const gradTokens = cuda.upload(uniformBF16([T, dim], random, 0.1));
+  return { x, perm, weights, grad, gradTokens, options: { activation: kind, permutedProbs: perm.permutedProbs }, gradKey: kind === 'swiglu' ? 'gradGateAndUpProjs' : 'gradUpProjs' };
+}
+
 // ---------------------------------------------------------------------------------------
 // Device copies and their disposal (host tensors in stand-in runs)
 

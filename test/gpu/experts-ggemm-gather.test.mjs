@@ -15,7 +15,7 @@ if (!(process.env.MOE_DISPATCH_GG_FUSE ?? '').split(',').includes('gather')) pro
 
 const assert = (await import('node:assert/strict')).default;
 const { describe, test } = await import('node:test');
-const { cuda, host, rng, skipGrouped, tensor, uniformBF16: bf16, uniformF32: f32 } = await import('./common.mjs');
+const { cuda, host, routedExperts: problem, skipGrouped, tensor } = await import('./common.mjs');
 
 /** Where two tensors' bits first differ, or -1. */
 function firstDiff(a, b) {
@@ -28,22 +28,6 @@ function firstDiff(a, b) {
 function assertSameBits(a, b, what) {
   const i = firstDiff(a, b);
   assert.equal(i, -1, `${what}: differs first at element ${i}`);
-}
-
-/** A routed problem on the GPU: tokens in their own order, permute's outputs (with the permuted copy), weights. */
-function problem({ kind, T, dim, inter, E, k, empty }) {
-  const random = rng(7 * T + dim + E);
-  const width = kind === 'swiglu' ? 2 * inter : inter;
-  const logits = f32([T, E], random, 3);
-  if (empty) for (let t = 0; t < T; t++) logits.data[t * E + E - 1] = -100;
-  const routed = cuda.route(cuda.upload(logits), { topk: k });
-  const mh = cuda.indicesToMultihot(routed.indices, routed.weights, E);
-  const x = cuda.upload(bf16([T, dim], random));
-  const perm = cuda.permute(x, mh.routingMap, { probs: mh.probs, numOutTokens: T * k });
-  const wkey = kind === 'swiglu' ? 'gateAndUpProjs' : 'upProjs';
-  const weights = { [wkey]: cuda.upload(bf16([E, dim, width], random, 1 / Math.sqrt(dim))), downProjs: cuda.upload(bf16([E, inter, dim], random, 1 / Math.sqrt(inter))) };
-  const grad = cuda.upload(bf16([T * k, dim], random, 0.1));
-  return { x, perm, weights, grad, options: { activation: kind, permutedProbs: perm.permutedProbs }, gradKey: kind === 'swiglu' ? 'gradGateAndUpProjs' : 'gradUpProjs' };
 }
 
 const GRADS = (p) => ['gradTokens', p.gradKey, 'gradDownProjs', 'gradProbs'];

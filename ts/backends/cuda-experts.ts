@@ -6,7 +6,16 @@
 import type { AnyTensor, DeviceTensor, NativeCudaTensor } from '../device.js';
 import { wrapDevice } from '../device.js';
 import type { ExpertsForwardArgs } from '../generated/binding.js';
-import { expertArgs, expertsGrads, type ExpertsForwardOptions, type ExpertsGradsOut, type ExpertsOptions, type ExpertWeights, type MatmulOptions } from '../ops/experts.js';
+import {
+  expertArgs,
+  expertsGrads,
+  type ExpertsBackwardOptions,
+  type ExpertsForwardOptions,
+  type ExpertsGradsOut,
+  type ExpertsOptions,
+  type ExpertWeights,
+  type MatmulOptions,
+} from '../ops/experts.js';
 import type { Tensor, TokenDType } from '../tensor.js';
 import { checkBool, checkOptions, TOKENS } from '../wire.js';
 import { anyDevice, noDeviceOut, optionValue, wrapResult, type Addon, type DeviceFn, type GpuFamily, type Handles, type OnDevice } from './cuda-common.js';
@@ -59,6 +68,13 @@ export interface DeviceExpertsForwardOptions extends DeviceExpertsOptions {
 export interface DeviceExpertsBackwardOptions extends DeviceExpertsOptions {
   /** What the forward pass kept (`saveForBackward`): the backward pass takes h and a from it. */
   saved?: ExpertsSaved;
+  /**
+   * ExpertsBackwardOptions.gradGatherIndices, on the GPU: the call gathers the rows' gradient
+   * from `gradOutput` (the tokens' gradient in their own order) itself; on our grouped GEMM that
+   * copy is freed once `dW2` and the activation's gradient are queued (elsewhere when the call
+   * returns). Indices are taken or checked as `gatherIndices` are.
+   */
+  gradGatherIndices?: AnyTensor<'int32'>;
 }
 
 export interface DeviceExpertsGrads<D extends TokenDType = TokenDType> {
@@ -86,7 +102,7 @@ export interface CudaExpertsOps {
     permutedTokens: Tensor<D>,
     tokensPerExpert: Tensor<'int32' | 'int64'>,
     weights: ExpertWeights,
-    options: ExpertsOptions,
+    options: ExpertsBackwardOptions,
   ): import('../ops/experts.js').ExpertsGrads<D>;
   expertsBackward<D extends TokenDType>(
     gradOutput: AnyTensor<D>,
@@ -109,13 +125,13 @@ interface ExpertsAddon {
     activation?: H;
     counts?: number[];
   };
-  cudaExpertsBackwardDevice: DeviceFn<'expertsBackward', { saved?: SavedArg; gatherIndices?: H }>;
+  cudaExpertsBackwardDevice: DeviceFn<'expertsBackward', { saved?: SavedArg; gatherIndices?: H; gradGatherIndices?: H }>;
   cudaMatmulDevice: DeviceFn<'matmul'>;
 }
 
 const KNOWN: readonly (keyof DeviceExpertsOptions)[] = ['activation', 'permutedProbs', 'biases', 'alpha', 'limit', 'linearOffset', 'gatherIndices'];
 const FORWARD_KNOWN = [...KNOWN, 'saveForBackward'];
-const BACKWARD_KNOWN = [...KNOWN, 'saved'];
+const BACKWARD_KNOWN = [...KNOWN, 'saved', 'gradGatherIndices'];
 
 /** The device functions' argument object: ops/experts.ts's own builder over device handles (tokensPerExpert int32: the GPU keeps no int64). */
 function deviceArgs(h: Handles, permutedTokens: unknown, tokensPerExpert: unknown, weights: unknown, options: unknown, op: 'expertsForward' | 'expertsBackward') {
@@ -134,6 +150,8 @@ function deviceOptions(options: unknown): unknown[] {
     o.saved?.activation,
     o.saveForBackward ? (o.saved ?? DEVICE_PATH) : undefined,
     o.gatherIndices === undefined ? undefined : DEVICE_PATH,
+    // (host indices with host tensors: the host op gathers them)
+    o.gradGatherIndices,
   ];
 }
 
@@ -158,10 +176,10 @@ function savedArg(h: Handles, options: unknown): { saved?: SavedArg } {
   return { saved: arg };
 }
 
-/** The device functions' `gatherIndices` (int32 on the device; a host tensor is uploaded). */
-function gatherArg(h: Handles, options: unknown): { gatherIndices?: H } {
-  const g = h.opt(optionValue(options, 'gatherIndices'), 'options.gatherIndices', ['int32']);
-  return g === undefined ? {} : { gatherIndices: g };
+/** The device functions' `gatherIndices` or `gradGatherIndices` (int32 on the device; a host tensor is uploaded). */
+function gatherArg<K extends 'gatherIndices' | 'gradGatherIndices'>(h: Handles, options: unknown, key: K = 'gatherIndices' as K): { [k in K]?: H } {
+  const g = h.opt(optionValue(options, key), `options.${key}`, ['int32']);
+  return (g === undefined ? {} : { [key]: g }) as { [k in K]?: H };
 }
 
 function weightValues(weights: unknown): unknown[] {
@@ -196,12 +214,18 @@ export const expertsGpu: GpuFamily = {
       },
       expertsBackward(gradOutput: unknown, permutedTokens: unknown, tokensPerExpert: unknown, weights: unknown, options: unknown) {
         if (!anyDeviceOr(gradOutput, permutedTokens, tokensPerExpert, ...weightValues(weights), ...deviceOptions(options))) {
-          return base.expertsBackward(gradOutput as Tensor<TokenDType>, permutedTokens as Tensor<TokenDType>, tokensPerExpert as Tensor<'int32'>, weights as ExpertWeights, options as ExpertsOptions);
+          return base.expertsBackward(
+            gradOutput as Tensor<TokenDType>,
+            permutedTokens as Tensor<TokenDType>,
+            tokensPerExpert as Tensor<'int32'>,
+            weights as ExpertWeights,
+            options as ExpertsBackwardOptions,
+          );
         }
         return call('expertsBackward', (h) => {
           const gh = h.of(gradOutput, 'gradOutput', TOKENS);
           const args = deviceArgs(h, permutedTokens, tokensPerExpert, weights, options, 'expertsBackward');
-          const out = wrapResult(gpu.cudaExpertsBackwardDevice({ gradOutput: gh, ...args, ...savedArg(h, options), ...gatherArg(h, options) }));
+          const out = wrapResult(gpu.cudaExpertsBackwardDevice({ gradOutput: gh, ...args, ...savedArg(h, options), ...gatherArg(h, options), ...gatherArg(h, options, 'gradGatherIndices') }));
           return expertsGrads(out as unknown as ExpertsGradsOut<DeviceTensor>, args.upProjs !== undefined);
         });
       },

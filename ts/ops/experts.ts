@@ -47,6 +47,22 @@ export interface ExpertsOptions {
   gatherIndices?: Tensor<'int32'>;
 }
 
+/** expertsBackward's options: {@link ExpertsOptions} and where the output's gradient comes from. */
+export interface ExpertsBackwardOptions extends ExpertsOptions {
+  /**
+   * `gradOutput` as the gradient of the tokens in their own order (`[numTokens, dim]`) and the
+   * rows to take from it (int32 `[N]`): row r of the experts' output gradient is
+   * `gradOutput[gradGatherIndices[r]]`. That is the backward of an unweighted `unpermute` (the
+   * experts weighted their rows by `permutedProbs`): pass its `sortedIndices`, and no
+   * `unpermuteBackward` is needed. The same bits as the call on the gathered rows; an index
+   * outside `[0, numTokens)` is a RangeError naming it. The cuda backend gathers the rows
+   * itself and, on its grouped GEMM, frees that copy as soon as `dW2` and the activation's
+   * gradient have read it, so the rows' gradient (`[N, dim]`) never lives beside the
+   * gradients made after it (the caller holds `[numTokens, dim]` only).
+   */
+  gradGatherIndices?: Tensor<'int32'>;
+}
+
 /** expertsForward's options: {@link ExpertsOptions} and a caller-owned output. */
 export interface ExpertsForwardOptions<D extends TokenDType = TokenDType> extends ExpertsOptions {
   /**
@@ -198,7 +214,13 @@ export interface ExpertsOps {
    */
   expertsForward<D extends TokenDType>(permutedTokens: Tensor<D>, tokensPerExpert: Tensor<'int32' | 'int64'>, weights: ExpertWeights, options: ExpertsForwardOptions<D>): Tensor<D>;
   /** Backward of `expertsForward`: the gradients of the tokens, the weights, the given biases and probs. */
-  expertsBackward<D extends TokenDType>(gradOutput: Tensor<D>, permutedTokens: Tensor<D>, tokensPerExpert: Tensor<'int32' | 'int64'>, weights: ExpertWeights, options: ExpertsOptions): ExpertsGrads<D>;
+  expertsBackward<D extends TokenDType>(
+    gradOutput: Tensor<D>,
+    permutedTokens: Tensor<D>,
+    tokensPerExpert: Tensor<'int32' | 'int64'>,
+    weights: ExpertWeights,
+    options: ExpertsBackwardOptions,
+  ): ExpertsGrads<D>;
   /** A safetensors file's bytes (the safetensors crate's writer). */
   saveSafetensors(tensors: Record<string, Tensor>, options?: SaveSafetensorsOptions): Uint8Array;
   /** All tensors of a checkpoint, or the named ones (a path: native and cuda backends only); only their bytes are read. */
@@ -224,25 +246,33 @@ export type ExpertsBinding = Pick<
 
 const EXPERTS_KNOWN: readonly (keyof ExpertsOptions)[] = ['activation', 'permutedProbs', 'biases', 'alpha', 'limit', 'linearOffset', 'gatherIndices'];
 const FORWARD_KNOWN: readonly (keyof ExpertsForwardOptions)[] = [...EXPERTS_KNOWN, 'out'];
+const BACKWARD_KNOWN: readonly (keyof ExpertsBackwardOptions)[] = [...EXPERTS_KNOWN, 'gradGatherIndices'];
+
+/** A gather's argument names: the tensor in its own order, the indices option, what the tensor holds. */
+type GatherNames = readonly [tensor: string, indices: string, holds: string];
+const TOKENS_GATHER: GatherNames = ['permutedTokens', 'gatherIndices', 'the tokens in their own order'];
+const GRAD_GATHER: GatherNames = ['gradOutput', 'gradGatherIndices', "the tokens' gradient in their own order"];
 
 /**
  * The rows of `tokens` (`[T, hidden]`, host) that `gatherIndices` (int32 `[N]`) names, in its
- * order: the experts' input where the backend does not gather on load (ExpertsOptions.gatherIndices).
+ * order: the experts' input where the backend does not gather on load (ExpertsOptions.gatherIndices),
+ * or under `names` another gather's (ExpertsBackwardOptions.gradGatherIndices).
  */
-export function gatheredRows(tokens: unknown, gatherIndices: unknown): Tensor<TokenDType> {
-  const x = checkTensor(tokens, 'permutedTokens', TOKENS);
-  const idx = checkTensor(gatherIndices, 'options.gatherIndices', ['int32']);
+export function gatheredRows(tokens: unknown, gatherIndices: unknown, names: GatherNames = TOKENS_GATHER): Tensor<TokenDType> {
+  const [tensorName, indicesName, holds] = names;
+  const x = checkTensor(tokens, tensorName, TOKENS);
+  const idx = checkTensor(gatherIndices, `options.${indicesName}`, ['int32']);
   if (x.shape.length !== 2) {
-    throw new RangeError(`permutedTokens.shape: with gatherIndices, expected the tokens in their own order, [numTokens, hidden], got [${x.shape.join(', ')}]`);
+    throw new RangeError(`${tensorName}.shape: with ${indicesName}, expected ${holds}, [numTokens, hidden], got [${x.shape.join(', ')}]`);
   }
-  if (idx.shape.length !== 1) throw new RangeError(`options.gatherIndices.shape: expected [numRows], got [${idx.shape.join(', ')}]`);
+  if (idx.shape.length !== 1) throw new RangeError(`options.${indicesName}.shape: expected [numRows], got [${idx.shape.join(', ')}]`);
   const [t, h] = x.shape;
   const n = idx.shape[0];
   const src = x.data as Float32Array | Uint16Array;
   const out = new (src.constructor as Float32ArrayConstructor | Uint16ArrayConstructor)(n * h);
   for (let r = 0; r < n; r++) {
     const v = idx.data[r];
-    if (v < 0 || v >= t) throw new RangeError(`gatherIndices: element ${r} = ${v} is outside [0, ${t}) (a row of permutedTokens, the tokens in their own order)`);
+    if (v < 0 || v >= t) throw new RangeError(`${indicesName}: element ${r} = ${v} is outside [0, ${t}) (a row of ${tensorName}, ${holds})`);
     out.set(src.subarray(v * h, (v + 1) * h), r * h);
   }
   return { dtype: x.dtype, shape: [n, h], data: out } as Tensor<TokenDType>;
@@ -252,6 +282,12 @@ export function gatheredRows(tokens: unknown, gatherIndices: unknown): Tensor<To
 function expertRows(permutedTokens: unknown, options: unknown): unknown {
   const g = typeof options === 'object' && options !== null ? (options as ExpertsOptions).gatherIndices : undefined;
   return g === undefined ? permutedTokens : gatheredRows(permutedTokens, g);
+}
+
+/** `gradOutput` as the backward reads it: as given, or the rows `options.gradGatherIndices` names (a host copy). */
+function gradRows(gradOutput: unknown, options: unknown): unknown {
+  const g = typeof options === 'object' && options !== null ? (options as ExpertsBackwardOptions).gradGatherIndices : undefined;
+  return g === undefined ? gradOutput : gatheredRows(gradOutput, g, GRAD_GATHER);
 }
 
 function kindOf(value: unknown, arg: string): ActivationKind | undefined {
@@ -448,8 +484,8 @@ export function expertsOps(call: Call<ExpertsBinding>): ExpertsOps {
     },
     expertsBackward(gradOutput, permutedTokens, tokensPerExpert, weights, options) {
       return call('expertsBackward', (b) => {
-        const args = expertArgs(WIRE, expertRows(permutedTokens, options), tokensPerExpert, weights, options, 'expertsBackward');
-        return expertsGrads(b.expertsBackward({ gradOutput: wire(gradOutput, 'gradOutput', TOKENS), ...args }), args.upProjs !== undefined);
+        const args = expertArgs(WIRE, expertRows(permutedTokens, options), tokensPerExpert, weights, options, 'expertsBackward', BACKWARD_KNOWN);
+        return expertsGrads(b.expertsBackward({ gradOutput: wire(gradRows(gradOutput, options), 'gradOutput', TOKENS), ...args }), args.upProjs !== undefined);
       }) as ExpertsGrads<never>;
     },
     saveSafetensors(tensors, options) {

@@ -86,6 +86,77 @@ impl<'a> From<ExpertsInputs<DeviceArg<'a>>> for DeviceExpertsInputs<'a> {
 /// What [`experts_backward_device`] returns: the core's [`ExpertsGrads`] as device tensors.
 pub type DeviceExpertsGrads = ExpertsGrads<DeviceTensor>;
 
+/// The gradient of the experts' output as a backward call takes it (`From<&DeviceTensor>`: the rows).
+#[derive(Clone, Copy)]
+pub enum GradOutput<'a> {
+    /// `[N, dim]`, a row for each of the experts' rows (expert-major).
+    Rows(&'a DeviceTensor),
+    /// The gradient of the tokens in their own order (`tokens [T, dim]`) and the rows to take
+    /// from it (int32 `[N]`, `gradGatherIndices`): row r is `tokens[rows[r]]`, the backward of an
+    /// unweighted unpermute whose sortedIndices `rows` are. The call gathers them itself, and on
+    /// the grouped GEMM frees that copy once `dW2` and `da` have read it, so the rows' gradient
+    /// never lives beside `dh`, `dW1` and `dx` (the caller holds the `[T, dim]` gradient only).
+    Gathered { tokens: &'a DeviceTensor, rows: &'a DeviceTensor },
+}
+
+impl<'a> From<&'a DeviceTensor> for GradOutput<'a> {
+    fn from(t: &'a DeviceTensor) -> Self {
+        GradOutput::Rows(t)
+    }
+}
+
+/// A tensor an op borrowed or made itself (freed when dropped).
+pub(crate) enum Held<'a> {
+    Lent(&'a DeviceTensor),
+    Made(DeviceTensor),
+}
+
+impl std::ops::Deref for Held<'_> {
+    type Target = DeviceTensor;
+    fn deref(&self) -> &DeviceTensor {
+        match self {
+            Held::Lent(t) => t,
+            Held::Made(t) => t,
+        }
+    }
+}
+
+impl<'a> GradOutput<'a> {
+    /// Checked as [`checked_gather`] checks `gatherIndices` (Rows: as it is; its shape is the
+    /// experts' checks').
+    fn checked(self, dev: &Device) -> Result<GradOutput<'a>> {
+        if let GradOutput::Gathered { tokens, rows } = self {
+            checked_gather_named(dev, tokens, rows, GRAD_GATHER)?;
+        }
+        Ok(self)
+    }
+
+    /// The dtype and shape of the rows (`[N, dim]` where gathered), for the experts' checks.
+    pub(crate) fn meta_with<R>(&self, f: impl FnOnce(moe_core::tensor::Meta) -> R) -> R {
+        match self {
+            GradOutput::Rows(t) => f(t.meta("gradOutput")),
+            GradOutput::Gathered { tokens, rows } => {
+                let shape = [rows.numel(), tokens.shape.get(1).copied().unwrap_or(0)];
+                f(moe_core::tensor::Meta::shape_only("gradOutput", tokens.dtype, &shape))
+            }
+        }
+    }
+
+    pub(crate) fn dtype(&self) -> DType {
+        match self {
+            GradOutput::Rows(t) | GradOutput::Gathered { tokens: t, .. } => t.dtype,
+        }
+    }
+
+    /// The rows: borrowed, or gathered now (a copy the caller frees by dropping it).
+    pub(crate) fn rows(self, dev: &Device) -> Result<Held<'a>> {
+        Ok(match self {
+            GradOutput::Rows(t) => Held::Lent(t),
+            GradOutput::Gathered { tokens, rows } => Held::Made(gathered_rows(dev, tokens, Gather { rows, x_rows: tokens.shape[0] })?),
+        })
+    }
+}
+
 /// Sizes of a problem that takes the GPU path.
 struct Plan {
     dtype: DType,
@@ -545,33 +616,46 @@ pub fn experts_forward_device_saving(
     Ok((out, saved))
 }
 
+/// The argument names of a gather: the tensor in its own order and the indices.
+type GatherNames = (&'static str, &'static str, &'static str);
+/// `permutedTokens` with `gatherIndices` (the experts' rows).
+const TOKENS_GATHER: GatherNames = ("permutedTokens", "gatherIndices", "the tokens in their own order");
+/// `gradOutput` with `gradGatherIndices` (the gradient of the experts' rows).
+const GRAD_GATHER: GatherNames = ("gradOutput", "gradGatherIndices", "the tokens' gradient in their own order");
+
 /// The experts' rows as `gatherIndices` names them: `inp.tokens [T, dim]` holds the tokens in their
 /// own order and row r of the experts' input is `tokens[rows[r]]` (`rows`: int32 `[N]`, permute's
 /// sortedIndices; the counts and probs are of the N rows). Indices from permute on these tokens
 /// (their plan says so) are taken as they are; others are read back and checked (each in
 /// `[0, T)`, else a RangeError naming the first bad one).
 fn checked_gather<'a>(dev: &Device, tokens: &DeviceTensor, rows: &'a DeviceTensor) -> Result<Gather<'a>> {
+    checked_gather_named(dev, tokens, rows, TOKENS_GATHER)
+}
+
+/// [`checked_gather`] under the names of `names` (the tensor, the indices, what the tensor holds).
+fn checked_gather_named<'a>(dev: &Device, tokens: &DeviceTensor, rows: &'a DeviceTensor, names: GatherNames) -> Result<Gather<'a>> {
+    let (tokens_name, rows_name, holds) = names;
     let bad = |e: moe_core::Error| Err(Error::Core(e));
     if rows.dtype != DType::I32 {
-        return bad(moe_core::Error::type_error("gatherIndices", "an int32 device tensor (permute's sortedIndices)", rows.dtype.name()));
+        return bad(moe_core::Error::type_error(rows_name, "an int32 device tensor (permute's sortedIndices)", rows.dtype.name()));
     }
     if rows.shape.len() != 1 {
-        return bad(moe_core::Error::range("gatherIndices", format!("expected a 1-D tensor [numRows], got shape {:?}", rows.shape)));
+        return bad(moe_core::Error::range(rows_name, format!("expected a 1-D tensor [numRows], got shape {:?}", rows.shape)));
     }
     if tokens.shape.len() != 2 {
         return bad(moe_core::Error::range(
-            "permutedTokens",
-            format!("with gatherIndices: expected the tokens in their own order, [numTokens, hidden], got shape {:?}", tokens.shape),
+            tokens_name,
+            format!("with {rows_name}: expected {holds}, [numTokens, hidden], got shape {:?}", tokens.shape),
         ));
     }
     let (t, n) = (tokens.shape[0], rows.numel());
     let known = rows.plan.as_ref().is_some_and(|p| p.num_tokens == t && p.num_slots == n);
     if !known && n > 0 {
-        let idx: Vec<i32> = dev.download_new("gatherIndices", &rows.buf, n)?;
+        let idx: Vec<i32> = dev.download_new(rows_name, &rows.buf, n)?;
         if let Some((i, v)) = idx.iter().enumerate().find(|(_, &v)| v < 0 || v as usize >= t) {
             return bad(moe_core::Error::range(
-                "gatherIndices",
-                format!("element {i} = {v} is outside [0, {t}) (a row of permutedTokens, the tokens in their own order)"),
+                rows_name,
+                format!("element {i} = {v} is outside [0, {t}) (a row of {tokens_name}, {holds})"),
             ));
         }
     }
@@ -610,33 +694,34 @@ pub fn experts_forward_device_gathering(
 
 /// [`experts_backward_device_saved`] with the experts' rows gathered from the tokens (as
 /// [`experts_forward_device_gathering`]): `gradTokens` is the gradient of the N gathered rows.
-pub fn experts_backward_device_gathering(
+pub fn experts_backward_device_gathering<'g>(
     dev: &Device,
-    grad_output: &DeviceTensor,
+    grad_output: impl Into<GradOutput<'g>>,
     inp: &DeviceExpertsInputs,
     rows: &DeviceTensor,
     act: &ActivationOptions,
     saved: Option<SavedRef>,
 ) -> Result<DeviceExpertsGrads> {
     let g = checked_gather(dev, inp.tokens, rows)?;
+    let grad = grad_output.into().checked(dev)?;
     if gather_selected() {
-        if let Some(p) = grouped_plan_rows(dev, inp, Some(rows.numel()), act, Some(grad_output)) {
+        if let Some(p) = grouped_plan_rows(dev, inp, Some(rows.numel()), act, Some(grad)) {
             if let Some(sv) = saved {
                 check_saved(sv, DType::BF16, DType::BF16, p.rows(), p.width(), p.inter())?;
             }
-            return backward_grouped(dev, &p, grad_output, inp, Some(g), act, saved);
+            return backward_grouped(dev, &p, grad, inp, Some(g), act, saved);
         }
     }
     let permuted = gathered_rows(dev, inp.tokens, g)?;
-    experts_backward_device_saved(dev, grad_output, &DeviceExpertsInputs { tokens: &permuted, ..*inp }, act, saved)
+    experts_backward_device_saved(dev, grad, &DeviceExpertsInputs { tokens: &permuted, ..*inp }, act, saved)
 }
 
 /// Backward of [`experts_forward_device`]: the up-projection and activation are recomputed (as
 /// the core does), then per expert `dW2 = a^T g`, `da = g W2^T`, `dh` through the activation,
 /// `dW1 = x^T dh`, `dx = dh W1^T`; bias gradients are per-expert column sums.
-pub fn experts_backward_device(
+pub fn experts_backward_device<'g>(
     dev: &Device,
-    grad_output: &DeviceTensor,
+    grad_output: impl Into<GradOutput<'g>>,
     inp: &DeviceExpertsInputs,
     act: &ActivationOptions,
 ) -> Result<DeviceExpertsGrads> {
@@ -646,20 +731,26 @@ pub fn experts_backward_device(
 /// [`experts_backward_device`] with what the forward pass kept ([`ExpertsSaved`]): `h` and `a`
 /// are taken from there instead of recomputed. They must be the forward's own (same inputs); a
 /// shape or dtype that does not fit is a TypeError naming `saved.upProjection` /
-/// `saved.activation`.
-pub fn experts_backward_device_saved(
+/// `saved.activation`. `grad_output`: the rows' gradient, or the tokens' with the rows to gather
+/// ([`GradOutput`]).
+pub fn experts_backward_device_saved<'g>(
     dev: &Device,
-    grad_output: &DeviceTensor,
+    grad_output: impl Into<GradOutput<'g>>,
     inp: &DeviceExpertsInputs,
     act: &ActivationOptions,
     saved: Option<SavedRef>,
 ) -> Result<DeviceExpertsGrads> {
-    if let Some(g) = grouped_plan(dev, inp, act, Some(grad_output)) {
+    let grad = grad_output.into().checked(dev)?;
+    if let Some(g) = grouped_plan(dev, inp, act, Some(grad)) {
         if let Some(sv) = saved {
             check_saved(sv, DType::BF16, DType::BF16, g.rows(), g.width(), g.inter())?;
         }
-        return backward_grouped(dev, &g, grad_output, inp, None, act, saved);
+        return backward_grouped(dev, &g, grad, inp, None, act, saved);
     }
+    // the per-expert GEMMs (some beside on other streams) read the rows to the end: a gathered
+    // copy lives until the call returns
+    let rows = grad.rows(dev)?;
+    let grad_output: &DeviceTensor = &rows;
     let Some(p) = plan(dev, inp, act, Some(grad_output), saved.and_then(|s| s.counts))? else {
         let g = grad_output.download(dev, "gradOutput")?;
         let out: ExpertsGrads = on_host(dev, inp, |i| Ok(experts_backward(&tensor_ref("gradOutput", &g)?, i, act)?))?;

@@ -21,7 +21,7 @@ use moe_core::tensor::DType;
 use crate::activations::{launch_activation, launch_activation_backward, ExpMath};
 use crate::device::{Buffer, Device};
 use crate::error::Result;
-use crate::experts::{DeviceExpertsGrads, DeviceExpertsInputs, ExpertsSaved, SavedRef};
+use crate::experts::{DeviceExpertsGrads, DeviceExpertsInputs, ExpertsSaved, GradOutput, SavedRef};
 use crate::grouped_gemm::{self, WeightLayout};
 use crate::tensor::{DeviceArg, DeviceTensor};
 
@@ -83,7 +83,7 @@ pub fn grouped_plan(
     dev: &Device,
     inp: &DeviceExpertsInputs,
     act: &ActivationOptions,
-    grad_output: Option<&DeviceTensor>,
+    grad_output: Option<GradOutput>,
 ) -> Option<GroupedPlan> {
     grouped_plan_rows(dev, inp, None, act, grad_output)
 }
@@ -96,7 +96,7 @@ pub fn grouped_plan_rows(
     inp: &DeviceExpertsInputs,
     gather: Option<usize>,
     act: &ActivationOptions,
-    grad_output: Option<&DeviceTensor>,
+    grad_output: Option<GradOutput>,
 ) -> Option<GroupedPlan> {
     let mode = experts_gemm();
     if mode == ExpertsGemm::Cublas || inp.gate_up_bias.is_some() || inp.down_bias.is_some() {
@@ -108,11 +108,12 @@ pub fn grouped_plan_rows(
         meta.tokens = moe_core::tensor::Meta::shape_only("permutedTokens", inp.tokens.dtype, shape);
     }
     let checked = match grad_output {
-        Some(g) => check_experts_backward(g.meta("gradOutput"), &meta, act),
+        Some(g) => g.meta_with(|m| check_experts_backward(m, &meta, act)),
         None => check_experts(&meta, act),
     };
     let ExpertsCheck { n, dim, experts, width, inter, .. } = checked.ok()?;
-    let bf16 = [Some(inp.tokens), Some(inp.gate_and_up), Some(inp.down), grad_output].into_iter().flatten().all(|t| t.dtype == DType::BF16);
+    let bf16 = [inp.tokens, inp.gate_and_up, inp.down].iter().all(|t| t.dtype == DType::BF16)
+        && grad_output.is_none_or(|g| g.dtype() == DType::BF16);
     let sizes = [dim, width, inter].iter().all(|&d| d % 8 == 0 && d > 0) && i32::try_from(n.max(dim).max(width)).is_ok();
     let known = inp.tokens_per_expert.facts.counts_total == Some(n);
     (bf16 && sizes && known && n > 0 && grouped_gemm::arch(dev).is_ok()).then_some(GroupedPlan { n, dim, width, inter, experts })
@@ -319,11 +320,12 @@ pub fn forward_grouped(
 /// The backward on the grouped GEMM: `dW2 = a^T g`, `da = g W2^T`, `dh` through the activation
 /// (and the probs' gradient), `dW1 = x^T dh` (x's rows gathered on load with `gather`),
 /// `dx = dh W1^T` (the gradient of the experts' rows, expert-major, either way); h and a from
-/// `saved` (checked by the caller) or recomputed.
+/// `saved` (checked by the caller) or recomputed. `g` gathered here ([`GradOutput::Gathered`])
+/// is freed once `dW2` and `da` are queued.
 pub fn backward_grouped(
     dev: &Device,
     p: &GroupedPlan,
-    grad_output: &DeviceTensor,
+    grad_output: GradOutput,
     inp: &DeviceExpertsInputs,
     gather: Option<Gather>,
     act: &ActivationOptions,
@@ -339,11 +341,14 @@ pub fn backward_grouped(
             (&h_own, &a_own)
         }
     };
-    let g = &grad_output.buf;
+    let g_rows = grad_output.rows(dev)?;
+    let g = &g_rows.buf;
     let grad_w2 = DeviceTensor::alloc(dev, "gradDownProjs", dt, inp.down.shape.clone())?;
     wgrad(dev, p, a, g, counts, &grad_w2, p.inter, p.dim)?;
     let da = dev.alloc("the activation gradient", p.n * p.inter * 2)?;
     gemm(dev, p, g, inp.down, WeightLayout::NK, counts, &da, p.inter, p.dim)?;
+    // the last reader of g is queued (one stream: the free is ordered after it)
+    drop(g_rows);
     let dh = dev.alloc("the up-projection gradient", p.n * p.width * 2)?;
     let grad_probs = inp.probs.map(|t| DeviceTensor::alloc(dev, "gradProbs", DType::F32, t.shape.clone())).transpose()?;
     launch_activation_backward(

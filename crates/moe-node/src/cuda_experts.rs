@@ -6,7 +6,7 @@
 
 use moe_bind::ops::{ActArgs, ExpertsArgs};
 use moe_bind::{ArgTs, Flag, Kind, Obj};
-use moe_cuda::experts::{self, DeviceExpertsGrads, SavedRef};
+use moe_cuda::experts::{self, DeviceExpertsGrads, GradOutput, SavedRef};
 
 use crate::cuda::{CudaTensor, Device, DeviceOut};
 use crate::wire::Args;
@@ -81,12 +81,17 @@ cuda_fns! {
         };
         Ok(device_out!(output: out, upProjection: up, activation: act, counts: counts))
     }
-    /// `expertsBackward` on device tensors (`saved`: what the forward kept).
-    cudaExpertsBackwardDevice(options: ActArgs, gradOutput: Device, inputs: ExpertsArgs<Device>, saved: Saved, gatherIndices: Option<Device>) -> DeviceOut |dev| {
+    /// `expertsBackward` on device tensors (`saved`: what the forward kept; `gradGatherIndices`:
+    /// gradOutput is the tokens' gradient in their own order, its rows gathered by the call).
+    cudaExpertsBackwardDevice(options: ActArgs, gradOutput: Device, inputs: ExpertsArgs<Device>, saved: Saved, gatherIndices: Option<Device>, gradGatherIndices: Option<Device>) -> DeviceOut |dev| {
         let inputs = inputs.into();
+        let grad = match &gradGatherIndices {
+            Some(rows) => GradOutput::Gathered { tokens: &gradOutput, rows },
+            None => GradOutput::Rows(&gradOutput),
+        };
         let g: DeviceExpertsGrads = match gatherIndices {
-            Some(rows) => experts::experts_backward_device_gathering(dev, &gradOutput, &inputs, &rows, &options, saved)?,
-            None => experts::experts_backward_device_saved(dev, &gradOutput, &inputs, &options, saved)?,
+            Some(rows) => experts::experts_backward_device_gathering(dev, grad, &inputs, &rows, &options, saved)?,
+            None => experts::experts_backward_device_saved(dev, grad, &inputs, &options, saved)?,
         };
         Ok(device_out!(
             gradTokens: g.grad_tokens, gradGateAndUpProjs: g.grad_gate_and_up, gradDownProjs: g.grad_down,

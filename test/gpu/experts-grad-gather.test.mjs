@@ -1,0 +1,114 @@
+// expertsBackward with gradGatherIndices on the GPU: gradOutput is the gradient of the tokens in
+// their own order and the call gathers the experts' rows of it itself (the backward of the layer's
+// unweighted unpermute), where the caller used to make that [N, dim] copy with unpermuteBackward
+// and hold it through the call. The same bits as the call on that copy, on our grouped GEMM and
+// on the cuBLAS path; permute's sortedIndices are taken without a read-back, others are checked;
+// and on the grouped GEMM the copy is freed before the gradients made after dW2 and da, so the
+// call's own peak is no higher than with the rows given (crates/moe-cuda/src/experts_grouped.rs
+// backward_grouped). The default experts path (unset MOE_DISPATCH_EXPERTS_GEMM: our grouped GEMM
+// on a Hopper GPU).
+import assert from 'node:assert/strict';
+import { describe, test } from 'node:test';
+
+import { cuda, cudaOnly, free, host, routedExperts, skipGrouped, tensor } from './common.mjs';
+
+function assertSameBits(a, b, what) {
+  const x = host(a).data;
+  const y = host(b).data;
+  assert.equal(x.length, y.length, `${what}: lengths`);
+  const i = x.findIndex((v, j) => v !== y[j]);
+  assert.equal(i, -1, `${what}: differs first at element ${i}`);
+}
+
+const GRADS = (p) => ['gradTokens', p.gradKey, 'gradDownProjs', 'gradProbs'];
+
+/** The experts' rows of the tokens' gradient as the layer made them before: unpermuteBackward (no probs). */
+const gradRows = (p) => cuda.unpermuteBackward(p.gradTokens, p.perm.permutedTokens, p.perm.sortedIndices).gradPermuted;
+
+describe("the experts' backward gathering its output gradient (gradGatherIndices)", () => {
+  for (const c of [
+    { kind: 'swiglu', T: 300, dim: 64, inter: 48, E: 8, k: 2, empty: false },
+    { kind: 'relu2', T: 190, dim: 72, inter: 64, E: 5, k: 1, empty: true },
+  ]) {
+    test(`${c.kind} T=${c.T} dim=${c.dim} E=${c.E} k=${c.k}, grouped GEMM: the same bits as on unpermuteBackward's rows, nothing read back, the copy freed early`, { skip: skipGrouped }, () => {
+      const p = routedExperts(c);
+      const { perm, weights, options } = p;
+      const fwd = cuda.expertsForward(perm.permutedTokens, perm.tokensPerExpert, weights, { ...options, saveForBackward: true });
+      const rows = gradRows(p);
+      let live = cuda.memory().liveBytes;
+      cuda.peakMemory({ reset: true });
+      const want = cuda.expertsBackward(rows, perm.permutedTokens, perm.tokensPerExpert, weights, { ...options, saved: fwd.saved });
+      const extraGiven = cuda.peakMemory() - live;
+      const sync0 = cuda.transfers().synchronizations;
+      live = cuda.memory().liveBytes;
+      cuda.peakMemory({ reset: true });
+      const got = cuda.expertsBackward(p.gradTokens, perm.permutedTokens, perm.tokensPerExpert, weights, { ...options, saved: fwd.saved, gradGatherIndices: perm.sortedIndices });
+      const extraGathered = cuda.peakMemory() - live;
+      assert.equal(cuda.transfers().synchronizations, sync0, "permute's sortedIndices are taken as they are: nothing read back");
+      for (const key of GRADS(p)) assertSameBits(got[key], want[key], key);
+      // the copy ([N, dim] bf16) is made inside the call: kept to the end it would raise the
+      // call's peak by its size; freed after dW2 and da, the later gradients reuse its bytes
+      const copy = rows.byteLength;
+      assert.ok(extraGathered <= extraGiven, `the call's own peak: ${extraGathered} bytes gathering, ${extraGiven} with the rows given (the copy: ${copy})`);
+      // recomputing h (no saved), and gathering the tokens too
+      const again = cuda.expertsBackward(p.gradTokens, perm.permutedTokens, perm.tokensPerExpert, weights, { ...options, gradGatherIndices: perm.sortedIndices });
+      for (const key of GRADS(p)) assertSameBits(again[key], want[key], `${key} (h recomputed)`);
+      const both = cuda.expertsBackward(p.gradTokens, p.x, perm.tokensPerExpert, weights, { ...options, saved: fwd.saved, gatherIndices: perm.sortedIndices, gradGatherIndices: perm.sortedIndices });
+      for (const key of GRADS(p)) assertSameBits(both[key], want[key], `${key} (the tokens gathered too)`);
+      free(fwd.output, fwd.saved, rows, want, got, again, both);
+    });
+  }
+
+  test('the cuBLAS path (counts the GPU does not know): the same bits as on the rows', { skip: cudaOnly }, () => {
+    const p = routedExperts({ kind: 'swiglu', T: 150, dim: 64, inter: 40, E: 4, k: 2, empty: true });
+    const { perm, weights, options } = p;
+    const counts = cuda.upload(perm.tokensPerExpert.download());
+    const rows = gradRows(p);
+    const want = cuda.expertsBackward(rows, perm.permutedTokens, counts, weights, options);
+    const got = cuda.expertsBackward(p.gradTokens, perm.permutedTokens, counts, weights, { ...options, gradGatherIndices: perm.sortedIndices });
+    for (const key of GRADS(p)) assertSameBits(got[key], want[key], key);
+    free(counts, rows, want, got);
+  });
+
+  test('indices permute did not make: read back, checked, the same bits; bad ones and a bad gradient are errors naming them', { skip: cudaOnly }, () => {
+    const p = routedExperts({ kind: 'swiglu', T: 120, dim: 64, inter: 40, E: 4, k: 2, empty: false });
+    const { perm, weights, options } = p;
+    const rows = gradRows(p);
+    const want = cuda.expertsBackward(rows, perm.permutedTokens, perm.tokensPerExpert, weights, options);
+    const idx = perm.sortedIndices.download();
+    const copy = cuda.upload(idx);
+    const sync0 = cuda.transfers().synchronizations;
+    const got = cuda.expertsBackward(p.gradTokens, perm.permutedTokens, perm.tokensPerExpert, weights, { ...options, gradGatherIndices: copy });
+    assert.ok(cuda.transfers().synchronizations > sync0, 'indices of unknown origin are read back and checked');
+    for (const key of GRADS(p)) assertSameBits(got[key], want[key], `${key} (uploaded indices)`);
+    const host = cuda.expertsBackward(p.gradTokens, perm.permutedTokens, perm.tokensPerExpert, weights, { ...options, gradGatherIndices: idx });
+    for (const key of GRADS(p)) assertSameBits(host[key], want[key], `${key} (host indices)`);
+    const bad = Int32Array.from(idx.data);
+    bad[7] = 120;
+    assert.throws(
+      () => cuda.expertsBackward(p.gradTokens, perm.permutedTokens, perm.tokensPerExpert, weights, { ...options, gradGatherIndices: cuda.upload(tensor('int32', [bad.length], bad)) }),
+      (e) => e instanceof RangeError && /gradGatherIndices/.test(e.message) && /element 7 = 120 is outside \[0, 120\)/.test(e.message),
+    );
+    assert.throws(
+      () => cuda.expertsBackward(p.gradTokens, perm.permutedTokens, perm.tokensPerExpert, weights, { ...options, gradGatherIndices: cuda.upload(tensor('float32', [bad.length])) }),
+      (e) => e instanceof TypeError && /gradGatherIndices/.test(e.message),
+    );
+    // the rows' gradient given with gradGatherIndices: not the tokens' [numTokens, dim]
+    const flat = cuda.upload(tensor('bfloat16', [120 * 64]));
+    assert.throws(
+      () => cuda.expertsBackward(flat, perm.permutedTokens, perm.tokensPerExpert, weights, { ...options, gradGatherIndices: perm.sortedIndices }),
+      (e) => e instanceof RangeError && /gradOutput/.test(e.message) && /gradGatherIndices/.test(e.message),
+    );
+    // a gradient of another width: the experts' shape check, naming gradOutput
+    const narrow = cuda.upload(tensor('bfloat16', [120, 32]));
+    assert.throws(
+      () => cuda.expertsBackward(narrow, perm.permutedTokens, perm.tokensPerExpert, weights, { ...options, gradGatherIndices: perm.sortedIndices }),
+      (e) => (e instanceof RangeError || e instanceof TypeError) && /gradOutput/.test(e.message),
+    );
+    assert.throws(
+      () => cuda.expertsForward(perm.permutedTokens, perm.tokensPerExpert, weights, { ...options, gradGatherIndices: perm.sortedIndices }),
+      (e) => e instanceof TypeError && /gradGatherIndices/.test(e.message),
+    );
+    free(rows, want, copy, got, flat, narrow);
+  });
+});
