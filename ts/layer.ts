@@ -1106,7 +1106,8 @@ export class MoELayer {
       eg = (moe as CudaBackend).expertsBackward(g2, d.gathered ? (s.x as AnyTensor<TokenDType>) : d.permutedTokens, d.tokensPerExpert, this.expertWeights as DeviceExpertWeights, {
         ...options,
         gradGatherIndices: d.sortedIndices,
-        ...(d.expertsSaved ? { saved: d.expertsSaved } : {}),
+        // h and a are the backward's alone: given to it, each freed after its last reader
+        ...(d.expertsSaved ? { saved: d.expertsSaved, freeSaved: true } : {}),
         ...(d.gathered ? { gatherIndices: d.sortedIndices } : {}),
       }) as unknown as ReturnType<Backend['expertsBackward']>;
     } else {

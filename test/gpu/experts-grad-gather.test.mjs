@@ -5,8 +5,11 @@
 // on the cuBLAS path; permute's sortedIndices are taken without a read-back, others are checked;
 // and on the grouped GEMM the copy is freed before the gradients made after dW2 and da, so the
 // call's own peak is no higher than with the rows given (crates/moe-cuda/src/experts_grouped.rs
-// backward_grouped). The default experts path (unset MOE_DISPATCH_EXPERTS_GEMM: our grouped GEMM
-// on a Hopper GPU).
+// backward_grouped). And `freeSaved`: the forward's saved h and a given to the backward, which on
+// the grouped GEMM frees a after dW2 and h after the activation's backward (the call's own peak
+// lower by their bytes), the same bits; both disposed when it returns, untouched when a check
+// fails. The default experts path (unset MOE_DISPATCH_EXPERTS_GEMM: our grouped GEMM on a Hopper
+// GPU).
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 
@@ -110,5 +113,69 @@ describe("the experts' backward gathering its output gradient (gradGatherIndices
       (e) => e instanceof TypeError && /gradGatherIndices/.test(e.message),
     );
     free(rows, want, copy, got, flat, narrow);
+  });
+});
+
+describe("the experts' backward freeing the forward's saved tensors as it goes (freeSaved)", () => {
+  test('grouped GEMM: the same bits, the call peaks lower by what it freed, saved disposed after; a failed check leaves saved as it was', { skip: skipGrouped }, () => {
+    const p = routedExperts({ kind: 'swiglu', T: 300, dim: 64, inter: 48, E: 8, k: 2, empty: false });
+    const { perm, weights, options } = p;
+    const o = { ...options, gradGatherIndices: perm.sortedIndices };
+    const lent = cuda.expertsForward(perm.permutedTokens, perm.tokensPerExpert, weights, { ...options, saveForBackward: true });
+    let live = cuda.memory().liveBytes;
+    cuda.peakMemory({ reset: true });
+    const want = cuda.expertsBackward(p.gradTokens, perm.permutedTokens, perm.tokensPerExpert, weights, { ...o, saved: lent.saved });
+    const extraLent = cuda.peakMemory() - live;
+    assert.equal(lent.saved.upProjection.disposed, false, 'lent: the caller keeps saved');
+    const given = cuda.expertsForward(perm.permutedTokens, perm.tokensPerExpert, weights, { ...options, saveForBackward: true });
+    const savedBytes = given.saved.upProjection.byteLength + given.saved.activation.byteLength;
+    // a failed check first: nothing taken, nothing freed
+    const narrow = cuda.upload(tensor('bfloat16', [300, 32]));
+    assert.throws(
+      () => cuda.expertsBackward(narrow, perm.permutedTokens, perm.tokensPerExpert, weights, { ...o, saved: given.saved, freeSaved: true }),
+      (e) => /gradOutput/.test(e.message),
+    );
+    assert.equal(given.saved.upProjection.disposed || given.saved.activation.disposed, false, 'a failed check leaves saved as it was');
+    live = cuda.memory().liveBytes;
+    cuda.peakMemory({ reset: true });
+    const got = cuda.expertsBackward(p.gradTokens, perm.permutedTokens, perm.tokensPerExpert, weights, { ...o, saved: given.saved, freeSaved: true });
+    const extraGiven = cuda.peakMemory() - live;
+    for (const key of GRADS(p)) assertSameBits(got[key], want[key], key);
+    assert.ok(given.saved.upProjection.disposed && given.saved.activation.disposed, 'given: disposed when the call returns');
+    assert.ok(extraGiven <= extraLent - savedBytes, `the call's own peak: ${extraGiven} bytes given, ${extraLent} lent; a and h (${savedBytes} bytes) freed before dW1 and dx are made`);
+    // a given saved is gone: a second call names it
+    assert.throws(
+      () => cuda.expertsBackward(p.gradTokens, perm.permutedTokens, perm.tokensPerExpert, weights, { ...o, saved: given.saved, freeSaved: true }),
+      (e) => e instanceof TypeError && /saved\.upProjection/.test(e.message),
+    );
+    free(lent.output, lent.saved, given.output, narrow, want, got);
+  });
+
+  test('the cuBLAS path: the same bits, saved disposed when the call returns', { skip: cudaOnly }, () => {
+    const p = routedExperts({ kind: 'relu2', T: 150, dim: 64, inter: 40, E: 4, k: 2, empty: true });
+    const { perm, weights, options } = p;
+    const counts = cuda.upload(perm.tokensPerExpert.download());
+    const fwd = cuda.expertsForward(perm.permutedTokens, counts, weights, { ...options, saveForBackward: true });
+    const want = cuda.expertsBackward(p.grad, perm.permutedTokens, counts, weights, { ...options, saved: fwd.saved });
+    const got = cuda.expertsBackward(p.grad, perm.permutedTokens, counts, weights, { ...options, saved: fwd.saved, freeSaved: true });
+    for (const key of GRADS(p)) assertSameBits(got[key], want[key], key);
+    assert.ok(fwd.saved.upProjection.disposed && fwd.saved.activation.disposed, 'disposed when the call returns');
+    free(counts, fwd.output, want, got);
+  });
+
+  test('freeSaved without saved, or not a boolean: TypeErrors naming it', { skip: cudaOnly }, () => {
+    const p = routedExperts({ kind: 'swiglu', T: 64, dim: 64, inter: 40, E: 4, k: 2, empty: false });
+    const { perm, weights, options } = p;
+    assert.throws(
+      () => cuda.expertsBackward(p.grad, perm.permutedTokens, perm.tokensPerExpert, weights, { ...options, freeSaved: true }),
+      (e) => e instanceof TypeError && /options\.freeSaved/.test(e.message),
+    );
+    const fwd = cuda.expertsForward(perm.permutedTokens, perm.tokensPerExpert, weights, { ...options, saveForBackward: true });
+    assert.throws(
+      () => cuda.expertsBackward(p.grad, perm.permutedTokens, perm.tokensPerExpert, weights, { ...options, saved: fwd.saved, freeSaved: 'yes' }),
+      (e) => e instanceof TypeError && /options\.freeSaved/.test(e.message),
+    );
+    assert.equal(fwd.saved.upProjection.disposed, false);
+    free(fwd.output, fwd.saved);
   });
 });

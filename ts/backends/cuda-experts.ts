@@ -75,6 +75,15 @@ export interface DeviceExpertsBackwardOptions extends DeviceExpertsOptions {
    * returns). Indices are taken or checked as `gatherIndices` are.
    */
   gradGatherIndices?: AnyTensor<'int32'>;
+  /**
+   * Give `saved`'s tensors to the call (with `saved`): on our grouped GEMM it frees the activation
+   * once `dW2` has read it and the up-projection once the activation's backward has, instead of
+   * their living through the call beside the gradients made after them; elsewhere they are freed
+   * when it returns. Either way `saved.upProjection` and `saved.activation` are disposed once the
+   * call returns. A call that fails its checks leaves them as they were; one that fails later
+   * (out of memory, say) leaves them disposed.
+   */
+  freeSaved?: boolean;
 }
 
 export interface DeviceExpertsGrads<D extends TokenDType = TokenDType> {
@@ -131,7 +140,7 @@ interface ExpertsAddon {
 
 const KNOWN: readonly (keyof DeviceExpertsOptions)[] = ['activation', 'permutedProbs', 'biases', 'alpha', 'limit', 'linearOffset', 'gatherIndices'];
 const FORWARD_KNOWN = [...KNOWN, 'saveForBackward'];
-const BACKWARD_KNOWN = [...KNOWN, 'saved', 'gradGatherIndices'];
+const BACKWARD_KNOWN = [...KNOWN, 'saved', 'gradGatherIndices', 'freeSaved'];
 
 /** The device functions' argument object: ops/experts.ts's own builder over device handles (tokensPerExpert int32: the GPU keeps no int64). */
 function deviceArgs(h: Handles, permutedTokens: unknown, tokensPerExpert: unknown, weights: unknown, options: unknown, op: 'expertsForward' | 'expertsBackward') {
@@ -162,10 +171,13 @@ function anyDeviceOr(...values: unknown[]): boolean {
   return values.includes(DEVICE_PATH) || anyDevice(...values);
 }
 
-type SavedArg = { upProjection: H; activation: H; counts?: number[] };
+type SavedArg = { upProjection: H; activation: H; counts?: number[]; free?: boolean };
 
 function savedArg(h: Handles, options: unknown): { saved?: SavedArg } {
-  const saved = typeof options === 'object' && options !== null ? (options as DeviceExpertsBackwardOptions).saved : undefined;
+  const o = typeof options === 'object' && options !== null ? (options as DeviceExpertsBackwardOptions) : undefined;
+  const saved = o?.saved;
+  const free = checkBool(o?.freeSaved, 'options.freeSaved');
+  if (free && (saved === undefined || saved === null)) throw new TypeError('options.freeSaved: gives the call options.saved to free, but no options.saved was given');
   if (saved === undefined || saved === null) return {};
   if (typeof saved !== 'object') throw new TypeError(`options.saved: expected { upProjection, activation, counts? } (from expertsForward with saveForBackward), got ${typeof saved}`);
   const arg: SavedArg = { upProjection: h.of(saved.upProjection, 'saved.upProjection', TOKENS), activation: h.of(saved.activation, 'saved.activation', TOKENS) };
@@ -173,6 +185,7 @@ function savedArg(h: Handles, options: unknown): { saved?: SavedArg } {
     if (!(saved.counts instanceof Int32Array)) throw new TypeError(`options.saved.counts: expected an Int32Array (expertsForward's saved.counts), got ${Object.prototype.toString.call(saved.counts)}`);
     arg.counts = Array.from(saved.counts);
   }
+  if (free) arg.free = true;
   return { saved: arg };
 }
 
@@ -225,7 +238,14 @@ export const expertsGpu: GpuFamily = {
         return call('expertsBackward', (h) => {
           const gh = h.of(gradOutput, 'gradOutput', TOKENS);
           const args = deviceArgs(h, permutedTokens, tokensPerExpert, weights, options, 'expertsBackward');
-          const out = wrapResult(gpu.cudaExpertsBackwardDevice({ gradOutput: gh, ...args, ...savedArg(h, options), ...gatherArg(h, options), ...gatherArg(h, options, 'gradGatherIndices') }));
+          const saved = savedArg(h, options);
+          const out = wrapResult(gpu.cudaExpertsBackwardDevice({ gradOutput: gh, ...args, ...saved, ...gatherArg(h, options), ...gatherArg(h, options, 'gradGatherIndices') }));
+          if (saved.saved?.free) {
+            // given to the call: what it did not free already is freed now
+            const s = (options as DeviceExpertsBackwardOptions).saved!;
+            s.upProjection.dispose();
+            s.activation.dispose();
+          }
           return expertsGrads(out as unknown as ExpertsGradsOut<DeviceTensor>, args.upProjs !== undefined);
         });
       },

@@ -18,6 +18,8 @@
 //! (download, the core, upload), which also gives the core's errors word for word.
 //! `tokensPerExpert` is read back to the host (4 bytes an expert): the GEMM sizes live there.
 
+use std::cell::{Ref, RefCell};
+
 use moe_core::activations::ActivationOptions;
 use moe_core::experts::{
     check_experts, check_experts_backward, check_matmul, expert_offsets, experts_backward, experts_forward, ExpertsCheck, ExpertsGrads,
@@ -522,6 +524,98 @@ impl ExpertsSaved {
     }
 }
 
+/// An [`ExpertsSaved`] given to the backward pass to free as it goes (`freeSaved`): on the grouped
+/// GEMM the call takes the tensors out once its checks pass and drops `a` after `dW2` and `h` after
+/// the activation's backward; the other paths read them and leave them here. Until then (a
+/// failed check, say) they stay in the slots, for the caller to take back ([`SavedSlots::into_parts`]).
+pub struct SavedSlots {
+    up_projection: RefCell<Option<DeviceTensor>>,
+    activation: RefCell<Option<DeviceTensor>>,
+    counts: Option<Vec<i32>>,
+}
+
+impl SavedSlots {
+    pub fn new(saved: ExpertsSaved) -> SavedSlots {
+        SavedSlots {
+            up_projection: RefCell::new(Some(saved.up_projection)),
+            activation: RefCell::new(Some(saved.activation)),
+            counts: saved.counts,
+        }
+    }
+
+    /// What the call left: `(upProjection, activation)`, each None once taken.
+    pub fn into_parts(self) -> (Option<DeviceTensor>, Option<DeviceTensor>) {
+        (self.up_projection.into_inner(), self.activation.into_inner())
+    }
+
+    /// Both tensors, out of the slots (an error if a call took them already).
+    fn take(&self) -> Result<(DeviceTensor, DeviceTensor)> {
+        let gone = || Error::Cuda("saved: its tensors were taken by an earlier call (a bug in moe-dispatch)".into());
+        let up = self.up_projection.borrow_mut().take().ok_or_else(gone)?;
+        let act = self.activation.borrow_mut().take().ok_or_else(gone)?;
+        Ok((up, act))
+    }
+}
+
+/// What a backward pass is given of its forward's [`ExpertsSaved`]: lent, or to free as it goes.
+#[derive(Clone, Copy)]
+pub enum SavedArg<'a> {
+    Lent(SavedRef<'a>),
+    Given(&'a SavedSlots),
+}
+
+impl<'a> From<SavedRef<'a>> for SavedArg<'a> {
+    fn from(r: SavedRef<'a>) -> Self {
+        SavedArg::Lent(r)
+    }
+}
+
+/// A [`SavedArg`]'s tensors borrowed for a while (from the slots: until this is dropped).
+enum SavedView<'a> {
+    Lent(SavedRef<'a>),
+    Given(Ref<'a, Option<DeviceTensor>>, Ref<'a, Option<DeviceTensor>>, Option<&'a [i32]>),
+}
+
+impl<'a> SavedArg<'a> {
+    fn view(self) -> Result<SavedView<'a>> {
+        Ok(match self {
+            SavedArg::Lent(r) => SavedView::Lent(r),
+            SavedArg::Given(s) => {
+                let (up, act) = (s.up_projection.borrow(), s.activation.borrow());
+                if up.is_none() || act.is_none() {
+                    return Err(Error::Cuda("saved: its tensors were taken by an earlier call (a bug in moe-dispatch)".into()));
+                }
+                SavedView::Given(up, act, s.counts.as_deref())
+            }
+        })
+    }
+}
+
+impl SavedView<'_> {
+    fn get(&self) -> SavedRef<'_> {
+        match self {
+            SavedView::Lent(r) => *r,
+            SavedView::Given(up, act, counts) => SavedRef {
+                up_projection: up.as_ref().expect("checked by SavedArg::view"),
+                activation: act.as_ref().expect("checked by SavedArg::view"),
+                counts: *counts,
+            },
+        }
+    }
+}
+
+/// `saved`'s tensors as the grouped backward reads them: borrowed (Lent), or taken out of the
+/// slots (Given: the caller's checks have passed; dropping one frees it).
+pub(crate) fn saved_tensors<'a>(saved: SavedArg<'a>) -> Result<(Held<'a>, Held<'a>)> {
+    Ok(match saved {
+        SavedArg::Lent(r) => (Held::Lent(r.up_projection), Held::Lent(r.activation)),
+        SavedArg::Given(s) => {
+            let (up, act) = s.take()?;
+            (Held::Made(up), Held::Made(act))
+        }
+    })
+}
+
 /// `saved`'s tensors fit a backward of `n` rows (`h [n, width]` of `hd`, `a [n, inter]` of
 /// `dt`), or a TypeError naming them.
 fn check_saved(sv: SavedRef, hd: DType, dt: DType, n: usize, width: usize, inter: usize) -> Result<()> {
@@ -709,14 +803,14 @@ pub fn experts_backward_device_gathering<'g>(
     inp: &DeviceExpertsInputs,
     rows: &DeviceTensor,
     act: &ActivationOptions,
-    saved: Option<SavedRef>,
+    saved: Option<SavedArg>,
 ) -> Result<DeviceExpertsGrads> {
     let g = checked_gather(dev, inp.tokens, rows)?;
     let grad = grad_output.into().checked(dev)?;
     if gather_selected() {
         if let Some(p) = grouped_plan_rows(dev, inp, Some(rows.numel()), act, Some(grad)) {
             if let Some(sv) = saved {
-                check_saved(sv, DType::BF16, DType::BF16, p.rows(), p.width(), p.inter())?;
+                check_saved(sv.view()?.get(), DType::BF16, DType::BF16, p.rows(), p.width(), p.inter())?;
             }
             return backward_grouped(dev, &p, grad, inp, Some(g), act, saved);
         }
@@ -747,15 +841,18 @@ pub fn experts_backward_device_saved<'g>(
     grad_output: impl Into<GradOutput<'g>>,
     inp: &DeviceExpertsInputs,
     act: &ActivationOptions,
-    saved: Option<SavedRef>,
+    saved: Option<SavedArg>,
 ) -> Result<DeviceExpertsGrads> {
     let grad = grad_output.into().checked(dev)?;
     if let Some(g) = grouped_plan(dev, inp, act, Some(grad)) {
         if let Some(sv) = saved {
-            check_saved(sv, DType::BF16, DType::BF16, g.rows(), g.width(), g.inter())?;
+            check_saved(sv.view()?.get(), DType::BF16, DType::BF16, g.rows(), g.width(), g.inter())?;
         }
         return backward_grouped(dev, &g, grad, inp, None, act, saved);
     }
+    // the per-expert path reads saved's tensors to its end: borrowed from the slots until then
+    let view = saved.map(SavedArg::view).transpose()?;
+    let saved = view.as_ref().map(SavedView::get);
     // the per-expert GEMMs (some beside on other streams) read the rows to the end: a gathered
     // copy lives until the call returns
     let rows = grad.rows(dev)?;

@@ -21,7 +21,7 @@ use moe_core::tensor::DType;
 use crate::activations::{launch_activation, launch_activation_backward, ExpMath};
 use crate::device::{Buffer, Device};
 use crate::error::Result;
-use crate::experts::{DeviceExpertsGrads, DeviceExpertsInputs, ExpertsSaved, GradOutput, SavedRef};
+use crate::experts::{saved_tensors, DeviceExpertsGrads, DeviceExpertsInputs, ExpertsSaved, GradOutput, Held, SavedArg};
 use crate::grouped_gemm::{self, WeightLayout};
 use crate::tensor::{DeviceArg, DeviceTensor};
 
@@ -329,25 +329,31 @@ pub fn backward_grouped(
     inp: &DeviceExpertsInputs,
     gather: Option<Gather>,
     act: &ActivationOptions,
-    saved: Option<SavedRef>,
+    saved: Option<SavedArg>,
 ) -> Result<DeviceExpertsGrads> {
     let dt = DType::BF16;
     let counts = inp.tokens_per_expert;
-    let (h_own, a_own);
-    let (h, a) = match saved {
-        Some(sv) => (&sv.up_projection.buf, &sv.activation.buf),
+    // h and a: lent, given (freed below, each after its last reader), or recomputed (freed so too)
+    let (h_t, a_t) = match saved {
+        Some(sv) => saved_tensors(sv)?,
         None => {
-            (h_own, a_own) = up_and_activation(dev, p, inp, gather, act)?;
-            (&h_own, &a_own)
+            let (h, a) = up_and_activation(dev, p, inp, gather, act)?;
+            (
+                Held::Made(DeviceTensor::from_buffer(dt, vec![p.n, p.width], h)),
+                Held::Made(DeviceTensor::from_buffer(dt, vec![p.n, p.inter], a)),
+            )
         }
     };
+    let (h, a) = (&h_t.buf, &a_t.buf);
     let g_rows = grad_output.rows(dev)?;
     let g = &g_rows.buf;
     let grad_w2 = DeviceTensor::alloc(dev, "gradDownProjs", dt, inp.down.shape.clone())?;
     wgrad(dev, p, a, g, counts, &grad_w2, p.inter, p.dim)?;
+    // (each drop below frees what the call made or was given, after its last reader is queued:
+    // one stream, so the free is ordered after it; a lent tensor stays the caller's)
+    drop(a_t);
     let da = dev.alloc("the activation gradient", p.n * p.inter * 2)?;
     gemm(dev, p, g, inp.down, WeightLayout::NK, counts, &da, p.inter, p.dim)?;
-    // the last reader of g is queued (one stream: the free is ordered after it)
     drop(g_rows);
     let dh = dev.alloc("the up-projection gradient", p.n * p.width * 2)?;
     let grad_probs = inp.probs.map(|t| DeviceTensor::alloc(dev, "gradProbs", DType::F32, t.shape.clone())).transpose()?;
@@ -366,6 +372,7 @@ pub fn backward_grouped(
         grad_probs.as_ref().map(|t| &t.buf),
     )?;
     drop(da);
+    drop(h_t);
     let grad_w1 = DeviceTensor::alloc(dev, "gradGateAndUpProjs", dt, inp.gate_and_up.shape.clone())?;
     match gather {
         Some(g) if wgrad_gather_selected() => grouped_gemm::launch_wgrad_gather(

@@ -108,10 +108,26 @@ impl CudaTensor {
     }
 
     fn live(&self, arg: &str) -> moe_core::Result<&DeviceTensor> {
-        let disposed = || moe_core::Error::type_error(arg, "a device tensor that is not disposed", "one whose dispose() was called");
-        self.inner.as_ref().ok_or_else(disposed)
+        self.inner.as_ref().ok_or_else(|| disposed(arg))
+    }
+
+    /// The tensor, taken out of the handle (which then reads as disposed) for a call that frees it
+    /// as it goes; an error naming the argument when it was disposed.
+    pub(crate) fn take(&mut self, arg: &str) -> moe_core::Result<DeviceTensor> {
+        self.inner.take().ok_or_else(|| disposed(arg))
+    }
+
+    /// A tensor [`CudaTensor::take`] took, put back (the call left it).
+    pub(crate) fn restore(&mut self, t: DeviceTensor) {
+        self.inner = Some(t);
     }
 }
+
+fn disposed(arg: &str) -> moe_core::Error {
+    moe_core::Error::type_error(arg, "a device tensor that is not disposed", "one whose dispose() was called")
+}
+
+impl CudaTensor {}
 
 pub(crate) fn opt_get<'a>(t: &'a Option<&CudaTensor>, arg: &str) -> moe_cuda::Result<Option<&'a DeviceTensor>> {
     t.map(|t| t.get(arg)).transpose()

@@ -6,24 +6,47 @@
 
 use moe_bind::ops::{ActArgs, ExpertsArgs};
 use moe_bind::{ArgTs, Flag, Kind, Obj};
-use moe_cuda::experts::{self, DeviceExpertsGrads, GradOutput, SavedRef};
+use moe_cuda::experts::{self, DeviceExpertsGrads, ExpertsSaved, GradOutput, SavedArg, SavedRef, SavedSlots};
 
 use crate::cuda::{CudaTensor, Device, DeviceOut};
 use crate::wire::Args;
 
-/// expertsBackward's `saved` on the GPU: `{ upProjection, activation, counts }` as expertsForward
+/// expertsBackward's `saved` on the GPU: `{ upProjection, activation, counts, free }` as expertsForward
 /// with saveForBackward returned them (both tensors, or no `saved`; `counts`, the forward's
-/// per-expert rows, optional: without it the backward reads `tokensPerExpert` again).
+/// per-expert rows, optional: without it the backward reads `tokensPerExpert` again; `free`:
+/// the call takes the two tensors out of their handles and frees each as it goes, see [`SavedHeld`]).
 pub struct Saved;
 
 impl ArgTs for Saved {
     const OPTIONAL: bool = true;
     fn ts() -> String {
-        "{ upProjection: NativeCudaTensor; activation: NativeCudaTensor; counts?: number[] }".into()
+        "{ upProjection: NativeCudaTensor; activation: NativeCudaTensor; counts?: number[]; free?: boolean }".into()
     }
 }
 
 type DeviceHeld<'e> = <Device as Kind<Args<'e>>>::Held;
+
+/// `saved` as read: its handles and counts, and with `free` the two tensors taken out of their
+/// handles into the call's slots ([`SavedSlots`]; the handles read as disposed). What the call
+/// leaves in the slots (all of it where a check fails first) goes back to the handles when this
+/// is dropped, after the call.
+pub struct SavedHeld<'e> {
+    handles: [Option<DeviceHeld<'e>>; 2],
+    counts: Option<Vec<i32>>,
+    slots: Option<SavedSlots>,
+}
+
+impl Drop for SavedHeld<'_> {
+    fn drop(&mut self) {
+        let Some(slots) = self.slots.take() else { return };
+        let (up, act) = slots.into_parts();
+        for (handle, t) in self.handles.iter_mut().zip([up, act]) {
+            if let (Some(h), Some(t)) = (handle.as_mut(), t) {
+                h.restore(t);
+            }
+        }
+    }
+}
 
 /// The forward's counts as given: whole numbers in int32's range, or a TypeError naming them.
 fn saved_counts(v: Option<Vec<f64>>) -> moe_core::Result<Option<Vec<i32>>> {
@@ -38,31 +61,58 @@ fn saved_counts(v: Option<Vec<f64>>) -> moe_core::Result<Option<Vec<i32>>> {
         .map(Some)
 }
 
+const SAVED_NAMES: [&str; 2] = ["saved.upProjection", "saved.activation"];
+
+/// With `free`: both tensors taken out of their handles (a disposed one is a TypeError naming it,
+/// and the other is put back).
+fn take_saved(handles: &mut [Option<DeviceHeld<'_>>; 2], counts: &Option<Vec<i32>>) -> moe_core::Result<SavedSlots> {
+    let [Some(up), Some(act)] = handles else {
+        let (missing, with) = if handles[0].is_none() { (SAVED_NAMES[0], SAVED_NAMES[1]) } else { (SAVED_NAMES[1], SAVED_NAMES[0]) };
+        return Err(moe_core::Error::type_error(missing, format!("a device tensor (saved with {with})"), "undefined"));
+    };
+    let u = up.take(SAVED_NAMES[0])?;
+    let a = match act.take(SAVED_NAMES[1]) {
+        Ok(a) => a,
+        Err(e) => {
+            up.restore(u);
+            return Err(e);
+        }
+    };
+    Ok(SavedSlots::new(ExpertsSaved { up_projection: u, activation: a, counts: counts.clone() }))
+}
+
 impl<'e> Kind<Args<'e>> for Saved {
-    type Held = Option<([Option<DeviceHeld<'e>>; 2], Option<Vec<i32>>)>;
+    type Held = Option<SavedHeld<'e>>;
     type Core<'h>
-        = Option<SavedRef<'h>>
+        = Option<SavedArg<'h>>
     where
         Args<'e>: 'h;
     fn read(o: &Args<'e>, key: &str) -> moe_core::Result<Option<Self::Held>> {
         let Some(s) = o.object(key)? else { return Ok(Some(None)) };
-        let tensors = [Device::read(&s, "upProjection")?, Device::read(&s, "activation")?];
-        Ok(Some(Some((tensors, saved_counts(s.numbers("counts")?)?))))
+        let mut handles = [Device::read(&s, "upProjection")?, Device::read(&s, "activation")?];
+        let counts = saved_counts(s.numbers("counts")?)?;
+        let free = s.get::<bool>("free", "a boolean")?.unwrap_or(false);
+        let slots = if free { Some(take_saved(&mut handles, &counts)?) } else { None };
+        Ok(Some(Some(SavedHeld { handles, counts, slots })))
     }
-    fn core<'h>(held: &'h Self::Held, _: &'static str) -> moe_core::Result<Option<SavedRef<'h>>>
+    fn core<'h>(held: &'h Self::Held, _: &'static str) -> moe_core::Result<Option<SavedArg<'h>>>
     where
         Args<'e>: 'h,
     {
-        let Some(([up, act], counts)) = held else { return Ok(None) };
+        let Some(held) = held else { return Ok(None) };
+        if let Some(slots) = &held.slots {
+            return Ok(Some(SavedArg::Given(slots)));
+        }
+        let [up, act] = &held.handles;
         let missing =
             |name: &str, with: &str| moe_core::Error::type_error(name, format!("a device tensor (saved with {with})"), "undefined");
-        let up = up.as_ref().ok_or_else(|| missing("saved.upProjection", "saved.activation"))?;
-        let act = act.as_ref().ok_or_else(|| missing("saved.activation", "saved.upProjection"))?;
-        Ok(Some(SavedRef {
+        let up = up.as_ref().ok_or_else(|| missing(SAVED_NAMES[0], SAVED_NAMES[1]))?;
+        let act = act.as_ref().ok_or_else(|| missing(SAVED_NAMES[1], SAVED_NAMES[0]))?;
+        Ok(Some(SavedArg::Lent(SavedRef {
             up_projection: Device::core(up, "saved.upProjection")?.tensor,
             activation: Device::core(act, "saved.activation")?.tensor,
-            counts: counts.as_deref(),
-        }))
+            counts: held.counts.as_deref(),
+        })))
     }
 }
 

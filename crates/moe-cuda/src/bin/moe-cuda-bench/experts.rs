@@ -21,7 +21,7 @@ use moe_cuda::device_ops::{permute_backward_device, permute_device, unpermute_ba
 use moe_cuda::experts::{
     experts_backward_device, experts_backward_device_saved, experts_forward_device, experts_forward_device_saving, run_gemms,
     set_grouped_gemm, set_row_blocks, set_side_by_side, set_weight_gradients_beside, use_grouped, weight_gradients_beside,
-    DeviceExpertsInputs,
+    DeviceExpertsInputs, SavedArg,
 };
 use moe_cuda::{Device, DeviceTensor};
 
@@ -508,7 +508,8 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
         (ms, experts_forward_device_saving(dev, &inp, &act, true)?.1)
     };
     let saved_ref = saved.as_ref().map(|s| s.as_ref());
-    let (bwd_saved, _) = time_ms(dev, iters, || experts_backward_device_saved(dev, &grad_out, &inp, &act, saved_ref).map(drop))?;
+    let (bwd_saved, _) =
+        time_ms(dev, iters, || experts_backward_device_saved(dev, &grad_out, &inp, &act, saved_ref.map(SavedArg::Lent)).map(drop))?;
     println!("{:>13} with saveForBackward: experts fwd {fwd_saving:.3} ms, bwd {bwd_saved:.3} ms (no recompute of h)", s.name);
     println!("{:>13} experts fwd {fwd_loop:.3} ms per-expert GEMMs, {fwd_grouped:.3} ms grouped; bwd {bwd_loop:.3} / {bwd_grouped:.3} ms; default (auto: grouped {}): fwd {fwd:.3}, bwd {bwd:.3}", s.name, use_grouped(counts.iter().filter(|&&c| c > 0).count()));
     let layer = || -> moe_cuda::Result<()> {
@@ -519,7 +520,7 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
         let (y, saved) = experts_forward_device_saving(dev, &li, &act, true)?;
         let _out = unpermute_device(dev, &y, &p.sorted_indices, [t, dim], None, None, UnpermuteOptions::default())?;
         let (g_perm, _) = unpermute_backward_device(dev, &grad_hidden, &y, &p.sorted_indices, None, None, UnpermuteOptions::default())?;
-        let grads = experts_backward_device_saved(dev, &g_perm, &li, &act, saved.as_ref().map(|s| s.as_ref()))?;
+        let grads = experts_backward_device_saved(dev, &g_perm, &li, &act, saved.as_ref().map(|s| SavedArg::Lent(s.as_ref())))?;
         let _ = permute_backward_device(dev, &grads.grad_tokens, &p.sorted_indices, t, None, None, UnpermuteOptions::default())?;
         Ok(())
     };

@@ -21,7 +21,9 @@ use moe_core::tensor::{DType, Tensor};
 use moe_cuda::activations::{read_device_loss, switch_load_balancing_loss_device_lazy, DeviceLoss};
 use moe_cuda::device::{peak_memory, reset_peak_memory};
 use moe_cuda::device_ops::{permute_backward_device, permute_device, route_backward_device, route_device, unpermute_device};
-use moe_cuda::experts::{experts_backward_device_saved, experts_forward_device_saving, matmul_device, DeviceExpertsInputs, GradOutput};
+use moe_cuda::experts::{
+    experts_backward_device_saved, experts_forward_device_saving, matmul_device, DeviceExpertsInputs, GradOutput, SavedArg, SavedSlots,
+};
 use moe_cuda::layout::indices_to_multihot_device;
 use moe_cuda::tensor::tensor_ref;
 use moe_cuda::train::{
@@ -176,7 +178,9 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize) -> moe_cuda::Result<fl
         // backward: the experts' output gradient gathered from the tokens' by the experts' backward
         // (the unweighted unpermute's backward), which frees it after its last reader (as the layer)
         let g_y = GradOutput::Gathered { tokens: &g_out, rows: &p.sorted_indices };
-        let grads = experts_backward_device_saved(dev, g_y, &inp, &act, saved.as_ref().map(|s| s.as_ref()))?;
+        // h and a given to the backward, which frees each after its last reader (as the layer's freeSaved)
+        let saved = saved.map(SavedSlots::new);
+        let grads = experts_backward_device_saved(dev, g_y, &inp, &act, saved.as_ref().map(SavedArg::Given))?;
         let (_g_x, g_probs) = permute_backward_device(
             dev,
             &grads.grad_tokens,
