@@ -12,6 +12,7 @@ import {
   type ExpertsBackwardOptions,
   type ExpertsForwardOptions,
   type ExpertsGradsOut,
+  type ExpertsOps,
   type ExpertsOptions,
   type ExpertWeights,
   type MatmulOptions,
@@ -106,20 +107,15 @@ export interface CudaExpertsOps {
     options: DeviceExpertsForwardOptions & { saveForBackward: true },
   ): { output: DeviceTensor<D>; saved?: ExpertsSaved };
   expertsForward<D extends TokenDType>(permutedTokens: AnyTensor<D>, tokensPerExpert: AnyTensor<'int32'>, weights: DeviceExpertWeights, options: DeviceExpertsOptions): DeviceTensor<D>;
-  expertsBackward<D extends TokenDType>(
-    gradOutput: Tensor<D>,
-    permutedTokens: Tensor<D>,
-    tokensPerExpert: Tensor<'int32' | 'int64'>,
-    weights: ExpertWeights,
-    options: ExpertsBackwardOptions,
-  ): import('../ops/experts.js').ExpertsGrads<D>;
-  expertsBackward<D extends TokenDType>(
-    gradOutput: AnyTensor<D>,
-    permutedTokens: AnyTensor<D>,
-    tokensPerExpert: AnyTensor<'int32'>,
-    weights: DeviceExpertWeights,
-    options: DeviceExpertsBackwardOptions,
-  ): DeviceExpertsGrads<D>;
+  /** Host tensors: the CPU op (ExpertsOps' signature). Any device tensor: the GPU. */
+  expertsBackward: ExpertsOps['expertsBackward'] &
+    (<D extends TokenDType>(
+      gradOutput: AnyTensor<D>,
+      permutedTokens: AnyTensor<D>,
+      tokensPerExpert: AnyTensor<'int32'>,
+      weights: DeviceExpertWeights,
+      options: DeviceExpertsBackwardOptions,
+    ) => DeviceExpertsGrads<D>);
   matmul<D extends TokenDType>(a: Tensor<D>, b: Tensor<TokenDType>, options?: MatmulOptions): Tensor<D>;
   matmul<D extends TokenDType>(a: AnyTensor<D>, b: AnyTensor<TokenDType>, options?: MatmulOptions): DeviceTensor<D>;
 }
