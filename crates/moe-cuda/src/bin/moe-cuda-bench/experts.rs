@@ -591,13 +591,16 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize, peak: f64) -> moe_cuda
     Ok(o)
 }
 
-/// A flat JSON object (string and number fields), as the experts rows need.
+/// A flat JSON object (string, number and boolean fields), as the experts rows need.
 pub mod flat_json {
     #[derive(Default)]
     pub struct Obj(Vec<(String, String)>);
     impl Obj {
         pub fn str(&mut self, k: &str, v: &str) {
             self.0.push((k.into(), format!("{v:?}")));
+        }
+        pub fn bool(&mut self, k: &str, v: bool) {
+            self.0.push((k.into(), v.to_string()));
         }
         pub fn num(&mut self, k: &str, v: f64) {
             self.0.push((k.into(), if v.is_finite() { format!("{v}") } else { "null".into() }));

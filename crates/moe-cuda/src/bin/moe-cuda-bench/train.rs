@@ -22,8 +22,10 @@ use moe_cuda::activations::{read_device_loss, switch_load_balancing_loss_device_
 use moe_cuda::device::{peak_memory, reset_peak_memory};
 use moe_cuda::device_ops::{permute_backward_device, permute_device, route_backward_device, route_device, unpermute_device};
 use moe_cuda::experts::{
-    experts_backward_device_saved, experts_forward_device_saving, matmul_device, DeviceExpertsInputs, GradOutput, SavedArg, SavedSlots,
+    experts_backward_device_gathering, experts_backward_device_saved, experts_forward_device_gathering, experts_forward_device_saving,
+    matmul_device, DeviceExpertsInputs, GradOutput, SavedArg, SavedSlots,
 };
+use moe_cuda::experts_grouped::gathers_on_load;
 use moe_cuda::layout::indices_to_multihot_device;
 use moe_cuda::tensor::tensor_ref;
 use moe_cuda::train::{
@@ -145,6 +147,11 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize) -> moe_cuda::Result<fl
     let adamw = AdamWOptions { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, max_grad_norm: Some(1.0) };
     // the last step's aux loss, left on the GPU (lazy: a step reads no number) and read at the end
     let aux_last = std::cell::RefCell::new(None);
+    // where the experts gather their rows on load (MOE_DISPATCH_GG_FUSE=gather), as the library's
+    // layer: permute makes the plan and probs only (rows of no columns), the experts read x
+    // through its sortedIndices, forward and backward, and no permuted copy is made
+    let gather = gathers_on_load(dev);
+    let no_columns = DeviceTensor::alloc(dev, "rows of no columns", DType::BF16, vec![t, 0])?;
     // forward and backward: the three parameters' gradients (router, gate|up, down)
     let forward_backward = || -> moe_cuda::Result<[DeviceTensor; 3]> {
         // forward
@@ -159,10 +166,16 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize) -> moe_cuda::Result<fl
         )?;
         *aux_last.borrow_mut() = Some(aux);
         let mh = indices_to_multihot_device(dev, &r.indices, &r.weights, e)?;
-        let p =
-            permute_device(dev, &x, &mh.routing_map, Some(&mh.probs), PermuteOptions { num_out_tokens: Some(t * k), drop_and_pad: false })?;
+        let rows = if gather { &no_columns } else { &x };
+        let p = permute_device(
+            dev,
+            rows,
+            &mh.routing_map,
+            Some(&mh.probs),
+            PermuteOptions { num_out_tokens: Some(t * k), drop_and_pad: false },
+        )?;
         let inp = DeviceExpertsInputs {
-            tokens: &p.permuted_tokens,
+            tokens: if gather { &x } else { &p.permuted_tokens },
             tokens_per_expert: &p.tokens_per_expert,
             gate_and_up: &w1.low,
             gate_and_up_name: "gateAndUpProjs",
@@ -171,7 +184,10 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize) -> moe_cuda::Result<fl
             gate_up_bias: None,
             down_bias: None,
         };
-        let (y, saved) = experts_forward_device_saving(dev, &inp, &act, true)?;
+        let (y, saved) = match gather {
+            true => experts_forward_device_gathering(dev, &inp, &p.sorted_indices, &act, true)?,
+            false => experts_forward_device_saving(dev, &inp, &act, true)?,
+        };
         let _out = unpermute_device(dev, &y, &p.sorted_indices, [t, dim], None, None, UnpermuteOptions::default())?;
         // (the backward does not read the experts' output, as the library's layer does not keep it)
         drop(y);
@@ -180,7 +196,11 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize) -> moe_cuda::Result<fl
         let g_y = GradOutput::Gathered { tokens: &g_out, rows: &p.sorted_indices };
         // h and a given to the backward, which frees each after its last reader (as the layer's freeSaved)
         let saved = saved.map(SavedSlots::new);
-        let grads = experts_backward_device_saved(dev, g_y, &inp, &act, saved.as_ref().map(SavedArg::Given))?;
+        let given = saved.as_ref().map(SavedArg::Given);
+        let grads = match gather {
+            true => experts_backward_device_gathering(dev, g_y, &inp, &p.sorted_indices, &act, given)?,
+            false => experts_backward_device_saved(dev, g_y, &inp, &act, given)?,
+        };
         let (_g_x, g_probs) = permute_backward_device(
             dev,
             &grads.grad_tokens,
@@ -221,8 +241,9 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize) -> moe_cuda::Result<fl
     };
     let opt_bytes: usize = [&router, &w1, &w2].iter().zip(&g).map(|(p, g)| p.master.numel() * (3 * 8 + 2) + g.bytes() * 2).sum();
     println!(
-        "{:>13} T={t} dim={dim} inter={inter} E={e} k={k}: training step {ms:.3} ms (min {min:.3}), {:.0} tokens/s, peak {:.2} GiB; forward + backward {fb_ms:.3} ms, AdamW {opt_ms:.3} ms ({:.2} TB/s: norm {norm_ms:.3} ms {:.2} TB/s, updates {update_ms:.3} ms {:.2} TB/s); after {} steps: grad norm {:.4}, aux loss {:.5}, skipped {}",
+        "{:>13} T={t} dim={dim} inter={inter} E={e} k={k}{}: training step {ms:.3} ms (min {min:.3}), {:.0} tokens/s, peak {:.2} GiB; forward + backward {fb_ms:.3} ms, AdamW {opt_ms:.3} ms ({:.2} TB/s: norm {norm_ms:.3} ms {:.2} TB/s, updates {update_ms:.3} ms {:.2} TB/s); after {} steps: grad norm {:.4}, aux loss {:.5}, skipped {}",
         s.name,
+        if gather { " (gathering on load)" } else { "" },
         t as f64 / (ms * 1e-3),
         peak as f64 / (1u64 << 30) as f64,
         opt_bytes as f64 / (opt_ms * 1e-3) / 1e12,
@@ -240,6 +261,7 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize) -> moe_cuda::Result<fl
     o.num("rustStepMsMin", min);
     o.num("tokensPerSecond", t as f64 / (ms * 1e-3));
     o.num("peakBytes", peak as f64);
+    o.bool("gathersOnLoad", gather);
     o.num("forwardBackwardMs", fb_ms);
     o.num("optimizerMs", opt_ms);
     o.num("optimizerTbPerSecond", opt_bytes as f64 / (opt_ms * 1e-3) / 1e12);
