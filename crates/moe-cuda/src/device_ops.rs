@@ -838,36 +838,7 @@ pub fn unpermute_backward_device(
     };
     match weights {
         None => {
-            // the plan permute made these sortedIndices with (its token CSR lists every slot once,
-            // drop-and-pad's filled slots too: permute's own copy writes every row through it):
-            // permute's token-major kernel, each row of gradOutput read once and written to its
-            // slots, the bytes the gather below writes (which reads a token's row once a slot):
-            // 0.083-0.085 ms in the fine-grained layer's step on an H100 where the gather took
-            // 0.118 (T=8192, k=6, dim 2048 bf16; docs/gpu-report.md, thirtieth session)
-            if let Some(plan) = sorted_indices.plan.as_ref().filter(|p| p.num_tokens == num_tokens && p.num_slots == n) {
-                ops::launch_permute(dev, PermuteKernel::Scatter, &grad_output.buf, row_bytes, plan, None, None, &out.buf, None)?;
-                return Ok((out, None));
-            }
-            if n > 0 && row_bytes > 0 {
-                let w = ops::word_bytes(row_bytes);
-                let words = (row_bytes / w) as i64;
-                let (threads, col_blocks) = ops::row_launch((words as usize).div_ceil(ops::PERMUTE_UNROLL))?;
-                dev.launch(
-                    &format!("permute_gather_w{w}"),
-                    (n as u32, col_blocks),
-                    threads,
-                    &[
-                        Arg::U64(grad_output.buf.ptr(s)),
-                        Arg::U64(out.buf.ptr(s)),
-                        Arg::I64(words),
-                        Arg::U64(sorted_indices.buf.ptr(s)),
-                        Arg::U64(0),
-                        Arg::U64(0),
-                        Arg::U64(0),
-                        Arg::I32(0),
-                    ],
-                )?;
-            }
+            ops::launch_rows_of(dev, &grad_output.buf, row_bytes, sorted_indices, num_tokens, &out.buf)?;
             return Ok((out, None));
         }
         Some(w) => {

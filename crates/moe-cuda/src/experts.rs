@@ -32,7 +32,7 @@ use crate::blas::{gemm, gemm_grouped, gemm_problem, gemm_row_blocks, mark, Opera
 use crate::device::{Arg, Buffer, Device};
 use crate::error::{Error, Result};
 use crate::experts_grouped::{backward_grouped, forward_grouped, gather_selected, grouped_plan, grouped_plan_rows, Gather};
-use crate::permute::{row_launch, PermuteKernel};
+use crate::permute::row_launch;
 use crate::switch::{Choice, Switch};
 use crate::tensor::{tensor_ref, upload_owned_opt, DeviceArg, DeviceTensor};
 
@@ -550,11 +550,15 @@ impl SavedSlots {
 
     /// Both tensors, out of the slots (an error if a call took them already).
     fn take(&self) -> Result<(DeviceTensor, DeviceTensor)> {
-        let gone = || Error::Cuda("saved: its tensors were taken by an earlier call (a bug in moe-dispatch)".into());
-        let up = self.up_projection.borrow_mut().take().ok_or_else(gone)?;
-        let act = self.activation.borrow_mut().take().ok_or_else(gone)?;
+        let up = self.up_projection.borrow_mut().take().ok_or_else(taken)?;
+        let act = self.activation.borrow_mut().take().ok_or_else(taken)?;
         Ok((up, act))
     }
+}
+
+/// The error of slots a call emptied already (the binding gives each call new slots).
+fn taken() -> Error {
+    Error::Cuda("saved: its tensors were taken by an earlier call (a bug in moe-dispatch)".into())
 }
 
 /// What a backward pass is given of its forward's [`ExpertsSaved`]: lent, or to free as it goes.
@@ -583,7 +587,7 @@ impl<'a> SavedArg<'a> {
             SavedArg::Given(s) => {
                 let (up, act) = (s.up_projection.borrow(), s.activation.borrow());
                 if up.is_none() || act.is_none() {
-                    return Err(Error::Cuda("saved: its tensors were taken by an earlier call (a bug in moe-dispatch)".into()));
+                    return Err(taken());
                 }
                 SavedView::Given(up, act, s.counts.as_deref())
             }
@@ -756,21 +760,12 @@ fn checked_gather_named<'a>(dev: &Device, tokens: &DeviceTensor, rows: &'a Devic
     Ok(Gather { rows, x_rows: t })
 }
 
-/// The rows `g` names, copied out (`[N, dim]`): for the paths that do not gather on load. Indices
-/// that permute made for these rows (their plan) take permute's token-major kernel (each row
-/// read once and written to its slots, as unpermuteBackward does: 0.083 ms against the gather's
-/// 0.118 at the fine-grained shape, thirtieth session); others the gather.
+/// The rows `g` names, copied out (`[N, dim]`, [`crate::permute::launch_rows_of`]): for the
+/// paths that do not gather on load.
 pub(crate) fn gathered_rows(dev: &Device, tokens: &DeviceTensor, g: Gather) -> Result<DeviceTensor> {
-    let n = g.rows.numel();
     let dim = tokens.shape[1];
-    let out = DeviceTensor::alloc(dev, "the gathered rows", tokens.dtype, vec![n, dim])?;
-    let row_bytes = dim * tokens.dtype.size();
-    match g.rows.plan.as_ref().filter(|p| p.num_tokens == g.x_rows && p.num_slots == n) {
-        Some(plan) => {
-            crate::permute::launch_permute(dev, PermuteKernel::Scatter, &tokens.buf, row_bytes, plan, None, None, &out.buf, None)?
-        }
-        None => crate::permute::launch_gather_rows(dev, &tokens.buf, row_bytes, &g.rows.buf, n, &out.buf)?,
-    }
+    let out = DeviceTensor::alloc(dev, "the gathered rows", tokens.dtype, vec![g.rows.numel(), dim])?;
+    crate::permute::launch_rows_of(dev, &tokens.buf, dim * tokens.dtype.size(), g.rows, g.x_rows, &out.buf)?;
     Ok(out)
 }
 

@@ -6,6 +6,7 @@ use moe_core::tensor::DType;
 
 use crate::device::{Arg, Buffer, Device};
 use crate::error::{Error, Result};
+use crate::tensor::DeviceTensor;
 
 /// The per-token slot lists the unpermute kernels read: the core's own [`token_slots`].
 pub use moe_core::permute::{token_slots as token_csr, TokenSlots as TokenCsr};
@@ -147,10 +148,18 @@ pub fn launch_permute(
     }
 }
 
-/// `out [n, row_bytes] = tokens[rows[i]]` for the `n` int32 `rows` (each a row of `tokens`: the
-/// caller checked them), the slot-major gather kernel without probs: the experts' permuted rows
-/// where they were asked to gather and cannot (crate::experts).
-pub fn launch_gather_rows(dev: &Device, tokens: &Buffer, row_bytes: usize, rows: &Buffer, n: usize, out: &Buffer) -> Result<()> {
+/// `out [n, row_bytes] = tokens[rows[i]]` for the `n` int32 `rows` of `tokens [num_tokens,
+/// row_bytes]` (each a row of `tokens`: the caller checked them): unpermuteBackward without probs,
+/// and the experts' rows copied out (crate::experts `gathered_rows`). Indices that carry the plan
+/// permute made them with (its token CSR lists every slot once, drop-and-pad's filled slots too)
+/// take permute's token-major kernel, each row of `tokens` read once and written to its slots:
+/// 0.083-0.085 ms in the fine-grained layer's step on an H100 where the slot-major gather (the
+/// other indices') took 0.118 (T=8192, k=6, dim 2048 bf16; docs/gpu-report.md, thirtieth session).
+pub fn launch_rows_of(dev: &Device, tokens: &Buffer, row_bytes: usize, rows: &DeviceTensor, num_tokens: usize, out: &Buffer) -> Result<()> {
+    let n = rows.numel();
+    if let Some(plan) = rows.plan.as_ref().filter(|p| p.num_tokens == num_tokens && p.num_slots == n) {
+        return launch_permute(dev, PermuteKernel::Scatter, tokens, row_bytes, plan, None, None, out, None);
+    }
     if n == 0 || row_bytes == 0 {
         return Ok(());
     }
@@ -166,7 +175,7 @@ pub fn launch_gather_rows(dev: &Device, tokens: &Buffer, row_bytes: usize, rows:
             Arg::U64(tokens.ptr(s)),
             Arg::U64(out.ptr(s)),
             Arg::I64(words),
-            Arg::U64(rows.ptr(s)),
+            Arg::U64(rows.buf.ptr(s)),
             Arg::U64(0),
             Arg::U64(0),
             Arg::U64(0),

@@ -63,12 +63,16 @@ fn saved_counts(v: Option<Vec<f64>>) -> moe_core::Result<Option<Vec<i32>>> {
 
 const SAVED_NAMES: [&str; 2] = ["saved.upProjection", "saved.activation"];
 
+/// The TypeError of a `saved` that lacks tensor `i` of SAVED_NAMES (the other given).
+fn saved_missing(i: usize) -> moe_core::Error {
+    moe_core::Error::type_error(SAVED_NAMES[i], format!("a device tensor (saved with {})", SAVED_NAMES[1 - i]), "undefined")
+}
+
 /// With `free`: both tensors taken out of their handles (a disposed one is a TypeError naming it,
 /// and the other is put back).
 fn take_saved(handles: &mut [Option<DeviceHeld<'_>>; 2], counts: &Option<Vec<i32>>) -> moe_core::Result<SavedSlots> {
     let [Some(up), Some(act)] = handles else {
-        let (missing, with) = if handles[0].is_none() { (SAVED_NAMES[0], SAVED_NAMES[1]) } else { (SAVED_NAMES[1], SAVED_NAMES[0]) };
-        return Err(moe_core::Error::type_error(missing, format!("a device tensor (saved with {with})"), "undefined"));
+        return Err(saved_missing(if handles[0].is_none() { 0 } else { 1 }));
     };
     let u = up.take(SAVED_NAMES[0])?;
     let a = match act.take(SAVED_NAMES[1]) {
@@ -104,13 +108,11 @@ impl<'e> Kind<Args<'e>> for Saved {
             return Ok(Some(SavedArg::Given(slots)));
         }
         let [up, act] = &held.handles;
-        let missing =
-            |name: &str, with: &str| moe_core::Error::type_error(name, format!("a device tensor (saved with {with})"), "undefined");
-        let up = up.as_ref().ok_or_else(|| missing(SAVED_NAMES[0], SAVED_NAMES[1]))?;
-        let act = act.as_ref().ok_or_else(|| missing(SAVED_NAMES[1], SAVED_NAMES[0]))?;
+        let up = up.as_ref().ok_or_else(|| saved_missing(0))?;
+        let act = act.as_ref().ok_or_else(|| saved_missing(1))?;
         Ok(Some(SavedArg::Lent(SavedRef {
-            up_projection: Device::core(up, "saved.upProjection")?.tensor,
-            activation: Device::core(act, "saved.activation")?.tensor,
+            up_projection: Device::core(up, SAVED_NAMES[0])?.tensor,
+            activation: Device::core(act, SAVED_NAMES[1])?.tensor,
             counts: held.counts.as_deref(),
         })))
     }
