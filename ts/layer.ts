@@ -1108,7 +1108,9 @@ export class MoELayer {
         gradGatherIndices: d.sortedIndices,
         // h and a are the backward's alone: given to it, each freed after its last reader
         ...(d.expertsSaved ? { saved: d.expertsSaved, freeSaved: true } : {}),
-        ...(d.gathered ? { gatherIndices: d.sortedIndices } : {}),
+        // and so are the permuted tokens (the tokens' gradient is written over them once dW1 has
+        // read them); gathering on load, the experts read the input, which the router's backward reads after
+        ...(d.gathered ? { gatherIndices: d.sortedIndices } : { freeTokens: true }),
       }) as unknown as ReturnType<Backend['expertsBackward']>;
     } else {
       const gradY = moe.unpermuteBackward(g2, d.permutedTokens as Tensor<TokenDType>, d.sortedIndices).gradPermuted;

@@ -9,7 +9,9 @@
 // the grouped GEMM frees a after dW2 and h after the activation's backward (the call's own peak
 // lower by their bytes), the same bits; both disposed when it returns, untouched when a check
 // fails. The default experts path (unset MOE_DISPATCH_EXPERTS_GEMM: our grouped GEMM on a Hopper
-// GPU).
+// GPU). And `freeTokens`: the permuted tokens given to the backward, which on the grouped GEMM
+// writes the tokens' gradient over them once dW1 has read them (the call's own peak lower by
+// its bytes), the same bits; disposed when it returns, untouched when a check fails.
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 
@@ -177,5 +179,88 @@ describe("the experts' backward freeing the forward's saved tensors as it goes (
     );
     assert.equal(fwd.saved.upProjection.disposed, false);
     free(fwd.output, fwd.saved);
+  });
+});
+
+describe("the experts' backward writing the tokens' gradient over the tokens it is given (freeTokens)", () => {
+  /** A device copy of the permuted tokens, to give away (permute's own stay for the other calls). */
+  const copyOf = (t) => cuda.upload(t.download());
+
+  test('grouped GEMM: the same bits, the call peaks lower by the gradient, the tokens disposed after; a failed check leaves them as they were', { skip: skipGrouped }, () => {
+    const p = routedExperts({ kind: 'swiglu', T: 300, dim: 64, inter: 48, E: 8, k: 2, empty: true });
+    const { perm, weights, options } = p;
+    const o = { ...options, gradGatherIndices: perm.sortedIndices };
+    const fwd = cuda.expertsForward(perm.permutedTokens, perm.tokensPerExpert, weights, { ...options, saveForBackward: true });
+    let live = cuda.memory().liveBytes;
+    cuda.peakMemory({ reset: true });
+    const want = cuda.expertsBackward(p.gradTokens, perm.permutedTokens, perm.tokensPerExpert, weights, { ...o, saved: fwd.saved });
+    const extraLent = cuda.peakMemory() - live;
+    const mine = copyOf(perm.permutedTokens);
+    const bytes = mine.byteLength;
+    // a failed check first: the tokens untouched
+    const narrow = cuda.upload(tensor('bfloat16', [300, 32]));
+    assert.throws(
+      () => cuda.expertsBackward(narrow, mine, perm.tokensPerExpert, weights, { ...o, saved: fwd.saved, freeTokens: true }),
+      (e) => /gradOutput/.test(e.message),
+    );
+    assert.equal(mine.disposed, false, 'a failed check leaves the tokens as they were');
+    assertSameBits(mine, perm.permutedTokens, 'the tokens after a failed check');
+    live = cuda.memory().liveBytes;
+    cuda.peakMemory({ reset: true });
+    const got = cuda.expertsBackward(p.gradTokens, mine, perm.tokensPerExpert, weights, { ...o, saved: fwd.saved, freeTokens: true });
+    const extraGiven = cuda.peakMemory() - live;
+    for (const key of GRADS(p)) assertSameBits(got[key], want[key], key);
+    assert.ok(mine.disposed, 'given: disposed when the call returns');
+    assert.equal(got.gradTokens.byteLength, bytes);
+    // dx takes the tokens' bytes: the call makes no [N, dim] tensor of its own for it
+    assert.ok(extraGiven <= extraLent - bytes, `the call's own peak: ${extraGiven} bytes given, ${extraLent} lent; the gradient (${bytes} bytes) written over the tokens`);
+    // the tokens gone: a second call names them
+    assert.throws(
+      () => cuda.expertsBackward(p.gradTokens, mine, perm.tokensPerExpert, weights, { ...o, freeTokens: true }),
+      (e) => e instanceof TypeError && /permutedTokens/.test(e.message),
+    );
+    // with saved given too (as the layer calls it), and with h recomputed
+    const given = cuda.expertsForward(perm.permutedTokens, perm.tokensPerExpert, weights, { ...options, saveForBackward: true });
+    const both = cuda.expertsBackward(p.gradTokens, copyOf(perm.permutedTokens), perm.tokensPerExpert, weights, { ...o, saved: given.saved, freeSaved: true, freeTokens: true });
+    for (const key of GRADS(p)) assertSameBits(both[key], want[key], `${key} (saved given too)`);
+    assert.ok(given.saved.upProjection.disposed && given.saved.activation.disposed);
+    const again = cuda.expertsBackward(p.gradTokens, copyOf(perm.permutedTokens), perm.tokensPerExpert, weights, { ...o, freeTokens: true });
+    for (const key of GRADS(p)) assertSameBits(again[key], want[key], `${key} (h recomputed)`);
+    // the gradient is a tensor of its own now: later ops read it as any other
+    const back = cuda.permuteBackward(got.gradTokens, perm.sortedIndices, 300);
+    const ref = cuda.permuteBackward(want.gradTokens, perm.sortedIndices, 300);
+    assertSameBits(back.gradTokens, ref.gradTokens, 'permuteBackward of the gradient written over the tokens');
+    free(fwd.output, fwd.saved, given.output, narrow, want, got, both, again, back, ref);
+  });
+
+  test('the cuBLAS path: the same bits, the tokens disposed when the call returns', { skip: cudaOnly }, () => {
+    const p = routedExperts({ kind: 'relu2', T: 150, dim: 64, inter: 40, E: 4, k: 2, empty: true });
+    const { perm, weights, options } = p;
+    const counts = cuda.upload(perm.tokensPerExpert.download());
+    const want = cuda.expertsBackward(p.grad, perm.permutedTokens, counts, weights, options);
+    const mine = copyOf(perm.permutedTokens);
+    const got = cuda.expertsBackward(p.grad, mine, counts, weights, { ...options, freeTokens: true });
+    for (const key of GRADS(p)) assertSameBits(got[key], want[key], key);
+    assert.ok(mine.disposed, 'disposed when the call returns');
+    free(counts, want, got);
+  });
+
+  test('freeTokens with host tokens, with gatherIndices, or not a boolean: TypeErrors naming it, the tokens kept', { skip: cudaOnly }, () => {
+    const p = routedExperts({ kind: 'swiglu', T: 64, dim: 64, inter: 40, E: 4, k: 2, empty: false });
+    const { perm, weights, options } = p;
+    const hostTokens = perm.permutedTokens.download();
+    assert.throws(
+      () => cuda.expertsBackward(p.grad, hostTokens, perm.tokensPerExpert, weights, { ...options, freeTokens: true }),
+      (e) => e instanceof TypeError && /options\.freeTokens/.test(e.message) && /device tensor/.test(e.message),
+    );
+    assert.throws(
+      () => cuda.expertsBackward(p.gradTokens, p.x, perm.tokensPerExpert, weights, { ...options, gatherIndices: perm.sortedIndices, gradGatherIndices: perm.sortedIndices, freeTokens: true }),
+      (e) => e instanceof TypeError && /options\.freeTokens/.test(e.message) && /gatherIndices/.test(e.message),
+    );
+    assert.throws(
+      () => cuda.expertsBackward(p.grad, perm.permutedTokens, perm.tokensPerExpert, weights, { ...options, freeTokens: 'yes' }),
+      (e) => e instanceof TypeError && /options\.freeTokens/.test(e.message),
+    );
+    assert.equal(perm.permutedTokens.disposed || p.x.disposed, false, 'refused calls take nothing');
   });
 });

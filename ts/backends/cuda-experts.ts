@@ -4,7 +4,7 @@
  * backend). Any device tensor among the arguments: the GPU path, device tensors out.
  */
 import type { AnyTensor, DeviceTensor, NativeCudaTensor } from '../device.js';
-import { wrapDevice } from '../device.js';
+import { isDeviceTensor, wrapDevice } from '../device.js';
 import type { ExpertsForwardArgs } from '../generated/binding.js';
 import {
   expertArgs,
@@ -85,6 +85,15 @@ export interface DeviceExpertsBackwardOptions extends DeviceExpertsOptions {
    * (out of memory, say) leaves them disposed.
    */
   freeSaved?: boolean;
+  /**
+   * Give `permutedTokens` to the call (a device tensor; not with `gatherIndices`, whose tokens
+   * are the caller's in their own order): on our grouped GEMM the tokens' gradient is written over
+   * them once `dW1`, their last reader, is queued (the result's `gradTokens` takes their memory, so
+   * the `[N, dim]` rows and their gradient never take memory side by side); elsewhere they are
+   * freed when the call returns. Either way `permutedTokens` is disposed once the call returns. A
+   * call that fails leaves them as they were.
+   */
+  freeTokens?: boolean;
 }
 
 export interface DeviceExpertsGrads<D extends TokenDType = TokenDType> {
@@ -130,13 +139,13 @@ interface ExpertsAddon {
     activation?: H;
     counts?: number[];
   };
-  cudaExpertsBackwardDevice: DeviceFn<'expertsBackward', { saved?: SavedArg; gatherIndices?: H; gradGatherIndices?: H }>;
+  cudaExpertsBackwardDevice: DeviceFn<'expertsBackward', { saved?: SavedArg; gatherIndices?: H; gradGatherIndices?: H; freeTokens?: boolean }>;
   cudaMatmulDevice: DeviceFn<'matmul'>;
 }
 
 const KNOWN: readonly (keyof DeviceExpertsOptions)[] = ['activation', 'permutedProbs', 'biases', 'alpha', 'limit', 'linearOffset', 'gatherIndices'];
 const FORWARD_KNOWN = [...KNOWN, 'saveForBackward'];
-const BACKWARD_KNOWN = [...KNOWN, 'saved', 'gradGatherIndices', 'freeSaved'];
+const BACKWARD_KNOWN = [...KNOWN, 'saved', 'gradGatherIndices', 'freeSaved', 'freeTokens'];
 
 /** The device functions' argument object: ops/experts.ts's own builder over device handles (tokensPerExpert int32: the GPU keeps no int64). */
 function deviceArgs(h: Handles, permutedTokens: unknown, tokensPerExpert: unknown, weights: unknown, options: unknown, op: 'expertsForward' | 'expertsBackward') {
@@ -157,6 +166,8 @@ function deviceOptions(options: unknown): unknown[] {
     o.gatherIndices === undefined ? undefined : DEVICE_PATH,
     // (host indices with host tensors: the host op gathers them)
     o.gradGatherIndices,
+    // (refused there with host tokens, naming the option)
+    o.freeTokens ? DEVICE_PATH : undefined,
   ];
 }
 
@@ -183,6 +194,16 @@ function savedArg(h: Handles, options: unknown): { saved?: SavedArg } {
   }
   if (free) arg.free = true;
   return { saved: arg };
+}
+
+/** expertsBackward's `freeTokens`: the device function's flag (permutedTokens a device tensor, no gatherIndices), or a TypeError naming it. */
+function givenTokens(permutedTokens: unknown, options: unknown): { freeTokens?: true } {
+  if (!checkBool(optionValue(options, 'freeTokens'), 'options.freeTokens')) return {};
+  if (!isDeviceTensor(permutedTokens)) throw new TypeError('options.freeTokens: gives the call permutedTokens to free, which must be a device tensor (got a host tensor)');
+  if (optionValue(options, 'gatherIndices') !== undefined) {
+    throw new TypeError("options.freeTokens: not with options.gatherIndices (permutedTokens are then the tokens in their own order, the caller's)");
+  }
+  return { freeTokens: true };
 }
 
 /** The device functions' `gatherIndices` or `gradGatherIndices` (int32 on the device; a host tensor is uploaded). */
@@ -232,16 +253,19 @@ export const expertsGpu: GpuFamily = {
           );
         }
         return call('expertsBackward', (h) => {
+          const given = givenTokens(permutedTokens, options);
           const gh = h.of(gradOutput, 'gradOutput', TOKENS);
           const args = deviceArgs(h, permutedTokens, tokensPerExpert, weights, options, 'expertsBackward');
           const saved = savedArg(h, options);
-          const out = wrapResult(gpu.cudaExpertsBackwardDevice({ gradOutput: gh, ...args, ...saved, ...gatherArg(h, options), ...gatherArg(h, options, 'gradGatherIndices') }));
+          const out = wrapResult(gpu.cudaExpertsBackwardDevice({ gradOutput: gh, ...args, ...saved, ...gatherArg(h, options), ...gatherArg(h, options, 'gradGatherIndices'), ...given }));
           if (saved.saved?.free) {
             // given to the call: what it did not free already is freed now
             const s = (options as DeviceExpertsBackwardOptions).saved!;
             s.upProjection.dispose();
             s.activation.dispose();
           }
+          // (taken by the call: its handle reads as disposed already)
+          if (given.freeTokens) (permutedTokens as DeviceTensor).dispose();
           return expertsGrads(out as unknown as ExpertsGradsOut<DeviceTensor>, args.upProjs !== undefined);
         });
       },

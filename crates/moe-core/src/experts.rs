@@ -498,11 +498,12 @@ fn forward_rows(w: &Wide, d: &Dims, act: &ActivationOptions, y: &mut [f32]) -> R
     })
 }
 
-/// Output of [`experts_backward`] (`T`: how a tensor is held; a device backend's are its own).
+/// Output of [`experts_backward`] (`T`: how a tensor is held; a device backend's are its own;
+/// `G`: how the tokens' gradient is, where a backend can write it somewhere else).
 #[derive(Debug, Clone, PartialEq)]
-pub struct ExpertsGrads<T = Tensor> {
+pub struct ExpertsGrads<T = Tensor, G = T> {
     /// `[N, dim]`, the dtype of the tokens.
-    pub grad_tokens: T,
+    pub grad_tokens: G,
     /// Shaped and typed like `gateAndUpProjs` (or `upProjs`).
     pub grad_gate_and_up: T,
     /// Shaped and typed like `downProjs`.

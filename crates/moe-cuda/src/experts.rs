@@ -31,7 +31,7 @@ use crate::activations::{launch_activation, launch_activation_backward, ExpMath}
 use crate::blas::{gemm, gemm_grouped, gemm_problem, gemm_row_blocks, mark, Operand, Output, Problem, SideBySide};
 use crate::device::{Arg, Buffer, Device};
 use crate::error::{Error, Result};
-use crate::experts_grouped::{backward_grouped, forward_grouped, gather_selected, grouped_plan, grouped_plan_rows, Gather};
+use crate::experts_grouped::{backward_grouped, forward_grouped, gather_selected, grouped_plan, grouped_plan_rows, Gather, TokenRows};
 use crate::permute::row_launch;
 use crate::switch::{Choice, Switch};
 use crate::tensor::{tensor_ref, upload_owned_opt, DeviceArg, DeviceTensor};
@@ -105,6 +105,51 @@ impl<'a> From<&'a DeviceTensor> for GradOutput<'a> {
     fn from(t: &'a DeviceTensor) -> Self {
         GradOutput::Rows(t)
     }
+}
+
+/// Where a backward put the tokens' gradient ([`experts_backward_device_over_tokens`]).
+pub enum TokensGrad {
+    /// A tensor of its own.
+    Own(DeviceTensor),
+    /// Written over the tokens the call was lent (their values are gone): see [`TokensGrad::into_tensor`].
+    OverTokens,
+}
+
+impl TokensGrad {
+    /// The gradient as a tensor of the caller's, given the tokens it lent the call: their buffer
+    /// where the gradient was written over them (as a new tensor: no facts, no plan), else the
+    /// gradient's own (the tokens are dropped).
+    pub fn into_tensor(self, tokens: DeviceTensor) -> DeviceTensor {
+        match self {
+            TokensGrad::Own(t) => t,
+            TokensGrad::OverTokens => DeviceTensor::from_buffer(tokens.dtype, tokens.shape, tokens.buf),
+        }
+    }
+}
+
+/// The gradients of [`experts_backward_device_over_tokens`] with the tokens' as a tensor, given
+/// the tokens the call was lent ([`TokensGrad::into_tensor`]).
+pub fn grads_over_tokens(g: ExpertsGrads<DeviceTensor, TokensGrad>, tokens: DeviceTensor) -> DeviceExpertsGrads {
+    let ExpertsGrads { grad_tokens, grad_gate_and_up, grad_down, grad_gate_up_bias, grad_down_bias, grad_probs } = g;
+    ExpertsGrads {
+        grad_tokens: grad_tokens.into_tensor(tokens),
+        grad_gate_and_up,
+        grad_down,
+        grad_gate_up_bias,
+        grad_down_bias,
+        grad_probs,
+    }
+}
+
+/// The gradients of a backward that wrote the tokens' in a tensor of its own.
+fn own_tokens_grad(g: ExpertsGrads<DeviceTensor, TokensGrad>) -> Result<DeviceExpertsGrads> {
+    let ExpertsGrads { grad_tokens, grad_gate_and_up, grad_down, grad_gate_up_bias, grad_down_bias, grad_probs } = g;
+    let TokensGrad::Own(grad_tokens) = grad_tokens else {
+        return Err(Error::Cuda(
+            "expertsBackward: the tokens' gradient was written over the tokens unasked (a bug in moe-dispatch)".into(),
+        ));
+    };
+    Ok(ExpertsGrads { grad_tokens, grad_gate_and_up, grad_down, grad_gate_up_bias, grad_down_bias, grad_probs })
 }
 
 /// A tensor an op borrowed or made itself (freed when dropped).
@@ -807,7 +852,7 @@ pub fn experts_backward_device_gathering<'g>(
             if let Some(sv) = saved {
                 check_saved(sv.view()?.get(), DType::BF16, DType::BF16, p.rows(), p.width(), p.inter())?;
             }
-            return backward_grouped(dev, &p, grad, inp, Some(g), act, saved);
+            return own_tokens_grad(backward_grouped(dev, &p, grad, inp, TokenRows::Gathered(g), act, saved)?);
         }
     }
     let permuted = gathered_rows(dev, inp.tokens, g)?;
@@ -838,13 +883,62 @@ pub fn experts_backward_device_saved<'g>(
     act: &ActivationOptions,
     saved: Option<SavedArg>,
 ) -> Result<DeviceExpertsGrads> {
-    let grad = grad_output.into().checked(dev)?;
+    own_tokens_grad(backward_device(dev, grad_output.into(), inp, act, saved, false)?)
+}
+
+/// [`experts_backward_device_saved`] for a caller that is done with the tokens (`freeTokens`):
+/// on our grouped GEMM the tokens' gradient is written over the tokens once `dW1`, their last
+/// reader, is queued ([`TokensGrad::OverTokens`]: the `[N, dim]` rows and their gradient never
+/// take memory side by side); elsewhere it is a tensor of its own. Either way the caller turns
+/// the result and its tokens into the gradient with [`TokensGrad::into_tensor`]. An error leaves
+/// the tokens as they were (every check and allocation comes before that last GEMM).
+pub fn experts_backward_device_over_tokens<'g>(
+    dev: &Device,
+    grad_output: impl Into<GradOutput<'g>>,
+    inp: &DeviceExpertsInputs,
+    act: &ActivationOptions,
+    saved: Option<SavedArg>,
+) -> Result<ExpertsGrads<DeviceTensor, TokensGrad>> {
+    backward_device(dev, grad_output.into(), inp, act, saved, true)
+}
+
+fn backward_device(
+    dev: &Device,
+    grad_output: GradOutput,
+    inp: &DeviceExpertsInputs,
+    act: &ActivationOptions,
+    saved: Option<SavedArg>,
+    over_tokens: bool,
+) -> Result<ExpertsGrads<DeviceTensor, TokensGrad>> {
+    let grad = grad_output.checked(dev)?;
     if let Some(g) = grouped_plan(dev, inp, act, Some(grad)) {
         if let Some(sv) = saved {
             check_saved(sv.view()?.get(), DType::BF16, DType::BF16, g.rows(), g.width(), g.inter())?;
         }
-        return backward_grouped(dev, &g, grad, inp, None, act, saved);
+        let rows = if over_tokens { TokenRows::Given } else { TokenRows::Lent };
+        return backward_grouped(dev, &g, grad, inp, rows, act, saved);
     }
+    let g = backward_per_expert(dev, grad, inp, act, saved)?;
+    let ExpertsGrads { grad_tokens, grad_gate_and_up, grad_down, grad_gate_up_bias, grad_down_bias, grad_probs } = g;
+    Ok(ExpertsGrads {
+        grad_tokens: TokensGrad::Own(grad_tokens),
+        grad_gate_and_up,
+        grad_down,
+        grad_gate_up_bias,
+        grad_down_bias,
+        grad_probs,
+    })
+}
+
+/// The backward off our grouped GEMM: cuBLAS per expert (weight gradients beside on other
+/// streams), or the host core.
+fn backward_per_expert(
+    dev: &Device,
+    grad: GradOutput,
+    inp: &DeviceExpertsInputs,
+    act: &ActivationOptions,
+    saved: Option<SavedArg>,
+) -> Result<DeviceExpertsGrads> {
     // the per-expert path reads saved's tensors to its end: borrowed from the slots until then
     let view = saved.map(SavedArg::view).transpose()?;
     let saved = view.as_ref().map(SavedView::get);

@@ -15,13 +15,13 @@
 //! [`Facts::counts_total`]: crate::tensor::Facts::counts_total
 
 use moe_core::activations::ActivationOptions;
-use moe_core::experts::{check_experts, check_experts_backward, ExpertsCheck};
+use moe_core::experts::{check_experts, check_experts_backward, ExpertsCheck, ExpertsGrads};
 use moe_core::tensor::DType;
 
 use crate::activations::{launch_activation, launch_activation_backward, ExpMath};
 use crate::device::{Buffer, Device};
 use crate::error::Result;
-use crate::experts::{saved_tensors, DeviceExpertsGrads, DeviceExpertsInputs, ExpertsSaved, GradOutput, Held, SavedArg};
+use crate::experts::{saved_tensors, DeviceExpertsInputs, ExpertsSaved, GradOutput, Held, SavedArg, TokensGrad};
 use crate::grouped_gemm::{self, WeightLayout};
 use crate::tensor::{DeviceArg, DeviceTensor};
 
@@ -188,6 +188,17 @@ pub struct Gather<'a> {
     pub x_rows: usize,
 }
 
+/// How the grouped backward takes `inp.tokens`.
+#[derive(Clone, Copy)]
+pub enum TokenRows<'a> {
+    /// The experts' rows (expert-major), lent: the caller's still.
+    Lent,
+    /// The experts' rows, given: dx is written over them once dW1, their last reader, is queued.
+    Given,
+    /// The tokens in their own order, the experts' rows gathered on load.
+    Gathered(Gather<'a>),
+}
+
 /// Whether the experts gather their rows on load where the layer asks them to
 /// (`MOE_DISPATCH_GG_FUSE=gather`, read once; `act,gather` takes both fusions): the grouped
 /// path's first GEMM reads the tokens through the permutation ([`grouped_gemm::launch_gather`]),
@@ -321,16 +332,21 @@ pub fn forward_grouped(
 /// (and the probs' gradient), `dW1 = x^T dh` (x's rows gathered on load with `gather`),
 /// `dx = dh W1^T` (the gradient of the experts' rows, expert-major, either way); h and a from
 /// `saved` (checked by the caller) or recomputed. `g` gathered here ([`GradOutput::Gathered`])
-/// is freed once `dW2` and `da` are queued.
+/// is freed once `dW2` and `da` are queued. Tokens given ([`TokenRows::Given`]): dx is written
+/// over them ([`TokensGrad::OverTokens`]), so the two never take memory side by side.
 pub fn backward_grouped(
     dev: &Device,
     p: &GroupedPlan,
     grad_output: GradOutput,
     inp: &DeviceExpertsInputs,
-    gather: Option<Gather>,
+    rows: TokenRows,
     act: &ActivationOptions,
     saved: Option<SavedArg>,
-) -> Result<DeviceExpertsGrads> {
+) -> Result<ExpertsGrads<DeviceTensor, TokensGrad>> {
+    let gather = match rows {
+        TokenRows::Gathered(g) => Some(g),
+        TokenRows::Lent | TokenRows::Given => None,
+    };
     let dt = DType::BF16;
     let counts = inp.tokens_per_expert;
     // h and a: lent, given (freed below, each after its last reader), or recomputed (freed so too)
@@ -398,9 +414,20 @@ pub fn backward_grouped(
         }
         None => wgrad(dev, p, &inp.tokens.buf, &dh, counts, &grad_w1, p.dim, p.width)?,
     }
-    let grad_tokens = DeviceTensor::alloc(dev, "gradTokens", dt, vec![p.n, p.dim])?;
-    gemm(dev, p, &dh, inp.gate_and_up, WeightLayout::NK, counts, &grad_tokens.buf, p.dim, p.width)?;
-    Ok(DeviceExpertsGrads {
+    // dx over the tokens where given (dW1, their last reader, is queued before it on this
+    // stream; the experts' rows are [n, dim] bf16 as dx is), else a tensor of its own
+    let grad_tokens = match rows {
+        TokenRows::Given => {
+            gemm(dev, p, &dh, inp.gate_and_up, WeightLayout::NK, counts, &inp.tokens.buf, p.dim, p.width)?;
+            TokensGrad::OverTokens
+        }
+        TokenRows::Lent | TokenRows::Gathered(_) => {
+            let t = DeviceTensor::alloc(dev, "gradTokens", dt, vec![p.n, p.dim])?;
+            gemm(dev, p, &dh, inp.gate_and_up, WeightLayout::NK, counts, &t.buf, p.dim, p.width)?;
+            TokensGrad::Own(t)
+        }
+    };
+    Ok(ExpertsGrads {
         grad_tokens,
         grad_gate_and_up: grad_w1,
         grad_down: grad_w2,

@@ -6,7 +6,9 @@
 
 use moe_bind::ops::{ActArgs, ExpertsArgs};
 use moe_bind::{ArgTs, Flag, Kind, Obj};
-use moe_cuda::experts::{self, DeviceExpertsGrads, ExpertsSaved, GradOutput, SavedArg, SavedRef, SavedSlots};
+use moe_core::experts::ExpertsGrads;
+use moe_cuda::experts::{self, DeviceExpertsGrads, ExpertsSaved, GradOutput, SavedArg, SavedRef, SavedSlots, TokensGrad};
+use moe_cuda::tensor::DeviceTensor;
 
 use crate::cuda::{CudaTensor, Device, DeviceOut};
 use crate::wire::Args;
@@ -118,6 +120,15 @@ impl<'e> Kind<Args<'e>> for Saved {
     }
 }
 
+/// With `freeTokens`, once the backward is done: permutedTokens taken out of its handle (which
+/// then reads as disposed) and turned into the tokens' gradient ([`experts::grads_over_tokens`]:
+/// their buffer where the grouped GEMM wrote dx over them, else dropped).
+fn given_tokens_grad(o: &Args<'_>, g: ExpertsGrads<DeviceTensor, TokensGrad>) -> moe_cuda::Result<DeviceExpertsGrads> {
+    let mut handle =
+        Device::read(o, "permutedTokens")?.ok_or_else(|| moe_core::Error::type_error("permutedTokens", "a device tensor", "undefined"))?;
+    Ok(experts::grads_over_tokens(g, handle.take("permutedTokens")?))
+}
+
 cuda_fns! {
     /// `expertsForward` on device tensors (cuBLAS GEMMs per expert); with saveForBackward also
     /// the up-projection and the weighted activation (`upProjection`, `activation`).
@@ -134,16 +145,19 @@ cuda_fns! {
         Ok(device_out!(output: out, upProjection: up, activation: act, counts: counts))
     }
     /// `expertsBackward` on device tensors (`saved`: what the forward kept; `gradGatherIndices`:
-    /// gradOutput is the tokens' gradient in their own order, its rows gathered by the call).
-    cudaExpertsBackwardDevice(options: ActArgs, gradOutput: Device, inputs: ExpertsArgs<Device>, saved: Saved, gatherIndices: Option<Device>, gradGatherIndices: Option<Device>) -> DeviceOut |dev| {
+    /// gradOutput is the tokens' gradient in their own order, its rows gathered by the call;
+    /// `freeTokens`: permutedTokens given to the call, see [`given_tokens_grad`]).
+    cudaExpertsBackwardDevice(options: ActArgs, gradOutput: Device, inputs: ExpertsArgs<Device>, saved: Saved, gatherIndices: Option<Device>, gradGatherIndices: Option<Device>, freeTokens: Flag) -> DeviceOut |dev, o| {
         let inputs = inputs.into();
         let grad = match &gradGatherIndices {
             Some(rows) => GradOutput::Gathered { tokens: &gradOutput, rows },
             None => GradOutput::Rows(&gradOutput),
         };
-        let g: DeviceExpertsGrads = match gatherIndices {
-            Some(rows) => experts::experts_backward_device_gathering(dev, grad, &inputs, &rows, &options, saved)?,
-            None => experts::experts_backward_device_saved(dev, grad, &inputs, &options, saved)?,
+        let g: DeviceExpertsGrads = match (gatherIndices, freeTokens) {
+            (Some(_), true) => return Err(moe_core::Error::type_error("freeTokens", "false with gatherIndices (the tokens are the caller's in their own order)", "true").into()),
+            (Some(rows), false) => experts::experts_backward_device_gathering(dev, grad, &inputs, &rows, &options, saved)?,
+            (None, true) => given_tokens_grad(o, experts::experts_backward_device_over_tokens(dev, grad, &inputs, &options, saved)?)?,
+            (None, false) => experts::experts_backward_device_saved(dev, grad, &inputs, &options, saved)?,
         };
         Ok(device_out!(
             gradTokens: g.grad_tokens, gradGateAndUpProjs: g.grad_gate_and_up, gradDownProjs: g.grad_down,

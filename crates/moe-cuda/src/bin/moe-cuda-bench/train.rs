@@ -22,8 +22,8 @@ use moe_cuda::activations::{read_device_loss, switch_load_balancing_loss_device_
 use moe_cuda::device::{peak_memory, reset_peak_memory};
 use moe_cuda::device_ops::{permute_backward_device, permute_device, route_backward_device, route_device, unpermute_device};
 use moe_cuda::experts::{
-    experts_backward_device_gathering, experts_backward_device_saved, experts_forward_device_gathering, experts_forward_device_saving,
-    matmul_device, DeviceExpertsInputs, GradOutput, SavedArg, SavedSlots,
+    experts_backward_device_gathering, experts_backward_device_over_tokens, experts_forward_device_gathering,
+    experts_forward_device_saving, grads_over_tokens, matmul_device, DeviceExpertsInputs, GradOutput, SavedArg, SavedSlots,
 };
 use moe_cuda::experts_grouped::gathers_on_load;
 use moe_cuda::layout::indices_to_multihot_device;
@@ -197,9 +197,10 @@ pub fn bench(dev: &Device, s: &ExpertShape, iters: usize) -> moe_cuda::Result<fl
         // h and a given to the backward, which frees each after its last reader (as the layer's freeSaved)
         let saved = saved.map(SavedSlots::new);
         let given = saved.as_ref().map(SavedArg::Given);
+        // and so are the permuted tokens: dx is written over them once dW1 has read them (freeTokens)
         let grads = match gather {
             true => experts_backward_device_gathering(dev, g_y, &inp, &p.sorted_indices, &act, given)?,
-            false => experts_backward_device_saved(dev, g_y, &inp, &act, given)?,
+            false => grads_over_tokens(experts_backward_device_over_tokens(dev, g_y, &inp, &act, given)?, p.permuted_tokens),
         };
         let (_g_x, g_probs) = permute_backward_device(
             dev,
