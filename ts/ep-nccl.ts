@@ -23,10 +23,9 @@
 import { hostname } from 'node:os';
 
 import { type DeviceTensor, type NativeCudaTensor, nativeHandle, rethrowNative, wrapDevice } from './device.js';
-import { checkDeviceRows, ExpertParallelTimeoutError, type ExpertParallelGroup } from './ep.js';
+import { checkDeviceRows, ExpertParallelTimeoutError, type ExpertParallelGroup, type RowDType } from './ep.js';
 import { loadNative } from './backends/native.js';
 import { parseRendezvous, rankList, rendezvous, type RendezvousAddress } from './rendezvous.js';
-import type { TokenDType } from './tensor.js';
 
 export interface ExpertParallelGroupOptions {
   /** This process's rank, `0 <= rank < size`. */
@@ -359,7 +358,7 @@ class NcclGroup implements NcclExpertParallelGroup {
     });
   }
 
-  allToAllVDevice<D extends TokenDType>(send: DeviceTensor<D>, sendRows: readonly number[], recvRows: readonly number[], label?: string): Promise<DeviceTensor<D>> {
+  allToAllVDevice<D extends RowDType>(send: DeviceTensor<D>, sendRows: readonly number[], recvRows: readonly number[], label?: string): Promise<DeviceTensor<D>> {
     return new Promise<DeviceTensor<D>>((resolve, reject) => {
       const l = labelArg(label, 'allToAllVDevice');
       checkDeviceRows(at(l, 'allToAllVDevice'), this.size, send, sendRows, recvRows);

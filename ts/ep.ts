@@ -43,6 +43,7 @@
 import type { Backend } from './backend.js';
 import type { TopKRouting } from './dispatcher.js';
 import type { ExpertRange } from './ops/layout.js';
+import type { CudaTrainOps } from './backends/cuda-train.js';
 import { type AnyTensor, type DeviceTensor, isDeviceTensor } from './device.js';
 import { checkTensor, type IndexDType, type Tensor, type TokenDType } from './tensor.js';
 import { checkBool, checkOptions, TOKENS } from './wire.js';
@@ -77,8 +78,12 @@ export interface ExpertParallelGroup {
    * dispatch, combine and their backward passes take the cuda backend's device tensors and
    * move their rows without host copies.
    */
-  allToAllVDevice?<D extends TokenDType>(send: DeviceTensor<D>, sendRows: readonly number[], recvRows: readonly number[], label?: string): Promise<DeviceTensor<D>>;
+  allToAllVDevice?<D extends RowDType>(send: DeviceTensor<D>, sendRows: readonly number[], recvRows: readonly number[], label?: string): Promise<DeviceTensor<D>>;
 }
+
+/** The dtypes of the rows a group moves: the tokens', and the int32 / float32 picks and weights that travel with them. */
+export type RowDType = TokenDType | 'int32';
+const ROW_DTYPES: readonly RowDType[] = [...TOKENS, 'int32'];
 
 /** A collective that did not complete because ranks never joined it; the group is aborted. */
 export class ExpertParallelTimeoutError extends Error {
@@ -96,9 +101,9 @@ export class ExpertParallelTimeoutError extends Error {
  * device tensor, `sendRows` / `recvRows` one count per rank (`size`), `sendRows` adding up to
  * `rows`; its dtype and shape, or a TypeError / RangeError starting with `op`.
  */
-export function checkDeviceRows(op: string, size: number, send: unknown, sendRows: unknown, recvRows: unknown): { dtype: TokenDType; shape: readonly number[] } {
+export function checkDeviceRows(op: string, size: number, send: unknown, sendRows: unknown, recvRows: unknown): { dtype: RowDType; shape: readonly number[] } {
   if (!isDeviceTensor(send)) throw new TypeError(`${op}: send: expected a device tensor [rows, hidden] (a cuda backend's), got ${describe(send)}`);
-  const meta = deviceMeta(send, `${op}: send`);
+  const meta = deviceMeta(send, `${op}: send`, ROW_DTYPES);
   if (meta.shape.length !== 2) throw new RangeError(`${op}: send.shape: expected [rows, hidden], got [${meta.shape.join(', ')}]`);
   for (const [name, rows] of [
     ['sendRows', sendRows],
@@ -117,7 +122,7 @@ export function checkDeviceRows(op: string, size: number, send: unknown, sendRow
 
 /** What an in-process group needs to move device tensors: the cuda backend (its `upload`). */
 export interface DeviceUpload {
-  upload<D extends TokenDType>(tensor: Tensor<D>): DeviceTensor<D>;
+  upload<D extends RowDType>(tensor: Tensor<D>): DeviceTensor<D>;
 }
 
 export interface InProcessGroupOptions {
@@ -292,7 +297,7 @@ class InProcessRank implements ExpertParallelGroup {
   }
 
   /** allToAllVDevice through the host: `send` downloaded, its rows exchanged as bytes, what arrives uploaded. */
-  async #allToAllVDevice<D extends TokenDType>(device: DeviceUpload, send: DeviceTensor<D>, sendRows: readonly number[], recvRows: readonly number[], label?: string): Promise<DeviceTensor<D>> {
+  async #allToAllVDevice<D extends RowDType>(device: DeviceUpload, send: DeviceTensor<D>, sendRows: readonly number[], recvRows: readonly number[], label?: string): Promise<DeviceTensor<D>> {
     const l = labelArg(label, 'allToAllVDevice');
     const meta = checkDeviceRows(at(l, 'allToAllVDevice'), this.#hub.size, send, sendRows, recvRows);
     const hidden = meta.shape[1];
@@ -304,7 +309,7 @@ class InProcessRank implements ExpertParallelGroup {
       l,
     );
     const rows = recvRows.reduce((a, b) => a + b, 0);
-    return device.upload(tokensOf(meta.dtype as D, rows, hidden, gatherParts(recv, recvRows, rowBytes, []).rows));
+    return device.upload(rowsOf(meta.dtype as D, rows, hidden, gatherParts(recv, recvRows, rowBytes, []).rows));
   }
 
   get size(): number {
@@ -462,17 +467,18 @@ interface State {
   readonly handle: DispatchHandle;
   /** The rank holding each expert. */
   readonly owner: Int32Array;
-  /** `[numTokens, size]`: which ranks each token went to, and the send permutation's slots (tokens grouped by rank). */
-  readonly sendMap: Tensor<'bool'>;
+  /** `[numTokens, size]`: which ranks each token went to (`numSent` slots), and the send permutation's slots (tokens grouped by rank). */
+  readonly sendMap: AnyTensor<'bool'>;
+  readonly numSent: number;
   readonly sendSorted: AnyTensor<'int32'>;
-  /** sendSorted's values on the host. */
-  readonly sendSortedHost: Int32Array;
+  /** sendSorted's values on the host (read back from the GPU when first needed). */
+  readonly sendSortedHost: () => Int32Array;
   /** Whether the rows move as device tensors (allToAllVDevice): every tensor argument is then a device tensor. */
   readonly device: boolean;
   /** `[numTokens * k]`: the global expert of each pick (-1 masked). */
   readonly picks: Int32Array;
-  /** `[numReceived * k]`: the local expert of each received token's picks (-1: not here). */
-  readonly recvPicks: Int32Array;
+  /** `[numReceived * k]`: the local expert of each received token's picks (-1: not here; read back from the GPU when first needed). */
+  readonly recvPicks: () => Int32Array;
   readonly numReceived: number;
   readonly recvMap: AnyTensor<'bool'>;
   readonly recvSorted: AnyTensor<'int32'>;
@@ -482,7 +488,7 @@ interface State {
 
 const STATES = new WeakMap<DispatchHandle, State>();
 const DTYPE_CODE: Record<TokenDType, number> = { float32: 0, bfloat16: 1, float16: 2 };
-const ELEMENT_BYTES: Record<TokenDType, number> = { float32: 4, bfloat16: 2, float16: 2 };
+const ELEMENT_BYTES: Record<RowDType, number> = { float32: 4, bfloat16: 2, float16: 2, int32: 4 };
 /** The all-gathered header before the counts: numExperts, k, hidden, dtype, where the tokens live (0 host, 1 device). */
 const HEADER = ['numExperts', 'topk (routing.indices.shape[1])', 'hidden (tokens.shape[1])', 'tokens.dtype', 'where the tokens live (0: host, 1: device)'] as const;
 
@@ -545,10 +551,10 @@ function isTensorLike(value: unknown): boolean {
 }
 
 /** A device tensor's dtype (one of `dtypes`) and shape (a disposed one is a TypeError naming `arg`). */
-function deviceMeta(t: DeviceTensor, arg: string, dtypes: readonly string[] = TOKENS): { dtype: TokenDType; shape: readonly number[] } {
+function deviceMeta<T extends string = TokenDType>(t: DeviceTensor, arg: string, dtypes: readonly string[] = TOKENS): { dtype: T; shape: readonly number[] } {
   if (t.disposed) throw new TypeError(`${arg}: expected a device tensor that is not disposed, got one whose dispose() was called`);
   if (!dtypes.includes(t.dtype)) throw new TypeError(`${arg}.dtype: expected ${dtypes.length === 1 ? dtypes[0] : `one of ${dtypes.join(', ')}`}, got ${t.dtype}`);
-  return { dtype: t.dtype as TokenDType, shape: t.shape };
+  return { dtype: t.dtype as T, shape: t.shape };
 }
 
 /**
@@ -576,9 +582,24 @@ function bytesOf(data: ArrayBufferView): Uint8Array {
   return new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
 }
 
-function tokensOf<D extends TokenDType>(dtype: D, rows: number, hidden: number, bytes: Uint8Array): Tensor<D> {
-  const data = dtype === 'float32' ? new Float32Array(bytes.buffer, bytes.byteOffset, rows * hidden) : new Uint16Array(bytes.buffer, bytes.byteOffset, rows * hidden);
+function rowsOf<D extends RowDType>(dtype: D, rows: number, hidden: number, bytes: Uint8Array): Tensor<D> {
+  const n = rows * hidden;
+  const data =
+    dtype === 'float32'
+      ? new Float32Array(bytes.buffer, bytes.byteOffset, n)
+      : dtype === 'int32'
+        ? new Int32Array(bytes.buffer, bytes.byteOffset, n)
+        : new Uint16Array(bytes.buffer, bytes.byteOffset, n);
   return { dtype, shape: [rows, hidden], data } as unknown as Tensor<D>;
+}
+
+/** `f`, run once on the first call (the device path's host copies, made when a backward needs them). */
+function once<T>(f: () => T): () => T {
+  let done: { value: T } | undefined;
+  return () => {
+    done ??= { value: f() };
+    return done.value;
+  };
 }
 
 /** Splits rows `[sum counts, rowBytes]` into one buffer per rank (views, not copies). */
@@ -656,22 +677,85 @@ function checkedPicks(picks: Int32Array, T: number, k: number, numExperts: numbe
 // function of typed arrays that V8 optimises on its own (in dispatch's async body the send side's
 // loops took 4.3 ms a call at issue 20's routing on a 2-core host; here 2.0).
 
-/** The send side's [T, N] rank map (token t needs rank j), its counts and its order (rank by rank, tokens ascending: permute's sortedIndices). */
-function sendPlan(picks: Int32Array, owner: Int32Array, T: number, k: number, N: number): { sendMap: Uint8Array; sendCounts: number[]; sorted: Int32Array } {
-  const sendMap = new Uint8Array(T * N);
+/** dispatch's send side: the [T, N] rank map (token t goes to rank j), the tokens and picks each rank gets, the picks; on the host its order too (rank by rank, tokens ascending: permute's sortedIndices), on the GPU the device picks and weights. */
+interface SendSide {
+  sendMap: AnyTensor<'bool'>;
+  sendCounts: number[];
+  pickCounts: number[];
+  /** `[T * k]`: the global expert of each pick (-1 masked), on the host (dispatchBackward's bookkeeping). */
+  picks: Int32Array;
+  sorted?: Int32Array;
+  indices?: DeviceTensor<'int32'>;
+  weights?: DeviceTensor<'float32'>;
+  /** What the send side uploaded (freed once the extras are made). */
+  temps: DeviceTensor[];
+}
+
+/** The send side on the host. */
+function sendPlan(picks: Int32Array, owner: Int32Array, T: number, k: number, N: number): SendSide {
+  const map = new Uint8Array(T * N);
+  const pickCounts = new Array<number>(N).fill(0);
   for (let t = 0; t < T; t++) {
     for (let c = 0; c < k; c++) {
       const e = picks[t * k + c];
-      if (e >= 0) sendMap[t * N + owner[e]] = 1;
+      if (e >= 0) {
+        map[t * N + owner[e]] = 1;
+        pickCounts[owner[e]]++;
+      }
     }
   }
   const counts = new Int32Array(N);
-  for (let t = 0; t < T; t++) for (let j = 0; j < N; j++) counts[j] += sendMap[t * N + j];
+  for (let t = 0; t < T; t++) for (let j = 0; j < N; j++) counts[j] += map[t * N + j];
   const at = new Int32Array(N);
   for (let j = 1; j < N; j++) at[j] = at[j - 1] + counts[j - 1];
   const sorted = new Int32Array(at[N - 1] + counts[N - 1]); // (N >= 1: a group has a rank)
-  for (let t = 0; t < T; t++) for (let j = 0; j < N; j++) if (sendMap[t * N + j]) sorted[at[j]++] = t;
-  return { sendMap, sendCounts: Array.from(counts), sorted };
+  for (let t = 0; t < T; t++) for (let j = 0; j < N; j++) if (map[t * N + j]) sorted[at[j]++] = t;
+  return { sendMap: { dtype: 'bool', shape: [T, N], data: map }, sendCounts: Array.from(counts), pickCounts, picks, sorted, temps: [] };
+}
+
+/** The cuda backend's send-side kernels, where `moe` has them. */
+function gpuSendOps(moe: Backend): Pick<CudaTrainOps, 'epSendPlan' | 'epRankExtras'> | undefined {
+  const o = moe as unknown as Partial<CudaTrainOps>;
+  return typeof o.epSendPlan === 'function' && typeof o.epRankExtras === 'function' ? (o as CudaTrainOps) : undefined;
+}
+
+/**
+ * The send side on the GPU: the map and the counts from the device picks (`epSendPlan`: one
+ * read-back of `2N + 1` words, the counts the exchange's sizes need); host picks (checked
+ * already) and weights go up first. A bad device pick is named from the indices on the host.
+ * The picks then come to the host for dispatchBackward (the stream is idle after the read-back:
+ * the copy alone).
+ */
+function sendOnGpu(
+  ops: Pick<CudaTrainOps, 'epSendPlan'>,
+  moe: Backend,
+  indices: AnyTensor<IndexDType>,
+  weights: AnyTensor<'float32'>,
+  hostPicks: Int32Array | undefined,
+  T: number,
+  k: number,
+  E: number,
+  owner: Int32Array,
+  N: number,
+): SendSide {
+  const up = uploadOf(moe);
+  const temps: DeviceTensor[] = [];
+  const onDevice = <X extends AnyTensor>(t: X, made: () => Tensor): DeviceTensor => {
+    if (isDeviceTensor(t)) return t;
+    const d = up(made()) as unknown as DeviceTensor;
+    temps.push(d);
+    return d;
+  };
+  const idx = onDevice(indices, () => ({ dtype: 'int32', shape: [T, k], data: hostPicks! })) as DeviceTensor<'int32'>;
+  const w = onDevice(weights, () => weights as Tensor<'float32'>) as DeviceTensor<'float32'>;
+  const sp = ops.epSendPlan(idx, owner, N);
+  if (sp.badPicks) {
+    release(sp.sendMap, ...temps);
+    checked('dispatch', () => picksOf(onHost(indices) as Tensor<IndexDType>, E));
+    throw new Error('dispatch: the GPU flagged a pick that the host check accepts (a bug in moe-dispatch)');
+  }
+  const picks = hostPicks ?? (idx.download().data as Int32Array);
+  return { sendMap: sp.sendMap, sendCounts: sp.sendCounts, pickCounts: sp.pickCounts, picks, indices: idx, weights: w, temps };
 }
 
 /** The per-row extras for rank `rank` (its tokens `tokens`): their picks as its local expert ids (-1 elsewhere) and their weights (0 elsewhere). */
@@ -713,12 +797,6 @@ function scatterPickGradients(tokens: Int32Array, back: Float32Array, picks: Int
       if (e >= 0 && owner[e] === rank) gradWeights[t * k + c] = back[i * k + c];
     }
   }
-}
-
-function countPicked(picks: Int32Array): number {
-  let n = 0;
-  for (let i = 0; i < picks.length; i++) if (picks[i] >= 0) n++;
-  return n;
 }
 
 /**
@@ -780,7 +858,7 @@ async function exchangeRows<D extends TokenDType>(
     label,
   );
   const got = gatherParts(recv, recvCounts, rowBytes, extras);
-  return { rows: tokensOf(dtype, received, hidden, got.rows), extras: got.extras };
+  return { rows: rowsOf(dtype, received, hidden, got.rows), extras: got.extras };
 }
 
 /**
@@ -824,22 +902,29 @@ export async function dispatch<D extends TokenDType>(
     if (typeof routing !== 'object' || routing === null || !('indices' in routing) || !('weights' in routing)) {
       throw new TypeError(`routing: expected { indices, weights } (top-k picks [numTokens, k]), got ${describe(routing)}`);
     }
-    const indices = checkTensor(onHost(routing.indices), 'routing.indices', ['int32', 'int64'] as const);
-    const weights = checkTensor(onHost(routing.weights), 'routing.weights', ['float32'] as const);
-    if (indices.shape.length !== 2 || indices.shape[0] !== x.shape[0]) {
-      throw new RangeError(`routing.indices.shape: expected [${x.shape[0]}, k] ([numTokens of tokens, k]), got [${indices.shape.join(', ')}]`);
+    // device tokens on the cuda backend: the send side runs on the GPU (sendOnGpu), so device
+    // picks and weights stay there; elsewhere they are read on the host
+    const ops = device ? gpuSendOps(moe) : undefined;
+    const keep = <T>(v: T): T => (ops && isDeviceTensor(v) ? v : onHost(v));
+    const indices = keep(routing.indices);
+    const weights = keep(routing.weights);
+    const im = isDeviceTensor(indices) ? deviceMeta(indices, 'routing.indices', ['int32']) : checkTensor(indices, 'routing.indices', ['int32', 'int64'] as const);
+    const wm = isDeviceTensor(weights) ? deviceMeta(weights, 'routing.weights', ['float32']) : checkTensor(weights, 'routing.weights', ['float32'] as const);
+    if (im.shape.length !== 2 || im.shape[0] !== x.shape[0]) {
+      throw new RangeError(`routing.indices.shape: expected [${x.shape[0]}, k] ([numTokens of tokens, k]), got [${im.shape.join(', ')}]`);
     }
-    if (weights.shape.length !== 2 || weights.shape[0] !== indices.shape[0] || weights.shape[1] !== indices.shape[1]) {
-      throw new RangeError(`routing.weights.shape: expected [${indices.shape.join(', ')}] (the shape of routing.indices), got [${weights.shape.join(', ')}]`);
+    if (wm.shape.length !== 2 || wm.shape[0] !== im.shape[0] || wm.shape[1] !== im.shape[1]) {
+      throw new RangeError(`routing.weights.shape: expected [${im.shape.join(', ')}] (the shape of routing.indices), got [${wm.shape.join(', ')}]`);
     }
     const o = checkOptions<DispatchOptions>(options, op, ['numExperts']);
     if (o.numExperts === undefined) throw new TypeError('options.numExperts: expected a number (required), got undefined');
     const numExperts = sizeArg(o.numExperts, 'options.numExperts', 1);
-    return { g, moe, device, dtype: x.dtype as D, shape: x.shape, indices, weights: weights.data, numExperts, picks: picksOf(indices, numExperts) };
+    // host picks are checked here; device ones by the GPU's send plan
+    const picks = isDeviceTensor(indices) ? undefined : picksOf(indices as Tensor<IndexDType>, numExperts);
+    return { g, moe, ops, device, dtype: x.dtype as D, shape: x.shape, k: im.shape[1], indices, weights, numExperts, picks };
   });
-  const { g, moe, device, dtype, picks, weights, numExperts: E } = a;
+  const { g, moe, ops, device, dtype, numExperts: E, k } = a;
   const [T, H] = a.shape;
-  const k = a.indices.shape[1];
   const N = g.size;
   const ranges = Array.from({ length: N }, (_, j) => moe.expertRangeForRank(E, N, j));
   const owner = new Int32Array(E);
@@ -848,17 +933,18 @@ export async function dispatch<D extends TokenDType>(
   });
 
   // The tokens grouped by destination rank, each once per rank: a permute by a [T, N] map. Its
-  // counts and order (rank by rank, tokens ascending: permute's sortedIndices) are known here, so
-  // nothing of the permute is read back (device tokens: its kernels are only queued).
-  const { sendMap, sendCounts, sorted } = sendPlan(picks, owner, T, k, N);
-  const sendMapT: Tensor<'bool'> = { dtype: 'bool', shape: [T, N], data: sendMap };
-  const byRank = moe.permute(tokens as Tensor<D>, sendMapT, { numOutTokens: sorted.length });
+  // counts and order (rank by rank, tokens ascending: permute's sortedIndices) are known before
+  // it runs, so nothing of the permute is read back (device tokens: its kernels are only queued).
+  const send = ops ? sendOnGpu(ops, moe, a.indices as AnyTensor<IndexDType>, a.weights as AnyTensor<'float32'>, a.picks, T, k, E, owner, N) : sendPlan(a.picks!, owner, T, k, N);
+  const { sendMap, sendCounts, pickCounts, picks } = send;
+  const numSent = sendCounts.reduce((s, c) => s + c, 0);
+  const byRank = moe.permute(tokens as Tensor<D>, sendMap as Tensor<'bool'>, { numOutTokens: numSent });
 
   // Every rank's header and counts: what each rank receives, and a check that the ranks agree.
-  const header = Int32Array.from([E, k, H, DTYPE_CODE[dtype], device ? 1 : 0, ...sendCounts]);
+  const header = Int32Array.from([E, k, H, DTYPE_CODE[dtype], device ? 1 : 0, ...sendCounts, ...pickCounts]);
   const all = await g.allGather(header, op);
-  if (!Array.isArray(all) || all.length !== N || all.some((h) => !(h instanceof Int32Array) || h.length !== HEADER.length + N)) {
-    throw new Error(`${op}: the group's allGather returned ${describe(all)} instead of ${N} Int32Arrays of ${HEADER.length + N} values`);
+  if (!Array.isArray(all) || all.length !== N || all.some((h) => !(h instanceof Int32Array) || h.length !== HEADER.length + 2 * N)) {
+    throw new Error(`${op}: the group's allGather returned ${describe(all)} instead of ${N} Int32Arrays of ${HEADER.length + 2 * N} values`);
   }
   for (let f = 0; f < HEADER.length; f++) {
     const odd = all.findIndex((h) => h[f] !== all[0][f]);
@@ -868,31 +954,53 @@ export async function dispatch<D extends TokenDType>(
     }
   }
   const recvCounts = all.map((h) => h[HEADER.length + g.rank]);
+  // (every received pick a slot of the permute below: their count, as for the send side)
+  const picked = all.reduce((s, h) => s + h[HEADER.length + N + g.rank], 0);
+  const R = recvCounts.reduce((s, c) => s + c, 0);
+  const range = ranges[g.rank];
+  const L = range.end - range.start;
 
-  // After each rank's rows: their picks as that rank's local expert ids (int32, -1 elsewhere) and the weights (float32).
-  const extraSend: Uint8Array[][] = [];
-  for (let j = 0, off = 0; j < N; off += sendCounts[j++]) {
-    const { local, w } = rankExtras(sorted.subarray(off, off + sendCounts[j]), picks, weights, owner, j, ranges[j].start, k);
-    extraSend.push([bytesOf(local), bytesOf(w)]);
+  // After each rank's rows: their picks as that rank's local expert ids (int32, -1 elsewhere) and
+  // the weights (float32). On the GPU: made there and moved as rows of their own; else with the
+  // rows' bytes. The [R, L] map and probs of what arrived are made where the rows are.
+  let rows: AnyTensor<D>;
+  let recvMap: AnyTensor<'bool'>;
+  let probs: AnyTensor<'float32'>;
+  let recvPicks: () => Int32Array;
+  if (ops) {
+    const ex = ops.epRankExtras(byRank.sortedIndices as unknown as DeviceTensor<'int32'>, send.indices!, send.weights!, owner);
+    const move = <X extends RowDType>(t: DeviceTensor<X>) => g.allToAllVDevice!(t, sendCounts, recvCounts, op);
+    rows = await move(byRank.permutedTokens as unknown as DeviceTensor<D>);
+    const recvLocal = await move(ex.local);
+    const recvWeights = await move(ex.weights);
+    release(ex.local, ex.weights, ...send.temps);
+    const mh = moe.indicesToMultihot(recvLocal as unknown as Tensor<'int32'>, recvWeights as unknown as Tensor<'float32'>, L);
+    release(recvWeights);
+    [recvMap, probs] = [mh.routingMap, mh.probs];
+    recvPicks = once(() => recvLocal.download().data as Int32Array);
+  } else {
+    const extraSend: Uint8Array[][] = [];
+    const w = a.weights as Tensor<'float32'>;
+    for (let j = 0, off = 0; j < N; off += sendCounts[j++]) {
+      const { local, w: lw } = rankExtras(send.sorted!.subarray(off, off + sendCounts[j]), picks, w.data, owner, j, ranges[j].start, k);
+      extraSend.push([bytesOf(local), bytesOf(lw)]);
+    }
+    const got = await exchangeRows(g, byRank.permutedTokens as AnyTensor<D>, dtype, H, sendCounts, recvCounts, [4 * k, 4 * k], extraSend, op);
+    rows = got.rows;
+    const local = new Int32Array(got.extras[0].buffer);
+    const picksT: Tensor<'int32'> = { dtype: 'int32', shape: [R, k], data: local };
+    const weightsT: Tensor<'float32'> = { dtype: 'float32', shape: [R, k], data: new Float32Array(got.extras[1].buffer) };
+    // (device tokens: the [R, k] picks and weights go up, and the [R, L] map and probs are made on
+    // the GPU: O(R k) bytes over the bus instead of O(R L), and no host pass over the map)
+    const mh = device ? moe.indicesToMultihot(uploadOf(moe)(picksT), uploadOf(moe)(weightsT), L) : moe.indicesToMultihot(picksT, weightsT, L);
+    [recvMap, probs] = [mh.routingMap, mh.probs];
+    recvPicks = () => local;
   }
-  const got = await exchangeRows(g, byRank.permutedTokens as AnyTensor<D>, dtype, H, sendCounts, recvCounts, [4 * k, 4 * k], extraSend, op);
   release(byRank.permutedTokens, byRank.tokensPerExpert);
 
   // What arrived, in source-rank order, permuted by local expert.
-  const R = recvCounts.reduce((s, c) => s + c, 0);
-  const recvPicks = new Int32Array(got.extras[0].buffer);
-  const recvWeights = new Float32Array(got.extras[1].buffer);
-  const range = ranges[g.rank];
-  const L = range.end - range.start;
-  // (device tokens: the [R, k] picks and weights go up, and the [R, L] map and probs are made on
-  // the GPU: O(R k) bytes over the bus instead of O(R L), and no host pass over the map)
-  const picksT: Tensor<'int32'> = { dtype: 'int32', shape: [R, k], data: recvPicks };
-  const weightsT: Tensor<'float32'> = { dtype: 'float32', shape: [R, k], data: recvWeights };
-  const { routingMap: recvMap, probs } = device ? moe.indicesToMultihot(uploadOf(moe)(picksT), uploadOf(moe)(weightsT), L) : moe.indicesToMultihot(picksT, weightsT, L);
-  // (every received pick a slot: their count given, as for the send side)
-  const picked = countPicked(recvPicks);
-  const perm = moe.permute(got.rows as Tensor<D>, recvMap, { probs, numOutTokens: picked });
-  release(got.rows);
+  const perm = moe.permute(rows as Tensor<D>, recvMap as Tensor<'bool'>, { probs: probs as Tensor<'float32'>, numOutTokens: picked });
+  release(rows);
   const permutedProbs = perm.permutedProbs!;
   const handle: DispatchHandle = Object.freeze({
     rank: g.rank,
@@ -907,13 +1015,15 @@ export async function dispatch<D extends TokenDType>(
     recvCounts: Object.freeze(recvCounts),
     numSlots: perm.permutedTokens.shape[0],
   });
+  const sorted = send.sorted;
   STATES.set(handle, {
     group: g,
     handle,
     owner,
-    sendMap: sendMapT,
+    sendMap: sendMap as AnyTensor<'bool'>,
+    numSent,
     sendSorted: byRank.sortedIndices,
-    sendSortedHost: sorted,
+    sendSortedHost: sorted ? () => sorted : once(() => onHost(byRank.sortedIndices).data as Int32Array),
     device,
     picks,
     recvPicks,
@@ -997,7 +1107,7 @@ export async function combineBackward<D extends TokenDType>(
   });
   const h = s.handle;
   // Each token's gradient goes where the token went (the same send permutation).
-  const byRank = moe.permute(grad, s.sendMap);
+  const byRank = moe.permute(grad, s.sendMap as Tensor<'bool'>, { numOutTokens: s.numSent });
   const got = await exchangeRows(s.group, byRank.permutedTokens as AnyTensor<D>, h.dtype as D, h.hidden, h.sendCounts, h.recvCounts, [], [], op);
   release(byRank.permutedTokens, byRank.sortedIndices, byRank.tokensPerExpert);
   const ub = moe.unpermuteBackward(
@@ -1071,7 +1181,7 @@ export async function dispatchBackward<D extends TokenDType>(
     s.numReceived,
     gradProbs ? { gradPermutedProbs: gradProbs as Tensor<'float32'>, routingMap: s.recvMap as Tensor<'bool'> } : undefined,
   );
-  const pickGrads = pb.gradProbs ? pickGradients(s.recvPicks, onHost(pb.gradProbs).data as Float32Array, k, L) : new Float32Array(s.numReceived * k);
+  const pickGrads = pb.gradProbs ? pickGradients(s.recvPicks(), onHost(pb.gradProbs).data as Float32Array, k, L) : new Float32Array(s.numReceived * k);
   const pickBytes = bytesOf(pickGrads);
   let off = 0;
   const extraSend = h.recvCounts.map((n) => {
@@ -1087,7 +1197,7 @@ export async function dispatchBackward<D extends TokenDType>(
   const back = new Float32Array(got.extras[0].buffer, got.extras[0].byteOffset, got.extras[0].byteLength / 4);
   const gradWeights = new Float32Array(h.numTokens * k);
   for (let j = 0, off = 0; j < h.sendCounts.length; off += h.sendCounts[j++]) {
-    scatterPickGradients(s.sendSortedHost.subarray(off, off + h.sendCounts[j]), back.subarray(off * k), s.picks, s.owner, j, k, gradWeights);
+    scatterPickGradients(s.sendSortedHost().subarray(off, off + h.sendCounts[j]), back.subarray(off * k), s.picks, s.owner, j, k, gradWeights);
   }
   return { gradTokens, gradWeights: { dtype: 'float32', shape: [h.numTokens, k], data: gradWeights } };
 }

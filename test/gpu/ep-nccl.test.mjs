@@ -357,3 +357,133 @@ describe('NCCL: a rank that never joins', () => {
     await group.destroy();
   });
 });
+
+describe("dispatch's send side on the GPU (epSendPlan, epRankExtras) = the host's bookkeeping", () => {
+  /** The host's send side: the rank map, counts, order (rank by rank, tokens ascending) and each slot's picks as local ids and weights. */
+  function hostSend(picks, weights, owner, T, k, N) {
+    const local = new Int32Array(owner.length);
+    const seen = new Int32Array(N);
+    owner.forEach((r, e) => {
+      local[e] = seen[r]++;
+    });
+    const map = new Uint8Array(T * N);
+    const pickCounts = new Array(N).fill(0);
+    for (let i = 0; i < T * k; i++) {
+      if (picks[i] < 0) continue;
+      map[Math.floor(i / k) * N + owner[picks[i]]] = 1;
+      pickCounts[owner[picks[i]]]++;
+    }
+    const sorted = [];
+    const sendCounts = [];
+    const locals = [];
+    const ws = [];
+    for (let j = 0; j < N; j++) {
+      let n = 0;
+      for (let t = 0; t < T; t++) {
+        if (!map[t * N + j]) continue;
+        sorted.push(t);
+        n++;
+        for (let c = 0; c < k; c++) {
+          const e = picks[t * k + c];
+          const here = e >= 0 && owner[e] === j;
+          locals.push(here ? local[e] : -1);
+          ws.push(here ? weights[t * k + c] : 0);
+        }
+      }
+      sendCounts.push(n);
+    }
+    return { map, sendCounts, pickCounts, sorted: Int32Array.from(sorted), local: Int32Array.from(locals), w: Float32Array.from(ws) };
+  }
+
+  const ownerOf = (E, N) => {
+    const owner = new Int32Array(E);
+    for (let j = 0; j < N; j++) {
+      const { start, end } = cuda.expertRangeForRank(E, N, j);
+      owner.fill(j, start, end);
+    }
+    return owner;
+  };
+
+  // (5 ranks of 4 experts: a rank with none; 64 experts, k = 8 over 4 ranks: tokens on several ranks)
+  for (const [N, E, k] of [
+    [1, 8, 3],
+    [3, 8, 3],
+    [5, 4, 2],
+    [4, 64, 8],
+  ]) {
+    test(`${N} rank(s), ${E} experts, k = ${k}, masked picks: the same map, counts, order, picks and weights`, { skip: cudaOnly }, () => {
+      const T = 257;
+      const p = randomRouting({ numTokens: T, numExperts: E, topk: k, hidden: 8, dtype: 'bfloat16' }, rng(100 * N + E), 0.15);
+      const owner = ownerOf(E, N);
+      const want = hostSend(p.indices.data, p.weights.data, owner, T, k, N);
+      const idx = cuda.upload(p.indices);
+      const plan = cuda.epSendPlan(idx, owner, N);
+      assert.equal(plan.badPicks, false);
+      assert.deepEqual(plan.sendCounts, want.sendCounts, 'tokens a rank');
+      assert.deepEqual(plan.pickCounts, want.pickCounts, 'picks a rank');
+      assertSameBits(plan.sendMap, tensor('bool', [T, N], want.map), 'the send map');
+      const sent = want.sendCounts.reduce((a, b) => a + b, 0);
+      const perm = cuda.permute(cuda.upload(p.tokens), plan.sendMap, { numOutTokens: sent });
+      assertSameBits(perm.sortedIndices, tensor('int32', [sent], want.sorted), "the send permutation's order");
+      const ex = cuda.epRankExtras(perm.sortedIndices, idx, cuda.upload(p.weights), owner);
+      assertSameBits(ex.local, tensor('int32', [sent, k], want.local), 'the picks as local experts');
+      assertSameBits(ex.weights, tensor('float32', [sent, k], want.w), 'their weights');
+    });
+  }
+
+  test('bad picks: flagged on the GPU, and dispatch on device tensors names them as the host check does', { skip: cudaOnly }, async () => {
+    const [T, E, k] = [40, 8, 3];
+    const p = randomRouting({ numTokens: T, numExperts: E, topk: k, hidden: 16, dtype: 'bfloat16' }, rng(77), 0);
+    const owner = ownerOf(E, 2);
+    const cases = [
+      [(d) => (d[3 * k + 1] = 8), /dispatch: routing\.indices: element \[3\]\[1\] = 8 is outside \[0, numExperts = 8\)/],
+      [(d) => (d[5 * k + 2] = -2), /dispatch: routing\.indices: element \[5\]\[2\] = -2 is outside/],
+      [(d) => (d[6 * k + 1] = d[6 * k]), /dispatch: routing\.indices: row 6 lists expert \d more than once/],
+    ];
+    for (const [spoil, message] of cases) {
+      const data = Int32Array.from(p.indices.data);
+      spoil(data);
+      const idx = cuda.upload(tensor('int32', [T, k], data));
+      assert.equal(cuda.epSendPlan(idx, owner, 2).badPicks, true, `${message}: flagged`);
+      const [g] = lib.createInProcessGroup(1, { device: cuda, timeoutMs: 10_000 });
+      await assert.rejects(
+        lib.dispatch(g, cuda, cuda.upload(p.tokens), { indices: idx, weights: cuda.upload(p.weights) }, { numExperts: E }),
+        (e) => e instanceof RangeError && message.test(e.message),
+      );
+    }
+  });
+
+  test('bad arguments: errors naming them', { skip: cudaOnly }, () => {
+    const p = randomRouting({ numTokens: 20, numExperts: 4, topk: 2, hidden: 8, dtype: 'bfloat16' }, rng(5), 0);
+    const idx = cuda.upload(p.indices);
+    assert.throws(
+      () => cuda.epSendPlan(idx, Int32Array.from([0, 1, 2, 1]), 2),
+      (e) => e instanceof RangeError && /owner: element 2 = 2 is outside \[0, numRanks = 2\)/.test(e.message),
+    );
+    assert.throws(
+      () => cuda.epSendPlan(idx, Int32Array.from([0, 0, 0, 0]), 0),
+      (e) => e instanceof RangeError && /numRanks/.test(e.message),
+    );
+    assert.throws(
+      () => cuda.epSendPlan(idx, [0, 0, 1, 1], 2),
+      (e) => e instanceof TypeError && /owner: expected an Int32Array/.test(e.message),
+    );
+    assert.throws(
+      () => cuda.epSendPlan(cuda.upload(p.weights), Int32Array.from([0, 0, 1, 1]), 2),
+      (e) => e instanceof TypeError && /indices/.test(e.message),
+    );
+    // sorted must be permute's own sortedIndices of these tokens (its plan vouches for every slot's token)
+    const owner = Int32Array.from([0, 0, 1, 1]);
+    const plan = cuda.epSendPlan(idx, owner, 2);
+    const perm = cuda.permute(cuda.upload(p.tokens), plan.sendMap, { numOutTokens: plan.sendCounts[0] + plan.sendCounts[1] });
+    const copy = cuda.upload(perm.sortedIndices.download());
+    assert.throws(
+      () => cuda.epRankExtras(copy, idx, cuda.upload(p.weights), owner),
+      (e) => e instanceof TypeError && /sorted/.test(e.message),
+    );
+    assert.throws(
+      () => cuda.epRankExtras(perm.sortedIndices, idx, cuda.upload(tensor('float32', [20, 3])), owner),
+      (e) => e instanceof RangeError && /weights\.shape/.test(e.message),
+    );
+  });
+});

@@ -81,6 +81,19 @@ export interface CudaTrainOps {
   columnSums<D extends TokenDType>(g: DeviceTensor<'float32'>, dtype: D): DeviceTensor<D>;
   /** `out[t, j] = dense[t, indices[t, j]]` (0 for -1). */
   gatherPicks(dense: DeviceTensor<'float32'>, indices: DeviceTensor<'int32'>): DeviceTensor<'float32'>;
+  /**
+   * Expert parallelism's send plan (ts/ep.ts dispatch on device tensors): from the picks `indices [T, k]` (global expert ids,
+   * -1 masked) and `owner` (the rank of each expert), the `[T, numRanks]` map of the ranks each token goes to (each once), the
+   * tokens and picks each rank gets, and whether a pick is outside `[0, owner.length)` and not -1 or a row lists an expert twice
+   * (`badPicks`: the rest then means nothing). One synchronisation (the counts).
+   */
+  epSendPlan(indices: DeviceTensor<'int32'>, owner: Int32Array, numRanks: number): { sendMap: DeviceTensor<'bool'>; sendCounts: number[]; pickCounts: number[]; badPicks: boolean };
+  /**
+   * What travels with each sent row: for the slots of `sorted` (permute's sortedIndices of epSendPlan's map, made on the GPU) and
+   * each pick of the slot's token, the pick as the receiving rank's local expert id (-1 where it lives elsewhere or is masked) and
+   * its weight (0 elsewhere), `[S, k]` each.
+   */
+  epRankExtras(sorted: DeviceTensor<'int32'>, indices: DeviceTensor<'int32'>, weights: DeviceTensor<'float32'>, owner: Int32Array): { local: DeviceTensor<'int32'>; weights: DeviceTensor<'float32'> };
   /** The mean squared error of `y` against `target` (the loss is read from the GPU) and its gradient `2 (y - t) / n` in `y`'s dtype (ts/train.ts's `mseLoss`, the same bits). */
   mseLoss<D extends TokenDType>(y: DeviceTensor<D>, target: DeviceTensor<D>): { loss: number; grad: DeviceTensor<D> };
   /** Every copy between host and device memory so far (tensor data and small words alike): what a training step moves shows in the difference. */
@@ -105,6 +118,8 @@ interface TrainAddon {
   cudaColumnSums(g: H, dtype: string): H;
   cudaGatherPicks(dense: H, indices: H): H;
   cudaMseLoss(y: H, target: H): { loss: number; grad: H };
+  cudaEpSendPlan(indices: H, owner: Int32Array, numRanks: number): { sendMap: H; sendCounts: number[]; pickCounts: number[]; badPicks: boolean };
+  cudaEpRankExtras(sorted: H, indices: H, weights: H, owner: Int32Array): { local: H; weights: H };
   cudaTransfers(): Transfers;
   cudaPeakMemory(reset?: boolean): number;
 }
@@ -276,6 +291,20 @@ export const trainGpu: GpuFamily = {
       peakMemory(options) {
         const o = checkOptions<{ reset?: boolean }>(options, 'peakMemory', ['reset']);
         return gpu.cudaPeakMemory(checkBool(o.reset, 'options.reset'));
+      },
+      epSendPlan(indices, owner, numRanks) {
+        return call('epSendPlan', (h) => {
+          if (!(owner instanceof Int32Array)) throw new TypeError(`owner: expected an Int32Array (the rank of each expert), got ${Object.prototype.toString.call(owner)}`);
+          const r = gpu.cudaEpSendPlan(h.of(indices, 'indices', ['int32']), owner, checkNumber(numRanks, 'numRanks') ?? NaN);
+          return { sendMap: wrapDevice<'bool'>(r.sendMap), sendCounts: r.sendCounts, pickCounts: r.pickCounts, badPicks: r.badPicks };
+        });
+      },
+      epRankExtras(sorted, indices, weights, owner) {
+        return call('epRankExtras', (h) => {
+          if (!(owner instanceof Int32Array)) throw new TypeError(`owner: expected an Int32Array (the rank of each expert), got ${Object.prototype.toString.call(owner)}`);
+          const r = gpu.cudaEpRankExtras(h.of(sorted, 'sorted', ['int32']), h.of(indices, 'indices', ['int32']), h.of(weights, 'weights', ['float32']), owner);
+          return { local: wrapDevice<'int32'>(r.local), weights: wrapDevice<'float32'>(r.weights) };
+        });
       },
       gatherPicks(dense, indices) {
         return call('gatherPicks', (h) => wrapDevice<'float32'>(gpu.cudaGatherPicks(h.of(dense, 'dense', ['float32']), h.of(indices, 'indices', ['int32']))));

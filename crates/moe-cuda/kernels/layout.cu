@@ -453,3 +453,76 @@ __device__ __forceinline__ void slot_dot_impl(const typename E::S* __restrict__ 
 extern "C" __global__ void slot_dot_f32(const float* g, const float* x, const int* sorted, int n, i64 hidden, float* out) { MOE_PDL_ENTRY(); slot_dot_impl<F32>(g, x, sorted, n, hidden, out); }
 extern "C" __global__ void slot_dot_bf16(const u16* g, const u16* x, const int* sorted, int n, i64 hidden, float* out) { MOE_PDL_ENTRY(); slot_dot_impl<BF16>(g, x, sorted, n, hidden, out); }
 extern "C" __global__ void slot_dot_f16(const u16* g, const u16* x, const int* sorted, int n, i64 hidden, float* out) { MOE_PDL_ENTRY(); slot_dot_impl<F16>(g, x, sorted, n, hidden, out); }
+
+// ---------------------------------------------------------------------------------------
+// Expert parallelism's send side (ts/ep.ts dispatch on device tensors; crates/moe-cuda/src/layout.rs
+// ep_send_plan_device / ep_rank_extras_device).
+//
+// ep_send_plan: a thread a token t of idx [T, k] (global expert ids, -1 masked), owner [E] the
+// rank of each expert: map [t, j] = 1 where one of t's picks lives on rank j (the row cleared
+// first), counts[j] += the tokens sent to rank j (each once), counts[N + j] += the picks rank j
+// receives, and counts[2N] = 1 where a pick is outside [0, E) and not -1, or a row lists an
+// expert twice (the host then names it). Counts gather in shared memory (2N words) first:
+// integer sums, the same whatever the order. counts [2N + 1] cleared by the caller.
+extern "C" __global__ void __launch_bounds__(256) ep_send_plan(const int* __restrict__ idx, i64 T, int k, const int* __restrict__ owner, int E, int N,
+                                                               u8* __restrict__ map, int* __restrict__ counts) { MOE_PDL_ENTRY();
+    extern __shared__ int ep_counts[];
+    for (int j = threadIdx.x; j < 2 * N; j += blockDim.x) ep_counts[j] = 0;
+    __syncthreads();
+    for (i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x; t < T; t += (i64)gridDim.x * blockDim.x) {
+        const int* row = idx + t * k;
+        u8* m = map + t * N;
+        for (int j = 0; j < N; j++) m[j] = 0;
+        bool bad = false;
+        for (int c = 0; c < k; c++) {
+            const int e = row[c];
+            if (e == -1) continue;
+            if (e < 0 || e >= E) {
+                bad = true;
+                continue;
+            }
+            const int j = owner[e];
+            bool first = true;  // the token's first pick on rank j
+            for (int c2 = 0; c2 < c; c2++) {
+                const int f = row[c2];
+                if (f == e) bad = true;
+                if (f >= 0 && f < E && owner[f] == j) first = false;
+            }
+            atomicAdd(&ep_counts[N + j], 1);
+            if (first) {
+                m[j] = 1;
+                atomicAdd(&ep_counts[j], 1);
+            }
+        }
+        if (bad) counts[2 * N] = 1;
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < 2 * N; j += blockDim.x)
+        if (ep_counts[j] != 0) atomicAdd(&counts[j], ep_counts[j]);
+}
+
+// ep_rank_extras: for each slot s of the send permutation (sorted [S]: tokens rank by rank,
+// slot_start [N + 1] where each rank's slots start) and pick c, the pick as that rank's local
+// expert id (local [s, c] = local_of[e], the expert's place among its rank's experts; -1 where the
+// pick lives elsewhere or is masked) and its weight (0 elsewhere): what travels with the token's
+// row (picks checked by ep_send_plan).
+extern "C" __global__ void ep_rank_extras(const int* __restrict__ sorted, i64 S, const int* __restrict__ idx, const float* __restrict__ weights, int k,
+                                          const int* __restrict__ owner, const int* __restrict__ local_of, const int* __restrict__ slot_start, int N,
+                                          int* __restrict__ local, float* __restrict__ local_weights) { MOE_PDL_ENTRY();
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < S * k; i += (i64)gridDim.x * blockDim.x) {
+        const i64 s = i / k;
+        const int c = (int)(i % k);
+        // the slot's rank: the last j whose slots start at or before s (ranks with no slots skipped)
+        int lo = 0, hi = N - 1;
+        while (lo < hi) {
+            const int mid = (lo + hi + 1) >> 1;
+            if ((i64)slot_start[mid] <= s) lo = mid;
+            else hi = mid - 1;
+        }
+        const i64 t = sorted[s];
+        const int e = idx[t * k + c];
+        const bool here = e >= 0 && owner[e] == lo;
+        local[i] = here ? local_of[e] : -1;
+        local_weights[i] = here ? weights[t * k + c] : 0.0f;
+    }
+}

@@ -754,3 +754,157 @@ mod tests {
         assert_eq!(chunks, 1);
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Expert parallelism's send side (ts/ep.ts's dispatch on device tensors)
+
+/// Largest group [`ep_send_plan_device`] takes (its counts sit in shared memory, two words a rank).
+pub const EP_MAX_RANKS: usize = 4096;
+
+/// What [`ep_send_plan_device`] returns.
+pub struct EpSendPlan {
+    /// `[T, N]` bool: the ranks each token goes to (each once).
+    pub send_map: DeviceTensor,
+    /// The tokens sent to each rank.
+    pub send_counts: Vec<i32>,
+    /// The picks each rank receives (of the tokens sent to it).
+    pub pick_counts: Vec<i32>,
+    /// A pick outside `[0, E)` and not -1, or a row listing an expert twice: the map and counts
+    /// then mean nothing (the caller names the pick from the indices on the host).
+    pub bad_picks: bool,
+}
+
+/// `owner` (the rank of each expert, `[0, num_ranks)`) checked, or a RangeError naming it.
+fn check_owner(owner: &[i32], num_ranks: usize) -> Result<()> {
+    if num_ranks == 0 || num_ranks > EP_MAX_RANKS {
+        return Err(moe_core::Error::range("numRanks", format!("expected 1 to {EP_MAX_RANKS} ranks, got {num_ranks}")).into());
+    }
+    if owner.is_empty() || !fits_i32(owner.len()) {
+        return Err(
+            moe_core::Error::range("owner", format!("expected one rank an expert (1 to 2^31 - 1 experts), got {}", owner.len())).into()
+        );
+    }
+    if let Some((e, r)) = owner.iter().enumerate().find(|&(_, &r)| r < 0 || r as usize >= num_ranks) {
+        return Err(moe_core::Error::range("owner", format!("element {e} = {r} is outside [0, numRanks = {num_ranks})")).into());
+    }
+    Ok(())
+}
+
+/// `t`'s dtype and rank-2 shape, or a TypeError / RangeError naming `arg`.
+fn matrix(t: &DeviceTensor, arg: &str, dtype: DType) -> Result<(usize, usize)> {
+    if t.dtype != dtype {
+        return Err(moe_core::Error::type_error(format!("{arg}.dtype"), dtype.name(), t.dtype.name()).into());
+    }
+    match t.shape[..] {
+        [rows, cols] if fits_i32(cols) => Ok((rows, cols)),
+        _ => Err(moe_core::Error::range(format!("{arg}.shape"), format!("expected [rows, cols], got {:?}", t.shape)).into()),
+    }
+}
+
+/// The send side of expert parallelism's dispatch on the GPU: from the picks `indices [T, k]`
+/// (int32 global expert ids, -1 masked) and `owner` (the rank of each expert), the `[T, N]` map of
+/// the ranks each token goes to and each rank's token and pick counts. One synchronisation: the
+/// counts (`2N + 1` words) are read back, since the exchange's sizes live on the host.
+pub fn ep_send_plan_device(dev: &Device, indices: &DeviceTensor, owner: &[i32], num_ranks: usize) -> Result<EpSendPlan> {
+    let (t, k) = matrix(indices, "indices", DType::I32)?;
+    check_owner(owner, num_ranks)?;
+    let n = num_ranks;
+    if t.checked_mul(n).is_none_or(|b| b > i64::MAX as usize) {
+        return Err(moe_core::Error::range("indices.shape", format!("[{t}, {k}] with {n} ranks: the send map is too large")).into());
+    }
+    let owner_d = DeviceTensor::upload_owned(dev, "the experts' ranks", &Tensor::i32(vec![owner.len()], owner.to_vec()))?;
+    let map = DeviceTensor::alloc(dev, "the send map", DType::Bool, vec![t, n])?;
+    let counts = dev.alloc("the send counts", (2 * n + 1) * 4)?;
+    dev.memset_zero("the send counts", &counts, (2 * n + 1) * 4)?;
+    if t > 0 {
+        let blocks = t.div_ceil(256).clamp(1, 16 * dev.sm_count()) as u32;
+        dev.launch_shared(
+            "ep_send_plan",
+            (blocks, 1),
+            256,
+            (2 * n * 4) as u32,
+            &[
+                p(dev, &indices.buf),
+                Arg::I64(t as i64),
+                Arg::I32(k as i32),
+                p(dev, &owner_d.buf),
+                Arg::I32(owner.len() as i32),
+                Arg::I32(n as i32),
+                p(dev, &map.buf),
+                p(dev, &counts),
+            ],
+        )?;
+    }
+    let c: Vec<i32> = dev.download_new("the send counts", &counts, 2 * n + 1)?;
+    Ok(EpSendPlan { send_map: map, send_counts: c[..n].to_vec(), pick_counts: c[n..2 * n].to_vec(), bad_picks: c[2 * n] != 0 })
+}
+
+/// What travels with each sent row: for the send permutation's slots (`sorted`, permute's
+/// sortedIndices of [`ep_send_plan_device`]'s map: tokens rank by rank, its plan on the GPU) and
+/// each pick of the slot's token, the pick as the receiving rank's local expert id (the expert's
+/// place among its rank's experts, ascending; -1 where it lives elsewhere or is masked) and its
+/// weight (0 elsewhere): `([S, k] int32, [S, k] float32)`. `indices` must be the picks the plan
+/// was made from (checked there).
+pub fn ep_rank_extras_device(
+    dev: &Device,
+    sorted: &DeviceTensor,
+    indices: &DeviceTensor,
+    weights: &DeviceTensor,
+    owner: &[i32],
+) -> Result<(DeviceTensor, DeviceTensor)> {
+    let (t, k) = matrix(indices, "indices", DType::I32)?;
+    let (wt, wk) = matrix(weights, "weights", DType::F32)?;
+    if (wt, wk) != (t, k) {
+        return Err(moe_core::Error::range(
+            "weights.shape",
+            format!("expected [{t}, {k}] (the shape of indices), got {:?}", weights.shape),
+        )
+        .into());
+    }
+    // the slots' tokens and where each rank's slots start: permute's plan, made on the GPU for
+    // these tokens (so every slot's token is below T)
+    let plan = sorted.plan.as_ref().filter(|pl| sorted.dtype == DType::I32 && pl.num_tokens == t && sorted.shape == [pl.num_slots]);
+    let Some(plan) = plan else {
+        return Err(moe_core::Error::type_error(
+            "sorted",
+            format!("the sortedIndices permute made on the GPU from the send map of these {t} tokens"),
+            "another tensor",
+        )
+        .into());
+    };
+    let n = plan.num_experts;
+    check_owner(owner, n)?;
+    // each expert's place among its rank's experts (ascending), after its rank
+    let mut seen = vec![0i32; n];
+    let mut table = owner.to_vec();
+    table.extend(owner.iter().map(|&r| {
+        seen[r as usize] += 1;
+        seen[r as usize] - 1
+    }));
+    let table_d = DeviceTensor::upload_owned(dev, "the experts' ranks and local ids", &Tensor::i32(vec![table.len()], table))?;
+    let s = plan.num_slots;
+    let local = DeviceTensor::alloc(dev, "the picks' local experts", DType::I32, vec![s, k])?;
+    let local_w = DeviceTensor::alloc(dev, "the picks' weights", DType::F32, vec![s, k])?;
+    if s * k > 0 {
+        let owner_ptr = table_d.buf.ptr(dev.stream());
+        dev.launch(
+            "ep_rank_extras",
+            ((s * k).div_ceil(256).clamp(1, 16 * dev.sm_count()) as u32, 1),
+            256,
+            &[
+                p(dev, &sorted.buf),
+                Arg::I64(s as i64),
+                p(dev, &indices.buf),
+                p(dev, &weights.buf),
+                Arg::I32(k as i32),
+                Arg::U64(owner_ptr),
+                Arg::U64(owner_ptr + 4 * owner.len() as u64),
+                p(dev, &plan.expert_offsets),
+                Arg::I32(n as i32),
+                p(dev, &local.buf),
+                p(dev, &local_w.buf),
+            ],
+        )?;
+    }
+    Ok((local, local_w))
+}

@@ -7,7 +7,9 @@ use moe_bind::ops::DropArgs;
 use moe_bind::Size;
 use moe_cuda::layout::{self as gpu, DeviceSortedChunks};
 
-use crate::cuda::{CudaTensor, Device, DeviceOut};
+use napi::bindgen_prelude::Int32Array;
+
+use crate::cuda::{run, CudaTensor, Device, DeviceOut};
 
 /// A chunk sort's result under its op's keys.
 fn chunks(out: DeviceSortedChunks, [output, probs]: [&'static str; 2]) -> DeviceOut {
@@ -56,4 +58,50 @@ cuda_fns! {
             tokensPerExpert: out.tokens_per_expert, offsets: out.offsets,
         ))
     }
+}
+
+/// What `cudaEpSendPlan` returns (moe_cuda::layout::ep_send_plan_device).
+#[napi_derive::napi(object, object_from_js = false)]
+pub struct EpSendPlanOut {
+    pub send_map: CudaTensor,
+    pub send_counts: Vec<i32>,
+    pub pick_counts: Vec<i32>,
+    pub bad_picks: bool,
+}
+
+/// Expert parallelism's send plan on the GPU (ts/ep.ts dispatch): the `[T, N]` map of the ranks
+/// each token goes to and each rank's token and pick counts (one synchronisation).
+#[napi_derive::napi]
+pub fn cuda_ep_send_plan(indices: &CudaTensor, owner: Int32Array, num_ranks: f64) -> napi::Result<EpSendPlanOut, String> {
+    run(|dev| {
+        let n = moe_core::error::size_arg("numRanks", num_ranks)?;
+        let plan = gpu::ep_send_plan_device(dev, indices.get("indices")?, &owner, n)?;
+        Ok(EpSendPlanOut {
+            send_map: CudaTensor::wrap(plan.send_map),
+            send_counts: plan.send_counts,
+            pick_counts: plan.pick_counts,
+            bad_picks: plan.bad_picks,
+        })
+    })
+}
+
+/// What `cudaEpRankExtras` returns.
+#[napi_derive::napi(object, object_from_js = false)]
+pub struct EpRankExtrasOut {
+    pub local: CudaTensor,
+    pub weights: CudaTensor,
+}
+
+/// The picks and weights that travel with each sent row (moe_cuda::layout::ep_rank_extras_device).
+#[napi_derive::napi]
+pub fn cuda_ep_rank_extras(
+    sorted: &CudaTensor,
+    indices: &CudaTensor,
+    weights: &CudaTensor,
+    owner: Int32Array,
+) -> napi::Result<EpRankExtrasOut, String> {
+    run(|dev| {
+        let (local, w) = gpu::ep_rank_extras_device(dev, sorted.get("sorted")?, indices.get("indices")?, weights.get("weights")?, &owner)?;
+        Ok(EpRankExtrasOut { local: CudaTensor::wrap(local), weights: CudaTensor::wrap(w) })
+    })
 }
