@@ -584,177 +584,6 @@ pub fn grouped_mm_sort_device(
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::compile;
-    use crate::device::kernel_names;
-
-    #[test]
-    fn every_layout_kernel_is_listed() {
-        let names = kernel_names(compile::LAYOUT.source);
-        let want = [
-            "multihot_from_indices",
-            "multihot_row_max",
-            "multihot_to_indices_fill",
-            "layout_chunk_count",
-            "layout_chunk_scan",
-            "layout_scan_exclusive",
-            "pad_routing_fill",
-            "drop_mask_probs",
-            "drop_mask_position",
-            "drop_apply",
-            "chunk_copy_w16",
-            "chunk_copy_w8",
-            "chunk_copy_w4",
-            "chunk_copy_w2",
-            "chunk_probs",
-            "grouped_count",
-            "grouped_fill_f32",
-            "grouped_fill_bf16",
-            "grouped_fill_f16",
-            "grouped_offsets",
-            "slot_expert_check",
-            "probs_grad_scatter",
-            "unpermute_bwd_scale_f32",
-            "unpermute_bwd_scale_bf16",
-            "unpermute_bwd_scale_f16",
-            "slot_dot_f32",
-            "slot_dot_bf16",
-            "slot_dot_f16",
-        ];
-        for n in want {
-            assert!(names.contains(&n.to_string()), "{n} missing from {names:?}");
-        }
-        // every `extern "C" __global__` line of the file names a kernel that the parser finds
-        let declared = compile::LAYOUT.source.lines().filter(|l| l.trim_start().starts_with("extern \"C\" __global__")).count();
-        assert_eq!(names.len(), declared, "{names:?}");
-        assert_eq!(names.len(), want.len(), "{names:?}");
-        // and no name collides with another file's kernel (one function table per device)
-        for other in compile::ALL.iter().filter(|s| s.file != compile::LAYOUT.file) {
-            for n in kernel_names(other.source) {
-                assert!(!names.contains(&n), "{n} is defined in kernels/{} and kernels/layout.cu", other.file);
-            }
-        }
-    }
-
-    #[test]
-    fn chunk_layout_matches_the_core() {
-        // 5 rows in chunks [2, 0, 3], order [2, 0, 1] (the core's test): forward output chunks
-        // 2 (rows 2..5), 0 (rows 0..2), 1 (empty).
-        let (out_start, src_start) = chunk_layout(&[2, 0, 3], &[2, 0, 1], 5, false).unwrap();
-        assert_eq!(out_start, vec![0, 3, 5]);
-        assert_eq!(src_start, vec![2, 0, 2]);
-        // backward: chunk c of the unsorted layout comes from where forward put it
-        let (out_start, src_start) = chunk_layout(&[2, 0, 3], &[2, 0, 1], 5, true).unwrap();
-        assert_eq!(out_start, vec![0, 2, 2]);
-        assert_eq!(src_start, vec![3, 5, 0]);
-        assert!(chunk_layout(&[1, 2], &[0, 1], 4, false).is_none());
-        assert!(chunk_layout(&[5, -1], &[0, 1], 4, false).is_none());
-        assert!(chunk_layout(&[2, 2], &[1, 1], 4, false).is_none());
-        assert!(chunk_layout(&[2, 2], &[0, 2], 4, false).is_none());
-        assert!(chunk_layout(&[2, 2], &[0], 4, false).is_none());
-        assert_eq!(chunk_layout(&[], &[], 0, false), Some((vec![], vec![])));
-    }
-
-    /// The kernels' row lookup (the last output chunk starting at or before the row), on the
-    /// host, against the core's row lists.
-    #[test]
-    fn chunk_rows_match_the_core_rows() {
-        fn src_row(out_start: &[i32], src_start: &[i32], r: i32) -> i32 {
-            let i = out_start.iter().rposition(|&s| s <= r).unwrap();
-            src_start[i] + (r - out_start[i])
-        }
-        let x: Vec<f32> = (0..9).map(|v| v as f32).collect();
-        let xr = moe_core::TensorRef::of("input", vec![9, 1], &x).unwrap();
-        for (sizes, order) in [
-            (vec![2, 0, 3, 4], vec![3, 1, 0, 2]),
-            (vec![0, 9, 0], vec![2, 1, 0]),
-            (vec![1, 1, 1, 1, 1, 1, 1, 1, 1], vec![8, 7, 6, 5, 4, 3, 2, 1, 0]),
-        ] {
-            let sr = moe_core::TensorRef::of("splitSizes", vec![sizes.len()], &sizes[..]).unwrap();
-            let or = moe_core::TensorRef::of("sortedIdxs", vec![order.len()], &order[..]).unwrap();
-            for backward in [false, true] {
-                let want = if backward {
-                    moe_core::chunks::sort_chunks_by_index_backward(&xr, &sr, &or, None).unwrap()
-                } else {
-                    moe_core::chunks::sort_chunks_by_index(&xr, &sr, &or, None).unwrap()
-                };
-                let (o, s) = chunk_layout(&sizes, &order, 9, backward).unwrap();
-                let got: Vec<f32> = (0..9).map(|r| src_row(&o, &s, r) as f32).collect();
-                assert_eq!(want.output.data, moe_core::tensor::Data::F32(got), "{sizes:?} {order:?} backward={backward}");
-            }
-        }
-    }
-
-    /// drop_key (kernels/layout.cu) on the host: sorting by (key, token) gives the core's order.
-    #[test]
-    fn drop_key_orders_like_the_core() {
-        fn drop_key(b: u32) -> u32 {
-            let mag = b & 0x7fff_ffff;
-            if mag > 0x7f80_0000 {
-                return 0;
-            }
-            let b = if mag == 0 { 0 } else { b };
-            let ordered = if b & 0x8000_0000 != 0 { !b } else { b | 0x8000_0000 };
-            !ordered
-        }
-        let vals = [
-            0.5f32,
-            -0.0,
-            0.0,
-            f32::NAN,
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-            -1.0,
-            1.0,
-            0.5,
-            f32::from_bits(0xffc0_0001),
-            1e-45,
-            -1e-45,
-            3.0,
-            -3.0,
-        ];
-        let t = vals.len();
-        let probs = moe_core::TensorRef::of("probs", vec![t, 1], &vals[..]).unwrap();
-        for cap in 1..t {
-            let map = vec![1u8; t];
-            let mr = moe_core::TensorRef::new("routingMap", DType::Bool, vec![t, 1], &map).unwrap();
-            let opts =
-                DropOptions { topk: 1, capacity_factor: cap as f64 / t as f64, drop_policy: DropPolicy::Probs, pad_to_capacity: false };
-            let want = moe_core::capacity::drop_tokens(&probs, &mr, opts).unwrap();
-            assert_eq!(want.capacity, cap);
-            let mut order: Vec<usize> = (0..t).collect();
-            order.sort_by_key(|&i| (drop_key(vals[i].to_bits()), i));
-            let mut got = vec![0u8; t];
-            for &i in &order[..cap] {
-                got[i] = 1;
-            }
-            assert_eq!(want.routing_map.data, moe_core::tensor::Data::Bool(got), "capacity {cap}");
-        }
-    }
-
-    #[test]
-    fn capacity_modes() {
-        assert_eq!(drop_mode(4, 8), 2);
-        assert_eq!(drop_mode(8, 8), 1);
-        assert_eq!(drop_mode(0, 8), 0);
-        assert_eq!(drop_mode(0, 0), 1);
-    }
-
-    #[test]
-    fn grouped_chunks_bound_the_table() {
-        assert_eq!(grouped_chunks(0, 8), (1, 0));
-        assert_eq!(grouped_chunks(100, 8), (50, 2));
-        let (per, chunks) = grouped_chunks(131_072, 256);
-        assert_eq!((per, chunks), (64, 2048));
-        let (per, chunks) = grouped_chunks(1 << 30, 1 << 20);
-        assert!(chunks * (1 << 20) <= GROUPED_TABLE && per * chunks >= 1 << 30, "{per} {chunks}");
-        let (_, chunks) = grouped_chunks(1000, GROUPED_TABLE);
-        assert_eq!(chunks, 1);
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // Expert parallelism's send side (ts/ep.ts's dispatch on device tensors)
 
@@ -907,4 +736,177 @@ pub fn ep_rank_extras_device(
         )?;
     }
     Ok((local, local_w))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compile;
+    use crate::device::kernel_names;
+
+    #[test]
+    fn every_layout_kernel_is_listed() {
+        let names = kernel_names(compile::LAYOUT.source);
+        let want = [
+            "multihot_from_indices",
+            "multihot_row_max",
+            "multihot_to_indices_fill",
+            "layout_chunk_count",
+            "layout_chunk_scan",
+            "layout_scan_exclusive",
+            "pad_routing_fill",
+            "drop_mask_probs",
+            "drop_mask_position",
+            "drop_apply",
+            "chunk_copy_w16",
+            "chunk_copy_w8",
+            "chunk_copy_w4",
+            "chunk_copy_w2",
+            "chunk_probs",
+            "grouped_count",
+            "grouped_fill_f32",
+            "grouped_fill_bf16",
+            "grouped_fill_f16",
+            "grouped_offsets",
+            "slot_expert_check",
+            "probs_grad_scatter",
+            "unpermute_bwd_scale_f32",
+            "unpermute_bwd_scale_bf16",
+            "unpermute_bwd_scale_f16",
+            "slot_dot_f32",
+            "slot_dot_bf16",
+            "slot_dot_f16",
+            "ep_send_plan",
+            "ep_rank_extras",
+        ];
+        for n in want {
+            assert!(names.contains(&n.to_string()), "{n} missing from {names:?}");
+        }
+        // every `extern "C" __global__` line of the file names a kernel that the parser finds
+        let declared = compile::LAYOUT.source.lines().filter(|l| l.trim_start().starts_with("extern \"C\" __global__")).count();
+        assert_eq!(names.len(), declared, "{names:?}");
+        assert_eq!(names.len(), want.len(), "{names:?}");
+        // and no name collides with another file's kernel (one function table per device)
+        for other in compile::ALL.iter().filter(|s| s.file != compile::LAYOUT.file) {
+            for n in kernel_names(other.source) {
+                assert!(!names.contains(&n), "{n} is defined in kernels/{} and kernels/layout.cu", other.file);
+            }
+        }
+    }
+
+    #[test]
+    fn chunk_layout_matches_the_core() {
+        // 5 rows in chunks [2, 0, 3], order [2, 0, 1] (the core's test): forward output chunks
+        // 2 (rows 2..5), 0 (rows 0..2), 1 (empty).
+        let (out_start, src_start) = chunk_layout(&[2, 0, 3], &[2, 0, 1], 5, false).unwrap();
+        assert_eq!(out_start, vec![0, 3, 5]);
+        assert_eq!(src_start, vec![2, 0, 2]);
+        // backward: chunk c of the unsorted layout comes from where forward put it
+        let (out_start, src_start) = chunk_layout(&[2, 0, 3], &[2, 0, 1], 5, true).unwrap();
+        assert_eq!(out_start, vec![0, 2, 2]);
+        assert_eq!(src_start, vec![3, 5, 0]);
+        assert!(chunk_layout(&[1, 2], &[0, 1], 4, false).is_none());
+        assert!(chunk_layout(&[5, -1], &[0, 1], 4, false).is_none());
+        assert!(chunk_layout(&[2, 2], &[1, 1], 4, false).is_none());
+        assert!(chunk_layout(&[2, 2], &[0, 2], 4, false).is_none());
+        assert!(chunk_layout(&[2, 2], &[0], 4, false).is_none());
+        assert_eq!(chunk_layout(&[], &[], 0, false), Some((vec![], vec![])));
+    }
+
+    /// The kernels' row lookup (the last output chunk starting at or before the row), on the
+    /// host, against the core's row lists.
+    #[test]
+    fn chunk_rows_match_the_core_rows() {
+        fn src_row(out_start: &[i32], src_start: &[i32], r: i32) -> i32 {
+            let i = out_start.iter().rposition(|&s| s <= r).unwrap();
+            src_start[i] + (r - out_start[i])
+        }
+        let x: Vec<f32> = (0..9).map(|v| v as f32).collect();
+        let xr = moe_core::TensorRef::of("input", vec![9, 1], &x).unwrap();
+        for (sizes, order) in [
+            (vec![2, 0, 3, 4], vec![3, 1, 0, 2]),
+            (vec![0, 9, 0], vec![2, 1, 0]),
+            (vec![1, 1, 1, 1, 1, 1, 1, 1, 1], vec![8, 7, 6, 5, 4, 3, 2, 1, 0]),
+        ] {
+            let sr = moe_core::TensorRef::of("splitSizes", vec![sizes.len()], &sizes[..]).unwrap();
+            let or = moe_core::TensorRef::of("sortedIdxs", vec![order.len()], &order[..]).unwrap();
+            for backward in [false, true] {
+                let want = if backward {
+                    moe_core::chunks::sort_chunks_by_index_backward(&xr, &sr, &or, None).unwrap()
+                } else {
+                    moe_core::chunks::sort_chunks_by_index(&xr, &sr, &or, None).unwrap()
+                };
+                let (o, s) = chunk_layout(&sizes, &order, 9, backward).unwrap();
+                let got: Vec<f32> = (0..9).map(|r| src_row(&o, &s, r) as f32).collect();
+                assert_eq!(want.output.data, moe_core::tensor::Data::F32(got), "{sizes:?} {order:?} backward={backward}");
+            }
+        }
+    }
+
+    /// drop_key (kernels/layout.cu) on the host: sorting by (key, token) gives the core's order.
+    #[test]
+    fn drop_key_orders_like_the_core() {
+        fn drop_key(b: u32) -> u32 {
+            let mag = b & 0x7fff_ffff;
+            if mag > 0x7f80_0000 {
+                return 0;
+            }
+            let b = if mag == 0 { 0 } else { b };
+            let ordered = if b & 0x8000_0000 != 0 { !b } else { b | 0x8000_0000 };
+            !ordered
+        }
+        let vals = [
+            0.5f32,
+            -0.0,
+            0.0,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            -1.0,
+            1.0,
+            0.5,
+            f32::from_bits(0xffc0_0001),
+            1e-45,
+            -1e-45,
+            3.0,
+            -3.0,
+        ];
+        let t = vals.len();
+        let probs = moe_core::TensorRef::of("probs", vec![t, 1], &vals[..]).unwrap();
+        for cap in 1..t {
+            let map = vec![1u8; t];
+            let mr = moe_core::TensorRef::new("routingMap", DType::Bool, vec![t, 1], &map).unwrap();
+            let opts =
+                DropOptions { topk: 1, capacity_factor: cap as f64 / t as f64, drop_policy: DropPolicy::Probs, pad_to_capacity: false };
+            let want = moe_core::capacity::drop_tokens(&probs, &mr, opts).unwrap();
+            assert_eq!(want.capacity, cap);
+            let mut order: Vec<usize> = (0..t).collect();
+            order.sort_by_key(|&i| (drop_key(vals[i].to_bits()), i));
+            let mut got = vec![0u8; t];
+            for &i in &order[..cap] {
+                got[i] = 1;
+            }
+            assert_eq!(want.routing_map.data, moe_core::tensor::Data::Bool(got), "capacity {cap}");
+        }
+    }
+
+    #[test]
+    fn capacity_modes() {
+        assert_eq!(drop_mode(4, 8), 2);
+        assert_eq!(drop_mode(8, 8), 1);
+        assert_eq!(drop_mode(0, 8), 0);
+        assert_eq!(drop_mode(0, 0), 1);
+    }
+
+    #[test]
+    fn grouped_chunks_bound_the_table() {
+        assert_eq!(grouped_chunks(0, 8), (1, 0));
+        assert_eq!(grouped_chunks(100, 8), (50, 2));
+        let (per, chunks) = grouped_chunks(131_072, 256);
+        assert_eq!((per, chunks), (64, 2048));
+        let (per, chunks) = grouped_chunks(1 << 30, 1 << 20);
+        assert!(chunks * (1 << 20) <= GROUPED_TABLE && per * chunks >= 1 << 30, "{per} {chunks}");
+        let (_, chunks) = grouped_chunks(1000, GROUPED_TABLE);
+        assert_eq!(chunks, 1);
+    }
 }
