@@ -871,8 +871,10 @@ async function exchangeRows<D extends TokenDType>(
  *
  * Device tokens (the cuda backend's, with a group that has `allToAllVDevice`: the NCCL group) stay
  * on the GPU: the rows are permuted, exchanged and permuted again there, and the results are
- * device tensors; only the picks and weights (read back if they are device tensors) and the
- * counts go through the host. Every rank must then pass device tokens.
+ * device tensors. The send side is made there too (the destination map, the counts, the picks
+ * and weights that travel with each row: host picks and weights are checked and uploaded first):
+ * the counts (`2 size + 1` numbers) and the picks, for the backward, are read back, and the
+ * counts go through the host's all-gather. Every rank must then pass device tokens.
  */
 export async function dispatch<D extends TokenDType>(
   group: ExpertParallelGroup,
