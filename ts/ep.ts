@@ -713,8 +713,9 @@ function sendPlan(picks: Int32Array, owner: Int32Array, T: number, k: number, N:
   return { sendMap: { dtype: 'bool', shape: [T, N], data: map }, sendCounts: Array.from(counts), pickCounts, picks, sorted, temps: [] };
 }
 
-/** The cuda backend's send-side kernels, where `moe` has them. */
+/** The cuda backend's send-side kernels, where `moe` has them (`MOE_DISPATCH_EP_SEND=host`: the host's bookkeeping instead, for A/B). */
 function gpuSendOps(moe: Backend): Pick<CudaTrainOps, 'epSendPlan' | 'epRankExtras'> | undefined {
+  if ((typeof process !== 'undefined' ? process.env?.MOE_DISPATCH_EP_SEND : undefined) === 'host') return undefined;
   const o = moe as unknown as Partial<CudaTrainOps>;
   return typeof o.epSendPlan === 'function' && typeof o.epRankExtras === 'function' ? (o as CudaTrainOps) : undefined;
 }

@@ -5,7 +5,8 @@
 // (permute -> expertsForward -> unpermute and their backward passes); the launcher
 // (scripts/ep-launch.mjs) with one rank passes its equivalence check; a group of two whose
 // rank 1 never joins rejects on rank 0 within timeoutMs (+ slack) naming rank 1; bad arguments;
-// device tensors through the group's allToAllVDevice (rows GPU to GPU) == the host tensors' path.
+// device tensors through the group's allToAllVDevice (rows GPU to GPU) == the host tensors' path;
+// dispatch's send side on the GPU (epSendPlan, epRankExtras) == the host's bookkeeping.
 // Where CUDA or NCCL is unavailable every test skips with the reason (also in stand-in runs:
 // NCCL needs the cuda backend's GPU). Plain node:test, no node_modules; see cuda.test.mjs.
 import assert from 'node:assert/strict';
@@ -289,9 +290,13 @@ describe('device tensors with several in-process ranks on one GPU (createInProce
       const dev = await runAll(true);
       const again = await runAll(true);
       const hostRuns = await runAll(false);
+      // the send side's bookkeeping on the host instead of the GPU (MOE_DISPATCH_EP_SEND=host): every result the same bits
+      process.env.MOE_DISPATCH_EP_SEND = 'host';
+      const hostSend = await runAll(true).finally(() => delete process.env.MOE_DISPATCH_EP_SEND);
       for (let r = 0; r < ranks; r++) {
         for (const key of ['permutedTokens', 'permutedProbs', 'tokensPerExpert']) assertSameBits(dev[r][key], hostRuns[r][key], `rank ${r}: device vs host tensors: ${key}`);
         for (const [key, v] of Object.entries(dev[r])) assertSameBits(again[r][key], host(v), `rank ${r}, run to run: ${key}`);
+        for (const [key, v] of Object.entries(dev[r])) assertSameBits(hostSend[r][key], host(v), `rank ${r}, the GPU's send side vs the host's: ${key}`);
       }
       // the single-GPU path on device tensors over the same tokens and all experts
       const all = (t) => lib.tensor(t.dtype, [ranks * per, ...t.shape.slice(1)], t.data.slice(0, ranks * per * (t.data.length / t.shape[0])));
