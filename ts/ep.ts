@@ -713,9 +713,13 @@ function sendPlan(picks: Int32Array, owner: Int32Array, T: number, k: number, N:
   return { sendMap: { dtype: 'bool', shape: [T, N], data: map }, sendCounts: Array.from(counts), pickCounts, picks, sorted, temps: [] };
 }
 
-/** The cuda backend's send-side kernels, where `moe` has them (`MOE_DISPATCH_EP_SEND=host`: the host's bookkeeping instead, for A/B). */
+/**
+ * The cuda backend's send-side kernels, where `moe` has them and `MOE_DISPATCH_EP_SEND=gpu` asks
+ * for them (opt-in until their first GPU run: the thirty-eighth session could not start a
+ * machine after writing them; the host's bookkeeping stays the default meanwhile).
+ */
 function gpuSendOps(moe: Backend): Pick<CudaTrainOps, 'epSendPlan' | 'epRankExtras'> | undefined {
-  if ((typeof process !== 'undefined' ? process.env?.MOE_DISPATCH_EP_SEND : undefined) === 'host') return undefined;
+  if ((typeof process !== 'undefined' ? process.env?.MOE_DISPATCH_EP_SEND : undefined) !== 'gpu') return undefined;
   const o = moe as unknown as Partial<CudaTrainOps>;
   return typeof o.epSendPlan === 'function' && typeof o.epRankExtras === 'function' ? (o as CudaTrainOps) : undefined;
 }
@@ -872,10 +876,12 @@ async function exchangeRows<D extends TokenDType>(
  *
  * Device tokens (the cuda backend's, with a group that has `allToAllVDevice`: the NCCL group) stay
  * on the GPU: the rows are permuted, exchanged and permuted again there, and the results are
- * device tensors. The send side is made there too (the destination map, the counts, the picks
- * and weights that travel with each row: host picks and weights are checked and uploaded first):
- * the counts (`2 size + 1` numbers) and the picks, for the backward, are read back, and the
- * counts go through the host's all-gather. Every rank must then pass device tokens.
+ * device tensors; the picks and weights (read back if they are device tensors) and the counts go
+ * through the host. With `MOE_DISPATCH_EP_SEND=gpu` (opt-in until its first GPU run) the send
+ * side is made on the GPU too (the destination map, the counts, the picks and weights that travel
+ * with each row: host picks and weights are checked and uploaded first): the counts (`2 size + 1`
+ * numbers) and the picks, for the backward, are read back. Every rank must then pass device
+ * tokens (and every rank the same setting).
  */
 export async function dispatch<D extends TokenDType>(
   group: ExpertParallelGroup,
