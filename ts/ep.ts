@@ -16,10 +16,11 @@
  * N processes over NCCL.
  *
  * The exchanges, per call:
- * - dispatch: all-gather of `[numExperts, k, hidden, dtype, tokens for rank 0..N-1]`, then one
- *   all-to-all-v: each token goes once to each rank that holds at least one of its experts
- *   (its row, then its k picks as that rank's local expert ids, -1 for the others, and their
- *   weights). The receiver permutes what it got (in source-rank order, tokens ascending) by
+ * - dispatch: all-gather of `[numExperts, k, hidden, dtype, where the tokens live, tokens for
+ *   rank 0..N-1, picks for rank 0..N-1]`, then one all-to-all-v: each token goes once to each
+ *   rank that holds at least one of its experts (its row, then its k picks as that rank's local
+ *   expert ids, -1 for the others, and their weights; with the send side on the GPU, three
+ *   device all-to-alls: rows, picks, weights). The receiver permutes what it got (in source-rank order, tokens ascending) by
  *   local expert, so each expert's block holds its tokens ordered by (source rank, token).
  * - combine: each rank merges the outputs of a received token's local experts (weighted by
  *   the probs, in expert order: `unpermute`) into one row, sends it back; the source sums the
