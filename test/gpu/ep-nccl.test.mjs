@@ -437,7 +437,10 @@ describe("dispatch's send side on the GPU (epSendPlan, epRankExtras) = the host'
       assert.deepEqual(plan.pickCounts, want.pickCounts, 'picks a rank');
       assertSameBits(plan.sendMap, tensor('bool', [T, N], want.map), 'the send map');
       const sent = want.sendCounts.reduce((a, b) => a + b, 0);
-      const perm = cuda.permute(cuda.upload(p.tokens), plan.sendMap, { numOutTokens: sent });
+      const x = cuda.upload(p.tokens);
+      const sync0 = cuda.transfers().synchronizations;
+      const perm = cuda.permute(x, plan.sendMap, { numOutTokens: sent });
+      assert.equal(cuda.transfers().synchronizations, sync0, "the map's true entries are known (the plan's counts): permute reads nothing back");
       assertSameBits(perm.sortedIndices, tensor('int32', [sent], want.sorted), "the send permutation's order");
       const ex = cuda.epRankExtras(perm.sortedIndices, idx, cuda.upload(p.weights), owner);
       assertSameBits(ex.local, tensor('int32', [sent, k], want.local), 'the picks as local experts');

@@ -665,7 +665,13 @@ pub fn ep_send_plan_device(dev: &Device, indices: &DeviceTensor, owner: &[i32], 
         )?;
     }
     let c: Vec<i32> = dev.download_new("the send counts", &counts, 2 * n + 1)?;
-    Ok(EpSendPlan { send_map: map, send_counts: c[..n].to_vec(), pick_counts: c[n..2 * n].to_vec(), bad_picks: c[2 * n] != 0 })
+    let bad_picks = c[2 * n] != 0;
+    let mut map = map;
+    // the map's true entries, counted by the kernel: permute given this many slots need not read its count back
+    if !bad_picks {
+        map.facts.true_entries = Some(c[..n].iter().map(|&v| v as usize).sum());
+    }
+    Ok(EpSendPlan { send_map: map, send_counts: c[..n].to_vec(), pick_counts: c[n..2 * n].to_vec(), bad_picks })
 }
 
 /// What travels with each sent row: for the send permutation's slots (`sorted`, permute's
