@@ -516,6 +516,22 @@ pub struct ExpertsGrads<T = Tensor, G = T> {
     pub grad_probs: Option<T>,
 }
 
+impl<T, G> ExpertsGrads<T, G> {
+    /// The same gradients with the tokens' turned into another form by `f` (or `f`'s error).
+    pub fn try_map_tokens<H, E>(self, f: impl FnOnce(G) -> std::result::Result<H, E>) -> std::result::Result<ExpertsGrads<T, H>, E> {
+        let ExpertsGrads { grad_tokens, grad_gate_and_up, grad_down, grad_gate_up_bias, grad_down_bias, grad_probs } = self;
+        Ok(ExpertsGrads { grad_tokens: f(grad_tokens)?, grad_gate_and_up, grad_down, grad_gate_up_bias, grad_down_bias, grad_probs })
+    }
+
+    /// [`ExpertsGrads::try_map_tokens`] with a conversion that cannot fail.
+    pub fn map_tokens<H>(self, f: impl FnOnce(G) -> H) -> ExpertsGrads<T, H> {
+        match self.try_map_tokens(|g| Ok::<H, std::convert::Infallible>(f(g))) {
+            Ok(g) => g,
+            Err(never) => match never {},
+        }
+    }
+}
+
 /// Backward of [`experts_forward`]: `gradOutput [N, dim]` (the dtype of the tokens) to the
 /// gradients of every input. The up-projection and activation are recomputed per expert
 /// (nothing is kept from the forward), in exactly the forward's arithmetic.
@@ -604,6 +620,23 @@ mod tests {
     use super::*;
     use crate::activations::ActivationKind;
     use crate::error::ErrorKind;
+
+    #[test]
+    fn map_tokens_converts_the_tokens_gradient_alone() {
+        let g: ExpertsGrads<u8, u32> = ExpertsGrads {
+            grad_tokens: 7,
+            grad_gate_and_up: 1,
+            grad_down: 2,
+            grad_gate_up_bias: Some(3),
+            grad_down_bias: None,
+            grad_probs: Some(5),
+        };
+        let m = g.clone().map_tokens(|t| format!("t{t}"));
+        assert_eq!(m.grad_tokens, "t7");
+        assert_eq!((m.grad_gate_and_up, m.grad_down, m.grad_gate_up_bias, m.grad_down_bias, m.grad_probs), (1, 2, Some(3), None, Some(5)));
+        assert_eq!(g.clone().try_map_tokens(|t| if t == 7 { Err("no") } else { Ok(t) }).err(), Some("no"));
+        assert_eq!(g.try_map_tokens(|t| Ok::<u32, ()>(t + 1)).map(|m| m.grad_tokens), Ok(8));
+    }
 
     fn lcg(seed: &mut u64) -> f32 {
         *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);

@@ -130,26 +130,17 @@ impl TokensGrad {
 /// The gradients of [`experts_backward_device_over_tokens`] with the tokens' as a tensor, given
 /// the tokens the call was lent ([`TokensGrad::into_tensor`]).
 pub fn grads_over_tokens(g: ExpertsGrads<DeviceTensor, TokensGrad>, tokens: DeviceTensor) -> DeviceExpertsGrads {
-    let ExpertsGrads { grad_tokens, grad_gate_and_up, grad_down, grad_gate_up_bias, grad_down_bias, grad_probs } = g;
-    ExpertsGrads {
-        grad_tokens: grad_tokens.into_tensor(tokens),
-        grad_gate_and_up,
-        grad_down,
-        grad_gate_up_bias,
-        grad_down_bias,
-        grad_probs,
-    }
+    g.map_tokens(|t| t.into_tensor(tokens))
 }
 
 /// The gradients of a backward that wrote the tokens' in a tensor of its own.
 fn own_tokens_grad(g: ExpertsGrads<DeviceTensor, TokensGrad>) -> Result<DeviceExpertsGrads> {
-    let ExpertsGrads { grad_tokens, grad_gate_and_up, grad_down, grad_gate_up_bias, grad_down_bias, grad_probs } = g;
-    let TokensGrad::Own(grad_tokens) = grad_tokens else {
-        return Err(Error::Cuda(
-            "expertsBackward: the tokens' gradient was written over the tokens unasked (a bug in moe-dispatch)".into(),
-        ));
-    };
-    Ok(ExpertsGrads { grad_tokens, grad_gate_and_up, grad_down, grad_gate_up_bias, grad_down_bias, grad_probs })
+    g.try_map_tokens(|t| match t {
+        TokensGrad::Own(t) => Ok(t),
+        TokensGrad::OverTokens => {
+            Err(Error::Cuda("expertsBackward: the tokens' gradient was written over the tokens unasked (a bug in moe-dispatch)".into()))
+        }
+    })
 }
 
 /// A tensor an op borrowed or made itself (freed when dropped).
@@ -918,16 +909,7 @@ fn backward_device(
         let rows = if over_tokens { TokenRows::Given } else { TokenRows::Lent };
         return backward_grouped(dev, &g, grad, inp, rows, act, saved);
     }
-    let g = backward_per_expert(dev, grad, inp, act, saved)?;
-    let ExpertsGrads { grad_tokens, grad_gate_and_up, grad_down, grad_gate_up_bias, grad_down_bias, grad_probs } = g;
-    Ok(ExpertsGrads {
-        grad_tokens: TokensGrad::Own(grad_tokens),
-        grad_gate_and_up,
-        grad_down,
-        grad_gate_up_bias,
-        grad_down_bias,
-        grad_probs,
-    })
+    Ok(backward_per_expert(dev, grad, inp, act, saved)?.map_tokens(TokensGrad::Own))
 }
 
 /// The backward off our grouped GEMM: cuBLAS per expert (weight gradients beside on other
