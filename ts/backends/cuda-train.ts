@@ -137,6 +137,12 @@ function dtypeArg(dtype: unknown, arg: string): TokenDType {
   return dtype as TokenDType;
 }
 
+/** The EP send side's `owner` (the rank of each expert), or a TypeError naming it. */
+function ownerArg(owner: unknown): Int32Array {
+  if (!(owner instanceof Int32Array)) throw new TypeError(`owner: expected an Int32Array (the rank of each expert), got ${Object.prototype.toString.call(owner)}`);
+  return owner;
+}
+
 export const trainGpu: GpuFamily = {
   ops: ['routeBackward'],
   present: (addon: Addon) => typeof addon.cudaRouteBackwardDevice === 'function' && typeof addon.cudaAdamwStep === 'function',
@@ -294,15 +300,13 @@ export const trainGpu: GpuFamily = {
       },
       epSendPlan(indices, owner, numRanks) {
         return call('epSendPlan', (h) => {
-          if (!(owner instanceof Int32Array)) throw new TypeError(`owner: expected an Int32Array (the rank of each expert), got ${Object.prototype.toString.call(owner)}`);
-          const r = gpu.cudaEpSendPlan(h.of(indices, 'indices', ['int32']), owner, checkNumber(numRanks, 'numRanks') ?? NaN);
+          const r = gpu.cudaEpSendPlan(h.of(indices, 'indices', ['int32']), ownerArg(owner), checkNumber(numRanks, 'numRanks') ?? NaN);
           return { sendMap: wrapDevice<'bool'>(r.sendMap), sendCounts: r.sendCounts, pickCounts: r.pickCounts, badPicks: r.badPicks };
         });
       },
       epRankExtras(sorted, indices, weights, owner) {
         return call('epRankExtras', (h) => {
-          if (!(owner instanceof Int32Array)) throw new TypeError(`owner: expected an Int32Array (the rank of each expert), got ${Object.prototype.toString.call(owner)}`);
-          const r = gpu.cudaEpRankExtras(h.of(sorted, 'sorted', ['int32']), h.of(indices, 'indices', ['int32']), h.of(weights, 'weights', ['float32']), owner);
+          const r = gpu.cudaEpRankExtras(h.of(sorted, 'sorted', ['int32']), h.of(indices, 'indices', ['int32']), h.of(weights, 'weights', ['float32']), ownerArg(owner));
           return { local: wrapDevice<'int32'>(r.local), weights: wrapDevice<'float32'>(r.weights) };
         });
       },
