@@ -484,7 +484,11 @@ interface State {
   readonly recvMap: AnyTensor<'bool'>;
   readonly recvSorted: AnyTensor<'int32'>;
   readonly permutedProbs: AnyTensor<'float32'>;
-  combined?: { expertOutputs: AnyTensor<TokenDType>; weighted: boolean };
+  combined?: { expertOutputs?: AnyTensor<TokenDType>; weighted: boolean };
+  /** Device tensors kept for the state's closures (the received picks, read back when first needed). */
+  readonly held: readonly AnyTensor[];
+  /** Whether `releaseDispatch` freed what the handle kept. */
+  released?: boolean;
 }
 
 const STATES = new WeakMap<DispatchHandle, State>();
@@ -527,7 +531,23 @@ function stateOf(group: ExpertParallelGroup, handle: unknown): State {
   const s = typeof handle === 'object' && handle !== null ? STATES.get(handle as DispatchHandle) : undefined;
   if (!s) throw new TypeError(`handle: expected the handle dispatch returned, got ${describe(handle)}`);
   if (s.group !== group) throw new RangeError(`handle: made by the dispatch of rank ${s.handle.rank} of another group handle, not of this group's rank ${group.rank}`);
+  if (s.released) throw new TypeError('handle: expected a handle not yet released, got one passed to releaseDispatch');
   return s;
+}
+
+/**
+ * Frees what dispatch kept for combine and the backward passes (on the device: the send and
+ * receive maps and orders, the probs) at once, instead of when the handle is garbage-collected;
+ * the handle can't be used after. Tensors dispatch returned are the caller's and stay (device
+ * permutedProbs is one of them: disposing it is the caller's part). Releasing twice is a no-op.
+ */
+export function releaseDispatch(handle: DispatchHandle): void {
+  const s = typeof handle === 'object' && handle !== null ? STATES.get(handle) : undefined;
+  if (!s) throw new TypeError(`releaseDispatch: handle: expected the handle dispatch returned, got ${describe(handle)}`);
+  if (s.released) return;
+  s.released = true;
+  s.combined = undefined;
+  release(s.sendMap, s.sendSorted, s.recvMap, s.recvSorted, ...s.held);
 }
 
 /** A `[rows, hidden]` tensor of the handle's dtype, on the device exactly when the dispatch's tokens were (`device`). */
@@ -977,6 +997,7 @@ export async function dispatch<D extends TokenDType>(
   let recvMap: AnyTensor<'bool'>;
   let probs: AnyTensor<'float32'>;
   let recvPicks: () => Int32Array;
+  const held: AnyTensor[] = [];
   if (ops) {
     const ex = ops.epRankExtras(byRank.sortedIndices as unknown as DeviceTensor<'int32'>, send.indices!, send.weights!, owner);
     const move = <X extends RowDType>(t: DeviceTensor<X>) => g.allToAllVDevice!(t, sendCounts, recvCounts, op);
@@ -988,6 +1009,7 @@ export async function dispatch<D extends TokenDType>(
     release(recvWeights);
     [recvMap, probs] = [mh.routingMap, mh.probs];
     recvPicks = once(() => recvLocal.download().data as Int32Array);
+    held.push(recvLocal);
   } else {
     const extraSend: Uint8Array[][] = [];
     const w = a.weights as Tensor<'float32'>;
@@ -1002,7 +1024,9 @@ export async function dispatch<D extends TokenDType>(
     const weightsT: Tensor<'float32'> = { dtype: 'float32', shape: [R, k], data: new Float32Array(got.extras[1].buffer) };
     // (device tokens: the [R, k] picks and weights go up, and the [R, L] map and probs are made on
     // the GPU: O(R k) bytes over the bus instead of O(R L), and no host pass over the map)
-    const mh = device ? moe.indicesToMultihot(uploadOf(moe)(picksT), uploadOf(moe)(weightsT), L) : moe.indicesToMultihot(picksT, weightsT, L);
+    const [picksIn, weightsIn] = device ? [uploadOf(moe)(picksT), uploadOf(moe)(weightsT)] : [picksT, weightsT];
+    const mh = moe.indicesToMultihot(picksIn, weightsIn, L);
+    release(picksIn, weightsIn);
     [recvMap, probs] = [mh.routingMap, mh.probs];
     recvPicks = () => local;
   }
@@ -1010,7 +1034,7 @@ export async function dispatch<D extends TokenDType>(
 
   // What arrived, in source-rank order, permuted by local expert.
   const perm = moe.permute(rows as Tensor<D>, recvMap as Tensor<'bool'>, { probs: probs as Tensor<'float32'>, numOutTokens: picked });
-  release(rows);
+  release(rows, probs);
   const permutedProbs = perm.permutedProbs!;
   const handle: DispatchHandle = Object.freeze({
     rank: g.rank,
@@ -1040,6 +1064,7 @@ export async function dispatch<D extends TokenDType>(
     numReceived: R,
     recvMap,
     recvSorted: perm.sortedIndices,
+    held,
     // (a device tensor is never written in place; a host one is copied: the caller may)
     permutedProbs: isDeviceTensor(permutedProbs) ? permutedProbs : { dtype: 'float32', shape: [...permutedProbs.shape], data: permutedProbs.data.slice() },
   });
@@ -1087,7 +1112,8 @@ export async function combine<D extends TokenDType>(
   // The rows come back grouped by rank as the send permutation sent them: its unpermute sums each token's rows in rank order.
   const out = moe.unpermute(back.rows as Tensor<D>, s.sendSorted as Tensor<'int32'>, [h.numTokens, h.hidden]) as Tensor<D>;
   release(back.rows);
-  s.combined = { expertOutputs: y, weighted };
+  // (unweighted, the backward needs only the rows' order: the outputs are not kept)
+  s.combined = { expertOutputs: weighted ? y : undefined, weighted };
   return out;
 }
 
@@ -1120,16 +1146,15 @@ export async function combineBackward<D extends TokenDType>(
   const byRank = moe.permute(grad, s.sendMap as Tensor<'bool'>, { numOutTokens: s.numSent });
   const got = await exchangeRows(s.group, byRank.permutedTokens as AnyTensor<D>, h.dtype as D, h.hidden, h.sendCounts, h.recvCounts, [], [], op);
   release(byRank.permutedTokens, byRank.sortedIndices, byRank.tokensPerExpert);
-  const ub = moe.unpermuteBackward(
-    got.rows as Tensor<D>,
-    combined.expertOutputs as Tensor<D>,
-    s.recvSorted as Tensor<'int32'>,
-    combined.weighted ? { probs: s.permutedProbs as Tensor<'float32'> } : undefined,
-  );
+  if (!combined.weighted) {
+    // each slot's gradient is its received token's row: the receive side's permute again (a copy; expertOutputs not needed)
+    const p = moe.permute(got.rows as Tensor<D>, s.recvMap as Tensor<'bool'>, { numOutTokens: h.numSlots });
+    release(got.rows, p.sortedIndices, p.tokensPerExpert);
+    return { gradExpertOutputs: p.permutedTokens as Tensor<D> };
+  }
+  const ub = moe.unpermuteBackward(got.rows as Tensor<D>, combined.expertOutputs as Tensor<D>, s.recvSorted as Tensor<'int32'>, { probs: s.permutedProbs as Tensor<'float32'> });
   release(got.rows);
-  const out: CombineGrads<D> = { gradExpertOutputs: ub.gradPermuted as Tensor<D> };
-  if (combined.weighted) out.gradPermutedProbs = ub.gradProbs!;
-  return out;
+  return { gradExpertOutputs: ub.gradPermuted as Tensor<D>, gradPermutedProbs: ub.gradProbs! };
 }
 
 /**

@@ -72,6 +72,7 @@ export {
   dispatch,
   dispatchBackward,
   ExpertParallelTimeoutError,
+  releaseDispatch,
   type CombineGrads,
   type CombineOptions,
   type DeviceCombineGrads,

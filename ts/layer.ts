@@ -26,7 +26,7 @@ import { add3, castTo, columnSums, fromValues, gatherPicks, logitsEpilogue, plac
 import type { CudaBackend, DeviceRouteOptions } from './backends/cuda.js';
 import type { DeviceExpertWeights, ExpertsSaved } from './backends/cuda-experts.js';
 import { isDeviceTensor, type AnyTensor, type DeviceTensor } from './device.js';
-import { checked, checkGroup, combine, combineBackward, dispatch, dispatchBackward, type DispatchHandle, type ExpertParallelGroup } from './ep.js';
+import { checked, checkGroup, combine, combineBackward, dispatch, dispatchBackward, releaseDispatch, type DispatchHandle, type ExpertParallelGroup } from './ep.js';
 import type { ActivationKind } from './ops/activations.js';
 import type { ExpertBiases, ExpertWeights } from './ops/experts.js';
 import type { RouteOptions, ScoreFunction } from './ops/routing.js';
@@ -214,6 +214,8 @@ interface GroupDispatch {
   permutedTokens: Tensor<TokenDType>;
   tokensPerExpert: Tensor<'int32'>;
   permutedProbs: Tensor<'float32'>;
+  /** On the GPU: what expertsForward kept for its backward. */
+  expertsSaved?: ExpertsSaved;
 }
 
 /** A forward's router part. */
@@ -426,15 +428,27 @@ export const EXPERT_STACKED: readonly (keyof MoEWeights)[] = ['gateAndUpProjs', 
  * experts') summed over the ranks, so that the copies stay equal after the optimizer's step;
  * the experts' gradients are returned as they are (each rank's own experts). The sums run in
  * rank order in float32 (16-bit values widened, the sum rounded once to the dtype): the same
- * bits on every rank, and from run to run. Host tensors.
+ * bits on every rank, and from run to run. Host tensors; or device tensors (a layer on the GPU)
+ * with `backend`, the cuda backend: those gradients are read back, summed on the host and
+ * uploaded (the returned ones are new device tensors; the given ones are left to the caller).
  */
-export async function reduceReplicatedGrads(group: ExpertParallelGroup, grads: Partial<MoEWeights>): Promise<Partial<MoEWeights>> {
+export async function reduceReplicatedGrads(group: ExpertParallelGroup, grads: Partial<MoEWeights>, backend?: Backend): Promise<Partial<MoEWeights>> {
   checked('reduceReplicatedGrads', () => checkGroup(group));
   const out: Partial<MoEWeights> = { ...grads };
   const keys = (Object.keys(grads) as (keyof MoEWeights)[]).filter((k) => grads[k] !== undefined && !EXPERT_STACKED.includes(k)).sort();
+  const onGpu = keys.some((k) => isDeviceTensor(grads[k]));
+  const upload = onGpu ? deviceUploadOf(backend) : undefined;
+  // every argument checked before the first exchange
   for (const key of keys) {
-    const t = checkTensor(grads[key], `grads.${key}`) as Tensor<TokenDType>;
-    if (isDeviceTensor(t)) throw new TypeError(`reduceReplicatedGrads: grads.${key}: expected a host tensor (expert parallelism runs on host tensors for now)`);
+    const g = grads[key] as unknown;
+    const which = (dev: boolean) => (dev ? 'device' : 'host');
+    if (onGpu !== isDeviceTensor(g)) throw new TypeError(`reduceReplicatedGrads: grads.${key}: expected a ${which(onGpu)} tensor (as the other gradients), got a ${which(!onGpu)} tensor`);
+    if (isDeviceTensor(g) && g.disposed) throw new TypeError(`reduceReplicatedGrads: grads.${key}: expected a device tensor that is not disposed, got one whose dispose() was called`);
+    if (!onGpu) checked('reduceReplicatedGrads', () => checkTensor(g, `grads.${key}`));
+  }
+  for (const key of keys) {
+    const g = grads[key] as unknown;
+    const t = (isDeviceTensor(g) ? g.download() : g) as Tensor<TokenDType>;
     const bytes = new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength);
     const recv = await group.allToAllV(
       Array.from({ length: group.size }, () => bytes),
@@ -446,9 +460,21 @@ export async function reduceReplicatedGrads(group: ExpertParallelGroup, grads: P
       const values = valuesF32({ ...t, data: new (t.data.constructor as Float32ArrayConstructor)(part.slice().buffer) } as Tensor<TokenDType>);
       for (let i = 0; i < sum.length; i++) sum[i] += values[i];
     }
-    out[key] = fromValues(t.dtype, t.shape, sum) as never;
+    const reduced = fromValues(t.dtype, t.shape, sum);
+    out[key] = (upload ? upload(reduced) : reduced) as never;
   }
   return out;
+}
+
+/** The cuda backend's upload, for device gradients (a TypeError naming `backend` where it is missing or not one). */
+function deviceUploadOf(backend: Backend | undefined): (t: Tensor) => DeviceTensor {
+  const b = backend as Partial<CudaBackend> | undefined;
+  if (typeof b !== 'object' || b === null || typeof b.upload !== 'function') {
+    throw new TypeError(
+      `reduceReplicatedGrads: backend: expected the cuda backend (the gradients are device tensors), got ${b === undefined ? 'undefined' : typeof b === 'object' ? 'a backend without upload()' : typeof b}`,
+    );
+  }
+  return (t) => b.upload!(t as Tensor<TokenDType>) as unknown as DeviceTensor;
 }
 
 export class MoELayer {
@@ -819,17 +845,32 @@ export class MoELayer {
    * are routed here, sent to the ranks holding their experts and their outputs brought back
    * (ts/ep.ts `dispatch` / `combine`); the shared expert and the aux losses are this rank's
    * tokens'. Every rank of the group calls it concurrently; then `backwardParallel`. Host
-   * tensors (the cpu and wasm backends; NCCL between GPUs is not built yet). The output equals
-   * the one-rank layer's on the same tokens to the merge order ts/ep.ts documents.
+   * tensors on any backend; after `upload()`, device tensors with a group that moves device
+   * memory (`createExpertParallelGroup` over NCCL, or `createInProcessGroup(n, { device })`):
+   * the tokens, the experts' rows and their gradients stay on the GPU. The output equals the
+   * one-rank layer's on the same tokens to the merge order ts/ep.ts documents.
    */
-  async forwardParallel(group: ExpertParallelGroup, x: Tensor): Promise<MoEForward> {
+  async forwardParallel(group: ExpertParallelGroup, x: Tensor): Promise<MoEForward>;
+  async forwardParallel(group: ExpertParallelGroup, x: DeviceTensor): Promise<DeviceMoEForward>;
+  async forwardParallel(group: ExpertParallelGroup, x: Tensor | DeviceTensor): Promise<MoEForward | DeviceMoEForward> {
     this.#checkGroup(group, 'forwardParallel');
-    if (this.onDevice) throw new TypeError('forwardParallel: the layer is on the GPU; expert parallelism runs on host tensors for now (download() the layer)');
     const input = this.#input(x);
+    if (this.onDevice && typeof group.allToAllVDevice !== 'function') {
+      throw new TypeError(
+        'forwardParallel: group: expected a group that moves device memory (createExpertParallelGroup, or createInProcessGroup(n, { device })) for a layer on the GPU, got one that moves host bytes',
+      );
+    }
     this.#free();
     const r = this.#route(input);
-    const d = await this.#dispatchGroup(group, input as Tensor<TokenDType>, r);
-    return this.#finishForward(x, input, r, d, this.#losses(r)) as MoEForward;
+    let d: Dispatched;
+    try {
+      d = await this.#dispatchGroup(group, input as Tensor<TokenDType>, r);
+    } catch (e) {
+      r.check?.(); // route's error first, where the logits were not finite
+      throw e;
+    }
+    const losses = this.#losses(r);
+    return this.#checked(losses, r, this.#finishForward(x, input, r, d, losses));
   }
 
   #checkGroup(group: ExpertParallelGroup, op: string): void {
@@ -957,14 +998,33 @@ export class MoELayer {
   }
 
   /** Dispatch, experts, combine across the ranks of `group` (ts/ep.ts). */
-  async #dispatchGroup(group: ExpertParallelGroup, input: Tensor<TokenDType>, { routed }: Routing): Promise<Dispatched> {
+  async #dispatchGroup(group: ExpertParallelGroup, input: Tensor<TokenDType>, { routed, temps }: Routing): Promise<Dispatched> {
     const moe = this.backend;
     const d = await dispatch(group, moe, input, { indices: routed.indices, weights: routed.weights }, { numExperts: this.numExperts });
     const options = { ...this.#activationOptions(), permutedProbs: d.permutedProbs, biases: this.expertBiases };
-    const y = moe.expertsForward(d.permutedTokens, d.tokensPerExpert, this.expertWeights, options);
-    // the experts weighted their outputs by the probs: combine sums them as they are
-    const output = await combine(group, moe, y, d.handle, { weighted: false });
-    const saved: GroupDispatch = { kind: 'group', group, handle: d.handle, permutedTokens: d.permutedTokens, tokensPerExpert: d.tokensPerExpert, permutedProbs: d.permutedProbs };
+    let y: AnyTensor;
+    let expertsSaved: ExpertsSaved | undefined;
+    if (this.onDevice) {
+      const r = (moe as CudaBackend).expertsForward(d.permutedTokens, d.tokensPerExpert, this.expertWeights as DeviceExpertWeights, { ...options, saveForBackward: true }) as {
+        output: DeviceTensor;
+        saved?: ExpertsSaved;
+      };
+      [y, expertsSaved] = [r.output, r.saved];
+    } else {
+      y = moe.expertsForward(d.permutedTokens, d.tokensPerExpert, this.expertWeights, options);
+    }
+    // the experts weighted their outputs by the probs: combine sums them as they are (and keeps nothing of them for its backward)
+    const output = await combine(group, moe, y as Tensor<TokenDType>, d.handle, { weighted: false });
+    temps.push(y);
+    const saved: GroupDispatch = {
+      kind: 'group',
+      group,
+      handle: d.handle,
+      permutedTokens: d.permutedTokens,
+      tokensPerExpert: d.tokensPerExpert,
+      permutedProbs: d.permutedProbs,
+      expertsSaved,
+    };
     return { output, saved, withShared: true };
   }
 
@@ -1007,7 +1067,12 @@ export class MoELayer {
     if (!s) return;
     const d = s.dispatch;
     const own = [
-      ...(d.kind === 'local' ? [d.routingMap, d.sortedIndices, d.permutedTokens, d.tokensPerExpert, d.permutedProbs, d.expertsSaved?.upProjection, d.expertsSaved?.activation] : []),
+      ...(d.kind === 'local' ? [d.routingMap, d.sortedIndices] : []),
+      d.permutedTokens,
+      d.tokensPerExpert,
+      d.permutedProbs,
+      d.expertsSaved?.upProjection,
+      d.expertsSaved?.activation,
       s.auxGrad?.gradScores,
       s.auxGrad?.gradLogits,
       s.zGrad,
@@ -1015,6 +1080,7 @@ export class MoELayer {
       s.shared?.gateLogits,
     ];
     for (const t of own) if (t && isDeviceTensor(t)) t.dispose();
+    if (d.kind === 'group') releaseDispatch(d.handle);
   }
 
   /** Both aux-loss conventions: the loss and the gradient backward adds (of the scores: Megatron; of the logits: transformers). */
@@ -1061,13 +1127,15 @@ export class MoELayer {
    * and of its router and shared expert from its own tokens (a data-parallel trainer sums
    * those over the ranks).
    */
-  async backwardParallel(group: ExpertParallelGroup, gradOutput: Tensor): Promise<MoEGrads> {
+  async backwardParallel(group: ExpertParallelGroup, gradOutput: Tensor): Promise<MoEGrads>;
+  async backwardParallel(group: ExpertParallelGroup, gradOutput: DeviceTensor): Promise<DeviceMoEGrads>;
+  async backwardParallel(group: ExpertParallelGroup, gradOutput: Tensor | DeviceTensor): Promise<MoEGrads | DeviceMoEGrads> {
     this.#checkGroup(group, 'backwardParallel');
     const b = this.#beginBackward(gradOutput, 'backwardParallel');
     const d = b.s.dispatch;
     if (d.kind !== 'group') throw new TypeError('backwardParallel: the last forward was forward: call backward');
     if (d.group !== group) throw new TypeError('backwardParallel: group: expected the group of the last forwardParallel');
-    return this.#finishBackward(b, await this.#dispatchBackwardGroup(b, d)) as MoEGrads;
+    return this.#finishBackward(b, await this.#dispatchBackwardGroup(b, d));
   }
 
   #beginBackward(gradOutput: Tensor | DeviceTensor, op: string): Backward {
@@ -1132,13 +1200,28 @@ export class MoELayer {
   }
 
   /** The experts and the dispatch, backward, across the ranks of the group. */
-  async #dispatchBackwardGroup({ g2 }: Backward, d: GroupDispatch): Promise<DispatchedGrads> {
+  async #dispatchBackwardGroup({ g2, temps }: Backward, d: GroupDispatch): Promise<DispatchedGrads> {
     const moe = this.backend;
     const cg = await combineBackward(d.group, moe, g2, d.handle);
     const options = { ...this.#activationOptions(), permutedProbs: d.permutedProbs, biases: this.expertBiases };
-    const eg = moe.expertsBackward(cg.gradExpertOutputs, d.permutedTokens, d.tokensPerExpert, this.expertWeights, options);
+    let eg: ReturnType<Backend['expertsBackward']>;
+    if (this.onDevice) {
+      eg = (moe as CudaBackend).expertsBackward(cg.gradExpertOutputs, d.permutedTokens, d.tokensPerExpert, this.expertWeights as DeviceExpertWeights, {
+        ...options,
+        // h and a, and the received tokens (the tokens' gradient is written over them), are the backward's alone
+        ...(d.expertsSaved ? { saved: d.expertsSaved, freeSaved: true } : {}),
+        freeTokens: true,
+      }) as unknown as ReturnType<Backend['expertsBackward']>;
+      temps.push(cg.gradExpertOutputs);
+    } else {
+      eg = moe.expertsBackward(cg.gradExpertOutputs, d.permutedTokens, d.tokensPerExpert, this.expertWeights, options);
+    }
+    temps.push(eg.gradTokens, eg.gradProbs!);
     const db = await dispatchBackward(d.group, moe, eg.gradTokens, d.handle, { gradPermutedProbs: eg.gradProbs });
-    return { gradTokens: db.gradTokens, gradWeights: db.gradWeights, experts: eg };
+    // (the weights' gradient comes back on the host: the router's backward takes it where the logits are)
+    const gradWeights = this.onDevice ? (moe as CudaBackend).upload(db.gradWeights) : db.gradWeights;
+    if (this.onDevice) temps.push(gradWeights);
+    return { gradTokens: db.gradTokens, gradWeights, experts: eg };
   }
 
   /**
