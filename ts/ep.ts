@@ -26,7 +26,8 @@
  *   the probs, in expert order: `unpermute`) into one row, sends it back; the source sums the
  *   rows of a token in rank order (`unpermute` of the rows grouped by rank).
  * - combineBackward: the output gradient of each token goes to the ranks that had it; the
- *   slots' gradients are `unpermuteBackward`'s (the same bits as on one rank).
+ *   slots' gradients are `unpermuteBackward`'s (the same bits as on one rank; unweighted, a
+ *   copy of each received row to its slots: the receive side's permute again).
  * - dispatchBackward: each rank sums a received token's slot gradients (`permuteBackward`),
  *   sends the row back with the picks' prob gradients; the source sums the rows in rank order.
  *
@@ -735,12 +736,11 @@ function sendPlan(picks: Int32Array, owner: Int32Array, T: number, k: number, N:
 }
 
 /**
- * The cuda backend's send-side kernels, where `moe` has them and `MOE_DISPATCH_EP_SEND=gpu` asks
- * for them (opt-in until their first GPU run: the thirty-eighth session could not start a
- * machine after writing them; the host's bookkeeping stays the default meanwhile).
+ * The cuda backend's send-side kernels, where `moe` has them (the default for device tokens;
+ * `MOE_DISPATCH_EP_SEND=host` keeps the host's bookkeeping, for A/B runs: the same bits).
  */
 function gpuSendOps(moe: Backend): Pick<CudaTrainOps, 'epSendPlan' | 'epRankExtras'> | undefined {
-  if ((typeof process !== 'undefined' ? process.env?.MOE_DISPATCH_EP_SEND : undefined) !== 'gpu') return undefined;
+  if ((typeof process !== 'undefined' ? process.env?.MOE_DISPATCH_EP_SEND : undefined) === 'host') return undefined;
   const o = moe as unknown as Partial<CudaTrainOps>;
   return typeof o.epSendPlan === 'function' && typeof o.epRankExtras === 'function' ? (o as CudaTrainOps) : undefined;
 }
@@ -898,11 +898,11 @@ async function exchangeRows<D extends TokenDType>(
  * Device tokens (the cuda backend's, with a group that has `allToAllVDevice`: the NCCL group) stay
  * on the GPU: the rows are permuted, exchanged and permuted again there, and the results are
  * device tensors; the picks and weights (read back if they are device tensors) and the counts go
- * through the host. With `MOE_DISPATCH_EP_SEND=gpu` (opt-in until its first GPU run) the send
- * side is made on the GPU too (the destination map, the counts, the picks and weights that travel
- * with each row: host picks and weights are checked and uploaded first): the counts (`2 size + 1`
- * numbers) and the picks, for the backward, are read back. Every rank must then pass device
- * tokens (and every rank the same setting).
+ * through the host. On the cuda backend the send side is made on the GPU (the destination map,
+ * the counts, the picks and weights that travel with each row: host picks and weights are checked
+ * and uploaded first): the counts (`2 size + 1` numbers) and the picks, for the backward, are read
+ * back (`MOE_DISPATCH_EP_SEND=host`: the host's bookkeeping, the same bits). Every rank must then
+ * pass device tokens.
  */
 export async function dispatch<D extends TokenDType>(
   group: ExpertParallelGroup,

@@ -697,15 +697,15 @@ export class MoELayer {
    * and return device tensors, and nothing of a step crosses to the host but the per-expert
    * token counts (the expert GEMMs are sized on the host: E int32 a step), route's and
    * routeBackward's error words, and the aux and z losses' values. An optimizer made over
-   * `parameters()` afterwards updates them on the GPU. Expert parallelism
-   * (epSize > 1) runs on host tensors only for now. Returns the layer.
+   * `parameters()` afterwards updates them on the GPU. With expert parallelism (epSize > 1) the
+   * layer on the GPU runs through `forwardParallel` / `backwardParallel` (a group that moves
+   * device memory). Returns the layer.
    */
   upload(): this {
     this.#alive('upload');
     if (this.backend.name !== 'cuda' || typeof (this.backend as Partial<CudaBackend>).upload !== 'function') {
       throw new TypeError(`upload: the layer's backend is '${this.backend.name}': device tensors need the cuda backend`);
     }
-    if (this.epSize !== 1) throw new TypeError(`upload: expert parallelism (epSize = ${this.epSize}) runs on host tensors only (not yet on device tensors)`);
     const cuda = this.backend as unknown as CudaBackend;
     const w = this.weights as unknown as Record<string, AnyTensor>;
     for (const [k, t] of Object.entries(w)) if (t !== undefined && !isDeviceTensor(t)) w[k] = cuda.upload(t);
@@ -808,6 +808,9 @@ export class MoELayer {
   forward(x: Tensor): MoEForward;
   forward(x: DeviceTensor): DeviceMoEForward;
   forward(x: Tensor | DeviceTensor): MoEForward | DeviceMoEForward {
+    if (this.onDevice && this.epSize !== 1) {
+      throw new TypeError(`forward: a layer on the GPU with epSize = ${this.epSize} runs through forwardParallel (one rank's share of every token, on the host only: download() the layer)`);
+    }
     const input = this.#input(x);
     this.#free();
     const r = this.#route(input);

@@ -290,12 +290,12 @@ describe('device tensors with several in-process ranks on one GPU (createInProce
       const dev = await runAll(true);
       const again = await runAll(true);
       const hostRuns = await runAll(false);
-      // the send side on the GPU (MOE_DISPATCH_EP_SEND=gpu) instead of the host's bookkeeping: every result the same bits
-      const gpuSend = await withGpuSend(() => runAll(true));
+      // the send side on the host's bookkeeping (MOE_DISPATCH_EP_SEND=host) instead of the GPU (the default): every result the same bits
+      const hostSend = await withHostSend(() => runAll(true));
       for (let r = 0; r < ranks; r++) {
         for (const key of ['permutedTokens', 'permutedProbs', 'tokensPerExpert']) assertSameBits(dev[r][key], hostRuns[r][key], `rank ${r}: device vs host tensors: ${key}`);
         for (const [key, v] of Object.entries(dev[r])) assertSameBits(again[r][key], host(v), `rank ${r}, run to run: ${key}`);
-        for (const [key, v] of Object.entries(dev[r])) assertSameBits(gpuSend[r][key], host(v), `rank ${r}, the GPU's send side vs the host's: ${key}`);
+        for (const [key, v] of Object.entries(dev[r])) assertSameBits(hostSend[r][key], host(v), `rank ${r}, the host's send side vs the GPU's: ${key}`);
       }
       // the single-GPU path on device tensors over the same tokens and all experts
       const all = (t) => lib.tensor(t.dtype, [ranks * per, ...t.shape.slice(1)], t.data.slice(0, ranks * per * (t.data.length / t.shape[0])));
@@ -362,9 +362,9 @@ describe('NCCL: a rank that never joins', () => {
   });
 });
 
-/** `f` with dispatch's send side on the GPU (`MOE_DISPATCH_EP_SEND=gpu`, opt-in until verified on a GPU). */
-async function withGpuSend(f) {
-  process.env.MOE_DISPATCH_EP_SEND = 'gpu';
+/** `f` with dispatch's send side on the host's bookkeeping (`MOE_DISPATCH_EP_SEND=host`; the GPU's is the default). */
+async function withHostSend(f) {
+  process.env.MOE_DISPATCH_EP_SEND = 'host';
   try {
     return await f();
   } finally {
@@ -463,9 +463,10 @@ describe("dispatch's send side on the GPU (epSendPlan, epRankExtras) = the host'
       const idx = cuda.upload(tensor('int32', [T, k], data));
       assert.equal(cuda.epSendPlan(idx, owner, 2).badPicks, true, `${message}: flagged`);
       const [g] = lib.createInProcessGroup(1, { device: cuda, timeoutMs: 10_000 });
-      await withGpuSend(() =>
-        assert.rejects(lib.dispatch(g, cuda, cuda.upload(p.tokens), { indices: idx, weights: cuda.upload(p.weights) }, { numExperts: E }), (e) => e instanceof RangeError && message.test(e.message)),
-      );
+      // the same error on either send side
+      const spoiled = () => lib.dispatch(g, cuda, cuda.upload(p.tokens), { indices: idx, weights: cuda.upload(p.weights) }, { numExperts: E });
+      await assert.rejects(spoiled(), (e) => e instanceof RangeError && message.test(e.message));
+      await withHostSend(() => assert.rejects(spoiled(), (e) => e instanceof RangeError && message.test(e.message)));
     }
   });
 

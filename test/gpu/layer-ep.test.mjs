@@ -115,7 +115,6 @@ describe('MoELayer.forwardParallel / backwardParallel on device tensors (in-proc
         const gs = xs.map((x, r) => randomTensor(o.dtype, x.shape, 200 + r, 0.1));
         const dxs = xs.map((x) => cuda.upload(x));
         const dgs = gs.map((g) => cuda.upload(g));
-        const live = cuda.memory().liveBuffers;
         const devLayers = rankLayers(cuda, whole, o, N, true);
         const devGroups = createInProcessGroup(N, { device: cuda, timeoutMs: 60_000 });
         const dev = await step(devLayers, devGroups, dxs, dgs);
@@ -173,11 +172,18 @@ describe('MoELayer.forwardParallel / backwardParallel on device tensors (in-proc
         disposeAll(af, ab);
         for (const t of [allX, allG]) t.dispose();
         one.dispose();
-        // every buffer the two steps made is freed once their results (and the layers) are: nothing
-        // stays behind in dispatch's handles (disposeAll reads the lazy losses, which frees their words)
+        // a step frees every buffer it made once its results are (nothing stays behind in dispatch's
+        // handles; disposeAll reads the lazy losses, which frees their words), and the layers theirs
+        // (measured after two steps: the first use of a kernel may make scratch that stays)
         for (const r of [...dev.fs, ...dev.bs, ...again.fs, ...again.bs]) disposeAll(r);
+        const before = cuda.memory();
+        const third = await step(devLayers, devGroups, dxs, dgs);
+        for (const r of [...third.fs, ...third.bs]) disposeAll(r);
+        const after = cuda.memory();
+        assert.deepEqual([after.liveBuffers, after.liveBytes], [before.liveBuffers, before.liveBytes], 'a step leaves no buffer behind');
+        const weightBuffers = devLayers.reduce((n, l) => n + Object.values(l.weights).filter((t) => lib.isDeviceTensor(t)).length, 0);
         for (const l of devLayers) l.dispose();
-        assert.equal(cuda.memory().liveBuffers, live, 'the steps and the layers freed every buffer they made');
+        assert.equal(cuda.memory().liveBuffers, before.liveBuffers - weightBuffers, "the layers' dispose frees their weights and what the last step kept");
         for (const t of [...dxs, ...dgs]) t.dispose();
       });
     }
@@ -233,6 +239,10 @@ describe('MoELayer.forwardParallel / backwardParallel on device tensors (in-proc
     const [hostGroup] = createInProcessGroup(2, { timeoutMs: 5_000 });
     const x = cuda.upload(randomTensor('float32', [5, 16], 1, 1));
     await assert.rejects(l0.forwardParallel(hostGroup, x), (e) => e instanceof TypeError && /forwardParallel: group: expected a group that moves device memory/.test(e.message));
+    assert.throws(
+      () => l0.forward(x),
+      (e) => e instanceof TypeError && /forward: a layer on the GPU with epSize = 2 runs through forwardParallel/.test(e.message),
+    );
     const [g1] = createInProcessGroup(1, { device: cuda, timeoutMs: 5_000 });
     const grad = cuda.upload(randomTensor('float32', [4, 16], 2, 1));
     await assert.rejects(reduceReplicatedGrads(g1, { routerWeight: grad }), (e) => e instanceof TypeError && /reduceReplicatedGrads: backend: expected the cuda backend/.test(e.message));
