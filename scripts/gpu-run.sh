@@ -61,7 +61,8 @@
 # "--act" with NCU_KERNELS=grouped_gemm_nn_n256_bf16_act for the fused first GEMM), the top 25 lines in the log)
 # (SOAK_SMALL / SOAK_LARGE set the soak's counts), SKIP_EP=1 (the expert-parallel launcher over
 # NCCL, one process per GPU: scripts/ep-launch.mjs; EP_BENCH=ITERS adds its bandwidth benchmark on device tensors at
-# issue 20's shape into ep-bench.json). MOE_GPU_BUNDLE=DIR packs into / runs from
+# issue 20's shape into ep-bench.json; EP_LAYER=ITERS: bench/ep-layer-gpu.mjs, the layer's step through forwardParallel /
+# backwardParallel over a one-rank NCCL group against forward / backward, into ep-layer.json). MOE_GPU_BUNDLE=DIR packs into / runs from
 # another folder than .gpu-bundle (a helper's own bundle beside the lead's; git-ignore it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -104,7 +105,7 @@ pack() {
   cp "$golden"/permute.json "$golden"/unpermute.json "$golden"/route.json "$BUNDLE/golden/"
   cp target/release/moe-cuda-bench "$BUNDLE/bin/"
   cp bench/shapes.json bench/shapes.py bench/shapes.mjs bench/gpu_torch_ref.py bench/gpu_torch_experts.py bench/gpu_torch_train.py bench/train-gpu.mjs "$BUNDLE/bench/"
-  cp bench/actmem-gpu.mjs bench/actmem-gpu.py bench/ncu-summary.py bench/hbm-rw.py bench/ep-permutes.mjs bench/clock-phases.py bench/cpuprof-summary.py bench/napi-costs.mjs "$BUNDLE/bench/"
+  cp bench/actmem-gpu.mjs bench/actmem-gpu.py bench/ncu-summary.py bench/hbm-rw.py bench/ep-permutes.mjs bench/clock-phases.py bench/cpuprof-summary.py bench/napi-costs.mjs bench/ep-layer-gpu.mjs "$BUNDLE/bench/"
   # WEBGPU=1: the webgpu backend in Node through Dawn (issue 21): the `webgpu` npm package's Linux
   # build (xz) and Debian's Vulkan loader, kept between packs; bench/webgpu-node.mjs and its page code
   # (the suite's test/gpu/webgpu-dawn.test.mjs and its cases, test/common/webgpu-cases.mjs, come with test/)
@@ -326,6 +327,10 @@ remote() {
       timeout 400 "$node" "$BUNDLE/scripts/ep-launch.mjs" --bench "$EP_BENCH" --tokens 8192 --hidden 7168 --experts 256 --topk 8 --inter 64 \
         --repeat 2 --profile --out "$OUT/ep-bench.json" > /dev/null; echo "  exit code $?"
       python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(json.dumps({k: d.get(k) for k in ('ranks','equivalent','bitIdentical','deterministic')})); [print(json.dumps(b)) for b in d.get('bench') or []]; [print(r.get('error')) for r in d['results'] if r.get('error')]" "$OUT/ep-bench.json" 2>&1 | head -12
+    fi
+    if [[ -n "${EP_LAYER:-}" ]]; then
+      say "expert parallelism: the layer's step through a one-rank NCCL group against the one-rank path (bench/ep-layer-gpu.mjs)"
+      timeout 300 "$node" "$BUNDLE/bench/ep-layer-gpu.mjs" --dist "$BUNDLE/dist" --iters "$EP_LAYER" --out "$OUT/ep-layer.json"; echo "  exit code $?"
     fi
   fi
   if [[ -z "${SKIP_SOAK:-}" ]]; then
