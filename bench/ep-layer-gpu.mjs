@@ -12,7 +12,8 @@
  *
  * Per shape: localMs and epMs, each the median over `iters` of one forward + backward, wall clock
  * from a synchronised GPU to the synchronize after the backward (interleaved: local, then EP, each
- * iteration), and `epOverLocal`; `sameBits`.
+ * iteration), and `epOverLocal`; `sameBits`; `local.moved` / `ep.moved`: one step's copies and
+ * waits for the GPU (`transfers()` before and after it, less the synchronize after it).
  */
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -75,6 +76,20 @@ for (const name of names) {
   const cBits = results(c.f, c.b).map(bits);
   const sameBits = aBits.length === cBits.length && aBits.every((v, i) => v.equals(cBits[i]));
   for (const t of [...results(a.f, a.b), ...results(c.f, c.b)]) t.dispose();
+  // one step's copies and waits, each path
+  const moved = {};
+  for (const [key, run] of [
+    ['local', local],
+    ['ep', ep],
+  ]) {
+    moe.synchronize();
+    const t0 = moe.transfers();
+    const { f, b } = await run();
+    moe.synchronize();
+    const t1 = moe.transfers();
+    moved[key] = Object.fromEntries(Object.keys(t1).map((k) => [k, t1[k] - t0[k] - (k === 'synchronizations' ? 1 : 0)]));
+    for (const t of results(f, b)) t.dispose();
+  }
   const times = { local: [], ep: [] };
   for (let i = 0; i < warmup + iters; i++) {
     for (const [key, run] of [
@@ -90,9 +105,11 @@ for (const name of names) {
       for (const t of results(f, b)) t.dispose();
     }
   }
-  const row = { shape: name, T, ...options, localMs: median(times.local), epMs: median(times.ep), sameBits, localAll: times.local, epAll: times.ep };
+  const row = { shape: name, T, ...options, localMs: median(times.local), epMs: median(times.ep), sameBits, moved, localAll: times.local, epAll: times.ep };
   row.epOverLocal = row.epMs / row.localMs;
-  console.log(`${name}: local ${row.localMs.toFixed(3)} ms, expert-parallel (one NCCL rank) ${row.epMs.toFixed(3)} ms (${row.epOverLocal.toFixed(3)}x), same bits: ${sameBits}`);
+  console.log(
+    `${name}: local ${row.localMs.toFixed(3)} ms, expert-parallel (one NCCL rank) ${row.epMs.toFixed(3)} ms (${row.epOverLocal.toFixed(3)}x), same bits: ${sameBits}; one step's copies and waits ${JSON.stringify(moved)}`,
+  );
   rows.push(row);
   layer.dispose();
   x.dispose();

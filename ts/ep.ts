@@ -440,10 +440,10 @@ export interface DeviceCombineGrads<D extends TokenDType = TokenDType> {
   gradPermutedProbs?: DeviceTensor<'float32'>;
 }
 
-/** dispatchBackward's result on device tensors: the token gradients on the device, the weights' (small) on the host. */
+/** dispatchBackward's result on device tensors. */
 export interface DeviceDispatchGrads<D extends TokenDType = TokenDType> {
   gradTokens: DeviceTensor<D>;
-  gradWeights: Tensor<'float32'>;
+  gradWeights: DeviceTensor<'float32'>;
 }
 
 export interface CombineGrads<D extends TokenDType = TokenDType> {
@@ -473,21 +473,17 @@ interface State {
   readonly sendMap: AnyTensor<'bool'>;
   readonly numSent: number;
   readonly sendSorted: AnyTensor<'int32'>;
-  /** sendSorted's values on the host (read back from the GPU when first needed). */
-  readonly sendSortedHost: () => Int32Array;
   /** Whether the rows move as device tensors (allToAllVDevice): every tensor argument is then a device tensor. */
   readonly device: boolean;
-  /** `[numTokens * k]`: the global expert of each pick (-1 masked). */
-  readonly picks: Int32Array;
-  /** `[numReceived * k]`: the local expert of each received token's picks (-1: not here; read back from the GPU when first needed). */
-  readonly recvPicks: () => Int32Array;
+  /** Host tensors: `[numTokens * k]`, the global expert of each pick (-1 masked), and sendSorted's values. */
+  readonly hostSend?: { picks: Int32Array; sorted: Int32Array };
+  /** `[numReceived, k]`: the local expert of each received token's picks (-1: not here), where the rows are. */
+  readonly recvLocal: AnyTensor<'int32'>;
   readonly numReceived: number;
   readonly recvMap: AnyTensor<'bool'>;
   readonly recvSorted: AnyTensor<'int32'>;
   readonly permutedProbs: AnyTensor<'float32'>;
   combined?: { expertOutputs?: AnyTensor<TokenDType>; weighted: boolean };
-  /** Device tensors kept for the state's closures (the received picks, read back when first needed). */
-  readonly held: readonly AnyTensor[];
   /** Whether `releaseDispatch` freed what the handle kept. */
   released?: boolean;
 }
@@ -548,7 +544,7 @@ export function releaseDispatch(handle: DispatchHandle): void {
   if (s.released) return;
   s.released = true;
   s.combined = undefined;
-  release(s.sendMap, s.sendSorted, s.recvMap, s.recvSorted, ...s.held);
+  release(s.sendMap, s.sendSorted, s.recvMap, s.recvSorted, s.recvLocal);
 }
 
 /** A `[rows, hidden]` tensor of the handle's dtype, on the device exactly when the dispatch's tokens were (`device`). */
@@ -613,15 +609,6 @@ function rowsOf<D extends RowDType>(dtype: D, rows: number, hidden: number, byte
         ? new Int32Array(bytes.buffer, bytes.byteOffset, n)
         : new Uint16Array(bytes.buffer, bytes.byteOffset, n);
   return { dtype, shape: [rows, hidden], data } as unknown as Tensor<D>;
-}
-
-/** `f`, run once on the first call (the device path's host copies, made when a backward needs them). */
-function once<T>(f: () => T): () => T {
-  let done: { value: T } | undefined;
-  return () => {
-    done ??= { value: f() };
-    return done.value;
-  };
 }
 
 /** Splits rows `[sum counts, rowBytes]` into one buffer per rank (views, not copies). */
@@ -704,8 +691,8 @@ interface SendSide {
   sendMap: AnyTensor<'bool'>;
   sendCounts: number[];
   pickCounts: number[];
-  /** `[T * k]`: the global expert of each pick (-1 masked), on the host (dispatchBackward's bookkeeping). */
-  picks: Int32Array;
+  /** `[T * k]`: the global expert of each pick (-1 masked), on the host (the host's send side: host tokens, or MOE_DISPATCH_EP_SEND=host). */
+  picks?: Int32Array;
   sorted?: Int32Array;
   indices?: DeviceTensor<'int32'>;
   weights?: DeviceTensor<'float32'>;
@@ -749,8 +736,6 @@ function gpuSendOps(moe: Backend): Pick<CudaTrainOps, 'epSendPlan' | 'epRankExtr
  * The send side on the GPU: the map and the counts from the device picks (`epSendPlan`: one
  * read-back of `2N + 1` words, the counts the exchange's sizes need); host picks (checked
  * already) and weights go up first. A bad device pick is named from the indices on the host.
- * The picks then come to the host for dispatchBackward (the stream is idle after the read-back:
- * the copy alone).
  */
 function sendOnGpu(
   ops: Pick<CudaTrainOps, 'epSendPlan'>,
@@ -780,8 +765,7 @@ function sendOnGpu(
     checked('dispatch', () => picksOf(onHost(indices) as Tensor<IndexDType>, E));
     throw new Error('dispatch: the GPU flagged a pick that the host check accepts (a bug in moe-dispatch)');
   }
-  const picks = hostPicks ?? (idx.download().data as Int32Array);
-  return { sendMap: sp.sendMap, sendCounts: sp.sendCounts, pickCounts: sp.pickCounts, picks, indices: idx, weights: w, temps };
+  return { sendMap: sp.sendMap, sendCounts: sp.sendCounts, pickCounts: sp.pickCounts, indices: idx, weights: w, temps };
 }
 
 /** The per-row extras for rank `rank` (its tokens `tokens`): their picks as its local expert ids (-1 elsewhere) and their weights (0 elsewhere). */
@@ -897,12 +881,11 @@ async function exchangeRows<D extends TokenDType>(
  *
  * Device tokens (the cuda backend's, with a group that has `allToAllVDevice`: the NCCL group) stay
  * on the GPU: the rows are permuted, exchanged and permuted again there, and the results are
- * device tensors; the picks and weights (read back if they are device tensors) and the counts go
- * through the host. On the cuda backend the send side is made on the GPU (the destination map,
- * the counts, the picks and weights that travel with each row: host picks and weights are checked
- * and uploaded first): the counts (`2 size + 1` numbers) and the picks, for the backward, are read
- * back (`MOE_DISPATCH_EP_SEND=host`: the host's bookkeeping, the same bits). Every rank must then
- * pass device tokens.
+ * device tensors. The send side is made on the GPU too (the destination map, the counts, the
+ * picks and weights that travel with each row: host picks and weights are checked and uploaded
+ * first): only the counts (`2 size + 1` numbers, the exchange's sizes) are read back
+ * (`MOE_DISPATCH_EP_SEND=host`: the picks and weights read back and the send side made on the
+ * host, the same bits). Every rank must then pass device tokens.
  */
 export async function dispatch<D extends TokenDType>(
   group: ExpertParallelGroup,
@@ -996,25 +979,22 @@ export async function dispatch<D extends TokenDType>(
   let rows: AnyTensor<D>;
   let recvMap: AnyTensor<'bool'>;
   let probs: AnyTensor<'float32'>;
-  let recvPicks: () => Int32Array;
-  const held: AnyTensor[] = [];
+  let recvLocal: AnyTensor<'int32'>;
   if (ops) {
     const ex = ops.epRankExtras(byRank.sortedIndices as unknown as DeviceTensor<'int32'>, send.indices!, send.weights!, owner);
     const move = <X extends RowDType>(t: DeviceTensor<X>) => g.allToAllVDevice!(t, sendCounts, recvCounts, op);
     rows = await move(byRank.permutedTokens as unknown as DeviceTensor<D>);
-    const recvLocal = await move(ex.local);
+    recvLocal = await move(ex.local);
     const recvWeights = await move(ex.weights);
     release(ex.local, ex.weights, ...send.temps);
     const mh = moe.indicesToMultihot(recvLocal as unknown as Tensor<'int32'>, recvWeights as unknown as Tensor<'float32'>, L);
     release(recvWeights);
     [recvMap, probs] = [mh.routingMap, mh.probs];
-    recvPicks = once(() => recvLocal.download().data as Int32Array);
-    held.push(recvLocal);
   } else {
     const extraSend: Uint8Array[][] = [];
     const w = a.weights as Tensor<'float32'>;
     for (let j = 0, off = 0; j < N; off += sendCounts[j++]) {
-      const { local, w: lw } = rankExtras(send.sorted!.subarray(off, off + sendCounts[j]), picks, w.data, owner, j, ranges[j].start, k);
+      const { local, w: lw } = rankExtras(send.sorted!.subarray(off, off + sendCounts[j]), picks!, w.data, owner, j, ranges[j].start, k);
       extraSend.push([bytesOf(local), bytesOf(lw)]);
     }
     const got = await exchangeRows(g, byRank.permutedTokens as AnyTensor<D>, dtype, H, sendCounts, recvCounts, [4 * k, 4 * k], extraSend, op);
@@ -1024,11 +1004,11 @@ export async function dispatch<D extends TokenDType>(
     const weightsT: Tensor<'float32'> = { dtype: 'float32', shape: [R, k], data: new Float32Array(got.extras[1].buffer) };
     // (device tokens: the [R, k] picks and weights go up, and the [R, L] map and probs are made on
     // the GPU: O(R k) bytes over the bus instead of O(R L), and no host pass over the map)
+    // (the picks stay where the rows are: dispatchBackward reads them there)
     const [picksIn, weightsIn] = device ? [uploadOf(moe)(picksT), uploadOf(moe)(weightsT)] : [picksT, weightsT];
     const mh = moe.indicesToMultihot(picksIn, weightsIn, L);
-    release(picksIn, weightsIn);
-    [recvMap, probs] = [mh.routingMap, mh.probs];
-    recvPicks = () => local;
+    release(weightsIn);
+    [recvMap, probs, recvLocal] = [mh.routingMap, mh.probs, picksIn];
   }
   release(byRank.permutedTokens, byRank.tokensPerExpert);
 
@@ -1049,7 +1029,6 @@ export async function dispatch<D extends TokenDType>(
     recvCounts: Object.freeze(recvCounts),
     numSlots: perm.permutedTokens.shape[0],
   });
-  const sorted = send.sorted;
   STATES.set(handle, {
     group: g,
     handle,
@@ -1057,14 +1036,12 @@ export async function dispatch<D extends TokenDType>(
     sendMap: sendMap as AnyTensor<'bool'>,
     numSent,
     sendSorted: byRank.sortedIndices,
-    sendSortedHost: sorted ? () => sorted : once(() => onHost(byRank.sortedIndices).data as Int32Array),
     device,
-    picks,
-    recvPicks,
+    hostSend: device ? undefined : { picks: picks!, sorted: send.sorted! },
+    recvLocal,
     numReceived: R,
     recvMap,
     recvSorted: perm.sortedIndices,
-    held,
     // (a device tensor is never written in place; a host one is copied: the caller may)
     permutedProbs: isDeviceTensor(permutedProbs) ? permutedProbs : { dtype: 'float32', shape: [...permutedProbs.shape], data: permutedProbs.data.slice() },
   });
@@ -1162,8 +1139,8 @@ export async function combineBackward<D extends TokenDType>(
  * `permutedTokens` on this rank) and optionally the gradient of its `permutedProbs`, to the
  * gradients of the tokens and routing weights on the ranks they came from. A token's gradient
  * is the sum over its slots, per rank in expert order, then over the ranks in rank order. A
- * device dispatch takes a device `gradPermuted` and returns the token gradients on the device
- * (the weights' gradient, `[numTokens, k]`, on the host).
+ * device dispatch takes a device `gradPermuted` and returns device tensors: the picks' prob
+ * gradients travel back as device rows beside the token gradients, and no pick comes to the host.
  */
 export async function dispatchBackward<D extends TokenDType>(
   group: ExpertParallelGroup,
@@ -1216,7 +1193,9 @@ export async function dispatchBackward<D extends TokenDType>(
     s.numReceived,
     gradProbs ? { gradPermutedProbs: gradProbs as Tensor<'float32'>, routingMap: s.recvMap as Tensor<'bool'> } : undefined,
   );
-  const pickGrads = pb.gradProbs ? pickGradients(s.recvPicks(), onHost(pb.gradProbs).data as Float32Array, k, L) : new Float32Array(s.numReceived * k);
+  if (s.device) return dispatchBackwardDevice(s, moe, pb.gradTokens as unknown as DeviceTensor<D>, pb.gradProbs as unknown as DeviceTensor<'float32'> | undefined);
+  const { picks, sorted } = s.hostSend!;
+  const pickGrads = pb.gradProbs ? pickGradients((s.recvLocal as Tensor<'int32'>).data, (pb.gradProbs as Tensor<'float32'>).data, k, L) : new Float32Array(s.numReceived * k);
   const pickBytes = bytesOf(pickGrads);
   let off = 0;
   const extraSend = h.recvCounts.map((n) => {
@@ -1224,15 +1203,45 @@ export async function dispatchBackward<D extends TokenDType>(
     off += n;
     return part;
   });
-  const got = await exchangeRows(s.group, pb.gradTokens as AnyTensor<D>, h.dtype as D, H, h.recvCounts, h.sendCounts, [4 * k], extraSend, op);
-  release(pb.gradTokens, pb.gradProbs);
+  const got = await exchangeRows(s.group, pb.gradTokens as Tensor<D>, h.dtype as D, H, h.recvCounts, h.sendCounts, [4 * k], extraSend, op);
   // The rows are the send permutation's slots: its backward sums each token's rows in rank order.
   const gradTokens = moe.permuteBackward(got.rows as Tensor<D>, s.sendSorted as Tensor<'int32'>, h.numTokens).gradTokens as Tensor<D>;
-  release(got.rows);
   const back = new Float32Array(got.extras[0].buffer, got.extras[0].byteOffset, got.extras[0].byteLength / 4);
   const gradWeights = new Float32Array(h.numTokens * k);
   for (let j = 0, off = 0; j < h.sendCounts.length; off += h.sendCounts[j++]) {
-    scatterPickGradients(s.sendSortedHost().subarray(off, off + h.sendCounts[j]), back.subarray(off * k), s.picks, s.owner, j, k, gradWeights);
+    scatterPickGradients(sorted.subarray(off, off + h.sendCounts[j]), back.subarray(off * k), picks, s.owner, j, k, gradWeights);
   }
   return { gradTokens, gradWeights: { dtype: 'float32', shape: [h.numTokens, k], data: gradWeights } };
+}
+
+/**
+ * dispatchBackward on device tensors, all on the GPU: each received token's picks' prob
+ * gradients (`gatherPicks` of the dense `[numReceived, L]` gradient at its local picks, 0
+ * elsewhere) travel back as device rows beside the token gradients, and the source sums each
+ * token's rows in rank order (permuteBackward by the send permutation), the `[numTokens, k]`
+ * float32 pick gradients too: only the rank owning a pick's expert sent a value for it (the
+ * others 0), so each is its owner's value (a float32 sum of it and zeros).
+ */
+async function dispatchBackwardDevice<D extends TokenDType>(s: State, moe: Backend, gradRows: DeviceTensor<D>, gradProbs: DeviceTensor<'float32'> | undefined): Promise<DeviceDispatchGrads<D>> {
+  const op = 'dispatchBackward';
+  const h = s.handle;
+  const ops = moe as unknown as Partial<Pick<CudaTrainOps, 'gatherPicks' | 'zeros'>>;
+  if (typeof ops.gatherPicks !== 'function' || typeof ops.zeros !== 'function') {
+    release(gradRows, gradProbs);
+    throw new TypeError(`${op}: backend: device tensors need the cuda backend that made them`);
+  }
+  const move = <X extends RowDType>(t: DeviceTensor<X>) => s.group.allToAllVDevice!(t, h.recvCounts, h.sendCounts, op);
+  const sendSorted = s.sendSorted as Tensor<'int32'>;
+  const rows = await move(gradRows);
+  release(gradRows);
+  const gradTokens = moe.permuteBackward(rows as unknown as Tensor<D>, sendSorted, h.numTokens).gradTokens as unknown as DeviceTensor<D>;
+  release(rows);
+  if (!gradProbs) return { gradTokens, gradWeights: ops.zeros([h.numTokens, h.topk]) };
+  const picked = ops.gatherPicks(gradProbs, s.recvLocal as DeviceTensor<'int32'>);
+  release(gradProbs);
+  const back = await move(picked);
+  release(picked);
+  const gradWeights = moe.permuteBackward(back as unknown as Tensor<'float32'>, sendSorted, h.numTokens).gradTokens as unknown as DeviceTensor<'float32'>;
+  release(back);
+  return { gradTokens, gradWeights };
 }

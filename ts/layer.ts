@@ -1221,10 +1221,8 @@ export class MoELayer {
     }
     temps.push(eg.gradTokens, eg.gradProbs!);
     const db = await dispatchBackward(d.group, moe, eg.gradTokens, d.handle, { gradPermutedProbs: eg.gradProbs });
-    // (the weights' gradient comes back on the host: the router's backward takes it where the logits are)
-    const gradWeights = this.onDevice ? (moe as CudaBackend).upload(db.gradWeights) : db.gradWeights;
-    if (this.onDevice) temps.push(gradWeights);
-    return { gradTokens: db.gradTokens, gradWeights, experts: eg };
+    temps.push(db.gradWeights);
+    return { gradTokens: db.gradTokens, gradWeights: db.gradWeights, experts: eg };
   }
 
   /**
