@@ -23,7 +23,7 @@
 import { hostname } from 'node:os';
 
 import { type DeviceTensor, type NativeCudaTensor, nativeHandle, rethrowNative, wrapDevice } from './device.js';
-import { checkDeviceRows, ExpertParallelTimeoutError, type ExpertParallelGroup, type RowDType } from './ep.js';
+import { type AllToAllVDeviceOptions, checkDeviceRows, countsAgreedArg, ExpertParallelTimeoutError, type ExpertParallelGroup, type RowDType } from './ep.js';
 import { loadNative } from './backends/native.js';
 import { parseRendezvous, rankList, rendezvous, type RendezvousAddress } from './rendezvous.js';
 
@@ -69,7 +69,7 @@ interface NativeComm {
   waitReady(timeoutMs: number): Promise<void>;
   allGather(values: Int32Array, timeoutMs: number): Promise<Int32Array>;
   allToAllV(send: Uint8Array, sendBytes: number[], recvBytes: number[], timeoutMs: number): Promise<Uint8Array>;
-  allToAllVDevice(send: NativeCudaTensor, sendRows: number[], recvRows: number[], timeoutMs: number): Promise<NativeCudaTensor>;
+  allToAllVDevice(send: NativeCudaTensor, sendRows: number[], recvRows: number[], countsAgreed: boolean, timeoutMs: number): Promise<NativeCudaTensor>;
   destroy(timeoutMs: number): Promise<void>;
   abort(): void;
 }
@@ -358,15 +358,16 @@ class NcclGroup implements NcclExpertParallelGroup {
     });
   }
 
-  allToAllVDevice<D extends RowDType>(send: DeviceTensor<D>, sendRows: readonly number[], recvRows: readonly number[], label?: string): Promise<DeviceTensor<D>> {
+  allToAllVDevice<D extends RowDType>(send: DeviceTensor<D>, sendRows: readonly number[], recvRows: readonly number[], label?: string, options?: AllToAllVDeviceOptions): Promise<DeviceTensor<D>> {
     return new Promise<DeviceTensor<D>>((resolve, reject) => {
       const l = labelArg(label, 'allToAllVDevice');
       checkDeviceRows(at(l, 'allToAllVDevice'), this.size, send, sendRows, recvRows);
+      const agreed = countsAgreedArg(options, at(l, 'allToAllVDevice'));
       const handle = nativeHandle(send);
       const [sent, want] = [[...sendRows], [...recvRows]];
       this.#run(l, 'allToAllVDevice', async () => {
         // (send stays referenced here until NCCL has read it)
-        const got = await this.#comm.allToAllVDevice(handle, sent, want, this.#timeoutMs);
+        const got = await this.#comm.allToAllVDevice(handle, sent, want, agreed, this.#timeoutMs);
         return wrapDevice<D>(got);
       }).then(resolve, reject);
     });

@@ -80,7 +80,23 @@ export interface ExpertParallelGroup {
    * dispatch, combine and their backward passes take the cuda backend's device tensors and
    * move their rows without host copies.
    */
-  allToAllVDevice?<D extends RowDType>(send: DeviceTensor<D>, sendRows: readonly number[], recvRows: readonly number[], label?: string): Promise<DeviceTensor<D>>;
+  allToAllVDevice?<D extends RowDType>(send: DeviceTensor<D>, sendRows: readonly number[], recvRows: readonly number[], label?: string, options?: AllToAllVDeviceOptions): Promise<DeviceTensor<D>>;
+}
+
+/** allToAllVDevice's options. */
+export interface AllToAllVDeviceOptions {
+  /**
+   * Every rank's row counts came from one earlier all-gather (dispatch's header: the layout's
+   * own exchanges), so they match by construction: a transport may skip checking them against
+   * each other's (the NCCL group then waits for the GPU once an exchange instead of twice; this
+   * rank's rows to itself are still checked). Default false.
+   */
+  countsAgreed?: boolean;
+}
+
+/** allToAllVDevice's `options.countsAgreed` (false when absent), or a TypeError naming it (`where`: `label: allToAllVDevice`). */
+export function countsAgreedArg(options: unknown, where: string): boolean {
+  return checked(where, () => checkBool(checkOptions<AllToAllVDeviceOptions>(options as AllToAllVDeviceOptions, where, ['countsAgreed']).countsAgreed, 'options.countsAgreed') ?? false);
 }
 
 /** The dtypes of the rows a group moves: the tokens', and the int32 / float32 picks and weights that travel with them. */
@@ -295,7 +311,13 @@ class InProcessRank implements ExpertParallelGroup {
     device?: DeviceUpload,
   ) {
     this.#hub = hub;
-    if (device) this.allToAllVDevice = (send, sendRows, recvRows, label) => this.#allToAllVDevice(device, send, sendRows, recvRows, label);
+    // (countsAgreed: checked, and no difference here: the hub matches every rank's counts anyway)
+    if (device) {
+      this.allToAllVDevice = async (send, sendRows, recvRows, label, options) => {
+        countsAgreedArg(options, at(labelArg(label, 'allToAllVDevice'), 'allToAllVDevice'));
+        return this.#allToAllVDevice(device, send, sendRows, recvRows, label);
+      };
+    }
   }
 
   /** allToAllVDevice through the host: `send` downloaded, its rows exchanged as bytes, what arrives uploaded. */
@@ -489,6 +511,8 @@ interface State {
 }
 
 const STATES = new WeakMap<DispatchHandle, State>();
+/** The layout's own device exchanges: their counts are every rank's, from dispatch's all-gathered header. */
+const AGREED: AllToAllVDeviceOptions = Object.freeze({ countsAgreed: true });
 const DTYPE_CODE: Record<TokenDType, number> = { float32: 0, bfloat16: 1, float16: 2 };
 const ELEMENT_BYTES: Record<RowDType, number> = { float32: 4, bfloat16: 2, float16: 2, int32: 4 };
 /** The all-gathered header before the counts: numExperts, k, hidden, dtype, where the tokens live (0 host, 1 device). */
@@ -842,7 +866,7 @@ async function exchangeRows<D extends TokenDType>(
     return msg;
   };
   if (isDeviceTensor(rows)) {
-    const got = await g.allToAllVDevice!(rows, sendCounts, recvCounts, label);
+    const got = await g.allToAllVDevice!(rows, sendCounts, recvCounts, label, AGREED);
     if (!isDeviceTensor(got) || got.dtype !== dtype || got.shape.length !== 2 || got.shape[0] !== received || got.shape[1] !== hidden) {
       throw new Error(
         `${label}: the group's allToAllVDevice returned ${isDeviceTensor(got) ? `a ${got.dtype} [${got.shape.join(', ')}] tensor` : describe(got)} instead of ${dtype} [${received}, ${hidden}]`,
@@ -982,7 +1006,7 @@ export async function dispatch<D extends TokenDType>(
   let recvLocal: AnyTensor<'int32'>;
   if (ops) {
     const ex = ops.epRankExtras(byRank.sortedIndices as unknown as DeviceTensor<'int32'>, send.indices!, send.weights!, owner);
-    const move = <X extends RowDType>(t: DeviceTensor<X>) => g.allToAllVDevice!(t, sendCounts, recvCounts, op);
+    const move = <X extends RowDType>(t: DeviceTensor<X>) => g.allToAllVDevice!(t, sendCounts, recvCounts, op, AGREED);
     rows = await move(byRank.permutedTokens as unknown as DeviceTensor<D>);
     recvLocal = await move(ex.local);
     const recvWeights = await move(ex.weights);
@@ -1230,7 +1254,7 @@ async function dispatchBackwardDevice<D extends TokenDType>(s: State, moe: Backe
     release(gradRows, gradProbs);
     throw new TypeError(`${op}: backend: device tensors need the cuda backend that made them`);
   }
-  const move = <X extends RowDType>(t: DeviceTensor<X>) => s.group.allToAllVDevice!(t, h.recvCounts, h.sendCounts, op);
+  const move = <X extends RowDType>(t: DeviceTensor<X>) => s.group.allToAllVDevice!(t, h.recvCounts, h.sendCounts, op, AGREED);
   const sendSorted = s.sendSorted as Tensor<'int32'>;
   const rows = await move(gradRows);
   release(gradRows);

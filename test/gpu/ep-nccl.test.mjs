@@ -196,6 +196,14 @@ describe('NCCL: dispatch/combine with one rank', () => {
       await assert.rejects(group.allToAllVDevice(rows, [5], [4], 'probe'), (e) => e instanceof RangeError && /rank 0 expects \d+ bytes from rank 0, which sends \d+/.test(e.message));
       await assert.rejects(group.allToAllVDevice(rows, [4], [4]), (e) => e instanceof RangeError && /sendRows: they add up to 4 rows, send has 5/.test(e.message));
       await assert.rejects(group.allToAllVDevice(p.x, [T], [T]), (e) => e instanceof TypeError && /send: expected a device tensor/.test(e.message));
+      // countsAgreed (the layout's own exchanges: no all-gather of the counts first): the same bits; this rank's own count still checked; the option checked
+      assertSameBits(await group.allToAllVDevice(rows, [5], [5], 'probe', { countsAgreed: true }), rows.download(), 'allToAllVDevice to itself, countsAgreed');
+      await assert.rejects(
+        group.allToAllVDevice(rows, [5], [4], 'probe', { countsAgreed: true }),
+        (e) => e instanceof RangeError && /rank 0 expects \d+ bytes from rank 0, which sends \d+/.test(e.message),
+      );
+      await assert.rejects(group.allToAllVDevice(rows, [5], [5], 'probe', { countsAgreed: 1 }), (e) => e instanceof TypeError && /probe: allToAllVDevice: options\.countsAgreed/.test(e.message));
+      await assert.rejects(group.allToAllVDevice(rows, [5], [5], 'probe', { agreed: true }), (e) => e instanceof TypeError && /agreed/.test(e.message));
       // a handle from a device dispatch wants device tensors after it
       const d = await lib.dispatch(group, cuda, pd.x, pd.routing, { numExperts: E });
       await assert.rejects(

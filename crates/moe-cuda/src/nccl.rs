@@ -862,8 +862,11 @@ impl Comm {
     /// All-to-all-v of rows already on the device: `send_bytes[j]` bytes from `send` (consecutive,
     /// rank order; the range (address, bytes) of a live device tensor) go to rank `j`; returns a
     /// new buffer holding what each rank `s` sent here (`recv_bytes[s]` bytes, rank order). The
-    /// byte counts are all-gathered and checked first, as [`Comm::all_to_all_v_host`] does. On a
-    /// timeout or abort the receive buffer is leaked (NCCL may still write it).
+    /// byte counts are all-gathered and checked first, as [`Comm::all_to_all_v_host`] does, unless
+    /// `agreed` (every rank's counts came from one earlier all-gather, so they match by
+    /// construction: only this rank's own entry is checked, and the exchange costs one wait for
+    /// the GPU instead of two). On a timeout or abort the receive buffer is leaked (NCCL may still
+    /// write it).
     ///
     /// # Safety
     /// `send` must stay allocated and unwritten until this returns (after a timeout or abort,
@@ -874,11 +877,21 @@ impl Comm {
         send: (u64, usize),
         send_bytes: &[usize],
         recv_bytes: &[usize],
+        agreed: bool,
         timeout: Duration,
     ) -> Result<Buffer> {
         self.ready("allToAllV")?;
         let start = Instant::now();
-        self.agree_on_counts(dev, send_bytes, recv_bytes, timeout)?;
+        if !agreed {
+            self.agree_on_counts(dev, send_bytes, recv_bytes, timeout)?;
+        } else if let (Some(&out), Some(&back)) = (send_bytes.get(self.rank), recv_bytes.get(self.rank)) {
+            if out != back {
+                return Err(NcclError::range(format!(
+                    "allToAllV: rank {r} expects {back} bytes from rank {r}, which sends {out}",
+                    r = self.rank
+                )));
+            }
+        }
         let total: usize = recv_bytes.iter().sum();
         let rbuf = alloc(dev, "allToAllV's receive buffer", total)?;
         let rest = timeout.saturating_sub(start.elapsed());

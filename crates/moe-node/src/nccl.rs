@@ -4,7 +4,7 @@
 //! once) and the communicator's methods, whose waits run on libuv's worker threads so that the
 //! event loop stays free (rank 0's rendezvous server keeps answering while it waits):
 //! `waitReady(timeoutMs)`, `allGather(values, timeoutMs)`, `allToAllV(send, sendBytes,
-//! recvBytes, timeoutMs)`, `allToAllVDevice(send, sendRows, recvRows, timeoutMs)` (device
+//! recvBytes, timeoutMs)`, `allToAllVDevice(send, sendRows, recvRows, countsAgreed, timeoutMs)` (device
 //! tensors, no host copies), `destroy(timeoutMs)`, and `abort()`. Only conversions here.
 //!
 //! Errors carry `code`: "TypeError"/"RangeError" (arguments), "NcclUnavailable", "NcclError",
@@ -240,14 +240,16 @@ impl NcclComm {
     /// `sendRows[0]` rows go to rank 0, the next `sendRows[1]` to rank 1, ...; resolves to a new
     /// `[sum recvRows, hidden]` device tensor of `send`'s dtype holding what ranks 0, 1, ... sent
     /// here (`recvRows[s]` rows each), over NCCL on the device (nothing crosses to the host). The
-    /// row counts are all-gathered and checked first. `send` must not be disposed before the
-    /// promise settles.
+    /// row counts are all-gathered and checked first, unless `countsAgreed` (they came from one
+    /// earlier all-gather: only this rank's own entry is checked). `send` must not be disposed
+    /// before the promise settles.
     #[napi(ts_return_type = "Promise<NativeCudaTensor>")]
     pub fn all_to_all_v_device(
         &self,
         send: &CudaTensor,
         send_rows: Vec<f64>,
         recv_rows: Vec<f64>,
+        counts_agreed: bool,
         timeout_ms: f64,
     ) -> napi::Result<AsyncTask<CommTask<DeviceTensor, CudaTensor>>, String> {
         let (t, dtype, hidden, range, sizes, recv) = guarded(|| {
@@ -278,7 +280,7 @@ impl NcclComm {
             move |c, dev| {
                 let total: usize = recv.iter().sum();
                 // SAFETY: `range` is `send`'s live buffer, which the caller keeps until the promise settles.
-                let buf = unsafe { c.all_to_all_v_rows(dev, range, &sizes, &recv, t)? };
+                let buf = unsafe { c.all_to_all_v_rows(dev, range, &sizes, &recv, counts_agreed, t)? };
                 let rows = if hidden == 0 { 0 } else { total / (hidden * dtype.size()) };
                 Ok(DeviceTensor { dtype, shape: vec![rows, hidden], buf, plan: None, facts: Default::default() })
             },
