@@ -76,33 +76,29 @@ for (const name of names) {
   const cBits = results(c.f, c.b).map(bits);
   const sameBits = aBits.length === cBits.length && aBits.every((v, i) => v.equals(cBits[i]));
   for (const t of [...results(a.f, a.b), ...results(c.f, c.b)]) t.dispose();
-  // one step's copies and waits, each path
-  const moved = {};
-  for (const [key, run] of [
+  const paths = [
     ['local', local],
     ['ep', ep],
-  ]) {
+  ];
+  /** One step from a synchronised GPU to the synchronize after it: its wall time and the transfers() counters around it. */
+  const stepOf = async (run) => {
     moe.synchronize();
-    const t0 = moe.transfers();
+    const [t0, c0] = [performance.now(), moe.transfers()];
     const { f, b } = await run();
     moe.synchronize();
-    const t1 = moe.transfers();
-    moved[key] = Object.fromEntries(Object.keys(t1).map((k) => [k, t1[k] - t0[k] - (k === 'synchronizations' ? 1 : 0)]));
+    const [ms, c1] = [performance.now() - t0, moe.transfers()];
     for (const t of results(f, b)) t.dispose();
-  }
+    // (less the synchronize after the step)
+    return { ms, moved: Object.fromEntries(Object.keys(c1).map((k) => [k, c1[k] - c0[k] - (k === 'synchronizations' ? 1 : 0)])) };
+  };
+  // one step's copies and waits, each path
+  const moved = {};
+  for (const [key, run] of paths) moved[key] = (await stepOf(run)).moved;
   const times = { local: [], ep: [] };
   for (let i = 0; i < warmup + iters; i++) {
-    for (const [key, run] of [
-      ['local', local],
-      ['ep', ep],
-    ]) {
-      moe.synchronize();
-      const t0 = performance.now();
-      const { f, b } = await run();
-      moe.synchronize();
-      const ms = performance.now() - t0;
+    for (const [key, run] of paths) {
+      const { ms } = await stepOf(run);
       if (i >= warmup) times[key].push(ms);
-      for (const t of results(f, b)) t.dispose();
     }
   }
   const row = { shape: name, T, ...options, localMs: median(times.local), epMs: median(times.ep), sameBits, moved, localAll: times.local, epAll: times.ep };

@@ -13,7 +13,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 
-import { cpu, cuda, cudaOnly, lib, randomTensor, skip } from './common.mjs';
+import { cpu, cuda, cudaOnly, lib, maxRelErr, randomTensor, skip } from './common.mjs';
 
 if (skip) console.log(`# ${skip}`);
 
@@ -38,19 +38,8 @@ function bits(t) {
   return Array.from(new Uint8Array(h.data.buffer, h.data.byteOffset, h.data.byteLength));
 }
 
-/** max |a - b| / max |b|: a scale-aware error. */
-function relErr(a, b) {
-  const x = values(a);
-  const y = values(b);
-  assert.equal(x.length, y.length);
-  let num = 0;
-  let den = 0;
-  for (let i = 0; i < x.length; i++) {
-    num = Math.max(num, Math.abs(x[i] - y[i]));
-    den = Math.max(den, Math.abs(y[i]));
-  }
-  return num / (den + 1e-30);
-}
+/** max |a - b| / max |b| over the tensor: a scale-aware error (the GEMMs differ in rounding). */
+const relErr = (a, b) => maxRelErr(values(a), values(b));
 
 /** Host weights of experts `start..end` (stacked ones sliced), copies of the rest. */
 function sliceExperts(w, start, end) {

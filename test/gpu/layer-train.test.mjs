@@ -11,7 +11,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 
-import { cpu, cuda, cudaOnly, hopper, lib, randomTensor, skip } from './common.mjs';
+import { cpu, cuda, cudaOnly, hopper, lib, maxRelErr, randomTensor, skip } from './common.mjs';
 
 if (skip) console.log(`# ${skip}`);
 
@@ -44,19 +44,8 @@ function values(t) {
   return lib.toNumbers(h);
 }
 
-/** max |a - b| / (max |b| + tiny) over the tensor: a scale-aware error (the GEMMs differ in rounding). */
-function relErr(a, b) {
-  const x = values(a);
-  const y = values(b);
-  assert.equal(x.length, y.length);
-  let num = 0;
-  let den = 0;
-  for (let i = 0; i < x.length; i++) {
-    num = Math.max(num, Math.abs(x[i] - y[i]));
-    den = Math.max(den, Math.abs(y[i]));
-  }
-  return num / (den + 1e-30);
-}
+/** max |a - b| / max |b| over the tensor: a scale-aware error (the GEMMs differ in rounding). */
+const relErr = (a, b) => maxRelErr(values(a), values(b));
 
 const TOL = { float32: 1e-4, bfloat16: 3e-2, float16: 1e-2 };
 
