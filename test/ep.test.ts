@@ -18,6 +18,7 @@ import {
   dispatch,
   dispatchBackward,
   ExpertParallelTimeoutError,
+  releaseDispatch,
   TokenDispatcher,
   type Backend,
   type DispatchHandle,
@@ -582,6 +583,22 @@ describe.each(backendRows)('expert parallelism on %s', (_name, b) => {
       await expect(dispatchBackward(g, b, x, d.handle)).rejects.toThrow(/^dispatchBackward: gradPermuted.shape: expected \[3, 3\]/);
       const out = await combine(g, b, y, d.handle);
       await expect(combineBackward(g, b, rowsOf(out, 0, 1), d.handle)).rejects.toThrow(/^combineBackward: gradOutput.shape: expected \[2, 3\]/);
+      // released: the handle is refused by every call after (twice is a no-op); only a handle is taken
+      expect((await combineBackward(g, b, out, d.handle)).gradExpertOutputs.shape).toEqual([3, 3]);
+      releaseDispatch(d.handle);
+      releaseDispatch(d.handle);
+      for (const call of [() => combine(g, b, y, d.handle), () => combineBackward(g, b, out, d.handle), () => dispatchBackward(g, b, y, d.handle)]) {
+        await expect(call()).rejects.toThrow(/: handle: expected a handle not yet released, got one passed to releaseDispatch$/);
+      }
+      expect(() => releaseDispatch({} as never)).toThrow(/^releaseDispatch: handle: expected the handle dispatch returned/);
+    });
+
+    it("allToAllVDevice's countsAgreed option is checked, naming it", async () => {
+      // (a group given a stand-in device: the option is checked before the tensor)
+      const [g] = createInProcessGroup(1, { device: { upload: (t: Tensor) => t } as never });
+      await expect(g.allToAllVDevice!(undefined as never, [0], [0], 'probe', { countsAgreed: 1 } as never)).rejects.toThrow(/^probe: allToAllVDevice: options\.countsAgreed: expected a boolean/);
+      await expect(g.allToAllVDevice!(undefined as never, [0], [0], 'probe', { agreed: true } as never)).rejects.toThrow(/^probe: allToAllVDevice: options\.agreed: not an option/);
+      await expect(g.allToAllVDevice!(undefined as never, [0], [0], 'probe', { countsAgreed: true })).rejects.toThrow(/^probe: allToAllVDevice: send: expected a/);
     });
 
     it('ranks that disagree on numExperts, hidden or dtype all reject, naming what differs', async () => {
