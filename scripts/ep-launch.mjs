@@ -25,6 +25,14 @@
  * 7168 --experts 256 --topk 8. `--profile` (with --bench): the JavaScript CPU profile of the timed
  * dispatch calls (node:inspector), its functions by self time in the report (`bench.profile`):
  * where a dispatch's wall clock goes that the GPU does not explain.
+ * `--train STEPS`: after that, expert-parallel training: each rank builds an `MoELayer` holding its
+ * share of the experts (`epSize`, `epRank`; bf16 or float32 swiglu, softmax top-k, aux loss 0.01),
+ * and runs STEPS steps of forwardParallel -> backwardParallel -> reduceReplicatedGrads -> AdamW on
+ * its own tokens (device tensors unless --stand-in), against one layer with every expert trained
+ * on every rank's tokens in this process; reports (`train`) the losses, how far each weight is from
+ * that layer's (`maxAbsDiff`, within Adam's `lr` a step where a gradient's sign flips under the
+ * rounding of one merge), and a checksum of the replicated weights (router), which must be the same on
+ * every rank.
  * `--stand-in cpu` (with --ranks 1) runs the same steps on the cpu backend with an in-process group
  * instead of CUDA and NCCL: a check of this script on a machine with no GPU.
  */
@@ -124,7 +132,16 @@ async function launch() {
     if (line) return JSON.parse(line.slice(PREFIX.length));
     return { rank: c.rank, error: `exited with ${c.signal ?? c.code} and no result: ${c.stderr.trim().split('\n').slice(-3).join(' | ')}` };
   });
-  const ok = results.every((r) => !r.error && r.equivalent && r.deterministic);
+  const trained = results.filter((r) => r.train);
+  const train = trained.length
+    ? {
+        steps: trained[0].train.steps,
+        equivalent: trained.length === results.length && trained.every((r) => r.train.equivalent),
+        // the copies of the replicated weights: the same bits on every rank
+        replicatedIdentical: trained.length === results.length && trained.every((r) => r.train.replicatedChecksum === trained[0].train.replicatedChecksum),
+      }
+    : undefined;
+  const ok = results.every((r) => !r.error && r.equivalent && r.deterministic) && (!train || (train.equivalent && train.replicatedIdentical));
   let machine;
   try {
     machine = execFileSync('nvidia-smi', ['--query-gpu=name,driver_version', '--format=csv,noheader'], { encoding: 'utf8' }).trim().split('\n');
@@ -142,6 +159,7 @@ async function launch() {
     equivalent: results.every((r) => !r.error && r.equivalent),
     bitIdentical: results.every((r) => !r.error && r.bitIdentical),
     deterministic: results.every((r) => !r.error && r.deterministic),
+    train,
     bench: results.some((r) => r.bench) ? results.map((r) => ({ rank: r.rank, ...r.bench })) : undefined,
     wallMs: Math.round(performance.now() - started),
     results,
@@ -242,6 +260,8 @@ async function worker() {
       last = { d, y };
     }
     if (benchIters > 0) result.bench = await bench(lib, moe, group, x, routing, E, last, benchIters, sync);
+    const trainSteps = num('train', 0);
+    if (trainSteps > 0) result.train = await train(lib, moe, group, { rank, size, T, H, I, E, k, dtype, seed, steps: trainSteps, onDevice: !standIn });
     await group.destroy();
     const out = outputs[0];
     result.deterministic = outputs.every((o) => bitsEqual(o, out));
@@ -322,6 +342,80 @@ async function bench(lib, moe, group, x, routing, E, last, iters, sync) {
     ratioToNcclAllToAll: { dispatch: ncclDispatchMs / dispatchMs, combine: ncclCombineMs / combineMs },
     profile,
   };
+}
+
+/**
+ * `--train STEPS`: expert-parallel training of an MoELayer (this rank's experts, its own tokens)
+ * against one layer with every expert trained on every rank's tokens here (the same initial
+ * weights and data in every process, from the seed).
+ */
+async function train(lib, moe, group, { rank, size, T, H, I, E, k, dtype, seed, steps, onDevice }) {
+  const { MoELayer, AdamW, EXPERT_STACKED, reduceReplicatedGrads, uniformTensor } = lib;
+  const options = { dim: H, inter: I, numExperts: E, topk: k, activation: 'swiglu', dtype, auxLossCoeff: 0.01, initStd: 0.05, seed: seed + 3 };
+  const whole = new MoELayer(moe, options);
+  const copyOf = (t) => ({ ...t, data: t.data.slice() });
+  const range = moe.expertRangeForRank(E, size, rank);
+  const share = Object.fromEntries(
+    Object.entries(whole.weights)
+      .filter(([, t]) => t)
+      .map(([key, t]) => [key, EXPERT_STACKED.includes(key) ? rowsOf(t, range.start, range.end) : copyOf(t)]),
+  );
+  let mine = new MoELayer(moe, { ...options, epSize: size, epRank: rank, weights: share });
+  let ref = new MoELayer(moe, {
+    ...options,
+    weights: Object.fromEntries(
+      Object.entries(whole.weights)
+        .filter(([, t]) => t)
+        .map(([key, t]) => [key, copyOf(t)]),
+    ),
+  });
+  if (onDevice) [mine, ref] = [mine.upload(), ref.upload()];
+  const lr = 1e-3;
+  const [opt, refOpt] = [new AdamW(moe, mine.parameters(), { lr }), new AdamW(moe, ref.parameters(), { lr })];
+  const up = (t) => (onDevice ? moe.upload(t) : t);
+  const free = (...ts) => {
+    for (const t of ts) if (lib.isDeviceTensor(t)) t.dispose();
+  };
+  const losses = [];
+  const started = performance.now();
+  for (let s = 0; s < steps; s++) {
+    const xAll = uniformTensor(dtype, [T * size, H], seed + 100 + s, 1);
+    const gAll = uniformTensor(dtype, [T * size, H], seed + 200 + s, 1 / Math.sqrt(T * size * H));
+    const [x, g] = [up(rowsOf(xAll, rank * T, (rank + 1) * T)), up(rowsOf(gAll, rank * T, (rank + 1) * T))];
+    const f = await mine.forwardParallel(group, x);
+    const b = await mine.backwardParallel(group, g);
+    const reduced = await reduceReplicatedGrads(group, b.grads, moe);
+    opt.step(reduced);
+    losses.push(f.auxLoss);
+    free(x, g, f.output, f.indices, f.weights, f.logits, f.scores, f.tokensPerExpert, b.gradInput, ...Object.values(b.grads), ...Object.values(reduced));
+    const [xa, ga] = [up(xAll), up(gAll)];
+    const rf = ref.forward(xa);
+    const rb = ref.backward(ga);
+    refOpt.step(rb.grads);
+    free(xa, ga, rf.output, rf.indices, rf.weights, rf.logits, rf.scores, rf.tokensPerExpert, rb.gradInput, ...Object.values(rb.grads));
+  }
+  const trainMs = performance.now() - started;
+  // each weight against the one layer's (its rows of this rank's experts): Adam moves a weight by
+  // about lr a step either way, so a gradient whose sign the merge's rounding flips can move it 2 lr
+  const host = (t) => (lib.isDeviceTensor(t) ? t.download() : t);
+  const val = (t, i) => (t.dtype === 'float32' ? t.data[i] : bf16(t.data[i]));
+  let maxAbsDiff = 0;
+  for (const [key, t] of Object.entries(mine.weights)) {
+    if (!t) continue;
+    const a = host(t);
+    const w = host(ref.weights[key]);
+    const want = EXPERT_STACKED.includes(key) ? rowsOf(w, range.start, range.end) : w;
+    for (let i = 0; i < a.data.length; i++) maxAbsDiff = Math.max(maxAbsDiff, Math.abs(val(a, i) - val(want, i)));
+  }
+  const replicated = host(mine.weights.routerWeight);
+  const bytes = new Uint8Array(replicated.data.buffer, replicated.data.byteOffset, replicated.data.byteLength);
+  let checksum = 2166136261;
+  for (const v of bytes) checksum = Math.imul(checksum ^ v, 16777619) >>> 0;
+  opt.dispose?.();
+  refOpt.dispose?.();
+  mine.dispose();
+  ref.dispose();
+  return { steps, lr, auxLosses: losses, trainMs, maxAbsDiff, bound: 2 * steps * lr, equivalent: maxAbsDiff <= 2 * steps * lr, replicatedChecksum: checksum };
 }
 
 /**

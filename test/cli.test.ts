@@ -231,3 +231,26 @@ describe.skipIf(!built)('examples/train-ep.mjs (expert-parallel training, in-pro
     expect(r.stderr).toMatch(/RangeError: --ranks: expected an integer >= 1, got 0/);
   });
 });
+
+const EP_LAUNCH = fileURLToPath(new URL('../scripts/ep-launch.mjs', import.meta.url));
+
+describe.skipIf(!built)('scripts/ep-launch.mjs --stand-in cpu (the launcher where there is no GPU)', () => {
+  it('one rank: the dispatch chain equals the single layer bit for bit; --train keeps the layer equal to one trained on the same tokens', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'moe-ep-launch-'));
+    const out = join(dir, 'report.json');
+    const r = spawnSync(
+      process.execPath,
+      [EP_LAUNCH, '--ranks', '1', '--stand-in', 'cpu', '--tokens', '48', '--hidden', '32', '--inter', '16', '--experts', '8', '--topk', '2', '--train', '3', '--out', out],
+      { encoding: 'utf8', timeout: 120_000 },
+    );
+    expect(r.status, r.stderr + r.stdout.slice(-2000)).toBe(0);
+    const report = JSON.parse(readFileSync(out, 'utf8'));
+    rmSync(dir, { recursive: true, force: true });
+    expect(report).toMatchObject({ ranks: 1, equivalent: true, bitIdentical: true, deterministic: true, train: { steps: 3, equivalent: true, replicatedIdentical: true } });
+    const t = report.results[0].train;
+    // one rank: the same computation as the one layer, so the same weights after the steps
+    expect(t.maxAbsDiff).toBe(0);
+    expect(t.auxLosses).toHaveLength(3);
+    for (const loss of t.auxLosses) expect(loss).toBeGreaterThan(0);
+  });
+});

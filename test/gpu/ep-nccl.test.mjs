@@ -226,7 +226,8 @@ describe('NCCL: dispatch/combine with one rank', () => {
     // (the file rendezvous with host tensors; tcp with device tensors and the bandwidth benchmark's steps)
     for (const kind of ['file', 'tcp']) {
       const out = join(dir, `launch-${kind}.json`);
-      const extra = kind === 'tcp' ? ['--bench', '3'] : [];
+      // (tcp: also three expert-parallel training steps of the layer on device tensors)
+      const extra = kind === 'tcp' ? ['--bench', '3', '--train', '3'] : [];
       const run = spawnSync(
         process.execPath,
         [script, '--ranks', '1', '--rendezvous', kind, '--tokens', '256', '--hidden', '128', '--inter', '64', '--experts', '8', '--topk', '2', '--timeout-ms', '60000', '--out', out, ...extra],
@@ -251,6 +252,9 @@ describe('NCCL: dispatch/combine with one rank', () => {
         for (const v of [b.dispatchMs, b.combineMs, b.ncclAllToAllMs.dispatch, b.ncclAllToAllMs.combine, b.ratioToNcclAllToAll.dispatch, b.ratioToNcclAllToAll.combine]) {
           assert.ok(Number.isFinite(v) && v > 0, `bench: ${JSON.stringify(b)}`);
         }
+        // one rank trains exactly as the one layer with every expert (the same computation on the GPU)
+        assert.deepEqual(report.train, { steps: 3, equivalent: true, replicatedIdentical: true });
+        assert.equal(report.results[0].train.maxAbsDiff, 0, JSON.stringify(report.results[0].train));
       }
     }
   });
