@@ -90,10 +90,12 @@ pack() {
     say "compressing $node_bin ($(du -h "$node_bin" | cut -f1)) with xz"
     xz -T0 -6 -c "$node_bin" > "$BUNDLE/node.xz.tmp" && mv "$BUNDLE/node.xz.tmp" "$BUNDLE/node.xz"
   fi
-  rm -rf "$BUNDLE/dist" "$BUNDLE/native" "$BUNDLE/pkg" "$BUNDLE/test" "$BUNDLE/golden" "$BUNDLE/bin" "$BUNDLE/bench" "$BUNDLE/scripts" "$BUNDLE/out"
-  mkdir -p "$BUNDLE/native" "$BUNDLE/test" "$BUNDLE/golden" "$BUNDLE/bin" "$BUNDLE/bench" "$BUNDLE/scripts"
-  # the expert-parallel launcher (test/gpu/ep-nccl.test.mjs runs it with one rank)
+  rm -rf "$BUNDLE/dist" "$BUNDLE/native" "$BUNDLE/pkg" "$BUNDLE/test" "$BUNDLE/golden" "$BUNDLE/bin" "$BUNDLE/bench" "$BUNDLE/scripts" "$BUNDLE/examples" "$BUNDLE/out"
+  mkdir -p "$BUNDLE/native" "$BUNDLE/test" "$BUNDLE/golden" "$BUNDLE/bin" "$BUNDLE/bench" "$BUNDLE/scripts" "$BUNDLE/examples"
+  # the expert-parallel launcher (test/gpu/ep-nccl.test.mjs runs it with one rank) and the
+  # expert-parallel training example (test/gpu/layer-ep.test.mjs runs it with --device)
   cp scripts/ep-launch.mjs "$BUNDLE/scripts/"
+  cp examples/train-ep.mjs "$BUNDLE/examples/"
   cp -r dist "$BUNDLE/dist"
   cp native/*.node "$BUNDLE/native/"
   [[ -d pkg ]] && cp -r pkg "$BUNDLE/pkg"

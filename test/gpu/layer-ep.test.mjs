@@ -11,7 +11,10 @@
 //
 // Plain JavaScript on node:test; skips with the reason where CUDA is unavailable.
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import { describe, test } from 'node:test';
+import { fileURLToPath } from 'node:url';
 
 import { cpu, cuda, cudaOnly, lib, maxRelErr, randomTensor, skip } from './common.mjs';
 
@@ -242,6 +245,18 @@ describe('MoELayer.forwardParallel / backwardParallel on device tensors (in-proc
     for (const t of [x, grad]) t.dispose();
     l0.dispose();
   });
+});
+
+test('examples/train-ep.mjs --device: two in-process ranks on the GPU train (the loss falls, the router and shared expert copies the same bits)', { skip: cudaOnly }, () => {
+  const script = fileURLToPath(new URL('../../examples/train-ep.mjs', import.meta.url));
+  if (!existsSync(script)) return assert.fail(`${script} is missing (gpu-run.sh pack copies it into the bundle)`);
+  const r = spawnSync(process.execPath, [script, '--ranks', '2', '--device', '--steps', '20', '--json'], { encoding: 'utf8', timeout: 120_000 });
+  assert.equal(r.status, 0, r.stderr.slice(-2000));
+  const out = JSON.parse(r.stdout.trim().split('\n').at(-1));
+  assert.equal(out.backend, 'cuda');
+  assert.equal(out.tensors, 'device');
+  assert.equal(out.replicasIdentical, true);
+  assert.ok(out.finalLoss < out.initialLoss / 2, `loss ${out.initialLoss} -> ${out.finalLoss}`);
 });
 
 test('the suite ran where CUDA is available', () => {
