@@ -608,11 +608,19 @@ function release(...ts: unknown[]): void {
   for (const t of ts) if (isDeviceTensor(t)) t.dispose();
 }
 
-/** The cuda backend's `upload` (a device dispatch's backend: the ops took its device tensors). */
-function uploadOf(moe: Backend): <T extends Tensor>(t: T) => T {
-  const up = (moe as unknown as Partial<DeviceUpload>).upload;
-  if (typeof up !== 'function') throw new TypeError('backend: device tensors need the cuda backend that made them (its upload())');
+/** The cuda backend's `upload` (device tensors' backend), or a TypeError naming `backend`. */
+export function uploadOf(moe: unknown): <T extends Tensor>(t: T) => T {
+  const up = typeof moe === 'object' && moe !== null ? (moe as Partial<DeviceUpload>).upload : undefined;
+  if (typeof up !== 'function') throw new TypeError(`backend: expected the cuda backend (device tensors need its upload()), got ${describe(moe)}`);
   return ((t: Tensor) => up.call(moe, t as Tensor<TokenDType>)) as unknown as <T extends Tensor>(t: T) => T;
+}
+
+/** The cuda backend's ops of a device dispatchBackward, or a TypeError naming `backend`. */
+function deviceBackwardOps(moe: Backend): Pick<CudaTrainOps, 'gatherPicks' | 'zeros'> {
+  const o = moe as unknown as Partial<CudaTrainOps>;
+  if (typeof o.gatherPicks !== 'function' || typeof o.zeros !== 'function')
+    throw new TypeError(`backend: expected the cuda backend (device tensors need its gatherPicks()), got the ${moe.name} backend`);
+  return o as CudaTrainOps;
 }
 
 /** A host tensor, downloading a device one (the routing's picks and weights, the probs' gradient: small). */
@@ -1188,7 +1196,7 @@ export async function dispatchBackward<D extends TokenDType>(
   options?: { gradPermutedProbs?: AnyTensor<'float32'> },
 ): Promise<DispatchGrads<D> | DeviceDispatchGrads<D>> {
   const op = 'dispatchBackward';
-  const { s, moe, grad, gradProbs } = checked(op, () => {
+  const { s, moe, grad, gradProbs, deviceOps } = checked(op, () => {
     const g = checkGroup(group);
     const moe = checkBackend(backend);
     const s = stateOf(g, handle);
@@ -1205,7 +1213,8 @@ export async function dispatchBackward<D extends TokenDType>(
       }
       gradProbs = o.gradPermutedProbs;
     }
-    return { s, moe, grad, gradProbs };
+    // (a device dispatch's backward runs on the cuda backend's own ops: checked before any work)
+    return { s, moe, grad, gradProbs, deviceOps: s.device ? deviceBackwardOps(moe) : undefined };
   });
   const h = s.handle;
   const { topk: k, hidden: H } = h;
@@ -1217,7 +1226,7 @@ export async function dispatchBackward<D extends TokenDType>(
     s.numReceived,
     gradProbs ? { gradPermutedProbs: gradProbs as Tensor<'float32'>, routingMap: s.recvMap as Tensor<'bool'> } : undefined,
   );
-  if (s.device) return dispatchBackwardDevice(s, moe, pb.gradTokens as unknown as DeviceTensor<D>, pb.gradProbs as unknown as DeviceTensor<'float32'> | undefined);
+  if (deviceOps) return dispatchBackwardDevice(s, moe, deviceOps, pb.gradTokens as unknown as DeviceTensor<D>, pb.gradProbs as unknown as DeviceTensor<'float32'> | undefined);
   const { picks, sorted } = s.hostSend!;
   const pickGrads = pb.gradProbs ? pickGradients((s.recvLocal as Tensor<'int32'>).data, (pb.gradProbs as Tensor<'float32'>).data, k, L) : new Float32Array(s.numReceived * k);
   const pickBytes = bytesOf(pickGrads);
@@ -1246,14 +1255,15 @@ export async function dispatchBackward<D extends TokenDType>(
  * float32 pick gradients too: only the rank owning a pick's expert sent a value for it (the
  * others 0), so each is its owner's value (a float32 sum of it and zeros).
  */
-async function dispatchBackwardDevice<D extends TokenDType>(s: State, moe: Backend, gradRows: DeviceTensor<D>, gradProbs: DeviceTensor<'float32'> | undefined): Promise<DeviceDispatchGrads<D>> {
+async function dispatchBackwardDevice<D extends TokenDType>(
+  s: State,
+  moe: Backend,
+  ops: Pick<CudaTrainOps, 'gatherPicks' | 'zeros'>,
+  gradRows: DeviceTensor<D>,
+  gradProbs: DeviceTensor<'float32'> | undefined,
+): Promise<DeviceDispatchGrads<D>> {
   const op = 'dispatchBackward';
   const h = s.handle;
-  const ops = moe as unknown as Partial<Pick<CudaTrainOps, 'gatherPicks' | 'zeros'>>;
-  if (typeof ops.gatherPicks !== 'function' || typeof ops.zeros !== 'function') {
-    release(gradRows, gradProbs);
-    throw new TypeError(`${op}: backend: device tensors need the cuda backend that made them`);
-  }
   const move = <X extends RowDType>(t: DeviceTensor<X>) => s.group.allToAllVDevice!(t, h.recvCounts, h.sendCounts, op, AGREED);
   const sendSorted = s.sendSorted as Tensor<'int32'>;
   const rows = await move(gradRows);

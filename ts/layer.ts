@@ -26,7 +26,7 @@ import { add3, castTo, columnSums, fromValues, gatherPicks, logitsEpilogue, plac
 import type { CudaBackend, DeviceRouteOptions } from './backends/cuda.js';
 import type { DeviceExpertWeights, ExpertsSaved } from './backends/cuda-experts.js';
 import { isDeviceTensor, type AnyTensor, type DeviceTensor } from './device.js';
-import { checked, checkGroup, combine, combineBackward, dispatch, dispatchBackward, releaseDispatch, type DispatchHandle, type ExpertParallelGroup } from './ep.js';
+import { checked, checkGroup, combine, combineBackward, dispatch, dispatchBackward, releaseDispatch, uploadOf, type DispatchHandle, type ExpertParallelGroup } from './ep.js';
 import type { ActivationKind } from './ops/activations.js';
 import type { ExpertBiases, ExpertWeights } from './ops/experts.js';
 import type { RouteOptions, ScoreFunction } from './ops/routing.js';
@@ -437,7 +437,7 @@ export async function reduceReplicatedGrads(group: ExpertParallelGroup, grads: P
   const out: Partial<MoEWeights> = { ...grads };
   const keys = (Object.keys(grads) as (keyof MoEWeights)[]).filter((k) => grads[k] !== undefined && !EXPERT_STACKED.includes(k)).sort();
   const onGpu = keys.some((k) => isDeviceTensor(grads[k]));
-  const upload = onGpu ? deviceUploadOf(backend) : undefined;
+  const upload = onGpu ? checked('reduceReplicatedGrads', () => uploadOf(backend)) : undefined;
   // every argument checked before the first exchange
   for (const key of keys) {
     const g = grads[key] as unknown;
@@ -464,17 +464,6 @@ export async function reduceReplicatedGrads(group: ExpertParallelGroup, grads: P
     out[key] = (upload ? upload(reduced) : reduced) as never;
   }
   return out;
-}
-
-/** The cuda backend's upload, for device gradients (a TypeError naming `backend` where it is missing or not one). */
-function deviceUploadOf(backend: Backend | undefined): (t: Tensor) => DeviceTensor {
-  const b = backend as Partial<CudaBackend> | undefined;
-  if (typeof b !== 'object' || b === null || typeof b.upload !== 'function') {
-    throw new TypeError(
-      `reduceReplicatedGrads: backend: expected the cuda backend (the gradients are device tensors), got ${b === undefined ? 'undefined' : typeof b === 'object' ? 'a backend without upload()' : typeof b}`,
-    );
-  }
-  return (t) => b.upload!(t as Tensor<TokenDType>) as unknown as DeviceTensor;
 }
 
 export class MoELayer {
